@@ -1,0 +1,141 @@
+"""The one exception tree of the ``compress`` package.
+
+Every error that ``compress`` raises on purpose derives from :class:`CompressError`.
+Adapters translate foreign exceptions (``cryptography``, ``onnx``, ``onnxruntime``,
+``OSError``) into this tree, so callers (the agent, the coordinator, the CLI) need to
+catch one base class and can switch on the precise subclass or its stable ``code``.
+
+The tree::
+
+    CompressError
+    ├── KeyFileError                key files: missing, unreadable, wrong type, exists
+    ├── ManifestError               manifest bytes are not a valid, canonical manifest
+    ├── ArtifactError               anything wrong with an artifact or its trust
+    │   ├── NotAnArtifactError      not a fedge artifact at all (magic, header, truncation)
+    │   ├── SignatureError          signatures do not establish trust
+    │   │   ├── BadSignatureError       a trusted key's signature does not verify
+    │   │   ├── UnknownKeyError         no signature by any trusted key
+    │   │   └── ThresholdError          valid, but fewer than the threshold
+    │   ├── ExpiredError            the manifest's expiry is in the past
+    │   ├── RollbackError           version not strictly above the highest installed
+    │   ├── PayloadError            the payload does not match the manifest
+    │   │   ├── PayloadLengthError      too short, too long, or trailing bytes
+    │   │   └── PayloadHashError        sha256 mismatch
+    │   └── IncompatibleDeviceError runtime, hardware tags do not fit this device
+    ├── FamilyError                 weights do not form a built-in model family
+    ├── ExportError                 a model could not be exported
+    └── QuantizationError           a model could not be quantized
+
+Each class carries a short, stable ``code`` (``"bad_signature"``, ``"expired"`` ...)
+that travels in protocol messages and JSON output; the message text is for humans.
+"""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base class of every error raised by :mod:`compress`."""
+
+    code = "compress_error"
+
+
+class KeyFileError(CompressError):
+    """A key file is missing, unreadable, of the wrong kind, or would be overwritten."""
+
+    code = "key_file"
+
+
+class ManifestError(CompressError):
+    """Manifest bytes are malformed, non-canonical, or violate the schema."""
+
+    code = "malformed_manifest"
+
+
+class ArtifactError(CompressError):
+    """Base class for problems with an artifact or with trusting it."""
+
+    code = "artifact_error"
+
+
+class NotAnArtifactError(ArtifactError):
+    """The bytes are not a fedge artifact (wrong magic, bad header, truncated)."""
+
+    code = "not_an_artifact"
+
+
+class SignatureError(ArtifactError):
+    """The manifest's signatures do not establish trust."""
+
+    code = "signature_error"
+
+
+class BadSignatureError(SignatureError):
+    """A signature claims a trusted key id but does not verify over the manifest."""
+
+    code = "bad_signature"
+
+
+class UnknownKeyError(SignatureError):
+    """None of the signatures was made by a trusted key."""
+
+    code = "unknown_key"
+
+
+class ThresholdError(SignatureError):
+    """Some trusted signatures verify, but fewer than the required threshold."""
+
+    code = "threshold_not_met"
+
+
+class ExpiredError(ArtifactError):
+    """The manifest's ``expires`` time is not after the current time."""
+
+    code = "expired"
+
+
+class RollbackError(ArtifactError):
+    """The manifest's version is not strictly above the highest version installed."""
+
+    code = "rollback"
+
+
+class PayloadError(ArtifactError):
+    """The payload does not match what the signed manifest declares."""
+
+    code = "payload_mismatch"
+
+
+class PayloadLengthError(PayloadError):
+    """The payload is shorter or longer than the manifest's declared length."""
+
+    code = "payload_length"
+
+
+class PayloadHashError(PayloadError):
+    """The payload's sha256 differs from the manifest's."""
+
+    code = "payload_hash"
+
+
+class IncompatibleDeviceError(ArtifactError):
+    """The model does not fit this device (runtime, hardware tags)."""
+
+    code = "incompatible_device"
+
+
+class FamilyError(CompressError):
+    """Weights do not describe a valid model of a built-in family."""
+
+    code = "bad_weights"
+
+
+class ExportError(CompressError):
+    """A model could not be exported to the requested format."""
+
+    code = "export_failed"
+
+
+class QuantizationError(CompressError):
+    """A model could not be quantized (bad model, bad calibration data)."""
+
+    code = "quantization_failed"

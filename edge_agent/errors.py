@@ -1,0 +1,77 @@
+"""The one exception tree of the ``edge_agent`` package.
+
+Everything the agent and its wire protocol raise on purpose derives from
+:class:`AgentError`. Adapters (paho-mqtt, onnxruntime, the filesystem) translate
+foreign errors into this tree. Errors from :mod:`compress` (artifact trust) are a
+separate tree and are reported as they are, with their ``code``.
+
+The tree::
+
+    AgentError
+    ├── ConfigError                 agent configuration is invalid
+    ├── ProtocolError               a message or topic cannot be accepted
+    │   ├── MessageTooLargeError        over a size limit (checked before allocating)
+    │   ├── MalformedMessageError       framing, JSON, field types or values are wrong
+    │   ├── UnknownMessageTypeError     the type is not one this side understands
+    │   ├── UnsupportedVersionError     a schema version newer than this side speaks
+    │   └── TopicError                  a topic outside the tree, or a bad device id
+    └── ModelRuntimeError           a model could not be loaded or run
+
+Each class carries a short, stable ``code`` that travels in error messages.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class of every error raised by :mod:`edge_agent`."""
+
+    code = "agent_error"
+
+
+class ConfigError(AgentError):
+    """The agent's configuration is invalid."""
+
+    code = "bad_config"
+
+
+class ProtocolError(AgentError):
+    """A message or topic cannot be accepted."""
+
+    code = "protocol_error"
+
+
+class MessageTooLargeError(ProtocolError):
+    """A message, header, body or array is larger than its limit."""
+
+    code = "too_large"
+
+
+class MalformedMessageError(ProtocolError):
+    """A message's framing, JSON, field types or field values are invalid."""
+
+    code = "malformed"
+
+
+class UnknownMessageTypeError(ProtocolError):
+    """The message type is not one this side understands."""
+
+    code = "unknown_type"
+
+
+class UnsupportedVersionError(ProtocolError):
+    """The message's schema version is newer than this side speaks."""
+
+    code = "unsupported_version"
+
+
+class TopicError(ProtocolError):
+    """A topic is outside the fedge tree, or carries an invalid device id."""
+
+    code = "bad_topic"
+
+
+class ModelRuntimeError(AgentError):
+    """A model could not be loaded or run by an inference runtime."""
+
+    code = "runtime_error"
