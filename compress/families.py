@@ -20,6 +20,7 @@ definition of what a valid set of weights is.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -148,7 +149,7 @@ def init_weights(
     if len(layer_sizes) < 2 or any(s <= 0 for s in layer_sizes):
         raise FamilyError(f"layer sizes must be >= 2 positive integers, got {layer_sizes}")
     weights: dict[str, FloatArray] = {}
-    for i, (fan_in, fan_out) in enumerate(zip(layer_sizes, layer_sizes[1:], strict=False)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(layer_sizes)):
         scale = np.sqrt(2.0 / fan_in)
         weights[f"W{i}"] = (rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32)
         weights[f"b{i}"] = np.zeros(fan_out, dtype=np.float32)

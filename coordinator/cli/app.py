@@ -1,0 +1,57 @@
+"""The ``fedge`` operator CLI (Typer + Rich).
+
+Entry point :func:`main` configures logging (``-v`` for info, ``-vv`` for debug, to
+stderr) and dispatches to the command groups:
+
+* ``fedge keys``  -- :mod:`coordinator.cli.keys`
+* ``fedge model`` -- :mod:`coordinator.cli.model`
+
+Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
+``coordinator``; errors from the three packages become one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from coordinator import __version__
+from coordinator.cli import keys, model
+
+app = typer.Typer(
+    name="fedge",
+    help="fedge: federated learning and signed, quantized model delivery to edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(keys.app, name="keys")
+app.add_typer(model.app, name="model")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedge {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug logs.")
+    ] = 0,
+    version: Annotated[  # noqa: ARG001 - handled eagerly by its callback
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Operator CLI: keys, model packaging and inspection."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,264 @@
+"""Packaging: from a model file to a signed, quantized artifact.
+
+Workflow of :func:`package_model` (what ``fedge model package`` runs):
+
+1. read the ONNX model and load it with onnxruntime, which both validates it and
+   tells us its input and output names, shapes and dtypes;
+2. quantize it to int8 (dynamic, or static when calibration data is given) unless
+   ``quantize="none"``;
+3. when evaluation data is given, measure the accuracy of the fp32 and the int8 model
+   and refuse (:class:`~coordinator.errors.AccuracyDropError`) when int8 loses more
+   than the allowed number of percentage points;
+4. record a health check: a few reference inputs (from the evaluation or calibration
+   data, else a seeded random batch) and the packaged model's own outputs for them,
+   which an agent reproduces before it switches to the model;
+5. build the manifest, sign it with every given key (k-of-n), and write the artifact
+   file atomically.
+
+The function takes a typed :class:`PackageRequest` and the current time, and returns a
+:class:`PackageResult` with every figure the CLI prints; it does no printing itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from compress.artifact import write_artifact
+from compress.errors import CompressError
+from compress.keys import SigningKey
+from compress.manifest import (
+    MAX_PAYLOAD_BYTES,
+    NAME_RE,
+    HealthCheck,
+    Manifest,
+    ReferenceTensor,
+    TensorSpec,
+)
+from compress.quantize import quantize_int8
+from compress.signing import sign_manifest
+from coordinator.errors import AccuracyDropError, PackagingError
+from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy
+from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
+
+logger = logging.getLogger(__name__)
+
+Quantize = Literal["int8", "none"]
+HEALTH_CHECK_ROWS = 4
+MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """Features ``x`` (float32, 2-D) and integer labels ``y``."""
+
+    x: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class PackageRequest:
+    """Everything ``fedge model package`` was asked to do."""
+
+    model_path: Path
+    name: str
+    version: int
+    keys: Sequence[SigningKey]
+    out: Path
+    quantize: Quantize = "int8"
+    calibration: npt.NDArray[np.float32] | None = None
+    evaluation: LabelledData | None = None
+    max_accuracy_drop: float = 1.0
+    expires_in: timedelta = timedelta(days=365)
+    hardware_tags: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """What packaging produced, for people and for ``--json``."""
+
+    manifest: Manifest
+    path: Path
+    fp32_bytes: int
+    packaged_bytes: int
+    fp32_accuracy: float | None
+    packaged_accuracy: float | None
+
+    @property
+    def size_ratio(self) -> float:
+        """fp32 size divided by packaged size."""
+        return self.fp32_bytes / self.packaged_bytes
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Percentage points lost by quantization, when evaluated."""
+        if self.fp32_accuracy is None or self.packaged_accuracy is None:
+            return None
+        return 100.0 * (self.fp32_accuracy - self.packaged_accuracy)
+
+
+def load_labelled_npz(path: Path) -> LabelledData:
+    """Load evaluation data: an ``.npz`` with ``x`` (n, features) and ``y`` (n,).
+
+    Raises:
+        PackagingError: missing or unreadable file, missing keys, bad shapes or dtypes.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_DATA_FILE_BYTES:
+            raise PackagingError(f"{path}: larger than {MAX_DATA_FILE_BYTES} bytes")
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files or "y" not in data.files:
+                raise PackagingError(f"{path}: expected arrays 'x' and 'y', found {data.files}")
+            x, y = data["x"], data["y"]
+    except FileNotFoundError as exc:
+        raise PackagingError(f"{path}: no such file") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise PackagingError(f"{path}: not a readable .npz file ({exc})") from exc
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise PackagingError(
+            f"{path}: expected x of shape (n, features) and y of shape (n,), "
+            f"got {x.shape} and {y.shape}"
+        )
+    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
+        raise PackagingError(f"{path}: x must be numeric and y integer labels")
+    return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64))
+
+
+def _read_model(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_PAYLOAD_BYTES:
+            raise PackagingError(f"{path}: {size} bytes is over the {MAX_PAYLOAD_BYTES} limit")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise PackagingError(f"{path}: no such model file") from exc
+    except OSError as exc:
+        raise PackagingError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _spec(info: TensorInfo) -> TensorSpec:
+    return TensorSpec(name=info.name, shape=tuple(info.shape), dtype=info.dtype)
+
+
+def _reference_batch(
+    runtime: ModelRuntime, request: PackageRequest
+) -> npt.NDArray[np.float32] | None:
+    """Reference inputs for the health check, or None when the input is not a batch."""
+    if len(runtime.inputs) != 1:
+        return None
+    info = runtime.inputs[0]
+    if info.dtype != "float32" or any(d is None for d in info.shape[1:]):
+        return None
+    source = request.evaluation.x if request.evaluation is not None else request.calibration
+    if source is not None:
+        return np.ascontiguousarray(source[:HEALTH_CHECK_ROWS], dtype=np.float32)
+    rng = np.random.default_rng(request.seed)
+    shape = (HEALTH_CHECK_ROWS, *(int(d) for d in info.shape[1:] if d is not None))
+    return rng.random(shape, dtype=np.float32)
+
+
+def _health_check(runtime: ModelRuntime, request: PackageRequest) -> HealthCheck | None:
+    batch = _reference_batch(runtime, request)
+    if batch is None:
+        logger.warning("model input is not a float batch; packaging without a health check")
+        return None
+    name = runtime.inputs[0].name
+    outputs = runtime.run({name: batch})
+    return HealthCheck(
+        inputs={name: ReferenceTensor.from_array(batch)},
+        outputs={k: ReferenceTensor.from_array(v) for k, v in outputs.items()},
+    )
+
+
+def _accuracy(runtime: ModelRuntime, data: LabelledData | None) -> float | None:
+    return None if data is None else accuracy(runtime, data.x, data.y)
+
+
+def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
+    """Quantize, evaluate, sign and write an artifact. See the module docstring.
+
+    Raises:
+        PackagingError: unreadable model or data, or a model fedge cannot package.
+        AccuracyDropError: int8 lost more than ``max_accuracy_drop`` points.
+        CompressError: quantization or signing failed (its own typed subclass).
+        edge_agent.errors.ModelRuntimeError: onnxruntime cannot load or run the model.
+    """
+    if request.model_path.suffix.lower() != ".onnx":
+        raise PackagingError(
+            f"{request.model_path}: only ONNX models (.onnx) can be packaged so far"
+        )
+    if not request.keys:
+        raise PackagingError("at least one signing key is required")
+    if not NAME_RE.fullmatch(request.name):
+        raise PackagingError(
+            f"model name {request.name!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-'"
+            " starting with a letter or digit"
+        )
+    if request.version < 1:
+        raise PackagingError(f"version must be a positive integer, got {request.version}")
+    fp32_model = _read_model(request.model_path)
+    fp32 = OnnxRuntimeModel.from_bytes(fp32_model)
+    if request.quantize == "int8":
+        packaged_model = quantize_int8(fp32_model, calibration=request.calibration)
+        scheme = "int8-static" if request.calibration is not None else "int8-dynamic"
+        packaged = OnnxRuntimeModel.from_bytes(packaged_model)
+    else:
+        packaged_model, scheme, packaged = fp32_model, "none", fp32
+
+    fp32_acc = _accuracy(fp32, request.evaluation)
+    packaged_acc = fp32_acc if packaged is fp32 else _accuracy(packaged, request.evaluation)
+    if fp32_acc is not None and packaged_acc is not None:
+        drop = 100.0 * (fp32_acc - packaged_acc)
+        logger.info("accuracy fp32 %.4f, %s %.4f (drop %.2f points)", fp32_acc, scheme,
+                    packaged_acc, drop)  # fmt: skip
+        if drop > request.max_accuracy_drop:
+            raise AccuracyDropError(
+                f"int8 accuracy {100 * packaged_acc:.2f}% is {drop:.2f} points below fp32 "
+                f"{100 * fp32_acc:.2f}% (allowed: {request.max_accuracy_drop:.2f}); try "
+                "--calibration with representative data, or --quantize none"
+            )
+
+    metadata = dict(request.metadata)
+    metadata["fp32_bytes"] = str(len(fp32_model))
+    if packaged_acc is not None:
+        metadata["accuracy"] = f"{packaged_acc:.6f}"
+    try:
+        manifest = Manifest(
+            name=request.name,
+            version=request.version,
+            format="onnx",
+            sha256=hashlib.sha256(packaged_model).hexdigest(),
+            length=len(packaged_model),
+            inputs=tuple(_spec(t) for t in packaged.inputs),
+            outputs=tuple(_spec(t) for t in packaged.outputs),
+            quantization=scheme,
+            created=now,
+            expires=now + request.expires_in,
+            hardware_tags=tuple(sorted(set(request.hardware_tags))),
+            health_check=_health_check(packaged, request),
+            metadata=metadata,
+        )
+    except CompressError as exc:
+        raise PackagingError(f"cannot describe this model in a manifest: {exc}") from exc
+    signed = sign_manifest(manifest, request.keys)
+    write_artifact(request.out, signed, packaged_model)
+    logger.info("wrote %s to %s", manifest.summary(), request.out)
+    return PackageResult(
+        manifest=manifest,
+        path=request.out,
+        fp32_bytes=len(fp32_model),
+        packaged_bytes=len(packaged_model),
+        fp32_accuracy=fp32_acc,
+        packaged_accuracy=packaged_acc,
+    )
