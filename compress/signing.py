@@ -66,6 +66,11 @@ class SignedManifest:
     manifest_bytes: bytes
     signatures: tuple[Signature, ...]
 
+    def __post_init__(self) -> None:
+        # One order, so equal signature sets compare (and encode) equal.
+        ordered = tuple(sorted(self.signatures, key=lambda s: (s.key_id, s.value)))
+        object.__setattr__(self, "signatures", ordered)
+
     @cached_property
     def manifest(self) -> Manifest:
         """The parsed manifest. Parsing is not trust: call :func:`verify_signatures`.
@@ -77,9 +82,8 @@ class SignedManifest:
 
     def signatures_bytes(self) -> bytes:
         """The canonical JSON list of signatures."""
-        sigs = sorted(self.signatures, key=lambda s: (s.key_id, s.value))
         return canonical_bytes(
-            {"signatures": [{"keyid": s.key_id, "sig": s.value.hex()} for s in sigs]}
+            {"signatures": [{"keyid": s.key_id, "sig": s.value.hex()} for s in self.signatures]}
         )
 
     def to_bytes(self) -> bytes:

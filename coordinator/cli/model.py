@@ -181,8 +181,8 @@ def package(
 
 def _manifest_table(manifest: Manifest) -> Table:
     table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
 
     def tensors(specs: tuple[TensorSpec, ...]) -> str:
         return ", ".join(

@@ -43,7 +43,7 @@ def fail(exc: FedgeError, *, as_json: bool = False) -> NoReturn:
     if as_json:
         print_json({"ok": False, "error": {"code": code, "message": str(exc)}})
     else:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_FAILURE)
 
 

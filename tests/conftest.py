@@ -1,0 +1,95 @@
+"""Shared fixtures: signing keys, a fixed clock, and manifest/artifact factories."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compress.artifact import write_artifact
+from compress.keys import SigningKey, generate_signing_key
+from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
+from compress.signing import SignedManifest, sign_manifest
+
+NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def now() -> datetime:
+    """A fixed 'current time' for pure trust checks."""
+    return NOW
+
+
+@pytest.fixture(scope="session")
+def signing_keys() -> list[SigningKey]:
+    """Three distinct Ed25519 keys (for k-of-n tests)."""
+    return [generate_signing_key() for _ in range(3)]
+
+
+@pytest.fixture
+def signing_key(signing_keys: list[SigningKey]) -> SigningKey:
+    """One signing key."""
+    return signing_keys[0]
+
+
+PAYLOAD = bytes(range(256)) * 40
+
+
+def make_manifest(payload: bytes = PAYLOAD, **overrides: Any) -> Manifest:
+    """A valid manifest describing ``payload``; keyword arguments replace fields."""
+    fields: dict[str, Any] = {
+        "name": "digits",
+        "version": 3,
+        "format": "onnx",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "length": len(payload),
+        "inputs": (TensorSpec("input", (None, 64)),),
+        "outputs": (TensorSpec("probabilities", (None, 10)),),
+        "quantization": "int8-dynamic",
+        "created": NOW - timedelta(days=1),
+        "expires": NOW + timedelta(days=30),
+        "health_check": HealthCheck(
+            inputs={"input": ReferenceTensor.from_array(np.linspace(0, 1, 128, dtype=np.float32)
+                                                          .reshape(2, 64))},
+            outputs={"probabilities": ReferenceTensor.from_array(np.full((2, 10), 0.1,
+                                                                         dtype=np.float32))},
+        ),
+        "metadata": {"family": "mlp"},
+    }  # fmt: skip
+    fields.update(overrides)
+    return Manifest(**fields)
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    """A valid manifest of :data:`PAYLOAD`."""
+    return make_manifest()
+
+
+@pytest.fixture
+def signed(manifest: Manifest, signing_key: SigningKey) -> SignedManifest:
+    """The manifest signed by one key."""
+    return sign_manifest(manifest, [signing_key])
+
+
+ArtifactFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def artifact_file(tmp_path: Path, signing_key: SigningKey) -> ArtifactFactory:
+    """Write a signed artifact file; keyword arguments go to :func:`make_manifest`."""
+
+    def factory(
+        payload: bytes = PAYLOAD, keys: list[SigningKey] | None = None, **overrides: Any
+    ) -> Path:
+        manifest = make_manifest(payload, **overrides)
+        path = tmp_path / f"{manifest.name}-v{manifest.version}.fedge"
+        write_artifact(path, sign_manifest(manifest, keys or [signing_key]), payload)
+        return path
+
+    return factory
