@@ -1,0 +1,425 @@
+"""int8 quantization of ONNX models with ``onnxruntime.quantization``.
+
+Deployment artifacts are int8 by default: weights shrink about 4x (float32 -> int8)
+and integer kernels are usually faster on the CPUs that edge devices have. The
+workflow, all in memory (bytes in, bytes out)::
+
+    fp32 ONNX bytes --quantize_int8()--> int8 ONNX bytes --(sign, package, roll out)
+
+:func:`quantize_int8` offers the two post-training modes of onnxruntime:
+
+**Dynamic** (``calibration=None``, the default). Weights are quantized to int8 ahead
+of time (``QuantType.QInt8``, symmetric, per output channel); activations are
+quantized on the fly, per batch, from their observed range (``DynamicQuantizeLinear``
++ ``MatMulInteger``). It needs no data, cannot be mis-calibrated, and is the right
+choice for dense models such as fedge's ``softmax`` and ``mlp`` families and
+whenever no representative inputs are at hand on the coordinator (the usual case in
+federated learning, where the data stays on devices).
+
+**Static** (``calibration=`` a float32 batch of representative inputs). The model is
+run on the calibration batch first and each activation's range is recorded
+(``MinMax``); the ranges are then frozen into the model as ``QuantizeLinear`` /
+``DequantizeLinear`` pairs around every quantizable operator (the ``QDQ`` format,
+which onnxruntime's CPU kernels fuse into integer operators). Activations are uint8
+(asymmetric: ReLU outputs are non-negative, so no code is wasted on negative
+values), weights int8 per channel, the combination onnxruntime recommends for CPUs
+with dot-product instructions (x86 VNNI, ARMv8.2+). Static models skip the run-time
+range computation, so they are faster for convolutional models and required by
+integer-only accelerators; their accuracy depends on the calibration set covering
+the inputs the device will see (a few hundred training samples are usually enough).
+Every activation is quantized, the final softmax included: a static model's class
+probabilities come in steps of 1/255, which leaves the arg-max (the predicted class)
+intact but limits fine-grained confidence thresholds.
+Use :func:`load_calibration` to read such a batch from an ``.npz`` file.
+
+Pre-processing. onnxruntime recommends running
+``onnxruntime.quantization.shape_inference.quant_pre_process`` (ONNX shape inference
+plus onnxruntime's graph optimizations, e.g. fusing ``MatMul`` + ``Add`` into
+``Gemm``) before quantizing, and logs a warning on the root logger when a model has
+not been pre-processed. :func:`quantize_int8` always runs it, so the warning is not
+emitted because its advice has been followed, not because it was silenced. Symbolic
+shape inference (a step meant for transformer models, which needs ``sympy``) is
+skipped: ONNX shape inference fully describes the models fedge exports. Python
+warnings raised by onnx/onnxruntime while quantizing are recorded and re-logged at
+DEBUG level on this module's logger instead of leaking to the caller.
+
+Checks. The input model is parsed and checked with ``onnx.checker``, and loaded once
+into onnxruntime before quantizing; the result is loaded again afterwards. This
+matters because ``quant_pre_process`` only logs a failed optimization and the
+quantizer passes unknown operators through, so neither would notice a model that no
+device can run.
+
+The quantizer works on files, so each call uses a private temporary directory that
+is removed afterwards. ``onnx`` and ``onnxruntime.quantization`` are imported inside
+the functions (``fedge[coordinator]``); this module imports with numpy only. Every
+failure becomes :class:`compress.errors.QuantizationError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from compress.errors import QuantizationError
+
+__all__ = ["CALIBRATION_KEY", "load_calibration", "quantize_int8"]
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_KEY = "x"
+"""Name of the array inside a calibration ``.npz`` file."""
+
+_CALIBRATION_BATCH = 64
+"""Rows fed to onnxruntime per calibration step (bounds the calibrator's memory)."""
+
+_ORT_LOG_FATAL = 4
+"""onnxruntime log severity that hides errors (they surface as exceptions instead)."""
+
+_INSTALL_HINT = "install it with `pip install 'fedge[coordinator]'`"
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def quantize_int8(
+    model: bytes,
+    *,
+    calibration: npt.NDArray[np.float32] | None = None,
+    per_channel: bool = True,
+) -> bytes:
+    """Quantize a float32 ONNX model to int8.
+
+    Args:
+        model: A serialized float32 ONNX model.
+        calibration: ``None`` for dynamic quantization; otherwise a 2-D float batch
+            of representative inputs ``(n, n_features)`` for static (QDQ)
+            quantization of a model with one 2-D float input.
+        per_channel: Quantize weights with one scale per output channel (more
+            accurate, a few percent larger) instead of one per tensor.
+
+    Returns:
+        The serialized int8 model; same input and output names, shapes and dtypes.
+
+    Raises:
+        QuantizationError: ``onnx``/``onnxruntime.quantization`` is not installed,
+            ``model`` is not a valid ONNX model, ``calibration`` is empty, not
+            finite, or does not fit the model's input, or onnxruntime fails.
+    """
+    proto = _parse_model(model)
+    calib: FloatArray | None = None
+    input_name = ""
+    if calibration is not None:
+        input_name, n_features = _single_float_input(proto)
+        calib = _check_calibration(calibration, n_features)
+    quantization = _import_quantization()
+    _check_loads(model, "the model")
+
+    with tempfile.TemporaryDirectory(prefix="fedge-quantize-") as tmp:
+        src = Path(tmp) / "model.onnx"
+        pre = Path(tmp) / "model.pre.onnx"
+        out = Path(tmp) / "model.int8.onnx"
+        src.write_bytes(model)
+        _run(
+            "pre-processing",
+            quantization.shape_inference.quant_pre_process,
+            src,
+            pre,
+            skip_symbolic_shape=True,
+        )
+        if calib is None:
+            _run(
+                "dynamic quantization",
+                quantization.quantize_dynamic,
+                pre,
+                out,
+                weight_type=quantization.QuantType.QInt8,
+                per_channel=per_channel,
+            )
+        else:
+            _run(
+                "static quantization",
+                quantization.quantize_static,
+                pre,
+                out,
+                _BatchReader(input_name, calib),
+                quant_format=quantization.QuantFormat.QDQ,
+                activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8,
+                calibrate_method=quantization.CalibrationMethod.MinMax,
+                per_channel=per_channel,
+            )
+        try:
+            data = out.read_bytes()
+        except OSError as exc:
+            raise QuantizationError(f"onnxruntime did not write a quantized model: {exc}") from exc
+    data = _prune_opset_imports(data)
+    _check_loads(data, "the quantized model")
+    logger.debug(
+        "quantized model to int8 (%s): %d -> %d bytes",
+        "dynamic" if calib is None else "static",
+        len(model),
+        len(data),
+    )
+    return data
+
+
+def load_calibration(path: str | os.PathLike[str]) -> FloatArray:
+    """Read a calibration batch from an ``.npz`` file.
+
+    The file holds one array under the key :data:`CALIBRATION_KEY` (``"x"``) of shape
+    ``(n, n_features)``, ``n >= 1``, with finite real values (as written by
+    ``numpy.savez(path, x=batch)``). Pickled objects are refused.
+
+    Args:
+        path: Path of the ``.npz`` file.
+
+    Returns:
+        The batch as a C-contiguous float32 array.
+
+    Raises:
+        QuantizationError: the file is missing or unreadable, is not an ``.npz``
+            archive, has no ``x`` array, or the array is not a finite, non-empty
+            2-D numeric batch.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise QuantizationError(f"{path}: calibration file not found") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise QuantizationError(f"{path}: cannot read calibration data: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise QuantizationError(f"{path}: not an .npz archive (save it with numpy.savez)")
+    with loaded:
+        if CALIBRATION_KEY not in loaded.files:
+            raise QuantizationError(
+                f"{path}: no array named {CALIBRATION_KEY!r} "
+                f"(found: {', '.join(loaded.files) or 'none'})"
+            )
+        try:
+            raw = loaded[CALIBRATION_KEY]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise QuantizationError(
+                f"{path}: cannot read array {CALIBRATION_KEY!r}: {exc}"
+            ) from exc
+    try:
+        return _check_calibration(raw, None)
+    except QuantizationError as exc:
+        raise QuantizationError(f"{path}: {exc}") from exc
+
+
+class _BatchReader:
+    """Feeds a calibration batch to onnxruntime in chunks.
+
+    Satisfies ``onnxruntime.quantization.CalibrationDataReader`` structurally (its
+    ``__subclasshook__`` accepts any object with ``get_next``), so this class does not
+    need onnxruntime at import time.
+    """
+
+    def __init__(self, input_name: str, batch: FloatArray) -> None:
+        self._chunks: Iterator[dict[str, FloatArray]] = iter(
+            [
+                {input_name: batch[start : start + _CALIBRATION_BATCH]}
+                for start in range(0, batch.shape[0], _CALIBRATION_BATCH)
+            ]
+        )
+
+    def get_next(self) -> dict[str, FloatArray] | None:
+        """The next chunk of inputs, or ``None`` when the batch is exhausted."""
+        return next(self._chunks, None)
+
+
+def _parse_model(model: bytes) -> Any:
+    """Parse and check serialized ONNX bytes.
+
+    Raises:
+        QuantizationError: ``onnx`` is missing or the bytes are not a valid model.
+    """
+    try:
+        import onnx  # noqa: PLC0415 - optional dependency, imported lazily on purpose
+        import onnx.checker  # noqa: PLC0415
+    except ImportError as exc:
+        raise QuantizationError(f"quantization needs the 'onnx' package; {_INSTALL_HINT}") from exc
+    if not model:
+        raise QuantizationError("model is empty (0 bytes)")
+    try:
+        proto = onnx.load_model_from_string(model)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf and onnx raise assorted types
+        raise QuantizationError(f"not a valid ONNX model: {_one_line(exc)}") from exc
+    if not proto.graph.node:
+        raise QuantizationError("not a valid ONNX model: the graph has no nodes")
+    return proto
+
+
+def _single_float_input(proto: Any) -> tuple[str, int | None]:
+    """Name and feature count (``None`` if symbolic) of the model's only input.
+
+    Raises:
+        QuantizationError: the model does not have exactly one 2-D float32 input,
+            which static calibration with a single batch requires.
+    """
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [inp for inp in proto.graph.input if inp.name not in initializers]
+    if len(inputs) != 1:
+        raise QuantizationError(
+            f"static calibration needs a model with exactly one input, got {len(inputs)}"
+        )
+    inp = inputs[0]
+    tensor_type = inp.type.tensor_type
+    float32 = 1  # onnx.TensorProto.FLOAT
+    dims = list(tensor_type.shape.dim)
+    if tensor_type.elem_type != float32 or len(dims) != 2:
+        raise QuantizationError(
+            f"static calibration needs a 2-D float32 input; {inp.name!r} is not one"
+        )
+    features = dims[1]
+    return inp.name, int(features.dim_value) if features.HasField("dim_value") else None
+
+
+def _check_calibration(batch: npt.ArrayLike, n_features: int | None) -> FloatArray:
+    """Validate a calibration batch and return it as C-contiguous float32.
+
+    Raises:
+        QuantizationError: not a finite, non-empty, real 2-D batch, or its feature
+            count differs from ``n_features`` (when given).
+    """
+    try:
+        arr = np.asarray(batch)
+    except (TypeError, ValueError) as exc:
+        raise QuantizationError(f"calibration data is not an array: {exc}") from exc
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise QuantizationError(f"calibration data must be real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise QuantizationError(
+            f"calibration data must be a non-empty 2-D batch (n, features), got shape {arr.shape}"
+        )
+    if n_features is not None and arr.shape[1] != n_features:
+        raise QuantizationError(
+            f"calibration data has {arr.shape[1]} features per row, the model expects {n_features}"
+        )
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise QuantizationError("calibration data contains NaN or infinity (after float32 cast)")
+    return out
+
+
+def _import_quantization() -> Any:
+    """Import ``onnxruntime.quantization`` (and its pre-processing module).
+
+    Raises:
+        QuantizationError: it cannot be imported.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import onnxruntime.quantization  # noqa: PLC0415 - heavy, coordinator-only
+            import onnxruntime.quantization.shape_inference  # noqa: PLC0415
+    except ImportError as exc:
+        raise QuantizationError(
+            f"quantization needs onnxruntime and onnx; {_INSTALL_HINT} ({exc})"
+        ) from exc
+    _relog(caught)
+    return onnxruntime.quantization
+
+
+def _prune_opset_imports(model: bytes) -> bytes:
+    """Drop opset imports of domains that no node uses.
+
+    onnxruntime's optimizer (run by ``quant_pre_process``) stamps every domain it
+    knows (``ai.onnx.ml``, ``com.microsoft.nchwc``, ``org.pytorch.aten`` ...) on the
+    model. Older onnxruntime releases on devices may not know those versions, and a
+    device should not need them, so only the domains the graph uses are kept.
+
+    Raises:
+        QuantizationError: the quantizer's output cannot be parsed.
+    """
+    import onnx  # noqa: PLC0415 - imported by _parse_model already
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:  # protobuf raises assorted types
+        raise QuantizationError(f"cannot parse the quantized model: {_one_line(exc)}") from exc
+    used: set[str] = {"", "ai.onnx"}
+    graphs = [proto.graph]
+    nodes = [node for function in proto.functions for node in function.node]
+    used.update(function.domain for function in proto.functions)
+    while graphs:
+        graph = graphs.pop()
+        nodes.extend(graph.node)
+        while nodes:
+            node = nodes.pop()
+            used.add(node.domain)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    keep = [opset for opset in proto.opset_import if opset.domain in used]
+    if len(keep) == len(proto.opset_import):
+        return model
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    pruned: bytes = proto.SerializeToString()
+    return pruned
+
+
+def _check_loads(model: bytes, what: str) -> None:
+    """Make sure onnxruntime (CPU) can load ``model``.
+
+    ``quant_pre_process`` only logs a failure of its optimization step and carries on,
+    and the quantizer passes operators it does not know through unchanged, so without
+    this check a model that no device could load would be returned.
+
+    Raises:
+        QuantizationError: onnxruntime cannot load ``model``.
+    """
+    import onnxruntime  # noqa: PLC0415 - imported by _import_quantization already
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = _ORT_LOG_FATAL
+    options.intra_op_num_threads = 1
+    try:
+        onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's exceptions derive from Exception only
+        raise QuantizationError(f"onnxruntime cannot load {what}: {_one_line(exc)}") from exc
+
+
+def _run(step: str, func: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """Call an onnxruntime quantization function, translating its failures.
+
+    Python warnings it raises are re-logged at DEBUG level (see the module docstring).
+
+    Raises:
+        QuantizationError: ``func`` raised anything.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            func(*args, **kwargs)
+        except Exception as exc:  # onnxruntime raises assorted types
+            raise QuantizationError(f"{step} failed: {_one_line(exc)}") from exc
+        finally:
+            _relog(caught)
+
+
+def _relog(caught: list[warnings.WarningMessage]) -> None:
+    for item in caught:
+        logger.debug(
+            "onnxruntime quantization warning: %s: %s", item.category.__name__, item.message
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as a short single line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
