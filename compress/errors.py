@@ -139,3 +139,16 @@ class QuantizationError(CompressError):
     """A model could not be quantized (bad model, bad calibration data)."""
 
     code = "quantization_failed"
+
+
+def one_line(exc: BaseException, *, limit: int = 300) -> str:
+    """A foreign exception as one short line: its type and its message's first line.
+
+    Adapters use it when they translate errors from onnx, onnxruntime and the like,
+    whose messages can run over many lines.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

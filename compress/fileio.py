@@ -1,4 +1,9 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half.
+"""File I/O shared by every package: atomic writes, bounded reads, safe ``.npz`` loads.
+
+:func:`atomic_write`: a crash leaves either the old file or the new one, never half.
+:func:`read_bounded` and :func:`load_npz` read files a user points at (keys, models,
+weights, data sets) with a size limit checked before reading and every failure turned
+into the caller's own error type, with the path in the message.
 
 The pattern is python-tuf's ``Updater._persist_metadata``: write to a temporary file
 in the destination's directory (same filesystem), flush and ``fsync`` it, set its mode,
@@ -10,9 +15,15 @@ of state.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
@@ -60,3 +71,48 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: str) -> bytes:
+    """Read a whole file that must not be larger than ``max_bytes``.
+
+    The size is checked before reading, so a huge file is refused without loading it.
+
+    Raises:
+        error: the file is missing, a directory, unreadable, or too large; the message
+            starts with the path and names ``what`` the file was meant to be.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes is too large for a {what} (max {max_bytes})")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such {what}") from exc
+    except IsADirectoryError as exc:
+        raise error(f"{path}: is a directory, not a {what}") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+
+
+def load_npz(
+    path: Path, *, max_bytes: int, error: type[Exception], what: str
+) -> dict[str, npt.NDArray[Any]]:
+    """Load every array of an ``.npz`` archive, refusing pickled objects.
+
+    Raises:
+        error: missing or oversized file, not an ``.npz`` archive, or unreadable
+            arrays (object arrays included, since pickles are refused).
+    """
+    data = read_bounded(path, max_bytes=max_bytes, error=error, what=what)
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise error(f"{path}: not an .npz archive (save it with numpy.savez)")
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(f"{path}: cannot read {what}: not a readable .npz file ({exc})") from exc

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from compress.errors import KeyFileError
-from compress.fileio import atomic_write
+from compress.fileio import atomic_write, read_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -169,20 +169,6 @@ def save_keypair(key: SigningKey, directory: Path, *, overwrite: bool = False) -
     return private_path, public_path
 
 
-def _read_key_file(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_KEY_FILE_BYTES:
-            raise KeyFileError(f"{path}: {size} bytes is too large for a key file")
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"{path}: no such key file") from exc
-    except IsADirectoryError as exc:
-        raise KeyFileError(f"{path}: is a directory, not a key file") from exc
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read key file: {exc.strerror or exc}") from exc
-
-
 def load_signing_key(path: Path) -> SigningKey:
     """Load a private signing key; warns in the log if others can read the file.
 
@@ -190,7 +176,7 @@ def load_signing_key(path: Path) -> SigningKey:
         KeyFileError: missing, unreadable, or not an Ed25519 private key.
     """
     path = Path(path)
-    data = _read_key_file(path)
+    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
         logger.warning("private key %s is readable by others (mode %o); chmod 600 it", path, mode)
@@ -207,7 +193,7 @@ def load_public_key(path: Path) -> PublicKey:
         KeyFileError: missing, unreadable, or not an Ed25519 public key.
     """
     path = Path(path)
-    data = _read_key_file(path)
+    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
     try:
         return PublicKey.from_pem(data)
     except KeyFileError as exc:

@@ -61,7 +61,6 @@ import logging
 import os
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from compress.errors import QuantizationError
+from compress.errors import QuantizationError, one_line
+from compress.fileio import load_npz
 
 __all__ = ["CALIBRATION_KEY", "load_calibration", "quantize_int8"]
 
@@ -77,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_KEY = "x"
 """Name of the array inside a calibration ``.npz`` file."""
+
+MAX_CALIBRATION_FILE_BYTES = 1024 * 1024 * 1024
+"""Largest calibration file accepted (checked before reading)."""
 
 _CALIBRATION_BATCH = 64
 """Rows fed to onnxruntime per calibration step (bounds the calibrator's memory)."""
@@ -189,26 +192,15 @@ def load_calibration(path: str | os.PathLike[str]) -> FloatArray:
             archive, has no ``x`` array, or the array is not a finite, non-empty
             2-D numeric batch.
     """
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise QuantizationError(f"{path}: calibration file not found") from exc
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise QuantizationError(f"{path}: cannot read calibration data: {exc}") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise QuantizationError(f"{path}: not an .npz archive (save it with numpy.savez)")
-    with loaded:
-        if CALIBRATION_KEY not in loaded.files:
-            raise QuantizationError(
-                f"{path}: no array named {CALIBRATION_KEY!r} "
-                f"(found: {', '.join(loaded.files) or 'none'})"
-            )
-        try:
-            raw = loaded[CALIBRATION_KEY]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise QuantizationError(
-                f"{path}: cannot read array {CALIBRATION_KEY!r}: {exc}"
-            ) from exc
+    arrays = load_npz(
+        Path(path), max_bytes=MAX_CALIBRATION_FILE_BYTES, error=QuantizationError,
+        what="calibration file",
+    )  # fmt: skip
+    if CALIBRATION_KEY not in arrays:
+        raise QuantizationError(
+            f"{path}: no array named {CALIBRATION_KEY!r} (found: {', '.join(arrays) or 'none'})"
+        )
+    raw = arrays[CALIBRATION_KEY]
     try:
         return _check_calibration(raw, None)
     except QuantizationError as exc:
@@ -253,7 +245,7 @@ def _parse_model(model: bytes) -> Any:
         proto = onnx.load_model_from_string(model)
         onnx.checker.check_model(proto)
     except Exception as exc:  # protobuf and onnx raise assorted types
-        raise QuantizationError(f"not a valid ONNX model: {_one_line(exc)}") from exc
+        raise QuantizationError(f"not a valid ONNX model: {one_line(exc)}") from exc
     if not proto.graph.node:
         raise QuantizationError("not a valid ONNX model: the graph has no nodes")
     return proto
@@ -347,7 +339,7 @@ def _prune_opset_imports(model: bytes) -> bytes:
     try:
         proto = onnx.load_model_from_string(model)
     except Exception as exc:  # protobuf raises assorted types
-        raise QuantizationError(f"cannot parse the quantized model: {_one_line(exc)}") from exc
+        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
     used: set[str] = {"", "ai.onnx"}
     graphs = [proto.graph]
     nodes = [node for function in proto.functions for node in function.node]
@@ -388,7 +380,7 @@ def _check_loads(model: bytes, what: str) -> None:
     try:
         onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's exceptions derive from Exception only
-        raise QuantizationError(f"onnxruntime cannot load {what}: {_one_line(exc)}") from exc
+        raise QuantizationError(f"onnxruntime cannot load {what}: {one_line(exc)}") from exc
 
 
 def _run(step: str, func: Callable[..., object], *args: object, **kwargs: object) -> None:
@@ -404,7 +396,7 @@ def _run(step: str, func: Callable[..., object], *args: object, **kwargs: object
         try:
             func(*args, **kwargs)
         except Exception as exc:  # onnxruntime raises assorted types
-            raise QuantizationError(f"{step} failed: {_one_line(exc)}") from exc
+            raise QuantizationError(f"{step} failed: {one_line(exc)}") from exc
         finally:
             _relog(caught)
 
@@ -414,12 +406,3 @@ def _relog(caught: list[warnings.WarningMessage]) -> None:
         logger.debug(
             "onnxruntime quantization warning: %s: %s", item.category.__name__, item.message
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    """``exc`` as a short single line: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from compress.artifact import write_artifact
 from compress.errors import CompressError
+from compress.fileio import load_npz, read_bounded
 from compress.keys import SigningKey
 from compress.manifest import (
     MAX_PAYLOAD_BYTES,
@@ -113,18 +114,11 @@ def load_labelled_npz(path: Path) -> LabelledData:
     Raises:
         PackagingError: missing or unreadable file, missing keys, bad shapes or dtypes.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_DATA_FILE_BYTES:
-            raise PackagingError(f"{path}: larger than {MAX_DATA_FILE_BYTES} bytes")
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files or "y" not in data.files:
-                raise PackagingError(f"{path}: expected arrays 'x' and 'y', found {data.files}")
-            x, y = data["x"], data["y"]
-    except FileNotFoundError as exc:
-        raise PackagingError(f"{path}: no such file") from exc
-    except (OSError, ValueError, EOFError) as exc:
-        raise PackagingError(f"{path}: not a readable .npz file ({exc})") from exc
+    arrays = load_npz(path, max_bytes=MAX_DATA_FILE_BYTES, error=PackagingError,
+                      what="evaluation data file")  # fmt: skip
+    if "x" not in arrays or "y" not in arrays:
+        raise PackagingError(f"{path}: expected arrays 'x' and 'y', found {sorted(arrays)}")
+    x, y = arrays["x"], arrays["y"]
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
         raise PackagingError(
             f"{path}: expected x of shape (n, features) and y of shape (n,), "
@@ -133,18 +127,6 @@ def load_labelled_npz(path: Path) -> LabelledData:
     if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
         raise PackagingError(f"{path}: x must be numeric and y integer labels")
     return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64))
-
-
-def _read_model(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_PAYLOAD_BYTES:
-            raise PackagingError(f"{path}: {size} bytes is over the {MAX_PAYLOAD_BYTES} limit")
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise PackagingError(f"{path}: no such model file") from exc
-    except OSError as exc:
-        raise PackagingError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _spec(info: TensorInfo) -> TensorSpec:
@@ -207,7 +189,9 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         )
     if request.version < 1:
         raise PackagingError(f"version must be a positive integer, got {request.version}")
-    fp32_model = _read_model(request.model_path)
+    fp32_model = read_bounded(
+        request.model_path, max_bytes=MAX_PAYLOAD_BYTES, error=PackagingError, what="model file"
+    )
     fp32 = OnnxRuntimeModel.from_bytes(fp32_model)
     if request.quantize == "int8":
         packaged_model = quantize_int8(fp32_model, calibration=request.calibration)

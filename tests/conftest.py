@@ -54,13 +54,17 @@ def make_manifest(payload: bytes = PAYLOAD, **overrides: Any) -> Manifest:
         "created": NOW - timedelta(days=1),
         "expires": NOW + timedelta(days=30),
         "health_check": HealthCheck(
-            inputs={"input": ReferenceTensor.from_array(np.linspace(0, 1, 128, dtype=np.float32)
-                                                          .reshape(2, 64))},
-            outputs={"probabilities": ReferenceTensor.from_array(np.full((2, 10), 0.1,
-                                                                         dtype=np.float32))},
+            inputs={
+                "input": ReferenceTensor.from_array(
+                    np.linspace(0, 1, 128, dtype=np.float32).reshape(2, 64)
+                )
+            },
+            outputs={
+                "probabilities": ReferenceTensor.from_array(np.full((2, 10), 0.1, dtype=np.float32))
+            },
         ),
         "metadata": {"family": "mlp"},
-    }  # fmt: skip
+    }
     fields.update(overrides)
     return Manifest(**fields)
 

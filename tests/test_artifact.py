@@ -30,7 +30,7 @@ from compress.errors import (
 )
 from compress.keys import SigningKey, generate_signing_key
 from compress.signing import SignedManifest, TrustedKeys, sign_manifest
-from compress.trust import DeviceProfile
+from compress.trust import DeviceProfile, verify_manifest
 from tests.conftest import NOW, PAYLOAD, ArtifactFactory, make_manifest
 
 
@@ -104,16 +104,23 @@ def test_rollback(artifact_file: ArtifactFactory, trusted: TrustedKeys) -> None:
 
 def test_device_fit(artifact_file: ArtifactFactory, trusted: TrustedKeys) -> None:
     path = artifact_file(hardware_tags=("arm64", "camera"))
-    fits = DeviceProfile(runtimes=frozenset({"onnxruntime"}),
-                         hardware_tags=frozenset({"arm64", "camera", "gpio"}))  # fmt: skip
+    fits = DeviceProfile(
+        runtimes=frozenset({"onnxruntime"}), hardware_tags=frozenset({"arm64", "camera", "gpio"})
+    )
     assert load_artifact(path, trusted, now=NOW, device=fits).manifest.hardware_tags
     with pytest.raises(IncompatibleDeviceError, match="camera"):
-        load_artifact(path, trusted, now=NOW,
-                      device=DeviceProfile(hardware_tags=frozenset({"arm64"})))  # fmt: skip
+        load_artifact(
+            path, trusted, now=NOW, device=DeviceProfile(hardware_tags=frozenset({"arm64"}))
+        )
     with pytest.raises(IncompatibleDeviceError, match="onnxruntime"):
-        load_artifact(path, trusted, now=NOW,
-                      device=DeviceProfile(runtimes=frozenset({"tflite"}),
-                                           hardware_tags=frozenset({"arm64", "camera"})))  # fmt: skip
+        load_artifact(
+            path,
+            trusted,
+            now=NOW,
+            device=DeviceProfile(
+                runtimes=frozenset({"tflite"}), hardware_tags=frozenset({"arm64", "camera"})
+            ),
+        )
 
 
 @pytest.mark.parametrize(
@@ -167,8 +174,6 @@ def test_signature_is_checked_before_payload_is_read(
     stranger = sign_manifest(make_manifest(), [generate_signing_key()])
     stream = CountingReader(encode_artifact(stranger, PAYLOAD))
     header = read_signed_manifest(stream)
-    from compress.trust import verify_manifest
-
     with pytest.raises(UnknownKeyError):
         verify_manifest(header, trusted, now=NOW)
     assert stream.total < len(PAYLOAD)

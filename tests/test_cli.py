@@ -47,8 +47,19 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def artifact(workdir: Path) -> Path:
-    code, out = fedge("model", "package", workdir / "model.onnx", "--name", "toy", "--version",
-                      "3", "--key", workdir / "keys/signing.key", "--out", workdir / "toy.fedge")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "model.onnx",
+        "--name",
+        "toy",
+        "--version",
+        "3",
+        "--key",
+        workdir / "keys/signing.key",
+        "--out",
+        workdir / "toy.fedge",
+    )
     assert code == 0, out
     return workdir / "toy.fedge"
 
@@ -59,8 +70,12 @@ def test_console_scripts_print_help() -> None:
         assert exe, f"{script} is not installed"
         out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
         assert "usage" in out.stdout.lower()
-    out = subprocess.run([shutil.which("fedge", path=str(BIN)) or "fedge", "model", "--help"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [shutil.which("fedge", path=str(BIN)) or "fedge", "model", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for command in ("export", "package", "inspect"):
         assert command in out.stdout
 
@@ -80,12 +95,30 @@ def test_keys_generate(tmp_path: Path) -> None:
 
 
 def test_export_onnx_and_tflite(workdir: Path) -> None:
-    code, out = fedge("model", "export", "--family", "mlp", "--weights", workdir / "w.npz",
-                      "--out", workdir / "m.onnx")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "export",
+        "--family",
+        "mlp",
+        "--weights",
+        workdir / "w.npz",
+        "--out",
+        workdir / "m.onnx",
+    )
     assert code == 0, out
     assert (workdir / "m.onnx").read_bytes() == (workdir / "model.onnx").read_bytes()
-    code, out = fedge("model", "export", "--family", "mlp", "--weights", workdir / "w.npz",
-                      "--out", workdir / "m.tflite", "--format", "tflite")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "export",
+        "--family",
+        "mlp",
+        "--weights",
+        workdir / "w.npz",
+        "--out",
+        workdir / "m.tflite",
+        "--format",
+        "tflite",
+    )
     assert code == 0, out
     assert (workdir / "m.tflite").read_bytes()[4:8] == b"TFL3"
 
@@ -101,8 +134,16 @@ def test_export_onnx_and_tflite(workdir: Path) -> None:
     ],
 )
 def test_export_errors_are_one_line(workdir: Path, family: str, weights: str, message: str) -> None:
-    code, out = fedge("model", "export", "--family", family, "--weights", workdir / weights,
-                      "--out", workdir / "m.onnx")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "export",
+        "--family",
+        family,
+        "--weights",
+        workdir / weights,
+        "--out",
+        workdir / "m.onnx",
+    )
     assert code == 1
     assert message in out
     assert out.startswith("error:")
@@ -110,9 +151,22 @@ def test_export_errors_are_one_line(workdir: Path, family: str, weights: str, me
 
 
 def test_package_reports_sizes_and_accuracy(workdir: Path) -> None:
-    code, out = fedge("model", "package", workdir / "model.onnx", "--name", "toy", "--version",
-                      "1", "--key", workdir / "keys/signing.key", "--out", workdir / "t.fedge",
-                      "--eval", workdir / "data.npz", "--json")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "model.onnx",
+        "--name",
+        "toy",
+        "--version",
+        "1",
+        "--key",
+        workdir / "keys/signing.key",
+        "--out",
+        workdir / "t.fedge",
+        "--eval",
+        workdir / "data.npz",
+        "--json",
+    )
     assert code == 0, out
     report = json.loads(out)
     assert report["manifest"]["quantization"] == "int8-dynamic"
@@ -122,9 +176,21 @@ def test_package_reports_sizes_and_accuracy(workdir: Path) -> None:
 
 
 def test_package_static_with_calibration(workdir: Path) -> None:
-    code, out = fedge("model", "package", workdir / "model.onnx", "--name", "toy", "--version",
-                      "1", "--key", workdir / "keys/signing.key", "--out", workdir / "t.fedge",
-                      "--calibration", workdir / "data.npz")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "model.onnx",
+        "--name",
+        "toy",
+        "--version",
+        "1",
+        "--key",
+        workdir / "keys/signing.key",
+        "--out",
+        workdir / "t.fedge",
+        "--calibration",
+        workdir / "data.npz",
+    )
     assert code == 0, out
     assert "int8-static" in out
 
@@ -139,9 +205,21 @@ def test_package_refuses_a_large_accuracy_drop(workdir: Path) -> None:
     x[:, 0] = 0.0
     (workdir / "fragile.onnx").write_bytes(export_onnx("mlp", weights))
     np.savez(workdir / "fragile.npz", x=x, y=forward("mlp", weights, x).argmax(axis=1))
-    code, out = fedge("model", "package", workdir / "fragile.onnx", "--name", "toy",
-                      "--version", "1", "--key", workdir / "keys/signing.key",
-                      "--out", workdir / "f.fedge", "--eval", workdir / "fragile.npz")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "fragile.onnx",
+        "--name",
+        "toy",
+        "--version",
+        "1",
+        "--key",
+        workdir / "keys/signing.key",
+        "--out",
+        workdir / "f.fedge",
+        "--eval",
+        workdir / "fragile.npz",
+    )
     assert code == 1
     assert "points below fp32" in out
     assert not (workdir / "f.fedge").exists()
@@ -164,16 +242,38 @@ def test_package_input_errors(workdir: Path, args: list[str], message: str) -> N
             base[flag] = value
         else:
             extra += [flag, str(workdir / value)]
-    code, out = fedge("model", "package", workdir / "model.onnx", "--version", "1",
-                      "--name", base["--name"], "--key", workdir / base["--key"],
-                      "--out", workdir / "t.fedge", *extra)  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "model.onnx",
+        "--version",
+        "1",
+        "--name",
+        base["--name"],
+        "--key",
+        workdir / base["--key"],
+        "--out",
+        workdir / "t.fedge",
+        *extra,
+    )
     assert code == 1
     assert message in out
 
 
 def test_package_missing_model(workdir: Path) -> None:
-    code, out = fedge("model", "package", workdir / "nope.onnx", "--name", "toy", "--version",
-                      "1", "--key", workdir / "keys/signing.key", "--out", workdir / "t.fedge")  # fmt: skip
+    code, out = fedge(
+        "model",
+        "package",
+        workdir / "nope.onnx",
+        "--name",
+        "toy",
+        "--version",
+        "1",
+        "--key",
+        workdir / "keys/signing.key",
+        "--out",
+        workdir / "t.fedge",
+    )
     assert code == 1
     assert "no such model file" in out
 
@@ -183,8 +283,9 @@ def test_inspect_verified(artifact: Path, workdir: Path) -> None:
     assert code == 0, out
     assert "verified" in out
     assert "toy" in out
-    code, out = fedge("model", "inspect", artifact, "--trust", workdir / "keys/signing.pub",
-                      "--json")  # fmt: skip
+    code, out = fedge(
+        "model", "inspect", artifact, "--trust", workdir / "keys/signing.pub", "--json"
+    )
     report = json.loads(out)
     assert report["verified"] is True
     assert report["manifest"]["version"] == 3

@@ -81,10 +81,9 @@ def test_newer_schema_is_rejected(manifest: Manifest) -> None:
         ("outputs", "probabilities"),
         ("hardware_tags", ["ok", "not ok"]),
         ("metadata", {"k": 1}),
-        ("health_check", {"inputs": {}, "outputs": {}, "rtol": 0, "atol": 0,
-                          "max_latency_ms": 1}),
+        ("health_check", {"inputs": {}, "outputs": {}, "rtol": 0, "atol": 0, "max_latency_ms": 1}),
     ],
-)  # fmt: skip
+)
 def test_invalid_fields_are_rejected(manifest: Manifest, field: str, value: object) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_bytes(_mutated(manifest, **{field: value}))

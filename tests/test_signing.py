@@ -31,8 +31,9 @@ def trust(keys: list[SigningKey], threshold: int = 1) -> TrustedKeys:
     return TrustedKeys.of((k.public_key for k in keys), threshold)
 
 
-def test_sign_verify_round_trip(signed: SignedManifest, signing_key: SigningKey,
-                                manifest: Manifest) -> None:  # fmt: skip
+def test_sign_verify_round_trip(
+    signed: SignedManifest, signing_key: SigningKey, manifest: Manifest
+) -> None:
     assert verify_signatures(signed, trust([signing_key])) == manifest
 
 
@@ -54,7 +55,9 @@ def test_same_key_twice_counts_once(manifest: Manifest, signing_keys: list[Signi
         verify_signatures(doubled, trust(signing_keys, threshold=2))
 
 
-def test_re_signing_replaces_the_old_signature(signed: SignedManifest, signing_key: SigningKey) -> None:
+def test_re_signing_replaces_the_old_signature(
+    signed: SignedManifest, signing_key: SigningKey
+) -> None:
     again = add_signature(signed, signing_key)
     assert len(again.signatures) == 1
 
@@ -69,14 +72,18 @@ def test_unsigned_manifest_is_unknown_key(manifest: Manifest, signing_key: Signi
         verify_signatures(SignedManifest(manifest.to_bytes(), ()), trust([signing_key]))
 
 
-def test_tampered_manifest_is_bad_signature(signed: SignedManifest, signing_key: SigningKey) -> None:
+def test_tampered_manifest_is_bad_signature(
+    signed: SignedManifest, signing_key: SigningKey
+) -> None:
     forged = signed.manifest_bytes.replace(b'"version":3', b'"version":9')
     assert forged != signed.manifest_bytes
     with pytest.raises(BadSignatureError):
         verify_signatures(SignedManifest(forged, signed.signatures), trust([signing_key]))
 
 
-def test_tampered_signature_is_bad_signature(signed: SignedManifest, signing_key: SigningKey) -> None:
+def test_tampered_signature_is_bad_signature(
+    signed: SignedManifest, signing_key: SigningKey
+) -> None:
     sig = signed.signatures[0]
     flipped = bytes([sig.value[0] ^ 1]) + sig.value[1:]
     bad = dataclasses.replace(signed, signatures=(Signature(sig.key_id, flipped),))
@@ -84,8 +91,9 @@ def test_tampered_signature_is_bad_signature(signed: SignedManifest, signing_key
         verify_signatures(bad, trust([signing_key]))
 
 
-def test_signature_without_context_does_not_verify(manifest: Manifest,
-                                                   signing_key: SigningKey) -> None:  # fmt: skip
+def test_signature_without_context_does_not_verify(
+    manifest: Manifest, signing_key: SigningKey
+) -> None:
     raw = signing_key.sign(manifest.to_bytes())
     naked = SignedManifest(manifest.to_bytes(), (Signature(signing_key.key_id, raw),))
     with pytest.raises(BadSignatureError):

@@ -11,7 +11,6 @@ The commands are thin: they parse options, call the library, and print.
 
 from __future__ import annotations
 
-import zipfile
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.table import Table
 from compress.artifact import load_artifact, read_artifact_unverified
 from compress.errors import ExportError, FamilyError
 from compress.families import FAMILIES
-from compress.fileio import atomic_write
+from compress.fileio import atomic_write, load_npz
 from compress.keys import load_public_key, load_signing_key
 from compress.manifest import Manifest, TensorSpec
 from compress.onnx_export import export_onnx
@@ -58,17 +57,10 @@ def load_weights(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     """Read a weights ``.npz`` (no pickles).
 
     Raises:
-        FamilyError: missing, unreadable or not an .npz file.
+        FamilyError: missing, oversized, unreadable or not an .npz file.
     """
-    try:
-        if path.stat().st_size > MAX_WEIGHTS_FILE_BYTES:
-            raise FamilyError(f"{path}: larger than {human_bytes(MAX_WEIGHTS_FILE_BYTES)}")
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except FileNotFoundError as exc:
-        raise FamilyError(f"{path}: no such weights file") from exc
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FamilyError(f"{path}: not a readable .npz weights file ({exc})") from exc
+    return load_npz(path, max_bytes=MAX_WEIGHTS_FILE_BYTES, error=FamilyError,
+                    what="weights file")  # fmt: skip
 
 
 @app.command()

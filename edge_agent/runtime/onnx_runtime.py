@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from compress.errors import one_line
 from edge_agent.errors import ModelRuntimeError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 
@@ -112,7 +113,7 @@ class OnnxRuntimeModel(ModelRuntime):
         try:
             session = ort.InferenceSession(bytes(model), sess_options=options, providers=_PROVIDERS)
         except Exception as exc:  # onnxruntime's exceptions derive from Exception only
-            raise ModelRuntimeError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+            raise ModelRuntimeError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
         runtime = cls(session)
         logger.debug(
             "loaded ONNX model (%d bytes, %d threads): inputs %s, outputs %s",
@@ -169,7 +170,7 @@ class OnnxRuntimeModel(ModelRuntime):
         try:
             results = self._session.run(self._output_names, prepared)
         except Exception as exc:  # onnxruntime's exceptions derive from Exception only
-            raise ModelRuntimeError(f"inference failed: {_one_line(exc)}") from exc
+            raise ModelRuntimeError(f"inference failed: {one_line(exc)}") from exc
         return {
             name: np.asarray(value) for name, value in zip(self._output_names, results, strict=True)
         }
@@ -188,12 +189,3 @@ def _tensor_info(arg: Any, kind: str) -> TensorInfo:
         )
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in arg.shape)
     return TensorInfo(name=str(arg.name), shape=shape, dtype=dtype)
-
-
-def _one_line(exc: BaseException) -> str:
-    """``exc`` as a short single line: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
