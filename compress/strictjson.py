@@ -42,74 +42,121 @@ def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
+_MAX_INT_DIGITS = 40
+# Tokens that matter for nesting depth: a string literal (its closing quote optional,
+# so a match never fails and is never retried from a later quote: one linear pass)
+# or a bracket. Everything else is skipped.
+_DEPTH_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+
+
+def check_depth(text: str, error: type[Exception], *, what: str, max_depth: int) -> None:
+    """Reject JSON text whose brackets (outside strings) nest deeper than ``max_depth``.
+
+    Runs in one linear pass whatever the text, before any recursive parser sees it.
+
+    Raises:
+        error: the text nests too deeply.
+    """
+    depth = 0
+    for match in _DEPTH_TOKEN_RE.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > max_depth:
+                raise error(f"{what} nests deeper than {max_depth} levels")
+        elif token in ("]", "}"):
+            depth -= 1
+
+
 def loads_strict(
     data: bytes, error: type[Exception], *, what: str, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> JsonObject:
-    """Parse ``data`` as one JSON object, strictly.
+    """Parse ``data`` as exactly one JSON object, strictly.
+
+    Rejected: invalid UTF-8; nesting deeper than ``max_depth`` (counted on the raw text
+    in one linear pass, before the recursive parser runs, so no input can exhaust the
+    stack); anything but one object spanning all of ``data`` (no surrounding
+    whitespace or trailing data); duplicate keys; ``NaN``/``Infinity`` constants and
+    literals that overflow to infinity; integer literals over 40 digits; lone UTF-16
+    surrogates in keys or strings (they could never be re-encoded).
 
     Args:
         data: the raw bytes; their size must already have been checked.
         error: the exception class to raise.
-        what: a name for messages ("manifest", "message header").
+        what: a name for messages ("manifest", "header").
         max_depth: the deepest nesting accepted.
 
     Raises:
-        error: invalid UTF-8 or JSON, duplicate keys, NaN/Infinity, too deep, or not an
-            object.
+        error: for every reason above, with ``what`` in the message.
     """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not valid UTF-8 at byte {exc.start}") from None
+    check_depth(text, error, what=what, max_depth=max_depth)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
         obj: JsonObject = {}
         for key, value in pairs:
             if key in obj:
-                raise error(f"{what}: duplicate key {key!r}")
+                raise error(f"duplicate key {key[:80]!r} in {what}")
             obj[key] = value
         return obj
 
     def no_constants(name: str) -> Any:
-        raise error(f"{what}: {name} is not allowed")
+        raise error(f"non-finite number {name} in {what}")
 
+    def finite_float(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise error(f"number {literal[:40]} in {what} overflows to infinity")
+        return value
+
+    def bounded_int(literal: str) -> int:
+        if len(literal.lstrip("-")) > _MAX_INT_DIGITS:
+            raise error(f"integer literal longer than {_MAX_INT_DIGITS} digits in {what}")
+        return int(literal)
+
+    decoder = json.JSONDecoder(
+        object_pairs_hook=no_duplicates,
+        parse_constant=no_constants,
+        parse_float=finite_float,
+        parse_int=bounded_int,
+        strict=True,
+    )
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(f"{what}: not valid UTF-8 ({exc.reason})") from exc
-    # Bound nesting before json recurses: brackets can only nest as deep as they occur.
-    if _bracket_depth(text) > max_depth:
-        raise error(f"{what}: nested deeper than {max_depth}")
-    try:
-        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except ValueError as exc:
+        value, end = decoder.raw_decode(text)
+    except (ValueError, RecursionError) as exc:
         if isinstance(exc, error):
             raise
-        raise error(f"{what}: not valid JSON ({exc})") from exc
+        # JSONDecodeError is a ValueError; RecursionError is a second line of defence.
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    if end != len(text):
+        raise error(f"trailing data after the {what} object")
     if not isinstance(value, dict):
-        raise error(f"{what}: expected a JSON object, got {type(value).__name__}")
+        raise error(f"{what} must be a JSON object, got {type(value).__name__}")
+    _check_strings(value, error, what)
     return value
 
 
-def _bracket_depth(text: str) -> int:
-    """JSON nesting depth by brackets outside strings, computed without recursion.
-
-    Checked before ``json.loads`` so a deeply nested input cannot exhaust the stack.
-    """
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
+def _check_strings(value: Any, error: type[Exception], what: str) -> None:
+    """Reject lone surrogates (from ``\\ud800``-style escapes) in keys and strings."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        texts: list[str] = []
+        if isinstance(item, str):
+            texts = [item]
+        elif isinstance(item, dict):
+            texts = list(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise error(f"lone surrogate in a {what} string") from None
 
 
 _MISSING = object()

@@ -1,0 +1,1327 @@
+"""Typed fedge messages: what travels in the header's ``data`` and in the body.
+
+Every payload is framed by :mod:`edge_agent.protocol.framing`; its header is::
+
+    {"v": 1, "type": "<type>", "id": "<32 lowercase hex>",
+     "sender": "<device id or 'coordinator'>", "sent_at": <unix seconds>,
+     "data": {...type-specific fields...}}
+
+Workflow:
+
+* Sender: build a message (``Chunk.from_payload(...)``, ``InstallStatus(...)``),
+  then ``encode(message, sender=..., sent_at=now)`` and publish the bytes on a topic
+  whose channel is in the message's ``CHANNELS`` (or a broadcast topic when
+  ``BROADCAST`` is true). Constructing a message checks nothing; :func:`encode`
+  checks everything, by decoding its own output with the receiver's checks, so
+  nothing leaves this side that a peer with the same limits would refuse.
+* Receiver: ``envelope = decode(payload, limits)`` then
+  ``check_route(envelope, topic)`` before acting on ``envelope.message``.
+
+Rules that :func:`decode` enforces:
+
+* ``v`` is an int >= 1; a ``v`` above :data:`PROTOCOL_VERSION` raises
+  :class:`~edge_agent.errors.UnsupportedVersionError` (checked before anything
+  else in the header, since a newer version may change the rest).
+* An unknown ``type`` raises :class:`~edge_agent.errors.UnknownMessageTypeError`.
+* Unknown keys, at the top level, in ``data`` or in nested objects, are ignored:
+  later versions add fields without breaking older agents. Known fields are
+  required (unless documented optional, where ``null`` and absence both mean
+  None) and checked strictly: bool is not an int, ints are within their range and
+  at most 2**53 - 1, float fields accept JSON integers but only finite values,
+  strings follow their pattern or length bound, enums and hex ids are checked,
+  lists and mappings are bounded.
+* Exceeding a :class:`~edge_agent.protocol.limits.Limits` bound raises
+  :class:`~edge_agent.errors.MessageTooLargeError`; every other problem raises
+  :class:`~edge_agent.errors.MalformedMessageError`. A type without a body must
+  arrive with an empty body.
+
+Routing (:func:`check_route`): the topic's channel must be one the type may travel
+on; on from-device channels the sender must be the topic's device id, on
+to-device channels and broadcast topics it must be ``coordinator``. A message
+that breaks these rules raises :class:`~edge_agent.errors.TopicError`.
+
+Identifier rules used below: *ident* is 1-64 of ``[A-Za-z0-9_.-]`` starting with a
+letter or digit (model names, deployment/round/task ids, runtimes, families; safe as
+file names); *key* is 1-64 of ``[A-Za-z0-9_.:/-]`` starting with a letter, digit
+or ``_`` (keys of hardware, config and metrics); *code* is 1-64 of ``[a-z0-9_.]``
+starting with a letter. A ``transfer_id`` is the sha256 (64 lowercase hex) of the
+whole transferred payload, so every assembled transfer is verifiable, and each
+chunk carries its own sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn, Self
+
+import numpy.typing as npt
+
+from edge_agent.errors import (
+    MalformedMessageError,
+    MessageTooLargeError,
+    ProtocolError,
+    TopicError,
+    UnknownMessageTypeError,
+    UnsupportedVersionError,
+)
+from edge_agent.protocol.arrays import (
+    ArrayEntry,
+    arrays_equal,
+    decode_arrays,
+    encode_arrays,
+    index_to_json,
+    parse_array_index,
+)
+from edge_agent.protocol.framing import decode_frame, encode_frame
+from edge_agent.protocol.limits import DEFAULT_LIMITS, MAX_SAFE_INT, Limits
+from edge_agent.protocol.topics import (
+    COORDINATOR_SENDER,
+    BroadcastTopic,
+    Channel,
+    DeviceTopic,
+    Direction,
+    is_valid_device_id,
+    parse_topic,
+)
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "Chunk",
+    "ChunkRequest",
+    "Deploy",
+    "Envelope",
+    "ErrorReport",
+    "Histogram",
+    "InstallState",
+    "InstallStatus",
+    "LatencyQuantiles",
+    "Message",
+    "ModelInfo",
+    "Rollback",
+    "Status",
+    "TelemetryBatch",
+    "TelemetryRecord",
+    "TrainTask",
+    "UpdateReport",
+    "check_route",
+    "chunk_count",
+    "decode",
+    "encode",
+    "new_message_id",
+    "sha256_hex",
+]
+
+PROTOCOL_VERSION = 1
+"""The header schema version (``v``) this side writes and the highest it reads."""
+
+_IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,63}")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}")
+_CODE_RE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+_CODEC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=,-]{0,127}")
+_AGENT_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,63}")
+_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_HEX32_RE = re.compile(r"[0-9a-f]{32}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Hash bytes the way transfer ids and chunk digests are formed.
+
+    Args:
+        data: The bytes.
+
+    Returns:
+        The sha256 digest as 64 lowercase hex characters.
+    """
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_message_id() -> str:
+    """Draw a fresh random message id.
+
+    Returns:
+        32 lowercase hex characters (a uuid4).
+    """
+    return uuid.uuid4().hex
+
+
+def chunk_count(total_size: int, chunk_size: int) -> int:
+    """Count the chunks a payload splits into.
+
+    An empty payload still travels as one (empty) chunk.
+
+    Args:
+        total_size: Payload length in bytes (>= 0).
+        chunk_size: Chunk length in bytes (>= 1).
+
+    Returns:
+        ``max(1, ceil(total_size / chunk_size))``.
+
+    Raises:
+        MalformedMessageError: ``total_size`` < 0 or ``chunk_size`` < 1.
+    """
+    if total_size < 0 or chunk_size < 1:
+        raise MalformedMessageError("chunk_count needs total_size >= 0 and chunk_size >= 1")
+    return max(1, -(-total_size // chunk_size))
+
+
+def _fail(path: str, problem: str) -> NoReturn:
+    raise MalformedMessageError(f"{path}: {problem}")
+
+
+class _Obj:
+    """A JSON object read field by field; errors name the field's path."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, value: object, path: str) -> None:
+        if not isinstance(value, dict):
+            _fail(path, "must be an object")
+        self.data: dict[str, Any] = value
+        self.path = path
+
+    def req(self, key: str) -> tuple[Any, str]:
+        """Return a required field's value and path."""
+        if key not in self.data:
+            _fail(f"{self.path}.{key}", "is missing")
+        return self.data[key], f"{self.path}.{key}"
+
+    def opt(self, key: str) -> tuple[Any, str]:
+        """Return an optional field's value (None when absent) and path."""
+        return self.data.get(key), f"{self.path}.{key}"
+
+
+def _int(value: Any, path: str, *, lo: int = 0, hi: int = MAX_SAFE_INT) -> int:
+    if type(value) is not int:
+        _fail(path, f"must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        _fail(path, f"{value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _size(value: Any, path: str, limit: int, *, lo: int = 0) -> int:
+    """An int in ``[lo, MAX_SAFE_INT]`` that must not exceed a Limits bound."""
+    number = _int(value, path, lo=lo)
+    if number > limit:
+        raise MessageTooLargeError(f"{path}: {number} exceeds the limit {limit}")
+    return number
+
+
+def _float(value: Any, path: str, *, lo: float | None = 0.0) -> float:
+    if type(value) is int:
+        if abs(value) > MAX_SAFE_INT:
+            _fail(path, "integer too large for a float field")
+    elif type(value) is not float:
+        _fail(path, f"must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        _fail(path, "must be finite")
+    if lo is not None and number < lo:
+        _fail(path, f"{number} is below {lo}")
+    return number
+
+
+def _bool(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        _fail(path, f"must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, path: str) -> str:
+    if type(value) is not str:
+        _fail(path, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _text(value: Any, path: str, limits: Limits) -> str:
+    """Free text, possibly empty, at most ``limits.max_string_chars`` characters."""
+    text = _str(value, path)
+    if len(text) > limits.max_string_chars:
+        raise MessageTooLargeError(
+            f"{path}: {len(text)} characters, limit {limits.max_string_chars}"
+        )
+    return text
+
+
+def _token(value: Any, path: str, pattern: re.Pattern[str], rule: str) -> str:
+    text = _str(value, path)
+    if len(text) > 256 or pattern.fullmatch(text) is None:
+        _fail(path, f"{text[:80]!r} is not a valid {rule}")
+    return text
+
+
+def _ident(value: Any, path: str) -> str:
+    return _token(value, path, _IDENT_RE, "identifier (1-64 of [A-Za-z0-9_.-])")
+
+
+def _hex64(value: Any, path: str) -> str:
+    return _token(value, path, _HEX64_RE, "sha256 (64 lowercase hex)")
+
+
+def _hex32(value: Any, path: str) -> str:
+    return _token(value, path, _HEX32_RE, "message id (32 lowercase hex)")
+
+
+def _list(value: Any, path: str, limits: Limits, *, min_items: int = 0) -> list[Any]:
+    if type(value) is not list:
+        _fail(path, f"must be a list, got {type(value).__name__}")
+    if len(value) > limits.max_list_items:
+        raise MessageTooLargeError(f"{path}: {len(value)} items, limit {limits.max_list_items}")
+    if len(value) < min_items:
+        _fail(path, f"needs at least {min_items} item(s)")
+    return value
+
+
+def _mapping(value: Any, path: str, limits: Limits) -> dict[str, Any]:
+    """A JSON object used as a mapping: bounded size, keys follow the *key* rule."""
+    if type(value) is not dict:
+        _fail(path, f"must be an object, got {type(value).__name__}")
+    if len(value) > limits.max_dict_items:
+        raise MessageTooLargeError(f"{path}: {len(value)} entries, limit {limits.max_dict_items}")
+    for key in value:
+        _token(key, f"{path} key", _KEY_RE, "key (1-64 of [A-Za-z0-9_.:/-])")
+    return value
+
+
+def _scalar(value: Any, path: str, limits: Limits) -> str | int | float:
+    """A str (free text), int or finite float; bool is refused."""
+    if type(value) is int:
+        return _int(value, path, lo=-MAX_SAFE_INT)
+    if type(value) is float:
+        return _float(value, path, lo=None)
+    if type(value) is str:
+        return _text(value, path, limits)
+    _fail(path, f"must be a string or a number, got {type(value).__name__}")
+
+
+def _setting(value: Any, path: str, limits: Limits) -> str | int | float | bool:
+    """Like :func:`_scalar`, but bool is allowed too."""
+    if type(value) is bool:
+        return value
+    return _scalar(value, path, limits)
+
+
+def _no_body(body: bytes, type_name: str) -> None:
+    if body:
+        raise MalformedMessageError(f"a {type_name} message carries no body, got {len(body)} bytes")
+
+
+# -------------------------------------------------------------------------- messages
+
+
+class Message:
+    """Base class of every message type.
+
+    Subclasses are frozen, keyword-only dataclasses with these class attributes:
+
+    Attributes:
+        TYPE: The header's ``type`` string.
+        CHANNELS: The per-device channels the type may travel on.
+        BROADCAST: Whether it may also travel on broadcast topics.
+    """
+
+    TYPE: ClassVar[str]
+    CHANNELS: ClassVar[frozenset[Channel]]
+    BROADCAST: ClassVar[bool] = False
+
+    def _to_wire(self, limits: Limits) -> tuple[dict[str, Any], bytes]:
+        """Give the header ``data`` object and the body.
+
+        Args:
+            limits: Bounds to respect while serialising (arrays).
+
+        Returns:
+            ``(data, body)``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        """Build the message from a checked header ``data`` object and the body.
+
+        Args:
+            data: The ``data`` object.
+            body: The frame's body.
+            limits: Bounds to enforce.
+
+        Returns:
+            The message.
+
+        Raises:
+            ProtocolError: A field is missing, malformed or over a limit.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model installed on a device.
+
+    Attributes:
+        name: Model name (*ident*).
+        version: Installed version (>= 0).
+        sha256: sha256 of the installed model file.
+    """
+
+    name: str
+    version: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status(Message):
+    """Presence and capabilities of a device (retained; also the Last Will).
+
+    The Last Will is the same message with ``online=False``, encoded at connect
+    time.
+
+    Attributes:
+        online: Whether the agent is connected.
+        agent_version: The agent's version string (e.g. ``0.1.0``).
+        hardware: Facts such as ``machine``, ``system``, ``cpu_count``,
+            ``memory_bytes``; *key* -> str, int or float.
+        runtimes: Inference runtimes available (*ident* each, e.g. ``onnxruntime``).
+        tags: Hardware/deployment tags (1-64 of ``[A-Za-z0-9_.:=+-]``).
+        models: Installed models.
+    """
+
+    TYPE: ClassVar[str] = "status"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.STATUS})
+
+    online: bool
+    agent_version: str
+    hardware: dict[str, str | int | float] = field(default_factory=dict)
+    runtimes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    models: tuple[ModelInfo, ...] = ()
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "online": self.online,
+            "agent_version": self.agent_version,
+            "hardware": dict(self.hardware),
+            "runtimes": list(self.runtimes),
+            "tags": list(self.tags),
+            "models": [
+                {"name": m.name, "version": m.version, "sha256": m.sha256} for m in self.models
+            ],
+        }
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        hardware_raw, hardware_path = data.req("hardware")
+        hardware = {
+            key: _scalar(value, f"{hardware_path}.{key}", limits)
+            for key, value in _mapping(hardware_raw, hardware_path, limits).items()
+        }
+        runtimes_raw, runtimes_path = data.req("runtimes")
+        tags_raw, tags_path = data.req("tags")
+        models_raw, models_path = data.req("models")
+        models = []
+        for i, item in enumerate(_list(models_raw, models_path, limits)):
+            model = _Obj(item, f"{models_path}[{i}]")
+            models.append(
+                ModelInfo(
+                    name=_ident(*model.req("name")),
+                    version=_int(*model.req("version")),
+                    sha256=_hex64(*model.req("sha256")),
+                )
+            )
+        return cls(
+            online=_bool(*data.req("online")),
+            agent_version=_token(
+                *data.req("agent_version"), _AGENT_VERSION_RE, "version (1-64 of [A-Za-z0-9_.+!-])"
+            ),
+            hardware=hardware,
+            runtimes=tuple(
+                _ident(item, f"{runtimes_path}[{i}]")
+                for i, item in enumerate(_list(runtimes_raw, runtimes_path, limits))
+            ),
+            tags=tuple(
+                _token(item, f"{tags_path}[{i}]", _TAG_RE, "tag (1-64 of [A-Za-z0-9_.:=+-])")
+                for i, item in enumerate(_list(tags_raw, tags_path, limits))
+            ),
+            models=tuple(models),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deploy(Message):
+    """Command: fetch, verify and install a signed artifact.
+
+    The signed manifest travels as the body (opaque here; the trust core verifies
+    it). The model payload follows as ``chunk`` messages of ``transfer_id``.
+
+    Attributes:
+        deployment_id: The deployment (*ident*).
+        transfer_id: sha256 of the model payload; names its chunks.
+        total_size: Payload length in bytes (<= ``limits.max_transfer_bytes``).
+        chunk_size: Bytes per chunk (1..``limits.max_chunk_bytes``).
+        chunk_count: Number of chunks; must equal
+            ``chunk_count(total_size, chunk_size)``.
+        manifest: The signed manifest (1..``limits.max_manifest_bytes`` bytes).
+    """
+
+    TYPE: ClassVar[str] = "deploy"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.CMD})
+
+    deployment_id: str
+    transfer_id: str
+    total_size: int
+    chunk_size: int
+    chunk_count: int
+    manifest: bytes
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "deployment_id": self.deployment_id,
+            "transfer_id": self.transfer_id,
+            "total_size": self.total_size,
+            "chunk_size": self.chunk_size,
+            "chunk_count": self.chunk_count,
+        }
+        return data, bytes(self.manifest)
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        if len(body) > limits.max_manifest_bytes:
+            raise MessageTooLargeError(
+                f"manifest of {len(body)} bytes, limit {limits.max_manifest_bytes}"
+            )
+        if not body:
+            raise MalformedMessageError("a deploy message must carry the manifest as its body")
+        total_size = _size(*data.req("total_size"), limits.max_transfer_bytes)
+        chunk_size = _size(*data.req("chunk_size"), limits.max_chunk_bytes, lo=1)
+        count, count_path = data.req("chunk_count")
+        if _int(count, count_path, lo=1) != chunk_count(total_size, chunk_size):
+            _fail(count_path, f"{count} does not match total_size and chunk_size")
+        return cls(
+            deployment_id=_ident(*data.req("deployment_id")),
+            transfer_id=_hex64(*data.req("transfer_id")),
+            total_size=total_size,
+            chunk_size=chunk_size,
+            chunk_count=count,
+            manifest=body,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollback(Message):
+    """Command: return a model to its previously installed version.
+
+    Attributes:
+        model: Model name (*ident*).
+        reason: Why (free text, may be empty).
+    """
+
+    TYPE: ClassVar[str] = "rollback"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.CMD})
+
+    model: str
+    reason: str = ""
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        return {"model": self.model, "reason": self.reason}, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        return cls(model=_ident(*data.req("model")), reason=_text(*data.req("reason"), limits))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkRequest(Message):
+    """Event: the agent asks for (missing) chunks of a transfer.
+
+    A resuming agent requests only what it does not hold yet.
+
+    Attributes:
+        transfer_id: The transfer.
+        indices: Chunk indices wanted (1..``limits.max_list_items`` of them, >= 0).
+    """
+
+    TYPE: ClassVar[str] = "chunk_request"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS})
+
+    transfer_id: str
+    indices: tuple[int, ...]
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        return {"transfer_id": self.transfer_id, "indices": list(self.indices)}, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        raw, path = data.req("indices")
+        items = _list(raw, path, limits, min_items=1)
+        return cls(
+            transfer_id=_hex64(*data.req("transfer_id")),
+            indices=tuple(_int(item, f"{path}[{i}]") for i, item in enumerate(items)),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Message):
+    """One verifiable piece of a transfer; the body is the chunk's bytes.
+
+    Travels coordinator -> agent on ``chunks`` or a broadcast topic, and agent ->
+    coordinator on ``events`` (uploads of large updates). Decoding checks that
+    ``count == chunk_count(total_size, chunk_size)``, ``index < count``,
+    ``offset == index * chunk_size``, that the body is exactly
+    ``min(chunk_size, total_size - offset)`` bytes, and its sha256.
+
+    Attributes:
+        transfer_id: sha256 of the whole payload.
+        index: This chunk's index (0-based).
+        count: Number of chunks in the transfer.
+        chunk_size: Bytes per chunk (the last one may be shorter).
+        offset: This chunk's byte offset in the payload.
+        total_size: Payload length.
+        sha256: sha256 of this chunk's bytes.
+        data: This chunk's bytes.
+    """
+
+    TYPE: ClassVar[str] = "chunk"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.CHUNKS, Channel.EVENTS})
+    BROADCAST: ClassVar[bool] = True
+
+    transfer_id: str
+    index: int
+    count: int
+    chunk_size: int
+    offset: int
+    total_size: int
+    sha256: str
+    data: bytes
+
+    @classmethod
+    def from_payload(
+        cls, payload: bytes, index: int, *, chunk_size: int, transfer_id: str | None = None
+    ) -> Self:
+        """Cut chunk ``index`` out of a payload.
+
+        Args:
+            payload: The whole payload.
+            index: Which chunk.
+            chunk_size: Bytes per chunk.
+            transfer_id: The payload's sha256, if already known (saves hashing
+                the payload once per chunk).
+
+        Returns:
+            The chunk message.
+
+        Raises:
+            MalformedMessageError: ``chunk_size`` < 1 or ``index`` out of range.
+        """
+        count = chunk_count(len(payload), chunk_size)
+        if not 0 <= index < count:
+            raise MalformedMessageError(f"chunk index {index} outside [0, {count})")
+        offset = index * chunk_size
+        data = bytes(payload[offset : offset + chunk_size])
+        return cls(
+            transfer_id=transfer_id if transfer_id is not None else sha256_hex(payload),
+            index=index,
+            count=count,
+            chunk_size=chunk_size,
+            offset=offset,
+            total_size=len(payload),
+            sha256=sha256_hex(data),
+            data=data,
+        )
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "transfer_id": self.transfer_id,
+            "index": self.index,
+            "count": self.count,
+            "chunk_size": self.chunk_size,
+            "offset": self.offset,
+            "total_size": self.total_size,
+            "sha256": self.sha256,
+        }
+        return data, bytes(self.data)
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        if len(body) > limits.max_chunk_bytes:
+            raise MessageTooLargeError(
+                f"chunk of {len(body)} bytes, limit {limits.max_chunk_bytes}"
+            )
+        chunk_size = _size(*data.req("chunk_size"), limits.max_chunk_bytes, lo=1)
+        total_size = _size(*data.req("total_size"), limits.max_transfer_bytes)
+        count, count_path = data.req("count")
+        if _int(count, count_path, lo=1) != chunk_count(total_size, chunk_size):
+            _fail(count_path, f"{count} does not match total_size and chunk_size")
+        index, index_path = data.req("index")
+        _int(index, index_path, hi=count - 1)
+        offset, offset_path = data.req("offset")
+        if _int(offset, offset_path) != index * chunk_size:
+            _fail(offset_path, f"{offset} is not index * chunk_size")
+        expected = min(chunk_size, total_size - offset)
+        if len(body) != expected:
+            raise MalformedMessageError(f"chunk body is {len(body)} bytes, expected {expected}")
+        digest = _hex64(*data.req("sha256"))
+        if sha256_hex(body) != digest:
+            raise MalformedMessageError(f"chunk {index} does not match its sha256")
+        return cls(
+            transfer_id=_hex64(*data.req("transfer_id")),
+            index=index,
+            count=count,
+            chunk_size=chunk_size,
+            offset=offset,
+            total_size=total_size,
+            sha256=digest,
+            data=body,
+        )
+
+
+class InstallState(StrEnum):
+    """Stages of an installation, as reported by ``install_status``."""
+
+    ACCEPTED = "accepted"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    INSTALLED = "installed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallStatus(Message):
+    """Event: progress or outcome of a deployment (or a rollback) on a device.
+
+    Attributes:
+        deployment_id: The deployment (*ident*).
+        model: Model name, optional (None while the manifest is not yet trusted).
+        version: Model version, optional.
+        state: The stage reached.
+        chunks_held: Chunks the device holds (<= ``chunks_total``).
+        chunks_total: Chunks in the transfer.
+        error_code: Optional *code* (e.g. a trust error's code) on failure.
+        reason: Optional free text.
+    """
+
+    TYPE: ClassVar[str] = "install_status"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS})
+
+    deployment_id: str
+    state: InstallState
+    model: str | None = None
+    version: int | None = None
+    chunks_held: int = 0
+    chunks_total: int = 0
+    error_code: str | None = None
+    reason: str | None = None
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "deployment_id": self.deployment_id,
+            "state": str(self.state),
+            "model": self.model,
+            "version": self.version,
+            "chunks_held": self.chunks_held,
+            "chunks_total": self.chunks_total,
+            "error_code": self.error_code,
+            "reason": self.reason,
+        }
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        state_raw, state_path = data.req("state")
+        try:
+            state = InstallState(_str(state_raw, state_path))
+        except ValueError:
+            _fail(state_path, f"unknown state {str(state_raw)[:40]!r}")
+        model, model_path = data.opt("model")
+        version, version_path = data.opt("version")
+        error_code, error_code_path = data.opt("error_code")
+        reason, reason_path = data.opt("reason")
+        chunks_total = _int(*data.req("chunks_total"))
+        held, held_path = data.req("chunks_held")
+        return cls(
+            deployment_id=_ident(*data.req("deployment_id")),
+            state=state,
+            model=None if model is None else _ident(model, model_path),
+            version=None if version is None else _int(version, version_path),
+            chunks_held=_int(held, held_path, hi=chunks_total),
+            chunks_total=chunks_total,
+            error_code=None
+            if error_code is None
+            else _token(error_code, error_code_path, _CODE_RE, "code (1-64 of [a-z0-9_.])"),
+            reason=None if reason is None else _text(reason, reason_path, limits),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyQuantiles:
+    """Inference latency quantiles over a window, in milliseconds.
+
+    Attributes:
+        p50: Median.
+        p95: 95th percentile.
+        p99: 99th percentile.
+    """
+
+    p50: float
+    p95: float
+    p99: float
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A latency histogram in milliseconds.
+
+    Attributes:
+        bounds: Strictly increasing, finite bucket upper bounds.
+        counts: One count per bucket, plus one for values above the last bound
+            (so ``len(counts) == len(bounds) + 1``).
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRecord:
+    """Inference and resource figures for one time window.
+
+    Attributes:
+        window_start: Window start, unix seconds.
+        window_end: Window end, unix seconds (>= ``window_start``).
+        model: Model served (*ident*), or None with ``version`` None when none is.
+        version: Its version.
+        predictions: Predictions served in the window.
+        errors: Failed inference calls in the window.
+        latency_ms: Latency quantiles.
+        histogram: Latency histogram.
+        cpu_percent: Agent CPU use (may exceed 100 on several cores).
+        memory_bytes: Agent resident memory.
+        uptime_s: Agent uptime in seconds.
+    """
+
+    window_start: float
+    window_end: float
+    model: str | None
+    version: int | None
+    predictions: int
+    errors: int
+    latency_ms: LatencyQuantiles
+    histogram: Histogram
+    cpu_percent: float
+    memory_bytes: int
+    uptime_s: float
+
+
+def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
+    return {
+        "window_start": record.window_start,
+        "window_end": record.window_end,
+        "model": record.model,
+        "version": record.version,
+        "predictions": record.predictions,
+        "errors": record.errors,
+        "latency_ms": {
+            "p50": record.latency_ms.p50,
+            "p95": record.latency_ms.p95,
+            "p99": record.latency_ms.p99,
+        },
+        "histogram": {
+            "bounds": list(record.histogram.bounds),
+            "counts": list(record.histogram.counts),
+        },
+        "cpu_percent": record.cpu_percent,
+        "memory_bytes": record.memory_bytes,
+        "uptime_s": record.uptime_s,
+    }
+
+
+def _record_from_json(value: Any, path: str, limits: Limits) -> TelemetryRecord:
+    rec = _Obj(value, path)
+    start = _float(*rec.req("window_start"))
+    end, end_path = rec.req("window_end")
+    end = _float(end, end_path, lo=start)
+    model, model_path = rec.opt("model")
+    version, version_path = rec.opt("version")
+    if (model is None) != (version is None):
+        _fail(path, "model and version must both be set or both be null")
+    latency = _Obj(*rec.req("latency_ms"))
+    hist = _Obj(*rec.req("histogram"))
+    bounds_raw, bounds_path = hist.req("bounds")
+    bounds = tuple(
+        _float(item, f"{bounds_path}[{i}]", lo=None)
+        for i, item in enumerate(_list(bounds_raw, bounds_path, limits))
+    )
+    if any(a >= b for a, b in itertools.pairwise(bounds)):
+        _fail(bounds_path, "must be strictly increasing")
+    counts_raw, counts_path = hist.req("counts")
+    counts = tuple(
+        _int(item, f"{counts_path}[{i}]")
+        for i, item in enumerate(_list(counts_raw, counts_path, limits))
+    )
+    if len(counts) != len(bounds) + 1:
+        _fail(counts_path, "must have one more entry than bounds")
+    return TelemetryRecord(
+        window_start=start,
+        window_end=end,
+        model=None if model is None else _ident(model, model_path),
+        version=None if version is None else _int(version, version_path),
+        predictions=_int(*rec.req("predictions")),
+        errors=_int(*rec.req("errors")),
+        latency_ms=LatencyQuantiles(
+            p50=_float(*latency.req("p50")),
+            p95=_float(*latency.req("p95")),
+            p99=_float(*latency.req("p99")),
+        ),
+        histogram=Histogram(bounds=bounds, counts=counts),
+        cpu_percent=_float(*rec.req("cpu_percent")),
+        memory_bytes=_int(*rec.req("memory_bytes")),
+        uptime_s=_float(*rec.req("uptime_s")),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TelemetryBatch(Message):
+    """Telemetry: a batch of window records.
+
+    Attributes:
+        seq: Batch sequence number (gaps reveal lost batches).
+        dropped: Records dropped since the previous batch (buffer overflow).
+        records: The records (0..``limits.max_list_items``).
+    """
+
+    TYPE: ClassVar[str] = "telemetry_batch"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.TELEMETRY})
+
+    seq: int
+    dropped: int = 0
+    records: tuple[TelemetryRecord, ...] = ()
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "seq": self.seq,
+            "dropped": self.dropped,
+            "records": [_record_to_json(record) for record in self.records],
+        }
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        raw, path = data.req("records")
+        return cls(
+            seq=_int(*data.req("seq")),
+            dropped=_int(*data.req("dropped")),
+            records=tuple(
+                _record_from_json(item, f"{path}[{i}]", limits)
+                for i, item in enumerate(_list(raw, path, limits))
+            ),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTask(Message):
+    """Command: train locally on this round's global weights and report an update.
+
+    The weights arrive as chunks of ``weights_transfer_id`` (usually on a
+    broadcast topic, sent once for all devices).
+
+    Attributes:
+        round_id: The round (*ident*).
+        task_id: This device's task in the round (*ident*).
+        model: Model name (*ident*).
+        family: Model family (*ident*, e.g. ``softmax_regression``, ``mlp``).
+        weights_transfer_id: sha256 of the weights payload.
+        weights_size: Weights payload length (<= ``limits.max_transfer_bytes``).
+        codec: Update codec spec (1-128 of ``[A-Za-z0-9_.:+=,-]``).
+        deadline: Report by this time, unix seconds.
+        config: Training settings, *key* -> int, float, str or bool.
+    """
+
+    TYPE: ClassVar[str] = "train_task"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.CMD})
+
+    round_id: str
+    task_id: str
+    model: str
+    family: str
+    weights_transfer_id: str
+    weights_size: int
+    codec: str
+    deadline: float
+    config: dict[str, int | float | str | bool] = field(default_factory=dict)
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "round_id": self.round_id,
+            "task_id": self.task_id,
+            "model": self.model,
+            "family": self.family,
+            "weights_transfer_id": self.weights_transfer_id,
+            "weights_size": self.weights_size,
+            "codec": self.codec,
+            "deadline": self.deadline,
+            "config": dict(self.config),
+        }
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        config_raw, config_path = data.req("config")
+        config = {
+            key: _setting(value, f"{config_path}.{key}", limits)
+            for key, value in _mapping(config_raw, config_path, limits).items()
+        }
+        return cls(
+            round_id=_ident(*data.req("round_id")),
+            task_id=_ident(*data.req("task_id")),
+            model=_ident(*data.req("model")),
+            family=_ident(*data.req("family")),
+            weights_transfer_id=_hex64(*data.req("weights_transfer_id")),
+            weights_size=_size(*data.req("weights_size"), limits.max_transfer_bytes),
+            codec=_token(*data.req("codec"), _CODEC_RE, "codec (1-128 of [A-Za-z0-9_.:+=,-])"),
+            deadline=_float(*data.req("deadline")),
+            config=config,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateReport(Message):
+    """Event: the result of a train task.
+
+    Exactly one of two forms:
+
+    * inline: ``arrays`` holds the encoded update; it travels in the body as
+      ``.npy`` blobs indexed by ``data.arrays``;
+    * uploaded (too big for one message): ``upload_transfer_id`` names a chunked
+      upload (``chunk`` messages on ``events``) whose payload is the concatenated
+      ``.npy`` blobs, and ``upload_index`` (sent as ``data.arrays``) splits it;
+      decode that payload with
+      ``decode_arrays(report.upload_index, payload, limits=...)``. The body is
+      empty and the index's lengths must add up to at most
+      ``limits.max_transfer_bytes``.
+
+    Equality compares arrays by name, shape, dtype and bytes.
+
+    Attributes:
+        round_id: The round (*ident*).
+        task_id: The task (*ident*).
+        num_examples: Examples trained on.
+        metrics: Training metrics, *key* -> finite float.
+        codec: The codec the arrays were encoded with.
+        arrays: Inline arrays by name (read-only after decoding), or None.
+        upload_transfer_id: sha256 of the uploaded payload, or None.
+        upload_index: Index of the uploaded payload (empty when inline).
+    """
+
+    TYPE: ClassVar[str] = "update_report"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS})
+
+    round_id: str
+    task_id: str
+    num_examples: int
+    codec: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    arrays: dict[str, npt.NDArray[Any]] | None = None
+    upload_transfer_id: str | None = None
+    upload_index: tuple[ArrayEntry, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        """Compare field by field, arrays by content.
+
+        Args:
+            other: Any value.
+
+        Returns:
+            Whether ``other`` is an equal UpdateReport.
+        """
+        if not isinstance(other, UpdateReport):
+            return NotImplemented
+        return (
+            self.round_id == other.round_id
+            and self.task_id == other.task_id
+            and self.num_examples == other.num_examples
+            and self.codec == other.codec
+            and self.metrics == other.metrics
+            and self.upload_transfer_id == other.upload_transfer_id
+            and self.upload_index == other.upload_index
+            and arrays_equal(self.arrays, other.arrays)
+        )
+
+    def __hash__(self) -> int:
+        """Hash the identifying fields (consistent with ``__eq__``).
+
+        Returns:
+            A hash of ``(round_id, task_id)``.
+        """
+        return hash((self.round_id, self.task_id))
+
+    def _to_wire(self, limits: Limits) -> tuple[dict[str, Any], bytes]:
+        if (self.arrays is None) == (self.upload_transfer_id is None):
+            raise MalformedMessageError(
+                "an update_report needs exactly one of arrays and upload_transfer_id"
+            )
+        if self.arrays is not None:
+            index, body = encode_arrays(self.arrays, limits=limits)
+        else:
+            index, body = self.upload_index, b""
+        data = {
+            "round_id": self.round_id,
+            "task_id": self.task_id,
+            "num_examples": self.num_examples,
+            "codec": self.codec,
+            "metrics": dict(self.metrics),
+            "arrays": index_to_json(index),
+            "upload_transfer_id": self.upload_transfer_id,
+        }
+        return data, body
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        metrics_raw, metrics_path = data.req("metrics")
+        metrics = {
+            key: _float(value, f"{metrics_path}.{key}", lo=None)
+            for key, value in _mapping(metrics_raw, metrics_path, limits).items()
+        }
+        index_raw, _ = data.req("arrays")
+        index = parse_array_index(index_raw, limits=limits)
+        upload, upload_path = data.opt("upload_transfer_id")
+        arrays: dict[str, npt.NDArray[Any]] | None = None
+        upload_index: tuple[ArrayEntry, ...] = ()
+        if upload is None:
+            arrays = decode_arrays(index, body, limits=limits)
+        else:
+            upload = _hex64(upload, upload_path)
+            _no_body(body, f"{cls.TYPE} (uploaded)")
+            if not index:
+                _fail("data.arrays", "an uploaded update needs a non-empty index")
+            total = sum(entry.length for entry in index)
+            if total > limits.max_transfer_bytes:
+                raise MessageTooLargeError(
+                    f"uploaded update of {total} bytes, limit {limits.max_transfer_bytes}"
+                )
+            upload_index = index
+        return cls(
+            round_id=_ident(*data.req("round_id")),
+            task_id=_ident(*data.req("task_id")),
+            num_examples=_int(*data.req("num_examples")),
+            codec=_token(*data.req("codec"), _CODEC_RE, "codec (1-128 of [A-Za-z0-9_.:+=,-])"),
+            metrics=metrics,
+            arrays=arrays,
+            upload_transfer_id=upload,
+            upload_index=upload_index,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorReport(Message):
+    """An error either side reports to the other (``events`` or ``cmd``).
+
+    Attributes:
+        code: Stable error *code* (e.g. an :class:`~edge_agent.errors.AgentError`
+            ``code``).
+        message: Human-readable text (free text).
+        ref: Id of the message this error refers to, if any.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS, Channel.CMD})
+
+    code: str
+    message: str = ""
+    ref: str | None = None
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        return {"code": self.code, "message": self.message, "ref": self.ref}, b""
+
+    @classmethod
+    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        ref, ref_path = data.opt("ref")
+        return cls(
+            code=_token(*data.req("code"), _CODE_RE, "code (1-64 of [a-z0-9_.])"),
+            message=_text(*data.req("message"), limits),
+            ref=None if ref is None else _hex32(ref, ref_path),
+        )
+
+
+MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
+    {
+        cls.TYPE: cls
+        for cls in (
+            Status,
+            Deploy,
+            Rollback,
+            ChunkRequest,
+            Chunk,
+            InstallStatus,
+            TelemetryBatch,
+            TrainTask,
+            UpdateReport,
+            ErrorReport,
+        )
+    }
+)
+"""The registry: header ``type`` -> message class."""
+
+
+# ------------------------------------------------------------------ encode / decode
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded message with its header fields.
+
+    Attributes:
+        id: Message id (32 lowercase hex).
+        sender: ``coordinator`` or the sending device's id.
+        sent_at: Sender's clock at sending, unix seconds.
+        version: The header's schema version ``v``.
+        message: The typed message.
+    """
+
+    id: str
+    sender: str
+    sent_at: float
+    version: int
+    message: Message
+
+
+def encode(
+    message: Message,
+    *,
+    sender: str,
+    sent_at: float,
+    msg_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Encode a message into one MQTT payload.
+
+    The result is decoded again with :func:`decode` (same limits) before it is
+    returned, so an invalid message fails here rather than at the receiver.
+
+    Args:
+        message: The message.
+        sender: ``coordinator`` or this device's id.
+        sent_at: The current time, unix seconds.
+        msg_id: 32 lowercase hex; None draws a random one (:func:`new_message_id`).
+        limits: Bounds to respect.
+
+    Returns:
+        The payload bytes.
+
+    Raises:
+        MessageTooLargeError: The message exceeds a limit.
+        MalformedMessageError: A field, the sender, the id or ``sent_at`` is
+            invalid.
+        UnknownMessageTypeError: ``message`` is not of a registered type.
+    """
+    if not isinstance(message, Message) or MESSAGE_TYPES.get(message.TYPE) is not type(message):
+        raise UnknownMessageTypeError(f"not a registered message type: {type(message).__name__}")
+    try:
+        data, body = message._to_wire(limits)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MalformedMessageError(f"cannot serialise {message.TYPE}: {exc}") from exc
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": message.TYPE,
+        "id": new_message_id() if msg_id is None else msg_id,
+        "sender": sender,
+        "sent_at": sent_at,
+        "data": data,
+    }
+    payload = encode_frame(header, body, limits=limits)
+    decode(payload, limits=limits)
+    return payload
+
+
+def decode(payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Decode one MQTT payload into an :class:`Envelope`, strictly.
+
+    Args:
+        payload: The payload bytes.
+        limits: Bounds to enforce.
+
+    Returns:
+        The envelope with the typed message.
+
+    Raises:
+        MessageTooLargeError: Something exceeds a limit.
+        UnsupportedVersionError: The framing or schema version is newer than this
+            side's.
+        UnknownMessageTypeError: The ``type`` is not registered.
+        MalformedMessageError: Anything else is wrong.
+    """
+    frame = decode_frame(payload, limits=limits)
+    header = _Obj(frame.header, "header")
+    version = _int(*header.req("v"), lo=1)
+    if version > PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"schema version {version}, this side speaks up to {PROTOCOL_VERSION}"
+        )
+    type_name = _token(*header.req("type"), _TYPE_RE, "type name")
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None:
+        raise UnknownMessageTypeError(f"unknown message type {type_name!r}")
+    msg_id = _hex32(*header.req("id"))
+    sender, sender_path = header.req("sender")
+    if sender != COORDINATOR_SENDER and not is_valid_device_id(sender):
+        _fail(sender_path, "must be 'coordinator' or a valid device id")
+    sent_at = _float(*header.req("sent_at"))
+    message = cls._from_wire(_Obj(*header.req("data")), frame.body, limits)
+    return Envelope(id=msg_id, sender=sender, sent_at=sent_at, version=version, message=message)
+
+
+def check_route(envelope: Envelope, topic: str) -> DeviceTopic | BroadcastTopic:
+    """Check that a decoded message may arrive on the topic it arrived on.
+
+    Args:
+        envelope: The decoded message.
+        topic: The topic it was received on.
+
+    Returns:
+        The parsed topic.
+
+    Raises:
+        TopicError: The topic is invalid; the type may not travel on this channel
+            (or on broadcast topics); or the sender does not match: on a
+            from-device channel it must be the topic's device id, on a to-device
+            channel or a broadcast topic it must be ``coordinator``.
+    """
+    parsed = parse_topic(topic)
+    message = envelope.message
+    if isinstance(parsed, BroadcastTopic):
+        if not message.BROADCAST:
+            raise TopicError(f"{message.TYPE} messages may not be broadcast")
+        expected = COORDINATOR_SENDER
+    else:
+        if parsed.channel not in message.CHANNELS:
+            raise TopicError(f"{message.TYPE} messages may not travel on {parsed.channel.value}")
+        if parsed.channel.direction is Direction.FROM_DEVICE:
+            expected = parsed.device_id
+        else:
+            expected = COORDINATOR_SENDER
+    if envelope.sender != expected:
+        raise TopicError(f"sender {envelope.sender!r} may not publish {message.TYPE} on {topic!r}")
+    return parsed

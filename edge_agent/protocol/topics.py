@@ -1,0 +1,351 @@
+"""The MQTT topic tree that the coordinator and the agents share.
+
+Everything lives under one versioned root, :data:`ROOT` (``fedge/v1``)::
+
+    fedge/v1/devices/{device_id}/status      agent -> coordinator, retained, Last Will
+    fedge/v1/devices/{device_id}/cmd         coordinator -> agent: commands
+    fedge/v1/devices/{device_id}/chunks      coordinator -> agent: chunk data
+    fedge/v1/devices/{device_id}/events      agent -> coordinator: chunk requests,
+                                             install status, update reports, errors,
+                                             upload chunks
+    fedge/v1/devices/{device_id}/telemetry   agent -> coordinator: telemetry batches
+    fedge/v1/broadcast/{name}                coordinator -> every agent (fan-out, e.g.
+                                             one round's global weights sent once)
+
+The device id is also the device's MQTT username, so the broker ACL in
+:data:`MOSQUITTO_ACL` confines each device to its own subtree (plus read access to
+the broadcast subtree). Device ids and broadcast names follow one rule: 1-64
+characters of ``[A-Za-z0-9_.-]``, starting with a letter or digit; so they never
+contain ``/``, ``+`` or ``#`` and never start with ``.`` (safe as file names too).
+``coordinator`` is reserved: it is the coordinator's MQTT username and the
+``sender`` of every coordinator message, so no device may take it.
+
+Workflow:
+
+* The agent subscribes to :func:`agent_subscriptions` and publishes to
+  ``device_topic(my_id, Channel.EVENTS)`` and friends; it sets its Last Will to an
+  offline ``status`` message on ``device_topic(my_id, Channel.STATUS)``, retained.
+* The coordinator subscribes to :func:`coordinator_subscriptions`, and for each
+  incoming message calls :func:`parse_device_topic` (or :func:`parse_topic`) to
+  learn which device and channel it came from;
+  :func:`edge_agent.protocol.check_route` then checks the message against it.
+* Publishing an empty retained payload on a status topic clears the retained
+  presence of a removed device; decoders reject the empty payload, so receivers
+  simply skip it.
+
+Every function here is pure and raises :class:`~edge_agent.errors.TopicError` for a
+topic outside the tree or an invalid device id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from edge_agent.errors import TopicError
+
+__all__ = [
+    "BROADCAST_FILTER",
+    "BROADCAST_PREFIX",
+    "COORDINATOR_SENDER",
+    "DEVICES_PREFIX",
+    "MAX_TOPIC_CHARS",
+    "MOSQUITTO_ACL",
+    "ROOT",
+    "BroadcastTopic",
+    "Channel",
+    "DeviceTopic",
+    "Direction",
+    "agent_subscriptions",
+    "broadcast_topic",
+    "coordinator_subscriptions",
+    "device_topic",
+    "is_valid_device_id",
+    "parse_broadcast_topic",
+    "parse_device_topic",
+    "parse_topic",
+    "validate_device_id",
+]
+
+ROOT = "fedge/v1"
+"""Versioned root of every fedge topic."""
+
+DEVICES_PREFIX = f"{ROOT}/devices"
+"""Parent of the per-device subtrees."""
+
+BROADCAST_PREFIX = f"{ROOT}/broadcast"
+"""Parent of the coordinator's fan-out topics."""
+
+BROADCAST_FILTER = f"{BROADCAST_PREFIX}/#"
+"""Subscription filter that matches every broadcast topic."""
+
+COORDINATOR_SENDER = "coordinator"
+"""The ``sender`` of coordinator messages and its MQTT username; reserved."""
+
+MAX_TOPIC_CHARS = 256
+"""Longest topic :func:`parse_topic` looks at (real fedge topics are far shorter)."""
+
+MOSQUITTO_ACL = f"""\
+# fedge broker ACL (mosquitto acl_file). MQTT username == device id.
+# 'pattern' lines apply to every authenticated client; plain 'topic' lines before
+# the first 'user' line would apply to anonymous clients only.
+pattern readwrite {DEVICES_PREFIX}/%u/#
+pattern read {BROADCAST_FILTER}
+
+# The coordinator's account sees and writes the whole tree.
+user {COORDINATOR_SENDER}
+topic readwrite {ROOT}/#
+"""
+"""A mosquitto ``acl_file`` that confines each device to its own subtree."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class Direction(StrEnum):
+    """Which way a channel's messages flow."""
+
+    TO_DEVICE = "to_device"
+    FROM_DEVICE = "from_device"
+
+
+class Channel(StrEnum):
+    """The last level of a per-device topic."""
+
+    STATUS = "status"
+    CMD = "cmd"
+    CHUNKS = "chunks"
+    EVENTS = "events"
+    TELEMETRY = "telemetry"
+
+    @property
+    def direction(self) -> Direction:
+        """Whether the coordinator (to_device) or the agent (from_device) publishes."""
+        if self in (Channel.CMD, Channel.CHUNKS):
+            return Direction.TO_DEVICE
+        return Direction.FROM_DEVICE
+
+    @property
+    def retained(self) -> bool:
+        """Whether messages on this channel are published with the retain flag."""
+        return self is Channel.STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    """A parsed per-device topic.
+
+    Attributes:
+        device_id: The device whose subtree the topic is in.
+        channel: The channel (last topic level).
+    """
+
+    device_id: str
+    channel: Channel
+
+    @property
+    def topic(self) -> str:
+        """The topic string."""
+        return f"{DEVICES_PREFIX}/{self.device_id}/{self.channel.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastTopic:
+    """A parsed broadcast topic.
+
+    Attributes:
+        name: The broadcast name (last topic level).
+    """
+
+    name: str
+
+    @property
+    def topic(self) -> str:
+        """The topic string."""
+        return f"{BROADCAST_PREFIX}/{self.name}"
+
+
+def is_valid_device_id(device_id: object) -> bool:
+    """Tell whether a value is an acceptable device id.
+
+    Args:
+        device_id: Any value.
+
+    Returns:
+        True for a str of 1-64 ``[A-Za-z0-9_.-]`` characters starting with a letter
+        or digit, other than the reserved ``coordinator``.
+    """
+    return (
+        isinstance(device_id, str)
+        and _NAME_RE.fullmatch(device_id) is not None
+        and device_id != COORDINATOR_SENDER
+    )
+
+
+def validate_device_id(device_id: object) -> str:
+    """Check a device id and return it.
+
+    Args:
+        device_id: The candidate id (usually the MQTT username).
+
+    Returns:
+        The same id, typed as str.
+
+    Raises:
+        TopicError: The id breaks the device id rule or is ``coordinator``.
+    """
+    if not isinstance(device_id, str):
+        raise TopicError(f"device id must be a str, got {type(device_id).__name__}")
+    if device_id == COORDINATOR_SENDER:
+        raise TopicError(f"device id {COORDINATOR_SENDER!r} is reserved")
+    if _NAME_RE.fullmatch(device_id) is None:
+        raise TopicError(
+            f"invalid device id {device_id[:80]!r}: want 1-64 of [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def _validate_broadcast_name(name: object) -> str:
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise TopicError(
+            f"invalid broadcast name {str(name)[:80]!r}: want 1-64 of [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def device_topic(device_id: str, channel: Channel) -> str:
+    """Build a per-device topic.
+
+    Args:
+        device_id: The device (its MQTT username).
+        channel: The channel.
+
+    Returns:
+        ``fedge/v1/devices/{device_id}/{channel}``.
+
+    Raises:
+        TopicError: The device id is invalid or ``channel`` is not a :class:`Channel`.
+    """
+    validate_device_id(device_id)
+    if not isinstance(channel, Channel):
+        raise TopicError(f"not a Channel: {channel!r}")
+    return f"{DEVICES_PREFIX}/{device_id}/{channel.value}"
+
+
+def broadcast_topic(name: str) -> str:
+    """Build a broadcast topic.
+
+    Args:
+        name: The broadcast name (same rule as device ids, ``coordinator`` allowed).
+
+    Returns:
+        ``fedge/v1/broadcast/{name}``.
+
+    Raises:
+        TopicError: The name is invalid.
+    """
+    return f"{BROADCAST_PREFIX}/{_validate_broadcast_name(name)}"
+
+
+def parse_topic(topic: str) -> DeviceTopic | BroadcastTopic:
+    """Parse any fedge topic a message can arrive on.
+
+    Args:
+        topic: A concrete topic (no wildcards), as delivered by the broker.
+
+    Returns:
+        A :class:`DeviceTopic` or a :class:`BroadcastTopic`.
+
+    Raises:
+        TopicError: The topic is not a str, is too long, has wildcards, lies outside
+            the tree, has extra or missing levels, an unknown channel, or an invalid
+            device id or broadcast name.
+    """
+    if not isinstance(topic, str):
+        raise TopicError(f"topic must be a str, got {type(topic).__name__}")
+    if len(topic) > MAX_TOPIC_CHARS:
+        raise TopicError(f"topic longer than {MAX_TOPIC_CHARS} characters")
+    levels = topic.split("/")
+    if len(levels) == 5 and f"{levels[0]}/{levels[1]}/{levels[2]}" == DEVICES_PREFIX:
+        device_id = validate_device_id(levels[3])
+        try:
+            channel = Channel(levels[4])
+        except ValueError:
+            raise TopicError(f"unknown channel {levels[4][:80]!r} in topic") from None
+        return DeviceTopic(device_id, channel)
+    if len(levels) == 4 and f"{levels[0]}/{levels[1]}/{levels[2]}" == BROADCAST_PREFIX:
+        return BroadcastTopic(_validate_broadcast_name(levels[3]))
+    raise TopicError(f"topic outside the fedge tree: {topic[:80]!r}")
+
+
+def parse_device_topic(topic: str) -> tuple[str, Channel]:
+    """Parse a per-device topic.
+
+    Args:
+        topic: A concrete topic, e.g. ``fedge/v1/devices/pi-7/events``.
+
+    Returns:
+        ``(device_id, channel)``.
+
+    Raises:
+        TopicError: The topic is not a valid per-device topic (broadcast topics
+            included).
+    """
+    parsed = parse_topic(topic)
+    if not isinstance(parsed, DeviceTopic):
+        raise TopicError(f"not a per-device topic: {topic[:80]!r}")
+    return parsed.device_id, parsed.channel
+
+
+def parse_broadcast_topic(topic: str) -> str:
+    """Parse a broadcast topic.
+
+    Args:
+        topic: A concrete topic, e.g. ``fedge/v1/broadcast/round-12``.
+
+    Returns:
+        The broadcast name.
+
+    Raises:
+        TopicError: The topic is not a valid broadcast topic.
+    """
+    parsed = parse_topic(topic)
+    if not isinstance(parsed, BroadcastTopic):
+        raise TopicError(f"not a broadcast topic: {topic[:80]!r}")
+    return parsed.name
+
+
+def coordinator_subscriptions() -> tuple[str, ...]:
+    """Subscription filters the coordinator needs.
+
+    Returns:
+        ``fedge/v1/devices/+/{channel}`` for every from-device channel.
+    """
+    return tuple(
+        f"{DEVICES_PREFIX}/+/{channel.value}"
+        for channel in Channel
+        if channel.direction is Direction.FROM_DEVICE
+    )
+
+
+def agent_subscriptions(device_id: str) -> tuple[str, ...]:
+    """Subscription filters an agent needs.
+
+    Args:
+        device_id: The agent's device id.
+
+    Returns:
+        The device's to-device topics plus :data:`BROADCAST_FILTER`.
+
+    Raises:
+        TopicError: The device id is invalid.
+    """
+    validate_device_id(device_id)
+    own = tuple(
+        device_topic(device_id, channel)
+        for channel in Channel
+        if channel.direction is Direction.TO_DEVICE
+    )
+    return (*own, BROADCAST_FILTER)
