@@ -2,10 +2,11 @@
 
 Workflow of :func:`package_model` (what ``fedge model package`` runs):
 
-1. read the ONNX model and load it with onnxruntime, which both validates it and
-   tells us its input and output names, shapes and dtypes;
-2. quantize it to int8 (dynamic, or static when calibration data is given) unless
-   ``quantize="none"``;
+1. read the model (ONNX, or TFLite) and load it with its on-device runtime
+   (:func:`edge_agent.runtime.loader.load_model`), which both validates it and tells
+   us its input and output names, shapes and dtypes;
+2. quantize an ONNX model to int8 (dynamic, or static when calibration data is
+   given) unless ``quantize="none"``; TFLite models are packaged as they are;
 3. when evaluation data is given, measure the accuracy of the fp32 and the int8 model
    and refuse (:class:`~coordinator.errors.AccuracyDropError`) when int8 loses more
    than the allowed number of percentage points;
@@ -48,12 +49,14 @@ from compress.quantize import quantize_int8
 from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy
-from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
+from edge_agent.runtime.loader import load_model
 
 logger = logging.getLogger(__name__)
 
 Quantize = Literal["int8", "none"]
 HEALTH_CHECK_ROWS = 4
+#: Model file suffix -> manifest format.
+MODEL_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
 
 
@@ -176,9 +179,15 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         CompressError: quantization or signing failed (its own typed subclass).
         edge_agent.errors.ModelRuntimeError: onnxruntime cannot load or run the model.
     """
-    if request.model_path.suffix.lower() != ".onnx":
+    model_format = MODEL_FORMATS.get(request.model_path.suffix.lower())
+    if model_format is None:
         raise PackagingError(
-            f"{request.model_path}: only ONNX models (.onnx) can be packaged so far"
+            f"{request.model_path}: expected an ONNX (.onnx) or TFLite (.tflite) model file"
+        )
+    if model_format == "tflite" and request.quantize != "none":
+        raise PackagingError(
+            "int8 quantization works on ONNX models: package the ONNX export, or pass "
+            "--quantize none to ship this TFLite model as it is"
         )
     if not request.keys:
         raise PackagingError("at least one signing key is required")
@@ -192,11 +201,11 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
     fp32_model = read_bounded(
         request.model_path, max_bytes=MAX_PAYLOAD_BYTES, error=PackagingError, what="model file"
     )
-    fp32 = OnnxRuntimeModel.from_bytes(fp32_model)
+    fp32 = load_model(model_format, fp32_model)
     if request.quantize == "int8":
         packaged_model = quantize_int8(fp32_model, calibration=request.calibration)
         scheme = "int8-static" if request.calibration is not None else "int8-dynamic"
-        packaged = OnnxRuntimeModel.from_bytes(packaged_model)
+        packaged = load_model(model_format, packaged_model)
     else:
         packaged_model, scheme, packaged = fp32_model, "none", fp32
 
@@ -221,7 +230,7 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         manifest = Manifest(
             name=request.name,
             version=request.version,
-            format="onnx",
+            format=model_format,
             sha256=hashlib.sha256(packaged_model).hexdigest(),
             length=len(packaged_model),
             inputs=tuple(_spec(t) for t in packaged.inputs),

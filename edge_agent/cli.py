@@ -4,7 +4,8 @@ Commands:
 
 * ``fedge-agent verify ARTIFACT --trust KEY.pub`` applies the device's trust rules to
   an artifact file exactly as an install would (threshold signatures, expiry, rollback
-  against ``--installed-version``, device fit against ``--runtime`` and ``--tag``, then
+  against ``--installed-version``, device fit against ``--runtime`` (default: the
+  runtimes installed here) and ``--tag``, then
   payload length and sha256), and prints ``verified`` or a one-line reason with exit
   status 1. Useful for checking a key or an artifact on a device by hand.
 * ``fedge-agent --version``.
@@ -30,6 +31,7 @@ from compress.signing import TrustedKeys
 from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.errors import AgentError
+from edge_agent.runtime.loader import available_runtimes
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.add_argument(
         "--runtime", action="append", default=None, metavar="NAME",
-        help="runtime this device has (repeatable; default onnxruntime)",
+        help="runtime this device has (repeatable; default: the ones installed here)",
     )  # fmt: skip
     verify.add_argument(
         "--tag", action="append", default=[], metavar="TAG", help="hardware tag (repeatable)"
@@ -81,7 +83,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         trusted = TrustedKeys.of((load_public_key(p) for p in args.trust), args.threshold)
         device = DeviceProfile(
-            runtimes=frozenset(args.runtime or ["onnxruntime"]),
+            runtimes=frozenset(args.runtime) if args.runtime else available_runtimes(),
             hardware_tags=frozenset(args.tag),
         )
         result = load_artifact(

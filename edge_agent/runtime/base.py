@@ -11,7 +11,9 @@ interface::
         accuracy(rt, x, y)   -> local evaluation (telemetry, rollout health checks)
 
 Implementations: :class:`edge_agent.runtime.onnx_runtime.OnnxRuntimeModel`
-(onnxruntime, always available); a TFLite backend will implement the same protocol.
+(onnxruntime, always available) and
+:class:`edge_agent.runtime.tflite_runtime.TfliteModel` (LiteRT or tflite-runtime, when
+installed); :func:`edge_agent.runtime.loader.load_model` picks one by model format.
 Implementations translate their engine's exceptions into
 :class:`edge_agent.errors.ModelRuntimeError`, so callers never see a foreign error.
 
