@@ -1,19 +1,26 @@
 """Strict JSON: canonical encoding and validated decoding of untrusted JSON objects.
 
-Manifests (this package) and protocol headers (``edge_agent.protocol``) are JSON that
-arrives from the network. Both go through here so there is one definition of "strict":
+Manifests and signature lists (this package) and protocol message headers
+(``edge_agent.protocol``) are JSON that arrives from the network. All of them go
+through here so there is one definition of "strict":
 
 * :func:`canonical_bytes` is the one byte encoding that is signed: keys sorted, no
   whitespace, UTF-8, no NaN or infinity.
 * :func:`loads_strict` parses bytes and rejects invalid UTF-8, duplicate keys, NaN and
   infinity constants, nesting deeper than a bound, and a top level that is not an
   object. Callers check sizes *before* calling it.
-* :class:`FieldReader` reads typed fields out of the parsed object: each accessor checks
-  type and range (``bool`` is not an ``int``; floats are finite; strings are bounded and
-  may have to match a pattern) and raises the caller's error type with the field's
-  path in the message. Unknown keys are left alone, so newer senders can add fields.
+* The ``check_*`` functions validate one value and name its path in any error: type
+  and range (``bool`` is not an ``int``; numbers are finite; strings are bounded and
+  may have to match a pattern or be one of a few choices; lists and objects are
+  bounded).
+* :class:`FieldReader` applies them to the fields of a parsed object (manifest
+  fields, message ``data``), to list elements (:meth:`FieldReader.each`) and to the
+  values of objects used as mappings (:meth:`FieldReader.mapping`). Unknown keys are
+  left alone, so newer senders can add fields.
 
-Every function takes the error class to raise, so each package keeps its own tree.
+Every function takes the error class to raise, so each package keeps its own tree;
+size overruns may raise a second class (``over``), as the protocol's
+``MessageTooLargeError`` does.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 JsonObject = dict[str, Any]
+T = TypeVar("T")
 
 DEFAULT_MAX_DEPTH = 16
 
@@ -159,11 +167,133 @@ def _check_strings(value: Any, error: type[Exception], what: str) -> None:
                 raise error(f"lone surrogate in a {what} string") from None
 
 
+MAX_INT64 = 2**63 - 1
+"""The default upper bound of integer fields."""
+
+
+def check_int(
+    value: Any,
+    path: str,
+    error: type[Exception],
+    *,
+    lo: int = 0,
+    hi: int = MAX_INT64,
+    limit: int | None = None,
+    over: type[Exception] | None = None,
+) -> int:
+    """An integer in ``[lo, hi]`` (bool is not one); above ``limit`` raises ``over``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{path}: expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise error(f"{path}: {value} is outside [{lo}, {hi}]")
+    if limit is not None and value > limit:
+        raise (over or error)(f"{path}: {value} exceeds the limit {limit}")
+    return value
+
+
+def check_number(
+    value: Any,
+    path: str,
+    error: type[Exception],
+    *,
+    lo: float = 0.0,
+    hi: float = math.inf,
+    max_int: int | None = None,
+) -> float:
+    """A finite number in ``[lo, hi]``; an integer is accepted if within ``max_int``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error(f"{path}: expected a number, got {type(value).__name__}")
+    if max_int is not None and isinstance(value, int) and abs(value) > max_int:
+        raise error(f"{path}: integer too large for a number field")
+    number = float(value)
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise error(f"{path}: {value} is outside [{lo}, {hi}]")
+    return number
+
+
+def check_bool(value: Any, path: str, error: type[Exception]) -> bool:
+    """A boolean."""
+    if not isinstance(value, bool):
+        raise error(f"{path}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def check_str(
+    value: Any,
+    path: str,
+    error: type[Exception],
+    *,
+    max_len: int = 256,
+    pattern: re.Pattern[str] | None = None,
+    choices: tuple[str, ...] | None = None,
+    over: type[Exception] | None = None,
+) -> str:
+    """A string of at most ``max_len`` characters, matching ``pattern`` or ``choices``.
+
+    Free text (no pattern, no choices) that is too long raises ``over``; a string
+    that must match is merely malformed when too long, and raises ``error``.
+    """
+    if not isinstance(value, str):
+        raise error(f"{path}: expected a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        free = pattern is None and choices is None
+        raise ((over or error) if free else error)(f"{path}: longer than {max_len} characters")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise error(f"{path}: {value[:64]!r} does not match {pattern.pattern}")
+    if choices is not None and value not in choices:
+        raise error(f"{path}: {value[:64]!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def check_list(
+    value: Any,
+    path: str,
+    error: type[Exception],
+    *,
+    max_len: int,
+    min_len: int = 0,
+    over: type[Exception] | None = None,
+) -> list[Any]:
+    """A list of ``min_len`` to ``max_len`` elements; more than ``max_len`` raises ``over``."""
+    if not isinstance(value, list):
+        raise error(f"{path}: expected a list, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise (over or error)(f"{path}: {len(value)} elements, more than {max_len}")
+    if len(value) < min_len:
+        raise error(f"{path}: fewer than {min_len} elements")
+    return value
+
+
+def check_object(
+    value: Any,
+    path: str,
+    error: type[Exception],
+    *,
+    max_len: int | None = None,
+    key_pattern: re.Pattern[str] | None = None,
+    over: type[Exception] | None = None,
+) -> dict[str, Any]:
+    """An object of at most ``max_len`` entries (else ``over``), keys matching ``key_pattern``."""
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected an object, got {type(value).__name__}")
+    if max_len is not None and len(value) > max_len:
+        raise (over or error)(f"{path}: {len(value)} entries, more than {max_len}")
+    for key in value if key_pattern is not None else ():
+        check_str(key, f"{path} key", error, pattern=key_pattern)
+    return value
+
+
 _MISSING = object()
 
 
 class FieldReader:
     """Typed, bounded access to the fields of an untrusted JSON object.
+
+    Each accessor applies the matching ``check_*`` function to the value under a key.
+    ``error`` is raised for every problem except size overruns (too many elements
+    or entries, free text too long, an integer over its ``limit``), which raise
+    ``over`` (default: ``error``). ``max_int`` bounds integers everywhere (default:
+    :data:`MAX_INT64` in integer fields, none in number fields).
 
     Example::
 
@@ -172,19 +302,32 @@ class FieldReader:
         version = r.integer("version", lo=1)
     """
 
-    def __init__(self, obj: Mapping[str, Any], error: type[Exception], path: str) -> None:
+    def __init__(
+        self,
+        obj: Mapping[str, Any],
+        error: type[Exception],
+        path: str,
+        *,
+        over: type[Exception] | None = None,
+        max_int: int | None = None,
+    ) -> None:
         self._obj = obj
         self._error = error
+        self._over = over or error
+        self._max_int = max_int
         self._path = path
 
-    def _fail(self, key: str, problem: str) -> Exception:
-        return self._error(f"{self._path}.{key}: {problem}")
+    def _at(self, key: str) -> str:
+        return f"{self._path}.{key}"
 
     def _get(self, key: str, optional: bool) -> Any:
         value = self._obj.get(key, _MISSING)
         if value is _MISSING and not optional:
-            raise self._fail(key, "missing")
+            raise self.fail(key, "missing")
         return value
+
+    def _child(self, obj: Mapping[str, Any], path: str) -> FieldReader:
+        return FieldReader(obj, self._error, path, over=self._over, max_int=self._max_int)
 
     def has(self, key: str) -> bool:
         """True if ``key`` is present (even if null)."""
@@ -199,93 +342,72 @@ class FieldReader:
         choices: tuple[str, ...] | None = None,
     ) -> str:
         """A required string, bounded, optionally matching ``pattern`` or ``choices``."""
-        value = self._get(key, optional=False)
-        return self._check_str(key, value, max_len, pattern, choices)
+        return check_str(
+            self._get(key, optional=False),
+            self._at(key),
+            self._error,
+            max_len=max_len,
+            pattern=pattern,
+            choices=choices,
+            over=self._over,
+        )
 
     def opt_text(
         self, key: str, *, max_len: int = 256, pattern: re.Pattern[str] | None = None
     ) -> str | None:
         """An optional string (absent or null gives None)."""
-        value = self._get(key, optional=True)
-        if value is _MISSING or value is None:
-            return None
-        return self._check_str(key, value, max_len, pattern, None)
+        return None if self.raw(key) is None else self.text(key, max_len=max_len, pattern=pattern)
 
-    def _check_str(
-        self,
-        key: str,
-        value: Any,
-        max_len: int,
-        pattern: re.Pattern[str] | None,
-        choices: tuple[str, ...] | None,
-    ) -> str:
-        if not isinstance(value, str):
-            raise self._fail(key, f"expected a string, got {type(value).__name__}")
-        if len(value) > max_len:
-            raise self._fail(key, f"longer than {max_len} characters")
-        if pattern is not None and not pattern.fullmatch(value):
-            raise self._fail(key, f"{value[:64]!r} does not match {pattern.pattern}")
-        if choices is not None and value not in choices:
-            raise self._fail(key, f"{value[:64]!r} is not one of {', '.join(choices)}")
-        return value
-
-    def integer(self, key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int:
-        """A required integer in ``[lo, hi]`` (booleans are rejected)."""
+    def integer(
+        self, key: str, *, lo: int = 0, hi: int | None = None, limit: int | None = None
+    ) -> int:
+        """A required integer in ``[lo, hi]``, ``hi`` defaulting to the largest allowed."""
         value = self._get(key, optional=False)
-        return self._check_int(key, value, lo, hi)
+        top = hi if hi is not None else self._max_int or MAX_INT64
+        return check_int(
+            value, self._at(key), self._error, lo=lo, hi=top, limit=limit, over=self._over
+        )
 
-    def opt_integer(self, key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
-        """An optional integer in ``[lo, hi]``."""
-        value = self._get(key, optional=True)
-        if value is _MISSING or value is None:
-            return None
-        return self._check_int(key, value, lo, hi)
+    def opt_integer(self, key: str, *, lo: int = 0, hi: int | None = None) -> int | None:
+        """An optional integer in ``[lo, hi]`` (absent or null gives None)."""
+        return None if self.raw(key) is None else self.integer(key, lo=lo, hi=hi)
 
-    def _check_int(self, key: str, value: Any, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, f"expected an integer, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise self._fail(key, f"{value} is outside [{lo}, {hi}]")
-        return value
-
-    def number(self, key: str, *, lo: float = -math.inf, hi: float = math.inf) -> float:
+    def number(self, key: str, *, lo: float = 0.0, hi: float = math.inf) -> float:
         """A required finite number in ``[lo, hi]``; integers are accepted."""
-        value = self._get(key, optional=False)
-        return self.check_number(key, value, lo, hi)
-
-    def opt_number(self, key: str, *, lo: float = -math.inf, hi: float = math.inf) -> float | None:
-        """An optional finite number in ``[lo, hi]`` (absent or null gives None)."""
-        value = self._get(key, optional=True)
-        if value is _MISSING or value is None:
-            return None
-        return self.check_number(key, value, lo, hi)
+        return self.check_number(key, self._get(key, optional=False), lo, hi)
 
     def check_number(self, key: str, value: Any, lo: float, hi: float) -> float:
         """Validate one number found under ``key`` (used for list elements too)."""
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._fail(key, f"expected a number, got {type(value).__name__}")
-        number = float(value)
-        if not math.isfinite(number) or not lo <= number <= hi:
-            raise self._fail(key, f"{value} is outside [{lo}, {hi}]")
-        return number
+        return check_number(value, self._at(key), self._error, lo=lo, hi=hi, max_int=self._max_int)
 
     def boolean(self, key: str) -> bool:
         """A required boolean."""
-        value = self._get(key, optional=False)
-        if not isinstance(value, bool):
-            raise self._fail(key, f"expected true or false, got {type(value).__name__}")
-        return value
+        return check_bool(self._get(key, optional=False), self._at(key), self._error)
 
-    def items(self, key: str, *, max_len: int, optional: bool = False) -> list[Any]:
-        """A list of at most ``max_len`` elements (absent and optional gives [])."""
+    def items(
+        self, key: str, *, max_len: int, min_len: int = 0, optional: bool = False
+    ) -> list[Any]:
+        """A list of ``min_len`` to ``max_len`` elements (absent and optional gives [])."""
         value = self._get(key, optional=optional)
         if value is _MISSING:
             return []
-        if not isinstance(value, list):
-            raise self._fail(key, f"expected a list, got {type(value).__name__}")
-        if len(value) > max_len:
-            raise self._fail(key, f"more than {max_len} elements")
-        return value
+        return check_list(
+            value, self._at(key), self._error, max_len=max_len, min_len=min_len, over=self._over
+        )
+
+    def each(
+        self,
+        key: str,
+        read: Callable[[FieldReader, str], T],
+        *,
+        max_len: int,
+        min_len: int = 0,
+        optional: bool = False,
+    ) -> list[T]:
+        """Read each element of a bounded list as ``read(reader, "key[i]")``."""
+        items = self.items(key, max_len=max_len, min_len=min_len, optional=optional)
+        elements = self._child({f"{key}[{i}]": item for i, item in enumerate(items)}, self._path)
+        return [read(elements, f"{key}[{i}]") for i in range(len(items))]
 
     def texts(
         self,
@@ -297,11 +419,12 @@ class FieldReader:
         optional: bool = False,
     ) -> list[str]:
         """A bounded list of bounded strings."""
-        items = self.items(key, max_len=max_len, optional=optional)
-        return [
-            self._check_str(f"{key}[{i}]", item, max_item_len, pattern, None)
-            for i, item in enumerate(items)
-        ]
+        return self.each(
+            key,
+            lambda r, k: r.text(k, max_len=max_item_len, pattern=pattern),
+            max_len=max_len,
+            optional=optional,
+        )
 
     def obj(self, key: str, *, optional: bool = False) -> FieldReader | None:
         """A nested object as a reader (None when optional and absent or null)."""
@@ -312,15 +435,35 @@ class FieldReader:
 
     def req_obj(self, key: str) -> FieldReader:
         """A required nested object as a reader."""
-        reader = self.obj(key)
-        assert reader is not None  # obj() raises for a missing required key
-        return reader
+        return self.wrap(key, self._get(key, optional=False))
 
-    def wrap(self, key: str, value: Any) -> FieldReader:
+    def mapping(
+        self,
+        key: str,
+        read: Callable[[FieldReader, str], T],
+        *,
+        max_len: int,
+        key_pattern: re.Pattern[str] | None = None,
+    ) -> dict[str, T]:
+        """A required object used as a mapping, each value read as ``read(reader, key)``."""
+        value = self._get(key, optional=False)
+        entries = self.wrap(key, value, max_len=max_len, key_pattern=key_pattern)
+        return {name: read(entries, name) for name in value}
+
+    def wrap(
+        self,
+        key: str,
+        value: Any,
+        *,
+        max_len: int | None = None,
+        key_pattern: re.Pattern[str] | None = None,
+    ) -> FieldReader:
         """A reader for ``value`` found under ``key`` (an element of a list, say)."""
-        if not isinstance(value, dict):
-            raise self._fail(key, f"expected an object, got {type(value).__name__}")
-        return FieldReader(value, self._error, f"{self._path}.{key}")
+        path = self._at(key)
+        checked = check_object(
+            value, path, self._error, max_len=max_len, key_pattern=key_pattern, over=self._over
+        )
+        return self._child(checked, path)
 
     def keys(self) -> list[str]:
         """The object's keys."""
@@ -332,4 +475,4 @@ class FieldReader:
 
     def fail(self, key: str, problem: str) -> Exception:
         """An error of the reader's type about ``key``, for checks done by the caller."""
-        return self._fail(key, problem)
+        return self._error(f"{self._at(key)}: {problem}")

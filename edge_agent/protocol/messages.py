@@ -60,10 +60,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, Self
 
 import numpy.typing as npt
 
+from compress.strictjson import FieldReader
 from edge_agent.errors import (
     MalformedMessageError,
     MessageTooLargeError,
@@ -178,140 +179,33 @@ def chunk_count(total_size: int, chunk_size: int) -> int:
     return max(1, -(-total_size // chunk_size))
 
 
-def _fail(path: str, problem: str) -> NoReturn:
-    raise MalformedMessageError(f"{path}: {problem}")
+def _scalars(
+    data: FieldReader, key: str, limits: Limits, *, bools: bool = False
+) -> dict[str, str | int | float | bool]:
+    """A mapping of str (free text), int or finite float; bool only if ``bools``."""
+
+    def scalar(r: FieldReader, name: str) -> str | int | float | bool:
+        value = r.raw(name)
+        if type(value) is bool and bools:
+            return value
+        if type(value) is int:
+            return r.integer(name, lo=-MAX_SAFE_INT)
+        if type(value) is float:
+            return r.number(name, lo=-math.inf)
+        if type(value) is str:
+            return r.text(name, max_len=limits.max_string_chars)
+        raise r.fail(name, f"expected a string or a number, got {type(value).__name__}")
+
+    return data.mapping(key, scalar, max_len=limits.max_dict_items, key_pattern=_KEY_RE)
 
 
-class _Obj:
-    """A JSON object read field by field; errors name the field's path."""
-
-    __slots__ = ("data", "path")
-
-    def __init__(self, value: object, path: str) -> None:
-        if not isinstance(value, dict):
-            _fail(path, "must be an object")
-        self.data: dict[str, Any] = value
-        self.path = path
-
-    def req(self, key: str) -> tuple[Any, str]:
-        """Return a required field's value and path."""
-        if key not in self.data:
-            _fail(f"{self.path}.{key}", "is missing")
-        return self.data[key], f"{self.path}.{key}"
-
-    def opt(self, key: str) -> tuple[Any, str]:
-        """Return an optional field's value (None when absent) and path."""
-        return self.data.get(key), f"{self.path}.{key}"
-
-
-def _int(value: Any, path: str, *, lo: int = 0, hi: int = MAX_SAFE_INT) -> int:
-    if type(value) is not int:
-        _fail(path, f"must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        _fail(path, f"{value} is outside [{lo}, {hi}]")
-    return value
-
-
-def _size(value: Any, path: str, limit: int, *, lo: int = 0) -> int:
-    """An int in ``[lo, MAX_SAFE_INT]`` that must not exceed a Limits bound."""
-    number = _int(value, path, lo=lo)
-    if number > limit:
-        raise MessageTooLargeError(f"{path}: {number} exceeds the limit {limit}")
-    return number
-
-
-def _float(value: Any, path: str, *, lo: float | None = 0.0) -> float:
-    if type(value) is int:
-        if abs(value) > MAX_SAFE_INT:
-            _fail(path, "integer too large for a float field")
-    elif type(value) is not float:
-        _fail(path, f"must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        _fail(path, "must be finite")
-    if lo is not None and number < lo:
-        _fail(path, f"{number} is below {lo}")
-    return number
-
-
-def _bool(value: Any, path: str) -> bool:
-    if type(value) is not bool:
-        _fail(path, f"must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if type(value) is not str:
-        _fail(path, f"must be a string, got {type(value).__name__}")
-    return value
-
-
-def _text(value: Any, path: str, limits: Limits) -> str:
-    """Free text, possibly empty, at most ``limits.max_string_chars`` characters."""
-    text = _str(value, path)
-    if len(text) > limits.max_string_chars:
-        raise MessageTooLargeError(
-            f"{path}: {len(text)} characters, limit {limits.max_string_chars}"
-        )
-    return text
-
-
-def _token(value: Any, path: str, pattern: re.Pattern[str], rule: str) -> str:
-    text = _str(value, path)
-    if len(text) > 256 or pattern.fullmatch(text) is None:
-        _fail(path, f"{text[:80]!r} is not a valid {rule}")
-    return text
-
-
-def _ident(value: Any, path: str) -> str:
-    return _token(value, path, _IDENT_RE, "identifier (1-64 of [A-Za-z0-9_.-])")
-
-
-def _hex64(value: Any, path: str) -> str:
-    return _token(value, path, _HEX64_RE, "sha256 (64 lowercase hex)")
-
-
-def _hex32(value: Any, path: str) -> str:
-    return _token(value, path, _HEX32_RE, "message id (32 lowercase hex)")
-
-
-def _list(value: Any, path: str, limits: Limits, *, min_items: int = 0) -> list[Any]:
-    if type(value) is not list:
-        _fail(path, f"must be a list, got {type(value).__name__}")
-    if len(value) > limits.max_list_items:
-        raise MessageTooLargeError(f"{path}: {len(value)} items, limit {limits.max_list_items}")
-    if len(value) < min_items:
-        _fail(path, f"needs at least {min_items} item(s)")
-    return value
-
-
-def _mapping(value: Any, path: str, limits: Limits) -> dict[str, Any]:
-    """A JSON object used as a mapping: bounded size, keys follow the *key* rule."""
-    if type(value) is not dict:
-        _fail(path, f"must be an object, got {type(value).__name__}")
-    if len(value) > limits.max_dict_items:
-        raise MessageTooLargeError(f"{path}: {len(value)} entries, limit {limits.max_dict_items}")
-    for key in value:
-        _token(key, f"{path} key", _KEY_RE, "key (1-64 of [A-Za-z0-9_.:/-])")
-    return value
-
-
-def _scalar(value: Any, path: str, limits: Limits) -> str | int | float:
-    """A str (free text), int or finite float; bool is refused."""
-    if type(value) is int:
-        return _int(value, path, lo=-MAX_SAFE_INT)
-    if type(value) is float:
-        return _float(value, path, lo=None)
-    if type(value) is str:
-        return _text(value, path, limits)
-    _fail(path, f"must be a string or a number, got {type(value).__name__}")
-
-
-def _setting(value: Any, path: str, limits: Limits) -> str | int | float | bool:
-    """Like :func:`_scalar`, but bool is allowed too."""
-    if type(value) is bool:
-        return value
-    return _scalar(value, path, limits)
+def _model_info(models: FieldReader, key: str) -> ModelInfo:
+    model = models.req_obj(key)
+    return ModelInfo(
+        name=model.text("name", pattern=_IDENT_RE),
+        version=model.integer("version"),
+        sha256=model.text("sha256", pattern=_HEX64_RE),
+    )
 
 
 def _no_body(body: bytes, type_name: str) -> None:
@@ -349,7 +243,7 @@ class Message:
         raise NotImplementedError
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         """Build the message from a checked header ``data`` object and the body.
 
         Args:
@@ -422,40 +316,21 @@ class Status(Message):
         return data, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        hardware_raw, hardware_path = data.req("hardware")
-        hardware = {
-            key: _scalar(value, f"{hardware_path}.{key}", limits)
-            for key, value in _mapping(hardware_raw, hardware_path, limits).items()
-        }
-        runtimes_raw, runtimes_path = data.req("runtimes")
-        tags_raw, tags_path = data.req("tags")
-        models_raw, models_path = data.req("models")
-        models = []
-        for i, item in enumerate(_list(models_raw, models_path, limits)):
-            model = _Obj(item, f"{models_path}[{i}]")
-            models.append(
-                ModelInfo(
-                    name=_ident(*model.req("name")),
-                    version=_int(*model.req("version")),
-                    sha256=_hex64(*model.req("sha256")),
-                )
-            )
+        hardware = _scalars(data, "hardware", limits)
+        for key in ("runtimes", "tags"):  # reported before the models are checked
+            if not data.has(key):
+                raise data.fail(key, "missing")
+        models = data.each("models", _model_info, max_len=limits.max_list_items)
         return cls(
-            online=_bool(*data.req("online")),
-            agent_version=_token(
-                *data.req("agent_version"), _AGENT_VERSION_RE, "version (1-64 of [A-Za-z0-9_.+!-])"
-            ),
+            online=data.boolean("online"),
+            agent_version=data.text("agent_version", pattern=_AGENT_VERSION_RE),
             hardware=hardware,
             runtimes=tuple(
-                _ident(item, f"{runtimes_path}[{i}]")
-                for i, item in enumerate(_list(runtimes_raw, runtimes_path, limits))
+                data.texts("runtimes", max_len=limits.max_list_items, pattern=_IDENT_RE)
             ),
-            tags=tuple(
-                _token(item, f"{tags_path}[{i}]", _TAG_RE, "tag (1-64 of [A-Za-z0-9_.:=+-])")
-                for i, item in enumerate(_list(tags_raw, tags_path, limits))
-            ),
+            tags=tuple(data.texts("tags", max_len=limits.max_list_items, pattern=_TAG_RE)),
             models=tuple(models),
         )
 
@@ -498,21 +373,21 @@ class Deploy(Message):
         return data, bytes(self.manifest)
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         if len(body) > limits.max_manifest_bytes:
             raise MessageTooLargeError(
                 f"manifest of {len(body)} bytes, limit {limits.max_manifest_bytes}"
             )
         if not body:
             raise MalformedMessageError("a deploy message must carry the manifest as its body")
-        total_size = _size(*data.req("total_size"), limits.max_transfer_bytes)
-        chunk_size = _size(*data.req("chunk_size"), limits.max_chunk_bytes, lo=1)
-        count, count_path = data.req("chunk_count")
-        if _int(count, count_path, lo=1) != chunk_count(total_size, chunk_size):
-            _fail(count_path, f"{count} does not match total_size and chunk_size")
+        total_size = data.integer("total_size", limit=limits.max_transfer_bytes)
+        chunk_size = data.integer("chunk_size", lo=1, limit=limits.max_chunk_bytes)
+        count = data.integer("chunk_count", lo=1)
+        if count != chunk_count(total_size, chunk_size):
+            raise data.fail("chunk_count", f"{count} does not match total_size and chunk_size")
         return cls(
-            deployment_id=_ident(*data.req("deployment_id")),
-            transfer_id=_hex64(*data.req("transfer_id")),
+            deployment_id=data.text("deployment_id", pattern=_IDENT_RE),
+            transfer_id=data.text("transfer_id", pattern=_HEX64_RE),
             total_size=total_size,
             chunk_size=chunk_size,
             chunk_count=count,
@@ -539,9 +414,12 @@ class Rollback(Message):
         return {"model": self.model, "reason": self.reason}, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        return cls(model=_ident(*data.req("model")), reason=_text(*data.req("reason"), limits))
+        return cls(
+            model=data.text("model", pattern=_IDENT_RE),
+            reason=data.text("reason", max_len=limits.max_string_chars),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -565,14 +443,12 @@ class ChunkRequest(Message):
         return {"transfer_id": self.transfer_id, "indices": list(self.indices)}, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        raw, path = data.req("indices")
-        items = _list(raw, path, limits, min_items=1)
-        return cls(
-            transfer_id=_hex64(*data.req("transfer_id")),
-            indices=tuple(_int(item, f"{path}[{i}]") for i, item in enumerate(items)),
+        indices = data.each(
+            "indices", FieldReader.integer, max_len=limits.max_list_items, min_len=1
         )
+        return cls(transfer_id=data.text("transfer_id", pattern=_HEX64_RE), indices=tuple(indices))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -657,29 +533,28 @@ class Chunk(Message):
         return data, bytes(self.data)
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         if len(body) > limits.max_chunk_bytes:
             raise MessageTooLargeError(
                 f"chunk of {len(body)} bytes, limit {limits.max_chunk_bytes}"
             )
-        chunk_size = _size(*data.req("chunk_size"), limits.max_chunk_bytes, lo=1)
-        total_size = _size(*data.req("total_size"), limits.max_transfer_bytes)
-        count, count_path = data.req("count")
-        if _int(count, count_path, lo=1) != chunk_count(total_size, chunk_size):
-            _fail(count_path, f"{count} does not match total_size and chunk_size")
-        index, index_path = data.req("index")
-        _int(index, index_path, hi=count - 1)
-        offset, offset_path = data.req("offset")
-        if _int(offset, offset_path) != index * chunk_size:
-            _fail(offset_path, f"{offset} is not index * chunk_size")
+        chunk_size = data.integer("chunk_size", lo=1, limit=limits.max_chunk_bytes)
+        total_size = data.integer("total_size", limit=limits.max_transfer_bytes)
+        count = data.integer("count", lo=1)
+        if count != chunk_count(total_size, chunk_size):
+            raise data.fail("count", f"{count} does not match total_size and chunk_size")
+        index = data.integer("index", hi=count - 1)
+        offset = data.integer("offset")
+        if offset != index * chunk_size:
+            raise data.fail("offset", f"{offset} is not index * chunk_size")
         expected = min(chunk_size, total_size - offset)
         if len(body) != expected:
             raise MalformedMessageError(f"chunk body is {len(body)} bytes, expected {expected}")
-        digest = _hex64(*data.req("sha256"))
+        digest = data.text("sha256", pattern=_HEX64_RE)
         if sha256_hex(body) != digest:
             raise MalformedMessageError(f"chunk {index} does not match its sha256")
         return cls(
-            transfer_id=_hex64(*data.req("transfer_id")),
+            transfer_id=data.text("transfer_id", pattern=_HEX64_RE),
             index=index,
             count=count,
             chunk_size=chunk_size,
@@ -744,30 +619,19 @@ class InstallStatus(Message):
         return data, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        state_raw, state_path = data.req("state")
-        try:
-            state = InstallState(_str(state_raw, state_path))
-        except ValueError:
-            _fail(state_path, f"unknown state {str(state_raw)[:40]!r}")
-        model, model_path = data.opt("model")
-        version, version_path = data.opt("version")
-        error_code, error_code_path = data.opt("error_code")
-        reason, reason_path = data.opt("reason")
-        chunks_total = _int(*data.req("chunks_total"))
-        held, held_path = data.req("chunks_held")
+        state = InstallState(data.text("state", choices=tuple(InstallState)))
+        chunks_total = data.integer("chunks_total")
         return cls(
-            deployment_id=_ident(*data.req("deployment_id")),
+            deployment_id=data.text("deployment_id", pattern=_IDENT_RE),
             state=state,
-            model=None if model is None else _ident(model, model_path),
-            version=None if version is None else _int(version, version_path),
-            chunks_held=_int(held, held_path, hi=chunks_total),
+            model=data.opt_text("model", pattern=_IDENT_RE),
+            version=data.opt_integer("version"),
+            chunks_held=data.integer("chunks_held", hi=chunks_total),
             chunks_total=chunks_total,
-            error_code=None
-            if error_code is None
-            else _token(error_code, error_code_path, _CODE_RE, "code (1-64 of [a-z0-9_.])"),
-            reason=None if reason is None else _text(reason, reason_path, limits),
+            error_code=data.opt_text("error_code", pattern=_CODE_RE),
+            reason=data.opt_text("reason", max_len=limits.max_string_chars),
         )
 
 
@@ -854,47 +718,35 @@ def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
     }
 
 
-def _record_from_json(value: Any, path: str, limits: Limits) -> TelemetryRecord:
-    rec = _Obj(value, path)
-    start = _float(*rec.req("window_start"))
-    end, end_path = rec.req("window_end")
-    end = _float(end, end_path, lo=start)
-    model, model_path = rec.opt("model")
-    version, version_path = rec.opt("version")
-    if (model is None) != (version is None):
-        _fail(path, "model and version must both be set or both be null")
-    latency = _Obj(*rec.req("latency_ms"))
-    hist = _Obj(*rec.req("histogram"))
-    bounds_raw, bounds_path = hist.req("bounds")
-    bounds = tuple(
-        _float(item, f"{bounds_path}[{i}]", lo=None)
-        for i, item in enumerate(_list(bounds_raw, bounds_path, limits))
-    )
+def _record_from_json(records: FieldReader, key: str, limits: Limits) -> TelemetryRecord:
+    rec = records.req_obj(key)
+    start = rec.number("window_start")
+    end = rec.number("window_end", lo=start)
+    if (rec.raw("model") is None) != (rec.raw("version") is None):
+        raise records.fail(key, "model and version must both be set or both be null")
+    latency = rec.req_obj("latency_ms")
+    hist = rec.req_obj("histogram")
+    max_items = limits.max_list_items
+    bounds = hist.each("bounds", lambda r, k: r.number(k, lo=-math.inf), max_len=max_items)
     if any(a >= b for a, b in itertools.pairwise(bounds)):
-        _fail(bounds_path, "must be strictly increasing")
-    counts_raw, counts_path = hist.req("counts")
-    counts = tuple(
-        _int(item, f"{counts_path}[{i}]")
-        for i, item in enumerate(_list(counts_raw, counts_path, limits))
-    )
+        raise hist.fail("bounds", "must be strictly increasing")
+    counts = hist.each("counts", FieldReader.integer, max_len=max_items)
     if len(counts) != len(bounds) + 1:
-        _fail(counts_path, "must have one more entry than bounds")
+        raise hist.fail("counts", "must have one more entry than bounds")
     return TelemetryRecord(
         window_start=start,
         window_end=end,
-        model=None if model is None else _ident(model, model_path),
-        version=None if version is None else _int(version, version_path),
-        predictions=_int(*rec.req("predictions")),
-        errors=_int(*rec.req("errors")),
+        model=rec.opt_text("model", pattern=_IDENT_RE),
+        version=rec.opt_integer("version"),
+        predictions=rec.integer("predictions"),
+        errors=rec.integer("errors"),
         latency_ms=LatencyQuantiles(
-            p50=_float(*latency.req("p50")),
-            p95=_float(*latency.req("p95")),
-            p99=_float(*latency.req("p99")),
+            p50=latency.number("p50"), p95=latency.number("p95"), p99=latency.number("p99")
         ),
-        histogram=Histogram(bounds=bounds, counts=counts),
-        cpu_percent=_float(*rec.req("cpu_percent")),
-        memory_bytes=_int(*rec.req("memory_bytes")),
-        uptime_s=_float(*rec.req("uptime_s")),
+        histogram=Histogram(bounds=tuple(bounds), counts=tuple(counts)),
+        cpu_percent=rec.number("cpu_percent"),
+        memory_bytes=rec.integer("memory_bytes"),
+        uptime_s=rec.number("uptime_s"),
     )
 
 
@@ -924,15 +776,17 @@ class TelemetryBatch(Message):
         return data, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        raw, path = data.req("records")
         return cls(
-            seq=_int(*data.req("seq")),
-            dropped=_int(*data.req("dropped")),
+            seq=data.integer("seq"),
+            dropped=data.integer("dropped"),
             records=tuple(
-                _record_from_json(item, f"{path}[{i}]", limits)
-                for i, item in enumerate(_list(raw, path, limits))
+                data.each(
+                    "records",
+                    lambda r, k: _record_from_json(r, k, limits),
+                    max_len=limits.max_list_items,
+                )
             ),
         )
 
@@ -984,22 +838,18 @@ class TrainTask(Message):
         return data, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        config_raw, config_path = data.req("config")
-        config = {
-            key: _setting(value, f"{config_path}.{key}", limits)
-            for key, value in _mapping(config_raw, config_path, limits).items()
-        }
+        config = _scalars(data, "config", limits, bools=True)
         return cls(
-            round_id=_ident(*data.req("round_id")),
-            task_id=_ident(*data.req("task_id")),
-            model=_ident(*data.req("model")),
-            family=_ident(*data.req("family")),
-            weights_transfer_id=_hex64(*data.req("weights_transfer_id")),
-            weights_size=_size(*data.req("weights_size"), limits.max_transfer_bytes),
-            codec=_token(*data.req("codec"), _CODEC_RE, "codec (1-128 of [A-Za-z0-9_.:+=,-])"),
-            deadline=_float(*data.req("deadline")),
+            round_id=data.text("round_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_IDENT_RE),
+            model=data.text("model", pattern=_IDENT_RE),
+            family=data.text("family", pattern=_IDENT_RE),
+            weights_transfer_id=data.text("weights_transfer_id", pattern=_HEX64_RE),
+            weights_size=data.integer("weights_size", limit=limits.max_transfer_bytes),
+            codec=data.text("codec", pattern=_CODEC_RE),
+            deadline=data.number("deadline"),
             config=config,
         )
 
@@ -1096,24 +946,23 @@ class UpdateReport(Message):
         return data, body
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
-        metrics_raw, metrics_path = data.req("metrics")
-        metrics = {
-            key: _float(value, f"{metrics_path}.{key}", lo=None)
-            for key, value in _mapping(metrics_raw, metrics_path, limits).items()
-        }
-        index_raw, _ = data.req("arrays")
-        index = parse_array_index(index_raw, limits=limits)
-        upload, upload_path = data.opt("upload_transfer_id")
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
+        metrics = data.mapping(
+            "metrics",
+            lambda r, key: r.number(key, lo=-math.inf),
+            max_len=limits.max_dict_items,
+            key_pattern=_KEY_RE,
+        )
+        index = parse_array_index(data.raw("arrays"), limits=limits)
+        upload = data.opt_text("upload_transfer_id", pattern=_HEX64_RE)
         arrays: dict[str, npt.NDArray[Any]] | None = None
         upload_index: tuple[ArrayEntry, ...] = ()
         if upload is None:
             arrays = decode_arrays(index, body, limits=limits)
         else:
-            upload = _hex64(upload, upload_path)
             _no_body(body, f"{cls.TYPE} (uploaded)")
             if not index:
-                _fail("data.arrays", "an uploaded update needs a non-empty index")
+                raise data.fail("arrays", "an uploaded update needs a non-empty index")
             total = sum(entry.length for entry in index)
             if total > limits.max_transfer_bytes:
                 raise MessageTooLargeError(
@@ -1121,10 +970,10 @@ class UpdateReport(Message):
                 )
             upload_index = index
         return cls(
-            round_id=_ident(*data.req("round_id")),
-            task_id=_ident(*data.req("task_id")),
-            num_examples=_int(*data.req("num_examples")),
-            codec=_token(*data.req("codec"), _CODEC_RE, "codec (1-128 of [A-Za-z0-9_.:+=,-])"),
+            round_id=data.text("round_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_IDENT_RE),
+            num_examples=data.integer("num_examples"),
+            codec=data.text("codec", pattern=_CODEC_RE),
             metrics=metrics,
             arrays=arrays,
             upload_transfer_id=upload,
@@ -1154,13 +1003,12 @@ class ErrorReport(Message):
         return {"code": self.code, "message": self.message, "ref": self.ref}, b""
 
     @classmethod
-    def _from_wire(cls, data: _Obj, body: bytes, limits: Limits) -> Self:
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
-        ref, ref_path = data.opt("ref")
         return cls(
-            code=_token(*data.req("code"), _CODE_RE, "code (1-64 of [a-z0-9_.])"),
-            message=_text(*data.req("message"), limits),
-            ref=None if ref is None else _hex32(ref, ref_path),
+            code=data.text("code", pattern=_CODE_RE),
+            message=data.text("message", max_len=limits.max_string_chars),
+            ref=data.opt_text("ref", pattern=_HEX32_RE),
         )
 
 
@@ -1274,22 +1122,28 @@ def decode(payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIM
         MalformedMessageError: Anything else is wrong.
     """
     frame = decode_frame(payload, limits=limits)
-    header = _Obj(frame.header, "header")
-    version = _int(*header.req("v"), lo=1)
+    header = FieldReader(
+        frame.header,
+        MalformedMessageError,
+        "header",
+        over=MessageTooLargeError,
+        max_int=MAX_SAFE_INT,
+    )
+    version = header.integer("v", lo=1)
     if version > PROTOCOL_VERSION:
         raise UnsupportedVersionError(
             f"schema version {version}, this side speaks up to {PROTOCOL_VERSION}"
         )
-    type_name = _token(*header.req("type"), _TYPE_RE, "type name")
+    type_name = header.text("type", pattern=_TYPE_RE)
     cls = MESSAGE_TYPES.get(type_name)
     if cls is None:
         raise UnknownMessageTypeError(f"unknown message type {type_name!r}")
-    msg_id = _hex32(*header.req("id"))
-    sender, sender_path = header.req("sender")
+    msg_id = header.text("id", pattern=_HEX32_RE)
+    sender = header.raw("sender")
     if sender != COORDINATOR_SENDER and not is_valid_device_id(sender):
-        _fail(sender_path, "must be 'coordinator' or a valid device id")
-    sent_at = _float(*header.req("sent_at"))
-    message = cls._from_wire(_Obj(*header.req("data")), frame.body, limits)
+        raise header.fail("sender", "must be 'coordinator' or a valid device id")
+    sent_at = header.number("sent_at")
+    message = cls._from_wire(header.req_obj("data"), frame.body, limits)
     return Envelope(id=msg_id, sender=sender, sent_at=sent_at, version=version, message=message)
 
 
