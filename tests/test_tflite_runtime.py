@@ -76,7 +76,7 @@ def test_concurrent_calls_are_serialised() -> None:
 @pytest.mark.parametrize(
     ("feeds", "message"),
     [
-        ({"wrong": np.zeros((1, 8), np.float32)}, "model inputs are"),
+        ({"wrong": np.zeros((1, 8), np.float32)}, "inputs do not match the model"),
         ({INPUT_NAME: np.zeros((1, 8), np.float64)}, "float32"),
         ({INPUT_NAME: np.zeros((1, 9), np.float32)}, "shape"),
     ],

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from edge_agent.errors import ModelRuntimeError
 
-__all__ = ["ModelRuntime", "TensorInfo", "accuracy", "predict_single"]
+__all__ = ["ModelRuntime", "TensorInfo", "accuracy", "check_feeds", "predict_single"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,41 @@ class ModelRuntime(Protocol):
                 engine failed.
         """
         return predict_single(self, x)
+
+
+def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Check ``feeds`` against a model's inputs before an engine sees them.
+
+    Every adapter calls this first, so a wrong name, type, dtype or shape gets the
+    same precise message whatever the engine.
+
+    Returns:
+        The feeds as a dict of numpy arrays, in the model's input order.
+
+    Raises:
+        ModelRuntimeError: missing or unknown input names, a value that is not a numpy
+            array, or a dtype or shape the input does not accept.
+    """
+    expected = {info.name for info in inputs}
+    missing = sorted(expected - feeds.keys())
+    unknown = sorted(str(k) for k in set(feeds.keys()) - expected)
+    if missing or unknown:
+        raise ModelRuntimeError(
+            f"inputs do not match the model: missing {missing}, unknown {unknown}; "
+            f"expected {sorted(expected)}"
+        )
+    prepared: dict[str, np.ndarray] = {}
+    for info in inputs:
+        array = feeds[info.name]
+        if not isinstance(array, np.ndarray):
+            raise ModelRuntimeError(
+                f"input {info.name!r} must be a numpy array, got {type(array).__name__}"
+            )
+        problem = info.accepts(array)
+        if problem is not None:
+            raise ModelRuntimeError(problem)
+        prepared[info.name] = array
+    return prepared
 
 
 def predict_single(runtime: ModelRuntime, x: npt.ArrayLike) -> np.ndarray:

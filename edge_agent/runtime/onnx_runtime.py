@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from compress.errors import one_line
 from edge_agent.errors import ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo
+from edge_agent.runtime.base import ModelRuntime, TensorInfo, check_feeds
 
 __all__ = ["OnnxRuntimeModel"]
 
@@ -148,25 +148,7 @@ class OnnxRuntimeModel(ModelRuntime):
             ModelRuntimeError: missing or unknown inputs, wrong dtype or shape, or
                 onnxruntime failed.
         """
-        expected = {info.name for info in self._inputs}
-        missing = sorted(expected - feeds.keys())
-        unknown = sorted(set(feeds.keys()) - expected)
-        if missing or unknown:
-            raise ModelRuntimeError(
-                f"inputs do not match the model: missing {missing}, unknown {unknown}; "
-                f"expected {sorted(expected)}"
-            )
-        prepared: dict[str, np.ndarray] = {}
-        for info in self._inputs:
-            array = feeds[info.name]
-            if not isinstance(array, np.ndarray):
-                raise ModelRuntimeError(
-                    f"input {info.name!r} must be a numpy array, got {type(array).__name__}"
-                )
-            problem = info.accepts(array)
-            if problem is not None:
-                raise ModelRuntimeError(problem)
-            prepared[info.name] = array
+        prepared = check_feeds(self._inputs, feeds)
         try:
             results = self._session.run(self._output_names, prepared)
         except Exception as exc:  # onnxruntime's exceptions derive from Exception only

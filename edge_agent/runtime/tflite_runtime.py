@@ -31,7 +31,7 @@ import numpy as np
 
 from compress.errors import one_line
 from edge_agent.errors import ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo
+from edge_agent.runtime.base import ModelRuntime, TensorInfo, check_feeds
 
 __all__ = ["TFLITE_MODULES", "TfliteModel", "tflite_available"]
 
@@ -125,20 +125,12 @@ class TfliteModel(ModelRuntime):
             ModelRuntimeError: missing or unknown inputs, wrong dtype or shape, or the
                 interpreter failed.
         """
-        expected = {info.name for info in self._inputs}
-        if set(feeds) != expected:
-            raise ModelRuntimeError(
-                f"model inputs are {sorted(expected)}, got {sorted(str(k) for k in feeds)}"
-            )
-        for info in self._inputs:
-            problem = info.accepts(np.asarray(feeds[info.name]))
-            if problem:
-                raise ModelRuntimeError(problem)
+        prepared = check_feeds(self._inputs, feeds)
         with self._lock:
             try:
                 resized = False
                 for detail in self._input_details:
-                    array = np.asarray(feeds[detail["name"]])
+                    array = prepared[detail["name"]]
                     current = self._interpreter.get_input_details()
                     now = next(d["shape"] for d in current if d["index"] == detail["index"])
                     if tuple(now) != array.shape:
@@ -148,7 +140,7 @@ class TfliteModel(ModelRuntime):
                     self._interpreter.allocate_tensors()
                 for detail in self._input_details:
                     self._interpreter.set_tensor(
-                        detail["index"], np.ascontiguousarray(feeds[detail["name"]])
+                        detail["index"], np.ascontiguousarray(prepared[detail["name"]])
                     )
                 self._interpreter.invoke()
                 return {
