@@ -23,7 +23,10 @@ app = typer.Typer(help="Create Ed25519 signing keys and show key ids.", no_args_
 @app.command()
 def generate(
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for signing.key and signing.pub.")
+        Path,
+        typer.Option(
+            "--out", "-o", show_default=False, help="Directory for signing.key and signing.pub."
+        ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -43,7 +46,9 @@ def generate(
 
 @app.command("id")
 def key_id(
-    path: Annotated[Path, typer.Argument(help="A public (.pub) or private (.key) key file.")],
+    path: Annotated[
+        Path, typer.Argument(show_default=False, help="A public (.pub) or private (.key) key file.")
+    ],
 ) -> None:
     """Print the key id of a public or private key file."""
     with reported_errors():

@@ -65,9 +65,15 @@ def load_weights(path: Path) -> dict[str, np.ndarray[Any, Any]]:
 
 @app.command()
 def export(
-    family: Annotated[str, typer.Option(help=f"Built-in family: {', '.join(FAMILIES)}.")],
-    weights: Annotated[Path, typer.Option(help=".npz with W0, b0, W1, b1, ... (W: in x out).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
+    family: Annotated[
+        str, typer.Option(show_default=False, help=f"Built-in family: {', '.join(FAMILIES)}.")
+    ],
+    weights: Annotated[
+        Path, typer.Option(show_default=False, help=".npz with W0, b0, W1, b1, ... (W: in x out).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", show_default=False, help="Model file to write.")
+    ],
     fmt: Annotated[
         ExportFormat, typer.Option("--format", help="onnx, or tflite (needs fedge[tflite]).")
     ] = ExportFormat.onnx,
@@ -117,11 +123,26 @@ def _package_json(result: PackageResult) -> dict[str, Any]:
 
 @app.command()
 def package(
-    model: Annotated[Path, typer.Argument(help="The fp32 ONNX model to package.")],
-    name: Annotated[str, typer.Option(help="Model name (a-z, 0-9, '.', '_', '-').")],
-    version: Annotated[int, typer.Option(min=1, help="Version; must grow with every release.")],
-    key: Annotated[list[Path], typer.Option(help="Signing key file; repeat for k-of-n signing.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact file to write (.fedge).")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            show_default=False, help="The fp32 model (.onnx; or .tflite with --quantize none)."
+        ),
+    ],
+    name: Annotated[
+        str, typer.Option(show_default=False, help="Model name (a-z, 0-9, '.', '_', '-').")
+    ],
+    version: Annotated[
+        int, typer.Option(min=1, show_default=False, help="Version; must grow with every release.")
+    ],
+    key: Annotated[
+        list[Path],
+        typer.Option(show_default=False, help="Signing key file; repeat for k-of-n signing."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", show_default=False, help="Artifact file to write (.fedge)."),
+    ],
     quantize: Annotated[QuantizeMode, typer.Option(help="int8 or none.")] = QuantizeMode.int8,
     calibration: Annotated[
         Path | None, typer.Option(help=".npz with 'x': static int8 calibration data.")
@@ -204,7 +225,9 @@ def _manifest_table(manifest: Manifest) -> Table:
 
 @app.command()
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="The .fedge artifact to inspect.")],
+    artifact: Annotated[
+        Path, typer.Argument(show_default=False, help="The .fedge artifact to inspect.")
+    ],
     trust: Annotated[
         list[Path] | None, typer.Option(help="Trusted public key file; repeatable.")
     ] = None,
