@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -74,26 +75,34 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: str) -> bytes:
-    """Read a whole file that must not be larger than ``max_bytes``.
+    """Read a whole regular file that must not be larger than ``max_bytes``.
 
-    The size is checked before reading, so a huge file is refused without loading it.
+    Devices, pipes and ``/proc`` files are refused before they are opened (their size
+    says nothing and reading them may never end); the read itself stops one byte past
+    the limit, so a file that grows after the check is refused too.
 
     Raises:
-        error: the file is missing, a directory, unreadable, or too large; the message
-            starts with the path and names ``what`` the file was meant to be.
+        error: the file is missing, not a regular file, unreadable, or too large; the
+            message starts with the path and names ``what`` the file was meant to be.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size} bytes is too large for a {what} (max {max_bytes})")
-        return path.read_bytes()
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise error(f"{path}: is a directory, not a {what}")
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: not a regular file, cannot be a {what}")
+        if info.st_size > max_bytes:
+            raise error(f"{path}: {info.st_size} bytes is too large for a {what} (max {max_bytes})")
+        with path.open("rb") as stream:
+            data = stream.read(max_bytes + 1)
     except FileNotFoundError as exc:
         raise error(f"{path}: no such {what}") from exc
-    except IsADirectoryError as exc:
-        raise error(f"{path}: is a directory, not a {what}") from exc
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise error(f"{path}: too large for a {what} (max {max_bytes} bytes)")
+    return data
 
 
 def load_npz(

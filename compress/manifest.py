@@ -35,11 +35,14 @@ from compress.errors import ManifestError
 from compress.strictjson import FieldReader, JsonObject, canonical_bytes, loads_strict
 
 SCHEMA_VERSION = 1
-MAX_MANIFEST_BYTES = 1024 * 1024
-MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
+#: A signed manifest travels in one deploy message (``edge_agent.protocol.Limits``
+#: derives its ``max_manifest_bytes`` from these), so manifests stay small.
+MAX_MANIFEST_BYTES = 48 * 1024
+#: Largest model payload; also the largest chunked transfer the protocol accepts.
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
 MAX_TENSORS = 16
 MAX_DIMS = 8
-MAX_REFERENCE_VALUES = 65536
+MAX_REFERENCE_VALUES = 4096
 MAX_TAGS = 32
 MAX_METADATA = 64
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -134,3 +135,12 @@ def test_pem_round_trip() -> None:
     key = generate_signing_key()
     assert SigningKey.from_pem(key.to_pem()).key_id == key.key_id
     assert PublicKey.from_pem(key.public_key.to_pem()) == key.public_key
+
+
+def test_special_files_are_refused_without_reading(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_public_key(Path("/dev/zero"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_public_key(fifo)
