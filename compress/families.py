@@ -92,6 +92,9 @@ def dense_layers(family: str, weights: Mapping[str, npt.ArrayLike]) -> list[Dens
         raise FamilyError("an mlp needs at least two dense layers (one hidden layer)")
     layers: list[DenseLayer] = []
     for i in range(n_layers):
+        kinds = {np.asarray(weights[f"{p}{i}"]).dtype.kind for p in ("W", "b")}
+        if not kinds <= set("fiub"):
+            raise FamilyError(f"layer {i}: weights must be real numbers, got dtype kinds {kinds}")
         try:
             w = np.ascontiguousarray(weights[f"W{i}"], dtype=np.float32)
             b = np.ascontiguousarray(weights[f"b{i}"], dtype=np.float32)

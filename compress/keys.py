@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -78,7 +78,7 @@ class PublicKey:
         """
         try:
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise KeyFileError(f"not a PEM public key: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
             raise KeyFileError(f"expected an Ed25519 public key, got {type(key).__name__}")
@@ -126,7 +126,7 @@ class SigningKey:
         """
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise KeyFileError(f"not an unencrypted PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyFileError(f"expected an Ed25519 private key, got {type(key).__name__}")
@@ -151,6 +151,8 @@ def save_keypair(key: SigningKey, directory: Path, *, overwrite: bool = False) -
             cannot be written.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise KeyFileError(f"{directory} exists and is not a directory")
     private_path = directory / PRIVATE_KEY_NAME
     public_path = directory / PUBLIC_KEY_NAME
     if not overwrite:
@@ -177,13 +179,27 @@ def load_signing_key(path: Path) -> SigningKey:
     """
     path = Path(path)
     data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
+    try:
+        key = SigningKey.from_pem(data)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path}: {exc}") from exc
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
         logger.warning("private key %s is readable by others (mode %o); chmod 600 it", path, mode)
-    try:
-        return SigningKey.from_pem(data)
-    except KeyFileError as exc:
-        raise KeyFileError(f"{path}: {exc}") from exc
+    return key
+
+
+def load_any_key(path: Path) -> PublicKey:
+    """The public key of a key file that holds either a public or a private key.
+
+    Raises:
+        KeyFileError: missing or unreadable, or neither kind of Ed25519 key.
+    """
+    path = Path(path)
+    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
+    if b"PRIVATE KEY-----" in data:
+        return load_signing_key(path).public_key
+    return load_public_key(path)
 
 
 def load_public_key(path: Path) -> PublicKey:

@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,7 @@ MAX_METADATA = 64
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
-TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}")
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
@@ -148,7 +148,12 @@ class ReferenceTensor:
 
     def to_dict(self) -> JsonObject:
         """JSON form."""
-        return {"dtype": self.dtype, "shape": list(self.shape), "values": list(self.values)}
+        kind = bool if self.dtype == "bool" else int if self.dtype[0] in "iu" else float
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "values": [kind(v) for v in self.values],
+        }
 
     @classmethod
     def from_reader(cls, r: FieldReader) -> ReferenceTensor:
@@ -167,15 +172,26 @@ class ReferenceTensor:
         values = r.items("values", max_len=MAX_REFERENCE_VALUES)
         if size != len(values):
             raise r.fail("values", f"{len(values)} values do not fill shape {dims}")
+        lo: float
+        hi: float
+        if dtype == "bool":
+            kind: type = bool
+            lo, hi = 0, 1
+        elif dtype.startswith(("int", "uint")):
+            kind = int
+            info = np.iinfo(dtype)
+            lo, hi = int(info.min), int(info.max)
+        else:
+            kind = float
+            finfo = np.finfo(dtype)
+            lo, hi = float(finfo.min), float(finfo.max)
         for i, v in enumerate(values):
-            if dtype == "bool":
-                if not isinstance(v, bool):
-                    raise r.fail(f"values[{i}]", "expected a boolean")
-            elif dtype.startswith(("int", "uint")):
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise r.fail(f"values[{i}]", "expected an integer")
-            else:
-                r.check_number(f"values[{i}]", v, -np.inf, np.inf)
+            # One spelling per value: floats as JSON floats (1.0, never 1), ints as ints.
+            if type(v) is not kind:
+                raise r.fail(f"values[{i}]", f"expected a {kind.__name__} for dtype {dtype}")
+            number = cast(float, v)  # type(v) is bool, int or float: all compare exactly
+            if not (lo <= number <= hi):
+                raise r.fail(f"values[{i}]", f"{v} does not fit {dtype}")
         return cls(dtype=dtype, shape=tuple(dims), values=tuple(values))
 
 
@@ -198,9 +214,9 @@ class HealthCheck:
         return {
             "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
             "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "max_latency_ms": self.max_latency_ms,
+            "rtol": float(self.rtol),
+            "atol": float(self.atol),
+            "max_latency_ms": float(self.max_latency_ms),
         }
 
     @classmethod
@@ -261,8 +277,9 @@ class Manifest:
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        # Validate by encoding and parsing: one set of rules for both directions.
-        Manifest.from_dict(self.to_dict())
+        # Validate by encoding and parsing the canonical bytes: one set of rules for
+        # both directions, and nothing can be signed that a verifier would refuse.
+        Manifest.from_bytes(self.to_bytes())
 
     def to_dict(self) -> JsonObject:
         """JSON form (unknown fields from a newer writer included)."""
@@ -280,7 +297,7 @@ class Manifest:
                 "quantization": self.quantization,
                 "created": format_time(self.created),
                 "expires": format_time(self.expires),
-                "hardware_tags": sorted(self.hardware_tags),
+                "hardware_tags": sorted(set(self.hardware_tags)),
                 "metadata": dict(self.metadata),
             }
         )

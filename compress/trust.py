@@ -92,7 +92,10 @@ def verify_manifest(
         ExpiredError: the manifest has expired.
         RollbackError: the version is not above ``installed_version``.
         IncompatibleDeviceError: the device cannot run the model.
+        ValueError: ``now`` is naive (a caller's bug, not an artifact's).
     """
+    if now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime")
     manifest = verify_signatures(signed, trusted)
     if manifest.expires <= now:
         raise ExpiredError(f"manifest expired at {format_time(manifest.expires)}")

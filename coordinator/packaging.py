@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from compress.artifact import write_artifact
-from compress.errors import CompressError
+from compress.errors import CompressError, ManifestError
 from compress.fileio import load_npz, read_bounded
 from compress.keys import SigningKey
 from compress.manifest import (
@@ -129,6 +130,8 @@ def load_labelled_npz(path: Path) -> LabelledData:
         )
     if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
         raise PackagingError(f"{path}: x must be numeric and y integer labels")
+    if not np.isfinite(x).all():
+        raise PackagingError(f"{path}: x contains NaN or infinity")
     return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64))
 
 
@@ -136,38 +139,65 @@ def _spec(info: TensorInfo) -> TensorSpec:
     return TensorSpec(name=info.name, shape=tuple(info.shape), dtype=info.dtype)
 
 
-def _reference_batch(
-    runtime: ModelRuntime, request: PackageRequest
-) -> npt.NDArray[np.float32] | None:
-    """Reference inputs for the health check, or None when the input is not a batch."""
-    if len(runtime.inputs) != 1:
-        return None
-    info = runtime.inputs[0]
-    if info.dtype != "float32" or any(d is None for d in info.shape[1:]):
-        return None
+def _reference_batch(runtime: ModelRuntime, request: PackageRequest) -> npt.NDArray[np.float32]:
+    """Up to :data:`HEALTH_CHECK_ROWS` reference inputs for a single float input."""
     source = request.evaluation.x if request.evaluation is not None else request.calibration
     if source is not None:
         return np.ascontiguousarray(source[:HEALTH_CHECK_ROWS], dtype=np.float32)
     rng = np.random.default_rng(request.seed)
-    shape = (HEALTH_CHECK_ROWS, *(int(d) for d in info.shape[1:] if d is not None))
-    return rng.random(shape, dtype=np.float32)
+    dims = tuple(int(d) for d in runtime.inputs[0].shape[1:] if d is not None)
+    return rng.random((HEALTH_CHECK_ROWS, *dims), dtype=np.float32)
 
 
-def _health_check(runtime: ModelRuntime, request: PackageRequest) -> HealthCheck | None:
-    batch = _reference_batch(runtime, request)
-    if batch is None:
+def _health_checks(runtime: ModelRuntime, request: PackageRequest) -> Iterator[HealthCheck]:
+    """Health checks from the most reference rows to one row, for the manifest to try.
+
+    Nothing is yielded when the model's input is not a batch of float32 rows.
+    """
+    info = runtime.inputs[0] if len(runtime.inputs) == 1 else None
+    if info is None or info.dtype != "float32" or any(d is None for d in info.shape[1:]):
         logger.warning("model input is not a float batch; packaging without a health check")
-        return None
-    name = runtime.inputs[0].name
-    outputs = runtime.run({name: batch})
-    return HealthCheck(
-        inputs={name: ReferenceTensor.from_array(batch)},
-        outputs={k: ReferenceTensor.from_array(v) for k, v in outputs.items()},
-    )
+        return
+    batch = _reference_batch(runtime, request)
+    outputs = runtime.run({info.name: batch})
+    for rows in range(len(batch), 0, -1):
+        try:
+            yield HealthCheck(
+                inputs={info.name: ReferenceTensor.from_array(batch[:rows])},
+                outputs={k: ReferenceTensor.from_array(v[:rows]) for k, v in outputs.items()},
+            )
+        except ManifestError:
+            continue  # too many values for a manifest: try fewer rows
 
 
 def _accuracy(runtime: ModelRuntime, data: LabelledData | None) -> float | None:
     return None if data is None else accuracy(runtime, data.x, data.y)
+
+
+def _fitting_manifest(fields: dict[str, Any], checks: Iterator[HealthCheck]) -> Manifest:
+    """The manifest with the largest health check that keeps it under the size limit.
+
+    A signed manifest travels in one deploy message, so its size is bounded
+    (:data:`compress.manifest.MAX_MANIFEST_BYTES`); a model with wide inputs gets fewer
+    reference rows, or none, rather than an artifact that cannot be deployed.
+
+    Raises:
+        PackagingError: the manifest is invalid or too large even without a check.
+    """
+    for check in checks:
+        try:
+            return Manifest(**fields, health_check=check)
+        except ManifestError as exc:
+            logger.info("health check of %d row(s) does not fit: %s",
+                        next(iter(check.inputs.values())).shape[0], exc)  # fmt: skip
+    try:
+        manifest = Manifest(**fields, health_check=None)
+    except CompressError as exc:
+        raise PackagingError(f"cannot describe this model in a manifest: {exc}") from exc
+    logger.warning(
+        "packaging %s without a health check: reference data does not fit", fields["name"]
+    )
+    return manifest
 
 
 def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
@@ -226,24 +256,27 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
     metadata["fp32_bytes"] = str(len(fp32_model))
     if packaged_acc is not None:
         metadata["accuracy"] = f"{packaged_acc:.6f}"
+    if not math.isfinite(request.max_accuracy_drop):
+        raise PackagingError("--max-accuracy-drop must be a finite number")
     try:
-        manifest = Manifest(
-            name=request.name,
-            version=request.version,
-            format=model_format,
-            sha256=hashlib.sha256(packaged_model).hexdigest(),
-            length=len(packaged_model),
-            inputs=tuple(_spec(t) for t in packaged.inputs),
-            outputs=tuple(_spec(t) for t in packaged.outputs),
-            quantization=scheme,
-            created=now,
-            expires=now + request.expires_in,
-            hardware_tags=tuple(sorted(set(request.hardware_tags))),
-            health_check=_health_check(packaged, request),
-            metadata=metadata,
-        )
-    except CompressError as exc:
-        raise PackagingError(f"cannot describe this model in a manifest: {exc}") from exc
+        expires = now + request.expires_in
+    except OverflowError as exc:
+        raise PackagingError(f"expiry {request.expires_in} after now is past year 9999") from exc
+    fields = {
+        "name": request.name,
+        "version": request.version,
+        "format": model_format,
+        "sha256": hashlib.sha256(packaged_model).hexdigest(),
+        "length": len(packaged_model),
+        "inputs": tuple(_spec(t) for t in packaged.inputs),
+        "outputs": tuple(_spec(t) for t in packaged.outputs),
+        "quantization": scheme,
+        "created": now,
+        "expires": expires,
+        "hardware_tags": tuple(sorted(set(request.hardware_tags))),
+        "metadata": metadata,
+    }
+    manifest = _fitting_manifest(fields, _health_checks(packaged, request))
     signed = sign_manifest(manifest, request.keys)
     write_artifact(request.out, signed, packaged_model)
     logger.info("wrote %s to %s", manifest.summary(), request.out)

@@ -204,3 +204,8 @@ def test_unverified_read_still_checks_the_payload(artifact_file: ArtifactFactory
 
 def test_container_starts_with_magic(artifact_file: ArtifactFactory) -> None:
     assert artifact_file().read_bytes().startswith(ARTIFACT_MAGIC)
+
+
+def test_naive_clock_is_a_caller_bug(signed: SignedManifest, trusted: TrustedKeys) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        verify_manifest(signed, trusted, now=NOW.replace(tzinfo=None))

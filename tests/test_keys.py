@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -17,6 +18,7 @@ from compress.keys import (
     PublicKey,
     SigningKey,
     generate_signing_key,
+    load_any_key,
     load_public_key,
     load_signing_key,
     save_keypair,
@@ -144,3 +146,47 @@ def test_special_files_are_refused_without_reading(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(KeyFileError, match="not a regular file"):
         load_public_key(fifo)
+
+
+def test_unsupported_algorithms_are_key_file_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise UnsupportedAlgorithm("curve SM2 is not supported")
+
+    pem = tmp_path / "sm2.pub"
+    pem.write_bytes(generate_signing_key().public_key.to_pem())
+    monkeypatch.setattr(serialization, "load_pem_public_key", unsupported)
+    monkeypatch.setattr(serialization, "load_pem_private_key", unsupported)
+    with pytest.raises(KeyFileError, match="SM2"):
+        load_public_key(pem)
+    with pytest.raises(KeyFileError, match="SM2"):
+        load_signing_key(pem)
+
+
+def test_load_any_key_reads_either_kind(tmp_path: Path) -> None:
+    key = generate_signing_key()
+    private_path, public_path = save_keypair(key, tmp_path)
+    assert load_any_key(private_path) == key.public_key
+    assert load_any_key(public_path) == key.public_key
+    (tmp_path / "junk").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnope\n")
+    with pytest.raises(KeyFileError, match="private key"):
+        load_any_key(tmp_path / "junk")
+
+
+def test_generate_into_a_file_path_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(KeyFileError, match="not a directory"):
+        save_keypair(generate_signing_key(), target)
+
+
+def test_unparseable_private_key_does_not_warn_about_permissions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "bad.key"
+    path.write_bytes(b"garbage")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="compress.keys"), pytest.raises(KeyFileError):
+        load_signing_key(path)
+    assert "readable by others" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 from typing import Any
@@ -155,3 +156,38 @@ def test_times_are_utc_whole_seconds() -> None:
 
 def test_summary_names_the_model(manifest: Manifest) -> None:
     assert manifest.summary().startswith("digits v3 (onnx, int8-dynamic")
+
+
+def test_constructor_normalises_to_the_one_canonical_form() -> None:
+    base = make_manifest()
+    assert base.health_check is not None
+    loose = make_manifest(
+        hardware_tags=("arm64", "arm64", "fp16+int8"),
+        health_check=dataclasses.replace(base.health_check, rtol=1, atol=0, max_latency_ms=50),
+    )
+    parsed = Manifest.from_bytes(loose.to_bytes())
+    assert parsed.hardware_tags == ("arm64", "fp16+int8")
+    assert parsed.health_check is not None
+    assert parsed.health_check.rtol == 1.0
+    assert b'"rtol":1.0' in loose.to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "message"),
+    [
+        ("float32", 1, "expected a float"),
+        ("float32", True, "expected a float"),
+        ("int8", 300, "does not fit int8"),
+        ("int8", 1.0, "expected a int"),
+        ("uint8", -1, "does not fit uint8"),
+        ("bool", 1, "expected a bool"),
+        ("float16", 1e6, "does not fit float16"),
+    ],
+)
+def test_reference_values_have_one_spelling_and_fit_their_dtype(
+    manifest: Manifest, dtype: str, value: object, message: str
+) -> None:
+    obj = manifest.to_dict()
+    obj["health_check"]["inputs"]["input"] = {"dtype": dtype, "shape": [1], "values": [value]}
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict(obj)

@@ -13,8 +13,7 @@ from typing import Annotated
 
 import typer
 
-from compress.errors import KeyFileError
-from compress.keys import generate_signing_key, load_public_key, load_signing_key, save_keypair
+from compress.keys import generate_signing_key, load_any_key, save_keypair
 from coordinator.cli.output import console, print_json, reported_errors
 
 app = typer.Typer(help="Create Ed25519 signing keys and show key ids.", no_args_is_help=True)
@@ -52,8 +51,5 @@ def key_id(
 ) -> None:
     """Print the key id of a public or private key file."""
     with reported_errors():
-        try:
-            kid = load_public_key(path).key_id
-        except KeyFileError:
-            kid = load_signing_key(path).key_id
+        kid = load_any_key(path).key_id
     typer.echo(kid)

@@ -155,7 +155,7 @@ def package(
         float, typer.Option(min=0.0, help="Refuse if int8 loses more points than this.")
     ] = 1.0,
     expires_in_days: Annotated[
-        int, typer.Option(min=1, help="Days until the manifest expires.")
+        int, typer.Option(min=1, max=36500, help="Days until the manifest expires.")
     ] = 365,
     tag: Annotated[
         list[str] | None, typer.Option(help="Hardware tag a device must have; repeatable.")

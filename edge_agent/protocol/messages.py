@@ -64,6 +64,7 @@ from typing import Any, ClassVar, Self
 
 import numpy.typing as npt
 
+from compress.manifest import TAG_RE as _TAG_RE
 from compress.strictjson import FieldReader
 from edge_agent.errors import (
     MalformedMessageError,
@@ -126,7 +127,6 @@ PROTOCOL_VERSION = 1
 
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,63}")
-_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}")
 _CODE_RE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 _CODEC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=,-]{0,127}")
 _AGENT_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,63}")

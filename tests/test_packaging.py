@@ -1,0 +1,84 @@
+"""coordinator.packaging: limits and bad inputs the CLI tests do not reach."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.artifact import read_artifact_unverified
+from compress.errors import FamilyError
+from compress.families import dense_layers, init_weights
+from compress.keys import SigningKey
+from compress.manifest import MAX_MANIFEST_BYTES
+from compress.onnx_export import export_onnx
+from coordinator.errors import PackagingError
+from coordinator.packaging import PackageRequest, load_labelled_npz, package_model
+from tests.conftest import NOW
+
+
+def _request(tmp_path: Path, key: SigningKey, features: int, **changes: object) -> PackageRequest:
+    weights = init_weights("softmax", [features, 3], np.random.default_rng(0))
+    model = tmp_path / "m.onnx"
+    model.write_bytes(export_onnx("softmax", weights))
+    fields: dict[str, object] = {
+        "model_path": model,
+        "name": "wide",
+        "version": 1,
+        "keys": [key],
+        "out": tmp_path / "m.fedge",
+        "quantize": "none",
+    }
+    fields.update(changes)
+    return PackageRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("features", "rows"), [(16, 4), (700, 3), (1500, 1)])
+def test_health_check_shrinks_to_fit_the_manifest_limit(
+    tmp_path: Path, signing_key: SigningKey, features: int, rows: int
+) -> None:
+    result = package_model(_request(tmp_path, signing_key, features), now=NOW)
+    check = result.manifest.health_check
+    assert check is not None
+    assert check.inputs["input"].shape == (rows, features)
+    assert len(result.manifest.to_bytes()) <= MAX_MANIFEST_BYTES
+
+
+def test_too_wide_for_any_health_check(
+    tmp_path: Path, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="coordinator.packaging"):
+        result = package_model(_request(tmp_path, signing_key, 6000), now=NOW)
+    assert result.manifest.health_check is None
+    assert "without a health check" in caplog.text
+    signed, _ = read_artifact_unverified(result.path)
+    assert signed.manifest == result.manifest
+
+
+def test_absurd_expiry_is_a_packaging_error(tmp_path: Path, signing_key: SigningKey) -> None:
+    request = _request(tmp_path, signing_key, 4, expires_in=timedelta(days=3_000_000))
+    with pytest.raises(PackagingError, match="year 9999"):
+        package_model(request, now=NOW)
+
+
+def test_nan_accuracy_bound_is_refused(tmp_path: Path, signing_key: SigningKey) -> None:
+    request = _request(tmp_path, signing_key, 4, max_accuracy_drop=float("nan"))
+    with pytest.raises(PackagingError, match="finite"):
+        package_model(request, now=NOW)
+
+
+def test_evaluation_data_must_be_finite(tmp_path: Path) -> None:
+    x = np.ones((3, 4), dtype=np.float32)
+    x[1, 2] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(3, dtype=np.int64))
+    with pytest.raises(PackagingError, match="NaN"):
+        load_labelled_npz(tmp_path / "d.npz")
+
+
+def test_complex_weights_are_refused() -> None:
+    weights = {"W0": np.ones((2, 2), dtype=np.complex64), "b0": np.zeros(2)}
+    with pytest.raises(FamilyError, match="real numbers"):
+        dense_layers("softmax", weights)
