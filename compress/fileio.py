@@ -3,7 +3,9 @@
 :func:`atomic_write`: a crash leaves either the old file or the new one, never half.
 :func:`read_bounded` and :func:`load_npz` read files a user points at (keys, models,
 weights, data sets) with a size limit checked before reading and every failure turned
-into the caller's own error type, with the path in the message.
+into the caller's own error type, with the path in the message. :func:`load_npz` also
+bounds what the archive unpacks to and decodes each array with the strict
+:mod:`compress.npy` reader instead of numpy's, which trusts the declared shapes.
 
 The pattern is python-tuf's ``Updater._persist_metadata``: write to a temporary file
 in the destination's directory (same filesystem), flush and ``fsync`` it, set its mode,
@@ -16,15 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import lzma
 import os
 import stat
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
+
+from compress import npy
+from compress.errors import one_line
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
@@ -108,20 +115,94 @@ def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: st
 def load_npz(
     path: Path, *, max_bytes: int, error: type[Exception], what: str
 ) -> dict[str, npt.NDArray[Any]]:
-    """Load every array of an ``.npz`` archive, refusing pickled objects.
+    """Load every array of an ``.npz`` archive without trusting its headers.
+
+    ``max_bytes`` bounds the file and, separately, the arrays it unpacks to: each
+    member's declared uncompressed size is checked before it is read, the running
+    total of all members may not exceed ``max_bytes`` either, and a member is read
+    at most one byte past what is left, so neither a zip bomb nor a lying size
+    field can inflate past the limit. Each member must be ``NAME.npy`` and is
+    decoded with :func:`compress.npy.decode_npy` (real-number and bool dtypes only,
+    the declared shape checked against the bytes actually present before anything
+    is allocated; pickles are never involved).
+
+    Args:
+        path: The ``.npz`` file (as written by ``numpy.savez`` or
+            ``numpy.savez_compressed``).
+        max_bytes: Most bytes of the file, and of all its arrays together.
+        error: The exception class to raise.
+        what: What the file is meant to be (``"weights file"``), for messages.
+
+    Returns:
+        Writable arrays (copies), by member name without ``.npy``, in archive order.
 
     Raises:
-        error: missing or oversized file, not an ``.npz`` archive, or unreadable
-            arrays (object arrays included, since pickles are refused).
+        error: missing, oversized or unreadable file, not an ``.npz`` archive, a
+            member that is not ``.npy`` or is too large once unpacked, or an array
+            that is malformed or has a refused dtype (object arrays included). The
+            message is one line naming the path and ``what``.
     """
     data = read_bounded(path, max_bytes=max_bytes, error=error, what=what)
+    if data.startswith(npy.NPY_MAGIC):
+        raise error(f"{path}: not an .npz archive (save it with numpy.savez)")
     try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise error(f"{path}: not an .npz archive (save it with numpy.savez)")
-        with loaded:
-            return {name: loaded[name] for name in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, error):
-            raise
-        raise error(f"{path}: cannot read {what}: not a readable .npz file ({exc})") from exc
+        return _unpack_npz(data, max_bytes)
+    except _NpzError as exc:
+        raise error(f"{path}: cannot read {what}: {exc}") from exc
+    except _ZIP_ERRORS as exc:
+        raise error(
+            f"{path}: cannot read {what}: not a readable .npz file ({one_line(exc, limit=200)})"
+        ) from exc
+
+
+class _NpzError(Exception):
+    """A problem :func:`load_npz` found itself (translated to the caller's error)."""
+
+
+# What zipfile and its decompressors raise for damaged or hostile archives.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,  # encrypted members; NotImplementedError: unknown compression
+    MemoryError,
+    OverflowError,
+    struct.error,
+)
+
+
+def _unpack_npz(data: bytes, max_bytes: int) -> dict[str, npt.NDArray[Any]]:
+    """Decode every member of an in-memory ``.npz``; see :func:`load_npz`."""
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            name = info.filename
+            if not name.endswith(".npy") or name == ".npy" or info.is_dir():
+                raise _NpzError(f"member {name[:80]!r} is not an .npy array")
+            key = name.removesuffix(".npy")
+            if key in arrays:
+                raise _NpzError(f"member {name[:80]!r} appears twice")
+            left = max_bytes - total
+            if info.file_size > left:
+                raise _NpzError(
+                    f"member {name[:80]!r} unpacks to {info.file_size} bytes, "
+                    f"more than the {left} left of the {max_bytes}-byte limit"
+                )
+            with archive.open(info) as member:
+                blob = member.read(left + 1)
+            if len(blob) > left:
+                raise _NpzError(
+                    f"member {name[:80]!r} unpacks to more than its declared size, "
+                    f"past the {max_bytes}-byte limit"
+                )
+            total += len(blob)
+            try:
+                array = npy.decode_npy(blob, _NpzError, max_bytes=left)
+            except _NpzError as exc:
+                raise _NpzError(f"member {name[:80]!r}: {exc}") from exc
+            arrays[key] = array.copy(order="K")
+    return arrays

@@ -19,9 +19,12 @@ from edge_agent.protocol import (
     ALLOWED_DTYPES,
     ArrayEntry,
     Limits,
+    UpdateReport,
     arrays_equal,
+    decode,
     decode_arrays,
     decode_npy,
+    encode,
     encode_arrays,
     encode_npy,
     index_to_json,
@@ -229,6 +232,53 @@ def test_decode_npy_huge_shape_rejected_before_allocating() -> None:
     )
     with pytest.raises(MessageTooLargeError):
         decode_npy(npy(header, b"\x00" * 8))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "(0, 9999999999999999999)",
+        "(9999999999999999999, 0)",
+        "(0, 9223372036854775807)",
+        "(0, 67108865)",
+        "(0, 4096, 4096, 4096)",
+    ],
+)
+def test_decode_npy_zero_size_array_with_huge_dimension(shape: str) -> None:
+    # Regression: 0 bytes passed the size checks, then reshape raised
+    # "ValueError: Maximum allowed dimension exceeded" (or "array is too big").
+    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"
+    with pytest.raises(MessageTooLargeError):
+        decode_npy(npy(header))
+
+
+def test_decode_npy_dimension_beyond_intp_even_with_huge_limits() -> None:
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (0, 9999999999999999999), }"
+    with pytest.raises(MessageTooLargeError):
+        decode_npy(npy(header), limits=Limits(max_array_bytes=10**20))
+
+
+def test_decode_message_with_zero_size_huge_dimension_array() -> None:
+    # Regression: any device could make decode() raise ValueError this way.
+    original = encode_npy(np.zeros((0, 1)))
+    report = UpdateReport(
+        round_id="r1", task_id="t1", num_examples=0, codec="npy", arrays={"w": np.zeros((0, 1))}
+    )
+    payload = encode(report, sender="pi-7", sent_at=1.0)
+    forged = npy("{'descr': '<f8', 'fortran_order': False, 'shape': (0, 9999999999999999999), }")
+    assert len(forged) == len(original)
+    assert payload.endswith(original)
+    with pytest.raises(MessageTooLargeError, match="dimension"):
+        decode(payload[: -len(original)] + forged)
+
+
+def test_zero_size_arrays_within_limits_round_trip() -> None:
+    for array in (np.zeros((0, 8)), np.zeros((3, 0, 2), np.int8), np.zeros((0,), bool)):
+        assert decode_npy(encode_npy(array)).shape == array.shape
+    limits = Limits(max_array_bytes=1024)
+    assert decode_npy(encode_npy(np.zeros((0, 128))), limits=limits).shape == (0, 128)
+    with pytest.raises(MessageTooLargeError):
+        encode_npy(np.zeros((0, 1025), np.uint8), limits=limits)
 
 
 def test_decode_npy_limits() -> None:
@@ -475,6 +525,24 @@ HEADER_PIECES = st.sampled_from(
 @settings(max_examples=500, deadline=None)
 @given(st.lists(HEADER_PIECES, max_size=30).map("".join), st.binary(max_size=64))
 def test_property_random_npy_headers_only_protocol_errors(header: str, data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_npy(npy(header, data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.integers(0, 2) | st.integers(2**25, 2**27) | st.integers(2**62, 10**19 - 1),
+        max_size=5,
+    ),
+    st.sampled_from(["<f8", "|u1", "|b1"]),
+    st.binary(max_size=16),
+)
+def test_property_declared_shapes_only_protocol_errors(
+    dims: list[int], descr: str, data: bytes
+) -> None:
+    shape = "(" + "".join(f"{dim}, " for dim in dims) + ")"
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
     with contextlib.suppress(ProtocolError):
         decode_npy(npy(header, data))
 

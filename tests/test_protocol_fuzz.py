@@ -48,6 +48,7 @@ from edge_agent.protocol import (
     device_topic,
     encode,
 )
+from tests.test_protocol_arrays import npy
 
 COORD = "coordinator"
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,7 +131,9 @@ def deploys(draw: st.DrawFn) -> Deploy:
 array_dtypes = st.sampled_from(
     [np.dtype(n) for n in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
 )
-small_arrays = hnp.arrays(array_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4))
+small_arrays = hnp.arrays(
+    array_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
+)
 
 
 @st.composite
@@ -401,3 +404,25 @@ def test_mutated_header_text(data: st.DataObject) -> None:
         position = data.draw(st.integers(0, len(text) - 1))
         text[position] = data.draw(st.sampled_from(b'{}[]",:0123456789-.eEtrufalsn \\\xff'))
     decode_or_protocol_error(frame(bytes(text), body))
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.integers(0, 3) | st.integers(2**25, 2**40) | st.integers(2**62, 10**19 - 1),
+        max_size=5,
+    ).map(tuple),
+    st.sampled_from(["<f8", ">f4", "|u1", "|b1"]),
+    st.binary(max_size=24),
+)
+def test_update_report_with_any_declared_array_shape(
+    shape: tuple[int, ...], descr: str, data: bytes
+) -> None:
+    """Zero-size and huge declared shapes in an inline update only raise ProtocolError."""
+    report = UpdateReport(round_id="r", task_id="t", num_examples=0, codec="npy", arrays={})
+    payload = encode(report, sender="pi-1", sent_at=1.0)
+    (length,) = struct.unpack(">I", payload[5:9])
+    header = json.loads(payload[9 : 9 + length])
+    blob = npy(f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}", data)
+    header["data"]["arrays"] = [{"name": "w", "length": len(blob)}]
+    decode_or_protocol_error(frame(json.dumps(header).encode(), blob))

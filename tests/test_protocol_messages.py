@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from compress.keys import generate_signing_key
+from compress.manifest import MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES
+from compress.signing import MAX_BLOB_BYTES, MAX_SIGNATURES, sign_manifest
 from edge_agent.errors import (
     MalformedMessageError,
     MessageTooLargeError,
@@ -54,6 +57,7 @@ from edge_agent.protocol import (
     new_message_id,
     sha256_hex,
 )
+from tests.conftest import make_manifest
 
 DEVICE = "pi-7"
 COORD = "coordinator"
@@ -820,3 +824,33 @@ def test_decode_then_route_end_to_end() -> None:
     assert isinstance(route, DeviceTopic)
     assert route.device_id == DEVICE
     assert envelope.sender == DEVICE
+
+
+def test_largest_signed_manifest_fits_a_deploy_message_with_default_limits() -> None:
+    assert Limits().max_manifest_bytes == MAX_BLOB_BYTES
+    assert Limits().max_transfer_bytes == MAX_PAYLOAD_BYTES
+    # Pad metadata until the manifest is exactly as large as compress allows.
+    metadata: dict[str, str] = {}
+    manifest = make_manifest(metadata=metadata)
+    while MAX_MANIFEST_BYTES - len(manifest.to_bytes()) > 1030:
+        metadata[f"pad{len(metadata):02d}"] = "x" * 1000
+        manifest = make_manifest(metadata=metadata)
+    # One more entry adds ',"tail":"..."': 10 bytes plus its value.
+    metadata["tail"] = "x" * (MAX_MANIFEST_BYTES - len(manifest.to_bytes()) - 10)
+    manifest = make_manifest(metadata=metadata)
+    assert len(manifest.to_bytes()) == MAX_MANIFEST_BYTES
+    blob = sign_manifest(manifest, [generate_signing_key() for _ in range(MAX_SIGNATURES)])
+    blob_bytes = blob.to_bytes()
+    assert MAX_BLOB_BYTES - 8 * 1024 < len(blob_bytes) <= MAX_BLOB_BYTES
+
+    total = MAX_PAYLOAD_BYTES
+    deploy = Deploy(
+        deployment_id="dep-max",
+        transfer_id=SHA,
+        total_size=total,
+        chunk_size=65536,
+        chunk_count=chunk_count(total, 65536),
+        manifest=blob_bytes,
+    )
+    envelope = decode(encode(deploy, sender=COORD, sent_at=1.0))
+    assert envelope.message == deploy

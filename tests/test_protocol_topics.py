@@ -168,9 +168,32 @@ def test_subscriptions() -> None:
 
 def test_acl_mentions_the_device_pattern_and_broadcast() -> None:
     lines = MOSQUITTO_ACL.splitlines()
-    assert "pattern readwrite fedge/v1/devices/%u/#" in lines
+    # Least privilege (was "pattern readwrite fedge/v1/devices/%u/#").
+    assert "pattern write fedge/v1/devices/%u/events" in lines
+    assert "pattern read fedge/v1/devices/%u/cmd" in lines
     assert "pattern read fedge/v1/broadcast/#" in lines
     assert "user coordinator" in lines
+
+
+def test_acl_is_least_privilege_and_follows_channel_directions() -> None:
+    rules = [line.split() for line in MOSQUITTO_ACL.splitlines() if line and line[0] != "#"]
+    device_rules = {(rule[1], rule[2]) for rule in rules if rule[0] == "pattern"}
+    assert device_rules == {
+        ("write", "fedge/v1/devices/%u/status"),
+        ("write", "fedge/v1/devices/%u/events"),
+        ("write", "fedge/v1/devices/%u/telemetry"),
+        ("read", "fedge/v1/devices/%u/cmd"),
+        ("read", "fedge/v1/devices/%u/chunks"),
+        ("read", BROADCAST_FILTER),
+    }
+    for channel in Channel:
+        access = "read" if channel.direction is Direction.TO_DEVICE else "write"
+        assert ["pattern", access, f"fedge/v1/devices/%u/{channel.value}"] in rules
+    # Nothing grants a device readwrite or a wildcard over its own subtree.
+    assert not any(rule[1] == "readwrite" for rule in rules if rule[0] == "pattern")
+    assert not any(rule[2].endswith("%u/#") for rule in rules if rule[0] == "pattern")
+    # Only the coordinator account (the one 'user' section) writes the whole tree.
+    assert rules[-2:] == [["user", "coordinator"], ["topic", "readwrite", "fedge/v1/#"]]
 
 
 @settings(max_examples=300, deadline=None)

@@ -15,18 +15,21 @@ Workflow:
   :func:`decode_arrays` checks that the lengths add up to the body and decodes each
   blob with :func:`decode_npy`.
 
-:func:`decode_npy` does not use numpy's reader (which ``literal_eval``'s the
-header and can raise almost anything). It parses the ``.npy`` header itself,
-accepting exactly the dict that numpy writes (``descr``, ``fortran_order``,
-``shape``; any key order, optional trailing comma, space padding, final newline),
-then checks ``prod(shape) * itemsize`` against the blob's data length and
-``limits.max_array_bytes`` BEFORE touching the data. Only plain numeric and bool
-dtypes are accepted (:data:`ALLOWED_DTYPES`: float16/32/64, int8-64, uint8-64,
-bool; both byte orders); object, structured, string, void, complex and datetime
-dtypes are refused. Arrays come back read-only: native-order arrays are zero-copy
-views of the body, big-endian ones are converted to native order (a copy) and
-then frozen. Call ``.copy()`` to get a writable array. Values are not inspected
-(an update may legitimately contain NaN; judging it is the aggregator's job).
+:func:`encode_npy` and :func:`decode_npy` are the strict, allocation-safe codec of
+:mod:`compress.npy` bound to this package's :class:`Limits` and error classes. The
+decoder does not use numpy's reader (which ``literal_eval``'s the header and can
+raise almost anything). It parses the ``.npy`` header itself, accepting exactly the
+dict that numpy writes (``descr``, ``fortran_order``, ``shape``; any key order,
+optional trailing comma, space padding, final newline), then checks every single
+dimension, ``prod(shape) * itemsize`` (and, for zero-size arrays, the product of the
+non-zero dimensions) against ``limits.max_array_bytes`` and the blob's data length
+BEFORE touching the data. Only plain numeric and bool dtypes are accepted
+(:data:`ALLOWED_DTYPES`: float16/32/64, int8-64, uint8-64, bool; both byte orders);
+object, structured, string, void, complex and datetime dtypes are refused. Arrays
+come back read-only: native-order arrays are zero-copy views of the body, big-endian
+ones are converted to native order (a copy) and then frozen. Call ``.copy()`` to get
+a writable array. Values are not inspected (an update may legitimately contain NaN;
+judging it is the aggregator's job).
 
 Every failure raises a :class:`~edge_agent.errors.ProtocolError` subclass
 (:class:`~edge_agent.errors.MessageTooLargeError` for size limits,
@@ -36,16 +39,14 @@ for any input.
 
 from __future__ import annotations
 
-import io
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
+from compress import npy
 from edge_agent.errors import MalformedMessageError, MessageTooLargeError
 from edge_agent.protocol.limits import DEFAULT_LIMITS, Limits
 
@@ -62,36 +63,15 @@ __all__ = [
     "parse_array_index",
 ]
 
-NPY_MAGIC = b"\x93NUMPY"
-MAX_NPY_HEADER_BYTES = 4096
+MAX_NPY_HEADER_BYTES = npy.MAX_HEADER_BYTES
 """Longest ``.npy`` header accepted (numpy writes ~118 bytes for small arrays)."""
 
-_NPY_PREAMBLE_MIN = 10  # magic (6) + version (2) + uint16 header length (2)
-_MAX_ENTRY_BYTES_OVERHEAD = 12 + MAX_NPY_HEADER_BYTES
-
-_CODES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
-_DESCRS: dict[str, np.dtype[Any]] = {}
-for _code in _CODES:
-    if _code.endswith("1"):
-        _DESCRS["|" + _code] = np.dtype(_code)
-    else:
-        _DESCRS["<" + _code] = np.dtype("<" + _code)
-        _DESCRS[">" + _code] = np.dtype(">" + _code)
-
-ALLOWED_DTYPES: frozenset[np.dtype[Any]] = frozenset(np.dtype(code) for code in _CODES)
+ALLOWED_DTYPES = npy.ALLOWED_DTYPES
 """The native-order dtypes an array may have (either byte order is accepted)."""
 
+_NPY_PREAMBLE_MIN = npy.PREAMBLE_MIN_BYTES
+_MAX_ENTRY_BYTES_OVERHEAD = 12 + MAX_NPY_HEADER_BYTES
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
-_ITEM_RE = re.compile(
-    r"""\s*(?P<kq>['"])(?P<key>[a-z_]{1,16})(?P=kq)\s*:\s*
-    (?:(?P<vq>['"])(?P<str>[<>|=]?[a-z][0-9]{1,2})(?P=vq)
-      |(?P<bool>True|False)
-      |\((?P<tuple>[0-9,\s]{0,1024})\)
-    )\s*""",
-    re.VERBOSE,
-)
-_DIM_RE = re.compile(r"0|[1-9][0-9]{0,18}")
-_NPY_KEYS = frozenset({"descr", "fortran_order", "shape"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,23 +100,10 @@ def encode_npy(array: npt.NDArray[Any], *, limits: Limits = DEFAULT_LIMITS) -> b
 
     Raises:
         MalformedMessageError: Not an ndarray, or its dtype is not allowed.
-        MessageTooLargeError: Too many bytes or dimensions.
+        MessageTooLargeError: Too many bytes or dimensions, or a dimension over
+            ``limits.max_array_bytes``.
     """
-    if not isinstance(array, np.ndarray):
-        raise MalformedMessageError(f"expected a numpy array, got {type(array).__name__}")
-    if array.dtype.str not in _DESCRS:
-        raise MalformedMessageError(f"dtype {array.dtype} is not allowed on the wire")
-    if array.ndim > limits.max_array_ndim:
-        raise MessageTooLargeError(
-            f"array has {array.ndim} dimensions, limit {limits.max_array_ndim}"
-        )
-    if array.nbytes > limits.max_array_bytes:
-        raise MessageTooLargeError(
-            f"array has {array.nbytes} bytes, limit {limits.max_array_bytes}"
-        )
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
+    return npy.encode_npy(array, MalformedMessageError, **_npy_bounds(limits))
 
 
 def decode_npy(blob: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> npt.NDArray[Any]:
@@ -150,119 +117,20 @@ def decode_npy(blob: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> 
         A read-only array in native byte order.
 
     Raises:
-        MessageTooLargeError: The header, the data or the number of dimensions is
-            over its limit.
+        MessageTooLargeError: The header, the data, a single dimension or the number
+            of dimensions is over its limit.
         MalformedMessageError: Anything else is wrong with the blob.
     """
-    view = _byte_view(blob)
-    if view.nbytes < _NPY_PREAMBLE_MIN or bytes(view[:6]) != NPY_MAGIC:
-        raise MalformedMessageError("array blob is not a .npy file")
-    major, minor = view[6], view[7]
-    if (major, minor) == (1, 0):
-        header_len = int.from_bytes(view[8:10], "little")
-        start = 10
-    elif (major, minor) in ((2, 0), (3, 0)):
-        if view.nbytes < 12:
-            raise MalformedMessageError("truncated .npy preamble")
-        header_len = int.from_bytes(view[8:12], "little")
-        start = 12
-    else:
-        raise MalformedMessageError(f"unsupported .npy format version {major}.{minor}")
-    if header_len > MAX_NPY_HEADER_BYTES:
-        raise MessageTooLargeError(
-            f".npy header of {header_len} bytes, limit {MAX_NPY_HEADER_BYTES}"
-        )
-    data_start = start + header_len
-    if data_start > view.nbytes:
-        raise MalformedMessageError(".npy header runs past the end of the blob")
-    try:
-        header = bytes(view[start:data_start]).decode("utf-8" if major == 3 else "latin-1")
-    except UnicodeDecodeError:
-        raise MalformedMessageError(".npy header is not valid UTF-8") from None
-    dtype, fortran_order, shape = _parse_npy_header(header)
-    if len(shape) > limits.max_array_ndim:
-        raise MessageTooLargeError(
-            f"array has {len(shape)} dimensions, limit {limits.max_array_ndim}"
-        )
-    count = math.prod(shape)
-    nbytes = count * dtype.itemsize
-    if nbytes > limits.max_array_bytes:
-        raise MessageTooLargeError(f"array has {nbytes} bytes, limit {limits.max_array_bytes}")
-    if nbytes != view.nbytes - data_start:
-        raise MalformedMessageError(
-            f"array data is {view.nbytes - data_start} bytes, shape and dtype say {nbytes}"
-        )
-    flat = np.frombuffer(view, dtype=dtype, count=count, offset=data_start)
-    array = flat.reshape(shape, order="F" if fortran_order else "C")
-    if not dtype.isnative:
-        array = array.astype(dtype.newbyteorder("="))
-    array.flags.writeable = False
-    return array
+    return npy.decode_npy(blob, MalformedMessageError, **_npy_bounds(limits))
 
 
-def _parse_npy_header(header: str) -> tuple[np.dtype[Any], bool, tuple[int, ...]]:
-    """Parse numpy's header dict literal without evaluating anything."""
-    stripped = header.rstrip(" ")
-    if not stripped.endswith("\n"):
-        raise MalformedMessageError(".npy header does not end with a newline")
-    text = stripped[:-1].strip()
-    if not (text.startswith("{") and text.endswith("}")):
-        raise MalformedMessageError(".npy header is not a dict")
-    body = text[1:-1]
-    values: dict[str, str | bool | tuple[int, ...]] = {}
-    pos = 0
-    while True:
-        if not body[pos:].strip():
-            break
-        match = _ITEM_RE.match(body, pos)
-        if match is None:
-            raise MalformedMessageError(".npy header has an unexpected entry")
-        key = match.group("key")
-        if key not in _NPY_KEYS:
-            raise MalformedMessageError(f".npy header has an unknown key {key!r}")
-        if key in values:
-            raise MalformedMessageError(f".npy header repeats {key!r}")
-        values[key] = _item_value(match)
-        pos = match.end()
-        if pos == len(body):
-            break
-        if body[pos] != ",":
-            raise MalformedMessageError(".npy header entries are not comma-separated")
-        pos += 1
-    return _npy_header_values(values)
-
-
-def _npy_header_values(
-    values: dict[str, str | bool | tuple[int, ...]],
-) -> tuple[np.dtype[Any], bool, tuple[int, ...]]:
-    """Check the parsed header entries' presence and types."""
-    if set(values) != _NPY_KEYS:
-        raise MalformedMessageError(".npy header must have exactly descr, fortran_order, shape")
-    descr, fortran_order, shape = values["descr"], values["fortran_order"], values["shape"]
-    if not isinstance(descr, str) or descr not in _DESCRS:
-        raise MalformedMessageError(f".npy dtype {str(descr)[:20]!r} is not allowed")
-    if not isinstance(fortran_order, bool):
-        raise MalformedMessageError(".npy fortran_order is not a bool")
-    if not isinstance(shape, tuple):
-        raise MalformedMessageError(".npy shape is not a tuple")
-    return _DESCRS[descr], fortran_order, shape
-
-
-def _item_value(match: re.Match[str]) -> str | bool | tuple[int, ...]:
-    if match.group("str") is not None:
-        return match.group("str")
-    if match.group("bool") is not None:
-        return match.group("bool") == "True"
-    parts = [part.strip() for part in match.group("tuple").split(",")]
-    if len(parts) == 1 and parts[0] == "":
-        return ()
-    if len(parts) == 1:
-        raise MalformedMessageError(".npy shape (n) is not a tuple; numpy writes (n,)")
-    if parts[-1] == "":
-        parts.pop()
-    if not all(_DIM_RE.fullmatch(part) for part in parts):
-        raise MalformedMessageError(".npy shape has an invalid dimension")
-    return tuple(int(part) for part in parts)
+def _npy_bounds(limits: Limits) -> dict[str, Any]:
+    """The :mod:`compress.npy` keyword arguments for these limits."""
+    return {
+        "over": MessageTooLargeError,
+        "max_bytes": limits.max_array_bytes,
+        "max_ndim": limits.max_array_ndim,
+    }
 
 
 def encode_arrays(
@@ -313,7 +181,7 @@ def decode_arrays(
     """
     if len(index) > limits.max_arrays:
         raise MessageTooLargeError(f"{len(index)} arrays, limit {limits.max_arrays}")
-    view = _byte_view(body)
+    view = npy.byte_view(body, MalformedMessageError)
     if sum(entry.length for entry in index) != view.nbytes:
         raise MalformedMessageError(
             f"array index lengths do not add up to the {view.nbytes}-byte body"
@@ -411,17 +279,6 @@ def arrays_equal(
         if a.astype(native, copy=False).tobytes() != b.astype(native, copy=False).tobytes():
             return False
     return True
-
-
-def _byte_view(data: object) -> memoryview:
-    """View any contiguous buffer as flat bytes, or raise MalformedMessageError."""
-    try:
-        view = memoryview(data)  # type: ignore[arg-type]
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-    except (TypeError, ValueError):
-        raise MalformedMessageError("array data is not a contiguous byte buffer") from None
-    return view
 
 
 def _check_name(name: object, path: str) -> str:

@@ -16,6 +16,11 @@ Workflow:
    :func:`edge_agent.protocol.encode`; the framing, array and message layers all
    read their bounds from it.
 
+The manifest and transfer defaults are ``compress``'s own bounds
+(:data:`compress.signing.MAX_BLOB_BYTES`, :data:`compress.manifest.MAX_PAYLOAD_BYTES`),
+imported rather than copied, so every signed manifest and payload that ``compress``
+produces fits in a ``deploy`` message and its transfer.
+
 Chunks are never larger than :data:`CHUNK_BYTES_CEILING` (128 KiB) so that every
 message passes the message-size limits of common managed brokers; a configuration
 may lower ``max_chunk_bytes`` but never raise it above that ceiling.
@@ -25,6 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from compress.manifest import MAX_PAYLOAD_BYTES
+from compress.npy import NUMPY_MAX_NDIM
+from compress.signing import MAX_BLOB_BYTES
 from edge_agent.errors import ConfigError
 
 __all__ = [
@@ -63,10 +71,15 @@ class Limits:
             object itself is depth 1).
         max_chunk_bytes: One chunk's body; at most :data:`CHUNK_BYTES_CEILING`.
         default_chunk_bytes: Chunk size a sender uses unless told otherwise.
-        max_manifest_bytes: The signed manifest carried in a ``deploy`` body.
-        max_transfer_bytes: A whole chunked transfer (model or weights payload).
+        max_manifest_bytes: The signed manifest carried in a ``deploy`` body;
+            default :data:`compress.signing.MAX_BLOB_BYTES`, the largest signed
+            manifest ``compress`` produces or accepts.
+        max_transfer_bytes: A whole chunked transfer (model or weights payload);
+            default :data:`compress.manifest.MAX_PAYLOAD_BYTES`, the largest model
+            payload a manifest may describe.
         max_arrays: Arrays in one array index (one message or one upload).
-        max_array_bytes: The data of one array (and one ``.npy`` blob).
+        max_array_bytes: The data of one array (and one ``.npy`` blob); also bounds
+            each single dimension, so even a zero-size array stays representable.
         max_array_ndim: Dimensions of one array.
         max_list_items: Items in any list field (chunk indices, tags, records...).
         max_dict_items: Entries in any mapping field (hardware, config, metrics).
@@ -78,8 +91,8 @@ class Limits:
     max_json_depth: int = 16
     max_chunk_bytes: int = CHUNK_BYTES_CEILING
     default_chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_manifest_bytes: int = 64 * KIB
-    max_transfer_bytes: int = 512 * MIB
+    max_manifest_bytes: int = MAX_BLOB_BYTES
+    max_transfer_bytes: int = MAX_PAYLOAD_BYTES
     max_arrays: int = 256
     max_array_bytes: int = 64 * MIB
     max_array_ndim: int = 32
@@ -108,8 +121,10 @@ class Limits:
             )
         if self.default_chunk_bytes > self.max_chunk_bytes:
             raise ConfigError("Limits.default_chunk_bytes must not exceed max_chunk_bytes")
-        if self.max_array_ndim > 64:
-            raise ConfigError("Limits.max_array_ndim must not exceed numpy's 64 dimensions")
+        if self.max_array_ndim > NUMPY_MAX_NDIM:
+            raise ConfigError(
+                f"Limits.max_array_ndim must not exceed numpy's {NUMPY_MAX_NDIM} dimensions"
+            )
         envelope = FRAME_PREFIX_BYTES + self.max_header_bytes
         if envelope + max(self.max_chunk_bytes, self.max_manifest_bytes) > self.max_message_bytes:
             raise ConfigError(

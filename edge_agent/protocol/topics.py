@@ -13,8 +13,21 @@ Everything lives under one versioned root, :data:`ROOT` (``fedge/v1``)::
                                              one round's global weights sent once)
 
 The device id is also the device's MQTT username, so the broker ACL in
-:data:`MOSQUITTO_ACL` confines each device to its own subtree (plus read access to
-the broadcast subtree). Device ids and broadcast names follow one rule: 1-64
+:data:`MOSQUITTO_ACL` confines each device to its own subtree, least privilege: it
+may publish only on its own from-device channels (``status``, ``events``,
+``telemetry``) and subscribe only to its own to-device channels (``cmd``,
+``chunks``) and the broadcast subtree. The ACL lines are generated from
+:attr:`Channel.direction`, so they cannot drift from the tree.
+
+Authenticity: a message header's ``sender`` is self-declared and proves nothing by
+itself. What a receiver can trust is the topic a message arrived on, because the
+broker only lets the MQTT user ``X`` publish on ``fedge/v1/devices/X/...`` (topic ==
+MQTT username) and only the ``coordinator`` user publish on to-device channels and
+broadcasts; :func:`edge_agent.protocol.check_route` then requires ``sender`` to
+match the topic. That is why the ACL must stay this tight: with ``readwrite`` on its
+own subtree a device could publish (even retained) on its own ``cmd`` and ``chunks``
+topics and hand itself forged "coordinator" commands. Signed artifacts are verified
+on top of this, independently of the transport. Device ids and broadcast names follow one rule: 1-64
 characters of ``[A-Za-z0-9_.-]``, starting with a letter or digit; so they never
 contain ``/``, ``+`` or ``#`` and never start with ``.`` (safe as file names too).
 ``coordinator`` is reserved: it is the coordinator's MQTT username and the
@@ -86,19 +99,6 @@ COORDINATOR_SENDER = "coordinator"
 MAX_TOPIC_CHARS = 256
 """Longest topic :func:`parse_topic` looks at (real fedge topics are far shorter)."""
 
-MOSQUITTO_ACL = f"""\
-# fedge broker ACL (mosquitto acl_file). MQTT username == device id.
-# 'pattern' lines apply to every authenticated client; plain 'topic' lines before
-# the first 'user' line would apply to anonymous clients only.
-pattern readwrite {DEVICES_PREFIX}/%u/#
-pattern read {BROADCAST_FILTER}
-
-# The coordinator's account sees and writes the whole tree.
-user {COORDINATOR_SENDER}
-topic readwrite {ROOT}/#
-"""
-"""A mosquitto ``acl_file`` that confines each device to its own subtree."""
-
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -129,6 +129,39 @@ class Channel(StrEnum):
     def retained(self) -> bool:
         """Whether messages on this channel are published with the retain flag."""
         return self is Channel.STATUS
+
+
+def _device_acl_lines() -> str:
+    """One mosquitto ``pattern`` line per channel, from the channel's direction."""
+    return "\n".join(
+        f"pattern {'read' if channel.direction is Direction.TO_DEVICE else 'write'} "
+        f"{DEVICES_PREFIX}/%u/{channel.value}"
+        for channel in Channel
+    )
+
+
+MOSQUITTO_ACL = f"""\
+# fedge broker ACL (mosquitto acl_file). MQTT username == device id.
+# Least privilege: a device may only publish (write) on its own from-device
+# channels and only subscribe (read) to its own to-device channels and the
+# broadcast subtree, so it cannot forge coordinator messages, not even to itself.
+# 'pattern' lines apply to every authenticated client; plain 'topic' lines before
+# the first 'user' line would apply to anonymous clients only.
+{_device_acl_lines()}
+pattern read {BROADCAST_FILTER}
+
+# The coordinator's account sees and writes the whole tree.
+user {COORDINATOR_SENDER}
+topic readwrite {ROOT}/#
+"""
+"""A least-privilege mosquitto ``acl_file``, generated from :class:`Channel`.
+
+Each device (MQTT username == device id) may ``write`` only its own from-device
+channels (``status``, ``events``, ``telemetry``) and ``read`` only its own
+to-device channels (``cmd``, ``chunks``) and :data:`BROADCAST_FILTER`; the
+``coordinator`` account reads and writes all of ``fedge/v1/#``. Run the broker with
+``allow_anonymous false`` and a password file, or none of this holds.
+"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,179 @@
+"""The shipped MOSQUITTO_ACL, enforced by a real mosquitto broker.
+
+Starts ``mosquitto`` on a free loopback port with :data:`MOSQUITTO_ACL` and a
+password file made by ``mosquitto_passwd``, connects paho-mqtt clients as the
+coordinator and as a device, and checks that a device cannot publish on its own
+to-device channels (so it cannot forge "coordinator" messages to itself, retained or
+not) while its from-device channels and the coordinator's commands flow normally.
+
+CI installs mosquitto; when it is missing this test fails (it does not skip).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_agent.protocol import MOSQUITTO_ACL, Channel, agent_subscriptions, device_topic
+
+DEVICE = "pi-7"
+OTHER = "pi-8"
+PASSWORDS = {"coordinator": "coordinator-secret", DEVICE: "device-secret", OTHER: "other-secret"}
+TIMEOUT = 3.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if path is None:
+        pytest.fail(f"{name} is not installed (apt-get install mosquitto mosquitto-clients)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[int]:
+    """A mosquitto broker with the shipped ACL; yields its port, stops it afterwards."""
+    mosquitto, mosquitto_passwd = _tool("mosquitto"), _tool("mosquitto_passwd")
+    passwords = tmp_path / "passwd"
+    for user, password in PASSWORDS.items():
+        create = ["-c"] if not passwords.exists() else []
+        subprocess.run(
+            [mosquitto_passwd, *create, "-b", str(passwords), user, password],
+            check=True,
+            capture_output=True,
+        )
+    passwords.chmod(0o600)
+    acl = tmp_path / "acl"
+    acl.write_text(MOSQUITTO_ACL)
+    port = _free_port()
+    # As root, mosquitto would switch to the 'mosquitto' user, who cannot read tmp_path.
+    run_as = "user root\n" if os.geteuid() == 0 else ""
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous false\n"
+        f"password_file {passwords}\n"
+        f"acl_file {acl}\n"
+        f"persistence false\n{run_as}"
+    )
+    log = tmp_path / "mosquitto.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [mosquitto, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mosquitto exited with {process.returncode}: {log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mosquitto did not listen on {port}: {log.read_text()}")
+                time.sleep(0.02)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Client:
+    """A connected paho-mqtt 2 client that queues what it receives."""
+
+    def __init__(self, port: int, user: str, client_id: str | None = None) -> None:
+        self.received: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self._acks: queue.Queue[Any] = queue.Queue()
+        self.mqtt = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or user,
+            protocol=mqtt.MQTTv311,
+        )
+        self.mqtt.username_pw_set(user, PASSWORDS[user])
+        self.mqtt.on_connect = lambda _c, _u, _f, reason, _p: self._acks.put(reason)
+        self.mqtt.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._acks.put(reasons)
+        self.mqtt.on_message = lambda _c, _u, msg: self.received.put(
+            (msg.topic, msg.payload, msg.retain)
+        )
+        self.mqtt.connect("127.0.0.1", port)
+        self.mqtt.loop_start()
+        reason = self._acks.get(timeout=TIMEOUT)
+        assert not reason.is_failure, f"{user} could not connect: {reason}"
+
+    def subscribe(self, *filters: str) -> list[bool]:
+        """Subscribe at QoS 1; return, per filter, whether the broker granted it."""
+        self.mqtt.subscribe([(topic, 1) for topic in filters])
+        return [not reason.is_failure for reason in self._acks.get(timeout=TIMEOUT)]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.mqtt.publish(topic, payload, qos=1, retain=retain).wait_for_publish(TIMEOUT)
+
+    def next_message(self) -> tuple[str, bytes, bool]:
+        return self.received.get(timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
+
+
+@pytest.fixture
+def clients(broker: int) -> Iterator[dict[str, Client]]:
+    opened: dict[str, Client] = {}
+    try:
+        opened["coordinator"] = Client(broker, "coordinator")
+        opened[DEVICE] = Client(broker, DEVICE)
+        opened["probe"] = Client(broker, "coordinator", client_id="coordinator-probe")
+        yield opened
+    finally:
+        for client in opened.values():
+            client.close()
+
+
+def test_device_cannot_publish_to_its_own_to_device_channels(clients: dict[str, Client]) -> None:
+    coordinator, device, probe = clients["coordinator"], clients[DEVICE], clients["probe"]
+    cmd, chunks = device_topic(DEVICE, Channel.CMD), device_topic(DEVICE, Channel.CHUNKS)
+    events = device_topic(DEVICE, Channel.EVENTS)
+    assert coordinator.subscribe("fedge/v1/#") == [True]
+    assert device.subscribe(*agent_subscriptions(DEVICE)) == [True, True, True]
+    # mosquitto acknowledges this subscription but never delivers on it (see below).
+    device.subscribe(device_topic(OTHER, Channel.CMD))
+
+    # Forgeries first (QoS 1, so the broker has handled each before the next is sent),
+    # then a legitimate event. Messages from one client arrive in order, so once the
+    # event is in, any forgery that got through would have arrived before it.
+    device.publish(cmd, b"forged command", retain=True)
+    device.publish(chunks, b"forged chunk", retain=True)
+    device.publish(device_topic(OTHER, Channel.EVENTS), b"posing as another device")
+    device.publish(events, b"genuine event")
+    assert coordinator.next_message() == (events, b"genuine event", False)
+    assert coordinator.received.empty()
+
+    # Nothing was retained on cmd: a fresh subscriber gets only the coordinator's marker.
+    assert probe.subscribe(cmd) == [True]
+    coordinator.publish(device_topic(OTHER, Channel.CMD), b"for the other device")
+    coordinator.publish(cmd, b"real command")
+    assert probe.next_message() == (cmd, b"real command", False)
+    # The device got its coordinator command: not its own forgery, not the other's.
+    assert device.next_message() == (cmd, b"real command", False)
+    assert device.received.empty()
