@@ -171,14 +171,11 @@ def save_keypair(key: SigningKey, directory: Path, *, overwrite: bool = False) -
     return private_path, public_path
 
 
-def load_signing_key(path: Path) -> SigningKey:
-    """Load a private signing key; warns in the log if others can read the file.
+def _read_key_file(path: Path) -> bytes:
+    return read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
 
-    Raises:
-        KeyFileError: missing, unreadable, or not an Ed25519 private key.
-    """
-    path = Path(path)
-    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
+
+def _signing_key_from(path: Path, data: bytes) -> SigningKey:
     try:
         key = SigningKey.from_pem(data)
     except KeyFileError as exc:
@@ -189,17 +186,21 @@ def load_signing_key(path: Path) -> SigningKey:
     return key
 
 
-def load_any_key(path: Path) -> PublicKey:
-    """The public key of a key file that holds either a public or a private key.
+def _public_key_from(path: Path, data: bytes) -> PublicKey:
+    try:
+        return PublicKey.from_pem(data)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path}: {exc}") from exc
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """Load a private signing key; warns in the log if others can read the file.
 
     Raises:
-        KeyFileError: missing or unreadable, or neither kind of Ed25519 key.
+        KeyFileError: missing, unreadable, or not an Ed25519 private key.
     """
     path = Path(path)
-    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
-    if b"PRIVATE KEY-----" in data:
-        return load_signing_key(path).public_key
-    return load_public_key(path)
+    return _signing_key_from(path, _read_key_file(path))
 
 
 def load_public_key(path: Path) -> PublicKey:
@@ -209,8 +210,17 @@ def load_public_key(path: Path) -> PublicKey:
         KeyFileError: missing, unreadable, or not an Ed25519 public key.
     """
     path = Path(path)
-    data = read_bounded(path, max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError, what="key file")
-    try:
-        return PublicKey.from_pem(data)
-    except KeyFileError as exc:
-        raise KeyFileError(f"{path}: {exc}") from exc
+    return _public_key_from(path, _read_key_file(path))
+
+
+def load_any_key(path: Path) -> PublicKey:
+    """The public key of a key file that holds either a public or a private key.
+
+    Raises:
+        KeyFileError: missing or unreadable, or neither kind of Ed25519 key.
+    """
+    path = Path(path)
+    data = _read_key_file(path)
+    if b"PRIVATE KEY-----" in data:
+        return _signing_key_from(path, data).public_key
+    return _public_key_from(path, data)
