@@ -200,14 +200,15 @@ def _fitting_manifest(fields: dict[str, Any], checks: Iterator[HealthCheck]) -> 
     return manifest
 
 
-def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
-    """Quantize, evaluate, sign and write an artifact. See the module docstring.
+def _check_request(request: PackageRequest, now: datetime) -> tuple[str, datetime]:
+    """Refuse a request that cannot succeed before any slow work starts.
+
+    Returns:
+        The model format and the manifest's expiry time.
 
     Raises:
-        PackagingError: unreadable model or data, or a model fedge cannot package.
-        AccuracyDropError: int8 lost more than ``max_accuracy_drop`` points.
-        CompressError: quantization or signing failed (its own typed subclass).
-        edge_agent.errors.ModelRuntimeError: onnxruntime cannot load or run the model.
+        PackagingError: unknown model type, TFLite with int8, no keys, bad name or
+            version, a non-finite accuracy bound, or an expiry past year 9999.
     """
     model_format = MODEL_FORMATS.get(request.model_path.suffix.lower())
     if model_format is None:
@@ -228,6 +229,25 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         )
     if request.version < 1:
         raise PackagingError(f"version must be a positive integer, got {request.version}")
+    if not math.isfinite(request.max_accuracy_drop):
+        raise PackagingError("--max-accuracy-drop must be a finite number")
+    try:
+        expires = now + request.expires_in
+    except OverflowError as exc:
+        raise PackagingError(f"expiry {request.expires_in} after now is past year 9999") from exc
+    return model_format, expires
+
+
+def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
+    """Quantize, evaluate, sign and write an artifact. See the module docstring.
+
+    Raises:
+        PackagingError: unreadable model or data, or a model fedge cannot package.
+        AccuracyDropError: int8 lost more than ``max_accuracy_drop`` points.
+        CompressError: quantization or signing failed (its own typed subclass).
+        edge_agent.errors.ModelRuntimeError: onnxruntime cannot load or run the model.
+    """
+    model_format, expires = _check_request(request, now)
     fp32_model = read_bounded(
         request.model_path, max_bytes=MAX_PAYLOAD_BYTES, error=PackagingError, what="model file"
     )
@@ -256,12 +276,6 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
     metadata["fp32_bytes"] = str(len(fp32_model))
     if packaged_acc is not None:
         metadata["accuracy"] = f"{packaged_acc:.6f}"
-    if not math.isfinite(request.max_accuracy_drop):
-        raise PackagingError("--max-accuracy-drop must be a finite number")
-    try:
-        expires = now + request.expires_in
-    except OverflowError as exc:
-        raise PackagingError(f"expiry {request.expires_in} after now is past year 9999") from exc
     fields = {
         "name": request.name,
         "version": request.version,
