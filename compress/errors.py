@@ -10,14 +10,16 @@ The tree::
     CompressError
     ├── KeyFileError                key files: missing, unreadable, wrong type, exists
     ├── ManifestError               manifest bytes are not a valid, canonical manifest
+    │   └── KeySetError                 a key set (or its file) is malformed or unusable
     ├── ArtifactError               anything wrong with an artifact or its trust
     │   ├── NotAnArtifactError      not a fedge artifact at all (magic, header, truncation)
     │   ├── SignatureError          signatures do not establish trust
     │   │   ├── BadSignatureError       a trusted key's signature does not verify
     │   │   ├── UnknownKeyError         no signature by any trusted key
     │   │   └── ThresholdError          valid, but fewer than the threshold
-    │   ├── ExpiredError            the manifest's expiry is in the past
-    │   ├── RollbackError           version not strictly above the highest installed
+    │   ├── ExpiredError            the manifest's (or key set's) expiry is in the past
+    │   ├── RollbackError           version not strictly above the highest installed,
+    │   │                           or a key set that is not the next version
     │   ├── PayloadError            the payload does not match the manifest
     │   │   ├── PayloadLengthError      too short, too long, or trailing bytes
     │   │   └── PayloadHashError        sha256 mismatch
@@ -25,6 +27,10 @@ The tree::
     ├── FamilyError                 weights do not form a built-in model family
     ├── ExportError                 a model could not be exported
     └── QuantizationError           a model could not be quantized
+
+Key sets (:mod:`compress.keyset`) are signed documents too: their rotation reuses the
+trust errors (``SignatureError`` and its subclasses, ``ExpiredError``, ``RollbackError``)
+and only malformed key-set documents have a class of their own.
 
 Each class carries a short, stable ``code`` (``"bad_signature"``, ``"expired"`` ...)
 that travels in protocol messages and JSON output; the message text is for humans.
@@ -51,6 +57,15 @@ class ManifestError(CompressError):
     code = "malformed_manifest"
 
 
+class KeySetError(ManifestError):
+    """Key-set bytes are malformed or non-canonical, or a key-set file is unusable.
+
+    Also raised when a key set that is not version 1 is offered as an initial one.
+    """
+
+    code = "bad_keyset"
+
+
 class ArtifactError(CompressError):
     """Base class for problems with an artifact or with trusting it."""
 
@@ -64,13 +79,13 @@ class NotAnArtifactError(ArtifactError):
 
 
 class SignatureError(ArtifactError):
-    """The manifest's signatures do not establish trust."""
+    """The signatures of a manifest (or key set) do not establish trust."""
 
     code = "signature_error"
 
 
 class BadSignatureError(SignatureError):
-    """A signature claims a trusted key id but does not verify over the manifest."""
+    """A signature claims a trusted key id but does not verify over the document."""
 
     code = "bad_signature"
 
@@ -88,13 +103,17 @@ class ThresholdError(SignatureError):
 
 
 class ExpiredError(ArtifactError):
-    """The manifest's ``expires`` time is not after the current time."""
+    """The manifest's (or key set's) ``expires`` time is not after the current time."""
 
     code = "expired"
 
 
 class RollbackError(ArtifactError):
-    """The manifest's version is not strictly above the highest version installed."""
+    """A version is not strictly above the highest installed, or not the next key set.
+
+    Manifests: the version must exceed the highest ever installed for the model name.
+    Key sets: a rotation must be exactly one version above the trusted key set.
+    """
 
     code = "rollback"
 

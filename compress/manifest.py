@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.errors import ManifestError
-from compress.strictjson import FieldReader, JsonObject, canonical_bytes, loads_strict
+from compress.strictjson import FieldReader, JsonObject, decode_canonical, encode_canonical
 
 SCHEMA_VERSION = 1
 #: A signed manifest travels in one deploy message (``edge_agent.protocol.Limits``
@@ -307,10 +307,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """The canonical encoding: the bytes that are signed."""
-        try:
-            return canonical_bytes(self.to_dict())
-        except (TypeError, ValueError) as exc:
-            raise ManifestError(f"manifest cannot be encoded: {exc}") from exc
+        return encode_canonical(self.to_dict(), ManifestError, what="manifest")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
@@ -319,13 +316,14 @@ class Manifest:
         Raises:
             ManifestError: too large, not JSON, schema violations, or not canonical.
         """
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"manifest is {len(data)} bytes, max is {MAX_MANIFEST_BYTES}")
-        obj = loads_strict(data, ManifestError, what="manifest")
-        manifest = cls.from_dict(obj)
-        if manifest.to_bytes() != data:
-            raise ManifestError("manifest is not in canonical form")
-        return manifest
+        return decode_canonical(
+            data,
+            ManifestError,
+            what="manifest",
+            max_bytes=MAX_MANIFEST_BYTES,
+            build=cls.from_dict,
+            encode=Manifest.to_bytes,
+        )
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Manifest:

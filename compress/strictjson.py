@@ -5,7 +5,9 @@ Manifests and signature lists (this package) and protocol message headers
 through here so there is one definition of "strict":
 
 * :func:`canonical_bytes` is the one byte encoding that is signed: keys sorted, no
-  whitespace, UTF-8, no NaN or infinity.
+  whitespace, UTF-8, no NaN or infinity. :func:`encode_canonical` and
+  :func:`decode_canonical` apply it to documents (manifests, key sets, signature
+  lists): decoding refuses every other spelling of the same content.
 * :func:`loads_strict` parses bytes and rejects invalid UTF-8, duplicate keys, NaN and
   infinity constants, nesting deeper than a bound, and a top level that is not an
   object. Callers check sizes *before* calling it.
@@ -48,6 +50,46 @@ def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return text.encode("utf-8")
+
+
+def encode_canonical(obj: Mapping[str, Any], error: type[Exception], *, what: str) -> bytes:
+    """:func:`canonical_bytes`, with anything JSON cannot hold raised as ``error``.
+
+    Raises:
+        error: the object holds NaN, infinity, or a value JSON cannot represent.
+    """
+    try:
+        return canonical_bytes(obj)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{what} cannot be encoded: {exc}") from exc
+
+
+def decode_canonical(
+    data: bytes,
+    error: type[Exception],
+    *,
+    what: str,
+    max_bytes: int,
+    build: Callable[[JsonObject], T],
+    encode: Callable[[T], bytes],
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> T:
+    """Decode a document that has exactly one byte encoding, and refuse any other.
+
+    The size is checked first, then :func:`loads_strict` parses the bytes, ``build``
+    turns the object into a value (validating it), and ``encode`` of that value must
+    give back ``data`` byte for byte: so a signed document has one identity.
+
+    Raises:
+        error: too large, not strict JSON, or not in canonical form; and whatever
+            ``build`` raises.
+    """
+    if len(data) > max_bytes:
+        raise error(f"{what} is {len(data)} bytes, max is {max_bytes}")
+    value = build(loads_strict(data, error, what=what, max_depth=max_depth))
+    if encode(value) != data:
+        raise error(f"{what} is not in canonical form")
+    return value
 
 
 _MAX_INT_DIGITS = 40
