@@ -56,6 +56,7 @@ import itertools
 import math
 import re
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -216,7 +217,7 @@ def _no_body(body: bytes, type_name: str) -> None:
 # -------------------------------------------------------------------------- messages
 
 
-class Message:
+class Message(ABC):
     """Base class of every message type.
 
     Subclasses are frozen, keyword-only dataclasses with these class attributes:
@@ -231,6 +232,7 @@ class Message:
     CHANNELS: ClassVar[frozenset[Channel]]
     BROADCAST: ClassVar[bool] = False
 
+    @abstractmethod
     def _to_wire(self, limits: Limits) -> tuple[dict[str, Any], bytes]:
         """Give the header ``data`` object and the body.
 
@@ -240,9 +242,9 @@ class Message:
         Returns:
             ``(data, body)``.
         """
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         """Build the message from a checked header ``data`` object and the body.
 
@@ -257,7 +259,6 @@ class Message:
         Raises:
             ProtocolError: A field is missing, malformed or over a limit.
         """
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
