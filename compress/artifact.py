@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from compress.errors import ArtifactError, NotAnArtifactError
-from compress.fileio import atomic_write
+from compress.fileio import atomic_write, open_regular
 from compress.manifest import Manifest
 from compress.signing import MAX_BLOB_BYTES, SignedManifest, TrustedKeys
 from compress.trust import DeviceProfile, PayloadVerifier, verify_manifest
@@ -122,14 +122,8 @@ def read_payload(stream: BinaryIO, manifest: Manifest) -> bytes:
 
 
 def _open(path: Path) -> BinaryIO:
-    try:
-        return Path(path).open("rb")
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise ArtifactError(f"{path}: is a directory") from exc
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    stream, _ = open_regular(path, error=ArtifactError, what="file")
+    return stream
 
 
 def read_artifact_unverified(path: Path) -> tuple[SignedManifest, bytes]:

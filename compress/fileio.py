@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy.typing as npt
 
@@ -81,15 +81,14 @@ def _fsync_directory(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: str) -> bytes:
-    """Read a whole regular file that must not be larger than ``max_bytes``.
+def open_regular(path: Path, *, error: type[Exception], what: str) -> tuple[BinaryIO, int]:
+    """Open a regular file for reading; return the stream and the file's size.
 
-    Devices, pipes and ``/proc`` files are refused before they are opened (their size
-    says nothing and reading them may never end); the read itself stops one byte past
-    the limit, so a file that grows after the check is refused too.
+    Devices, pipes and ``/proc`` files are refused before they are opened: their size
+    says nothing, opening a pipe blocks, and reading them may never end.
 
     Raises:
-        error: the file is missing, not a regular file, unreadable, or too large; the
+        error: the file is missing, a directory, not a regular file, or unreadable; the
             message starts with the path and names ``what`` the file was meant to be.
     """
     path = Path(path)
@@ -99,14 +98,30 @@ def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: st
             raise error(f"{path}: is a directory, not a {what}")
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{path}: not a regular file, cannot be a {what}")
-        if info.st_size > max_bytes:
-            raise error(f"{path}: {info.st_size} bytes is too large for a {what} (max {max_bytes})")
-        with path.open("rb") as stream:
-            data = stream.read(max_bytes + 1)
+        return path.open("rb"), info.st_size
     except FileNotFoundError as exc:
         raise error(f"{path}: no such {what}") from exc
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+
+
+def read_bounded(path: Path, *, max_bytes: int, error: type[Exception], what: str) -> bytes:
+    """Read a whole regular file (see :func:`open_regular`) of at most ``max_bytes``.
+
+    The read stops one byte past the limit, so a file that grows after the size
+    check is refused too.
+
+    Raises:
+        error: as :func:`open_regular`, or the file is too large.
+    """
+    stream, size = open_regular(path, error=error, what=what)
+    with stream:
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes is too large for a {what} (max {max_bytes})")
+        try:
+            data = stream.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
         raise error(f"{path}: too large for a {what} (max {max_bytes} bytes)")
     return data

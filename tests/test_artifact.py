@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -209,3 +210,10 @@ def test_container_starts_with_magic(artifact_file: ArtifactFactory) -> None:
 def test_naive_clock_is_a_caller_bug(signed: SignedManifest, trusted: TrustedKeys) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         verify_manifest(signed, trusted, now=NOW.replace(tzinfo=None))
+
+
+def test_a_pipe_is_refused_without_opening_it(tmp_path: Path, trusted: TrustedKeys) -> None:
+    fifo = tmp_path / "pipe.fedge"
+    os.mkfifo(fifo)
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        load_artifact(fifo, trusted, now=NOW)
