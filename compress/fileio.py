@@ -64,10 +64,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Flush a directory entry (the rename) to disk; a no-op where unsupported."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY)

@@ -15,7 +15,14 @@ The tree::
     │   ├── UnknownMessageTypeError     the type is not one this side understands
     │   ├── UnsupportedVersionError     a schema version newer than this side speaks
     │   └── TopicError                  a topic outside the tree, or a bad device id
-    └── ModelRuntimeError           a model could not be loaded or run
+    ├── ModelRuntimeError           a model could not be loaded or run
+    │   └── NoModelError                no model is installed to serve predictions
+    ├── BrokerError                 the MQTT broker refused us or cannot be reached
+    ├── StateError                  the agent's files on disk are unusable
+    └── InstallError                an update could not be installed (the old model
+        │                           keeps serving)
+        ├── TransferError               a transfer's chunks or totals do not add up
+        └── HealthCheckError            the new model failed its health check
 
 Each class carries a short, stable ``code`` that travels in error messages.
 """
@@ -75,3 +82,39 @@ class ModelRuntimeError(AgentError):
     """A model could not be loaded or run by an inference runtime."""
 
     code = "runtime_error"
+
+
+class NoModelError(ModelRuntimeError):
+    """A prediction was asked for while no model is installed."""
+
+    code = "no_model"
+
+
+class BrokerError(AgentError):
+    """The MQTT broker refused the connection or cannot be reached."""
+
+    code = "broker_error"
+
+
+class StateError(AgentError):
+    """The agent's state on disk (data directory, slots, staging) is unusable."""
+
+    code = "state_error"
+
+
+class InstallError(AgentError):
+    """An update could not be installed; the previous model keeps serving."""
+
+    code = "install_failed"
+
+
+class TransferError(InstallError):
+    """A transfer does not match its deploy command or manifest, or cannot be stored."""
+
+    code = "transfer_error"
+
+
+class HealthCheckError(InstallError):
+    """The new model's outputs on the reference inputs, or its latency, are off."""
+
+    code = "health_check_failed"

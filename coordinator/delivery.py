@@ -1,0 +1,530 @@
+"""The operator side of over-the-air delivery: one object the CLI (and later the
+long-running service) drives.
+
+:class:`Coordinator` holds one MQTT connection as the ``coordinator`` user and
+keeps a :class:`~coordinator.fleet.Fleet` from the agents' retained status
+messages. Workflow::
+
+    with Coordinator(CoordinatorConfig(broker)) as coordinator:   # connects, syncs fleet
+        records = coordinator.fleet()
+        run = coordinator.deploy(Artifact.load(path), Target.parse("tag:camera"))
+        result = coordinator.wait(run, timeout=120, on_change=redraw)
+
+Delivering one artifact:
+
+1. ``deploy`` resolves the target against the fleet and sends one ``deploy``
+   command (the signed manifest plus the transfer's sizes) to every targeted
+   online device; offline ones are tracked as offline and get the command again
+   when their status says they are back.
+2. Each agent checks the manifest and answers ``accepted`` or ``rejected`` (with
+   the reason) before anything is downloaded. Once every device answered (or
+   ``accept_wait_s`` passed), the payload goes out once: as broadcast chunks on
+   ``fedge/v1/broadcast/<transfer_id>`` when two or more devices accepted, on the
+   device's own ``chunks`` topic when one did.
+3. Whatever a device missed (broker restart, agent restart, a late accept) it asks
+   for with ``chunk_request``; those chunks are sent to that device alone.
+4. ``install_status`` reports move the device through the
+   :class:`~coordinator.deployment.DeploymentTracker`; ``wait`` returns when every
+   device has an outcome or the timeout expires.
+
+Only the ``coordinator`` MQTT user may publish commands and chunks (the broker ACL);
+agents check the manifest's signatures themselves, so the coordinator needs no
+signing key to deliver an artifact. Incoming messages are decoded strictly; what
+fails is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from compress.artifact import read_artifact_unverified
+from compress.manifest import Manifest
+from compress.signing import SignedManifest
+from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
+from coordinator.errors import CoordinatorError, TargetError
+from coordinator.fleet import DeviceRecord, Fleet, Target
+from edge_agent.config import BrokerConfig
+from edge_agent.errors import ProtocolError
+from edge_agent.mqtt import MqttLink
+from edge_agent.protocol import (
+    COORDINATOR_SENDER,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_LIMITS,
+    ROOT,
+    Channel,
+    Chunk,
+    ChunkRequest,
+    Deploy,
+    DeviceTopic,
+    Envelope,
+    InstallState,
+    InstallStatus,
+    Limits,
+    Message,
+    Rollback,
+    Status,
+    broadcast_topic,
+    check_route,
+    chunk_count,
+    coordinator_subscriptions,
+    decode,
+    device_topic,
+    encode,
+    new_message_id,
+    parse_topic,
+    sha256_hex,
+)
+
+__all__ = ["Artifact", "Coordinator", "CoordinatorConfig", "Delivery"]
+
+logger = logging.getLogger(__name__)
+
+SYNC_PREFIX = f"{ROOT}/coordinator/sync"
+PUBLISH_WINDOW = 64
+"""Chunks published before waiting for the broker's acknowledgements (paces big pushes)."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How the coordinator connects and delivers.
+
+    Attributes:
+        broker: The fleet's broker; the username should be ``coordinator``.
+        chunk_size: Bytes per chunk (at most the protocol's 128 KiB ceiling).
+        accept_wait_s: How long to wait for every device's accept/reject before the
+            payload is pushed anyway (late devices pull what they missed).
+        sync_timeout_s: How long to wait for the retained statuses after connecting.
+        limits: Protocol limits.
+    """
+
+    broker: BrokerConfig
+    chunk_size: int = DEFAULT_CHUNK_BYTES
+    accept_wait_s: float = 3.0
+    sync_timeout_s: float = 5.0
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        """Check the values.
+
+        Raises:
+            CoordinatorError: a chunk size outside 1..limits.max_chunk_bytes, or
+                non-positive timeouts.
+        """
+        if not 1 <= self.chunk_size <= self.limits.max_chunk_bytes:
+            raise CoordinatorError(
+                f"chunk size must be 1..{self.limits.max_chunk_bytes} bytes, got {self.chunk_size}"
+            )
+        if self.accept_wait_s <= 0 or self.sync_timeout_s <= 0:
+            raise CoordinatorError("timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A signed artifact as sent: the signed manifest blob and the payload.
+
+    The coordinator does not need to trust it (agents decide); :attr:`payload_matches`
+    tells whether the payload is the one the manifest describes.
+    """
+
+    signed: SignedManifest
+    payload: bytes
+    transfer_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Hash the payload once (it names the transfer)."""
+        object.__setattr__(self, "transfer_id", sha256_hex(self.payload))
+
+    @classmethod
+    def load(cls, path: Path) -> Artifact:
+        """Read an artifact file (container and manifest checked, signatures not).
+
+        Raises:
+            CompressError: not a readable fedge artifact.
+        """
+        signed, payload = read_artifact_unverified(path)
+        return cls(signed, payload)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The (unverified) manifest."""
+        return self.signed.manifest
+
+    @property
+    def payload_matches(self) -> bool:
+        """Whether the payload's length and sha256 are the manifest's."""
+        manifest = self.manifest
+        return manifest.length == len(self.payload) and manifest.sha256 == self.transfer_id
+
+
+@dataclass
+class Delivery:
+    """One deployment (or rollback) in flight: its tracker and what to resend."""
+
+    tracker: DeploymentTracker
+    command: Message
+    artifact: Artifact | None
+    msg_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def deployment_id(self) -> str:
+        """The id devices report progress under."""
+        return self.tracker.deployment_id
+
+
+class Coordinator:
+    """Fleet view, deployments and rollbacks over one MQTT connection (thread-safe)."""
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time):
+        """Prepare (nothing connects until :meth:`start`)."""
+        self.config = config
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._fleet = Fleet()
+        self._deliveries: dict[str, Delivery] = {}
+        self._transfers: dict[str, Artifact] = {}
+        self._sync_topic = f"{SYNC_PREFIX}/{uuid.uuid4().hex}"
+        self._synced = threading.Event()
+        self._dropped = 0
+        self._link = MqttLink(
+            config.broker,
+            client_id=f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
+            subscriptions=(*coordinator_subscriptions(), self._sync_topic),
+            on_message=self._on_message,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and load the fleet's retained statuses.
+
+        Raises:
+            BrokerError: no connection within ``timeout`` seconds.
+        """
+        self._link.connect(timeout)
+        self.sync_fleet()
+
+    def stop(self) -> None:
+        """Disconnect (idempotent)."""
+        self._link.stop()
+
+    def __enter__(self) -> Self:
+        """Start; see :meth:`start`."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        """Stop."""
+        self.stop()
+
+    def sync_fleet(self) -> None:
+        """Wait until the retained statuses delivered on subscribing have arrived.
+
+        The broker sends retained messages right after the subscription; a message
+        this client publishes to its own sync topic afterwards arrives after them.
+        """
+        self._synced.clear()
+        self._link.publish(self._sync_topic, b"sync")
+        if not self._synced.wait(self.config.sync_timeout_s):
+            logger.warning("fleet sync timed out; the device list may be incomplete")
+
+    @property
+    def dropped_messages(self) -> int:
+        """Messages received and dropped as malformed or misrouted."""
+        return self._dropped
+
+    # ---------------------------------------------------------------------- fleet
+
+    def fleet(self) -> list[DeviceRecord]:
+        """Every device seen, sorted by id."""
+        with self._cond:
+            return self._fleet.records()
+
+    # ------------------------------------------------------------------- deploys
+
+    def deploy(
+        self, artifact: Artifact, target: Target, *, deployment_id: str | None = None
+    ) -> Delivery:
+        """Send an artifact to the targeted devices (see the module docstring).
+
+        Returns:
+            The delivery; pass it to :meth:`wait`.
+
+        Raises:
+            TargetError: no device matches the target.
+        """
+        manifest = artifact.manifest
+        deployment_id = deployment_id or _new_id(f"{manifest.name}-v{manifest.version}")
+        size, chunk_size = len(artifact.payload), self.config.chunk_size
+        command = Deploy(
+            deployment_id=deployment_id,
+            transfer_id=artifact.transfer_id,
+            total_size=size,
+            chunk_size=chunk_size,
+            chunk_count=chunk_count(size, chunk_size),
+            manifest=artifact.signed.to_bytes(),
+        )
+        delivery = self._begin(target, command, artifact, manifest.name, manifest.version)
+        self._await_answers(delivery)
+        self._push(delivery)
+        return delivery
+
+    def rollback(self, target: Target, model: str, *, reason: str = "") -> Delivery:
+        """Ask the targeted devices to go back to their previous good model.
+
+        Raises:
+            TargetError: no device matches the target.
+        """
+        command = Rollback(model=model, reason=reason or "requested by the operator")
+        return self._begin(target, command, None, model, 0, deployment_id=_new_id("rollback"))
+
+    def _begin(
+        self,
+        target: Target,
+        command: Message,
+        artifact: Artifact | None,
+        model: str,
+        version: int,
+        *,
+        deployment_id: str | None = None,
+    ) -> Delivery:
+        with self._cond:
+            records = target.select(self._fleet.records())
+            if not records:
+                raise TargetError(f"no device matches {target.describe()}")
+            online = [r.device_id for r in records if r.online]
+            offline = [r.device_id for r in records if not r.online]
+            tracker = DeploymentTracker(
+                deployment_id=deployment_id or str(getattr(command, "deployment_id", "")),
+                model=model,
+                version=version,
+                online=online,
+                offline=offline,
+                now=self._clock(),
+            )
+            delivery = Delivery(tracker, command, artifact)
+            self._deliveries[tracker.deployment_id] = delivery
+            if artifact is not None:
+                self._transfers[artifact.transfer_id] = artifact
+        logger.info(
+            "%s %s to %d device(s) (%d offline)",
+            command.TYPE, tracker.deployment_id, len(online), len(offline),
+        )  # fmt: skip
+        for device_id in online:
+            self._send_command(delivery, device_id)
+        return delivery
+
+    def _send_command(self, delivery: Delivery, device_id: str) -> None:
+        msg_id = new_message_id()
+        if isinstance(delivery.command, Rollback):
+            # The agent reports a rollback under "rollback-<command id>".
+            delivery.msg_ids[f"rollback-{msg_id}"] = device_id
+        payload = encode(
+            delivery.command,
+            sender=COORDINATOR_SENDER,
+            sent_at=self._clock(),
+            msg_id=msg_id,
+            limits=self.config.limits,
+        )
+        if not self._link.publish(device_topic(device_id, Channel.CMD), payload):
+            logger.warning(
+                "could not send %s to %s (disconnected)", delivery.command.TYPE, device_id
+            )
+
+    def _await_answers(self, delivery: Delivery) -> None:
+        deadline = time.monotonic() + self.config.accept_wait_s
+        with self._cond:
+            while any(p.state is DeviceState.PENDING for p in delivery.tracker.progress()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+
+    def _push(self, delivery: Delivery) -> None:
+        artifact = delivery.artifact
+        assert artifact is not None
+        with self._cond:
+            takers = [
+                p.device_id
+                for p in delivery.tracker.progress()
+                if p.state in (DeviceState.ACCEPTED, DeviceState.DOWNLOADING)
+            ]
+        if not takers:
+            return
+        topic = (
+            broadcast_topic(artifact.transfer_id)
+            if len(takers) > 1
+            else device_topic(takers[0], Channel.CHUNKS)
+        )
+        logger.info("pushing %d bytes to %d device(s) on %s", len(artifact.payload),
+                    len(takers), topic)  # fmt: skip
+        self._send_chunks(artifact, range(chunk_count(len(artifact.payload),
+                                                      self.config.chunk_size)), topic)  # fmt: skip
+
+    def _send_chunks(self, artifact: Artifact, indices: Iterable[int], topic: str) -> None:
+        pending = []
+        for index in indices:
+            chunk = Chunk.from_payload(
+                artifact.payload, index, chunk_size=self.config.chunk_size,
+                transfer_id=artifact.transfer_id,
+            )  # fmt: skip
+            payload = encode(chunk, sender=COORDINATOR_SENDER, sent_at=self._clock(),
+                             limits=self.config.limits)  # fmt: skip
+            info = self._link.publish_info(topic, payload)
+            if info is None:
+                logger.warning("disconnected while sending chunks; devices will ask again")
+                return
+            pending.append(info)
+            if len(pending) >= PUBLISH_WINDOW and not self._link.on_network_thread():
+                pending.pop(0).wait_for_publish(30)
+
+    def wait(
+        self,
+        delivery: Delivery,
+        *,
+        timeout: float,
+        on_change: Callable[[DeploymentTracker], None] | None = None,
+    ) -> DeployResult:
+        """Wait until every targeted device has an outcome, or the timeout.
+
+        Devices still in progress at the timeout become ``timed_out``. The delivery
+        is forgotten afterwards (late chunk requests for it are ignored).
+
+        Args:
+            delivery: From :meth:`deploy` or :meth:`rollback`.
+            timeout: Seconds to wait.
+            on_change: Called (under the coordinator's lock; keep it quick) with the
+                tracker whenever a device's progress changed, and once at the start.
+
+        Returns:
+            The outcome per device.
+        """
+        deadline = time.monotonic() + timeout
+        tracker = delivery.tracker
+        with self._cond:
+            seen = -1
+            while True:
+                version = self._change_count
+                if on_change is not None and version != seen:
+                    on_change(tracker)
+                seen = version
+                if tracker.settled or time.monotonic() >= deadline:
+                    break
+                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            tracker.expire(self._clock(), self._clock())
+            if on_change is not None:
+                on_change(tracker)
+            self.forget(delivery)
+            return tracker.result()
+
+    def forget(self, delivery: Delivery) -> None:
+        """Stop tracking a delivery and serving its chunks."""
+        with self._cond:
+            self._deliveries.pop(delivery.deployment_id, None)
+            if delivery.artifact is not None and not any(
+                d.artifact is delivery.artifact for d in self._deliveries.values()
+            ):
+                self._transfers.pop(delivery.artifact.transfer_id, None)
+
+    # ------------------------------------------------------------ incoming messages
+
+    _change_count = 0
+
+    def _changed(self) -> None:
+        self._change_count += 1
+        self._cond.notify_all()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._sync_topic:
+            self._synced.set()
+            return
+        try:
+            where = parse_topic(topic)
+            if not isinstance(where, DeviceTopic):
+                raise ProtocolError(f"unexpected topic {topic[:80]!r}")
+            if where.channel is Channel.STATUS and not payload:
+                with self._cond:
+                    self._fleet.clear(where.device_id)
+                    self._changed()
+                return
+            envelope = decode(payload, self.config.limits)
+            check_route(envelope, topic)
+        except ProtocolError as exc:
+            self._dropped += 1
+            logger.warning("dropped a message on %s: %s: %s", topic[:120], exc.code, exc)
+            return
+        with self._cond:
+            self._handle(where.device_id, envelope)
+
+    def _handle(self, device_id: str, envelope: Envelope) -> None:
+        message, now = envelope.message, self._clock()
+        if isinstance(message, Status):
+            self._on_status(device_id, message, envelope.sent_at, now)
+            return
+        self._fleet.touch(device_id, now)
+        if isinstance(message, InstallStatus):
+            self._on_install_status(device_id, message, now)
+        elif isinstance(message, ChunkRequest):
+            self._on_chunk_request(device_id, message)
+
+    def _on_status(self, device_id: str, status: Status, sent_at: float, now: float) -> None:
+        before = self._fleet.get(device_id)
+        record = self._fleet.update_status(device_id, status, sent_at=sent_at, now=now)
+        was_online = before is not None and before.online
+        for delivery in list(self._deliveries.values()):
+            if not record.online:
+                delivery.tracker.on_offline(device_id, now)
+            elif not was_online and delivery.tracker.on_online(device_id, now):
+                logger.info("%s is back: resending %s", device_id, delivery.deployment_id)
+                self._send_command(delivery, device_id)
+        self._changed()
+
+    def _on_install_status(self, device_id: str, status: InstallStatus, now: float) -> None:
+        delivery = self._deliveries.get(status.deployment_id)
+        if delivery is None and status.deployment_id in self._rollback_ids():
+            delivery = self._rollback_ids()[status.deployment_id]
+            status = _relabel(status, delivery.deployment_id)
+        if delivery is None:
+            logger.debug("install status for unknown deployment %s", status.deployment_id)
+            return
+        if status.state in (InstallState.REJECTED, InstallState.FAILED, InstallState.ROLLED_BACK):
+            logger.info("%s: %s %s: %s", device_id, status.state, status.error_code, status.reason)
+        if delivery.tracker.on_status(device_id, status, now):
+            self._changed()
+
+    def _rollback_ids(self) -> dict[str, Delivery]:
+        return {
+            command_id: delivery
+            for delivery in self._deliveries.values()
+            for command_id in delivery.msg_ids
+        }
+
+    def _on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
+        artifact = self._transfers.get(request.transfer_id)
+        if artifact is None:
+            logger.info("%s asked for chunks of unknown transfer %s", device_id,
+                        request.transfer_id[:12])  # fmt: skip
+            return
+        count = chunk_count(len(artifact.payload), self.config.chunk_size)
+        indices = sorted({i for i in request.indices if 0 <= i < count})
+        self._send_chunks(artifact, indices, device_topic(device_id, Channel.CHUNKS))
+
+
+def _relabel(status: InstallStatus, deployment_id: str) -> InstallStatus:
+    return replace(status, deployment_id=deployment_id)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix[:40]}-{uuid.uuid4().hex[:12]}"

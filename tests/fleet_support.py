@@ -1,0 +1,291 @@
+"""Test support for delivery tests: a real mosquitto, signed artifacts, agents.
+
+* :class:`Mosquitto`: a mosquitto broker on a loopback port with the shipped
+  least-privilege ACL and a password file; it can be stopped and started again on
+  the same port (broker restart tests). Passwords are ``pw-<user>``.
+* :func:`make_artifact`: a real int8-quantized, signed model artifact (a small MLP
+  exported to ONNX), with knobs for the bad cases (tampered payload, wrong key,
+  expired, broken health check).
+* :class:`AgentProcess`: ``fedge-agent run`` in a separate process; SIGKILL-able.
+* :func:`agent_config`: an :class:`~edge_agent.config.AgentConfig` for in-process
+  agents.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compress.artifact import read_artifact_unverified, write_artifact
+from compress.families import init_weights
+from compress.keys import SigningKey, save_keypair
+from compress.manifest import HealthCheck, ReferenceTensor
+from compress.onnx_export import export_onnx
+from compress.signing import sign_manifest
+from coordinator.delivery import Coordinator, CoordinatorConfig
+from coordinator.packaging import PackageRequest, package_model
+from edge_agent.config import AgentConfig, BrokerConfig, TelemetryConfig, TransferConfig, TrustConfig
+from edge_agent.protocol import MOSQUITTO_ACL
+
+TIMEOUT = 10.0
+FEATURES = 16
+CLASSES = 4
+
+
+def tool(name: str) -> str:
+    """Path of a mosquitto tool; fails (does not skip) when it is missing."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if path is None:
+        pytest.fail(f"{name} is not installed (apt-get install mosquitto)")
+    return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def password(user: str) -> str:
+    """The test password of an MQTT user."""
+    return f"pw-{user}"
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
+) -> Any:
+    """Poll until ``condition()`` is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Mosquitto:
+    """A mosquitto broker with the shipped ACL; restartable on the same port."""
+
+    def __init__(self, directory: Path, users: Sequence[str]) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.log = directory / "mosquitto.log"
+        passwords = directory / "passwd"
+        passwords.write_text("")
+        for user in ("coordinator", *users):
+            subprocess.run(
+                [tool("mosquitto_passwd"), "-b", str(passwords), user, password(user)],
+                check=True,
+                capture_output=True,
+            )
+        passwords.chmod(0o600)
+        acl = directory / "acl"
+        acl.write_text(MOSQUITTO_ACL)
+        run_as = "user root\n" if os.geteuid() == 0 else ""
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"
+            f"password_file {passwords}\nacl_file {acl}\npersistence false\n{run_as}"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """mqtt:// URL of the broker."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def broker(self, user: str) -> BrokerConfig:
+        """Connection settings for ``user``."""
+        return BrokerConfig(
+            host="127.0.0.1",
+            port=self.port,
+            tls=False,
+            username=user,
+            password=password(user),
+            reconnect_min_s=1.0,
+            reconnect_max_s=2.0,
+        )
+
+    def start(self) -> None:
+        """Start the broker and wait until it listens."""
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [tool("mosquitto"), "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"mosquitto exited: {self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mosquitto did not listen: {self.log.read_text()}")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the broker (SIGKILL: no goodbye to the clients)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=TIMEOUT)
+        self.process = None
+
+
+def make_artifact(
+    directory: Path,
+    key: SigningKey,
+    *,
+    version: int,
+    name: str = "digits",
+    seed: int = 0,
+    expired: bool = False,
+    tamper_payload: bool = False,
+    break_health_check: bool = False,
+    hidden: int = 32,
+) -> Path:
+    """A signed int8 MLP artifact; the flags make the bad variants."""
+    rng = np.random.default_rng(seed)
+    weights = init_weights("mlp", [FEATURES, hidden, CLASSES], rng)
+    model = directory / f"{name}-{version}-{seed}.onnx"
+    model.write_bytes(export_onnx("mlp", weights))
+    out = directory / f"{name}-v{version}-{seed}{'-bad' if break_health_check else ''}.fedge"
+    now = datetime.now(UTC)
+    package_model(
+        PackageRequest(
+            model_path=model,
+            name=name,
+            version=version,
+            keys=[key],
+            out=out,
+            quantize="int8",
+            calibration=rng.random((32, FEATURES), dtype=np.float32),
+            expires_in=timedelta(days=30),
+        ),
+        now=now - timedelta(days=60) if expired else now,
+    )
+    if tamper_payload or break_health_check:
+        signed, payload = read_artifact_unverified(out)
+        if tamper_payload:
+            payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
+        else:
+            manifest = signed.manifest
+            check = manifest.health_check
+            assert check is not None
+            wrong = {
+                name: ReferenceTensor.from_array(1.0 - ref.array())
+                for name, ref in check.outputs.items()
+            }
+            broken = HealthCheck(inputs=check.inputs, outputs=wrong, rtol=0.0, atol=0.01)
+            signed = sign_manifest(replace(manifest, health_check=broken), [key])
+        write_artifact(out, signed, payload)
+    return out
+
+
+def public_key_file(directory: Path, key: SigningKey) -> Path:
+    """Save a key pair under ``directory``; return the public key's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _private, public = save_keypair(key, directory, overwrite=True)
+    return public
+
+
+def agent_config(
+    broker: Mosquitto, device_id: str, data_dir: Path, trust: Path, **changes: Any
+) -> AgentConfig:
+    """Config of an in-process agent with quick timers."""
+    fields: dict[str, Any] = {
+        "device_id": device_id,
+        "broker": broker.broker(device_id),
+        "data_dir": data_dir,
+        "trust": TrustConfig(keys=(trust,)),
+        "telemetry": TelemetryConfig(interval_s=1.0),
+        "transfer": TransferConfig(window=8, stall_timeout_s=1.0),
+    }
+    fields.update(changes)
+    return AgentConfig(**fields)
+
+
+def coordinator(broker: Mosquitto, **changes: Any) -> Coordinator:
+    """A started coordinator on ``broker``."""
+    config = CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0, **changes)
+    instance = Coordinator(config)
+    instance.start()
+    return instance
+
+
+class AgentProcess:
+    """``fedge-agent run`` as a separate process."""
+
+    def __init__(
+        self,
+        broker: Mosquitto,
+        device_id: str,
+        data_dir: Path,
+        trust: Path,
+        *,
+        http_port: int | None = None,
+        crash_at: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.device_id = device_id
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        secret = data_dir.parent / f"{device_id}.password"
+        secret.write_text(password(device_id))
+        self.log = data_dir.parent / f"{device_id}.log"
+        self.http_port = http_port
+        args = [
+            sys.executable, "-m", "edge_agent.cli", "-vv", "run",
+            "--device-id", device_id, "--broker", broker.url,
+            "--password-file", str(secret), "--trust", str(trust),
+            "--data-dir", str(data_dir), "--telemetry-interval", "1",
+            *(["--http", f"127.0.0.1:{http_port}"] if http_port else []),
+            *extra,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "FEDGE_AGENT_CRASH_AT"}
+        if crash_at is not None:
+            env["FEDGE_AGENT_CRASH_AT"] = crash_at
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        if self.alive():
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=TIMEOUT)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; return the exit status."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        """What the agent logged."""
+        return self.log.read_text(errors="replace")
