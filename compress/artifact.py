@@ -26,9 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from compress.errors import ArtifactError, NotAnArtifactError
+from compress.errors import ArtifactError, NotAnArtifactError, PayloadLengthError
 from compress.fileio import atomic_write, open_regular
-from compress.manifest import Manifest
+from compress.manifest import MAX_PAYLOAD_BYTES, Manifest
 from compress.signing import MAX_BLOB_BYTES, SignedManifest, TrustedKeys
 from compress.trust import DeviceProfile, PayloadVerifier, verify_manifest
 
@@ -138,6 +138,27 @@ def read_artifact_unverified(path: Path) -> tuple[SignedManifest, bytes]:
     with _open(path) as stream:
         signed = read_signed_manifest(stream)
         return signed, read_payload(stream, signed.manifest)
+
+
+def read_artifact_raw(path: Path) -> tuple[SignedManifest, bytes]:
+    """Read an artifact's signed manifest and payload without judging the payload.
+
+    For relaying to devices that verify everything themselves (the coordinator's
+    delivery): the container and the manifest's form are checked, the payload is
+    returned as it is (at most :data:`compress.manifest.MAX_PAYLOAD_BYTES`), whether
+    or not it matches the manifest.
+
+    Raises:
+        ArtifactError: unreadable, not an artifact, or a payload over the limit.
+        ManifestError: the manifest is malformed.
+    """
+    with _open(path) as stream:
+        signed = read_signed_manifest(stream)
+        signed.manifest  # noqa: B018 - parse now, so a malformed manifest fails here
+        payload = stream.read(MAX_PAYLOAD_BYTES + 1)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadLengthError(f"payload is over the {MAX_PAYLOAD_BYTES}-byte limit")
+    return signed, payload
 
 
 def load_artifact(

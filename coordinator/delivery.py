@@ -45,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from compress.artifact import read_artifact_unverified
+from compress.artifact import read_artifact_raw
 from compress.manifest import Manifest
 from compress.signing import SignedManifest
 from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
@@ -144,12 +144,13 @@ class Artifact:
 
     @classmethod
     def load(cls, path: Path) -> Artifact:
-        """Read an artifact file (container and manifest checked, signatures not).
+        """Read an artifact file (container and manifest form checked; signatures
+        and payload are for the devices to judge).
 
         Raises:
             CompressError: not a readable fedge artifact.
         """
-        signed, payload = read_artifact_unverified(path)
+        signed, payload = read_artifact_raw(path)
         return cls(signed, payload)
 
     @property
@@ -396,6 +397,7 @@ class Coordinator:
         *,
         timeout: float,
         on_change: Callable[[DeploymentTracker], None] | None = None,
+        until: Callable[[DeploymentTracker], bool] | None = None,
     ) -> DeployResult:
         """Wait until every targeted device has an outcome, or the timeout.
 
@@ -407,6 +409,8 @@ class Coordinator:
             timeout: Seconds to wait.
             on_change: Called (under the coordinator's lock; keep it quick) with the
                 tracker whenever a device's progress changed, and once at the start.
+            until: Stop waiting as soon as this is true (default: every device
+                settled); devices not settled then are *not* marked timed out.
 
         Returns:
             The outcome per device.
@@ -420,10 +424,12 @@ class Coordinator:
                 if on_change is not None and version != seen:
                     on_change(tracker)
                 seen = version
-                if tracker.settled or time.monotonic() >= deadline:
+                if tracker.settled or (until is not None and until(tracker)):
+                    break
+                if time.monotonic() >= deadline:
+                    tracker.expire(self._clock(), self._clock())
                     break
                 self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            tracker.expire(self._clock(), self._clock())
             if on_change is not None:
                 on_change(tracker)
             self.forget(delivery)

@@ -37,7 +37,13 @@ from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
 from coordinator.delivery import Coordinator, CoordinatorConfig
 from coordinator.packaging import PackageRequest, package_model
-from edge_agent.config import AgentConfig, BrokerConfig, TelemetryConfig, TransferConfig, TrustConfig
+from edge_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    TelemetryConfig,
+    TransferConfig,
+    TrustConfig,
+)
 from edge_agent.protocol import MOSQUITTO_ACL
 
 TIMEOUT = 10.0
@@ -181,20 +187,21 @@ def make_artifact(
         ),
         now=now - timedelta(days=60) if expired else now,
     )
-    if tamper_payload or break_health_check:
+    if tamper_payload:  # the payload is the container's tail: flip its last byte
+        data = bytearray(out.read_bytes())
+        data[-1] ^= 0xFF
+        out.write_bytes(bytes(data))
+    if break_health_check:
         signed, payload = read_artifact_unverified(out)
-        if tamper_payload:
-            payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
-        else:
-            manifest = signed.manifest
-            check = manifest.health_check
-            assert check is not None
-            wrong = {
-                name: ReferenceTensor.from_array(1.0 - ref.array())
-                for name, ref in check.outputs.items()
-            }
-            broken = HealthCheck(inputs=check.inputs, outputs=wrong, rtol=0.0, atol=0.01)
-            signed = sign_manifest(replace(manifest, health_check=broken), [key])
+        manifest = signed.manifest
+        check = manifest.health_check
+        assert check is not None
+        wrong = {
+            name: ReferenceTensor.from_array(1.0 - ref.array())
+            for name, ref in check.outputs.items()
+        }
+        broken = HealthCheck(inputs=check.inputs, outputs=wrong, rtol=0.0, atol=0.01)
+        signed = sign_manifest(replace(manifest, health_check=broken), [key])
         write_artifact(out, signed, payload)
     return out
 

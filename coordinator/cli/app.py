@@ -5,6 +5,7 @@ stderr) and dispatches to the command groups:
 
 * ``fedge keys``  -- :mod:`coordinator.cli.keys`
 * ``fedge model`` -- :mod:`coordinator.cli.model`
+* ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import keys, model
+from coordinator.cli import fleet, keys, model
 
 app = typer.Typer(
     name="fedge",
@@ -29,6 +30,9 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
+app.command("deploy")(fleet.deploy)
+app.command("fleet")(fleet.fleet)
+app.command("rollback")(fleet.rollback)
 
 
 def _version(value: bool) -> None:
@@ -47,7 +51,7 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    """Operator CLI: keys, model packaging and inspection."""
+    """Operator CLI: keys, model packaging, delivery to the fleet."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -1,0 +1,266 @@
+"""``fedge deploy``, ``fedge fleet`` and ``fedge rollback``: the fleet over MQTT.
+
+Each command connects to the fleet's broker as the ``coordinator`` user, drives a
+:class:`~coordinator.delivery.Coordinator` and disconnects:
+
+* ``fleet`` lists the devices that announced themselves (retained status);
+* ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
+  with ``--wait`` it shows live per-device progress and exits 0 only when every
+  targeted online device installed it. Without ``--wait`` it stays until the
+  devices have the payload (or rejected it) and exits 0 without waiting for the
+  installs;
+* ``rollback --to ... --model NAME`` makes devices go back to their previous
+  good model, and waits for their answers.
+
+The broker password comes from ``--password-file`` or ``FEDGE_BROKER_PASSWORD``;
+the broker URL from ``--broker`` or ``FEDGE_BROKER``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+
+from compress.fileio import read_bounded
+from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.views import deploy_table, fleet_json, fleet_table
+from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig, Delivery
+from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
+from coordinator.fleet import Target
+from edge_agent.config import BrokerConfig
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import COORDINATOR_SENDER, DEFAULT_CHUNK_BYTES
+
+EXIT_NOT_INSTALLED = 1
+MAX_PASSWORD_FILE_BYTES = 4096
+
+BrokerOption = Annotated[
+    str,
+    typer.Option(
+        "--broker", envvar="FEDGE_BROKER", help="Broker URL: mqtt://host:1883 or mqtts://host:8883."
+    ),
+]
+UsernameOption = Annotated[
+    str, typer.Option("--username", help="MQTT username (the broker ACL's coordinator account).")
+]
+PasswordFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--password-file",
+        help="File holding the MQTT password (or set FEDGE_BROKER_PASSWORD).",
+        dir_okay=False,
+    ),
+]
+PasswordEnv = Annotated[
+    str | None, typer.Option("--password", envvar="FEDGE_BROKER_PASSWORD", hidden=True)
+]
+CaOption = Annotated[Path | None, typer.Option("--ca-file", help="CA bundle for mqtts://.")]
+CertOption = Annotated[Path | None, typer.Option("--cert-file", help="Client certificate (mTLS).")]
+KeyOption = Annotated[Path | None, typer.Option("--key-file", help="Client key (mTLS).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+TargetOption = Annotated[
+    str,
+    typer.Option("--to", help="Which devices: all, device:ID[,ID...] or tag:TAG."),
+]
+
+
+def broker_config(
+    url: str,
+    *,
+    username: str,
+    password: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> BrokerConfig:
+    """Build the coordinator's broker settings from the CLI options.
+
+    Raises:
+        ConfigError: a bad URL or an unreadable password file.
+    """
+    if password_file is not None:
+        raw = read_bounded(
+            password_file, max_bytes=MAX_PASSWORD_FILE_BYTES, error=ConfigError, what="password"
+        )
+        password = raw.decode(errors="replace").strip()
+    return BrokerConfig.from_url(
+        url,
+        username=username,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+
+
+@contextmanager
+def connected(
+    broker: BrokerConfig, *, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Coordinator]:
+    """A started coordinator, stopped on exit.
+
+    Raises:
+        BrokerError: cannot connect.
+    """
+    coordinator = Coordinator(CoordinatorConfig(broker=broker, chunk_size=chunk_size))
+    coordinator.start()
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop()
+
+
+def _downloaded(tracker: DeploymentTracker) -> bool:
+    moving = (DeviceState.PENDING, DeviceState.ACCEPTED, DeviceState.DOWNLOADING)
+    return all(p.state not in moving for p in tracker.progress())
+
+
+def _follow(
+    coordinator: Coordinator,
+    delivery: Delivery,
+    *,
+    timeout: float,
+    title: str,
+    live: bool,
+    until_downloaded: bool = False,
+) -> DeployResult:
+    until = _downloaded if until_downloaded else None
+    if not live:
+        return coordinator.wait(delivery, timeout=timeout, until=until)
+    with Live(console=err_console, refresh_per_second=8, transient=False) as view:
+
+        def redraw(tracker: DeploymentTracker) -> None:
+            view.update(deploy_table(tracker.progress(), title=title))
+
+        return coordinator.wait(delivery, timeout=timeout, on_change=redraw, until=until)
+
+
+def deploy(
+    artifact: Annotated[
+        Path, typer.Argument(help="The signed .fedge artifact.", exists=True, dir_okay=False)
+    ],
+    broker: BrokerOption,
+    to: TargetOption = "all",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for every device's install and show progress.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the devices.")
+    ] = 120.0,
+    chunk_size: Annotated[
+        int,
+        typer.Option("--chunk-size", min=1024, max=128 * 1024, help="Bytes per chunk."),
+    ] = DEFAULT_CHUNK_BYTES,
+    username: UsernameOption = COORDINATOR_SENDER,
+    password_file: PasswordFileOption = None,
+    password: PasswordEnv = None,
+    ca_file: CaOption = None,
+    cert_file: CertOption = None,
+    key_file: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a signed artifact to devices over MQTT; agents verify it before installing."""
+    with reported_errors(as_json=as_json):
+        target = Target.parse(to)
+        loaded = Artifact.load(artifact)
+        if not loaded.payload_matches:
+            err_console.print(
+                "[yellow]warning:[/] the payload does not match the manifest's sha256/length; "
+                "devices will reject it"
+            )
+        config = broker_config(
+            broker, username=username, password=password, password_file=password_file,
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        )  # fmt: skip
+        manifest = loaded.manifest
+        title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
+        with connected(config, chunk_size=chunk_size) as coordinator:
+            delivery = coordinator.deploy(loaded, target)
+            result = _follow(
+                coordinator, delivery, timeout=timeout, title=title,
+                live=wait and not as_json, until_downloaded=not wait,
+            )  # fmt: skip
+    _report(result, title=title, as_json=as_json, waited=wait)
+
+
+def _report(result: DeployResult, *, title: str, as_json: bool, waited: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+    elif not waited:
+        console.print(deploy_table(result.devices, title=title))
+    if waited and not result.succeeded:
+        if not as_json:
+            counts = {str(k): v for k, v in result.counts().items() if v}
+            err_console.print(f"[bold red]not installed everywhere:[/] {counts}")
+        raise typer.Exit(EXIT_NOT_INSTALLED)
+    if not waited and any(
+        p.state in (DeviceState.REJECTED, DeviceState.FAILED) for p in result.devices
+    ):
+        raise typer.Exit(EXIT_NOT_INSTALLED)
+
+
+def fleet(
+    broker: BrokerOption,
+    username: UsernameOption = COORDINATOR_SENDER,
+    password_file: PasswordFileOption = None,
+    password: PasswordEnv = None,
+    ca_file: CaOption = None,
+    cert_file: CertOption = None,
+    key_file: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the devices seen on the broker: online/offline, model, last seen."""
+    with reported_errors(as_json=as_json):
+        config = broker_config(
+            broker, username=username, password=password, password_file=password_file,
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        )  # fmt: skip
+        with connected(config) as coordinator:
+            records = coordinator.fleet()
+    now = time.time()
+    if as_json:
+        print_json({"devices": fleet_json(records, now)})
+    elif records:
+        console.print(fleet_table(records, now=now))
+    else:
+        err_console.print("no devices have announced themselves on this broker")
+
+
+def rollback(
+    broker: BrokerOption,
+    model: Annotated[str, typer.Option("--model", help="Model name to roll back.")],
+    to: TargetOption = "all",
+    reason: Annotated[str, typer.Option("--reason", help="Why (logged by the agents).")] = "",
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait.")] = 60.0,
+    username: UsernameOption = COORDINATOR_SENDER,
+    password_file: PasswordFileOption = None,
+    password: PasswordEnv = None,
+    ca_file: CaOption = None,
+    cert_file: CertOption = None,
+    key_file: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make devices go back to their previous good model; exits 1 unless all did."""
+    with reported_errors(as_json=as_json):
+        target = Target.parse(to)
+        config = broker_config(
+            broker, username=username, password=password, password_file=password_file,
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        )  # fmt: skip
+        title = f"rollback {model} -> {target.describe()}"
+        with connected(config) as coordinator:
+            delivery = coordinator.rollback(target, model, reason=reason)
+            result = coordinator.wait(delivery, timeout=timeout)
+    if as_json:
+        print_json(result.to_json())
+    else:
+        console.print(deploy_table(result.devices, title=title))
+    if not all(p.state in (DeviceState.ROLLED_BACK, DeviceState.OFFLINE) for p in result.devices):
+        raise typer.Exit(EXIT_NOT_INSTALLED)

@@ -1,0 +1,442 @@
+"""Over-the-air delivery end to end, against a real mosquitto with the shipped ACL.
+
+Agents run as separate ``fedge-agent run`` processes where the test is about the
+process (install by three agents, SIGKILL recovery, hostile input), and in-process
+(:class:`edge_agent.agent.Agent`) where the test needs to look inside or to act at
+an exact moment (the broker restart mid-transfer, through the install checkpoint
+hook). The operator side is the real ``fedge`` CLI or the
+:class:`~coordinator.delivery.Coordinator` it wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from compress.artifact import read_artifact_unverified
+from compress.keys import SigningKey, generate_signing_key
+from coordinator.cli.app import app
+from coordinator.delivery import Artifact
+from coordinator.deployment import DeviceState
+from coordinator.fleet import Target
+from edge_agent.agent import Agent
+from tests.fleet_support import (
+    FEATURES,
+    AgentProcess,
+    Mosquitto,
+    agent_config,
+    coordinator,
+    free_port,
+    make_artifact,
+    password,
+    public_key_file,
+    wait_for,
+)
+
+DEVICES = [f"dev-{i}" for i in range(4)]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running mosquitto that knows the coordinator and DEVICES."""
+    instance = Mosquitto(tmp_path, DEVICES)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """The release signing key the agents trust."""
+    return generate_signing_key()
+
+
+@pytest.fixture
+def trust(tmp_path: Path, key: SigningKey) -> Path:
+    """The trusted public key file."""
+    return public_key_file(tmp_path / "keys", key)
+
+
+def fedge(broker: Mosquitto, *args: str) -> tuple[int, str]:
+    """Run the ``fedge`` CLI against the broker; return (exit status, stdout)."""
+    env = {"FEDGE_BROKER": broker.url, "FEDGE_BROKER_PASSWORD": password("coordinator")}
+    result = CliRunner(mix_stderr=False).invoke(app, list(args), env=env)
+    return result.exit_code, result.stdout
+
+
+def http_json(port: int, path: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST ``body`` to) the agent's local endpoint."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        headers={"Content-Type": "application/json"} if data else {},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def served_version(port: int) -> int | None:
+    """The model version an agent process serves (None when it serves none)."""
+    try:
+        return int(http_json(port, "/v1/model")["version"])
+    except OSError:
+        return None
+
+
+def online(broker: Mosquitto, *device_ids: str) -> None:
+    """Wait until the fleet shows these devices online."""
+
+    def all_online() -> bool:
+        status, out = fedge(broker, "fleet", "--json")
+        seen = {d["device_id"]: d["online"] for d in json.loads(out)["devices"]} if not status else {}
+        return all(seen.get(d) for d in device_ids)
+
+    wait_for(all_online, timeout=20, what=f"{device_ids} online")
+
+
+@pytest.fixture
+def agents(broker: Mosquitto, tmp_path: Path, trust: Path) -> Iterator[list[Agent]]:
+    """Three started in-process agents."""
+    started = [
+        Agent(agent_config(broker, device, tmp_path / device, trust)) for device in DEVICES[:3]
+    ]
+    for agent in started:
+        agent.start()
+    wait_for(lambda: all(a.connected for a in started), what="agents connected")
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    """``fedge deploy --wait --json``; return the exit status and the result."""
+    status, out = fedge(broker, "deploy", str(artifact), "--wait", "--timeout", "30", "--json",
+                        *extra)  # fmt: skip
+    return status, json.loads(out)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_three_agent_processes_install_a_signed_int8_artifact(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    ports = [free_port() for _ in range(3)]
+    processes = [
+        AgentProcess(broker, device, tmp_path / device, trust, http_port=port)
+        for device, port in zip(DEVICES[:3], ports, strict=True)
+    ]
+    try:
+        online(broker, *DEVICES[:3])
+        artifact = make_artifact(tmp_path, key, version=3)
+        assert read_artifact_unverified(artifact)[0].manifest.quantization.startswith("int8")
+
+        status, out = fedge(broker, "deploy", str(artifact), "--to", "all", "--wait",
+                            "--timeout", "60")  # fmt: skip
+        assert status == 0, out
+
+        for port in ports:
+            assert served_version(port) == 3
+            answer = http_json(port, "/v1/predict", {"inputs": [[0.5] * FEATURES]})
+            assert answer["version"] == 3 and len(answer["outputs"]["probabilities"][0]) == 4
+        fleet = json.loads(fedge(broker, "fleet", "--json")[1])["devices"]
+        sha256 = Artifact.load(artifact).transfer_id
+        assert {d["device_id"]: (d["online"], d["models"]) for d in fleet} == {
+            d: (True, [{"name": "digits", "version": 3, "sha256": sha256}]) for d in DEVICES[:3]
+        }
+    finally:
+        for process in processes:
+            assert process.stop() == 0, process.log_text()[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("variant", "code"),
+    [
+        ("tampered", "transfer_error"),
+        ("untrusted", "unknown_key"),
+        ("not_newer", "rollback"),
+        ("expired", "expired"),
+    ],
+)
+def test_bad_artifacts_are_rejected_by_every_agent(
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey, variant: str,
+    code: str,
+) -> None:  # fmt: skip
+    status, _ = deploy_json(broker, make_artifact(tmp_path, key, version=2))
+    assert status == 0
+    bad = {
+        "tampered": lambda: make_artifact(tmp_path, key, version=3, tamper_payload=True),
+        "untrusted": lambda: make_artifact(tmp_path, generate_signing_key(), version=3),
+        "not_newer": lambda: make_artifact(tmp_path, key, version=2, seed=1),
+        "expired": lambda: make_artifact(tmp_path, key, version=3, expired=True),
+    }[variant]()
+
+    status, result = deploy_json(broker, bad)
+
+    assert status == 1
+    assert [d["state"] for d in result["devices"]] == ["rejected"] * 3
+    assert {d["error_code"] for d in result["devices"]} == {code}
+    assert all(d["reason"] for d in result["devices"])
+    for agent in agents:
+        assert agent.model is not None and agent.model.version == 2
+        assert agent.predict(np.zeros(FEATURES, dtype=np.float32)).version == 2
+        assert not (agent.config.data_dir / "staging").exists() or not any(
+            (agent.config.data_dir / "staging").iterdir()
+        ), "nothing is downloaded for a rejected manifest"
+
+
+def test_health_check_failure_keeps_the_old_model_and_says_why(
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+    broken = make_artifact(tmp_path, key, version=2, break_health_check=True)
+
+    status, result = deploy_json(broker, broken)
+
+    assert status == 1
+    for device in result["devices"]:
+        assert device["state"] == "rolled_back"
+        assert device["error_code"] == "health_check_failed"
+        assert "probabilities" in device["reason"]
+    for agent in agents:
+        assert agent.model is not None and agent.model.version == 1
+    # The failed version was never installed, so a fixed v2 is still accepted.
+    assert deploy_json(broker, make_artifact(tmp_path, key, version=2, seed=5))[0] == 0
+
+
+def test_rollback_returns_to_the_previous_model(
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    for version in (1, 2):
+        assert deploy_json(broker, make_artifact(tmp_path, key, version=version))[0] == 0
+
+    status, out = fedge(broker, "rollback", "--to", "tag:none", "--model", "digits", "--json")
+    assert status == 1 and json.loads(out)["error"]["code"] == "bad_target"
+    status, out = fedge(broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits",
+                        "--json")  # fmt: skip
+    assert status == 0, out
+    assert [d["state"] for d in json.loads(out)["devices"]] == ["rolled_back"]
+    assert [a.model.version for a in agents if a.model] == [1, 2, 2]
+
+    # No second step back, and the rolled-back-from version cannot come back.
+    status, out = fedge(broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits",
+                        "--json")  # fmt: skip
+    assert status == 1
+    assert json.loads(out)["devices"][0]["error_code"] == "no_previous_model"
+    status, result = deploy_json(broker, make_artifact(tmp_path, key, version=2),
+                                 "--to", f"device:{DEVICES[0]}")  # fmt: skip
+    assert status == 1 and result["devices"][0]["error_code"] == "rollback"
+
+
+def test_broker_restart_in_the_middle_of_a_transfer(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    restarted: list[bool] = []
+
+    def kill_broker_midway(point: str) -> None:
+        if point == "chunk-5" and not restarted:
+            restarted.append(True)
+            broker.stop()
+
+    agent = Agent(
+        agent_config(broker, DEVICES[0], tmp_path / "a0", trust), checkpoint=kill_broker_midway
+    )
+    agent.start()
+    try:
+        wait_for(lambda: agent.connected, what="agent connected")
+        operator = coordinator(broker, chunk_size=1024)
+        try:
+            artifact = Artifact.load(make_artifact(tmp_path, key, version=4, hidden=1024))
+            assert len(artifact.payload) > 20 * 1024
+            delivery = operator.deploy(artifact, Target.parse("all"))
+            wait_for(lambda: restarted, what="the broker to go down mid-transfer")
+            assert agent.model is None
+            broker.start()
+            result = operator.wait(delivery, timeout=60)
+        finally:
+            operator.stop()
+        assert result.succeeded, result.to_json()
+        assert agent.model is not None and agent.model.version == 4
+    finally:
+        agent.stop()
+
+
+CRASH_POINTS = [
+    "chunk-3",
+    "chunk-20",
+    "payload-verified",
+    "slot-written",
+    "model-loaded",
+    "health-checked",
+    "committed",
+]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_agent_sigkilled_during_download_or_install_recovers(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path, point: str
+) -> None:
+    data_dir = tmp_path / DEVICES[0]
+    v1 = make_artifact(tmp_path, key, version=1)
+    v2 = Artifact.load(make_artifact(tmp_path, key, version=2, hidden=1024))
+    port = free_port()
+    first = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port)
+    operator = coordinator(broker, chunk_size=1024)
+    try:
+        wait_for(lambda: served_version(port) is None and first.alive() and
+                 any(r.online for r in operator.fleet()), timeout=20, what="agent up")  # fmt: skip
+        assert operator.wait(operator.deploy(Artifact.load(v1), Target.parse("all")),
+                             timeout=30).succeeded  # fmt: skip
+        first.stop()
+
+        doomed = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port, crash_at=point)
+        wait_for(lambda: served_version(port) == 1, timeout=20, what="v1 served")
+        delivery = operator.deploy(v2, Target.parse("all"))
+        doomed.process.wait(timeout=30)
+        assert doomed.process.returncode == -9, doomed.log_text()[-3000:]
+
+        survivor = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port)
+        try:
+            version = wait_for(lambda: served_version(port), timeout=20, what="a model served")
+            assert version in (1, 2)
+            result = operator.wait(delivery, timeout=60)
+            assert result.succeeded, result.to_json()
+            assert served_version(port) == 2
+        finally:
+            assert survivor.stop() == 0
+    finally:
+        operator.stop()
+        first.stop()
+
+
+def test_agent_survives_hostile_messages(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.protocol import (
+        BROADCAST_PREFIX,
+        Channel,
+        Chunk,
+        Deploy,
+        Rollback,
+        device_topic,
+        encode,
+    )
+
+    port = free_port()
+    process = AgentProcess(broker, DEVICES[0], tmp_path / DEVICES[0], trust, http_port=port)
+    try:
+        online(broker, DEVICES[0])
+        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        rng = np.random.default_rng(7)
+        me, other = DEVICES[0], DEVICES[1]
+        valid_chunk = encode(
+            Chunk.from_payload(b"x" * 3000, 0, chunk_size=1024), sender="coordinator", sent_at=0.0
+        )
+        hostile: list[tuple[str, bytes]] = []
+        topics = [device_topic(me, Channel.CMD), device_topic(me, Channel.CHUNKS),
+                  f"{BROADCAST_PREFIX}/{'a' * 64}", f"{BROADCAST_PREFIX}/round-1"]  # fmt: skip
+        for i in range(50):  # random bytes, some with our magic
+            body = rng.bytes(int(rng.integers(0, 4096)))
+            hostile.append((topics[i % 4], (b"FEDG\x01" if i % 2 else b"") + body))
+        for i in range(40):  # truncated frames
+            cut = int(rng.integers(1, len(valid_chunk)))
+            hostile.append((topics[i % 2], valid_chunk[:cut]))
+        for size in (2**31 - 1, 2**32 - 1, 10**9, 300 * 1024, 70000):  # huge declared sizes
+            for topic in topics[:2]:
+                frame = b"FEDG\x01" + size.to_bytes(4, "big") + b'{"v":1}'
+                hostile.extend([(topic, frame)] * 3)
+        hostile.append((topics[0], b"FEDG\x01" + b"\x00" * (300 * 1024)))  # oversized
+        for i in range(30):  # wrong sender / wrong device / unknown type / bad fields
+            headers = [
+                {"v": 1, "type": "rollback", "id": "0" * 32, "sender": other, "sent_at": 0,
+                 "data": {"model": "digits", "reason": ""}},
+                {"v": 1, "type": "self_destruct", "id": "1" * 32, "sender": "coordinator",
+                 "sent_at": 0, "data": {}},
+                {"v": 1, "type": "deploy", "id": "2" * 32, "sender": "coordinator",
+                 "sent_at": 0, "data": {"deployment_id": "x", "total_size": -1}},
+                {"v": 99, "type": "deploy", "id": "3" * 32, "sender": "coordinator",
+                 "sent_at": 0, "data": {}},
+            ]  # fmt: skip
+            header = json.dumps(headers[i % 4]).encode()
+            hostile.append((topics[0], b"FEDG\x01" + len(header).to_bytes(4, "big") + header))
+        garbage_manifest = Deploy(deployment_id="evil", transfer_id="0" * 64, total_size=10,
+                                  chunk_size=10, chunk_count=1, manifest=b"FSM1garbage")  # fmt: skip
+        for i in range(14):
+            hostile.append((topics[0], encode(garbage_manifest, sender="coordinator",
+                                              sent_at=float(i))))  # fmt: skip
+        hostile.append((topics[0], encode(Rollback(model="digits"), sender=other, sent_at=0.0)))
+        hostile.append((device_topic(other, Channel.CMD), encode(Rollback(model="digits"),
+                                                                 sender="coordinator",
+                                                                 sent_at=0.0)))  # fmt: skip
+        assert len(hostile) >= 200
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
+        client.username_pw_set("coordinator", password("coordinator"))
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            for topic, payload in hostile:
+                client.publish(topic, payload, qos=1).wait_for_publish(5)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+        wait_for(lambda: "dropped a message" in process.log_text(), what="drops logged")
+        assert process.alive(), process.log_text()[-3000:]
+        answer = http_json(port, "/v1/predict", {"inputs": [[0.1] * FEATURES]})
+        assert answer["version"] == 1
+        assert http_json(port, "/v1/health")["status"] == "ok"
+        # Still takes orders from the real coordinator.
+        assert deploy_json(broker, make_artifact(tmp_path, key, version=2))[0] == 0
+        assert served_version(port) == 2
+    finally:
+        assert process.stop() == 0, process.log_text()[-3000:]
+
+
+def test_fleet_shows_devices_and_offline_after_stop(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    agent = Agent(agent_config(broker, DEVICES[3], tmp_path / "a3", trust, tags=("camera",)))
+    agent.start()
+    try:
+        online(broker, DEVICES[3])
+        status, out = fedge(broker, "fleet", "--json")
+        (device,) = json.loads(out)["devices"]
+        assert device["device_id"] == DEVICES[3] and device["tags"] == ["camera"]
+        assert device["models"] == [] and "machine" in device["hardware"]
+        result = deploy_json(broker, make_artifact(tmp_path, key, version=1), "--to", "tag:camera")
+        assert result[0] == 0
+    finally:
+        agent.stop()
+    status, out = fedge(broker, "fleet", "--json")
+    (device,) = json.loads(out)["devices"]
+    assert device["online"] is False
+    assert device["models"][0]["version"] == 1
+    status, out = fedge(broker, "deploy", str(make_artifact(tmp_path, key, version=2)), "--wait",
+                        "--json", "--to", f"device:{DEVICES[3]}", "--timeout", "5")  # fmt: skip
+    assert status == 1
+    assert json.loads(out)["devices"][0]["state"] == DeviceState.OFFLINE
+
+
+def test_unknown_target_is_a_clear_error(broker: Mosquitto, tmp_path: Path, key: SigningKey) -> None:
+    artifact = make_artifact(tmp_path, key, version=1)
+    status, out = fedge(broker, "deploy", str(artifact), "--to", "device:nobody", "--json")
+    assert status == 1
+    assert json.loads(out)["error"]["code"] == "bad_target"
+    assert os.environ.get("FEDGE_BROKER") is None

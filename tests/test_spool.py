@@ -1,0 +1,302 @@
+"""Tests for edge_agent.spool: a bounded, crash-safe on-disk FIFO."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+import edge_agent.spool as spool_module
+from edge_agent.errors import ConfigError, StateError
+from edge_agent.spool import HEADER_BYTES, ITEM_SUFFIX, Spool, SpoolItem
+
+
+def open_spool(tmp_path: Path, max_bytes: int = 1000, max_items: int = 100) -> Spool:
+    return Spool(tmp_path / "spool", max_bytes=max_bytes, max_items=max_items)
+
+
+def item_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(ITEM_SUFFIX))
+
+
+def datas(items: list[SpoolItem]) -> list[bytes]:
+    return [item.data for item in items]
+
+
+def test_creates_a_private_directory(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "a" / "spool", max_bytes=10)
+    assert spool.directory.is_dir()
+    assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o700
+    assert len(spool) == 0
+    assert spool.size_bytes == 0
+    assert spool.peek() == []
+
+
+@pytest.mark.parametrize(("max_bytes", "max_items"), [(0, 1), (1, 0), (-5, 10)])
+def test_bounds_must_be_positive(tmp_path: Path, max_bytes: int, max_items: int) -> None:
+    with pytest.raises(ConfigError):
+        Spool(tmp_path, max_bytes=max_bytes, max_items=max_items)
+
+
+def test_unusable_directory_is_a_state_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StateError, match=str(blocker)):
+        Spool(blocker / "spool", max_bytes=10)
+
+
+def test_fifo_order_and_sequence_numbers(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    seqs = [spool.append(b"item-%d" % i) for i in range(5)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 5
+    assert len(spool) == 5
+    assert spool.size_bytes == 5 * 6
+    assert spool.peek() == [SpoolItem(seq=seqs[0], data=b"item-0")]
+    assert datas(spool.peek(3)) == [b"item-0", b"item-1", b"item-2"]
+    assert datas(spool.peek(100)) == [b"item-%d" % i for i in range(5)]
+    assert spool.peek(0) == []
+    spool.remove(seqs[0])
+    spool.remove(seqs[2])
+    assert datas(spool.peek(10)) == [b"item-1", b"item-3", b"item-4"]
+    assert len(spool) == 3
+    assert spool.size_bytes == 3 * 6
+
+
+def test_items_are_files_named_by_zero_padded_sequence(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    seq = spool.append(b"x")
+    path = spool.directory / f"{seq:020d}{ITEM_SUFFIX}"
+    assert item_files(spool.directory) == [path.name]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.stat().st_size == HEADER_BYTES + 1
+
+
+def test_empty_and_binary_items(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_items=2)
+    spool.append(b"")
+    spool.append(bytes(range(256)))
+    spool.append(b"\x00")  # the item bound applies to empty items too
+    assert datas(spool.peek(5)) == [bytes(range(256)), b"\x00"]
+
+
+def test_remove_is_idempotent(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    seq = spool.append(b"abc")
+    spool.remove(seq)
+    spool.remove(seq)
+    spool.remove(12345)
+    assert len(spool) == 0
+    assert spool.size_bytes == 0
+    assert item_files(spool.directory) == []
+
+
+def test_byte_bound_drops_oldest_and_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path, max_bytes=25)
+    for i in range(5):
+        spool.append(b"%09d" % i)  # 9 bytes each: two fit
+    assert datas(spool.peek(10)) == [b"000000003", b"000000004"]
+    assert spool.size_bytes == 18
+    assert spool.dropped == 3
+    assert len(item_files(spool.directory)) == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings
+    assert "dropped the 1 oldest" in warnings[-1].getMessage()
+
+
+def test_item_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_items=3)
+    for i in range(7):
+        spool.append(b"%d" % i)
+    assert datas(spool.peek(10)) == [b"4", b"5", b"6"]
+    assert spool.dropped == 4
+    assert len(item_files(spool.directory)) == 3
+
+
+def test_one_append_may_drop_several(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_bytes=10)
+    for _ in range(5):
+        spool.append(b"ab")
+    spool.append(b"0123456789")
+    assert datas(spool.peek(10)) == [b"0123456789"]
+    assert spool.dropped == 5
+
+
+def test_oversized_item_is_dropped_not_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path, max_bytes=10)
+    first = spool.append(b"keep")
+    big = spool.append(b"x" * 11)
+    after = spool.append(b"next")
+    assert first < big < after
+    assert datas(spool.peek(10)) == [b"keep", b"next"]
+    assert spool.dropped == 1
+    assert "larger than the 10-byte spool" in caplog.text
+    assert len(item_files(spool.directory)) == 2
+
+
+def test_take_dropped_resets_and_persists(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_items=1)
+    spool.append(b"a")
+    spool.append(b"b")
+    spool.append(b"c")
+    assert spool.dropped == 2
+    assert spool.dropped == 2  # reading does not reset
+    assert open_spool(tmp_path, max_items=1).dropped == 2  # survives reopening
+    assert spool.take_dropped() == 2
+    assert spool.dropped == 0
+    assert spool.take_dropped() == 0
+    assert open_spool(tmp_path, max_items=1).dropped == 0
+
+
+def test_reopen_recovers_items_and_continues_the_sequence(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    seqs = [spool.append(b"%d" % i) for i in range(4)]
+    spool.remove(seqs[0])
+    del spool
+    reopened = open_spool(tmp_path)
+    assert len(reopened) == 3
+    assert reopened.size_bytes == 3
+    assert reopened.peek(10) == [SpoolItem(seq=s, data=b"%d" % i) for i, s in enumerate(seqs) if i]
+    new = reopened.append(b"new")
+    assert new > seqs[-1]
+    assert datas(reopened.peek(10))[-1] == b"new"
+
+
+def test_reopen_with_smaller_bounds_drops_oldest(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    for i in range(5):
+        spool.append(b"%d" % i)
+    smaller = open_spool(tmp_path, max_items=2)
+    assert datas(smaller.peek(10)) == [b"3", b"4"]
+    assert smaller.dropped == 3
+
+
+def test_crash_leftovers_are_cleaned_and_foreign_files_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path)
+    seq = spool.append(b"whole")
+    directory = spool.directory
+    leftover_item = directory / f".{seq + 1:020d}{ITEM_SUFFIX}.k3j4h5.tmp"
+    leftover_item.write_bytes(b"half an it")
+    leftover_count = directory / ".dropped.abc123.tmp"
+    leftover_count.write_bytes(b"9")
+    foreign = directory / "README"
+    foreign.write_bytes(b"not ours")
+    foreign_tmp = directory / ".other.x.tmp"
+    foreign_tmp.write_bytes(b"not ours")
+    (directory / "subdir").mkdir()
+    caplog.set_level(logging.INFO)
+    reopened = open_spool(tmp_path)
+    assert not leftover_item.exists()
+    assert not leftover_count.exists()
+    assert foreign.read_bytes() == b"not ours"
+    assert foreign_tmp.exists()
+    assert reopened.peek(10) == [SpoolItem(seq=seq, data=b"whole")]
+    assert reopened.dropped == 0
+    assert "README" in caplog.text
+    assert "subdir" in caplog.text
+
+
+def test_damaged_items_are_skipped_deleted_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path)
+    seqs = [spool.append(b"item-%d" % i) for i in range(4)]
+    paths = [spool.directory / f"{s:020d}{ITEM_SUFFIX}" for s in seqs]
+    paths[0].write_bytes(paths[0].read_bytes()[:-2])  # truncated data
+    blob = bytearray(paths[1].read_bytes())
+    blob[-1] ^= 0xFF  # flipped bit: checksum mismatch
+    paths[1].write_bytes(bytes(blob))
+    paths[2].unlink()  # vanished
+    assert datas(spool.peek(1)) == [b"item-3"]
+    assert not any(p.exists() for p in paths[:3])
+    assert len(spool) == 1
+    assert spool.size_bytes == 6
+    assert spool.dropped == 3
+    assert "damaged" in caplog.text
+
+
+def test_damaged_items_found_on_open(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    seqs = [spool.append(b"item-%d" % i) for i in range(3)]
+    paths = [spool.directory / f"{s:020d}{ITEM_SUFFIX}" for s in seqs]
+    paths[0].write_bytes(b"FSP")  # shorter than a header
+    paths[1].write_bytes(b"XXXX" + paths[1].read_bytes()[4:])  # wrong magic
+    reopened = open_spool(tmp_path)
+    assert reopened.dropped == 1  # the short file, found by its size
+    assert not paths[0].exists()
+    assert datas(reopened.peek(5)) == [b"item-2"]
+    assert reopened.dropped == 2
+    assert not paths[1].exists()
+
+
+def test_damaged_dropped_file_restarts_the_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path, max_items=1)
+    spool.append(b"a")
+    spool.append(b"b")
+    (spool.directory / "dropped").write_bytes(b"lots")
+    assert open_spool(tmp_path).dropped == 0
+    assert "damaged" in caplog.text
+
+
+def test_write_failure_is_a_state_error_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    spool.append(b"kept")
+
+    def disk_full(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "atomic_write", disk_full)
+    with pytest.raises(StateError, match=r"spool.*\.item.*No space left"):
+        spool.append(b"lost")
+    monkeypatch.undo()
+    assert datas(spool.peek(5)) == [b"kept"]
+    assert len(spool) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_is_a_state_error(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.directory.chmod(0o500)
+    try:
+        with pytest.raises(StateError, match=str(spool.directory)):
+            spool.append(b"x")
+    finally:
+        spool.directory.chmod(0o700)
+
+
+def test_concurrent_appends_keep_every_item(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_bytes=1 << 20, max_items=10_000)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        for i in range(25):
+            seq = spool.append(b"%d-%d" % (n, i))
+            with lock:
+                results.append(seq)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 100
+    items = spool.peek(200)
+    assert [item.seq for item in items] == sorted(results)
+    for n in range(4):  # each thread's items keep their order
+        mine = [item.data for item in items if item.data.startswith(b"%d-" % n)]
+        assert mine == [b"%d-%d" % (n, i) for i in range(25)]
