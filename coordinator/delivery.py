@@ -173,6 +173,15 @@ class Delivery:
     command: Message
     artifact: Artifact | None
     msg_ids: dict[str, str] = field(default_factory=dict)
+    targeted_online: set[str] = field(default_factory=set)
+
+    def dropped_out(self) -> list[str]:
+        """Devices sent the command that are offline now (they may come back)."""
+        return [
+            p.device_id
+            for p in self.tracker.progress()
+            if p.state is DeviceState.OFFLINE and p.device_id in self.targeted_online
+        ]
 
     @property
     def deployment_id(self) -> str:
@@ -315,7 +324,7 @@ class Coordinator:
                 offline=offline,
                 now=self._clock(),
             )
-            delivery = Delivery(tracker, command, artifact)
+            delivery = Delivery(tracker, command, artifact, targeted_online=set(online))
             self._deliveries[tracker.deployment_id] = delivery
             if artifact is not None:
                 self._transfers[artifact.transfer_id] = artifact
@@ -401,7 +410,9 @@ class Coordinator:
     ) -> DeployResult:
         """Wait until every targeted device has an outcome, or the timeout.
 
-        Devices still in progress at the timeout become ``timed_out``. The delivery
+        A device that was online when targeted and went offline meanwhile is waited
+        for (it may be rebooting); devices still in progress, or still away, at the
+        timeout become ``timed_out``. The delivery
         is forgotten afterwards (late chunk requests for it are ignored).
 
         Args:
@@ -424,10 +435,13 @@ class Coordinator:
                 if on_change is not None and version != seen:
                     on_change(tracker)
                 seen = version
-                if tracker.settled or (until is not None and until(tracker)):
+                if (tracker.settled and not delivery.dropped_out()) or (
+                    until is not None and until(tracker)
+                ):
                     break
                 if time.monotonic() >= deadline:
-                    tracker.expire(self._clock(), self._clock())
+                    now = self._clock()
+                    tracker.expire(now, now, dropped_out=delivery.dropped_out())
                     break
                 self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             if on_change is not None:
@@ -494,6 +508,7 @@ class Coordinator:
                 delivery.tracker.on_offline(device_id, now)
             elif not was_online and delivery.tracker.on_online(device_id, now):
                 logger.info("%s is back: resending %s", device_id, delivery.deployment_id)
+                delivery.targeted_online.add(device_id)
                 self._send_command(delivery, device_id)
         self._changed()
 

@@ -324,12 +324,15 @@ class DeploymentTracker:
             return False
         return self._set(replace(current, state=DeviceState.PENDING), now)
 
-    def expire(self, now: float, deadline: float) -> list[str]:
+    def expire(self, now: float, deadline: float, *, dropped_out: Iterable[str] = ()) -> list[str]:
         """Give up on devices still in progress once the deadline has passed.
 
         Args:
             now: The coordinator's current time, unix seconds.
             deadline: When to give up, unix seconds.
+            dropped_out: Devices that were online when targeted; if they are
+                OFFLINE now (they went away mid-deployment and did not come back),
+                they time out too instead of counting as "offline".
 
         Returns:
             The ids of the devices marked TIMED_OUT, sorted; empty before the
@@ -338,9 +341,12 @@ class DeploymentTracker:
         if now < deadline:
             return []
         expired = []
+        gone = set(dropped_out)
         for device_id in sorted(self._devices):
             current = self._devices[device_id]
-            if current.state in SETTLED_STATES:
+            if current.state in SETTLED_STATES and not (
+                current.state is DeviceState.OFFLINE and device_id in gone
+            ):
                 continue
             self._set(
                 replace(

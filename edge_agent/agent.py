@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -298,7 +299,7 @@ class Agent:
         directories = list_transfers(self._staging_root)
         for directory in directories[:-1]:  # only the newest one may continue
             logger.info("discarding older staged transfer %s", directory.name[:12])
-            StagedTransfer.open_or_discard(directory)
+            shutil.rmtree(directory, ignore_errors=True)
         if not directories:
             return
         staged = StagedTransfer.open_or_discard(directories[-1])
@@ -491,8 +492,6 @@ class Agent:
         )
         self._transfer = transfer
         self._report_transfer(transfer, force=True, state=InstallState.ACCEPTED)
-        if staged.complete:  # an empty payload
-            self._install(transfer)
 
     def _on_chunk(self, chunk: Chunk) -> None:
         transfer = self._transfer

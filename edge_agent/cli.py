@@ -2,6 +2,21 @@
 
 Commands:
 
+* ``fedge-agent init [PATH] [--force]`` writes a commented example configuration
+  (:data:`edge_agent.config.EXAMPLE_CONFIG`) to ``PATH`` (default ``agent.toml``,
+  mode 0600 since a password may go in it), refusing to overwrite an existing file
+  without ``--force`` (exit status 1), and says what to edit next.
+* ``fedge-agent run [--config FILE] [flags]`` runs the agent until SIGTERM or SIGINT.
+  The configuration comes from the TOML file (``--config``; without it
+  ``./agent.toml`` when it exists) and the flags, a flag beating the file and the
+  file beating the default (:func:`edge_agent.config.build_config` has the rules).
+  The broker password comes from ``--password-file``, else the file's
+  ``password``/``password_file``, else the ``FEDGE_AGENT_PASSWORD`` environment
+  variable. Before starting, the trusted keys, the TLS files and the preferred
+  runtime are checked; any configuration error prints ``error: <one line>`` and
+  exits with status 2, like bad usage. Without ``-v`` the config's ``log_level``
+  applies. :func:`config_from_args` does the merging (the only place that reads the
+  environment), so it can be tested without starting an agent.
 * ``fedge-agent verify ARTIFACT --trust KEY.pub`` applies the device's trust rules to
   an artifact file exactly as an install would (threshold signatures, expiry, rollback
   against ``--installed-version``, device fit against ``--runtime`` (default: the
@@ -11,7 +26,8 @@ Commands:
 * ``fedge-agent --version``.
 
 Logging goes to stderr (``-v`` for info, ``-vv`` for debug); errors from ``compress`` and
-``edge_agent`` become one line and exit status 1; bad usage exits with status 2.
+``edge_agent`` become one line and exit status 1; bad usage and bad configuration exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -19,24 +35,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from compress.artifact import load_artifact
 from compress.errors import CompressError
+from compress.fileio import atomic_write
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from compress.trust import DeviceProfile
 from edge_agent import __version__
-from edge_agent.errors import AgentError
+from edge_agent.agent import run_agent
+from edge_agent.config import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.errors import AgentError, ConfigError
+from edge_agent.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = Path("agent.toml")
+"""The config file ``init`` writes and ``run`` reads when no ``--config`` is given."""
+
+CRASH_ENV = "FEDGE_AGENT_CRASH_AT"
+"""Testing aid: kill the agent at this install checkpoint (see :func:`crash_checkpoint`)."""
+
+PASSWORD_ENV = "FEDGE_AGENT_PASSWORD"  # noqa: S105 (a variable name, not a secret)
+"""Environment variable holding the broker password when no other source gives one."""
+
+_VERBOSITY = (logging.WARNING, logging.INFO, logging.DEBUG)
+
+# Config key -> the flag that overrides it (also how messages name the value's source).
+_FLAGS = {
+    "device_id": "--device-id",
+    "broker.url": "--broker",
+    "broker.username": "--username",
+    "broker.password_file": "--password-file",
+    "broker.ca_file": "--ca-file",
+    "broker.cert_file": "--cert-file",
+    "broker.key_file": "--key-file",
+    "trust.keys": "--trust",
+    "trust.threshold": "--threshold",
+    "data_dir": "--data-dir",
+    "http": "--http",
+    "tags": "--tag",
+    "runtime": "--runtime",
+    "telemetry.interval_s": "--telemetry-interval",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +129,62 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", action="append", default=[], metavar="TAG", help="hardware tag (repeatable)"
     )
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    init = commands.add_parser(
+        "init",
+        help="write a commented example config file",
+        description="Write a commented example configuration to edit.",
+    )
+    init.add_argument(
+        "path", type=Path, nargs="?", default=DEFAULT_CONFIG,
+        help=f"where to write it (default {DEFAULT_CONFIG})",
+    )  # fmt: skip
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    run = commands.add_parser(
+        "run",
+        help="run the agent (until SIGTERM or SIGINT)",
+        description=(
+            "Run the agent. Flags override the config file; relative paths in flags are "
+            f"relative to the current directory. The broker password is read from "
+            f"--password-file, the config file, or ${PASSWORD_ENV}."
+        ),
+    )
+    _add_run_arguments(run)
     return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        help="-v info, -vv debug logs (stderr); overrides log_level",
+    )  # fmt: skip
+    run.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)",
+    )  # fmt: skip
+    run.add_argument("--device-id", metavar="ID", help="this device's id (also MQTT username)")
+    run.add_argument("--broker", metavar="URL", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    run.add_argument("--username", metavar="U", help="MQTT username (default: the device id)")
+    run.add_argument("--password-file", type=Path, metavar="F", help="file with the password")
+    run.add_argument("--ca-file", type=Path, metavar="F", help="CA bundle for the broker")
+    run.add_argument("--cert-file", type=Path, metavar="F", help="client certificate (mTLS)")
+    run.add_argument("--key-file", type=Path, metavar="F", help="client certificate's key")
+    run.add_argument(
+        "--trust", type=Path, action="append", default=None, metavar="KEY.pub",
+        help="trusted public key file (repeatable; replaces the file's keys)",
+    )  # fmt: skip
+    run.add_argument("--threshold", type=int, metavar="K", help="signatures required, k of n")
+    run.add_argument("--data-dir", type=Path, metavar="DIR", help="the agent's state directory")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve local inference on HOST:PORT")
+    run.add_argument(
+        "--tag", action="append", default=None, metavar="T",
+        help="hardware tag (repeatable; replaces the file's tags)",
+    )  # fmt: skip
+    run.add_argument("--runtime", metavar="NAME", help="preferred runtime: onnxruntime or tflite")
+    run.add_argument(
+        "--telemetry-interval", type=float, metavar="S", help="seconds between telemetry reports"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -107,14 +215,140 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _init(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    try:
+        atomic_write(path, EXAMPLE_CONFIG.encode(), mode=0o600, overwrite=args.force)
+    except FileExistsError:
+        print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {path}")
+    print(
+        "next: set device_id, [broker] url and [trust] keys (copy the operator's release "
+        "public key to this device), then run:"
+    )
+    print(f"  fedge-agent run --config {path}")
+    return EXIT_OK
+
+
+def _file_gives_password(file_values: Mapping[str, Any]) -> bool:
+    broker = file_values.get("broker")
+    return isinstance(broker, Mapping) and ("password" in broker or "password_file" in broker)
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+    """Build the agent's configuration from ``run``'s arguments, its file and ``environ``.
+
+    The config file is ``args.config``, else ``./agent.toml`` when it exists, else
+    none. Flags beat the file, the file beats the defaults. ``FEDGE_AGENT_PASSWORD``
+    in ``environ`` is the password when neither ``--password-file`` nor the file
+    gives one.
+
+    Args:
+        args: Parsed ``fedge-agent run`` arguments.
+        environ: The environment (``os.environ`` at the entry point).
+
+    Returns:
+        The validated configuration (key and TLS files not read yet).
+
+    Raises:
+        ConfigError: an explicit config file that is missing or invalid, or an
+            invalid merged configuration; the message names the file or the flag.
+    """
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    file_values = load_config_file(path) if path is not None else {}
+    overrides: dict[str, Any] = {}
+    labels = dict(_FLAGS)
+    for key, flag in _FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        (overrides.setdefault(section, {}) if section else overrides)[name] = value
+    password = environ.get(PASSWORD_ENV)
+    if password and args.password_file is None and not _file_gives_password(file_values):
+        overrides.setdefault("broker", {})["password"] = password
+        labels["broker.password"] = PASSWORD_ENV
+    return build_config(
+        file_values,
+        overrides,
+        base_dir=path.parent if path is not None else Path.cwd(),
+        file_label=str(path) if path is not None else None,
+        override_labels=labels,
+    )
+
+
+def _preflight(config: AgentConfig) -> None:
+    """Read what the config points at, so mistakes surface as config errors now.
+
+    Raises:
+        ConfigError: an unusable trusted key or TLS file, or a runtime not installed.
+    """
+    config.trust.load()
+    config.broker.check_files()
+    if config.runtime is not None:
+        installed = available_runtimes()
+        if config.runtime not in installed:
+            raise ConfigError(
+                f"runtime {config.runtime!r} is not installed here "
+                f"(installed: {', '.join(sorted(installed)) or 'none'})"
+            )
+
+
+def _run(args: argparse.Namespace) -> int:
+    verbose: int = getattr(args, "verbose", 0)
+    try:
+        config = config_from_args(args, os.environ)
+        _preflight(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    level = _VERBOSITY[min(verbose, 2)] if verbose else getattr(logging, config.log_level.upper())
+    _configure_logging(level)
+    logger.info("starting agent %s (broker %s)", config.device_id, config.broker.url)
+    return run_agent(config, checkpoint=crash_checkpoint(os.environ.get(CRASH_ENV)))
+
+
+def crash_checkpoint(point: str | None) -> Checkpoint:
+    """A checkpoint hook that SIGKILLs this process on reaching ``point``.
+
+    A testing aid for crash recovery (``FEDGE_AGENT_CRASH_AT=slot-written``, or
+    ``chunk-N`` for the N-th chunk held): the agent dies exactly there, as on a
+    power cut, and must come back serving a complete, verified model. Without the
+    variable the hook does nothing.
+    """
+    if not point:
+        return lambda _name: None
+    logger.warning("%s=%s: this agent will kill itself there", CRASH_ENV, point)
+
+    def checkpoint(name: str) -> None:
+        if name == point:
+            logger.warning("crash point %s reached: SIGKILL", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return checkpoint
+
+
+def _configure_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        return _run(args)  # configures logging once the config's log_level is known
+    _configure_logging(_VERBOSITY[min(args.verbose, 2)])
     if args.command == "verify":
         return _verify(args)
+    if args.command == "init":
+        return _init(args)
     parser.print_help()
     return EXIT_FAILURE
 

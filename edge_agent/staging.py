@@ -102,7 +102,11 @@ class TransferInfo:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"unreadable {_DEPLOY_FILE}: {exc}") from exc
-        if info.chunk_size < 1 or info.chunk_count != chunk_count(info.total_size, info.chunk_size):
+        if (
+            info.chunk_size < 1
+            or info.total_size < 0
+            or info.chunk_count != chunk_count(info.total_size, info.chunk_size)
+        ):
             raise StateError(f"inconsistent {_DEPLOY_FILE}: {obj}")
         return info
 
@@ -207,6 +211,14 @@ class StagedTransfer:
 
     def _replay(self, journal: bytes) -> None:
         usable = len(journal) - len(journal) % _RECORD.size
+        if usable != len(journal):
+            # Cut a torn last record, or every record appended after it would be
+            # misaligned and lost on the next replay.
+            try:
+                self._journal.truncate(usable)
+            except OSError as exc:
+                self.close()
+                raise StateError(f"cannot repair {self.directory / _JOURNAL_FILE}: {exc}") from exc
         dropped = 0
         for offset in range(0, usable, _RECORD.size):
             index, digest = _RECORD.unpack_from(journal, offset)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
@@ -28,6 +29,15 @@ from coordinator.delivery import Artifact
 from coordinator.deployment import DeviceState
 from coordinator.fleet import Target
 from edge_agent.agent import Agent
+from edge_agent.protocol import (
+    BROADCAST_PREFIX,
+    Channel,
+    Chunk,
+    Deploy,
+    Rollback,
+    device_topic,
+    encode,
+)
 from tests.fleet_support import (
     FEATURES,
     AgentProcess,
@@ -100,10 +110,27 @@ def online(broker: Mosquitto, *device_ids: str) -> None:
 
     def all_online() -> bool:
         status, out = fedge(broker, "fleet", "--json")
-        seen = {d["device_id"]: d["online"] for d in json.loads(out)["devices"]} if not status else {}
+        seen = (
+            {d["device_id"]: d["online"] for d in json.loads(out)["devices"]} if not status else {}
+        )
         return all(seen.get(d) for d in device_ids)
 
     wait_for(all_online, timeout=20, what=f"{device_ids} online")
+
+
+@pytest.fixture
+def spawn(broker: Mosquitto, trust: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start ``fedge-agent run`` processes; any still running at the end are killed."""
+    started: list[AgentProcess] = []
+
+    def start(device_id: str, data_dir: Path, **options: Any) -> AgentProcess:
+        process = AgentProcess(broker, device_id, data_dir, trust, **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
 
 
 @pytest.fixture
@@ -124,8 +151,9 @@ def agents(broker: Mosquitto, tmp_path: Path, trust: Path) -> Iterator[list[Agen
 
 def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     """``fedge deploy --wait --json``; return the exit status and the result."""
-    status, out = fedge(broker, "deploy", str(artifact), "--wait", "--timeout", "30", "--json",
-                        *extra)  # fmt: skip
+    status, out = fedge(
+        broker, "deploy", str(artifact), "--wait", "--timeout", "30", "--json", *extra
+    )
     return status, json.loads(out)
 
 
@@ -133,11 +161,11 @@ def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, di
 
 
 def test_three_agent_processes_install_a_signed_int8_artifact(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, spawn: Callable[..., AgentProcess]
 ) -> None:
     ports = [free_port() for _ in range(3)]
     processes = [
-        AgentProcess(broker, device, tmp_path / device, trust, http_port=port)
+        spawn(device, tmp_path / device, http_port=port)
         for device, port in zip(DEVICES[:3], ports, strict=True)
     ]
     try:
@@ -145,14 +173,16 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
         artifact = make_artifact(tmp_path, key, version=3)
         assert read_artifact_unverified(artifact)[0].manifest.quantization.startswith("int8")
 
-        status, out = fedge(broker, "deploy", str(artifact), "--to", "all", "--wait",
-                            "--timeout", "60")  # fmt: skip
+        status, out = fedge(
+            broker, "deploy", str(artifact), "--to", "all", "--wait", "--timeout", "60"
+        )
         assert status == 0, out
 
         for port in ports:
             assert served_version(port) == 3
             answer = http_json(port, "/v1/predict", {"inputs": [[0.5] * FEATURES]})
-            assert answer["version"] == 3 and len(answer["outputs"]["probabilities"][0]) == 4
+            assert answer["version"] == 3
+            assert len(answer["outputs"]["probabilities"][0]) == 4
         fleet = json.loads(fedge(broker, "fleet", "--json")[1])["devices"]
         sha256 = Artifact.load(artifact).transfer_id
         assert {d["device_id"]: (d["online"], d["models"]) for d in fleet} == {
@@ -173,9 +203,13 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
     ],
 )
 def test_bad_artifacts_are_rejected_by_every_agent(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey, variant: str,
+    agents: list[Agent],
+    broker: Mosquitto,
+    tmp_path: Path,
+    key: SigningKey,
+    variant: str,
     code: str,
-) -> None:  # fmt: skip
+) -> None:
     status, _ = deploy_json(broker, make_artifact(tmp_path, key, version=2))
     assert status == 0
     bad = {
@@ -192,7 +226,8 @@ def test_bad_artifacts_are_rejected_by_every_agent(
     assert {d["error_code"] for d in result["devices"]} == {code}
     assert all(d["reason"] for d in result["devices"])
     for agent in agents:
-        assert agent.model is not None and agent.model.version == 2
+        assert agent.model is not None
+        assert agent.model.version == 2
         assert agent.predict(np.zeros(FEATURES, dtype=np.float32)).version == 2
         assert not (agent.config.data_dir / "staging").exists() or not any(
             (agent.config.data_dir / "staging").iterdir()
@@ -213,7 +248,8 @@ def test_health_check_failure_keeps_the_old_model_and_says_why(
         assert device["error_code"] == "health_check_failed"
         assert "probabilities" in device["reason"]
     for agent in agents:
-        assert agent.model is not None and agent.model.version == 1
+        assert agent.model is not None
+        assert agent.model.version == 1
     # The failed version was never installed, so a fixed v2 is still accepted.
     assert deploy_json(broker, make_artifact(tmp_path, key, version=2, seed=5))[0] == 0
 
@@ -225,21 +261,26 @@ def test_rollback_returns_to_the_previous_model(
         assert deploy_json(broker, make_artifact(tmp_path, key, version=version))[0] == 0
 
     status, out = fedge(broker, "rollback", "--to", "tag:none", "--model", "digits", "--json")
-    assert status == 1 and json.loads(out)["error"]["code"] == "bad_target"
-    status, out = fedge(broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits",
-                        "--json")  # fmt: skip
+    assert status == 1
+    assert json.loads(out)["error"]["code"] == "bad_target"
+    status, out = fedge(
+        broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits", "--json"
+    )
     assert status == 0, out
     assert [d["state"] for d in json.loads(out)["devices"]] == ["rolled_back"]
     assert [a.model.version for a in agents if a.model] == [1, 2, 2]
 
     # No second step back, and the rolled-back-from version cannot come back.
-    status, out = fedge(broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits",
-                        "--json")  # fmt: skip
+    status, out = fedge(
+        broker, "rollback", "--to", f"device:{DEVICES[0]}", "--model", "digits", "--json"
+    )
     assert status == 1
     assert json.loads(out)["devices"][0]["error_code"] == "no_previous_model"
-    status, result = deploy_json(broker, make_artifact(tmp_path, key, version=2),
-                                 "--to", f"device:{DEVICES[0]}")  # fmt: skip
-    assert status == 1 and result["devices"][0]["error_code"] == "rollback"
+    status, result = deploy_json(
+        broker, make_artifact(tmp_path, key, version=2), "--to", f"device:{DEVICES[0]}"
+    )
+    assert status == 1
+    assert result["devices"][0]["error_code"] == "rollback"
 
 
 def test_broker_restart_in_the_middle_of_a_transfer(
@@ -270,7 +311,8 @@ def test_broker_restart_in_the_middle_of_a_transfer(
         finally:
             operator.stop()
         assert result.succeeded, result.to_json()
-        assert agent.model is not None and agent.model.version == 4
+        assert agent.model is not None
+        assert agent.model.version == 4
     finally:
         agent.stop()
 
@@ -288,28 +330,41 @@ CRASH_POINTS = [
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_agent_sigkilled_during_download_or_install_recovers(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path, point: str
+    broker: Mosquitto,
+    tmp_path: Path,
+    key: SigningKey,
+    spawn: Callable[..., AgentProcess],
+    point: str,
 ) -> None:
     data_dir = tmp_path / DEVICES[0]
     v1 = make_artifact(tmp_path, key, version=1)
     v2 = Artifact.load(make_artifact(tmp_path, key, version=2, hidden=1024))
     port = free_port()
-    first = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port)
+    first = spawn(DEVICES[0], data_dir, http_port=port)
     operator = coordinator(broker, chunk_size=1024)
     try:
-        wait_for(lambda: served_version(port) is None and first.alive() and
-                 any(r.online for r in operator.fleet()), timeout=20, what="agent up")  # fmt: skip
-        assert operator.wait(operator.deploy(Artifact.load(v1), Target.parse("all")),
-                             timeout=30).succeeded  # fmt: skip
+        wait_for(
+            lambda: (
+                served_version(port) is None
+                and first.alive()
+                and any(r.online for r in operator.fleet())
+            ),
+            timeout=20,
+            what="agent up",
+        )
+        assert operator.wait(
+            operator.deploy(Artifact.load(v1), Target.parse("all")), timeout=30
+        ).succeeded
         first.stop()
 
-        doomed = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port, crash_at=point)
+        doomed = spawn(DEVICES[0], data_dir, http_port=port, crash_at=point)
         wait_for(lambda: served_version(port) == 1, timeout=20, what="v1 served")
+        wait_for(lambda: operator.fleet()[0].online, what="the coordinator to see it online")
         delivery = operator.deploy(v2, Target.parse("all"))
         doomed.process.wait(timeout=30)
         assert doomed.process.returncode == -9, doomed.log_text()[-3000:]
 
-        survivor = AgentProcess(broker, DEVICES[0], data_dir, trust, http_port=port)
+        survivor = spawn(DEVICES[0], data_dir, http_port=port)
         try:
             version = wait_for(lambda: served_version(port), timeout=20, what="a model served")
             assert version in (1, 2)
@@ -324,22 +379,11 @@ def test_agent_sigkilled_during_download_or_install_recovers(
 
 
 def test_agent_survives_hostile_messages(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, spawn: Callable[..., AgentProcess]
 ) -> None:
-    import paho.mqtt.client as mqtt
-
-    from edge_agent.protocol import (
-        BROADCAST_PREFIX,
-        Channel,
-        Chunk,
-        Deploy,
-        Rollback,
-        device_topic,
-        encode,
-    )
 
     port = free_port()
-    process = AgentProcess(broker, DEVICES[0], tmp_path / DEVICES[0], trust, http_port=port)
+    process = spawn(DEVICES[0], tmp_path / DEVICES[0], http_port=port)
     try:
         online(broker, DEVICES[0])
         assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
@@ -349,12 +393,16 @@ def test_agent_survives_hostile_messages(
             Chunk.from_payload(b"x" * 3000, 0, chunk_size=1024), sender="coordinator", sent_at=0.0
         )
         hostile: list[tuple[str, bytes]] = []
-        topics = [device_topic(me, Channel.CMD), device_topic(me, Channel.CHUNKS),
-                  f"{BROADCAST_PREFIX}/{'a' * 64}", f"{BROADCAST_PREFIX}/round-1"]  # fmt: skip
-        for i in range(50):  # random bytes, some with our magic
+        topics = [
+            device_topic(me, Channel.CMD),
+            device_topic(me, Channel.CHUNKS),
+            f"{BROADCAST_PREFIX}/{'a' * 64}",
+            f"{BROADCAST_PREFIX}/round-1",
+        ]
+        for i in range(80):  # random bytes, some with our magic
             body = rng.bytes(int(rng.integers(0, 4096)))
             hostile.append((topics[i % 4], (b"FEDG\x01" if i % 2 else b"") + body))
-        for i in range(40):  # truncated frames
+        for i in range(45):  # truncated frames
             cut = int(rng.integers(1, len(valid_chunk)))
             hostile.append((topics[i % 2], valid_chunk[:cut]))
         for size in (2**31 - 1, 2**32 - 1, 10**9, 300 * 1024, 70000):  # huge declared sizes
@@ -364,26 +412,60 @@ def test_agent_survives_hostile_messages(
         hostile.append((topics[0], b"FEDG\x01" + b"\x00" * (300 * 1024)))  # oversized
         for i in range(30):  # wrong sender / wrong device / unknown type / bad fields
             headers = [
-                {"v": 1, "type": "rollback", "id": "0" * 32, "sender": other, "sent_at": 0,
-                 "data": {"model": "digits", "reason": ""}},
-                {"v": 1, "type": "self_destruct", "id": "1" * 32, "sender": "coordinator",
-                 "sent_at": 0, "data": {}},
-                {"v": 1, "type": "deploy", "id": "2" * 32, "sender": "coordinator",
-                 "sent_at": 0, "data": {"deployment_id": "x", "total_size": -1}},
-                {"v": 99, "type": "deploy", "id": "3" * 32, "sender": "coordinator",
-                 "sent_at": 0, "data": {}},
-            ]  # fmt: skip
+                {
+                    "v": 1,
+                    "type": "rollback",
+                    "id": "0" * 32,
+                    "sender": other,
+                    "sent_at": 0,
+                    "data": {"model": "digits", "reason": ""},
+                },
+                {
+                    "v": 1,
+                    "type": "self_destruct",
+                    "id": "1" * 32,
+                    "sender": "coordinator",
+                    "sent_at": 0,
+                    "data": {},
+                },
+                {
+                    "v": 1,
+                    "type": "deploy",
+                    "id": "2" * 32,
+                    "sender": "coordinator",
+                    "sent_at": 0,
+                    "data": {"deployment_id": "x", "total_size": -1},
+                },
+                {
+                    "v": 99,
+                    "type": "deploy",
+                    "id": "3" * 32,
+                    "sender": "coordinator",
+                    "sent_at": 0,
+                    "data": {},
+                },
+            ]
             header = json.dumps(headers[i % 4]).encode()
             hostile.append((topics[0], b"FEDG\x01" + len(header).to_bytes(4, "big") + header))
-        garbage_manifest = Deploy(deployment_id="evil", transfer_id="0" * 64, total_size=10,
-                                  chunk_size=10, chunk_count=1, manifest=b"FSM1garbage")  # fmt: skip
+        garbage_manifest = Deploy(
+            deployment_id="evil",
+            transfer_id="0" * 64,
+            total_size=10,
+            chunk_size=10,
+            chunk_count=1,
+            manifest=b"FSM1garbage",
+        )
         for i in range(14):
-            hostile.append((topics[0], encode(garbage_manifest, sender="coordinator",
-                                              sent_at=float(i))))  # fmt: skip
+            hostile.append(
+                (topics[0], encode(garbage_manifest, sender="coordinator", sent_at=float(i)))
+            )
         hostile.append((topics[0], encode(Rollback(model="digits"), sender=other, sent_at=0.0)))
-        hostile.append((device_topic(other, Channel.CMD), encode(Rollback(model="digits"),
-                                                                 sender="coordinator",
-                                                                 sent_at=0.0)))  # fmt: skip
+        hostile.append(
+            (
+                device_topic(other, Channel.CMD),
+                encode(Rollback(model="digits"), sender="coordinator", sent_at=0.0),
+            )
+        )
         assert len(hostile) >= 200
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
@@ -418,8 +500,10 @@ def test_fleet_shows_devices_and_offline_after_stop(
         online(broker, DEVICES[3])
         status, out = fedge(broker, "fleet", "--json")
         (device,) = json.loads(out)["devices"]
-        assert device["device_id"] == DEVICES[3] and device["tags"] == ["camera"]
-        assert device["models"] == [] and "machine" in device["hardware"]
+        assert device["device_id"] == DEVICES[3]
+        assert device["tags"] == ["camera"]
+        assert device["models"] == []
+        assert "machine" in device["hardware"]
         result = deploy_json(broker, make_artifact(tmp_path, key, version=1), "--to", "tag:camera")
         assert result[0] == 0
     finally:
@@ -428,13 +512,24 @@ def test_fleet_shows_devices_and_offline_after_stop(
     (device,) = json.loads(out)["devices"]
     assert device["online"] is False
     assert device["models"][0]["version"] == 1
-    status, out = fedge(broker, "deploy", str(make_artifact(tmp_path, key, version=2)), "--wait",
-                        "--json", "--to", f"device:{DEVICES[3]}", "--timeout", "5")  # fmt: skip
+    status, out = fedge(
+        broker,
+        "deploy",
+        str(make_artifact(tmp_path, key, version=2)),
+        "--wait",
+        "--json",
+        "--to",
+        f"device:{DEVICES[3]}",
+        "--timeout",
+        "5",
+    )
     assert status == 1
     assert json.loads(out)["devices"][0]["state"] == DeviceState.OFFLINE
 
 
-def test_unknown_target_is_a_clear_error(broker: Mosquitto, tmp_path: Path, key: SigningKey) -> None:
+def test_unknown_target_is_a_clear_error(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
     artifact = make_artifact(tmp_path, key, version=1)
     status, out = fedge(broker, "deploy", str(artifact), "--to", "device:nobody", "--json")
     assert status == 1
