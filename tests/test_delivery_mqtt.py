@@ -35,6 +35,8 @@ from edge_agent.protocol import (
     Chunk,
     Deploy,
     Rollback,
+    TelemetryBatch,
+    decode,
     device_topic,
     encode,
 )
@@ -535,3 +537,71 @@ def test_unknown_target_is_a_clear_error(
     assert status == 1
     assert json.loads(out)["error"]["code"] == "bad_target"
     assert os.environ.get("FEDGE_BROKER") is None
+
+
+class Subscriber:
+    """A raw paho client (as the coordinator user) that collects what arrives."""
+
+    def __init__(self, broker: Mosquitto, topic: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-sink")
+        self.client.username_pw_set("coordinator", password("coordinator"))
+        self.client.on_connect = lambda c, _u, _f, _r, _p: c.subscribe(topic, qos=1)
+        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    agent = Agent(agent_config(broker, DEVICES[0], tmp_path / "a0", trust))
+    agent.start()
+    sink = Subscriber(broker, device_topic(DEVICES[0], Channel.TELEMETRY))
+    try:
+        wait_for(lambda: agent.connected, what="agent connected")
+        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        wait_for(lambda: sink.messages, what="a first telemetry batch")
+
+        broker.stop()
+        wait_for(lambda: not agent.connected, what="agent noticing the broker is gone")
+        for _ in range(5):  # keeps serving while offline
+            assert agent.predict(np.ones(FEATURES, dtype=np.float32)).version == 1
+        spool = agent.config.data_dir / "spool"
+        wait_for(lambda: len(list(spool.glob("*.item"))) >= 2, what="batches spooled on disk")
+        broker.start()
+
+        def batches() -> list[TelemetryBatch]:
+            found = []
+            for _topic, payload in list(sink.messages):
+                message = decode(payload).message
+                assert isinstance(message, TelemetryBatch)
+                found.append(message)
+            return found
+
+        def all_sent() -> bool:
+            seqs = [b.seq for b in batches()]
+            return (
+                agent.connected
+                and seqs == list(range(len(seqs)))
+                and len(seqs) >= 4
+                and (sum(r.predictions for b in batches() for r in b.records) >= 5)
+            )
+
+        wait_for(all_sent, timeout=20, what="every spooled batch, in order")
+        record = next(r for b in batches() for r in b.records if r.predictions)
+        assert record.model == "digits"
+        assert record.version == 1
+        assert record.latency_ms.p50 > 0
+        assert record.memory_bytes > 0
+        assert record.uptime_s > 0
+        assert sum(record.histogram.counts) == record.predictions - record.errors
+        assert all(b.dropped == 0 for b in batches())
+    finally:
+        sink.close()
+        agent.stop()
