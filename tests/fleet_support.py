@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -21,13 +22,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from compress.artifact import read_artifact_unverified, write_artifact
 from compress.families import init_weights
@@ -86,11 +91,78 @@ def wait_for(
         time.sleep(0.02)
 
 
-class Mosquitto:
-    """A mosquitto broker with the shipped ACL; restartable on the same port."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
 
-    def __init__(self, directory: Path, users: Sequence[str]) -> None:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TlsFiles:
+        """Generate the CA and both certificates (EC P-256, valid for a day)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC)
+
+        def make(
+            name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool
+        ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            issuer_name, issuer_key = issuer if issuer else (subject, key)
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(issuer_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5))
+                .not_valid_after(now + timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            )
+            if not ca:
+                builder = builder.add_extension(
+                    x509.SubjectAlternativeName(
+                        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    ),
+                    critical=False,
+                )
+            return builder.sign(issuer_key, hashes.SHA256()), key
+
+        ca_cert, ca_key = make("fedge test CA", None, ca=True)
+        issuer = (ca_cert.subject, ca_key)
+        files = cls(*(directory / n for n in ("ca.pem", "server.pem", "server.key",
+                                               "client.pem", "client.key")))  # fmt: skip
+        for cert_path, key_path, (cert, key) in (
+            (files.ca, None, (ca_cert, ca_key)),
+            (files.server_cert, files.server_key, make("127.0.0.1", issuer, ca=False)),
+            (files.client_cert, files.client_key, make("client", issuer, ca=False)),
+        ):
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            if key_path is not None:
+                key_path.write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+        return files
+
+
+class Mosquitto:
+    """A mosquitto broker with the shipped ACL; restartable on the same port.
+
+    With ``tls``, the listener speaks TLS only and requires a client certificate
+    signed by the test CA (mutual TLS) on top of the passwords.
+    """
+
+    def __init__(self, directory: Path, users: Sequence[str], tls: TlsFiles | None = None) -> None:
         self.directory = directory
+        self.tls = tls
         self.port = free_port()
         self.log = directory / "mosquitto.log"
         passwords = directory / "passwd"
@@ -106,25 +178,35 @@ class Mosquitto:
         acl.write_text(MOSQUITTO_ACL)
         run_as = "user root\n" if os.geteuid() == 0 else ""
         self.config = directory / "mosquitto.conf"
+        tls_lines = (
+            f"cafile {tls.ca}\ncertfile {tls.server_cert}\nkeyfile {tls.server_key}\n"
+            "require_certificate true\n"
+            if tls
+            else ""
+        )
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"
+            f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
             f"password_file {passwords}\nacl_file {acl}\npersistence false\n{run_as}"
         )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """mqtt:// URL of the broker."""
-        return f"mqtt://127.0.0.1:{self.port}"
+        """mqtt:// (or mqtts://) URL of the broker."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def broker(self, user: str) -> BrokerConfig:
         """Connection settings for ``user``."""
+        tls = self.tls
         return BrokerConfig(
             host="127.0.0.1",
             port=self.port,
-            tls=False,
+            tls=tls is not None,
             username=user,
             password=password(user),
+            ca_file=tls.ca if tls else None,
+            cert_file=tls.client_cert if tls else None,
+            key_file=tls.client_key if tls else None,
             reconnect_min_s=1.0,
             reconnect_max_s=2.0,
         )

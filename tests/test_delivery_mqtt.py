@@ -14,6 +14,7 @@ import json
 import os
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from tests.fleet_support import (
     FEATURES,
     AgentProcess,
     Mosquitto,
+    TlsFiles,
     agent_config,
     coordinator,
     free_port,
@@ -605,3 +607,38 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
     finally:
         sink.close()
         agent.stop()
+
+
+def test_delivery_over_mutual_tls(tmp_path: Path, key: SigningKey, trust: Path) -> None:
+    tls = TlsFiles.create(tmp_path / "tls")
+    secure = Mosquitto(tmp_path, DEVICES, tls=tls)
+    secure.start()
+    agent = Agent(agent_config(secure, DEVICES[0], tmp_path / "a0", trust))
+    no_cert = replace(secure.broker(DEVICES[1]), cert_file=None, key_file=None)
+    intruder = Agent(
+        replace(agent_config(secure, DEVICES[1], tmp_path / "a1", trust), broker=no_cert)
+    )
+    try:
+        agent.start()
+        intruder.start()
+        wait_for(lambda: agent.connected, what="agent connected over TLS")
+        tls_flags = ["--ca-file", str(tls.ca), "--cert-file", str(tls.client_cert),
+                     "--key-file", str(tls.client_key)]  # fmt: skip
+        status, out = fedge(secure, "fleet", "--json", *tls_flags)
+        assert status == 0, out
+        assert [d["device_id"] for d in json.loads(out)["devices"]] == [DEVICES[0]]
+        artifact = make_artifact(tmp_path, key, version=1)
+        status, out = fedge(secure, "deploy", str(artifact), "--wait", "--json", *tls_flags)
+        assert status == 0, out
+        assert agent.model is not None
+        assert agent.model.version == 1
+        assert not intruder.connected, "a client without a certificate must be refused"
+        status, out = fedge(
+            secure, "fleet", "--json", "--ca-file", str(tls.ca), "--connect-timeout", "1"
+        )
+        assert status == 1
+        assert json.loads(out)["error"]["code"] == "broker_error"
+    finally:
+        agent.stop()
+        intruder.stop()
+        secure.stop()

@@ -63,6 +63,10 @@ PasswordEnv = Annotated[
 CaOption = Annotated[Path | None, typer.Option("--ca-file", help="CA bundle for mqtts://.")]
 CertOption = Annotated[Path | None, typer.Option("--cert-file", help="Client certificate (mTLS).")]
 KeyOption = Annotated[Path | None, typer.Option("--key-file", help="Client key (mTLS).")]
+ConnectTimeoutOption = Annotated[
+    float,
+    typer.Option("--connect-timeout", min=0.1, help="Seconds to wait for the broker."),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 TargetOption = Annotated[
     str,
@@ -102,7 +106,7 @@ def broker_config(
 
 @contextmanager
 def connected(
-    broker: BrokerConfig, *, chunk_size: int = DEFAULT_CHUNK_BYTES
+    broker: BrokerConfig, *, timeout: float, chunk_size: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[Coordinator]:
     """A started coordinator, stopped on exit.
 
@@ -110,7 +114,7 @@ def connected(
         BrokerError: cannot connect.
     """
     coordinator = Coordinator(CoordinatorConfig(broker=broker, chunk_size=chunk_size))
-    coordinator.start()
+    coordinator.start(timeout)
     try:
         yield coordinator
     finally:
@@ -164,6 +168,7 @@ def deploy(
     ca_file: CaOption = None,
     cert_file: CertOption = None,
     key_file: KeyOption = None,
+    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Send a signed artifact to devices over MQTT; agents verify it before installing."""
@@ -181,7 +186,7 @@ def deploy(
         )  # fmt: skip
         manifest = loaded.manifest
         title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
-        with connected(config, chunk_size=chunk_size) as coordinator:
+        with connected(config, timeout=connect_timeout, chunk_size=chunk_size) as coordinator:
             delivery = coordinator.deploy(loaded, target)
             result = _follow(
                 coordinator, delivery, timeout=timeout, title=title,
@@ -214,6 +219,7 @@ def fleet(
     ca_file: CaOption = None,
     cert_file: CertOption = None,
     key_file: KeyOption = None,
+    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """List the devices seen on the broker: online/offline, model, last seen."""
@@ -222,7 +228,7 @@ def fleet(
             broker, username=username, password=password, password_file=password_file,
             ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         )  # fmt: skip
-        with connected(config) as coordinator:
+        with connected(config, timeout=connect_timeout) as coordinator:
             records = coordinator.fleet()
     now = time.time()
     if as_json:
@@ -245,6 +251,7 @@ def rollback(
     ca_file: CaOption = None,
     cert_file: CertOption = None,
     key_file: KeyOption = None,
+    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Make devices go back to their previous good model; exits 1 unless all did."""
@@ -255,7 +262,7 @@ def rollback(
             ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         )  # fmt: skip
         title = f"rollback {model} -> {target.describe()}"
-        with connected(config) as coordinator:
+        with connected(config, timeout=connect_timeout) as coordinator:
             delivery = coordinator.rollback(target, model, reason=reason)
             result = coordinator.wait(delivery, timeout=timeout)
     if as_json:
