@@ -30,6 +30,7 @@ is logged and otherwise ignored: telemetry never fails a prediction.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -47,6 +48,11 @@ from edge_agent.runtime.base import ModelRuntime, TensorInfo
 __all__ = ["LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
 
 logger = logging.getLogger(__name__)
+
+# Prediction ids: a random per-process prefix and a counter (unique, and cheaper than
+# a uuid4 on every prediction).
+_ID_PREFIX = uuid.uuid4().hex[:20]
+_ID_COUNTER = itertools.count()
 
 
 def _tensor_json(info: TensorInfo) -> dict[str, Any]:
@@ -112,7 +118,8 @@ class Prediction:
     """The answer to one :meth:`ModelServer.predict` call.
 
     Attributes:
-        id: A random identifier (uuid4, hex) for logs and correlation.
+        id: A unique identifier (32 hex digits: a random per-process prefix and a
+            counter) for logs, correlation and, later, labelled feedback.
         model: The name of the model that answered.
         version: Its version.
         outputs: Every model output, by name.
@@ -159,15 +166,23 @@ def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
     Raises:
         ModelRuntimeError: the value cannot be converted, or overflows the dtype.
     """
+    if isinstance(value, np.ndarray) and value.dtype == info.numpy_dtype:
+        array = value  # the common case, kept cheap: nothing to convert
+    else:
+        array = _converted(value, info)
+    if array.ndim == 1 and len(info.shape) == 2:
+        array = array[np.newaxis, :]
+    return array
+
+
+def _converted(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
     try:
         with np.errstate(over="raise", invalid="raise"):
-            array = np.asarray(value, dtype=np.dtype(info.dtype))
+            array = np.asarray(value, dtype=info.numpy_dtype)
     except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
         raise ModelRuntimeError(
             f"cannot convert input {info.name!r} to {info.dtype}: {exc}"
         ) from exc
-    if array.ndim == 1 and len(info.shape) == 2:
-        array = array[np.newaxis, :]
     return array
 
 
@@ -303,7 +318,7 @@ class ModelServer:
             else None
         )
         return Prediction(
-            id=uuid.uuid4().hex,
+            id=f"{_ID_PREFIX}{next(_ID_COUNTER):012x}",
             model=model.name,
             version=model.version,
             outputs=outputs,

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -49,9 +50,14 @@ class TensorInfo:
     shape: tuple[int | None, ...]
     dtype: str
 
+    @cached_property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """:attr:`dtype` as a numpy dtype (computed once: this is on the hot path)."""
+        return np.dtype(self.dtype)
+
     def accepts(self, array: np.ndarray) -> str | None:
         """Why ``array`` cannot be fed to this tensor, or ``None`` if it can."""
-        if str(array.dtype) != self.dtype:
+        if array.dtype != self.numpy_dtype:
             return f"input {self.name!r} must be {self.dtype}, got {array.dtype}"
         if array.ndim != len(self.shape) or any(
             want is not None and want != got
