@@ -84,6 +84,7 @@ from edge_agent.protocol import (
     encode,
     parse_topic,
 )
+from edge_agent.runtime.base import ModelRuntime
 from edge_agent.runtime.loader import available_runtimes, load_model
 from edge_agent.serving import LoadedModel, ModelServer, Prediction
 from edge_agent.spool import Spool
@@ -282,7 +283,9 @@ class Agent:
         logger.info("no model installed yet")
 
     def _activate(self, model: InstalledModel) -> None:
-        runtime = load_model(model.format, self._store.read_payload(model))
+        self._serve(model, load_model(model.format, self._store.read_payload(model)))
+
+    def _serve(self, model: InstalledModel, runtime: ModelRuntime) -> None:
         self._server.activate(
             LoadedModel(
                 name=model.name,
@@ -566,17 +569,7 @@ class Agent:
             self._report_error(transfer.deployment_id, InstallState.ROLLED_BACK, exc, manifest)
             transfer.staged.discard()
             return
-        self._server.activate(
-            LoadedModel(
-                name=model.name,
-                version=model.version,
-                sha256=model.sha256,
-                format=model.format,
-                slot=model.slot,
-                runtime=runtime,
-                installed_at=model.installed_at,
-            )
-        )
+        self._serve(model, runtime)
         self.counters.installs += 1
         self._report(transfer.deployment_id, InstallState.INSTALLED, model)
         self._publish(Channel.STATUS, self._status(online=True), retain=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from compress.manifest import HealthCheck
 from edge_agent.errors import HealthCheckError, ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime
+from edge_agent.runtime.base import ModelRuntime, convert_input
 
 __all__ = ["HealthReport", "run_health_check"]
 
@@ -76,12 +76,9 @@ def _feeds(runtime: ModelRuntime, check: HealthCheck) -> dict[str, np.ndarray]:
     feeds: dict[str, np.ndarray] = {}
     for info in inputs:
         try:
-            with np.errstate(over="raise", invalid="raise"):
-                feeds[info.name] = np.asarray(check.inputs[info.name].array(), dtype=info.dtype)
-        except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
-            raise HealthCheckError(
-                f"reference input {info.name!r} cannot be converted to {info.dtype}: {exc}"
-            ) from exc
+            feeds[info.name] = convert_input(check.inputs[info.name].array(), info)
+        except ModelRuntimeError as exc:
+            raise HealthCheckError(f"reference input: {exc}") from exc
     return feeds
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import ModelRuntimeError, NoModelError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo
+from edge_agent.runtime.base import ModelRuntime, TensorInfo, convert_input
 
 __all__ = ["LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
 
@@ -166,23 +166,9 @@ def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
     Raises:
         ModelRuntimeError: the value cannot be converted, or overflows the dtype.
     """
-    if isinstance(value, np.ndarray) and value.dtype == info.numpy_dtype:
-        array = value  # the common case, kept cheap: nothing to convert
-    else:
-        array = _converted(value, info)
+    array = convert_input(value, info)
     if array.ndim == 1 and len(info.shape) == 2:
         array = array[np.newaxis, :]
-    return array
-
-
-def _converted(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
-    try:
-        with np.errstate(over="raise", invalid="raise"):
-            array = np.asarray(value, dtype=info.numpy_dtype)
-    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
-        raise ModelRuntimeError(
-            f"cannot convert input {info.name!r} to {info.dtype}: {exc}"
-        ) from exc
     return array
 
 

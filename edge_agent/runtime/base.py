@@ -153,6 +153,24 @@ def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, object]) -> dict[s
     return prepared
 
 
+def convert_input(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
+    """``value`` as an array of ``info``'s dtype, refusing lossy overflow.
+
+    Raises:
+        ModelRuntimeError: the value cannot be converted, or overflows the dtype
+            (e.g. ``1e39`` for float32, instead of a silent ``inf``).
+    """
+    if isinstance(value, np.ndarray) and value.dtype == info.numpy_dtype:
+        return value
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return np.asarray(value, dtype=info.numpy_dtype)
+    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
+        raise ModelRuntimeError(
+            f"cannot convert input {info.name!r} to {info.dtype}: {exc}"
+        ) from exc
+
+
 def predict_single(runtime: ModelRuntime, x: npt.ArrayLike) -> np.ndarray:
     """:meth:`ModelRuntime.predict` for any runtime (also structural implementations).
 
