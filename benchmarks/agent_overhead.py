@@ -30,30 +30,34 @@ the way out. Prints two tables and writes JSON::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime
+from _support import (
+    argument_parser,
+    environment,
+    free_port,
+    mosquitto,
+    password,
+    stop_process,
+    wait_until,
+    write_json,
+)
 
 from compress.families import INPUT_NAME
 from compress.keys import generate_signing_key, save_keypair
@@ -65,7 +69,6 @@ from coordinator.fleet import Target
 from coordinator.packaging import LabelledData, PackageRequest, package_model
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BrokerConfig, TrustConfig
-from edge_agent.protocol import MOSQUITTO_ACL
 
 DEFAULT_OUT = Path("benchmarks/results/agent_overhead.json")
 DEVICE_ID = "bench-agent"
@@ -101,89 +104,6 @@ sys.stdin.read()
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tool(name: str) -> str:
-    """Path of a mosquitto executable."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
-    if path is None:
-        raise SystemExit(f"{name} is not installed (apt-get install mosquitto)")
-    return path
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is truthy, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@contextmanager
-def mosquitto(directory: Path, users: list[str]) -> Iterator[int]:
-    """A mosquitto broker on a loopback port with the shipped ACL; yields the port.
-
-    Passwords are ``pw-<user>``.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    passwords = directory / "passwd"
-    passwords.write_text("")
-    for user in users:
-        subprocess.run(
-            [tool("mosquitto_passwd"), "-b", str(passwords), user, f"pw-{user}"],
-            check=True,
-            capture_output=True,
-        )
-    passwords.chmod(0o600)
-    acl = directory / "acl"
-    acl.write_text(MOSQUITTO_ACL)
-    port = free_port()
-    config = directory / "mosquitto.conf"
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
-        f"acl_file {acl}\npersistence false\n{run_as}"
-    )
-    log = directory / "mosquitto.log"
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            [tool("mosquitto"), "-c", str(config)], stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-
-        def listening() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, STARTUP_TIMEOUT_S, "mosquitto to listen")
-        yield port
-    finally:
-        stop_process(process)
-
-
 def broker_config(port: int, user: str) -> BrokerConfig:
     """Connection settings for ``user`` on the benchmark broker."""
     return BrokerConfig(
@@ -191,7 +111,7 @@ def broker_config(port: int, user: str) -> BrokerConfig:
         port=port,
         tls=False,
         username=user,
-        password=f"pw-{user}",
+        password=password(user),
         reconnect_min_s=1.0,
         reconnect_max_s=2.0,
     )
@@ -223,38 +143,6 @@ def stats_us(values: list[float]) -> dict[str, float]:
         "p50": round(statistics.median(values), 2),
         "p95": round(statistics.quantiles(values, n=20)[-1], 2),
         "mean": round(statistics.fmean(values), 2),
-    }
-
-
-def version_of(package: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def mosquitto_version() -> str:
-    """First line of ``mosquitto -h`` (its version)."""
-    out = subprocess.run([tool("mosquitto"), "-h"], capture_output=True, text=True, check=False)
-    return (out.stdout or out.stderr).splitlines()[0].strip()
-
-
-def environment() -> dict[str, Any]:
-    """What the figures were measured on, and how they were produced."""
-    return {
-        "command": shlex.join(sys.orig_argv),
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "packages": {
-            name: version_of(name)
-            for name in ("fedge", "numpy", "onnxruntime", "paho-mqtt", "scikit-learn")
-        },
-        "mosquitto": mosquitto_version(),
     }
 
 
@@ -345,7 +233,7 @@ def measure_agent_process(
         The agent's memory figures, correct HTTP answers, and deploy-to-installed seconds.
     """
     secret = workdir / f"{DEVICE_ID}.password"
-    secret.write_text(f"pw-{DEVICE_ID}")
+    secret.write_text(password(DEVICE_ID))
     http_port = free_port()
     log = workdir / "agent.log"
     args = [
@@ -514,8 +402,7 @@ def format_tables(memory: MemoryResult, latency: dict[str, dict[str, float]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser = argument_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--runs", type=int, default=2000, help="timed batch-1 calls per side")
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls per side first")
@@ -530,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = build_model(workdir, args.seed)
         data_dir = workdir / "agent-data"
-        with mosquitto(workdir / "broker", [COORDINATOR_USER, DEVICE_ID]) as port:
+        with mosquitto(
+            workdir / "broker", users=[COORDINATOR_USER, DEVICE_ID], timeout=STARTUP_TIMEOUT_S
+        ) as port:
             print("agent process: deploy, serve, measure RSS...", file=sys.stderr)
             agent_mem, correct, deploy_seconds = measure_agent_process(
                 model, port, workdir, data_dir, args.requests
@@ -590,11 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             stat: ratio(latency["adapter"][stat], latency["bare"][stat])
             for stat in ("p50", "p95", "mean")
         },
-        "environment": environment(),
+        "environment": environment(("fedge", "numpy", "onnxruntime", "paho-mqtt", "scikit-learn")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_json(args.out, result)
     return 0
 
 

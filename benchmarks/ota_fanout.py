@@ -33,31 +33,24 @@ out. Prints a table and writes JSON::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
-import shlex
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from _support import argument_parser, environment, mosquitto, wait_until, write_json
 from paho.mqtt.enums import CallbackAPIVersion
 
 from compress.families import init_weights
@@ -82,70 +75,6 @@ PAST_DOWNLOAD = (DeviceState.VERIFYING, DeviceState.INSTALLING, DeviceState.INST
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tool(name: str) -> str:
-    """Path of a mosquitto executable."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
-    if path is None:
-        raise SystemExit(f"{name} is not installed (apt-get install mosquitto)")
-    return path
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is truthy, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-@contextmanager
-def mosquitto(directory: Path) -> Iterator[int]:
-    """An anonymous mosquitto broker on a loopback port; yields the port."""
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = directory / "mosquitto.conf"
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"sys_interval 1\n{run_as}"
-    )
-    log = directory / "mosquitto.log"
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            [tool("mosquitto"), "-c", str(config)], stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-
-        def listening() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, STARTUP_TIMEOUT_S, "mosquitto to listen")
-        yield port
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def paho_client(client_id: str) -> mqtt.Client:
@@ -207,32 +136,6 @@ class SysMonitor:
     def stop(self) -> None:
         """Disconnect."""
         stop_client(self._client)
-
-
-def version_of(package: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """What the figures were measured on, and how they were produced."""
-    out = subprocess.run([tool("mosquitto"), "-h"], capture_output=True, text=True, check=False)
-    return {
-        "command": shlex.join(sys.orig_argv),
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "packages": {
-            name: version_of(name) for name in ("fedge", "numpy", "onnxruntime", "paho-mqtt")
-        },
-        "mosquitto": (out.stdout or out.stderr).splitlines()[0].strip(),
-    }
 
 
 # --------------------------------------------------------------------------- artifact
@@ -322,7 +225,7 @@ def run_fedge(
     fleet: list[Agent] = []
     coordinator: Coordinator | None = None
     monitor: SysMonitor | None = None
-    with mosquitto(workdir / "broker") as port:
+    with mosquitto(workdir / "broker", sys_interval=1, timeout=STARTUP_TIMEOUT_S) as port:
         try:
             for i in range(agents):
                 device_id = f"dev-{i:03d}"
@@ -441,7 +344,7 @@ def run_raw(workdir: Path, payload: bytes, subscribers: int, piece: int, timeout
 
         return on_message
 
-    with mosquitto(workdir / "broker") as port:
+    with mosquitto(workdir / "broker", sys_interval=1, timeout=STARTUP_TIMEOUT_S) as port:
         try:
             for i in range(subscribers):
                 client = paho_client(f"raw-sub-{i:03d}")
@@ -526,8 +429,7 @@ def format_table(summary: dict[str, Any], agents: int, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser = argument_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--agents", type=int, default=50, help="devices (agents / subscribers)")
     parser.add_argument("--size-mib", type=float, default=1.0, help="target artifact payload")
     parser.add_argument(
@@ -628,11 +530,9 @@ def main(argv: list[str] | None = None) -> int:
             "fedge": [asdict(r) for r in fedge_runs],
             "raw": [asdict(r) for r in raw_runs],
         },
-        "environment": environment(),
+        "environment": environment(("fedge", "numpy", "onnxruntime", "paho-mqtt")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_json(args.out, result)
     return 0
 
 

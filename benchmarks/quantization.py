@@ -22,22 +22,18 @@ Prints a table and writes the figures as JSON::
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime
+from _support import argument_parser, machine_info, timestamp, write_json
 
 from compress.families import INPUT_NAME
 from compress.onnx_export import export_onnx
@@ -157,20 +153,16 @@ def format_table(rows: list[Row]) -> str:
 def environment() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser = argument_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--runs", type=int, default=300, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -217,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "rows": [asdict(r) for r in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_json(args.out, result)
     return 0
 
 

@@ -89,6 +89,8 @@ logger = logging.getLogger(__name__)
 
 SYNC_PREFIX = f"{ROOT}/coordinator/sync"
 PUBLISH_WINDOW = 64
+MAX_CHUNKS_PER_REQUEST = 64
+"""Chunks served for one chunk request (bounds what one device can make us queue)."""
 """Chunks published before waiting for the broker's acknowledgements (paces big pushes)."""
 
 
@@ -453,10 +455,12 @@ class Coordinator:
         """Stop tracking a delivery and serving its chunks."""
         with self._cond:
             self._deliveries.pop(delivery.deployment_id, None)
-            if delivery.artifact is not None and not any(
-                d.artifact is delivery.artifact for d in self._deliveries.values()
+            artifact = delivery.artifact
+            if artifact is not None and not any(
+                d.artifact is not None and d.artifact.transfer_id == artifact.transfer_id
+                for d in self._deliveries.values()
             ):
-                self._transfers.pop(delivery.artifact.transfer_id, None)
+                self._transfers.pop(artifact.transfer_id, None)
 
     # ------------------------------------------------------------ incoming messages
 
@@ -539,7 +543,7 @@ class Coordinator:
                         request.transfer_id[:12])  # fmt: skip
             return
         count = chunk_count(len(artifact.payload), self.config.chunk_size)
-        indices = sorted({i for i in request.indices if 0 <= i < count})
+        indices = sorted({i for i in request.indices if 0 <= i < count})[:MAX_CHUNKS_PER_REQUEST]
         self._send_chunks(artifact, indices, device_topic(device_id, Channel.CHUNKS))
 
 

@@ -23,14 +23,15 @@ can be processed out of order with presence changes):
   is stale and ignored, and so is a download report holding fewer chunks of the
   same transfer than already reported.
 * ``installed`` is proof that the model runs on the device, so it overrides an
-  earlier ``failed``, ``rejected`` or our own ``timed_out``: the agent retried (the
+  earlier ``failed``, ``rejected``, ``rolled_back`` or our own ``timed_out``: the agent retried (the
   deploy was resent, or the agent resumed by itself) and this time it worked, or the
   answer simply arrived after the deadline. Once installed, only ``rolled_back``
   (the post-install health check failed, or the install was undone) changes the
   state; a later ``failed`` or ``rejected`` comes from a duplicate deploy and leaves
   the installed model in place.
-* ``rolled_back`` is final: the agent's rollback protection refuses the same version
-  again, so nothing legitimate follows it.
+* ``rolled_back`` (the model failed to load or its health check, and the previous
+  one kept serving; the version was never committed, so a retry may work) behaves
+  like ``failed``.
 * ``timed_out`` is the coordinator's guess; any outcome the device reports later
   replaces it. Stages reported after it are ignored (the deadline has passed).
 * ``offline`` leaves only through :meth:`~DeploymentTracker.on_online` (back to
@@ -198,9 +199,8 @@ def _admits(current: DeviceState, new: DeviceState) -> bool:
         return new in TERMINAL_STATES
     if current is DeviceState.INSTALLED:
         return new in (DeviceState.INSTALLED, DeviceState.ROLLED_BACK)
-    if current in (DeviceState.FAILED, DeviceState.REJECTED):
-        return new in (current, DeviceState.INSTALLED)
-    return new is current  # ROLLED_BACK is final
+    # FAILED, REJECTED, ROLLED_BACK: a retry (the deploy resent) may still install.
+    return new in (current, DeviceState.INSTALLED)
 
 
 class DeploymentTracker:

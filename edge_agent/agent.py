@@ -31,6 +31,7 @@ logged and dropped, and no handler exception stops the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -78,6 +79,7 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     agent_subscriptions,
+    broadcast_topic,
     check_route,
     decode,
     device_topic,
@@ -96,16 +98,17 @@ __all__ = ["Agent", "run_agent"]
 logger = logging.getLogger(__name__)
 
 INBOX_SIZE = 256
-"""Messages waiting for the worker; beyond it the network thread waits, then drops."""
+"""Messages waiting for the worker; beyond it they are dropped (and counted): the
+network thread never blocks, and a lost chunk is simply asked for again."""
 
-INBOX_PUT_TIMEOUT_S = 2.0
 PUBLISH_ACK_TIMEOUT_S = 5.0
+MAX_STALLS = 12
+"""Requests for missing chunks in a row without any progress before a transfer fails."""
 PROGRESS_STEPS = 10
 RECENT_COMMANDS = 256
 PENDING_REPORTS = 64
 
-_CONNECTED = "connected"
-_STOP = "stop"
+_WAKE = "wake"
 
 
 def _no_checkpoint(_name: str) -> None:
@@ -121,6 +124,7 @@ class _Transfer:
     deployment_id: str
     deadline: float
     pulling: bool = False
+    stalls: int = 0
     outstanding: set[int] = field(default_factory=set)
     last_progress: int = -1
 
@@ -171,6 +175,7 @@ class Agent:
         self._spool = Spool(config.data_dir / "spool", max_bytes=config.telemetry.spool_max_bytes)
         self._hardware = hardware_facts()
         self._inbox: queue.Queue[tuple[str, bytes] | str] = queue.Queue(maxsize=INBOX_SIZE)
+        self._just_connected = threading.Event()
         self._transfer: _Transfer | None = None
         self._recent_commands: deque[str] = deque(maxlen=RECENT_COMMANDS)
         self._pending_reports: deque[InstallStatus] = deque(maxlen=PENDING_REPORTS)
@@ -182,11 +187,17 @@ class Agent:
         self._link = MqttLink(
             config.broker,
             client_id=self.device_id,
-            subscriptions=agent_subscriptions(self.device_id),
+            subscriptions=agent_subscriptions(self.device_id, broadcast=False),
             on_message=self._enqueue,
-            on_connect=lambda: self._put(_CONNECTED),
-            will=Will(self._topic(Channel.STATUS), self._encode(self._status(online=False))),
+            on_connect=self._on_link_up,
+            will=lambda: Will(
+                self._topic(Channel.STATUS), self._encode(self._status(online=False))
+            ),
         )
+
+    def _last_will(self) -> Will:
+        """The offline status, made afresh before each connection attempt."""
+        return Will(self._topic(Channel.STATUS), self._encode(self._status(online=False)))
 
     # ------------------------------------------------------------------ public API
 
@@ -216,9 +227,11 @@ class Agent:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self._put(_STOP)
+        self._wake()
         if self._worker is not None:
             self._worker.join(timeout=30)
+            if self._worker.is_alive():
+                logger.error("the agent worker did not stop within 30 s")
         if self._link.connected:
             self._link.publish_wait(
                 self._topic(Channel.STATUS),
@@ -229,7 +242,7 @@ class Agent:
         self._link.stop()
         if self._http is not None:
             self._http.stop()
-        if self._transfer is not None:
+        if self._transfer is not None and not (self._worker and self._worker.is_alive()):
             self._transfer.staged.close()
 
     def predict(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Prediction:
@@ -305,16 +318,18 @@ class Agent:
             shutil.rmtree(directory, ignore_errors=True)
         if not directories:
             return
+        current = self._store.state.current
+        done = TransferInfo.read(directories[-1])
+        if current is not None and done is not None and current.sha256 == done.transfer_id:
+            # Crashed after the commit, before cleaning up (the payload already moved
+            # into its slot): report the success.
+            self._report(done.deployment_id, InstallState.INSTALLED, current)
+            shutil.rmtree(directories[-1], ignore_errors=True)
+            return
         staged = StagedTransfer.open_or_discard(directories[-1])
         if staged is None:
             return
         info = staged.info
-        current = self._store.state.current
-        if current is not None and current.sha256 == info.transfer_id:
-            # Crashed after the commit but before cleaning up: report the success.
-            self._report(info.deployment_id, InstallState.INSTALLED, current)
-            staged.discard()
-            return
         try:
             manifest = verify_manifest(
                 SignedManifest.from_bytes(staged.manifest_blob),
@@ -331,27 +346,35 @@ class Agent:
             self._report_error(info.deployment_id, InstallState.REJECTED, exc)
             staged.discard()
             return
-        self._transfer = _Transfer(staged, manifest, info.deployment_id, deadline=0.0)
-        self._transfer.pulling = True
+        self._set_transfer(_Transfer(staged, manifest, info.deployment_id, deadline=0.0))
+        staged_transfer = self._transfer
+        assert staged_transfer is not None
+        staged_transfer.pulling = True
 
     # ------------------------------------------------------------ network thread
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
-        self._put((topic, payload))
-
-    def _put(self, item: tuple[str, bytes] | str) -> None:
         try:
-            self._inbox.put(item, timeout=INBOX_PUT_TIMEOUT_S)
+            self._inbox.put_nowait((topic, payload))
         except queue.Full:
             self.counters.dropped += 1
-            logger.warning("inbox full: dropped a message")
+            logger.warning("inbox full: dropped a message on %s", topic[:120])
+
+    def _on_link_up(self) -> None:
+        self._just_connected.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        # If the inbox is full the worker is busy and sees the flags on its next turn.
+        with contextlib.suppress(queue.Full):
+            self._inbox.put_nowait(_WAKE)
 
     # -------------------------------------------------------------- worker thread
 
     def _work(self) -> None:
         interval = self.config.telemetry.interval_s
         next_telemetry = time.monotonic() + interval
-        while True:
+        while not self._stopping.is_set():
             now = time.monotonic()
             wake = next_telemetry
             if self._transfer is not None and self._link.connected:
@@ -360,12 +383,13 @@ class Agent:
                 item = self._inbox.get(timeout=max(0.0, wake - now))
             except queue.Empty:
                 item = None
-            if item == _STOP:
+            if self._stopping.is_set():
                 break
             try:
-                if item == _CONNECTED:
+                if self._just_connected.is_set():
+                    self._just_connected.clear()
                     self._on_connected()
-                elif isinstance(item, tuple):
+                if isinstance(item, tuple):
                     self._on_message(*item)
                 now = time.monotonic()
                 if now >= next_telemetry:
@@ -373,10 +397,40 @@ class Agent:
                     self._telemetry_tick()
                 transfer = self._transfer
                 if transfer is not None and now >= transfer.deadline and self._link.connected:
-                    self._request_missing(transfer)
+                    self._on_stall(transfer)
             except Exception:
                 logger.exception("agent worker: unexpected error (continuing)")
         logger.debug("agent worker stopped")
+
+    def _on_stall(self, transfer: _Transfer) -> None:
+        """No chunk for a while: ask again, or give up when nothing comes any more."""
+        transfer.stalls += 1
+        expired = transfer.manifest.expires <= self._now()
+        if transfer.stalls <= MAX_STALLS and not expired:
+            self._request_missing(transfer)
+            return
+        reason = (
+            "the manifest expired during the download"
+            if expired
+            else f"no chunks arrived for {transfer.stalls} requests in a row"
+        )
+        logger.warning("giving up transfer %s: %s", transfer.staged.info.transfer_id[:12], reason)
+        self._report(
+            transfer.deployment_id, InstallState.FAILED, transfer.manifest,
+            code="expired" if expired else "stalled", reason=reason,
+        )  # fmt: skip
+        self._set_transfer(None)
+
+    def _set_transfer(self, transfer: _Transfer | None) -> None:
+        """Replace the current transfer: discard the old one, follow the new one's chunks."""
+        old = self._transfer
+        if old is not None and old is not transfer:
+            self._link.unsubscribe(broadcast_topic(old.staged.info.transfer_id))
+            old.staged.discard()
+        self._transfer = transfer
+        if transfer is not None:
+            # Before any answer goes out, so the broadcast cannot outrun the subscription.
+            self._link.subscribe(broadcast_topic(transfer.staged.info.transfer_id))
 
     def _on_connected(self) -> None:
         self._publish(Channel.STATUS, self._status(online=True), retain=True)
@@ -458,12 +512,8 @@ class Agent:
             self._report_error(deploy.deployment_id, InstallState.REJECTED, exc)
             return
         current = self._transfer
-        if current is not None and current.staged.info.transfer_id == deploy.transfer_id:
-            current.deployment_id = deploy.deployment_id
-            current.staged.relabel(deploy.deployment_id)
-            self._report_transfer(current, force=True)
-            current.pulling = True
-            self._request_missing(current)
+        if current is not None and self._same_transfer(current, deploy):
+            self._resume(current, deploy.deployment_id)
             return
         if current is not None:
             self._report(
@@ -473,8 +523,7 @@ class Agent:
                 code="superseded",
                 reason=f"superseded by {deploy.deployment_id}",
             )
-            current.staged.discard()
-            self._transfer = None
+            self._set_transfer(None)
         info = TransferInfo(
             deployment_id=deploy.deployment_id,
             transfer_id=deploy.transfer_id,
@@ -493,8 +542,34 @@ class Agent:
             deploy.deployment_id,
             deadline=time.monotonic() + self.config.transfer.stall_timeout_s,
         )
-        self._transfer = transfer
+        self._set_transfer(transfer)
         self._report_transfer(transfer, force=True, state=InstallState.ACCEPTED)
+
+    @staticmethod
+    def _same_transfer(transfer: _Transfer, deploy: Deploy) -> bool:
+        info = transfer.staged.info
+        return (
+            info.transfer_id == deploy.transfer_id
+            and info.chunk_size == deploy.chunk_size
+            and transfer.staged.manifest_blob == deploy.manifest
+        )
+
+    def _resume(self, transfer: _Transfer, deployment_id: str) -> None:
+        """A deploy of the transfer in progress was (re)sent: carry on under its id."""
+        if transfer.deployment_id != deployment_id:
+            self._report(
+                transfer.deployment_id, InstallState.FAILED, None, code="superseded",
+                reason=f"continued as {deployment_id}",
+            )  # fmt: skip
+            try:
+                transfer.staged.relabel(deployment_id)
+            except StateError as exc:
+                logger.warning("%s (carrying on)", exc)
+            transfer.deployment_id = deployment_id
+        self._report_transfer(transfer, force=True)
+        transfer.pulling = True
+        transfer.stalls = 0
+        self._request_missing(transfer)
 
     def _on_chunk(self, chunk: Chunk) -> None:
         transfer = self._transfer
@@ -507,12 +582,12 @@ class Agent:
         except StateError as exc:
             logger.error("transfer %s: %s", staged.info.transfer_id[:12], exc)
             self._report_error(transfer.deployment_id, InstallState.FAILED, exc)
-            staged.discard()
-            self._transfer = None
+            self._set_transfer(None)
             return
         if not is_new:
             return
         self._checkpoint(f"chunk-{staged.held}")
+        transfer.stalls = 0
         transfer.deadline = time.monotonic() + self.config.transfer.stall_timeout_s
         if staged.complete:
             self._install(transfer)
@@ -542,10 +617,15 @@ class Agent:
             logger.debug("requested chunks %s", wanted)
 
     def _install(self, transfer: _Transfer) -> None:
-        manifest = transfer.manifest
         self._report_transfer(transfer, force=True, state=InstallState.VERIFYING)
         self._report_transfer(transfer, force=True, state=InstallState.INSTALLING)
-        self._transfer = None
+        try:
+            self._install_staged(transfer)
+        finally:
+            self._set_transfer(None)  # whatever happened, the staging area goes
+
+    def _install_staged(self, transfer: _Transfer) -> None:
+        manifest = transfer.manifest
         try:
             model, runtime = install(
                 transfer.staged,
@@ -557,7 +637,6 @@ class Agent:
         except (CompressError, StateError) as exc:
             logger.error("install of %s v%d failed: %s", manifest.name, manifest.version, exc)
             self._report_error(transfer.deployment_id, InstallState.FAILED, exc, manifest)
-            transfer.staged.discard()
             return
         except AgentError as exc:
             logger.error(
@@ -567,13 +646,11 @@ class Agent:
                 exc,
             )
             self._report_error(transfer.deployment_id, InstallState.ROLLED_BACK, exc, manifest)
-            transfer.staged.discard()
             return
         self._serve(model, runtime)
         self.counters.installs += 1
         self._report(transfer.deployment_id, InstallState.INSTALLED, model)
         self._publish(Channel.STATUS, self._status(online=True), retain=True)
-        transfer.staged.discard()
 
     # ----------------------------------------------------------------- rollback
 
@@ -591,8 +668,7 @@ class Agent:
                 code="cancelled",
                 reason="cancelled by a rollback",
             )
-            transfer.staged.discard()
-            self._transfer = None
+            self._set_transfer(None)
         if current is None or current.name != command.model:
             self._report(
                 deployment_id,
@@ -671,7 +747,7 @@ class Agent:
         return self._link.publish(self._topic(channel), self._encode(message), retain=retain)
 
     def _status(self, *, online: bool) -> Status:
-        active = self._server.active if hasattr(self, "_server") else None
+        active = self._server.active
         models = (ModelInfo(active.name, active.version, active.sha256),) if active else ()
         return Status(
             online=online,

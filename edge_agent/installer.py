@@ -31,7 +31,7 @@ from datetime import datetime
 
 from compress.errors import RollbackError
 from compress.manifest import Manifest
-from compress.signing import SignedManifest, TrustedKeys
+from compress.signing import SignedManifest, TrustedKeys, verify_signatures
 from compress.trust import DeviceProfile, PayloadVerifier, verify_manifest
 from edge_agent.errors import InstallError, ModelRuntimeError, StateError, TransferError
 from edge_agent.health import run_health_check
@@ -84,17 +84,18 @@ def check_deploy(
     """
     signed = SignedManifest.from_bytes(deploy.manifest)
     state = store.state
+    # Signatures first: the name that picks the rollback counter must be trusted.
+    candidate = verify_signatures(signed, trusted)
     try:
         manifest = verify_manifest(
             signed,
             trusted,
             now=now,
-            installed_version=state.highest_version(signed.manifest.name),
+            installed_version=state.highest_version(candidate.name),
             device=device,
         )
     except RollbackError:
         current = state.current
-        candidate = signed.manifest
         if current is not None and (current.name, current.version, current.sha256) == (
             candidate.name,
             candidate.version,

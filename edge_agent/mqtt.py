@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 SUBSCRIBE_QOS = 1
 MAX_INFLIGHT = 32
+MAX_QUEUED = 4096
+"""Messages paho may hold for sending; beyond it a publish fails instead of growing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,24 +77,29 @@ class MqttLink:
         on_message: Callable[[str, bytes], None],
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
     ) -> None:
         """Prepare the client (nothing touches the network until :meth:`start`).
 
         Args:
             broker: Where and how to connect.
             client_id: The MQTT client id (unique per broker).
-            subscriptions: Topic filters subscribed (QoS 1) on every connect.
+            subscriptions: Topic filters subscribed (QoS 1) on every connect (more
+                can be added and removed later with :meth:`subscribe` and
+                :meth:`unsubscribe`).
             on_message: Called with ``(topic, payload)`` for every message.
             on_connect: Called after each successful (re)connect.
             on_disconnect: Called after each lost connection.
-            will: The Last Will, if any.
+            will: The Last Will, if any; a callable is asked for a fresh one before
+                every connection attempt (so its timestamp and content are current).
 
         Raises:
             BrokerError: the TLS files cannot be loaded.
         """
         self._broker = broker
-        self._subscriptions = tuple(subscriptions)
+        self._subscriptions = list(subscriptions)
+        self._subscription_lock = threading.Lock()
+        self._will = will
         self._on_message = on_message
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -108,8 +115,6 @@ class MqttLink:
         )
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if broker.tls:
             try:
                 client.tls_set(
@@ -124,6 +129,8 @@ class MqttLink:
             max(1, round(broker.reconnect_min_s)), max(1, round(broker.reconnect_max_s))
         )
         client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(MAX_QUEUED)
+        client.on_pre_connect = self._handle_pre_connect
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -154,6 +161,29 @@ class MqttLink:
             self._broker.host, self._broker.port, keepalive=self._broker.keepalive_s
         )
         self._client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        """Add a subscription (kept across reconnects; idempotent).
+
+        A message published after the broker processed this SUBSCRIBE reaches us;
+        since the broker handles one client's packets in order, anything this client
+        publishes after calling :meth:`subscribe` is processed after it.
+        """
+        with self._subscription_lock:
+            if topic in self._subscriptions:
+                return
+            self._subscriptions.append(topic)
+        if self._connected.is_set():
+            self._client.subscribe(topic, SUBSCRIBE_QOS)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription added with :meth:`subscribe` (idempotent)."""
+        with self._subscription_lock:
+            if topic not in self._subscriptions:
+                return
+            self._subscriptions.remove(topic)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic)
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a connection; return whether there is one."""
@@ -252,11 +282,18 @@ class MqttLink:
             logger.warning("%s refused the connection: %s", self._broker.url, reason)
             return
         self._last_error = None
-        if self._subscriptions:
-            client.subscribe([(topic, SUBSCRIBE_QOS) for topic in self._subscriptions])
+        with self._subscription_lock:
+            topics = list(self._subscriptions)
+        if topics:
+            client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
         self._connected.set()
         logger.info("connected to %s", self._broker.url)
         self._call(self._on_connect)
+
+    def _handle_pre_connect(self, client: mqtt.Client, _userdata: Any) -> None:
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _handle_disconnect(
         self,

@@ -85,6 +85,14 @@ class TransferInfo:
         ).encode()
 
     @classmethod
+    def read(cls, directory: Path) -> TransferInfo | None:
+        """The deploy.json of a staging directory, or None when unreadable."""
+        try:
+            return _read_info(directory)
+        except (OSError, StateError):
+            return None
+
+    @classmethod
     def from_json(cls, data: bytes) -> TransferInfo:
         """Parse deploy.json.
 
@@ -111,6 +119,10 @@ class TransferInfo:
         return info
 
 
+def _read_info(directory: Path) -> TransferInfo:
+    return TransferInfo.from_json((directory / _DEPLOY_FILE).read_bytes()[:_MAX_DEPLOY_JSON])
+
+
 class StagedTransfer:
     """A payload being assembled from chunks in a staging directory.
 
@@ -124,7 +136,11 @@ class StagedTransfer:
         self.manifest_blob = manifest_blob
         self._held: set[int] = set()
         self._journal = (directory / _JOURNAL_FILE).open("ab")
-        self._payload_fd = os.open(directory / _PAYLOAD_FILE, os.O_RDWR)
+        try:
+            self._payload_fd = os.open(directory / _PAYLOAD_FILE, os.O_RDWR)
+        except OSError:
+            self._journal.close()
+            raise
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -146,6 +162,7 @@ class StagedTransfer:
             (directory / _JOURNAL_FILE).touch()
             # deploy.json last: a directory without it is an unfinished creation.
             atomic_write(directory / _DEPLOY_FILE, info.to_json(), mode=0o600)
+            transfer = cls(directory, info, manifest_blob)
         except OSError as exc:
             raise StateError(f"cannot create staging area {directory}: {exc}") from exc
         logger.info(
@@ -154,7 +171,7 @@ class StagedTransfer:
             info.total_size,
             info.chunk_count,
         )
-        return cls(directory, info, manifest_blob)
+        return transfer
 
     @classmethod
     def open(cls, directory: Path) -> StagedTransfer:
@@ -164,9 +181,7 @@ class StagedTransfer:
             StateError: the directory is incomplete or its files are unreadable.
         """
         try:
-            info = TransferInfo.from_json(
-                (directory / _DEPLOY_FILE).read_bytes()[:_MAX_DEPLOY_JSON]
-            )
+            info = _read_info(directory)
             manifest_blob = (directory / _MANIFEST_FILE).read_bytes()[: MAX_BLOB_BYTES + 1]
             if len(manifest_blob) > MAX_BLOB_BYTES:
                 raise StateError(f"{directory / _MANIFEST_FILE} is too large")
@@ -177,7 +192,11 @@ class StagedTransfer:
             transfer = cls(directory, info, manifest_blob)
         except OSError as exc:
             raise StateError(f"cannot reopen staging area {directory}: {exc}") from exc
-        transfer._replay(journal)
+        try:
+            transfer._replay(journal)
+        except OSError as exc:  # e.g. EIO from a failing SD card
+            transfer.close()
+            raise StateError(f"cannot read staging area {directory}: {exc}") from exc
         return transfer
 
     @classmethod

@@ -301,8 +301,8 @@ def test_broker_restart_in_the_middle_of_a_transfer(
 
     def kill_broker_midway(point: str) -> None:
         if point == "chunk-5" and not restarted:
-            restarted.append(True)
             broker.stop()
+            restarted.append(True)  # only now: the test thread restarts the broker
 
     agent = Agent(
         agent_config(broker, DEVICES[0], tmp_path / "a0", trust), checkpoint=kill_broker_midway

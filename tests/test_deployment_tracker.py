@@ -189,12 +189,14 @@ def test_installed_is_undone_only_by_rollback() -> None:
     assert not t.succeeded
 
 
-def test_rolled_back_is_final() -> None:
+def test_rolled_back_is_like_failed_a_retry_may_install() -> None:
     t = tracker(online=("a",))
     t.on_status("a", report(InstallState.ROLLED_BACK), 1)
-    for s in (InstallState.INSTALLED, InstallState.FAILED, InstallState.ACCEPTED):
+    for s in (InstallState.FAILED, InstallState.ACCEPTED, InstallState.DOWNLOADING):
         assert not t.on_status("a", report(s), 2)
-    assert state(t, "a") is DeviceState.ROLLED_BACK
+    assert t.get("a").state is DeviceState.ROLLED_BACK  # type: ignore[union-attr]
+    assert t.on_status("a", report(InstallState.INSTALLED), 3)
+    assert t.get("a").state is DeviceState.INSTALLED  # type: ignore[union-attr]
 
 
 def test_failure_states_do_not_replace_each_other_but_refresh_details() -> None:

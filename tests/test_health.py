@@ -8,26 +8,17 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pytest
 
-from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward, init_weights
+from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from compress.manifest import HealthCheck, ReferenceTensor
-from compress.onnx_export import export_onnx
 from edge_agent.errors import HealthCheckError, InstallError, ModelRuntimeError
 from edge_agent.health import HealthReport, run_health_check
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
+from tests import model_fixtures
+from tests.model_fixtures import N_CLASSES, N_FEATURES, FakeRuntime
 
-N_FEATURES = 4
-N_CLASSES = 3
-
-
-@pytest.fixture(scope="module")
-def weights() -> dict[str, FloatArray]:
-    return init_weights("softmax", [N_FEATURES, N_CLASSES], np.random.default_rng(0))
-
-
-@pytest.fixture(scope="module")
-def runtime(weights: dict[str, FloatArray]) -> OnnxRuntimeModel:
-    return OnnxRuntimeModel.from_bytes(export_onnx("softmax", weights))
+weights = model_fixtures.weights
+runtime = model_fixtures.runtime
 
 
 @pytest.fixture(scope="module")
@@ -189,70 +180,51 @@ def test_runtime_error_is_wrapped(runtime: OnnxRuntimeModel) -> None:
 
 
 def test_runtime_failure_message_is_kept() -> None:
-    class Failing(ModelRuntime):
-        @property
-        def inputs(self) -> list[TensorInfo]:
-            return [TensorInfo("x", (None, 1), "float32")]
+    def fail(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise ModelRuntimeError("inference failed: kernel exploded")
 
-        @property
-        def outputs(self) -> list[TensorInfo]:
-            return [TensorInfo("y", (None, 1), "float32")]
-
-        def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            raise ModelRuntimeError("inference failed: kernel exploded")
-
+    failing = FakeRuntime(
+        fail, [TensorInfo("x", (None, 1), "float32")], [TensorInfo("y", (None, 1), "float32")]
+    )
     check = HealthCheck(
         inputs={"x": ReferenceTensor.from_array(np.zeros((1, 1), np.float32))},
         outputs={"y": ReferenceTensor.from_array(np.zeros((1, 1), np.float32))},
     )
     with pytest.raises(HealthCheckError, match="kernel exploded"):
-        run_health_check(Failing(), check)
+        run_health_check(failing, check)
 
 
 def test_reference_input_converted_to_integer_dtype() -> None:
     seen: dict[str, np.ndarray] = {}
 
-    class Echo(ModelRuntime):
-        @property
-        def inputs(self) -> list[TensorInfo]:
-            return [TensorInfo("ids", (None,), "int64")]
+    def echo(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.update(feeds)
+        return {"out": feeds["ids"] > 1}
 
-        @property
-        def outputs(self) -> list[TensorInfo]:
-            return [TensorInfo("out", (None,), "bool")]
-
-        def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            seen.update(feeds)
-            return {"out": feeds["ids"] > 1}
-
+    echoing = FakeRuntime(
+        echo, [TensorInfo("ids", (None,), "int64")], [TensorInfo("out", (None,), "bool")]
+    )
     check = HealthCheck(
         inputs={"ids": ReferenceTensor.from_array(np.array([1.0, 2.0, 3.0]))},
         outputs={"out": ReferenceTensor.from_array(np.array([False, True, True]))},
         rtol=0.0,
         atol=0.0,
     )
-    report = run_health_check(Echo(), check)
+    report = run_health_check(echoing, check)
 
     assert seen["ids"].dtype == np.int64
     assert report.max_abs_error == 0.0
 
 
 def test_non_finite_output_fails(runtime: OnnxRuntimeModel) -> None:
-    class Nan(ModelRuntime):
-        @property
-        def inputs(self) -> list[TensorInfo]:
-            return [TensorInfo("x", (1,), "float32")]
-
-        @property
-        def outputs(self) -> list[TensorInfo]:
-            return [TensorInfo("y", (1,), "float32")]
-
-        def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return {"y": np.array([np.nan], np.float32)}
-
+    nan = FakeRuntime(
+        lambda feeds: {"y": np.array([np.nan], np.float32)},
+        [TensorInfo("x", (1,), "float32")],
+        [TensorInfo("y", (1,), "float32")],
+    )
     check = HealthCheck(
         inputs={"x": ReferenceTensor.from_array(np.zeros(1, np.float32))},
         outputs={"y": ReferenceTensor.from_array(np.zeros(1, np.float32))},
     )
     with pytest.raises(HealthCheckError, match="max abs error nan"):
-        run_health_check(Nan(), check)
+        run_health_check(nan, check)

@@ -17,17 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward, init_weights
-from compress.onnx_export import export_onnx
+from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from edge_agent import http_api
 from edge_agent.errors import ConfigError
 from edge_agent.http_api import MAX_BODY_BYTES, HttpConfig, LocalHttpServer, parse_bind
-from edge_agent.runtime.base import ModelRuntime, TensorInfo
-from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
+from edge_agent.runtime.base import ModelRuntime
 from edge_agent.serving import LoadedModel, ModelServer
+from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
 
-N_FEATURES = 4
-N_CLASSES = 3
 LOCAL = "127.0.0.1"
 
 Address = tuple[str, int]
@@ -39,18 +36,12 @@ Response = tuple[int, dict[str, str], Any]
 
 @pytest.fixture(scope="module")
 def weights() -> dict[int, dict[str, FloatArray]]:
-    return {
-        version: init_weights("softmax", [N_FEATURES, N_CLASSES], np.random.default_rng(version))
-        for version in (1, 2)
-    }
+    return {version: softmax_weights(version) for version in (1, 2)}
 
 
 @pytest.fixture(scope="module")
 def models(weights: dict[int, dict[str, FloatArray]]) -> dict[int, LoadedModel]:
-    return {
-        version: loaded(OnnxRuntimeModel.from_bytes(export_onnx("softmax", w)), version)
-        for version, w in weights.items()
-    }
+    return {version: loaded(softmax_runtime(w), version) for version, w in weights.items()}
 
 
 def loaded(runtime: ModelRuntime, version: int = 1) -> LoadedModel:
@@ -378,19 +369,9 @@ def test_json_content_types_are_accepted(
 
 
 def test_non_finite_outputs_are_null(address: Address, model_server: ModelServer) -> None:
-    class InfModel(ModelRuntime):
-        @property
-        def inputs(self) -> list[TensorInfo]:
-            return [TensorInfo("x", (None, 2), "float32")]
-
-        @property
-        def outputs(self) -> list[TensorInfo]:
-            return [TensorInfo("y", (None, 2), "float32")]
-
-        def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return {"y": np.array([[np.inf, 1.0]], np.float32)}
-
-    model_server.activate(loaded(InfModel()))
+    model_server.activate(
+        loaded(FakeRuntime(lambda feeds: {"y": np.array([[np.inf, 1.0]], np.float32)}))
+    )
     status, _, body = post(address, {"inputs": [[1, 2]]})
     assert status == 200
     assert body["outputs"] == {"y": [[None, 1.0]]}
@@ -675,23 +656,14 @@ def test_slow_headers_time_out(serve: Callable[..., Address]) -> None:
     assert call(address, "GET", "/v1/health")[0] == 503  # still serving
 
 
-class Exploding(ModelRuntime):
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return [TensorInfo("x", (None, 2), "float32")]
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return [TensorInfo("y", (None, 2), "float32")]
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise KeyError("secret internal detail")
+def explode(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise KeyError("secret internal detail")
 
 
 def test_unexpected_error_is_500(
     address: Address, model_server: ModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model_server.activate(loaded(Exploding()))
+    model_server.activate(loaded(FakeRuntime(explode)))
     with caplog.at_level(logging.ERROR, logger="edge_agent.http_api"):
         response = post(address, {"inputs": [[1, 2]]})
     assert response[0] == 500

@@ -11,12 +11,7 @@ CI installs mosquitto; when it is missing this test fails (it does not skip).
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,79 +19,23 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_agent.protocol import MOSQUITTO_ACL, Channel, agent_subscriptions, device_topic
+from edge_agent.protocol import Channel, agent_subscriptions, device_topic
+from tests.fleet_support import Mosquitto, password
 
 DEVICE = "pi-7"
 OTHER = "pi-8"
-PASSWORDS = {"coordinator": "coordinator-secret", DEVICE: "device-secret", OTHER: "other-secret"}
 TIMEOUT = 3.0
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
-    if path is None:
-        pytest.fail(f"{name} is not installed (apt-get install mosquitto mosquitto-clients)")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[int]:
     """A mosquitto broker with the shipped ACL; yields its port, stops it afterwards."""
-    mosquitto, mosquitto_passwd = _tool("mosquitto"), _tool("mosquitto_passwd")
-    passwords = tmp_path / "passwd"
-    for user, password in PASSWORDS.items():
-        create = ["-c"] if not passwords.exists() else []
-        subprocess.run(
-            [mosquitto_passwd, *create, "-b", str(passwords), user, password],
-            check=True,
-            capture_output=True,
-        )
-    passwords.chmod(0o600)
-    acl = tmp_path / "acl"
-    acl.write_text(MOSQUITTO_ACL)
-    port = _free_port()
-    # As root, mosquitto would switch to the 'mosquitto' user, who cannot read tmp_path.
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    config = tmp_path / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous false\n"
-        f"password_file {passwords}\n"
-        f"acl_file {acl}\n"
-        f"persistence false\n{run_as}"
-    )
-    log = tmp_path / "mosquitto.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [mosquitto, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT
-        )
+    instance = Mosquitto(tmp_path, [DEVICE, OTHER])
+    instance.start()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mosquitto exited with {process.returncode}: {log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not listen on {port}: {log.read_text()}")
-                time.sleep(0.02)
-        yield port
+        yield instance.port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        instance.stop()
 
 
 class Client:
@@ -110,7 +49,7 @@ class Client:
             client_id=client_id or user,
             protocol=mqtt.MQTTv311,
         )
-        self.mqtt.username_pw_set(user, PASSWORDS[user])
+        self.mqtt.username_pw_set(user, password(user))
         self.mqtt.on_connect = lambda _c, _u, _f, reason, _p: self._acks.put(reason)
         self.mqtt.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._acks.put(reasons)
         self.mqtt.on_message = lambda _c, _u, msg: self.received.put(

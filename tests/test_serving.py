@@ -11,26 +11,24 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 import pytest
 
-from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward, init_weights
-from compress.onnx_export import export_onnx
+from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from edge_agent.errors import ModelRuntimeError, NoModelError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 from edge_agent.serving import LoadedModel, ModelServer, Prediction
+from tests import model_fixtures
+from tests.model_fixtures import (
+    N_CLASSES,
+    N_FEATURES,
+    FakeRuntime,
+    softmax_runtime,
+    softmax_weights,
+)
 
-N_FEATURES = 4
-N_CLASSES = 3
 INSTALLED_AT = 1_790_000_000.0
 
-
-@pytest.fixture(scope="module")
-def weights() -> dict[str, FloatArray]:
-    return init_weights("softmax", [N_FEATURES, N_CLASSES], np.random.default_rng(0))
-
-
-@pytest.fixture(scope="module")
-def runtime(weights: dict[str, FloatArray]) -> OnnxRuntimeModel:
-    return OnnxRuntimeModel.from_bytes(export_onnx("softmax", weights))
+weights = model_fixtures.weights
+runtime = model_fixtures.runtime
 
 
 @pytest.fixture(scope="module")
@@ -58,31 +56,6 @@ class Recorder:
 
     def record(self, latency_s: float, *, ok: bool) -> None:
         self.calls.append((latency_s, ok))
-
-
-class FakeRuntime(ModelRuntime):
-    """A structural runtime whose run() is a plain function."""
-
-    def __init__(
-        self,
-        run: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
-        inputs: list[TensorInfo] | None = None,
-        outputs: list[TensorInfo] | None = None,
-    ) -> None:
-        self._run = run
-        self._inputs = inputs or [TensorInfo("x", (None, 2), "float32")]
-        self._outputs = outputs or [TensorInfo("y", (None, 2), "float32")]
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return list(self._outputs)
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(feeds)
 
 
 def ticking(*values: float) -> Callable[[], float]:
@@ -375,10 +348,10 @@ def test_values_are_frozen(runtime: OnnxRuntimeModel, x: FloatArray) -> None:
 
 
 def test_concurrent_predictions_during_swaps(weights: dict[str, FloatArray], x: FloatArray) -> None:
-    other = init_weights("softmax", [N_FEATURES, N_CLASSES], np.random.default_rng(9))
+    other = softmax_weights(9)
     models = {
-        1: loaded(OnnxRuntimeModel.from_bytes(export_onnx("softmax", weights)), 1),
-        2: loaded(OnnxRuntimeModel.from_bytes(export_onnx("softmax", other)), 2),
+        1: loaded(softmax_runtime(weights), 1),
+        2: loaded(softmax_runtime(other), 2),
     }
     want = {1: forward("softmax", weights, x), 2: forward("softmax", other, x)}
     observer = Recorder()

@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import struct
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,7 @@ def root(tmp_path: Path) -> Path:
 
 def test_create_lays_out_the_directory(root: Path) -> None:
     info = info_for()
-    transfer = StagedTransfer.create(root, info, MANIFEST_BLOB)
-    try:
+    with closing(StagedTransfer.create(root, info, MANIFEST_BLOB)) as transfer:
         directory = root / info.transfer_id
         assert transfer.directory == directory
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -73,25 +73,17 @@ def test_create_lays_out_the_directory(root: Path) -> None:
         assert transfer.held == 0
         assert not transfer.complete
         assert transfer.missing(1000) == list(range(16))
-    finally:
-        transfer.close()
 
 
 def test_create_replaces_an_existing_transfer_of_the_same_id(root: Path) -> None:
     first = create(root)
     first.write(chunk(0))
     first.close()
-    second = create(root)
-    try:
+    with closing(create(root)) as second:
         assert second.held == 0
         assert (second.directory / "journal").read_bytes() == b""
-    finally:
-        second.close()
-    reopened = StagedTransfer.open(second.directory)
-    try:
+    with closing(StagedTransfer.open(second.directory)) as reopened:
         assert reopened.held == 0
-    finally:
-        reopened.close()
 
 
 def test_create_reports_an_unwritable_staging_area_as_state_error(tmp_path: Path) -> None:
@@ -111,8 +103,7 @@ def test_transfer_info_round_trips() -> None:
 
 
 def test_out_of_order_writes_assemble_the_payload(root: Path) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         order = list(range(16))
         random.Random(7).shuffle(order)
         for n, index in enumerate(order, start=1):
@@ -122,13 +113,10 @@ def test_out_of_order_writes_assemble_the_payload(root: Path) -> None:
             assert transfer.complete == (n == 16)
         assert transfer.payload_path().read_bytes() == PAYLOAD
         assert transfer.missing(10) == []
-    finally:
-        transfer.close()
 
 
 def test_duplicate_chunks_return_false_and_are_not_journaled_again(root: Path) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         assert transfer.write(chunk(3)) is True
         journal_size = (transfer.directory / "journal").stat().st_size
         assert journal_size == RECORD.size
@@ -136,17 +124,12 @@ def test_duplicate_chunks_return_false_and_are_not_journaled_again(root: Path) -
         assert transfer.write(chunk(3)) is False
         assert transfer.held == 1
         assert (transfer.directory / "journal").stat().st_size == journal_size
-    finally:
-        transfer.close()
 
 
 def test_journal_records_index_and_sha256(root: Path) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         transfer.write(chunk(5))
         transfer.write(chunk(15))
-    finally:
-        transfer.close()
     journal = (transfer.directory / "journal").read_bytes()
     assert [RECORD.unpack_from(journal, o) for o in (0, RECORD.size)] == [
         (5, bytes.fromhex(chunk(5).sha256)),
@@ -155,8 +138,7 @@ def test_journal_records_index_and_sha256(root: Path) -> None:
 
 
 def test_missing_lists_lowest_indices_first_up_to_the_limit(root: Path) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         for index in (0, 1, 4, 9):
             transfer.write(chunk(index))
         assert transfer.missing(3) == [2, 3, 5]
@@ -165,13 +147,10 @@ def test_missing_lists_lowest_indices_first_up_to_the_limit(root: Path) -> None:
         for index in transfer.missing(100)[:-1]:
             transfer.write(chunk(index))
         assert transfer.missing(5) == [15]
-    finally:
-        transfer.close()
 
 
 def test_a_chunk_of_another_transfer_raises(root: Path) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         other = bytes(reversed(PAYLOAD))
         foreign = chunk(0, payload=other)
         assert not transfer.matches(foreign)
@@ -179,8 +158,6 @@ def test_a_chunk_of_another_transfer_raises(root: Path) -> None:
             transfer.write(foreign)
         assert transfer.held == 0
         assert (transfer.directory / "journal").read_bytes() == b""
-    finally:
-        transfer.close()
 
 
 @pytest.mark.parametrize(
@@ -196,13 +173,10 @@ def test_a_chunk_of_another_transfer_raises(root: Path) -> None:
     ],
 )
 def test_a_chunk_with_other_geometry_raises(root: Path, foreign: Chunk) -> None:
-    transfer = create(root)
-    try:
+    with closing(create(root)) as transfer:
         with pytest.raises(TransferError):
             transfer.write(foreign)
         assert transfer.held == 0
-    finally:
-        transfer.close()
 
 
 def test_close_is_idempotent_and_discard_removes_the_directory(root: Path) -> None:
@@ -224,8 +198,7 @@ def test_reopen_after_a_crash_keeps_the_held_chunks(root: Path) -> None:
         transfer.write(chunk(index))
     transfer.close()  # no discard: as if the process died here
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert reopened.info == transfer.info
         assert reopened.manifest_blob == MANIFEST_BLOB
         assert held_set(reopened) == {0, 3, 7, 15}
@@ -234,8 +207,6 @@ def test_reopen_after_a_crash_keeps_the_held_chunks(root: Path) -> None:
             assert reopened.write(chunk(index)) is True
         assert reopened.complete
         assert reopened.payload_path().read_bytes() == PAYLOAD
-    finally:
-        reopened.close()
 
 
 def test_a_chunk_corrupted_after_journaling_is_dropped_on_reopen(root: Path) -> None:
@@ -249,16 +220,13 @@ def test_a_chunk_corrupted_after_journaling_is_dropped_on_reopen(root: Path) -> 
         payload.seek(2 * CHUNK + 10)
         payload.write(bytes([byte[0] ^ 0xFF]))
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert held_set(reopened) == {0, 1, 3}
         assert reopened.missing(3) == [2, 4, 5]
         assert reopened.write(chunk(2)) is True
         for index in reopened.missing(100):
             reopened.write(chunk(index))
         assert reopened.payload_path().read_bytes() == PAYLOAD
-    finally:
-        reopened.close()
 
 
 def test_a_torn_last_journal_record_is_ignored(root: Path) -> None:
@@ -273,11 +241,8 @@ def test_a_torn_last_journal_record_is_ignored(root: Path) -> None:
         payload.write(chunk(2).data)
     (transfer.directory / "journal").write_bytes(records[: 2 * RECORD.size + 20])
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert held_set(reopened) == {0, 1}
-    finally:
-        reopened.close()
 
 
 def test_chunks_written_after_a_torn_record_survive_the_next_reopen(root: Path) -> None:
@@ -287,19 +252,13 @@ def test_chunks_written_after_a_torn_record_survive_the_next_reopen(root: Path) 
     with (transfer.directory / "journal").open("ab") as journal:
         journal.write(RECORD.pack(1, bytes.fromhex(chunk(1).sha256))[:13])  # torn
 
-    resumed = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as resumed:
         assert held_set(resumed) == {0}
         assert resumed.write(chunk(1)) is True
         assert resumed.write(chunk(2)) is True
-    finally:
-        resumed.close()
 
-    again = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as again:
         assert held_set(again) == {0, 1, 2}
-    finally:
-        again.close()
 
 
 def test_a_chunk_written_but_not_journaled_is_not_counted(root: Path) -> None:
@@ -310,12 +269,9 @@ def test_a_chunk_written_but_not_journaled_is_not_counted(root: Path) -> None:
         payload.seek(5 * CHUNK)
         payload.write(chunk(5).data)
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert held_set(reopened) == {0}
         assert reopened.write(chunk(5)) is True
-    finally:
-        reopened.close()
 
 
 def test_journal_records_with_out_of_range_indices_are_ignored(root: Path) -> None:
@@ -326,12 +282,9 @@ def test_journal_records_with_out_of_range_indices_are_ignored(root: Path) -> No
         journal.write(RECORD.pack(16, bytes.fromhex(chunk(0).sha256)))
         journal.write(RECORD.pack(0xFFFFFFFF, bytes(32)))
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert held_set(reopened) == {0}
         assert reopened.held == 1
-    finally:
-        reopened.close()
 
 
 def test_a_duplicated_journal_record_counts_once(root: Path) -> None:
@@ -341,12 +294,9 @@ def test_a_duplicated_journal_record_counts_once(root: Path) -> None:
     with (transfer.directory / "journal").open("ab") as journal:
         journal.write(RECORD.pack(4, bytes.fromhex(chunk(4).sha256)))
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert reopened.held == 1
         assert reopened.has(4)
-    finally:
-        reopened.close()
 
 
 def test_open_or_discard_removes_a_directory_with_a_wrong_size_payload(root: Path) -> None:
@@ -460,12 +410,9 @@ def test_relabel_persists_across_reopen(root: Path) -> None:
     assert transfer.info.transfer_id == sha(PAYLOAD)
     transfer.close()
 
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert reopened.info == info_for(deployment_id="dep-2")
         assert held_set(reopened) == {1}
-    finally:
-        reopened.close()
 
 
 # ------------------------------------------------------------------ edge cases
@@ -473,8 +420,7 @@ def test_relabel_persists_across_reopen(root: Path) -> None:
 
 def test_an_empty_payload_is_one_empty_chunk(root: Path) -> None:
     assert chunk_count(0, CHUNK) == 1
-    transfer = create(root, payload=b"")
-    try:
+    with closing(create(root, payload=b"")) as transfer:
         assert transfer.info.chunk_count == 1
         assert not transfer.complete
         assert transfer.missing(5) == [0]
@@ -484,22 +430,14 @@ def test_an_empty_payload_is_one_empty_chunk(root: Path) -> None:
         assert transfer.complete
         assert transfer.write(empty) is False
         assert transfer.payload_path().read_bytes() == b""
-    finally:
-        transfer.close()
-    reopened = StagedTransfer.open(transfer.directory)
-    try:
+    with closing(StagedTransfer.open(transfer.directory)) as reopened:
         assert reopened.complete
-    finally:
-        reopened.close()
 
 
 def test_a_payload_of_exactly_one_chunk(root: Path) -> None:
     payload = PAYLOAD[:CHUNK]
-    transfer = create(root, payload=payload)
-    try:
+    with closing(create(root, payload=payload)) as transfer:
         assert transfer.info.chunk_count == 1
         assert transfer.write(chunk(0, payload=payload)) is True
         assert transfer.complete
         assert transfer.payload_path().read_bytes() == payload
-    finally:
-        transfer.close()

@@ -38,6 +38,12 @@ from edge_agent.errors import ConfigError
 from edge_agent.protocol import COORDINATOR_SENDER, DEFAULT_CHUNK_BYTES
 
 EXIT_NOT_INSTALLED = 1
+_FAILED_STATES = (
+    DeviceState.REJECTED,
+    DeviceState.FAILED,
+    DeviceState.ROLLED_BACK,
+    DeviceState.TIMED_OUT,
+)
 MAX_PASSWORD_FILE_BYTES = 4096
 
 BrokerOption = Annotated[
@@ -205,9 +211,7 @@ def _report(result: DeployResult, *, title: str, as_json: bool, waited: bool) ->
             counts = {str(k): v for k, v in result.counts().items() if v}
             err_console.print(f"[bold red]not installed everywhere:[/] {counts}")
         raise typer.Exit(EXIT_NOT_INSTALLED)
-    if not waited and any(
-        p.state in (DeviceState.REJECTED, DeviceState.FAILED) for p in result.devices
-    ):
+    if not waited and any(p.state in _FAILED_STATES for p in result.devices):
         raise typer.Exit(EXIT_NOT_INSTALLED)
 
 

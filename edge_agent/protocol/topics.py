@@ -35,7 +35,8 @@ contain ``/``, ``+`` or ``#`` and never start with ``.`` (safe as file names too
 
 Workflow:
 
-* The agent subscribes to :func:`agent_subscriptions` and publishes to
+* The agent subscribes to :func:`agent_subscriptions` (plus, while it expects one,
+  a single broadcast topic) and publishes to
   ``device_topic(my_id, Channel.EVENTS)`` and friends; it sets its Last Will to an
   offline ``status`` message on ``device_topic(my_id, Channel.STATUS)``, retained.
 * The coordinator subscribes to :func:`coordinator_subscriptions`, and for each
@@ -363,14 +364,18 @@ def coordinator_subscriptions() -> tuple[str, ...]:
     )
 
 
-def agent_subscriptions(device_id: str) -> tuple[str, ...]:
+def agent_subscriptions(device_id: str, *, broadcast: bool = True) -> tuple[str, ...]:
     """Subscription filters an agent needs.
 
     Args:
         device_id: The agent's device id.
+        broadcast: Whether to include :data:`BROADCAST_FILTER` (every broadcast).
+            The agent itself passes False and subscribes to one broadcast topic at
+            a time, when it expects one (the transfer it accepted), so a device is
+            not sent payloads meant for other devices.
 
     Returns:
-        The device's to-device topics plus :data:`BROADCAST_FILTER`.
+        The device's to-device topics, plus :data:`BROADCAST_FILTER` if asked.
 
     Raises:
         TopicError: The device id is invalid.
@@ -381,4 +386,4 @@ def agent_subscriptions(device_id: str) -> tuple[str, ...]:
         for channel in Channel
         if channel.direction is Direction.TO_DEVICE
     )
-    return (*own, BROADCAST_FILTER)
+    return (*own, BROADCAST_FILTER) if broadcast else own

@@ -1,0 +1,195 @@
+"""What the benchmark scripts share: a mosquitto broker, processes, polling, output.
+
+The scripts run as ``python benchmarks/<name>.py``, which puts this directory on
+``sys.path``; they import this module as ``_support``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edge_agent.protocol import MOSQUITTO_ACL
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tool(name: str) -> str:
+    """Path of a mosquitto executable."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if path is None:
+        raise SystemExit(f"{name} is not installed (apt-get install mosquitto)")
+    return path
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it is truthy, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --------------------------------------------------------------------------- mosquitto
+
+
+def password(user: str) -> str:
+    """The password of ``user`` on a :func:`mosquitto` broker with users."""
+    return f"pw-{user}"
+
+
+def _auth_config(directory: Path, users: Iterable[str] | None) -> str:
+    """mosquitto.conf lines for anonymous access, or the shipped ACL and passwords."""
+    if users is None:
+        return "allow_anonymous true\n"
+    passwords = directory / "passwd"
+    passwords.write_text("")
+    for user in users:
+        subprocess.run(
+            [tool("mosquitto_passwd"), "-b", str(passwords), user, password(user)],
+            check=True,
+            capture_output=True,
+        )
+    passwords.chmod(0o600)
+    acl = directory / "acl"
+    acl.write_text(MOSQUITTO_ACL)
+    return f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+
+
+@contextmanager
+def mosquitto(
+    directory: Path,
+    *,
+    users: Iterable[str] | None = None,
+    sys_interval: int | None = None,
+    timeout: float,
+) -> Iterator[int]:
+    """A mosquitto broker on a loopback port, persistence off; yields the port.
+
+    Args:
+        directory: where its config, password file, ACL and log go (created).
+        users: ``None`` for anonymous access without an ACL; otherwise only these users,
+            with the passwords of :func:`password`, under the shipped ACL.
+        sys_interval: seconds between ``$SYS`` updates (mosquitto's default if ``None``).
+        timeout: seconds to wait for it to listen.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    auth = _auth_config(directory, users)
+    port = free_port()
+    config = directory / "mosquitto.conf"
+    sys_line = f"sys_interval {sys_interval}\n" if sys_interval is not None else ""
+    # As root, mosquitto would switch to the 'mosquitto' user, who cannot read directory.
+    run_as = "user root\n" if os.geteuid() == 0 else ""
+    config.write_text(f"listener {port} 127.0.0.1\n{auth}persistence false\n{sys_line}{run_as}")
+    log = directory / "mosquitto.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [tool("mosquitto"), "-c", str(config)], stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(listening, timeout, "mosquitto to listen")
+        yield port
+    finally:
+        stop_process(process)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def argument_parser(doc: str | None, default_out: Path) -> argparse.ArgumentParser:
+    """A parser described by the first line of ``doc``, with ``--out`` (the JSON path)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON output path")
+    return parser
+
+
+def version_of(package: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict[str, Any]:
+    """The Python version and the machine."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def mosquitto_version() -> str:
+    """First line of ``mosquitto -h`` (its version)."""
+    out = subprocess.run([tool("mosquitto"), "-h"], capture_output=True, text=True, check=False)
+    return (out.stdout or out.stderr).splitlines()[0].strip()
+
+
+def environment(packages: Iterable[str]) -> dict[str, Any]:
+    """What broker figures were measured on, and how they were produced."""
+    return {
+        "command": shlex.join(sys.orig_argv),
+        "timestamp": timestamp(),
+        **machine_info(),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "packages": {name: version_of(name) for name in packages},
+        "mosquitto": mosquitto_version(),
+    }
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as indented JSON (creating the directory) and say so on stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
