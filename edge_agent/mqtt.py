@@ -31,7 +31,9 @@ Behaviour that callers rely on:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -253,6 +255,17 @@ class MqttLink:
         finally:
             self._client.loop_stop()
             self._connected.clear()
+
+    def drop_connection(self) -> None:
+        """Cut the connection without DISCONNECT and let paho reconnect (with backoff).
+
+        The broker sends the Last Will, as when a device's network fails for a
+        moment; simulations and tests use it.
+        """
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def kill(self) -> None:
         """Drop the connection without DISCONNECT (the broker sends the Last Will).

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,13 +33,17 @@ from coordinator.delivery import Artifact
 from coordinator.deployment import DeviceState
 from coordinator.fleet import Target
 from edge_agent.agent import Agent
+from edge_agent.config import TransferConfig
 from edge_agent.protocol import (
     BROADCAST_PREFIX,
     Channel,
     Chunk,
+    ChunkRequest,
     Deploy,
+    InstallStatus,
     Rollback,
     TelemetryBatch,
+    chunk_count,
     decode,
     device_topic,
     encode,
@@ -556,13 +562,18 @@ class Subscriber:
 
     def __init__(self, broker: Mosquitto, topic: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-sink")
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sink-{uuid.uuid4().hex[:8]}"
+        )
         self.client.username_pw_set("coordinator", password("coordinator"))
         self.client.on_connect = lambda c, _u, _f, _r, _p: c.subscribe(topic, qos=1)
         self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_args: subscribed.set()
         self.client.reconnect_delay_set(1, 1)
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
+        assert subscribed.wait(10), "the test subscriber could not subscribe"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -652,3 +663,130 @@ def test_delivery_over_mutual_tls(tmp_path: Path, key: SigningKey, trust: Path) 
         agent.stop()
         intruder.stop()
         secure.stop()
+
+
+def test_every_lost_connection_marks_the_device_offline(
+    broker: Mosquitto, tmp_path: Path, trust: Path
+) -> None:
+    agent = Agent(agent_config(broker, DEVICES[0], tmp_path / "a0", trust))
+    agent.start()
+    operator = coordinator(broker)
+    try:
+
+        def seen_online() -> bool:
+            return bool(operator.fleet()) and operator.fleet()[0].online
+
+        wait_for(seen_online, what="online")
+        agent._link.drop_connection()  # a network blip: the Will goes out, paho reconnects
+        wait_for(lambda: not seen_online(), what="offline after the first drop")
+        wait_for(seen_online, what="online again")
+        agent._link.kill()  # the second loss must be seen too (a fresh Will per connection)
+        wait_for(lambda: not seen_online(), what="offline after the second drop")
+    finally:
+        operator.stop()
+        agent.stop()
+
+
+def test_a_transfer_nobody_serves_gives_up_and_says_so(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    config = agent_config(broker, DEVICES[0], tmp_path / "a0", trust)
+    agent = Agent(replace(config, transfer=TransferConfig(window=4, stall_timeout_s=0.1)))
+    agent.start()
+    events = Subscriber(broker, device_topic(DEVICES[0], Channel.EVENTS))
+    try:
+        wait_for(lambda: agent.connected, what="agent connected")
+        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        deploy = Deploy(
+            deployment_id="orphan",
+            transfer_id=artifact.transfer_id,
+            total_size=len(artifact.payload),
+            chunk_size=1024,
+            chunk_count=chunk_count(len(artifact.payload), 1024),
+            manifest=artifact.signed.to_bytes(),
+        )
+        sender = Subscriber(broker, "fedge/v1/unused")
+        sender.client.publish(
+            device_topic(DEVICES[0], Channel.CMD),
+            encode(deploy, sender="coordinator", sent_at=0.0),
+            qos=1,
+        ).wait_for_publish(5)
+        sender.close()
+
+        def outcome() -> InstallStatus | None:
+            for _topic, payload in list(events.messages):
+                message = decode(payload).message
+                if isinstance(message, InstallStatus) and message.state == "failed":
+                    return message
+            return None
+
+        failed = wait_for(outcome, timeout=15, what="the transfer to give up")
+        assert failed.error_code == "stalled"
+        assert failed.deployment_id == "orphan"
+        requests = [
+            m
+            for m in (decode(p).message for _t, p in events.messages)
+            if isinstance(m, ChunkRequest)
+        ]
+        assert len(requests) > 5  # it asked, repeatedly, before giving up
+        assert not any((agent.config.data_dir / "staging").iterdir())
+    finally:
+        events.close()
+        agent.stop()
+
+
+def test_devices_outside_the_target_receive_none_of_the_payload(
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    bystander = agents[2]
+    before = bystander.counters.messages
+    artifact = make_artifact(tmp_path, key, version=1, hidden=256)  # several chunks
+    targets = f"device:{DEVICES[0]},{DEVICES[1]}"
+    status, result = deploy_json(broker, artifact, "--to", targets, "--chunk-size", "1024")
+    assert status == 0
+    assert [d["chunks_total"] for d in result["devices"]] == [13, 13]
+    assert bystander.counters.messages == before
+    assert bystander.model is None
+
+
+def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+) -> None:
+    # A first agent installs v1; then the staging directory of that install is put
+    # back as a crash right after the commit would leave it (payload moved away).
+    data_dir = tmp_path / "a0"
+    config = agent_config(broker, DEVICES[0], data_dir, trust)
+    first = Agent(config)
+    first.start()
+    try:
+        wait_for(lambda: first.connected, what="connected")
+        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        installed = first.model
+        assert installed is not None
+    finally:
+        first.stop()
+    leftover = data_dir / "staging" / installed.sha256
+    leftover.mkdir(parents=True)
+    (leftover / "deploy.json").write_text(
+        json.dumps({"deployment_id": "crashed-at-commit", "transfer_id": installed.sha256,
+                    "total_size": 1, "chunk_size": 1, "chunk_count": 1})
+    )  # fmt: skip
+    events = Subscriber(broker, device_topic(DEVICES[0], Channel.EVENTS))
+    again = Agent(config)
+    try:
+        again.start()
+
+        def reported() -> bool:
+            for _topic, payload in list(events.messages):
+                message = decode(payload).message
+                if isinstance(message, InstallStatus) and message.deployment_id == (
+                    "crashed-at-commit"
+                ):
+                    return message.state == "installed" and message.version == 1
+            return False
+
+        wait_for(reported, what="the success reported after the restart")
+        assert not leftover.exists()
+    finally:
+        events.close()
+        again.stop()

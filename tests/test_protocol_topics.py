@@ -162,6 +162,10 @@ def test_subscriptions() -> None:
         "fedge/v1/devices/pi-7/chunks",
         BROADCAST_FILTER,
     )
+    assert agent_subscriptions("pi-7", broadcast=False) == (
+        "fedge/v1/devices/pi-7/cmd",
+        "fedge/v1/devices/pi-7/chunks",
+    )
     with pytest.raises(TopicError):
         agent_subscriptions("pi/7")
 
