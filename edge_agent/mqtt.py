@@ -263,7 +263,7 @@ class MqttLink:
         moment; simulations and tests use it.
         """
         sock = self._client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
