@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from compress.artifact import read_artifact_unverified
+from compress.families import forward, init_weights
 from compress.keys import SigningKey, generate_signing_key
+from compress.tflite_export import export_tflite
 from coordinator.cli.app import app
 from coordinator.delivery import Artifact
 from coordinator.deployment import DeviceState
 from coordinator.fleet import Target
+from coordinator.packaging import PackageRequest, package_model
 from edge_agent.agent import Agent
 from edge_agent.config import TransferConfig
 from edge_agent.protocol import (
@@ -790,3 +794,30 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
     finally:
         events.close()
         again.stop()
+
+
+def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    weights = init_weights("softmax", [FEATURES, 4], np.random.default_rng(3))
+    model = tmp_path / "softmax.tflite"
+    model.write_bytes(export_tflite("softmax", weights))
+    artifact = tmp_path / "softmax.fedge"
+    package_model(
+        PackageRequest(
+            model_path=model, name="digits", version=7, keys=[key], out=artifact,
+            quantize="none",
+        ),
+        now=datetime.now(UTC),
+    )  # fmt: skip
+
+    status, result = deploy_json(broker, artifact)
+
+    assert status == 0, result
+    for agent in agents:
+        assert agent.model is not None
+        assert agent.model.format == "tflite"
+        assert type(agent.model.runtime).__name__ == "TfliteModel"
+        x = np.linspace(0, 1, FEATURES, dtype=np.float32)
+        expected = forward("softmax", weights, x[np.newaxis, :])
+        np.testing.assert_allclose(agent.predict(x).outputs["probabilities"], expected, atol=1e-5)
