@@ -331,6 +331,7 @@ class AgentProcess:
         *,
         http_port: int | None = None,
         crash_at: str | None = None,
+        config_file: bool = False,
         extra: Sequence[str] = (),
     ) -> None:
         self.device_id = device_id
@@ -340,14 +341,23 @@ class AgentProcess:
         secret.write_text(password(device_id))
         self.log = data_dir.parent / f"{device_id}.log"
         self.http_port = http_port
-        args = [
-            sys.executable, "-m", "edge_agent.cli", "-vv", "run",
-            "--device-id", device_id, "--broker", broker.url,
-            "--password-file", str(secret), "--trust", str(trust),
-            "--data-dir", str(data_dir), "--telemetry-interval", "1",
-            *(["--http", f"127.0.0.1:{http_port}"] if http_port else []),
-            *extra,
-        ]  # fmt: skip
+        if config_file:  # everything in agent.toml, as a device owner would run it
+            config = data_dir.parent / f"{device_id}.toml"
+            http = f'http = "127.0.0.1:{http_port}"\n' if http_port else ""
+            config.write_text(
+                f'device_id = "{device_id}"\ndata_dir = "{data_dir}"\n{http}'
+                f'[broker]\nurl = "{broker.url}"\npassword_file = "{secret}"\n'
+                f'[trust]\nkeys = ["{trust}"]\nthreshold = 1\n[telemetry]\ninterval_s = 1\n'
+            )
+            options = ["--config", str(config)]
+        else:
+            options = [
+                "--device-id", device_id, "--broker", broker.url,
+                "--password-file", str(secret), "--trust", str(trust),
+                "--data-dir", str(data_dir), "--telemetry-interval", "1",
+                *(["--http", f"127.0.0.1:{http_port}"] if http_port else []),
+            ]  # fmt: skip
+        args = [sys.executable, "-m", "edge_agent.cli", "-vv", "run", *options, *extra]
         env = {k: v for k, v in os.environ.items() if k != "FEDGE_AGENT_CRASH_AT"}
         if crash_at is not None:
             env["FEDGE_AGENT_CRASH_AT"] = crash_at

@@ -184,8 +184,8 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
     broker: Mosquitto, tmp_path: Path, key: SigningKey, spawn: Callable[..., AgentProcess]
 ) -> None:
     ports = [free_port() for _ in range(3)]
-    processes = [
-        spawn(device, tmp_path / device, http_port=port)
+    processes = [  # the last one reads everything from agent.toml
+        spawn(device, tmp_path / device, http_port=port, config_file=device == DEVICES[2])
         for device, port in zip(DEVICES[:3], ports, strict=True)
     ]
     try:
