@@ -275,7 +275,7 @@ class Coordinator:
             The delivery; pass it to :meth:`wait`.
 
         Raises:
-            TargetError: no device matches the target.
+            TargetError: no device matches the target, or it names unknown devices.
         """
         manifest = artifact.manifest
         deployment_id = deployment_id or _new_id(f"{manifest.name}-v{manifest.version}")
@@ -313,7 +313,11 @@ class Coordinator:
         deployment_id: str | None = None,
     ) -> Delivery:
         with self._cond:
-            records = target.select(self._fleet.records())
+            known = self._fleet.records()
+            unknown = target.missing(known)
+            if unknown:
+                raise TargetError(f"unknown device(s): {', '.join(unknown)} (see fedge fleet)")
+            records = target.select(known)
             if not records:
                 raise TargetError(f"no device matches {target.describe()}")
             online = [r.device_id for r in records if r.online]
@@ -470,7 +474,7 @@ class Coordinator:
         self._change_count += 1
         self._cond.notify_all()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         if topic == self._sync_topic:
             self._synced.set()
             return
@@ -490,12 +494,14 @@ class Coordinator:
             logger.warning("dropped a message on %s: %s: %s", topic[:120], exc.code, exc)
             return
         with self._cond:
-            self._handle(where.device_id, envelope)
+            self._handle(where.device_id, envelope, retained=retained)
 
-    def _handle(self, device_id: str, envelope: Envelope) -> None:
+    def _handle(self, device_id: str, envelope: Envelope, *, retained: bool = False) -> None:
         message, now = envelope.message, self._clock()
         if isinstance(message, Status):
-            self._on_status(device_id, message, envelope.sent_at, now)
+            # A retained status is as old as it says (bounded by now), not "just seen".
+            seen = min(now, envelope.sent_at) if retained else now
+            self._on_status(device_id, message, envelope.sent_at, seen)
             return
         self._fleet.touch(device_id, now)
         if isinstance(message, InstallStatus):

@@ -28,7 +28,9 @@ period began (so it belongs to the current connection, not an earlier one); it
 then only flips ``online`` to False and keeps the newer capabilities, since the
 Will describes the device as it was at connect time. Both ``sent_at`` values come
 from the same device clock, so skew between device and coordinator does not
-matter here.
+matter here. And an online status for a device held offline is always taken, even
+if older: a device whose clock went back (a reboot without a real-time clock) must
+not look offline forever; its next Will is then honoured whatever its timestamp.
 """
 
 from __future__ import annotations
@@ -156,10 +158,14 @@ class Fleet:
                 self._online_floor[device_id] = -math.inf
         else:
             last_seen = max(held.last_seen, now)
-            if sent_at >= held.status_sent_at:
+            comes_back = status.online and not held.online
+            if sent_at >= held.status_sent_at or comes_back:
                 record = DeviceRecord.from_status(device_id, status, sent_at=sent_at, now=last_seen)
-                if status.online and not held.online:
-                    self._online_floor[device_id] = held.status_sent_at
+                if comes_back:
+                    # A clock that went back (a reboot without an RTC) gives no floor.
+                    self._online_floor[device_id] = (
+                        held.status_sent_at if sent_at >= held.status_sent_at else -math.inf
+                    )
             elif (
                 not status.online
                 and held.online

@@ -353,7 +353,7 @@ class Agent:
 
     # ------------------------------------------------------------ network thread
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def _enqueue(self, topic: str, payload: bytes, _retained: bool = False) -> None:
         try:
             self._inbox.put_nowait((topic, payload))
         except queue.Full:
@@ -714,12 +714,12 @@ class Agent:
         record = self._telemetry.close_window(
             model=active.name if active else None, version=active.version if active else None
         )
+        dropped = self._spool.dropped
+        batch = TelemetryBatch(seq=self._telemetry_seq, dropped=dropped, records=(record,))
+        self._telemetry_seq += 1
         try:
-            batch = TelemetryBatch(
-                seq=self._telemetry_seq, dropped=self._spool.take_dropped(), records=(record,)
-            )
-            self._telemetry_seq += 1
             self._spool.append(self._encode(batch))
+            self._spool.take_dropped(up_to=dropped)  # reported by this batch, not before
         except StateError as exc:
             logger.error("telemetry batch lost: %s", exc)
         self._drain_spool()

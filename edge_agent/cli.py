@@ -53,6 +53,7 @@ from edge_agent import __version__
 from edge_agent.agent import run_agent
 from edge_agent.config import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
 from edge_agent.errors import AgentError, ConfigError
+from edge_agent.http_api import HttpConfig, parse_bind
 from edge_agent.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
 
@@ -291,6 +292,9 @@ def _preflight(config: AgentConfig) -> None:
     """
     config.trust.load()
     config.broker.check_files()
+    if config.http is not None:  # the endpoint's own rules: loopback only, a real port
+        host, port = parse_bind(config.http)
+        HttpConfig(host=host, port=port)
     if config.runtime is not None:
         installed = available_runtimes()
         if config.runtime not in installed:
@@ -350,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "init":
         return _init(args)
     parser.print_help()
-    return EXIT_FAILURE
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

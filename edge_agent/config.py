@@ -301,6 +301,10 @@ def _check_http(value: object) -> str:
 # --------------------------------------------------------------------------- values
 
 
+MIN_SPOOL_BYTES = 4096
+"""Smallest telemetry spool: below a few batches, every batch would be dropped."""
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """How to reach and log in to the MQTT broker.
@@ -505,7 +509,7 @@ class TelemetryConfig:
         object.__setattr__(
             self, "interval_s", _want_seconds("telemetry.interval_s", self.interval_s)
         )
-        _want_int("telemetry.spool_max_bytes", self.spool_max_bytes, low=1)
+        _want_int("telemetry.spool_max_bytes", self.spool_max_bytes, low=MIN_SPOOL_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -893,11 +897,11 @@ data_dir = "/var/lib/fedge-agent"
 
 # Hardware tags: a model that needs tags this device lacks is refused.
 # Default: no tags.
-tags = ["arm64", "camera"]
+# tags = ["arm64", "camera"]
 
 # Preferred inference runtime: "onnxruntime" or "tflite". Default: automatic
 # (whatever the model's format needs and is installed).
-runtime = "onnxruntime"
+# runtime = "onnxruntime"
 
 # Local inference endpoint, HOST:PORT. Default: off. Keep it on 127.0.0.1 unless
 # other machines must reach it.
@@ -913,7 +917,7 @@ log_level = "info"
 url = "mqtts://broker.example.net:8883"
 
 # MQTT username. Default: device_id (the broker's ACL expects exactly that).
-username = "pi-kitchen-01"
+# username = "pi-kitchen-01"
 
 # File holding the MQTT password (surrounding whitespace is stripped). Default: the
 # FEDGE_AGENT_PASSWORD environment variable, else no password. `password = "..."`

@@ -56,14 +56,18 @@ The endpoint has **no authentication and no TLS**. It listens on loopback by def
 and :class:`HttpConfig` refuses any other address unless ``allow_remote=True`` (put a
 firewall or an authenticating proxy in front of it then).
 
-Each request runs in its own daemon thread (``ThreadingHTTPServer``); each
-connection serves one request (HTTP/1.0 semantics) and has a socket timeout
-(``timeout_s``), so a slow or stalled client holds one thread for at most that long.
+Each request runs in its own daemon thread (``ThreadingHTTPServer``), at most
+:data:`MAX_CONCURRENT_REQUESTS` at once (more get 503 at once); each connection
+serves one request (HTTP/1.0 semantics); a read that waits ``timeout_s`` is
+answered 408, and a connection is cut ``2 * timeout_s`` after it was accepted however
+slowly the client trickles bytes, so a slow or stalled client holds one thread for at
+most that long.
 Requests are logged at DEBUG through this module's logger, never to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -88,6 +92,13 @@ logger = logging.getLogger(__name__)
 
 #: Default largest request body (1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
+MAX_CONCURRENT_REQUESTS = 16
+"""Requests served at once; each may parse up to ``max_body_bytes`` of JSON."""
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error": {"code": "busy", "message": "too many requests at once; retry"}}'
+)
 
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -135,7 +146,8 @@ class HttpConfig:
             ``Content-Length`` before reading).
         allow_remote: Allow a non-loopback ``host``. The endpoint has no
             authentication: anyone who can reach the port can use the model.
-        timeout_s: Socket timeout of each connection, in seconds.
+        timeout_s: Longest wait for one read, in seconds (408 after it); a whole
+            connection is cut after twice that.
 
     Raises:
         ConfigError: a field is out of range, or ``host`` is not a loopback address
@@ -241,10 +253,34 @@ class _Api:
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the stdlib's 5 resets bursts of local clients
 
     def __init__(self, address: tuple[str, int], api: _Api) -> None:
         self.api = api
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Refuse (503) beyond :data:`MAX_CONCURRENT_REQUESTS` instead of a thread each."""
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY_RESPONSE)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, with a deadline on the whole request; free its slot."""
+        # Each read also times out after timeout_s (answered 408); this cut is for a
+        # client that keeps every read just under it.
+        deadline = threading.Timer(2 * self.api.config.timeout_s, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind() resolves the host's FQDN, which can hang for
@@ -253,6 +289,12 @@ class _HttpServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+
+
+def _cut(connection: socket.socket) -> None:
+    """Deadline passed: end a connection (a client trickling bytes cannot keep it)."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _HttpServer6(_HttpServer):

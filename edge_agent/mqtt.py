@@ -2,7 +2,7 @@
 
 Both sides use it: the agent (one link per device) and the coordinator (one link for
 the fleet). It is the only module that touches paho; everything above it sees
-``(topic, payload)`` callbacks, a ``connected`` flag and :class:`BrokerError`.
+``(topic, payload, retained)`` callbacks, a ``connected`` flag and :class:`BrokerError`.
 
 Workflow::
 
@@ -76,7 +76,7 @@ class MqttLink:
         *,
         client_id: str,
         subscriptions: Sequence[str],
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, bool], None],
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         will: Will | Callable[[], Will] | None = None,
@@ -89,7 +89,8 @@ class MqttLink:
             subscriptions: Topic filters subscribed (QoS 1) on every connect (more
                 can be added and removed later with :meth:`subscribe` and
                 :meth:`unsubscribe`).
-            on_message: Called with ``(topic, payload)`` for every message.
+            on_message: Called with ``(topic, payload, retained)`` for every message
+                (``retained``: the broker's stored copy, delivered on subscribing).
             on_connect: Called after each successful (re)connect.
             on_disconnect: Called after each lost connection.
             will: The Last Will, if any; a callable is asked for a fresh one before
@@ -332,7 +333,7 @@ class MqttLink:
 
     def _handle_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._on_message(msg.topic, bytes(msg.payload))
+            self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:
             logger.exception("message handler failed on %s", msg.topic)
 

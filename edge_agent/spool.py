@@ -300,20 +300,24 @@ class Spool:
                 raise StateError(f"{path}: cannot delete spool item: {exc}") from exc
             self._forget(seq)
 
-    def take_dropped(self) -> int:
-        """Return the dropped count and reset it to 0 (both persisted).
+    def take_dropped(self, up_to: int | None = None) -> int:
+        """Take items off the dropped count (persisted) and return how many.
+
+        Args:
+            up_to: Take at most this many (the number already reported); None
+                takes the whole count. Drops counted meanwhile stay counted.
 
         Raises:
-            StateError: The reset count cannot be written; the count is kept.
+            StateError: The new count cannot be written; the count is kept.
         """
         with self._lock:
-            count = self._dropped
+            count = self._dropped if up_to is None else max(0, min(up_to, self._dropped))
             if count:
-                self._dropped = 0
+                self._dropped -= count
                 try:
                     self._save_dropped()
                 except StateError:
-                    self._dropped = count
+                    self._dropped += count
                     raise
             return count
 

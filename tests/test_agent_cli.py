@@ -306,6 +306,14 @@ def test_run_checks_key_and_tls_files_before_starting(
     assert fake_agent == []
 
 
+def test_run_refuses_an_http_endpoint_off_loopback(
+    config_file: Path, fake_agent: list[AgentConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--config", str(config_file), "--http", "0.0.0.0:8080"]) == 2
+    assert "loopback" in error_line(capsys)
+    assert fake_agent == []
+
+
 def test_run_refuses_a_runtime_that_is_not_installed(
     config_file: Path,
     fake_agent: list[AgentConfig],
@@ -346,7 +354,7 @@ def test_run_hands_the_crash_point_from_the_environment_to_the_agent(
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 1
+    assert main([]) == 2  # usage error
     out = capsys.readouterr().out
     for command in ("init", "run", "verify"):
         assert command in out

@@ -253,7 +253,7 @@ def test_telemetry_and_transfer_defaults() -> None:
         (TelemetryConfig, {"interval_s": 0}, "telemetry.interval_s must be a finite number > 0"),
         (TelemetryConfig, {"interval_s": float("nan")}, "telemetry.interval_s must be a finite"),
         (TelemetryConfig, {"interval_s": True}, "telemetry.interval_s must be a number"),
-        (TelemetryConfig, {"spool_max_bytes": 0}, "telemetry.spool_max_bytes must be >= 1"),
+        (TelemetryConfig, {"spool_max_bytes": 4095}, "telemetry.spool_max_bytes must be >= 4096"),
         (TransferConfig, {"window": 0}, "transfer.window must be between 1 and 1024"),
         (TransferConfig, {"window": 1025}, "transfer.window must be between 1 and 1024"),
         (TransferConfig, {"window": 16.0}, "transfer.window must be an integer, got a float"),
@@ -381,8 +381,8 @@ def test_example_config_loads_and_validates(tmp_path: Path, key: Path) -> None:
     assert config.broker.username == "pi-kitchen-01"
     assert config.trust.keys == (key,)
     assert config.trust.load().threshold == 1
-    assert config.tags == ("arm64", "camera")
-    assert config.runtime == "onnxruntime"
+    assert config.tags == ()  # commented out: a device claims no tags by accident
+    assert config.runtime is None
 
 
 def test_example_config_states_the_real_defaults() -> None:

@@ -367,5 +367,5 @@ def test_agent_verify(artifact: Path, workdir: Path, capsys: pytest.CaptureFixtu
 
 
 def test_agent_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent_main([]) == 1
+    assert agent_main([]) == 2  # usage error
     assert "verify" in capsys.readouterr().out

@@ -528,7 +528,13 @@ def test_fleet_shows_devices_and_offline_after_stop(
         assert device["tags"] == ["camera"]
         assert device["models"] == []
         assert "machine" in device["hardware"]
-        result = deploy_json(broker, make_artifact(tmp_path, key, version=1), "--to", "tag:camera")
+        artifact = make_artifact(tmp_path, key, version=1)
+        status, out = fedge(broker, "deploy", str(artifact), "--json", "--to",
+                            f"device:{DEVICES[3]},ghost")  # fmt: skip
+        assert status == 1
+        assert json.loads(out)["error"]["code"] == "bad_target"
+        assert "ghost" in json.loads(out)["error"]["message"]
+        result = deploy_json(broker, artifact, "--to", "tag:camera")
         assert result[0] == 0
     finally:
         agent.stop()

@@ -123,12 +123,13 @@ def test_stale_will_of_an_earlier_connection_is_ignored() -> None:
     assert fleet.update_status("pi-1", status(online=False), sent_at=30, now=50).online is False
 
 
-def test_stale_online_status_after_will_is_ignored() -> None:
+def test_device_whose_clock_went_back_comes_back_online_and_can_go_offline() -> None:
     fleet = Fleet()
-    fleet.update_status("pi-1", status(), sent_at=11, now=11)
-    fleet.update_status("pi-1", status(), sent_at=20, now=20)
-    fleet.update_status("pi-1", status(online=False), sent_at=10, now=30)
-    assert fleet.update_status("pi-1", status(), sent_at=11, now=31).online is False
+    fleet.update_status("pi-1", status(), sent_at=1000, now=1000)
+    fleet.update_status("pi-1", status(online=False), sent_at=990, now=1001)  # its Will
+    rebooted = fleet.update_status("pi-1", status(), sent_at=950, now=1100)  # clock behind
+    assert rebooted.online is True
+    assert fleet.update_status("pi-1", status(online=False), sent_at=949, now=1200).online is False
 
 
 def test_newer_offline_status_replaces_everything() -> None:

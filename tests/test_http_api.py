@@ -20,7 +20,13 @@ import pytest
 from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from edge_agent import http_api
 from edge_agent.errors import ConfigError
-from edge_agent.http_api import MAX_BODY_BYTES, HttpConfig, LocalHttpServer, parse_bind
+from edge_agent.http_api import (
+    MAX_BODY_BYTES,
+    MAX_CONCURRENT_REQUESTS,
+    HttpConfig,
+    LocalHttpServer,
+    parse_bind,
+)
 from edge_agent.runtime.base import ModelRuntime
 from edge_agent.serving import LoadedModel, ModelServer
 from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
@@ -646,6 +652,43 @@ def test_slow_body_times_out(serve: Callable[..., Address]) -> None:
     assert time.monotonic() - started < 5
     assert status == 408
     assert body["error"]["code"] == "timeout"
+
+
+def test_a_trickling_client_is_cut_off(serve: Callable[..., Address]) -> None:
+    address = serve(timeout_s=0.3)
+    started = time.monotonic()
+    with socket.create_connection(address, timeout=5) as sock:
+        closed = False
+        for byte in b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n" * 4:
+            try:
+                sock.sendall(bytes([byte]))  # each read waits well under timeout_s
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+            if time.monotonic() - started > 3:
+                break
+        if not closed:
+            sock.settimeout(2)
+            try:
+                closed = sock.recv(1) == b""
+            except OSError:
+                closed = True
+    assert closed
+    assert time.monotonic() - started < 2.5
+
+
+def test_too_many_requests_at_once_get_503(serve: Callable[..., Address]) -> None:
+    address = serve(timeout_s=2.0)
+    stalled = [socket.create_connection(address, timeout=5) for _ in range(MAX_CONCURRENT_REQUESTS)]
+    try:
+        time.sleep(0.2)  # every slot is held by a connection that sends nothing
+        status, body = parse_raw(raw(address, b"GET /v1/health HTTP/1.0\r\n\r\n"))
+        assert status == 503
+        assert body["error"]["code"] == "busy"
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_slow_headers_time_out(serve: Callable[..., Address]) -> None:

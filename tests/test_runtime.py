@@ -13,7 +13,13 @@ import pytest
 from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward, init_weights
 from compress.onnx_export import export_onnx
 from edge_agent.errors import AgentError, ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy, predict_single
+from edge_agent.runtime.base import (
+    ModelRuntime,
+    TensorInfo,
+    accuracy,
+    convert_input,
+    predict_single,
+)
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 
 N_FEATURES = 6
@@ -293,3 +299,20 @@ def test_edge_agent_runtime_imports_no_coordinator_packages() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [("uint8", [300]), ("uint8", [-1]), ("int8", [128.0]), ("int64", [float("inf")])],
+)
+def test_convert_input_refuses_integers_out_of_range(dtype: str, value: list[float]) -> None:
+    info = TensorInfo("x", (None,), dtype)
+    with pytest.raises(ModelRuntimeError, match="cannot convert input 'x'"):
+        convert_input(value, info)
+
+
+def test_convert_input_keeps_fitting_values_and_arrays_as_they_are() -> None:
+    info = TensorInfo("x", (None,), "uint8")
+    assert convert_input([0, 255], info).tolist() == [0, 255]
+    ready = np.array([1, 2], dtype=np.uint8)
+    assert convert_input(ready, info) is ready

@@ -300,3 +300,14 @@ def test_concurrent_appends_keep_every_item(tmp_path: Path) -> None:
     for n in range(4):  # each thread's items keep their order
         mine = [item.data for item in items if item.data.startswith(b"%d-" % n)]
         assert mine == [b"%d-%d" % (n, i) for i in range(25)]
+
+
+def test_take_dropped_up_to_keeps_drops_counted_meanwhile(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=10, max_items=1)
+    spool.append(b"a")
+    spool.append(b"b")  # drops "a"
+    reported = spool.dropped
+    spool.append(b"c")  # drops "b" after the report was made
+    assert spool.take_dropped(up_to=reported) == 1
+    assert spool.dropped == 1
+    assert Spool(tmp_path / "s", max_bytes=10, max_items=1).dropped == 1  # persisted

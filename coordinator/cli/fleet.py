@@ -19,7 +19,7 @@ the broker URL from ``--broker`` or ``FEDGE_BROKER``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -127,9 +127,14 @@ def connected(
         coordinator.stop()
 
 
-def _downloaded(tracker: DeploymentTracker) -> bool:
+def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
+    """Whether every device has the payload or refused it (dropped-out ones: not yet)."""
     moving = (DeviceState.PENDING, DeviceState.ACCEPTED, DeviceState.DOWNLOADING)
-    return all(p.state not in moving for p in tracker.progress())
+
+    def done(tracker: DeploymentTracker) -> bool:
+        return not delivery.dropped_out() and all(p.state not in moving for p in tracker.progress())
+
+    return done
 
 
 def _follow(
@@ -141,7 +146,7 @@ def _follow(
     live: bool,
     until_downloaded: bool = False,
 ) -> DeployResult:
-    until = _downloaded if until_downloaded else None
+    until = _downloaded(delivery) if until_downloaded else None
     if not live:
         return coordinator.wait(delivery, timeout=timeout, until=until)
     with Live(console=err_console, refresh_per_second=8, transient=False) as view:
@@ -177,7 +182,11 @@ def deploy(
     connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Send a signed artifact to devices over MQTT; agents verify it before installing."""
+    """Send a signed artifact to devices over MQTT; agents verify it before installing.
+
+    With --wait, exits 0 only when every targeted online device installed it (and at
+    least one did). Without it, exits 1 if any device rejected it, failed or timed out.
+    """
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
         loaded = Artifact.load(artifact)
@@ -258,7 +267,10 @@ def rollback(
     connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Make devices go back to their previous good model; exits 1 unless all did."""
+    """Make devices go back to their previous good model.
+
+    Exits 0 when every targeted online device rolled back (and at least one did).
+    """
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
         config = broker_config(
@@ -273,5 +285,8 @@ def rollback(
         print_json(result.to_json())
     else:
         console.print(deploy_table(result.devices, title=title))
-    if not all(p.state in (DeviceState.ROLLED_BACK, DeviceState.OFFLINE) for p in result.devices):
+    states = [p.state for p in result.devices]
+    if DeviceState.ROLLED_BACK not in states or not all(
+        s in (DeviceState.ROLLED_BACK, DeviceState.OFFLINE) for s in states
+    ):
         raise typer.Exit(EXIT_NOT_INSTALLED)

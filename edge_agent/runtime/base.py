@@ -160,15 +160,28 @@ def convert_input(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
         ModelRuntimeError: the value cannot be converted, or overflows the dtype
             (e.g. ``1e39`` for float32, instead of a silent ``inf``).
     """
-    if isinstance(value, np.ndarray) and value.dtype == info.numpy_dtype:
+    target = info.numpy_dtype
+    if isinstance(value, np.ndarray) and value.dtype == target:
         return value
     try:
         with np.errstate(over="raise", invalid="raise"):
-            return np.asarray(value, dtype=info.numpy_dtype)
+            if target.kind in "iu":  # numpy < 2 wraps out-of-range ints: check first
+                _check_integer_range(np.asarray(value), target)
+            return np.asarray(value, dtype=target)
     except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
         raise ModelRuntimeError(
             f"cannot convert input {info.name!r} to {info.dtype}: {exc}"
         ) from exc
+
+
+def _check_integer_range(array: np.ndarray, target: np.dtype[Any]) -> None:
+    """Raise OverflowError when ``array`` holds values ``target`` cannot represent."""
+    if array.size == 0 or array.dtype.kind not in "iuf":
+        return
+    bounds = np.iinfo(target)
+    low, high = array.min(), array.max()
+    if not (np.isfinite(low) and np.isfinite(high)) or low < bounds.min or high > bounds.max:
+        raise OverflowError(f"values outside [{bounds.min}, {bounds.max}]")
 
 
 def predict_single(runtime: ModelRuntime, x: npt.ArrayLike) -> np.ndarray:
