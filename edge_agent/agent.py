@@ -415,11 +415,11 @@ class Agent:
             else f"no chunks arrived for {transfer.stalls} requests in a row"
         )
         logger.warning("giving up transfer %s: %s", transfer.staged.info.transfer_id[:12], reason)
+        self._set_transfer(None)  # cleaned up before anyone hears of it
         self._report(
             transfer.deployment_id, InstallState.FAILED, transfer.manifest,
             code="expired" if expired else "stalled", reason=reason,
         )  # fmt: skip
-        self._set_transfer(None)
 
     def _set_transfer(self, transfer: _Transfer | None) -> None:
         """Replace the current transfer: discard the old one, follow the new one's chunks."""
@@ -620,12 +620,14 @@ class Agent:
         self._report_transfer(transfer, force=True, state=InstallState.VERIFYING)
         self._report_transfer(transfer, force=True, state=InstallState.INSTALLING)
         try:
-            self._install_staged(transfer)
+            outcome = self._install_staged(transfer)
         finally:
-            self._set_transfer(None)  # whatever happened, the staging area goes
+            self._set_transfer(None)  # whatever happened, the staging area goes first
+        outcome()
 
-    def _install_staged(self, transfer: _Transfer) -> None:
-        manifest = transfer.manifest
+    def _install_staged(self, transfer: _Transfer) -> Callable[[], None]:
+        """Install; return the report to send once the staging area is gone."""
+        manifest, deployment_id = transfer.manifest, transfer.deployment_id
         try:
             model, runtime = install(
                 transfer.staged,
@@ -636,8 +638,8 @@ class Agent:
             )
         except (CompressError, StateError) as exc:
             logger.error("install of %s v%d failed: %s", manifest.name, manifest.version, exc)
-            self._report_error(transfer.deployment_id, InstallState.FAILED, exc, manifest)
-            return
+            failed = exc
+            return lambda: self._report_error(deployment_id, InstallState.FAILED, failed, manifest)
         except AgentError as exc:
             logger.error(
                 "%s v%d not installed, keeping the current model: %s",
@@ -645,12 +647,18 @@ class Agent:
                 manifest.version,
                 exc,
             )
-            self._report_error(transfer.deployment_id, InstallState.ROLLED_BACK, exc, manifest)
-            return
+            refused = exc
+            return lambda: self._report_error(
+                deployment_id, InstallState.ROLLED_BACK, refused, manifest
+            )
         self._serve(model, runtime)
         self.counters.installs += 1
-        self._report(transfer.deployment_id, InstallState.INSTALLED, model)
-        self._publish(Channel.STATUS, self._status(online=True), retain=True)
+
+        def installed() -> None:
+            self._report(deployment_id, InstallState.INSTALLED, model)
+            self._publish(Channel.STATUS, self._status(online=True), retain=True)
+
+        return installed
 
     # ----------------------------------------------------------------- rollback
 

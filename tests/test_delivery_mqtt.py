@@ -739,7 +739,8 @@ def test_a_transfer_nobody_serves_gives_up_and_says_so(
             if isinstance(m, ChunkRequest)
         ]
         assert len(requests) > 5  # it asked, repeatedly, before giving up
-        assert not any((agent.config.data_dir / "staging").iterdir())
+        staging = agent.config.data_dir / "staging"
+        wait_for(lambda: not any(staging.iterdir()), what="the staging area cleaned up")
     finally:
         events.close()
         agent.stop()
