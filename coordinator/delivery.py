@@ -22,7 +22,9 @@ Delivering one artifact:
    ``fedge/v1/broadcast/<transfer_id>`` when two or more devices accepted, on the
    device's own ``chunks`` topic when one did.
 3. Whatever a device missed (broker restart, agent restart, a late accept) it asks
-   for with ``chunk_request``; those chunks are sent to that device alone.
+   for with ``chunk_request``; a sender thread answers, once on the broadcast topic
+   for chunks several devices want, else to the device alone
+   (:mod:`coordinator.chunk_sender`).
 4. ``install_status`` reports move the device through the
    :class:`~coordinator.deployment.DeploymentTracker`; ``wait`` returns when every
    device has an outcome or the timeout expires.
@@ -48,6 +50,7 @@ from typing import Self
 from compress.artifact import read_artifact_raw
 from compress.manifest import Manifest
 from compress.signing import SignedManifest
+from coordinator.chunk_sender import ChunkRequestItem, ChunkSender
 from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
 from coordinator.errors import CoordinatorError, TargetError
 from coordinator.fleet import DeviceRecord, Fleet, Target
@@ -211,6 +214,13 @@ class Coordinator:
             subscriptions=(*coordinator_subscriptions(), self._sync_topic),
             on_message=self._on_message,
         )
+        self._sender = ChunkSender(
+            self._link,
+            self._payload_of,
+            chunk_size=config.chunk_size,
+            limits=config.limits,
+            clock=clock,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -221,10 +231,12 @@ class Coordinator:
             BrokerError: no connection within ``timeout`` seconds.
         """
         self._link.connect(timeout)
+        self._sender.start()
         self.sync_fleet()
 
     def stop(self) -> None:
-        """Disconnect (idempotent)."""
+        """Stop serving chunks and disconnect (idempotent)."""
+        self._sender.stop()
         self._link.stop()
 
     def __enter__(self) -> Self:
@@ -403,7 +415,7 @@ class Coordinator:
                 logger.warning("disconnected while sending chunks; devices will ask again")
                 return
             pending.append(info)
-            if len(pending) >= PUBLISH_WINDOW and not self._link.on_network_thread():
+            if len(pending) >= PUBLISH_WINDOW:
                 pending.pop(0).wait_for_publish(30)
 
     def wait(
@@ -550,7 +562,12 @@ class Coordinator:
             return
         count = chunk_count(len(artifact.payload), self.config.chunk_size)
         indices = sorted({i for i in request.indices if 0 <= i < count})[:MAX_CHUNKS_PER_REQUEST]
-        self._send_chunks(artifact, indices, device_topic(device_id, Channel.CHUNKS))
+        self._sender.request(ChunkRequestItem(device_id, request.transfer_id, tuple(indices)))
+
+    def _payload_of(self, transfer_id: str) -> bytes | None:
+        with self._cond:
+            artifact = self._transfers.get(transfer_id)
+        return artifact.payload if artifact is not None else None
 
 
 def _relabel(status: InstallStatus, deployment_id: str) -> InstallStatus:

@@ -109,7 +109,6 @@ class MqttLink:
         self._connected = threading.Event()
         self._started = False
         self._last_error: str | None = None
-        self._network_thread: int | None = None
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -149,10 +148,6 @@ class MqttLink:
     def last_error(self) -> str | None:
         """The last connection problem seen, for health reports (None when fine)."""
         return self._last_error
-
-    def on_network_thread(self) -> bool:
-        """Whether the caller runs on paho's network thread (inside a callback)."""
-        return threading.get_ident() == self._network_thread
 
     def start(self) -> None:
         """Start connecting in the background (returns at once; idempotent)."""
@@ -290,7 +285,6 @@ class MqttLink:
         reason: ReasonCode,
         _properties: Any,
     ) -> None:
-        self._network_thread = threading.get_ident()
         if reason.is_failure:
             self._last_error = f"broker refused the connection: {reason}"
             logger.warning("%s refused the connection: %s", self._broker.url, reason)
