@@ -314,28 +314,35 @@ def test_broker_restart_in_the_middle_of_a_transfer(
             broker.stop()
             restarted.append(True)  # only now: the test thread restarts the broker
 
-    agent = Agent(
-        agent_config(broker, DEVICES[0], tmp_path / "a0", trust), checkpoint=kill_broker_midway
-    )
-    agent.start()
+    # Two agents take the broadcast; the first pulls the plug on the broker midway.
+    agents = [
+        Agent(
+            agent_config(broker, DEVICES[0], tmp_path / "a0", trust), checkpoint=kill_broker_midway
+        ),
+        Agent(agent_config(broker, DEVICES[1], tmp_path / "a1", trust)),
+    ]
+    for agent in agents:
+        agent.start()
     try:
-        wait_for(lambda: agent.connected, what="agent connected")
+        wait_for(lambda: all(a.connected for a in agents), what="agents connected")
         operator = coordinator(broker, chunk_size=1024)
         try:
             artifact = Artifact.load(make_artifact(tmp_path, key, version=4, hidden=1024))
             assert len(artifact.payload) > 20 * 1024
             delivery = operator.deploy(artifact, Target.parse("all"))
             wait_for(lambda: restarted, what="the broker to go down mid-transfer")
-            assert agent.model is None
+            assert all(a.model is None for a in agents)
             broker.start()
             result = operator.wait(delivery, timeout=60)
         finally:
             operator.stop()
         assert result.succeeded, result.to_json()
-        assert agent.model is not None
-        assert agent.model.version == 4
+        for agent in agents:
+            assert agent.model is not None
+            assert agent.model.version == 4
     finally:
-        agent.stop()
+        for agent in agents:
+            agent.stop()
 
 
 CRASH_POINTS = [
