@@ -208,6 +208,7 @@ class Coordinator:
         self._sync_topic = f"{SYNC_PREFIX}/{uuid.uuid4().hex}"
         self._synced = threading.Event()
         self._dropped = 0
+        self._change_count = 0  # bumped on every change a waiter may want to see
         self._link = MqttLink(
             config.broker,
             client_id=f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
@@ -480,8 +481,6 @@ class Coordinator:
 
     # ------------------------------------------------------------ incoming messages
 
-    _change_count = 0
-
     def _changed(self) -> None:
         self._change_count += 1
         self._cond.notify_all()
@@ -536,9 +535,10 @@ class Coordinator:
 
     def _on_install_status(self, device_id: str, status: InstallStatus, now: float) -> None:
         delivery = self._deliveries.get(status.deployment_id)
-        if delivery is None and status.deployment_id in self._rollback_ids():
-            delivery = self._rollback_ids()[status.deployment_id]
-            status = _relabel(status, delivery.deployment_id)
+        if delivery is None:  # a rollback answer, under the id of the command we sent
+            delivery = self._rollback_ids().get(status.deployment_id)
+            if delivery is not None:
+                status = _relabel(status, delivery.deployment_id)
         if delivery is None:
             logger.debug("install status for unknown deployment %s", status.deployment_id)
             return
