@@ -6,6 +6,7 @@ stderr) and dispatches to the command groups:
 * ``fedge keys``  -- :mod:`coordinator.cli.keys`
 * ``fedge model`` -- :mod:`coordinator.cli.model`
 * ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
+* ``fedge broker`` -- :mod:`coordinator.cli.broker`
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -19,7 +20,7 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import fleet, keys, model
+from coordinator.cli import broker, fleet, keys, model
 
 app = typer.Typer(
     name="fedge",
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
+app.add_typer(broker.app, name="broker")
 app.command("deploy")(fleet.deploy)
 app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)

@@ -154,7 +154,9 @@ def _follow(
         def redraw(tracker: DeploymentTracker) -> None:
             view.update(deploy_table(tracker.progress(), title=title))
 
-        return coordinator.wait(delivery, timeout=timeout, on_change=redraw, until=until)
+        result = coordinator.wait(delivery, timeout=timeout, on_change=redraw, until=until)
+    err_console.print()  # a live view off a terminal ends without a newline
+    return result
 
 
 def deploy(
