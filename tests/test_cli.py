@@ -21,6 +21,7 @@ from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
 from coordinator.cli.app import app
 from edge_agent.cli import main as agent_main
+from edge_agent.protocol import MOSQUITTO_ACL
 from tests.conftest import NOW, PAYLOAD, make_manifest
 
 runner = CliRunner()
@@ -369,3 +370,9 @@ def test_agent_verify(artifact: Path, workdir: Path, capsys: pytest.CaptureFixtu
 def test_agent_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert agent_main([]) == 2  # usage error
     assert "verify" in capsys.readouterr().out
+
+
+def test_broker_acl_prints_the_shipped_acl() -> None:
+    result = runner.invoke(app, ["broker", "acl"])
+    assert result.exit_code == 0
+    assert result.stdout == MOSQUITTO_ACL
