@@ -3,30 +3,22 @@
 One :class:`Agent` per device. Threads:
 
 * paho's network thread receives messages and only puts them on the agent's
-  bounded inbox (:meth:`Agent._enqueue`), so a slow install never stalls keepalives;
+  bounded inbox (:meth:`Agent._enqueue`, never blocking: beyond the bound a message
+  is dropped and counted, and a lost chunk is asked for again), so a slow install
+  never stalls keepalives;
 * one worker thread (:meth:`Agent._work`) does everything else, in order: decodes
-  and routes messages, drives transfers and installs, closes telemetry windows and
-  drains the telemetry spool. All agent state is touched by this thread only;
+  and routes messages, lets the :class:`~edge_agent.updates.Updater` drive
+  transfers, installs and rollbacks, closes telemetry windows and drains the
+  telemetry spool. All agent state is touched by this thread only;
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
   :class:`~edge_agent.serving.ModelServer`, which swaps models atomically.
 
-Deployment, as the agent sees it (see :mod:`edge_agent.installer` for the rules)::
-
-    cmd: deploy ──> check_deploy ──(reject)──> install_status rejected + reason
-                        │ accept: staging area created, install_status accepted
-    chunks (broadcast "fedge/v1/broadcast/<transfer_id>" or own "chunks" topic)
-                        │ each written in place; progress every 10 %
-                        │ nothing for stall_timeout_s (or after a restart or
-                        │ reconnect): chunk_request for the missing ones, a
-                        │ window at a time
-    complete ──> verifying ──> installing (A/B + health check) ──> installed
-                                   └──(load or health check fails)──> rolled_back
-
-Restart: the committed ``state.json`` names the model to serve (checked against its
-sha256 before loading); a staged transfer is reopened with only the chunks that
-still verify and resumes once connected. Every message received is decoded
-strictly; anything malformed, oversized, of unknown type or addressed elsewhere is
-logged and dropped, and no handler exception stops the worker.
+On every (re)connect the agent publishes its retained status (hardware facts,
+version, runtimes, tags, installed model); its Last Will, rebuilt before each
+connection attempt, marks it offline. Reports that cannot go out while disconnected
+wait (bounded) and go first after reconnecting. Every message received is decoded
+strictly; anything malformed, oversized, of unknown type, repeated or addressed
+elsewhere is logged and dropped, and no handler exception stops the worker.
 """
 
 from __future__ import annotations
@@ -34,15 +26,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import shutil
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from dataclasses import replace as dc_replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -51,14 +40,13 @@ import numpy.typing as npt
 
 from compress.errors import CompressError
 from compress.manifest import Manifest
-from compress.signing import SignedManifest, TrustedKeys
-from compress.trust import DeviceProfile, verify_manifest
+from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError
 from edge_agent.http_api import HttpConfig, LocalHttpServer, parse_bind
-from edge_agent.installer import AlreadyInstalled, Checkpoint, check_deploy, install
+from edge_agent.installer import Checkpoint
 from edge_agent.model_store import InstalledModel, ModelStore
 from edge_agent.mqtt import MqttLink, Will
 from edge_agent.protocol import (
@@ -79,19 +67,17 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     agent_subscriptions,
-    broadcast_topic,
     check_route,
     decode,
     device_topic,
     encode,
     parse_topic,
 )
-from edge_agent.runtime.base import ModelRuntime
-from edge_agent.runtime.loader import available_runtimes, load_model
+from edge_agent.runtime.loader import available_runtimes
 from edge_agent.serving import LoadedModel, ModelServer, Prediction
 from edge_agent.spool import Spool
-from edge_agent.staging import StagedTransfer, TransferInfo, list_transfers
 from edge_agent.telemetry import TelemetryCollector
+from edge_agent.updates import Updater
 
 __all__ = ["Agent", "run_agent"]
 
@@ -102,9 +88,6 @@ INBOX_SIZE = 256
 network thread never blocks, and a lost chunk is simply asked for again."""
 
 PUBLISH_ACK_TIMEOUT_S = 5.0
-MAX_STALLS = 12
-"""Requests for missing chunks in a row without any progress before a transfer fails."""
-PROGRESS_STEPS = 10
 RECENT_COMMANDS = 256
 PENDING_REPORTS = 64
 
@@ -116,27 +99,11 @@ def _no_checkpoint(_name: str) -> None:
 
 
 @dataclass
-class _Transfer:
-    """The transfer being downloaded (worker thread only)."""
-
-    staged: StagedTransfer
-    manifest: Manifest
-    deployment_id: str
-    deadline: float
-    pulling: bool = False
-    stalls: int = 0
-    outstanding: set[int] = field(default_factory=set)
-    last_progress: int = -1
-
-
-@dataclass
 class AgentCounters:
     """Running counts, for health reports and tests."""
 
     messages: int = 0
     dropped: int = 0
-    installs: int = 0
-    rejections: int = 0
 
 
 class Agent:
@@ -159,24 +126,20 @@ class Agent:
         self.config = config
         self.device_id = config.device_id
         self._clock = clock
-        self._checkpoint = checkpoint
         self._limits = limits
-        self._trusted: TrustedKeys = config.trust.load()
+        trusted = config.trust.load()
         runtimes = frozenset({config.runtime}) if config.runtime else available_runtimes()
         self._device = DeviceProfile(runtimes=runtimes, hardware_tags=frozenset(config.tags))
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StateError(f"cannot create data directory {config.data_dir}: {exc}") from exc
-        self._store = ModelStore(config.data_dir)
-        self._staging_root = config.data_dir / "staging"
         self._telemetry = TelemetryCollector(clock=clock)
         self._server = ModelServer(observer=self._telemetry)
         self._spool = Spool(config.data_dir / "spool", max_bytes=config.telemetry.spool_max_bytes)
         self._hardware = hardware_facts()
         self._inbox: queue.Queue[tuple[str, bytes] | str] = queue.Queue(maxsize=INBOX_SIZE)
         self._just_connected = threading.Event()
-        self._transfer: _Transfer | None = None
         self._recent_commands: deque[str] = deque(maxlen=RECENT_COMMANDS)
         self._pending_reports: deque[InstallStatus] = deque(maxlen=PENDING_REPORTS)
         self._telemetry_seq = 0
@@ -190,9 +153,19 @@ class Agent:
             subscriptions=agent_subscriptions(self.device_id, broadcast=False),
             on_message=self._enqueue,
             on_connect=self._on_link_up,
-            will=lambda: Will(
-                self._topic(Channel.STATUS), self._encode(self._status(online=False))
-            ),
+            will=self._last_will,
+        )
+        self.updates = Updater(
+            store=ModelStore(config.data_dir),
+            staging_root=config.data_dir / "staging",
+            trusted=trusted,
+            device=self._device,
+            server=self._server,
+            link=self._link,
+            reporter=self,
+            config=config.transfer,
+            clock=clock,
+            checkpoint=checkpoint,
         )
 
     def _last_will(self) -> Will:
@@ -208,8 +181,7 @@ class Agent:
             ConfigError: the HTTP endpoint address is invalid.
             BrokerError: TLS could not be set up.
         """
-        self._restore_model()
-        self._restore_transfer()
+        self.updates.restore()
         if self.config.http:
             host, port = parse_bind(self.config.http)
             self._http = LocalHttpServer(
@@ -242,8 +214,8 @@ class Agent:
         self._link.stop()
         if self._http is not None:
             self._http.stop()
-        if self._transfer is not None and not (self._worker and self._worker.is_alive()):
-            self._transfer.staged.close()
+        if not (self._worker and self._worker.is_alive()):
+            self.updates.close()
 
     def predict(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Prediction:
         """Run the installed model (see :meth:`ModelServer.predict`).
@@ -268,88 +240,6 @@ class Agent:
     def http_address(self) -> tuple[str, int] | None:
         """Where the local HTTP endpoint listens, when enabled and started."""
         return self._http.address if self._http is not None else None
-
-    # ------------------------------------------------------------ restore on start
-
-    def _restore_model(self) -> None:
-        state = self._store.state
-        for candidate in (state.current, state.previous):
-            if candidate is None:
-                continue
-            try:
-                self._activate(candidate)
-            except (AgentError, CompressError) as exc:
-                logger.error(
-                    "cannot serve %s v%d from slot %s: %s",
-                    candidate.name,
-                    candidate.version,
-                    candidate.slot,
-                    exc,
-                )
-                continue
-            if candidate is not state.current:
-                logger.warning(
-                    "serving the previous model %s v%d instead", candidate.name, candidate.version
-                )
-                self._store.commit(dc_replace(state, current=candidate, previous=None))
-            return
-        logger.info("no model installed yet")
-
-    def _activate(self, model: InstalledModel) -> None:
-        self._serve(model, load_model(model.format, self._store.read_payload(model)))
-
-    def _serve(self, model: InstalledModel, runtime: ModelRuntime) -> None:
-        self._server.activate(
-            LoadedModel(
-                name=model.name,
-                version=model.version,
-                sha256=model.sha256,
-                format=model.format,
-                slot=model.slot,
-                runtime=runtime,
-                installed_at=model.installed_at,
-            )
-        )
-
-    def _restore_transfer(self) -> None:
-        directories = list_transfers(self._staging_root)
-        for directory in directories[:-1]:  # only the newest one may continue
-            logger.info("discarding older staged transfer %s", directory.name[:12])
-            shutil.rmtree(directory, ignore_errors=True)
-        if not directories:
-            return
-        current = self._store.state.current
-        done = TransferInfo.read(directories[-1])
-        if current is not None and done is not None and current.sha256 == done.transfer_id:
-            # Crashed after the commit, before cleaning up (the payload already moved
-            # into its slot): report the success.
-            self._report(done.deployment_id, InstallState.INSTALLED, current)
-            shutil.rmtree(directories[-1], ignore_errors=True)
-            return
-        staged = StagedTransfer.open_or_discard(directories[-1])
-        if staged is None:
-            return
-        info = staged.info
-        try:
-            manifest = verify_manifest(
-                SignedManifest.from_bytes(staged.manifest_blob),
-                self._trusted,
-                now=self._now(),
-                installed_version=None,
-                device=self._device,
-            )
-            highest = self._store.state.highest_version(manifest.name)
-            if highest is not None and manifest.version <= highest:
-                raise StateError(f"{manifest.name} v{highest} was installed meanwhile")
-        except (CompressError, AgentError) as exc:
-            logger.info("dropping staged transfer %s: %s", info.transfer_id[:12], exc)
-            self._report_error(info.deployment_id, InstallState.REJECTED, exc)
-            staged.discard()
-            return
-        self._set_transfer(_Transfer(staged, manifest, info.deployment_id, deadline=0.0))
-        staged_transfer = self._transfer
-        assert staged_transfer is not None
-        staged_transfer.pulling = True
 
     # ------------------------------------------------------------ network thread
 
@@ -377,8 +267,9 @@ class Agent:
         while not self._stopping.is_set():
             now = time.monotonic()
             wake = next_telemetry
-            if self._transfer is not None and self._link.connected:
-                wake = min(wake, self._transfer.deadline)
+            deadline = self.updates.deadline
+            if deadline is not None and self._link.connected:
+                wake = min(wake, deadline)
             try:
                 item = self._inbox.get(timeout=max(0.0, wake - now))
             except queue.Empty:
@@ -395,67 +286,27 @@ class Agent:
                 if now >= next_telemetry:
                     next_telemetry = now + interval
                     self._telemetry_tick()
-                transfer = self._transfer
-                if transfer is not None and now >= transfer.deadline and self._link.connected:
-                    self._on_stall(transfer)
+                deadline = self.updates.deadline
+                if deadline is not None and now >= deadline and self._link.connected:
+                    self.updates.on_deadline()
             except Exception:
                 logger.exception("agent worker: unexpected error (continuing)")
         logger.debug("agent worker stopped")
 
-    def _on_stall(self, transfer: _Transfer) -> None:
-        """No chunk for a while: ask again, or give up when nothing comes any more."""
-        transfer.stalls += 1
-        expired = transfer.manifest.expires <= self._now()
-        if transfer.stalls <= MAX_STALLS and not expired:
-            self._request_missing(transfer)
-            return
-        reason = (
-            "the manifest expired during the download"
-            if expired
-            else f"no chunks arrived for {transfer.stalls} requests in a row"
-        )
-        logger.warning("giving up transfer %s: %s", transfer.staged.info.transfer_id[:12], reason)
-        self._set_transfer(None)  # cleaned up before anyone hears of it
-        self._report(
-            transfer.deployment_id, InstallState.FAILED, transfer.manifest,
-            code="expired" if expired else "stalled", reason=reason,
-        )  # fmt: skip
-
-    def _set_transfer(self, transfer: _Transfer | None) -> None:
-        """Replace the current transfer: discard the old one, follow the new one's chunks."""
-        old = self._transfer
-        if old is not None and old is not transfer:
-            self._link.unsubscribe(broadcast_topic(old.staged.info.transfer_id))
-            old.staged.discard()
-        self._transfer = transfer
-        if transfer is not None:
-            # Before any answer goes out, so the broadcast cannot outrun the subscription.
-            self._link.subscribe(broadcast_topic(transfer.staged.info.transfer_id))
-
     def _on_connected(self) -> None:
-        self._publish(Channel.STATUS, self._status(online=True), retain=True)
+        self.announce()
         while self._pending_reports:
             if not self._publish(Channel.EVENTS, self._pending_reports[0]):
                 break
             self._pending_reports.popleft()
-        transfer = self._transfer
-        if transfer is not None:
-            self._report_transfer(transfer, force=True)
-            if transfer.staged.complete:
-                self._install(transfer)
-            else:
-                transfer.pulling = True
-                self._request_missing(transfer)
+        self.updates.on_connected()
         self._drain_spool()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.counters.messages += 1
         try:
             where = parse_topic(topic)
-            transfer = self._transfer
-            if isinstance(where, BroadcastTopic) and (
-                transfer is None or where.name != transfer.staged.info.transfer_id
-            ):
+            if isinstance(where, BroadcastTopic) and not self.updates.wants_broadcast(where.name):
                 return  # someone else's transfer (or another broadcast): not ours to decode
             if isinstance(where, DeviceTopic) and where.device_id != self.device_id:
                 raise TopicError(
@@ -472,248 +323,19 @@ class Agent:
     def _dispatch(self, envelope: Envelope) -> None:
         message: Message = envelope.message
         if isinstance(message, Chunk):
-            self._on_chunk(message)
+            self.updates.on_chunk(message)
             return
         if envelope.id in self._recent_commands:
             logger.info("ignoring a repeated %s command %s", message.TYPE, envelope.id)
             return
         self._recent_commands.append(envelope.id)
         if isinstance(message, Deploy):
-            self._on_deploy(message)
+            self.updates.on_deploy(message)
         elif isinstance(message, Rollback):
-            self._on_rollback(message, envelope.id)
+            self.updates.on_rollback(message, envelope.id)
         else:
             self.counters.dropped += 1
             logger.warning("ignoring a %s message: not handled by this agent", message.TYPE)
-
-    # ------------------------------------------------------------------- deploys
-
-    def _on_deploy(self, deploy: Deploy) -> None:
-        logger.info(
-            "deploy %s: transfer %s, %d bytes",
-            deploy.deployment_id,
-            deploy.transfer_id[:12],
-            deploy.total_size,
-        )
-        try:
-            manifest = check_deploy(
-                deploy,
-                trusted=self._trusted,
-                device=self._device,
-                store=self._store,
-                now=self._now(),
-            )
-        except AlreadyInstalled as done:
-            self._report(deploy.deployment_id, InstallState.INSTALLED, done.model)
-            return
-        except (CompressError, AgentError) as exc:
-            self.counters.rejections += 1
-            logger.warning("rejected deploy %s: %s", deploy.deployment_id, exc)
-            self._report_error(deploy.deployment_id, InstallState.REJECTED, exc)
-            return
-        current = self._transfer
-        if current is not None and self._same_transfer(current, deploy):
-            self._resume(current, deploy.deployment_id)
-            return
-        if current is not None:
-            self._report(
-                current.deployment_id,
-                InstallState.FAILED,
-                None,
-                code="superseded",
-                reason=f"superseded by {deploy.deployment_id}",
-            )
-            self._set_transfer(None)
-        info = TransferInfo(
-            deployment_id=deploy.deployment_id,
-            transfer_id=deploy.transfer_id,
-            total_size=deploy.total_size,
-            chunk_size=deploy.chunk_size,
-            chunk_count=deploy.chunk_count,
-        )
-        try:
-            staged = StagedTransfer.create(self._staging_root, info, deploy.manifest)
-        except StateError as exc:
-            self._report_error(deploy.deployment_id, InstallState.FAILED, exc)
-            return
-        transfer = _Transfer(
-            staged,
-            manifest,
-            deploy.deployment_id,
-            deadline=time.monotonic() + self.config.transfer.stall_timeout_s,
-        )
-        self._set_transfer(transfer)
-        self._report_transfer(transfer, force=True, state=InstallState.ACCEPTED)
-
-    @staticmethod
-    def _same_transfer(transfer: _Transfer, deploy: Deploy) -> bool:
-        info = transfer.staged.info
-        return (
-            info.transfer_id == deploy.transfer_id
-            and info.chunk_size == deploy.chunk_size
-            and transfer.staged.manifest_blob == deploy.manifest
-        )
-
-    def _resume(self, transfer: _Transfer, deployment_id: str) -> None:
-        """A deploy of the transfer in progress was (re)sent: carry on under its id."""
-        if transfer.deployment_id != deployment_id:
-            self._report(
-                transfer.deployment_id, InstallState.FAILED, None, code="superseded",
-                reason=f"continued as {deployment_id}",
-            )  # fmt: skip
-            try:
-                transfer.staged.relabel(deployment_id)
-            except StateError as exc:
-                logger.warning("%s (carrying on)", exc)
-            transfer.deployment_id = deployment_id
-        self._report_transfer(transfer, force=True)
-        transfer.pulling = True
-        transfer.stalls = 0
-        self._request_missing(transfer)
-
-    def _on_chunk(self, chunk: Chunk) -> None:
-        transfer = self._transfer
-        if transfer is None or not transfer.staged.matches(chunk):
-            logger.debug("chunk %d of an unknown transfer dropped", chunk.index)
-            return
-        staged = transfer.staged
-        try:
-            is_new = staged.write(chunk)
-        except StateError as exc:
-            logger.error("transfer %s: %s", staged.info.transfer_id[:12], exc)
-            self._report_error(transfer.deployment_id, InstallState.FAILED, exc)
-            self._set_transfer(None)
-            return
-        if not is_new:
-            return
-        self._checkpoint(f"chunk-{staged.held}")
-        transfer.stalls = 0
-        transfer.deadline = time.monotonic() + self.config.transfer.stall_timeout_s
-        if staged.complete:
-            self._install(transfer)
-            return
-        self._report_transfer(transfer)
-        transfer.outstanding.discard(chunk.index)
-        if transfer.pulling and len(transfer.outstanding) <= self.config.transfer.window // 2:
-            self._request_missing(transfer)
-
-    def _request_missing(self, transfer: _Transfer) -> None:
-        transfer.deadline = time.monotonic() + self.config.transfer.stall_timeout_s
-        transfer.pulling = True
-        wanted = [
-            index
-            for index in transfer.staged.missing(self.config.transfer.window * 2)
-            if index not in transfer.outstanding
-        ][: self.config.transfer.window - len(transfer.outstanding)]
-        if not wanted:
-            # Everything asked for is overdue: ask again.
-            transfer.outstanding.clear()
-            wanted = transfer.staged.missing(self.config.transfer.window)
-        if not wanted:
-            return
-        request = ChunkRequest(transfer_id=transfer.staged.info.transfer_id, indices=tuple(wanted))
-        if self._publish(Channel.EVENTS, request):
-            transfer.outstanding.update(wanted)
-            logger.debug("requested chunks %s", wanted)
-
-    def _install(self, transfer: _Transfer) -> None:
-        self._report_transfer(transfer, force=True, state=InstallState.VERIFYING)
-        self._report_transfer(transfer, force=True, state=InstallState.INSTALLING)
-        try:
-            outcome = self._install_staged(transfer)
-        finally:
-            self._set_transfer(None)  # whatever happened, the staging area goes first
-        outcome()
-
-    def _install_staged(self, transfer: _Transfer) -> Callable[[], None]:
-        """Install; return the report to send once the staging area is gone."""
-        manifest, deployment_id = transfer.manifest, transfer.deployment_id
-        try:
-            model, runtime = install(
-                transfer.staged,
-                manifest,
-                store=self._store,
-                installed_at=self._clock(),
-                checkpoint=self._checkpoint,
-            )
-        except (CompressError, StateError) as exc:
-            logger.error("install of %s v%d failed: %s", manifest.name, manifest.version, exc)
-            failed = exc
-            return lambda: self._report_error(deployment_id, InstallState.FAILED, failed, manifest)
-        except AgentError as exc:
-            logger.error(
-                "%s v%d not installed, keeping the current model: %s",
-                manifest.name,
-                manifest.version,
-                exc,
-            )
-            refused = exc
-            return lambda: self._report_error(
-                deployment_id, InstallState.ROLLED_BACK, refused, manifest
-            )
-        self._serve(model, runtime)
-        self.counters.installs += 1
-
-        def installed() -> None:
-            self._report(deployment_id, InstallState.INSTALLED, model)
-            self._publish(Channel.STATUS, self._status(online=True), retain=True)
-
-        return installed
-
-    # ----------------------------------------------------------------- rollback
-
-    def _on_rollback(self, command: Rollback, command_id: str) -> None:
-        deployment_id = f"rollback-{command_id}"
-        state = self._store.state
-        current, previous = state.current, state.previous
-        transfer = self._transfer
-        if transfer is not None and transfer.manifest.name == command.model:
-            logger.info("rollback of %s cancels the transfer in progress", command.model)
-            self._report(
-                transfer.deployment_id,
-                InstallState.FAILED,
-                None,
-                code="cancelled",
-                reason="cancelled by a rollback",
-            )
-            self._set_transfer(None)
-        if current is None or current.name != command.model:
-            self._report(
-                deployment_id,
-                InstallState.FAILED,
-                None,
-                code="not_installed",
-                reason=f"{command.model} is not the installed model",
-            )
-            return
-        if previous is None:
-            self._report(
-                deployment_id,
-                InstallState.FAILED,
-                current,
-                code="no_previous_model",
-                reason="no previous model to go back to",
-            )
-            return
-        try:
-            self._activate(previous)
-            self._store.commit(dc_replace(state, current=previous, previous=None))
-        except (AgentError, CompressError) as exc:
-            if self._server.active is not None and self._server.active.slot != current.slot:
-                self._activate(current)
-            self._report_error(deployment_id, InstallState.FAILED, exc)
-            return
-        logger.warning(
-            "rolled back %s from v%d to v%d (%s)",
-            command.model,
-            current.version,
-            previous.version,
-            command.reason,
-        )
-        self._report(
-            deployment_id, InstallState.ROLLED_BACK, previous, reason=command.reason or None
-        )
-        self._publish(Channel.STATUS, self._status(online=True), retain=True)
 
     # ---------------------------------------------------------------- telemetry
 
@@ -742,9 +364,6 @@ class Agent:
 
     # ------------------------------------------------------------------ helpers
 
-    def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock(), UTC)
-
     def _topic(self, channel: Channel) -> str:
         return device_topic(self.device_id, channel)
 
@@ -766,7 +385,9 @@ class Agent:
             models=models,
         )
 
-    def _report(
+    # ------------------------------------------------- Reporter (for the updater)
+
+    def report(
         self,
         deployment_id: str,
         state: InstallState,
@@ -777,6 +398,7 @@ class Agent:
         held: int = 0,
         total: int = 0,
     ) -> None:
+        """Send an ``install_status``; outcomes that cannot go out now wait (bounded)."""
         status = InstallStatus(
             deployment_id=deployment_id,
             state=state,
@@ -790,31 +412,13 @@ class Agent:
         if not self._publish(Channel.EVENTS, status) and state is not InstallState.DOWNLOADING:
             self._pending_reports.append(status)
 
-    def _report_error(
-        self,
-        deployment_id: str,
-        state: InstallState,
-        exc: CompressError | AgentError,
-        model: Manifest | None = None,
-    ) -> None:
-        self._report(deployment_id, state, model, code=exc.code, reason=str(exc))
+    def request_chunks(self, request: ChunkRequest) -> bool:
+        """Ask the coordinator for chunks; True if the request went out."""
+        return self._publish(Channel.EVENTS, request)
 
-    def _report_transfer(
-        self, transfer: _Transfer, *, force: bool = False, state: InstallState | None = None
-    ) -> None:
-        staged = transfer.staged
-        total = staged.info.chunk_count
-        step = staged.held * PROGRESS_STEPS // max(total, 1)
-        if not force and step == transfer.last_progress:
-            return
-        transfer.last_progress = step
-        self._report(
-            transfer.deployment_id,
-            state or InstallState.DOWNLOADING,
-            transfer.manifest,
-            held=staged.held,
-            total=total,
-        )
+    def announce(self) -> None:
+        """Publish the retained online status again (the installed model changed)."""
+        self._publish(Channel.STATUS, self._status(online=True), retain=True)
 
     def _health_extra(self) -> dict[str, Any]:
         totals = self._telemetry.totals

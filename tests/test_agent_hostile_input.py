@@ -45,7 +45,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, lis
     agent = Agent(agent_config(broker, DEVICE, directory / "agent", trust))
     v1 = Artifact.load(make_artifact(directory, key, version=1))
     v2 = Artifact.load(make_artifact(directory, key, version=2, hidden=256))
-    agent._restore_model()
+    agent.updates.restore()
     valid = []
     for artifact in (v1, v2):
         deploy = Deploy(
@@ -73,8 +73,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, lis
     assert agent.model is not None
     assert agent.model.version == 1
     yield agent, valid
-    if agent._transfer is not None:
-        agent._transfer.staged.close()
+    agent.updates.close()
 
 
 TOPICS = [
@@ -120,7 +119,7 @@ def test_no_input_breaks_the_agent(world: tuple[Agent, list[bytes]], data: st.Da
     prediction = agent.predict(np.zeros(FEATURES, dtype=np.float32))
     assert prediction.model == "digits"
     staging = agent.config.data_dir / "staging"
-    transfer = agent._transfer
+    transfer = agent.updates.transfer
     if transfer is not None:  # only a deploy whose signed manifest verified may stage
         assert transfer.staged.directory.parent == staging
         assert transfer.manifest.version in (1, 2)
