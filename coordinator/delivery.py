@@ -51,7 +51,12 @@ from compress.artifact import read_artifact_raw
 from compress.manifest import Manifest
 from compress.signing import SignedManifest
 from coordinator.chunk_sender import ChunkRequestItem, ChunkSender
-from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
+from coordinator.deployment import (
+    IN_PROGRESS_STATES,
+    DeploymentTracker,
+    DeployResult,
+    DeviceState,
+)
 from coordinator.errors import CoordinatorError, TargetError
 from coordinator.fleet import DeviceRecord, Fleet, Target
 from edge_agent.config import BrokerConfig
@@ -214,6 +219,7 @@ class Coordinator:
             client_id=f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
             subscriptions=(*coordinator_subscriptions(), self._sync_topic),
             on_message=self._on_message,
+            on_connect=self._on_reconnect,
         )
         self._sender = ChunkSender(
             self._link,
@@ -531,7 +537,32 @@ class Coordinator:
                 logger.info("%s is back: resending %s", device_id, delivery.deployment_id)
                 delivery.targeted_online.add(device_id)
                 self._send_command(delivery, device_id)
+            if delivery.artifact is not None and _runs(record, delivery):
+                # The status says the model runs there: as good as an "installed"
+                # report (which may have been sent while we were disconnected).
+                installed = InstallStatus(
+                    deployment_id=delivery.deployment_id,
+                    state=InstallState.INSTALLED,
+                    model=delivery.tracker.model,
+                    version=delivery.tracker.version,
+                )
+                delivery.tracker.on_status(device_id, installed, now)
         self._changed()
+
+    def _on_reconnect(self) -> None:
+        """After a lost connection, resend deploys to devices still in progress.
+
+        What they reported while we were away is lost (clean sessions); a resent
+        deploy is answered "installed" or resumes the transfer. Rollbacks are not
+        resent: a second one would go back further.
+        """
+        with self._cond:
+            for delivery in self._deliveries.values():
+                if not isinstance(delivery.command, Deploy):
+                    continue
+                for progress in delivery.tracker.progress():
+                    if progress.state in IN_PROGRESS_STATES:
+                        self._send_command(delivery, progress.device_id)
 
     def _on_install_status(self, device_id: str, status: InstallStatus, now: float) -> None:
         delivery = self._deliveries.get(status.deployment_id)
@@ -568,6 +599,16 @@ class Coordinator:
         with self._cond:
             artifact = self._transfers.get(transfer_id)
         return artifact.payload if artifact is not None else None
+
+
+def _runs(record: DeviceRecord, delivery: Delivery) -> bool:
+    """Whether a device's status shows the delivery's artifact installed."""
+    artifact = delivery.artifact
+    return artifact is not None and any(
+        (m.name, m.version, m.sha256)
+        == (delivery.tracker.model, delivery.tracker.version, artifact.transfer_id)
+        for m in record.models
+    )
 
 
 def _relabel(status: InstallStatus, deployment_id: str) -> InstallStatus:

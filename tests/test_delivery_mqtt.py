@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,7 +46,9 @@ from edge_agent.protocol import (
     ChunkRequest,
     Deploy,
     InstallStatus,
+    ModelInfo,
     Rollback,
+    Status,
     TelemetryBatch,
     chunk_count,
     decode,
@@ -577,12 +580,13 @@ def test_unknown_target_is_a_clear_error(
 class Subscriber:
     """A raw paho client (as the coordinator user) that collects what arrives."""
 
-    def __init__(self, broker: Mosquitto, topic: str) -> None:
+    def __init__(self, broker: Mosquitto, topic: str, *, user: str = "coordinator") -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sink-{uuid.uuid4().hex[:8]}"
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=user if user != "coordinator" else f"test-sink-{uuid.uuid4().hex[:8]}",
         )
-        self.client.username_pw_set("coordinator", password("coordinator"))
+        self.client.username_pw_set(user, password(user))
         self.client.on_connect = lambda c, _u, _f, _r, _p: c.subscribe(topic, qos=1)
         self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
         subscribed = threading.Event()
@@ -835,3 +839,58 @@ def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
         x = np.linspace(0, 1, FEATURES, dtype=np.float32)
         expected = forward("softmax", weights, x[np.newaxis, :])
         np.testing.assert_allclose(agent.predict(x).outputs["probabilities"], expected, atol=1e-5)
+
+
+class FakeDevice:
+    """A raw MQTT client posing as a device: publishes statuses, collects commands."""
+
+    def __init__(self, broker: Mosquitto, device_id: str) -> None:
+        self.device_id = device_id
+        self.commands = Subscriber(broker, device_topic(device_id, Channel.CMD), user=device_id)
+
+    def status(self, *models: ModelInfo) -> None:
+        status = Status(online=True, agent_version="0.1.0", runtimes=("onnxruntime",),
+                        models=models)  # fmt: skip
+        payload = encode(status, sender=self.device_id, sent_at=time.time())
+        topic = device_topic(self.device_id, Channel.STATUS)
+        self.commands.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+
+    def deploys(self) -> list[Deploy]:
+        received = [decode(payload).message for _topic, payload in list(self.commands.messages)]
+        return [m for m in received if isinstance(m, Deploy)]
+
+
+def test_a_status_showing_the_model_counts_as_installed(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    device = FakeDevice(broker, DEVICES[0])
+    device.status()
+    operator = coordinator(broker)
+    try:
+        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        delivery = operator.deploy(artifact, Target.parse("all"))
+        wait_for(device.deploys, what="the deploy command")
+        # The device's "installed" report got lost; its retained status still tells.
+        device.status(ModelInfo("digits", 1, artifact.transfer_id))
+        assert operator.wait(delivery, timeout=10).succeeded
+    finally:
+        operator.stop()
+        device.commands.close()
+
+
+def test_the_coordinator_resends_deploys_after_losing_its_connection(
+    broker: Mosquitto, tmp_path: Path, key: SigningKey
+) -> None:
+    device = FakeDevice(broker, DEVICES[0])
+    device.status()
+    operator = coordinator(broker)
+    try:
+        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        delivery = operator.deploy(artifact, Target.parse("all"))
+        wait_for(lambda: len(device.deploys()) == 1, what="the deploy command")
+        operator._link.drop_connection()  # whatever the device said meanwhile is lost
+        wait_for(lambda: len(device.deploys()) == 2, what="the deploy sent again")
+        assert device.deploys()[1].deployment_id == delivery.deployment_id
+    finally:
+        operator.stop()
+        device.commands.close()
