@@ -97,6 +97,30 @@ def verify_manifest(
     if now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
     manifest = verify_signatures(signed, trusted)
+    check_manifest(manifest, now=now, installed_version=installed_version, device=device)
+    return manifest
+
+
+def check_manifest(
+    manifest: Manifest,
+    *,
+    now: datetime,
+    installed_version: int | None = None,
+    device: DeviceProfile | None = None,
+) -> None:
+    """Rules 2 to 4 of :func:`verify_manifest` (expiry, rollback, device fit), in order.
+
+    For a manifest whose signatures were already verified
+    (:func:`compress.signing.verify_signatures`).
+
+    Raises:
+        ExpiredError: the manifest has expired.
+        RollbackError: the version is not above ``installed_version``.
+        IncompatibleDeviceError: the device cannot run the model.
+        ValueError: ``now`` is naive.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime")
     if manifest.expires <= now:
         raise ExpiredError(f"manifest expired at {format_time(manifest.expires)}")
     if installed_version is not None and manifest.version <= installed_version:
@@ -106,7 +130,6 @@ def verify_manifest(
         )
     if device is not None:
         check_device_fit(manifest, device)
-    return manifest
 
 
 class PayloadVerifier:

@@ -11,8 +11,10 @@ same chunks at once. So :class:`ChunkSender`:
    pure :func:`plan_sends`: a chunk wanted by two or more devices goes out once on
    the transfer's broadcast topic (every device downloading that transfer listens
    there), a chunk wanted by one device goes to that device's ``chunks`` topic;
-3. publishes the plan, at most :data:`PUBLISH_WINDOW` messages ahead of the
-   broker's acknowledgements, so memory stays bounded however large the backlog.
+3. publishes the plan with :meth:`ChunkSender.publish`, at most
+   :data:`PUBLISH_WINDOW` messages ahead of the broker's acknowledgements, so memory
+   stays bounded however large the backlog. The coordinator's first push of a
+   payload goes through the same method, on the caller's thread.
 """
 
 from __future__ import annotations
@@ -169,8 +171,19 @@ class ChunkSender:
     def _serve(self, batch: list[ChunkRequestItem]) -> None:
         plan = plan_sends(batch)
         logger.debug("serving %d chunk request(s) with %d message(s)", len(batch), len(plan))
+        if not self.publish(plan):
+            logger.info("not connected: the devices will ask again for what they miss")
+
+    def publish(self, sends: Iterable[PlannedSend]) -> bool:
+        """Publish chunks on the caller's thread, paced by the broker's acknowledgements.
+
+        Chunks of transfers no longer known are skipped.
+
+        Returns:
+            False if the connection was lost before everything went out.
+        """
         pending = []
-        for send in plan:
+        for send in sends:
             payload = self._payloads(send.transfer_id)
             if payload is None:
                 continue
@@ -182,9 +195,8 @@ class ChunkSender:
             )
             info = self._link.publish_info(send.topic, message)
             if info is None:
-                logger.info("not connected: %d chunk(s) left for the devices to ask again",
-                            len(plan))  # fmt: skip
-                return
+                return False
             pending.append(info)
             if len(pending) >= PUBLISH_WINDOW:
                 pending.pop(0).wait_for_publish(ACK_TIMEOUT_S)
+        return True

@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +50,7 @@ from typing import Self
 from compress.artifact import read_artifact_raw
 from compress.manifest import Manifest
 from compress.signing import SignedManifest
-from coordinator.chunk_sender import ChunkRequestItem, ChunkSender
+from coordinator.chunk_sender import ChunkRequestItem, ChunkSender, PlannedSend
 from coordinator.deployment import (
     IN_PROGRESS_STATES,
     DeploymentTracker,
@@ -68,7 +68,6 @@ from edge_agent.protocol import (
     DEFAULT_LIMITS,
     ROOT,
     Channel,
-    Chunk,
     ChunkRequest,
     Deploy,
     DeviceTopic,
@@ -96,10 +95,8 @@ __all__ = ["Artifact", "Coordinator", "CoordinatorConfig", "Delivery"]
 logger = logging.getLogger(__name__)
 
 SYNC_PREFIX = f"{ROOT}/coordinator/sync"
-PUBLISH_WINDOW = 64
 MAX_CHUNKS_PER_REQUEST = 64
 """Chunks served for one chunk request (bounds what one device can make us queue)."""
-"""Chunks published before waiting for the broker's acknowledgements (paces big pushes)."""
 
 
 @dataclass(frozen=True)
@@ -405,25 +402,10 @@ class Coordinator:
         )
         logger.info("pushing %d bytes to %d device(s) on %s", len(artifact.payload),
                     len(takers), topic)  # fmt: skip
-        self._send_chunks(artifact, range(chunk_count(len(artifact.payload),
-                                                      self.config.chunk_size)), topic)  # fmt: skip
-
-    def _send_chunks(self, artifact: Artifact, indices: Iterable[int], topic: str) -> None:
-        pending = []
-        for index in indices:
-            chunk = Chunk.from_payload(
-                artifact.payload, index, chunk_size=self.config.chunk_size,
-                transfer_id=artifact.transfer_id,
-            )  # fmt: skip
-            payload = encode(chunk, sender=COORDINATOR_SENDER, sent_at=self._clock(),
-                             limits=self.config.limits)  # fmt: skip
-            info = self._link.publish_info(topic, payload)
-            if info is None:
-                logger.warning("disconnected while sending chunks; devices will ask again")
-                return
-            pending.append(info)
-            if len(pending) >= PUBLISH_WINDOW:
-                pending.pop(0).wait_for_publish(30)
+        count = chunk_count(len(artifact.payload), self.config.chunk_size)
+        sends = (PlannedSend(topic, artifact.transfer_id, index) for index in range(count))
+        if not self._sender.publish(sends):
+            logger.warning("disconnected while sending chunks; devices will ask again")
 
     def wait(
         self,

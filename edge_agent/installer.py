@@ -4,7 +4,8 @@ Two steps, called by the agent's worker thread:
 
 1. :func:`check_deploy` runs when a ``deploy`` command arrives, *before* anything is
    downloaded: the signed manifest must pass the DESIGN.md trust rules
-   (:func:`compress.trust.verify_manifest`: threshold signatures, expiry, version
+   (:func:`compress.signing.verify_signatures`, then
+   :func:`compress.trust.check_manifest`: threshold signatures, expiry, version
    strictly above the highest ever installed, device fit), and the deploy's
    unsigned transfer fields must agree with it (``transfer_id`` is the manifest's
    sha256, ``total_size`` its length). A deploy of exactly the model already
@@ -32,7 +33,7 @@ from datetime import datetime
 from compress.errors import RollbackError
 from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys, verify_signatures
-from compress.trust import DeviceProfile, PayloadVerifier, verify_manifest
+from compress.trust import DeviceProfile, PayloadVerifier, check_manifest
 from edge_agent.errors import InstallError, ModelRuntimeError, StateError, TransferError
 from edge_agent.health import run_health_check
 from edge_agent.model_store import InstalledModel, ModelStore
@@ -85,21 +86,17 @@ def check_deploy(
     signed = SignedManifest.from_bytes(deploy.manifest)
     state = store.state
     # Signatures first: the name that picks the rollback counter must be trusted.
-    candidate = verify_signatures(signed, trusted)
+    manifest = verify_signatures(signed, trusted)
     try:
-        manifest = verify_manifest(
-            signed,
-            trusted,
-            now=now,
-            installed_version=state.highest_version(candidate.name),
-            device=device,
+        check_manifest(
+            manifest, now=now, installed_version=state.highest_version(manifest.name), device=device
         )
     except RollbackError:
         current = state.current
         if current is not None and (current.name, current.version, current.sha256) == (
-            candidate.name,
-            candidate.version,
-            candidate.sha256,
+            manifest.name,
+            manifest.version,
+            manifest.sha256,
         ):
             raise AlreadyInstalled(current) from None
         raise
