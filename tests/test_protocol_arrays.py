@@ -262,7 +262,7 @@ def test_decode_message_with_zero_size_huge_dimension_array() -> None:
     # Regression: any device could make decode() raise ValueError this way.
     original = encode_npy(np.zeros((0, 1)))
     report = UpdateReport(
-        round_id="r1", task_id="t1", num_examples=0, codec="npy", arrays={"w": np.zeros((0, 1))}
+        round_id="r1", task_id="1" * 32, num_examples=0, codec="npy", arrays={"w": np.zeros((0, 1))}
     )
     payload = encode(report, sender="pi-7", sent_at=1.0)
     forged = npy("{'descr': '<f8', 'fortran_order': False, 'shape': (0, 9999999999999999999), }")

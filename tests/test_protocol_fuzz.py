@@ -29,6 +29,7 @@ from edge_agent.protocol import (
     ChunkRequest,
     Deploy,
     ErrorReport,
+    EvalReport,
     Histogram,
     InstallState,
     InstallStatus,
@@ -39,6 +40,7 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     TelemetryRecord,
+    TaskAction,
     TrainTask,
     UpdateReport,
     broadcast_topic,
@@ -140,7 +142,7 @@ small_arrays = hnp.arrays(
 def update_reports(draw: st.DrawFn) -> UpdateReport:
     common: dict[str, Any] = {
         "round_id": draw(idents),
-        "task_id": draw(idents),
+        "task_id": draw(hex32),
         "num_examples": draw(counts),
         "codec": draw(codecs),
         "metrics": draw(st.dictionaries(keys, finite, max_size=4)),
@@ -215,11 +217,14 @@ ROUTED: list[tuple[st.SearchStrategy[Message], st.SearchStrategy[str], Channel |
         st.builds(
             TrainTask,
             round_id=idents,
-            task_id=idents,
+            task_id=hex32,
+            action=st.sampled_from(TaskAction),
             model=idents,
             family=idents,
             weights_transfer_id=hex64,
-            weights_size=st.integers(0, 10**8),
+            weights_size=st.just(300),
+            weights_index=st.just((ArrayEntry("W0", 200), ArrayEntry("b0", 100))),
+            chunk_size=st.integers(1, 128 * 1024),
             codec=codecs,
             deadline=non_negative,
             config=st.dictionaries(keys, settings_values, max_size=4),
@@ -228,6 +233,17 @@ ROUTED: list[tuple[st.SearchStrategy[Message], st.SearchStrategy[str], Channel |
         Channel.CMD,
     ),
     (update_reports(), device_ids, Channel.EVENTS),
+    (
+        st.builds(
+            EvalReport,
+            round_id=idents,
+            task_id=hex32,
+            num_examples=counts,
+            metrics=st.dictionaries(keys, finite, max_size=4),
+        ),
+        device_ids,
+        Channel.EVENTS,
+    ),
     (
         st.builds(ErrorReport, code=codes, message=texts, ref=st.none() | hex32),
         device_ids,
@@ -419,7 +435,7 @@ def test_update_report_with_any_declared_array_shape(
     shape: tuple[int, ...], descr: str, data: bytes
 ) -> None:
     """Zero-size and huge declared shapes in an inline update only raise ProtocolError."""
-    report = UpdateReport(round_id="r", task_id="t", num_examples=0, codec="npy", arrays={})
+    report = UpdateReport(round_id="r", task_id="0" * 32, num_examples=0, codec="npy", arrays={})
     payload = encode(report, sender="pi-1", sent_at=1.0)
     (length,) = struct.unpack(">I", payload[5:9])
     header = json.loads(payload[9 : 9 + length])

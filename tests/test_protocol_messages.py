@@ -35,6 +35,7 @@ from edge_agent.protocol import (
     DeviceTopic,
     Envelope,
     ErrorReport,
+    EvalReport,
     Histogram,
     InstallState,
     InstallStatus,
@@ -46,6 +47,7 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     TelemetryRecord,
+    TaskAction,
     TrainTask,
     UpdateReport,
     broadcast_topic,
@@ -63,6 +65,7 @@ DEVICE = "pi-7"
 COORD = "coordinator"
 SHA = "ab" * 32
 MSG_ID = "0123456789abcdef0123456789abcdef"
+TASK = "fedcba9876543210" * 2
 PAYLOAD = bytes(range(256)) * 700  # 179200 bytes -> 3 chunks of 64 KiB
 
 
@@ -137,12 +140,15 @@ def samples() -> dict[str, tuple[Message, str]]:
         "train_task": (
             TrainTask(
                 round_id="run1-r3",
-                task_id="t-17",
+                task_id=TASK,
+                action=TaskAction.EVALUATE,
                 model="kws",
                 family="softmax_regression",
                 weights_transfer_id=SHA,
                 weights_size=4096,
-                codec="fp16+topk:0.1",
+                weights_index=(ArrayEntry("W0", 4000), ArrayEntry("b0", 96)),
+                chunk_size=1024,
+                codec="topk:0.1+int8",
                 deadline=1_700_000_600.5,
                 config={"epochs": 2, "lr": 0.01, "optimizer": "sgd", "shuffle": True},
             ),
@@ -151,7 +157,7 @@ def samples() -> dict[str, tuple[Message, str]]:
         "update_report": (
             UpdateReport(
                 round_id="run1-r3",
-                task_id="t-17",
+                task_id=TASK,
                 num_examples=512,
                 codec="fp16",
                 metrics={"loss": 0.25, "accuracy": 0.9},
@@ -159,6 +165,15 @@ def samples() -> dict[str, tuple[Message, str]]:
                     "fc1.weight": np.arange(12, dtype=np.float16).reshape(3, 4),
                     "fc1.bias": np.zeros(4, dtype=np.float32),
                 },
+            ),
+            DEVICE,
+        ),
+        "eval_report": (
+            EvalReport(
+                round_id="run1-r3",
+                task_id=TASK,
+                num_examples=40,
+                metrics={"loss": 0.5, "accuracy": 0.875},
             ),
             DEVICE,
         ),
@@ -290,7 +305,7 @@ def test_update_report_upload_form() -> None:
     index = (ArrayEntry("fc1.weight", 300), ArrayEntry("fc1.bias", 150))
     report = UpdateReport(
         round_id="r1",
-        task_id="t1",
+        task_id=TASK,
         num_examples=10,
         codec="int8",
         upload_transfer_id=SHA,
@@ -526,6 +541,8 @@ def test_missing_required_field_of_every_type() -> None:
         for key in header["data"]:
             if name == "install_status" and key in ("model", "version", "error_code", "reason"):
                 continue
+            if (name, key) == ("status", "train_examples"):  # optional, default 0
+                continue
             if name in ("error", "update_report") and key in ("ref", "upload_transfer_id"):
                 continue
             broken = copy.deepcopy(header)
@@ -693,20 +710,20 @@ def test_encode_rejects_inconsistent_chunks() -> None:
 
 def test_encode_update_report_needs_exactly_one_form() -> None:
     both = UpdateReport(
-        round_id="r", task_id="t", num_examples=1, codec="fp32", arrays={}, upload_transfer_id=SHA
+        round_id="r", task_id=TASK, num_examples=1, codec="fp32", arrays={}, upload_transfer_id=SHA
     )
-    neither = UpdateReport(round_id="r", task_id="t", num_examples=1, codec="fp32")
+    neither = UpdateReport(round_id="r", task_id=TASK, num_examples=1, codec="fp32")
     for report in (both, neither):
         with pytest.raises(MalformedMessageError):
             encode(report, sender=DEVICE, sent_at=0.0)
     bad_array = UpdateReport(
-        round_id="r", task_id="t", num_examples=1, codec="fp32", arrays={"a": np.array(["s"])}
+        round_id="r", task_id=TASK, num_examples=1, codec="fp32", arrays={"a": np.array(["s"])}
     )
     with pytest.raises(MalformedMessageError):
         encode(bad_array, sender=DEVICE, sent_at=0.0)
     not_a_mapping = UpdateReport(
         round_id="r",
-        task_id="t",
+        task_id=TASK,
         num_examples=1,
         codec="fp32",
         arrays=[1, 2],  # type: ignore[arg-type]
@@ -718,7 +735,7 @@ def test_encode_update_report_needs_exactly_one_form() -> None:
 def test_encode_too_large_update() -> None:
     big = UpdateReport(
         round_id="r",
-        task_id="t",
+        task_id=TASK,
         num_examples=1,
         codec="fp32",
         arrays={"w": np.zeros(300 * 1024 // 4, dtype=np.float32)},
@@ -751,6 +768,7 @@ ALLOWED_ROUTES = [
     ("chunk_request", DEVICE, Channel.EVENTS),
     ("install_status", DEVICE, Channel.EVENTS),
     ("update_report", DEVICE, Channel.EVENTS),
+    ("eval_report", DEVICE, Channel.EVENTS),
     ("error", DEVICE, Channel.EVENTS),
     ("telemetry_batch", DEVICE, Channel.TELEMETRY),
 ]

@@ -103,6 +103,7 @@ __all__ = [
     "Deploy",
     "Envelope",
     "ErrorReport",
+    "EvalReport",
     "Histogram",
     "InstallState",
     "InstallStatus",
@@ -112,6 +113,7 @@ __all__ = [
     "Rollback",
     "Status",
     "TelemetryBatch",
+    "TaskAction",
     "TelemetryRecord",
     "TrainTask",
     "UpdateReport",
@@ -209,6 +211,16 @@ def _model_info(models: FieldReader, key: str) -> ModelInfo:
     )
 
 
+def _metrics(data: FieldReader, limits: Limits) -> dict[str, float]:
+    """The ``metrics`` mapping of a report: *key* -> finite float."""
+    return data.mapping(
+        "metrics",
+        lambda r, key: r.number(key, lo=-math.inf),
+        max_len=limits.max_dict_items,
+        key_pattern=_KEY_RE,
+    )
+
+
 def _no_body(body: bytes, type_name: str) -> None:
     if body:
         raise MalformedMessageError(f"a {type_name} message carries no body, got {len(body)} bytes")
@@ -291,6 +303,8 @@ class Status(Message):
         runtimes: Inference runtimes available (*ident* each, e.g. ``onnxruntime``).
         tags: Hardware/deployment tags (1-64 of ``[A-Za-z0-9_.:=+-]``).
         models: Installed models.
+        train_examples: Local examples the agent can train on (0: it does not
+            take part in federated rounds). Optional on the wire (default 0).
     """
 
     TYPE: ClassVar[str] = "status"
@@ -302,6 +316,7 @@ class Status(Message):
     runtimes: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     models: tuple[ModelInfo, ...] = ()
+    train_examples: int = 0
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -313,6 +328,7 @@ class Status(Message):
             "models": [
                 {"name": m.name, "version": m.version, "sha256": m.sha256} for m in self.models
             ],
+            "train_examples": self.train_examples,
         }
         return data, b""
 
@@ -333,6 +349,7 @@ class Status(Message):
             ),
             tags=tuple(data.texts("tags", max_len=limits.max_list_items, pattern=_TAG_RE)),
             models=tuple(models),
+            train_examples=data.opt_integer("train_examples") or 0,
         )
 
 
@@ -792,20 +809,38 @@ class TelemetryBatch(Message):
         )
 
 
+class TaskAction(StrEnum):
+    """What a :class:`TrainTask` asks for."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainTask(Message):
-    """Command: train locally on this round's global weights and report an update.
+    """Command: train (or evaluate) locally on a round's global weights.
 
-    The weights arrive as chunks of ``weights_transfer_id`` (usually on a
-    broadcast topic, sent once for all devices).
+    The weights travel once per round for all devices: a chunked transfer of
+    ``weights_transfer_id`` (the payload is the concatenated ``.npy`` blobs that
+    ``weights_index`` splits, see :mod:`edge_agent.protocol.arrays`), broadcast on
+    ``fedge/v1/broadcast/<weights_transfer_id>``; a device asks with
+    ``chunk_request`` for what it lacks. A device that already holds the payload
+    (the previous task used the same weights) starts at once.
+
+    The answer is an :class:`UpdateReport` (train), an :class:`EvalReport`
+    (evaluate) or an :class:`ErrorReport` whose ``ref`` is ``task_id``.
 
     Attributes:
         round_id: The round (*ident*).
-        task_id: This device's task in the round (*ident*).
+        task_id: This device's task in the round (32 lowercase hex).
+        action: Train or evaluate.
         model: Model name (*ident*).
-        family: Model family (*ident*, e.g. ``softmax_regression``, ``mlp``).
+        family: Model family (*ident*, e.g. ``softmax``, ``mlp``).
         weights_transfer_id: sha256 of the weights payload.
-        weights_size: Weights payload length (<= ``limits.max_transfer_bytes``).
+        weights_size: Weights payload length (<= ``limits.max_transfer_bytes``);
+            the lengths in ``weights_index`` add up to it.
+        weights_index: Names and ``.npy`` lengths of the weights, in order.
+        chunk_size: Bytes per chunk of the weights transfer.
         codec: Update codec spec (1-128 of ``[A-Za-z0-9_.:+=,-]``).
         deadline: Report by this time, unix seconds.
         config: Training settings, *key* -> int, float, str or bool.
@@ -816,10 +851,13 @@ class TrainTask(Message):
 
     round_id: str
     task_id: str
+    action: TaskAction = TaskAction.TRAIN
     model: str
     family: str
     weights_transfer_id: str
     weights_size: int
+    weights_index: tuple[ArrayEntry, ...]
+    chunk_size: int
     codec: str
     deadline: float
     config: dict[str, int | float | str | bool] = field(default_factory=dict)
@@ -828,10 +866,13 @@ class TrainTask(Message):
         data = {
             "round_id": self.round_id,
             "task_id": self.task_id,
+            "action": str(self.action),
             "model": self.model,
             "family": self.family,
             "weights_transfer_id": self.weights_transfer_id,
             "weights_size": self.weights_size,
+            "weights_index": index_to_json(self.weights_index),
+            "chunk_size": self.chunk_size,
             "codec": self.codec,
             "deadline": self.deadline,
             "config": dict(self.config),
@@ -842,13 +883,25 @@ class TrainTask(Message):
     def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         _no_body(body, cls.TYPE)
         config = _scalars(data, "config", limits, bools=True)
+        action_text = data.text("action", pattern=_IDENT_RE)
+        try:
+            action = TaskAction(action_text)
+        except ValueError:
+            raise data.fail("action", f"unknown action {action_text!r}") from None
+        size = data.integer("weights_size", limit=limits.max_transfer_bytes)
+        index = parse_array_index(data.raw("weights_index"), limits=limits)
+        if not index or sum(entry.length for entry in index) != size:
+            raise data.fail("weights_index", "lengths must add up to weights_size")
         return cls(
             round_id=data.text("round_id", pattern=_IDENT_RE),
-            task_id=data.text("task_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_HEX32_RE),
+            action=action,
             model=data.text("model", pattern=_IDENT_RE),
             family=data.text("family", pattern=_IDENT_RE),
             weights_transfer_id=data.text("weights_transfer_id", pattern=_HEX64_RE),
-            weights_size=data.integer("weights_size", limit=limits.max_transfer_bytes),
+            weights_size=size,
+            weights_index=index,
+            chunk_size=data.integer("chunk_size", lo=1, limit=limits.max_chunk_bytes),
             codec=data.text("codec", pattern=_CODEC_RE),
             deadline=data.number("deadline"),
             config=config,
@@ -875,7 +928,7 @@ class UpdateReport(Message):
 
     Attributes:
         round_id: The round (*ident*).
-        task_id: The task (*ident*).
+        task_id: The task (32 lowercase hex).
         num_examples: Examples trained on.
         metrics: Training metrics, *key* -> finite float.
         codec: The codec the arrays were encoded with.
@@ -948,12 +1001,7 @@ class UpdateReport(Message):
 
     @classmethod
     def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
-        metrics = data.mapping(
-            "metrics",
-            lambda r, key: r.number(key, lo=-math.inf),
-            max_len=limits.max_dict_items,
-            key_pattern=_KEY_RE,
-        )
+        metrics = _metrics(data, limits)
         index = parse_array_index(data.raw("arrays"), limits=limits)
         upload = data.opt_text("upload_transfer_id", pattern=_HEX64_RE)
         arrays: dict[str, npt.NDArray[Any]] | None = None
@@ -972,13 +1020,52 @@ class UpdateReport(Message):
             upload_index = index
         return cls(
             round_id=data.text("round_id", pattern=_IDENT_RE),
-            task_id=data.text("task_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_HEX32_RE),
             num_examples=data.integer("num_examples"),
             codec=data.text("codec", pattern=_CODEC_RE),
             metrics=metrics,
             arrays=arrays,
             upload_transfer_id=upload,
             upload_index=upload_index,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport(Message):
+    """Event: the result of an evaluate task (metrics on local held-out data).
+
+    Attributes:
+        round_id: The round (*ident*).
+        task_id: The task (32 lowercase hex).
+        num_examples: Held-out examples evaluated.
+        metrics: ``loss``, ``accuracy`` and any others, *key* -> finite float.
+    """
+
+    TYPE: ClassVar[str] = "eval_report"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS})
+
+    round_id: str
+    task_id: str
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {
+            "round_id": self.round_id,
+            "task_id": self.task_id,
+            "num_examples": self.num_examples,
+            "metrics": dict(self.metrics),
+        }
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        return cls(
+            round_id=data.text("round_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_HEX32_RE),
+            num_examples=data.integer("num_examples"),
+            metrics=_metrics(data, limits),
         )
 
 
@@ -1026,6 +1113,7 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
             TelemetryBatch,
             TrainTask,
             UpdateReport,
+            EvalReport,
             ErrorReport,
         )
     }
