@@ -124,6 +124,19 @@ class ChunkSender:
         self._clock = clock
         self._queue: queue.Queue[ChunkRequestItem | None] = queue.Queue(MAX_PENDING_REQUESTS)
         self._thread: threading.Thread | None = None
+        self._sent_lock = threading.Lock()
+        self._sent: dict[str, int] = defaultdict(int)
+
+    def bytes_sent(self, transfer_id: str) -> int:
+        """MQTT payload bytes of ``transfer_id``'s chunks published so far (both the
+        first push and answers to requests)."""
+        with self._sent_lock:
+            return self._sent.get(transfer_id, 0)
+
+    def forget(self, transfer_id: str) -> None:
+        """Drop the byte count of a transfer that is no longer served."""
+        with self._sent_lock:
+            self._sent.pop(transfer_id, None)
 
     def start(self) -> None:
         """Start the sender thread (idempotent)."""
@@ -196,6 +209,8 @@ class ChunkSender:
             info = self._link.publish_info(send.topic, message)
             if info is None:
                 return False
+            with self._sent_lock:
+                self._sent[send.transfer_id] += len(message)
             pending.append(info)
             if len(pending) >= PUBLISH_WINDOW:
                 pending.pop(0).wait_for_publish(ACK_TIMEOUT_S)

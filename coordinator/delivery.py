@@ -90,9 +90,14 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 
-__all__ = ["Artifact", "Coordinator", "CoordinatorConfig", "Delivery"]
+__all__ = ["Artifact", "Coordinator", "CoordinatorConfig", "Delivery", "Listener"]
 
 logger = logging.getLogger(__name__)
+
+Listener = Callable[[str, Envelope, int], None]
+"""Sees every device message the coordinator decodes: ``(device_id, envelope,
+payload bytes)``; called on paho's network thread, outside the coordinator's lock
+(keep it quick, never block)."""
 
 SYNC_PREFIX = f"{ROOT}/coordinator/sync"
 MAX_CHUNKS_PER_REQUEST = 64
@@ -207,6 +212,8 @@ class Coordinator:
         self._fleet = Fleet()
         self._deliveries: dict[str, Delivery] = {}
         self._transfers: dict[str, Artifact] = {}
+        self._blobs: dict[str, bytes] = {}  # payloads served for other parts (round weights)
+        self._listeners: list[Listener] = []
         self._sync_topic = f"{SYNC_PREFIX}/{uuid.uuid4().hex}"
         self._synced = threading.Event()
         self._dropped = 0
@@ -363,17 +370,7 @@ class Coordinator:
         if isinstance(delivery.command, Rollback):
             # The agent reports a rollback under "rollback-<command id>".
             delivery.msg_ids[f"rollback-{msg_id}"] = device_id
-        payload = encode(
-            delivery.command,
-            sender=COORDINATOR_SENDER,
-            sent_at=self._clock(),
-            msg_id=msg_id,
-            limits=self.config.limits,
-        )
-        if not self._link.publish(device_topic(device_id, Channel.CMD), payload):
-            logger.warning(
-                "could not send %s to %s (disconnected)", delivery.command.TYPE, device_id
-            )
+        self.send(device_id, delivery.command, msg_id=msg_id)
 
     def _await_answers(self, delivery: Delivery) -> None:
         deadline = time.monotonic() + self.config.accept_wait_s
@@ -393,18 +390,8 @@ class Coordinator:
                 for p in delivery.tracker.progress()
                 if p.state in (DeviceState.ACCEPTED, DeviceState.DOWNLOADING)
             ]
-        if not takers:
-            return
-        topic = (
-            broadcast_topic(artifact.transfer_id)
-            if len(takers) > 1
-            else device_topic(takers[0], Channel.CHUNKS)
-        )
-        logger.info("pushing %d bytes to %d device(s) on %s", len(artifact.payload),
-                    len(takers), topic)  # fmt: skip
-        count = chunk_count(len(artifact.payload), self.config.chunk_size)
-        sends = (PlannedSend(topic, artifact.transfer_id, index) for index in range(count))
-        if not self._sender.publish(sends):
+        logger.info("pushing %d bytes to %d device(s)", len(artifact.payload), len(takers))
+        if not self.push_payload(artifact.transfer_id, takers):
             logger.warning("disconnected while sending chunks; devices will ask again")
 
     def wait(
@@ -466,6 +453,83 @@ class Coordinator:
                 for d in self._deliveries.values()
             ):
                 self._transfers.pop(artifact.transfer_id, None)
+                self._sender.forget(artifact.transfer_id)
+
+    # ------------------------------------------------ the link, for other parts
+
+    def add_listener(self, listener: Listener) -> None:
+        """Let ``listener`` see every decoded device message (see :data:`Listener`)."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def serve_payload(self, payload: bytes) -> str:
+        """Answer chunk requests for ``payload`` until :meth:`withdraw_payload`.
+
+        Returns:
+            The transfer id (the payload's sha256).
+        """
+        transfer_id = sha256_hex(payload)
+        with self._cond:
+            self._blobs[transfer_id] = payload
+        return transfer_id
+
+    def withdraw_payload(self, transfer_id: str) -> None:
+        """Stop serving a payload given to :meth:`serve_payload`."""
+        with self._cond:
+            self._blobs.pop(transfer_id, None)
+        self._sender.forget(transfer_id)
+
+    def send(self, device_id: str, message: Message, *, msg_id: str | None = None) -> int:
+        """Send a command to one device's ``cmd`` topic.
+
+        Args:
+            device_id: The device.
+            message: The command.
+            msg_id: The envelope's id (default: a fresh one).
+
+        Returns:
+            The MQTT payload's size in bytes, or 0 if it could not go out
+            (disconnected).
+        """
+        payload = encode(
+            message,
+            sender=COORDINATOR_SENDER,
+            sent_at=self._clock(),
+            msg_id=msg_id,
+            limits=self.config.limits,
+        )
+        if not self._link.publish(device_topic(device_id, Channel.CMD), payload):
+            logger.warning("could not send %s to %s (disconnected)", message.TYPE, device_id)
+            return 0
+        return len(payload)
+
+    def push_payload(self, transfer_id: str, device_ids: list[str]) -> bool:
+        """Publish every chunk of a served payload once: on its broadcast topic for
+        two or more devices, on the device's ``chunks`` topic for one.
+
+        Returns:
+            False if the connection was lost before everything went out.
+        """
+        payload = self._payload_of(transfer_id)
+        if payload is None or not device_ids:
+            return True
+        topic = (
+            broadcast_topic(transfer_id)
+            if len(device_ids) > 1
+            else device_topic(device_ids[0], Channel.CHUNKS)
+        )
+        count = chunk_count(len(payload), self.config.chunk_size)
+        return self._sender.publish(PlannedSend(topic, transfer_id, i) for i in range(count))
+
+    def bytes_sent(self, transfer_id: str) -> int:
+        """MQTT payload bytes of the chunks of ``transfer_id`` published so far."""
+        return self._sender.bytes_sent(transfer_id)
 
     # ------------------------------------------------------------ incoming messages
 
@@ -494,6 +558,12 @@ class Coordinator:
             return
         with self._cond:
             self._handle(where.device_id, envelope, retained=retained)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(where.device_id, envelope, len(payload))
+            except Exception:
+                logger.exception("a message listener failed (continuing)")
 
     def _handle(self, device_id: str, envelope: Envelope, *, retained: bool = False) -> None:
         message, now = envelope.message, self._clock()
@@ -568,19 +638,22 @@ class Coordinator:
         }
 
     def _on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
-        artifact = self._transfers.get(request.transfer_id)
-        if artifact is None:
+        payload = self._payload_locked(request.transfer_id)
+        if payload is None:
             logger.info("%s asked for chunks of unknown transfer %s", device_id,
                         request.transfer_id[:12])  # fmt: skip
             return
-        count = chunk_count(len(artifact.payload), self.config.chunk_size)
+        count = chunk_count(len(payload), self.config.chunk_size)
         indices = sorted({i for i in request.indices if 0 <= i < count})[:MAX_CHUNKS_PER_REQUEST]
         self._sender.request(ChunkRequestItem(device_id, request.transfer_id, tuple(indices)))
 
     def _payload_of(self, transfer_id: str) -> bytes | None:
         with self._cond:
-            artifact = self._transfers.get(transfer_id)
-        return artifact.payload if artifact is not None else None
+            return self._payload_locked(transfer_id)
+
+    def _payload_locked(self, transfer_id: str) -> bytes | None:
+        artifact = self._transfers.get(transfer_id)
+        return artifact.payload if artifact is not None else self._blobs.get(transfer_id)
 
 
 def _runs(record: DeviceRecord, delivery: Delivery) -> bool:

@@ -68,6 +68,8 @@ class DeviceRecord:
             from the device.
         status_sent_at: Device clock (unix seconds) at which the held status was
             sent.
+        train_examples: Local examples the device can train on (0: it does not
+            take part in federated rounds).
     """
 
     device_id: str
@@ -79,6 +81,7 @@ class DeviceRecord:
     models: tuple[ModelInfo, ...]
     last_seen: float
     status_sent_at: float
+    train_examples: int = 0
 
     @classmethod
     def from_status(
@@ -105,6 +108,7 @@ class DeviceRecord:
             models=tuple(status.models),
             last_seen=now,
             status_sent_at=sent_at,
+            train_examples=status.train_examples,
         )
 
     def model_version(self, name: str) -> int | None:
