@@ -26,7 +26,8 @@ The tree::
     │   └── IncompatibleDeviceError runtime, hardware tags do not fit this device
     ├── FamilyError                 weights do not form a built-in model family
     ├── ExportError                 a model could not be exported
-    └── QuantizationError           a model could not be quantized
+    ├── QuantizationError           a model could not be quantized
+    └── CodecError                  an update codec spec, update or payload is invalid
 
 Key sets (:mod:`compress.keyset`) are signed documents too: their rotation reuses the
 trust errors (``SignatureError`` and its subclasses, ``ExpiredError``, ``RollbackError``)
@@ -158,6 +159,18 @@ class QuantizationError(CompressError):
     """A model could not be quantized (bad model, bad calibration data)."""
 
     code = "quantization_failed"
+
+
+class CodecError(CompressError):
+    """An update codec spec, a model update or an encoded update payload is invalid.
+
+    Raised by :mod:`compress.codecs` for an unknown codec spec, an update it refuses to
+    encode (non-finite values, values outside fp16 range, a residual that does not
+    match) and for every payload it cannot decode (another codec, truncated or
+    trailing bytes, corrupt positions or values, a layout over the size limit).
+    """
+
+    code = "bad_update"
 
 
 def one_line(exc: BaseException, *, limit: int = 300) -> str:

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 __all__ = [
     "DIGITS_PIXEL_MAX",
+    "dirichlet_partition",
     "load_digits_split",
     "train_reference_mlp",
     "train_reference_softmax",
@@ -71,6 +72,51 @@ def load_digits_split(
         np.ascontiguousarray(x_test, dtype=np.float32),
         np.asarray(y_test, dtype=np.int64),
     )
+
+
+def dirichlet_partition(
+    labels: npt.ArrayLike, clients: int, alpha: float, *, seed: int = 0, min_examples: int = 1
+) -> list[npt.NDArray[np.int64]]:
+    """Split example indices among clients with label skew drawn from Dirichlet(alpha).
+
+    For each class, the class's examples are shuffled and cut in proportions drawn
+    from a symmetric Dirichlet(``alpha``) over the clients (small ``alpha``: each
+    client sees few classes; large: close to IID). Draws are repeated (same RNG
+    stream) until every client holds at least ``min_examples``, so the result is
+    deterministic for a given ``seed``.
+
+    Args:
+        labels: One integer label per example.
+        clients: Number of clients (>= 1).
+        alpha: Concentration (> 0).
+        seed: RNG seed.
+        min_examples: Fewest examples per client.
+
+    Returns:
+        One sorted index array per client; together they cover every example once.
+
+    Raises:
+        ValueError: bad arguments, or fewer examples than ``clients * min_examples``.
+    """
+    y = np.asarray(labels)
+    if clients < 1 or not alpha > 0 or min_examples < 0:
+        raise ValueError("need clients >= 1, alpha > 0 and min_examples >= 0")
+    if len(y) < clients * min_examples:
+        raise ValueError(f"{len(y)} examples cannot give {clients} clients {min_examples} each")
+    rng = np.random.default_rng(seed)
+    for _attempt in range(1000):
+        parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(clients)]
+        for label in np.unique(y):
+            members = np.flatnonzero(y == label)
+            rng.shuffle(members)
+            shares = rng.dirichlet(np.full(clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+            for client, piece in enumerate(np.split(members, cuts)):
+                parts[client].append(piece.astype(np.int64))
+        result = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(r) for r in result) >= min_examples:
+            return result
+    raise ValueError(f"no Dirichlet({alpha}) split gave every client {min_examples} examples")
 
 
 def train_reference_mlp(

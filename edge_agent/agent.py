@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -44,7 +44,7 @@ from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.device_info import hardware_facts
-from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError
+from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
 from edge_agent.http_api import HttpConfig, LocalHttpServer, parse_bind
 from edge_agent.installer import Checkpoint
 from edge_agent.model_store import InstalledModel, ModelStore
@@ -66,6 +66,7 @@ from edge_agent.protocol import (
     Rollback,
     Status,
     TelemetryBatch,
+    TrainTask,
     agent_subscriptions,
     check_route,
     decode,
@@ -73,10 +74,14 @@ from edge_agent.protocol import (
     encode,
     parse_topic,
 )
+from edge_agent.rounds import Participant
 from edge_agent.runtime.loader import available_runtimes
 from edge_agent.serving import LoadedModel, ModelServer, Prediction
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryCollector
+from edge_agent.training.data import LocalData
+from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
+from edge_agent.training.residuals import ResidualStore
 from edge_agent.updates import Updater
 
 __all__ = ["Agent", "run_agent"]
@@ -135,7 +140,25 @@ class Agent:
         except OSError as exc:
             raise StateError(f"cannot create data directory {config.data_dir}: {exc}") from exc
         self._telemetry = TelemetryCollector(clock=clock)
-        self._server = ModelServer(observer=self._telemetry)
+        training = config.training
+        self._feedback: FeedbackCollector | None = None
+        if training.feedback_max_examples > 0:
+            self._feedback = FeedbackCollector(
+                PredictionLog(training.prediction_log),
+                FeedbackBuffer(
+                    config.data_dir / "feedback", max_examples=training.feedback_max_examples
+                ),
+            )
+        self._server = ModelServer(
+            observer=self._telemetry,
+            on_prediction=self._remember if self._feedback is not None else None,
+        )
+        local_data = None
+        if training.data is not None or self._feedback is not None:
+            local_data = LocalData(
+                training.data, feedback=self._feedback.buffer if self._feedback else None
+            )
+        self._train_examples = 0
         self._spool = Spool(config.data_dir / "spool", max_bytes=config.telemetry.spool_max_bytes)
         self._hardware = hardware_facts()
         self._inbox: queue.Queue[tuple[str, bytes] | str] = queue.Queue(maxsize=INBOX_SIZE)
@@ -167,6 +190,17 @@ class Agent:
             clock=clock,
             checkpoint=checkpoint,
         )
+        self.rounds = Participant(
+            device_id=self.device_id,
+            data=local_data,
+            link=self._link,
+            send=lambda message: self._publish(Channel.EVENTS, message),
+            residuals=ResidualStore(config.data_dir / "residuals"),
+            limits=limits,
+            stall_timeout_s=config.transfer.stall_timeout_s,
+            holdout_fraction=training.holdout_fraction,
+            clock=clock,
+        )
 
     def _last_will(self) -> Will:
         """The offline status, made afresh before each connection attempt."""
@@ -182,6 +216,7 @@ class Agent:
             BrokerError: TLS could not be set up.
         """
         self.updates.restore()
+        self._train_examples = self.rounds.train_examples()
         if self.config.http:
             host, port = parse_bind(self.config.http)
             self._http = LocalHttpServer(
@@ -226,6 +261,33 @@ class Agent:
         """
         return self._server.predict(inputs)
 
+    def feedback(self, prediction_id: str, label: int | Sequence[int]) -> int:
+        """Record the true label(s) of an earlier prediction as training examples.
+
+        Returns:
+            The number of examples stored.
+
+        Raises:
+            TrainingError: feedback is off, the prediction is unknown (or too old, or
+                already labelled), or a label is invalid (see
+                :meth:`~edge_agent.training.feedback.FeedbackCollector.record_feedback`).
+            StateError: the examples cannot be written.
+        """
+        if self._feedback is None:
+            raise TrainingError("labelled feedback is off (training.feedback_max_examples = 0)")
+        active = self._server.active
+        classes = _class_count(active)
+        return self._feedback.record_feedback(prediction_id, label, num_classes=classes)
+
+    def _remember(self, prediction: Prediction, inputs: Any) -> None:
+        """Keep a prediction's inputs so that feedback can label them (HTTP threads)."""
+        assert self._feedback is not None
+        if isinstance(inputs, Mapping):
+            if len(inputs) != 1:
+                return  # multi-input models: no feedback
+            inputs = next(iter(inputs.values()))
+        self._feedback.remember(prediction.id, inputs)
+
     @property
     def model(self) -> LoadedModel | None:
         """The model being served."""
@@ -267,9 +329,9 @@ class Agent:
         while not self._stopping.is_set():
             now = time.monotonic()
             wake = next_telemetry
-            deadline = self.updates.deadline
-            if deadline is not None and self._link.connected:
-                wake = min(wake, deadline)
+            for deadline in (self.updates.deadline, self.rounds.deadline):
+                if deadline is not None and self._link.connected:
+                    wake = min(wake, deadline)
             try:
                 item = self._inbox.get(timeout=max(0.0, wake - now))
             except queue.Empty:
@@ -289,6 +351,9 @@ class Agent:
                 deadline = self.updates.deadline
                 if deadline is not None and now >= deadline and self._link.connected:
                     self.updates.on_deadline()
+                deadline = self.rounds.deadline
+                if deadline is not None and now >= deadline and self._link.connected:
+                    self.rounds.on_deadline()
             except Exception:
                 logger.exception("agent worker: unexpected error (continuing)")
         logger.debug("agent worker stopped")
@@ -300,13 +365,16 @@ class Agent:
                 break
             self._pending_reports.popleft()
         self.updates.on_connected()
+        self.rounds.on_connected()
         self._drain_spool()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.counters.messages += 1
         try:
             where = parse_topic(topic)
-            if isinstance(where, BroadcastTopic) and not self.updates.wants_broadcast(where.name):
+            if isinstance(where, BroadcastTopic) and not (
+                self.updates.wants_broadcast(where.name) or self.rounds.wants_broadcast(where.name)
+            ):
                 return  # someone else's transfer (or another broadcast): not ours to decode
             if isinstance(where, DeviceTopic) and where.device_id != self.device_id:
                 raise TopicError(
@@ -323,7 +391,8 @@ class Agent:
     def _dispatch(self, envelope: Envelope) -> None:
         message: Message = envelope.message
         if isinstance(message, Chunk):
-            self.updates.on_chunk(message)
+            if not self.rounds.on_chunk(message):
+                self.updates.on_chunk(message)
             return
         if envelope.id in self._recent_commands:
             logger.info("ignoring a repeated %s command %s", message.TYPE, envelope.id)
@@ -333,13 +402,23 @@ class Agent:
             self.updates.on_deploy(message)
         elif isinstance(message, Rollback):
             self.updates.on_rollback(message, envelope.id)
+        elif isinstance(message, TrainTask):
+            self.rounds.on_task(message)
+            self._announce_if_data_changed()
         else:
             self.counters.dropped += 1
             logger.warning("ignoring a %s message: not handled by this agent", message.TYPE)
 
     # ---------------------------------------------------------------- telemetry
 
+    def _announce_if_data_changed(self) -> None:
+        examples = self.rounds.train_examples()
+        if examples != self._train_examples:
+            self._train_examples = examples
+            self.announce()
+
     def _telemetry_tick(self) -> None:
+        self._announce_if_data_changed()
         active = self._server.active
         record = self._telemetry.close_window(
             model=active.name if active else None, version=active.version if active else None
@@ -383,6 +462,7 @@ class Agent:
             runtimes=tuple(sorted(self._device.runtimes)),
             tags=self.config.tags,
             models=models,
+            train_examples=self._train_examples,
         )
 
     # ------------------------------------------------- Reporter (for the updater)
@@ -430,6 +510,15 @@ class Agent:
             "errors": totals.errors,
             "agent_version": __version__,
         }
+
+
+def _class_count(model: LoadedModel | None) -> int | None:
+    """Classes of a served classifier (its first output's last dimension), if known."""
+    if model is None or not model.runtime.outputs:
+        return None
+    shape = model.runtime.outputs[0].shape
+    last = shape[-1] if shape else None
+    return last if isinstance(last, int) and last > 0 else None
 
 
 def run_agent(config: AgentConfig, *, checkpoint: Checkpoint = _no_checkpoint) -> int:

@@ -90,6 +90,7 @@ _FLAGS = {
     "tags": "--tag",
     "runtime": "--runtime",
     "telemetry.interval_s": "--telemetry-interval",
+    "training.data": "--train-data",
 }
 
 
@@ -186,6 +187,10 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--telemetry-interval", type=float, metavar="S", help="seconds between telemetry reports"
     )
+    run.add_argument(
+        "--train-data", type=Path, metavar="DIR",
+        help="directory of .npz (x, y) / .csv files to train on in federated rounds",
+    )  # fmt: skip
 
 
 def _verify(args: argparse.Namespace) -> int:

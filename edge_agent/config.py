@@ -48,6 +48,10 @@ one ``trust.keys`` entry is optional; :data:`EXAMPLE_CONFIG` documents each one)
     window = 16
     stall_timeout_s = 5
 
+    [training]
+    data = "/var/lib/fedge-agent/training-data"
+    holdout_fraction = 0.2
+
 Rules worth knowing:
 
 * Relative paths in the file are relative to the file's own directory (so a config
@@ -98,6 +102,7 @@ __all__ = [
     "AgentConfig",
     "BrokerConfig",
     "TelemetryConfig",
+    "TrainingConfig",
     "TransferConfig",
     "TrustConfig",
     "build_config",
@@ -538,6 +543,50 @@ class TransferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """Local data for federated rounds, and the labelled-feedback buffer.
+
+    Attributes:
+        data: Directory of ``.npz`` (arrays ``x``, ``y``) and ``.csv`` (label last)
+            files to train on; None: only labelled feedback (the agent takes part
+            in rounds once it has some).
+        holdout_fraction: Share of the local examples kept out of training for
+            evaluation rounds, in [0, 0.9].
+        feedback_max_examples: Most labelled-feedback examples kept on disk (the
+            oldest go first); 0 turns feedback off.
+        prediction_log: Recent predictions whose inputs are remembered so that
+            feedback can label them.
+
+    Raises:
+        ConfigError: a wrong type or a value out of range.
+    """
+
+    data: Path | None = None
+    holdout_fraction: float = 0.2
+    feedback_max_examples: int = 10_000
+    prediction_log: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.data is not None and not isinstance(self.data, Path):
+            raise _FieldError(
+                "training.data", f"training.data must be a path, got {_kind(self.data)}"
+            )
+        fraction = self.holdout_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not (0.0 <= fraction <= 0.9)
+        ):
+            raise _FieldError(
+                "training.holdout_fraction",
+                f"training.holdout_fraction must be a number in [0, 0.9], got {fraction!r}",
+            )
+        object.__setattr__(self, "holdout_fraction", float(fraction))
+        _want_int("training.feedback_max_examples", self.feedback_max_examples, low=0)
+        _want_int("training.prediction_log", self.prediction_log, low=1, high=1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything ``fedge-agent run`` needs, validated.
 
@@ -555,6 +604,7 @@ class AgentConfig:
             shape is checked here.
         telemetry: Telemetry settings.
         transfer: Model transfer settings.
+        training: Local data and labelled feedback for federated rounds.
         log_level: One of :data:`LOG_LEVELS` (lowercased).
 
     Raises:
@@ -571,6 +621,7 @@ class AgentConfig:
     http: str | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -583,6 +634,7 @@ class AgentConfig:
             ("trust", TrustConfig),
             ("telemetry", TelemetryConfig),
             ("transfer", TransferConfig),
+            ("training", TrainingConfig),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise _FieldError(name, f"{name} must be a {kind.__name__}")
@@ -674,9 +726,17 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "trust": ("keys", "threshold"),
     "telemetry": ("interval_s", "spool_max_bytes"),
     "transfer": ("window", "stall_timeout_s"),
+    "training": ("data", "holdout_fraction", "feedback_max_examples", "prediction_log"),
 }
 _PATH_KEYS = frozenset(
-    {"data_dir", "broker.password_file", "broker.ca_file", "broker.cert_file", "broker.key_file"}
+    {
+        "data_dir",
+        "broker.password_file",
+        "broker.ca_file",
+        "broker.cert_file",
+        "broker.key_file",
+        "training.data",
+    }
 )
 _PASSWORD_KEYS = ("broker.password", "broker.password_file")
 _REQUIRED = ("device_id", "data_dir", "broker.url")
@@ -852,6 +912,7 @@ def build_config(
             http=merged.get("http"),
             telemetry=TelemetryConfig(**section("telemetry")),
             transfer=TransferConfig(**section("transfer")),
+            training=TrainingConfig(**section("training")),
             log_level=merged.get("log_level", "info"),
         )
     except _FieldError as exc:
@@ -963,5 +1024,24 @@ window = 16
 
 # Seconds without progress before missing chunks are requested again. Default: 5.
 stall_timeout_s = 5
+
+[training]
+# Local training data for federated rounds: a directory of .npz files (arrays x
+# and y) and/or .csv files (numeric columns, the label last). Raw data never leaves
+# the device; only encoded model updates do. Default: none (the agent takes part
+# in rounds once labelled feedback arrives).
+# data = "/var/lib/fedge-agent/training-data"
+
+# Share of the local examples kept out of training for evaluation rounds.
+# Default: 0.2.
+holdout_fraction = 0.2
+
+# Labelled feedback (POST /v1/feedback): most examples kept on disk, the oldest
+# going first; 0 turns feedback off. Default: 10000.
+feedback_max_examples = 10000
+
+# Recent predictions whose inputs are remembered so feedback can label them.
+# Default: 1024.
+prediction_log = 1024
 """
 """A commented example config: every key, what it does and its default."""

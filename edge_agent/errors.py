@@ -19,10 +19,17 @@ The tree::
     │   └── NoModelError                no model is installed to serve predictions
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
     ├── StateError                  the agent's files on disk are unusable
-    └── InstallError                an update could not be installed (the old model
-        │                           keeps serving)
-        ├── TransferError               a transfer's chunks or totals do not add up
-        └── HealthCheckError            the new model failed its health check
+    ├── InstallError                an update could not be installed (the old model
+    │   │                           keeps serving)
+    │   ├── TransferError               a transfer's chunks or totals do not add up
+    │   └── HealthCheckError            the new model failed its health check
+    └── TrainingError               local training or evaluation cannot run
+        ├── TrainConfigError            a training setting from the coordinator is invalid
+        ├── DataSourceError             local data is missing, unreadable or inconsistent
+        │   └── NoDataError                 there is no local data to train on at all
+        ├── InvalidLabelError           labelled feedback carries an unusable label
+        └── UnknownPredictionError      feedback names a prediction the agent no longer
+                                        remembers (or that was already labelled)
 
 Each class carries a short, stable ``code`` that travels in error messages.
 """
@@ -118,3 +125,39 @@ class HealthCheckError(InstallError):
     """The new model's outputs on the reference inputs, or its latency, are off."""
 
     code = "health_check_failed"
+
+
+class TrainingError(AgentError):
+    """Local training or evaluation cannot run (bad weights, data, or divergence)."""
+
+    code = "training_error"
+
+
+class TrainConfigError(TrainingError):
+    """A training setting (from the coordinator's task config) is invalid."""
+
+    code = "bad_train_config"
+
+
+class DataSourceError(TrainingError):
+    """Local training data is missing, unreadable, malformed or inconsistent."""
+
+    code = "bad_data"
+
+
+class NoDataError(DataSourceError):
+    """There is no local data at all to train or evaluate on."""
+
+    code = "no_data"
+
+
+class InvalidLabelError(TrainingError):
+    """Labelled feedback carries a label that is not a valid class index."""
+
+    code = "bad_label"
+
+
+class UnknownPredictionError(TrainingError):
+    """Feedback names a prediction that is unknown, forgotten, or already labelled."""
+
+    code = "unknown_prediction"

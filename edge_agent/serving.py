@@ -204,6 +204,8 @@ class ModelServer:
     Args:
         observer: Told about every :meth:`predict` call (latency, success).
         perf_clock: Monotonic clock in seconds used to time predictions.
+        on_prediction: Called with each successful prediction and its inputs (the
+            agent remembers them so labelled feedback can refer to them).
     """
 
     def __init__(
@@ -211,8 +213,10 @@ class ModelServer:
         *,
         observer: PredictionObserver | None = None,
         perf_clock: Callable[[], float] = time.perf_counter,
+        on_prediction: Callable[[Prediction, Any], None] | None = None,
     ) -> None:
         self._observer = observer
+        self._on_prediction = on_prediction
         self._perf_clock = perf_clock
         self._lock = threading.Lock()
         self._active: LoadedModel | None = None
@@ -270,6 +274,11 @@ class ModelServer:
             self._report(self._perf_clock() - start, ok=False)
             raise
         self._report(prediction.latency_ms / 1000.0, ok=True)
+        if self._on_prediction is not None:
+            try:
+                self._on_prediction(prediction, inputs)
+            except Exception:
+                logger.exception("prediction hook failed; the prediction is unaffected")
         return prediction
 
     def health(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     TelemetryRecord,
+    TaskAck,
     TaskAction,
     TrainTask,
     UpdateReport,
@@ -233,6 +234,11 @@ ROUTED: list[tuple[st.SearchStrategy[Message], st.SearchStrategy[str], Channel |
         Channel.CMD,
     ),
     (update_reports(), device_ids, Channel.EVENTS),
+    (
+        st.builds(TaskAck, round_id=idents, task_id=hex32, has_weights=st.booleans()),
+        device_ids,
+        Channel.EVENTS,
+    ),
     (
         st.builds(
             EvalReport,

@@ -47,6 +47,7 @@ from edge_agent.protocol import (
     Status,
     TelemetryBatch,
     TelemetryRecord,
+    TaskAck,
     TaskAction,
     TrainTask,
     UpdateReport,
@@ -168,6 +169,7 @@ def samples() -> dict[str, tuple[Message, str]]:
             ),
             DEVICE,
         ),
+        "task_ack": (TaskAck(round_id="run1-r3", task_id=TASK, has_weights=True), DEVICE),
         "eval_report": (
             EvalReport(
                 round_id="run1-r3",
@@ -769,6 +771,7 @@ ALLOWED_ROUTES = [
     ("install_status", DEVICE, Channel.EVENTS),
     ("update_report", DEVICE, Channel.EVENTS),
     ("eval_report", DEVICE, Channel.EVENTS),
+    ("task_ack", DEVICE, Channel.EVENTS),
     ("error", DEVICE, Channel.EVENTS),
     ("telemetry_batch", DEVICE, Channel.TELEMETRY),
 ]

@@ -112,8 +112,9 @@ __all__ = [
     "ModelInfo",
     "Rollback",
     "Status",
-    "TelemetryBatch",
+    "TaskAck",
     "TaskAction",
+    "TelemetryBatch",
     "TelemetryRecord",
     "TrainTask",
     "UpdateReport",
@@ -909,6 +910,40 @@ class TrainTask(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskAck(Message):
+    """Event: a device took a :class:`TrainTask` (sent before any download).
+
+    The coordinator pushes the round's weights once, on their broadcast topic, after
+    the devices that need them have acknowledged (so they have subscribed).
+
+    Attributes:
+        round_id: The round (*ident*).
+        task_id: The task (32 lowercase hex).
+        has_weights: The device already holds the task's weights (no download).
+    """
+
+    TYPE: ClassVar[str] = "task_ack"
+    CHANNELS: ClassVar[frozenset[Channel]] = frozenset({Channel.EVENTS})
+
+    round_id: str
+    task_id: str
+    has_weights: bool = False
+
+    def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
+        data = {"round_id": self.round_id, "task_id": self.task_id, "has_weights": self.has_weights}
+        return data, b""
+
+    @classmethod
+    def _from_wire(cls, data: FieldReader, body: bytes, _limits: Limits) -> Self:
+        _no_body(body, cls.TYPE)
+        return cls(
+            round_id=data.text("round_id", pattern=_IDENT_RE),
+            task_id=data.text("task_id", pattern=_HEX32_RE),
+            has_weights=data.boolean("has_weights"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpdateReport(Message):
     """Event: the result of a train task.
 
@@ -1112,6 +1147,7 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
             InstallStatus,
             TelemetryBatch,
             TrainTask,
+            TaskAck,
             UpdateReport,
             EvalReport,
             ErrorReport,
