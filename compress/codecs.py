@@ -79,7 +79,7 @@ from typing import Any, Final, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from compress.errors import CodecError
+from compress.errors import CodecError, NonFiniteUpdateError
 
 __all__ = [
     "MAX_UPDATE_PARAMS",
@@ -441,7 +441,7 @@ def _float32_tensors(
         with np.errstate(over="ignore", invalid="ignore"):
             array = np.ascontiguousarray(raw, dtype=np.float32)
         if not np.isfinite(array).all():
-            raise CodecError(f"{what} {key!r} contains NaN or infinity (as float32)")
+            raise NonFiniteUpdateError(f"{what} {key!r} contains NaN or infinity (as float32)")
         names.append(key)
         arrays.append(array)
     return names, arrays
@@ -783,7 +783,7 @@ def _decode_values(reader: _Reader, fmt: str, count: int, counts: Sequence[int])
     else:
         values = _decode_int8(reader, count, counts)
     if not np.isfinite(values).all():
-        raise CodecError("payload values contain NaN or infinity")
+        raise NonFiniteUpdateError("payload values contain NaN or infinity")
     out: FloatArray = values
     return out
 

@@ -28,6 +28,7 @@ The tree::
     ├── ExportError                 a model could not be exported
     ├── QuantizationError           a model could not be quantized
     └── CodecError                  an update codec spec, update or payload is invalid
+        └── NonFiniteUpdateError        the update holds NaN or infinite values
 
 Key sets (:mod:`compress.keyset`) are signed documents too: their rotation reuses the
 trust errors (``SignatureError`` and its subclasses, ``ExpiredError``, ``RollbackError``)
@@ -171,6 +172,12 @@ class CodecError(CompressError):
     """
 
     code = "bad_update"
+
+
+class NonFiniteUpdateError(CodecError):
+    """An update (to encode, or decoded from a payload) holds NaN or infinite values."""
+
+    code = "non_finite_update"
 
 
 def one_line(exc: BaseException, *, limit: int = 300) -> str:

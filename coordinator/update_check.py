@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.codecs import CodecSpec, Layout, decode_update, max_payload_bytes
-from compress.errors import CodecError
+from compress.errors import CodecError, NonFiniteUpdateError
 from coordinator.errors import UpdateRejectedError
 from edge_agent.protocol import UpdateReport
 
@@ -112,6 +112,8 @@ def check_update(
         raise UpdateRejectedError("oversized", f"{blob.size} bytes, at most {limit} for this model")
     try:
         delta = decode_update(blob.tobytes(), check.codec, check.layout)
+    except NonFiniteUpdateError as exc:
+        raise UpdateRejectedError("non_finite", str(exc)) from exc
     except CodecError as exc:
         raise UpdateRejectedError("malformed", str(exc)) from exc
     for name, shape in check.layout:

@@ -220,7 +220,10 @@ class Agent:
         if self.config.http:
             host, port = parse_bind(self.config.http)
             self._http = LocalHttpServer(
-                self._server, HttpConfig(host=host, port=port), extra_health=self._health_extra
+                self._server,
+                HttpConfig(host=host, port=port),
+                extra_health=self._health_extra,
+                feedback=self.feedback if self._feedback is not None else None,
             )
             self._http.start()
             logger.info("local inference endpoint on http://%s:%d", *self._http.address)

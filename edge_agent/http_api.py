@@ -26,6 +26,12 @@ Endpoints:
   ``{"status": "no_model", "model": null, ...}``; the keys returned by
   ``extra_health()`` (connection state, telemetry totals ...) are merged in, except
   ``status`` and ``model``, which always come from the model server.
+* ``POST /v1/feedback`` with ``{"prediction_id": "<id from /v1/predict>", "label": 3}``
+  (or a list, one label per row of that prediction) stores the inputs of that
+  prediction with their true label(s) as local training examples (the raw data
+  never leaves the device) and answers 200 ``{"stored": N}``. Errors: 404
+  ``unknown_prediction`` (never seen, too old, or already labelled), 400
+  ``bad_label`` or ``malformed``, 404 ``not_found`` when feedback is off.
 * ``GET /v1/model`` answers 200 with :meth:`edge_agent.serving.LoadedModel.info`, or
   404 with code ``no_model``.
 
@@ -83,8 +89,18 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 from urllib.parse import urlsplit
 
-from edge_agent.errors import ConfigError, ModelRuntimeError, NoModelError
+from edge_agent.errors import (
+    ConfigError,
+    ModelRuntimeError,
+    NoModelError,
+    StateError,
+    TrainingError,
+    UnknownPredictionError,
+)
 from edge_agent.serving import ModelServer
+
+FeedbackHandler = Callable[[str, "int | list[int]"], int]
+"""Stores the label(s) of a prediction; returns how many examples were stored."""
 
 __all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "parse_bind"]
 
@@ -107,7 +123,12 @@ _HOSTNAME_RE = re.compile(
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 
-_ROUTES = {"/v1/predict": "POST", "/v1/health": "GET", "/v1/model": "GET"}
+_ROUTES = {
+    "/v1/predict": "POST",
+    "/v1/feedback": "POST",
+    "/v1/health": "GET",
+    "/v1/model": "GET",
+}
 _STATUS_CODES = {
     400: "malformed",
     404: "not_found",
@@ -248,6 +269,7 @@ class _Api:
     models: ModelServer
     config: HttpConfig
     extra_health: Callable[[], Mapping[str, Any]] | None
+    feedback: FeedbackHandler | None = None
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -356,11 +378,11 @@ def _is_json_media_type(value: str) -> bool:
     return True
 
 
-def _parse_request(body: bytes) -> Any:
-    """The ``inputs`` of a predict request body.
+def _parse_json(body: bytes) -> Any:
+    """A strict JSON document.
 
     Raises:
-        _HttpError: 400, the body is not strict JSON of the expected form.
+        _HttpError: 400, the body is not strict JSON.
     """
     try:
         doc = json.loads(
@@ -371,6 +393,36 @@ def _parse_request(body: bytes) -> Any:
         )
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise _HttpError(400, "malformed", f"the body is not valid JSON: {exc}") from exc
+    return doc
+
+
+def _parse_feedback(body: bytes) -> tuple[str, int | list[int]]:
+    """The ``prediction_id`` and ``label`` of a feedback request body.
+
+    Raises:
+        _HttpError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
+    """
+    doc = _parse_json(body)
+    if not isinstance(doc, dict) or set(doc) != {"prediction_id", "label"}:
+        raise _HttpError(
+            400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
+        )
+    prediction_id, label = doc["prediction_id"], doc["label"]
+    if not isinstance(prediction_id, str):
+        raise _HttpError(400, "malformed", '"prediction_id" must be a string')
+    labels = label if isinstance(label, list) else [label]
+    if not labels or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise _HttpError(400, "malformed", '"label" must be an integer or a list of integers')
+    return prediction_id, label
+
+
+def _parse_request(body: bytes) -> Any:
+    """The ``inputs`` of a predict request body.
+
+    Raises:
+        _HttpError: 400, the body is not strict JSON of the expected form.
+    """
+    doc = _parse_json(body)
     if not isinstance(doc, dict):
         raise _HttpError(400, "malformed", 'the body must be a JSON object {"inputs": ...}')
     unknown = sorted(set(doc) - {"inputs"})
@@ -450,6 +502,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             if path == "/v1/predict":
                 self._predict()
+            elif path == "/v1/feedback":
+                self._feedback()
             elif path == "/v1/health":
                 self._health()
             else:
@@ -474,6 +528,21 @@ class _Handler(BaseHTTPRequestHandler):
         except ModelRuntimeError as exc:
             raise _HttpError(400, exc.code, str(exc)) from exc
         self._send_json(200, prediction.to_json())
+
+    def _feedback(self) -> None:
+        handler = self.server.api.feedback
+        if handler is None:
+            raise _HttpError(404, "not_found", "labelled feedback is off on this agent")
+        prediction_id, label = _parse_feedback(self._read_body())
+        try:
+            stored = handler(prediction_id, label)
+        except UnknownPredictionError as exc:
+            raise _HttpError(404, exc.code, str(exc)) from exc
+        except TrainingError as exc:
+            raise _HttpError(400, exc.code, str(exc)) from exc
+        except StateError as exc:
+            raise _HttpError(503, exc.code, str(exc)) from exc
+        self._send_json(200, {"stored": stored})
 
     def _health(self) -> None:
         api = self.server.api
@@ -556,6 +625,8 @@ class LocalHttpServer:
         config: Where to listen, body limit, timeout.
         extra_health: Called on each ``GET /v1/health``; its keys are merged into
             the answer (``status`` and ``model`` excepted).
+        feedback: Stores the true label(s) of a prediction (``POST /v1/feedback``);
+            None answers that endpoint 404.
     """
 
     def __init__(
@@ -564,8 +635,9 @@ class LocalHttpServer:
         config: HttpConfig,
         *,
         extra_health: Callable[[], Mapping[str, Any]] | None = None,
+        feedback: FeedbackHandler | None = None,
     ) -> None:
-        self._api = _Api(models=server, config=config, extra_health=extra_health)
+        self._api = _Api(models=server, config=config, extra_health=extra_health, feedback=feedback)
         self._lock = threading.Lock()
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None

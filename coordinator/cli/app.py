@@ -7,6 +7,7 @@ stderr) and dispatches to the command groups:
 * ``fedge model`` -- :mod:`coordinator.cli.model`
 * ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
+* ``fedge train`` -- :mod:`coordinator.cli.train`
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -20,7 +21,7 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import broker, fleet, keys, model
+from coordinator.cli import broker, fleet, keys, model, train
 
 app = typer.Typer(
     name="fedge",
@@ -35,6 +36,7 @@ app.add_typer(broker.app, name="broker")
 app.command("deploy")(fleet.deploy)
 app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)
+app.command("train")(train.train)
 
 
 def _version(value: bool) -> None:
@@ -56,6 +58,8 @@ def _root(
     """Operator CLI: keys, model packaging, delivery to the fleet."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower logs every round at INFO through its own handler; keep it for -v.
+    logging.getLogger("flwr").setLevel(level)
 
 
 def main() -> None:

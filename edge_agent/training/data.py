@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from compress.fileio import load_npz, read_bounded
 from edge_agent.errors import AgentError, ConfigError, DataSourceError, NoDataError
@@ -89,9 +90,9 @@ class SourceInfo:
     examples: int
 
 
-def _dataset(path: Path, x: object, y: object) -> Dataset:
+def _dataset(path: Path, x: npt.ArrayLike, y: npt.ArrayLike) -> Dataset:
     try:
-        return Dataset(x, y)  # type: ignore[arg-type]
+        return Dataset.from_arrays(x, y)
     except DataSourceError as exc:
         raise DataSourceError(f"{path}: {exc}") from exc
 

@@ -54,6 +54,7 @@ import zlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -498,7 +499,7 @@ class FeedbackBuffer:
             raise DataSourceError(f"add() takes one row, got {rows.shape[0]}")
         self.add_many(rows, [label])
 
-    def add_many(self, rows: npt.ArrayLike, labels: Sequence[int]) -> None:
+    def add_many(self, rows: npt.ArrayLike, labels: Sequence[int | np.integer[Any]]) -> None:
         """Store labelled examples, all or none, then drop the oldest beyond the bounds.
 
         Args:
@@ -718,7 +719,7 @@ class FeedbackCollector:
     def record_feedback(
         self,
         prediction_id: str,
-        label: int | Sequence[int],
+        label: int | np.integer[Any] | Sequence[int | np.integer[Any]],
         *,
         num_classes: int | None = None,
     ) -> int:

@@ -152,6 +152,18 @@ class Dataset:
         object.__setattr__(self, "y", y)
 
     @classmethod
+    def from_arrays(cls, x: npt.ArrayLike, y: npt.ArrayLike) -> Dataset:
+        """A dataset from any array-likes (lists, float64 or integer arrays ...).
+
+        The same as the constructor, typed for inputs that are not yet float32 and
+        int64.
+
+        Raises:
+            DataSourceError: As the constructor.
+        """
+        return cls(x, y)  # type: ignore[arg-type]  # __post_init__ converts
+
+    @classmethod
     def empty(cls, num_features: int) -> Dataset:
         """A dataset with no examples and ``num_features`` columns.
 

@@ -1,0 +1,258 @@
+"""Federated rounds against a real mosquitto: 10 in-process agents, Flower strategies.
+
+The fleet (module-scoped) is ten agents holding Dirichlet(0.5) shards of digits and
+one agent without data. Runs use a fresh model name per codec/strategy so top-k
+residuals start empty, and every run is seeded (sampling, local training, codecs,
+aggregation order), so the figures are reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
+from compress.families import init_weights
+from coordinator.federated import TrainingConfig, TrainingResult, run_training
+from coordinator.mqtt_grid import node_id_of
+from coordinator.strategies import build_strategy, wrap_dp
+from edge_agent.agent import Agent
+from edge_agent.training.data import LocalData
+from edge_agent.training.numpy_trainers import trainer_for
+from edge_agent.training.residuals import ResidualStore
+from edge_agent.training.trainer import TrainConfig
+from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedFleet]:
+    running = FederatedFleet.start(tmp_path_factory.mktemp("federated"), 10, without_data=1)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def clean_fp32(fleet: FederatedFleet) -> TrainingResult:
+    return fleet.run(codec="fp32")
+
+
+def _accuracy(result: TrainingResult) -> float:
+    accuracy = result.final_accuracy
+    assert accuracy is not None
+    return accuracy
+
+
+def _uplink(result: TrainingResult) -> int:
+    return sum(r.uplink_bytes for r in result.rounds)
+
+
+def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: TrainingResult) -> None:
+    assert all(r.status == "ok" for r in clean_fp32.rounds)
+    assert [r.clients for r in clean_fp32.rounds] == [10] * 20
+    assert _accuracy(clean_fp32) >= 0.90
+    first = clean_fp32.rounds[0]
+    assert first.accuracy is not None
+    assert first.accuracy < _accuracy(clean_fp32)
+    # An fp32 update of the 64-256-10 MLP is 4 bytes per weight, from each of 10 devices.
+    n_weights = sum(a * b + b for a, b in itertools.pairwise(LAYERS))
+    assert all(r.uplink_bytes > 10 * 4 * n_weights for r in clean_fp32.rounds)
+    # The weights go down once per round (broadcast), not once per device.
+    assert all(4 * n_weights < r.downlink_bytes < 2 * 4 * n_weights for r in clean_fp32.rounds)
+
+
+def test_the_device_without_data_is_never_sampled(
+    fleet: FederatedFleet, clean_fp32: TrainingResult
+) -> None:
+    assert all(r.sampled == 10 for r in clean_fp32.rounds)
+    assert fleet.extra[0].rounds.completed == 0
+    assert all(agent.rounds.completed >= 20 for agent in fleet.agents)
+
+
+def test_topk_int8_stays_within_a_point_of_fp32_with_30x_fewer_bytes_up(
+    fleet: FederatedFleet, clean_fp32: TrainingResult
+) -> None:
+    compressed = fleet.run(codec="topk:0.03+int8")
+    assert all(r.status == "ok" for r in compressed.rounds)
+    assert _accuracy(compressed) >= _accuracy(clean_fp32) - 0.010
+    ratio = _uplink(clean_fp32) / _uplink(compressed)
+    assert ratio >= 30, ratio
+
+
+def _local_fit(fleet: FederatedFleet, index: int, weights: dict[str, Any]) -> tuple[Any, int]:
+    """What device ``index`` computes in round 1 (its training is seeded)."""
+    device_id = fleet.agents[index].device_id
+    config = TrainConfig.from_mapping({**TRAIN_CONFIG, "seed": 0, "server_round": 1})
+    train, _ = LocalData(fleet.shards[index]).split(0.2, seed=config.seed)
+    fitted = trainer_for("mlp").fit(weights, train, config, config.rng("r1", device_id))
+    return fitted.weights, fitted.num_examples
+
+
+def test_fedavg_equals_flowers_own_fedavg_on_the_same_client_updates(fleet: FederatedFleet) -> None:
+    ours = fleet.run(codec="fp32", rounds=1, model="parity")
+    initial = init_weights("mlp", LAYERS, np.random.default_rng(0))
+    replies = []
+    for index in range(len(fleet.agents)):
+        weights, examples = _local_fit(fleet, index, initial)
+        instruction = Message(RecordDict({}), node_id_of(fleet.agents[index].device_id),
+                              MessageType.TRAIN)  # fmt: skip
+        instruction.metadata.__dict__["_message_id"] = f"m{index}"
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
+                "metrics": MetricRecord({"num-examples": examples}),
+            }
+        )
+        replies.append(Message(content, reply_to=instruction))
+    theirs, _ = FedAvg().aggregate_train(1, replies)
+    assert theirs is not None
+    for name, array in theirs.items():
+        np.testing.assert_allclose(ours.weights[name], array.numpy(), rtol=0, atol=1e-6)
+
+
+def _patch_encode(monkeypatch: pytest.MonkeyPatch, agent: Agent, make: Any) -> None:
+    original = agent.rounds._encode
+
+    def encode(task: Any, config: Any, weights: Any, trained: Any) -> npt.NDArray[np.uint8]:
+        return make(original, task, config, weights, trained)
+
+    monkeypatch.setattr(agent.rounds, "_encode", encode)
+
+
+def test_malformed_updates_are_rejected_and_never_aggregated(
+    fleet: FederatedFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def nan(original: Any, *args: Any) -> npt.NDArray[np.uint8]:
+        payload = original(*args).copy()
+        payload[2:6] = np.frombuffer(np.float32(np.nan).tobytes(), dtype=np.uint8)
+        return payload
+
+    def wrong_shape(_original: Any, _task: Any, _config: Any, weights: Any, _t: Any) -> Any:
+        smaller = {k: np.zeros(np.asarray(v).shape[:1] + (3,) * (np.ndim(v) - 1), np.float32)
+                   for k, v in weights.items()}  # fmt: skip
+        encoded = encode_update(smaller, parse_codec("fp32"), rng=np.random.default_rng(0))
+        return np.frombuffer(encoded.payload, dtype=np.uint8)
+
+    def huge(original: Any, task: Any, config: Any, weights: Any, trained: Any) -> Any:
+        blown = {k: np.asarray(v) + 1e6 for k, v in trained.items()}
+        return original(task, config, weights, blown)
+
+    def oversized(original: Any, *args: Any) -> npt.NDArray[np.uint8]:
+        return np.concatenate([original(*args), np.zeros(200_000, dtype=np.uint8)])
+
+    bad = {0: nan, 1: wrong_shape, 2: huge, 3: oversized}
+    for index, make in bad.items():
+        _patch_encode(monkeypatch, fleet.agents[index], make)
+    result = fleet.run(codec="fp32", rounds=3, min_clients=5, model="hostile")
+    for report in result.rounds:
+        assert report.status == "ok"
+        assert report.clients == 6
+        assert report.rejected == {"non_finite": 1, "malformed": 1, "too_large": 1,
+                                   "oversized": 1}  # fmt: skip
+    assert all(np.all(np.isfinite(w)) for w in result.weights.values())
+    assert _accuracy(result) > 0.5
+
+
+def _sign_flip(original: Any, task: Any, config: Any, weights: Any, trained: Any) -> Any:
+    flipped = {k: weights[k] - 10 * (np.asarray(trained[k]) - weights[k]) for k in weights}
+    return original(task, config, weights, flipped)
+
+
+def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
+    fleet: FederatedFleet, clean_fp32: TrainingResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for agent in fleet.agents[:2]:
+        _patch_encode(monkeypatch, agent, _sign_flip)
+    clean = _accuracy(clean_fp32)
+    attacked_avg = _accuracy(fleet.run(strategy="fedavg", model="attacked-avg"))
+    median = _accuracy(fleet.run(strategy="fedmedian", model="attacked-median"))
+    multikrum = _accuracy(
+        fleet.run(
+            strategy="multikrum",
+            strategy_args=("num_malicious_nodes=2", "num_nodes_to_select=6"),
+            model="attacked-krum",
+        )
+    )
+    assert attacked_avg < clean - 0.10, (attacked_avg, clean)
+    assert median >= clean - 0.03, (median, clean)
+    assert multikrum >= clean - 0.03, (multikrum, clean)
+
+
+def test_a_straggler_times_out_and_its_late_reply_is_dropped(
+    fleet: FederatedFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow(original: Any, *args: Any) -> npt.NDArray[np.uint8]:
+        time.sleep(2.5)
+        return original(*args)  # type: ignore[no-any-return]
+
+    _patch_encode(monkeypatch, fleet.agents[0], slow)
+    result = fleet.run(rounds=3, round_timeout_s=1.5, min_clients=5, model="straggler")
+    assert all(r.status == "ok" for r in result.rounds)
+    assert all(r.clients == 9 and r.timed_out == 1 for r in result.rounds)
+    assert sum(r.late for r in result.rounds) >= 1
+
+
+def test_a_round_without_enough_devices_fails_and_the_run_goes_on(fleet: FederatedFleet) -> None:
+    result = fleet.run(
+        rounds=2, clients_per_round=12, min_clients=11, round_timeout_s=0.5, model="short"
+    )
+    assert [r.status for r in result.rounds] == ["failed", "failed"]
+    assert "need 11" in result.rounds[0].reason
+    initial = init_weights("mlp", LAYERS, np.random.default_rng(0))
+    assert all(np.array_equal(result.weights[k], v) for k, v in initial.items())
+
+
+def test_federated_evaluation_reports_device_accuracy(fleet: FederatedFleet) -> None:
+    result = fleet.run(rounds=3, eval_data=False, model="fedeval")
+    assert all(r.status == "ok" for r in result.rounds)
+    assert all(r.eval_clients == 10 for r in result.rounds)
+    assert _accuracy(result) > 0.6
+    # Evaluation of round r and training of round r+1 use the same weights:
+    # they are downloaded once, so only the evaluation phase carries them.
+    assert all(r.downlink_bytes > 0 for r in result.rounds)
+
+
+def test_differential_privacy_wrapper_runs_unchanged(fleet: FederatedFleet) -> None:
+    weights = init_weights("mlp", LAYERS, np.random.default_rng(0))
+    strategy = wrap_dp(
+        build_strategy("fedavg", {}, federated_eval=False),
+        noise_multiplier=0.01, clipping_norm=5.0, num_sampled_clients=10,
+    )  # fmt: skip
+    config = TrainingConfig(
+        model="dp", family="mlp", initial_weights=weights, rounds=3, clients_per_round=10,
+        min_clients=8, round_timeout_s=30, train_config=TRAIN_CONFIG, eval_data=fleet.test_set,
+    )  # fmt: skip
+    result = run_training(fleet.coordinator, strategy, config)
+    assert all(r.status == "ok" for r in result.rounds)
+    plain = fleet.run(rounds=3, model="dp-plain")
+    assert not np.allclose(result.weights["W0"], plain.weights["W0"], atol=1e-6)
+    assert _accuracy(result) > 0.5
+
+
+def test_updates_larger_than_one_message_are_uploaded_in_chunks(fleet: FederatedFleet) -> None:
+    result = fleet.run(rounds=1, layers=[64, 1024, 10], model="wide", clients_per_round=3,
+                       min_clients=3)  # fmt: skip
+    (report,) = result.rounds
+    assert report.status == "ok"
+    assert report.clients == 3
+    assert report.uplink_bytes > 3 * 4 * (64 * 1024 + 1024 * 10)  # > 256 KiB each
+
+
+def test_topk_residuals_are_kept_on_the_device(fleet: FederatedFleet) -> None:
+    fleet.run(codec="topk:0.01", rounds=1, model="residual")
+    store = ResidualStore(fleet.root / fleet.agents[0].device_id / "residuals")
+    initial = init_weights("mlp", LAYERS, np.random.default_rng(0))
+    residual = store.load("residual", layout_of(initial))
+    assert residual is not None
+    # All but the 1 % sent stayed on the device, to be sent in later rounds.
+    kept = kept_entries(parse_codec("topk:0.01"), layout_of(initial))
+    assert sum(int(np.count_nonzero(v)) for v in residual.values()) > 10 * kept
