@@ -791,8 +791,10 @@ def _decode_values(reader: _Reader, fmt: str, count: int, counts: Sequence[int])
 def _decode_int8(reader: _Reader, count: int, counts: Sequence[int]) -> FloatArray:
     nonempty = [n for n in counts if n]
     scales = reader.array(len(nonempty), "<f4", "int8 scales").astype(np.float32)
-    if not (np.isfinite(scales).all() and (scales >= 0).all()):
-        raise CodecError("int8 scales must be finite and non-negative")
+    if not np.isfinite(scales).all():
+        raise NonFiniteUpdateError("int8 scales must be finite")
+    if not (scales >= 0).all():
+        raise CodecError("int8 scales must be non-negative")
     if scales.size and float(scales.max()) * 127.0 > _F32_MAX:
         raise CodecError("int8 scale too large (127 * scale overflows float32)")
     quantized = reader.array(count, "i1", "int8 values")

@@ -108,7 +108,8 @@ class TrainingConfig:
         """Check the values.
 
         Raises:
-            TrainingError: out-of-range counts or timeouts, or an invalid codec.
+            TrainingError: out-of-range counts, timeouts or update norm bound.
+            CodecError: an invalid codec spec.
         """
         if self.rounds < 1:
             raise TrainingError("rounds must be at least 1")
@@ -119,6 +120,10 @@ class TrainingConfig:
             )
         if not self.round_timeout_s > 0 or not self.gather_s > 0:
             raise TrainingError("timeouts must be positive")
+        if not 0 < self.max_update_norm < math.inf:
+            raise TrainingError(
+                f"max_update_norm must be positive and finite, got {self.max_update_norm}"
+            )
         parse_codec(self.codec)
 
 

@@ -96,6 +96,8 @@ def parse_strategy_args(pairs: Sequence[str]) -> StrategyArgs:
 
 def _load_class(spec: str) -> type[Any]:
     module_name, _, class_name = spec.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise StrategyError(f"{spec!r} is not module:Class (an absolute module path)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -7,7 +7,6 @@ Dirichlet(alpha=0.5) label skew, an MLP 64-256-10, two local epochs of SGD.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,14 @@ import numpy.typing as npt
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
-from coordinator.datasets import dirichlet_partition, load_digits_split
+from coordinator.datasets import load_digits_split
 from coordinator.delivery import Coordinator
 from coordinator.federated import TrainingConfig, TrainingResult, run_training
 from coordinator.packaging import LabelledData
+from coordinator.simulation import LocalFleet, write_shards
 from coordinator.strategies import build_strategy, parse_strategy_args
 from edge_agent.agent import Agent
-from edge_agent.config import TrainingConfig as AgentTraining
-from tests.fleet_support import Mosquitto, agent_config, coordinator, public_key_file
+from tests.fleet_support import Mosquitto, coordinator, public_key_file
 
 LAYERS = [64, 256, 10]
 TRAIN_CONFIG: dict[str, int | float | str | bool] = {"epochs": 2, "lr": 0.05, "batch_size": 16}
@@ -39,14 +38,9 @@ def digits_shards(
 ) -> tuple[list[Path], LabelledData]:
     """Write one ``local.npz`` per client (Dirichlet split); return the dirs and the test set."""
     x_train, y_train, x_test, y_test = load_digits_split(seed)
-    parts = dirichlet_partition(y_train, clients, ALPHA, seed=seed, min_examples=10)
-    dirs = []
-    for i, part in enumerate(parts):
-        shard = directory / f"shard{i}"
-        shard.mkdir(parents=True, exist_ok=True)
-        np.savez(shard / "local.npz", x=x_train[part], y=y_train[part])
-        dirs.append(shard)
-    return dirs, LabelledData(x_test, y_test)
+    shards = write_shards(x_train, y_train, clients=clients, alpha=ALPHA, directory=directory,
+                          seed=seed)  # fmt: skip
+    return shards, LabelledData(x_test, y_test)
 
 
 @dataclass
@@ -71,30 +65,15 @@ class FederatedFleet:
         broker.start()
         trust = public_key_file(root / "keys", generate_signing_key())
         shards, test_set = digits_shards(clients, root / "data")
-        agents = []
-        for i, device_id in enumerate(ids):
-            training = AgentTraining(
-                data=shards[i] if i < clients else None, feedback_max_examples=0
-            )
-            agent = Agent(
-                agent_config(broker, device_id, root / device_id, trust, training=training)
-            )
-            agent.start()
-            agents.append(agent)
+        local = LocalFleet.start(
+            [*shards, *[None] * without_data],
+            broker_for=broker.broker, trust=[trust], root=root, prefix="dev",
+        )  # fmt: skip
+        agents = local.agents
         fleet = cls(broker, agents[:clients], coordinator(broker), test_set, shards, trust, root)
         fleet.extra = agents[clients:]
-        fleet.wait_eligible(clients)
+        local.wait_eligible(fleet.coordinator, clients, timeout=20)
         return fleet
-
-    def wait_eligible(self, count: int, timeout: float = 20.0) -> None:
-        """Wait until ``count`` devices are online with training data."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            online = [r for r in self.coordinator.fleet() if r.online and r.train_examples > 0]
-            if len(online) >= count:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"fewer than {count} eligible devices after {timeout} s")
 
     def run(
         self,

@@ -72,7 +72,7 @@ def test_npz_with_bad_arrays_names_the_file(
 def test_corrupt_or_oversized_npz_is_a_data_source_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK\x03\x04 this is not really a zip file")
-    with pytest.raises(DataSourceError, match="garbage.npz"):
+    with pytest.raises(DataSourceError, match=r"garbage\.npz"):
         load_npz_dataset(garbage)
     big = write_npz(tmp_path / "big.npz", np.ones((100, 10)), np.zeros(100, int))
     with pytest.raises(DataSourceError, match="too large"):
@@ -82,7 +82,7 @@ def test_corrupt_or_oversized_npz_is_a_data_source_error(tmp_path: Path) -> None
 def test_npz_with_object_arrays_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.npz"
     np.savez(path, x=np.array([[1, "a"]], dtype=object), y=np.zeros(1, int))
-    with pytest.raises(DataSourceError, match="pickled.npz"):
+    with pytest.raises(DataSourceError, match=r"pickled\.npz"):
         load_npz_dataset(path)
 
 
@@ -248,7 +248,7 @@ def test_feedback_with_other_features_than_the_files(data_dir: Path, tmp_path: P
     write_npz(data_dir / "a.npz", np.zeros((2, 2)), np.array([0, 0]))
     buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
     buffer.add([1.0, 2.0, 3.0], 0)
-    with pytest.raises(DataSourceError, match="feedback has 3 features but a.npz has 2"):
+    with pytest.raises(DataSourceError, match=r"feedback has 3 features but a\.npz has 2"):
         LocalData(data_dir, feedback=buffer).load()
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-import edge_agent.training.feedback as feedback_module
 from edge_agent.errors import (
     ConfigError,
     DataSourceError,
@@ -292,9 +293,7 @@ def test_records_with_out_of_range_content_are_skipped(tmp_path: Path) -> None:
     path = buffer.path
     # A record with a valid CRC but a NaN feature (written by something else).
     payload = (7).to_bytes(4, "little") + np.array([np.nan, 1, 2], "<f4").tobytes()
-    header = feedback_module._HEADER.pack(
-        b"FBK1", len(payload), feedback_module.zlib.crc32(payload)
-    )
+    header = struct.pack(">4sII", b"FBK1", len(payload), zlib.crc32(payload))
     with path.open("ab") as stream:
         stream.write(header + payload)
     buffer.add(row(1), 1)  # appended after the bad record
@@ -354,7 +353,7 @@ def test_a_failed_append_is_cut_back_off_the_file(
         real_write(fd, bytes(data)[:7])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(feedback_module.os, "write", half_then_fail)
+    monkeypatch.setattr("edge_agent.training.feedback.os.write", half_then_fail)
     with pytest.raises(StateError, match="No space left"):
         buffer.add(row(2), 2)
     monkeypatch.undo()
@@ -378,8 +377,8 @@ def test_when_cutting_back_fails_the_next_add_rewrites(
     def no_truncate(fd: int, length: int) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(feedback_module.os, "write", half_then_fail)
-    monkeypatch.setattr(feedback_module.os, "ftruncate", no_truncate)
+    monkeypatch.setattr("edge_agent.training.feedback.os.write", half_then_fail)
+    monkeypatch.setattr("edge_agent.training.feedback.os.ftruncate", no_truncate)
     with pytest.raises(StateError):
         buffer.add(row(2), 2)
     monkeypatch.undo()
@@ -406,7 +405,7 @@ def test_buffer_bounds_must_be_positive(tmp_path: Path) -> None:
 def test_concurrent_adds_from_threads(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path, max_examples=1000)
     barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def worker(t: int) -> None:
         try:
@@ -416,7 +415,7 @@ def test_concurrent_adds_from_threads(tmp_path: Path) -> None:
                 if i % 10 == 0:
                     buffer.dataset()
                     len(buffer)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]

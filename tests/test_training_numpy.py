@@ -38,7 +38,7 @@ def blobs(n: int, seed: int) -> Dataset:
     centers = np.array([[3, 0, 0, 1], [0, 3, 0, -1], [0, 0, 3, 0]], dtype=np.float32)
     y = rng.integers(0, 3, n)
     x = centers[y] + rng.normal(0, 0.6, (n, 4)).astype(np.float32)
-    return Dataset(x, y)
+    return Dataset.from_arrays(x, y)
 
 
 TRAIN = blobs(600, seed=1)
@@ -109,7 +109,7 @@ def test_more_epochs_fit_better() -> None:
 def test_mlp_learns_digits() -> None:
     datasets = pytest.importorskip("sklearn.datasets")
     x, y = datasets.load_digits(return_X_y=True)
-    data = Dataset((x / 16.0).astype(np.float32), y)
+    data = Dataset.from_arrays(x / 16.0, y)
     train, test = data.split(0.25, seed=0)
     weights = init_weights("mlp", [64, 32, 10], np.random.default_rng(0))
     config = TrainConfig(epochs=5, lr=0.1, batch_size=32)
@@ -163,7 +163,7 @@ def one_step(
 
 @pytest.mark.parametrize("family", ["softmax", "mlp"])
 def test_one_sgd_step_follows_the_cross_entropy_gradient(family: str) -> None:
-    data = Dataset(TRAIN.x[:20].astype(np.float64) / 3, TRAIN.y[:20])
+    data = Dataset.from_arrays(TRAIN.x[:20].astype(np.float64) / 3, TRAIN.y[:20])
     weights = start_weights(family, seed=3)
     lr = 1e-3
     stepped = one_step(family, weights, data, lr=lr)
@@ -263,20 +263,18 @@ def test_max_examples_caps_and_samples_reproducibly() -> None:
 def test_evaluate_on_a_hand_made_case() -> None:
     weights = {"W0": np.eye(2, dtype=np.float32) * 4, "b0": np.zeros(2, np.float32)}
     x = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=np.float32)
-    data = Dataset(x, np.array([0, 1, 1, 1]))
+    data = Dataset.from_arrays(x, [0, 1, 1, 1])
     result = SoftmaxTrainer().evaluate(weights, data)
     right = math.log1p(math.exp(-4))  # -log softmax of the true class, logits (4, 0)
     wrong = math.log1p(math.exp(4))
-    assert result == EvalResult(
-        loss=pytest.approx((3 * right + wrong) / 4, rel=1e-5),
-        accuracy=0.75,
-        num_examples=4,
-    )
+    assert result.loss == pytest.approx((3 * right + wrong) / 4, rel=1e-5)
+    assert result.accuracy == 0.75
+    assert result.num_examples == 4
 
 
 def test_evaluate_loss_is_stable_for_extreme_logits() -> None:
     weights = {"W0": np.array([[1e4, -1e4]], np.float32), "b0": np.zeros(2, np.float32)}
-    data = Dataset(np.array([[1.0], [1.0]]), np.array([0, 1]))
+    data = Dataset.from_arrays([[1.0], [1.0]], [0, 1])
     result = SoftmaxTrainer().evaluate(weights, data)
     assert result.loss == pytest.approx(1e4, rel=1e-5)  # (0 + 2e4) / 2
     assert result.accuracy == 0.5
@@ -307,7 +305,7 @@ def test_evaluate_in_chunks_equals_one_pass() -> None:
 
 
 def test_refuses_data_with_the_wrong_feature_count() -> None:
-    data = Dataset(np.ones((5, 3)), np.zeros(5, int))
+    data = Dataset.from_arrays(np.ones((5, 3)), np.zeros(5, int))
     trainer = SoftmaxTrainer()
     with pytest.raises(DataSourceError, match="3 features but the model expects 4"):
         trainer.fit(start_weights("softmax"), data, TrainConfig(), np.random.default_rng())
@@ -316,8 +314,8 @@ def test_refuses_data_with_the_wrong_feature_count() -> None:
 
 
 def test_refuses_labels_the_model_does_not_have() -> None:
-    data = Dataset(np.ones((2, 4)), np.array([0, 3]))
-    with pytest.raises(DataSourceError, match="label 3 is out of range .* 3 classes"):
+    data = Dataset.from_arrays(np.ones((2, 4)), [0, 3])
+    with pytest.raises(DataSourceError, match=r"label 3 is out of range .* 3 classes"):
         MlpTrainer().fit(start_weights("mlp"), data, TrainConfig(), np.random.default_rng())
     with pytest.raises(DataSourceError, match="out of range"):
         MlpTrainer().evaluate(start_weights("mlp"), data)
@@ -358,7 +356,7 @@ def test_refuses_unusable_weights(
 
 
 def test_divergence_is_an_error_not_nan_weights() -> None:
-    huge = Dataset(TRAIN.x * 1e18, TRAIN.y)
+    huge = Dataset.from_arrays(TRAIN.x * 1e18, TRAIN.y)
     config = TrainConfig(lr=50.0, epochs=2)
     with pytest.raises(TrainingError, match="diverged"):
         MlpTrainer().fit(start_weights("mlp"), huge, config, np.random.default_rng(0))
@@ -410,7 +408,7 @@ def test_built_in_trainers_are_registered() -> None:
 
 
 def test_unknown_family_names_the_known_ones() -> None:
-    with pytest.raises(TrainingError, match="no trainer for model family 'cnn'.*mlp, softmax"):
+    with pytest.raises(TrainingError, match=r"no trainer for model family 'cnn'.*mlp, softmax"):
         trainer_for("cnn")
 
 

@@ -15,14 +15,14 @@ from edge_agent.training.trainer import MAX_CLASSES, Dataset, EvalResult, TrainC
 
 def make_dataset(n: int = 10, features: int = 3) -> Dataset:
     x = np.arange(n * features, dtype=np.float32).reshape(n, features)
-    return Dataset(x, np.arange(n) % 3)
+    return Dataset.from_arrays(x, np.arange(n) % 3)
 
 
 # --------------------------------------------------------------------------- dataset
 
 
 def test_dataset_converts_dtypes_and_reports_shape() -> None:
-    data = Dataset(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32), np.array([0, 2, 1]))
+    data = Dataset.from_arrays(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32), [0, 2, 1])
     assert data.x.dtype == np.float32
     assert data.y.dtype == np.int64
     assert data.x.flags.c_contiguous
@@ -40,7 +40,7 @@ def test_dataset_keeps_arrays_already_in_form() -> None:
 
 
 def test_dataset_accepts_whole_float_labels() -> None:
-    data = Dataset(np.ones((2, 1)), np.array([1.0, 0.0]))
+    data = Dataset.from_arrays(np.ones((2, 1)), np.array([1.0, 0.0]))
     assert data.y.tolist() == [1, 0]
 
 
@@ -65,7 +65,7 @@ def test_dataset_accepts_whole_float_labels() -> None:
 )
 def test_dataset_rejects_bad_arrays(x: Any, y: Any, message: str) -> None:
     with pytest.raises(DataSourceError, match=message):
-        Dataset(x, y)
+        Dataset.from_arrays(x, y)
 
 
 def test_empty_dataset_knows_its_features() -> None:
@@ -76,14 +76,14 @@ def test_empty_dataset_knows_its_features() -> None:
 
 
 def test_concatenate_in_order_and_checks_features() -> None:
-    a = Dataset(np.zeros((2, 2)), np.array([0, 1]))
-    b = Dataset(np.ones((1, 2)), np.array([2]))
+    a = Dataset.from_arrays(np.zeros((2, 2)), [0, 1])
+    b = Dataset.from_arrays(np.ones((1, 2)), [2])
     both = Dataset.concatenate([a, b])
     assert both.y.tolist() == [0, 1, 2]
     assert both.x[2].tolist() == [1.0, 1.0]
     assert Dataset.concatenate([a]) is a
     with pytest.raises(DataSourceError, match="different feature counts"):
-        Dataset.concatenate([a, Dataset(np.zeros((1, 3)), np.array([0]))])
+        Dataset.concatenate([a, Dataset.from_arrays(np.zeros((1, 3)), [0])])
     with pytest.raises(DataSourceError):
         Dataset.concatenate([])
 
@@ -249,7 +249,7 @@ def test_direct_construction_validates_too() -> None:
 
 def test_rng_is_reproducible_and_varies_with_round_seed_and_salt() -> None:
     def draw(config: TrainConfig, *salt: int | str) -> list[float]:
-        return config.rng(*salt).random(4).tolist()
+        return [float(v) for v in config.rng(*salt).random(4)]
 
     base = TrainConfig(seed=3, server_round=1)
     assert draw(base) == draw(TrainConfig(seed=3, server_round=1))

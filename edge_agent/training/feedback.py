@@ -272,43 +272,59 @@ def _encode(label: int, row: FloatArray) -> bytes:
     return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def _decode_one(blob: bytes, pos: int) -> tuple[int, tuple[int, FloatArray] | None] | None:
+    """Parse the record at ``pos``.
+
+    Returns:
+        None when no well-formed record starts there (bad magic or length, cut
+        short, CRC mismatch); otherwise the offset after it and the example, or
+        None for a well-formed record whose content is unusable (label out of
+        range, non-finite features).
+    """
+    if len(blob) - pos < RECORD_HEADER_BYTES:
+        return None
+    magic, length, crc = _HEADER.unpack_from(blob, pos)
+    start = pos + RECORD_HEADER_BYTES
+    end = start + length
+    if (
+        magic != _MAGIC
+        or not _LABEL.size < length <= _MAX_PAYLOAD
+        or (length - _LABEL.size) % 4
+        or end > len(blob)
+        or zlib.crc32(blob[start:end]) != crc
+    ):
+        return None
+    (label,) = _LABEL.unpack_from(blob, start)
+    row = np.frombuffer(blob[start + _LABEL.size : end], dtype="<f4").astype(np.float32)
+    if label >= MAX_CLASSES or not np.isfinite(row).all():
+        return end, None
+    row.setflags(write=False)
+    return end, (int(label), row)
+
+
 def _decode_all(blob: bytes) -> tuple[list[tuple[int, FloatArray]], int]:
-    """Parse records; return the good ones and the number of damaged regions."""
+    """Parse every record; return the good examples and the number of bad spots.
+
+    After a damaged region the reader resynchronises on the next magic; a record
+    found there counts only if its length and CRC check out.
+    """
     records: list[tuple[int, FloatArray]] = []
     damaged = 0
     pos = 0
-    end = len(blob)
-    while pos < end:
-        ok = False
-        if end - pos >= RECORD_HEADER_BYTES:
-            magic, length, crc = _HEADER.unpack_from(blob, pos)
-            start = pos + RECORD_HEADER_BYTES
-            if (
-                magic == _MAGIC
-                and _LABEL.size < length <= _MAX_PAYLOAD
-                and (length - _LABEL.size) % 4 == 0
-                and start + length <= end
-                and zlib.crc32(blob[start : start + length]) == crc
-            ):
-                (label,) = _LABEL.unpack_from(blob, start)
-                row = np.frombuffer(
-                    blob, dtype="<f4", offset=start + _LABEL.size, count=(length - _LABEL.size) // 4
-                )
-                row = row.astype(np.float32)
-                if label < MAX_CLASSES and np.isfinite(row).all():
-                    row.setflags(write=False)
-                    records.append((int(label), row))
-                    pos = start + length
-                    continue
-                ok = True  # well-formed but unusable: skip exactly this record
-                pos = start + length
-        damaged += 1
-        if ok:
+    while pos < len(blob):
+        parsed = _decode_one(blob, pos)
+        if parsed is None:
+            damaged += 1
+            found = blob.find(_MAGIC, pos + 1)
+            if found < 0:
+                break
+            pos = found
             continue
-        found = blob.find(_MAGIC, pos + 1)
-        if found < 0:
-            break
-        pos = found
+        pos, record = parsed
+        if record is None:
+            damaged += 1
+        else:
+            records.append(record)
     return records, damaged
 
 
@@ -542,11 +558,7 @@ class FeedbackBuffer:
                 self._bytes += record[1].nbytes
             self._version += 1
             self._trim()
-            if self._file_records > self._max_examples * 5 // 4 + 16 or (
-                self._file_bytes
-                > (self._max_bytes + self._max_examples * _RECORD_OVERHEAD) * 5 // 4
-                + 16 * (_RECORD_OVERHEAD + row_bytes)
-            ):
+            if self._file_is_oversized(row_bytes):
                 try:
                     self._rewrite()
                 except StateError as exc:  # the examples are stored; compaction can wait
@@ -592,6 +604,15 @@ class FeedbackBuffer:
         if dropped:
             self._dropped += dropped
             logger.debug("feedback: dropped the %d oldest examples (bounds)", dropped)
+
+    def _file_is_oversized(self, row_bytes: int) -> bool:
+        """Whether the file holds a quarter more than the bounds (plus 16 records)."""
+        slack_records = 16
+        return self._file_records > self._max_examples * 5 // 4 + slack_records or (
+            self._file_bytes
+            > (self._max_bytes + self._max_examples * _RECORD_OVERHEAD) * 5 // 4
+            + slack_records * (_RECORD_OVERHEAD + row_bytes)
+        )
 
     def _append(self, records: Sequence[tuple[int, FloatArray]]) -> None:
         """Append ``records`` to the file in one write (cut back off on failure).

@@ -1,0 +1,159 @@
+"""A fleet of real agents in one process, for simulations, benchmarks and tests.
+
+:func:`write_shards` splits a labelled dataset over ``clients`` devices with
+Dirichlet(``alpha``) label skew (:func:`coordinator.datasets.dirichlet_partition`)
+and writes one ``local.npz`` per device, the layout ``fedge-agent run
+--train-data DIR`` reads. :class:`LocalFleet` starts one
+:class:`edge_agent.agent.Agent` per shard in this process, each with its own MQTT
+connection and data directory, exactly as on a device (same protocol, same broker
+ACL, same training code); only the process is shared.
+
+Workflow::
+
+    shards = write_shards(x, y, clients=10, alpha=0.5, directory=tmp / "data", seed=0)
+    with LocalFleet.start(shards, broker_for=lambda device: broker_config(device),
+                          trust=[public_key_path], root=tmp / "agents") as fleet:
+        fleet.wait_eligible(coordinator, len(shards), timeout=20)
+        run_training(coordinator, strategy, config)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.datasets import dirichlet_partition
+from coordinator.delivery import Coordinator
+from coordinator.errors import TrainingError
+from edge_agent.agent import Agent
+from edge_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    TelemetryConfig,
+    TrainingConfig,
+    TransferConfig,
+    TrustConfig,
+)
+
+__all__ = ["LocalFleet", "write_shards"]
+
+logger = logging.getLogger(__name__)
+
+
+def write_shards(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    *,
+    clients: int,
+    alpha: float,
+    directory: Path,
+    seed: int = 0,
+    min_examples: int = 10,
+) -> list[Path]:
+    """Split ``(x, y)`` over ``clients`` with Dirichlet label skew; one directory each.
+
+    Returns:
+        ``directory/shard<i>`` paths, each holding ``local.npz`` (arrays ``x``, ``y``).
+
+    Raises:
+        ValueError: see :func:`coordinator.datasets.dirichlet_partition`.
+    """
+    features, labels = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    parts = dirichlet_partition(labels, clients, alpha, seed=seed, min_examples=min_examples)
+    shards = []
+    for index, part in enumerate(parts):
+        shard = directory / f"shard{index}"
+        shard.mkdir(parents=True, exist_ok=True)
+        np.savez(shard / "local.npz", x=features[part], y=labels[part])
+        shards.append(shard)
+    return shards
+
+
+@dataclass
+class LocalFleet:
+    """In-process agents, one per shard (``None``: an agent without training data)."""
+
+    agents: list[Agent]
+
+    @classmethod
+    def start(
+        cls,
+        shards: Sequence[Path | None],
+        *,
+        broker_for: Callable[[str], BrokerConfig],
+        trust: Sequence[Path],
+        root: Path,
+        prefix: str = "sim",
+        stall_timeout_s: float = 1.0,
+    ) -> LocalFleet:
+        """Start one agent per shard, named ``<prefix>NN``.
+
+        Args:
+            shards: Training data directory of each agent (None: no data).
+            broker_for: The broker settings of a device id (its MQTT user).
+            trust: Public keys the agents trust for deployments.
+            root: Parent of the agents' data directories.
+            prefix: Device id prefix.
+            stall_timeout_s: Agents ask for missing chunks after this silence.
+        """
+        agents: list[Agent] = []
+        try:
+            for index, shard in enumerate(shards):
+                device_id = f"{prefix}{index:02d}"
+                config = AgentConfig(
+                    device_id=device_id,
+                    broker=broker_for(device_id),
+                    data_dir=root / device_id,
+                    trust=TrustConfig(keys=tuple(trust)),
+                    telemetry=TelemetryConfig(interval_s=5.0),
+                    transfer=TransferConfig(stall_timeout_s=stall_timeout_s),
+                    training=TrainingConfig(data=shard, feedback_max_examples=0),
+                )
+                agent = Agent(config)
+                agent.start()
+                agents.append(agent)
+        except BaseException:
+            for agent in agents:
+                agent.stop()
+            raise
+        return cls(agents)
+
+    def wait_eligible(self, coordinator: Coordinator, count: int, timeout: float) -> None:
+        """Wait until ``coordinator`` sees ``count`` online devices with data.
+
+        Raises:
+            TrainingError: not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = coordinator.fleet()
+            if sum(1 for r in records if r.online and r.train_examples > 0) >= count:
+                return
+            time.sleep(0.05)
+        raise TrainingError(f"fewer than {count} devices with data came online in {timeout} s")
+
+    def stop(self) -> None:
+        """Stop every agent."""
+        for agent in self.agents:
+            agent.stop()
+
+    def __enter__(self) -> Self:
+        """The fleet (already started)."""
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        """Stop every agent."""
+        self.stop()
