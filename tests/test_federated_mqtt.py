@@ -9,8 +9,10 @@ aggregation order), so the figures are reproducible.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +20,15 @@ import numpy.typing as npt
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from typer.testing import CliRunner
 
 from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
 from compress.families import init_weights
+from compress.keys import PRIVATE_KEY_NAME
+from coordinator.cli.app import app
+from coordinator.delivery import Artifact
 from coordinator.federated import TrainingConfig, TrainingResult, run_training
+from coordinator.fleet import Target
 from coordinator.mqtt_grid import node_id_of
 from coordinator.strategies import build_strategy, wrap_dp
 from edge_agent.agent import Agent
@@ -30,6 +37,7 @@ from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
 from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet
+from tests.fleet_support import password
 
 pytestmark = pytest.mark.slow
 
@@ -256,3 +264,90 @@ def test_topk_residuals_are_kept_on_the_device(fleet: FederatedFleet) -> None:
     # All but the 1 % sent stayed on the device, to be sent in later rounds.
     kept = kept_entries(parse_codec("topk:0.01"), layout_of(initial))
     assert sum(int(np.count_nonzero(v)) for v in residual.values()) > 10 * kept
+
+
+def test_fedge_train_cli_reports_rounds_and_packages_a_deployable_artifact(
+    fleet: FederatedFleet, tmp_path: Path
+) -> None:
+    test_file = tmp_path / "test.npz"
+    np.savez(test_file, x=fleet.test_set.x, y=fleet.test_set.y)
+    secret = tmp_path / "coordinator.password"
+    secret.write_text(password("coordinator"))
+    artifact = tmp_path / "digits.fedge"
+    args = [
+            "train",
+            "--broker",
+            fleet.broker.url,
+            "--password-file",
+            str(secret),
+            "--model",
+            "cli-digits",
+            "--family",
+            "mlp",
+            "--hidden",
+            "64",
+            "--rounds",
+            "3",
+            "--clients-per-round",
+            "10",
+            "--min-clients",
+            "8",
+            "--round-timeout",
+            "30",
+            "--strategy",
+            "fedprox",
+            "--strategy-arg",
+            "proximal_mu=0.01",
+            "--codec",
+            "topk:0.05+int8",
+            "--epochs",
+            "2",
+            "--eval-data",
+            str(test_file),
+            "--out",
+            str(tmp_path / "weights.npz"),
+            "--package",
+            str(artifact),
+            "--key",
+            str(fleet.trust.parent / PRIVATE_KEY_NAME),
+            "--json",
+        ],  # fmt: skip
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    for fields in report["rounds"]:
+        assert {"accuracy", "loss", "clients", "uplink_bytes", "downlink_bytes"} <= set(fields)
+        assert fields["status"] == "ok"
+        assert fields["clients"] == 10
+    assert report["final_accuracy"] == report["rounds"][-1]["accuracy"] > 0.5
+    assert set(np.load(tmp_path / "weights.npz")) == {"W0", "b0", "W1", "b1"}
+    # The artifact is signed by the fleet's key: deploy it and predict with it.
+    delivery = fleet.coordinator.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
+    outcome = fleet.coordinator.wait(delivery, timeout=30)
+    assert outcome.succeeded
+    prediction = fleet.agents[0].predict(fleet.test_set.x[:20])
+    assert prediction.model == "cli-digits"
+    labels = np.asarray(prediction.labels)
+    assert np.mean(labels == fleet.test_set.y[:20]) > 0.5
+
+
+def test_fedge_train_cli_refuses_a_bad_codec_in_one_line(fleet: FederatedFleet) -> None:
+    args = [
+            "train",
+            "--broker",
+            fleet.broker.url,
+            "--model",
+            "x",
+            "--features",
+            "64",
+            "--classes",
+            "10",
+            "--codec",
+            "topk:2",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 1
+    assert "error:" in result.output
+    assert "Traceback" not in result.output
