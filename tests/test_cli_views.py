@@ -50,6 +50,7 @@ def record(
     models: tuple[ModelInfo, ...] = (),
     tags: tuple[str, ...] = (),
     last_seen: float = NOW - 12,
+    train_examples: int = 0,
 ) -> DeviceRecord:
     status = Status(
         online=online,
@@ -58,6 +59,7 @@ def record(
         runtimes=("onnxruntime",),
         tags=tags,
         models=models,
+        train_examples=train_examples,
     )
     return Fleet().update_status(device_id, status, sent_at=NOW - 100, now=last_seen)
 
@@ -128,6 +130,7 @@ def fleet_records() -> list[DeviceRecord]:
             ),
             tags=("gpu", "lab"),
             last_seen=NOW - 12,
+            train_examples=321,
         ),
         record("pi-2", online=False, last_seen=NOW - 3 * 3600),
     ]
@@ -141,11 +144,12 @@ def test_fleet_table_content() -> None:
         "agent",
         "models",
         "tags",
+        "train data",
         "last seen",
     ]
     assert rows(table) == [
-        ["pi-1", "online", "0.1.0", "digits v3, other v1", "gpu, lab", "12s ago"],
-        ["pi-2", "offline", "0.1.0", "-", "-", "3h ago"],
+        ["pi-1", "online", "0.1.0", "digits v3, other v1", "gpu, lab", "321", "12s ago"],
+        ["pi-2", "offline", "0.1.0", "-", "-", "-", "3h ago"],
     ]
     text = render(table)
     assert "digits v3, other v1" in text
@@ -189,8 +193,10 @@ def test_fleet_json() -> None:
         "last_seen_iso": "2027-01-15T07:59:48+00:00",
         "last_seen_age_s": 12.0,
         "status_sent_at": NOW - 100,
+        "train_examples": 321,
     }
     assert second["online"] is False
+    assert second["train_examples"] == 0
     assert second["last_seen_age_s"] == 3 * 3600
 
 

@@ -102,7 +102,8 @@ def fleet_table(records: Sequence[DeviceRecord], *, now: float) -> Table:
         now: The current time, unix seconds, for the "last seen" column.
 
     Returns:
-        A table with columns device, status, agent, models, tags, last seen.
+        A table with columns device, status, agent, models, tags, training
+        examples, last seen.
     """
     table = Table(title=f"{len(records)} device{'' if len(records) == 1 else 's'}")
     table.add_column("device", no_wrap=True)
@@ -110,6 +111,7 @@ def fleet_table(records: Sequence[DeviceRecord], *, now: float) -> Table:
     table.add_column("agent")
     table.add_column("models")
     table.add_column("tags")
+    table.add_column("train data", justify="right")
     table.add_column("last seen", justify="right")
     for r in records:
         table.add_row(
@@ -118,6 +120,7 @@ def fleet_table(records: Sequence[DeviceRecord], *, now: float) -> Table:
             Text(safe_text(r.agent_version)),
             Text(safe_text(_models(r)) or "-"),
             Text(safe_text(", ".join(r.tags)) or "-"),
+            Text(str(r.train_examples) if r.train_examples else "-"),
             Text(humanize_age(r.last_seen, now)),
         )
     return table
@@ -137,6 +140,7 @@ def fleet_json(records: Sequence[DeviceRecord], now: float) -> list[dict[str, An
     Returns:
         One dict per device: ``device_id``, ``online``, ``agent_version``,
         ``hardware``, ``runtimes``, ``tags``, ``models`` (name, version, sha256),
+        ``train_examples`` (local examples for federated rounds),
         ``last_seen`` (unix seconds), ``last_seen_iso`` (ISO-8601, UTC),
         ``last_seen_age_s`` (seconds, never negative) and ``status_sent_at``; the
         three ``last_seen`` fields are None when the device was never seen.
@@ -155,6 +159,7 @@ def fleet_json(records: Sequence[DeviceRecord], now: float) -> list[dict[str, An
                 "models": [
                     {"name": m.name, "version": m.version, "sha256": m.sha256} for m in r.models
                 ],
+                "train_examples": r.train_examples,
                 "last_seen": r.last_seen if seen else None,
                 "last_seen_iso": _iso(r.last_seen) if seen else None,
                 "last_seen_age_s": max(0.0, now - r.last_seen) if seen else None,
