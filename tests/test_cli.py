@@ -376,3 +376,20 @@ def test_broker_acl_prints_the_shipped_acl() -> None:
     result = runner.invoke(app, ["broker", "acl"])
     assert result.exit_code == 0
     assert result.stdout == MOSQUITTO_ACL
+
+
+def test_data_digits_writes_seeded_shards_and_a_test_set(tmp_path: Path) -> None:
+    first = runner.invoke(app, ["data", "digits", "--clients", "4", "--alpha", "0.3",
+                                "--out", str(tmp_path / "a"), "--json"])  # fmt: skip
+    again = runner.invoke(app, ["data", "digits", "--clients", "4", "--alpha", "0.3",
+                                "--out", str(tmp_path / "b"), "--json"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)
+    assert len(doc["shards"]) == 4
+    ys = [np.load(Path(s) / "local.npz")["y"] for s in doc["shards"]]
+    test = np.load(tmp_path / "a" / "test.npz")
+    assert sum(len(y) for y in ys) + len(test["y"]) == 1797  # all of digits, once
+    assert doc["examples"] == [len(y) for y in ys]
+    assert json.loads(again.stdout)["examples"] == doc["examples"]
+    # Dirichlet(0.3): no device sees every class equally.
+    assert any(np.bincount(y, minlength=10).max() > 3 * len(y) / 10 for y in ys)

@@ -8,6 +8,7 @@ stderr) and dispatches to the command groups:
 * ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
 * ``fedge train`` -- :mod:`coordinator.cli.train`
+* ``fedge data`` -- :mod:`coordinator.cli.data`
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -21,7 +22,7 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import broker, fleet, keys, model, train
+from coordinator.cli import broker, data, fleet, keys, model, train
 
 app = typer.Typer(
     name="fedge",
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
 app.add_typer(broker.app, name="broker")
+app.add_typer(data.app, name="data")
 app.command("deploy")(fleet.deploy)
 app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)
