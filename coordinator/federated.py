@@ -307,6 +307,16 @@ class _Run:
     def phase(
         self, report: RoundReport, label: str, devices: list[str], make: Callable[[], Any]
     ) -> list[Message]:
+        """One send_and_receive over ``devices``.
+
+        Raises:
+            TrainingError: the strategy needs more nodes than ``devices``.
+        """
+        needed = _min_nodes(self.strategy, train=label == "training")
+        if needed > len(devices):
+            raise TrainingError(
+                f"the strategy needs {needed} nodes for {label}, this round has {len(devices)}"
+            )
         deadline = time.time() + self.config.round_timeout_s
         self.grid.begin_phase(report.round, devices, deadline)
         self.grid.on_progress = lambda done, total: self.show(report, f"{label} {done}/{total}")
@@ -329,16 +339,22 @@ class _Run:
             return report, arrays
         sample = self.sample(devices)
         report.sampled = len(sample)
-        replies = self.phase(
-            report,
-            "training",
-            sample,
-            lambda: self.strategy.configure_train(
-                number, arrays, ConfigRecord(dict(config.train_config)), self.grid
-            ),
-        )
+        try:
+            replies = self.phase(
+                report,
+                "training",
+                sample,
+                lambda: self.strategy.configure_train(
+                    number, arrays, ConfigRecord(dict(config.train_config)), self.grid
+                ),
+            )
+        except TrainingError as exc:
+            replies = []
+            report.reason = str(exc)
         report.clients = len(replies)
-        if len(replies) < config.min_clients:
+        if report.reason:
+            report.status = "failed"
+        elif len(replies) < config.min_clients:
             report.status = "failed"
             report.reason = f"{len(replies)} update(s) accepted, need {config.min_clients}"
         else:
@@ -369,14 +385,18 @@ class _Run:
         if not devices:
             return
         sample = self.sample(devices)
-        replies = self.phase(
-            report,
-            "evaluating",
-            sample,
-            lambda: self.strategy.configure_evaluate(
-                report.round, arrays, ConfigRecord(), self.grid
-            ),
-        )
+        try:
+            replies = self.phase(
+                report,
+                "evaluating",
+                sample,
+                lambda: self.strategy.configure_evaluate(
+                    report.round, arrays, ConfigRecord(), self.grid
+                ),
+            )
+        except TrainingError as exc:
+            logger.warning("round %d: no federated evaluation: %s", report.round, exc)
+            return
         report.eval_clients = len(replies)
         if not replies:
             return
@@ -387,6 +407,21 @@ class _Run:
             return
         report.accuracy = _metric(metrics, "accuracy")
         report.loss = _metric(metrics, "loss")
+
+
+def _min_nodes(strategy: object, *, train: bool) -> int:
+    """Fewest nodes a strategy (or the one it wraps) samples, when it says so."""
+    needed = 0
+    while strategy is not None:
+        phase_key = "min_train_nodes" if train else "min_evaluate_nodes"
+        fraction = getattr(strategy, "fraction_train" if train else "fraction_evaluate", None)
+        if fraction != 0.0:
+            for key in ("min_available_nodes", phase_key):
+                value = getattr(strategy, key, 0)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    needed = max(needed, value)
+        strategy = getattr(strategy, "strategy", None)
+    return needed
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:

@@ -58,7 +58,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from compress.codecs import CodecSpec, layout_of
 from coordinator.delivery import Coordinator
-from coordinator.errors import UpdateRejectedError
+from coordinator.errors import TrainingError, UpdateRejectedError
 from coordinator.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck, check_update
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import (
@@ -302,8 +302,19 @@ class MqttGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        """The nodes of the current phase."""
+        """The nodes of the current phase.
+
+        Raises:
+            TrainingError: called after the phase deadline: a strategy that waits
+                for more nodes than the phase offers (Flower's ``sample_nodes``
+                polls this forever) fails the phase instead of hanging.
+        """
         with self._cond:
+            if self._clock() > self._deadline:
+                raise TrainingError(
+                    f"the strategy was still waiting for more nodes at the deadline "
+                    f"(this round offers {len(self._nodes)})"
+                )
             return list(self._nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:

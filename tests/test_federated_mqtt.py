@@ -350,3 +350,12 @@ def test_fedge_train_cli_refuses_a_bad_codec_in_one_line(fleet: FederatedFleet) 
     assert result.exit_code == 1
     assert "error:" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_strategy_needing_more_nodes_than_the_round_offers_fails_the_round(
+    fleet: FederatedFleet,
+) -> None:
+    result = fleet.run(rounds=1, strategy_args=("min_train_nodes=20",), model="greedy")
+    (report,) = result.rounds
+    assert report.status == "failed"
+    assert "needs 20 nodes" in report.reason

@@ -1,0 +1,124 @@
+"""Labelled feedback on a real agent: predictions become local training data.
+
+An agent with no data directory installs a model over MQTT, answers predictions
+(in-process and over ``POST /v1/predict``), gets their true labels (``Agent.feedback``
+and ``POST /v1/feedback``), announces how many examples it holds, and so becomes
+eligible for federated rounds; a round then trains on exactly those examples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import FedAvg
+
+from compress.families import init_weights
+from compress.keys import generate_signing_key
+from coordinator.delivery import Artifact, Coordinator
+from coordinator.federated import TrainingConfig, run_training
+from coordinator.fleet import Target
+from edge_agent.agent import Agent
+from edge_agent.errors import TrainingError, UnknownPredictionError
+from tests.fleet_support import (
+    CLASSES,
+    FEATURES,
+    Mosquitto,
+    agent_config,
+    coordinator,
+    free_port,
+    make_artifact,
+    public_key_file,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _announced(coord: Coordinator, device_id: str, examples: int) -> bool:
+    return any(r.device_id == device_id and r.train_examples == examples for r in coord.fleet())
+
+
+def _wait(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Agent, Coordinator, int]]:
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker", ["pi-1"])
+    broker.start()
+    key = generate_signing_key()
+    trust = public_key_file(tmp_path / "keys", key)
+    port = free_port()
+    agent = Agent(agent_config(broker, "pi-1", tmp_path / "pi-1", trust, http=f"127.0.0.1:{port}"))
+    agent.start()
+    coord = coordinator(broker)
+    try:
+        _wait(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()))
+        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        assert coord.wait(coord.deploy(artifact, Target.parse("all")), timeout=30).succeeded
+        yield agent, coord, port
+    finally:
+        coord.stop()
+        agent.stop()
+        broker.stop()
+
+
+def test_feedback_turns_predictions_into_training_data_for_rounds(
+    setup: tuple[Agent, Coordinator, int],
+) -> None:
+    agent, coord, port = setup
+    rng = np.random.default_rng(0)
+    assert _announced(coord, "pi-1", 0)
+    # In process: one prediction of 3 rows, one label per row.
+    rows = rng.random((3, FEATURES), dtype=np.float32)
+    prediction = agent.predict(rows)
+    assert agent.feedback(prediction.id, [0, 1, 2]) == 3
+    with pytest.raises(UnknownPredictionError):
+        agent.feedback(prediction.id, [0, 1, 2])  # already labelled
+    with pytest.raises(TrainingError):
+        agent.feedback(agent.predict(rows[:1]).id, CLASSES)  # not a class of this model
+    # Over HTTP: predict, then label it.
+    status, answer = _post(port, "/v1/predict", {"inputs": rng.random((1, FEATURES)).tolist()})
+    assert status == 200
+    status, stored = _post(port, "/v1/feedback", {"prediction_id": answer["id"], "label": 3})
+    assert (status, stored) == (200, {"stored": 1})
+    status, error = _post(port, "/v1/feedback", {"prediction_id": "0" * 32, "label": 1})
+    assert status == 404
+    assert error["error"]["code"] == "unknown_prediction"
+    # The agent announces its 4 examples (at its next telemetry tick) ...
+    _wait(lambda: _announced(coord, "pi-1", 4))
+    # ... and trains on them (80 % of 4 = 3 examples; 1 is held out) when asked.
+    weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
+    config = TrainingConfig(
+        model="feedback", family="softmax", initial_weights=weights, rounds=1,
+        clients_per_round=1, min_clients=1, round_timeout_s=20,
+    )  # fmt: skip
+    result = run_training(coord, FedAvg(min_train_nodes=1, min_available_nodes=1), config)
+    (report,) = result.rounds
+    assert report.status == "ok"
+    assert report.clients == 1
+    assert not np.allclose(result.weights["W0"], weights["W0"])
