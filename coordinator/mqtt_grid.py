@@ -56,7 +56,7 @@ from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from compress.codecs import CodecSpec, layout_of
+from compress.codecs import CodecSpec, layout_of, max_payload_bytes
 from coordinator.delivery import Coordinator
 from coordinator.errors import TrainingError, UpdateRejectedError
 from coordinator.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck, check_update
@@ -77,6 +77,7 @@ from edge_agent.protocol import (
     encode_arrays,
     sha256_hex,
 )
+from edge_agent.protocol.arrays import MAX_NPY_HEADER_BYTES
 
 __all__ = ["GridSettings", "MqttGrid", "PhaseStats", "TaskState", "node_id_of"]
 
@@ -541,18 +542,24 @@ class MqttGrid(Grid):
                 self.stats.downlink_bytes += self._coordinator.send(device_id, task.command)
 
     def _on_upload_chunk(self, device_id: str, chunk: Chunk, size: int) -> None:
-        if not any(
-            t.device_id == device_id and t.state is TaskState.SENT for t in self._tasks.values()
-        ):
-            logger.info("upload chunk from %s without an open task (dropped)", device_id)
+        task = next(
+            (t for t in self._tasks.values()
+             if t.device_id == device_id and t.state is TaskState.SENT),
+            None,
+        )  # fmt: skip
+        if task is None or task.command.action is not TaskAction.TRAIN:
+            logger.info("upload chunk from %s without an open train task (dropped)", device_id)
             return
         self.stats.uplink_bytes += size
         key = (device_id, chunk.transfer_id)
         upload = self._uploads.get(key)
         if upload is None:
-            limit = self._coordinator.config.limits.max_transfer_bytes
-            if chunk.total_size > limit or len(self._uploads) >= 4 * max(1, len(self._tasks)):
-                logger.warning("upload from %s refused (%d bytes)", device_id, chunk.total_size)
+            # The .npy blob of the largest payload the codec can produce for this model.
+            limit = max_payload_bytes(task.check.codec, task.check.layout) + MAX_NPY_HEADER_BYTES
+            if chunk.total_size > limit or sum(k[0] == device_id for k in self._uploads) >= 2:
+                self.stats.rejected["oversized"] += 1
+                logger.warning("upload of %d bytes from %s refused (at most %d)",
+                               chunk.total_size, device_id, limit)  # fmt: skip
                 return
             upload = self._uploads[key] = _Upload(total=chunk.total_size)
         if chunk.total_size == upload.total:

@@ -69,6 +69,8 @@ MAX_STALLS = 6
 """Chunk requests in a row without progress before a weights download is dropped."""
 HEADER_ROOM = 4096
 """Bytes kept free for the header when deciding whether an update fits inline."""
+DEFAULT_MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
+"""Largest round weights a device downloads (they are held in memory)."""
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -97,6 +99,7 @@ class Participant:
         limits: Limits,
         stall_timeout_s: float = 5.0,
         holdout_fraction: float = 0.2,
+        max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Wire the participant to the agent's link and event sender.
@@ -110,6 +113,7 @@ class Participant:
             limits: Protocol limits (inline report size, chunk sizes).
             stall_timeout_s: Silence before missing chunks are requested.
             holdout_fraction: Local examples kept out of training for evaluation.
+            max_weights_bytes: Larger round weights are refused (``too_large``).
             clock: Unix seconds.
         """
         self._device_id = device_id
@@ -120,6 +124,7 @@ class Participant:
         self._limits = limits
         self._stall_timeout_s = stall_timeout_s
         self._holdout = holdout_fraction
+        self._max_weights_bytes = max_weights_bytes
         self._clock = clock
         self._download: _Download | None = None
         self._weights: tuple[str, Weights] | None = None  # (transfer id, arrays)
@@ -167,6 +172,11 @@ class Participant:
     def _refusal(self, task: TrainTask) -> tuple[str, str] | None:
         if self._data is None:
             return "no_data", "this device has no training data configured"
+        if task.weights_size > self._max_weights_bytes:
+            return "too_large", (
+                f"round weights of {task.weights_size} bytes exceed this device's "
+                f"{self._max_weights_bytes}"
+            )
         try:
             trainer_for(task.family)
             if task.action is TaskAction.TRAIN:

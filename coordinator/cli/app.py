@@ -60,8 +60,8 @@ def _root(
     """Operator CLI: keys, model packaging, delivery to the fleet."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Flower logs every round at INFO through its own handler; keep it for -v.
-    logging.getLogger("flwr").setLevel(level)
+    # Flower logs every round (and its defaults) through its own handler: -v shows it.
+    logging.getLogger("flwr").setLevel(logging.ERROR if verbose == 0 else level)
 
 
 def main() -> None:
