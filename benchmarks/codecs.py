@@ -52,9 +52,7 @@ DEFAULT_CODECS = (
 TRAIN_CONFIG: dict[str, int | float | str | bool] = {"epochs": 2, "lr": 0.05, "batch_size": 16}
 
 
-def _run(
-    coordinator: Coordinator, codec: str, args: Any, test_set: LabelledData
-) -> TrainingResult:
+def _run(coordinator: Coordinator, codec: str, args: Any, test_set: LabelledData) -> TrainingResult:
     weights = init_weights("mlp", [64, args.hidden, 10], np.random.default_rng(args.seed))
     config = TrainingConfig(
         model=f"bench-{codec.replace(':', '-').replace('+', '-')}",
