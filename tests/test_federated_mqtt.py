@@ -359,3 +359,20 @@ def test_a_strategy_needing_more_nodes_than_the_round_offers_fails_the_round(
     (report,) = result.rounds
     assert report.status == "failed"
     assert "needs 20 nodes" in report.reason
+
+
+def test_fedge_train_cli_prints_a_round_table_and_a_summary(
+    fleet: FederatedFleet, tmp_path: Path
+) -> None:
+    secret = tmp_path / "coordinator.password"
+    secret.write_text(password("coordinator"))
+    args = [
+        "train", "--broker", fleet.broker.url, "--password-file", str(secret),
+        "--model", "cli-table", "--features", "64", "--classes", "10", "--rounds", "2",
+        "--clients-per-round", "4", "--min-clients", "4", "--codec", "int8",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "final accuracy" in result.stdout  # federated evaluation on the devices
+    assert "2 round(s) ok, 0 failed" in result.stdout
+    assert "4/4" in result.stdout  # accepted of sampled, per round
