@@ -69,6 +69,8 @@ MAX_STALLS = 6
 """Chunk requests in a row without progress before a weights download is dropped."""
 HEADER_ROOM = 4096
 """Bytes kept free for the header when deciding whether an update fits inline."""
+MAX_METRICS = 32
+"""Metrics an update report carries at most (they must fit in ``HEADER_ROOM``)."""
 DEFAULT_MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 """Largest round weights a device downloads (they are held in memory)."""
 
@@ -128,6 +130,9 @@ class Participant:
         self._clock = clock
         self._download: _Download | None = None
         self._weights: tuple[str, Weights] | None = None  # (transfer id, arrays)
+        # A top-k residual is saved only once the update that goes with it went out:
+        # if the update is lost, what it carried must not be lost from the residual.
+        self._pending_residual: tuple[str, Weights] | None = None
         self.completed = 0
         """Tasks answered with a report."""
 
@@ -286,6 +291,7 @@ class Participant:
                 )
                 return
             started = time.monotonic()
+            self._pending_residual = None
             fitted = trainer.fit(weights, train, config, config.rng(task.round_id, self._device_id))
             metrics = dict(fitted.metrics)
             metrics["train_seconds"] = time.monotonic() - started
@@ -293,16 +299,28 @@ class Participant:
         except (AgentError, CompressError) as exc:
             self._fail(task, getattr(exc, "code", "training_error"), str(exc))
             return
-        self._send_update(task, fitted.num_examples, metrics, update)
+        if self._send_update(task, fitted.num_examples, metrics, update):
+            self._commit_residual()
+
+    def _commit_residual(self) -> None:
+        pending, self._pending_residual = self._pending_residual, None
+        if pending is None:
+            return
+        try:
+            self._residuals.save(*pending)
+        except AgentError as exc:
+            logger.error("the top-k residual of %s was not saved: %s", pending[0], exc)
 
     def _encode(
         self, task: TrainTask, config: TrainConfig, weights: Weights, trained: Mapping[str, Any]
     ) -> npt.NDArray[np.uint8]:
-        """``trained - weights`` through the task's codec (top-k residual kept on disk).
+        """``trained - weights`` through the task's codec.
+
+        A top-k codec starts from the stored residual; the new one is kept pending
+        until the update has gone out (:meth:`_commit_residual`).
 
         Raises:
             CodecError: an invalid codec or a non-finite update.
-            StateError: the residual cannot be saved.
         """
         spec = parse_codec(task.codec)
         delta = {
@@ -312,7 +330,7 @@ class Participant:
         rng = config.rng(task.round_id, self._device_id, "codec")
         encoded = encode_update(delta, spec, rng=rng, residual=residual)
         if encoded.residual is not None:
-            self._residuals.save(task.model, encoded.residual)
+            self._pending_residual = (task.model, encoded.residual)
         return np.frombuffer(encoded.payload, dtype=np.uint8)
 
     def _send_update(
@@ -321,17 +339,24 @@ class Participant:
         examples: int,
         metrics: Mapping[str, float],
         update: npt.NDArray[np.uint8],
-    ) -> None:
+    ) -> bool:
+        """Send the update inline, or as an upload when it is too big for one message.
+
+        Returns:
+            Whether the report went out.
+        """
+        finite = {k: float(v) for k, v in sorted(metrics.items()) if np.isfinite(v)}
+        if len(finite) > MAX_METRICS:
+            logger.info("reporting %d of %d metrics", MAX_METRICS, len(finite))
         common = {
             "round_id": task.round_id,
             "task_id": task.task_id,
             "num_examples": examples,
             "codec": task.codec,
-            "metrics": {k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+            "metrics": dict(list(finite.items())[:MAX_METRICS]),
         }
         if update.nbytes + HEADER_ROOM <= self._limits.max_message_bytes:
-            self._report(UpdateReport(**common, arrays={UPDATE_ARRAY: update}))  # type: ignore[arg-type]
-            return
+            return self._report(UpdateReport(**common, arrays={UPDATE_ARRAY: update}))  # type: ignore[arg-type]
         index, body = encode_arrays({UPDATE_ARRAY: update}, limits=self._limits)
         transfer_id = sha256_hex(body)
         chunk_size = self._limits.default_chunk_bytes
@@ -339,15 +364,16 @@ class Participant:
             chunk = Chunk.from_payload(body, i, chunk_size=chunk_size, transfer_id=transfer_id)
             if not self._send(chunk):
                 logger.warning("upload of task %s interrupted (disconnected)", task.task_id[:8])
-                return
+                return False
         report = UpdateReport(**common, upload_transfer_id=transfer_id, upload_index=index)  # type: ignore[arg-type]
-        self._report(report)
+        return self._report(report)
 
-    def _report(self, message: Message) -> None:
+    def _report(self, message: Message) -> bool:
         if self._send(message):
             self.completed += 1
-        else:
-            logger.warning("could not send the %s (disconnected)", message.TYPE)
+            return True
+        logger.warning("could not send the %s (disconnected)", message.TYPE)
+        return False
 
     def _fail(self, task: TrainTask, code: str, reason: str) -> None:
         logger.warning("task %s failed: %s: %s", task.task_id[:8], code, reason)
