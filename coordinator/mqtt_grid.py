@@ -210,6 +210,7 @@ class MqttGrid(Grid):
         self._tasks: dict[str, _Task] = {}
         self._old_tasks: set[str] = set()
         self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._refused_uploads: set[tuple[str, str]] = set()
         self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
         self._round = 0
         self._deadline = 0.0
@@ -239,6 +240,7 @@ class MqttGrid(Grid):
             self._old_tasks.update(self._tasks)
             self._tasks = {}
             self._uploads.clear()
+            self._refused_uploads.clear()
             self._round = round_no
             self._deadline = deadline
             self._nodes = []
@@ -553,23 +555,26 @@ class MqttGrid(Grid):
         self.stats.uplink_bytes += size
         key = (device_id, chunk.transfer_id)
         upload = self._uploads.get(key)
-        if upload is None:
+        if upload is None and key not in self._refused_uploads:
             # The .npy blob of the largest payload the codec can produce for this model.
             limit = max_payload_bytes(task.check.codec, task.check.layout) + MAX_NPY_HEADER_BYTES
             if chunk.total_size > limit or sum(k[0] == device_id for k in self._uploads) >= 2:
-                self.stats.rejected["oversized"] += 1
+                self._refused_uploads.add(key)  # its report is rejected as oversized
                 logger.warning("upload of %d bytes from %s refused (at most %d)",
                                chunk.total_size, device_id, limit)  # fmt: skip
                 return
             upload = self._uploads[key] = _Upload(total=chunk.total_size)
-        if chunk.total_size == upload.total:
+        if upload is not None and chunk.total_size == upload.total:
             upload.chunks[chunk.index] = chunk.data
 
     def _report_arrays(self, task: _Task, report: UpdateReport) -> Mapping[str, npt.NDArray[Any]]:
         if report.arrays is not None:
             return report.arrays
         assert report.upload_transfer_id is not None
-        upload = self._uploads.pop((task.device_id, report.upload_transfer_id), None)
+        key = (task.device_id, report.upload_transfer_id)
+        if key in self._refused_uploads:
+            raise UpdateRejectedError("oversized", "the upload is larger than this model allows")
+        upload = self._uploads.pop(key, None)
         if upload is None:
             raise UpdateRejectedError("malformed", "the upload's chunks did not arrive")
         payload = b"".join(upload.chunks[i] for i in sorted(upload.chunks))

@@ -10,6 +10,7 @@ hook). The operator side is the real ``fedge`` CLI or the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -604,9 +605,15 @@ class Subscriber:
 def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
     broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
 ) -> None:
-    agent = Agent(agent_config(broker, DEVICES[0], tmp_path / "a0", trust))
+    # The agent retries every 3 s, so the fresh test subscriber below is listening
+    # again before the agent reconnects and drains its spool.
+    slow = dataclasses.replace(broker.broker(DEVICES[0]), reconnect_min_s=3.0, reconnect_max_s=3.0)
+    config = agent_config(broker, DEVICES[0], tmp_path / "a0", trust)
+    agent = Agent(dataclasses.replace(config, broker=slow))
     agent.start()
-    sink = Subscriber(broker, device_topic(DEVICES[0], Channel.TELEMETRY))
+    topic = device_topic(DEVICES[0], Channel.TELEMETRY)
+    sink = Subscriber(broker, topic)
+    sinks = [sink]
     try:
         wait_for(lambda: agent.connected, what="agent connected")
         assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
@@ -618,11 +625,13 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
             assert agent.predict(np.ones(FEATURES, dtype=np.float32)).version == 1
         spool = agent.config.data_dir / "spool"
         wait_for(lambda: len(list(spool.glob("*.item"))) >= 2, what="batches spooled on disk")
+        sink.close()
         broker.start()
+        sinks.append(Subscriber(broker, topic))
 
         def batches() -> list[TelemetryBatch]:
             found = []
-            for _topic, payload in list(sink.messages):
+            for _topic, payload in [m for each in sinks for m in list(each.messages)]:
                 message = decode(payload).message
                 assert isinstance(message, TelemetryBatch)
                 found.append(message)
@@ -647,7 +656,8 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
         assert sum(record.histogram.counts) == record.predictions - record.errors
         assert all(b.dropped == 0 for b in batches())
     finally:
-        sink.close()
+        for each in sinks:
+            each.close()
         agent.stop()
 
 
