@@ -16,9 +16,8 @@ out="${1:-out/federated-demo}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 devices=(pi-0 pi-1 pi-2 pi-3 pi-4)
-mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-passwd_bin="$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)"
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=examples/broker.sh
+. "$(dirname "$0")/broker.sh"
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -29,26 +28,7 @@ fedge data digits --clients "${#devices[@]}" --alpha 0.5 --out "$out/data"
 fedge keys generate --out "$out/keys" --force
 
 echo "== 2. broker"
-port="$(free_port)"
-fedge broker acl > "$out/acl"
-: > "$out/passwd"
-for user in coordinator "${devices[@]}"; do
-    "$passwd_bin" -b "$out/passwd" "$user" "secret-$user"
-    echo "secret-$user" > "$out/$user.password"
-done
-chmod 600 "$out/passwd" "$out"/*.password
-run_as=""; [ "$(id -u)" = 0 ] && run_as="user root"
-cat > "$out/mosquitto.conf" <<EOF
-listener $port 127.0.0.1
-allow_anonymous false
-password_file $out/passwd
-acl_file $out/acl
-persistence false
-$run_as
-EOF
-"$mosquitto_bin" -c "$out/mosquitto.conf" > "$out/mosquitto.log" 2>&1 &
-pids+=($!)
-export FEDGE_BROKER="mqtt://127.0.0.1:$port" FEDGE_BROKER_PASSWORD="secret-coordinator"
+start_broker coordinator "${devices[@]}"
 
 echo "== 3. agents"
 http_port="$(free_port)"
