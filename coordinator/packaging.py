@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ from compress.manifest import (
     ReferenceTensor,
     TensorSpec,
 )
+from compress.onnx_export import export_onnx
 from compress.quantize import quantize_int8
 from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
@@ -302,3 +304,40 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         fp32_accuracy=fp32_acc,
         packaged_accuracy=packaged_acc,
     )
+
+
+def package_weights(
+    family: str,
+    weights: Mapping[str, npt.ArrayLike],
+    *,
+    name: str,
+    version: int,
+    keys: Sequence[SigningKey],
+    out: Path,
+    evaluation: LabelledData | None = None,
+    metadata: Mapping[str, str] | None = None,
+    now: datetime,
+) -> PackageResult:
+    """Export a built-in family's weights to ONNX and package them (int8, signed).
+
+    Static int8 calibration uses the first 256 evaluation rows when given.
+
+    Raises:
+        As :func:`package_model`, and FamilyError for weights that do not fit the family.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedge-package-") as tmp:
+        model_path = Path(tmp) / f"{name}.onnx"
+        model_path.write_bytes(export_onnx(family, weights))
+        return package_model(
+            PackageRequest(
+                model_path=model_path,
+                name=name,
+                version=version,
+                keys=keys,
+                out=out,
+                calibration=None if evaluation is None else evaluation.x[:256],
+                evaluation=evaluation,
+                metadata=dict(metadata or {}),
+            ),
+            now=now,
+        )

@@ -296,6 +296,11 @@ class Agent:
         """The model being served."""
         return self._server.active
 
+    def drop_connection(self) -> None:
+        """Cut the MQTT connection as a network failure would (the broker sends the
+        Last Will); the agent reconnects by itself. Simulations use it."""
+        self._link.drop_connection()
+
     @property
     def connected(self) -> bool:
         """Whether the agent is connected to the broker."""

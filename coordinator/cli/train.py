@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +36,6 @@ from rich.text import Text
 from compress.families import FAMILIES, init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
-from compress.onnx_export import export_onnx
 from coordinator.cli.fleet import (
     BrokerOption,
     CaOption,
@@ -56,7 +54,7 @@ from coordinator.cli.output import console, err_console, human_bytes, print_json
 from coordinator.delivery import Coordinator
 from coordinator.errors import TrainingError
 from coordinator.federated import RoundReport, TrainingConfig, TrainingResult, run_training
-from coordinator.packaging import LabelledData, PackageRequest, load_labelled_npz, package_model
+from coordinator.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.strategies import build_strategy, parse_strategy_args, wrap_dp
 from coordinator.update_check import DEFAULT_MAX_UPDATE_NORM
 from edge_agent.protocol import COORDINATOR_SENDER
@@ -135,23 +133,17 @@ def _package(
 ) -> str:
     if not keys:
         raise TrainingError("--package needs at least one --key")
-    signing = [load_signing_key(k) for k in keys]
-    with tempfile.TemporaryDirectory(prefix="fedge-train-") as tmp:
-        onnx_path = Path(tmp) / f"{model}.onnx"
-        onnx_path.write_bytes(export_onnx(family, result.weights))
-        packaged = package_model(
-            PackageRequest(
-                model_path=onnx_path,
-                name=model,
-                version=version,
-                keys=signing,
-                out=out,
-                calibration=None if eval_data is None else eval_data.x[:256],
-                evaluation=eval_data,
-                metadata={"trained": "federated", "rounds": str(len(result.rounds))},
-            ),
-            now=datetime.now(UTC),
-        )
+    packaged = package_weights(
+        family,
+        result.weights,
+        name=model,
+        version=version,
+        keys=[load_signing_key(k) for k in keys],
+        out=out,
+        evaluation=eval_data,
+        metadata={"trained": "federated", "rounds": str(len(result.rounds))},
+        now=datetime.now(UTC),
+    )
     return (
         f"wrote {out}: {model} v{version}, {packaged.manifest.quantization}, "
         f"{human_bytes(packaged.packaged_bytes)}"

@@ -1,0 +1,138 @@
+"""An MQTT broker inside the process: amqtt on loopback, for simulations.
+
+``fedge simulate`` needs a broker and must run on a laptop where none is installed.
+:class:`EmbeddedBroker` runs amqtt's pure-Python broker on its own asyncio loop in a
+daemon thread, listening on ``127.0.0.1`` on a free port::
+
+    with EmbeddedBroker() as broker:
+        url = broker.url            # mqtt://127.0.0.1:<port>
+        ...
+
+It accepts any client (anonymous auth, no ACL: it only listens on loopback and lives
+as long as the simulation). A fleet that outgrows one process belongs on mosquitto, or
+an EMQX or HiveMQ cluster; pass ``--broker`` to use one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Self
+
+from coordinator.errors import CoordinatorError
+
+__all__ = ["EmbeddedBroker"]
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+ANONYMOUS_AUTH = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedBroker:
+    """amqtt on ``127.0.0.1:<free port>`` in a background thread (see the module docstring)."""
+
+    def __init__(self, *, max_connections: int = 5000) -> None:
+        """Prepare (nothing listens until :meth:`start`)."""
+        self.port = 0
+        self._max_connections = max_connections
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Any = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:<port>``."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start listening.
+
+        Raises:
+            CoordinatorError: amqtt is not installed, or the broker did not start.
+        """
+        try:
+            from amqtt.broker import Broker  # noqa: PLC0415 - coordinator extra
+        except ImportError as exc:
+            raise CoordinatorError(
+                "the embedded broker needs amqtt: pip install 'fedge[coordinator]' "
+                "(or pass --broker mqtt://host:port)"
+            ) from exc
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.port = _free_port()
+        config = {
+            "listeners": {
+                "default": {
+                    "type": "tcp",
+                    "bind": f"127.0.0.1:{self.port}",
+                    "max_connections": self._max_connections,
+                }
+            },
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=loop.run_forever, name="embedded-broker", daemon=True
+        )
+        self._thread.start()
+
+        async def start() -> Any:
+            broker = Broker(config, loop=loop)
+            await broker.start()
+            return broker
+
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(start(), loop)
+        try:
+            self._broker = future.result(START_TIMEOUT_S)
+        except Exception as exc:
+            self.stop()
+            raise CoordinatorError(f"the embedded MQTT broker did not start: {exc}") from exc
+        logger.info("embedded MQTT broker on %s", self.url)
+
+    def stop(self) -> None:
+        """Shut the broker down and end its thread (idempotent)."""
+        loop, broker = self._loop, self._broker
+        self._broker = None
+        if loop is None:
+            return
+        if broker is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(START_TIMEOUT_S)
+            except Exception:
+                logger.warning("the embedded broker did not shut down cleanly", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=START_TIMEOUT_S)
+        if not loop.is_running():
+            loop.close()
+        self._loop = None
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        """Start; see :meth:`start`."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        """Stop."""
+        self.stop()
