@@ -16,9 +16,11 @@ an EMQX or HiveMQ cluster; pass ``--broker`` to use one.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
 import threading
+import warnings
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Self
@@ -63,7 +65,11 @@ class EmbeddedBroker:
             CoordinatorError: amqtt is not installed, or the broker did not start.
         """
         try:
-            from amqtt.broker import Broker  # noqa: PLC0415 - coordinator extra
+            with warnings.catch_warnings():
+                # amqtt's password-file plugin imports the stdlib 'crypt' (deprecated in 3.11).
+                warnings.simplefilter("ignore", DeprecationWarning)
+                importlib.import_module("amqtt.plugins.authentication")
+                from amqtt.broker import Broker  # noqa: PLC0415 - coordinator extra
         except ImportError as exc:
             raise CoordinatorError(
                 "the embedded broker needs amqtt: pip install 'fedge[coordinator]' "

@@ -43,7 +43,7 @@ from edge_agent.config import (
     TrustConfig,
 )
 
-__all__ = ["LocalFleet", "write_shards"]
+__all__ = ["LocalFleet", "save_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,23 @@ def write_shards(
     Raises:
         ValueError: see :func:`coordinator.datasets.dirichlet_partition`.
     """
-    features, labels = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    labels = np.asarray(y, dtype=np.int64)
     parts = dirichlet_partition(labels, clients, alpha, seed=seed, min_examples=min_examples)
+    return save_shards(x, labels, parts, directory)
+
+
+def save_shards(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    parts: Sequence[npt.NDArray[np.int64]],
+    directory: Path,
+) -> list[Path]:
+    """Write ``directory/shard<i>/local.npz`` (``x``, ``y``) for each index array.
+
+    Returns:
+        The shard directories, in order.
+    """
+    features, labels = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
     shards = []
     for index, part in enumerate(parts):
         shard = directory / f"shard{index}"

@@ -9,6 +9,7 @@ stderr) and dispatches to the command groups:
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
+* ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -22,7 +23,7 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import broker, data, fleet, keys, model, train
+from coordinator.cli import broker, data, fleet, keys, model, simulate, train
 
 app = typer.Typer(
     name="fedge",
@@ -39,6 +40,7 @@ app.command("deploy")(fleet.deploy)
 app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)
 app.command("train")(train.train)
+app.command("simulate")(simulate.simulate)
 
 
 def _version(value: bool) -> None:

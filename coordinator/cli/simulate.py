@@ -1,0 +1,180 @@
+"""``fedge simulate``: a whole fleet on this machine, from data to a rolled-out model.
+
+With no arguments: an embedded MQTT broker, throwaway keys, 20 real agents with
+Dirichlet(0.5) slices of the digits dataset, 20 rounds of FedAvg, the final model
+packaged as a signed int8 artifact and rolled out (canary first) to every agent. The
+run directory (``--out``, default ``runs/<timestamp>``) keeps ``report.json``,
+``report.png``, the artifact and every agent's data directory. See
+:mod:`coordinator.simulate` for the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
+from coordinator.cli.train import rounds_table
+from coordinator.federated import RoundReport
+from coordinator.simulate import SimulationConfig, SimulationReport, run_simulation
+from coordinator.strategies import parse_strategy_args
+
+__all__ = ["simulate"]
+
+logger = logging.getLogger(__name__)
+
+
+def _default_out() -> Path:
+    return Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def simulate(
+    agents: Annotated[int, typer.Option(min=1, help="Agents (each a real fedge agent).")] = 20,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
+    dataset: Annotated[
+        str,
+        typer.Option(help="digits, synthetic[:n_samples,n_features,n_classes] or PATH.npz (x, y)."),
+    ] = "digits",
+    partition: Annotated[
+        str, typer.Option(help="How data is split over agents: iid, dirichlet:ALPHA, shards:K.")
+    ] = "dirichlet:0.5",
+    strategy: Annotated[str, typer.Option(help="Flower strategy (see fedge train).")] = "fedavg",
+    strategy_arg: Annotated[
+        list[str] | None, typer.Option("--strategy-arg", help="key=value; repeatable.")
+    ] = None,
+    codec: Annotated[str, typer.Option(help="Update codec (see fedge train).")] = "fp32",
+    dropout: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.99, help="Share of agents dropping offline in each round."),
+    ] = 0.0,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="Use this broker (mqtt://host:port) instead of the embedded one."),
+    ] = None,
+    broker_password_format: Annotated[
+        str | None,
+        typer.Option(
+            help="With --broker: each agent's MQTT password, '{user}' replaced by its id "
+            "(for brokers with fedge's ACL and one password per device).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of data, sampling and training.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default runs/<timestamp>).")
+    ] = None,
+    hidden: Annotated[int, typer.Option(min=1, help="MLP hidden units.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    round_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per round.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead.")] = False,
+) -> None:
+    """Simulate a fleet on this machine: train federated, package, roll out, report."""
+    with reported_errors(as_json=as_json):
+        config = SimulationConfig(
+            out=out or _default_out(),
+            agents=agents,
+            rounds=rounds,
+            dataset=dataset,
+            partition=partition,
+            strategy=strategy,
+            strategy_args=parse_strategy_args(strategy_arg or []),
+            codec=codec,
+            dropout=dropout,
+            broker=broker,
+            broker_password_format=broker_password_format,
+            seed=seed,
+            hidden=hidden,
+            epochs=epochs,
+            round_timeout_s=round_timeout,
+        )
+        report = run_simulation(config) if as_json else _run_live(config)
+    body = report.to_json()
+    if as_json:
+        print_json(body)
+    else:
+        _summary(report, body)
+    if not body["rollout"].get("all_serving") or not body["rounds_ok"]:
+        raise typer.Exit(1)
+
+
+def _run_live(config: SimulationConfig) -> SimulationReport:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    rounds_task = progress.add_task("rounds", total=config.rounds)
+    round_task = progress.add_task("round 1", total=config.agents)
+    rollout_tasks: dict[str, Any] = {}
+    done: list[RoundReport] = []
+
+    def view() -> Group:
+        return Group(rounds_table(done[-8:], title="latest rounds"), progress)
+
+    with Live(view(), console=err_console, refresh_per_second=8, transient=True) as live:
+
+        def on_round(report: RoundReport, what: str) -> None:
+            if what == "done":
+                done.append(report)
+                progress.update(rounds_task, completed=len(done))
+                live.update(view())
+                return
+            parts = what.split()
+            if len(parts) == 2 and "/" in parts[1]:
+                finished, total = (int(v) for v in parts[1].split("/"))
+                progress.update(round_task, description=f"round {report.round}: {parts[0]}",
+                                completed=finished, total=total)  # fmt: skip
+            else:
+                progress.update(round_task, description=f"round {report.round}: {what}")
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "rollout":
+                stage = data["stage"]
+                if stage not in rollout_tasks:
+                    rollout_tasks[stage] = progress.add_task(
+                        f"rollout ({stage})", total=data["total"]
+                    )
+                progress.update(rollout_tasks[stage], completed=data["done"])
+            elif kind == "phase":
+                progress.update(round_task, description=data["name"])
+
+        return run_simulation(config, on_event=on_event, on_round=on_round)
+
+
+def _summary(report: SimulationReport, body: dict[str, Any]) -> None:
+    console.print(rounds_table(report.result.rounds, title="rounds"))
+    table = Table(title="fedge simulate", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    config = report.config
+    rollout = body["rollout"]
+    rows = [
+        ("agents", f"{config.agents} on {report.broker}"),
+        ("data", f"{config.dataset}, {config.partition}"),
+        ("training", f"{config.strategy}, {config.codec}, {config.rounds} rounds"),
+        ("final accuracy", f"{100 * (body['final_accuracy'] or 0):.2f}%"),
+        ("centralized baseline", f"{100 * body['centralized_accuracy']:.2f}%"),
+        ("uplink per round", f"{human_bytes(int(body['uplink_bytes_per_round']))} "
+                             f"(fp32: {human_bytes(int(body['fp32_uplink_bytes_per_round']))})"),
+        ("seconds per round", f"{body['seconds_per_round']:.2f}"),
+        ("rollout", f"v{rollout['version']}: {rollout['agents_updated']}/"
+                    f"{rollout['agents_total']} agents serve it{_halted(rollout)}"),
+        ("artifact", body["artifact"]),
+        ("report", f"{config.out / 'report.json'}, {config.out / 'report.png'}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def _halted(rollout: dict[str, Any]) -> str:
+    return f" ({rollout['halted']})" if "halted" in rollout else ""

@@ -1,0 +1,115 @@
+"""``fedge simulate`` end to end: embedded broker, mosquitto, dropouts."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from coordinator.cli.app import app
+from coordinator.errors import TrainingError
+from coordinator.simulate import load_dataset, partition
+from tests.fleet_support import Mosquitto
+
+pytestmark = pytest.mark.slow
+
+runner = CliRunner()
+
+
+def simulate(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["simulate", *args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 400
+    assert height >= 300
+    assert data[-8:-4] == b"IEND"
+
+
+def check_run(report: dict[str, Any], out: Path, agents: int, rounds: int) -> None:
+    assert json.loads((out / "report.json").read_text()) == report
+    assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+    for fields in report["rounds"]:
+        assert {"accuracy", "loss", "clients", "uplink_bytes", "downlink_bytes"} <= set(fields)
+    assert report["final_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert report["centralized_accuracy"] > 0.5
+    assert report["fp32_uplink_bytes_per_round"] > 0
+    rollout = report["rollout"]
+    assert rollout["version"] == 1
+    assert rollout["agents_total"] == rollout["agents_updated"] == agents
+    assert rollout["canary_installed"] == 1
+    assert_png(out / "report.png")
+    assert (out / "artifacts" / "simulated-v1.fedge").stat().st_size > 0
+    assert len(list((out / "agents").iterdir())) == agents
+
+
+def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = simulate("--agents", "5", "--rounds", "3", "--out", str(out))
+    check_run(report, out, agents=5, rounds=3)
+    assert report["broker"] == "embedded amqtt"
+    assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
+
+
+def test_simulate_against_mosquitto(tmp_path: Path) -> None:
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker", [f"sim{i:02d}" for i in range(5)])
+    broker.start()
+    try:
+        out = tmp_path / "run"
+        report = simulate(
+            "--agents", "5", "--rounds", "3", "--out", str(out), "--broker", broker.url,
+            "--broker-password-format", "pw-{user}", "--codec", "topk:0.1+int8",
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    check_run(report, out, agents=5, rounds=3)
+    assert report["broker"] == broker.url
+    assert report["uplink_bytes_per_round"] < report["fp32_uplink_bytes_per_round"] / 4
+
+
+def test_simulate_with_dropouts_records_the_rounds_that_lost_agents(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = simulate("--agents", "10", "--rounds", "5", "--dropout", "0.2", "--out", str(out))
+    check_run(report, out, agents=10, rounds=5)
+    dropped = report["rollout"]["dropped_per_round"]
+    assert sum(dropped.values()) > 0
+    for fields in report["rounds"]:
+        assert fields["status"] == "ok"
+        assert fields["clients"] == fields["sampled"] - fields["dropped"]
+    assert any(r["dropped"] > 0 for r in report["rounds"])
+
+
+def test_datasets_and_partitions() -> None:
+    x, y, test = load_dataset("synthetic:600,8,3", seed=1)
+    assert x.shape[1] == 8 == test.x.shape[1]
+    assert len(y) + len(test.y) == 600
+    for spec in ("iid", "dirichlet:0.3", "shards:2"):
+        parts = partition(y, 6, spec, seed=0)
+        joined = sorted(i for p in parts for i in p.tolist())
+        assert joined == list(range(len(y)))
+    pathological = partition(y, 6, "shards:1", seed=0)
+    assert all(len(set(y[p].tolist())) <= 2 for p in pathological)
+    for bad in ("nope", "dirichlet:x", "shards:0", "iid:3"):
+        with pytest.raises(TrainingError):
+            partition(y, 6, bad, seed=0)
+    with pytest.raises(TrainingError):
+        load_dataset("mnist", seed=0)
+
+
+def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--partition", "zipf", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "error:" in result.output
+    assert "Traceback" not in result.output
