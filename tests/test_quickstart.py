@@ -1,4 +1,4 @@
-"""The README's main command works: examples/quickstart.sh, end to end."""
+"""examples/quickstart.sh works end to end: train, export, quantize, sign, verify."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,17 @@ def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "error:" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_readme_main_command_fedge_simulate_with_no_arguments(tmp_path: Path) -> None:
+    fedge = Path(sys.executable).parent / "fedge"
+    result = subprocess.run(
+        [str(fedge), "simulate"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    report = json.loads((run / "report.json").read_text())
+    check_run(report, run, agents=20, rounds=20)
+    assert report["final_accuracy"] > 0.85
+    assert "20/20 agents serve it" in result.stdout
