@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import re
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -311,6 +312,17 @@ class _Dropout:
             agent.drop_connection()
 
 
+def _raise_open_files_limit(agents: int) -> None:
+    """One socket per agent: raise the soft limit on open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * agents + 256
+    if soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            logger.warning("open files limited to %d; %d agents may not all connect", new, agents)
+
+
 def _rollout(
     coordinator: Coordinator,
     fleet: LocalFleet,
@@ -337,6 +349,7 @@ def _rollout(
         if not devices:
             continue
         on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
+        stage_started = time.monotonic()
         delivery = coordinator.deploy(artifact, Target.parse("device:" + ",".join(devices)))
 
         def progress(tracker: Any, stage: str = stage, total: int = len(devices)) -> None:
@@ -347,6 +360,7 @@ def _rollout(
         stage_ok = [d.device_id for d in result.devices if d.state.value == "installed"]
         installed += stage_ok
         outcome[f"{stage}_installed"] = len(stage_ok)
+        outcome[f"{stage}_seconds"] = round(time.monotonic() - stage_started, 3)
         if stage == "canary" and not result.succeeded:
             outcome["halted"] = "the canary did not install the model"
             break
@@ -470,11 +484,17 @@ def run_simulation(
             return BrokerConfig.from_url(url, username=user, password=secret)
 
         emit("phase", {"name": "agents", "broker": url})
-        with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
-                              root=out / "agents") as fleet:  # fmt: skip
-            coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
-            coordinator.start()
-            try:
+        _raise_open_files_limit(config.agents)
+        # The coordinator connects first: with hundreds of agents connecting at once,
+        # a late connect competes with all of them.
+        coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+        coordinator.start(timeout=30.0)
+        try:
+            # A 5 s stall timeout (the agents' default): with hundreds of agents
+            # installing at once on a few cores, 1 s made them re-request chunks in a storm.
+            with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
+                                  root=out / "agents", stall_timeout_s=5.0,
+                                  telemetry_interval_s=30.0) as fleet:  # fmt: skip
                 fleet.wait_eligible(coordinator, config.agents, timeout=60 + config.agents / 10)
                 timings["setup_s"] = time.monotonic() - started
                 emit("phase", {"name": "rounds"})
@@ -499,8 +519,8 @@ def run_simulation(
                                    timeout=60 + config.agents / 5)  # fmt: skip
                 timings["rollout_s"] = time.monotonic() - t0
                 rollout["dropped_per_round"] = {str(k): len(v) for k, v in dropout.dropped.items()}
-            finally:
-                coordinator.stop()
+        finally:
+            coordinator.stop()
 
     clients = [r.clients for r in result.rounds if r.clients] or [config.agents]
     report = SimulationReport(

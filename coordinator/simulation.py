@@ -108,6 +108,7 @@ class LocalFleet:
         root: Path,
         prefix: str = "sim",
         stall_timeout_s: float = 1.0,
+        telemetry_interval_s: float = 5.0,
     ) -> LocalFleet:
         """Start one agent per shard, named ``<prefix>NN``.
 
@@ -118,6 +119,7 @@ class LocalFleet:
             root: Parent of the agents' data directories.
             prefix: Device id prefix.
             stall_timeout_s: Agents ask for missing chunks after this silence.
+            telemetry_interval_s: Seconds between each agent's telemetry batches.
         """
         agents: list[Agent] = []
         try:
@@ -128,7 +130,7 @@ class LocalFleet:
                     broker=broker_for(device_id),
                     data_dir=root / device_id,
                     trust=TrustConfig(keys=tuple(trust)),
-                    telemetry=TelemetryConfig(interval_s=5.0),
+                    telemetry=TelemetryConfig(interval_s=telemetry_interval_s),
                     transfer=TransferConfig(stall_timeout_s=stall_timeout_s),
                     training=TrainingConfig(data=shard, feedback_max_examples=0),
                 )
