@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from compress.codecs import layout_of, update_nbytes_fp32
+from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
 from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
@@ -80,6 +80,10 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 MODEL_NAME = "simulated"
+MAX_AGENTS = 300
+"""Agents one simulation process runs. Each agent's paho client polls its socket with
+select(), which cannot watch file descriptors above 1023, and each agent holds three
+(socket and paho's wake-up pair): past about 330 agents new connections fail."""
 _SYNTHETIC_RE = re.compile(r"synthetic(?::(\d+),(\d+),(\d+))?")
 
 
@@ -110,11 +114,18 @@ class SimulationConfig:
 
         Raises:
             TrainingError: an out-of-range value.
+            CodecError: an invalid codec spec.
         """
         if self.agents < 1 or self.rounds < 1:
             raise TrainingError("--agents and --rounds must be at least 1")
+        if self.agents > MAX_AGENTS:
+            raise TrainingError(
+                f"one simulation runs at most {MAX_AGENTS} agents: paho's network loop uses "
+                "select(), which cannot watch file descriptors above 1023"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise TrainingError(f"--dropout must be in [0, 1), got {self.dropout}")
+        parse_codec(self.codec)
 
     def to_json(self) -> dict[str, Any]:
         """The settings, JSON-able (paths as text)."""

@@ -92,6 +92,18 @@ def save_shards(
     return shards
 
 
+CONNECT_BATCH = 50
+"""Agents started before waiting for them to connect: hundreds of connections opened
+at once on a few cores time out and retry in a storm."""
+CONNECT_WAIT_S = 30.0
+
+
+def _wait_connected(agents: Sequence[Agent]) -> None:
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while time.monotonic() < deadline and not all(a.connected for a in agents):
+        time.sleep(0.02)
+
+
 @dataclass
 class LocalFleet:
     """In-process agents, one per shard (``None``: an agent without training data)."""
@@ -137,6 +149,8 @@ class LocalFleet:
                 agent = Agent(config)
                 agent.start()
                 agents.append(agent)
+                if len(agents) % CONNECT_BATCH == 0:
+                    _wait_connected(agents[-CONNECT_BATCH:])
         except BaseException:
             for agent in agents:
                 agent.stop()

@@ -110,8 +110,12 @@ def test_datasets_and_partitions() -> None:
         load_dataset("mnist", seed=0)
 
 
-def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["simulate", "--partition", "zipf", "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    "args",
+    [["--partition", "zipf"], ["--dataset", "mnist"], ["--agents", "301"], ["--codec", "zip"]],
+)
+def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str]) -> None:
+    result = runner.invoke(app, ["simulate", *args, "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "error:" in result.output
     assert "Traceback" not in result.output
