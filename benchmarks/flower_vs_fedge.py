@@ -169,13 +169,13 @@ def run_fedge(
     timeout: float,
 ) -> dict[str, Any]:
     """fedge simulate through the broker at ``url``."""
-    config = SimulationConfig(
-        out=root / f"fedge-{clients}", agents=clients, rounds=rounds, dataset=dataset,
-        partition=partition, broker=url, seed=seed, hidden=HIDDEN, epochs=TRAIN["epochs"],
-        lr=TRAIN["lr"], batch_size=TRAIN["batch_size"], round_timeout_s=timeout,
-    )  # fmt: skip
     started = time.monotonic()
     try:
+        config = SimulationConfig(
+            out=root / f"fedge-{clients}", agents=clients, rounds=rounds, dataset=dataset,
+            partition=partition, broker=url, seed=seed, hidden=HIDDEN, epochs=TRAIN["epochs"],
+            lr=TRAIN["lr"], batch_size=TRAIN["batch_size"], round_timeout_s=timeout,
+        )  # fmt: skip
         report = run_simulation(config).to_json()
     except Exception as exc:  # noqa: BLE001 - reported as "did not finish"
         return {"did_not_finish": f"{type(exc).__name__}: {exc}"[:300]}

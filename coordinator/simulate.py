@@ -50,6 +50,7 @@ from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.datasets import dirichlet_partition, load_digits_split
 from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig
+from coordinator.deployment import DeploymentTracker, DeviceState
 from coordinator.embedded_broker import EmbeddedBroker
 from coordinator.errors import TrainingError
 from coordinator.federated import (
@@ -363,12 +364,14 @@ def _rollout(
         stage_started = time.monotonic()
         delivery = coordinator.deploy(artifact, Target.parse("device:" + ",".join(devices)))
 
-        def progress(tracker: Any, stage: str = stage, total: int = len(devices)) -> None:
-            done = sum(1 for p in tracker.progress() if p.state.value == "installed")
+        def progress(
+            tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
+        ) -> None:
+            done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
             on_event("rollout", {"stage": stage, "done": done, "total": total})
 
         result = coordinator.wait(delivery, timeout=timeout, on_change=progress)
-        stage_ok = [d.device_id for d in result.devices if d.state.value == "installed"]
+        stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
         installed += stage_ok
         outcome[f"{stage}_installed"] = len(stage_ok)
         outcome[f"{stage}_seconds"] = round(time.monotonic() - stage_started, 3)
