@@ -17,8 +17,8 @@
    connection while each round trains, and comes back by itself.
 6. **Package**: the final global weights -> ONNX -> int8 -> signed artifact in
    ``<out>/artifacts``.
-7. **Roll out**: to one canary agent first, then, if it installed, to all the others;
-   then every agent must serve the new version.
+7. **Roll out**: to one canary agent first, then, if it installed, to the others in
+   waves of 50; then every agent must serve the new version.
 8. **Report**: ``<out>/report.json`` and ``<out>/report.png``.
 
 Progress is reported through an ``on_event(kind, data)`` callback, so the CLI can draw
@@ -81,6 +81,9 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 MODEL_NAME = "simulated"
+ROLLOUT_WAVE = 50
+"""Agents updated at once after the canary: every agent of a simulation shares this
+machine's cores, and a model's health check has a latency bound."""
 MAX_AGENTS = 300
 """Agents one simulation process runs. Each agent's paho client polls its socket with
 select(), which cannot watch file descriptors above 1023, and each agent holds three
@@ -342,7 +345,7 @@ def _rollout(
     on_event: EventCallback,
     timeout: float,
 ) -> dict[str, Any]:
-    """Canary first, then everyone else; then check every agent serves it.
+    """Canary first, then waves of :data:`ROLLOUT_WAVE`; then check every agent serves it.
 
     Agents that dropped their connection in the last round are waited for (they
     reconnect by themselves) so the whole fleet is targeted.
@@ -354,7 +357,9 @@ def _rollout(
         logger.warning("not every agent is back online; rolling out to those that are")
     online = {r.device_id for r in coordinator.fleet() if r.online}
     ids = sorted(ids, key=lambda device_id: device_id not in online)  # a canary that is up
-    stages = [("canary", ids[:1]), ("fleet", ids[1:])]
+    rest = ids[1:]
+    waves = [rest[i : i + ROLLOUT_WAVE] for i in range(0, len(rest), ROLLOUT_WAVE)]
+    stages = [("canary", ids[:1]), *((f"wave {n}", wave) for n, wave in enumerate(waves, 1))]
     installed: list[str] = []
     outcome: dict[str, Any] = {"version": artifact.manifest.version, "agents_total": len(ids)}
     for stage, devices in stages:
@@ -373,8 +378,12 @@ def _rollout(
         result = coordinator.wait(delivery, timeout=timeout, on_change=progress)
         stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
         installed += stage_ok
-        outcome[f"{stage}_installed"] = len(stage_ok)
-        outcome[f"{stage}_seconds"] = round(time.monotonic() - stage_started, 3)
+        outcome["stages"] = [*outcome.get("stages", []), {
+            "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
+            "seconds": round(time.monotonic() - stage_started, 3),
+        }]  # fmt: skip
+        if stage == "canary":
+            outcome["canary_installed"] = len(stage_ok)
         if stage == "canary" and not result.succeeded:
             outcome["halted"] = "the canary did not install the model"
             break

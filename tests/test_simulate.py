@@ -51,6 +51,8 @@ def check_run(report: dict[str, Any], out: Path, agents: int, rounds: int) -> No
     assert rollout["version"] == 1
     assert rollout["agents_total"] == rollout["agents_updated"] == agents
     assert rollout["canary_installed"] == 1
+    assert rollout["stages"][0] == {**rollout["stages"][0], "stage": "canary", "targeted": 1}
+    assert sum(stage["installed"] for stage in rollout["stages"]) == agents
     assert_png(out / "report.png")
     assert (out / "artifacts" / "simulated-v1.fedge").stat().st_size > 0
     assert len(list((out / "agents").iterdir())) == agents
