@@ -42,6 +42,32 @@ def _free_port() -> int:
         return port
 
 
+async def _shutdown(broker: Any) -> None:
+    """Stop amqtt, then whatever its shutdown leaves behind.
+
+    amqtt's own shutdown can stop half way (its session monitor cancels it), and
+    leaves its listeners, client handlers and their connections: close and end them
+    while the loop still runs, so no socket is left to the garbage collector.
+    """
+    try:
+        await broker.shutdown()
+    except (Exception, asyncio.CancelledError):  # cleaned up below
+        logger.debug("amqtt's shutdown did not finish", exc_info=True)
+    finally:
+        for server in getattr(broker, "_servers", {}).values():
+            listener = getattr(server, "instance", None)
+            if listener is not None:
+                listener.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        transports = getattr(asyncio.get_running_loop(), "_transports", {})
+        for transport in list(transports.values()):
+            transport.close()
+        await asyncio.sleep(0.05)  # their connection_lost callbacks run
+
+
 class EmbeddedBroker:
     """amqtt on ``127.0.0.1:<free port>`` in a background thread (see the module docstring)."""
 
@@ -76,7 +102,7 @@ class EmbeddedBroker:
                 "(or pass --broker mqtt://host:port)"
             ) from exc
         for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)  # chatty at WARNING
         self.port = _free_port()
         config = {
             "listeners": {
@@ -118,7 +144,7 @@ class EmbeddedBroker:
             return
         if broker is not None:
             try:
-                asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(START_TIMEOUT_S)
+                asyncio.run_coroutine_threadsafe(_shutdown(broker), loop).result(START_TIMEOUT_S)
             except Exception:
                 logger.warning("the embedded broker did not shut down cleanly", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)

@@ -250,7 +250,19 @@ class MqttLink:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
+            self._close_sockets()
             self._connected.clear()
+
+    def _close_sockets(self) -> None:
+        """Close the socket and paho's wake-up socket pair now.
+
+        paho closes the pair only when the client object is finalized, and a
+        finalizer that runs after the sockets' own leaves them to the garbage
+        collector (ResourceWarning). ``_reset_sockets`` is paho 2.x's own method.
+        """
+        reset = getattr(self._client, "_reset_sockets", None)
+        if callable(reset):
+            reset()
 
     def drop_connection(self) -> None:
         """Cut the connection without DISCONNECT and let paho reconnect (with backoff).
@@ -273,6 +285,7 @@ class MqttLink:
         self._client.loop_stop()
         if sock is not None:
             sock.close()
+        self._close_sockets()
         self._connected.clear()
 
     # ------------------------------------------------------------ paho callbacks
