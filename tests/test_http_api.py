@@ -127,8 +127,14 @@ def raw(address: Address, data: bytes, *, shut_write: bool = False) -> bytes:
         if shut_write:
             sock.shutdown(socket.SHUT_WR)
         chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            # A server that answers and closes before reading everything sent
+            # resets the connection; the answer arrived before the reset.
+            if not chunks:
+                raise
     return b"".join(chunks)
 
 
@@ -551,21 +557,17 @@ def test_missing_content_length(address: Address) -> None:
 
 
 def test_chunked_body_is_refused(address: Address) -> None:
-    conn = http.client.HTTPConnection(*address, timeout=10)
-    try:
-        conn.request(
-            "POST",
-            "/v1/predict",
-            body=iter([b'{"inputs": [[1, 2, 3, 4]]}']),
-            headers={"Content-Type": "application/json"},
-            encode_chunked=True,
-        )
-        response = conn.getresponse()
-        status, body = response.status, json.loads(response.read())
-    finally:
-        conn.close()
+    # One write of the whole request: the server answers after the headers and
+    # closes, which a client still sending chunks would meet as a broken pipe.
+    body = b'{"inputs": [[1, 2, 3, 4]]}'
+    request = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body
+        + b"\r\n0\r\n\r\n"
+    )  # fmt: skip
+    status, answer = parse_raw(raw(address, request, shut_write=True))
     assert status == 411
-    assert "chunked" in body["error"]["message"]
+    assert "chunked" in answer["error"]["message"]
 
 
 @pytest.mark.parametrize("length", ["abc", "-1", "1e3", "12, 12"])
