@@ -64,6 +64,19 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
             process.wait()
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def proc_memory_kib(pid: int | str = "self") -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of a process, in KiB, from ``/proc/<pid>/status``."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
 # --------------------------------------------------------------------------- mosquitto
 
 

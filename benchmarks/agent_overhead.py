@@ -54,6 +54,7 @@ from _support import (
     free_port,
     mosquitto,
     password,
+    proc_memory_kib,
     stop_process,
     wait_until,
     write_json,
@@ -115,16 +116,6 @@ def broker_config(port: int, user: str) -> BrokerConfig:
         reconnect_min_s=1.0,
         reconnect_max_s=2.0,
     )
-
-
-def proc_memory_kib(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of a process, in KiB, from ``/proc/<pid>/status``."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
 
 
 def session_options(threads: int) -> onnxruntime.SessionOptions:

@@ -26,25 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _support import argument_parser, environment, mosquitto, write_json
+from _support import argument_parser, environment, mosquitto, proc_memory_kib, write_json
 
 from coordinator.simulate import SimulationConfig, run_simulation
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "simulate_scale.json"
-
-
-def _rss_kib(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _hwm_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _mosquitto_pid() -> int | None:
@@ -74,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per agent
-    before = _rss_kib()
+    before = proc_memory_kib()["VmRSS"]
     with tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp:
         root = Path(tmp)
         with mosquitto(root / "broker", timeout=10) as port:
@@ -96,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{report.seconds:.1f}s", file=sys.stderr)  # fmt: skip
 
             report = run_simulation(config, on_event=show, on_round=show_round).to_json()
-            broker_rss = _rss_kib(broker_pid) if broker_pid else None
-    peak = _hwm_kib()
+            broker_rss = proc_memory_kib(broker_pid)["VmRSS"] if broker_pid else None
+    peak = proc_memory_kib()["VmHWM"]
     rows: dict[str, Any] = {
         "agents": args.agents,
         "rounds": args.rounds,

@@ -289,7 +289,7 @@ class _Run:
             self.on_round(report, what)
 
     def eligible(self) -> list[DeviceRecord]:
-        return [r for r in self.coordinator.fleet() if r.online and r.train_examples > 0]
+        return [r for r in self.coordinator.fleet() if r.can_train]
 
     def wait_for_devices(self, report: RoundReport) -> list[DeviceRecord]:
         deadline = time.monotonic() + self.config.round_timeout_s

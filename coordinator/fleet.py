@@ -111,6 +111,11 @@ class DeviceRecord:
             train_examples=status.train_examples,
         )
 
+    @property
+    def can_train(self) -> bool:
+        """Whether the device can take part in a federated round now (online, has data)."""
+        return self.online and self.train_examples > 0
+
     def model_version(self, name: str) -> int | None:
         """Give the installed version of a model.
 

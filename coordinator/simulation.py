@@ -166,7 +166,7 @@ class LocalFleet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             records = coordinator.fleet()
-            if sum(1 for r in records if r.online and r.train_examples > 0) >= count:
+            if sum(1 for r in records if r.can_train) >= count:
                 return
             time.sleep(0.05)
         raise TrainingError(f"fewer than {count} devices with data came online in {timeout} s")

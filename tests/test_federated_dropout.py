@@ -46,7 +46,7 @@ class ProcessFleet:
         )  # fmt: skip
 
     def eligible(self) -> int:
-        return sum(1 for r in self.coordinator.fleet() if r.online and r.train_examples > 0)
+        return sum(1 for r in self.coordinator.fleet() if r.can_train)
 
     def kill(self, count: int) -> list[str]:
         victims = DEVICES[:count]

@@ -296,3 +296,16 @@ def test_target_is_a_frozen_value() -> None:
     assert Target.parse("tag:gpu") == Target.parse("tag:gpu")
     with pytest.raises(AttributeError):
         Target.parse("all").kind = "tag"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("online", "examples", "can_train"),
+    [(True, 120, True), (True, 0, False), (False, 120, False)],
+)
+def test_a_device_can_train_when_online_with_local_data(
+    online: bool, examples: int, can_train: bool
+) -> None:
+    announced = Status(online=online, agent_version="0.1.0", train_examples=examples)
+    record = DeviceRecord.from_status("pi-1", announced, sent_at=1.0, now=2.0)
+    assert record.train_examples == examples
+    assert record.can_train is can_train
