@@ -103,6 +103,11 @@ def _auth_config(directory: Path, users: Iterable[str] | None) -> str:
     return f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
 
 
+FLEET_QUEUE = "max_queued_messages 100000\n"
+"""The coordinator's one subscription hears every device: mosquitto's default queue of
+1,000 messages per client overflows (and drops) when a thousand agents report at once."""
+
+
 @contextmanager
 def mosquitto(
     directory: Path,
@@ -127,7 +132,9 @@ def mosquitto(
     sys_line = f"sys_interval {sys_interval}\n" if sys_interval is not None else ""
     # As root, mosquitto would switch to the 'mosquitto' user, who cannot read directory.
     run_as = "user root\n" if os.geteuid() == 0 else ""
-    config.write_text(f"listener {port} 127.0.0.1\n{auth}persistence false\n{sys_line}{run_as}")
+    config.write_text(
+        f"listener {port} 127.0.0.1\n{auth}persistence false\n{FLEET_QUEUE}{sys_line}{run_as}"
+    )
     log = directory / "mosquitto.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(

@@ -2,9 +2,10 @@
 
 Starts mosquitto (anonymous, 127.0.0.1, persistence off) and runs
 :func:`coordinator.simulate.run_simulation` with ``--agents`` in-process agents (each
-a real :class:`edge_agent.agent.Agent`: its own MQTT connection, paho network thread,
-worker thread and data directory), ``--rounds`` rounds of FedAvg on the synthetic
-dataset, then the canary-first rollout of the packaged model to every agent.
+a real :class:`edge_agent.agent.Agent`: its own MQTT connection, worker thread and
+data directory; the connections share one epoll network thread per 250 agents),
+``--rounds`` rounds of FedAvg on the synthetic dataset, then the canary-first
+rollout of the packaged model to every agent.
 
 Reported: setup time (agents connected and announced), seconds per round, rollout
 time, agents serving the new model, and memory: the peak RSS of this process (the

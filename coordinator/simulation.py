@@ -6,7 +6,10 @@ and writes one ``local.npz`` per device, the layout ``fedge-agent run
 --train-data DIR`` reads. :class:`LocalFleet` starts one
 :class:`edge_agent.agent.Agent` per shard in this process, each with its own MQTT
 connection and data directory, exactly as on a device (same protocol, same broker
-ACL, same training code); only the process is shared.
+ACL, same training code); only the process is shared, and the agents' connections
+are driven by a small pool of network threads (one
+:class:`~edge_agent.network_loop.NetworkLoop` per 250 agents) instead of a thread
+each, so a thousand agents fit in one process.
 
 Workflow::
 
@@ -20,9 +23,10 @@ Workflow::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -42,6 +46,7 @@ from edge_agent.config import (
     TransferConfig,
     TrustConfig,
 )
+from edge_agent.network_loop import NetworkLoop
 
 __all__ = ["LocalFleet", "save_shards", "write_shards"]
 
@@ -92,6 +97,9 @@ def save_shards(
     return shards
 
 
+AGENTS_PER_NETWORK_LOOP = 250
+"""Agents whose connections share one network thread (epoll): a small pool of
+threads instead of one per agent, as the agents spend most of their time idle."""
 CONNECT_BATCH = 50
 """Agents started before waiting for them to connect: hundreds of connections opened
 at once on a few cores time out and retry in a storm."""
@@ -109,6 +117,7 @@ class LocalFleet:
     """In-process agents, one per shard (``None``: an agent without training data)."""
 
     agents: list[Agent]
+    networks: list[NetworkLoop] = field(default_factory=list)
 
     @classmethod
     def start(
@@ -134,7 +143,11 @@ class LocalFleet:
             telemetry_interval_s: Seconds between each agent's telemetry batches.
         """
         agents: list[Agent] = []
+        loops = max(1, math.ceil(len(shards) / AGENTS_PER_NETWORK_LOOP))
+        networks = [NetworkLoop(name=f"{prefix}-net{i}") for i in range(loops)]
         try:
+            for network in networks:
+                network.start()
             for index, shard in enumerate(shards):
                 device_id = f"{prefix}{index:02d}"
                 config = AgentConfig(
@@ -146,16 +159,15 @@ class LocalFleet:
                     transfer=TransferConfig(stall_timeout_s=stall_timeout_s),
                     training=TrainingConfig(data=shard, feedback_max_examples=0),
                 )
-                agent = Agent(config)
+                agent = Agent(config, network=networks[index % loops])
                 agent.start()
                 agents.append(agent)
                 if len(agents) % CONNECT_BATCH == 0:
                     _wait_connected(agents[-CONNECT_BATCH:])
         except BaseException:
-            for agent in agents:
-                agent.stop()
+            cls(agents, networks).stop()
             raise
-        return cls(agents)
+        return cls(agents, networks)
 
     def wait_eligible(self, coordinator: Coordinator, count: int, timeout: float) -> None:
         """Wait until ``coordinator`` sees ``count`` online devices with data.
@@ -172,9 +184,11 @@ class LocalFleet:
         raise TrainingError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:
-        """Stop every agent."""
+        """Stop every agent, then their network threads."""
         for agent in self.agents:
             agent.stop()
+        for network in self.networks:
+            network.close()
 
     def __enter__(self) -> Self:
         """The fleet (already started)."""

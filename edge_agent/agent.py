@@ -49,6 +49,7 @@ from edge_agent.http_api import HttpConfig, LocalHttpServer, parse_bind
 from edge_agent.installer import Checkpoint
 from edge_agent.model_store import InstalledModel, ModelStore
 from edge_agent.mqtt import MqttLink, Will
+from edge_agent.network_loop import NetworkLoop
 from edge_agent.protocol import (
     DEFAULT_LIMITS,
     BroadcastTopic,
@@ -121,8 +122,18 @@ class Agent:
         clock: Callable[[], float] = time.time,
         checkpoint: Checkpoint = _no_checkpoint,
         limits: Limits = DEFAULT_LIMITS,
+        network: NetworkLoop | None = None,
     ) -> None:
         """Prepare the agent; nothing connects until :meth:`start`.
+
+        Args:
+            config: The agent's settings.
+            clock: Wall clock (tests pass a fixed one).
+            checkpoint: Called at named points of an install (crash tests).
+            limits: Protocol size limits.
+            network: A network loop shared with other agents of this process
+                (simulations); None: the agent's connection gets its own thread,
+                as on a device. The agent's behaviour is the same either way.
 
         Raises:
             ConfigError: the trusted keys cannot be loaded.
@@ -177,6 +188,7 @@ class Agent:
             on_message=self._enqueue,
             on_connect=self._on_link_up,
             will=self._last_will,
+            network=network,
         )
         self.updates = Updater(
             store=ModelStore(config.data_dir),

@@ -15,13 +15,19 @@ Workflow::
 
 Behaviour that callers rely on:
 
-* Reconnects forever with exponential backoff between ``reconnect_min_s`` and
-  ``reconnect_max_s`` (paho's own loop), and re-subscribes on every connect, so a
-  broker restart without persistence is survived. ``on_connect`` runs after the
-  subscriptions were sent, on paho's network thread: keep it short.
-* ``on_message`` also runs on paho's network thread; the agent hands messages to its
+* The network I/O runs on a :class:`~edge_agent.network_loop.NetworkLoop`: a
+  private one (one thread) by default, or one shared by many links in a process
+  (``network=``), which is how ``fedge simulate`` holds 1,000 agents. paho is
+  driven through its external-loop API (``loop_read``/``loop_write``/``loop_misc``);
+  the link itself connects, and reconnects forever with jittered exponential
+  backoff between ``reconnect_min_s`` and ``reconnect_max_s``. It re-subscribes on
+  every connect, so a broker restart without persistence is survived.
+  ``on_connect`` runs after the subscriptions were sent, on the loop's thread: keep
+  it short.
+* ``on_message`` also runs on the loop's thread; the agent hands messages to its
   own worker queue there. An exception in a callback is logged, never propagated
-  into paho (which would kill the network loop).
+  into the loop. A connection attempt blocks the loop for at most paho's connect
+  timeout (5 s), as paho's own thread does.
 * :meth:`publish` refuses (returns False) while disconnected instead of letting
   paho queue messages in memory without bound; callers that must not lose a message
   keep it themselves (the agent's telemetry spool) and retry after reconnecting.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -46,6 +53,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import BrokerConfig
 from edge_agent.errors import BrokerError
+from edge_agent.network_loop import NetworkLoop, TimerHandle
 
 __all__ = ["MqttLink", "Will"]
 
@@ -55,6 +63,10 @@ SUBSCRIBE_QOS = 1
 MAX_INFLIGHT = 32
 MAX_QUEUED = 4096
 """Messages paho may hold for sending; beyond it a publish fails instead of growing."""
+READ_BURST = 256
+"""Packets read from one socket before the loop serves the others."""
+CLOSE_WAIT_S = 2.0
+"""How long :meth:`MqttLink.stop` waits for the DISCONNECT to go out before cutting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,7 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         will: Will | Callable[[], Will] | None = None,
+        network: NetworkLoop | None = None,
     ) -> None:
         """Prepare the client (nothing touches the network until :meth:`start`).
 
@@ -95,6 +108,9 @@ class MqttLink:
             on_disconnect: Called after each lost connection.
             will: The Last Will, if any; a callable is asked for a fresh one before
                 every connection attempt (so its timestamp and content are current).
+            network: The loop that runs this link's I/O, shared with other links
+                (the caller starts and closes it); None: a private one, started
+                and closed with the link.
 
         Raises:
             BrokerError: the TLS files cannot be loaded.
@@ -107,8 +123,17 @@ class MqttLink:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._connected = threading.Event()
+        self._socket_closed = threading.Event()
+        self._socket_closed.set()
         self._started = False
         self._last_error: str | None = None
+        self._client_id = client_id
+        self._own_network = network is None
+        self._network = network if network is not None else NetworkLoop(name=f"mqtt-{client_id}")
+        self._backoff_s = broker.reconnect_min_s
+        self._retry: TimerHandle | None = None
+        self._ticker: int | None = None
+        self._jitter = random.Random()  # noqa: S311 - spreads reconnects, not a secret
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -127,16 +152,15 @@ class MqttLink:
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise BrokerError(f"cannot set up TLS for {broker.url}: {exc}") from exc
-        client.reconnect_delay_set(
-            max(1, round(broker.reconnect_min_s)), max(1, round(broker.reconnect_max_s))
-        )
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(MAX_QUEUED)
         client.on_pre_connect = self._handle_pre_connect
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
-        client.on_connect_fail = self._handle_connect_fail
+        client.on_socket_open = self._handle_socket_open
+        client.on_socket_close = self._handle_socket_close
+        client.on_socket_register_write = self._handle_register_write
         self._client = client
 
     @property
@@ -153,12 +177,17 @@ class MqttLink:
         """Start connecting in the background (returns at once; idempotent)."""
         if self._started:
             return
+        if self._own_network and self._network.closed:  # started again after stop()
+            self._network = NetworkLoop(name=f"mqtt-{self._client_id}")
         self._started = True
+        self._backoff_s = self._broker.reconnect_min_s
         logger.info("connecting to %s", self._broker.url)
         self._client.connect_async(
             self._broker.host, self._broker.port, keepalive=self._broker.keepalive_s
         )
-        self._client.loop_start()
+        self._network.start()
+        self._ticker = self._network.add_ticker(self._tick)
+        self._network.call_soon(self._attempt)
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription (kept across reconnects; idempotent).
@@ -226,7 +255,7 @@ class MqttLink:
     ) -> bool:
         """Publish and wait until the broker acknowledged it (QoS 1).
 
-        Must not be called from a callback (paho's network thread would deadlock).
+        Must not be called from a callback (the network loop would deadlock).
 
         Returns:
             True once acknowledged, False when disconnected or not acknowledged in time.
@@ -242,51 +271,64 @@ class MqttLink:
         return info.is_published()
 
     def stop(self) -> None:
-        """Disconnect cleanly (no Last Will) and stop the network thread (idempotent)."""
-        if not self._started:
+        """Disconnect cleanly (no Last Will) and stop the link's I/O (idempotent)."""
+        if not self._halt():
             return
-        self._started = False
-        try:
-            self._client.disconnect()
-        finally:
-            self._client.loop_stop()
-            self._close_sockets()
-            self._connected.clear()
-
-    def _close_sockets(self) -> None:
-        """Close the socket and paho's wake-up socket pair now.
-
-        paho closes the pair only when the client object is finalized, and a
-        finalizer that runs after the sockets' own leaves them to the garbage
-        collector (ResourceWarning). ``_reset_sockets`` is paho 2.x's own method.
-        """
-        reset = getattr(self._client, "_reset_sockets", None)
-        if callable(reset):
-            reset()
+        sock = self._client.socket()
+        if sock is not None:
+            if self._client.disconnect() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                _cut(sock)
+            self._await_close(sock)
+        self._finish_stop()
 
     def drop_connection(self) -> None:
-        """Cut the connection without DISCONNECT and let paho reconnect (with backoff).
+        """Cut the connection without DISCONNECT and reconnect (with backoff).
 
         The broker sends the Last Will, as when a device's network fails for a
         moment; simulations and tests use it.
         """
         sock = self._client.socket()
-        if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if sock is not None:
+            _cut(sock)
 
     def kill(self) -> None:
         """Drop the connection without DISCONNECT (the broker sends the Last Will).
 
         Simulates a device losing power; used by simulations and tests.
         """
-        self._started = False
+        if not self._halt():
+            return
         sock = self._client.socket()
-        self._client.loop_stop()
         if sock is not None:
-            sock.close()
-        self._close_sockets()
+            _cut(sock)
+            self._await_close(sock)
+        self._finish_stop()
+
+    def _halt(self) -> bool:
+        """Stop reconnecting; False when the link was not started."""
+        if not self._started:
+            return False
+        self._started = False
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+        if self._ticker is not None:
+            self._network.remove_ticker(self._ticker)
+            self._ticker = None
+        return True
+
+    def _await_close(self, sock: Any) -> None:
+        """Wait for the loop to close ``sock``; cut it if the DISCONNECT is stuck."""
+        if self._network.in_loop() or not self._network.running:
+            return
+        if not self._socket_closed.wait(CLOSE_WAIT_S):
+            _cut(sock)
+            self._socket_closed.wait(CLOSE_WAIT_S)
+
+    def _finish_stop(self) -> None:
         self._connected.clear()
+        if self._own_network:
+            self._network.close()
 
     # ------------------------------------------------------------ paho callbacks
 
@@ -303,6 +345,7 @@ class MqttLink:
             logger.warning("%s refused the connection: %s", self._broker.url, reason)
             return
         self._last_error = None
+        self._backoff_s = self._broker.reconnect_min_s
         with self._subscription_lock:
             topics = list(self._subscriptions)
         if topics:
@@ -334,9 +377,71 @@ class MqttLink:
                 )
             self._call(self._on_disconnect)
 
-    def _handle_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
-        self._last_error = "broker unreachable"
-        logger.info("cannot reach %s; retrying with backoff", self._broker.url)
+    def _handle_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._socket_closed.clear()
+        self._network.watch(sock, self._on_ready)
+
+    def _handle_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._network.unwatch(sock)
+        self._socket_closed.set()
+        if self._started:
+            self._schedule_retry()
+
+    def _handle_register_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._network.set_writable(sock, True)
+
+    # ------------------------------------------------------------ on the loop
+
+    def _attempt(self) -> None:
+        """Open a connection (the loop's thread); on failure retry with backoff."""
+        self._retry = None
+        if not self._started or self._client.socket() is not None:
+            return
+        try:
+            rc = self._client.reconnect()
+        except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS
+            self._last_error = f"broker unreachable: {exc}"
+            logger.info("cannot reach %s (%s); retrying with backoff", self._broker.url, exc)
+            self._schedule_retry()
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._last_error = f"connect failed: {mqtt.error_string(rc)}"
+            sock = self._client.socket()
+            if sock is not None:
+                _cut(sock)  # the loop sees it closed and schedules the retry
+            else:
+                self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if not self._started or self._retry is not None:
+            return
+        delay = self._backoff_s * self._jitter.uniform(0.5, 1.0)
+        self._backoff_s = min(self._broker.reconnect_max_s, self._backoff_s * 2)
+        self._retry = self._network.call_later(delay, self._attempt)
+
+    def _on_ready(self, readable: bool, writable: bool) -> None:
+        client = self._client
+        if readable:
+            # paho reads one packet per call; read on while more has arrived (a
+            # coordinator hears the whole fleet, and the broker drops what queues up).
+            for _ in range(READ_BURST):
+                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                if not _more_to_read(client.socket()):
+                    break
+        if writable and client.socket() is not None:
+            client.loop_write()
+        self._sync_writable()
+
+    def _tick(self) -> None:
+        if self._client.socket() is not None:
+            self._client.loop_misc()  # keepalive: PINGREQ, or close when unanswered
+            self._sync_writable()
+
+    def _sync_writable(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:
+            self._network.set_writable(sock, self._client.want_write)
 
     def _handle_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -352,3 +457,27 @@ class MqttLink:
             callback()
         except Exception:
             logger.exception("connection callback failed")
+
+
+def _cut(sock: Any) -> None:
+    """Shut a socket down; the loop then sees it closed (no DISCONNECT is sent)."""
+    if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _more_to_read(sock: Any) -> bool:
+    """Whether ``sock`` has bytes waiting (TLS: decrypted ones it no longer signals)."""
+    if sock is None:
+        return False
+    pending = getattr(sock, "pending", None)
+    if callable(pending) and int(pending()) > 0:
+        return True
+    if isinstance(sock, ssl.SSLSocket):
+        return False  # a peek would see ciphertext; epoll signals the rest
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # let paho's next read see the error and close

@@ -25,6 +25,9 @@ allow_anonymous false
 password_file $out/passwd
 acl_file $out/acl
 persistence false
+# The coordinator hears every device on one subscription; the default queue of
+# 1000 messages per client drops messages when a large fleet reports at once.
+max_queued_messages 100000
 $run_as
 EOF
     "$mosquitto_bin" -c "$out/mosquitto.conf" > "$out/mosquitto.log" 2>&1 &

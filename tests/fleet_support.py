@@ -186,7 +186,8 @@ class Mosquitto:
         )
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
-            f"password_file {passwords}\nacl_file {acl}\npersistence false\n{run_as}"
+            f"password_file {passwords}\nacl_file {acl}\npersistence false\n"
+            f"max_queued_messages 100000\n{run_as}"
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import TrainingError
-from coordinator.simulate import load_dataset, partition
+from coordinator.simulate import SimulationConfig, load_dataset, partition, run_simulation
 from tests.fleet_support import Mosquitto
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_datasets_and_partitions() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["--partition", "zipf"], ["--dataset", "mnist"], ["--agents", "301"], ["--codec", "zip"]],
+    [["--partition", "zipf"], ["--dataset", "mnist"], ["--agents", "2001"], ["--codec", "zip"]],
 )
 def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str]) -> None:
     result = runner.invoke(app, ["simulate", *args, "--out", str(tmp_path)])
@@ -135,3 +136,13 @@ def test_the_readme_main_command_fedge_simulate_with_no_arguments(tmp_path: Path
     check_run(report, run, agents=20, rounds=20)
     assert report["final_accuracy"] > 0.85
     assert "20/20 agents serve it" in result.stdout
+
+
+def test_too_low_an_open_files_limit_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One socket per agent: a hard limit below the need is a clear error, not a hang."""
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, 1024))
+    with pytest.raises(TrainingError, match=r"1000 agents need about 4256 open files.*1024"):
+        run_simulation(SimulationConfig(out=tmp_path / "run", agents=1000))
+    assert not (tmp_path / "run" / "data").exists()

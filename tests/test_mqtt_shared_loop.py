@@ -1,0 +1,215 @@
+"""Many MqttLinks on one shared NetworkLoop, against a real mosquitto.
+
+This is how ``fedge simulate`` holds hundreds of agents in one process: one network
+thread, epoll, descriptors above select()'s 1023 ceiling. The single-link path
+(a device's private loop) is exercised by every other MQTT test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from edge_agent.mqtt import MqttLink, Will
+from edge_agent.network_loop import NetworkLoop
+from tests.descriptor_support import descriptors_above
+from tests.fleet_support import Mosquitto
+
+LINKS = 30
+WAIT_S = 15.0
+USERS = [f"net{i:02d}" for i in range(LINKS)]
+
+
+def events_of(user: str) -> str:
+    return f"fedge/v1/devices/{user}/events"
+
+
+def cmd_of(user: str) -> str:
+    return f"fedge/v1/devices/{user}/cmd"
+
+
+@dataclass
+class Probe:
+    """One link and what it saw."""
+
+    user: str
+    link: MqttLink
+    received: list[bytes] = field(default_factory=list)
+    connects: int = 0
+    disconnects: int = 0
+    got: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    instance = Mosquitto(tmp_path, USERS)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def network() -> Iterator[NetworkLoop]:
+    loop = NetworkLoop(name="shared-net")
+    loop.start()
+    yield loop
+    loop.close()
+
+
+def make_probe(
+    broker: Mosquitto, network: NetworkLoop, user: str, topics: list[str] | None = None
+) -> Probe:
+    """A device link that hears its cmd topic (the ACL's rule), or ``topics``."""
+    probe: Probe
+
+    def on_message(_topic: str, payload: bytes, _retained: bool) -> None:
+        probe.received.append(payload)
+        probe.got.set()
+
+    def on_connect() -> None:
+        probe.connects += 1
+
+    def on_disconnect() -> None:
+        probe.disconnects += 1
+
+    link = MqttLink(
+        broker.broker(user),
+        client_id=user,
+        subscriptions=topics if topics is not None else [cmd_of(user)],
+        on_message=on_message,
+        on_connect=on_connect,
+        on_disconnect=on_disconnect,
+        will=Will(events_of(user), f"gone {user}".encode(), retain=False),
+        network=network,
+    )
+    probe = Probe(user, link)
+    return probe
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def echo(coordinator: Probe, probe: Probe, payload: bytes) -> bool:
+    """Both directions: the device publishes an event, the coordinator a command."""
+    up = probe.user.encode() + b":" + payload
+    if not probe.link.publish_wait(events_of(probe.user), up, timeout=WAIT_S):
+        return False
+    if not wait_for(lambda: up in coordinator.received):
+        return False
+    probe.got.clear()
+    if not coordinator.link.publish_wait(cmd_of(probe.user), payload, timeout=WAIT_S):
+        return False
+    return probe.got.wait(WAIT_S) and payload in probe.received
+
+
+def make_coordinator(broker: Mosquitto, network: NetworkLoop) -> Probe:
+    return make_probe(broker, network, "coordinator", topics=["fedge/v1/devices/+/events"])
+
+
+def test_links_share_one_thread_above_the_select_limit(
+    broker: Mosquitto, network: NetworkLoop
+) -> None:
+    with descriptors_above(1100):
+        coordinator = make_coordinator(broker, network)
+        probes = [make_probe(broker, network, user) for user in USERS]
+        try:
+            for probe in [coordinator, *probes]:
+                probe.link.start()
+            assert wait_for(lambda: all(p.link.connected for p in [coordinator, *probes]))
+            assert all(echo(coordinator, p, b"hello") for p in probes)
+            paho_threads = [t for t in threading.enumerate() if t.name.startswith("paho-mqtt")]
+            mqtt_threads = [t for t in threading.enumerate() if t.name.startswith("mqtt-net")]
+            assert paho_threads == []
+            assert mqtt_threads == []  # no private loops: everything is on shared-net
+        finally:
+            for probe in [coordinator, *probes]:
+                probe.link.stop()
+        assert not any(p.link.connected for p in probes)
+        assert network.running  # the owner closes a shared loop, not its links
+
+
+def test_one_dropped_link_reconnects_and_the_others_are_untouched(
+    broker: Mosquitto, network: NetworkLoop
+) -> None:
+    probes = [make_probe(broker, network, user) for user in USERS[:5]]
+    coordinator = make_coordinator(broker, network)
+    everyone = [coordinator, *probes]
+    try:
+        for probe in everyone:
+            probe.link.start()
+        assert wait_for(lambda: all(p.link.connected for p in everyone))
+
+        probes[0].link.drop_connection()
+        assert wait_for(lambda: f"gone {USERS[0]}".encode() in coordinator.received)
+        assert wait_for(lambda: probes[0].connects == 2)  # reconnected (backoff 0.5-1 s)
+        assert echo(coordinator, probes[0], b"back")
+        assert [p.disconnects for p in probes[1:]] == [0, 0, 0, 0]
+        assert coordinator.disconnects == 0
+        assert all(echo(coordinator, p, b"still here") for p in probes[1:])
+        assert not any(b"gone" in m and USERS[0].encode() not in m for m in coordinator.received)
+    finally:
+        for probe in everyone:
+            probe.link.stop()
+
+
+def test_links_survive_a_broker_restart(broker: Mosquitto, network: NetworkLoop) -> None:
+    probes = [make_probe(broker, network, user) for user in USERS[:8]]
+    coordinator = make_coordinator(broker, network)
+    everyone = [coordinator, *probes]
+    try:
+        for probe in everyone:
+            probe.link.start()
+        assert wait_for(lambda: all(p.link.connected for p in everyone))
+        broker.stop()
+        assert wait_for(lambda: not any(p.link.connected for p in everyone))
+        assert not probes[0].link.publish(events_of(USERS[0]), b"lost")  # nothing is queued
+        assert wait_for(lambda: probes[0].link.last_error is not None)
+        broker.start()
+        assert wait_for(lambda: all(p.link.connected for p in everyone), timeout=20.0)
+        assert all(echo(coordinator, p, b"after restart") for p in probes)  # re-subscribed
+        assert b"lost" not in coordinator.received
+    finally:
+        for probe in everyone:
+            probe.link.stop()
+
+
+def test_stopping_a_link_that_waits_to_reconnect_is_prompt(
+    broker: Mosquitto, network: NetworkLoop
+) -> None:
+    probe = make_probe(broker, network, USERS[0])
+    broker.stop()
+    probe.link.start()
+    assert wait_for(lambda: probe.link.last_error is not None)
+    started = time.monotonic()
+    probe.link.stop()
+    assert time.monotonic() - started < 1.0
+    broker.start()
+    time.sleep(1.5)  # a pending retry would have connected by now
+    assert not probe.link.connected
+
+
+def test_a_private_loop_is_started_and_closed_with_its_link(broker: Mosquitto) -> None:
+    link = MqttLink(
+        broker.broker(USERS[0]),
+        client_id=USERS[0],
+        subscriptions=[],
+        on_message=lambda *_args: None,
+    )
+    link.connect(WAIT_S)
+    assert any(t.name == f"mqtt-{USERS[0]}" for t in threading.enumerate())
+    link.stop()
+    assert not any(t.name == f"mqtt-{USERS[0]}" for t in threading.enumerate())
+    link.connect(WAIT_S)  # a stopped link can start again, on a fresh loop
+    assert link.connected
+    link.stop()
