@@ -7,8 +7,16 @@ The tree::
     │   └── AccuracyDropError           int8 lost more accuracy than allowed
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
-    └── TrainingError               a federated run cannot start or go on
-        └── StrategyError               an unknown strategy, or bad strategy arguments
+    ├── TrainingError               a federated run cannot start or go on
+    │   └── StrategyError               an unknown strategy, or bad strategy arguments
+    ├── StoreError                  the coordinator's SQLite state cannot be read or written
+    │   ├── SchemaVersionError          the database is newer than this code knows
+    │   ├── MigrationError              a schema migration step failed (rolled back)
+    │   ├── NotFoundError               no row with that id
+    │   ├── ConflictError               a row with that id already exists
+    │   └── ArtifactCorruptError        a stored artifact file is missing or altered
+    ├── RolloutError                a bad rollout policy, or an operation its state forbids
+    └── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -66,3 +74,74 @@ class StrategyError(TrainingError):
     """An unknown strategy name, an unloadable ``module:Class`` or bad arguments."""
 
     code = "bad_strategy"
+
+
+class StoreError(CoordinatorError):
+    """The coordinator's state store failed (SQLite error, bad value, I/O error).
+
+    :mod:`coordinator.store` translates :class:`sqlite3.Error` and ``OSError`` into
+    this class or a subclass, with the original as ``__cause__``.
+    """
+
+    code = "store_error"
+
+
+class SchemaVersionError(StoreError):
+    """The database's schema version is newer than this code knows; it is not opened.
+
+    Attributes:
+        found: The database's ``user_version``.
+        known: The newest version this code can migrate to.
+    """
+
+    code = "schema_too_new"
+
+    def __init__(self, found: int, known: int) -> None:
+        """Keep both versions with the message."""
+        super().__init__(
+            f"database schema version {found} is newer than this fedge knows ({known}); "
+            "upgrade fedge or open another database"
+        )
+        self.found = found
+        self.known = known
+
+
+class MigrationError(StoreError):
+    """A schema migration step failed; it was rolled back, the version is unchanged."""
+
+    code = "migration_failed"
+
+
+class NotFoundError(StoreError):
+    """No row with the given id (device, artifact, rollout, run, token)."""
+
+    code = "not_found"
+
+
+class ConflictError(StoreError):
+    """A row with the given id already exists (rollout, run)."""
+
+    code = "conflict"
+
+
+class ArtifactCorruptError(StoreError):
+    """A stored artifact's file is missing, or its sha256 no longer matches its name."""
+
+    code = "artifact_corrupt"
+
+
+class RolloutError(CoordinatorError):
+    """A rollout policy is malformed, or an operation its state forbids.
+
+    Raised for bad canary, wave, duration or threshold values, for resuming a
+    halted, aborted or completed rollout, and for a malformed rollout snapshot.
+    """
+
+    code = "rollout_error"
+
+
+class ArtifactRejectedError(CoordinatorError):
+    """An uploaded artifact is malformed, tampered with, signed by keys the
+    coordinator does not trust, or expired; it was not stored."""
+
+    code = "artifact_rejected"

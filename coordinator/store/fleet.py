@@ -1,0 +1,373 @@
+"""Store methods for the fleet: devices, their presence history, telemetry, health.
+
+Part of :class:`coordinator.store.Store` (a mixin; see that package's docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any, Final
+
+from coordinator.store.database import Database, check_finite, dump_json, load_json
+from coordinator.store.records import DeviceRow, HealthSample, PresenceRow, TelemetryRow
+
+__all__ = ["KEEP", "FleetTables", "Keep"]
+
+logger = logging.getLogger(__name__)
+
+
+class Keep(Enum):
+    """Type of :data:`KEEP`."""
+
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+"""Default of :meth:`FleetTables.upsert_device` fields: keep the stored value."""
+
+
+def _device(row: sqlite3.Row) -> DeviceRow:
+    status = row["status_json"]
+    return DeviceRow(
+        device_id=row["device_id"],
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        online=bool(row["online"]),
+        status=None if status is None else load_json(status),
+        tags=tuple(load_json(row["tags_json"])),
+        model=row["model"],
+        version=row["version"],
+    )
+
+
+def _telemetry(row: sqlite3.Row) -> TelemetryRow:
+    return TelemetryRow(
+        device_id=row["device_id"],
+        received_at=row["received_at"],
+        window_start=row["window_start"],
+        window_end=row["window_end"],
+        model=row["model"],
+        version=row["version"],
+        predictions=row["predictions"],
+        errors=row["errors"],
+        p50=row["p50"],
+        p95=row["p95"],
+        p99=row["p99"],
+        cpu_percent=row["cpu_percent"],
+        memory_bytes=row["memory_bytes"],
+        seq=row["seq"],
+        row_id=row["id"],
+    )
+
+
+def _telemetry_params(row: TelemetryRow) -> tuple[Any, ...]:
+    check_finite(
+        f"telemetry of {row.device_id!r}",
+        row.received_at,
+        row.window_start,
+        row.window_end,
+        row.p50,
+        row.p95,
+        row.p99,
+        row.cpu_percent,
+    )
+    return (
+        row.device_id,
+        row.received_at,
+        row.window_start,
+        row.window_end,
+        row.model,
+        row.version,
+        row.predictions,
+        row.errors,
+        row.p50,
+        row.p95,
+        row.p99,
+        row.cpu_percent,
+        row.memory_bytes,
+        row.seq,
+    )
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+class FleetTables:
+    """Devices, presence, telemetry (mixed into :class:`~coordinator.store.Store`)."""
+
+    _db: Database
+
+    def upsert_device(
+        self,
+        device_id: str,
+        *,
+        online: bool,
+        at: float,
+        status: Mapping[str, Any] | Keep | None = KEEP,
+        tags: Sequence[str] | Keep = KEEP,
+        model: str | Keep | None = KEEP,
+        version: int | Keep | None = KEEP,
+    ) -> DeviceRow:
+        """Record that a device was heard from (its status message, or its Last Will).
+
+        A new device gets ``first_seen = at``. ``last_seen`` becomes ``at`` and
+        ``online`` is set; a presence row is appended when ``online`` differs from
+        the stored value, and on first sight. Fields left at :data:`KEEP` keep their
+        stored value (NULL / no tags for a new device); given values, None
+        included, replace it.
+
+        Args:
+            device_id: The device.
+            online: Whether it is connected.
+            at: Coordinator time, unix seconds.
+            status: The status message as a JSON-able dict, or None to clear it.
+            tags: Its tags.
+            model: The model it serves, or None.
+            version: That model's version, or None.
+
+        Returns:
+            The device as stored now.
+
+        Raises:
+            StoreError: ``at`` is not finite, ``status`` or ``tags`` cannot be
+                stored as JSON, or the database failed.
+        """
+        check_finite("at", at)
+
+        def keep_flag(value: object) -> int:
+            return int(isinstance(value, Keep))
+
+        def or_null(value: Any) -> Any:
+            return None if isinstance(value, Keep) else value
+
+        status_json = (
+            None if isinstance(status, Keep) or status is None else dump_json(status, "status")
+        )
+        tags_json = None if isinstance(tags, Keep) else dump_json(list(tags), "tags")
+        with self._db.transaction() as conn:
+            before = conn.execute(
+                "SELECT online FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if before is None:
+                conn.execute(
+                    "INSERT INTO devices (device_id, first_seen, last_seen, online, "
+                    "status_json, tags_json, model, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        at,
+                        at,
+                        int(online),
+                        status_json,
+                        tags_json or "[]",
+                        or_null(model),
+                        or_null(version),
+                    ),
+                )
+            else:
+                conn.execute(
+                    "UPDATE devices SET last_seen = ?, online = ?, "
+                    "status_json = CASE WHEN ? THEN status_json ELSE ? END, "
+                    "tags_json = CASE WHEN ? THEN tags_json ELSE ? END, "
+                    "model = CASE WHEN ? THEN model ELSE ? END, "
+                    "version = CASE WHEN ? THEN version ELSE ? END "
+                    "WHERE device_id = ?",
+                    (
+                        at,
+                        int(online),
+                        keep_flag(status),
+                        status_json,
+                        keep_flag(tags),
+                        tags_json,
+                        keep_flag(model),
+                        or_null(model),
+                        keep_flag(version),
+                        or_null(version),
+                        device_id,
+                    ),
+                )
+            if before is None or bool(before["online"]) != online:
+                conn.execute(
+                    "INSERT INTO presence (device_id, online, at) VALUES (?, ?, ?)",
+                    (device_id, int(online), at),
+                )
+            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return _device(row)
+
+    def device(self, device_id: str) -> DeviceRow | None:
+        """Give one device, or None if never seen.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._db.read() as conn:
+            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return None if row is None else _device(row)
+
+    def devices(self) -> list[DeviceRow]:
+        """Give every device ever seen, sorted by id.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+        return [_device(row) for row in rows]
+
+    def presence_history(self, device_id: str, limit: int = 100) -> list[PresenceRow]:
+        """Give a device's latest presence changes, newest first.
+
+        Raises:
+            ValueError: ``limit`` is negative.
+            StoreError: The database failed.
+        """
+        _check_limit(limit)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT device_id, online, at FROM presence WHERE device_id = ? "
+                "ORDER BY at DESC, id DESC LIMIT ?",
+                (device_id, limit),
+            ).fetchall()
+        return [PresenceRow(r["device_id"], bool(r["online"]), r["at"]) for r in rows]
+
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+        """Insert a batch of telemetry windows in one transaction (all or nothing).
+
+        The service buffers telemetry from MQTT and flushes it here every fraction
+        of a second: one ``executemany`` and one commit per flush, whatever the
+        number of devices. ``row_id`` of the given rows is ignored.
+
+        Raises:
+            StoreError: A row holds a non-finite number (nothing is inserted), or
+                the database failed.
+        """
+        params = [_telemetry_params(row) for row in rows]
+        if not params:
+            return
+        with self._db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO telemetry (device_id, received_at, window_start, window_end, model, "
+                "version, predictions, errors, p50, p95, p99, cpu_percent, memory_bytes, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            )
+
+    def telemetry(
+        self, device_id: str, limit: int = 100, since: float | None = None
+    ) -> list[TelemetryRow]:
+        """Give a device's latest telemetry windows, newest ``window_end`` first.
+
+        Args:
+            device_id: The device.
+            limit: Most rows to give.
+            since: Only windows ending at or after this time (device clock).
+
+        Raises:
+            ValueError: ``limit`` is negative.
+            StoreError: The database failed.
+        """
+        _check_limit(limit)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM telemetry WHERE device_id = ? AND (? IS NULL OR window_end >= ?) "
+                "ORDER BY window_end DESC, id DESC LIMIT ?",
+                (device_id, since, since, limit),
+            ).fetchall()
+        return [_telemetry(row) for row in rows]
+
+    def telemetry_count(self) -> int:
+        """Give the number of telemetry rows stored.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._db.read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+
+    def prune_telemetry(
+        self, *, max_rows: int | None = None, older_than: float | None = None
+    ) -> int:
+        """Delete old telemetry, for retention; both limits may be given.
+
+        Args:
+            max_rows: Keep at most this many rows, the most recently inserted.
+            older_than: Delete rows received (coordinator clock) before this time.
+
+        Returns:
+            The number of rows deleted.
+
+        Raises:
+            ValueError: ``max_rows`` is negative.
+            StoreError: The database failed.
+        """
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        deleted = 0
+        with self._db.transaction() as conn:
+            if older_than is not None:
+                cursor = conn.execute("DELETE FROM telemetry WHERE received_at < ?", (older_than,))
+                deleted += cursor.rowcount
+            if max_rows is not None:
+                # The id of the newest row to delete; NULL (nothing) if few enough rows.
+                cursor = conn.execute(
+                    "DELETE FROM telemetry WHERE id <= "
+                    "(SELECT id FROM telemetry ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (max_rows,),
+                )
+                deleted += cursor.rowcount
+        if deleted:
+            logger.debug("pruned %d telemetry rows", deleted)
+        return deleted
+
+    def latest_health(
+        self, device_id: str, model: str, version: int, since: float
+    ) -> HealthSample | None:
+        """Aggregate a device's telemetry for one model version, for a health check.
+
+        Only windows that lie wholly at or after ``since`` count (a window that
+        straddles it may mix calls to the previous model). The error rate is
+        ``errors / (predictions + errors)``: agents count failed calls in
+        ``errors`` and successful ones in ``predictions``, so this is the share of
+        calls that failed, in [0, 1]. Latency is given two ways, both skipping
+        windows without predictions (their quantiles are a meaningless 0): the
+        worst window's p95 (``p95_max_ms``, strict) and the prediction-weighted mean
+        of the p95s (``p95_mean_ms``, an approximation: quantiles do not average).
+
+        Returns:
+            The aggregate, or None if no such window was received.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) AS windows, SUM(predictions) AS predictions, "
+                "SUM(errors) AS errors, "
+                "MAX(CASE WHEN predictions > 0 THEN p95 END) AS p95_max, "
+                "SUM(CASE WHEN predictions > 0 THEN p95 * predictions END) AS p95_weighted, "
+                "MIN(window_start) AS first_start, MAX(window_end) AS last_end "
+                "FROM telemetry WHERE device_id = ? AND model = ? AND version = ? "
+                "AND window_end >= ? AND window_start >= ?",
+                (device_id, model, version, since, since),
+            ).fetchone()
+        if row["windows"] == 0:
+            return None
+        predictions, errors = int(row["predictions"]), int(row["errors"])
+        calls = predictions + errors
+        return HealthSample(
+            device_id=device_id,
+            model=model,
+            version=version,
+            windows=int(row["windows"]),
+            predictions=predictions,
+            errors=errors,
+            error_rate=errors / calls if calls else 0.0,
+            p95_max_ms=row["p95_max"],
+            p95_mean_ms=row["p95_weighted"] / predictions if predictions else None,
+            first_window_start=row["first_start"],
+            last_window_end=row["last_end"],
+        )

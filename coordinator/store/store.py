@@ -1,0 +1,105 @@
+"""The :class:`Store`: every table's methods on one object over one :class:`Database`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from coordinator.errors import StoreError
+from coordinator.store.access import AccessTables
+from coordinator.store.database import MEMORY, Database
+from coordinator.store.deploy import DeployTables
+from coordinator.store.fleet import FleetTables
+from coordinator.store.runs import RunTables
+from coordinator.store.schema import MIGRATIONS
+
+__all__ = ["ARTIFACT_DIR_NAME", "Store"]
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_DIR_NAME = "artifacts"
+"""Default artifact directory, next to the database file."""
+
+
+class Store(FleetTables, DeployTables, RunTables, AccessTables):
+    """The coordinator's persistent state. Thread-safe; one per process.
+
+    Args:
+        database: An open database with the current schema (see :meth:`open`).
+        artifact_dir: Where artifact files live (created if missing).
+
+    Raises:
+        StoreError: ``artifact_dir`` cannot be created.
+    """
+
+    def __init__(self, database: Database, artifact_dir: Path) -> None:
+        self._db = database
+        self._artifact_dir = Path(artifact_dir)
+        try:
+            self._artifact_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create artifact directory {artifact_dir}: {exc}") from exc
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        artifact_dir: Path | None = None,
+        busy_timeout_s: float = 5.0,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+    ) -> Store:
+        """Open (or create) the database at ``path`` and migrate it to the current schema.
+
+        Args:
+            path: Database file, or ``":memory:"``.
+            artifact_dir: Artifact files' directory; defaults to ``artifacts/``
+                next to the database file. Required for ``":memory:"``.
+            busy_timeout_s: See :class:`~coordinator.store.database.Database`.
+            synchronous: See :class:`~coordinator.store.database.Database`.
+
+        Raises:
+            ValueError: ``":memory:"`` without ``artifact_dir``.
+            SchemaVersionError: The database is newer than this code.
+            MigrationError: A migration step failed (rolled back).
+            StoreError: The database or the directory cannot be opened.
+        """
+        if artifact_dir is None:
+            if path == MEMORY:
+                raise ValueError("an in-memory store needs an artifact_dir")
+            artifact_dir = Path(path).parent / ARTIFACT_DIR_NAME
+        database = Database(
+            path, migrations=MIGRATIONS, busy_timeout_s=busy_timeout_s, synchronous=synchronous
+        )
+        try:
+            return cls(database, artifact_dir)
+        except BaseException:
+            database.close()
+            raise
+
+    @property
+    def database(self) -> Database:
+        """The underlying database (its lock groups several calls into one unit)."""
+        return self._db
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Where artifact files live."""
+        return self._artifact_dir
+
+    def close(self) -> None:
+        """Close the database. Idempotent."""
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
