@@ -37,6 +37,7 @@ fails is logged and dropped.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -47,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from compress.artifact import read_artifact_raw
+from compress.artifact import read_artifact_raw, read_payload, read_signed_manifest
 from compress.manifest import Manifest
 from compress.signing import SignedManifest
 from coordinator.chunk_sender import ChunkRequestItem, ChunkSender, PlannedSend
@@ -164,6 +165,18 @@ class Artifact:
         """
         signed, payload = read_artifact_raw(path)
         return cls(signed, payload)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Artifact:
+        """Parse an artifact held in memory (as stored by the service; checks like
+        :meth:`load`).
+
+        Raises:
+            CompressError: not a fedge artifact, or its payload does not match.
+        """
+        stream = io.BytesIO(data)
+        signed = read_signed_manifest(stream)
+        return cls(signed, read_payload(stream, signed.manifest))
 
     @property
     def manifest(self) -> Manifest:

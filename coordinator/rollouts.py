@@ -1,0 +1,446 @@
+"""Staged rollouts over MQTT: the adapter around the pure engine.
+
+:class:`RolloutManager` keeps one :class:`~coordinator.rollout_plan.Rollout` per
+running rollout. It feeds each engine with what the fleet says (install reports,
+telemetry windows, presence, devices that join the target), calls
+:meth:`~coordinator.rollout_plan.Rollout.tick` every ``tick_s`` seconds, sends the
+``deploy`` and ``rollback`` commands the engine asks for through the
+:class:`~coordinator.delivery.Coordinator`, and saves the engine's snapshot and
+per-device rows in the :class:`~coordinator.store.Store` after every change, so a
+service killed at any moment resumes its rollouts where they were.
+
+Workflow::
+
+    manager = RolloutManager(coordinator, store)
+    manager.start()                      # resumes rollouts saved by a previous run
+    view = manager.create(row, artifact, policy, target, actor="ab12cd34ef56")
+    coordinator.add_listener(manager.on_message)   # the service routes events here
+    manager.pause(view.rollout_id, actor=...)
+    manager.stop()
+
+Commands go out on a sender thread: a ``deploy`` waits up to the coordinator's
+``accept_wait_s`` for the devices to accept before pushing the payload, and the
+event callbacks (on paho's thread) must never wait. Each ``Deploy`` action gets its
+own deployment id, ``<rollout id>.<n>``, so a device's report names the rollout it
+belongs to even after a restart; a device's answer to a ``rollback`` names no
+rollout and goes to the rollouts in which that device is being reverted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from compress.errors import CompressError
+from coordinator.delivery import Artifact, Coordinator
+from coordinator.deployment import IN_PROGRESS_STATES, DeviceState
+from coordinator.errors import CoordinatorError, NotFoundError, RolloutError
+from coordinator.fleet import Target
+from coordinator.rollout_plan import (
+    Action,
+    Deploy,
+    Marker,
+    Rollback,
+    Rollout,
+    RolloutArtifact,
+    RolloutState,
+    StageReleased,
+    StateChanged,
+)
+from coordinator.rollout_policy import RolloutPolicy
+from coordinator.store import RolloutDevice, RolloutRow, Store
+from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
+
+__all__ = ["RolloutManager"]
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 1.0
+_STOP = object()
+_ENDED = frozenset({RolloutState.HALTED, RolloutState.ABORTED})
+"""Rollouts that do nothing more once every device has settled. A completed one
+still deploys to devices that come back or join its target, until a newer rollout
+of the same model replaces it."""
+
+
+@dataclass
+class _Running:
+    engine: Rollout
+    artifact: Artifact
+    target: Target
+    deploys: int = 0
+
+
+class RolloutManager:
+    """Runs a service's staged rollouts (see the module docstring; thread-safe)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        tick_s: float = TICK_S,
+    ) -> None:
+        """Prepare (no thread runs until :meth:`start`)."""
+        self._coordinator = coordinator
+        self._store = store
+        self._clock = clock
+        self._tick_s = tick_s
+        self._lock = threading.RLock()
+        self._running: dict[str, _Running] = {}
+        self._outbox: queue.Queue[tuple[str, Action] | object] = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Resume the rollouts a previous run left unfinished, then start ticking."""
+        now = self._clock()
+        online = {r.device_id for r in self._coordinator.fleet() if r.online}
+        for row, engine in _to_resume(self._store.rollouts()):
+            try:
+                artifact = Artifact.from_bytes(self._store.artifact_bytes(row.artifact_sha256))
+                target = Target.parse(row.target)
+            except (CoordinatorError, CompressError) as exc:
+                logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
+                continue
+            with self._lock:
+                self._running[row.rollout_id] = _Running(engine, artifact, target)
+                actions = engine.resume_after_restart(now, online)
+                self._save(row.rollout_id, now)
+            logger.info("resumed rollout %s (%s)", row.rollout_id, engine.state)
+            self._dispatch(row.rollout_id, actions)
+        for target_fn, name in (
+            (self._tick_loop, "rollout-tick"),
+            (self._send_loop, "rollout-send"),
+        ):
+            thread = threading.Thread(target=target_fn, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop ticking and sending (state is already saved; idempotent)."""
+        self._stopping.set()
+        self._outbox.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=10.0)
+        self._threads.clear()
+
+    # ---------------------------------------------------------------- operations
+
+    def create(
+        self,
+        *,
+        artifact_sha256: str,
+        artifact: Artifact,
+        policy: RolloutPolicy,
+        target: Target,
+        actor: str,
+        seed: int | None = None,
+    ) -> str:
+        """Start a staged rollout of a stored artifact; returns its id.
+
+        Raises:
+            TargetError: the target matches no known device.
+            RolloutError: the rollout cannot be built (e.g. an empty target).
+        """
+        now = self._clock()
+        records = self._coordinator.fleet()
+        chosen = target.select(records)
+        if not chosen:
+            raise RolloutError(f"no device matches {target.describe()}")
+        rollout_id = f"ro-{uuid.uuid4().hex[:12]}"
+        manifest = artifact.manifest
+        engine = Rollout(
+            rollout_id=rollout_id,
+            artifact=RolloutArtifact(manifest.name, manifest.version, artifact_sha256),
+            policy=policy,
+            devices=[r.device_id for r in chosen],
+            online=[r.device_id for r in chosen if r.online],
+            seed=seed if seed is not None else uuid.uuid4().int % 2**32,
+            now=now,
+        )
+        with self._lock:
+            for rid, running in list(self._running.items()):  # superseded
+                if (running.engine.artifact.model == manifest.name
+                        and running.engine.state is RolloutState.COMPLETED):  # fmt: skip
+                    del self._running[rid]
+            self._store.create_rollout(
+                rollout_id,
+                artifact_sha256=artifact_sha256,
+                target=target.text,
+                policy=policy.to_json(),
+                state=str(engine.state),
+                snapshot=engine.snapshot(),
+                created_by=actor,
+                at=now,
+            )
+            self._running[rollout_id] = _Running(engine, artifact, target)
+            actions = engine.start(now)
+            self._save(rollout_id, now)
+        logger.info("rollout %s of %s v%d started by %s", rollout_id, manifest.name,
+                    manifest.version, actor)  # fmt: skip
+        self._dispatch(rollout_id, actions)
+        return rollout_id
+
+    def pause(self, rollout_id: str, *, actor: str) -> None:
+        """Stop releasing stages (see :meth:`Rollout.pause`)."""
+        self._operate(rollout_id, lambda e, now: e.pause(now, actor))
+
+    def resume(self, rollout_id: str, *, actor: str) -> None:
+        """Go on after a pause (see :meth:`Rollout.resume`)."""
+        self._operate(rollout_id, lambda e, now: e.resume(now, actor))
+
+    def abort(self, rollout_id: str, *, actor: str, rollback: bool) -> None:
+        """End the rollout (see :meth:`Rollout.abort`)."""
+        self._operate(rollout_id, lambda e, now: e.abort(now, actor, rollback=rollback))
+
+    def summary(self, rollout_id: str) -> dict[str, object] | None:
+        """The engine's summary of a rollout this process runs (None otherwise)."""
+        with self._lock:
+            running = self._running.get(rollout_id)
+            return running.engine.summary() if running is not None else None
+
+    def _operate(
+        self, rollout_id: str, operation: Callable[[Rollout, float], list[Action]]
+    ) -> None:
+        now = self._clock()
+        with self._lock:
+            running = self._running.get(rollout_id)
+            if running is None:
+                if self._store.rollout(rollout_id) is None:
+                    raise NotFoundError(f"no rollout {rollout_id}")
+                raise RolloutError(f"rollout {rollout_id} has ended")
+            actions = operation(running.engine, now)
+            self._save(rollout_id, now)
+        self._dispatch(rollout_id, actions)
+
+    # -------------------------------------------------------------------- events
+
+    def on_message(self, device_id: str, envelope: Envelope, _size: int) -> None:
+        """Coordinator listener: route a device's message to the rollouts it concerns."""
+        message = envelope.message
+        if isinstance(message, InstallStatus):
+            self._on_install_status(device_id, message)
+        elif isinstance(message, TelemetryBatch):
+            self._on_telemetry(device_id, message)
+        elif isinstance(message, Status):
+            self._on_status(device_id, message)
+
+    def _on_install_status(self, device_id: str, status: InstallStatus) -> None:
+        rollout_id = status.deployment_id.rpartition(".")[0]
+        state = DeviceState(str(status.state))
+        error = status.error_code or status.reason
+        with self._lock:
+            if rollout_id in self._running:
+                targets = [rollout_id]
+            elif state is DeviceState.ROLLED_BACK or status.deployment_id.startswith("rollback"):
+                targets = [
+                    rid
+                    for rid, running in self._running.items()
+                    if (device := running.engine.device(device_id)) is not None
+                    and device.marker is Marker.REVERTING
+                ]
+            else:
+                return
+        for rid in targets:
+            self._event(rid, device_id, lambda e, now: e.on_install_status(
+                device_id, state, now, error=error))  # fmt: skip
+
+    def _on_telemetry(self, device_id: str, batch: TelemetryBatch) -> None:
+        with self._lock:
+            ids = [rid for rid, r in self._running.items() if r.engine.device(device_id)]
+        for record in batch.records:
+            if record.model is None or record.version is None:
+                continue
+            health: Callable[[Rollout, float], list[Action]] = functools.partial(
+                _on_health,
+                device_id=device_id,
+                model=record.model,
+                version=record.version,
+                predictions=record.predictions,
+                errors=record.errors,
+                p95_ms=record.latency_ms.p95,
+            )
+            for rid in ids:
+                self._event(rid, device_id, health)
+
+    def _on_status(self, device_id: str, status: Status) -> None:
+        with self._lock:
+            running = list(self._running.items())
+        record = next((r for r in self._coordinator.fleet() if r.device_id == device_id), None)
+        for rid, run in running:
+            if run.engine.device(device_id) is not None:
+                if status.online:
+                    self._event(rid, device_id, lambda e, now: e.on_online(device_id, now))
+                else:
+                    self._event(rid, device_id, lambda e, now: e.on_offline(device_id, now))
+            elif record is not None and run.target.matches(record):
+                join: Callable[[Rollout, float], list[Action]] = functools.partial(
+                    _add_device, device_id=device_id, online=status.online
+                )
+                self._event(rid, device_id, join)
+
+    def _event(
+        self, rollout_id: str, device_id: str, apply: Callable[[Rollout, float], list[Action]]
+    ) -> None:
+        now = self._clock()
+        with self._lock:
+            running = self._running.get(rollout_id)
+            if running is None:
+                return
+            engine = running.engine
+            before = (engine.state, engine.stage, engine.device(device_id))
+            actions = apply(engine, now)
+            if actions or before != (engine.state, engine.stage, engine.device(device_id)):
+                self._save(rollout_id, now)
+        self._dispatch(rollout_id, actions)
+
+    # --------------------------------------------------------------- the threads
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(self._tick_s):
+            with self._lock:
+                ids = list(self._running)
+            for rollout_id in ids:
+                try:
+                    self._tick(rollout_id)
+                except CoordinatorError:
+                    logger.exception("rollout %s: tick failed", rollout_id)
+
+    def _tick(self, rollout_id: str) -> None:
+        now = self._clock()
+        with self._lock:
+            running = self._running.get(rollout_id)
+            if running is None:
+                return
+            before = running.engine.snapshot()
+            actions = running.engine.tick(now)
+            if actions or running.engine.snapshot() != before:
+                self._save(rollout_id, now)
+        self._dispatch(rollout_id, actions)
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, tuple)
+            rollout_id, action = item
+            try:
+                self._send(rollout_id, action)
+            except CoordinatorError as exc:
+                logger.warning(
+                    "rollout %s: %s not sent: %s", rollout_id, type(action).__name__, exc
+                )
+
+    def _send(self, rollout_id: str, action: Action) -> None:
+        with self._lock:
+            running = self._running.get(rollout_id)
+            if running is None:
+                return
+            if isinstance(action, Deploy):
+                running.deploys += 1
+                deployment_id = f"{rollout_id}.{running.deploys}"
+        if isinstance(action, Deploy):
+            ids = list(action.device_ids)
+            self._coordinator.deploy(running.artifact, _devices(ids), deployment_id=deployment_id)
+        elif isinstance(action, Rollback):
+            model = running.engine.artifact.model
+            self._coordinator.rollback(_devices(list(action.device_ids)), model,
+                                       reason=action.reason)  # fmt: skip
+
+    # ------------------------------------------------------------------- helpers
+
+    def _dispatch(self, rollout_id: str, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, (Deploy, Rollback)):
+                if action.device_ids:
+                    self._outbox.put((rollout_id, action))
+            elif isinstance(action, StateChanged):
+                logger.info("rollout %s: %s -> %s (%s)", rollout_id, action.old, action.new,
+                            action.reason)  # fmt: skip
+            elif isinstance(action, StageReleased):
+                logger.info("rollout %s: stage %d released to %d device(s)", rollout_id,
+                            action.stage, len(action.device_ids))  # fmt: skip
+
+    def _save(self, rollout_id: str, now: float) -> None:
+        """Persist the engine (call with the lock held); forget a finished one."""
+        engine = self._running[rollout_id].engine
+        rows = [
+            RolloutDevice(
+                device_id=device_id,
+                stage=row.stage,
+                state=str(row.state),
+                updated_at=row.updated_at,
+                detail={"detail": row.detail} if row.detail else {},
+            )
+            for device_id, row in engine.device_states().items()
+        ]
+        self._store.save_rollout(
+            rollout_id, state=str(engine.state), snapshot=engine.snapshot(), devices=rows, at=now
+        )
+        if engine.state in _ENDED and _settled(engine):
+            del self._running[rollout_id]
+
+
+def _to_resume(rows: Sequence[RolloutRow]) -> list[tuple[RolloutRow, Rollout]]:
+    """Rollouts still going, and the latest completed one of each model.
+
+    Rows whose snapshot cannot be restored are logged and skipped.
+    """
+    keep: list[tuple[RolloutRow, Rollout]] = []
+    completed: set[str] = set()
+    for row in sorted(rows, key=lambda r: r.created_at, reverse=True):
+        try:
+            engine = Rollout.restore(row.snapshot)
+        except (CoordinatorError, KeyError, TypeError, ValueError) as exc:
+            logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
+            continue
+        if engine.state in _ENDED and _settled(engine):
+            continue
+        if engine.state is RolloutState.COMPLETED:
+            if engine.artifact.model in completed:
+                continue
+            completed.add(engine.artifact.model)
+        keep.append((row, engine))
+    return keep
+
+
+def _on_health(
+    engine: Rollout,
+    now: float,
+    *,
+    device_id: str,
+    model: str,
+    version: int,
+    predictions: int,
+    errors: int,
+    p95_ms: float,
+) -> list[Action]:
+    return engine.on_health(device_id, model=model, version=version, predictions=predictions,
+                            errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
+
+
+def _add_device(engine: Rollout, now: float, *, device_id: str, online: bool) -> list[Action]:
+    return engine.add_device(device_id, now, online=online)
+
+
+def _settled(engine: Rollout) -> bool:
+    """No device of the rollout is still installing or being reverted: an ended
+    rollout keeps listening until then, so its last reports are recorded."""
+    return not any(
+        d.marker is Marker.REVERTING or d.status in IN_PROGRESS_STATES for d in engine.devices()
+    )
+
+
+def _devices(ids: list[str]) -> Target:
+    return Target("device", tuple(ids), "device:" + ",".join(ids))
