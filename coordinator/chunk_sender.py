@@ -1,7 +1,7 @@
 """Serving devices' chunk requests from one sender thread, coalesced.
 
 Devices ask for the chunks they miss (after a broker restart, an agent restart, a
-late accept). Answering on paho's network thread would stall every other message
+late accept). Answering on the link's network thread would stall every other message
 while megabytes are encoded, and after a broker restart a whole fleet asks for the
 same chunks at once. So :class:`ChunkSender`:
 

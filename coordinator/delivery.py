@@ -97,7 +97,7 @@ logger = logging.getLogger(__name__)
 
 Listener = Callable[[str, Envelope, int], None]
 """Sees every device message the coordinator decodes: ``(device_id, envelope,
-payload bytes)``; called on paho's network thread, outside the coordinator's lock
+payload bytes)``; called on the MQTT link's network thread, outside the coordinator's lock
 (keep it quick, never block)."""
 
 SYNC_PREFIX = f"{ROOT}/coordinator/sync"

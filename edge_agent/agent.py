@@ -2,7 +2,7 @@
 
 One :class:`Agent` per device. Threads:
 
-* paho's network thread receives messages and only puts them on the agent's
+* the MQTT link's network thread receives messages and only puts them on the agent's
   bounded inbox (:meth:`Agent._enqueue`, never blocking: beyond the bound a message
   is dropped and counted, and a lost chunk is asked for again), so a slow install
   never stalls keepalives;

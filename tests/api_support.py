@@ -1,0 +1,439 @@
+"""Test support for the HTTP API: an in-memory twin of :class:`Operations` and tokens.
+
+* :class:`FakeOperations`: implements :class:`coordinator.operations.Operations` over
+  dicts, with the documented errors (unknown ids, bad targets, state rules, a run
+  already going, rejected artifacts), an audit log, and ``fail`` to make every
+  call raise a given error. ``mutations`` records each mutating call that reached
+  it, so tests can assert that a refused request never did.
+* :data:`TOKENS` / :func:`authenticate`: a viewer and an operator token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+from coordinator.auth import Role
+from coordinator.errors import (
+    ArtifactRejectedError,
+    CoordinatorError,
+    NotFoundError,
+    RolloutError,
+    TargetError,
+    TrainingError,
+)
+from coordinator.operations import (
+    Actor,
+    FleetMetrics,
+    RolloutRequest,
+    RolloutView,
+    RunRequest,
+    RunView,
+)
+from coordinator.store.records import (
+    ArtifactRow,
+    AuditRow,
+    DeviceRow,
+    RolloutDevice,
+    RolloutRow,
+    RoundRow,
+    RunRow,
+    RunState,
+    TelemetryRow,
+)
+
+__all__ = [
+    "ARTIFACT_MAGIC",
+    "NOW",
+    "OPERATOR",
+    "OPERATOR_TOKEN",
+    "TOKENS",
+    "VIEWER",
+    "VIEWER_TOKEN",
+    "FakeOperations",
+    "authenticate",
+    "bearer",
+]
+
+NOW = 1_800_000_000.0
+
+ARTIFACT_MAGIC = b"FEDGE"
+"""The fake accepts bytes that start with this and rejects anything else."""
+
+VIEWER_TOKEN = "fedge_viewer-token-for-the-api-tests"
+OPERATOR_TOKEN = "fedge_operator-token-for-the-api-tests"
+VIEWER = Actor("view0000id01", Role.VIEWER)
+OPERATOR = Actor("oper0000id01", Role.OPERATOR)
+TOKENS = {VIEWER_TOKEN: VIEWER, OPERATOR_TOKEN: OPERATOR}
+
+
+def authenticate(token: str) -> Actor | None:
+    """The twin of ``Store.authenticate``: the actor of a known token, else None."""
+    return TOKENS.get(token)
+
+
+def bearer(token: str) -> dict[str, str]:
+    """An ``Authorization`` header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _device(device_id: str, *, online: bool, model: str | None, version: int | None) -> DeviceRow:
+    return DeviceRow(
+        device_id=device_id,
+        first_seen=NOW - 3600,
+        last_seen=NOW - 5,
+        online=online,
+        status={"state": "serving"} if model else None,
+        tags=("lab", "pi4") if online else (),
+        model=model,
+        version=version,
+    )
+
+
+def _telemetry(device_id: str, seq: int) -> TelemetryRow:
+    return TelemetryRow(
+        device_id=device_id,
+        received_at=NOW - seq,
+        window_start=NOW - 60 - seq,
+        window_end=NOW - seq,
+        model="digits",
+        version=3,
+        predictions=100 + seq,
+        errors=seq % 2,
+        p50=2.0,
+        p95=5.5,
+        p99=9.0,
+        cpu_percent=12.5,
+        memory_bytes=50_000_000,
+        seq=seq,
+        row_id=seq,
+    )
+
+
+class FakeOperations:
+    """In-memory :class:`Operations` (see the module docstring).
+
+    Attributes:
+        device_rows: Devices by id.
+        telemetry_rows: Telemetry by device id, newest first.
+        artifact_rows: Stored artifacts by sha256.
+        rollout_views: Rollouts by id.
+        run_views: Runs by id.
+        audit: Audited actions, oldest first.
+        mutations: ``(method, actor name)`` of each mutating call received.
+        aborted: ``rollback`` argument of each abort, by rollout id.
+        fail: When set, every call raises it.
+        telemetry_ingested: Reported by :meth:`metrics`.
+        metric_rounds: Reported by :meth:`metrics` as the latest run's rounds.
+    """
+
+    def __init__(self) -> None:
+        """An empty fleet."""
+        self.device_rows: dict[str, DeviceRow] = {}
+        self.telemetry_rows: dict[str, list[TelemetryRow]] = {}
+        self.artifact_rows: dict[str, ArtifactRow] = {}
+        self.rollout_views: dict[str, RolloutView] = {}
+        self.run_views: dict[str, RunView] = {}
+        self.audit: list[AuditRow] = []
+        self.mutations: list[tuple[str, str]] = []
+        self.aborted: dict[str, bool] = {}
+        self.fail: CoordinatorError | None = None
+        self.telemetry_ingested = 0
+        self.metric_rounds: tuple[RoundRow, ...] = ()
+
+    @classmethod
+    def seeded(cls) -> FakeOperations:
+        """Three devices (two online), telemetry for one, a finished run's rounds."""
+        ops = cls()
+        for row in (
+            _device("pi-1", online=True, model="digits", version=3),
+            _device("pi-2", online=True, model="digits", version=3),
+            _device("pi-3", online=False, model=None, version=None),
+        ):
+            ops.device_rows[row.device_id] = row
+        ops.telemetry_rows["pi-1"] = [_telemetry("pi-1", seq) for seq in range(5)]
+        ops.telemetry_ingested = 42
+        ops.metric_rounds = (
+            RoundRow(
+                run_id="run-0",
+                round=1,
+                status="ok",
+                reason="",
+                metrics={"accuracy": 0.8125, "uplink_bytes": 1000, "downlink_bytes": 5000},
+                started_at=NOW - 100,
+                finished_at=NOW - 90,
+            ),
+            RoundRow(
+                run_id="run-0",
+                round=2,
+                status="failed",
+                reason="too few clients",
+                metrics={"accuracy": None, "uplink_bytes": 10, "downlink_bytes": 20},
+                started_at=NOW - 90,
+                finished_at=NOW - 80,
+            ),
+        )
+        return ops
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    def _mutate(self, method: str, actor: Actor, target: str, **detail: Any) -> None:
+        self.mutations.append((method, actor.name))
+        self.audit.append(
+            AuditRow(
+                audit_id=len(self.audit) + 1,
+                at=NOW,
+                actor=actor.name,
+                role=actor.role,
+                action=method,
+                target=target,
+                detail=dict(detail),
+            )
+        )
+
+    def _rollout_view(self, rollout_id: str) -> RolloutView:
+        try:
+            return self.rollout_views[rollout_id]
+        except KeyError:
+            raise NotFoundError(f"no rollout {rollout_id!r}") from None
+
+    def _set_state(self, view: RolloutView, state: str) -> RolloutView:
+        updated = replace(view, rollout=replace(view.rollout, state=state, updated_at=NOW + 1))
+        self.rollout_views[view.rollout.rollout_id] = updated
+        return updated
+
+    # --- Operations -----------------------------------------------------------------
+
+    def devices(self) -> list[DeviceRow]:
+        """Every device, sorted by id."""
+        self._check()
+        return [self.device_rows[key] for key in sorted(self.device_rows)]
+
+    def telemetry(self, device_id: str, *, limit: int = 100) -> list[TelemetryRow]:
+        """A device's telemetry, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        self._check()
+        if device_id not in self.device_rows:
+            raise NotFoundError(f"no device {device_id!r}")
+        return self.telemetry_rows.get(device_id, [])[:limit]
+
+    def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:
+        """Store bytes that start with :data:`ARTIFACT_MAGIC` (idempotent).
+
+        Raises:
+            ArtifactRejectedError: anything else.
+        """
+        self._check()
+        if not data.startswith(ARTIFACT_MAGIC):
+            raise ArtifactRejectedError("not a fedge artifact (bad magic)")
+        sha256 = hashlib.sha256(data).hexdigest()
+        row = self.artifact_rows.get(sha256)
+        if row is None:
+            row = ArtifactRow(
+                sha256=sha256,
+                name="digits",
+                version=len(self.artifact_rows) + 3,
+                size=len(data),
+                manifest={"name": "digits", "format": "onnx"},
+                uploaded_by=actor.name,
+                uploaded_at=NOW,
+            )
+            self.artifact_rows[sha256] = row
+        self._mutate("artifact.upload", actor, sha256)
+        return row
+
+    def artifacts(self) -> list[ArtifactRow]:
+        """Every artifact, newest first."""
+        self._check()
+        return list(reversed(self.artifact_rows.values()))
+
+    def create_rollout(self, request: RolloutRequest, *, actor: Actor) -> RolloutView:
+        """Start a rollout to the devices the target names.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a target that is not ``all``, ``tag:T`` or ``device:ID``,
+                or matches no device.
+            RolloutError: waves that do not end at 100.
+        """
+        self._check()
+        if request.artifact_sha256 not in self.artifact_rows:
+            raise NotFoundError(f"no artifact {request.artifact_sha256!r}")
+        kind, _, value = request.target.partition(":")
+        if request.target == "all":
+            chosen = list(self.device_rows.values())
+        elif kind == "tag" and value:
+            chosen = [row for row in self.device_rows.values() if value in row.tags]
+        elif kind == "device" and value:
+            ids = value.split(",")
+            chosen = [row for row in self.device_rows.values() if row.device_id in ids]
+        else:
+            raise TargetError(f"bad target {request.target!r}")
+        if not chosen:
+            raise TargetError(f"target {request.target!r} matches no device")
+        if not request.waves.endswith("100"):
+            raise RolloutError(f"waves must end at 100, not {request.waves!r}")
+        rollout_id = f"ro-{len(self.rollout_views) + 1}"
+        view = RolloutView(
+            rollout=RolloutRow(
+                rollout_id=rollout_id,
+                artifact_sha256=request.artifact_sha256,
+                target=request.target,
+                policy={"canary": request.canary, "waves": request.waves},
+                state="running",
+                snapshot={"stage": 0},
+                created_by=actor.name,
+                created_at=NOW,
+                updated_at=NOW,
+            ),
+            devices=tuple(
+                RolloutDevice(row.device_id, stage=0, state="pending", updated_at=NOW)
+                for row in chosen
+            ),
+            summary={"stage": 0, "pending": len(chosen)},
+        )
+        self.rollout_views[rollout_id] = view
+        self._mutate("rollout.create", actor, rollout_id)
+        return view
+
+    def rollouts(self) -> list[RolloutRow]:
+        """Every rollout, newest first."""
+        self._check()
+        return [view.rollout for view in reversed(self.rollout_views.values())]
+
+    def rollout(self, rollout_id: str) -> RolloutView:
+        """One rollout.
+
+        Raises:
+            NotFoundError: no such rollout.
+        """
+        self._check()
+        return self._rollout_view(rollout_id)
+
+    def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
+        """Pause a running rollout.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: it is not running.
+        """
+        self._check()
+        view = self._rollout_view(rollout_id)
+        if view.rollout.state != "running":
+            raise RolloutError(f"rollout {rollout_id} is {view.rollout.state}; cannot pause")
+        self._mutate("rollout.pause", actor, rollout_id)
+        return self._set_state(view, "paused")
+
+    def resume_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
+        """Resume a paused rollout.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: it is not paused.
+        """
+        self._check()
+        view = self._rollout_view(rollout_id)
+        if view.rollout.state != "paused":
+            raise RolloutError(f"rollout {rollout_id} is {view.rollout.state}; cannot resume")
+        self._mutate("rollout.resume", actor, rollout_id)
+        return self._set_state(view, "running")
+
+    def abort_rollout(self, rollout_id: str, *, actor: Actor, rollback: bool) -> RolloutView:
+        """Abort a rollout that has not ended.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: it completed or was aborted.
+        """
+        self._check()
+        view = self._rollout_view(rollout_id)
+        if view.rollout.state in {"completed", "aborted"}:
+            raise RolloutError(f"rollout {rollout_id} is {view.rollout.state}; cannot abort")
+        self.aborted[rollout_id] = rollback
+        self._mutate("rollout.abort", actor, rollout_id, rollback=rollback)
+        return self._set_state(view, "aborted")
+
+    def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:
+        """Record a running run.
+
+        Raises:
+            TrainingError: fewer than one round, or a run is already going.
+        """
+        self._check()
+        if request.rounds < 1:
+            raise TrainingError(f"rounds must be at least 1, not {request.rounds}")
+        if any(view.run.state is RunState.RUNNING for view in self.run_views.values()):
+            raise TrainingError("a federated run is already going")
+        run_id = f"run-{len(self.run_views) + 1}"
+        view = RunView(
+            run=RunRow(
+                run_id=run_id,
+                config={
+                    "rounds": request.rounds,
+                    "strategy": request.strategy,
+                    "codec": request.codec,
+                    "min_clients": request.min_clients,
+                    "round_timeout_s": request.round_timeout_s,
+                    **request.config,
+                },
+                state=RunState.RUNNING,
+                created_by=actor.name,
+                created_at=NOW,
+                updated_at=NOW,
+            ),
+            rounds=(),
+        )
+        self.run_views[run_id] = view
+        self._mutate("run.start", actor, run_id)
+        return view
+
+    def runs(self) -> list[RunRow]:
+        """Every run, newest first."""
+        self._check()
+        return [view.run for view in reversed(self.run_views.values())]
+
+    def run(self, run_id: str) -> RunView:
+        """One run.
+
+        Raises:
+            NotFoundError: no such run.
+        """
+        self._check()
+        try:
+            return self.run_views[run_id]
+        except KeyError:
+            raise NotFoundError(f"no run {run_id!r}") from None
+
+    def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
+        """The latest ``limit`` actions, oldest first."""
+        self._check()
+        return self.audit[-limit:]
+
+    def metrics(self) -> FleetMetrics:
+        """Figures computed from the fake's state."""
+        self._check()
+        rows = self.device_rows.values()
+        return FleetMetrics(
+            devices_online=sum(row.online for row in rows),
+            devices_total=len(self.device_rows),
+            models=dict(
+                Counter(
+                    (row.model, row.version)
+                    for row in rows
+                    if row.model is not None and row.version is not None
+                )
+            ),
+            rollouts=dict(Counter(view.rollout.state for view in self.rollout_views.values())),
+            latency_ms={"0.5": 2.0, "0.95": 5.5, "0.99": 9.0},
+            telemetry_ingested=self.telemetry_ingested,
+            rounds=self.metric_rounds,
+        )
