@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from compress.errors import CompressError
 from coordinator.delivery import Artifact, Coordinator
@@ -276,7 +277,13 @@ class RolloutManager:
     def _on_status(self, device_id: str, status: Status) -> None:
         with self._lock:
             running = list(self._running.items())
-        record = next((r for r in self._coordinator.fleet() if r.device_id == device_id), None)
+        joining = [run for _rid, run in running if run.engine.device(device_id) is None]
+        # The fleet's record (for tag targets) only when some rollout may take a newcomer.
+        record = (
+            next((r for r in self._coordinator.fleet() if r.device_id == device_id), None)
+            if joining
+            else None
+        )
         for rid, run in running:
             if run.engine.device(device_id) is not None:
                 if status.online:
@@ -324,8 +331,9 @@ class RolloutManager:
                 return
             before = running.engine.snapshot()
             actions = running.engine.tick(now)
-            if actions or running.engine.snapshot() != before:
-                self._save(rollout_id, now)
+            after = running.engine.snapshot()
+            if actions or after != before:
+                self._save(rollout_id, now, snapshot=after)
         self._dispatch(rollout_id, actions)
 
     def _send_loop(self) -> None:
@@ -372,8 +380,11 @@ class RolloutManager:
                 logger.info("rollout %s: stage %d released to %d device(s)", rollout_id,
                             action.stage, len(action.device_ids))  # fmt: skip
 
-    def _save(self, rollout_id: str, now: float) -> None:
-        """Persist the engine (call with the lock held); forget a finished one."""
+    def _save(self, rollout_id: str, now: float, *, snapshot: dict[str, Any] | None = None) -> None:
+        """Persist the engine (call with the lock held); forget a finished one.
+
+        ``snapshot``: the engine's current snapshot, when the caller already took it.
+        """
         engine = self._running[rollout_id].engine
         rows = [
             RolloutDevice(
@@ -386,7 +397,11 @@ class RolloutManager:
             for device_id, row in engine.device_states().items()
         ]
         self._store.save_rollout(
-            rollout_id, state=str(engine.state), snapshot=engine.snapshot(), devices=rows, at=now
+            rollout_id,
+            state=str(engine.state),
+            snapshot=snapshot if snapshot is not None else engine.snapshot(),
+            devices=rows,
+            at=now,
         )
         if engine.state in _ENDED and _settled(engine):
             del self._running[rollout_id]

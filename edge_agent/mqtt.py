@@ -129,7 +129,7 @@ class MqttLink:
         self._last_error: str | None = None
         self._client_id = client_id
         self._own_network = network is None
-        self._network = network if network is not None else NetworkLoop(name=f"mqtt-{client_id}")
+        self._network = network if network is not None else self._private_loop()
         self._backoff_s = broker.reconnect_min_s
         self._retry: TimerHandle | None = None
         self._ticker: int | None = None
@@ -178,7 +178,7 @@ class MqttLink:
         if self._started:
             return
         if self._own_network and self._network.closed:  # started again after stop()
-            self._network = NetworkLoop(name=f"mqtt-{self._client_id}")
+            self._network = self._private_loop()
         self._started = True
         self._backoff_s = self._broker.reconnect_min_s
         logger.info("connecting to %s", self._broker.url)
@@ -188,6 +188,9 @@ class MqttLink:
         self._network.start()
         self._ticker = self._network.add_ticker(self._tick)
         self._network.call_soon(self._attempt)
+
+    def _private_loop(self) -> NetworkLoop:
+        return NetworkLoop(name=f"mqtt-{self._client_id}")
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription (kept across reconnects; idempotent).
