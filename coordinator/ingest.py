@@ -1,0 +1,321 @@
+"""What the fleet says, written into the store in batches, off the network thread.
+
+The coordinator's MQTT listener runs on its network loop, which must never wait
+for SQLite. :class:`Ingest` takes presence changes (status messages and Last
+Wills) and telemetry batches from that thread into memory, and a writer thread
+flushes them every ``flush_s`` seconds: all buffered device upserts, then all
+telemetry windows in one transaction (:meth:`~coordinator.store.Store.add_telemetry`).
+Every ``prune_every_s`` it applies the telemetry retention limits.
+
+Workflow::
+
+    ingest = Ingest(store, IngestSettings(flush_s=0.5))
+    coordinator.add_listener(ingest.on_message)
+    ingest.start()
+    ...
+    ingest.counts()      # received / stored / pending / dropped windows
+    ingest.latency_ms()  # fleet latency quantiles from recent histograms
+    ingest.stop()        # flushes what is left
+
+Nothing acknowledged is lost: a failed flush (disk full, database locked) keeps the
+rows buffered and retries at the next flush. Only when the buffer passes
+``max_pending`` rows (the store has been failing for a long time) are the oldest
+windows dropped, counted and logged. Presence is never dropped: only the last
+state of each device is kept, so it cannot grow past the fleet's size.
+
+Fleet latency quantiles come from the latency histograms of the windows received
+in the last ``latency_window_s`` seconds, summed bucket by bucket (agents share
+the default bucket bounds; windows with other bounds are left out of the sum).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.errors import StoreError
+from coordinator.store import Store, TelemetryRow
+from edge_agent.protocol import Envelope, Histogram, Status, TelemetryBatch
+from edge_agent.telemetry import estimate_quantile
+
+__all__ = ["QUANTILES", "Ingest", "IngestCounts", "IngestSettings", "status_document"]
+
+logger = logging.getLogger(__name__)
+
+QUANTILES = (0.5, 0.95, 0.99)
+"""Fleet latency quantiles :meth:`Ingest.latency_ms` gives."""
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How the fleet's messages are written.
+
+    Attributes:
+        flush_s: Seconds between flushes.
+        max_pending: Most telemetry windows held while the store fails.
+        max_rows: Telemetry retention by row count (None: no limit).
+        max_age_s: Telemetry retention by age, seconds (None: no limit).
+        prune_every_s: Seconds between retention passes.
+        latency_window_s: Telemetry age the fleet latency quantiles cover.
+
+    Raises:
+        ValueError: A value out of range.
+    """
+
+    flush_s: float = 0.5
+    max_pending: int = 1_000_000
+    max_rows: int | None = 1_000_000
+    max_age_s: float | None = 7 * 86400.0
+    prune_every_s: float = 60.0
+    latency_window_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        """Check the values."""
+        for name in ("flush_s", "prune_every_s", "latency_window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ValueError("max_rows must be >= 0")
+        if self.max_age_s is not None and not self.max_age_s > 0:
+            raise ValueError("max_age_s must be positive")
+
+
+@dataclass(frozen=True)
+class IngestCounts:
+    """Telemetry windows since start: received from MQTT, stored, waiting, dropped."""
+
+    received: int
+    stored: int
+    pending: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class _Presence:
+    online: bool
+    at: float
+    status: dict[str, Any] | None
+    tags: tuple[str, ...] | None
+    model: str | None
+    version: int | None
+
+
+def status_document(status: Status) -> dict[str, Any]:
+    """A status message as the JSON dict the store keeps for a device."""
+    return {
+        "online": status.online,
+        "agent_version": status.agent_version,
+        "hardware": dict(status.hardware),
+        "runtimes": list(status.runtimes),
+        "tags": list(status.tags),
+        "models": [
+            {"name": m.name, "version": m.version, "sha256": m.sha256} for m in status.models
+        ],
+        "train_examples": status.train_examples,
+    }
+
+
+class Ingest:
+    """Buffers presence and telemetry and writes them in batches (thread-safe)."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: IngestSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Prepare (no thread runs until :meth:`start`)."""
+        self._store = store
+        self._settings = settings or IngestSettings()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._telemetry: collections.deque[TelemetryRow] = collections.deque()
+        self._presence: dict[str, _Presence] = {}
+        self._histograms: collections.deque[tuple[float, Histogram]] = collections.deque()
+        self._received = 0
+        self._stored = 0
+        self._dropped = 0
+        self._flush_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_prune = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._stopping.clear()
+        self._last_prune = self._clock()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the writer and flush what is buffered (idempotent)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+            self._thread = None
+        self.flush()
+
+    # ------------------------------------------------------------------- intake
+
+    def on_message(self, device_id: str, envelope: Envelope, _size: int) -> None:
+        """Coordinator listener: buffer a status or a telemetry batch."""
+        message = envelope.message
+        if isinstance(message, Status):
+            self.add_status(device_id, message)
+        elif isinstance(message, TelemetryBatch):
+            self.add_telemetry(device_id, message)
+
+    def add_status(self, device_id: str, status: Status) -> None:
+        """Buffer a device's presence (the latest per device wins)."""
+        model = status.models[0] if status.models else None
+        presence = _Presence(
+            online=status.online,
+            at=self._clock(),
+            status=status_document(status),
+            tags=tuple(status.tags),
+            model=model.name if model else None,
+            version=model.version if model else None,
+        )
+        with self._lock:
+            self._presence[device_id] = presence
+
+    def add_telemetry(self, device_id: str, batch: TelemetryBatch) -> None:
+        """Buffer a telemetry batch's windows."""
+        now = self._clock()
+        rows = [
+            TelemetryRow(
+                device_id=device_id,
+                received_at=now,
+                window_start=r.window_start,
+                window_end=r.window_end,
+                model=r.model,
+                version=r.version,
+                predictions=r.predictions,
+                errors=r.errors,
+                p50=r.latency_ms.p50,
+                p95=r.latency_ms.p95,
+                p99=r.latency_ms.p99,
+                cpu_percent=r.cpu_percent,
+                memory_bytes=r.memory_bytes,
+                seq=batch.seq,
+            )
+            for r in batch.records
+        ]
+        overflow = 0
+        with self._lock:
+            self._received += len(rows)
+            self._telemetry.extend(rows)
+            for record in batch.records:
+                if record.predictions:
+                    self._histograms.append((now, record.histogram))
+            while len(self._telemetry) > self._settings.max_pending:
+                self._telemetry.popleft()
+                overflow += 1
+            self._dropped += overflow
+            self._trim_histograms(now)
+        if overflow:
+            logger.error("telemetry buffer full (the store keeps failing): dropped %d window(s)",
+                         overflow)  # fmt: skip
+
+    # -------------------------------------------------------------------- views
+
+    def counts(self) -> IngestCounts:
+        """Telemetry windows received, stored, pending and dropped since start."""
+        with self._lock:
+            return IngestCounts(self._received, self._stored, len(self._telemetry), self._dropped)
+
+    def latency_ms(self) -> dict[str, float]:
+        """Fleet latency quantiles (``{"0.5": ms, ...}``) over recent windows; {} if none."""
+        with self._lock:
+            self._trim_histograms(self._clock())
+            histograms = [h for _at, h in self._histograms]
+        merged = _merge(histograms)
+        if merged is None:
+            return {}
+        return {str(q): estimate_quantile(merged, q) for q in QUANTILES}
+
+    # ------------------------------------------------------------------ writing
+
+    def flush(self) -> None:
+        """Write what is buffered now (called by the writer thread, and on stop).
+
+        A store failure is logged and the rows stay buffered for the next flush.
+        """
+        with self._flush_lock:
+            with self._lock:
+                presence, self._presence = self._presence, {}
+                rows = list(self._telemetry)
+                self._telemetry.clear()
+            for device_id, p in presence.items():
+                try:
+                    self._store.upsert_device(device_id, online=p.online, at=p.at,
+                                              status=p.status, tags=p.tags or (),
+                                              model=p.model, version=p.version)  # fmt: skip
+                except StoreError as exc:
+                    logger.error("device %s: presence not stored (will retry): %s", device_id, exc)
+                    with self._lock:
+                        self._presence.setdefault(device_id, p)
+            if not rows:
+                return
+            try:
+                self._store.add_telemetry(rows)
+            except StoreError as exc:
+                logger.error("%d telemetry window(s) not stored (will retry): %s", len(rows), exc)
+                with self._lock:  # back in front of what arrived meanwhile, oldest first
+                    self._telemetry.extendleft(reversed(rows))
+                    overflow = max(0, len(self._telemetry) - self._settings.max_pending)
+                    for _ in range(overflow):
+                        self._telemetry.popleft()
+                    self._dropped += overflow
+                if overflow:
+                    logger.error("telemetry buffer full: dropped %d window(s)", overflow)
+                return
+            with self._lock:
+                self._stored += len(rows)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._settings.flush_s):
+            self.flush()
+            now = self._clock()
+            if now - self._last_prune >= self._settings.prune_every_s:
+                self._last_prune = now
+                self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        settings = self._settings
+        older_than = None if settings.max_age_s is None else now - settings.max_age_s
+        try:
+            self._store.prune_telemetry(max_rows=settings.max_rows, older_than=older_than)
+        except StoreError as exc:
+            logger.error("telemetry retention failed (will retry): %s", exc)
+
+    def _trim_histograms(self, now: float) -> None:
+        """Forget histograms older than the latency window (call with the lock held)."""
+        horizon = now - self._settings.latency_window_s
+        while self._histograms and self._histograms[0][0] < horizon:
+            self._histograms.popleft()
+
+
+def _merge(histograms: list[Histogram]) -> Histogram | None:
+    """Sum histograms sharing the most common bounds; None without any count."""
+    by_bounds: dict[tuple[float, ...], list[int]] = {}
+    for histogram in histograms:
+        counts = by_bounds.setdefault(histogram.bounds, [0] * len(histogram.counts))
+        for i, count in enumerate(histogram.counts):
+            counts[i] += count
+    if not by_bounds:
+        return None
+    bounds, counts = max(by_bounds.items(), key=lambda item: sum(item[1]))
+    if not sum(counts):
+        return None
+    return Histogram(bounds, tuple(counts))

@@ -1,0 +1,259 @@
+"""The coordinator service end to end: FleetService, a real mosquitto, 20 agents.
+
+The agents run in this process on one shared network loop (as in ``fedge
+simulate``); the service keeps its state in a SQLite file in the test's directory.
+Everything goes through the :class:`~coordinator.operations.Operations` methods the
+HTTP API and the CLI call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from compress.keys import SigningKey, generate_signing_key
+from compress.signing import TrustedKeys
+from coordinator.delivery import Coordinator, CoordinatorConfig
+from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
+from coordinator.operations import CLI_ACTOR, Actor, RolloutRequest
+from coordinator.rollout_plan import RolloutState
+from coordinator.service import FleetService, ServiceSettings
+from coordinator.store import Store
+from edge_agent.agent import Agent
+from edge_agent.network_loop import NetworkLoop
+from tests.fleet_support import Mosquitto, agent_config, make_artifact, public_key_file
+
+pytestmark = pytest.mark.slow
+
+DEVICES = [f"sv{i:02d}" for i in range(20)]
+WAIT_S = 90.0
+OPERATOR = Actor("ab12cd34ef56", CLI_ACTOR.role)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting{': ' + what if what else ''}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return generate_signing_key()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    instance = Mosquitto(tmp_path, DEVICES)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+class Fleet:
+    """In-process agents on one network loop; more can join later."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto, key: SigningKey) -> None:
+        self.tmp_path = tmp_path
+        self.broker = broker
+        self.trust = public_key_file(tmp_path / "keys", key)
+        self.network = NetworkLoop(name="sv-net")
+        self.network.start()
+        self.agents: dict[str, Agent] = {}
+
+    def start(self, device_id: str) -> None:
+        config = agent_config(self.broker, device_id, self.tmp_path / "agents" / device_id,
+                              self.trust)  # fmt: skip
+        agent = Agent(config, network=self.network)
+        agent.start()
+        self.agents[device_id] = agent
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        self.network.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[Fleet]:
+    instance = Fleet(tmp_path, broker, key)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def open_service(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> FleetService:
+    store = Store.open(tmp_path / "coordinator.db")
+    coordinator = Coordinator(
+        CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0)
+    )
+    settings = ServiceSettings(telemetry_flush_s=0.2, rollout_tick_s=0.2)
+    service = FleetService(store, coordinator, TrustedKeys.of([key.public_key]), settings=settings)
+    service.start()
+    return service
+
+
+@pytest.fixture
+def service(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[FleetService]:
+    instance = open_service(tmp_path, broker, key)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        instance.store.close()
+
+
+def online(service: FleetService) -> int:
+    return sum(r.online for r in service.coordinator.fleet())
+
+
+def served(service: FleetService) -> dict[str, int | None]:
+    """The version of ``digits`` each device serves, as its status says."""
+    return {
+        r.device_id: max((m.version for m in r.models if m.name == "digits"), default=None)
+        for r in service.coordinator.fleet()
+    }
+
+
+def state(service: FleetService, rollout_id: str) -> str:
+    return service.rollout(rollout_id).rollout.state
+
+
+def upload(service: FleetService, path: Path) -> str:
+    return service.upload_artifact(path.read_bytes(), actor=OPERATOR).sha256
+
+
+def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
+) -> None:
+    for device in DEVICES:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 20, what="20 agents online")
+    sha = upload(service, make_artifact(tmp_path, key, version=2))
+    request = RolloutRequest(artifact_sha256=sha, target="all", canary="2", waves="50,100",
+                             soak="1s", max_failure="10%")  # fmt: skip
+    view = service.create_rollout(request, actor=OPERATOR)
+    rollout_id = view.rollout.rollout_id
+    assert view.summary["stages"] == 3
+    wait_for(lambda: state(service, rollout_id) == RolloutState.COMPLETED, what="completed")
+
+    assert set(served(service).values()) == {2}
+    view = service.rollout(rollout_id)
+    sizes = [sum(d.stage == s for d in view.devices) for s in range(3)]
+    assert sizes == [2, 8, 10]  # canary 2, then up to 50 % (10), then 100 % (20)
+    assert {d.state for d in view.devices} == {"installed"}
+    # The stored inventory and telemetry follow the fleet.
+    wait_for(lambda: {d.version for d in service.devices()} == {2}, what="inventory")
+    assert sorted(d.device_id for d in service.devices()) == DEVICES
+    assert all(d.online for d in service.devices())
+    wait_for(lambda: all(service.telemetry(d, limit=1) for d in DEVICES), what="telemetry")
+    figures = service.metrics()
+    assert figures.devices_online == 20
+    assert figures.models == {("digits", 2): 20}
+    assert figures.rollouts == {"completed": 1}
+    actions = [(a.actor, a.action, a.target) for a in service.audit_log()]
+    assert actions == [
+        (OPERATOR.name, "artifact.upload", sha),
+        (OPERATOR.name, "rollout.create", rollout_id),
+    ]
+
+
+def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_it_back(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
+) -> None:
+    for device in DEVICES:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 20, what="20 agents online")
+    good = upload(service, make_artifact(tmp_path, key, version=2))
+    first = service.create_rollout(
+        RolloutRequest(artifact_sha256=good, canary="20", soak="0s"), actor=OPERATOR
+    ).rollout.rollout_id
+    wait_for(lambda: state(service, first) == RolloutState.COMPLETED, what="v2 everywhere")
+
+    bad = upload(service, make_artifact(tmp_path, key, version=3, break_health_check=True))
+    request = RolloutRequest(artifact_sha256=bad, canary="2", waves="50,100", soak="1s",
+                             max_failure="10%")  # fmt: skip
+    second = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+    wait_for(lambda: state(service, second) == RolloutState.HALTED, what="halted")
+    time.sleep(2.0)  # a halted rollout releases nothing more
+
+    view = service.rollout(second)
+    canary = [d for d in view.devices if d.stage == 0]
+    assert len(canary) == 2
+    assert {d.state for d in canary} == {"rolled_back"}
+    assert {d.state for d in view.devices if d.stage > 0} == {"waiting"}
+    assert set(served(service).values()) == {2}
+    assert view.summary["halt_reason"]
+    with pytest.raises(RolloutError):
+        service.resume_rollout(second, actor=OPERATOR)
+
+
+def test_pause_holds_the_next_wave_resume_finishes_and_a_late_joiner_is_updated(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
+) -> None:
+    late = DEVICES[-1]
+    for device in DEVICES[:-1]:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 19, what="19 agents online")
+    sha = upload(service, make_artifact(tmp_path, key, version=2))
+    request = RolloutRequest(artifact_sha256=sha, canary="2", waves="50,100", soak="1s",
+                             max_failure="10%")  # fmt: skip
+    rollout_id = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+    paused = service.pause_rollout(rollout_id, actor=OPERATOR)
+    assert paused.rollout.state == RolloutState.PAUSED
+
+    def canary_installed() -> bool:
+        devices = service.rollout(rollout_id).devices
+        return sum(d.state == "installed" for d in devices) == 2
+
+    wait_for(canary_installed, what="the canary installs while paused")
+    time.sleep(3.0)  # three soaks: a running rollout would have released wave 1 by now
+    view = service.rollout(rollout_id)
+    assert view.rollout.state == RolloutState.PAUSED
+    assert {d.state for d in view.devices if d.stage > 0} == {"waiting"}
+    assert sum(v == 2 for v in served(service).values()) == 2
+
+    fleet.start(late)  # joins the target while the rollout runs
+    wait_for(lambda: any(d.device_id == late for d in service.rollout(rollout_id).devices),
+             what="the newcomer enters the rollout")  # fmt: skip
+    service.resume_rollout(rollout_id, actor=OPERATOR)
+    wait_for(lambda: state(service, rollout_id) == RolloutState.COMPLETED, what="completed")
+    wait_for(lambda: served(service).get(late) == 2, what="the newcomer serves v2")
+    assert set(served(service).values()) == {2}
+    assert len(served(service)) == 20
+    actions = [a.action for a in service.audit_log()]
+    assert actions[-2:] == ["rollout.pause", "rollout.resume"]
+
+
+def test_uploads_that_fail_verification_are_refused_and_nothing_is_stored(
+    tmp_path: Path, key: SigningKey, service: FleetService
+) -> None:
+    (tmp_path / "stranger").mkdir()
+    bad = {
+        "tampered": make_artifact(tmp_path, key, version=2, tamper_payload=True),
+        "untrusted": make_artifact(tmp_path / "stranger", generate_signing_key(), version=3),
+        "expired": make_artifact(tmp_path, key, version=4, expired=True),
+    }
+    for what, path in bad.items():
+        with pytest.raises(ArtifactRejectedError):
+            service.upload_artifact(path.read_bytes(), actor=OPERATOR)
+        assert service.artifacts() == [], what
+    with pytest.raises(ArtifactRejectedError):
+        service.upload_artifact(b"not an artifact", actor=OPERATOR)
+    assert [a.action for a in service.audit_log()] == ["artifact.reject"] * 4
+    assert list((service.store.artifact_dir).glob("*")) == []
+    # The same good bytes twice are stored once.
+    good = make_artifact(tmp_path, key, version=5)
+    first = service.upload_artifact(good.read_bytes(), actor=OPERATOR)
+    again = service.upload_artifact(good.read_bytes(), actor=OPERATOR)
+    assert first == again
+    assert [a.sha256 for a in service.artifacts()] == [first.sha256]
+    with pytest.raises(NotFoundError):
+        service.create_rollout(RolloutRequest(artifact_sha256="0" * 64), actor=OPERATOR)
+    with pytest.raises(NotFoundError):
+        service.telemetry("nobody")
