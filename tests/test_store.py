@@ -315,8 +315,10 @@ def test_runs_and_rounds(store: Store) -> None:
 
     finished = store.finish_run("run-1", state=RunState.FAILED, at=6.0)
     assert (finished.state, finished.updated_at) == (RunState.FAILED, 6.0)
-    with pytest.raises(ValueError, match="interrupted"):
-        store.finish_run("run-1", state=RunState.INTERRUPTED, at=7.0)
+    with pytest.raises(ValueError, match="running"):
+        store.finish_run("run-1", state=RunState.RUNNING, at=7.0)
+    stopped = store.finish_run("run-1", state=RunState.INTERRUPTED, at=7.0)
+    assert stopped.state is RunState.INTERRUPTED
     with pytest.raises(NotFoundError):
         store.finish_run("nope", at=7.0)
     assert store.run("nope") is None

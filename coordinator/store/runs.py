@@ -120,15 +120,15 @@ class RunTables:
         )
 
     def finish_run(self, run_id: str, *, state: RunState = RunState.FINISHED, at: float) -> RunRow:
-        """Mark a run ``finished`` or ``failed``.
+        """Mark a run ``finished``, ``failed`` or ``interrupted`` (the service stopping).
 
         Raises:
-            ValueError: ``state`` is ``running`` or ``interrupted``.
+            ValueError: ``state`` is ``running``.
             NotFoundError: No such run.
             StoreError: The database failed.
         """
-        if state not in (RunState.FINISHED, RunState.FAILED):
-            raise ValueError(f"a run finishes as finished or failed, not {state}")
+        if state is RunState.RUNNING:
+            raise ValueError("a run cannot finish as running")
         check_finite("at", at)
         with self._db.transaction() as conn:
             cursor = conn.execute(

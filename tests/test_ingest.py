@@ -1,0 +1,188 @@
+"""Ingest: presence and telemetry buffered and written in batches (in-memory store)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import StoreError
+from coordinator.ingest import Ingest, IngestSettings
+from coordinator.store import MEMORY, Store, TelemetryRow
+from edge_agent.protocol import (
+    Envelope,
+    Histogram,
+    LatencyQuantiles,
+    ModelInfo,
+    Status,
+    TelemetryBatch,
+    TelemetryRecord,
+)
+
+BOUNDS = (1.0, 2.0, 5.0, 10.0)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FailingStore(Store):
+    """A store whose telemetry writes fail while ``failing`` is set."""
+
+    failing = False
+
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+        if self.failing:
+            raise StoreError("disk full")
+        super().add_telemetry(rows)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FailingStore]:
+    instance = FailingStore.open(MEMORY, artifact_dir=tmp_path)
+    assert isinstance(instance, FailingStore)
+    yield instance
+    instance.close()
+
+
+def record(*, counts: tuple[int, ...] = (0, 10, 0, 0, 0), errors: int = 0) -> TelemetryRecord:
+    return TelemetryRecord(
+        window_start=1.0, window_end=2.0, model="digits", version=2,
+        predictions=sum(counts), errors=errors, latency_ms=LatencyQuantiles(1.5, 1.9, 2.0),
+        histogram=Histogram(BOUNDS, counts), cpu_percent=3.0, memory_bytes=1 << 20, uptime_s=5.0,
+    )  # fmt: skip
+
+
+def batch(seq: int, *records: TelemetryRecord) -> TelemetryBatch:
+    return TelemetryBatch(seq=seq, records=records or (record(),))
+
+
+def status(online: bool, version: int = 1) -> Status:
+    model = ModelInfo(name="digits", version=version, sha256="ab" * 32)
+    return Status(online=online, agent_version="0.1", tags=("lab",), models=(model,))
+
+
+def test_windows_are_buffered_and_written_in_one_flush(store: FailingStore) -> None:
+    ingest = Ingest(store)
+    for seq in range(5):
+        ingest.add_telemetry("d1", batch(seq, record(), record()))
+    assert store.telemetry_count() == 0
+    assert ingest.counts().pending == 10
+    ingest.flush()
+    assert store.telemetry_count() == 10
+    assert ingest.counts() == ingest.counts().__class__(received=10, stored=10, pending=0,
+                                                         dropped=0)  # fmt: skip
+    rows = store.telemetry("d1", limit=100)
+    assert {r.seq for r in rows} == {0, 1, 2, 3, 4}
+    assert all(isinstance(r, TelemetryRow) and r.model == "digits" for r in rows)
+
+
+def test_a_failed_flush_keeps_the_rows_and_the_next_one_writes_them_in_order(
+    store: FailingStore,
+) -> None:
+    ingest = Ingest(store)
+    ingest.add_telemetry("d1", batch(1))
+    store.failing = True
+    ingest.flush()
+    assert ingest.counts().pending == 1
+    ingest.add_telemetry("d1", batch(2))
+    store.failing = False
+    ingest.flush()
+    assert ingest.counts().stored == 2
+    assert [r.seq for r in reversed(store.telemetry("d1"))] == [1, 2]
+
+
+def test_past_max_pending_the_oldest_windows_are_dropped_and_counted(store: FailingStore) -> None:
+    ingest = Ingest(store, IngestSettings(max_pending=3))
+    store.failing = True
+    for seq in range(5):
+        ingest.add_telemetry("d1", batch(seq))
+        ingest.flush()
+    assert ingest.counts().dropped == 2
+    store.failing = False
+    ingest.flush()
+    assert [r.seq for r in reversed(store.telemetry("d1"))] == [2, 3, 4]
+
+
+def test_presence_keeps_the_latest_state_per_device(store: FailingStore) -> None:
+    clock = Clock()
+    ingest = Ingest(store, clock=clock)
+    ingest.on_message("d1", Envelope("a" * 32, "d1", 1.0, 1, status(True)), 100)
+    clock.now += 1
+    ingest.on_message("d1", Envelope("b" * 32, "d1", 2.0, 1, status(False, version=3)), 100)
+    ingest.flush()
+    row = store.device("d1")
+    assert row is not None
+    assert (row.online, row.model, row.version, row.tags) == (False, "digits", 3, ("lab",))
+    assert row.status is not None
+    assert row.status["agent_version"] == "0.1"
+    assert [p.online for p in store.presence_history("d1")] == [False]
+
+
+def test_fleet_latency_quantiles_merge_the_recent_histograms(store: FailingStore) -> None:
+    clock = Clock()
+    ingest = Ingest(store, IngestSettings(latency_window_s=60.0), clock=clock)
+    assert ingest.latency_ms() == {}
+    ingest.add_telemetry("d1", batch(1, record(counts=(90, 0, 0, 0, 0))))
+    ingest.add_telemetry("d2", batch(1, record(counts=(0, 0, 0, 10, 0))))
+    figures = ingest.latency_ms()
+    assert set(figures) == {"0.5", "0.95", "0.99"}
+    assert figures["0.5"] <= 1.0 < figures["0.95"] <= 10.0
+    clock.now += 61  # both windows leave the latency window
+    assert ingest.latency_ms() == {}
+
+
+def test_the_writer_thread_flushes_and_stop_writes_the_rest(store: FailingStore) -> None:
+    ingest = Ingest(store, IngestSettings(flush_s=0.05))
+    ingest.start()
+    ingest.add_telemetry("d1", batch(1))
+    wait_for(lambda: store.telemetry_count() == 1)
+    ingest.add_telemetry("d1", batch(2))
+    ingest.stop()
+    assert store.telemetry_count() == 2
+
+
+@pytest.mark.parametrize(
+    ("limits", "kept"),
+    [({"max_rows": 2, "max_age_s": None}, [3, 4]), ({"max_rows": None, "max_age_s": 80.0}, [4])],
+)
+def test_the_writer_applies_retention_every_prune_interval(
+    store: FailingStore, limits: dict[str, float | None], kept: list[int]
+) -> None:
+    clock = Clock()
+    settings = IngestSettings(flush_s=0.01, prune_every_s=60.0, **limits)  # type: ignore[arg-type]
+    ingest = Ingest(store, settings, clock=clock)
+    for seq in range(4):
+        ingest.add_telemetry("d1", batch(seq))
+    clock.now += 40  # the last one arrives 40 s later
+    ingest.add_telemetry("d1", batch(4))
+    ingest.start()
+    try:
+        wait_for(lambda: store.telemetry_count() == 5)
+        clock.now += 60  # a prune interval after the start
+        wait_for(lambda: store.telemetry_count() == len(kept))
+    finally:
+        ingest.stop()
+    assert [r.seq for r in reversed(store.telemetry("d1"))] == kept
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"flush_s": 0.0}, {"max_pending": 0}, {"max_rows": -1}, {"max_age_s": 0.0}],
+)
+def test_settings_refuse_values_out_of_range(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        IngestSettings(**bad)  # type: ignore[arg-type]

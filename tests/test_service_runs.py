@@ -1,0 +1,159 @@
+"""Federated runs through the service: settings, background rounds, interruptions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from compress.errors import CodecError
+from compress.keys import load_public_key
+from compress.signing import TrustedKeys
+from coordinator.delivery import Coordinator, CoordinatorConfig
+from coordinator.errors import TrainingError
+from coordinator.operations import CLI_ACTOR, RunRequest
+from coordinator.run_manager import RunManager, training_config
+from coordinator.service import FleetService
+from coordinator.store import MEMORY, RunState, Store
+from edge_agent.config import BrokerConfig
+from tests.federated_support import FederatedFleet
+
+SETTINGS = {"features": 64, "classes": 10, "hidden": [32], "clients_per_round": 4,
+            "train": {"epochs": 1, "lr": 0.05, "batch_size": 16}}  # fmt: skip
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------- settings (pure)
+
+
+def test_a_request_becomes_a_seeded_training_config() -> None:
+    request = RunRequest(rounds=3, codec="int8", min_clients=2, config={**SETTINGS, "seed": 7})
+    config = training_config(request)
+    assert (config.rounds, config.codec, config.min_clients, config.clients_per_round) == (
+        3, "int8", 2, 4,
+    )  # fmt: skip
+    assert [w.shape for w in config.initial_weights.values()] == [(64, 32), (32,), (32, 10), (10,)]
+    assert config.train_config == {"seed": 7, "epochs": 1, "lr": 0.05, "batch_size": 16}
+    again = training_config(request)
+    assert all((again.initial_weights[k] == v).all() for k, v in config.initial_weights.items())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"classes": 10}, "features is required"),
+        ({**SETTINGS, "colour": "red"}, "unknown run setting"),
+        ({**SETTINGS, "family": "transformer"}, "family must be one of"),
+        ({**SETTINGS, "hidden": [0]}, "hidden must be"),
+        ({**SETTINGS, "features": True}, "features must be an integer"),
+        ({**SETTINGS, "train": {"lr": [1]}}, "train must map"),
+        ({**SETTINGS, "clients_per_round": 1}, "min_clients"),
+    ],
+)
+def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
+    with pytest.raises(TrainingError, match=message):
+        training_config(RunRequest(min_clients=2, config=config))
+
+
+def test_a_bad_codec_is_refused() -> None:
+    with pytest.raises(CodecError):
+        training_config(RunRequest(codec="zip", config=SETTINGS))
+
+
+def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(MEMORY, artifact_dir=tmp_path)
+    store.create_run("run-1", config={}, created_by="cli", at=1.0)
+    store.record_round("run-1", 1, status="ok", metrics={}, started_at=1.0, finished_at=2.0)
+    store.record_round("run-1", 2, status="running", metrics={}, started_at=2.0)
+    broker = BrokerConfig.from_url("mqtt://127.0.0.1:1", username="coordinator")
+    manager = RunManager(Coordinator(CoordinatorConfig(broker=broker)), store, clock=lambda: 9.0)
+    assert manager.recover() == ["run-1"]
+    run = store.run("run-1")
+    assert run is not None
+    assert run.state is RunState.INTERRUPTED
+    rounds = store.rounds("run-1")
+    assert [(r.status, r.reason) for r in rounds] == [("ok", ""), ("failed", "interrupted")]
+    assert rounds[1].finished_at == 9.0
+    assert manager.recover() == []
+    store.close()
+
+
+# ------------------------------------------------------------- over MQTT (slow)
+
+
+@pytest.fixture
+def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
+    fleet = FederatedFleet.start(tmp_path, clients=4)
+    fleet.coordinator.stop()  # the service brings its own
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def open_service(fleet: FederatedFleet, db: Path) -> FleetService:
+    coordinator = Coordinator(CoordinatorConfig(broker=fleet.broker.broker("coordinator")))
+    trusted = TrustedKeys.of([load_public_key(fleet.trust)])
+    service = FleetService(Store.open(db), coordinator, trusted)
+    service.start()
+    return service
+
+
+@pytest.mark.slow
+def test_a_run_started_through_the_service_records_its_rounds_as_they_end(
+    tmp_path: Path, federated: FederatedFleet
+) -> None:
+    service = open_service(federated, tmp_path / "state.db")
+    try:
+        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        request = RunRequest(rounds=2, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
+        view = service.start_run(request, actor=CLI_ACTOR)
+        run_id = view.run.run_id
+        assert view.run.state is RunState.RUNNING
+        with pytest.raises(TrainingError, match="one run at a time"):
+            service.start_run(request, actor=CLI_ACTOR)
+        wait_for(lambda: service.run(run_id).run.state is not RunState.RUNNING)
+        view = service.run(run_id)
+        assert view.run.state is RunState.FINISHED
+        assert [(r.round, r.status) for r in view.rounds] == [(1, "ok"), (2, "ok")]
+        for round_row in view.rounds:
+            assert round_row.metrics["clients"] >= 3
+            assert 0.0 <= round_row.metrics["accuracy"] <= 1.0
+            assert round_row.metrics["uplink_bytes"] > 0
+            assert round_row.finished_at is not None
+        assert [r.round for r in service.metrics().rounds] == [1, 2]
+        assert [a.action for a in service.audit_log()] == ["run.start"]
+    finally:
+        service.stop()
+        service.store.close()
+
+
+@pytest.mark.slow
+def test_a_service_stopped_mid_run_marks_the_run_and_its_round_interrupted(
+    tmp_path: Path, federated: FederatedFleet
+) -> None:
+    service = open_service(federated, tmp_path / "state.db")
+    try:
+        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        request = RunRequest(rounds=50, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
+        run_id = service.start_run(request, actor=CLI_ACTOR).run.run_id
+        wait_for(lambda: any(r.status == "ok" for r in service.run(run_id).rounds))
+    finally:
+        service.stop()
+    view = service.run(run_id)
+    service.store.close()
+    assert view.run.state is RunState.INTERRUPTED
+    assert len(view.rounds) < 50
+    assert all(r.status in ("ok", "failed") for r in view.rounds)
+    assert {r.reason for r in view.rounds if r.status == "failed"} <= {"interrupted"}
