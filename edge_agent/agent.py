@@ -177,6 +177,7 @@ class Agent:
         self._recent_commands: deque[str] = deque(maxlen=RECENT_COMMANDS)
         self._pending_reports: deque[InstallStatus] = deque(maxlen=PENDING_REPORTS)
         self._telemetry_seq = 0
+        self._telemetry_published = 0
         self.counters = AgentCounters()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -317,6 +318,11 @@ class Agent:
     def connected(self) -> bool:
         """Whether the agent is connected to the broker."""
         return self._link.connected
+
+    @property
+    def telemetry_published(self) -> int:
+        """Telemetry batches the broker has acknowledged since start (one window each)."""
+        return self._telemetry_published
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -460,6 +466,7 @@ class Agent:
                 if not self._link.publish_wait(topic, item.data, timeout=PUBLISH_ACK_TIMEOUT_S):
                     return
                 self._spool.remove(item.seq)
+                self._telemetry_published += 1
 
     # ------------------------------------------------------------------ helpers
 

@@ -72,9 +72,14 @@ class Fleet:
         agent.start()
         self.agents[device_id] = agent
 
-    def stop(self) -> None:
+    def stop_agents(self) -> int:
+        """Stop every agent; the telemetry windows the broker acknowledged from them."""
         for agent in self.agents.values():
             agent.stop()
+        return sum(agent.telemetry_published for agent in self.agents.values())
+
+    def stop(self) -> None:
+        self.stop_agents()
         self.network.close()
 
 
@@ -161,6 +166,12 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
         (OPERATOR.name, "artifact.upload", sha),
         (OPERATOR.name, "rollout.create", rollout_id),
     ]
+    # Every telemetry window the broker took from the agents ends up in the store.
+    sent = fleet.stop_agents()
+    assert sent >= 20
+    wait_for(lambda: service.ingest.counts().stored == sent, what="all telemetry stored")
+    assert service.store.telemetry_count() == sent
+    wait_for(lambda: not any(d.online for d in service.devices()), what="Last Wills stored")
 
 
 def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_it_back(
