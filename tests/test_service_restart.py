@@ -1,0 +1,167 @@
+"""The service SIGKILLed in the middle of a rollout, restarted, finishes it.
+
+``fedge coordinator serve`` runs as a real process against mosquitto, with its
+state in SQLite; 20 agents run in this process. The rollout (canary 2, waves
+50,100) is driven through the HTTP API. The service is killed with SIGKILL as soon
+as the first wave is released (devices are downloading), started again on the same
+database, and must finish the rollout: every device installed, none left pending,
+downloading or unknown.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from compress.keys import generate_signing_key
+from edge_agent.agent import Agent
+from edge_agent.network_loop import NetworkLoop
+from tests.fleet_support import (
+    Mosquitto,
+    agent_config,
+    free_port,
+    make_artifact,
+    password,
+    public_key_file,
+)
+
+pytestmark = pytest.mark.slow
+
+DEVICES = [f"rk{i:02d}" for i in range(20)]
+WAIT_S = 90.0
+FEDGE = str(Path(sys.executable).parent / "fedge")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Service:
+    """``fedge coordinator serve`` as a child process."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                [FEDGE, "coordinator", "serve", *self.args], stdout=sink, stderr=subprocess.STDOUT
+            )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def running(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            pytest.fail(f"the service exited: {self.log.read_text()[-3000:]}")
+        return True
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    broker = Mosquitto(tmp_path, DEVICES)
+    broker.start()
+    key = generate_signing_key()
+    trust = public_key_file(tmp_path / "keys", key)
+    network = NetworkLoop(name="rk-net")
+    network.start()
+    agents: list[Agent] = []
+    (tmp_path / "pw").write_text(password("coordinator"))
+    db = tmp_path / "service" / "state.db"
+    port = free_port()
+    service = Service(
+        ["--db", str(db), "--bind", f"127.0.0.1:{port}", "--broker", broker.url,
+         "--password-file", str(tmp_path / "pw"), "--trust", str(trust)],
+        tmp_path / "service.log",
+    )  # fmt: skip
+    try:
+        for device in DEVICES:
+            agent = Agent(agent_config(broker, device, tmp_path / "agents" / device, trust),
+                          network=network)  # fmt: skip
+            agent.start()
+            agents.append(agent)
+        created = subprocess.run(
+            [FEDGE, "coordinator", "token", "create", "--role", "operator", "--db", str(db)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        token = created.stdout.strip().splitlines()[-1]
+        yield {
+            "service": service,
+            "api": f"http://127.0.0.1:{port}",
+            "token": token,
+            "artifact": make_artifact(tmp_path, key, version=2),
+            "agents": agents,
+        }
+    finally:
+        service.kill()
+        for agent in agents:
+            agent.stop()
+        network.close()
+        broker.stop()
+
+
+def healthy(client: httpx.Client) -> bool:
+    try:
+        return client.get("/v1/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_service_killed_mid_rollout_finishes_it_after_a_restart(setup: dict[str, Any]) -> None:
+    service: Service = setup["service"]
+    agents: list[Agent] = setup["agents"]
+    headers = {"Authorization": f"Bearer {setup['token']}"}
+    service.start()
+    with httpx.Client(base_url=setup["api"], headers=headers, timeout=30.0) as client:
+        wait_for(lambda: service.running() and healthy(client), what="the service")
+
+        def online() -> int:
+            return sum(d["online"] for d in client.get("/v1/devices").json())
+
+        wait_for(lambda: online() == 20, what="20 devices online")
+        uploaded = client.post("/v1/artifacts", content=setup["artifact"].read_bytes(),
+                               headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert uploaded.status_code == 201, uploaded.text
+        body = {"artifact_sha256": uploaded.json()["sha256"], "target": "all", "canary": "2",
+                "waves": "50,100", "soak": "2s", "max_failure": "10%"}  # fmt: skip
+        created = client.post("/v1/rollouts", json=body)
+        assert created.status_code == 201, created.text
+        rollout_id = created.json()["rollout"]["rollout_id"]
+
+        def view() -> dict[str, Any]:
+            answer: dict[str, Any] = client.get(f"/v1/rollouts/{rollout_id}").json()
+            return answer
+
+        wait_for(lambda: view()["summary"]["stage"] >= 1, what="the first wave")
+        service.kill()  # SIGKILL: no flush, no goodbye
+        assert not healthy(client)
+
+        service.start()
+        wait_for(lambda: service.running() and healthy(client), what="the restarted service")
+        wait_for(lambda: view()["rollout"]["state"] == "completed", what="completion")
+        final = view()
+
+    states = {d["device_id"]: d["state"] for d in final["devices"]}
+    assert sorted(states) == DEVICES
+    assert set(states.values()) == {"installed"}
+    assert sorted({d["stage"] for d in final["devices"]}) == [0, 1, 2]
+    served = {a.device_id: a.model.version if a.model else None for a in agents}
+    assert set(served.values()) == {2}
+    log = Path(service.log).read_text()
+    assert f"resumed rollout {rollout_id}" in log
