@@ -2,9 +2,9 @@
 
 Workflow:
 
-1. An operator creates a token (``fedge token add NAME --role viewer``); the store
-   calls :func:`new_token`, keeps only :func:`hash_token` of it and the public
-   :func:`token_id`, and shows the plaintext once.
+1. An operator creates a token (``fedge coordinator token create --role viewer``);
+   the store calls :func:`new_token`, keeps only :func:`hash_token` of it and the
+   public :func:`token_id`, and shows the plaintext once.
 2. A client sends ``Authorization: Bearer fedge_...``; the API hashes the presented
    token, looks the hash up (:meth:`coordinator.store.Store.authenticate`) and gets
    the token's :class:`Role`.

@@ -8,9 +8,12 @@ daemon thread, listening on ``127.0.0.1`` on a free port::
         url = broker.url            # mqtt://127.0.0.1:<port>
         ...
 
-It accepts any client (anonymous auth, no ACL: it only listens on loopback and lives
-as long as the simulation). A fleet that outgrows one process belongs on mosquitto, or
-an EMQX or HiveMQ cluster; pass ``--broker`` to use one.
+``fedge coordinator serve --embedded-broker`` runs one on a fixed port instead
+(``EmbeddedBroker(port=1883)``), so agents on the same machine can reach it.
+
+It accepts any client (anonymous auth, no ACL: keep it on loopback, the default
+``host``). A fleet that outgrows one process belongs on mosquitto, or an EMQX or
+HiveMQ cluster; pass ``--broker`` to use one.
 """
 
 from __future__ import annotations
@@ -35,11 +38,30 @@ START_TIMEOUT_S = 15.0
 ANONYMOUS_AUTH = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fail clearly, before amqtt logs a traceback, when ``host:port`` is taken.
+
+    Raises:
+        CoordinatorError: the address cannot be bound (in use, or not local).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CoordinatorError(
+                f"the embedded MQTT broker cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc} (another broker there? then use it with --broker)"
+            ) from exc
 
 
 async def _shutdown(broker: Any) -> None:
@@ -71,9 +93,20 @@ async def _shutdown(broker: Any) -> None:
 class EmbeddedBroker:
     """amqtt on ``127.0.0.1:<free port>`` in a background thread (see the module docstring)."""
 
-    def __init__(self, *, max_connections: int = 5000) -> None:
-        """Prepare (nothing listens until :meth:`start`)."""
-        self.port = 0
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, max_connections: int = 5000
+    ) -> None:
+        """Prepare (nothing listens until :meth:`start`).
+
+        Args:
+            host: Address to listen on. Clients are not authenticated: keep it on
+                loopback unless every machine that can reach it is trusted.
+            port: TCP port; 0 picks a free one when :meth:`start` runs.
+            max_connections: Most clients connected at once.
+        """
+        self.host = host
+        self.port = port
+        self._requested_port = port
         self._max_connections = max_connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -81,14 +114,16 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """``mqtt://127.0.0.1:<port>``."""
-        return f"mqtt://127.0.0.1:{self.port}"
+        """``mqtt://<host>:<port>`` (an IPv6 host in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
 
     def start(self) -> None:
         """Start listening.
 
         Raises:
-            CoordinatorError: amqtt is not installed, or the broker did not start.
+            CoordinatorError: amqtt is not installed, or the broker did not start
+                (the requested port is taken, say).
         """
         try:
             with warnings.catch_warnings():
@@ -103,12 +138,14 @@ class EmbeddedBroker:
             ) from exc
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.ERROR)  # chatty at WARNING
-        self.port = _free_port()
+        if self._requested_port:
+            _check_free(self.host, self._requested_port)
+        self.port = self._requested_port or _free_port(self.host)
         config = {
             "listeners": {
                 "default": {
                     "type": "tcp",
-                    "bind": f"127.0.0.1:{self.port}",
+                    "bind": f"{self.host}:{self.port}",
                     "max_connections": self._max_connections,
                 }
             },

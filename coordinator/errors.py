@@ -16,7 +16,8 @@ The tree::
     │   ├── ConflictError               a row with that id already exists
     │   └── ArtifactCorruptError        a stored artifact file is missing or altered
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
-    └── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
+    ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
+    └── ServiceConfigError          the service's configuration (file or flags) is invalid
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -145,3 +146,62 @@ class ArtifactRejectedError(CoordinatorError):
     coordinator does not trust, or expired; it was not stored."""
 
     code = "artifact_rejected"
+
+
+class ServiceConfigError(CoordinatorError):
+    """The configuration of ``fedge coordinator serve`` (file or flags) is invalid.
+
+    Raised by :mod:`coordinator.service_config` with a one-line message that names
+    the key and, once merged, the file or flag it came from.
+
+    Attributes:
+        key: The dotted config key at fault (``broker.url``), or None.
+    """
+
+    code = "bad_service_config"
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        """Keep the key with the message."""
+        super().__init__(message)
+        self.key = key
+
+
+class ApiError(CoordinatorError):
+    """The coordinator's HTTP API could not do what the client asked.
+
+    Raised by :class:`~coordinator.api_client.ApiClient` for an error answer that no
+    other class of this tree describes (a 500, a 413, a request the API found
+    invalid) and for an answer it cannot read. Messages never hold the token.
+
+    Attributes:
+        status: The HTTP status of the answer, None when there was none.
+        code: The API's error code when it gave one (else the class's).
+    """
+
+    code = "api_error"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        """Keep the status and the API's error code with the message."""
+        super().__init__(message)
+        self.status = status
+        if code is not None:
+            self.code = code
+
+
+class ApiUnavailableError(ApiError):
+    """No answer from the API: connection refused, timed out, or dropped midway.
+
+    The message names the API's URL.
+    """
+
+    code = "api_unavailable"
+
+
+class ApiAuthError(ApiError):
+    """The API refused the token (``status`` 401) or the token's role (403)."""
+
+    code = "api_auth"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        """Keep the HTTP status (401 or 403) with the message."""
+        super().__init__(message, status=status)

@@ -21,9 +21,12 @@ Workflow::
 Commands go out on a sender thread: a ``deploy`` waits up to the coordinator's
 ``accept_wait_s`` for the devices to accept before pushing the payload, and the
 event callbacks (on paho's thread) must never wait. Each ``Deploy`` action gets its
-own deployment id, ``<rollout id>.<n>``, so a device's report names the rollout it
-belongs to even after a restart; a device's answer to a ``rollback`` names no
-rollout and goes to the rollouts in which that device is being reverted.
+own deployment id, ``<rollout id>.<random>``, so a device's report names the rollout it
+belongs to even after a restart, and a report of an earlier deployment to the same
+device (a transfer that died with a killed process, reporting its failure after the
+restart) is recognised as stale and ignored unless it says ``installed``. A
+device's answer to a ``rollback`` names no rollout and goes to the rollouts in
+which that device is being reverted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
@@ -75,7 +78,8 @@ class _Running:
     engine: Rollout
     artifact: Artifact
     target: Target
-    deploys: int = 0
+    sent: dict[str, str] = field(default_factory=dict)
+    """Device -> the deployment id this process last sent it."""
 
 
 class RolloutManager:
@@ -96,7 +100,7 @@ class RolloutManager:
         self._tick_s = tick_s
         self._lock = threading.RLock()
         self._running: dict[str, _Running] = {}
-        self._outbox: queue.Queue[tuple[str, Action] | object] = queue.Queue()
+        self._outbox: queue.Queue[tuple[str, Action, str] | object] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -241,7 +245,18 @@ class RolloutManager:
         state = DeviceState(str(status.state))
         error = status.error_code or status.reason
         with self._lock:
-            if rollout_id in self._running:
+            running = self._running.get(rollout_id)
+            if running is not None:
+                current = running.sent.get(device_id)
+                if (
+                    current not in (None, status.deployment_id)
+                    and state is not DeviceState.INSTALLED
+                ):
+                    # An earlier deployment's late news (its transfer died with a previous
+                    # process, say): the device has been sent a newer one since.
+                    logger.debug("rollout %s: stale %s from %s (%s, now %s)", rollout_id, state,
+                                 device_id, status.deployment_id, current)  # fmt: skip
+                    return
                 targets = [rollout_id]
             elif state is DeviceState.ROLLED_BACK or status.deployment_id.startswith("rollback"):
                 targets = [
@@ -342,22 +357,19 @@ class RolloutManager:
             if item is _STOP:
                 return
             assert isinstance(item, tuple)
-            rollout_id, action = item
+            rollout_id, action, deployment_id = item
             try:
-                self._send(rollout_id, action)
+                self._send(rollout_id, action, deployment_id)
             except CoordinatorError as exc:
                 logger.warning(
                     "rollout %s: %s not sent: %s", rollout_id, type(action).__name__, exc
                 )
 
-    def _send(self, rollout_id: str, action: Action) -> None:
+    def _send(self, rollout_id: str, action: Action, deployment_id: str) -> None:
         with self._lock:
             running = self._running.get(rollout_id)
             if running is None:
                 return
-            if isinstance(action, Deploy):
-                running.deploys += 1
-                deployment_id = f"{rollout_id}.{running.deploys}"
         if isinstance(action, Deploy):
             ids = list(action.device_ids)
             self._coordinator.deploy(running.artifact, _devices(ids), deployment_id=deployment_id)
@@ -368,11 +380,26 @@ class RolloutManager:
 
     # ------------------------------------------------------------------- helpers
 
+    def _deployment_id(self, rollout_id: str, action: Deploy | Rollback) -> str:
+        """A new deployment id, unique across restarts; a deploy's devices now expect it.
+
+        Set before the command is queued, so a stale report arriving meanwhile is
+        already recognised as such.
+        """
+        deployment_id = f"{rollout_id}.{uuid.uuid4().hex[:8]}"
+        if isinstance(action, Deploy):
+            with self._lock:
+                running = self._running.get(rollout_id)
+                if running is not None:
+                    for device_id in action.device_ids:
+                        running.sent[device_id] = deployment_id
+        return deployment_id
+
     def _dispatch(self, rollout_id: str, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, (Deploy, Rollback)):
                 if action.device_ids:
-                    self._outbox.put((rollout_id, action))
+                    self._outbox.put((rollout_id, action, self._deployment_id(rollout_id, action)))
             elif isinstance(action, StateChanged):
                 logger.info("rollout %s: %s -> %s (%s)", rollout_id, action.old, action.new,
                             action.reason)  # fmt: skip

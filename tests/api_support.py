@@ -6,14 +6,23 @@
   call raise a given error. ``mutations`` records each mutating call that reached
   it, so tests can assert that a refused request never did.
 * :data:`TOKENS` / :func:`authenticate`: a viewer and an operator token.
+* :func:`serve`: an ASGI app served by a real uvicorn on a free loopback port.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
 
 from coordinator.auth import Role
 from coordinator.errors import (
@@ -55,6 +64,7 @@ __all__ = [
     "FakeOperations",
     "authenticate",
     "bearer",
+    "serve",
 ]
 
 NOW = 1_800_000_000.0
@@ -77,6 +87,36 @@ def authenticate(token: str) -> Actor | None:
 def bearer(token: str) -> dict[str, str]:
     """An ``Authorization`` header."""
     return {"Authorization": f"Bearer {token}"}
+
+
+@contextmanager
+def serve(app: ASGIApp, *, timeout: float = 10.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port, in a thread.
+
+    Yields:
+        The server's base URL, ``http://127.0.0.1:PORT``, once it accepts
+        connections. The server is stopped, and its thread joined, on exit.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert thread.is_alive(), "the server thread died"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+    assert not thread.is_alive(), "the server did not stop"
 
 
 def _device(device_id: str, *, online: bool, model: str | None, version: int | None) -> DeviceRow:
@@ -127,6 +167,10 @@ class FakeOperations:
         fail: When set, every call raises it.
         telemetry_ingested: Reported by :meth:`metrics`.
         metric_rounds: Reported by :meth:`metrics` as the latest run's rounds.
+        rollout_script: States a rollout moves to, by id: each :meth:`rollout`
+            read of it first takes the next one (``["running", "completed"]``).
+        rollout_reads: :meth:`rollout` reads, by id.
+        rollout_requests: Each request :meth:`create_rollout` received.
     """
 
     def __init__(self) -> None:
@@ -142,6 +186,9 @@ class FakeOperations:
         self.fail: CoordinatorError | None = None
         self.telemetry_ingested = 0
         self.metric_rounds: tuple[RoundRow, ...] = ()
+        self.rollout_script: dict[str, list[str]] = {}
+        self.rollout_reads: Counter[str] = Counter()
+        self.rollout_requests: list[RolloutRequest] = []
 
     @classmethod
     def seeded(cls) -> FakeOperations:
@@ -266,6 +313,7 @@ class FakeOperations:
             RolloutError: waves that do not end at 100.
         """
         self._check()
+        self.rollout_requests.append(request)
         if request.artifact_sha256 not in self.artifact_rows:
             raise NotFoundError(f"no artifact {request.artifact_sha256!r}")
         kind, _, value = request.target.partition(":")
@@ -317,7 +365,12 @@ class FakeOperations:
             NotFoundError: no such rollout.
         """
         self._check()
-        return self._rollout_view(rollout_id)
+        view = self._rollout_view(rollout_id)
+        self.rollout_reads[rollout_id] += 1
+        script = self.rollout_script.get(rollout_id)
+        if script:
+            view = self._set_state(view, script.pop(0))
+        return view
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
         """Pause a running rollout.

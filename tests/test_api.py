@@ -10,9 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import socket
-import threading
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +17,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
@@ -82,6 +78,7 @@ from tests.api_support import (
     FakeOperations,
     authenticate,
     bearer,
+    serve,
 )
 
 with warnings.catch_warnings():
@@ -808,41 +805,21 @@ def test_schemas_mirror_the_dataclasses(model: type[BaseModel], row: type[Any]) 
 
 
 def test_serves_over_real_http(app: FastAPI, ops: FakeOperations) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive(), "the server thread died"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=10) as http:
-            assert http.get("/v1/health").json() == {"status": "ok"}
-            assert http.get("/v1/devices").status_code == 401
-            devices = http.get("/v1/devices", headers=AS_VIEWER)
-            assert devices.status_code == 200
-            assert len(devices.json()) == 3
-            uploaded = http.post(
-                "/v1/artifacts", content=chunks(MAX_ARTIFACT), headers={**AS_OPERATOR, **OCTETS}
-            )
-            assert uploaded.status_code == 201
-            too_large = http.post(
-                "/v1/artifacts",
-                content=chunks(MAX_ARTIFACT + 1, size=64),
-                headers={**AS_OPERATOR, **OCTETS},
-            )
-            assert too_large.status_code == 413
-        assert len(ops.artifact_rows) == 1
-        assert [name for name, _ in ops.mutations] == ["artifact.upload"]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-    assert not thread.is_alive()
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10) as http:
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        assert http.get("/v1/devices").status_code == 401
+        devices = http.get("/v1/devices", headers=AS_VIEWER)
+        assert devices.status_code == 200
+        assert len(devices.json()) == 3
+        uploaded = http.post(
+            "/v1/artifacts", content=chunks(MAX_ARTIFACT), headers={**AS_OPERATOR, **OCTETS}
+        )
+        assert uploaded.status_code == 201
+        too_large = http.post(
+            "/v1/artifacts",
+            content=chunks(MAX_ARTIFACT + 1, size=64),
+            headers={**AS_OPERATOR, **OCTETS},
+        )
+        assert too_large.status_code == 413
+    assert len(ops.artifact_rows) == 1
+    assert [name for name, _ in ops.mutations] == ["artifact.upload"]

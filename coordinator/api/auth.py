@@ -42,7 +42,7 @@ Authenticate = Callable[[str], Actor | None]
 
 BEARER = HTTPBearer(
     scheme_name="bearer",
-    description="An API token (`fedge token add NAME --role viewer|operator`).",
+    description="An API token (`fedge coordinator token create --role viewer|operator`).",
     auto_error=False,
 )
 """Parses the header and declares the security scheme in the OpenAPI document."""

@@ -10,6 +10,15 @@ stderr) and dispatches to the command groups:
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
+* ``fedge devices | telemetry | audit`` -- :mod:`coordinator.cli.observe`
+* ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
+* ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
+* ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
+* ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
+
+``devices``, ``telemetry``, ``audit``, ``artifacts``, ``rollout`` and ``rounds``
+operate a fleet through a coordinator: its HTTP API (``--api``) or a service
+started in-process (``--broker``); see :mod:`coordinator.cli.operate`.
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -23,7 +32,20 @@ from typing import Annotated
 import typer
 
 from coordinator import __version__
-from coordinator.cli import broker, data, fleet, keys, model, simulate, train
+from coordinator.cli import (
+    artifacts,
+    broker,
+    data,
+    fleet,
+    keys,
+    model,
+    observe,
+    rollout,
+    rounds,
+    service,
+    simulate,
+    train,
+)
 
 app = typer.Typer(
     name="fedge",
@@ -36,11 +58,18 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
 app.add_typer(broker.app, name="broker")
 app.add_typer(data.app, name="data")
+app.add_typer(service.app, name="coordinator")
 app.command("deploy")(fleet.deploy)
 app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
+app.command("devices")(observe.devices)
+app.command("telemetry")(observe.telemetry)
+app.command("audit")(observe.audit)
+app.add_typer(artifacts.app, name="artifacts")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(rounds.app, name="rounds")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,320 @@
+"""``fedge rollout``: staged rollouts of a signed artifact to the fleet.
+
+* ``create ARTIFACT --to ... --canary 5% --waves 25,50,100 --soak 60s
+  --max-failure 10%`` starts a rollout. ARTIFACT is a ``.fedge`` file (uploaded
+  first; uploading is idempotent) or the sha256 of an uploaded artifact. The
+  coordinator releases the canary, watches each stage's health for the soak time
+  and releases the next wave only if the stage's failure rate stays under
+  ``--max-failure``; otherwise it halts (and rolls the stage back unless
+  ``--no-rollback-on-halt``). It prints the rollout's id.
+* ``list``, ``status ID``: where rollouts stand, device by device.
+* ``pause ID``, ``resume ID``, ``abort ID [--rollback]``.
+
+With ``--watch`` (``create`` and ``status``) the command follows the rollout in a
+live view on stderr (state, stage, devices per state), polling every
+``--interval`` seconds until the rollout is ``completed`` (exit status 0),
+``halted`` or ``aborted`` (status 1). Ctrl-C stops watching (status 130); the
+rollout goes on (see :meth:`~coordinator.cli.operate.Connection.continues`).
+
+Every command runs over ``--api`` or in-process (:mod:`coordinator.cli.operate`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+
+from coordinator.cli.fleet import JsonOption, TargetOption
+from coordinator.cli.operate import Connection, operations, read_artifact, with_connection
+from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.service_views import (
+    FINAL_ROLLOUT_STATES,
+    rollout_view,
+    rollouts_table,
+    to_json,
+)
+from coordinator.cli.views import safe_text
+from coordinator.operations import CLI_ACTOR, Operations, RolloutRequest, RolloutView
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_COMPLETED", "app", "watch"]
+
+EXIT_NOT_COMPLETED = 1
+"""Exit status of ``--watch`` when the rollout halted or was aborted."""
+
+EXIT_INTERRUPTED = 130
+"""Exit status when the operator stops watching with Ctrl-C."""
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_DEFAULTS = RolloutRequest(artifact_sha256="")
+
+app = typer.Typer(
+    help="Staged rollouts: canary, waves, health gates, pause, resume, abort.",
+    no_args_is_help=True,
+)
+
+IdArgument = Annotated[str, typer.Argument(help="The rollout's id.", show_default=False)]
+WatchOption = Annotated[
+    bool,
+    typer.Option("--watch", "-w", help="Follow the rollout live until it ends."),
+]
+IntervalOption = Annotated[
+    float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
+]
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def watch(ops: Operations, rollout_id: str, *, interval: float, live: bool) -> RolloutView:
+    """Poll a rollout until it is completed, halted or aborted.
+
+    Args:
+        ops: Where the rollout runs.
+        rollout_id: The rollout.
+        interval: Seconds between polls.
+        live: Show a live view on stderr.
+
+    Returns:
+        The rollout as it ended.
+
+    Raises:
+        NotFoundError: no such rollout.
+        KeyboardInterrupt: the operator pressed Ctrl-C.
+    """
+    view = ops.rollout(rollout_id)
+    if not live:
+        while view.rollout.state not in FINAL_ROLLOUT_STATES:
+            _sleep(interval)
+            view = ops.rollout(rollout_id)
+        return view
+    with Live(
+        rollout_view(view, now=time.time(), devices=False),
+        console=err_console,
+        refresh_per_second=4,
+        transient=False,
+    ) as display:
+        while view.rollout.state not in FINAL_ROLLOUT_STATES:
+            _sleep(interval)
+            view = ops.rollout(rollout_id)
+            display.update(rollout_view(view, now=time.time(), devices=False))
+    err_console.print()  # a live view off a terminal ends without a newline
+    return view
+
+
+def _watch_and_exit(
+    ops: Operations, connection: Connection, rollout_id: str, *, interval: float, as_json: bool
+) -> None:
+    """Watch a rollout, report how it ended and exit with the matching status."""
+    try:
+        view = watch(ops, rollout_id, interval=interval, live=not as_json)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"stopped watching; {safe_text(connection.continues(f'rollout {rollout_id}'))}",
+            highlight=False,
+            markup=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    state = view.rollout.state
+    if as_json:
+        print_json(to_json(view))
+    else:
+        console.print(f"rollout {safe_text(rollout_id)}: {safe_text(state)}", markup=False)
+    if state != "completed":
+        raise typer.Exit(EXIT_NOT_COMPLETED)
+
+
+def _resolve_artifact(artifact: str) -> str | bytes:
+    """The sha256 ARTIFACT names (a ``str``), or the bytes of the file it names.
+
+    Raises:
+        typer.BadParameter: neither.
+        ArtifactError: the file cannot be read.
+    """
+    path = Path(artifact)
+    if _SHA256.fullmatch(artifact) and not path.exists():
+        return artifact.lower()
+    if path.exists():
+        return read_artifact(path)
+    raise typer.BadParameter(
+        "neither a .fedge file nor the sha256 of an uploaded artifact", param_hint="ARTIFACT"
+    )
+
+
+@app.command("create")
+@with_connection
+def create(
+    connection: Connection,
+    artifact: Annotated[
+        str,
+        typer.Argument(
+            help="A signed .fedge file (uploaded first) or an uploaded artifact's sha256.",
+            show_default=False,
+        ),
+    ],
+    to: TargetOption = _DEFAULTS.target,
+    canary: Annotated[
+        str, typer.Option("--canary", help="First stage: a count (2) or a percentage (5%).")
+    ] = _DEFAULTS.canary,
+    waves: Annotated[
+        str,
+        typer.Option("--waves", help="Cumulative percentages after the canary: 25,50,100."),
+    ] = _DEFAULTS.waves,
+    soak: Annotated[
+        str, typer.Option("--soak", help="Time each stage runs before the next: 60s, 5m.")
+    ] = _DEFAULTS.soak,
+    max_failure: Annotated[
+        str, typer.Option("--max-failure", help="Largest failure rate a stage may have: 10%.")
+    ] = _DEFAULTS.max_failure,
+    min_reports: Annotated[
+        int,
+        typer.Option(
+            "--min-reports", min=1, help="Devices of a stage that must report before judging it."
+        ),
+    ] = _DEFAULTS.min_reports,
+    rollback_on_halt: Annotated[
+        bool,
+        typer.Option(
+            "--rollback-on-halt/--no-rollback-on-halt",
+            help="Roll the failed stage back when the rollout halts.",
+        ),
+    ] = _DEFAULTS.rollback_on_halt,
+    watch_: WatchOption = False,
+    interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a staged rollout of an artifact; prints the rollout's id.
+
+    With --watch, follows it and exits 0 only if it completes.
+    """
+    resolved = _resolve_artifact(artifact)
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        if isinstance(resolved, bytes):
+            uploaded = ops.upload_artifact(resolved, actor=CLI_ACTOR)
+            sha256 = uploaded.sha256
+            if not as_json:
+                err_console.print(
+                    f"uploaded {safe_text(uploaded.name)} v{uploaded.version} ({sha256})",
+                    highlight=False,
+                    markup=False,
+                )
+        else:
+            sha256 = resolved
+        request = RolloutRequest(
+            artifact_sha256=sha256,
+            target=to,
+            canary=canary,
+            waves=waves,
+            soak=soak,
+            max_failure=max_failure,
+            min_reports=min_reports,
+            rollback_on_halt=rollback_on_halt,
+        )
+        view = ops.create_rollout(request, actor=CLI_ACTOR)
+        rollout_id = view.rollout.rollout_id
+        if as_json and not watch_:
+            print_json(to_json(view))
+            return
+        if not as_json:
+            console.print(rollout_id, highlight=False, markup=False)
+            shown = safe_text(rollout_id)
+            err_console.print(
+                f"rollout {shown} started on {len(view.devices)} device(s)"
+                + ("" if watch_ else f"; follow it: fedge rollout status {shown} --watch"),
+                highlight=False,
+                markup=False,
+            )
+        if watch_:
+            _watch_and_exit(ops, connection, rollout_id, interval=interval, as_json=as_json)
+
+
+@app.command("list")
+@with_connection
+def list_rollouts(connection: Connection, as_json: JsonOption = False) -> None:
+    """List rollouts, newest first."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        rows = ops.rollouts()
+    if as_json:
+        print_json(to_json(rows))
+    else:
+        console.print(rollouts_table(rows, now=time.time()))
+
+
+@app.command("status")
+@with_connection
+def status(
+    connection: Connection,
+    rollout_id: IdArgument,
+    watch_: WatchOption = False,
+    interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a rollout: state, stage, devices per state, each device.
+
+    With --watch, follows it and exits 0 only if it completes.
+    """
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        if watch_:
+            _watch_and_exit(ops, connection, rollout_id, interval=interval, as_json=as_json)
+            return
+        view = ops.rollout(rollout_id)
+    _show(view, as_json=as_json)
+
+
+@app.command("pause")
+@with_connection
+def pause(connection: Connection, rollout_id: IdArgument, as_json: JsonOption = False) -> None:
+    """Stop releasing new stages; devices already updated keep the model."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        view = ops.pause_rollout(rollout_id, actor=CLI_ACTOR)
+    _report(view, as_json=as_json)
+
+
+@app.command("resume")
+@with_connection
+def resume(connection: Connection, rollout_id: IdArgument, as_json: JsonOption = False) -> None:
+    """Go on with a paused rollout."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        view = ops.resume_rollout(rollout_id, actor=CLI_ACTOR)
+    _report(view, as_json=as_json)
+
+
+@app.command("abort")
+@with_connection
+def abort(
+    connection: Connection,
+    rollout_id: IdArgument,
+    rollback: Annotated[
+        bool,
+        typer.Option("--rollback", help="Also roll back every device the rollout updated."),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """End a rollout now (optionally rolling its devices back)."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        view = ops.abort_rollout(rollout_id, actor=CLI_ACTOR, rollback=rollback)
+    _report(view, as_json=as_json, note=" (rolling back its devices)" if rollback else "")
+
+
+def _show(view: RolloutView, *, as_json: bool) -> None:
+    if as_json:
+        print_json(to_json(view))
+    else:
+        console.print(rollout_view(view, now=time.time()))
+
+
+def _report(view: RolloutView, *, as_json: bool, note: str = "") -> None:
+    if as_json:
+        print_json(to_json(view))
+    else:
+        row = view.rollout
+        console.print(
+            f"rollout {safe_text(row.rollout_id)} is {safe_text(row.state)}{note}",
+            highlight=False,
+            markup=False,
+        )

@@ -1,0 +1,306 @@
+"""``fedge rounds``: federated runs over the fleet, started and watched.
+
+* ``start`` asks the coordinator to run ``--rounds`` federated rounds with a
+  Flower strategy over the devices that take part in training, in the
+  background; it prints the run's id. The model settings go into
+  :attr:`RunRequest.config <coordinator.operations.RunRequest.config>` under the
+  keys :mod:`coordinator.run_manager` reads: ``model``, ``family``, ``features``,
+  ``classes``, ``hidden`` (list of int, one ``--hidden`` per layer),
+  ``clients_per_round``, ``seed``, ``strategy_args`` and ``train`` (the
+  ``--train-arg key=value`` pairs sent to devices; values are read as JSON when
+  they parse, ``lr=0.1`` is a number, else kept as text). Settings left out are
+  the coordinator's defaults.
+* ``status [RUN_ID]``: a run's state and its rounds (accuracy, clients, bytes up
+  and down); the latest run when no id is given.
+* ``list``: every run, newest first.
+
+With ``--watch`` (``start`` and ``status``) the command follows the run in a live
+view on stderr, polling every ``--interval`` seconds until it is no longer
+``running``; it exits 0 if the run finished, 1 if it failed or was interrupted,
+130 on Ctrl-C (the run goes on). Every command runs over ``--api`` or in-process
+(:mod:`coordinator.cli.operate`); in-process, a run lasts only while the command
+runs (the service marks it interrupted when it stops), so there ``start`` always
+watches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.live import Live
+
+from compress.families import FAMILIES
+from coordinator.cli.fleet import JsonOption
+from coordinator.cli.operate import Connection, operations, with_connection
+from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.service_views import run_view, runs_table, to_json
+from coordinator.cli.views import safe_text
+from coordinator.errors import NotFoundError
+from coordinator.operations import CLI_ACTOR, Operations, RunRequest, RunView
+from coordinator.store.records import RunState
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_FINISHED", "app", "key_values", "run_config", "watch"]
+
+EXIT_NOT_FINISHED = 1
+"""Exit status of ``--watch`` when the run failed or was interrupted."""
+
+EXIT_INTERRUPTED = 130
+"""Exit status when the operator stops watching with Ctrl-C."""
+
+WatchOption = Annotated[
+    bool, typer.Option("--watch", "-w", help="Follow the run live until it ends.")
+]
+IntervalOption = Annotated[
+    float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
+]
+
+_DEFAULTS = RunRequest()
+
+app = typer.Typer(help="Federated runs: start one, follow its rounds.", no_args_is_help=True)
+
+
+def key_values(pairs: Sequence[str], *, option: str) -> dict[str, Any]:
+    """Parse ``key=value`` pairs; a value is JSON if it parses, else the text.
+
+    Raises:
+        typer.BadParameter: a pair without ``=`` or with an empty key.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint=option)
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def run_config(
+    *,
+    model: str | None,
+    family: str | None,
+    features: int | None,
+    classes: int | None,
+    hidden: Sequence[int],
+    clients_per_round: int | None,
+    seed: int | None,
+    strategy_args: dict[str, Any],
+    train: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``RunRequest.config`` of the given settings (those left out are omitted)."""
+    settings: dict[str, Any] = {
+        "model": model,
+        "family": family,
+        "features": features,
+        "classes": classes,
+        "hidden": list(hidden) or None,
+        "clients_per_round": clients_per_round,
+        "seed": seed,
+        "strategy_args": strategy_args or None,
+        "train": train or None,
+    }
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def watch(ops: Operations, run_id: str, *, interval: float, live: bool) -> RunView:
+    """Poll a run until it is no longer running.
+
+    Args:
+        ops: Where the run runs.
+        run_id: The run.
+        interval: Seconds between polls.
+        live: Show a live view on stderr.
+
+    Returns:
+        The run as it ended.
+
+    Raises:
+        NotFoundError: no such run.
+        KeyboardInterrupt: the operator pressed Ctrl-C.
+    """
+    view = ops.run(run_id)
+    if not live:
+        while view.run.state is RunState.RUNNING:
+            _sleep(interval)
+            view = ops.run(run_id)
+        return view
+    with Live(
+        run_view(view, now=time.time()), console=err_console, refresh_per_second=4
+    ) as display:
+        while view.run.state is RunState.RUNNING:
+            _sleep(interval)
+            view = ops.run(run_id)
+            display.update(run_view(view, now=time.time()))
+    err_console.print()  # a live view off a terminal ends without a newline
+    return view
+
+
+def _watch_and_exit(
+    ops: Operations, connection: Connection, run_id: str, *, interval: float, as_json: bool
+) -> None:
+    """Watch a run, report how it ended and exit with the matching status."""
+    try:
+        view = watch(ops, run_id, interval=interval, live=not as_json)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"stopped watching; {safe_text(connection.continues(f'run {run_id}'))}",
+            highlight=False,
+            markup=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        print_json(to_json(view))
+    else:
+        console.print(f"run {safe_text(run_id)}: {view.run.state}", highlight=False, markup=False)
+    if view.run.state is not RunState.FINISHED:
+        raise typer.Exit(EXIT_NOT_FINISHED)
+
+
+@app.command("start")
+@with_connection
+def start(
+    connection: Connection,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds to run.")] = (
+        _DEFAULTS.rounds
+    ),
+    strategy: Annotated[
+        str,
+        typer.Option("--strategy", help="fedavg, fedprox, fedadam, krum... or module:Class."),
+    ] = _DEFAULTS.strategy,
+    codec: Annotated[
+        str, typer.Option("--codec", help="Update codec: fp32, fp16, int8, topk:D[+int8].")
+    ] = _DEFAULTS.codec,
+    min_clients: Annotated[
+        int, typer.Option("--min-clients", min=1, help="Fewest updates for a round to count.")
+    ] = _DEFAULTS.min_clients,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", min=0.1, help="Seconds a round may take.")
+    ] = _DEFAULTS.round_timeout_s,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name (devices keep per-model state).")
+    ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", click_type=click.Choice(FAMILIES), help="Model family."),
+    ] = None,
+    features: Annotated[
+        int | None, typer.Option("--features", min=1, help="Input features.")
+    ] = None,
+    classes: Annotated[int | None, typer.Option("--classes", min=2, help="Output classes.")] = None,
+    hidden: Annotated[
+        list[int] | None,
+        typer.Option("--hidden", min=1, help="MLP hidden units of a layer; repeatable."),
+    ] = None,
+    clients_per_round: Annotated[
+        int | None, typer.Option("--clients-per-round", min=1, help="Devices sampled per round.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed of sampling.")] = None,
+    strategy_arg: Annotated[
+        list[str] | None,
+        typer.Option("--strategy-arg", help="key=value for the strategy; repeatable."),
+    ] = None,
+    train_arg: Annotated[
+        list[str] | None,
+        typer.Option("--train-arg", help="key=value sent to devices (epochs=2); repeatable."),
+    ] = None,
+    watch_: WatchOption = False,
+    interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a federated run in the background; prints the run's id.
+
+    With --watch (always in-process), follows it and exits 0 only if it finishes.
+    """
+    config = run_config(
+        model=model,
+        family=family,
+        features=features,
+        classes=classes,
+        hidden=hidden or (),
+        clients_per_round=clients_per_round,
+        seed=seed,
+        strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
+        train=key_values(train_arg or (), option="--train-arg"),
+    )
+    request = RunRequest(
+        rounds=rounds,
+        strategy=strategy,
+        codec=codec,
+        min_clients=min_clients,
+        round_timeout_s=round_timeout,
+        config=config,
+    )
+    watch_ = watch_ or connection.api is None
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        view = ops.start_run(request, actor=CLI_ACTOR)
+        run_id = view.run.run_id
+        if as_json and not watch_:
+            print_json(to_json(view))
+            return
+        if not as_json:
+            shown = safe_text(run_id)
+            console.print(shown, highlight=False, markup=False)
+            err_console.print(
+                f"run {shown} started"
+                + ("" if watch_ else f"; follow it: fedge rounds status {shown} --watch"),
+                highlight=False,
+                markup=False,
+            )
+        if watch_:
+            _watch_and_exit(ops, connection, run_id, interval=interval, as_json=as_json)
+
+
+@app.command("status")
+@with_connection
+def status(
+    connection: Connection,
+    run_id: Annotated[
+        str | None,
+        typer.Argument(help="The run's id (default: the latest run).", show_default=False),
+    ] = None,
+    watch_: WatchOption = False,
+    interval: IntervalOption = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a run's state and its rounds: accuracy, clients, bytes up and down.
+
+    With --watch, follows it and exits 0 only if it finishes.
+    """
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        if run_id is None:
+            runs = ops.runs()
+            if not runs:
+                raise NotFoundError("no federated run yet: start one with fedge rounds start")
+            run_id = runs[0].run_id
+        if watch_:
+            _watch_and_exit(ops, connection, run_id, interval=interval, as_json=as_json)
+            return
+        view = ops.run(run_id)
+    if as_json:
+        print_json(to_json(view))
+    else:
+        console.print(run_view(view, now=time.time()))
+
+
+@app.command("list")
+@with_connection
+def list_runs(connection: Connection, as_json: JsonOption = False) -> None:
+    """List federated runs, newest first."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        rows = ops.runs()
+    if as_json:
+        print_json(to_json(rows))
+    else:
+        console.print(runs_table(rows, now=time.time()))

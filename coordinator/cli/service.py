@@ -1,0 +1,469 @@
+"""``fedge coordinator``: run the coordinator service and manage its API tokens.
+
+* ``init [PATH] [--force]`` writes a commented configuration
+  (:data:`~coordinator.service_config.EXAMPLE_SERVICE_CONFIG`) to ``PATH`` (default
+  ``coordinator.toml``), refusing to overwrite an existing file without ``--force``,
+  and says what to do next.
+* ``serve`` runs the service (:func:`~coordinator.service_main.run_service`): the
+  HTTP API, the MQTT connection, telemetry ingest, rollouts and federated runs,
+  until SIGTERM or SIGINT (then it stops cleanly and exits 0). The configuration
+  comes from ``--config`` (default: ``./coordinator.toml`` when it exists) and the
+  flags, a flag beating the file
+  (:func:`~coordinator.service_config.build_service_config` has the rules); the
+  flags alone are enough::
+
+      fedge coordinator serve --db state.db --embedded-broker --trust keys/signing.pub
+
+  The broker password comes from ``--password-file``, the file's
+  ``password_file``, or ``FEDGE_BROKER_PASSWORD``. Logs go to stdout.
+* ``token create --role viewer|operator [--name NAME]`` makes an API token and
+  prints it once, alone on stdout (``TOKEN=$(fedge coordinator token create ...)``
+  works; the explanation goes to stderr); only its hash is stored.
+  ``token list [--json]`` shows every token (never the secret), ``token revoke ID``
+  revokes one: the running service refuses it from the next request on. They work
+  on ``--db``, or the database the config file names, while the service runs.
+
+Errors (a bad configuration, an unreadable key, a busy port, an unreachable broker)
+print one line ``error: ...`` on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from compress.fileio import atomic_write
+from coordinator.auth import Role
+from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.views import safe_text
+from coordinator.errors import ServiceConfigError
+from coordinator.operations import CLI_ACTOR
+from coordinator.service_config import (
+    EXAMPLE_SERVICE_CONFIG,
+    PASSWORD_ENV,
+    ServiceConfig,
+    build_service_config,
+    store_location,
+)
+from coordinator.service_main import configure_logging, run_service
+from coordinator.store import Store, TokenRow
+from edge_agent.config import load_config_file
+
+app = typer.Typer(
+    help="Run the coordinator service (HTTP API + MQTT) and manage its API tokens.",
+    no_args_is_help=True,
+)
+token_app = typer.Typer(
+    help="Create, list and revoke API tokens of the coordinator's HTTP API.",
+    no_args_is_help=True,
+)
+app.add_typer(token_app, name="token")
+
+DEFAULT_CONFIG = Path("coordinator.toml")
+"""The config file ``init`` writes and the other commands read when no --config is given."""
+
+MAX_NAME_CHARS = 100
+"""Longest token name."""
+
+# Config key -> the flag that overrides it (also how messages name the value's source).
+_FLAGS = {
+    "db": "--db",
+    "artifact_dir": "--artifact-dir",
+    "bind": "--bind",
+    "log_level": "--log-level",
+    "broker.url": "--broker",
+    "broker.embedded": "--embedded-broker",
+    "broker.embedded_port": "--embedded-broker-port",
+    "broker.username": "--username",
+    "broker.password_file": "--password-file",
+    "broker.ca_file": "--ca-file",
+    "broker.cert_file": "--cert-file",
+    "broker.key_file": "--key-file",
+    "trust.keys": "--trust",
+    "trust.threshold": "--threshold",
+}
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        show_default=False,
+        dir_okay=False,
+        help=f"Config file (TOML). Default: ./{DEFAULT_CONFIG} if it exists.",
+    ),
+]
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db", show_default=False, dir_okay=False, help="SQLite database (overrides the file's)."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _read_config(path: Path | None) -> tuple[dict[str, Any], Path | None]:
+    """The config file's values (``{}`` without one) and its path.
+
+    Raises:
+        ConfigError: an explicit file that is missing, or any unreadable or invalid one.
+    """
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return (load_config_file(path) if path is not None else {}), path
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"broker.url": v}`` -> ``{"broker": {"url": v}}``, dropping None values."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    return nested
+
+
+def _sources(path: Path | None) -> dict[str, Any]:
+    """Keyword arguments of the config builders that describe the file."""
+    return {
+        "base_dir": path.parent if path is not None else Path.cwd(),
+        "file_label": str(path) if path is not None else None,
+        "override_labels": _FLAGS,
+    }
+
+
+@app.command()
+def init(
+    path: Annotated[
+        Path, typer.Argument(dir_okay=False, help="Where to write the config file.")
+    ] = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example config file to edit, and say what comes next."""
+    with reported_errors():
+        try:
+            atomic_write(path, EXAMPLE_SERVICE_CONFIG.encode(), mode=0o644, overwrite=force)
+        except FileExistsError:
+            raise ServiceConfigError(
+                f"{path} already exists; pass --force to overwrite it"
+            ) from None
+        except OSError as exc:
+            raise ServiceConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    keys = path.parent / "keys"
+    config = "" if path == DEFAULT_CONFIG else f" --config {path}"
+    console.print(f"wrote {path}", highlight=False, markup=False)
+    console.print(
+        "next steps:\n"
+        f"  1. fedge keys generate --out {keys}\n"
+        f"     (the key that signs your models; [trust] keys names {keys / 'signing.pub'})\n"
+        f"  2. edit {path}: db, [broker] (embedded to try fedge on one\n"
+        "     machine, or your broker's url) and [trust]\n"
+        f"  3. fedge coordinator token create --role operator{config}\n"
+        f"  4. fedge coordinator serve{config}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _service_config(config: Path | None, flags: dict[str, Any]) -> ServiceConfig:
+    """The merged configuration of ``serve``.
+
+    Raises:
+        ConfigError: an unreadable or invalid config file.
+        ServiceConfigError: an invalid merged configuration.
+    """
+    file_values, path = _read_config(config)
+    return build_service_config(
+        file_values,
+        _nest(flags),
+        password=os.environ.get(PASSWORD_ENV) or None,
+        **_sources(path),
+    )
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    artifact_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifact-dir", show_default=False, file_okay=False, help="Artifact files' directory."
+        ),
+    ] = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            "--bind", show_default=False, help="API address HOST:PORT. Default: 127.0.0.1:8780."
+        ),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            show_default=False,
+            help="The fleet's broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].",
+        ),
+    ] = None,
+    embedded_broker: Annotated[
+        bool,
+        typer.Option(
+            "--embedded-broker",
+            help="Run an MQTT broker in the service (127.0.0.1, no authentication).",
+        ),
+    ] = False,
+    embedded_broker_port: Annotated[
+        int | None,
+        typer.Option("--embedded-broker-port", show_default=False, help="Its port. Default: 1883."),
+    ] = None,
+    trust: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--trust",
+            show_default=False,
+            dir_okay=False,
+            metavar="KEY.pub",
+            help="Public key uploads must be signed by (repeatable; replaces the file's).",
+        ),
+    ] = None,
+    threshold: Annotated[
+        int | None,
+        typer.Option("--threshold", show_default=False, help="How many trusted keys must sign."),
+    ] = None,
+    username: Annotated[
+        str | None,
+        typer.Option("--username", show_default=False, help="MQTT username. Default: coordinator."),
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file",
+            show_default=False,
+            dir_okay=False,
+            help=f"File holding the MQTT password (or set {PASSWORD_ENV}).",
+        ),
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca-file", show_default=False, help="CA bundle for mqtts://.")
+    ] = None,
+    cert_file: Annotated[
+        Path | None,
+        typer.Option("--cert-file", show_default=False, help="Client certificate (mutual TLS)."),
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", show_default=False, help="Its private key.")
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            show_default=False,
+            help="debug, info, warning, error or critical. Default: info.",
+        ),
+    ] = None,
+) -> None:
+    """Run the coordinator service until SIGTERM or SIGINT.
+
+    Serves the HTTP API (docs at /docs), keeps the fleet's state in SQLite, ingests
+    telemetry and drives rollouts and federated runs over MQTT. Flags override the
+    config file.
+    """
+    flags = {
+        "db": db,
+        "artifact_dir": artifact_dir,
+        "bind": bind,
+        "log_level": log_level,
+        "broker.url": broker,
+        "broker.embedded": True if embedded_broker else None,
+        "broker.embedded_port": embedded_broker_port,
+        "broker.username": username,
+        "broker.password_file": password_file,
+        "broker.ca_file": ca_file,
+        "broker.cert_file": cert_file,
+        "broker.key_file": key_file,
+        "trust.keys": tuple(trust) if trust else None,
+        "trust.threshold": threshold,
+    }
+    with reported_errors():
+        settings = _service_config(config, flags)
+    configure_logging(settings.log_level)
+    with reported_errors():
+        run_service(settings)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@contextmanager
+def _token_store(db: Path | None, config: Path | None, *, create: bool) -> Iterator[Store]:
+    """The store that ``--db`` or the config file names, closed on exit.
+
+    Raises:
+        ConfigError: an unreadable or invalid config file.
+        ServiceConfigError: no database named, or (unless ``create``) none there.
+        StoreError: the database cannot be opened.
+    """
+    file_values, path = _read_config(config)
+    db_path, artifact_dir = store_location(file_values, _nest({"db": db}), **_sources(path))
+    if not create and not db_path.exists():
+        raise ServiceConfigError(
+            f"no database at {db_path} (fedge coordinator serve or token create makes it)"
+        )
+    store = Store.open(db_path, artifact_dir=artifact_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _when(at: float | None, never: str = "-") -> str:
+    """A time in UTC to the minute, for tables."""
+    if at is None:
+        return never
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%MZ")
+
+
+def _check_name(name: str) -> str:
+    """A token name: 1-100 printable characters.
+
+    Raises:
+        ServiceConfigError: empty, too long or with control characters.
+    """
+    if not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise ServiceConfigError(
+            f"--name must be 1-{MAX_NAME_CHARS} printable characters, got {name[:40]!r}"
+        )
+    return name.strip()
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[
+        Role,
+        typer.Option(
+            "--role",
+            show_default=False,
+            case_sensitive=False,
+            help="viewer: read only. operator: also upload, roll out, start runs.",
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", show_default=False, help="What it is for (shown in lists and the audit log)."
+        ),
+    ] = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create an API token and print it, once, alone on stdout.
+
+    Only its hash is stored: keep the printed token. Use it as
+    "Authorization: Bearer <token>".
+    """
+    with reported_errors():
+        label = _check_name(name if name is not None else role.value)
+        with _token_store(db, config, create=True) as store:
+            now = time.time()
+            row, plaintext = store.add_token(label, role, now)
+            store.audit(
+                CLI_ACTOR.name,
+                CLI_ACTOR.role,
+                "token.create",
+                row.token_id,
+                detail={"name": row.name, "role": row.role.value},
+                at=now,
+            )
+    typer.echo(plaintext)
+    err_console.print(
+        f"created {row.role.value} token {row.token_id} ({safe_text(row.name)}). It is shown "
+        "only this once: keep it secret. Send it as 'Authorization: Bearer <token>'; "
+        f"revoke it with: fedge coordinator token revoke {row.token_id}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _token_json(row: TokenRow) -> dict[str, Any]:
+    return {
+        "token_id": row.token_id,
+        "name": row.name,
+        "role": row.role.value,
+        "created_at": row.created_at,
+        "last_used_at": row.last_used_at,
+        "revoked_at": row.revoked_at,
+        "revoked": row.revoked_at is not None,
+    }
+
+
+@token_app.command("list")
+def token_list(
+    db: DbOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List every token (revoked ones too): id, name, role, created, last used, revoked."""
+    with reported_errors(as_json=as_json), _token_store(db, config, create=False) as store:
+        rows = store.tokens()
+    if as_json:
+        print_json({"tokens": [_token_json(row) for row in rows]})
+        return
+    if not rows:
+        err_console.print("no tokens; make one with: fedge coordinator token create --role ...")
+        return
+    table = Table(title="API tokens", title_justify="left")
+    for column in ("ID", "NAME", "ROLE", "CREATED", "LAST USED", "REVOKED"):
+        table.add_column(column, no_wrap=column != "NAME")
+    for row in rows:
+        table.add_row(
+            Text(row.token_id),
+            Text(safe_text(row.name)),
+            Text(row.role.value, style="bold" if row.role is Role.OPERATOR else ""),
+            Text(_when(row.created_at)),
+            Text(_when(row.last_used_at, "never")),
+            Text(_when(row.revoked_at), style="red" if row.revoked_at is not None else ""),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[
+        str, typer.Argument(metavar="ID", show_default=False, help="The token's id (token list).")
+    ],
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a token: the service refuses it (401) from the next request on."""
+    with reported_errors(), _token_store(db, config, create=False) as store:
+        now = time.time()
+        before = store.token(token_id)
+        row = store.revoke_token(token_id, now)  # NotFoundError for an unknown id
+        if before is not None and before.revoked_at is None:
+            store.audit(
+                CLI_ACTOR.name, CLI_ACTOR.role, "token.revoke", row.token_id, at=now,
+                detail={"name": row.name},
+            )  # fmt: skip
+    if before is not None and before.revoked_at is not None:
+        console.print(
+            f"token {row.token_id} ({safe_text(row.name)}) was already revoked "
+            f"at {_when(row.revoked_at)}",
+            highlight=False,
+            markup=False,
+        )
+        return
+    console.print(
+        f"revoked token {row.token_id} ({safe_text(row.name)})", highlight=False, markup=False
+    )
