@@ -192,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                     _wait(lambda: _metric(client, "fedge_devices_online") >= args.agents,
                           120.0, "every agent online")  # fmt: skip
                     setup_s = time.monotonic() - started
+                    before = sum(agent.telemetry_published for agent in fleet.agents)
+                    load_started = time.monotonic()
                     load_latency = _probe_for(base, token, "tm00", args.seconds)
+                    load_s = time.monotonic() - load_started
+                    during = sum(agent.telemetry_published for agent in fleet.agents) - before
                 finally:
                     fleet.stop()
                 sent = sum(agent.telemetry_published for agent in fleet.agents)
@@ -223,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         "interval_s": args.interval,
         "setup_s": round(setup_s, 1),
         "windows_sent": sent,
+        "windows_sent_during_load": during,
+        "load_rate_per_s": round(during / load_s, 1),
+        "offered_rate_per_s": round(args.agents / args.interval, 1),
         "windows_ingested": ingested,
         "rows_in_database": stored_rows,
         "missing": sent - stored_rows,
@@ -255,6 +262,9 @@ def _print(result: dict[str, Any]) -> None:
     load, idle = result["api_under_load"], result["api_idle"]
     print(f"\n{result['agents']} agents, a telemetry window each every {result['interval_s']} s "
           f"for {result['seconds']:.0f} s (setup {result['setup_s']} s)")  # fmt: skip
+    print(f"  windows sent during the load: {result['windows_sent_during_load']} "
+          f"({result['load_rate_per_s']}/s; the agents' schedule asks "
+          f"{result['offered_rate_per_s']}/s)")  # fmt: skip
     print(f"  windows sent (acknowledged by the broker): {result['windows_sent']}")
     print(f"  windows ingested (service counter):        {result['windows_ingested']}")
     print(f"  rows in the service's database:            {result['rows_in_database']}")

@@ -22,6 +22,7 @@ Workflow::
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import time
@@ -51,6 +52,9 @@ from edge_agent.network_loop import NetworkLoop
 __all__ = ["LocalFleet", "save_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
+
+STOP_THREADS = 64
+"""Agents :meth:`LocalFleet.stop` stops at a time."""
 
 
 def write_shards(
@@ -184,9 +188,16 @@ class LocalFleet:
         raise TrainingError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:
-        """Stop every agent, then their network threads."""
-        for agent in self.agents:
-            agent.stop()
+        """Stop every agent (many at a time), then their network threads.
+
+        Each stop waits for the broker to acknowledge the offline status and for the
+        DISCONNECT to go out, up to a few seconds on a busy loop: one after another,
+        a thousand agents would take minutes.
+        """
+        if self.agents:
+            workers = min(STOP_THREADS, len(self.agents))
+            with concurrent.futures.ThreadPoolExecutor(workers, "fleet-stop") as pool:
+                list(pool.map(lambda agent: agent.stop(), self.agents))
         for network in self.networks:
             network.close()
 
