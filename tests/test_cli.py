@@ -386,9 +386,13 @@ def test_data_digits_writes_seeded_shards_and_a_test_set(tmp_path: Path) -> None
     assert first.exit_code == 0, first.output
     doc = json.loads(first.stdout)
     assert len(doc["shards"]) == 4
-    ys = [np.load(Path(s) / "local.npz")["y"] for s in doc["shards"]]
-    test = np.load(tmp_path / "a" / "test.npz")
-    assert sum(len(y) for y in ys) + len(test["y"]) == 1797  # all of digits, once
+    ys = []
+    for shard in doc["shards"]:
+        with np.load(Path(shard) / "local.npz") as arrays:
+            ys.append(arrays["y"])
+    with np.load(tmp_path / "a" / "test.npz") as test:
+        test_size = len(test["y"])
+    assert sum(len(y) for y in ys) + test_size == 1797  # all of digits, once
     assert doc["examples"] == [len(y) for y in ys]
     assert json.loads(again.stdout)["examples"] == doc["examples"]
     # Dirichlet(0.3): no device sees every class equally.
