@@ -4,8 +4,9 @@
 The API (:func:`coordinator.api.create_app` over
 :class:`tests.api_support.FakeOperations`) runs in a real uvicorn on 127.0.0.1;
 the commands run through Typer's ``CliRunner`` with ``--api`` pointed at it. The
-in-process ``--broker`` mode is checked for its wiring only (``local_service`` is
-replaced by the fake), since it needs a broker.
+in-process ``--broker`` mode is checked here for its wiring (``local_service`` is
+replaced by the fake); ``tests/test_cli_broker_mode.py`` runs it against a real
+mosquitto and real agents.
 """
 
 from __future__ import annotations

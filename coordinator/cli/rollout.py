@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.live import Live
 
 from coordinator.cli.fleet import JsonOption, TargetOption
+from coordinator.cli.follow import follow
 from coordinator.cli.operate import Connection, operations, read_artifact, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import (
@@ -87,24 +87,14 @@ def watch(ops: Operations, rollout_id: str, *, interval: float, live: bool) -> R
         NotFoundError: no such rollout.
         KeyboardInterrupt: the operator pressed Ctrl-C.
     """
-    view = ops.rollout(rollout_id)
-    if not live:
-        while view.rollout.state not in FINAL_ROLLOUT_STATES:
-            _sleep(interval)
-            view = ops.rollout(rollout_id)
-        return view
-    with Live(
-        rollout_view(view, now=time.time(), devices=False),
-        console=err_console,
-        refresh_per_second=4,
-        transient=False,
-    ) as display:
-        while view.rollout.state not in FINAL_ROLLOUT_STATES:
-            _sleep(interval)
-            view = ops.rollout(rollout_id)
-            display.update(rollout_view(view, now=time.time(), devices=False))
-    err_console.print()  # a live view off a terminal ends without a newline
-    return view
+    return follow(
+        lambda: ops.rollout(rollout_id),
+        done=lambda view: view.rollout.state in FINAL_ROLLOUT_STATES,
+        render=lambda view: rollout_view(view, now=time.time(), devices=False),
+        interval=interval,
+        live=live,
+        sleep=_sleep,
+    )
 
 
 def _watch_and_exit(

@@ -32,10 +32,10 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.live import Live
 
 from compress.families import FAMILIES
 from coordinator.cli.fleet import JsonOption
+from coordinator.cli.follow import follow
 from coordinator.cli.operate import Connection, operations, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
@@ -130,21 +130,14 @@ def watch(ops: Operations, run_id: str, *, interval: float, live: bool) -> RunVi
         NotFoundError: no such run.
         KeyboardInterrupt: the operator pressed Ctrl-C.
     """
-    view = ops.run(run_id)
-    if not live:
-        while view.run.state is RunState.RUNNING:
-            _sleep(interval)
-            view = ops.run(run_id)
-        return view
-    with Live(
-        run_view(view, now=time.time()), console=err_console, refresh_per_second=4
-    ) as display:
-        while view.run.state is RunState.RUNNING:
-            _sleep(interval)
-            view = ops.run(run_id)
-            display.update(run_view(view, now=time.time()))
-    err_console.print()  # a live view off a terminal ends without a newline
-    return view
+    return follow(
+        lambda: ops.run(run_id),
+        done=lambda view: view.run.state is not RunState.RUNNING,
+        render=lambda view: run_view(view, now=time.time()),
+        interval=interval,
+        live=live,
+        sleep=_sleep,
+    )
 
 
 def _watch_and_exit(

@@ -1,0 +1,190 @@
+"""The operator's commands in-process (``--broker``) against a real fleet.
+
+A real mosquitto, three in-process agents on one network loop, and the commands
+run through Typer's ``CliRunner`` with ``--broker`` and ``--db``: each command
+starts its own :class:`~coordinator.service.FleetService` (``local_service``) on
+the same SQLite file, does its work over MQTT and stops. This is the path an
+operator without a long-running service takes: ``fedge devices``, ``fedge
+artifacts upload``, ``fedge rollout create ... --watch`` to completion, then the
+stored rollout and audit log as a later command sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from compress.keys import SigningKey, generate_signing_key
+from coordinator.cli.app import app
+from edge_agent.agent import Agent
+from edge_agent.network_loop import NetworkLoop
+from tests.fleet_support import (
+    Mosquitto,
+    agent_config,
+    make_artifact,
+    password,
+    public_key_file,
+)
+
+pytestmark = pytest.mark.slow
+
+DEVICES = ["cb0", "cb1", "cb2"]
+FEDGE_VARS = ("FEDGE_API", "FEDGE_TOKEN", "FEDGE_BROKER", "FEDGE_BROKER_PASSWORD", "FEDGE_DB")
+WAIT_S = 60.0
+
+runner = CliRunner(mix_stderr=False)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets: none of the caller's FEDGE_* variables; wide tables."""
+    for name in FEDGE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return generate_signing_key()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    instance = Mosquitto(tmp_path, DEVICES)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def agents(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[dict[str, Agent]]:
+    trust = public_key_file(tmp_path / "agent-keys", key)
+    network = NetworkLoop(name="cb-net")
+    network.start()
+    started: dict[str, Agent] = {}
+    try:
+        for device in DEVICES:
+            config = agent_config(broker, device, tmp_path / "agents" / device, trust)
+            started[device] = Agent(config, network=network)
+            started[device].start()
+        yield started
+    finally:
+        for agent in started.values():
+            agent.stop()
+        network.close()
+
+
+class Fedge:
+    """``fedge ...`` in-process against the test broker, on one state file."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto, key: SigningKey) -> None:
+        secret = tmp_path / "coordinator.password"
+        secret.write_text(password("coordinator") + "\n")
+        self.db = tmp_path / "state.db"
+        self.connection = [
+            "--broker", broker.url,
+            "--username", "coordinator",
+            "--password-file", str(secret),
+            "--db", str(self.db),
+            "--trust", str(public_key_file(tmp_path / "operator-keys", key)),
+        ]  # fmt: skip
+
+    def __call__(self, *args: str | Path) -> Result:
+        command = [str(a) for a in args]
+        return runner.invoke(app, [*command, *self.connection], catch_exceptions=False)
+
+    def json(self, *args: str | Path) -> Any:
+        result = self(*args, "--json")
+        assert result.exit_code == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def fedge(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Fedge:
+    return Fedge(tmp_path, broker, key)
+
+
+def wait_online(fedge: Fedge, count: int) -> list[dict[str, Any]]:
+    """``fedge devices --json`` until ``count`` devices are online."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        rows: list[dict[str, Any]] = fedge.json("devices")
+        if sum(bool(row["online"]) for row in rows) == count:
+            return rows
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} devices never online: {rows}")
+        time.sleep(0.5)
+
+
+def serving(agents: dict[str, Agent]) -> dict[str, int | None]:
+    versions: dict[str, int | None] = {}
+    for device, agent in agents.items():
+        model = agent.model
+        versions[device] = None if model is None else model.version
+    return versions
+
+
+def test_devices_upload_and_a_watched_rollout_to_completion_in_process(
+    tmp_path: Path, key: SigningKey, agents: dict[str, Agent], fedge: Fedge
+) -> None:
+    rows = wait_online(fedge, 3)
+    assert sorted(row["device_id"] for row in rows) == DEVICES
+
+    artifact = make_artifact(tmp_path, key, version=2)
+    result = fedge("artifacts", "upload", artifact)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    [uploaded] = fedge.json("artifacts", "list")
+    assert uploaded["version"] == 2
+    assert uploaded["sha256"] in result.stdout
+
+    tampered = make_artifact(tmp_path, key, version=3, tamper_payload=True)
+    result = fedge("artifacts", "upload", tampered)
+    assert result.exit_code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: artifact refused: payload sha256"), line
+    assert "Traceback" not in result.stderr
+    assert [a["version"] for a in fedge.json("artifacts", "list")] == [2]
+
+    result = fedge(
+        "rollout", "create", artifact,
+        "--canary", "1", "--waves", "100", "--soak", "1s", "--max-failure", "10%",
+        "--watch", "--interval", "0.2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    rollout_id = result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[-1] == f"rollout {rollout_id}: completed"
+    assert serving(agents) == dict.fromkeys(DEVICES, 2)
+
+    # A later command opens the same state: the rollout, its devices and the audit log.
+    [listed] = fedge.json("rollout", "list")
+    assert listed["rollout_id"] == rollout_id
+    assert listed["state"] == "completed"
+    view = fedge.json("rollout", "status", rollout_id)
+    assert {d["device_id"]: d["state"] for d in view["devices"]} == dict.fromkeys(
+        DEVICES, "installed"
+    )
+    assert sorted(d["stage"] for d in view["devices"]) == [0, 1, 1]
+    actions = [(a["actor"], a["action"]) for a in fedge.json("audit")]
+    assert ("cli", "artifact.reject") in actions
+    assert [a for a in actions if a[1] != "artifact.reject"] == [
+        ("cli", "artifact.upload"),
+        ("cli", "artifact.upload"),  # create uploads again (idempotent) before starting
+        ("cli", "rollout.create"),
+    ]
+
+
+def test_an_unreachable_broker_is_one_clear_line(tmp_path: Path, broker: Mosquitto) -> None:
+    fedge = Fedge(tmp_path, broker, generate_signing_key())
+    broker.stop()
+    result = fedge("devices", "--connect-timeout", "1")
+    assert result.exit_code != 0
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot connect to {broker.url}"), line
