@@ -456,6 +456,11 @@ class Coordinator:
             self.forget(delivery)
             return tracker.result()
 
+    def tracked(self) -> list[str]:
+        """The deployment ids of the deliveries still tracked (not yet forgotten)."""
+        with self._cond:
+            return sorted(self._deliveries)
+
     def forget(self, delivery: Delivery) -> None:
         """Stop tracking a delivery and serving its chunks."""
         with self._cond:

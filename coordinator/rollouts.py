@@ -27,6 +27,16 @@ device (a transfer that died with a killed process, reporting its failure after 
 restart) is recognised as stale and ignored unless it says ``installed``. A
 device's answer to a ``rollback`` names no rollout and goes to the rollouts in
 which that device is being reverted.
+
+A long-running service must not keep every delivery it ever made: the
+coordinator serves a delivery's chunks and resends its command to devices that
+come back for as long as it tracks it. The engine does its own catch-up (a new
+deployment), so the manager tells the coordinator to forget a delivery once none
+of its devices still needs it: a deploy when each device has been sent a newer
+one or has left the in-progress states, a rollback when none of its devices is
+still being reverted, and all of a rollout's deliveries when the rollout is
+dropped (ended and settled, or a completed one superseded). The tick thread does
+the forgetting, outside the manager's lock.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
-from coordinator.delivery import Artifact, Coordinator
+from coordinator.delivery import Artifact, Coordinator, Delivery
 from coordinator.deployment import IN_PROGRESS_STATES, DeviceState
 from coordinator.errors import CoordinatorError, NotFoundError, RolloutError
 from coordinator.fleet import Target
@@ -73,6 +83,15 @@ still deploys to devices that come back or join its target, until a newer rollou
 of the same model replaces it."""
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A delivery the coordinator tracks for a rollout, and which devices it went to."""
+
+    delivery: Delivery
+    device_ids: tuple[str, ...]
+    rollback: bool
+
+
 @dataclass
 class _Running:
     engine: Rollout
@@ -80,6 +99,29 @@ class _Running:
     target: Target
     sent: dict[str, str] = field(default_factory=dict)
     """Device -> the deployment id this process last sent it."""
+    deliveries: dict[str, _Sent] = field(default_factory=dict)
+    """Deployment id -> a delivery the coordinator still tracks."""
+
+    def finished(self) -> list[Delivery]:
+        """Pop the deliveries none of whose devices needs them any more."""
+        done = [
+            deployment_id
+            for deployment_id, sent in self.deliveries.items()
+            if not any(self._needs(device_id, deployment_id, sent) for device_id in sent.device_ids)
+        ]
+        return [self.deliveries.pop(deployment_id).delivery for deployment_id in done]
+
+    def _needs(self, device_id: str, deployment_id: str, sent: _Sent) -> bool:
+        device = self.engine.device(device_id)
+        if device is None:
+            return False
+        if sent.rollback:
+            return device.marker is Marker.REVERTING
+        return (
+            self.sent.get(device_id) == deployment_id
+            and device.marker is None
+            and device.install in IN_PROGRESS_STATES
+        )
 
 
 class RolloutManager:
@@ -100,6 +142,7 @@ class RolloutManager:
         self._tick_s = tick_s
         self._lock = threading.RLock()
         self._running: dict[str, _Running] = {}
+        self._retired: list[Delivery] = []  # deliveries of dropped rollouts, to forget
         self._outbox: queue.Queue[tuple[str, Action, str] | object] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -132,12 +175,20 @@ class RolloutManager:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop ticking and sending (state is already saved; idempotent)."""
+        """Stop ticking and sending; the coordinator forgets this manager's deliveries.
+
+        State is already saved (a new manager resumes it). Idempotent.
+        """
         self._stopping.set()
         self._outbox.put(_STOP)
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._threads.clear()
+        with self._lock:
+            for running in self._running.values():
+                self._retired.extend(sent.delivery for sent in running.deliveries.values())
+                running.deliveries.clear()
+        self._forget_finished()
 
     # ---------------------------------------------------------------- operations
 
@@ -177,7 +228,7 @@ class RolloutManager:
             for rid, running in list(self._running.items()):  # superseded
                 if (running.engine.artifact.model == manifest.name
                         and running.engine.state is RolloutState.COMPLETED):  # fmt: skip
-                    del self._running[rid]
+                    self._drop(rid)
             self._store.create_rollout(
                 rollout_id,
                 artifact_sha256=artifact_sha256,
@@ -337,6 +388,16 @@ class RolloutManager:
                     self._tick(rollout_id)
                 except CoordinatorError:
                     logger.exception("rollout %s: tick failed", rollout_id)
+            self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        """Have the coordinator forget the deliveries no device needs any more."""
+        with self._lock:
+            done, self._retired = self._retired, []
+            for running in self._running.values():
+                done.extend(running.finished())
+        for delivery in done:
+            self._coordinator.forget(delivery)
 
     def _tick(self, rollout_id: str) -> None:
         now = self._clock()
@@ -370,13 +431,24 @@ class RolloutManager:
             running = self._running.get(rollout_id)
             if running is None:
                 return
+        ids = list(action.device_ids) if isinstance(action, (Deploy, Rollback)) else []
         if isinstance(action, Deploy):
-            ids = list(action.device_ids)
-            self._coordinator.deploy(running.artifact, _devices(ids), deployment_id=deployment_id)
+            delivery = self._coordinator.deploy(
+                running.artifact, _devices(ids), deployment_id=deployment_id
+            )
         elif isinstance(action, Rollback):
             model = running.engine.artifact.model
-            self._coordinator.rollback(_devices(list(action.device_ids)), model,
-                                       reason=action.reason)  # fmt: skip
+            delivery = self._coordinator.rollback(_devices(ids), model, reason=action.reason)
+        else:
+            return
+        with self._lock:
+            current = self._running.get(rollout_id)
+            if current is None:  # dropped while sending
+                self._retired.append(delivery)
+            else:
+                current.deliveries[delivery.deployment_id] = _Sent(
+                    delivery, tuple(ids), rollback=isinstance(action, Rollback)
+                )
 
     # ------------------------------------------------------------------- helpers
 
@@ -431,7 +503,12 @@ class RolloutManager:
             at=now,
         )
         if engine.state in _ENDED and _settled(engine):
-            del self._running[rollout_id]
+            self._drop(rollout_id)
+
+    def _drop(self, rollout_id: str) -> None:
+        """Stop running a rollout (call with the lock held); its deliveries go too."""
+        running = self._running.pop(rollout_id)
+        self._retired.extend(sent.delivery for sent in running.deliveries.values())
 
 
 def _to_resume(rows: Sequence[RolloutRow]) -> list[tuple[RolloutRow, Rollout]]:

@@ -120,6 +120,8 @@ def test_a_staged_rollout_completes_and_survives_a_manager_restart(
     manager = start_manager(operator, store)
     try:
         wait_for(lambda: state_of(store, rollout_id) == RolloutState.COMPLETED)
+        # Every device installed: the coordinator keeps none of the deliveries.
+        wait_for(lambda: operator.tracked() == [])
     finally:
         manager.stop()
     assert set(served(operator).values()) == {2}
@@ -146,6 +148,9 @@ def test_a_failing_artifact_halts_after_the_canary_and_rolls_it_back(
                                 target=Target.parse("all"), actor="test")  # fmt: skip
         wait_for(lambda: state_of(store, second) == RolloutState.HALTED)
         time.sleep(2.0)  # no later stage goes out
+        # The halted rollout settled (canary rolled back) and the completed one
+        # has every device installed: no delivery is still tracked.
+        wait_for(lambda: operator.tracked() == [])
     finally:
         manager.stop()
     assert set(served(operator).values()) == {2}  # the canary's health check failed on device

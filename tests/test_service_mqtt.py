@@ -152,6 +152,8 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     sizes = [sum(d.stage == s for d in view.devices) for s in range(3)]
     assert sizes == [2, 8, 10]  # canary 2, then up to 50 % (10), then 100 % (20)
     assert {d.state for d in view.devices} == {"installed"}
+    # A long-running service keeps no delivery once every device installed.
+    wait_for(lambda: service.coordinator.tracked() == [], what="deliveries forgotten")
     # The stored inventory and telemetry follow the fleet.
     wait_for(lambda: {d.version for d in service.devices()} == {2}, what="inventory")
     assert sorted(d.device_id for d in service.devices()) == DEVICES
