@@ -75,7 +75,7 @@ from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
-    RolloutRow,
+    RolloutInfo,
     RunRow,
     TelemetryRow,
 )
@@ -116,7 +116,7 @@ _TELEMETRY = TypeAdapter(list[TelemetryRow])
 _ARTIFACT = TypeAdapter(ArtifactRow)
 _ARTIFACTS = TypeAdapter(list[ArtifactRow])
 _ROLLOUT_VIEW = TypeAdapter(RolloutView)
-_ROLLOUTS = TypeAdapter(list[RolloutRow])
+_ROLLOUTS = TypeAdapter(list[RolloutInfo])
 _RUN_VIEW = TypeAdapter(RunView)
 _RUNS = TypeAdapter(list[RunRow])
 _AUDIT = TypeAdapter(list[AuditRow])
@@ -274,7 +274,7 @@ class ApiClient:
         answer = self._call("POST", "v1/rollouts", action="create rollouts", json=asdict(request))
         return _parse(_ROLLOUT_VIEW, answer, self._url)
 
-    def rollouts(self) -> list[RolloutRow]:
+    def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first.
 
         Raises:

@@ -25,7 +25,7 @@ from coordinator.store.records import (
     AuditRow,
     DeviceRow,
     RolloutDevice,
-    RolloutRow,
+    RolloutInfo,
     RoundRow,
     RunRow,
     TelemetryRow,
@@ -89,7 +89,7 @@ class RolloutRequest:
 class RolloutView:
     """A rollout with its devices and a summary (counts per state, current stage)."""
 
-    rollout: RolloutRow
+    rollout: RolloutInfo
     devices: tuple[RolloutDevice, ...]
     summary: dict[str, Any]
 
@@ -185,7 +185,7 @@ class Operations(Protocol):
         """
         ...
 
-    def rollouts(self) -> list[RolloutRow]:
+    def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first."""
         ...
 

@@ -68,7 +68,7 @@ from coordinator.store import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
-    RolloutRow,
+    RolloutInfo,
     RunRow,
     Store,
     TelemetryRow,
@@ -294,9 +294,10 @@ class FleetService:
         })  # fmt: skip
         return self.rollout(rollout_id)
 
-    def rollouts(self) -> list[RolloutRow]:
+    def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first."""
-        return sorted(self._store.rollouts(), key=lambda r: r.created_at, reverse=True)
+        rows = sorted(self._store.rollouts(), key=lambda r: r.created_at, reverse=True)
+        return [row.info() for row in rows]
 
     def rollout(self, rollout_id: str) -> RolloutView:
         """One rollout with its devices and summary.
@@ -311,7 +312,7 @@ class FleetService:
         if summary is None:  # not running in this process: from its saved state
             summary = Rollout.restore(row.snapshot).summary()
         devices = tuple(self._store.rollout_devices(rollout_id))
-        return RolloutView(rollout=row, devices=devices, summary=dict(summary))
+        return RolloutView(rollout=row.info(), devices=devices, summary=dict(summary))
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
         """Stop releasing new stages.

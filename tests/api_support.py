@@ -46,7 +46,7 @@ from coordinator.store.records import (
     AuditRow,
     DeviceRow,
     RolloutDevice,
-    RolloutRow,
+    RolloutInfo,
     RoundRow,
     RunRow,
     RunState,
@@ -332,13 +332,12 @@ class FakeOperations:
             raise RolloutError(f"waves must end at 100, not {request.waves!r}")
         rollout_id = f"ro-{len(self.rollout_views) + 1}"
         view = RolloutView(
-            rollout=RolloutRow(
+            rollout=RolloutInfo(
                 rollout_id=rollout_id,
                 artifact_sha256=request.artifact_sha256,
                 target=request.target,
                 policy={"canary": request.canary, "waves": request.waves},
                 state="running",
-                snapshot={"stage": 0},
                 created_by=actor.name,
                 created_at=NOW,
                 updated_at=NOW,
@@ -353,7 +352,7 @@ class FakeOperations:
         self._mutate("rollout.create", actor, rollout_id)
         return view
 
-    def rollouts(self) -> list[RolloutRow]:
+    def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first."""
         self._check()
         return [view.rollout for view in reversed(self.rollout_views.values())]

@@ -167,6 +167,9 @@ def test_devices_upload_and_a_watched_rollout_to_completion_in_process(
     assert listed["rollout_id"] == rollout_id
     assert listed["state"] == "completed"
     view = fedge.json("rollout", "status", rollout_id)
+    # The engine's saved state (every device's record) stays inside the service.
+    assert "snapshot" not in listed
+    assert set(view["rollout"]) == set(listed)
     assert {d["device_id"]: d["state"] for d in view["devices"]} == dict.fromkeys(
         DEVICES, "installed"
     )

@@ -140,7 +140,6 @@ class RolloutOut(_Out):
     target: str = Field(description="`all`, `tag:T` or `device:ID[,ID...]`.")
     policy: dict[str, Any] = Field(description="Stages and health thresholds.")
     state: str
-    snapshot: dict[str, Any] = Field(description="The rollout engine's saved state.")
     created_by: str
     created_at: float
     updated_at: float

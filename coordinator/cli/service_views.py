@@ -33,7 +33,7 @@ from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
-    RolloutRow,
+    RolloutInfo,
     RunRow,
     RunState,
     TelemetryRow,
@@ -211,7 +211,7 @@ def artifacts_table(rows: Sequence[ArtifactRow], *, now: float) -> Table:
     return table
 
 
-def rollouts_table(rows: Sequence[RolloutRow], *, now: float) -> Table:
+def rollouts_table(rows: Sequence[RolloutInfo], *, now: float) -> Table:
     """Rollouts, as given (newest first)."""
     table = Table(title=_plural(len(rows), "rollout"))
     table.add_column("rollout", no_wrap=True)

@@ -6,7 +6,7 @@ as the callers passed them in. Nothing here touches SQLite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -86,8 +86,8 @@ class ArtifactRow:
 
 
 @dataclass(frozen=True)
-class RolloutRow:
-    """A staged rollout and the rollout engine's last saved state.
+class RolloutInfo:
+    """A staged rollout as operators see it (without the engine's saved state).
 
     Attributes:
         rollout_id: The rollout.
@@ -95,7 +95,6 @@ class RolloutRow:
         target: ``all``, ``tag:T`` or ``device:ID[,ID...]``.
         policy: The rollout policy as a JSON dict (stages, health thresholds).
         state: The engine's state name (opaque to the store).
-        snapshot: The engine's full serialized state (opaque to the store).
         created_by: Token id or ``cli``.
         created_at: Creation time.
         updated_at: Time of the last save.
@@ -106,10 +105,25 @@ class RolloutRow:
     target: str
     policy: dict[str, Any]
     state: str
-    snapshot: dict[str, Any]
     created_by: str
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class RolloutRow(RolloutInfo):
+    """A staged rollout and the rollout engine's last saved state.
+
+    Attributes:
+        snapshot: The engine's full serialized state (opaque to the store; it holds
+            every device's record, so it stays inside the service).
+    """
+
+    snapshot: dict[str, Any]
+
+    def info(self) -> RolloutInfo:
+        """The rollout without the engine's state: what the API and CLI show."""
+        return RolloutInfo(**{f.name: getattr(self, f.name) for f in fields(RolloutInfo)})
 
 
 @dataclass(frozen=True)
