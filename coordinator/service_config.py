@@ -62,21 +62,18 @@ from typing import Any
 from coordinator.api.app import MIB, ApiConfig
 from coordinator.errors import ServiceConfigError
 from coordinator.service import ServiceSettings
-from edge_agent.config import (
-    LOG_LEVELS,
-    BrokerConfig,
-    TrustConfig,
-    _FieldError,
-    _kind,
-    _read_password,
-    _to_path,
-    _want_int,
-    _want_seconds,
-    _want_str,
-    parse_broker_url,
+from edge_agent.config import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
+from edge_agent.config_values import (
+    FieldError,
+    kind_of,
+    read_password,
+    to_path,
+    want_int,
+    want_seconds,
+    want_str,
 )
 from edge_agent.errors import ConfigError
-from edge_agent.http_api import _is_loopback, parse_bind
+from edge_agent.http_api import is_loopback, parse_bind
 from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = [
@@ -168,13 +165,13 @@ def _as_service_error() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        key = exc.key if isinstance(exc, _FieldError) else None
+        key = exc.key if isinstance(exc, FieldError) else None
         raise ServiceConfigError(str(exc), key=key) from None
 
 
 def _want_bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ServiceConfigError(f"{key} must be true or false, got {_kind(value)}", key=key)
+        raise ServiceConfigError(f"{key} must be true or false, got {kind_of(value)}", key=key)
     return value
 
 
@@ -186,7 +183,7 @@ def _want_limit(key: str, value: object) -> float:
         or not math.isfinite(value)
         or value < 0
     ):
-        shown = value if isinstance(value, int | float) else _kind(value)
+        shown = value if isinstance(value, int | float) else kind_of(value)
         raise ServiceConfigError(f"{key} must be a number >= 0 (0: no limit), got {shown}", key=key)
     return float(value)
 
@@ -213,8 +210,8 @@ class TelemetryStorage:
 
     def __post_init__(self) -> None:
         with _as_service_error():
-            flush_s = _want_seconds("telemetry.flush_s", self.flush_s)
-            _want_int("telemetry.retention_rows", self.retention_rows, low=0)
+            flush_s = want_seconds("telemetry.flush_s", self.flush_s)
+            want_int("telemetry.retention_rows", self.retention_rows, low=0)
         object.__setattr__(self, "flush_s", flush_s)
         days = _want_limit("telemetry.retention_days", self.retention_days)
         object.__setattr__(self, "retention_days", days)
@@ -241,8 +238,8 @@ class ApiSettings:
 
     def __post_init__(self) -> None:
         with _as_service_error():
-            _want_int("api.max_body_mib", self.max_body_mib, low=1, high=MAX_BODY_MIB)
-            _want_int("api.max_artifact_mib", self.max_artifact_mib, low=1, high=MAX_ARTIFACT_MIB)
+            want_int("api.max_body_mib", self.max_body_mib, low=1, high=MAX_BODY_MIB)
+            want_int("api.max_artifact_mib", self.max_artifact_mib, low=1, high=MAX_ARTIFACT_MIB)
         _want_bool("api.docs", self.docs)
         _want_bool("api.access_log", self.access_log)
 
@@ -288,10 +285,10 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
-            raise ServiceConfigError(f"db must be a Path, got {_kind(self.db)}", key="db")
+            raise ServiceConfigError(f"db must be a Path, got {kind_of(self.db)}", key="db")
         if self.artifact_dir is not None and not isinstance(self.artifact_dir, Path):
             raise ServiceConfigError(
-                f"artifact_dir must be a Path, got {_kind(self.artifact_dir)}", key="artifact_dir"
+                f"artifact_dir must be a Path, got {kind_of(self.artifact_dir)}", key="artifact_dir"
             )
         for key, value, kind in (
             ("trust", self.trust, TrustConfig),
@@ -304,10 +301,10 @@ class ServiceConfig:
             raise ServiceConfigError(NO_TRUSTED_KEYS, key="trust.keys")
         self._check_broker()
         with _as_service_error():
-            _want_int("bind", self.bind_port, low=1, high=65535)
-            _want_str("bind", self.bind_host)
-            tick = _want_seconds("rollouts.tick_s", self.rollout_tick_s)
-            level = _want_str("log_level", self.log_level).lower()
+            want_int("bind", self.bind_port, low=1, high=65535)
+            want_str("bind", self.bind_host)
+            tick = want_seconds("rollouts.tick_s", self.rollout_tick_s)
+            level = want_str("log_level", self.log_level).lower()
         try:
             parse_bind(self.bind)  # the host's form (a bracketed one is refused here)
         except ConfigError as exc:
@@ -324,7 +321,7 @@ class ServiceConfig:
         """Exactly one of ``broker`` and ``embedded_broker``; the username defaulted."""
         embedded = _want_bool("broker.embedded", self.embedded_broker)
         with _as_service_error():
-            _want_int("broker.embedded_port", self.embedded_broker_port, low=1, high=65535)
+            want_int("broker.embedded_port", self.embedded_broker_port, low=1, high=65535)
         if self.broker is None:
             if not embedded:
                 raise ServiceConfigError(NO_BROKER)
@@ -351,7 +348,7 @@ class ServiceConfig:
     @property
     def bind_is_loopback(self) -> bool:
         """Whether only this machine can reach the API (``localhost`` or a loopback IP)."""
-        return _is_loopback(self.bind_host)
+        return is_loopback(self.bind_host)
 
     @property
     def broker_url(self) -> str:
@@ -411,7 +408,7 @@ def _flatten(values: Mapping[str, Any], label: Callable[[str], str], base: Path)
         if key and key in _SECTIONS:
             if not isinstance(value, Mapping):
                 raise ServiceConfigError(
-                    f"{label(key)}: [{key}] must be a table, got {_kind(value)}", key=key
+                    f"{label(key)}: [{key}] must be a table, got {kind_of(value)}", key=key
                 )
             entries = {f"{key}.{name}": item for name, item in value.items()}
         else:
@@ -439,12 +436,12 @@ def _resolve(key: str, value: object, base: Path) -> object:
         ServiceConfigError: ``trust.keys`` is not an array.
     """
     if key in _PATH_KEYS:
-        return _to_path(key, value, base)
+        return to_path(key, value, base)
     if key != "trust.keys":
         return value
     if not isinstance(value, list | tuple):
-        raise ServiceConfigError(f"trust.keys must be an array of paths, got {_kind(value)}")
-    return tuple(_to_path(f"trust.keys[{i}]", item, base) for i, item in enumerate(value))
+        raise ServiceConfigError(f"trust.keys must be an array of paths, got {kind_of(value)}")
+    return tuple(to_path(f"trust.keys[{i}]", item, base) for i, item in enumerate(value))
 
 
 class _Sources:
@@ -507,7 +504,7 @@ def _bind(value: object) -> tuple[str, int]:
         ServiceConfigError: not a string of that form.
     """
     try:
-        return parse_bind(_want_str("bind", value))
+        return parse_bind(want_str("bind", value))
     except ConfigError as exc:
         raise ServiceConfigError(str(exc), key="bind") from None
 
@@ -529,7 +526,7 @@ def _broker(sources: _Sources, password: str | None) -> BrokerConfig | None:
         raise ServiceConfigError(str(exc), key="broker.url") from None
     if "broker.password_file" in values:
         try:  # its message names broker.password_file and the file
-            password = _read_password(values["broker.password_file"], "")
+            password = read_password(values["broker.password_file"], "")
         except ConfigError as exc:
             raise ServiceConfigError(str(exc), key="broker.password_file") from None
     with _as_service_error():

@@ -19,6 +19,9 @@ Workflow (what ``fedge-agent run`` does, see :mod:`edge_agent.cli`):
 3. The entry point calls :meth:`TrustConfig.load` and :meth:`BrokerConfig.check_files`
    to fail early on unreadable key or certificate files, then starts the agent.
 
+The per-value checks (types, ranges, paths, the password file) are the typed readers
+of :mod:`edge_agent.config_values`, shared with the coordinator's service config.
+
 The file layout (every key but ``device_id``, ``data_dir``, ``broker.url`` and at least
 one ``trust.keys`` entry is optional; :data:`EXAMPLE_CONFIG` documents each one)::
 
@@ -73,8 +76,6 @@ import dataclasses
 import difflib
 import ipaddress
 import logging
-import math
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -88,6 +89,18 @@ from compress.keys import PublicKey, load_public_key
 from compress.manifest import TAG_RE
 from compress.signing import TrustedKeys
 from compress.trust import RUNTIME_FOR_FORMAT
+from edge_agent.config_values import (
+    MAX_PASSWORD_FILE_BYTES,
+    FieldError,
+    kind_of,
+    read_password,
+    to_array,
+    to_path,
+    want_int,
+    want_optional_path,
+    want_seconds,
+    want_str,
+)
 from edge_agent.errors import ConfigError, TopicError
 from edge_agent.protocol.topics import validate_device_id
 
@@ -121,9 +134,6 @@ DEFAULT_MQTTS_PORT = 8883
 MAX_CONFIG_BYTES = 1024 * 1024
 """Largest config file :func:`load_config_file` reads."""
 
-MAX_PASSWORD_FILE_BYTES = 4096
-"""Largest ``broker.password_file`` :func:`build_config` reads."""
-
 RUNTIMES: tuple[str, ...] = tuple(sorted(set(RUNTIME_FOR_FORMAT.values())))
 """Runtime names ``AgentConfig.runtime`` accepts (``onnxruntime``, ``tflite``)."""
 
@@ -143,68 +153,7 @@ _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
-class _FieldError(ConfigError):
-    """A :class:`ConfigError` about one dotted key, so callers can say where it came from."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
 # --------------------------------------------------------------------------- checks
-
-
-_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
-    (bool, "a boolean"),  # before int: bool is a subclass of int
-    (int, "an integer"),
-    (float, "a float"),
-    (str, "a string"),
-    ((list, tuple), "an array"),
-    (Mapping, "a table"),
-)
-
-
-def _kind(value: object) -> str:
-    """A value's type in TOML words, for messages (never the value: it may be secret)."""
-    for kind, words in _KINDS:
-        if isinstance(value, kind):
-            return words
-    return type(value).__name__
-
-
-def _want_int(key: str, value: object, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _FieldError(key, f"{key} must be an integer, got {_kind(value)}")
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise _FieldError(key, f"{key} must be {bounds}, got {value}")
-    return value
-
-
-def _want_seconds(key: str, value: object) -> float:
-    """A positive, finite number of seconds (an integer is fine, a boolean is not)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _FieldError(key, f"{key} must be a number of seconds, got {_kind(value)}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise _FieldError(key, f"{key} must be a finite number > 0, got {value}")
-    return seconds
-
-
-def _want_str(key: str, value: object, *, secret: bool = False) -> str:
-    if not isinstance(value, str):
-        raise _FieldError(key, f"{key} must be a string, got {_kind(value)}")
-    if not value:
-        raise _FieldError(key, f"{key} must not be empty")
-    if not secret and any(ord(c) < 32 or c == "\x7f" for c in value):
-        raise _FieldError(key, f"{key} contains control characters: {value[:80]!r}")
-    return value
-
-
-def _want_optional_path(key: str, value: object) -> Path | None:
-    if value is not None and not isinstance(value, Path):
-        raise _FieldError(key, f"{key} must be a Path, got {_kind(value)}")
-    return value
 
 
 def _split_host_port(text: str, *, default_port: int | None) -> tuple[str, int]:
@@ -262,7 +211,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         ConfigError: anything else, with the offending URL in the message.
     """
     if not isinstance(url, str):
-        raise ConfigError(f"broker URL must be a string, got {_kind(url)}")
+        raise ConfigError(f"broker URL must be a string, got {kind_of(url)}")
     shown = repr(url[:200])
     usage = "want mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
     if any(c.isspace() or ord(c) < 32 for c in url):
@@ -293,11 +242,11 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 
 
 def _check_http(value: object) -> str:
-    text = _want_str("http", value)
+    text = want_str("http", value)
     try:
         _split_host_port(text, default_port=None)
     except ValueError as exc:
-        raise _FieldError(
+        raise FieldError(
             "http", f"http must be HOST:PORT such as 127.0.0.1:8080, got {text[:80]!r}: {exc}"
         ) from None
     return text
@@ -347,32 +296,32 @@ class BrokerConfig:
     reconnect_max_s: float = 60.0
 
     def __post_init__(self) -> None:
-        host = _want_str("broker.host", self.host)
+        host = want_str("broker.host", self.host)
         try:
             _split_host_port(f"[{host}]" if ":" in host else host, default_port=1)
         except ValueError as exc:
-            raise _FieldError("broker.host", f"broker.host is invalid: {exc}") from None
-        _want_int("broker.port", self.port, low=1, high=65535)
+            raise FieldError("broker.host", f"broker.host is invalid: {exc}") from None
+        want_int("broker.port", self.port, low=1, high=65535)
         if not isinstance(self.tls, bool):
-            raise _FieldError("broker.tls", f"broker.tls must be a boolean, got {_kind(self.tls)}")
+            raise FieldError("broker.tls", f"broker.tls must be a boolean, got {kind_of(self.tls)}")
         if self.username is not None:
-            _want_str("broker.username", self.username)
+            want_str("broker.username", self.username)
         if self.password is not None:
-            _want_str("broker.password", self.password, secret=True)
+            want_str("broker.password", self.password, secret=True)
         for key in ("ca_file", "cert_file", "key_file"):
-            path = _want_optional_path(f"broker.{key}", getattr(self, key))
+            path = want_optional_path(f"broker.{key}", getattr(self, key))
             if path is not None and not self.tls:
-                raise _FieldError(
+                raise FieldError(
                     f"broker.{key}",
                     f"broker.{key} is set but the broker URL is mqtt:// (no TLS); use mqtts://",
                 )
         if self.key_file is not None and self.cert_file is None:
-            raise _FieldError("broker.key_file", "broker.key_file is set without broker.cert_file")
-        _want_int("broker.keepalive_s", self.keepalive_s, low=1, high=65535)
-        low = _want_seconds("broker.reconnect_min_s", self.reconnect_min_s)
-        high = _want_seconds("broker.reconnect_max_s", self.reconnect_max_s)
+            raise FieldError("broker.key_file", "broker.key_file is set without broker.cert_file")
+        want_int("broker.keepalive_s", self.keepalive_s, low=1, high=65535)
+        low = want_seconds("broker.reconnect_min_s", self.reconnect_min_s)
+        high = want_seconds("broker.reconnect_max_s", self.reconnect_max_s)
         if high < low:
-            raise _FieldError(
+            raise FieldError(
                 "broker.reconnect_max_s",
                 f"broker.reconnect_max_s ({high:g}) is less than broker.reconnect_min_s ({low:g})",
             )
@@ -449,15 +398,15 @@ class TrustConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.keys, tuple) or not all(isinstance(k, Path) for k in self.keys):
-            raise _FieldError("trust.keys", "trust.keys must be a tuple of Paths")
+            raise FieldError("trust.keys", "trust.keys must be a tuple of Paths")
         seen: set[Path] = set()
         for path in self.keys:
             if path in seen:
-                raise _FieldError("trust.keys", f"trust.keys lists {path} twice")
+                raise FieldError("trust.keys", f"trust.keys lists {path} twice")
             seen.add(path)
-        _want_int("trust.threshold", self.threshold, low=1)
+        want_int("trust.threshold", self.threshold, low=1)
         if self.keys and self.threshold > len(self.keys):
-            raise _FieldError(
+            raise FieldError(
                 "trust.threshold",
                 f"trust.threshold {self.threshold} is more than the "
                 f"{len(self.keys)} trusted key(s)",
@@ -474,16 +423,16 @@ class TrustConfig:
                 public key, or two files hold the same key; the message names the file.
         """
         if not self.keys:
-            raise _FieldError("trust.keys", NO_TRUSTED_KEYS)
+            raise FieldError("trust.keys", NO_TRUSTED_KEYS)
         loaded: dict[str, Path] = {}
         keys: list[PublicKey] = []
         for path in self.keys:
             try:
                 key = load_public_key(path)
             except CompressError as exc:
-                raise _FieldError("trust.keys", f"trust.keys: {exc}") from exc
+                raise FieldError("trust.keys", f"trust.keys: {exc}") from exc
             if key.key_id in loaded:
-                raise _FieldError(
+                raise FieldError(
                     "trust.keys", f"trust.keys: {loaded[key.key_id]} and {path} hold the same key"
                 )
             loaded[key.key_id] = path
@@ -491,7 +440,7 @@ class TrustConfig:
         try:
             return TrustedKeys.of(keys, self.threshold)
         except CompressError as exc:  # pragma: no cover - checked in __post_init__
-            raise _FieldError("trust.keys", f"trust: {exc}") from exc
+            raise FieldError("trust.keys", f"trust: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,9 +461,9 @@ class TelemetryConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "interval_s", _want_seconds("telemetry.interval_s", self.interval_s)
+            self, "interval_s", want_seconds("telemetry.interval_s", self.interval_s)
         )
-        _want_int("telemetry.spool_max_bytes", self.spool_max_bytes, low=MIN_SPOOL_BYTES)
+        want_int("telemetry.spool_max_bytes", self.spool_max_bytes, low=MIN_SPOOL_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,11 +483,11 @@ class TransferConfig:
     stall_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _want_int("transfer.window", self.window, low=1, high=MAX_WINDOW)
+        want_int("transfer.window", self.window, low=1, high=MAX_WINDOW)
         object.__setattr__(
             self,
             "stall_timeout_s",
-            _want_seconds("transfer.stall_timeout_s", self.stall_timeout_s),
+            want_seconds("transfer.stall_timeout_s", self.stall_timeout_s),
         )
 
 
@@ -568,8 +517,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if self.data is not None and not isinstance(self.data, Path):
-            raise _FieldError(
-                "training.data", f"training.data must be a path, got {_kind(self.data)}"
+            raise FieldError(
+                "training.data", f"training.data must be a path, got {kind_of(self.data)}"
             )
         fraction = self.holdout_fraction
         if (
@@ -577,13 +526,13 @@ class TrainingConfig:
             or not isinstance(fraction, int | float)
             or not (0.0 <= fraction <= 0.9)
         ):
-            raise _FieldError(
+            raise FieldError(
                 "training.holdout_fraction",
                 f"training.holdout_fraction must be a number in [0, 0.9], got {fraction!r}",
             )
         object.__setattr__(self, "holdout_fraction", float(fraction))
-        _want_int("training.feedback_max_examples", self.feedback_max_examples, low=0)
-        _want_int("training.prediction_log", self.prediction_log, low=1, high=1_000_000)
+        want_int("training.feedback_max_examples", self.feedback_max_examples, low=0)
+        want_int("training.prediction_log", self.prediction_log, low=1, high=1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,7 +577,7 @@ class AgentConfig:
         try:
             validate_device_id(self.device_id)
         except TopicError as exc:
-            raise _FieldError("device_id", f"device_id: {exc}") from None
+            raise FieldError("device_id", f"device_id: {exc}") from None
         for name, kind in (
             ("broker", BrokerConfig),
             ("trust", TrustConfig),
@@ -637,28 +586,28 @@ class AgentConfig:
             ("training", TrainingConfig),
         ):
             if not isinstance(getattr(self, name), kind):
-                raise _FieldError(name, f"{name} must be a {kind.__name__}")
+                raise FieldError(name, f"{name} must be a {kind.__name__}")
         if self.broker.username is None:
             object.__setattr__(
                 self, "broker", dataclasses.replace(self.broker, username=self.device_id)
             )
         if not isinstance(self.data_dir, Path):
-            raise _FieldError("data_dir", f"data_dir must be a Path, got {_kind(self.data_dir)}")
+            raise FieldError("data_dir", f"data_dir must be a Path, got {kind_of(self.data_dir)}")
         if not self.trust.keys:
-            raise _FieldError("trust.keys", NO_TRUSTED_KEYS)
+            raise FieldError("trust.keys", NO_TRUSTED_KEYS)
         object.__setattr__(self, "tags", _check_tags(self.tags))
         if self.runtime is not None and self.runtime not in RUNTIMES:
             shown = (
-                repr(self.runtime[:40]) if isinstance(self.runtime, str) else _kind(self.runtime)
+                repr(self.runtime[:40]) if isinstance(self.runtime, str) else kind_of(self.runtime)
             )
-            raise _FieldError(
+            raise FieldError(
                 "runtime", f"runtime must be one of {', '.join(RUNTIMES)}, got {shown}"
             )
         if self.http is not None:
             _check_http(self.http)
-        level = _want_str("log_level", self.log_level).lower()
+        level = want_str("log_level", self.log_level).lower()
         if level not in LOG_LEVELS:
-            raise _FieldError(
+            raise FieldError(
                 "log_level",
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level[:40]!r}",
             )
@@ -667,12 +616,12 @@ class AgentConfig:
 
 def _check_tags(tags: object) -> tuple[str, ...]:
     if not isinstance(tags, tuple | list):
-        raise _FieldError("tags", f"tags must be an array of strings, got {_kind(tags)}")
+        raise FieldError("tags", f"tags must be an array of strings, got {kind_of(tags)}")
     for tag in tags:
         if not isinstance(tag, str):
-            raise _FieldError("tags", f"tags must hold strings, got {_kind(tag)}")
+            raise FieldError("tags", f"tags must hold strings, got {kind_of(tag)}")
         if TAG_RE.fullmatch(tag) is None:
-            raise _FieldError(
+            raise FieldError(
                 "tags",
                 f"tags: invalid tag {tag[:80]!r}: want 1-64 of [A-Za-z0-9_.:=+-], "
                 "starting with a letter or digit",
@@ -760,22 +709,6 @@ def _unknown_key_hint(section: str | None, key: str) -> str:
     return f" (known keys: {', '.join(prefix + c for c in candidates)})"
 
 
-def _to_path(key: str, value: object, base: Path) -> Path:
-    if isinstance(value, str | os.PathLike):
-        text = os.fspath(value)
-        if not isinstance(text, str) or not text or "\x00" in text:
-            raise _FieldError(key, f"{key} must be a non-empty path")
-        path = Path(text)
-        return path if path.is_absolute() else (base / path).absolute()
-    raise _FieldError(key, f"{key} must be a path string, got {_kind(value)}")
-
-
-def _to_array(key: str, value: object) -> list[object]:
-    if not isinstance(value, list | tuple):
-        raise _FieldError(key, f"{key} must be an array, got {_kind(value)}")
-    return list(value)
-
-
 def _flatten(
     values: Mapping[str, Any], label: Mapping[str, str] | str, base: Path
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -795,7 +728,7 @@ def _flatten(
     for key, value in values.items():
         if key in _SECTIONS:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{label_of(key)}: [{key}] must be a table, got {_kind(value)}")
+                raise ConfigError(f"{label_of(key)}: [{key}] must be a table, got {kind_of(value)}")
             for sub, sub_value in value.items():
                 if sub not in _SECTIONS[key]:
                     raise ConfigError(
@@ -810,15 +743,15 @@ def _flatten(
     try:
         for key in list(flat):
             if key in _PATH_KEYS:
-                flat[key] = _to_path(key, flat[key], base)
+                flat[key] = to_path(key, flat[key], base)
             elif key == "trust.keys":
                 flat[key] = tuple(
-                    _to_path(f"{key}[{i}]", item, base)
-                    for i, item in enumerate(_to_array(key, flat[key]))
+                    to_path(f"{key}[{i}]", item, base)
+                    for i, item in enumerate(to_array(key, flat[key]))
                 )
             elif key == "tags":
-                flat[key] = tuple(_to_array(key, flat[key]))
-    except _FieldError as exc:
+                flat[key] = tuple(to_array(key, flat[key]))
+    except FieldError as exc:
         raise ConfigError(f"{labels[exc.key.partition('[')[0]]}: {exc}") from None
     return flat, labels
 
@@ -887,7 +820,7 @@ def build_config(
         )
     password = merged.get("broker.password")
     if "broker.password_file" in merged:
-        password = _read_password(merged["broker.password_file"], where("broker.password_file"))
+        password = read_password(merged["broker.password_file"], where("broker.password_file"))
 
     try:
         host, port, tls = parse_broker_url(merged["broker.url"])
@@ -915,7 +848,7 @@ def build_config(
             training=TrainingConfig(**section("training")),
             log_level=merged.get("log_level", "info"),
         )
-    except _FieldError as exc:
+    except FieldError as exc:
         raise ConfigError(f"{where(exc.key)}{exc}") from None
     if config.broker.username != config.device_id:
         logger.warning(
@@ -925,22 +858,6 @@ def build_config(
             config.device_id,
         )
     return config
-
-
-def _read_password(path: Path, where: str) -> str:
-    try:
-        data = read_bounded(
-            path, max_bytes=MAX_PASSWORD_FILE_BYTES, error=ConfigError, what="password file"
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"{where}broker.password_file: {exc}") from None
-    try:
-        password = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}broker.password_file: {path}: not UTF-8 text") from None
-    if not password:
-        raise ConfigError(f"{where}broker.password_file: {path} is empty")
-    return password
 
 
 EXAMPLE_CONFIG = """\

@@ -102,7 +102,7 @@ from edge_agent.serving import ModelServer
 FeedbackHandler = Callable[[str, "int | list[int]"], int]
 """Stores the label(s) of a prediction; returns how many examples were stored."""
 
-__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "parse_bind"]
+__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback", "parse_bind"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,19 @@ _STATUS_CODES = {
 }
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` is ``localhost`` or a literal loopback address (no DNS)."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a literal loopback address (no DNS).
+
+    A host name other than ``localhost`` counts as not loopback, whatever it
+    resolves to: nothing is looked up.
+
+    Args:
+        host: A host name or an IP literal (an IPv6 address without brackets).
+
+    Returns:
+        True for ``localhost`` (any case, trailing dot allowed), ``127.0.0.0/8`` and
+        ``::1``; False otherwise.
+    """
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
@@ -202,7 +213,7 @@ class HttpConfig:
             or not 0 < self.timeout_s < float("inf")
         ):
             raise ConfigError(f"timeout_s must be a positive number, got {self.timeout_s!r}")
-        if not self.allow_remote and not _is_loopback(self.host):
+        if not self.allow_remote and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host!r}: the local inference endpoint has no "
                 "authentication, so it only binds to loopback (127.0.0.1, ::1, localhost) "
@@ -681,7 +692,7 @@ class LocalHttpServer:
             thread.start()
             self._httpd, self._thread = httpd, thread
         host, port = self.address
-        if config.allow_remote and not _is_loopback(config.host):
+        if config.allow_remote and not is_loopback(config.host):
             logger.warning(
                 "local inference endpoint listening on %s:%d WITHOUT authentication", host, port
             )
