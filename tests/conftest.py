@@ -1,4 +1,5 @@
-"""Shared fixtures: signing keys, a fixed clock, and manifest/artifact factories."""
+"""Shared fixtures: signing keys, a fixed clock, manifest/artifact factories, a clean
+environment for the operator commands."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
 from compress.signing import SignedManifest, sign_manifest
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+
+FEDGE_VARS = ("FEDGE_API", "FEDGE_TOKEN", "FEDGE_BROKER", "FEDGE_BROKER_PASSWORD", "FEDGE_DB")
+"""The environment variables the operator commands read."""
+
+
+@pytest.fixture
+def clean_fedge_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets: none of the caller's FEDGE_* variables; wide tables."""
+    for name in FEDGE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
 
 
 @pytest.fixture

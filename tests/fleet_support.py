@@ -156,6 +156,8 @@ class TlsFiles:
 class Mosquitto:
     """A mosquitto broker with the shipped ACL; restartable on the same port.
 
+    ``with Mosquitto(directory, users) as broker:`` starts it and stops it after.
+
     With ``tls``, the listener speaks TLS only and requires a client certificate
     signed by the test CA (mutual TLS) on top of the passwords.
     """
@@ -229,6 +231,13 @@ class Mosquitto:
                 if time.monotonic() > deadline:
                     pytest.fail(f"mosquitto did not listen: {self.log.read_text()}")
                 time.sleep(0.02)
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """Stop the broker (SIGKILL: no goodbye to the clients)."""

@@ -33,39 +33,25 @@ from tests.fleet_support import (
     public_key_file,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_fedge_env")]
 
 DEVICES = ["cb0", "cb1", "cb2"]
-FEDGE_VARS = ("FEDGE_API", "FEDGE_TOKEN", "FEDGE_BROKER", "FEDGE_BROKER_PASSWORD", "FEDGE_DB")
 WAIT_S = 60.0
 
 runner = CliRunner(mix_stderr=False)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: none of the caller's FEDGE_* variables; wide tables."""
-    for name in FEDGE_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("COLUMNS", "200")
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return generate_signing_key()
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    instance = Mosquitto(tmp_path, DEVICES)
-    instance.start()
-    yield instance
-    instance.stop()
+    with Mosquitto(tmp_path, DEVICES) as instance:
+        yield instance
 
 
 @pytest.fixture
-def agents(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[dict[str, Agent]]:
-    trust = public_key_file(tmp_path / "agent-keys", key)
+def agents(
+    tmp_path: Path, broker: Mosquitto, signing_key: SigningKey
+) -> Iterator[dict[str, Agent]]:
+    trust = public_key_file(tmp_path / "agent-keys", signing_key)
     network = NetworkLoop(name="cb-net")
     network.start()
     started: dict[str, Agent] = {}
@@ -84,7 +70,7 @@ def agents(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[dict[
 class Fedge:
     """``fedge ...`` in-process against the test broker, on one state file."""
 
-    def __init__(self, tmp_path: Path, broker: Mosquitto, key: SigningKey) -> None:
+    def __init__(self, tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> None:
         secret = tmp_path / "coordinator.password"
         secret.write_text(password("coordinator") + "\n")
         self.db = tmp_path / "state.db"
@@ -93,7 +79,7 @@ class Fedge:
             "--username", "coordinator",
             "--password-file", str(secret),
             "--db", str(self.db),
-            "--trust", str(public_key_file(tmp_path / "operator-keys", key)),
+            "--trust", str(public_key_file(tmp_path / "operator-keys", signing_key)),
         ]  # fmt: skip
 
     def __call__(self, *args: str | Path) -> Result:
@@ -107,8 +93,8 @@ class Fedge:
 
 
 @pytest.fixture
-def fedge(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Fedge:
-    return Fedge(tmp_path, broker, key)
+def fedge(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Fedge:
+    return Fedge(tmp_path, broker, signing_key)
 
 
 def wait_online(fedge: Fedge, count: int) -> list[dict[str, Any]]:
@@ -132,19 +118,19 @@ def serving(agents: dict[str, Agent]) -> dict[str, int | None]:
 
 
 def test_devices_upload_and_a_watched_rollout_to_completion_in_process(
-    tmp_path: Path, key: SigningKey, agents: dict[str, Agent], fedge: Fedge
+    tmp_path: Path, signing_key: SigningKey, agents: dict[str, Agent], fedge: Fedge
 ) -> None:
     rows = wait_online(fedge, 3)
     assert sorted(row["device_id"] for row in rows) == DEVICES
 
-    artifact = make_artifact(tmp_path, key, version=2)
+    artifact = make_artifact(tmp_path, signing_key, version=2)
     result = fedge("artifacts", "upload", artifact)
     assert result.exit_code == 0, result.stdout + result.stderr
     [uploaded] = fedge.json("artifacts", "list")
     assert uploaded["version"] == 2
     assert uploaded["sha256"] in result.stdout
 
-    tampered = make_artifact(tmp_path, key, version=3, tamper_payload=True)
+    tampered = make_artifact(tmp_path, signing_key, version=3, tamper_payload=True)
     result = fedge("artifacts", "upload", tampered)
     assert result.exit_code == 1
     [line] = result.stderr.strip().splitlines()

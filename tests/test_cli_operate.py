@@ -45,17 +45,10 @@ from tests.api_support import (
 ARTIFACT = ARTIFACT_MAGIC + bytes(range(256)) * 4
 SHA = hashlib.sha256(ARTIFACT).hexdigest()
 WRONG_TOKEN = "fedge_not-a-token-this-api-knows"
-FEDGE_VARS = ("FEDGE_API", "FEDGE_TOKEN", "FEDGE_BROKER", "FEDGE_BROKER_PASSWORD", "FEDGE_DB")
+
+pytestmark = pytest.mark.usefixtures("clean_fedge_env")
 
 runner = CliRunner(mix_stderr=False)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: none of the caller's FEDGE_* variables; wide tables."""
-    for name in FEDGE_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("COLUMNS", "200")
 
 
 @pytest.fixture

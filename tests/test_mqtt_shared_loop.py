@@ -47,10 +47,8 @@ class Probe:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    instance = Mosquitto(tmp_path, USERS)
-    instance.start()
-    yield instance
-    instance.stop()
+    with Mosquitto(tmp_path, USERS) as instance:
+        yield instance
 
 
 @pytest.fixture

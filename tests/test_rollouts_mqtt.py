@@ -32,10 +32,8 @@ WAIT_S = 60.0
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    instance = Mosquitto(tmp_path, DEVICES)
-    instance.start()
-    yield instance
-    instance.stop()
+    with Mosquitto(tmp_path, DEVICES) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")

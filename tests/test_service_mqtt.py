@@ -48,10 +48,8 @@ def key() -> SigningKey:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    instance = Mosquitto(tmp_path, DEVICES)
-    instance.start()
-    yield instance
-    instance.stop()
+    with Mosquitto(tmp_path, DEVICES) as instance:
+        yield instance
 
 
 class Fleet:
