@@ -282,7 +282,33 @@ def test_a_failing_token_store_is_a_500(ops: FakeOperations) -> None:
     with TestClient(create_app(ops, authenticate=broken, config=CONFIG)) as client:
         response = client.get("/v1/devices", headers=AS_VIEWER)
     assert response.status_code == 500
+    assert error_of(response)["code"] == "internal_error"
     assert "/var/lib" not in response.text
+
+
+def test_no_body_is_read_before_the_token_is_checked(app: FastAPI) -> None:
+    """A client without a token gets its 401 before the server parses its body."""
+    with TestClient(app) as client:
+        for headers in ({}, AS_VIEWER):
+            response = client.post(
+                "/v1/rollouts",
+                content=b"{not json at all",
+                headers={**headers, "Content-Type": "application/json"},
+            )
+            assert response.status_code == (403 if headers else 401)
+            assert "JSON" not in response.text
+        # With the right token the same body is parsed, and refused for what it is.
+        response = client.post(
+            "/v1/rollouts",
+            content=b"{not json at all",
+            headers={**AS_OPERATOR, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422
+
+
+def test_unknown_paths_need_a_token_too(client: TestClient) -> None:
+    assert client.get("/v1/nothing-here").status_code == 401
+    assert client.get("/v1/nothing-here", headers=AS_VIEWER).status_code == 404
 
 
 # --- roles --------------------------------------------------------------------------
@@ -764,8 +790,10 @@ def test_docs_are_public_and_describe_the_api(client: TestClient) -> None:
 def test_docs_can_be_turned_off(ops: FakeOperations) -> None:
     app = create_app(ops, authenticate=authenticate, config=ApiConfig(docs=False))
     with TestClient(app) as client:
-        assert client.get("/docs").status_code == 404
-        assert client.get("/openapi.json").status_code == 404
+        # No longer public: like any unknown path, 401 without a token, 404 with one.
+        assert client.get("/docs").status_code == 401
+        assert client.get("/docs", headers=AS_VIEWER).status_code == 404
+        assert client.get("/openapi.json", headers=AS_VIEWER).status_code == 404
         assert client.get("/v1/health").status_code == 200
 
 

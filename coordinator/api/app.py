@@ -2,15 +2,18 @@
 
 Workflow of a request through the app built by :func:`create_app`:
 
-1. :class:`BodyLimitMiddleware` refuses a ``Content-Length`` over the route's
+1. :class:`~coordinator.api.auth.AuthMiddleware` authenticates the request
+   (401/403) before any of its body is read; only the public paths pass without
+   a token.
+2. :class:`BodyLimitMiddleware` refuses a ``Content-Length`` over the route's
    limit with 413 before anything is read, and counts the bytes of the body as
    the app reads them, stopping with 413 as soon as the count passes the limit
    (chunked uploads without a length included). The limit is
    :attr:`ApiConfig.max_artifact_bytes` for ``POST /v1/artifacts`` and
    :attr:`ApiConfig.max_body_bytes` for everything else.
-2. The router (:mod:`coordinator.api.routes`) authenticates, validates and calls
-   the :class:`~coordinator.operations.Operations` object.
-3. The handlers installed here turn what went wrong into a JSON error body
+3. The router (:mod:`coordinator.api.routes`) checks each route's role, validates
+   and calls the :class:`~coordinator.operations.Operations` object.
+4. The handlers installed here turn what went wrong into a JSON error body
    ``{"error": {"code": ..., "message": ...}}``:
 
    ==================================  ======================================
@@ -27,12 +30,8 @@ Workflow of a request through the app built by :func:`create_app`:
 Public without a token: ``GET /v1/health`` and, when :attr:`ApiConfig.docs` is
 on, ``/docs``, ``/redoc`` and ``/openapi.json``: they describe the API and hold
 no fleet data (the bearer scheme is declared there, so "Authorize" in ``/docs``
-works). Everything else needs a token (see :mod:`coordinator.api.auth`).
-
-Note that FastAPI reads a JSON body before the route's dependencies run, so an
-unauthenticated client can make the server read (at most ``max_body_bytes`` of) a
-JSON body before its 401; the artifact upload reads nothing before the token is
-checked.
+works). Everything else needs a token (see :mod:`coordinator.api.auth`), unknown
+paths included: a client without one learns nothing of the routes.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import __version__
-from coordinator.api.auth import Authenticate, Guard, client_address
-from coordinator.api.routes import ARTIFACTS_PATH, add_routes
+from coordinator.api.auth import Authenticate, AuthMiddleware, Guard, client_address
+from coordinator.api.routes import ARTIFACTS_PATH, PUBLIC_PATHS, add_routes
 from coordinator.errors import (
     ArtifactRejectedError,
     ConflictError,
@@ -249,6 +248,10 @@ def error_response(
 async def _coordinator_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, CoordinatorError):  # registered for this class only
         raise exc
+    return _coordinator_error_response(request, exc)
+
+
+def _coordinator_error_response(request: Request, exc: CoordinatorError) -> Response:
     status_code = status_for(exc)
     if status_code >= 500:
         logger.error(
@@ -269,6 +272,10 @@ async def _coordinator_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, HTTPException):  # registered for this class only
         raise exc
+    return _http_error_response(request, exc)
+
+
+def _http_error_response(request: Request, exc: HTTPException) -> Response:
     code = _HTTP_CODES.get(exc.status_code) or _phrase_code(exc.status_code)
     if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
         logger.info(
@@ -279,6 +286,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             exc.detail,
         )
     return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+def _refusal(request: Request, exc: Exception) -> Response:
+    """The response of a request the auth middleware refused (see :class:`AuthMiddleware`)."""
+    if isinstance(exc, CoordinatorError):
+        return _coordinator_error_response(request, exc)
+    if isinstance(exc, HTTPException):
+        return _http_error_response(request, exc)
+    raise exc  # pragma: no cover - the middleware passes only these two
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
@@ -340,8 +356,17 @@ def create_app(
         default_limit=config.max_body_bytes,
         limits={("POST", ARTIFACTS_PATH): config.max_artifact_bytes},
     )
+    guard = Guard(authenticate)
+    docs = (
+        {"/docs", "/redoc", "/openapi.json", app.swagger_ui_oauth2_redirect_url or "/docs"}
+        if config.docs
+        else set()
+    )
+    app.add_middleware(  # added last: the outermost layer, before the body limits
+        AuthMiddleware, guard=guard, public=frozenset(PUBLIC_PATHS | docs), refuse=_refusal
+    )
     app.add_exception_handler(CoordinatorError, _coordinator_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    add_routes(app.router, ops, Guard(authenticate))
+    add_routes(app.router, ops, guard)
     return app

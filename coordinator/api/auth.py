@@ -2,17 +2,21 @@
 
 Workflow, per request:
 
-1. :class:`Guard.require` gives each route a FastAPI dependency for the role it
-   needs (``viewer`` for reads, ``operator`` for every ``POST``). FastAPI runs it
-   before the endpoint (and before the body is validated); it is a plain ``def``,
-   so the ``authenticate`` callable, which may hit SQLite, runs in the threadpool.
-2. The dependency reads ``Authorization: Bearer <token>``. A missing or malformed
-   header, a string that cannot be a token
-   (:func:`coordinator.auth.looks_like_token`), or a token ``authenticate`` does
-   not know (unknown, revoked) is a 401 with ``WWW-Authenticate: Bearer``.
-3. A known token whose role does not allow the route's role is a 403.
-4. Otherwise the endpoint receives the :class:`~coordinator.operations.Actor`,
-   which mutating calls pass on for the audit log.
+1. :class:`AuthMiddleware`, the app's outermost layer, authenticates every request
+   but the public paths before anything of its body is read (FastAPI itself reads
+   and parses a JSON body before a route's dependencies run, so a dependency alone
+   would let anyone make the server parse a body). It reads ``Authorization:
+   Bearer <token>``: a missing or malformed header, a string that cannot be a
+   token (:func:`coordinator.auth.looks_like_token`), or a token ``authenticate``
+   does not know (unknown, revoked) is a 401 with ``WWW-Authenticate: Bearer``.
+   ``authenticate``, which may hit SQLite, runs in the threadpool.
+2. The method decides the role: ``GET`` and ``HEAD`` need ``viewer``, anything
+   else ``operator``. A known token whose role is too weak is a 403.
+3. The middleware leaves the :class:`~coordinator.operations.Actor` in the
+   request's state. Each route's dependency (:meth:`Guard.require`, which also
+   declares the bearer scheme in the OpenAPI document) takes it from there and
+   checks the route's own role, and the endpoint receives it; mutating calls pass
+   it on for the audit log.
 
 Every refusal is logged at INFO with the client address and, for a presented
 token, its public id (:func:`coordinator.auth.token_id`), never the token itself.
@@ -27,13 +31,24 @@ import logging
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from coordinator.auth import Role, hash_token, looks_like_token, token_id
+from coordinator.errors import CoordinatorError
 from coordinator.operations import Actor
 
-__all__ = ["BEARER", "Authenticate", "Guard", "RoleDependency", "client_address"]
+__all__ = [
+    "BEARER",
+    "AuthMiddleware",
+    "Authenticate",
+    "Guard",
+    "RoleDependency",
+    "client_address",
+    "role_for_method",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +66,17 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
 RoleDependency = Callable[[Request, HTTPAuthorizationCredentials | None], Actor]
 """A FastAPI dependency that returns the request's actor (see :meth:`Guard.require`)."""
+
+ACTOR_STATE = "fedge_actor"
+"""Key of the authenticated actor in the ASGI scope's ``state``."""
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+"""Methods a ``viewer`` may use; every other method needs ``operator``."""
+
+
+def role_for_method(method: str) -> Role:
+    """The role a request with this method needs."""
+    return Role.VIEWER if method.upper() in READ_METHODS else Role.OPERATOR
 
 
 def client_address(request: Request) -> str:
@@ -80,8 +106,11 @@ class Guard:
             A FastAPI dependency that returns the request's actor.
         """
 
-        def dependency(request: Request, credentials: Credentials) -> Actor:
-            return self.check(request, credentials, role)
+        def dependency(request: Request, _credentials: Credentials) -> Actor:
+            actor = request.scope.get("state", {}).get(ACTOR_STATE)
+            if not isinstance(actor, Actor):
+                raise RuntimeError("the API's routes need AuthMiddleware around them")
+            return self._check_role(request, actor, role)
 
         dependency.__name__ = f"require_{role.value}"
         return dependency
@@ -121,6 +150,10 @@ class Guard:
                 f"unknown or revoked token {token_id(hash_token(presented))}",
                 'Bearer error="invalid_token"',
             )
+        return self._check_role(request, actor, role)
+
+    @staticmethod
+    def _check_role(request: Request, actor: Actor, role: Role) -> Actor:
         if not actor.role.allows(role):
             _refused(request, f"token {actor.name} is a {actor.role.value}, needs {role.value}")
             raise HTTPException(
@@ -138,6 +171,48 @@ class Guard:
             "a valid API token is required: Authorization: Bearer <token>",
             headers={"WWW-Authenticate": challenge},
         )
+
+
+class AuthMiddleware:
+    """Pure ASGI middleware: authenticate before the app reads a byte of the body.
+
+    Args:
+        app: The wrapped application.
+        guard: Does the checks (:meth:`Guard.check`).
+        public: Paths served without a token (health, the API's own docs).
+        refuse: Turns a 401/403 (or a failed ``authenticate``) into the API's error
+            response.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: Guard,
+        public: frozenset[str],
+        refuse: Callable[[Request, Exception], Response],
+    ) -> None:
+        """Keep the guard and the public paths."""
+        self._app = app
+        self._guard = guard
+        self._public = public
+        self._refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse the request, or hand it on with its actor in the scope's state."""
+        if scope["type"] != "http" or scope["path"] in self._public:
+            await self._app(scope, receive, send)
+            return
+        request = Request(scope)
+        role = role_for_method(scope["method"])
+        try:
+            credentials = await BEARER(request)
+            actor = await run_in_threadpool(self._guard.check, request, credentials, role)
+        except (HTTPException, CoordinatorError) as exc:
+            await self._refuse(request, exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[ACTOR_STATE] = actor
+        await self._app(scope, receive, send)
 
 
 def _refused(request: Request, reason: str) -> None:

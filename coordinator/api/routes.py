@@ -1,7 +1,9 @@
 """The HTTP API's routes: thin adapters from HTTP to :class:`Operations`.
 
-Workflow of a route: FastAPI runs the route's :class:`~coordinator.api.auth.Guard`
-dependency (401/403), validates the path, query and JSON body against
+Workflow of a route: the request was authenticated by the app's
+:class:`~coordinator.api.auth.AuthMiddleware` before it got here; FastAPI runs the
+route's :class:`~coordinator.api.auth.Guard` dependency (the actor, and a 403 if
+its role is too weak for the route), validates the path, query and JSON body against
 :mod:`coordinator.api.schemas` (422), calls one :class:`Operations` method and
 converts the returned rows with ``*Out.model_validate``. Errors raised by the
 operations object travel up to the handlers in :mod:`coordinator.api.app`, which
