@@ -327,6 +327,17 @@ class ApiClient:
         answer = self._call("POST", "v1/runs", action="start runs", json=asdict(request))
         return _parse(_RUN_VIEW, answer, self._url)
 
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:  # noqa: ARG002
+        """Stop a running run (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: the run is not running (it ended already).
+            ApiAuthError: the token's role may not stop runs.
+        """
+        answer = self._call("POST", f"v1/runs/{_segment(run_id)}/stop", action="stop runs")
+        return _parse(_RUN_VIEW, answer, self._url)
+
     def runs(self) -> list[RunRow]:
         """Every federated run, newest first.
 

@@ -25,6 +25,11 @@ reported (the CLI's live view and ``--json``, later the service and the
 simulator): ``round``, ``accuracy``, ``loss``, ``clients``, ``uplink_bytes``,
 ``downlink_bytes``, plus status and counts.
 
+Stopping: with ``stop`` (a ``threading.Event``) set, no further round starts, the
+phase going on stops waiting within a quarter of a second, and that round ends
+``failed`` with reason :data:`STOPPED` (its updates are not aggregated, so the
+global weights stay those of the last completed round).
+
 Determinism: the device sample uses ``random.Random(seed)``; Flower's own sampling
 (``random.sample``) is seeded with the same seed at the start of a run, and device
 training is seeded from the task's config (``seed``) and the round.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +61,7 @@ from coordinator.packaging import LabelledData
 from coordinator.update_check import DEFAULT_MAX_UPDATE_NORM
 
 __all__ = [
+    "STOPPED",
     "RoundReport",
     "TrainingConfig",
     "TrainingResult",
@@ -260,6 +267,10 @@ def _from_record(record: ArrayRecord) -> Weights:
     return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
 
 
+STOPPED = "stopped"
+"""Reason of the round a ``stop`` cut short."""
+
+
 class _Run:
     """One run's state (see :func:`run_training`)."""
 
@@ -269,8 +280,10 @@ class _Run:
         strategy: Strategy,
         config: TrainingConfig,
         on_round: RoundCallback | None,
+        stop: threading.Event,
     ) -> None:
         self.coordinator = coordinator
+        self.stop = stop
         self.strategy = strategy
         self.config = config
         self.on_round = on_round
@@ -282,7 +295,7 @@ class _Run:
             gather_s=config.gather_s,
             max_update_norm=config.max_update_norm,
         )
-        self.grid = MqttGrid(coordinator, settings)
+        self.grid = MqttGrid(coordinator, settings, cancel=stop)
 
     def show(self, report: RoundReport, what: str) -> None:
         if self.on_round is not None:
@@ -295,7 +308,11 @@ class _Run:
         deadline = time.monotonic() + self.config.round_timeout_s
         while True:
             devices = self.eligible()
-            if len(devices) >= self.config.min_clients or time.monotonic() >= deadline:
+            if (
+                len(devices) >= self.config.min_clients
+                or time.monotonic() >= deadline
+                or self.stop.is_set()
+            ):
                 return devices
             self.show(report, f"waiting for devices ({len(devices)}/{self.config.min_clients})")
             time.sleep(0.2)
@@ -332,6 +349,10 @@ class _Run:
         report = RoundReport(round=number)
         started = time.monotonic()
         devices = self.wait_for_devices(report)
+        if self.stop.is_set():
+            report.status, report.reason = "failed", STOPPED
+            report.seconds = time.monotonic() - started
+            return report, arrays
         if len(devices) < config.min_clients:
             report.status = "failed"
             report.reason = f"{len(devices)} eligible device(s), need {config.min_clients}"
@@ -351,6 +372,9 @@ class _Run:
         except TrainingError as exc:
             replies = []
             report.reason = str(exc)
+        if self.stop.is_set():
+            report.reason = STOPPED
+            replies = []  # a cut-short round is not aggregated
         report.clients = len(replies)
         if report.reason:
             report.status = "failed"
@@ -398,7 +422,7 @@ class _Run:
             logger.warning("round %d: no federated evaluation: %s", report.round, exc)
             return
         report.eval_clients = len(replies)
-        if not replies:
+        if not replies or self.stop.is_set():
             return
         try:
             metrics = self.strategy.aggregate_evaluate(report.round, replies)
@@ -438,6 +462,7 @@ def run_training(
     config: TrainingConfig,
     *,
     on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainingResult:
     """Run federated rounds (see the module docstring).
 
@@ -446,16 +471,20 @@ def run_training(
         strategy: Any Flower Message-API strategy.
         config: The run.
         on_round: Progress callback (called from this thread).
+        stop: Set it (from any thread) to end the run early (see "Stopping").
 
     Returns:
         Every round's report and the final global weights.
     """
     random.seed(config.seed)  # Flower's strategies sample with the global RNG
-    run = _Run(coordinator, strategy, config, on_round)
+    run = _Run(coordinator, strategy, config, on_round, stop or threading.Event())
     arrays = _to_record(config.initial_weights)
     reports: list[RoundReport] = []
     try:
         for number in range(1, config.rounds + 1):
+            if run.stop.is_set():
+                logger.info("run stopped before round %d", number)
+                break
             report, arrays = run.train_round(number, arrays)
             reports.append(report)
             if report.status == "ok":

@@ -191,12 +191,15 @@ class MqttGrid(Grid):
         *,
         run_id: int = 1,
         clock: Callable[[], float] = time.time,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Attach to a started coordinator (its listener is added here).
 
-        Call :meth:`close` when done.
+        Call :meth:`close` when done. Once ``cancel`` is set, :meth:`send_and_receive`
+        stops waiting (within a quarter of a second) and returns what it has.
         """
         self._coordinator = coordinator
+        self._cancel = cancel or threading.Event()
         self.settings = settings
         self._clock = clock
         self._run = Run.create_empty(run_id)
@@ -462,7 +465,7 @@ class MqttGrid(Grid):
                     shown = settled
                     self.on_progress(settled, len(ids))
                 left = end - self._clock()
-                if not open_tasks or left <= 0:
+                if not open_tasks or left <= 0 or self._cancel.is_set():
                     break
                 self._cond.wait(min(left, 0.25))
         # Arrival order is chance; aggregation order should not be (float sums).

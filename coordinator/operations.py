@@ -232,6 +232,19 @@ class Operations(Protocol):
         """
         ...
 
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:
+        """Stop a run: no further round starts, the round going on ends ``failed``
+        with the reason ``stopped by <actor>``, and the run becomes ``interrupted``.
+
+        Returns once the run has ended (or after a few seconds, still ``running``,
+        if its last step is slow to notice; it ends soon after).
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: the run is not running (it ended already).
+        """
+        ...
+
     def runs(self) -> list[RunRow]:
         """Every federated run, newest first."""
         ...

@@ -9,10 +9,13 @@ it starts (``running``) and again when it ends (``ok`` or ``failed``, with the
 shows progress while the run goes on.
 
 When the run ends the run is ``finished`` (at least one round succeeded) or
-``failed``. A service that stops in the middle marks the run ``interrupted`` and
-its current round ``failed`` with reason ``interrupted``; a service that was killed
-does the same at its next start (:meth:`recover`). Interrupted runs are not
-resumed: a new run starts from fresh weights.
+``failed``. An operator may stop it (:meth:`RunManager.stop_run`): no further
+round starts, the round going on ends ``failed`` with reason ``stopped by
+<actor>`` and the run is ``interrupted``. A service that stops in the middle
+marks the run ``interrupted`` and its current round ``failed`` with reason
+``interrupted``, and stops the run's thread the same way; a service that was
+killed does the same at its next start (:meth:`recover`). Interrupted runs are
+not resumed: a new run starts from fresh weights.
 
 ``RunRequest.config`` keys (all optional but ``features`` and ``classes``):
 ``model`` (``model``), ``family`` (``mlp``; or ``softmax``), ``features``,
@@ -35,8 +38,8 @@ import numpy as np
 from compress.errors import CompressError
 from compress.families import FAMILIES, init_weights
 from coordinator.delivery import Coordinator
-from coordinator.errors import CoordinatorError, TrainingError
-from coordinator.federated import RoundReport, TrainingConfig, run_training
+from coordinator.errors import CoordinatorError, NotFoundError, TrainingError
+from coordinator.federated import STOPPED, RoundReport, TrainingConfig, run_training
 from coordinator.operations import RunRequest
 from coordinator.store import RunRow, RunState, Store
 from coordinator.strategies import build_strategy
@@ -128,6 +131,8 @@ class RunManager:
         self._thread: threading.Thread | None = None
         self._current: str | None = None
         self._round: tuple[int, float] | None = None
+        self._stop = threading.Event()  # the current run's; a new one per run
+        self._stopped_by: str | None = None
 
     def recover(self) -> list[str]:
         """Mark runs a killed service left ``running`` as interrupted; their ids."""
@@ -165,9 +170,10 @@ class RunManager:
             row = self._store.create_run(run_id, config=settings, created_by=actor,
                                          at=self._clock())  # fmt: skip
             self._current = run_id
+            self._stop, self._stopped_by = threading.Event(), None
             self._thread = threading.Thread(
-                target=self._run, args=(run_id, strategy, config), name=f"run-{run_id}",
-                daemon=True,
+                target=self._run, args=(run_id, strategy, config, self._stop),
+                name=f"run-{run_id}", daemon=True,
             )  # fmt: skip
             self._thread.start()
         logger.info("run %s started by %s: %d rounds of %s", run_id, actor, request.rounds,
@@ -179,10 +185,33 @@ class RunManager:
         with self._lock:
             return self._current
 
+    def stop_run(self, run_id: str, *, actor: str, wait_s: float = 5.0) -> None:
+        """Stop the run going now (see the module docstring).
+
+        Waits up to ``wait_s`` for its thread to record the end.
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: that run is not running.
+        """
+        with self._lock:
+            if self._current != run_id:
+                row = self._store.run(run_id)
+                if row is None:
+                    raise NotFoundError(f"no run {run_id!r}")
+                raise TrainingError(f"run {run_id} is not running ({row.state})")
+            self._stopped_by = actor
+            self._stop.set()
+            thread = self._thread
+        logger.info("run %s: stop requested by %s", run_id, actor)
+        if thread is not None:
+            thread.join(wait_s)
+
     def stop(self) -> None:
-        """Mark the run going now interrupted (its thread is left to die with the process)."""
+        """Mark the run going now interrupted and tell its thread to stop."""
         with self._lock:
             run_id, self._current = self._current, None
+            self._stop.set()
         if run_id is None:
             return
         now = self._clock()
@@ -201,10 +230,15 @@ class RunManager:
                                          started_at=round_row.started_at,
                                          finished_at=now)  # fmt: skip
 
-    def _run(self, run_id: str, strategy: Any, config: TrainingConfig) -> None:
+    def _run(
+        self, run_id: str, strategy: Any, config: TrainingConfig, stop: threading.Event
+    ) -> None:
         def on_round(report: RoundReport, what: str) -> None:
             if self._current != run_id:
                 return  # interrupted: the store already says so
+            reason = report.reason
+            if reason == STOPPED and self._stopped_by is not None:
+                reason = f"stopped by {self._stopped_by}"
             now = self._clock()
             if self._round is None or self._round[0] != report.round:
                 self._round = (report.round, now)
@@ -214,15 +248,20 @@ class RunManager:
                 self._store.record_round(
                     run_id, report.round, status=report.status if done else "running",
                     metrics=_finite(report.to_json()), started_at=started,
-                    finished_at=now if done else None, reason=report.reason,
+                    finished_at=now if done else None, reason=reason,
                 )  # fmt: skip
             except CoordinatorError as exc:
                 logger.error("run %s: round %d not recorded: %s", run_id, report.round, exc)
 
         state = RunState.FAILED
         try:
-            result = run_training(self._coordinator, strategy, config, on_round=on_round)
-            if any(r.status == "ok" for r in result.rounds):
+            result = run_training(self._coordinator, strategy, config, on_round=on_round, stop=stop)
+            cut_short = len(result.rounds) < config.rounds or any(
+                r.reason == STOPPED for r in result.rounds
+            )
+            if stop.is_set() and cut_short:
+                state = RunState.INTERRUPTED
+            elif any(r.status == "ok" for r in result.rounds):
                 state = RunState.FINISHED
         except (CoordinatorError, CompressError, ValueError) as exc:
             logger.error("run %s failed: %s", run_id, exc)

@@ -359,6 +359,17 @@ class FleetService:
         self._audit(actor, "run.start", row.run_id, dict(row.config))
         return RunView(run=row, rounds=())
 
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:
+        """Stop a run (see :meth:`RunManager.stop_run`).
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: the run is not running.
+        """
+        self._runs.stop_run(run_id, actor=actor.name)
+        self._audit(actor, "run.stop", run_id)
+        return self.run(run_id)
+
     def runs(self) -> list[RunRow]:
         """Every federated run, newest first."""
         return self._store.runs()

@@ -250,6 +250,12 @@ class FakeOperations:
         except KeyError:
             raise NotFoundError(f"no rollout {rollout_id!r}") from None
 
+    def _run_view(self, run_id: str) -> RunView:
+        try:
+            return self.run_views[run_id]
+        except KeyError:
+            raise NotFoundError(f"no run {run_id!r}") from None
+
     def _set_state(self, view: RolloutView, state: str) -> RolloutView:
         updated = replace(view, rollout=replace(view.rollout, state=state, updated_at=NOW + 1))
         self.rollout_views[view.rollout.rollout_id] = updated
@@ -448,6 +454,29 @@ class FakeOperations:
         self._mutate("run.start", actor, run_id)
         return view
 
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:
+        """Interrupt a running run; its running rounds fail, ``stopped by <actor>``.
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: it is not running.
+        """
+        self._check()
+        view = self._run_view(run_id)
+        if view.run.state is not RunState.RUNNING:
+            raise TrainingError(f"run {run_id} is {view.run.state}; cannot stop")
+        self._mutate("run.stop", actor, run_id)
+        rounds = tuple(
+            replace(row, status="failed", reason=f"stopped by {actor.name}", finished_at=NOW + 1)
+            if row.status == "running"
+            else row
+            for row in view.rounds
+        )
+        run = replace(view.run, state=RunState.INTERRUPTED, updated_at=NOW + 1)
+        stopped = RunView(run=run, rounds=rounds)
+        self.run_views[run_id] = stopped
+        return stopped
+
     def runs(self) -> list[RunRow]:
         """Every run, newest first."""
         self._check()
@@ -460,10 +489,7 @@ class FakeOperations:
             NotFoundError: no such run.
         """
         self._check()
-        try:
-            return self.run_views[run_id]
-        except KeyError:
-            raise NotFoundError(f"no run {run_id!r}") from None
+        return self._run_view(run_id)
 
     def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
         """The latest ``limit`` actions, oldest first."""

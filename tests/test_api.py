@@ -68,10 +68,12 @@ from coordinator.store.records import (
     RolloutInfo,
     RoundRow,
     RunRow,
+    RunState,
     TelemetryRow,
 )
 from tests.api_support import (
     ARTIFACT_MAGIC,
+    NOW,
     OPERATOR,
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
@@ -188,6 +190,7 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
         ("POST", "/v1/runs"),
         ("GET", "/v1/runs"),
         ("GET", "/v1/runs/{run_id}"),
+        ("POST", "/v1/runs/{run_id}/stop"),
         ("GET", "/v1/audit"),
     }
     # Nothing but the docs is served outside FastAPI's routes (and their checks).
@@ -211,7 +214,7 @@ def test_every_route_but_health_needs_a_token(
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert error_of(response)["code"] == "unauthorized"
             checked += 1
-    assert checked == 15
+    assert checked == 16
     assert ops.mutations == []
 
 
@@ -318,7 +321,7 @@ def test_viewer_is_refused_every_post(
     app: FastAPI, client: TestClient, ops: FakeOperations
 ) -> None:
     posts = [route for route in api_routes(app) if "POST" in methods(route)]
-    assert len(posts) == 6
+    assert len(posts) == 7
     for route in posts:
         for body in ({}, {"rollback": True}, None):
             response = client.post(concrete(route.path), json=body, headers=AS_VIEWER)
@@ -406,6 +409,61 @@ def test_operator_workflow(client: TestClient, ops: FakeOperations) -> None:
     assert {a["actor"] for a in audit} == {OPERATOR.name}
     assert {a["role"] for a in audit} == {"operator"}
     assert ops.mutations[0] == ("artifact.upload", OPERATOR.name)
+
+
+def start_run(client: TestClient) -> str:
+    response = client.post("/v1/runs", json={}, headers=AS_OPERATOR)
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["run"]["run_id"]
+    return run_id
+
+
+def test_operator_stops_a_running_run(client: TestClient, ops: FakeOperations) -> None:
+    run_id = start_run(client)
+    view = ops.run_views[run_id]
+    done = RoundRow(run_id, 1, "ok", "", {"accuracy": 0.5}, NOW, NOW + 1)
+    going = RoundRow(run_id, 2, "running", "", {}, NOW + 1, None)
+    ops.run_views[run_id] = dataclasses.replace(view, rounds=(done, going))
+
+    response = client.post(f"/v1/runs/{run_id}/stop", headers=AS_OPERATOR)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["run"]["state"] == "interrupted"
+    assert body["rounds"][0] == RoundOut.model_validate(done).model_dump(mode="json")
+    assert body["rounds"][1]["status"] == "failed"
+    assert body["rounds"][1]["reason"] == f"stopped by {OPERATOR.name}"
+    assert client.get(f"/v1/runs/{run_id}", headers=AS_VIEWER).json() == body
+    assert ops.mutations[-1] == ("run.stop", OPERATOR.name)
+    [entry] = client.get("/v1/audit?limit=1", headers=AS_VIEWER).json()
+    assert (entry["action"], entry["target"], entry["actor"]) == ("run.stop", run_id, OPERATOR.name)
+
+
+def test_viewer_may_not_stop_a_run(client: TestClient, ops: FakeOperations) -> None:
+    run_id = start_run(client)
+    response = client.post(f"/v1/runs/{run_id}/stop", headers=AS_VIEWER)
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "forbidden"
+    assert ops.run_views[run_id].run.state is RunState.RUNNING
+    assert [method for method, _ in ops.mutations] == ["run.start"]
+
+
+def test_stopping_an_unknown_run_is_404(client: TestClient, ops: FakeOperations) -> None:
+    response = client.post("/v1/runs/run-9/stop", headers=AS_OPERATOR)
+    assert response.status_code == 404
+    assert error_of(response) == {"code": "not_found", "message": "no run 'run-9'"}
+    assert ops.mutations == []
+
+
+def test_stopping_a_run_that_ended_is_400(client: TestClient, ops: FakeOperations) -> None:
+    run_id = start_run(client)
+    assert client.post(f"/v1/runs/{run_id}/stop", headers=AS_OPERATOR).status_code == 200
+    response = client.post(f"/v1/runs/{run_id}/stop", headers=AS_OPERATOR)
+    assert response.status_code == 400
+    assert error_of(response) == {
+        "code": "training_failed",
+        "message": f"run {run_id} is interrupted; cannot stop",
+    }
+    assert [method for method, _ in ops.mutations] == ["run.start", "run.stop"]
 
 
 def test_abort_without_a_body_does_not_roll_back(client: TestClient, ops: FakeOperations) -> None:

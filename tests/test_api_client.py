@@ -173,6 +173,16 @@ def test_abort_without_rollback(client: ApiClient, ops: FakeOperations) -> None:
     assert ops.aborted == {rollout_id: False}
 
 
+def test_stop_run_round_trips(client: ApiClient, ops: FakeOperations) -> None:
+    run_id = client.start_run(RunRequest(), actor=CLI_ACTOR).run.run_id
+    stopped = client.stop_run(run_id, actor=CLI_ACTOR)
+    assert stopped == ops.run_views[run_id]
+    assert stopped.run.state is RunState.INTERRUPTED
+    assert client.run(run_id) == stopped
+    last = client.audit_log(limit=1)[0]
+    assert (last.action, last.target, last.actor) == ("run.stop", run_id, OPERATOR.name)
+
+
 def test_metrics_are_not_available(client: ApiClient) -> None:
     with pytest.raises(ApiError, match="Prometheus"):
         client.metrics()
@@ -200,6 +210,8 @@ def test_viewer_may_read_but_not_write(viewer: ApiClient, ops: FakeOperations) -
     assert "operator" in str(caught.value)
     with pytest.raises(ApiAuthError, match="may not upload artifacts"):
         viewer.upload_artifact(ARTIFACT, actor=CLI_ACTOR)
+    with pytest.raises(ApiAuthError, match="may not stop runs"):
+        viewer.stop_run("run-1", actor=CLI_ACTOR)
     assert_no_token(caught.value)
     assert ops.mutations == []
 
@@ -213,6 +225,8 @@ def test_unknown_ids_are_not_found(client: ApiClient) -> None:
         client.run("run-9")
     with pytest.raises(NotFoundError):
         client.pause_rollout("ro-9", actor=CLI_ACTOR)
+    with pytest.raises(NotFoundError, match="no run 'run-9'"):
+        client.stop_run("run-9", actor=CLI_ACTOR)
     with pytest.raises(NotFoundError, match="no artifact"):
         client.create_rollout(RolloutRequest("ab" * 32), actor=CLI_ACTOR)
 
@@ -242,9 +256,12 @@ def test_operation_errors_come_back_typed(client: ApiClient, ops: FakeOperations
         client.resume_rollout(rollout_id, actor=CLI_ACTOR)
     with pytest.raises(TrainingError, match="at least 1"):
         client.start_run(RunRequest(rounds=0), actor=CLI_ACTOR)
-    client.start_run(RunRequest(), actor=CLI_ACTOR)
+    run_id = client.start_run(RunRequest(), actor=CLI_ACTOR).run.run_id
     with pytest.raises(TrainingError, match="already going"):
         client.start_run(RunRequest(), actor=CLI_ACTOR)
+    client.stop_run(run_id, actor=CLI_ACTOR)
+    with pytest.raises(TrainingError, match=f"run {run_id} is interrupted; cannot stop"):
+        client.stop_run(run_id, actor=CLI_ACTOR)
 
 
 @pytest.mark.parametrize(

@@ -422,6 +422,32 @@ def test_rounds_status_watch_of_a_finished_run(fedge: Fedge, ops: FakeOperations
     assert fedge("rounds", "status", "--watch").exit_code == 1
 
 
+def test_rounds_stop(fedge: Fedge, ops: FakeOperations) -> None:
+    assert fedge("rounds", "start").exit_code == 0
+    result = fedge("rounds", "stop", "run-1")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.stdout == "run run-1: interrupted\n"
+    assert ops.run_views["run-1"].run.state is RunState.INTERRUPTED
+    assert ops.mutations[-1] == ("run.stop", OPERATOR.name)
+    assert "is interrupted; cannot stop" in one_line_error(fedge("rounds", "stop", "run-1"))
+    assert "no run 'run-9'" in one_line_error(fedge("rounds", "stop", "run-9"))
+
+
+def test_rounds_stop_json(fedge: Fedge, ops: FakeOperations) -> None:
+    assert fedge("rounds", "start").exit_code == 0
+    view = fedge.json("rounds", "stop", "run-1")
+    assert view["run"]["state"] == "interrupted"
+    assert view == jsonable(ops.run_views["run-1"])
+    view = ops.run_views["run-1"]
+    ops.run_views["run-1"] = replace(view, run=replace(view.run, state=RunState.FINISHED))
+    result = fedge("rounds", "stop", "run-1", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"] == {
+        "code": "training_failed",
+        "message": "run run-1 is finished; cannot stop",
+    }
+
+
 # --- connection options -------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from coordinator.delivery import Coordinator, CoordinatorConfig
-from coordinator.errors import TrainingError
+from coordinator.errors import NotFoundError, TrainingError
 from coordinator.operations import CLI_ACTOR, RunRequest
 from coordinator.run_manager import RunManager, training_config
 from coordinator.service import FleetService
@@ -157,3 +157,47 @@ def test_a_service_stopped_mid_run_marks_the_run_and_its_round_interrupted(
     assert len(view.rounds) < 50
     assert all(r.status in ("ok", "failed") for r in view.rounds)
     assert {r.reason for r in view.rounds if r.status == "failed"} <= {"interrupted"}
+
+
+@pytest.mark.slow
+def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
+    tmp_path: Path, federated: FederatedFleet
+) -> None:
+    service = open_service(federated, tmp_path / "state.db")
+    try:
+        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        # Five clients wanted, four there: round 1 waits for devices (up to 60 s).
+        waiting = RunRequest(rounds=50, min_clients=5, round_timeout_s=60.0,
+                             config={**SETTINGS, "clients_per_round": 5})  # fmt: skip
+        run_id = service.start_run(waiting, actor=CLI_ACTOR).run.run_id
+        wait_for(lambda: [r.status for r in service.run(run_id).rounds] == ["running"])
+        view = service.stop_run(run_id, actor=CLI_ACTOR)
+        assert view.run.state is RunState.INTERRUPTED
+        assert [(r.round, r.status, r.reason) for r in view.rounds] == [
+            (1, "failed", "stopped by cli")
+        ]
+        with pytest.raises(TrainingError, match="not running"):
+            service.stop_run(run_id, actor=CLI_ACTOR)
+        with pytest.raises(NotFoundError):
+            service.stop_run("run-nope", actor=CLI_ACTOR)
+
+        # The slot is free again. This run's rounds train long enough to be cut short.
+        long_training = {**SETTINGS, "train": {"epochs": 400, "batch_size": 8}}
+        slow = RunRequest(rounds=50, min_clients=3, round_timeout_s=120.0, config=long_training)
+        run_id = service.start_run(slow, actor=CLI_ACTOR).run.run_id
+        wait_for(lambda: any(r.status == "running" for r in service.run(run_id).rounds))
+        time.sleep(0.5)  # into the training phase
+        started = time.monotonic()
+        view = service.stop_run(run_id, actor=CLI_ACTOR)
+        assert time.monotonic() - started < 5.0
+        assert view.run.state is RunState.INTERRUPTED
+        last = view.rounds[-1]
+        assert (last.status, last.reason) == ("failed", "stopped by cli")
+        assert last.metrics["clients"] == 0  # nothing aggregated from a cut-short round
+        time.sleep(1.0)
+        assert len(service.run(run_id).rounds) == len(view.rounds)  # no round after it
+        actions = [a.action for a in service.audit_log()]
+        assert actions == ["run.start", "run.stop", "run.start", "run.stop"]
+    finally:
+        service.stop()
+        service.store.close()

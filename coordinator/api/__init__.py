@@ -33,6 +33,7 @@ Routes (``viewer`` may call every GET, ``operator`` everything)::
     POST /v1/runs                                -> 202
     GET  /v1/runs
     GET  /v1/runs/{run_id}
+    POST /v1/runs/{run_id}/stop
     GET  /v1/audit?limit=1..1000
 
 The package imports fastapi and prometheus-client; nothing under ``edge_agent``

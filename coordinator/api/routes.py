@@ -298,7 +298,7 @@ def _add_rollouts(
 def _add_runs(
     router: APIRouter, ops: Operations, viewer: params.Depends, operator: RoleDependency
 ) -> None:
-    """Start, list and inspect federated runs."""
+    """Start, list, inspect and stop federated runs."""
 
     @router.post(
         "/v1/runs",
@@ -331,3 +331,14 @@ def _add_runs(
     def get_run(run_id: Annotated[str, _ID]) -> RunViewOut:
         """One run and its rounds."""
         return RunViewOut.model_validate(ops.run(run_id))
+
+    @router.post(
+        "/v1/runs/{run_id}/stop",
+        tags=["runs"],
+        responses={**_WRITE, **_errors(404)},
+    )
+    def stop_run(
+        run_id: Annotated[str, _ID], actor: Annotated[Actor, Depends(operator)]
+    ) -> RunViewOut:
+        """Stop a running run: its current round fails and the run is ``interrupted``."""
+        return RunViewOut.model_validate(ops.stop_run(run_id, actor=actor))

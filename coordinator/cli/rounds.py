@@ -13,6 +13,10 @@
 * ``status [RUN_ID]``: a run's state and its rounds (accuracy, clients, bytes up
   and down); the latest run when no id is given.
 * ``list``: every run, newest first.
+* ``stop RUN_ID``: stops a running run; the round going on fails (``stopped by
+  <token id>``) and the run ends ``interrupted``. It prints ``run RUN_ID: STATE``
+  (rarely still ``running``, when the run's last step is slow to notice; it ends
+  soon after). Meant for ``--api``: in-process no run outlives its command.
 
 With ``--watch`` (``start`` and ``status``) the command follows the run in a live
 view on stderr, polling every ``--interval`` seconds until it is no longer
@@ -140,6 +144,16 @@ def watch(ops: Operations, run_id: str, *, interval: float, live: bool) -> RunVi
     )
 
 
+def _report(view: RunView, *, as_json: bool) -> None:
+    """Print ``run ID: STATE``, or the whole view with ``--json``."""
+    if as_json:
+        print_json(to_json(view))
+    else:
+        console.print(
+            f"run {safe_text(view.run.run_id)}: {view.run.state}", highlight=False, markup=False
+        )
+
+
 def _watch_and_exit(
     ops: Operations, connection: Connection, run_id: str, *, interval: float, as_json: bool
 ) -> None:
@@ -153,10 +167,7 @@ def _watch_and_exit(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if as_json:
-        print_json(to_json(view))
-    else:
-        console.print(f"run {safe_text(run_id)}: {view.run.state}", highlight=False, markup=False)
+    _report(view, as_json=as_json)
     if view.run.state is not RunState.FINISHED:
         raise typer.Exit(EXIT_NOT_FINISHED)
 
@@ -297,3 +308,16 @@ def list_runs(connection: Connection, as_json: JsonOption = False) -> None:
         print_json(to_json(rows))
     else:
         console.print(runs_table(rows, now=time.time()))
+
+
+@app.command("stop")
+@with_connection
+def stop(
+    connection: Connection,
+    run_id: Annotated[str, typer.Argument(help="The run's id.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Stop a running run: the round going on fails and the run ends interrupted."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        view = ops.stop_run(run_id, actor=CLI_ACTOR)
+    _report(view, as_json=as_json)

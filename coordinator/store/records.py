@@ -152,7 +152,8 @@ class RunState(StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
-    """Still running when the service stopped (found at the next start)."""
+    """Ended before its last round: stopped by an operator, or still running when
+    the service stopped (or was killed: found at the next start)."""
 
 
 @dataclass(frozen=True)
