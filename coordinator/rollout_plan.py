@@ -15,7 +15,9 @@ Workflow:
    those online, the artifact, a :class:`~coordinator.rollout_policy.RolloutPolicy`
    and a seed. The devices are shuffled with the seed (deterministically) and cut
    into stages: the canary first, then the waves
-   (:meth:`~coordinator.rollout_policy.RolloutPolicy.stage_sizes`).
+   (:meth:`~coordinator.rollout_policy.RolloutPolicy.stage_sizes`). Devices
+   online at creation come first, so the canary is made of devices that can
+   answer whenever the target has enough of them.
 2. :meth:`Rollout.start` releases the canary: ``Deploy`` to its online devices.
 3. The adapter forwards install reports (:meth:`Rollout.on_install_status`),
    telemetry windows (:meth:`Rollout.on_health`), presence changes
@@ -56,6 +58,11 @@ of the current stage only (earlier stages were judged already).
   failure rate is at most ``max_failure``; if not, the engine waits while online
   devices of the stage may still report (in progress, or installed and waiting for
   health), and halts once none may.
+* A later stage (not the canary) that is short of ``min_reports`` after its soak
+  while none of its online devices may still report (the rest are offline) is
+  judged on the reports it has; with none, it passes. Its offline devices install
+  when they come back (catch-up, below), and the earlier stages have vouched for
+  the artifact. The canary always waits for its reports.
 
 On a halt with ``rollback_on_halt``, the devices of the halted stage that
 installed the new version (healthy or not) get ``Rollback`` and are marked
@@ -544,8 +551,14 @@ class Rollout:
         bad = [i for i in ids if not is_valid_device_id(i)]
         if bad:
             raise RolloutError(f"rollout {rollout_id}: invalid device id {bad[0]!r}")
-        order = sorted(ids)
-        random.Random(seed).shuffle(order)  # noqa: S311 (a reproducible order, no secret)
+        # Online devices first, each group shuffled with the seed: a canary made of
+        # offline devices would have nothing to report and hold the rollout.
+        shuffle = random.Random(seed).shuffle  # noqa: S311 (a reproducible order, no secret)
+        present = sorted(i for i in ids if i in online)
+        absent = sorted(i for i in ids if i not in online)
+        shuffle(present)
+        shuffle(absent)
+        order = present + absent
         self.rollout_id = rollout_id
         self.artifact = artifact
         self.policy = policy
@@ -718,7 +731,8 @@ class Rollout:
         if soak_from is None or now < soak_from + self.policy.soak_s:
             return []
         stats = self._stats(self._stage)
-        if stats.reported < min(self.policy.min_reports, stats.size):
+        needed = min(self.policy.min_reports, stats.size)
+        if stats.reported < needed and (self._stage == 0 or stats.undecided_online):
             return []
         if not _exceeds(stats.failed, stats.reported, self.policy.max_failure):
             if self._stage + 1 < len(self._stages):

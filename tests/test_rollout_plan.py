@@ -79,6 +79,14 @@ def status(rollout: Rollout, device_id: str) -> str:
     return str(device.status)
 
 
+def d05_away(**kwargs: Any) -> Rollout:
+    """Seed 1's rollout of IDS, d05 (a canary device) gone offline before the start."""
+    rollout = make(seed=1, **kwargs)
+    assert "d05" in rollout.stage_devices(0)
+    rollout.on_offline("d05", T0)
+    return rollout
+
+
 def started(**kwargs: Any) -> Rollout:
     rollout = make(**kwargs)
     rollout.start(T0)
@@ -451,20 +459,71 @@ def test_min_reports_is_capped_at_the_stage_size() -> None:
 
 
 def test_offline_devices_do_not_count_and_catch_up() -> None:
-    rollout = make(online=set(IDS) - {"d05"}, seed=1, max_failure="0")
+    rollout = make(online={"d03"}, seed=1, max_failure="0")
     canary = rollout.stage_devices(0)
-    assert "d05" in canary  # seed 1 puts d05 in the canary
-    (other,) = set(canary) - {"d05"}
+    assert "d03" in canary  # the one online device goes first
+    (away,) = set(canary) - {"d03"}
     actions = rollout.start(T0)
-    assert actions[1:] == [StageReleased(0, canary), Deploy((other,))]
-    assert status(rollout, "d05") == "offline"
-    install(rollout, [other], T0 + 1)
+    assert actions[1:] == [StageReleased(0, canary), Deploy(("d03",))]
+    assert status(rollout, away) == "offline"
+    install(rollout, ["d03"], T0 + 1)
     assert rollout.tick(T0 + 60)[0] == StageReleased(1, rollout.stage_devices(1))
     # The offline canary device catches up when it comes back, even after the stage.
-    assert rollout.on_online("d05", T0 + 61) == [Deploy(("d05",))]
-    assert status(rollout, "d05") == "pending"
-    assert rollout.on_online("d05", T0 + 62) == []  # already online
-    assert rollout.on_install_status("d05", DeviceState.FAILED, T0 + 63) == []  # earlier stage
+    assert rollout.on_online(away, T0 + 61) == [Deploy((away,))]
+    assert status(rollout, away) == "pending"
+    assert rollout.on_online(away, T0 + 62) == []  # already online
+    assert rollout.on_install_status(away, DeviceState.FAILED, T0 + 63) == []  # earlier stage
+
+
+def test_online_devices_come_first_in_a_seeded_order() -> None:
+    present = set(IDS[5:15])
+    rollout = make(online=present, seed=3)
+    stages = [rollout.stage_devices(i) for i in range(rollout.stages)]
+    assert set(stages[0]) | set(stages[1]) == present  # canary 2 + wave of 8
+    assert set(stages[2]) == set(IDS) - present
+    order = [d for stage in stages for d in stage]
+    same = make(online=present, seed=3)
+    assert [d for i in range(same.stages) for d in same.stage_devices(i)] == order
+    other = make(online=present, seed=4)
+    assert [d for i in range(other.stages) for d in other.stage_devices(i)] != order
+
+
+def test_a_canary_of_offline_devices_waits_for_them() -> None:
+    rollout = started(online=())
+    assert rollout.tick(T0 + 86_400) == []
+    assert rollout.state is RolloutState.RUNNING
+    assert rollout.stage == 0
+    canary = rollout.stage_devices(0)
+    assert rollout.on_online(canary[0], T0 + 86_401) == [Deploy((canary[0],))]
+    install(rollout, canary[:1], T0 + 86_402)
+    assert rollout.tick(T0 + 86_403)[0] == StageReleased(1, rollout.stage_devices(1))
+
+
+def test_a_later_stage_of_offline_devices_passes_after_its_soak() -> None:
+    rollout = started(online=IDS[:10], min_reports=3)
+    install(rollout, rollout.stage_devices(0), T0 + 1)
+    assert rollout.tick(T0 + 60)[0] == StageReleased(1, rollout.stage_devices(1))
+    install(rollout, rollout.stage_devices(1), T0 + 61)
+    last = rollout.stage_devices(2)
+    assert set(last) == set(IDS[10:])
+    assert rollout.tick(T0 + 121) == [StageReleased(2, last)]  # nobody online to deploy to
+    assert rollout.tick(T0 + 180) == []  # the soak first
+    assert rollout.tick(T0 + 181) == [
+        StateChanged(RolloutState.RUNNING, RolloutState.COMPLETED, "every stage passed")
+    ]
+    assert rollout.on_online(last[0], T0 + 200) == [Deploy((last[0],))]  # catch-up
+
+
+def test_a_later_stage_short_of_reports_waits_while_a_device_may_report() -> None:
+    rollout = started(online=IDS[:11], min_reports=3)
+    install(rollout, rollout.stage_devices(0), T0 + 1)
+    rollout.tick(T0 + 60)
+    install(rollout, rollout.stage_devices(1), T0 + 61)
+    rollout.tick(T0 + 121)
+    (going,) = [d for d in rollout.stage_devices(2) if d in IDS[:11]]
+    assert rollout.tick(T0 + 500) == []  # one online device may still report
+    install(rollout, [going], T0 + 501)
+    assert rollout.tick(T0 + 502)[0].new is RolloutState.COMPLETED  # type: ignore[union-attr]
 
 
 def test_device_dropping_out_mid_install_is_resent_on_reconnect() -> None:
@@ -538,7 +597,7 @@ def test_offline_devices_do_not_time_out_and_the_timer_restarts_on_resend() -> N
 
 
 def test_pause_stops_advancing_and_resume_continues() -> None:
-    rollout = make(online=set(IDS) - {"d05"}, seed=1)
+    rollout = d05_away()
     rollout.start(T0)
     other = next(d for d in rollout.stage_devices(0) if d != "d05")
     install(rollout, [other], T0 + 1)
@@ -853,7 +912,7 @@ def test_restore_mid_rollout_continues_identically() -> None:
     wave = make(seed=1).stage_devices(1)
 
     def scenario(restore_at: int | None) -> list[object]:
-        rollout = make(online=set(IDS) - {"d05"}, seed=1, max_failure="20%")
+        rollout = d05_away(max_failure="20%")
         steps: list[Any] = [
             lambda r: r.start(T0),
             lambda r: health(r, "d05", T0 + 1, version=2, errors=5, p95_ms=8.0),

@@ -63,9 +63,10 @@ class Fleet:
         self.network.start()
         self.agents: dict[str, Agent] = {}
 
-    def start(self, device_id: str) -> None:
+    def start(self, device_id: str, *, tags: tuple[str, ...] = ()) -> None:
+        """Start (or restart, with the same data directory) one agent."""
         config = agent_config(self.broker, device_id, self.tmp_path / "agents" / device_id,
-                              self.trust)  # fmt: skip
+                              self.trust, tags=tags)  # fmt: skip
         agent = Agent(config, network=self.network)
         agent.start()
         self.agents[device_id] = agent
@@ -239,6 +240,39 @@ def test_pause_holds_the_next_wave_resume_finishes_and_a_late_joiner_is_updated(
     assert len(served(service)) == 20
     actions = [a.action for a in service.audit_log()]
     assert actions[-2:] == ["rollout.pause", "rollout.resume"]
+
+
+def test_a_tag_rollout_takes_devices_joining_the_tag_and_offline_ones_catch_up(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
+) -> None:
+    lab, away, joiner, outsider = DEVICES[:3], DEVICES[3], DEVICES[4], DEVICES[5]
+    for device in [*lab, away]:
+        fleet.start(device, tags=("lab",))
+    for device in (joiner, outsider):
+        fleet.start(device)
+    wait_for(lambda: online(service) == 6, what="6 agents online")
+    fleet.agents[away].stop()  # known to carry the tag, offline when the rollout starts
+    wait_for(lambda: online(service) == 5, what="one agent offline")
+
+    sha = upload(service, make_artifact(tmp_path, key, version=2))
+    request = RolloutRequest(artifact_sha256=sha, target="tag:lab", canary="1", waves="100",
+                             soak="0.5s")  # fmt: skip
+    rollout_id = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+    wait_for(lambda: state(service, rollout_id) == RolloutState.COMPLETED, what="completed")
+    view = service.rollout(rollout_id)
+    assert sorted(d.device_id for d in view.devices) == [*lab, away]
+    states = {d.device_id: d.state for d in view.devices}
+    assert states == {**dict.fromkeys(lab, "installed"), away: "offline"}
+
+    fleet.start(away, tags=("lab",))  # comes back: catches up
+    fleet.agents[joiner].stop()
+    fleet.start(joiner, tags=("lab",))  # restarted with the tag: joins the rollout
+    wait_for(lambda: served(service).get(away) == 2, what="the offline device catches up")
+    wait_for(lambda: served(service).get(joiner) == 2, what="the tag's newcomer is updated")
+    time.sleep(1.0)  # time enough for a wrong deploy to the outsider to show
+    assert served(service).get(outsider) is None
+    devices = {d.device_id: d.state for d in service.rollout(rollout_id).devices}
+    assert devices == dict.fromkeys([*lab, away, joiner], "installed")
 
 
 def test_uploads_that_fail_verification_are_refused_and_nothing_is_stored(
