@@ -58,11 +58,10 @@ of the current stage only (earlier stages were judged already).
   failure rate is at most ``max_failure``; if not, the engine waits while online
   devices of the stage may still report (in progress, or installed and waiting for
   health), and halts once none may.
-* A later stage (not the canary) that is short of ``min_reports`` after its soak
-  while none of its online devices may still report (the rest are offline) is
-  judged on the reports it has; with none, it passes. Its offline devices install
-  when they come back (catch-up, below), and the earlier stages have vouched for
-  the artifact. The canary always waits for its reports.
+* A stage never passes on fewer reports: one whose devices are all offline waits
+  for them (they are deployed as they come back, see catch-up below). Online
+  devices go first in the stage order, so only the last stages can be made of
+  offline devices alone.
 
 On a halt with ``rollback_on_halt``, the devices of the halted stage that
 installed the new version (healthy or not) get ``Rollback`` and are marked
@@ -731,8 +730,7 @@ class Rollout:
         if soak_from is None or now < soak_from + self.policy.soak_s:
             return []
         stats = self._stats(self._stage)
-        needed = min(self.policy.min_reports, stats.size)
-        if stats.reported < needed and (self._stage == 0 or stats.undecided_online):
+        if stats.reported < min(self.policy.min_reports, stats.size):
             return []
         if not _exceeds(stats.failed, stats.reported, self.policy.max_failure):
             if self._stage + 1 < len(self._stages):

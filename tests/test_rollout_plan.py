@@ -499,7 +499,7 @@ def test_a_canary_of_offline_devices_waits_for_them() -> None:
     assert rollout.tick(T0 + 86_403)[0] == StageReleased(1, rollout.stage_devices(1))
 
 
-def test_a_later_stage_of_offline_devices_passes_after_its_soak() -> None:
+def test_a_later_stage_of_offline_devices_waits_for_their_reports() -> None:
     rollout = started(online=IDS[:10], min_reports=3)
     install(rollout, rollout.stage_devices(0), T0 + 1)
     assert rollout.tick(T0 + 60)[0] == StageReleased(1, rollout.stage_devices(1))
@@ -507,23 +507,16 @@ def test_a_later_stage_of_offline_devices_passes_after_its_soak() -> None:
     last = rollout.stage_devices(2)
     assert set(last) == set(IDS[10:])
     assert rollout.tick(T0 + 121) == [StageReleased(2, last)]  # nobody online to deploy to
-    assert rollout.tick(T0 + 180) == []  # the soak first
-    assert rollout.tick(T0 + 181) == [
+    assert rollout.tick(T0 + 86_400) == []  # no report, no pass
+    for device_id in last[:3]:
+        assert rollout.on_online(device_id, T0 + 86_401) == [Deploy((device_id,))]
+    install(rollout, last[:2], T0 + 86_402)
+    assert rollout.tick(T0 + 86_403) == []  # 2 of the 3 reports asked for
+    install(rollout, last[2:3], T0 + 86_404)
+    assert rollout.tick(T0 + 86_405) == [
         StateChanged(RolloutState.RUNNING, RolloutState.COMPLETED, "every stage passed")
     ]
-    assert rollout.on_online(last[0], T0 + 200) == [Deploy((last[0],))]  # catch-up
-
-
-def test_a_later_stage_short_of_reports_waits_while_a_device_may_report() -> None:
-    rollout = started(online=IDS[:11], min_reports=3)
-    install(rollout, rollout.stage_devices(0), T0 + 1)
-    rollout.tick(T0 + 60)
-    install(rollout, rollout.stage_devices(1), T0 + 61)
-    rollout.tick(T0 + 121)
-    (going,) = [d for d in rollout.stage_devices(2) if d in IDS[:11]]
-    assert rollout.tick(T0 + 500) == []  # one online device may still report
-    install(rollout, [going], T0 + 501)
-    assert rollout.tick(T0 + 502)[0].new is RolloutState.COMPLETED  # type: ignore[union-attr]
+    assert rollout.on_online(last[3], T0 + 86_406) == [Deploy((last[3],))]  # catch-up
 
 
 def test_device_dropping_out_mid_install_is_resent_on_reconnect() -> None:
