@@ -37,6 +37,16 @@ one or has left the in-progress states, a rollback when none of its devices is
 still being reverted, and all of a rollout's deliveries when the rollout is
 dropped (ended and settled, or a completed one superseded). The tick thread does
 the forgetting, outside the manager's lock.
+
+Health baselines. The engine judges a device's telemetry on the new version
+against the device's latest window of the version it served before. Agents send
+telemetry every few seconds and a canary device installs at once, so the manager
+gives each device its baseline from the store when the rollout is created (and
+when a device joins it): its newest stored windows (up to five) of the version it
+served before, each with enough calls and received within ``baseline_window_s``
+(an hour by default), their calls summed and the median of their p95 latencies
+(:meth:`~coordinator.store.Store.baselines`). Windows of the old version that
+arrive later replace it.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from typing import Any
 from compress.errors import CompressError
 from coordinator.delivery import Artifact, Coordinator, Delivery
 from coordinator.deployment import IN_PROGRESS_STATES, DeviceState
-from coordinator.errors import CoordinatorError, NotFoundError, RolloutError
+from coordinator.errors import CoordinatorError, NotFoundError, RolloutError, StoreError
 from coordinator.fleet import Target
 from coordinator.rollout_plan import (
     Action,
@@ -76,6 +86,7 @@ __all__ = ["RolloutManager"]
 logger = logging.getLogger(__name__)
 
 TICK_S = 1.0
+BASELINE_WINDOW_S = 3600.0
 _STOP = object()
 _ENDED = frozenset({RolloutState.HALTED, RolloutState.ABORTED})
 """Rollouts that do nothing more once every device has settled. A completed one
@@ -134,12 +145,18 @@ class RolloutManager:
         *,
         clock: Callable[[], float] = time.time,
         tick_s: float = TICK_S,
+        baseline_window_s: float = BASELINE_WINDOW_S,
     ) -> None:
-        """Prepare (no thread runs until :meth:`start`)."""
+        """Prepare (no thread runs until :meth:`start`).
+
+        ``baseline_window_s``: how old a stored telemetry window may be to serve as
+        a device's health baseline (module docstring).
+        """
         self._coordinator = coordinator
         self._store = store
         self._clock = clock
         self._tick_s = tick_s
+        self._baseline_window_s = baseline_window_s
         self._lock = threading.RLock()
         self._running: dict[str, _Running] = {}
         self._retired: list[Delivery] = []  # deliveries of dropped rollouts, to forget
@@ -224,6 +241,7 @@ class RolloutManager:
             seed=seed if seed is not None else uuid.uuid4().int % 2**32,
             now=now,
         )
+        self._seed_baselines(engine, [r.device_id for r in chosen], now)
         with self._lock:
             for rid, running in list(self._running.items()):  # superseded
                 if (running.engine.artifact.model == manifest.name
@@ -340,6 +358,24 @@ class RolloutManager:
             for rid in ids:
                 self._event(rid, device_id, health)
 
+    def _seed_baselines(self, engine: Rollout, device_ids: list[str], now: float) -> None:
+        """Give the engine each device's stored baseline window (module docstring)."""
+        try:
+            baselines = self._store.baselines(
+                engine.artifact.model,
+                other_than=engine.artifact.version,
+                min_calls=engine.policy.health.min_predictions,
+                since=now - self._baseline_window_s,
+                device_ids=device_ids,
+            )
+        except StoreError as exc:
+            logger.warning("rollout %s: no stored health baselines: %s", engine.rollout_id, exc)
+            return
+        for device_id, row in baselines.items():
+            _on_health(engine, now, device_id=device_id, model=engine.artifact.model,
+                       version=row.version, predictions=row.predictions, errors=row.errors,
+                       p95_ms=row.p95_ms)  # fmt: skip
+
     def _on_status(self, device_id: str, status: Status) -> None:
         with self._lock:
             running = list(self._running.items())
@@ -358,9 +394,16 @@ class RolloutManager:
                     self._event(rid, device_id, lambda e, now: e.on_offline(device_id, now))
             elif record is not None and run.target.matches(record):
                 join: Callable[[Rollout, float], list[Action]] = functools.partial(
-                    _add_device, device_id=device_id, online=status.online
+                    self._join, device_id=device_id, online=status.online
                 )
                 self._event(rid, device_id, join)
+
+    def _join(self, engine: Rollout, now: float, *, device_id: str, online: bool) -> list[Action]:
+        """Add a newcomer to a rollout, with its stored baseline."""
+        actions = engine.add_device(device_id, now, online=online)
+        if engine.device(device_id) is not None:  # halted and aborted rollouts take none
+            self._seed_baselines(engine, [device_id], now)
+        return actions
 
     def _event(
         self, rollout_id: str, device_id: str, apply: Callable[[Rollout, float], list[Action]]
@@ -547,10 +590,6 @@ def _on_health(
 ) -> list[Action]:
     return engine.on_health(device_id, model=model, version=version, predictions=predictions,
                             errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
-
-
-def _add_device(engine: Rollout, now: float, *, device_id: str, online: bool) -> list[Action]:
-    return engine.add_device(device_id, now, online=online)
 
 
 def _settled(engine: Rollout) -> bool:

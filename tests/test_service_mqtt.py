@@ -8,10 +8,12 @@ HTTP API and the CLI call.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compress.keys import SigningKey, generate_signing_key
@@ -23,8 +25,15 @@ from coordinator.rollout_plan import RolloutState
 from coordinator.service import FleetService, ServiceSettings
 from coordinator.store import Store
 from edge_agent.agent import Agent
+from edge_agent.errors import AgentError
 from edge_agent.network_loop import NetworkLoop
-from tests.fleet_support import Mosquitto, agent_config, make_artifact, public_key_file
+from tests.fleet_support import (
+    FEATURES,
+    Mosquitto,
+    agent_config,
+    make_artifact,
+    public_key_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -203,6 +212,75 @@ def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_i
     assert view.summary["halt_reason"]
     with pytest.raises(RolloutError):
         service.resume_rollout(second, actor=OPERATOR)
+
+
+class Traffic:
+    """Inference calls on agents, one after another from one thread, until closed."""
+
+    def __init__(self, agents: Sequence[Agent]) -> None:
+        self.calls = 0
+        self._agents = agents
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        inputs = np.random.default_rng(0).random((1, FEATURES), dtype=np.float32)
+        while not self._done.wait(0.002):
+            for agent in self._agents:
+                try:
+                    agent.predict(inputs)
+                    self.calls += 1
+                except AgentError:
+                    pass  # between models while installing
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10.0)
+
+
+def test_a_model_slower_than_the_one_before_halts_after_the_canary_and_is_rolled_back(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
+) -> None:
+    devices = DEVICES[:6]
+    for device in devices:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 6, what="6 agents online")
+    fast = upload(service, make_artifact(tmp_path, key, version=2))
+    first = service.create_rollout(
+        RolloutRequest(artifact_sha256=fast, canary="6", soak="0s"), actor=OPERATOR
+    ).rollout.rollout_id
+    wait_for(lambda: state(service, first) == RolloutState.COMPLETED, what="v2 everywhere")
+    # Installs well and passes the agents' own check, but answers ~20x slower. Made
+    # before the traffic starts: quantizing it here would slow every agent's calls.
+    slow = upload(service, make_artifact(tmp_path, key, version=3, hidden=100_000))
+    traffic = Traffic([fleet.agents[d] for d in devices])
+    try:
+
+        def measured_v2(device: str) -> bool:
+            windows = service.telemetry(device, limit=5)
+            return len(windows) == 5 and all(r.version == 2 and r.predictions for r in windows)
+
+        # The baselines: each device's v2 latency, in the store before the rollout starts.
+        wait_for(lambda: all(measured_v2(d) for d in devices), what="v2 telemetry stored")
+        request = RolloutRequest(artifact_sha256=slow, canary="2", waves="50,100", soak="30s",
+                                 max_failure="10%")  # fmt: skip
+        rollout_id = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+        wait_for(lambda: state(service, rollout_id) == RolloutState.HALTED, what="halted")
+        view = service.rollout(rollout_id)
+        canary = [d for d in view.devices if d.stage == 0]
+        assert "of stage 0 failed" in view.summary["halt_reason"]
+        assert any("unhealthy: p95 latency" in str(d.detail) for d in canary), canary
+        wait_for(lambda: {d.state for d in service.rollout(rollout_id).devices if d.stage == 0}
+                 == {"reverted"}, what="the canary reverted")  # fmt: skip
+    finally:
+        traffic.close()
+    assert len(canary) == 2
+    assert {d.state for d in service.rollout(rollout_id).devices if d.stage > 0} == {"waiting"}
+    actions = [a.action for a in service.audit_log()]
+    assert actions.count("rollout.create") == 2
+    wait_for(lambda: set(served(service).values()) == {2}, what="every device serves v2")
+    assert traffic.calls > 0
 
 
 def test_pause_holds_the_next_wave_resume_finishes_and_a_late_joiner_is_updated(

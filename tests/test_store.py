@@ -15,7 +15,7 @@ from coordinator.auth import Role
 from coordinator.errors import ArtifactCorruptError, ConflictError, NotFoundError, StoreError
 from coordinator.store import (
     MEMORY,
-    HealthSample,
+    BaselineRow,
     PresenceRow,
     RolloutDevice,
     RunState,
@@ -378,39 +378,39 @@ def test_prune_by_rows_and_age(store: Store) -> None:
         store.prune_telemetry(max_rows=-1)
 
 
-def test_latest_health(store: Store) -> None:
+def test_baselines_sum_the_newest_windows_of_the_version_served_before(store: Store) -> None:
     store.add_telemetry(
         [
-            window(start=90, end=100, predictions=1000, errors=500, p95=99.0),  # straddles
-            window(start=100, end=110, predictions=90, errors=10, p95=10.0),
-            window(start=110, end=120, predictions=10, errors=0, p95=30.0),
-            window(start=120, end=130, predictions=0, errors=5, p95=0.0),
-            window(start=120, end=130, version=2, errors=50),
-            window("pi-2", start=120, end=130, errors=50),
+            window("pi-1", start=0, end=10, version=1, p95=99.0, seq=1),  # an older version
+            window("pi-1", start=10, end=20, version=2, p95=4.0, seq=2),
+            window("pi-1", start=20, end=30, version=2, errors=5, p95=60.0, seq=3),  # noisy
+            window("pi-1", start=30, end=40, version=2, p95=6.0, seq=4),
+            window("pi-1", start=40, end=50, version=3, p95=80.0, seq=5),  # the new version
+            window("pi-2", start=0, end=10, version=1, p95=7.0, seq=1),
+            window("pi-2", start=10, end=20, version=2, predictions=1, p95=1.0, seq=2),  # few
+            window("pi-2", start=20, end=30, version=1, predictions=0, errors=10, p95=0.0),
+            window("pi-3", received_at=10.0, version=2, seq=1),  # too old
+            window("pi-4", model="other", version=2, seq=1),
+            window("pi-5", model=None, version=None, seq=1),
         ]
     )
-    health = store.latest_health("pi-1", "digits", 3, since=100.0)
-    assert health == HealthSample(
-        device_id="pi-1",
-        model="digits",
-        version=3,
-        windows=3,
-        predictions=100,
-        errors=15,
-        error_rate=15 / 115,
-        p95_max_ms=30.0,
-        p95_mean_ms=(90 * 10.0 + 10 * 30.0) / 100,
-        first_window_start=100.0,
-        last_window_end=130.0,
-    )
-    assert store.latest_health("pi-1", "digits", 3, since=200.0) is None
-    only_errors = store.latest_health("pi-1", "digits", 3, since=120.0)
-    assert only_errors is not None
-    assert (only_errors.error_rate, only_errors.p95_max_ms, only_errors.p95_mean_ms) == (
-        1.0,
-        None,
-        None,
-    )
+    found = store.baselines("digits", other_than=3, min_calls=10, since=50.0)
+    assert found == {
+        "pi-1": BaselineRow("pi-1", version=2, windows=3, predictions=300, errors=5, p95_ms=6.0),
+        # The median skips the window without a successful call.
+        "pi-2": BaselineRow("pi-2", version=1, windows=2, predictions=100, errors=10, p95_ms=7.0),
+    }
+    newest = store.baselines("digits", other_than=3, min_calls=10, since=50.0, windows=1)
+    assert (newest["pi-1"].windows, newest["pi-1"].p95_ms) == (1, 6.0)
+    assert newest["pi-2"] == BaselineRow("pi-2", 1, 1, 0, 10, 0.0)
+    only = store.baselines("digits", other_than=3, min_calls=1, since=50.0, device_ids=["pi-2"])
+    assert {d: r.version for d, r in only.items()} == {"pi-2": 1}
+    old = store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=["pi-3"])
+    assert old.keys() == {"pi-3"}
+    assert store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=[]) == {}
+    assert store.baselines("digits", other_than=2, min_calls=1, since=50.0)["pi-1"].version == 3
+    with pytest.raises(ValueError, match="windows"):
+        store.baselines("digits", other_than=3, min_calls=1, since=0.0, windows=0)
 
 
 def test_concurrent_writers(tmp_path: Path) -> None:

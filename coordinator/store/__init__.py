@@ -12,7 +12,7 @@ Workflow of the service (``fedge coordinator serve``):
    :meth:`Store.upsert_device` and flushes buffered telemetry with
    :meth:`Store.add_telemetry` (one transaction per flush); the rollout engine
    stores its whole state with :meth:`Store.save_rollout` after every change and
-   asks :meth:`Store.latest_health` for its health checks; federated runs record
+   takes its devices' health baselines from :meth:`Store.baselines`; federated runs record
    each round; the API authenticates requests with :meth:`Store.authenticate`
    and appends to the audit log. A scheduler calls :meth:`Store.prune_telemetry`.
 3. At shutdown, :meth:`Store.close`.
@@ -36,8 +36,8 @@ from coordinator.store.fleet import KEEP, Keep
 from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
+    BaselineRow,
     DeviceRow,
-    HealthSample,
     PresenceRow,
     RolloutDevice,
     RolloutInfo,
@@ -60,9 +60,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "ArtifactRow",
     "AuditRow",
+    "BaselineRow",
     "Database",
     "DeviceRow",
-    "HealthSample",
     "Keep",
     "Migration",
     "PresenceRow",

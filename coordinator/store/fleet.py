@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final
 
 from coordinator.store.database import Database, check_finite, dump_json, load_json
-from coordinator.store.records import DeviceRow, HealthSample, PresenceRow, TelemetryRow
+from coordinator.store.records import BaselineRow, DeviceRow, PresenceRow, TelemetryRow
 
 __all__ = ["KEEP", "FleetTables", "Keep"]
 
@@ -60,6 +61,21 @@ def _telemetry(row: sqlite3.Row) -> TelemetryRow:
         memory_bytes=row["memory_bytes"],
         seq=row["seq"],
         row_id=row["id"],
+    )
+
+
+def _baseline(device_id: str, newest_first: list[sqlite3.Row]) -> BaselineRow:
+    version = int(newest_first[0]["version"])
+    taken = [row for row in newest_first if row["version"] == version]
+    # A window without a successful call has no latency to speak of.
+    latencies = [float(row["p95"]) for row in taken if row["predictions"] > 0]
+    return BaselineRow(
+        device_id=device_id,
+        version=version,
+        windows=len(taken),
+        predictions=sum(int(row["predictions"]) for row in taken),
+        errors=sum(int(row["errors"]) for row in taken),
+        p95_ms=float(statistics.median(latencies)) if latencies else 0.0,
     )
 
 
@@ -323,51 +339,59 @@ class FleetTables:
             logger.debug("pruned %d telemetry rows", deleted)
         return deleted
 
-    def latest_health(
-        self, device_id: str, model: str, version: int, since: float
-    ) -> HealthSample | None:
-        """Aggregate a device's telemetry for one model version, for a health check.
+    def baselines(
+        self,
+        model: str,
+        *,
+        other_than: int,
+        min_calls: int,
+        since: float,
+        windows: int = 5,
+        device_ids: Collection[str] | None = None,
+    ) -> dict[str, BaselineRow]:
+        """Give each device's recent health on another version of a model.
 
-        Only windows that lie wholly at or after ``since`` count (a window that
-        straddles it may mix calls to the previous model). The error rate is
-        ``errors / (predictions + errors)``: agents count failed calls in
-        ``errors`` and successful ones in ``predictions``, so this is the share of
-        calls that failed, in [0, 1]. Latency is given two ways, both skipping
-        windows without predictions (their quantiles are a meaningless 0): the
-        worst window's p95 (``p95_max_ms``, strict) and the prediction-weighted mean
-        of the p95s (``p95_mean_ms``, an approximation: quantiles do not average).
+        A staged rollout judges a device's health on the new version against what
+        the same device measured before it (its *baseline*). Telemetry arrives
+        every few seconds, so the baseline of a device that installs at once must
+        come from what is stored already.
+
+        Args:
+            model: The model rolled out.
+            other_than: The version rolled out (its windows are not baselines).
+            min_calls: Fewest inference calls (``predictions + errors``) a window
+                needs to count.
+            since: Only windows received at or after this time (coordinator clock).
+            windows: At most this many of a device's newest qualifying windows
+                (by ``window_end``), those of the version the newest one served.
+            device_ids: Only these devices; None for every device.
 
         Returns:
-            The aggregate, or None if no such window was received.
+            Device id -> its baseline; devices without a qualifying window are absent.
 
         Raises:
+            ValueError: ``windows`` is below 1.
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) AS windows, SUM(predictions) AS predictions, "
-                "SUM(errors) AS errors, "
-                "MAX(CASE WHEN predictions > 0 THEN p95 END) AS p95_max, "
-                "SUM(CASE WHEN predictions > 0 THEN p95 * predictions END) AS p95_weighted, "
-                "MIN(window_start) AS first_start, MAX(window_end) AS last_end "
-                "FROM telemetry WHERE device_id = ? AND model = ? AND version = ? "
-                "AND window_end >= ? AND window_start >= ?",
-                (device_id, model, version, since, since),
-            ).fetchone()
-        if row["windows"] == 0:
-            return None
-        predictions, errors = int(row["predictions"]), int(row["errors"])
-        calls = predictions + errors
-        return HealthSample(
-            device_id=device_id,
-            model=model,
-            version=version,
-            windows=int(row["windows"]),
-            predictions=predictions,
-            errors=errors,
-            error_rate=errors / calls if calls else 0.0,
-            p95_max_ms=row["p95_max"],
-            p95_mean_ms=row["p95_weighted"] / predictions if predictions else None,
-            first_window_start=row["first_start"],
-            last_window_end=row["last_end"],
+        if windows < 1:
+            raise ValueError(f"windows must be at least 1, got {windows}")
+        query = (
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY device_id "
+            "ORDER BY window_end DESC, id DESC) AS newest FROM telemetry "
+            "WHERE model = ? AND version IS NOT NULL AND version != ? "
+            "AND predictions + errors >= ? AND received_at >= ?"
         )
+        params: list[Any] = [model, other_than, min_calls, since]
+        if device_ids is not None:
+            wanted = sorted(set(device_ids))
+            if not wanted:
+                return {}
+            query += f" AND device_id IN ({', '.join('?' * len(wanted))})"
+            params += wanted
+        query += ") WHERE newest <= ? ORDER BY device_id, newest"
+        with self._db.read() as conn:
+            rows = conn.execute(query, [*params, windows]).fetchall()
+        found: dict[str, list[sqlite3.Row]] = {}
+        for row in rows:
+            found.setdefault(row["device_id"], []).append(row)
+        return {device_id: _baseline(device_id, taken) for device_id, taken in found.items()}

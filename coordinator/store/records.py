@@ -15,8 +15,8 @@ from coordinator.auth import Role
 __all__ = [
     "ArtifactRow",
     "AuditRow",
+    "BaselineRow",
     "DeviceRow",
-    "HealthSample",
     "PresenceRow",
     "RolloutDevice",
     "RolloutRow",
@@ -240,35 +240,25 @@ class TelemetryRow:
 
 
 @dataclass(frozen=True)
-class HealthSample:
-    """Aggregated health of one device serving one model version since a time.
+class BaselineRow:
+    """A device's recent health on the model version it served before a rollout.
 
     Attributes:
         device_id: The device.
-        model: The model.
-        version: Its version.
-        windows: Telemetry windows aggregated.
+        version: The version its newest qualifying window served.
+        windows: Windows of that version taken (the newest few).
         predictions: Successful calls over them.
         errors: Failed calls over them.
-        error_rate: ``errors / (predictions + errors)``, 0.0 without any call.
-        p95_max_ms: The worst window's p95 (windows without predictions skipped),
-            None if no window had a prediction.
-        p95_mean_ms: Prediction-weighted mean of the windows' p95, likewise.
-        first_window_start: Start of the earliest window aggregated.
-        last_window_end: End of the latest window aggregated.
+        p95_ms: The median of the p95 latencies of those with a successful call
+            (one noisy window does not make the baseline), 0.0 if none had one.
     """
 
     device_id: str
-    model: str
     version: int
     windows: int
     predictions: int
     errors: int
-    error_rate: float
-    p95_max_ms: float | None
-    p95_mean_ms: float | None
-    first_window_start: float
-    last_window_end: float
+    p95_ms: float
 
 
 @dataclass(frozen=True)
