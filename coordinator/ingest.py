@@ -17,11 +17,16 @@ Workflow::
     ingest.latency_ms()  # fleet latency quantiles from recent histograms
     ingest.stop()        # flushes what is left
 
-Nothing acknowledged is lost: a failed flush (disk full, database locked) keeps the
-rows buffered and retries at the next flush. Only when the buffer passes
-``max_pending`` rows (the store has been failing for a long time) are the oldest
-windows dropped, counted and logged. Presence is never dropped: only the last
-state of each device is kept, so it cannot grow past the fleet's size.
+Nothing received is lost while the store works: a failed flush (disk full,
+database locked) keeps the rows buffered and retries at the next flush, and
+:meth:`Ingest.stop` retries for ``stop_retry_s`` before it gives up (and says how
+much it could not write). Only when the buffer passes ``max_pending`` rows (the
+store has been failing for a long time) are the oldest windows dropped, counted
+and logged. What arrived in the last ``flush_s`` before the process was killed is
+lost with it. Presence keeps every online/offline change (a device that drops and
+comes back between two flushes leaves both changes in the history); repeated
+statuses of the same state keep only the latest, and a device flapping more than
+:data:`MAX_CHANGES` times between two flushes loses its oldest changes (counted).
 
 Fleet latency quantiles come from the latency histograms of the windows received
 in the last ``latency_window_s`` seconds, summed bucket by bucket (agents share
@@ -50,6 +55,9 @@ logger = logging.getLogger(__name__)
 QUANTILES = (0.5, 0.95, 0.99)
 """Fleet latency quantiles :meth:`Ingest.latency_ms` gives."""
 
+MAX_CHANGES = 16
+"""Most presence changes buffered per device between two flushes."""
+
 
 @dataclass(frozen=True)
 class IngestSettings:
@@ -62,6 +70,7 @@ class IngestSettings:
         max_age_s: Telemetry retention by age, seconds (None: no limit).
         prune_every_s: Seconds between retention passes.
         latency_window_s: Telemetry age the fleet latency quantiles cover.
+        stop_retry_s: How long :meth:`Ingest.stop` keeps retrying a failing store.
 
     Raises:
         ValueError: A value out of range.
@@ -73,9 +82,12 @@ class IngestSettings:
     max_age_s: float | None = 7 * 86400.0
     prune_every_s: float = 60.0
     latency_window_s: float = 300.0
+    stop_retry_s: float = 5.0
 
     def __post_init__(self) -> None:
         """Check the values."""
+        if not self.stop_retry_s >= 0:
+            raise ValueError(f"stop_retry_s must be >= 0, got {self.stop_retry_s}")
         for name in ("flush_s", "prune_every_s", "latency_window_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -105,6 +117,24 @@ class _Presence:
     tags: tuple[str, ...] | None
     model: str | None
     version: int | None
+
+
+def _add_change(changes: list[_Presence], presence: _Presence) -> int:
+    """Append a presence change, or replace the last entry of the same state.
+
+    Returns:
+        How many old changes were dropped to stay within :data:`MAX_CHANGES`.
+    """
+    if changes and changes[-1].online == presence.online:
+        changes[-1] = presence
+        return 0
+    changes.append(presence)
+    excess = len(changes) - MAX_CHANGES
+    if excess <= 0:
+        return 0
+    excess += excess % 2  # whole off/on pairs: the states keep alternating
+    del changes[:excess]
+    return excess
 
 
 def status_document(status: Status) -> dict[str, Any]:
@@ -138,7 +168,7 @@ class Ingest:
         self._clock = clock
         self._lock = threading.Lock()
         self._telemetry: collections.deque[TelemetryRow] = collections.deque()
-        self._presence: dict[str, _Presence] = {}
+        self._presence: dict[str, list[_Presence]] = {}
         self._histograms: collections.deque[tuple[float, Histogram]] = collections.deque()
         self._received = 0
         self._stored = 0
@@ -158,12 +188,28 @@ class Ingest:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the writer and flush what is buffered (idempotent)."""
+        """Stop the writer and write what is buffered (idempotent).
+
+        A failing store is retried for ``stop_retry_s``; what is still not written
+        then is logged as lost.
+        """
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=30.0)
             self._thread = None
+        deadline = time.monotonic() + self._settings.stop_retry_s
         self.flush()
+        while self._unwritten() != (0, 0) and time.monotonic() < deadline:
+            time.sleep(min(0.25, self._settings.flush_s))
+            self.flush()
+        windows, changes = self._unwritten()
+        if windows or changes:
+            logger.error("stopping with %d telemetry window(s) and %d presence change(s) "
+                         "not stored: the database kept failing", windows, changes)  # fmt: skip
+
+    def _unwritten(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._telemetry), sum(len(c) for c in self._presence.values())
 
     # ------------------------------------------------------------------- intake
 
@@ -176,7 +222,7 @@ class Ingest:
             self.add_telemetry(device_id, message)
 
     def add_status(self, device_id: str, status: Status) -> None:
-        """Buffer a device's presence (the latest per device wins)."""
+        """Buffer a device's presence: a change, or the latest status of its state."""
         model = status.models[0] if status.models else None
         presence = _Presence(
             online=status.online,
@@ -187,7 +233,10 @@ class Ingest:
             version=model.version if model else None,
         )
         with self._lock:
-            self._presence[device_id] = presence
+            dropped = _add_change(self._presence.setdefault(device_id, []), presence)
+        if dropped:
+            logger.warning("device %s flaps: %d presence change(s) not recorded", device_id,
+                           dropped)  # fmt: skip
 
     def add_telemetry(self, device_id: str, batch: TelemetryBatch) -> None:
         """Buffer a telemetry batch's windows."""
@@ -256,15 +305,21 @@ class Ingest:
                 presence, self._presence = self._presence, {}
                 rows = list(self._telemetry)
                 self._telemetry.clear()
-            for device_id, p in presence.items():
-                try:
-                    self._store.upsert_device(device_id, online=p.online, at=p.at,
-                                              status=p.status, tags=p.tags or (),
-                                              model=p.model, version=p.version)  # fmt: skip
-                except StoreError as exc:
-                    logger.error("device %s: presence not stored (will retry): %s", device_id, exc)
-                    with self._lock:
-                        self._presence.setdefault(device_id, p)
+            for device_id, changes in presence.items():
+                for index, p in enumerate(changes):
+                    try:
+                        self._store.upsert_device(device_id, online=p.online, at=p.at,
+                                                  status=p.status, tags=p.tags or (),
+                                                  model=p.model, version=p.version)  # fmt: skip
+                    except StoreError as exc:
+                        logger.error("device %s: presence not stored (will retry): %s",
+                                     device_id, exc)  # fmt: skip
+                        with self._lock:  # back in front of what arrived meanwhile
+                            later = self._presence.get(device_id, [])
+                            self._presence[device_id] = changes[index:]
+                            for change in later:
+                                _add_change(self._presence[device_id], change)
+                        break
             if not rows:
                 return
             try:

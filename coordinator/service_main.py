@@ -42,9 +42,8 @@ from coordinator.api.app import create_app
 from coordinator.delivery import Coordinator, CoordinatorConfig
 from coordinator.embedded_broker import EmbeddedBroker
 from coordinator.errors import CoordinatorError
-from coordinator.service import FleetService
+from coordinator.service import FleetService, open_store
 from coordinator.service_config import ServiceConfig
-from coordinator.store import Store
 from edge_agent.config import BrokerConfig
 from edge_agent.protocol import COORDINATOR_SENDER
 
@@ -209,7 +208,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
     with ExitStack() as stack:
         stack.enter_context(_signals_handled(shutdown))
         listener = stack.enter_context(_listen(config.bind_host, config.bind_port))
-        store = Store.open(config.db, artifact_dir=config.artifact_dir)
+        store = open_store(config.db, config.artifact_dir)
         stack.callback(store.close)
         broker = _broker(config, stack)
         coordinator = Coordinator(CoordinatorConfig(broker=broker))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.errors import StoreError
-from coordinator.ingest import Ingest, IngestSettings
-from coordinator.store import MEMORY, Store, TelemetryRow
+from coordinator.ingest import MAX_CHANGES, Ingest, IngestSettings
+from coordinator.store import MEMORY, DeviceRow, Store, TelemetryRow
 from edge_agent.protocol import (
     Envelope,
     Histogram,
@@ -40,14 +44,20 @@ class Clock:
 
 
 class FailingStore(Store):
-    """A store whose telemetry writes fail while ``failing`` is set."""
+    """A store whose telemetry (and, with ``presence_failing``, presence) writes fail."""
 
     failing = False
+    presence_failing = False
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
         if self.failing:
             raise StoreError("disk full")
         super().add_telemetry(rows)
+
+    def upsert_device(self, device_id: str, **kwargs: Any) -> DeviceRow:
+        if self.presence_failing:
+            raise StoreError("database is locked")
+        return super().upsert_device(device_id, **kwargs)
 
 
 @pytest.fixture
@@ -117,19 +127,97 @@ def test_past_max_pending_the_oldest_windows_are_dropped_and_counted(store: Fail
     assert [r.seq for r in reversed(store.telemetry("d1"))] == [2, 3, 4]
 
 
-def test_presence_keeps_the_latest_state_per_device(store: FailingStore) -> None:
+def envelope(message: Status) -> Envelope:
+    return Envelope("a" * 32, "d1", 1.0, 1, message)
+
+
+def test_presence_keeps_every_change_and_the_latest_status(store: FailingStore) -> None:
     clock = Clock()
     ingest = Ingest(store, clock=clock)
-    ingest.on_message("d1", Envelope("a" * 32, "d1", 1.0, 1, status(True)), 100)
+    ingest.on_message("d1", envelope(status(True)), 100)
     clock.now += 1
-    ingest.on_message("d1", Envelope("b" * 32, "d1", 2.0, 1, status(False, version=3)), 100)
+    ingest.on_message("d1", envelope(status(True, version=2)), 100)  # same state: replaces
+    clock.now += 1
+    ingest.on_message("d1", envelope(status(False, version=2)), 100)  # a flap, then back
+    clock.now += 1
+    ingest.on_message("d1", envelope(status(True, version=3)), 100)
     ingest.flush()
     row = store.device("d1")
     assert row is not None
-    assert (row.online, row.model, row.version, row.tags) == (False, "digits", 3, ("lab",))
+    assert (row.online, row.model, row.version, row.tags) == (True, "digits", 3, ("lab",))
     assert row.status is not None
     assert row.status["agent_version"] == "0.1"
-    assert [p.online for p in store.presence_history("d1")] == [False]
+    history = [(p.online, p.at) for p in store.presence_history("d1")]
+    assert history == [(True, 1003.0), (False, 1002.0), (True, 1001.0)]  # newest first
+
+
+def test_a_flapping_device_keeps_its_latest_changes(
+    store: FailingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    ingest = Ingest(store, clock=clock)
+    flaps = MAX_CHANGES + 5
+    for index in range(flaps):
+        clock.now += 1
+        ingest.add_status("d1", status(index % 2 == 0))
+    ingest.flush()
+    history = store.presence_history("d1", limit=1000)
+    assert len(history) <= MAX_CHANGES
+    assert history[0].at == clock.now
+    assert history[0].online is ((flaps - 1) % 2 == 0)
+    assert all(a.online != b.online for a, b in itertools.pairwise(history))
+    assert "flaps" in caplog.text
+
+
+def test_presence_that_failed_to_store_is_written_later_in_order(store: FailingStore) -> None:
+    clock = Clock()
+    ingest = Ingest(store, clock=clock)
+    ingest.add_status("d1", status(True))
+    clock.now += 1
+    ingest.add_status("d1", status(False))
+    store.presence_failing = True
+    ingest.flush()
+    assert store.device("d1") is None
+    clock.now += 1
+    ingest.add_status("d1", status(True))  # arrived while the store failed
+    store.presence_failing = False
+    ingest.flush()
+    assert [(p.online, p.at) for p in store.presence_history("d1")] == [
+        (True, 1002.0),
+        (False, 1001.0),
+        (True, 1000.0),
+    ]
+
+
+def test_stop_retries_a_failing_store_then_says_what_it_could_not_write(
+    store: FailingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = Ingest(store, IngestSettings(flush_s=0.05, stop_retry_s=10.0))
+    ingest.add_telemetry("d1", batch(1))
+    ingest.add_status("d1", status(True))
+    store.failing = store.presence_failing = True
+
+    def recover() -> None:
+        time.sleep(0.3)
+        store.failing = store.presence_failing = False
+
+    healer = threading.Thread(target=recover)
+    healer.start()
+    ingest.stop()  # retries until the store recovers
+    healer.join()
+    assert store.telemetry_count() == 1
+    assert store.device("d1") is not None
+    assert "not stored:" not in caplog.text
+
+    stuck = Ingest(store, IngestSettings(flush_s=0.05, stop_retry_s=0.3))
+    stuck.add_telemetry("d2", batch(1, record(), record()))
+    stuck.add_status("d2", status(False))
+    store.failing = store.presence_failing = True
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        stuck.stop()
+    assert time.monotonic() - started < 5.0
+    assert "2 telemetry window(s) and 1 presence change(s) not stored" in caplog.text
 
 
 def test_fleet_latency_quantiles_merge_the_recent_histograms(store: FailingStore) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.errors import MigrationError, SchemaVersionError, StoreError
+from coordinator.service import open_store
 from coordinator.store import (
     MEMORY,
     MIGRATIONS,
@@ -235,3 +236,10 @@ def test_sigkill_keeps_last_save_and_drops_open_transaction(tmp_path: Path) -> N
             RolloutDevice("b", 0, "pending", 2.0),
         ]
         assert store.artifact_bytes(rollout.artifact_sha256) == b"model"
+
+
+def test_the_service_fsyncs_every_commit(tmp_path: Path) -> None:
+    with open_store(tmp_path / "state.db") as store:
+        with store.database.read() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store.artifact_dir == tmp_path / "artifacts"
