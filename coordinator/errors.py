@@ -14,7 +14,8 @@ The tree::
     │   ├── MigrationError              a schema migration step failed (rolled back)
     │   ├── NotFoundError               no row with that id
     │   ├── ConflictError               a row with that id already exists
-    │   └── ArtifactCorruptError        a stored artifact file is missing or altered
+    │   ├── ArtifactCorruptError        a stored artifact file is missing or altered
+    │   └── DatabaseInUseError          another coordinator process runs this database
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     └── ServiceConfigError          the service's configuration (file or flags) is invalid
@@ -129,6 +130,12 @@ class ArtifactCorruptError(StoreError):
     """A stored artifact's file is missing, or its sha256 no longer matches its name."""
 
     code = "artifact_corrupt"
+
+
+class DatabaseInUseError(StoreError):
+    """Another coordinator process has claimed the database (see :mod:`coordinator.store.owner`)."""
+
+    code = "database_in_use"
 
 
 class RolloutError(CoordinatorError):

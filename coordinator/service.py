@@ -417,17 +417,20 @@ class FleetService:
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:
-    """Open the state database the way a service runs it: every commit fsynced.
+    """Open the state database the way a service runs it: claimed, every commit fsynced.
 
-    With ``synchronous=FULL`` what the service acknowledged (an upload, a rollout,
-    an operator's action and its audit line) survives a power cut too, not only a
-    killed process; the cost, an fsync per commit, is small next to the network
-    round trips each commit answers.
+    The process claims the database (:mod:`coordinator.store.owner`): a second
+    service, or a CLI command in ``--broker`` mode, on the same file would resume
+    and drive the same rollouts. With ``synchronous=FULL`` what the service
+    acknowledged (an upload, a rollout, an operator's action and its audit line)
+    survives a power cut too, not only a killed process; the cost, an fsync per
+    commit, is small next to the network round trips each commit answers.
 
     Raises:
+        DatabaseInUseError: another coordinator process runs this database.
         StoreError: the database cannot be opened.
     """
-    return Store.open(db, artifact_dir=artifact_dir, synchronous="FULL")
+    return Store.open(db, artifact_dir=artifact_dir, synchronous="FULL", owner=True)
 
 
 @contextmanager

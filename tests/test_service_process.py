@@ -231,6 +231,24 @@ def test_a_second_service_on_a_busy_port_fails_in_one_line(running: Running) -> 
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_nothing_else_runs_the_services_database_meanwhile(running: Running) -> None:
+    service = running.service
+    assert service.process is not None
+    pid = service.process.pid
+    second = fedge("coordinator", "serve", "--db", service.db, "--embedded-broker",
+                   "--embedded-broker-port", str(free_port()), "--trust", service.trust,
+                   "--bind", f"127.0.0.1:{free_port()}", cwd=service.directory)  # fmt: skip
+    in_process = fedge("devices", "--broker", "mqtt://127.0.0.1:1", "--db", service.db,
+                       cwd=service.directory)  # fmt: skip
+    for done in (second, in_process):
+        assert done.returncode == 1
+        assert f"is in use by another fedge coordinator (pid {pid})" in done.stderr
+        assert "--api URL" in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+    # Token commands only read and write their table: they need no claim.
+    create_token(service.db, "viewer", "while-serving")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_service_cleanly(tmp_path: Path, signum: signal.Signals) -> None:
     service = ServiceProcess(tmp_path, public_key_file(tmp_path / "keys", generate_signing_key()))

@@ -12,6 +12,7 @@ from coordinator.store.access import AccessTables
 from coordinator.store.database import MEMORY, Database
 from coordinator.store.deploy import DeployTables
 from coordinator.store.fleet import FleetTables
+from coordinator.store.owner import OwnerClaim
 from coordinator.store.runs import RunTables
 from coordinator.store.schema import MIGRATIONS
 
@@ -34,8 +35,11 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
         StoreError: ``artifact_dir`` cannot be created.
     """
 
-    def __init__(self, database: Database, artifact_dir: Path) -> None:
+    def __init__(
+        self, database: Database, artifact_dir: Path, *, claim: OwnerClaim | None = None
+    ) -> None:
         self._db = database
+        self._claim = claim
         self._artifact_dir = Path(artifact_dir)
         try:
             self._artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +54,7 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
         artifact_dir: Path | None = None,
         busy_timeout_s: float = 5.0,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        owner: bool = False,
     ) -> Store:
         """Open (or create) the database at ``path`` and migrate it to the current schema.
 
@@ -59,9 +64,12 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
                 next to the database file. Required for ``":memory:"``.
             busy_timeout_s: See :class:`~coordinator.store.database.Database`.
             synchronous: See :class:`~coordinator.store.database.Database`.
+            owner: Claim the database for this process, the one that runs its
+                fleet (:mod:`~coordinator.store.owner`), until :meth:`close`.
 
         Raises:
             ValueError: ``":memory:"`` without ``artifact_dir``.
+            DatabaseInUseError: ``owner`` and another process has claimed it.
             SchemaVersionError: The database is newer than this code.
             MigrationError: A migration step failed (rolled back).
             StoreError: The database or the directory cannot be opened.
@@ -70,13 +78,21 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
             if path == MEMORY:
                 raise ValueError("an in-memory store needs an artifact_dir")
             artifact_dir = Path(path).parent / ARTIFACT_DIR_NAME
-        database = Database(
-            path, migrations=MIGRATIONS, busy_timeout_s=busy_timeout_s, synchronous=synchronous
-        )
+        claim = OwnerClaim(Path(path)) if owner and path != MEMORY else None
         try:
-            return cls(database, artifact_dir)
+            database = Database(
+                path, migrations=MIGRATIONS, busy_timeout_s=busy_timeout_s, synchronous=synchronous
+            )
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+        try:
+            return cls(database, artifact_dir, claim=claim)
         except BaseException:
             database.close()
+            if claim is not None:
+                claim.release()
             raise
 
     @property
@@ -90,8 +106,10 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
         return self._artifact_dir
 
     def close(self) -> None:
-        """Close the database. Idempotent."""
+        """Close the database (and give up the owner's claim). Idempotent."""
         self._db.close()
+        if self._claim is not None:
+            self._claim.release()
 
     def __enter__(self) -> Store:
         return self

@@ -1,0 +1,81 @@
+"""The owner's claim on a state database: one process runs a fleet's database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import DatabaseInUseError
+from coordinator.service import open_store
+from coordinator.store import MEMORY, Store
+
+
+def test_a_second_owner_in_this_process_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "sub" / "state.db"
+    first = open_store(db)
+    try:
+        with pytest.raises(DatabaseInUseError, match=rf"in use by .*\(pid {os.getpid()}\)"):
+            open_store(db)
+        with Store.open(db) as reader:  # a reader that does not run the fleet
+            assert reader.devices() == []
+    finally:
+        first.close()
+    first.close()  # idempotent
+    with open_store(db) as again:
+        assert again.devices() == []
+
+
+def test_a_killed_owner_leaves_no_claim_behind(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from coordinator.service import open_store
+            store = open_store(Path({str(db)!r}))
+            print("claimed", flush=True)
+            time.sleep(120)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(DatabaseInUseError, match=rf"pid {holder.pid}\)") as caught:
+            open_store(db)
+        assert caught.value.code == "database_in_use"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                store = open_store(db)
+                break
+            except DatabaseInUseError:
+                assert time.monotonic() < deadline, "the claim outlived its process"
+                time.sleep(0.05)
+        store.close()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_an_in_memory_store_claims_nothing(tmp_path: Path) -> None:
+    with (
+        Store.open(MEMORY, artifact_dir=tmp_path, owner=True) as one,
+        Store.open(MEMORY, artifact_dir=tmp_path, owner=True) as two,
+    ):
+        assert one.devices() == two.devices() == []
+    assert list(tmp_path.glob("*.owner")) == []
