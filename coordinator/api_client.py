@@ -75,6 +75,7 @@ from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PresenceRow,
     RolloutInfo,
     RunRow,
     TelemetryRow,
@@ -113,6 +114,7 @@ _T = TypeVar("_T")
 
 _DEVICES = TypeAdapter(list[DeviceRow])
 _TELEMETRY = TypeAdapter(list[TelemetryRow])
+_PRESENCE = TypeAdapter(list[PresenceRow])
 _ARTIFACT = TypeAdapter(ArtifactRow)
 _ARTIFACTS = TypeAdapter(list[ArtifactRow])
 _ROLLOUT_VIEW = TypeAdapter(RolloutView)
@@ -231,6 +233,20 @@ class ApiClient:
         """
         path = f"v1/devices/{_segment(device_id)}/telemetry"
         return self._get(_TELEMETRY, path, params={"limit": limit})
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's latest online/offline changes, newest first.
+
+        Args:
+            device_id: The device.
+            limit: Most changes to return (the API allows 1 to 1000).
+
+        Raises:
+            NotFoundError: no such device.
+            ApiError: a limit out of range, or the API failed.
+        """
+        path = f"v1/devices/{_segment(device_id)}/presence"
+        return self._get(_PRESENCE, path, params={"limit": limit})
 
     def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:  # noqa: ARG002
         """Upload an artifact's bytes; the API verifies and stores it (idempotent).

@@ -24,6 +24,7 @@ from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PresenceRow,
     RolloutDevice,
     RolloutInfo,
     RoundRow,
@@ -156,6 +157,14 @@ class Operations(Protocol):
 
     def telemetry(self, device_id: str, *, limit: int = 100) -> list[TelemetryRow]:
         """A device's latest telemetry windows, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        ...
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's latest online/offline changes (first sight included), newest first.
 
         Raises:
             NotFoundError: no such device.

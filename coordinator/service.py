@@ -68,6 +68,7 @@ from coordinator.store import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PresenceRow,
     RolloutInfo,
     RunRow,
     Store,
@@ -222,9 +223,21 @@ class FleetService:
         Raises:
             NotFoundError: no such device.
         """
+        self._known(device_id)
+        return self._store.telemetry(device_id, limit=limit)
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's latest online/offline changes, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        self._known(device_id)
+        return self._store.presence_history(device_id, limit=limit)
+
+    def _known(self, device_id: str) -> None:
         if self._store.device(device_id) is None:
             raise NotFoundError(f"no device {device_id!r}")
-        return self._store.telemetry(device_id, limit=limit)
 
     # ---------------------------------------------------------------- artifacts
 

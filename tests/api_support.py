@@ -45,6 +45,7 @@ from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PresenceRow,
     RolloutDevice,
     RolloutInfo,
     RoundRow,
@@ -158,6 +159,7 @@ class FakeOperations:
     Attributes:
         device_rows: Devices by id.
         telemetry_rows: Telemetry by device id, newest first.
+        presence_rows: Presence changes by device id, newest first.
         artifact_rows: Stored artifacts by sha256.
         rollout_views: Rollouts by id.
         run_views: Runs by id.
@@ -177,6 +179,7 @@ class FakeOperations:
         """An empty fleet."""
         self.device_rows: dict[str, DeviceRow] = {}
         self.telemetry_rows: dict[str, list[TelemetryRow]] = {}
+        self.presence_rows: dict[str, list[PresenceRow]] = {}
         self.artifact_rows: dict[str, ArtifactRow] = {}
         self.rollout_views: dict[str, RolloutView] = {}
         self.run_views: dict[str, RunView] = {}
@@ -201,6 +204,11 @@ class FakeOperations:
         ):
             ops.device_rows[row.device_id] = row
         ops.telemetry_rows["pi-1"] = [_telemetry("pi-1", seq) for seq in range(5)]
+        ops.presence_rows["pi-1"] = [
+            PresenceRow("pi-1", online=True, at=NOW - 30),
+            PresenceRow("pi-1", online=False, at=NOW - 90),
+            PresenceRow("pi-1", online=True, at=NOW - 7200),
+        ]
         ops.telemetry_ingested = 42
         ops.metric_rounds = (
             RoundRow(
@@ -278,6 +286,17 @@ class FakeOperations:
         if device_id not in self.device_rows:
             raise NotFoundError(f"no device {device_id!r}")
         return self.telemetry_rows.get(device_id, [])[:limit]
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's presence changes, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        self._check()
+        if device_id not in self.device_rows:
+            raise NotFoundError(f"no device {device_id!r}")
+        return self.presence_rows.get(device_id, [])[:limit]
 
     def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:
         """Store bytes that start with :data:`ARTIFACT_MAGIC` (idempotent).

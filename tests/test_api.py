@@ -179,6 +179,7 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
         ("GET", "/metrics"),
         ("GET", "/v1/devices"),
         ("GET", "/v1/devices/{device_id}/telemetry"),
+        ("GET", "/v1/devices/{device_id}/presence"),
         ("POST", "/v1/artifacts"),
         ("GET", "/v1/artifacts"),
         ("POST", "/v1/rollouts"),
@@ -214,7 +215,7 @@ def test_every_route_but_health_needs_a_token(
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert error_of(response)["code"] == "unauthorized"
             checked += 1
-    assert checked == 16
+    assert checked == 17
     assert ops.mutations == []
 
 
@@ -353,6 +354,13 @@ def test_viewer_reads(client: TestClient) -> None:
     assert telemetry.status_code == 200
     assert [row["seq"] for row in telemetry.json()] == [0, 1]
     assert telemetry.json()[0]["p95"] == 5.5
+    presence = client.get("/v1/devices/pi-1/presence?limit=2", headers=AS_VIEWER)
+    assert presence.status_code == 200
+    assert presence.json() == [
+        {"device_id": "pi-1", "online": True, "at": NOW - 30},
+        {"device_id": "pi-1", "online": False, "at": NOW - 90},
+    ]
+    assert client.get("/v1/devices/pi-2/presence", headers=AS_VIEWER).json() == []
     for path in ("/v1/artifacts", "/v1/rollouts", "/v1/runs", "/v1/audit"):
         response = client.get(path, headers=AS_VIEWER)
         assert response.status_code == 200
@@ -661,7 +669,7 @@ def test_malformed_json_is_422(client: TestClient) -> None:
 
 @pytest.mark.parametrize("limit", ["0", "1001", "-1", "ten"])
 def test_limit_query_is_bounded(client: TestClient, limit: str) -> None:
-    for path in ("/v1/devices/pi-1/telemetry", "/v1/audit"):
+    for path in ("/v1/devices/pi-1/telemetry", "/v1/devices/pi-1/presence", "/v1/audit"):
         response = client.get(f"{path}?limit={limit}", headers=AS_VIEWER)
         assert response.status_code == 422
         assert "limit" in error_of(response)["message"]
@@ -671,7 +679,12 @@ def test_limit_query_is_bounded(client: TestClient, limit: str) -> None:
 
 
 def test_unknown_ids_are_404(client: TestClient) -> None:
-    for path in ("/v1/rollouts/nope", "/v1/runs/nope", "/v1/devices/nope/telemetry"):
+    for path in (
+        "/v1/rollouts/nope",
+        "/v1/runs/nope",
+        "/v1/devices/nope/telemetry",
+        "/v1/devices/nope/presence",
+    ):
         response = client.get(path, headers=AS_VIEWER)
         assert response.status_code == 404
         assert error_of(response) == {

@@ -35,7 +35,7 @@ from coordinator.errors import (
     TrainingError,
 )
 from coordinator.operations import CLI_ACTOR, Operations, RolloutRequest, RunRequest
-from coordinator.store.records import ArtifactRow, DeviceRow, RunState
+from coordinator.store.records import ArtifactRow, DeviceRow, PresenceRow, RunState
 from tests.api_support import (
     ARTIFACT_MAGIC,
     OPERATOR,
@@ -100,6 +100,9 @@ def test_reads_equal_the_rows_the_service_holds(client: ApiClient, ops: FakeOper
     assert devices[0].tags == ("lab", "pi4")  # a tuple again, not a list
     assert typed.telemetry("pi-1", limit=3) == ops.telemetry("pi-1", limit=3)
     assert len(typed.telemetry("pi-1")) == 5
+    assert typed.presence("pi-1") == ops.presence("pi-1")
+    assert typed.presence("pi-1", limit=1) == ops.presence("pi-1")[:1]
+    assert all(isinstance(row, PresenceRow) for row in typed.presence("pi-1"))
     assert typed.artifacts() == []
     assert typed.rollouts() == []
     assert typed.runs() == []

@@ -139,6 +139,18 @@ def test_telemetry(fedge: Fedge, ops: FakeOperations) -> None:
     assert "no device 'ghost'" in line
 
 
+def test_presence(fedge: Fedge, ops: FakeOperations) -> None:
+    assert fedge.json("presence", "pi-1", "--limit", "2") == jsonable(ops.presence("pi-1", limit=2))
+    result = fedge("presence", "pi-1")
+    assert result.exit_code == 0, result.stderr
+    assert "pi-1: 3 changes" in result.stdout
+    assert "online" in result.stdout
+    assert "offline" in result.stdout
+    assert "1m" in result.stdout  # offline for the minute between two changes
+    line = one_line_error(fedge("presence", "ghost"))
+    assert "no device 'ghost'" in line
+
+
 def test_audit(fedge: Fedge, ops: FakeOperations, artifact_file: Path) -> None:
     assert fedge.json("audit") == []
     assert fedge("artifacts", "upload", artifact_file).exit_code == 0

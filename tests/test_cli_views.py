@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from coordinator.cli.service_views import presence_table
 from coordinator.cli.views import (
     REASON_MAX_CHARS,
     counts_line,
@@ -15,11 +16,13 @@ from coordinator.cli.views import (
     fleet_json,
     fleet_table,
     humanize_age,
+    humanize_duration,
     progress_bar,
     safe_text,
 )
 from coordinator.deployment import DeviceProgress, DeviceState
 from coordinator.fleet import DeviceRecord, Fleet
+from coordinator.store.records import PresenceRow
 from edge_agent.protocol import ModelInfo, Status
 
 NOW = 1_800_000_000.0
@@ -86,6 +89,28 @@ def test_humanize_age(age: float, text: str) -> None:
 
 def test_humanize_age_never() -> None:
     assert humanize_age(0, NOW) == "never"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59.9, "59s"), (60, "1m"), (7199, "1h"), (86400 * 2 + 5, "2d"), (-3, "0s")],
+)
+def test_humanize_duration(seconds: float, text: str) -> None:
+    assert humanize_duration(seconds) == text
+
+
+def test_presence_table_shows_how_long_each_state_lasted() -> None:
+    rows = [
+        PresenceRow("pi-1", online=True, at=NOW - 30),
+        PresenceRow("pi-1", online=False, at=NOW - 150),
+        PresenceRow("pi-1", online=True, at=NOW - 3 * 3600),
+    ]
+    table = presence_table("pi-1", rows, now=NOW)
+    assert table.row_count == 3
+    cells = [[str(c) for c in column.cells] for column in table.columns]
+    assert cells[1] == ["online", "offline", "online"]
+    assert cells[2] == ["30s", "2m", "2h"]  # until now, then until the next change
+    assert str(table.title) == "pi-1: 3 changes"
 
 
 @pytest.mark.parametrize(

@@ -255,16 +255,24 @@ def test_the_writer_applies_retention_every_prune_interval(
     ingest = Ingest(store, settings, clock=clock)
     for seq in range(4):
         ingest.add_telemetry("d1", batch(seq))
-    clock.now += 40  # the last one arrives 40 s later
+    ingest.add_status("d1", status(True))
+    clock.now += 1
+    ingest.add_status("d1", status(False))
+    clock.now += 39  # the last window arrives 40 s after the first ones
     ingest.add_telemetry("d1", batch(4))
     ingest.start()
     try:
         wait_for(lambda: store.telemetry_count() == 5)
         clock.now += 60  # a prune interval after the start
         wait_for(lambda: store.telemetry_count() == len(kept))
+        if limits["max_age_s"] is not None:  # the older presence change is past the age
+            wait_for(lambda: len(store.presence_history("d1")) == 1)
     finally:
         ingest.stop()
     assert [r.seq for r in reversed(store.telemetry("d1"))] == kept
+    assert store.presence_history("d1")[0].online is False
+    expected = 2 if limits["max_age_s"] is None else 1
+    assert len(store.presence_history("d1")) == expected
 
 
 @pytest.mark.parametrize(

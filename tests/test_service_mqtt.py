@@ -182,6 +182,8 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     wait_for(lambda: service.ingest.counts().stored == sent, what="all telemetry stored")
     assert service.store.telemetry_count() == sent
     wait_for(lambda: not any(d.online for d in service.devices()), what="Last Wills stored")
+    for device in DEVICES:  # first sight online, then the clean stop's offline
+        assert [p.online for p in service.presence(device)] == [False, True]
 
 
 def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_it_back(

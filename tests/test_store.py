@@ -109,6 +109,12 @@ def test_devices_and_presence(store: Store) -> None:
     assert store.presence_history("pi-1", limit=1) == [PresenceRow("pi-1", True, 40.0)]
     assert store.presence_history("pi-0") == [PresenceRow("pi-0", False, 5.0)]
 
+    # Retention: old changes go, but each device's latest one stays however old.
+    assert store.prune_presence(older_than=35.0) == 2
+    assert store.presence_history("pi-1") == [PresenceRow("pi-1", True, 40.0)]
+    assert store.presence_history("pi-0") == [PresenceRow("pi-0", False, 5.0)]
+    assert store.prune_presence(older_than=1000.0) == 0
+
 
 def test_json_columns_reject_non_finite(store: Store) -> None:
     with pytest.raises(StoreError, match="JSON"):

@@ -22,6 +22,7 @@ Routes (``viewer`` may call every GET, ``operator`` everything)::
     GET  /metrics                                Prometheus exposition
     GET  /v1/devices
     GET  /v1/devices/{device_id}/telemetry?limit=1..1000
+    GET  /v1/devices/{device_id}/presence?limit=1..1000
     POST /v1/artifacts                           raw .fedge bytes -> 201
     GET  /v1/artifacts
     POST /v1/rollouts                            -> 201

@@ -48,6 +48,7 @@ from coordinator.api.schemas import (
     DeviceOut,
     ErrorOut,
     HealthOut,
+    PresenceOut,
     RolloutCreate,
     RolloutOut,
     RolloutViewOut,
@@ -165,6 +166,20 @@ def _add_observation(router: APIRouter, ops: Operations, viewer: params.Depends)
         """A device's latest telemetry windows, newest first."""
         rows = ops.telemetry(device_id, limit=limit)
         return [TelemetryOut.model_validate(row) for row in rows]
+
+    @router.get(
+        "/v1/devices/{device_id}/presence",
+        tags=["devices"],
+        dependencies=[viewer],
+        responses=_READ_ONE,
+    )
+    def device_presence(
+        device_id: Annotated[str, _ID],
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    ) -> list[PresenceOut]:
+        """A device's latest online/offline changes (first sight included), newest first."""
+        rows = ops.presence(device_id, limit=limit)
+        return [PresenceOut.model_validate(row) for row in rows]
 
     @router.get("/v1/audit", tags=["audit"], dependencies=[viewer], responses=_READ_PAGE)
     def audit_log(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100) -> list[AuditOut]:

@@ -35,6 +35,7 @@ __all__ = [
     "ErrorBody",
     "ErrorOut",
     "HealthOut",
+    "PresenceOut",
     "RolloutCreate",
     "RolloutDeviceOut",
     "RolloutOut",
@@ -98,6 +99,14 @@ class DeviceOut(_Out):
     tags: list[str]
     model: str | None = Field(description="The model it serves.")
     version: int | None
+
+
+class PresenceOut(_Out):
+    """One online/offline change of a device (its first sight included)."""
+
+    device_id: str
+    online: bool
+    at: float = Field(description="Coordinator clock, unix seconds.")
 
 
 class TelemetryOut(_Out):

@@ -10,13 +10,13 @@ stderr) and dispatches to the command groups:
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
-* ``fedge devices | telemetry | audit`` -- :mod:`coordinator.cli.observe`
+* ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
 
-``devices``, ``telemetry``, ``audit``, ``artifacts``, ``rollout`` and ``rounds``
+``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``rollout`` and ``rounds``
 operate a fleet through a coordinator: its HTTP API (``--api``) or a service
 started in-process (``--broker``); see :mod:`coordinator.cli.operate`.
 
@@ -66,6 +66,7 @@ app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)
 app.command("telemetry")(observe.telemetry)
+app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")

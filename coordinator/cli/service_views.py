@@ -27,12 +27,13 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.cli.output import human_bytes
-from coordinator.cli.views import humanize_age, safe_text
+from coordinator.cli.views import humanize_age, humanize_duration, safe_text
 from coordinator.operations import RolloutView, RunView
 from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PresenceRow,
     RolloutInfo,
     RunRow,
     RunState,
@@ -44,6 +45,7 @@ __all__ = [
     "artifacts_table",
     "audit_table",
     "devices_table",
+    "presence_table",
     "rollout_counts",
     "rollout_view",
     "rollouts_table",
@@ -161,6 +163,23 @@ def telemetry_table(device_id: str, rows: Sequence[TelemetryRow]) -> Table:
             Text(f"{row.cpu_percent:.0f}"),
             Text(human_bytes(row.memory_bytes)),
         )
+    return table
+
+
+def presence_table(device_id: str, rows: Sequence[PresenceRow], *, now: float) -> Table:
+    """A device's online/offline changes, as given (newest first), with how long each lasted."""
+    table = Table(title=Text(safe_text(f"{device_id}: {_plural(len(rows), 'change')}")))
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("status")
+    table.add_column("for", justify="right")
+    until = now
+    for row in rows:
+        table.add_row(
+            Text(_iso(row.at)),
+            Text("online", style="green") if row.online else Text("offline", style="dim"),
+            Text(humanize_duration(until - row.at)),
+        )
+        until = row.at
     return table
 
 

@@ -84,10 +84,18 @@ def humanize_age(last_seen: float, now: float) -> str:
     age = now - last_seen
     if age < 0:
         return "just now"
-    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
-        if age >= seconds:
-            return f"{int(age // seconds)}{unit} ago"
-    return f"{int(age)}s ago"
+    return f"{humanize_duration(age)} ago"
+
+
+def humanize_duration(seconds: float) -> str:
+    """Give a duration in its largest whole unit: ``"12s"``, ``"3m"``, ``"2h"``, ``"5d"``.
+
+    Negative durations (clock skew) show as ``"0s"``.
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(max(seconds, 0.0))}s"
 
 
 def _models(record: DeviceRecord) -> str:

@@ -339,6 +339,28 @@ class FleetTables:
             logger.debug("pruned %d telemetry rows", deleted)
         return deleted
 
+    def prune_presence(self, *, older_than: float) -> int:
+        """Delete presence changes from before ``older_than``, for retention.
+
+        Each device's latest change stays, however old: it says since when the
+        device has been in its current state.
+
+        Returns:
+            The number of rows deleted.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._db.transaction() as conn:
+            deleted = conn.execute(
+                "DELETE FROM presence WHERE at < ? AND id NOT IN "
+                "(SELECT MAX(id) FROM presence GROUP BY device_id)",
+                (older_than,),
+            ).rowcount
+        if deleted:
+            logger.debug("pruned %d presence rows", deleted)
+        return int(deleted)
+
     def baselines(
         self,
         model: str,
