@@ -149,7 +149,12 @@ def test_a_service_killed_mid_rollout_finishes_it_after_a_restart(setup: dict[st
             return answer
 
         wait_for(lambda: view()["summary"]["stage"] >= 1, what="the first wave")
+        before = view()
         service.kill()  # SIGKILL: no flush, no goodbye
+        # The kill lands mid-install: part of the first wave had not installed yet.
+        wave = [d["state"] for d in before["devices"] if d["stage"] == 1]
+        assert len(wave) == 8
+        assert any(state != "installed" for state in wave), wave
         assert not healthy(client)
 
         service.start()
