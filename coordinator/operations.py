@@ -74,6 +74,14 @@ class RolloutRequest:
         max_failure: Largest failure rate a stage may have (``10%``).
         min_reports: Devices of a stage that must report before it is judged.
         rollback_on_halt: Roll the failed stage back when the rollout halts.
+        install_timeout: How long a device may take to install (``10m``) before it
+            counts as failed.
+        max_error_increase: How much a device's inference error rate may rise over
+            what it had on its previous model (``5%``: 5 points).
+        max_p95_ratio: How many times its previous model's p95 latency a device's
+            p95 may reach (>= 1).
+        require_health: Count a device as a success only once a healthy telemetry
+            window of the new model arrived (not as soon as it installed).
     """
 
     artifact_sha256: str
@@ -84,6 +92,10 @@ class RolloutRequest:
     max_failure: str = "0%"
     min_reports: int = 1
     rollback_on_halt: bool = True
+    install_timeout: str = "10m"
+    max_error_increase: str = "5%"
+    max_p95_ratio: float = 1.5
+    require_health: bool = False
 
 
 @dataclass(frozen=True)

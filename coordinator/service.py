@@ -61,7 +61,7 @@ from coordinator.operations import (
     RunView,
 )
 from coordinator.rollout_plan import Rollout
-from coordinator.rollout_policy import RolloutPolicy
+from coordinator.rollout_policy import HealthPolicy, RolloutPolicy, parse_fraction
 from coordinator.rollouts import RolloutManager
 from coordinator.run_manager import RunManager
 from coordinator.store import (
@@ -289,10 +289,16 @@ class FleetService:
         """
         if self._store.artifact(request.artifact_sha256) is None:
             raise NotFoundError(f"no artifact {request.artifact_sha256!r}: upload it first")
+        health = HealthPolicy(
+            max_error_rate=parse_fraction(request.max_error_increase),
+            max_p95_ratio=request.max_p95_ratio,
+            require_health=request.require_health,
+        )
         policy = RolloutPolicy.parse(
             canary=request.canary, waves=request.waves, soak=request.soak,
             max_failure=request.max_failure, min_reports=request.min_reports,
             rollback_on_halt=request.rollback_on_halt,
+            install_timeout=request.install_timeout, health=health,
         )  # fmt: skip
         target = Target.parse(request.target)
         artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))

@@ -367,6 +367,22 @@ def test_viewer_reads(client: TestClient) -> None:
         assert response.json() == []
 
 
+def test_a_rollout_body_carries_the_whole_policy(client: TestClient, ops: FakeOperations) -> None:
+    sha = upload(client)
+    body = {
+        "artifact_sha256": sha, "target": "all", "canary": "2", "waves": "50,100",
+        "soak": "30s", "max_failure": "10%", "min_reports": 3, "rollback_on_halt": False,
+        "install_timeout": "2m", "max_error_increase": "1%", "max_p95_ratio": 2.5,
+        "require_health": True,
+    }  # fmt: skip
+    response = client.post("/v1/rollouts", json=body, headers=AS_OPERATOR)
+    assert response.status_code == 201, response.text
+    assert ops.rollout_requests == [RolloutRequest(**body)]
+    # Defaults are the request's own.
+    client.post("/v1/rollouts", json={"artifact_sha256": sha}, headers=AS_OPERATOR)
+    assert ops.rollout_requests[-1] == RolloutRequest(sha)
+
+
 def test_operator_workflow(client: TestClient, ops: FakeOperations) -> None:
     sha = upload(client)
     listed = client.get("/v1/artifacts", headers=AS_VIEWER).json()

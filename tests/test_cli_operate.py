@@ -207,6 +207,10 @@ def test_rollout_create_from_a_file_uploads_it_first(
         "--max-failure", "10%",
         "--min-reports", "2",
         "--no-rollback-on-halt",
+        "--install-timeout", "2m",
+        "--max-error-increase", "1%",
+        "--max-p95-ratio", "2.5",
+        "--require-health",
     )  # fmt: skip
     assert rollout_id == "ro-1"
     assert list(ops.artifact_rows) == [SHA]
@@ -220,8 +224,15 @@ def test_rollout_create_from_a_file_uploads_it_first(
             max_failure="10%",
             min_reports=2,
             rollback_on_halt=False,
+            install_timeout="2m",
+            max_error_increase="1%",
+            max_p95_ratio=2.5,
+            require_health=True,
         )
     ]
+    result = fedge("rollout", "create", SHA, "--max-p95-ratio", "0.5")
+    assert result.exit_code == 2  # refused by the option's range before any call
+    assert len(ops.rollout_requests) == 1
 
 
 def test_rollout_create_from_a_sha(fedge: Fedge, ops: FakeOperations, artifact_file: Path) -> None:

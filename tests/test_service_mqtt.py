@@ -265,9 +265,14 @@ def test_a_model_slower_than_the_one_before_halts_after_the_canary_and_is_rolled
 
         # The baselines: each device's v2 latency, in the store before the rollout starts.
         wait_for(lambda: all(measured_v2(d) for d in devices), what="v2 telemetry stored")
+        for bad in ({"max_p95_ratio": 0.5}, {"max_error_increase": "lots"}):
+            with pytest.raises(RolloutError, match="bad"):
+                service.create_rollout(RolloutRequest(slow, **bad), actor=OPERATOR)
         request = RolloutRequest(artifact_sha256=slow, canary="2", waves="50,100", soak="30s",
-                                 max_failure="10%")  # fmt: skip
-        rollout_id = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+                                 max_failure="10%", max_p95_ratio=3.0)  # fmt: skip
+        created = service.create_rollout(request, actor=OPERATOR).rollout
+        assert created.policy["health"]["max_p95_ratio"] == 3.0
+        rollout_id = created.rollout_id
         wait_for(lambda: state(service, rollout_id) == RolloutState.HALTED, what="halted")
         view = service.rollout(rollout_id)
         canary = [d for d in view.devices if d.stage == 0]

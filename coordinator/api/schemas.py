@@ -233,6 +233,22 @@ class RolloutCreate(_In):
     max_failure: str = Field(default=_ROLLOUT.max_failure, max_length=_SHORT)
     min_reports: int = _ROLLOUT.min_reports
     rollback_on_halt: bool = _ROLLOUT.rollback_on_halt
+    install_timeout: str = Field(
+        default=_ROLLOUT.install_timeout, max_length=_SHORT, description="`10m`."
+    )
+    max_error_increase: str = Field(
+        default=_ROLLOUT.max_error_increase,
+        max_length=_SHORT,
+        description="Rise of the error rate over the previous model allowed: `5%`.",
+    )
+    max_p95_ratio: float = Field(
+        default=_ROLLOUT.max_p95_ratio,
+        description="p95 latency allowed, as a multiple of the previous model's.",
+    )
+    require_health: bool = Field(
+        default=_ROLLOUT.require_health,
+        description="A device counts only once a healthy telemetry window arrived.",
+    )
 
     def to_request(self) -> RolloutRequest:
         """The :class:`~coordinator.operations.RolloutRequest` this body asks for."""
@@ -245,6 +261,10 @@ class RolloutCreate(_In):
             max_failure=self.max_failure,
             min_reports=self.min_reports,
             rollback_on_halt=self.rollback_on_halt,
+            install_timeout=self.install_timeout,
+            max_error_increase=self.max_error_increase,
+            max_p95_ratio=self.max_p95_ratio,
+            require_health=self.require_health,
         )
 
 

@@ -174,6 +174,32 @@ def create(
             help="Roll the failed stage back when the rollout halts.",
         ),
     ] = _DEFAULTS.rollback_on_halt,
+    install_timeout: Annotated[
+        str,
+        typer.Option("--install-timeout", help="Time a device may take to install: 10m."),
+    ] = _DEFAULTS.install_timeout,
+    max_error_increase: Annotated[
+        str,
+        typer.Option(
+            "--max-error-increase",
+            help="Health: rise of a device's error rate over its previous model allowed: 5%.",
+        ),
+    ] = _DEFAULTS.max_error_increase,
+    max_p95_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-p95-ratio",
+            min=1.0,
+            help="Health: p95 latency allowed, as a multiple of the previous model's.",
+        ),
+    ] = _DEFAULTS.max_p95_ratio,
+    require_health: Annotated[
+        bool,
+        typer.Option(
+            "--require-health/--no-require-health",
+            help="Count a device only once a healthy telemetry window of the new model arrived.",
+        ),
+    ] = _DEFAULTS.require_health,
     watch_: WatchOption = False,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,
@@ -204,6 +230,10 @@ def create(
             max_failure=max_failure,
             min_reports=min_reports,
             rollback_on_halt=rollback_on_halt,
+            install_timeout=install_timeout,
+            max_error_increase=max_error_increase,
+            max_p95_ratio=max_p95_ratio,
+            require_health=require_health,
         )
         view = ops.create_rollout(request, actor=CLI_ACTOR)
         rollout_id = view.rollout.rollout_id
