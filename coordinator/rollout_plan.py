@@ -111,6 +111,7 @@ import logging
 import math
 import random
 import re
+import statistics
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -122,6 +123,7 @@ from coordinator.rollout_policy import RolloutPolicy
 from edge_agent.protocol import is_valid_device_id
 
 __all__ = [
+    "BASELINE_WINDOWS",
     "FORMAT",
     "Action",
     "Deploy",
@@ -136,6 +138,7 @@ __all__ = [
     "RolloutState",
     "StageReleased",
     "StateChanged",
+    "combine_baseline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -364,6 +367,29 @@ class HealthSample:
         )
 
 
+BASELINE_WINDOWS = 5
+"""Windows of the previous version a device's baseline combines."""
+
+
+def combine_baseline(windows: Sequence[HealthSample]) -> HealthSample:
+    """One device's recent windows of a version as one baseline.
+
+    Calls are summed; the p95 is the median of the windows' p95s (those with a
+    successful call), so one noisy window does not make or break the gate.
+
+    Args:
+        windows: At least one window, oldest first, all of one version.
+    """
+    latencies = [w.p95_ms for w in windows if w.predictions > 0]
+    return HealthSample(
+        version=windows[-1].version,
+        predictions=sum(w.predictions for w in windows),
+        errors=sum(w.errors for w in windows),
+        p95_ms=float(statistics.median(latencies)) if latencies else 0.0,
+        at=windows[-1].at,
+    )
+
+
 @dataclass(frozen=True)
 class RolloutDevice:
     """One device's place and progress in a rollout.
@@ -380,7 +406,10 @@ class RolloutDevice:
         deployed_at: When it was last sent the deploy (the install timeout counts
             from here), or None.
         installed_at: When it last reported ``installed``, or None.
-        baseline: Latest qualifying window of another version, or None.
+        baseline: The device's health on the version it served before: its
+            :attr:`baseline_windows` combined (:func:`combine_baseline`), or None.
+        baseline_windows: Its latest qualifying windows of that version, oldest
+            first, at most :data:`BASELINE_WINDOWS`.
         last_health: Latest qualifying window of the rollout's version, or None.
         detail: Error code, health verdict or timeout explanation, or None.
         updated_at: Coordinator clock of the last change.
@@ -397,6 +426,7 @@ class RolloutDevice:
     deployed_at: float | None = None
     installed_at: float | None = None
     baseline: HealthSample | None = None
+    baseline_windows: tuple[HealthSample, ...] = ()
     last_health: HealthSample | None = None
     detail: str | None = None
     updated_at: float = 0.0
@@ -434,6 +464,7 @@ class RolloutDevice:
             "deployed_at": self.deployed_at,
             "installed_at": self.installed_at,
             "baseline": None if self.baseline is None else self.baseline.to_json(),
+            "baseline_windows": [w.to_json() for w in self.baseline_windows],
             "last_health": None if self.last_health is None else self.last_health.to_json(),
             "detail": self.detail,
             "updated_at": self.updated_at,
@@ -443,6 +474,9 @@ class RolloutDevice:
     def from_json(cls, data: Mapping[str, Any]) -> RolloutDevice:
         """Rebuild from :meth:`to_json`."""
         marker = data["marker"]
+        baseline = HealthSample.from_json(data["baseline"])
+        # Snapshots before baseline_windows kept the one window as the baseline.
+        windows = data.get("baseline_windows", [] if baseline is None else [data["baseline"]])
         return cls(
             device_id=str(data["device_id"]),
             stage=int(data["stage"]),
@@ -454,7 +488,8 @@ class RolloutDevice:
             released_at=_opt_float(data["released_at"]),
             deployed_at=_opt_float(data["deployed_at"]),
             installed_at=_opt_float(data["installed_at"]),
-            baseline=HealthSample.from_json(data["baseline"]),
+            baseline=baseline,
+            baseline_windows=tuple(_samples(windows)),
             last_health=HealthSample.from_json(data["last_health"]),
             detail=None if data["detail"] is None else str(data["detail"]),
             updated_at=float(data["updated_at"]),
@@ -494,6 +529,13 @@ class _Stats:
     @property
     def failure_rate(self) -> float | None:
         return self.failed / self.reported if self.reported else None
+
+
+def _samples(items: Iterable[Mapping[str, Any]]) -> Iterable[HealthSample]:
+    for item in items:
+        sample = HealthSample.from_json(item)
+        if sample is not None:
+            yield sample
 
 
 def _opt_float(value: object) -> float | None:
@@ -983,7 +1025,10 @@ class Rollout:
             return []
         sample = HealthSample(version, predictions, errors, float(p95_ms), now)
         if version != self.artifact.version:
-            self._put(replace(device, baseline=sample), now)
+            kept = [w for w in device.baseline_windows if w.version == version]
+            windows = (*kept[-(BASELINE_WINDOWS - 1) :], sample)
+            self._put(replace(device, baseline=combine_baseline(windows),
+                              baseline_windows=windows), now)  # fmt: skip
             return []
         if device.marker is not None or device.install is not DeviceState.INSTALLED:
             return []

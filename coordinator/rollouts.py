@@ -41,12 +41,12 @@ the forgetting, outside the manager's lock.
 Health baselines. The engine judges a device's telemetry on the new version
 against the device's latest window of the version it served before. Agents send
 telemetry every few seconds and a canary device installs at once, so the manager
-gives each device its baseline from the store when the rollout is created (and
-when a device joins it): its newest stored windows (up to five) of the version it
-served before, each with enough calls and received within ``baseline_window_s``
-(an hour by default), their calls summed and the median of their p95 latencies
-(:meth:`~coordinator.store.Store.baselines`). Windows of the old version that
-arrive later replace it.
+feeds each device's newest stored windows of the version it served before (up
+to five, each with enough calls, received within ``baseline_window_s``, an hour
+by default; :meth:`~coordinator.store.Store.baselines`) to the engine when the
+rollout is created and when a device joins it. The engine keeps a device's last
+five such windows, stored or live, and judges against their summed calls and the
+median of their p95s (:func:`~coordinator.rollout_plan.combine_baseline`).
 """
 
 from __future__ import annotations
@@ -371,10 +371,12 @@ class RolloutManager:
         except StoreError as exc:
             logger.warning("rollout %s: no stored health baselines: %s", engine.rollout_id, exc)
             return
-        for device_id, row in baselines.items():
-            _on_health(engine, now, device_id=device_id, model=engine.artifact.model,
-                       version=row.version, predictions=row.predictions, errors=row.errors,
-                       p95_ms=row.p95_ms)  # fmt: skip
+        for device_id, windows in baselines.items():
+            for row in windows:
+                if row.version is not None:
+                    _on_health(engine, now, device_id=device_id, model=engine.artifact.model,
+                               version=row.version, predictions=row.predictions,
+                               errors=row.errors, p95_ms=row.p95)  # fmt: skip
 
     def _on_status(self, device_id: str, status: Status) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ from coordinator.rollout_plan import (
     Action,
     Deploy,
     DeviceRow,
+    HealthSample,
     Marker,
     Rollback,
     Rollout,
@@ -23,6 +24,7 @@ from coordinator.rollout_plan import (
     RolloutState,
     StageReleased,
     StateChanged,
+    combine_baseline,
 )
 from coordinator.rollout_policy import HealthPolicy, RolloutPolicy
 
@@ -379,6 +381,44 @@ def test_p95_twice_the_baseline_is_a_failure() -> None:
     device = rollout.device(dev)
     assert device is not None
     assert device.health_failed
+
+
+def test_the_baseline_is_the_median_of_the_last_five_windows() -> None:
+    rollout, dev = canary_one()
+    for index, p95 in enumerate([90.0, 10.0, 11.0, 500.0, 9.0, 10.0]):  # the first drops out
+        health(rollout, dev, T0 + index, version=2, p95_ms=p95, errors=index)
+    device = rollout.device(dev)
+    assert device is not None
+    assert [w.p95_ms for w in device.baseline_windows] == [10.0, 11.0, 500.0, 9.0, 10.0]
+    assert device.baseline == combine_baseline(device.baseline_windows)
+    assert device.baseline is not None
+    assert (device.baseline.p95_ms, device.baseline.errors) == (10.0, 1 + 2 + 3 + 4 + 5)
+    assert device.baseline.predictions == 5000
+    rollout.start(T0 + 10)
+    install(rollout, [dev], T0 + 11)
+    assert health(rollout, dev, T0 + 12, p95_ms=15.0) == []  # 1.5x the median, not of 500
+    assert health(rollout, dev, T0 + 13, p95_ms=16.0) != []
+    assert status(rollout, dev) == "unhealthy"
+
+
+def test_windows_of_another_old_version_restart_the_baseline() -> None:
+    rollout, dev = canary_one()
+    health(rollout, dev, T0, version=1, p95_ms=100.0)
+    health(rollout, dev, T0 + 1, version=2, p95_ms=10.0)
+    device = rollout.device(dev)
+    assert device is not None
+    assert [w.version for w in device.baseline_windows] == [2]
+    assert combine_baseline([HealthSample(2, 0, 5, 0.0, T0)]).p95_ms == 0.0  # no latency
+
+
+def test_a_snapshot_without_baseline_windows_still_restores() -> None:
+    rollout, dev = canary_one()
+    health(rollout, dev, T0, version=2, p95_ms=10.0)
+    snapshot = json.loads(json.dumps(rollout.snapshot()))
+    for device in snapshot["devices"]:
+        del device["baseline_windows"]  # as saved before the windows were kept
+    restored = Rollout.restore(snapshot)
+    assert restored.snapshot() == rollout.snapshot()
 
 
 def test_without_baseline_only_the_absolute_error_rate_is_judged() -> None:

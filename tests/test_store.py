@@ -15,7 +15,6 @@ from coordinator.auth import Role
 from coordinator.errors import ArtifactCorruptError, ConflictError, NotFoundError, StoreError
 from coordinator.store import (
     MEMORY,
-    BaselineRow,
     PresenceRow,
     RolloutDevice,
     RunState,
@@ -384,12 +383,12 @@ def test_prune_by_rows_and_age(store: Store) -> None:
         store.prune_telemetry(max_rows=-1)
 
 
-def test_baselines_sum_the_newest_windows_of_the_version_served_before(store: Store) -> None:
+def test_baselines_are_the_newest_windows_of_the_version_served_before(store: Store) -> None:
     store.add_telemetry(
         [
             window("pi-1", start=0, end=10, version=1, p95=99.0, seq=1),  # an older version
             window("pi-1", start=10, end=20, version=2, p95=4.0, seq=2),
-            window("pi-1", start=20, end=30, version=2, errors=5, p95=60.0, seq=3),  # noisy
+            window("pi-1", start=20, end=30, version=2, errors=5, p95=60.0, seq=3),
             window("pi-1", start=30, end=40, version=2, p95=6.0, seq=4),
             window("pi-1", start=40, end=50, version=3, p95=80.0, seq=5),  # the new version
             window("pi-2", start=0, end=10, version=1, p95=7.0, seq=1),
@@ -400,21 +399,23 @@ def test_baselines_sum_the_newest_windows_of_the_version_served_before(store: St
             window("pi-5", model=None, version=None, seq=1),
         ]
     )
+
+    def seqs(found: dict[str, list[TelemetryRow]]) -> dict[str, list[int]]:
+        return {device: [r.seq for r in rows] for device, rows in found.items()}
+
     found = store.baselines("digits", other_than=3, min_calls=10, since=50.0)
-    assert found == {
-        "pi-1": BaselineRow("pi-1", version=2, windows=3, predictions=300, errors=5, p95_ms=6.0),
-        # The median skips the window without a successful call.
-        "pi-2": BaselineRow("pi-2", version=1, windows=2, predictions=100, errors=10, p95_ms=7.0),
-    }
-    newest = store.baselines("digits", other_than=3, min_calls=10, since=50.0, windows=1)
-    assert (newest["pi-1"].windows, newest["pi-1"].p95_ms) == (1, 6.0)
-    assert newest["pi-2"] == BaselineRow("pi-2", 1, 1, 0, 10, 0.0)
-    only = store.baselines("digits", other_than=3, min_calls=1, since=50.0, device_ids=["pi-2"])
-    assert {d: r.version for d, r in only.items()} == {"pi-2": 1}
+    assert seqs(found) == {"pi-1": [2, 3, 4], "pi-2": [1, 1]}  # oldest first
+    assert [r.window_end for r in found["pi-2"]] == [10.0, 30.0]
+    newest = store.baselines("digits", other_than=3, min_calls=10, since=50.0, windows=2)
+    assert seqs(newest) == {"pi-1": [3, 4], "pi-2": [1, 1]}
+    one = store.baselines("digits", other_than=3, min_calls=1, since=50.0, windows=2,
+                          device_ids=["pi-2"])  # fmt: skip
+    assert {d: [r.version for r in rows] for d, rows in one.items()} == {"pi-2": [1]}
     old = store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=["pi-3"])
     assert old.keys() == {"pi-3"}
     assert store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=[]) == {}
-    assert store.baselines("digits", other_than=2, min_calls=1, since=50.0)["pi-1"].version == 3
+    assert [r.version for r in store.baselines("digits", other_than=2, min_calls=1,
+                                               since=50.0)["pi-1"]] == [3]  # fmt: skip
     with pytest.raises(ValueError, match="windows"):
         store.baselines("digits", other_than=3, min_calls=1, since=0.0, windows=0)
 

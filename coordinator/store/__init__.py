@@ -36,7 +36,6 @@ from coordinator.store.fleet import KEEP, Keep
 from coordinator.store.records import (
     ArtifactRow,
     AuditRow,
-    BaselineRow,
     DeviceRow,
     PresenceRow,
     RolloutDevice,
@@ -60,7 +59,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "ArtifactRow",
     "AuditRow",
-    "BaselineRow",
     "Database",
     "DeviceRow",
     "Keep",

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import statistics
 from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final
 
 from coordinator.store.database import Database, check_finite, dump_json, load_json
-from coordinator.store.records import BaselineRow, DeviceRow, PresenceRow, TelemetryRow
+from coordinator.store.records import DeviceRow, PresenceRow, TelemetryRow
 
 __all__ = ["KEEP", "FleetTables", "Keep"]
 
@@ -61,21 +60,6 @@ def _telemetry(row: sqlite3.Row) -> TelemetryRow:
         memory_bytes=row["memory_bytes"],
         seq=row["seq"],
         row_id=row["id"],
-    )
-
-
-def _baseline(device_id: str, newest_first: list[sqlite3.Row]) -> BaselineRow:
-    version = int(newest_first[0]["version"])
-    taken = [row for row in newest_first if row["version"] == version]
-    # A window without a successful call has no latency to speak of.
-    latencies = [float(row["p95"]) for row in taken if row["predictions"] > 0]
-    return BaselineRow(
-        device_id=device_id,
-        version=version,
-        windows=len(taken),
-        predictions=sum(int(row["predictions"]) for row in taken),
-        errors=sum(int(row["errors"]) for row in taken),
-        p95_ms=float(statistics.median(latencies)) if latencies else 0.0,
     )
 
 
@@ -370,8 +354,8 @@ class FleetTables:
         since: float,
         windows: int = 5,
         device_ids: Collection[str] | None = None,
-    ) -> dict[str, BaselineRow]:
-        """Give each device's recent health on another version of a model.
+    ) -> dict[str, list[TelemetryRow]]:
+        """Give each device's recent telemetry on another version of a model.
 
         A staged rollout judges a device's health on the new version against what
         the same device measured before it (its *baseline*). Telemetry arrives
@@ -389,7 +373,8 @@ class FleetTables:
             device_ids: Only these devices; None for every device.
 
         Returns:
-            Device id -> its baseline; devices without a qualifying window are absent.
+            Device id -> its windows, oldest first; devices without a qualifying
+            window are absent.
 
         Raises:
             ValueError: ``windows`` is below 1.
@@ -410,10 +395,14 @@ class FleetTables:
                 return {}
             query += f" AND device_id IN ({', '.join('?' * len(wanted))})"
             params += wanted
-        query += ") WHERE newest <= ? ORDER BY device_id, newest"
+        query += ") WHERE newest <= ? ORDER BY device_id, newest DESC"
         with self._db.read() as conn:
             rows = conn.execute(query, [*params, windows]).fetchall()
-        found: dict[str, list[sqlite3.Row]] = {}
+        found: dict[str, list[TelemetryRow]] = {}
         for row in rows:
-            found.setdefault(row["device_id"], []).append(row)
-        return {device_id: _baseline(device_id, taken) for device_id, taken in found.items()}
+            found.setdefault(row["device_id"], []).append(_telemetry(row))
+        # Oldest first, only those of the version the newest window served.
+        return {
+            device_id: [r for r in taken if r.version == taken[-1].version]
+            for device_id, taken in found.items()
+        }

@@ -15,7 +15,6 @@ from coordinator.auth import Role
 __all__ = [
     "ArtifactRow",
     "AuditRow",
-    "BaselineRow",
     "DeviceRow",
     "PresenceRow",
     "RolloutDevice",
@@ -237,28 +236,6 @@ class TelemetryRow:
     memory_bytes: int
     seq: int
     row_id: int | None = None
-
-
-@dataclass(frozen=True)
-class BaselineRow:
-    """A device's recent health on the model version it served before a rollout.
-
-    Attributes:
-        device_id: The device.
-        version: The version its newest qualifying window served.
-        windows: Windows of that version taken (the newest few).
-        predictions: Successful calls over them.
-        errors: Failed calls over them.
-        p95_ms: The median of the p95 latencies of those with a successful call
-            (one noisy window does not make the baseline), 0.0 if none had one.
-    """
-
-    device_id: str
-    version: int
-    windows: int
-    predictions: int
-    errors: int
-    p95_ms: float
 
 
 @dataclass(frozen=True)
