@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 import time
 import uuid
@@ -91,9 +92,19 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 
-__all__ = ["Artifact", "Coordinator", "CoordinatorConfig", "Delivery", "Listener"]
+__all__ = [
+    "SESSION_NAME_RE",
+    "Artifact",
+    "Coordinator",
+    "CoordinatorConfig",
+    "Delivery",
+    "Listener",
+]
 
 logger = logging.getLogger(__name__)
+
+SESSION_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What :attr:`CoordinatorConfig.session` may be (it is also an MQTT topic level)."""
 
 Listener = Callable[[str, Envelope, int], None]
 """Sees every device message the coordinator decodes: ``(device_id, envelope,
@@ -116,6 +127,13 @@ class CoordinatorConfig:
             payload is pushed anyway (late devices pull what they missed).
         sync_timeout_s: How long to wait for the retained statuses after connecting.
         limits: Protocol limits.
+        session: None (default): a fresh client id and a clean session, for
+            short-lived processes. A name: that client id with a persistent
+            session, for the long-running service: what devices send while it is
+            down or restarting (telemetry, presence, install reports) waits in the
+            broker (up to its per-client queue, mosquitto's ``max_queued_messages``)
+            and arrives when it is back. One process at a time per name: a second
+            connection with it takes the session over.
     """
 
     broker: BrokerConfig
@@ -123,6 +141,7 @@ class CoordinatorConfig:
     accept_wait_s: float = 3.0
     sync_timeout_s: float = 5.0
     limits: Limits = DEFAULT_LIMITS
+    session: str | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -137,6 +156,10 @@ class CoordinatorConfig:
             )
         if self.accept_wait_s <= 0 or self.sync_timeout_s <= 0:
             raise CoordinatorError("timeouts must be positive")
+        if self.session is not None and SESSION_NAME_RE.fullmatch(self.session) is None:
+            raise CoordinatorError(
+                f"bad session name {self.session[:40]!r}: 1-64 letters, digits, '.', '_' or '-'"
+            )
 
 
 @dataclass(frozen=True)
@@ -227,13 +250,15 @@ class Coordinator:
         self._transfers: dict[str, Artifact] = {}
         self._blobs: dict[str, bytes] = {}  # payloads served for other parts (round weights)
         self._listeners: list[Listener] = []
-        self._sync_topic = f"{SYNC_PREFIX}/{uuid.uuid4().hex}"
+        # A persistent session keeps its subscriptions: its sync topic stays the same.
+        self._sync_topic = f"{SYNC_PREFIX}/{config.session or uuid.uuid4().hex}"
         self._synced = threading.Event()
         self._dropped = 0
         self._change_count = 0  # bumped on every change a waiter may want to see
         self._link = MqttLink(
             config.broker,
-            client_id=f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
+            client_id=config.session or f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
+            clean_session=config.session is None,
             subscriptions=(*coordinator_subscriptions(), self._sync_topic),
             on_message=self._on_message,
             on_connect=self._on_reconnect,
@@ -622,8 +647,9 @@ class Coordinator:
     def _on_reconnect(self) -> None:
         """After a lost connection, resend deploys to devices still in progress.
 
-        What they reported while we were away is lost (clean sessions); a resent
-        deploy is answered "installed" or resumes the transfer. Rollbacks are not
+        What they reported while we were away is lost with a clean session (with
+        a persistent one the broker kept it); either way a resent deploy is
+        answered "installed" or resumes the transfer. Rollbacks are not
         resent: a second one would go back further.
         """
         with self._cond:

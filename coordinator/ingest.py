@@ -14,7 +14,7 @@ Workflow::
     coordinator.add_listener(ingest.on_message)
     ingest.start()
     ...
-    ingest.counts()      # received / stored / pending / dropped windows
+    ingest.counts()      # received / stored / pending / dropped / duplicate windows
     ingest.latency_ms()  # fleet latency quantiles from recent histograms
     ingest.stop()        # flushes what is left
 
@@ -102,12 +102,14 @@ class IngestSettings:
 
 @dataclass(frozen=True)
 class IngestCounts:
-    """Telemetry windows since start: received from MQTT, stored, waiting, dropped."""
+    """Telemetry windows since start: received from MQTT, stored, waiting, dropped,
+    and received again after they were stored (skipped)."""
 
     received: int
     stored: int
     pending: int
     dropped: int
+    duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ class Ingest:
         self._histograms: collections.deque[tuple[float, Histogram]] = collections.deque()
         self._received = 0
         self._stored = 0
+        self._duplicates = 0
         self._dropped = 0
         self._flush_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -282,7 +285,8 @@ class Ingest:
     def counts(self) -> IngestCounts:
         """Telemetry windows received, stored, pending and dropped since start."""
         with self._lock:
-            return IngestCounts(self._received, self._stored, len(self._telemetry), self._dropped)
+            return IngestCounts(self._received, self._stored, len(self._telemetry), self._dropped,
+                                self._duplicates)  # fmt: skip
 
     def latency_ms(self) -> dict[str, float]:
         """Fleet latency quantiles (``{"0.5": ms, ...}``) over recent windows; {} if none."""
@@ -324,7 +328,7 @@ class Ingest:
             if not rows:
                 return
             try:
-                self._store.add_telemetry(rows)
+                inserted = self._store.add_telemetry(rows)
             except StoreError as exc:
                 logger.error("%d telemetry window(s) not stored (will retry): %s", len(rows), exc)
                 with self._lock:  # back in front of what arrived meanwhile, oldest first
@@ -337,7 +341,11 @@ class Ingest:
                     logger.error("telemetry buffer full: dropped %d window(s)", overflow)
                 return
             with self._lock:
-                self._stored += len(rows)
+                self._stored += inserted
+                self._duplicates += len(rows) - inserted
+            if inserted < len(rows):
+                logger.info("%d telemetry window(s) delivered twice, stored once",
+                            len(rows) - inserted)  # fmt: skip
 
     def _run(self) -> None:
         while not self._stopping.wait(self._settings.flush_s):

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.api.app import MIB, ApiConfig
+from coordinator.delivery import SESSION_NAME_RE, CoordinatorConfig
 from coordinator.errors import ServiceConfigError
 from coordinator.service import ServiceSettings
 from edge_agent.config import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
@@ -99,6 +100,9 @@ DEFAULT_BIND_PORT = 8780
 DEFAULT_EMBEDDED_BROKER_PORT = 1883
 """The embedded broker's default port: MQTT's, so agents on the machine find it."""
 
+DEFAULT_SESSION = "fedge-coordinator"
+"""The service's MQTT client id (a persistent session) unless ``broker.session`` says."""
+
 PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
 """Environment variable holding the broker password when no password file is given."""
 
@@ -134,6 +138,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "ca_file",
         "cert_file",
         "key_file",
+        "session",
     ),
     "trust": ("keys", "threshold"),
     "telemetry": ("flush_s", "retention_rows", "retention_days"),
@@ -264,6 +269,10 @@ class ServiceConfig:
         api: The API's limits and switches.
         rollout_tick_s: Seconds between rollout engine ticks (> 0).
         log_level: One of :data:`~edge_agent.config.LOG_LEVELS` (lowercased).
+        broker_session: The MQTT client id of the service's persistent session
+            with ``broker`` (see :class:`~coordinator.delivery.CoordinatorConfig`);
+            ``""`` for a clean session. Not used with the embedded broker, which
+            stops with the service.
 
     Raises:
         ServiceConfigError: an invalid field, no trusted keys, or not exactly one of
@@ -282,6 +291,7 @@ class ServiceConfig:
     api: ApiSettings = field(default_factory=ApiSettings)
     rollout_tick_s: float = 1.0
     log_level: str = "info"
+    broker_session: str = DEFAULT_SESSION
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -316,6 +326,22 @@ class ServiceConfig:
                 key="log_level",
             )
         object.__setattr__(self, "log_level", level)
+        session = self.broker_session
+        if not isinstance(session, str):
+            raise ServiceConfigError(
+                f"broker.session must be a string, got {kind_of(session)}", key="broker.session"
+            )
+        if session and SESSION_NAME_RE.fullmatch(session) is None:
+            raise ServiceConfigError(
+                "broker.session must be 1-64 letters, digits, '.', '_' or '-' "
+                f'(or "" for a clean session), got {session[:40]!r}',
+                key="broker.session",
+            )
+
+    def coordinator_config(self, broker: BrokerConfig) -> CoordinatorConfig:
+        """How the service's coordinator connects to ``broker`` (the one it runs on)."""
+        persistent = self.broker is not None and self.broker_session
+        return CoordinatorConfig(broker=broker, session=self.broker_session if persistent else None)
 
     def _check_broker(self) -> None:
         """Exactly one of ``broker`` and ``embedded_broker``; the username defaulted."""
@@ -604,6 +630,7 @@ def build_service_config(
                 api=ApiSettings(**sources.section("api")),
                 rollout_tick_s=values.get("rollouts.tick_s", 1.0),
                 log_level=values.get("log_level", "info"),
+                broker_session=values.get("broker.session", DEFAULT_SESSION),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None
@@ -688,6 +715,13 @@ embedded = true
 # Default: none. key_file may be omitted when cert_file holds the key too.
 # cert_file = "/etc/fedge/coordinator.pem"
 # key_file = "/etc/fedge/coordinator.key"
+
+# The service's MQTT client id. It keeps a persistent session: what devices send
+# while the service is down or restarting (telemetry, presence, install reports)
+# waits in the broker and arrives when it is back, up to the broker's per-client
+# queue (mosquitto: max_queued_messages). Two services on one broker need two
+# names; "" for a clean session (nothing kept). Default: "fedge-coordinator".
+# session = "fedge-coordinator"
 
 [trust]
 # Public keys uploaded artifacts must be signed by (from `fedge keys generate`),

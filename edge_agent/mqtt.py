@@ -93,6 +93,7 @@ class MqttLink:
         on_disconnect: Callable[[], None] | None = None,
         will: Will | Callable[[], Will] | None = None,
         network: NetworkLoop | None = None,
+        clean_session: bool = True,
     ) -> None:
         """Prepare the client (nothing touches the network until :meth:`start`).
 
@@ -111,6 +112,10 @@ class MqttLink:
             network: The loop that runs this link's I/O, shared with other links
                 (the caller starts and closes it); None: a private one, started
                 and closed with the link.
+            clean_session: False for a persistent session: the broker keeps this
+                client's subscriptions and queues QoS 1 messages for it while it
+                is away, and delivers them when it reconnects. Needs a stable
+                ``client_id`` that no other client uses at the same time.
 
         Raises:
             BrokerError: the TLS files cannot be loaded.
@@ -137,7 +142,7 @@ class MqttLink:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=True,
+            clean_session=clean_session,
             protocol=mqtt.MQTTv311,
         )
         if broker.username is not None:

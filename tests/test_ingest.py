@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from coordinator.errors import StoreError
-from coordinator.ingest import MAX_CHANGES, Ingest, IngestSettings
+from coordinator.ingest import MAX_CHANGES, Ingest, IngestCounts, IngestSettings
 from coordinator.store import MEMORY, DeviceRow, Store, TelemetryRow
 from edge_agent.protocol import (
     Envelope,
@@ -49,10 +49,10 @@ class FailingStore(Store):
     failing = False
     presence_failing = False
 
-    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> int:
         if self.failing:
             raise StoreError("disk full")
-        super().add_telemetry(rows)
+        return super().add_telemetry(rows)
 
     def upsert_device(self, device_id: str, **kwargs: Any) -> DeviceRow:
         if self.presence_failing:
@@ -68,9 +68,11 @@ def store(tmp_path: Path) -> Iterator[FailingStore]:
     instance.close()
 
 
-def record(*, counts: tuple[int, ...] = (0, 10, 0, 0, 0), errors: int = 0) -> TelemetryRecord:
+def record(
+    *, counts: tuple[int, ...] = (0, 10, 0, 0, 0), errors: int = 0, start: float = 1.0
+) -> TelemetryRecord:
     return TelemetryRecord(
-        window_start=1.0, window_end=2.0, model="digits", version=2,
+        window_start=start, window_end=2.0, model="digits", version=2,
         predictions=sum(counts), errors=errors, latency_ms=LatencyQuantiles(1.5, 1.9, 2.0),
         histogram=Histogram(BOUNDS, counts), cpu_percent=3.0, memory_bytes=1 << 20, uptime_s=5.0,
     )  # fmt: skip
@@ -88,7 +90,7 @@ def status(online: bool, version: int = 1) -> Status:
 def test_windows_are_buffered_and_written_in_one_flush(store: FailingStore) -> None:
     ingest = Ingest(store)
     for seq in range(5):
-        ingest.add_telemetry("d1", batch(seq, record(), record()))
+        ingest.add_telemetry("d1", batch(seq, record(), record(start=0.0)))
     assert store.telemetry_count() == 0
     assert ingest.counts().pending == 10
     ingest.flush()
@@ -98,6 +100,19 @@ def test_windows_are_buffered_and_written_in_one_flush(store: FailingStore) -> N
     rows = store.telemetry("d1", limit=100)
     assert {r.seq for r in rows} == {0, 1, 2, 3, 4}
     assert all(isinstance(r, TelemetryRow) and r.model == "digits" for r in rows)
+
+
+def test_a_window_delivered_twice_is_stored_once(store: FailingStore) -> None:
+    ingest = Ingest(store)
+    ingest.add_telemetry("d1", batch(1, record(), record(start=0.0)))
+    ingest.flush()
+    ingest.add_telemetry("d1", batch(1, record()))  # QoS 1 redelivery after a reconnect
+    ingest.add_telemetry("d1", batch(2, record()))  # the next batch: same window, new seq
+    ingest.add_telemetry("d2", batch(1, record()))  # another device
+    ingest.flush()
+    assert store.telemetry_count() == 4
+    assert ingest.counts() == IngestCounts(received=5, stored=4, pending=0, dropped=0,
+                                           duplicates=1)  # fmt: skip
 
 
 def test_a_failed_flush_keeps_the_rows_and_the_next_one_writes_them_in_order(

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from coordinator.api.app import MIB
-from coordinator.errors import ServiceConfigError
+from coordinator.delivery import CoordinatorConfig
+from coordinator.errors import CoordinatorError, ServiceConfigError
 from coordinator.service import ServiceSettings
 from coordinator.service_config import (
     EXAMPLE_SERVICE_CONFIG,
@@ -174,6 +175,21 @@ def test_the_password_falls_back_to_the_one_given_and_a_file_beats_it(tmp_path: 
     config = build({**MINIMAL, "broker": url}, {"broker": {"password_file": secret}}, password="x")
     assert config.broker is not None
     assert config.broker.password == "from-file"
+
+
+def test_the_service_keeps_a_persistent_session_with_its_broker() -> None:
+    url = {**MINIMAL, "broker": {"url": "mqtt://broker.lan"}}
+    config = build(url)
+    assert config.broker is not None
+    assert config.broker_session == "fedge-coordinator"
+    assert config.coordinator_config(config.broker).session == "fedge-coordinator"
+    named = build({**url, "broker": {"url": "mqtt://broker.lan", "session": "fleet-2"}})
+    assert named.coordinator_config(config.broker).session == "fleet-2"
+    clean = build({**url, "broker": {"url": "mqtt://broker.lan", "session": ""}})
+    assert clean.coordinator_config(config.broker).session is None
+    # The embedded broker stops with the service: nothing to keep a session in.
+    embedded = build(MINIMAL)
+    assert embedded.coordinator_config(BrokerConfig("127.0.0.1", 1883, False)).session is None
 
 
 def test_the_username_defaults_to_coordinator_even_when_built_directly() -> None:
@@ -341,6 +357,9 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         ({**MINIMAL, "broker": "mqtt://x"}, "[broker] must be a table, got a string"),
         ({**MINIMAL, "broker": {"url": "http://x"}}, "scheme 'http' unsupported"),
         ({**MINIMAL, "broker": {"url": "mqtt://x", "ca_file": "ca.pem"}}, "use mqtts://"),
+        (with_("broker", session="a b"), "broker.session must be 1-64 letters, digits"),
+        (with_("broker", session="x" * 65), "broker.session must be 1-64 letters"),
+        (with_("broker", session=7), "broker.session must be a string, got an integer"),
     ],
 )
 def test_wrong_types_and_values_are_refused(file_values: dict[str, Any], expected: str) -> None:
@@ -374,3 +393,11 @@ def test_values_are_checked_when_built_directly() -> None:
     with pytest.raises(ServiceConfigError) as caught:
         dataclasses.replace(config, bind_host="[::1]")
     assert caught.value.key == "bind"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "+", "x" * 65, "sp ace"])
+def test_a_coordinator_session_name_is_checked(name: str) -> None:
+    broker = BrokerConfig("127.0.0.1", 1883, False)
+    with pytest.raises(CoordinatorError, match="bad session name"):
+        CoordinatorConfig(broker=broker, session=name)
+    assert CoordinatorConfig(broker=broker, session="fedge-coordinator.2").session

@@ -100,10 +100,12 @@ def fleet(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[Fleet]
         instance.stop()
 
 
-def open_service(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> FleetService:
+def open_service(
+    tmp_path: Path, broker: Mosquitto, key: SigningKey, *, session: str | None = None
+) -> FleetService:
     store = Store.open(tmp_path / "coordinator.db")
     coordinator = Coordinator(
-        CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0)
+        CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0, session=session)
     )
     settings = ServiceSettings(telemetry_flush_s=0.2, rollout_tick_s=0.2)
     service = FleetService(store, coordinator, TrustedKeys.of([key.public_key]), settings=settings)
@@ -358,6 +360,35 @@ def test_a_tag_rollout_takes_devices_joining_the_tag_and_offline_ones_catch_up(
     assert served(service).get(outsider) is None
     devices = {d.device_id: d.state for d in service.rollout(rollout_id).devices}
     assert devices == dict.fromkeys([*lab, away, joiner], "installed")
+
+
+def test_what_devices_send_while_the_service_is_down_arrives_when_it_is_back(
+    tmp_path: Path, key: SigningKey, fleet: Fleet, broker: Mosquitto
+) -> None:
+    devices = DEVICES[:5]
+    first = open_service(tmp_path, broker, key, session="fedge-test")
+    try:
+        for device in devices:
+            fleet.start(device)
+        wait_for(lambda: online(first) == 5, what="5 agents online")
+    finally:
+        first.stop()
+        first.store.close()
+    time.sleep(3.0)  # the agents send windows while nobody listens
+    fleet.agents[devices[0]].stop()  # and one goes offline meanwhile
+    second = open_service(tmp_path, broker, key, session="fedge-test")
+    try:
+        sent = fleet.stop_agents()
+        assert sent >= 5 * 3
+        wait_for(lambda: second.store.telemetry_count() == sent, what="every window stored")
+        time.sleep(0.5)  # nothing more, nothing twice
+        assert second.store.telemetry_count() == sent
+        assert second.ingest.counts().duplicates == 0
+        # The offline change that happened while the service was down is in the history.
+        assert [p.online for p in second.presence(devices[0])] == [False, True]
+    finally:
+        second.stop()
+        second.store.close()
 
 
 def test_uploads_that_fail_verification_are_refused_and_nothing_is_stored(

@@ -429,7 +429,10 @@ def test_concurrent_writers(tmp_path: Path) -> None:
             try:
                 for batch in range(batches):
                     store.add_telemetry(
-                        [window(f"pi-{worker}", seq=batch, received_at=float(batch))] * per_batch
+                        [
+                            window(f"pi-{worker}", seq=batch, received_at=float(batch), start=i)
+                            for i in range(per_batch)
+                        ]
                     )
                     store.upsert_device(f"pi-{worker}", online=batch % 2 == 0, at=float(batch))
                     if batch % 50 == 0:

@@ -23,7 +23,7 @@ from coordinator.store import (
 )
 
 COUNTER = Migration(
-    2,
+    SCHEMA_VERSION + 1,
     "count applications",
     (
         "CREATE TABLE applied (n INTEGER)",
@@ -44,7 +44,7 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.db"
     db = Database(path, migrations=MIGRATIONS)
     try:
-        assert db.user_version == SCHEMA_VERSION == 1
+        assert db.user_version == SCHEMA_VERSION == 2
         assert db.journal_mode == "wal"
         with db.read() as conn:
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -55,7 +55,8 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
         db.close()
     assert {"devices", "presence", "artifacts", "rollouts", "rollout_devices", "runs"} <= tables
     assert {"rounds", "telemetry", "audit", "tokens", "telemetry_device_end"} <= tables
-    assert raw_version(path) == 1
+    assert "telemetry_window" in tables
+    assert raw_version(path) == 2
 
 
 def test_synchronous_full_and_memory(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_migrations_apply_once(tmp_path: Path) -> None:
         db = Database(path, migrations=steps)
         with db.read() as conn:
             assert conn.execute("SELECT COUNT(*) FROM applied").fetchone()[0] == 1
-        assert db.user_version == 2
+        assert db.user_version == SCHEMA_VERSION + 1
         db.close()
 
 
@@ -104,10 +105,10 @@ def test_newer_database_is_refused(tmp_path: Path) -> None:
 
 def test_failing_step_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    broken = Migration(2, "broken", ("CREATE TABLE half (x INTEGER)", "NOT SQL AT ALL"))
-    with pytest.raises(MigrationError, match="version 2 \\(broken\\)"):
+    broken = Migration(3, "broken", ("CREATE TABLE half (x INTEGER)", "NOT SQL AT ALL"))
+    with pytest.raises(MigrationError, match="version 3 \\(broken\\)"):
         Database(path, migrations=(*MIGRATIONS, broken))
-    assert raw_version(path) == 1
+    assert raw_version(path) == 2
     conn = sqlite3.connect(path)
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -115,8 +116,24 @@ def test_failing_step_rolls_back(tmp_path: Path) -> None:
     assert "devices" in names
     # Fixed code migrates the same file.
     db = Database(path, migrations=(*MIGRATIONS, COUNTER))
-    assert db.user_version == 2
+    assert db.user_version == 3
     db.close()
+
+
+def test_version_1_telemetry_keeps_one_copy_of_each_window(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Database(path, migrations=MIGRATIONS[:1]).close()
+    conn = sqlite3.connect(path)
+    for row_id, seq, model in [(1, 1, "m"), (2, 1, "m"), (3, 2, "m"), (4, 1, None), (5, 1, None)]:
+        conn.execute(
+            "INSERT INTO telemetry VALUES (?, 'pi-1', 1, 0, 10, ?, 1, 5, 0, 1, 2, 3, 4, 5, ?)",
+            (row_id, model, seq),
+        )
+    conn.commit()
+    conn.close()
+    with Store.open(path) as store:
+        assert store.database.user_version == 2
+        assert sorted(r.row_id or 0 for r in store.telemetry("pi-1")) == [1, 3, 4]
 
 
 def test_misnumbered_migrations_are_a_bug(tmp_path: Path) -> None:

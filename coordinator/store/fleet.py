@@ -234,12 +234,17 @@ class FleetTables:
             ).fetchall()
         return [PresenceRow(r["device_id"], bool(r["online"]), r["at"]) for r in rows]
 
-    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> int:
         """Insert a batch of telemetry windows in one transaction (all or nothing).
 
         The service buffers telemetry from MQTT and flushes it here every fraction
         of a second: one ``executemany`` and one commit per flush, whatever the
-        number of devices. ``row_id`` of the given rows is ignored.
+        number of devices. ``row_id`` of the given rows is ignored. A window
+        already stored (same device, batch ``seq``, start, end and model:
+        delivered twice) is skipped.
+
+        Returns:
+            The number of windows inserted (the rest were duplicates).
 
         Raises:
             StoreError: A row holds a non-finite number (nothing is inserted), or
@@ -247,14 +252,15 @@ class FleetTables:
         """
         params = [_telemetry_params(row) for row in rows]
         if not params:
-            return
+            return 0
         with self._db.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO telemetry (device_id, received_at, window_start, window_end, model, "
-                "version, predictions, errors, p50, p95, p99, cpu_percent, memory_bytes, seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cursor = conn.executemany(
+                "INSERT OR IGNORE INTO telemetry (device_id, received_at, window_start, "
+                "window_end, model, version, predictions, errors, p50, p95, p99, cpu_percent, "
+                "memory_bytes, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params,
             )
+            return int(cursor.rowcount)
 
     def telemetry(
         self, device_id: str, limit: int = 100, since: float | None = None

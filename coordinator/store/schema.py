@@ -142,8 +142,17 @@ _V1 = (
     """,
 )
 
+_V2 = (
+    # A window delivered twice (MQTT QoS 1 after a reconnect) is stored once.
+    "DELETE FROM telemetry WHERE id NOT IN (SELECT MIN(id) FROM telemetry "
+    "GROUP BY device_id, seq, window_start, window_end, COALESCE(model, ''))",
+    "CREATE UNIQUE INDEX telemetry_window ON telemetry "
+    "(device_id, seq, window_start, window_end, COALESCE(model, ''))",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
+    Migration(2, "telemetry windows stored once", _V2),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 
