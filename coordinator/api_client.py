@@ -231,8 +231,7 @@ class ApiClient:
             NotFoundError: no such device.
             ApiError: a limit out of range, or the API failed.
         """
-        path = f"v1/devices/{_segment(device_id)}/telemetry"
-        return self._get(_TELEMETRY, path, params={"limit": limit})
+        return self._device_rows(_TELEMETRY, device_id, "telemetry", limit)
 
     def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
         """A device's latest online/offline changes, newest first.
@@ -245,8 +244,14 @@ class ApiClient:
             NotFoundError: no such device.
             ApiError: a limit out of range, or the API failed.
         """
-        path = f"v1/devices/{_segment(device_id)}/presence"
-        return self._get(_PRESENCE, path, params={"limit": limit})
+        return self._device_rows(_PRESENCE, device_id, "presence", limit)
+
+    def _device_rows(
+        self, adapter: TypeAdapter[list[_T]], device_id: str, what: str, limit: int
+    ) -> list[_T]:
+        """``GET /v1/devices/{device_id}/{what}?limit=``, parsed."""
+        path = f"v1/devices/{_segment(device_id)}/{what}"
+        return self._get(adapter, path, params={"limit": limit})
 
     def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:  # noqa: ARG002
         """Upload an artifact's bytes; the API verifies and stores it (idempotent).

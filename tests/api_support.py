@@ -16,10 +16,10 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -153,6 +153,9 @@ def _telemetry(device_id: str, seq: int) -> TelemetryRow:
     )
 
 
+_R = TypeVar("_R")
+
+
 class FakeOperations:
     """In-memory :class:`Operations` (see the module docstring).
 
@@ -282,10 +285,7 @@ class FakeOperations:
         Raises:
             NotFoundError: no such device.
         """
-        self._check()
-        if device_id not in self.device_rows:
-            raise NotFoundError(f"no device {device_id!r}")
-        return self.telemetry_rows.get(device_id, [])[:limit]
+        return self._device_rows(self.telemetry_rows, device_id, limit)
 
     def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
         """A device's presence changes, newest first.
@@ -293,10 +293,13 @@ class FakeOperations:
         Raises:
             NotFoundError: no such device.
         """
+        return self._device_rows(self.presence_rows, device_id, limit)
+
+    def _device_rows(self, rows: Mapping[str, list[_R]], device_id: str, limit: int) -> list[_R]:
         self._check()
         if device_id not in self.device_rows:
             raise NotFoundError(f"no device {device_id!r}")
-        return self.presence_rows.get(device_id, [])[:limit]
+        return rows.get(device_id, [])[:limit]
 
     def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:
         """Store bytes that start with :data:`ARTIFACT_MAGIC` (idempotent).

@@ -143,6 +143,14 @@ def upload(service: FleetService, path: Path) -> str:
     return service.upload_artifact(path.read_bytes(), actor=OPERATOR).sha256
 
 
+def everywhere(service: FleetService, artifact: Path, devices: int) -> None:
+    """Upload an artifact and roll it out to every device at once, to completion."""
+    sha = upload(service, artifact)
+    request = RolloutRequest(artifact_sha256=sha, canary=str(devices), soak="0s")
+    rollout_id = service.create_rollout(request, actor=OPERATOR).rollout.rollout_id
+    wait_for(lambda: state(service, rollout_id) == RolloutState.COMPLETED, what="everywhere")
+
+
 def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     tmp_path: Path, key: SigningKey, fleet: Fleet, service: FleetService
 ) -> None:
@@ -194,11 +202,7 @@ def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_i
     for device in DEVICES:
         fleet.start(device)
     wait_for(lambda: online(service) == 20, what="20 agents online")
-    good = upload(service, make_artifact(tmp_path, key, version=2))
-    first = service.create_rollout(
-        RolloutRequest(artifact_sha256=good, canary="20", soak="0s"), actor=OPERATOR
-    ).rollout.rollout_id
-    wait_for(lambda: state(service, first) == RolloutState.COMPLETED, what="v2 everywhere")
+    everywhere(service, make_artifact(tmp_path, key, version=2), len(DEVICES))
 
     bad = upload(service, make_artifact(tmp_path, key, version=3, break_health_check=True))
     request = RolloutRequest(artifact_sha256=bad, canary="2", waves="50,100", soak="1s",
@@ -250,11 +254,7 @@ def test_a_model_slower_than_the_one_before_halts_after_the_canary_and_is_rolled
     for device in devices:
         fleet.start(device)
     wait_for(lambda: online(service) == 6, what="6 agents online")
-    fast = upload(service, make_artifact(tmp_path, key, version=2))
-    first = service.create_rollout(
-        RolloutRequest(artifact_sha256=fast, canary="6", soak="0s"), actor=OPERATOR
-    ).rollout.rollout_id
-    wait_for(lambda: state(service, first) == RolloutState.COMPLETED, what="v2 everywhere")
+    everywhere(service, make_artifact(tmp_path, key, version=2), len(devices))
     # Installs well and passes the agents' own check, but answers ~20x slower. Made
     # before the traffic starts: quantizing it here would slow every agent's calls.
     slow = upload(service, make_artifact(tmp_path, key, version=3, hidden=100_000))

@@ -13,9 +13,11 @@ table, or the rows as JSON with ``--json``:
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from coordinator.cli.fleet import JsonOption
 from coordinator.cli.operate import Connection, operations, with_connection
@@ -33,66 +35,63 @@ __all__ = ["audit", "devices", "presence", "telemetry"]
 MAX_LIMIT = 1000
 """Largest ``--limit`` (the API's)."""
 
+DeviceArgument = Annotated[str, typer.Argument(help="Device id.", show_default=False)]
+
+
+def _limit(what: str) -> Any:
+    """The ``--limit`` option, for ``what`` (typer's ``OptionInfo``)."""
+    return typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help=f"Most {what} to show.")
+
+
+def _show(rows: Sequence[Any], table: Callable[[], Table], *, as_json: bool) -> None:
+    """Print the rows as JSON, or the table."""
+    if as_json:
+        print_json(to_json(rows))
+    else:
+        console.print(table())
+
 
 @with_connection
 def devices(connection: Connection, as_json: JsonOption = False) -> None:
     """List the devices the coordinator has seen: online or not, model, tags."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
         rows = ops.devices()
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(devices_table(rows, now=time.time()))
+    _show(rows, lambda: devices_table(rows, now=time.time()), as_json=as_json)
 
 
 @with_connection
 def telemetry(
     connection: Connection,
-    device: Annotated[str, typer.Argument(help="Device id.", show_default=False)],
-    limit: Annotated[
-        int, typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help="Most windows to show.")
-    ] = 20,
+    device: DeviceArgument,
+    limit: Annotated[int, _limit("windows")] = 20,
     as_json: JsonOption = False,
 ) -> None:
     """Show a device's latest telemetry windows (newest first): calls, errors, latency."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
         rows = ops.telemetry(device, limit=limit)
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(telemetry_table(device, rows))
+    _show(rows, lambda: telemetry_table(device, rows), as_json=as_json)
 
 
 @with_connection
 def presence(
     connection: Connection,
-    device: Annotated[str, typer.Argument(help="Device id.", show_default=False)],
-    limit: Annotated[
-        int, typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help="Most changes to show.")
-    ] = 20,
+    device: DeviceArgument,
+    limit: Annotated[int, _limit("changes")] = 20,
     as_json: JsonOption = False,
 ) -> None:
     """Show when a device went online and offline (newest first), and for how long."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
         rows = ops.presence(device, limit=limit)
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(presence_table(device, rows, now=time.time()))
+    _show(rows, lambda: presence_table(device, rows, now=time.time()), as_json=as_json)
 
 
 @with_connection
 def audit(
     connection: Connection,
-    limit: Annotated[
-        int, typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help="Most actions to show.")
-    ] = 50,
+    limit: Annotated[int, _limit("actions")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """Show the latest operator actions (oldest first): who did what, when."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
         rows = ops.audit_log(limit=limit)
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(audit_table(rows))
+    _show(rows, lambda: audit_table(rows), as_json=as_json)
