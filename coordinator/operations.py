@@ -16,6 +16,7 @@ a bad target, :class:`~coordinator.errors.TrainingError` for a bad run request.
 
 from __future__ import annotations
 
+import getpass
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +50,7 @@ class Actor:
     """Who asks: a token's id and role, or the local CLI.
 
     Attributes:
-        name: Token id (or ``cli`` for a local operator).
+        name: Token id (or ``cli:<login>`` for a local operator).
         role: What the actor may do.
     """
 
@@ -57,8 +58,17 @@ class Actor:
     role: Role
 
 
-CLI_ACTOR = Actor("cli", Role.OPERATOR)
-"""A local operator running a one-shot CLI command against the broker directly."""
+def _login() -> str:
+    """The operating-system user running this process (``unknown`` if none can be told)."""
+    try:
+        return getpass.getuser() or "unknown"
+    except (OSError, KeyError):  # no login name, no passwd entry (some containers)
+        return "unknown"
+
+
+CLI_ACTOR = Actor(f"cli:{_login()}", Role.OPERATOR)
+"""A local operator running a one-shot CLI command against the broker or the
+database directly; the audit log names their login (``cli:alice``)."""
 
 
 @dataclass(frozen=True)

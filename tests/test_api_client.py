@@ -10,6 +10,7 @@ the wrong shape).
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import socket
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from coordinator.api import ApiConfig, create_app
 from coordinator.api_client import ApiClient
+from coordinator.auth import Role
 from coordinator.errors import (
     ApiAuthError,
     ApiError,
@@ -405,3 +407,8 @@ def test_rows_compare_equal_after_replace(client: ApiClient, ops: FakeOperations
     row = client.devices()[0]
     assert row == ops.device_rows["pi-1"]
     assert row.tags == ("moved",)
+
+
+def test_a_local_operator_is_named_by_their_login() -> None:
+    assert CLI_ACTOR.name == f"cli:{getpass.getuser()}"
+    assert CLI_ACTOR.role is Role.OPERATOR

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from compress.keys import SigningKey, generate_signing_key
 from coordinator.cli.app import app
+from coordinator.operations import CLI_ACTOR
 from edge_agent.agent import Agent
 from edge_agent.network_loop import NetworkLoop
 from tests.fleet_support import (
@@ -161,11 +162,11 @@ def test_devices_upload_and_a_watched_rollout_to_completion_in_process(
     )
     assert sorted(d["stage"] for d in view["devices"]) == [0, 1, 1]
     actions = [(a["actor"], a["action"]) for a in fedge.json("audit")]
-    assert ("cli", "artifact.reject") in actions
+    assert (CLI_ACTOR.name, "artifact.reject") in actions
     assert [a for a in actions if a[1] != "artifact.reject"] == [
-        ("cli", "artifact.upload"),
-        ("cli", "artifact.upload"),  # create uploads again (idempotent) before starting
-        ("cli", "rollout.create"),
+        (CLI_ACTOR.name, "artifact.upload"),
+        (CLI_ACTOR.name, "artifact.upload"),  # create uploads again (idempotent) before starting
+        (CLI_ACTOR.name, "rollout.create"),
     ]
 
 

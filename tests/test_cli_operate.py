@@ -29,7 +29,7 @@ from coordinator.cli import rollout as rollout_cli
 from coordinator.cli import rounds as rounds_cli
 from coordinator.cli.app import app
 from coordinator.cli.service_views import to_json
-from coordinator.operations import RolloutRequest
+from coordinator.operations import CLI_ACTOR, RolloutRequest
 from coordinator.store.records import RunState
 from edge_agent.config import BrokerConfig
 from tests.api_support import (
@@ -576,7 +576,10 @@ def test_broker_mode_runs_the_same_commands_in_process(
     assert broker.username == "coordinator"
     assert broker.password == "s3cret"
     # In-process, the local operator is the actor.
-    assert ops.mutations == [("artifact.upload", "cli"), ("rollout.create", "cli")]
+    assert ops.mutations == [
+        ("artifact.upload", CLI_ACTOR.name),
+        ("rollout.create", CLI_ACTOR.name),
+    ]
 
     result = run("devices", "--json", env={"FEDGE_BROKER": "mqtt://127.0.0.1:1883"})
     assert result.exit_code == 0, result.stderr
@@ -601,4 +604,4 @@ def test_broker_mode_rounds_start_waits_for_the_run(monkeypatch: pytest.MonkeyPa
     result = run("rounds", "start", "--broker", "mqtt://127.0.0.1:1883")
     assert result.exit_code == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == ["run-1", "run run-1: finished"]
-    assert ops.mutations == [("run.start", "cli")]
+    assert ops.mutations == [("run.start", CLI_ACTOR.name)]

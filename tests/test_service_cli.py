@@ -15,6 +15,7 @@ from compress.keys import generate_signing_key, save_keypair
 from coordinator.auth import Role
 from coordinator.cli import service as service_cli
 from coordinator.cli.app import app
+from coordinator.operations import CLI_ACTOR
 from coordinator.service_config import EXAMPLE_SERVICE_CONFIG, ServiceConfig
 from coordinator.service_main import run_service
 from coordinator.store import Store
@@ -94,7 +95,11 @@ def test_token_create_prints_only_the_token_on_stdout(tmp_path: Path) -> None:
         assert (row.name, row.role) == ("grafana", Role.VIEWER)
         assert row.token_id in result.stderr
         (entry,) = store.audit_log()
-        assert (entry.actor, entry.action, entry.target) == ("cli", "token.create", row.token_id)
+        assert (entry.actor, entry.action, entry.target) == (
+            CLI_ACTOR.name,
+            "token.create",
+            row.token_id,
+        )
 
 
 def test_token_commands_find_the_database_through_the_config_file(tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         view = service.stop_run(run_id, actor=CLI_ACTOR)
         assert view.run.state is RunState.INTERRUPTED
         assert [(r.round, r.status, r.reason) for r in view.rounds] == [
-            (1, "failed", "stopped by cli")
+            (1, "failed", f"stopped by {CLI_ACTOR.name}")
         ]
         with pytest.raises(TrainingError, match="not running"):
             service.stop_run(run_id, actor=CLI_ACTOR)
@@ -192,7 +192,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         assert time.monotonic() - started < 5.0
         assert view.run.state is RunState.INTERRUPTED
         last = view.rounds[-1]
-        assert (last.status, last.reason) == ("failed", "stopped by cli")
+        assert (last.status, last.reason) == ("failed", f"stopped by {CLI_ACTOR.name}")
         assert last.metrics["clients"] == 0  # nothing aggregated from a cut-short round
         time.sleep(1.0)
         assert len(service.run(run_id).rounds) == len(view.rounds)  # no round after it
