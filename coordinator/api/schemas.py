@@ -137,7 +137,7 @@ class ArtifactOut(_Out):
     version: int = Field(description="Model version.")
     size: int = Field(description="Bytes.")
     manifest: dict[str, Any]
-    uploaded_by: str = Field(description="Token id, or `cli`.")
+    uploaded_by: str = Field(description="Token id, or `cli:<login>` for a local operator.")
     uploaded_at: float
 
 
@@ -207,7 +207,7 @@ class AuditOut(_Out):
 
     audit_id: int
     at: float
-    actor: str = Field(description="Token id, or `cli`.")
+    actor: str = Field(description="Token id, or `cli:<login>` for a local operator.")
     role: Role
     action: str = Field(description="e.g. `rollout.create`.")
     target: str

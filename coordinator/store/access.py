@@ -7,7 +7,7 @@ plaintext leaves :meth:`AccessTables.add_token` once and is never written.
 :meth:`AccessTables.authenticate` is called on every API request, so it writes
 ``last_used_at`` at most once a minute per token, not once per request.
 
-The audit log is append-only: who (token id or ``cli``, and role) did what to
+The audit log is append-only: who (token id or ``cli:<login>``, and role) did what to
 what, when.
 """
 
@@ -178,7 +178,7 @@ class AccessTables:
         """Append an entry to the audit log.
 
         Args:
-            actor: Token id, or ``cli``.
+            actor: Token id, or ``cli:<login>``.
             role: The actor's role.
             action: What, e.g. ``rollout.create``.
             target: On what (may be empty).

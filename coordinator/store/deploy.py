@@ -105,7 +105,7 @@ class DeployTables:
             name: Model name.
             version: Model version.
             manifest: The artifact's manifest as a JSON-able dict.
-            uploaded_by: Token id or ``cli``.
+            uploaded_by: Token id or ``cli:<login>``.
             at: Upload time, unix seconds.
 
         Returns:
@@ -200,7 +200,7 @@ class DeployTables:
             policy: The rollout policy as a JSON-able dict.
             state: The engine's initial state name.
             snapshot: The engine's initial serialized state.
-            created_by: Token id or ``cli``.
+            created_by: Token id or ``cli:<login>``.
             at: Creation time, unix seconds.
 
         Raises:

@@ -71,7 +71,7 @@ class ArtifactRow:
         version: Model version.
         size: Length of the bytes.
         manifest: The artifact's manifest as a JSON dict.
-        uploaded_by: Token id or ``cli``.
+        uploaded_by: Token id or ``cli:<login>``.
         uploaded_at: When it was first stored.
     """
 
@@ -94,7 +94,7 @@ class RolloutInfo:
         target: ``all``, ``tag:T`` or ``device:ID[,ID...]``.
         policy: The rollout policy as a JSON dict (stages, health thresholds).
         state: The engine's state name (opaque to the store).
-        created_by: Token id or ``cli``.
+        created_by: Token id or ``cli:<login>``.
         created_at: Creation time.
         updated_at: Time of the last save.
     """
@@ -163,7 +163,7 @@ class RunRow:
         run_id: The run.
         config: Its settings as a JSON dict.
         state: Where it stands.
-        created_by: Token id or ``cli``.
+        created_by: Token id or ``cli:<login>``.
         created_at: Start time.
         updated_at: Time of the last change (a round recorded, finished).
     """
@@ -245,7 +245,7 @@ class AuditRow:
     Attributes:
         audit_id: Increasing id (use it to page with ``since_id``).
         at: When.
-        actor: Token id, or ``cli``.
+        actor: Token id, or ``cli:<login>``.
         role: The actor's role.
         action: What, e.g. ``rollout.create``.
         target: On what, e.g. a rollout id (may be empty).
