@@ -159,6 +159,10 @@ class FleetMetrics:
             (``{"0.5": ..., "0.95": ..., "0.99": ...}``).
         telemetry_ingested: Telemetry records stored since start.
         rounds: The latest run's rounds (accuracy, bytes up/down).
+        rollout_stages: Current stage of each rollout still going (created,
+            running or paused), by id.
+        rollout_devices: Devices of each rollout still going, per
+            ``(rollout id, device state)``.
     """
 
     devices_online: int
@@ -168,6 +172,8 @@ class FleetMetrics:
     latency_ms: dict[str, float]
     telemetry_ingested: int
     rounds: tuple[RoundRow, ...] = ()
+    rollout_stages: dict[str, int] = field(default_factory=dict)
+    rollout_devices: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Operations(Protocol):

@@ -80,6 +80,9 @@ __all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
 
 logger = logging.getLogger(__name__)
 
+_GOING = frozenset({"created", "running", "paused"})
+"""Rollout states whose progress ``/metrics`` shows device by device."""
+
 
 @dataclass(frozen=True)
 class ServiceSettings:
@@ -420,8 +423,17 @@ class FleetService:
                     key = (model.name, model.version)
                     models[key] = models.get(key, 0) + 1
         states: dict[str, int] = {}
+        stages: dict[str, int] = {}
+        progress: dict[tuple[str, str], int] = {}
         for row in self._store.rollouts():
             states[row.state] = states.get(row.state, 0) + 1
+            summary = self._rollouts.summary(row.rollout_id) if row.state in _GOING else None
+            if summary is not None:
+                stage = summary.get("stage")
+                stages[row.rollout_id] = stage if isinstance(stage, int) else 0
+                for device in self._store.rollout_devices(row.rollout_id):
+                    place = (row.rollout_id, device.state)
+                    progress[place] = progress.get(place, 0) + 1
         runs = self._store.runs()
         rounds = tuple(self._store.rounds(runs[0].run_id)) if runs else ()
         return FleetMetrics(
@@ -432,6 +444,8 @@ class FleetService:
             latency_ms=self._ingest.latency_ms(),
             telemetry_ingested=self._ingest.counts().stored,
             rounds=rounds,
+            rollout_stages=stages,
+            rollout_devices=progress,
         )
 
 

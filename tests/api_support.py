@@ -536,4 +536,17 @@ class FakeOperations:
             latency_ms={"0.5": 2.0, "0.95": 5.5, "0.99": 9.0},
             telemetry_ingested=self.telemetry_ingested,
             rounds=self.metric_rounds,
+            rollout_stages={
+                rollout_id: int(view.summary.get("stage", 0))
+                for rollout_id, view in self.rollout_views.items()
+                if view.rollout.state in ("created", "running", "paused")
+            },
+            rollout_devices=dict(
+                Counter(
+                    (rollout_id, device.state)
+                    for rollout_id, view in self.rollout_views.items()
+                    if view.rollout.state in ("created", "running", "paused")
+                    for device in view.devices
+                )
+            ),
         )

@@ -812,6 +812,8 @@ def test_metrics_expose_the_fleet(client: TestClient) -> None:
     assert found[("fedge_devices_total", ())] == 3
     assert found[("fedge_models", (("model", "digits"), ("version", "3")))] == 2
     assert found[("fedge_rollouts", (("state", "running"),))] == 1
+    assert found[("fedge_rollout_stage", (("rollout", "ro-1"),))] == 0
+    assert found[("fedge_rollout_devices", (("rollout", "ro-1"), ("state", "pending")))] == 3
     assert found[("fedge_round_accuracy", (("round", "1"), ("run", "run-0")))] == 0.8125
     assert ("fedge_round_accuracy", (("round", "2"), ("run", "run-0"))) not in found
     assert found[("fedge_round_uplink_bytes", (("round", "2"), ("run", "run-0")))] == 10

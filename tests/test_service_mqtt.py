@@ -181,6 +181,7 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     assert figures.devices_online == 20
     assert figures.models == {("digits", 2): 20}
     assert figures.rollouts == {"completed": 1}
+    assert figures.rollout_stages == figures.rollout_devices == {}  # only those going
     actions = [(a.actor, a.action, a.target) for a in service.audit_log()]
     assert actions == [
         (OPERATOR.name, "artifact.upload", sha),
@@ -316,6 +317,9 @@ def test_pause_holds_the_next_wave_resume_finishes_and_a_late_joiner_is_updated(
     assert view.rollout.state == RolloutState.PAUSED
     assert {d.state for d in view.devices if d.stage > 0} == {"waiting"}
     assert sum(v == 2 for v in served(service).values()) == 2
+    figures = service.metrics()  # a rollout still going shows its progress
+    assert figures.rollout_stages == {rollout_id: 0}
+    assert figures.rollout_devices == {(rollout_id, "installed"): 2, (rollout_id, "waiting"): 17}
 
     fleet.start(late)  # joins the target while the rollout runs
     wait_for(lambda: any(d.device_id == late for d in service.rollout(rollout_id).devices),

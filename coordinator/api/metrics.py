@@ -15,6 +15,8 @@ Exposed (all gauges unless noted)::
     fedge_devices_total                         devices ever seen
     fedge_models{model,version}                 devices serving that model version
     fedge_rollouts{state}                       rollouts per state
+    fedge_rollout_stage{rollout}                current stage of a rollout still going
+    fedge_rollout_devices{rollout,state}        its devices per state (waiting, installed...)
     fedge_round_accuracy{run,round}             accuracy after a round (latest run)
     fedge_round_uplink_bytes{run,round}         MQTT bytes received for a round
     fedge_round_downlink_bytes{run,round}       MQTT bytes published for a round
@@ -75,7 +77,20 @@ def metric_families(figures: FleetMetrics) -> list[Metric]:
     for state, count in sorted(figures.rollouts.items()):
         rollouts.add_metric([state], count)
 
-    families: list[Metric] = [online, total, models, rollouts]
+    stage = GaugeMetricFamily(
+        "fedge_rollout_stage", "Current stage of each rollout still going.", labels=["rollout"]
+    )
+    for rollout_id, index in sorted(figures.rollout_stages.items()):
+        stage.add_metric([rollout_id], index)
+    progress = GaugeMetricFamily(
+        "fedge_rollout_devices",
+        "Devices of each rollout still going, per state.",
+        labels=["rollout", "state"],
+    )
+    for (rollout_id, state), count in sorted(figures.rollout_devices.items()):
+        progress.add_metric([rollout_id, state], count)
+
+    families: list[Metric] = [online, total, models, rollouts, stage, progress]
     for key, name, documentation in _ROUND_FIGURES:
         family = GaugeMetricFamily(name, documentation, labels=["run", "round"])
         for row in figures.rounds:
