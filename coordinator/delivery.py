@@ -99,12 +99,23 @@ __all__ = [
     "CoordinatorConfig",
     "Delivery",
     "Listener",
+    "session_client_id",
 ]
 
 logger = logging.getLogger(__name__)
 
 SESSION_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What :attr:`CoordinatorConfig.session` may be (it is also an MQTT topic level)."""
+
+
+def session_client_id(session: str | None) -> str:
+    """``coordinator:<session>`` for a persistent session, else ``coordinator:<random>``.
+
+    No device id has a colon, so no device can take the coordinator's client id
+    (and with it the coordinator's connection and session).
+    """
+    return f"{COORDINATOR_SENDER}:{session if session is not None else uuid.uuid4().hex[:12]}"
+
 
 Listener = Callable[[str, Envelope, int], None]
 """Sees every device message the coordinator decodes: ``(device_id, envelope,
@@ -128,8 +139,9 @@ class CoordinatorConfig:
         sync_timeout_s: How long to wait for the retained statuses after connecting.
         limits: Protocol limits.
         session: None (default): a fresh client id and a clean session, for
-            short-lived processes. A name: that client id with a persistent
-            session, for the long-running service: what devices send while it is
+            short-lived processes. A name: the client id ``coordinator:<name>``
+            (no device id has a colon, so no device can take it over) with a
+            persistent session, for the long-running service: what devices send while it is
             down or restarting (telemetry, presence, install reports) waits in the
             broker (up to its per-client queue, mosquitto's ``max_queued_messages``)
             and arrives when it is back. One process at a time per name: a second
@@ -257,7 +269,7 @@ class Coordinator:
         self._change_count = 0  # bumped on every change a waiter may want to see
         self._link = MqttLink(
             config.broker,
-            client_id=config.session or f"{COORDINATOR_SENDER}-{uuid.uuid4().hex[:12]}",
+            client_id=session_client_id(config.session),
             clean_session=config.session is None,
             subscriptions=(*coordinator_subscriptions(), self._sync_topic),
             on_message=self._on_message,

@@ -12,7 +12,8 @@ service killed at any moment resumes its rollouts where they were.
 Workflow::
 
     manager = RolloutManager(coordinator, store)
-    manager.start()                      # resumes rollouts saved by a previous run
+    manager.load()                       # the rollouts a previous run left (before connecting)
+    manager.start()                      # resumes them (re-sends what may be lost), ticks
     view = manager.create(row, artifact, policy, target, actor="ab12cd34ef56")
     coordinator.add_listener(manager.on_message)   # the service routes events here
     manager.pause(view.rollout_id, actor=...)
@@ -88,6 +89,8 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0
 BASELINE_WINDOW_S = 3600.0
 _STOP = object()
+_RESTORED = "(restored)"
+"""Stands for the deployment a previous process sent a device (its id is not kept)."""
 _ENDED = frozenset({RolloutState.HALTED, RolloutState.ABORTED})
 """Rollouts that do nothing more once every device has settled. A completed one
 still deploys to devices that come back or join its target, until a newer rollout
@@ -163,13 +166,24 @@ class RolloutManager:
         self._outbox: queue.Queue[tuple[str, Action, str] | object] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._loaded = False
+        self._resumed: list[str] = []  # loaded, not resumed yet
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Resume the rollouts a previous run left unfinished, then start ticking."""
-        now = self._clock()
-        online = {r.device_id for r in self._coordinator.fleet() if r.online}
+    def load(self) -> None:
+        """Take back the rollouts a previous run left unfinished (idempotent).
+
+        Call it before the coordinator connects: a persistent MQTT session
+        delivers what devices sent while the service was down right after the
+        connection, and those reports belong to these rollouts. Until a device is
+        sent a deploy by this process, only an ``installed`` report of it counts
+        (the module docstring's stale reports: a transfer that died with the
+        previous process reports its failure).
+        """
+        if self._loaded:
+            return
+        self._loaded = True
         for row, engine in _to_resume(self._store.rollouts()):
             try:
                 artifact = Artifact.from_bytes(self._store.artifact_bytes(row.artifact_sha256))
@@ -177,12 +191,27 @@ class RolloutManager:
             except (CoordinatorError, CompressError) as exc:
                 logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
                 continue
+            running = _Running(engine, artifact, target)
+            running.sent.update((d.device_id, _RESTORED) for d in engine.devices())
             with self._lock:
-                self._running[row.rollout_id] = _Running(engine, artifact, target)
-                actions = engine.resume_after_restart(now, online)
-                self._save(row.rollout_id, now)
-            logger.info("resumed rollout %s (%s)", row.rollout_id, engine.state)
-            self._dispatch(row.rollout_id, actions)
+                self._running[row.rollout_id] = running
+            self._resumed.append(row.rollout_id)
+
+    def start(self) -> None:
+        """Resume the loaded rollouts (:meth:`load`, done here if not yet), then tick."""
+        self.load()
+        now = self._clock()
+        online = {r.device_id for r in self._coordinator.fleet() if r.online}
+        for rollout_id in self._resumed:
+            with self._lock:
+                running = self._running.get(rollout_id)
+                if running is None:
+                    continue
+                actions = running.engine.resume_after_restart(now, online)
+                self._save(rollout_id, now)
+            logger.info("resumed rollout %s (%s)", rollout_id, running.engine.state)
+            self._dispatch(rollout_id, actions)
+        self._resumed.clear()
         for target_fn, name in (
             (self._tick_loop, "rollout-tick"),
             (self._send_loop, "rollout-send"),

@@ -173,6 +173,7 @@ class FleetService:
             StoreError: the database failed.
         """
         self._runs.recover()
+        self._rollouts.load()  # before connecting: queued reports are for these rollouts
         self._coordinator.add_listener(self._ingest.on_message)
         self._coordinator.add_listener(self._rollouts.on_message)
         self._ingest.start()

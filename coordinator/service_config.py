@@ -100,8 +100,9 @@ DEFAULT_BIND_PORT = 8780
 DEFAULT_EMBEDDED_BROKER_PORT = 1883
 """The embedded broker's default port: MQTT's, so agents on the machine find it."""
 
-DEFAULT_SESSION = "fedge-coordinator"
-"""The service's MQTT client id (a persistent session) unless ``broker.session`` says."""
+DEFAULT_SESSION = "main"
+"""The service's persistent MQTT session (client id ``coordinator:main``) unless
+``broker.session`` says otherwise."""
 
 PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
 """Environment variable holding the broker password when no password file is given."""
@@ -716,12 +717,13 @@ embedded = true
 # cert_file = "/etc/fedge/coordinator.pem"
 # key_file = "/etc/fedge/coordinator.key"
 
-# The service's MQTT client id. It keeps a persistent session: what devices send
+# The name of the service's MQTT session. It is persistent: what devices send
 # while the service is down or restarting (telemetry, presence, install reports)
 # waits in the broker and arrives when it is back, up to the broker's per-client
 # queue (mosquitto: max_queued_messages). Two services on one broker need two
-# names; "" for a clean session (nothing kept). Default: "fedge-coordinator".
-# session = "fedge-coordinator"
+# names; "" for a clean session (nothing kept). The MQTT client id is
+# "coordinator:<session>", which no device id can be. Default: "main".
+# session = "main"
 
 [trust]
 # Public keys uploaded artifacts must be signed by (from `fedge keys generate`),

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from coordinator.api.app import MIB
-from coordinator.delivery import CoordinatorConfig
+from coordinator.delivery import CoordinatorConfig, session_client_id
 from coordinator.errors import CoordinatorError, ServiceConfigError
 from coordinator.service import ServiceSettings
 from coordinator.service_config import (
@@ -22,6 +22,7 @@ from coordinator.service_config import (
     store_location,
 )
 from edge_agent.config import BrokerConfig, TrustConfig, load_config_file
+from edge_agent.protocol import is_valid_device_id
 
 FLAGS = {
     "db": "--db",
@@ -181,8 +182,8 @@ def test_the_service_keeps_a_persistent_session_with_its_broker() -> None:
     url = {**MINIMAL, "broker": {"url": "mqtt://broker.lan"}}
     config = build(url)
     assert config.broker is not None
-    assert config.broker_session == "fedge-coordinator"
-    assert config.coordinator_config(config.broker).session == "fedge-coordinator"
+    assert config.broker_session == "main"
+    assert config.coordinator_config(config.broker).session == "main"
     named = build({**url, "broker": {"url": "mqtt://broker.lan", "session": "fleet-2"}})
     assert named.coordinator_config(config.broker).session == "fleet-2"
     clean = build({**url, "broker": {"url": "mqtt://broker.lan", "session": ""}})
@@ -401,3 +402,11 @@ def test_a_coordinator_session_name_is_checked(name: str) -> None:
     with pytest.raises(CoordinatorError, match="bad session name"):
         CoordinatorConfig(broker=broker, session=name)
     assert CoordinatorConfig(broker=broker, session="fedge-coordinator.2").session
+
+
+def test_no_device_can_take_the_service_session() -> None:
+    assert session_client_id("main") == "coordinator:main"
+    assert not is_valid_device_id(session_client_id("main"))
+    fresh = {session_client_id(None) for _ in range(3)}
+    assert len(fresh) == 3  # a clean session gets a new id each time
+    assert all(not is_valid_device_id(client_id) for client_id in fresh)
