@@ -59,7 +59,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from compress.errors import CompressError
@@ -78,6 +78,7 @@ from coordinator.rollout_plan import (
     StageReleased,
     StateChanged,
 )
+from coordinator.rollout_plan import RolloutDevice as EngineDevice
 from coordinator.rollout_policy import RolloutPolicy
 from coordinator.store import RolloutDevice, RolloutRow, Store
 from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
@@ -115,6 +116,8 @@ class _Running:
     """Device -> the deployment id this process last sent it."""
     deliveries: dict[str, _Sent] = field(default_factory=dict)
     """Deployment id -> a delivery the coordinator still tracks."""
+    unsaved: bool = False
+    """A change not saved yet (only a baseline: the next tick saves it)."""
 
     def finished(self) -> list[Delivery]:
         """Pop the deliveries none of whose devices needs them any more."""
@@ -223,7 +226,9 @@ class RolloutManager:
     def stop(self) -> None:
         """Stop ticking and sending; the coordinator forgets this manager's deliveries.
 
-        State is already saved (a new manager resumes it). Idempotent.
+        State is saved (a new manager resumes it): all of it after every change
+        but a new baseline window, which the tick thread saves, and this too.
+        Idempotent.
         """
         self._stopping.set()
         self._outbox.put(_STOP)
@@ -231,6 +236,10 @@ class RolloutManager:
             thread.join(timeout=10.0)
         self._threads.clear()
         with self._lock:
+            now = self._clock()
+            for rollout_id, running in list(self._running.items()):
+                if running.unsaved:
+                    self._save(rollout_id, now)
             for running in self._running.values():
                 self._retired.extend(sent.delivery for sent in running.deliveries.values())
                 running.deliveries.clear()
@@ -445,10 +454,16 @@ class RolloutManager:
             if running is None:
                 return
             engine = running.engine
-            before = (engine.state, engine.stage, engine.device(device_id))
+            before = engine.device(device_id)
+            mark = (engine.state, engine.stage, _sans_baseline(before))
             actions = apply(engine, now)
-            if actions or before != (engine.state, engine.stage, engine.device(device_id)):
+            after = engine.device(device_id)
+            if actions or mark != (engine.state, engine.stage, _sans_baseline(after)):
                 self._save(rollout_id, now)
+            elif after != before:
+                # A new baseline window, which old-version telemetry brings every few
+                # seconds per device: saved by the tick thread, not on this one.
+                running.unsaved = True
         self._dispatch(rollout_id, actions)
 
     # --------------------------------------------------------------- the threads
@@ -482,7 +497,7 @@ class RolloutManager:
             before = running.engine.snapshot()
             actions = running.engine.tick(now)
             after = running.engine.snapshot()
-            if actions or after != before:
+            if actions or after != before or running.unsaved:
                 self._save(rollout_id, now, snapshot=after)
         self._dispatch(rollout_id, actions)
 
@@ -558,7 +573,9 @@ class RolloutManager:
 
         ``snapshot``: the engine's current snapshot, when the caller already took it.
         """
-        engine = self._running[rollout_id].engine
+        running = self._running[rollout_id]
+        running.unsaved = False
+        engine = running.engine
         rows = [
             RolloutDevice(
                 device_id=device_id,
@@ -621,6 +638,13 @@ def _on_health(
 ) -> list[Action]:
     return engine.on_health(device_id, model=model, version=version, predictions=predictions,
                             errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
+
+
+def _sans_baseline(device: EngineDevice | None) -> EngineDevice | None:
+    """The device without its baseline and change time (what a save must not wait for)."""
+    if device is None:
+        return None
+    return replace(device, baseline=None, baseline_windows=(), updated_at=0.0)
 
 
 def _settled(engine: Rollout) -> bool:

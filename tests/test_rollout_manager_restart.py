@@ -19,7 +19,15 @@ from coordinator.rollout_policy import RolloutPolicy
 from coordinator.rollouts import RolloutManager
 from coordinator.store import MEMORY, Store
 from edge_agent.config import BrokerConfig
-from edge_agent.protocol import Envelope, InstallState, InstallStatus
+from edge_agent.protocol import (
+    Envelope,
+    Histogram,
+    InstallState,
+    InstallStatus,
+    LatencyQuantiles,
+    TelemetryBatch,
+    TelemetryRecord,
+)
 from tests.fleet_support import make_artifact
 
 DEVICES = ["d1", "d2", "d3", "d4"]
@@ -30,9 +38,8 @@ def report(manager: RolloutManager, device_id: str, deployment_id: str, state: s
     manager.on_message(device_id, Envelope("a" * 32, device_id, time.time(), 1, status), 100)
 
 
-def test_reports_queued_while_down_count_once_loaded_but_not_old_failures(
-    tmp_path: Path,
-) -> None:
+def stored(tmp_path: Path) -> tuple[Store, tuple[str, ...]]:
+    """A store holding rollout ``ro-1`` of digits v2 to DEVICES, its canary released."""
     store = Store.open(MEMORY, artifact_dir=tmp_path / "artifacts")
     data = make_artifact(tmp_path, generate_signing_key(), version=2).read_bytes()
     manifest = Artifact.from_bytes(data).manifest
@@ -43,14 +50,30 @@ def test_reports_queued_while_down_count_once_loaded_but_not_old_failures(
     engine = Rollout(rollout_id="ro-1", artifact=RolloutArtifact("digits", 2, sha), policy=policy,
                      devices=DEVICES, online=DEVICES, seed=1, now=now)  # fmt: skip
     engine.start(now)
-    canary = engine.stage_devices(0)
     store.create_rollout("ro-1", artifact_sha256=sha, target="all", policy=policy.to_json(),
                          state=str(engine.state), snapshot=engine.snapshot(),
                          created_by="test", at=now)  # fmt: skip
+    return store, engine.stage_devices(0)
 
-    # Never connected: only what load() and the listener do is exercised.
+
+def never_connected(store: Store) -> RolloutManager:
+    """A manager whose coordinator never connects: only load() and the listener run."""
     coordinator = Coordinator(CoordinatorConfig(broker=BrokerConfig("127.0.0.1", 1, False)))
-    manager = RolloutManager(coordinator, store)
+    return RolloutManager(coordinator, store)
+
+
+def loaded(tmp_path: Path) -> tuple[Store, RolloutManager, tuple[str, ...]]:
+    store, canary = stored(tmp_path)
+    manager = never_connected(store)
+    manager.load()
+    return store, manager, canary
+
+
+def test_reports_queued_while_down_count_once_loaded_but_not_old_failures(
+    tmp_path: Path,
+) -> None:
+    store, canary = stored(tmp_path)
+    manager = never_connected(store)
     report(manager, canary[0], "ro-1.old", "installed")  # before load: not ours yet
     assert manager.summary("ro-1") is None
     manager.load()
@@ -66,4 +89,28 @@ def test_reports_queued_while_down_count_once_loaded_but_not_old_failures(
     report(manager, canary[0], "ro-1.old", "installed")  # an installed report always counts
     states = {row.device_id: row.state for row in store.rollout_devices("ro-1")}
     assert states[canary[0]] == "installed"
+    store.close()
+
+
+def test_a_new_baseline_window_is_saved_by_the_tick_not_on_the_network_thread(
+    tmp_path: Path,
+) -> None:
+    store, manager, canary = loaded(tmp_path)
+    saved = store.rollout("ro-1")
+    assert saved is not None
+    window = TelemetryRecord(
+        window_start=1.0, window_end=2.0, model="digits", version=1, predictions=50, errors=0,
+        latency_ms=LatencyQuantiles(1.0, 2.0, 3.0), histogram=Histogram((1.0,), (50, 0)),
+        cpu_percent=1.0, memory_bytes=1, uptime_s=1.0,
+    )  # fmt: skip
+    batch = TelemetryBatch(seq=1, records=(window,))
+    manager.on_message(canary[0], Envelope("b" * 32, canary[0], time.time(), 1, batch), 100)
+    again = store.rollout("ro-1")
+    assert again is not None
+    assert again.updated_at == saved.updated_at  # not saved by the event itself
+    manager.stop()  # what a tick would do: the baseline is saved
+    stored = store.rollout("ro-1")
+    assert stored is not None
+    (device,) = [d for d in stored.snapshot["devices"] if d["device_id"] == canary[0]]
+    assert [w["p95_ms"] for w in device["baseline_windows"]] == [2.0]
     store.close()
