@@ -27,7 +27,10 @@ and logged. What arrived in the last ``flush_s`` before the process was killed i
 lost with it. Presence keeps every online/offline change (a device that drops and
 comes back between two flushes leaves both changes in the history); repeated
 statuses of the same state keep only the latest, and a device flapping more than
-:data:`MAX_CHANGES` times between two flushes loses its oldest changes (counted).
+:data:`MAX_CHANGES` times between two flushes loses its oldest changes (logged).
+A change is dated when it arrives: changes the broker kept while the service was
+down all carry the time it came back (a Last Will's own timestamp is when the
+device connected, not when it went away).
 
 Fleet latency quantiles come from the latency histograms of the windows received
 in the last ``latency_window_s`` seconds, summed bucket by bucket (agents share

@@ -16,7 +16,8 @@ a bad target, :class:`~coordinator.errors.TrainingError` for a bad run request.
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,11 +60,15 @@ class Actor:
 
 
 def _login() -> str:
-    """The operating-system user running this process (``unknown`` if none can be told)."""
+    """The account this process runs as (``uid<N>`` when it has no name).
+
+    From the effective uid, not ``$USER``/``$LOGNAME`` (which anyone can set).
+    """
+    uid = os.geteuid()
     try:
-        return getpass.getuser() or "unknown"
-    except (OSError, KeyError):  # no login name, no passwd entry (some containers)
-        return "unknown"
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry (some containers)
+        return f"uid{uid}"
 
 
 CLI_ACTOR = Actor(f"cli:{_login()}", Role.OPERATOR)

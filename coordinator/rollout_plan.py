@@ -100,7 +100,8 @@ not restart it). A single-stage rollout puts newcomers in the canary. Halted and
 aborted rollouts take no newcomers; a completed one deploys to them.
 
 Health (:meth:`~Rollout.on_health`): telemetry windows of another version of the
-model update the device's baseline (the latest window with enough calls); windows
+model update the device's baseline (its last :data:`BASELINE_WINDOWS` windows with
+enough calls, combined by :func:`combine_baseline`); windows
 of the rollout's version from an installed device are judged against it (see
 :class:`~coordinator.rollout_policy.HealthPolicy`).
 """
@@ -595,8 +596,9 @@ class Rollout:
         # Online devices first, each group shuffled with the seed: a canary made of
         # offline devices would have nothing to report and hold the rollout.
         shuffle = random.Random(seed).shuffle  # noqa: S311 (a reproducible order, no secret)
-        present = sorted(i for i in ids if i in online)
-        absent = sorted(i for i in ids if i not in online)
+        up = set(online)
+        present = sorted(i for i in ids if i in up)
+        absent = sorted(i for i in ids if i not in up)
         shuffle(present)
         shuffle(absent)
         order = present + absent
@@ -613,7 +615,7 @@ class Rollout:
         for index, size in enumerate(sizes):
             for device_id in order[start : start + size]:
                 self._devices[device_id] = RolloutDevice(
-                    device_id, index, online=device_id in online, updated_at=now
+                    device_id, index, online=device_id in up, updated_at=now
                 )
             start += size
         self._stages = [_Stage() for _ in sizes]

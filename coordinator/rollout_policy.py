@@ -308,8 +308,9 @@ class HealthPolicy:
     Each telemetry window of the new version with at least ``min_predictions``
     inference calls (successful and failed ones: the agent counts failed calls
     apart from ``predictions``, and a model failing every call must still be
-    judged) is compared with the device's *baseline*, the latest such window of
-    the model it served before.
+    judged) is compared with the device's *baseline*: its last five such windows
+    of the model it served before, calls summed and the median of their p95s
+    (:func:`~coordinator.rollout_plan.combine_baseline`).
 
     Attributes:
         max_error_rate: Largest allowed increase of the error rate (failed calls

@@ -40,7 +40,7 @@ dropped (ended and settled, or a completed one superseded). The tick thread does
 the forgetting, outside the manager's lock.
 
 Health baselines. The engine judges a device's telemetry on the new version
-against the device's latest window of the version it served before. Agents send
+against the device's recent windows of the version it served before. Agents send
 telemetry every few seconds and a canary device installs at once, so the manager
 feeds each device's newest stored windows of the version it served before (up
 to five, each with enough calls, received within ``baseline_window_s``, an hour

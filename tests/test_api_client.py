@@ -10,8 +10,9 @@ the wrong shape).
 
 from __future__ import annotations
 
-import getpass
 import hashlib
+import os
+import pwd
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -410,5 +411,5 @@ def test_rows_compare_equal_after_replace(client: ApiClient, ops: FakeOperations
 
 
 def test_a_local_operator_is_named_by_their_login() -> None:
-    assert CLI_ACTOR.name == f"cli:{getpass.getuser()}"
+    assert CLI_ACTOR.name == f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
     assert CLI_ACTOR.role is Role.OPERATOR

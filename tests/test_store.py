@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import threading
@@ -365,6 +366,12 @@ def test_bad_telemetry_batch_is_refused_whole(store: Store) -> None:
     with pytest.raises(StoreError, match="pi-2"):
         store.add_telemetry([window(), window("pi-2", p95=math.nan)])
     assert store.telemetry_count() == 0
+    # Only a window stored already is skipped; a row the schema refuses is an error.
+    broken = dataclasses.replace(window(seq=7), device_id=None)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="NOT NULL"):
+        store.add_telemetry([window(), broken])
+    assert store.telemetry_count() == 0
+    assert store.add_telemetry([window(), window()]) == 1
 
 
 def test_prune_by_rows_and_age(store: Store) -> None:
@@ -414,6 +421,9 @@ def test_baselines_are_the_newest_windows_of_the_version_served_before(store: St
     old = store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=["pi-3"])
     assert old.keys() == {"pi-3"}
     assert store.baselines("digits", other_than=3, min_calls=10, since=0.0, device_ids=[]) == {}
+    many = [f"x{i:04d}" for i in range(1200)] + ["pi-1", "pi-2"]  # more than one IN list
+    assert seqs(store.baselines("digits", other_than=3, min_calls=10, since=50.0,
+                                device_ids=many)) == seqs(found)  # fmt: skip
     assert [r.version for r in store.baselines("digits", other_than=2, min_calls=1,
                                                since=50.0)["pi-1"]] == [3]  # fmt: skip
     with pytest.raises(ValueError, match="windows"):

@@ -63,6 +63,10 @@ def _telemetry(row: sqlite3.Row) -> TelemetryRow:
     )
 
 
+_IN_SLICE = 500
+"""Device ids per ``IN (...)`` list (SQLite allows 32,766 variables a statement)."""
+
+
 def _telemetry_params(row: TelemetryRow) -> tuple[Any, ...]:
     check_finite(
         f"telemetry of {row.device_id!r}",
@@ -254,10 +258,11 @@ class FleetTables:
         if not params:
             return 0
         with self._db.transaction() as conn:
-            cursor = conn.executemany(
-                "INSERT OR IGNORE INTO telemetry (device_id, received_at, window_start, "
+            cursor = conn.executemany(  # only the window index may skip a row
+                "INSERT INTO telemetry (device_id, received_at, window_start, "
                 "window_end, model, version, predictions, errors, p50, p95, p99, cpu_percent, "
-                "memory_bytes, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "memory_bytes, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 params,
             )
             return int(cursor.rowcount)
@@ -388,25 +393,31 @@ class FleetTables:
         """
         if windows < 1:
             raise ValueError(f"windows must be at least 1, got {windows}")
-        query = (
+        base = (
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY device_id "
             "ORDER BY window_end DESC, id DESC) AS newest FROM telemetry "
             "WHERE model = ? AND version IS NOT NULL AND version != ? "
-            "AND predictions + errors >= ? AND received_at >= ?"
+            "AND predictions + errors >= ? AND received_at >= ?{}"
+            ") WHERE newest <= ? ORDER BY device_id, newest DESC"
         )
         params: list[Any] = [model, other_than, min_calls, since]
-        if device_ids is not None:
+        if device_ids is None:
+            queries = [(base.format(""), [*params, windows])]
+        else:  # in slices: SQLite limits the variables of one statement
             wanted = sorted(set(device_ids))
-            if not wanted:
-                return {}
-            query += f" AND device_id IN ({', '.join('?' * len(wanted))})"
-            params += wanted
-        query += ") WHERE newest <= ? ORDER BY device_id, newest DESC"
-        with self._db.read() as conn:
-            rows = conn.execute(query, [*params, windows]).fetchall()
+            slices = [wanted[i : i + _IN_SLICE] for i in range(0, len(wanted), _IN_SLICE)]
+            queries = [
+                (
+                    base.format(f" AND device_id IN ({', '.join('?' * len(part))})"),
+                    [*params, *part, windows],
+                )
+                for part in slices
+            ]
         found: dict[str, list[TelemetryRow]] = {}
-        for row in rows:
-            found.setdefault(row["device_id"], []).append(_telemetry(row))
+        with self._db.read() as conn:
+            for query, values in queries:
+                for row in conn.execute(query, values).fetchall():
+                    found.setdefault(row["device_id"], []).append(_telemetry(row))
         # Oldest first, only those of the version the newest window served.
         return {
             device_id: [r for r in taken if r.version == taken[-1].version]

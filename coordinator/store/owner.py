@@ -58,8 +58,12 @@ class OwnerClaim:
         except OSError as exc:
             os.close(fd)
             raise StoreError(f"cannot lock {self.path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot write {self.path}: {exc}") from exc
         self._fd: int | None = fd
         logger.debug("claimed %s", database)
 
