@@ -366,11 +366,12 @@ def test_a_tag_rollout_takes_devices_joining_the_tag_and_offline_ones_catch_up(
     assert devices == dict.fromkeys([*lab, away, joiner], "installed")
 
 
+@pytest.mark.parametrize("session", ["fedge-test", None])
 def test_what_devices_send_while_the_service_is_down_arrives_when_it_is_back(
-    tmp_path: Path, key: SigningKey, fleet: Fleet, broker: Mosquitto
+    tmp_path: Path, key: SigningKey, fleet: Fleet, broker: Mosquitto, session: str | None
 ) -> None:
     devices = DEVICES[:5]
-    first = open_service(tmp_path, broker, key, session="fedge-test")
+    first = open_service(tmp_path, broker, key, session=session)
     try:
         for device in devices:
             fleet.start(device)
@@ -380,10 +381,15 @@ def test_what_devices_send_while_the_service_is_down_arrives_when_it_is_back(
         first.store.close()
     time.sleep(3.0)  # the agents send windows while nobody listens
     fleet.agents[devices[0]].stop()  # and one goes offline meanwhile
-    second = open_service(tmp_path, broker, key, session="fedge-test")
+    second = open_service(tmp_path, broker, key, session=session)
     try:
         sent = fleet.stop_agents()
         assert sent >= 5 * 3
+        if session is None:  # a clean session: the broker kept nothing meanwhile
+            time.sleep(1.0)
+            assert second.ingest.counts().received == 0
+            assert second.store.telemetry_count() <= sent - 5 * 2  # ~3 s of 5 agents lost
+            return
         wait_for(lambda: second.store.telemetry_count() == sent, what="every window stored")
         time.sleep(0.5)  # nothing more, nothing twice
         assert second.store.telemetry_count() == sent
