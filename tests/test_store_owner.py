@@ -14,7 +14,8 @@ import pytest
 
 from coordinator.errors import DatabaseInUseError
 from coordinator.service import open_store
-from coordinator.store import MEMORY, Store
+from coordinator.store import MEMORY, MIGRATIONS, SCHEMA_VERSION, Database, Store
+from coordinator.store.owner import OwnerClaim, holder
 
 
 def test_a_second_owner_in_this_process_is_refused_until_the_first_closes(
@@ -79,3 +80,18 @@ def test_an_in_memory_store_claims_nothing(tmp_path: Path) -> None:
     ):
         assert one.devices() == two.devices() == []
     assert list(tmp_path.glob("*.owner")) == []
+
+
+def test_a_reader_does_not_upgrade_the_schema_under_a_running_service(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    Database(db, migrations=MIGRATIONS[:1]).close()  # as an older fedge left it
+    claim = OwnerClaim(db)  # that older service, still running
+    try:
+        assert holder(db) == os.getpid()
+        with pytest.raises(DatabaseInUseError, match="needs a schema upgrade"):
+            Store.open(db)  # e.g. a newer `fedge coordinator token create`
+    finally:
+        claim.release()
+    assert holder(db) is None
+    with Store.open(db) as store:  # nobody runs it: the upgrade goes ahead
+        assert store.database.user_version == SCHEMA_VERSION

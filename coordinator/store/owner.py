@@ -24,7 +24,7 @@ from pathlib import Path
 
 from coordinator.errors import DatabaseInUseError, StoreError
 
-__all__ = ["OwnerClaim"]
+__all__ = ["OwnerClaim", "holder"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,30 @@ class OwnerClaim:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the descriptor drops the flock
+
+
+def holder(database: Path) -> int | None:
+    """Tell whether another process has claimed ``database``.
+
+    Returns:
+        None if nobody holds the claim; else the holder's pid (0 if unknown).
+    """
+    path = database.with_name(database.name + ".owner")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # never claimed (or unreadable: nothing to protect then)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from coordinator.errors import StoreError
+from coordinator.errors import DatabaseInUseError, StoreError
 from coordinator.store.access import AccessTables
 from coordinator.store.database import MEMORY, Database
 from coordinator.store.deploy import DeployTables
 from coordinator.store.fleet import FleetTables
-from coordinator.store.owner import OwnerClaim
+from coordinator.store.owner import OwnerClaim, holder
 from coordinator.store.runs import RunTables
-from coordinator.store.schema import MIGRATIONS
+from coordinator.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["ARTIFACT_DIR_NAME", "Store"]
 
@@ -69,7 +70,9 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
 
         Raises:
             ValueError: ``":memory:"`` without ``artifact_dir``.
-            DatabaseInUseError: ``owner`` and another process has claimed it.
+            DatabaseInUseError: ``owner`` and another process has claimed it; or,
+                without ``owner``, the database needs a schema upgrade while a
+                process (an older service) holds it.
             SchemaVersionError: The database is newer than this code.
             MigrationError: A migration step failed (rolled back).
             StoreError: The database or the directory cannot be opened.
@@ -78,6 +81,8 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
             if path == MEMORY:
                 raise ValueError("an in-memory store needs an artifact_dir")
             artifact_dir = Path(path).parent / ARTIFACT_DIR_NAME
+        if not owner and path != MEMORY:
+            _refuse_to_migrate_under_a_holder(Path(path))
         claim = OwnerClaim(Path(path)) if owner and path != MEMORY else None
         try:
             database = Database(
@@ -121,3 +126,34 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _refuse_to_migrate_under_a_holder(path: Path) -> None:
+    """Raise if ``path`` needs a migration while another process runs it.
+
+    A newer fedge (``fedge coordinator token ...``) would change the schema under
+    an older service that is still writing the old one.
+
+    Raises:
+        DatabaseInUseError: as said.
+    """
+    if not path.exists():
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return  # Database reports what is wrong with the file
+    if version >= SCHEMA_VERSION:
+        return
+    pid = holder(path)
+    if pid is not None:
+        who = f"pid {pid}" if pid else "another process"
+        raise DatabaseInUseError(
+            f"{path} needs a schema upgrade (version {version} to {SCHEMA_VERSION}) but a "
+            f"running coordinator ({who}) holds it: stop it, start this fedge's service on "
+            "it, then try again"
+        )
