@@ -6,8 +6,12 @@ telemetry windows, presence, devices that join the target), calls
 :meth:`~coordinator.rollout_plan.Rollout.tick` every ``tick_s`` seconds, sends the
 ``deploy`` and ``rollback`` commands the engine asks for through the
 :class:`~coordinator.delivery.Coordinator`, and saves the engine's snapshot and
-per-device rows in the :class:`~coordinator.store.Store` after every change, so a
-service killed at any moment resumes its rollouts where they were.
+per-device rows in the :class:`~coordinator.store.Store`: at once when the
+rollout's state or stage changes or a command goes out, and within a tick when
+only a device's progress (or its health baseline) changed, since a large fleet
+reports those by the thousand on the network thread. A service killed at any
+moment resumes its rollouts where they were; the progress of its last tick is
+asked for again by the deploys it re-sends.
 
 Workflow::
 
@@ -59,7 +63,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
@@ -78,7 +82,6 @@ from coordinator.rollout_plan import (
     StageReleased,
     StateChanged,
 )
-from coordinator.rollout_plan import RolloutDevice as EngineDevice
 from coordinator.rollout_policy import RolloutPolicy
 from coordinator.store import RolloutDevice, RolloutRow, Store
 from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
@@ -117,7 +120,7 @@ class _Running:
     deliveries: dict[str, _Sent] = field(default_factory=dict)
     """Deployment id -> a delivery the coordinator still tracks."""
     unsaved: bool = False
-    """A change not saved yet (only a baseline: the next tick saves it)."""
+    """A device's change not saved yet (the next tick saves it)."""
 
     def finished(self) -> list[Delivery]:
         """Pop the deliveries none of whose devices needs them any more."""
@@ -321,6 +324,13 @@ class RolloutManager:
             running = self._running.get(rollout_id)
             return running.engine.summary() if running is not None else None
 
+    def devices(self, rollout_id: str) -> list[RolloutDevice] | None:
+        """The devices of a rollout this process runs, as they stand now (None
+        otherwise; the store may be up to a tick behind)."""
+        with self._lock:
+            running = self._running.get(rollout_id)
+            return _device_rows(running.engine) if running is not None else None
+
     def _operate(
         self, rollout_id: str, operation: Callable[[Rollout, float], list[Action]]
     ) -> None:
@@ -454,15 +464,14 @@ class RolloutManager:
             if running is None:
                 return
             engine = running.engine
-            before = engine.device(device_id)
-            mark = (engine.state, engine.stage, _sans_baseline(before))
+            before = (engine.state, engine.stage, engine.device(device_id))
             actions = apply(engine, now)
-            after = engine.device(device_id)
-            if actions or mark != (engine.state, engine.stage, _sans_baseline(after)):
+            if actions or before[:2] != (engine.state, engine.stage):
                 self._save(rollout_id, now)
-            elif after != before:
-                # A new baseline window, which old-version telemetry brings every few
-                # seconds per device: saved by the tick thread, not on this one.
+            elif before[2] != engine.device(device_id):
+                # One device's progress, or a new baseline window: the fleet sends
+                # these by the thousand in a large rollout, so the tick thread saves
+                # them (within tick_s; what a kill loses meanwhile, resume asks again).
                 running.unsaved = True
         self._dispatch(rollout_id, actions)
 
@@ -576,21 +585,11 @@ class RolloutManager:
         running = self._running[rollout_id]
         running.unsaved = False
         engine = running.engine
-        rows = [
-            RolloutDevice(
-                device_id=device_id,
-                stage=row.stage,
-                state=str(row.state),
-                updated_at=row.updated_at,
-                detail={"detail": row.detail} if row.detail else {},
-            )
-            for device_id, row in engine.device_states().items()
-        ]
         self._store.save_rollout(
             rollout_id,
             state=str(engine.state),
             snapshot=snapshot if snapshot is not None else engine.snapshot(),
-            devices=rows,
+            devices=_device_rows(engine),
             at=now,
         )
         if engine.state in _ENDED and _settled(engine):
@@ -640,11 +639,19 @@ def _on_health(
                             errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
 
 
-def _sans_baseline(device: EngineDevice | None) -> EngineDevice | None:
-    """The device without its baseline and change time (what a save must not wait for)."""
-    if device is None:
-        return None
-    return replace(device, baseline=None, baseline_windows=(), updated_at=0.0)
+def _device_rows(engine: Rollout) -> list[RolloutDevice]:
+    """The engine's devices as the store keeps them, by stage then id."""
+    rows = [
+        RolloutDevice(
+            device_id=device_id,
+            stage=row.stage,
+            state=str(row.state),
+            updated_at=row.updated_at,
+            detail={"detail": row.detail} if row.detail else {},
+        )
+        for device_id, row in engine.device_states().items()
+    ]
+    return sorted(rows, key=lambda r: (r.stage, r.device_id))
 
 
 def _settled(engine: Rollout) -> bool:

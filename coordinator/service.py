@@ -334,7 +334,8 @@ class FleetService:
         summary = self._rollouts.summary(rollout_id)
         if summary is None:  # not running in this process: from its saved state
             summary = Rollout.restore(row.snapshot).summary()
-        devices = tuple(self._store.rollout_devices(rollout_id))
+        live = self._rollouts.devices(rollout_id)
+        devices = tuple(live if live is not None else self._store.rollout_devices(rollout_id))
         return RolloutView(rollout=row.info(), devices=devices, summary=dict(summary))
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
@@ -432,7 +433,7 @@ class FleetService:
             if summary is not None:
                 stage = summary.get("stage")
                 stages[row.rollout_id] = stage if isinstance(stage, int) else 0
-                for device in self._store.rollout_devices(row.rollout_id):
+                for device in self._rollouts.devices(row.rollout_id) or ():
                     place = (row.rollout_id, device.state)
                     progress[place] = progress.get(place, 0) + 1
         runs = self._store.runs()

@@ -83,16 +83,17 @@ def test_reports_queued_while_down_count_once_loaded_but_not_old_failures(
     summary = manager.summary("ro-1")
     assert summary is not None
     assert summary["state"] == RolloutState.RUNNING
-    states = {row.device_id: row.state for row in store.rollout_devices("ro-1")}
+    states = {row.device_id: row.state for row in manager.devices("ro-1") or ()}
     assert states[canary[0]] == "pending"  # the old failure did not count
     assert states[canary[1]] == "installed"
     report(manager, canary[0], "ro-1.old", "installed")  # an installed report always counts
+    manager.stop()  # saves what the tick thread would have saved
     states = {row.device_id: row.state for row in store.rollout_devices("ro-1")}
-    assert states[canary[0]] == "installed"
+    assert (states[canary[0]], states[canary[1]]) == ("installed", "installed")
     store.close()
 
 
-def test_a_new_baseline_window_is_saved_by_the_tick_not_on_the_network_thread(
+def test_device_progress_is_saved_by_the_tick_not_on_the_network_thread(
     tmp_path: Path,
 ) -> None:
     store, manager, canary = loaded(tmp_path)
@@ -105,12 +106,16 @@ def test_a_new_baseline_window_is_saved_by_the_tick_not_on_the_network_thread(
     )  # fmt: skip
     batch = TelemetryBatch(seq=1, records=(window,))
     manager.on_message(canary[0], Envelope("b" * 32, canary[0], time.time(), 1, batch), 100)
+    report(manager, canary[1], "ro-1.old", "installed")  # a device's progress, likewise
     again = store.rollout("ro-1")
     assert again is not None
-    assert again.updated_at == saved.updated_at  # not saved by the event itself
-    manager.stop()  # what a tick would do: the baseline is saved
+    assert again.updated_at == saved.updated_at  # not saved by the events themselves
+    live = {row.device_id: row.state for row in manager.devices("ro-1") or ()}
+    assert live[canary[1]] == "installed"  # what the API shows meanwhile
+    manager.stop()  # what a tick would do: the baseline and the progress are saved
     stored = store.rollout("ro-1")
     assert stored is not None
     (device,) = [d for d in stored.snapshot["devices"] if d["device_id"] == canary[0]]
     assert [w["p95_ms"] for w in device["baseline_windows"]] == [2.0]
+    assert {r.device_id: r.state for r in store.rollout_devices("ro-1")}[canary[1]] == "installed"
     store.close()
