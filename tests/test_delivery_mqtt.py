@@ -335,7 +335,9 @@ def test_broker_restart_in_the_middle_of_a_transfer(
             assert len(artifact.payload) > 20 * 1024
             delivery = operator.deploy(artifact, Target.parse("all"))
             wait_for(lambda: restarted, what="the broker to go down mid-transfer")
-            assert all(a.model is None for a in agents)
+            # The first agent is mid-transfer; the second, on its own thread, may have
+            # taken the whole broadcast already (2 cores, both busy), or not.
+            assert agents[0].model is None
             broker.start()
             result = operator.wait(delivery, timeout=60)
         finally:
