@@ -407,10 +407,9 @@ class RolloutDevice:
         deployed_at: When it was last sent the deploy (the install timeout counts
             from here), or None.
         installed_at: When it last reported ``installed``, or None.
-        baseline: The device's health on the version it served before: its
-            :attr:`baseline_windows` combined (:func:`combine_baseline`), or None.
-        baseline_windows: Its latest qualifying windows of that version, oldest
-            first, at most :data:`BASELINE_WINDOWS`.
+        baseline_windows: Its latest qualifying windows of the version it served
+            before, oldest first, at most :data:`BASELINE_WINDOWS` (see
+            :attr:`baseline`).
         last_health: Latest qualifying window of the rollout's version, or None.
         detail: Error code, health verdict or timeout explanation, or None.
         updated_at: Coordinator clock of the last change.
@@ -426,11 +425,16 @@ class RolloutDevice:
     released_at: float | None = None
     deployed_at: float | None = None
     installed_at: float | None = None
-    baseline: HealthSample | None = None
     baseline_windows: tuple[HealthSample, ...] = ()
     last_health: HealthSample | None = None
     detail: str | None = None
     updated_at: float = 0.0
+
+    @property
+    def baseline(self) -> HealthSample | None:
+        """Its health on the version it served before: :attr:`baseline_windows`
+        combined (:func:`combine_baseline`), or None without any."""
+        return combine_baseline(self.baseline_windows) if self.baseline_windows else None
 
     @property
     def status(self) -> DeviceStatus:
@@ -464,7 +468,6 @@ class RolloutDevice:
             "released_at": self.released_at,
             "deployed_at": self.deployed_at,
             "installed_at": self.installed_at,
-            "baseline": None if self.baseline is None else self.baseline.to_json(),
             "baseline_windows": [w.to_json() for w in self.baseline_windows],
             "last_health": None if self.last_health is None else self.last_health.to_json(),
             "detail": self.detail,
@@ -475,9 +478,9 @@ class RolloutDevice:
     def from_json(cls, data: Mapping[str, Any]) -> RolloutDevice:
         """Rebuild from :meth:`to_json`."""
         marker = data["marker"]
-        baseline = HealthSample.from_json(data["baseline"])
-        # Snapshots before baseline_windows kept the one window as the baseline.
-        windows = data.get("baseline_windows", [] if baseline is None else [data["baseline"]])
+        windows = data.get("baseline_windows")
+        if windows is None:  # saved before the windows were kept: one window, "baseline"
+            windows = [] if data["baseline"] is None else [data["baseline"]]
         return cls(
             device_id=str(data["device_id"]),
             stage=int(data["stage"]),
@@ -489,7 +492,6 @@ class RolloutDevice:
             released_at=_opt_float(data["released_at"]),
             deployed_at=_opt_float(data["deployed_at"]),
             installed_at=_opt_float(data["installed_at"]),
-            baseline=baseline,
             baseline_windows=tuple(_samples(windows)),
             last_health=HealthSample.from_json(data["last_health"]),
             detail=None if data["detail"] is None else str(data["detail"]),
@@ -1029,8 +1031,7 @@ class Rollout:
         if version != self.artifact.version:
             kept = [w for w in device.baseline_windows if w.version == version]
             windows = (*kept[-(BASELINE_WINDOWS - 1) :], sample)
-            self._put(replace(device, baseline=combine_baseline(windows),
-                              baseline_windows=windows), now)  # fmt: skip
+            self._put(replace(device, baseline_windows=windows), now)
             return []
         if device.marker is not None or device.install is not DeviceState.INSTALLED:
             return []

@@ -72,6 +72,7 @@ from coordinator.deployment import IN_PROGRESS_STATES, DeviceState
 from coordinator.errors import CoordinatorError, NotFoundError, RolloutError, StoreError
 from coordinator.fleet import Target
 from coordinator.rollout_plan import (
+    BASELINE_WINDOWS,
     Action,
     Deploy,
     Marker,
@@ -229,9 +230,8 @@ class RolloutManager:
     def stop(self) -> None:
         """Stop ticking and sending; the coordinator forgets this manager's deliveries.
 
-        State is saved (a new manager resumes it): all of it after every change
-        but a new baseline window, which the tick thread saves, and this too.
-        Idempotent.
+        State is saved (a new manager resumes it): what the tick thread had not
+        saved yet (device progress, baselines) is saved here. Idempotent.
         """
         self._stopping.set()
         self._outbox.put(_STOP)
@@ -407,13 +407,14 @@ class RolloutManager:
                 self._event(rid, device_id, health)
 
     def _seed_baselines(self, engine: Rollout, device_ids: list[str], now: float) -> None:
-        """Give the engine each device's stored baseline window (module docstring)."""
+        """Give the engine each device's stored baseline windows (module docstring)."""
         try:
             baselines = self._store.baselines(
                 engine.artifact.model,
                 other_than=engine.artifact.version,
                 min_calls=engine.policy.health.min_predictions,
                 since=now - self._baseline_window_s,
+                windows=BASELINE_WINDOWS,
                 device_ids=device_ids,
             )
         except StoreError as exc:

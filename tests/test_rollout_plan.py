@@ -415,8 +415,9 @@ def test_a_snapshot_without_baseline_windows_still_restores() -> None:
     rollout, dev = canary_one()
     health(rollout, dev, T0, version=2, p95_ms=10.0)
     snapshot = json.loads(json.dumps(rollout.snapshot()))
-    for device in snapshot["devices"]:
-        del device["baseline_windows"]  # as saved before the windows were kept
+    for device in snapshot["devices"]:  # as saved before the windows were kept
+        windows = device.pop("baseline_windows")
+        device["baseline"] = windows[0] if windows else None
     restored = Rollout.restore(snapshot)
     assert restored.snapshot() == rollout.snapshot()
 

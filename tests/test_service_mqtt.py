@@ -228,6 +228,7 @@ class Traffic:
 
     def __init__(self, agents: Sequence[Agent]) -> None:
         self.calls = 0
+        self.refused = 0  # calls while an agent is between two models
         self._agents = agents
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
@@ -241,7 +242,7 @@ class Traffic:
                     agent.predict(inputs)
                     self.calls += 1
                 except AgentError:
-                    pass  # between models while installing
+                    self.refused += 1  # between models while installing; not judged here
 
     def close(self) -> None:
         self._done.set()

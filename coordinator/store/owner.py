@@ -39,7 +39,7 @@ class OwnerClaim:
             DatabaseInUseError: another process holds the claim.
             StoreError: the claim file cannot be opened.
         """
-        self.path = database.with_name(database.name + ".owner")
+        self.path = _claim_file(database)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -80,7 +80,7 @@ def holder(database: Path) -> int | None:
     Returns:
         None if nobody holds the claim; else the holder's pid (0 if unknown).
     """
-    path = database.with_name(database.name + ".owner")
+    path = _claim_file(database)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -96,6 +96,10 @@ def holder(database: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _claim_file(database: Path) -> Path:
+    return database.with_name(database.name + ".owner")
 
 
 def _read_pid(fd: int) -> int | None:
