@@ -3,11 +3,11 @@
 Builds a realistic artifact: the digits MLP 64-512-512-10 (scikit-learn, as in
 ``benchmarks/quantization.py``), exported to ONNX, quantized to int8 (static, calibrated
 on training rows) and signed with a throwaway key by
-:func:`coordinator.packaging.package_model`. Then, in one run:
+:func:`coordinator.delivery.packaging.package_model`. Then, in one run:
 
 * **memory**: a real ``fedge-agent run`` process (``python -m edge_agent.cli run``,
   local HTTP endpoint on) connects to a mosquitto broker (loopback, the shipped ACL,
-  passwords), gets the artifact from a :class:`coordinator.delivery.Coordinator`,
+  passwords), gets the artifact from a :class:`coordinator.link.hub.Coordinator`,
   installs it and answers ``--requests`` predictions over ``POST /v1/predict``; its
   ``VmRSS`` / ``VmHWM`` are read from ``/proc/<pid>/status``. The baseline is a bare
   python process that imports onnxruntime, loads the same model bytes into an
@@ -63,13 +63,13 @@ from _support import (
 from compress.families import INPUT_NAME
 from compress.keys import generate_signing_key, save_keypair
 from compress.onnx_export import export_onnx
-from coordinator.datasets import load_digits_split, train_reference_mlp
-from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig
-from coordinator.deployment import DeviceState
-from coordinator.fleet import Target
-from coordinator.packaging import LabelledData, PackageRequest, package_model
+from coordinator.delivery.packaging import LabelledData, PackageRequest, package_model
+from coordinator.delivery.tracker import DeviceState
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.sim.datasets import load_digits_split, train_reference_mlp
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BrokerConfig, TrustConfig
+from edge_agent.config.agent import AgentConfig, BrokerConfig, TrustConfig
 
 DEFAULT_OUT = Path("benchmarks/results/agent_overhead.json")
 DEVICE_ID = "bench-agent"

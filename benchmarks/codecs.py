@@ -31,13 +31,13 @@ from _support import argument_parser, environment, mosquitto, password, write_js
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key, save_keypair
-from coordinator.datasets import load_digits_split
-from coordinator.delivery import Coordinator, CoordinatorConfig
-from coordinator.federated import TrainingConfig, TrainingResult, run_training
-from coordinator.packaging import LabelledData
-from coordinator.simulation import LocalFleet, write_shards
-from coordinator.strategies import build_strategy
-from edge_agent.config import BrokerConfig
+from coordinator.delivery.packaging import LabelledData
+from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.strategies import build_strategy
+from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.sim.datasets import load_digits_split
+from coordinator.sim.local_fleet import LocalFleet, write_shards
+from edge_agent.config.agent import BrokerConfig
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "codecs.json"
 DEFAULT_CODECS = (

@@ -3,7 +3,7 @@
 For each client count in ``--clients`` (default 10, 100, 1000), the same workload
 runs twice, one after the other:
 
-* **fedge**: :func:`coordinator.simulate.run_simulation` through a real mosquitto
+* **fedge**: :func:`coordinator.sim.simulate.run_simulation` through a real mosquitto
   (127.0.0.1, anonymous): one real agent per client, each with its own MQTT
   connection and data directory, weights broadcast once per round, updates back over
   MQTT (fp32), FedAvg via Flower's strategy through fedge's MqttGrid.
@@ -50,11 +50,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation as flower_simulation
 
 from compress.families import init_weights
-from coordinator.federated import evaluate_weights
-from coordinator.packaging import LabelledData
-from coordinator.simulate import SimulationConfig, load_dataset, run_simulation
-from coordinator.simulate import partition as split
-from coordinator.simulation import save_shards
+from coordinator.delivery.packaging import LabelledData
+from coordinator.federated.runs import evaluate_weights
+from coordinator.sim.local_fleet import save_shards
+from coordinator.sim.simulate import SimulationConfig, load_dataset, run_simulation
+from coordinator.sim.simulate import partition as split
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import TrainConfig

@@ -2,11 +2,11 @@
 
 Builds a signed int8 artifact of about ``--size-mib`` (an MLP 64-H-H-10 with He-initialised
 weights, H chosen to hit the size, exported to ONNX and packaged with
-:func:`coordinator.packaging.package_model`, int8 dynamic). Then, ``--repeats`` times
+:func:`coordinator.delivery.packaging.package_model`, int8 dynamic). Then, ``--repeats`` times
 each, on a fresh mosquitto broker (anonymous, 127.0.0.1 only, no ACL, ``sys_interval 1``):
 
 * **fedge**: ``--agents`` in-process :class:`edge_agent.agent.Agent` instances (fresh
-  data directories, default settings) and a :class:`coordinator.delivery.Coordinator`;
+  data directories, default settings) and a :class:`coordinator.link.hub.Coordinator`;
   the clock starts right before ``coordinator.deploy(artifact, Target.parse("all"))``.
   Reported: when ``deploy`` returned (every agent accepted the signed manifest, the
   chunks are queued), when every agent was past downloading (its first report of
@@ -56,13 +56,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from compress.families import init_weights
 from compress.keys import generate_signing_key, save_keypair
 from compress.onnx_export import export_onnx
-from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig
-from coordinator.deployment import DeploymentTracker, DeviceState
-from coordinator.fleet import Target
-from coordinator.packaging import PackageRequest, package_model
+from coordinator.delivery.packaging import PackageRequest, package_model
+from coordinator.delivery.tracker import DeploymentTracker, DeviceState
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BrokerConfig, TrustConfig
-from edge_agent.mqtt import MAX_INFLIGHT
+from edge_agent.config.agent import AgentConfig, BrokerConfig, TrustConfig
+from edge_agent.transport.mqtt import MAX_INFLIGHT
 
 DEFAULT_OUT = Path("benchmarks/results/ota_fanout.json")
 FEATURES = 64

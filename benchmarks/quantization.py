@@ -2,7 +2,7 @@
 
 Trains two models centrally on scikit-learn's bundled digits dataset (the same
 workload as the acceptance test in ``tests/test_quantize.py``, via
-:mod:`coordinator.datasets`):
+:mod:`coordinator.sim.datasets`):
 
 * ``mlp``: a 64-512-512-10 ReLU MLP (scikit-learn, Adam);
 * ``softmax``: multinomial logistic regression, 64-10.
@@ -38,7 +38,7 @@ from _support import argument_parser, machine_info, timestamp, write_json
 from compress.families import INPUT_NAME
 from compress.onnx_export import export_onnx
 from compress.quantize import quantize_int8
-from coordinator.datasets import load_digits_split, train_reference_mlp, train_reference_softmax
+from coordinator.sim.datasets import load_digits_split, train_reference_mlp, train_reference_softmax
 from edge_agent.runtime.base import accuracy
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 

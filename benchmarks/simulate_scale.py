@@ -1,7 +1,7 @@
 """Benchmark: ``fedge simulate`` at scale against a local mosquitto.
 
 Starts mosquitto (anonymous, 127.0.0.1, persistence off) and runs
-:func:`coordinator.simulate.run_simulation` with ``--agents`` in-process agents (each
+:func:`coordinator.sim.simulate.run_simulation` with ``--agents`` in-process agents (each
 a real :class:`edge_agent.agent.Agent`: its own MQTT connection, worker thread and
 data directory; the connections share one epoll network thread per 250 agents),
 ``--rounds`` rounds of FedAvg on the synthetic dataset, then the canary-first
@@ -29,7 +29,7 @@ from typing import Any
 
 from _support import argument_parser, environment, mosquitto, proc_memory_kib, write_json
 
-from coordinator.simulate import SimulationConfig, run_simulation
+from coordinator.sim.simulate import SimulationConfig, run_simulation
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "simulate_scale.json"
 

@@ -43,8 +43,8 @@ import httpx
 from _support import argument_parser, environment, free_port, mosquitto, stop_process, write_json
 
 from compress.keys import generate_signing_key, save_keypair
-from coordinator.simulation import LocalFleet
-from edge_agent.config import BrokerConfig
+from coordinator.sim.local_fleet import LocalFleet
+from edge_agent.config.agent import BrokerConfig
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "telemetry_ingest.json"
 PROBES = ("/v1/devices", "/v1/devices/{device}/telemetry?limit=10", "/metrics")

@@ -8,7 +8,7 @@ to run it, and optionally a health check: reference inputs with the outputs they
 produce (within tolerances, under a latency bound) before an agent switches to it.
 
 Workflow: the coordinator builds a ``Manifest`` when packaging
-(``coordinator.packaging``), encodes it with :meth:`Manifest.to_bytes` and signs those
+(``coordinator.delivery.packaging``), encodes it with :meth:`Manifest.to_bytes` and signs those
 bytes (:mod:`compress.signing`). An agent receives the bytes, checks signatures over the
 bytes as received, and only then parses them with :meth:`Manifest.from_bytes`.
 

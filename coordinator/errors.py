@@ -55,7 +55,7 @@ class UpdateRejectedError(CoordinatorError):
     """A device's update failed validation; it is counted, never aggregated.
 
     Attributes:
-        reason: One of :data:`coordinator.update_check.REJECT_REASONS`.
+        reason: One of :data:`coordinator.federated.update_check.REJECT_REASONS`.
     """
 
     code = "update_rejected"
@@ -81,7 +81,7 @@ class StrategyError(TrainingError):
 class StoreError(CoordinatorError):
     """The coordinator's state store failed (SQLite error, bad value, I/O error).
 
-    :mod:`coordinator.store` translates :class:`sqlite3.Error` and ``OSError`` into
+    :mod:`coordinator.service.store` translates :class:`sqlite3.Error` and ``OSError`` into
     this class or a subclass, with the original as ``__cause__``.
     """
 
@@ -133,7 +133,10 @@ class ArtifactCorruptError(StoreError):
 
 
 class DatabaseInUseError(StoreError):
-    """Another coordinator process has claimed the database (see :mod:`coordinator.store.owner`)."""
+    """Another coordinator process has claimed the database.
+
+    See :mod:`coordinator.service.store.owner`.
+    """
 
     code = "database_in_use"
 
@@ -158,7 +161,7 @@ class ArtifactRejectedError(CoordinatorError):
 class ServiceConfigError(CoordinatorError):
     """The configuration of ``fedge coordinator serve`` (file or flags) is invalid.
 
-    Raised by :mod:`coordinator.service_config` with a one-line message that names
+    Raised by :mod:`coordinator.service.config` with a one-line message that names
     the key and, once merged, the file or flag it came from.
 
     Attributes:
@@ -176,7 +179,7 @@ class ServiceConfigError(CoordinatorError):
 class ApiError(CoordinatorError):
     """The coordinator's HTTP API could not do what the client asked.
 
-    Raised by :class:`~coordinator.api_client.ApiClient` for an error answer that no
+    Raised by :class:`~coordinator.service.api_client.ApiClient` for an error answer that no
     other class of this tree describes (a 500, a 413, a request the API found
     invalid) and for an answer it cannot read. Messages never hold the token.
 

@@ -7,11 +7,11 @@ One :class:`Agent` per device. Threads:
   is dropped and counted, and a lost chunk is asked for again), so a slow install
   never stalls keepalives;
 * one worker thread (:meth:`Agent._work`) does everything else, in order: decodes
-  and routes messages, lets the :class:`~edge_agent.updates.Updater` drive
+  and routes messages, lets the :class:`~edge_agent.ota.updates.Updater` drive
   transfers, installs and rollbacks, closes telemetry windows and drains the
   telemetry spool. All agent state is touched by this thread only;
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
-  :class:`~edge_agent.serving.ModelServer`, which swaps models atomically.
+  :class:`~edge_agent.serving.server.ModelServer`, which swaps models atomically.
 
 On every (re)connect the agent publishes its retained status (hardware facts,
 version, runtimes, tags, installed model); its Last Will, rebuilt before each
@@ -42,14 +42,12 @@ from compress.errors import CompressError
 from compress.manifest import Manifest
 from compress.trust import DeviceProfile
 from edge_agent import __version__
-from edge_agent.config import AgentConfig
+from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
-from edge_agent.http_api import HttpConfig, LocalHttpServer, parse_bind
-from edge_agent.installer import Checkpoint
-from edge_agent.model_store import InstalledModel, ModelStore
-from edge_agent.mqtt import MqttLink, Will
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.ota.installer import Checkpoint
+from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.updates import Updater
 from edge_agent.protocol import (
     DEFAULT_LIMITS,
     BroadcastTopic,
@@ -75,15 +73,17 @@ from edge_agent.protocol import (
     encode,
     parse_topic,
 )
-from edge_agent.rounds import Participant
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving import LoadedModel, ModelServer, Prediction
+from edge_agent.serving.http_api import HttpConfig, LocalHttpServer, parse_bind
+from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
+from edge_agent.serving.telemetry import TelemetryCollector
 from edge_agent.spool import Spool
-from edge_agent.telemetry import TelemetryCollector
 from edge_agent.training.data import LocalData
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
+from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
-from edge_agent.updates import Updater
+from edge_agent.transport.mqtt import MqttLink, Will
+from edge_agent.transport.network_loop import NetworkLoop
 
 __all__ = ["Agent", "run_agent"]
 

@@ -3,13 +3,13 @@
 Commands:
 
 * ``fedge-agent init [PATH] [--force]`` writes a commented example configuration
-  (:data:`edge_agent.config.EXAMPLE_CONFIG`) to ``PATH`` (default ``agent.toml``,
+  (:data:`edge_agent.config.agent.EXAMPLE_CONFIG`) to ``PATH`` (default ``agent.toml``,
   mode 0600 since a password may go in it), refusing to overwrite an existing file
   without ``--force`` (exit status 1), and says what to edit next.
 * ``fedge-agent run [--config FILE] [flags]`` runs the agent until SIGTERM or SIGINT.
   The configuration comes from the TOML file (``--config``; without it
   ``./agent.toml`` when it exists) and the flags, a flag beating the file and the
-  file beating the default (:func:`edge_agent.config.build_config` has the rules).
+  file beating the default (:func:`edge_agent.config.agent.build_config` has the rules).
   The broker password comes from ``--password-file``, else the file's
   ``password``/``password_file``, else the ``FEDGE_AGENT_PASSWORD`` environment
   variable. Before starting, the trusted keys, the TLS files and the preferred
@@ -51,11 +51,11 @@ from compress.signing import TrustedKeys
 from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.agent import run_agent
-from edge_agent.config import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
 from edge_agent.errors import AgentError, ConfigError
-from edge_agent.http_api import HttpConfig, parse_bind
-from edge_agent.installer import Checkpoint
+from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
+from edge_agent.serving.http_api import HttpConfig, parse_bind
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.datasets import load_digits_split, train_reference_mlp
+from coordinator.sim.datasets import load_digits_split, train_reference_mlp
 
 
 def main() -> None:

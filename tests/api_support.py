@@ -1,6 +1,6 @@
 """Test support for the HTTP API: an in-memory twin of :class:`Operations` and tokens.
 
-* :class:`FakeOperations`: implements :class:`coordinator.operations.Operations` over
+* :class:`FakeOperations`: implements :class:`coordinator.service.operations.Operations` over
   dicts, with the documented errors (unknown ids, bad targets, state rules, a run
   already going, rejected artifacts), an audit log, and ``fail`` to make every
   call raise a given error. ``mutations`` records each mutating call that reached
@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
-from coordinator.auth import Role
 from coordinator.errors import (
     ArtifactRejectedError,
     CoordinatorError,
@@ -33,7 +32,7 @@ from coordinator.errors import (
     TargetError,
     TrainingError,
 )
-from coordinator.operations import (
+from coordinator.service.operations import (
     Actor,
     FleetMetrics,
     RolloutRequest,
@@ -41,7 +40,7 @@ from coordinator.operations import (
     RunRequest,
     RunView,
 )
-from coordinator.store.records import (
+from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
@@ -53,6 +52,7 @@ from coordinator.store.records import (
     RunState,
     TelemetryRow,
 )
+from coordinator.service.tokens import Role
 
 __all__ = [
     "ARTIFACT_MAGIC",

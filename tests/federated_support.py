@@ -17,12 +17,12 @@ import numpy.typing as npt
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
-from coordinator.datasets import load_digits_split
-from coordinator.delivery import Coordinator
-from coordinator.federated import TrainingConfig, TrainingResult, run_training
-from coordinator.packaging import LabelledData
-from coordinator.simulation import LocalFleet, write_shards
-from coordinator.strategies import build_strategy, parse_strategy_args
+from coordinator.delivery.packaging import LabelledData
+from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.strategies import build_strategy, parse_strategy_args
+from coordinator.link.hub import Coordinator
+from coordinator.sim.datasets import load_digits_split
+from coordinator.sim.local_fleet import LocalFleet, write_shards
 from edge_agent.agent import Agent
 from tests.fleet_support import Mosquitto, coordinator, public_key_file
 

@@ -7,7 +7,7 @@
   exported to ONNX), with knobs for the bad cases (tampered payload, wrong key,
   expired, broken health check).
 * :class:`AgentProcess`: ``fedge-agent run`` in a separate process; SIGKILL-able.
-* :func:`agent_config`: an :class:`~edge_agent.config.AgentConfig` for in-process
+* :func:`agent_config`: an :class:`~edge_agent.config.agent.AgentConfig` for in-process
   agents.
 """
 
@@ -40,9 +40,9 @@ from compress.keys import SigningKey, save_keypair
 from compress.manifest import HealthCheck, ReferenceTensor
 from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
-from coordinator.delivery import Coordinator, CoordinatorConfig
-from coordinator.packaging import PackageRequest, package_model
-from edge_agent.config import (
+from coordinator.delivery.packaging import PackageRequest, package_model
+from coordinator.link.hub import Coordinator, CoordinatorConfig
+from edge_agent.config.agent import (
     AgentConfig,
     BrokerConfig,
     TelemetryConfig,

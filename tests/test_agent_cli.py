@@ -16,7 +16,7 @@ import pytest
 from compress.keys import generate_signing_key, save_keypair
 from edge_agent import cli
 from edge_agent.cli import build_parser, config_from_args, main
-from edge_agent.config import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
 from edge_agent.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""edge_agent.config: typed agent configuration, TOML loading and merging with flags."""
+"""edge_agent.config.agent: typed agent configuration, TOML loading and merging with flags."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from compress.keys import generate_signing_key, save_keypair
-from edge_agent.config import (
+from edge_agent.config.agent import (
     EXAMPLE_CONFIG,
     MAX_CONFIG_BYTES,
     AgentConfig,
@@ -581,11 +581,11 @@ def test_build_config_password_override_replaces_the_file_source(tmp_path: Path)
 def test_build_config_warns_when_username_is_not_the_device_id(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.config"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.config.agent"):
         config = build(minimal(broker={"username": "someone-else"}))
     assert config.broker.username == "someone-else"
     assert "differs from device_id" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="edge_agent.config"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.config.agent"):
         build(minimal(broker={"username": "pi-1"}))
     assert caplog.text == ""

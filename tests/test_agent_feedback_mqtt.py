@@ -22,9 +22,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
-from coordinator.delivery import Artifact, Coordinator
-from coordinator.federated import TrainingConfig, run_training
-from coordinator.fleet import Target
+from coordinator.federated.runs import TrainingConfig, run_training
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator
 from edge_agent.agent import Agent
 from edge_agent.errors import TrainingError, UnknownPredictionError
 from tests.fleet_support import (

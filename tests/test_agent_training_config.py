@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from edge_agent.cli import build_parser, config_from_args
-from edge_agent.config import (
+from edge_agent.config.agent import (
     EXAMPLE_CONFIG,
     AgentConfig,
     TrainingConfig,

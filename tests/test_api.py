@@ -1,7 +1,7 @@
 """Tests for coordinator.api: auth, roles, limits, error mapping, metrics, serving.
 
 The app runs over :class:`tests.api_support.FakeOperations` (an in-memory twin of
-:class:`coordinator.operations.Operations`) through Starlette's ``TestClient``; one
+:class:`coordinator.service.operations.Operations`) through Starlette's ``TestClient``; one
 test serves it with a real uvicorn on a loopback socket.
 """
 
@@ -24,10 +24,21 @@ from pydantic import BaseModel
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.types import Message
 
-from coordinator.api import ApiConfig, create_app
-from coordinator.api.app import status_for
-from coordinator.api.routes import PUBLIC_PATHS
-from coordinator.api.schemas import (
+from coordinator.errors import (
+    ArtifactCorruptError,
+    ArtifactRejectedError,
+    ConflictError,
+    CoordinatorError,
+    NotFoundError,
+    RolloutError,
+    StoreError,
+    TargetError,
+    TrainingError,
+)
+from coordinator.service.api import ApiConfig, create_app
+from coordinator.service.api.app import status_for
+from coordinator.service.api.routes import PUBLIC_PATHS
+from coordinator.service.api.schemas import (
     ArtifactOut,
     AuditOut,
     DeviceOut,
@@ -41,18 +52,7 @@ from coordinator.api.schemas import (
     RunViewOut,
     TelemetryOut,
 )
-from coordinator.errors import (
-    ArtifactCorruptError,
-    ArtifactRejectedError,
-    ConflictError,
-    CoordinatorError,
-    NotFoundError,
-    RolloutError,
-    StoreError,
-    TargetError,
-    TrainingError,
-)
-from coordinator.operations import (
+from coordinator.service.operations import (
     Actor,
     Operations,
     RolloutRequest,
@@ -60,7 +60,7 @@ from coordinator.operations import (
     RunRequest,
     RunView,
 )
-from coordinator.store.records import (
+from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
@@ -262,7 +262,7 @@ def test_refusals_are_logged_at_info_without_the_token(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     unknown = "fedge_an-unknown-but-plausible-token"
-    with caplog.at_level(logging.INFO, logger="coordinator.api"):
+    with caplog.at_level(logging.INFO, logger="coordinator.service.api"):
         client.get("/v1/devices")
         client.get("/v1/devices", headers=bearer(unknown))
         client.post("/v1/runs", json={}, headers=AS_VIEWER)
@@ -594,7 +594,7 @@ def test_too_large_content_length_is_refused_before_reading(
 ) -> None:
     headers = {**AS_OPERATOR, **OCTETS, "Content-Length": str(MAX_ARTIFACT + 1)}
     request = client.build_request("POST", "/v1/artifacts", content=b"", headers=headers)
-    with caplog.at_level(logging.INFO, logger="coordinator.api"):
+    with caplog.at_level(logging.INFO, logger="coordinator.service.api"):
         response = client.send(request)
     assert response.status_code == 413
     assert response.headers["Connection"] == "close"
@@ -777,7 +777,7 @@ def test_store_error_is_a_generic_500_with_the_detail_logged(
     client: TestClient, ops: FakeOperations, caplog: pytest.LogCaptureFixture
 ) -> None:
     ops.fail = StoreError("disk I/O error in /var/lib/fedge/state.db")
-    with caplog.at_level(logging.ERROR, logger="coordinator.api"):
+    with caplog.at_level(logging.ERROR, logger="coordinator.service.api"):
         response = client.get("/v1/devices", headers=AS_VIEWER)
     assert response.status_code == 500
     assert error_of(response)["code"] == "internal_error"

@@ -1,6 +1,6 @@
-"""Tests for coordinator.api_client: the HTTP API's client is an ``Operations``.
+"""Tests for coordinator.service.api_client: the HTTP API's client is an ``Operations``.
 
-The real app (:func:`coordinator.api.create_app` over
+The real app (:func:`coordinator.service.api.create_app` over
 :class:`tests.api_support.FakeOperations`) runs in a real uvicorn on 127.0.0.1;
 each call's result must equal what the fake holds, and each error answer must
 come back as the error the in-process service raises. ``httpx.MockTransport``
@@ -20,9 +20,6 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from coordinator.api import ApiConfig, create_app
-from coordinator.api_client import ApiClient
-from coordinator.auth import Role
 from coordinator.errors import (
     ApiAuthError,
     ApiError,
@@ -37,8 +34,11 @@ from coordinator.errors import (
     TargetError,
     TrainingError,
 )
-from coordinator.operations import CLI_ACTOR, Operations, RolloutRequest, RunRequest
-from coordinator.store.records import ArtifactRow, DeviceRow, PresenceRow, RunState
+from coordinator.service.api import ApiConfig, create_app
+from coordinator.service.api_client import ApiClient
+from coordinator.service.operations import CLI_ACTOR, Operations, RolloutRequest, RunRequest
+from coordinator.service.store.records import ArtifactRow, DeviceRow, PresenceRow, RunState
+from coordinator.service.tokens import Role
 from tests.api_support import (
     ARTIFACT_MAGIC,
     OPERATOR,

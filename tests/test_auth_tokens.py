@@ -1,4 +1,4 @@
-"""API tokens: the pure helpers in coordinator.auth and the store's token table."""
+"""API tokens: the pure helpers in coordinator.service.tokens and the store's token table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.auth import (
+from coordinator.errors import NotFoundError
+from coordinator.service.store import LAST_USED_RESOLUTION_S, Store
+from coordinator.service.tokens import (
     TOKEN_PREFIX,
     Role,
     hash_token,
@@ -15,8 +17,6 @@ from coordinator.auth import (
     new_token,
     token_id,
 )
-from coordinator.errors import NotFoundError
-from coordinator.store import LAST_USED_RESOLUTION_S, Store
 
 
 @pytest.fixture

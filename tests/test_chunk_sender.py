@@ -1,8 +1,8 @@
-"""coordinator.chunk_sender.plan_sends: chunk requests coalesced into publications."""
+"""coordinator.link.chunk_sender.plan_sends: chunk requests coalesced into publications."""
 
 from __future__ import annotations
 
-from coordinator.chunk_sender import ChunkRequestItem, PlannedSend, plan_sends
+from coordinator.link.chunk_sender import ChunkRequestItem, PlannedSend, plan_sends
 from edge_agent.protocol import Channel, broadcast_topic, device_topic
 
 T1, T2 = "a" * 64, "b" * 64

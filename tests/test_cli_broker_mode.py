@@ -2,7 +2,7 @@
 
 A real mosquitto, three in-process agents on one network loop, and the commands
 run through Typer's ``CliRunner`` with ``--broker`` and ``--db``: each command
-starts its own :class:`~coordinator.service.FleetService` (``local_service``) on
+starts its own :class:`~coordinator.service.fleet_service.FleetService` (``local_service``) on
 the same SQLite file, does its work over MQTT and stops. This is the path an
 operator without a long-running service takes: ``fedge devices``, ``fedge
 artifacts upload``, ``fedge rollout create ... --watch`` to completion, then the
@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from compress.keys import SigningKey, generate_signing_key
 from coordinator.cli.app import app
-from coordinator.operations import CLI_ACTOR
+from coordinator.service.operations import CLI_ACTOR
 from edge_agent.agent import Agent
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
     Mosquitto,
     agent_config,

@@ -1,7 +1,7 @@
 """The operator's fleet commands (``fedge devices``, ``artifacts``, ``rollout``,
 ``rounds``, ``telemetry``, ``audit``) against a real API.
 
-The API (:func:`coordinator.api.create_app` over
+The API (:func:`coordinator.service.api.create_app` over
 :class:`tests.api_support.FakeOperations`) runs in a real uvicorn on 127.0.0.1;
 the commands run through Typer's ``CliRunner`` with ``--api`` pointed at it. The
 in-process ``--broker`` mode is checked here for its wiring (``local_service`` is
@@ -23,15 +23,15 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-import coordinator.service
-from coordinator.api import ApiConfig, create_app
+import coordinator.service.fleet_service
 from coordinator.cli import rollout as rollout_cli
 from coordinator.cli import rounds as rounds_cli
 from coordinator.cli.app import app
 from coordinator.cli.service_views import to_json
-from coordinator.operations import CLI_ACTOR, RolloutRequest
-from coordinator.store.records import RunState
-from edge_agent.config import BrokerConfig
+from coordinator.service.api import ApiConfig, create_app
+from coordinator.service.operations import CLI_ACTOR, RolloutRequest
+from coordinator.service.store.records import RunState
+from edge_agent.config.agent import BrokerConfig
 from tests.api_support import (
     ARTIFACT_MAGIC,
     OPERATOR,
@@ -549,7 +549,7 @@ def test_broker_mode_runs_the_same_commands_in_process(
         calls.append({"broker": broker, **kwargs})
         yield ops
 
-    monkeypatch.setattr(coordinator.service, "local_service", local_service)
+    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
     key = tmp_path / "signing.pub"
     key.write_text("key")
     password = tmp_path / "password"
@@ -599,7 +599,7 @@ def test_broker_mode_rounds_start_waits_for_the_run(monkeypatch: pytest.MonkeyPa
         view = ops.run_views["run-1"]
         ops.run_views["run-1"] = replace(view, run=replace(view.run, state=RunState.FINISHED))
 
-    monkeypatch.setattr(coordinator.service, "local_service", local_service)
+    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
     monkeypatch.setattr(rounds_cli, "_sleep", finish_the_run)
     result = run("rounds", "start", "--broker", "mqtt://127.0.0.1:1883")
     assert result.exit_code == 0, result.stdout + result.stderr

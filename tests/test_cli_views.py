@@ -20,9 +20,9 @@ from coordinator.cli.views import (
     progress_bar,
     safe_text,
 )
-from coordinator.deployment import DeviceProgress, DeviceState
-from coordinator.fleet import DeviceRecord, Fleet
-from coordinator.store.records import PresenceRow
+from coordinator.delivery.tracker import DeviceProgress, DeviceState
+from coordinator.link.fleet import DeviceRecord, Fleet
+from coordinator.service.store.records import PresenceRow
 from edge_agent.protocol import ModelInfo, Status
 
 NOW = 1_800_000_000.0

@@ -5,7 +5,7 @@ process (install by three agents, SIGKILL recovery, hostile input), and in-proce
 (:class:`edge_agent.agent.Agent`) where the test needs to look inside or to act at
 an exact moment (the broker restart mid-transfer, through the install checkpoint
 hook). The operator side is the real ``fedge`` CLI or the
-:class:`~coordinator.delivery.Coordinator` it wraps.
+:class:`~coordinator.link.hub.Coordinator` it wraps.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from compress.families import forward, init_weights
 from compress.keys import SigningKey, generate_signing_key
 from compress.tflite_export import export_tflite
 from coordinator.cli.app import app
-from coordinator.delivery import Artifact
-from coordinator.deployment import DeviceState
-from coordinator.fleet import Target
-from coordinator.packaging import PackageRequest, package_model
+from coordinator.delivery.packaging import PackageRequest, package_model
+from coordinator.delivery.tracker import DeviceState
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact
 from edge_agent.agent import Agent
-from edge_agent.config import TransferConfig
+from edge_agent.config.agent import TransferConfig
 from edge_agent.protocol import (
     BROADCAST_PREFIX,
     Channel,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coordinator.deployment import (
+from coordinator.delivery.tracker import (
     SETTLED_STATES,
     TERMINAL_STATES,
     DeploymentTracker,

@@ -16,9 +16,9 @@ import pytest
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
-from coordinator.delivery import Coordinator
-from coordinator.federated import RoundReport, TrainingConfig, TrainingResult, run_training
-from coordinator.strategies import build_strategy
+from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
+from coordinator.federated.strategies import build_strategy
+from coordinator.link.hub import Coordinator
 from tests.federated_support import LAYERS, digits_shards
 from tests.fleet_support import AgentProcess, Mosquitto, coordinator, public_key_file
 

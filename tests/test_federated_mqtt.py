@@ -26,11 +26,11 @@ from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
 from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
-from coordinator.delivery import Artifact
-from coordinator.federated import TrainingConfig, TrainingResult, run_training
-from coordinator.fleet import Target
-from coordinator.mqtt_grid import node_id_of
-from coordinator.strategies import build_strategy, wrap_dp
+from coordinator.federated.grid import node_id_of
+from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.strategies import build_strategy, wrap_dp
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact
 from edge_agent.agent import Agent
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for

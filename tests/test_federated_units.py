@@ -12,11 +12,11 @@ import numpy.typing as npt
 import pytest
 
 from compress.errors import CodecError, FamilyError
-from coordinator.datasets import dirichlet_partition
+from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import TrainingError
-from coordinator.federated import RoundReport, TrainingConfig, TrainingResult, evaluate_weights
-from coordinator.mqtt_grid import PhaseStats, node_id_of
-from coordinator.packaging import LabelledData
+from coordinator.federated.grid import PhaseStats, node_id_of
+from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, evaluate_weights
+from coordinator.sim.datasets import dirichlet_partition
 
 WEIGHTS = {"W0": np.zeros((3, 3), np.float32), "b0": np.zeros(3, np.float32)}
 

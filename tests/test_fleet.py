@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.errors import CoordinatorError, TargetError
-from coordinator.fleet import DeviceRecord, Fleet, Target
+from coordinator.link.fleet import DeviceRecord, Fleet, Target
 from edge_agent.protocol import ModelInfo, Status
 
 SHA = "ab" * 32

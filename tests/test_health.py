@@ -1,4 +1,4 @@
-"""Tests for edge_agent.health: the install-time health check."""
+"""Tests for edge_agent.ota.health: the install-time health check."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from compress.manifest import HealthCheck, ReferenceTensor
 from edge_agent.errors import HealthCheckError, InstallError, ModelRuntimeError
-from edge_agent.health import HealthReport, run_health_check
+from edge_agent.ota.health import HealthReport, run_health_check
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 from tests import model_fixtures
@@ -71,7 +71,7 @@ def test_pass(
     expected = forward("softmax", weights, x.astype(np.float32))
     counting = CountingRuntime(runtime)
 
-    with caplog.at_level(logging.INFO, logger="edge_agent.health"):
+    with caplog.at_level(logging.INFO, logger="edge_agent.ota.health"):
         report = run_health_check(counting, make_check(x, expected), perf_clock=clock(10.0, 10.004))
 
     assert isinstance(report, HealthReport)

@@ -1,4 +1,4 @@
-"""Tests for edge_agent.http_api: the local inference endpoint, over real sockets."""
+"""Tests for edge_agent.serving.http_api: the local inference endpoint, over real sockets."""
 
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 
 from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
-from edge_agent import http_api
 from edge_agent.errors import ConfigError
-from edge_agent.http_api import (
+from edge_agent.runtime.base import ModelRuntime
+from edge_agent.serving import http_api
+from edge_agent.serving.http_api import (
     MAX_BODY_BYTES,
     MAX_CONCURRENT_REQUESTS,
     HttpConfig,
     LocalHttpServer,
     parse_bind,
 )
-from edge_agent.runtime.base import ModelRuntime
-from edge_agent.serving import LoadedModel, ModelServer
+from edge_agent.serving.server import LoadedModel, ModelServer
 from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
 
 LOCAL = "127.0.0.1"
@@ -709,7 +709,7 @@ def test_unexpected_error_is_500(
     address: Address, model_server: ModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     model_server.activate(loaded(FakeRuntime(explode)))
-    with caplog.at_level(logging.ERROR, logger="edge_agent.http_api"):
+    with caplog.at_level(logging.ERROR, logger="edge_agent.serving.http_api"):
         response = post(address, {"inputs": [[1, 2]]})
     assert response[0] == 500
     assert error_code(response) == "internal"
@@ -729,7 +729,7 @@ def test_failing_extra_health_is_500(serve: Callable[..., Address]) -> None:
 def test_requests_are_logged_at_debug_not_stderr(
     address: Address, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.http_api"):
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.serving.http_api"):
         status, headers, _ = call(address, "GET", "/v1/health")
     assert status == 503
     assert capsys.readouterr().err == ""

@@ -18,8 +18,8 @@ from edge_agent.errors import (
     StateError,
     UnknownPredictionError,
 )
-from edge_agent.http_api import HttpConfig, LocalHttpServer
-from edge_agent.serving import ModelServer
+from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
+from edge_agent.serving.server import ModelServer
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
 
 LOCAL = "127.0.0.1"
@@ -200,7 +200,7 @@ def test_unexpected_handler_error_is_a_bare_500(
     serve: Callable[[Handler | None], Address], caplog: pytest.LogCaptureFixture
 ) -> None:
     address = serve(RecordingHandler(error=RuntimeError("secret detail")))
-    with caplog.at_level(logging.ERROR, logger="edge_agent.http_api"):
+    with caplog.at_level(logging.ERROR, logger="edge_agent.serving.http_api"):
         status, answer = post(address, {"prediction_id": "p", "label": 1})
     assert "secret detail" in caplog.text  # logged with its traceback, not answered
     assert status == 500

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from coordinator.errors import StoreError
-from coordinator.ingest import MAX_CHANGES, Ingest, IngestCounts, IngestSettings
-from coordinator.store import MEMORY, DeviceRow, Store, TelemetryRow
+from coordinator.service.ingest import MAX_CHANGES, Ingest, IngestCounts, IngestSettings
+from coordinator.service.store import MEMORY, DeviceRow, Store, TelemetryRow
 from edge_agent.protocol import (
     Envelope,
     Histogram,

@@ -1,4 +1,4 @@
-"""Tests for edge_agent.installer: trust rules before download, A/B install after."""
+"""Tests for edge_agent.ota.installer: trust rules before download, A/B install after."""
 
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys, sign_manifest
 from compress.trust import DeviceProfile
 from edge_agent.errors import HealthCheckError, ModelRuntimeError, TransferError
-from edge_agent.installer import AlreadyInstalled, check_deploy, install
-from edge_agent.model_store import InstalledModel, ModelStore, StoreState
+from edge_agent.ota.installer import AlreadyInstalled, check_deploy, install
+from edge_agent.ota.model_store import InstalledModel, ModelStore, StoreState
+from edge_agent.ota.staging import StagedTransfer, TransferInfo
 from edge_agent.protocol import Chunk, Deploy, chunk_count
 from edge_agent.runtime.base import ModelRuntime
-from edge_agent.staging import StagedTransfer, TransferInfo
 from tests.conftest import NOW, PAYLOAD, make_manifest
 from tests.fleet_support import CLASSES, FEATURES, make_artifact
 
@@ -571,7 +571,7 @@ def test_a_model_without_a_health_check_installs_with_a_warning(
     transfer = stage(staging, (sign_manifest(manifest, [key]), payload))
     steps: list[str] = []
     try:
-        with caplog.at_level(logging.WARNING, logger="edge_agent.installer"):
+        with caplog.at_level(logging.WARNING, logger="edge_agent.ota.installer"):
             model, _ = install(
                 transfer, manifest, store=store, installed_at=0.0, checkpoint=steps.append
             )

@@ -1,4 +1,4 @@
-"""Tests for edge_agent.model_store: A/B slots and an atomically replaced state file."""
+"""Tests for edge_agent.ota.model_store: A/B slots and an atomically replaced state file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import StateError
-from edge_agent.model_store import SLOTS, InstalledModel, ModelStore, StoreState
+from edge_agent.ota.model_store import SLOTS, InstalledModel, ModelStore, StoreState
 
 PAYLOAD_A = b"model bytes, first version" * 10
 PAYLOAD_B = b"model bytes, second version" * 10

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.mqtt import MqttLink, Will
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.transport.mqtt import MqttLink, Will
+from edge_agent.transport.network_loop import NetworkLoop
 from tests.descriptor_support import descriptors_above
 from tests.fleet_support import Mosquitto
 

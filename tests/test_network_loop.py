@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge_agent.network_loop import TICK_S, NetworkLoop
+from edge_agent.transport.network_loop import TICK_S, NetworkLoop
 from tests.descriptor_support import descriptors_above
 
 WAIT_S = 5.0
@@ -115,7 +115,7 @@ def test_a_failing_callback_is_logged_and_the_loop_goes_on(
         raise RuntimeError("boom")
 
     after = threading.Event()
-    with caplog.at_level(logging.ERROR, logger="edge_agent.network_loop"):
+    with caplog.at_level(logging.ERROR, logger="edge_agent.transport.network_loop"):
         loop.call_soon(boom)
         loop.call_soon(after.set)
         assert after.wait(WAIT_S)

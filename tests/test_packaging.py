@@ -1,4 +1,4 @@
-"""coordinator.packaging: limits and bad inputs the CLI tests do not reach."""
+"""coordinator.delivery.packaging: limits and bad inputs the CLI tests do not reach."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from compress.families import dense_layers, init_weights
 from compress.keys import SigningKey
 from compress.manifest import MAX_MANIFEST_BYTES
 from compress.onnx_export import export_onnx
+from coordinator.delivery.packaging import PackageRequest, load_labelled_npz, package_model
 from coordinator.errors import PackagingError
-from coordinator.packaging import PackageRequest, load_labelled_npz, package_model
 from tests.conftest import NOW
 
 
@@ -50,7 +50,7 @@ def test_health_check_shrinks_to_fit_the_manifest_limit(
 def test_too_wide_for_any_health_check(
     tmp_path: Path, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="coordinator.packaging"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.delivery.packaging"):
         result = package_model(_request(tmp_path, signing_key, 6000), now=NOW)
     assert result.manifest.health_check is None
     assert "without a health check" in caplog.text

@@ -295,7 +295,7 @@ def test_load_calibration_not_npz(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_digits_mlp_int8_size_and_accuracy() -> None:
-    from coordinator.datasets import load_digits_split, train_reference_mlp  # noqa: PLC0415
+    from coordinator.sim.datasets import load_digits_split, train_reference_mlp  # noqa: PLC0415
 
     x_train, y_train, x_test, y_test = load_digits_split(0)
     weights = train_reference_mlp(x_train, y_train, hidden=(512, 512), seed=0)

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 from compress.keys import generate_signing_key
-from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig
-from coordinator.rollout_plan import Rollout, RolloutArtifact, RolloutState
-from coordinator.rollout_policy import RolloutPolicy
-from coordinator.rollouts import RolloutManager
-from coordinator.store import MEMORY, Store
-from edge_agent.config import BrokerConfig
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.rollout.engine import Rollout, RolloutArtifact, RolloutState
+from coordinator.rollout.manager import RolloutManager
+from coordinator.rollout.policy import RolloutPolicy
+from coordinator.service.store import MEMORY, Store
+from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import (
     Envelope,
     Histogram,

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.deployment import DeviceState
+from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import RolloutError
-from coordinator.rollout_plan import (
+from coordinator.rollout.engine import (
     Action,
     Deploy,
     DeviceRow,
@@ -26,7 +26,7 @@ from coordinator.rollout_plan import (
     StateChanged,
     combine_baseline,
 )
-from coordinator.rollout_policy import HealthPolicy, RolloutPolicy
+from coordinator.rollout.policy import HealthPolicy, RolloutPolicy
 
 ART = RolloutArtifact("digits", 3, "ab" * 32)
 T0 = 1_700_000_000.0

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.errors import CoordinatorError, RolloutError
-from coordinator.rollout_policy import (
+from coordinator.rollout.policy import (
     CanarySize,
     HealthPolicy,
     RolloutPolicy,

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from compress.keys import SigningKey, generate_signing_key
-from coordinator.delivery import Artifact, Coordinator
-from coordinator.fleet import Target
-from coordinator.rollout_plan import RolloutState
-from coordinator.rollout_policy import RolloutPolicy
-from coordinator.rollouts import RolloutManager
-from coordinator.store import Store
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator
+from coordinator.rollout.engine import RolloutState
+from coordinator.rollout.manager import RolloutManager
+from coordinator.rollout.policy import RolloutPolicy
+from coordinator.service.store import Store
 from edge_agent.agent import Agent
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import Mosquitto, agent_config, coordinator, make_artifact, public_key_file
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""edge_agent.rounds.Participant: a device's part in federated rounds, without a broker.
+"""Participant (edge_agent.training.participant): a device's part in rounds, without a broker.
 
 The link and the event sender are small in-memory twins: the link records its
 (un)subscriptions, the sender encodes every message as the agent would (so nothing
@@ -22,8 +22,7 @@ import pytest
 
 from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
 from compress.families import init_weights
-from coordinator.update_check import UpdateCheck, check_update
-from edge_agent.mqtt import MqttLink
+from coordinator.federated.update_check import UpdateCheck, check_update
 from edge_agent.protocol import (
     DEFAULT_LIMITS,
     ArrayEntry,
@@ -44,11 +43,12 @@ from edge_agent.protocol import (
     encode_arrays,
     sha256_hex,
 )
-from edge_agent.rounds import MAX_METRICS, MAX_STALLS, UPDATE_ARRAY, Participant
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import register_trainer, trainer_for, unregister_trainer
+from edge_agent.training.participant import MAX_METRICS, MAX_STALLS, UPDATE_ARRAY, Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import FitResult, TrainConfig
+from edge_agent.transport.mqtt import MqttLink
 
 DEVICE = "dev-1"
 FEATURES = 8

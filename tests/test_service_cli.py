@@ -12,14 +12,14 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from compress.keys import generate_signing_key, save_keypair
-from coordinator.auth import Role
 from coordinator.cli import service as service_cli
 from coordinator.cli.app import app
-from coordinator.operations import CLI_ACTOR
-from coordinator.service_config import EXAMPLE_SERVICE_CONFIG, ServiceConfig
-from coordinator.service_main import run_service
-from coordinator.store import Store
-from edge_agent.config import TrustConfig
+from coordinator.service.config import EXAMPLE_SERVICE_CONFIG, ServiceConfig
+from coordinator.service.main import run_service
+from coordinator.service.operations import CLI_ACTOR
+from coordinator.service.store import Store
+from coordinator.service.tokens import Role
+from edge_agent.config.agent import TrustConfig
 from edge_agent.errors import ConfigError
 
 runner = CliRunner(mix_stderr=False)
@@ -301,7 +301,7 @@ def test_an_api_reachable_from_the_network_is_warned_about(
         bind_host=host,
     )
     with (
-        caplog.at_level(logging.WARNING, logger="coordinator.service_main"),
+        caplog.at_level(logging.WARNING, logger="coordinator.service.main"),
         pytest.raises(ConfigError, match="no such key file"),  # stops before binding
     ):
         run_service(config)

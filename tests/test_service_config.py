@@ -1,4 +1,4 @@
-"""``coordinator.service_config``: the service's config from TOML and flags."""
+"""``coordinator.service.config``: the service's config from TOML and flags."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.api.app import MIB
-from coordinator.delivery import CoordinatorConfig, session_client_id
 from coordinator.errors import CoordinatorError, ServiceConfigError
-from coordinator.service import ServiceSettings
-from coordinator.service_config import (
+from coordinator.link.hub import CoordinatorConfig, session_client_id
+from coordinator.service.api.app import MIB
+from coordinator.service.config import (
     EXAMPLE_SERVICE_CONFIG,
     KNOWN_KEYS,
     ApiSettings,
@@ -21,7 +20,8 @@ from coordinator.service_config import (
     build_service_config,
     store_location,
 )
-from edge_agent.config import BrokerConfig, TrustConfig, load_config_file
+from coordinator.service.fleet_service import ServiceSettings
+from edge_agent.config.agent import BrokerConfig, TrustConfig, load_config_file
 from edge_agent.protocol import is_valid_device_id
 
 FLAGS = {

@@ -2,7 +2,7 @@
 
 The agents run in this process on one shared network loop (as in ``fedge
 simulate``); the service keeps its state in a SQLite file in the test's directory.
-Everything goes through the :class:`~coordinator.operations.Operations` methods the
+Everything goes through the :class:`~coordinator.service.operations.Operations` methods the
 HTTP API and the CLI call.
 """
 
@@ -19,15 +19,15 @@ import pytest
 
 from compress.keys import SigningKey, generate_signing_key
 from compress.signing import TrustedKeys
-from coordinator.delivery import Coordinator, CoordinatorConfig
 from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
-from coordinator.operations import CLI_ACTOR, Actor, RolloutRequest
-from coordinator.rollout_plan import RolloutState
-from coordinator.service import FleetService, ServiceSettings
-from coordinator.store import Store
+from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.rollout.engine import RolloutState
+from coordinator.service.fleet_service import FleetService, ServiceSettings
+from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
+from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
     FEATURES,
     Mosquitto,

@@ -24,7 +24,7 @@ import pytest
 
 from compress.keys import generate_signing_key
 from edge_agent.agent import Agent
-from edge_agent.network_loop import NetworkLoop
+from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
     Mosquitto,
     agent_config,

@@ -11,13 +11,13 @@ import pytest
 from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
-from coordinator.delivery import Coordinator, CoordinatorConfig
 from coordinator.errors import NotFoundError, TrainingError
-from coordinator.operations import CLI_ACTOR, RunRequest
-from coordinator.run_manager import RunManager, training_config
-from coordinator.service import FleetService
-from coordinator.store import MEMORY, RunState, Store
-from edge_agent.config import BrokerConfig
+from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.service.fleet_service import FleetService
+from coordinator.service.operations import CLI_ACTOR, RunRequest
+from coordinator.service.runs import RunManager, training_config
+from coordinator.service.store import MEMORY, RunState, Store
+from edge_agent.config.agent import BrokerConfig
 from tests.federated_support import FederatedFleet
 
 SETTINGS = {"features": 64, "classes": 10, "hidden": [32], "clients_per_round": 4,

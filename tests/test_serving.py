@@ -15,7 +15,7 @@ from compress.families import INPUT_NAME, OUTPUT_NAME, FloatArray, forward
 from edge_agent.errors import ModelRuntimeError, NoModelError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
-from edge_agent.serving import LoadedModel, ModelServer, Prediction
+from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from tests import model_fixtures
 from tests.model_fixtures import (
     N_CLASSES,
@@ -271,7 +271,7 @@ def test_a_failing_observer_does_not_fail_predictions(
     server = ModelServer(observer=Broken())
     server.activate(loaded(runtime))
 
-    with caplog.at_level(logging.ERROR, logger="edge_agent.serving"):
+    with caplog.at_level(logging.ERROR, logger="edge_agent.serving.server"):
         prediction = server.predict(x)
 
     assert prediction.labels is not None

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import TrainingError
-from coordinator.simulate import SimulationConfig, load_dataset, partition, run_simulation
+from coordinator.sim.simulate import SimulationConfig, load_dataset, partition, run_simulation
 from tests.fleet_support import Mosquitto
 
 pytestmark = pytest.mark.slow

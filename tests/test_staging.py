@@ -1,4 +1,4 @@
-"""Tests for edge_agent.staging: crash-safe chunk staging with a journal."""
+"""Tests for edge_agent.ota.staging: crash-safe chunk staging with a journal."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import StateError, TransferError
+from edge_agent.ota.staging import StagedTransfer, TransferInfo, list_transfers
 from edge_agent.protocol import Chunk, chunk_count
-from edge_agent.staging import StagedTransfer, TransferInfo, list_transfers
 
 CHUNK = 64
 PAYLOAD = bytes((i * 7 + 3) % 251 for i in range(1000))  # 16 chunks, the last one 40 bytes

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.auth import Role
 from coordinator.errors import ArtifactCorruptError, ConflictError, NotFoundError, StoreError
-from coordinator.store import (
+from coordinator.service.store import (
     MEMORY,
     PresenceRow,
     RolloutDevice,
@@ -22,6 +21,7 @@ from coordinator.store import (
     Store,
     TelemetryRow,
 )
+from coordinator.service.tokens import Role
 
 
 @pytest.fixture(params=["file", "memory"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.errors import MigrationError, SchemaVersionError, StoreError
-from coordinator.service import open_store
-from coordinator.store import (
+from coordinator.service.fleet_service import open_store
+from coordinator.service.store import (
     MEMORY,
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -216,7 +216,7 @@ CRASHER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from coordinator.store import RolloutDevice, Store
+    from coordinator.service.store import RolloutDevice, Store
 
     store = Store.open(Path(sys.argv[1]))
     art = store.put_artifact(b"model", name="m", version=1, manifest={}, uploaded_by="cli", at=1.0)

@@ -1,4 +1,4 @@
-"""coordinator.strategies: Flower strategies by name, typed arguments, DP wrapping."""
+"""coordinator.federated.strategies: Flower strategies by name, typed arguments, DP wrapping."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from coordinator.errors import StrategyError, TrainingError
-from coordinator.strategies import (
+from coordinator.federated.strategies import (
     BUILTIN_STRATEGIES,
     StrategyArgs,
     build_strategy,

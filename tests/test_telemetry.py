@@ -1,4 +1,4 @@
-"""Tests for edge_agent.telemetry: counters, histogram, quantiles, windows, sampler."""
+"""Tests for edge_agent.serving.telemetry: counters, histogram, quantiles, windows, sampler."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-import edge_agent.telemetry as telemetry
+import edge_agent.serving.telemetry as telemetry
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import Histogram, TelemetryBatch, TelemetryRecord, decode, encode
-from edge_agent.telemetry import (
+from edge_agent.serving.telemetry import (
     DEFAULT_BOUNDS_MS,
     ProcessSample,
     ProcessSampler,

@@ -1,4 +1,4 @@
-"""coordinator.update_check: every check a device's update goes through before aggregation."""
+"""coordinator.federated.update_check: every check an update goes through before aggregation."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from compress.codecs import (
     max_payload_bytes,
     parse_codec,
 )
-from coordinator import update_check
 from coordinator.errors import UpdateRejectedError
-from coordinator.update_check import (
+from coordinator.federated import update_check
+from coordinator.federated.update_check import (
     MAX_EXAMPLES,
     REJECT_REASONS,
     UPDATE_ARRAY,

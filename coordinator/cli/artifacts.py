@@ -21,7 +21,7 @@ from coordinator.cli.operate import Connection, operations, read_artifact, with_
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.service_views import artifacts_table, to_json
 from coordinator.cli.views import safe_text
-from coordinator.operations import CLI_ACTOR
+from coordinator.service.operations import CLI_ACTOR
 
 __all__ = ["app"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import typer
 
 from coordinator.cli.output import console, print_json, reported_errors
-from coordinator.datasets import load_digits_split
 from coordinator.errors import TrainingError
-from coordinator.simulation import write_shards
+from coordinator.sim.datasets import load_digits_split
+from coordinator.sim.local_fleet import write_shards
 
 app = typer.Typer(
     help="Example datasets split over devices (Dirichlet label skew).", no_args_is_help=True

@@ -1,7 +1,7 @@
 """``fedge deploy``, ``fedge fleet`` and ``fedge rollback``: the fleet over MQTT.
 
 Each command connects to the fleet's broker as the ``coordinator`` user, drives a
-:class:`~coordinator.delivery.Coordinator` and disconnects:
+:class:`~coordinator.link.hub.Coordinator` and disconnects:
 
 * ``fleet`` lists the devices that announced themselves (retained status);
 * ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
@@ -30,10 +30,10 @@ from rich.live import Live
 from compress.fileio import read_bounded
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import deploy_table, fleet_json, fleet_table
-from coordinator.delivery import Artifact, Coordinator, CoordinatorConfig, Delivery
-from coordinator.deployment import DeploymentTracker, DeployResult, DeviceState
-from coordinator.fleet import Target
-from edge_agent.config import BrokerConfig
+from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig, Delivery
+from edge_agent.config.agent import BrokerConfig
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import COORDINATOR_SENDER, DEFAULT_CHUNK_BYTES
 

@@ -2,7 +2,7 @@
 
 * ``export`` turns a built-in family's numpy weights (``.npz``) into ONNX or TFLite;
 * ``package`` quantizes a model to int8, optionally checks the accuracy cost, signs
-  the manifest and writes one ``.fedge`` artifact (:mod:`coordinator.packaging`);
+  the manifest and writes one ``.fedge`` artifact (:mod:`coordinator.delivery.packaging`);
 * ``inspect`` verifies an artifact against trusted public keys and prints its
   manifest; any failure is one line and a non-zero exit.
 
@@ -31,8 +31,13 @@ from compress.quantize import load_calibration
 from compress.signing import TrustedKeys
 from compress.tflite_export import export_tflite
 from coordinator.cli.output import console, human_bytes, print_json, reported_errors
+from coordinator.delivery.packaging import (
+    PackageRequest,
+    PackageResult,
+    load_labelled_npz,
+    package_model,
+)
 from coordinator.errors import PackagingError
-from coordinator.packaging import PackageRequest, PackageResult, load_labelled_npz, package_model
 
 app = typer.Typer(help="Export, package, sign and inspect model artifacts.", no_args_is_help=True)
 

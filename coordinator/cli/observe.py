@@ -1,6 +1,6 @@
 """``fedge devices``, ``telemetry DEVICE``, ``presence DEVICE``, ``audit``: read-only views.
 
-Each command asks :class:`~coordinator.operations.Operations` (over ``--api`` or
+Each command asks :class:`~coordinator.service.operations.Operations` (over ``--api`` or
 in-process over ``--broker``, see :mod:`coordinator.cli.operate`) and prints a
 table, or the rows as JSON with ``--json``:
 

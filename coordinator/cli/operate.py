@@ -2,14 +2,14 @@
 
 Every command that operates the fleet (``fedge devices``, ``telemetry``,
 ``artifacts``, ``rollout``, ``rounds``, ``audit``) is written once against
-:class:`~coordinator.operations.Operations` and gets it from :func:`operations`:
+:class:`~coordinator.service.operations.Operations` and gets it from :func:`operations`:
 
 * ``--api URL`` (``FEDGE_API``) with ``--token`` (``FEDGE_TOKEN``): an
-  :class:`~coordinator.api_client.ApiClient` talking to ``fedge coordinator
+  :class:`~coordinator.service.api_client.ApiClient` talking to ``fedge coordinator
   serve``, which keeps running rollouts and runs after the command exits;
 * ``--broker URL`` (``FEDGE_BROKER``) with ``--db`` (``FEDGE_DB``), ``--trust``
-  and the broker's credentials: a :class:`~coordinator.service.FleetService`
-  started in this process (:func:`~coordinator.service.local_service`) on the
+  and the broker's credentials: a :class:`~coordinator.service.fleet_service.FleetService`
+  started in this process (:func:`~coordinator.service.fleet_service.local_service`) on the
   same SQLite state the long-running service uses. A rollout or run it starts
   goes on only while the command runs, and resumes when a service next opens
   that database.
@@ -47,7 +47,6 @@ from click.core import ParameterSource
 
 from compress.errors import ArtifactError
 from compress.fileio import read_bounded
-from coordinator.api_client import DEFAULT_TIMEOUT_S, ApiClient
 from coordinator.cli.fleet import (
     CaOption,
     CertOption,
@@ -58,7 +57,8 @@ from coordinator.cli.fleet import (
     UsernameOption,
     broker_config,
 )
-from coordinator.operations import Operations
+from coordinator.service.api_client import DEFAULT_TIMEOUT_S, ApiClient
+from coordinator.service.operations import Operations
 from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = [
@@ -155,7 +155,7 @@ def operations(connection: Connection) -> Iterator[Operations]:
         raise click.UsageError("give --api URL or --broker URL")
     # Imported here: the service brings Flower and the rollout engine, which the
     # remote mode does not need.
-    from coordinator.service import local_service  # noqa: PLC0415
+    from coordinator.service.fleet_service import local_service  # noqa: PLC0415
 
     broker = broker_config(
         connection.broker,

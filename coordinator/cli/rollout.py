@@ -39,7 +39,7 @@ from coordinator.cli.service_views import (
     to_json,
 )
 from coordinator.cli.views import safe_text
-from coordinator.operations import CLI_ACTOR, Operations, RolloutRequest, RolloutView
+from coordinator.service.operations import CLI_ACTOR, Operations, RolloutRequest, RolloutView
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_COMPLETED", "app", "watch"]
 

@@ -3,8 +3,8 @@
 * ``start`` asks the coordinator to run ``--rounds`` federated rounds with a
   Flower strategy over the devices that take part in training, in the
   background; it prints the run's id. The model settings go into
-  :attr:`RunRequest.config <coordinator.operations.RunRequest.config>` under the
-  keys :mod:`coordinator.run_manager` reads: ``model``, ``family``, ``features``,
+  :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` under the
+  keys :mod:`coordinator.service.runs` reads: ``model``, ``family``, ``features``,
   ``classes``, ``hidden`` (list of int, one ``--hidden`` per layer),
   ``clients_per_round``, ``seed``, ``strategy_args`` and ``train`` (the
   ``--train-arg key=value`` pairs sent to devices; values are read as JSON when
@@ -45,8 +45,8 @@ from coordinator.cli.output import console, err_console, print_json, reported_er
 from coordinator.cli.service_views import run_view, runs_table, to_json
 from coordinator.cli.views import safe_text
 from coordinator.errors import NotFoundError
-from coordinator.operations import CLI_ACTOR, Operations, RunRequest, RunView
-from coordinator.store.records import RunState
+from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
+from coordinator.service.store.records import RunState
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_FINISHED", "app", "key_values", "run_config", "watch"]
 

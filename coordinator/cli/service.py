@@ -1,15 +1,15 @@
 """``fedge coordinator``: run the coordinator service and manage its API tokens.
 
 * ``init [PATH] [--force]`` writes a commented configuration
-  (:data:`~coordinator.service_config.EXAMPLE_SERVICE_CONFIG`) to ``PATH`` (default
+  (:data:`~coordinator.service.config.EXAMPLE_SERVICE_CONFIG`) to ``PATH`` (default
   ``coordinator.toml``), refusing to overwrite an existing file without ``--force``,
   and says what to do next.
-* ``serve`` runs the service (:func:`~coordinator.service_main.run_service`): the
+* ``serve`` runs the service (:func:`~coordinator.service.main.run_service`): the
   HTTP API, the MQTT connection, telemetry ingest, rollouts and federated runs,
   until SIGTERM or SIGINT (then it stops cleanly and exits 0). The configuration
   comes from ``--config`` (default: ``./coordinator.toml`` when it exists) and the
   flags, a flag beating the file
-  (:func:`~coordinator.service_config.build_service_config` has the rules); the
+  (:func:`~coordinator.service.config.build_service_config` has the rules); the
   flags alone are enough::
 
       fedge coordinator serve --db state.db --embedded-broker --trust keys/signing.pub
@@ -42,21 +42,21 @@ from rich.table import Table
 from rich.text import Text
 
 from compress.fileio import atomic_write
-from coordinator.auth import Role
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import safe_text
 from coordinator.errors import ServiceConfigError
-from coordinator.operations import CLI_ACTOR
-from coordinator.service_config import (
+from coordinator.service.config import (
     EXAMPLE_SERVICE_CONFIG,
     PASSWORD_ENV,
     ServiceConfig,
     build_service_config,
     store_location,
 )
-from coordinator.service_main import configure_logging, run_service
-from coordinator.store import Store, TokenRow
-from edge_agent.config import load_config_file
+from coordinator.service.main import configure_logging, run_service
+from coordinator.service.operations import CLI_ACTOR
+from coordinator.service.store import Store, TokenRow
+from coordinator.service.tokens import Role
+from edge_agent.config.agent import load_config_file
 
 app = typer.Typer(
     help="Run the coordinator service (HTTP API + MQTT) and manage its API tokens.",

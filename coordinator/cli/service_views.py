@@ -1,7 +1,7 @@
 """Rich renderables and JSON of the operations' rows (pure).
 
 The commands of :mod:`coordinator.cli.operate` print what these functions make of
-the rows and views :class:`~coordinator.operations.Operations` returns: a table
+the rows and views :class:`~coordinator.service.operations.Operations` returns: a table
 (or a small group of them) for people, and with ``--json`` the rows as plain
 JSON (:func:`to_json`: the same field names as the HTTP API's bodies)::
 
@@ -28,8 +28,8 @@ from rich.text import Text
 
 from coordinator.cli.output import human_bytes
 from coordinator.cli.views import humanize_age, humanize_duration, safe_text
-from coordinator.operations import RolloutView, RunView
-from coordinator.store.records import (
+from coordinator.service.operations import RolloutView, RunView
+from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
     DeviceRow,

@@ -5,7 +5,7 @@ Dirichlet(0.5) slices of the digits dataset, 20 rounds of FedAvg, the final mode
 packaged as a signed int8 artifact and rolled out (canary first) to every agent. The
 run directory (``--out``, default ``runs/<timestamp>``) keeps ``report.json``,
 ``report.png``, the artifact and every agent's data directory. See
-:mod:`coordinator.simulate` for the steps.
+:mod:`coordinator.sim.simulate` for the steps.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from rich.table import Table
 
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.train import rounds_table
-from coordinator.federated import RoundReport
-from coordinator.simulate import SimulationConfig, SimulationReport, run_simulation
-from coordinator.strategies import parse_strategy_args
+from coordinator.federated.runs import RoundReport
+from coordinator.federated.strategies import parse_strategy_args
+from coordinator.sim.simulate import SimulationConfig, SimulationReport, run_simulation
 
 __all__ = ["simulate"]
 

@@ -2,7 +2,7 @@
 
 Connects to the broker as the ``coordinator`` user, waits for devices that are
 online and report local data, and runs ``--rounds`` rounds of a Flower strategy
-through :func:`coordinator.federated.run_training`. The live view (stderr) shows
+through :func:`coordinator.federated.runs.run_training`. The live view (stderr) shows
 every round so far: status, accepted replies of those sampled, accuracy, loss and
 the MQTT bytes up and down; the final summary goes to stdout, or, with ``--json``,
 ``{"rounds": [...], "final_accuracy": ...}``.
@@ -51,12 +51,12 @@ from coordinator.cli.fleet import (
 )
 from coordinator.cli.model import load_weights
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
-from coordinator.delivery import Coordinator
+from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
-from coordinator.federated import RoundReport, TrainingConfig, TrainingResult, run_training
-from coordinator.packaging import LabelledData, load_labelled_npz, package_weights
-from coordinator.strategies import build_strategy, parse_strategy_args, wrap_dp
-from coordinator.update_check import DEFAULT_MAX_UPDATE_NORM
+from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
+from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
+from coordinator.link.hub import Coordinator
 from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = ["train"]

@@ -1,7 +1,7 @@
 """Rich renderables and JSON shapes for the fleet and deployments (pure).
 
-Data in, renderable out: commands fetch :class:`~coordinator.fleet.DeviceRecord`
-and :class:`~coordinator.deployment.DeviceProgress` values, pass the current time
+Data in, renderable out: commands fetch :class:`~coordinator.link.fleet.DeviceRecord`
+and :class:`~coordinator.delivery.tracker.DeviceProgress` values, pass the current time
 where ages are shown, and print what these functions return, either to a
 :class:`rich.console.Console` or, with ``--json``, through
 :func:`~coordinator.cli.output.print_json`::
@@ -24,8 +24,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.deployment import IN_PROGRESS_STATES, DeviceProgress, DeviceState
-from coordinator.fleet import DeviceRecord
+from coordinator.delivery.tracker import IN_PROGRESS_STATES, DeviceProgress, DeviceState
+from coordinator.link.fleet import DeviceRecord
 
 __all__ = [
     "BAR_WIDTH",

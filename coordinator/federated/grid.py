@@ -1,0 +1,632 @@
+"""Flower's ``Grid`` over fedge's MQTT protocol: any Flower strategy, unchanged.
+
+Flower's Message-API strategies talk to clients through a
+:class:`flwr.serverapp.grid.Grid`: ``configure_train`` builds one ``Message`` per
+sampled node, ``send_and_receive`` delivers them and returns the replies, and
+``aggregate_train`` averages (or medians, or krums) the replies' arrays. fedge's
+devices do not run Flower; :class:`MqttGrid` translates:
+
+* **down**: the Flower messages of one call share one weights ``ArrayRecord``; it
+  becomes one chunked payload (concatenated ``.npy`` blobs) served by the
+  :class:`~coordinator.link.hub.Coordinator`. Each device gets a small
+  :class:`~edge_agent.protocol.TrainTask` (round, task id, action, weights id and
+  index, codec, deadline, the ConfigRecord's scalar entries). Devices answer
+  ``task_ack`` (after subscribing to the payload's broadcast topic); when every
+  device that lacks the weights has answered (or ``gather_s`` passed), the payload
+  is published ONCE on its broadcast topic. Whatever a device misses it pulls with
+  ``chunk_request``.
+* **up**: an ``update_report`` is checked (:mod:`coordinator.federated.update_check`: the
+  task it answers was sent to that device, codec, size, shapes, finite values,
+  norm), decoded and added to the global weights, and becomes the Flower reply
+  (``arrays`` = the device's new weights, ``metrics`` with ``num-examples``), so
+  strategies see exactly what a Flower client would have sent. An
+  ``eval_report`` becomes a reply with ``metrics`` only. Large updates arrive as
+  chunked uploads (``chunk`` messages on the device's ``events`` topic) first.
+
+A *phase* is one ``send_and_receive`` call (the train or the evaluate half of a
+round). It ends when every task has an outcome (replied, failed, rejected, device
+gone offline) or at the phase deadline. Replies to tasks of an earlier phase are
+late: counted and dropped. A device that comes back online while its task is
+still open gets the task again. :attr:`MqttGrid.stats` counts, per phase, every
+MQTT payload byte up and down (tasks, chunks, acks, reports, uploads), the
+outcomes and the rejections by reason.
+
+Messages arrive on paho's thread and are only queued there; all the work
+(decoding updates, building replies) happens on the thread that called
+``send_and_receive``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.grid import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from compress.codecs import CodecSpec, layout_of, max_payload_bytes
+from coordinator.errors import TrainingError, UpdateRejectedError
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck, check_update
+from coordinator.link.hub import Coordinator
+from edge_agent.errors import ProtocolError
+from edge_agent.protocol import (
+    ArrayEntry,
+    Chunk,
+    ChunkRequest,
+    Envelope,
+    ErrorReport,
+    EvalReport,
+    Status,
+    TaskAck,
+    TaskAction,
+    TrainTask,
+    UpdateReport,
+    decode_arrays,
+    encode_arrays,
+    sha256_hex,
+)
+from edge_agent.protocol.arrays import MAX_NPY_HEADER_BYTES
+
+__all__ = ["GridSettings", "MqttGrid", "PhaseStats", "TaskState", "node_id_of"]
+
+logger = logging.getLogger(__name__)
+
+FLOWER_NODE_ID = 1
+"""Flower's id for the server side (``SUPERLINK_NODE_ID``)."""
+MAX_QUEUED = 100_000
+"""Device messages held between two waits (beyond: the oldest are dropped)."""
+TRAIN_METRICS = ("train_loss", "train_accuracy")
+EVAL_METRICS = ("loss", "accuracy")
+
+
+class TaskState(StrEnum):
+    """Where a device's task stands."""
+
+    SENT = "sent"
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    OFFLINE = "offline"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What the grid needs beyond the strategy's messages.
+
+    Attributes:
+        model: Model name (tasks carry it; devices keep per-model state).
+        family: Model family the devices train (``softmax``, ``mlp``).
+        codec: Update codec the devices must use.
+        gather_s: Longest wait for acknowledgements before the weights are pushed.
+        max_update_norm: Updates with a larger L2 norm are rejected.
+    """
+
+    model: str
+    family: str
+    codec: CodecSpec
+    gather_s: float = 3.0
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+
+
+@dataclass
+class PhaseStats:
+    """Figures of one phase (one ``send_and_receive``).
+
+    Attributes:
+        uplink_bytes: MQTT payload bytes received from devices for this phase.
+        downlink_bytes: MQTT payload bytes published for it (tasks and chunks;
+            a broadcast chunk counts once).
+        tasks: Tasks sent.
+        outcomes: Tasks by final :class:`TaskState`.
+        rejected: Rejected updates by reason.
+        failures: Device-reported failures by error code.
+        late: Replies to tasks of earlier phases (dropped).
+    """
+
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    tasks: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    late: int = 0
+
+
+@dataclass
+class _Task:
+    task_id: str
+    device_id: str
+    instruction: Message
+    command: TrainTask
+    weights: dict[str, npt.NDArray[np.float32]]
+    check: UpdateCheck
+    state: TaskState = TaskState.SENT
+    acked: bool = False
+    has_weights: bool = False
+    reply: Message | None = None
+
+
+@dataclass
+class _Upload:
+    total: int = 0
+    chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+def node_id_of(device_id: str) -> int:
+    """A device's Flower node id: stable, derived from its id (63-bit, never 0 or 1)."""
+    digest = hashlib.sha256(device_id.encode()).digest()
+    return max(2, int.from_bytes(digest[:8], "big") >> 1)
+
+
+def _scalar_config(config: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+    out: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, bool | int | float | str):
+            out[str(key).replace("-", "_")] = value
+        else:
+            logger.debug("config entry %r is not a scalar: not sent to devices", key)
+    return out
+
+
+class MqttGrid(Grid):
+    """A Flower ``Grid`` whose nodes are fedge devices (see the module docstring)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        settings: GridSettings,
+        *,
+        run_id: int = 1,
+        clock: Callable[[], float] = time.time,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Attach to a started coordinator (its listener is added here).
+
+        Call :meth:`close` when done. Once ``cancel`` is set, :meth:`send_and_receive`
+        stops waiting (within a quarter of a second) and returns what it has.
+        """
+        self._coordinator = coordinator
+        self._cancel = cancel or threading.Event()
+        self.settings = settings
+        self._clock = clock
+        self._run = Run.create_empty(run_id)
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = FLOWER_NODE_ID
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[str, Envelope, int]] = deque(maxlen=MAX_QUEUED)
+        self._devices: dict[int, str] = {}
+        self._nodes: list[int] = []
+        self._tasks: dict[str, _Task] = {}
+        self._old_tasks: set[str] = set()
+        self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._refused_uploads: set[tuple[str, str]] = set()
+        self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
+        self._round = 0
+        self._deadline = 0.0
+        self.stats = PhaseStats()
+        self.on_progress: Callable[[int, int], None] | None = None
+        """Called with (tasks with an outcome, tasks) while waiting for replies."""
+        coordinator.add_listener(self._on_message)
+
+    def close(self) -> None:
+        """Detach from the coordinator and stop serving this grid's weights."""
+        self._coordinator.remove_listener(self._on_message)
+        for transfer_id in self._served:
+            self._coordinator.withdraw_payload(transfer_id)
+        self._served.clear()
+
+    # ---------------------------------------------------------------- phases
+
+    def begin_phase(self, round_no: int, device_ids: Iterable[str], deadline: float) -> None:
+        """Open a phase: the nodes offered to the strategy, and its deadline.
+
+        Args:
+            round_no: The round (names it on the wire).
+            device_ids: The devices the strategy may use this phase.
+            deadline: Unix time by which replies must be in.
+        """
+        with self._cond:
+            self._old_tasks.update(self._tasks)
+            self._tasks = {}
+            self._uploads.clear()
+            self._refused_uploads.clear()
+            self._round = round_no
+            self._deadline = deadline
+            self._nodes = []
+            for device_id in device_ids:
+                node = node_id_of(device_id)
+                self._devices[node] = device_id
+                self._nodes.append(node)
+            for transfer_id in list(self._served):
+                self._served[transfer_id] = self._coordinator.bytes_sent(transfer_id)
+            self.stats = PhaseStats()
+
+    def end_phase(self) -> PhaseStats:
+        """Close the phase: open tasks time out; the phase's figures.
+
+        Returns:
+            The phase's statistics.
+        """
+        with self._cond:
+            self._drain()
+            for task in self._tasks.values():
+                if task.state is TaskState.SENT:
+                    task.state = TaskState.TIMED_OUT
+                self.stats.outcomes[task.state] += 1
+            for transfer_id, before in self._served.items():
+                self.stats.downlink_bytes += self._coordinator.bytes_sent(transfer_id) - before
+                self._served[transfer_id] = self._coordinator.bytes_sent(transfer_id)
+            return self.stats
+
+    def retire_weights(self, keep: str | None = None) -> None:
+        """Stop serving the weights of earlier phases (except ``keep``)."""
+        with self._cond:
+            for transfer_id in [t for t in self._served if t != keep]:
+                self._coordinator.withdraw_payload(transfer_id)
+                del self._served[transfer_id]
+
+    def device_of(self, message: Message) -> str | None:
+        """The device a reply came from (or an instruction goes to)."""
+        meta = message.metadata
+        node = meta.src_node_id if meta.reply_to_message_id else meta.dst_node_id
+        return self._devices.get(node)
+
+    # -------------------------------------------------------------- Grid API
+
+    def set_run(self, run: Run) -> None:
+        """Set the Flower run this grid works in."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """The Flower run."""
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """A message to one node (Flower's deprecated helper, kept for strategies)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """The nodes of the current phase.
+
+        Raises:
+            TrainingError: called after the phase deadline: a strategy that waits
+                for more nodes than the phase offers (Flower's ``sample_nodes``
+                polls this forever) fails the phase instead of hanging.
+        """
+        with self._cond:
+            if self._clock() > self._deadline:
+                raise TrainingError(
+                    f"the strategy was still waiting for more nodes at the deadline "
+                    f"(this round offers {len(self._nodes)})"
+                )
+            return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Send each message's task to its device; the weights go out once.
+
+        Returns:
+            The ids of the messages sent (a message to an unknown node, or of an
+            unknown type, is logged and skipped).
+        """
+        payloads: dict[int, tuple[str, tuple[ArrayEntry, ...], dict[str, Any]]] = {}
+        sent: list[_Task] = []
+        for message in messages:
+            task = self._prepare(message, payloads)
+            if task is None:
+                continue
+            with self._cond:
+                self._tasks[task.task_id] = task
+                self.stats.tasks += 1
+            size = self._coordinator.send(task.device_id, task.command)
+            with self._cond:
+                self.stats.downlink_bytes += size
+                if size == 0:
+                    task.state = TaskState.FAILED
+                    self.stats.failures["unreachable"] += 1
+                else:
+                    sent.append(task)
+        self._push_weights(sent)
+        return [task.task_id for task in sent]
+
+    def _prepare(
+        self,
+        message: Message,
+        payloads: dict[int, tuple[str, tuple[ArrayEntry, ...], dict[str, Any]]],
+    ) -> _Task | None:
+        meta = message.metadata
+        device_id = self._devices.get(meta.dst_node_id)
+        if device_id is None or meta.dst_node_id not in self._nodes:
+            logger.warning("message for node %d, which is not in this phase", meta.dst_node_id)
+            return None
+        if meta.message_type == MessageType.TRAIN:
+            action = TaskAction.TRAIN
+        elif meta.message_type == MessageType.EVALUATE:
+            action = TaskAction.EVALUATE
+        else:
+            logger.warning("message type %r is not supported by fedge devices", meta.message_type)
+            return None
+        content = message.content
+        if len(content.array_records) != 1:
+            logger.warning("a %s message must carry exactly one ArrayRecord", action)
+            return None
+        record = next(iter(content.array_records.values()))
+        key = id(record)
+        if key not in payloads:
+            weights = {
+                name: np.ascontiguousarray(array.numpy(), dtype=np.float32)
+                for name, array in record.items()
+            }
+            index, body = encode_arrays(weights, limits=self._coordinator.config.limits)
+            transfer_id = self._coordinator.serve_payload(body)
+            with self._cond:
+                self._served.setdefault(transfer_id, self._coordinator.bytes_sent(transfer_id))
+            payloads[key] = (transfer_id, index, weights)
+        transfer_id, index, weights = payloads[key]
+        config: dict[str, int | float | str | bool] = {}
+        for config_record in content.config_records.values():
+            config.update(_scalar_config(config_record))
+        task_id = uuid.uuid4().hex
+        meta.__dict__["_message_id"] = task_id
+        command = TrainTask(
+            round_id=f"r{self._round}",
+            task_id=task_id,
+            action=action,
+            model=self.settings.model,
+            family=self.settings.family,
+            weights_transfer_id=transfer_id,
+            weights_size=sum(entry.length for entry in index),
+            weights_index=index,
+            chunk_size=self._coordinator.config.chunk_size,
+            codec=str(self.settings.codec),
+            deadline=self._deadline,
+            config=config,
+        )
+        check = UpdateCheck(self.settings.codec, layout_of(weights), self.settings.max_update_norm)
+        return _Task(task_id, device_id, message, command, weights, check)
+
+    def _push_weights(self, tasks: list[_Task]) -> None:
+        """Once the devices that need the weights acknowledged: publish them once."""
+        gather_end = time.monotonic() + self.settings.gather_s
+        with self._cond:
+            while True:
+                self._drain()
+                waiting = [t for t in tasks if t.state is TaskState.SENT and not t.acked]
+                left = gather_end - time.monotonic()
+                if not waiting or left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+            needed: dict[str, list[str]] = {}
+            for task in tasks:
+                if task.state is TaskState.SENT and not task.has_weights:
+                    needed.setdefault(task.command.weights_transfer_id, []).append(task.device_id)
+        for transfer_id, device_ids in needed.items():
+            if not self._coordinator.push_payload(transfer_id, sorted(device_ids)):
+                logger.warning("disconnected while pushing weights; devices will ask again")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies received so far for these message ids (each returned once)."""
+        with self._cond:
+            self._drain()
+            return self._take_replies(set(message_ids))
+
+    def _take_replies(self, ids: set[str]) -> list[Message]:
+        replies = []
+        for task_id in ids:
+            task = self._tasks.get(task_id)
+            if task is not None and task.reply is not None:
+                replies.append(task.reply)
+                task.reply = None
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Push the messages, then wait for every task's outcome, the phase deadline
+        or ``timeout``, whichever comes first.
+
+        Returns:
+            The replies (accepted updates and evaluations only).
+        """
+        ids = set(self.push_messages(messages))
+        end = self._deadline if timeout is None else min(self._deadline, self._clock() + timeout)
+        replies: list[Message] = []
+        shown = -1
+        with self._cond:
+            while True:
+                self._drain()
+                replies.extend(self._take_replies(ids))
+                open_tasks = [
+                    t for t in ids if (task := self._tasks.get(t)) and task.state is TaskState.SENT
+                ]
+                settled = len(ids) - len(open_tasks)
+                if self.on_progress is not None and settled != shown:
+                    shown = settled
+                    self.on_progress(settled, len(ids))
+                left = end - self._clock()
+                if not open_tasks or left <= 0 or self._cancel.is_set():
+                    break
+                self._cond.wait(min(left, 0.25))
+        # Arrival order is chance; aggregation order should not be (float sums).
+        return sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+
+    # ------------------------------------------------------- incoming messages
+
+    def _on_message(self, device_id: str, envelope: Envelope, size: int) -> None:
+        """Coordinator listener (paho's thread): queue, never work here."""
+        if isinstance(
+            envelope.message,
+            Status | TaskAck | UpdateReport | EvalReport | Chunk | ErrorReport | ChunkRequest,
+        ):
+            with self._cond:
+                self._inbox.append((device_id, envelope, size))
+                self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Handle queued messages (caller holds the lock)."""
+        while self._inbox:
+            device_id, envelope, size = self._inbox.popleft()
+            try:
+                self._handle(device_id, envelope.message, size)
+            except Exception:
+                logger.exception("round: a message from %s could not be handled", device_id)
+
+    def _task_of(self, device_id: str, task_id: str | None, size: int) -> _Task | None:
+        task = self._tasks.get(task_id) if task_id else None
+        if task is None or task.device_id != device_id:
+            if task_id in self._old_tasks:
+                self.stats.late += 1
+                logger.info("late reply from %s to task %s (dropped)", device_id, task_id)
+            else:
+                logger.warning("%s answered a task it was not given (dropped)", device_id)
+            return None
+        self.stats.uplink_bytes += size
+        return task
+
+    def _handle(self, device_id: str, message: Any, size: int) -> None:
+        if isinstance(message, Status):
+            self._on_status(device_id, message)
+        elif isinstance(message, ChunkRequest):
+            if message.transfer_id in self._served and any(
+                t.device_id == device_id for t in self._tasks.values()
+            ):
+                self.stats.uplink_bytes += size
+        elif isinstance(message, Chunk):
+            self._on_upload_chunk(device_id, message, size)
+        elif isinstance(message, TaskAck):
+            task = self._task_of(device_id, message.task_id, size)
+            if task is not None:
+                task.acked = True
+                task.has_weights = message.has_weights
+        elif isinstance(message, ErrorReport):
+            task = self._task_of(device_id, message.ref, size)
+            if task is not None and task.state is TaskState.SENT:
+                task.state = TaskState.FAILED
+                self.stats.failures[message.code] += 1
+                logger.info("%s could not do task %s: %s: %s", device_id, message.ref,
+                            message.code, message.message)  # fmt: skip
+        elif isinstance(message, UpdateReport | EvalReport):
+            task = self._task_of(device_id, message.task_id, size)
+            if task is not None and task.state is TaskState.SENT:
+                self._on_report(task, message)
+
+    def _on_status(self, device_id: str, status: Status) -> None:
+        for task in self._tasks.values():
+            if task.device_id != device_id:
+                continue
+            if not status.online and task.state is TaskState.SENT:
+                task.state = TaskState.OFFLINE
+                logger.info("%s went offline during its task", device_id)
+            elif (
+                status.online and task.state is TaskState.OFFLINE and self._clock() < self._deadline
+            ):
+                logger.info("%s is back: sending its task again", device_id)
+                task.state = TaskState.SENT
+                task.acked = False
+                self.stats.downlink_bytes += self._coordinator.send(device_id, task.command)
+
+    def _on_upload_chunk(self, device_id: str, chunk: Chunk, size: int) -> None:
+        task = next(
+            (t for t in self._tasks.values()
+             if t.device_id == device_id and t.state is TaskState.SENT),
+            None,
+        )  # fmt: skip
+        if task is None or task.command.action is not TaskAction.TRAIN:
+            logger.info("upload chunk from %s without an open train task (dropped)", device_id)
+            return
+        self.stats.uplink_bytes += size
+        key = (device_id, chunk.transfer_id)
+        upload = self._uploads.get(key)
+        if upload is None and key not in self._refused_uploads:
+            # The .npy blob of the largest payload the codec can produce for this model.
+            limit = max_payload_bytes(task.check.codec, task.check.layout) + MAX_NPY_HEADER_BYTES
+            if chunk.total_size > limit or sum(k[0] == device_id for k in self._uploads) >= 2:
+                self._refused_uploads.add(key)  # its report is rejected as oversized
+                logger.warning("upload of %d bytes from %s refused (at most %d)",
+                               chunk.total_size, device_id, limit)  # fmt: skip
+                return
+            upload = self._uploads[key] = _Upload(total=chunk.total_size)
+        if upload is not None and chunk.total_size == upload.total:
+            upload.chunks[chunk.index] = chunk.data
+
+    def _report_arrays(self, task: _Task, report: UpdateReport) -> Mapping[str, npt.NDArray[Any]]:
+        if report.arrays is not None:
+            return report.arrays
+        assert report.upload_transfer_id is not None
+        key = (task.device_id, report.upload_transfer_id)
+        if key in self._refused_uploads:
+            raise UpdateRejectedError("oversized", "the upload is larger than this model allows")
+        upload = self._uploads.pop(key, None)
+        if upload is None:
+            raise UpdateRejectedError("malformed", "the upload's chunks did not arrive")
+        payload = b"".join(upload.chunks[i] for i in sorted(upload.chunks))
+        if len(payload) != upload.total or sha256_hex(payload) != report.upload_transfer_id:
+            raise UpdateRejectedError("malformed", "the upload is incomplete or does not match")
+        try:
+            return decode_arrays(
+                report.upload_index, payload, limits=self._coordinator.config.limits
+            )
+        except ProtocolError as exc:
+            raise UpdateRejectedError("malformed", str(exc)) from exc
+
+    def _on_report(self, task: _Task, report: UpdateReport | EvalReport) -> None:
+        action = task.command.action
+        if isinstance(report, EvalReport) != (action is TaskAction.EVALUATE):
+            self._reject(task, "malformed", f"a {report.TYPE} does not answer a {action} task")
+            return
+        if isinstance(report, EvalReport):
+            if report.num_examples < 1:
+                self._reject(task, "bad_examples", "evaluated no examples")
+                return
+            metrics = _metric_record(report.metrics, EVAL_METRICS, report.num_examples)
+            content = RecordDict({"metrics": metrics})
+        else:
+            try:
+                delta = check_update(report, self._report_arrays(task, report), task.check)
+            except UpdateRejectedError as exc:
+                self._reject(task, exc.reason, str(exc))
+                return
+            arrays = ArrayRecord(
+                {name: Array(task.weights[name] + delta[name]) for name in task.weights}
+            )
+            metrics = _metric_record(report.metrics, TRAIN_METRICS, report.num_examples)
+            content = RecordDict({"arrays": arrays, "metrics": metrics})
+        task.state = TaskState.DONE
+        task.reply = Message(content, reply_to=task.instruction)
+
+    def _reject(self, task: _Task, reason: str, detail: str) -> None:
+        task.state = TaskState.REJECTED
+        self.stats.rejected[reason] += 1
+        logger.warning("rejected the update of %s: %s", task.device_id, detail)
+
+
+def _metric_record(
+    metrics: Mapping[str, float], keys: tuple[str, ...], examples: int
+) -> MetricRecord:
+    """The fixed set of metrics strategies see (their aggregation needs equal keys)."""
+    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": examples}
+    for key in keys:
+        value = metrics.get(key)
+        values[key] = float(value) if value is not None and np.isfinite(value) else 0.0
+    return MetricRecord(values)

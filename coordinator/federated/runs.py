@@ -1,0 +1,498 @@
+"""Federated training runs: rounds of a Flower strategy over the fleet.
+
+:func:`run_training` drives ``rounds`` rounds through an
+:class:`~coordinator.federated.grid.MqttGrid` on a started
+:class:`~coordinator.link.hub.Coordinator`. Each round:
+
+1. **Sample.** The eligible devices are those online that report local training
+   data (``train_examples > 0``). With fewer than ``min_clients`` the run waits (up
+   to ``round_timeout_s``) and otherwise records the round as failed and goes on.
+   ``clients_per_round`` of them are drawn with a seeded RNG; the strategy is
+   offered exactly those.
+2. **Train.** ``strategy.configure_train`` -> ``grid.send_and_receive`` (the weights
+   go out once, each device trains and sends an encoded update) ->
+   ``strategy.aggregate_train``. A round with fewer accepted updates than
+   ``min_clients`` (devices killed mid-round, stragglers past the deadline,
+   rejected updates) fails cleanly: the global weights stay as they were and the
+   next round proceeds.
+3. **Evaluate.** With ``eval_data``, the global model is evaluated here (that is
+   the round's ``accuracy`` and ``loss``); otherwise ``configure_evaluate`` /
+   ``aggregate_evaluate`` give the example-weighted accuracy on the devices'
+   held-out data.
+
+Each round yields a :class:`RoundReport` with the same fields everywhere rounds are
+reported (the CLI's live view and ``--json``, later the service and the
+simulator): ``round``, ``accuracy``, ``loss``, ``clients``, ``uplink_bytes``,
+``downlink_bytes``, plus status and counts.
+
+Stopping: with ``stop`` (a ``threading.Event``) set, no further round starts, the
+phase going on stops waiting within a quarter of a second, and that round ends
+``failed`` with reason :data:`STOPPED` (its updates are not aggregated, so the
+global weights stay those of the last completed round).
+
+Determinism: the device sample uses ``random.Random(seed)``; Flower's own sampling
+(``random.sample``) is seeded with the same seed at the start of a run, and device
+training is seeded from the task's config (``seed``) and the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
+
+from compress.codecs import parse_codec
+from compress.families import forward
+from coordinator.delivery.packaging import LabelledData
+from coordinator.errors import TrainingError
+from coordinator.federated.grid import GridSettings, MqttGrid, PhaseStats
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
+from coordinator.link.fleet import DeviceRecord
+from coordinator.link.hub import Coordinator
+
+__all__ = [
+    "STOPPED",
+    "RoundReport",
+    "TrainingConfig",
+    "TrainingResult",
+    "evaluate_weights",
+    "run_training",
+]
+
+logger = logging.getLogger(__name__)
+
+Weights = dict[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A federated run, as ``fedge train`` describes it.
+
+    Attributes:
+        model: Model name (devices keep per-model state, e.g. error feedback).
+        family: ``softmax`` or ``mlp``.
+        initial_weights: The starting global weights (W0, b0, ...).
+        rounds: Rounds to run.
+        clients_per_round: Devices sampled per round.
+        min_clients: Fewest accepted updates for a round to count.
+        round_timeout_s: Deadline of each phase (train, evaluate), and the longest
+            wait for enough devices at the start of a round.
+        codec: Update codec spec (``fp32``, ``fp16``, ``int8``, ``topk:D``,
+            ``topk:D+int8``...).
+        train_config: Sent to devices with each task (epochs, lr, batch_size...).
+        eval_data: Held-out data evaluated on the coordinator after each round;
+            None: federated evaluation on the devices.
+        seed: Seeds device sampling and Flower's sampling.
+        max_update_norm: Updates with a larger L2 norm are rejected.
+        gather_s: Longest wait for acknowledgements before weights are pushed.
+    """
+
+    model: str
+    family: str
+    initial_weights: Mapping[str, npt.NDArray[np.float32]]
+    rounds: int = 20
+    clients_per_round: int = 10
+    min_clients: int = 2
+    round_timeout_s: float = 60.0
+    codec: str = "fp32"
+    train_config: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+    eval_data: LabelledData | None = None
+    seed: int = 0
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    gather_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        """Check the values.
+
+        Raises:
+            TrainingError: out-of-range counts, timeouts or update norm bound.
+            CodecError: an invalid codec spec.
+        """
+        if self.rounds < 1:
+            raise TrainingError("rounds must be at least 1")
+        if not 1 <= self.min_clients <= self.clients_per_round:
+            raise TrainingError(
+                f"need 1 <= min_clients ({self.min_clients}) <= clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        if not self.round_timeout_s > 0 or not self.gather_s > 0:
+            raise TrainingError("timeouts must be positive")
+        if not 0 < self.max_update_norm < math.inf:
+            raise TrainingError(
+                f"max_update_norm must be positive and finite, got {self.max_update_norm}"
+            )
+        parse_codec(self.codec)
+
+
+@dataclass
+class RoundReport:
+    """One round's outcome and figures.
+
+    Attributes:
+        round: 1-based round number.
+        status: ``ok`` or ``failed``.
+        reason: Why it failed (empty when ok).
+        accuracy: Accuracy after the round (coordinator-side on ``eval_data``,
+            else example-weighted federated evaluation), None if not measured.
+        loss: Cross-entropy after the round, likewise.
+        clients: Accepted updates aggregated.
+        sampled: Devices given a train task.
+        uplink_bytes: MQTT payload bytes received for the round (reports, acks,
+            uploads, chunk requests).
+        downlink_bytes: MQTT payload bytes published for it (tasks, weight chunks;
+            a broadcast chunk counts once).
+        rejected: Rejected updates by reason.
+        failures: Tasks that devices reported failed, by code.
+        dropped: Sampled devices that went offline during the round.
+        timed_out: Tasks without an answer by the deadline.
+        late: Replies to earlier rounds' tasks (dropped).
+        eval_clients: Devices whose evaluation counted (federated evaluation).
+        seconds: Wall time of the round.
+    """
+
+    round: int
+    status: str = "ok"
+    reason: str = ""
+    accuracy: float | None = None
+    loss: float | None = None
+    clients: int = 0
+    sampled: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0
+    timed_out: int = 0
+    late: int = 0
+    eval_clients: int = 0
+    seconds: float = 0.0
+
+    def add_phase(self, stats: PhaseStats) -> None:
+        """Add one phase's figures to the round's."""
+        self.uplink_bytes += stats.uplink_bytes
+        self.downlink_bytes += stats.downlink_bytes
+        self.late += stats.late
+        for reason, count in stats.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+        for code, count in stats.failures.items():
+            self.failures[code] = self.failures.get(code, 0) + count
+        self.dropped += stats.outcomes.get("offline", 0)
+        self.timed_out += stats.outcomes.get("timed_out", 0)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (the same fields wherever rounds are reported)."""
+        return {
+            "round": self.round,
+            "status": self.status,
+            "reason": self.reason,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "clients": self.clients,
+            "sampled": self.sampled,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "rejected": dict(self.rejected),
+            "failures": dict(self.failures),
+            "dropped": self.dropped,
+            "timed_out": self.timed_out,
+            "late": self.late,
+            "eval_clients": self.eval_clients,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class TrainingResult:
+    """A whole run: its rounds and the final global weights."""
+
+    rounds: list[RoundReport]
+    weights: Weights
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Accuracy after the last round that measured one."""
+        for report in reversed(self.rounds):
+            if report.accuracy is not None:
+                return report.accuracy
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"rounds": [...], "final_accuracy": ...}`` plus totals."""
+        ok = [r for r in self.rounds if r.status == "ok"]
+        return {
+            "rounds": [r.to_json() for r in self.rounds],
+            "final_accuracy": self.final_accuracy,
+            "rounds_ok": len(ok),
+            "rounds_failed": len(self.rounds) - len(ok),
+            "uplink_bytes": sum(r.uplink_bytes for r in self.rounds),
+            "downlink_bytes": sum(r.downlink_bytes for r in self.rounds),
+        }
+
+
+RoundCallback = Callable[[RoundReport, str], None]
+"""Progress: the round's report so far and what is happening (``waiting``,
+``training 3/10``, ``evaluating``, ``done``)."""
+
+
+def evaluate_weights(
+    family: str, weights: Mapping[str, npt.ArrayLike], data: LabelledData
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of a model on labelled data.
+
+    Raises:
+        FamilyError: the weights do not fit the family or the data.
+    """
+    probabilities = forward(family, weights, data.x)
+    accuracy = float(np.mean(np.argmax(probabilities, axis=1) == data.y))
+    picked = probabilities[np.arange(len(data.y)), data.y].astype(np.float64)
+    loss = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+    return accuracy, loss
+
+
+def _to_record(weights: Mapping[str, npt.NDArray[np.float32]]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.asarray(value)) for name, value in weights.items()})
+
+
+def _from_record(record: ArrayRecord) -> Weights:
+    return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
+
+
+STOPPED = "stopped"
+"""Reason of the round a ``stop`` cut short."""
+
+
+class _Run:
+    """One run's state (see :func:`run_training`)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        strategy: Strategy,
+        config: TrainingConfig,
+        on_round: RoundCallback | None,
+        stop: threading.Event,
+    ) -> None:
+        self.coordinator = coordinator
+        self.stop = stop
+        self.strategy = strategy
+        self.config = config
+        self.on_round = on_round
+        self.rng = random.Random(config.seed)  # noqa: S311 - sampling, not secrets
+        settings = GridSettings(
+            model=config.model,
+            family=config.family,
+            codec=parse_codec(config.codec),
+            gather_s=config.gather_s,
+            max_update_norm=config.max_update_norm,
+        )
+        self.grid = MqttGrid(coordinator, settings, cancel=stop)
+
+    def show(self, report: RoundReport, what: str) -> None:
+        if self.on_round is not None:
+            self.on_round(report, what)
+
+    def eligible(self) -> list[DeviceRecord]:
+        return [r for r in self.coordinator.fleet() if r.can_train]
+
+    def wait_for_devices(self, report: RoundReport) -> list[DeviceRecord]:
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while True:
+            devices = self.eligible()
+            if (
+                len(devices) >= self.config.min_clients
+                or time.monotonic() >= deadline
+                or self.stop.is_set()
+            ):
+                return devices
+            self.show(report, f"waiting for devices ({len(devices)}/{self.config.min_clients})")
+            time.sleep(0.2)
+
+    def sample(self, devices: list[DeviceRecord]) -> list[str]:
+        ids = sorted(d.device_id for d in devices)
+        return sorted(self.rng.sample(ids, min(self.config.clients_per_round, len(ids))))
+
+    def phase(
+        self, report: RoundReport, label: str, devices: list[str], make: Callable[[], Any]
+    ) -> list[Message]:
+        """One send_and_receive over ``devices``.
+
+        Raises:
+            TrainingError: the strategy needs more nodes than ``devices``.
+        """
+        needed = _min_nodes(self.strategy, train=label == "training")
+        if needed > len(devices):
+            raise TrainingError(
+                f"the strategy needs {needed} nodes for {label}, this round has {len(devices)}"
+            )
+        deadline = time.time() + self.config.round_timeout_s
+        self.grid.begin_phase(report.round, devices, deadline)
+        self.grid.on_progress = lambda done, total: self.show(report, f"{label} {done}/{total}")
+        try:
+            replies = list(self.grid.send_and_receive(make(), timeout=self.config.round_timeout_s))
+        finally:
+            self.grid.on_progress = None
+            report.add_phase(self.grid.end_phase())
+        return replies
+
+    def train_round(self, number: int, arrays: ArrayRecord) -> tuple[RoundReport, ArrayRecord]:
+        config = self.config
+        report = RoundReport(round=number)
+        started = time.monotonic()
+        devices = self.wait_for_devices(report)
+        if self.stop.is_set():
+            report.status, report.reason = "failed", STOPPED
+            report.seconds = time.monotonic() - started
+            return report, arrays
+        if len(devices) < config.min_clients:
+            report.status = "failed"
+            report.reason = f"{len(devices)} eligible device(s), need {config.min_clients}"
+            report.seconds = time.monotonic() - started
+            return report, arrays
+        sample = self.sample(devices)
+        report.sampled = len(sample)
+        try:
+            replies = self.phase(
+                report,
+                "training",
+                sample,
+                lambda: self.strategy.configure_train(
+                    number, arrays, ConfigRecord(dict(config.train_config)), self.grid
+                ),
+            )
+        except TrainingError as exc:
+            replies = []
+            report.reason = str(exc)
+        if self.stop.is_set():
+            report.reason = STOPPED
+            replies = []  # a cut-short round is not aggregated
+        report.clients = len(replies)
+        if report.reason:
+            report.status = "failed"
+        elif len(replies) < config.min_clients:
+            report.status = "failed"
+            report.reason = f"{len(replies)} update(s) accepted, need {config.min_clients}"
+        else:
+            try:
+                aggregated, _metrics = self.strategy.aggregate_train(number, replies)
+            except Exception as exc:  # noqa: BLE001 - any strategy may refuse (bulyan: too few)
+                logger.warning("round %d: aggregation failed: %s", number, exc)
+                aggregated = None
+                report.reason = f"aggregation failed: {exc}"
+            if aggregated is None:
+                report.status = "failed"
+                report.reason = report.reason or "the strategy aggregated nothing"
+            else:
+                arrays = aggregated
+                self.evaluate(report, arrays)
+        self.grid.retire_weights()
+        report.seconds = time.monotonic() - started
+        return report, arrays
+
+    def evaluate(self, report: RoundReport, arrays: ArrayRecord) -> None:
+        config = self.config
+        if config.eval_data is not None:
+            report.accuracy, report.loss = evaluate_weights(
+                config.family, _from_record(arrays), config.eval_data
+            )
+            return
+        devices = self.eligible()
+        if not devices:
+            return
+        sample = self.sample(devices)
+        try:
+            replies = self.phase(
+                report,
+                "evaluating",
+                sample,
+                lambda: self.strategy.configure_evaluate(
+                    report.round, arrays, ConfigRecord(), self.grid
+                ),
+            )
+        except TrainingError as exc:
+            logger.warning("round %d: no federated evaluation: %s", report.round, exc)
+            return
+        report.eval_clients = len(replies)
+        if not replies or self.stop.is_set():
+            return
+        try:
+            metrics = self.strategy.aggregate_evaluate(report.round, replies)
+        except Exception as exc:  # noqa: BLE001 - a user strategy may raise anything
+            logger.warning("round %d: evaluation aggregation failed: %s", report.round, exc)
+            return
+        report.accuracy = _metric(metrics, "accuracy")
+        report.loss = _metric(metrics, "loss")
+
+
+def _min_nodes(strategy: object, *, train: bool) -> int:
+    """Fewest nodes a strategy (or the one it wraps) samples, when it says so."""
+    needed = 0
+    while strategy is not None:
+        phase_key = "min_train_nodes" if train else "min_evaluate_nodes"
+        fraction = getattr(strategy, "fraction_train" if train else "fraction_evaluate", None)
+        if fraction != 0.0:
+            for key in ("min_available_nodes", phase_key):
+                value = getattr(strategy, key, 0)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    needed = max(needed, value)
+        strategy = getattr(strategy, "strategy", None)
+    return needed
+
+
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    if metrics is None or key not in metrics:
+        return None
+    value = metrics[key]
+    number = float(value) if isinstance(value, int | float) else math.nan
+    return number if math.isfinite(number) else None
+
+
+def run_training(
+    coordinator: Coordinator,
+    strategy: Strategy,
+    config: TrainingConfig,
+    *,
+    on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
+) -> TrainingResult:
+    """Run federated rounds (see the module docstring).
+
+    Args:
+        coordinator: A started coordinator (its fleet is where devices come from).
+        strategy: Any Flower Message-API strategy.
+        config: The run.
+        on_round: Progress callback (called from this thread).
+        stop: Set it (from any thread) to end the run early (see "Stopping").
+
+    Returns:
+        Every round's report and the final global weights.
+    """
+    random.seed(config.seed)  # Flower's strategies sample with the global RNG
+    run = _Run(coordinator, strategy, config, on_round, stop or threading.Event())
+    arrays = _to_record(config.initial_weights)
+    reports: list[RoundReport] = []
+    try:
+        for number in range(1, config.rounds + 1):
+            if run.stop.is_set():
+                logger.info("run stopped before round %d", number)
+                break
+            report, arrays = run.train_round(number, arrays)
+            reports.append(report)
+            if report.status == "ok":
+                logger.info("round %d: %d client(s), accuracy %s", number, report.clients,
+                            report.accuracy)  # fmt: skip
+            else:
+                logger.warning("round %d failed: %s", number, report.reason)
+            run.show(report, "done")
+    finally:
+        run.grid.close()
+    return TrainingResult(reports, _from_record(arrays))

@@ -1,0 +1,300 @@
+"""The HTTP API's JSON shapes: pydantic models mirroring the store's rows.
+
+Responses: each ``*Out`` model mirrors one frozen dataclass of
+:mod:`coordinator.service.store.records` or :mod:`coordinator.service.operations` field for field
+(tuples become JSON arrays, enums their string values) and is built from it by
+:meth:`pydantic.BaseModel.model_validate` with ``from_attributes``: that is the one
+converter every route uses (``DeviceOut.model_validate(row)``). The models exist so
+that ``/docs`` shows real response schemas and so that the wire contract is written
+down in one place; ``tests/test_api.py`` checks that each mirrors its dataclass.
+
+Requests: :class:`RolloutCreate`, :class:`RunCreate` and :class:`AbortBody` take
+their defaults from :class:`~coordinator.service.operations.RolloutRequest` and
+:class:`~coordinator.service.operations.RunRequest`, refuse unknown fields (a typo such as
+``"canery"`` is a 422, not a silently ignored setting) and turn into those
+dataclasses with ``to_request()``. They check shapes only; what the values mean
+(a canary of ``"5%"``, a strategy name) is for the :class:`Operations` object to
+judge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.service.operations import RolloutRequest, RunRequest
+from coordinator.service.store.records import RunState
+from coordinator.service.tokens import Role
+
+__all__ = [
+    "AbortBody",
+    "ArtifactOut",
+    "AuditOut",
+    "DeviceOut",
+    "ErrorBody",
+    "ErrorOut",
+    "HealthOut",
+    "PresenceOut",
+    "RolloutCreate",
+    "RolloutDeviceOut",
+    "RolloutOut",
+    "RolloutViewOut",
+    "RoundOut",
+    "RunCreate",
+    "RunOut",
+    "RunViewOut",
+    "TelemetryOut",
+]
+
+_SHORT = 256
+"""Longest accepted value of a short string field of a request (ids, policies)."""
+
+
+class _Out(BaseModel):
+    """Base of response models: built from a dataclass row's attributes."""
+
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+
+class _In(BaseModel):
+    """Base of request models: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- responses ----------------------------------------------------------------------
+
+
+class ErrorBody(_Out):
+    """What went wrong: a stable machine-readable code and a human message."""
+
+    code: str = Field(description="Stable code, e.g. `not_found`, `rollout_error`.")
+    message: str
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-field problems of a request that failed validation."
+    )
+
+
+class ErrorOut(_Out):
+    """Every error response: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorBody
+
+
+class HealthOut(_Out):
+    """Liveness: the process answers HTTP."""
+
+    status: str = "ok"
+
+
+class DeviceOut(_Out):
+    """A device the coordinator has seen."""
+
+    device_id: str
+    first_seen: float = Field(description="Unix seconds.")
+    last_seen: float = Field(description="Unix seconds of the last message.")
+    online: bool
+    status: dict[str, Any] | None = Field(description="Its last retained status message.")
+    tags: list[str]
+    model: str | None = Field(description="The model it serves.")
+    version: int | None
+
+
+class PresenceOut(_Out):
+    """One online/offline change of a device (its first sight included)."""
+
+    device_id: str
+    online: bool
+    at: float = Field(description="Coordinator clock, unix seconds.")
+
+
+class TelemetryOut(_Out):
+    """One telemetry window of one device."""
+
+    device_id: str
+    received_at: float
+    window_start: float = Field(description="Device clock, unix seconds.")
+    window_end: float
+    model: str | None
+    version: int | None
+    predictions: int
+    errors: int
+    p50: float = Field(description="Median inference latency, ms.")
+    p95: float
+    p99: float
+    cpu_percent: float
+    memory_bytes: int
+    seq: int
+    row_id: int | None
+
+
+class ArtifactOut(_Out):
+    """A stored, verified artifact."""
+
+    sha256: str = Field(description="Hex SHA-256 of the artifact bytes: its id.")
+    name: str = Field(description="Model name.")
+    version: int = Field(description="Model version.")
+    size: int = Field(description="Bytes.")
+    manifest: dict[str, Any]
+    uploaded_by: str = Field(description="Token id, or `cli:<login>` for a local operator.")
+    uploaded_at: float
+
+
+class RolloutOut(_Out):
+    """A staged rollout."""
+
+    rollout_id: str
+    artifact_sha256: str
+    target: str = Field(description="`all`, `tag:T` or `device:ID[,ID...]`.")
+    policy: dict[str, Any] = Field(description="Stages and health thresholds.")
+    state: str
+    created_by: str
+    created_at: float
+    updated_at: float
+
+
+class RolloutDeviceOut(_Out):
+    """One device's place in a rollout."""
+
+    device_id: str
+    stage: int = Field(description="0-based rollout stage.")
+    state: str
+    updated_at: float
+    detail: dict[str, Any]
+
+
+class RolloutViewOut(_Out):
+    """A rollout with its devices and a summary (counts per state, current stage)."""
+
+    rollout: RolloutOut
+    devices: list[RolloutDeviceOut]
+    summary: dict[str, Any]
+
+
+class RunOut(_Out):
+    """A federated run."""
+
+    run_id: str
+    config: dict[str, Any]
+    state: RunState
+    created_by: str
+    created_at: float
+    updated_at: float
+
+
+class RoundOut(_Out):
+    """One round of a federated run."""
+
+    run_id: str
+    round: int = Field(description="1-based.")
+    status: str = Field(description="`ok`, `failed` or `running`.")
+    reason: str
+    metrics: dict[str, Any] = Field(description="Accuracy, bytes up and down, clients...")
+    started_at: float
+    finished_at: float | None
+
+
+class RunViewOut(_Out):
+    """A federated run and its rounds."""
+
+    run: RunOut
+    rounds: list[RoundOut]
+
+
+class AuditOut(_Out):
+    """One audited operator action."""
+
+    audit_id: int
+    at: float
+    actor: str = Field(description="Token id, or `cli:<login>` for a local operator.")
+    role: Role
+    action: str = Field(description="e.g. `rollout.create`.")
+    target: str
+    detail: dict[str, Any]
+
+
+# --- requests -----------------------------------------------------------------------
+
+_ROLLOUT = RolloutRequest(artifact_sha256="")
+_RUN = RunRequest()
+
+
+class RolloutCreate(_In):
+    """Start a staged rollout of an uploaded artifact."""
+
+    artifact_sha256: str = Field(min_length=1, max_length=_SHORT)
+    target: str = Field(default=_ROLLOUT.target, min_length=1, max_length=_SHORT * 16)
+    canary: str = Field(default=_ROLLOUT.canary, max_length=_SHORT, description="`2` or `5%`.")
+    waves: str = Field(
+        default=_ROLLOUT.waves, max_length=_SHORT, description="Cumulative percentages."
+    )
+    soak: str = Field(default=_ROLLOUT.soak, max_length=_SHORT, description="`60s`, `5m`.")
+    max_failure: str = Field(default=_ROLLOUT.max_failure, max_length=_SHORT)
+    min_reports: int = _ROLLOUT.min_reports
+    rollback_on_halt: bool = _ROLLOUT.rollback_on_halt
+    install_timeout: str = Field(
+        default=_ROLLOUT.install_timeout, max_length=_SHORT, description="`10m`."
+    )
+    max_error_increase: str = Field(
+        default=_ROLLOUT.max_error_increase,
+        max_length=_SHORT,
+        description="Rise of the error rate over the previous model allowed: `5%`.",
+    )
+    max_p95_ratio: float = Field(
+        default=_ROLLOUT.max_p95_ratio,
+        description="p95 latency allowed, as a multiple of the previous model's.",
+    )
+    require_health: bool = Field(
+        default=_ROLLOUT.require_health,
+        description="A device counts only once a healthy telemetry window arrived.",
+    )
+
+    def to_request(self) -> RolloutRequest:
+        """The :class:`~coordinator.service.operations.RolloutRequest` this body asks for."""
+        return RolloutRequest(
+            artifact_sha256=self.artifact_sha256,
+            target=self.target,
+            canary=self.canary,
+            waves=self.waves,
+            soak=self.soak,
+            max_failure=self.max_failure,
+            min_reports=self.min_reports,
+            rollback_on_halt=self.rollback_on_halt,
+            install_timeout=self.install_timeout,
+            max_error_increase=self.max_error_increase,
+            max_p95_ratio=self.max_p95_ratio,
+            require_health=self.require_health,
+        )
+
+
+class RunCreate(_In):
+    """Start a federated run over the fleet."""
+
+    rounds: int = _RUN.rounds
+    strategy: str = Field(default=_RUN.strategy, min_length=1, max_length=_SHORT)
+    codec: str = Field(default=_RUN.codec, min_length=1, max_length=_SHORT)
+    min_clients: int = _RUN.min_clients
+    round_timeout_s: float = _RUN.round_timeout_s
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Model family, sizes, learning rate..."
+    )
+
+    def to_request(self) -> RunRequest:
+        """The :class:`~coordinator.service.operations.RunRequest` this body asks for."""
+        return RunRequest(
+            rounds=self.rounds,
+            strategy=self.strategy,
+            codec=self.codec,
+            min_clients=self.min_clients,
+            round_timeout_s=self.round_timeout_s,
+            config=dict(self.config),
+        )
+
+
+class AbortBody(_In):
+    """Options of ``POST /v1/rollouts/{id}/abort`` (the body may be left out)."""
+
+    rollback: bool = Field(
+        default=False, description="Also roll back every device the rollout updated."
+    )

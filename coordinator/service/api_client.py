@@ -1,0 +1,500 @@
+"""A client of the coordinator's HTTP API that is itself an :class:`Operations`.
+
+:class:`ApiClient` speaks to ``fedge coordinator serve`` (:mod:`coordinator.service.api`)
+with httpx and returns the same rows and views as the in-process service
+(:class:`~coordinator.service.store.records.DeviceRow`,
+:class:`~coordinator.service.operations.RolloutView`...), so code written against
+:class:`~coordinator.service.operations.Operations`, such as the CLI's commands, cannot
+tell the two apart::
+
+    with ApiClient("https://coordinator:8443", token) as ops:
+        view = ops.create_rollout(RolloutRequest(sha256, target="tag:lab"), actor=CLI_ACTOR)
+        print(ops.rollout(view.rollout.rollout_id).rollout.state)
+
+Workflow of a call: one request with ``Authorization: Bearer <token>``; a 2xx
+answer's JSON is validated into the dataclasses (pydantic validates the
+dataclasses of :mod:`coordinator.service.store.records` and :mod:`coordinator.service.operations`
+directly, so the wire shapes of :mod:`coordinator.service.api.schemas` and these rows
+cannot drift apart unnoticed); an error answer
+``{"error": {"code": ..., "message": ...}}`` becomes the error the service raised:
+
+=====================================  ==========================================
+the body's ``code`` names a class      that class (``bad_target``
+                                       :class:`~coordinator.errors.TargetError`,
+                                       ``rollout_error``, ``training_failed``,
+                                       ``bad_strategy``, ``artifact_rejected``...)
+401                                    :class:`~coordinator.errors.ApiAuthError`
+403                                    :class:`~coordinator.errors.ApiAuthError`
+404, 409 otherwise                     ``NotFoundError``, ``ConflictError``
+anything else (413, 422, 500...)       :class:`~coordinator.errors.ApiError`
+no answer (refused, timeout, dropped)  :class:`~coordinator.errors.ApiUnavailableError`
+=====================================  ==========================================
+
+The ``actor`` argument of the mutating calls is ignored: the API decides who the
+caller is from the token. :meth:`ApiClient.metrics` is not available (the API
+exposes the fleet's figures to Prometheus at ``GET /metrics``, not as JSON).
+
+The token is sent only in the ``Authorization`` header; it is never logged nor put
+in an error message or the client's ``repr``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+from pydantic import TypeAdapter, ValidationError
+
+from coordinator import __version__
+from coordinator.errors import (
+    ApiAuthError,
+    ApiError,
+    ApiUnavailableError,
+    ArtifactRejectedError,
+    ConflictError,
+    CoordinatorError,
+    NotFoundError,
+    RolloutError,
+    StrategyError,
+    TargetError,
+    TrainingError,
+)
+from coordinator.service.operations import (
+    Actor,
+    FleetMetrics,
+    RolloutRequest,
+    RolloutView,
+    RunRequest,
+    RunView,
+)
+from coordinator.service.store.records import (
+    ArtifactRow,
+    AuditRow,
+    DeviceRow,
+    PresenceRow,
+    RolloutInfo,
+    RunRow,
+    TelemetryRow,
+)
+
+__all__ = ["ARTIFACT_MEDIA_TYPE", "DEFAULT_TIMEOUT_S", "ApiClient"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 30.0
+"""Seconds to wait for each step of a request (connect, send, each read)."""
+
+ARTIFACT_MEDIA_TYPE = "application/octet-stream"
+"""The ``Content-Type`` of an artifact upload (as :mod:`coordinator.service.api.routes`)."""
+
+AUTH_HINT = "the API refused the token: set FEDGE_TOKEN or pass --token"
+"""The message of a 401."""
+
+_ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
+    cls.code: cls
+    for cls in (
+        NotFoundError,
+        ConflictError,
+        ArtifactRejectedError,
+        RolloutError,
+        TargetError,
+        TrainingError,
+        StrategyError,
+    )
+}
+"""Error classes the API's ``code`` names (each takes just a message)."""
+
+_ERRORS_BY_STATUS: dict[int, type[CoordinatorError]] = {404: NotFoundError, 409: ConflictError}
+
+_T = TypeVar("_T")
+
+_DEVICES = TypeAdapter(list[DeviceRow])
+_TELEMETRY = TypeAdapter(list[TelemetryRow])
+_PRESENCE = TypeAdapter(list[PresenceRow])
+_ARTIFACT = TypeAdapter(ArtifactRow)
+_ARTIFACTS = TypeAdapter(list[ArtifactRow])
+_ROLLOUT_VIEW = TypeAdapter(RolloutView)
+_ROLLOUTS = TypeAdapter(list[RolloutInfo])
+_RUN_VIEW = TypeAdapter(RunView)
+_RUNS = TypeAdapter(list[RunRow])
+_AUDIT = TypeAdapter(list[AuditRow])
+
+
+def _printable(token: str) -> bool:
+    return bool(token) and all("!" <= ch <= "~" for ch in token)
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL as it may be shown: without a ``user:password@`` part."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+class ApiClient:
+    """:class:`~coordinator.service.operations.Operations` over the coordinator's HTTP API.
+
+    Args:
+        base_url: The API's root, ``http://host:port`` or ``https://host:port``
+            (a path prefix is kept: ``https://host/fedge``).
+        token: An API token (``fedge token add``); its role decides what the
+            client may do.
+        timeout: Seconds to wait for each step of a request.
+        transport: An httpx transport to use instead of the network (tests).
+
+    Raises:
+        ApiError: the URL is not http(s), or the token is empty or holds
+            characters no token has.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """Check the URL and the token and prepare the connection pool."""
+        shown = _without_userinfo(base_url)
+        if urlsplit(base_url).scheme not in {"http", "https"} or not urlsplit(base_url).netloc:
+            raise ApiError(f"the API URL must be http://host:port or https://host:port: {shown!r}")
+        if not _printable(token):
+            raise ApiError(
+                "the API token is empty or holds spaces or non-ASCII characters; "
+                "set FEDGE_TOKEN or pass --token"
+            )
+        self._url = shown.rstrip("/")
+        self._timeout = timeout
+        self._http = httpx.Client(
+            base_url=self._url + "/",
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "User-Agent": f"fedge/{__version__}",
+            },
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    @property
+    def url(self) -> str:
+        """The API's root URL (without any credentials)."""
+        return self._url
+
+    def __repr__(self) -> str:
+        """Name the URL, never the token."""
+        return f"ApiClient({self._url!r})"
+
+    def close(self) -> None:
+        """Close the connection pool (the client cannot be used afterwards)."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        """Use the client in a ``with`` block; it is closed at the end."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the client."""
+        self.close()
+
+    # --- Operations ----------------------------------------------------------------
+
+    def devices(self) -> list[DeviceRow]:
+        """Every device seen, sorted by id.
+
+        Raises:
+            ApiError: the API failed or could not be reached (see the module
+                docstring for the subclasses).
+        """
+        return self._get(_DEVICES, "v1/devices")
+
+    def telemetry(self, device_id: str, *, limit: int = 100) -> list[TelemetryRow]:
+        """A device's latest telemetry windows, newest first.
+
+        Args:
+            device_id: The device.
+            limit: Most windows to return (the API allows 1 to 1000).
+
+        Raises:
+            NotFoundError: no such device.
+            ApiError: a limit out of range, or the API failed.
+        """
+        return self._device_rows(_TELEMETRY, device_id, "telemetry", limit)
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's latest online/offline changes, newest first.
+
+        Args:
+            device_id: The device.
+            limit: Most changes to return (the API allows 1 to 1000).
+
+        Raises:
+            NotFoundError: no such device.
+            ApiError: a limit out of range, or the API failed.
+        """
+        return self._device_rows(_PRESENCE, device_id, "presence", limit)
+
+    def _device_rows(
+        self, adapter: TypeAdapter[list[_T]], device_id: str, what: str, limit: int
+    ) -> list[_T]:
+        """``GET /v1/devices/{device_id}/{what}?limit=``, parsed."""
+        path = f"v1/devices/{_segment(device_id)}/{what}"
+        return self._get(adapter, path, params={"limit": limit})
+
+    def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:  # noqa: ARG002
+        """Upload an artifact's bytes; the API verifies and stores it (idempotent).
+
+        Args:
+            data: The ``.fedge`` file's bytes.
+            actor: Ignored: the API takes the actor from the token.
+
+        Raises:
+            ArtifactRejectedError: malformed, tampered, signed by the wrong keys,
+                or expired.
+            ApiAuthError: the token's role may not upload.
+            ApiError: the artifact is larger than the API accepts (413).
+        """
+        answer = self._call(
+            "POST",
+            "v1/artifacts",
+            action="upload artifacts",
+            content=data,
+            headers={"Content-Type": ARTIFACT_MEDIA_TYPE},
+        )
+        return _parse(_ARTIFACT, answer, self._url)
+
+    def artifacts(self) -> list[ArtifactRow]:
+        """Every stored artifact, newest first.
+
+        Raises:
+            ApiError: the API failed or could not be reached.
+        """
+        return self._get(_ARTIFACTS, "v1/artifacts")
+
+    def create_rollout(self, request: RolloutRequest, *, actor: Actor) -> RolloutView:  # noqa: ARG002
+        """Start a staged rollout (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: unknown artifact.
+            RolloutError: a bad policy.
+            TargetError: a bad target, or it matches no device.
+            ApiAuthError: the token's role may not create rollouts.
+        """
+        answer = self._call("POST", "v1/rollouts", action="create rollouts", json=asdict(request))
+        return _parse(_ROLLOUT_VIEW, answer, self._url)
+
+    def rollouts(self) -> list[RolloutInfo]:
+        """Every rollout, newest first.
+
+        Raises:
+            ApiError: the API failed or could not be reached.
+        """
+        return self._get(_ROLLOUTS, "v1/rollouts")
+
+    def rollout(self, rollout_id: str) -> RolloutView:
+        """One rollout with its devices and summary.
+
+        Raises:
+            NotFoundError: no such rollout.
+        """
+        return self._get(_ROLLOUT_VIEW, f"v1/rollouts/{_segment(rollout_id)}")
+
+    def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:  # noqa: ARG002
+        """Stop releasing new stages (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout has ended.
+        """
+        return self._rollout_action(rollout_id, "pause")
+
+    def resume_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:  # noqa: ARG002
+        """Go on after a pause (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout has ended or halted.
+        """
+        return self._rollout_action(rollout_id, "resume")
+
+    def abort_rollout(self, rollout_id: str, *, actor: Actor, rollback: bool) -> RolloutView:  # noqa: ARG002
+        """End a rollout now, optionally rolling back every device it updated.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout completed.
+        """
+        return self._rollout_action(rollout_id, "abort", json={"rollback": rollback})
+
+    def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:  # noqa: ARG002
+        """Start a federated run (``actor`` is ignored: the token decides).
+
+        Raises:
+            TrainingError: bad settings, or a run is already going.
+            ApiAuthError: the token's role may not start runs.
+        """
+        answer = self._call("POST", "v1/runs", action="start runs", json=asdict(request))
+        return _parse(_RUN_VIEW, answer, self._url)
+
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:  # noqa: ARG002
+        """Stop a running run (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: the run is not running (it ended already).
+            ApiAuthError: the token's role may not stop runs.
+        """
+        answer = self._call("POST", f"v1/runs/{_segment(run_id)}/stop", action="stop runs")
+        return _parse(_RUN_VIEW, answer, self._url)
+
+    def runs(self) -> list[RunRow]:
+        """Every federated run, newest first.
+
+        Raises:
+            ApiError: the API failed or could not be reached.
+        """
+        return self._get(_RUNS, "v1/runs")
+
+    def run(self, run_id: str) -> RunView:
+        """One run and its rounds.
+
+        Raises:
+            NotFoundError: no such run.
+        """
+        return self._get(_RUN_VIEW, f"v1/runs/{_segment(run_id)}")
+
+    def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
+        """The latest operator actions, oldest first.
+
+        Raises:
+            ApiError: a limit out of range (1 to 1000), or the API failed.
+        """
+        return self._get(_AUDIT, "v1/audit", params={"limit": limit})
+
+    def metrics(self) -> FleetMetrics:
+        """Not available over the API (it serves Prometheus text at ``/metrics``).
+
+        Raises:
+            ApiError: always.
+        """
+        raise ApiError(
+            f"fleet metrics are not available through the API client; "
+            f"scrape {self._url}/metrics with Prometheus",
+            code="not_available",
+        )
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _rollout_action(
+        self, rollout_id: str, verb: str, json: dict[str, Any] | None = None
+    ) -> RolloutView:
+        path = f"v1/rollouts/{_segment(rollout_id)}/{verb}"
+        answer = self._call("POST", path, action=f"{verb} rollouts", json=json)
+        return _parse(_ROLLOUT_VIEW, answer, self._url)
+
+    def _get(
+        self, adapter: TypeAdapter[_T], path: str, *, params: dict[str, Any] | None = None
+    ) -> _T:
+        answer = self._call("GET", path, action="read fleet data", params=params)
+        return _parse(adapter, answer, self._url)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        action: str,
+        params: dict[str, Any] | None = None,
+        json: dict[str, Any] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Send one request; give the answer's JSON or raise the error it means."""
+        where = f"{self._url}/{path}"
+        try:
+            response = self._http.request(
+                method, path, params=params, json=json, content=content, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise ApiUnavailableError(
+                f"the API at {self._url} did not answer {method} /{path} within {self._timeout:g}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ApiUnavailableError(f"cannot reach the API at {self._url}: {exc}") from exc
+        logger.debug("%s %s -> %d", method, where, response.status_code)
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise ApiError(
+                    f"{method} {where} answered {response.status_code} without JSON; "
+                    "is this a fedge coordinator?",
+                    status=response.status_code,
+                ) from exc
+        raise _error(response, method=method, where=where, action=action)
+
+
+def _segment(value: str) -> str:
+    """A path segment: every character that is not unreserved is escaped."""
+    return quote(value, safe="")
+
+
+def _parse(adapter: TypeAdapter[_T], answer: Any, url: str) -> _T:
+    try:
+        return adapter.validate_python(answer)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.error_count() else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(part) for part in first["loc"])
+        raise ApiError(
+            f"unexpected answer from the API at {url} ({where}: {first['msg']}); "
+            "is it the same fedge version?"
+        ) from exc
+
+
+def _error(response: httpx.Response, *, method: str, where: str, action: str) -> CoordinatorError:
+    """The error an error answer means (see the module docstring's table)."""
+    status = response.status_code
+    code, message = _error_body(response)
+    if status == httpx.codes.UNAUTHORIZED:
+        return ApiAuthError(AUTH_HINT, status=status)
+    if status == httpx.codes.FORBIDDEN:
+        reason = f": {message}" if message else ""
+        return ApiAuthError(f"this token's role may not {action}{reason}", status=status)
+    if message is None:
+        message = f"{method} {where} answered {status} {response.reason_phrase}".rstrip()
+    cls = _ERRORS_BY_CODE.get(code or "") or _ERRORS_BY_STATUS.get(status)
+    if cls is not None:
+        return cls(message)
+    if status >= httpx.codes.INTERNAL_SERVER_ERROR:
+        return ApiError(
+            f"the API at {where} failed ({status}): {message}", status=status, code=code
+        )
+    return ApiError(message, status=status, code=code)
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
+    """``(code, message)`` of the API's error body, Nones if it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code, message = error.get("code"), error.get("message")
+    return (
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) and message else None,
+    )

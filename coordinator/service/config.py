@@ -1,0 +1,769 @@
+"""Typed configuration of ``fedge coordinator serve``, and how it is read from TOML and flags.
+
+The service's configuration is a tree of frozen dataclasses: :class:`ServiceConfig`
+with the agent's own :class:`~edge_agent.config.agent.BrokerConfig` and
+:class:`~edge_agent.config.agent.TrustConfig` (the coordinator reaches the same broker and
+trusts the same keys as the devices), a :class:`TelemetryStorage` and an
+:class:`ApiSettings`. Each validates itself when constructed and raises
+:class:`~coordinator.errors.ServiceConfigError` with a one-line message naming the
+key, so a ``ServiceConfig`` that exists is one the service can run with. Only entry
+points read files and the environment (DESIGN.md, "Config as typed values passed to
+constructors").
+
+Workflow (what ``fedge coordinator serve`` does, see :mod:`coordinator.cli.service`):
+
+1. :func:`~edge_agent.config.agent.load_config_file` reads the TOML file into a dict
+   (the same reader as the agent's: size limit, syntax errors with the line).
+2. :func:`build_service_config` merges it with the command-line overrides (a flag
+   beats the file, the file beats the default), rejects unknown keys with a "did you
+   mean" hint, checks every type strictly, reads ``broker.password_file`` and builds
+   the :class:`ServiceConfig`. The password falls back to ``FEDGE_BROKER_PASSWORD``,
+   which the entry point reads and passes in.
+3. :func:`coordinator.service.main.run_service` loads the trusted keys, opens the
+   store, starts the broker connection (or the embedded broker) and serves the API;
+   :meth:`ServiceConfig.settings` and :meth:`ServiceConfig.api_config` give the
+   service and the API their settings.
+
+``fedge coordinator token`` needs only the database: :func:`store_location` reads
+``db`` and ``artifact_dir`` from the same sources without asking for the rest.
+
+The file (:data:`EXAMPLE_SERVICE_CONFIG` documents every key) has the top-level keys
+``db`` (required), ``artifact_dir``, ``bind`` (``HOST:PORT``) and ``log_level``, and
+the tables ``[broker]`` (``url`` with ``username``, ``password_file``, ``ca_file``,
+``cert_file``, ``key_file``; or ``embedded = true`` with ``embedded_port``),
+``[trust]`` (``keys``, at least one, and ``threshold``), ``[telemetry]``
+(``flush_s``, ``retention_rows``, ``retention_days``), ``[api]`` (``max_body_mib``,
+``max_artifact_mib``, ``docs``, ``access_log``) and ``[rollouts]`` (``tick_s``).
+
+Rules worth knowing:
+
+* Relative paths in the file are relative to the file's own directory; relative
+  paths given as flags are relative to the current working directory. Both end up
+  absolute.
+* A broker given as a flag (``--broker`` or ``--embedded-broker``) replaces the
+  file's choice of broker, so ``--embedded-broker`` works with a file that names a
+  URL. ``--trust`` replaces the file's key list; it does not extend it.
+* The API binds to loopback by default. Any other address makes it reachable from
+  the network; the service then logs a warning, and the API belongs behind a
+  TLS-terminating reverse proxy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import ServiceConfigError
+from coordinator.link.hub import SESSION_NAME_RE, CoordinatorConfig
+from coordinator.service.api.app import MIB, ApiConfig
+from coordinator.service.fleet_service import ServiceSettings
+from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
+from edge_agent.config.values import (
+    FieldError,
+    kind_of,
+    read_password,
+    to_path,
+    want_int,
+    want_seconds,
+    want_str,
+)
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import COORDINATOR_SENDER
+from edge_agent.serving.http_api import is_loopback, parse_bind
+
+__all__ = [
+    "DEFAULT_BIND_HOST",
+    "DEFAULT_BIND_PORT",
+    "DEFAULT_EMBEDDED_BROKER_PORT",
+    "EXAMPLE_SERVICE_CONFIG",
+    "KNOWN_KEYS",
+    "PASSWORD_ENV",
+    "ApiSettings",
+    "ServiceConfig",
+    "TelemetryStorage",
+    "build_service_config",
+    "store_location",
+]
+
+DEFAULT_BIND_HOST = "127.0.0.1"
+"""Where the API listens by default: this machine only."""
+
+DEFAULT_BIND_PORT = 8780
+"""The API's default port."""
+
+DEFAULT_EMBEDDED_BROKER_PORT = 1883
+"""The embedded broker's default port: MQTT's, so agents on the machine find it."""
+
+DEFAULT_SESSION = "main"
+"""The service's persistent MQTT session (client id ``coordinator:main``) unless
+``broker.session`` says otherwise."""
+
+PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
+"""Environment variable holding the broker password when no password file is given."""
+
+MAX_BODY_MIB = 1024
+"""Largest ``api.max_body_mib`` accepted."""
+
+MAX_ARTIFACT_MIB = 16 * 1024
+"""Largest ``api.max_artifact_mib`` accepted (an upload is held in memory)."""
+
+NO_TRUSTED_KEYS = (
+    "no trusted keys: the coordinator stores only artifacts signed by keys it trusts; "
+    'pass --trust KEY.pub (repeatable) or set keys = ["keys/signing.pub"] under [trust]'
+)
+
+NO_BROKER = (
+    "no broker: pass --broker mqtt://HOST:PORT or --embedded-broker, or set url "
+    "(or embedded = true) under [broker]"
+)
+
+TWO_BROKERS = (
+    "both a broker URL and the embedded broker are set: choose one (--broker or "
+    "--embedded-broker; url or embedded = true under [broker])"
+)
+
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "": ("db", "artifact_dir", "bind", "log_level"),
+    "broker": (
+        "url",
+        "embedded",
+        "embedded_port",
+        "username",
+        "password_file",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "session",
+    ),
+    "trust": ("keys", "threshold"),
+    "telemetry": ("flush_s", "retention_rows", "retention_days"),
+    "api": ("max_body_mib", "max_artifact_mib", "docs", "access_log"),
+    "rollouts": ("tick_s",),
+}
+
+KNOWN_KEYS: tuple[str, ...] = tuple(
+    f"{section}.{key}" if section else key for section, keys in _SECTIONS.items() for key in keys
+)
+"""Every key of the file as ``section.key`` (top-level keys without a section)."""
+
+_PATH_KEYS = frozenset(
+    {
+        "db",
+        "artifact_dir",
+        "broker.password_file",
+        "broker.ca_file",
+        "broker.cert_file",
+        "broker.key_file",
+    }
+)
+_BROKER_CHOICE = ("broker.url", "broker.embedded")
+
+
+@contextmanager
+def _as_service_error() -> Iterator[None]:
+    """Raise the agent config's errors (shared checks and classes) as ServiceConfigError."""
+    try:
+        yield
+    except ConfigError as exc:
+        key = exc.key if isinstance(exc, FieldError) else None
+        raise ServiceConfigError(str(exc), key=key) from None
+
+
+def _want_bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ServiceConfigError(f"{key} must be true or false, got {kind_of(value)}", key=key)
+    return value
+
+
+def _want_limit(key: str, value: object) -> float:
+    """A finite number >= 0 (0: no limit); an integer is fine, a boolean is not."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        shown = value if isinstance(value, int | float) else kind_of(value)
+        raise ServiceConfigError(f"{key} must be a number >= 0 (0: no limit), got {shown}", key=key)
+    return float(value)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryStorage:
+    """How device telemetry is written to the database and how long it is kept.
+
+    Attributes:
+        flush_s: Seconds between batched writes (> 0).
+        retention_rows: Most rows kept, the oldest going first; 0 for no limit.
+        retention_days: Days rows are kept; 0 for no limit.
+
+    Raises:
+        ServiceConfigError: a wrong type or a value out of range.
+    """
+
+    flush_s: float = 0.5
+    retention_rows: int = 1_000_000
+    retention_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        with _as_service_error():
+            flush_s = want_seconds("telemetry.flush_s", self.flush_s)
+            want_int("telemetry.retention_rows", self.retention_rows, low=0)
+        object.__setattr__(self, "flush_s", flush_s)
+        days = _want_limit("telemetry.retention_days", self.retention_days)
+        object.__setattr__(self, "retention_days", days)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """Limits and switches of the HTTP API.
+
+    Attributes:
+        max_body_mib: Largest JSON request body, MiB (1 to :data:`MAX_BODY_MIB`).
+        max_artifact_mib: Largest artifact upload, MiB (1 to :data:`MAX_ARTIFACT_MIB`).
+        docs: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (without a token).
+        access_log: Log every request at INFO (uvicorn's access log).
+
+    Raises:
+        ServiceConfigError: a wrong type or a value out of range.
+    """
+
+    max_body_mib: int = 1
+    max_artifact_mib: int = 512
+    docs: bool = True
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        with _as_service_error():
+            want_int("api.max_body_mib", self.max_body_mib, low=1, high=MAX_BODY_MIB)
+            want_int("api.max_artifact_mib", self.max_artifact_mib, low=1, high=MAX_ARTIFACT_MIB)
+        _want_bool("api.docs", self.docs)
+        _want_bool("api.access_log", self.access_log)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """Everything ``fedge coordinator serve`` needs, validated.
+
+    Attributes:
+        db: The SQLite database file (created on first start).
+        trust: The keys uploads must be signed by; at least one.
+        broker: The fleet's MQTT broker; its username defaults to ``coordinator``.
+            None with ``embedded_broker``.
+        embedded_broker: Run an MQTT broker (amqtt) inside the service instead, on
+            ``127.0.0.1:embedded_broker_port``, without authentication.
+        embedded_broker_port: The embedded broker's port, 1-65535.
+        artifact_dir: Where uploaded artifact files are kept; None for
+            ``artifacts/`` next to the database.
+        bind_host: Address the API listens on (an IPv6 address without brackets).
+        bind_port: The API's port, 1-65535.
+        telemetry: How telemetry is stored and kept.
+        api: The API's limits and switches.
+        rollout_tick_s: Seconds between rollout engine ticks (> 0).
+        log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
+        broker_session: The MQTT client id of the service's persistent session
+            with ``broker`` (see :class:`~coordinator.link.hub.CoordinatorConfig`);
+            ``""`` for a clean session. Not used with the embedded broker, which
+            stops with the service.
+
+    Raises:
+        ServiceConfigError: an invalid field, no trusted keys, or not exactly one of
+            ``broker`` and ``embedded_broker`` (the message says how to fix it).
+    """
+
+    db: Path
+    trust: TrustConfig
+    broker: BrokerConfig | None = None
+    embedded_broker: bool = False
+    embedded_broker_port: int = DEFAULT_EMBEDDED_BROKER_PORT
+    artifact_dir: Path | None = None
+    bind_host: str = DEFAULT_BIND_HOST
+    bind_port: int = DEFAULT_BIND_PORT
+    telemetry: TelemetryStorage = field(default_factory=TelemetryStorage)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    rollout_tick_s: float = 1.0
+    log_level: str = "info"
+    broker_session: str = DEFAULT_SESSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.db, Path):
+            raise ServiceConfigError(f"db must be a Path, got {kind_of(self.db)}", key="db")
+        if self.artifact_dir is not None and not isinstance(self.artifact_dir, Path):
+            raise ServiceConfigError(
+                f"artifact_dir must be a Path, got {kind_of(self.artifact_dir)}", key="artifact_dir"
+            )
+        for key, value, kind in (
+            ("trust", self.trust, TrustConfig),
+            ("telemetry", self.telemetry, TelemetryStorage),
+            ("api", self.api, ApiSettings),
+        ):
+            if not isinstance(value, kind):
+                raise ServiceConfigError(f"{key} must be a {kind.__name__}", key=key)
+        if not self.trust.keys:
+            raise ServiceConfigError(NO_TRUSTED_KEYS, key="trust.keys")
+        self._check_broker()
+        with _as_service_error():
+            want_int("bind", self.bind_port, low=1, high=65535)
+            want_str("bind", self.bind_host)
+            tick = want_seconds("rollouts.tick_s", self.rollout_tick_s)
+            level = want_str("log_level", self.log_level).lower()
+        try:
+            parse_bind(self.bind)  # the host's form (a bracketed one is refused here)
+        except ConfigError as exc:
+            raise ServiceConfigError(f"bind: {exc}", key="bind") from None
+        object.__setattr__(self, "rollout_tick_s", tick)
+        if level not in LOG_LEVELS:
+            raise ServiceConfigError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level[:40]!r}",
+                key="log_level",
+            )
+        object.__setattr__(self, "log_level", level)
+        session = self.broker_session
+        if not isinstance(session, str):
+            raise ServiceConfigError(
+                f"broker.session must be a string, got {kind_of(session)}", key="broker.session"
+            )
+        if session and SESSION_NAME_RE.fullmatch(session) is None:
+            raise ServiceConfigError(
+                "broker.session must be 1-64 letters, digits, '.', '_' or '-' "
+                f'(or "" for a clean session), got {session[:40]!r}',
+                key="broker.session",
+            )
+
+    def coordinator_config(self, broker: BrokerConfig) -> CoordinatorConfig:
+        """How the service's coordinator connects to ``broker`` (the one it runs on)."""
+        persistent = self.broker is not None and self.broker_session
+        return CoordinatorConfig(broker=broker, session=self.broker_session if persistent else None)
+
+    def _check_broker(self) -> None:
+        """Exactly one of ``broker`` and ``embedded_broker``; the username defaulted."""
+        embedded = _want_bool("broker.embedded", self.embedded_broker)
+        with _as_service_error():
+            want_int("broker.embedded_port", self.embedded_broker_port, low=1, high=65535)
+        if self.broker is None:
+            if not embedded:
+                raise ServiceConfigError(NO_BROKER)
+            return
+        if not isinstance(self.broker, BrokerConfig):
+            raise ServiceConfigError("broker must be a BrokerConfig or None", key="broker")
+        if embedded:
+            raise ServiceConfigError(TWO_BROKERS, key="broker.embedded")
+        if self.broker.username is None:
+            broker = dataclasses.replace(self.broker, username=COORDINATOR_SENDER)
+            object.__setattr__(self, "broker", broker)
+
+    @property
+    def bind(self) -> str:
+        """``HOST:PORT`` of the API (``[v6]:PORT`` for an IPv6 address)."""
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"{host}:{self.bind_port}"
+
+    @property
+    def api_url(self) -> str:
+        """``http://HOST:PORT``, the API's base URL as bound."""
+        return f"http://{self.bind}"
+
+    @property
+    def bind_is_loopback(self) -> bool:
+        """Whether only this machine can reach the API (``localhost`` or a loopback IP)."""
+        return is_loopback(self.bind_host)
+
+    @property
+    def broker_url(self) -> str:
+        """The broker the service connects to, for logs (never with credentials)."""
+        if self.broker is not None:
+            return self.broker.url
+        return f"mqtt://127.0.0.1:{self.embedded_broker_port}"
+
+    def settings(self) -> ServiceSettings:
+        """The :class:`~coordinator.service.fleet_service.FleetService` settings this implies."""
+        days = self.telemetry.retention_days
+        return ServiceSettings(
+            telemetry_flush_s=self.telemetry.flush_s,
+            telemetry_max_rows=self.telemetry.retention_rows or None,
+            telemetry_max_age_s=days * 86400.0 if days else None,
+            rollout_tick_s=self.rollout_tick_s,
+        )
+
+    def api_config(self) -> ApiConfig:
+        """The :class:`~coordinator.service.api.app.ApiConfig` this implies."""
+        return ApiConfig(
+            max_body_bytes=self.api.max_body_mib * MIB,
+            max_artifact_bytes=self.api.max_artifact_mib * MIB,
+            docs=self.api.docs,
+        )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _hint(key: str) -> str:
+    """What an unknown ``section.key`` (or top-level key) was probably meant to be."""
+    section, _, name = key.rpartition(".")
+    for known in KNOWN_KEYS:
+        home, _, known_name = known.rpartition(".")
+        if known_name == name and home != section:
+            move = f"put it under [{home}]" if home else "move it above the first [section]"
+            return f" (did you mean {known}? {move})"
+    siblings = [known for known in KNOWN_KEYS if known.rpartition(".")[0] == section]
+    if not section:
+        siblings += [name for name in _SECTIONS if name]
+    close = difflib.get_close_matches(key, siblings, n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    return f" (known keys: {', '.join(siblings)})"
+
+
+def _flatten(values: Mapping[str, Any], label: Callable[[str], str], base: Path) -> dict[str, Any]:
+    """One source as ``{dotted key: value}``, paths made absolute against ``base``.
+
+    Raises:
+        ServiceConfigError: an unknown key, a section that is not a table, or a path
+            that is not a non-empty string; the message starts with ``label(key)``.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key and key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ServiceConfigError(
+                    f"{label(key)}: [{key}] must be a table, got {kind_of(value)}", key=key
+                )
+            entries = {f"{key}.{name}": item for name, item in value.items()}
+        else:
+            entries = {key: value}
+        for dotted, item in entries.items():
+            if dotted not in KNOWN_KEYS:
+                raise ServiceConfigError(
+                    f"{label(dotted)}: unknown key {dotted}{_hint(dotted)}", key=dotted
+                )
+            flat[dotted] = item
+    for key, item in flat.items():
+        try:
+            with _as_service_error():
+                flat[key] = _resolve(key, item, base)
+        except ServiceConfigError as exc:
+            raise ServiceConfigError(f"{label(key)}: {exc}", key=key) from None
+    return flat
+
+
+def _resolve(key: str, value: object, base: Path) -> object:
+    """A path key's value as an absolute Path (``trust.keys``: a tuple of them).
+
+    Raises:
+        ConfigError: not a non-empty path string.
+        ServiceConfigError: ``trust.keys`` is not an array.
+    """
+    if key in _PATH_KEYS:
+        return to_path(key, value, base)
+    if key != "trust.keys":
+        return value
+    if not isinstance(value, list | tuple):
+        raise ServiceConfigError(f"trust.keys must be an array of paths, got {kind_of(value)}")
+    return tuple(to_path(f"trust.keys[{i}]", item, base) for i, item in enumerate(value))
+
+
+class _Sources:
+    """The file's and the overrides' values merged, remembering where each came from."""
+
+    def __init__(
+        self,
+        file_values: Mapping[str, Any],
+        overrides: Mapping[str, Any],
+        base_dir: Path,
+        file_label: str | None,
+        override_labels: Mapping[str, str] | None,
+    ) -> None:
+        self.file_label = file_label
+        self.flags = dict(override_labels or {})
+        file_name = file_label or "config file"
+
+        def flag(key: str) -> str:
+            return self.flags.get(key, "override")
+
+        from_file = _flatten(file_values, lambda _key: file_name, Path(base_dir))
+        from_flags = _flatten(overrides, flag, Path.cwd())
+        if any(key in from_flags for key in _BROKER_CHOICE):  # a flag picks the broker
+            for key in _BROKER_CHOICE:
+                from_file.pop(key, None)
+        self.values = {**from_file, **from_flags}
+        self.origins = dict.fromkeys(from_file, file_name)
+        self.origins.update({key: flag(key) for key in from_flags})
+
+    def where(self, key: str | None) -> str:
+        """``"<file or flag>: "`` for a key that has a source, else ``""``."""
+        origin = self.origins.get((key or "").partition("[")[0])
+        return f"{origin}: " if origin else ""
+
+    def require(self, key: str, what: str) -> Any:
+        """The value of a required key.
+
+        Raises:
+            ServiceConfigError: nobody gave it; the message says how to.
+        """
+        if key in self.values:
+            return self.values[key]
+        ways = [f"pass {self.flags[key]} {what}"] if key in self.flags else []
+        ways.append(f"set {key} in {self.file_label or 'a config file (--config)'}")
+        raise ServiceConfigError(f"missing {key}: {' or '.join(ways)}")
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The values of one ``[name]`` table, by their names in it."""
+        return {
+            key.partition(".")[2]: value
+            for key, value in self.values.items()
+            if key.startswith(f"{name}.")
+        }
+
+
+def _bind(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` split.
+
+    Raises:
+        ServiceConfigError: not a string of that form.
+    """
+    try:
+        return parse_bind(want_str("bind", value))
+    except ConfigError as exc:
+        raise ServiceConfigError(str(exc), key="bind") from None
+
+
+def _broker(sources: _Sources, password: str | None) -> BrokerConfig | None:
+    """The broker to connect to, or None when no URL is given.
+
+    Raises:
+        ServiceConfigError: a bad URL, credential or TLS file setting, or an
+            unreadable password file.
+    """
+    values = sources.values
+    url = values.get("broker.url")
+    if url is None:
+        return None
+    try:
+        host, port, tls = parse_broker_url(url)
+    except ConfigError as exc:
+        raise ServiceConfigError(str(exc), key="broker.url") from None
+    if "broker.password_file" in values:
+        try:  # its message names broker.password_file and the file
+            password = read_password(values["broker.password_file"], "")
+        except ConfigError as exc:
+            raise ServiceConfigError(str(exc), key="broker.password_file") from None
+    with _as_service_error():
+        return BrokerConfig(
+            host,
+            port,
+            tls,
+            username=values.get("broker.username", COORDINATOR_SENDER),
+            password=password,
+            ca_file=values.get("broker.ca_file"),
+            cert_file=values.get("broker.cert_file"),
+            key_file=values.get("broker.key_file"),
+        )
+
+
+def build_service_config(
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    file_label: str | None = None,
+    override_labels: Mapping[str, str] | None = None,
+    password: str | None = None,
+) -> ServiceConfig:
+    """Merge a config file's values with overrides and build the :class:`ServiceConfig`.
+
+    Both mappings have the file's layout (top-level keys and ``broker`` / ``trust`` /
+    ``telemetry`` / ``api`` / ``rollouts`` tables). An override beats the file, the
+    file beats the default; an override of ``broker.url`` or ``broker.embedded``
+    replaces the file's choice of broker. Relative paths in ``file_values`` are
+    resolved against ``base_dir``, those in ``overrides`` against the current working
+    directory. Every value must have its TOML type exactly (a boolean is not an
+    integer; an integer is fine where seconds are expected).
+    ``broker.password_file`` is read here.
+
+    Args:
+        file_values: The config file's contents
+            (:func:`~edge_agent.config.agent.load_config_file`), or ``{}``.
+        overrides: Values from the command line.
+        base_dir: Directory that relative paths in ``file_values`` are relative to.
+        file_label: How to name the file in messages (its path); None without a file.
+        override_labels: How to name each override in messages, by dotted key
+            (``{"broker.url": "--broker"}``); unnamed ones are called "override".
+        password: The broker password when no ``broker.password_file`` is given
+            (the entry point reads :data:`PASSWORD_ENV`).
+
+    Returns:
+        The validated configuration (key and TLS files are not read yet).
+
+    Raises:
+        ServiceConfigError: an unknown key (with a "did you mean" hint), a missing
+            ``db``, no broker or two, no trusted key, a value of the wrong type or out
+            of range, or an unreadable password file. The message is one line that
+            starts with the file or the flag the value came from.
+    """
+    sources = _Sources(file_values, overrides, base_dir, file_label, override_labels)
+    values = sources.values
+    db = sources.require("db", "PATH")
+    try:
+        bind_host, bind_port = _bind(values.get("bind", f"{DEFAULT_BIND_HOST}:{DEFAULT_BIND_PORT}"))
+        broker = _broker(sources, password)
+        with _as_service_error():
+            return ServiceConfig(
+                db=db,
+                trust=TrustConfig(**sources.section("trust")),
+                broker=broker,
+                embedded_broker=values.get("broker.embedded", False),
+                embedded_broker_port=values.get(
+                    "broker.embedded_port", DEFAULT_EMBEDDED_BROKER_PORT
+                ),
+                artifact_dir=values.get("artifact_dir"),
+                bind_host=bind_host,
+                bind_port=bind_port,
+                telemetry=TelemetryStorage(**sources.section("telemetry")),
+                api=ApiSettings(**sources.section("api")),
+                rollout_tick_s=values.get("rollouts.tick_s", 1.0),
+                log_level=values.get("log_level", "info"),
+                broker_session=values.get("broker.session", DEFAULT_SESSION),
+            )
+    except ServiceConfigError as exc:
+        raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None
+
+
+def store_location(
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    file_label: str | None = None,
+    override_labels: Mapping[str, str] | None = None,
+) -> tuple[Path, Path | None]:
+    """Just the database and the artifact directory, for ``fedge coordinator token``.
+
+    The sources are read as by :func:`build_service_config` (unknown keys are
+    refused, relative paths resolved the same way), but nothing else is required:
+    tokens can be made before the broker and the keys are set up.
+
+    Returns:
+        ``(db, artifact_dir)``; ``artifact_dir`` is None for the default.
+
+    Raises:
+        ServiceConfigError: an unknown key, a bad path, or no ``db``.
+    """
+    sources = _Sources(file_values, overrides, base_dir, file_label, override_labels)
+    db: Path = sources.require("db", "PATH")
+    artifact_dir: Path | None = sources.values.get("artifact_dir")
+    return db, artifact_dir
+
+
+EXAMPLE_SERVICE_CONFIG = """\
+# fedge coordinator service configuration (TOML).
+# Run with: fedge coordinator serve --config coordinator.toml
+# Command-line flags override these values. Relative paths are relative to this
+# file's directory.
+
+# The SQLite database holding the fleet's state: devices, telemetry, artifacts,
+# rollouts, federated runs, API tokens and the audit log. Required; created on
+# first start. Back it up with `sqlite3 state.db ".backup copy.db"`.
+db = "state.db"
+
+# Where uploaded artifact files are kept. Default: "artifacts" next to the database.
+# artifact_dir = "artifacts"
+
+# Address of the HTTP API, HOST:PORT ([v6]:PORT for IPv6). Default: "127.0.0.1:8780",
+# reachable from this machine only. Any other address makes the API reachable from
+# the network: it speaks plain HTTP, so put it behind a reverse proxy that
+# terminates TLS (the service logs a warning).
+bind = "127.0.0.1:8780"
+
+# Log level: debug, info, warning, error or critical. Default: "info".
+log_level = "info"
+
+[broker]
+# The fleet's MQTT broker. Give exactly one of `embedded = true` and `url`.
+#
+# embedded = true runs a small MQTT broker (amqtt) inside the service, listening on
+# 127.0.0.1:embedded_port WITHOUT authentication: for trying fedge on one machine,
+# with the agents on the same machine. A real fleet uses its own broker (mosquitto
+# with the ACL of `fedge broker acl`, EMQX, HiveMQ) through `url`.
+embedded = true
+
+# The embedded broker's port. Default: 1883.
+# embedded_port = 1883
+
+# The broker's URL: mqtts://HOST[:PORT] (TLS, port 8883 by default) or
+# mqtt://HOST[:PORT] (plain, port 1883 by default).
+# url = "mqtts://broker.example.net:8883"
+
+# MQTT username: the broker ACL's coordinator account. Default: "coordinator".
+# username = "coordinator"
+
+# File holding the MQTT password (surrounding whitespace is stripped). Default:
+# the FEDGE_BROKER_PASSWORD environment variable, else no password.
+# password_file = "/etc/fedge/broker.password"
+
+# CA bundle that verifies the broker's certificate. Default: the system's CAs.
+# ca_file = "/etc/fedge/ca.pem"
+
+# Client certificate and its key, for brokers that require mutual TLS.
+# Default: none. key_file may be omitted when cert_file holds the key too.
+# cert_file = "/etc/fedge/coordinator.pem"
+# key_file = "/etc/fedge/coordinator.key"
+
+# The name of the service's MQTT session. It is persistent: what devices send
+# while the service is down or restarting (telemetry, presence, install reports)
+# waits in the broker and arrives when it is back, up to the broker's per-client
+# queue (mosquitto: max_queued_messages). Two services on one broker need two
+# names; "" for a clean session (nothing kept). The MQTT client id is
+# "coordinator:<session>", which no device id can be. Default: "main".
+# session = "main"
+
+[trust]
+# Public keys uploaded artifacts must be signed by (from `fedge keys generate`),
+# normally the keys the devices trust: the API refuses (422) an artifact that is
+# not signed by `threshold` of them, is tampered with or has expired. At least one.
+keys = ["keys/signing.pub"]
+
+# How many distinct trusted keys must sign an artifact (1 to the number of keys).
+# Default: 1.
+threshold = 1
+
+[telemetry]
+# Seconds between batched writes of device telemetry to the database. Default: 0.5.
+flush_s = 0.5
+
+# Most telemetry rows kept, the oldest going first; 0: no limit. Default: 1000000.
+retention_rows = 1000000
+
+# Days telemetry is kept; 0: no limit. Default: 7.
+retention_days = 7
+
+[api]
+# Largest JSON request body, in MiB. Default: 1.
+max_body_mib = 1
+
+# Largest artifact upload, in MiB (held in memory while it is verified).
+# Default: 512.
+max_artifact_mib = 512
+
+# Serve the API's documentation at /docs, /redoc and /openapi.json, without a
+# token (it holds no fleet data). Default: true.
+docs = true
+
+# Log every request at INFO (method, path, status, client). Default: true.
+access_log = true
+
+[rollouts]
+# Seconds between checks of running rollouts (soak times, stage health).
+# Default: 1.
+tick_s = 1
+"""
+"""A commented example config (what ``fedge coordinator init`` writes): every key,
+what it does and its default. It parses to a valid :class:`ServiceConfig`."""

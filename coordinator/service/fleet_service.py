@@ -1,0 +1,502 @@
+"""The coordinator service: one :class:`~coordinator.service.operations.Operations` object.
+
+:class:`FleetService` is what both front ends call: the HTTP API of
+``fedge coordinator serve`` (:mod:`coordinator.service.api`) and the CLI's in-process
+``--broker`` mode (:func:`local_service`). It composes
+
+* a started :class:`~coordinator.link.hub.Coordinator` (the MQTT connection),
+* the SQLite :class:`~coordinator.service.store.Store` (all state; a restart loses
+  nothing acknowledged),
+* :class:`~coordinator.service.ingest.Ingest` (presence and telemetry into the store, in
+  batches, off the network thread),
+* :class:`~coordinator.rollout.manager.RolloutManager` (staged rollouts, resumed at start),
+* :class:`~coordinator.service.runs.RunManager` (federated runs in the background).
+
+Workflow::
+
+    store = Store.open(db_path)
+    coordinator = Coordinator(CoordinatorConfig(broker=broker))
+    service = FleetService(store, coordinator, trusted_keys)
+    service.start()            # listeners first, then connect: retained statuses count
+    app = create_app(service, authenticate=service.authenticate)
+    ...
+    service.stop()             # flushes telemetry, stops threads, disconnects
+    store.close()
+
+Uploads are verified before they are stored: the container and manifest must
+parse, the manifest must carry signatures by ``threshold`` of the trusted keys and
+must not have expired, and the payload's length and sha256 must be the manifest's.
+Anything else is an :class:`~coordinator.errors.ArtifactRejectedError`, logged and
+written to the audit log (``artifact.reject``). Every operator action that changes
+something is written to the audit log with the actor's token id and role.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import read_payload, read_signed_manifest
+from compress.errors import CompressError
+from compress.keys import load_public_key
+from compress.signing import TrustedKeys
+from compress.trust import verify_manifest
+from coordinator.errors import ArtifactRejectedError, NotFoundError
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.rollout.engine import Rollout
+from coordinator.rollout.manager import RolloutManager
+from coordinator.rollout.policy import HealthPolicy, RolloutPolicy, parse_fraction
+from coordinator.service.ingest import Ingest, IngestSettings
+from coordinator.service.operations import (
+    Actor,
+    FleetMetrics,
+    RolloutRequest,
+    RolloutView,
+    RunRequest,
+    RunView,
+)
+from coordinator.service.runs import RunManager
+from coordinator.service.store import (
+    ArtifactRow,
+    AuditRow,
+    DeviceRow,
+    PresenceRow,
+    RolloutInfo,
+    RunRow,
+    Store,
+    TelemetryRow,
+)
+from edge_agent.config.agent import BrokerConfig
+
+__all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
+
+logger = logging.getLogger(__name__)
+
+_GOING = frozenset({"created", "running", "paused"})
+"""Rollout states whose progress ``/metrics`` shows device by device."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How the service runs (the ``[telemetry]`` and ``[rollouts]`` of its config).
+
+    Attributes:
+        telemetry_flush_s: Telemetry is written to SQLite in batches this often.
+        telemetry_max_rows: Retention by row count (None: no limit).
+        telemetry_max_age_s: Retention by age, seconds (None: no limit).
+        prune_every_s: Seconds between retention passes.
+        rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
+    """
+
+    telemetry_flush_s: float = 0.5
+    telemetry_max_rows: int | None = 1_000_000
+    telemetry_max_age_s: float | None = 7 * 86400.0
+    prune_every_s: float = 60.0
+    rollout_tick_s: float = 1.0
+
+    def ingest(self) -> IngestSettings:
+        """The ingest settings these imply.
+
+        Raises:
+            ValueError: a value out of range.
+        """
+        return IngestSettings(
+            flush_s=self.telemetry_flush_s,
+            max_rows=self.telemetry_max_rows,
+            max_age_s=self.telemetry_max_age_s,
+            prune_every_s=self.prune_every_s,
+        )
+
+
+class FleetService:
+    """The fleet's operations over MQTT and SQLite (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        coordinator: Coordinator,
+        trusted: TrustedKeys | None,
+        *,
+        settings: ServiceSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Compose the parts; nothing connects until :meth:`start`.
+
+        Args:
+            store: The state store (the caller closes it).
+            coordinator: A coordinator not yet started.
+            trusted: Keys uploads must be signed by; None refuses every upload.
+            settings: Timings and retention.
+            clock: Unix time source.
+        """
+        settings = settings or ServiceSettings()
+        self._store = store
+        self._coordinator = coordinator
+        self._trusted = trusted
+        self._clock = clock
+        self._ingest = Ingest(store, settings.ingest(), clock=clock)
+        self._rollouts = RolloutManager(coordinator, store, clock=clock,
+                                        tick_s=settings.rollout_tick_s)  # fmt: skip
+        self._runs = RunManager(coordinator, store, clock=clock)
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def store(self) -> Store:
+        """The state store."""
+        return self._store
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The MQTT side."""
+        return self._coordinator
+
+    @property
+    def ingest(self) -> Ingest:
+        """Presence and telemetry ingestion (its counters)."""
+        return self._ingest
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and resume: interrupted runs marked, rollouts resumed.
+
+        Raises:
+            BrokerError: the broker cannot be reached within ``timeout``.
+            StoreError: the database failed.
+        """
+        self._runs.recover()
+        self._rollouts.load()  # before connecting: queued reports are for these rollouts
+        self._coordinator.add_listener(self._ingest.on_message)
+        self._coordinator.add_listener(self._rollouts.on_message)
+        self._ingest.start()
+        try:
+            self._coordinator.start(timeout)
+            self._coordinator.sync_fleet()  # the retained statuses, before resuming
+        except BaseException:
+            self._ingest.stop()
+            raise
+        self._rollouts.start()
+        self._started = True
+        logger.info("coordinator service started (%d device(s) known)",
+                    len(self._coordinator.fleet()))  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop rollouts and runs, flush telemetry, disconnect (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        self._rollouts.stop()
+        self._runs.stop()
+        self._coordinator.remove_listener(self._rollouts.on_message)
+        self._coordinator.stop()
+        self._coordinator.remove_listener(self._ingest.on_message)
+        self._ingest.stop()
+        logger.info("coordinator service stopped")
+
+    def authenticate(self, token: str) -> Actor | None:
+        """The actor a bearer token stands for, or None (unknown or revoked).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        row = self._store.authenticate(token, self._clock())
+        return None if row is None else Actor(row.token_id, row.role)
+
+    def _audit(
+        self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        self._store.audit(actor.name, actor.role, action, target, detail=detail, at=self._clock())
+
+    # ------------------------------------------------------------------ devices
+
+    def devices(self) -> list[DeviceRow]:
+        """Every device seen, sorted by id."""
+        return self._store.devices()
+
+    def telemetry(self, device_id: str, *, limit: int = 100) -> list[TelemetryRow]:
+        """A device's latest telemetry windows, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        self._known(device_id)
+        return self._store.telemetry(device_id, limit=limit)
+
+    def presence(self, device_id: str, *, limit: int = 100) -> list[PresenceRow]:
+        """A device's latest online/offline changes, newest first.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        self._known(device_id)
+        return self._store.presence_history(device_id, limit=limit)
+
+    def _known(self, device_id: str) -> None:
+        if self._store.device(device_id) is None:
+            raise NotFoundError(f"no device {device_id!r}")
+
+    # ---------------------------------------------------------------- artifacts
+
+    def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:
+        """Verify an artifact against the trusted keys and store it (idempotent).
+
+        Raises:
+            ArtifactRejectedError: malformed, tampered, signed by the wrong keys,
+                or expired.
+        """
+        try:
+            if self._trusted is None:
+                raise ArtifactRejectedError(
+                    "this coordinator trusts no keys, so it accepts no artifact: "
+                    "start it with --trust KEY.pub"
+                )
+            try:
+                stream = io.BytesIO(data)
+                signed = read_signed_manifest(stream)
+                manifest = verify_manifest(signed, self._trusted, now=datetime.now(UTC))
+                read_payload(stream, manifest)
+            except CompressError as exc:
+                raise ArtifactRejectedError(f"artifact refused: {exc}") from exc
+        except ArtifactRejectedError as exc:
+            logger.warning("upload by %s refused: %s", actor.name, exc)
+            self._audit(actor, "artifact.reject", "", {"size": len(data), "reason": str(exc)})
+            raise
+        row = self._store.put_artifact(
+            data, name=manifest.name, version=manifest.version, manifest=manifest.to_dict(),
+            uploaded_by=actor.name, at=self._clock(),
+        )  # fmt: skip
+        self._audit(actor, "artifact.upload", row.sha256,
+                    {"name": row.name, "version": row.version, "size": row.size})  # fmt: skip
+        return row
+
+    def artifacts(self) -> list[ArtifactRow]:
+        """Every stored artifact, newest first."""
+        return self._store.artifacts()
+
+    # ----------------------------------------------------------------- rollouts
+
+    def create_rollout(self, request: RolloutRequest, *, actor: Actor) -> RolloutView:
+        """Start a staged rollout of an uploaded artifact.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            RolloutError: a bad policy, or no device matches the target.
+            TargetError: a bad target.
+        """
+        if self._store.artifact(request.artifact_sha256) is None:
+            raise NotFoundError(f"no artifact {request.artifact_sha256!r}: upload it first")
+        health = HealthPolicy(
+            max_error_rate=parse_fraction(request.max_error_increase),
+            max_p95_ratio=request.max_p95_ratio,
+            require_health=request.require_health,
+        )
+        policy = RolloutPolicy.parse(
+            canary=request.canary, waves=request.waves, soak=request.soak,
+            max_failure=request.max_failure, min_reports=request.min_reports,
+            rollback_on_halt=request.rollback_on_halt,
+            install_timeout=request.install_timeout, health=health,
+        )  # fmt: skip
+        target = Target.parse(request.target)
+        artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
+        rollout_id = self._rollouts.create(
+            artifact_sha256=request.artifact_sha256, artifact=artifact, policy=policy,
+            target=target, actor=actor.name,
+        )  # fmt: skip
+        self._audit(actor, "rollout.create", rollout_id, {
+            "artifact": request.artifact_sha256, "target": request.target,
+            "canary": request.canary, "waves": request.waves, "soak": request.soak,
+            "max_failure": request.max_failure,
+        })  # fmt: skip
+        return self.rollout(rollout_id)
+
+    def rollouts(self) -> list[RolloutInfo]:
+        """Every rollout, newest first."""
+        rows = sorted(self._store.rollouts(), key=lambda r: r.created_at, reverse=True)
+        return [row.info() for row in rows]
+
+    def rollout(self, rollout_id: str) -> RolloutView:
+        """One rollout with its devices and summary.
+
+        Raises:
+            NotFoundError: no such rollout.
+        """
+        row = self._store.rollout(rollout_id)
+        if row is None:
+            raise NotFoundError(f"no rollout {rollout_id!r}")
+        summary = self._rollouts.summary(rollout_id)
+        if summary is None:  # not running in this process: from its saved state
+            summary = Rollout.restore(row.snapshot).summary()
+        live = self._rollouts.devices(rollout_id)
+        devices = tuple(live if live is not None else self._store.rollout_devices(rollout_id))
+        return RolloutView(rollout=row.info(), devices=devices, summary=dict(summary))
+
+    def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
+        """Stop releasing new stages.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout has ended.
+        """
+        self._rollouts.pause(rollout_id, actor=actor.name)
+        self._audit(actor, "rollout.pause", rollout_id)
+        return self.rollout(rollout_id)
+
+    def resume_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
+        """Go on after a pause.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout has ended or halted.
+        """
+        self._rollouts.resume(rollout_id, actor=actor.name)
+        self._audit(actor, "rollout.resume", rollout_id)
+        return self.rollout(rollout_id)
+
+    def abort_rollout(self, rollout_id: str, *, actor: Actor, rollback: bool) -> RolloutView:
+        """End a rollout now, optionally rolling back every device it updated.
+
+        Raises:
+            NotFoundError: no such rollout.
+            RolloutError: the rollout completed.
+        """
+        self._rollouts.abort(rollout_id, actor=actor.name, rollback=rollback)
+        self._audit(actor, "rollout.abort", rollout_id, {"rollback": rollback})
+        return self.rollout(rollout_id)
+
+    # --------------------------------------------------------------------- runs
+
+    def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:
+        """Start a federated run in the background.
+
+        Raises:
+            TrainingError: bad settings, or a run is already going.
+        """
+        row = self._runs.start(request, actor=actor.name)
+        self._audit(actor, "run.start", row.run_id, dict(row.config))
+        return RunView(run=row, rounds=())
+
+    def stop_run(self, run_id: str, *, actor: Actor) -> RunView:
+        """Stop a run (see :meth:`RunManager.stop_run`).
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: the run is not running.
+        """
+        self._runs.stop_run(run_id, actor=actor.name)
+        self._audit(actor, "run.stop", run_id)
+        return self.run(run_id)
+
+    def runs(self) -> list[RunRow]:
+        """Every federated run, newest first."""
+        return self._store.runs()
+
+    def run(self, run_id: str) -> RunView:
+        """One run and its rounds.
+
+        Raises:
+            NotFoundError: no such run.
+        """
+        row = self._store.run(run_id)
+        if row is None:
+            raise NotFoundError(f"no run {run_id!r}")
+        return RunView(run=row, rounds=tuple(self._store.rounds(run_id)))
+
+    # -------------------------------------------------------------------- other
+
+    def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
+        """The latest operator actions, oldest first."""
+        return self._store.audit_log(limit)
+
+    def metrics(self) -> FleetMetrics:
+        """Figures for ``GET /metrics`` (devices, models, rollouts, rounds, latency)."""
+        records = self._coordinator.fleet()
+        models: dict[tuple[str, int], int] = {}
+        for record in records:
+            if record.online:
+                for model in record.models:
+                    key = (model.name, model.version)
+                    models[key] = models.get(key, 0) + 1
+        states: dict[str, int] = {}
+        stages: dict[str, int] = {}
+        progress: dict[tuple[str, str], int] = {}
+        for row in self._store.rollouts():
+            states[row.state] = states.get(row.state, 0) + 1
+            summary = self._rollouts.summary(row.rollout_id) if row.state in _GOING else None
+            if summary is not None:
+                stage = summary.get("stage")
+                stages[row.rollout_id] = stage if isinstance(stage, int) else 0
+                for device in self._rollouts.devices(row.rollout_id) or ():
+                    place = (row.rollout_id, device.state)
+                    progress[place] = progress.get(place, 0) + 1
+        runs = self._store.runs()
+        rounds = tuple(self._store.rounds(runs[0].run_id)) if runs else ()
+        return FleetMetrics(
+            devices_online=sum(r.online for r in records),
+            devices_total=len(self._store.devices()),
+            models=models,
+            rollouts=states,
+            latency_ms=self._ingest.latency_ms(),
+            telemetry_ingested=self._ingest.counts().stored,
+            rounds=rounds,
+            rollout_stages=stages,
+            rollout_devices=progress,
+        )
+
+
+def open_store(db: Path, artifact_dir: Path | None = None) -> Store:
+    """Open the state database the way a service runs it: claimed, every commit fsynced.
+
+    The process claims the database (:mod:`coordinator.service.store.owner`): a second
+    service, or a CLI command in ``--broker`` mode, on the same file would resume
+    and drive the same rollouts. With ``synchronous=FULL`` what the service
+    acknowledged (an upload, a rollout, an operator's action and its audit line)
+    survives a power cut too, not only a killed process; the cost, an fsync per
+    commit, is small next to the network round trips each commit answers.
+
+    Raises:
+        DatabaseInUseError: another coordinator process runs this database.
+        StoreError: the database cannot be opened.
+    """
+    return Store.open(db, artifact_dir=artifact_dir, synchronous="FULL", owner=True)
+
+
+@contextmanager
+def local_service(
+    broker: BrokerConfig,
+    *,
+    db: Path,
+    trust: Sequence[Path] = (),
+    threshold: int = 1,
+    timeout: float = 10.0,
+) -> Iterator[FleetService]:
+    """The CLI's in-process ``--broker`` mode: a started service, stopped on exit.
+
+    State lives in ``db`` like the long-running service's, so a rollout started
+    here is resumed by whichever process opens that database next.
+
+    Raises:
+        StoreError: the database cannot be opened.
+        BrokerError: the broker cannot be reached.
+        CompressError: a trusted key cannot be read, or a bad threshold.
+    """
+    trusted = (
+        TrustedKeys.of([load_public_key(path) for path in trust], threshold) if trust else None
+    )
+    store = open_store(db)
+    try:
+        service = FleetService(store, Coordinator(CoordinatorConfig(broker=broker)), trusted)
+        service.start(timeout)
+        try:
+            yield service
+        finally:
+            service.stop()
+    finally:
+        store.close()

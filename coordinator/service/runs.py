@@ -1,0 +1,285 @@
+"""Federated runs started through the service: one at a time, in the background.
+
+:class:`RunManager` turns a :class:`~coordinator.service.operations.RunRequest` into a
+:class:`~coordinator.federated.runs.TrainingConfig` and a Flower strategy, records the
+run in the store (``running``), and drives
+:func:`~coordinator.federated.runs.run_training` on a thread. Each round is recorded as
+it starts (``running``) and again when it ends (``ok`` or ``failed``, with the
+:class:`~coordinator.federated.runs.RoundReport`'s figures), so ``fedge rounds status``
+shows progress while the run goes on.
+
+When the run ends the run is ``finished`` (at least one round succeeded) or
+``failed``. An operator may stop it (:meth:`RunManager.stop_run`): no further
+round starts, the round going on ends ``failed`` with reason ``stopped by
+<actor>`` and the run is ``interrupted``. A service that stops in the middle
+marks the run ``interrupted`` and its current round ``failed`` with reason
+``interrupted``, and stops the run's thread the same way; a service that was
+killed does the same at its next start (:meth:`recover`). Interrupted runs are
+not resumed: a new run starts from fresh weights.
+
+``RunRequest.config`` keys (all optional but ``features`` and ``classes``):
+``model`` (``model``), ``family`` (``mlp``; or ``softmax``), ``features``,
+``classes``, ``hidden`` (``[64]``), ``clients_per_round`` (10, at least
+``min_clients``), ``seed`` (0), ``strategy_args`` (dict) and ``train`` (dict sent to
+devices with each task: ``epochs``, ``lr``, ``batch_size``...).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from compress.errors import CompressError
+from compress.families import FAMILIES, init_weights
+from coordinator.errors import CoordinatorError, NotFoundError, TrainingError
+from coordinator.federated.runs import STOPPED, RoundReport, TrainingConfig, run_training
+from coordinator.federated.strategies import build_strategy
+from coordinator.link.hub import Coordinator
+from coordinator.service.operations import RunRequest
+from coordinator.service.store import RunRow, RunState, Store
+
+__all__ = ["RunManager", "training_config"]
+
+logger = logging.getLogger(__name__)
+
+_KEYS = frozenset(
+    [
+        "model",
+        "family",
+        "features",
+        "classes",
+        "hidden",
+        "clients_per_round",
+        "seed",
+        "strategy_args",
+        "train",
+    ]
+)
+_SCALAR = (int, float, str, bool)
+
+
+def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise TrainingError(f"config.{key} is required")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TrainingError(f"config.{key} must be an integer >= {low}, not {value!r}")
+    return value
+
+
+def training_config(request: RunRequest) -> TrainingConfig:
+    """The training run a request describes (fresh, seeded initial weights).
+
+    Raises:
+        TrainingError: an unknown key, a missing or out-of-range value.
+        CodecError: an invalid codec.
+    """
+    config = request.config
+    unknown = sorted(set(config) - _KEYS)
+    if unknown:
+        raise TrainingError(f"unknown run setting(s): {', '.join(unknown)}")
+    family = config.get("family", "mlp")
+    if family not in FAMILIES:
+        raise TrainingError(f"config.family must be one of {', '.join(FAMILIES)}")
+    hidden = config.get("hidden", [64]) if family == "mlp" else []
+    if not isinstance(hidden, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+    ):
+        raise TrainingError("config.hidden must be a list of positive integers")
+    train = config.get("train", {})
+    if not isinstance(train, dict) or not all(isinstance(v, _SCALAR) for v in train.values()):
+        raise TrainingError("config.train must map names to numbers, strings or booleans")
+    model = config.get("model", "model")
+    if not isinstance(model, str) or not model:
+        raise TrainingError("config.model must be a non-empty string")
+    seed = _int(config, "seed", 0, 0)
+    features = _int(config, "features", None, 1)
+    classes = _int(config, "classes", None, 2)
+    clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
+    weights = init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
+    return TrainingConfig(
+        model=model,
+        family=family,
+        initial_weights=weights,
+        rounds=request.rounds,
+        clients_per_round=clients,
+        min_clients=request.min_clients,
+        round_timeout_s=request.round_timeout_s,
+        codec=request.codec,
+        train_config={"seed": seed, **train},
+        seed=seed,
+    )
+
+
+class RunManager:
+    """Starts federated runs and records their rounds (see the module docstring)."""
+
+    def __init__(
+        self, coordinator: Coordinator, store: Store, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        """Prepare; nothing runs until :meth:`start`."""
+        self._coordinator = coordinator
+        self._store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._current: str | None = None
+        self._round: tuple[int, float] | None = None
+        self._stop = threading.Event()  # the current run's; a new one per run
+        self._stopped_by: str | None = None
+
+    def recover(self) -> list[str]:
+        """Mark runs a killed service left ``running`` as interrupted; their ids."""
+        now = self._clock()
+        ids = self._store.mark_interrupted_runs(now)
+        for run_id in ids:
+            self._fail_running_rounds(run_id, now)
+            logger.warning("run %s was interrupted by a restart", run_id)
+        return ids
+
+    def start(self, request: RunRequest, *, actor: str) -> RunRow:
+        """Start a run in the background.
+
+        Raises:
+            TrainingError: bad settings, or a run is already going.
+            StrategyError: an unknown strategy or arguments it refuses.
+        """
+        config = training_config(request)
+        args = request.config.get("strategy_args", {})
+        if not isinstance(args, dict):
+            raise TrainingError("config.strategy_args must be an object")
+        strategy = build_strategy(request.strategy, args)
+        with self._lock:
+            if self._current is not None:
+                raise TrainingError(f"run {self._current} is still going; one run at a time")
+            run_id = f"run-{uuid.uuid4().hex[:12]}"
+            settings = {
+                "rounds": request.rounds,
+                "strategy": request.strategy,
+                "codec": request.codec,
+                "min_clients": request.min_clients,
+                "round_timeout_s": request.round_timeout_s,
+                **request.config,
+            }
+            row = self._store.create_run(run_id, config=settings, created_by=actor,
+                                         at=self._clock())  # fmt: skip
+            self._current = run_id
+            self._stop, self._stopped_by = threading.Event(), None
+            self._thread = threading.Thread(
+                target=self._run, args=(run_id, strategy, config, self._stop),
+                name=f"run-{run_id}", daemon=True,
+            )  # fmt: skip
+            self._thread.start()
+        logger.info("run %s started by %s: %d rounds of %s", run_id, actor, request.rounds,
+                    request.strategy)  # fmt: skip
+        return row
+
+    def current(self) -> str | None:
+        """The id of the run going now, if any."""
+        with self._lock:
+            return self._current
+
+    def stop_run(self, run_id: str, *, actor: str, wait_s: float = 5.0) -> None:
+        """Stop the run going now (see the module docstring).
+
+        Waits up to ``wait_s`` for its thread to record the end.
+
+        Raises:
+            NotFoundError: no such run.
+            TrainingError: that run is not running.
+        """
+        with self._lock:
+            if self._current != run_id:
+                row = self._store.run(run_id)
+                if row is None:
+                    raise NotFoundError(f"no run {run_id!r}")
+                raise TrainingError(f"run {run_id} is not running ({row.state})")
+            self._stopped_by = actor
+            self._stop.set()
+            thread = self._thread
+        logger.info("run %s: stop requested by %s", run_id, actor)
+        if thread is not None:
+            thread.join(wait_s)
+
+    def stop(self) -> None:
+        """Mark the run going now interrupted and tell its thread to stop."""
+        with self._lock:
+            run_id, self._current = self._current, None
+            self._stop.set()
+        if run_id is None:
+            return
+        now = self._clock()
+        try:
+            self._store.finish_run(run_id, state=RunState.INTERRUPTED, at=now)
+            self._fail_running_rounds(run_id, now)
+        except CoordinatorError as exc:
+            logger.error("run %s: cannot mark it interrupted: %s", run_id, exc)
+        logger.warning("run %s interrupted by the service stopping", run_id)
+
+    def _fail_running_rounds(self, run_id: str, now: float) -> None:
+        for round_row in self._store.rounds(run_id):
+            if round_row.status == "running":
+                self._store.record_round(run_id, round_row.round, status="failed",
+                                         metrics=round_row.metrics, reason="interrupted",
+                                         started_at=round_row.started_at,
+                                         finished_at=now)  # fmt: skip
+
+    def _run(
+        self, run_id: str, strategy: Any, config: TrainingConfig, stop: threading.Event
+    ) -> None:
+        def on_round(report: RoundReport, what: str) -> None:
+            if self._current != run_id:
+                return  # interrupted: the store already says so
+            reason = report.reason
+            if reason == STOPPED and self._stopped_by is not None:
+                reason = f"stopped by {self._stopped_by}"
+            now = self._clock()
+            if self._round is None or self._round[0] != report.round:
+                self._round = (report.round, now)
+            started = self._round[1]
+            done = what == "done"
+            try:
+                self._store.record_round(
+                    run_id, report.round, status=report.status if done else "running",
+                    metrics=_finite(report.to_json()), started_at=started,
+                    finished_at=now if done else None, reason=reason,
+                )  # fmt: skip
+            except CoordinatorError as exc:
+                logger.error("run %s: round %d not recorded: %s", run_id, report.round, exc)
+
+        state = RunState.FAILED
+        try:
+            result = run_training(self._coordinator, strategy, config, on_round=on_round, stop=stop)
+            cut_short = len(result.rounds) < config.rounds or any(
+                r.reason == STOPPED for r in result.rounds
+            )
+            if stop.is_set() and cut_short:
+                state = RunState.INTERRUPTED
+            elif any(r.status == "ok" for r in result.rounds):
+                state = RunState.FINISHED
+        except (CoordinatorError, CompressError, ValueError) as exc:
+            logger.error("run %s failed: %s", run_id, exc)
+        except Exception:
+            logger.exception("run %s failed", run_id)
+        with self._lock:
+            if self._current != run_id:
+                return
+            self._current = None
+        try:
+            self._store.finish_run(run_id, state=state, at=self._clock())
+        except CoordinatorError as exc:
+            logger.error("run %s: cannot record its end: %s", run_id, exc)
+        logger.info("run %s %s", run_id, state)
+
+
+def _finite(document: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities (a diverged loss) become None, which JSON can hold."""
+    return {
+        k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in document.items()
+    }

@@ -1,0 +1,571 @@
+"""``fedge simulate``: a whole fleet on one machine, from data to a rolled-out model.
+
+:func:`run_simulation` does, in order:
+
+1. **Broker**: an :class:`~coordinator.sim.embedded_broker.EmbeddedBroker` (amqtt,
+   loopback, free port), or the ``broker`` URL given (mosquitto, a cluster).
+2. **Keys**: a throwaway Ed25519 key pair in ``<out>/keys`` (the agents trust it).
+3. **Data**: the dataset (:func:`load_dataset`: ``digits``, ``synthetic[:n,f,c]`` or
+   a ``.npz`` with ``x``/``y``) split 70/30 (seeded, stratified), the 70 % partitioned
+   over the agents (:func:`partition`: ``iid``, ``dirichlet:A`` or ``shards:K``) into
+   ``<out>/data/shard<i>/local.npz``; the 30 % is the coordinator's test set.
+4. **Agents**: one real :class:`~edge_agent.agent.Agent` per shard
+   (:class:`~coordinator.sim.local_fleet.LocalFleet`), each with its own MQTT connection
+   and data directory under ``<out>/agents``.
+5. **Rounds**: :func:`~coordinator.federated.runs.run_training` with the chosen strategy
+   and codec; with ``dropout`` > 0, that share of the agents (seeded) drops its
+   connection while each round trains, and comes back by itself.
+6. **Package**: the final global weights -> ONNX -> int8 -> signed artifact in
+   ``<out>/artifacts``.
+7. **Roll out**: to one canary agent first, then, if it installed, to the others in
+   waves of 50; then every agent must serve the new version.
+8. **Report**: ``<out>/report.json`` and ``<out>/report.png``.
+
+Progress is reported through an ``on_event(kind, data)`` callback, so the CLI can draw
+it and tests can ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
+from compress.families import init_weights
+from compress.fileio import atomic_write
+from compress.keys import generate_signing_key, save_keypair
+from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
+from coordinator.delivery.tracker import DeploymentTracker, DeviceState
+from coordinator.errors import TrainingError
+from coordinator.federated.runs import (
+    RoundReport,
+    TrainingConfig,
+    TrainingResult,
+    evaluate_weights,
+    run_training,
+)
+from coordinator.federated.strategies import StrategyArgs, build_strategy
+from coordinator.link.fleet import Target
+from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.sim.datasets import dirichlet_partition, load_digits_split
+from coordinator.sim.embedded_broker import EmbeddedBroker
+from coordinator.sim.local_fleet import LocalFleet, save_shards
+from edge_agent.config.agent import BrokerConfig
+from edge_agent.protocol import DEFAULT_LIMITS, TaskAck, UpdateReport, encode
+from edge_agent.training.numpy_trainers import trainer_for
+from edge_agent.training.trainer import Dataset, TrainConfig
+
+__all__ = [
+    "SimulationConfig",
+    "SimulationReport",
+    "load_dataset",
+    "partition",
+    "run_simulation",
+]
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+MODEL_NAME = "simulated"
+ROLLOUT_WAVE = 50
+"""Agents updated at once after the canary: every agent of a simulation shares this
+machine's cores, and a model's health check has a latency bound."""
+MAX_AGENTS = 2000
+"""Agents one simulation process runs. Their connections share a few epoll network
+threads, but each agent keeps its own worker thread, data directory and model
+session (about 0.6 MB): a bound that keeps a typo from exhausting the machine."""
+FILES_PER_AGENT = 4
+"""Open files budgeted per agent: its socket, plus files it opens while installing."""
+_SYNTHETIC_RE = re.compile(r"synthetic(?::(\d+),(\d+),(\d+))?")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A simulation, as ``fedge simulate`` describes it (see the module docstring)."""
+
+    out: Path
+    agents: int = 20
+    rounds: int = 10
+    dataset: str = "digits"
+    partition: str = "dirichlet:0.5"
+    strategy: str = "fedavg"
+    strategy_args: StrategyArgs = field(default_factory=dict)
+    codec: str = "fp32"
+    dropout: float = 0.0
+    broker: str | None = None
+    broker_password_format: str | None = None
+    seed: int = 0
+    hidden: int = 64
+    epochs: int = 2
+    lr: float = 0.05
+    batch_size: int = 16
+    round_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Check the values.
+
+        Raises:
+            TrainingError: an out-of-range value.
+            CodecError: an invalid codec spec.
+        """
+        if self.agents < 1 or self.rounds < 1:
+            raise TrainingError("--agents and --rounds must be at least 1")
+        if self.agents > MAX_AGENTS:
+            raise TrainingError(
+                f"one simulation runs at most {MAX_AGENTS} agents (asked for {self.agents}); "
+                "for more, run several simulations against one broker"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainingError(f"--dropout must be in [0, 1), got {self.dropout}")
+        parse_codec(self.codec)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings, JSON-able (paths as text)."""
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data.pop("broker_password_format")
+        return data
+
+
+@dataclass
+class SimulationReport:
+    """What ``report.json`` holds (see :meth:`to_json`)."""
+
+    config: SimulationConfig
+    result: TrainingResult
+    centralized_accuracy: float
+    fp32_uplink_bytes_per_round: float
+    rollout: dict[str, Any]
+    timings: dict[str, float]
+    broker: str
+    artifact: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The report: config, rounds, accuracies, bytes, rollout, timings."""
+        body = self.result.to_json()
+        rounds = self.result.rounds
+        return {
+            "config": self.config.to_json(),
+            "rounds": body["rounds"],
+            "final_accuracy": body["final_accuracy"],
+            "centralized_accuracy": self.centralized_accuracy,
+            "fp32_uplink_bytes_per_round": self.fp32_uplink_bytes_per_round,
+            "uplink_bytes_per_round": statistics.mean(r.uplink_bytes for r in rounds),
+            "downlink_bytes_per_round": statistics.mean(r.downlink_bytes for r in rounds),
+            "seconds_per_round": statistics.mean(r.seconds for r in rounds),
+            "rounds_ok": body["rounds_ok"],
+            "rounds_failed": body["rounds_failed"],
+            "rollout": self.rollout,
+            "timings": self.timings,
+            "broker": self.broker,
+            "artifact": self.artifact,
+        }
+
+
+# ------------------------------------------------------------------------- data
+
+
+def _split(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], seed: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], LabelledData]:
+    """70/30, stratified by label, seeded."""
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        rng.shuffle(members)
+        test_mask[members[: round(0.3 * len(members))]] = True
+    return x[~test_mask], y[~test_mask], LabelledData(x[test_mask], y[test_mask])
+
+
+def load_dataset(
+    spec: str, seed: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], LabelledData]:
+    """Training features and labels, and the held-out test set.
+
+    ``digits`` (scikit-learn's, bundled), ``synthetic[:n_samples,n_features,n_classes]``
+    (Gaussian blobs, default 6000,32,10) or the path of a ``.npz`` with ``x``, ``y``.
+
+    Raises:
+        TrainingError: an unknown spec, or unusable data.
+    """
+    if spec == "digits":
+        x_train, y_train, x_test, y_test = load_digits_split(seed)
+        return x_train, y_train, LabelledData(x_test, y_test)
+    match = _SYNTHETIC_RE.fullmatch(spec)
+    if match:
+        n, features, classes = (
+            (int(g) for g in match.groups()) if match.group(1) else (6000, 32, 10)
+        )
+        if n < 10 * classes or features < 1 or classes < 2:
+            raise TrainingError(f"synthetic data needs n >= 10 * classes, got {spec}")
+        rng = np.random.default_rng(seed)
+        centers = rng.normal(0.0, 1.0, (classes, features)).astype(np.float32)
+        y = rng.integers(0, classes, n).astype(np.int64)
+        x = (centers[y] + rng.normal(0.0, 1.2, (n, features))).astype(np.float32)
+        return _split(x, y, seed)
+    path = Path(spec)
+    if path.suffix != ".npz":
+        raise TrainingError(
+            f"unknown dataset {spec!r}: use digits, synthetic[:n,features,classes] or a .npz file"
+        )
+    data = load_labelled_npz(path)
+    return _split(data.x, data.y, seed)
+
+
+def partition(
+    labels: npt.NDArray[np.int64], agents: int, spec: str, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Example indices per agent: ``iid``, ``dirichlet:ALPHA`` or ``shards:K``.
+
+    ``shards:K`` sorts the examples by label, cuts them into ``agents * K`` equal
+    shards and deals K to each agent (the classic pathological non-IID split).
+
+    Raises:
+        TrainingError: an unknown spec, or too few examples for the agents.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "iid" and not arg:
+            order = rng.permutation(n)
+            parts = np.array_split(order, agents)
+        elif kind == "dirichlet":
+            return dirichlet_partition(labels, agents, float(arg), seed=seed, min_examples=2)
+        elif kind == "shards":
+            k = int(arg)
+            if k < 1:
+                raise ValueError("shards:K needs K >= 1")
+            order = np.argsort(labels, kind="stable")
+            shards = np.array_split(order, agents * k)
+            picks = rng.permutation(agents * k)
+            parts = [
+                np.concatenate([shards[j] for j in picks[i * k : (i + 1) * k]])
+                for i in range(agents)
+            ]
+        else:
+            raise ValueError("use iid, dirichlet:ALPHA or shards:K")
+    except ValueError as exc:
+        raise TrainingError(f"partition {spec!r}: {exc}") from exc
+    result = [np.sort(p).astype(np.int64) for p in parts]
+    if min(len(p) for p in result) < 2:
+        raise TrainingError(f"{n} examples are too few for {agents} agents")
+    return result
+
+
+def _centralized_accuracy(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    test: LabelledData,
+    weights: dict[str, npt.NDArray[np.float32]],
+    config: SimulationConfig,
+) -> float:
+    """The same model trained on all the training data in one place (the baseline)."""
+    train = TrainConfig(
+        epochs=config.rounds * config.epochs, lr=config.lr, batch_size=config.batch_size,
+        seed=config.seed,
+    )  # fmt: skip
+    fitted = trainer_for("mlp").fit(weights, Dataset(x, y), train, train.rng("centralized"))
+    accuracy, _loss = evaluate_weights("mlp", fitted.weights, test)
+    return accuracy
+
+
+def _fp32_report_bytes(weights: dict[str, npt.NDArray[np.float32]]) -> int:
+    """MQTT bytes one device sends per round with the fp32 codec (ack + report)."""
+    payload = np.zeros(2 + update_nbytes_fp32(layout_of(weights)), dtype=np.uint8)
+    task_id = "0" * 32
+    report = UpdateReport(
+        round_id="r1", task_id=task_id, num_examples=100, codec="fp32",
+        metrics={"train_loss": 0.5, "train_accuracy": 0.5, "train_seconds": 0.1},
+        arrays={"update": payload},
+    )  # fmt: skip
+    ack = TaskAck(round_id="r1", task_id=task_id)
+    limits = DEFAULT_LIMITS
+    return sum(len(encode(m, sender="sim00", sent_at=0.0, limits=limits)) for m in (ack, report))
+
+
+# ---------------------------------------------------------------------- running
+
+
+@contextmanager
+def _broker(config: SimulationConfig) -> Iterator[str]:
+    if config.broker is not None:
+        yield config.broker
+        return
+    with EmbeddedBroker() as embedded:
+        yield embedded.url
+
+
+class _Dropout:
+    """Drops a seeded share of the agents' connections while each round trains."""
+
+    def __init__(self, fleet: LocalFleet, share: float, seed: int) -> None:
+        self.fleet = fleet
+        self.share = share
+        self.rng = random.Random(seed)  # noqa: S311 - simulation, not secrets
+        self.dropped: dict[int, list[str]] = {}
+
+    def __call__(self, report: RoundReport, what: str) -> None:
+        if self.share <= 0 or report.round in self.dropped or not what.startswith("training"):
+            return
+        victims = [a for a in self.fleet.agents if self.rng.random() < self.share]
+        self.dropped[report.round] = [a.device_id for a in victims]
+        for agent in victims:
+            agent.drop_connection()
+
+
+def _raise_open_files_limit(agents: int) -> None:
+    """One socket per agent: raise the soft limit on open files as far as needed.
+
+    Raises:
+        TrainingError: the hard limit is too low for this many agents.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FILES_PER_AGENT * agents + 256
+    if soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise TrainingError(
+            f"{agents} agents need about {wanted} open files, and this process may open "
+            f"at most {hard} (ulimit -Hn); raise the limit or run fewer agents"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _rollout(
+    coordinator: Coordinator,
+    fleet: LocalFleet,
+    artifact: Artifact,
+    on_event: EventCallback,
+    timeout: float,
+) -> dict[str, Any]:
+    """Canary first, then waves of :data:`ROLLOUT_WAVE`; then check every agent serves it.
+
+    Agents that dropped their connection in the last round are waited for (they
+    reconnect by themselves) so the whole fleet is targeted.
+    """
+    ids = [a.device_id for a in fleet.agents]
+    try:
+        fleet.wait_eligible(coordinator, len(ids), timeout=timeout)
+    except TrainingError:
+        logger.warning("not every agent is back online; rolling out to those that are")
+    online = {r.device_id for r in coordinator.fleet() if r.online}
+    ids = sorted(ids, key=lambda device_id: device_id not in online)  # a canary that is up
+    rest = ids[1:]
+    waves = [rest[i : i + ROLLOUT_WAVE] for i in range(0, len(rest), ROLLOUT_WAVE)]
+    stages = [("canary", ids[:1]), *((f"wave {n}", wave) for n, wave in enumerate(waves, 1))]
+    installed: list[str] = []
+    outcome: dict[str, Any] = {"version": artifact.manifest.version, "agents_total": len(ids)}
+    for stage, devices in stages:
+        if not devices:
+            continue
+        on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
+        stage_started = time.monotonic()
+        delivery = coordinator.deploy(artifact, Target.parse("device:" + ",".join(devices)))
+
+        def progress(
+            tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
+        ) -> None:
+            done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
+            on_event("rollout", {"stage": stage, "done": done, "total": total})
+
+        result = coordinator.wait(delivery, timeout=timeout, on_change=progress)
+        stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
+        installed += stage_ok
+        outcome["stages"] = [*outcome.get("stages", []), {
+            "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
+            "seconds": round(time.monotonic() - stage_started, 3),
+        }]  # fmt: skip
+        if stage == "canary":
+            outcome["canary_installed"] = len(stage_ok)
+        if stage == "canary" and not result.succeeded:
+            outcome["halted"] = "the canary did not install the model"
+            break
+    version = artifact.manifest.version
+    serving = [
+        a.device_id for a in fleet.agents if a.model is not None and a.model.version == version
+    ]
+    outcome["agents_updated"] = len(serving)
+    outcome["all_serving"] = len(serving) == len(ids)
+    return outcome
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy and bytes per round, as a PNG."""
+    import matplotlib  # noqa: PLC0415 - the simulation extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rounds = [r["round"] for r in report["rounds"]]
+    accuracy = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    config = report["config"]
+    fig.suptitle(
+        f"fedge simulate: {config['agents']} agents, {config['strategy']}, {config['codec']}, "
+        f"{config['dataset']} ({config['partition']})"
+    )
+    top.plot(rounds, accuracy, marker="o", label="federated (global model)")
+    top.axhline(100 * report["centralized_accuracy"], color="grey", linestyle="--",
+                label="centralized baseline")  # fmt: skip
+    top.set_ylabel("test accuracy (%)")
+    top.set_ylim(0, 100)
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right")
+    width = 0.4
+    up = [r["uplink_bytes"] / 1024 for r in report["rounds"]]
+    down = [r["downlink_bytes"] / 1024 for r in report["rounds"]]
+    bottom.bar([r - width / 2 for r in rounds], up, width, label="up (devices -> coordinator)")
+    bottom.bar([r + width / 2 for r in rounds], down, width, label="down (coordinator -> devices)")
+    bottom.axhline(report["fp32_uplink_bytes_per_round"] / 1024, color="grey", linestyle="--",
+                   label="fp32 updates up")  # fmt: skip
+    bottom.set_ylabel("KiB per round")
+    bottom.set_xlabel("round")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _train(
+    coordinator: Coordinator,
+    config: SimulationConfig,
+    weights: dict[str, npt.NDArray[np.float32]],
+    test: LabelledData,
+    *,
+    dropout: _Dropout,
+    on_round: Callable[[RoundReport, str], None] | None,
+) -> TrainingResult:
+    def round_event(report: RoundReport, what: str) -> None:
+        dropout(report, what)
+        if on_round is not None:
+            on_round(report, what)
+
+    training = TrainingConfig(
+        model=MODEL_NAME,
+        family="mlp",
+        initial_weights=weights,
+        rounds=config.rounds,
+        clients_per_round=config.agents,
+        min_clients=max(1, config.agents // 2),
+        round_timeout_s=config.round_timeout_s,
+        codec=config.codec,
+        train_config={
+            "epochs": config.epochs,
+            "lr": config.lr,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        },
+        eval_data=test,
+        seed=config.seed,
+    )
+    strategy = build_strategy(config.strategy, config.strategy_args, federated_eval=False)
+    return run_training(coordinator, strategy, training, on_round=round_event)
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    on_event: EventCallback | None = None,
+    on_round: Callable[[RoundReport, str], None] | None = None,
+) -> SimulationReport:
+    """Run a whole simulation (see the module docstring) and write its report.
+
+    Raises:
+        TrainingError: bad settings or data, or no agent came online.
+        CoordinatorError: the embedded broker did not start.
+        BrokerError: the given broker cannot be reached.
+    """
+    emit = on_event or (lambda _kind, _data: None)
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    _raise_open_files_limit(config.agents)
+    x, y, test = load_dataset(config.dataset, config.seed)
+    parts = partition(y, config.agents, config.partition, config.seed)
+    shards = save_shards(x, y, parts, out / "data")
+    np.savez(out / "data" / "test.npz", x=test.x, y=test.y)
+    key = generate_signing_key()
+    _private, public = save_keypair(key, out / "keys", overwrite=True)
+    classes = int(max(y.max(), test.y.max())) + 1
+    weights = init_weights("mlp", [x.shape[1], config.hidden, classes],
+                           np.random.default_rng(config.seed))  # fmt: skip
+
+    with _broker(config) as url:
+
+        def broker_for(user: str) -> BrokerConfig:
+            fmt = config.broker_password_format
+            secret = fmt.format(user=user) if fmt else None
+            return BrokerConfig.from_url(url, username=user, password=secret)
+
+        emit("phase", {"name": "agents", "broker": url})
+        # The coordinator connects first: with hundreds of agents connecting at once,
+        # a late connect competes with all of them.
+        coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+        coordinator.start(timeout=30.0)
+        try:
+            # A 5 s stall timeout (the agents' default): with hundreds of agents
+            # installing at once on a few cores, 1 s made them re-request chunks in a storm.
+            with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
+                                  root=out / "agents", stall_timeout_s=5.0,
+                                  telemetry_interval_s=30.0) as fleet:  # fmt: skip
+                fleet.wait_eligible(coordinator, config.agents, timeout=60 + config.agents / 10)
+                timings["setup_s"] = time.monotonic() - started
+                emit("phase", {"name": "rounds"})
+                dropout = _Dropout(fleet, config.dropout, config.seed)
+                t0 = time.monotonic()
+                result = _train(
+                    coordinator, config, weights, test, dropout=dropout, on_round=on_round
+                )
+                timings["rounds_s"] = time.monotonic() - t0
+
+                emit("phase", {"name": "package"})
+                artifact_path = out / "artifacts" / f"{MODEL_NAME}-v1.fedge"
+                artifact_path.parent.mkdir(parents=True, exist_ok=True)
+                package_weights(
+                    "mlp", result.weights, name=MODEL_NAME, version=1, keys=[key],
+                    out=artifact_path, evaluation=test, now=datetime.now(UTC),
+                    metadata={"trained": "fedge simulate"},
+                )  # fmt: skip
+                emit("phase", {"name": "rollout"})
+                t0 = time.monotonic()
+                rollout = _rollout(coordinator, fleet, Artifact.load(artifact_path), emit,
+                                   timeout=60 + config.agents / 5)  # fmt: skip
+                timings["rollout_s"] = time.monotonic() - t0
+                rollout["dropped_per_round"] = {str(k): len(v) for k, v in dropout.dropped.items()}
+        finally:
+            coordinator.stop()
+
+    clients = [r.clients for r in result.rounds if r.clients] or [config.agents]
+    report = SimulationReport(
+        config=config,
+        result=result,
+        centralized_accuracy=_centralized_accuracy(x, y, test, weights, config),
+        fp32_uplink_bytes_per_round=_fp32_report_bytes(weights) * statistics.mean(clients),
+        rollout=rollout,
+        timings={**timings, "total_s": time.monotonic() - started},
+        broker="embedded amqtt" if config.broker is None else config.broker,
+        artifact=str(artifact_path),
+    )
+    body = report.to_json()
+    atomic_write(out / "report.json", (json.dumps(body, indent=2) + "\n").encode())
+    _plot(body, out / "report.png")
+    return report

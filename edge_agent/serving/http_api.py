@@ -1,0 +1,733 @@
+"""The local inference endpoint: JSON over HTTP on the device, standard library only.
+
+Applications on the device (or, when explicitly allowed, on its network) ask the
+installed model for predictions over plain HTTP; the agent runs one
+:class:`LocalHttpServer` in front of its :class:`edge_agent.serving.server.ModelServer`::
+
+    with LocalHttpServer(model_server, HttpConfig(port=8080), extra_health=agent.status):
+        ...  # serves until the block ends (or call start() / stop())
+
+Example request, for a model with one input of 4 features::
+
+    curl -s -H 'Content-Type: application/json' \\
+         -d '{"inputs": [[0.5, -1.0, 2.0, 0.25]]}' http://127.0.0.1:8080/v1/predict
+
+    {"id":"6f1c...","model":"digits","version":3,
+     "outputs":{"probabilities":[[0.1,0.7,0.1,0.1]]},"labels":[1],"latency_ms":0.21}
+
+Endpoints:
+
+* ``POST /v1/predict`` with ``{"inputs": [[...], ...]}`` (single-input models) or
+  ``{"inputs": {"input": [[...]]}}`` (inputs by name) answers 200 with ``id``,
+  ``model``, ``version``, ``outputs`` (name -> nested lists; non-finite values as
+  ``null``), ``labels`` (one class per row for a 2-D first output, else ``null``) and
+  ``latency_ms``. A 1-D input for a ``(batch, features)`` model is one row.
+* ``GET /v1/health`` answers 200 ``{"status": "ok", "model": {...}, ...}`` or 503
+  ``{"status": "no_model", "model": null, ...}``; the keys returned by
+  ``extra_health()`` (connection state, telemetry totals ...) are merged in, except
+  ``status`` and ``model``, which always come from the model server.
+* ``POST /v1/feedback`` with ``{"prediction_id": "<id from /v1/predict>", "label": 3}``
+  (or a list, one label per row of that prediction) stores the inputs of that
+  prediction with their true label(s) as local training examples (the raw data
+  never leaves the device) and answers 200 ``{"stored": N}``. Errors: 404
+  ``unknown_prediction`` (never seen, too old, or already labelled), 400
+  ``bad_label`` or ``malformed``, 404 ``not_found`` when feedback is off.
+* ``GET /v1/model`` answers 200 with :meth:`edge_agent.serving.server.LoadedModel.info`, or
+  404 with code ``no_model``.
+
+Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
+
+====  ==========================================================================
+400   ``malformed``: the body is not strict JSON (``NaN``, ``Infinity``, numbers
+      that overflow a double and duplicate keys are refused), not an object with
+      exactly the key ``inputs``, or holds something other than numbers and lists;
+      a bad ``Content-Length``. ``runtime_error``: the inputs do not fit the model
+      (names, dtype, shape) or the runtime failed on them.
+404   ``not_found``: unknown path; ``no_model`` on ``GET /v1/model``.
+405   ``method_not_allowed`` (with an ``Allow`` header).
+408   ``timeout``: the body did not arrive within ``timeout_s``.
+411   ``length_required``: no ``Content-Length`` (chunked bodies are not accepted).
+413   ``too_large``: ``Content-Length`` over ``max_body_bytes``, refused before
+      reading the body.
+415   ``unsupported_media_type``: a declared ``Content-Type`` other than
+      ``application/json`` (a ``charset`` parameter, if any, must be ``utf-8``). A
+      request without ``Content-Type`` is read as JSON: there is nothing else it
+      could be, and refusing it would only punish minimal clients.
+500   ``internal``: an unexpected error, logged with its traceback; the response
+      says nothing more.
+503   ``no_model``: no model is installed yet.
+====  ==========================================================================
+
+The endpoint has **no authentication and no TLS**. It listens on loopback by default,
+and :class:`HttpConfig` refuses any other address unless ``allow_remote=True`` (put a
+firewall or an authenticating proxy in front of it then).
+
+Each request runs in its own daemon thread (``ThreadingHTTPServer``), at most
+:data:`MAX_CONCURRENT_REQUESTS` at once (more get 503 at once); each connection
+serves one request (HTTP/1.0 semantics); a read that waits ``timeout_s`` is
+answered 408, and a connection is cut ``2 * timeout_s`` after it was accepted however
+slowly the client trickles bytes, so a slow or stalled client holds one thread for at
+most that long.
+Requests are logged at DEBUG through this module's logger, never to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, NoReturn, Self
+from urllib.parse import urlsplit
+
+from edge_agent.errors import (
+    ConfigError,
+    ModelRuntimeError,
+    NoModelError,
+    StateError,
+    TrainingError,
+    UnknownPredictionError,
+)
+from edge_agent.serving.server import ModelServer
+
+FeedbackHandler = Callable[[str, "int | list[int]"], int]
+"""Stores the label(s) of a prediction; returns how many examples were stored."""
+
+__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback", "parse_bind"]
+
+logger = logging.getLogger(__name__)
+
+#: Default largest request body (1 MiB).
+MAX_BODY_BYTES = 1024 * 1024
+MAX_CONCURRENT_REQUESTS = 16
+"""Requests served at once; each may parse up to ``max_body_bytes`` of JSON."""
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error": {"code": "busy", "message": "too many requests at once; retry"}}'
+)
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+
+_ROUTES = {
+    "/v1/predict": "POST",
+    "/v1/feedback": "POST",
+    "/v1/health": "GET",
+    "/v1/model": "GET",
+}
+_STATUS_CODES = {
+    400: "malformed",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    411: "length_required",
+    413: "too_large",
+    414: "too_large",
+    415: "unsupported_media_type",
+    431: "too_large",
+    500: "internal",
+    501: "not_implemented",
+    505: "unsupported_version",
+}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a literal loopback address (no DNS).
+
+    A host name other than ``localhost`` counts as not loopback, whatever it
+    resolves to: nothing is looked up.
+
+    Args:
+        host: A host name or an IP literal (an IPv6 address without brackets).
+
+    Returns:
+        True for ``localhost`` (any case, trailing dot allowed), ``127.0.0.0/8`` and
+        ``::1``; False otherwise.
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where and how the local endpoint listens.
+
+    Attributes:
+        host: Address to bind: an IP literal or a host name. Only ``localhost`` and
+            loopback IP literals count as local.
+        port: TCP port; ``0`` picks a free ephemeral port.
+        max_body_bytes: Largest request body accepted (checked from
+            ``Content-Length`` before reading).
+        allow_remote: Allow a non-loopback ``host``. The endpoint has no
+            authentication: anyone who can reach the port can use the model.
+        timeout_s: Longest wait for one read, in seconds (408 after it); a whole
+            connection is cut after twice that.
+
+    Raises:
+        ConfigError: a field is out of range, or ``host`` is not a loopback address
+            and ``allow_remote`` is false.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = MAX_BODY_BYTES
+    allow_remote: bool = False
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("http host must be a non-empty string")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ConfigError(f"http port must be an integer, got {self.port!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http port must be 0-65535, got {self.port}")
+        if (
+            isinstance(self.max_body_bytes, bool)
+            or not isinstance(self.max_body_bytes, int)
+            or self.max_body_bytes < 1
+        ):
+            raise ConfigError(
+                f"max_body_bytes must be a positive integer, got {self.max_body_bytes!r}"
+            )
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, int | float)
+            or not 0 < self.timeout_s < float("inf")
+        ):
+            raise ConfigError(f"timeout_s must be a positive number, got {self.timeout_s!r}")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to listen on {self.host!r}: the local inference endpoint has no "
+                "authentication, so it only binds to loopback (127.0.0.1, ::1, localhost) "
+                "unless allow_remote is set (then protect it with a firewall or a proxy)"
+            )
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """Parse a ``host:port`` bind address.
+
+    Accepted forms: ``127.0.0.1:8080``, ``localhost:8080``, ``[::1]:8080`` (IPv6
+    addresses in brackets). The port is 0-65535.
+
+    Args:
+        text: The address, e.g. from a command-line option.
+
+    Returns:
+        ``(host, port)``, with the brackets of an IPv6 address removed.
+
+    Raises:
+        ConfigError: the text is not ``host:port`` of that form.
+    """
+    shown = repr(text[:80])
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ConfigError(f"bind address {shown}: expected [IPv6]:PORT, e.g. [::1]:8080")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"bind address {shown}: {host[:64]!r} is not an IPv6 address"
+            ) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"bind address {shown}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+        if ":" in host:
+            raise ConfigError(
+                f"bind address {shown}: put IPv6 addresses in brackets, e.g. [::1]:8080"
+            )
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ConfigError(f"bind address {shown}: {host[:64]!r} is not a host name or IPv4")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        raise ConfigError(f"bind address {shown}: the port must be a number 0-65535")
+    return host, int(port_text)
+
+
+class _HttpError(Exception):
+    """An error response: status, stable code, message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Api:
+    """What the request handlers need."""
+
+    models: ModelServer
+    config: HttpConfig
+    extra_health: Callable[[], Mapping[str, Any]] | None
+    feedback: FeedbackHandler | None = None
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128  # the stdlib's 5 resets bursts of local clients
+
+    def __init__(self, address: tuple[str, int], api: _Api) -> None:
+        self.api = api
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Refuse (503) beyond :data:`MAX_CONCURRENT_REQUESTS` instead of a thread each."""
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY_RESPONSE)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, with a deadline on the whole request; free its slot."""
+        # Each read also times out after timeout_s (answered 408); this cut is for a
+        # client that keeps every read just under it.
+        deadline = threading.Timer(2 * self.api.config.timeout_s, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind() resolves the host's FQDN, which can hang for
+        # seconds on a device without DNS; the name is only used for CGI.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+def _cut(connection: socket.socket) -> None:
+    """Deadline passed: end a connection (a client trickling bytes cannot keep it)."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:32]} overflows a double")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        result[key] = value
+    return result
+
+
+_JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}
+
+
+def _check_numbers(value: Any, where: str) -> None:
+    """Raise 400 unless ``value`` is a number or nested lists of numbers (booleans ok).
+
+    Iterative, so deep nesting cannot exhaust the stack.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, int | float):  # bool is an int
+            found = _JSON_TYPES.get(type(item), type(item).__name__)
+            raise _HttpError(
+                400, "malformed", f"{where} must hold only numbers and lists, found {found}"
+            )
+
+
+def _is_json_media_type(value: str) -> bool:
+    """``application/json``, optionally with ``charset=utf-8`` (any case, quoted or not)."""
+    media_type, *params = (part.strip() for part in value.split(";"))
+    if media_type.lower() != "application/json":
+        return False
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def _parse_json(body: bytes) -> Any:
+    """A strict JSON document.
+
+    Raises:
+        _HttpError: 400, the body is not strict JSON.
+    """
+    try:
+        doc = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _HttpError(400, "malformed", f"the body is not valid JSON: {exc}") from exc
+    return doc
+
+
+def _parse_feedback(body: bytes) -> tuple[str, int | list[int]]:
+    """The ``prediction_id`` and ``label`` of a feedback request body.
+
+    Raises:
+        _HttpError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
+    """
+    doc = _parse_json(body)
+    if not isinstance(doc, dict) or set(doc) != {"prediction_id", "label"}:
+        raise _HttpError(
+            400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
+        )
+    prediction_id, label = doc["prediction_id"], doc["label"]
+    if not isinstance(prediction_id, str):
+        raise _HttpError(400, "malformed", '"prediction_id" must be a string')
+    labels = label if isinstance(label, list) else [label]
+    if not labels or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise _HttpError(400, "malformed", '"label" must be an integer or a list of integers')
+    return prediction_id, label
+
+
+def _parse_request(body: bytes) -> Any:
+    """The ``inputs`` of a predict request body.
+
+    Raises:
+        _HttpError: 400, the body is not strict JSON of the expected form.
+    """
+    doc = _parse_json(body)
+    if not isinstance(doc, dict):
+        raise _HttpError(400, "malformed", 'the body must be a JSON object {"inputs": ...}')
+    unknown = sorted(set(doc) - {"inputs"})
+    if unknown:
+        raise _HttpError(400, "malformed", f"unknown fields {unknown}; expected only 'inputs'")
+    if "inputs" not in doc:
+        raise _HttpError(400, "malformed", 'the body must have an "inputs" field')
+    inputs = doc["inputs"]
+    if isinstance(inputs, dict):
+        if not inputs:
+            raise _HttpError(400, "malformed", '"inputs" must name at least one input')
+        for name, value in inputs.items():
+            _check_numbers(value, f"input {name[:64]!r}")
+    else:
+        _check_numbers(inputs, '"inputs"')
+    return inputs
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes one request; every response is JSON."""
+
+    server: _HttpServer
+    server_version = "fedge-agent"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        self._responded = False
+        super().setup()
+        self.connection.settimeout(self.server.api.config.timeout_s)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        logger.debug("%s " + format, self.client_address[0], *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors detected by the standard library (bad request line, 501 ...) as JSON."""
+        del explain
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._send_error(code, _STATUS_CODES.get(code, "http_error"), message or phrase)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
+
+    # --- routing -----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        path = urlsplit(self.path).path
+        try:
+            allowed = _ROUTES.get(path)
+            if allowed is None:
+                raise _HttpError(404, "not_found", f"no endpoint {path[:100]!r}")
+            if self.command != allowed:
+                raise _HttpError(
+                    405, "method_not_allowed", f"{path} accepts {allowed}, not {self.command}"
+                )
+            if path == "/v1/predict":
+                self._predict()
+            elif path == "/v1/feedback":
+                self._feedback()
+            elif path == "/v1/health":
+                self._health()
+            else:
+                self._model()
+        except _HttpError as exc:
+            headers = {"Allow": _ROUTES[path]} if exc.status == 405 else {}
+            self._send_error(exc.status, exc.code, exc.message, headers)
+        except (ConnectionError, TimeoutError) as exc:  # the client left, or stopped reading
+            logger.debug("client %s went away: %s", self.client_address[0], exc)
+            self.close_connection = True
+        except Exception:
+            logger.exception("unexpected error serving %s %s", self.command, path[:100])
+            if not self._responded:
+                self._send_error(500, "internal", "internal error; see the agent's log")
+
+    def _predict(self) -> None:
+        inputs = _parse_request(self._read_body())
+        try:
+            prediction = self.server.api.models.predict(inputs)
+        except NoModelError as exc:
+            raise _HttpError(503, exc.code, str(exc)) from exc
+        except ModelRuntimeError as exc:
+            raise _HttpError(400, exc.code, str(exc)) from exc
+        self._send_json(200, prediction.to_json())
+
+    def _feedback(self) -> None:
+        handler = self.server.api.feedback
+        if handler is None:
+            raise _HttpError(404, "not_found", "labelled feedback is off on this agent")
+        prediction_id, label = _parse_feedback(self._read_body())
+        try:
+            stored = handler(prediction_id, label)
+        except UnknownPredictionError as exc:
+            raise _HttpError(404, exc.code, str(exc)) from exc
+        except TrainingError as exc:
+            raise _HttpError(400, exc.code, str(exc)) from exc
+        except StateError as exc:
+            raise _HttpError(503, exc.code, str(exc)) from exc
+        self._send_json(200, {"stored": stored})
+
+    def _health(self) -> None:
+        api = self.server.api
+        body = dict(api.extra_health()) if api.extra_health is not None else {}
+        body.update(api.models.health())
+        self._send_json(200 if body["status"] == "ok" else 503, body)
+
+    def _model(self) -> None:
+        model = self.server.api.models.active
+        if model is None:
+            raise _HttpError(404, NoModelError.code, "no model is installed yet")
+        self._send_json(200, model.info())
+
+    # --- request and response bodies ---------------------------------------------
+
+    def _read_body(self) -> bytes:
+        """The request body, after checking its declared length and type.
+
+        Raises:
+            _HttpError: 411, 400 (bad length), 413, 408 (timeout), 415.
+        """
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _HttpError(
+                411, "length_required", "chunked bodies are not accepted; send Content-Length"
+            )
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise _HttpError(411, "length_required", "a Content-Length header is required")
+        if len(lengths) > 1 or not _CONTENT_LENGTH_RE.fullmatch(lengths[0].strip()):
+            raise _HttpError(400, "malformed", "invalid Content-Length header")
+        length = int(lengths[0])
+        limit = self.server.api.config.max_body_bytes
+        if length > limit:
+            raise _HttpError(
+                413, "too_large", f"the body is {length} bytes, the limit is {limit} bytes"
+            )
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as exc:
+            raise _HttpError(408, "timeout", "timed out reading the request body") from exc
+        if len(body) != length:
+            raise _HttpError(400, "malformed", "the body is shorter than its Content-Length")
+        # Checked after reading (the body is within the limit): closing a connection
+        # with unread data resets it, and the client would never see this answer.
+        content_type = self.headers.get("Content-Type")
+        if content_type is not None and not _is_json_media_type(content_type):
+            raise _HttpError(
+                415,
+                "unsupported_media_type",
+                f"expected Content-Type application/json, got {content_type[:100]!r}",
+            )
+        return body
+
+    def _send_error(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self._send_json(status, {"error": {"code": code, "message": message}}, headers)
+
+    def _send_json(
+        self, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self._responded = True
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
+class LocalHttpServer:
+    """The local inference endpoint, served from a background thread.
+
+    Args:
+        server: The model server that answers predictions.
+        config: Where to listen, body limit, timeout.
+        extra_health: Called on each ``GET /v1/health``; its keys are merged into
+            the answer (``status`` and ``model`` excepted).
+        feedback: Stores the true label(s) of a prediction (``POST /v1/feedback``);
+            None answers that endpoint 404.
+    """
+
+    def __init__(
+        self,
+        server: ModelServer,
+        config: HttpConfig,
+        *,
+        extra_health: Callable[[], Mapping[str, Any]] | None = None,
+        feedback: FeedbackHandler | None = None,
+    ) -> None:
+        self._api = _Api(models=server, config=config, extra_health=extra_health, feedback=feedback)
+        self._lock = threading.Lock()
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` listened on (the real port when configured as 0).
+
+        Raises:
+            RuntimeError: the server is not running.
+        """
+        httpd = self._httpd
+        if httpd is None:
+            raise RuntimeError("the HTTP server is not running; call start() first")
+        host, port = httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Bind and serve requests from a daemon thread.
+
+        Raises:
+            ConfigError: the address cannot be bound (in use, not local, no
+                permission).
+            RuntimeError: the server is already running.
+        """
+        config = self._api.config
+        with self._lock:
+            if self._httpd is not None:
+                raise RuntimeError("the HTTP server is already running")
+            server_class = _HttpServer6 if ":" in config.host else _HttpServer
+            try:
+                httpd = server_class((config.host, config.port), self._api)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+                ) from exc
+            thread = threading.Thread(
+                target=httpd.serve_forever, name="fedge-http", kwargs={"poll_interval": 0.1}
+            )
+            thread.daemon = True
+            thread.start()
+            self._httpd, self._thread = httpd, thread
+        host, port = self.address
+        if config.allow_remote and not is_loopback(config.host):
+            logger.warning(
+                "local inference endpoint listening on %s:%d WITHOUT authentication", host, port
+            )
+        else:
+            logger.info("local inference endpoint listening on %s:%d", host, port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; does nothing if not running.
+
+        Requests already being handled finish in their own threads.
+        """
+        with self._lock:
+            httpd, thread = self._httpd, self._thread
+            self._httpd = self._thread = None
+        if httpd is None or thread is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+        logger.info("local inference endpoint stopped")
+
+    def __enter__(self) -> Self:
+        """Start serving.
+
+        Raises:
+            ConfigError: see :meth:`start`.
+        """
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop serving."""
+        self.stop()

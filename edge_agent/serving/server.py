@@ -1,0 +1,330 @@
+"""The model that answers predictions on this device, swapped atomically on install.
+
+The agent installs a verified, health-checked model and hands it to one
+:class:`ModelServer`; the local HTTP endpoint (:mod:`edge_agent.serving.http_api`) and any
+in-process caller ask that server for predictions::
+
+    server = ModelServer(observer=telemetry)           # no model yet: NoModelError
+    old = server.activate(LoadedModel(name="digits", version=3, ..., runtime=rt))
+    prediction = server.predict([[0.1, 0.2, ...]])     # or {"input": [[...]]}
+    prediction.labels, prediction.to_json()
+    server.health()                                    # {"status": "ok", "model": {...}}
+
+Swapping is atomic: :meth:`ModelServer.activate` replaces the active model under a
+lock and returns the previous one. A prediction takes a reference to the active model
+under the same lock and runs outside it, so predictions never wait for each other, and
+a prediction that started on the old model finishes on it even if a new one is
+activated meanwhile (runtimes are safe to share between threads).
+
+Inputs are converted to each model input's dtype with ``np.asarray(x, dtype=...)``,
+as :func:`edge_agent.runtime.base.predict_single` does, except that a value that
+overflows the dtype (``1e39`` for float32, ``300`` for uint8) is refused rather than
+turned into ``inf`` or wrapped. For convenience, a 1-D input given to a model input
+that is 2-D ``(batch, features)`` is treated as a single row (shape ``(1, n)``).
+
+Every call, successful or not (including calls made while no model is active), is
+reported to the optional :class:`PredictionObserver` with its latency, which is how
+the agent's telemetry counts requests, errors and latencies. An observer that raises
+is logged and otherwise ignored: telemetry never fails a prediction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.errors import ModelRuntimeError, NoModelError
+from edge_agent.runtime.base import ModelRuntime, TensorInfo, convert_input
+
+__all__ = ["LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
+
+logger = logging.getLogger(__name__)
+
+# Prediction ids: a random per-process prefix and a counter (unique, and cheaper than
+# a uuid4 on every prediction).
+_ID_PREFIX = uuid.uuid4().hex[:20]
+_ID_COUNTER = itertools.count()
+
+
+def _tensor_json(info: TensorInfo) -> dict[str, Any]:
+    return {"name": info.name, "dtype": info.dtype, "shape": list(info.shape)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model installed on this device and ready to serve.
+
+    Attributes:
+        name: The model name from its manifest.
+        version: The manifest version.
+        sha256: The payload's sha256 (hex), as pinned by the manifest.
+        format: The model file format (``"onnx"``, ``"tflite"``).
+        slot: The install slot the model file lives in (e.g. ``"a"`` or ``"b"``).
+        runtime: The loaded model.
+        installed_at: When the model was installed (unix seconds).
+    """
+
+    name: str
+    version: int
+    sha256: str
+    format: str
+    slot: str
+    runtime: ModelRuntime
+    installed_at: float
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description: identity, slot, install time, inputs and outputs.
+
+        Returns:
+            ``name``, ``version``, ``sha256``, ``format``, ``slot``, ``installed_at``,
+            and ``inputs`` / ``outputs`` as lists of ``{"name", "dtype", "shape"}``
+            (``None`` in a shape for a dynamic dimension).
+        """
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "format": self.format,
+            "slot": self.slot,
+            "installed_at": self.installed_at,
+            "inputs": [_tensor_json(t) for t in self.runtime.inputs],
+            "outputs": [_tensor_json(t) for t in self.runtime.outputs],
+        }
+
+
+def _json_values(array: np.ndarray) -> Any:
+    """``array.tolist()``, with non-finite floats as ``None`` (strict JSON has no NaN)."""
+    if array.dtype.kind in "fc":
+        finite = np.isfinite(array)
+        if not finite.all():
+            values = array.astype(object)
+            values[~finite] = None
+            return values.tolist()
+    return array.tolist()
+
+
+# eq=False: the outputs are numpy arrays, which do not compare to a single bool.
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """The answer to one :meth:`ModelServer.predict` call.
+
+    Attributes:
+        id: A unique identifier (32 hex digits: a random per-process prefix and a
+            counter) for logs, correlation and, later, labelled feedback.
+        model: The name of the model that answered.
+        version: Its version.
+        outputs: Every model output, by name.
+        labels: The arg-max over the last axis of the model's first output when that
+            output is 2-D (one class index per row of a classifier), else ``None``.
+        latency_ms: Wall time of the call, conversion of the inputs included.
+    """
+
+    id: str
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    labels: tuple[int, ...] | None
+    latency_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form: outputs as nested lists (non-finite floats as ``None``)."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "outputs": {name: _json_values(value) for name, value in self.outputs.items()},
+            "labels": None if self.labels is None else list(self.labels),
+            "latency_ms": self.latency_ms,
+        }
+
+
+class PredictionObserver(Protocol):
+    """Receives one report per prediction call (the agent's telemetry implements it)."""
+
+    def record(self, latency_s: float, *, ok: bool) -> None:
+        """Record one call.
+
+        Args:
+            latency_s: The call's duration in seconds.
+            ok: Whether it returned a prediction.
+        """
+        ...
+
+
+def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
+    """``value`` as an array of ``info``'s dtype (1-D -> one row for a 2-D input).
+
+    Raises:
+        ModelRuntimeError: the value cannot be converted, or overflows the dtype.
+    """
+    array = convert_input(value, info)
+    if array.ndim == 1 and len(info.shape) == 2:
+        array = array[np.newaxis, :]
+    return array
+
+
+def _feeds(
+    inputs: list[TensorInfo], given: npt.ArrayLike | Mapping[str, npt.ArrayLike]
+) -> dict[str, np.ndarray]:
+    """Build the feeds of a model from an array-like or a mapping of them.
+
+    Raises:
+        ModelRuntimeError: an array-like for a model with several inputs, input names
+            that do not match the model's, or values that cannot be converted.
+    """
+    if isinstance(given, Mapping):
+        expected = {info.name for info in inputs}
+        names = {str(name) for name in given}
+        if names != expected or len(given) != len(expected):
+            raise ModelRuntimeError(
+                f"inputs do not match the model: missing {sorted(expected - names)}, "
+                f"unknown {sorted(names - expected)}; expected {sorted(expected)}"
+            )
+        return {info.name: _convert(given[info.name], info) for info in inputs}
+    if len(inputs) != 1:
+        raise ModelRuntimeError(
+            f"the model has {len(inputs)} inputs "
+            f"{sorted(info.name for info in inputs)}; pass them by name"
+        )
+    return {inputs[0].name: _convert(given, inputs[0])}
+
+
+class ModelServer:
+    """Thread-safe holder of the active model; answers predictions with it.
+
+    Args:
+        observer: Told about every :meth:`predict` call (latency, success).
+        perf_clock: Monotonic clock in seconds used to time predictions.
+        on_prediction: Called with each successful prediction and its inputs (the
+            agent remembers them so labelled feedback can refer to them).
+    """
+
+    def __init__(
+        self,
+        *,
+        observer: PredictionObserver | None = None,
+        perf_clock: Callable[[], float] = time.perf_counter,
+        on_prediction: Callable[[Prediction, Any], None] | None = None,
+    ) -> None:
+        self._observer = observer
+        self._on_prediction = on_prediction
+        self._perf_clock = perf_clock
+        self._lock = threading.Lock()
+        self._active: LoadedModel | None = None
+
+    @property
+    def active(self) -> LoadedModel | None:
+        """The model that answers predictions now, if any."""
+        with self._lock:
+            return self._active
+
+    def activate(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` the active model, atomically.
+
+        Predictions already running on the previous model finish on it.
+
+        Args:
+            model: The newly installed model.
+
+        Returns:
+            The previously active model, or ``None``.
+        """
+        with self._lock:
+            previous, self._active = self._active, model
+        logger.info(
+            "serving %s v%d (slot %s)%s",
+            model.name,
+            model.version,
+            model.slot,
+            "" if previous is None else f", replacing v{previous.version}",
+        )
+        return previous
+
+    def predict(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Prediction:
+        """Run the active model on ``inputs``.
+
+        Args:
+            inputs: For a single-input model, an array-like (nested lists, numpy
+                array). For any model, a mapping from input name to array-like,
+                with exactly the model's input names. Values are converted to each
+                input's dtype; a 1-D value for a 2-D ``(batch, features)`` input is
+                taken as one row.
+
+        Returns:
+            The outputs, labels (for 2-D first outputs) and latency.
+
+        Raises:
+            NoModelError: no model is active.
+            ModelRuntimeError: the inputs do not fit the model (names, dtype
+                conversion, shape), or the runtime failed.
+        """
+        start = self._perf_clock()
+        try:
+            prediction = self._run(inputs, start)
+        except BaseException:
+            self._report(self._perf_clock() - start, ok=False)
+            raise
+        self._report(prediction.latency_ms / 1000.0, ok=True)
+        if self._on_prediction is not None:
+            try:
+                self._on_prediction(prediction, inputs)
+            except Exception:
+                logger.exception("prediction hook failed; the prediction is unaffected")
+        return prediction
+
+    def health(self) -> dict[str, Any]:
+        """The serving state, JSON-able.
+
+        Returns:
+            ``{"status": "ok", "model": LoadedModel.info()}`` when a model is
+            active, else ``{"status": "no_model", "model": None}``.
+        """
+        model = self.active
+        if model is None:
+            return {"status": "no_model", "model": None}
+        return {"status": "ok", "model": model.info()}
+
+    def _run(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike], start: float) -> Prediction:
+        """:meth:`predict` without the report to the observer.
+
+        Raises:
+            NoModelError: no model is active.
+            ModelRuntimeError: bad inputs, or the runtime failed.
+        """
+        with self._lock:
+            model = self._active  # a reference: a concurrent activate() cannot change it
+        if model is None:
+            raise NoModelError("no model is installed yet")
+        runtime = model.runtime
+        outputs = runtime.run(_feeds(runtime.inputs, inputs))
+        first = outputs.get(runtime.outputs[0].name) if runtime.outputs else None
+        labels = (
+            tuple(int(i) for i in first.argmax(axis=-1))
+            if first is not None and first.ndim == 2 and first.shape[-1] > 0
+            else None
+        )
+        return Prediction(
+            id=f"{_ID_PREFIX}{next(_ID_COUNTER):012x}",
+            model=model.name,
+            version=model.version,
+            outputs=outputs,
+            labels=labels,
+            latency_ms=(self._perf_clock() - start) * 1000.0,
+        )
+
+    def _report(self, latency_s: float, *, ok: bool) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer.record(latency_s, ok=ok)
+        except Exception:
+            logger.exception("prediction observer failed; the prediction is unaffected")
