@@ -94,7 +94,6 @@ MANIFEST_KIND = DocumentKind(
     framing_error=NotAnArtifactError,
 )
 SIGNATURE_CONTEXT = MANIFEST_KIND.context
-BLOB_MAGIC = MANIFEST_KIND.magic
 MAX_BLOB_BYTES = MANIFEST_KIND.max_blob_bytes
 
 
