@@ -2,10 +2,11 @@
 
 Commands:
 
-* ``fedge-agent init [PATH] [--force]`` writes a commented example configuration
-  (:data:`edge_agent.config.agent.EXAMPLE_CONFIG`) to ``PATH`` (default ``agent.toml``,
-  mode 0600 since a password may go in it), refusing to overwrite an existing file
-  without ``--force`` (exit status 1), and says what to edit next.
+* ``fedge-agent init [PATH] [--force]`` writes the commented example configuration
+  (:func:`edge_agent.config.agent.example_config`, generated from the schema) to
+  ``PATH`` (default ``agent.toml``, mode 0600 since a password may go in it),
+  refusing to overwrite an existing file without ``--force`` (exit status 1), and
+  says what to edit next.
 * ``fedge-agent run [--config FILE] [flags]`` runs the agent until SIGTERM or SIGINT.
   The configuration comes from the TOML file (``--config``; without it
   ``./agent.toml`` when it exists) and the flags, a flag beating the file and the
@@ -51,7 +52,8 @@ from compress.signing import TrustedKeys
 from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.agent import run_agent
-from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.config.agent import AgentConfig, build_config, example_config, load_config_file
+from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
@@ -74,24 +76,9 @@ PASSWORD_ENV = "FEDGE_AGENT_PASSWORD"  # noqa: S105 (a variable name, not a secr
 
 _VERBOSITY = (logging.WARNING, logging.INFO, logging.DEBUG)
 
-# Config key -> the flag that overrides it (also how messages name the value's source).
-_FLAGS = {
-    "device_id": "--device-id",
-    "broker.url": "--broker",
-    "broker.username": "--username",
-    "broker.password_file": "--password-file",
-    "broker.ca_file": "--ca-file",
-    "broker.cert_file": "--cert-file",
-    "broker.key_file": "--key-file",
-    "trust.keys": "--trust",
-    "trust.threshold": "--threshold",
-    "data_dir": "--data-dir",
-    "http": "--http",
-    "tags": "--tag",
-    "runtime": "--runtime",
-    "telemetry.interval_s": "--telemetry-interval",
-    "training.data": "--train-data",
-}
+# Config key -> the flag that overrides it (also how messages name the value's source);
+# declared with each key in the schema.
+_FLAGS = AGENT_SCHEMA.flags()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +211,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     path: Path = args.path
     try:
-        atomic_write(path, EXAMPLE_CONFIG.encode(), mode=0o600, overwrite=args.force)
+        atomic_write(path, example_config().encode(), mode=0o600, overwrite=args.force)
     except FileExistsError:
         print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
         return EXIT_FAILURE
