@@ -1,12 +1,14 @@
 """Typed configuration of ``fedge-agent run``, and how it is read from TOML and flags.
 
 The agent's configuration is a tree of frozen dataclasses (:class:`AgentConfig` with a
-:class:`BrokerConfig`, :class:`TrustConfig`, :class:`TelemetryConfig` and
-:class:`TransferConfig`). Each validates itself when constructed and raises
-:class:`~edge_agent.errors.ConfigError` with a one-line message naming the key, so an
-``AgentConfig`` that exists is a usable one. The agent's components receive these
-values in their constructors; only entry points read files and the environment
-(DESIGN.md, "Config as typed values passed to constructors").
+:class:`BrokerConfig` and the small tables' :class:`TrustConfig`,
+:class:`TelemetryConfig`, :class:`TransferConfig` and :class:`TrainingConfig`, which
+live in :mod:`edge_agent.config.sections` and are importable from here). Each
+validates itself when constructed and raises :class:`~edge_agent.errors.ConfigError`
+with a one-line message naming the key, so an ``AgentConfig`` that exists is a
+usable one. The agent's components receive these values in their constructors; only
+entry points read files and the environment (DESIGN.md, "Config as typed values
+passed to constructors").
 
 Workflow (what ``fedge-agent run`` does, see :mod:`edge_agent.cli`):
 
