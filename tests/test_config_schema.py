@@ -295,3 +295,19 @@ def test_main_writes_and_checks_example_files(
     assert schema_module.main(["--write", reference]) == 0
     assert target.read_text() == SMALL.render_example()
     assert schema_module.main(["--check", reference]) == 0
+
+
+def test_a_key_s_summary_is_its_first_sentence_and_default() -> None:
+    key = Key("id", "Its name: A-Z _ . - (no dots at 1.5). More text. Even more.", default=3)
+    assert key.summary() == "Its name: A-Z _ . - (no dots at 1.5). Default: 3."
+    assert Key("x", "Needed.", required=True).summary() == "Needed. Required."
+
+
+def test_the_agent_run_flags_take_the_schema_s_types() -> None:
+    args = build_parser().parse_args(
+        ["run", "--threshold", "2", "--telemetry-interval", "2.5", "--trust", "a.pub",
+         "--trust", "b.pub", "--tag", "x", "--data-dir", "d"]
+    )  # fmt: skip
+    assert (args.threshold, args.telemetry_interval) == (2, 2.5)
+    assert args.trust == [Path("a.pub"), Path("b.pub")]
+    assert (args.tag, args.data_dir, args.device_id) == (["x"], Path("d"), None)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import re
 import textwrap
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -73,6 +74,8 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 WIDTH = 88
 """Longest line of a rendered example file."""
+
+_SENTENCE_END = re.compile(r"(?<=\S)\.(?:\s|$)")
 
 Reader = Literal["value", "path", "paths", "array"]
 """How a key's value is read from a source before the config dataclasses check it:
@@ -112,6 +115,11 @@ class Key:
     read: Reader = "value"
     flag: str | None = None
     metavar: str = ""
+
+    def summary(self) -> str:
+        """The help's first sentence and the default: the flag's ``--help`` line."""
+        first = _SENTENCE_END.split(self.help.strip(), maxsplit=1)[0]
+        return f"{first}.{_default_sentence(self)}"
 
 
 @dataclass(frozen=True, slots=True)
