@@ -42,7 +42,6 @@ first names no schema and means ``edge_agent.config.agent_schema:AGENT_SCHEMA``.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import re
@@ -50,7 +49,6 @@ import textwrap
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,10 +297,14 @@ class Schema:
 
     def example_text(self) -> str:
         """The example file as shipped in :attr:`example_package` (what ``init`` writes)."""
+        from importlib import resources  # noqa: PLC0415 - only init reads it; agent RSS
+
         return (resources.files(self.example_package) / self.example_name).read_text("utf-8")
 
     def example_path(self) -> Path:
         """Where the shipped example file is in the source tree (for ``--write``)."""
+        from importlib import resources  # noqa: PLC0415 - as above
+
         return Path(str(resources.files(self.example_package) / self.example_name))
 
 
@@ -485,6 +487,8 @@ def _stale(schemas: Sequence[Schema]) -> Iterator[tuple[Schema, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m edge_agent.config.schema --write|--check [MODULE:NAME ...]``."""
+    import argparse  # noqa: PLC0415 - the tool's, kept off the agent's start-up
+
     parser = argparse.ArgumentParser(
         prog="python -m edge_agent.config.schema",
         description="Regenerate (--write) or check (--check) the example config files.",
