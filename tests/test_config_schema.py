@@ -311,3 +311,15 @@ def test_the_agent_run_flags_take_the_schema_s_types() -> None:
     assert (args.threshold, args.telemetry_interval) == (2, 2.5)
     assert args.trust == [Path("a.pub"), Path("b.pub")]
     assert (args.tag, args.data_dir, args.device_id) == (["x"], Path("d"), None)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        (Key("a", "A."), Key("a", "Again.")),
+        (Key("a", "A.", flag="--x"), Key("b", "B.", flag="--x")),
+    ],
+)
+def test_a_schema_declares_each_key_and_flag_once(keys: tuple[Key, ...]) -> None:
+    with pytest.raises(ValueError, match="each key, and each flag, once"):
+        Schema("T.", (Section("", keys),), example_package="x", example_name="x.toml")

@@ -147,6 +147,11 @@ class Schema:
         replace_together: Groups of dotted keys an override replaces as a whole: a
             flag giving any key of a group drops the file's values of all of them
             (a password source, a choice of broker).
+        keys: Every key by its dotted name (``broker.url``), in the file's order;
+            derived from ``sections``.
+
+    Raises:
+        ValueError: a key or a flag declared twice.
     """
 
     title: str
@@ -158,6 +163,9 @@ class Schema:
 
     def __post_init__(self) -> None:
         keys = {_dotted(s.name, k.name): k for s in self.sections for k in s.keys}
+        flags = [k.flag for k in keys.values() if k.flag]
+        if len(keys) != sum(len(s.keys) for s in self.sections) or len(set(flags)) != len(flags):
+            raise ValueError("a schema declares each key, and each flag, once")
         object.__setattr__(self, "keys", keys)
 
     # ------------------------------------------------------------------ derived facts
