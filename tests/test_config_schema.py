@@ -119,7 +119,7 @@ def test_the_examples_uncommented_load_too(tmp_path: Path) -> None:
     assert agent.broker.key_file == Path("/etc/fedge-agent/client.key")
     assert agent.broker.password == "change-me"
     text = uncommented(example_service_config()).replace("embedded = true\n", "")
-    text = text.replace('password_file = "/etc/fedge/broker.password"', "")
+    text = text.replace('password_file = "/etc/fedge/password"', "")
     service = build_service_config(tomllib.loads(text), {}, base_dir=tmp_path)
     assert service.broker is not None
     assert service.broker.url == "mqtts://broker.example.net:8883"

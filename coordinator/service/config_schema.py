@@ -14,6 +14,9 @@ The generated example, ``coordinator/service/coordinator.example.toml``, is what
 
 from __future__ import annotations
 
+import dataclasses
+
+from edge_agent.config.agent_schema import BROKER_URL, broker_login_keys
 from edge_agent.config.schema import Key, Schema, Section
 from edge_agent.protocol import COORDINATOR_SENDER
 
@@ -108,16 +111,7 @@ _BROKER = Section(
             flag="--embedded-broker-port",
             metavar="PORT",
         ),
-        Key(
-            "url",
-            "The broker's URL: mqtts://HOST[:PORT] (TLS, port 8883 by default) or "
-            "mqtt://HOST[:PORT] (plain, port 1883 by default).",
-            default_doc="",
-            example="mqtts://broker.example.net:8883",
-            commented=True,
-            flag="--broker",
-            metavar="URL",
-        ),
+        dataclasses.replace(BROKER_URL, default_doc="", commented=True),
         Key(
             "username",
             "MQTT username: the broker ACL's coordinator account.",
@@ -126,44 +120,7 @@ _BROKER = Section(
             flag="--username",
             metavar="NAME",
         ),
-        Key(
-            "password_file",
-            "File holding the MQTT password (surrounding whitespace is stripped).",
-            default_doc=f"the {PASSWORD_ENV} environment variable, else no password",
-            example="/etc/fedge/broker.password",
-            commented=True,
-            read="path",
-            flag="--password-file",
-            metavar="FILE",
-        ),
-        Key(
-            "ca_file",
-            "CA bundle that verifies the broker's certificate (mqtts:// only).",
-            default_doc="the system's CAs",
-            example="/etc/fedge/ca.pem",
-            commented=True,
-            read="path",
-            flag="--ca-file",
-            metavar="FILE",
-        ),
-        Key(
-            "cert_file",
-            "Client certificate, for brokers that require mutual TLS; it may hold its key too.",
-            example="/etc/fedge/coordinator.pem",
-            commented=True,
-            read="path",
-            flag="--cert-file",
-            metavar="FILE",
-        ),
-        Key(
-            "key_file",
-            "The client certificate's private key, when cert_file does not hold it.",
-            example="/etc/fedge/coordinator.key",
-            commented=True,
-            read="path",
-            flag="--key-file",
-            metavar="FILE",
-        ),
+        *broker_login_keys("/etc/fedge", "coordinator", PASSWORD_ENV),
         Key(
             "session",
             "The name of the service's MQTT session. It is persistent: what devices send "

@@ -13,9 +13,11 @@ The generated example, ``edge_agent/config/agent.example.toml``, is what
 
 from __future__ import annotations
 
+import dataclasses
+
 from edge_agent.config.schema import Key, Schema, Section
 
-__all__ = ["AGENT_SCHEMA"]
+__all__ = ["AGENT_SCHEMA", "BROKER_URL", "broker_login_keys"]
 
 _TOP = Section(
     "",
@@ -77,18 +79,74 @@ _TOP = Section(
     ),
 )
 
+BROKER_URL = Key(
+    "url",
+    "The MQTT broker: mqtts://HOST[:PORT] (TLS, port 8883 by default) or "
+    "mqtt://HOST[:PORT] (plain, port 1883 by default).",
+    example="mqtts://broker.example.net:8883",
+    flag="--broker",
+    metavar="URL",
+)
+"""``broker.url``, as the agent's and the service's schemas both declare it (the
+service's is optional: it may run an embedded broker instead)."""
+
+
+def broker_login_keys(etc: str, client: str, password_env: str) -> tuple[Key, ...]:
+    """``password_file``, ``ca_file``, ``cert_file``, ``key_file`` of a ``[broker]`` table.
+
+    The agent's and the service's schemas both log in to the broker with these.
+
+    Args:
+        etc: The directory of the example paths (``/etc/fedge-agent``).
+        client: The client certificate's example name, without extension.
+        password_env: The environment variable the password falls back to.
+    """
+    return (
+        Key(
+            "password_file",
+            "File holding the MQTT password (surrounding whitespace is stripped).",
+            default_doc=f"the {password_env} environment variable, else no password",
+            example=f"{etc}/password",
+            commented=True,
+            read="path",
+            flag="--password-file",
+            metavar="FILE",
+        ),
+        Key(
+            "ca_file",
+            "CA bundle that verifies the broker's certificate (mqtts:// only).",
+            default_doc="the system's CAs",
+            example=f"{etc}/ca.pem",
+            commented=True,
+            read="path",
+            flag="--ca-file",
+            metavar="FILE",
+        ),
+        Key(
+            "cert_file",
+            "Client certificate, for brokers that require mutual TLS; it may hold its key too.",
+            example=f"{etc}/{client}.pem",
+            commented=True,
+            read="path",
+            flag="--cert-file",
+            metavar="FILE",
+        ),
+        Key(
+            "key_file",
+            "The client certificate's private key, when cert_file does not hold it.",
+            example=f"{etc}/{client}.key",
+            commented=True,
+            read="path",
+            flag="--key-file",
+            metavar="FILE",
+        ),
+    )
+
+
 _BROKER = Section(
     "broker",
     (
-        Key(
-            "url",
-            "The MQTT broker: mqtts://HOST[:PORT] (TLS, port 8883 by default) or "
-            "mqtt://HOST[:PORT] (plain, port 1883 by default).",
-            example="mqtts://broker.example.net:8883",
-            required=True,
-            flag="--broker",
-            metavar="URL",
-        ),
+        dataclasses.replace(BROKER_URL, required=True),
         Key(
             "username",
             "MQTT username.",
@@ -106,44 +164,7 @@ _BROKER = Section(
             example="change-me",
             commented=True,
         ),
-        Key(
-            "password_file",
-            "File holding the MQTT password (surrounding whitespace is stripped).",
-            default_doc="the FEDGE_AGENT_PASSWORD environment variable, else no password",
-            example="/etc/fedge-agent/password",
-            commented=True,
-            read="path",
-            flag="--password-file",
-            metavar="FILE",
-        ),
-        Key(
-            "ca_file",
-            "CA bundle that verifies the broker's certificate (mqtts:// only).",
-            default_doc="the system's CAs",
-            example="/etc/fedge-agent/ca.pem",
-            commented=True,
-            read="path",
-            flag="--ca-file",
-            metavar="FILE",
-        ),
-        Key(
-            "cert_file",
-            "Client certificate, for brokers that require mutual TLS; it may hold its key too.",
-            example="/etc/fedge-agent/client.pem",
-            commented=True,
-            read="path",
-            flag="--cert-file",
-            metavar="FILE",
-        ),
-        Key(
-            "key_file",
-            "The client certificate's private key, when cert_file does not hold it.",
-            example="/etc/fedge-agent/client.key",
-            commented=True,
-            read="path",
-            flag="--key-file",
-            metavar="FILE",
-        ),
+        *broker_login_keys("/etc/fedge-agent", "client", "FEDGE_AGENT_PASSWORD"),
         Key("keepalive_s", "MQTT keepalive in seconds (1-65535).", default=30),
         Key(
             "reconnect_min_s",
