@@ -2,14 +2,17 @@
 
 Commands:
 
-* ``fedge-agent init [PATH] [--force]`` writes a commented example configuration
-  (:data:`edge_agent.config.agent.EXAMPLE_CONFIG`) to ``PATH`` (default ``agent.toml``,
-  mode 0600 since a password may go in it), refusing to overwrite an existing file
-  without ``--force`` (exit status 1), and says what to edit next.
+* ``fedge-agent init [PATH] [--force]`` writes the commented example configuration
+  (:func:`edge_agent.config.agent.example_config`, generated from the schema) to
+  ``PATH`` (default ``agent.toml``, mode 0600 since a password may go in it),
+  refusing to overwrite an existing file without ``--force`` (exit status 1), and
+  says what to edit next.
 * ``fedge-agent run [--config FILE] [flags]`` runs the agent until SIGTERM or SIGINT.
   The configuration comes from the TOML file (``--config``; without it
   ``./agent.toml`` when it exists) and the flags, a flag beating the file and the
   file beating the default (:func:`edge_agent.config.agent.build_config` has the rules).
+  Each flag that overrides a config key is declared from that key's entry in
+  :data:`~edge_agent.config.agent_schema.AGENT_SCHEMA` (name, metavar, type, help).
   The broker password comes from ``--password-file``, else the file's
   ``password``/``password_file``, else the ``FEDGE_AGENT_PASSWORD`` environment
   variable. Before starting, the trusted keys, the TLS files and the preferred
@@ -51,7 +54,9 @@ from compress.signing import TrustedKeys
 from compress.trust import DeviceProfile
 from edge_agent import __version__
 from edge_agent.agent import run_agent
-from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.config.agent import AgentConfig, build_config, example_config, load_config_file
+from edge_agent.config.agent_schema import AGENT_SCHEMA
+from edge_agent.config.schema import Key
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
@@ -74,24 +79,9 @@ PASSWORD_ENV = "FEDGE_AGENT_PASSWORD"  # noqa: S105 (a variable name, not a secr
 
 _VERBOSITY = (logging.WARNING, logging.INFO, logging.DEBUG)
 
-# Config key -> the flag that overrides it (also how messages name the value's source).
-_FLAGS = {
-    "device_id": "--device-id",
-    "broker.url": "--broker",
-    "broker.username": "--username",
-    "broker.password_file": "--password-file",
-    "broker.ca_file": "--ca-file",
-    "broker.cert_file": "--cert-file",
-    "broker.key_file": "--key-file",
-    "trust.keys": "--trust",
-    "trust.threshold": "--threshold",
-    "data_dir": "--data-dir",
-    "http": "--http",
-    "tags": "--tag",
-    "runtime": "--runtime",
-    "telemetry.interval_s": "--telemetry-interval",
-    "training.data": "--train-data",
-}
+# Config key -> the flag that overrides it (also how messages name the value's source);
+# declared with each key in the schema.
+_FLAGS = AGENT_SCHEMA.flags()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,32 +155,29 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--config", type=Path, default=None, metavar="FILE",
         help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)",
     )  # fmt: skip
-    run.add_argument("--device-id", metavar="ID", help="this device's id (also MQTT username)")
-    run.add_argument("--broker", metavar="URL", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    run.add_argument("--username", metavar="U", help="MQTT username (default: the device id)")
-    run.add_argument("--password-file", type=Path, metavar="F", help="file with the password")
-    run.add_argument("--ca-file", type=Path, metavar="F", help="CA bundle for the broker")
-    run.add_argument("--cert-file", type=Path, metavar="F", help="client certificate (mTLS)")
-    run.add_argument("--key-file", type=Path, metavar="F", help="client certificate's key")
+    for key in AGENT_SCHEMA.keys.values():
+        if key.flag is not None:
+            _add_config_flag(run, key.flag, key)
+
+
+def _add_config_flag(run: argparse.ArgumentParser, flag: str, key: Key) -> None:
+    """The flag of one config key, declared from its schema entry (help, metavar, type)."""
+    repeatable = key.read in ("paths", "array")
+    if key.read in ("path", "paths"):
+        kind: type = Path
+    elif isinstance(key.default, int | float) and not isinstance(key.default, bool):
+        kind = type(key.default)
+    else:
+        kind = str
+    note = " Repeatable; replaces the file's list." if repeatable else ""
     run.add_argument(
-        "--trust", type=Path, action="append", default=None, metavar="KEY.pub",
-        help="trusted public key file (repeatable; replaces the file's keys)",
-    )  # fmt: skip
-    run.add_argument("--threshold", type=int, metavar="K", help="signatures required, k of n")
-    run.add_argument("--data-dir", type=Path, metavar="DIR", help="the agent's state directory")
-    run.add_argument("--http", metavar="HOST:PORT", help="serve local inference on HOST:PORT")
-    run.add_argument(
-        "--tag", action="append", default=None, metavar="T",
-        help="hardware tag (repeatable; replaces the file's tags)",
-    )  # fmt: skip
-    run.add_argument("--runtime", metavar="NAME", help="preferred runtime: onnxruntime or tflite")
-    run.add_argument(
-        "--telemetry-interval", type=float, metavar="S", help="seconds between telemetry reports"
+        flag,
+        type=kind,
+        action="append" if repeatable else "store",
+        default=None,
+        metavar=key.metavar,
+        help=f"{key.summary()}{note}".replace("%", "%%"),
     )
-    run.add_argument(
-        "--train-data", type=Path, metavar="DIR",
-        help="directory of .npz (x, y) / .csv files to train on in federated rounds",
-    )  # fmt: skip
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -224,7 +211,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     path: Path = args.path
     try:
-        atomic_write(path, EXAMPLE_CONFIG.encode(), mode=0o600, overwrite=args.force)
+        atomic_write(path, example_config().encode(), mode=0o600, overwrite=args.force)
     except FileExistsError:
         print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
         return EXIT_FAILURE

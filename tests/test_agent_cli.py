@@ -16,7 +16,7 @@ import pytest
 from compress.keys import generate_signing_key, save_keypair
 from edge_agent import cli
 from edge_agent.cli import build_parser, config_from_args, main
-from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, load_config_file
+from edge_agent.config.agent import AgentConfig, build_config, example_config, load_config_file
 from edge_agent.errors import ConfigError
 
 
@@ -93,7 +93,7 @@ def test_init_writes_an_example_that_loads(
     monkeypatch.chdir(tmp_path)
     assert main(["init"]) == 0
     path = tmp_path / "agent.toml"
-    assert path.read_text() == EXAMPLE_CONFIG
+    assert path.read_text() == example_config()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     out = capsys.readouterr().out
     assert "wrote agent.toml" in out
@@ -112,7 +112,7 @@ def test_init_refuses_to_overwrite_without_force(
     assert "already exists; pass --force" in error_line(capsys)
     assert path.read_text() == "# my settings\n"
     assert main(["init", str(path), "--force"]) == 0
-    assert path.read_text() == EXAMPLE_CONFIG
+    assert path.read_text() == example_config()
 
 
 def test_init_reports_an_unwritable_path(
@@ -211,7 +211,7 @@ def test_default_config_file_is_used_only_when_present(
     )
     config = config_from_args(flags_only, {})
     assert (config.device_id, config.data_dir) == ("pi-9", tmp_path / "d")
-    with pytest.raises(ConfigError, match=r"^missing device_id: .* or pass --device-id$"):
+    with pytest.raises(ConfigError, match=r"^missing device_id: pass --device-id ID or set "):
         config_from_args(args_of(), {})
 
 

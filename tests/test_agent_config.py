@@ -14,7 +14,6 @@ import pytest
 
 from compress.keys import generate_signing_key, save_keypair
 from edge_agent.config.agent import (
-    EXAMPLE_CONFIG,
     MAX_CONFIG_BYTES,
     AgentConfig,
     BrokerConfig,
@@ -22,9 +21,11 @@ from edge_agent.config.agent import (
     TransferConfig,
     TrustConfig,
     build_config,
+    example_config,
     load_config_file,
     parse_broker_url,
 )
+from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.errors import ConfigError
 
 
@@ -367,12 +368,12 @@ def test_load_config_file_refuses_a_pipe(tmp_path: Path) -> None:
         load_config_file(tmp_path / "pipe")
 
 
-# --------------------------------------------------------------------------- EXAMPLE_CONFIG
+# --------------------------------------------------------------------------- the example
 
 
 def test_example_config_loads_and_validates(tmp_path: Path, key: Path) -> None:
-    text = EXAMPLE_CONFIG.replace("/etc/fedge-agent/keys/release.pub", str(key))
-    assert text != EXAMPLE_CONFIG
+    text = example_config().replace("/etc/fedge-agent/keys/release.pub", str(key))
+    assert text != example_config()
     path = tmp_path / "agent.toml"
     path.write_text(text)
     config = build_config(load_config_file(path), {}, base_dir=tmp_path, file_label=str(path))
@@ -387,7 +388,7 @@ def test_example_config_loads_and_validates(tmp_path: Path, key: Path) -> None:
 
 def test_example_config_states_the_real_defaults() -> None:
     example = build_config(
-        tomllib.loads(EXAMPLE_CONFIG), {}, base_dir=Path("/"), file_label="example"
+        tomllib.loads(example_config()), {}, base_dir=Path("/"), file_label="example"
     )
     bare = build_config(minimal(), {}, base_dir=Path("/"))
     assert example.telemetry == bare.telemetry
@@ -400,14 +401,9 @@ def test_example_config_states_the_real_defaults() -> None:
 
 
 def test_example_config_mentions_every_key_with_a_comment() -> None:
-    keys = [
-        "device_id", "data_dir", "tags", "runtime", "http", "log_level", "url", "username",
-        "password_file", "ca_file", "cert_file", "key_file", "keepalive_s", "reconnect_min_s",
-        "reconnect_max_s", "keys", "threshold", "interval_s", "spool_max_bytes", "window",
-        "stall_timeout_s",
-    ]  # fmt: skip
-    lines = EXAMPLE_CONFIG.splitlines()
-    for key in keys:
+    lines = example_config().splitlines()
+    for dotted in AGENT_SCHEMA.keys:
+        key = dotted.rpartition(".")[2]
         at = next(i for i, line in enumerate(lines) if re.match(rf"#? ?{key} = ", line))
         start = at
         while start > 0 and lines[start - 1].strip() and not lines[start - 1].startswith("["):
@@ -464,7 +460,10 @@ def test_build_config_resolves_relative_paths(
             "unknown key broker.usrname (did you mean broker.username?)",
         ),
         ({"trust": {"key": ["/a"]}}, "unknown key trust.key (did you mean trust.keys?)"),
-        ({"broker": {"device_id": "x"}}, "device_id is a top-level key: move it above the first"),
+        (
+            {"broker": {"device_id": "x"}},
+            "unknown key broker.device_id (did you mean device_id? move it above the first",
+        ),
         ({"zzz": 1}, "unknown key zzz (known keys: device_id, data_dir"),
         ({"broker": "mqtt://b"}, "agent.toml: [broker] must be a table, got a string"),
     ],
@@ -527,7 +526,7 @@ def test_build_config_missing_required_keys_say_where_to_set_them() -> None:
     flags = {"device_id": "pi-1", "data_dir": "/d"}
     with pytest.raises(
         ConfigError,
-        match=r"^missing broker\.url: set broker\.url in a config file or pass --broker$",
+        match=r"^missing broker\.url: pass --broker URL or set broker\.url in a config file \(--",
     ):
         build_config({}, flags, base_dir=Path("/"), override_labels={"broker.url": "--broker"})
 

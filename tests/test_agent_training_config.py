@@ -12,10 +12,10 @@ import pytest
 
 from edge_agent.cli import build_parser, config_from_args
 from edge_agent.config.agent import (
-    EXAMPLE_CONFIG,
     AgentConfig,
     TrainingConfig,
     build_config,
+    example_config,
     load_config_file,
 )
 from edge_agent.errors import ConfigError
@@ -214,7 +214,7 @@ def test_a_training_key_at_the_top_level_is_pointed_to_its_section() -> None:
 
 def test_a_top_level_key_under_training_is_pointed_back() -> None:
     message = config_error(minimal(training={"data_dir": "/x"}))
-    assert "data_dir is a top-level key" in message
+    assert "did you mean data_dir? move it above the first [section] header" in message
 
 
 def test_training_must_be_a_table() -> None:
@@ -296,11 +296,11 @@ def test_bad_training_value_in_the_file_names_the_file(config_file: Path) -> Non
     assert "training.holdout_fraction" in str(info.value)
 
 
-# --------------------------------------------------------------------------- EXAMPLE_CONFIG
+# --------------------------------------------------------------------------- the example
 
 
 def test_example_config_still_builds_with_the_documented_training_defaults() -> None:
-    values = tomllib.loads(EXAMPLE_CONFIG)
+    values = tomllib.loads(example_config())
     assert set(values["training"]) == {
         "holdout_fraction",
         "feedback_max_examples",
@@ -311,16 +311,16 @@ def test_example_config_still_builds_with_the_documented_training_defaults() -> 
 
 
 def test_example_config_data_line_uncommented_builds() -> None:
-    text = EXAMPLE_CONFIG.replace(
+    text = example_config().replace(
         '# data = "/var/lib/fedge-agent/training-data"',
         'data = "/var/lib/fedge-agent/training-data"',
     )
-    assert text != EXAMPLE_CONFIG
+    assert text != example_config()
     config = build_config(tomllib.loads(text), {}, base_dir=Path("/"), file_label="example")
     assert config.training.data == Path("/var/lib/fedge-agent/training-data")
 
 
 def test_example_config_documents_every_training_key() -> None:
-    section = EXAMPLE_CONFIG.partition("[training]")[2]
+    section = example_config().partition("[training]")[2]
     for key in ("data", "holdout_fraction", "feedback_max_examples", "prediction_log"):
         assert re.search(rf"^#? ?{key} = ", section, re.MULTILINE), key

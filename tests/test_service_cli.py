@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.cli import service as service_cli
 from coordinator.cli.app import app
-from coordinator.service.config import EXAMPLE_SERVICE_CONFIG, ServiceConfig
+from coordinator.service.config import ServiceConfig, example_service_config
 from coordinator.service.main import run_service
 from coordinator.service.operations import CLI_ACTOR
 from coordinator.service.store import Store
@@ -50,7 +50,7 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path: Path) -> No
     result = fedge("coordinator", "init")
     assert result.exit_code == 0, result.stderr
     path = tmp_path / "coordinator.toml"
-    assert path.read_text() == EXAMPLE_SERVICE_CONFIG
+    assert path.read_text() == example_service_config()
     assert "fedge coordinator serve" in result.stdout
     assert "fedge keys generate --out keys" in result.stdout
 
@@ -64,14 +64,14 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path: Path) -> No
     assert path.read_text() == "# edited\n"
 
     assert fedge("coordinator", "init", "--force").exit_code == 0
-    assert path.read_text() == EXAMPLE_SERVICE_CONFIG
+    assert path.read_text() == example_service_config()
 
 
 def test_init_to_another_path_names_it_in_the_next_steps(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     result = fedge("coordinator", "init", "etc/fleet.toml")
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "etc" / "fleet.toml").read_text() == EXAMPLE_SERVICE_CONFIG
+    assert (tmp_path / "etc" / "fleet.toml").read_text() == example_service_config()
     assert "fedge coordinator serve --config etc/fleet.toml" in result.stdout
     assert "fedge keys generate --out etc/keys" in result.stdout
 
@@ -227,7 +227,7 @@ def test_serve_builds_its_config_from_flags_alone(
 def test_serve_flags_beat_the_config_file(
     tmp_path: Path, no_serving: list[ServiceConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "coordinator.toml").write_text(EXAMPLE_SERVICE_CONFIG)
+    (tmp_path / "coordinator.toml").write_text(example_service_config())
     (tmp_path / "password").write_text("pw\n")
     monkeypatch.setenv("FEDGE_BROKER_PASSWORD", "from-env")
     result = fedge("coordinator", "serve", "--broker", "mqtt://10.0.0.2", "--log-level", "debug")

@@ -12,12 +12,12 @@ from coordinator.errors import CoordinatorError, ServiceConfigError
 from coordinator.link.hub import CoordinatorConfig, session_client_id
 from coordinator.service.api.app import MIB
 from coordinator.service.config import (
-    EXAMPLE_SERVICE_CONFIG,
     KNOWN_KEYS,
     ApiSettings,
     ServiceConfig,
     TelemetryStorage,
     build_service_config,
+    example_service_config,
     store_location,
 )
 from coordinator.service.fleet_service import ServiceSettings
@@ -81,7 +81,7 @@ def with_(section: str, **values: Any) -> dict[str, Any]:
 def test_the_template_parses_to_a_valid_config(tmp_path: Path) -> None:
     path = tmp_path / "conf" / "coordinator.toml"
     path.parent.mkdir()
-    path.write_text(EXAMPLE_SERVICE_CONFIG)
+    path.write_text(example_service_config())
     config = build(load_config_file(path), base_dir=path.parent)
     assert config.db == tmp_path / "conf" / "state.db"
     assert config.trust == TrustConfig(keys=(tmp_path / "conf" / "keys" / "signing.pub",))
@@ -97,7 +97,7 @@ def test_the_template_parses_to_a_valid_config(tmp_path: Path) -> None:
 
 def test_every_key_is_in_the_template() -> None:
     for key in KNOWN_KEYS:
-        assert f"{key.rpartition('.')[2]} = " in EXAMPLE_SERVICE_CONFIG, key
+        assert f"{key.rpartition('.')[2]} = " in example_service_config(), key
 
 
 # --------------------------------------------------------------------------- values
@@ -282,7 +282,7 @@ def test_store_location_needs_only_the_database() -> None:
         (with_("", url="mqtt://x"), "key url (did you mean broker.url? put it under [broker])"),
         (with_("broker", embeded=True), "key broker.embeded (did you mean broker.embedded?)"),
         (with_("", telemetri={}), "unknown key telemetri (did you mean telemetry?)"),
-        (with_("trust", db="x"), "unknown key trust.db (did you mean db? move it above"),
+        (with_("trust", db="x"), "unknown key trust.db (did you mean db? move it above the"),
         (with_("api", zzz=1), "unknown key api.zzz (known keys: api.max_body_mib,"),
     ],
 )  # fmt: skip
@@ -351,7 +351,7 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         (with_("broker", embedded="yes"), "broker.embedded must be true or false, got a string"),
         (with_("broker", embedded_port=0), "broker.embedded_port must be between 1 and 65535"),
         (with_("trust", threshold=2), "trust.threshold 2 is more than the 1 trusted key(s)"),
-        (with_("trust", keys="k.pub"), "trust.keys must be an array of paths, got a string"),
+        (with_("trust", keys="k.pub"), "trust.keys must be an array, got a string"),
         (with_("trust", keys=[""]), "trust.keys[0] must be a non-empty path"),
         (with_("", db=3), "db must be a path string, got an integer"),
         (with_("", log_level="loud"), "log_level must be one of debug, info, warning"),

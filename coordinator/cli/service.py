@@ -1,7 +1,7 @@
 """``fedge coordinator``: run the coordinator service and manage its API tokens.
 
-* ``init [PATH] [--force]`` writes a commented configuration
-  (:data:`~coordinator.service.config.EXAMPLE_SERVICE_CONFIG`) to ``PATH`` (default
+* ``init [PATH] [--force]`` writes the commented example configuration
+  (:func:`~coordinator.service.config.example_service_config`) to ``PATH`` (default
   ``coordinator.toml``), refusing to overwrite an existing file without ``--force``,
   and says what to do next.
 * ``serve`` runs the service (:func:`~coordinator.service.main.run_service`): the
@@ -46,12 +46,13 @@ from coordinator.cli.output import console, err_console, print_json, reported_er
 from coordinator.cli.views import safe_text
 from coordinator.errors import ServiceConfigError
 from coordinator.service.config import (
-    EXAMPLE_SERVICE_CONFIG,
     PASSWORD_ENV,
     ServiceConfig,
     build_service_config,
+    example_service_config,
     store_location,
 )
+from coordinator.service.config_schema import SERVICE_SCHEMA
 from coordinator.service.main import configure_logging, run_service
 from coordinator.service.operations import CLI_ACTOR
 from coordinator.service.store import Store, TokenRow
@@ -74,23 +75,9 @@ DEFAULT_CONFIG = Path("coordinator.toml")
 MAX_NAME_CHARS = 100
 """Longest token name."""
 
-# Config key -> the flag that overrides it (also how messages name the value's source).
-_FLAGS = {
-    "db": "--db",
-    "artifact_dir": "--artifact-dir",
-    "bind": "--bind",
-    "log_level": "--log-level",
-    "broker.url": "--broker",
-    "broker.embedded": "--embedded-broker",
-    "broker.embedded_port": "--embedded-broker-port",
-    "broker.username": "--username",
-    "broker.password_file": "--password-file",
-    "broker.ca_file": "--ca-file",
-    "broker.cert_file": "--cert-file",
-    "broker.key_file": "--key-file",
-    "trust.keys": "--trust",
-    "trust.threshold": "--threshold",
-}
+# Config key -> the flag that overrides it (also how messages name the value's source);
+# declared with each key in the schema.
+_FLAGS = SERVICE_SCHEMA.flags()
 
 ConfigOption = Annotated[
     Path | None,
@@ -152,7 +139,7 @@ def init(
     """Write a commented example config file to edit, and say what comes next."""
     with reported_errors():
         try:
-            atomic_write(path, EXAMPLE_SERVICE_CONFIG.encode(), mode=0o644, overwrite=force)
+            atomic_write(path, example_service_config().encode(), mode=0o644, overwrite=force)
         except FileExistsError:
             raise ServiceConfigError(
                 f"{path} already exists; pass --force to overwrite it"

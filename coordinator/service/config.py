@@ -12,13 +12,13 @@ constructors").
 
 Workflow (what ``fedge coordinator serve`` does, see :mod:`coordinator.cli.service`):
 
-1. :func:`~edge_agent.config.agent.load_config_file` reads the TOML file into a dict
+1. :func:`~edge_agent.config.schema.load_config_file` reads the TOML file into a dict
    (the same reader as the agent's: size limit, syntax errors with the line).
-2. :func:`build_service_config` merges it with the command-line overrides (a flag
-   beats the file, the file beats the default), rejects unknown keys with a "did you
-   mean" hint, checks every type strictly, reads ``broker.password_file`` and builds
-   the :class:`ServiceConfig`. The password falls back to ``FEDGE_BROKER_PASSWORD``,
-   which the entry point reads and passes in.
+2. :func:`build_service_config` merges it with the command-line overrides through the
+   schema (a flag beats the file, the file beats the default; unknown keys are refused
+   with a "did you mean" hint), checks every type strictly, reads
+   ``broker.password_file`` and builds the :class:`ServiceConfig`. The password
+   falls back to ``FEDGE_BROKER_PASSWORD``, which the entry point reads and passes in.
 3. :func:`coordinator.service.main.run_service` loads the trusted keys, opens the
    store, starts the broker connection (or the embedded broker) and serves the API;
    :meth:`ServiceConfig.settings` and :meth:`ServiceConfig.api_config` give the
@@ -27,13 +27,13 @@ Workflow (what ``fedge coordinator serve`` does, see :mod:`coordinator.cli.servi
 ``fedge coordinator token`` needs only the database: :func:`store_location` reads
 ``db`` and ``artifact_dir`` from the same sources without asking for the rest.
 
-The file (:data:`EXAMPLE_SERVICE_CONFIG` documents every key) has the top-level keys
-``db`` (required), ``artifact_dir``, ``bind`` (``HOST:PORT``) and ``log_level``, and
-the tables ``[broker]`` (``url`` with ``username``, ``password_file``, ``ca_file``,
-``cert_file``, ``key_file``; or ``embedded = true`` with ``embedded_port``),
-``[trust]`` (``keys``, at least one, and ``threshold``), ``[telemetry]``
-(``flush_s``, ``retention_rows``, ``retention_days``), ``[api]`` (``max_body_mib``,
-``max_artifact_mib``, ``docs``, ``access_log``) and ``[rollouts]`` (``tick_s``).
+Every key of the file is declared once, in
+:data:`~coordinator.service.config_schema.SERVICE_SCHEMA` (name, default, help, flag),
+and read with the agent's schema machinery (:mod:`edge_agent.config.schema`). The
+commented example file ``coordinator.example.toml`` (what ``fedge coordinator init``
+writes, see :func:`example_service_config`) is generated from it. Only ``db``, a
+broker (``[broker]`` ``url`` or ``embedded = true``) and at least one ``[trust]``
+``keys`` entry are required.
 
 Rules worth knowing:
 
@@ -51,9 +51,8 @@ Rules worth knowing:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +61,20 @@ from typing import Any
 from coordinator.errors import ServiceConfigError
 from coordinator.link.hub import SESSION_NAME_RE, CoordinatorConfig
 from coordinator.service.api.app import MIB, ApiConfig
+from coordinator.service.config_schema import (
+    DEFAULT_BIND_HOST,
+    DEFAULT_BIND_PORT,
+    DEFAULT_EMBEDDED_BROKER_PORT,
+    PASSWORD_ENV,
+    SERVICE_SCHEMA,
+)
 from coordinator.service.fleet_service import ServiceSettings
 from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
+from edge_agent.config.schema import Sources
 from edge_agent.config.values import (
     FieldError,
     kind_of,
     read_password,
-    to_path,
     want_int,
     want_seconds,
     want_str,
@@ -81,31 +87,17 @@ __all__ = [
     "DEFAULT_BIND_HOST",
     "DEFAULT_BIND_PORT",
     "DEFAULT_EMBEDDED_BROKER_PORT",
-    "EXAMPLE_SERVICE_CONFIG",
     "KNOWN_KEYS",
     "PASSWORD_ENV",
     "ApiSettings",
     "ServiceConfig",
     "TelemetryStorage",
     "build_service_config",
+    "example_service_config",
     "store_location",
 ]
 
-DEFAULT_BIND_HOST = "127.0.0.1"
-"""Where the API listens by default: this machine only."""
-
-DEFAULT_BIND_PORT = 8780
-"""The API's default port."""
-
-DEFAULT_EMBEDDED_BROKER_PORT = 1883
-"""The embedded broker's default port: MQTT's, so agents on the machine find it."""
-
-DEFAULT_SESSION = "main"
-"""The service's persistent MQTT session (client id ``coordinator:main``) unless
-``broker.session`` says otherwise."""
-
-PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
-"""Environment variable holding the broker password when no password file is given."""
+_default = SERVICE_SCHEMA.default  # a field's default is its key's, declared once
 
 MAX_BODY_MIB = 1024
 """Largest ``api.max_body_mib`` accepted."""
@@ -128,41 +120,8 @@ TWO_BROKERS = (
     "--embedded-broker; url or embedded = true under [broker])"
 )
 
-_SECTIONS: dict[str, tuple[str, ...]] = {
-    "": ("db", "artifact_dir", "bind", "log_level"),
-    "broker": (
-        "url",
-        "embedded",
-        "embedded_port",
-        "username",
-        "password_file",
-        "ca_file",
-        "cert_file",
-        "key_file",
-        "session",
-    ),
-    "trust": ("keys", "threshold"),
-    "telemetry": ("flush_s", "retention_rows", "retention_days"),
-    "api": ("max_body_mib", "max_artifact_mib", "docs", "access_log"),
-    "rollouts": ("tick_s",),
-}
-
-KNOWN_KEYS: tuple[str, ...] = tuple(
-    f"{section}.{key}" if section else key for section, keys in _SECTIONS.items() for key in keys
-)
+KNOWN_KEYS: tuple[str, ...] = tuple(SERVICE_SCHEMA.keys)
 """Every key of the file as ``section.key`` (top-level keys without a section)."""
-
-_PATH_KEYS = frozenset(
-    {
-        "db",
-        "artifact_dir",
-        "broker.password_file",
-        "broker.ca_file",
-        "broker.cert_file",
-        "broker.key_file",
-    }
-)
-_BROKER_CHOICE = ("broker.url", "broker.embedded")
 
 
 @contextmanager
@@ -210,9 +169,9 @@ class TelemetryStorage:
         ServiceConfigError: a wrong type or a value out of range.
     """
 
-    flush_s: float = 0.5
-    retention_rows: int = 1_000_000
-    retention_days: float = 7.0
+    flush_s: float = _default("telemetry.flush_s")
+    retention_rows: int = _default("telemetry.retention_rows")
+    retention_days: float = _default("telemetry.retention_days")
 
     def __post_init__(self) -> None:
         with _as_service_error():
@@ -237,10 +196,10 @@ class ApiSettings:
         ServiceConfigError: a wrong type or a value out of range.
     """
 
-    max_body_mib: int = 1
-    max_artifact_mib: int = 512
-    docs: bool = True
-    access_log: bool = True
+    max_body_mib: int = _default("api.max_body_mib")
+    max_artifact_mib: int = _default("api.max_artifact_mib")
+    docs: bool = _default("api.docs")
+    access_log: bool = _default("api.access_log")
 
     def __post_init__(self) -> None:
         with _as_service_error():
@@ -283,16 +242,16 @@ class ServiceConfig:
     db: Path
     trust: TrustConfig
     broker: BrokerConfig | None = None
-    embedded_broker: bool = False
-    embedded_broker_port: int = DEFAULT_EMBEDDED_BROKER_PORT
+    embedded_broker: bool = _default("broker.embedded")
+    embedded_broker_port: int = _default("broker.embedded_port")
     artifact_dir: Path | None = None
     bind_host: str = DEFAULT_BIND_HOST
     bind_port: int = DEFAULT_BIND_PORT
     telemetry: TelemetryStorage = field(default_factory=TelemetryStorage)
     api: ApiSettings = field(default_factory=ApiSettings)
-    rollout_tick_s: float = 1.0
-    log_level: str = "info"
-    broker_session: str = DEFAULT_SESSION
+    rollout_tick_s: float = _default("rollouts.tick_s")
+    log_level: str = _default("log_level")
+    broker_session: str = _default("broker.session")
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -406,122 +365,38 @@ class ServiceConfig:
 # --------------------------------------------------------------------------- reading
 
 
-def _hint(key: str) -> str:
-    """What an unknown ``section.key`` (or top-level key) was probably meant to be."""
-    section, _, name = key.rpartition(".")
-    for known in KNOWN_KEYS:
-        home, _, known_name = known.rpartition(".")
-        if known_name == name and home != section:
-            move = f"put it under [{home}]" if home else "move it above the first [section]"
-            return f" (did you mean {known}? {move})"
-    siblings = [known for known in KNOWN_KEYS if known.rpartition(".")[0] == section]
-    if not section:
-        siblings += [name for name in _SECTIONS if name]
-    close = difflib.get_close_matches(key, siblings, n=1)
-    if close:
-        return f" (did you mean {close[0]}?)"
-    return f" (known keys: {', '.join(siblings)})"
-
-
-def _flatten(values: Mapping[str, Any], label: Callable[[str], str], base: Path) -> dict[str, Any]:
-    """One source as ``{dotted key: value}``, paths made absolute against ``base``.
+def _merge(
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    base_dir: Path,
+    file_label: str | None,
+    override_labels: Mapping[str, str] | None,
+) -> Sources:
+    """The file's and the overrides' values checked against the schema and merged.
 
     Raises:
-        ServiceConfigError: an unknown key, a section that is not a table, or a path
-            that is not a non-empty string; the message starts with ``label(key)``.
+        ServiceConfigError: an unknown key (with a hint), a table that is not one, or
+            a path that is not a non-empty string; the message starts with the file
+            or the flag.
     """
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if key and key in _SECTIONS:
-            if not isinstance(value, Mapping):
-                raise ServiceConfigError(
-                    f"{label(key)}: [{key}] must be a table, got {kind_of(value)}", key=key
-                )
-            entries = {f"{key}.{name}": item for name, item in value.items()}
-        else:
-            entries = {key: value}
-        for dotted, item in entries.items():
-            if dotted not in KNOWN_KEYS:
-                raise ServiceConfigError(
-                    f"{label(dotted)}: unknown key {dotted}{_hint(dotted)}", key=dotted
-                )
-            flat[dotted] = item
-    for key, item in flat.items():
-        try:
-            with _as_service_error():
-                flat[key] = _resolve(key, item, base)
-        except ServiceConfigError as exc:
-            raise ServiceConfigError(f"{label(key)}: {exc}", key=key) from None
-    return flat
+    with _as_service_error():
+        return SERVICE_SCHEMA.merge(
+            file_values,
+            overrides,
+            base_dir=base_dir,
+            file_label=file_label,
+            override_labels=override_labels,
+        )
 
 
-def _resolve(key: str, value: object, base: Path) -> object:
-    """A path key's value as an absolute Path (``trust.keys``: a tuple of them).
+def _require(sources: Sources, key: str) -> Any:
+    """The value of a required key (see :meth:`~edge_agent.config.schema.Sources.require`).
 
     Raises:
-        ConfigError: not a non-empty path string.
-        ServiceConfigError: ``trust.keys`` is not an array.
+        ServiceConfigError: no source gave it; the message says how to.
     """
-    if key in _PATH_KEYS:
-        return to_path(key, value, base)
-    if key != "trust.keys":
-        return value
-    if not isinstance(value, list | tuple):
-        raise ServiceConfigError(f"trust.keys must be an array of paths, got {kind_of(value)}")
-    return tuple(to_path(f"trust.keys[{i}]", item, base) for i, item in enumerate(value))
-
-
-class _Sources:
-    """The file's and the overrides' values merged, remembering where each came from."""
-
-    def __init__(
-        self,
-        file_values: Mapping[str, Any],
-        overrides: Mapping[str, Any],
-        base_dir: Path,
-        file_label: str | None,
-        override_labels: Mapping[str, str] | None,
-    ) -> None:
-        self.file_label = file_label
-        self.flags = dict(override_labels or {})
-        file_name = file_label or "config file"
-
-        def flag(key: str) -> str:
-            return self.flags.get(key, "override")
-
-        from_file = _flatten(file_values, lambda _key: file_name, Path(base_dir))
-        from_flags = _flatten(overrides, flag, Path.cwd())
-        if any(key in from_flags for key in _BROKER_CHOICE):  # a flag picks the broker
-            for key in _BROKER_CHOICE:
-                from_file.pop(key, None)
-        self.values = {**from_file, **from_flags}
-        self.origins = dict.fromkeys(from_file, file_name)
-        self.origins.update({key: flag(key) for key in from_flags})
-
-    def where(self, key: str | None) -> str:
-        """``"<file or flag>: "`` for a key that has a source, else ``""``."""
-        origin = self.origins.get((key or "").partition("[")[0])
-        return f"{origin}: " if origin else ""
-
-    def require(self, key: str, what: str) -> Any:
-        """The value of a required key.
-
-        Raises:
-            ServiceConfigError: nobody gave it; the message says how to.
-        """
-        if key in self.values:
-            return self.values[key]
-        ways = [f"pass {self.flags[key]} {what}"] if key in self.flags else []
-        ways.append(f"set {key} in {self.file_label or 'a config file (--config)'}")
-        raise ServiceConfigError(f"missing {key}: {' or '.join(ways)}")
-
-    def section(self, name: str) -> dict[str, Any]:
-        """The values of one ``[name]`` table, by their names in it."""
-        return {
-            key.partition(".")[2]: value
-            for key, value in self.values.items()
-            if key.startswith(f"{name}.")
-        }
+    with _as_service_error():
+        return sources.require(key)
 
 
 def _bind(value: object) -> tuple[str, int]:
@@ -536,24 +411,23 @@ def _bind(value: object) -> tuple[str, int]:
         raise ServiceConfigError(str(exc), key="bind") from None
 
 
-def _broker(sources: _Sources, password: str | None) -> BrokerConfig | None:
+def _broker(sources: Sources, password: str | None) -> BrokerConfig | None:
     """The broker to connect to, or None when no URL is given.
 
     Raises:
         ServiceConfigError: a bad URL, credential or TLS file setting, or an
             unreadable password file.
     """
-    values = sources.values
-    url = values.get("broker.url")
+    url = sources.get("broker.url")
     if url is None:
         return None
     try:
         host, port, tls = parse_broker_url(url)
     except ConfigError as exc:
         raise ServiceConfigError(str(exc), key="broker.url") from None
-    if "broker.password_file" in values:
+    if "broker.password_file" in sources:
         try:  # its message names broker.password_file and the file
-            password = read_password(values["broker.password_file"], "")
+            password = read_password(sources.get("broker.password_file"), "")
         except ConfigError as exc:
             raise ServiceConfigError(str(exc), key="broker.password_file") from None
     with _as_service_error():
@@ -561,11 +435,11 @@ def _broker(sources: _Sources, password: str | None) -> BrokerConfig | None:
             host,
             port,
             tls,
-            username=values.get("broker.username", COORDINATOR_SENDER),
+            username=sources.get("broker.username"),
             password=password,
-            ca_file=values.get("broker.ca_file"),
-            cert_file=values.get("broker.cert_file"),
-            key_file=values.get("broker.key_file"),
+            ca_file=sources.get("broker.ca_file"),
+            cert_file=sources.get("broker.cert_file"),
+            key_file=sources.get("broker.key_file"),
         )
 
 
@@ -591,7 +465,7 @@ def build_service_config(
 
     Args:
         file_values: The config file's contents
-            (:func:`~edge_agent.config.agent.load_config_file`), or ``{}``.
+            (:func:`~edge_agent.config.schema.load_config_file`), or ``{}``.
         overrides: Values from the command line.
         base_dir: Directory that relative paths in ``file_values`` are relative to.
         file_label: How to name the file in messages (its path); None without a file.
@@ -609,29 +483,26 @@ def build_service_config(
             of range, or an unreadable password file. The message is one line that
             starts with the file or the flag the value came from.
     """
-    sources = _Sources(file_values, overrides, base_dir, file_label, override_labels)
-    values = sources.values
-    db = sources.require("db", "PATH")
+    sources = _merge(file_values, overrides, base_dir, file_label, override_labels)
+    db = _require(sources, "db")
     try:
-        bind_host, bind_port = _bind(values.get("bind", f"{DEFAULT_BIND_HOST}:{DEFAULT_BIND_PORT}"))
+        bind_host, bind_port = _bind(sources.get("bind"))
         broker = _broker(sources, password)
         with _as_service_error():
             return ServiceConfig(
                 db=db,
                 trust=TrustConfig(**sources.section("trust")),
                 broker=broker,
-                embedded_broker=values.get("broker.embedded", False),
-                embedded_broker_port=values.get(
-                    "broker.embedded_port", DEFAULT_EMBEDDED_BROKER_PORT
-                ),
-                artifact_dir=values.get("artifact_dir"),
+                embedded_broker=sources.get("broker.embedded"),
+                embedded_broker_port=sources.get("broker.embedded_port"),
+                artifact_dir=sources.get("artifact_dir"),
                 bind_host=bind_host,
                 bind_port=bind_port,
                 telemetry=TelemetryStorage(**sources.section("telemetry")),
                 api=ApiSettings(**sources.section("api")),
-                rollout_tick_s=values.get("rollouts.tick_s", 1.0),
-                log_level=values.get("log_level", "info"),
-                broker_session=values.get("broker.session", DEFAULT_SESSION),
+                rollout_tick_s=sources.get("rollouts.tick_s"),
+                log_level=sources.get("log_level"),
+                broker_session=sources.get("broker.session"),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None
@@ -657,113 +528,16 @@ def store_location(
     Raises:
         ServiceConfigError: an unknown key, a bad path, or no ``db``.
     """
-    sources = _Sources(file_values, overrides, base_dir, file_label, override_labels)
-    db: Path = sources.require("db", "PATH")
-    artifact_dir: Path | None = sources.values.get("artifact_dir")
+    sources = _merge(file_values, overrides, base_dir, file_label, override_labels)
+    db: Path = _require(sources, "db")
+    artifact_dir: Path | None = sources.get("artifact_dir")
     return db, artifact_dir
 
 
-EXAMPLE_SERVICE_CONFIG = """\
-# fedge coordinator service configuration (TOML).
-# Run with: fedge coordinator serve --config coordinator.toml
-# Command-line flags override these values. Relative paths are relative to this
-# file's directory.
+def example_service_config() -> str:
+    """The commented example config that ``fedge coordinator init`` writes (package data).
 
-# The SQLite database holding the fleet's state: devices, telemetry, artifacts,
-# rollouts, federated runs, API tokens and the audit log. Required; created on
-# first start. Back it up with `sqlite3 state.db ".backup copy.db"`.
-db = "state.db"
-
-# Where uploaded artifact files are kept. Default: "artifacts" next to the database.
-# artifact_dir = "artifacts"
-
-# Address of the HTTP API, HOST:PORT ([v6]:PORT for IPv6). Default: "127.0.0.1:8780",
-# reachable from this machine only. Any other address makes the API reachable from
-# the network: it speaks plain HTTP, so put it behind a reverse proxy that
-# terminates TLS (the service logs a warning).
-bind = "127.0.0.1:8780"
-
-# Log level: debug, info, warning, error or critical. Default: "info".
-log_level = "info"
-
-[broker]
-# The fleet's MQTT broker. Give exactly one of `embedded = true` and `url`.
-#
-# embedded = true runs a small MQTT broker (amqtt) inside the service, listening on
-# 127.0.0.1:embedded_port WITHOUT authentication: for trying fedge on one machine,
-# with the agents on the same machine. A real fleet uses its own broker (mosquitto
-# with the ACL of `fedge broker acl`, EMQX, HiveMQ) through `url`.
-embedded = true
-
-# The embedded broker's port. Default: 1883.
-# embedded_port = 1883
-
-# The broker's URL: mqtts://HOST[:PORT] (TLS, port 8883 by default) or
-# mqtt://HOST[:PORT] (plain, port 1883 by default).
-# url = "mqtts://broker.example.net:8883"
-
-# MQTT username: the broker ACL's coordinator account. Default: "coordinator".
-# username = "coordinator"
-
-# File holding the MQTT password (surrounding whitespace is stripped). Default:
-# the FEDGE_BROKER_PASSWORD environment variable, else no password.
-# password_file = "/etc/fedge/broker.password"
-
-# CA bundle that verifies the broker's certificate. Default: the system's CAs.
-# ca_file = "/etc/fedge/ca.pem"
-
-# Client certificate and its key, for brokers that require mutual TLS.
-# Default: none. key_file may be omitted when cert_file holds the key too.
-# cert_file = "/etc/fedge/coordinator.pem"
-# key_file = "/etc/fedge/coordinator.key"
-
-# The name of the service's MQTT session. It is persistent: what devices send
-# while the service is down or restarting (telemetry, presence, install reports)
-# waits in the broker and arrives when it is back, up to the broker's per-client
-# queue (mosquitto: max_queued_messages). Two services on one broker need two
-# names; "" for a clean session (nothing kept). The MQTT client id is
-# "coordinator:<session>", which no device id can be. Default: "main".
-# session = "main"
-
-[trust]
-# Public keys uploaded artifacts must be signed by (from `fedge keys generate`),
-# normally the keys the devices trust: the API refuses (422) an artifact that is
-# not signed by `threshold` of them, is tampered with or has expired. At least one.
-keys = ["keys/signing.pub"]
-
-# How many distinct trusted keys must sign an artifact (1 to the number of keys).
-# Default: 1.
-threshold = 1
-
-[telemetry]
-# Seconds between batched writes of device telemetry to the database. Default: 0.5.
-flush_s = 0.5
-
-# Most telemetry rows kept, the oldest going first; 0: no limit. Default: 1000000.
-retention_rows = 1000000
-
-# Days telemetry is kept; 0: no limit. Default: 7.
-retention_days = 7
-
-[api]
-# Largest JSON request body, in MiB. Default: 1.
-max_body_mib = 1
-
-# Largest artifact upload, in MiB (held in memory while it is verified).
-# Default: 512.
-max_artifact_mib = 512
-
-# Serve the API's documentation at /docs, /redoc and /openapi.json, without a
-# token (it holds no fleet data). Default: true.
-docs = true
-
-# Log every request at INFO (method, path, status, client). Default: true.
-access_log = true
-
-[rollouts]
-# Seconds between checks of running rollouts (soak times, stage health).
-# Default: 1.
-tick_s = 1
-"""
-"""A commented example config (what ``fedge coordinator init`` writes): every key,
-what it does and its default. It parses to a valid :class:`ServiceConfig`."""
+    Generated from :data:`~coordinator.service.config_schema.SERVICE_SCHEMA`: every
+    key, what it does and its default; it parses to a valid :class:`ServiceConfig`.
+    """
+    return SERVICE_SCHEMA.example_text()

@@ -7,12 +7,14 @@ service config use the same readers, so both read and word their files alike.
 
 Workflow:
 
-1. The caller flattens the file (and the command-line overrides) into dotted keys
-   such as ``broker.keepalive_s`` or ``trust.keys[0]``.
-2. For each key it calls the matching reader with the key and its value:
-   :func:`want_int`, :func:`want_seconds`, :func:`want_str`,
-   :func:`want_optional_path`, :func:`to_path`, :func:`to_array`; or
-   :func:`read_password` for ``broker.password_file``.
+1. The schema machinery (:mod:`edge_agent.config.schema`) flattens the file (and the
+   command-line overrides) into dotted keys such as ``broker.keepalive_s`` or
+   ``trust.keys[0]``, reading paths with :func:`to_path` and arrays with
+   :func:`to_array`.
+2. The config dataclasses check each field with the matching reader, given the key
+   and the value: :func:`want_int`, :func:`want_seconds`, :func:`want_str`,
+   :func:`want_optional_path`; the config builders call :func:`read_password` for
+   ``broker.password_file``.
 3. A reader returns the checked (sometimes converted) value, or raises
    :class:`FieldError`: a :class:`~edge_agent.errors.ConfigError` whose one-line
    message names the key and whose :attr:`FieldError.key` holds it, so the caller

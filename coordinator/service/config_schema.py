@@ -1,0 +1,228 @@
+"""The schema of ``coordinator.toml``: every key of the service's config file, once.
+
+This is the one place where a key of ``fedge coordinator serve``'s config is named,
+documented, given its default and its flag; the machinery that derives the rest
+(known keys and hints, merging with the flags, the example file) is the agent's,
+:mod:`edge_agent.config.schema`. :mod:`coordinator.service.config` holds the typed
+dataclasses the file is read into (their defaults come from here) and the rules that
+span keys (one broker, the bind address, the password).
+
+The generated example, ``coordinator/service/coordinator.example.toml``, is what
+``fedge coordinator init`` writes; regenerate it after an edit here with
+``python -m edge_agent.config.schema --write coordinator.service.config_schema:SERVICE_SCHEMA``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from edge_agent.config.agent_schema import BROKER_URL, broker_login_keys
+from edge_agent.config.schema import Key, Schema, Section
+from edge_agent.protocol import COORDINATOR_SENDER
+
+__all__ = [
+    "DEFAULT_BIND_HOST",
+    "DEFAULT_BIND_PORT",
+    "DEFAULT_EMBEDDED_BROKER_PORT",
+    "DEFAULT_SESSION",
+    "PASSWORD_ENV",
+    "SERVICE_SCHEMA",
+]
+
+DEFAULT_BIND_HOST = "127.0.0.1"
+"""Where the API listens by default: this machine only."""
+
+DEFAULT_BIND_PORT = 8780
+"""The API's default port."""
+
+DEFAULT_EMBEDDED_BROKER_PORT = 1883
+"""The embedded broker's default port: MQTT's, so agents on the machine find it."""
+
+DEFAULT_SESSION = "main"
+"""The service's persistent MQTT session (client id ``coordinator:main``) unless
+``broker.session`` says otherwise."""
+
+PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
+"""Environment variable holding the broker password when no password file is given."""
+
+_TOP = Section(
+    "",
+    (
+        Key(
+            "db",
+            "The SQLite database holding the fleet's state: devices, telemetry, "
+            "artifacts, rollouts, federated runs, API tokens and the audit log; created "
+            'on first start. Back it up with `sqlite3 state.db ".backup copy.db"`.',
+            example="state.db",
+            required=True,
+            read="path",
+            flag="--db",
+            metavar="PATH",
+        ),
+        Key(
+            "artifact_dir",
+            "Where uploaded artifact files are kept.",
+            default_doc='"artifacts" next to the database',
+            example="artifacts",
+            commented=True,
+            read="path",
+            flag="--artifact-dir",
+            metavar="DIR",
+        ),
+        Key(
+            "bind",
+            "Address of the HTTP API, HOST:PORT ([v6]:PORT for IPv6). The default is "
+            "reachable from this machine only. Any other address makes the API reachable "
+            "from the network: it speaks plain HTTP, so put it behind a reverse proxy "
+            "that terminates TLS (the service logs a warning).",
+            default=f"{DEFAULT_BIND_HOST}:{DEFAULT_BIND_PORT}",
+            flag="--bind",
+            metavar="HOST:PORT",
+        ),
+        Key(
+            "log_level",
+            "Log level: debug, info, warning, error or critical.",
+            default="info",
+            flag="--log-level",
+            metavar="LEVEL",
+        ),
+    ),
+)
+
+_BROKER = Section(
+    "broker",
+    (
+        Key(
+            "embedded",
+            "Run a small MQTT broker (amqtt) inside the service, listening on "
+            "127.0.0.1:embedded_port WITHOUT authentication: for trying fedge on one "
+            "machine, with the agents on the same machine. A real fleet uses its own "
+            "broker (mosquitto with the ACL of `fedge broker acl`, EMQX, HiveMQ) "
+            "through url.",
+            default=False,
+            example=True,
+            flag="--embedded-broker",
+        ),
+        Key(
+            "embedded_port",
+            "The embedded broker's port.",
+            default=DEFAULT_EMBEDDED_BROKER_PORT,
+            commented=True,
+            flag="--embedded-broker-port",
+            metavar="PORT",
+        ),
+        dataclasses.replace(BROKER_URL, default_doc="", commented=True),
+        Key(
+            "username",
+            "MQTT username: the broker ACL's coordinator account.",
+            default=COORDINATOR_SENDER,
+            commented=True,
+            flag="--username",
+            metavar="NAME",
+        ),
+        *broker_login_keys("/etc/fedge", "coordinator", PASSWORD_ENV),
+        Key(
+            "session",
+            "The name of the service's MQTT session. It is persistent: what devices send "
+            "while the service is down or restarting (telemetry, presence, install "
+            "reports) waits in the broker and arrives when it is back, up to the "
+            "broker's per-client queue (mosquitto: max_queued_messages). Two services "
+            'on one broker need two names; "" for a clean session (nothing kept). The '
+            'MQTT client id is "coordinator:<session>", which no device id can be.',
+            default=DEFAULT_SESSION,
+            commented=True,
+        ),
+    ),
+    help="The fleet's MQTT broker. Give exactly one of `embedded = true` and `url`.",
+)
+
+_TRUST = Section(
+    "trust",
+    (
+        Key(
+            "keys",
+            "Public keys uploaded artifacts must be signed by (from `fedge keys "
+            "generate`), normally the keys the devices trust: the API refuses (422) an "
+            "artifact that is not signed by `threshold` of them, is tampered with or "
+            "has expired. At least one is required.",
+            default=(),
+            default_doc="",
+            example=["keys/signing.pub"],
+            read="paths",
+            flag="--trust",
+            metavar="KEY.pub",
+        ),
+        Key(
+            "threshold",
+            "How many distinct trusted keys must sign an artifact (1 to the number of keys).",
+            default=1,
+            flag="--threshold",
+            metavar="K",
+        ),
+    ),
+)
+
+_TELEMETRY = Section(
+    "telemetry",
+    (
+        Key(
+            "flush_s",
+            "Seconds between batched writes of device telemetry to the database.",
+            default=0.5,
+        ),
+        Key(
+            "retention_rows",
+            "Most telemetry rows kept, the oldest going first; 0: no limit.",
+            default=1_000_000,
+        ),
+        Key("retention_days", "Days telemetry is kept; 0: no limit.", default=7.0),
+    ),
+)
+
+_API = Section(
+    "api",
+    (
+        Key("max_body_mib", "Largest JSON request body, in MiB.", default=1),
+        Key(
+            "max_artifact_mib",
+            "Largest artifact upload, in MiB (held in memory while it is verified).",
+            default=512,
+        ),
+        Key(
+            "docs",
+            "Serve the API's documentation at /docs, /redoc and /openapi.json, without "
+            "a token (it holds no fleet data).",
+            default=True,
+        ),
+        Key(
+            "access_log",
+            "Log every request at INFO (method, path, status, client).",
+            default=True,
+        ),
+    ),
+)
+
+_ROLLOUTS = Section(
+    "rollouts",
+    (
+        Key(
+            "tick_s",
+            "Seconds between checks of running rollouts (soak times, stage health).",
+            default=1.0,
+        ),
+    ),
+)
+
+SERVICE_SCHEMA = Schema(
+    title=(
+        "fedge coordinator service configuration (TOML).\n\n"
+        "Run with: fedge coordinator serve --config coordinator.toml\n\n"
+        "Command-line flags override these values. Relative paths are relative to this "
+        "file's directory."
+    ),
+    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS),
+    example_package="coordinator.service",
+    example_name="coordinator.example.toml",
+    replace_together=(("broker.url", "broker.embedded"),),
+)
+"""Every key of ``coordinator.toml``."""

@@ -1,0 +1,202 @@
+"""The typed values of the agent config's small tables: trust, telemetry, transfer, training.
+
+Each is a frozen dataclass that checks its fields when constructed and raises
+:class:`~edge_agent.config.values.FieldError` (a
+:class:`~edge_agent.errors.ConfigError`) naming the dotted key, so a value that
+exists is a usable one. Their defaults are those of the keys in
+:data:`~edge_agent.config.agent_schema.AGENT_SCHEMA`. :func:`edge_agent.config.agent.build_config`
+builds them from the ``[trust]``, ``[telemetry]``, ``[transfer]`` and ``[training]``
+tables of the file; the agent's components receive them in their constructors (the
+coordinator's service reuses :class:`TrustConfig`). All are importable from
+:mod:`edge_agent.config.agent` too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.keys import PublicKey, load_public_key
+from compress.signing import TrustedKeys
+from edge_agent.config.agent_schema import AGENT_SCHEMA
+from edge_agent.config.values import FieldError, kind_of, want_int, want_seconds
+
+__all__ = [
+    "MAX_WINDOW",
+    "MIN_SPOOL_BYTES",
+    "NO_TRUSTED_KEYS",
+    "TelemetryConfig",
+    "TrainingConfig",
+    "TransferConfig",
+    "TrustConfig",
+]
+
+_default = AGENT_SCHEMA.default  # a field's default is its key's, declared once
+
+MAX_WINDOW = 1024
+"""Most chunks a transfer may request at once."""
+
+MIN_SPOOL_BYTES = 4096
+"""Smallest telemetry spool: below a few batches, every batch would be dropped."""
+
+NO_TRUSTED_KEYS = (
+    "no trusted keys: the agent installs only models signed by keys it trusts; "
+    'pass --trust KEY.pub (repeatable) or set keys = ["/path/to/release.pub"] '
+    "under [trust] in the config file"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    """Which public keys the agent trusts, and how many must sign a model (k of n).
+
+    Attributes:
+        keys: Public key files (PEM, as written by ``fedge keys generate``).
+        threshold: Signatures by distinct trusted keys a manifest needs.
+
+    Raises:
+        ConfigError: a wrong type, a file listed twice, or a threshold outside
+            1..len(keys) (when keys are given; :class:`AgentConfig` refuses none).
+    """
+
+    keys: tuple[Path, ...] = _default("trust.keys")
+    threshold: int = _default("trust.threshold")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, tuple) or not all(isinstance(k, Path) for k in self.keys):
+            raise FieldError("trust.keys", "trust.keys must be a tuple of Paths")
+        seen: set[Path] = set()
+        for path in self.keys:
+            if path in seen:
+                raise FieldError("trust.keys", f"trust.keys lists {path} twice")
+            seen.add(path)
+        want_int("trust.threshold", self.threshold, low=1)
+        if self.keys and self.threshold > len(self.keys):
+            raise FieldError(
+                "trust.threshold",
+                f"trust.threshold {self.threshold} is more than the "
+                f"{len(self.keys)} trusted key(s)",
+            )
+
+    def load(self) -> TrustedKeys:
+        """Read the key files.
+
+        Returns:
+            The trusted keys with the threshold.
+
+        Raises:
+            ConfigError: no keys, a key file is missing, unreadable or not an Ed25519
+                public key, or two files hold the same key; the message names the file.
+        """
+        if not self.keys:
+            raise FieldError("trust.keys", NO_TRUSTED_KEYS)
+        loaded: dict[str, Path] = {}
+        keys: list[PublicKey] = []
+        for path in self.keys:
+            try:
+                key = load_public_key(path)
+            except CompressError as exc:
+                raise FieldError("trust.keys", f"trust.keys: {exc}") from exc
+            if key.key_id in loaded:
+                raise FieldError(
+                    "trust.keys", f"trust.keys: {loaded[key.key_id]} and {path} hold the same key"
+                )
+            loaded[key.key_id] = path
+            keys.append(key)
+        try:
+            return TrustedKeys.of(keys, self.threshold)
+        except CompressError as exc:  # pragma: no cover - checked in __post_init__
+            raise FieldError("trust.keys", f"trust: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """How often the agent reports telemetry, and how much it keeps while offline.
+
+    Attributes:
+        interval_s: Seconds between telemetry batches (> 0).
+        spool_max_bytes: Most bytes of unsent telemetry kept on disk while the broker
+            is unreachable (> 0); the oldest records go first.
+
+    Raises:
+        ConfigError: a wrong type or a value out of range.
+    """
+
+    interval_s: float = _default("telemetry.interval_s")
+    spool_max_bytes: int = _default("telemetry.spool_max_bytes")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "interval_s", want_seconds("telemetry.interval_s", self.interval_s)
+        )
+        want_int("telemetry.spool_max_bytes", self.spool_max_bytes, low=MIN_SPOOL_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """How the agent fetches a chunked model transfer.
+
+    Attributes:
+        window: Chunks requested at once, 1-1024.
+        stall_timeout_s: Seconds without progress after which missing chunks are
+            requested again (> 0).
+
+    Raises:
+        ConfigError: a wrong type or a value out of range.
+    """
+
+    window: int = _default("transfer.window")
+    stall_timeout_s: float = _default("transfer.stall_timeout_s")
+
+    def __post_init__(self) -> None:
+        want_int("transfer.window", self.window, low=1, high=MAX_WINDOW)
+        object.__setattr__(
+            self,
+            "stall_timeout_s",
+            want_seconds("transfer.stall_timeout_s", self.stall_timeout_s),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """Local data for federated rounds, and the labelled-feedback buffer.
+
+    Attributes:
+        data: Directory of ``.npz`` (arrays ``x``, ``y``) and ``.csv`` (label last)
+            files to train on; None: only labelled feedback (the agent takes part
+            in rounds once it has some).
+        holdout_fraction: Share of the local examples kept out of training for
+            evaluation rounds, in [0, 0.9].
+        feedback_max_examples: Most labelled-feedback examples kept on disk (the
+            oldest go first); 0 turns feedback off.
+        prediction_log: Recent predictions whose inputs are remembered so that
+            feedback can label them.
+
+    Raises:
+        ConfigError: a wrong type or a value out of range.
+    """
+
+    data: Path | None = None
+    holdout_fraction: float = _default("training.holdout_fraction")
+    feedback_max_examples: int = _default("training.feedback_max_examples")
+    prediction_log: int = _default("training.prediction_log")
+
+    def __post_init__(self) -> None:
+        if self.data is not None and not isinstance(self.data, Path):
+            raise FieldError(
+                "training.data", f"training.data must be a path, got {kind_of(self.data)}"
+            )
+        fraction = self.holdout_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not (0.0 <= fraction <= 0.9)
+        ):
+            raise FieldError(
+                "training.holdout_fraction",
+                f"training.holdout_fraction must be a number in [0, 0.9], got {fraction!r}",
+            )
+        object.__setattr__(self, "holdout_fraction", float(fraction))
+        want_int("training.feedback_max_examples", self.feedback_max_examples, low=0)
+        want_int("training.prediction_log", self.prediction_log, low=1, high=1_000_000)
