@@ -354,7 +354,9 @@ class InProcessFleet:
     device (the single-link path).
     """
 
-    def __init__(self, broker: Mosquitto, root: Path, trust: Path, *, name: str = "fleet-net"):
+    def __init__(
+        self, broker: Mosquitto, root: Path, trust: Path, *, name: str = "fleet-net"
+    ) -> None:
         self.broker = broker
         self.root = root
         self.trust = trust

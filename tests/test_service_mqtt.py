@@ -159,6 +159,9 @@ def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_i
         return {d.state for d in devices if d.stage == 0} == {"rolled_back"}
 
     wait_for(canary_rolled_back, what="the canary rolled back")
+    # The halted rollout settled and the completed one has every device installed:
+    # the coordinator keeps none of their deliveries.
+    wait_for(lambda: service.coordinator.tracked() == [], what="no delivery tracked")
     view = service.rollout(second)
     canary = [d for d in view.devices if d.stage == 0]
     assert len(canary) == 2
