@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +22,7 @@ from compress.artifact import write_artifact
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
 from compress.signing import SignedManifest, sign_manifest
-
-if TYPE_CHECKING:
-    from tests.fleet_support import InProcessFleet, Mosquitto
+from tests.fleet_support import InProcessFleet, Mosquitto, public_key_file
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -120,10 +118,6 @@ def artifact_file(tmp_path: Path, signing_key: SigningKey) -> ArtifactFactory:
     return factory
 
 
-# The MQTT fixtures import tests.fleet_support lazily: it loads the coordinator, model
-# export and packaging, which most tests do not need.
-
-
 @pytest.fixture
 def broker_users() -> Sequence[str]:
     """The MQTT users (besides ``coordinator``) the ``broker`` knows; modules override it."""
@@ -133,8 +127,6 @@ def broker_users() -> Sequence[str]:
 @pytest.fixture
 def broker(tmp_path: Path, broker_users: Sequence[str]) -> Iterator[Mosquitto]:
     """A running mosquitto with the shipped ACL, stopped after the test."""
-    from tests.fleet_support import Mosquitto  # noqa: PLC0415 - see above
-
     with Mosquitto(tmp_path / "broker", broker_users) as instance:
         yield instance
 
@@ -142,8 +134,6 @@ def broker(tmp_path: Path, broker_users: Sequence[str]) -> Iterator[Mosquitto]:
 @pytest.fixture
 def fleet(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[InProcessFleet]:
     """In-process agents on ``broker`` trusting ``signing_key`` (none started yet)."""
-    from tests.fleet_support import InProcessFleet, public_key_file  # noqa: PLC0415
-
     trust = public_key_file(tmp_path / "fleet-keys", signing_key)
     instance = InProcessFleet(broker, tmp_path / "agents", trust)
     try:
