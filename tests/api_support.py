@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -53,6 +52,7 @@ from coordinator.service.store.records import (
     TelemetryRow,
 )
 from coordinator.service.tokens import Role
+from tests.fleet_support import wait_for
 
 __all__ = [
     "ARTIFACT_MAGIC",
@@ -107,11 +107,12 @@ def serve(app: ASGIApp, *, timeout: float = 10.0) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
+
+        def started() -> bool:
             assert thread.is_alive(), "the server thread died"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+            return bool(server.started)
+
+        wait_for(started, timeout, what="the server to start")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

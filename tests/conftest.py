@@ -1,10 +1,16 @@
 """Shared fixtures: signing keys, a fixed clock, manifest/artifact factories, a clean
-environment for the operator commands."""
+environment for the operator commands, a real mosquitto and in-process agents.
+
+``broker`` is THE mosquitto of the suite (tests/fleet_support.py's :class:`Mosquitto`,
+with the shipped ACL); it knows the MQTT users a module names by overriding
+``broker_users``. ``fleet`` starts in-process agents on it that trust
+``signing_key``. Waiting is tests/fleet_support.py's ``wait_for``.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ from compress.artifact import write_artifact
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
 from compress.signing import SignedManifest, sign_manifest
+from tests.fleet_support import InProcessFleet, Mosquitto, public_key_file
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -109,3 +116,27 @@ def artifact_file(tmp_path: Path, signing_key: SigningKey) -> ArtifactFactory:
         return path
 
     return factory
+
+
+@pytest.fixture
+def broker_users() -> Sequence[str]:
+    """The MQTT users (besides ``coordinator``) the ``broker`` knows; modules override it."""
+    return ()
+
+
+@pytest.fixture
+def broker(tmp_path: Path, broker_users: Sequence[str]) -> Iterator[Mosquitto]:
+    """A running mosquitto with the shipped ACL, stopped after the test."""
+    with Mosquitto(tmp_path / "broker", broker_users) as instance:
+        yield instance
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[InProcessFleet]:
+    """In-process agents on ``broker`` trusting ``signing_key`` (none started yet)."""
+    trust = public_key_file(tmp_path / "fleet-keys", signing_key)
+    instance = InProcessFleet(broker, tmp_path / "agents", trust)
+    try:
+        yield instance
+    finally:
+        instance.stop()

@@ -1,5 +1,9 @@
-"""Test support for delivery tests: a real mosquitto, signed artifacts, agents.
+"""Test support shared by the whole suite: waiting, a real mosquitto, artifacts, agents.
 
+* :func:`wait_for`: THE way a test waits for something to happen (polls a condition,
+  fails the test with what it waited for). Tests do not sleep a fixed time to let
+  something happen, nor to prove that something did not happen: they wait for a
+  positive event that must come after it, or check the pure engine with a fake clock.
 * :class:`Mosquitto`: a mosquitto broker on a loopback port with the shipped
   least-privilege ACL and a password file; it can be stopped and started again on
   the same port (broker restart tests). Passwords are ``pw-<user>``.
@@ -8,7 +12,10 @@
   expired, broken health check).
 * :class:`AgentProcess`: ``fedge-agent run`` in a separate process; SIGKILL-able.
 * :func:`agent_config`: an :class:`~edge_agent.config.agent.AgentConfig` for in-process
-  agents.
+  agents; :class:`InProcessFleet`: in-process agents on one shared network loop.
+
+The ``broker`` fixture (tests/conftest.py) starts a :class:`Mosquitto` that knows the
+users of the module's ``broker_users`` fixture.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
 from coordinator.delivery.packaging import PackageRequest, package_model
 from coordinator.link.hub import Coordinator, CoordinatorConfig
+from edge_agent.agent import Agent
 from edge_agent.config.agent import (
     AgentConfig,
     BrokerConfig,
@@ -50,8 +58,14 @@ from edge_agent.config.agent import (
     TrustConfig,
 )
 from edge_agent.protocol import MOSQUITTO_ACL
+from edge_agent.transport.network_loop import NetworkLoop
 
 TIMEOUT = 10.0
+"""How long a test helper waits for a process or a port."""
+WAIT_S = 90.0
+"""How long :func:`wait_for` waits by default: reached only when the test fails
+anyway, so it is generous (MQTT tests with 20 agents on a shared 2-core machine)."""
+POLL_S = 0.02
 FEATURES = 16
 CLASSES = 4
 
@@ -77,18 +91,20 @@ def password(user: str) -> str:
     return f"pw-{user}"
 
 
-def wait_for(
-    condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
-) -> Any:
-    """Poll until ``condition()`` is truthy; return its value or fail the test."""
+def wait_for(condition: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition") -> Any:
+    """Poll until ``condition()`` is truthy; return its value or fail the test.
+
+    ``what`` names the awaited event in the failure message. ``condition`` may
+    itself fail the test (e.g. when a process it waits on has exited).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(POLL_S)
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,7 @@ class Mosquitto:
     """
 
     def __init__(self, directory: Path, users: Sequence[str], tls: TlsFiles | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.tls = tls
         self.port = free_port()
@@ -220,17 +237,17 @@ class Mosquitto:
             self.process = subprocess.Popen(
                 [tool("mosquitto"), "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"mosquitto exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not listen: {self.log.read_text()}")
-                time.sleep(0.02)
+        wait_for(self._listening, TIMEOUT, what=f"mosquitto to listen: {self.log}")
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"mosquitto exited: {self.log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def __enter__(self) -> Mosquitto:
         self.start()
@@ -319,6 +336,60 @@ def agent_config(
     }
     fields.update(changes)
     return AgentConfig(**fields)
+
+
+class InProcessFleet:
+    """In-process agents on one shared network loop, as ``fedge simulate`` runs them.
+
+    Workflow::
+
+        fleet = InProcessFleet(broker, tmp_path / "agents", trust)
+        fleet.start_all(["d0", "d1"])       # or fleet.start("d0", tags=("lab",))
+        fleet.agents["d0"].stop(); fleet.start("d0")   # a restart keeps its data dir
+        sent = fleet.stop_agents()          # telemetry windows the broker took
+        fleet.stop()                        # agents, then the loop (idempotent)
+
+    An agent's config is :func:`agent_config` with the keyword changes given to
+    :meth:`start`. With ``private_loop=True`` an agent runs on its own loop, as on a
+    device (the single-link path).
+    """
+
+    def __init__(
+        self, broker: Mosquitto, root: Path, trust: Path, *, name: str = "fleet-net"
+    ) -> None:
+        self.broker = broker
+        self.root = root
+        self.trust = trust
+        self.network = NetworkLoop(name=name)
+        self.network.start()
+        self.agents: dict[str, Agent] = {}
+
+    def start(self, device_id: str, *, private_loop: bool = False, **changes: Any) -> Agent:
+        """Start (or restart, with the same data directory) one agent."""
+        config = agent_config(self.broker, device_id, self.root / device_id, self.trust, **changes)
+        agent = Agent(config) if private_loop else Agent(config, network=self.network)
+        agent.start()
+        self.agents[device_id] = agent
+        return agent
+
+    def start_all(self, device_ids: Sequence[str], **changes: Any) -> list[Agent]:
+        """Start one agent per id (same changes for each); return them in order."""
+        return [self.start(device_id, **changes) for device_id in device_ids]
+
+    def wait_connected(self) -> None:
+        """Until every started agent is connected to the broker."""
+        wait_for(lambda: all(a.connected for a in self.agents.values()), what="agents connected")
+
+    def stop_agents(self) -> int:
+        """Stop every agent; the telemetry windows the broker acknowledged from them."""
+        for agent in self.agents.values():
+            agent.stop()
+        return sum(agent.telemetry_published for agent in self.agents.values())
+
+    def stop(self) -> None:
+        """Stop every agent, then the shared loop."""
+        self.stop_agents()
+        self.network.close()
 
 
 def coordinator(broker: Mosquitto, **changes: Any) -> Coordinator:

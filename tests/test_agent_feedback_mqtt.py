@@ -9,7 +9,6 @@ eligible for federated rounds; a round then trains on exactly those examples.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from flwr.serverapp.strategy import FedAvg
 
 from compress.families import init_weights
-from compress.keys import generate_signing_key
+from compress.keys import SigningKey
 from coordinator.federated.runs import TrainingConfig, run_training
 from coordinator.link.fleet import Target
 from coordinator.link.hub import Artifact, Coordinator
@@ -30,12 +29,12 @@ from edge_agent.errors import TrainingError, UnknownPredictionError
 from tests.fleet_support import (
     CLASSES,
     FEATURES,
+    InProcessFleet,
     Mosquitto,
-    agent_config,
     coordinator,
     free_port,
     make_artifact,
-    public_key_file,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,33 +57,26 @@ def _announced(coord: Coordinator, device_id: str, examples: int) -> bool:
     return any(r.device_id == device_id and r.train_examples == examples for r in coord.fleet())
 
 
-def _wait(condition: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+@pytest.fixture
+def broker_users() -> list[str]:
+    return ["pi-1"]
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Agent, Coordinator, int]]:
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker", ["pi-1"])
-    broker.start()
-    key = generate_signing_key()
-    trust = public_key_file(tmp_path / "keys", key)
+def setup(
+    tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet, signing_key: SigningKey
+) -> Iterator[tuple[Agent, Coordinator, int]]:
     port = free_port()
-    agent = Agent(agent_config(broker, "pi-1", tmp_path / "pi-1", trust, http=f"127.0.0.1:{port}"))
-    agent.start()
+    agent = fleet.start("pi-1", private_loop=True, http=f"127.0.0.1:{port}")
     coord = coordinator(broker)
     try:
-        _wait(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()))
-        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        wait_for(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()),
+                 what="pi-1 online")  # fmt: skip
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
         assert coord.wait(coord.deploy(artifact, Target.parse("all")), timeout=30).succeeded
         yield agent, coord, port
     finally:
         coord.stop()
-        agent.stop()
-        broker.stop()
 
 
 def test_feedback_turns_predictions_into_training_data_for_rounds(
@@ -110,7 +102,7 @@ def test_feedback_turns_predictions_into_training_data_for_rounds(
     assert status == 404
     assert error["error"]["code"] == "unknown_prediction"
     # The agent announces its 4 examples (at its next telemetry tick) ...
-    _wait(lambda: _announced(coord, "pi-1", 4))
+    wait_for(lambda: _announced(coord, "pi-1", 4), what="4 examples announced")
     # ... and trains on them (80 % of 4 = 3 examples; 1 is held out) when asked.
     weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
     config = TrainingConfig(

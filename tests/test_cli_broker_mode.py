@@ -12,8 +12,6 @@ stored rollout and audit log as a later command sees them.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,47 +23,31 @@ from compress.keys import SigningKey, generate_signing_key
 from coordinator.cli.app import app
 from coordinator.service.operations import CLI_ACTOR
 from edge_agent.agent import Agent
-from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
+    InProcessFleet,
     Mosquitto,
-    agent_config,
     make_artifact,
     password,
     public_key_file,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_fedge_env")]
 
 DEVICES = ["cb0", "cb1", "cb2"]
-WAIT_S = 60.0
 
 runner = CliRunner(mix_stderr=False)
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path, DEVICES) as instance:
-        yield instance
+def broker_users() -> list[str]:
+    return DEVICES
 
 
 @pytest.fixture
-def agents(
-    tmp_path: Path, broker: Mosquitto, signing_key: SigningKey
-) -> Iterator[dict[str, Agent]]:
-    trust = public_key_file(tmp_path / "agent-keys", signing_key)
-    network = NetworkLoop(name="cb-net")
-    network.start()
-    started: dict[str, Agent] = {}
-    try:
-        for device in DEVICES:
-            config = agent_config(broker, device, tmp_path / "agents" / device, trust)
-            started[device] = Agent(config, network=network)
-            started[device].start()
-        yield started
-    finally:
-        for agent in started.values():
-            agent.stop()
-        network.close()
+def agents(fleet: InProcessFleet) -> dict[str, Agent]:
+    fleet.start_all(DEVICES)
+    return fleet.agents
 
 
 class Fedge:
@@ -100,14 +82,13 @@ def fedge(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Fedge:
 
 def wait_online(fedge: Fedge, count: int) -> list[dict[str, Any]]:
     """``fedge devices --json`` until ``count`` devices are online."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
+
+    def online() -> list[dict[str, Any]] | None:
         rows: list[dict[str, Any]] = fedge.json("devices")
-        if sum(bool(row["online"]) for row in rows) == count:
-            return rows
-        if time.monotonic() > deadline:
-            pytest.fail(f"{count} devices never online: {rows}")
-        time.sleep(0.5)
+        return rows if sum(bool(row["online"]) for row in rows) == count else None
+
+    rows: list[dict[str, Any]] = wait_for(online, what=f"{count} devices online")
+    return rows
 
 
 def serving(agents: dict[str, Agent]) -> dict[str, int | None]:

@@ -59,6 +59,7 @@ from edge_agent.protocol import (
 from tests.fleet_support import (
     FEATURES,
     AgentProcess,
+    InProcessFleet,
     Mosquitto,
     TlsFiles,
     agent_config,
@@ -75,26 +76,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A running mosquitto that knows the coordinator and DEVICES."""
-    instance = Mosquitto(tmp_path, DEVICES)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    """The release signing key the agents trust."""
-    return generate_signing_key()
+def broker_users() -> list[str]:
+    return DEVICES
 
 
 @pytest.fixture
-def trust(tmp_path: Path, key: SigningKey) -> Path:
+def trust(tmp_path: Path, signing_key: SigningKey) -> Path:
     """The trusted public key file."""
-    return public_key_file(tmp_path / "keys", key)
+    return public_key_file(tmp_path / "keys", signing_key)
 
 
 def fedge_run(broker: Mosquitto, *args: str) -> Result:
@@ -158,19 +147,11 @@ def spawn(broker: Mosquitto, trust: Path) -> Iterator[Callable[..., AgentProcess
 
 
 @pytest.fixture
-def agents(broker: Mosquitto, tmp_path: Path, trust: Path) -> Iterator[list[Agent]]:
-    """Three started in-process agents."""
-    started = [
-        Agent(agent_config(broker, device, tmp_path / device, trust)) for device in DEVICES[:3]
-    ]
-    for agent in started:
-        agent.start()
-    wait_for(lambda: all(a.connected for a in started), what="agents connected")
-    try:
-        yield started
-    finally:
-        for agent in started:
-            agent.stop()
+def agents(fleet: InProcessFleet) -> list[Agent]:
+    """Three started in-process agents, each on its own loop as on a device."""
+    started = fleet.start_all(DEVICES[:3], private_loop=True)
+    fleet.wait_connected()
+    return started
 
 
 def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -185,7 +166,7 @@ def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, di
 
 
 def test_three_agent_processes_install_a_signed_int8_artifact(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, spawn: Callable[..., AgentProcess]
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, spawn: Callable[..., AgentProcess]
 ) -> None:
     ports = [free_port() for _ in range(3)]
     processes = [  # the last one reads everything from agent.toml
@@ -194,7 +175,7 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
     ]
     try:
         online(broker, *DEVICES[:3])
-        artifact = make_artifact(tmp_path, key, version=3)
+        artifact = make_artifact(tmp_path, signing_key, version=3)
         assert read_artifact_unverified(artifact)[0].manifest.quantization.startswith("int8")
 
         result = fedge_run(broker, "deploy", str(artifact), "--to", "all", "--wait")
@@ -231,17 +212,17 @@ def test_bad_artifacts_are_rejected_by_every_agent(
     agents: list[Agent],
     broker: Mosquitto,
     tmp_path: Path,
-    key: SigningKey,
+    signing_key: SigningKey,
     variant: str,
     code: str,
 ) -> None:
-    status, _ = deploy_json(broker, make_artifact(tmp_path, key, version=2))
+    status, _ = deploy_json(broker, make_artifact(tmp_path, signing_key, version=2))
     assert status == 0
     bad = {
-        "tampered": lambda: make_artifact(tmp_path, key, version=3, tamper_payload=True),
+        "tampered": lambda: make_artifact(tmp_path, signing_key, version=3, tamper_payload=True),
         "untrusted": lambda: make_artifact(tmp_path, generate_signing_key(), version=3),
-        "not_newer": lambda: make_artifact(tmp_path, key, version=2, seed=1),
-        "expired": lambda: make_artifact(tmp_path, key, version=3, expired=True),
+        "not_newer": lambda: make_artifact(tmp_path, signing_key, version=2, seed=1),
+        "expired": lambda: make_artifact(tmp_path, signing_key, version=3, expired=True),
     }[variant]()
 
     status, result = deploy_json(broker, bad)
@@ -260,10 +241,10 @@ def test_bad_artifacts_are_rejected_by_every_agent(
 
 
 def test_health_check_failure_keeps_the_old_model_and_says_why(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
-    assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
-    broken = make_artifact(tmp_path, key, version=2, break_health_check=True)
+    assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
+    broken = make_artifact(tmp_path, signing_key, version=2, break_health_check=True)
 
     status, result = deploy_json(broker, broken)
 
@@ -276,14 +257,14 @@ def test_health_check_failure_keeps_the_old_model_and_says_why(
         assert agent.model is not None
         assert agent.model.version == 1
     # The failed version was never installed, so a fixed v2 is still accepted.
-    assert deploy_json(broker, make_artifact(tmp_path, key, version=2, seed=5))[0] == 0
+    assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=2, seed=5))[0] == 0
 
 
 def test_rollback_returns_to_the_previous_model(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     for version in (1, 2):
-        assert deploy_json(broker, make_artifact(tmp_path, key, version=version))[0] == 0
+        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=version))[0] == 0
 
     status, out = fedge(broker, "rollback", "--to", "tag:none", "--model", "digits", "--json")
     assert status == 1
@@ -302,14 +283,14 @@ def test_rollback_returns_to_the_previous_model(
     assert status == 1
     assert json.loads(out)["devices"][0]["error_code"] == "no_previous_model"
     status, result = deploy_json(
-        broker, make_artifact(tmp_path, key, version=2), "--to", f"device:{DEVICES[0]}"
+        broker, make_artifact(tmp_path, signing_key, version=2), "--to", f"device:{DEVICES[0]}"
     )
     assert status == 1
     assert result["devices"][0]["error_code"] == "rollback"
 
 
 def test_broker_restart_in_the_middle_of_a_transfer(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     restarted: list[bool] = []
     model_at_kill: list[object] = []
@@ -333,7 +314,7 @@ def test_broker_restart_in_the_middle_of_a_transfer(
         wait_for(lambda: all(a.connected for a in agents), what="agents connected")
         operator = coordinator(broker, chunk_size=1024)
         try:
-            artifact = Artifact.load(make_artifact(tmp_path, key, version=4, hidden=1024))
+            artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=4, hidden=1024))
             assert len(artifact.payload) > 20 * 1024
             delivery = operator.deploy(artifact, Target.parse("all"))
             wait_for(lambda: restarted, what="the broker to go down mid-transfer")
@@ -369,13 +350,13 @@ CRASH_POINTS = [
 def test_agent_sigkilled_during_download_or_install_recovers(
     broker: Mosquitto,
     tmp_path: Path,
-    key: SigningKey,
+    signing_key: SigningKey,
     spawn: Callable[..., AgentProcess],
     point: str,
 ) -> None:
     data_dir = tmp_path / DEVICES[0]
-    v1 = make_artifact(tmp_path, key, version=1)
-    v2 = Artifact.load(make_artifact(tmp_path, key, version=2, hidden=1024))
+    v1 = make_artifact(tmp_path, signing_key, version=1)
+    v2 = Artifact.load(make_artifact(tmp_path, signing_key, version=2, hidden=1024))
     port = free_port()
     first = spawn(DEVICES[0], data_dir, http_port=port)
     operator = coordinator(broker, chunk_size=1024)
@@ -419,14 +400,14 @@ def test_agent_sigkilled_during_download_or_install_recovers(
 
 
 def test_agent_survives_hostile_messages(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, spawn: Callable[..., AgentProcess]
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, spawn: Callable[..., AgentProcess]
 ) -> None:
 
     port = free_port()
     process = spawn(DEVICES[0], tmp_path / DEVICES[0], http_port=port)
     try:
         online(broker, DEVICES[0])
-        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         rng = np.random.default_rng(7)
         me, other = DEVICES[0], DEVICES[1]
         valid_chunk = encode(
@@ -525,14 +506,14 @@ def test_agent_survives_hostile_messages(
         assert answer["version"] == 1
         assert http_json(port, "/v1/health")["status"] == "ok"
         # Still takes orders from the real coordinator.
-        assert deploy_json(broker, make_artifact(tmp_path, key, version=2))[0] == 0
+        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=2))[0] == 0
         assert served_version(port) == 2
     finally:
         assert process.stop() == 0, process.log_text()[-3000:]
 
 
 def test_fleet_shows_devices_and_offline_after_stop(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     agent = Agent(agent_config(broker, DEVICES[3], tmp_path / "a3", trust, tags=("camera",)))
     agent.start()
@@ -544,7 +525,7 @@ def test_fleet_shows_devices_and_offline_after_stop(
         assert device["tags"] == ["camera"]
         assert device["models"] == []
         assert "machine" in device["hardware"]
-        artifact = make_artifact(tmp_path, key, version=1)
+        artifact = make_artifact(tmp_path, signing_key, version=1)
         status, out = fedge(broker, "deploy", str(artifact), "--json", "--to",
                             f"device:{DEVICES[3]},ghost")  # fmt: skip
         assert status == 1
@@ -561,7 +542,7 @@ def test_fleet_shows_devices_and_offline_after_stop(
     status, out = fedge(
         broker,
         "deploy",
-        str(make_artifact(tmp_path, key, version=2)),
+        str(make_artifact(tmp_path, signing_key, version=2)),
         "--wait",
         "--json",
         "--to",
@@ -574,9 +555,9 @@ def test_fleet_shows_devices_and_offline_after_stop(
 
 
 def test_unknown_target_is_a_clear_error(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
-    artifact = make_artifact(tmp_path, key, version=1)
+    artifact = make_artifact(tmp_path, signing_key, version=1)
     status, out = fedge(broker, "deploy", str(artifact), "--to", "device:nobody", "--json")
     assert status == 1
     assert json.loads(out)["error"]["code"] == "bad_target"
@@ -608,7 +589,7 @@ class Subscriber:
 
 
 def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     # The agent retries every 3 s, so the fresh test subscriber below is listening
     # again before the agent reconnects and drains its spool.
@@ -621,7 +602,7 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
     sinks = [sink]
     try:
         wait_for(lambda: agent.connected, what="agent connected")
-        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         wait_for(lambda: sink.messages, what="a first telemetry batch")
 
         broker.stop()
@@ -666,7 +647,7 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
         agent.stop()
 
 
-def test_delivery_over_mutual_tls(tmp_path: Path, key: SigningKey, trust: Path) -> None:
+def test_delivery_over_mutual_tls(tmp_path: Path, signing_key: SigningKey, trust: Path) -> None:
     tls = TlsFiles.create(tmp_path / "tls")
     secure = Mosquitto(tmp_path, DEVICES, tls=tls)
     secure.start()
@@ -684,7 +665,7 @@ def test_delivery_over_mutual_tls(tmp_path: Path, key: SigningKey, trust: Path) 
         status, out = fedge(secure, "fleet", "--json", *tls_flags)
         assert status == 0, out
         assert [d["device_id"] for d in json.loads(out)["devices"]] == [DEVICES[0]]
-        artifact = make_artifact(tmp_path, key, version=1)
+        artifact = make_artifact(tmp_path, signing_key, version=1)
         status, out = fedge(secure, "deploy", str(artifact), "--wait", "--json", *tls_flags)
         assert status == 0, out
         assert agent.model is not None
@@ -724,7 +705,7 @@ def test_every_lost_connection_marks_the_device_offline(
 
 
 def test_a_transfer_nobody_serves_gives_up_and_says_so(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     config = agent_config(broker, DEVICES[0], tmp_path / "a0", trust)
     agent = Agent(replace(config, transfer=TransferConfig(window=4, stall_timeout_s=0.1)))
@@ -732,7 +713,7 @@ def test_a_transfer_nobody_serves_gives_up_and_says_so(
     events = Subscriber(broker, device_topic(DEVICES[0], Channel.EVENTS))
     try:
         wait_for(lambda: agent.connected, what="agent connected")
-        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
         deploy = Deploy(
             deployment_id="orphan",
             transfer_id=artifact.transfer_id,
@@ -773,11 +754,11 @@ def test_a_transfer_nobody_serves_gives_up_and_says_so(
 
 
 def test_devices_outside_the_target_receive_none_of_the_payload(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     bystander = agents[2]
     before = bystander.counters.messages
-    artifact = make_artifact(tmp_path, key, version=1, hidden=256)  # several chunks
+    artifact = make_artifact(tmp_path, signing_key, version=1, hidden=256)  # several chunks
     targets = f"device:{DEVICES[0]},{DEVICES[1]}"
     status, result = deploy_json(broker, artifact, "--to", targets, "--chunk-size", "1024")
     assert status == 0
@@ -787,7 +768,7 @@ def test_devices_outside_the_target_receive_none_of_the_payload(
 
 
 def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey, trust: Path
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     # A first agent installs v1; then the staging directory of that install is put
     # back as a crash right after the commit would leave it (payload moved away).
@@ -797,7 +778,7 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
     first.start()
     try:
         wait_for(lambda: first.connected, what="connected")
-        assert deploy_json(broker, make_artifact(tmp_path, key, version=1))[0] == 0
+        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         installed = first.model
         assert installed is not None
     finally:
@@ -830,7 +811,7 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
 
 
 def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, key: SigningKey
+    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     weights = init_weights("softmax", [FEATURES, 4], np.random.default_rng(3))
     model = tmp_path / "softmax.tflite"
@@ -838,7 +819,7 @@ def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
     artifact = tmp_path / "softmax.fedge"
     package_model(
         PackageRequest(
-            model_path=model, name="digits", version=7, keys=[key], out=artifact,
+            model_path=model, name="digits", version=7, keys=[signing_key], out=artifact,
             quantize="none",
         ),
         now=datetime.now(UTC),
@@ -876,13 +857,13 @@ class FakeDevice:
 
 
 def test_a_status_showing_the_model_counts_as_installed(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     device = FakeDevice(broker, DEVICES[0])
     device.status()
     operator = coordinator(broker)
     try:
-        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
         delivery = operator.deploy(artifact, Target.parse("all"))
         wait_for(device.deploys, what="the deploy command")
         # The device's "installed" report got lost; its retained status still tells.
@@ -894,13 +875,13 @@ def test_a_status_showing_the_model_counts_as_installed(
 
 
 def test_the_coordinator_resends_deploys_after_losing_its_connection(
-    broker: Mosquitto, tmp_path: Path, key: SigningKey
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     device = FakeDevice(broker, DEVICES[0])
     device.status()
     operator = coordinator(broker)
     try:
-        artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
         delivery = operator.deploy(artifact, Target.parse("all"))
         wait_for(lambda: len(device.deploys()) == 1, what="the deploy command")
         operator._link.drop_connection()  # whatever the device said meanwhile is lost

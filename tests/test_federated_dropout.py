@@ -20,7 +20,7 @@ from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResu
 from coordinator.federated.strategies import build_strategy
 from coordinator.link.hub import Coordinator
 from tests.federated_support import LAYERS, digits_shards
-from tests.fleet_support import AgentProcess, Mosquitto, coordinator, public_key_file
+from tests.fleet_support import AgentProcess, Mosquitto, coordinator, public_key_file, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -84,13 +84,7 @@ class ProcessFleet:
 def processes(tmp_path: Path) -> Iterator[ProcessFleet]:
     fleet = ProcessFleet(tmp_path)
     try:
-        deadline = 60
-        import time  # noqa: PLC0415 - only the fixture waits
-
-        start = time.monotonic()
-        while fleet.eligible() < len(DEVICES):
-            assert time.monotonic() - start < deadline, "agents did not come up"
-            time.sleep(0.1)
+        wait_for(lambda: fleet.eligible() >= len(DEVICES), 60, what="the agents to come up")
         yield fleet
     finally:
         fleet.stop()

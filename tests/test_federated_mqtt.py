@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,12 +199,31 @@ def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
 def test_a_straggler_times_out_and_its_late_reply_is_dropped(
     fleet: FederatedFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def slow(original: Any, *args: Any) -> npt.NDArray[np.uint8]:
-        time.sleep(2.5)
-        return original(*args)  # type: ignore[no-any-return]
+    replies_at: list[float] = []  # when the coordinator counted a training reply
+    finished = False
+    changed = threading.Condition()
+
+    def on_round(_report: Any, what: str) -> None:
+        if what.startswith("training"):
+            with changed:
+                replies_at.append(time.time())
+                changed.notify_all()
+
+    def slow(original: Any, task: Any, *args: Any) -> npt.NDArray[np.uint8]:
+        """Answer once a later round's replies come in (past this task's deadline): late."""
+        with changed:
+            changed.wait_for(lambda: finished or any(t > task.deadline for t in replies_at),
+                             timeout=60.0)  # fmt: skip
+        return original(task, *args)  # type: ignore[no-any-return]
 
     _patch_encode(monkeypatch, fleet.agents[0], slow)
-    result = fleet.run(rounds=3, round_timeout_s=1.5, min_clients=5, model="straggler")
+    try:
+        result = fleet.run(rounds=3, round_timeout_s=1.5, min_clients=5, model="straggler",
+                           on_round=on_round)  # fmt: skip
+    finally:
+        with changed:
+            finished = True
+            changed.notify_all()
     assert all(r.status == "ok" for r in result.rounds)
     assert all(r.clients == 9 and r.timed_out == 1 for r in result.rounds)
     assert sum(r.late for r in result.rounds) >= 1

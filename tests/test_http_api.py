@@ -29,6 +29,7 @@ from edge_agent.serving.http_api import (
     parse_bind,
 )
 from edge_agent.serving.server import LoadedModel, ModelServer
+from tests.fleet_support import wait_for
 from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
 
 LOCAL = "127.0.0.1"
@@ -684,8 +685,14 @@ def test_too_many_requests_at_once_get_503(serve: Callable[..., Address]) -> Non
     address = serve(timeout_s=2.0)
     stalled = [socket.create_connection(address, timeout=5) for _ in range(MAX_CONCURRENT_REQUESTS)]
     try:
-        time.sleep(0.2)  # every slot is held by a connection that sends nothing
-        status, body = parse_raw(raw(address, b"GET /v1/health HTTP/1.0\r\n\r\n"))
+        # Until the server holds every stalled connection, a request takes a free
+        # slot and is answered; then it is refused at once.
+
+        def refused() -> tuple[int, Any] | None:
+            answer = parse_raw(raw(address, b"GET /v1/health HTTP/1.0\r\n\r\n"))
+            return answer if answer[0] == 503 else None
+
+        status, body = wait_for(refused, 10.0, what="a request refused while every slot is held")
         assert status == 503
         assert body["error"]["code"] == "busy"
     finally:

@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,9 @@ from edge_agent.protocol import (
     TelemetryBatch,
     TelemetryRecord,
 )
+from tests.fleet_support import wait_for
 
 BOUNDS = (1.0, 2.0, 5.0, 10.0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 class Clock:
@@ -48,9 +42,12 @@ class FailingStore(Store):
 
     failing = False
     presence_failing = False
+    failures = 0
+    """Telemetry writes refused so far."""
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> int:
         if self.failing:
+            self.failures += 1
             raise StoreError("disk full")
         return super().add_telemetry(rows)
 
@@ -212,8 +209,8 @@ def test_stop_retries_a_failing_store_then_says_what_it_could_not_write(
     ingest.add_status("d1", status(True))
     store.failing = store.presence_failing = True
 
-    def recover() -> None:
-        time.sleep(0.3)
+    def recover() -> None:  # once stop has tried, and tried again
+        wait_for(lambda: store.failures >= 2, what="stop to retry the failing store")
         store.failing = store.presence_failing = False
 
     healer = threading.Thread(target=recover)

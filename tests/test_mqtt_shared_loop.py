@@ -2,23 +2,25 @@
 
 This is how ``fedge simulate`` holds hundreds of agents in one process: one network
 thread, epoll, descriptors above select()'s 1023 ceiling. The single-link path
-(a device's private loop) is exercised by every other MQTT test.
+(a device's private loop) is exercised by every other MQTT test. A link's reconnect
+timers are checked on a manual loop (:class:`ManualLoop`), without a broker.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
+from edge_agent.config.agent import BrokerConfig
 from edge_agent.transport.mqtt import MqttLink, Will
-from edge_agent.transport.network_loop import NetworkLoop
+from edge_agent.transport.network_loop import NetworkLoop, TimerHandle
 from tests.descriptor_support import descriptors_above
-from tests.fleet_support import Mosquitto
+from tests.fleet_support import Mosquitto, free_port, wait_for
 
 LINKS = 30
 WAIT_S = 15.0
@@ -46,9 +48,8 @@ class Probe:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path, USERS) as instance:
-        yield instance
+def broker_users() -> list[str]:
+    return USERS
 
 
 @pytest.fixture
@@ -89,22 +90,12 @@ def make_probe(
     return probe
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def echo(coordinator: Probe, probe: Probe, payload: bytes) -> bool:
     """Both directions: the device publishes an event, the coordinator a command."""
     up = probe.user.encode() + b":" + payload
     if not probe.link.publish_wait(events_of(probe.user), up, timeout=WAIT_S):
         return False
-    if not wait_for(lambda: up in coordinator.received):
-        return False
+    wait_for(lambda: up in coordinator.received, what=f"{probe.user}'s event")
     probe.got.clear()
     if not coordinator.link.publish_wait(cmd_of(probe.user), payload, timeout=WAIT_S):
         return False
@@ -193,8 +184,17 @@ def test_stopping_a_link_that_waits_to_reconnect_is_prompt(
     probe.link.stop()
     assert time.monotonic() - started < 1.0
     broker.start()
-    time.sleep(1.5)  # a pending retry would have connected by now
+    # That a stopped link's pending retry never runs is proven on a manual loop
+    # (test_a_stopped_link_cancels_its_pending_retry); here: the loop goes on
+    # serving the links still started, and the stopped one stays down.
+    other = make_probe(broker, network, USERS[1])
+    other.link.start()
+    try:
+        wait_for(lambda: other.link.connected, what="another link on the loop")
+    finally:
+        other.link.stop()
     assert not probe.link.connected
+    assert probe.connects == 0
 
 
 def test_a_private_loop_is_started_and_closed_with_its_link(broker: Mosquitto) -> None:
@@ -211,3 +211,84 @@ def test_a_private_loop_is_started_and_closed_with_its_link(broker: Mosquitto) -
     link.connect(WAIT_S)  # a stopped link can start again, on a fresh loop
     assert link.connected
     link.stop()
+
+
+class ManualLoop:
+    """A :class:`NetworkLoop` twin on the test's thread: timers run when time is moved."""
+
+    running = True
+    closed = False
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[TimerHandle] = []
+        self._seq = itertools.count()
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def in_loop(self) -> bool:
+        return True
+
+    def add_ticker(self, _callback: Callable[[], None]) -> int:
+        return 1
+
+    def remove_ticker(self, _ticker_id: int) -> None:
+        pass
+
+    def call_soon(self, callback: Callable[[], None]) -> TimerHandle:
+        return self.call_later(0.0, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        handle = TimerHandle(self.now + delay, next(self._seq), callback)
+        self.timers.append(handle)
+        return handle
+
+    def pending(self) -> list[TimerHandle]:
+        return [t for t in self.timers if not t.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, running every timer that falls due (in order)."""
+        self.now += seconds
+        while due := sorted(t for t in self.pending() if t.when <= self.now):
+            self.timers.remove(due[0])
+            due[0].callback()
+
+
+def test_a_stopped_link_cancels_its_pending_retry() -> None:
+    """The fake-clock half of the prompt stop: no retry runs after stop(), ever."""
+    loop = ManualLoop()
+    closed_port = BrokerConfig("127.0.0.1", free_port(), False, reconnect_min_s=1.0,
+                               reconnect_max_s=2.0)  # fmt: skip
+
+    def link(user: str) -> MqttLink:
+        return MqttLink(
+            closed_port,
+            client_id=user,
+            subscriptions=[],
+            on_message=lambda *_args: None,
+            network=loop,
+        )  # type: ignore[arg-type]
+
+    stopped, going = link("a"), link("b")
+    stopped.start()
+    going.start()
+    loop.advance(0.0)  # the first attempts: refused, a retry each within 0.5-1 s
+    assert stopped.last_error is not None
+    assert going.last_error is not None
+    assert len(loop.pending()) == 2
+    stopped.stop()
+    assert len(loop.pending()) == 1  # the stopped link's retry is cancelled
+    retries = 0
+    for _ in range(10):  # a minute of backoff (at most 2 s apart): only the started link
+        before = loop.pending()
+        loop.advance(2.0)
+        retries += loop.pending() != before
+    assert retries == 10
+    assert len(loop.pending()) == 1
+    assert not stopped.connected
+    going.stop()
+    assert loop.pending() == []

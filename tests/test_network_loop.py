@@ -13,6 +13,7 @@ import pytest
 
 from edge_agent.transport.network_loop import TICK_S, NetworkLoop
 from tests.descriptor_support import descriptors_above
+from tests.fleet_support import wait_for
 
 WAIT_S = 5.0
 
@@ -126,14 +127,15 @@ def test_a_failing_callback_is_logged_and_the_loop_goes_on(
 def test_tickers_run_about_every_tick_until_removed(loop: NetworkLoop) -> None:
     ticks: list[float] = []
     ticker = loop.add_ticker(lambda: ticks.append(time.monotonic()))
-    deadline = time.monotonic() + 4 * TICK_S
-    while len(ticks) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(ticks) >= 2
+    wait_for(lambda: len(ticks) >= 2, timeout=4 * TICK_S, what="two ticks")
     assert ticks[1] - ticks[0] >= 0.9 * TICK_S
     loop.remove_ticker(ticker)
     count = len(ticks)
-    time.sleep(1.5 * TICK_S)
+    # A ticker added now has run twice only after a whole tick has passed since the
+    # removal: time enough for the removed one to run again had it stayed.
+    later: list[float] = []
+    loop.add_ticker(lambda: later.append(time.monotonic()))
+    wait_for(lambda: len(later) >= 2, timeout=4 * TICK_S, what="a later ticker's two ticks")
     assert len(ticks) <= count + 1  # one may have been under way
 
 

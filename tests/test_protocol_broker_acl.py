@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,14 +27,8 @@ TIMEOUT = 3.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[int]:
-    """A mosquitto broker with the shipped ACL; yields its port, stops it afterwards."""
-    instance = Mosquitto(tmp_path, [DEVICE, OTHER])
-    instance.start()
-    try:
-        yield instance.port
-    finally:
-        instance.stop()
+def broker_users() -> list[str]:
+    return [DEVICE, OTHER]
 
 
 class Client:
@@ -77,12 +70,12 @@ class Client:
 
 
 @pytest.fixture
-def clients(broker: int) -> Iterator[dict[str, Client]]:
+def clients(broker: Mosquitto) -> Iterator[dict[str, Client]]:
     opened: dict[str, Client] = {}
     try:
-        opened["coordinator"] = Client(broker, "coordinator")
-        opened[DEVICE] = Client(broker, DEVICE)
-        opened["probe"] = Client(broker, "coordinator", client_id="coordinator-probe")
+        opened["coordinator"] = Client(broker.port, "coordinator")
+        opened[DEVICE] = Client(broker.port, DEVICE)
+        opened["probe"] = Client(broker.port, "coordinator", client_id="coordinator-probe")
         yield opened
     finally:
         for client in opened.values():

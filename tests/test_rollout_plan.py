@@ -231,6 +231,24 @@ def test_halt_after_canary_rolls_back_the_installed_device() -> None:
     assert summary["stage_details"][0]["reported"] == 2
 
 
+def test_a_halted_rollout_releases_nothing_however_long_it_waits() -> None:
+    # What the real-broker halt tests no longer wait seconds to see.
+    rollout = started(soak="1s")
+    good, bad = rollout.stage_devices(0)
+    later = rollout.stage_devices(1) + rollout.stage_devices(2)
+    install(rollout, [good], T0 + 1)
+    rollout.on_install_status(bad, DeviceState.FAILED, T0 + 2)
+    assert rollout.state is RolloutState.HALTED
+    assert rollout.on_install_status(good, DeviceState.ROLLED_BACK, T0 + 3) == []
+    for seconds in (4, 5, 61, 3600, 86_400):  # many soaks, the install timeout, a day
+        assert rollout.tick(T0 + seconds) == []
+    assert rollout.on_offline(later[0], T0 + 86_401) == []
+    assert rollout.on_online(later[0], T0 + 86_402) == []
+    assert rollout.tick(T0 + 86_403) == []
+    assert (rollout.state, rollout.stage) == (RolloutState.HALTED, 0)
+    assert {status(rollout, d) for d in later} == {"waiting"}
+
+
 def test_halt_without_rollback_policy() -> None:
     rollout = started(rollback_on_halt=False)
     good, bad = rollout.stage_devices(0)
@@ -648,6 +666,22 @@ def test_pause_stops_advancing_and_resume_continues() -> None:
     ]
     assert rollout.resume(T0 + 603, "bob") == []
     assert rollout.tick(T0 + 604)[0] == StageReleased(1, rollout.stage_devices(1))
+
+
+def test_a_paused_rollout_releases_no_wave_however_long_it_waits() -> None:
+    # What the real-broker pause test no longer waits seconds to see: the canary
+    # installs while paused, its soak passes many times, and no wave goes out.
+    rollout = started(soak="1s")
+    canary, wave1 = rollout.stage_devices(0), rollout.stage_devices(1)
+    rollout.pause(T0 + 0.5, "alice")
+    assert install(rollout, canary, T0 + 1) == []
+    for seconds in (2, 3, 4, 601, 3600, 86_400):  # many soaks, the install timeout, a day
+        assert rollout.tick(T0 + seconds) == []
+    assert (rollout.state, rollout.stage) == (RolloutState.PAUSED, 0)
+    assert {status(rollout, d) for d in canary} == {"installed"}
+    assert {status(rollout, d) for d in wave1} == {"waiting"}
+    rollout.resume(T0 + 86_401, "bob")
+    assert rollout.tick(T0 + 86_402) == [StageReleased(1, wave1), Deploy(wave1)]
 
 
 def test_a_paused_rollout_still_halts() -> None:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from compress.keys import generate_signing_key
-from tests.fleet_support import free_port, make_artifact, public_key_file
+from tests.fleet_support import free_port, make_artifact, public_key_file, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,20 +92,18 @@ class ServiceProcess:
 
     def wait_ready(self) -> None:
         """Until GET /v1/health answers 200; fail at once if the process exits."""
-        assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"the service exited ({self.process.returncode}):\n{self.log_text()}")
+        process = self.process
+        assert process is not None
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"the service exited ({process.returncode}):\n{self.log_text()}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/v1/health", timeout=1.0).status_code == 200
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the service did not answer within {START_TIMEOUT_S}s:\n"
-                            f"{self.log_text()}")  # fmt: skip
-            time.sleep(0.05)
+                return False
+
+        wait_for(healthy, START_TIMEOUT_S, what=f"the service to answer (log: {self.log})")
 
     def signal(self, signum: int) -> int:
         """Send ``signum``; return the exit status (fails if it takes too long)."""

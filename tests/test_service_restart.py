@@ -14,39 +14,28 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from compress.keys import generate_signing_key
+from compress.keys import SigningKey
 from edge_agent.agent import Agent
-from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
+    InProcessFleet,
     Mosquitto,
-    agent_config,
     free_port,
     make_artifact,
     password,
-    public_key_file,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
 DEVICES = [f"rk{i:02d}" for i in range(20)]
-WAIT_S = 90.0
 FEDGE = str(Path(sys.executable).parent / "fedge")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Service:
@@ -75,28 +64,24 @@ class Service:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    broker = Mosquitto(tmp_path, DEVICES)
-    broker.start()
-    key = generate_signing_key()
-    trust = public_key_file(tmp_path / "keys", key)
-    network = NetworkLoop(name="rk-net")
-    network.start()
-    agents: list[Agent] = []
+def broker_users() -> list[str]:
+    return DEVICES
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet, signing_key: SigningKey
+) -> Iterator[dict[str, Any]]:
     (tmp_path / "pw").write_text(password("coordinator"))
     db = tmp_path / "service" / "state.db"
     port = free_port()
     service = Service(
         ["--db", str(db), "--bind", f"127.0.0.1:{port}", "--broker", broker.url,
-         "--password-file", str(tmp_path / "pw"), "--trust", str(trust)],
+         "--password-file", str(tmp_path / "pw"), "--trust", str(fleet.trust)],
         tmp_path / "service.log",
     )  # fmt: skip
     try:
-        for device in DEVICES:
-            agent = Agent(agent_config(broker, device, tmp_path / "agents" / device, trust),
-                          network=network)  # fmt: skip
-            agent.start()
-            agents.append(agent)
+        agents = fleet.start_all(DEVICES)
         created = subprocess.run(
             [FEDGE, "coordinator", "token", "create", "--role", "operator", "--db", str(db)],
             check=True, capture_output=True, text=True,
@@ -106,16 +91,12 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "service": service,
             "api": f"http://127.0.0.1:{port}",
             "token": token,
-            "artifact": make_artifact(tmp_path, key, version=2),
+            "artifact": make_artifact(tmp_path, signing_key, version=2),
             "agents": agents,
             "db": db,
         }
     finally:
         service.kill()
-        for agent in agents:
-            agent.stop()
-        network.close()
-        broker.stop()
 
 
 def saved_states(db: Path, rollout_id: str, *, stage: int) -> list[str]:

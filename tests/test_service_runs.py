@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,18 +20,13 @@ from coordinator.service.operations import CLI_ACTOR, RunRequest
 from coordinator.service.runs import RunManager, training_config
 from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
+from edge_agent.training import participant
+from edge_agent.training.numpy_trainers import trainer_for
 from tests.federated_support import FederatedFleet
+from tests.fleet_support import wait_for
 
 SETTINGS = {"features": 64, "classes": 10, "hidden": [32], "clients_per_round": 4,
             "train": {"epochs": 1, "lr": 0.05, "batch_size": 16}}  # fmt: skip
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------- settings (pure)
@@ -161,8 +158,22 @@ def test_a_service_stopped_mid_run_marks_the_run_and_its_round_interrupted(
 
 @pytest.mark.slow
 def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
-    tmp_path: Path, federated: FederatedFleet
+    tmp_path: Path, federated: FederatedFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fitting = threading.Event()  # set when a device starts training
+
+    class Telling:
+        def __init__(self, trainer: Any) -> None:
+            self.trainer = trainer
+
+        def fit(self, *args: Any) -> Any:
+            fitting.set()
+            return self.trainer.fit(*args)
+
+        def evaluate(self, *args: Any) -> Any:
+            return self.trainer.evaluate(*args)
+
+    monkeypatch.setattr(participant, "trainer_for", lambda family: Telling(trainer_for(family)))
     service = open_service(federated, tmp_path / "state.db")
     try:
         wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
@@ -185,8 +196,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         long_training = {**SETTINGS, "train": {"epochs": 400, "batch_size": 8}}
         slow = RunRequest(rounds=50, min_clients=3, round_timeout_s=120.0, config=long_training)
         run_id = service.start_run(slow, actor=CLI_ACTOR).run.run_id
-        wait_for(lambda: any(r.status == "running" for r in service.run(run_id).rounds))
-        time.sleep(0.5)  # into the training phase
+        wait_for(fitting.is_set, what="a device training")
         started = time.monotonic()
         view = service.stop_run(run_id, actor=CLI_ACTOR)
         assert time.monotonic() - started < 5.0
@@ -194,8 +204,9 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         last = view.rounds[-1]
         assert (last.status, last.reason) == ("failed", f"stopped by {CLI_ACTOR.name}")
         assert last.metrics["clients"] == 0  # nothing aggregated from a cut-short round
-        time.sleep(1.0)
-        assert len(service.run(run_id).rounds) == len(view.rounds)  # no round after it
+        # The stop returned within its 5 s wait: the run's thread has ended, so no
+        # round can come after it.
+        assert len(service.run(run_id).rounds) == len(view.rounds)
         actions = [a.action for a in service.audit_log()]
         assert actions == ["run.start", "run.stop", "run.start", "run.stop"]
     finally:

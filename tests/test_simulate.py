@@ -67,18 +67,17 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
 
 
-def test_simulate_against_mosquitto(tmp_path: Path) -> None:
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker", [f"sim{i:02d}" for i in range(5)])
-    broker.start()
-    try:
-        out = tmp_path / "run"
-        report = simulate(
-            "--agents", "5", "--rounds", "3", "--out", str(out), "--broker", broker.url,
-            "--broker-password-format", "pw-{user}", "--codec", "topk:0.1+int8",
-        )  # fmt: skip
-    finally:
-        broker.stop()
+@pytest.fixture
+def broker_users() -> list[str]:
+    return [f"sim{i:02d}" for i in range(5)]
+
+
+def test_simulate_against_mosquitto(tmp_path: Path, broker: Mosquitto) -> None:
+    out = tmp_path / "run"
+    report = simulate(
+        "--agents", "5", "--rounds", "3", "--out", str(out), "--broker", broker.url,
+        "--broker-password-format", "pw-{user}", "--codec", "topk:0.1+int8",
+    )  # fmt: skip
     check_run(report, out, agents=5, rounds=3)
     assert report["broker"] == broker.url
     assert report["uplink_bytes_per_round"] < report["fp32_uplink_bytes_per_round"] / 4

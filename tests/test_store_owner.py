@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from coordinator.errors import DatabaseInUseError
 from coordinator.service.fleet_service import open_store
 from coordinator.service.store import MEMORY, MIGRATIONS, SCHEMA_VERSION, Database, Store
 from coordinator.service.store.owner import OwnerClaim, holder
+from tests.fleet_support import wait_for
 
 
 def test_a_second_owner_in_this_process_is_refused_until_the_first_closes(
@@ -44,8 +44,9 @@ def test_a_killed_owner_leaves_no_claim_behind(tmp_path: Path) -> None:
             from coordinator.service.fleet_service import open_store
             store = open_store(Path({str(db)!r}))
             print("claimed", flush=True)
-            time.sleep(120)
+            sys.stdin.read()  # until killed
         """)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -57,20 +58,20 @@ def test_a_killed_owner_leaves_no_claim_behind(tmp_path: Path) -> None:
         assert caught.value.code == "database_in_use"
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
-        deadline = time.monotonic() + 5.0
-        while True:
+
+        def reopened() -> Store | None:
             try:
-                store = open_store(db)
-                break
+                return open_store(db)
             except DatabaseInUseError:
-                assert time.monotonic() < deadline, "the claim outlived its process"
-                time.sleep(0.05)
-        store.close()
+                return None
+
+        wait_for(reopened, 5.0, what="the claim to die with its process").close()
     finally:
         holder.kill()
         holder.wait(timeout=10)
-        if holder.stdout is not None:
-            holder.stdout.close()
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_an_in_memory_store_claims_nothing(tmp_path: Path) -> None:
