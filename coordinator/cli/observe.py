@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from coordinator.cli.fleet import JsonOption
-from coordinator.cli.operate import Connection, operations, with_connection
+from coordinator.cli.operate import operations
+from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import (
     audit_table,

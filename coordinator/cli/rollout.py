@@ -28,9 +28,9 @@ from typing import Annotated
 
 import typer
 
-from coordinator.cli.fleet import JsonOption, TargetOption
 from coordinator.cli.follow import follow
-from coordinator.cli.operate import Connection, operations, read_artifact, with_connection
+from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import (
     FINAL_ROLLOUT_STATES,

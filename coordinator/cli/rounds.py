@@ -38,9 +38,9 @@ import click
 import typer
 
 from compress.families import FAMILIES
-from coordinator.cli.fleet import JsonOption
 from coordinator.cli.follow import follow
-from coordinator.cli.operate import Connection, operations, with_connection
+from coordinator.cli.operate import operations
+from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
 from coordinator.cli.views import safe_text

@@ -36,20 +36,9 @@ from rich.text import Text
 from compress.families import FAMILIES, init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
-from coordinator.cli.fleet import (
-    BrokerOption,
-    CaOption,
-    CertOption,
-    ConnectTimeoutOption,
-    JsonOption,
-    KeyOption,
-    PasswordEnv,
-    PasswordFileOption,
-    UsernameOption,
-    broker_config,
-    connected,
-)
+from coordinator.cli.fleet import connected
 from coordinator.cli.model import load_weights
+from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
@@ -57,7 +46,6 @@ from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResu
 from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.hub import Coordinator
-from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = ["train"]
 
@@ -150,8 +138,9 @@ def _package(
     )
 
 
+@with_broker
 def train(
-    broker: BrokerOption,
+    connection: Connection,
     model: Annotated[str, typer.Option(help="Model name (devices keep per-model state).")],
     family: Annotated[str, typer.Option(help=f"Model family: {', '.join(FAMILIES)}.")] = "mlp",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 20,
@@ -221,13 +210,6 @@ def train(
         list[Path] | None, typer.Option("--key", help="Signing key for --package; repeatable.")
     ] = None,
     version: Annotated[int, typer.Option(min=1, help="Artifact version for --package.")] = 1,
-    username: UsernameOption = COORDINATOR_SENDER,
-    password_file: PasswordFileOption = None,
-    password: PasswordEnv = None,
-    ca_file: CaOption = None,
-    cert_file: CertOption = None,
-    key_file: KeyOption = None,
-    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
@@ -268,12 +250,8 @@ def train(
                 clipping_norm=dp_clip,
                 num_sampled_clients=clients_per_round,
             )
-        broker_settings = broker_config(
-            broker, username=username, password=password, password_file=password_file,
-            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        )  # fmt: skip
         title = f"{model}: {strategy}, {codec}, {rounds} rounds"
-        with connected(broker_settings, timeout=connect_timeout) as coordinator:
+        with connected(connection) as coordinator:
             result = _run(coordinator, chosen, config, title=title, live=not as_json)
         if out is not None:
             buffer = io.BytesIO()
