@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.cli.output import human_bytes
+from coordinator.cli.round_table import rounds_table, run_rounds
 from coordinator.cli.views import humanize_age, humanize_duration, safe_text
 from coordinator.service.operations import RolloutView, RunView
 from coordinator.service.store.records import (
@@ -84,7 +85,6 @@ _RUN_STYLES = {
     RunState.FAILED: "red",
     RunState.INTERRUPTED: "red",
 }
-_ROUND_STYLES = {"ok": "green", "failed": "red", "running": "yellow"}
 
 
 def to_json(value: Any) -> Any:
@@ -342,13 +342,6 @@ def runs_table(rows: Sequence[RunRow], *, now: float) -> Table:
     return table
 
 
-def _figure(metrics: Mapping[str, Any], key: str, form: str = "{}") -> str:
-    value = metrics.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-"
-    return form.format(value)
-
-
 def run_view(view: RunView, *, now: float) -> RenderableType:
     """A federated run: its settings and state, and one row per round."""
     run = view.run
@@ -365,28 +358,5 @@ def run_view(view: RunView, *, now: float) -> RenderableType:
     head.add_row("started", Text(humanize_age(run.created_at, now)))
     head.add_row("updated", Text(humanize_age(run.updated_at, now)))
 
-    table = Table(title=_plural(len(view.rounds), "round"))
-    table.add_column("round", justify="right")
-    table.add_column("status")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("clients", justify="right")
-    table.add_column("up", justify="right")
-    table.add_column("down", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("reason", overflow="fold")
-    for r in view.rounds:
-        m = r.metrics
-        up, down = m.get("uplink_bytes"), m.get("downlink_bytes")
-        table.add_row(
-            Text(str(r.round)),
-            _text(r.status, _ROUND_STYLES.get(r.status, "")),
-            Text(_figure(m, "accuracy", "{:.4f}")),
-            Text(_figure(m, "loss", "{:.4f}")),
-            Text(_figure(m, "clients")),
-            Text(human_bytes(up) if isinstance(up, int) else "-"),
-            Text(human_bytes(down) if isinstance(down, int) else "-"),
-            Text(_figure(m, "seconds", "{:.1f}")),
-            _text(_short(r.reason) or "-"),
-        )
+    table = rounds_table(run_rounds(view), title=_plural(len(view.rounds), "round"))
     return Group(head, table)

@@ -30,7 +30,6 @@ import typer
 from flwr.serverapp.strategy import Strategy
 from rich.console import Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from compress.families import FAMILIES, init_weights
@@ -40,6 +39,7 @@ from coordinator.cli.fleet import connected
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
+from coordinator.cli.round_table import percent, rounds_table
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
@@ -73,40 +73,6 @@ def _initial_weights(
     except ValueError:
         raise TrainingError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
     return init_weights(family, [features, *hidden_sizes, classes], np.random.default_rng(seed))
-
-
-def _fmt(value: float | None, percent: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
-
-
-def rounds_table(reports: list[RoundReport], *, title: str) -> Table:
-    """The rounds so far, one row each."""
-    table = Table(title=title, title_justify="left")
-    for name in ("round", "status", "clients", "accuracy", "loss", "up", "down", "notes"):
-        table.add_column(name, justify="right" if name not in ("status", "notes") else "left")
-    for report in reports:
-        notes = []
-        if report.rejected:
-            notes.append("rejected " + ",".join(f"{k}:{v}" for k, v in report.rejected.items()))
-        if report.dropped:
-            notes.append(f"{report.dropped} offline")
-        if report.timed_out:
-            notes.append(f"{report.timed_out} timed out")
-        if report.reason:
-            notes.append(report.reason)
-        table.add_row(
-            str(report.round),
-            "[green]ok[/]" if report.status == "ok" else "[red]failed[/]",
-            f"{report.clients}/{report.sampled}",
-            _fmt(report.accuracy, percent=True),
-            _fmt(report.loss),
-            human_bytes(report.uplink_bytes),
-            human_bytes(report.downlink_bytes),
-            "; ".join(notes),
-        )
-    return table
 
 
 def _package(
@@ -281,7 +247,7 @@ def _run(
                 status = Text("")
             else:
                 status = Text(f"round {report.round}/{config.rounds}: {what}", style="cyan")
-            view.update(Group(rounds_table(done, title=title), status))
+            view.update(Group(rounds_table([r.to_json() for r in done], title=title), status))
 
         return run_training(coordinator, strategy, config, on_round=show)
 
@@ -299,10 +265,10 @@ def _report(
             body["artifact"] = packaged
         print_json(body)
     else:
-        console.print(rounds_table(result.rounds, title=title))
         summary = result.to_json()
+        console.print(rounds_table(summary["rounds"], title=title))
         console.print(
-            f"final accuracy {_fmt(result.final_accuracy, percent=True)}; "
+            f"final accuracy {percent(result.final_accuracy)}; "
             f"{summary['rounds_ok']} round(s) ok, {summary['rounds_failed']} failed; "
             f"up {human_bytes(summary['uplink_bytes'])}, "
             f"down {human_bytes(summary['downlink_bytes'])}",
