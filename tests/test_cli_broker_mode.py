@@ -102,7 +102,7 @@ def wait_online(fedge: Fedge, count: int) -> list[dict[str, Any]]:
     """``fedge devices --json`` until ``count`` devices are online."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        rows: list[dict[str, Any]] = fedge.json("devices")
+        rows: list[dict[str, Any]] = fedge.json("devices")["devices"]
         if sum(bool(row["online"]) for row in rows) == count:
             return rows
         if time.monotonic() > deadline:

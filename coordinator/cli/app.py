@@ -5,12 +5,13 @@ stderr) and dispatches to the command groups:
 
 * ``fedge keys``  -- :mod:`coordinator.cli.keys`
 * ``fedge model`` -- :mod:`coordinator.cli.model`
-* ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
+* ``fedge deploy | rollback`` -- :mod:`coordinator.cli.fleet`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
+  (``fedge fleet`` is a hidden alias of ``fedge devices``)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
@@ -60,11 +61,11 @@ app.add_typer(broker.app, name="broker")
 app.add_typer(data.app, name="data")
 app.add_typer(service.app, name="coordinator")
 app.command("deploy")(fleet.deploy)
-app.command("fleet")(fleet.fleet)
 app.command("rollback")(fleet.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)
+app.command("fleet", hidden=True)(observe.devices)  # the name of the command before it
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)

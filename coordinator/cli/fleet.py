@@ -1,9 +1,8 @@
-"""``fedge deploy``, ``fedge fleet`` and ``fedge rollback``: the fleet over MQTT.
+"""``fedge deploy`` and ``fedge rollback``: one-shot delivery over MQTT.
 
 Each command connects to the fleet's broker as the ``coordinator`` user, drives a
 :class:`~coordinator.link.hub.Coordinator` and disconnects:
 
-* ``fleet`` lists the devices that announced themselves (retained status);
 * ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
   with ``--wait`` it shows live per-device progress and exits 0 only when every
   targeted online device installed it. Without ``--wait`` it stays until the
@@ -19,7 +18,6 @@ password from ``--password-file`` or ``FEDGE_BROKER_PASSWORD``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +28,7 @@ from rich.live import Live
 
 from coordinator.cli.options import Connection, JsonOption, TargetOption, with_broker
 from coordinator.cli.output import console, err_console, print_json, reported_errors
-from coordinator.cli.views import deploy_table, fleet_json, fleet_table
+from coordinator.cli.views import deploy_table
 from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
 from coordinator.link.fleet import Target
 from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig, Delivery
@@ -151,23 +149,6 @@ def _report(result: DeployResult, *, title: str, as_json: bool, waited: bool) ->
         raise typer.Exit(EXIT_NOT_INSTALLED)
     if not waited and any(p.state in _FAILED_STATES for p in result.devices):
         raise typer.Exit(EXIT_NOT_INSTALLED)
-
-
-@with_broker
-def fleet(
-    connection: Connection,
-    as_json: JsonOption = False,
-) -> None:
-    """List the devices seen on the broker: online/offline, model, last seen."""
-    with reported_errors(as_json=as_json), connected(connection) as coordinator:
-        records = coordinator.fleet()
-    now = time.time()
-    if as_json:
-        print_json({"devices": fleet_json(records, now)})
-    elif records:
-        console.print(fleet_table(records, now=now))
-    else:
-        err_console.print("no devices have announced themselves on this broker")
 
 
 @with_broker

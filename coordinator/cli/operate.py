@@ -12,9 +12,10 @@ against :class:`~coordinator.service.operations.Operations` and gets it from
 * ``--broker URL`` (``FEDGE_BROKER``) with ``--db`` (``FEDGE_DB``), ``--trust``
   and the broker's credentials: a :class:`~coordinator.service.fleet_service.FleetService`
   started in this process (:func:`~coordinator.service.fleet_service.local_service`) on the
-  same SQLite state the long-running service uses. A rollout or run it starts
-  goes on only while the command runs, and resumes when a service next opens
-  that database.
+  same SQLite state the long-running service uses (or, for ``fedge devices``
+  without ``--db``, a temporary one removed when the command ends). A rollout or
+  run it starts goes on only while the command runs, and resumes when a service
+  next opens that database.
 
 The options of the in-process mode (``--db``, ``--trust``, the broker's
 credentials) are ignored with ``--api``, where the service has its own::
@@ -28,8 +29,9 @@ credentials) are ignored with ``--api``, where the service has its own::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import click
 
@@ -74,13 +76,20 @@ def operations(connection: Connection) -> Iterator[Operations]:
     # remote mode does not need.
     from coordinator.service.fleet_service import local_service  # noqa: PLC0415
 
-    with local_service(
-        connection.broker_config(),
-        db=connection.db,
-        trust=connection.trust,
-        threshold=connection.threshold,
-        timeout=connection.connect_timeout,
-    ) as service:
+    broker = connection.broker_config()
+    with ExitStack() as stack:
+        db = connection.db
+        if db is None:
+            db = Path(stack.enter_context(TemporaryDirectory(prefix="fedge-"))) / "state.db"
+        service = stack.enter_context(
+            local_service(
+                broker,
+                db=db,
+                trust=connection.trust,
+                threshold=connection.threshold,
+                timeout=connection.connect_timeout,
+            )
+        )
         yield service
 
 

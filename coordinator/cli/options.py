@@ -13,6 +13,8 @@ Two decorators add them to a Typer command and hand the command one
   ``--api``); both from the same place, or neither, is a usage error (exit status 2).
   ``--api`` needs a token. :mod:`coordinator.cli.operate` turns the connection into
   an :class:`~coordinator.service.operations.Operations` object.
+  :func:`with_snapshot_connection` is the same with a temporary database as the
+  default of ``--db``, for commands that only look at the fleet (``fedge devices``).
 * :func:`with_broker` -- commands that talk to the broker directly (``fedge deploy``,
   ``rollback``, ``train``): ``--broker`` (required) and the same credentials.
 
@@ -53,6 +55,7 @@ __all__ = [
     "TargetOption",
     "with_broker",
     "with_connection",
+    "with_snapshot_connection",
 ]
 
 DEFAULT_DB = Path("fedge-coordinator.db")
@@ -82,7 +85,7 @@ class Connection:
         token: The API token (remote mode).
         api_timeout: Seconds to wait for each step of an API request.
         broker: The broker's URL (in-process mode, or a broker command), or None.
-        db: The in-process service's SQLite state.
+        db: The in-process service's SQLite state (None: a temporary one).
         trust: Public keys uploads must be signed by (in-process mode).
         threshold: How many of them must sign.
         username: MQTT username.
@@ -98,7 +101,7 @@ class Connection:
     token: str | None = field(default=None, repr=False)
     api_timeout: float = DEFAULT_TIMEOUT_S
     broker: str | None = None
-    db: Path = DEFAULT_DB
+    db: Path | None = DEFAULT_DB
     trust: tuple[Path, ...] = ()
     threshold: int = 1
     username: str = COORDINATOR_SENDER
@@ -113,6 +116,8 @@ class Connection:
         """Say where something started by this command goes on after it exits."""
         if self.api is not None:
             return f"{what} continues on the coordinator service"
+        if self.db is None:
+            return f"{what} ended with this command (its database was temporary)"
         return (
             f"{what} is saved in {self.db}; it resumes when a coordinator "
             "(fedge coordinator serve, or another command) opens that database"
@@ -206,20 +211,6 @@ _IN_PROCESS: _Declared = (
         None,
     ),
     (
-        "db",
-        Annotated[
-            Path,
-            _option(
-                "--db",
-                envvar="FEDGE_DB",
-                dir_okay=False,
-                help="State database with --broker (kept: a rollout or run started here "
-                "resumes when a coordinator next opens it).",
-            ),
-        ],
-        DEFAULT_DB,
-    ),
-    (
         "trust",
         Annotated[
             list[Path] | None,
@@ -236,6 +227,41 @@ _IN_PROCESS: _Declared = (
         "threshold",
         Annotated[int, _option("--threshold", min=1, help="How many --trust keys must sign.")],
         1,
+    ),
+)
+
+_KEPT_DB: _Declared = (
+    (
+        "db",
+        Annotated[
+            Path,
+            _option(
+                "--db",
+                envvar="FEDGE_DB",
+                dir_okay=False,
+                help="State database with --broker (kept: a rollout or run started here "
+                "resumes when a coordinator next opens it).",
+            ),
+        ],
+        DEFAULT_DB,
+    ),
+)
+
+_TEMPORARY_DB: _Declared = (
+    (
+        "db",
+        Annotated[
+            Path | None,
+            _option(
+                "--db",
+                envvar="FEDGE_DB",
+                dir_okay=False,
+                show_default=False,
+                help="State database with --broker. Default: a temporary one, removed when "
+                "the command ends (the devices are those the broker holds a status of).",
+            ),
+        ],
+        None,
     ),
 )
 
@@ -291,7 +317,8 @@ _CREDENTIALS: _Declared = (
     ),
 )
 
-_CONNECTION = _API + _IN_PROCESS + _CREDENTIALS
+_CONNECTION = _API + _IN_PROCESS + _KEPT_DB + _CREDENTIALS
+_SNAPSHOT_CONNECTION = _API + _IN_PROCESS + _TEMPORARY_DB + _CREDENTIALS
 _BROKER = _REQUIRED_BROKER + _CREDENTIALS
 
 
@@ -371,6 +398,15 @@ def _adding(
 
 with_connection = _adding(_CONNECTION, _connection)
 """Add ``--api``/``--token`` or ``--broker``/``--db``/``--trust`` and the credentials.
+
+Raises:
+    TypeError: the command has a parameter named like a connection option.
+"""
+
+with_snapshot_connection = _adding(_SNAPSHOT_CONNECTION, _connection)
+"""Like :func:`with_connection`, but in-process without ``--db`` the service runs on
+a temporary database (``Connection.db`` is None): for a look at the fleet that
+leaves no file behind (``fedge devices``).
 
 Raises:
     TypeError: the command has a parameter named like a connection option.

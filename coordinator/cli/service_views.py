@@ -5,8 +5,8 @@ the rows and views :class:`~coordinator.service.operations.Operations` returns: 
 (or a small group of them) for people, and with ``--json`` the rows as plain
 JSON (:func:`to_json`: the same field names as the HTTP API's bodies)::
 
-    console.print(devices_table(ops.devices(), now=time.time()))
-    print_json(to_json(ops.devices()))
+    console.print(audit_table(ops.audit_log()))
+    print_json(to_json(ops.audit_log()))
 
 As in :mod:`coordinator.cli.views`, every string a device or an API caller chose
 (ids, tags, targets, reasons, audit details) goes into a :class:`rich.text.Text`
@@ -33,7 +33,6 @@ from coordinator.service.operations import RolloutView, RunView
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
-    DeviceRow,
     PresenceRow,
     RolloutInfo,
     RunRow,
@@ -45,7 +44,6 @@ __all__ = [
     "FINAL_ROLLOUT_STATES",
     "artifacts_table",
     "audit_table",
-    "devices_table",
     "presence_table",
     "rollout_counts",
     "rollout_view",
@@ -121,26 +119,6 @@ def _compact(detail: Mapping[str, Any]) -> str:
 
 
 # --- devices, telemetry, audit --------------------------------------------------------
-
-
-def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
-    """Devices the coordinator has seen: status, model, tags, last seen."""
-    table = Table(title=_plural(len(rows), "device"))
-    table.add_column("device", no_wrap=True)
-    table.add_column("status")
-    table.add_column("model")
-    table.add_column("tags")
-    table.add_column("last seen", justify="right")
-    for row in rows:
-        model = "-" if row.model is None else f"{row.model} v{row.version}"
-        table.add_row(
-            _text(row.device_id),
-            Text("online", style="green") if row.online else Text("offline", style="dim"),
-            _text(model),
-            _text(", ".join(row.tags) or "-"),
-            Text(humanize_age(row.last_seen, now)),
-        )
-    return table
 
 
 def telemetry_table(device_id: str, rows: Sequence[TelemetryRow]) -> Table:
