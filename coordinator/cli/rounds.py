@@ -38,32 +38,25 @@ import click
 import typer
 
 from compress.families import FAMILIES
-from coordinator.cli.follow import follow
+from coordinator.cli.follow import (
+    IntervalOption,
+    WatchOption,
+    announce,
+    print_outcome,
+    watch_and_exit,
+)
 from coordinator.cli.operate import operations
 from coordinator.cli.options import Connection, JsonOption, with_connection
-from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
-from coordinator.cli.views import safe_text
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_FINISHED", "app", "key_values", "run_config", "watch"]
-
-EXIT_NOT_FINISHED = 1
-"""Exit status of ``--watch`` when the run failed or was interrupted."""
-
-EXIT_INTERRUPTED = 130
-"""Exit status when the operator stops watching with Ctrl-C."""
-
-WatchOption = Annotated[
-    bool, typer.Option("--watch", "-w", help="Follow the run live until it ends.")
-]
-IntervalOption = Annotated[
-    float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
-]
+__all__ = ["app", "key_values", "run_config"]
 
 _DEFAULTS = RunRequest()
+_ENDED = frozenset(state for state in RunState if state is not RunState.RUNNING)
 
 app = typer.Typer(help="Federated runs: start one, follow its rounds.", no_args_is_help=True)
 
@@ -118,58 +111,28 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def watch(ops: Operations, run_id: str, *, interval: float, live: bool) -> RunView:
-    """Poll a run until it is no longer running.
-
-    Args:
-        ops: Where the run runs.
-        run_id: The run.
-        interval: Seconds between polls.
-        live: Show a live view on stderr.
-
-    Returns:
-        The run as it ended.
-
-    Raises:
-        NotFoundError: no such run.
-        KeyboardInterrupt: the operator pressed Ctrl-C.
-    """
-    return follow(
-        lambda: ops.run(run_id),
-        done=lambda view: view.run.state is not RunState.RUNNING,
-        render=lambda view: run_view(view, now=time.time()),
-        interval=interval,
-        live=live,
-        sleep=_sleep,
-    )
-
-
 def _report(view: RunView, *, as_json: bool) -> None:
     """Print ``run ID: STATE``, or the whole view with ``--json``."""
-    if as_json:
-        print_json(to_json(view))
-    else:
-        console.print(
-            f"run {safe_text(view.run.run_id)}: {view.run.state}", highlight=False, markup=False
-        )
+    print_outcome("run", view.run.run_id, view.run.state, view, as_json=as_json)
 
 
 def _watch_and_exit(
     ops: Operations, connection: Connection, run_id: str, *, interval: float, as_json: bool
 ) -> None:
-    """Watch a run, report how it ended and exit with the matching status."""
-    try:
-        view = watch(ops, run_id, interval=interval, live=not as_json)
-    except KeyboardInterrupt:
-        err_console.print(
-            f"stopped watching; {safe_text(connection.continues(f'run {run_id}'))}",
-            highlight=False,
-            markup=False,
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    _report(view, as_json=as_json)
-    if view.run.state is not RunState.FINISHED:
-        raise typer.Exit(EXIT_NOT_FINISHED)
+    """Follow a run until it finished (exit 0), failed or was interrupted (exit 1)."""
+    watch_and_exit(
+        lambda: ops.run(run_id),
+        kind="run",
+        key=run_id,
+        state=lambda view: view.run.state,
+        final=_ENDED,
+        success=RunState.FINISHED,
+        render=lambda view: run_view(view, now=time.time()),
+        connection=connection,
+        interval=interval,
+        as_json=as_json,
+        sleep=_sleep,
+    )
 
 
 @app.command("start")
@@ -254,14 +217,7 @@ def start(
             print_json(to_json(view))
             return
         if not as_json:
-            shown = safe_text(run_id)
-            console.print(shown, highlight=False, markup=False)
-            err_console.print(
-                f"run {shown} started"
-                + ("" if watch_ else f"; follow it: fedge rounds status {shown} --watch"),
-                highlight=False,
-                markup=False,
-            )
+            announce("run", run_id, status_command="fedge rounds status", watching=watch_)
         if watch_:
             _watch_and_exit(ops, connection, run_id, interval=interval, as_json=as_json)
 
