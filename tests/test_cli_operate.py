@@ -431,6 +431,19 @@ def test_rounds_start_leaves_out_what_was_not_given(fedge: Fedge, ops: FakeOpera
     assert view == jsonable(ops.run_views["run-1"])
 
 
+def test_rounds_start_takes_the_options_of_fedge_train(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge(
+        "rounds", "start", "--hidden", "128,64", "--epochs", "3", "--lr", "0.1",
+        "--batch-size", "16", "--optimizer", "adam", "--train-arg", "weight-decay=0.01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = ops.run_views["run-1"].run.config
+    assert config["hidden"] == [128, 64]
+    assert config["train"] == {
+        "epochs": 3, "lr": 0.1, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.01,
+    }  # fmt: skip
+
+
 def test_rounds_start_refuses_a_bad_train_arg(fedge: Fedge, ops: FakeOperations) -> None:
     result = fedge("rounds", "start", "--train-arg", "epochs")
     assert result.exit_code == 2

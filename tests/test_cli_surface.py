@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import click
+import pytest
+import typer
 import typer.main
 from typer.testing import CliRunner
 
 from coordinator.cli.app import app
+from coordinator.cli.training_options import hidden_sizes, key_values
 
 JOBS = {
     "artifacts",
@@ -102,3 +105,52 @@ def test_the_connection_options_are_one_declaration() -> None:
         else:
             assert len(texts) == 1, (option, texts)
     assert {env for _, env in seen["--broker"]} == {"FEDGE_BROKER"}
+
+
+def test_train_and_rounds_start_share_their_run_options() -> None:
+    commands = root().commands
+    train = commands["train"]
+    rounds = commands["rounds"]
+    assert isinstance(rounds, click.Group)
+    start = rounds.commands["start"]
+    options = {o: p for p in train.params for o in p.opts}
+    connection = {*CONNECTION_OPTIONS, "--password", "--json"}  # checked above
+    shared = [
+        (option, param.help)
+        for param in start.params
+        for option in param.opts
+        if option in options and isinstance(param, click.Option) and option not in connection
+    ]
+    assert {option for option, _ in shared} >= {
+        "--rounds", "--strategy", "--strategy-arg", "--codec", "--min-clients",
+        "--round-timeout", "--model", "--family", "--features", "--classes", "--hidden",
+        "--clients-per-round", "--seed", "--epochs", "--lr", "--batch-size", "--optimizer",
+        "--train-arg",
+    }  # fmt: skip
+    for option, help_text in shared:
+        param = options[option]
+        assert isinstance(param, click.Option)
+        assert param.help == help_text, option
+
+
+@pytest.mark.parametrize(
+    ("values", "sizes"),
+    [([], []), (["64"], [64]), (["128,64"], [128, 64]), (["128", "64"], [128, 64])],
+)
+def test_hidden_sizes(values: list[str], sizes: list[int]) -> None:
+    assert hidden_sizes(values) == sizes
+
+
+@pytest.mark.parametrize("value", ["0", "x", "64,-1", "1.5"])
+def test_hidden_sizes_refuses_what_is_not_a_positive_integer(value: str) -> None:
+    with pytest.raises(typer.BadParameter, match="positive integers"):
+        hidden_sizes([value])
+
+
+def test_key_values() -> None:
+    parsed = key_values(
+        ["lr=0.1", "epochs=2", "proximal-mu=1e-2", "flag=true", "opt=adam"], option="--x"
+    )
+    assert parsed == {"lr": 0.1, "epochs": 2, "proximal_mu": 0.01, "flag": True, "opt": "adam"}
+    with pytest.raises(typer.BadParameter):
+        key_values(["epochs"], option="--train-arg")

@@ -5,11 +5,14 @@
   background; it prints the run's id. The model settings go into
   :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` under the
   keys :mod:`coordinator.service.runs` reads: ``model``, ``family``, ``features``,
-  ``classes``, ``hidden`` (list of int, one ``--hidden`` per layer),
-  ``clients_per_round``, ``seed``, ``strategy_args`` and ``train`` (the
-  ``--train-arg key=value`` pairs sent to devices; values are read as JSON when
-  they parse, ``lr=0.1`` is a number, else kept as text). Settings left out are
-  the coordinator's defaults.
+  ``classes``, ``hidden`` (list of int: ``--hidden 128,64`` or one ``--hidden``
+  per layer), ``clients_per_round``, ``seed``, ``strategy_args`` and ``train``
+  (``--epochs``, ``--lr``, ``--batch-size``, ``--optimizer`` and the
+  ``--train-arg key=value`` pairs sent to devices; numbers and true/false are
+  read as such, ``lr=0.1`` is a number, else kept as text). Settings left out are
+  the coordinator's defaults. The options are those of ``fedge train``
+  (:mod:`coordinator.cli.training_options`), which runs the same rounds in
+  this process.
 * ``status [RUN_ID]``: a run's state and its rounds (accuracy, clients, bytes up
   and down); the latest run when no id is given.
 * ``list``: every run, newest first.
@@ -29,15 +32,12 @@ watches.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import click
 import typer
 
-from compress.families import FAMILIES
 from coordinator.cli.follow import (
     IntervalOption,
     WatchOption,
@@ -49,11 +49,33 @@ from coordinator.cli.operate import operations
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
+from coordinator.cli.training_options import (
+    BATCH_SIZE,
+    CLASSES,
+    CLIENTS_PER_ROUND,
+    CODEC,
+    EPOCHS,
+    FAMILY,
+    FEATURES,
+    HIDDEN,
+    LR,
+    MIN_CLIENTS,
+    MODEL,
+    OPTIMIZER,
+    ROUND_TIMEOUT,
+    ROUNDS,
+    SEED,
+    STRATEGY,
+    STRATEGY_ARG,
+    TRAIN_ARG,
+    hidden_sizes,
+    key_values,
+)
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
 
-__all__ = ["app", "key_values", "run_config"]
+__all__ = ["app", "run_config"]
 
 _DEFAULTS = RunRequest()
 _ENDED = frozenset(state for state in RunState if state is not RunState.RUNNING)
@@ -61,23 +83,12 @@ _ENDED = frozenset(state for state in RunState if state is not RunState.RUNNING)
 app = typer.Typer(help="Federated runs: start one, follow its rounds.", no_args_is_help=True)
 
 
-def key_values(pairs: Sequence[str], *, option: str) -> dict[str, Any]:
-    """Parse ``key=value`` pairs; a value is JSON if it parses, else the text.
-
-    Raises:
-        typer.BadParameter: a pair without ``=`` or with an empty key.
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint=option)
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
-            out[key] = text
-    return out
+def _train_settings(
+    epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
+) -> dict[str, Any]:
+    """The local training settings given as options (the others: the devices' defaults)."""
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_config(
@@ -139,49 +150,24 @@ def _watch_and_exit(
 @with_connection
 def start(
     connection: Connection,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds to run.")] = (
-        _DEFAULTS.rounds
-    ),
-    strategy: Annotated[
-        str,
-        typer.Option("--strategy", help="fedavg, fedprox, fedadam, krum... or module:Class."),
-    ] = _DEFAULTS.strategy,
-    codec: Annotated[
-        str, typer.Option("--codec", help="Update codec: fp32, fp16, int8, topk:D[+int8].")
-    ] = _DEFAULTS.codec,
-    min_clients: Annotated[
-        int, typer.Option("--min-clients", min=1, help="Fewest updates for a round to count.")
-    ] = _DEFAULTS.min_clients,
-    round_timeout: Annotated[
-        float, typer.Option("--round-timeout", min=0.1, help="Seconds a round may take.")
-    ] = _DEFAULTS.round_timeout_s,
-    model: Annotated[
-        str | None, typer.Option("--model", help="Model name (devices keep per-model state).")
-    ] = None,
-    family: Annotated[
-        str | None,
-        typer.Option("--family", click_type=click.Choice(FAMILIES), help="Model family."),
-    ] = None,
-    features: Annotated[
-        int | None, typer.Option("--features", min=1, help="Input features.")
-    ] = None,
-    classes: Annotated[int | None, typer.Option("--classes", min=2, help="Output classes.")] = None,
-    hidden: Annotated[
-        list[int] | None,
-        typer.Option("--hidden", min=1, help="MLP hidden units of a layer; repeatable."),
-    ] = None,
-    clients_per_round: Annotated[
-        int | None, typer.Option("--clients-per-round", min=1, help="Devices sampled per round.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed of sampling.")] = None,
-    strategy_arg: Annotated[
-        list[str] | None,
-        typer.Option("--strategy-arg", help="key=value for the strategy; repeatable."),
-    ] = None,
-    train_arg: Annotated[
-        list[str] | None,
-        typer.Option("--train-arg", help="key=value sent to devices (epochs=2); repeatable."),
-    ] = None,
+    rounds: Annotated[int, ROUNDS] = _DEFAULTS.rounds,
+    strategy: Annotated[str, STRATEGY] = _DEFAULTS.strategy,
+    codec: Annotated[str, CODEC] = _DEFAULTS.codec,
+    min_clients: Annotated[int, MIN_CLIENTS] = _DEFAULTS.min_clients,
+    round_timeout: Annotated[float, ROUND_TIMEOUT] = _DEFAULTS.round_timeout_s,
+    model: Annotated[str | None, MODEL] = None,
+    family: Annotated[str | None, FAMILY] = None,
+    features: Annotated[int | None, FEATURES] = None,
+    classes: Annotated[int | None, CLASSES] = None,
+    hidden: Annotated[list[str] | None, HIDDEN] = None,
+    clients_per_round: Annotated[int | None, CLIENTS_PER_ROUND] = None,
+    seed: Annotated[int | None, SEED] = None,
+    strategy_arg: Annotated[list[str] | None, STRATEGY_ARG] = None,
+    epochs: Annotated[int | None, EPOCHS] = None,
+    lr: Annotated[float | None, LR] = None,
+    batch_size: Annotated[int | None, BATCH_SIZE] = None,
+    optimizer: Annotated[str | None, OPTIMIZER] = None,
+    train_arg: Annotated[list[str] | None, TRAIN_ARG] = None,
     watch_: WatchOption = False,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,
@@ -195,11 +181,12 @@ def start(
         family=family,
         features=features,
         classes=classes,
-        hidden=hidden or (),
+        hidden=hidden_sizes(hidden or ()),
         clients_per_round=clients_per_round,
         seed=seed,
         strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
-        train=key_values(train_arg or (), option="--train-arg"),
+        train=_train_settings(epochs, lr, batch_size, optimizer)
+        | key_values(train_arg or (), option="--train-arg"),
     )
     request = RunRequest(
         rounds=rounds,

@@ -32,7 +32,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from compress.families import FAMILIES, init_weights
+from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
 from coordinator.cli.fleet import connected
@@ -40,10 +40,32 @@ from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
+from coordinator.cli.training_options import (
+    BATCH_SIZE,
+    CLASSES,
+    CLIENTS_PER_ROUND,
+    CODEC,
+    EPOCHS,
+    FAMILY,
+    FEATURES,
+    HIDDEN,
+    LR,
+    MIN_CLIENTS,
+    MODEL,
+    OPTIMIZER,
+    ROUND_TIMEOUT,
+    ROUNDS,
+    SEED,
+    STRATEGY,
+    STRATEGY_ARG,
+    TRAIN_ARG,
+    hidden_sizes,
+    key_values,
+)
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
-from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
+from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.hub import Coordinator
 
@@ -55,7 +77,7 @@ logger = logging.getLogger(__name__)
 def _initial_weights(
     family: str,
     init: Path | None,
-    hidden: str,
+    hidden: list[int],
     features: int | None,
     classes: int | None,
     eval_data: LabelledData | None,
@@ -68,11 +90,7 @@ def _initial_weights(
         classes = classes or int(eval_data.y.max()) + 1
     if not features or not classes:
         raise TrainingError("give --init weights.npz, --eval-data, or --features and --classes")
-    try:
-        hidden_sizes = [int(h) for h in hidden.split(",") if h.strip()] if family == "mlp" else []
-    except ValueError:
-        raise TrainingError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
-    return init_weights(family, [features, *hidden_sizes, classes], np.random.default_rng(seed))
+    return init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
 
 
 def _package(
@@ -107,38 +125,20 @@ def _package(
 @with_broker
 def train(
     connection: Connection,
-    model: Annotated[str, typer.Option(help="Model name (devices keep per-model state).")],
-    family: Annotated[str, typer.Option(help=f"Model family: {', '.join(FAMILIES)}.")] = "mlp",
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 20,
-    clients_per_round: Annotated[int, typer.Option(min=1, help="Devices sampled per round.")] = 10,
-    min_clients: Annotated[
-        int, typer.Option(min=1, help="Fewest accepted updates for a round to count.")
-    ] = 2,
-    round_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds each round's devices have to reply.")
-    ] = 60.0,
-    strategy: Annotated[
-        str,
-        typer.Option(
-            help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, "
-            "multikrum, bulyan, or module:Class (a Flower Message-API strategy)."
-        ),
-    ] = "fedavg",
-    strategy_arg: Annotated[
-        list[str] | None,
-        typer.Option("--strategy-arg", help="key=value for the strategy; repeatable."),
-    ] = None,
-    codec: Annotated[
-        str, typer.Option(help="Update codec: fp32, fp16, int8, topk:D, topk:D+int8, topk:D+fp16.")
-    ] = "fp32",
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    lr: Annotated[float, typer.Option(min=0.0, help="Local learning rate.")] = 0.05,
-    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
-    optimizer: Annotated[str, typer.Option(help="Local optimizer: sgd or adam.")] = "sgd",
-    train_arg: Annotated[
-        list[str] | None,
-        typer.Option("--train-arg", help="Extra key=value sent to devices; repeatable."),
-    ] = None,
+    model: Annotated[str, MODEL],
+    family: Annotated[str, FAMILY] = "mlp",
+    rounds: Annotated[int, ROUNDS] = 20,
+    clients_per_round: Annotated[int, CLIENTS_PER_ROUND] = 10,
+    min_clients: Annotated[int, MIN_CLIENTS] = 2,
+    round_timeout: Annotated[float, ROUND_TIMEOUT] = 60.0,
+    strategy: Annotated[str, STRATEGY] = "fedavg",
+    strategy_arg: Annotated[list[str] | None, STRATEGY_ARG] = None,
+    codec: Annotated[str, CODEC] = "fp32",
+    epochs: Annotated[int, EPOCHS] = 1,
+    lr: Annotated[float, LR] = 0.05,
+    batch_size: Annotated[int, BATCH_SIZE] = 32,
+    optimizer: Annotated[str, OPTIMIZER] = "sgd",
+    train_arg: Annotated[list[str] | None, TRAIN_ARG] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -151,10 +151,10 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Starting weights (.npz with W0, b0, ...).", dir_okay=False)
     ] = None,
-    hidden: Annotated[str, typer.Option(help="MLP hidden units, comma-separated.")] = "64",
-    features: Annotated[int | None, typer.Option(min=1, help="Input features.")] = None,
-    classes: Annotated[int | None, typer.Option(min=2, help="Output classes.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of sampling and training.")] = 0,
+    hidden: Annotated[list[str] | None, HIDDEN] = None,
+    features: Annotated[int | None, FEATURES] = None,
+    classes: Annotated[int | None, CLASSES] = None,
+    seed: Annotated[int, SEED] = 0,
     dp_clip: Annotated[
         float | None,
         typer.Option(min=0.0, help="Server-side DP: clip each update to this L2 norm."),
@@ -179,11 +179,12 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
+    sizes = hidden_sizes(hidden or ["64"]) if family == "mlp" else []
+    strategy_args = key_values(strategy_arg or (), option="--strategy-arg")
+    extra = key_values(train_arg or (), option="--train-arg")
     with reported_errors(as_json=as_json):
-        if family not in FAMILIES:
-            raise TrainingError(f"--family must be one of {', '.join(FAMILIES)}")
         evaluation = None if eval_data is None else load_labelled_npz(eval_data)
-        weights = _initial_weights(family, init, hidden, features, classes, evaluation, seed)
+        weights = _initial_weights(family, init, sizes, features, classes, evaluation, seed)
         train_config: dict[str, int | float | str | bool] = {
             "epochs": epochs,
             "lr": lr,
@@ -191,7 +192,7 @@ def train(
             "optimizer": optimizer,
             "seed": seed,
         }
-        train_config.update(parse_strategy_args(train_arg or []))
+        train_config.update(extra)
         config = TrainingConfig(
             model=model,
             family=family,
@@ -206,9 +207,7 @@ def train(
             seed=seed,
             max_update_norm=max_update_norm,
         )
-        chosen = build_strategy(
-            strategy, parse_strategy_args(strategy_arg or []), federated_eval=evaluation is None
-        )
+        chosen = build_strategy(strategy, strategy_args, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
                 chosen,
