@@ -5,7 +5,7 @@ stderr) and dispatches to the command groups:
 
 * ``fedge keys``  -- :mod:`coordinator.cli.keys`
 * ``fedge model`` -- :mod:`coordinator.cli.model`
-* ``fedge deploy | rollback`` -- :mod:`coordinator.cli.fleet`
+* ``fedge deploy | rollback`` -- :mod:`coordinator.cli.deploy`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
@@ -37,7 +37,7 @@ from coordinator.cli import (
     artifacts,
     broker,
     data,
-    fleet,
+    deploy,
     keys,
     model,
     observe,
@@ -60,8 +60,8 @@ app.add_typer(model.app, name="model")
 app.add_typer(broker.app, name="broker")
 app.add_typer(data.app, name="data")
 app.add_typer(service.app, name="coordinator")
-app.command("deploy")(fleet.deploy)
-app.command("rollback")(fleet.rollback)
+app.command("deploy")(deploy.deploy)
+app.command("rollback")(deploy.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)

@@ -35,7 +35,7 @@ from rich.text import Text
 from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
-from coordinator.cli.fleet import connected
+from coordinator.cli.deploy import connected
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
