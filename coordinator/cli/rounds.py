@@ -38,6 +38,7 @@ from typing import Annotated, Any
 
 import typer
 
+from coordinator.cli import training_options as run_options
 from coordinator.cli.follow import (
     IntervalOption,
     WatchOption,
@@ -49,28 +50,7 @@ from coordinator.cli.operate import operations
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
-from coordinator.cli.training_options import (
-    BATCH_SIZE,
-    CLASSES,
-    CLIENTS_PER_ROUND,
-    CODEC,
-    EPOCHS,
-    FAMILY,
-    FEATURES,
-    HIDDEN,
-    LR,
-    MIN_CLIENTS,
-    MODEL,
-    OPTIMIZER,
-    ROUND_TIMEOUT,
-    ROUNDS,
-    SEED,
-    STRATEGY,
-    STRATEGY_ARG,
-    TRAIN_ARG,
-    hidden_sizes,
-    key_values,
-)
+from coordinator.cli.training_options import hidden_sizes, key_values
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
@@ -150,24 +130,24 @@ def _watch_and_exit(
 @with_connection
 def start(
     connection: Connection,
-    rounds: Annotated[int, ROUNDS] = _DEFAULTS.rounds,
-    strategy: Annotated[str, STRATEGY] = _DEFAULTS.strategy,
-    codec: Annotated[str, CODEC] = _DEFAULTS.codec,
-    min_clients: Annotated[int, MIN_CLIENTS] = _DEFAULTS.min_clients,
-    round_timeout: Annotated[float, ROUND_TIMEOUT] = _DEFAULTS.round_timeout_s,
-    model: Annotated[str | None, MODEL] = None,
-    family: Annotated[str | None, FAMILY] = None,
-    features: Annotated[int | None, FEATURES] = None,
-    classes: Annotated[int | None, CLASSES] = None,
-    hidden: Annotated[list[str] | None, HIDDEN] = None,
-    clients_per_round: Annotated[int | None, CLIENTS_PER_ROUND] = None,
-    seed: Annotated[int | None, SEED] = None,
-    strategy_arg: Annotated[list[str] | None, STRATEGY_ARG] = None,
-    epochs: Annotated[int | None, EPOCHS] = None,
-    lr: Annotated[float | None, LR] = None,
-    batch_size: Annotated[int | None, BATCH_SIZE] = None,
-    optimizer: Annotated[str | None, OPTIMIZER] = None,
-    train_arg: Annotated[list[str] | None, TRAIN_ARG] = None,
+    rounds: Annotated[int, run_options.ROUNDS] = _DEFAULTS.rounds,
+    strategy: Annotated[str, run_options.STRATEGY] = _DEFAULTS.strategy,
+    codec: Annotated[str, run_options.CODEC] = _DEFAULTS.codec,
+    min_clients: Annotated[int, run_options.MIN_CLIENTS] = _DEFAULTS.min_clients,
+    round_timeout: Annotated[float, run_options.ROUND_TIMEOUT] = _DEFAULTS.round_timeout_s,
+    model: Annotated[str | None, run_options.MODEL] = None,
+    family: Annotated[str | None, run_options.FAMILY] = None,
+    features: Annotated[int | None, run_options.FEATURES] = None,
+    classes: Annotated[int | None, run_options.CLASSES] = None,
+    hidden: Annotated[list[str] | None, run_options.HIDDEN] = None,
+    clients_per_round: Annotated[int | None, run_options.CLIENTS_PER_ROUND] = None,
+    seed: Annotated[int | None, run_options.SEED] = None,
+    strategy_arg: Annotated[list[str] | None, run_options.STRATEGY_ARG] = None,
+    epochs: Annotated[int | None, run_options.EPOCHS] = None,
+    lr: Annotated[float | None, run_options.LR] = None,
+    batch_size: Annotated[int | None, run_options.BATCH_SIZE] = None,
+    optimizer: Annotated[str | None, run_options.OPTIMIZER] = None,
+    train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
     watch_: WatchOption = False,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,

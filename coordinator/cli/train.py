@@ -35,33 +35,13 @@ from rich.text import Text
 from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
+from coordinator.cli import training_options as run_options
 from coordinator.cli.deploy import connected
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
-from coordinator.cli.training_options import (
-    BATCH_SIZE,
-    CLASSES,
-    CLIENTS_PER_ROUND,
-    CODEC,
-    EPOCHS,
-    FAMILY,
-    FEATURES,
-    HIDDEN,
-    LR,
-    MIN_CLIENTS,
-    MODEL,
-    OPTIMIZER,
-    ROUND_TIMEOUT,
-    ROUNDS,
-    SEED,
-    STRATEGY,
-    STRATEGY_ARG,
-    TRAIN_ARG,
-    hidden_sizes,
-    key_values,
-)
+from coordinator.cli.training_options import hidden_sizes, key_values
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
@@ -125,20 +105,20 @@ def _package(
 @with_broker
 def train(
     connection: Connection,
-    model: Annotated[str, MODEL],
-    family: Annotated[str, FAMILY] = "mlp",
-    rounds: Annotated[int, ROUNDS] = 20,
-    clients_per_round: Annotated[int, CLIENTS_PER_ROUND] = 10,
-    min_clients: Annotated[int, MIN_CLIENTS] = 2,
-    round_timeout: Annotated[float, ROUND_TIMEOUT] = 60.0,
-    strategy: Annotated[str, STRATEGY] = "fedavg",
-    strategy_arg: Annotated[list[str] | None, STRATEGY_ARG] = None,
-    codec: Annotated[str, CODEC] = "fp32",
-    epochs: Annotated[int, EPOCHS] = 1,
-    lr: Annotated[float, LR] = 0.05,
-    batch_size: Annotated[int, BATCH_SIZE] = 32,
-    optimizer: Annotated[str, OPTIMIZER] = "sgd",
-    train_arg: Annotated[list[str] | None, TRAIN_ARG] = None,
+    model: Annotated[str, run_options.MODEL],
+    family: Annotated[str, run_options.FAMILY] = "mlp",
+    rounds: Annotated[int, run_options.ROUNDS] = 20,
+    clients_per_round: Annotated[int, run_options.CLIENTS_PER_ROUND] = 10,
+    min_clients: Annotated[int, run_options.MIN_CLIENTS] = 2,
+    round_timeout: Annotated[float, run_options.ROUND_TIMEOUT] = 60.0,
+    strategy: Annotated[str, run_options.STRATEGY] = "fedavg",
+    strategy_arg: Annotated[list[str] | None, run_options.STRATEGY_ARG] = None,
+    codec: Annotated[str, run_options.CODEC] = "fp32",
+    epochs: Annotated[int, run_options.EPOCHS] = 1,
+    lr: Annotated[float, run_options.LR] = 0.05,
+    batch_size: Annotated[int, run_options.BATCH_SIZE] = 32,
+    optimizer: Annotated[str, run_options.OPTIMIZER] = "sgd",
+    train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -151,10 +131,10 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Starting weights (.npz with W0, b0, ...).", dir_okay=False)
     ] = None,
-    hidden: Annotated[list[str] | None, HIDDEN] = None,
-    features: Annotated[int | None, FEATURES] = None,
-    classes: Annotated[int | None, CLASSES] = None,
-    seed: Annotated[int, SEED] = 0,
+    hidden: Annotated[list[str] | None, run_options.HIDDEN] = None,
+    features: Annotated[int | None, run_options.FEATURES] = None,
+    classes: Annotated[int | None, run_options.CLASSES] = None,
+    seed: Annotated[int, run_options.SEED] = 0,
     dp_clip: Annotated[
         float | None,
         typer.Option(min=0.0, help="Server-side DP: clip each update to this L2 norm."),
