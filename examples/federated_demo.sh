@@ -43,11 +43,11 @@ for i in "${!devices[@]}"; do
     pids+=($!)
 done
 for _ in $(seq 100); do  # wait until every device announced its data
-    ready="$(fedge fleet --json | python -c 'import json,sys; print(sum(d["online"] and d["train_examples"] > 0 for d in json.load(sys.stdin)["devices"]))')"
+    ready="$(fedge devices --json | python -c 'import json,sys; print(sum(d["online"] and d["train_examples"] > 0 for d in json.load(sys.stdin)["devices"]))')"
     [ "$ready" = "${#devices[@]}" ] && break
     sleep 0.2
 done
-fedge fleet
+fedge devices
 
 echo "== 4. federated training"
 fedge train --model digits --family mlp --hidden 128 --rounds 15 \

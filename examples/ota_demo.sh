@@ -8,8 +8,8 @@
 #   2. start mosquitto (least-privilege ACL from `fedge broker acl`, one password
 #      per device and one for the coordinator)
 #   3. start two agents with a local inference endpoint each
-#   4. fedge fleet; fedge deploy v1 --wait; a prediction over HTTP
-#   5. fedge deploy v2 to one device; fedge rollback of that device; fedge fleet
+#   4. fedge devices; fedge deploy v1 --wait; a prediction over HTTP
+#   5. fedge deploy v2 to one device; fedge rollback of that device; fedge devices
 set -euo pipefail
 out="${1:-out/ota-demo}"
 mkdir -p "$out"
@@ -45,11 +45,11 @@ for device in pi-1 pi-2; do
     pids+=($!)
 done
 for _ in $(seq 100); do  # wait until both announced themselves
-    online="$(fedge fleet --json | python -c 'import json,sys; print(sum(d["online"] for d in json.load(sys.stdin)["devices"]))')"
+    online="$(fedge devices --json | python -c 'import json,sys; print(sum(d["online"] for d in json.load(sys.stdin)["devices"]))')"
     [ "$online" = 2 ] && break
     sleep 0.2
 done
-fedge fleet
+fedge devices
 
 echo "== 4. deploy v1 to every device"
 fedge deploy "$out/digits-v1.fedge" --to all --wait --timeout 60
@@ -61,6 +61,6 @@ echo
 echo "== 5. v2 to pi-1, then roll pi-1 back"
 fedge deploy "$out/digits-v2.fedge" --to device:pi-1 --wait --timeout 60
 fedge rollback --to device:pi-1 --model digits
-fedge fleet
+fedge devices
 curl -s "http://127.0.0.1:${http_ports[0]}/v1/model"
 echo

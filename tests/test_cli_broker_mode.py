@@ -84,7 +84,7 @@ def wait_online(fedge: Fedge, count: int) -> list[dict[str, Any]]:
     """``fedge devices --json`` until ``count`` devices are online."""
 
     def online() -> list[dict[str, Any]] | None:
-        rows: list[dict[str, Any]] = fedge.json("devices")
+        rows: list[dict[str, Any]] = fedge.json("devices")["devices"]
         return rows if sum(bool(row["online"]) for row in rows) == count else None
 
     rows: list[dict[str, Any]] = wait_for(online, what=f"{count} devices online")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from click.testing import Result
@@ -27,6 +28,7 @@ import coordinator.service.fleet_service
 from coordinator.cli import rollout as rollout_cli
 from coordinator.cli import rounds as rounds_cli
 from coordinator.cli.app import app
+from coordinator.cli.device_views import device_json
 from coordinator.cli.service_views import to_json
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.operations import CLI_ACTOR, RolloutRequest
@@ -98,6 +100,11 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(to_json(value)))
 
 
+def listed(ops: FakeOperations) -> Any:
+    """What ``fedge devices --json`` prints for the fake's devices (ages vary)."""
+    return {"devices": [{**device_json(row, 0.0), "last_seen_age_s": ANY} for row in ops.devices()]}
+
+
 def one_line_error(result: Result) -> str:
     assert result.exit_code == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -124,7 +131,9 @@ def test_devices_table_and_json(fedge: Fedge, ops: FakeOperations) -> None:
         assert device_id in result.stdout
     assert "digits v3" in result.stdout
     assert "offline" in result.stdout
-    assert fedge.json("devices") == jsonable(ops.devices())
+    assert fedge.json("devices") == listed(ops)
+    # The name the command had before it went through Operations is a hidden alias.
+    assert fedge.json("fleet") == listed(ops)
 
 
 def test_telemetry(fedge: Fedge, ops: FakeOperations) -> None:
@@ -422,6 +431,19 @@ def test_rounds_start_leaves_out_what_was_not_given(fedge: Fedge, ops: FakeOpera
     assert view == jsonable(ops.run_views["run-1"])
 
 
+def test_rounds_start_takes_the_options_of_fedge_train(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge(
+        "rounds", "start", "--hidden", "128,64", "--epochs", "3", "--lr", "0.1",
+        "--batch-size", "16", "--optimizer", "adam", "--train-arg", "weight-decay=0.01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = ops.run_views["run-1"].run.config
+    assert config["hidden"] == [128, 64]
+    assert config["train"] == {
+        "epochs": 3, "lr": 0.1, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.01,
+    }  # fmt: skip
+
+
 def test_rounds_start_refuses_a_bad_train_arg(fedge: Fedge, ops: FakeOperations) -> None:
     result = fedge("rounds", "start", "--train-arg", "epochs")
     assert result.exit_code == 2
@@ -477,7 +499,7 @@ def test_rounds_stop_json(fedge: Fedge, ops: FakeOperations) -> None:
 def test_env_vars_name_the_api_and_token(api: str, ops: FakeOperations) -> None:
     result = run("devices", "--json", env={"FEDGE_API": api, "FEDGE_TOKEN": OPERATOR_TOKEN})
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == jsonable(ops.devices())
+    assert json.loads(result.stdout) == listed(ops)
 
 
 def test_command_line_api_beats_an_exported_broker(api: str) -> None:
@@ -583,7 +605,14 @@ def test_broker_mode_runs_the_same_commands_in_process(
 
     result = run("devices", "--json", env={"FEDGE_BROKER": "mqtt://127.0.0.1:1883"})
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == jsonable(ops.devices())
+    assert json.loads(result.stdout) == listed(ops)
+    # Without --db, devices runs on a temporary database, removed when it ends ...
+    temporary = calls[-1]["db"]
+    assert temporary != Path("fedge-coordinator.db")
+    assert not temporary.parent.exists()
+    # ... and the commands that start something keep theirs in the default one.
+    result = run("rollout", "list", env={"FEDGE_BROKER": "mqtt://127.0.0.1:1883"})
+    assert result.exit_code == 0, result.stderr
     assert calls[-1]["db"] == Path("fedge-coordinator.db")
 
 

@@ -8,21 +8,20 @@ import pytest
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from coordinator.cli.device_views import devices_json, devices_table
 from coordinator.cli.service_views import presence_table
 from coordinator.cli.views import (
     REASON_MAX_CHARS,
     counts_line,
     deploy_table,
-    fleet_json,
-    fleet_table,
     humanize_age,
     humanize_duration,
     progress_bar,
     safe_text,
 )
 from coordinator.delivery.tracker import DeviceProgress, DeviceState
-from coordinator.link.fleet import DeviceRecord, Fleet
-from coordinator.service.store.records import PresenceRow
+from coordinator.service.ingest import status_document
+from coordinator.service.store.records import DeviceRow, PresenceRow
 from edge_agent.protocol import ModelInfo, Status
 
 NOW = 1_800_000_000.0
@@ -54,7 +53,8 @@ def record(
     tags: tuple[str, ...] = (),
     last_seen: float = NOW - 12,
     train_examples: int = 0,
-) -> DeviceRecord:
+) -> DeviceRow:
+    """A device as the service stores it, from a status message it sent."""
     status = Status(
         online=online,
         agent_version="0.1.0",
@@ -64,7 +64,16 @@ def record(
         models=models,
         train_examples=train_examples,
     )
-    return Fleet().update_status(device_id, status, sent_at=NOW - 100, now=last_seen)
+    return DeviceRow(
+        device_id=device_id,
+        first_seen=NOW - 3600,
+        last_seen=last_seen,
+        online=online,
+        status=status_document(status),
+        tags=tags,
+        model=models[0].name if models else None,
+        version=models[0].version if models else None,
+    )
 
 
 # --- helpers ------------------------------------------------------------------
@@ -142,10 +151,10 @@ def test_counts_line() -> None:
     assert counts_line({DeviceState.FAILED: 2}) == "2 failed"
 
 
-# --- fleet --------------------------------------------------------------------
+# --- devices --------------------------------------------------------------------
 
 
-def fleet_records() -> list[DeviceRecord]:
+def fleet_records() -> list[DeviceRow]:
     return [
         record(
             "pi-1",
@@ -161,8 +170,8 @@ def fleet_records() -> list[DeviceRecord]:
     ]
 
 
-def test_fleet_table_content() -> None:
-    table = fleet_table(fleet_records(), now=NOW)
+def test_devices_table_content() -> None:
+    table = devices_table(fleet_records(), now=NOW)
     assert [str(c.header) for c in table.columns] == [
         "device",
         "status",
@@ -182,27 +191,27 @@ def test_fleet_table_content() -> None:
     assert "12s ago" in text
 
 
-def test_fleet_table_status_styles() -> None:
-    table = fleet_table(fleet_records(), now=NOW)
+def test_devices_table_status_styles() -> None:
+    table = devices_table(fleet_records(), now=NOW)
     assert cell_style(table, 1, 0) == "green"
     assert cell_style(table, 1, 1) == "dim"
 
 
-def test_fleet_table_empty_and_singular_title() -> None:
-    assert "0 devices" in render(fleet_table([], now=NOW))
-    assert "1 device" in render(fleet_table(fleet_records()[:1], now=NOW))
+def test_devices_table_empty_and_singular_title() -> None:
+    assert "0 devices" in render(devices_table([], now=NOW))
+    assert "1 device" in render(devices_table(fleet_records()[:1], now=NOW))
 
 
-def test_fleet_table_does_not_interpret_markup_from_devices() -> None:
+def test_devices_table_does_not_interpret_markup_from_devices() -> None:
     rec = record("pi-1", tags=("x[red]",))
-    text = render(fleet_table([rec], now=NOW))
+    text = render(devices_table([rec], now=NOW))
     assert "x[red]" in text
 
 
-def test_fleet_json() -> None:
-    doc = fleet_json(fleet_records(), NOW)
+def test_devices_json() -> None:
+    doc = devices_json(fleet_records(), NOW)
     assert json.loads(json.dumps(doc)) == doc
-    first, second = doc
+    first, second = doc["devices"]
     assert first == {
         "device_id": "pi-1",
         "online": True,
@@ -214,10 +223,10 @@ def test_fleet_json() -> None:
             {"name": "digits", "version": 3, "sha256": SHA},
             {"name": "other", "version": 1, "sha256": SHA},
         ],
+        "first_seen": NOW - 3600,
         "last_seen": NOW - 12,
         "last_seen_iso": "2027-01-15T07:59:48+00:00",
         "last_seen_age_s": 12.0,
-        "status_sent_at": NOW - 100,
         "train_examples": 321,
     }
     assert second["online"] is False
@@ -225,8 +234,9 @@ def test_fleet_json() -> None:
     assert second["last_seen_age_s"] == 3 * 3600
 
 
-def test_fleet_json_never_seen_and_future() -> None:
-    never, future = fleet_json([record("a", last_seen=0.0), record("b", last_seen=NOW + 5)], NOW)
+def test_devices_json_never_seen_and_future() -> None:
+    doc = devices_json([record("a", last_seen=0.0), record("b", last_seen=NOW + 5)], NOW)
+    never, future = doc["devices"]
     assert (never["last_seen"], never["last_seen_iso"], never["last_seen_age_s"]) == (
         None,
         None,
@@ -306,3 +316,15 @@ def test_deploy_table_truncates_and_sanitizes_reason() -> None:
     assert second == "bad\ufffd[2J[bold]thing[/]"
     assert "[bold]thing[/]" in render(table)
     assert "\x1b[2J" not in render(table)
+
+
+def test_a_device_without_a_usable_status_shows_what_its_row_holds() -> None:
+    bare = DeviceRow("pi-9", NOW - 60, NOW - 6, False, None, ("lab",), "digits", 2)
+    odd = DeviceRow("pi-8", NOW - 60, NOW - 6, True, {"models": "x", "hardware": 3}, (), None, None)
+    first, second = devices_json([bare, odd], NOW)["devices"]
+    assert first["models"] == [{"name": "digits", "version": 2, "sha256": None}]
+    assert (first["agent_version"], first["hardware"], first["train_examples"]) == ("", {}, 0)
+    assert (second["models"], second["hardware"], second["runtimes"]) == ([], {}, [])
+    assert rows(devices_table([bare], now=NOW)) == [
+        ["pi-9", "offline", "-", "digits v2", "lab", "-", "6s ago"]
+    ]

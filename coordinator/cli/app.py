@@ -5,12 +5,13 @@ stderr) and dispatches to the command groups:
 
 * ``fedge keys``  -- :mod:`coordinator.cli.keys`
 * ``fedge model`` -- :mod:`coordinator.cli.model`
-* ``fedge deploy | fleet | rollback`` -- :mod:`coordinator.cli.fleet`
+* ``fedge deploy | rollback`` -- :mod:`coordinator.cli.deploy`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
+  (``fedge fleet`` is a hidden alias of ``fedge devices``)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
@@ -19,6 +20,12 @@ stderr) and dispatches to the command groups:
 ``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``rollout`` and ``rounds``
 operate a fleet through a coordinator: its HTTP API (``--api``) or a service
 started in-process (``--broker``); see :mod:`coordinator.cli.operate`.
+``deploy``, ``rollback`` and ``train`` talk to the broker directly (``--broker``
+only): one-shot delivery, and federated rounds with this process's files
+(starting weights, evaluation data, the packaged result); a service does the
+same jobs with ``rollout`` and ``rounds start``, over the same delivery and round
+code underneath. Every connection option is declared once, in
+:mod:`coordinator.cli.options`.
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
@@ -36,7 +43,7 @@ from coordinator.cli import (
     artifacts,
     broker,
     data,
-    fleet,
+    deploy,
     keys,
     model,
     observe,
@@ -59,12 +66,12 @@ app.add_typer(model.app, name="model")
 app.add_typer(broker.app, name="broker")
 app.add_typer(data.app, name="data")
 app.add_typer(service.app, name="coordinator")
-app.command("deploy")(fleet.deploy)
-app.command("fleet")(fleet.fleet)
-app.command("rollback")(fleet.rollback)
+app.command("deploy")(deploy.deploy)
+app.command("rollback")(deploy.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)
+app.command("fleet", hidden=True)(observe.devices)  # the name of the command before it
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)

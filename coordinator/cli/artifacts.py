@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from coordinator.cli.fleet import JsonOption
-from coordinator.cli.operate import Connection, operations, read_artifact, with_connection
+from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.service_views import artifacts_table, to_json
 from coordinator.cli.views import safe_text

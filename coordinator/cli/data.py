@@ -16,6 +16,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.errors import TrainingError
 from coordinator.sim.datasets import load_digits_split
@@ -34,7 +35,7 @@ def digits(
         float, typer.Option(min=0.001, help="Dirichlet concentration: small = skewed labels.")
     ] = 0.5,
     seed: Annotated[int, typer.Option(min=0, help="Split seed.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Write digits shards (one directory per device) and a held-out test.npz."""
     with reported_errors(as_json=as_json):

@@ -44,6 +44,7 @@ from compress.keyset import (
     verify_self_signed,
 )
 from compress.manifest import format_time
+from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, print_json, reported_errors
 
 app = typer.Typer(
@@ -75,7 +76,6 @@ ExpiresOption = Annotated[
     typer.Option("--expires-in-days", min=1, max=36500, help="Days until the key set expires."),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 @app.command()
@@ -87,7 +87,7 @@ def generate(
         ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Generate an Ed25519 signing key (mode 0600) and its public key."""
     with reported_errors(as_json=as_json):

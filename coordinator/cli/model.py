@@ -30,6 +30,7 @@ from compress.onnx_export import export_onnx
 from compress.quantize import load_calibration
 from compress.signing import TrustedKeys
 from compress.tflite_export import export_tflite
+from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, human_bytes, print_json, reported_errors
 from coordinator.delivery.packaging import (
     PackageRequest,
@@ -165,7 +166,7 @@ def package(
     tag: Annotated[
         list[str] | None, typer.Option(help="Hardware tag a device must have; repeatable.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Quantize, sign and package a model into one artifact file."""
     with reported_errors(as_json=as_json):
@@ -240,7 +241,7 @@ def inspect(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Show the manifest without checking signatures.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify an artifact against trusted keys and print its manifest.
 

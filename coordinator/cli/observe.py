@@ -4,7 +4,11 @@ Each command asks :class:`~coordinator.service.operations.Operations` (over ``--
 in-process over ``--broker``, see :mod:`coordinator.cli.operate`) and prints a
 table, or the rows as JSON with ``--json``:
 
-* ``devices``: every device the coordinator has seen, with its model and tags;
+* ``devices`` (hidden alias ``fleet``): every device the coordinator has seen,
+  with its agent, models, tags and training data; ``--json`` gives
+  ``{"devices": [...]}`` (:func:`~coordinator.cli.device_views.device_json`).
+  In-process without ``--db`` it runs on a temporary database, so it lists the
+  devices whose status the broker holds;
 * ``telemetry DEVICE [--limit N]``: the device's latest telemetry windows;
 * ``presence DEVICE [--limit N]``: when it went online and offline, and for how long;
 * ``audit [--limit N]``: the latest operator actions, oldest first.
@@ -19,16 +23,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from coordinator.cli.fleet import JsonOption
-from coordinator.cli.operate import Connection, operations, with_connection
-from coordinator.cli.output import console, print_json, reported_errors
-from coordinator.cli.service_views import (
-    audit_table,
-    devices_table,
-    presence_table,
-    telemetry_table,
-    to_json,
+from coordinator.cli.device_views import devices_json, devices_table
+from coordinator.cli.operate import operations
+from coordinator.cli.options import (
+    Connection,
+    JsonOption,
+    with_connection,
+    with_snapshot_connection,
 )
+from coordinator.cli.output import console, print_json, reported_errors
+from coordinator.cli.service_views import audit_table, presence_table, telemetry_table, to_json
 
 __all__ = ["audit", "devices", "presence", "telemetry"]
 
@@ -51,12 +55,16 @@ def _show(rows: Sequence[Any], table: Callable[[], Table], *, as_json: bool) -> 
         console.print(table())
 
 
-@with_connection
+@with_snapshot_connection
 def devices(connection: Connection, as_json: JsonOption = False) -> None:
-    """List the devices the coordinator has seen: online or not, model, tags."""
+    """List the devices: online or not, agent, models, tags, training data, last seen."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
         rows = ops.devices()
-    _show(rows, lambda: devices_table(rows, now=time.time()), as_json=as_json)
+    now = time.time()
+    if as_json:
+        print_json(devices_json(rows, now))
+    else:
+        console.print(devices_table(rows, now=now))
 
 
 @with_connection

@@ -28,9 +28,9 @@ from typing import Annotated
 
 import typer
 
-from coordinator.cli.fleet import JsonOption, TargetOption
-from coordinator.cli.follow import follow
-from coordinator.cli.operate import Connection, operations, read_artifact, with_connection
+from coordinator.cli.follow import IntervalOption, WatchOption, announce, watch_and_exit
+from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import (
     FINAL_ROLLOUT_STATES,
@@ -41,13 +41,7 @@ from coordinator.cli.service_views import (
 from coordinator.cli.views import safe_text
 from coordinator.service.operations import CLI_ACTOR, Operations, RolloutRequest, RolloutView
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_COMPLETED", "app", "watch"]
-
-EXIT_NOT_COMPLETED = 1
-"""Exit status of ``--watch`` when the rollout halted or was aborted."""
-
-EXIT_INTERRUPTED = 130
-"""Exit status when the operator stops watching with Ctrl-C."""
+__all__ = ["app"]
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DEFAULTS = RolloutRequest(artifact_sha256="")
@@ -58,65 +52,29 @@ app = typer.Typer(
 )
 
 IdArgument = Annotated[str, typer.Argument(help="The rollout's id.", show_default=False)]
-WatchOption = Annotated[
-    bool,
-    typer.Option("--watch", "-w", help="Follow the rollout live until it ends."),
-]
-IntervalOption = Annotated[
-    float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
-]
 
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def watch(ops: Operations, rollout_id: str, *, interval: float, live: bool) -> RolloutView:
-    """Poll a rollout until it is completed, halted or aborted.
-
-    Args:
-        ops: Where the rollout runs.
-        rollout_id: The rollout.
-        interval: Seconds between polls.
-        live: Show a live view on stderr.
-
-    Returns:
-        The rollout as it ended.
-
-    Raises:
-        NotFoundError: no such rollout.
-        KeyboardInterrupt: the operator pressed Ctrl-C.
-    """
-    return follow(
-        lambda: ops.rollout(rollout_id),
-        done=lambda view: view.rollout.state in FINAL_ROLLOUT_STATES,
-        render=lambda view: rollout_view(view, now=time.time(), devices=False),
-        interval=interval,
-        live=live,
-        sleep=_sleep,
-    )
-
-
 def _watch_and_exit(
     ops: Operations, connection: Connection, rollout_id: str, *, interval: float, as_json: bool
 ) -> None:
-    """Watch a rollout, report how it ended and exit with the matching status."""
-    try:
-        view = watch(ops, rollout_id, interval=interval, live=not as_json)
-    except KeyboardInterrupt:
-        err_console.print(
-            f"stopped watching; {safe_text(connection.continues(f'rollout {rollout_id}'))}",
-            highlight=False,
-            markup=False,
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    state = view.rollout.state
-    if as_json:
-        print_json(to_json(view))
-    else:
-        console.print(f"rollout {safe_text(rollout_id)}: {safe_text(state)}", markup=False)
-    if state != "completed":
-        raise typer.Exit(EXIT_NOT_COMPLETED)
+    """Follow a rollout until it completed (exit 0), halted or was aborted (exit 1)."""
+    watch_and_exit(
+        lambda: ops.rollout(rollout_id),
+        kind="rollout",
+        key=rollout_id,
+        state=lambda view: view.rollout.state,
+        final=FINAL_ROLLOUT_STATES,
+        success="completed",
+        render=lambda view: rollout_view(view, now=time.time(), devices=False),
+        connection=connection,
+        interval=interval,
+        as_json=as_json,
+        sleep=_sleep,
+    )
 
 
 def _resolve_artifact(artifact: str) -> str | bytes:
@@ -241,13 +199,12 @@ def create(
             print_json(to_json(view))
             return
         if not as_json:
-            console.print(rollout_id, highlight=False, markup=False)
-            shown = safe_text(rollout_id)
-            err_console.print(
-                f"rollout {shown} started on {len(view.devices)} device(s)"
-                + ("" if watch_ else f"; follow it: fedge rollout status {shown} --watch"),
-                highlight=False,
-                markup=False,
+            announce(
+                "rollout",
+                rollout_id,
+                detail=f" on {len(view.devices)} device(s)",
+                status_command="fedge rollout status",
+                watching=watch_,
             )
         if watch_:
             _watch_and_exit(ops, connection, rollout_id, interval=interval, as_json=as_json)

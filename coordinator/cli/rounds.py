@@ -5,11 +5,14 @@
   background; it prints the run's id. The model settings go into
   :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` under the
   keys :mod:`coordinator.service.runs` reads: ``model``, ``family``, ``features``,
-  ``classes``, ``hidden`` (list of int, one ``--hidden`` per layer),
-  ``clients_per_round``, ``seed``, ``strategy_args`` and ``train`` (the
-  ``--train-arg key=value`` pairs sent to devices; values are read as JSON when
-  they parse, ``lr=0.1`` is a number, else kept as text). Settings left out are
-  the coordinator's defaults.
+  ``classes``, ``hidden`` (list of int: ``--hidden 128,64`` or one ``--hidden``
+  per layer), ``clients_per_round``, ``seed``, ``strategy_args`` and ``train``
+  (``--epochs``, ``--lr``, ``--batch-size``, ``--optimizer`` and the
+  ``--train-arg key=value`` pairs sent to devices; numbers and true/false are
+  read as such, ``lr=0.1`` is a number, else kept as text). Settings left out are
+  the coordinator's defaults. The options are those of ``fedge train``
+  (:mod:`coordinator.cli.training_options`), which runs the same rounds in
+  this process.
 * ``status [RUN_ID]``: a run's state and its rounds (accuracy, clients, bytes up
   and down); the latest run when no id is given.
 * ``list``: every run, newest first.
@@ -29,62 +32,43 @@ watches.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import click
 import typer
 
-from compress.families import FAMILIES
-from coordinator.cli.fleet import JsonOption
-from coordinator.cli.follow import follow
-from coordinator.cli.operate import Connection, operations, with_connection
-from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli import training_options as run_options
+from coordinator.cli.follow import (
+    IntervalOption,
+    WatchOption,
+    announce,
+    print_outcome,
+    watch_and_exit,
+)
+from coordinator.cli.operate import operations
+from coordinator.cli.options import Connection, JsonOption, with_connection
+from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
-from coordinator.cli.views import safe_text
+from coordinator.cli.training_options import hidden_sizes, key_values
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_FINISHED", "app", "key_values", "run_config", "watch"]
-
-EXIT_NOT_FINISHED = 1
-"""Exit status of ``--watch`` when the run failed or was interrupted."""
-
-EXIT_INTERRUPTED = 130
-"""Exit status when the operator stops watching with Ctrl-C."""
-
-WatchOption = Annotated[
-    bool, typer.Option("--watch", "-w", help="Follow the run live until it ends.")
-]
-IntervalOption = Annotated[
-    float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
-]
+__all__ = ["app", "run_config"]
 
 _DEFAULTS = RunRequest()
+_ENDED = frozenset(state for state in RunState if state is not RunState.RUNNING)
 
 app = typer.Typer(help="Federated runs: start one, follow its rounds.", no_args_is_help=True)
 
 
-def key_values(pairs: Sequence[str], *, option: str) -> dict[str, Any]:
-    """Parse ``key=value`` pairs; a value is JSON if it parses, else the text.
-
-    Raises:
-        typer.BadParameter: a pair without ``=`` or with an empty key.
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint=option)
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
-            out[key] = text
-    return out
+def _train_settings(
+    epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
+) -> dict[str, Any]:
+    """The local training settings given as options (the others: the devices' defaults)."""
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_config(
@@ -118,107 +102,52 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def watch(ops: Operations, run_id: str, *, interval: float, live: bool) -> RunView:
-    """Poll a run until it is no longer running.
-
-    Args:
-        ops: Where the run runs.
-        run_id: The run.
-        interval: Seconds between polls.
-        live: Show a live view on stderr.
-
-    Returns:
-        The run as it ended.
-
-    Raises:
-        NotFoundError: no such run.
-        KeyboardInterrupt: the operator pressed Ctrl-C.
-    """
-    return follow(
-        lambda: ops.run(run_id),
-        done=lambda view: view.run.state is not RunState.RUNNING,
-        render=lambda view: run_view(view, now=time.time()),
-        interval=interval,
-        live=live,
-        sleep=_sleep,
-    )
-
-
 def _report(view: RunView, *, as_json: bool) -> None:
     """Print ``run ID: STATE``, or the whole view with ``--json``."""
-    if as_json:
-        print_json(to_json(view))
-    else:
-        console.print(
-            f"run {safe_text(view.run.run_id)}: {view.run.state}", highlight=False, markup=False
-        )
+    print_outcome("run", view.run.run_id, view.run.state, view, as_json=as_json)
 
 
 def _watch_and_exit(
     ops: Operations, connection: Connection, run_id: str, *, interval: float, as_json: bool
 ) -> None:
-    """Watch a run, report how it ended and exit with the matching status."""
-    try:
-        view = watch(ops, run_id, interval=interval, live=not as_json)
-    except KeyboardInterrupt:
-        err_console.print(
-            f"stopped watching; {safe_text(connection.continues(f'run {run_id}'))}",
-            highlight=False,
-            markup=False,
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    _report(view, as_json=as_json)
-    if view.run.state is not RunState.FINISHED:
-        raise typer.Exit(EXIT_NOT_FINISHED)
+    """Follow a run until it finished (exit 0), failed or was interrupted (exit 1)."""
+    watch_and_exit(
+        lambda: ops.run(run_id),
+        kind="run",
+        key=run_id,
+        state=lambda view: view.run.state,
+        final=_ENDED,
+        success=RunState.FINISHED,
+        render=lambda view: run_view(view, now=time.time()),
+        connection=connection,
+        interval=interval,
+        as_json=as_json,
+        sleep=_sleep,
+    )
 
 
 @app.command("start")
 @with_connection
 def start(
     connection: Connection,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds to run.")] = (
-        _DEFAULTS.rounds
-    ),
-    strategy: Annotated[
-        str,
-        typer.Option("--strategy", help="fedavg, fedprox, fedadam, krum... or module:Class."),
-    ] = _DEFAULTS.strategy,
-    codec: Annotated[
-        str, typer.Option("--codec", help="Update codec: fp32, fp16, int8, topk:D[+int8].")
-    ] = _DEFAULTS.codec,
-    min_clients: Annotated[
-        int, typer.Option("--min-clients", min=1, help="Fewest updates for a round to count.")
-    ] = _DEFAULTS.min_clients,
-    round_timeout: Annotated[
-        float, typer.Option("--round-timeout", min=0.1, help="Seconds a round may take.")
-    ] = _DEFAULTS.round_timeout_s,
-    model: Annotated[
-        str | None, typer.Option("--model", help="Model name (devices keep per-model state).")
-    ] = None,
-    family: Annotated[
-        str | None,
-        typer.Option("--family", click_type=click.Choice(FAMILIES), help="Model family."),
-    ] = None,
-    features: Annotated[
-        int | None, typer.Option("--features", min=1, help="Input features.")
-    ] = None,
-    classes: Annotated[int | None, typer.Option("--classes", min=2, help="Output classes.")] = None,
-    hidden: Annotated[
-        list[int] | None,
-        typer.Option("--hidden", min=1, help="MLP hidden units of a layer; repeatable."),
-    ] = None,
-    clients_per_round: Annotated[
-        int | None, typer.Option("--clients-per-round", min=1, help="Devices sampled per round.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed of sampling.")] = None,
-    strategy_arg: Annotated[
-        list[str] | None,
-        typer.Option("--strategy-arg", help="key=value for the strategy; repeatable."),
-    ] = None,
-    train_arg: Annotated[
-        list[str] | None,
-        typer.Option("--train-arg", help="key=value sent to devices (epochs=2); repeatable."),
-    ] = None,
+    rounds: Annotated[int, run_options.ROUNDS] = _DEFAULTS.rounds,
+    strategy: Annotated[str, run_options.STRATEGY] = _DEFAULTS.strategy,
+    codec: Annotated[str, run_options.CODEC] = _DEFAULTS.codec,
+    min_clients: Annotated[int, run_options.MIN_CLIENTS] = _DEFAULTS.min_clients,
+    round_timeout: Annotated[float, run_options.ROUND_TIMEOUT] = _DEFAULTS.round_timeout_s,
+    model: Annotated[str | None, run_options.MODEL] = None,
+    family: Annotated[str | None, run_options.FAMILY] = None,
+    features: Annotated[int | None, run_options.FEATURES] = None,
+    classes: Annotated[int | None, run_options.CLASSES] = None,
+    hidden: Annotated[list[str] | None, run_options.HIDDEN] = None,
+    clients_per_round: Annotated[int | None, run_options.CLIENTS_PER_ROUND] = None,
+    seed: Annotated[int | None, run_options.SEED] = None,
+    strategy_arg: Annotated[list[str] | None, run_options.STRATEGY_ARG] = None,
+    epochs: Annotated[int | None, run_options.EPOCHS] = None,
+    lr: Annotated[float | None, run_options.LR] = None,
+    batch_size: Annotated[int | None, run_options.BATCH_SIZE] = None,
+    optimizer: Annotated[str | None, run_options.OPTIMIZER] = None,
+    train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
     watch_: WatchOption = False,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,
@@ -232,11 +161,12 @@ def start(
         family=family,
         features=features,
         classes=classes,
-        hidden=hidden or (),
+        hidden=hidden_sizes(hidden or ()),
         clients_per_round=clients_per_round,
         seed=seed,
         strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
-        train=key_values(train_arg or (), option="--train-arg"),
+        train=_train_settings(epochs, lr, batch_size, optimizer)
+        | key_values(train_arg or (), option="--train-arg"),
     )
     request = RunRequest(
         rounds=rounds,
@@ -254,14 +184,7 @@ def start(
             print_json(to_json(view))
             return
         if not as_json:
-            shown = safe_text(run_id)
-            console.print(shown, highlight=False, markup=False)
-            err_console.print(
-                f"run {shown} started"
-                + ("" if watch_ else f"; follow it: fedge rounds status {shown} --watch"),
-                highlight=False,
-                markup=False,
-            )
+            announce("run", run_id, status_command="fedge rounds status", watching=watch_)
         if watch_:
             _watch_and_exit(ops, connection, run_id, interval=interval, as_json=as_json)
 

@@ -42,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from compress.fileio import atomic_write
+from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import safe_text
 from coordinator.errors import ServiceConfigError
@@ -95,7 +96,6 @@ DbOption = Annotated[
         "--db", show_default=False, dir_okay=False, help="SQLite database (overrides the file's)."
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 def _read_config(path: Path | None) -> tuple[dict[str, Any], Path | None]:

@@ -5,8 +5,8 @@ the rows and views :class:`~coordinator.service.operations.Operations` returns: 
 (or a small group of them) for people, and with ``--json`` the rows as plain
 JSON (:func:`to_json`: the same field names as the HTTP API's bodies)::
 
-    console.print(devices_table(ops.devices(), now=time.time()))
-    print_json(to_json(ops.devices()))
+    console.print(audit_table(ops.audit_log()))
+    print_json(to_json(ops.audit_log()))
 
 As in :mod:`coordinator.cli.views`, every string a device or an API caller chose
 (ids, tags, targets, reasons, audit details) goes into a :class:`rich.text.Text`
@@ -27,12 +27,12 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.cli.output import human_bytes
+from coordinator.cli.round_table import rounds_table, run_rounds
 from coordinator.cli.views import humanize_age, humanize_duration, safe_text
 from coordinator.service.operations import RolloutView, RunView
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
-    DeviceRow,
     PresenceRow,
     RolloutInfo,
     RunRow,
@@ -44,7 +44,6 @@ __all__ = [
     "FINAL_ROLLOUT_STATES",
     "artifacts_table",
     "audit_table",
-    "devices_table",
     "presence_table",
     "rollout_counts",
     "rollout_view",
@@ -84,7 +83,6 @@ _RUN_STYLES = {
     RunState.FAILED: "red",
     RunState.INTERRUPTED: "red",
 }
-_ROUND_STYLES = {"ok": "green", "failed": "red", "running": "yellow"}
 
 
 def to_json(value: Any) -> Any:
@@ -121,26 +119,6 @@ def _compact(detail: Mapping[str, Any]) -> str:
 
 
 # --- devices, telemetry, audit --------------------------------------------------------
-
-
-def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
-    """Devices the coordinator has seen: status, model, tags, last seen."""
-    table = Table(title=_plural(len(rows), "device"))
-    table.add_column("device", no_wrap=True)
-    table.add_column("status")
-    table.add_column("model")
-    table.add_column("tags")
-    table.add_column("last seen", justify="right")
-    for row in rows:
-        model = "-" if row.model is None else f"{row.model} v{row.version}"
-        table.add_row(
-            _text(row.device_id),
-            Text("online", style="green") if row.online else Text("offline", style="dim"),
-            _text(model),
-            _text(", ".join(row.tags) or "-"),
-            Text(humanize_age(row.last_seen, now)),
-        )
-    return table
 
 
 def telemetry_table(device_id: str, rows: Sequence[TelemetryRow]) -> Table:
@@ -342,13 +320,6 @@ def runs_table(rows: Sequence[RunRow], *, now: float) -> Table:
     return table
 
 
-def _figure(metrics: Mapping[str, Any], key: str, form: str = "{}") -> str:
-    value = metrics.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-"
-    return form.format(value)
-
-
 def run_view(view: RunView, *, now: float) -> RenderableType:
     """A federated run: its settings and state, and one row per round."""
     run = view.run
@@ -365,28 +336,5 @@ def run_view(view: RunView, *, now: float) -> RenderableType:
     head.add_row("started", Text(humanize_age(run.created_at, now)))
     head.add_row("updated", Text(humanize_age(run.updated_at, now)))
 
-    table = Table(title=_plural(len(view.rounds), "round"))
-    table.add_column("round", justify="right")
-    table.add_column("status")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("clients", justify="right")
-    table.add_column("up", justify="right")
-    table.add_column("down", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("reason", overflow="fold")
-    for r in view.rounds:
-        m = r.metrics
-        up, down = m.get("uplink_bytes"), m.get("downlink_bytes")
-        table.add_row(
-            Text(str(r.round)),
-            _text(r.status, _ROUND_STYLES.get(r.status, "")),
-            Text(_figure(m, "accuracy", "{:.4f}")),
-            Text(_figure(m, "loss", "{:.4f}")),
-            Text(_figure(m, "clients")),
-            Text(human_bytes(up) if isinstance(up, int) else "-"),
-            Text(human_bytes(down) if isinstance(down, int) else "-"),
-            Text(_figure(m, "seconds", "{:.1f}")),
-            _text(_short(r.reason) or "-"),
-        )
+    table = rounds_table(run_rounds(view), title=_plural(len(view.rounds), "round"))
     return Group(head, table)

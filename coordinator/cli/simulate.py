@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
-from coordinator.cli.train import rounds_table
+from coordinator.cli.round_table import rounds_table
 from coordinator.federated.runs import RoundReport
 from coordinator.federated.strategies import parse_strategy_args
 from coordinator.sim.simulate import SimulationConfig, SimulationReport, run_simulation
@@ -118,7 +118,9 @@ def _run_live(config: SimulationConfig) -> SimulationReport:
     done: list[RoundReport] = []
 
     def view() -> Group:
-        return Group(rounds_table(done[-8:], title="latest rounds"), progress)
+        return Group(
+            rounds_table([r.to_json() for r in done[-8:]], title="latest rounds"), progress
+        )
 
     with Live(view(), console=err_console, refresh_per_second=8, transient=True) as live:
 
@@ -151,7 +153,7 @@ def _run_live(config: SimulationConfig) -> SimulationReport:
 
 
 def _summary(report: SimulationReport, body: dict[str, Any]) -> None:
-    console.print(rounds_table(report.result.rounds, title="rounds"))
+    console.print(rounds_table([r.to_json() for r in report.result.rounds], title="rounds"))
     table = Table(title="fedge simulate", show_header=False)
     table.add_column(style="bold")
     table.add_column()

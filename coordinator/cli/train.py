@@ -30,34 +30,24 @@ import typer
 from flwr.serverapp.strategy import Strategy
 from rich.console import Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
-from compress.families import FAMILIES, init_weights
+from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
-from coordinator.cli.fleet import (
-    BrokerOption,
-    CaOption,
-    CertOption,
-    ConnectTimeoutOption,
-    JsonOption,
-    KeyOption,
-    PasswordEnv,
-    PasswordFileOption,
-    UsernameOption,
-    broker_config,
-    connected,
-)
+from coordinator.cli import training_options as run_options
+from coordinator.cli.deploy import connected
 from coordinator.cli.model import load_weights
+from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
+from coordinator.cli.round_table import percent, rounds_table
+from coordinator.cli.training_options import hidden_sizes, key_values
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import TrainingError
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
-from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
+from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.hub import Coordinator
-from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = ["train"]
 
@@ -67,7 +57,7 @@ logger = logging.getLogger(__name__)
 def _initial_weights(
     family: str,
     init: Path | None,
-    hidden: str,
+    hidden: list[int],
     features: int | None,
     classes: int | None,
     eval_data: LabelledData | None,
@@ -80,45 +70,7 @@ def _initial_weights(
         classes = classes or int(eval_data.y.max()) + 1
     if not features or not classes:
         raise TrainingError("give --init weights.npz, --eval-data, or --features and --classes")
-    try:
-        hidden_sizes = [int(h) for h in hidden.split(",") if h.strip()] if family == "mlp" else []
-    except ValueError:
-        raise TrainingError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
-    return init_weights(family, [features, *hidden_sizes, classes], np.random.default_rng(seed))
-
-
-def _fmt(value: float | None, percent: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
-
-
-def rounds_table(reports: list[RoundReport], *, title: str) -> Table:
-    """The rounds so far, one row each."""
-    table = Table(title=title, title_justify="left")
-    for name in ("round", "status", "clients", "accuracy", "loss", "up", "down", "notes"):
-        table.add_column(name, justify="right" if name not in ("status", "notes") else "left")
-    for report in reports:
-        notes = []
-        if report.rejected:
-            notes.append("rejected " + ",".join(f"{k}:{v}" for k, v in report.rejected.items()))
-        if report.dropped:
-            notes.append(f"{report.dropped} offline")
-        if report.timed_out:
-            notes.append(f"{report.timed_out} timed out")
-        if report.reason:
-            notes.append(report.reason)
-        table.add_row(
-            str(report.round),
-            "[green]ok[/]" if report.status == "ok" else "[red]failed[/]",
-            f"{report.clients}/{report.sampled}",
-            _fmt(report.accuracy, percent=True),
-            _fmt(report.loss),
-            human_bytes(report.uplink_bytes),
-            human_bytes(report.downlink_bytes),
-            "; ".join(notes),
-        )
-    return table
+    return init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
 
 
 def _package(
@@ -150,40 +102,23 @@ def _package(
     )
 
 
+@with_broker
 def train(
-    broker: BrokerOption,
-    model: Annotated[str, typer.Option(help="Model name (devices keep per-model state).")],
-    family: Annotated[str, typer.Option(help=f"Model family: {', '.join(FAMILIES)}.")] = "mlp",
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 20,
-    clients_per_round: Annotated[int, typer.Option(min=1, help="Devices sampled per round.")] = 10,
-    min_clients: Annotated[
-        int, typer.Option(min=1, help="Fewest accepted updates for a round to count.")
-    ] = 2,
-    round_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds each round's devices have to reply.")
-    ] = 60.0,
-    strategy: Annotated[
-        str,
-        typer.Option(
-            help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, "
-            "multikrum, bulyan, or module:Class (a Flower Message-API strategy)."
-        ),
-    ] = "fedavg",
-    strategy_arg: Annotated[
-        list[str] | None,
-        typer.Option("--strategy-arg", help="key=value for the strategy; repeatable."),
-    ] = None,
-    codec: Annotated[
-        str, typer.Option(help="Update codec: fp32, fp16, int8, topk:D, topk:D+int8, topk:D+fp16.")
-    ] = "fp32",
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    lr: Annotated[float, typer.Option(min=0.0, help="Local learning rate.")] = 0.05,
-    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
-    optimizer: Annotated[str, typer.Option(help="Local optimizer: sgd or adam.")] = "sgd",
-    train_arg: Annotated[
-        list[str] | None,
-        typer.Option("--train-arg", help="Extra key=value sent to devices; repeatable."),
-    ] = None,
+    connection: Connection,
+    model: Annotated[str, run_options.MODEL],
+    family: Annotated[str, run_options.FAMILY] = "mlp",
+    rounds: Annotated[int, run_options.ROUNDS] = 20,
+    clients_per_round: Annotated[int, run_options.CLIENTS_PER_ROUND] = 10,
+    min_clients: Annotated[int, run_options.MIN_CLIENTS] = 2,
+    round_timeout: Annotated[float, run_options.ROUND_TIMEOUT] = 60.0,
+    strategy: Annotated[str, run_options.STRATEGY] = "fedavg",
+    strategy_arg: Annotated[list[str] | None, run_options.STRATEGY_ARG] = None,
+    codec: Annotated[str, run_options.CODEC] = "fp32",
+    epochs: Annotated[int, run_options.EPOCHS] = 1,
+    lr: Annotated[float, run_options.LR] = 0.05,
+    batch_size: Annotated[int, run_options.BATCH_SIZE] = 32,
+    optimizer: Annotated[str, run_options.OPTIMIZER] = "sgd",
+    train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -196,10 +131,10 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Starting weights (.npz with W0, b0, ...).", dir_okay=False)
     ] = None,
-    hidden: Annotated[str, typer.Option(help="MLP hidden units, comma-separated.")] = "64",
-    features: Annotated[int | None, typer.Option(min=1, help="Input features.")] = None,
-    classes: Annotated[int | None, typer.Option(min=2, help="Output classes.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of sampling and training.")] = 0,
+    hidden: Annotated[list[str] | None, run_options.HIDDEN] = None,
+    features: Annotated[int | None, run_options.FEATURES] = None,
+    classes: Annotated[int | None, run_options.CLASSES] = None,
+    seed: Annotated[int, run_options.SEED] = 0,
     dp_clip: Annotated[
         float | None,
         typer.Option(min=0.0, help="Server-side DP: clip each update to this L2 norm."),
@@ -221,21 +156,15 @@ def train(
         list[Path] | None, typer.Option("--key", help="Signing key for --package; repeatable.")
     ] = None,
     version: Annotated[int, typer.Option(min=1, help="Artifact version for --package.")] = 1,
-    username: UsernameOption = COORDINATOR_SENDER,
-    password_file: PasswordFileOption = None,
-    password: PasswordEnv = None,
-    ca_file: CaOption = None,
-    cert_file: CertOption = None,
-    key_file: KeyOption = None,
-    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
+    sizes = hidden_sizes(hidden or ["64"]) if family == "mlp" else []
+    strategy_args = key_values(strategy_arg or (), option="--strategy-arg")
+    extra = key_values(train_arg or (), option="--train-arg")
     with reported_errors(as_json=as_json):
-        if family not in FAMILIES:
-            raise TrainingError(f"--family must be one of {', '.join(FAMILIES)}")
         evaluation = None if eval_data is None else load_labelled_npz(eval_data)
-        weights = _initial_weights(family, init, hidden, features, classes, evaluation, seed)
+        weights = _initial_weights(family, init, sizes, features, classes, evaluation, seed)
         train_config: dict[str, int | float | str | bool] = {
             "epochs": epochs,
             "lr": lr,
@@ -243,7 +172,7 @@ def train(
             "optimizer": optimizer,
             "seed": seed,
         }
-        train_config.update(parse_strategy_args(train_arg or []))
+        train_config.update(extra)
         config = TrainingConfig(
             model=model,
             family=family,
@@ -258,9 +187,7 @@ def train(
             seed=seed,
             max_update_norm=max_update_norm,
         )
-        chosen = build_strategy(
-            strategy, parse_strategy_args(strategy_arg or []), federated_eval=evaluation is None
-        )
+        chosen = build_strategy(strategy, strategy_args, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
                 chosen,
@@ -268,12 +195,8 @@ def train(
                 clipping_norm=dp_clip,
                 num_sampled_clients=clients_per_round,
             )
-        broker_settings = broker_config(
-            broker, username=username, password=password, password_file=password_file,
-            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        )  # fmt: skip
         title = f"{model}: {strategy}, {codec}, {rounds} rounds"
-        with connected(broker_settings, timeout=connect_timeout) as coordinator:
+        with connected(connection) as coordinator:
             result = _run(coordinator, chosen, config, title=title, live=not as_json)
         if out is not None:
             buffer = io.BytesIO()
@@ -303,7 +226,7 @@ def _run(
                 status = Text("")
             else:
                 status = Text(f"round {report.round}/{config.rounds}: {what}", style="cyan")
-            view.update(Group(rounds_table(done, title=title), status))
+            view.update(Group(rounds_table([r.to_json() for r in done], title=title), status))
 
         return run_training(coordinator, strategy, config, on_round=show)
 
@@ -321,10 +244,10 @@ def _report(
             body["artifact"] = packaged
         print_json(body)
     else:
-        console.print(rounds_table(result.rounds, title=title))
         summary = result.to_json()
+        console.print(rounds_table(summary["rounds"], title=title))
         console.print(
-            f"final accuracy {_fmt(result.final_accuracy, percent=True)}; "
+            f"final accuracy {percent(result.final_accuracy)}; "
             f"{summary['rounds_ok']} round(s) ok, {summary['rounds_failed']} failed; "
             f"up {human_bytes(summary['uplink_bytes'])}, "
             f"down {human_bytes(summary['downlink_bytes'])}",

@@ -1,13 +1,12 @@
-"""Rich renderables and JSON shapes for the fleet and deployments (pure).
+"""Rich renderables for deployments, and the text helpers every view uses (pure).
 
-Data in, renderable out: commands fetch :class:`~coordinator.link.fleet.DeviceRecord`
-and :class:`~coordinator.delivery.tracker.DeviceProgress` values, pass the current time
-where ages are shown, and print what these functions return, either to a
-:class:`rich.console.Console` or, with ``--json``, through
-:func:`~coordinator.cli.output.print_json`::
+Data in, renderable out: ``fedge deploy`` and ``fedge rollback`` pass
+:class:`~coordinator.delivery.tracker.DeviceProgress` values and print what
+:func:`deploy_table` returns; the other views (:mod:`coordinator.cli.device_views`,
+:mod:`coordinator.cli.service_views`, :mod:`coordinator.cli.round_table`) share
+:func:`safe_text`, :func:`humanize_age` and :func:`humanize_duration`::
 
-    console.print(fleet_table(fleet.records(), now=time.time()))
-    print_json(fleet_json(fleet.records(), time.time()))
+    console.print(deploy_table(result.devices, title="digits v3 -> all devices"))
 
 Every string that comes from a device (ids, tags, versions, error reasons) is put
 in a :class:`rich.text.Text`, never parsed as markup, and control characters are
@@ -18,22 +17,17 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from coordinator.delivery.tracker import IN_PROGRESS_STATES, DeviceProgress, DeviceState
-from coordinator.link.fleet import DeviceRecord
 
 __all__ = [
     "BAR_WIDTH",
     "REASON_MAX_CHARS",
     "counts_line",
     "deploy_table",
-    "fleet_json",
-    "fleet_table",
     "humanize_age",
     "progress_bar",
     "safe_text",
@@ -96,85 +90,6 @@ def humanize_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(max(seconds, 0.0))}s"
-
-
-def _models(record: DeviceRecord) -> str:
-    return ", ".join(f"{m.name} v{m.version}" for m in record.models)
-
-
-def fleet_table(records: Sequence[DeviceRecord], *, now: float) -> Table:
-    """Render devices as a table, one row each, in the given order.
-
-    Args:
-        records: The devices (usually :meth:`Fleet.records`, sorted by id).
-        now: The current time, unix seconds, for the "last seen" column.
-
-    Returns:
-        A table with columns device, status, agent, models, tags, training
-        examples, last seen.
-    """
-    table = Table(title=f"{len(records)} device{'' if len(records) == 1 else 's'}")
-    table.add_column("device", no_wrap=True)
-    table.add_column("status")
-    table.add_column("agent")
-    table.add_column("models")
-    table.add_column("tags")
-    table.add_column("train data", justify="right")
-    table.add_column("last seen", justify="right")
-    for r in records:
-        table.add_row(
-            Text(safe_text(r.device_id)),
-            Text("online", style="green") if r.online else Text("offline", style="dim"),
-            Text(safe_text(r.agent_version)),
-            Text(safe_text(_models(r)) or "-"),
-            Text(safe_text(", ".join(r.tags)) or "-"),
-            Text(str(r.train_examples) if r.train_examples else "-"),
-            Text(humanize_age(r.last_seen, now)),
-        )
-    return table
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def fleet_json(records: Sequence[DeviceRecord], now: float) -> list[dict[str, Any]]:
-    """Give devices as JSON-able dicts, with the same information as the table.
-
-    Args:
-        records: The devices.
-        now: The current time, unix seconds (for ``last_seen_age_s``).
-
-    Returns:
-        One dict per device: ``device_id``, ``online``, ``agent_version``,
-        ``hardware``, ``runtimes``, ``tags``, ``models`` (name, version, sha256),
-        ``train_examples`` (local examples for federated rounds),
-        ``last_seen`` (unix seconds), ``last_seen_iso`` (ISO-8601, UTC),
-        ``last_seen_age_s`` (seconds, never negative) and ``status_sent_at``; the
-        three ``last_seen`` fields are None when the device was never seen.
-    """
-    out = []
-    for r in records:
-        seen = r.last_seen > 0
-        out.append(
-            {
-                "device_id": r.device_id,
-                "online": r.online,
-                "agent_version": r.agent_version,
-                "hardware": dict(r.hardware),
-                "runtimes": list(r.runtimes),
-                "tags": list(r.tags),
-                "models": [
-                    {"name": m.name, "version": m.version, "sha256": m.sha256} for m in r.models
-                ],
-                "train_examples": r.train_examples,
-                "last_seen": r.last_seen if seen else None,
-                "last_seen_iso": _iso(r.last_seen) if seen else None,
-                "last_seen_age_s": max(0.0, now - r.last_seen) if seen else None,
-                "status_sent_at": r.status_sent_at,
-            }
-        )
-    return out
 
 
 def progress_bar(held: int, total: int, width: int = BAR_WIDTH) -> str:

@@ -495,6 +495,7 @@ def local_service(
         service = FleetService(store, Coordinator(CoordinatorConfig(broker=broker)), trusted)
         service.start(timeout)
         try:
+            service.ingest.flush()  # the retained statuses, stored before the command reads
             yield service
         finally:
             service.stop()

@@ -1,9 +1,8 @@
-"""``fedge deploy``, ``fedge fleet`` and ``fedge rollback``: the fleet over MQTT.
+"""``fedge deploy`` and ``fedge rollback``: one-shot delivery over MQTT.
 
 Each command connects to the fleet's broker as the ``coordinator`` user, drives a
 :class:`~coordinator.link.hub.Coordinator` and disconnects:
 
-* ``fleet`` lists the devices that announced themselves (retained status);
 * ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
   with ``--wait`` it shows live per-device progress and exits 0 only when every
   targeted online device installed it. Without ``--wait`` it stays until the
@@ -12,13 +11,13 @@ Each command connects to the fleet's broker as the ``coordinator`` user, drives 
 * ``rollback --to ... --model NAME`` makes devices go back to their previous
   good model, and waits for their answers.
 
-The broker password comes from ``--password-file`` or ``FEDGE_BROKER_PASSWORD``;
-the broker URL from ``--broker`` or ``FEDGE_BROKER``.
+The broker and its credentials are the options of
+:func:`~coordinator.cli.options.with_broker` (``--broker`` or ``FEDGE_BROKER``; the
+password from ``--password-file`` or ``FEDGE_BROKER_PASSWORD``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,15 +26,13 @@ from typing import Annotated
 import typer
 from rich.live import Live
 
-from compress.fileio import read_bounded
+from coordinator.cli.options import Connection, JsonOption, TargetOption, with_broker
 from coordinator.cli.output import console, err_console, print_json, reported_errors
-from coordinator.cli.views import deploy_table, fleet_json, fleet_table
+from coordinator.cli.views import deploy_table
 from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
 from coordinator.link.fleet import Target
 from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig, Delivery
-from edge_agent.config.agent import BrokerConfig
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import COORDINATOR_SENDER, DEFAULT_CHUNK_BYTES
+from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
 EXIT_NOT_INSTALLED = 1
 _FAILED_STATES = (
@@ -44,83 +41,21 @@ _FAILED_STATES = (
     DeviceState.ROLLED_BACK,
     DeviceState.TIMED_OUT,
 )
-MAX_PASSWORD_FILE_BYTES = 4096
-
-BrokerOption = Annotated[
-    str,
-    typer.Option(
-        "--broker", envvar="FEDGE_BROKER", help="Broker URL: mqtt://host:1883 or mqtts://host:8883."
-    ),
-]
-UsernameOption = Annotated[
-    str, typer.Option("--username", help="MQTT username (the broker ACL's coordinator account).")
-]
-PasswordFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--password-file",
-        help="File holding the MQTT password (or set FEDGE_BROKER_PASSWORD).",
-        dir_okay=False,
-    ),
-]
-PasswordEnv = Annotated[
-    str | None, typer.Option("--password", envvar="FEDGE_BROKER_PASSWORD", hidden=True)
-]
-CaOption = Annotated[Path | None, typer.Option("--ca-file", help="CA bundle for mqtts://.")]
-CertOption = Annotated[Path | None, typer.Option("--cert-file", help="Client certificate (mTLS).")]
-KeyOption = Annotated[Path | None, typer.Option("--key-file", help="Client key (mTLS).")]
-ConnectTimeoutOption = Annotated[
-    float,
-    typer.Option("--connect-timeout", min=0.1, help="Seconds to wait for the broker."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-TargetOption = Annotated[
-    str,
-    typer.Option("--to", help="Which devices: all, device:ID[,ID...] or tag:TAG."),
-]
-
-
-def broker_config(
-    url: str,
-    *,
-    username: str,
-    password: str | None,
-    password_file: Path | None,
-    ca_file: Path | None,
-    cert_file: Path | None,
-    key_file: Path | None,
-) -> BrokerConfig:
-    """Build the coordinator's broker settings from the CLI options.
-
-    Raises:
-        ConfigError: a bad URL or an unreadable password file.
-    """
-    if password_file is not None:
-        raw = read_bounded(
-            password_file, max_bytes=MAX_PASSWORD_FILE_BYTES, error=ConfigError, what="password"
-        )
-        password = raw.decode(errors="replace").strip()
-    return BrokerConfig.from_url(
-        url,
-        username=username,
-        password=password,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-    )
 
 
 @contextmanager
 def connected(
-    broker: BrokerConfig, *, timeout: float, chunk_size: int = DEFAULT_CHUNK_BYTES
+    connection: Connection, *, chunk_size: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[Coordinator]:
-    """A started coordinator, stopped on exit.
+    """A hub connected to the connection's broker, stopped on exit.
 
     Raises:
+        ConfigError: bad broker settings or an unreadable password file.
         BrokerError: cannot connect.
     """
-    coordinator = Coordinator(CoordinatorConfig(broker=broker, chunk_size=chunk_size))
-    coordinator.start(timeout)
+    config = CoordinatorConfig(broker=connection.broker_config(), chunk_size=chunk_size)
+    coordinator = Coordinator(config)
+    coordinator.start(connection.connect_timeout)
     try:
         yield coordinator
     finally:
@@ -159,11 +94,12 @@ def _follow(
     return result
 
 
+@with_broker
 def deploy(
+    connection: Connection,
     artifact: Annotated[
         Path, typer.Argument(help="The signed .fedge artifact.", exists=True, dir_okay=False)
     ],
-    broker: BrokerOption,
     to: TargetOption = "all",
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for every device's install and show progress.")
@@ -175,13 +111,6 @@ def deploy(
         int,
         typer.Option("--chunk-size", min=1024, max=128 * 1024, help="Bytes per chunk."),
     ] = DEFAULT_CHUNK_BYTES,
-    username: UsernameOption = COORDINATOR_SENDER,
-    password_file: PasswordFileOption = None,
-    password: PasswordEnv = None,
-    ca_file: CaOption = None,
-    cert_file: CertOption = None,
-    key_file: KeyOption = None,
-    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Send a signed artifact to devices over MQTT; agents verify it before installing.
@@ -197,13 +126,9 @@ def deploy(
                 "[yellow]warning:[/] the payload does not match the manifest's sha256/length; "
                 "devices will reject it"
             )
-        config = broker_config(
-            broker, username=username, password=password, password_file=password_file,
-            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        )  # fmt: skip
         manifest = loaded.manifest
         title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
-        with connected(config, timeout=connect_timeout, chunk_size=chunk_size) as coordinator:
+        with connected(connection, chunk_size=chunk_size) as coordinator:
             delivery = coordinator.deploy(loaded, target)
             result = _follow(
                 coordinator, delivery, timeout=timeout, title=title,
@@ -226,47 +151,13 @@ def _report(result: DeployResult, *, title: str, as_json: bool, waited: bool) ->
         raise typer.Exit(EXIT_NOT_INSTALLED)
 
 
-def fleet(
-    broker: BrokerOption,
-    username: UsernameOption = COORDINATOR_SENDER,
-    password_file: PasswordFileOption = None,
-    password: PasswordEnv = None,
-    ca_file: CaOption = None,
-    cert_file: CertOption = None,
-    key_file: KeyOption = None,
-    connect_timeout: ConnectTimeoutOption = 10.0,
-    as_json: JsonOption = False,
-) -> None:
-    """List the devices seen on the broker: online/offline, model, last seen."""
-    with reported_errors(as_json=as_json):
-        config = broker_config(
-            broker, username=username, password=password, password_file=password_file,
-            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        )  # fmt: skip
-        with connected(config, timeout=connect_timeout) as coordinator:
-            records = coordinator.fleet()
-    now = time.time()
-    if as_json:
-        print_json({"devices": fleet_json(records, now)})
-    elif records:
-        console.print(fleet_table(records, now=now))
-    else:
-        err_console.print("no devices have announced themselves on this broker")
-
-
+@with_broker
 def rollback(
-    broker: BrokerOption,
+    connection: Connection,
     model: Annotated[str, typer.Option("--model", help="Model name to roll back.")],
     to: TargetOption = "all",
     reason: Annotated[str, typer.Option("--reason", help="Why (logged by the agents).")] = "",
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait.")] = 60.0,
-    username: UsernameOption = COORDINATOR_SENDER,
-    password_file: PasswordFileOption = None,
-    password: PasswordEnv = None,
-    ca_file: CaOption = None,
-    cert_file: CertOption = None,
-    key_file: KeyOption = None,
-    connect_timeout: ConnectTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Make devices go back to their previous good model.
@@ -275,12 +166,8 @@ def rollback(
     """
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
-        config = broker_config(
-            broker, username=username, password=password, password_file=password_file,
-            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        )  # fmt: skip
         title = f"rollback {model} -> {target.describe()}"
-        with connected(config, timeout=connect_timeout) as coordinator:
+        with connected(connection) as coordinator:
             delivery = coordinator.rollback(target, model, reason=reason)
             result = coordinator.wait(delivery, timeout=timeout)
     if as_json:

@@ -1,0 +1,121 @@
+"""The options of a federated run, declared once for ``fedge train`` and ``fedge rounds start``.
+
+Both commands run the same rounds (:func:`coordinator.federated.runs.run_training`):
+``fedge rounds start`` through :class:`~coordinator.service.operations.Operations`
+(``--api`` or in-process), ``fedge train`` in this process with its live table,
+starting weights from a file, evaluation data, differential privacy and the
+packaging of the result. Each option both take is one ``typer.Option`` here; the
+commands give their own defaults (``rounds start`` leaves out what was not given,
+so that the service's defaults apply)::
+
+    rounds: Annotated[int, ROUNDS] = 20
+
+The ``key=value`` options (``--strategy-arg``, ``--train-arg``) are read by
+:func:`key_values`; ``--hidden`` by :func:`hidden_sizes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+import typer
+
+from compress.families import FAMILIES
+from coordinator.errors import StrategyError
+from coordinator.federated.strategies import parse_strategy_args
+
+__all__ = [
+    "BATCH_SIZE",
+    "CLASSES",
+    "CLIENTS_PER_ROUND",
+    "CODEC",
+    "EPOCHS",
+    "FAMILY",
+    "FEATURES",
+    "HIDDEN",
+    "LR",
+    "MIN_CLIENTS",
+    "MODEL",
+    "OPTIMIZER",
+    "ROUNDS",
+    "ROUND_TIMEOUT",
+    "SEED",
+    "STRATEGY",
+    "STRATEGY_ARG",
+    "TRAIN_ARG",
+    "hidden_sizes",
+    "key_values",
+]
+
+ROUNDS: Any = typer.Option("--rounds", min=1, help="Rounds to run.")
+STRATEGY: Any = typer.Option(
+    "--strategy",
+    help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, "
+    "multikrum, bulyan, or module:Class (a Flower Message-API strategy).",
+)
+STRATEGY_ARG: Any = typer.Option(
+    "--strategy-arg", help="key=value for the strategy (proximal_mu=0.1); repeatable."
+)
+CODEC: Any = typer.Option(
+    "--codec", help="Update codec: fp32, fp16, int8, topk:D, topk:D+int8, topk:D+fp16."
+)
+MIN_CLIENTS: Any = typer.Option(
+    "--min-clients", min=1, help="Fewest accepted updates for a round to count."
+)
+ROUND_TIMEOUT: Any = typer.Option(
+    "--round-timeout", min=0.1, help="Seconds each round's devices have to reply."
+)
+MODEL: Any = typer.Option("--model", help="Model name (devices keep per-model state).")
+FAMILY: Any = typer.Option("--family", click_type=click.Choice(FAMILIES), help="Model family.")
+FEATURES: Any = typer.Option("--features", min=1, help="Input features.")
+CLASSES: Any = typer.Option("--classes", min=2, help="Output classes.")
+HIDDEN: Any = typer.Option(
+    "--hidden", help="MLP hidden units: 64, or 128,64 for two layers (or repeat the option)."
+)
+CLIENTS_PER_ROUND: Any = typer.Option(
+    "--clients-per-round", min=1, help="Devices sampled per round."
+)
+SEED: Any = typer.Option("--seed", min=0, help="Seed of sampling and training.")
+EPOCHS: Any = typer.Option("--epochs", min=1, help="Local epochs per round.")
+LR: Any = typer.Option("--lr", min=0.0, help="Local learning rate.")
+BATCH_SIZE: Any = typer.Option("--batch-size", min=1, help="Local batch size.")
+OPTIMIZER: Any = typer.Option("--optimizer", help="Local optimizer: sgd or adam.")
+TRAIN_ARG: Any = typer.Option(
+    "--train-arg", help="Extra key=value sent to devices (weight_decay=0.01); repeatable."
+)
+
+
+def key_values(pairs: Sequence[str], *, option: str) -> dict[str, Any]:
+    """Parse ``key=value`` pairs (:func:`~coordinator.federated.strategies.parse_strategy_args`:
+    numbers and true/false are read as such, ``k-e-y`` is ``k_e_y``).
+
+    Raises:
+        typer.BadParameter: a pair without ``=`` or with an empty or invalid key.
+    """
+    try:
+        return dict(parse_strategy_args(pairs))
+    except StrategyError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def hidden_sizes(values: Sequence[str]) -> list[int]:
+    """The hidden layer sizes of ``--hidden`` values (each one size or a comma list).
+
+    Raises:
+        typer.BadParameter: not positive integers.
+    """
+    sizes = []
+    for value in values:
+        for part in value.split(","):
+            text = part.strip()
+            if not text:
+                continue
+            if not text.isdigit() or int(text) < 1:
+                raise typer.BadParameter(
+                    f"{value!r} is not a comma-separated list of positive integers",
+                    param_hint="--hidden",
+                )
+            sizes.append(int(text))
+    return sizes
