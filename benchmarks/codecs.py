@@ -34,7 +34,7 @@ from compress.keys import generate_signing_key, save_keypair
 from coordinator.delivery.packaging import LabelledData
 from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
 from coordinator.federated.strategies import build_strategy
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.sim.datasets import load_digits_split
 from coordinator.sim.local_fleet import LocalFleet, write_shards
 from edge_agent.config.agent import BrokerConfig
@@ -52,7 +52,7 @@ DEFAULT_CODECS = (
 TRAIN_CONFIG: dict[str, int | float | str | bool] = {"epochs": 2, "lr": 0.05, "batch_size": 16}
 
 
-def _run(coordinator: Coordinator, codec: str, args: Any, test_set: LabelledData) -> TrainingResult:
+def _run(coordinator: MqttHub, codec: str, args: Any, test_set: LabelledData) -> TrainingResult:
     weights = init_weights("mlp", [64, args.hidden, 10], np.random.default_rng(args.seed))
     config = TrainingConfig(
         model=f"bench-{codec.replace(':', '-').replace('+', '-')}",
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
                                   root=root / "agents") as fleet:  # fmt: skip
-                coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+                coordinator = MqttHub(HubConfig(broker=broker_for("coordinator")))
                 coordinator.start()
                 try:
                     fleet.wait_eligible(coordinator, args.clients, timeout=30)

@@ -20,7 +20,7 @@ from compress.keys import generate_signing_key
 from coordinator.delivery.packaging import LabelledData
 from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 from coordinator.sim.datasets import load_digits_split
 from coordinator.sim.local_fleet import LocalFleet, write_shards
 from edge_agent.agent import Agent
@@ -49,7 +49,7 @@ class FederatedFleet:
 
     broker: Mosquitto
     agents: list[Agent]
-    coordinator: Coordinator
+    coordinator: MqttHub
     test_set: LabelledData
     shards: list[Path]
     trust: Path

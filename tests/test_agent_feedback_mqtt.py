@@ -22,9 +22,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
+from coordinator.delivery.deliveries import Artifact
 from coordinator.federated.runs import TrainingConfig, run_training
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator
+from coordinator.link.hub import MqttHub
 from edge_agent.agent import Agent
 from edge_agent.errors import TrainingError, UnknownPredictionError
 from tests.fleet_support import (
@@ -35,6 +36,7 @@ from tests.fleet_support import (
     coordinator,
     free_port,
     make_artifact,
+    open_deliveries,
     public_key_file,
 )
 
@@ -54,7 +56,7 @@ def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-def _announced(coord: Coordinator, device_id: str, examples: int) -> bool:
+def _announced(coord: MqttHub, device_id: str, examples: int) -> bool:
     return any(r.device_id == device_id and r.train_examples == examples for r in coord.fleet())
 
 
@@ -66,7 +68,7 @@ def _wait(condition: Any, timeout: float = 15.0) -> None:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Agent, Coordinator, int]]:
+def setup(tmp_path: Path) -> Iterator[tuple[Agent, MqttHub, int]]:
     (tmp_path / "broker").mkdir()
     broker = Mosquitto(tmp_path / "broker", ["pi-1"])
     broker.start()
@@ -79,7 +81,8 @@ def setup(tmp_path: Path) -> Iterator[tuple[Agent, Coordinator, int]]:
     try:
         _wait(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()))
         artifact = Artifact.load(make_artifact(tmp_path, key, version=1))
-        assert coord.wait(coord.deploy(artifact, Target.parse("all")), timeout=30).succeeded
+        with open_deliveries(coord) as ops:
+            assert ops.wait(ops.deploy(artifact, Target.parse("all")), timeout=30).succeeded
         yield agent, coord, port
     finally:
         coord.stop()
@@ -88,7 +91,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Agent, Coordinator, int]]:
 
 
 def test_feedback_turns_predictions_into_training_data_for_rounds(
-    setup: tuple[Agent, Coordinator, int],
+    setup: tuple[Agent, MqttHub, int],
 ) -> None:
     agent, coord, port = setup
     rng = np.random.default_rng(0)

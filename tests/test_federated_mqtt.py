@@ -26,18 +26,18 @@ from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
 from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
+from coordinator.delivery.deliveries import Artifact
 from coordinator.federated.grid import node_id_of
 from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact
 from edge_agent.agent import Agent
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
 from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet
-from tests.fleet_support import password
+from tests.fleet_support import open_deliveries, password
 
 pytestmark = pytest.mark.slow
 
@@ -323,8 +323,9 @@ def test_fedge_train_cli_reports_rounds_and_packages_a_deployable_artifact(
     assert report["final_accuracy"] == report["rounds"][-1]["accuracy"] > 0.5
     assert set(np.load(tmp_path / "weights.npz")) == {"W0", "b0", "W1", "b1"}
     # The artifact is signed by the fleet's key: deploy it and predict with it.
-    delivery = fleet.coordinator.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
-    outcome = fleet.coordinator.wait(delivery, timeout=30)
+    with open_deliveries(fleet.coordinator) as ops:
+        delivery = ops.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
+        outcome = ops.wait(delivery, timeout=30)
     assert outcome.succeeded
     prediction = fleet.agents[0].predict(fleet.test_set.x[:20])
     assert prediction.model == "cli-digits"

@@ -14,15 +14,23 @@ from pathlib import Path
 import pytest
 
 from compress.keys import SigningKey, generate_signing_key
+from coordinator.delivery.deliveries import Artifact
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator
+from coordinator.link.hub import MqttHub
 from coordinator.rollout.engine import RolloutState
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import RolloutPolicy
 from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.transport.network_loop import NetworkLoop
-from tests.fleet_support import Mosquitto, agent_config, coordinator, make_artifact, public_key_file
+from tests.fleet_support import (
+    ACCEPT_WAIT_S,
+    Mosquitto,
+    agent_config,
+    coordinator,
+    make_artifact,
+    public_key_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +67,7 @@ def fleet(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Iterator[list[A
 
 
 @pytest.fixture
-def operator(broker: Mosquitto, fleet: list[Agent]) -> Iterator[Coordinator]:
+def operator(broker: Mosquitto, fleet: list[Agent]) -> Iterator[MqttHub]:
     instance = coordinator(broker)
     wait_for(lambda: sum(r.online for r in instance.fleet()) == len(fleet))
     yield instance
@@ -74,7 +82,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
         time.sleep(0.05)
 
 
-def served(operator: Coordinator) -> dict[str, int | None]:
+def served(operator: MqttHub) -> dict[str, int | None]:
     """The version of ``digits`` each device serves, as its status says."""
     return {
         r.device_id: max((m.version for m in r.models if m.name == "digits"), default=None)
@@ -87,8 +95,8 @@ def state_of(store: Store, rollout_id: str) -> str | None:
     return None if row is None else row.state
 
 
-def start_manager(operator: Coordinator, store: Store) -> RolloutManager:
-    manager = RolloutManager(operator, store, tick_s=0.2)
+def start_manager(operator: MqttHub, store: Store) -> RolloutManager:
+    manager = RolloutManager(operator, store, tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S)
     operator.add_listener(manager.on_message)
     manager.start()
     return manager
@@ -104,7 +112,7 @@ def stored(store: Store, path: Path) -> tuple[str, Artifact]:
 
 
 def test_a_staged_rollout_completes_and_survives_a_manager_restart(
-    tmp_path: Path, key: SigningKey, fleet: list[Agent], operator: Coordinator
+    tmp_path: Path, key: SigningKey, fleet: list[Agent], operator: MqttHub
 ) -> None:
     store = Store.open(tmp_path / "state.db")
     sha, artifact = stored(store, make_artifact(tmp_path, key, version=2))
@@ -118,8 +126,8 @@ def test_a_staged_rollout_completes_and_survives_a_manager_restart(
     manager = start_manager(operator, store)
     try:
         wait_for(lambda: state_of(store, rollout_id) == RolloutState.COMPLETED)
-        # Every device installed: the coordinator keeps none of the deliveries.
-        wait_for(lambda: operator.tracked() == [])
+        # Every device installed: the manager keeps none of the deliveries.
+        wait_for(lambda: manager.deliveries.tracked() == [])
     finally:
         manager.stop()
     assert set(served(operator).values()) == {2}
@@ -130,7 +138,7 @@ def test_a_staged_rollout_completes_and_survives_a_manager_restart(
 
 
 def test_a_failing_artifact_halts_after_the_canary_and_rolls_it_back(
-    tmp_path: Path, key: SigningKey, fleet: list[Agent], operator: Coordinator
+    tmp_path: Path, key: SigningKey, fleet: list[Agent], operator: MqttHub
 ) -> None:
     store = Store.open(tmp_path / "state.db")
     good_sha, good = stored(store, make_artifact(tmp_path, key, version=2))
@@ -148,7 +156,7 @@ def test_a_failing_artifact_halts_after_the_canary_and_rolls_it_back(
         time.sleep(2.0)  # no later stage goes out
         # The halted rollout settled (canary rolled back) and the completed one
         # has every device installed: no delivery is still tracked.
-        wait_for(lambda: operator.tracked() == [])
+        wait_for(lambda: manager.deliveries.tracked() == [])
     finally:
         manager.stop()
     assert set(served(operator).values()) == {2}  # the canary's health check failed on device

@@ -20,7 +20,7 @@ import pytest
 from compress.keys import SigningKey, generate_signing_key
 from compress.signing import TrustedKeys
 from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.rollout.engine import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
@@ -29,6 +29,7 @@ from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
 from edge_agent.transport.network_loop import NetworkLoop
 from tests.fleet_support import (
+    ACCEPT_WAIT_S,
     FEATURES,
     Mosquitto,
     agent_config,
@@ -105,10 +106,10 @@ def open_service(
     tmp_path: Path, broker: Mosquitto, key: SigningKey, *, session: str | None = None
 ) -> FleetService:
     store = Store.open(tmp_path / "coordinator.db")
-    coordinator = Coordinator(
-        CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0, session=session)
+    coordinator = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
+    settings = ServiceSettings(
+        telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
     )
-    settings = ServiceSettings(telemetry_flush_s=0.2, rollout_tick_s=0.2)
     service = FleetService(store, coordinator, TrustedKeys.of([key.public_key]), settings=settings)
     service.start()
     return service
@@ -172,7 +173,7 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     assert sizes == [2, 8, 10]  # canary 2, then up to 50 % (10), then 100 % (20)
     assert {d.state for d in view.devices} == {"installed"}
     # A long-running service keeps no delivery once every device installed.
-    wait_for(lambda: service.coordinator.tracked() == [], what="deliveries forgotten")
+    wait_for(lambda: service.deliveries.tracked() == [], what="deliveries forgotten")
     # The stored inventory and telemetry follow the fleet.
     wait_for(lambda: {d.version for d in service.devices()} == {2}, what="inventory")
     assert sorted(d.device_id for d in service.devices()) == DEVICES

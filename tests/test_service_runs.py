@@ -12,7 +12,7 @@ from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from coordinator.errors import NotFoundError, TrainingError
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
 from coordinator.service.runs import RunManager, training_config
@@ -77,7 +77,7 @@ def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
     store.record_round("run-1", 1, status="ok", metrics={}, started_at=1.0, finished_at=2.0)
     store.record_round("run-1", 2, status="running", metrics={}, started_at=2.0)
     broker = BrokerConfig.from_url("mqtt://127.0.0.1:1", username="coordinator")
-    manager = RunManager(Coordinator(CoordinatorConfig(broker=broker)), store, clock=lambda: 9.0)
+    manager = RunManager(MqttHub(HubConfig(broker=broker)), store, clock=lambda: 9.0)
     assert manager.recover() == ["run-1"]
     run = store.run("run-1")
     assert run is not None
@@ -103,7 +103,7 @@ def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
 
 
 def open_service(fleet: FederatedFleet, db: Path) -> FleetService:
-    coordinator = Coordinator(CoordinatorConfig(broker=fleet.broker.broker("coordinator")))
+    coordinator = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
     trusted = TrustedKeys.of([load_public_key(fleet.trust)])
     service = FleetService(Store.open(db), coordinator, trusted)
     service.start()

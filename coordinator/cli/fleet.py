@@ -1,7 +1,8 @@
 """``fedge deploy``, ``fedge fleet`` and ``fedge rollback``: the fleet over MQTT.
 
 Each command connects to the fleet's broker as the ``coordinator`` user, drives a
-:class:`~coordinator.link.hub.Coordinator` and disconnects:
+:class:`~coordinator.link.hub.MqttHub` (deploys and rollbacks through
+:class:`~coordinator.delivery.deliveries.Deliveries`) and disconnects:
 
 * ``fleet`` lists the devices that announced themselves (retained status);
 * ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
@@ -30,9 +31,10 @@ from rich.live import Live
 from compress.fileio import read_bounded
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import deploy_table, fleet_json, fleet_table
+from coordinator.delivery.deliveries import Artifact, Deliveries, Delivery
 from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig, Delivery
+from coordinator.link.hub import HubConfig, MqttHub
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import COORDINATOR_SENDER, DEFAULT_CHUNK_BYTES
@@ -113,18 +115,18 @@ def broker_config(
 @contextmanager
 def connected(
     broker: BrokerConfig, *, timeout: float, chunk_size: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[Coordinator]:
-    """A started coordinator, stopped on exit.
+) -> Iterator[MqttHub]:
+    """A started hub, stopped on exit.
 
     Raises:
         BrokerError: cannot connect.
     """
-    coordinator = Coordinator(CoordinatorConfig(broker=broker, chunk_size=chunk_size))
-    coordinator.start(timeout)
+    hub = MqttHub(HubConfig(broker=broker, chunk_size=chunk_size))
+    hub.start(timeout)
     try:
-        yield coordinator
+        yield hub
     finally:
-        coordinator.stop()
+        hub.stop()
 
 
 def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
@@ -138,7 +140,7 @@ def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
 
 
 def _follow(
-    coordinator: Coordinator,
+    deliveries: Deliveries,
     delivery: Delivery,
     *,
     timeout: float,
@@ -148,13 +150,13 @@ def _follow(
 ) -> DeployResult:
     until = _downloaded(delivery) if until_downloaded else None
     if not live:
-        return coordinator.wait(delivery, timeout=timeout, until=until)
+        return deliveries.wait(delivery, timeout=timeout, until=until)
     with Live(console=err_console, refresh_per_second=8, transient=False) as view:
 
         def redraw(tracker: DeploymentTracker) -> None:
             view.update(deploy_table(tracker.progress(), title=title))
 
-        result = coordinator.wait(delivery, timeout=timeout, on_change=redraw, until=until)
+        result = deliveries.wait(delivery, timeout=timeout, on_change=redraw, until=until)
     err_console.print()  # a live view off a terminal ends without a newline
     return result
 
@@ -203,10 +205,13 @@ def deploy(
         )  # fmt: skip
         manifest = loaded.manifest
         title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
-        with connected(config, timeout=connect_timeout, chunk_size=chunk_size) as coordinator:
-            delivery = coordinator.deploy(loaded, target)
+        with (
+            connected(config, timeout=connect_timeout, chunk_size=chunk_size) as hub,
+            Deliveries(hub) as deliveries,
+        ):
+            delivery = deliveries.deploy(loaded, target)
             result = _follow(
-                coordinator, delivery, timeout=timeout, title=title,
+                deliveries, delivery, timeout=timeout, title=title,
                 live=wait and not as_json, until_downloaded=not wait,
             )  # fmt: skip
     _report(result, title=title, as_json=as_json, waited=wait)
@@ -243,8 +248,8 @@ def fleet(
             broker, username=username, password=password, password_file=password_file,
             ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         )  # fmt: skip
-        with connected(config, timeout=connect_timeout) as coordinator:
-            records = coordinator.fleet()
+        with connected(config, timeout=connect_timeout) as hub:
+            records = hub.fleet()
     now = time.time()
     if as_json:
         print_json({"devices": fleet_json(records, now)})
@@ -280,9 +285,9 @@ def rollback(
             ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         )  # fmt: skip
         title = f"rollback {model} -> {target.describe()}"
-        with connected(config, timeout=connect_timeout) as coordinator:
-            delivery = coordinator.rollback(target, model, reason=reason)
-            result = coordinator.wait(delivery, timeout=timeout)
+        with connected(config, timeout=connect_timeout) as hub, Deliveries(hub) as deliveries:
+            delivery = deliveries.rollback(target, model, reason=reason)
+            result = deliveries.wait(delivery, timeout=timeout)
     if as_json:
         print_json(result.to_json())
     else:

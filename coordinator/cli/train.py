@@ -56,7 +56,7 @@ from coordinator.errors import TrainingError
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 from edge_agent.protocol import COORDINATOR_SENDER
 
 __all__ = ["train"]
@@ -290,7 +290,7 @@ def train(
 
 
 def _run(
-    coordinator: Coordinator, strategy: Strategy, config: TrainingConfig, *, title: str, live: bool
+    coordinator: MqttHub, strategy: Strategy, config: TrainingConfig, *, title: str, live: bool
 ) -> TrainingResult:
     if not live:
         return run_training(coordinator, strategy, config)

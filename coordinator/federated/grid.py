@@ -8,7 +8,7 @@ devices do not run Flower; :class:`MqttGrid` translates:
 
 * **down**: the Flower messages of one call share one weights ``ArrayRecord``; it
   becomes one chunked payload (concatenated ``.npy`` blobs) served by the
-  :class:`~coordinator.link.hub.Coordinator`. Each device gets a small
+  :class:`~coordinator.link.port.Hub`. Each device gets a small
   :class:`~edge_agent.protocol.TrainTask` (round, task id, action, weights id and
   index, codec, deadline, the ConfigRecord's scalar entries). Devices answer
   ``task_ack`` (after subscribing to the payload's broadcast topic); when every
@@ -59,7 +59,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from compress.codecs import CodecSpec, layout_of, max_payload_bytes
 from coordinator.errors import TrainingError, UpdateRejectedError
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck, check_update
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import (
     ArrayEntry,
@@ -186,7 +186,7 @@ class MqttGrid(Grid):
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: Hub,
         settings: GridSettings,
         *,
         run_id: int = 1,
@@ -378,7 +378,7 @@ class MqttGrid(Grid):
                 name: np.ascontiguousarray(array.numpy(), dtype=np.float32)
                 for name, array in record.items()
             }
-            index, body = encode_arrays(weights, limits=self._coordinator.config.limits)
+            index, body = encode_arrays(weights, limits=self._coordinator.limits)
             transfer_id = self._coordinator.serve_payload(body)
             with self._cond:
                 self._served.setdefault(transfer_id, self._coordinator.bytes_sent(transfer_id))
@@ -398,7 +398,7 @@ class MqttGrid(Grid):
             weights_transfer_id=transfer_id,
             weights_size=sum(entry.length for entry in index),
             weights_index=index,
-            chunk_size=self._coordinator.config.chunk_size,
+            chunk_size=self._coordinator.chunk_size,
             codec=str(self.settings.codec),
             deadline=self._deadline,
             config=config,
@@ -584,9 +584,7 @@ class MqttGrid(Grid):
         if len(payload) != upload.total or sha256_hex(payload) != report.upload_transfer_id:
             raise UpdateRejectedError("malformed", "the upload is incomplete or does not match")
         try:
-            return decode_arrays(
-                report.upload_index, payload, limits=self._coordinator.config.limits
-            )
+            return decode_arrays(report.upload_index, payload, limits=self._coordinator.limits)
         except ProtocolError as exc:
             raise UpdateRejectedError("malformed", str(exc)) from exc
 

@@ -2,7 +2,7 @@
 
 :func:`run_training` drives ``rounds`` rounds through an
 :class:`~coordinator.federated.grid.MqttGrid` on a started
-:class:`~coordinator.link.hub.Coordinator`. Each round:
+:class:`~coordinator.link.port.Hub`. Each round:
 
 1. **Sample.** The eligible devices are those online that report local training
    data (``train_examples > 0``). With fewer than ``min_clients`` the run waits (up
@@ -58,7 +58,7 @@ from coordinator.errors import TrainingError
 from coordinator.federated.grid import GridSettings, MqttGrid, PhaseStats
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.fleet import DeviceRecord
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 
 __all__ = [
     "STOPPED",
@@ -276,7 +276,7 @@ class _Run:
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: Hub,
         strategy: Strategy,
         config: TrainingConfig,
         on_round: RoundCallback | None,
@@ -457,7 +457,7 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 
 
 def run_training(
-    coordinator: Coordinator,
+    coordinator: Hub,
     strategy: Strategy,
     config: TrainingConfig,
     *,

@@ -4,8 +4,9 @@
 running rollout. It feeds each engine with what the fleet says (install reports,
 telemetry windows, presence, devices that join the target), calls
 :meth:`~coordinator.rollout.engine.Rollout.tick` every ``tick_s`` seconds, sends the
-``deploy`` and ``rollback`` commands the engine asks for through the
-:class:`~coordinator.link.hub.Coordinator`, and saves the engine's snapshot and
+``deploy`` and ``rollback`` commands the engine asks for through its own
+:class:`~coordinator.delivery.deliveries.Deliveries` on the
+:class:`~coordinator.link.port.Hub`, and saves the engine's snapshot and
 per-device rows in the :class:`~coordinator.service.store.Store`: at once when the
 rollout's state or stage changes or a command goes out, and within a tick when
 only a device's progress (or its health baseline) changed, since a large fleet
@@ -15,15 +16,15 @@ asked for again by the deploys it re-sends.
 
 Workflow::
 
-    manager = RolloutManager(coordinator, store)
+    manager = RolloutManager(hub, store)
     manager.load()                       # the rollouts a previous run left (before connecting)
     manager.start()                      # resumes them (re-sends what may be lost), ticks
     view = manager.create(row, artifact, policy, target, actor="ab12cd34ef56")
-    coordinator.add_listener(manager.on_message)   # the service routes events here
+    hub.add_listener(manager.on_message)   # the service routes events here
     manager.pause(view.rollout_id, actor=...)
     manager.stop()
 
-Commands go out on a sender thread: a ``deploy`` waits up to the coordinator's
+Commands go out on a sender thread: a ``deploy`` waits up to
 ``accept_wait_s`` for the devices to accept before pushing the payload, and the
 event callbacks (on paho's thread) must never wait. Each ``Deploy`` action gets its
 own deployment id, ``<rollout id>.<random>``, so a device's report names the rollout it
@@ -34,9 +35,10 @@ device's answer to a ``rollback`` names no rollout and goes to the rollouts in
 which that device is being reverted.
 
 A long-running service must not keep every delivery it ever made: the
-coordinator serves a delivery's chunks and resends its command to devices that
-come back for as long as it tracks it. The engine does its own catch-up (a new
-deployment), so the manager tells the coordinator to forget a delivery once none
+manager's :class:`~coordinator.delivery.deliveries.Deliveries` serves a delivery's
+chunks and resends its command to devices that come back for as long as it tracks
+it. The engine does its own catch-up (a new deployment), so the manager forgets a
+delivery once none
 of its devices still needs it: a deploy when each device has been sent a newer
 one or has left the in-progress states, a rollback when none of its devices is
 still being reverted, and all of a rollout's deliveries when the rollout is
@@ -67,10 +69,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
+from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries, Delivery
 from coordinator.delivery.tracker import IN_PROGRESS_STATES, DeviceState
 from coordinator.errors import CoordinatorError, NotFoundError, RolloutError, StoreError
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, Delivery
+from coordinator.link.port import Hub
 from coordinator.rollout.engine import (
     BASELINE_WINDOWS,
     Action,
@@ -104,7 +107,7 @@ of the same model replaces it."""
 
 @dataclass(frozen=True)
 class _Sent:
-    """A delivery the coordinator tracks for a rollout, and which devices it went to."""
+    """A delivery tracked for a rollout, and which devices it went to."""
 
     delivery: Delivery
     device_ids: tuple[str, ...]
@@ -119,7 +122,7 @@ class _Running:
     sent: dict[str, str] = field(default_factory=dict)
     """Device -> the deployment id this process last sent it."""
     deliveries: dict[str, _Sent] = field(default_factory=dict)
-    """Deployment id -> a delivery the coordinator still tracks."""
+    """Deployment id -> a delivery still tracked."""
     unsaved: bool = False
     """A device's change not saved yet (the next tick saves it)."""
 
@@ -150,19 +153,23 @@ class RolloutManager:
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        hub: Hub,
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
         tick_s: float = TICK_S,
         baseline_window_s: float = BASELINE_WINDOW_S,
+        accept_wait_s: float = ACCEPT_WAIT_S,
     ) -> None:
-        """Prepare (no thread runs until :meth:`start`).
+        """Prepare (no thread runs until :meth:`start`); the manager's deliveries
+        listen to ``hub`` from now on.
 
         ``baseline_window_s``: how old a stored telemetry window may be to serve as
-        a device's health baseline (module docstring).
+        a device's health baseline (module docstring). ``accept_wait_s``: how long a
+        deploy waits for the devices' answers before pushing the payload.
         """
-        self._coordinator = coordinator
+        self._hub = hub
+        self._deliveries = Deliveries(hub, accept_wait_s=accept_wait_s)
         self._store = store
         self._clock = clock
         self._tick_s = tick_s
@@ -176,12 +183,17 @@ class RolloutManager:
         self._loaded = False
         self._resumed: list[str] = []  # loaded, not resumed yet
 
+    @property
+    def deliveries(self) -> Deliveries:
+        """The deliveries this manager sends through (:meth:`Deliveries.tracked`)."""
+        return self._deliveries
+
     # ----------------------------------------------------------------- lifecycle
 
     def load(self) -> None:
         """Take back the rollouts a previous run left unfinished (idempotent).
 
-        Call it before the coordinator connects: a persistent MQTT session
+        Call it before the hub connects: a persistent MQTT session
         delivers what devices sent while the service was down right after the
         connection, and those reports belong to these rollouts. Until a device is
         sent a deploy by this process, only an ``installed`` report of it counts
@@ -208,7 +220,7 @@ class RolloutManager:
         """Resume the loaded rollouts (:meth:`load`, done here if not yet), then tick."""
         self.load()
         now = self._clock()
-        online = {r.device_id for r in self._coordinator.fleet() if r.online}
+        online = {r.device_id for r in self._hub.fleet() if r.online}
         for rollout_id in self._resumed:
             with self._lock:
                 running = self._running.get(rollout_id)
@@ -228,7 +240,7 @@ class RolloutManager:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop ticking and sending; the coordinator forgets this manager's deliveries.
+        """Stop ticking and sending; the deliveries stop listening to the hub.
 
         State is saved (a new manager resumes it): what the tick thread had not
         saved yet (device progress, baselines) is saved here. Idempotent.
@@ -238,6 +250,7 @@ class RolloutManager:
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._threads.clear()
+        self._deliveries.close()
         with self._lock:
             now = self._clock()
             for rollout_id, running in list(self._running.items()):
@@ -267,7 +280,7 @@ class RolloutManager:
             RolloutError: the rollout cannot be built (e.g. an empty target).
         """
         now = self._clock()
-        records = self._coordinator.fleet()
+        records = self._hub.fleet()
         chosen = target.select(records)
         if not chosen:
             raise RolloutError(f"no device matches {target.describe()}")
@@ -432,11 +445,7 @@ class RolloutManager:
             running = list(self._running.items())
         joining = [run for _rid, run in running if run.engine.device(device_id) is None]
         # The fleet's record (for tag targets) only when some rollout may take a newcomer.
-        record = (
-            next((r for r in self._coordinator.fleet() if r.device_id == device_id), None)
-            if joining
-            else None
-        )
+        record = self._hub.device(device_id) if joining else None
         for rid, run in running:
             if run.engine.device(device_id) is not None:
                 if status.online:
@@ -490,13 +499,13 @@ class RolloutManager:
             self._forget_finished()
 
     def _forget_finished(self) -> None:
-        """Have the coordinator forget the deliveries no device needs any more."""
+        """Forget the deliveries no device needs any more."""
         with self._lock:
             done, self._retired = self._retired, []
             for running in self._running.values():
                 done.extend(running.finished())
         for delivery in done:
-            self._coordinator.forget(delivery)
+            self._deliveries.forget(delivery)
 
     def _tick(self, rollout_id: str) -> None:
         now = self._clock()
@@ -532,12 +541,12 @@ class RolloutManager:
                 return
         ids = list(action.device_ids) if isinstance(action, (Deploy, Rollback)) else []
         if isinstance(action, Deploy):
-            delivery = self._coordinator.deploy(
+            delivery = self._deliveries.deploy(
                 running.artifact, _devices(ids), deployment_id=deployment_id
             )
         elif isinstance(action, Rollback):
             model = running.engine.artifact.model
-            delivery = self._coordinator.rollback(_devices(ids), model, reason=action.reason)
+            delivery = self._deliveries.rollback(_devices(ids), model, reason=action.reason)
         else:
             return
         with self._lock:

@@ -40,7 +40,7 @@ from compress.families import FAMILIES, init_weights
 from coordinator.errors import CoordinatorError, NotFoundError, TrainingError
 from coordinator.federated.runs import STOPPED, RoundReport, TrainingConfig, run_training
 from coordinator.federated.strategies import build_strategy
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 from coordinator.service.operations import RunRequest
 from coordinator.service.store import RunRow, RunState, Store
 
@@ -121,7 +121,7 @@ class RunManager:
     """Starts federated runs and records their rounds (see the module docstring)."""
 
     def __init__(
-        self, coordinator: Coordinator, store: Store, *, clock: Callable[[], float] = time.time
+        self, coordinator: Hub, store: Store, *, clock: Callable[[], float] = time.time
     ) -> None:
         """Prepare; nothing runs until :meth:`start`."""
         self._coordinator = coordinator

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import TrainingError
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition
 from edge_agent.agent import Agent
 from edge_agent.config.agent import (
@@ -173,7 +173,7 @@ class LocalFleet:
             raise
         return cls(agents, networks)
 
-    def wait_eligible(self, coordinator: Coordinator, count: int, timeout: float) -> None:
+    def wait_eligible(self, coordinator: Hub, count: int, timeout: float) -> None:
         """Wait until ``coordinator`` sees ``count`` online devices with data.
 
         Raises:

@@ -48,6 +48,7 @@ from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
 from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
+from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
 from coordinator.errors import TrainingError
@@ -60,7 +61,8 @@ from coordinator.federated.runs import (
 )
 from coordinator.federated.strategies import StrategyArgs, build_strategy
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition, load_digits_split
 from coordinator.sim.embedded_broker import EmbeddedBroker
 from coordinator.sim.local_fleet import LocalFleet, save_shards
@@ -348,7 +350,7 @@ def _raise_open_files_limit(agents: int) -> None:
 
 
 def _rollout(
-    coordinator: Coordinator,
+    hub: Hub,
     fleet: LocalFleet,
     artifact: Artifact,
     on_event: EventCallback,
@@ -361,41 +363,42 @@ def _rollout(
     """
     ids = [a.device_id for a in fleet.agents]
     try:
-        fleet.wait_eligible(coordinator, len(ids), timeout=timeout)
+        fleet.wait_eligible(hub, len(ids), timeout=timeout)
     except TrainingError:
         logger.warning("not every agent is back online; rolling out to those that are")
-    online = {r.device_id for r in coordinator.fleet() if r.online}
+    online = {r.device_id for r in hub.fleet() if r.online}
     ids = sorted(ids, key=lambda device_id: device_id not in online)  # a canary that is up
     rest = ids[1:]
     waves = [rest[i : i + ROLLOUT_WAVE] for i in range(0, len(rest), ROLLOUT_WAVE)]
     stages = [("canary", ids[:1]), *((f"wave {n}", wave) for n, wave in enumerate(waves, 1))]
     installed: list[str] = []
     outcome: dict[str, Any] = {"version": artifact.manifest.version, "agents_total": len(ids)}
-    for stage, devices in stages:
-        if not devices:
-            continue
-        on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
-        stage_started = time.monotonic()
-        delivery = coordinator.deploy(artifact, Target.parse("device:" + ",".join(devices)))
+    with Deliveries(hub) as deliveries:
+        for stage, devices in stages:
+            if not devices:
+                continue
+            on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
+            stage_started = time.monotonic()
+            delivery = deliveries.deploy(artifact, Target.parse("device:" + ",".join(devices)))
 
-        def progress(
-            tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
-        ) -> None:
-            done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
-            on_event("rollout", {"stage": stage, "done": done, "total": total})
+            def progress(
+                tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
+            ) -> None:
+                done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
+                on_event("rollout", {"stage": stage, "done": done, "total": total})
 
-        result = coordinator.wait(delivery, timeout=timeout, on_change=progress)
-        stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
-        installed += stage_ok
-        outcome["stages"] = [*outcome.get("stages", []), {
-            "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
-            "seconds": round(time.monotonic() - stage_started, 3),
-        }]  # fmt: skip
-        if stage == "canary":
-            outcome["canary_installed"] = len(stage_ok)
-        if stage == "canary" and not result.succeeded:
-            outcome["halted"] = "the canary did not install the model"
-            break
+            result = deliveries.wait(delivery, timeout=timeout, on_change=progress)
+            stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
+            installed += stage_ok
+            outcome["stages"] = [*outcome.get("stages", []), {
+                "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
+                "seconds": round(time.monotonic() - stage_started, 3),
+            }]  # fmt: skip
+            if stage == "canary":
+                outcome["canary_installed"] = len(stage_ok)
+            if stage == "canary" and not result.succeeded:
+                outcome["halted"] = "the canary did not install the model"
+                break
     version = artifact.manifest.version
     serving = [
         a.device_id for a in fleet.agents if a.model is not None and a.model.version == version
@@ -444,7 +447,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def _train(
-    coordinator: Coordinator,
+    coordinator: MqttHub,
     config: SimulationConfig,
     weights: dict[str, npt.NDArray[np.float32]],
     test: LabelledData,
@@ -519,7 +522,7 @@ def run_simulation(
         emit("phase", {"name": "agents", "broker": url})
         # The coordinator connects first: with hundreds of agents connecting at once,
         # a late connect competes with all of them.
-        coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+        coordinator = MqttHub(HubConfig(broker=broker_for("coordinator")))
         coordinator.start(timeout=30.0)
         try:
             # A 5 s stall timeout (the agents' default): with hundreds of agents
