@@ -27,9 +27,9 @@ from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
 from coordinator.delivery.deliveries import Artifact
-from coordinator.federated.grid import node_id_of
 from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
+from coordinator.federated.tasks import node_id_of
 from coordinator.link.fleet import Target
 from edge_agent.agent import Agent
 from edge_agent.training.data import LocalData

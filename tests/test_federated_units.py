@@ -14,8 +14,8 @@ import pytest
 from compress.errors import CodecError, FamilyError
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import TrainingError
-from coordinator.federated.grid import PhaseStats, node_id_of
 from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, evaluate_weights
+from coordinator.federated.tasks import PhaseStats, node_id_of
 from coordinator.sim.datasets import dirichlet_partition
 
 WEIGHTS = {"W0": np.zeros((3, 3), np.float32), "b0": np.zeros(3, np.float32)}

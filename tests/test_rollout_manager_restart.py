@@ -15,7 +15,9 @@ from pathlib import Path
 from compress.keys import generate_signing_key
 from coordinator.delivery.deliveries import Artifact
 from coordinator.link.hub import HubConfig, MqttHub
-from coordinator.rollout.engine import Rollout, RolloutArtifact, RolloutState
+from coordinator.rollout.actions import RolloutState
+from coordinator.rollout.devices import RolloutArtifact
+from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import RolloutPolicy
 from coordinator.service.store import MEMORY, Store

@@ -12,20 +12,17 @@ from hypothesis import strategies as st
 
 from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import RolloutError
-from coordinator.rollout.engine import (
+from coordinator.rollout.actions import (
     Action,
     Deploy,
-    DeviceRow,
-    HealthSample,
-    Marker,
     Rollback,
-    Rollout,
-    RolloutArtifact,
     RolloutState,
     StageReleased,
     StateChanged,
-    combine_baseline,
 )
+from coordinator.rollout.devices import DeviceRow, Marker, RolloutArtifact
+from coordinator.rollout.engine import Rollout
+from coordinator.rollout.health import HealthSample, combine_baseline
 from coordinator.rollout.policy import HealthPolicy, RolloutPolicy
 
 ART = RolloutArtifact("digits", 3, "ab" * 32)

@@ -17,7 +17,7 @@ from compress.keys import SigningKey, generate_signing_key
 from coordinator.delivery.deliveries import Artifact
 from coordinator.link.fleet import Target
 from coordinator.link.hub import MqttHub
-from coordinator.rollout.engine import RolloutState
+from coordinator.rollout.actions import RolloutState
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import RolloutPolicy
 from coordinator.service.store import Store

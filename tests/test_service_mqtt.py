@@ -21,7 +21,7 @@ from compress.keys import SigningKey, generate_signing_key
 from compress.signing import TrustedKeys
 from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
 from coordinator.link.hub import HubConfig, MqttHub
-from coordinator.rollout.engine import RolloutState
+from coordinator.rollout.actions import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
 from coordinator.service.store import Store

@@ -55,7 +55,8 @@ from compress.codecs import parse_codec
 from compress.families import forward
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import TrainingError
-from coordinator.federated.grid import GridSettings, MqttGrid, PhaseStats
+from coordinator.federated.grid import MqttGrid
+from coordinator.federated.tasks import GridSettings, PhaseStats
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.fleet import DeviceRecord
 from coordinator.link.port import Hub

@@ -53,7 +53,7 @@ to five, each with enough calls, received within ``baseline_window_s``, an hour
 by default; :meth:`~coordinator.service.store.Store.baselines`) to the engine when the
 rollout is created and when a device joins it. The engine keeps a device's last
 five such windows, stored or live, and judges against their summed calls and the
-median of their p95s (:func:`~coordinator.rollout.engine.combine_baseline`).
+median of their p95s (:func:`~coordinator.rollout.health.combine_baseline`).
 """
 
 from __future__ import annotations
@@ -65,29 +65,36 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
 from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries, Delivery
-from coordinator.delivery.tracker import IN_PROGRESS_STATES, DeviceState
+from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import CoordinatorError, NotFoundError, RolloutError, StoreError
 from coordinator.link.fleet import Target
 from coordinator.link.port import Hub
-from coordinator.rollout.engine import (
-    BASELINE_WINDOWS,
+from coordinator.rollout.actions import (
     Action,
     Deploy,
-    Marker,
     Rollback,
-    Rollout,
-    RolloutArtifact,
     RolloutState,
     StageReleased,
     StateChanged,
 )
+from coordinator.rollout.devices import Marker, RolloutArtifact
+from coordinator.rollout.engine import Rollout
+from coordinator.rollout.health import BASELINE_WINDOWS
 from coordinator.rollout.policy import RolloutPolicy
-from coordinator.service.store import RolloutDevice, RolloutRow, Store
+from coordinator.rollout.running import (
+    ENDED_STATES,
+    RESTORED,
+    Running,
+    Sent,
+    device_rows,
+    settled,
+    to_resume,
+)
+from coordinator.service.store import RolloutDevice, Store
 from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
 
 __all__ = ["RolloutManager"]
@@ -97,55 +104,6 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0
 BASELINE_WINDOW_S = 3600.0
 _STOP = object()
-_RESTORED = "(restored)"
-"""Stands for the deployment a previous process sent a device (its id is not kept)."""
-_ENDED = frozenset({RolloutState.HALTED, RolloutState.ABORTED})
-"""Rollouts that do nothing more once every device has settled. A completed one
-still deploys to devices that come back or join its target, until a newer rollout
-of the same model replaces it."""
-
-
-@dataclass(frozen=True)
-class _Sent:
-    """A delivery tracked for a rollout, and which devices it went to."""
-
-    delivery: Delivery
-    device_ids: tuple[str, ...]
-    rollback: bool
-
-
-@dataclass
-class _Running:
-    engine: Rollout
-    artifact: Artifact
-    target: Target
-    sent: dict[str, str] = field(default_factory=dict)
-    """Device -> the deployment id this process last sent it."""
-    deliveries: dict[str, _Sent] = field(default_factory=dict)
-    """Deployment id -> a delivery still tracked."""
-    unsaved: bool = False
-    """A device's change not saved yet (the next tick saves it)."""
-
-    def finished(self) -> list[Delivery]:
-        """Pop the deliveries none of whose devices needs them any more."""
-        done = [
-            deployment_id
-            for deployment_id, sent in self.deliveries.items()
-            if not any(self._needs(device_id, deployment_id, sent) for device_id in sent.device_ids)
-        ]
-        return [self.deliveries.pop(deployment_id).delivery for deployment_id in done]
-
-    def _needs(self, device_id: str, deployment_id: str, sent: _Sent) -> bool:
-        device = self.engine.device(device_id)
-        if device is None:
-            return False
-        if sent.rollback:
-            return device.marker is Marker.REVERTING
-        return (
-            self.sent.get(device_id) == deployment_id
-            and device.marker is None
-            and device.install in IN_PROGRESS_STATES
-        )
 
 
 class RolloutManager:
@@ -175,7 +133,7 @@ class RolloutManager:
         self._tick_s = tick_s
         self._baseline_window_s = baseline_window_s
         self._lock = threading.RLock()
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._retired: list[Delivery] = []  # deliveries of dropped rollouts, to forget
         self._outbox: queue.Queue[tuple[str, Action, str] | object] = queue.Queue()
         self._stopping = threading.Event()
@@ -203,15 +161,15 @@ class RolloutManager:
         if self._loaded:
             return
         self._loaded = True
-        for row, engine in _to_resume(self._store.rollouts()):
+        for row, engine in to_resume(self._store.rollouts()):
             try:
                 artifact = Artifact.from_bytes(self._store.artifact_bytes(row.artifact_sha256))
                 target = Target.parse(row.target)
             except (CoordinatorError, CompressError) as exc:
                 logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
                 continue
-            running = _Running(engine, artifact, target)
-            running.sent.update((d.device_id, _RESTORED) for d in engine.devices())
+            running = Running(engine, artifact, target)
+            running.sent.update((d.device_id, RESTORED) for d in engine.devices())
             with self._lock:
                 self._running[row.rollout_id] = running
             self._resumed.append(row.rollout_id)
@@ -311,7 +269,7 @@ class RolloutManager:
                 created_by=actor,
                 at=now,
             )
-            self._running[rollout_id] = _Running(engine, artifact, target)
+            self._running[rollout_id] = Running(engine, artifact, target)
             actions = engine.start(now)
             self._save(rollout_id, now)
         logger.info("rollout %s of %s v%d started by %s", rollout_id, manifest.name,
@@ -342,7 +300,7 @@ class RolloutManager:
         otherwise; the store may be up to a tick behind)."""
         with self._lock:
             running = self._running.get(rollout_id)
-            return _device_rows(running.engine) if running is not None else None
+            return device_rows(running.engine) if running is not None else None
 
     def _operate(
         self, rollout_id: str, operation: Callable[[Rollout, float], list[Action]]
@@ -554,7 +512,7 @@ class RolloutManager:
             if current is None:  # dropped while sending
                 self._retired.append(delivery)
             else:
-                current.deliveries[delivery.deployment_id] = _Sent(
+                current.deliveries[delivery.deployment_id] = Sent(
                     delivery, tuple(ids), rollback=isinstance(action, Rollback)
                 )
 
@@ -599,39 +557,16 @@ class RolloutManager:
             rollout_id,
             state=str(engine.state),
             snapshot=snapshot if snapshot is not None else engine.snapshot(),
-            devices=_device_rows(engine),
+            devices=device_rows(engine),
             at=now,
         )
-        if engine.state in _ENDED and _settled(engine):
+        if engine.state in ENDED_STATES and settled(engine):
             self._drop(rollout_id)
 
     def _drop(self, rollout_id: str) -> None:
         """Stop running a rollout (call with the lock held); its deliveries go too."""
         running = self._running.pop(rollout_id)
         self._retired.extend(sent.delivery for sent in running.deliveries.values())
-
-
-def _to_resume(rows: Sequence[RolloutRow]) -> list[tuple[RolloutRow, Rollout]]:
-    """Rollouts still going, and the latest completed one of each model.
-
-    Rows whose snapshot cannot be restored are logged and skipped.
-    """
-    keep: list[tuple[RolloutRow, Rollout]] = []
-    completed: set[str] = set()
-    for row in sorted(rows, key=lambda r: r.created_at, reverse=True):
-        try:
-            engine = Rollout.restore(row.snapshot)
-        except (CoordinatorError, KeyError, TypeError, ValueError) as exc:
-            logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
-            continue
-        if engine.state in _ENDED and _settled(engine):
-            continue
-        if engine.state is RolloutState.COMPLETED:
-            if engine.artifact.model in completed:
-                continue
-            completed.add(engine.artifact.model)
-        keep.append((row, engine))
-    return keep
 
 
 def _on_health(
@@ -647,29 +582,6 @@ def _on_health(
 ) -> list[Action]:
     return engine.on_health(device_id, model=model, version=version, predictions=predictions,
                             errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
-
-
-def _device_rows(engine: Rollout) -> list[RolloutDevice]:
-    """The engine's devices as the store keeps them, by stage then id."""
-    rows = [
-        RolloutDevice(
-            device_id=device_id,
-            stage=row.stage,
-            state=str(row.state),
-            updated_at=row.updated_at,
-            detail={"detail": row.detail} if row.detail else {},
-        )
-        for device_id, row in engine.device_states().items()
-    ]
-    return sorted(rows, key=lambda r: (r.stage, r.device_id))
-
-
-def _settled(engine: Rollout) -> bool:
-    """No device of the rollout is still installing or being reverted: an ended
-    rollout keeps listening until then, so its last reports are recorded."""
-    return not any(
-        d.marker is Marker.REVERTING or d.status in IN_PROGRESS_STATES for d in engine.devices()
-    )
 
 
 def _devices(ids: list[str]) -> Target:
