@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from compress.families import init_weights
 from compress.keys import generate_signing_key
 from coordinator.delivery.deliveries import Artifact
-from coordinator.federated.runs import TrainingConfig, run_training
+from coordinator.federated.runs import RunConfig, run_training
 from coordinator.link.fleet import Target
 from coordinator.link.hub import MqttHub
 from edge_agent.agent import Agent
@@ -116,7 +116,7 @@ def test_feedback_turns_predictions_into_training_data_for_rounds(
     _wait(lambda: _announced(coord, "pi-1", 4))
     # ... and trains on them (80 % of 4 = 3 examples; 1 is held out) when asked.
     weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
-    config = TrainingConfig(
+    config = RunConfig(
         model="feedback", family="softmax", initial_weights=weights, rounds=1,
         clients_per_round=1, min_clients=1, round_timeout_s=20,
     )  # fmt: skip

@@ -27,7 +27,7 @@ from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
 from coordinator.delivery.deliveries import Artifact
-from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.tasks import node_id_of
 from coordinator.link.fleet import Target
@@ -50,21 +50,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedFleet]:
 
 
 @pytest.fixture(scope="module")
-def clean_fp32(fleet: FederatedFleet) -> TrainingResult:
+def clean_fp32(fleet: FederatedFleet) -> RunResult:
     return fleet.run(codec="fp32")
 
 
-def _accuracy(result: TrainingResult) -> float:
+def _accuracy(result: RunResult) -> float:
     accuracy = result.final_accuracy
     assert accuracy is not None
     return accuracy
 
 
-def _uplink(result: TrainingResult) -> int:
+def _uplink(result: RunResult) -> int:
     return sum(r.uplink_bytes for r in result.rounds)
 
 
-def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: TrainingResult) -> None:
+def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: RunResult) -> None:
     assert all(r.status == "ok" for r in clean_fp32.rounds)
     assert [r.clients for r in clean_fp32.rounds] == [10] * 20
     assert _accuracy(clean_fp32) >= 0.90
@@ -79,7 +79,7 @@ def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: Training
 
 
 def test_the_device_without_data_is_never_sampled(
-    fleet: FederatedFleet, clean_fp32: TrainingResult
+    fleet: FederatedFleet, clean_fp32: RunResult
 ) -> None:
     assert all(r.sampled == 10 for r in clean_fp32.rounds)
     assert fleet.extra[0].rounds.completed == 0
@@ -87,7 +87,7 @@ def test_the_device_without_data_is_never_sampled(
 
 
 def test_topk_int8_stays_within_a_point_of_fp32_with_30x_fewer_bytes_up(
-    fleet: FederatedFleet, clean_fp32: TrainingResult
+    fleet: FederatedFleet, clean_fp32: RunResult
 ) -> None:
     compressed = fleet.run(codec="topk:0.03+int8")
     assert all(r.status == "ok" for r in compressed.rounds)
@@ -176,7 +176,7 @@ def _sign_flip(original: Any, task: Any, config: Any, weights: Any, trained: Any
 
 
 def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
-    fleet: FederatedFleet, clean_fp32: TrainingResult, monkeypatch: pytest.MonkeyPatch
+    fleet: FederatedFleet, clean_fp32: RunResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for agent in fleet.agents[:2]:
         _patch_encode(monkeypatch, agent, _sign_flip)
@@ -235,7 +235,7 @@ def test_differential_privacy_wrapper_runs_unchanged(fleet: FederatedFleet) -> N
         build_strategy("fedavg", {}, federated_eval=False),
         noise_multiplier=0.01, clipping_norm=5.0, num_sampled_clients=10,
     )  # fmt: skip
-    config = TrainingConfig(
+    config = RunConfig(
         model="dp", family="mlp", initial_weights=weights, rounds=3, clients_per_round=10,
         min_clients=8, round_timeout_s=30, train_config=TRAIN_CONFIG, eval_data=fleet.test_set,
     )  # fmt: skip

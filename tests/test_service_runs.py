@@ -11,7 +11,7 @@ import pytest
 from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
-from coordinator.errors import NotFoundError, TrainingError
+from coordinator.errors import NotFoundError, RunError
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
@@ -60,7 +60,7 @@ def test_a_request_becomes_a_seeded_training_config() -> None:
     ],
 )
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(RunError, match=message):
         training_config(RunRequest(min_clients=2, config=config))
 
 
@@ -121,7 +121,7 @@ def test_a_run_started_through_the_service_records_its_rounds_as_they_end(
         view = service.start_run(request, actor=CLI_ACTOR)
         run_id = view.run.run_id
         assert view.run.state is RunState.RUNNING
-        with pytest.raises(TrainingError, match="one run at a time"):
+        with pytest.raises(RunError, match="one run at a time"):
             service.start_run(request, actor=CLI_ACTOR)
         wait_for(lambda: service.run(run_id).run.state is not RunState.RUNNING)
         view = service.run(run_id)
@@ -176,7 +176,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         assert [(r.round, r.status, r.reason) for r in view.rounds] == [
             (1, "failed", f"stopped by {CLI_ACTOR.name}")
         ]
-        with pytest.raises(TrainingError, match="not running"):
+        with pytest.raises(RunError, match="not running"):
             service.stop_run(run_id, actor=CLI_ACTOR)
         with pytest.raises(NotFoundError):
             service.stop_run("run-nope", actor=CLI_ACTOR)

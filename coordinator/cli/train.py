@@ -52,8 +52,8 @@ from coordinator.cli.fleet import (
 from coordinator.cli.model import load_weights
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
-from coordinator.errors import TrainingError
-from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
+from coordinator.errors import RunError
+from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.hub import MqttHub
@@ -79,11 +79,11 @@ def _initial_weights(
         features = features or int(eval_data.x.shape[1])
         classes = classes or int(eval_data.y.max()) + 1
     if not features or not classes:
-        raise TrainingError("give --init weights.npz, --eval-data, or --features and --classes")
+        raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
     try:
         hidden_sizes = [int(h) for h in hidden.split(",") if h.strip()] if family == "mlp" else []
     except ValueError:
-        raise TrainingError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+        raise RunError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
     return init_weights(family, [features, *hidden_sizes, classes], np.random.default_rng(seed))
 
 
@@ -122,7 +122,7 @@ def rounds_table(reports: list[RoundReport], *, title: str) -> Table:
 
 
 def _package(
-    result: TrainingResult,
+    result: RunResult,
     *,
     family: str,
     model: str,
@@ -132,7 +132,7 @@ def _package(
     eval_data: LabelledData | None,
 ) -> str:
     if not keys:
-        raise TrainingError("--package needs at least one --key")
+        raise RunError("--package needs at least one --key")
     packaged = package_weights(
         family,
         result.weights,
@@ -233,7 +233,7 @@ def train(
     """Run federated rounds over the online devices that have local data."""
     with reported_errors(as_json=as_json):
         if family not in FAMILIES:
-            raise TrainingError(f"--family must be one of {', '.join(FAMILIES)}")
+            raise RunError(f"--family must be one of {', '.join(FAMILIES)}")
         evaluation = None if eval_data is None else load_labelled_npz(eval_data)
         weights = _initial_weights(family, init, hidden, features, classes, evaluation, seed)
         train_config: dict[str, int | float | str | bool] = {
@@ -244,7 +244,7 @@ def train(
             "seed": seed,
         }
         train_config.update(parse_strategy_args(train_arg or []))
-        config = TrainingConfig(
+        config = RunConfig(
             model=model,
             family=family,
             initial_weights=weights,
@@ -290,8 +290,8 @@ def train(
 
 
 def _run(
-    coordinator: MqttHub, strategy: Strategy, config: TrainingConfig, *, title: str, live: bool
-) -> TrainingResult:
+    coordinator: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
+) -> RunResult:
     if not live:
         return run_training(coordinator, strategy, config)
     done: list[RoundReport] = []
@@ -309,7 +309,7 @@ def _run(
 
 
 def _report(
-    result: TrainingResult, *, title: str, as_json: bool, packaged: str | None, out: Path | None
+    result: RunResult, *, title: str, as_json: bool, packaged: str | None, out: Path | None
 ) -> None:
     ok = any(r.status == "ok" for r in result.rounds)
     if as_json:

@@ -54,7 +54,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from compress.codecs import layout_of, max_payload_bytes
-from coordinator.errors import TrainingError, UpdateRejectedError
+from coordinator.errors import RunError, UpdateRejectedError
 from coordinator.federated.tasks import (
     EVAL_METRICS,
     TRAIN_METRICS,
@@ -228,13 +228,13 @@ class MqttGrid(Grid):
         """The nodes of the current phase.
 
         Raises:
-            TrainingError: called after the phase deadline: a strategy that waits
+            RunError: called after the phase deadline: a strategy that waits
                 for more nodes than the phase offers (Flower's ``sample_nodes``
                 polls this forever) fails the phase instead of hanging.
         """
         with self._cond:
             if self._clock() > self._deadline:
-                raise TrainingError(
+                raise RunError(
                     f"the strategy was still waiting for more nodes at the deadline "
                     f"(this round offers {len(self._nodes)})"
                 )

@@ -2,8 +2,8 @@
 
 Every call of :class:`~coordinator.rollout.engine.Rollout` that changes something
 returns a list of :data:`Action` values, in order; the adapter
-(:class:`~coordinator.rollout.manager.RolloutManager`) executes them: ``Deploy`` and
-``Rollback`` become MQTT commands to the listed devices, ``StateChanged`` and
+(:class:`~coordinator.rollout.manager.RolloutManager`) executes them: ``SendDeploy`` and
+``SendRollback`` become MQTT commands to the listed devices, ``StateChanged`` and
 ``StageReleased`` become audit-log lines and UI updates. Each action has a
 ``to_json`` form for the log. Pure values: no I/O.
 """
@@ -19,9 +19,9 @@ __all__ = [
     "FINAL_STATES",
     "JUDGING_STATES",
     "Action",
-    "Deploy",
-    "Rollback",
     "RolloutState",
+    "SendDeploy",
+    "SendRollback",
     "StageReleased",
     "StateChanged",
 ]
@@ -53,7 +53,7 @@ JUDGING_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
 
 
 @dataclass(frozen=True)
-class Deploy:
+class SendDeploy:
     """Send the rollout's artifact to these devices (sorted ids)."""
 
     device_ids: tuple[str, ...]
@@ -64,7 +64,7 @@ class Deploy:
 
 
 @dataclass(frozen=True)
-class Rollback:
+class SendRollback:
     """Send a rollback of the rollout's model to these devices (sorted ids)."""
 
     device_ids: tuple[str, ...]
@@ -105,5 +105,5 @@ class StageReleased:
         return {"type": "stage_released", "stage": self.stage, "device_ids": list(self.device_ids)}
 
 
-Action: TypeAlias = Deploy | Rollback | StateChanged | StageReleased
+Action: TypeAlias = SendDeploy | SendRollback | StateChanged | StageReleased
 """What the adapter must do (or record) after an engine call, in order."""

@@ -1,9 +1,9 @@
 """A device's place and progress in a staged rollout, and the artifact rolled out.
 
-The rollout engine keeps one :class:`RolloutDevice` per device of the target: its
+The rollout engine keeps one :class:`DeviceInRollout` per device of the target: its
 stage, presence, install progress, a rollout-level :class:`Marker` (waiting,
 reverting, ...), its health samples and the times of its deploys. Each change makes
-a new frozen value; the adapter persists :class:`DeviceRow` per device. Pure values:
+a new frozen value; the adapter persists :class:`RolloutDeviceState` per device. Pure values:
 no I/O.
 
 Device reports follow the rules of :mod:`coordinator.delivery.tracker`
@@ -37,11 +37,11 @@ from coordinator.rollout.health import (
 __all__ = [
     "FAILURES",
     "REPORTABLE",
-    "DeviceRow",
+    "DeviceInRollout",
     "DeviceStatus",
     "Marker",
     "RolloutArtifact",
-    "RolloutDevice",
+    "RolloutDeviceState",
     "opt_float",
     "sorted_ids",
 ]
@@ -125,7 +125,7 @@ class RolloutArtifact:
 
 
 @dataclass(frozen=True)
-class RolloutDevice:
+class DeviceInRollout:
     """One device's place and progress in a rollout.
 
     Attributes:
@@ -163,7 +163,7 @@ class RolloutDevice:
     detail: str | None = None
     updated_at: float = 0.0
 
-    def released(self, now: float) -> RolloutDevice:
+    def released(self, now: float) -> DeviceInRollout:
         """Its stage released at ``now``: sent the deploy if online, else ``offline``."""
         if self.online:
             return replace(
@@ -175,14 +175,14 @@ class RolloutDevice:
             )
         return replace(self, marker=None, install=DeviceState.OFFLINE)
 
-    def gone_offline(self) -> RolloutDevice:
+    def gone_offline(self) -> DeviceInRollout:
         """It went offline: still installing, it becomes ``offline``."""
         install = self.install
         if self.marker is None and install in IN_PROGRESS_STATES:
             install = DeviceState.OFFLINE
         return replace(self, online=False, install=install)
 
-    def with_baseline_window(self, sample: HealthSample) -> RolloutDevice:
+    def with_baseline_window(self, sample: HealthSample) -> DeviceInRollout:
         """A window of the version it served before added to its baseline (the
         last :data:`BASELINE_WINDOWS` of that version are kept)."""
         kept = [w for w in self.baseline_windows if w.version == sample.version]
@@ -233,7 +233,7 @@ class RolloutDevice:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RolloutDevice:
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceInRollout:
         """Rebuild from :meth:`to_json`."""
         marker = data["marker"]
         windows = data.get("baseline_windows")
@@ -258,14 +258,14 @@ class RolloutDevice:
 
 
 @dataclass(frozen=True)
-class DeviceRow:
+class RolloutDeviceState:
     """What the service persists per device of a rollout.
 
     Attributes:
         stage: Stage index.
-        state: :attr:`RolloutDevice.status`.
-        detail: :attr:`RolloutDevice.detail`.
-        updated_at: :attr:`RolloutDevice.updated_at`.
+        state: :attr:`DeviceInRollout.status`.
+        detail: :attr:`DeviceInRollout.detail`.
+        updated_at: :attr:`DeviceInRollout.updated_at`.
     """
 
     stage: int

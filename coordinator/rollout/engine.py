@@ -24,7 +24,7 @@ Workflow:
    (:meth:`~coordinator.rollout.policy.RolloutPolicy.stage_sizes`). Devices
    online at creation come first, so the canary is made of devices that can
    answer whenever the target has enough of them.
-2. :meth:`Rollout.start` releases the canary: ``Deploy`` to its online devices.
+2. :meth:`Rollout.start` releases the canary: ``SendDeploy`` to its online devices.
 3. The adapter forwards install reports (:meth:`Rollout.on_install_status`),
    telemetry windows (:meth:`Rollout.on_health`), presence changes
    (:meth:`Rollout.on_online`, :meth:`Rollout.on_offline`) and devices that join
@@ -70,14 +70,14 @@ of the current stage only (earlier stages were judged already).
   offline devices alone.
 
 On a halt with ``rollback_on_halt``, the devices of the halted stage that
-installed the new version (healthy or not) get ``Rollback`` and are marked
+installed the new version (healthy or not) get ``SendRollback`` and are marked
 ``reverting``; they become ``reverted`` when they report ``rolled_back`` (or
 ``revert_failed`` when they report ``failed``/``rejected``: the device had nothing
 to go back to, or could not). Devices of that stage still installing are not sent
 a rollback (it would undo their *previous* model): they get one when they report
 ``installed``. Earlier stages keep the new version unless the operator aborts with
 ``rollback=True``. Installed devices that are offline are rolled back when they
-come online. A ``Rollback`` is re-sent when a ``reverting`` device reconnects and
+come online. A ``SendRollback`` is re-sent when a ``reverting`` device reconnects and
 by :meth:`~Rollout.resume_after_restart`; an agent that already went back answers
 the second one ``failed`` ("no previous model"), which shows as
 ``revert_failed``.
@@ -86,9 +86,9 @@ Device reports follow the rules of :mod:`coordinator.rollout.devices`.
 
 Presence and catch-up. Devices offline when their stage is released are
 ``offline``; when they come online (and the rollout is running, paused or
-completed) they get ``Deploy`` — so do released devices that were ``offline`` or
+completed) they get ``SendDeploy`` — so do released devices that were ``offline`` or
 ``timed_out`` and reconnect. Pausing stops new stages, not these catch-ups. An
-online device with no outcome ``install_timeout_s`` after its last ``Deploy``
+online device with no outcome ``install_timeout_s`` after its last ``SendDeploy``
 becomes ``timed_out``.
 
 Late devices (:meth:`~Rollout.add_device`): while the canary is the current stage
@@ -114,12 +114,12 @@ from coordinator.rollout.actions import (
     DEPLOYING_STATES,
     JUDGING_STATES,
     Action,
-    Deploy,
-    Rollback,
     RolloutState,
+    SendDeploy,
+    SendRollback,
     StageReleased,
 )
-from coordinator.rollout.devices import REPORTABLE, Marker, RolloutDevice, sorted_ids
+from coordinator.rollout.devices import REPORTABLE, DeviceInRollout, Marker, sorted_ids
 from coordinator.rollout.health import HealthSample, exceeds, health_problem
 from coordinator.rollout.record import RolloutRecord, Stage
 from edge_agent.protocol import is_valid_device_id
@@ -150,7 +150,7 @@ class Rollout(RolloutRecord):
         logger.info("rollout %s: stage %d released", self.rollout_id, stage)
         actions: list[Action] = [StageReleased(stage, sorted_ids(d.device_id for d in members))]
         if online:
-            actions.append(Deploy(sorted_ids(online)))
+            actions.append(SendDeploy(sorted_ids(online)))
         return actions
 
     def _halt(self, now: float, reason: str) -> list[Action]:
@@ -163,7 +163,7 @@ class Rollout(RolloutRecord):
         return actions
 
     def _revert(self, stages: Iterable[int], now: float, reason: str) -> list[Action]:
-        """Mark installed devices of ``stages`` REVERTING; Rollback the online ones."""
+        """Mark installed devices of ``stages`` REVERTING; SendRollback the online ones."""
         new = [s for s in stages if s not in self._rollback_stages]
         self._rollback_stages = sorted({*self._rollback_stages, *new})
         if self._rollback_reason is None:
@@ -176,7 +176,7 @@ class Rollout(RolloutRecord):
                 self._put(replace(device, marker=Marker.REVERTING), now)
                 if device.online:
                     online.append(device_id)
-        return [Rollback(sorted_ids(online), reason)] if online else []
+        return [SendRollback(sorted_ids(online), reason)] if online else []
 
     def _check_halt(self, now: float) -> list[Action]:
         """Halt at once if the current stage's failures exceed the whole stage's share."""
@@ -232,7 +232,7 @@ class Rollout(RolloutRecord):
                     now,
                 )
 
-    def _redeploy(self, device: RolloutDevice, now: float) -> bool:
+    def _redeploy(self, device: DeviceInRollout, now: float) -> bool:
         """Prepare a catch-up deploy to a released device that just came online."""
         if self._state not in DEPLOYING_STATES or device.marker is not None:
             return False
@@ -259,7 +259,7 @@ class Rollout(RolloutRecord):
             now: The coordinator's current time, unix seconds.
 
         Returns:
-            ``StateChanged``, ``StageReleased`` and ``Deploy`` to the online canary
+            ``StateChanged``, ``StageReleased`` and ``SendDeploy`` to the online canary
             devices (when any).
 
         Raises:
@@ -323,7 +323,7 @@ class Rollout(RolloutRecord):
                 the new version (offline ones when they come back).
 
         Returns:
-            ``StateChanged`` (unless already aborted) and ``Rollback`` (if asked and
+            ``StateChanged`` (unless already aborted) and ``SendRollback`` (if asked and
             any online device installed the version).
 
         Raises:
@@ -346,8 +346,8 @@ class Rollout(RolloutRecord):
             now: The coordinator's current time, unix seconds.
 
         Returns:
-            A halt (``StateChanged``, ``Rollback``), the next stage
-            (``StageReleased``, ``Deploy``), completion (``StateChanged``), or
+            A halt (``StateChanged``, ``SendRollback``), the next stage
+            (``StageReleased``, ``SendDeploy``), completion (``StateChanged``), or
             nothing.
         """
         if self._state is RolloutState.CREATED:
@@ -372,7 +372,7 @@ class Rollout(RolloutRecord):
             error: The device's error code or reason, kept as the device's detail.
 
         Returns:
-            A halt, or a ``Rollback`` for a device that installed after its stage
+            A halt, or a ``SendRollback`` for a device that installed after its stage
             was rolled back, or nothing.
         """
         device = self._devices.get(device_id)
@@ -400,7 +400,7 @@ class Rollout(RolloutRecord):
         if state is DeviceState.INSTALLED and device.stage in self._rollback_stages:
             reason = self._rollback_reason or f"rollout {self.rollout_id} rolled back"
             self._put(replace(updated, marker=Marker.REVERTING), now)
-            return [Rollback((device_id,), reason)]  # the report proves it is connected
+            return [SendRollback((device_id,), reason)]  # the report proves it is connected
         return self._check_halt(now) if device.stage == self._stage else []
 
     def on_health(
@@ -466,8 +466,8 @@ class Rollout(RolloutRecord):
             now: The coordinator's current time, unix seconds.
 
         Returns:
-            ``Deploy`` for a released device that was offline or timed out (while
-            the rollout is running, paused or completed), ``Rollback`` for a
+            ``SendDeploy`` for a released device that was offline or timed out (while
+            the rollout is running, paused or completed), ``SendRollback`` for a
             device whose rollback is pending, or nothing (also when the device was
             online already).
         """
@@ -477,8 +477,8 @@ class Rollout(RolloutRecord):
         device = replace(device, online=True)
         self._put(device, now)
         if device.marker is Marker.REVERTING:
-            return [Rollback((device_id,), self._rollback_reason or "rollout rolled back")]
-        return [Deploy((device_id,))] if self._redeploy(device, now) else []
+            return [SendRollback((device_id,), self._rollback_reason or "rollout rolled back")]
+        return [SendDeploy((device_id,))] if self._redeploy(device, now) else []
 
     def on_offline(self, device_id: str, now: float) -> list[Action]:
         """Note that a device went offline: one still installing becomes ``offline``.
@@ -504,7 +504,7 @@ class Rollout(RolloutRecord):
             online: Whether it is online now.
 
         Returns:
-            ``Deploy`` if its stage is released and it is online, else nothing
+            ``SendDeploy`` if its stage is released and it is online, else nothing
             (also for a device already in the rollout, and in a halted or aborted
             rollout, which does not take it).
 
@@ -521,7 +521,7 @@ class Rollout(RolloutRecord):
         # Past the canary: the current stage; else the first wave (or the only stage).
         stage = self._stage or min(1, len(self._stages) - 1)
         self._order.append(device_id)
-        device = RolloutDevice(device_id, stage, online=online, updated_at=now)
+        device = DeviceInRollout(device_id, stage, online=online, updated_at=now)
         self._devices[device_id] = device
         self._updated_at = now
         info = self._stages[stage]
@@ -531,7 +531,7 @@ class Rollout(RolloutRecord):
             if self._state in JUDGING_STATES:
                 self._stages[stage] = replace(info, soak_from=now)
             self._put(device.released(now), now)
-            return [Deploy((device_id,))]
+            return [SendDeploy((device_id,))]
         self._put(replace(device, marker=None, install=DeviceState.OFFLINE), now)
         return []
 
@@ -541,9 +541,9 @@ class Rollout(RolloutRecord):
         Presence is first reconciled with ``online`` (devices that went offline
         meanwhile become ``offline`` if still installing; devices that came back
         catch up as in :meth:`on_online`). Then every released online device
-        still installing gets ``Deploy`` again (an agent resumes its transfer, or
+        still installing gets ``SendDeploy`` again (an agent resumes its transfer, or
         answers ``installed`` again), and every online ``reverting`` device gets
-        ``Rollback`` again. Install timeouts keep counting from the last deploy
+        ``SendRollback`` again. Install timeouts keep counting from the last deploy
         sent before the restart.
 
         Args:
@@ -551,7 +551,7 @@ class Rollout(RolloutRecord):
             online: Devices online now.
 
         Returns:
-            At most one ``Deploy`` and one ``Rollback``.
+            At most one ``SendDeploy`` and one ``SendRollback``.
         """
         deploy: list[str] = []
         for device_id in sorted(self._devices):
@@ -576,8 +576,8 @@ class Rollout(RolloutRecord):
         ]
         actions: list[Action] = []
         if deploy:
-            actions.append(Deploy(sorted_ids(deploy)))
+            actions.append(SendDeploy(sorted_ids(deploy)))
         if reverting:
             reason = self._rollback_reason or f"rollout {self.rollout_id} rolled back"
-            actions.append(Rollback(sorted_ids(reverting), reason))
+            actions.append(SendRollback(sorted_ids(reverting), reason))
         return actions

@@ -26,7 +26,7 @@ Workflow::
 
 Commands go out on a sender thread: a ``deploy`` waits up to
 ``accept_wait_s`` for the devices to accept before pushing the payload, and the
-event callbacks (on paho's thread) must never wait. Each ``Deploy`` action gets its
+event callbacks (on paho's thread) must never wait. Each ``SendDeploy`` action gets its
 own deployment id, ``<rollout id>.<random>``, so a device's report names the rollout it
 belongs to even after a restart, and a report of an earlier deployment to the same
 device (a transfer that died with a killed process, reporting its failure after the
@@ -75,9 +75,9 @@ from coordinator.link.fleet import Target
 from coordinator.link.port import Hub
 from coordinator.rollout.actions import (
     Action,
-    Deploy,
-    Rollback,
     RolloutState,
+    SendDeploy,
+    SendRollback,
     StageReleased,
     StateChanged,
 )
@@ -497,12 +497,12 @@ class RolloutManager:
             running = self._running.get(rollout_id)
             if running is None:
                 return
-        ids = list(action.device_ids) if isinstance(action, (Deploy, Rollback)) else []
-        if isinstance(action, Deploy):
+        ids = list(action.device_ids) if isinstance(action, (SendDeploy, SendRollback)) else []
+        if isinstance(action, SendDeploy):
             delivery = self._deliveries.deploy(
                 running.artifact, _devices(ids), deployment_id=deployment_id
             )
-        elif isinstance(action, Rollback):
+        elif isinstance(action, SendRollback):
             model = running.engine.artifact.model
             delivery = self._deliveries.rollback(_devices(ids), model, reason=action.reason)
         else:
@@ -513,19 +513,19 @@ class RolloutManager:
                 self._retired.append(delivery)
             else:
                 current.deliveries[delivery.deployment_id] = Sent(
-                    delivery, tuple(ids), rollback=isinstance(action, Rollback)
+                    delivery, tuple(ids), rollback=isinstance(action, SendRollback)
                 )
 
     # ------------------------------------------------------------------- helpers
 
-    def _deployment_id(self, rollout_id: str, action: Deploy | Rollback) -> str:
+    def _deployment_id(self, rollout_id: str, action: SendDeploy | SendRollback) -> str:
         """A new deployment id, unique across restarts; a deploy's devices now expect it.
 
         Set before the command is queued, so a stale report arriving meanwhile is
         already recognised as such.
         """
         deployment_id = f"{rollout_id}.{uuid.uuid4().hex[:8]}"
-        if isinstance(action, Deploy):
+        if isinstance(action, SendDeploy):
             with self._lock:
                 running = self._running.get(rollout_id)
                 if running is not None:
@@ -535,7 +535,7 @@ class RolloutManager:
 
     def _dispatch(self, rollout_id: str, actions: Sequence[Action]) -> None:
         for action in actions:
-            if isinstance(action, (Deploy, Rollback)):
+            if isinstance(action, (SendDeploy, SendRollback)):
                 if action.device_ids:
                     self._outbox.put((rollout_id, action, self._deployment_id(rollout_id, action)))
             elif isinstance(action, StateChanged):

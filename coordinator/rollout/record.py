@@ -25,11 +25,11 @@ from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import RolloutError
 from coordinator.rollout.actions import FINAL_STATES, RolloutState, StateChanged
 from coordinator.rollout.devices import (
-    DeviceRow,
+    DeviceInRollout,
     DeviceStatus,
     Marker,
     RolloutArtifact,
-    RolloutDevice,
+    RolloutDeviceState,
     opt_float,
     sorted_ids,
 )
@@ -127,12 +127,12 @@ class RolloutRecord:
         self._state = RolloutState.CREATED
         self._stage = 0
         self._order = order
-        self._devices: dict[str, RolloutDevice] = {}
+        self._devices: dict[str, DeviceInRollout] = {}
         start = 0
         sizes = policy.stage_sizes(len(order))
         for index, size in enumerate(sizes):
             for device_id in order[start : start + size]:
-                self._devices[device_id] = RolloutDevice(
+                self._devices[device_id] = DeviceInRollout(
                     device_id, index, online=device_id in up, updated_at=now
                 )
             start += size
@@ -173,24 +173,24 @@ class RolloutRecord:
         """Give the devices of a stage, sorted."""
         return sorted_ids(d.device_id for d in self._devices.values() if d.stage == stage)
 
-    def device(self, device_id: str) -> RolloutDevice | None:
+    def device(self, device_id: str) -> DeviceInRollout | None:
         """Give one device's record, or None if it is not part of the rollout."""
         return self._devices.get(device_id)
 
-    def devices(self) -> list[RolloutDevice]:
+    def devices(self) -> list[DeviceInRollout]:
         """Give every device's record, sorted by id."""
         return [self._devices[k] for k in sorted(self._devices)]
 
-    def device_states(self) -> dict[str, DeviceRow]:
+    def device_states(self) -> dict[str, RolloutDeviceState]:
         """Give each device's persistable row (stage, state, detail), sorted by id."""
         return {
-            d.device_id: DeviceRow(d.stage, d.status, d.detail, d.updated_at)
+            d.device_id: RolloutDeviceState(d.stage, d.status, d.detail, d.updated_at)
             for d in self.devices()
         }
 
     # ----------------------------------------------------------------- updates
 
-    def _put(self, device: RolloutDevice, now: float) -> bool:
+    def _put(self, device: DeviceInRollout, now: float) -> bool:
         old = self._devices[device.device_id]
         if replace(device, updated_at=old.updated_at) == old:
             return False
@@ -342,7 +342,7 @@ class RolloutRecord:
                 for s in snapshot["stages"]
             ]
             engine._order = [str(i) for i in snapshot["order"]]
-            devices = [RolloutDevice.from_json(d) for d in snapshot["devices"]]
+            devices = [DeviceInRollout.from_json(d) for d in snapshot["devices"]]
             engine._devices = {d.device_id: d for d in devices}
             engine._rollback_stages = [int(i) for i in snapshot["rollback_stages"]]
             engine._rollback_reason = snapshot["rollback_reason"]

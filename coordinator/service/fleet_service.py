@@ -388,7 +388,7 @@ class FleetService:
         """Start a federated run in the background.
 
         Raises:
-            TrainingError: bad settings, or a run is already going.
+            RunError: bad settings, or a run is already going.
         """
         row = self._runs.start(request, actor=actor.name)
         self._audit(actor, "run.start", row.run_id, dict(row.config))
@@ -399,7 +399,7 @@ class FleetService:
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: the run is not running.
+            RunError: the run is not running.
         """
         self._runs.stop_run(run_id, actor=actor.name)
         self._audit(actor, "run.stop", run_id)
