@@ -106,19 +106,19 @@ def test_devices_that_accepted_in_time_get_the_payload_pushed_once(
             if published.topic == device_topic(device_id, Channel.CMD):
                 assert isinstance(message, Deploy)
                 answered.append(device_id)
-                answer(hub, device_id, message.deployment_id, InstallState.ACCEPTED)
+                answer(twin, device_id, message.deployment_id, InstallState.ACCEPTED)
 
-    hub = MemoryHub(chunk_size=CHUNK, on_publish=devices_accept)
-    hub.start()
+    twin = MemoryHub(chunk_size=CHUNK, on_publish=devices_accept)
+    twin.start()
     for device_id in ("d0", "d1"):
-        hub.receive(device_id, status())
-    with Deliveries(hub, accept_wait_s=30.0) as deliveries:
+        twin.receive(device_id, status())
+    with Deliveries(twin, accept_wait_s=30.0) as deliveries:
         deliveries.deploy(artifact, Target.parse("all"))  # returns at once: both answered
     assert answered == ["d0", "d1"]
-    chunks = hub.chunks("d0", artifact.transfer_id)
+    chunks = twin.chunks("d0", artifact.transfer_id)
     assert len(chunks) == 3  # once, on the broadcast topic both devices hear
-    assert chunks == hub.chunks("d1", artifact.transfer_id)
-    assert hub.bytes_sent(artifact.transfer_id) > len(PAYLOAD)
+    assert chunks == twin.chunks("d1", artifact.transfer_id)
+    assert twin.bytes_sent(artifact.transfer_id) > len(PAYLOAD)
 
 
 def test_an_offline_device_gets_the_deploy_when_it_comes_back(

@@ -241,8 +241,8 @@ class TestHubContract:
     def test_a_payload_pushed_to_two_devices_is_broadcast_once(self, rig: Rig) -> None:
         transfer_id = rig.hub.serve_payload(PAYLOAD)
         assert rig.hub.push_payload(transfer_id, ["hc0", "hc1"])
+        wait_for(lambda: all(len(rig.chunks(d)) == 3 for d in DEVICES), what="both got 3 chunks")
         for device_id in DEVICES:
-            wait_for(lambda d=device_id: len(rig.chunks(d)) == 3, what=f"{device_id}'s chunks")
             assert {t for t, _c in rig.chunks(device_id)} == {broadcast_topic(transfer_id)}
         # Pushing nothing, or to nobody, sends nothing.
         assert rig.hub.push_payload("0" * 64, ["hc0"])

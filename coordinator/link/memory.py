@@ -104,12 +104,6 @@ class MemoryHub(HubBase):
         """Act as after a lost and restored connection: the connect listeners run."""
         self.start()
 
-    @property
-    def online(self) -> bool:
-        """Whether the hub is started."""
-        with self._wire_lock:
-            return self._online
-
     def bytes_sent(self, transfer_id: str) -> int:
         """Encoded bytes of the chunks of ``transfer_id`` published so far."""
         with self._wire_lock:
