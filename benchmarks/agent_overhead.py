@@ -7,7 +7,7 @@ on training rows) and signed with a throwaway key by
 
 * **memory**: a real ``fedge-agent run`` process (``python -m edge_agent.cli run``,
   local HTTP endpoint on) connects to a mosquitto broker (loopback, the shipped ACL,
-  passwords), gets the artifact from a :class:`coordinator.link.hub.Coordinator`,
+  passwords), gets the artifact from a :class:`coordinator.link.hub.MqttHub`,
   installs it and answers ``--requests`` predictions over ``POST /v1/predict``; its
   ``VmRSS`` / ``VmHWM`` are read from ``/proc/<pid>/status``. The baseline is a bare
   python process that imports onnxruntime, loads the same model bytes into an
@@ -63,10 +63,11 @@ from _support import (
 from compress.families import INPUT_NAME
 from compress.keys import generate_signing_key, save_keypair
 from compress.onnx_export import export_onnx
+from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import LabelledData, PackageRequest, package_model
 from coordinator.delivery.tracker import DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.sim.datasets import load_digits_split, train_reference_mlp
 from edge_agent.agent import Agent
 from edge_agent.config.agent import AgentConfig, BrokerConfig, TrustConfig
@@ -235,9 +236,8 @@ def measure_agent_process(
     ]  # fmt: skip
     with log.open("ab") as sink:
         process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
-    coordinator = Coordinator(
-        CoordinatorConfig(broker=broker_config(port, COORDINATOR_USER), accept_wait_s=5.0)
-    )
+    coordinator = MqttHub(HubConfig(broker=broker_config(port, COORDINATOR_USER)))
+    deliveries = Deliveries(coordinator, accept_wait_s=5.0)
     try:
         coordinator.start()
 
@@ -248,8 +248,8 @@ def measure_agent_process(
 
         wait_until(online, STARTUP_TIMEOUT_S, "the agent to come online")
         start = time.perf_counter()
-        delivery = coordinator.deploy(Artifact.load(model.artifact), Target.parse("all"))
-        result = coordinator.wait(delivery, timeout=60)
+        delivery = deliveries.deploy(Artifact.load(model.artifact), Target.parse("all"))
+        result = deliveries.wait(delivery, timeout=60)
         deploy_seconds = time.perf_counter() - start
         states = {d.device_id: d.state for d in result.devices}
         if states.get(DEVICE_ID) is not DeviceState.INSTALLED:

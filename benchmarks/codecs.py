@@ -32,9 +32,9 @@ from _support import argument_parser, environment, mosquitto, password, write_js
 from compress.families import init_weights
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.delivery.packaging import LabelledData
-from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.sim.datasets import load_digits_split
 from coordinator.sim.local_fleet import LocalFleet, write_shards
 from edge_agent.config.agent import BrokerConfig
@@ -52,9 +52,9 @@ DEFAULT_CODECS = (
 TRAIN_CONFIG: dict[str, int | float | str | bool] = {"epochs": 2, "lr": 0.05, "batch_size": 16}
 
 
-def _run(coordinator: Coordinator, codec: str, args: Any, test_set: LabelledData) -> TrainingResult:
+def _run(coordinator: MqttHub, codec: str, args: Any, test_set: LabelledData) -> RunResult:
     weights = init_weights("mlp", [64, args.hidden, 10], np.random.default_rng(args.seed))
-    config = TrainingConfig(
+    config = RunConfig(
         model=f"bench-{codec.replace(':', '-').replace('+', '-')}",
         family="mlp",
         initial_weights=weights,
@@ -71,7 +71,7 @@ def _run(coordinator: Coordinator, codec: str, args: Any, test_set: LabelledData
     return run_training(coordinator, strategy, config)
 
 
-def _row(codec: str, result: TrainingResult) -> dict[str, Any]:
+def _row(codec: str, result: RunResult) -> dict[str, Any]:
     ok = [r for r in result.rounds if r.status == "ok"]
     return {
         "codec": codec,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
                                   root=root / "agents") as fleet:  # fmt: skip
-                coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+                coordinator = MqttHub(HubConfig(broker=broker_for("coordinator")))
                 coordinator.start()
                 try:
                     fleet.wait_eligible(coordinator, args.clients, timeout=30)

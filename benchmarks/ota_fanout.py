@@ -6,8 +6,9 @@ weights, H chosen to hit the size, exported to ONNX and packaged with
 each, on a fresh mosquitto broker (anonymous, 127.0.0.1 only, no ACL, ``sys_interval 1``):
 
 * **fedge**: ``--agents`` in-process :class:`edge_agent.agent.Agent` instances (fresh
-  data directories, default settings) and a :class:`coordinator.link.hub.Coordinator`;
-  the clock starts right before ``coordinator.deploy(artifact, Target.parse("all"))``.
+  data directories, default settings) and :class:`coordinator.delivery.deliveries.Deliveries` on a
+  :class:`coordinator.link.hub.MqttHub`;
+  the clock starts right before ``deliveries.deploy(artifact, Target.parse("all"))``.
   Reported: when ``deploy`` returned (every agent accepted the signed manifest, the
   chunks are queued), when every agent was past downloading (its first report of
   ``verifying`` / ``installing`` / ``installed`` seen by ``wait(..., on_change=...)``,
@@ -56,10 +57,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from compress.families import init_weights
 from compress.keys import generate_signing_key, save_keypair
 from compress.onnx_export import export_onnx
+from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import PackageRequest, package_model
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
 from edge_agent.agent import Agent
 from edge_agent.config.agent import AgentConfig, BrokerConfig, TrustConfig
 from edge_agent.transport.mqtt import MAX_INFLIGHT
@@ -203,7 +205,7 @@ def _channel(topic: str) -> str:
     return {"chunks": "chunks_unicast", "cmd": "commands"}.get(last, "other")
 
 
-def count_publishes(coordinator: Coordinator, sizes: Counter[str], counts: Counter[str]) -> None:
+def count_publishes(coordinator: MqttHub, sizes: Counter[str], counts: Counter[str]) -> None:
     """Count what the coordinator publishes, by kind, by wrapping its link's publish."""
     link = coordinator._link
     original = link.publish_info
@@ -223,7 +225,7 @@ def run_fedge(
 ) -> FedgeRun:
     """Start a broker, the agents and a coordinator; deploy once; tear everything down."""
     fleet: list[Agent] = []
-    coordinator: Coordinator | None = None
+    coordinator: MqttHub | None = None
     monitor: SysMonitor | None = None
     with mosquitto(workdir / "broker", sys_interval=1, timeout=STARTUP_TIMEOUT_S) as port:
         try:
@@ -242,8 +244,8 @@ def run_fedge(
             wait_until(
                 lambda: all(a.connected for a in fleet), STARTUP_TIMEOUT_S, "agents to connect"
             )
-            coordinator = coord = Coordinator(
-                CoordinatorConfig(
+            coordinator = coord = MqttHub(
+                HubConfig(
                     broker=BrokerConfig(
                         host="127.0.0.1", port=port, tls=False, username="coordinator"
                     ),
@@ -273,9 +275,10 @@ def run_fedge(
                         first_seen[str(progress.state)] += 1
 
             start = time.time()
-            delivery = coord.deploy(artifact, Target.parse("all"))
+            deliveries = Deliveries(coord)
+            delivery = deliveries.deploy(artifact, Target.parse("all"))
             returned = time.time()
-            result = coord.wait(delivery, timeout=timeout, on_change=on_change)
+            result = deliveries.wait(delivery, timeout=timeout, on_change=on_change)
             installed = [d for d in result.devices if d.state is DeviceState.INSTALLED]
             if len(installed) != agents:
                 raise RuntimeError(f"only {len(installed)}/{agents} installed: {result.counts()}")

@@ -7,7 +7,7 @@ The tree::
     │   └── AccuracyDropError           int8 lost more accuracy than allowed
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
-    ├── TrainingError               a federated run cannot start or go on
+    ├── RunError                    a federated run cannot start or go on
     │   └── StrategyError               an unknown strategy, or bad strategy arguments
     ├── StoreError                  the coordinator's SQLite state cannot be read or written
     │   ├── SchemaVersionError          the database is newer than this code knows
@@ -66,13 +66,13 @@ class UpdateRejectedError(CoordinatorError):
         self.reason = reason
 
 
-class TrainingError(CoordinatorError):
+class RunError(CoordinatorError):
     """A federated run cannot start or go on (bad settings, no eligible devices)."""
 
     code = "training_failed"
 
 
-class StrategyError(TrainingError):
+class StrategyError(RunError):
     """An unknown strategy name, an unloadable ``module:Class`` or bad arguments."""
 
     code = "bad_strategy"

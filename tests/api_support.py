@@ -28,8 +28,8 @@ from coordinator.errors import (
     CoordinatorError,
     NotFoundError,
     RolloutError,
+    RunError,
     TargetError,
-    TrainingError,
 )
 from coordinator.service.operations import (
     Actor,
@@ -447,13 +447,13 @@ class FakeOperations:
         """Record a running run.
 
         Raises:
-            TrainingError: fewer than one round, or a run is already going.
+            RunError: fewer than one round, or a run is already going.
         """
         self._check()
         if request.rounds < 1:
-            raise TrainingError(f"rounds must be at least 1, not {request.rounds}")
+            raise RunError(f"rounds must be at least 1, not {request.rounds}")
         if any(view.run.state is RunState.RUNNING for view in self.run_views.values()):
-            raise TrainingError("a federated run is already going")
+            raise RunError("a federated run is already going")
         run_id = f"run-{len(self.run_views) + 1}"
         view = RunView(
             run=RunRow(
@@ -482,12 +482,12 @@ class FakeOperations:
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: it is not running.
+            RunError: it is not running.
         """
         self._check()
         view = self._run_view(run_id)
         if view.run.state is not RunState.RUNNING:
-            raise TrainingError(f"run {run_id} is {view.run.state}; cannot stop")
+            raise RunError(f"run {run_id} is {view.run.state}; cannot stop")
         self._mutate("run.stop", actor, run_id)
         rounds = tuple(
             replace(row, status="failed", reason=f"stopped by {actor.name}", finished_at=NOW + 1)

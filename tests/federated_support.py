@@ -18,9 +18,9 @@ import numpy.typing as npt
 from compress.families import init_weights
 from compress.keys import generate_signing_key
 from coordinator.delivery.packaging import LabelledData
-from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 from coordinator.sim.datasets import load_digits_split
 from coordinator.sim.local_fleet import LocalFleet, write_shards
 from edge_agent.agent import Agent
@@ -49,7 +49,7 @@ class FederatedFleet:
 
     broker: Mosquitto
     agents: list[Agent]
-    coordinator: Coordinator
+    coordinator: MqttHub
     test_set: LabelledData
     shards: list[Path]
     trust: Path
@@ -87,7 +87,7 @@ class FederatedFleet:
         on_round: Callable[[Any, str], None] | None = None,
         layers: list[int] | None = None,
         **changes: Any,
-    ) -> TrainingResult:
+    ) -> RunResult:
         """One federated run (a fresh model name per codec, so residuals start empty)."""
         weights = init_weights("mlp", layers or LAYERS, np.random.default_rng(0))
         fields: dict[str, Any] = {
@@ -107,7 +107,7 @@ class FederatedFleet:
         chosen = build_strategy(
             strategy, parse_strategy_args(list(strategy_args)), federated_eval=not eval_data
         )
-        return run_training(self.coordinator, chosen, TrainingConfig(**fields), on_round=on_round)
+        return run_training(self.coordinator, chosen, RunConfig(**fields), on_round=on_round)
 
     def stop(self) -> None:
         """Stop the coordinator, the agents and the broker."""

@@ -47,8 +47,10 @@ from compress.keys import SigningKey, save_keypair
 from compress.manifest import HealthCheck, ReferenceTensor
 from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
+from coordinator.delivery.deliveries import Deliveries
 from coordinator.delivery.packaging import PackageRequest, package_model
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.port import Hub
 from edge_agent.agent import Agent
 from edge_agent.config.agent import (
     AgentConfig,
@@ -392,12 +394,21 @@ class InProcessFleet:
         self.network.close()
 
 
-def coordinator(broker: Mosquitto, **changes: Any) -> Coordinator:
-    """A started coordinator on ``broker``."""
-    config = CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0, **changes)
-    instance = Coordinator(config)
+ACCEPT_WAIT_S = 2.0
+"""How long the tests' deploys wait for the devices' answers."""
+
+
+def coordinator(broker: Mosquitto, **changes: Any) -> MqttHub:
+    """A started hub on ``broker``, as the ``coordinator`` user."""
+    config = HubConfig(broker=broker.broker("coordinator"), **changes)
+    instance = MqttHub(config)
     instance.start()
     return instance
+
+
+def open_deliveries(hub: Hub) -> Deliveries:
+    """One-shot deliveries on ``hub`` with the tests' accept wait."""
+    return Deliveries(hub, accept_wait_s=ACCEPT_WAIT_S)
 
 
 class AgentProcess:

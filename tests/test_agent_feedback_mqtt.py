@@ -21,9 +21,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from compress.families import init_weights
 from compress.keys import SigningKey
-from coordinator.federated.runs import TrainingConfig, run_training
+from coordinator.delivery.deliveries import Artifact
+from coordinator.federated.runs import RunConfig, run_training
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator
+from coordinator.link.hub import MqttHub
 from edge_agent.agent import Agent
 from edge_agent.errors import TrainingError, UnknownPredictionError
 from tests.fleet_support import (
@@ -34,6 +35,7 @@ from tests.fleet_support import (
     coordinator,
     free_port,
     make_artifact,
+    open_deliveries,
     wait_for,
 )
 
@@ -53,7 +55,7 @@ def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-def _announced(coord: Coordinator, device_id: str, examples: int) -> bool:
+def _announced(coord: MqttHub, device_id: str, examples: int) -> bool:
     return any(r.device_id == device_id and r.train_examples == examples for r in coord.fleet())
 
 
@@ -65,7 +67,7 @@ def broker_users() -> list[str]:
 @pytest.fixture
 def setup(
     tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet, signing_key: SigningKey
-) -> Iterator[tuple[Agent, Coordinator, int]]:
+) -> Iterator[tuple[Agent, MqttHub, int]]:
     port = free_port()
     agent = fleet.start("pi-1", private_loop=True, http=f"127.0.0.1:{port}")
     coord = coordinator(broker)
@@ -73,14 +75,15 @@ def setup(
         wait_for(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()),
                  what="pi-1 online")  # fmt: skip
         artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
-        assert coord.wait(coord.deploy(artifact, Target.parse("all")), timeout=30).succeeded
+        with open_deliveries(coord) as ops:
+            assert ops.wait(ops.deploy(artifact, Target.parse("all")), timeout=30).succeeded
         yield agent, coord, port
     finally:
         coord.stop()
 
 
 def test_feedback_turns_predictions_into_training_data_for_rounds(
-    setup: tuple[Agent, Coordinator, int],
+    setup: tuple[Agent, MqttHub, int],
 ) -> None:
     agent, coord, port = setup
     rng = np.random.default_rng(0)
@@ -105,7 +108,7 @@ def test_feedback_turns_predictions_into_training_data_for_rounds(
     wait_for(lambda: _announced(coord, "pi-1", 4), what="4 examples announced")
     # ... and trains on them (80 % of 4 = 3 examples; 1 is held out) when asked.
     weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
-    config = TrainingConfig(
+    config = RunConfig(
         model="feedback", family="softmax", initial_weights=weights, rounds=1,
         clients_per_round=1, min_clients=1, round_timeout_s=20,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compress.keys import generate_signing_key
-from coordinator.link.hub import Artifact
+from coordinator.delivery.deliveries import Artifact
 from edge_agent.agent import Agent
 from edge_agent.protocol import (
     Channel,

@@ -31,9 +31,9 @@ from coordinator.errors import (
     CoordinatorError,
     NotFoundError,
     RolloutError,
+    RunError,
     StoreError,
     TargetError,
-    TrainingError,
 )
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.api.app import status_for
@@ -756,7 +756,7 @@ def test_second_run_is_400(client: TestClient) -> None:
         (ArtifactRejectedError("x"), 422),
         (RolloutError("x"), 400),
         (TargetError("x"), 400),
-        (TrainingError("x"), 400),
+        (RunError("x"), 400),
         (CoordinatorError("x"), 400),
         (StoreError("x"), 500),
         (ArtifactCorruptError("x"), 500),

@@ -29,10 +29,10 @@ from coordinator.errors import (
     CoordinatorError,
     NotFoundError,
     RolloutError,
+    RunError,
     StoreError,
     StrategyError,
     TargetError,
-    TrainingError,
 )
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.api_client import ApiClient
@@ -260,13 +260,13 @@ def test_operation_errors_come_back_typed(client: ApiClient, ops: FakeOperations
     rollout_id = client.create_rollout(RolloutRequest(SHA), actor=CLI_ACTOR).rollout.rollout_id
     with pytest.raises(RolloutError, match="cannot resume"):
         client.resume_rollout(rollout_id, actor=CLI_ACTOR)
-    with pytest.raises(TrainingError, match="at least 1"):
+    with pytest.raises(RunError, match="at least 1"):
         client.start_run(RunRequest(rounds=0), actor=CLI_ACTOR)
     run_id = client.start_run(RunRequest(), actor=CLI_ACTOR).run.run_id
-    with pytest.raises(TrainingError, match="already going"):
+    with pytest.raises(RunError, match="already going"):
         client.start_run(RunRequest(), actor=CLI_ACTOR)
     client.stop_run(run_id, actor=CLI_ACTOR)
-    with pytest.raises(TrainingError, match=f"run {run_id} is interrupted; cannot stop"):
+    with pytest.raises(RunError, match=f"run {run_id} is interrupted; cannot stop"):
         client.stop_run(run_id, actor=CLI_ACTOR)
 
 

@@ -5,7 +5,7 @@ process (install by three agents, SIGKILL recovery, hostile input), and in-proce
 (:class:`edge_agent.agent.Agent`) where the test needs to look inside or to act at
 an exact moment (the broker restart mid-transfer, through the install checkpoint
 hook). The operator side is the real ``fedge`` CLI or the
-:class:`~coordinator.link.hub.Coordinator` it wraps.
+:class:`~coordinator.link.hub.MqttHub` it wraps.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from compress.families import forward, init_weights
 from compress.keys import SigningKey, generate_signing_key
 from compress.tflite_export import export_tflite
 from coordinator.cli.app import app
+from coordinator.delivery.deliveries import Artifact
 from coordinator.delivery.packaging import PackageRequest, package_model
 from coordinator.delivery.tracker import DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact
 from edge_agent.agent import Agent
 from edge_agent.config.agent import TransferConfig
 from edge_agent.protocol import (
@@ -66,6 +66,7 @@ from tests.fleet_support import (
     coordinator,
     free_port,
     make_artifact,
+    open_deliveries,
     password,
     public_key_file,
     wait_for,
@@ -313,17 +314,18 @@ def test_broker_restart_in_the_middle_of_a_transfer(
     try:
         wait_for(lambda: all(a.connected for a in agents), what="agents connected")
         operator = coordinator(broker, chunk_size=1024)
+        ops = open_deliveries(operator)
         try:
             artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=4, hidden=1024))
             assert len(artifact.payload) > 20 * 1024
-            delivery = operator.deploy(artifact, Target.parse("all"))
+            delivery = ops.deploy(artifact, Target.parse("all"))
             wait_for(lambda: restarted, what="the broker to go down mid-transfer")
             # Read at the kill: afterwards the first agent may finish from chunks it
             # had received already, and the second may have taken the whole broadcast
             # (both seen, also before this change, about 1 run in 6).
             assert model_at_kill == [None]
             broker.start()
-            result = operator.wait(delivery, timeout=60)
+            result = ops.wait(delivery, timeout=60)
         finally:
             operator.stop()
         assert result.succeeded, result.to_json()
@@ -360,6 +362,7 @@ def test_agent_sigkilled_during_download_or_install_recovers(
     port = free_port()
     first = spawn(DEVICES[0], data_dir, http_port=port)
     operator = coordinator(broker, chunk_size=1024)
+    ops = open_deliveries(operator)
     try:
         wait_for(
             lambda: (
@@ -370,15 +373,13 @@ def test_agent_sigkilled_during_download_or_install_recovers(
             timeout=20,
             what="agent up",
         )
-        assert operator.wait(
-            operator.deploy(Artifact.load(v1), Target.parse("all")), timeout=30
-        ).succeeded
+        assert ops.wait(ops.deploy(Artifact.load(v1), Target.parse("all")), timeout=30).succeeded
         first.stop()
 
         doomed = spawn(DEVICES[0], data_dir, http_port=port, crash_at=point)
         wait_for(lambda: served_version(port) == 1, timeout=20, what="v1 served")
         wait_for(lambda: operator.fleet()[0].online, what="the coordinator to see it online")
-        delivery = operator.deploy(v2, Target.parse("all"))
+        delivery = ops.deploy(v2, Target.parse("all"))
         doomed.process.wait(timeout=30)
         assert doomed.process.returncode == -9, doomed.log_text()[-3000:]
 
@@ -386,7 +387,7 @@ def test_agent_sigkilled_during_download_or_install_recovers(
         try:
             version = wait_for(lambda: served_version(port), timeout=20, what="a model served")
             assert version in (1, 2)
-            result = operator.wait(delivery, timeout=60)
+            result = ops.wait(delivery, timeout=60)
             assert result.succeeded, result.to_json()
             assert served_version(port) == 2
             if point.startswith("chunk-"):  # resumed from what it held, not from scratch
@@ -862,13 +863,14 @@ def test_a_status_showing_the_model_counts_as_installed(
     device = FakeDevice(broker, DEVICES[0])
     device.status()
     operator = coordinator(broker)
+    ops = open_deliveries(operator)
     try:
         artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
-        delivery = operator.deploy(artifact, Target.parse("all"))
+        delivery = ops.deploy(artifact, Target.parse("all"))
         wait_for(device.deploys, what="the deploy command")
         # The device's "installed" report got lost; its retained status still tells.
         device.status(ModelInfo("digits", 1, artifact.transfer_id))
-        assert operator.wait(delivery, timeout=10).succeeded
+        assert ops.wait(delivery, timeout=10).succeeded
     finally:
         operator.stop()
         device.commands.close()
@@ -880,9 +882,10 @@ def test_the_coordinator_resends_deploys_after_losing_its_connection(
     device = FakeDevice(broker, DEVICES[0])
     device.status()
     operator = coordinator(broker)
+    ops = open_deliveries(operator)
     try:
         artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
-        delivery = operator.deploy(artifact, Target.parse("all"))
+        delivery = ops.deploy(artifact, Target.parse("all"))
         wait_for(lambda: len(device.deploys()) == 1, what="the deploy command")
         operator._link.drop_connection()  # whatever the device said meanwhile is lost
         wait_for(lambda: len(device.deploys()) == 2, what="the deploy sent again")

@@ -16,9 +16,9 @@ import pytest
 
 from compress.families import init_weights
 from compress.keys import generate_signing_key
-from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
+from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 from tests.federated_support import LAYERS, digits_shards
 from tests.fleet_support import AgentProcess, Mosquitto, coordinator, public_key_file, wait_for
 
@@ -37,7 +37,7 @@ class ProcessFleet:
         self.shards, self.test_set = digits_shards(len(DEVICES), root / "data")
         self.root = root
         self.agents = {d: self.spawn(i, d) for i, d in enumerate(DEVICES)}
-        self.coordinator: Coordinator = coordinator(self.broker)
+        self.coordinator: MqttHub = coordinator(self.broker)
 
     def spawn(self, index: int, device_id: str) -> AgentProcess:
         return AgentProcess(
@@ -58,8 +58,8 @@ class ProcessFleet:
         for device_id in device_ids:
             self.agents[device_id] = self.spawn(DEVICES.index(device_id), device_id)
 
-    def run(self, on_round: Any, *, min_clients: int, rounds: int = 2) -> TrainingResult:
-        config = TrainingConfig(
+    def run(self, on_round: Any, *, min_clients: int, rounds: int = 2) -> RunResult:
+        config = RunConfig(
             model=f"dropout-{min_clients}",
             family="mlp",
             initial_weights=init_weights("mlp", LAYERS, np.random.default_rng(0)),

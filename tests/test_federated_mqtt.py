@@ -27,18 +27,18 @@ from compress.codecs import encode_update, kept_entries, layout_of, parse_codec
 from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
-from coordinator.federated.grid import node_id_of
-from coordinator.federated.runs import TrainingConfig, TrainingResult, run_training
+from coordinator.delivery.deliveries import Artifact
+from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
+from coordinator.federated.tasks import node_id_of
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact
 from edge_agent.agent import Agent
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
 from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet
-from tests.fleet_support import password
+from tests.fleet_support import open_deliveries, password
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +51,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedFleet]:
 
 
 @pytest.fixture(scope="module")
-def clean_fp32(fleet: FederatedFleet) -> TrainingResult:
+def clean_fp32(fleet: FederatedFleet) -> RunResult:
     return fleet.run(codec="fp32")
 
 
-def _accuracy(result: TrainingResult) -> float:
+def _accuracy(result: RunResult) -> float:
     accuracy = result.final_accuracy
     assert accuracy is not None
     return accuracy
 
 
-def _uplink(result: TrainingResult) -> int:
+def _uplink(result: RunResult) -> int:
     return sum(r.uplink_bytes for r in result.rounds)
 
 
-def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: TrainingResult) -> None:
+def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: RunResult) -> None:
     assert all(r.status == "ok" for r in clean_fp32.rounds)
     assert [r.clients for r in clean_fp32.rounds] == [10] * 20
     assert _accuracy(clean_fp32) >= 0.90
@@ -80,7 +80,7 @@ def test_fp32_fedavg_reaches_90_percent_on_the_held_out_set(clean_fp32: Training
 
 
 def test_the_device_without_data_is_never_sampled(
-    fleet: FederatedFleet, clean_fp32: TrainingResult
+    fleet: FederatedFleet, clean_fp32: RunResult
 ) -> None:
     assert all(r.sampled == 10 for r in clean_fp32.rounds)
     assert fleet.extra[0].rounds.completed == 0
@@ -88,7 +88,7 @@ def test_the_device_without_data_is_never_sampled(
 
 
 def test_topk_int8_stays_within_a_point_of_fp32_with_30x_fewer_bytes_up(
-    fleet: FederatedFleet, clean_fp32: TrainingResult
+    fleet: FederatedFleet, clean_fp32: RunResult
 ) -> None:
     compressed = fleet.run(codec="topk:0.03+int8")
     assert all(r.status == "ok" for r in compressed.rounds)
@@ -177,7 +177,7 @@ def _sign_flip(original: Any, task: Any, config: Any, weights: Any, trained: Any
 
 
 def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
-    fleet: FederatedFleet, clean_fp32: TrainingResult, monkeypatch: pytest.MonkeyPatch
+    fleet: FederatedFleet, clean_fp32: RunResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for agent in fleet.agents[:2]:
         _patch_encode(monkeypatch, agent, _sign_flip)
@@ -255,7 +255,7 @@ def test_differential_privacy_wrapper_runs_unchanged(fleet: FederatedFleet) -> N
         build_strategy("fedavg", {}, federated_eval=False),
         noise_multiplier=0.01, clipping_norm=5.0, num_sampled_clients=10,
     )  # fmt: skip
-    config = TrainingConfig(
+    config = RunConfig(
         model="dp", family="mlp", initial_weights=weights, rounds=3, clients_per_round=10,
         min_clients=8, round_timeout_s=30, train_config=TRAIN_CONFIG, eval_data=fleet.test_set,
     )  # fmt: skip
@@ -343,8 +343,9 @@ def test_fedge_train_cli_reports_rounds_and_packages_a_deployable_artifact(
     assert report["final_accuracy"] == report["rounds"][-1]["accuracy"] > 0.5
     assert set(np.load(tmp_path / "weights.npz")) == {"W0", "b0", "W1", "b1"}
     # The artifact is signed by the fleet's key: deploy it and predict with it.
-    delivery = fleet.coordinator.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
-    outcome = fleet.coordinator.wait(delivery, timeout=30)
+    with open_deliveries(fleet.coordinator) as ops:
+        delivery = ops.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
+        outcome = ops.wait(delivery, timeout=30)
     assert outcome.succeeded
     prediction = fleet.agents[0].predict(fleet.test_set.x[:20])
     assert prediction.model == "cli-digits"

@@ -13,9 +13,9 @@ import pytest
 
 from compress.errors import CodecError, FamilyError
 from coordinator.delivery.packaging import LabelledData
-from coordinator.errors import TrainingError
-from coordinator.federated.grid import PhaseStats, node_id_of
-from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, evaluate_weights
+from coordinator.errors import RunError
+from coordinator.federated.runs import RoundReport, RunConfig, RunResult, evaluate_weights
+from coordinator.federated.tasks import PhaseStats, node_id_of
 from coordinator.sim.datasets import dirichlet_partition
 
 WEIGHTS = {"W0": np.zeros((3, 3), np.float32), "b0": np.zeros(3, np.float32)}
@@ -40,11 +40,11 @@ ROUND_KEYS = {
 }
 
 
-def config(**fields: Any) -> TrainingConfig:
-    return TrainingConfig(model="digits", family="softmax", initial_weights=WEIGHTS, **fields)
+def config(**fields: Any) -> RunConfig:
+    return RunConfig(model="digits", family="softmax", initial_weights=WEIGHTS, **fields)
 
 
-# --------------------------------------------------------------------------- TrainingConfig
+# --------------------------------------------------------------------------- RunConfig
 
 
 def test_config_defaults_are_valid() -> None:
@@ -70,7 +70,7 @@ def test_config_defaults_are_valid() -> None:
     ],
 )
 def test_config_refuses_bad_values(fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(TrainingError, match=re.escape(message)):
+    with pytest.raises(RunError, match=re.escape(message)):
         config(**fields)
 
 
@@ -200,11 +200,11 @@ def test_round_to_json_of_an_unmeasured_round() -> None:
     assert data["rejected"] == {}
 
 
-# --------------------------------------------------------------------------- TrainingResult
+# --------------------------------------------------------------------------- RunResult
 
 
-def result(*reports: RoundReport) -> TrainingResult:
-    return TrainingResult(rounds=list(reports), weights=dict(WEIGHTS))
+def result(*reports: RoundReport) -> RunResult:
+    return RunResult(rounds=list(reports), weights=dict(WEIGHTS))
 
 
 def test_final_accuracy_is_the_last_measured_one() -> None:

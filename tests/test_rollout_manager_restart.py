@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 from compress.keys import generate_signing_key
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
-from coordinator.rollout.engine import Rollout, RolloutArtifact, RolloutState
+from coordinator.delivery.deliveries import Artifact
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.rollout.actions import RolloutState
+from coordinator.rollout.devices import RolloutArtifact
+from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import RolloutPolicy
 from coordinator.service.store import MEMORY, Store
@@ -58,7 +61,7 @@ def stored(tmp_path: Path) -> tuple[Store, tuple[str, ...]]:
 
 def never_connected(store: Store) -> RolloutManager:
     """A manager whose coordinator never connects: only load() and the listener run."""
-    coordinator = Coordinator(CoordinatorConfig(broker=BrokerConfig("127.0.0.1", 1, False)))
+    coordinator = MqttHub(HubConfig(broker=BrokerConfig("127.0.0.1", 1, False)))
     return RolloutManager(coordinator, store)
 
 

@@ -12,20 +12,17 @@ from hypothesis import strategies as st
 
 from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import RolloutError
-from coordinator.rollout.engine import (
+from coordinator.rollout.actions import (
     Action,
-    Deploy,
-    DeviceRow,
-    HealthSample,
-    Marker,
-    Rollback,
-    Rollout,
-    RolloutArtifact,
     RolloutState,
+    SendDeploy,
+    SendRollback,
     StageReleased,
     StateChanged,
-    combine_baseline,
 )
+from coordinator.rollout.devices import Marker, RolloutArtifact, RolloutDeviceState
+from coordinator.rollout.engine import Rollout
+from coordinator.rollout.health import HealthSample, combine_baseline
 from coordinator.rollout.policy import HealthPolicy, RolloutPolicy
 
 ART = RolloutArtifact("digits", 3, "ab" * 32)
@@ -122,7 +119,7 @@ def test_stage_order_is_seeded_and_ignores_input_order() -> None:
 def test_single_device_rollout() -> None:
     rollout = make(["solo"])
     assert rollout.stages == 1
-    assert rollout.start(T0)[-1] == Deploy(("solo",))
+    assert rollout.start(T0)[-1] == SendDeploy(("solo",))
     install(rollout, ["solo"], T0 + 1)
     assert rollout.tick(T0 + 59) == []
     assert rollout.tick(T0 + 60) == [
@@ -156,7 +153,7 @@ def test_happy_path_waits_for_each_soak() -> None:
     assert rollout.start(T0) == [
         StateChanged(RolloutState.CREATED, RolloutState.RUNNING, "started"),
         StageReleased(0, canary),
-        Deploy(canary),
+        SendDeploy(canary),
     ]
     assert all(status(rollout, d) == "pending" for d in canary)
     assert all(status(rollout, d) == "waiting" for d in wave1 + wave2)
@@ -165,11 +162,11 @@ def test_happy_path_waits_for_each_soak() -> None:
     assert rollout.tick(T0 + 30) == []
     assert rollout.tick(T0 + 59.9) == []
     assert rollout.stage == 0
-    assert rollout.tick(T0 + 60) == [StageReleased(1, wave1), Deploy(wave1)]
+    assert rollout.tick(T0 + 60) == [StageReleased(1, wave1), SendDeploy(wave1)]
     assert rollout.stage == 1
     install(rollout, wave1, T0 + 70)
     assert rollout.tick(T0 + 119) == []  # the soak counts from the release, at T0 + 60
-    assert rollout.tick(T0 + 120) == [StageReleased(2, wave2), Deploy(wave2)]
+    assert rollout.tick(T0 + 120) == [StageReleased(2, wave2), SendDeploy(wave2)]
     install(rollout, wave2, T0 + 130)
     assert rollout.tick(T0 + 179) == []
     assert rollout.tick(T0 + 180) == [
@@ -209,12 +206,14 @@ def test_halt_after_canary_rolls_back_the_installed_device() -> None:
     actions = rollout.on_install_status(bad, DeviceState.FAILED, T0 + 6, error="bad_signature")
     assert actions == [
         StateChanged(RolloutState.RUNNING, RolloutState.HALTED, rollout.halt_reason or ""),
-        Rollback((good,), f"rollout r1 halted: {rollout.halt_reason}"),
+        SendRollback((good,), f"rollout r1 halted: {rollout.halt_reason}"),
     ]
     assert rollout.halt_reason == "1 of 2 devices of stage 0 failed; at most 10% may fail"
     assert status(rollout, good) == "reverting"
     assert status(rollout, bad) == "failed"
-    assert rollout.device_states()[bad] == DeviceRow(0, DeviceState.FAILED, "bad_signature", T0 + 6)
+    assert rollout.device_states()[bad] == RolloutDeviceState(
+        0, DeviceState.FAILED, "bad_signature", T0 + 6
+    )
     # The device confirms; nothing else happens, ever.
     assert rollout.on_install_status(good, DeviceState.ROLLED_BACK, T0 + 7) == []
     assert status(rollout, good) == "reverted"
@@ -286,7 +285,7 @@ def test_early_halt_before_the_soak() -> None:
         RolloutState.HALTED,
         "3 of 8 devices of stage 1 failed; at most 25% may fail",
     )
-    assert actions[1] == Rollback(wave[3:5], f"rollout r1 halted: {rollout.halt_reason}")
+    assert actions[1] == SendRollback(wave[3:5], f"rollout r1 halted: {rollout.halt_reason}")
     # The canary passed: it keeps the new version.
     assert all(status(rollout, d) == "installed" for d in rollout.stage_devices(0))
 
@@ -323,7 +322,7 @@ def test_after_the_soak_halts_when_no_device_can_report_any_more() -> None:
         RolloutState.HALTED,
         "2 of 4 reporting devices of stage 1 failed after the soak; at most 25% may fail",
     )
-    assert actions[1] == Rollback(wave[2:4], f"rollout r1 halted: {rollout.halt_reason}")
+    assert actions[1] == SendRollback(wave[2:4], f"rollout r1 halted: {rollout.halt_reason}")
 
 
 def test_failures_of_earlier_stages_do_not_count() -> None:
@@ -381,7 +380,7 @@ def test_error_rate_increase_over_the_baseline_is_a_failure() -> None:
     assert detail is not None
     assert detail.startswith("unhealthy: error rate 7.4%")
     assert actions[0].__class__ is StateChanged
-    assert actions[1] == Rollback((dev,), f"rollout r1 halted: {rollout.halt_reason}")
+    assert actions[1] == SendRollback((dev,), f"rollout r1 halted: {rollout.halt_reason}")
 
 
 def test_p95_twice_the_baseline_is_a_failure() -> None:
@@ -523,12 +522,12 @@ def test_offline_devices_do_not_count_and_catch_up() -> None:
     assert "d03" in canary  # the one online device goes first
     (away,) = set(canary) - {"d03"}
     actions = rollout.start(T0)
-    assert actions[1:] == [StageReleased(0, canary), Deploy(("d03",))]
+    assert actions[1:] == [StageReleased(0, canary), SendDeploy(("d03",))]
     assert status(rollout, away) == "offline"
     install(rollout, ["d03"], T0 + 1)
     assert rollout.tick(T0 + 60)[0] == StageReleased(1, rollout.stage_devices(1))
     # The offline canary device catches up when it comes back, even after the stage.
-    assert rollout.on_online(away, T0 + 61) == [Deploy((away,))]
+    assert rollout.on_online(away, T0 + 61) == [SendDeploy((away,))]
     assert status(rollout, away) == "pending"
     assert rollout.on_online(away, T0 + 62) == []  # already online
     assert rollout.on_install_status(away, DeviceState.FAILED, T0 + 63) == []  # earlier stage
@@ -553,7 +552,7 @@ def test_a_canary_of_offline_devices_waits_for_them() -> None:
     assert rollout.state is RolloutState.RUNNING
     assert rollout.stage == 0
     canary = rollout.stage_devices(0)
-    assert rollout.on_online(canary[0], T0 + 86_401) == [Deploy((canary[0],))]
+    assert rollout.on_online(canary[0], T0 + 86_401) == [SendDeploy((canary[0],))]
     install(rollout, canary[:1], T0 + 86_402)
     assert rollout.tick(T0 + 86_403)[0] == StageReleased(1, rollout.stage_devices(1))
 
@@ -568,14 +567,14 @@ def test_a_later_stage_of_offline_devices_waits_for_their_reports() -> None:
     assert rollout.tick(T0 + 121) == [StageReleased(2, last)]  # nobody online to deploy to
     assert rollout.tick(T0 + 86_400) == []  # no report, no pass
     for device_id in last[:3]:
-        assert rollout.on_online(device_id, T0 + 86_401) == [Deploy((device_id,))]
+        assert rollout.on_online(device_id, T0 + 86_401) == [SendDeploy((device_id,))]
     install(rollout, last[:2], T0 + 86_402)
     assert rollout.tick(T0 + 86_403) == []  # 2 of the 3 reports asked for
     install(rollout, last[2:3], T0 + 86_404)
     assert rollout.tick(T0 + 86_405) == [
         StateChanged(RolloutState.RUNNING, RolloutState.COMPLETED, "every stage passed")
     ]
-    assert rollout.on_online(last[3], T0 + 86_406) == [Deploy((last[3],))]  # catch-up
+    assert rollout.on_online(last[3], T0 + 86_406) == [SendDeploy((last[3],))]  # catch-up
 
 
 def test_device_dropping_out_mid_install_is_resent_on_reconnect() -> None:
@@ -587,7 +586,7 @@ def test_device_dropping_out_mid_install_is_resent_on_reconnect() -> None:
     # A stage report sent before the drop is stale.
     assert rollout.on_install_status(dev, DeviceState.INSTALLING, T0 + 3) == []
     assert status(rollout, dev) == "offline"
-    assert rollout.on_online(dev, T0 + 4) == [Deploy((dev,))]
+    assert rollout.on_online(dev, T0 + 4) == [SendDeploy((dev,))]
     assert status(rollout, dev) == "pending"
 
 
@@ -619,10 +618,10 @@ def test_install_timeout_counts_as_failure() -> None:
         RolloutState.HALTED,
         "1 of 2 devices of stage 0 failed; at most 0% may fail",
     )
-    assert actions[1] == Rollback((good,), f"rollout r1 halted: {rollout.halt_reason}")
+    assert actions[1] == SendRollback((good,), f"rollout r1 halted: {rollout.halt_reason}")
     # It finally installs: the rollout stays halted and rolls it back too.
     assert rollout.on_install_status(slow, DeviceState.INSTALLED, T0 + 400) == [
-        Rollback((slow,), f"rollout r1 halted: {rollout.halt_reason}")
+        SendRollback((slow,), f"rollout r1 halted: {rollout.halt_reason}")
     ]
     assert status(rollout, slow) == "reverting"
 
@@ -640,7 +639,7 @@ def test_offline_devices_do_not_time_out_and_the_timer_restarts_on_resend() -> N
     assert status(rollout, dev) == "timed_out"
     # A timed-out device that reconnects gets the deploy again; its answer counts.
     rollout.on_offline(dev, T0 + 1302)
-    assert rollout.on_online(dev, T0 + 1303) == [Deploy((dev,))]
+    assert rollout.on_online(dev, T0 + 1303) == [SendDeploy((dev,))]
     install(rollout, [dev], T0 + 1304)
     assert status(rollout, dev) == "installed"
 
@@ -660,7 +659,7 @@ def test_pause_stops_advancing_and_resume_continues() -> None:
     assert rollout.tick(T0 + 600) == []
     assert rollout.stage == 0
     # Catch-ups of the released stage continue while paused.
-    assert rollout.on_online("d05", T0 + 601) == [Deploy(("d05",))]
+    assert rollout.on_online("d05", T0 + 601) == [SendDeploy(("d05",))]
     assert rollout.resume(T0 + 602, "bob") == [
         StateChanged(RolloutState.PAUSED, RolloutState.RUNNING, "resumed by bob")
     ]
@@ -681,7 +680,7 @@ def test_a_paused_rollout_releases_no_wave_however_long_it_waits() -> None:
     assert {status(rollout, d) for d in canary} == {"installed"}
     assert {status(rollout, d) for d in wave1} == {"waiting"}
     rollout.resume(T0 + 86_401, "bob")
-    assert rollout.tick(T0 + 86_402) == [StageReleased(1, wave1), Deploy(wave1)]
+    assert rollout.tick(T0 + 86_402) == [StageReleased(1, wave1), SendDeploy(wave1)]
 
 
 def test_a_paused_rollout_still_halts() -> None:
@@ -732,13 +731,13 @@ def test_abort_with_rollback_reverts_every_installed_device() -> None:
     reason = "rollout r1 aborted by alice"
     assert rollout.abort(T0 + 63, "alice", rollback=True) == [
         StateChanged(RolloutState.RUNNING, RolloutState.ABORTED, "aborted by alice"),
-        Rollback(tuple(sorted([*canary, *wave[1:3]])), reason),
+        SendRollback(tuple(sorted([*canary, *wave[1:3]])), reason),
     ]
     assert status(rollout, wave[0]) == "reverting"
-    assert rollout.on_online(wave[0], T0 + 64) == [Rollback((wave[0],), reason)]
+    assert rollout.on_online(wave[0], T0 + 64) == [SendRollback((wave[0],), reason)]
     # A device still installing gets its rollback once it reports installed.
     assert rollout.on_install_status(wave[4], DeviceState.INSTALLED, T0 + 65) == [
-        Rollback((wave[4],), reason)
+        SendRollback((wave[4],), reason)
     ]
     # Waiting devices of the unreleased stage are untouched.
     assert all(status(rollout, d) == "waiting" for d in rollout.stage_devices(2))
@@ -750,7 +749,7 @@ def test_abort_of_an_aborted_rollout_may_still_roll_back() -> None:
     install(rollout, canary, T0 + 1)
     rollout.abort(T0 + 2, "alice")
     assert rollout.abort(T0 + 3, "alice", rollback=True) == [
-        Rollback(canary, "rollout r1 aborted by alice")
+        SendRollback(canary, "rollout r1 aborted by alice")
     ]
     assert rollout.abort(T0 + 4, "alice", rollback=True) == []
 
@@ -768,7 +767,7 @@ def test_abort_after_a_halt_rolls_back_earlier_stages() -> None:
     actions = rollout.abort(T0 + 63, "alice", rollback=True)
     assert actions == [
         StateChanged(RolloutState.HALTED, RolloutState.ABORTED, "aborted by alice"),
-        Rollback(canary, "rollout r1 aborted by alice"),
+        SendRollback(canary, "rollout r1 aborted by alice"),
     ]
 
 
@@ -799,7 +798,7 @@ def test_late_device_during_the_canary_joins_the_first_wave() -> None:
     assert rollout.add_device("late", T0 + 2, online=True) == []  # idempotent
     install(rollout, rollout.stage_devices(0), T0 + 3)
     actions = rollout.tick(T0 + 60)
-    assert actions[1] == Deploy(rollout.stage_devices(1))
+    assert actions[1] == SendDeploy(rollout.stage_devices(1))
     assert "late" in actions[1].device_ids
     assert len(rollout.stage_devices(1)) == 9
 
@@ -809,7 +808,7 @@ def test_late_device_past_the_canary_is_deployed_and_restarts_the_soak() -> None
     install(rollout, rollout.stage_devices(0), T0 + 1)
     rollout.tick(T0 + 60)
     install(rollout, rollout.stage_devices(1), T0 + 61)
-    assert rollout.add_device("late", T0 + 100, online=True) == [Deploy(("late",))]
+    assert rollout.add_device("late", T0 + 100, online=True) == [SendDeploy(("late",))]
     assert "late" in rollout.stage_devices(1)
     assert rollout.tick(T0 + 120) == []  # would have advanced without the newcomer
     install(rollout, ["late"], T0 + 121)
@@ -823,14 +822,14 @@ def test_late_offline_device_catches_up() -> None:
     rollout.tick(T0 + 60)
     assert rollout.add_device("late", T0 + 61, online=False) == []
     assert status(rollout, "late") == "offline"
-    assert rollout.on_online("late", T0 + 62) == [Deploy(("late",))]
+    assert rollout.on_online("late", T0 + 62) == [SendDeploy(("late",))]
 
 
 def test_late_device_of_a_single_stage_rollout_joins_the_canary() -> None:
     rollout = make(["solo"])
     assert rollout.add_device("late", T0, online=True) == []
     assert rollout.stage_devices(0) == ("late", "solo")
-    assert rollout.start(T0 + 1)[-1] == Deploy(("late", "solo"))
+    assert rollout.start(T0 + 1)[-1] == SendDeploy(("late", "solo"))
 
 
 def test_completed_rollout_deploys_to_late_devices_and_halted_ignores_them() -> None:
@@ -838,7 +837,7 @@ def test_completed_rollout_deploys_to_late_devices_and_halted_ignores_them() -> 
     rollout.start(T0)
     install(rollout, ["solo"], T0)
     rollout.tick(T0 + 60)
-    assert rollout.add_device("late", T0 + 61, online=True) == [Deploy(("late",))]
+    assert rollout.add_device("late", T0 + 61, online=True) == [SendDeploy(("late",))]
     assert rollout.state is RolloutState.COMPLETED
     halted = started()
     halted.on_install_status(halted.stage_devices(0)[0], DeviceState.FAILED, T0 + 1)
@@ -934,13 +933,13 @@ def test_summary_and_rows() -> None:
     json.dumps(summary, allow_nan=False)
     rows = rollout.device_states()
     assert list(rows) == sorted(IDS)
-    assert rows[canary[0]] == DeviceRow(0, DeviceState.INSTALLED, None, T0 + 1)
+    assert rows[canary[0]] == RolloutDeviceState(0, DeviceState.INSTALLED, None, T0 + 1)
     assert rows[rollout.stage_devices(2)[0]].state is Marker.WAITING
 
 
 def test_actions_to_json() -> None:
-    assert Deploy(("a", "b")).to_json() == {"type": "deploy", "device_ids": ["a", "b"]}
-    assert Rollback(("a",), "why").to_json() == {
+    assert SendDeploy(("a", "b")).to_json() == {"type": "deploy", "device_ids": ["a", "b"]}
+    assert SendRollback(("a",), "why").to_json() == {
         "type": "rollback",
         "device_ids": ["a"],
         "reason": "why",
@@ -1009,10 +1008,10 @@ def test_restore_mid_rollout_continues_identically() -> None:
         return out
 
     expected = scenario(None)
-    assert expected[4] == [Deploy(("d05",))]
-    assert expected[7] == [Deploy(("late",))]
+    assert expected[4] == [SendDeploy(("d05",))]
+    assert expected[7] == [SendDeploy(("late",))]
     assert expected[11] == []  # the newcomer restarted the soak at T0 + 64
-    assert expected[12] == [Deploy((wave[7],))]
+    assert expected[12] == [SendDeploy((wave[7],))]
     assert expected[13][0] == StageReleased(2, make(seed=1).stage_devices(2))  # type: ignore[index]
     # The catch-up restarted wave[7]'s install timer; d05 (deployed at T0 + 61, still
     # pending: its window was ignored) timed out.
@@ -1036,7 +1035,7 @@ def test_resume_after_restart_reissues_deploys_and_rollbacks() -> None:
     # Meanwhile wave[5] went away and wave[4] came back.
     online = set(IDS) - {wave[5]}
     actions = restored.resume_after_restart(T0 + 62, online)
-    assert actions == [Deploy(tuple(sorted([wave[2], wave[4], wave[6], wave[7]])))]
+    assert actions == [SendDeploy(tuple(sorted([wave[2], wave[4], wave[6], wave[7]])))]
     assert status(restored, wave[5]) == "offline"
     assert status(restored, wave[4]) == "pending"
     assert restored.resume_after_restart(T0 + 63, online) == actions  # safe to repeat
@@ -1049,7 +1048,7 @@ def test_resume_after_restart_reissues_pending_rollbacks() -> None:
     rollout.on_install_status(bad, DeviceState.FAILED, T0 + 2)
     restored = round_trip(rollout)
     reason = f"rollout r1 halted: {rollout.halt_reason}"
-    assert restored.resume_after_restart(T0 + 3, set(IDS)) == [Rollback((good,), reason)]
+    assert restored.resume_after_restart(T0 + 3, set(IDS)) == [SendRollback((good,), reason)]
     assert restored.resume_after_restart(T0 + 4, set(IDS) - {good}) == []
     restored.on_install_status(good, DeviceState.ROLLED_BACK, T0 + 5)
     assert restored.resume_after_restart(T0 + 6, set(IDS)) == []
@@ -1063,7 +1062,7 @@ def test_resume_after_restart_before_start_only_updates_presence() -> None:
     device = rollout.device(canary[0])
     assert device is not None
     assert not device.online
-    assert rollout.start(T0 + 1)[1:] == [StageReleased(0, canary), Deploy(canary[1:])]
+    assert rollout.start(T0 + 1)[1:] == [StageReleased(0, canary), SendDeploy(canary[1:])]
 
 
 @pytest.mark.parametrize(
@@ -1184,10 +1183,10 @@ def _apply(rollout: Rollout, event: tuple[Any, ...], now: float) -> object:
 def _check_invariants(rollout: Rollout, result: object) -> None:
     if isinstance(result, list):
         for action in result:
-            if isinstance(action, Deploy | Rollback | StageReleased):
+            if isinstance(action, SendDeploy | SendRollback | StageReleased):
                 assert action.device_ids
                 assert list(action.device_ids) == sorted(set(action.device_ids))
-            if isinstance(action, Deploy):
+            if isinstance(action, SendDeploy):
                 for device_id in action.device_ids:
                     device = rollout.device(device_id)
                     assert device is not None

@@ -16,13 +16,21 @@ from pathlib import Path
 import pytest
 
 from compress.keys import SigningKey
+from coordinator.delivery.deliveries import Artifact
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator
-from coordinator.rollout.engine import RolloutState
+from coordinator.link.hub import MqttHub
+from coordinator.rollout.actions import RolloutState
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import RolloutPolicy
 from coordinator.service.store import Store
-from tests.fleet_support import InProcessFleet, Mosquitto, coordinator, make_artifact, wait_for
+from tests.fleet_support import (
+    ACCEPT_WAIT_S,
+    InProcessFleet,
+    Mosquitto,
+    coordinator,
+    make_artifact,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +43,7 @@ def broker_users() -> list[str]:
 
 
 @pytest.fixture
-def operator(broker: Mosquitto, fleet: InProcessFleet) -> Iterator[Coordinator]:
+def operator(broker: Mosquitto, fleet: InProcessFleet) -> Iterator[MqttHub]:
     fleet.start_all(DEVICES)
     instance = coordinator(broker)
     wait_for(lambda: sum(r.online for r in instance.fleet()) == len(DEVICES), what="online")
@@ -43,7 +51,7 @@ def operator(broker: Mosquitto, fleet: InProcessFleet) -> Iterator[Coordinator]:
     instance.stop()
 
 
-def served(operator: Coordinator) -> dict[str, int | None]:
+def served(operator: MqttHub) -> dict[str, int | None]:
     """The version of ``digits`` each device serves, as its status says."""
     return {
         r.device_id: max((m.version for m in r.models if m.name == "digits"), default=None)
@@ -56,8 +64,8 @@ def state_of(store: Store, rollout_id: str) -> str | None:
     return None if row is None else row.state
 
 
-def start_manager(operator: Coordinator, store: Store) -> RolloutManager:
-    manager = RolloutManager(operator, store, tick_s=0.2)
+def start_manager(operator: MqttHub, store: Store) -> RolloutManager:
+    manager = RolloutManager(operator, store, tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S)
     operator.add_listener(manager.on_message)
     manager.start()
     return manager
@@ -73,7 +81,7 @@ def stored(store: Store, path: Path) -> tuple[str, Artifact]:
 
 
 def test_a_staged_rollout_completes_and_survives_a_manager_restart(
-    tmp_path: Path, signing_key: SigningKey, operator: Coordinator
+    tmp_path: Path, signing_key: SigningKey, operator: MqttHub
 ) -> None:
     store = Store.open(tmp_path / "state.db")
     sha, artifact = stored(store, make_artifact(tmp_path, signing_key, version=2))
@@ -87,8 +95,8 @@ def test_a_staged_rollout_completes_and_survives_a_manager_restart(
     manager = start_manager(operator, store)
     try:
         wait_for(lambda: state_of(store, rollout_id) == RolloutState.COMPLETED)
-        # Every device installed: the coordinator keeps none of the deliveries.
-        wait_for(lambda: operator.tracked() == [])
+        # Every device installed: the manager keeps none of the deliveries.
+        wait_for(lambda: manager.deliveries.tracked() == [])
     finally:
         manager.stop()
     assert set(served(operator).values()) == {2}

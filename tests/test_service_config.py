@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from coordinator.errors import CoordinatorError, ServiceConfigError
-from coordinator.link.hub import CoordinatorConfig, session_client_id
+from coordinator.link.hub import HubConfig, session_client_id
 from coordinator.service.api.app import MIB
 from coordinator.service.config import (
     KNOWN_KEYS,
@@ -400,8 +400,8 @@ def test_values_are_checked_when_built_directly() -> None:
 def test_a_coordinator_session_name_is_checked(name: str) -> None:
     broker = BrokerConfig("127.0.0.1", 1883, False)
     with pytest.raises(CoordinatorError, match="bad session name"):
-        CoordinatorConfig(broker=broker, session=name)
-    assert CoordinatorConfig(broker=broker, session="fedge-coordinator.2").session
+        HubConfig(broker=broker, session=name)
+    assert HubConfig(broker=broker, session="fedge-coordinator.2").session
 
 
 def test_no_device_can_take_the_service_session() -> None:

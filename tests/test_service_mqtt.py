@@ -19,14 +19,21 @@ import pytest
 from compress.keys import SigningKey, generate_signing_key
 from compress.signing import TrustedKeys
 from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
-from coordinator.link.hub import Coordinator, CoordinatorConfig
-from coordinator.rollout.engine import RolloutState
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.rollout.actions import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
 from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
-from tests.fleet_support import FEATURES, InProcessFleet, Mosquitto, make_artifact, wait_for
+from tests.fleet_support import (
+    ACCEPT_WAIT_S,
+    FEATURES,
+    InProcessFleet,
+    Mosquitto,
+    make_artifact,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +50,10 @@ def open_service(
     tmp_path: Path, broker: Mosquitto, signing_key: SigningKey, *, session: str | None = None
 ) -> FleetService:
     store = Store.open(tmp_path / "coordinator.db")
-    coordinator = Coordinator(
-        CoordinatorConfig(broker=broker.broker("coordinator"), accept_wait_s=2.0, session=session)
+    coordinator = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
+    settings = ServiceSettings(
+        telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
     )
-    settings = ServiceSettings(telemetry_flush_s=0.2, rollout_tick_s=0.2)
     service = FleetService(
         store, coordinator, TrustedKeys.of([signing_key.public_key]), settings=settings
     )
@@ -112,7 +119,7 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     assert sizes == [2, 8, 10]  # canary 2, then up to 50 % (10), then 100 % (20)
     assert {d.state for d in view.devices} == {"installed"}
     # A long-running service keeps no delivery once every device installed.
-    wait_for(lambda: service.coordinator.tracked() == [], what="deliveries forgotten")
+    wait_for(lambda: service.deliveries.tracked() == [], what="deliveries forgotten")
     # The stored inventory and telemetry follow the fleet.
     wait_for(lambda: {d.version for d in service.devices()} == {2}, what="inventory")
     assert sorted(d.device_id for d in service.devices()) == DEVICES
@@ -161,7 +168,7 @@ def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_i
     wait_for(canary_rolled_back, what="the canary rolled back")
     # The halted rollout settled and the completed one has every device installed:
     # the coordinator keeps none of their deliveries.
-    wait_for(lambda: service.coordinator.tracked() == [], what="no delivery tracked")
+    wait_for(lambda: service.deliveries.tracked() == [], what="no delivery tracked")
     view = service.rollout(second)
     canary = [d for d in view.devices if d.stage == 0]
     assert len(canary) == 2

@@ -13,8 +13,8 @@ import pytest
 from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
-from coordinator.errors import NotFoundError, TrainingError
-from coordinator.link.hub import Coordinator, CoordinatorConfig
+from coordinator.errors import NotFoundError, RunError
+from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
 from coordinator.service.runs import RunManager, training_config
@@ -57,7 +57,7 @@ def test_a_request_becomes_a_seeded_training_config() -> None:
     ],
 )
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(RunError, match=message):
         training_config(RunRequest(min_clients=2, config=config))
 
 
@@ -74,7 +74,7 @@ def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
     store.record_round("run-1", 1, status="ok", metrics={}, started_at=1.0, finished_at=2.0)
     store.record_round("run-1", 2, status="running", metrics={}, started_at=2.0)
     broker = BrokerConfig.from_url("mqtt://127.0.0.1:1", username="coordinator")
-    manager = RunManager(Coordinator(CoordinatorConfig(broker=broker)), store, clock=lambda: 9.0)
+    manager = RunManager(MqttHub(HubConfig(broker=broker)), store, clock=lambda: 9.0)
     assert manager.recover() == ["run-1"]
     run = store.run("run-1")
     assert run is not None
@@ -100,7 +100,7 @@ def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
 
 
 def open_service(fleet: FederatedFleet, db: Path) -> FleetService:
-    coordinator = Coordinator(CoordinatorConfig(broker=fleet.broker.broker("coordinator")))
+    coordinator = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
     trusted = TrustedKeys.of([load_public_key(fleet.trust)])
     service = FleetService(Store.open(db), coordinator, trusted)
     service.start()
@@ -118,7 +118,7 @@ def test_a_run_started_through_the_service_records_its_rounds_as_they_end(
         view = service.start_run(request, actor=CLI_ACTOR)
         run_id = view.run.run_id
         assert view.run.state is RunState.RUNNING
-        with pytest.raises(TrainingError, match="one run at a time"):
+        with pytest.raises(RunError, match="one run at a time"):
             service.start_run(request, actor=CLI_ACTOR)
         wait_for(lambda: service.run(run_id).run.state is not RunState.RUNNING)
         view = service.run(run_id)
@@ -187,7 +187,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         assert [(r.round, r.status, r.reason) for r in view.rounds] == [
             (1, "failed", f"stopped by {CLI_ACTOR.name}")
         ]
-        with pytest.raises(TrainingError, match="not running"):
+        with pytest.raises(RunError, match="not running"):
             service.stop_run(run_id, actor=CLI_ACTOR)
         with pytest.raises(NotFoundError):
             service.stop_run("run-nope", actor=CLI_ACTOR)

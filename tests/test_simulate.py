@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli.app import app
-from coordinator.errors import TrainingError
+from coordinator.errors import RunError
 from coordinator.sim.simulate import SimulationConfig, load_dataset, partition, run_simulation
 from tests.fleet_support import Mosquitto
 
@@ -106,9 +106,9 @@ def test_datasets_and_partitions() -> None:
     pathological = partition(y, 6, "shards:1", seed=0)
     assert all(len(set(y[p].tolist())) <= 2 for p in pathological)
     for bad in ("nope", "dirichlet:x", "shards:0", "iid:3"):
-        with pytest.raises(TrainingError):
+        with pytest.raises(RunError):
             partition(y, 6, bad, seed=0)
-    with pytest.raises(TrainingError):
+    with pytest.raises(RunError):
         load_dataset("mnist", seed=0)
 
 
@@ -142,6 +142,6 @@ def test_too_low_an_open_files_limit_is_refused_before_any_work(
 ) -> None:
     """One socket per agent: a hard limit below the need is a clear error, not a hang."""
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, 1024))
-    with pytest.raises(TrainingError, match=r"1000 agents need about 4256 open files.*1024"):
+    with pytest.raises(RunError, match=r"1000 agents need about 4256 open files.*1024"):
         run_simulation(SimulationConfig(out=tmp_path / "run", agents=1000))
     assert not (tmp_path / "run" / "data").exists()

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from coordinator.errors import StrategyError, TrainingError
+from coordinator.errors import RunError, StrategyError
 from coordinator.federated.strategies import (
     BUILTIN_STRATEGIES,
     StrategyArgs,
@@ -117,7 +117,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
     for name in BUILTIN_STRATEGIES:
         assert name in message
     assert "module:Class" in message
-    assert isinstance(info.value, TrainingError)
+    assert isinstance(info.value, RunError)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import typer
 
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, print_json, reported_errors
-from coordinator.errors import TrainingError
+from coordinator.errors import RunError
 from coordinator.sim.datasets import load_digits_split
 from coordinator.sim.local_fleet import write_shards
 
@@ -45,7 +45,7 @@ def digits(
                 x_train, y_train, clients=clients, alpha=alpha, directory=out, seed=seed
             )
         except (ValueError, OSError) as exc:
-            raise TrainingError(f"cannot write the shards: {exc}") from exc
+            raise RunError(f"cannot write the shards: {exc}") from exc
         np.savez(out / "test.npz", x=x_test, y=y_test)
     sizes = [_examples(s / "local.npz") for s in shards]
     if as_json:

@@ -1,7 +1,8 @@
 """``fedge deploy`` and ``fedge rollback``: one-shot delivery over MQTT.
 
 Each command connects to the fleet's broker as the ``coordinator`` user, drives a
-:class:`~coordinator.link.hub.Coordinator` and disconnects:
+:class:`~coordinator.link.hub.MqttHub` (deploys and rollbacks through
+:class:`~coordinator.delivery.deliveries.Deliveries`) and disconnects:
 
 * ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
   with ``--wait`` it shows live per-device progress and exits 0 only when every
@@ -29,9 +30,10 @@ from rich.live import Live
 from coordinator.cli.options import Connection, JsonOption, TargetOption, with_broker
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import deploy_table
+from coordinator.delivery.deliveries import Artifact, Deliveries, Delivery
 from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig, Delivery
+from coordinator.link.hub import HubConfig, MqttHub
 from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
 EXIT_NOT_INSTALLED = 1
@@ -46,20 +48,19 @@ _FAILED_STATES = (
 @contextmanager
 def connected(
     connection: Connection, *, chunk_size: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[Coordinator]:
+) -> Iterator[MqttHub]:
     """A hub connected to the connection's broker, stopped on exit.
 
     Raises:
         ConfigError: bad broker settings or an unreadable password file.
         BrokerError: cannot connect.
     """
-    config = CoordinatorConfig(broker=connection.broker_config(), chunk_size=chunk_size)
-    coordinator = Coordinator(config)
-    coordinator.start(connection.connect_timeout)
+    hub = MqttHub(HubConfig(broker=connection.broker_config(), chunk_size=chunk_size))
+    hub.start(connection.connect_timeout)
     try:
-        yield coordinator
+        yield hub
     finally:
-        coordinator.stop()
+        hub.stop()
 
 
 def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
@@ -73,7 +74,7 @@ def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
 
 
 def _follow(
-    coordinator: Coordinator,
+    deliveries: Deliveries,
     delivery: Delivery,
     *,
     timeout: float,
@@ -83,13 +84,13 @@ def _follow(
 ) -> DeployResult:
     until = _downloaded(delivery) if until_downloaded else None
     if not live:
-        return coordinator.wait(delivery, timeout=timeout, until=until)
+        return deliveries.wait(delivery, timeout=timeout, until=until)
     with Live(console=err_console, refresh_per_second=8, transient=False) as view:
 
         def redraw(tracker: DeploymentTracker) -> None:
             view.update(deploy_table(tracker.progress(), title=title))
 
-        result = coordinator.wait(delivery, timeout=timeout, on_change=redraw, until=until)
+        result = deliveries.wait(delivery, timeout=timeout, on_change=redraw, until=until)
     err_console.print()  # a live view off a terminal ends without a newline
     return result
 
@@ -128,10 +129,13 @@ def deploy(
             )
         manifest = loaded.manifest
         title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
-        with connected(connection, chunk_size=chunk_size) as coordinator:
-            delivery = coordinator.deploy(loaded, target)
+        with (
+            connected(connection, chunk_size=chunk_size) as hub,
+            Deliveries(hub) as deliveries,
+        ):
+            delivery = deliveries.deploy(loaded, target)
             result = _follow(
-                coordinator, delivery, timeout=timeout, title=title,
+                deliveries, delivery, timeout=timeout, title=title,
                 live=wait and not as_json, until_downloaded=not wait,
             )  # fmt: skip
     _report(result, title=title, as_json=as_json, waited=wait)
@@ -167,9 +171,9 @@ def rollback(
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
         title = f"rollback {model} -> {target.describe()}"
-        with connected(connection) as coordinator:
-            delivery = coordinator.rollback(target, model, reason=reason)
-            result = coordinator.wait(delivery, timeout=timeout)
+        with connected(connection) as hub, Deliveries(hub) as deliveries:
+            delivery = deliveries.rollback(target, model, reason=reason)
+            result = deliveries.wait(delivery, timeout=timeout)
     if as_json:
         print_json(result.to_json())
     else:

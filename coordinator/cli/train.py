@@ -43,11 +43,11 @@ from coordinator.cli.output import console, err_console, human_bytes, print_json
 from coordinator.cli.round_table import percent, rounds_table
 from coordinator.cli.training_options import hidden_sizes, key_values
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
-from coordinator.errors import TrainingError
-from coordinator.federated.runs import RoundReport, TrainingConfig, TrainingResult, run_training
+from coordinator.errors import RunError
+from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 
 __all__ = ["train"]
 
@@ -69,12 +69,12 @@ def _initial_weights(
         features = features or int(eval_data.x.shape[1])
         classes = classes or int(eval_data.y.max()) + 1
     if not features or not classes:
-        raise TrainingError("give --init weights.npz, --eval-data, or --features and --classes")
+        raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
     return init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
 
 
 def _package(
-    result: TrainingResult,
+    result: RunResult,
     *,
     family: str,
     model: str,
@@ -84,7 +84,7 @@ def _package(
     eval_data: LabelledData | None,
 ) -> str:
     if not keys:
-        raise TrainingError("--package needs at least one --key")
+        raise RunError("--package needs at least one --key")
     packaged = package_weights(
         family,
         result.weights,
@@ -173,7 +173,7 @@ def train(
             "seed": seed,
         }
         train_config.update(extra)
-        config = TrainingConfig(
+        config = RunConfig(
             model=model,
             family=family,
             initial_weights=weights,
@@ -213,8 +213,8 @@ def train(
 
 
 def _run(
-    coordinator: Coordinator, strategy: Strategy, config: TrainingConfig, *, title: str, live: bool
-) -> TrainingResult:
+    coordinator: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
+) -> RunResult:
     if not live:
         return run_training(coordinator, strategy, config)
     done: list[RoundReport] = []
@@ -232,7 +232,7 @@ def _run(
 
 
 def _report(
-    result: TrainingResult, *, title: str, as_json: bool, packaged: str | None, out: Path | None
+    result: RunResult, *, title: str, as_json: bool, packaged: str | None, out: Path | None
 ) -> None:
     ok = any(r.status == "ok" for r in result.rounds)
     if as_json:

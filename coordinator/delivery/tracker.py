@@ -63,6 +63,7 @@ __all__ = [
     "DeploymentTracker",
     "DeviceProgress",
     "DeviceState",
+    "admits",
 ]
 
 
@@ -191,7 +192,7 @@ class DeployResult:
         }
 
 
-def _admits(current: DeviceState, new: DeviceState) -> bool:
+def admits(current: DeviceState, new: DeviceState) -> bool:
     """Tell whether a device-reported ``new`` state may replace ``current``."""
     if current in _RANK:
         return new in TERMINAL_STATES or _RANK[new] >= _RANK[current]
@@ -271,7 +272,7 @@ class DeploymentTracker:
         if current is None:
             return False
         new_state = DeviceState(str(status.state))
-        if not _admits(current.state, new_state):
+        if not admits(current.state, new_state):
             return False
         if (
             new_state is DeviceState.DOWNLOADING

@@ -8,7 +8,7 @@ devices do not run Flower; :class:`MqttGrid` translates:
 
 * **down**: the Flower messages of one call share one weights ``ArrayRecord``; it
   becomes one chunked payload (concatenated ``.npy`` blobs) served by the
-  :class:`~coordinator.link.hub.Coordinator`. Each device gets a small
+  :class:`~coordinator.link.port.Hub`. Each device gets a small
   :class:`~edge_agent.protocol.TrainTask` (round, task id, action, weights id and
   index, codec, deadline, the ConfigRecord's scalar entries). Devices answer
   ``task_ack`` (after subscribing to the payload's broadcast topic); when every
@@ -38,28 +38,37 @@ Messages arrive on paho's thread and are only queued there; all the work
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from compress.codecs import CodecSpec, layout_of, max_payload_bytes
-from coordinator.errors import TrainingError, UpdateRejectedError
-from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck, check_update
-from coordinator.link.hub import Coordinator
+from compress.codecs import layout_of, max_payload_bytes
+from coordinator.errors import RunError, UpdateRejectedError
+from coordinator.federated.tasks import (
+    EVAL_METRICS,
+    TRAIN_METRICS,
+    GridSettings,
+    PhaseStats,
+    Task,
+    TaskState,
+    Upload,
+    metric_record,
+    node_id_of,
+    scalar_config,
+)
+from coordinator.federated.update_check import UpdateCheck, check_update
+from coordinator.link.port import Hub
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import (
     ArrayEntry,
@@ -79,7 +88,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.protocol.arrays import MAX_NPY_HEADER_BYTES
 
-__all__ = ["GridSettings", "MqttGrid", "PhaseStats", "TaskState", "node_id_of"]
+__all__ = ["MqttGrid"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,98 +96,6 @@ FLOWER_NODE_ID = 1
 """Flower's id for the server side (``SUPERLINK_NODE_ID``)."""
 MAX_QUEUED = 100_000
 """Device messages held between two waits (beyond: the oldest are dropped)."""
-TRAIN_METRICS = ("train_loss", "train_accuracy")
-EVAL_METRICS = ("loss", "accuracy")
-
-
-class TaskState(StrEnum):
-    """Where a device's task stands."""
-
-    SENT = "sent"
-    DONE = "done"
-    FAILED = "failed"
-    REJECTED = "rejected"
-    OFFLINE = "offline"
-    TIMED_OUT = "timed_out"
-
-
-@dataclass(frozen=True)
-class GridSettings:
-    """What the grid needs beyond the strategy's messages.
-
-    Attributes:
-        model: Model name (tasks carry it; devices keep per-model state).
-        family: Model family the devices train (``softmax``, ``mlp``).
-        codec: Update codec the devices must use.
-        gather_s: Longest wait for acknowledgements before the weights are pushed.
-        max_update_norm: Updates with a larger L2 norm are rejected.
-    """
-
-    model: str
-    family: str
-    codec: CodecSpec
-    gather_s: float = 3.0
-    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
-
-
-@dataclass
-class PhaseStats:
-    """Figures of one phase (one ``send_and_receive``).
-
-    Attributes:
-        uplink_bytes: MQTT payload bytes received from devices for this phase.
-        downlink_bytes: MQTT payload bytes published for it (tasks and chunks;
-            a broadcast chunk counts once).
-        tasks: Tasks sent.
-        outcomes: Tasks by final :class:`TaskState`.
-        rejected: Rejected updates by reason.
-        failures: Device-reported failures by error code.
-        late: Replies to tasks of earlier phases (dropped).
-    """
-
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-    tasks: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    rejected: Counter[str] = field(default_factory=Counter)
-    failures: Counter[str] = field(default_factory=Counter)
-    late: int = 0
-
-
-@dataclass
-class _Task:
-    task_id: str
-    device_id: str
-    instruction: Message
-    command: TrainTask
-    weights: dict[str, npt.NDArray[np.float32]]
-    check: UpdateCheck
-    state: TaskState = TaskState.SENT
-    acked: bool = False
-    has_weights: bool = False
-    reply: Message | None = None
-
-
-@dataclass
-class _Upload:
-    total: int = 0
-    chunks: dict[int, bytes] = field(default_factory=dict)
-
-
-def node_id_of(device_id: str) -> int:
-    """A device's Flower node id: stable, derived from its id (63-bit, never 0 or 1)."""
-    digest = hashlib.sha256(device_id.encode()).digest()
-    return max(2, int.from_bytes(digest[:8], "big") >> 1)
-
-
-def _scalar_config(config: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
-    out: dict[str, int | float | str | bool] = {}
-    for key, value in config.items():
-        if isinstance(value, bool | int | float | str):
-            out[str(key).replace("-", "_")] = value
-        else:
-            logger.debug("config entry %r is not a scalar: not sent to devices", key)
-    return out
 
 
 class MqttGrid(Grid):
@@ -186,7 +103,7 @@ class MqttGrid(Grid):
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: Hub,
         settings: GridSettings,
         *,
         run_id: int = 1,
@@ -210,9 +127,9 @@ class MqttGrid(Grid):
         self._inbox: deque[tuple[str, Envelope, int]] = deque(maxlen=MAX_QUEUED)
         self._devices: dict[int, str] = {}
         self._nodes: list[int] = []
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, Task] = {}
         self._old_tasks: set[str] = set()
-        self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._uploads: dict[tuple[str, str], Upload] = {}
         self._refused_uploads: set[tuple[str, str]] = set()
         self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
         self._round = 0
@@ -311,13 +228,13 @@ class MqttGrid(Grid):
         """The nodes of the current phase.
 
         Raises:
-            TrainingError: called after the phase deadline: a strategy that waits
+            RunError: called after the phase deadline: a strategy that waits
                 for more nodes than the phase offers (Flower's ``sample_nodes``
                 polls this forever) fails the phase instead of hanging.
         """
         with self._cond:
             if self._clock() > self._deadline:
-                raise TrainingError(
+                raise RunError(
                     f"the strategy was still waiting for more nodes at the deadline "
                     f"(this round offers {len(self._nodes)})"
                 )
@@ -331,7 +248,7 @@ class MqttGrid(Grid):
             unknown type, is logged and skipped).
         """
         payloads: dict[int, tuple[str, tuple[ArrayEntry, ...], dict[str, Any]]] = {}
-        sent: list[_Task] = []
+        sent: list[Task] = []
         for message in messages:
             task = self._prepare(message, payloads)
             if task is None:
@@ -354,7 +271,7 @@ class MqttGrid(Grid):
         self,
         message: Message,
         payloads: dict[int, tuple[str, tuple[ArrayEntry, ...], dict[str, Any]]],
-    ) -> _Task | None:
+    ) -> Task | None:
         meta = message.metadata
         device_id = self._devices.get(meta.dst_node_id)
         if device_id is None or meta.dst_node_id not in self._nodes:
@@ -378,7 +295,7 @@ class MqttGrid(Grid):
                 name: np.ascontiguousarray(array.numpy(), dtype=np.float32)
                 for name, array in record.items()
             }
-            index, body = encode_arrays(weights, limits=self._coordinator.config.limits)
+            index, body = encode_arrays(weights, limits=self._coordinator.limits)
             transfer_id = self._coordinator.serve_payload(body)
             with self._cond:
                 self._served.setdefault(transfer_id, self._coordinator.bytes_sent(transfer_id))
@@ -386,7 +303,7 @@ class MqttGrid(Grid):
         transfer_id, index, weights = payloads[key]
         config: dict[str, int | float | str | bool] = {}
         for config_record in content.config_records.values():
-            config.update(_scalar_config(config_record))
+            config.update(scalar_config(config_record))
         task_id = uuid.uuid4().hex
         meta.__dict__["_message_id"] = task_id
         command = TrainTask(
@@ -398,15 +315,15 @@ class MqttGrid(Grid):
             weights_transfer_id=transfer_id,
             weights_size=sum(entry.length for entry in index),
             weights_index=index,
-            chunk_size=self._coordinator.config.chunk_size,
+            chunk_size=self._coordinator.chunk_size,
             codec=str(self.settings.codec),
             deadline=self._deadline,
             config=config,
         )
         check = UpdateCheck(self.settings.codec, layout_of(weights), self.settings.max_update_norm)
-        return _Task(task_id, device_id, message, command, weights, check)
+        return Task(task_id, device_id, message, command, weights, check)
 
-    def _push_weights(self, tasks: list[_Task]) -> None:
+    def _push_weights(self, tasks: list[Task]) -> None:
         """Once the devices that need the weights acknowledged: publish them once."""
         gather_end = time.monotonic() + self.settings.gather_s
         with self._cond:
@@ -492,7 +409,7 @@ class MqttGrid(Grid):
             except Exception:
                 logger.exception("round: a message from %s could not be handled", device_id)
 
-    def _task_of(self, device_id: str, task_id: str | None, size: int) -> _Task | None:
+    def _task_of(self, device_id: str, task_id: str | None, size: int) -> Task | None:
         task = self._tasks.get(task_id) if task_id else None
         if task is None or task.device_id != device_id:
             if task_id in self._old_tasks:
@@ -566,11 +483,11 @@ class MqttGrid(Grid):
                 logger.warning("upload of %d bytes from %s refused (at most %d)",
                                chunk.total_size, device_id, limit)  # fmt: skip
                 return
-            upload = self._uploads[key] = _Upload(total=chunk.total_size)
+            upload = self._uploads[key] = Upload(total=chunk.total_size)
         if upload is not None and chunk.total_size == upload.total:
             upload.chunks[chunk.index] = chunk.data
 
-    def _report_arrays(self, task: _Task, report: UpdateReport) -> Mapping[str, npt.NDArray[Any]]:
+    def _report_arrays(self, task: Task, report: UpdateReport) -> Mapping[str, npt.NDArray[Any]]:
         if report.arrays is not None:
             return report.arrays
         assert report.upload_transfer_id is not None
@@ -584,13 +501,11 @@ class MqttGrid(Grid):
         if len(payload) != upload.total or sha256_hex(payload) != report.upload_transfer_id:
             raise UpdateRejectedError("malformed", "the upload is incomplete or does not match")
         try:
-            return decode_arrays(
-                report.upload_index, payload, limits=self._coordinator.config.limits
-            )
+            return decode_arrays(report.upload_index, payload, limits=self._coordinator.limits)
         except ProtocolError as exc:
             raise UpdateRejectedError("malformed", str(exc)) from exc
 
-    def _on_report(self, task: _Task, report: UpdateReport | EvalReport) -> None:
+    def _on_report(self, task: Task, report: UpdateReport | EvalReport) -> None:
         action = task.command.action
         if isinstance(report, EvalReport) != (action is TaskAction.EVALUATE):
             self._reject(task, "malformed", f"a {report.TYPE} does not answer a {action} task")
@@ -599,7 +514,7 @@ class MqttGrid(Grid):
             if report.num_examples < 1:
                 self._reject(task, "bad_examples", "evaluated no examples")
                 return
-            metrics = _metric_record(report.metrics, EVAL_METRICS, report.num_examples)
+            metrics = metric_record(report.metrics, EVAL_METRICS, report.num_examples)
             content = RecordDict({"metrics": metrics})
         else:
             try:
@@ -610,23 +525,12 @@ class MqttGrid(Grid):
             arrays = ArrayRecord(
                 {name: Array(task.weights[name] + delta[name]) for name in task.weights}
             )
-            metrics = _metric_record(report.metrics, TRAIN_METRICS, report.num_examples)
+            metrics = metric_record(report.metrics, TRAIN_METRICS, report.num_examples)
             content = RecordDict({"arrays": arrays, "metrics": metrics})
         task.state = TaskState.DONE
         task.reply = Message(content, reply_to=task.instruction)
 
-    def _reject(self, task: _Task, reason: str, detail: str) -> None:
+    def _reject(self, task: Task, reason: str, detail: str) -> None:
         task.state = TaskState.REJECTED
         self.stats.rejected[reason] += 1
         logger.warning("rejected the update of %s: %s", task.device_id, detail)
-
-
-def _metric_record(
-    metrics: Mapping[str, float], keys: tuple[str, ...], examples: int
-) -> MetricRecord:
-    """The fixed set of metrics strategies see (their aggregation needs equal keys)."""
-    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": examples}
-    for key in keys:
-        value = metrics.get(key)
-        values[key] = float(value) if value is not None and np.isfinite(value) else 0.0
-    return MetricRecord(values)

@@ -2,7 +2,7 @@
 
 :func:`run_training` drives ``rounds`` rounds through an
 :class:`~coordinator.federated.grid.MqttGrid` on a started
-:class:`~coordinator.link.hub.Coordinator`. Each round:
+:class:`~coordinator.link.port.Hub`. Each round:
 
 1. **Sample.** The eligible devices are those online that report local training
    data (``train_examples > 0``). With fewer than ``min_clients`` the run waits (up
@@ -54,17 +54,18 @@ from flwr.serverapp.strategy import Strategy
 from compress.codecs import parse_codec
 from compress.families import forward
 from coordinator.delivery.packaging import LabelledData
-from coordinator.errors import TrainingError
-from coordinator.federated.grid import GridSettings, MqttGrid, PhaseStats
+from coordinator.errors import RunError
+from coordinator.federated.grid import MqttGrid
+from coordinator.federated.tasks import GridSettings, PhaseStats
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.fleet import DeviceRecord
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 
 __all__ = [
     "STOPPED",
     "RoundReport",
-    "TrainingConfig",
-    "TrainingResult",
+    "RunConfig",
+    "RunResult",
     "evaluate_weights",
     "run_training",
 ]
@@ -75,7 +76,7 @@ Weights = dict[str, npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class RunConfig:
     """A federated run, as ``fedge train`` describes it.
 
     Attributes:
@@ -115,20 +116,20 @@ class TrainingConfig:
         """Check the values.
 
         Raises:
-            TrainingError: out-of-range counts, timeouts or update norm bound.
+            RunError: out-of-range counts, timeouts or update norm bound.
             CodecError: an invalid codec spec.
         """
         if self.rounds < 1:
-            raise TrainingError("rounds must be at least 1")
+            raise RunError("rounds must be at least 1")
         if not 1 <= self.min_clients <= self.clients_per_round:
-            raise TrainingError(
+            raise RunError(
                 f"need 1 <= min_clients ({self.min_clients}) <= clients_per_round "
                 f"({self.clients_per_round})"
             )
         if not self.round_timeout_s > 0 or not self.gather_s > 0:
-            raise TrainingError("timeouts must be positive")
+            raise RunError("timeouts must be positive")
         if not 0 < self.max_update_norm < math.inf:
-            raise TrainingError(
+            raise RunError(
                 f"max_update_norm must be positive and finite, got {self.max_update_norm}"
             )
         parse_codec(self.codec)
@@ -212,7 +213,7 @@ class RoundReport:
 
 
 @dataclass
-class TrainingResult:
+class RunResult:
     """A whole run: its rounds and the final global weights."""
 
     rounds: list[RoundReport]
@@ -276,9 +277,9 @@ class _Run:
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: Hub,
         strategy: Strategy,
-        config: TrainingConfig,
+        config: RunConfig,
         on_round: RoundCallback | None,
         stop: threading.Event,
     ) -> None:
@@ -327,11 +328,11 @@ class _Run:
         """One send_and_receive over ``devices``.
 
         Raises:
-            TrainingError: the strategy needs more nodes than ``devices``.
+            RunError: the strategy needs more nodes than ``devices``.
         """
         needed = _min_nodes(self.strategy, train=label == "training")
         if needed > len(devices):
-            raise TrainingError(
+            raise RunError(
                 f"the strategy needs {needed} nodes for {label}, this round has {len(devices)}"
             )
         deadline = time.time() + self.config.round_timeout_s
@@ -369,7 +370,7 @@ class _Run:
                     number, arrays, ConfigRecord(dict(config.train_config)), self.grid
                 ),
             )
-        except TrainingError as exc:
+        except RunError as exc:
             replies = []
             report.reason = str(exc)
         if self.stop.is_set():
@@ -418,7 +419,7 @@ class _Run:
                     report.round, arrays, ConfigRecord(), self.grid
                 ),
             )
-        except TrainingError as exc:
+        except RunError as exc:
             logger.warning("round %d: no federated evaluation: %s", report.round, exc)
             return
         report.eval_clients = len(replies)
@@ -457,13 +458,13 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 
 
 def run_training(
-    coordinator: Coordinator,
+    coordinator: Hub,
     strategy: Strategy,
-    config: TrainingConfig,
+    config: RunConfig,
     *,
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
-) -> TrainingResult:
+) -> RunResult:
     """Run federated rounds (see the module docstring).
 
     Args:
@@ -495,4 +496,4 @@ def run_training(
             run.show(report, "done")
     finally:
         run.grid.close()
-    return TrainingResult(reports, _from_record(arrays))
+    return RunResult(reports, _from_record(arrays))

@@ -37,7 +37,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.transport.mqtt import MqttLink
 
-__all__ = ["ChunkRequestItem", "ChunkSender", "PlannedSend", "plan_sends"]
+__all__ = ["ChunkRequestItem", "ChunkSender", "PlannedSend", "chunk_message", "plan_sends"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,16 @@ def plan_sends(requests: Iterable[ChunkRequestItem]) -> list[PlannedSend]:
             (device_id,) = devices
             plan.append(PlannedSend(device_topic(device_id, Channel.CHUNKS), transfer_id, index))
     return plan
+
+
+def chunk_message(
+    payload: bytes, send: PlannedSend, *, chunk_size: int, limits: Limits, sent_at: float
+) -> bytes:
+    """The encoded ``chunk`` message of one planned send of ``payload``."""
+    chunk = Chunk.from_payload(
+        payload, send.index, chunk_size=chunk_size, transfer_id=send.transfer_id
+    )
+    return encode(chunk, sender=COORDINATOR_SENDER, sent_at=sent_at, limits=limits)
 
 
 class ChunkSender:
@@ -200,11 +210,12 @@ class ChunkSender:
             payload = self._payloads(send.transfer_id)
             if payload is None:
                 continue
-            chunk = Chunk.from_payload(
-                payload, send.index, chunk_size=self._chunk_size, transfer_id=send.transfer_id
-            )
-            message = encode(
-                chunk, sender=COORDINATOR_SENDER, sent_at=self._clock(), limits=self._limits
+            message = chunk_message(
+                payload,
+                send,
+                chunk_size=self._chunk_size,
+                limits=self._limits,
+                sent_at=self._clock(),
             )
             info = self._link.publish_info(send.topic, message)
             if info is None:

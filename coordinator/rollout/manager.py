@@ -4,8 +4,9 @@
 running rollout. It feeds each engine with what the fleet says (install reports,
 telemetry windows, presence, devices that join the target), calls
 :meth:`~coordinator.rollout.engine.Rollout.tick` every ``tick_s`` seconds, sends the
-``deploy`` and ``rollback`` commands the engine asks for through the
-:class:`~coordinator.link.hub.Coordinator`, and saves the engine's snapshot and
+``deploy`` and ``rollback`` commands the engine asks for through its own
+:class:`~coordinator.delivery.deliveries.Deliveries` on the
+:class:`~coordinator.link.port.Hub`, and saves the engine's snapshot and
 per-device rows in the :class:`~coordinator.service.store.Store`: at once when the
 rollout's state or stage changes or a command goes out, and within a tick when
 only a device's progress (or its health baseline) changed, since a large fleet
@@ -15,17 +16,17 @@ asked for again by the deploys it re-sends.
 
 Workflow::
 
-    manager = RolloutManager(coordinator, store)
+    manager = RolloutManager(hub, store)
     manager.load()                       # the rollouts a previous run left (before connecting)
     manager.start()                      # resumes them (re-sends what may be lost), ticks
     view = manager.create(row, artifact, policy, target, actor="ab12cd34ef56")
-    coordinator.add_listener(manager.on_message)   # the service routes events here
+    hub.add_listener(manager.on_message)   # the service routes events here
     manager.pause(view.rollout_id, actor=...)
     manager.stop()
 
-Commands go out on a sender thread: a ``deploy`` waits up to the coordinator's
+Commands go out on a sender thread: a ``deploy`` waits up to
 ``accept_wait_s`` for the devices to accept before pushing the payload, and the
-event callbacks (on paho's thread) must never wait. Each ``Deploy`` action gets its
+event callbacks (on paho's thread) must never wait. Each ``SendDeploy`` action gets its
 own deployment id, ``<rollout id>.<random>``, so a device's report names the rollout it
 belongs to even after a restart, and a report of an earlier deployment to the same
 device (a transfer that died with a killed process, reporting its failure after the
@@ -34,9 +35,10 @@ device's answer to a ``rollback`` names no rollout and goes to the rollouts in
 which that device is being reverted.
 
 A long-running service must not keep every delivery it ever made: the
-coordinator serves a delivery's chunks and resends its command to devices that
-come back for as long as it tracks it. The engine does its own catch-up (a new
-deployment), so the manager tells the coordinator to forget a delivery once none
+manager's :class:`~coordinator.delivery.deliveries.Deliveries` serves a delivery's
+chunks and resends its command to devices that come back for as long as it tracks
+it. The engine does its own catch-up (a new deployment), so the manager forgets a
+delivery once none
 of its devices still needs it: a deploy when each device has been sent a newer
 one or has left the in-progress states, a rollback when none of its devices is
 still being reverted, and all of a rollout's deliveries when the rollout is
@@ -51,7 +53,7 @@ to five, each with enough calls, received within ``baseline_window_s``, an hour
 by default; :meth:`~coordinator.service.store.Store.baselines`) to the engine when the
 rollout is created and when a device joins it. The engine keeps a device's last
 five such windows, stored or live, and judges against their summed calls and the
-median of their p95s (:func:`~coordinator.rollout.engine.combine_baseline`).
+median of their p95s (:func:`~coordinator.rollout.health.combine_baseline`).
 """
 
 from __future__ import annotations
@@ -63,28 +65,36 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import CompressError
-from coordinator.delivery.tracker import IN_PROGRESS_STATES, DeviceState
+from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries, Delivery
+from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import CoordinatorError, NotFoundError, RolloutError, StoreError
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, Delivery
-from coordinator.rollout.engine import (
-    BASELINE_WINDOWS,
+from coordinator.link.port import Hub
+from coordinator.rollout.actions import (
     Action,
-    Deploy,
-    Marker,
-    Rollback,
-    Rollout,
-    RolloutArtifact,
     RolloutState,
+    SendDeploy,
+    SendRollback,
     StageReleased,
     StateChanged,
 )
+from coordinator.rollout.devices import Marker, RolloutArtifact
+from coordinator.rollout.engine import Rollout
+from coordinator.rollout.health import BASELINE_WINDOWS
 from coordinator.rollout.policy import RolloutPolicy
-from coordinator.service.store import RolloutDevice, RolloutRow, Store
+from coordinator.rollout.running import (
+    ENDED_STATES,
+    RESTORED,
+    Running,
+    Sent,
+    device_rows,
+    settled,
+    to_resume,
+)
+from coordinator.service.store import RolloutDevice, Store
 from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
 
 __all__ = ["RolloutManager"]
@@ -94,55 +104,6 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0
 BASELINE_WINDOW_S = 3600.0
 _STOP = object()
-_RESTORED = "(restored)"
-"""Stands for the deployment a previous process sent a device (its id is not kept)."""
-_ENDED = frozenset({RolloutState.HALTED, RolloutState.ABORTED})
-"""Rollouts that do nothing more once every device has settled. A completed one
-still deploys to devices that come back or join its target, until a newer rollout
-of the same model replaces it."""
-
-
-@dataclass(frozen=True)
-class _Sent:
-    """A delivery the coordinator tracks for a rollout, and which devices it went to."""
-
-    delivery: Delivery
-    device_ids: tuple[str, ...]
-    rollback: bool
-
-
-@dataclass
-class _Running:
-    engine: Rollout
-    artifact: Artifact
-    target: Target
-    sent: dict[str, str] = field(default_factory=dict)
-    """Device -> the deployment id this process last sent it."""
-    deliveries: dict[str, _Sent] = field(default_factory=dict)
-    """Deployment id -> a delivery the coordinator still tracks."""
-    unsaved: bool = False
-    """A device's change not saved yet (the next tick saves it)."""
-
-    def finished(self) -> list[Delivery]:
-        """Pop the deliveries none of whose devices needs them any more."""
-        done = [
-            deployment_id
-            for deployment_id, sent in self.deliveries.items()
-            if not any(self._needs(device_id, deployment_id, sent) for device_id in sent.device_ids)
-        ]
-        return [self.deliveries.pop(deployment_id).delivery for deployment_id in done]
-
-    def _needs(self, device_id: str, deployment_id: str, sent: _Sent) -> bool:
-        device = self.engine.device(device_id)
-        if device is None:
-            return False
-        if sent.rollback:
-            return device.marker is Marker.REVERTING
-        return (
-            self.sent.get(device_id) == deployment_id
-            and device.marker is None
-            and device.install in IN_PROGRESS_STATES
-        )
 
 
 class RolloutManager:
@@ -150,25 +111,29 @@ class RolloutManager:
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        hub: Hub,
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
         tick_s: float = TICK_S,
         baseline_window_s: float = BASELINE_WINDOW_S,
+        accept_wait_s: float = ACCEPT_WAIT_S,
     ) -> None:
-        """Prepare (no thread runs until :meth:`start`).
+        """Prepare (no thread runs until :meth:`start`); the manager's deliveries
+        listen to ``hub`` from now on.
 
         ``baseline_window_s``: how old a stored telemetry window may be to serve as
-        a device's health baseline (module docstring).
+        a device's health baseline (module docstring). ``accept_wait_s``: how long a
+        deploy waits for the devices' answers before pushing the payload.
         """
-        self._coordinator = coordinator
+        self._hub = hub
+        self._deliveries = Deliveries(hub, accept_wait_s=accept_wait_s)
         self._store = store
         self._clock = clock
         self._tick_s = tick_s
         self._baseline_window_s = baseline_window_s
         self._lock = threading.RLock()
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._retired: list[Delivery] = []  # deliveries of dropped rollouts, to forget
         self._outbox: queue.Queue[tuple[str, Action, str] | object] = queue.Queue()
         self._stopping = threading.Event()
@@ -176,12 +141,17 @@ class RolloutManager:
         self._loaded = False
         self._resumed: list[str] = []  # loaded, not resumed yet
 
+    @property
+    def deliveries(self) -> Deliveries:
+        """The deliveries this manager sends through (:meth:`Deliveries.tracked`)."""
+        return self._deliveries
+
     # ----------------------------------------------------------------- lifecycle
 
     def load(self) -> None:
         """Take back the rollouts a previous run left unfinished (idempotent).
 
-        Call it before the coordinator connects: a persistent MQTT session
+        Call it before the hub connects: a persistent MQTT session
         delivers what devices sent while the service was down right after the
         connection, and those reports belong to these rollouts. Until a device is
         sent a deploy by this process, only an ``installed`` report of it counts
@@ -191,15 +161,15 @@ class RolloutManager:
         if self._loaded:
             return
         self._loaded = True
-        for row, engine in _to_resume(self._store.rollouts()):
+        for row, engine in to_resume(self._store.rollouts()):
             try:
                 artifact = Artifact.from_bytes(self._store.artifact_bytes(row.artifact_sha256))
                 target = Target.parse(row.target)
             except (CoordinatorError, CompressError) as exc:
                 logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
                 continue
-            running = _Running(engine, artifact, target)
-            running.sent.update((d.device_id, _RESTORED) for d in engine.devices())
+            running = Running(engine, artifact, target)
+            running.sent.update((d.device_id, RESTORED) for d in engine.devices())
             with self._lock:
                 self._running[row.rollout_id] = running
             self._resumed.append(row.rollout_id)
@@ -208,7 +178,7 @@ class RolloutManager:
         """Resume the loaded rollouts (:meth:`load`, done here if not yet), then tick."""
         self.load()
         now = self._clock()
-        online = {r.device_id for r in self._coordinator.fleet() if r.online}
+        online = {r.device_id for r in self._hub.fleet() if r.online}
         for rollout_id in self._resumed:
             with self._lock:
                 running = self._running.get(rollout_id)
@@ -228,7 +198,7 @@ class RolloutManager:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop ticking and sending; the coordinator forgets this manager's deliveries.
+        """Stop ticking and sending; the deliveries stop listening to the hub.
 
         State is saved (a new manager resumes it): what the tick thread had not
         saved yet (device progress, baselines) is saved here. Idempotent.
@@ -238,6 +208,7 @@ class RolloutManager:
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._threads.clear()
+        self._deliveries.close()
         with self._lock:
             now = self._clock()
             for rollout_id, running in list(self._running.items()):
@@ -267,7 +238,7 @@ class RolloutManager:
             RolloutError: the rollout cannot be built (e.g. an empty target).
         """
         now = self._clock()
-        records = self._coordinator.fleet()
+        records = self._hub.fleet()
         chosen = target.select(records)
         if not chosen:
             raise RolloutError(f"no device matches {target.describe()}")
@@ -298,7 +269,7 @@ class RolloutManager:
                 created_by=actor,
                 at=now,
             )
-            self._running[rollout_id] = _Running(engine, artifact, target)
+            self._running[rollout_id] = Running(engine, artifact, target)
             actions = engine.start(now)
             self._save(rollout_id, now)
         logger.info("rollout %s of %s v%d started by %s", rollout_id, manifest.name,
@@ -329,7 +300,7 @@ class RolloutManager:
         otherwise; the store may be up to a tick behind)."""
         with self._lock:
             running = self._running.get(rollout_id)
-            return _device_rows(running.engine) if running is not None else None
+            return device_rows(running.engine) if running is not None else None
 
     def _operate(
         self, rollout_id: str, operation: Callable[[Rollout, float], list[Action]]
@@ -432,11 +403,7 @@ class RolloutManager:
             running = list(self._running.items())
         joining = [run for _rid, run in running if run.engine.device(device_id) is None]
         # The fleet's record (for tag targets) only when some rollout may take a newcomer.
-        record = (
-            next((r for r in self._coordinator.fleet() if r.device_id == device_id), None)
-            if joining
-            else None
-        )
+        record = self._hub.device(device_id) if joining else None
         for rid, run in running:
             if run.engine.device(device_id) is not None:
                 if status.online:
@@ -490,13 +457,13 @@ class RolloutManager:
             self._forget_finished()
 
     def _forget_finished(self) -> None:
-        """Have the coordinator forget the deliveries no device needs any more."""
+        """Forget the deliveries no device needs any more."""
         with self._lock:
             done, self._retired = self._retired, []
             for running in self._running.values():
                 done.extend(running.finished())
         for delivery in done:
-            self._coordinator.forget(delivery)
+            self._deliveries.forget(delivery)
 
     def _tick(self, rollout_id: str) -> None:
         now = self._clock()
@@ -530,14 +497,14 @@ class RolloutManager:
             running = self._running.get(rollout_id)
             if running is None:
                 return
-        ids = list(action.device_ids) if isinstance(action, (Deploy, Rollback)) else []
-        if isinstance(action, Deploy):
-            delivery = self._coordinator.deploy(
+        ids = list(action.device_ids) if isinstance(action, (SendDeploy, SendRollback)) else []
+        if isinstance(action, SendDeploy):
+            delivery = self._deliveries.deploy(
                 running.artifact, _devices(ids), deployment_id=deployment_id
             )
-        elif isinstance(action, Rollback):
+        elif isinstance(action, SendRollback):
             model = running.engine.artifact.model
-            delivery = self._coordinator.rollback(_devices(ids), model, reason=action.reason)
+            delivery = self._deliveries.rollback(_devices(ids), model, reason=action.reason)
         else:
             return
         with self._lock:
@@ -545,20 +512,20 @@ class RolloutManager:
             if current is None:  # dropped while sending
                 self._retired.append(delivery)
             else:
-                current.deliveries[delivery.deployment_id] = _Sent(
-                    delivery, tuple(ids), rollback=isinstance(action, Rollback)
+                current.deliveries[delivery.deployment_id] = Sent(
+                    delivery, tuple(ids), rollback=isinstance(action, SendRollback)
                 )
 
     # ------------------------------------------------------------------- helpers
 
-    def _deployment_id(self, rollout_id: str, action: Deploy | Rollback) -> str:
+    def _deployment_id(self, rollout_id: str, action: SendDeploy | SendRollback) -> str:
         """A new deployment id, unique across restarts; a deploy's devices now expect it.
 
         Set before the command is queued, so a stale report arriving meanwhile is
         already recognised as such.
         """
         deployment_id = f"{rollout_id}.{uuid.uuid4().hex[:8]}"
-        if isinstance(action, Deploy):
+        if isinstance(action, SendDeploy):
             with self._lock:
                 running = self._running.get(rollout_id)
                 if running is not None:
@@ -568,7 +535,7 @@ class RolloutManager:
 
     def _dispatch(self, rollout_id: str, actions: Sequence[Action]) -> None:
         for action in actions:
-            if isinstance(action, (Deploy, Rollback)):
+            if isinstance(action, (SendDeploy, SendRollback)):
                 if action.device_ids:
                     self._outbox.put((rollout_id, action, self._deployment_id(rollout_id, action)))
             elif isinstance(action, StateChanged):
@@ -590,39 +557,16 @@ class RolloutManager:
             rollout_id,
             state=str(engine.state),
             snapshot=snapshot if snapshot is not None else engine.snapshot(),
-            devices=_device_rows(engine),
+            devices=device_rows(engine),
             at=now,
         )
-        if engine.state in _ENDED and _settled(engine):
+        if engine.state in ENDED_STATES and settled(engine):
             self._drop(rollout_id)
 
     def _drop(self, rollout_id: str) -> None:
         """Stop running a rollout (call with the lock held); its deliveries go too."""
         running = self._running.pop(rollout_id)
         self._retired.extend(sent.delivery for sent in running.deliveries.values())
-
-
-def _to_resume(rows: Sequence[RolloutRow]) -> list[tuple[RolloutRow, Rollout]]:
-    """Rollouts still going, and the latest completed one of each model.
-
-    Rows whose snapshot cannot be restored are logged and skipped.
-    """
-    keep: list[tuple[RolloutRow, Rollout]] = []
-    completed: set[str] = set()
-    for row in sorted(rows, key=lambda r: r.created_at, reverse=True):
-        try:
-            engine = Rollout.restore(row.snapshot)
-        except (CoordinatorError, KeyError, TypeError, ValueError) as exc:
-            logger.error("cannot resume rollout %s: %s", row.rollout_id, exc)
-            continue
-        if engine.state in _ENDED and _settled(engine):
-            continue
-        if engine.state is RolloutState.COMPLETED:
-            if engine.artifact.model in completed:
-                continue
-            completed.add(engine.artifact.model)
-        keep.append((row, engine))
-    return keep
 
 
 def _on_health(
@@ -638,29 +582,6 @@ def _on_health(
 ) -> list[Action]:
     return engine.on_health(device_id, model=model, version=version, predictions=predictions,
                             errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
-
-
-def _device_rows(engine: Rollout) -> list[RolloutDevice]:
-    """The engine's devices as the store keeps them, by stage then id."""
-    rows = [
-        RolloutDevice(
-            device_id=device_id,
-            stage=row.stage,
-            state=str(row.state),
-            updated_at=row.updated_at,
-            detail={"detail": row.detail} if row.detail else {},
-        )
-        for device_id, row in engine.device_states().items()
-    ]
-    return sorted(rows, key=lambda r: (r.stage, r.device_id))
-
-
-def _settled(engine: Rollout) -> bool:
-    """No device of the rollout is still installing or being reverted: an ended
-    rollout keeps listening until then, so its last reports are recorded."""
-    return not any(
-        d.marker is Marker.REVERTING or d.status in IN_PROGRESS_STATES for d in engine.devices()
-    )
 
 
 def _devices(ids: list[str]) -> Target:

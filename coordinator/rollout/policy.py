@@ -310,7 +310,7 @@ class HealthPolicy:
     apart from ``predictions``, and a model failing every call must still be
     judged) is compared with the device's *baseline*: its last five such windows
     of the model it served before, calls summed and the median of their p95s
-    (:func:`~coordinator.rollout.engine.combine_baseline`).
+    (:func:`~coordinator.rollout.health.combine_baseline`).
 
     Attributes:
         max_error_rate: Largest allowed increase of the error rate (failed calls

@@ -59,9 +59,9 @@ from coordinator.errors import (
     CoordinatorError,
     NotFoundError,
     RolloutError,
+    RunError,
     StrategyError,
     TargetError,
-    TrainingError,
 )
 from coordinator.service.operations import (
     Actor,
@@ -102,7 +102,7 @@ _ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
         ArtifactRejectedError,
         RolloutError,
         TargetError,
-        TrainingError,
+        RunError,
         StrategyError,
     )
 }
@@ -342,7 +342,7 @@ class ApiClient:
         """Start a federated run (``actor`` is ignored: the token decides).
 
         Raises:
-            TrainingError: bad settings, or a run is already going.
+            RunError: bad settings, or a run is already going.
             ApiAuthError: the token's role may not start runs.
         """
         answer = self._call("POST", "v1/runs", action="start runs", json=asdict(request))
@@ -353,7 +353,7 @@ class ApiClient:
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: the run is not running (it ended already).
+            RunError: the run is not running (it ended already).
             ApiAuthError: the token's role may not stop runs.
         """
         answer = self._call("POST", f"v1/runs/{_segment(run_id)}/stop", action="stop runs")

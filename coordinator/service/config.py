@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ServiceConfigError
-from coordinator.link.hub import SESSION_NAME_RE, CoordinatorConfig
+from coordinator.link.hub import SESSION_NAME_RE, HubConfig
 from coordinator.service.api.app import MIB, ApiConfig
 from coordinator.service.config_schema import (
     DEFAULT_BIND_HOST,
@@ -230,7 +230,7 @@ class ServiceConfig:
         rollout_tick_s: Seconds between rollout engine ticks (> 0).
         log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
         broker_session: The MQTT client id of the service's persistent session
-            with ``broker`` (see :class:`~coordinator.link.hub.CoordinatorConfig`);
+            with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
             ``""`` for a clean session. Not used with the embedded broker, which
             stops with the service.
 
@@ -298,10 +298,10 @@ class ServiceConfig:
                 key="broker.session",
             )
 
-    def coordinator_config(self, broker: BrokerConfig) -> CoordinatorConfig:
+    def coordinator_config(self, broker: BrokerConfig) -> HubConfig:
         """How the service's coordinator connects to ``broker`` (the one it runs on)."""
         persistent = self.broker is not None and self.broker_session
-        return CoordinatorConfig(broker=broker, session=self.broker_session if persistent else None)
+        return HubConfig(broker=broker, session=self.broker_session if persistent else None)
 
     def _check_broker(self) -> None:
         """Exactly one of ``broker`` and ``embedded_broker``; the username defaulted."""

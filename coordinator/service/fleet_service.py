@@ -4,7 +4,7 @@
 ``fedge coordinator serve`` (:mod:`coordinator.service.api`) and the CLI's in-process
 ``--broker`` mode (:func:`local_service`). It composes
 
-* a started :class:`~coordinator.link.hub.Coordinator` (the MQTT connection),
+* a started :class:`~coordinator.link.hub.MqttHub` (the MQTT connection),
 * the SQLite :class:`~coordinator.service.store.Store` (all state; a restart loses
   nothing acknowledged),
 * :class:`~coordinator.service.ingest.Ingest` (presence and telemetry into the store, in
@@ -15,7 +15,7 @@
 Workflow::
 
     store = Store.open(db_path)
-    coordinator = Coordinator(CoordinatorConfig(broker=broker))
+    coordinator = MqttHub(HubConfig(broker=broker))
     service = FleetService(store, coordinator, trusted_keys)
     service.start()            # listeners first, then connect: retained statuses count
     app = create_app(service, authenticate=service.authenticate)
@@ -48,9 +48,11 @@ from compress.errors import CompressError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from compress.trust import verify_manifest
+from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries
 from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.port import Hub
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import HealthPolicy, RolloutPolicy, parse_fraction
@@ -94,6 +96,8 @@ class ServiceSettings:
         telemetry_max_age_s: Retention by age, seconds (None: no limit).
         prune_every_s: Seconds between retention passes.
         rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
+        accept_wait_s: How long a rollout's deploy waits for the devices' answers
+            before pushing the payload.
     """
 
     telemetry_flush_s: float = 0.5
@@ -101,6 +105,7 @@ class ServiceSettings:
     telemetry_max_age_s: float | None = 7 * 86400.0
     prune_every_s: float = 60.0
     rollout_tick_s: float = 1.0
+    accept_wait_s: float = ACCEPT_WAIT_S
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -122,7 +127,7 @@ class FleetService:
     def __init__(
         self,
         store: Store,
-        coordinator: Coordinator,
+        coordinator: Hub,
         trusted: TrustedKeys | None,
         *,
         settings: ServiceSettings | None = None,
@@ -144,7 +149,8 @@ class FleetService:
         self._clock = clock
         self._ingest = Ingest(store, settings.ingest(), clock=clock)
         self._rollouts = RolloutManager(coordinator, store, clock=clock,
-                                        tick_s=settings.rollout_tick_s)  # fmt: skip
+                                        tick_s=settings.rollout_tick_s,
+                                        accept_wait_s=settings.accept_wait_s)  # fmt: skip
         self._runs = RunManager(coordinator, store, clock=clock)
         self._started = False
 
@@ -156,9 +162,14 @@ class FleetService:
         return self._store
 
     @property
-    def coordinator(self) -> Coordinator:
+    def coordinator(self) -> Hub:
         """The MQTT side."""
         return self._coordinator
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """The rollouts' deliveries (what is still tracked)."""
+        return self._rollouts.deliveries
 
     @property
     def ingest(self) -> Ingest:
@@ -377,7 +388,7 @@ class FleetService:
         """Start a federated run in the background.
 
         Raises:
-            TrainingError: bad settings, or a run is already going.
+            RunError: bad settings, or a run is already going.
         """
         row = self._runs.start(request, actor=actor.name)
         self._audit(actor, "run.start", row.run_id, dict(row.config))
@@ -388,7 +399,7 @@ class FleetService:
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: the run is not running.
+            RunError: the run is not running.
         """
         self._runs.stop_run(run_id, actor=actor.name)
         self._audit(actor, "run.stop", run_id)
@@ -492,7 +503,7 @@ def local_service(
     )
     store = open_store(db)
     try:
-        service = FleetService(store, Coordinator(CoordinatorConfig(broker=broker)), trusted)
+        service = FleetService(store, MqttHub(HubConfig(broker=broker)), trusted)
         service.start(timeout)
         try:
             service.ingest.flush()  # the retained statuses, stored before the command reads

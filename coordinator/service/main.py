@@ -39,7 +39,7 @@ from types import FrameType
 import uvicorn
 
 from coordinator.errors import CoordinatorError
-from coordinator.link.hub import Coordinator
+from coordinator.link.hub import MqttHub
 from coordinator.service.api.app import create_app
 from coordinator.service.config import ServiceConfig
 from coordinator.service.fleet_service import FleetService, open_store
@@ -211,7 +211,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
         store = open_store(config.db, config.artifact_dir)
         stack.callback(store.close)
         broker = _broker(config, stack)
-        coordinator = Coordinator(config.coordinator_config(broker))
+        coordinator = MqttHub(config.coordinator_config(broker))
         service = FleetService(store, coordinator, trusted, settings=config.settings())
         service.start(CONNECT_TIMEOUT_S)
         stack.callback(service.stop)

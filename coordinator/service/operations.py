@@ -11,7 +11,7 @@ Errors: :class:`~coordinator.errors.NotFoundError` for an unknown id,
 :class:`~coordinator.errors.ArtifactRejectedError` for an upload that fails
 verification, :class:`~coordinator.errors.RolloutError` for a bad policy or an
 operation the rollout's state forbids, :class:`~coordinator.errors.TargetError` for
-a bad target, :class:`~coordinator.errors.TrainingError` for a bad run request.
+a bad target, :class:`~coordinator.errors.RunError` for a bad run request.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class Operations(Protocol):
         """Start a federated run in the background.
 
         Raises:
-            TrainingError: bad settings, or a run is already going.
+            RunError: bad settings, or a run is already going.
         """
         ...
 
@@ -283,7 +283,7 @@ class Operations(Protocol):
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: the run is not running (it ended already).
+            RunError: the run is not running (it ended already).
         """
         ...
 

@@ -1,7 +1,7 @@
 """Federated runs started through the service: one at a time, in the background.
 
 :class:`RunManager` turns a :class:`~coordinator.service.operations.RunRequest` into a
-:class:`~coordinator.federated.runs.TrainingConfig` and a Flower strategy, records the
+:class:`~coordinator.federated.runs.RunConfig` and a Flower strategy, records the
 run in the store (``running``), and drives
 :func:`~coordinator.federated.runs.run_training` on a thread. Each round is recorded as
 it starts (``running``) and again when it ends (``ok`` or ``failed``, with the
@@ -37,10 +37,10 @@ import numpy as np
 
 from compress.errors import CompressError
 from compress.families import FAMILIES, init_weights
-from coordinator.errors import CoordinatorError, NotFoundError, TrainingError
-from coordinator.federated.runs import STOPPED, RoundReport, TrainingConfig, run_training
+from coordinator.errors import CoordinatorError, NotFoundError, RunError
+from coordinator.federated.runs import STOPPED, RoundReport, RunConfig, run_training
 from coordinator.federated.strategies import build_strategy
-from coordinator.link.hub import Coordinator
+from coordinator.link.port import Hub
 from coordinator.service.operations import RunRequest
 from coordinator.service.store import RunRow, RunState, Store
 
@@ -67,43 +67,43 @@ _SCALAR = (int, float, str, bool)
 def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> int:
     value = config.get(key, default)
     if value is None:
-        raise TrainingError(f"config.{key} is required")
+        raise RunError(f"config.{key} is required")
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise TrainingError(f"config.{key} must be an integer >= {low}, not {value!r}")
+        raise RunError(f"config.{key} must be an integer >= {low}, not {value!r}")
     return value
 
 
-def training_config(request: RunRequest) -> TrainingConfig:
+def training_config(request: RunRequest) -> RunConfig:
     """The training run a request describes (fresh, seeded initial weights).
 
     Raises:
-        TrainingError: an unknown key, a missing or out-of-range value.
+        RunError: an unknown key, a missing or out-of-range value.
         CodecError: an invalid codec.
     """
     config = request.config
     unknown = sorted(set(config) - _KEYS)
     if unknown:
-        raise TrainingError(f"unknown run setting(s): {', '.join(unknown)}")
+        raise RunError(f"unknown run setting(s): {', '.join(unknown)}")
     family = config.get("family", "mlp")
     if family not in FAMILIES:
-        raise TrainingError(f"config.family must be one of {', '.join(FAMILIES)}")
+        raise RunError(f"config.family must be one of {', '.join(FAMILIES)}")
     hidden = config.get("hidden", [64]) if family == "mlp" else []
     if not isinstance(hidden, list) or not all(
         isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
     ):
-        raise TrainingError("config.hidden must be a list of positive integers")
+        raise RunError("config.hidden must be a list of positive integers")
     train = config.get("train", {})
     if not isinstance(train, dict) or not all(isinstance(v, _SCALAR) for v in train.values()):
-        raise TrainingError("config.train must map names to numbers, strings or booleans")
+        raise RunError("config.train must map names to numbers, strings or booleans")
     model = config.get("model", "model")
     if not isinstance(model, str) or not model:
-        raise TrainingError("config.model must be a non-empty string")
+        raise RunError("config.model must be a non-empty string")
     seed = _int(config, "seed", 0, 0)
     features = _int(config, "features", None, 1)
     classes = _int(config, "classes", None, 2)
     clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
     weights = init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
-    return TrainingConfig(
+    return RunConfig(
         model=model,
         family=family,
         initial_weights=weights,
@@ -121,7 +121,7 @@ class RunManager:
     """Starts federated runs and records their rounds (see the module docstring)."""
 
     def __init__(
-        self, coordinator: Coordinator, store: Store, *, clock: Callable[[], float] = time.time
+        self, coordinator: Hub, store: Store, *, clock: Callable[[], float] = time.time
     ) -> None:
         """Prepare; nothing runs until :meth:`start`."""
         self._coordinator = coordinator
@@ -147,17 +147,17 @@ class RunManager:
         """Start a run in the background.
 
         Raises:
-            TrainingError: bad settings, or a run is already going.
+            RunError: bad settings, or a run is already going.
             StrategyError: an unknown strategy or arguments it refuses.
         """
         config = training_config(request)
         args = request.config.get("strategy_args", {})
         if not isinstance(args, dict):
-            raise TrainingError("config.strategy_args must be an object")
+            raise RunError("config.strategy_args must be an object")
         strategy = build_strategy(request.strategy, args)
         with self._lock:
             if self._current is not None:
-                raise TrainingError(f"run {self._current} is still going; one run at a time")
+                raise RunError(f"run {self._current} is still going; one run at a time")
             run_id = f"run-{uuid.uuid4().hex[:12]}"
             settings = {
                 "rounds": request.rounds,
@@ -192,14 +192,14 @@ class RunManager:
 
         Raises:
             NotFoundError: no such run.
-            TrainingError: that run is not running.
+            RunError: that run is not running.
         """
         with self._lock:
             if self._current != run_id:
                 row = self._store.run(run_id)
                 if row is None:
                     raise NotFoundError(f"no run {run_id!r}")
-                raise TrainingError(f"run {run_id} is not running ({row.state})")
+                raise RunError(f"run {run_id} is not running ({row.state})")
             self._stopped_by = actor
             self._stop.set()
             thread = self._thread
@@ -230,9 +230,7 @@ class RunManager:
                                          started_at=round_row.started_at,
                                          finished_at=now)  # fmt: skip
 
-    def _run(
-        self, run_id: str, strategy: Any, config: TrainingConfig, stop: threading.Event
-    ) -> None:
+    def _run(self, run_id: str, strategy: Any, config: RunConfig, stop: threading.Event) -> None:
         def on_round(report: RoundReport, what: str) -> None:
             if self._current != run_id:
                 return  # interrupted: the store already says so

@@ -35,8 +35,8 @@ from typing import Self
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.errors import TrainingError
-from coordinator.link.hub import Coordinator
+from coordinator.errors import RunError
+from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition
 from edge_agent.agent import Agent
 from edge_agent.config.agent import (
@@ -173,11 +173,11 @@ class LocalFleet:
             raise
         return cls(agents, networks)
 
-    def wait_eligible(self, coordinator: Coordinator, count: int, timeout: float) -> None:
+    def wait_eligible(self, coordinator: Hub, count: int, timeout: float) -> None:
         """Wait until ``coordinator`` sees ``count`` online devices with data.
 
         Raises:
-            TrainingError: not within ``timeout`` seconds.
+            RunError: not within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -185,7 +185,7 @@ class LocalFleet:
             if sum(1 for r in records if r.can_train) >= count:
                 return
             time.sleep(0.05)
-        raise TrainingError(f"fewer than {count} devices with data came online in {timeout} s")
+        raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:
         """Stop every agent (many at a time), then their network threads.

@@ -48,19 +48,21 @@ from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
 from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
+from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
-from coordinator.errors import TrainingError
+from coordinator.errors import RunError
 from coordinator.federated.runs import (
     RoundReport,
-    TrainingConfig,
-    TrainingResult,
+    RunConfig,
+    RunResult,
     evaluate_weights,
     run_training,
 )
 from coordinator.federated.strategies import StrategyArgs, build_strategy
 from coordinator.link.fleet import Target
-from coordinator.link.hub import Artifact, Coordinator, CoordinatorConfig
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition, load_digits_split
 from coordinator.sim.embedded_broker import EmbeddedBroker
 from coordinator.sim.local_fleet import LocalFleet, save_shards
@@ -119,18 +121,18 @@ class SimulationConfig:
         """Check the values.
 
         Raises:
-            TrainingError: an out-of-range value.
+            RunError: an out-of-range value.
             CodecError: an invalid codec spec.
         """
         if self.agents < 1 or self.rounds < 1:
-            raise TrainingError("--agents and --rounds must be at least 1")
+            raise RunError("--agents and --rounds must be at least 1")
         if self.agents > MAX_AGENTS:
-            raise TrainingError(
+            raise RunError(
                 f"one simulation runs at most {MAX_AGENTS} agents (asked for {self.agents}); "
                 "for more, run several simulations against one broker"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise TrainingError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise RunError(f"--dropout must be in [0, 1), got {self.dropout}")
         parse_codec(self.codec)
 
     def to_json(self) -> dict[str, Any]:
@@ -146,7 +148,7 @@ class SimulationReport:
     """What ``report.json`` holds (see :meth:`to_json`)."""
 
     config: SimulationConfig
-    result: TrainingResult
+    result: RunResult
     centralized_accuracy: float
     fp32_uplink_bytes_per_round: float
     rollout: dict[str, Any]
@@ -201,7 +203,7 @@ def load_dataset(
     (Gaussian blobs, default 6000,32,10) or the path of a ``.npz`` with ``x``, ``y``.
 
     Raises:
-        TrainingError: an unknown spec, or unusable data.
+        RunError: an unknown spec, or unusable data.
     """
     if spec == "digits":
         x_train, y_train, x_test, y_test = load_digits_split(seed)
@@ -212,7 +214,7 @@ def load_dataset(
             (int(g) for g in match.groups()) if match.group(1) else (6000, 32, 10)
         )
         if n < 10 * classes or features < 1 or classes < 2:
-            raise TrainingError(f"synthetic data needs n >= 10 * classes, got {spec}")
+            raise RunError(f"synthetic data needs n >= 10 * classes, got {spec}")
         rng = np.random.default_rng(seed)
         centers = rng.normal(0.0, 1.0, (classes, features)).astype(np.float32)
         y = rng.integers(0, classes, n).astype(np.int64)
@@ -220,7 +222,7 @@ def load_dataset(
         return _split(x, y, seed)
     path = Path(spec)
     if path.suffix != ".npz":
-        raise TrainingError(
+        raise RunError(
             f"unknown dataset {spec!r}: use digits, synthetic[:n,features,classes] or a .npz file"
         )
     data = load_labelled_npz(path)
@@ -236,7 +238,7 @@ def partition(
     shards and deals K to each agent (the classic pathological non-IID split).
 
     Raises:
-        TrainingError: an unknown spec, or too few examples for the agents.
+        RunError: an unknown spec, or too few examples for the agents.
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -261,10 +263,10 @@ def partition(
         else:
             raise ValueError("use iid, dirichlet:ALPHA or shards:K")
     except ValueError as exc:
-        raise TrainingError(f"partition {spec!r}: {exc}") from exc
+        raise RunError(f"partition {spec!r}: {exc}") from exc
     result = [np.sort(p).astype(np.int64) for p in parts]
     if min(len(p) for p in result) < 2:
-        raise TrainingError(f"{n} examples are too few for {agents} agents")
+        raise RunError(f"{n} examples are too few for {agents} agents")
     return result
 
 
@@ -333,14 +335,14 @@ def _raise_open_files_limit(agents: int) -> None:
     """One socket per agent: raise the soft limit on open files as far as needed.
 
     Raises:
-        TrainingError: the hard limit is too low for this many agents.
+        RunError: the hard limit is too low for this many agents.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = FILES_PER_AGENT * agents + 256
     if soft >= wanted:
         return
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        raise TrainingError(
+        raise RunError(
             f"{agents} agents need about {wanted} open files, and this process may open "
             f"at most {hard} (ulimit -Hn); raise the limit or run fewer agents"
         )
@@ -348,7 +350,7 @@ def _raise_open_files_limit(agents: int) -> None:
 
 
 def _rollout(
-    coordinator: Coordinator,
+    hub: Hub,
     fleet: LocalFleet,
     artifact: Artifact,
     on_event: EventCallback,
@@ -361,41 +363,42 @@ def _rollout(
     """
     ids = [a.device_id for a in fleet.agents]
     try:
-        fleet.wait_eligible(coordinator, len(ids), timeout=timeout)
-    except TrainingError:
+        fleet.wait_eligible(hub, len(ids), timeout=timeout)
+    except RunError:
         logger.warning("not every agent is back online; rolling out to those that are")
-    online = {r.device_id for r in coordinator.fleet() if r.online}
+    online = {r.device_id for r in hub.fleet() if r.online}
     ids = sorted(ids, key=lambda device_id: device_id not in online)  # a canary that is up
     rest = ids[1:]
     waves = [rest[i : i + ROLLOUT_WAVE] for i in range(0, len(rest), ROLLOUT_WAVE)]
     stages = [("canary", ids[:1]), *((f"wave {n}", wave) for n, wave in enumerate(waves, 1))]
     installed: list[str] = []
     outcome: dict[str, Any] = {"version": artifact.manifest.version, "agents_total": len(ids)}
-    for stage, devices in stages:
-        if not devices:
-            continue
-        on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
-        stage_started = time.monotonic()
-        delivery = coordinator.deploy(artifact, Target.parse("device:" + ",".join(devices)))
+    with Deliveries(hub) as deliveries:
+        for stage, devices in stages:
+            if not devices:
+                continue
+            on_event("rollout", {"stage": stage, "done": 0, "total": len(devices)})
+            stage_started = time.monotonic()
+            delivery = deliveries.deploy(artifact, Target.parse("device:" + ",".join(devices)))
 
-        def progress(
-            tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
-        ) -> None:
-            done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
-            on_event("rollout", {"stage": stage, "done": done, "total": total})
+            def progress(
+                tracker: DeploymentTracker, stage: str = stage, total: int = len(devices)
+            ) -> None:
+                done = sum(1 for p in tracker.progress() if p.state is DeviceState.INSTALLED)
+                on_event("rollout", {"stage": stage, "done": done, "total": total})
 
-        result = coordinator.wait(delivery, timeout=timeout, on_change=progress)
-        stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
-        installed += stage_ok
-        outcome["stages"] = [*outcome.get("stages", []), {
-            "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
-            "seconds": round(time.monotonic() - stage_started, 3),
-        }]  # fmt: skip
-        if stage == "canary":
-            outcome["canary_installed"] = len(stage_ok)
-        if stage == "canary" and not result.succeeded:
-            outcome["halted"] = "the canary did not install the model"
-            break
+            result = deliveries.wait(delivery, timeout=timeout, on_change=progress)
+            stage_ok = [d.device_id for d in result.devices if d.state is DeviceState.INSTALLED]
+            installed += stage_ok
+            outcome["stages"] = [*outcome.get("stages", []), {
+                "stage": stage, "targeted": len(devices), "installed": len(stage_ok),
+                "seconds": round(time.monotonic() - stage_started, 3),
+            }]  # fmt: skip
+            if stage == "canary":
+                outcome["canary_installed"] = len(stage_ok)
+            if stage == "canary" and not result.succeeded:
+                outcome["halted"] = "the canary did not install the model"
+                break
     version = artifact.manifest.version
     serving = [
         a.device_id for a in fleet.agents if a.model is not None and a.model.version == version
@@ -444,20 +447,20 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def _train(
-    coordinator: Coordinator,
+    coordinator: MqttHub,
     config: SimulationConfig,
     weights: dict[str, npt.NDArray[np.float32]],
     test: LabelledData,
     *,
     dropout: _Dropout,
     on_round: Callable[[RoundReport, str], None] | None,
-) -> TrainingResult:
+) -> RunResult:
     def round_event(report: RoundReport, what: str) -> None:
         dropout(report, what)
         if on_round is not None:
             on_round(report, what)
 
-    training = TrainingConfig(
+    training = RunConfig(
         model=MODEL_NAME,
         family="mlp",
         initial_weights=weights,
@@ -488,7 +491,7 @@ def run_simulation(
     """Run a whole simulation (see the module docstring) and write its report.
 
     Raises:
-        TrainingError: bad settings or data, or no agent came online.
+        RunError: bad settings or data, or no agent came online.
         CoordinatorError: the embedded broker did not start.
         BrokerError: the given broker cannot be reached.
     """
@@ -519,7 +522,7 @@ def run_simulation(
         emit("phase", {"name": "agents", "broker": url})
         # The coordinator connects first: with hundreds of agents connecting at once,
         # a late connect competes with all of them.
-        coordinator = Coordinator(CoordinatorConfig(broker=broker_for("coordinator")))
+        coordinator = MqttHub(HubConfig(broker=broker_for("coordinator")))
         coordinator.start(timeout=30.0)
         try:
             # A 5 s stall timeout (the agents' default): with hundreds of agents

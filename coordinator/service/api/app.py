@@ -22,7 +22,7 @@ Workflow of a request through the app built by :func:`create_app`:
    ArtifactRejectedError               422 (the message says why)
    StoreError (any other)              500, generic message, detail logged
    RolloutError, TargetError,          400
-   TrainingError, any CoordinatorError
+   RunError, any CoordinatorError
    request validation                  422, ``details`` lists the fields
    HTTPException (401, 403, 413...)    its status and headers
    ==================================  ======================================
