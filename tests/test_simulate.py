@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import TrainingError
-from coordinator.sim.simulate import SimulationConfig, load_dataset, partition, run_simulation
+from coordinator.sim.simulate import SimulationConfig, run_simulation
 from tests.fleet_support import Mosquitto
 
 pytestmark = pytest.mark.slow
@@ -64,6 +64,8 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     report = simulate("--agents", "5", "--rounds", "3", "--out", str(out))
     check_run(report, out, agents=5, rounds=3)
     assert report["broker"] == "embedded amqtt"
+    assert report["data"]["dataset"] == "digits"
+    assert report["data"]["summary"].startswith("digits (auto), partition dirichlet:0.5: ")
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
 
 
@@ -94,23 +96,6 @@ def test_simulate_with_dropouts_records_the_rounds_that_lost_agents(tmp_path: Pa
         assert fields["status"] == "ok"
         assert fields["clients"] == fields["sampled"] - fields["dropped"]
     assert any(r["dropped"] > 0 for r in report["rounds"])
-
-
-def test_datasets_and_partitions() -> None:
-    x, y, test = load_dataset("synthetic:600,8,3", seed=1)
-    assert x.shape[1] == 8 == test.x.shape[1]
-    assert len(y) + len(test.y) == 600
-    for spec in ("iid", "dirichlet:0.3", "shards:2"):
-        parts = partition(y, 6, spec, seed=0)
-        joined = sorted(i for p in parts for i in p.tolist())
-        assert joined == list(range(len(y)))
-    pathological = partition(y, 6, "shards:1", seed=0)
-    assert all(len(set(y[p].tolist())) <= 2 for p in pathological)
-    for bad in ("nope", "dirichlet:x", "shards:0", "iid:3"):
-        with pytest.raises(TrainingError):
-            partition(y, 6, bad, seed=0)
-    with pytest.raises(TrainingError):
-        load_dataset("mnist", seed=0)
 
 
 @pytest.mark.parametrize(
