@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import struct
 import subprocess
@@ -21,6 +22,7 @@ from tests.fleet_support import Mosquitto
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
+FEDGE_PACKAGES = {"compress", "edge_agent", "coordinator"}
 
 
 def simulate(*args: str) -> dict[str, Any]:
@@ -67,6 +69,22 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     assert report["data"]["dataset"] == "digits"
     assert report["data"]["summary"].startswith("digits (auto), partition dirichlet:0.5: ")
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
+
+
+def test_a_simulation_on_the_embedded_broker_logs_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No agent gets another's retained status, and no connection is lost (amqtt's
+    retained messages on connect, see coordinator.sim.embedded_broker)."""
+    caplog.set_level(logging.WARNING)
+    report = run_simulation(SimulationConfig(out=tmp_path / "run", agents=5, rounds=1, epochs=1))
+    assert report.rollout["all_serving"]
+    fedge_warnings = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.split(".")[0] in FEDGE_PACKAGES
+    ]
+    assert fedge_warnings == []
 
 
 def test_simulate_against_mosquitto(tmp_path: Path) -> None:
