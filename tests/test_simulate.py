@@ -67,7 +67,7 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     check_run(report, out, agents=5, rounds=3)
     assert report["broker"] == "embedded amqtt"
     assert report["data"]["dataset"] == "digits"
-    assert report["data"]["summary"].startswith("digits (auto), partition dirichlet:0.5: ")
+    assert report["data"]["summary"].startswith("digits (auto), dirichlet:0.5: 1257 examples, ")
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
 
 

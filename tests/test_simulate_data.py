@@ -44,7 +44,7 @@ def test_the_default_data_fits_any_fleet(dataset: str, agents: int) -> None:
     assert summary["dataset"] == data.dataset
     assert summary["examples_per_agent"]["min"] >= MIN_EXAMPLES_PER_AGENT
     assert summary["summary"].startswith(f"{data.dataset} (")
-    assert f"partition {DEFAULT_PARTITION}" in summary["summary"]
+    assert f"), {DEFAULT_PARTITION}: " in summary["summary"]
 
 
 def test_auto_is_digits_while_digits_is_big_enough_then_synthetic_for_the_fleet() -> None:
@@ -52,16 +52,18 @@ def test_auto_is_digits_while_digits_is_big_enough_then_synthetic_for_the_fleet(
     assert (small.dataset, small.chosen) == ("digits", "auto")
     big = fleet_data("auto", DEFAULT_PARTITION, 1000, seed=0)
     assert big.dataset == "synthetic:28600,32,10"
-    assert big.chosen == "auto, digits too small: sized for 1000 agents"
+    assert big.chosen == "auto: sized for 1000 agents"
     assert big.to_json()["summary"].startswith(
-        "synthetic:28600,32,10 (auto, digits too small: sized for 1000 agents), "
-        "partition dirichlet:0.5: 20022 training examples, "
+        "synthetic:28600,32,10 (auto: sized for 1000 agents), dirichlet:0.5: 20022 examples, "
     )
+    middle = fleet_data("auto", DEFAULT_PARTITION, 100, seed=0)
+    assert (middle.dataset, middle.chosen) == ("synthetic:6000,32,10", "auto: digits too small")
 
 
 def test_a_bare_synthetic_keeps_its_default_size_for_small_fleets() -> None:
     data = fleet_data("synthetic", DEFAULT_PARTITION, 20, seed=0)
-    assert data.dataset == "synthetic:6000,32,10"
+    assert (data.dataset, data.chosen) == ("synthetic:6000,32,10", "default size")
+    assert fleet_data("synthetic", DEFAULT_PARTITION, 300, seed=0).chosen == "sized for 300 agents"
     x, y, _test = load_dataset("synthetic", seed=0)
     assert np.array_equal(data.x, x)
     assert np.array_equal(data.y, y)

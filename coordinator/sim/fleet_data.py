@@ -182,8 +182,8 @@ class FleetData:
             "test_examples": len(self.test.y),
             "examples_per_agent": {"min": min(sizes), "max": max(sizes)},
             "summary": (
-                f"{self.dataset} ({self.chosen}), partition {self.partition}: {len(self.y)} "
-                f"training examples, {min(sizes)} to {max(sizes)} per agent"
+                f"{self.dataset} ({self.chosen}), {self.partition}: {len(self.y)} examples, "
+                f"{min(sizes)} to {max(sizes)} per agent"
             ),
         }
 
@@ -194,9 +194,7 @@ def _synthetic_for(agents: int) -> tuple[str, str]:
     default size."""
     n, features, classes = SYNTHETIC_SHAPE
     needed = math.ceil(EXAMPLES_PER_AGENT * agents / 0.7 / 100) * 100
-    why = (
-        f"sized for {agents} agents" if needed > n else f"default size, enough for {agents} agents"
-    )
+    why = f"sized for {agents} agents" if needed > n else "default size"
     return f"synthetic:{max(n, needed)},{features},{classes}", why
 
 
@@ -219,7 +217,8 @@ def fleet_data(dataset: str, partition_spec: str, agents: int, seed: int) -> Fle
             return FleetData("digits", partition_spec, "auto", x, y, test, parts)
     if dataset in {"auto", "synthetic"}:
         spec, why = _synthetic_for(agents)
-        chosen = f"auto, digits too small: {why}" if dataset == "auto" else why
+        too_small = "digits too small" if why == "default size" else why
+        chosen = f"auto: {too_small}" if dataset == "auto" else why
     x, y, test = load_dataset(spec, seed)
     parts = partition(y, agents, partition_spec, seed)
     return FleetData(spec, partition_spec, chosen, x, y, test, parts)
