@@ -71,22 +71,6 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
 
 
-def test_a_simulation_on_the_embedded_broker_logs_no_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """No agent gets another's retained status, and no connection is lost (amqtt's
-    retained messages on connect, see coordinator.sim.embedded_broker)."""
-    caplog.set_level(logging.WARNING)
-    report = run_simulation(SimulationConfig(out=tmp_path / "run", agents=5, rounds=1, epochs=1))
-    assert report.rollout["all_serving"]
-    fedge_warnings = [
-        f"{r.name}: {r.getMessage()}"
-        for r in caplog.records
-        if r.levelno >= logging.WARNING and r.name.split(".")[0] in FEDGE_PACKAGES
-    ]
-    assert fedge_warnings == []
-
-
 def test_simulate_against_mosquitto(tmp_path: Path) -> None:
     (tmp_path / "broker").mkdir()
     broker = Mosquitto(tmp_path / "broker", [f"sim{i:02d}" for i in range(5)])
@@ -149,3 +133,19 @@ def test_too_low_an_open_files_limit_is_refused_before_any_work(
     with pytest.raises(TrainingError, match=r"1000 agents need about 4256 open files.*1024"):
         run_simulation(SimulationConfig(out=tmp_path / "run", agents=1000))
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_a_simulation_on_the_embedded_broker_logs_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No agent gets another's retained status, and no connection is lost (amqtt's
+    retained messages on connect, see coordinator.sim.embedded_broker)."""
+    caplog.set_level(logging.WARNING)
+    report = run_simulation(SimulationConfig(out=tmp_path / "run", agents=5, rounds=1, epochs=1))
+    assert report.rollout["all_serving"]
+    fedge_warnings = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.split(".")[0] in FEDGE_PACKAGES
+    ]
+    assert fedge_warnings == []
