@@ -52,9 +52,10 @@ from flwr.simulation import run_simulation as flower_simulation
 from compress.families import init_weights
 from coordinator.delivery.packaging import LabelledData
 from coordinator.federated.runs import evaluate_weights
+from coordinator.sim.fleet_data import load_dataset
+from coordinator.sim.fleet_data import partition as split
 from coordinator.sim.local_fleet import save_shards
-from coordinator.sim.simulate import SimulationConfig, load_dataset, run_simulation
-from coordinator.sim.simulate import partition as split
+from coordinator.sim.simulate import SimulationConfig, run_simulation
 from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import TrainConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import struct
 import subprocess
@@ -15,12 +16,13 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import RunError
-from coordinator.sim.simulate import SimulationConfig, load_dataset, partition, run_simulation
+from coordinator.sim.simulate import SimulationConfig, run_simulation
 from tests.fleet_support import Mosquitto
 
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
+FEDGE_PACKAGES = {"compress", "edge_agent", "coordinator"}
 
 
 def simulate(*args: str) -> dict[str, Any]:
@@ -64,6 +66,8 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     report = simulate("--agents", "5", "--rounds", "3", "--out", str(out))
     check_run(report, out, agents=5, rounds=3)
     assert report["broker"] == "embedded amqtt"
+    assert report["data"]["dataset"] == "digits"
+    assert report["data"]["summary"].startswith("digits (auto), dirichlet:0.5: 1257 examples, ")
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
 
 
@@ -93,23 +97,6 @@ def test_simulate_with_dropouts_records_the_rounds_that_lost_agents(tmp_path: Pa
         assert fields["status"] == "ok"
         assert fields["clients"] == fields["sampled"] - fields["dropped"]
     assert any(r["dropped"] > 0 for r in report["rounds"])
-
-
-def test_datasets_and_partitions() -> None:
-    x, y, test = load_dataset("synthetic:600,8,3", seed=1)
-    assert x.shape[1] == 8 == test.x.shape[1]
-    assert len(y) + len(test.y) == 600
-    for spec in ("iid", "dirichlet:0.3", "shards:2"):
-        parts = partition(y, 6, spec, seed=0)
-        joined = sorted(i for p in parts for i in p.tolist())
-        assert joined == list(range(len(y)))
-    pathological = partition(y, 6, "shards:1", seed=0)
-    assert all(len(set(y[p].tolist())) <= 2 for p in pathological)
-    for bad in ("nope", "dirichlet:x", "shards:0", "iid:3"):
-        with pytest.raises(RunError):
-            partition(y, 6, bad, seed=0)
-    with pytest.raises(RunError):
-        load_dataset("mnist", seed=0)
 
 
 @pytest.mark.parametrize(
@@ -145,3 +132,19 @@ def test_too_low_an_open_files_limit_is_refused_before_any_work(
     with pytest.raises(RunError, match=r"1000 agents need about 4256 open files.*1024"):
         run_simulation(SimulationConfig(out=tmp_path / "run", agents=1000))
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_a_simulation_on_the_embedded_broker_logs_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No agent gets another's retained status, and no connection is lost (amqtt's
+    retained messages on connect, see coordinator.sim.embedded_broker)."""
+    caplog.set_level(logging.WARNING)
+    report = run_simulation(SimulationConfig(out=tmp_path / "run", agents=5, rounds=1, epochs=1))
+    assert report.rollout["all_serving"]
+    fedge_warnings = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.split(".")[0] in FEDGE_PACKAGES
+    ]
+    assert fedge_warnings == []

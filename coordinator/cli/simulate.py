@@ -1,10 +1,11 @@
 """``fedge simulate``: a whole fleet on this machine, from data to a rolled-out model.
 
 With no arguments: an embedded MQTT broker, throwaway keys, 20 real agents with
-Dirichlet(0.5) slices of the digits dataset, 20 rounds of FedAvg, the final model
-packaged as a signed int8 artifact and rolled out (canary first) to every agent. The
-run directory (``--out``, default ``runs/<timestamp>``) keeps ``report.json``,
-``report.png``, the artifact and every agent's data directory. See
+Dirichlet(0.5) slices of the digits dataset (for fleets too big for digits, a synthetic
+set sized for the fleet: the summary's ``data`` line says which), 20 rounds of FedAvg,
+the final model packaged as a signed int8 artifact and rolled out (canary first) to
+every agent. The run directory (``--out``, default ``runs/<timestamp>``) keeps
+``report.json``, ``report.png``, the artifact and every agent's data directory. See
 :mod:`coordinator.sim.simulate` for the steps.
 """
 
@@ -41,8 +42,12 @@ def simulate(
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
     dataset: Annotated[
         str,
-        typer.Option(help="digits, synthetic[:n_samples,n_features,n_classes] or PATH.npz (x, y)."),
-    ] = "digits",
+        typer.Option(
+            help="auto (digits, or synthetic sized for the fleet when digits is too small), "
+            "digits, synthetic[:n_samples,n_features,n_classes] (bare: sized for the fleet) "
+            "or PATH.npz (x, y)."
+        ),
+    ] = "auto",
     partition: Annotated[
         str, typer.Option(help="How data is split over agents: iid, dirichlet:ALPHA, shards:K.")
     ] = "dirichlet:0.5",
@@ -161,7 +166,7 @@ def _summary(report: SimulationReport, body: dict[str, Any]) -> None:
     rollout = body["rollout"]
     rows = [
         ("agents", f"{config.agents} on {report.broker}"),
-        ("data", f"{config.dataset}, {config.partition}"),
+        ("data", body["data"]["summary"]),
         ("training", f"{config.strategy}, {config.codec}, {config.rounds} rounds"),
         ("final accuracy", f"{100 * (body['final_accuracy'] or 0):.2f}%"),
         ("centralized baseline", f"{100 * body['centralized_accuracy']:.2f}%"),

@@ -14,17 +14,29 @@ daemon thread, listening on ``127.0.0.1`` on a free port::
 It accepts any client (anonymous auth, no ACL: keep it on loopback, the default
 ``host``). A fleet that outgrows one process belongs on mosquitto, or an EMQX or
 HiveMQ cluster; pass ``--broker`` to use one.
+
+Retained messages follow MQTT 3.1.1 as mosquitto does (:func:`_broker_class`): a client
+gets a retained message when it establishes a subscription that matches it, never on
+connecting. amqtt 0.11 also sends every connecting client the retained messages of
+every filter that *any* client subscribed to (so each agent got the retained status of
+every other agent, through the coordinator's ``devices/+/status``), and while it does
+so another client's subscription can end the connection ("dictionary changed size
+during iteration"), which the client sees as a lost connection. On Python < 3.13 amqtt
+also catches its own stand-in for ``asyncio.InvalidStateError``, so a PUBACK for a
+message already settled escaped as an asyncio error: :func:`_asyncio_exceptions_for_amqtt`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import socket
 import threading
 import warnings
 from concurrent.futures import Future
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Self
 
@@ -62,6 +74,55 @@ def _check_free(host: str, port: int) -> None:
                 f"the embedded MQTT broker cannot listen on {host}:{port}: "
                 f"{exc.strerror or exc} (another broker there? then use it with --broker)"
             ) from exc
+
+
+_SUBSCRIBING: ContextVar[bool] = ContextVar("fedge_embedded_broker_subscribing", default=False)
+"""True while amqtt handles a SUBSCRIBE packet, in that client's task."""
+
+
+def _asyncio_exceptions_for_amqtt() -> None:
+    """Let amqtt's protocol handler catch the exceptions asyncio raises.
+
+    amqtt 0.11 imports ``InvalidStateError`` and ``QueueFull`` from asyncio together with
+    ``QueueShutDown`` (Python 3.13); on older Pythons that import fails and it defines
+    classes of its own, which asyncio never raises. Its handlers for a late PUBACK
+    ("waiter already done") and a full delivery queue then never run.
+    """
+    from amqtt.mqtt.protocol import handler  # noqa: PLC0415 - coordinator extra
+
+    for name in ("InvalidStateError", "QueueFull"):
+        setattr(handler, name, getattr(asyncio, name))
+
+
+@functools.cache
+def _broker_class() -> Any:
+    """amqtt's ``Broker``, sending retained messages only for a new subscription.
+
+    amqtt calls ``_publish_retained_messages_for_subscription`` when it handles a
+    SUBSCRIBE, and, on every connect, for each filter any client holds (see the module
+    docstring). Only the first is MQTT 3.1.1 ([MQTT-3.3.1-6]): the class marks it and
+    skips the second, which then returns without waiting, so amqtt's loop over the
+    filters cannot be interrupted by another client's subscription either.
+    """
+    from amqtt.broker import Broker  # noqa: PLC0415 - coordinator extra
+
+    _asyncio_exceptions_for_amqtt()
+
+    class RetainOnSubscribeBroker(Broker):  # type: ignore[misc] # amqtt is untyped
+        async def _handle_subscription(self, *args: Any) -> None:
+            token = _SUBSCRIBING.set(True)
+            try:
+                await super()._handle_subscription(*args)
+            finally:
+                _SUBSCRIBING.reset(token)
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            if _SUBSCRIBING.get():
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return RetainOnSubscribeBroker
 
 
 async def _shutdown(broker: Any) -> None:
@@ -130,7 +191,7 @@ class EmbeddedBroker:
                 # amqtt's password-file plugin imports the stdlib 'crypt' (deprecated in 3.11).
                 warnings.simplefilter("ignore", DeprecationWarning)
                 importlib.import_module("amqtt.plugins.authentication")
-                from amqtt.broker import Broker  # noqa: PLC0415 - coordinator extra
+                broker_class = _broker_class()
         except ImportError as exc:
             raise CoordinatorError(
                 "the embedded broker needs amqtt: pip install 'fedge[coordinator]' "
@@ -161,7 +222,7 @@ class EmbeddedBroker:
         self._thread.start()
 
         async def start() -> Any:
-            broker = Broker(config, loop=loop)
+            broker = broker_class(config, loop=loop)
             await broker.start()
             return broker
 

@@ -5,10 +5,12 @@
 1. **Broker**: an :class:`~coordinator.sim.embedded_broker.EmbeddedBroker` (amqtt,
    loopback, free port), or the ``broker`` URL given (mosquitto, a cluster).
 2. **Keys**: a throwaway Ed25519 key pair in ``<out>/keys`` (the agents trust it).
-3. **Data**: the dataset (:func:`load_dataset`: ``digits``, ``synthetic[:n,f,c]`` or
-   a ``.npz`` with ``x``/``y``) split 70/30 (seeded, stratified), the 70 % partitioned
-   over the agents (:func:`partition`: ``iid``, ``dirichlet:A`` or ``shards:K``) into
-   ``<out>/data/shard<i>/local.npz``; the 30 % is the coordinator's test set.
+3. **Data** (:func:`~coordinator.sim.fleet_data.fleet_data`): the dataset (``auto``,
+   ``digits``, ``synthetic[:n,f,c]`` or a ``.npz`` with ``x``/``y``; ``auto`` and a bare
+   ``synthetic`` are sized for the fleet) split 70/30 (seeded, stratified), the 70 %
+   partitioned over the agents (``iid``, ``dirichlet:A`` or ``shards:K``) into
+   ``<out>/data/shard<i>/local.npz``; the 30 % is the coordinator's test set. What was
+   chosen is the ``data`` entry of the report.
 4. **Agents**: one real :class:`~edge_agent.agent.Agent` per shard
    (:class:`~coordinator.sim.local_fleet.LocalFleet`), each with its own MQTT connection
    and data directory under ``<out>/agents``.
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import resource
 import statistics
 import time
@@ -49,7 +50,7 @@ from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.delivery.deliveries import Artifact, Deliveries
-from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
+from coordinator.delivery.packaging import LabelledData, package_weights
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
 from coordinator.errors import RunError
 from coordinator.federated.runs import (
@@ -63,9 +64,10 @@ from coordinator.federated.strategies import StrategyArgs, build_strategy
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
-from coordinator.sim.datasets import dirichlet_partition, load_digits_split
 from coordinator.sim.embedded_broker import EmbeddedBroker
+from coordinator.sim.fleet_data import FleetData, fleet_data
 from coordinator.sim.local_fleet import LocalFleet, save_shards
+from coordinator.sim.report_plot import plot_report
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import DEFAULT_LIMITS, TaskAck, UpdateReport, encode
 from edge_agent.training.numpy_trainers import trainer_for
@@ -74,8 +76,6 @@ from edge_agent.training.trainer import Dataset, TrainConfig
 __all__ = [
     "SimulationConfig",
     "SimulationReport",
-    "load_dataset",
-    "partition",
     "run_simulation",
 ]
 
@@ -92,7 +92,6 @@ threads, but each agent keeps its own worker thread, data directory and model
 session (about 0.6 MB): a bound that keeps a typo from exhausting the machine."""
 FILES_PER_AGENT = 4
 """Open files budgeted per agent: its socket, plus files it opens while installing."""
-_SYNTHETIC_RE = re.compile(r"synthetic(?::(\d+),(\d+),(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class SimulationConfig:
     out: Path
     agents: int = 20
     rounds: int = 10
-    dataset: str = "digits"
+    dataset: str = "auto"
     partition: str = "dirichlet:0.5"
     strategy: str = "fedavg"
     strategy_args: StrategyArgs = field(default_factory=dict)
@@ -148,6 +147,7 @@ class SimulationReport:
     """What ``report.json`` holds (see :meth:`to_json`)."""
 
     config: SimulationConfig
+    data: FleetData
     result: RunResult
     centralized_accuracy: float
     fp32_uplink_bytes_per_round: float
@@ -162,6 +162,7 @@ class SimulationReport:
         rounds = self.result.rounds
         return {
             "config": self.config.to_json(),
+            "data": self.data.to_json(),
             "rounds": body["rounds"],
             "final_accuracy": body["final_accuracy"],
             "centralized_accuracy": self.centralized_accuracy,
@@ -176,98 +177,6 @@ class SimulationReport:
             "broker": self.broker,
             "artifact": self.artifact,
         }
-
-
-# ------------------------------------------------------------------------- data
-
-
-def _split(
-    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], seed: int
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], LabelledData]:
-    """70/30, stratified by label, seeded."""
-    rng = np.random.default_rng(seed)
-    test_mask = np.zeros(len(y), dtype=bool)
-    for label in np.unique(y):
-        members = np.flatnonzero(y == label)
-        rng.shuffle(members)
-        test_mask[members[: round(0.3 * len(members))]] = True
-    return x[~test_mask], y[~test_mask], LabelledData(x[test_mask], y[test_mask])
-
-
-def load_dataset(
-    spec: str, seed: int
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], LabelledData]:
-    """Training features and labels, and the held-out test set.
-
-    ``digits`` (scikit-learn's, bundled), ``synthetic[:n_samples,n_features,n_classes]``
-    (Gaussian blobs, default 6000,32,10) or the path of a ``.npz`` with ``x``, ``y``.
-
-    Raises:
-        RunError: an unknown spec, or unusable data.
-    """
-    if spec == "digits":
-        x_train, y_train, x_test, y_test = load_digits_split(seed)
-        return x_train, y_train, LabelledData(x_test, y_test)
-    match = _SYNTHETIC_RE.fullmatch(spec)
-    if match:
-        n, features, classes = (
-            (int(g) for g in match.groups()) if match.group(1) else (6000, 32, 10)
-        )
-        if n < 10 * classes or features < 1 or classes < 2:
-            raise RunError(f"synthetic data needs n >= 10 * classes, got {spec}")
-        rng = np.random.default_rng(seed)
-        centers = rng.normal(0.0, 1.0, (classes, features)).astype(np.float32)
-        y = rng.integers(0, classes, n).astype(np.int64)
-        x = (centers[y] + rng.normal(0.0, 1.2, (n, features))).astype(np.float32)
-        return _split(x, y, seed)
-    path = Path(spec)
-    if path.suffix != ".npz":
-        raise RunError(
-            f"unknown dataset {spec!r}: use digits, synthetic[:n,features,classes] or a .npz file"
-        )
-    data = load_labelled_npz(path)
-    return _split(data.x, data.y, seed)
-
-
-def partition(
-    labels: npt.NDArray[np.int64], agents: int, spec: str, seed: int
-) -> list[npt.NDArray[np.int64]]:
-    """Example indices per agent: ``iid``, ``dirichlet:ALPHA`` or ``shards:K``.
-
-    ``shards:K`` sorts the examples by label, cuts them into ``agents * K`` equal
-    shards and deals K to each agent (the classic pathological non-IID split).
-
-    Raises:
-        RunError: an unknown spec, or too few examples for the agents.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    kind, _, arg = spec.partition(":")
-    try:
-        if kind == "iid" and not arg:
-            order = rng.permutation(n)
-            parts = np.array_split(order, agents)
-        elif kind == "dirichlet":
-            return dirichlet_partition(labels, agents, float(arg), seed=seed, min_examples=2)
-        elif kind == "shards":
-            k = int(arg)
-            if k < 1:
-                raise ValueError("shards:K needs K >= 1")
-            order = np.argsort(labels, kind="stable")
-            shards = np.array_split(order, agents * k)
-            picks = rng.permutation(agents * k)
-            parts = [
-                np.concatenate([shards[j] for j in picks[i * k : (i + 1) * k]])
-                for i in range(agents)
-            ]
-        else:
-            raise ValueError("use iid, dirichlet:ALPHA or shards:K")
-    except ValueError as exc:
-        raise RunError(f"partition {spec!r}: {exc}") from exc
-    result = [np.sort(p).astype(np.int64) for p in parts]
-    if min(len(p) for p in result) < 2:
-        raise RunError(f"{n} examples are too few for {agents} agents")
-    return result
 
 
 def _centralized_accuracy(
@@ -408,44 +317,6 @@ def _rollout(
     return outcome
 
 
-def _plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy and bytes per round, as a PNG."""
-    import matplotlib  # noqa: PLC0415 - the simulation extra
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    rounds = [r["round"] for r in report["rounds"]]
-    accuracy = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    config = report["config"]
-    fig.suptitle(
-        f"fedge simulate: {config['agents']} agents, {config['strategy']}, {config['codec']}, "
-        f"{config['dataset']} ({config['partition']})"
-    )
-    top.plot(rounds, accuracy, marker="o", label="federated (global model)")
-    top.axhline(100 * report["centralized_accuracy"], color="grey", linestyle="--",
-                label="centralized baseline")  # fmt: skip
-    top.set_ylabel("test accuracy (%)")
-    top.set_ylim(0, 100)
-    top.grid(alpha=0.3)
-    top.legend(loc="lower right")
-    width = 0.4
-    up = [r["uplink_bytes"] / 1024 for r in report["rounds"]]
-    down = [r["downlink_bytes"] / 1024 for r in report["rounds"]]
-    bottom.bar([r - width / 2 for r in rounds], up, width, label="up (devices -> coordinator)")
-    bottom.bar([r + width / 2 for r in rounds], down, width, label="down (coordinator -> devices)")
-    bottom.axhline(report["fp32_uplink_bytes_per_round"] / 1024, color="grey", linestyle="--",
-                   label="fp32 updates up")  # fmt: skip
-    bottom.set_ylabel("KiB per round")
-    bottom.set_xlabel("round")
-    bottom.grid(alpha=0.3)
-    bottom.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
-
-
 def _train(
     coordinator: MqttHub,
     config: SimulationConfig,
@@ -502,9 +373,9 @@ def run_simulation(
     started = time.monotonic()
 
     _raise_open_files_limit(config.agents)
-    x, y, test = load_dataset(config.dataset, config.seed)
-    parts = partition(y, config.agents, config.partition, config.seed)
-    shards = save_shards(x, y, parts, out / "data")
+    data = fleet_data(config.dataset, config.partition, config.agents, config.seed)
+    x, y, test = data.x, data.y, data.test
+    shards = save_shards(x, y, data.parts, out / "data")
     np.savez(out / "data" / "test.npz", x=test.x, y=test.y)
     key = generate_signing_key()
     _private, public = save_keypair(key, out / "keys", overwrite=True)
@@ -560,6 +431,7 @@ def run_simulation(
     clients = [r.clients for r in result.rounds if r.clients] or [config.agents]
     report = SimulationReport(
         config=config,
+        data=data,
         result=result,
         centralized_accuracy=_centralized_accuracy(x, y, test, weights, config),
         fp32_uplink_bytes_per_round=_fp32_report_bytes(weights) * statistics.mean(clients),
@@ -570,5 +442,5 @@ def run_simulation(
     )
     body = report.to_json()
     atomic_write(out / "report.json", (json.dumps(body, indent=2) + "\n").encode())
-    _plot(body, out / "report.png")
+    plot_report(body, out / "report.png")
     return report

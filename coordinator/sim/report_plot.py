@@ -1,0 +1,53 @@
+"""``report.png`` of ``fedge simulate``: accuracy and bytes per round.
+
+:func:`plot_report` draws from the ``report.json`` body (see
+:class:`coordinator.sim.simulate.SimulationReport`): the global model's test accuracy
+per round against the centralized baseline, and the bytes sent up and down per round
+against what fp32 updates would cost. matplotlib comes with ``fedge[simulation]`` and is
+imported inside the function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_report"]
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Accuracy and bytes per round, as a PNG."""
+    import matplotlib  # noqa: PLC0415 - the simulation extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rounds = [r["round"] for r in report["rounds"]]
+    accuracy = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    config, data = report["config"], report["data"]
+    fig.suptitle(
+        f"fedge simulate: {config['agents']} agents, {config['strategy']}, {config['codec']}, "
+        f"{data['dataset']} ({data['partition']})"
+    )
+    top.plot(rounds, accuracy, marker="o", label="federated (global model)")
+    top.axhline(100 * report["centralized_accuracy"], color="grey", linestyle="--",
+                label="centralized baseline")  # fmt: skip
+    top.set_ylabel("test accuracy (%)")
+    top.set_ylim(0, 100)
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right")
+    width = 0.4
+    up = [r["uplink_bytes"] / 1024 for r in report["rounds"]]
+    down = [r["downlink_bytes"] / 1024 for r in report["rounds"]]
+    bottom.bar([r - width / 2 for r in rounds], up, width, label="up (devices -> coordinator)")
+    bottom.bar([r + width / 2 for r in rounds], down, width, label="down (coordinator -> devices)")
+    bottom.axhline(report["fp32_uplink_bytes_per_round"] / 1024, color="grey", linestyle="--",
+                   label="fp32 updates up")  # fmt: skip
+    bottom.set_ylabel("KiB per round")
+    bottom.set_xlabel("round")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
