@@ -7,7 +7,7 @@ telemetry windows, presence, devices that join the target), calls
 ``deploy`` and ``rollback`` commands the engine asks for through its own
 :class:`~coordinator.delivery.deliveries.Deliveries` on the
 :class:`~coordinator.link.port.Hub`, and saves the engine's snapshot and
-per-device rows in the :class:`~coordinator.service.store.Store`: at once when the
+per-device rows in a :class:`~coordinator.rollout.persistence.RolloutStore`: at once when the
 rollout's state or stage changes or a command goes out, and within a tick when
 only a device's progress (or its health baseline) changed, since a large fleet
 reports those by the thousand on the network thread. A service killed at any
@@ -50,7 +50,7 @@ against the device's recent windows of the version it served before. Agents send
 telemetry every few seconds and a canary device installs at once, so the manager
 feeds each device's newest stored windows of the version it served before (up
 to five, each with enough calls, received within ``baseline_window_s``, an hour
-by default; :meth:`~coordinator.service.store.Store.baselines`) to the engine when the
+by default; :meth:`~coordinator.rollout.persistence.RolloutStore.baselines`) to the engine when the
 rollout is created and when a device joins it. The engine keeps a device's last
 five such windows, stored or live, and judges against their summed calls and the
 median of their p95s (:func:`~coordinator.rollout.health.combine_baseline`).
@@ -84,7 +84,9 @@ from coordinator.rollout.actions import (
 from coordinator.rollout.devices import Marker, RolloutArtifact
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.health import BASELINE_WINDOWS
+from coordinator.rollout.persistence import RolloutStore
 from coordinator.rollout.policy import RolloutPolicy
+from coordinator.rollout.rows import RolloutDevice
 from coordinator.rollout.running import (
     ENDED_STATES,
     RESTORED,
@@ -94,7 +96,6 @@ from coordinator.rollout.running import (
     settled,
     to_resume,
 )
-from coordinator.service.store import RolloutDevice, Store
 from edge_agent.protocol import Envelope, InstallStatus, Status, TelemetryBatch
 
 __all__ = ["RolloutManager"]
@@ -112,7 +113,7 @@ class RolloutManager:
     def __init__(
         self,
         hub: Hub,
-        store: Store,
+        store: RolloutStore,
         *,
         clock: Callable[[], float] = time.time,
         tick_s: float = TICK_S,

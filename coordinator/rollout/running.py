@@ -22,7 +22,7 @@ from coordinator.link.fleet import Target
 from coordinator.rollout.actions import RolloutState
 from coordinator.rollout.devices import Marker
 from coordinator.rollout.engine import Rollout
-from coordinator.service.store import RolloutDevice, RolloutRow
+from coordinator.rollout.rows import RolloutDevice, RolloutRow
 
 __all__ = ["ENDED_STATES", "RESTORED", "Running", "Sent", "device_rows", "settled", "to_resume"]
 
