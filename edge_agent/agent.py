@@ -74,7 +74,7 @@ from edge_agent.protocol import (
     parse_topic,
 )
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig, LocalHttpServer, parse_bind
+from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
 from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from edge_agent.serving.telemetry import TelemetryCollector
 from edge_agent.spool import Spool
@@ -82,6 +82,7 @@ from edge_agent.training.data import LocalData
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
+from edge_agent.transport.address import parse_bind
 from edge_agent.transport.mqtt import MqttLink, Will
 from edge_agent.transport.network_loop import NetworkLoop
 

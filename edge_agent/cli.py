@@ -55,7 +55,8 @@ from edge_agent.config.agent import EXAMPLE_CONFIG, AgentConfig, build_config, l
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig, parse_bind
+from edge_agent.serving.http_api import HttpConfig
+from edge_agent.transport.address import parse_bind
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from edge_agent.serving.http_api import (
     MAX_CONCURRENT_REQUESTS,
     HttpConfig,
     LocalHttpServer,
-    parse_bind,
 )
 from edge_agent.serving.server import LoadedModel, ModelServer
 from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
@@ -196,44 +195,6 @@ def test_remote_hosts_need_allow_remote(host: str) -> None:
 def test_bad_config(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field.split("_", maxsplit=1)[0]):
         HttpConfig(**{field: value})  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
-        ("localhost:8080", ("localhost", 8080)),
-        ("[::1]:8080", ("::1", 8080)),
-        ("0.0.0.0:0", ("0.0.0.0", 0)),
-        ("edge-gw.local:65535", ("edge-gw.local", 65535)),
-    ],
-)
-def test_parse_bind(text: str, expected: tuple[str, int]) -> None:
-    assert parse_bind(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "expected HOST:PORT"),
-        ("8080", "expected HOST:PORT"),
-        (":8080", "expected HOST:PORT"),
-        ("127.0.0.1:", "port must be a number"),
-        ("127.0.0.1:http", "port must be a number"),
-        ("127.0.0.1:+80", "port must be a number"),
-        ("127.0.0.1: 80", "port must be a number"),
-        ("127.0.0.1:65536", "port must be a number"),
-        ("::1:8080", "IPv6 addresses in brackets"),
-        ("[::1]8080", r"expected \[IPv6\]:PORT"),
-        ("[::1:8080", r"expected \[IPv6\]:PORT"),
-        ("[localhost]:8080", "not an IPv6 address"),
-        ("bad_host!:80", "not a host name"),
-        ("-host:80", "not a host name"),
-    ],
-)
-def test_parse_bind_errors(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_bind(text)
 
 
 # --- lifecycle --------------------------------------------------------------------------

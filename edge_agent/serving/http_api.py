@@ -102,7 +102,7 @@ from edge_agent.serving.server import ModelServer
 FeedbackHandler = Callable[[str, "int | list[int]"], int]
 """Stores the label(s) of a prediction; returns how many examples were stored."""
 
-__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback", "parse_bind"]
+__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,6 @@ _BUSY_RESPONSE = (
     b'{"error": {"code": "busy", "message": "too many requests at once; retry"}}'
 )
 
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 
 _ROUTES = {
@@ -219,48 +214,6 @@ class HttpConfig:
                 "authentication, so it only binds to loopback (127.0.0.1, ::1, localhost) "
                 "unless allow_remote is set (then protect it with a firewall or a proxy)"
             )
-
-
-def parse_bind(text: str) -> tuple[str, int]:
-    """Parse a ``host:port`` bind address.
-
-    Accepted forms: ``127.0.0.1:8080``, ``localhost:8080``, ``[::1]:8080`` (IPv6
-    addresses in brackets). The port is 0-65535.
-
-    Args:
-        text: The address, e.g. from a command-line option.
-
-    Returns:
-        ``(host, port)``, with the brackets of an IPv6 address removed.
-
-    Raises:
-        ConfigError: the text is not ``host:port`` of that form.
-    """
-    shown = repr(text[:80])
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ConfigError(f"bind address {shown}: expected [IPv6]:PORT, e.g. [::1]:8080")
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(
-                f"bind address {shown}: {host[:64]!r} is not an IPv6 address"
-            ) from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"bind address {shown}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-        if ":" in host:
-            raise ConfigError(
-                f"bind address {shown}: put IPv6 addresses in brackets, e.g. [::1]:8080"
-            )
-        if not _HOSTNAME_RE.fullmatch(host):
-            raise ConfigError(f"bind address {shown}: {host[:64]!r} is not a host name or IPv4")
-    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
-        raise ConfigError(f"bind address {shown}: the port must be a number 0-65535")
-    return host, int(port_text)
 
 
 class _HttpError(Exception):
