@@ -83,7 +83,8 @@ from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, Pred
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.transport.address import parse_bind
-from edge_agent.transport.mqtt import MqttLink, Will
+from edge_agent.transport.link import DeviceLink, Will
+from edge_agent.transport.mqtt import MqttLink
 from edge_agent.transport.network_loop import NetworkLoop
 
 __all__ = ["Agent", "run_agent"]
@@ -183,7 +184,7 @@ class Agent:
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._http: LocalHttpServer | None = None
-        self._link = MqttLink(
+        self._link: DeviceLink = MqttLink(
             config.broker,
             client_id=self.device_id,
             subscriptions=agent_subscriptions(self.device_id, broadcast=False),

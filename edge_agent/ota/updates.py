@@ -60,7 +60,7 @@ from edge_agent.protocol import (
 from edge_agent.runtime.base import ModelRuntime
 from edge_agent.runtime.loader import load_model
 from edge_agent.serving.server import LoadedModel, ModelServer
-from edge_agent.transport.mqtt import MqttLink
+from edge_agent.transport.link import DeviceLink
 
 __all__ = ["MAX_STALLS", "Reporter", "Transfer", "Updater"]
 
@@ -130,7 +130,7 @@ class Updater:
         trusted: TrustedKeys,
         device: DeviceProfile,
         server: ModelServer,
-        link: MqttLink,
+        link: DeviceLink,
         reporter: Reporter,
         config: TransferConfig,
         clock: Callable[[], float],

@@ -44,7 +44,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -53,6 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.errors import BrokerError
+from edge_agent.transport.link import Will
 from edge_agent.transport.network_loop import NetworkLoop, TimerHandle
 
 __all__ = ["MqttLink", "Will"]
@@ -69,18 +69,11 @@ CLOSE_WAIT_S = 2.0
 """How long :meth:`MqttLink.stop` waits for the DISCONNECT to go out before cutting."""
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
-    """The Last Will the broker publishes if this client vanishes without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    retain: bool = True
-    qos: int = 1
-
-
 class MqttLink:
-    """A paho-mqtt client that connects in the background and stays connected."""
+    """A paho-mqtt client that connects in the background and stays connected.
+
+    Implements :class:`edge_agent.transport.link.DeviceLink`.
+    """
 
     def __init__(
         self,
