@@ -326,11 +326,6 @@ class Agent:
         """Telemetry batches the broker has acknowledged since start (one window each)."""
         return self._telemetry_published
 
-    @property
-    def http_address(self) -> tuple[str, int] | None:
-        """Where the local HTTP endpoint listens, when enabled and started."""
-        return self._http.address if self._http is not None else None
-
     # ------------------------------------------------------------ network thread
 
     def _enqueue(self, topic: str, payload: bytes, _retained: bool = False) -> None:

@@ -35,7 +35,7 @@ PROBE = b"~"
 class Ends:
     """One link and what it saw."""
 
-    link: DeviceLink
+    link: MqttLink | MemoryLink
     messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
     connects: int = 0
     disconnects: int = 0
@@ -77,7 +77,7 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
             def on_disconnect() -> None:
                 ends.disconnects += 1
 
-            link: DeviceLink
+            link: MqttLink | MemoryLink
             if isinstance(mqtt, Mosquitto):
                 link = MqttLink(
                     mqtt.broker(user),
@@ -107,13 +107,19 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
             ends.link.stop()
 
 
+def as_device_link(link: DeviceLink) -> DeviceLink:
+    """Both implementations are DeviceLinks (mypy checks this call)."""
+    return link
+
+
 def started(ends: Ends, peer: Ends | None = None) -> Ends:
     """Start ``ends`` and wait until its subscriptions are in place at the broker.
 
     A peer (the coordinator, allowed to publish anywhere) hears itself on its first
     subscription; a device is settled through ``peer``."""
-    ends.link.start()
-    assert ends.link.wait_connected(10.0)
+    link = as_device_link(ends.link)
+    link.start()
+    assert link.wait_connected(10.0)
     wait_for(lambda: ends.connects >= 1, what="on_connect")
     if peer is not None:
         settled(ends, peer)
@@ -221,6 +227,16 @@ def test_a_clean_stop_leaves_no_will(make: Factory) -> None:
     device.link.stop()  # idempotent
     marker(peer, peer, STATUS)
     assert peer.payloads(STATUS) == []
+
+
+def test_a_killed_link_leaves_its_will_and_stays_down(make: Factory) -> None:
+    peer = started(make("coordinator", [EVENTS, STATUS]))
+    device = started(make(DEVICE, [CMD], will=Will(STATUS, b"gone")), peer)
+    device.link.kill()  # both have it (simulations use it); the agent needs it not
+    assert not device.link.connected
+    wait_for(lambda: peer.payloads(STATUS), what="the Will")
+    assert peer.payloads(STATUS) == [b"gone"]
+    assert not device.link.publish(EVENTS, b"x")
 
 
 # ----------------------------------------------------------- the twin's own parts

@@ -111,14 +111,6 @@ class Transfer:
     last_progress: int = -1
 
 
-@dataclass
-class UpdateCounters:
-    """Installs and rejections so far."""
-
-    installs: int = 0
-    rejections: int = 0
-
-
 class Updater:
     """Deploys, transfers, installs and rollbacks of one device (one thread only)."""
 
@@ -148,7 +140,6 @@ class Updater:
         self._clock = clock
         self._checkpoint = checkpoint
         self.transfer: Transfer | None = None
-        self.counters = UpdateCounters()
 
     # ------------------------------------------------------------------ restore
 
@@ -310,7 +301,6 @@ class Updater:
             self._reporter.report(deploy.deployment_id, InstallState.INSTALLED, done.model)
             return
         except (CompressError, AgentError) as exc:
-            self.counters.rejections += 1
             logger.warning("rejected deploy %s: %s", deploy.deployment_id, exc)
             self._report_error(deploy.deployment_id, InstallState.REJECTED, exc)
             return
@@ -464,7 +454,6 @@ class Updater:
                 deployment_id, InstallState.ROLLED_BACK, refused, manifest
             )
         self._serve(model, runtime)
-        self.counters.installs += 1
 
         def installed() -> None:
             self._reporter.report(deployment_id, InstallState.INSTALLED, model)
