@@ -419,11 +419,13 @@ def test_no_model(address: Address) -> None:
         b'{"inputs": [[1, 2, 3, 4]]}\xff',
         b"\xef\xbb\xbf{}",
         b"[" * 100_000,
+        b'{"inputs": [[1' + b"0" * 400 + b', 0, 0, 0]]}',
     ],
     ids=[
         "truncated", "empty", "nan", "infinity", "minus-infinity", "overflow", "duplicate-key",
         "not-an-object", "no-inputs", "unknown-field", "null", "string", "object", "text",
         "inputs-null", "no-named-inputs", "named-string", "bad-utf8", "bom", "deep",
+        "huge-integer",  # over the strict parser's 40 digits
     ],
 )  # fmt: skip
 def test_malformed_body(
@@ -436,13 +438,22 @@ def test_malformed_body(
 
 
 @pytest.mark.parametrize(
+    "body", [b'{"inputs": [[1, 2, 3, 4]]}\n', b' \r\n{"inputs": [[1, 2, 3, 4]]}\t']
+)
+def test_whitespace_around_the_body_is_allowed(
+    address: Address, model_server: ModelServer, models: dict[int, LoadedModel], body: bytes
+) -> None:
+    model_server.activate(models[1])
+    assert post(address, body)[0] == 200
+
+
+@pytest.mark.parametrize(
     ("inputs", "message"),
     [
         ([[1.0, 2.0, 3.0]], "must have shape"),
         ([[1.0, 2.0, 3.0, 4.0], [1.0]], "cannot convert"),
         ({"image": [[1.0, 2.0, 3.0, 4.0]]}, "unknown"),
         ([[1e39, 0, 0, 0]], "cannot convert"),
-        ([[10**400, 0, 0, 0]], "cannot convert"),
         (3.5, "must have shape"),
     ],
 )

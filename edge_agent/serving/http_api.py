@@ -38,8 +38,10 @@ Endpoints:
 Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
 
 ====  ==========================================================================
-400   ``malformed``: the body is not strict JSON (``NaN``, ``Infinity``, numbers
-      that overflow a double and duplicate keys are refused), not an object with
+400   ``malformed``: the body is not one strict JSON object (parsed by
+      :func:`compress.strictjson.loads_strict`: ``NaN``, ``Infinity``, numbers
+      that overflow a double, duplicate keys, lone surrogates and nesting deeper
+      than :data:`MAX_JSON_DEPTH` are refused), not an object with
       exactly the key ``inputs``, or holds something other than numbers and lists;
       a bad ``Content-Length``. ``runtime_error``: the inputs do not fit the model
       (names, dtype, shape) or the runtime failed on them.
@@ -86,9 +88,10 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
+from compress.strictjson import loads_strict
 from edge_agent.errors import (
     ConfigError,
     ModelRuntimeError,
@@ -117,6 +120,9 @@ _BUSY_RESPONSE = (
 )
 
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+_JSON_WHITESPACE = b" \t\r\n"
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of a request body (a batch of 4-D inputs by name needs 6)."""
 
 _ROUTES = {
     "/v1/predict": "POST",
@@ -287,26 +293,6 @@ class _HttpServer6(_HttpServer):
     address_family = socket.AF_INET6
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:32]} overflows a double")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:64]!r}")
-        result[key] = value
-    return result
-
-
 _JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}
 
 
@@ -342,22 +328,21 @@ def _is_json_media_type(value: str) -> bool:
     return True
 
 
-def _parse_json(body: bytes) -> Any:
-    """A strict JSON document.
+def _parse_json(body: bytes) -> dict[str, Any]:
+    """A strict JSON object (:func:`compress.strictjson.loads_strict`).
+
+    Whitespace around the object is allowed (RFC 8259; some clients end the body with
+    a newline); everything else the strict parser refuses is refused here.
 
     Raises:
-        _HttpError: 400, the body is not strict JSON.
+        _HttpError: 400, the body is not one strict JSON object.
     """
     try:
-        doc = json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_unique_keys,
+        return loads_strict(
+            body.strip(_JSON_WHITESPACE), ValueError, what="the body", max_depth=MAX_JSON_DEPTH
         )
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise _HttpError(400, "malformed", f"the body is not valid JSON: {exc}") from exc
-    return doc
+    except ValueError as exc:
+        raise _HttpError(400, "malformed", str(exc)) from None
 
 
 def _parse_feedback(body: bytes) -> tuple[str, int | list[int]]:
@@ -367,7 +352,7 @@ def _parse_feedback(body: bytes) -> tuple[str, int | list[int]]:
         _HttpError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
     """
     doc = _parse_json(body)
-    if not isinstance(doc, dict) or set(doc) != {"prediction_id", "label"}:
+    if set(doc) != {"prediction_id", "label"}:
         raise _HttpError(
             400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
         )
@@ -387,8 +372,6 @@ def _parse_request(body: bytes) -> Any:
         _HttpError: 400, the body is not strict JSON of the expected form.
     """
     doc = _parse_json(body)
-    if not isinstance(doc, dict):
-        raise _HttpError(400, "malformed", 'the body must be a JSON object {"inputs": ...}')
     unknown = sorted(set(doc) - {"inputs"})
     if unknown:
         raise _HttpError(400, "malformed", f"unknown fields {unknown}; expected only 'inputs'")
