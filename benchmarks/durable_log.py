@@ -1,19 +1,17 @@
-"""Benchmark: the agent's crash-safe stores side by side, files against stdlib sqlite3.
+"""Benchmark: the agent's crash-safe log (SQLite) against the two file formats it replaced.
 
-The agent keeps two bounded, crash-safe queues on disk: the telemetry spool
-(:class:`edge_agent.spool.Spool`: one file per item, each written with
-``atomic_write``, i.e. temporary file, fsync, rename, directory fsync) and the
-feedback buffer (:class:`edge_agent.training.feedback.FeedbackBuffer`: one
-append-only file of CRC-framed records, fsync per append, compacted when a quarter
-over its bounds). This script measures them against one SQLite table (``sqlite3``,
-WAL journal; ``synchronous=FULL``, durable at every commit, and ``NORMAL``, durable
-at checkpoints only), with the same items:
+The telemetry spool and the feedback buffer used to keep their records in files of
+their own: one file per item written with ``atomic_write`` (temporary file, fsync,
+rename, directory fsync; a pop unlinks it), and one append-only file of CRC-framed
+records (one ``write`` + ``fsync`` per append; the head is dropped by compaction,
+so it has no pop). Both now use :class:`edge_agent.durable_log.DurableLog`: one
+SQLite table, WAL journal, ``synchronous=FULL`` (durable at every change, as the
+files were) or ``NORMAL`` (survives a killed process, not a power cut). The two
+file formats are reproduced here at their core, for the side-by-side figures:
 
 * **append**: items per second, each durable before the call returns;
-* **pop**: items per second taken off the head (spool: ``peek`` + ``remove``;
-  sqlite: ``SELECT`` + ``DELETE``; the feedback log has no pop: its head is dropped
-  by the bounds and compacted, which the steady-state append figure includes);
-* **size**: bytes on disk for the items held;
+* **pop**: items per second taken off the head;
+* **size**: bytes on disk for the items held (SQLite: after its checkpoint);
 * **crash**: a child process appends as fast as it can and prints each sequence
   number once the call returned; it is SIGKILLed at a random moment, the store is
   reopened, and every acknowledged item must be there, intact (``--crashes`` runs).
@@ -30,22 +28,22 @@ import os
 import random
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 from _support import argument_parser, environment, write_json
 
-from edge_agent.spool import Spool
-from edge_agent.training.feedback import FeedbackBuffer
+from compress.fileio import atomic_write
+from edge_agent.durable_log import DurableLog
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "durable_log.json"
-BIG = 1 << 40
 
 
 class Store(Protocol):
@@ -55,86 +53,99 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class SpoolStore:
-    """The telemetry spool: a file per item."""
-
-    def __init__(self, directory: Path, fsync: bool = True) -> None:
-        del fsync
-        self.spool = Spool(directory, max_bytes=BIG, max_items=10**9)
-
-    def append(self, data: bytes) -> int:
-        return self.spool.append(data)
-
-    def pop(self) -> bytes | None:
-        items = self.spool.peek(1)
-        if not items:
-            return None
-        self.spool.remove(items[0].seq)
-        return items[0].data
-
-    def items(self) -> list[bytes]:
-        return [item.data for item in self.spool.peek(10**9)]
-
-    def close(self) -> None:
-        return None
+_HEADER = struct.Struct(">4sII")  # magic, length, CRC-32: the old framing
 
 
-class FeedbackStore:
-    """The feedback buffer's append-only record file (items as float32 rows)."""
+class FilePerItem:
+    """The old spool: a file per item, written atomically; a pop unlinks it."""
 
-    def __init__(self, directory: Path, fsync: bool = True, max_examples: int = 10**6) -> None:
-        self.buffer = FeedbackBuffer(
-            directory, max_examples=max_examples, max_bytes=1 << 28, fsync=fsync
-        )
-
-    def append(self, data: bytes) -> int:
-        self.buffer.add(np.frombuffer(data, dtype=np.float32), 1)
-        return len(self.buffer)
-
-    def pop(self) -> bytes | None:
-        raise NotImplementedError("the feedback log drops its head by its bounds")
-
-    def items(self) -> list[bytes]:
-        data = self.buffer.dataset()
-        return [] if data is None else [row.astype("<f4").tobytes() for row in data.x]
-
-    def close(self) -> None:
-        return None
-
-
-class SqliteStore:
-    """One table, WAL journal."""
-
-    def __init__(self, directory: Path, synchronous: str = "FULL") -> None:
+    def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(directory / "log.db", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("CREATE TABLE IF NOT EXISTS items (seq INTEGER PRIMARY KEY, data BLOB)")
+        self.dir = directory
+        self.seqs = sorted(int(p.stem) for p in directory.glob("*.item"))
 
     def append(self, data: bytes) -> int:
-        cursor = self.db.execute("INSERT INTO items (data) VALUES (?)", (data,))
-        return int(cursor.lastrowid or 0)
+        seq = self.seqs[-1] + 1 if self.seqs else 1
+        framed = _HEADER.pack(b"FSP1", len(data), zlib.crc32(data)) + data
+        atomic_write(self.dir / f"{seq:020d}.item", framed, mode=0o600)
+        self.seqs.append(seq)
+        return seq
 
     def pop(self) -> bytes | None:
-        row = self.db.execute("SELECT seq, data FROM items ORDER BY seq LIMIT 1").fetchone()
-        if row is None:
+        if not self.seqs:
             return None
-        self.db.execute("DELETE FROM items WHERE seq = ?", (row[0],))
-        return bytes(row[1])
+        path = self.dir / f"{self.seqs.pop(0):020d}.item"
+        data = path.read_bytes()[_HEADER.size :]
+        path.unlink()
+        return data
 
     def items(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self.db.execute("SELECT data FROM items ORDER BY seq")]
+        return [(self.dir / f"{s:020d}.item").read_bytes()[_HEADER.size :] for s in self.seqs]
 
     def close(self) -> None:
-        self.db.close()
+        return None
+
+
+class AppendLog:
+    """The old feedback buffer: CRC-framed records appended to one file, fsync each."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "records.log"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, data: bytes) -> int:
+        os.write(self.fd, _HEADER.pack(b"FBK1", len(data), zlib.crc32(data)) + data)
+        os.fsync(self.fd)
+        return 0
+
+    def pop(self) -> bytes | None:
+        raise NotImplementedError("the head of the log is dropped by compaction")
+
+    def items(self) -> list[bytes]:
+        blob, pos, out = self.path.read_bytes(), 0, []
+        while pos + _HEADER.size <= len(blob):
+            magic, length, crc = _HEADER.unpack_from(blob, pos)
+            data = blob[pos + _HEADER.size : pos + _HEADER.size + length]
+            if magic != b"FBK1" or len(data) != length or zlib.crc32(data) != crc:
+                break  # a torn tail: the recovery of the old format skipped it
+            out.append(data)
+            pos += _HEADER.size + length
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SqliteLog:
+    """The agent's DurableLog."""
+
+    def __init__(self, directory: Path, durable: bool) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log = DurableLog(directory / "log.db", durable=durable)
+
+    def append(self, data: bytes) -> int:
+        return self.log.change(append=[data])[0]
+
+    def pop(self) -> bytes | None:
+        head = self.log.records(1)
+        if not head:
+            return None
+        self.log.change(delete=[head[0][0]])
+        return head[0][1]
+
+    def items(self) -> list[bytes]:
+        return [data for _, data in self.log.records()]
+
+    def close(self) -> None:
+        self.log.close()
 
 
 KINDS: dict[str, Callable[[Path], Store]] = {
-    "file spool (file per item)": SpoolStore,
-    "file log (feedback records)": FeedbackStore,
-    "sqlite WAL synchronous=FULL": lambda d: SqliteStore(d, "FULL"),
-    "sqlite WAL synchronous=NORMAL": lambda d: SqliteStore(d, "NORMAL"),
+    "file per item (old spool)": FilePerItem,
+    "append-only file (old feedback)": AppendLog,
+    "DurableLog sqlite FULL": lambda d: SqliteLog(d, durable=True),
+    "DurableLog sqlite NORMAL": lambda d: SqliteLog(d, durable=False),
 }
 
 
@@ -149,8 +160,7 @@ def apparent_bytes(directory: Path) -> int:
 def measure(kind: str, root: Path, items: int, item_bytes: int) -> dict[str, Any]:
     directory = root / f"m-{abs(hash(kind))}"
     store = KINDS[kind](directory)
-    rng = np.random.default_rng(1)  # finite float32 values: the feedback log takes rows
-    payloads = [rng.random(item_bytes // 4, dtype=np.float32).tobytes() for _ in range(items)]
+    payloads = [random.randbytes(item_bytes) for _ in range(items)]
     start = time.perf_counter()
     for payload in payloads:
         store.append(payload)
@@ -258,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "items": args.items,
             "item_bytes": args.item_bytes,
             "results": results,
-            "environment": environment(["numpy"]),
+            "sqlite": sqlite3.sqlite_version,
+            "environment": environment([]),
         },
     )
     return 0
