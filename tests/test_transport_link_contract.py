@@ -39,6 +39,7 @@ class Ends:
     messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
     connects: int = 0
     disconnects: int = 0
+    fail_on: bytes | None = None  # on_message raises after recording this payload
 
     def payloads(self, topic: str) -> list[bytes]:
         """What arrived on ``topic``, without the test's own ``~`` probes."""
@@ -70,6 +71,8 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
 
             def on_message(topic: str, payload: bytes, retained: bool) -> None:
                 ends.messages.append((topic, payload, retained))
+                if payload == ends.fail_on:
+                    raise RuntimeError("a bug in the handler")
 
             def on_connect() -> None:
                 ends.connects += 1
@@ -237,6 +240,19 @@ def test_a_killed_link_leaves_its_will_and_stays_down(make: Factory) -> None:
     wait_for(lambda: peer.payloads(STATUS), what="the Will")
     assert peer.payloads(STATUS) == [b"gone"]
     assert not device.link.publish(EVENTS, b"x")
+
+
+def test_a_failing_callback_is_logged_and_the_link_goes_on(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    peer = started(make("coordinator", [EVENTS]))
+    device = started(make(DEVICE, [CMD]), peer)
+    device.fail_on = b"boom"
+    assert peer.link.publish(CMD, b"boom")
+    assert peer.link.publish(CMD, b"after")
+    wait_for(lambda: device.payloads(CMD) == [b"boom", b"after"], what="both commands")
+    assert "message handler failed" in caplog.text
+    assert device.link.connected
 
 
 # ----------------------------------------------------------- the twin's own parts

@@ -17,10 +17,14 @@ message to its ``on_message(topic, payload, retained)`` callback, and leaves its
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["DeviceLink", "Will"]
+__all__ = ["DeviceLink", "Will", "call_safely", "deliver_safely"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +84,25 @@ class DeviceLink(Protocol):
         """Lose the connection as a network failure would (the Will goes out), then
         reconnect by itself."""
         ...
+
+
+def deliver_safely(
+    on_message: Callable[[str, bytes, bool], None], topic: str, payload: bytes, retained: bool
+) -> None:
+    """Hand a message to a link's callback; an exception is logged, never propagated
+    into the transport (both implementations deliver through here)."""
+    try:
+        on_message(topic, payload, retained)
+    except Exception:
+        logger.exception("message handler failed on %s", topic)
+
+
+def call_safely(callback: Callable[[], None] | None) -> None:
+    """Call a connection callback (``on_connect``, ``on_disconnect``) if there is one;
+    an exception is logged, never propagated into the transport."""
+    if callback is None:
+        return
+    try:
+        callback()
+    except Exception:
+        logger.exception("connection callback failed")

@@ -20,7 +20,8 @@ parts of MQTT the agent relies on do:
 Everything happens at once on the caller's thread: ``publish`` returns after every
 subscriber's ``on_message`` ran, ``start`` after ``on_connect`` ran. Callbacks are
 called outside the broker's lock, so they may publish in turn; an exception in a
-callback is logged, as the real link does.
+callback is logged (:func:`~edge_agent.transport.link.deliver_safely`), as the
+real link does.
 
 Workflow::
 
@@ -33,15 +34,12 @@ Workflow::
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from edge_agent.transport.link import Will
+from edge_agent.transport.link import Will, call_safely, deliver_safely
 
 __all__ = ["MemoryBroker", "MemoryLink", "topic_matches"]
-
-logger = logging.getLogger(__name__)
 
 Delivery = tuple[Callable[[str, bytes, bool], None], str, bytes, bool]
 """An ``on_message`` call to make: callback, topic, payload, retained."""
@@ -251,7 +249,7 @@ class MemoryLink:
             self._last_error = None
             retained = self._retained_for(self._subscriptions)
         _deliver(retained)
-        _call(self._on_connect)
+        call_safely(self._on_connect)
 
     def lose_connection(self, *, will: bool) -> bool:
         """Drop the connection; publish the Will when ``will``. False if not connected."""
@@ -264,7 +262,7 @@ class MemoryLink:
             last_will, self._will = self._will, None
         if will and last_will is not None:
             self._broker.publish(last_will.topic, last_will.payload, retain=last_will.retain)
-        _call(self._on_disconnect)
+        call_safely(self._on_disconnect)
         return True
 
     def _retained_for(self, topic_filters: Sequence[str]) -> list[Delivery]:
@@ -277,16 +275,4 @@ class MemoryLink:
 
 def _deliver(deliveries: Sequence[Delivery]) -> None:
     for on_message, topic, payload, retained in deliveries:
-        try:
-            on_message(topic, payload, retained)
-        except Exception:
-            logger.exception("message handler failed on %s", topic)
-
-
-def _call(callback: Callable[[], None] | None) -> None:
-    if callback is None:
-        return
-    try:
-        callback()
-    except Exception:
-        logger.exception("connection callback failed")
+        deliver_safely(on_message, topic, payload, retained)
