@@ -248,7 +248,8 @@ class Agent:
         self._link.start()
 
     def stop(self) -> None:
-        """Announce offline, disconnect, stop the endpoint and the worker (idempotent)."""
+        """Announce offline, disconnect, stop the endpoint and the worker, close the
+        stores (idempotent; a stopped agent does not start again)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -269,6 +270,9 @@ class Agent:
             self._http.stop()
         if not (self._worker and self._worker.is_alive()):
             self.updates.close()
+            self._spool.close()
+            if self._feedback is not None:
+                self._feedback.buffer.close()
 
     def predict(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Prediction:
         """Run the installed model (see :meth:`ModelServer.predict`).
