@@ -18,7 +18,9 @@ against the two file formats it replaced: faster appends, no recovery code).
   the same file and change in the same transactions.
 * A file that is not a readable database (damaged disk, garbage) is moved aside to
   ``<name>.db.damaged`` with an error in the log, and the log starts empty: losing
-  the queue beats an agent that cannot start.
+  the queue beats an agent that cannot start. Any other failure to open (a lock
+  held by another process, permissions) is a :class:`~edge_agent.errors.StateError`
+  and leaves the file alone.
 
 Errors of the database (disk full, read-only, a directory that vanished) are raised
 as :class:`~edge_agent.errors.StateError` naming the file. Thread-safe (one lock);
@@ -47,6 +49,12 @@ DAMAGED_SUFFIX = ".damaged"
 WAL_LIMIT_BYTES = 1 << 20
 """The write-ahead log is cut back to this size after each checkpoint (SQLite
 checkpoints it into the database every 1000 pages)."""
+
+BUSY_TIMEOUT_S = 5.0
+"""How long an operation waits for a lock another connection holds, then fails."""
+
+_DAMAGE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+"""SQLite's names for a file that is not, or no longer, a database."""
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS records ("
@@ -185,10 +193,15 @@ class DurableLog:
                 raise StateError(f"{self._path}: cannot read: {exc}") from exc
 
     def _open(self, durable: bool) -> sqlite3.Connection:
-        """Open (creating with mode 0o600) and check the file; set a damaged one aside."""
+        """Open (creating with mode 0o600) and check the file; set a damaged one aside.
+
+        Raises:
+            StateError: the file cannot be created or opened, for any reason but
+                damage (a lock held elsewhere, permissions), or not even once set aside.
+        """
         try:
             return self._connect(durable)
-        except sqlite3.DatabaseError as exc:
+        except _DamagedError as exc:
             damaged = self._path.with_name(self._path.name + DAMAGED_SUFFIX)
             logger.error(
                 "%s is not a usable database (%s): moved to %s, starting empty",
@@ -204,15 +217,23 @@ class DurableLog:
                 raise StateError(f"{self._path}: cannot move aside: {move_error}") from exc
             try:
                 return self._connect(durable)
-            except sqlite3.Error as again:
+            except _DamagedError as again:
                 raise StateError(f"{self._path}: cannot open: {again}") from again
 
     def _connect(self, durable: bool) -> sqlite3.Connection:
+        """Connect, set WAL and durability, create the tables and check the file.
+
+        Raises:
+            _DamagedError: the file is not a database, or a damaged one.
+            StateError: any other reason it cannot be opened.
+        """
         try:
             os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
-        except OSError as exc:
-            raise StateError(f"{self._path}: cannot create: {exc}") from exc
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"{self._path}: cannot open: {exc}") from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -220,9 +241,16 @@ class DurableLog:
             for statement in _SCHEMA:
                 db.execute(statement)
             check = db.execute("PRAGMA quick_check").fetchone()
-            if check is None or check[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {check}")
-        except BaseException:
+        except sqlite3.Error as exc:
             db.close()
-            raise
+            if getattr(exc, "sqlite_errorname", None) in _DAMAGE:
+                raise _DamagedError(str(exc)) from exc
+            raise StateError(f"{self._path}: cannot open: {exc}") from exc
+        if check is None or check[0] != "ok":
+            db.close()
+            raise _DamagedError(f"quick_check: {check}")
         return db
+
+
+class _DamagedError(Exception):
+    """The file is not a database, or a damaged one (internal: it is set aside)."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from edge_agent import durable_log
 from edge_agent.durable_log import DAMAGED_SUFFIX, DurableLog
 from edge_agent.errors import StateError
 
@@ -72,6 +75,22 @@ def test_a_damaged_file_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert (tmp_path / f"log.db{DAMAGED_SUFFIX}").read_bytes().startswith(b"not a database")
 
 
+def test_a_locked_file_is_a_state_error_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = open_log(tmp_path)
+    first.change(append=[b"kept"])
+    first.close()
+    monkeypatch.setattr(durable_log, "BUSY_TIMEOUT_S", 0.05)
+    with closing(sqlite3.connect(tmp_path / "log.db", isolation_level=None)) as other:
+        other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")  # another process would hold it like this
+        with pytest.raises(StateError, match="locked"):
+            open_log(tmp_path)
+    assert not (tmp_path / f"log.db{DAMAGED_SUFFIX}").exists()
+    assert open_log(tmp_path).records()[0][1] == b"kept"
+
+
 def test_an_unusable_place_is_a_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="missing"):
         DurableLog(tmp_path / "missing" / "log.db")
@@ -87,7 +106,9 @@ def test_a_closed_log_refuses_work_with_a_state_error(tmp_path: Path) -> None:
 
 
 CHILD = """
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from edge_agent.durable_log import DurableLog
 log = DurableLog(Path(sys.argv[1]))
