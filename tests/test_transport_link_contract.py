@@ -283,7 +283,11 @@ def test_a_memory_broker_outage_drops_every_link_until_it_is_back() -> None:
     broker = MemoryBroker()
     heard: list[bytes] = []
     link = MemoryLink(
-        broker, client_id=DEVICE, subscriptions=[CMD], on_message=lambda _t, p, _r: heard.append(p)
+        broker,
+        client_id=DEVICE,
+        subscriptions=[CMD, STATUS],
+        on_message=lambda _t, p, _r: heard.append(p),
+        will=Will(STATUS, b"offline"),
     )
     link.start()
     broker.stop()
@@ -293,4 +297,4 @@ def test_a_memory_broker_outage_drops_every_link_until_it_is_back() -> None:
     broker.start()
     assert state(link) == (True, None)
     broker.publish(CMD, b"back")
-    assert heard == [b"back"]
+    assert heard == [b"back"]  # no Will: the broker went away, not the link

@@ -11,9 +11,9 @@ parts of MQTT the agent relies on do:
 * retained messages: the last retained payload of a topic (an empty one clears it)
   is delivered on subscribing, with ``retained=True``;
 * Last Wills: published when a link loses its connection (:meth:`MemoryLink.kill`,
-  :meth:`MemoryLink.drop_connection`, :meth:`MemoryBroker.stop`), not when it
-  disconnects cleanly (:meth:`MemoryLink.stop`); a callable Will is asked afresh
-  at every connect;
+  :meth:`MemoryLink.drop_connection`), not when it disconnects cleanly
+  (:meth:`MemoryLink.stop`) nor when the broker itself goes away
+  (:meth:`MemoryBroker.stop`); a callable Will is asked afresh at every connect;
 * outages: :meth:`MemoryBroker.stop` disconnects every link; started links connect
   again (and re-subscribe) on :meth:`MemoryBroker.start`.
 
@@ -86,12 +86,13 @@ class MemoryBroker:
         _deliver(deliveries)
 
     def stop(self) -> None:
-        """An outage: every link loses its connection (and leaves its Will)."""
+        """An outage: every link loses its connection (a broker that goes away
+        publishes no Wills)."""
         with self.lock:
             self._online = False
             links = [link for link in self._links if link.connected]
         for link in links:
-            link.lose_connection(will=True)
+            link.lose_connection(will=False)
 
     def start(self) -> None:
         """Back from an outage: every started link connects again."""
@@ -182,7 +183,7 @@ class MemoryLink:
             if not self._started:
                 return
             self._started = False
-        self.lose_connection(will=False)
+        self.lose_connection(will=False, clean=True)
 
     def kill(self) -> None:
         """Vanish without DISCONNECT, as on a power loss: the Will goes out."""
@@ -251,13 +252,16 @@ class MemoryLink:
         _deliver(retained)
         call_safely(self._on_connect)
 
-    def lose_connection(self, *, will: bool) -> bool:
-        """Drop the connection; publish the Will when ``will``. False if not connected."""
+    def lose_connection(self, *, will: bool, clean: bool = False) -> bool:
+        """Drop the connection; publish the Will when ``will``. False if not connected.
+
+        ``clean``: a DISCONNECT of this link's own (no error is recorded).
+        """
         with self._broker.lock:
             if not self.connected:
                 return False
             self._connected.clear()
-            if will:
+            if not clean:
                 self._last_error = "connection lost"
             last_will, self._will = self._will, None
         if will and last_will is not None:
