@@ -230,6 +230,16 @@ def test_buffer_drops_the_oldest_beyond_max_examples(tmp_path: Path) -> None:
     assert contents(open_buffer(tmp_path, max_examples=10)) == expected(range(15, 25))
 
 
+def test_one_call_with_more_rows_than_the_bounds_keeps_its_newest(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path, max_examples=3)
+    fill(buffer, 2)
+    buffer.add_many(np.stack([row(i) for i in range(2, 7)]), [i % 5 for i in range(2, 7)])
+    assert contents(buffer) == expected(range(4, 7))
+    assert buffer.dropped == 4
+    assert contents(open_buffer(tmp_path, max_examples=3)) == expected(range(4, 7))
+    assert len(records(buffer.path)) == 3
+
+
 def test_buffer_drops_the_oldest_beyond_max_bytes(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path, max_bytes=3 * 12)
     fill(buffer, 5)
