@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             "timeout_s": args.timeout,
             "seed": args.seed,
             "statistic": f"median over {args.repeats} runs, per figure",
-            "fedge": "in-process agents (default config), Coordinator.deploy to Target 'all'; "
+            "fedge": "in-process agents (default config), Deliveries.deploy to Target 'all'; "
             "times from just before deploy(); past downloading = first verifying/installing/"
             "installed report seen via wait(on_change), coordinator's updated_at",
             "raw": "one paho publisher, QoS 1, one topic; subscribers QoS 1 in-process; "

@@ -74,7 +74,7 @@ from edge_agent.protocol import (
     parse_topic,
 )
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig, LocalHttpServer, parse_bind
+from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
 from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from edge_agent.serving.telemetry import TelemetryCollector
 from edge_agent.spool import Spool
@@ -82,7 +82,9 @@ from edge_agent.training.data import LocalData
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
-from edge_agent.transport.mqtt import MqttLink, Will
+from edge_agent.transport.address import parse_bind
+from edge_agent.transport.link import DeviceLink, Will
+from edge_agent.transport.mqtt import MqttLink
 from edge_agent.transport.network_loop import NetworkLoop
 
 __all__ = ["Agent", "run_agent"]
@@ -182,7 +184,7 @@ class Agent:
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._http: LocalHttpServer | None = None
-        self._link = MqttLink(
+        self._link: DeviceLink = MqttLink(
             config.broker,
             client_id=self.device_id,
             subscriptions=agent_subscriptions(self.device_id, broadcast=False),
@@ -246,7 +248,8 @@ class Agent:
         self._link.start()
 
     def stop(self) -> None:
-        """Announce offline, disconnect, stop the endpoint and the worker (idempotent)."""
+        """Announce offline, disconnect, stop the endpoint and the worker, close the
+        stores (idempotent; a stopped agent does not start again)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -267,6 +270,9 @@ class Agent:
             self._http.stop()
         if not (self._worker and self._worker.is_alive()):
             self.updates.close()
+            self._spool.close()
+            if self._feedback is not None:
+                self._feedback.buffer.close()
 
     def predict(self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Prediction:
         """Run the installed model (see :meth:`ModelServer.predict`).
@@ -323,11 +329,6 @@ class Agent:
     def telemetry_published(self) -> int:
         """Telemetry batches the broker has acknowledged since start (one window each)."""
         return self._telemetry_published
-
-    @property
-    def http_address(self) -> tuple[str, int] | None:
-        """Where the local HTTP endpoint listens, when enabled and started."""
-        return self._http.address if self._http is not None else None
 
     # ------------------------------------------------------------ network thread
 

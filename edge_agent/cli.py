@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -60,7 +59,8 @@ from edge_agent.config.schema import Key
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig, parse_bind
+from edge_agent.serving.http_api import HttpConfig
+from edge_agent.transport.address import parse_bind
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,6 @@ EXIT_USAGE = 2
 
 DEFAULT_CONFIG = Path("agent.toml")
 """The config file ``init`` writes and ``run`` reads when no ``--config`` is given."""
-
-CRASH_ENV = "FEDGE_AGENT_CRASH_AT"
-"""Testing aid: kill the agent at this install checkpoint (see :func:`crash_checkpoint`)."""
 
 PASSWORD_ENV = "FEDGE_AGENT_PASSWORD"  # noqa: S105 (a variable name, not a secret)
 """Environment variable holding the broker password when no other source gives one."""
@@ -296,7 +293,7 @@ def _preflight(config: AgentConfig) -> None:
             )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> int:
     verbose: int = getattr(args, "verbose", 0)
     try:
         config = config_from_args(args, os.environ)
@@ -307,39 +304,26 @@ def _run(args: argparse.Namespace) -> int:
     level = _VERBOSITY[min(verbose, 2)] if verbose else getattr(logging, config.log_level.upper())
     _configure_logging(level)
     logger.info("starting agent %s (broker %s)", config.device_id, config.broker.url)
-    return run_agent(config, checkpoint=crash_checkpoint(os.environ.get(CRASH_ENV)))
-
-
-def crash_checkpoint(point: str | None) -> Checkpoint:
-    """A checkpoint hook that SIGKILLs this process on reaching ``point``.
-
-    A testing aid for crash recovery (``FEDGE_AGENT_CRASH_AT=slot-written``, or
-    ``chunk-N`` for the N-th chunk held): the agent dies exactly there, as on a
-    power cut, and must come back serving a complete, verified model. Without the
-    variable the hook does nothing.
-    """
-    if not point:
-        return lambda _name: None
-    logger.warning("%s=%s: this agent will kill itself there", CRASH_ENV, point)
-
-    def checkpoint(name: str) -> None:
-        if name == point:
-            logger.warning("crash point %s reached: SIGKILL", name)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return checkpoint
+    if checkpoint is None:
+        return run_agent(config)
+    return run_agent(config, checkpoint=checkpoint)
 
 
 def _configure_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; returns the exit status."""
+def main(argv: Sequence[str] | None = None, *, checkpoint: Checkpoint | None = None) -> int:
+    """Console-script entry point; returns the exit status.
+
+    ``checkpoint`` is for tests only (tests/agent_crash.py): a hook called at each
+    named point of an install, which crash tests use to kill the agent there. The
+    console script never passes one, and nothing in the environment sets one.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(args)  # configures logging once the config's log_level is known
+        return _run(args, checkpoint)  # configures logging once the config's log_level is known
     _configure_logging(_VERBOSITY[min(args.verbose, 2)])
     if args.command == "verify":
         return _verify(args)

@@ -9,6 +9,7 @@ The tree::
 
     AgentError
     ├── ConfigError                 agent configuration is invalid
+    │   └── AddressError                not a host, a port or HOST:PORT
     ├── ProtocolError               a message or topic cannot be accepted
     │   ├── MessageTooLargeError        over a size limit (checked before allocating)
     │   ├── MalformedMessageError       framing, JSON, field types or values are wrong
@@ -47,6 +48,12 @@ class ConfigError(AgentError):
     """The agent's configuration is invalid."""
 
     code = "bad_config"
+
+
+class AddressError(ConfigError):
+    """Text is not a host, a port or ``HOST:PORT`` (:mod:`edge_agent.transport.address`)."""
+
+    code = "bad_address"
 
 
 class ProtocolError(AgentError):

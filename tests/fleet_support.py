@@ -449,12 +449,11 @@ class AgentProcess:
                 "--data-dir", str(data_dir), "--telemetry-interval", "1",
                 *(["--http", f"127.0.0.1:{http_port}"] if http_port else []),
             ]  # fmt: skip
-        args = [sys.executable, "-m", "edge_agent.cli", "-vv", "run", *options, *extra]
-        env = {k: v for k, v in os.environ.items() if k != "FEDGE_AGENT_CRASH_AT"}
-        if crash_at is not None:
-            env["FEDGE_AGENT_CRASH_AT"] = crash_at
+        # a crash point needs the test-only entry point (the agent honours none)
+        entry = ["edge_agent.cli"] if crash_at is None else ["tests.agent_crash", crash_at]
+        args = [sys.executable, "-m", *entry, "-vv", "run", *options, *extra]
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:
         """Whether the process is still running."""

@@ -7,6 +7,8 @@ replaced by a fake that records the configuration it is given.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import stat
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from edge_agent import cli
 from edge_agent.cli import build_parser, config_from_args, main
 from edge_agent.config.agent import AgentConfig, build_config, example_config, load_config_file
 from edge_agent.errors import ConfigError
+from tests import agent_crash
 
 
 @pytest.fixture
@@ -330,27 +333,35 @@ def test_run_refuses_a_runtime_that_is_not_installed(
 
 def test_crash_checkpoint_kills_only_at_its_point(monkeypatch: pytest.MonkeyPatch) -> None:
     kills: list[tuple[int, int]] = []
-    monkeypatch.setattr(cli.os, "kill", lambda pid, sig: kills.append((pid, sig)))
-    cli.crash_checkpoint(None)("slot-written")
-    hook = cli.crash_checkpoint("slot-written")
+    monkeypatch.setattr(agent_crash.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    hook = agent_crash.crash_checkpoint("slot-written")
     hook("payload-verified")
     assert kills == []
     hook("slot-written")
-    assert kills == [(cli.os.getpid(), cli.signal.SIGKILL)]
+    assert kills == [(os.getpid(), signal.SIGKILL)]
 
 
-def test_run_hands_the_crash_point_from_the_environment_to_the_agent(
+def test_the_test_entry_point_hands_its_crash_point_to_the_agent(
     config_file: Path, monkeypatch: pytest.MonkeyPatch, log_levels: list[int]
 ) -> None:
     hooks: list[Any] = []
     monkeypatch.setattr(cli, "run_agent", lambda _config, checkpoint: hooks.append(checkpoint) or 0)
-    monkeypatch.setenv(cli.CRASH_ENV, "committed")
     kills: list[int] = []
-    monkeypatch.setattr(cli.os, "kill", lambda _pid, sig: kills.append(sig))
-    assert main(["run", "--config", str(config_file)]) == 0
+    monkeypatch.setattr(agent_crash.os, "kill", lambda _pid, sig: kills.append(sig))
+    assert agent_crash.run(["committed", "run", "--config", str(config_file)]) == 0
     hooks[0]("health-checked")
     hooks[0]("committed")
-    assert kills == [cli.signal.SIGKILL]
+    assert kills == [signal.SIGKILL]
+
+
+def test_the_production_agent_takes_no_crash_point_from_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, log_levels: list[int]
+) -> None:
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(cli, "run_agent", lambda _config, **kwargs: calls.append(kwargs) or 0)
+    monkeypatch.setenv("FEDGE_AGENT_CRASH_AT", "committed")
+    assert main(["run", "--config", str(config_file)]) == 0
+    assert calls == [{}]  # run_agent's own no-op checkpoint
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,8 @@ from coordinator.link.fleet import Target
 from coordinator.link.hub import MqttHub
 from edge_agent.agent import Agent
 from edge_agent.errors import TrainingError, UnknownPredictionError
+from edge_agent.spool import SPOOL_FILE
+from edge_agent.training.feedback import FEEDBACK_FILE, FeedbackBuffer
 from tests.fleet_support import (
     CLASSES,
     FEATURES,
@@ -117,3 +119,16 @@ def test_feedback_turns_predictions_into_training_data_for_rounds(
     assert report.status == "ok"
     assert report.clients == 1
     assert not np.allclose(result.weights["W0"], weights["W0"])
+
+
+def test_a_stopped_agent_closes_its_stores(setup: tuple[Agent, MqttHub, int]) -> None:
+    agent, _coord, _port = setup
+    prediction = agent.predict(np.ones((1, FEATURES), dtype=np.float32))
+    assert agent.feedback(prediction.id, 2) == 1
+    data_dir = agent.config.data_dir
+    stores = [data_dir / "spool" / SPOOL_FILE, data_dir / "feedback" / FEEDBACK_FILE]
+    assert all(Path(f"{store}-wal").exists() for store in stores)  # open, in WAL mode
+    agent.stop()
+    # The last connection to close checkpoints its write-ahead log and deletes it.
+    assert not any(Path(f"{store}-wal").exists() for store in stores)
+    assert len(FeedbackBuffer(data_dir / "feedback", fsync=False)) == 1

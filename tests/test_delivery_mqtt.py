@@ -14,11 +14,13 @@ import dataclasses
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +58,7 @@ from edge_agent.protocol import (
     device_topic,
     encode,
 )
+from edge_agent.spool import SPOOL_FILE
 from tests.fleet_support import (
     FEATURES,
     AgentProcess,
@@ -589,6 +592,12 @@ class Subscriber:
         self.client.loop_stop()
 
 
+def spooled(directory: Path) -> int:
+    """Items in a spool's database, counted through a connection of its own."""
+    with closing(sqlite3.connect(directory / SPOOL_FILE)) as db:
+        return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+
 def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
     broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
@@ -611,7 +620,7 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
         for _ in range(5):  # keeps serving while offline
             assert agent.predict(np.ones(FEATURES, dtype=np.float32)).version == 1
         spool = agent.config.data_dir / "spool"
-        wait_for(lambda: len(list(spool.glob("*.item"))) >= 2, what="batches spooled on disk")
+        wait_for(lambda: spooled(spool) >= 2, what="batches spooled on disk")
         sink.close()
         broker.start()
         sinks.append(Subscriber(broker, topic))

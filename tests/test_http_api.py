@@ -26,7 +26,6 @@ from edge_agent.serving.http_api import (
     MAX_CONCURRENT_REQUESTS,
     HttpConfig,
     LocalHttpServer,
-    parse_bind,
 )
 from edge_agent.serving.server import LoadedModel, ModelServer
 from tests.fleet_support import wait_for
@@ -197,44 +196,6 @@ def test_remote_hosts_need_allow_remote(host: str) -> None:
 def test_bad_config(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field.split("_", maxsplit=1)[0]):
         HttpConfig(**{field: value})  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
-        ("localhost:8080", ("localhost", 8080)),
-        ("[::1]:8080", ("::1", 8080)),
-        ("0.0.0.0:0", ("0.0.0.0", 0)),
-        ("edge-gw.local:65535", ("edge-gw.local", 65535)),
-    ],
-)
-def test_parse_bind(text: str, expected: tuple[str, int]) -> None:
-    assert parse_bind(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "expected HOST:PORT"),
-        ("8080", "expected HOST:PORT"),
-        (":8080", "expected HOST:PORT"),
-        ("127.0.0.1:", "port must be a number"),
-        ("127.0.0.1:http", "port must be a number"),
-        ("127.0.0.1:+80", "port must be a number"),
-        ("127.0.0.1: 80", "port must be a number"),
-        ("127.0.0.1:65536", "port must be a number"),
-        ("::1:8080", "IPv6 addresses in brackets"),
-        ("[::1]8080", r"expected \[IPv6\]:PORT"),
-        ("[::1:8080", r"expected \[IPv6\]:PORT"),
-        ("[localhost]:8080", "not an IPv6 address"),
-        ("bad_host!:80", "not a host name"),
-        ("-host:80", "not a host name"),
-    ],
-)
-def test_parse_bind_errors(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_bind(text)
 
 
 # --- lifecycle --------------------------------------------------------------------------
@@ -459,11 +420,13 @@ def test_no_model(address: Address) -> None:
         b'{"inputs": [[1, 2, 3, 4]]}\xff',
         b"\xef\xbb\xbf{}",
         b"[" * 100_000,
+        b'{"inputs": [[1' + b"0" * 400 + b', 0, 0, 0]]}',
     ],
     ids=[
         "truncated", "empty", "nan", "infinity", "minus-infinity", "overflow", "duplicate-key",
         "not-an-object", "no-inputs", "unknown-field", "null", "string", "object", "text",
         "inputs-null", "no-named-inputs", "named-string", "bad-utf8", "bom", "deep",
+        "huge-integer",  # over the strict parser's 40 digits
     ],
 )  # fmt: skip
 def test_malformed_body(
@@ -476,13 +439,22 @@ def test_malformed_body(
 
 
 @pytest.mark.parametrize(
+    "body", [b'{"inputs": [[1, 2, 3, 4]]}\n', b' \r\n{"inputs": [[1, 2, 3, 4]]}\t']
+)
+def test_whitespace_around_the_body_is_allowed(
+    address: Address, model_server: ModelServer, models: dict[int, LoadedModel], body: bytes
+) -> None:
+    model_server.activate(models[1])
+    assert post(address, body)[0] == 200
+
+
+@pytest.mark.parametrize(
     ("inputs", "message"),
     [
         ([[1.0, 2.0, 3.0]], "must have shape"),
         ([[1.0, 2.0, 3.0, 4.0], [1.0]], "cannot convert"),
         ({"image": [[1.0, 2.0, 3.0, 4.0]]}, "unknown"),
         ([[1e39, 0, 0, 0]], "cannot convert"),
-        ([[10**400, 0, 0, 0]], "cannot convert"),
         (3.5, "must have shape"),
     ],
 )

@@ -1,10 +1,10 @@
 """Participant (edge_agent.training.participant): a device's part in rounds, without a broker.
 
-The link and the event sender are small in-memory twins: the link records its
-(un)subscriptions, the sender encodes every message as the agent would (so nothing
-invalid on the wire passes), records what the coordinator would decode, and can
-play a disconnected link. Data, residuals, trainers, codecs and the coordinator's
-update check are the real ones.
+The link and the event sender are small in-memory twins: the link is a MemoryLink
+(edge_agent.transport.memory), read for its (un)subscriptions; the sender encodes
+every message as the agent would (so nothing invalid on the wire passes), records
+what the coordinator would decode, and can play a disconnected link. Data,
+residuals, trainers, codecs and the coordinator's update check are the real ones.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from edge_agent.training.numpy_trainers import register_trainer, trainer_for, un
 from edge_agent.training.participant import MAX_METRICS, MAX_STALLS, UPDATE_ARRAY, Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import FitResult, TrainConfig
-from edge_agent.transport.mqtt import MqttLink
+from edge_agent.transport.memory import MemoryBroker, MemoryLink
 
 DEVICE = "dev-1"
 FEATURES = 8
@@ -73,17 +73,15 @@ M = TypeVar("M", bound=Message)
 # ----------------------------------------------------------------------- twins
 
 
-class FakeLink:
-    """Records the only two calls Participant makes on its MqttLink."""
+def ignore(_topic: str, _payload: bytes, _retained: bool) -> None:
+    """Chunks reach the participant from the test, not through the link."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
 
-    def subscribe(self, topic: str) -> None:
-        self.calls.append(("subscribe", topic))
-
-    def unsubscribe(self, topic: str) -> None:
-        self.calls.append(("unsubscribe", topic))
+def memory_link() -> MemoryLink:
+    """The agent's link, connected to an in-memory broker with nobody else on it."""
+    link = MemoryLink(MemoryBroker(), client_id=DEVICE, subscriptions=[], on_message=ignore)
+    link.start()
+    return link
 
 
 class Outbox:
@@ -117,11 +115,16 @@ class FakeClock:
 @dataclass
 class Rig:
     participant: Participant
-    link: FakeLink
+    link: MemoryLink
     out: Outbox
     clock: FakeClock
     data_dir: Path
     residuals: ResidualStore
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """The (un)subscriptions the participant made on its link, in order."""
+        return self.link.subscription_changes
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,12 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_rig(tmp_path: Path, data_dir: Path) -> Callable[..., Rig]:
     def make(*, with_data: bool = True, limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Rig:
-        link, out, clock = FakeLink(), Outbox(), FakeClock()
+        link, out, clock = memory_link(), Outbox(), FakeClock()
         residuals = ResidualStore(tmp_path / "res")
         participant = Participant(
             device_id=DEVICE,
             data=LocalData(data_dir) if with_data else None,
-            link=cast(MqttLink, link),
+            link=link,
             send=out,
             residuals=residuals,
             limits=limits,
@@ -282,7 +285,7 @@ def test_train_task_downloads_trains_and_reports_the_encoded_update(
 
     p.on_task(task)
     assert rig.out.sent == [TaskAck(round_id="r1", task_id=task.task_id, has_weights=False)]
-    assert rig.link.calls == [("subscribe", topic)]
+    assert rig.subscriptions == [("subscribe", topic)]
     assert p.deadline is not None
 
     chunks = weights.chunks()
@@ -296,7 +299,7 @@ def test_train_task_downloads_trains_and_reports_the_encoded_update(
 
     assert rig.out.types() == [TaskAck, UpdateReport]
     report = rig.out.of(UpdateReport)[0]
-    assert rig.link.calls == [("subscribe", topic), ("unsubscribe", topic)]
+    assert rig.subscriptions == [("subscribe", topic), ("unsubscribe", topic)]
     assert stall_deadline(p) is None
     assert p.completed == 1
     assert p.on_chunk(chunks[0]) is False  # a late duplicate: no download any more
@@ -352,13 +355,13 @@ def test_every_codec_gives_a_report_the_coordinator_accepts(
 
 def test_a_second_task_on_held_weights_reports_at_once(rig: Rig, softmax: RoundWeights) -> None:
     run_round(rig, softmax, softmax.task(rig.clock))
-    calls = list(rig.link.calls)
+    calls = list(rig.subscriptions)
     sent = len(rig.out.sent)
 
     task = softmax.task(rig.clock, round_id="r2")
     rig.participant.on_task(task)
 
-    assert rig.link.calls == calls  # no subscription, no download
+    assert rig.subscriptions == calls  # no subscription, no download
     new = rig.out.sent[sent:]
     assert new[0] == TaskAck(round_id="r2", task_id=task.task_id, has_weights=True)
     assert [type(m) for m in new] == [TaskAck, UpdateReport]
@@ -393,7 +396,7 @@ def test_evaluate_task_reports_loss_and_accuracy_on_the_held_out_split(
     assert report.metrics["loss"] == pytest.approx(expected.loss)
     assert report.metrics["accuracy"] == pytest.approx(expected.accuracy)
     assert rig.participant.completed == 1
-    assert rig.link.calls[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
+    assert rig.subscriptions[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
 
 
 def test_evaluate_without_a_held_out_split_uses_the_training_examples(
@@ -410,11 +413,11 @@ def test_a_train_task_after_evaluating_the_same_weights_needs_no_download(
 ) -> None:
     rig.participant.on_task(softmax.task(rig.clock, action=TaskAction.EVALUATE))
     deliver(rig.participant, softmax.chunks())
-    calls = list(rig.link.calls)
+    calls = list(rig.subscriptions)
 
     task = softmax.task(rig.clock)
     rig.participant.on_task(task)
-    assert rig.link.calls == calls
+    assert rig.subscriptions == calls
     assert rig.out.types() == [TaskAck, EvalReport, TaskAck, UpdateReport]
     assert rig.out.of(TaskAck)[1].has_weights is True
     assert rig.participant.completed == 2
@@ -428,7 +431,7 @@ def assert_refused(rig: Rig, task: TrainTask, code: str) -> None:
     assert rig.out.types() == [ErrorReport]
     error = only_error(rig.out)
     assert (error.code, error.ref) == (code, task.task_id)
-    assert rig.link.calls == []
+    assert rig.subscriptions == []
     assert rig.participant.deadline is None
     assert rig.participant.completed == 0
     assert not rig.participant.wants_broadcast(task.weights_transfer_id)
@@ -470,7 +473,7 @@ def test_a_task_past_its_deadline_gets_no_answer(
     task = softmax.task(rig.clock, deadline=rig.clock.now - late)
     rig.participant.on_task(task)
     assert rig.out.sent == []
-    assert rig.link.calls == []
+    assert rig.subscriptions == []
     assert rig.participant.deadline is None
     assert rig.participant.on_chunk(softmax.chunks()[0]) is False
 
@@ -493,7 +496,7 @@ def test_a_training_failure_after_the_download_is_reported(
     error = only_error(rig.out)
     assert (error.code, error.ref) == (code, task.task_id)
     assert rig.participant.completed == 0
-    assert rig.link.calls[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
+    assert rig.subscriptions[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
 
 
 def test_weights_that_do_not_fit_the_data_are_reported(rig: Rig) -> None:
@@ -524,7 +527,7 @@ def test_weights_that_do_not_match_their_transfer_id_are_refused(
     assert rig.out.types() == [TaskAck, ErrorReport]
     error = only_error(rig.out)
     assert (error.code, error.ref) == ("payload_hash", task.task_id)
-    assert rig.link.calls == [
+    assert rig.subscriptions == [
         ("subscribe", broadcast_topic(claimed)),
         ("unsubscribe", broadcast_topic(claimed)),
     ]
@@ -582,13 +585,13 @@ def test_a_stall_requests_exactly_the_missing_chunks_then_gives_up(
         assert len(rig.out.of(ChunkRequest)) == stall
         assert p.deadline is not None
         assert p.deadline >= before + 0.05
-    assert rig.link.calls == [("subscribe", topic)]
+    assert rig.subscriptions == [("subscribe", topic)]
 
     sent = len(rig.out.sent)
     p.on_deadline()  # MAX_STALLS fruitless requests: dropped
     assert len(rig.out.sent) == sent
     assert stall_deadline(p) is None
-    assert rig.link.calls == [("subscribe", topic), ("unsubscribe", topic)]
+    assert rig.subscriptions == [("subscribe", topic), ("unsubscribe", topic)]
     assert not p.wants_broadcast(softmax.transfer_id)
     assert p.on_chunk(chunks[0]) is False
     p.on_deadline()
@@ -642,7 +645,7 @@ def test_a_download_past_the_task_deadline_is_dropped_silently(
     rig.participant.on_deadline()
     assert rig.out.types() == [TaskAck]
     assert rig.participant.deadline is None
-    assert rig.link.calls[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
+    assert rig.subscriptions[-1] == ("unsubscribe", broadcast_topic(softmax.transfer_id))
 
 
 def test_reconnecting_during_a_download_rerequests_the_missing_chunks(
@@ -694,7 +697,7 @@ def test_a_new_task_replaces_an_unfinished_download(rig: Rig, softmax: RoundWeig
     p.on_task(new_task)
     old_topic = broadcast_topic(softmax.transfer_id)
     new_topic = broadcast_topic(fresh.transfer_id)
-    assert rig.link.calls == [
+    assert rig.subscriptions == [
         ("subscribe", old_topic),
         ("unsubscribe", old_topic),
         ("subscribe", new_topic),
@@ -723,7 +726,7 @@ def test_a_refused_task_also_ends_an_unfinished_download(rig: Rig, softmax: Roun
     rig.participant.on_task(softmax.task(rig.clock))
     rig.participant.on_task(softmax.task(rig.clock, codec="topk:7"))
     topic = broadcast_topic(softmax.transfer_id)
-    assert rig.link.calls == [("subscribe", topic), ("unsubscribe", topic)]
+    assert rig.subscriptions == [("subscribe", topic), ("unsubscribe", topic)]
     assert rig.participant.deadline is None
     assert rig.out.types() == [TaskAck, ErrorReport]
 
@@ -868,7 +871,7 @@ def test_a_disconnected_link_neither_crashes_nor_counts_a_report(
     rig.out.online = False
     task = softmax.task(rig.clock)
     rig.participant.on_task(task)  # the ack does not go out; the download still starts
-    assert rig.link.calls == [("subscribe", broadcast_topic(softmax.transfer_id))]
+    assert rig.subscriptions == [("subscribe", broadcast_topic(softmax.transfer_id))]
     deliver(rig.participant, softmax.chunks())
     assert rig.out.types() == [TaskAck, UpdateReport]  # attempted
     assert rig.participant.completed == 0
@@ -905,7 +908,7 @@ def test_train_examples_counts_the_local_examples(
     missing = Participant(
         device_id=DEVICE,
         data=LocalData(tmp_path / "missing"),
-        link=cast(MqttLink, FakeLink()),
+        link=memory_link(),
         send=Outbox(),
         residuals=ResidualStore(tmp_path / "res"),
         limits=DEFAULT_LIMITS,

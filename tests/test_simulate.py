@@ -129,7 +129,7 @@ def test_too_low_an_open_files_limit_is_refused_before_any_work(
 ) -> None:
     """One socket per agent: a hard limit below the need is a clear error, not a hang."""
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, 1024))
-    with pytest.raises(RunError, match=r"1000 agents need about 4256 open files.*1024"):
+    with pytest.raises(RunError, match=r"1000 agents need about 7256 open files.*1024"):
         run_simulation(SimulationConfig(out=tmp_path / "run", agents=1000))
     assert not (tmp_path / "run" / "data").exists()
 

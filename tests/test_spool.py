@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import logging
-import shutil
+import sqlite3
 import stat
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-import edge_agent.spool as spool_module
+from edge_agent.durable_log import DAMAGED_SUFFIX
 from edge_agent.errors import ConfigError, StateError
-from edge_agent.spool import HEADER_BYTES, ITEM_SUFFIX, Spool, SpoolItem
+from edge_agent.spool import SPOOL_FILE, Spool, SpoolItem
 
 
 def open_spool(tmp_path: Path, max_bytes: int = 1000, max_items: int = 100) -> Spool:
     return Spool(tmp_path / "spool", max_bytes=max_bytes, max_items=max_items)
 
 
-def item_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(ITEM_SUFFIX))
+def on_disk(directory: Path) -> list[bytes]:
+    """The items in the spool's database, read by another connection."""
+    with closing(sqlite3.connect(directory / SPOOL_FILE)) as db:
+        return [bytes(row[0]) for row in db.execute("SELECT data FROM records ORDER BY seq")]
 
 
 def datas(items: list[SpoolItem]) -> list[bytes]:
@@ -67,13 +70,15 @@ def test_fifo_order_and_sequence_numbers(tmp_path: Path) -> None:
     assert spool.size_bytes == 3 * 6
 
 
-def test_items_are_files_named_by_zero_padded_sequence(tmp_path: Path) -> None:
+def test_items_live_in_one_private_database(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
-    seq = spool.append(b"x")
-    path = spool.directory / f"{seq:020d}{ITEM_SUFFIX}"
-    assert item_files(spool.directory) == [path.name]
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.stat().st_size == HEADER_BYTES + 1
+    spool.append(b"x")
+    path = spool.directory / SPOOL_FILE
+    assert on_disk(spool.directory) == [b"x"]  # committed when append returned
+    for file in spool.directory.iterdir():  # the database and its WAL companions
+        assert file.name.startswith(SPOOL_FILE)
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert path.exists()
 
 
 def test_empty_and_binary_items(tmp_path: Path) -> None:
@@ -92,7 +97,7 @@ def test_remove_is_idempotent(tmp_path: Path) -> None:
     spool.remove(12345)
     assert len(spool) == 0
     assert spool.size_bytes == 0
-    assert item_files(spool.directory) == []
+    assert on_disk(spool.directory) == []
 
 
 def test_byte_bound_drops_oldest_and_counts(
@@ -104,7 +109,7 @@ def test_byte_bound_drops_oldest_and_counts(
     assert datas(spool.peek(10)) == [b"000000003", b"000000004"]
     assert spool.size_bytes == 18
     assert spool.dropped == 3
-    assert len(item_files(spool.directory)) == 2
+    assert len(on_disk(spool.directory)) == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings
     assert "dropped the 1 oldest" in warnings[-1].getMessage()
@@ -116,7 +121,7 @@ def test_item_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
         spool.append(b"%d" % i)
     assert datas(spool.peek(10)) == [b"4", b"5", b"6"]
     assert spool.dropped == 4
-    assert len(item_files(spool.directory)) == 3
+    assert len(on_disk(spool.directory)) == 3
 
 
 def test_one_append_may_drop_several(tmp_path: Path) -> None:
@@ -135,11 +140,12 @@ def test_oversized_item_is_dropped_not_stored(
     first = spool.append(b"keep")
     big = spool.append(b"x" * 11)
     after = spool.append(b"next")
-    assert first < big < after
+    assert big == 0  # not stored: no sequence number
+    assert first < after
     assert datas(spool.peek(10)) == [b"keep", b"next"]
     assert spool.dropped == 1
     assert "larger than the 10-byte spool" in caplog.text
-    assert len(item_files(spool.directory)) == 2
+    assert len(on_disk(spool.directory)) == 2
 
 
 def test_take_dropped_resets_and_persists(tmp_path: Path) -> None:
@@ -179,102 +185,49 @@ def test_reopen_with_smaller_bounds_drops_oldest(tmp_path: Path) -> None:
     assert smaller.dropped == 3
 
 
-def test_crash_leftovers_are_cleaned_and_foreign_files_ignored(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_foreign_files_are_left_alone(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
     seq = spool.append(b"whole")
-    directory = spool.directory
-    leftover_item = directory / f".{seq + 1:020d}{ITEM_SUFFIX}.k3j4h5.tmp"
-    leftover_item.write_bytes(b"half an it")
-    leftover_count = directory / ".dropped.abc123.tmp"
-    leftover_count.write_bytes(b"9")
-    foreign = directory / "README"
+    foreign = spool.directory / "README"
     foreign.write_bytes(b"not ours")
-    foreign_tmp = directory / ".other.x.tmp"
-    foreign_tmp.write_bytes(b"not ours")
-    (directory / "subdir").mkdir()
-    caplog.set_level(logging.INFO)
+    (spool.directory / "subdir").mkdir()
     reopened = open_spool(tmp_path)
-    assert not leftover_item.exists()
-    assert not leftover_count.exists()
     assert foreign.read_bytes() == b"not ours"
-    assert foreign_tmp.exists()
     assert reopened.peek(10) == [SpoolItem(seq=seq, data=b"whole")]
     assert reopened.dropped == 0
-    assert "README" in caplog.text
-    assert "subdir" in caplog.text
 
 
-def test_damaged_items_are_skipped_deleted_and_counted(
+def test_a_damaged_database_is_set_aside_and_the_spool_starts_empty(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = open_spool(tmp_path)
-    seqs = [spool.append(b"item-%d" % i) for i in range(4)]
-    paths = [spool.directory / f"{s:020d}{ITEM_SUFFIX}" for s in seqs]
-    paths[0].write_bytes(paths[0].read_bytes()[:-2])  # truncated data
-    blob = bytearray(paths[1].read_bytes())
-    blob[-1] ^= 0xFF  # flipped bit: checksum mismatch
-    paths[1].write_bytes(bytes(blob))
-    paths[2].unlink()  # vanished
-    assert datas(spool.peek(1)) == [b"item-3"]
-    assert not any(p.exists() for p in paths[:3])
-    assert len(spool) == 1
-    assert spool.size_bytes == 6
-    assert spool.dropped == 3
-    assert "damaged" in caplog.text
-
-
-def test_damaged_items_found_on_open(tmp_path: Path) -> None:
-    spool = open_spool(tmp_path)
-    seqs = [spool.append(b"item-%d" % i) for i in range(3)]
-    paths = [spool.directory / f"{s:020d}{ITEM_SUFFIX}" for s in seqs]
-    paths[0].write_bytes(b"FSP")  # shorter than a header
-    paths[1].write_bytes(b"XXXX" + paths[1].read_bytes()[4:])  # wrong magic
+    spool.append(b"lost")
+    spool.close()
+    path = tmp_path / "spool" / SPOOL_FILE
+    for companion in ("-wal", "-shm"):
+        path.with_name(SPOOL_FILE + companion).unlink(missing_ok=True)
+    path.write_bytes(b"garbage, not SQLite" * 300)
     reopened = open_spool(tmp_path)
-    assert reopened.dropped == 1  # the short file, found by its size
-    assert not paths[0].exists()
-    assert datas(reopened.peek(5)) == [b"item-2"]
-    assert reopened.dropped == 2
-    assert not paths[1].exists()
+    assert len(reopened) == 0
+    assert "not a usable database" in caplog.text
+    assert path.with_name(SPOOL_FILE + DAMAGED_SUFFIX).read_bytes().startswith(b"garbage")
+    reopened.append(b"new")
+    assert datas(open_spool(tmp_path).peek(5)) == [b"new"]
 
 
-def test_damaged_dropped_file_restarts_the_count(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    spool = open_spool(tmp_path, max_items=1)
+def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, max_bytes=1 << 20, max_items=2)
     spool.append(b"a")
     spool.append(b"b")
-    (spool.directory / "dropped").write_bytes(b"lots")
-    assert open_spool(tmp_path).dropped == 0
-    assert "damaged" in caplog.text
-
-
-def test_write_failure_is_a_state_error_naming_the_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    spool = open_spool(tmp_path)
-    spool.append(b"kept")
-
-    def disk_full(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(spool_module, "atomic_write", disk_full)
-    with pytest.raises(StateError, match=r"spool.*\.item.*No space left"):
-        spool.append(b"lost")
-    monkeypatch.undo()
-    assert datas(spool.peek(5)) == [b"kept"]
-    assert len(spool) == 1
-
-
-def test_unwritable_directory_is_a_state_error(tmp_path: Path) -> None:
-    # (A read-only chmod proves nothing when the tests run as root, so the directory
-    # is replaced by a file: no user can create items in that.)
-    spool = open_spool(tmp_path)
-    shutil.rmtree(spool.directory)
-    spool.directory.write_bytes(b"not a directory")
-    with pytest.raises(StateError, match=str(spool.directory)):
-        spool.append(b"x")
+    db = spool._log._db  # a full disk: the file may not grow any more
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StateError, match=rf"{SPOOL_FILE}.*full"):
+        spool.append(b"x" * 100_000)  # would drop "a" in the same transaction
+    assert datas(spool.peek(5)) == [b"a", b"b"]
+    assert (len(spool), spool.size_bytes, spool.dropped) == (2, 2, 0)
+    assert on_disk(spool.directory) == [b"a", b"b"]
+    assert open_spool(tmp_path, max_items=2).dropped == 0
 
 
 def test_concurrent_appends_keep_every_item(tmp_path: Path) -> None:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
+import sqlite3
 import stat
 import struct
 import threading
-import zlib
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from edge_agent.durable_log import DAMAGED_SUFFIX
 from edge_agent.errors import (
     ConfigError,
     DataSourceError,
@@ -24,14 +25,11 @@ from edge_agent.errors import (
 )
 from edge_agent.training.feedback import (
     FEEDBACK_FILE,
-    RECORD_HEADER_BYTES,
     FeedbackBuffer,
     FeedbackCollector,
     PredictionLog,
 )
 from edge_agent.training.trainer import MAX_CLASSES
-
-RECORD_BYTES_3 = RECORD_HEADER_BYTES + 4 + 3 * 4  # one record of 3 features
 
 
 def open_buffer(tmp_path: Path, **kwargs: Any) -> FeedbackBuffer:
@@ -48,6 +46,25 @@ def contents(buffer: FeedbackBuffer) -> list[tuple[int, list[float]]]:
     if data is None:
         return []
     return [(int(label), x.tolist()) for x, label in zip(data.x, data.y, strict=True)]
+
+
+def records(path: Path) -> list[bytes]:
+    """The records in the buffer's database, read by another connection."""
+    with closing(sqlite3.connect(path)) as db:
+        return [bytes(r[0]) for r in db.execute("SELECT data FROM records ORDER BY seq")]
+
+
+def checkpointed_size(path: Path) -> int:
+    """The database file's size once its write-ahead log was copied into it."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path.stat().st_size
+
+
+def insert(path: Path, record: bytes) -> None:
+    """Store a raw record, as something other than the buffer might have."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("INSERT INTO records (data) VALUES (?)", (record,))
 
 
 def fill(buffer: FeedbackBuffer, count: int, start: int = 0) -> None:
@@ -191,7 +208,8 @@ def test_buffer_add_and_dataset(tmp_path: Path) -> None:
     assert buffer.num_features == 3
     assert contents(buffer) == [(1, row(0).tolist()), (4, row(1).tolist())]
     assert stat.S_IMODE(buffer.path.stat().st_mode) == 0o600
-    assert buffer.path.stat().st_size == 2 * RECORD_BYTES_3
+    assert buffer.path.name == FEEDBACK_FILE
+    assert len(records(buffer.path)) == 2  # on the disk when add() returned
 
 
 def test_buffer_persists_across_reopen(tmp_path: Path) -> None:
@@ -212,6 +230,16 @@ def test_buffer_drops_the_oldest_beyond_max_examples(tmp_path: Path) -> None:
     assert contents(open_buffer(tmp_path, max_examples=10)) == expected(range(15, 25))
 
 
+def test_one_call_with_more_rows_than_the_bounds_keeps_its_newest(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path, max_examples=3)
+    fill(buffer, 2)
+    buffer.add_many(np.stack([row(i) for i in range(2, 7)]), [i % 5 for i in range(2, 7)])
+    assert contents(buffer) == expected(range(4, 7))
+    assert buffer.dropped == 4
+    assert contents(open_buffer(tmp_path, max_examples=3)) == expected(range(4, 7))
+    assert len(records(buffer.path)) == 3
+
+
 def test_buffer_drops_the_oldest_beyond_max_bytes(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path, max_bytes=3 * 12)
     fill(buffer, 5)
@@ -220,84 +248,60 @@ def test_buffer_drops_the_oldest_beyond_max_bytes(tmp_path: Path) -> None:
     assert contents(buffer) == expected(range(2, 5))
 
 
-def test_buffer_file_is_compacted(tmp_path: Path) -> None:
+def test_the_file_does_not_grow_beyond_the_bounds(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path, max_examples=8)
     fill(buffer, 200)
+    size = checkpointed_size(buffer.path)
+    fill(buffer, 800, start=200)
     assert len(buffer) == 8
-    # Never more than a quarter over the bound plus the slack of 16 records.
-    assert buffer.path.stat().st_size <= (8 * 5 // 4 + 17) * RECORD_BYTES_3
-    assert contents(open_buffer(tmp_path, max_examples=8)) == expected(range(192, 200))
+    assert len(records(buffer.path)) == 8  # dropped examples are deleted at once
+    assert checkpointed_size(buffer.path) <= size  # their space is reused
+    assert contents(open_buffer(tmp_path, max_examples=8)) == expected(range(992, 1000))
 
 
 def test_reopen_with_smaller_bounds_keeps_the_newest(tmp_path: Path) -> None:
     fill(open_buffer(tmp_path), 20)
     smaller = open_buffer(tmp_path, max_examples=5)
     assert contents(smaller) == expected(range(15, 20))
-    assert smaller.path.stat().st_size == 5 * RECORD_BYTES_3
+    assert smaller.dropped == 15
+    assert contents(open_buffer(tmp_path)) == expected(range(15, 20))  # deleted on disk
 
 
-def test_truncated_tail_is_skipped_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    fill(open_buffer(tmp_path), 5)
-    path = tmp_path / "feedback" / FEEDBACK_FILE
-    with path.open("r+b") as stream:  # a crash in the middle of the last append
-        stream.truncate(path.stat().st_size - 5)
-    with caplog.at_level(logging.WARNING, logger="edge_agent.training.feedback"):
-        buffer = open_buffer(tmp_path)
-    assert contents(buffer) == expected(range(4))
-    assert "damaged or truncated" in caplog.text
-    # The damaged tail is gone from the file, so new records are not hidden behind it.
-    assert path.stat().st_size == 4 * RECORD_BYTES_3
-    buffer.add(row(9), 4)
-    assert contents(open_buffer(tmp_path)) == [*expected(range(4)), (4, row(9).tolist())]
-
-
-@pytest.mark.parametrize("where", ["magic", "length", "label", "features", "crc"])
-def test_a_corrupt_record_in_the_middle_is_skipped(tmp_path: Path, where: str) -> None:
-    fill(open_buffer(tmp_path), 5)
-    path = tmp_path / "feedback" / FEEDBACK_FILE
-    blob = bytearray(path.read_bytes())
-    offset = (
-        2 * RECORD_BYTES_3
-        + {
-            "magic": 1,
-            "length": 6,
-            "crc": 9,
-            "label": RECORD_HEADER_BYTES,
-            "features": RECORD_HEADER_BYTES + 6,
-        }[where]
-    )
-    blob[offset] ^= 0xFF
-    path.write_bytes(bytes(blob))
-    buffer = open_buffer(tmp_path)
-    assert contents(buffer) == [*expected(range(2)), *expected(range(3, 5))]
-
-
-def test_garbage_file_and_leftover_temporary_files(tmp_path: Path) -> None:
+def test_a_damaged_database_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "feedback"
     directory.mkdir()
-    (directory / FEEDBACK_FILE).write_bytes(os.urandom(500))
-    leftover = directory / f".{FEEDBACK_FILE}.abc123.tmp"
-    leftover.write_bytes(b"half a rewrite")
+    (directory / FEEDBACK_FILE).write_bytes(b"\x00garbage" * 500)
     buffer = open_buffer(tmp_path)
     assert len(buffer) == 0
-    assert not leftover.exists()
+    assert "not a usable database" in caplog.text
+    assert (directory / (FEEDBACK_FILE + DAMAGED_SUFFIX)).exists()
     buffer.add(row(0), 0)
     assert contents(open_buffer(tmp_path)) == expected(range(1))
 
 
-def test_records_with_out_of_range_content_are_skipped(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(struct.pack("<I", 1), id="no-features"),
+        pytest.param(struct.pack("<I", 1) + b"\x00" * 13, id="ragged"),
+        pytest.param(struct.pack("<I", MAX_CLASSES) + bytes(12), id="label-out-of-range"),
+        pytest.param(struct.pack("<I", 1) + np.array([np.nan, 1, 2], "<f4").tobytes(), id="nan"),
+        pytest.param(struct.pack("<I", 1) + bytes(16), id="other-width"),
+    ],
+)
+def test_records_with_unusable_content_are_skipped_and_deleted(
+    tmp_path: Path, record: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     buffer = open_buffer(tmp_path)
     buffer.add(row(0), 0)
-    path = buffer.path
-    # A record with a valid CRC but a NaN feature (written by something else).
-    payload = (7).to_bytes(4, "little") + np.array([np.nan, 1, 2], "<f4").tobytes()
-    header = struct.pack(">4sII", b"FBK1", len(payload), zlib.crc32(payload))
-    with path.open("ab") as stream:
-        stream.write(header + payload)
-    buffer.add(row(1), 1)  # appended after the bad record
-    assert contents(open_buffer(tmp_path)) == [(0, row(0).tolist()), (1, row(1).tolist())]
+    insert(buffer.path, record)
+    buffer.add(row(1), 1)  # after the bad record: the newest decide the width
+    with caplog.at_level(logging.WARNING, logger="edge_agent.training.feedback_buffer"):
+        reopened = open_buffer(tmp_path)
+    assert contents(reopened) == expected(range(2))
+    assert caplog.records
+    assert len(records(buffer.path)) == 2
 
 
 @pytest.mark.parametrize("label", [-1, MAX_CLASSES, True, 1.0, "3", None])
@@ -306,7 +310,7 @@ def test_buffer_refuses_invalid_labels(tmp_path: Path, label: Any) -> None:
     with pytest.raises(InvalidLabelError):
         buffer.add(row(0), label)
     assert len(buffer) == 0
-    assert not buffer.path.exists()
+    assert records(buffer.path) == []
 
 
 def test_buffer_refuses_bad_rows(tmp_path: Path) -> None:
@@ -342,50 +346,20 @@ def test_add_many_is_all_or_nothing(tmp_path: Path) -> None:
     assert contents(buffer) == expected(range(2))
 
 
-def test_a_failed_append_is_cut_back_off_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    buffer = open_buffer(tmp_path)
+def test_a_failed_write_stores_nothing(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path, max_examples=4000)
     fill(buffer, 2)
-    real_write = os.write
-
-    def half_then_fail(fd: int, data: Any) -> int:
-        real_write(fd, bytes(data)[:7])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("edge_agent.training.feedback.os.write", half_then_fail)
-    with pytest.raises(StateError, match="No space left"):
-        buffer.add(row(2), 2)
-    monkeypatch.undo()
-    assert len(buffer) == 2
-    assert buffer.path.stat().st_size == 2 * RECORD_BYTES_3
+    db = buffer._log._db  # a full disk: the file may not grow any more
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    many = np.ones((3999, 3), np.float32)
+    with pytest.raises(StateError, match=rf"{FEEDBACK_FILE}.*full"):
+        buffer.add_many(many, [1] * 3999)  # would drop the oldest example too
+    assert contents(buffer) == expected(range(2))
+    assert buffer.dropped == 0
+    db.execute("PRAGMA max_page_count = 1073741823")
     buffer.add(row(3), 3)
-    assert contents(open_buffer(tmp_path)) == [*expected(range(2)), (3, row(3).tolist())]
-
-
-def test_when_cutting_back_fails_the_next_add_rewrites(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    buffer = open_buffer(tmp_path)
-    fill(buffer, 2)
-    real_write = os.write
-
-    def half_then_fail(fd: int, data: Any) -> int:
-        real_write(fd, bytes(data)[:7])
-        raise OSError(5, "I/O error")
-
-    def no_truncate(fd: int, length: int) -> None:
-        raise OSError(5, "I/O error")
-
-    monkeypatch.setattr("edge_agent.training.feedback.os.write", half_then_fail)
-    monkeypatch.setattr("edge_agent.training.feedback.os.ftruncate", no_truncate)
-    with pytest.raises(StateError):
-        buffer.add(row(2), 2)
-    monkeypatch.undo()
-    assert buffer.path.stat().st_size == 2 * RECORD_BYTES_3 + 7  # garbage at the end
-    buffer.add(row(3), 3)
-    assert buffer.path.stat().st_size == 3 * RECORD_BYTES_3
-    assert contents(open_buffer(tmp_path)) == [*expected(range(2)), (3, row(3).tolist())]
+    reopened = open_buffer(tmp_path, max_examples=4000)
+    assert contents(reopened) == [*expected(range(2)), (3, row(3).tolist())]
 
 
 def test_unusable_directory_is_a_state_error(tmp_path: Path) -> None:

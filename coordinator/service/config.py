@@ -81,7 +81,8 @@ from edge_agent.config.values import (
 )
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import COORDINATOR_SENDER
-from edge_agent.serving.http_api import is_loopback, parse_bind
+from edge_agent.serving.http_api import is_loopback
+from edge_agent.transport.address import parse_bind
 
 __all__ = [
     "DEFAULT_BIND_HOST",

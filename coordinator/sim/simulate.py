@@ -90,8 +90,9 @@ MAX_AGENTS = 2000
 """Agents one simulation process runs. Their connections share a few epoll network
 threads, but each agent keeps its own worker thread, data directory and model
 session (about 0.6 MB): a bound that keeps a typo from exhausting the machine."""
-FILES_PER_AGENT = 4
-"""Open files budgeted per agent: its socket, plus files it opens while installing."""
+FILES_PER_AGENT = 7
+"""Open files budgeted per agent: its socket, its telemetry spool's database (three:
+the file, its WAL and its shared-memory index), plus files it opens while installing."""
 
 
 @dataclass(frozen=True)

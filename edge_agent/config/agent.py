@@ -49,9 +49,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +79,9 @@ from edge_agent.config.values import (
     want_seconds,
     want_str,
 )
-from edge_agent.errors import ConfigError, TopicError
+from edge_agent.errors import AddressError, ConfigError, TopicError
 from edge_agent.protocol.topics import validate_device_id
+from edge_agent.transport.address import check_host, split_host_port
 
 __all__ = [
     "DEFAULT_MQTTS_PORT",
@@ -121,47 +120,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 """Values ``AgentConfig.log_level`` accepts."""
 
 
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
 # --------------------------------------------------------------------------- checks
-
-
-def _split_host_port(text: str, *, default_port: int | None) -> tuple[str, int]:
-    """Split ``host[:port]`` / ``[v6][:port]``.
-
-    Raises:
-        ValueError: the reason the text is not a host and port, for the caller's message.
-    """
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("unclosed '[' around an IPv6 address")
-        host, rest = text[1:end], text[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host[:80]!r} is not an IPv6 address") from None
-        if rest and not rest.startswith(":"):
-            raise ValueError("unexpected text after ']'")
-        port_text: str | None = rest[1:] if rest else None
-    else:
-        if text.count(":") > 1:
-            raise ValueError("an IPv6 address goes in brackets, e.g. [::1]")
-        host, sep, after = text.partition(":")
-        port_text = after if sep else None
-        if not host:
-            raise ValueError("no host")
-        if len(host) > 253 or _HOSTNAME_RE.fullmatch(host) is None:
-            raise ValueError(f"{host[:80]!r} is not a host name or address")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError("no port")
-        return host, default_port
-    if _PORT_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text[:20]!r} is not a number from 1 to 65535")
-    return host, int(port_text)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -205,10 +164,10 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         raise ConfigError(f"invalid broker URL {shown}: no path, query or fragment allowed")
     tls = scheme.lower() == "mqtts"
     try:
-        host, port = _split_host_port(
+        host, port = split_host_port(
             netloc, default_port=DEFAULT_MQTTS_PORT if tls else DEFAULT_MQTT_PORT
         )
-    except ValueError as exc:
+    except AddressError as exc:
         raise ConfigError(f"invalid broker URL {shown}: {exc}") from None
     return host, port, tls
 
@@ -216,8 +175,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 def _check_http(value: object) -> str:
     text = want_str("http", value)
     try:
-        _split_host_port(text, default_port=None)
-    except ValueError as exc:
+        split_host_port(text)
+    except AddressError as exc:
         raise FieldError(
             "http", f"http must be HOST:PORT such as 127.0.0.1:8080, got {text[:80]!r}: {exc}"
         ) from None
@@ -269,8 +228,8 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         host = want_str("broker.host", self.host)
         try:
-            _split_host_port(f"[{host}]" if ":" in host else host, default_port=1)
-        except ValueError as exc:
+            check_host(host)
+        except AddressError as exc:
             raise FieldError("broker.host", f"broker.host is invalid: {exc}") from None
         want_int("broker.port", self.port, low=1, high=65535)
         if not isinstance(self.tls, bool):

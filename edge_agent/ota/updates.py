@@ -60,7 +60,7 @@ from edge_agent.protocol import (
 from edge_agent.runtime.base import ModelRuntime
 from edge_agent.runtime.loader import load_model
 from edge_agent.serving.server import LoadedModel, ModelServer
-from edge_agent.transport.mqtt import MqttLink
+from edge_agent.transport.link import DeviceLink
 
 __all__ = ["MAX_STALLS", "Reporter", "Transfer", "Updater"]
 
@@ -111,14 +111,6 @@ class Transfer:
     last_progress: int = -1
 
 
-@dataclass
-class UpdateCounters:
-    """Installs and rejections so far."""
-
-    installs: int = 0
-    rejections: int = 0
-
-
 class Updater:
     """Deploys, transfers, installs and rollbacks of one device (one thread only)."""
 
@@ -130,7 +122,7 @@ class Updater:
         trusted: TrustedKeys,
         device: DeviceProfile,
         server: ModelServer,
-        link: MqttLink,
+        link: DeviceLink,
         reporter: Reporter,
         config: TransferConfig,
         clock: Callable[[], float],
@@ -148,7 +140,6 @@ class Updater:
         self._clock = clock
         self._checkpoint = checkpoint
         self.transfer: Transfer | None = None
-        self.counters = UpdateCounters()
 
     # ------------------------------------------------------------------ restore
 
@@ -310,7 +301,6 @@ class Updater:
             self._reporter.report(deploy.deployment_id, InstallState.INSTALLED, done.model)
             return
         except (CompressError, AgentError) as exc:
-            self.counters.rejections += 1
             logger.warning("rejected deploy %s: %s", deploy.deployment_id, exc)
             self._report_error(deploy.deployment_id, InstallState.REJECTED, exc)
             return
@@ -464,7 +454,6 @@ class Updater:
                 deployment_id, InstallState.ROLLED_BACK, refused, manifest
             )
         self._serve(model, runtime)
-        self.counters.installs += 1
 
         def installed() -> None:
             self._reporter.report(deployment_id, InstallState.INSTALLED, model)

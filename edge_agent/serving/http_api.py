@@ -38,8 +38,10 @@ Endpoints:
 Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
 
 ====  ==========================================================================
-400   ``malformed``: the body is not strict JSON (``NaN``, ``Infinity``, numbers
-      that overflow a double and duplicate keys are refused), not an object with
+400   ``malformed``: the body is not one strict JSON object (parsed by
+      :func:`compress.strictjson.loads_strict`: ``NaN``, ``Infinity``, numbers
+      that overflow a double, duplicate keys, lone surrogates and nesting deeper
+      than :data:`edge_agent.serving.http_bodies.MAX_JSON_DEPTH` are refused), not an object with
       exactly the key ``inputs``, or holds something other than numbers and lists;
       a bad ``Content-Length``. ``runtime_error``: the inputs do not fit the model
       (names, dtype, shape) or the runtime failed on them.
@@ -86,7 +88,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from edge_agent.errors import (
@@ -97,12 +99,18 @@ from edge_agent.errors import (
     TrainingError,
     UnknownPredictionError,
 )
+from edge_agent.serving.http_bodies import (
+    RequestError,
+    is_json_media_type,
+    parse_feedback_body,
+    parse_predict_body,
+)
 from edge_agent.serving.server import ModelServer
 
 FeedbackHandler = Callable[[str, "int | list[int]"], int]
 """Stores the label(s) of a prediction; returns how many examples were stored."""
 
-__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback", "parse_bind"]
+__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +124,6 @@ _BUSY_RESPONSE = (
     b'{"error": {"code": "busy", "message": "too many requests at once; retry"}}'
 )
 
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 
 _ROUTES = {
@@ -221,58 +224,6 @@ class HttpConfig:
             )
 
 
-def parse_bind(text: str) -> tuple[str, int]:
-    """Parse a ``host:port`` bind address.
-
-    Accepted forms: ``127.0.0.1:8080``, ``localhost:8080``, ``[::1]:8080`` (IPv6
-    addresses in brackets). The port is 0-65535.
-
-    Args:
-        text: The address, e.g. from a command-line option.
-
-    Returns:
-        ``(host, port)``, with the brackets of an IPv6 address removed.
-
-    Raises:
-        ConfigError: the text is not ``host:port`` of that form.
-    """
-    shown = repr(text[:80])
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ConfigError(f"bind address {shown}: expected [IPv6]:PORT, e.g. [::1]:8080")
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(
-                f"bind address {shown}: {host[:64]!r} is not an IPv6 address"
-            ) from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"bind address {shown}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-        if ":" in host:
-            raise ConfigError(
-                f"bind address {shown}: put IPv6 addresses in brackets, e.g. [::1]:8080"
-            )
-        if not _HOSTNAME_RE.fullmatch(host):
-            raise ConfigError(f"bind address {shown}: {host[:64]!r} is not a host name or IPv4")
-    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
-        raise ConfigError(f"bind address {shown}: the port must be a number 0-65535")
-    return host, int(port_text)
-
-
-class _HttpError(Exception):
-    """An error response: status, stable code, message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class _Api:
     """What the request handlers need."""
@@ -334,124 +285,6 @@ class _HttpServer6(_HttpServer):
     address_family = socket.AF_INET6
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:32]} overflows a double")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:64]!r}")
-        result[key] = value
-    return result
-
-
-_JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}
-
-
-def _check_numbers(value: Any, where: str) -> None:
-    """Raise 400 unless ``value`` is a number or nested lists of numbers (booleans ok).
-
-    Iterative, so deep nesting cannot exhaust the stack.
-    """
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif not isinstance(item, int | float):  # bool is an int
-            found = _JSON_TYPES.get(type(item), type(item).__name__)
-            raise _HttpError(
-                400, "malformed", f"{where} must hold only numbers and lists, found {found}"
-            )
-
-
-def _is_json_media_type(value: str) -> bool:
-    """``application/json``, optionally with ``charset=utf-8`` (any case, quoted or not)."""
-    media_type, *params = (part.strip() for part in value.split(";"))
-    if media_type.lower() != "application/json":
-        return False
-    for param in params:
-        key, _, val = param.partition("=")
-        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in (
-            "utf-8",
-            "utf8",
-        ):
-            return False
-    return True
-
-
-def _parse_json(body: bytes) -> Any:
-    """A strict JSON document.
-
-    Raises:
-        _HttpError: 400, the body is not strict JSON.
-    """
-    try:
-        doc = json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_unique_keys,
-        )
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise _HttpError(400, "malformed", f"the body is not valid JSON: {exc}") from exc
-    return doc
-
-
-def _parse_feedback(body: bytes) -> tuple[str, int | list[int]]:
-    """The ``prediction_id`` and ``label`` of a feedback request body.
-
-    Raises:
-        _HttpError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
-    """
-    doc = _parse_json(body)
-    if not isinstance(doc, dict) or set(doc) != {"prediction_id", "label"}:
-        raise _HttpError(
-            400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
-        )
-    prediction_id, label = doc["prediction_id"], doc["label"]
-    if not isinstance(prediction_id, str):
-        raise _HttpError(400, "malformed", '"prediction_id" must be a string')
-    labels = label if isinstance(label, list) else [label]
-    if not labels or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
-        raise _HttpError(400, "malformed", '"label" must be an integer or a list of integers')
-    return prediction_id, label
-
-
-def _parse_request(body: bytes) -> Any:
-    """The ``inputs`` of a predict request body.
-
-    Raises:
-        _HttpError: 400, the body is not strict JSON of the expected form.
-    """
-    doc = _parse_json(body)
-    if not isinstance(doc, dict):
-        raise _HttpError(400, "malformed", 'the body must be a JSON object {"inputs": ...}')
-    unknown = sorted(set(doc) - {"inputs"})
-    if unknown:
-        raise _HttpError(400, "malformed", f"unknown fields {unknown}; expected only 'inputs'")
-    if "inputs" not in doc:
-        raise _HttpError(400, "malformed", 'the body must have an "inputs" field')
-    inputs = doc["inputs"]
-    if isinstance(inputs, dict):
-        if not inputs:
-            raise _HttpError(400, "malformed", '"inputs" must name at least one input')
-        for name, value in inputs.items():
-            _check_numbers(value, f"input {name[:64]!r}")
-    else:
-        _check_numbers(inputs, '"inputs"')
-    return inputs
-
-
 class _Handler(BaseHTTPRequestHandler):
     """Routes one request; every response is JSON."""
 
@@ -506,9 +339,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             allowed = _ROUTES.get(path)
             if allowed is None:
-                raise _HttpError(404, "not_found", f"no endpoint {path[:100]!r}")
+                raise RequestError(404, "not_found", f"no endpoint {path[:100]!r}")
             if self.command != allowed:
-                raise _HttpError(
+                raise RequestError(
                     405, "method_not_allowed", f"{path} accepts {allowed}, not {self.command}"
                 )
             if path == "/v1/predict":
@@ -519,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._health()
             else:
                 self._model()
-        except _HttpError as exc:
+        except RequestError as exc:
             headers = {"Allow": _ROUTES[path]} if exc.status == 405 else {}
             self._send_error(exc.status, exc.code, exc.message, headers)
         except (ConnectionError, TimeoutError) as exc:  # the client left, or stopped reading
@@ -531,28 +364,28 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(500, "internal", "internal error; see the agent's log")
 
     def _predict(self) -> None:
-        inputs = _parse_request(self._read_body())
+        inputs = parse_predict_body(self._read_body())
         try:
             prediction = self.server.api.models.predict(inputs)
         except NoModelError as exc:
-            raise _HttpError(503, exc.code, str(exc)) from exc
+            raise RequestError(503, exc.code, str(exc)) from exc
         except ModelRuntimeError as exc:
-            raise _HttpError(400, exc.code, str(exc)) from exc
+            raise RequestError(400, exc.code, str(exc)) from exc
         self._send_json(200, prediction.to_json())
 
     def _feedback(self) -> None:
         handler = self.server.api.feedback
         if handler is None:
-            raise _HttpError(404, "not_found", "labelled feedback is off on this agent")
-        prediction_id, label = _parse_feedback(self._read_body())
+            raise RequestError(404, "not_found", "labelled feedback is off on this agent")
+        prediction_id, label = parse_feedback_body(self._read_body())
         try:
             stored = handler(prediction_id, label)
         except UnknownPredictionError as exc:
-            raise _HttpError(404, exc.code, str(exc)) from exc
+            raise RequestError(404, exc.code, str(exc)) from exc
         except TrainingError as exc:
-            raise _HttpError(400, exc.code, str(exc)) from exc
+            raise RequestError(400, exc.code, str(exc)) from exc
         except StateError as exc:
-            raise _HttpError(503, exc.code, str(exc)) from exc
+            raise RequestError(503, exc.code, str(exc)) from exc
         self._send_json(200, {"stored": stored})
 
     def _health(self) -> None:
@@ -564,7 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _model(self) -> None:
         model = self.server.api.models.active
         if model is None:
-            raise _HttpError(404, NoModelError.code, "no model is installed yet")
+            raise RequestError(404, NoModelError.code, "no model is installed yet")
         self._send_json(200, model.info())
 
     # --- request and response bodies ---------------------------------------------
@@ -573,34 +406,34 @@ class _Handler(BaseHTTPRequestHandler):
         """The request body, after checking its declared length and type.
 
         Raises:
-            _HttpError: 411, 400 (bad length), 413, 408 (timeout), 415.
+            RequestError: 411, 400 (bad length), 413, 408 (timeout), 415.
         """
         if self.headers.get("Transfer-Encoding") is not None:
-            raise _HttpError(
+            raise RequestError(
                 411, "length_required", "chunked bodies are not accepted; send Content-Length"
             )
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
-            raise _HttpError(411, "length_required", "a Content-Length header is required")
+            raise RequestError(411, "length_required", "a Content-Length header is required")
         if len(lengths) > 1 or not _CONTENT_LENGTH_RE.fullmatch(lengths[0].strip()):
-            raise _HttpError(400, "malformed", "invalid Content-Length header")
+            raise RequestError(400, "malformed", "invalid Content-Length header")
         length = int(lengths[0])
         limit = self.server.api.config.max_body_bytes
         if length > limit:
-            raise _HttpError(
+            raise RequestError(
                 413, "too_large", f"the body is {length} bytes, the limit is {limit} bytes"
             )
         try:
             body = self.rfile.read(length)
         except TimeoutError as exc:
-            raise _HttpError(408, "timeout", "timed out reading the request body") from exc
+            raise RequestError(408, "timeout", "timed out reading the request body") from exc
         if len(body) != length:
-            raise _HttpError(400, "malformed", "the body is shorter than its Content-Length")
+            raise RequestError(400, "malformed", "the body is shorter than its Content-Length")
         # Checked after reading (the body is within the limit): closing a connection
         # with unread data resets it, and the client would never see this answer.
         content_type = self.headers.get("Content-Type")
-        if content_type is not None and not _is_json_media_type(content_type):
-            raise _HttpError(
+        if content_type is not None and not is_json_media_type(content_type):
+            raise RequestError(
                 415,
                 "unsupported_media_type",
                 f"expected Content-Type application/json, got {content_type[:100]!r}",

@@ -57,7 +57,7 @@ from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
-from edge_agent.transport.mqtt import MqttLink
+from edge_agent.transport.link import DeviceLink
 
 __all__ = ["MAX_STALLS", "UPDATE_ARRAY", "Participant"]
 
@@ -95,7 +95,7 @@ class Participant:
         *,
         device_id: str,
         data: LocalData | None,
-        link: MqttLink,
+        link: DeviceLink,
         send: Callable[[Message], bool],
         residuals: ResidualStore,
         limits: Limits,
@@ -109,7 +109,7 @@ class Participant:
         Args:
             device_id: This device (mixed into training seeds).
             data: The local training data, or None (the device does not train).
-            link: The agent's MQTT connection (broadcast subscriptions).
+            link: The agent's broker link (broadcast subscriptions).
             send: Publishes an event; False if it could not go out.
             residuals: Where top-k residuals persist.
             limits: Protocol limits (inline report size, chunk sizes).

@@ -44,7 +44,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -53,6 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.errors import BrokerError
+from edge_agent.transport.link import Will, call_safely, deliver_safely
 from edge_agent.transport.network_loop import NetworkLoop, TimerHandle
 
 __all__ = ["MqttLink", "Will"]
@@ -69,18 +69,11 @@ CLOSE_WAIT_S = 2.0
 """How long :meth:`MqttLink.stop` waits for the DISCONNECT to go out before cutting."""
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
-    """The Last Will the broker publishes if this client vanishes without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    retain: bool = True
-    qos: int = 1
-
-
 class MqttLink:
-    """A paho-mqtt client that connects in the background and stays connected."""
+    """A paho-mqtt client that connects in the background and stays connected.
+
+    Implements :class:`edge_agent.transport.link.DeviceLink`.
+    """
 
     def __init__(
         self,
@@ -360,7 +353,7 @@ class MqttLink:
             client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
         self._connected.set()
         logger.info("connected to %s", self._broker.url)
-        self._call(self._on_connect)
+        call_safely(self._on_connect)
 
     def _handle_pre_connect(self, client: mqtt.Client, _userdata: Any) -> None:
         will = self._will() if callable(self._will) else self._will
@@ -383,7 +376,7 @@ class MqttLink:
                 logger.warning(
                     "lost the connection to %s (%s); reconnecting", self._broker.url, reason
                 )
-            self._call(self._on_disconnect)
+            call_safely(self._on_disconnect)
 
     def _handle_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         self._socket_closed.clear()
@@ -452,19 +445,7 @@ class MqttLink:
             self._network.set_writable(sock, self._client.want_write)
 
     def _handle_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
-        except Exception:
-            logger.exception("message handler failed on %s", msg.topic)
-
-    @staticmethod
-    def _call(callback: Callable[[], None] | None) -> None:
-        if callback is None:
-            return
-        try:
-            callback()
-        except Exception:
-            logger.exception("connection callback failed")
+        deliver_safely(self._on_message, msg.topic, bytes(msg.payload), bool(msg.retain))
 
 
 def _cut(sock: Any) -> None:

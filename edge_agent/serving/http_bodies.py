@@ -1,0 +1,141 @@
+"""Request bodies of the local inference endpoint: strict JSON in, checked values out.
+
+:mod:`edge_agent.serving.http_api` reads a body (bounded by its ``Content-Length``)
+and hands it here:
+
+* :func:`parse_predict_body`: ``{"inputs": [[...], ...]}`` or
+  ``{"inputs": {"name": [[...]]}}``, numbers and lists only;
+* :func:`parse_feedback_body`: ``{"prediction_id": "...", "label": N or [N, ...]}``;
+* :func:`is_json_media_type`: whether a declared ``Content-Type`` is JSON in UTF-8.
+
+Bodies are parsed by :func:`compress.strictjson.loads_strict`, the project's one
+strict parser (no ``NaN``/``Infinity``, no numbers that overflow a double, no
+duplicate keys, no lone surrogates, nesting at most :data:`MAX_JSON_DEPTH`);
+whitespace around the object is allowed (RFC 8259; some clients end the body with
+a newline). Every refusal is a :class:`RequestError` that the endpoint answers as
+is: status 400, code ``malformed``, and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress.strictjson import loads_strict
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "RequestError",
+    "is_json_media_type",
+    "parse_feedback_body",
+    "parse_predict_body",
+]
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of a request body (a batch of 4-D inputs by name needs 6)."""
+
+_JSON_WHITESPACE = b" \t\r\n"
+
+
+class RequestError(Exception):
+    """An error response: status, stable code, message (raised by the endpoint too)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+_JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}
+
+
+def _check_numbers(value: Any, where: str) -> None:
+    """Raise 400 unless ``value`` is a number or nested lists of numbers (booleans ok).
+
+    Iterative, so deep nesting cannot exhaust the stack.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, int | float):  # bool is an int
+            found = _JSON_TYPES.get(type(item), type(item).__name__)
+            raise RequestError(
+                400, "malformed", f"{where} must hold only numbers and lists, found {found}"
+            )
+
+
+def is_json_media_type(value: str) -> bool:
+    """``application/json``, optionally with ``charset=utf-8`` (any case, quoted or not)."""
+    media_type, *params = (part.strip() for part in value.split(";"))
+    if media_type.lower() != "application/json":
+        return False
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def _parse_object(body: bytes) -> dict[str, Any]:
+    """A strict JSON object (:func:`compress.strictjson.loads_strict`).
+
+    Whitespace around the object is allowed (RFC 8259; some clients end the body with
+    a newline); everything else the strict parser refuses is refused here.
+
+    Raises:
+        RequestError: 400, the body is not one strict JSON object.
+    """
+    try:
+        return loads_strict(
+            body.strip(_JSON_WHITESPACE), ValueError, what="the body", max_depth=MAX_JSON_DEPTH
+        )
+    except ValueError as exc:
+        raise RequestError(400, "malformed", str(exc)) from None
+
+
+def parse_feedback_body(body: bytes) -> tuple[str, int | list[int]]:
+    """The ``prediction_id`` and ``label`` of a feedback request body.
+
+    Raises:
+        RequestError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
+    """
+    doc = _parse_object(body)
+    if set(doc) != {"prediction_id", "label"}:
+        raise RequestError(
+            400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
+        )
+    prediction_id, label = doc["prediction_id"], doc["label"]
+    if not isinstance(prediction_id, str):
+        raise RequestError(400, "malformed", '"prediction_id" must be a string')
+    labels = label if isinstance(label, list) else [label]
+    if not labels or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise RequestError(400, "malformed", '"label" must be an integer or a list of integers')
+    return prediction_id, label
+
+
+def parse_predict_body(body: bytes) -> Any:
+    """The ``inputs`` of a predict request body.
+
+    Raises:
+        RequestError: 400, the body is not strict JSON of the expected form.
+    """
+    doc = _parse_object(body)
+    unknown = sorted(set(doc) - {"inputs"})
+    if unknown:
+        raise RequestError(400, "malformed", f"unknown fields {unknown}; expected only 'inputs'")
+    if "inputs" not in doc:
+        raise RequestError(400, "malformed", 'the body must have an "inputs" field')
+    inputs = doc["inputs"]
+    if isinstance(inputs, dict):
+        if not inputs:
+            raise RequestError(400, "malformed", '"inputs" must name at least one input')
+        for name, value in inputs.items():
+            _check_numbers(value, f"input {name[:64]!r}")
+    else:
+        _check_numbers(inputs, '"inputs"')
+    return inputs
