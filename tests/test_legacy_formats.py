@@ -315,3 +315,21 @@ def test_the_import_is_marked_in_the_database(tmp_path: Path) -> None:
     log = DurableLog(directory / FEEDBACK_FILE, durable=False)
     assert log.counter(IMPORTED) == 2
     log.close()
+
+
+def test_only_the_tail_of_an_oversized_old_feedback_log_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The old reader read at most 2 * (bounds + record overheads) + 2 * (largest
+    # record) bytes from the end: here about 512 KiB of a 1.4 MB file.
+    directory = tmp_path / "feedback"
+    count = 50_000
+    old_feedback_log(directory, *(old_feedback_record(i % 5, row(i)) for i in range(count)))
+    with caplog.at_level(logging.WARNING, logger="edge_agent.legacy_formats"):
+        buffer = FeedbackBuffer(directory, max_examples=2, max_bytes=1024, fsync=False)
+    assert contents(buffer) == [(i % 5, row(i)) for i in range(count - 2, count)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("more than its bounds allow; reading the last" in m for m in messages)
+    # The read starts inside a record: one damaged region, then whole records.
+    assert any("skipped 1 damaged or truncated region(s)" in m for m in messages)
+    buffer.close()
