@@ -13,10 +13,12 @@ upgrade loses nothing:
    order.
 3. One transaction appends the records after those of the database, sets the
    store's counters and marks the import done (counter :data:`IMPORTED`).
-4. Only then are the old files deleted. A crash between the commit and the end of
-   the deletion leaves files that the next open recognises by the mark: it deletes
-   them without importing them again, so nothing is lost or duplicated. A file
-   that cannot be deleted is logged; the next open tries again.
+4. Only then are the old files deleted, and once all are gone the mark is cleared.
+   A crash between the commit and the end of the deletion leaves files that the
+   next open recognises by the mark: it deletes them without importing them again,
+   so nothing is lost or duplicated. A file that cannot be deleted is logged and
+   the mark stays; the next open tries again. Old files found while no mark is set
+   (an agent downgraded, run and upgraded again) are imported like the first ones.
 
 One INFO line per import says what was imported, skipped and deleted.
 
@@ -30,8 +32,9 @@ Old formats (byte for byte):
 * Feedback: ``feedback.log``, records of magic ``FBK1``, payload length (u32 BE),
   CRC-32 of the payload (u32 BE), then the payload: the label (u32 LE) and the
   features (float32 LE), which is exactly a record of the new buffer. After a
-  damaged region the reader resynchronises on the next magic. Only the last
-  ``limit`` bytes of an oversized file were read.
+  damaged region the reader resynchronises on the next magic. Of an oversized
+  file only the tail was read: 2 x (the bounds plus 16 bytes per example) plus
+  2 x the largest record.
 
 Both stores left ``.<name>.<random>.tmp`` files of interrupted atomic writes; they
 are deleted with the rest.
@@ -63,7 +66,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMPORTED = "legacy_imported"
-"""Counter set (to the number of records imported, at least 1) by the import."""
+"""Counter set by the import's transaction (to the number of records imported, at
+least 1) and cleared (0) once every old file is deleted."""
 
 _SPOOL_ITEM_RE = re.compile(r"(\d{20})\.item")
 _SPOOL_DROPPED = "dropped"
@@ -115,8 +119,9 @@ def import_legacy(
         What was imported, or None when nothing was (no files, or imported before).
 
     Raises:
-        StateError: The old files cannot be read, or the import cannot be written;
-            nothing was, and the old files are left alone.
+        StateError: The old files cannot be read, or the import cannot be written
+            (nothing was, and the old files are left alone); or the mark cannot be
+            cleared after the deletion (the import stands).
     """
     if not files:
         return None
@@ -127,7 +132,7 @@ def import_legacy(
             len(files),
             log.path.name,
         )
-        _delete(files, store)
+        _delete(log, files, store)
         return None
     legacy = read(files)
     settings = dict(counters(legacy) if counters else {})
@@ -143,16 +148,26 @@ def import_legacy(
         legacy.dropped,
         len(files),
     )
-    _delete(files, store)
+    _delete(log, files, store)
     return legacy
 
 
-def _delete(files: Sequence[Path], store: str) -> None:
+def _delete(log: DurableLog, files: Sequence[Path], store: str) -> None:
+    """Delete the imported ``files``; clear the mark once all are gone.
+
+    Raises:
+        StateError: The mark cannot be cleared (the next open deletes nothing more
+            and clears it).
+    """
+    left = 0
     for path in files:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:  # imported: the next open deletes it
             logger.error("%s: cannot delete old-format file %s: %s", store, path, exc)
+            left += 1
+    if not left:
+        log.change(counters={IMPORTED: 0})
 
 
 def _listing(directory: Path) -> list[Path]:

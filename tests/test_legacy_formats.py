@@ -305,16 +305,46 @@ def test_a_crash_between_commit_and_delete_does_not_duplicate_old_feedback(
     assert contents(buffer) == [(i, row(i)) for i in range(3)]
     assert not (directory / "feedback.log").exists()
     buffer.close()
-    assert contents(open_buffer(directory)) == [(i, row(i)) for i in range(3)]
+    reopened = open_buffer(directory)
+    assert contents(reopened) == [(i, row(i)) for i in range(3)]
+    reopened.close()
 
 
-def test_the_import_is_marked_in_the_database(tmp_path: Path) -> None:
+def test_the_mark_lives_from_the_commit_until_the_old_files_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = tmp_path / "feedback"
     old_feedback_log(directory, old_feedback_record(0, row(0)), old_feedback_record(1, row(1)))
+
+    def read_only(path: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
     open_buffer(directory).close()
+    monkeypatch.undo()
     log = DurableLog(directory / FEEDBACK_FILE, durable=False)
-    assert log.counter(IMPORTED) == 2
+    assert log.counter(IMPORTED) == 2  # imported; the old file could not go
     log.close()
+    buffer = open_buffer(directory)
+    assert contents(buffer) == [(0, row(0)), (1, row(1))]
+    buffer.close()
+    assert not (directory / "feedback.log").exists()
+    log = DurableLog(directory / FEEDBACK_FILE, durable=False)
+    assert log.counter(IMPORTED) == 0
+    log.close()
+
+
+def test_old_files_that_come_back_after_a_downgrade_are_imported_too(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    old_spool_item(directory, 0, b"before the upgrade")
+    open_spool(directory).close()
+    old_spool_item(directory, 0, b"written by the downgraded agent")
+    spool = open_spool(directory)
+    assert [item.data for item in spool.peek(10)] == [
+        b"before the upgrade",
+        b"written by the downgraded agent",
+    ]
+    spool.close()
 
 
 def test_only_the_tail_of_an_oversized_old_feedback_log_is_read(
