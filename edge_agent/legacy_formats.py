@@ -110,7 +110,7 @@ def import_legacy(
 
     Args:
         log: The store's database.
-        files: The old files found (nothing happens when empty).
+        files: The old files found (when none, only a leftover mark is cleared).
         read: Reads them (called only when they were not imported yet).
         store: The store's name, for the log lines.
         counters: The store's counters to set in the import's transaction.
@@ -123,9 +123,12 @@ def import_legacy(
             (nothing was, and the old files are left alone); or the mark cannot be
             cleared after the deletion (the import stands).
     """
+    marked = log.counter(IMPORTED)
     if not files:
+        if marked:  # a crash came after the deletion, before the mark was cleared
+            log.change(counters={IMPORTED: 0})
         return None
-    if log.counter(IMPORTED):
+    if marked:
         logger.info(
             "%s: deleting %d old-format file(s) already imported into %s",
             store,

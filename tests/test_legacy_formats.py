@@ -363,3 +363,17 @@ def test_only_the_tail_of_an_oversized_old_feedback_log_is_read(
     # The read starts inside a record: one damaged region, then whole records.
     assert any("skipped 1 damaged or truncated region(s)" in m for m in messages)
     buffer.close()
+
+
+def test_a_mark_left_by_a_crash_after_the_deletion_is_cleared(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    old_spool_item(directory, 0, b"first")
+    open_spool(directory).close()
+    log = DurableLog(directory / SPOOL_FILE)
+    log.change(counters={IMPORTED: 1})  # the files went, the mark stayed
+    log.close()
+    open_spool(directory).close()
+    old_spool_item(directory, 0, b"after a downgrade")
+    spool = open_spool(directory)
+    assert [item.data for item in spool.peek(10)] == [b"first", b"after a downgrade"]
+    spool.close()
