@@ -17,6 +17,11 @@ log (``spool.db`` in the directory, durable at every change). The persisted coun
 of lost items is a counter in the same file, changed in the same transaction as the
 items it counts. Sequence numbers increase and are never reused.
 
+An agent upgraded in place finds the spool of its earlier version (one file per
+item): on open, :mod:`edge_agent.legacy_formats` imports those items in their
+order, adds the old dropped count and the damaged items to the dropped count, and
+deletes the old files once the import committed.
+
 Bounds (``max_bytes`` counts item data; ``max_items`` counts items): when an append
 would exceed one, the oldest items are deleted first and counted as dropped, in the
 transaction that stores the new item. An item larger than ``max_bytes`` on its own
@@ -37,6 +42,7 @@ from pathlib import Path
 
 from edge_agent.durable_log import DurableLog
 from edge_agent.errors import ConfigError, StateError
+from edge_agent.legacy_formats import LegacyRecords, import_legacy, read_spool_items, spool_files
 
 __all__ = ["SPOOL_FILE", "Spool", "SpoolItem"]
 
@@ -89,6 +95,17 @@ class Spool:
         except OSError as exc:
             raise StateError(f"{self._dir}: cannot create spool directory: {exc}") from exc
         self._log = DurableLog(self._dir / SPOOL_FILE)
+        try:
+            import_legacy(
+                self._log,
+                spool_files(self._dir),
+                read_spool_items,
+                store="spool",
+                counters=self._imported_drops,
+            )
+        except BaseException:
+            self._log.close()
+            raise
         self._index: OrderedDict[int, int] = OrderedDict(self._log.sizes())  # seq -> bytes
         self._size = sum(self._index.values())
         self._dropped = self._log.counter(_DROPPED)
@@ -202,6 +219,11 @@ class Spool:
             self._log.close()
 
     # ------------------------------------------------------------------- helpers
+
+    def _imported_drops(self, legacy: LegacyRecords) -> dict[str, int]:
+        """The dropped count after importing an old spool: its count and its
+        damaged items (which the old spool counted as lost) are added."""
+        return {_DROPPED: self._log.counter(_DROPPED) + legacy.dropped + legacy.skipped}
 
     def _store(self, data: bytes | None) -> int:
         """Append ``data`` (None: nothing) after dropping the oldest items beyond the

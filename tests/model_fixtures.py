@@ -17,7 +17,7 @@ import pytest
 
 from compress.families import FloatArray, init_weights
 from compress.onnx_export import export_onnx
-from edge_agent.runtime.base import ModelRuntime, TensorInfo
+from edge_agent.runtime.base import EngineModel, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 
 N_FEATURES = 4
@@ -46,8 +46,8 @@ def runtime(weights: dict[str, FloatArray]) -> OnnxRuntimeModel:
     return softmax_runtime(weights)
 
 
-class FakeRuntime(ModelRuntime):
-    """A structural runtime whose run() is a plain function."""
+class FakeRuntime(EngineModel):
+    """A runtime whose run() is a plain function."""
 
     def __init__(
         self,
@@ -55,17 +55,11 @@ class FakeRuntime(ModelRuntime):
         inputs: list[TensorInfo] | None = None,
         outputs: list[TensorInfo] | None = None,
     ) -> None:
+        super().__init__(
+            inputs or [TensorInfo("x", (None, 2), "float32")],
+            outputs or [TensorInfo("y", (None, 2), "float32")],
+        )
         self._run = run
-        self._inputs = inputs or [TensorInfo("x", (None, 2), "float32")]
-        self._outputs = outputs or [TensorInfo("y", (None, 2), "float32")]
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return list(self._outputs)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(feeds)

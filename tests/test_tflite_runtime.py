@@ -34,6 +34,23 @@ def test_tensor_info_has_dynamic_batch() -> None:
     assert [(t.name, t.shape) for t in model.outputs] == [(OUTPUT_NAME, (None, 3))]
 
 
+@pytest.mark.parametrize(
+    ("model", "threads", "message"),
+    [
+        (MODEL, 0, "threads must be a positive integer"),
+        (MODEL, True, "threads must be a positive integer"),
+        (MODEL, "2", "threads must be a positive integer"),
+        (b"", 1, "model must be non-empty bytes"),
+        ("text", 1, "model must be non-empty bytes"),
+    ],
+)
+def test_load_arguments_are_checked_before_the_interpreter(
+    model: bytes, threads: int, message: str
+) -> None:
+    with pytest.raises(ModelRuntimeError, match=message):
+        TfliteModel.from_bytes(model, threads=threads)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 2, 7])
 def test_predicts_like_numpy_for_any_batch(rows: int) -> None:
     model = TfliteModel.from_bytes(MODEL)

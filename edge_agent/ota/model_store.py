@@ -36,6 +36,7 @@ from compress.fileio import atomic_write, fsync_directory, read_bounded
 from compress.manifest import MAX_PAYLOAD_BYTES
 from compress.signing import MAX_BLOB_BYTES
 from edge_agent.errors import StateError
+from edge_agent.ota.records import record_from_json, record_to_json, write_state_file
 
 __all__ = ["SLOTS", "InstalledModel", "ModelStore", "StoreState"]
 
@@ -72,14 +73,7 @@ class InstalledModel:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for state.json."""
-        return {
-            "slot": self.slot,
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "format": self.format,
-            "installed_at": self.installed_at,
-        }
+        return record_to_json(self)
 
     @classmethod
     def from_json(cls, obj: Any) -> InstalledModel:
@@ -88,17 +82,7 @@ class InstalledModel:
         Raises:
             StateError: a field is missing or has the wrong type.
         """
-        try:
-            model = cls(
-                slot=str(obj["slot"]),
-                name=str(obj["name"]),
-                version=int(obj["version"]),
-                sha256=str(obj["sha256"]),
-                format=str(obj["format"]),
-                installed_at=float(obj["installed_at"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"bad model entry in {STATE_FILE}: {exc}") from exc
+        model = record_from_json(cls, obj, f"bad model entry in {STATE_FILE}")
         if model.slot not in SLOTS:
             raise StateError(f"bad slot {model.slot!r} in {STATE_FILE}")
         return model
@@ -199,10 +183,7 @@ class ModelStore:
         Raises:
             StateError: the write failed (the previous state stays in force).
         """
-        try:
-            atomic_write(self.root / STATE_FILE, state.to_bytes(), mode=0o600)
-        except OSError as exc:
-            raise StateError(f"cannot write {self.root / STATE_FILE}: {exc}") from exc
+        write_state_file(self.root / STATE_FILE, state.to_bytes(), verb="write")
         self._state = state
 
     def slot_dir(self, slot: str) -> Path:

@@ -32,12 +32,13 @@ import logging
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from compress.fileio import atomic_write
 from compress.signing import MAX_BLOB_BYTES
 from edge_agent.errors import StateError, TransferError
+from edge_agent.ota.records import record_from_json, record_to_json, write_state_file
 from edge_agent.protocol import Chunk, chunk_count
 
 __all__ = ["StagedTransfer", "TransferInfo", "list_transfers"]
@@ -73,16 +74,7 @@ class TransferInfo:
 
     def to_json(self) -> bytes:
         """Serialized form (deploy.json)."""
-        return json.dumps(
-            {
-                "deployment_id": self.deployment_id,
-                "transfer_id": self.transfer_id,
-                "total_size": self.total_size,
-                "chunk_size": self.chunk_size,
-                "chunk_count": self.chunk_count,
-            },
-            sort_keys=True,
-        ).encode()
+        return json.dumps(record_to_json(self), sort_keys=True).encode()
 
     @classmethod
     def read(cls, directory: Path) -> TransferInfo | None:
@@ -101,15 +93,9 @@ class TransferInfo:
         """
         try:
             obj = json.loads(data)
-            info = cls(
-                deployment_id=str(obj["deployment_id"]),
-                transfer_id=str(obj["transfer_id"]),
-                total_size=int(obj["total_size"]),
-                chunk_size=int(obj["chunk_size"]),
-                chunk_count=int(obj["chunk_count"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             raise StateError(f"unreadable {_DEPLOY_FILE}: {exc}") from exc
+        info = record_from_json(cls, obj, f"unreadable {_DEPLOY_FILE}")
         if (
             info.chunk_size < 1
             or info.total_size < 0
@@ -215,17 +201,8 @@ class StagedTransfer:
         Raises:
             StateError: deploy.json cannot be rewritten.
         """
-        info = TransferInfo(
-            deployment_id=deployment_id,
-            transfer_id=self.info.transfer_id,
-            total_size=self.info.total_size,
-            chunk_size=self.info.chunk_size,
-            chunk_count=self.info.chunk_count,
-        )
-        try:
-            atomic_write(self.directory / _DEPLOY_FILE, info.to_json(), mode=0o600)
-        except OSError as exc:
-            raise StateError(f"cannot update {self.directory / _DEPLOY_FILE}: {exc}") from exc
+        info = replace(self.info, deployment_id=deployment_id)
+        write_state_file(self.directory / _DEPLOY_FILE, info.to_json(), verb="update")
         self.info = info
 
     def _replay(self, journal: bytes) -> None:

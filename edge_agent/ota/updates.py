@@ -310,13 +310,7 @@ class Updater:
             return
         if current is not None:
             self._set_transfer(None)
-            self._reporter.report(
-                current.deployment_id,
-                InstallState.FAILED,
-                None,
-                code="superseded",
-                reason=f"superseded by {deploy.deployment_id}",
-            )
+            self._report_superseded(current.deployment_id, f"superseded by {deploy.deployment_id}")
         info = TransferInfo(
             deployment_id=deploy.deployment_id,
             transfer_id=deploy.transfer_id,
@@ -341,13 +335,7 @@ class Updater:
     def _resume(self, transfer: Transfer, deployment_id: str) -> None:
         """A deploy of the transfer in progress was (re)sent: carry on under its id."""
         if transfer.deployment_id != deployment_id:
-            self._reporter.report(
-                transfer.deployment_id,
-                InstallState.FAILED,
-                None,
-                code="superseded",
-                reason=f"continued as {deployment_id}",
-            )
+            self._report_superseded(transfer.deployment_id, f"continued as {deployment_id}")
             try:
                 transfer.staged.relabel(deployment_id)
             except StateError as exc:
@@ -530,6 +518,12 @@ class Updater:
         model: Manifest | None = None,
     ) -> None:
         self._reporter.report(deployment_id, state, model, code=exc.code, reason=str(exc))
+
+    def _report_superseded(self, deployment_id: str, reason: str) -> None:
+        """Report ``deployment_id`` failed because a newer deploy took its place."""
+        self._reporter.report(
+            deployment_id, InstallState.FAILED, None, code="superseded", reason=reason
+        )
 
     def _report_transfer(
         self, transfer: Transfer, *, force: bool = False, state: InstallState | None = None

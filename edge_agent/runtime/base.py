@@ -14,6 +14,9 @@ Implementations: :class:`edge_agent.runtime.onnx_runtime.OnnxRuntimeModel`
 (onnxruntime, always available) and
 :class:`edge_agent.runtime.tflite_runtime.TfliteModel` (LiteRT or tflite-runtime, when
 installed); :func:`edge_agent.runtime.loader.load_model` picks one by model format.
+Both derive from :class:`EngineModel` (the tensors they declared at load time) and
+check what they are given with the same helpers: :func:`check_load_args` for the
+model bytes and thread count, :func:`check_feeds` for every ``run``.
 Implementations translate their engine's exceptions into
 :class:`edge_agent.errors.ModelRuntimeError`, so callers never see a foreign error.
 
@@ -32,7 +35,15 @@ import numpy.typing as npt
 
 from edge_agent.errors import ModelRuntimeError
 
-__all__ = ["ModelRuntime", "TensorInfo", "accuracy", "check_feeds", "predict_single"]
+__all__ = [
+    "EngineModel",
+    "ModelRuntime",
+    "TensorInfo",
+    "accuracy",
+    "check_feeds",
+    "check_load_args",
+    "predict_single",
+]
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,46 @@ class ModelRuntime(Protocol):
                 engine failed.
         """
         return predict_single(self, x)
+
+
+class EngineModel(ModelRuntime):
+    """What every engine adapter shares: the tensors its model declared at load time.
+
+    Args:
+        inputs: The model's inputs, in the model's order.
+        outputs: The model's outputs, in the model's order.
+    """
+
+    def __init__(self, inputs: list[TensorInfo], outputs: list[TensorInfo]) -> None:
+        self._inputs = list(inputs)
+        self._outputs = list(outputs)
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        """The model's inputs, in the model's order."""
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        """The model's outputs, in the model's order."""
+        return list(self._outputs)
+
+
+def check_load_args(model: object, threads: object) -> bytes:
+    """Check what an adapter's ``from_bytes`` is given, before the engine sees it.
+
+    Returns:
+        The model as ``bytes``.
+
+    Raises:
+        ModelRuntimeError: ``threads`` is not a positive integer, or ``model`` is not
+            non-empty bytes.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ModelRuntimeError(f"threads must be a positive integer, got {threads!r}")
+    if not isinstance(model, bytes | bytearray | memoryview) or len(model) == 0:
+        raise ModelRuntimeError("model must be non-empty bytes")
+    return bytes(model)
 
 
 def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, object]) -> dict[str, np.ndarray]:

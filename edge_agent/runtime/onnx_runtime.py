@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from compress.errors import one_line
 from edge_agent.errors import ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo, check_feeds
+from edge_agent.runtime.base import EngineModel, TensorInfo, check_feeds, check_load_args
 
 __all__ = ["OnnxRuntimeModel"]
 
@@ -66,7 +66,7 @@ _DTYPES = {
 }
 
 
-class OnnxRuntimeModel(ModelRuntime):
+class OnnxRuntimeModel(EngineModel):
     """A model loaded into an onnxruntime ``InferenceSession`` (CPU).
 
     Create instances with :meth:`from_bytes`. Safe to share between threads
@@ -80,9 +80,11 @@ class OnnxRuntimeModel(ModelRuntime):
             ModelRuntimeError: the session has non-tensor inputs or outputs, or
                 tensors of a type numpy cannot hold.
         """
+        super().__init__(
+            [_tensor_info(arg, "input") for arg in session.get_inputs()],
+            [_tensor_info(arg, "output") for arg in session.get_outputs()],
+        )
         self._session = session
-        self._inputs = [_tensor_info(arg, "input") for arg in session.get_inputs()]
-        self._outputs = [_tensor_info(arg, "output") for arg in session.get_outputs()]
         self._output_names = [info.name for info in self._outputs]
 
     @classmethod
@@ -101,17 +103,14 @@ class OnnxRuntimeModel(ModelRuntime):
                 cannot load the model (invalid bytes, unsupported operators or
                 opset), or the model has non-tensor inputs or outputs.
         """
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ModelRuntimeError(f"threads must be a positive integer, got {threads!r}")
-        if not isinstance(model, bytes | bytearray | memoryview) or len(model) == 0:
-            raise ModelRuntimeError("model must be non-empty bytes")
+        blob = check_load_args(model, threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = _LOG_SEVERITY
         try:
-            session = ort.InferenceSession(bytes(model), sess_options=options, providers=_PROVIDERS)
+            session = ort.InferenceSession(blob, sess_options=options, providers=_PROVIDERS)
         except Exception as exc:  # onnxruntime's exceptions derive from Exception only
             raise ModelRuntimeError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
         runtime = cls(session)
@@ -124,25 +123,8 @@ class OnnxRuntimeModel(ModelRuntime):
         )
         return runtime
 
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        """The model's inputs, in the model's order."""
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        """The model's outputs, in the model's order."""
-        return list(self._outputs)
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model once.
-
-        Args:
-            feeds: One array per input, by name, with exactly the input's dtype and
-                a shape that matches its static dimensions.
-
-        Returns:
-            Every output, by name.
+        """Run the model once (see :meth:`ModelRuntime.run`).
 
         Raises:
             ModelRuntimeError: missing or unknown inputs, wrong dtype or shape, or

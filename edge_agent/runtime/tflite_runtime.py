@@ -31,7 +31,7 @@ import numpy as np
 
 from compress.errors import one_line
 from edge_agent.errors import ModelRuntimeError
-from edge_agent.runtime.base import ModelRuntime, TensorInfo, check_feeds
+from edge_agent.runtime.base import EngineModel, TensorInfo, check_feeds, check_load_args
 
 __all__ = ["TFLITE_MODULES", "TfliteModel", "tflite_available"]
 
@@ -69,7 +69,7 @@ def _tensor_info(detail: Mapping[str, Any]) -> TensorInfo:
     return TensorInfo(name=str(detail["name"]), shape=shape, dtype=np.dtype(detail["dtype"]).name)
 
 
-class TfliteModel(ModelRuntime):
+class TfliteModel(EngineModel):
     """A model loaded into a TFLite interpreter. Create with :meth:`from_bytes`."""
 
     def __init__(self, interpreter: Any) -> None:
@@ -78,8 +78,10 @@ class TfliteModel(ModelRuntime):
         self._lock = threading.Lock()
         self._input_details = list(interpreter.get_input_details())
         self._output_details = list(interpreter.get_output_details())
-        self._inputs = [_tensor_info(d) for d in self._input_details]
-        self._outputs = [_tensor_info(d) for d in self._output_details]
+        super().__init__(
+            [_tensor_info(d) for d in self._input_details],
+            [_tensor_info(d) for d in self._output_details],
+        )
 
     @classmethod
     def from_bytes(cls, model: bytes, *, threads: int = 1) -> TfliteModel:
@@ -89,13 +91,10 @@ class TfliteModel(ModelRuntime):
             ModelRuntimeError: no TFLite runtime, bad ``threads``, or a model the
                 interpreter cannot load.
         """
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ModelRuntimeError(f"threads must be a positive integer, got {threads!r}")
-        if not isinstance(model, bytes | bytearray | memoryview) or len(model) == 0:
-            raise ModelRuntimeError("model must be non-empty bytes")
+        blob = check_load_args(model, threads)
         interpreter_class = _interpreter_class()
         try:
-            interpreter = interpreter_class(model_content=bytes(model), num_threads=threads)
+            interpreter = interpreter_class(model_content=blob, num_threads=threads)
             interpreter.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError and more
             raise ModelRuntimeError(f"TFLite cannot load the model: {one_line(exc)}") from exc
@@ -108,18 +107,8 @@ class TfliteModel(ModelRuntime):
         )
         return runtime
 
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        """The model's inputs, in the model's order."""
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        """The model's outputs, in the model's order."""
-        return list(self._outputs)
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model once.
+        """Run the model once (see :meth:`ModelRuntime.run`).
 
         Raises:
             ModelRuntimeError: missing or unknown inputs, wrong dtype or shape, or the

@@ -21,6 +21,11 @@ non-finite or ragged features, a feature count other than the newest examples')
 are deleted with a warning. The examples are also held in memory, for
 :meth:`FeedbackBuffer.dataset`.
 
+An agent upgraded in place finds the buffer of its earlier version (the CRC record
+file ``feedback.log``): on open, :mod:`edge_agent.legacy_formats` imports its good
+records in their order (damaged ones are skipped with a warning, as the old reader
+did) and deletes the file once the import committed.
+
 Thread-safe (one lock); not multi-process safe: one agent owns its directory.
 """
 
@@ -40,6 +45,7 @@ import numpy.typing as npt
 
 from edge_agent.durable_log import DurableLog
 from edge_agent.errors import ConfigError, DataSourceError, InvalidLabelError, StateError
+from edge_agent.legacy_formats import feedback_files, import_legacy, read_feedback_log
 from edge_agent.training.trainer import MAX_CLASSES, Dataset, FloatArray
 
 __all__ = [
@@ -177,6 +183,22 @@ class FeedbackBuffer:
         except OSError as exc:
             raise StateError(f"{self._dir}: cannot create feedback directory: {exc}") from exc
         self._log = DurableLog(self._dir / FEEDBACK_FILE, durable=fsync)
+        try:
+            import_legacy(
+                self._log,
+                feedback_files(self._dir),
+                lambda files: read_feedback_log(
+                    files,
+                    max_examples=max_examples,
+                    max_bytes=max_bytes,
+                    max_features=MAX_FEATURES,
+                    usable=lambda record: _decode(record) is not None,
+                ),
+                store="feedback",
+            )
+        except BaseException:
+            self._log.close()
+            raise
         self._recover()
 
     def _recover(self) -> None:

@@ -1,0 +1,134 @@
+"""Tests for edge_agent.ota.updates: a deploy that takes the place of another one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compress.artifact import read_artifact_unverified
+from compress.keys import SigningKey
+from compress.manifest import Manifest
+from compress.signing import SignedManifest, TrustedKeys
+from compress.trust import DeviceProfile
+from edge_agent.config.sections import TransferConfig
+from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.updates import Updater
+from edge_agent.protocol import ChunkRequest, Deploy, InstallState, chunk_count
+from edge_agent.serving.server import ModelServer
+from edge_agent.transport.memory import MemoryBroker, MemoryLink
+from tests.fleet_support import make_artifact
+
+CHUNK = 1024
+
+
+@dataclass
+class Reports:
+    """A Reporter that keeps what it was told."""
+
+    sent: list[tuple[str, InstallState, dict[str, Any]]] = field(default_factory=list)
+
+    def report(
+        self,
+        deployment_id: str,
+        state: InstallState,
+        model: InstalledModel | Manifest | None,
+        **details: Any,
+    ) -> None:
+        del model
+        self.sent.append((deployment_id, state, details))
+
+    def request_chunks(self, request: ChunkRequest) -> bool:
+        del request
+        return False
+
+    def announce(self) -> None:
+        return None
+
+    def failures(self) -> list[tuple[str, str | None, str | None]]:
+        return [
+            (dep, details.get("code"), details.get("reason"))
+            for dep, state, details in self.sent
+            if state is InstallState.FAILED
+        ]
+
+
+def deploy_of(artifact: tuple[SignedManifest, bytes], deployment_id: str) -> Deploy:
+    signed, payload = artifact
+    return Deploy(
+        deployment_id=deployment_id,
+        transfer_id=hashlib.sha256(payload).hexdigest(),
+        total_size=len(payload),
+        chunk_size=CHUNK,
+        chunk_count=chunk_count(len(payload), CHUNK),
+        manifest=signed.to_bytes(),
+    )
+
+
+@pytest.fixture(scope="module")
+def artifacts(
+    tmp_path_factory: pytest.TempPathFactory, signing_keys: list[SigningKey]
+) -> dict[str, tuple[SignedManifest, bytes]]:
+    directory = tmp_path_factory.mktemp("artifacts")
+    key = signing_keys[0]
+    return {
+        version: read_artifact_unverified(make_artifact(directory, key, version=v, seed=v))
+        for version, v in (("v1", 1), ("v2", 2))
+    }
+
+
+@pytest.fixture
+def updater(tmp_path: Path, signing_keys: list[SigningKey], reports: Reports) -> Iterator[Updater]:
+    link = MemoryLink(MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None)
+    updater = Updater(
+        store=ModelStore(tmp_path / "data"),
+        staging_root=tmp_path / "data" / "staging",
+        trusted=TrustedKeys.of([signing_keys[0].public_key]),
+        device=DeviceProfile(),
+        server=ModelServer(),
+        link=link,
+        reporter=reports,
+        config=TransferConfig(),
+        clock=time.time,
+        checkpoint=lambda _step: None,
+    )
+    yield updater
+    updater.close()
+
+
+@pytest.fixture
+def reports() -> Reports:
+    return Reports()
+
+
+def test_a_deploy_of_another_payload_supersedes_the_transfer(
+    updater: Updater, reports: Reports, artifacts: dict[str, tuple[SignedManifest, bytes]]
+) -> None:
+    updater.on_deploy(deploy_of(artifacts["v1"], "dep-1"))
+    first = updater.transfer
+    assert first is not None
+    updater.on_deploy(deploy_of(artifacts["v2"], "dep-2"))
+    assert reports.failures() == [("dep-1", "superseded", "superseded by dep-2")]
+    assert updater.transfer is not None
+    assert updater.transfer.deployment_id == "dep-2"
+    assert not first.staged.directory.exists()
+
+
+def test_a_deploy_of_the_same_payload_continues_the_transfer(
+    updater: Updater, reports: Reports, artifacts: dict[str, tuple[SignedManifest, bytes]]
+) -> None:
+    updater.on_deploy(deploy_of(artifacts["v1"], "dep-1"))
+    first = updater.transfer
+    updater.on_deploy(deploy_of(artifacts["v1"], "dep-2"))
+    assert reports.failures() == [("dep-1", "superseded", "continued as dep-2")]
+    assert updater.transfer is first
+    assert first is not None
+    assert first.deployment_id == "dep-2"
+    deploy_json = json.loads((first.staged.directory / "deploy.json").read_bytes())
+    assert deploy_json["deployment_id"] == "dep-2"
