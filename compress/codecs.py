@@ -56,6 +56,9 @@ order. The encoder codes positions both ways and keeps the shorter (the bitmap w
 for dense ``D``, Rice for sparse ``D``; a tie goes to the bitmap). The Rice
 parameter is ``floor(log2(mean gap))`` or a neighbour, whichever codes shortest.
 
+The position codings live in :mod:`compress.codec_positions`, the values sections in
+:mod:`compress.codec_values`; this module holds the specs, layouts and the payload.
+
 Decoding is strict and allocation-safe: the payload's length is checked against
 :func:`max_payload_bytes` before anything is allocated, every section's length is
 checked before it is read, positions must be in range (both position codings can
@@ -74,11 +77,19 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Final, Literal, get_args
+from typing import Final, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from compress.codec_positions import (
+    POSITIONS_BITMAP,
+    PayloadReader,
+    ceil8,
+    decode_positions,
+    encode_positions,
+)
+from compress.codec_values import decode_values, encode_values, values_nbytes
 from compress.errors import CodecError, NonFiniteUpdateError
 
 __all__ = [
@@ -120,16 +131,8 @@ MAX_NDIM: Final = 32
 PAYLOAD_MAGIC: Final = 0xC1
 """First byte of every payload: a codec payload, format version 1."""
 
-POSITIONS_BITMAP: Final = 0xFF
-"""Position-coding byte of a top-k payload whose positions are a bitmap."""
-
-MAX_RICE_PARAMETER: Final = 30
-"""Largest Rice parameter a payload may declare (also bounded by the layout size)."""
-
 _HEADER = 2
 _TOPK_HEADER = _HEADER + 4 + 1
-_FP16_OVERFLOW = 65520.0  # the smallest magnitude float16 rounds to infinity
-_F32_MAX = float(np.finfo(np.float32).max)
 _CODEC_IDS: dict[tuple[bool, str], int] = {
     (False, "fp32"): 1,
     (False, "fp16"): 2,
@@ -341,17 +344,9 @@ def max_payload_bytes(spec: CodecSpec, layout: Layout) -> int:
     total = sum(sizes)
     tensors = sum(1 for size in sizes if size)
     if not spec.is_topk:
-        return _HEADER + _values_nbytes(spec.values, total, tensors)
+        return _HEADER + values_nbytes(spec.values, total, tensors)
     k = _kept(spec, total)
-    return _TOPK_HEADER + _ceil8(total) + _values_nbytes(spec.values, k, min(k, tensors))
-
-
-def _values_nbytes(values: str, count: int, scales: int) -> int:
-    if values == "fp32":
-        return 4 * count
-    if values == "fp16":
-        return 2 * count
-    return 4 * scales + count
+    return _TOPK_HEADER + ceil8(total) + values_nbytes(spec.values, k, min(k, tensors))
 
 
 def _check_spec(spec: object) -> CodecSpec:
@@ -367,10 +362,6 @@ def _kept(spec: CodecSpec, total: int) -> int:
         return 0
     wanted = math.ceil(Fraction(repr(spec.density)) * total)
     return min(total, max(1, wanted))
-
-
-def _ceil8(bits: int) -> int:
-    return -(-bits // 8)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -410,7 +401,7 @@ def encode_update(
     if spec.density is None:
         if residual is not None:
             raise CodecError(f"codec {spec} has no error feedback; pass residual=None")
-        values, _ = _encode_values(flat, spec.values, sizes, names, rng)
+        values, _ = encode_values(flat, spec.values, sizes, names, rng)
         payload = bytes((PAYLOAD_MAGIC, _CODEC_IDS[False, spec.values])) + values
         logger.debug("encoded %s update: %d params, %d bytes", spec, flat.size, len(payload))
         return EncodedUpdate(payload=payload, residual=None)
@@ -503,8 +494,8 @@ def _encode_topk(
         positions = np.sort(chosen).astype(np.int64)
     counts = _counts_per_tensor(positions, sizes)
     kept = acc[positions]
-    values, decoded_kept = _encode_values(kept, spec.values, counts, names, rng)
-    mode, position_bytes = _encode_positions(positions, total)
+    values, decoded_kept = encode_values(kept, spec.values, counts, names, rng)
+    mode, position_bytes = encode_positions(positions, total)
     header = bytes((PAYLOAD_MAGIC, _CODEC_IDS[True, spec.values]))
     payload = header + struct.pack("<IB", k, mode) + position_bytes + values
     decoded = np.zeros(total, np.float32)
@@ -524,140 +515,6 @@ def _encode_topk(
 def _counts_per_tensor(positions: IntArray, sizes: list[int]) -> list[int]:
     bounds = np.cumsum(np.asarray([0, *sizes], dtype=np.int64))
     return [int(n) for n in np.diff(np.searchsorted(positions, bounds))]
-
-
-def _encode_values(
-    values: FloatArray,
-    fmt: str,
-    counts: Sequence[int],
-    names: Sequence[str],
-    rng: np.random.Generator,
-) -> tuple[bytes, FloatArray]:
-    """Encode values grouped by tensor; return the bytes and the decoded values."""
-    if fmt == "fp32":
-        return values.astype("<f4").tobytes(), values
-    if fmt == "fp16":
-        too_big = np.flatnonzero(np.abs(values) >= _FP16_OVERFLOW)
-        if too_big.size:
-            index = int(too_big[0])
-            tensor = names[int(np.searchsorted(np.cumsum(counts), index, side="right"))]
-            raise CodecError(
-                f"tensor {tensor!r}: value {float(values[index])!r} is outside the fp16 "
-                "range (max 65504); use fp32 or int8"
-            )
-        half = values.astype("<f2")
-        return half.tobytes(), half.astype(np.float32)
-    scales: list[np.float32] = []
-    quantized = np.empty(values.size, np.int8)
-    decoded = np.empty(values.size, np.float32)
-    start = 0
-    for count in counts:
-        if count == 0:
-            continue
-        part = values[start : start + count]
-        scale = _int8_scale(part)
-        q = _stochastic_round(part, scale, rng)
-        quantized[start : start + count] = q
-        decoded[start : start + count] = _dequantize(q, scale)
-        scales.append(scale)
-        start += count
-    scale_bytes = np.asarray(scales, dtype="<f4").tobytes()
-    return scale_bytes + quantized.tobytes(), decoded
-
-
-def _int8_scale(values: FloatArray) -> np.float32:
-    """The smallest float32 ``s`` with ``127 * s >= max|values|`` (and finite)."""
-    peak = float(np.max(np.abs(values)))
-    if peak == 0.0:
-        return np.float32(0.0)
-    scale = np.float32(peak / 127.0)
-    if float(scale) * 127.0 < peak:
-        scale = np.float32(np.nextafter(scale, np.float32(np.inf)))
-    if float(scale) * 127.0 > _F32_MAX:
-        scale = np.float32(np.nextafter(scale, np.float32(0.0)))
-    return scale
-
-
-def _stochastic_round(
-    values: FloatArray, scale: np.float32, rng: np.random.Generator
-) -> npt.NDArray[np.int8]:
-    if scale == 0.0:
-        return np.zeros(values.size, np.int8)
-    scaled = values.astype(np.float64) / float(scale)
-    low = np.floor(scaled)
-    up = rng.random(scaled.size) < (scaled - low)
-    quantized: npt.NDArray[np.int8] = np.clip(low + up, -127, 127).astype(np.int8)
-    return quantized
-
-
-def _dequantize(q: npt.NDArray[np.int8], scale: np.float32) -> FloatArray:
-    out: FloatArray = q.astype(np.float32) * scale
-    return out
-
-
-def _encode_positions(positions: IntArray, total: int) -> tuple[int, bytes]:
-    """Code sorted positions as a bitmap or Rice-coded gaps, whichever is shorter."""
-    k = positions.size
-    best_mode, best_size = POSITIONS_BITMAP, _ceil8(total)
-    gaps = np.diff(positions, prepend=-1) - 1
-    if k:
-        mean = float(gaps.mean())
-        center = math.floor(math.log2(mean)) if mean >= 1.0 else 0
-        for r in (center - 1, center, center + 1):
-            if 0 <= r <= _max_rice(total):
-                size = _ceil8(k * r) + _ceil8(int((gaps >> r).sum()) + k)
-                if size < best_size:
-                    best_mode, best_size = r, size
-    if best_mode == POSITIONS_BITMAP:
-        bits = np.zeros(best_size * 8, np.uint8)
-        bits[positions] = 1
-        return best_mode, np.packbits(bits, bitorder="little").tobytes()
-    r = best_mode
-    remainders = gaps & ((1 << r) - 1)
-    rem_bits = (remainders[:, None] >> np.arange(r, dtype=np.int64)) & 1
-    rem_bytes = np.packbits(rem_bits.astype(np.uint8).reshape(-1), bitorder="little")
-    ends = np.cumsum((gaps >> r) + 1) - 1
-    unary = np.zeros(int(ends[-1]) + 1, np.uint8)
-    unary[ends] = 1
-    unary_bytes = np.packbits(unary, bitorder="little")
-    return r, rem_bytes.tobytes() + unary_bytes.tobytes()
-
-
-def _max_rice(total: int) -> int:
-    return min(MAX_RICE_PARAMETER, total.bit_length())
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-class _Reader:
-    """A cursor over the payload that refuses to read past its end."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self.offset = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self._data) - self.offset
-
-    def peek(self, size: int) -> memoryview:
-        return self._data[self.offset : self.offset + size]
-
-    def take(self, size: int, what: str) -> memoryview:
-        if size > self.remaining:
-            raise CodecError(f"payload truncated: {what} needs {size} bytes, {self.remaining} left")
-        chunk = self._data[self.offset : self.offset + size]
-        self.offset += size
-        return chunk
-
-    def array(self, size: int, dtype: str, what: str) -> npt.NDArray[Any]:
-        itemsize = np.dtype(dtype).itemsize
-        return np.frombuffer(self.take(size * itemsize, what), dtype=dtype)
-
-    def finish(self) -> None:
-        if self.remaining:
-            raise CodecError(f"payload has {self.remaining} trailing bytes")
 
 
 def decode_update(
@@ -693,11 +550,11 @@ def decode_update(
             f"payload is {len(data)} bytes, more than the {limit} a {spec} update "
             "of this layout can take"
         )
-    reader = _Reader(bytes(data))
+    reader = PayloadReader(bytes(data))
     reader.take(_HEADER, "header")
     total = sum(sizes)
     if spec.density is None:
-        flat = _decode_values(reader, spec.values, total, sizes)
+        flat = decode_values(reader, spec.values, total, sizes)
     else:
         flat = _decode_topk(reader, spec, total, sizes)
     reader.finish()
@@ -715,94 +572,16 @@ def _check_header(header: bytes, spec: CodecSpec) -> None:
         raise CodecError(f"payload was encoded with {found}, expected {spec}")
 
 
-def _decode_topk(reader: _Reader, spec: CodecSpec, total: int, sizes: list[int]) -> FloatArray:
+def _decode_topk(
+    reader: PayloadReader, spec: CodecSpec, total: int, sizes: list[int]
+) -> FloatArray:
     k = _kept(spec, total)
     count, mode = struct.unpack("<IB", reader.take(5, "top-k header"))
     if count != k:
         raise CodecError(f"payload holds {count} entries, {spec} over {total} params keeps {k}")
-    if mode == POSITIONS_BITMAP:
-        positions = _decode_bitmap(reader, k, total)
-    elif mode <= _max_rice(total):
-        positions = _decode_rice(reader, k, total, mode)
-    else:
-        raise CodecError(f"bad position coding byte {mode} (Rice parameter too large)")
+    positions = decode_positions(reader, mode, k, total)
     counts = _counts_per_tensor(positions, sizes)
-    values = _decode_values(reader, spec.values, k, counts)
+    values = decode_values(reader, spec.values, k, counts)
     flat = np.zeros(total, np.float32)
     flat[positions] = values
     return flat
-
-
-def _decode_bitmap(reader: _Reader, k: int, total: int) -> IntArray:
-    raw = reader.array(_ceil8(total), "u1", "position bitmap")
-    bits = np.unpackbits(raw, bitorder="little")
-    if bits[total:].any():
-        raise CodecError("position out of range (bitmap padding bit set)")
-    positions = np.flatnonzero(bits).astype(np.int64)
-    if positions.size != k:
-        raise CodecError(f"position bitmap marks {positions.size} entries, expected {k}")
-    return positions
-
-
-def _decode_rice(reader: _Reader, k: int, total: int, r: int) -> IntArray:
-    if k == 0:
-        return np.zeros(0, np.int64)
-    rem_raw = reader.array(_ceil8(k * r), "u1", "Rice remainders")
-    rem_bits = np.unpackbits(rem_raw, bitorder="little")
-    if rem_bits[k * r :].any():
-        raise CodecError("Rice remainders: padding bits set")
-    weights = np.left_shift(np.int64(1), np.arange(r, dtype=np.int64))
-    remainders = rem_bits[: k * r].reshape(k, r).astype(np.int64) @ weights
-    # Quotients add up to at most (sum of gaps) >> r <= (total - k) >> r.
-    scan = min(reader.remaining, _ceil8(k + ((total - k) >> r)))
-    unary = np.unpackbits(np.frombuffer(reader.peek(scan), dtype=np.uint8), bitorder="little")
-    ones = np.flatnonzero(unary)[:k]
-    if ones.size < k:
-        raise CodecError("Rice quotients truncated or out of range")
-    last = int(ones[-1])
-    used = last // 8 + 1
-    if unary[last + 1 : used * 8].any():
-        raise CodecError("Rice quotients: padding bits set")
-    reader.take(used, "Rice quotients")
-    ends = ones.astype(np.int64)
-    quotients: IntArray = ends - np.concatenate((np.array([-1], np.int64), ends[:-1])) - 1
-    if int(quotients.max()) > (total >> r):
-        raise CodecError("position out of range (Rice gap too large)")
-    positions = np.cumsum(((quotients << r) | remainders) + 1) - 1
-    if int(positions[-1]) >= total:
-        raise CodecError(f"position {int(positions[-1])} out of range (update has {total})")
-    return positions
-
-
-def _decode_values(reader: _Reader, fmt: str, count: int, counts: Sequence[int]) -> FloatArray:
-    """Read ``count`` values grouped by tensor (``counts``); check they are finite."""
-    if fmt == "fp32":
-        values = reader.array(count, "<f4", "fp32 values").astype(np.float32)
-    elif fmt == "fp16":
-        values = reader.array(count, "<f2", "fp16 values").astype(np.float32)
-    else:
-        values = _decode_int8(reader, count, counts)
-    if not np.isfinite(values).all():
-        raise NonFiniteUpdateError("payload values contain NaN or infinity")
-    out: FloatArray = values
-    return out
-
-
-def _decode_int8(reader: _Reader, count: int, counts: Sequence[int]) -> FloatArray:
-    nonempty = [n for n in counts if n]
-    scales = reader.array(len(nonempty), "<f4", "int8 scales").astype(np.float32)
-    if not np.isfinite(scales).all():
-        raise NonFiniteUpdateError("int8 scales must be finite")
-    if not (scales >= 0).all():
-        raise CodecError("int8 scales must be non-negative")
-    if scales.size and float(scales.max()) * 127.0 > _F32_MAX:
-        raise CodecError("int8 scale too large (127 * scale overflows float32)")
-    quantized = reader.array(count, "i1", "int8 values")
-    if (quantized == -128).any():
-        raise CodecError("int8 value -128 is out of range (-127..127)")
-    values = np.empty(count, np.float32)
-    start = 0
-    for n, scale in zip(nonempty, scales, strict=True):
-        values[start : start + n] = _dequantize(quantized[start : start + n], scale)
-        start += n
-    return values
