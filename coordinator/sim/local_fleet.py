@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import RunError
+from coordinator.lifecycle import Stoppable
 from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition
 from edge_agent.agent import Agent
@@ -117,7 +116,7 @@ def _wait_connected(agents: Sequence[Agent]) -> None:
 
 
 @dataclass
-class LocalFleet:
+class LocalFleet(Stoppable):
     """In-process agents, one per shard (``None``: an agent without training data)."""
 
     agents: list[Agent]
@@ -200,16 +199,3 @@ class LocalFleet:
                 list(pool.map(lambda agent: agent.stop(), self.agents))
         for network in self.networks:
             network.close()
-
-    def __enter__(self) -> Self:
-        """The fleet (already started)."""
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        """Stop every agent."""
-        self.stop()
