@@ -109,10 +109,18 @@ at once on a few cores time out and retry in a storm."""
 CONNECT_WAIT_S = 30.0
 
 
+def _poll(done: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """Ask ``done`` every ``interval`` seconds: True once it is, False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def _wait_connected(agents: Sequence[Agent]) -> None:
-    deadline = time.monotonic() + CONNECT_WAIT_S
-    while time.monotonic() < deadline and not all(a.connected for a in agents):
-        time.sleep(0.02)
+    _poll(lambda: all(a.connected for a in agents), CONNECT_WAIT_S, 0.02)
 
 
 @dataclass
@@ -178,13 +186,8 @@ class LocalFleet(Stoppable):
         Raises:
             RunError: not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            records = coordinator.fleet()
-            if sum(1 for r in records if r.can_train) >= count:
-                return
-            time.sleep(0.05)
-        raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
+        if not _poll(lambda: sum(r.can_train for r in coordinator.fleet()) >= count, timeout, 0.05):
+            raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:
         """Stop every agent (many at a time), then their network threads.
