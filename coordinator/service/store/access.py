@@ -213,16 +213,14 @@ class AccessTables:
             ValueError: ``limit`` is negative.
             StoreError: The database failed.
         """
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        with self._db.read() as conn:
-            if since_id is None:
-                rows = conn.execute(
-                    "SELECT * FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
-                    (limit,),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (since_id, limit)
-                ).fetchall()
+        if since_id is None:
+            rows = self._db.latest(
+                "SELECT * FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (),
+                limit,
+            )
+        else:
+            rows = self._db.latest(
+                "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (since_id,), limit
+            )
         return [_audit(row) for row in rows]
