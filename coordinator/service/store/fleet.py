@@ -203,8 +203,7 @@ class FleetTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        row = self._db.one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
         return None if row is None else _device(row)
 
     def devices(self) -> list[DeviceRow]:
@@ -213,8 +212,7 @@ class FleetTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+        rows = self._db.rows("SELECT * FROM devices ORDER BY device_id")
         return [_device(row) for row in rows]
 
     def presence_history(self, device_id: str, limit: int = 100) -> list[PresenceRow]:
