@@ -33,6 +33,7 @@ from coordinator.cli.options import (
 )
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import audit_table, presence_table, telemetry_table, to_json
+from coordinator.service.operations import Operations
 
 __all__ = ["audit", "devices", "presence", "telemetry"]
 
@@ -47,12 +48,20 @@ def _limit(what: str) -> Any:
     return typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help=f"Most {what} to show.")
 
 
-def _show(rows: Sequence[Any], table: Callable[[], Table], *, as_json: bool) -> None:
-    """Print the rows as JSON, or the table."""
+def _show(
+    connection: Connection,
+    query: Callable[[Operations], Sequence[Any]],
+    table: Callable[[Sequence[Any]], Table],
+    *,
+    as_json: bool,
+) -> None:
+    """Ask the query, then print its rows as JSON, or as the table."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        rows = query(ops)
     if as_json:
         print_json(to_json(rows))
     else:
-        console.print(table())
+        console.print(table(rows))
 
 
 @with_snapshot_connection
@@ -75,9 +84,12 @@ def telemetry(
     as_json: JsonOption = False,
 ) -> None:
     """Show a device's latest telemetry windows (newest first): calls, errors, latency."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.telemetry(device, limit=limit)
-    _show(rows, lambda: telemetry_table(device, rows), as_json=as_json)
+    _show(
+        connection,
+        lambda ops: ops.telemetry(device, limit=limit),
+        lambda rows: telemetry_table(device, rows),
+        as_json=as_json,
+    )
 
 
 @with_connection
@@ -88,9 +100,12 @@ def presence(
     as_json: JsonOption = False,
 ) -> None:
     """Show when a device went online and offline (newest first), and for how long."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.presence(device, limit=limit)
-    _show(rows, lambda: presence_table(device, rows, now=time.time()), as_json=as_json)
+    _show(
+        connection,
+        lambda ops: ops.presence(device, limit=limit),
+        lambda rows: presence_table(device, rows, now=time.time()),
+        as_json=as_json,
+    )
 
 
 @with_connection
@@ -100,6 +115,4 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """Show the latest operator actions (oldest first): who did what, when."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.audit_log(limit=limit)
-    _show(rows, lambda: audit_table(rows), as_json=as_json)
+    _show(connection, lambda ops: ops.audit_log(limit=limit), audit_table, as_json=as_json)
