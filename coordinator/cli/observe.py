@@ -17,14 +17,12 @@ table, or the rows as JSON with ``--json``:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from coordinator.cli.device_views import devices_json, devices_table
-from coordinator.cli.operate import operations
+from coordinator.cli.operate import operations, show_rows
 from coordinator.cli.options import (
     Connection,
     JsonOption,
@@ -32,8 +30,7 @@ from coordinator.cli.options import (
     with_snapshot_connection,
 )
 from coordinator.cli.output import console, print_json, reported_errors
-from coordinator.cli.service_views import audit_table, presence_table, telemetry_table, to_json
-from coordinator.service.operations import Operations
+from coordinator.cli.service_views import audit_table, presence_table, telemetry_table
 
 __all__ = ["audit", "devices", "presence", "telemetry"]
 
@@ -46,22 +43,6 @@ DeviceArgument = Annotated[str, typer.Argument(help="Device id.", show_default=F
 def _limit(what: str) -> Any:
     """The ``--limit`` option, for ``what`` (typer's ``OptionInfo``)."""
     return typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help=f"Most {what} to show.")
-
-
-def _show(
-    connection: Connection,
-    query: Callable[[Operations], Sequence[Any]],
-    table: Callable[[Sequence[Any]], Table],
-    *,
-    as_json: bool,
-) -> None:
-    """Ask the query, then print its rows as JSON, or as the table."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = query(ops)
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(table(rows))
 
 
 @with_snapshot_connection
@@ -84,7 +65,7 @@ def telemetry(
     as_json: JsonOption = False,
 ) -> None:
     """Show a device's latest telemetry windows (newest first): calls, errors, latency."""
-    _show(
+    show_rows(
         connection,
         lambda ops: ops.telemetry(device, limit=limit),
         lambda rows: telemetry_table(device, rows),
@@ -100,7 +81,7 @@ def presence(
     as_json: JsonOption = False,
 ) -> None:
     """Show when a device went online and offline (newest first), and for how long."""
-    _show(
+    show_rows(
         connection,
         lambda ops: ops.presence(device, limit=limit),
         lambda rows: presence_table(device, rows, now=time.time()),
@@ -115,4 +96,4 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """Show the latest operator actions (oldest first): who did what, when."""
-    _show(connection, lambda ops: ops.audit_log(limit=limit), audit_table, as_json=as_json)
+    show_rows(connection, lambda ops: ops.audit_log(limit=limit), audit_table, as_json=as_json)

@@ -30,7 +30,7 @@ from typing import Annotated
 import typer
 
 from coordinator.cli.follow import IntervalOption, WatchOption, announce, watch_and_exit
-from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.operate import operations, read_artifact, show_rows
 from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import (
@@ -215,12 +215,12 @@ def create(
 @with_connection
 def list_rollouts(connection: Connection, as_json: JsonOption = False) -> None:
     """List rollouts, newest first."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.rollouts()
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(rollouts_table(rows, now=time.time()))
+    show_rows(
+        connection,
+        lambda ops: ops.rollouts(),
+        lambda rows: rollouts_table(rows, now=time.time()),
+        as_json=as_json,
+    )
 
 
 @app.command("status")
