@@ -16,6 +16,7 @@ from coordinator.cli.views import (
     deploy_table,
     humanize_age,
     humanize_duration,
+    plural,
     progress_bar,
     safe_text,
 )
@@ -106,6 +107,11 @@ def test_humanize_age_never() -> None:
 )
 def test_humanize_duration(seconds: float, text: str) -> None:
     assert humanize_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("n", "text"), [(0, "0 devices"), (1, "1 device"), (2, "2 devices")])
+def test_plural(n: int, text: str) -> None:
+    assert plural(n, "device") == text
 
 
 def test_presence_table_shows_how_long_each_state_lasted() -> None:

@@ -96,3 +96,20 @@ def test_datasets_and_partitions() -> None:
             partition(y, 6, bad, seed=0)
     with pytest.raises(RunError):
         load_dataset("mnist", seed=0)
+
+
+def test_reference_models_train_or_say_they_did_not_converge() -> None:
+    from coordinator.sim.datasets import (  # noqa: PLC0415 (scikit-learn behind it)
+        load_digits_split,
+        train_reference_mlp,
+        train_reference_softmax,
+    )
+
+    x, y, _x_test, _y_test = load_digits_split()
+    x, y = x[:300], y[:300]
+    softmax = train_reference_softmax(x, y)
+    assert softmax["W0"].shape == (x.shape[1], 10)
+    with pytest.raises(ValueError, match="logistic regression did not converge within max_iter=1"):
+        train_reference_softmax(x, y, max_iter=1)
+    with pytest.raises(ValueError, match="the MLP did not converge within max_iter=1 epochs"):
+        train_reference_mlp(x, y, hidden=(8,), max_iter=1)

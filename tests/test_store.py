@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -483,3 +483,17 @@ def test_audit_log(store: Store) -> None:
     assert entries[3].role is Role.OPERATOR
     with pytest.raises(ValueError, match="limit"):
         store.audit_log(limit=-1)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        lambda store: store.presence_history("d1", limit=-1),
+        lambda store: store.telemetry("d1", limit=-1),
+        lambda store: store.audit_log(limit=-1),
+        lambda store: store.audit_log(limit=-1, since_id=0),
+    ],
+)
+def test_a_negative_limit_is_refused(store: Store, query: Callable[[Store], object]) -> None:
+    with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
+        query(store)

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.operate import operations, read_artifact, show_rows
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.service_views import artifacts_table, to_json
@@ -60,9 +60,9 @@ def upload(
 @with_connection
 def list_artifacts(connection: Connection, as_json: JsonOption = False) -> None:
     """List the stored artifacts, newest first."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.artifacts()
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(artifacts_table(rows, now=time.time()))
+    show_rows(
+        connection,
+        lambda ops: ops.artifacts(),
+        lambda rows: artifacts_table(rows, now=time.time()),
+        as_json=as_json,
+    )

@@ -23,7 +23,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.cli.views import humanize_age, safe_text
+from coordinator.cli.views import humanize_age, plural, safe_text
 from coordinator.service.store.records import DeviceRow
 
 __all__ = ["device_json", "devices_json", "devices_table"]
@@ -89,7 +89,7 @@ def devices_json(rows: Sequence[DeviceRow], now: float) -> dict[str, Any]:
 
 def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
     """The devices, one row each: status, agent, models, tags, train data, last seen."""
-    table = Table(title=f"{len(rows)} device{'' if len(rows) == 1 else 's'}")
+    table = Table(title=plural(len(rows), "device"))
     table.add_column("device", no_wrap=True)
     table.add_column("status")
     table.add_column("agent")

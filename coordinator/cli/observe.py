@@ -17,14 +17,12 @@ table, or the rows as JSON with ``--json``:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from coordinator.cli.device_views import devices_json, devices_table
-from coordinator.cli.operate import operations
+from coordinator.cli.operate import operations, show_rows
 from coordinator.cli.options import (
     Connection,
     JsonOption,
@@ -32,7 +30,7 @@ from coordinator.cli.options import (
     with_snapshot_connection,
 )
 from coordinator.cli.output import console, print_json, reported_errors
-from coordinator.cli.service_views import audit_table, presence_table, telemetry_table, to_json
+from coordinator.cli.service_views import audit_table, presence_table, telemetry_table
 
 __all__ = ["audit", "devices", "presence", "telemetry"]
 
@@ -45,14 +43,6 @@ DeviceArgument = Annotated[str, typer.Argument(help="Device id.", show_default=F
 def _limit(what: str) -> Any:
     """The ``--limit`` option, for ``what`` (typer's ``OptionInfo``)."""
     return typer.Option("--limit", "-n", min=1, max=MAX_LIMIT, help=f"Most {what} to show.")
-
-
-def _show(rows: Sequence[Any], table: Callable[[], Table], *, as_json: bool) -> None:
-    """Print the rows as JSON, or the table."""
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(table())
 
 
 @with_snapshot_connection
@@ -75,9 +65,12 @@ def telemetry(
     as_json: JsonOption = False,
 ) -> None:
     """Show a device's latest telemetry windows (newest first): calls, errors, latency."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.telemetry(device, limit=limit)
-    _show(rows, lambda: telemetry_table(device, rows), as_json=as_json)
+    show_rows(
+        connection,
+        lambda ops: ops.telemetry(device, limit=limit),
+        lambda rows: telemetry_table(device, rows),
+        as_json=as_json,
+    )
 
 
 @with_connection
@@ -88,9 +81,12 @@ def presence(
     as_json: JsonOption = False,
 ) -> None:
     """Show when a device went online and offline (newest first), and for how long."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.presence(device, limit=limit)
-    _show(rows, lambda: presence_table(device, rows, now=time.time()), as_json=as_json)
+    show_rows(
+        connection,
+        lambda ops: ops.presence(device, limit=limit),
+        lambda rows: presence_table(device, rows, now=time.time()),
+        as_json=as_json,
+    )
 
 
 @with_connection
@@ -100,6 +96,4 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """Show the latest operator actions (oldest first): who did what, when."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.audit_log(limit=limit)
-    _show(rows, lambda: audit_table(rows), as_json=as_json)
+    show_rows(connection, lambda ops: ops.audit_log(limit=limit), audit_table, as_json=as_json)

@@ -28,20 +28,24 @@ credentials) are ignored with ``--api``, where the service has its own::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import click
+from rich.table import Table
 
 from compress.errors import ArtifactError
 from compress.fileio import read_bounded
 from coordinator.cli.options import Connection
+from coordinator.cli.output import console, print_json, reported_errors
+from coordinator.cli.service_views import to_json
 from coordinator.service.api_client import ApiClient
 from coordinator.service.operations import Operations
 
-__all__ = ["MAX_ARTIFACT_BYTES", "operations", "read_artifact"]
+__all__ = ["MAX_ARTIFACT_BYTES", "operations", "read_artifact", "show_rows"]
 
 MAX_ARTIFACT_BYTES = 512 << 20
 """Largest artifact file the CLI reads (the API's default upload limit)."""
@@ -101,3 +105,23 @@ def read_artifact(path: Path) -> bytes:
             :data:`MAX_ARTIFACT_BYTES`.
     """
     return read_bounded(path, max_bytes=MAX_ARTIFACT_BYTES, error=ArtifactError, what="artifact")
+
+
+def show_rows(
+    connection: Connection,
+    query: Callable[[Operations], Sequence[Any]],
+    table: Callable[[Sequence[Any]], Table],
+    *,
+    as_json: bool,
+) -> None:
+    """Ask the query, then print its rows as JSON (``--json``), or as the table.
+
+    The body of the listing commands (``fedge telemetry``, ``artifacts list``, ...);
+    an error ends the command as :func:`~coordinator.cli.output.reported_errors` says.
+    """
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        rows = query(ops)
+    if as_json:
+        print_json(to_json(rows))
+    else:
+        console.print(table(rows))

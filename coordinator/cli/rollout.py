@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from coordinator.cli.follow import IntervalOption, WatchOption, announce, watch_and_exit
-from coordinator.cli.operate import operations, read_artifact
+from coordinator.cli.operate import operations, read_artifact, show_rows
 from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import (
@@ -214,12 +215,12 @@ def create(
 @with_connection
 def list_rollouts(connection: Connection, as_json: JsonOption = False) -> None:
     """List rollouts, newest first."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.rollouts()
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(rollouts_table(rows, now=time.time()))
+    show_rows(
+        connection,
+        lambda ops: ops.rollouts(),
+        lambda rows: rollouts_table(rows, now=time.time()),
+        as_json=as_json,
+    )
 
 
 @app.command("status")
@@ -247,18 +248,14 @@ def status(
 @with_connection
 def pause(connection: Connection, rollout_id: IdArgument, as_json: JsonOption = False) -> None:
     """Stop releasing new stages; devices already updated keep the model."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        view = ops.pause_rollout(rollout_id, actor=CLI_ACTOR)
-    _report(view, as_json=as_json)
+    _operate(connection, lambda ops: ops.pause_rollout(rollout_id, actor=CLI_ACTOR), as_json)
 
 
 @app.command("resume")
 @with_connection
 def resume(connection: Connection, rollout_id: IdArgument, as_json: JsonOption = False) -> None:
     """Go on with a paused rollout."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        view = ops.resume_rollout(rollout_id, actor=CLI_ACTOR)
-    _report(view, as_json=as_json)
+    _operate(connection, lambda ops: ops.resume_rollout(rollout_id, actor=CLI_ACTOR), as_json)
 
 
 @app.command("abort")
@@ -273,9 +270,25 @@ def abort(
     as_json: JsonOption = False,
 ) -> None:
     """End a rollout now (optionally rolling its devices back)."""
+    _operate(
+        connection,
+        lambda ops: ops.abort_rollout(rollout_id, actor=CLI_ACTOR, rollback=rollback),
+        as_json,
+        note=" (rolling back its devices)" if rollback else "",
+    )
+
+
+def _operate(
+    connection: Connection,
+    operation: Callable[[Operations], RolloutView],
+    as_json: bool,
+    *,
+    note: str = "",
+) -> None:
+    """Run a pause, resume or abort and report the state the rollout is in after it."""
     with reported_errors(as_json=as_json), operations(connection) as ops:
-        view = ops.abort_rollout(rollout_id, actor=CLI_ACTOR, rollback=rollback)
-    _report(view, as_json=as_json, note=" (rolling back its devices)" if rollback else "")
+        view = operation(ops)
+    _report(view, as_json=as_json, note=note)
 
 
 def _show(view: RolloutView, *, as_json: bool) -> None:

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from coordinator.cli.output import human_bytes
 from coordinator.cli.round_table import rounds_table, run_rounds
-from coordinator.cli.views import humanize_age, humanize_duration, safe_text
+from coordinator.cli.views import humanize_age, humanize_duration, plural, safe_text
 from coordinator.service.operations import RolloutView, RunView
 from coordinator.service.store.records import (
     ArtifactRow,
@@ -110,10 +110,6 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _compact(detail: Mapping[str, Any]) -> str:
     return _short(json.dumps(detail, sort_keys=True, separators=(",", ":"))) if detail else "-"
 
@@ -123,7 +119,7 @@ def _compact(detail: Mapping[str, Any]) -> str:
 
 def telemetry_table(device_id: str, rows: Sequence[TelemetryRow]) -> Table:
     """A device's telemetry windows, as given (newest first)."""
-    table = Table(title=Text(safe_text(f"{device_id}: {_plural(len(rows), 'window')}")))
+    table = Table(title=Text(safe_text(f"{device_id}: {plural(len(rows), 'window')}")))
     table.add_column("window end (UTC)", no_wrap=True)
     table.add_column("model")
     for name in ("calls", "errors", "p50 ms", "p95 ms", "p99 ms", "cpu %", "memory"):
@@ -146,7 +142,7 @@ def telemetry_table(device_id: str, rows: Sequence[TelemetryRow]) -> Table:
 
 def presence_table(device_id: str, rows: Sequence[PresenceRow], *, now: float) -> Table:
     """A device's online/offline changes, as given (newest first), with how long each lasted."""
-    table = Table(title=Text(safe_text(f"{device_id}: {_plural(len(rows), 'change')}")))
+    table = Table(title=Text(safe_text(f"{device_id}: {plural(len(rows), 'change')}")))
     table.add_column("at (UTC)", no_wrap=True)
     table.add_column("status")
     table.add_column("for", justify="right")
@@ -163,7 +159,7 @@ def presence_table(device_id: str, rows: Sequence[PresenceRow], *, now: float) -
 
 def audit_table(rows: Sequence[AuditRow]) -> Table:
     """Operator actions, as given (oldest first)."""
-    table = Table(title=_plural(len(rows), "action"))
+    table = Table(title=plural(len(rows), "action"))
     table.add_column("id", justify="right")
     table.add_column("at (UTC)", no_wrap=True)
     table.add_column("actor")
@@ -189,7 +185,7 @@ def audit_table(rows: Sequence[AuditRow]) -> Table:
 
 def artifacts_table(rows: Sequence[ArtifactRow], *, now: float) -> Table:
     """Stored artifacts, as given (newest first)."""
-    table = Table(title=_plural(len(rows), "artifact"))
+    table = Table(title=plural(len(rows), "artifact"))
     table.add_column("sha256", no_wrap=True)
     table.add_column("model")
     table.add_column("version", justify="right")
@@ -210,7 +206,7 @@ def artifacts_table(rows: Sequence[ArtifactRow], *, now: float) -> Table:
 
 def rollouts_table(rows: Sequence[RolloutInfo], *, now: float) -> Table:
     """Rollouts, as given (newest first)."""
-    table = Table(title=_plural(len(rows), "rollout"))
+    table = Table(title=plural(len(rows), "rollout"))
     table.add_column("rollout", no_wrap=True)
     table.add_column("state")
     table.add_column("artifact", no_wrap=True)
@@ -274,7 +270,7 @@ def rollout_view(view: RolloutView, *, now: float, devices: bool = True) -> Rend
         counts.add_row(_text(state, _DEVICE_STYLES.get(state, "")), Text(str(n)))
     parts: list[RenderableType] = [head, counts]
     if devices and view.devices:
-        table = Table(title=_plural(len(view.devices), "device"))
+        table = Table(title=plural(len(view.devices), "device"))
         table.add_column("device", no_wrap=True)
         table.add_column("stage", justify="right")
         table.add_column("state")
@@ -297,7 +293,7 @@ def rollout_view(view: RolloutView, *, now: float, devices: bool = True) -> Rend
 
 def runs_table(rows: Sequence[RunRow], *, now: float) -> Table:
     """Federated runs, as given (newest first)."""
-    table = Table(title=_plural(len(rows), "run"))
+    table = Table(title=plural(len(rows), "run"))
     table.add_column("run", no_wrap=True)
     table.add_column("state")
     table.add_column("rounds", justify="right")
@@ -336,5 +332,5 @@ def run_view(view: RunView, *, now: float) -> RenderableType:
     head.add_row("started", Text(humanize_age(run.created_at, now)))
     head.add_row("updated", Text(humanize_age(run.updated_at, now)))
 
-    table = rounds_table(run_rounds(view), title=_plural(len(view.rounds), "round"))
+    table = rounds_table(run_rounds(view), title=plural(len(view.rounds), "round"))
     return Group(head, table)

@@ -4,7 +4,7 @@ Data in, renderable out: ``fedge deploy`` and ``fedge rollback`` pass
 :class:`~coordinator.delivery.tracker.DeviceProgress` values and print what
 :func:`deploy_table` returns; the other views (:mod:`coordinator.cli.device_views`,
 :mod:`coordinator.cli.service_views`, :mod:`coordinator.cli.round_table`) share
-:func:`safe_text`, :func:`humanize_age` and :func:`humanize_duration`::
+:func:`safe_text`, :func:`humanize_age`, :func:`humanize_duration` and :func:`plural`::
 
     console.print(deploy_table(result.devices, title="digits v3 -> all devices"))
 
@@ -29,6 +29,7 @@ __all__ = [
     "counts_line",
     "deploy_table",
     "humanize_age",
+    "plural",
     "progress_bar",
     "safe_text",
 ]
@@ -79,6 +80,11 @@ def humanize_age(last_seen: float, now: float) -> str:
     if age < 0:
         return "just now"
     return f"{humanize_duration(age)} ago"
+
+
+def plural(n: int, word: str) -> str:
+    """Give a count with its noun: ``"1 device"``, ``"3 devices"``, ``"0 devices"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def humanize_duration(seconds: float) -> str:

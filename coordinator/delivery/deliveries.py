@@ -43,8 +43,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from compress.artifact import read_artifact_raw, read_payload, read_signed_manifest
 from compress.manifest import Manifest
@@ -56,6 +54,7 @@ from coordinator.delivery.tracker import (
     DeviceState,
 )
 from coordinator.errors import CoordinatorError, TargetError
+from coordinator.lifecycle import Closeable
 from coordinator.link.fleet import DeviceRecord, Target
 from coordinator.link.port import Hub
 from edge_agent.protocol import (
@@ -155,7 +154,7 @@ class Delivery:
         return self.tracker.deployment_id
 
 
-class Deliveries:
+class Deliveries(Closeable):
     """One-shot deployments and rollbacks over a hub (see the module docstring;
     thread-safe).
 
@@ -190,19 +189,6 @@ class Deliveries:
         """Stop listening to the hub (idempotent); tracked deliveries stay as they are."""
         self.hub.remove_listener(self._on_message)
         self.hub.remove_connect_listener(self._on_reconnect)
-
-    def __enter__(self) -> Self:
-        """Nothing to do: listening started with the object."""
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        """Close."""
-        self.close()
 
     # ------------------------------------------------------------------- deploys
 

@@ -24,6 +24,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from coordinator.link.chunk_sender import ChunkRequestItem, PlannedSend
 from coordinator.link.fleet import DeviceRecord, Fleet
@@ -116,9 +117,7 @@ class HubBase(ABC):
 
     def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener`` (no error if it was not added)."""
-        with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+        self._discard(self._listeners, listener)
 
     def add_connect_listener(self, listener: ConnectListener) -> None:
         """Call ``listener`` after every (re)connection."""
@@ -127,9 +126,12 @@ class HubBase(ABC):
 
     def remove_connect_listener(self, listener: ConnectListener) -> None:
         """Stop calling ``listener`` (no error if it was not added)."""
+        self._discard(self._connect_listeners, listener)
+
+    def _discard(self, listeners: list[Any], listener: object) -> None:
         with self._lock:
-            if listener in self._connect_listeners:
-                self._connect_listeners.remove(listener)
+            if listener in listeners:
+                listeners.remove(listener)
 
     def send(self, device_id: str, message: Message, *, msg_id: str | None = None) -> int:
         """Send a command to one device's ``cmd`` topic.

@@ -39,10 +39,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from coordinator.errors import CoordinatorError
+from coordinator.lifecycle import Startable
 from coordinator.link.base import HubBase
 from coordinator.link.chunk_sender import ChunkRequestItem, ChunkSender, PlannedSend
 from edge_agent.config.agent import BrokerConfig
@@ -120,7 +119,7 @@ class HubConfig:
             )
 
 
-class MqttHub(HubBase):
+class MqttHub(HubBase, Startable):
     """The fleet view, device messages, commands and chunks over one MQTT connection
     (thread-safe)."""
 
@@ -163,20 +162,6 @@ class MqttHub(HubBase):
         """Stop serving chunks and disconnect (idempotent)."""
         self._sender.stop()
         self._link.stop()
-
-    def __enter__(self) -> Self:
-        """Start; see :meth:`start`."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        """Stop."""
-        self.stop()
 
     def sync_fleet(self) -> None:
         """Wait until the retained statuses delivered on subscribing have arrived.

@@ -366,14 +366,16 @@ class RolloutManager:
         for record in batch.records:
             if record.model is None or record.version is None:
                 continue
-            health: Callable[[Rollout, float], list[Action]] = functools.partial(
-                _on_health,
-                device_id=device_id,
-                model=record.model,
-                version=record.version,
-                predictions=record.predictions,
-                errors=record.errors,
-                p95_ms=record.latency_ms.p95,
+            health = _at_event_time(
+                functools.partial(
+                    Rollout.on_health,
+                    device_id=device_id,
+                    model=record.model,
+                    version=record.version,
+                    predictions=record.predictions,
+                    errors=record.errors,
+                    p95_ms=record.latency_ms.p95,
+                )
             )
             for rid in ids:
                 self._event(rid, device_id, health)
@@ -395,9 +397,9 @@ class RolloutManager:
         for device_id, windows in baselines.items():
             for row in windows:
                 if row.version is not None:
-                    _on_health(engine, now, device_id=device_id, model=engine.artifact.model,
-                               version=row.version, predictions=row.predictions,
-                               errors=row.errors, p95_ms=row.p95)  # fmt: skip
+                    engine.on_health(device_id, model=engine.artifact.model,
+                                     version=row.version, predictions=row.predictions,
+                                     errors=row.errors, p95_ms=row.p95, now=now)  # fmt: skip
 
     def _on_status(self, device_id: str, status: Status) -> None:
         with self._lock:
@@ -570,19 +572,11 @@ class RolloutManager:
         self._retired.extend(sent.delivery for sent in running.deliveries.values())
 
 
-def _on_health(
-    engine: Rollout,
-    now: float,
-    *,
-    device_id: str,
-    model: str,
-    version: int,
-    predictions: int,
-    errors: int,
-    p95_ms: float,
-) -> list[Action]:
-    return engine.on_health(device_id, model=model, version=version, predictions=predictions,
-                            errors=errors, p95_ms=p95_ms, now=now)  # fmt: skip
+def _at_event_time(
+    handler: Callable[..., list[Action]],
+) -> Callable[[Rollout, float], list[Action]]:
+    """An engine handler with every argument but ``now`` bound, as :meth:`_event` calls it."""
+    return lambda engine, now: handler(engine, now=now)
 
 
 def _devices(ids: list[str]) -> Target:

@@ -271,11 +271,7 @@ class RolloutRecord:
             "counts": counts,
             "failure_rate": self._stats(self._stage).failure_rate,
             "stage_details": details,
-            "created_at": self._created_at,
-            "started_at": self._started_at,
-            "finished_at": self._finished_at,
-            "state_since": self._state_since,
-            "updated_at": self._updated_at,
+            **self._times(),
             "policy": self.policy.to_json(),
         }
 
@@ -304,14 +300,20 @@ class RolloutRecord:
                 "rollback_reason": self._rollback_reason,
                 "reason": self._reason,
                 "halt_reason": self._halt_reason,
-                "created_at": self._created_at,
-                "started_at": self._started_at,
-                "finished_at": self._finished_at,
-                "state_since": self._state_since,
-                "updated_at": self._updated_at,
+                **self._times(),
             }
         )
         return snapshot
+
+    def _times(self) -> dict[str, float | None]:
+        """When the rollout was created, started, finished, entered its state, last changed."""
+        return {
+            "created_at": self._created_at,
+            "started_at": self._started_at,
+            "finished_at": self._finished_at,
+            "state_since": self._state_since,
+            "updated_at": self._updated_at,
+        }
 
     @classmethod
     def restore(cls, snapshot: Mapping[str, Any]) -> Self:

@@ -19,6 +19,7 @@ inside the functions.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -146,7 +147,6 @@ def train_reference_mlp(
         ModuleNotFoundError: scikit-learn is not installed.
     """
     _require_sklearn()
-    from sklearn.exceptions import ConvergenceWarning  # noqa: PLC0415
     from sklearn.neural_network import MLPClassifier  # noqa: PLC0415
 
     if not hidden or any(int(h) <= 0 for h in hidden):
@@ -159,12 +159,7 @@ def train_reference_mlp(
         random_state=seed,
         max_iter=max_iter,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)
-        try:
-            clf.fit(x_arr, y_arr)
-        except ConvergenceWarning as exc:
-            raise ValueError(f"the MLP did not converge within max_iter={max_iter} epochs") from exc
+    _fit(clf, x_arr, y_arr, f"the MLP did not converge within max_iter={max_iter} epochs")
     weights: dict[str, FloatArray] = {}
     for i, (coef, intercept) in enumerate(zip(clf.coefs_, clf.intercepts_, strict=True)):
         weights[f"W{i}"] = np.ascontiguousarray(coef, dtype=np.float32)
@@ -191,23 +186,27 @@ def train_reference_softmax(
         ModuleNotFoundError: scikit-learn is not installed.
     """
     _require_sklearn()
-    from sklearn.exceptions import ConvergenceWarning  # noqa: PLC0415
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
     x_arr, y_arr = _check_xy(x, y)
     clf = LogisticRegression(max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)
-        try:
-            clf.fit(x_arr, y_arr)
-        except ConvergenceWarning as exc:
-            raise ValueError(
-                f"logistic regression did not converge within max_iter={max_iter}"
-            ) from exc
+    _fit(clf, x_arr, y_arr, f"logistic regression did not converge within max_iter={max_iter}")
     return {
         "W0": np.ascontiguousarray(np.asarray(clf.coef_).T, dtype=np.float32),
         "b0": np.ascontiguousarray(clf.intercept_, dtype=np.float32),
     }
+
+
+def _fit(clf: Any, x: FloatArray, y: LabelArray, not_converged: str) -> None:
+    """Fit a scikit-learn estimator; ``ValueError(not_converged)`` if it did not converge."""
+    from sklearn.exceptions import ConvergenceWarning  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        try:
+            clf.fit(x, y)
+        except ConvergenceWarning as exc:
+            raise ValueError(not_converged) from exc
 
 
 def _check_xy(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[FloatArray, LabelArray]:

@@ -37,10 +37,10 @@ import threading
 import warnings
 from concurrent.futures import Future
 from contextvars import ContextVar
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from coordinator.errors import CoordinatorError
+from coordinator.lifecycle import Startable
 
 __all__ = ["EmbeddedBroker"]
 
@@ -151,7 +151,7 @@ async def _shutdown(broker: Any) -> None:
         await asyncio.sleep(0.05)  # their connection_lost callbacks run
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Startable):
     """amqtt on ``127.0.0.1:<free port>`` in a background thread (see the module docstring)."""
 
     def __init__(
@@ -252,17 +252,3 @@ class EmbeddedBroker:
             loop.close()
         self._loop = None
         self._thread = None
-
-    def __enter__(self) -> Self:
-        """Start; see :meth:`start`."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        """Stop."""
-        self.stop()

@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import RunError
+from coordinator.lifecycle import Stoppable
 from coordinator.link.port import Hub
 from coordinator.sim.datasets import dirichlet_partition
 from edge_agent.agent import Agent
@@ -110,14 +109,22 @@ at once on a few cores time out and retry in a storm."""
 CONNECT_WAIT_S = 30.0
 
 
+def _poll(done: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """Ask ``done`` every ``interval`` seconds: True once it is, False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def _wait_connected(agents: Sequence[Agent]) -> None:
-    deadline = time.monotonic() + CONNECT_WAIT_S
-    while time.monotonic() < deadline and not all(a.connected for a in agents):
-        time.sleep(0.02)
+    _poll(lambda: all(a.connected for a in agents), CONNECT_WAIT_S, 0.02)
 
 
 @dataclass
-class LocalFleet:
+class LocalFleet(Stoppable):
     """In-process agents, one per shard (``None``: an agent without training data)."""
 
     agents: list[Agent]
@@ -179,13 +186,8 @@ class LocalFleet:
         Raises:
             RunError: not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            records = coordinator.fleet()
-            if sum(1 for r in records if r.can_train) >= count:
-                return
-            time.sleep(0.05)
-        raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
+        if not _poll(lambda: sum(r.can_train for r in coordinator.fleet()) >= count, timeout, 0.05):
+            raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:
         """Stop every agent (many at a time), then their network threads.
@@ -200,16 +202,3 @@ class LocalFleet:
                 list(pool.map(lambda agent: agent.stop(), self.agents))
         for network in self.networks:
             network.close()
-
-    def __enter__(self) -> Self:
-        """The fleet (already started)."""
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        """Stop every agent."""
-        self.stop()

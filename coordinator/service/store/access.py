@@ -92,8 +92,7 @@ class AccessTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT * FROM tokens ORDER BY created_at, token_id").fetchall()
+        rows = self._db.rows("SELECT * FROM tokens ORDER BY created_at, token_id")
         return [_token(row) for row in rows]
 
     def token(self, public_id: str) -> TokenRow | None:
@@ -102,8 +101,7 @@ class AccessTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM tokens WHERE token_id = ?", (public_id,)).fetchone()
+        row = self._db.one("SELECT * FROM tokens WHERE token_id = ?", (public_id,))
         return None if row is None else _token(row)
 
     def revoke_token(self, public_id: str, at: float) -> TokenRow:
@@ -146,11 +144,10 @@ class AccessTables:
         # SHA-256 preimage, and even the whole stored hash does not authenticate.
         token_hash = hash_token(plaintext)
         with self._db.lock:
-            with self._db.read() as conn:
-                row = conn.execute(
-                    "SELECT * FROM tokens WHERE hash = ? AND revoked_at IS NULL",
-                    (token_hash,),
-                ).fetchone()
+            row = self._db.one(
+                "SELECT * FROM tokens WHERE hash = ? AND revoked_at IS NULL",
+                (token_hash,),
+            )
             if row is None:
                 return None
             found = _token(row)
@@ -213,16 +210,14 @@ class AccessTables:
             ValueError: ``limit`` is negative.
             StoreError: The database failed.
         """
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        with self._db.read() as conn:
-            if since_id is None:
-                rows = conn.execute(
-                    "SELECT * FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
-                    (limit,),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (since_id, limit)
-                ).fetchall()
+        if since_id is None:
+            rows = self._db.latest(
+                "SELECT * FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (),
+                limit,
+            )
+        else:
+            rows = self._db.latest(
+                "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (since_id,), limit
+            )
         return [_audit(row) for row in rows]

@@ -5,7 +5,9 @@ Workflow:
 1. :class:`Database` opens a file (or ``":memory:"``), sets the pragmas below and
    brings the schema up to date with the given :class:`Migration` steps.
 2. Writers use :meth:`Database.transaction` (``BEGIN IMMEDIATE`` ... ``COMMIT``, or
-   ``ROLLBACK`` if the block raises); readers use :meth:`Database.read`. Both hold
+   ``ROLLBACK`` if the block raises); readers use :meth:`Database.read`, or for one
+   query :meth:`Database.one`, :meth:`Database.rows` and :meth:`Database.latest` (a
+   query with a ``LIMIT``). Both hold
    one :class:`threading.RLock`, because the service shares the one connection
    between the MQTT thread, the API's thread pool and a scheduler thread. A
    transaction opened inside another one becomes a ``SAVEPOINT``: if the inner
@@ -222,6 +224,37 @@ class Database:
                 yield self._conn
             except sqlite3.Error as exc:
                 raise StoreError(f"{self._name}: {exc}") from exc
+
+    def latest(self, sql: str, params: Sequence[object], limit: int) -> list[sqlite3.Row]:
+        """Give the rows of a query that ends in ``LIMIT ?`` (``limit`` fills it, after
+        ``params``).
+
+        Raises:
+            ValueError: ``limit`` is negative.
+            StoreError: The database failed.
+        """
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        return self.rows(sql, (*params, limit))
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Give every row of a query.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self.read() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+        """Give the first row of a query, or None when it has none.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self.read() as conn:
+            row: sqlite3.Row | None = conn.execute(sql, params).fetchone()
+            return row
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

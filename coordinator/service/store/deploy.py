@@ -152,8 +152,7 @@ class DeployTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
+        row = self._db.one("SELECT * FROM artifacts WHERE sha256 = ?", (sha256,))
         return None if row is None else _artifact(row)
 
     def artifacts(self) -> list[ArtifactRow]:
@@ -162,8 +161,7 @@ class DeployTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT * FROM artifacts ORDER BY uploaded_at, sha256").fetchall()
+        rows = self._db.rows("SELECT * FROM artifacts ORDER BY uploaded_at, sha256")
         return [_artifact(row) for row in rows]
 
     def artifact_bytes(self, sha256: str) -> bytes:
@@ -295,8 +293,7 @@ class DeployTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        row = self._db.one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
         return None if row is None else _rollout(row)
 
     def rollouts(self, states: Collection[str] | None = None) -> list[RolloutRow]:
@@ -312,8 +309,7 @@ class DeployTables:
             if not params:
                 return []
             query += f" WHERE state IN ({', '.join('?' * len(params))})"
-        with self._db.read() as conn:
-            rows = conn.execute(f"{query} ORDER BY created_at, id", params).fetchall()
+        rows = self._db.rows(f"{query} ORDER BY created_at, id", params)
         return [_rollout(row) for row in rows]
 
     def rollout_devices(self, rollout_id: str) -> list[RolloutDevice]:
@@ -322,11 +318,10 @@ class DeployTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY stage, device_id",
-                (rollout_id,),
-            ).fetchall()
+        rows = self._db.rows(
+            "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY stage, device_id",
+            (rollout_id,),
+        )
         return [
             RolloutDevice(
                 device_id=row["device_id"],

@@ -96,11 +96,6 @@ def _telemetry_params(row: TelemetryRow) -> tuple[Any, ...]:
     )
 
 
-def _check_limit(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-
-
 class FleetTables:
     """Devices, presence, telemetry (mixed into :class:`~coordinator.service.store.Store`)."""
 
@@ -208,8 +203,7 @@ class FleetTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        row = self._db.one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
         return None if row is None else _device(row)
 
     def devices(self) -> list[DeviceRow]:
@@ -218,8 +212,7 @@ class FleetTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+        rows = self._db.rows("SELECT * FROM devices ORDER BY device_id")
         return [_device(row) for row in rows]
 
     def presence_history(self, device_id: str, limit: int = 100) -> list[PresenceRow]:
@@ -229,13 +222,12 @@ class FleetTables:
             ValueError: ``limit`` is negative.
             StoreError: The database failed.
         """
-        _check_limit(limit)
-        with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT device_id, online, at FROM presence WHERE device_id = ? "
-                "ORDER BY at DESC, id DESC LIMIT ?",
-                (device_id, limit),
-            ).fetchall()
+        rows = self._db.latest(
+            "SELECT device_id, online, at FROM presence WHERE device_id = ? "
+            "ORDER BY at DESC, id DESC LIMIT ?",
+            (device_id,),
+            limit,
+        )
         return [PresenceRow(r["device_id"], bool(r["online"]), r["at"]) for r in rows]
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> int:
@@ -281,13 +273,12 @@ class FleetTables:
             ValueError: ``limit`` is negative.
             StoreError: The database failed.
         """
-        _check_limit(limit)
-        with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT * FROM telemetry WHERE device_id = ? AND (? IS NULL OR window_end >= ?) "
-                "ORDER BY window_end DESC, id DESC LIMIT ?",
-                (device_id, since, since, limit),
-            ).fetchall()
+        rows = self._db.latest(
+            "SELECT * FROM telemetry WHERE device_id = ? AND (? IS NULL OR window_end >= ?) "
+            "ORDER BY window_end DESC, id DESC LIMIT ?",
+            (device_id, since, since),
+            limit,
+        )
         return [_telemetry(row) for row in rows]
 
     def telemetry_count(self) -> int:

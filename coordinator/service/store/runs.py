@@ -170,8 +170,7 @@ class RunTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._db.one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
         return None if row is None else _run(row)
 
     def runs(self) -> list[RunRow]:
@@ -180,8 +179,7 @@ class RunTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
+        rows = self._db.rows("SELECT * FROM runs ORDER BY created_at, run_id")
         return [_run(row) for row in rows]
 
     def rounds(self, run_id: str) -> list[RoundRow]:
@@ -190,8 +188,5 @@ class RunTables:
         Raises:
             StoreError: The database failed.
         """
-        with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)
-            ).fetchall()
+        rows = self._db.rows("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
         return [_round(row) for row in rows]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 from coordinator.errors import DatabaseInUseError, StoreError
+from coordinator.lifecycle import Closeable
 from coordinator.service.store.access import AccessTables
 from coordinator.service.store.database import MEMORY, Database
 from coordinator.service.store.deploy import DeployTables
@@ -25,7 +25,7 @@ ARTIFACT_DIR_NAME = "artifacts"
 """Default artifact directory, next to the database file."""
 
 
-class Store(FleetTables, DeployTables, RunTables, AccessTables):
+class Store(FleetTables, DeployTables, RunTables, AccessTables, Closeable):
     """The coordinator's persistent state. Thread-safe; one per process.
 
     Args:
@@ -115,17 +115,6 @@ class Store(FleetTables, DeployTables, RunTables, AccessTables):
         self._db.close()
         if self._claim is not None:
             self._claim.release()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _refuse_to_migrate_under_a_holder(path: Path) -> None:
