@@ -12,6 +12,7 @@ import statistics
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -22,7 +23,14 @@ from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutErro
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.rollout.actions import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
-from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
+from coordinator.service.operations import (
+    CLI_ACTOR,
+    Actor,
+    DeploymentView,
+    DeployRequest,
+    RollbackRequest,
+    RolloutRequest,
+)
 from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
@@ -143,6 +151,47 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     wait_for(lambda: not any(d.online for d in service.devices()), what="Last Wills stored")
     for device in DEVICES:  # first sight online, then the clean stop's offline
         assert [p.online for p in service.presence(device)] == [False, True]
+
+
+def finished(service: FleetService, deployment_id: str) -> DeploymentView:
+    """The view of a one-shot deployment once it is done."""
+    view: DeploymentView = wait_for(
+        lambda: (v := service.deployment(deployment_id)).done and v, what=f"{deployment_id} done"
+    )
+    return view
+
+
+def test_one_shot_deploy_and_rollback_through_the_service(
+    tmp_path: Path, signing_key: SigningKey, fleet: InProcessFleet, service: FleetService
+) -> None:
+    for device in DEVICES[:3]:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 3, what="3 agents online")
+    with pytest.raises(NotFoundError, match="upload it first"):
+        service.deploy(DeployRequest("ab" * 32), actor=OPERATOR)
+    for version in (1, 2):
+        sha = upload(service, make_artifact(tmp_path, signing_key, version=version))
+        started = service.deploy(DeployRequest(sha, timeout_s=30), actor=OPERATOR)
+        deployment_id = started.result.deployment_id
+        view = finished(service, deployment_id)
+        assert view.result.succeeded, view.result.to_json()
+        assert view.delivered
+    assert set(served(service).values()) == {2}
+
+    target = f"device:{DEVICES[0]}"
+    started = service.rollback(RollbackRequest("digits", target=target), actor=OPERATOR)
+    rollback_id = started.result.deployment_id
+    view = finished(service, rollback_id)
+    assert [p.state for p in view.result.devices] == ["rolled_back"]
+    wait_for(lambda: served(service)[DEVICES[0]] == 1, what="the previous model back")
+    actions = [(a.action, a.target) for a in service.audit_log() if "create" in a.action]
+    assert actions == [
+        ("deployment.create", ANY),
+        ("deployment.create", deployment_id),
+        ("rollback.create", rollback_id),
+    ]
+    with pytest.raises(NotFoundError, match="no deployment"):
+        service.deployment("nope")
 
 
 def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_it_back(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,7 +38,6 @@ from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
 from coordinator.cli import training_options as run_options
-from coordinator.cli.deploy import connected
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
@@ -47,11 +48,27 @@ from coordinator.errors import RunError
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
-from coordinator.link.hub import MqttHub
+from coordinator.link.hub import HubConfig, MqttHub
 
 __all__ = ["train"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def connected(connection: Connection) -> Iterator[MqttHub]:
+    """A hub connected to the connection's broker, stopped on exit.
+
+    Raises:
+        ConfigError: bad broker settings or an unreadable password file.
+        BrokerError: cannot connect.
+    """
+    hub = MqttHub(HubConfig(broker=connection.broker_config()))
+    hub.start(connection.connect_timeout)
+    try:
+        yield hub
+    finally:
+        hub.stop()
 
 
 def _initial_weights(

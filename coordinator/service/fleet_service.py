@@ -10,7 +10,9 @@
 * :class:`~coordinator.service.ingest.Ingest` (presence and telemetry into the store, in
   batches, off the network thread),
 * :class:`~coordinator.rollout.manager.RolloutManager` (staged rollouts, resumed at start),
-* :class:`~coordinator.service.runs.RunManager` (federated runs in the background).
+* :class:`~coordinator.service.runs.RunManager` (federated runs in the background),
+* :class:`~coordinator.service.deployments.OneShots` (one-shot deploys and rollbacks,
+  sent through the rollout manager's deliveries).
 
 Workflow::
 
@@ -56,10 +58,14 @@ from coordinator.link.port import Hub
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import HealthPolicy, RolloutPolicy, parse_fraction
+from coordinator.service.deployments import OneShots
 from coordinator.service.ingest import Ingest, IngestSettings
 from coordinator.service.operations import (
     Actor,
+    DeploymentView,
+    DeployRequest,
     FleetMetrics,
+    RollbackRequest,
     RolloutRequest,
     RolloutView,
     RunRequest,
@@ -77,6 +83,7 @@ from coordinator.service.store import (
     TelemetryRow,
 )
 from edge_agent.config.agent import BrokerConfig
+from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
 __all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
 
@@ -152,6 +159,7 @@ class FleetService:
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
         self._runs = RunManager(coordinator, store, clock=clock)
+        self._one_shots = OneShots(self._rollouts.deliveries)
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -204,6 +212,7 @@ class FleetService:
         if not self._started:
             return
         self._started = False
+        self._one_shots.stop()
         self._rollouts.stop()
         self._runs.stop()
         self._coordinator.remove_listener(self._rollouts.on_message)
@@ -382,6 +391,46 @@ class FleetService:
         self._audit(actor, "rollout.abort", rollout_id, {"rollback": rollback})
         return self.rollout(rollout_id)
 
+    # ------------------------------------------------------- one-shot deliveries
+
+    def deploy(self, request: DeployRequest, *, actor: Actor) -> DeploymentView:
+        """Send an uploaded artifact to every targeted device at once.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a bad target, or it matches no device or names unknown ones.
+        """
+        if self._store.artifact(request.artifact_sha256) is None:
+            raise NotFoundError(f"no artifact {request.artifact_sha256!r}: upload it first")
+        target = Target.parse(request.target)
+        artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
+        view = self._one_shots.deploy(artifact, target, timeout_s=request.timeout_s)
+        self._audit(actor, "deployment.create", view.result.deployment_id,
+                    {"artifact": request.artifact_sha256, "target": request.target})  # fmt: skip
+        return view
+
+    def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
+        """Ask the targeted devices to go back to their previous good model.
+
+        Raises:
+            TargetError: a bad target, or it matches no device.
+        """
+        target = Target.parse(request.target)
+        view = self._one_shots.rollback(
+            target, request.model, reason=request.reason, timeout_s=request.timeout_s
+        )
+        self._audit(actor, "rollback.create", view.result.deployment_id,
+                    {"model": request.model, "target": request.target})  # fmt: skip
+        return view
+
+    def deployment(self, deployment_id: str) -> DeploymentView:
+        """A one-shot deployment or rollback started by this service.
+
+        Raises:
+            NotFoundError: no such deployment (or the service restarted since).
+        """
+        return self._one_shots.view(deployment_id)
+
     # --------------------------------------------------------------------- runs
 
     def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:
@@ -487,11 +536,13 @@ def local_service(
     trust: Sequence[Path] = (),
     threshold: int = 1,
     timeout: float = 10.0,
+    chunk_size: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[FleetService]:
     """The CLI's in-process ``--broker`` mode: a started service, stopped on exit.
 
     State lives in ``db`` like the long-running service's, so a rollout started
-    here is resumed by whichever process opens that database next.
+    here is resumed by whichever process opens that database next. ``chunk_size``
+    is the hub's (the payload's bytes per chunk).
 
     Raises:
         StoreError: the database cannot be opened.
@@ -503,7 +554,9 @@ def local_service(
     )
     store = open_store(db)
     try:
-        service = FleetService(store, MqttHub(HubConfig(broker=broker)), trusted)
+        service = FleetService(
+            store, MqttHub(HubConfig(broker=broker, chunk_size=chunk_size)), trusted
+        )
         service.start(timeout)
         try:
             service.ingest.flush()  # the retained statuses, stored before the command reads
