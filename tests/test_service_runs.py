@@ -8,16 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
-from coordinator.errors import NotFoundError, RunError
+from coordinator.delivery.packaging import LabelledData
+from coordinator.errors import NotFoundError, RunError, StrategyError
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
-from coordinator.service.runs import RunManager, training_config
+from coordinator.service.runs import RunManager, run_strategy, training_config
 from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.training import participant
@@ -59,6 +61,35 @@ def test_a_request_becomes_a_seeded_training_config() -> None:
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
     with pytest.raises(RunError, match=message):
         training_config(RunRequest(min_clients=2, config=config))
+
+
+def test_fedge_train_adds_its_own_weights_evaluation_data_and_update_bound() -> None:
+    """What only the process running the rounds holds (see coordinator.cli.train)."""
+    settings = {"hidden": [8], "clients_per_round": 4}
+    request = RunRequest(min_clients=2, config=settings)
+    data = LabelledData(np.zeros((5, 12), dtype=np.float32), np.array([0, 1, 2, 0, 6]))
+    config = training_config(request, eval_data=data, max_update_norm=3.0)
+    # Features and classes default to the evaluation data's (12 columns, labels 0..6).
+    assert [w.shape for w in config.initial_weights.values()] == [(12, 8), (8,), (8, 7), (7,)]
+    assert config.eval_data is data
+    assert config.max_update_norm == 3.0
+    weights = {"W0": np.ones((3, 2), dtype=np.float32), "b0": np.zeros(2, dtype=np.float32)}
+    given = training_config(request, initial_weights=weights)  # no features/classes needed
+    assert given.initial_weights is weights
+    assert given.eval_data is None
+    with pytest.raises(RunError, match="features is required"):
+        training_config(request)
+
+
+def test_run_strategy_reads_the_strategy_args() -> None:
+    request = RunRequest(strategy="fedprox", config={"strategy_args": {"proximal_mu": 0.5}})
+    assert getattr(run_strategy(request), "proximal_mu", None) == 0.5
+    assert getattr(run_strategy(request), "fraction_evaluate", None) != 0
+    assert getattr(run_strategy(request, federated_eval=False), "fraction_evaluate", None) == 0
+    with pytest.raises(RunError, match="strategy_args must be an object"):
+        run_strategy(RunRequest(config={"strategy_args": [1]}))
+    with pytest.raises(StrategyError):
+        run_strategy(RunRequest(strategy="nope"))
 
 
 def test_a_bad_codec_is_refused() -> None:
