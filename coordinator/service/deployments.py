@@ -137,7 +137,8 @@ class OneShots:
                 )
             except Exception:  # a bug: the view ends as it stands rather than hang
                 logger.exception("following deployment %s failed", deployment_id)
-                result = self._jobs[deployment_id].view.result
+                with self._lock:
+                    result = self._jobs[deployment_id].view.result
             finally:
                 first.set()
             with self._lock:

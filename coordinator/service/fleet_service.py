@@ -176,7 +176,7 @@ class FleetService:
 
     @property
     def deliveries(self) -> Deliveries:
-        """The rollouts' deliveries (what is still tracked)."""
+        """The deliveries of rollouts and one-shot deploys (what is still tracked)."""
         return self._rollouts.deliveries
 
     @property
