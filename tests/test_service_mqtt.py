@@ -58,13 +58,11 @@ def open_service(
     tmp_path: Path, broker: Mosquitto, signing_key: SigningKey, *, session: str | None = None
 ) -> FleetService:
     store = Store.open(tmp_path / "coordinator.db")
-    coordinator = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
+    hub = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
     settings = ServiceSettings(
         telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
     )
-    service = FleetService(
-        store, coordinator, TrustedKeys.of([signing_key.public_key]), settings=settings
-    )
+    service = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
     service.start()
     return service
 
@@ -80,14 +78,14 @@ def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Itera
 
 
 def online(service: FleetService) -> int:
-    return sum(r.online for r in service.coordinator.fleet())
+    return sum(r.online for r in service.hub.fleet())
 
 
 def served(service: FleetService) -> dict[str, int | None]:
     """The version of ``digits`` each device serves, as its status says."""
     return {
         r.device_id: max((m.version for m in r.models if m.name == "digits"), default=None)
-        for r in service.coordinator.fleet()
+        for r in service.hub.fleet()
     }
 
 

@@ -123,7 +123,7 @@ def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
 @pytest.fixture
 def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
     fleet = FederatedFleet.start(tmp_path, clients=4)
-    fleet.coordinator.stop()  # the service brings its own
+    fleet.hub.stop()  # the service brings its own
     try:
         yield fleet
     finally:
@@ -131,9 +131,9 @@ def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
 
 
 def open_service(fleet: FederatedFleet, db: Path) -> FleetService:
-    coordinator = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
+    hub = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
     trusted = TrustedKeys.of([load_public_key(fleet.trust)])
-    service = FleetService(Store.open(db), coordinator, trusted)
+    service = FleetService(Store.open(db), hub, trusted)
     service.start()
     return service
 
@@ -144,7 +144,7 @@ def test_a_run_started_through_the_service_records_its_rounds_as_they_end(
 ) -> None:
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         request = RunRequest(rounds=2, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
         view = service.start_run(request, actor=CLI_ACTOR)
         run_id = view.run.run_id
@@ -173,7 +173,7 @@ def test_a_service_stopped_mid_run_marks_the_run_and_its_round_interrupted(
 ) -> None:
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         request = RunRequest(rounds=50, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
         run_id = service.start_run(request, actor=CLI_ACTOR).run.run_id
         wait_for(lambda: any(r.status == "ok" for r in service.run(run_id).rounds))
@@ -207,7 +207,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
     monkeypatch.setattr(participant, "trainer_for", lambda family: Telling(trainer_for(family)))
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         # Five clients wanted, four there: round 1 waits for devices (up to 60 s).
         waiting = RunRequest(rounds=50, min_clients=5, round_timeout_s=60.0,
                              config={**SETTINGS, "clients_per_round": 5})  # fmt: skip

@@ -213,8 +213,8 @@ def train(
                 num_sampled_clients=clients_per_round,
             )
         title = f"{model}: {strategy}, {codec}, {rounds} rounds"
-        with connected(connection) as coordinator:
-            result = _run(coordinator, chosen, config, title=title, live=not as_json)
+        with connected(connection) as hub:
+            result = _run(hub, chosen, config, title=title, live=not as_json)
         if out is not None:
             buffer = io.BytesIO()
             arrays: dict[str, Any] = dict(result.weights)
@@ -230,10 +230,10 @@ def train(
 
 
 def _run(
-    coordinator: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
+    hub: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
 ) -> RunResult:
     if not live:
-        return run_training(coordinator, strategy, config)
+        return run_training(hub, strategy, config)
     done: list[RoundReport] = []
     with Live(console=err_console, refresh_per_second=8, transient=True) as view:
 
@@ -245,7 +245,7 @@ def _run(
                 status = Text(f"round {report.round}/{config.rounds}: {what}", style="cyan")
             view.update(Group(rounds_table([r.to_json() for r in done], title=title), status))
 
-        return run_training(coordinator, strategy, config, on_round=show)
+        return run_training(hub, strategy, config, on_round=show)
 
 
 def _report(

@@ -17,8 +17,8 @@
 Workflow::
 
     store = Store.open(db_path)
-    coordinator = MqttHub(HubConfig(broker=broker))
-    service = FleetService(store, coordinator, trusted_keys)
+    hub = MqttHub(HubConfig(broker=broker))
+    service = FleetService(store, hub, trusted_keys)
     service.start()            # listeners first, then connect: retained statuses count
     app = create_app(service, authenticate=service.authenticate)
     ...
@@ -134,7 +134,7 @@ class FleetService:
     def __init__(
         self,
         store: Store,
-        coordinator: Hub,
+        hub: Hub,
         trusted: TrustedKeys | None,
         *,
         settings: ServiceSettings | None = None,
@@ -144,21 +144,21 @@ class FleetService:
 
         Args:
             store: The state store (the caller closes it).
-            coordinator: A coordinator not yet started.
+            hub: The MQTT hub, not yet started.
             trusted: Keys uploads must be signed by; None refuses every upload.
             settings: Timings and retention.
             clock: Unix time source.
         """
         settings = settings or ServiceSettings()
         self._store = store
-        self._coordinator = coordinator
+        self._hub = hub
         self._trusted = trusted
         self._clock = clock
         self._ingest = Ingest(store, settings.ingest(), clock=clock)
-        self._rollouts = RolloutManager(coordinator, store, clock=clock,
+        self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
-        self._runs = RunManager(coordinator, store, clock=clock)
+        self._runs = RunManager(hub, store, clock=clock)
         self._one_shots = OneShots(self._rollouts.deliveries)
         self._started = False
 
@@ -170,9 +170,9 @@ class FleetService:
         return self._store
 
     @property
-    def coordinator(self) -> Hub:
+    def hub(self) -> Hub:
         """The MQTT side."""
-        return self._coordinator
+        return self._hub
 
     @property
     def deliveries(self) -> Deliveries:
@@ -193,19 +193,19 @@ class FleetService:
         """
         self._runs.recover()
         self._rollouts.load()  # before connecting: queued reports are for these rollouts
-        self._coordinator.add_listener(self._ingest.on_message)
-        self._coordinator.add_listener(self._rollouts.on_message)
+        self._hub.add_listener(self._ingest.on_message)
+        self._hub.add_listener(self._rollouts.on_message)
         self._ingest.start()
         try:
-            self._coordinator.start(timeout)
-            self._coordinator.sync_fleet()  # the retained statuses, before resuming
+            self._hub.start(timeout)
+            self._hub.sync_fleet()  # the retained statuses, before resuming
         except BaseException:
             self._ingest.stop()
             raise
         self._rollouts.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
-                    len(self._coordinator.fleet()))  # fmt: skip
+                    len(self._hub.fleet()))  # fmt: skip
 
     def stop(self) -> None:
         """Stop rollouts and runs, flush telemetry, disconnect (idempotent)."""
@@ -215,9 +215,9 @@ class FleetService:
         self._one_shots.stop()
         self._rollouts.stop()
         self._runs.stop()
-        self._coordinator.remove_listener(self._rollouts.on_message)
-        self._coordinator.stop()
-        self._coordinator.remove_listener(self._ingest.on_message)
+        self._hub.remove_listener(self._rollouts.on_message)
+        self._hub.stop()
+        self._hub.remove_listener(self._ingest.on_message)
         self._ingest.stop()
         logger.info("coordinator service stopped")
 
@@ -477,7 +477,7 @@ class FleetService:
 
     def metrics(self) -> FleetMetrics:
         """Figures for ``GET /metrics`` (devices, models, rollouts, rounds, latency)."""
-        records = self._coordinator.fleet()
+        records = self._hub.fleet()
         models: dict[tuple[str, int], int] = {}
         for record in records:
             if record.online:

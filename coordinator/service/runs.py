@@ -172,11 +172,9 @@ def run_strategy(request: RunRequest, *, federated_eval: bool = True) -> Strateg
 class RunManager:
     """Starts federated runs and records their rounds (see the module docstring)."""
 
-    def __init__(
-        self, coordinator: Hub, store: Store, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, hub: Hub, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         """Prepare; nothing runs until :meth:`start`."""
-        self._coordinator = coordinator
+        self._hub = hub
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
@@ -302,7 +300,7 @@ class RunManager:
 
         state = RunState.FAILED
         try:
-            result = run_training(self._coordinator, strategy, config, on_round=on_round, stop=stop)
+            result = run_training(self._hub, strategy, config, on_round=on_round, stop=stop)
             cut_short = len(result.rounds) < config.rounds or any(
                 r.reason == STOPPED for r in result.rounds
             )

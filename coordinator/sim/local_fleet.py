@@ -16,8 +16,8 @@ Workflow::
     shards = write_shards(x, y, clients=10, alpha=0.5, directory=tmp / "data", seed=0)
     with LocalFleet.start(shards, broker_for=lambda device: broker_config(device),
                           trust=[public_key_path], root=tmp / "agents") as fleet:
-        fleet.wait_eligible(coordinator, len(shards), timeout=20)
-        run_training(coordinator, strategy, config)
+        fleet.wait_eligible(hub, len(shards), timeout=20)
+        run_training(hub, strategy, config)
 """
 
 from __future__ import annotations
@@ -173,15 +173,15 @@ class LocalFleet:
             raise
         return cls(agents, networks)
 
-    def wait_eligible(self, coordinator: Hub, count: int, timeout: float) -> None:
-        """Wait until ``coordinator`` sees ``count`` online devices with data.
+    def wait_eligible(self, hub: Hub, count: int, timeout: float) -> None:
+        """Wait until ``hub`` sees ``count`` online devices with data.
 
         Raises:
             RunError: not within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            records = coordinator.fleet()
+            records = hub.fleet()
             if sum(1 for r in records if r.can_train) >= count:
                 return
             time.sleep(0.05)
