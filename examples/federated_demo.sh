@@ -58,7 +58,7 @@ fedge train --model digits --family mlp --hidden 128 --rounds 15 \
 python -c 'import json,sys; r=json.load(open(sys.argv[1])); print("final accuracy", r["final_accuracy"], "rounds ok", r["rounds_ok"])' "$out/train.json"
 
 echo "== 5. deploy the trained model"
-fedge deploy "$out/digits-v1.fedge" --to all --wait --timeout 60
+fedge deploy "$out/digits-v1.fedge" --to all --wait --timeout 60 --trust "$out/keys/signing.pub"
 row="$(python -c 'import numpy as np; print(np.load("'"$out"'/data/test.npz")["x"][0].tolist())')"
 curl -s -X POST "http://127.0.0.1:$http_port/v1/predict" \
     -H 'Content-Type: application/json' -d "{\"inputs\": [$row]}"

@@ -52,14 +52,15 @@ done
 fedge devices
 
 echo "== 4. deploy v1 to every device"
-fedge deploy "$out/digits-v1.fedge" --to all --wait --timeout 60
+fedge deploy "$out/digits-v1.fedge" --to all --wait --timeout 60 --trust "$out/keys/signing.pub"
 row="$(python -c 'import numpy as np; print(np.load("'"$out"'/test.npz")["x"][0].tolist())')"
 curl -s -X POST "http://127.0.0.1:${http_ports[0]}/v1/predict" \
     -H 'Content-Type: application/json' -d "{\"inputs\": [$row]}"
 echo
 
 echo "== 5. v2 to pi-1, then roll pi-1 back"
-fedge deploy "$out/digits-v2.fedge" --to device:pi-1 --wait --timeout 60
+fedge deploy "$out/digits-v2.fedge" --to device:pi-1 --wait --timeout 60 \
+    --trust "$out/keys/signing.pub"
 fedge rollback --to device:pi-1 --model digits
 fedge devices
 curl -s "http://127.0.0.1:${http_ports[0]}/v1/model"

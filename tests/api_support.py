@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
+from coordinator.delivery.tracker import DeployResult, DeviceProgress, DeviceState
 from coordinator.errors import (
     ArtifactRejectedError,
     CoordinatorError,
@@ -33,7 +34,10 @@ from coordinator.errors import (
 )
 from coordinator.service.operations import (
     Actor,
+    DeploymentView,
+    DeployRequest,
     FleetMetrics,
+    RollbackRequest,
     RolloutRequest,
     RolloutView,
     RunRequest,
@@ -177,6 +181,11 @@ class FakeOperations:
             read of it first takes the next one (``["running", "completed"]``).
         rollout_reads: :meth:`rollout` reads, by id.
         rollout_requests: Each request :meth:`create_rollout` received.
+        deployment_views: One-shot deployments and rollbacks by id.
+        deployment_outcome: The state every online device of a deployment (or
+            rollback) reaches at the first :meth:`deployment` read (offline ones
+            stay offline); None: the default of each (installed, rolled back).
+        deployment_requests: Each request :meth:`deploy` or :meth:`rollback` received.
     """
 
     def __init__(self) -> None:
@@ -196,6 +205,10 @@ class FakeOperations:
         self.rollout_script: dict[str, list[str]] = {}
         self.rollout_reads: Counter[str] = Counter()
         self.rollout_requests: list[RolloutRequest] = []
+        self.deployment_views: dict[str, DeploymentView] = {}
+        self.deployment_outcome: DeviceState | None = None
+        self.deployment_requests: list[DeployRequest | RollbackRequest] = []
+        self._outcomes: dict[str, DeviceState] = {}
 
     @classmethod
     def seeded(cls) -> FakeOperations:
@@ -267,6 +280,39 @@ class FakeOperations:
             return self.run_views[run_id]
         except KeyError:
             raise NotFoundError(f"no run {run_id!r}") from None
+
+    def _chosen(self, target: str) -> list[DeviceRow]:
+        kind, _, value = target.partition(":")
+        if target == "all":
+            chosen = list(self.device_rows.values())
+        elif kind == "tag" and value:
+            chosen = [row for row in self.device_rows.values() if value in row.tags]
+        elif kind == "device" and value:
+            ids = value.split(",")
+            chosen = [row for row in self.device_rows.values() if row.device_id in ids]
+        else:
+            raise TargetError(f"bad target {target!r}")
+        if not chosen:
+            raise TargetError(f"target {target!r} matches no device")
+        return chosen
+
+    def _start_deployment(
+        self, model: str, version: int, target: str, outcome: DeviceState
+    ) -> DeploymentView:
+        devices = tuple(
+            DeviceProgress(
+                row.device_id,
+                DeviceState.PENDING if row.online else DeviceState.OFFLINE,
+                updated_at=NOW,
+            )
+            for row in self._chosen(target)
+        )
+        deployment_id = f"dep-{len(self.deployment_views) + 1}"
+        result = DeployResult(deployment_id, model, version, succeeded=False, devices=devices)
+        view = DeploymentView(result, done=False, delivered=False)
+        self.deployment_views[deployment_id] = view
+        self._outcomes[deployment_id] = self.deployment_outcome or outcome
+        return view
 
     def _set_state(self, view: RolloutView, state: str) -> RolloutView:
         updated = replace(view, rollout=replace(view.rollout, state=state, updated_at=NOW + 1))
@@ -345,18 +391,7 @@ class FakeOperations:
         self.rollout_requests.append(request)
         if request.artifact_sha256 not in self.artifact_rows:
             raise NotFoundError(f"no artifact {request.artifact_sha256!r}")
-        kind, _, value = request.target.partition(":")
-        if request.target == "all":
-            chosen = list(self.device_rows.values())
-        elif kind == "tag" and value:
-            chosen = [row for row in self.device_rows.values() if value in row.tags]
-        elif kind == "device" and value:
-            ids = value.split(",")
-            chosen = [row for row in self.device_rows.values() if row.device_id in ids]
-        else:
-            raise TargetError(f"bad target {request.target!r}")
-        if not chosen:
-            raise TargetError(f"target {request.target!r} matches no device")
+        chosen = self._chosen(request.target)
         if not request.waves.endswith("100"):
             raise RolloutError(f"waves must end at 100, not {request.waves!r}")
         rollout_id = f"ro-{len(self.rollout_views) + 1}"
@@ -442,6 +477,64 @@ class FakeOperations:
         self.aborted[rollout_id] = rollback
         self._mutate("rollout.abort", actor, rollout_id, rollback=rollback)
         return self._set_state(view, "aborted")
+
+    def deploy(self, request: DeployRequest, *, actor: Actor) -> DeploymentView:
+        """Start a one-shot deployment: online devices pending, offline ones offline.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a bad target, or it matches no device.
+        """
+        self._check()
+        self.deployment_requests.append(request)
+        artifact = self.artifact_rows.get(request.artifact_sha256)
+        if artifact is None:
+            raise NotFoundError(f"no artifact {request.artifact_sha256!r}")
+        view = self._start_deployment(
+            artifact.name, artifact.version, request.target, DeviceState.INSTALLED
+        )
+        self._mutate("deployment.create", actor, view.result.deployment_id)
+        return view
+
+    def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
+        """Start a one-shot rollback (like :meth:`deploy`).
+
+        Raises:
+            TargetError: a bad target, or it matches no device.
+        """
+        self._check()
+        self.deployment_requests.append(request)
+        view = self._start_deployment(request.model, 0, request.target, DeviceState.ROLLED_BACK)
+        self._mutate("rollback.create", actor, view.result.deployment_id)
+        return view
+
+    def deployment(self, deployment_id: str) -> DeploymentView:
+        """A deployment; the first read ends it with ``deployment_outcome``.
+
+        Raises:
+            NotFoundError: no such deployment.
+        """
+        self._check()
+        try:
+            view = self.deployment_views[deployment_id]
+        except KeyError:
+            raise NotFoundError(f"no deployment {deployment_id!r}") from None
+        if view.done:
+            return view
+        outcome = self._outcomes[deployment_id]
+        devices = tuple(
+            replace(p, state=outcome) if p.state is DeviceState.PENDING else p
+            for p in view.result.devices
+        )
+        states = {p.state for p in devices}
+        succeeded = (
+            outcome in states and states <= {outcome, DeviceState.OFFLINE}
+            and outcome is DeviceState.INSTALLED
+        )  # fmt: skip
+        result = replace(view.result, devices=devices, succeeded=succeeded)
+        view = DeploymentView(result, done=True, delivered=True)
+        self.deployment_views[deployment_id] = view
+        return view
 
     def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:
         """Record a running run.

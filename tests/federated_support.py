@@ -49,7 +49,7 @@ class FederatedFleet:
 
     broker: Mosquitto
     agents: list[Agent]
-    coordinator: MqttHub
+    hub: MqttHub
     test_set: LabelledData
     shards: list[Path]
     trust: Path
@@ -72,7 +72,7 @@ class FederatedFleet:
         agents = local.agents
         fleet = cls(broker, agents[:clients], coordinator(broker), test_set, shards, trust, root)
         fleet.extra = agents[clients:]
-        local.wait_eligible(fleet.coordinator, clients, timeout=20)
+        local.wait_eligible(fleet.hub, clients, timeout=20)
         return fleet
 
     def run(
@@ -107,11 +107,11 @@ class FederatedFleet:
         chosen = build_strategy(
             strategy, parse_strategy_args(list(strategy_args)), federated_eval=not eval_data
         )
-        return run_training(self.coordinator, chosen, RunConfig(**fields), on_round=on_round)
+        return run_training(self.hub, chosen, RunConfig(**fields), on_round=on_round)
 
     def stop(self) -> None:
         """Stop the coordinator, the agents and the broker."""
-        self.coordinator.stop()
+        self.hub.stop()
         for agent in [*self.agents, *self.extra]:
             agent.stop()
         self.broker.stop()

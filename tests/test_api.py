@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.types import Message
 
+from coordinator.delivery.tracker import DeployResult, DeviceProgress
 from coordinator.errors import (
     ArtifactCorruptError,
     ArtifactRejectedError,
@@ -41,7 +42,12 @@ from coordinator.service.api.routes import PUBLIC_PATHS
 from coordinator.service.api.schemas import (
     ArtifactOut,
     AuditOut,
+    DeployCreate,
+    DeploymentViewOut,
+    DeployResultOut,
     DeviceOut,
+    DeviceProgressOut,
+    RollbackCreate,
     RolloutCreate,
     RolloutDeviceOut,
     RolloutOut,
@@ -54,7 +60,10 @@ from coordinator.service.api.schemas import (
 )
 from coordinator.service.operations import (
     Actor,
+    DeploymentView,
+    DeployRequest,
     Operations,
+    RollbackRequest,
     RolloutRequest,
     RolloutView,
     RunRequest,
@@ -188,6 +197,9 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
         ("POST", "/v1/rollouts/{rollout_id}/pause"),
         ("POST", "/v1/rollouts/{rollout_id}/resume"),
         ("POST", "/v1/rollouts/{rollout_id}/abort"),
+        ("POST", "/v1/deployments"),
+        ("GET", "/v1/deployments/{deployment_id}"),
+        ("POST", "/v1/rollbacks"),
         ("POST", "/v1/runs"),
         ("GET", "/v1/runs"),
         ("GET", "/v1/runs/{run_id}"),
@@ -215,7 +227,7 @@ def test_every_route_but_health_needs_a_token(
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert error_of(response)["code"] == "unauthorized"
             checked += 1
-    assert checked == 17
+    assert checked == 20
     assert ops.mutations == []
 
 
@@ -322,7 +334,7 @@ def test_viewer_is_refused_every_post(
     app: FastAPI, client: TestClient, ops: FakeOperations
 ) -> None:
     posts = [route for route in api_routes(app) if "POST" in methods(route)]
-    assert len(posts) == 7
+    assert len(posts) == 9
     for route in posts:
         for body in ({}, {"rollback": True}, None):
             response = client.post(concrete(route.path), json=body, headers=AS_VIEWER)
@@ -381,6 +393,70 @@ def test_a_rollout_body_carries_the_whole_policy(client: TestClient, ops: FakeOp
     # Defaults are the request's own.
     client.post("/v1/rollouts", json={"artifact_sha256": sha}, headers=AS_OPERATOR)
     assert ops.rollout_requests[-1] == RolloutRequest(sha)
+
+
+def test_one_shot_deployment_and_rollback(client: TestClient, ops: FakeOperations) -> None:
+    sha = upload(client)
+    body = {"artifact_sha256": sha, "target": "tag:lab", "timeout_s": 30.0}
+    created = client.post("/v1/deployments", json=body, headers=AS_OPERATOR)
+    assert created.status_code == 201, created.text
+    view = created.json()
+    deployment_id = view["result"]["deployment_id"]
+    assert created.headers["Location"].endswith(f"/v1/deployments/{deployment_id}")
+    assert (view["done"], view["delivered"]) == (False, False)
+    assert [(d["device_id"], d["state"]) for d in view["result"]["devices"]] == [
+        ("pi-1", "pending"),
+        ("pi-2", "pending"),
+    ]
+    got = client.get(f"/v1/deployments/{deployment_id}", headers=AS_VIEWER).json()
+    assert got["done"] is True
+    assert got["result"]["succeeded"] is True
+    assert {d["state"] for d in got["result"]["devices"]} == {"installed"}
+
+    rolled = client.post(
+        "/v1/rollbacks",
+        json={"model": "digits", "target": "device:pi-1", "reason": "bad", "timeout_s": 5},
+        headers=AS_OPERATOR,
+    )
+    assert rolled.status_code == 201, rolled.text
+    rollback_id = rolled.json()["result"]["deployment_id"]
+    got = client.get(f"/v1/deployments/{rollback_id}", headers=AS_VIEWER).json()
+    assert [d["state"] for d in got["result"]["devices"]] == ["rolled_back"]
+    assert ops.deployment_requests == [
+        DeployRequest(sha, target="tag:lab", timeout_s=30.0),
+        RollbackRequest("digits", target="device:pi-1", reason="bad", timeout_s=5.0),
+    ]
+    assert [m for m, _ in ops.mutations] == [
+        "artifact.upload", "deployment.create", "rollback.create"
+    ]  # fmt: skip
+    # Defaults are the requests' own.
+    client.post("/v1/deployments", json={"artifact_sha256": sha}, headers=AS_OPERATOR)
+    client.post("/v1/rollbacks", json={"model": "digits"}, headers=AS_OPERATOR)
+    assert ops.deployment_requests[-2:] == [DeployRequest(sha), RollbackRequest("digits")]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/deployments", {"artifact_sha256": "f" * 64}, 404, "not_found"),
+        ("/v1/deployments", {"target": "everything"}, 400, "bad_target"),
+        ("/v1/deployments", {"timeout_s": 0}, 422, "invalid_request"),
+        ("/v1/deployments", {"timeuot_s": 5}, 422, "invalid_request"),
+        ("/v1/rollbacks", {"model": "digits", "target": "tag:none"}, 400, "bad_target"),
+        ("/v1/rollbacks", {}, 422, "invalid_request"),
+    ],
+)
+def test_bad_deployments_are_refused(
+    client: TestClient, ops: FakeOperations, path: str, body: dict[str, Any], status: int, code: str
+) -> None:
+    if path == "/v1/deployments":
+        body = {"artifact_sha256": upload(client), **body}
+    response = client.post(path, json=body, headers=AS_OPERATOR)
+    assert response.status_code == status, response.text
+    assert error_of(response)["code"] == code
+    assert [m for m, _ in ops.mutations if m != "artifact.upload"] == []
+    response = client.get("/v1/deployments/nope", headers=AS_VIEWER)
+    assert response.status_code == 404
 
 
 def test_operator_workflow(client: TestClient, ops: FakeOperations) -> None:
@@ -912,6 +988,11 @@ def test_config_limits_must_be_positive(field: str, value: int) -> None:
         (AuditOut, AuditRow),
         (RolloutCreate, RolloutRequest),
         (RunCreate, RunRequest),
+        (DeviceProgressOut, DeviceProgress),
+        (DeployResultOut, DeployResult),
+        (DeploymentViewOut, DeploymentView),
+        (DeployCreate, DeployRequest),
+        (RollbackCreate, RollbackRequest),
     ],
 )
 def test_schemas_mirror_the_dataclasses(model: type[BaseModel], row: type[Any]) -> None:

@@ -20,6 +20,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from coordinator.delivery.tracker import DeviceState
 from coordinator.errors import (
     ApiAuthError,
     ApiError,
@@ -36,7 +37,14 @@ from coordinator.errors import (
 )
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.api_client import ApiClient
-from coordinator.service.operations import CLI_ACTOR, Operations, RolloutRequest, RunRequest
+from coordinator.service.operations import (
+    CLI_ACTOR,
+    DeployRequest,
+    Operations,
+    RollbackRequest,
+    RolloutRequest,
+    RunRequest,
+)
 from coordinator.service.store.records import ArtifactRow, DeviceRow, PresenceRow, RunState
 from coordinator.service.tokens import Role
 from tests.api_support import (
@@ -189,6 +197,31 @@ def test_stop_run_round_trips(client: ApiClient, ops: FakeOperations) -> None:
     assert (last.action, last.target, last.actor) == ("run.stop", run_id, OPERATOR.name)
 
 
+def test_deploy_and_rollback_round_trip(client: ApiClient, ops: FakeOperations) -> None:
+    client.upload_artifact(ARTIFACT, actor=CLI_ACTOR)
+    started = client.deploy(DeployRequest(SHA, target="tag:lab", timeout_s=9), actor=CLI_ACTOR)
+    deployment_id = started.result.deployment_id
+    assert started == ops.deployment_views[deployment_id]  # as it was when created
+    assert not started.done
+    done = client.deployment(deployment_id)
+    assert done == ops.deployment_views[deployment_id]
+    assert done.done
+    assert done.result.succeeded
+    assert {p.state for p in done.result.devices} == {DeviceState.INSTALLED}
+    rolled = client.rollback(RollbackRequest("digits", target="device:pi-1"), actor=CLI_ACTOR)
+    assert client.deployment(rolled.result.deployment_id).result.devices[0].state == (
+        DeviceState.ROLLED_BACK
+    )
+    assert ops.deployment_requests == [
+        DeployRequest(SHA, target="tag:lab", timeout_s=9),
+        RollbackRequest("digits", target="device:pi-1"),
+    ]
+    with pytest.raises(NotFoundError, match="no deployment 'dep-9'"):
+        client.deployment("dep-9")
+    with pytest.raises(TargetError):
+        client.rollback(RollbackRequest("digits", target="tag:none"), actor=CLI_ACTOR)
+
+
 def test_metrics_are_not_available(client: ApiClient) -> None:
     with pytest.raises(ApiError, match="Prometheus"):
         client.metrics()
@@ -218,6 +251,10 @@ def test_viewer_may_read_but_not_write(viewer: ApiClient, ops: FakeOperations) -
         viewer.upload_artifact(ARTIFACT, actor=CLI_ACTOR)
     with pytest.raises(ApiAuthError, match="may not stop runs"):
         viewer.stop_run("run-1", actor=CLI_ACTOR)
+    with pytest.raises(ApiAuthError, match="may not deploy"):
+        viewer.deploy(DeployRequest(SHA), actor=CLI_ACTOR)
+    with pytest.raises(ApiAuthError, match="may not roll back"):
+        viewer.rollback(RollbackRequest("digits"), actor=CLI_ACTOR)
     assert_no_token(caught.value)
     assert ops.mutations == []
 

@@ -1,5 +1,5 @@
 """The operator's fleet commands (``fedge devices``, ``artifacts``, ``rollout``,
-``rounds``, ``telemetry``, ``audit``) against a real API.
+``deploy``, ``rollback``, ``rounds``, ``telemetry``, ``audit``) against a real API.
 
 The API (:func:`coordinator.service.api.create_app` over
 :class:`tests.api_support.FakeOperations`) runs in a real uvicorn on 127.0.0.1;
@@ -30,8 +30,14 @@ from coordinator.cli import rounds as rounds_cli
 from coordinator.cli.app import app
 from coordinator.cli.device_views import device_json
 from coordinator.cli.service_views import to_json
+from coordinator.delivery.tracker import DeviceState
 from coordinator.service.api import ApiConfig, create_app
-from coordinator.service.operations import CLI_ACTOR, RolloutRequest
+from coordinator.service.operations import (
+    CLI_ACTOR,
+    DeployRequest,
+    RollbackRequest,
+    RolloutRequest,
+)
 from coordinator.service.store.records import RunState
 from edge_agent.config.agent import BrokerConfig
 from tests.api_support import (
@@ -634,3 +640,118 @@ def test_broker_mode_rounds_start_waits_for_the_run(monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == ["run-1", "run run-1: finished"]
     assert ops.mutations == [("run.start", CLI_ACTOR.name)]
+
+
+# --- deploy and rollback ------------------------------------------------------------
+
+
+def test_deploy_wait_json_is_the_delivery_result(
+    fedge: Fedge, ops: FakeOperations, artifact_file: Path
+) -> None:
+    result = fedge("deploy", artifact_file, "--to", "tag:lab", "--wait", "--timeout", "9", "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    view = ops.deployment_views["dep-1"]
+    assert json.loads(result.stdout) == jsonable(view.result.to_json())
+    assert json.loads(result.stdout)["counts"]["installed"] == 2
+    assert ops.deployment_requests == [DeployRequest(SHA, target="tag:lab", timeout_s=9.0)]
+    assert ops.mutations == [
+        ("artifact.upload", OPERATOR.name),
+        ("deployment.create", OPERATOR.name),
+    ]
+    # An uploaded artifact is named by its sha256 too.
+    result = fedge("deploy", SHA, "--wait", "--json")
+    assert result.exit_code == 0, result.stderr  # pi-3 is offline: it does not count
+    assert [d["state"] for d in json.loads(result.stdout)["devices"]] == [
+        "installed", "installed", "offline"
+    ]  # fmt: skip
+    assert ops.deployment_requests[-1] == DeployRequest(SHA)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "wait", "status"),
+    [
+        (DeviceState.INSTALLED, True, 0),
+        (DeviceState.REJECTED, True, 1),
+        (DeviceState.INSTALLED, False, 0),
+        (DeviceState.FAILED, False, 1),
+    ],
+)
+def test_deploy_exit_status(
+    fedge: Fedge,
+    ops: FakeOperations,
+    artifact_file: Path,
+    outcome: DeviceState,
+    wait: bool,
+    status: int,
+) -> None:
+    ops.deployment_outcome = outcome
+    result = fedge("deploy", artifact_file, "--to", "tag:lab", *(["--wait"] if wait else []))
+    assert result.exit_code == status, result.stdout + result.stderr
+    table = result.stderr if wait else result.stdout  # the live view's last frame, or the table
+    assert "digits v3 -> tag:lab" in table
+    assert all(f"pi-{n}" in table and str(outcome) in table for n in (1, 2))
+    assert ("not installed everywhere" in result.stderr) == (wait and status == 1)
+
+
+def test_deploy_refuses_what_is_neither_a_file_nor_a_sha(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge("deploy", "no-such-file.fedge")
+    assert result.exit_code == 2
+    assert "neither a .fedge file" in result.stderr
+    assert ops.mutations == []
+
+
+def test_deploy_errors_are_one_line(fedge: Fedge, ops: FakeOperations, artifact_file: Path) -> None:
+    assert fedge("artifacts", "upload", artifact_file).exit_code == 0
+    assert "matches no device" in one_line_error(fedge("deploy", SHA, "--to", "tag:x"))
+    assert "bad target" in one_line_error(fedge("deploy", SHA, "--to", "everything"))
+    assert "no artifact" in one_line_error(fedge("deploy", "ab" * 32))
+    assert [m for m, _ in ops.mutations] == ["artifact.upload"]
+
+
+def test_rollback_over_the_api(fedge: Fedge, ops: FakeOperations) -> None:
+    out = fedge.json("rollback", "--model", "digits", "--to", "device:pi-1", "--reason", "bad")
+    assert [(d["device_id"], d["state"]) for d in out["devices"]] == [("pi-1", "rolled_back")]
+    assert ops.deployment_requests == [
+        RollbackRequest("digits", target="device:pi-1", reason="bad")
+    ]
+    ops.deployment_outcome = DeviceState.FAILED
+    result = fedge("rollback", "--model", "digits", "--to", "device:pi-1")
+    assert result.exit_code == 1
+    assert "rollback digits -> device:pi-1" in result.stdout
+
+
+def test_viewer_token_may_not_deploy(api: str, ops: FakeOperations) -> None:
+    viewer = Fedge(api, VIEWER_TOKEN)
+    assert "may not deploy" in one_line_error(viewer("deploy", SHA))
+    assert "may not roll back" in one_line_error(viewer("rollback", "--model", "digits"))
+    assert ops.mutations == []
+
+
+def test_broker_mode_deploy_runs_in_process_on_a_temporary_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, artifact_file: Path
+) -> None:
+    ops = FakeOperations.seeded()
+    calls: list[dict[str, Any]] = []
+
+    @contextmanager
+    def local_service(broker: BrokerConfig, **kwargs: Any) -> Iterator[FakeOperations]:
+        calls.append({"broker": broker, **kwargs})
+        yield ops
+
+    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
+    key = tmp_path / "signing.pub"
+    key.write_text("key")
+    broker = ["--broker", "mqtt://127.0.0.1:1883", "--trust", str(key)]
+    result = run("deploy", artifact_file, "--to", "tag:lab", "--chunk-size", "2048", *broker)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    [call] = calls
+    assert call["chunk_size"] == 2048
+    assert call["trust"] == (key,)
+    assert not call["db"].parent.exists()  # temporary, removed when the command ended
+    assert ops.mutations == [
+        ("artifact.upload", CLI_ACTOR.name),
+        ("deployment.create", CLI_ACTOR.name),
+    ]
+    result = run("rollback", "--model", "digits", "--to", "device:pi-1", *broker)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert ops.mutations[-1] == ("rollback.create", CLI_ACTOR.name)

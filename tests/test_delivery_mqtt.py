@@ -158,11 +158,15 @@ def agents(fleet: InProcessFleet) -> list[Agent]:
     return started
 
 
-def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    """``fedge deploy --wait --json``; return the exit status and the result."""
+def deploy_json(
+    broker: Mosquitto, trust: Path, artifact: Path, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    """``fedge deploy --wait --json`` (in-process, trusting ``trust``); return the exit
+    status and the result."""
     status, out = fedge(
-        broker, "deploy", str(artifact), "--wait", "--timeout", "30", "--json", *extra
-    )
+        broker, "deploy", str(artifact), "--trust", str(trust), "--wait", "--timeout", "30",
+        "--json", *extra,
+    )  # fmt: skip
     return status, json.loads(out)
 
 
@@ -170,7 +174,11 @@ def deploy_json(broker: Mosquitto, artifact: Path, *extra: str) -> tuple[int, di
 
 
 def test_three_agent_processes_install_a_signed_int8_artifact(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, spawn: Callable[..., AgentProcess]
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    spawn: Callable[..., AgentProcess],
+    trust: Path,
 ) -> None:
     ports = [free_port() for _ in range(3)]
     processes = [  # the last one reads everything from agent.toml
@@ -182,7 +190,9 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
         artifact = make_artifact(tmp_path, signing_key, version=3)
         assert read_artifact_unverified(artifact)[0].manifest.quantization.startswith("int8")
 
-        result = fedge_run(broker, "deploy", str(artifact), "--to", "all", "--wait")
+        result = fedge_run(
+            broker, "deploy", str(artifact), "--to", "all", "--wait", "--trust", str(trust)
+        )
         assert result.exit_code == 0, result.stderr
         progress = result.stderr.splitlines()  # the live view's last frame stays
         for device in DEVICES[:3]:
@@ -203,6 +213,14 @@ def test_three_agent_processes_install_a_signed_int8_artifact(
             assert process.stop() == 0, process.log_text()[-2000:]
 
 
+BAD_ARTIFACTS: dict[str, Callable[[Path, SigningKey], Path]] = {
+    "tampered": lambda d, k: make_artifact(d, k, version=3, tamper_payload=True),
+    "untrusted": lambda d, _k: make_artifact(d, generate_signing_key(), version=3),
+    "not_newer": lambda d, k: make_artifact(d, k, version=2, seed=1),
+    "expired": lambda d, k: make_artifact(d, k, version=3, expired=True),
+}
+
+
 @pytest.mark.parametrize(
     ("variant", "code"),
     [
@@ -219,22 +237,25 @@ def test_bad_artifacts_are_rejected_by_every_agent(
     signing_key: SigningKey,
     variant: str,
     code: str,
+    trust: Path,
 ) -> None:
-    status, _ = deploy_json(broker, make_artifact(tmp_path, signing_key, version=2))
+    status, _ = deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=2))
     assert status == 0
-    bad = {
-        "tampered": lambda: make_artifact(tmp_path, signing_key, version=3, tamper_payload=True),
-        "untrusted": lambda: make_artifact(tmp_path, generate_signing_key(), version=3),
-        "not_newer": lambda: make_artifact(tmp_path, signing_key, version=2, seed=1),
-        "expired": lambda: make_artifact(tmp_path, signing_key, version=3, expired=True),
-    }[variant]()
+    bad = Artifact.load(BAD_ARTIFACTS[variant](tmp_path, signing_key))
 
-    status, result = deploy_json(broker, bad)
+    # Sent as it is: one-shot delivery does not judge artifacts, the agents do (the
+    # CLI's upload refuses most of these before any device sees them, see below).
+    operator = coordinator(broker)
+    try:
+        with open_deliveries(operator) as deliveries:
+            result = deliveries.wait(deliveries.deploy(bad, Target.parse("all")), timeout=30)
+    finally:
+        operator.stop()
 
-    assert status == 1
-    assert [d["state"] for d in result["devices"]] == ["rejected"] * 3
-    assert {d["error_code"] for d in result["devices"]} == {code}
-    assert all(d["reason"] for d in result["devices"])
+    assert not result.succeeded
+    assert [d.state for d in result.devices] == [DeviceState.REJECTED] * 3
+    assert {d.error_code for d in result.devices} == {code}
+    assert all(d.reason for d in result.devices)
     for agent in agents:
         assert agent.model is not None
         assert agent.model.version == 2
@@ -244,13 +265,29 @@ def test_bad_artifacts_are_rejected_by_every_agent(
         ), "nothing is downloaded for a rejected manifest"
 
 
-def test_health_check_failure_keeps_the_old_model_and_says_why(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+@pytest.mark.parametrize("variant", ["tampered", "untrusted", "expired"])
+def test_fedge_deploy_uploads_only_what_the_trusted_keys_signed(
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, variant: str, trust: Path
 ) -> None:
-    assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
+    bad = BAD_ARTIFACTS[variant](tmp_path, signing_key)
+
+    status, out = fedge(broker, "deploy", str(bad), "--trust", str(trust), "--wait", "--json")
+
+    assert status == 1
+    assert json.loads(out)["error"]["code"] == "artifact_rejected"
+
+
+def test_health_check_failure_keeps_the_old_model_and_says_why(
+    agents: list[Agent],
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    trust: Path,
+) -> None:
+    assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=1))[0] == 0
     broken = make_artifact(tmp_path, signing_key, version=2, break_health_check=True)
 
-    status, result = deploy_json(broker, broken)
+    status, result = deploy_json(broker, trust, broken)
 
     assert status == 1
     for device in result["devices"]:
@@ -261,14 +298,23 @@ def test_health_check_failure_keeps_the_old_model_and_says_why(
         assert agent.model is not None
         assert agent.model.version == 1
     # The failed version was never installed, so a fixed v2 is still accepted.
-    assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=2, seed=5))[0] == 0
+    assert (
+        deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=2, seed=5))[0] == 0
+    )
 
 
 def test_rollback_returns_to_the_previous_model(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+    agents: list[Agent],
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    trust: Path,
 ) -> None:
     for version in (1, 2):
-        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=version))[0] == 0
+        assert (
+            deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=version))[0]
+            == 0
+        )
 
     status, out = fedge(broker, "rollback", "--to", "tag:none", "--model", "digits", "--json")
     assert status == 1
@@ -287,7 +333,11 @@ def test_rollback_returns_to_the_previous_model(
     assert status == 1
     assert json.loads(out)["devices"][0]["error_code"] == "no_previous_model"
     status, result = deploy_json(
-        broker, make_artifact(tmp_path, signing_key, version=2), "--to", f"device:{DEVICES[0]}"
+        broker,
+        trust,
+        make_artifact(tmp_path, signing_key, version=2),
+        "--to",
+        f"device:{DEVICES[0]}",
     )
     assert status == 1
     assert result["devices"][0]["error_code"] == "rollback"
@@ -404,14 +454,18 @@ def test_agent_sigkilled_during_download_or_install_recovers(
 
 
 def test_agent_survives_hostile_messages(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, spawn: Callable[..., AgentProcess]
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    spawn: Callable[..., AgentProcess],
+    trust: Path,
 ) -> None:
 
     port = free_port()
     process = spawn(DEVICES[0], tmp_path / DEVICES[0], http_port=port)
     try:
         online(broker, DEVICES[0])
-        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
+        assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         rng = np.random.default_rng(7)
         me, other = DEVICES[0], DEVICES[1]
         valid_chunk = encode(
@@ -510,7 +564,7 @@ def test_agent_survives_hostile_messages(
         assert answer["version"] == 1
         assert http_json(port, "/v1/health")["status"] == "ok"
         # Still takes orders from the real coordinator.
-        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=2))[0] == 0
+        assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=2))[0] == 0
         assert served_version(port) == 2
     finally:
         assert process.stop() == 0, process.log_text()[-3000:]
@@ -530,12 +584,12 @@ def test_fleet_shows_devices_and_offline_after_stop(
         assert device["models"] == []
         assert "machine" in device["hardware"]
         artifact = make_artifact(tmp_path, signing_key, version=1)
-        status, out = fedge(broker, "deploy", str(artifact), "--json", "--to",
-                            f"device:{DEVICES[3]},ghost")  # fmt: skip
+        status, out = fedge(broker, "deploy", str(artifact), "--trust", str(trust), "--json",
+                            "--to", f"device:{DEVICES[3]},ghost")  # fmt: skip
         assert status == 1
         assert json.loads(out)["error"]["code"] == "bad_target"
         assert "ghost" in json.loads(out)["error"]["message"]
-        result = deploy_json(broker, artifact, "--to", "tag:camera")
+        result = deploy_json(broker, trust, artifact, "--to", "tag:camera")
         assert result[0] == 0
     finally:
         agent.stop()
@@ -547,6 +601,8 @@ def test_fleet_shows_devices_and_offline_after_stop(
         broker,
         "deploy",
         str(make_artifact(tmp_path, signing_key, version=2)),
+        "--trust",
+        str(trust),
         "--wait",
         "--json",
         "--to",
@@ -559,10 +615,15 @@ def test_fleet_shows_devices_and_offline_after_stop(
 
 
 def test_unknown_target_is_a_clear_error(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    trust: Path,
 ) -> None:
     artifact = make_artifact(tmp_path, signing_key, version=1)
-    status, out = fedge(broker, "deploy", str(artifact), "--to", "device:nobody", "--json")
+    status, out = fedge(
+        broker, "deploy", str(artifact), "--trust", str(trust), "--to", "device:nobody", "--json"
+    )
     assert status == 1
     assert json.loads(out)["error"]["code"] == "bad_target"
     assert os.environ.get("FEDGE_BROKER") is None
@@ -612,7 +673,7 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
     sinks = [sink]
     try:
         wait_for(lambda: agent.connected, what="agent connected")
-        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
+        assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         wait_for(lambda: sink.messages, what="a first telemetry batch")
 
         broker.stop()
@@ -676,7 +737,9 @@ def test_delivery_over_mutual_tls(tmp_path: Path, signing_key: SigningKey, trust
         assert status == 0, out
         assert [d["device_id"] for d in json.loads(out)["devices"]] == [DEVICES[0]]
         artifact = make_artifact(tmp_path, signing_key, version=1)
-        status, out = fedge(secure, "deploy", str(artifact), "--wait", "--json", *tls_flags)
+        status, out = fedge(
+            secure, "deploy", str(artifact), "--trust", str(trust), "--wait", "--json", *tls_flags
+        )
         assert status == 0, out
         assert agent.model is not None
         assert agent.model.version == 1
@@ -764,13 +827,17 @@ def test_a_transfer_nobody_serves_gives_up_and_says_so(
 
 
 def test_devices_outside_the_target_receive_none_of_the_payload(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+    agents: list[Agent],
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    trust: Path,
 ) -> None:
     bystander = agents[2]
     before = bystander.counters.messages
     artifact = make_artifact(tmp_path, signing_key, version=1, hidden=256)  # several chunks
     targets = f"device:{DEVICES[0]},{DEVICES[1]}"
-    status, result = deploy_json(broker, artifact, "--to", targets, "--chunk-size", "1024")
+    status, result = deploy_json(broker, trust, artifact, "--to", targets, "--chunk-size", "1024")
     assert status == 0
     assert [d["chunks_total"] for d in result["devices"]] == [13, 13]
     assert bystander.counters.messages == before
@@ -788,7 +855,7 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
     first.start()
     try:
         wait_for(lambda: first.connected, what="connected")
-        assert deploy_json(broker, make_artifact(tmp_path, signing_key, version=1))[0] == 0
+        assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=1))[0] == 0
         installed = first.model
         assert installed is not None
     finally:
@@ -821,7 +888,11 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
 
 
 def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
-    agents: list[Agent], broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+    agents: list[Agent],
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    trust: Path,
 ) -> None:
     weights = init_weights("softmax", [FEATURES, 4], np.random.default_rng(3))
     model = tmp_path / "softmax.tflite"
@@ -835,7 +906,7 @@ def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(
         now=datetime.now(UTC),
     )  # fmt: skip
 
-    status, result = deploy_json(broker, artifact)
+    status, result = deploy_json(broker, trust, artifact)
 
     assert status == 0, result
     for agent in agents:

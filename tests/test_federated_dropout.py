@@ -37,7 +37,7 @@ class ProcessFleet:
         self.shards, self.test_set = digits_shards(len(DEVICES), root / "data")
         self.root = root
         self.agents = {d: self.spawn(i, d) for i, d in enumerate(DEVICES)}
-        self.coordinator: MqttHub = coordinator(self.broker)
+        self.hub: MqttHub = coordinator(self.broker)
 
     def spawn(self, index: int, device_id: str) -> AgentProcess:
         return AgentProcess(
@@ -46,7 +46,7 @@ class ProcessFleet:
         )  # fmt: skip
 
     def eligible(self) -> int:
-        return sum(1 for r in self.coordinator.fleet() if r.can_train)
+        return sum(1 for r in self.hub.fleet() if r.can_train)
 
     def kill(self, count: int) -> list[str]:
         victims = DEVICES[:count]
@@ -71,10 +71,10 @@ class ProcessFleet:
             eval_data=self.test_set,
         )
         strategy = build_strategy("fedavg", {}, federated_eval=False)
-        return run_training(self.coordinator, strategy, config, on_round=on_round)
+        return run_training(self.hub, strategy, config, on_round=on_round)
 
     def stop(self) -> None:
-        self.coordinator.stop()
+        self.hub.stop()
         for agent in self.agents.values():
             agent.stop()
         self.broker.stop()

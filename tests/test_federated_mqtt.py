@@ -259,7 +259,7 @@ def test_differential_privacy_wrapper_runs_unchanged(fleet: FederatedFleet) -> N
         model="dp", family="mlp", initial_weights=weights, rounds=3, clients_per_round=10,
         min_clients=8, round_timeout_s=30, train_config=TRAIN_CONFIG, eval_data=fleet.test_set,
     )  # fmt: skip
-    result = run_training(fleet.coordinator, strategy, config)
+    result = run_training(fleet.hub, strategy, config)
     assert all(r.status == "ok" for r in result.rounds)
     plain = fleet.run(rounds=3, model="dp-plain")
     assert not np.allclose(result.weights["W0"], plain.weights["W0"], atol=1e-6)
@@ -343,7 +343,7 @@ def test_fedge_train_cli_reports_rounds_and_packages_a_deployable_artifact(
     assert report["final_accuracy"] == report["rounds"][-1]["accuracy"] > 0.5
     assert set(np.load(tmp_path / "weights.npz")) == {"W0", "b0", "W1", "b1"}
     # The artifact is signed by the fleet's key: deploy it and predict with it.
-    with open_deliveries(fleet.coordinator) as ops:
+    with open_deliveries(fleet.hub) as ops:
         delivery = ops.deploy(Artifact.load(artifact), Target.parse("device:dev00"))
         outcome = ops.wait(delivery, timeout=30)
     assert outcome.succeeded

@@ -61,8 +61,8 @@ def stored(tmp_path: Path) -> tuple[Store, tuple[str, ...]]:
 
 def never_connected(store: Store) -> RolloutManager:
     """A manager whose coordinator never connects: only load() and the listener run."""
-    coordinator = MqttHub(HubConfig(broker=BrokerConfig("127.0.0.1", 1, False)))
-    return RolloutManager(coordinator, store)
+    hub = MqttHub(HubConfig(broker=BrokerConfig("127.0.0.1", 1, False)))
+    return RolloutManager(hub, store)
 
 
 def loaded(tmp_path: Path) -> tuple[Store, RolloutManager, tuple[str, ...]]:

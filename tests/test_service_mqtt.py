@@ -12,6 +12,7 @@ import statistics
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -22,7 +23,14 @@ from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutErro
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.rollout.actions import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
-from coordinator.service.operations import CLI_ACTOR, Actor, RolloutRequest
+from coordinator.service.operations import (
+    CLI_ACTOR,
+    Actor,
+    DeploymentView,
+    DeployRequest,
+    RollbackRequest,
+    RolloutRequest,
+)
 from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
@@ -50,13 +58,11 @@ def open_service(
     tmp_path: Path, broker: Mosquitto, signing_key: SigningKey, *, session: str | None = None
 ) -> FleetService:
     store = Store.open(tmp_path / "coordinator.db")
-    coordinator = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
+    hub = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
     settings = ServiceSettings(
         telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
     )
-    service = FleetService(
-        store, coordinator, TrustedKeys.of([signing_key.public_key]), settings=settings
-    )
+    service = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
     service.start()
     return service
 
@@ -72,14 +78,14 @@ def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Itera
 
 
 def online(service: FleetService) -> int:
-    return sum(r.online for r in service.coordinator.fleet())
+    return sum(r.online for r in service.hub.fleet())
 
 
 def served(service: FleetService) -> dict[str, int | None]:
     """The version of ``digits`` each device serves, as its status says."""
     return {
         r.device_id: max((m.version for m in r.models if m.name == "digits"), default=None)
-        for r in service.coordinator.fleet()
+        for r in service.hub.fleet()
     }
 
 
@@ -143,6 +149,47 @@ def test_a_rollout_to_20_agents_in_a_canary_of_2_then_waves_50_100_completes(
     wait_for(lambda: not any(d.online for d in service.devices()), what="Last Wills stored")
     for device in DEVICES:  # first sight online, then the clean stop's offline
         assert [p.online for p in service.presence(device)] == [False, True]
+
+
+def finished(service: FleetService, deployment_id: str) -> DeploymentView:
+    """The view of a one-shot deployment once it is done."""
+    view: DeploymentView = wait_for(
+        lambda: (v := service.deployment(deployment_id)).done and v, what=f"{deployment_id} done"
+    )
+    return view
+
+
+def test_one_shot_deploy_and_rollback_through_the_service(
+    tmp_path: Path, signing_key: SigningKey, fleet: InProcessFleet, service: FleetService
+) -> None:
+    for device in DEVICES[:3]:
+        fleet.start(device)
+    wait_for(lambda: online(service) == 3, what="3 agents online")
+    with pytest.raises(NotFoundError, match="upload it first"):
+        service.deploy(DeployRequest("ab" * 32), actor=OPERATOR)
+    for version in (1, 2):
+        sha = upload(service, make_artifact(tmp_path, signing_key, version=version))
+        started = service.deploy(DeployRequest(sha, timeout_s=30), actor=OPERATOR)
+        deployment_id = started.result.deployment_id
+        view = finished(service, deployment_id)
+        assert view.result.succeeded, view.result.to_json()
+        assert view.delivered
+    assert set(served(service).values()) == {2}
+
+    target = f"device:{DEVICES[0]}"
+    started = service.rollback(RollbackRequest("digits", target=target), actor=OPERATOR)
+    rollback_id = started.result.deployment_id
+    view = finished(service, rollback_id)
+    assert [p.state for p in view.result.devices] == ["rolled_back"]
+    wait_for(lambda: served(service)[DEVICES[0]] == 1, what="the previous model back")
+    actions = [(a.action, a.target) for a in service.audit_log() if "create" in a.action]
+    assert actions == [
+        ("deployment.create", ANY),
+        ("deployment.create", deployment_id),
+        ("rollback.create", rollback_id),
+    ]
+    with pytest.raises(NotFoundError, match="no deployment"):
+        service.deployment("nope")
 
 
 def test_an_artifact_failing_its_health_check_halts_after_the_canary_and_rolls_it_back(

@@ -8,16 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from compress.errors import CodecError
 from compress.keys import load_public_key
 from compress.signing import TrustedKeys
-from coordinator.errors import NotFoundError, RunError
+from coordinator.delivery.packaging import LabelledData
+from coordinator.errors import NotFoundError, RunError, StrategyError
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
-from coordinator.service.runs import RunManager, training_config
+from coordinator.service.runs import RunManager, run_strategy, training_config
 from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.training import participant
@@ -61,6 +63,35 @@ def test_bad_settings_are_refused(config: dict[str, object], message: str) -> No
         training_config(RunRequest(min_clients=2, config=config))
 
 
+def test_fedge_train_adds_its_own_weights_evaluation_data_and_update_bound() -> None:
+    """What only the process running the rounds holds (see coordinator.cli.train)."""
+    settings = {"hidden": [8], "clients_per_round": 4}
+    request = RunRequest(min_clients=2, config=settings)
+    data = LabelledData(np.zeros((5, 12), dtype=np.float32), np.array([0, 1, 2, 0, 6]))
+    config = training_config(request, eval_data=data, max_update_norm=3.0)
+    # Features and classes default to the evaluation data's (12 columns, labels 0..6).
+    assert [w.shape for w in config.initial_weights.values()] == [(12, 8), (8,), (8, 7), (7,)]
+    assert config.eval_data is data
+    assert config.max_update_norm == 3.0
+    weights = {"W0": np.ones((3, 2), dtype=np.float32), "b0": np.zeros(2, dtype=np.float32)}
+    given = training_config(request, initial_weights=weights)  # no features/classes needed
+    assert given.initial_weights is weights
+    assert given.eval_data is None
+    with pytest.raises(RunError, match="features is required"):
+        training_config(request)
+
+
+def test_run_strategy_reads_the_strategy_args() -> None:
+    request = RunRequest(strategy="fedprox", config={"strategy_args": {"proximal_mu": 0.5}})
+    assert getattr(run_strategy(request), "proximal_mu", None) == 0.5
+    assert getattr(run_strategy(request), "fraction_evaluate", None) != 0
+    assert getattr(run_strategy(request, federated_eval=False), "fraction_evaluate", None) == 0
+    with pytest.raises(RunError, match="strategy_args must be an object"):
+        run_strategy(RunRequest(config={"strategy_args": [1]}))
+    with pytest.raises(StrategyError):
+        run_strategy(RunRequest(strategy="nope"))
+
+
 def test_a_bad_codec_is_refused() -> None:
     with pytest.raises(CodecError):
         training_config(RunRequest(codec="zip", config=SETTINGS))
@@ -92,7 +123,7 @@ def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
 @pytest.fixture
 def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
     fleet = FederatedFleet.start(tmp_path, clients=4)
-    fleet.coordinator.stop()  # the service brings its own
+    fleet.hub.stop()  # the service brings its own
     try:
         yield fleet
     finally:
@@ -100,9 +131,9 @@ def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
 
 
 def open_service(fleet: FederatedFleet, db: Path) -> FleetService:
-    coordinator = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
+    hub = MqttHub(HubConfig(broker=fleet.broker.broker("coordinator")))
     trusted = TrustedKeys.of([load_public_key(fleet.trust)])
-    service = FleetService(Store.open(db), coordinator, trusted)
+    service = FleetService(Store.open(db), hub, trusted)
     service.start()
     return service
 
@@ -113,7 +144,7 @@ def test_a_run_started_through_the_service_records_its_rounds_as_they_end(
 ) -> None:
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         request = RunRequest(rounds=2, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
         view = service.start_run(request, actor=CLI_ACTOR)
         run_id = view.run.run_id
@@ -142,7 +173,7 @@ def test_a_service_stopped_mid_run_marks_the_run_and_its_round_interrupted(
 ) -> None:
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         request = RunRequest(rounds=50, min_clients=3, round_timeout_s=30.0, config=SETTINGS)
         run_id = service.start_run(request, actor=CLI_ACTOR).run.run_id
         wait_for(lambda: any(r.status == "ok" for r in service.run(run_id).rounds))
@@ -176,7 +207,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
     monkeypatch.setattr(participant, "trainer_for", lambda family: Telling(trainer_for(family)))
     service = open_service(federated, tmp_path / "state.db")
     try:
-        wait_for(lambda: sum(r.can_train for r in service.coordinator.fleet()) == 4)
+        wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
         # Five clients wanted, four there: round 1 waits for devices (up to 60 s).
         waiting = RunRequest(rounds=50, min_clients=5, round_timeout_s=60.0,
                              config={**SETTINGS, "clients_per_round": 5})  # fmt: skip

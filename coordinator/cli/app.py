@@ -17,15 +17,15 @@ stderr) and dispatches to the command groups:
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
 
-``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``rollout`` and ``rounds``
-operate a fleet through a coordinator: its HTTP API (``--api``) or a service
-started in-process (``--broker``); see :mod:`coordinator.cli.operate`.
-``deploy``, ``rollback`` and ``train`` talk to the broker directly (``--broker``
-only): one-shot delivery, and federated rounds with this process's files
-(starting weights, evaluation data, the packaged result); a service does the
-same jobs with ``rollout`` and ``rounds start``, over the same delivery and round
-code underneath. Every connection option is declared once, in
-:mod:`coordinator.cli.options`.
+``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``deploy``,
+``rollback``, ``rollout`` and ``rounds`` operate a fleet through a coordinator: its
+HTTP API (``--api``) or a service started in-process (``--broker``); see
+:mod:`coordinator.cli.operate`. ``deploy`` sends an artifact to every targeted device
+at once, ``rollout`` in stages behind health gates. ``train`` talks to the broker
+directly (``--broker`` only): federated rounds with this process's files (starting
+weights, evaluation data, the packaged result); a service does the same job with
+``rounds start``, over the same round code underneath. Every connection option is
+declared once, in :mod:`coordinator.cli.options`.
 
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.

@@ -1,42 +1,64 @@
-"""``fedge deploy`` and ``fedge rollback``: one-shot delivery over MQTT.
+"""``fedge deploy`` and ``fedge rollback``: one-shot delivery to the fleet.
 
-Each command connects to the fleet's broker as the ``coordinator`` user, drives a
-:class:`~coordinator.link.hub.MqttHub` (deploys and rollbacks through
-:class:`~coordinator.delivery.deliveries.Deliveries`) and disconnects:
+Both run wherever the other fleet commands run (:mod:`coordinator.cli.operate`):
+against a coordinator service (``--api``) or in-process (``--broker``, on a
+temporary database unless ``--db`` is given), through the same
+:class:`~coordinator.service.operations.Operations` calls
+(:meth:`~coordinator.service.operations.Operations.deploy`,
+:meth:`~coordinator.service.operations.Operations.rollback`, then
+:meth:`~coordinator.service.operations.Operations.deployment` polled every
+:data:`POLL_S` seconds), so they print the same and exit the same either way:
 
-* ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` sends a signed artifact;
-  with ``--wait`` it shows live per-device progress and exits 0 only when every
-  targeted online device installed it. Without ``--wait`` it stays until the
-  devices have the payload (or rejected it) and exits 0 without waiting for the
-  installs;
+* ``deploy ARTIFACT --to all|device:ID[,ID]|tag:TAG`` uploads a signed artifact
+  (a ``.fedge`` file; the service verifies it against its trusted keys, in-process
+  those of ``--trust``), or names an uploaded one by its sha256, and sends it to
+  every targeted device at once. With ``--wait`` it shows live per-device progress
+  and exits 0 only when every targeted online device installed it (and at least
+  one did). Without ``--wait`` it stays until the devices have the payload (or
+  refused it), prints the table, and exits 1 if any device rejected it, failed or
+  timed out (a service goes on following the installs; in-process they go on on
+  the devices);
 * ``rollback --to ... --model NAME`` makes devices go back to their previous
-  good model, and waits for their answers.
+  good model, waits for their answers, and exits 0 when every targeted online
+  device rolled back (and at least one did).
 
-The broker and its credentials are the options of
-:func:`~coordinator.cli.options.with_broker` (``--broker`` or ``FEDGE_BROKER``; the
-password from ``--password-file`` or ``FEDGE_BROKER_PASSWORD``).
+A staged rollout (canary, waves, health gates) is ``fedge rollout``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+import time
 from typing import Annotated
 
 import typer
-from rich.live import Live
 
-from coordinator.cli.options import Connection, JsonOption, TargetOption, with_broker
+from coordinator.cli.follow import follow
+from coordinator.cli.operate import operations, resolve_artifact, uploaded_sha256
+from coordinator.cli.options import (
+    Connection,
+    JsonOption,
+    TargetOption,
+    with_snapshot_connection,
+)
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import deploy_table
-from coordinator.delivery.deliveries import Artifact, Deliveries, Delivery
-from coordinator.delivery.tracker import DeploymentTracker, DeployResult, DeviceState
+from coordinator.delivery.tracker import DeployResult, DeviceState
 from coordinator.link.fleet import Target
-from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.service.operations import (
+    CLI_ACTOR,
+    DeploymentView,
+    DeployRequest,
+    Operations,
+    RollbackRequest,
+)
 from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
+__all__ = ["EXIT_NOT_INSTALLED", "POLL_S", "deploy", "rollback"]
+
 EXIT_NOT_INSTALLED = 1
+POLL_S = 0.25
+"""Seconds between two reads of a deployment's progress."""
+
 _FAILED_STATES = (
     DeviceState.REJECTED,
     DeviceState.FAILED,
@@ -45,61 +67,35 @@ _FAILED_STATES = (
 )
 
 
-@contextmanager
-def connected(
-    connection: Connection, *, chunk_size: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[MqttHub]:
-    """A hub connected to the connection's broker, stopped on exit.
-
-    Raises:
-        ConfigError: bad broker settings or an unreadable password file.
-        BrokerError: cannot connect.
-    """
-    hub = MqttHub(HubConfig(broker=connection.broker_config(), chunk_size=chunk_size))
-    hub.start(connection.connect_timeout)
-    try:
-        yield hub
-    finally:
-        hub.stop()
-
-
-def _downloaded(delivery: Delivery) -> Callable[[DeploymentTracker], bool]:
-    """Whether every device has the payload or refused it (dropped-out ones: not yet)."""
-    moving = (DeviceState.PENDING, DeviceState.ACCEPTED, DeviceState.DOWNLOADING)
-
-    def done(tracker: DeploymentTracker) -> bool:
-        return not delivery.dropped_out() and all(p.state not in moving for p in tracker.progress())
-
-    return done
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _follow(
-    deliveries: Deliveries,
-    delivery: Delivery,
-    *,
-    timeout: float,
-    title: str,
-    live: bool,
-    until_downloaded: bool = False,
+    ops: Operations, view: DeploymentView, *, title: str, live: bool, until_delivered: bool
 ) -> DeployResult:
-    until = _downloaded(delivery) if until_downloaded else None
-    if not live:
-        return deliveries.wait(delivery, timeout=timeout, until=until)
-    with Live(console=err_console, refresh_per_second=8, transient=False) as view:
+    """Poll a deployment until it is done (or, with ``until_delivered``, delivered)."""
+    deployment_id = view.result.deployment_id
+    final = follow(
+        lambda: ops.deployment(deployment_id),
+        done=lambda v: v.done or (until_delivered and v.delivered),
+        render=lambda v: deploy_table(v.result.devices, title=title),
+        interval=POLL_S,
+        live=live,
+        sleep=_sleep,
+    )
+    return final.result
 
-        def redraw(tracker: DeploymentTracker) -> None:
-            view.update(deploy_table(tracker.progress(), title=title))
 
-        result = deliveries.wait(delivery, timeout=timeout, on_change=redraw, until=until)
-    err_console.print()  # a live view off a terminal ends without a newline
-    return result
-
-
-@with_broker
+@with_snapshot_connection
 def deploy(
     connection: Connection,
     artifact: Annotated[
-        Path, typer.Argument(help="The signed .fedge artifact.", exists=True, dir_okay=False)
+        str,
+        typer.Argument(
+            help="A signed .fedge file (uploaded first) or an uploaded artifact's sha256.",
+            show_default=False,
+        ),
     ],
     to: TargetOption = "all",
     wait: Annotated[
@@ -110,34 +106,30 @@ def deploy(
     ] = 120.0,
     chunk_size: Annotated[
         int,
-        typer.Option("--chunk-size", min=1024, max=128 * 1024, help="Bytes per chunk."),
+        typer.Option(
+            "--chunk-size",
+            min=1024,
+            max=128 * 1024,
+            help="Bytes per chunk (in-process; a service uses its own).",
+        ),
     ] = DEFAULT_CHUNK_BYTES,
     as_json: JsonOption = False,
 ) -> None:
-    """Send a signed artifact to devices over MQTT; agents verify it before installing.
+    """Send a signed artifact to devices at once; agents verify it before installing.
 
     With --wait, exits 0 only when every targeted online device installed it (and at
     least one did). Without it, exits 1 if any device rejected it, failed or timed out.
     """
+    resolved = resolve_artifact(artifact)
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
-        loaded = Artifact.load(artifact)
-        if not loaded.payload_matches:
-            err_console.print(
-                "[yellow]warning:[/] the payload does not match the manifest's sha256/length; "
-                "devices will reject it"
-            )
-        manifest = loaded.manifest
-        title = f"{manifest.name} v{manifest.version} -> {target.describe()}"
-        with (
-            connected(connection, chunk_size=chunk_size) as hub,
-            Deliveries(hub) as deliveries,
-        ):
-            delivery = deliveries.deploy(loaded, target)
+        with operations(connection, chunk_size=chunk_size) as ops:
+            sha256 = uploaded_sha256(ops, resolved, as_json=as_json)
+            view = ops.deploy(DeployRequest(sha256, target=to, timeout_s=timeout), actor=CLI_ACTOR)
+            title = f"{view.result.model} v{view.result.version} -> {target.describe()}"
             result = _follow(
-                deliveries, delivery, timeout=timeout, title=title,
-                live=wait and not as_json, until_downloaded=not wait,
-            )  # fmt: skip
+                ops, view, title=title, live=wait and not as_json, until_delivered=not wait
+            )
     _report(result, title=title, as_json=as_json, waited=wait)
 
 
@@ -155,7 +147,7 @@ def _report(result: DeployResult, *, title: str, as_json: bool, waited: bool) ->
         raise typer.Exit(EXIT_NOT_INSTALLED)
 
 
-@with_broker
+@with_snapshot_connection
 def rollback(
     connection: Connection,
     model: Annotated[str, typer.Option("--model", help="Model name to roll back.")],
@@ -171,9 +163,10 @@ def rollback(
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
         title = f"rollback {model} -> {target.describe()}"
-        with connected(connection) as hub, Deliveries(hub) as deliveries:
-            delivery = deliveries.rollback(target, model, reason=reason)
-            result = deliveries.wait(delivery, timeout=timeout)
+        request = RollbackRequest(model, target=to, reason=reason, timeout_s=timeout)
+        with operations(connection) as ops:
+            view = ops.rollback(request, actor=CLI_ACTOR)
+            result = _follow(ops, view, title=title, live=False, until_delivered=False)
     if as_json:
         print_json(result.to_json())
     else:

@@ -1,7 +1,8 @@
 """Where the operator's commands run: a coordinator's HTTP API, or in-process.
 
 Every command that operates the fleet (``fedge devices``, ``telemetry``,
-``presence``, ``audit``, ``artifacts``, ``rollout``, ``rounds``) is written once
+``presence``, ``audit``, ``artifacts``, ``deploy``, ``rollback``, ``rollout``,
+``rounds``) is written once
 against :class:`~coordinator.service.operations.Operations` and gets it from
 :func:`operations`, given the :class:`~coordinator.cli.options.Connection` that
 :func:`~coordinator.cli.options.with_connection` built from its options:
@@ -18,7 +19,13 @@ against :class:`~coordinator.service.operations.Operations` and gets it from
   next opens that database.
 
 The options of the in-process mode (``--db``, ``--trust``, the broker's
-credentials) are ignored with ``--api``, where the service has its own::
+credentials, ``fedge deploy --chunk-size``) are ignored with ``--api``, where the
+service has its own.
+
+A command that sends an artifact (``fedge rollout create``, ``fedge deploy``) takes
+a ``.fedge`` file or the sha256 of an uploaded one: :func:`resolve_artifact` tells
+which, and :func:`uploaded_sha256` uploads the file (the service verifies it
+against its trusted keys: in-process, those of ``--trust``)::
 
     @with_connection
     def devices(connection: Connection, as_json: JsonOption = False) -> None:
@@ -28,6 +35,7 @@ credentials) are ignored with ``--api``, where the service has its own::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -35,28 +43,44 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import click
+import typer
 from rich.table import Table
 
 from compress.errors import ArtifactError
 from compress.fileio import read_bounded
 from coordinator.cli.options import Connection
-from coordinator.cli.output import console, print_json, reported_errors
+from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.service_views import to_json
+from coordinator.cli.views import safe_text
 from coordinator.service.api_client import ApiClient
-from coordinator.service.operations import Operations
+from coordinator.service.operations import CLI_ACTOR, Operations
+from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
-__all__ = ["MAX_ARTIFACT_BYTES", "operations", "read_artifact", "show_rows"]
+__all__ = [
+    "MAX_ARTIFACT_BYTES",
+    "operations",
+    "read_artifact",
+    "resolve_artifact",
+    "show_rows",
+    "uploaded_sha256",
+]
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 MAX_ARTIFACT_BYTES = 512 << 20
 """Largest artifact file the CLI reads (the API's default upload limit)."""
 
 
 @contextmanager
-def operations(connection: Connection) -> Iterator[Operations]:
+def operations(
+    connection: Connection, *, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Operations]:
     """The operations of a connection: an API client, or a started local service.
 
     Args:
         connection: Where to run (exactly one of ``api`` and ``broker`` is set).
+        chunk_size: Bytes per payload chunk of the local service (not used with
+            ``api``: the service has its own).
 
     Yields:
         An :class:`Operations` object, closed or stopped when the block ends.
@@ -92,6 +116,7 @@ def operations(connection: Connection) -> Iterator[Operations]:
                 trust=connection.trust,
                 threshold=connection.threshold,
                 timeout=connection.connect_timeout,
+                chunk_size=chunk_size,
             )
         )
         yield service
@@ -125,3 +150,40 @@ def show_rows(
         print_json(to_json(rows))
     else:
         console.print(table(rows))
+
+
+def resolve_artifact(artifact: str) -> str | bytes:
+    """The sha256 ARTIFACT names (a ``str``), or the bytes of the file it names.
+
+    Raises:
+        typer.BadParameter: neither.
+        ArtifactError: the file cannot be read.
+    """
+    path = Path(artifact)
+    if _SHA256.fullmatch(artifact) and not path.exists():
+        return artifact.lower()
+    if path.exists():
+        return read_artifact(path)
+    raise typer.BadParameter(
+        "neither a .fedge file nor the sha256 of an uploaded artifact", param_hint="ARTIFACT"
+    )
+
+
+def uploaded_sha256(ops: Operations, resolved: str | bytes, *, as_json: bool) -> str:
+    """The sha256 of a resolved ARTIFACT, uploading its bytes first (idempotent).
+
+    Says ``uploaded NAME vN (SHA256)`` on stderr unless ``as_json``.
+
+    Raises:
+        ArtifactRejectedError: the service refused the upload.
+    """
+    if isinstance(resolved, str):
+        return resolved
+    uploaded = ops.upload_artifact(resolved, actor=CLI_ACTOR)
+    if not as_json:
+        err_console.print(
+            f"uploaded {safe_text(uploaded.name)} v{uploaded.version} ({uploaded.sha256})",
+            highlight=False,
+            markup=False,
+        )
+    return uploaded.sha256

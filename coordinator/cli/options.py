@@ -14,9 +14,10 @@ Two decorators add them to a Typer command and hand the command one
   ``--api`` needs a token. :mod:`coordinator.cli.operate` turns the connection into
   an :class:`~coordinator.service.operations.Operations` object.
   :func:`with_snapshot_connection` is the same with a temporary database as the
-  default of ``--db``, for commands that only look at the fleet (``fedge devices``).
-* :func:`with_broker` -- commands that talk to the broker directly (``fedge deploy``,
-  ``rollback``, ``train``): ``--broker`` (required) and the same credentials.
+  default of ``--db``, for commands that keep nothing (``fedge devices``, ``deploy``,
+  ``rollback``).
+* :func:`with_broker` -- commands that talk to the broker directly (``fedge train``):
+  ``--broker`` (required) and the same credentials.
 
 The broker's credentials (``--username``, ``--password-file`` or
 ``FEDGE_BROKER_PASSWORD``, ``--ca-file``, ``--cert-file``, ``--key-file``,
@@ -405,8 +406,8 @@ Raises:
 
 with_snapshot_connection = _adding(_SNAPSHOT_CONNECTION, _connection)
 """Like :func:`with_connection`, but in-process without ``--db`` the service runs on
-a temporary database (``Connection.db`` is None): for a look at the fleet that
-leaves no file behind (``fedge devices``).
+a temporary database (``Connection.db`` is None): for commands that leave no file
+behind (``fedge devices``, ``deploy``, ``rollback``).
 
 Raises:
     TypeError: the command has a parameter named like a connection option.

@@ -21,18 +21,16 @@ Every command runs over ``--api`` or in-process (:mod:`coordinator.cli.operate`)
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from coordinator.cli.follow import IntervalOption, WatchOption, announce, watch_and_exit
-from coordinator.cli.operate import operations, read_artifact, show_rows
+from coordinator.cli.operate import operations, resolve_artifact, show_rows, uploaded_sha256
 from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
-from coordinator.cli.output import console, err_console, print_json, reported_errors
+from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import (
     FINAL_ROLLOUT_STATES,
     rollout_view,
@@ -44,7 +42,6 @@ from coordinator.service.operations import CLI_ACTOR, Operations, RolloutRequest
 
 __all__ = ["app"]
 
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DEFAULTS = RolloutRequest(artifact_sha256="")
 
 app = typer.Typer(
@@ -75,23 +72,6 @@ def _watch_and_exit(
         interval=interval,
         as_json=as_json,
         sleep=_sleep,
-    )
-
-
-def _resolve_artifact(artifact: str) -> str | bytes:
-    """The sha256 ARTIFACT names (a ``str``), or the bytes of the file it names.
-
-    Raises:
-        typer.BadParameter: neither.
-        ArtifactError: the file cannot be read.
-    """
-    path = Path(artifact)
-    if _SHA256.fullmatch(artifact) and not path.exists():
-        return artifact.lower()
-    if path.exists():
-        return read_artifact(path)
-    raise typer.BadParameter(
-        "neither a .fedge file nor the sha256 of an uploaded artifact", param_hint="ARTIFACT"
     )
 
 
@@ -167,19 +147,9 @@ def create(
 
     With --watch, follows it and exits 0 only if it completes.
     """
-    resolved = _resolve_artifact(artifact)
+    resolved = resolve_artifact(artifact)
     with reported_errors(as_json=as_json), operations(connection) as ops:
-        if isinstance(resolved, bytes):
-            uploaded = ops.upload_artifact(resolved, actor=CLI_ACTOR)
-            sha256 = uploaded.sha256
-            if not as_json:
-                err_console.print(
-                    f"uploaded {safe_text(uploaded.name)} v{uploaded.version} ({sha256})",
-                    highlight=False,
-                    markup=False,
-                )
-        else:
-            sha256 = resolved
+        sha256 = uploaded_sha256(ops, resolved, as_json=as_json)
         request = RolloutRequest(
             artifact_sha256=sha256,
             target=to,

@@ -11,8 +11,9 @@
   ``--train-arg key=value`` pairs sent to devices; numbers and true/false are
   read as such, ``lr=0.1`` is a number, else kept as text). Settings left out are
   the coordinator's defaults. The options are those of ``fedge train``
-  (:mod:`coordinator.cli.training_options`), which runs the same rounds in
-  this process.
+  (:mod:`coordinator.cli.training_options`), which builds the same
+  :class:`~coordinator.service.operations.RunRequest` and runs the same rounds in
+  its own process (see :mod:`coordinator.cli.train`).
 * ``status [RUN_ID]``: a run's state and its rounds (accuracy, clients, bytes up
   and down); the latest run when no id is given.
 * ``list``: every run, newest first.
@@ -33,8 +34,7 @@ watches.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -50,52 +50,17 @@ from coordinator.cli.operate import operations
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
-from coordinator.cli.training_options import hidden_sizes, key_values
+from coordinator.cli.training_options import hidden_sizes, key_values, run_config, train_settings
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
 
-__all__ = ["app", "run_config"]
+__all__ = ["app"]
 
 _DEFAULTS = RunRequest()
 _ENDED = frozenset(state for state in RunState if state is not RunState.RUNNING)
 
 app = typer.Typer(help="Federated runs: start one, follow its rounds.", no_args_is_help=True)
-
-
-def _train_settings(
-    epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
-) -> dict[str, Any]:
-    """The local training settings given as options (the others: the devices' defaults)."""
-    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer}
-    return {key: value for key, value in given.items() if value is not None}
-
-
-def run_config(
-    *,
-    model: str | None,
-    family: str | None,
-    features: int | None,
-    classes: int | None,
-    hidden: Sequence[int],
-    clients_per_round: int | None,
-    seed: int | None,
-    strategy_args: dict[str, Any],
-    train: dict[str, Any],
-) -> dict[str, Any]:
-    """The ``RunRequest.config`` of the given settings (those left out are omitted)."""
-    settings: dict[str, Any] = {
-        "model": model,
-        "family": family,
-        "features": features,
-        "classes": classes,
-        "hidden": list(hidden) or None,
-        "clients_per_round": clients_per_round,
-        "seed": seed,
-        "strategy_args": strategy_args or None,
-        "train": train or None,
-    }
-    return {key: value for key, value in settings.items() if value is not None}
 
 
 def _sleep(seconds: float) -> None:
@@ -165,7 +130,7 @@ def start(
         clients_per_round=clients_per_round,
         seed=seed,
         strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
-        train=_train_settings(epochs, lr, batch_size, optimizer)
+        train=train_settings(epochs, lr, batch_size, optimizer)
         | key_values(train_arg or (), option="--train-arg"),
     )
     request = RunRequest(

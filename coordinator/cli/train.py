@@ -13,6 +13,19 @@ for ``--family`` with ``--hidden`` units and the feature/class counts of
 global weights; ``--package ARTIFACT --key KEY`` exports them to ONNX, quantizes to
 int8, signs and writes an artifact ready for ``fedge deploy``.
 
+What it shares with ``fedge rounds start``: the options
+(:mod:`coordinator.cli.training_options`), the
+:class:`~coordinator.service.operations.RunRequest` they make, its reading into a
+run and a strategy (:func:`~coordinator.service.runs.training_config`,
+:func:`~coordinator.service.runs.run_strategy`, as the service does) and the rounds
+themselves (:func:`~coordinator.federated.runs.run_training`). What stays its own,
+because only this process holds it: the starting weights (``--init``) and
+evaluation data (``--eval-data``) read from local files, the server-side
+differential privacy wrapper (``--dp-clip``, ``--dp-noise``) and
+``--max-update-norm``, the final global weights (which the service does not keep)
+and what is done with them (``--out``, ``--package``). So it runs the rounds in the
+foreground on its own connection to the broker, with no service and no database.
+
 Exit status: 0 when at least one round succeeded, 1 otherwise (or on an error).
 """
 
@@ -20,6 +33,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,45 +47,46 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import load_signing_key
 from coordinator.cli import training_options as run_options
-from coordinator.cli.deploy import connected
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
-from coordinator.cli.training_options import hidden_sizes, key_values
+from coordinator.cli.training_options import hidden_sizes, key_values, run_config, train_settings
 from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
 from coordinator.errors import RunError
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
-from coordinator.federated.strategies import build_strategy, wrap_dp
+from coordinator.federated.strategies import wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
-from coordinator.link.hub import MqttHub
+from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.service.operations import RunRequest
+from coordinator.service.runs import run_strategy, training_config
 
 __all__ = ["train"]
 
 logger = logging.getLogger(__name__)
 
 
-def _initial_weights(
-    family: str,
-    init: Path | None,
-    hidden: list[int],
-    features: int | None,
-    classes: int | None,
-    eval_data: LabelledData | None,
-    seed: int,
-) -> dict[str, npt.NDArray[np.float32]]:
-    if init is not None:
-        return {k: np.asarray(v, dtype=np.float32) for k, v in load_weights(init).items()}
-    if eval_data is not None:
-        features = features or int(eval_data.x.shape[1])
-        classes = classes or int(eval_data.y.max()) + 1
-    if not features or not classes:
-        raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
-    return init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
+@contextmanager
+def connected(connection: Connection) -> Iterator[MqttHub]:
+    """A hub connected to the connection's broker, stopped on exit.
+
+    Raises:
+        ConfigError: bad broker settings or an unreadable password file.
+        BrokerError: cannot connect.
+    """
+    hub = MqttHub(HubConfig(broker=connection.broker_config()))
+    hub.start(connection.connect_timeout)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+def _load_init(init: Path) -> dict[str, npt.NDArray[np.float32]]:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in load_weights(init).items()}
 
 
 def _package(
@@ -159,35 +175,36 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
-    sizes = hidden_sizes(hidden or ["64"]) if family == "mlp" else []
-    strategy_args = key_values(strategy_arg or (), option="--strategy-arg")
-    extra = key_values(train_arg or (), option="--train-arg")
-    with reported_errors(as_json=as_json):
-        evaluation = None if eval_data is None else load_labelled_npz(eval_data)
-        weights = _initial_weights(family, init, sizes, features, classes, evaluation, seed)
-        train_config: dict[str, int | float | str | bool] = {
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "optimizer": optimizer,
-            "seed": seed,
-        }
-        train_config.update(extra)
-        config = RunConfig(
+    request = RunRequest(
+        rounds=rounds,
+        strategy=strategy,
+        codec=codec,
+        min_clients=min(min_clients, clients_per_round),
+        round_timeout_s=round_timeout,
+        config=run_config(
             model=model,
             family=family,
-            initial_weights=weights,
-            rounds=rounds,
+            features=features,
+            classes=classes,
+            hidden=hidden_sizes(hidden or ()) if family == "mlp" else (),
             clients_per_round=clients_per_round,
-            min_clients=min(min_clients, clients_per_round),
-            round_timeout_s=round_timeout,
-            codec=codec,
-            train_config=train_config,
-            eval_data=evaluation,
             seed=seed,
+            strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
+            train=train_settings(epochs, lr, batch_size, optimizer)
+            | key_values(train_arg or (), option="--train-arg"),
+        ),
+    )
+    with reported_errors(as_json=as_json):
+        if init is None and eval_data is None and not (features and classes):
+            raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
+        evaluation = None if eval_data is None else load_labelled_npz(eval_data)
+        config = training_config(
+            request,
+            initial_weights=None if init is None else _load_init(init),
+            eval_data=evaluation,
             max_update_norm=max_update_norm,
         )
-        chosen = build_strategy(strategy, strategy_args, federated_eval=evaluation is None)
+        chosen = run_strategy(request, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
                 chosen,
@@ -196,8 +213,8 @@ def train(
                 num_sampled_clients=clients_per_round,
             )
         title = f"{model}: {strategy}, {codec}, {rounds} rounds"
-        with connected(connection) as coordinator:
-            result = _run(coordinator, chosen, config, title=title, live=not as_json)
+        with connected(connection) as hub:
+            result = _run(hub, chosen, config, title=title, live=not as_json)
         if out is not None:
             buffer = io.BytesIO()
             arrays: dict[str, Any] = dict(result.weights)
@@ -213,10 +230,10 @@ def train(
 
 
 def _run(
-    coordinator: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
+    hub: MqttHub, strategy: Strategy, config: RunConfig, *, title: str, live: bool
 ) -> RunResult:
     if not live:
-        return run_training(coordinator, strategy, config)
+        return run_training(hub, strategy, config)
     done: list[RoundReport] = []
     with Live(console=err_console, refresh_per_second=8, transient=True) as view:
 
@@ -228,7 +245,7 @@ def _run(
                 status = Text(f"round {report.round}/{config.rounds}: {what}", style="cyan")
             view.update(Group(rounds_table([r.to_json() for r in done], title=title), status))
 
-        return run_training(coordinator, strategy, config, on_round=show)
+        return run_training(hub, strategy, config, on_round=show)
 
 
 def _report(

@@ -11,7 +11,10 @@ so that the service's defaults apply)::
     rounds: Annotated[int, ROUNDS] = 20
 
 The ``key=value`` options (``--strategy-arg``, ``--train-arg``) are read by
-:func:`key_values`; ``--hidden`` by :func:`hidden_sizes`.
+:func:`key_values`; ``--hidden`` by :func:`hidden_sizes`. Both commands put the
+model and local training settings into one
+:attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` with
+:func:`run_config` (and :func:`train_settings`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ __all__ = [
     "TRAIN_ARG",
     "hidden_sizes",
     "key_values",
+    "run_config",
+    "train_settings",
 ]
 
 ROUNDS: Any = typer.Option("--rounds", min=1, help="Rounds to run.")
@@ -119,3 +124,38 @@ def hidden_sizes(values: Sequence[str]) -> list[int]:
                 )
             sizes.append(int(text))
     return sizes
+
+
+def train_settings(
+    epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
+) -> dict[str, Any]:
+    """The local training settings given as options (the others: the devices' defaults)."""
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def run_config(
+    *,
+    model: str | None,
+    family: str | None,
+    features: int | None,
+    classes: int | None,
+    hidden: Sequence[int],
+    clients_per_round: int | None,
+    seed: int | None,
+    strategy_args: dict[str, Any],
+    train: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``RunRequest.config`` of the given settings (those left out are omitted)."""
+    settings: dict[str, Any] = {
+        "model": model,
+        "family": family,
+        "features": features,
+        "classes": classes,
+        "hidden": list(hidden) or None,
+        "clients_per_round": clients_per_round,
+        "seed": seed,
+        "strategy_args": strategy_args or None,
+        "train": train or None,
+    }
+    return {key: value for key, value in settings.items() if value is not None}

@@ -103,19 +103,19 @@ class MqttGrid(Grid):
 
     def __init__(
         self,
-        coordinator: Hub,
+        hub: Hub,
         settings: GridSettings,
         *,
         run_id: int = 1,
         clock: Callable[[], float] = time.time,
         cancel: threading.Event | None = None,
     ) -> None:
-        """Attach to a started coordinator (its listener is added here).
+        """Attach to a started hub (its listener is added here).
 
         Call :meth:`close` when done. Once ``cancel`` is set, :meth:`send_and_receive`
         stops waiting (within a quarter of a second) and returns what it has.
         """
-        self._coordinator = coordinator
+        self._hub = hub
         self._cancel = cancel or threading.Event()
         self.settings = settings
         self._clock = clock
@@ -137,13 +137,13 @@ class MqttGrid(Grid):
         self.stats = PhaseStats()
         self.on_progress: Callable[[int, int], None] | None = None
         """Called with (tasks with an outcome, tasks) while waiting for replies."""
-        coordinator.add_listener(self._on_message)
+        hub.add_listener(self._on_message)
 
     def close(self) -> None:
-        """Detach from the coordinator and stop serving this grid's weights."""
-        self._coordinator.remove_listener(self._on_message)
+        """Detach from the hub and stop serving this grid's weights."""
+        self._hub.remove_listener(self._on_message)
         for transfer_id in self._served:
-            self._coordinator.withdraw_payload(transfer_id)
+            self._hub.withdraw_payload(transfer_id)
         self._served.clear()
 
     # ---------------------------------------------------------------- phases
@@ -169,7 +169,7 @@ class MqttGrid(Grid):
                 self._devices[node] = device_id
                 self._nodes.append(node)
             for transfer_id in list(self._served):
-                self._served[transfer_id] = self._coordinator.bytes_sent(transfer_id)
+                self._served[transfer_id] = self._hub.bytes_sent(transfer_id)
             self.stats = PhaseStats()
 
     def end_phase(self) -> PhaseStats:
@@ -185,15 +185,15 @@ class MqttGrid(Grid):
                     task.state = TaskState.TIMED_OUT
                 self.stats.outcomes[task.state] += 1
             for transfer_id, before in self._served.items():
-                self.stats.downlink_bytes += self._coordinator.bytes_sent(transfer_id) - before
-                self._served[transfer_id] = self._coordinator.bytes_sent(transfer_id)
+                self.stats.downlink_bytes += self._hub.bytes_sent(transfer_id) - before
+                self._served[transfer_id] = self._hub.bytes_sent(transfer_id)
             return self.stats
 
     def retire_weights(self, keep: str | None = None) -> None:
         """Stop serving the weights of earlier phases (except ``keep``)."""
         with self._cond:
             for transfer_id in [t for t in self._served if t != keep]:
-                self._coordinator.withdraw_payload(transfer_id)
+                self._hub.withdraw_payload(transfer_id)
                 del self._served[transfer_id]
 
     def device_of(self, message: Message) -> str | None:
@@ -256,7 +256,7 @@ class MqttGrid(Grid):
             with self._cond:
                 self._tasks[task.task_id] = task
                 self.stats.tasks += 1
-            size = self._coordinator.send(task.device_id, task.command)
+            size = self._hub.send(task.device_id, task.command)
             with self._cond:
                 self.stats.downlink_bytes += size
                 if size == 0:
@@ -295,10 +295,10 @@ class MqttGrid(Grid):
                 name: np.ascontiguousarray(array.numpy(), dtype=np.float32)
                 for name, array in record.items()
             }
-            index, body = encode_arrays(weights, limits=self._coordinator.limits)
-            transfer_id = self._coordinator.serve_payload(body)
+            index, body = encode_arrays(weights, limits=self._hub.limits)
+            transfer_id = self._hub.serve_payload(body)
             with self._cond:
-                self._served.setdefault(transfer_id, self._coordinator.bytes_sent(transfer_id))
+                self._served.setdefault(transfer_id, self._hub.bytes_sent(transfer_id))
             payloads[key] = (transfer_id, index, weights)
         transfer_id, index, weights = payloads[key]
         config: dict[str, int | float | str | bool] = {}
@@ -315,7 +315,7 @@ class MqttGrid(Grid):
             weights_transfer_id=transfer_id,
             weights_size=sum(entry.length for entry in index),
             weights_index=index,
-            chunk_size=self._coordinator.chunk_size,
+            chunk_size=self._hub.chunk_size,
             codec=str(self.settings.codec),
             deadline=self._deadline,
             config=config,
@@ -339,7 +339,7 @@ class MqttGrid(Grid):
                 if task.state is TaskState.SENT and not task.has_weights:
                     needed.setdefault(task.command.weights_transfer_id, []).append(task.device_id)
         for transfer_id, device_ids in needed.items():
-            if not self._coordinator.push_payload(transfer_id, sorted(device_ids)):
+            if not self._hub.push_payload(transfer_id, sorted(device_ids)):
                 logger.warning("disconnected while pushing weights; devices will ask again")
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -461,7 +461,7 @@ class MqttGrid(Grid):
                 logger.info("%s is back: sending its task again", device_id)
                 task.state = TaskState.SENT
                 task.acked = False
-                self.stats.downlink_bytes += self._coordinator.send(device_id, task.command)
+                self.stats.downlink_bytes += self._hub.send(device_id, task.command)
 
     def _on_upload_chunk(self, device_id: str, chunk: Chunk, size: int) -> None:
         task = next(
@@ -501,7 +501,7 @@ class MqttGrid(Grid):
         if len(payload) != upload.total or sha256_hex(payload) != report.upload_transfer_id:
             raise UpdateRejectedError("malformed", "the upload is incomplete or does not match")
         try:
-            return decode_arrays(report.upload_index, payload, limits=self._coordinator.limits)
+            return decode_arrays(report.upload_index, payload, limits=self._hub.limits)
         except ProtocolError as exc:
             raise UpdateRejectedError("malformed", str(exc)) from exc
 

@@ -277,13 +277,13 @@ class _Run:
 
     def __init__(
         self,
-        coordinator: Hub,
+        hub: Hub,
         strategy: Strategy,
         config: RunConfig,
         on_round: RoundCallback | None,
         stop: threading.Event,
     ) -> None:
-        self.coordinator = coordinator
+        self.hub = hub
         self.stop = stop
         self.strategy = strategy
         self.config = config
@@ -296,14 +296,14 @@ class _Run:
             gather_s=config.gather_s,
             max_update_norm=config.max_update_norm,
         )
-        self.grid = MqttGrid(coordinator, settings, cancel=stop)
+        self.grid = MqttGrid(hub, settings, cancel=stop)
 
     def show(self, report: RoundReport, what: str) -> None:
         if self.on_round is not None:
             self.on_round(report, what)
 
     def eligible(self) -> list[DeviceRecord]:
-        return [r for r in self.coordinator.fleet() if r.can_train]
+        return [r for r in self.hub.fleet() if r.can_train]
 
     def wait_for_devices(self, report: RoundReport) -> list[DeviceRecord]:
         deadline = time.monotonic() + self.config.round_timeout_s
@@ -458,7 +458,7 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 
 
 def run_training(
-    coordinator: Hub,
+    hub: Hub,
     strategy: Strategy,
     config: RunConfig,
     *,
@@ -468,7 +468,7 @@ def run_training(
     """Run federated rounds (see the module docstring).
 
     Args:
-        coordinator: A started coordinator (its fleet is where devices come from).
+        hub: A started hub (its fleet is where devices come from).
         strategy: Any Flower Message-API strategy.
         config: The run.
         on_round: Progress callback (called from this thread).
@@ -478,7 +478,7 @@ def run_training(
         Every round's report and the final global weights.
     """
     random.seed(config.seed)  # Flower's strategies sample with the global RNG
-    run = _Run(coordinator, strategy, config, on_round, stop or threading.Event())
+    run = _Run(hub, strategy, config, on_round, stop or threading.Event())
     arrays = _to_record(config.initial_weights)
     reports: list[RoundReport] = []
     try:

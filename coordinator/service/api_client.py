@@ -65,7 +65,10 @@ from coordinator.errors import (
 )
 from coordinator.service.operations import (
     Actor,
+    DeploymentView,
+    DeployRequest,
     FleetMetrics,
+    RollbackRequest,
     RolloutRequest,
     RolloutView,
     RunRequest,
@@ -119,6 +122,7 @@ _ARTIFACT = TypeAdapter(ArtifactRow)
 _ARTIFACTS = TypeAdapter(list[ArtifactRow])
 _ROLLOUT_VIEW = TypeAdapter(RolloutView)
 _ROLLOUTS = TypeAdapter(list[RolloutInfo])
+_DEPLOYMENT_VIEW = TypeAdapter(DeploymentView)
 _RUN_VIEW = TypeAdapter(RunView)
 _RUNS = TypeAdapter(list[RunRow])
 _AUDIT = TypeAdapter(list[AuditRow])
@@ -337,6 +341,36 @@ class ApiClient:
             RolloutError: the rollout completed.
         """
         return self._rollout_action(rollout_id, "abort", json={"rollback": rollback})
+
+    def deploy(self, request: DeployRequest, *, actor: Actor) -> DeploymentView:  # noqa: ARG002
+        """Send an uploaded artifact to the targeted devices (``actor``: the token decides).
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a bad target, or it matches no device.
+            ApiAuthError: the token's role may not deploy.
+        """
+        answer = self._call("POST", "v1/deployments", action="deploy", json=asdict(request))
+        return _parse(_DEPLOYMENT_VIEW, answer, self._url)
+
+    def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:  # noqa: ARG002
+        """Make the targeted devices go back to their previous model (``actor``: the token
+        decides).
+
+        Raises:
+            TargetError: a bad target, or it matches no device.
+            ApiAuthError: the token's role may not roll back.
+        """
+        answer = self._call("POST", "v1/rollbacks", action="roll back", json=asdict(request))
+        return _parse(_DEPLOYMENT_VIEW, answer, self._url)
+
+    def deployment(self, deployment_id: str) -> DeploymentView:
+        """A one-shot deployment or rollback: every device's progress so far.
+
+        Raises:
+            NotFoundError: no such deployment.
+        """
+        return self._get(_DEPLOYMENT_VIEW, f"v1/deployments/{_segment(deployment_id)}")
 
     def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:  # noqa: ARG002
         """Start a federated run (``actor`` is ignored: the token decides).

@@ -10,13 +10,15 @@
 * :class:`~coordinator.service.ingest.Ingest` (presence and telemetry into the store, in
   batches, off the network thread),
 * :class:`~coordinator.rollout.manager.RolloutManager` (staged rollouts, resumed at start),
-* :class:`~coordinator.service.runs.RunManager` (federated runs in the background).
+* :class:`~coordinator.service.runs.RunManager` (federated runs in the background),
+* :class:`~coordinator.service.deployments.OneShots` (one-shot deploys and rollbacks,
+  sent through the rollout manager's deliveries).
 
 Workflow::
 
     store = Store.open(db_path)
-    coordinator = MqttHub(HubConfig(broker=broker))
-    service = FleetService(store, coordinator, trusted_keys)
+    hub = MqttHub(HubConfig(broker=broker))
+    service = FleetService(store, hub, trusted_keys)
     service.start()            # listeners first, then connect: retained statuses count
     app = create_app(service, authenticate=service.authenticate)
     ...
@@ -56,10 +58,14 @@ from coordinator.link.port import Hub
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import HealthPolicy, RolloutPolicy, parse_fraction
+from coordinator.service.deployments import OneShots
 from coordinator.service.ingest import Ingest, IngestSettings
 from coordinator.service.operations import (
     Actor,
+    DeploymentView,
+    DeployRequest,
     FleetMetrics,
+    RollbackRequest,
     RolloutRequest,
     RolloutView,
     RunRequest,
@@ -77,6 +83,7 @@ from coordinator.service.store import (
     TelemetryRow,
 )
 from edge_agent.config.agent import BrokerConfig
+from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
 __all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
 
@@ -127,7 +134,7 @@ class FleetService:
     def __init__(
         self,
         store: Store,
-        coordinator: Hub,
+        hub: Hub,
         trusted: TrustedKeys | None,
         *,
         settings: ServiceSettings | None = None,
@@ -137,21 +144,22 @@ class FleetService:
 
         Args:
             store: The state store (the caller closes it).
-            coordinator: A coordinator not yet started.
+            hub: The MQTT hub, not yet started.
             trusted: Keys uploads must be signed by; None refuses every upload.
             settings: Timings and retention.
             clock: Unix time source.
         """
         settings = settings or ServiceSettings()
         self._store = store
-        self._coordinator = coordinator
+        self._hub = hub
         self._trusted = trusted
         self._clock = clock
         self._ingest = Ingest(store, settings.ingest(), clock=clock)
-        self._rollouts = RolloutManager(coordinator, store, clock=clock,
+        self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
-        self._runs = RunManager(coordinator, store, clock=clock)
+        self._runs = RunManager(hub, store, clock=clock)
+        self._one_shots = OneShots(self._rollouts.deliveries)
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,13 +170,13 @@ class FleetService:
         return self._store
 
     @property
-    def coordinator(self) -> Hub:
+    def hub(self) -> Hub:
         """The MQTT side."""
-        return self._coordinator
+        return self._hub
 
     @property
     def deliveries(self) -> Deliveries:
-        """The rollouts' deliveries (what is still tracked)."""
+        """The deliveries of rollouts and one-shot deploys (what is still tracked)."""
         return self._rollouts.deliveries
 
     @property
@@ -185,30 +193,31 @@ class FleetService:
         """
         self._runs.recover()
         self._rollouts.load()  # before connecting: queued reports are for these rollouts
-        self._coordinator.add_listener(self._ingest.on_message)
-        self._coordinator.add_listener(self._rollouts.on_message)
+        self._hub.add_listener(self._ingest.on_message)
+        self._hub.add_listener(self._rollouts.on_message)
         self._ingest.start()
         try:
-            self._coordinator.start(timeout)
-            self._coordinator.sync_fleet()  # the retained statuses, before resuming
+            self._hub.start(timeout)
+            self._hub.sync_fleet()  # the retained statuses, before resuming
         except BaseException:
             self._ingest.stop()
             raise
         self._rollouts.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
-                    len(self._coordinator.fleet()))  # fmt: skip
+                    len(self._hub.fleet()))  # fmt: skip
 
     def stop(self) -> None:
         """Stop rollouts and runs, flush telemetry, disconnect (idempotent)."""
         if not self._started:
             return
         self._started = False
+        self._one_shots.stop()
         self._rollouts.stop()
         self._runs.stop()
-        self._coordinator.remove_listener(self._rollouts.on_message)
-        self._coordinator.stop()
-        self._coordinator.remove_listener(self._ingest.on_message)
+        self._hub.remove_listener(self._rollouts.on_message)
+        self._hub.stop()
+        self._hub.remove_listener(self._ingest.on_message)
         self._ingest.stop()
         logger.info("coordinator service stopped")
 
@@ -382,6 +391,46 @@ class FleetService:
         self._audit(actor, "rollout.abort", rollout_id, {"rollback": rollback})
         return self.rollout(rollout_id)
 
+    # ------------------------------------------------------- one-shot deliveries
+
+    def deploy(self, request: DeployRequest, *, actor: Actor) -> DeploymentView:
+        """Send an uploaded artifact to every targeted device at once.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a bad target, or it matches no device or names unknown ones.
+        """
+        if self._store.artifact(request.artifact_sha256) is None:
+            raise NotFoundError(f"no artifact {request.artifact_sha256!r}: upload it first")
+        target = Target.parse(request.target)
+        artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
+        view = self._one_shots.deploy(artifact, target, timeout_s=request.timeout_s)
+        self._audit(actor, "deployment.create", view.result.deployment_id,
+                    {"artifact": request.artifact_sha256, "target": request.target})  # fmt: skip
+        return view
+
+    def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
+        """Ask the targeted devices to go back to their previous good model.
+
+        Raises:
+            TargetError: a bad target, or it matches no device.
+        """
+        target = Target.parse(request.target)
+        view = self._one_shots.rollback(
+            target, request.model, reason=request.reason, timeout_s=request.timeout_s
+        )
+        self._audit(actor, "rollback.create", view.result.deployment_id,
+                    {"model": request.model, "target": request.target})  # fmt: skip
+        return view
+
+    def deployment(self, deployment_id: str) -> DeploymentView:
+        """A one-shot deployment or rollback started by this service.
+
+        Raises:
+            NotFoundError: no such deployment (or the service restarted since).
+        """
+        return self._one_shots.view(deployment_id)
+
     # --------------------------------------------------------------------- runs
 
     def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:
@@ -428,7 +477,7 @@ class FleetService:
 
     def metrics(self) -> FleetMetrics:
         """Figures for ``GET /metrics`` (devices, models, rollouts, rounds, latency)."""
-        records = self._coordinator.fleet()
+        records = self._hub.fleet()
         models: dict[tuple[str, int], int] = {}
         for record in records:
             if record.online:
@@ -487,11 +536,13 @@ def local_service(
     trust: Sequence[Path] = (),
     threshold: int = 1,
     timeout: float = 10.0,
+    chunk_size: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[FleetService]:
     """The CLI's in-process ``--broker`` mode: a started service, stopped on exit.
 
     State lives in ``db`` like the long-running service's, so a rollout started
-    here is resumed by whichever process opens that database next.
+    here is resumed by whichever process opens that database next. ``chunk_size``
+    is the hub's (the payload's bytes per chunk).
 
     Raises:
         StoreError: the database cannot be opened.
@@ -503,7 +554,9 @@ def local_service(
     )
     store = open_store(db)
     try:
-        service = FleetService(store, MqttHub(HubConfig(broker=broker)), trusted)
+        service = FleetService(
+            store, MqttHub(HubConfig(broker=broker, chunk_size=chunk_size)), trusted
+        )
         service.start(timeout)
         try:
             service.ingest.flush()  # the retained statuses, stored before the command reads

@@ -21,6 +21,7 @@ import pwd
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from coordinator.delivery.tracker import DeployResult
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -37,8 +38,11 @@ from coordinator.service.tokens import Role
 __all__ = [
     "CLI_ACTOR",
     "Actor",
+    "DeployRequest",
+    "DeploymentView",
     "FleetMetrics",
     "Operations",
+    "RollbackRequest",
     "RolloutRequest",
     "RolloutView",
     "RunRequest",
@@ -120,6 +124,61 @@ class RolloutView:
     rollout: RolloutInfo
     devices: tuple[RolloutDevice, ...]
     summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """``fedge deploy ARTIFACT --to ...``: one-shot delivery of an uploaded artifact.
+
+    Every targeted device gets it at once (no stages, no health gate: that is a
+    rollout); the service follows the devices until each has an outcome or
+    ``timeout_s`` passed.
+
+    Attributes:
+        artifact_sha256: An uploaded artifact.
+        target: ``all``, ``tag:T`` or ``device:ID[,ID...]``.
+        timeout_s: Seconds the devices have; those still going then are ``timed_out``.
+    """
+
+    artifact_sha256: str
+    target: str = "all"
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    """``fedge rollback --to ... --model NAME``: devices go back to their previous model.
+
+    Attributes:
+        model: The model name to roll back.
+        target: ``all``, ``tag:T`` or ``device:ID[,ID...]``.
+        reason: Why (logged by the agents).
+        timeout_s: Seconds the devices have to answer.
+    """
+
+    model: str
+    target: str = "all"
+    reason: str = ""
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """Where a one-shot deployment (or rollback) stands.
+
+    Attributes:
+        result: Every targeted device's progress (``succeeded`` is final only
+            once ``done``).
+        done: Every device has an outcome, or the timeout passed: nothing changes
+            any more.
+        delivered: Every device has the payload or refused it (and none that
+            dropped out is still away): what ``fedge deploy`` without ``--wait``
+            waits for. Always true for a rollback.
+    """
+
+    result: DeployResult
+    done: bool
+    delivered: bool
 
 
 @dataclass(frozen=True)
@@ -263,6 +322,34 @@ class Operations(Protocol):
         Raises:
             NotFoundError: no such rollout.
             RolloutError: the rollout completed.
+        """
+        ...
+
+    def deploy(self, request: DeployRequest, *, actor: Actor) -> DeploymentView:
+        """Send an uploaded artifact to every targeted device at once.
+
+        Returns once the command went out and the payload was pushed; the
+        devices' progress is then read with :meth:`deployment`.
+
+        Raises:
+            NotFoundError: unknown artifact.
+            TargetError: a bad target, or it matches no device or names unknown ones.
+        """
+        ...
+
+    def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
+        """Ask the targeted devices to go back to their previous good model.
+
+        Raises:
+            TargetError: a bad target, or it matches no device.
+        """
+        ...
+
+    def deployment(self, deployment_id: str) -> DeploymentView:
+        """A one-shot deployment or rollback started by :meth:`deploy` or :meth:`rollback`.
+
+        Raises:
+            NotFoundError: no such deployment (or the service restarted since).
         """
         ...
 

@@ -17,6 +17,11 @@ marks the run ``interrupted`` and its current round ``failed`` with reason
 killed does the same at its next start (:meth:`recover`). Interrupted runs are
 not resumed: a new run starts from fresh weights.
 
+:func:`training_config` and :func:`run_strategy` turn a request into the run and
+its strategy; ``fedge train`` uses them too (with its own starting weights,
+evaluation data and update bound, see :func:`training_config`), so both front ends
+read the same settings the same way.
+
 ``RunRequest.config`` keys (all optional but ``features`` and ``classes``):
 ``model`` (``model``), ``family`` (``mlp``; or ``softmax``), ``features``,
 ``classes``, ``hidden`` (``[64]``), ``clients_per_round`` (10, at least
@@ -34,17 +39,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from flwr.serverapp.strategy import Strategy
 
 from compress.errors import CompressError
 from compress.families import FAMILIES, init_weights
+from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import CoordinatorError, NotFoundError, RunError
 from coordinator.federated.runs import STOPPED, RoundReport, RunConfig, run_training
 from coordinator.federated.strategies import build_strategy
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.port import Hub
 from coordinator.service.operations import RunRequest
 from coordinator.service.store import RunRow, RunState, Store
 
-__all__ = ["RunManager", "training_config"]
+__all__ = ["RunManager", "run_strategy", "training_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +82,29 @@ def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> 
     return value
 
 
-def training_config(request: RunRequest) -> RunConfig:
-    """The training run a request describes (fresh, seeded initial weights).
+def _features(data: LabelledData | None) -> int | None:
+    return None if data is None else int(data.x.shape[1])
+
+
+def _classes(data: LabelledData | None) -> int | None:
+    return None if data is None else int(data.y.max()) + 1
+
+
+def training_config(
+    request: RunRequest,
+    *,
+    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    eval_data: LabelledData | None = None,
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
+) -> RunConfig:
+    """The training run a request describes.
+
+    The service passes the request alone: fresh weights, seeded, for ``features``
+    and ``classes``; devices evaluate each round. ``fedge train`` (which runs the
+    rounds in its own process) adds what only that process holds: starting weights
+    (then ``features`` and ``classes`` are not needed), evaluation data (evaluated
+    here after each round; ``features`` and ``classes`` default to its shape) and
+    the bound on update norms.
 
     Raises:
         RunError: an unknown key, a missing or out-of-range value.
@@ -99,32 +129,52 @@ def training_config(request: RunRequest) -> RunConfig:
     if not isinstance(model, str) or not model:
         raise RunError("config.model must be a non-empty string")
     seed = _int(config, "seed", 0, 0)
-    features = _int(config, "features", None, 1)
-    classes = _int(config, "classes", None, 2)
     clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
-    weights = init_weights(family, [features, *hidden, classes], np.random.default_rng(seed))
+    if initial_weights is None:
+        features = _int(config, "features", _features(eval_data), 1)
+        classes = _int(config, "classes", _classes(eval_data), 2)
+        rng = np.random.default_rng(seed)
+        initial_weights = init_weights(family, [features, *hidden, classes], rng)
     return RunConfig(
         model=model,
         family=family,
-        initial_weights=weights,
+        initial_weights=initial_weights,
         rounds=request.rounds,
         clients_per_round=clients,
         min_clients=request.min_clients,
         round_timeout_s=request.round_timeout_s,
         codec=request.codec,
         train_config={"seed": seed, **train},
+        eval_data=eval_data,
         seed=seed,
+        max_update_norm=max_update_norm,
     )
+
+
+def run_strategy(request: RunRequest, *, federated_eval: bool = True) -> Strategy:
+    """The Flower strategy a request names, with its ``strategy_args``.
+
+    Args:
+        request: The run.
+        federated_eval: Whether devices evaluate each round's model (False when
+            the coordinator evaluates on its own data).
+
+    Raises:
+        RunError: ``strategy_args`` is not an object.
+        StrategyError: an unknown strategy or arguments it refuses.
+    """
+    args = request.config.get("strategy_args", {})
+    if not isinstance(args, dict):
+        raise RunError("config.strategy_args must be an object")
+    return build_strategy(request.strategy, args, federated_eval=federated_eval)
 
 
 class RunManager:
     """Starts federated runs and records their rounds (see the module docstring)."""
 
-    def __init__(
-        self, coordinator: Hub, store: Store, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, hub: Hub, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         """Prepare; nothing runs until :meth:`start`."""
-        self._coordinator = coordinator
+        self._hub = hub
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
@@ -151,10 +201,7 @@ class RunManager:
             StrategyError: an unknown strategy or arguments it refuses.
         """
         config = training_config(request)
-        args = request.config.get("strategy_args", {})
-        if not isinstance(args, dict):
-            raise RunError("config.strategy_args must be an object")
-        strategy = build_strategy(request.strategy, args)
+        strategy = run_strategy(request)
         with self._lock:
             if self._current is not None:
                 raise RunError(f"run {self._current} is still going; one run at a time")
@@ -253,7 +300,7 @@ class RunManager:
 
         state = RunState.FAILED
         try:
-            result = run_training(self._coordinator, strategy, config, on_round=on_round, stop=stop)
+            result = run_training(self._hub, strategy, config, on_round=on_round, stop=stop)
             cut_short = len(result.rounds) < config.rounds or any(
                 r.reason == STOPPED for r in result.rounds
             )

@@ -16,8 +16,8 @@ Workflow::
     shards = write_shards(x, y, clients=10, alpha=0.5, directory=tmp / "data", seed=0)
     with LocalFleet.start(shards, broker_for=lambda device: broker_config(device),
                           trust=[public_key_path], root=tmp / "agents") as fleet:
-        fleet.wait_eligible(coordinator, len(shards), timeout=20)
-        run_training(coordinator, strategy, config)
+        fleet.wait_eligible(hub, len(shards), timeout=20)
+        run_training(hub, strategy, config)
 """
 
 from __future__ import annotations
@@ -180,13 +180,13 @@ class LocalFleet(Stoppable):
             raise
         return cls(agents, networks)
 
-    def wait_eligible(self, coordinator: Hub, count: int, timeout: float) -> None:
-        """Wait until ``coordinator`` sees ``count`` online devices with data.
+    def wait_eligible(self, hub: Hub, count: int, timeout: float) -> None:
+        """Wait until ``hub`` sees ``count`` online devices with data.
 
         Raises:
             RunError: not within ``timeout`` seconds.
         """
-        if not _poll(lambda: sum(r.can_train for r in coordinator.fleet()) >= count, timeout, 0.05):
+        if not _poll(lambda: sum(r.can_train for r in hub.fleet()) >= count, timeout, 0.05):
             raise RunError(f"fewer than {count} devices with data came online in {timeout} s")
 
     def stop(self) -> None:

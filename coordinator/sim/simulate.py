@@ -319,7 +319,7 @@ def _rollout(
 
 
 def _train(
-    coordinator: MqttHub,
+    hub: MqttHub,
     config: SimulationConfig,
     weights: dict[str, npt.NDArray[np.float32]],
     test: LabelledData,
@@ -351,7 +351,7 @@ def _train(
         seed=config.seed,
     )
     strategy = build_strategy(config.strategy, config.strategy_args, federated_eval=False)
-    return run_training(coordinator, strategy, training, on_round=round_event)
+    return run_training(hub, strategy, training, on_round=round_event)
 
 
 def run_simulation(
@@ -394,22 +394,20 @@ def run_simulation(
         emit("phase", {"name": "agents", "broker": url})
         # The coordinator connects first: with hundreds of agents connecting at once,
         # a late connect competes with all of them.
-        coordinator = MqttHub(HubConfig(broker=broker_for("coordinator")))
-        coordinator.start(timeout=30.0)
+        hub = MqttHub(HubConfig(broker=broker_for("coordinator")))
+        hub.start(timeout=30.0)
         try:
             # A 5 s stall timeout (the agents' default): with hundreds of agents
             # installing at once on a few cores, 1 s made them re-request chunks in a storm.
             with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
                                   root=out / "agents", stall_timeout_s=5.0,
                                   telemetry_interval_s=30.0) as fleet:  # fmt: skip
-                fleet.wait_eligible(coordinator, config.agents, timeout=60 + config.agents / 10)
+                fleet.wait_eligible(hub, config.agents, timeout=60 + config.agents / 10)
                 timings["setup_s"] = time.monotonic() - started
                 emit("phase", {"name": "rounds"})
                 dropout = _Dropout(fleet, config.dropout, config.seed)
                 t0 = time.monotonic()
-                result = _train(
-                    coordinator, config, weights, test, dropout=dropout, on_round=on_round
-                )
+                result = _train(hub, config, weights, test, dropout=dropout, on_round=on_round)
                 timings["rounds_s"] = time.monotonic() - t0
 
                 emit("phase", {"name": "package"})
@@ -422,12 +420,12 @@ def run_simulation(
                 )  # fmt: skip
                 emit("phase", {"name": "rollout"})
                 t0 = time.monotonic()
-                rollout = _rollout(coordinator, fleet, Artifact.load(artifact_path), emit,
+                rollout = _rollout(hub, fleet, Artifact.load(artifact_path), emit,
                                    timeout=60 + config.agents / 5)  # fmt: skip
                 timings["rollout_s"] = time.monotonic() - t0
                 rollout["dropped_per_round"] = {str(k): len(v) for k, v in dropout.dropped.items()}
         finally:
-            coordinator.stop()
+            hub.stop()
 
     clients = [r.clients for r in result.rounds if r.clients] or [config.agents]
     report = SimulationReport(

@@ -45,10 +45,13 @@ from coordinator.service.api.schemas import (
     AbortBody,
     ArtifactOut,
     AuditOut,
+    DeployCreate,
+    DeploymentViewOut,
     DeviceOut,
     ErrorOut,
     HealthOut,
     PresenceOut,
+    RollbackCreate,
     RolloutCreate,
     RolloutOut,
     RolloutViewOut,
@@ -84,7 +87,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "The operation failed (a bad policy, target or state).",
         401: "No valid API token (`WWW-Authenticate: Bearer`).",
         403: "The token's role does not allow this call (it needs `operator`).",
-        404: "No such device, artifact, rollout or run.",
+        404: "No such device, artifact, rollout, deployment or run.",
         409: "Conflicts with an existing row.",
         413: "The request body is too large.",
         415: "The body is not `application/octet-stream`.",
@@ -123,6 +126,7 @@ def add_routes(router: APIRouter, ops: Operations, guard: Guard) -> None:
     _add_observation(router, ops, viewer)
     _add_artifacts(router, ops, viewer, operator)
     _add_rollouts(router, ops, viewer, operator)
+    _add_deployments(router, ops, viewer, operator)
     _add_runs(router, ops, viewer, operator)
 
 
@@ -230,6 +234,62 @@ def _add_artifacts(
     def list_artifacts() -> list[ArtifactOut]:
         """Every stored artifact, newest first."""
         return [ArtifactOut.model_validate(row) for row in ops.artifacts()]
+
+
+def _add_deployments(
+    router: APIRouter, ops: Operations, viewer: params.Depends, operator: RoleDependency
+) -> None:
+    """One-shot deployments and rollbacks: start one, follow it."""
+
+    @router.post(
+        "/v1/deployments",
+        tags=["deployments"],
+        status_code=status.HTTP_201_CREATED,
+        responses={**_WRITE, **_errors(404)},
+    )
+    def create_deployment(
+        body: DeployCreate,
+        request: Request,
+        response: Response,
+        actor: Annotated[Actor, Depends(operator)],
+    ) -> DeploymentViewOut:
+        """Send an uploaded artifact to every targeted device at once; follow it with GET."""
+        view = ops.deploy(body.to_request(), actor=actor)
+        deployment_id = view.result.deployment_id
+        response.headers["Location"] = str(
+            request.url_for("get_deployment", deployment_id=deployment_id)
+        )
+        return DeploymentViewOut.model_validate(view)
+
+    @router.post(
+        "/v1/rollbacks",
+        tags=["deployments"],
+        status_code=status.HTTP_201_CREATED,
+        responses=_WRITE,
+    )
+    def create_rollback(
+        body: RollbackCreate,
+        request: Request,
+        response: Response,
+        actor: Annotated[Actor, Depends(operator)],
+    ) -> DeploymentViewOut:
+        """Make the targeted devices go back to their previous good model; follow it with GET."""
+        view = ops.rollback(body.to_request(), actor=actor)
+        deployment_id = view.result.deployment_id
+        response.headers["Location"] = str(
+            request.url_for("get_deployment", deployment_id=deployment_id)
+        )
+        return DeploymentViewOut.model_validate(view)
+
+    @router.get(
+        "/v1/deployments/{deployment_id}",
+        tags=["deployments"],
+        dependencies=[viewer],
+        responses=_READ_ONE,
+    )
+    def get_deployment(deployment_id: Annotated[str, _ID]) -> DeploymentViewOut:
+        """A one-shot deployment or rollback: every device's progress so far."""
+        return DeploymentViewOut.model_validate(ops.deployment(deployment_id))
 
 
 def _add_rollouts(

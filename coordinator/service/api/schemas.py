@@ -8,9 +8,9 @@ converter every route uses (``DeviceOut.model_validate(row)``). The models exist
 that ``/docs`` shows real response schemas and so that the wire contract is written
 down in one place; ``tests/test_api.py`` checks that each mirrors its dataclass.
 
-Requests: :class:`RolloutCreate`, :class:`RunCreate` and :class:`AbortBody` take
-their defaults from :class:`~coordinator.service.operations.RolloutRequest` and
-:class:`~coordinator.service.operations.RunRequest`, refuse unknown fields (a typo such as
+Requests: :class:`RolloutCreate`, :class:`DeployCreate`, :class:`RollbackCreate`,
+:class:`RunCreate` and :class:`AbortBody` take their defaults from the request
+dataclasses of :mod:`coordinator.service.operations`, refuse unknown fields (a typo such as
 ``"canery"`` is a 422, not a silently ignored setting) and turn into those
 dataclasses with ``to_request()``. They check shapes only; what the values mean
 (a canary of ``"5%"``, a strategy name) is for the :class:`Operations` object to
@@ -23,7 +23,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.service.operations import RolloutRequest, RunRequest
+from coordinator.service.operations import (
+    DeployRequest,
+    RollbackRequest,
+    RolloutRequest,
+    RunRequest,
+)
 from coordinator.service.store.records import RunState
 from coordinator.service.tokens import Role
 
@@ -31,11 +36,16 @@ __all__ = [
     "AbortBody",
     "ArtifactOut",
     "AuditOut",
+    "DeployCreate",
+    "DeployResultOut",
+    "DeploymentViewOut",
     "DeviceOut",
+    "DeviceProgressOut",
     "ErrorBody",
     "ErrorOut",
     "HealthOut",
     "PresenceOut",
+    "RollbackCreate",
     "RolloutCreate",
     "RolloutDeviceOut",
     "RolloutOut",
@@ -172,6 +182,39 @@ class RolloutViewOut(_Out):
     summary: dict[str, Any]
 
 
+class DeviceProgressOut(_Out):
+    """One device's progress in a one-shot deployment or rollback."""
+
+    device_id: str
+    state: str = Field(description="`pending`, `downloading`, `installed`, `rejected`...")
+    chunks_held: int
+    chunks_total: int
+    version: int | None = Field(description="Model version the device last reported.")
+    error_code: str | None = Field(description="The device's error code on failure.")
+    reason: str | None
+    updated_at: float = Field(description="Coordinator clock, unix seconds.")
+
+
+class DeployResultOut(_Out):
+    """The devices of a one-shot deployment or rollback."""
+
+    deployment_id: str
+    model: str
+    version: int = Field(description="Model version deployed (0 for a rollback).")
+    succeeded: bool = Field(
+        description="At least one device installed it and every other one is offline."
+    )
+    devices: list[DeviceProgressOut]
+
+
+class DeploymentViewOut(_Out):
+    """Where a one-shot deployment (or rollback) stands."""
+
+    result: DeployResultOut
+    done: bool = Field(description="Every device has an outcome, or the timeout passed.")
+    delivered: bool = Field(description="Every device has the payload or refused it.")
+
+
 class RunOut(_Out):
     """A federated run."""
 
@@ -218,6 +261,8 @@ class AuditOut(_Out):
 
 _ROLLOUT = RolloutRequest(artifact_sha256="")
 _RUN = RunRequest()
+_DEPLOY = DeployRequest(artifact_sha256="")
+_ROLLBACK = RollbackRequest(model="")
 
 
 class RolloutCreate(_In):
@@ -265,6 +310,39 @@ class RolloutCreate(_In):
             max_error_increase=self.max_error_increase,
             max_p95_ratio=self.max_p95_ratio,
             require_health=self.require_health,
+        )
+
+
+class DeployCreate(_In):
+    """Send an uploaded artifact to every targeted device at once."""
+
+    artifact_sha256: str = Field(min_length=1, max_length=_SHORT)
+    target: str = Field(default=_DEPLOY.target, min_length=1, max_length=_SHORT * 16)
+    timeout_s: float = Field(
+        default=_DEPLOY.timeout_s, gt=0, description="Seconds the devices have."
+    )
+
+    def to_request(self) -> DeployRequest:
+        """The :class:`~coordinator.service.operations.DeployRequest` this body asks for."""
+        return DeployRequest(
+            artifact_sha256=self.artifact_sha256, target=self.target, timeout_s=self.timeout_s
+        )
+
+
+class RollbackCreate(_In):
+    """Make the targeted devices go back to their previous good model."""
+
+    model: str = Field(min_length=1, max_length=_SHORT)
+    target: str = Field(default=_ROLLBACK.target, min_length=1, max_length=_SHORT * 16)
+    reason: str = Field(default=_ROLLBACK.reason, max_length=_SHORT * 4)
+    timeout_s: float = Field(
+        default=_ROLLBACK.timeout_s, gt=0, description="Seconds the devices have."
+    )
+
+    def to_request(self) -> RollbackRequest:
+        """The :class:`~coordinator.service.operations.RollbackRequest` this body asks for."""
+        return RollbackRequest(
+            model=self.model, target=self.target, reason=self.reason, timeout_s=self.timeout_s
         )
 
 
