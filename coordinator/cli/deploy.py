@@ -35,6 +35,7 @@ import typer
 from coordinator.cli.follow import follow
 from coordinator.cli.operate import operations, resolve_artifact, uploaded_sha256
 from coordinator.cli.options import (
+    ArtifactArgument,
     Connection,
     JsonOption,
     TargetOption,
@@ -90,13 +91,7 @@ def _follow(
 @with_snapshot_connection
 def deploy(
     connection: Connection,
-    artifact: Annotated[
-        str,
-        typer.Argument(
-            help="A signed .fedge file (uploaded first) or an uploaded artifact's sha256.",
-            show_default=False,
-        ),
-    ],
+    artifact: ArtifactArgument,
     to: TargetOption = "all",
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for every device's install and show progress.")

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_DB",
     "MAX_PASSWORD_FILE_BYTES",
     "PANEL",
+    "ArtifactArgument",
     "Connection",
     "JsonOption",
     "TargetOption",
@@ -72,6 +73,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 TargetOption = Annotated[
     str,
     typer.Option("--to", help="Which devices: all, device:ID[,ID...] or tag:TAG."),
+]
+ArtifactArgument = Annotated[
+    str,
+    typer.Argument(
+        help="A signed .fedge file (uploaded first) or an uploaded artifact's sha256.",
+        show_default=False,
+    ),
 ]
 
 _P = ParamSpec("_P")

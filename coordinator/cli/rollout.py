@@ -29,7 +29,13 @@ import typer
 
 from coordinator.cli.follow import IntervalOption, WatchOption, announce, watch_and_exit
 from coordinator.cli.operate import operations, resolve_artifact, show_rows, uploaded_sha256
-from coordinator.cli.options import Connection, JsonOption, TargetOption, with_connection
+from coordinator.cli.options import (
+    ArtifactArgument,
+    Connection,
+    JsonOption,
+    TargetOption,
+    with_connection,
+)
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import (
     FINAL_ROLLOUT_STATES,
@@ -79,13 +85,7 @@ def _watch_and_exit(
 @with_connection
 def create(
     connection: Connection,
-    artifact: Annotated[
-        str,
-        typer.Argument(
-            help="A signed .fedge file (uploaded first) or an uploaded artifact's sha256.",
-            show_default=False,
-        ),
-    ],
+    artifact: ArtifactArgument,
     to: TargetOption = _DEFAULTS.target,
     canary: Annotated[
         str, typer.Option("--canary", help="First stage: a count (2) or a percentage (5%).")
