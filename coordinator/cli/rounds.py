@@ -46,7 +46,7 @@ from coordinator.cli.follow import (
     print_outcome,
     watch_and_exit,
 )
-from coordinator.cli.operate import operations
+from coordinator.cli.operate import operations, show_rows
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
@@ -190,12 +190,12 @@ def status(
 @with_connection
 def list_runs(connection: Connection, as_json: JsonOption = False) -> None:
     """List federated runs, newest first."""
-    with reported_errors(as_json=as_json), operations(connection) as ops:
-        rows = ops.runs()
-    if as_json:
-        print_json(to_json(rows))
-    else:
-        console.print(runs_table(rows, now=time.time()))
+    show_rows(
+        connection,
+        lambda ops: ops.runs(),
+        lambda rows: runs_table(rows, now=time.time()),
+        as_json=as_json,
+    )
 
 
 @app.command("stop")

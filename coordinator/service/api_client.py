@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -63,6 +62,7 @@ from coordinator.errors import (
     StrategyError,
     TargetError,
 )
+from coordinator.lifecycle import Closeable
 from coordinator.service.operations import (
     Actor,
     DeploymentView,
@@ -140,7 +140,7 @@ def _without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-class ApiClient:
+class ApiClient(Closeable):
     """:class:`~coordinator.service.operations.Operations` over the coordinator's HTTP API.
 
     Args:
@@ -199,19 +199,6 @@ class ApiClient:
     def close(self) -> None:
         """Close the connection pool (the client cannot be used afterwards)."""
         self._http.close()
-
-    def __enter__(self) -> Self:
-        """Use the client in a ``with`` block; it is closed at the end."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the client."""
-        self.close()
 
     # --- Operations ----------------------------------------------------------------
 
