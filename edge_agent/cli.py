@@ -159,21 +159,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def _add_config_flag(run: argparse.ArgumentParser, flag: str, key: Key) -> None:
     """The flag of one config key, declared from its schema entry (help, metavar, type)."""
-    repeatable = key.read in ("paths", "array")
-    if key.read in ("path", "paths"):
-        kind: type = Path
-    elif isinstance(key.default, int | float) and not isinstance(key.default, bool):
-        kind = type(key.default)
-    else:
-        kind = str
-    note = " Repeatable; replaces the file's list." if repeatable else ""
     run.add_argument(
         flag,
-        type=kind,
-        action="append" if repeatable else "store",
+        type=key.flag_type(),
+        action="append" if key.repeatable else "store",
         default=None,
         metavar=key.metavar,
-        help=f"{key.summary()}{note}".replace("%", "%%"),
+        help=key.flag_help().replace("%", "%%"),
     )
 
 

@@ -12,7 +12,8 @@ exactly one place:
   absolute (:meth:`Schema.merge`), a flag beating the file and the file beating the
   default, and the message for a missing required key;
 * the flag of each key (:meth:`Schema.flags`), which the command lines use to name
-  the source of a bad value;
+  the source of a bad value, and how they declare it (:meth:`Key.flag_type`,
+  :meth:`Key.flag_help`, :attr:`Key.repeatable`);
 * the defaults of the typed config dataclasses (:meth:`Schema.default`);
 * the commented example file (:meth:`Schema.render_example`), shipped as package
   data and written out by ``fedge-agent init`` and ``fedge coordinator init``.
@@ -115,9 +116,34 @@ class Key:
     metavar: str = ""
 
     def summary(self) -> str:
-        """The help's first sentence and the default: the flag's ``--help`` line."""
+        """The help's first sentence and the default."""
         first = _SENTENCE_END.split(self.help.strip(), maxsplit=1)[0]
         return f"{first}.{_default_sentence(self)}"
+
+    # The command lines (``fedge-agent run``, ``fedge coordinator serve``) declare the
+    # flag of a key from these three, so a flag is described only here.
+
+    @property
+    def repeatable(self) -> bool:
+        """Its flag may be given more than once, the values making a list."""
+        return self.read in ("paths", "array")
+
+    def flag_type(self) -> type:
+        """The type of one value of its flag.
+
+        :class:`~pathlib.Path` for a path, the default's type for a number, ``bool``
+        for a switch (a flag that takes no value), else ``str``.
+        """
+        if self.read in ("path", "paths"):
+            return Path
+        if isinstance(self.default, bool | int | float):
+            return type(self.default)
+        return str
+
+    def flag_help(self) -> str:
+        """Its flag's ``--help`` line: the :meth:`summary`, and whether it repeats."""
+        note = " Repeatable; replaces the file's list." if self.repeatable else ""
+        return f"{self.summary()}{note}"
 
 
 @dataclass(frozen=True, slots=True)
