@@ -35,7 +35,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Concatenate, ParamSpec
+from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 import click
 import typer
@@ -55,6 +55,7 @@ __all__ = [
     "Connection",
     "JsonOption",
     "TargetOption",
+    "adding_options",
     "with_broker",
     "with_connection",
     "with_snapshot_connection",
@@ -83,6 +84,7 @@ ArtifactArgument = Annotated[
 ]
 
 _P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -366,19 +368,21 @@ def _connection(values: dict[str, Any]) -> Connection:
     return Connection(api=api, broker=broker, **values)
 
 
-def _adding(
-    declared: _Declared, build: Callable[[dict[str, Any]], Connection]
-) -> Callable[[Callable[Concatenate[Connection, _P], None]], Callable[_P, None]]:
-    """A decorator adding the ``declared`` options, their values built into a Connection.
+def adding_options(
+    declared: _Declared, build: Callable[[dict[str, Any]], _T]
+) -> Callable[[Callable[Concatenate[_T, _P], None]], Callable[_P, None]]:
+    """A decorator adding the ``declared`` options, their values built into one object.
 
-    The command's first parameter receives the :class:`Connection`; its other
+    The command's first parameter receives what ``build`` makes of the added
+    options' values, by parameter name (here a :class:`Connection`; the config
+    flags of :mod:`coordinator.cli.config_flags` too); its other
     parameters are its own options and arguments. The returned function has
     those plus the added options (keyword-only) in its signature, which is what
     Typer reads.
     """
     names = frozenset(name for name, _, _ in declared)
 
-    def decorate(command: Callable[Concatenate[Connection, _P], None]) -> Callable[_P, None]:
+    def decorate(command: Callable[Concatenate[_T, _P], None]) -> Callable[_P, None]:
         signature = inspect.signature(command, eval_str=True)
         own = list(signature.parameters.values())[1:]
         clash = names & {p.name for p in own}
@@ -405,14 +409,14 @@ def _adding(
     return decorate
 
 
-with_connection = _adding(_CONNECTION, _connection)
+with_connection = adding_options(_CONNECTION, _connection)
 """Add ``--api``/``--token`` or ``--broker``/``--db``/``--trust`` and the credentials.
 
 Raises:
     TypeError: the command has a parameter named like a connection option.
 """
 
-with_snapshot_connection = _adding(_SNAPSHOT_CONNECTION, _connection)
+with_snapshot_connection = adding_options(_SNAPSHOT_CONNECTION, _connection)
 """Like :func:`with_connection`, but in-process without ``--db`` the service runs on
 a temporary database (``Connection.db`` is None): for commands that leave no file
 behind (``fedge devices``, ``deploy``, ``rollback``).
@@ -421,7 +425,7 @@ Raises:
     TypeError: the command has a parameter named like a connection option.
 """
 
-with_broker = _adding(_BROKER, lambda values: Connection(**values))
+with_broker = adding_options(_BROKER, lambda values: Connection(**values))
 """Add ``--broker`` (required) and the broker's credentials.
 
 Raises:
