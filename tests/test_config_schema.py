@@ -13,9 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import typer.main
 
+from coordinator.cli.config_flags import config_options, parameter_name
 from coordinator.cli.service import app as service_app
 from coordinator.service.config import (
     ServiceConfig,
@@ -139,9 +141,46 @@ def test_the_agent_run_flags_are_the_schema_s() -> None:
 def test_the_service_serve_flags_are_the_schema_s() -> None:
     command = typer.main.get_command(service_app)
     serve = command.commands["serve"]  # type: ignore[attr-defined]
-    options = {o for p in serve.params for o in p.opts if o.startswith("--")}
-    # Every flag the schema names exists (serve may have options that are no config key).
-    assert set(SERVICE_SCHEMA.flags().values()) <= options
+    params = {o: p for p in serve.params for o in p.opts if o.startswith("--")}
+    by_flag = {key.flag: key for key in SERVICE_SCHEMA.keys.values() if key.flag}
+    assert set(params) - {"--help", "--config"} == set(by_flag)
+    for flag, key in by_flag.items():
+        param = params[flag]
+        assert isinstance(param, click.Option)
+        assert param.help == key.flag_help()
+        assert param.metavar == (key.metavar or None)
+        assert param.multiple is key.repeatable
+        assert param.is_flag is (key.flag_type() is bool)
+        assert param.default is (False if param.is_flag else None)
+
+
+def test_a_key_s_flag_is_declared_from_its_schema_entry() -> None:
+    keys = {k.flag: k for k in SMALL.keys.values() if k.flag} | {
+        "--dir": Key("dir", "A dir.", read="path", flag="--dir", metavar="DIR"),
+        "--files": Key("files", "Files. More.", read="paths", default=(), flag="--files"),
+        "--rate": Key("rate", "A rate.", default=0.5, flag="--rate", metavar="R"),
+    }
+    declared = {name: (hint, default) for name, hint, default in config_options(
+        Schema("T.", (Section("", tuple(keys.values())),), example_package="x", example_name="x")
+    )}  # fmt: skip
+    assert set(declared) == {"name", "local", "dir", "files", "rate"}
+    assert declared["local"][1] is False  # a switch
+    assert {name: hint.__origin__ for name, (hint, _) in declared.items()} == {
+        "name": str | None, "local": bool, "dir": Path | None,
+        "files": list[Path] | None, "rate": float | None,
+    }  # fmt: skip
+    options = {name: hint.__metadata__[0] for name, (hint, _) in declared.items()}
+    assert options["files"].help == "Files. Default: none. Repeatable; replaces the file's list."
+    assert options["dir"].file_okay is False
+    assert options["files"].dir_okay is False
+    assert parameter_name("--embedded-broker-port") == "embedded_broker_port"
+
+
+def test_a_switch_that_is_on_by_default_has_no_flag() -> None:
+    on = Key("on", "On.", default=True, flag="--on")
+    schema = Schema("T.", (Section("", (on,)),), example_package="x", example_name="x")
+    with pytest.raises(TypeError, match="on by default"):
+        config_options(schema)
 
 
 # --------------------------------------------------------------------------- the machinery

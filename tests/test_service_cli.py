@@ -224,6 +224,39 @@ def test_serve_builds_its_config_from_flags_alone(
     assert config.bind_port == 9123
 
 
+def test_serve_reads_every_kind_of_flag_as_its_schema_key_says(
+    tmp_path: Path, no_serving: list[ServiceConfig]
+) -> None:
+    # a number, a repeated path list, a switch, a directory, and a path to a file
+    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker",
+                   "--embedded-broker-port", "1999", "--trust", "a.pub", "--trust", "b.pub",
+                   "--threshold", "2", "--artifact-dir", "store")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    (config,) = no_serving
+    assert (config.embedded_broker, config.embedded_broker_port) == (True, 1999)
+    assert config.trust.keys == (tmp_path / "a.pub", tmp_path / "b.pub")
+    assert config.trust.threshold == 2
+    assert config.artifact_dir == tmp_path / "store"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--db", "."), "'.' is a directory"),
+        (("--artifact-dir", "f"), "'f' is a file"),
+        (("--threshold", "two"), "'two' is not a valid integer"),
+    ],
+)
+def test_serve_refuses_a_flag_value_of_the_wrong_kind(
+    tmp_path: Path, no_serving: list[ServiceConfig], args: tuple[str, ...], expected: str
+) -> None:
+    (tmp_path / "f").write_text("")
+    result = fedge("coordinator", "serve", "--embedded-broker", *args)
+    assert result.exit_code == 2  # usage error
+    assert expected in " ".join(result.stderr.split())
+    assert not no_serving
+
+
 def test_serve_flags_beat_the_config_file(
     tmp_path: Path, no_serving: list[ServiceConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,10 @@
   until SIGTERM or SIGINT (then it stops cleanly and exits 0). The configuration
   comes from ``--config`` (default: ``./coordinator.toml`` when it exists) and the
   flags, a flag beating the file
-  (:func:`~coordinator.service.config.build_service_config` has the rules); the
+  (:func:`~coordinator.service.config.build_service_config` has the rules). Its
+  flags are those of the config keys, declared from
+  :data:`~coordinator.service.config_schema.SERVICE_SCHEMA` by
+  :mod:`coordinator.cli.config_flags` (only ``--config`` is declared here); the
   flags alone are enough::
 
       fedge coordinator serve --db state.db --embedded-broker --trust keys/signing.pub
@@ -42,6 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from compress.fileio import atomic_write
+from coordinator.cli.config_flags import ConfigFlags, with_config_flags
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import safe_text
@@ -180,108 +184,14 @@ def _service_config(config: Path | None, flags: dict[str, Any]) -> ServiceConfig
 
 
 @app.command()
-def serve(
-    config: ConfigOption = None,
-    db: DbOption = None,
-    artifact_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--artifact-dir", show_default=False, file_okay=False, help="Artifact files' directory."
-        ),
-    ] = None,
-    bind: Annotated[
-        str | None,
-        typer.Option(
-            "--bind", show_default=False, help="API address HOST:PORT. Default: 127.0.0.1:8780."
-        ),
-    ] = None,
-    broker: Annotated[
-        str | None,
-        typer.Option(
-            "--broker",
-            show_default=False,
-            help="The fleet's broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].",
-        ),
-    ] = None,
-    embedded_broker: Annotated[
-        bool,
-        typer.Option(
-            "--embedded-broker",
-            help="Run an MQTT broker in the service (127.0.0.1, no authentication).",
-        ),
-    ] = False,
-    embedded_broker_port: Annotated[
-        int | None,
-        typer.Option("--embedded-broker-port", show_default=False, help="Its port. Default: 1883."),
-    ] = None,
-    trust: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--trust",
-            show_default=False,
-            dir_okay=False,
-            metavar="KEY.pub",
-            help="Public key uploads must be signed by (repeatable; replaces the file's).",
-        ),
-    ] = None,
-    threshold: Annotated[
-        int | None,
-        typer.Option("--threshold", show_default=False, help="How many trusted keys must sign."),
-    ] = None,
-    username: Annotated[
-        str | None,
-        typer.Option("--username", show_default=False, help="MQTT username. Default: coordinator."),
-    ] = None,
-    password_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--password-file",
-            show_default=False,
-            dir_okay=False,
-            help=f"File holding the MQTT password (or set {PASSWORD_ENV}).",
-        ),
-    ] = None,
-    ca_file: Annotated[
-        Path | None, typer.Option("--ca-file", show_default=False, help="CA bundle for mqtts://.")
-    ] = None,
-    cert_file: Annotated[
-        Path | None,
-        typer.Option("--cert-file", show_default=False, help="Client certificate (mutual TLS)."),
-    ] = None,
-    key_file: Annotated[
-        Path | None, typer.Option("--key-file", show_default=False, help="Its private key.")
-    ] = None,
-    log_level: Annotated[
-        str | None,
-        typer.Option(
-            "--log-level",
-            show_default=False,
-            help="debug, info, warning, error or critical. Default: info.",
-        ),
-    ] = None,
-) -> None:
+@with_config_flags(SERVICE_SCHEMA)
+def serve(flags: ConfigFlags, config: ConfigOption = None) -> None:
     """Run the coordinator service until SIGTERM or SIGINT.
 
     Serves the HTTP API (docs at /docs), keeps the fleet's state in SQLite, ingests
     telemetry and drives rollouts and federated runs over MQTT. Flags override the
     config file.
     """
-    flags = {
-        "db": db,
-        "artifact_dir": artifact_dir,
-        "bind": bind,
-        "log_level": log_level,
-        "broker.url": broker,
-        "broker.embedded": True if embedded_broker else None,
-        "broker.embedded_port": embedded_broker_port,
-        "broker.username": username,
-        "broker.password_file": password_file,
-        "broker.ca_file": ca_file,
-        "broker.cert_file": cert_file,
-        "broker.key_file": key_file,
-        "trust.keys": tuple(trust) if trust else None,
-        "trust.threshold": threshold,
-    }
     with reported_errors():
         settings = _service_config(config, flags)
     configure_logging(settings.log_level)
