@@ -1,10 +1,12 @@
 """Shared fixtures: signing keys, a fixed clock, manifest/artifact factories, a clean
 environment for the operator commands, a real mosquitto and in-process agents.
 
-``broker`` is THE mosquitto of the suite (tests/fleet_support.py's :class:`Mosquitto`,
-with the shipped ACL); it knows the MQTT users a module names by overriding
-``broker_users``. ``fleet`` starts in-process agents on it that trust
-``signing_key``. Waiting is tests/fleet_support.py's ``wait_for``.
+``broker`` is THE mosquitto of the suite (tests/fleet_support.py's ``running_broker``:
+a :class:`Mosquitto` with the shipped ACL); it knows the MQTT users a module names by
+overriding ``broker_users``. ``module_broker`` is the same broker for a whole module
+(users: ``module_broker_users``), for module-scoped fleets. ``fleet`` starts
+in-process agents on ``broker`` that trust ``signing_key``. Waiting is
+tests/fleet_support.py's ``wait_for``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from compress.artifact import write_artifact
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
 from compress.signing import SignedManifest, sign_manifest
-from tests.fleet_support import InProcessFleet, Mosquitto, public_key_file
+from tests.fleet_support import InProcessFleet, Mosquitto, public_key_file, running_broker
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -127,7 +129,22 @@ def broker_users() -> Sequence[str]:
 @pytest.fixture
 def broker(tmp_path: Path, broker_users: Sequence[str]) -> Iterator[Mosquitto]:
     """A running mosquitto with the shipped ACL, stopped after the test."""
-    with Mosquitto(tmp_path / "broker", broker_users) as instance:
+    with running_broker(tmp_path, broker_users) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def module_broker_users() -> Sequence[str]:
+    """The MQTT users the ``module_broker`` knows; modules override it."""
+    return ()
+
+
+@pytest.fixture(scope="module")
+def module_broker(
+    tmp_path_factory: pytest.TempPathFactory, module_broker_users: Sequence[str]
+) -> Iterator[Mosquitto]:
+    """The ``broker``, started once for a module (for module-scoped fleets)."""
+    with running_broker(tmp_path_factory.mktemp("module"), module_broker_users) as instance:
         yield instance
 
 

@@ -1,14 +1,18 @@
-"""A federated fleet for tests: mosquitto, agents with Dirichlet-split digits, a coordinator.
+"""A federated fleet for tests: agents with Dirichlet-split digits and a coordinator.
 
 The workload every federated test (and the codec benchmark) shares: sklearn's
 digits, a stratified 70/30 split, the training part split over the devices with
 Dirichlet(alpha=0.5) label skew, an MLP 64-256-10, two local epochs of SGD.
+
+The broker is the suite's (the ``broker`` or ``module_broker`` fixture, whose users
+are :func:`device_ids`); the agents are a :class:`~tests.fleet_support.InProcessFleet`
+on one shared network loop, with the settings ``fedge simulate`` gives its agents.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,16 @@ from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args
 from coordinator.link.hub import MqttHub
 from coordinator.sim.datasets import load_digits_split
-from coordinator.sim.local_fleet import LocalFleet, write_shards
+from coordinator.sim.local_fleet import write_shards
 from edge_agent.agent import Agent
-from tests.fleet_support import Mosquitto, coordinator, public_key_file
+from edge_agent.config.agent import TelemetryConfig, TrainingConfig, TransferConfig
+from tests.fleet_support import (
+    InProcessFleet,
+    Mosquitto,
+    coordinator,
+    public_key_file,
+    wait_trainers,
+)
 
 LAYERS = [64, 256, 10]
 TRAIN_CONFIG: dict[str, int | float | str | bool] = {"epochs": 2, "lr": 0.05, "batch_size": 16}
@@ -43,36 +54,66 @@ def digits_shards(
     return shards, LabelledData(x_test, y_test)
 
 
+def device_ids(count: int) -> list[str]:
+    """The ids (and MQTT users) of a federated fleet of ``count`` agents."""
+    return [f"dev{i:02d}" for i in range(count)]
+
+
+ELIGIBLE_WAIT_S = 20.0
+"""How long :meth:`FederatedFleet.start` waits for the devices with data."""
+
+
 @dataclass
 class FederatedFleet:
-    """A running broker, agents and coordinator."""
+    """Running agents (``devices``) and a coordinator on a running broker."""
 
     broker: Mosquitto
+    devices: InProcessFleet
     agents: list[Agent]
+    extra: list[Agent]
     hub: MqttHub
     test_set: LabelledData
     shards: list[Path]
     trust: Path
     root: Path
-    extra: list[Agent] = field(default_factory=list)
 
     @classmethod
-    def start(cls, root: Path, clients: int = 10, *, without_data: int = 0) -> FederatedFleet:
-        """Start everything; ``without_data`` more agents have no training data."""
-        ids = [f"dev{i:02d}" for i in range(clients + without_data)]
-        (root / "broker").mkdir(parents=True)
-        broker = Mosquitto(root / "broker", ids)
-        broker.start()
+    def start(
+        cls, broker: Mosquitto, root: Path, clients: int = 10, *, without_data: int = 0
+    ) -> FederatedFleet:
+        """Start ``clients`` agents with data and ``without_data`` more without.
+
+        ``broker`` must know the users ``device_ids(clients + without_data)``. The
+        agents keep their data under ``root / <device id>``.
+        """
         trust = public_key_file(root / "keys", generate_signing_key())
         shards, test_set = digits_shards(clients, root / "data")
-        local = LocalFleet.start(
-            [*shards, *[None] * without_data],
-            broker_for=broker.broker, trust=[trust], root=root, prefix="dev",
-        )  # fmt: skip
-        agents = local.agents
-        fleet = cls(broker, agents[:clients], coordinator(broker), test_set, shards, trust, root)
-        fleet.extra = agents[clients:]
-        local.wait_eligible(fleet.hub, clients, timeout=20)
+        devices = InProcessFleet(broker, root, trust, name="federated-net")
+        try:
+            started = [
+                devices.start(
+                    device_id,
+                    telemetry=TelemetryConfig(interval_s=5.0),
+                    transfer=TransferConfig(stall_timeout_s=1.0),
+                    training=TrainingConfig(data=shard, feedback_max_examples=0),
+                )
+                for device_id, shard in zip(
+                    device_ids(clients + without_data),
+                    [*shards, *[None] * without_data],
+                    strict=True,
+                )
+            ]
+            hub = coordinator(broker)
+        except BaseException:
+            devices.stop()
+            raise
+        fleet = cls(broker, devices, started[:clients], started[clients:], hub, test_set,
+                    shards, trust, root)  # fmt: skip
+        try:
+            wait_trainers(hub, clients, ELIGIBLE_WAIT_S)
+        except BaseException:
+            fleet.stop()
+            raise
         return fleet
 
     def run(
@@ -110,8 +151,6 @@ class FederatedFleet:
         return run_training(self.hub, chosen, RunConfig(**fields), on_round=on_round)
 
     def stop(self) -> None:
-        """Stop the coordinator, the agents and the broker."""
+        """Stop the coordinator and the agents (the broker is the fixture's)."""
         self.hub.stop()
-        for agent in [*self.agents, *self.extra]:
-            agent.stop()
-        self.broker.stop()
+        self.devices.stop()

@@ -7,19 +7,25 @@
 * :class:`Mosquitto`: a mosquitto broker on a loopback port with the shipped
   least-privilege ACL and a password file; it can be stopped and started again on
   the same port (broker restart tests). Passwords are ``pw-<user>``.
+  :func:`running_broker` runs THE broker of the suite: the body of the per-test
+  ``broker`` and the per-module ``module_broker`` fixtures (tests/conftest.py).
 * :func:`make_artifact`: a real int8-quantized, signed model artifact (a small MLP
   exported to ONNX), with knobs for the bad cases (tampered payload, wrong key,
   expired, broken health check).
 * :class:`AgentProcess`: ``fedge-agent run`` in a separate process; SIGKILL-able.
 * :func:`agent_config`: an :class:`~edge_agent.config.agent.AgentConfig` for in-process
-  agents; :class:`InProcessFleet`: in-process agents on one shared network loop.
+  agents; :class:`InProcessFleet`: in-process agents on one shared network loop (or
+  each on its own, as on a device); :func:`wait_trainers`: until a hub sees enough
+  devices with training data.
 
 The ``broker`` fixture (tests/conftest.py) starts a :class:`Mosquitto` that knows the
-users of the module's ``broker_users`` fixture.
+users of the module's ``broker_users`` fixture; ``module_broker`` is the same broker
+for a whole module (``module_broker_users``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -28,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,6 +65,7 @@ from edge_agent.config.agent import (
     TransferConfig,
     TrustConfig,
 )
+from edge_agent.ota.installer import Checkpoint
 from edge_agent.protocol import MOSQUITTO_ACL
 from edge_agent.transport.network_loop import NetworkLoop
 
@@ -266,6 +273,17 @@ class Mosquitto:
         self.process = None
 
 
+@contextlib.contextmanager
+def running_broker(directory: Path, users: Sequence[str]) -> Iterator[Mosquitto]:
+    """A running :class:`Mosquitto` under ``directory / "broker"`` that knows ``users``.
+
+    ``with running_broker(tmp_path, users) as broker:`` in a fixture of any scope
+    (the ``broker`` and ``module_broker`` fixtures are this); stopped at the end.
+    """
+    with Mosquitto(directory / "broker", users) as instance:
+        yield instance
+
+
 def make_artifact(
     directory: Path,
     key: SigningKey,
@@ -325,9 +343,10 @@ def public_key_file(directory: Path, key: SigningKey) -> Path:
 
 
 def agent_config(
-    broker: Mosquitto, device_id: str, data_dir: Path, trust: Path, **changes: Any
+    broker: Mosquitto, device_id: str, data_dir: Path, trust: Path, /, **changes: Any
 ) -> AgentConfig:
-    """Config of an in-process agent with quick timers."""
+    """Config of an in-process agent with quick timers; ``changes`` replace fields
+    (``broker=`` other connection settings than ``broker``'s for ``device_id``)."""
     fields: dict[str, Any] = {
         "device_id": device_id,
         "broker": broker.broker(device_id),
@@ -352,8 +371,11 @@ class InProcessFleet:
         fleet.stop()                        # agents, then the loop (idempotent)
 
     An agent's config is :func:`agent_config` with the keyword changes given to
-    :meth:`start`. With ``private_loop=True`` an agent runs on its own loop, as on a
-    device (the single-link path).
+    :meth:`start` (``broker=``, ``transfer=``, ``training=TrainingConfig(data=shard)``
+    for an agent that trains, ...). With ``private_loop=True`` an agent runs on its own
+    loop, as on a device (the single-link path); ``checkpoint`` is the agent's install
+    checkpoint (crash tests). :meth:`build` makes an agent without starting it (a test
+    that drives its message handler directly).
     """
 
     def __init__(
@@ -366,10 +388,31 @@ class InProcessFleet:
         self.network.start()
         self.agents: dict[str, Agent] = {}
 
-    def start(self, device_id: str, *, private_loop: bool = False, **changes: Any) -> Agent:
-        """Start (or restart, with the same data directory) one agent."""
+    def build(
+        self,
+        device_id: str,
+        *,
+        private_loop: bool = False,
+        checkpoint: Checkpoint | None = None,
+        **changes: Any,
+    ) -> Agent:
+        """One agent, not started (and not stopped by :meth:`stop`)."""
         config = agent_config(self.broker, device_id, self.root / device_id, self.trust, **changes)
-        agent = Agent(config) if private_loop else Agent(config, network=self.network)
+        network = None if private_loop else self.network
+        if checkpoint is None:
+            return Agent(config, network=network)
+        return Agent(config, checkpoint=checkpoint, network=network)
+
+    def start(
+        self,
+        device_id: str,
+        *,
+        private_loop: bool = False,
+        checkpoint: Checkpoint | None = None,
+        **changes: Any,
+    ) -> Agent:
+        """Start (or restart, with the same data directory) one agent."""
+        agent = self.build(device_id, private_loop=private_loop, checkpoint=checkpoint, **changes)
         agent.start()
         self.agents[device_id] = agent
         return agent
@@ -392,6 +435,15 @@ class InProcessFleet:
         """Stop every agent, then the shared loop."""
         self.stop_agents()
         self.network.close()
+
+
+def wait_trainers(hub: Hub, count: int, timeout: float = WAIT_S) -> None:
+    """Until ``hub`` sees ``count`` online devices with training data."""
+    wait_for(
+        lambda: sum(r.can_train for r in hub.fleet()) >= count,
+        timeout,
+        what=f"{count} devices with training data online",
+    )
 
 
 ACCEPT_WAIT_S = 2.0

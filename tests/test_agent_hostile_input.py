@@ -1,7 +1,8 @@
 """Property test: nothing an agent receives can make its message handling raise.
 
-The agent is built but not started (no broker needed): messages go straight to its
-handler, as the worker thread would pass them. Inputs are random bytes and valid
+The agent is built (by the suite's ``InProcessFleet``, on the module's broker) but
+not started: messages go straight to its handler, as the worker thread would pass
+them. Inputs are random bytes and valid
 coordinator messages (deploy, chunk, rollback) mangled by truncation, bit flips and
 wrong topics. Whatever arrives, the handler returns, the agent keeps its model,
 and nothing is staged unless a deploy with a trusted manifest got through intact.
@@ -30,50 +31,66 @@ from edge_agent.protocol import (
     device_topic,
     encode,
 )
-from tests.fleet_support import FEATURES, Mosquitto, agent_config, make_artifact, public_key_file
+from tests.fleet_support import (
+    FEATURES,
+    InProcessFleet,
+    Mosquitto,
+    make_artifact,
+    public_key_file,
+)
 
 DEVICE = "dev-0"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, list[bytes]]]:
+def module_broker_users() -> list[str]:
+    return [DEVICE]
+
+
+@pytest.fixture(scope="module")
+def world(
+    module_broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Agent, list[bytes]]]:
     """An unstarted agent serving v1, and valid coordinator messages to mangle."""
     directory = tmp_path_factory.mktemp("hostile")
     key = generate_signing_key()
     trust = public_key_file(directory / "keys", key)
-    broker = Mosquitto(directory, [DEVICE])  # never started: only its settings are used
-    agent = Agent(agent_config(broker, DEVICE, directory / "agent", trust))
-    v1 = Artifact.load(make_artifact(directory, key, version=1))
-    v2 = Artifact.load(make_artifact(directory, key, version=2, hidden=256))
-    agent.updates.restore()
-    valid = []
-    for artifact in (v1, v2):
-        deploy = Deploy(
-            deployment_id="d",
-            transfer_id=artifact.transfer_id,
-            total_size=len(artifact.payload),
-            chunk_size=1024,
-            chunk_count=chunk_count(len(artifact.payload), 1024),
-            manifest=artifact.signed.to_bytes(),
-        )
-        valid.append(encode(deploy, sender="coordinator", sent_at=0.0))
-        chunk = Chunk.from_payload(artifact.payload, 0, chunk_size=1024)
-        valid.append(encode(chunk, sender="coordinator", sent_at=0.0))
-    valid.append(encode(Rollback(model="digits"), sender="coordinator", sent_at=0.0))
-    # Install v1 the normal way, so there is a model to keep serving.
-    agent._on_message(device_topic(DEVICE, Channel.CMD), valid[0])
-    agent._on_message(device_topic(DEVICE, Channel.CHUNKS), encode(
-        Chunk.from_payload(v1.payload, 0, chunk_size=1024), sender="coordinator", sent_at=0.0
-    ))  # fmt: skip
-    for index in range(1, chunk_count(len(v1.payload), 1024)):
-        chunk = Chunk.from_payload(v1.payload, index, chunk_size=1024)
-        agent._on_message(
-            broadcast_topic(v1.transfer_id), encode(chunk, sender="coordinator", sent_at=0.0)
-        )
-    assert agent.model is not None
-    assert agent.model.version == 1
-    yield agent, valid
-    agent.updates.close()
+    devices = InProcessFleet(module_broker, directory / "agents", trust)
+    agent = devices.build(DEVICE, private_loop=True)  # never started
+    try:
+        v1 = Artifact.load(make_artifact(directory, key, version=1))
+        v2 = Artifact.load(make_artifact(directory, key, version=2, hidden=256))
+        agent.updates.restore()
+        valid = []
+        for artifact in (v1, v2):
+            deploy = Deploy(
+                deployment_id="d",
+                transfer_id=artifact.transfer_id,
+                total_size=len(artifact.payload),
+                chunk_size=1024,
+                chunk_count=chunk_count(len(artifact.payload), 1024),
+                manifest=artifact.signed.to_bytes(),
+            )
+            valid.append(encode(deploy, sender="coordinator", sent_at=0.0))
+            chunk = Chunk.from_payload(artifact.payload, 0, chunk_size=1024)
+            valid.append(encode(chunk, sender="coordinator", sent_at=0.0))
+        valid.append(encode(Rollback(model="digits"), sender="coordinator", sent_at=0.0))
+        # Install v1 the normal way, so there is a model to keep serving.
+        agent._on_message(device_topic(DEVICE, Channel.CMD), valid[0])
+        agent._on_message(device_topic(DEVICE, Channel.CHUNKS), encode(
+            Chunk.from_payload(v1.payload, 0, chunk_size=1024), sender="coordinator", sent_at=0.0
+        ))  # fmt: skip
+        for index in range(1, chunk_count(len(v1.payload), 1024)):
+            chunk = Chunk.from_payload(v1.payload, index, chunk_size=1024)
+            agent._on_message(
+                broadcast_topic(v1.transfer_id), encode(chunk, sender="coordinator", sent_at=0.0)
+            )
+        assert agent.model is not None
+        assert agent.model.version == 1
+        yield agent, valid
+    finally:
+        agent.updates.close()
+        devices.stop()
 
 
 TOPICS = [

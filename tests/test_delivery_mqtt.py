@@ -65,7 +65,6 @@ from tests.fleet_support import (
     InProcessFleet,
     Mosquitto,
     TlsFiles,
-    agent_config,
     coordinator,
     free_port,
     make_artifact,
@@ -344,7 +343,7 @@ def test_rollback_returns_to_the_previous_model(
 
 
 def test_broker_restart_in_the_middle_of_a_transfer(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet, tmp_path: Path, signing_key: SigningKey
 ) -> None:
     restarted: list[bool] = []
     model_at_kill: list[object] = []
@@ -357,37 +356,29 @@ def test_broker_restart_in_the_middle_of_a_transfer(
 
     # Two agents take the broadcast; the first pulls the plug on the broker midway.
     agents = [
-        Agent(
-            agent_config(broker, DEVICES[0], tmp_path / "a0", trust), checkpoint=kill_broker_midway
-        ),
-        Agent(agent_config(broker, DEVICES[1], tmp_path / "a1", trust)),
+        fleet.start(DEVICES[0], private_loop=True, checkpoint=kill_broker_midway),
+        fleet.start(DEVICES[1], private_loop=True),
     ]
-    for agent in agents:
-        agent.start()
+    fleet.wait_connected()
+    operator = coordinator(broker, chunk_size=1024)
+    ops = open_deliveries(operator)
     try:
-        wait_for(lambda: all(a.connected for a in agents), what="agents connected")
-        operator = coordinator(broker, chunk_size=1024)
-        ops = open_deliveries(operator)
-        try:
-            artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=4, hidden=1024))
-            assert len(artifact.payload) > 20 * 1024
-            delivery = ops.deploy(artifact, Target.parse("all"))
-            wait_for(lambda: restarted, what="the broker to go down mid-transfer")
-            # Read at the kill: afterwards the first agent may finish from chunks it
-            # had received already, and the second may have taken the whole broadcast
-            # (both seen, also before this change, about 1 run in 6).
-            assert model_at_kill == [None]
-            broker.start()
-            result = ops.wait(delivery, timeout=60)
-        finally:
-            operator.stop()
-        assert result.succeeded, result.to_json()
-        for agent in agents:
-            assert agent.model is not None
-            assert agent.model.version == 4
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=4, hidden=1024))
+        assert len(artifact.payload) > 20 * 1024
+        delivery = ops.deploy(artifact, Target.parse("all"))
+        wait_for(lambda: restarted, what="the broker to go down mid-transfer")
+        # Read at the kill: afterwards the first agent may finish from chunks it
+        # had received already, and the second may have taken the whole broadcast
+        # (both seen, also before this change, about 1 run in 6).
+        assert model_at_kill == [None]
+        broker.start()
+        result = ops.wait(delivery, timeout=60)
     finally:
-        for agent in agents:
-            agent.stop()
+        operator.stop()
+    assert result.succeeded, result.to_json()
+    for agent in agents:
+        assert agent.model is not None
+        assert agent.model.version == 4
 
 
 CRASH_POINTS = [
@@ -571,10 +562,9 @@ def test_agent_survives_hostile_messages(
 
 
 def test_fleet_shows_devices_and_offline_after_stop(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
-    agent = Agent(agent_config(broker, DEVICES[3], tmp_path / "a3", trust, tags=("camera",)))
-    agent.start()
+    agent = fleet.start(DEVICES[3], private_loop=True, tags=("camera",))
     try:
         online(broker, DEVICES[3])
         status, out = fedge(broker, "fleet", "--json")
@@ -660,14 +650,12 @@ def spooled(directory: Path) -> int:
 
 
 def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     # The agent retries every 3 s, so the fresh test subscriber below is listening
     # again before the agent reconnects and drains its spool.
     slow = dataclasses.replace(broker.broker(DEVICES[0]), reconnect_min_s=3.0, reconnect_max_s=3.0)
-    config = agent_config(broker, DEVICES[0], tmp_path / "a0", trust)
-    agent = Agent(dataclasses.replace(config, broker=slow))
-    agent.start()
+    agent = fleet.start(DEVICES[0], private_loop=True, broker=slow)
     topic = device_topic(DEVICES[0], Channel.TELEMETRY)
     sink = Subscriber(broker, topic)
     sinks = [sink]
@@ -719,47 +707,42 @@ def test_telemetry_is_spooled_while_the_broker_is_down_and_sent_after(
 
 
 def test_delivery_over_mutual_tls(tmp_path: Path, signing_key: SigningKey, trust: Path) -> None:
+    # Its own broker: the suite's ``broker`` speaks plain MQTT, this one TLS only.
     tls = TlsFiles.create(tmp_path / "tls")
-    secure = Mosquitto(tmp_path, DEVICES, tls=tls)
-    secure.start()
-    agent = Agent(agent_config(secure, DEVICES[0], tmp_path / "a0", trust))
-    no_cert = replace(secure.broker(DEVICES[1]), cert_file=None, key_file=None)
-    intruder = Agent(
-        replace(agent_config(secure, DEVICES[1], tmp_path / "a1", trust), broker=no_cert)
-    )
-    try:
-        agent.start()
-        intruder.start()
-        wait_for(lambda: agent.connected, what="agent connected over TLS")
-        tls_flags = ["--ca-file", str(tls.ca), "--cert-file", str(tls.client_cert),
-                     "--key-file", str(tls.client_key)]  # fmt: skip
-        status, out = fedge(secure, "fleet", "--json", *tls_flags)
-        assert status == 0, out
-        assert [d["device_id"] for d in json.loads(out)["devices"]] == [DEVICES[0]]
-        artifact = make_artifact(tmp_path, signing_key, version=1)
-        status, out = fedge(
-            secure, "deploy", str(artifact), "--trust", str(trust), "--wait", "--json", *tls_flags
-        )
-        assert status == 0, out
-        assert agent.model is not None
-        assert agent.model.version == 1
-        assert not intruder.connected, "a client without a certificate must be refused"
-        status, out = fedge(
-            secure, "fleet", "--json", "--ca-file", str(tls.ca), "--connect-timeout", "1"
-        )
-        assert status == 1
-        assert json.loads(out)["error"]["code"] == "broker_error"
-    finally:
-        agent.stop()
-        intruder.stop()
-        secure.stop()
+    with Mosquitto(tmp_path / "tls-broker", DEVICES, tls=tls) as secure:
+        devices = InProcessFleet(secure, tmp_path / "agents", trust)
+        try:
+            agent = devices.start(DEVICES[0], private_loop=True)
+            no_cert = replace(secure.broker(DEVICES[1]), cert_file=None, key_file=None)
+            intruder = devices.start(DEVICES[1], private_loop=True, broker=no_cert)
+            wait_for(lambda: agent.connected, what="agent connected over TLS")
+            tls_flags = ["--ca-file", str(tls.ca), "--cert-file", str(tls.client_cert),
+                         "--key-file", str(tls.client_key)]  # fmt: skip
+            status, out = fedge(secure, "fleet", "--json", *tls_flags)
+            assert status == 0, out
+            assert [d["device_id"] for d in json.loads(out)["devices"]] == [DEVICES[0]]
+            artifact = make_artifact(tmp_path, signing_key, version=1)
+            status, out = fedge(
+                secure, "deploy", str(artifact), "--trust", str(trust), "--wait", "--json",
+                *tls_flags,
+            )  # fmt: skip
+            assert status == 0, out
+            assert agent.model is not None
+            assert agent.model.version == 1
+            assert not intruder.connected, "a client without a certificate must be refused"
+            status, out = fedge(
+                secure, "fleet", "--json", "--ca-file", str(tls.ca), "--connect-timeout", "1"
+            )
+            assert status == 1
+            assert json.loads(out)["error"]["code"] == "broker_error"
+        finally:
+            devices.stop()
 
 
 def test_every_lost_connection_marks_the_device_offline(
-    broker: Mosquitto, tmp_path: Path, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet
 ) -> None:
-    agent = Agent(agent_config(broker, DEVICES[0], tmp_path / "a0", trust))
-    agent.start()
+    agent = fleet.start(DEVICES[0], private_loop=True)
     operator = coordinator(broker)
     try:
 
@@ -778,11 +761,10 @@ def test_every_lost_connection_marks_the_device_offline(
 
 
 def test_a_transfer_nobody_serves_gives_up_and_says_so(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet, tmp_path: Path, signing_key: SigningKey
 ) -> None:
-    config = agent_config(broker, DEVICES[0], tmp_path / "a0", trust)
-    agent = Agent(replace(config, transfer=TransferConfig(window=4, stall_timeout_s=0.1)))
-    agent.start()
+    transfer = TransferConfig(window=4, stall_timeout_s=0.1)
+    agent = fleet.start(DEVICES[0], private_loop=True, transfer=transfer)
     events = Subscriber(broker, device_topic(DEVICES[0], Channel.EVENTS))
     try:
         wait_for(lambda: agent.connected, what="agent connected")
@@ -845,14 +827,12 @@ def test_devices_outside_the_target_receive_none_of_the_payload(
 
 
 def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
-    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey, trust: Path
+    broker: Mosquitto, fleet: InProcessFleet, tmp_path: Path, signing_key: SigningKey, trust: Path
 ) -> None:
     # A first agent installs v1; then the staging directory of that install is put
     # back as a crash right after the commit would leave it (payload moved away).
-    data_dir = tmp_path / "a0"
-    config = agent_config(broker, DEVICES[0], data_dir, trust)
-    first = Agent(config)
-    first.start()
+    first = fleet.start(DEVICES[0], private_loop=True)
+    data_dir = first.config.data_dir
     try:
         wait_for(lambda: first.connected, what="connected")
         assert deploy_json(broker, trust, make_artifact(tmp_path, signing_key, version=1))[0] == 0
@@ -867,9 +847,8 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
                     "total_size": 1, "chunk_size": 1, "chunk_count": 1})
     )  # fmt: skip
     events = Subscriber(broker, device_topic(DEVICES[0], Channel.EVENTS))
-    again = Agent(config)
     try:
-        again.start()
+        fleet.start(DEVICES[0], private_loop=True)  # again, on the same data directory
 
         def reported() -> bool:
             for _topic, payload in list(events.messages):
@@ -884,7 +863,6 @@ def test_success_is_reported_after_a_crash_between_commit_and_cleanup(
         assert not leftover.exists()
     finally:
         events.close()
-        again.stop()
 
 
 def test_a_tflite_model_is_delivered_and_served_by_the_tflite_runtime(

@@ -1,8 +1,9 @@
 """Devices killed in the middle of a round (SIGKILL of real agent processes).
 
-Ten ``fedge-agent run --train-data DIR`` processes on a real mosquitto. Training is
-made slow (many local epochs) so that the kill lands while the devices train; the
-broker publishes the killed agents' Last Will, and the round goes on without them.
+Ten ``fedge-agent run --train-data DIR`` processes (``AgentProcess``) on the suite's
+mosquitto (the ``broker`` fixture). Training is made slow (many local epochs) so
+that the kill lands while the devices train; the broker publishes the killed
+agents' Last Will, and the round goes on without them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_tr
 from coordinator.federated.strategies import build_strategy
 from coordinator.link.hub import MqttHub
 from tests.federated_support import LAYERS, digits_shards
-from tests.fleet_support import AgentProcess, Mosquitto, coordinator, public_key_file, wait_for
+from tests.fleet_support import (
+    AgentProcess,
+    Mosquitto,
+    coordinator,
+    public_key_file,
+    wait_trainers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +36,8 @@ SLOW_TRAINING: dict[str, int | float | str | bool] = {"epochs": 150, "lr": 0.01,
 
 
 class ProcessFleet:
-    def __init__(self, root: Path) -> None:
-        (root / "broker").mkdir(parents=True)
-        self.broker = Mosquitto(root / "broker", DEVICES)
-        self.broker.start()
+    def __init__(self, broker: Mosquitto, root: Path) -> None:
+        self.broker = broker
         self.trust = public_key_file(root / "keys", generate_signing_key())
         self.shards, self.test_set = digits_shards(len(DEVICES), root / "data")
         self.root = root
@@ -44,9 +49,6 @@ class ProcessFleet:
             self.broker, device_id, self.root / device_id / "state", self.trust,
             extra=["--train-data", str(self.shards[index])],
         )  # fmt: skip
-
-    def eligible(self) -> int:
-        return sum(1 for r in self.hub.fleet() if r.can_train)
 
     def kill(self, count: int) -> list[str]:
         victims = DEVICES[:count]
@@ -77,14 +79,18 @@ class ProcessFleet:
         self.hub.stop()
         for agent in self.agents.values():
             agent.stop()
-        self.broker.stop()
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessFleet]:
-    fleet = ProcessFleet(tmp_path)
+def broker_users() -> list[str]:
+    return DEVICES
+
+
+@pytest.fixture
+def processes(broker: Mosquitto, tmp_path: Path) -> Iterator[ProcessFleet]:
+    fleet = ProcessFleet(broker, tmp_path)
     try:
-        wait_for(lambda: fleet.eligible() >= len(DEVICES), 60, what="the agents to come up")
+        wait_trainers(fleet.hub, len(DEVICES), 60)
         yield fleet
     finally:
         fleet.stop()

@@ -37,15 +37,23 @@ from edge_agent.training.data import LocalData
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
-from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet
-from tests.fleet_support import open_deliveries, password
+from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet, device_ids
+from tests.fleet_support import Mosquitto, open_deliveries, password
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedFleet]:
-    running = FederatedFleet.start(tmp_path_factory.mktemp("federated"), 10, without_data=1)
+def module_broker_users() -> list[str]:
+    return device_ids(11)
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    module_broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FederatedFleet]:
+    root = tmp_path_factory.mktemp("federated")
+    running = FederatedFleet.start(module_broker, root, 10, without_data=1)
     yield running
     running.stop()
 

@@ -43,7 +43,7 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 from edge_agent.transport.mqtt import MqttLink
-from tests.fleet_support import Mosquitto, wait_for
+from tests.fleet_support import Mosquitto, running_broker, wait_for
 
 DEVICES = ["hc0", "hc1"]
 CHUNK = 1024
@@ -159,7 +159,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
         yield memory
         memory.close()
         return
-    with Mosquitto(tmp_path, DEVICES) as broker:
+    with running_broker(tmp_path, DEVICES) as broker:
         mqtt = MqttRig(broker)
         try:
             yield mqtt

@@ -24,8 +24,8 @@ from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.training import participant
 from edge_agent.training.numpy_trainers import trainer_for
-from tests.federated_support import FederatedFleet
-from tests.fleet_support import wait_for
+from tests.federated_support import FederatedFleet, device_ids
+from tests.fleet_support import Mosquitto, wait_for
 
 SETTINGS = {"features": 64, "classes": 10, "hidden": [32], "clients_per_round": 4,
             "train": {"epochs": 1, "lr": 0.05, "batch_size": 16}}  # fmt: skip
@@ -121,8 +121,13 @@ def test_runs_a_killed_service_left_running_are_marked_interrupted_at_start(
 
 
 @pytest.fixture
-def federated(tmp_path: Path) -> Iterator[FederatedFleet]:
-    fleet = FederatedFleet.start(tmp_path, clients=4)
+def broker_users() -> list[str]:
+    return device_ids(4)
+
+
+@pytest.fixture
+def federated(tmp_path: Path, broker: Mosquitto) -> Iterator[FederatedFleet]:
+    fleet = FederatedFleet.start(broker, tmp_path, clients=4)
     fleet.hub.stop()  # the service brings its own
     try:
         yield fleet

@@ -21,7 +21,7 @@ import pytest
 from edge_agent.transport.link import DeviceLink, Will
 from edge_agent.transport.memory import MemoryBroker, MemoryLink, topic_matches
 from edge_agent.transport.mqtt import MqttLink
-from tests.fleet_support import Mosquitto, wait_for
+from tests.fleet_support import Mosquitto, running_broker, wait_for
 
 DEVICE = "dev1"
 CMD = f"fedge/v1/devices/{DEVICE}/cmd"
@@ -61,7 +61,7 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     """``make(user, subscriptions, will=None)``: a started-on-demand link and its record."""
     made: list[Ends] = []
     real = request.param == "mosquitto"
-    with Mosquitto(tmp_path, [DEVICE]) if real else contextlib.nullcontext() as mqtt:
+    with running_broker(tmp_path, [DEVICE]) if real else contextlib.nullcontext() as mqtt:
         memory = MemoryBroker()
 
         def factory(
