@@ -476,8 +476,10 @@ class AgentProcess:
         http_port: int | None = None,
         crash_at: str | None = None,
         config_file: bool = False,
+        stall_timeout_s: float | None = None,
         extra: Sequence[str] = (),
     ) -> None:
+        """Start the agent; ``stall_timeout_s`` sets ``[transfer]`` (in a config file)."""
         self.device_id = device_id
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -485,13 +487,18 @@ class AgentProcess:
         secret.write_text(password(device_id))
         self.log = data_dir.parent / f"{device_id}.log"
         self.http_port = http_port
-        if config_file:  # everything in agent.toml, as a device owner would run it
+        if config_file or stall_timeout_s is not None:  # agent.toml, as a device owner would
             config = data_dir.parent / f"{device_id}.toml"
             http = f'http = "127.0.0.1:{http_port}"\n' if http_port else ""
+            stall = (
+                ""
+                if stall_timeout_s is None
+                else f"[transfer]\nstall_timeout_s = {stall_timeout_s}\n"
+            )
             config.write_text(
                 f'device_id = "{device_id}"\ndata_dir = "{data_dir}"\n{http}'
                 f'[broker]\nurl = "{broker.url}"\npassword_file = "{secret}"\n'
-                f'[trust]\nkeys = ["{trust}"]\nthreshold = 1\n[telemetry]\ninterval_s = 1\n'
+                f'[trust]\nkeys = ["{trust}"]\nthreshold = 1\n[telemetry]\ninterval_s = 1\n{stall}'
             )
             options = ["--config", str(config)]
         else:

@@ -427,7 +427,9 @@ def test_agent_sigkilled_during_download_or_install_recovers(
         doomed.process.wait(timeout=30)
         assert doomed.process.returncode == -9, doomed.log_text()[-3000:]
 
-        survivor = spawn(DEVICES[0], data_dir, http_port=port)
+        # A re-sent deploy after the payload went out: the survivor asks for the chunks
+        # once its stall timer fires (1 s here; the default is the production one).
+        survivor = spawn(DEVICES[0], data_dir, http_port=port, stall_timeout_s=1.0)
         try:
             version = wait_for(lambda: served_version(port), timeout=20, what="a model served")
             assert version in (1, 2)

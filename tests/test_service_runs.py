@@ -229,7 +229,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
             service.stop_run("run-nope", actor=CLI_ACTOR)
 
         # The slot is free again. This run's rounds train long enough to be cut short.
-        long_training = {**SETTINGS, "train": {"epochs": 400, "batch_size": 8}}
+        long_training = {**SETTINGS, "train": {"epochs": 150, "batch_size": 8}}
         slow = RunRequest(rounds=50, min_clients=3, round_timeout_s=120.0, config=long_training)
         run_id = service.start_run(slow, actor=CLI_ACTOR).run.run_id
         wait_for(fitting.is_set, what="a device training")
