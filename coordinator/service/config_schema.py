@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_agent.config.agent_schema import BROKER_URL, broker_login_keys
+from edge_agent.config.agent_schema import BROKER_URL, broker_login_keys, trust_section
 from edge_agent.config.schema import Key, Schema, Section
 from edge_agent.protocol import COORDINATOR_SENDER
 
@@ -136,30 +136,13 @@ _BROKER = Section(
     help="The fleet's MQTT broker. Give exactly one of `embedded = true` and `url`.",
 )
 
-_TRUST = Section(
-    "trust",
-    (
-        Key(
-            "keys",
-            "Public keys uploaded artifacts must be signed by (from `fedge keys "
-            "generate`), normally the keys the devices trust: the API refuses (422) an "
-            "artifact that is not signed by `threshold` of them, is tampered with or "
-            "has expired. At least one is required.",
-            default=(),
-            default_doc="",
-            example=["keys/signing.pub"],
-            read="paths",
-            flag="--trust",
-            metavar="KEY.pub",
-        ),
-        Key(
-            "threshold",
-            "How many distinct trusted keys must sign an artifact (1 to the number of keys).",
-            default=1,
-            flag="--threshold",
-            metavar="K",
-        ),
-    ),
+_TRUST = trust_section(
+    "Public keys uploaded artifacts must be signed by (from `fedge keys "
+    "generate`), normally the keys the devices trust: the API refuses (422) an "
+    "artifact that is not signed by `threshold` of them, is tampered with or "
+    "has expired. At least one is required.",
+    "keys/signing.pub",
+    "an artifact",
 )
 
 _TELEMETRY = Section(

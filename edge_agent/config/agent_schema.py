@@ -17,7 +17,7 @@ import dataclasses
 
 from edge_agent.config.schema import Key, Schema, Section
 
-__all__ = ["AGENT_SCHEMA", "BROKER_URL", "broker_login_keys"]
+__all__ = ["AGENT_SCHEMA", "BROKER_URL", "broker_login_keys", "trust_section"]
 
 _TOP = Section(
     "",
@@ -179,28 +179,42 @@ _BROKER = Section(
     ),
 )
 
-_TRUST = Section(
-    "trust",
-    (
-        Key(
-            "keys",
-            "Public keys whose signatures this agent accepts on models (from the "
-            "operator's `fedge keys generate`). At least one is required.",
-            default=(),
-            default_doc="",
-            example=["/etc/fedge-agent/keys/release.pub"],
-            read="paths",
-            flag="--trust",
-            metavar="KEY.pub",
+
+def trust_section(keys_help: str, example: str, signed: str) -> Section:
+    """The ``[trust]`` table: ``keys`` (``--trust``) and ``threshold`` (``--threshold``).
+
+    The agent's and the service's schemas both have it; they differ only in what the
+    keys sign (``signed``), their help text and the example path.
+    """
+    return Section(
+        "trust",
+        (
+            Key(
+                "keys",
+                keys_help,
+                default=(),
+                default_doc="",
+                example=[example],
+                read="paths",
+                flag="--trust",
+                metavar="KEY.pub",
+            ),
+            Key(
+                "threshold",
+                f"How many distinct trusted keys must sign {signed} (1 to the number of keys).",
+                default=1,
+                flag="--threshold",
+                metavar="K",
+            ),
         ),
-        Key(
-            "threshold",
-            "How many distinct trusted keys must sign a model (1 to the number of keys).",
-            default=1,
-            flag="--threshold",
-            metavar="K",
-        ),
-    ),
+    )
+
+
+_TRUST = trust_section(
+    "Public keys whose signatures this agent accepts on models (from the "
+    "operator's `fedge keys generate`). At least one is required.",
+    "/etc/fedge-agent/keys/release.pub",
+    "a model",
 )
 
 _TELEMETRY = Section(
