@@ -102,6 +102,20 @@ def fedge(api: str) -> Fedge:
     return Fedge(api)
 
 
+@pytest.fixture
+def local_calls(monkeypatch: pytest.MonkeyPatch, ops: FakeOperations) -> list[dict[str, Any]]:
+    """``--broker`` mode on ``ops``: what each command passed to ``local_service``."""
+    calls: list[dict[str, Any]] = []
+
+    @contextmanager
+    def local_service(broker: BrokerConfig, **kwargs: Any) -> Iterator[FakeOperations]:
+        calls.append({"broker": broker, **kwargs})
+        yield ops
+
+    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
+    return calls
+
+
 def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(to_json(value)))
 
@@ -567,17 +581,9 @@ def test_help_does_not_show_the_token() -> None:
 
 
 def test_broker_mode_runs_the_same_commands_in_process(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, artifact_file: Path
+    local_calls: list[dict[str, Any]], ops: FakeOperations, tmp_path: Path, artifact_file: Path
 ) -> None:
-    ops = FakeOperations.seeded()
-    calls: list[dict[str, Any]] = []
-
-    @contextmanager
-    def local_service(broker: BrokerConfig, **kwargs: Any) -> Iterator[FakeOperations]:
-        calls.append({"broker": broker, **kwargs})
-        yield ops
-
-    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
+    calls = local_calls
     key = tmp_path / "signing.pub"
     key.write_text("key")
     password = tmp_path / "password"
@@ -622,19 +628,16 @@ def test_broker_mode_runs_the_same_commands_in_process(
     assert calls[-1]["db"] == Path("fedge-coordinator.db")
 
 
-def test_broker_mode_rounds_start_waits_for_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("local_calls")
+def test_broker_mode_rounds_start_waits_for_the_run(
+    ops: FakeOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In-process, a run lasts only while the command runs: ``start`` watches it."""
-    ops = FakeOperations.seeded()
-
-    @contextmanager
-    def local_service(broker: BrokerConfig, **kwargs: Any) -> Iterator[FakeOperations]:
-        yield ops
 
     def finish_the_run(seconds: float) -> None:
         view = ops.run_views["run-1"]
         ops.run_views["run-1"] = replace(view, run=replace(view.run, state=RunState.FINISHED))
 
-    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
     monkeypatch.setattr(rounds_cli, "_sleep", finish_the_run)
     result = run("rounds", "start", "--broker", "mqtt://127.0.0.1:1883")
     assert result.exit_code == 0, result.stdout + result.stderr
@@ -728,17 +731,9 @@ def test_viewer_token_may_not_deploy(api: str, ops: FakeOperations) -> None:
 
 
 def test_broker_mode_deploy_runs_in_process_on_a_temporary_database(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, artifact_file: Path
+    local_calls: list[dict[str, Any]], ops: FakeOperations, tmp_path: Path, artifact_file: Path
 ) -> None:
-    ops = FakeOperations.seeded()
-    calls: list[dict[str, Any]] = []
-
-    @contextmanager
-    def local_service(broker: BrokerConfig, **kwargs: Any) -> Iterator[FakeOperations]:
-        calls.append({"broker": broker, **kwargs})
-        yield ops
-
-    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
+    calls = local_calls
     key = tmp_path / "signing.pub"
     key.write_text("key")
     broker = ["--broker", "mqtt://127.0.0.1:1883", "--trust", str(key)]
