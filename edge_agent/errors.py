@@ -28,6 +28,8 @@ The tree::
         ├── TrainConfigError            a training setting from the coordinator is invalid
         ├── DataSourceError             local data is missing, unreadable or inconsistent
         │   └── NoDataError                 there is no local data to train on at all
+        ├── UnknownModelError           a model spec not installed and allowed here
+        ├── TorchUnavailableError       a PyTorch model, and no PyTorch on this device
         ├── InvalidLabelError           labelled feedback carries an unusable label
         └── UnknownPredictionError      feedback names a prediction the agent no longer
                                         remembers (or that was already labelled)
@@ -156,6 +158,18 @@ class NoDataError(DataSourceError):
     """There is no local data at all to train or evaluate on."""
 
     code = "no_data"
+
+
+class UnknownModelError(TrainingError):
+    """A model spec that is malformed or not installed and allowed on this device."""
+
+    code = "unknown_model"
+
+
+class TorchUnavailableError(TrainingError):
+    """A PyTorch model was asked of a device without PyTorch (``fedge[torch]``)."""
+
+    code = "no_torch"
 
 
 class InvalidLabelError(TrainingError):

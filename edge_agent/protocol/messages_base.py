@@ -45,6 +45,11 @@ AGENT_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,63}")
 TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 HEX32_RE = re.compile(r"[0-9a-f]{32}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
+MODEL_SPEC_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+)
+"""A model factory: ``module.path:function`` (see :mod:`edge_agent.training.model_spec`)."""
+MODEL_SPEC_MAX_CHARS = 200
 
 
 # --------------------------------------------------------------------------- helpers

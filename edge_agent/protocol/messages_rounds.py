@@ -39,6 +39,8 @@ from edge_agent.protocol.messages_base import (
     HEX32_RE,
     HEX64_RE,
     IDENT_RE,
+    MODEL_SPEC_MAX_CHARS,
+    MODEL_SPEC_RE,
     Message,
     check_no_body,
     read_metrics,
@@ -82,6 +84,11 @@ class TrainTask(Message):
         codec: Update codec spec (1-128 of ``[A-Za-z0-9_.:+=,-]``).
         deadline: Report by this time, unix seconds.
         config: Training settings, *key* -> int, float, str or bool.
+        model_spec: For ``family="torch"``: the model factory ``module:function``
+            the device must have installed (empty for the built-in families).
+        task: ``classification``, ``regression`` or ``reconstruction``.
+        model_args: Keyword arguments of the factory, *key* -> int, float, str or
+            bool (``input_shape`` as ``"1,28,28"``, ``num_outputs``).
     """
 
     TYPE: ClassVar[str] = "train_task"
@@ -99,6 +106,9 @@ class TrainTask(Message):
     codec: str
     deadline: float
     config: dict[str, int | float | str | bool] = field(default_factory=dict)
+    model_spec: str = ""
+    task: str = "classification"
+    model_args: dict[str, int | float | str | bool] = field(default_factory=dict)
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -115,12 +125,20 @@ class TrainTask(Message):
             "deadline": self.deadline,
             "config": dict(self.config),
         }
+        if self.family == "torch" or self.model_spec:
+            data["model_spec"] = self.model_spec
+            data["model_args"] = dict(self.model_args)
+        if self.task != "classification":
+            data["task"] = self.task
         return data, b""
 
     @classmethod
     def _from_wire(cls, data: FieldReader, body: bytes, limits: Limits) -> Self:
         check_no_body(body, cls.TYPE)
         config = read_scalars(data, "config", limits, bools=True)
+        model_args = (
+            read_scalars(data, "model_args", limits, bools=True) if data.has("model_args") else {}
+        )
         action_text = data.text("action", pattern=IDENT_RE)
         try:
             action = TaskAction(action_text)
@@ -143,6 +161,12 @@ class TrainTask(Message):
             codec=data.text("codec", pattern=CODEC_RE),
             deadline=data.number("deadline"),
             config=config,
+            model_spec=data.opt_text(
+                "model_spec", max_len=MODEL_SPEC_MAX_CHARS, pattern=MODEL_SPEC_RE
+            )
+            or "",
+            task=data.opt_text("task", pattern=IDENT_RE) or "classification",
+            model_args=model_args,
         )
 
 

@@ -25,6 +25,8 @@ from edge_agent.protocol.limits import Limits
 from edge_agent.protocol.messages_base import (
     AGENT_VERSION_RE,
     IDENT_RE,
+    MODEL_SPEC_MAX_CHARS,
+    MODEL_SPEC_RE,
     Message,
     ModelInfo,
     check_no_body,
@@ -51,6 +53,9 @@ class Status(Message):
         models: Installed models.
         train_examples: Local examples the agent can train on (0: it does not
             take part in federated rounds). Optional on the wire (default 0).
+        train_models: PyTorch model factories (``module:function``) this device
+            has installed and can train; empty without ``fedge[torch]``. Optional
+            on the wire (default empty).
     """
 
     TYPE: ClassVar[str] = "status"
@@ -63,6 +68,7 @@ class Status(Message):
     tags: tuple[str, ...] = ()
     models: tuple[ModelInfo, ...] = ()
     train_examples: int = 0
+    train_models: tuple[str, ...] = ()
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -75,6 +81,7 @@ class Status(Message):
                 {"name": m.name, "version": m.version, "sha256": m.sha256} for m in self.models
             ],
             "train_examples": self.train_examples,
+            "train_models": list(self.train_models),
         }
         return data, b""
 
@@ -94,6 +101,15 @@ class Status(Message):
             tags=tuple(data.texts("tags", max_len=limits.max_list_items, pattern=TAG_RE)),
             models=tuple(models),
             train_examples=data.opt_integer("train_examples") or 0,
+            train_models=tuple(
+                data.texts(
+                    "train_models",
+                    max_len=limits.max_list_items,
+                    max_item_len=MODEL_SPEC_MAX_CHARS,
+                    pattern=MODEL_SPEC_RE,
+                    optional=True,
+                )
+            ),
         )
 
 
