@@ -55,7 +55,7 @@ def test_npz_extra_arrays_are_ignored(tmp_path: Path) -> None:
         ({"y": np.zeros(2, int)}, "missing x"),
         ({"x": np.ones(2), "y": np.zeros(2, int)}, "shape"),
         ({"x": np.ones((2, 2)), "y": np.array([0.5, 1])}, "whole numbers"),
-        ({"x": np.ones((2, 2)), "y": np.zeros(3, int)}, "2 feature rows but 3 labels"),
+        ({"x": np.ones((2, 2)), "y": np.zeros(3, int)}, "2 examples but 3 labels"),
         ({"x": np.array([[np.nan, 1.0]]), "y": np.zeros(1, int)}, "NaN"),
     ],
 )

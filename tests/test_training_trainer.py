@@ -49,12 +49,12 @@ def test_dataset_accepts_whole_float_labels() -> None:
     [
         (np.ones(3), np.zeros(3, int), "shape"),
         (np.ones((3, 0)), np.zeros(3, int), "shape"),
-        (np.ones((3, 2, 1)), np.zeros(3, int), "shape"),
+        (np.ones((3, 2, 0)), np.zeros(3, int), "shape"),
         (np.array([["a", "b"]]), np.zeros(1, int), "real numbers"),
         (np.array([[1.0, np.nan]]), np.zeros(1, int), "NaN"),
         (np.array([[1.0, np.inf]]), np.zeros(1, int), "NaN"),
         (np.array([[1e300]]), np.zeros(1, int), "NaN"),
-        (np.ones((3, 2)), np.zeros(2, int), "3 feature rows but 2 labels"),
+        (np.ones((3, 2)), np.zeros(2, int), "3 examples but 2 labels"),
         (np.ones((2, 2)), np.array([0, -1]), "class indices"),
         (np.ones((1, 2)), np.array([MAX_CLASSES]), "class indices"),
         (np.ones((2, 2)), np.array([0.5, 1.0]), "whole numbers"),
@@ -271,3 +271,45 @@ def test_eval_result_metrics() -> None:
         "loss": 0.5,
         "accuracy": 0.75,
     }
+
+
+def test_dataset_holds_examples_of_any_shape() -> None:
+    images = Dataset.from_arrays(np.ones((4, 1, 8, 8)), [0, 1, 2, 1])
+    assert images.sample_shape == (1, 8, 8)
+    assert images.num_features == 64
+    assert images.num_classes == 3
+    train, test = images.split(0.25, seed=1)
+    assert (len(train), len(test)) == (3, 1)
+    assert train.sample_shape == (1, 8, 8)
+
+
+def test_regression_dataset_keeps_float_targets() -> None:
+    data = Dataset.from_arrays(np.ones((3, 2)), [0.5, 1.0, 151.0], task="regression")
+    assert data.y.dtype == np.float32
+    assert data.y.tolist() == [0.5, 1.0, 151.0]
+    assert data.num_classes == 0
+    with pytest.raises(DataSourceError, match="no class labels"):
+        _ = data.labels
+    with pytest.raises(DataSourceError, match="targets"):
+        Dataset.from_arrays(np.ones((2, 2)), [0.0, np.nan], task="regression")
+
+
+def test_reconstruction_dataset_needs_no_targets() -> None:
+    data = Dataset.from_arrays(np.ones((5, 3, 16)), None, task="reconstruction")
+    assert len(data) == 5
+    assert data.y.shape == (5, 0)
+    both = Dataset.concatenate([data, data.take(np.array([0, 1]))])
+    assert len(both) == 7
+    assert both.task == "reconstruction"
+    with pytest.raises(DataSourceError, match="needs y"):
+        Dataset.from_arrays(np.ones((2, 2)), None, task="regression")
+
+
+def test_datasets_of_different_tasks_or_shapes_do_not_concatenate() -> None:
+    rows = Dataset.from_arrays(np.ones((2, 4)), [0, 1])
+    images = Dataset.from_arrays(np.ones((2, 1, 2, 2)), [0, 1])
+    with pytest.raises(DataSourceError, match="example shapes"):
+        Dataset.concatenate([rows, images])
+    targets = Dataset.from_arrays(np.ones((2, 4)), [0.5, 1.0], task="regression")
+    with pytest.raises(DataSourceError, match="different tasks"):
+        Dataset.concatenate([rows, targets])

@@ -35,13 +35,14 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import DataSourceError, TrainConfigError
+from edge_agent.training.model_spec import ModelTask, check_task
 
 __all__ = [
     "MAX_CLASSES",
@@ -83,15 +84,17 @@ _MAX_EXAMPLES = 2**53 - 1
 
 
 def _as_features(x: object) -> FloatArray:
-    """Validate and convert a feature matrix (see :class:`Dataset`)."""
+    """Validate and convert a batch of examples (see :class:`Dataset`)."""
     try:
         raw = np.asarray(x)
     except (TypeError, ValueError) as exc:
         raise DataSourceError(f"features are not a numeric array: {exc}") from exc
     if raw.dtype.kind not in "fiub":
         raise DataSourceError(f"features must be real numbers, got dtype {raw.dtype}")
-    if raw.ndim != 2 or raw.shape[1] == 0:
-        raise DataSourceError(f"features must have shape (n, features >= 1), got {raw.shape}")
+    if raw.ndim < 2 or 0 in raw.shape[1:]:
+        raise DataSourceError(
+            f"features must have shape (n, ...) with every example dimension >= 1, got {raw.shape}"
+        )
     with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
         features: FloatArray = np.ascontiguousarray(raw, dtype=np.float32)
     if not np.isfinite(features).all():
@@ -121,38 +124,90 @@ def _as_labels(y: object) -> LabelArray:
     return labels
 
 
+def _as_targets(y: object) -> FloatArray:
+    """Validate and convert regression targets (see :class:`Dataset`)."""
+    try:
+        raw = np.asarray(y)
+    except (TypeError, ValueError) as exc:
+        raise DataSourceError(f"targets are not a numeric array: {exc}") from exc
+    if raw.dtype.kind not in "fiub":
+        raise DataSourceError(f"targets must be real numbers, got dtype {raw.dtype}")
+    if raw.ndim not in (1, 2) or (raw.ndim == 2 and raw.shape[1] == 0):
+        raise DataSourceError(f"targets must have shape (n,) or (n, outputs), got {raw.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        targets: FloatArray = np.ascontiguousarray(raw, dtype=np.float32)
+    if not np.isfinite(targets).all():
+        raise DataSourceError("targets contain NaN or infinity (or values beyond float32)")
+    return targets
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Labelled examples: features ``x`` (n, features) and class labels ``y`` (n,).
+    """Examples ``x`` (n, ...) and what the task learns from them, ``y``.
 
-    Construction validates and converts: ``x`` becomes float32 and ``y`` int64
-    (C-contiguous; arrays already in that form are used as they are, not copied).
-    A dataset may be empty (n = 0) but always knows its feature count.
+    Construction validates and converts: ``x`` becomes float32 (C-contiguous; arrays
+    already in that form are used as they are, not copied). ``x`` may have any
+    rank >= 2: ``(n, features)`` rows, ``(n, 1, 28, 28)`` images, ``(n, channels,
+    steps)`` sensor windows. What ``y`` holds depends on ``task``:
+
+    * ``classification``: int64 class indices (n,), each in ``[0, MAX_CLASSES)``
+      (whole-number floats are accepted);
+    * ``regression``: float32 targets (n,) or (n, outputs);
+    * ``reconstruction``: nothing (``y`` is ignored; pass None through
+      :meth:`from_arrays`); stored as a float32 array of shape (n, 0).
+
+    A dataset may be empty (n = 0) but always knows its example shape.
 
     Attributes:
-        x: float32 features, shape (n, features), all finite.
-        y: int64 labels, shape (n,), each in ``[0, MAX_CLASSES)``.
+        x: float32 examples, shape (n, ...), all finite.
+        y: Labels, targets or an (n, 0) placeholder (see above).
+        task: The learning task the ``y`` fits.
 
     Raises:
-        DataSourceError: ``x`` is not a finite real 2-D array with at least one
-            column, ``y`` is not a 1-D vector of whole numbers in range, or their
-            lengths differ.
+        DataSourceError: ``x`` is not a finite real array of rank >= 2, ``y`` does
+            not fit the task, or their lengths differ.
+        TrainConfigError: ``task`` is not a known task.
     """
 
     x: FloatArray
-    y: LabelArray
+    y: npt.NDArray[Any]
+    task: ModelTask = "classification"
 
     def __post_init__(self) -> None:
         """Validate and convert the arrays (see the class docstring)."""
+        task = check_task(self.task)
         x = _as_features(self.x)
-        y = _as_labels(self.y)
+        y: npt.NDArray[Any]
+        if task == "reconstruction":
+            y = np.zeros((x.shape[0], 0), np.float32)
+        elif self.y is None:  # from_arrays passes None
+            raise DataSourceError(f"{task} needs y (labels or targets); got none")
+        elif task == "classification":
+            y = _as_labels(self.y)
+        else:
+            y = _as_targets(self.y)
         if x.shape[0] != y.shape[0]:
-            raise DataSourceError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
+            raise DataSourceError(f"{x.shape[0]} examples but {y.shape[0]} labels/targets")
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
+        object.__setattr__(self, "task", task)
+
+    @property
+    def labels(self) -> LabelArray:
+        """``y`` as class labels (classification only).
+
+        Raises:
+            DataSourceError: this dataset is not for classification.
+        """
+        if self.task != "classification":
+            raise DataSourceError(f"a {self.task} dataset has no class labels")
+        labels: LabelArray = self.y
+        return labels
 
     @classmethod
-    def from_arrays(cls, x: npt.ArrayLike, y: npt.ArrayLike) -> Dataset:
+    def from_arrays(
+        cls, x: npt.ArrayLike, y: npt.ArrayLike | None, task: ModelTask = "classification"
+    ) -> Dataset:
         """A dataset from any array-likes (lists, float64 or integer arrays ...).
 
         The same as the constructor, typed for inputs that are not yet float32 and
@@ -161,48 +216,69 @@ class Dataset:
         Raises:
             DataSourceError: As the constructor.
         """
-        return cls(x, y)  # type: ignore[arg-type]  # __post_init__ converts
+        return cls(x, y, task)  # type: ignore[arg-type]  # __post_init__ converts
 
     @classmethod
-    def empty(cls, num_features: int) -> Dataset:
-        """A dataset with no examples and ``num_features`` columns.
+    def empty(
+        cls, sample_shape: int | tuple[int, ...], task: ModelTask = "classification"
+    ) -> Dataset:
+        """A dataset with no examples of shape ``sample_shape`` (an int: rows of that width).
 
         Raises:
-            DataSourceError: ``num_features`` is below 1.
+            DataSourceError: a dimension is below 1.
         """
-        return cls(np.zeros((0, num_features), np.float32), np.zeros(0, np.int64))
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        y = np.zeros(0, np.float32 if task == "regression" else np.int64)
+        return cls(np.zeros((0, *shape), np.float32), y, check_task(task))
 
     @classmethod
     def concatenate(cls, parts: Sequence[Dataset]) -> Dataset:
         """All examples of ``parts``, in order.
 
         Raises:
-            DataSourceError: ``parts`` is empty or their feature counts differ.
+            DataSourceError: ``parts`` is empty, or their example shapes, tasks or
+                target widths differ.
         """
         if not parts:
             raise DataSourceError("nothing to concatenate")
-        widths = {part.num_features for part in parts}
-        if len(widths) > 1:
-            raise DataSourceError(f"datasets have different feature counts: {sorted(widths)}")
+        shapes = {part.sample_shape for part in parts}
+        if len(shapes) > 1:
+            widths = sorted(str(s) for s in shapes)
+            if all(len(s) == 1 for s in shapes):
+                widths = sorted(str(s[0]) for s in shapes)
+                raise DataSourceError(f"datasets have different feature counts: {widths}")
+            raise DataSourceError(f"datasets have different example shapes: {widths}")
+        tasks = {part.task for part in parts}
+        if len(tasks) > 1:
+            raise DataSourceError(f"datasets are for different tasks: {sorted(tasks)}")
         if len(parts) == 1:
             return parts[0]
-        return cls(
-            np.concatenate([part.x for part in parts]), np.concatenate([part.y for part in parts])
-        )
+        try:
+            y = np.concatenate([part.y for part in parts])
+        except ValueError as exc:
+            raise DataSourceError(f"targets do not fit together: {exc}") from exc
+        return cls(np.concatenate([part.x for part in parts]), y, parts[0].task)
 
     def __len__(self) -> int:
         """The number of examples."""
-        return int(self.y.shape[0])
+        return int(self.x.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one example (``(features,)`` for rows)."""
+        return tuple(int(d) for d in self.x.shape[1:])
 
     @property
     def num_features(self) -> int:
-        """The number of feature columns."""
-        return int(self.x.shape[1])
+        """Values per example (the column count of rows)."""
+        return int(np.prod(self.sample_shape))
 
     @property
     def num_classes(self) -> int:
-        """One more than the largest label (0 for an empty dataset)."""
-        return int(self.y.max()) + 1 if len(self) else 0
+        """One more than the largest label (0 when empty or not classification)."""
+        if self.task != "classification" or not len(self):
+            return 0
+        return int(self.labels.max()) + 1
 
     def take(self, indices: npt.NDArray[np.integer[Any]]) -> Dataset:
         """The examples at ``indices``, in that order (a copy).
@@ -210,7 +286,7 @@ class Dataset:
         Raises:
             IndexError: an index is out of range.
         """
-        return Dataset(self.x[indices], self.y[indices])
+        return Dataset(self.x[indices], self.y[indices], self.task)
 
     def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Split into (train, held-out) sets, deterministically for a given ``seed``.
@@ -448,18 +524,29 @@ class EvalResult:
     """What :meth:`Trainer.evaluate` returns.
 
     Attributes:
-        loss: Mean cross-entropy over the examples.
-        accuracy: Share of examples whose most probable class is the label.
+        loss: The task's loss: mean cross-entropy (classification), mean squared
+            error (regression, reconstruction).
+        accuracy: Share of examples whose most probable class is the label; None
+            for other tasks.
         num_examples: Examples evaluated.
+        extra: Further finite metrics of the task (e.g. ``mse``, ``mae``).
     """
 
     loss: float
-    accuracy: float
+    accuracy: float | None
     num_examples: int
+    extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """``{"loss": ..., "accuracy": ...}`` for an eval report."""
-        return {"loss": self.loss, "accuracy": self.accuracy}
+        """``{"loss": ..., "accuracy": ...}`` plus the task's own metrics, for an eval report.
+
+        ``accuracy`` is left out when None (regression, reconstruction).
+        """
+        out = {"loss": self.loss}
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        out.update(self.extra)
+        return out
 
 
 @runtime_checkable
