@@ -4,8 +4,11 @@ With no arguments: an embedded MQTT broker, throwaway keys, 20 real agents with
 Dirichlet(0.5) slices of the digits dataset (for fleets too big for digits, a synthetic
 set sized for the fleet: the summary's ``data`` line says which), 20 rounds of FedAvg,
 the final model packaged as a signed int8 artifact and rolled out (canary first) to
-every agent. The run directory (``--out``, default ``runs/<timestamp>``) keeps
-``report.json``, ``report.png``, the artifact and every agent's data directory. See
+every agent. ``--model zoo:small_cnn --dataset digits-images`` (or your own PyTorch
+factory, ``--model mymodels:cnn``) federates a PyTorch model instead; ``--task`` and
+``--dataset`` cover regression and anomaly detection too. The run directory
+(``--out``, default ``runs/<timestamp>``) keeps ``report.json``, ``report.png``, the
+artifact, the final weights and every agent's data directory. See
 :mod:`coordinator.sim.simulate` for the steps.
 """
 
@@ -44,13 +47,34 @@ def simulate(
         str,
         typer.Option(
             help="auto (digits, or synthetic sized for the fleet when digits is too small), "
-            "digits, synthetic[:n_samples,n_features,n_classes] (bare: sized for the fleet) "
-            "or PATH.npz (x, y)."
+            "digits, synthetic[:n_samples,n_features,n_classes] (bare: sized for the fleet), "
+            "a real dataset shipped in a package (digits-images, mnist, japanese-vowels, "
+            "ucr-anomaly, diabetes; pip install 'fedge[datasets]'), or PATH.npz (x of shape "
+            "(n, ...); y class indices, float targets, or none for reconstruction)."
         ),
     ] = "auto",
     partition: Annotated[
-        str, typer.Option(help="How data is split over agents: iid, dirichlet:ALPHA, shards:K.")
+        str,
+        typer.Option(
+            help="How data is split over agents: iid, dirichlet:ALPHA, shards:K, natural "
+            "(by the dataset's own groups)."
+        ),
     ] = "dirichlet:0.5",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="mlp or softmax (built in, numpy), or a PyTorch model factory module:function "
+            "(importable from the current directory, e.g. mymodels:cnn) or zoo:NAME "
+            "(small_cnn, sensor_cnn, dense_autoencoder, mlp_regressor); needs fedge[torch]."
+        ),
+    ] = "mlp",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="classification, regression or reconstruction (default: the dataset's task, "
+            "or the factory's `task` attribute)."
+        ),
+    ] = None,
     strategy: Annotated[str, typer.Option(help="Flower strategy (see fedge train).")] = "fedavg",
     strategy_arg: Annotated[
         list[str] | None, typer.Option("--strategy-arg", help="key=value; repeatable.")
@@ -77,6 +101,9 @@ def simulate(
     ] = None,
     hidden: Annotated[int, typer.Option(min=1, help="MLP hidden units.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate of local training.")] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="Local optimizer: sgd or adam.")] = "sgd",
+    batch_size: Annotated[int, typer.Option(min=1, help="Local mini-batch size.")] = 16,
     round_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per round.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead.")] = False,
 ) -> None:
@@ -97,7 +124,12 @@ def simulate(
             seed=seed,
             hidden=hidden,
             epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
             round_timeout_s=round_timeout,
+            model=model,
+            task=task,
         )
         report = run_simulation(config) if as_json else _run_live(config)
     body = report.to_json()
@@ -167,9 +199,10 @@ def _summary(report: SimulationReport, body: dict[str, Any]) -> None:
     rows = [
         ("agents", f"{config.agents} on {report.broker}"),
         ("data", body["data"]["summary"]),
+        ("model", f"{config.model} ({body['task']})"),
         ("training", f"{config.strategy}, {config.codec}, {config.rounds} rounds"),
-        ("final accuracy", f"{100 * (body['final_accuracy'] or 0):.2f}%"),
-        ("centralized baseline", f"{100 * body['centralized_accuracy']:.2f}%"),
+        (f"final {body['metric']}", _metric(body["metric"], body["final_metrics"])),
+        ("centralized baseline", _metric(body["metric"], body["centralized_metrics"])),
         ("uplink per round", f"{human_bytes(int(body['uplink_bytes_per_round']))} "
                              f"(fp32: {human_bytes(int(body['fp32_uplink_bytes_per_round']))})"),
         ("seconds per round", f"{body['seconds_per_round']:.2f}"),
@@ -181,6 +214,14 @@ def _summary(report: SimulationReport, body: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _metric(name: str, metrics: dict[str, float]) -> str:
+    """A metric as people read it: accuracy in percent, others as numbers."""
+    value = metrics.get(name)
+    if value is None:
+        return "not measured"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4f}"
 
 
 def _halted(rollout: dict[str, Any]) -> str:

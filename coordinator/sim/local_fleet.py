@@ -81,21 +81,31 @@ def write_shards(
 
 def save_shards(
     x: npt.ArrayLike,
-    y: npt.ArrayLike,
+    y: npt.ArrayLike | None,
     parts: Sequence[npt.NDArray[np.int64]],
     directory: Path,
 ) -> list[Path]:
-    """Write ``directory/shard<i>/local.npz`` (``x``, ``y``) for each index array.
+    """Write ``directory/shard<i>/local.npz`` (``x``, and ``y`` unless None) for each part.
+
+    ``x`` may hold examples of any shape; ``y`` integer labels (kept int64), float
+    targets (kept float32) or None (data for reconstruction: no ``y`` is written).
 
     Returns:
         The shard directories, in order.
     """
-    features, labels = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    features = np.asarray(x, dtype=np.float32)
+    targets = None if y is None else np.asarray(y)
+    if targets is not None:
+        kind = np.int64 if targets.dtype.kind in "iub" else np.float32
+        targets = targets.astype(kind, copy=False)
     shards = []
     for index, part in enumerate(parts):
         shard = directory / f"shard{index}"
         shard.mkdir(parents=True, exist_ok=True)
-        np.savez(shard / "local.npz", x=features[part], y=labels[part])
+        arrays = {"x": features[part]}
+        if targets is not None:
+            arrays["y"] = targets[part]
+        np.savez(shard / "local.npz", **arrays)  # type: ignore[arg-type]
         shards.append(shard)
     return shards
 
@@ -141,6 +151,8 @@ class LocalFleet(Stoppable):
         prefix: str = "sim",
         stall_timeout_s: float = 1.0,
         telemetry_interval_s: float = 5.0,
+        models: Sequence[str] = (),
+        torch_threads: int = 1,
     ) -> LocalFleet:
         """Start one agent per shard, named ``<prefix>NN``.
 
@@ -152,6 +164,10 @@ class LocalFleet(Stoppable):
             prefix: Device id prefix.
             stall_timeout_s: Agents ask for missing chunks after this silence.
             telemetry_interval_s: Seconds between each agent's telemetry batches.
+            models: PyTorch model specs the agents may train besides the zoo (the
+                operator's own factory, importable in this process).
+            torch_threads: Threads each agent's torch training uses (the agents
+                share this machine's cores).
         """
         agents: list[Agent] = []
         loops = max(1, math.ceil(len(shards) / AGENTS_PER_NETWORK_LOOP))
@@ -168,7 +184,12 @@ class LocalFleet(Stoppable):
                     trust=TrustConfig(keys=tuple(trust)),
                     telemetry=TelemetryConfig(interval_s=telemetry_interval_s),
                     transfer=TransferConfig(stall_timeout_s=stall_timeout_s),
-                    training=TrainingConfig(data=shard, feedback_max_examples=0),
+                    training=TrainingConfig(
+                        data=shard,
+                        feedback_max_examples=0,
+                        models=tuple(models),
+                        torch_threads=torch_threads,
+                    ),
                 )
                 agent = Agent(config, network=networks[index % loops])
                 agent.start()

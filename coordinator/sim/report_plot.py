@@ -1,8 +1,9 @@
-"""``report.png`` of ``fedge simulate``: accuracy and bytes per round.
+"""``report.png`` of ``fedge simulate``: the task's metric and bytes per round.
 
 :func:`plot_report` draws from the ``report.json`` body (see
-:class:`coordinator.sim.simulate.SimulationReport`): the global model's test accuracy
-per round against the centralized baseline, and the bytes sent up and down per round
+:class:`coordinator.sim.simulate.SimulationReport`): the global model's test metric
+per round (accuracy, MSE or ROC-AUC: the report's ``metric``) against the
+centralized baseline, and the bytes sent up and down per round
 against what fp32 updates would cost. matplotlib comes with ``fedge[simulation]`` and is
 imported inside the function.
 """
@@ -23,18 +24,23 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rounds = [r["round"] for r in report["rounds"]]
-    accuracy = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
+    metric = report.get("metric", "accuracy")
+    scale = 100.0 if metric == "accuracy" else 1.0
+    values = [scale * (r.get("metrics", {}).get(metric) or r.get(metric) or 0.0)
+              for r in report["rounds"]]  # fmt: skip
+    baseline = report.get("centralized_metrics", {}).get(metric)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     config, data = report["config"], report["data"]
     fig.suptitle(
         f"fedge simulate: {config['agents']} agents, {config['strategy']}, {config['codec']}, "
         f"{data['dataset']} ({data['partition']})"
     )
-    top.plot(rounds, accuracy, marker="o", label="federated (global model)")
-    top.axhline(100 * report["centralized_accuracy"], color="grey", linestyle="--",
-                label="centralized baseline")  # fmt: skip
-    top.set_ylabel("test accuracy (%)")
-    top.set_ylim(0, 100)
+    top.plot(rounds, values, marker="o", label="federated (global model)")
+    if baseline is not None:
+        top.axhline(scale * baseline, color="grey", linestyle="--", label="centralized baseline")
+    top.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"test {metric}")
+    if metric == "accuracy":
+        top.set_ylim(0, 100)
     top.grid(alpha=0.3)
     top.legend(loc="lower right")
     width = 0.4

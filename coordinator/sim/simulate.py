@@ -6,22 +6,33 @@
    loopback, free port), or the ``broker`` URL given (mosquitto, a cluster).
 2. **Keys**: a throwaway Ed25519 key pair in ``<out>/keys`` (the agents trust it).
 3. **Data** (:func:`~coordinator.sim.fleet_data.fleet_data`): the dataset (``auto``,
-   ``digits``, ``synthetic[:n,f,c]`` or a ``.npz`` with ``x``/``y``; ``auto`` and a bare
-   ``synthetic`` are sized for the fleet) split 70/30 (seeded, stratified), the 70 %
-   partitioned over the agents (``iid``, ``dirichlet:A`` or ``shards:K``) into
-   ``<out>/data/shard<i>/local.npz``; the 30 % is the coordinator's test set. What was
-   chosen is the ``data`` entry of the report.
+   ``digits``, ``synthetic[:n,f,c]``, a real dataset shipped in a package such as
+   ``digits-images``, ``mnist``, ``japanese-vowels``, ``ucr-anomaly``, ``diabetes``, or a
+   ``.npz`` with ``x`` (n, ...) and ``y`` (labels, targets, or none for
+   reconstruction); ``auto`` and a bare ``synthetic`` are sized for the fleet) split
+   into training and test data (seeded), the training part partitioned over the agents
+   (``iid``, ``dirichlet:A``, ``shards:K`` or ``natural``) into
+   ``<out>/data/shard<i>/local.npz``; the test part is the coordinator's
+   (``<out>/data/test.npz``). What was chosen is the ``data`` entry of the report.
+   **Model** (:class:`~coordinator.sim.sim_model.SimModel`): ``--model`` is a built-in
+   family (``mlp``, ``softmax``) or a PyTorch factory ``module:function`` (importable
+   from the current directory) or ``zoo:<name>``; its task is ``--task``, else the
+   dataset's.
 4. **Agents**: one real :class:`~edge_agent.agent.Agent` per shard
    (:class:`~coordinator.sim.local_fleet.LocalFleet`), each with its own MQTT connection
    and data directory under ``<out>/agents``.
 5. **Rounds**: :func:`~coordinator.federated.runs.run_training` with the chosen strategy
    and codec; with ``dropout`` > 0, that share of the agents (seeded) drops its
    connection while each round trains, and comes back by itself.
-6. **Package**: the final global weights -> ONNX -> int8 -> signed artifact in
-   ``<out>/artifacts``.
+6. **Package**: the final global weights (kept as ``<out>/artifacts/final-weights.npz``)
+   -> ONNX -> int8 (calibrated on a sample of the training data, gated against fp32 on
+   the test set by the task's metric) -> signed artifact in ``<out>/artifacts``.
 7. **Roll out**: to one canary agent first, then, if it installed, to the others in
    waves of 50; then every agent must serve the new version.
-8. **Report**: ``<out>/report.json`` and ``<out>/report.png``.
+8. **Report**: ``<out>/report.json`` and ``<out>/report.png``. Besides the rounds, the
+   report holds the task's metrics of the final model (``final_metrics``) and of the
+   centralized baseline (``centralized_metrics``: the same model trained on the union
+   of the shards with the same epoch budget).
 
 Progress is reported through an ``on_event(kind, data)`` callback, so the CLI can draw
 it and tests can ignore it.
@@ -46,20 +57,14 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
-from compress.families import init_weights
 from compress.fileio import atomic_write
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.delivery.deliveries import Artifact, Deliveries
-from coordinator.delivery.packaging import LabelledData, package_weights
+from coordinator.delivery.packaging import PackageResult
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
 from coordinator.errors import RunError
-from coordinator.federated.runs import (
-    RoundReport,
-    RunConfig,
-    RunResult,
-    evaluate_weights,
-    run_training,
-)
+from coordinator.federated.models import PRIMARY_METRIC
+from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import StrategyArgs, build_strategy
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
@@ -68,10 +73,11 @@ from coordinator.sim.embedded_broker import EmbeddedBroker
 from coordinator.sim.fleet_data import FleetData, fleet_data
 from coordinator.sim.local_fleet import LocalFleet, save_shards
 from coordinator.sim.report_plot import plot_report
+from coordinator.sim.sim_model import BUILTIN_FAMILIES, SimModel
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import DEFAULT_LIMITS, TaskAck, UpdateReport, encode
-from edge_agent.training.numpy_trainers import trainer_for
-from edge_agent.training.trainer import Dataset, TrainConfig
+from edge_agent.training.model_spec import check_task, parse_model_spec
+from edge_agent.training.trainer import OPTIMIZERS, TrainConfig
 
 __all__ = [
     "SimulationConfig",
@@ -116,6 +122,9 @@ class SimulationConfig:
     lr: float = 0.05
     batch_size: int = 16
     round_timeout_s: float = 30.0
+    model: str = "mlp"
+    task: str | None = None
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -123,6 +132,8 @@ class SimulationConfig:
         Raises:
             RunError: an out-of-range value.
             CodecError: an invalid codec spec.
+            UnknownModelError: ``model`` is neither a built-in family nor a spec.
+            TrainConfigError: an unknown task.
         """
         if self.agents < 1 or self.rounds < 1:
             raise RunError("--agents and --rounds must be at least 1")
@@ -134,6 +145,13 @@ class SimulationConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise RunError(f"--dropout must be in [0, 1), got {self.dropout}")
         parse_codec(self.codec)
+        if self.model not in BUILTIN_FAMILIES:
+            parse_model_spec(self.model)
+        if self.task is not None:
+            check_task(self.task)
+        if self.optimizer not in OPTIMIZERS:
+            raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
 
     def to_json(self) -> dict[str, Any]:
         """The settings, JSON-able (paths as text)."""
@@ -149,24 +167,38 @@ class SimulationReport:
 
     config: SimulationConfig
     data: FleetData
+    model: SimModel
     result: RunResult
-    centralized_accuracy: float
+    final_metrics: dict[str, float]
+    centralized_metrics: dict[str, float]
     fp32_uplink_bytes_per_round: float
     rollout: dict[str, Any]
     timings: dict[str, float]
     broker: str
     artifact: str
+    weights: str
+    packaging: dict[str, Any]
+
+    @property
+    def centralized_accuracy(self) -> float | None:
+        """The centralized baseline's accuracy (None for tasks other than classification)."""
+        return self.centralized_metrics.get("accuracy")
 
     def to_json(self) -> dict[str, Any]:
-        """The report: config, rounds, accuracies, bytes, rollout, timings."""
+        """The report: config, rounds, metrics, bytes, rollout, timings."""
         body = self.result.to_json()
         rounds = self.result.rounds
         return {
             "config": self.config.to_json(),
             "data": self.data.to_json(),
+            "model": self.config.model,
+            "task": self.model.model.task,
+            "metric": PRIMARY_METRIC[self.model.model.task],
             "rounds": body["rounds"],
             "final_accuracy": body["final_accuracy"],
             "centralized_accuracy": self.centralized_accuracy,
+            "final_metrics": self.final_metrics,
+            "centralized_metrics": self.centralized_metrics,
             "fp32_uplink_bytes_per_round": self.fp32_uplink_bytes_per_round,
             "uplink_bytes_per_round": statistics.mean(r.uplink_bytes for r in rounds),
             "downlink_bytes_per_round": statistics.mean(r.downlink_bytes for r in rounds),
@@ -177,24 +209,33 @@ class SimulationReport:
             "timings": self.timings,
             "broker": self.broker,
             "artifact": self.artifact,
+            "weights": self.weights,
+            "packaging": self.packaging,
         }
 
 
-def _centralized_accuracy(
-    x: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
-    test: LabelledData,
-    weights: dict[str, npt.NDArray[np.float32]],
-    config: SimulationConfig,
-) -> float:
-    """The same model trained on all the training data in one place (the baseline)."""
-    train = TrainConfig(
-        epochs=config.rounds * config.epochs, lr=config.lr, batch_size=config.batch_size,
-        seed=config.seed,
+def _train_config(config: SimulationConfig, *, epochs: int) -> TrainConfig:
+    """The local training settings of the run (``epochs`` per round, or the budget)."""
+    return TrainConfig(
+        epochs=epochs, lr=config.lr, batch_size=config.batch_size,
+        optimizer=config.optimizer, seed=config.seed,  # type: ignore[arg-type]
     )  # fmt: skip
-    fitted = trainer_for("mlp").fit(weights, Dataset(x, y), train, train.rng("centralized"))
-    accuracy, _loss = evaluate_weights("mlp", fitted.weights, test)
-    return accuracy
+
+
+def _packaging_json(result: PackageResult) -> dict[str, Any]:
+    """What packaging measured, for ``report.json``."""
+    metadata = result.manifest.metadata
+    out: dict[str, Any] = {
+        "metric_name": result.metric_name,
+        "fp32_metric": result.fp32_metric,
+        "packaged_metric": result.packaged_metric,
+        "fp32_bytes": result.fp32_bytes,
+        "packaged_bytes": result.packaged_bytes,
+        "quantization": result.manifest.quantization,
+    }
+    if "anomaly_threshold" in metadata:
+        out["anomaly_threshold"] = float(metadata["anomaly_threshold"])
+    return out
 
 
 def _fp32_report_bytes(weights: dict[str, npt.NDArray[np.float32]]) -> int:
@@ -321,8 +362,8 @@ def _rollout(
 def _train(
     hub: MqttHub,
     config: SimulationConfig,
+    sim: SimModel,
     weights: dict[str, npt.NDArray[np.float32]],
-    test: LabelledData,
     *,
     dropout: _Dropout,
     on_round: Callable[[RoundReport, str], None] | None,
@@ -334,20 +375,16 @@ def _train(
 
     training = RunConfig(
         model=MODEL_NAME,
-        family="mlp",
+        family=sim.model.family,
+        model_def=sim.model if sim.model.is_torch else None,
         initial_weights=weights,
         rounds=config.rounds,
         clients_per_round=config.agents,
         min_clients=max(1, config.agents // 2),
         round_timeout_s=config.round_timeout_s,
         codec=config.codec,
-        train_config={
-            "epochs": config.epochs,
-            "lr": config.lr,
-            "batch_size": config.batch_size,
-            "seed": config.seed,
-        },
-        eval_data=test,
+        train_config=_train_config(config, epochs=config.epochs).to_mapping(),
+        eval_data=sim.test,
         seed=config.seed,
     )
     strategy = build_strategy(config.strategy, config.strategy_args, federated_eval=False)
@@ -366,6 +403,8 @@ def run_simulation(
         RunError: bad settings or data, or no agent came online.
         CoordinatorError: the embedded broker did not start.
         BrokerError: the given broker cannot be reached.
+        UnknownModelError: the model's factory cannot be imported.
+        AccuracyDropError: the int8 model fails the task's quality gate.
     """
     emit = on_event or (lambda _kind, _data: None)
     out = config.out
@@ -374,15 +413,15 @@ def run_simulation(
     started = time.monotonic()
 
     _raise_open_files_limit(config.agents)
-    data = fleet_data(config.dataset, config.partition, config.agents, config.seed)
-    x, y, test = data.x, data.y, data.test
-    shards = save_shards(x, y, data.parts, out / "data")
+    data = fleet_data(config.dataset, config.partition, config.agents, config.seed, task=config.task)
+    sim = SimModel.choose(config.model, config.task, data, hidden=config.hidden)
+    shards = save_shards(sim.rows(data.x), data.y, data.parts, out / "data")
+    test = sim.test
     np.savez(out / "data" / "test.npz", x=test.x, y=test.y)
     key = generate_signing_key()
     _private, public = save_keypair(key, out / "keys", overwrite=True)
-    classes = int(max(y.max(), test.y.max())) + 1
-    weights = init_weights("mlp", [x.shape[1], config.hidden, classes],
-                           np.random.default_rng(config.seed))  # fmt: skip
+    weights = sim.initial_weights(config.seed)
+    allowed = [sim.model.spec] if sim.model.is_torch else []
 
     with _broker(config) as url:
 
@@ -399,24 +438,28 @@ def run_simulation(
         try:
             # A 5 s stall timeout (the agents' default): with hundreds of agents
             # installing at once on a few cores, 1 s made them re-request chunks in a storm.
+            # One torch thread per agent: the simulated agents share this machine's cores.
             with LocalFleet.start(shards, broker_for=broker_for, trust=[public],
                                   root=out / "agents", stall_timeout_s=5.0,
-                                  telemetry_interval_s=30.0) as fleet:  # fmt: skip
+                                  telemetry_interval_s=30.0, models=allowed,
+                                  torch_threads=1) as fleet:  # fmt: skip
                 fleet.wait_eligible(hub, config.agents, timeout=60 + config.agents / 10)
                 timings["setup_s"] = time.monotonic() - started
                 emit("phase", {"name": "rounds"})
                 dropout = _Dropout(fleet, config.dropout, config.seed)
                 t0 = time.monotonic()
-                result = _train(hub, config, weights, test, dropout=dropout, on_round=on_round)
+                result = _train(hub, config, sim, weights, dropout=dropout, on_round=on_round)
                 timings["rounds_s"] = time.monotonic() - t0
 
                 emit("phase", {"name": "package"})
                 artifact_path = out / "artifacts" / f"{MODEL_NAME}-v1.fedge"
                 artifact_path.parent.mkdir(parents=True, exist_ok=True)
-                package_weights(
-                    "mlp", result.weights, name=MODEL_NAME, version=1, keys=[key],
-                    out=artifact_path, evaluation=test, now=datetime.now(UTC),
-                    metadata={"trained": "fedge simulate"},
+                weights_path = artifact_path.parent / "final-weights.npz"
+                np.savez(weights_path, **result.weights)
+                packaged = sim.package(
+                    result.weights, name=MODEL_NAME, version=1, keys=[key], out=artifact_path,
+                    now=datetime.now(UTC), seed=config.seed,
+                    metadata={"trained": "fedge simulate", "model": config.model},
                 )  # fmt: skip
                 emit("phase", {"name": "rollout"})
                 t0 = time.monotonic()
@@ -427,17 +470,26 @@ def run_simulation(
         finally:
             hub.stop()
 
+    emit("phase", {"name": "centralized baseline"})
+    t0 = time.monotonic()
+    budget = _train_config(config, epochs=min(config.rounds * config.epochs, 1000))
+    centralized = sim.centralized(weights, budget)
+    timings["centralized_s"] = time.monotonic() - t0
     clients = [r.clients for r in result.rounds if r.clients] or [config.agents]
     report = SimulationReport(
         config=config,
         data=data,
+        model=sim,
         result=result,
-        centralized_accuracy=_centralized_accuracy(x, y, test, weights, config),
+        final_metrics=sim.evaluate(result.weights),
+        centralized_metrics=centralized,
         fp32_uplink_bytes_per_round=_fp32_report_bytes(weights) * statistics.mean(clients),
         rollout=rollout,
         timings={**timings, "total_s": time.monotonic() - started},
         broker="embedded amqtt" if config.broker is None else config.broker,
         artifact=str(artifact_path),
+        weights=str(weights_path),
+        packaging=_packaging_json(packaged),
     )
     body = report.to_json()
     atomic_write(out / "report.json", (json.dumps(body, indent=2) + "\n").encode())
