@@ -146,12 +146,15 @@ def test_a_missing_package_is_dataset_unavailable_with_the_install_hint(
 ) -> None:
     real = importlib.util.find_spec
 
-    def without_aeon(name: str, package: str | None = None) -> ModuleSpec | None:
-        return None if name == "aeon" else real(name, package)
+    def without(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name in {"aeon", "sklearn"} else real(name, package)
 
-    monkeypatch.setattr(importlib.util, "find_spec", without_aeon)
+    monkeypatch.setattr(importlib.util, "find_spec", without)
     with pytest.raises(DatasetUnavailableError, match="aeon package, which is not installed"):
         load_real_dataset("japanese-vowels")
+    for name in ("digits-images", "diabetes"):
+        with pytest.raises(DatasetUnavailableError, match=r"scikit-learn, .*fedge\[coordinator\]"):
+            load_real_dataset(name)
     assert issubclass(DatasetUnavailableError, RunError)
     assert DatasetUnavailableError.code == "dataset_unavailable"
 
