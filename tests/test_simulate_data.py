@@ -230,7 +230,8 @@ def test_an_npz_with_float_targets_needs_the_regression_task(tmp_path: Path) -> 
     rng = np.random.default_rng(2)
     path = tmp_path / "targets.npz"
     np.savez(path, x=rng.random((60, 3, 5), dtype=np.float32), y=rng.random((60, 2)))
-    with pytest.raises(RunError, match="y must have 60 entries of kind 'iu' for classification"):
+    floats = r"kind 'iu' for classification.*\(float targets are for the regression task\)"
+    with pytest.raises(RunError, match=floats):
         fleet_data(str(path), "iid", 3, seed=0)
     data = fleet_data(str(path), "dirichlet:1.0", 3, seed=0, task="regression")
     assert data.y is not None
@@ -271,7 +272,11 @@ def test_the_natural_partition_gives_each_source_to_one_agent(tmp_path: Path) ->
 
 
 def test_quantile_bins_and_the_stratified_split() -> None:
-    from coordinator.sim.datasets import quantile_bins, stratified_test_mask  # noqa: PLC0415
+    from coordinator.sim.datasets import (  # noqa: PLC0415
+        quantile_bins,
+        random_test_mask,
+        stratified_test_mask,
+    )
 
     targets = np.arange(100, dtype=np.float64)
     assert np.bincount(quantile_bins(targets, 5)).tolist() == [20] * 5
@@ -285,3 +290,9 @@ def test_quantile_bins_and_the_stratified_split() -> None:
     assert np.array_equal(mask, stratified_test_mask(labels, 0.3, seed=0))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         stratified_test_mask(labels, 1.5, seed=0)
+    drawn = random_test_mask(10, 0.3, seed=5)
+    assert int(drawn.sum()) == 3
+    assert np.array_equal(drawn, random_test_mask(10, 0.3, seed=5))
+    assert not np.array_equal(random_test_mask(100, 0.3, seed=5), random_test_mask(100, 0.3, 6))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        random_test_mask(10, -0.1, seed=0)

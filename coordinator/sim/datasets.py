@@ -30,6 +30,7 @@ __all__ = [
     "group_partition",
     "load_digits_split",
     "quantile_bins",
+    "random_test_mask",
     "stratified_test_mask",
     "train_reference_mlp",
     "train_reference_softmax",
@@ -151,6 +152,21 @@ def stratified_test_mask(
         members = np.flatnonzero(y == label)
         rng.shuffle(members)
         test_mask[members[: round(fraction * len(members))]] = True
+    return test_mask
+
+
+def random_test_mask(n: int, fraction: float, seed: int) -> npt.NDArray[np.bool_]:
+    """Which of ``n`` examples go to the test set: ``round(fraction * n)`` drawn at random.
+
+    Deterministic for a seed (``numpy.random.default_rng(seed).permutation``).
+
+    Raises:
+        ValueError: ``fraction`` outside ``[0, 1]``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the test fraction must be in [0, 1], got {fraction}")
+    test_mask = np.zeros(n, dtype=bool)
+    test_mask[np.random.default_rng(seed).permutation(n)[: round(fraction * n)]] = True
     return test_mask
 
 

@@ -46,6 +46,7 @@ from coordinator.sim.datasets import (
     group_partition,
     load_digits_split,
     quantile_bins,
+    random_test_mask,
     stratified_test_mask,
 )
 from coordinator.sim.real_datasets import (
@@ -179,9 +180,10 @@ def _npz_dataset(path: Path, seed: int, task: ModelTask | None) -> RealDataset:
     y_kinds = {"classification": "iu", "regression": "fiu", "reconstruction": "iub"}[task]
     for name, array, kinds in (("y", y, y_kinds), ("groups", groups, "iu")):
         if array is not None and (len(array) != len(x) or array.dtype.kind not in kinds):
+            floats = " (float targets are for the regression task)" if name == "y" else ""
             raise RunError(
                 f"{path}: {name} must have {len(x)} entries of kind {kinds!r} "
-                f"for {task}, got {array.dtype} {array.shape}"
+                f"for {task}, got {array.dtype} {array.shape}{floats}"
             )
     if y is None and task != "reconstruction":
         raise RunError(f"{path}: {task} needs an array 'y' (a .npz without y is reconstruction)")
@@ -197,9 +199,7 @@ def _npz_dataset(path: Path, seed: int, task: ModelTask | None) -> RealDataset:
         assert y is not None
         if y.ndim not in (1, 2) or not np.isfinite(y).all():
             raise RunError(f"{path}: regression targets y must be finite, (n,) or (n, k)")
-        order = np.random.default_rng(seed).permutation(len(x))
-        test = np.zeros(len(x), dtype=bool)
-        test[order[: round(TEST_FRACTION * len(x))]] = True
+        test = random_test_mask(len(x), TEST_FRACTION, seed)
         train_y, test_y = y[~test].astype(np.float32), y[test].astype(np.float32)
     else:
         flags = np.zeros(len(x), np.int64) if y is None else y.astype(np.int64)

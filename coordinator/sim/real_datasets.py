@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import DatasetUnavailableError, RunError
-from coordinator.sim.datasets import load_digits_split, stratified_test_mask
+from coordinator.sim.datasets import load_digits_split, random_test_mask, stratified_test_mask
 from edge_agent.training.model_spec import TASKS, ModelTask
 
 __all__ = [
@@ -460,11 +460,9 @@ def _diabetes(seed: int, _package_dir: Path | None) -> RealDataset:
 
     data = load_diabetes(scaled=False)
     x, y = np.asarray(data.data, np.float64), np.asarray(data.target, np.float64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    cut = len(y) - round(TEST_FRACTION * len(y))
-    train, test = order[:cut], order[cut:]
-    x_train, x_test, _stats = _standardized(x[train], x[test], axis=(0,))
-    y_train, y_test, (mean, std) = _standardized(y[train], y[test], axis=(0,))
+    test = random_test_mask(len(y), TEST_FRACTION, seed)
+    x_train, x_test, _stats = _standardized(x[~test], x[test], axis=(0,))
+    y_train, y_test, (mean, std) = _standardized(y[~test], y[test], axis=(0,))
     return RealDataset(
         "diabetes",
         "regression",
