@@ -375,7 +375,7 @@ def run_simulation(
 
     _raise_open_files_limit(config.agents)
     data = fleet_data(config.dataset, config.partition, config.agents, config.seed)
-    x, y, test = data.x, data.y, data.test
+    x, y, test = data.x, data.labels, data.test
     shards = save_shards(x, y, data.parts, out / "data")
     np.savez(out / "data" / "test.npz", x=test.x, y=test.y)
     key = generate_signing_key()
