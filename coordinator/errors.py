@@ -8,7 +8,8 @@ The tree::
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
     ├── RunError                    a federated run cannot start or go on
-    │   └── StrategyError               an unknown strategy, or bad strategy arguments
+    │   ├── StrategyError               an unknown strategy, or bad strategy arguments
+    │   └── DatasetUnavailableError     a real dataset's package or file is not installed
     ├── StoreError                  the coordinator's SQLite state cannot be read or written
     │   ├── SchemaVersionError          the database is newer than this code knows
     │   ├── MigrationError              a schema migration step failed (rolled back)
@@ -76,6 +77,16 @@ class StrategyError(RunError):
     """An unknown strategy name, an unloadable ``module:Class`` or bad arguments."""
 
     code = "bad_strategy"
+
+
+class DatasetUnavailableError(RunError):
+    """A real dataset cannot be read: the package that ships it, or its file, is missing.
+
+    The message names the package and file and how to install them
+    (``pip install 'fedge[datasets]'``).
+    """
+
+    code = "dataset_unavailable"
 
 
 class StoreError(CoordinatorError):

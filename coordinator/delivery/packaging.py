@@ -53,6 +53,7 @@ from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy
 from edge_agent.runtime.loader import load_model
+from edge_agent.training.model_spec import ModelTask
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,15 @@ MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class LabelledData:
-    """Features ``x`` (float32, 2-D) and integer labels ``y``."""
+    """Features ``x`` (float32, 2-D) and what a ``task`` is judged on, ``y``.
+
+    ``y``: integer class labels (classification), float targets (regression) or
+    anomaly flags (int64, 1 = anomaly; reconstruction).
+    """
 
     x: npt.NDArray[np.float32]
-    y: npt.NDArray[np.int64]
+    y: npt.NDArray[Any]
+    task: ModelTask = "classification"
 
 
 @dataclass(frozen=True)

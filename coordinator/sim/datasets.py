@@ -27,7 +27,11 @@ import numpy.typing as npt
 __all__ = [
     "DIGITS_PIXEL_MAX",
     "dirichlet_partition",
+    "group_partition",
     "load_digits_split",
+    "quantile_bins",
+    "random_test_mask",
+    "stratified_test_mask",
     "train_reference_mlp",
     "train_reference_softmax",
 ]
@@ -118,6 +122,106 @@ def dirichlet_partition(
         if min(len(r) for r in result) >= min_examples:
             return result
     raise ValueError(f"no Dirichlet({alpha}) split gave every client {min_examples} examples")
+
+
+def stratified_test_mask(
+    labels: npt.ArrayLike, fraction: float, seed: int
+) -> npt.NDArray[np.bool_]:
+    """Which examples go to the test set: ``round(fraction * count)`` of each class.
+
+    Each class's examples are shuffled by ``numpy.random.default_rng(seed)`` (one
+    stream, classes in sorted order), so the split is deterministic for a seed.
+
+    Args:
+        labels: One label per example (any values that sort).
+        fraction: Share of each class in the test set, in ``[0, 1]``.
+        seed: RNG seed.
+
+    Returns:
+        A boolean mask, True for a test example.
+
+    Raises:
+        ValueError: ``fraction`` outside ``[0, 1]``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the test fraction must be in [0, 1], got {fraction}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        rng.shuffle(members)
+        test_mask[members[: round(fraction * len(members))]] = True
+    return test_mask
+
+
+def random_test_mask(n: int, fraction: float, seed: int) -> npt.NDArray[np.bool_]:
+    """Which of ``n`` examples go to the test set: ``round(fraction * n)`` drawn at random.
+
+    Deterministic for a seed (``numpy.random.default_rng(seed).permutation``).
+
+    Raises:
+        ValueError: ``fraction`` outside ``[0, 1]``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the test fraction must be in [0, 1], got {fraction}")
+    test_mask = np.zeros(n, dtype=bool)
+    test_mask[np.random.default_rng(seed).permutation(n)[: round(fraction * n)]] = True
+    return test_mask
+
+
+def quantile_bins(targets: npt.ArrayLike, bins: int) -> npt.NDArray[np.int64]:
+    """Bin regression targets into ``bins`` groups of about equal size, ``0..bins-1``.
+
+    A 2-D target ``(n, k)`` is binned by its mean over the ``k`` outputs. The bins
+    are the labels a label-skewed split (:func:`dirichlet_partition`) skews by, so
+    that clients see different ranges of the target.
+
+    Raises:
+        ValueError: ``bins < 1``, no targets, or targets of rank above 2.
+    """
+    y = np.asarray(targets, dtype=np.float64)
+    if bins < 1 or y.ndim not in (1, 2) or len(y) == 0:
+        raise ValueError(f"need bins >= 1 and targets (n,) or (n, k), got {bins} and {y.shape}")
+    values = y if y.ndim == 1 else y.mean(axis=1)
+    edges = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right").astype(np.int64)
+
+
+def group_partition(
+    groups: npt.ArrayLike, clients: int, *, min_examples: int = 1
+) -> list[npt.NDArray[np.int64]]:
+    """Split example indices by group: group ``i`` (in sorted order) goes to client
+    ``i % clients``.
+
+    The natural non-IID split of data that says where it came from (one speaker,
+    one machine, one site per group): a client never shares a group with another.
+
+    Args:
+        groups: One integer group id per example.
+        clients: Number of clients (>= 1).
+        min_examples: Fewest examples per client.
+
+    Returns:
+        One sorted index array per client; together they cover every example once.
+
+    Raises:
+        ValueError: ``clients < 1``, or a client would hold fewer than
+            ``min_examples`` (fewer groups than clients, or groups too small).
+    """
+    g = np.asarray(groups)
+    if clients < 1:
+        raise ValueError("need clients >= 1")
+    ids = np.unique(g)
+    clients_of = np.searchsorted(ids, g) % clients
+    result = [np.flatnonzero(clients_of == c).astype(np.int64) for c in range(clients)]
+    fewest = min(len(r) for r in result)
+    if fewest < min_examples:
+        raise ValueError(
+            f"{len(ids)} groups over {clients} clients leave one with {fewest} examples, "
+            f"fewer than {min_examples}"
+        )
+    return result
 
 
 def train_reference_mlp(

@@ -413,7 +413,10 @@ def run_simulation(
     started = time.monotonic()
 
     _raise_open_files_limit(config.agents)
-    data = fleet_data(config.dataset, config.partition, config.agents, config.seed, task=config.task)
+    data = fleet_data(
+        config.dataset, config.partition, config.agents, config.seed,
+        task=None if config.task is None else check_task(config.task),
+    )  # fmt: skip
     sim = SimModel.choose(config.model, config.task, data, hidden=config.hidden)
     shards = save_shards(sim.rows(data.x), data.y, data.parts, out / "data")
     test = sim.test
