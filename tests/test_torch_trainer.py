@@ -55,6 +55,11 @@ def wrong_width(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     return nn.Linear(input_shape[0], num_outputs + 1)
 
 
+def same_size_other_shape(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """Logits (n, 2, outputs/2): as many values as (n, outputs), the wrong shape."""
+    return nn.Sequential(nn.Linear(input_shape[0], num_outputs), nn.Unflatten(1, (2, -1)))
+
+
 def returns_tuple(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     class Pair(nn.Module):
         def __init__(self) -> None:
@@ -335,7 +340,7 @@ def test_weights_that_do_not_fit_are_refused() -> None:
 
 
 def test_a_model_whose_output_does_not_fit_the_task_is_a_training_error() -> None:
-    for factory in ("wrong_width", "returns_tuple"):
+    for factory in ("wrong_width", "returns_tuple", "same_size_other_shape"):
         spec = f"{HERE}:{factory}"
         trainer = TorchTrainer(spec, task="classification", input_shape=(6,), num_outputs=4)
         start = initial_weights(
@@ -360,6 +365,14 @@ def test_a_model_failing_on_the_data_is_a_training_error() -> None:
     one = Dataset(rows().x[:1], np.array([0]))  # BatchNorm cannot train on one example
     with pytest.raises(TrainingError, match="failed on a batch of shape"):
         trainer.fit(start_for_bn(), one, CONFIG, np.random.default_rng(0))
+
+
+def test_a_last_batch_of_one_example_joins_the_one_before() -> None:
+    trainer = trainer_for_bn()
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05)
+    result = trainer.fit(start_for_bn(), rows(n=33), config, np.random.default_rng(0))
+    assert result.num_examples == 33
+    assert np.isfinite(result.metrics["train_loss"])
 
 
 def test_predict_refuses_inputs_of_the_wrong_shape_or_values() -> None:

@@ -103,6 +103,17 @@ def _hits(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
     return int(torch.eq(logits.argmax(dim=1), labels).sum().item())
 
 
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each mini-batch; a last batch of one example joins the one before.
+
+    (BatchNorm cannot train on a batch of one, and a single example is a noisy step.)
+    """
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class TorchTrainer:
     """Trains and evaluates one PyTorch model factory for one task and example shape.
 
@@ -236,7 +247,13 @@ class TorchTrainer:
 
     def _shaped(self, out: torch.Tensor, n: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
         """``out`` as ``shape`` (same number of values per example), or TrainingError."""
-        if out.ndim == 0 or out.shape[0] != n or out.numel() != math.prod(shape):
+        exact = what == "classification"  # logits must be (n, classes), not merely as many
+        if (
+            out.ndim == 0
+            or out.shape[0] != n
+            or out.numel() != math.prod(shape)
+            or (exact and tuple(out.shape) != shape)
+        ):
             raise TrainingError(
                 f"model {self._spec} output has shape {tuple(out.shape)}; {what} needs "
                 f"{shape[1:] or '()'} per example"
@@ -359,8 +376,8 @@ class TorchTrainer:
         for _ in range(config.epochs):
             total_loss, correct = 0.0, 0
             order = rng.permutation(n)
-            for start in range(0, n, config.batch_size):
-                idx = order[start : start + config.batch_size]
+            for start, stop in _batches(n, config.batch_size):
+                idx = order[start:stop]
                 xb = self._tensor(data.x[idx])
                 yb = self._targets(data, idx)
                 loss, out = self._batch_loss(xb, yb, reduction="mean")
