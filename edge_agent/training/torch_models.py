@@ -71,7 +71,6 @@ MAX_INPUT_RANK = 8
 """Most dimensions one example may have (``input_shape``)."""
 
 _MAX_DIM = 1 << 24
-_FACTORY_ARGS = ("input_shape", "num_outputs", "task")
 
 
 def require_torch() -> None:
