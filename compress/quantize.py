@@ -34,6 +34,9 @@ Every activation is quantized, the final softmax included: a static model's clas
 probabilities come in steps of 1/255, which leaves the arg-max (the predicted class)
 intact but limits fine-grained confidence thresholds.
 Use :func:`load_calibration` to read such a batch from an ``.npz`` file.
+``float_nodes`` keeps named nodes in float32 and feeds them the unquantized values
+of their inputs (an output head whose range the calibration data cannot cover, such
+as an anomaly score; see :mod:`compress.torch_export`).
 
 Pre-processing. onnxruntime recommends running
 ``onnxruntime.quantization.shape_inference.quant_pre_process`` (ONNX shape inference
@@ -64,7 +67,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,7 @@ def quantize_int8(
     *,
     calibration: npt.NDArray[np.float32] | None = None,
     per_channel: bool = True,
+    float_nodes: Collection[str] = (),
 ) -> bytes:
     """Quantize a float32 ONNX model to int8.
 
@@ -111,6 +115,9 @@ def quantize_int8(
             static (non-batch) dimensions the examples must match.
         per_channel: Quantize weights with one scale per output channel (more
             accurate, a few percent larger) instead of one per tensor.
+        float_nodes: Names of nodes to keep in float32 (not quantized), e.g. an
+            output head whose values the calibration data does not cover; every name
+            must be a node of ``model``.
 
     Returns:
         The serialized int8 model; same input and output names, shapes and dtypes.
@@ -118,10 +125,14 @@ def quantize_int8(
     Raises:
         QuantizationError: ``onnx``/``onnxruntime.quantization`` is not installed,
             ``model`` is not a valid ONNX model, ``calibration`` is empty, not
-            finite, or its examples do not fit the model's input, or onnxruntime
-            fails.
+            finite, or its examples do not fit the model's input, ``float_nodes``
+            names a node the model does not have, or onnxruntime fails.
     """
     proto = _parse_model(model)
+    keep_float = sorted(set(float_nodes))
+    unknown = sorted(set(keep_float) - {node.name for node in proto.graph.node})
+    if unknown:
+        raise QuantizationError(f"float_nodes names no node of the model: {', '.join(unknown)}")
     calib: FloatArray | None = None
     input_name = ""
     if calibration is not None:
@@ -150,6 +161,7 @@ def quantize_int8(
                 out,
                 weight_type=quantization.QuantType.QInt8,
                 per_channel=per_channel,
+                nodes_to_exclude=keep_float,
             )
         else:
             _run(
@@ -163,11 +175,14 @@ def quantize_int8(
                 weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.MinMax,
                 per_channel=per_channel,
+                nodes_to_exclude=keep_float,
             )
         try:
             data = out.read_bytes()
         except OSError as exc:
             raise QuantizationError(f"onnxruntime did not write a quantized model: {exc}") from exc
+    if keep_float:
+        data = _unquantized_inputs(data, keep_float)
     data = _prune_opset_imports(data)
     _check_loads(data, "the quantized model")
     logger.debug(
@@ -388,6 +403,56 @@ def _prune_opset_imports(model: bytes) -> bytes:
     proto.opset_import.extend(keep)
     pruned: bytes = proto.SerializeToString()
     return pruned
+
+
+def _unquantized_inputs(model: bytes, float_nodes: Collection[str]) -> bytes:
+    """Feed the float nodes the float values their inputs had before quantization.
+
+    The QDQ quantizer gives every consumer of a quantized activation ``T`` the
+    round-tripped ``DequantizeLinear(QuantizeLinear(T))``, excluded nodes too, so a
+    float head would still see values clipped to the calibration range (an anomaly
+    score would compare a reconstruction with a clipped input). Each such input of a
+    node in ``float_nodes`` is wired back to ``T``; ``QuantizeLinear`` /
+    ``DequantizeLinear`` nodes left without consumers are removed.
+
+    Raises:
+        QuantizationError: the quantizer's output cannot be parsed.
+    """
+    import onnx  # noqa: PLC0415 - imported by _parse_model already
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:  # protobuf raises assorted types
+        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
+    nodes = proto.graph.node
+    producer = {out: node for node in nodes for out in node.output}
+    for node in nodes:
+        if node.name not in float_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = (
+                producer.get(dq.input[0])
+                if dq is not None and dq.op_type == "DequantizeLinear"
+                else None
+            )
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    outputs = {out.name for out in proto.graph.output}
+    while True:
+        used = outputs | {name for node in nodes for name in node.input}
+        dead = [
+            node
+            for node in nodes
+            if node.op_type in {"QuantizeLinear", "DequantizeLinear"}
+            and not any(out in used for out in node.output)
+        ]
+        if not dead:
+            break
+        for node in dead:
+            nodes.remove(node)
+    rewired: bytes = proto.SerializeToString()
+    return rewired
 
 
 def _check_loads(model: bytes, what: str) -> None:

@@ -27,6 +27,9 @@ are recorded and re-logged at DEBUG level on this module's logger. The module is
 traced with a batch of two zero examples in ``eval()`` mode (dropout off, BatchNorm
 using its running statistics); its training flag is restored afterwards.
 
+The head's nodes are named with the prefix :data:`HEAD_PREFIX` (:func:`head_nodes`
+lists them), so that int8 quantization can keep them in float.
+
 Checks, because a model that no device can run must not reach packaging: the module
 must run on the sample shape and give an output that fits the task; the ONNX model
 must pass ``onnx.checker``; onnxruntime must load it and reproduce torch's output on
@@ -58,7 +61,7 @@ from compress.onnx_export import BATCH_DIM, MIN_OPSET
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OUTPUT_NAMES", "ModelTask", "export_torch_onnx"]
+__all__ = ["HEAD_PREFIX", "OUTPUT_NAMES", "ModelTask", "export_torch_onnx", "head_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,12 @@ OUTPUT_NAMES: Mapping[ModelTask, str] = {
     "reconstruction": "anomaly_score",
 }
 """The exported model's output name for each task."""
+
+HEAD_PREFIX = "fedge_head"
+"""Name prefix of the task head's nodes in an exported model (see :func:`head_nodes`)."""
+
+_MODULE_SCOPE = "/model/"
+"""Name prefix the exporter gives the wrapped module's nodes (the head's attribute)."""
 
 _TRACE_ROWS = 2
 """Examples in the tracing batch: more than one, so that no size-1 shortcut is traced."""
@@ -129,7 +138,7 @@ def export_torch_onnx(
         data = _export(torch, head, shape, task, opset)
     finally:
         module.train(was_training)
-    data = _check_model(data, opset)
+    data = _check_model(data, opset, task)
     _check_reproduces(data, task, check_input, expected)
     logger.debug("exported %s model %s to ONNX: %d bytes", task, type(module).__name__, len(data))
     return data
@@ -264,19 +273,69 @@ def _export(
     return buffer.getvalue()
 
 
-def _check_model(data: bytes, opset: int) -> bytes:
-    """Check the exported model and lower its IR version as far as its opsets allow.
+def head_nodes(model: bytes) -> tuple[str, ...]:
+    """Names of the nodes of the task head in a model from :func:`export_torch_onnx`.
+
+    The softmax of a classifier and the anomaly score of an autoencoder; none for a
+    regressor. Quantization keeps them in float
+    (``quantize_int8(..., float_nodes=head_nodes(model))``): the score's range on
+    anomalies is not in normal calibration data, and probabilities keep their
+    precision.
 
     Raises:
-        ExportError: onnx is missing or the model fails ``onnx.checker``.
+        ExportError: ``model`` is not a parsable ONNX model.
+    """
+    onnx = _import_onnx()
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:  # protobuf raises assorted types
+        raise ExportError(f"not an ONNX model: {one_line(exc)}") from exc
+    return tuple(node.name for node in proto.graph.node if node.name.startswith(HEAD_PREFIX))
+
+
+def _import_onnx() -> Any:
+    """Import and return ``onnx`` (with its checker).
+
+    Raises:
+        ExportError: onnx is not installed.
     """
     try:
         import onnx  # noqa: PLC0415 - optional dependency, imported lazily on purpose
         import onnx.checker  # noqa: PLC0415
     except ImportError as exc:
         raise ExportError(f"exporting to ONNX needs the 'onnx' package; {_INSTALL_HINT}") from exc
+    return onnx
+
+
+def _mark_head(model: Any, task: ModelTask) -> None:
+    """Prefix the head's node names with :data:`HEAD_PREFIX`.
+
+    The exporter names nodes by module scope: the wrapped module's under
+    ``/model/``, the head's at the top. Nothing is marked (with a warning) if no
+    node carries the module's scope, e.g. if a torch release names nodes otherwise.
+    """
+    if task == "regression":
+        return
+    if not any(node.name.startswith(_MODULE_SCOPE) for node in model.graph.node):
+        logger.warning("cannot tell the %s head from the module in the export", task)
+        return
+    for node in model.graph.node:
+        if not node.name.startswith(_MODULE_SCOPE):
+            node.name = HEAD_PREFIX + node.name
+
+
+def _check_model(data: bytes, opset: int, task: ModelTask) -> bytes:
+    """Check the exported model, mark its head and lower its IR version.
+
+    The IR version becomes the oldest its opsets allow.
+
+    Raises:
+        ExportError: onnx is missing or the model fails ``onnx.checker``.
+    """
+    onnx = _import_onnx()
     try:
         model = onnx.load_model_from_string(data)
+        _mark_head(model, task)
         model.ir_version = int(onnx.helper.find_min_ir_version_for(list(model.opset_import)))
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # onnx and protobuf raise assorted types

@@ -250,6 +250,50 @@ def test_calibration_needs_a_batched_input() -> None:
         quantize_int8(model.SerializeToString(), calibration=np.ones((2, 4), np.float32))
 
 
+def _matmul_minus_input() -> bytes:
+    """out = input @ (0.001 * I) - input, the Sub named "head_sub"."""
+    helper = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32) * 1e-3, "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["h"], name="body_matmul"),
+            helper.make_node("Sub", ["h", "input"], ["out"], name="head_sub"),
+        ],
+        "head",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def test_float_nodes_read_unquantized_inputs() -> None:
+    """Inputs beyond the calibration range reach a float node unclipped."""
+    fp32 = _matmul_minus_input()
+    calibration = np.random.default_rng(5).random((32, 4), dtype=np.float32)  # in [0, 1)
+    far = np.full((2, 4), 10.0, np.float32)
+
+    clipped = OnnxRuntimeModel.from_bytes(quantize_int8(fp32, calibration=calibration))
+    int8 = quantize_int8(fp32, calibration=calibration, float_nodes=["head_sub"])
+
+    assert clipped.predict(far)[0, 0] > -1.5  # the quantized Sub sees input clipped to ~1
+    np.testing.assert_allclose(OnnxRuntimeModel.from_bytes(int8).predict(far), -10.0, atol=0.01)
+    proto = onnx.load_model_from_string(int8)
+    (sub,) = [node for node in proto.graph.node if node.name == "head_sub"]
+    assert "input" in sub.input
+    assert "MatMul" in _ops(int8)  # the body is still quantized (QDQ around MatMul)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8)
+    assert "out" in {out for node in proto.graph.node for out in node.output}
+
+
+def test_float_nodes_must_exist() -> None:
+    with pytest.raises(QuantizationError, match="float_nodes names no node of the model: nope"):
+        quantize_int8(_matmul_minus_input(), float_nodes=["head_sub", "nope"])
+
+
 def test_calibration_needs_one_input() -> None:
     helper = onnx.helper
     graph = helper.make_graph(

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from compress.errors import ExportError
-from compress.torch_export import OUTPUT_NAMES, ModelTask, export_torch_onnx
+from compress.torch_export import (
+    HEAD_PREFIX,
+    OUTPUT_NAMES,
+    ModelTask,
+    export_torch_onnx,
+    head_nodes,
+)
 
 torch.set_num_threads(1)
 
@@ -125,6 +131,19 @@ def test_shaped_reconstruction_gives_the_same_scores() -> None:
     )
     assert got.shape == (4,)
     assert (got > 0).all()
+
+
+def test_head_nodes() -> None:
+    """The task head is marked, so that quantization can keep it in float."""
+    heads = {
+        task: head_nodes(export_torch_onnx(*_module(task), task))
+        for task in ("classification", "regression", "reconstruction")
+    }
+    assert heads["classification"] == (f"{HEAD_PREFIX}/Softmax",)
+    assert heads["regression"] == ()
+    assert {f"{HEAD_PREFIX}/Sub", f"{HEAD_PREFIX}/ReduceMean"} <= set(heads["reconstruction"])
+    with pytest.raises(ExportError, match="not an ONNX model"):
+        head_nodes(b"\x08\x07" + b"\xff" * 20)
 
 
 def test_export_warnings_do_not_leak(caplog: pytest.LogCaptureFixture) -> None:
