@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from compress.errors import ExportError
+from compress.quantize import quantize_int8
 from compress.torch_export import (
     HEAD_PREFIX,
     OUTPUT_NAMES,
@@ -131,6 +132,29 @@ def test_shaped_reconstruction_gives_the_same_scores() -> None:
     )
     assert got.shape == (4,)
     assert (got > 0).all()
+
+
+def test_sensor_cnn_static_int8_keeps_the_class() -> None:
+    """A 1-D CNN over (channels, steps) windows: export, then int8 with N-D calibration."""
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 8, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool1d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
+    fp32 = export_torch_onnx(cnn, (3, 20), "classification")
+    windows = np.random.default_rng(0).standard_normal((300, 3, 20)).astype(np.float32)
+
+    int8 = quantize_int8(fp32, calibration=windows[:200], float_nodes=head_nodes(fp32))
+
+    assert "QuantizeLinear" in {
+        node.op_type for node in onnx.load_model_from_string(int8).graph.node
+    }
+    want, got = _run(fp32, windows[200:]), _run(int8, windows[200:])
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)  # the softmax stayed float
+    assert np.mean(got.argmax(axis=1) == want.argmax(axis=1)) >= 0.9
 
 
 def test_head_nodes() -> None:

@@ -335,6 +335,15 @@ def test_bad_evaluation(
         _package(autoencoder, signing_key, tmp_path / "m.fedge", evaluation=evaluation)
 
 
+def test_regression_targets_must_fit_the_outputs(
+    diabetes_mlp: Trained, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    two_targets = np.stack([diabetes_mlp.evaluation.y, diabetes_mlp.evaluation.y], axis=1)
+    evaluation = LabelledData(diabetes_mlp.evaluation.x, two_targets, "regression")
+    with pytest.raises(PackagingError, match="does not fit the model's output"):
+        _package(diabetes_mlp, signing_key, tmp_path / "m.fedge", evaluation=evaluation)
+
+
 def test_export_errors_pass_through(
     digits_cnn: Trained, signing_key: SigningKey, tmp_path: Path
 ) -> None:

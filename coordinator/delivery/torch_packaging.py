@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from compress.errors import MetricError
 from compress.keys import SigningKey
 from compress.metrics import mean_squared_error, roc_auc
 from compress.quantize import quantize_int8
@@ -279,12 +280,19 @@ def _outputs(runtime: ModelRuntime, x: npt.NDArray[np.float32]) -> npt.NDArray[n
 
 
 def _metric(runtime: ModelRuntime, data: LabelledData) -> float:
-    """The task's metric (:data:`METRIC_NAMES`) of ``runtime`` on ``data``."""
+    """The task's metric (:data:`METRIC_NAMES`) of ``runtime`` on ``data``.
+
+    Raises:
+        PackagingError: the evaluation's targets do not fit the model's outputs.
+    """
     if data.task == "classification":
         return accuracy(runtime, data.x, data.y, batch_size=EVAL_BATCH)
-    if data.task == "regression":
-        return mean_squared_error(_outputs(runtime, data.x), data.y)
-    return roc_auc(_outputs(runtime, data.x), data.y)
+    try:
+        if data.task == "regression":
+            return mean_squared_error(_outputs(runtime, data.x), data.y)
+        return roc_auc(_outputs(runtime, data.x), data.y)
+    except MetricError as exc:
+        raise PackagingError(f"evaluation data does not fit the model's output: {exc}") from exc
 
 
 def _gate(task: ModelTask, fp32: float, int8: float, bounds: _Bounds) -> None:
