@@ -595,7 +595,7 @@ def test_buffer_keeps_float_targets_for_regression(
 
 def test_targets_of_image_inputs(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path)
-    buffer.add_targets(image(0), 0.25)
+    buffer.add_targets(image(0), np.array(0.25))  # a 0-d array is one number
     data = open_buffer(tmp_path).dataset("regression")
     assert data is not None
     assert (data.x.shape, data.y.tolist()) == ((1, 1, 2, 3), [0.25])
@@ -616,6 +616,7 @@ def test_targets_of_image_inputs(tmp_path: Path) -> None:
         pytest.param(np.zeros((2, MAX_TARGETS + 1)), "shape", id="too-many-outputs"),
         pytest.param(np.zeros((2, 1, 1)), "shape", id="3-d"),
         pytest.param(np.array(["a", "b"]), "dtype", id="text-array"),
+        pytest.param([1.0, 10**400], "finite", id="huge-int"),
     ],
 )
 def test_buffer_refuses_invalid_targets(tmp_path: Path, targets: Any, message: str) -> None:

@@ -21,7 +21,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -167,14 +167,14 @@ def _is_list(value: object) -> bool:
     return isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
 
 
-def _target_array(targets: object) -> npt.NDArray[np.float64]:
+def _target_array(targets: object) -> npt.NDArray[Any]:
     """Numbers, a list of numbers or a list of equally long lists of numbers."""
     if _is_number(targets):
         return np.array([targets], dtype=np.float64)
     if isinstance(targets, np.ndarray):
         if targets.dtype.kind not in "fiu":
             raise InvalidLabelError(f"targets must be numbers, got dtype {targets.dtype}")
-        return targets.astype(np.float64)
+        return targets.astype(np.float64).reshape(-1) if targets.ndim == 0 else targets
     if not _is_list(targets):
         raise InvalidLabelError(f"targets must be numbers, got {type(targets).__name__}")
     items = list(targets)  # type: ignore[call-overload]
@@ -201,7 +201,10 @@ def check_targets(targets: object, count: int) -> FloatArray:
         InvalidLabelError: Not numbers, not finite in float32, too many outputs, or
             not one entry per example.
     """
-    array = _target_array(targets)
+    try:
+        array = _target_array(targets)
+    except OverflowError as exc:  # an int beyond any float
+        raise InvalidLabelError("targets must be finite numbers within float32") from exc
     if array.ndim not in (1, 2) or (array.ndim == 2 and not 1 <= array.shape[1] <= MAX_TARGETS):
         raise InvalidLabelError(
             f"targets must have shape (examples,) or (examples, 1..{MAX_TARGETS}), "
@@ -224,6 +227,7 @@ def check_targets(targets: object, count: int) -> FloatArray:
 
 
 def encode_record(example: Example) -> bytes:
+    """The record of ``example`` (see :mod:`edge_agent.training.feedback_buffer`)."""
     values = example.x.astype("<f4", copy=False).tobytes()
     if example.target is None and example.x.ndim == 1:
         return _LABEL.pack(example.label) + values  # the original format
