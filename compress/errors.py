@@ -27,6 +27,7 @@ The tree::
     ├── FamilyError                 weights do not form a built-in model family
     ├── ExportError                 a model could not be exported
     ├── QuantizationError           a model could not be quantized
+    ├── MetricError                 a quality metric got inputs it cannot score
     └── CodecError                  an update codec spec, update or payload is invalid
         └── NonFiniteUpdateError        the update holds NaN or infinite values
 
@@ -160,6 +161,16 @@ class QuantizationError(CompressError):
     """A model could not be quantized (bad model, bad calibration data)."""
 
     code = "quantization_failed"
+
+
+class MetricError(CompressError):
+    """A quality metric (:mod:`compress.metrics`) was given inputs it cannot score.
+
+    Mismatched or empty arrays, non-finite values, labels other than 0 and 1, or a
+    ROC-AUC asked of labels that hold only one class.
+    """
+
+    code = "bad_metric_input"
 
 
 class CodecError(CompressError):

@@ -16,7 +16,10 @@ choice for dense models such as fedge's ``softmax`` and ``mlp`` families and
 whenever no representative inputs are at hand on the coordinator (the usual case in
 federated learning, where the data stays on devices).
 
-**Static** (``calibration=`` a float32 batch of representative inputs). The model is
+**Static** (``calibration=`` a float32 batch of representative inputs, ``(n,
+*example_shape)`` for a model with one float input of any rank: rows ``(n, features)``,
+images ``(n, channels, height, width)``, sensor windows ``(n, channels, steps)``). The
+model is
 run on the calibration batch first and each activation's range is recorded
 (``MinMax``); the ranges are then frozen into the model as ``QuantizeLinear`` /
 ``DequantizeLinear`` pairs around every quantizable operator (the ``QDQ`` format,
@@ -31,6 +34,9 @@ Every activation is quantized, the final softmax included: a static model's clas
 probabilities come in steps of 1/255, which leaves the arg-max (the predicted class)
 intact but limits fine-grained confidence thresholds.
 Use :func:`load_calibration` to read such a batch from an ``.npz`` file.
+``float_nodes`` keeps named nodes in float32 and feeds them the unquantized values
+of their inputs (an output head whose range the calibration data cannot cover, such
+as an anomaly score; see :mod:`compress.torch_export`).
 
 Pre-processing. onnxruntime recommends running
 ``onnxruntime.quantization.shape_inference.quant_pre_process`` (ONNX shape inference
@@ -61,7 +67,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +103,21 @@ def quantize_int8(
     *,
     calibration: npt.NDArray[np.float32] | None = None,
     per_channel: bool = True,
+    float_nodes: Collection[str] = (),
 ) -> bytes:
     """Quantize a float32 ONNX model to int8.
 
     Args:
         model: A serialized float32 ONNX model.
-        calibration: ``None`` for dynamic quantization; otherwise a 2-D float batch
-            of representative inputs ``(n, n_features)`` for static (QDQ)
-            quantization of a model with one 2-D float input.
+        calibration: ``None`` for dynamic quantization; otherwise a float batch of
+            representative inputs ``(n, *example_shape)`` for static (QDQ)
+            quantization of a model with one float input of the same rank, whose
+            static (non-batch) dimensions the examples must match.
         per_channel: Quantize weights with one scale per output channel (more
             accurate, a few percent larger) instead of one per tensor.
+        float_nodes: Names of nodes to keep in float32 (not quantized), e.g. an
+            output head whose values the calibration data does not cover; every name
+            must be a node of ``model``.
 
     Returns:
         The serialized int8 model; same input and output names, shapes and dtypes.
@@ -114,14 +125,19 @@ def quantize_int8(
     Raises:
         QuantizationError: ``onnx``/``onnxruntime.quantization`` is not installed,
             ``model`` is not a valid ONNX model, ``calibration`` is empty, not
-            finite, or does not fit the model's input, or onnxruntime fails.
+            finite, or its examples do not fit the model's input, ``float_nodes``
+            names a node the model does not have, or onnxruntime fails.
     """
     proto = _parse_model(model)
+    keep_float = sorted(set(float_nodes))
+    unknown = sorted(set(keep_float) - {node.name for node in proto.graph.node})
+    if unknown:
+        raise QuantizationError(f"float_nodes names no node of the model: {', '.join(unknown)}")
     calib: FloatArray | None = None
     input_name = ""
     if calibration is not None:
-        input_name, n_features = _single_float_input(proto)
-        calib = _check_calibration(calibration, n_features)
+        input_name, example_dims = _single_float_input(proto)
+        calib = _check_calibration(calibration, example_dims)
     quantization = _import_quantization()
     _check_loads(model, "the model")
 
@@ -145,6 +161,7 @@ def quantize_int8(
                 out,
                 weight_type=quantization.QuantType.QInt8,
                 per_channel=per_channel,
+                nodes_to_exclude=keep_float,
             )
         else:
             _run(
@@ -158,11 +175,14 @@ def quantize_int8(
                 weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.MinMax,
                 per_channel=per_channel,
+                nodes_to_exclude=keep_float,
             )
         try:
             data = out.read_bytes()
         except OSError as exc:
             raise QuantizationError(f"onnxruntime did not write a quantized model: {exc}") from exc
+    if keep_float:
+        data = _unquantized_inputs(data, keep_float)
     data = _prune_opset_imports(data)
     _check_loads(data, "the quantized model")
     logger.debug(
@@ -178,7 +198,8 @@ def load_calibration(path: str | os.PathLike[str]) -> FloatArray:
     """Read a calibration batch from an ``.npz`` file.
 
     The file holds one array under the key :data:`CALIBRATION_KEY` (``"x"``) of shape
-    ``(n, n_features)``, ``n >= 1``, with finite real values (as written by
+    ``(n, *example_shape)`` (at least 2-D), ``n >= 1``, with finite real values (as
+    written by
     ``numpy.savez(path, x=batch)``). Pickled objects are refused.
 
     Args:
@@ -190,7 +211,7 @@ def load_calibration(path: str | os.PathLike[str]) -> FloatArray:
     Raises:
         QuantizationError: the file is missing or unreadable, is not an ``.npz``
             archive, has no ``x`` array, or the array is not a finite, non-empty
-            2-D numeric batch.
+            numeric batch of at least 2 dimensions.
     """
     arrays = load_npz(
         Path(path), max_bytes=MAX_CALIBRATION_FILE_BYTES, error=QuantizationError,
@@ -251,12 +272,15 @@ def _parse_model(model: bytes) -> Any:
     return proto
 
 
-def _single_float_input(proto: Any) -> tuple[str, int | None]:
-    """Name and feature count (``None`` if symbolic) of the model's only input.
+def _single_float_input(proto: Any) -> tuple[str, tuple[int | None, ...]]:
+    """Name and example dimensions (``None`` where symbolic) of the model's only input.
+
+    The example dimensions are the input's dimensions after the batch dimension.
 
     Raises:
-        QuantizationError: the model does not have exactly one 2-D float32 input,
-            which static calibration with a single batch requires.
+        QuantizationError: the model does not have exactly one float32 input with a
+            batch dimension and at least one more, which static calibration with a
+            single batch requires.
     """
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [inp for inp in proto.graph.input if inp.name not in initializers]
@@ -268,20 +292,29 @@ def _single_float_input(proto: Any) -> tuple[str, int | None]:
     tensor_type = inp.type.tensor_type
     float32 = 1  # onnx.TensorProto.FLOAT
     dims = list(tensor_type.shape.dim)
-    if tensor_type.elem_type != float32 or len(dims) != 2:
+    if tensor_type.elem_type != float32 or len(dims) < 2:
         raise QuantizationError(
-            f"static calibration needs a 2-D float32 input; {inp.name!r} is not one"
+            f"static calibration needs a float32 input (batch, ...) of at least 2-D; "
+            f"{inp.name!r} is not one"
         )
-    features = dims[1]
-    return inp.name, int(features.dim_value) if features.HasField("dim_value") else None
+    example = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in dims[1:])
+    return inp.name, example
 
 
-def _check_calibration(batch: npt.ArrayLike, n_features: int | None) -> FloatArray:
+def _check_calibration(
+    batch: npt.ArrayLike, example_dims: tuple[int | None, ...] | None
+) -> FloatArray:
     """Validate a calibration batch and return it as C-contiguous float32.
 
+    Args:
+        batch: The calibration examples, ``(n, *example_shape)``.
+        example_dims: The model input's dimensions after the batch (``None`` where
+            symbolic), or ``None`` when there is no model to match (a file).
+
     Raises:
-        QuantizationError: not a finite, non-empty, real 2-D batch, or its feature
-            count differs from ``n_features`` (when given).
+        QuantizationError: not a finite, non-empty, real batch of at least 2-D, or
+            its examples do not have the rank and static dimensions of
+            ``example_dims`` (when given).
     """
     try:
         arr = np.asarray(batch)
@@ -289,19 +322,29 @@ def _check_calibration(batch: npt.ArrayLike, n_features: int | None) -> FloatArr
         raise QuantizationError(f"calibration data is not an array: {exc}") from exc
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise QuantizationError(f"calibration data must be real numbers, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.shape[0] == 0:
+    if arr.ndim < 2 or arr.shape[0] == 0:
         raise QuantizationError(
-            f"calibration data must be a non-empty 2-D batch (n, features), got shape {arr.shape}"
+            "calibration data must be a non-empty batch (n, *example_shape) of at least 2-D, "
+            f"got shape {arr.shape}"
         )
-    if n_features is not None and arr.shape[1] != n_features:
+    if example_dims is not None and not _fits(arr.shape[1:], example_dims):
+        takes = ", ".join("?" if d is None else str(d) for d in example_dims)
         raise QuantizationError(
-            f"calibration data has {arr.shape[1]} features per row, the model expects {n_features}"
+            f"calibration examples have shape {arr.shape[1:]}, the model's input takes "
+            f"examples of shape ({takes})"
         )
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
         out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
         raise QuantizationError("calibration data contains NaN or infinity (after float32 cast)")
     return out
+
+
+def _fits(example: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
+    """Whether an example shape has the rank of ``dims`` and its static sizes."""
+    return len(example) == len(dims) and all(
+        want is None or want == got for want, got in zip(dims, example, strict=True)
+    )
 
 
 def _import_quantization() -> Any:
@@ -360,6 +403,56 @@ def _prune_opset_imports(model: bytes) -> bytes:
     proto.opset_import.extend(keep)
     pruned: bytes = proto.SerializeToString()
     return pruned
+
+
+def _unquantized_inputs(model: bytes, float_nodes: Collection[str]) -> bytes:
+    """Feed the float nodes the float values their inputs had before quantization.
+
+    The QDQ quantizer gives every consumer of a quantized activation ``T`` the
+    round-tripped ``DequantizeLinear(QuantizeLinear(T))``, excluded nodes too, so a
+    float head would still see values clipped to the calibration range (an anomaly
+    score would compare a reconstruction with a clipped input). Each such input of a
+    node in ``float_nodes`` is wired back to ``T``; ``QuantizeLinear`` /
+    ``DequantizeLinear`` nodes left without consumers are removed.
+
+    Raises:
+        QuantizationError: the quantizer's output cannot be parsed.
+    """
+    import onnx  # noqa: PLC0415 - imported by _parse_model already
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:  # protobuf raises assorted types
+        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
+    nodes = proto.graph.node
+    producer = {out: node for node in nodes for out in node.output}
+    for node in nodes:
+        if node.name not in float_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = (
+                producer.get(dq.input[0])
+                if dq is not None and dq.op_type == "DequantizeLinear"
+                else None
+            )
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    outputs = {out.name for out in proto.graph.output}
+    while True:
+        used = outputs | {name for node in nodes for name in node.input}
+        dead = [
+            node
+            for node in nodes
+            if node.op_type in {"QuantizeLinear", "DequantizeLinear"}
+            and not any(out in used for out in node.output)
+        ]
+        if not dead:
+            break
+        for node in dead:
+            nodes.remove(node)
+    rewired: bytes = proto.SerializeToString()
+    return rewired
 
 
 def _check_loads(model: bytes, what: str) -> None:

@@ -4,7 +4,8 @@ The tree::
 
     CoordinatorError
     ├── PackagingError              a model could not be packaged as an artifact
-    │   └── AccuracyDropError           int8 lost more accuracy than allowed
+    │   └── QualityGateError            int8 fell further behind fp32 than allowed
+    │       └── AccuracyDropError           a classifier lost more accuracy than allowed
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
     ├── RunError                    a federated run cannot start or go on
@@ -40,7 +41,17 @@ class PackagingError(CoordinatorError):
     code = "packaging_failed"
 
 
-class AccuracyDropError(PackagingError):
+class QualityGateError(PackagingError):
+    """The quantized model is worse than the float32 model by more than allowed.
+
+    Raised as such for regression (relative MSE increase) and reconstruction (ROC-AUC
+    drop); classifiers raise the subclass :class:`AccuracyDropError`.
+    """
+
+    code = "quality_gate"
+
+
+class AccuracyDropError(QualityGateError):
     """The quantized model lost more accuracy than ``--max-accuracy-drop`` allows."""
 
     code = "accuracy_drop"

@@ -283,15 +283,22 @@ class Agent:
         """
         return self._server.predict(inputs)
 
-    def feedback(self, prediction_id: str, label: int | Sequence[int]) -> int:
-        """Record the true label(s) of an earlier prediction as training examples.
+    def feedback(
+        self,
+        prediction_id: str,
+        label: int | Sequence[int] | None = None,
+        *,
+        target: float | Sequence[float] | Sequence[Sequence[float]] | None = None,
+    ) -> int:
+        """Record the true label(s), or a regression model's true target(s), of an
+        earlier prediction as training examples.
 
         Returns:
             The number of examples stored.
 
         Raises:
             TrainingError: feedback is off, the prediction is unknown (or too old, or
-                already labelled), or a label is invalid (see
+                already labelled), or a label or target is invalid (see
                 :meth:`~edge_agent.training.feedback.FeedbackCollector.record_feedback`).
             StateError: the examples cannot be written.
         """
@@ -299,7 +306,9 @@ class Agent:
             raise TrainingError("labelled feedback is off (training.feedback_max_examples = 0)")
         active = self._server.active
         classes = _class_count(active)
-        return self._feedback.record_feedback(prediction_id, label, num_classes=classes)
+        return self._feedback.record_feedback(
+            prediction_id, label, target=target, num_classes=classes
+        )
 
     def _remember(self, prediction: Prediction, inputs: Any) -> None:
         """Keep a prediction's inputs so that feedback can label them (HTTP threads)."""

@@ -18,27 +18,35 @@ from edge_agent.errors import (
     StateError,
     UnknownPredictionError,
 )
-from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
-from edge_agent.serving.server import ModelServer
+from edge_agent.runtime.base import TensorInfo
+from edge_agent.serving.http_api import FeedbackHandler, HttpConfig, LocalHttpServer
+from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
+from tests.model_fixtures import FakeRuntime
 
 LOCAL = "127.0.0.1"
 PATH = "/v1/feedback"
 
 Address = tuple[str, int]
-Handler = Callable[[str, "int | list[int]"], int]
+Handler = FeedbackHandler
 
 
 class RecordingHandler:
-    """A feedback handler that records its calls and answers or raises as told."""
+    """A feedback handler that records its calls and answers or raises as told.
+
+    A call with a label is recorded as ``(id, label)``, one with a target as ``(id,
+    {"target": target})``.
+    """
 
     def __init__(self, stored: int = 1, error: Exception | None = None) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.stored = stored
         self.error = error
 
-    def __call__(self, prediction_id: str, label: int | list[int]) -> int:
-        self.calls.append((prediction_id, label))
+    def __call__(
+        self, prediction_id: str, label: int | list[int] | None = None, *, target: Any = None
+    ) -> int:
+        self.calls.append((prediction_id, label if target is None else {"target": target}))
         if self.error is not None:
             raise self.error
         return self.stored
@@ -105,6 +113,19 @@ def test_stored_count_and_handler_arguments(
     assert type(handler.calls[0][1]) is type(label)
 
 
+@pytest.mark.parametrize(
+    "target", [21.5, 3, [0.5, -1.0], [[1.0, 2.0]], [[1, 2], [3.5, 4]]], ids=str
+)
+def test_targets_reach_the_handler_as_targets(
+    serve: Callable[[Handler | None], Address], target: Any
+) -> None:
+    handler = RecordingHandler(stored=2)
+    address = serve(handler)
+    status, answer = post(address, {"prediction_id": "pred-1", "target": target})
+    assert (status, answer) == (200, {"stored": 2})
+    assert handler.calls == [("pred-1", {"target": target})]
+
+
 def test_key_order_does_not_matter(serve: Callable[[Handler | None], Address]) -> None:
     handler = RecordingHandler()
     address = serve(handler)
@@ -150,6 +171,18 @@ def test_without_content_type_the_body_is_read_as_json(
         pytest.param(b'{"prediction_id": "p", "label": [1, 2.5]}', id="float-in-list"),
         pytest.param(b'{"prediction_id": "p", "label": [[1]]}', id="nested-list"),
         pytest.param(b'{"prediction_id": "p", "label": {"a": 1}}', id="object-label"),
+        pytest.param(b'{"prediction_id": "p", "label": 1, "target": 1.0}', id="label-and-target"),
+        pytest.param(b'{"prediction_id": "p", "target": true}', id="bool-target"),
+        pytest.param(b'{"prediction_id": "p", "target": "1.5"}', id="string-target"),
+        pytest.param(b'{"prediction_id": "p", "target": null}', id="null-target"),
+        pytest.param(b'{"prediction_id": "p", "target": []}', id="empty-target"),
+        pytest.param(b'{"prediction_id": "p", "target": [[]]}', id="empty-outputs"),
+        pytest.param(b'{"prediction_id": "p", "target": [1.0, [2.0]]}', id="mixed-target"),
+        pytest.param(b'{"prediction_id": "p", "target": [[1.0], [1.0, 2.0]]}', id="ragged"),
+        pytest.param(b'{"prediction_id": "p", "target": [[[1.0]]]}', id="too-deep"),
+        pytest.param(b'{"prediction_id": "p", "target": [1.0, false]}', id="bool-in-target"),
+        pytest.param(b'{"prediction_id": "p", "target": {"a": 1.0}}', id="object-target"),
+        pytest.param(b'{"target": 1.0}', id="target-without-id"),
     ],
 )
 def test_malformed_bodies_never_reach_the_handler(
@@ -292,3 +325,92 @@ def test_invalid_prediction_id_is_unknown(
     address = serve(collector.record_feedback)
     status, answer = post(address, {"prediction_id": "../../etc/passwd", "label": 1})
     assert (status, error_code(answer)) == (404, "unknown_prediction")
+
+
+# ----------------------------------------------- any example shape, float targets
+
+
+def image_model(collector: FeedbackCollector) -> ModelServer:
+    """A model server over 1x2x3 images (3 classes) whose predictions the collector
+    remembers, as the agent wires them."""
+
+    def remember(prediction: Prediction, inputs: Any) -> None:
+        collector.remember(prediction.id, inputs)
+
+    runtime = FakeRuntime(
+        lambda feeds: {"probabilities": np.full((len(feeds["input"]), 3), 1 / 3, np.float32)},
+        inputs=[TensorInfo("input", (None, 1, 2, 3), "float32")],
+        outputs=[TensorInfo("probabilities", (None, 3), "float32")],
+    )
+    server = ModelServer(on_prediction=remember)
+    server.activate(
+        LoadedModel(
+            name="camera",
+            version=1,
+            sha256="0" * 64,
+            format="onnx",
+            slot="a",
+            runtime=runtime,
+            installed_at=1_790_000_000.0,
+        )
+    )
+    return server
+
+
+def post_to(address: Address, path: str, document: Any) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        body = json.dumps(document).encode()
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def image_endpoint(collector: FeedbackCollector) -> Iterator[Address]:
+    endpoint = LocalHttpServer(
+        image_model(collector),
+        HttpConfig(host=LOCAL, port=0),
+        feedback=collector.record_feedback,
+    )
+    with endpoint:
+        yield endpoint.address
+
+
+def test_image_predictions_are_labelled_over_http(
+    image_endpoint: Address, collector: FeedbackCollector, tmp_path: Path
+) -> None:
+    images = np.arange(12, dtype=np.float32).reshape(2, 1, 2, 3)
+    status, answer = post_to(image_endpoint, "/v1/predict", {"inputs": images.tolist()})
+    assert status == 200
+    stored = post(image_endpoint, {"prediction_id": answer["id"], "label": [2, 0]})
+    assert stored == (200, {"stored": 2})
+    data = FeedbackBuffer(tmp_path / "feedback", fsync=False).dataset()
+    assert data is not None
+    np.testing.assert_array_equal(data.x, images)
+    assert data.labels.tolist() == [2, 0]
+
+
+def test_a_regression_target_for_an_image_prediction(
+    image_endpoint: Address, collector: FeedbackCollector
+) -> None:
+    image = np.ones((1, 1, 2, 3)).tolist()
+    _, answer = post_to(image_endpoint, "/v1/predict", {"inputs": image})
+    status, error = post(image_endpoint, {"prediction_id": answer["id"], "target": [1.0, 2.0]})
+    assert (status, error_code(error)) == (400, "bad_label")  # 2 targets, 1 example
+    assert "list of one list" in error["error"]["message"]
+    assert post(image_endpoint, {"prediction_id": answer["id"], "target": [[1.0, 2.0]]}) == (
+        200,
+        {"stored": 1},
+    )
+    data = collector.buffer.dataset("regression")
+    assert data is not None
+    assert (data.x.shape, data.y.tolist()) == ((1, 1, 2, 3), [[1.0, 2.0]])
+    # The buffer now holds targets: a class label for the next prediction does not fit.
+    _, answer = post_to(image_endpoint, "/v1/predict", {"inputs": image})
+    status, error = post(image_endpoint, {"prediction_id": answer["id"], "label": 1})
+    assert (status, error_code(error)) == (400, "bad_data")
+    assert "clear()" in error["error"]["message"]
+    assert answer["id"] in collector.log  # kept for a retry

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from compress.artifact import read_artifact_unverified
@@ -15,8 +16,14 @@ from compress.families import dense_layers, init_weights
 from compress.keys import SigningKey
 from compress.manifest import MAX_MANIFEST_BYTES
 from compress.onnx_export import export_onnx
-from coordinator.delivery.packaging import PackageRequest, load_labelled_npz, package_model
+from coordinator.delivery.packaging import (
+    LabelledData,
+    PackageRequest,
+    load_labelled_npz,
+    package_model,
+)
 from coordinator.errors import PackagingError
+from edge_agent.training.model_spec import ModelTask
 from tests.conftest import NOW
 
 
@@ -82,3 +89,75 @@ def test_complex_weights_are_refused() -> None:
     weights = {"W0": np.ones((2, 2), dtype=np.complex64), "b0": np.zeros(2)}
     with pytest.raises(FamilyError, match="real numbers"):
         dense_layers("softmax", weights)
+
+
+def test_package_model_reports_accuracy_as_its_metric(
+    tmp_path: Path, signing_key: SigningKey
+) -> None:
+    x = np.random.default_rng(0).random((20, 4), dtype=np.float32)
+    evaluation = LabelledData(x, np.zeros(20, np.int64))
+    result = package_model(_request(tmp_path, signing_key, 4, evaluation=evaluation), now=NOW)
+    assert result.metric_name == "accuracy"
+    assert result.fp32_metric == result.fp32_accuracy
+    assert result.packaged_metric == result.packaged_accuracy
+    assert result.packaged_accuracy is not None
+    # The health check's references are the evaluation rows.
+    check = result.manifest.health_check
+    assert check is not None
+    np.testing.assert_array_equal(check.inputs["input"].array(), x[:4])
+
+
+@pytest.mark.parametrize(
+    ("task", "x", "y", "y_dtype"),
+    [
+        ("classification", np.ones((3, 1, 2, 2)), np.array([0, 2, 1]), np.int64),
+        ("regression", np.ones((3, 5)), np.array([[0.5, 1], [2, 3], [4, 5]]), np.float32),
+        ("regression", np.ones((3, 5)), np.array([1, 2, 3]), np.float32),
+        ("reconstruction", np.ones((3, 2, 8)), np.array([0, 1, 0], np.uint8), np.int64),
+    ],
+    ids=["images", "regression-2d", "regression-int", "anomaly-flags"],
+)
+def test_load_labelled_npz_per_task(
+    tmp_path: Path,
+    task: ModelTask,
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.generic],
+    y_dtype: type[np.generic],
+) -> None:
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    data = load_labelled_npz(tmp_path / "d.npz", task)
+    assert data.task == task
+    assert data.x.dtype == np.float32
+    assert data.x.shape == x.shape
+    assert data.y.dtype == y_dtype
+    np.testing.assert_array_equal(data.y, y)
+
+
+@pytest.mark.parametrize(
+    ("task", "x", "y", "match"),
+    [
+        ("classification", np.ones(3), np.zeros(3, np.int64), r"x of shape \(n, \.\.\.\)"),
+        ("classification", np.ones((3, 2)), np.zeros(2, np.int64), "one y per example"),
+        ("classification", np.ones((3, 2)), np.zeros(3), "integer class labels"),
+        ("classification", np.ones((3, 2)), np.zeros((3, 1), np.int64), "integer class labels"),
+        ("regression", np.ones((3, 2)), np.array([1.0, np.nan, 2.0]), "finite numbers"),
+        ("regression", np.ones((3, 2)), np.ones((3, 1, 1)), r"\(n,\) or \(n, k\)"),
+        ("reconstruction", np.ones((3, 2)), np.array([0, 1, 2]), r"0 \(normal\) or 1"),
+        ("reconstruction", np.ones((3, 2)), np.array([0.0, 1.0, 0.0]), "anomaly flags"),
+        ("ranking", np.ones((3, 2)), np.zeros(3, np.int64), "unknown task 'ranking'"),
+    ],
+    ids=[
+        "1d-x", "lengths", "float-labels", "2d-labels", "nan-target", "3d-target", "flag-2",
+        "float-flags", "task",
+    ],
+)  # fmt: skip
+def test_load_labelled_npz_refuses(
+    tmp_path: Path,
+    task: ModelTask,
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.generic],
+    match: str,
+) -> None:
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(PackagingError, match=match):
+        load_labelled_npz(tmp_path / "d.npz", task)

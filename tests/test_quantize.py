@@ -172,10 +172,10 @@ def test_onnxruntime_failure_is_translated(
 @pytest.mark.parametrize(
     ("calibration", "match"),
     [
-        (np.ones((4, N_FEATURES + 1), np.float32), "features per row"),
+        (np.ones((4, N_FEATURES + 1), np.float32), r"examples have shape \(33,\).*\(32\)"),
         (np.ones(N_FEATURES, np.float32), "2-D"),
         (np.ones((0, N_FEATURES), np.float32), "non-empty"),
-        (np.ones((2, 2, N_FEATURES), np.float32), "2-D"),
+        (np.ones((2, 2, N_FEATURES), np.float32), r"examples have shape \(2, 32\)"),
         (np.full((4, N_FEATURES), np.nan, np.float32), "NaN"),
         (np.full((4, N_FEATURES), 1e300), "NaN or infinity"),
         (np.full((4, N_FEATURES), "a"), "real numbers"),
@@ -186,6 +186,112 @@ def test_onnxruntime_failure_is_translated(
 def test_bad_calibration(fp32_model: bytes, calibration: FloatArray, match: str) -> None:
     with pytest.raises(QuantizationError, match=match):
         quantize_int8(fp32_model, calibration=calibration)
+
+
+def _conv_model(shape: tuple[int | str, ...]) -> bytes:
+    """A one-Conv model over images (batch, 1, 8, 8); ``shape`` is its declared input."""
+    helper = onnx.helper
+    rng = np.random.default_rng(3)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["out"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 2, "h", "w"])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data: bytes = model.SerializeToString()
+    return data
+
+
+@pytest.mark.parametrize("shape", [("batch", 1, 8, 8), ("batch", 1, "h", "w")])
+def test_static_calibration_of_images(shape: tuple[int | str, ...]) -> None:
+    """Calibration examples of any rank: (n, channels, height, width) for a conv net."""
+    fp32 = _conv_model(shape)
+    images = np.random.default_rng(4).random((96, 1, 8, 8), dtype=np.float32)
+
+    int8 = quantize_int8(fp32, calibration=images[:64])
+
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= _ops(int8)
+    want = OnnxRuntimeModel.from_bytes(fp32).predict(images[64:])
+    got = OnnxRuntimeModel.from_bytes(int8).predict(images[64:])
+    assert got.shape == (32, 2, 8, 8)
+    np.testing.assert_allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "match"),
+    [
+        (np.ones((4, 1, 8, 9), np.float32), r"\(1, 8, 9\), the model's input takes .*\(1, 8, 8\)"),
+        (np.ones((4, 64), np.float32), r"examples have shape \(64,\)"),
+        (np.ones((4, 1, 1, 8, 8), np.float32), r"examples have shape \(1, 1, 8, 8\)"),
+        (np.ones((0, 1, 8, 8), np.float32), "non-empty"),
+    ],
+    ids=["width", "rows", "rank", "empty"],
+)
+def test_bad_image_calibration(calibration: FloatArray, match: str) -> None:
+    with pytest.raises(QuantizationError, match=match):
+        quantize_int8(_conv_model(("batch", 1, 8, 8)), calibration=calibration)
+
+
+def test_calibration_needs_a_batched_input() -> None:
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"])],
+        "vector",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(QuantizationError, match=r"float32 input \(batch, \.\.\.\)"):
+        quantize_int8(model.SerializeToString(), calibration=np.ones((2, 4), np.float32))
+
+
+def _matmul_minus_input() -> bytes:
+    """out = input @ (0.001 * I) - input, the Sub named "head_sub"."""
+    helper = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32) * 1e-3, "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["h"], name="body_matmul"),
+            helper.make_node("Sub", ["h", "input"], ["out"], name="head_sub"),
+        ],
+        "head",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def test_float_nodes_read_unquantized_inputs() -> None:
+    """Inputs beyond the calibration range reach a float node unclipped."""
+    fp32 = _matmul_minus_input()
+    calibration = np.random.default_rng(5).random((32, 4), dtype=np.float32)  # in [0, 1)
+    far = np.full((2, 4), 10.0, np.float32)
+
+    clipped = OnnxRuntimeModel.from_bytes(quantize_int8(fp32, calibration=calibration))
+    int8 = quantize_int8(fp32, calibration=calibration, float_nodes=["head_sub"])
+
+    assert clipped.predict(far)[0, 0] > -1.5  # the quantized Sub sees input clipped to ~1
+    np.testing.assert_allclose(OnnxRuntimeModel.from_bytes(int8).predict(far), -10.0, atol=0.01)
+    proto = onnx.load_model_from_string(int8)
+    (sub,) = [node for node in proto.graph.node if node.name == "head_sub"]
+    assert "input" in sub.input
+    assert "MatMul" in _ops(int8)  # the body is still quantized (QDQ around MatMul)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8)
+    assert "out" in {out for node in proto.graph.node for out in node.output}
+
+
+def test_float_nodes_must_exist() -> None:
+    with pytest.raises(QuantizationError, match="float_nodes names no node of the model: nope"):
+        quantize_int8(_matmul_minus_input(), float_nodes=["head_sub", "nope"])
 
 
 def test_calibration_needs_one_input() -> None:
@@ -234,6 +340,12 @@ def test_load_calibration(tmp_path: Path) -> None:
     assert loaded.flags.c_contiguous
     np.testing.assert_array_equal(loaded, batch.astype(np.float32))
     assert np.array_equal(load_calibration(str(path)), loaded)
+
+
+def test_load_calibration_of_images(tmp_path: Path) -> None:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.ones((5, 1, 8, 8), np.float64))
+    assert load_calibration(path).shape == (5, 1, 8, 8)
 
 
 def test_load_calibration_compressed(tmp_path: Path) -> None:

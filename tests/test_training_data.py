@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_agent.errors import ConfigError, DataSourceError, NoDataError
+from edge_agent.errors import ConfigError, DataSourceError, NoDataError, TrainConfigError
 from edge_agent.training.data import LocalData, load_csv_dataset, load_npz_dataset
 from edge_agent.training.feedback import FeedbackBuffer
 
@@ -244,12 +246,19 @@ def test_feedback_only(tmp_path: Path) -> None:
     assert local.load().y.tolist() == [2]
 
 
-def test_feedback_with_other_features_than_the_files(data_dir: Path, tmp_path: Path) -> None:
+def test_feedback_with_other_features_than_the_files_is_left_out(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     write_npz(data_dir / "a.npz", np.zeros((2, 2)), np.array([0, 0]))
     buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
     buffer.add([1.0, 2.0, 3.0], 0)
-    with pytest.raises(DataSourceError, match=r"feedback has 3 features but a\.npz has 2"):
-        LocalData(data_dir, feedback=buffer).load()
+    local = LocalData(data_dir, feedback=buffer)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.training.data"):
+        data = local.load()
+    assert len(data) == 2
+    assert "leaving out 1 feedback examples" in caplog.text
+    assert "the feedback has 3 features but a.npz has 2" in caplog.text
+    assert [s["name"] for s in local.describe()["sources"]] == ["a.npz"]
 
 
 # ---------------------------------------------------------- caching and reloading
@@ -300,11 +309,17 @@ def test_describe_counts_sources(data_dir: Path, tmp_path: Path) -> None:
     write_text(data_dir / "b.csv", "1,2,1\n3,4,0\n5,6,1\n")
     buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
     buffer.add([0.0, 1.0], 1)
-    summary = LocalData(data_dir, feedback=buffer).describe()
+    local = LocalData(data_dir, feedback=buffer)
+    counted = local.describe()  # before any load: counted, whatever the task
+    local.load()
+    summary = local.describe()  # the task last loaded
+    assert counted == {**summary, "task": None, "features": None, "sample_shape": None}
     assert summary == {
         "directory": str(data_dir),
+        "task": "classification",
         "examples": 6,
         "features": 2,
+        "sample_shape": [2],
         "feedback_examples": 1,
         "sources": [
             {"name": "a.npz", "kind": "npz", "examples": 2},
@@ -324,3 +339,203 @@ def test_describe_reports_errors_instead_of_raising(tmp_path: Path, data_dir: Pa
     empty = LocalData(data_dir).describe()
     assert empty["error"]["code"] == "no_data"
     assert empty["features"] is None
+
+
+# ------------------------------------------------ examples of any shape, any task
+
+
+def test_npz_images_and_windows_keep_their_shape(data_dir: Path) -> None:
+    rng = np.random.default_rng(0)
+    write_npz(data_dir / "a.npz", rng.random((5, 1, 4, 4)), rng.integers(0, 3, 5))
+    write_npz(data_dir / "b.npz", rng.random((2, 1, 4, 4), np.float32), np.array([1, 2]))
+    data = LocalData(data_dir).load()
+    assert (data.x.shape, data.x.dtype, data.task) == ((7, 1, 4, 4), np.float32, "classification")
+    windows = data_dir.parent / "windows"
+    windows.mkdir()
+    write_npz(windows / "w.npz", rng.random((6, 3, 20)), np.arange(6) % 2)
+    train, test = LocalData(windows).split(0.5, seed=1)
+    assert (train.x.shape, test.x.shape) == ((3, 3, 20), (3, 3, 20))
+
+
+@pytest.mark.parametrize("y_shape", [(4,), (4, 2)])
+def test_npz_regression_targets(data_dir: Path, y_shape: tuple[int, ...]) -> None:
+    y = np.linspace(-1.5, 2.5, int(np.prod(y_shape))).reshape(y_shape)
+    write_npz(data_dir / "r.npz", np.ones((4, 2, 3)), y)
+    data = LocalData(data_dir).load("regression")
+    assert data.task == "regression"
+    assert data.y.shape == y_shape
+    np.testing.assert_allclose(data.y, y.astype(np.float32))
+    with pytest.raises(DataSourceError, match=r"r\.npz: labels must"):
+        LocalData(data_dir).load("classification")
+
+
+def test_reconstruction_needs_no_y(data_dir: Path, tmp_path: Path) -> None:
+    np.savez(data_dir / "normal.npz", x=np.ones((3, 2, 8)))
+    local = LocalData(data_dir)
+    data = local.load("reconstruction")
+    assert (data.task, data.x.shape, data.y.shape) == ("reconstruction", (3, 2, 8), (3, 0))
+    for task in ("classification", "regression"):
+        with pytest.raises(DataSourceError, match=rf"normal\.npz: missing y: {task} needs"):
+            local.load(task)  # type: ignore[arg-type]
+    labelled = write_npz(tmp_path / "labelled.npz", np.ones((2, 3)), np.array([5, 6]))
+    assert load_npz_dataset(labelled, task="reconstruction").y.shape == (2, 0)  # y ignored
+
+
+def test_mixed_example_shapes_name_both_files(data_dir: Path) -> None:
+    write_npz(data_dir / "a.npz", np.zeros((2, 1, 4, 4)), np.array([0, 1]))
+    write_npz(data_dir / "b.npz", np.zeros((2, 16)), np.array([0, 1]))
+    mixed = r"b\.npz has 16 features but a\.npz has examples of shape \(1, 4, 4\)"
+    with pytest.raises(DataSourceError, match=mixed):
+        LocalData(data_dir).load()
+    (data_dir / "b.npz").unlink()
+    write_npz(data_dir / "c.npz", np.zeros((2, 4, 4)), np.array([0, 1]))
+    with pytest.raises(DataSourceError, match=r"c\.npz has examples of shape \(4, 4\)"):
+        LocalData(data_dir).load()
+
+
+def test_regression_target_widths_must_agree(data_dir: Path) -> None:
+    write_npz(data_dir / "a.npz", np.zeros((2, 3)), np.zeros((2, 2)))
+    write_npz(data_dir / "b.npz", np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(DataSourceError, match=r"b\.npz has targets of shape \(\) per example"):
+        LocalData(data_dir).load("regression")
+
+
+def test_csv_for_each_task(tmp_path: Path) -> None:
+    path = write_text(tmp_path / "d.csv", "t1,t2,value\n1,2,0.5\n3,4,1\n")
+    regression = load_csv_dataset(path, task="regression")
+    assert regression is not None
+    assert (regression.x.tolist(), regression.y.tolist()) == ([[1, 2], [3, 4]], [0.5, 1.0])
+    reconstruction = load_csv_dataset(path, task="reconstruction")  # every column a feature
+    assert reconstruction is not None
+    assert reconstruction.x.tolist() == [[1, 2, 0.5], [3, 4, 1]]
+    single = write_text(tmp_path / "s.csv", "1\n2\n")
+    one_column = load_csv_dataset(single, task="reconstruction")
+    assert one_column is not None
+    assert one_column.x.tolist() == [[1.0], [2.0]]
+    with pytest.raises(DataSourceError, match="regression needs at least two columns"):
+        load_csv_dataset(single, task="regression")
+    header = load_csv_dataset(write_text(tmp_path / "h.csv", "a,b,c\n"), task="reconstruction")
+    assert header is not None
+    assert (len(header), header.sample_shape) == (0, (3,))
+    empty_regression = load_csv_dataset(tmp_path / "h.csv", task="regression")
+    assert empty_regression is not None
+    assert (empty_regression.sample_shape, empty_regression.y.dtype) == ((2,), np.float32)
+
+
+def test_image_feedback_joins_image_files(data_dir: Path, tmp_path: Path) -> None:
+    write_npz(data_dir / "a.npz", np.zeros((2, 1, 2, 3)), np.array([0, 1]))
+    buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
+    buffer.add(np.full((1, 1, 2, 3), 7.0), 2)
+    data = LocalData(data_dir, feedback=buffer).load()
+    assert data.x.shape == (3, 1, 2, 3)
+    assert data.labels.tolist() == [0, 1, 2]
+    assert data.x[-1].max() == 7.0
+
+
+def test_regression_feedback_joins_regression_files(data_dir: Path, tmp_path: Path) -> None:
+    write_npz(data_dir / "a.npz", np.zeros((2, 3)), np.array([0.5, 1.5]))
+    buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
+    buffer.add_targets([1.0, 2.0, 3.0], 9.25)
+    local = LocalData(data_dir, feedback=buffer)
+    assert local.load("regression").y.tolist() == [0.5, 1.5, 9.25]
+
+
+@pytest.mark.parametrize(
+    ("task", "fill", "message"),
+    [
+        pytest.param(
+            "regression",
+            lambda b: b.add([1.0, 2.0, 3.0], 1),
+            "holds class labels; regression needs float targets",
+            id="labels-for-regression",
+        ),
+        pytest.param(
+            "classification",
+            lambda b: b.add_targets([1.0, 2.0, 3.0], 0.5),
+            "holds float targets; classification needs class labels",
+            id="targets-for-classification",
+        ),
+        pytest.param(
+            "regression",
+            lambda b: b.add_targets([1.0, 2.0, 3.0], [[0.5, 1.0]]),
+            r"targets of shape \(2,\) per example but a\.npz has \(\)",
+            id="target-width",
+        ),
+    ],
+)
+def test_feedback_that_does_not_fit_the_task_is_left_out(
+    data_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    task: str,
+    fill: object,
+    message: str,
+) -> None:
+    write_npz(data_dir / "a.npz", np.zeros((2, 3)), np.array([0, 1]))
+    buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
+    fill(buffer)  # type: ignore[operator]
+    with caplog.at_level(logging.WARNING, logger="edge_agent.training.data"):
+        data = LocalData(data_dir, feedback=buffer).load(task)  # type: ignore[arg-type]
+    assert len(data) == 2
+    assert "leaving out" in caplog.text
+    assert re.search(message, caplog.text)
+
+
+def test_reconstruction_trains_on_feedback_labelled_normal(data_dir: Path, tmp_path: Path) -> None:
+    write_text(data_dir / "normal.csv", "1,2,3\n4,5,6\n")  # reconstruction: 3 features
+    buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
+    buffer.add_many([[7.0, 8.0, 9.0], [0.0, 0.0, 99.0]], [0, 1])  # 1 = a real anomaly
+    data = LocalData(data_dir, feedback=buffer).load("reconstruction")
+    assert data.x.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_the_cache_is_per_task(data_dir: Path) -> None:
+    write_text(data_dir / "d.csv", "1,2,0\n3,4,1\n")
+    local = LocalData(data_dir)
+    classification = local.load()
+    assert local.load("classification") is classification
+    reconstruction = local.load("reconstruction")
+    assert reconstruction.sample_shape == (3,)
+    assert local.load("reconstruction") is reconstruction
+    assert local.load() is not classification  # reloaded for the other task
+    assert local.load().sample_shape == (2,)
+    with pytest.raises(TrainConfigError):
+        local.load("clustering")  # type: ignore[arg-type]
+
+
+def test_describe_counts_data_no_task_was_loaded_for(data_dir: Path, tmp_path: Path) -> None:
+    np.savez(data_dir / "normal.npz", x=np.ones((3, 2, 8)))  # no y: reconstruction data
+    write_text(data_dir / "more.csv", "# none\n")
+    buffer = FeedbackBuffer(tmp_path / "feedback", fsync=False)
+    buffer.add(np.ones((1, 2, 8)), 0)
+    local = LocalData(data_dir, feedback=buffer)
+    counted = local.describe()
+    assert counted["error"] is None
+    assert (counted["task"], counted["examples"], counted["sample_shape"]) == (None, 4, None)
+    assert counted["sources"] == [
+        {"name": "normal.npz", "kind": "npz", "examples": 3},
+        {"name": "feedback", "kind": "feedback", "examples": 1},
+    ]
+    as_classification = local.describe("classification")
+    assert as_classification["examples"] == 0
+    assert as_classification["error"]["code"] == "bad_data"
+    assert "missing y" in as_classification["error"]["message"]
+    local.load("reconstruction")
+    described = local.describe()
+    assert (described["task"], described["examples"], described["sample_shape"]) == (
+        "reconstruction",
+        4,
+        [2, 8],
+    )
+    buffer.add(np.ones((1, 2, 8)), 1)  # an anomaly: not trained on, still counted raw
+    assert local.describe()["examples"] == 4
+    (data_dir / "normal.npz").unlink()
+    assert local.describe()["examples"] == 1
+
+
+def test_describe_without_a_task_reports_unreadable_files(data_dir: Path) -> None:
+    (data_dir / "bad.npz").write_bytes(b"not a zip")
+    described = LocalData(data_dir).describe()
+    assert described["examples"] == 0
+    assert described["error"]["code"] == "bad_data"
+    assert "bad.npz" in described["error"]["message"]

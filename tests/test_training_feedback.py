@@ -25,10 +25,12 @@ from edge_agent.errors import (
 )
 from edge_agent.training.feedback import (
     FEEDBACK_FILE,
+    MAX_FEATURES,
     FeedbackBuffer,
     FeedbackCollector,
     PredictionLog,
 )
+from edge_agent.training.feedback_records import MAX_EXAMPLE_DIMS, MAX_TARGETS
 from edge_agent.training.trainer import MAX_CLASSES
 
 
@@ -95,12 +97,24 @@ def test_log_records_copies_as_float32_rows() -> None:
     assert log.get("nope") is None
 
 
-def test_log_flattens_batches_per_row() -> None:
+def test_log_keeps_the_example_shape_of_batches() -> None:
     log = PredictionLog()
-    log.record("batch", np.zeros((2, 2, 3)))
-    rows = log.get("batch")
-    assert rows is not None
-    assert rows.shape == (2, 6)
+    assert log.record("images", np.ones((2, 1, 4, 4)))  # two 1x4x4 images
+    images = log.get("images")
+    assert images is not None
+    assert images.shape == (2, 1, 4, 4)
+    assert log.record("windows", np.zeros((3, 2, 5), np.float64))  # 3 windows, 2 channels
+    windows = log.get("windows")
+    assert windows is not None
+    assert (windows.shape, windows.dtype) == ((3, 2, 5), np.float32)
+
+
+def test_log_does_not_keep_examples_beyond_the_value_and_rank_bounds() -> None:
+    log = PredictionLog(max_bytes=1 << 30)
+    assert log.record("largest", np.zeros((1, 1, MAX_FEATURES), np.float32))
+    assert not log.record("too-many-values", np.zeros((1, 2, MAX_FEATURES // 2 + 1)))
+    assert not log.record("too-many-dims", np.zeros((1,) * (MAX_EXAMPLE_DIMS + 2)))
+    assert log.record("deepest", np.zeros((1,) * (MAX_EXAMPLE_DIMS + 1)))
 
 
 def test_log_forgets_the_oldest_beyond_capacity() -> None:
@@ -317,9 +331,9 @@ def test_buffer_refuses_bad_rows(tmp_path: Path) -> None:
     buffer = open_buffer(tmp_path)
     with pytest.raises(DataSourceError, match="NaN"):
         buffer.add([1.0, float("nan")], 0)
-    with pytest.raises(DataSourceError, match="one row"):
+    with pytest.raises(DataSourceError, match="one example"):
         buffer.add(np.zeros((2, 3)), 0)
-    with pytest.raises(InvalidLabelError, match="1 labels for 2 rows"):
+    with pytest.raises(InvalidLabelError, match="1 labels for 2 examples"):
         buffer.add_many(np.zeros((2, 3)), [0])
     small = open_buffer(tmp_path / "small", max_bytes=8)
     with pytest.raises(DataSourceError, match="does not fit"):
@@ -520,3 +534,285 @@ def test_concurrent_feedback_for_the_same_prediction_is_stored_once(
         thread.join()
     assert sorted(outcomes) == ["stored"] + ["unknown"] * 7
     assert len(collector.buffer) == 1
+
+
+# ------------------------------------------- examples of any shape, float targets
+
+
+def image(i: int) -> np.ndarray:
+    """One 1x2x3 'image' as a batch of one."""
+    return (np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3) + 10 * i).astype(np.float32)
+
+
+def test_buffer_keeps_images_with_their_shape_across_reopen(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add(image(0), 3)
+    buffer.add_many(np.concatenate([image(1), image(2)]), [0, 1])
+    assert (buffer.sample_shape, buffer.num_features, buffer.kind) == ((1, 2, 3), 6, "label")
+    assert buffer.size_bytes == 3 * 6 * 4
+    for held in (buffer, open_buffer(tmp_path)):
+        data = held.dataset()
+        assert data is not None
+        assert data.x.shape == (3, 1, 2, 3)
+        np.testing.assert_array_equal(data.x[2], image(2)[0])
+        assert data.labels.tolist() == [3, 0, 1]
+    stored = records(buffer.path)
+    assert all(record.startswith(b"FBX2") for record in stored)  # the tagged format
+    assert len(stored[0]) == 8 + 3 * 4 + 4 + 6 * 4
+
+
+def test_rows_with_labels_keep_the_original_record_format(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add(row(0), 4)
+    (record,) = records(buffer.path)
+    assert record == struct.pack("<I", 4) + row(0).astype("<f4").tobytes()  # older agents read it
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected_y"),
+    [
+        pytest.param([1.5, -2.0], [1.5, -2.0], id="one-per-example"),
+        pytest.param(np.array([3, 4]), [3.0, 4.0], id="integers"),
+        pytest.param([[1.0, 2.0], [3.0, 4.5]], [[1.0, 2.0], [3.0, 4.5]], id="two-outputs"),
+    ],
+)
+def test_buffer_keeps_float_targets_for_regression(
+    tmp_path: Path, targets: Any, expected_y: list[Any]
+) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add_targets(np.stack([row(0), row(1)]), targets)
+    assert buffer.kind == "target"
+    for held in (buffer, open_buffer(tmp_path)):
+        data = held.dataset("regression")
+        assert data is not None
+        assert data.task == "regression"
+        assert data.y.dtype == np.float32
+        assert data.y.tolist() == expected_y
+        np.testing.assert_array_equal(data.x, np.stack([row(0), row(1)]))
+    width = 2 if isinstance(expected_y[0], list) else 1
+    assert buffer.size_bytes == 2 * (3 + width) * 4  # inputs and float targets count
+
+
+def test_targets_of_image_inputs(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add_targets(image(0), np.array(0.25))  # a 0-d array is one number
+    data = open_buffer(tmp_path).dataset("regression")
+    assert data is not None
+    assert (data.x.shape, data.y.tolist()) == ((1, 1, 2, 3), [0.25])
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        pytest.param([True, 1.0], "booleans", id="bool"),
+        pytest.param(["1", "2"], "text", id="text"),
+        pytest.param(None, "must be numbers", id="none"),
+        pytest.param([1.0, float("nan")], "finite", id="nan"),
+        pytest.param([1.0, float("inf")], "finite", id="inf"),
+        pytest.param([1.0, 1e39], "finite", id="beyond-float32"),
+        pytest.param([[1.0], [1.0, 2.0]], "as many targets", id="ragged"),
+        pytest.param([1.0, 2.0, 3.0], r"3 target\(s\) for 2 example", id="count"),
+        pytest.param([], r"0 target\(s\)", id="empty"),
+        pytest.param(np.zeros((2, MAX_TARGETS + 1)), "shape", id="too-many-outputs"),
+        pytest.param(np.zeros((2, 1, 1)), "shape", id="3-d"),
+        pytest.param(np.array(["a", "b"]), "dtype", id="text-array"),
+        pytest.param([1.0, 10**400], "finite", id="huge-int"),
+    ],
+)
+def test_buffer_refuses_invalid_targets(tmp_path: Path, targets: Any, message: str) -> None:
+    buffer = open_buffer(tmp_path)
+    with pytest.raises(InvalidLabelError, match=message):
+        buffer.add_targets(np.stack([row(0), row(1)]), targets)
+    assert len(buffer) == 0
+    assert records(buffer.path) == []
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        pytest.param(
+            lambda b: b.add(image(0), 1),
+            lambda b: b.add(row(0, features=6), 1),
+            r"shape \(6\) with class labels but the buffer holds examples of shape \(1x2x3\)",
+            id="image-then-row",
+        ),
+        pytest.param(
+            lambda b: b.add(row(0), 1),
+            lambda b: b.add_targets(row(1), 2.5),
+            "with one target each but the buffer holds .* with class labels",
+            id="labels-then-targets",
+        ),
+        pytest.param(
+            lambda b: b.add_targets(row(0), [[1.0, 2.0]]),
+            lambda b: b.add_targets(row(1), 2.5),
+            "with one target each but the buffer holds .* with 2 targets each",
+            id="target-widths",
+        ),
+    ],
+)
+def test_buffer_refuses_examples_that_do_not_fit_until_cleared(
+    tmp_path: Path, first: Any, then: Any, message: str
+) -> None:
+    buffer = open_buffer(tmp_path)
+    first(buffer)
+    with pytest.raises(DataSourceError, match=message):
+        then(buffer)
+    assert len(buffer) == 1
+    buffer.clear()
+    then(buffer)
+    assert len(open_buffer(tmp_path)) == 1
+
+
+def test_dataset_for_each_task(tmp_path: Path) -> None:
+    labels = open_buffer(tmp_path / "labels")
+    labels.add_many(np.stack([row(i) for i in range(4)]), [0, 1, 0, 1])  # 1 = anomaly
+    normal = labels.dataset("reconstruction")
+    assert normal is not None
+    assert normal.task == "reconstruction"
+    np.testing.assert_array_equal(normal.x, np.stack([row(0), row(2)]))
+    with pytest.raises(DataSourceError, match=r"holds class labels; regression needs float"):
+        labels.dataset("regression")
+    targets = open_buffer(tmp_path / "targets")
+    targets.add_targets(row(0), 1.0)
+    for task in ("classification", "reconstruction"):
+        with pytest.raises(DataSourceError, match=f"holds float targets; {task} needs class"):
+            targets.dataset(task)  # type: ignore[arg-type]
+    anomalies = open_buffer(tmp_path / "anomalies")
+    anomalies.add(row(0), 1)
+    assert anomalies.dataset("reconstruction") is None  # no normal example to learn from
+
+
+def tagged(kind: int, shape: tuple[int, ...], width: int, value: bytes, x: bytes) -> bytes:
+    head = struct.pack("<4sBBH", b"FBX2", kind, len(shape), width)
+    return head + struct.pack(f"<{len(shape)}I", *shape) + value + x
+
+
+GOOD_X = np.zeros(6, "<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(b"FBX2\x00", id="short-header"),
+        pytest.param(tagged(2, (1, 2, 3), 0, struct.pack("<I", 1), GOOD_X), id="bad-kind"),
+        pytest.param(tagged(0, (), 0, struct.pack("<I", 1), GOOD_X), id="rank-0"),
+        pytest.param(tagged(0, (1,) * 9, 0, struct.pack("<I", 1), GOOD_X[:4]), id="rank-9"),
+        pytest.param(tagged(0, (1, 2, 3), 2, struct.pack("<I", 1), GOOD_X), id="label-width"),
+        pytest.param(tagged(1, (6,), MAX_TARGETS + 1, b"", GOOD_X), id="too-many-targets"),
+        pytest.param(tagged(0, (0, 2, 3), 0, struct.pack("<I", 1), b""), id="zero-dim"),
+        pytest.param(tagged(0, (1, 2, 3), 0, struct.pack("<I", 1), GOOD_X[:-4]), id="short"),
+        pytest.param(tagged(0, (1, 2, 3), 0, struct.pack("<I", 1), GOOD_X + b"\0"), id="long"),
+        pytest.param(
+            tagged(0, (1, 2, 3), 0, struct.pack("<I", MAX_CLASSES), GOOD_X), id="label-range"
+        ),
+        pytest.param(
+            tagged(1, (1, 2, 3), 0, np.array([np.nan], "<f4").tobytes(), GOOD_X), id="nan-target"
+        ),
+        pytest.param(
+            tagged(0, (1, 2, 3), 0, struct.pack("<I", 1), np.full(6, np.inf, "<f4").tobytes()),
+            id="inf-input",
+        ),
+        pytest.param(tagged(0, (1, 1, 65537), 0, struct.pack("<I", 1), b""), id="too-big"),
+    ],
+)
+def test_tagged_records_with_unusable_content_are_deleted(
+    tmp_path: Path, record: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add(image(0), 0)
+    insert(buffer.path, record)
+    buffer.add(image(1), 1)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.training.feedback_buffer"):
+        reopened = open_buffer(tmp_path)
+    data = reopened.dataset()
+    assert data is not None
+    assert data.labels.tolist() == [0, 1]
+    assert "unusable content" in caplog.text
+    assert len(records(buffer.path)) == 2
+
+
+def test_a_sound_tagged_record_written_elsewhere_is_read(tmp_path: Path) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add_targets(image(0), [[1.0, 2.0]])
+    target = np.array([5.0, 6.0], "<f4").tobytes()
+    insert(buffer.path, tagged(1, (1, 2, 3), 2, target, np.ones(6, "<f4").tobytes()))
+    data = open_buffer(tmp_path).dataset("regression")
+    assert data is not None
+    assert data.y.tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert data.x[1].tolist() == np.ones((1, 2, 3)).tolist()
+
+
+def test_on_open_the_newest_example_decides_the_layout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    buffer = open_buffer(tmp_path)
+    buffer.add(row(0, features=6), 1)
+    buffer.add(row(1, features=6), 2)
+    insert(buffer.path, tagged(0, (1, 2, 3), 0, struct.pack("<I", 4), GOOD_X))  # a new model
+    with caplog.at_level(logging.WARNING, logger="edge_agent.training.feedback_buffer"):
+        reopened = open_buffer(tmp_path)
+    assert "dropping 2 examples" in caplog.text
+    assert "shape (1x2x3) with class labels" in caplog.text
+    data = reopened.dataset()
+    assert data is not None
+    assert (data.x.shape, data.labels.tolist()) == ((1, 1, 2, 3), [4])
+    assert len(records(buffer.path)) == 1
+
+
+def test_feedback_for_an_image_prediction(collector: FeedbackCollector) -> None:
+    images = np.concatenate([image(0), image(1)])
+    assert collector.remember("img", images.tolist())  # as JSON would give them
+    assert collector.record_feedback("img", [7, 2]) == 2
+    data = collector.buffer.dataset()
+    assert data is not None
+    np.testing.assert_array_equal(data.x, images)
+    assert data.labels.tolist() == [7, 2]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "target", "expected_y"),
+    [
+        pytest.param([[1.0, 2.0, 3.0]], 21.5, [21.5], id="one-number"),
+        pytest.param([1.0, 2.0, 3.0], [21], [21.0], id="list-of-one"),
+        pytest.param([[1.0, 2.0, 3.0]] * 2, [0.5, -1.0], [0.5, -1.0], id="per-example"),
+        pytest.param([[1.0, 2.0, 3.0]], [[1.0, 2.0]], [[1.0, 2.0]], id="two-outputs"),
+    ],
+)
+def test_feedback_with_a_float_target(
+    collector: FeedbackCollector, inputs: Any, target: Any, expected_y: list[Any]
+) -> None:
+    collector.remember("reg", inputs)
+    assert collector.record_feedback("reg", target=target) == len(expected_y)
+    assert "reg" not in collector.log
+    data = collector.buffer.dataset("regression")
+    assert data is not None
+    assert data.y.tolist() == expected_y
+
+
+def test_feedback_with_a_target_for_an_image_model(collector: FeedbackCollector) -> None:
+    collector.remember("img", image(0))
+    assert collector.record_feedback("img", target=3.25) == 1
+    data = collector.buffer.dataset("regression")
+    assert data is not None
+    assert (data.x.shape, data.y.tolist()) == ((1, 1, 2, 3), [3.25])
+
+
+def test_feedback_target_refusals_keep_the_prediction(collector: FeedbackCollector) -> None:
+    collector.remember("p", [1.0, 2.0, 3.0])
+    with pytest.raises(InvalidLabelError, match="exactly one of a label"):
+        collector.record_feedback("p")
+    with pytest.raises(InvalidLabelError, match="exactly one of a label"):
+        collector.record_feedback("p", 1, target=1.0)
+    with pytest.raises(InvalidLabelError, match="give a list of one list"):
+        collector.record_feedback("p", target=[1.0, 2.0])  # 2 targets, 1 example
+    with pytest.raises(InvalidLabelError, match="finite"):
+        collector.record_feedback("p", target=float("nan"))
+    with pytest.raises(InvalidLabelError):
+        collector.record_feedback("p", target=True)
+    collector.buffer.add([0.0, 0.0, 0.0], 1)  # the buffer holds class labels
+    with pytest.raises(DataSourceError, match="clear"):
+        collector.record_feedback("p", target=1.0)
+    assert "p" in collector.log
+    assert len(collector.buffer) == 1
+    collector.buffer.clear()
+    assert collector.record_feedback("p", target=1.0) == 1

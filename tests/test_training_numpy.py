@@ -321,6 +321,46 @@ def test_refuses_labels_the_model_does_not_have() -> None:
         MlpTrainer().evaluate(start_weights("mlp"), data)
 
 
+@pytest.mark.parametrize("family", ["softmax", "mlp"])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(
+            Dataset.from_arrays(np.ones((6, 4)), np.linspace(0, 1, 6), "regression"),
+            "classification only, not regression",
+            id="regression",
+        ),
+        pytest.param(
+            Dataset.from_arrays(np.ones((6, 4)), None, "reconstruction"),
+            "classification only, not reconstruction",
+            id="reconstruction",
+        ),
+        pytest.param(  # 2x2 images: as many values as the model's 4 features
+            Dataset.from_arrays(np.ones((6, 1, 2, 2)), [0, 1, 2, 0, 1, 2]),
+            r"rows of features.*shape \(1, 2, 2\)",
+            id="images",
+        ),
+        pytest.param(
+            Dataset.from_arrays(np.ones((6, 2, 2)), [0, 1, 2, 0, 1, 2]),
+            r"shape \(2, 2\): flatten them",
+            id="windows",
+        ),
+    ],
+)
+def test_refuses_other_tasks_and_examples_that_are_not_rows(
+    family: str, data: Dataset, message: str
+) -> None:
+    trainer = trainer_for(family)
+    weights = start_weights(family)
+    for run in (
+        lambda: trainer.fit(weights, data, TrainConfig(), np.random.default_rng(0)),
+        lambda: trainer.evaluate(weights, data),
+    ):
+        with pytest.raises(TrainingError, match=message) as caught:
+            run()
+        assert type(caught.value) is TrainingError  # not a data problem: the wrong trainer
+
+
 def test_refuses_empty_data() -> None:
     with pytest.raises(NoDataError):
         SoftmaxTrainer().fit(

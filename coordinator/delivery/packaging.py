@@ -18,6 +18,12 @@ Workflow of :func:`package_model` (what ``fedge model package`` runs):
 
 The function takes a typed :class:`PackageRequest` and the current time, and returns a
 :class:`PackageResult` with every figure the CLI prints; it does no printing itself.
+
+Steps 4 and 5 are shared with :func:`coordinator.delivery.torch_packaging.package_torch`
+(PyTorch models, any task): :func:`check_identity` refuses a bad name, version or key
+list before any slow work, :func:`health_checks` turns reference inputs into the
+checks a manifest can carry, and :func:`sign_and_write` fits the manifest under its
+size limit, signs it and writes the artifact.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy
 from edge_agent.runtime.loader import load_model
-from edge_agent.training.model_spec import ModelTask
+from edge_agent.training.model_spec import TASKS, ModelTask
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +68,20 @@ HEALTH_CHECK_ROWS = 4
 #: Model file suffix -> manifest format.
 MODEL_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
+DEFAULT_EXPIRY = timedelta(days=365)
+"""How long a packaged artifact stays valid unless asked otherwise."""
 
 
 @dataclass(frozen=True)
 class LabelledData:
-    """Features ``x`` (float32, 2-D) and what a ``task`` is judged on, ``y``.
+    """Held-out examples ``x`` and what they should give, ``y``, for a task.
 
-    ``y``: integer class labels (classification), float targets (regression) or
-    anomaly flags (int64, 1 = anomaly; reconstruction).
+    Attributes:
+        x: float32 examples ``(n, ...)``: rows ``(n, features)``, images, windows.
+        y: per task: ``classification`` integer class labels ``(n,)``;
+            ``regression`` float targets ``(n,)`` or ``(n, k)``; ``reconstruction``
+            anomaly flags ``(n,)``, int64, ``1`` = anomaly, ``0`` = normal.
+        task: The task the data is labelled for.
     """
 
     x: npt.NDArray[np.float32]
@@ -90,7 +102,7 @@ class PackageRequest:
     calibration: npt.NDArray[np.float32] | None = None
     evaluation: LabelledData | None = None
     max_accuracy_drop: float = 1.0
-    expires_in: timedelta = timedelta(days=365)
+    expires_in: timedelta = DEFAULT_EXPIRY
     hardware_tags: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     seed: int = 0
@@ -98,7 +110,14 @@ class PackageRequest:
 
 @dataclass(frozen=True)
 class PackageResult:
-    """What packaging produced, for people and for ``--json``."""
+    """What packaging produced, for people and for ``--json``.
+
+    ``metric_name`` is the task's quality metric (``accuracy``, ``mse``, ``auc``);
+    ``fp32_metric`` and ``packaged_metric`` its value for the float32 and the packaged
+    model on the evaluation data (``None`` without it). ``fp32_accuracy`` and
+    ``packaged_accuracy`` are the same figures for classification, ``None`` otherwise.
+    ``anomaly_threshold`` is set for reconstruction models (see ``package_torch``).
+    """
 
     manifest: Manifest
     path: Path
@@ -106,6 +125,10 @@ class PackageResult:
     packaged_bytes: int
     fp32_accuracy: float | None
     packaged_accuracy: float | None
+    metric_name: str = "accuracy"
+    fp32_metric: float | None = None
+    packaged_metric: float | None = None
+    anomaly_threshold: float | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -120,53 +143,84 @@ class PackageResult:
         return 100.0 * (self.fp32_accuracy - self.packaged_accuracy)
 
 
-def load_labelled_npz(path: Path) -> LabelledData:
-    """Load evaluation data: an ``.npz`` with ``x`` (n, features) and ``y`` (n,).
+def load_labelled_npz(path: Path, task: ModelTask = "classification") -> LabelledData:
+    """Load evaluation data: an ``.npz`` with ``x`` (n, ...) and ``y`` for ``task``.
+
+    ``y`` holds integer class labels ``(n,)`` for classification, real targets
+    ``(n,)`` or ``(n, k)`` for regression, and integer anomaly flags ``(n,)`` (0 or 1)
+    for reconstruction (see :class:`LabelledData`).
 
     Raises:
-        PackagingError: missing or unreadable file, missing keys, bad shapes or dtypes.
+        PackagingError: missing or unreadable file, missing keys, bad shapes, dtypes
+            or values.
     """
     arrays = load_npz(path, max_bytes=MAX_DATA_FILE_BYTES, error=PackagingError,
                       what="evaluation data file")  # fmt: skip
     if "x" not in arrays or "y" not in arrays:
         raise PackagingError(f"{path}: expected arrays 'x' and 'y', found {sorted(arrays)}")
-    x, y = arrays["x"], arrays["y"]
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+    try:
+        return checked_labelled(arrays["x"], arrays["y"], task)
+    except PackagingError as exc:
+        raise PackagingError(f"{path}: {exc}") from exc
+
+
+def checked_labelled(x: npt.ArrayLike, y: npt.ArrayLike, task: ModelTask) -> LabelledData:
+    """Validate evaluation arrays for ``task`` and convert them (see :class:`LabelledData`).
+
+    Raises:
+        PackagingError: an unknown task; ``x`` not a finite numeric batch of at least
+            2-D; ``y`` not one label, target or flag per example of the task's kind.
+    """
+    if task not in TASKS:
+        raise PackagingError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    x_arr, y_arr = np.asarray(x), np.asarray(y)
+    if x_arr.ndim < 2 or len(x_arr) == 0 or y_arr.ndim == 0 or len(x_arr) != len(y_arr):
         raise PackagingError(
-            f"{path}: expected x of shape (n, features) and y of shape (n,), "
-            f"got {x.shape} and {y.shape}"
+            f"expected x of shape (n, ...) and one y per example, got {x_arr.shape} and "
+            f"{y_arr.shape}"
         )
-    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
-        raise PackagingError(f"{path}: x must be numeric and y integer labels")
-    if not np.isfinite(x).all():
-        raise PackagingError(f"{path}: x contains NaN or infinity")
-    return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64))
+    if x_arr.dtype.kind not in "fiu":
+        raise PackagingError("x must be numeric")
+    if not np.isfinite(x_arr).all():
+        raise PackagingError("x contains NaN or infinity")
+    if task == "regression":
+        if y_arr.ndim > 2 or y_arr.dtype.kind not in "fiu" or not np.isfinite(y_arr).all():
+            raise PackagingError("regression targets y must be finite numbers, (n,) or (n, k)")
+        return LabelledData(x=x_arr.astype(np.float32), y=y_arr.astype(np.float32), task=task)
+    if y_arr.ndim != 1 or y_arr.dtype.kind not in "iu":
+        what = "class labels" if task == "classification" else "anomaly flags (0/1)"
+        raise PackagingError(
+            f"y must be integer {what} of shape (n,), got {y_arr.dtype} {y_arr.shape}"
+        )
+    if task == "reconstruction" and not np.isin(y_arr, (0, 1)).all():
+        raise PackagingError("reconstruction y must be anomaly flags: 0 (normal) or 1 (anomaly)")
+    return LabelledData(x=x_arr.astype(np.float32), y=y_arr.astype(np.int64), task=task)
 
 
 def _spec(info: TensorInfo) -> TensorSpec:
     return TensorSpec(name=info.name, shape=tuple(info.shape), dtype=info.dtype)
 
 
-def _reference_batch(runtime: ModelRuntime, request: PackageRequest) -> npt.NDArray[np.float32]:
-    """Up to :data:`HEALTH_CHECK_ROWS` reference inputs for a single float input."""
-    source = request.evaluation.x if request.evaluation is not None else request.calibration
-    if source is not None:
-        return np.ascontiguousarray(source[:HEALTH_CHECK_ROWS], dtype=np.float32)
-    rng = np.random.default_rng(request.seed)
-    dims = tuple(int(d) for d in runtime.inputs[0].shape[1:] if d is not None)
-    return rng.random((HEALTH_CHECK_ROWS, *dims), dtype=np.float32)
-
-
-def _health_checks(runtime: ModelRuntime, request: PackageRequest) -> Iterator[HealthCheck]:
+def health_checks(
+    runtime: ModelRuntime, reference: npt.NDArray[np.float32] | None, *, seed: int = 0
+) -> Iterator[HealthCheck]:
     """Health checks from the most reference rows to one row, for the manifest to try.
 
-    Nothing is yielded when the model's input is not a batch of float32 rows.
+    The reference inputs are the first :data:`HEALTH_CHECK_ROWS` rows of
+    ``reference``, or a batch of uniform random inputs drawn with ``seed`` when it is
+    ``None``; the expected outputs are ``runtime``'s own (the packaged model's).
+    Nothing is yielded (and a warning is logged) when the model's input is not a
+    batch of float32 examples of a fixed shape.
     """
     info = runtime.inputs[0] if len(runtime.inputs) == 1 else None
     if info is None or info.dtype != "float32" or any(d is None for d in info.shape[1:]):
         logger.warning("model input is not a float batch; packaging without a health check")
         return
-    batch = _reference_batch(runtime, request)
+    if reference is None:
+        dims = tuple(int(d) for d in info.shape[1:] if d is not None)
+        batch = np.random.default_rng(seed).random((HEALTH_CHECK_ROWS, *dims), dtype=np.float32)
+    else:
+        batch = np.ascontiguousarray(reference[:HEALTH_CHECK_ROWS], dtype=np.float32)
     outputs = runtime.run({info.name: batch})
     for rows in range(len(batch), 0, -1):
         try:
@@ -208,6 +262,32 @@ def _fitting_manifest(fields: dict[str, Any], checks: Iterator[HealthCheck]) -> 
     return manifest
 
 
+def check_identity(
+    name: str, version: int, keys: Sequence[SigningKey], now: datetime, expires_in: timedelta
+) -> datetime:
+    """Refuse an artifact identity that cannot be signed, before any slow work starts.
+
+    Returns:
+        The manifest's expiry time.
+
+    Raises:
+        PackagingError: no keys, a bad name or version, or an expiry past year 9999.
+    """
+    if not keys:
+        raise PackagingError("at least one signing key is required")
+    if not NAME_RE.fullmatch(name):
+        raise PackagingError(
+            f"model name {name!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-'"
+            " starting with a letter or digit"
+        )
+    if version < 1:
+        raise PackagingError(f"version must be a positive integer, got {version}")
+    try:
+        return now + expires_in
+    except OverflowError as exc:
+        raise PackagingError(f"expiry {expires_in} after now is past year 9999") from exc
+
+
 def _check_request(request: PackageRequest, now: datetime) -> tuple[str, datetime]:
     """Refuse a request that cannot succeed before any slow work starts.
 
@@ -228,22 +308,66 @@ def _check_request(request: PackageRequest, now: datetime) -> tuple[str, datetim
             "int8 quantization works on ONNX models: package the ONNX export, or pass "
             "--quantize none to ship this TFLite model as it is"
         )
-    if not request.keys:
-        raise PackagingError("at least one signing key is required")
-    if not NAME_RE.fullmatch(request.name):
-        raise PackagingError(
-            f"model name {request.name!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-'"
-            " starting with a letter or digit"
-        )
-    if request.version < 1:
-        raise PackagingError(f"version must be a positive integer, got {request.version}")
+    expires = check_identity(request.name, request.version, request.keys, now, request.expires_in)
     if not math.isfinite(request.max_accuracy_drop):
         raise PackagingError("--max-accuracy-drop must be a finite number")
-    try:
-        expires = now + request.expires_in
-    except OverflowError as exc:
-        raise PackagingError(f"expiry {request.expires_in} after now is past year 9999") from exc
     return model_format, expires
+
+
+@dataclass(frozen=True)
+class ArtifactFields:
+    """What the manifest says about a packaged model besides its health check."""
+
+    name: str
+    version: int
+    model_format: str
+    quantization: str
+    created: datetime
+    expires: datetime
+    hardware_tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def sign_and_write(
+    fields: ArtifactFields,
+    model: bytes,
+    *,
+    runtime: ModelRuntime,
+    checks: Iterator[HealthCheck],
+    keys: Sequence[SigningKey],
+    out: Path,
+) -> Manifest:
+    """Describe ``model`` in a manifest, sign it with every key and write the artifact.
+
+    ``runtime`` is ``model`` loaded (its inputs and outputs go into the manifest);
+    the manifest carries the largest of ``checks`` that fits its size limit.
+
+    Returns:
+        The manifest written (unsigned form).
+
+    Raises:
+        PackagingError: the model cannot be described in a manifest.
+        CompressError: signing or writing failed (its own typed subclass).
+    """
+    manifest_fields = {
+        "name": fields.name,
+        "version": fields.version,
+        "format": fields.model_format,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "length": len(model),
+        "inputs": tuple(_spec(t) for t in runtime.inputs),
+        "outputs": tuple(_spec(t) for t in runtime.outputs),
+        "quantization": fields.quantization,
+        "created": fields.created,
+        "expires": fields.expires,
+        "hardware_tags": tuple(sorted(set(fields.hardware_tags))),
+        "metadata": dict(fields.metadata),
+    }
+    manifest = _fitting_manifest(manifest_fields, checks)
+    signed = sign_manifest(manifest, keys)
+    write_artifact(out, signed, model)
+    logger.info("wrote %s to %s", manifest.summary(), out)
+    return manifest
 
 
 def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
@@ -284,24 +408,25 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
     metadata["fp32_bytes"] = str(len(fp32_model))
     if packaged_acc is not None:
         metadata["accuracy"] = f"{packaged_acc:.6f}"
-    fields = {
-        "name": request.name,
-        "version": request.version,
-        "format": model_format,
-        "sha256": hashlib.sha256(packaged_model).hexdigest(),
-        "length": len(packaged_model),
-        "inputs": tuple(_spec(t) for t in packaged.inputs),
-        "outputs": tuple(_spec(t) for t in packaged.outputs),
-        "quantization": scheme,
-        "created": now,
-        "expires": expires,
-        "hardware_tags": tuple(sorted(set(request.hardware_tags))),
-        "metadata": metadata,
-    }
-    manifest = _fitting_manifest(fields, _health_checks(packaged, request))
-    signed = sign_manifest(manifest, request.keys)
-    write_artifact(request.out, signed, packaged_model)
-    logger.info("wrote %s to %s", manifest.summary(), request.out)
+    fields = ArtifactFields(
+        name=request.name,
+        version=request.version,
+        model_format=model_format,
+        quantization=scheme,
+        created=now,
+        expires=expires,
+        hardware_tags=request.hardware_tags,
+        metadata=metadata,
+    )
+    reference = request.evaluation.x if request.evaluation is not None else request.calibration
+    manifest = sign_and_write(
+        fields,
+        packaged_model,
+        runtime=packaged,
+        checks=health_checks(packaged, reference, seed=request.seed),
+        keys=request.keys,
+        out=request.out,
+    )
     return PackageResult(
         manifest=manifest,
         path=request.out,
@@ -309,6 +434,8 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         packaged_bytes=len(packaged_model),
         fp32_accuracy=fp32_acc,
         packaged_accuracy=packaged_acc,
+        fp32_metric=fp32_acc,
+        packaged_metric=packaged_acc,
     )
 
 

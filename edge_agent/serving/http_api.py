@@ -27,11 +27,16 @@ Endpoints:
   ``extra_health()`` (connection state, telemetry totals ...) are merged in, except
   ``status`` and ``model``, which always come from the model server.
 * ``POST /v1/feedback`` with ``{"prediction_id": "<id from /v1/predict>", "label": 3}``
-  (or a list, one label per row of that prediction) stores the inputs of that
-  prediction with their true label(s) as local training examples (the raw data
-  never leaves the device) and answers 200 ``{"stored": N}``. Errors: 404
+  (or a list, one label per example of that prediction) stores the inputs of that
+  prediction, whatever their shape (rows, images, windows), with their true class
+  label(s) as local training examples (the raw data never leaves the device) and
+  answers 200 ``{"stored": N}``. A regression model's feedback gives its true value
+  instead: ``{"prediction_id": "...", "target": 21.5}`` (or one number per example,
+  or per example a list of the model's outputs: ``[[1.0, 2.5]]``). Errors: 404
   ``unknown_prediction`` (never seen, too old, or already labelled), 400
-  ``bad_label`` or ``malformed``, 404 ``not_found`` when feedback is off.
+  ``bad_label`` (a label or target that does not fit the prediction),
+  ``bad_data`` (inputs that do not fit the examples already stored) or
+  ``malformed``, 404 ``not_found`` when feedback is off.
 * ``GET /v1/model`` answers 200 with :meth:`edge_agent.serving.server.LoadedModel.info`, or
   404 with code ``no_model``.
 
@@ -88,7 +93,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
 from edge_agent.errors import (
@@ -107,10 +112,26 @@ from edge_agent.serving.http_bodies import (
 )
 from edge_agent.serving.server import ModelServer
 
-FeedbackHandler = Callable[[str, "int | list[int]"], int]
-"""Stores the label(s) of a prediction; returns how many examples were stored."""
 
-__all__ = ["MAX_BODY_BYTES", "HttpConfig", "LocalHttpServer", "is_loopback"]
+class FeedbackHandler(Protocol):
+    """Stores the label(s) or target(s) of a prediction; returns how many examples.
+
+    Called as ``handler(prediction_id, label)`` or ``handler(prediction_id,
+    target=target)``, with the values of :class:`~edge_agent.serving.http_bodies.FeedbackBody`.
+    """
+
+    def __call__(
+        self,
+        prediction_id: str,
+        label: int | list[int] | None = None,
+        *,
+        target: float | list[float] | list[list[float]] | None = None,
+    ) -> int:
+        """Store the feedback; raise the agent's typed errors when it cannot be."""
+        ...
+
+
+__all__ = ["MAX_BODY_BYTES", "FeedbackHandler", "HttpConfig", "LocalHttpServer", "is_loopback"]
 
 logger = logging.getLogger(__name__)
 
@@ -377,9 +398,12 @@ class _Handler(BaseHTTPRequestHandler):
         handler = self.server.api.feedback
         if handler is None:
             raise RequestError(404, "not_found", "labelled feedback is off on this agent")
-        prediction_id, label = parse_feedback_body(self._read_body())
+        body = parse_feedback_body(self._read_body())
         try:
-            stored = handler(prediction_id, label)
+            if body.target is not None:
+                stored = handler(body.prediction_id, target=body.target)
+            else:
+                stored = handler(body.prediction_id, body.label)
         except UnknownPredictionError as exc:
             raise RequestError(404, exc.code, str(exc)) from exc
         except TrainingError as exc:

@@ -5,7 +5,10 @@ and hands it here:
 
 * :func:`parse_predict_body`: ``{"inputs": [[...], ...]}`` or
   ``{"inputs": {"name": [[...]]}}``, numbers and lists only;
-* :func:`parse_feedback_body`: ``{"prediction_id": "...", "label": N or [N, ...]}``;
+* :func:`parse_feedback_body`: ``{"prediction_id": "...", "label": N or [N, ...]}``
+  (class labels) or ``{"prediction_id": "...", "target": X or [X, ...] or [[X, ...],
+  ...]}`` (a regression model's true values: one number per example, or a list of
+  its outputs per example);
 * :func:`is_json_media_type`: whether a declared ``Content-Type`` is JSON in UTF-8.
 
 Bodies are parsed by :func:`compress.strictjson.loads_strict`, the project's one
@@ -18,12 +21,14 @@ is: status 400, code ``malformed``, and the reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from compress.strictjson import loads_strict
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "FeedbackBody",
     "RequestError",
     "is_json_media_type",
     "parse_feedback_body",
@@ -98,24 +103,73 @@ def _parse_object(body: bytes) -> dict[str, Any]:
         raise RequestError(400, "malformed", str(exc)) from None
 
 
-def parse_feedback_body(body: bytes) -> tuple[str, int | list[int]]:
-    """The ``prediction_id`` and ``label`` of a feedback request body.
+@dataclass(frozen=True)
+class FeedbackBody:
+    """A checked feedback request: the prediction and exactly one of label and target.
+
+    Attributes:
+        prediction_id: The id ``/v1/predict`` answered with.
+        label: Class index(es): an int, or a non-empty list of ints.
+        target: True value(s): a number, a non-empty list of numbers, or a non-empty
+            list of equally long non-empty lists of numbers.
+    """
+
+    prediction_id: str
+    label: int | list[int] | None = None
+    target: float | list[float] | list[list[float]] | None = None
+
+
+_FEEDBACK_FORM = (
+    'the body must be {"prediction_id": "...", "label": N or [N, ...]} or '
+    '{"prediction_id": "...", "target": X or [X, ...] or [[X, ...], ...]}'
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_target(value: object) -> bool:
+    """A number, a non-empty list of numbers, or of equally long lists of numbers."""
+    if _is_number(value):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    if all(_is_number(item) for item in value):
+        return True
+    return (
+        all(isinstance(item, list) and item and all(_is_number(v) for v in item) for item in value)
+        and len({len(item) for item in value}) == 1
+    )
+
+
+def parse_feedback_body(body: bytes) -> FeedbackBody:
+    """The ``prediction_id`` and ``label`` or ``target`` of a feedback request body.
 
     Raises:
-        RequestError: 400, not ``{"prediction_id": "...", "label": int or [int, ...]}``.
+        RequestError: 400, not of the form :data:`_FEEDBACK_FORM` describes.
     """
     doc = _parse_object(body)
-    if set(doc) != {"prediction_id", "label"}:
-        raise RequestError(
-            400, "malformed", 'the body must be {"prediction_id": "...", "label": N or [N, ...]}'
-        )
-    prediction_id, label = doc["prediction_id"], doc["label"]
+    if set(doc) not in ({"prediction_id", "label"}, {"prediction_id", "target"}):
+        raise RequestError(400, "malformed", _FEEDBACK_FORM)
+    prediction_id = doc["prediction_id"]
     if not isinstance(prediction_id, str):
         raise RequestError(400, "malformed", '"prediction_id" must be a string')
+    if "target" in doc:
+        target = doc["target"]
+        if not _is_target(target):
+            raise RequestError(
+                400,
+                "malformed",
+                '"target" must be a number, a list of numbers (one per example) or a list '
+                "of equally long lists of numbers (the outputs of each example)",
+            )
+        return FeedbackBody(prediction_id, target=target)
+    label = doc["label"]
     labels = label if isinstance(label, list) else [label]
     if not labels or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
         raise RequestError(400, "malformed", '"label" must be an integer or a list of integers')
-    return prediction_id, label
+    return FeedbackBody(prediction_id, label=label)
 
 
 def parse_predict_body(body: bytes) -> Any:

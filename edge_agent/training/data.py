@@ -1,34 +1,51 @@
 """Local training data: files in a directory plus labelled feedback, as one Dataset.
 
 A device's examples come from up to three sources, loaded by :class:`LocalData`
-into one :class:`~edge_agent.training.trainer.Dataset`:
+into one :class:`~edge_agent.training.trainer.Dataset` for a task
+(``classification``, ``regression`` or ``reconstruction``):
 
-* ``*.npz`` files in the data directory, each with an array ``x`` (n, features)
-  of real numbers and an array ``y`` (n,) of integer class labels (other arrays
-  are ignored). They are read with :func:`compress.fileio.load_npz`, which bounds
-  both the file and what it unpacks to and never unpickles.
-* ``*.csv`` files in the same directory: comma-separated numbers, one example per
-  line, the **last** column the integer label. The first non-blank line is a header
-  (and skipped) when its last field, the label column's name, is not a number (so
+* ``*.npz`` files in the data directory, each with an array ``x`` of shape
+  ``(n, ...)``: rows ``(n, features)``, images ``(n, 1, 28, 28)``, sensor windows
+  ``(n, channels, steps)``; and an array ``y``: class indices (n,) for
+  classification, float targets (n,) or (n, outputs) for regression. ``y`` is
+  required for those two tasks; reconstruction (anomaly detection) ignores it, so
+  a file of normal examples may hold ``x`` alone. Other arrays are ignored. They
+  are read with :func:`compress.fileio.load_npz`, which bounds both the file and
+  what it unpacks to and never unpickles.
+* ``*.csv`` files in the same directory: rows of comma-separated numbers, one
+  example per line. For classification and regression the **last** column is the
+  label or target and the others are the features; for reconstruction **every**
+  column is a feature (a CSV of normal readings needs no label column). The first
+  non-blank line is a header (and skipped) when its last field is not a number (so
   a data row with a typo in a feature is an error, not a header); blank lines and
   lines starting with ``#`` are ignored. Parsed by :func:`numpy.loadtxt`.
-* a :class:`~edge_agent.training.feedback.FeedbackBuffer` of labelled feedback.
+* a :class:`~edge_agent.training.feedback.FeedbackBuffer` of labelled feedback,
+  as :meth:`~edge_agent.training.feedback.FeedbackBuffer.dataset` gives it for the
+  task.
 
 Files are taken in name order (hidden files, sub-directories and other suffixes
 are ignored), then the feedback, so the same files give the same dataset. Every
 file is bounded by ``max_file_bytes`` and all loaded arrays together by
-``max_total_bytes``. All sources must have the same number of features.
+``max_total_bytes``. All files must have the same example shape (and, for
+regression, the same number of targets): a file that differs is an error naming
+both files. Feedback that does not fit the files (the served model takes another
+input shape than the data was collected for, or its feedback is for another task)
+is left out with a warning: it cannot be trained on with these files, and refusing
+the whole data set for it would stop the device from training at all.
 
 Workflow::
 
     data = LocalData(Path("/var/lib/fedge-agent/training"), feedback=buffer)
-    train, test = data.split(holdout_fraction=0.2, seed=config.seed)
+    train, test = data.split(holdout_fraction=0.2, seed=config.seed, task="regression")
     data.describe()        # counts for the agent's status, never raw data
 
-:meth:`LocalData.load` caches the dataset and reloads when a file is added,
-removed or changed (name, size or mtime) or the feedback changes. Problems raise
-:class:`~edge_agent.errors.DataSourceError` naming the file; having no examples
-at all raises its subclass :class:`~edge_agent.errors.NoDataError`.
+:meth:`LocalData.load` caches the dataset of the last task loaded and reloads when
+that task changes, a file is added, removed or changed (name, size or mtime) or the
+feedback changes. :meth:`LocalData.describe` reports the task last loaded; before
+any, it only counts the examples (a device announces its data before it knows what
+it will train). Problems raise :class:`~edge_agent.errors.DataSourceError` naming
+the file; having no examples at all raises its subclass
+:class:`~edge_agent.errors.NoDataError`.
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ import numpy.typing as npt
 from compress.fileio import load_npz, read_bounded
 from edge_agent.errors import AgentError, ConfigError, DataSourceError, NoDataError
 from edge_agent.training.feedback import FeedbackBuffer
+from edge_agent.training.model_spec import ModelTask, check_task
 from edge_agent.training.trainer import Dataset
 
 __all__ = [
@@ -74,6 +92,8 @@ DATA_SUFFIXES = (".npz", ".csv")
 
 _CONTENT_LINE_RE = re.compile(r"^[ \t]*([^\s#][^\r\n]*)", re.MULTILINE)
 
+_Y_MEANING = {"classification": "class labels", "regression": "float targets"}
+
 
 @dataclass(frozen=True)
 class SourceInfo:
@@ -90,18 +110,41 @@ class SourceInfo:
     examples: int
 
 
-def _dataset(path: Path, x: npt.ArrayLike, y: npt.ArrayLike) -> Dataset:
+def _dataset(path: Path, x: npt.ArrayLike, y: npt.ArrayLike | None, task: ModelTask) -> Dataset:
     try:
-        return Dataset.from_arrays(x, y)
+        return Dataset.from_arrays(x, y, task)
     except DataSourceError as exc:
         raise DataSourceError(f"{path}: {exc}") from exc
 
 
-def load_npz_dataset(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Dataset:
-    """Read examples from an ``.npz`` file with arrays ``x`` and ``y``.
+def _npz_arrays(path: Path, max_bytes: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+    """The arrays ``x`` and ``y`` (None when absent) of an ``.npz`` file.
+
+    Raises:
+        DataSourceError: The file is missing, too large, not a readable ``.npz``, or
+            has no ``x``.
+    """
+    arrays = load_npz(path, max_bytes=max_bytes, error=DataSourceError, what="training data file")
+    if "x" not in arrays:
+        raise DataSourceError(
+            f"{path}: a training data file needs an array 'x' of examples; missing x "
+            f"(found {', '.join(sorted(arrays)) or 'none'})"
+        )
+    extra = sorted(set(arrays) - {"x", "y"})
+    if extra:
+        logger.debug("training data: %s: ignoring arrays %s", path, extra)
+    return arrays["x"], arrays.get("y")
+
+
+def load_npz_dataset(
+    path: Path, *, task: ModelTask = "classification", max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> Dataset:
+    """Read the examples of an ``.npz`` file for ``task`` (see the module docstring).
 
     Args:
         path: The file.
+        task: What the examples are for; ``y`` is required unless
+            ``reconstruction`` (which ignores it).
         max_bytes: Most bytes of the file, and of the arrays it unpacks to.
 
     Returns:
@@ -109,19 +152,20 @@ def load_npz_dataset(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> 
 
     Raises:
         DataSourceError: The file is missing, too large, not a readable ``.npz``,
-            lacks ``x`` or ``y``, or holds arrays that do not form a dataset.
+            lacks ``x`` (or ``y`` when the task needs it), or holds arrays that do not
+            form a dataset for the task.
+        TrainConfigError: ``task`` is not a task.
     """
-    arrays = load_npz(path, max_bytes=max_bytes, error=DataSourceError, what="training data file")
-    missing = [key for key in ("x", "y") if key not in arrays]
-    if missing:
+    task = check_task(task)
+    x, y = _npz_arrays(path, max_bytes)
+    if task == "reconstruction":
+        y = None
+    elif y is None:
         raise DataSourceError(
-            f"{path}: a training data file needs arrays 'x' and 'y'; missing "
-            f"{', '.join(missing)} (found {', '.join(sorted(arrays)) or 'none'})"
+            f"{path}: missing y: {task} needs an array 'y' of {_Y_MEANING[task]} "
+            "beside 'x' (only reconstruction trains on 'x' alone)"
         )
-    extra = sorted(set(arrays) - {"x", "y"})
-    if extra:
-        logger.debug("training data: %s: ignoring arrays %s", path, extra)
-    return _dataset(path, arrays["x"], arrays["y"])
+    return _dataset(path, x, y, task)
 
 
 def _is_number(text: str) -> bool:
@@ -132,26 +176,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def load_csv_dataset(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Dataset | None:
-    """Read examples from a CSV file whose last column is the integer label.
-
-    The first non-blank, non-comment line is a header when its last field (the
-    label column's name) is not a number. Blank lines and ``#`` comments are
-    skipped.
-
-    Args:
-        path: The file (UTF-8, optionally with a byte-order mark).
-        max_bytes: Most bytes of the file.
+def _csv_table(path: Path, max_bytes: int) -> tuple[npt.NDArray[np.float64] | None, int] | None:
+    """The data rows of a CSV file and its column count.
 
     Returns:
-        The examples, or None when the file holds no data rows and no header to
-        tell its feature count.
+        None when the file holds neither rows nor a header; ``(None, columns)`` for a
+        header alone; else ``(table, columns)``.
 
     Raises:
-        DataSourceError: The file is missing, too large, not UTF-8, has rows of
-            different lengths, fewer than two columns, a value that is not a
-            number, a label that is not a whole number in range, or non-finite
-            values.
+        DataSourceError: See :func:`load_csv_dataset`.
     """
     data = read_bounded(path, max_bytes=max_bytes, error=DataSourceError, what="CSV data file")
     try:
@@ -167,35 +200,71 @@ def load_csv_dataset(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> 
     body = text[first.end() :] if has_header else text[first.start() :]
     del text
     if _CONTENT_LINE_RE.search(body) is None:
-        if not has_header:
-            return None
-        if len(header_fields) < 2:
-            raise DataSourceError(
-                f"{path}: needs at least two columns (features, then the label), "
-                f"the header has {len(header_fields)}"
-            )
-        return Dataset.empty(len(header_fields) - 1)
+        return (None, len(header_fields)) if has_header else None
     try:
         table = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as exc:
         where = " (rows counted from the first line after the header)" if has_header else ""
         raise DataSourceError(f"{path}: malformed CSV: {exc}{where}") from exc
-    if table.shape[1] < 2:
-        raise DataSourceError(
-            f"{path}: needs at least two columns (features, then the label), got {table.shape[1]}"
-        )
     if has_header and len(header_fields) != table.shape[1]:
         raise DataSourceError(
             f"{path}: the header has {len(header_fields)} columns but the rows have "
             f"{table.shape[1]}"
         )
-    labels = table[:, -1].copy()
+    return table, int(table.shape[1])
+
+
+def load_csv_dataset(
+    path: Path, *, task: ModelTask = "classification", max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> Dataset | None:
+    """Read the examples of a CSV file for ``task`` (see the module docstring).
+
+    For classification and regression the last column is the label or target; for
+    reconstruction every column is a feature. The first non-blank, non-comment line
+    is a header when its last field is not a number. Blank lines and ``#`` comments
+    are skipped.
+
+    Args:
+        path: The file (UTF-8, optionally with a byte-order mark).
+        task: What the examples are for.
+        max_bytes: Most bytes of the file.
+
+    Returns:
+        The examples, or None when the file holds no data rows and no header to
+        tell its column count.
+
+    Raises:
+        DataSourceError: The file is missing, too large, not UTF-8, has rows of
+            different lengths, too few columns (two, features then the label, unless
+            reconstruction), a value that is not a number, a label or target that
+            does not fit the task, or non-finite values.
+        TrainConfigError: ``task`` is not a task.
+    """
+    task = check_task(task)
+    read = _csv_table(path, max_bytes)
+    if read is None:
+        return None
+    table, columns = read
+    labelled = task != "reconstruction"
+    if labelled and columns < 2:
+        raise DataSourceError(
+            f"{path}: {task} needs at least two columns (features, then the "
+            f"{'label' if task == 'classification' else 'target'}), got {columns}"
+        )
+    width = columns - 1 if labelled else columns
+    if table is None:
+        return Dataset.empty(width, task)
+    y = table[:, -1].copy() if labelled else None
     with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
-        features = table[:, :-1].astype(np.float32)
+        features = table[:, :width].astype(np.float32)
     del table
     if not np.isfinite(features).all():
         raise DataSourceError(f"{path}: features contain NaN, infinity or values beyond float32")
-    return _dataset(path, features, labels)
+    return _dataset(path, features, y, task)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]} features" if len(shape) == 1 else f"examples of shape {shape}"
 
 
 class LocalData:
@@ -230,9 +299,11 @@ class LocalData:
         self._max_file_bytes = max_file_bytes
         self._max_total_bytes = max_total_bytes
         self._lock = threading.Lock()
-        self._signature: tuple[Any, ...] | None = None
+        self._key: tuple[Any, ...] | None = None  # (signature, task) of the cached dataset
         self._cached: Dataset | None = None
         self._sources: tuple[SourceInfo, ...] = ()
+        self._task: ModelTask | None = None  # the task last loaded
+        self._counted: tuple[tuple[Any, ...], tuple[SourceInfo, ...]] | None = None
 
     @property
     def directory(self) -> Path | None:
@@ -270,119 +341,215 @@ class LocalData:
             files.append((path, info.st_size, info.st_mtime_ns))
         return files
 
-    def load(self) -> Dataset:
-        """All local examples: the files in name order, then the feedback.
+    def _signature(self, files: Sequence[tuple[Path, int, int]]) -> tuple[Any, ...]:
+        version = None if self._feedback is None else self._feedback.version
+        return (tuple((p.name, s, m) for p, s, m in files), version)
 
-        Returns the cached dataset when nothing changed since the last load.
+    def load(self, task: ModelTask = "classification") -> Dataset:
+        """All local examples for ``task``: the files in name order, then the feedback.
+
+        Returns the cached dataset when the task and the sources did not change
+        since the last load.
 
         Returns:
             The examples (at least one).
 
         Raises:
-            DataSourceError: The directory is missing, a file is unreadable or
-                malformed, feature counts differ between sources, or the data is
-                larger than ``max_total_bytes``; the message names the file.
+            DataSourceError: The directory is missing, a file is unreadable, malformed
+                or lacks what the task needs (``y``), example shapes or target widths
+                differ between files, or the data is larger than
+                ``max_total_bytes``; the message names the file.
             NoDataError: There are no examples at all.
+            TrainConfigError: ``task`` is not a task.
         """
+        task = check_task(task)
         with self._lock:
             files = self._list_files()
-            version = None if self._feedback is None else self._feedback.version
-            signature = (tuple((p.name, s, m) for p, s, m in files), version)
-            if signature == self._signature and self._cached is not None:
+            key = (self._signature(files), task)
+            if key == self._key and self._cached is not None:
                 return self._cached
-            dataset, sources = self._load(files)
-            self._signature = signature
+            dataset, sources = self._load(files, task)
+            self._key = key
             self._cached = dataset
             self._sources = sources
+            self._task = task
             logger.info(
-                "training data: %d examples with %d features from %d source(s)",
+                "training data: %d examples of shape %s for %s from %d source(s)",
                 len(dataset),
-                dataset.num_features,
+                dataset.sample_shape,
+                task,
                 len(sources),
             )
             return dataset
 
     def _load(
-        self, files: Sequence[tuple[Path, int, int]]
+        self, files: Sequence[tuple[Path, int, int]], task: ModelTask
     ) -> tuple[Dataset, tuple[SourceInfo, ...]]:
         parts: list[Dataset] = []
         sources: list[SourceInfo] = []
-        origin: str | None = None
         total = 0
 
-        def take(part: Dataset, info: SourceInfo) -> None:
-            nonlocal total, origin
-            if parts and part.num_features != parts[0].num_features:
-                raise DataSourceError(
-                    f"{info.name} has {part.num_features} features but {origin} has "
-                    f"{parts[0].num_features}; all local data must have the same features"
+        def misfit(part: Dataset, name: str) -> str | None:
+            """Why ``part`` cannot join the parts taken so far, if it cannot."""
+            if not parts:
+                return None
+            first, origin = parts[0], sources[0].name
+            if part.sample_shape != first.sample_shape:
+                return (
+                    f"{name} has {_shape_text(part.sample_shape)} but {origin} has "
+                    f"{_shape_text(first.sample_shape)}; all local data must have the same "
+                    "example shape"
                 )
+            if part.y.shape[1:] != first.y.shape[1:]:
+                return (
+                    f"{name} has targets of shape {part.y.shape[1:]} per example but "
+                    f"{origin} has {first.y.shape[1:]}"
+                )
+            return None
+
+        def take(part: Dataset, info: SourceInfo) -> None:
+            nonlocal total
             total += part.x.nbytes + part.y.nbytes
             if total > self._max_total_bytes:
                 raise DataSourceError(
                     f"local training data exceeds {self._max_total_bytes} bytes at {info.name}; "
                     "remove files or raise the limit"
                 )
-            if origin is None:
-                origin = info.name
             parts.append(part)
             sources.append(info)
 
         for path, _, _ in files:
             if path.suffix.lower() == ".npz":
-                part: Dataset | None = load_npz_dataset(path, max_bytes=self._max_file_bytes)
+                part: Dataset | None = load_npz_dataset(
+                    path, task=task, max_bytes=self._max_file_bytes
+                )
                 kind: Literal["npz", "csv"] = "npz"
             else:
-                part = load_csv_dataset(path, max_bytes=self._max_file_bytes)
+                part = load_csv_dataset(path, task=task, max_bytes=self._max_file_bytes)
                 kind = "csv"
             if part is None:
                 logger.debug("training data: %s holds no data rows", path)
                 continue
+            problem = misfit(part, path.name)
+            if problem is not None:
+                raise DataSourceError(problem)
             take(part, SourceInfo(name=path.name, kind=kind, examples=len(part)))
-        if self._feedback is not None:
-            feedback = self._feedback.dataset()
-            if feedback is not None:
+        feedback = self._feedback_for(task)
+        if feedback is not None:
+            problem = misfit(feedback, "the feedback")
+            if problem is None:
                 take(feedback, SourceInfo(name="feedback", kind="feedback", examples=len(feedback)))
+            else:
+                logger.warning(
+                    "training data: leaving out %d feedback examples: %s", len(feedback), problem
+                )
         examples = sum(len(part) for part in parts)
         if examples == 0:
-            where = f" in {self._dir}" if self._dir is not None else ""
-            feedback_note = " and no labelled feedback" if self._feedback is not None else ""
-            raise NoDataError(f"no training examples{where}{feedback_note}")
+            raise NoDataError(self._no_data_message())
         return Dataset.concatenate(parts), tuple(sources)
 
-    def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-        """Load (see :meth:`load`) and split into (train, held-out) sets.
+    def _feedback_for(self, task: ModelTask) -> Dataset | None:
+        """The feedback's examples for ``task``; None (with a warning) if it has none."""
+        if self._feedback is None:
+            return None
+        try:
+            return self._feedback.dataset(task)
+        except DataSourceError as exc:
+            logger.warning("training data: leaving out the feedback: %s", exc)
+            return None
+
+    def _no_data_message(self) -> str:
+        where = f" in {self._dir}" if self._dir is not None else ""
+        feedback_note = " and no labelled feedback" if self._feedback is not None else ""
+        return f"no training examples{where}{feedback_note}"
+
+    def split(
+        self, holdout_fraction: float = 0.2, seed: int = 0, task: ModelTask = "classification"
+    ) -> tuple[Dataset, Dataset]:
+        """Load for ``task`` (see :meth:`load`) and split into (train, held-out) sets.
 
         See :meth:`Dataset.split`: deterministic for the same data and ``seed``.
 
         Raises:
             DataSourceError: As :meth:`load`.
             NoDataError: There are no examples.
-            TrainConfigError: ``holdout_fraction`` or ``seed`` is out of range.
+            TrainConfigError: ``holdout_fraction``, ``seed`` or ``task`` is out of
+                range.
         """
-        return self.load().split(holdout_fraction, seed)
+        return self.load(task).split(holdout_fraction, seed)
 
-    def describe(self) -> dict[str, Any]:
+    # ----------------------------------------------------------------- describe
+
+    def _count(self) -> tuple[SourceInfo, ...]:
+        """The examples of each source, whatever the task (cached like :meth:`load`).
+
+        Reads every file (within the same bounds) but keeps no data: a device
+        announces how much it holds before it knows what it will be asked to train.
+
+        Raises:
+            DataSourceError: The directory or a file cannot be read.
+            NoDataError: There are no examples at all.
+        """
+        with self._lock:
+            files = self._list_files()
+            signature = self._signature(files)
+            if self._counted is not None and self._counted[0] == signature:
+                return self._counted[1]
+            sources: list[SourceInfo] = []
+            for path, _, _ in files:
+                if path.suffix.lower() == ".npz":
+                    x, _ = _npz_arrays(path, self._max_file_bytes)
+                    rows = int(x.shape[0]) if x.ndim else 0
+                    sources.append(SourceInfo(name=path.name, kind="npz", examples=rows))
+                else:
+                    read = _csv_table(path, self._max_file_bytes)
+                    rows = 0 if read is None or read[0] is None else int(read[0].shape[0])
+                    sources.append(SourceInfo(name=path.name, kind="csv", examples=rows))
+            if self._feedback is not None and len(self._feedback):
+                sources.append(
+                    SourceInfo(name="feedback", kind="feedback", examples=len(self._feedback))
+                )
+            sources = [source for source in sources if source.examples]
+            if not sources:
+                raise NoDataError(self._no_data_message())
+            self._counted = (signature, tuple(sources))
+            return self._counted[1]
+
+    def describe(self, task: ModelTask | None = None) -> dict[str, Any]:
         """Counts for the agent's status (never the data itself); does not raise.
 
+        Args:
+            task: The task to describe the data for; None for the task last loaded.
+                Before any load (and with None) the examples of every source are only
+                counted: ``task``, ``features`` and ``sample_shape`` are then None and
+                problems only a task would find (a missing ``y``) are not reported.
+
         Returns:
-            ``directory`` (str or None), ``examples``, ``features`` (None when
-            unknown), ``feedback_examples``, ``sources`` (a list of ``{"name",
-            "kind", "examples"}``) and ``error`` (None, or ``{"code", "message"}``
-            when the data cannot be loaded).
+            ``directory`` (str or None), ``task``, ``examples``, ``features`` and
+            ``sample_shape`` (a list; both None when unknown), ``feedback_examples``,
+            ``sources`` (a list of ``{"name", "kind", "examples"}``) and ``error``
+            (None, or ``{"code", "message"}`` when the data cannot be loaded).
         """
         error: dict[str, str] | None = None
+        dataset: Dataset | None = None
+        sources: tuple[SourceInfo, ...] = ()
+        chosen = self._task if task is None else task
         try:
-            dataset: Dataset | None = self.load()
+            if chosen is None:
+                sources = self._count()
+            else:
+                dataset = self.load(chosen)
+                with self._lock:
+                    sources = self._sources
         except AgentError as exc:
-            dataset = None
             error = {"code": exc.code, "message": str(exc)}
-        with self._lock:
-            sources = self._sources if dataset is not None else ()
+            sources, dataset = (), None
         return {
             "directory": None if self._dir is None else str(self._dir),
-            "examples": 0 if dataset is None else len(dataset),
+            "task": chosen,
+            "examples": sum(s.examples for s in sources),
             "features": None if dataset is None else dataset.num_features,
+            "sample_shape": None if dataset is None else list(dataset.sample_shape),
             "feedback_examples": 0 if self._feedback is None else len(self._feedback),
             "sources": [{"name": s.name, "kind": s.kind, "examples": s.examples} for s in sources],
             "error": error,

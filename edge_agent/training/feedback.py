@@ -5,22 +5,30 @@ the right answer was (the user corrected it, the event happened or did not). It
 posts that label with the prediction's id, and the example becomes local training
 data for the next federated round. Three pieces:
 
-1. :class:`PredictionLog` remembers the input rows of the last ``capacity``
+1. :class:`PredictionLog` remembers the inputs of the last ``capacity``
    predictions (default 1024, bounded in bytes too), in memory only: the agent
    calls :meth:`PredictionLog.record` after each successful prediction, from
-   whichever HTTP thread served it.
+   whichever HTTP thread served it. Inputs are a batch ``(n, *example_shape)`` of
+   any example shape the served model takes (rows, images, sensor windows); a
+   1-D input is one row.
 2. :class:`~edge_agent.training.feedback_buffer.FeedbackBuffer` keeps labelled
    examples on disk (default at most 10,000
-   and 64 MiB of features; the oldest are dropped beyond either bound) and hands
+   and 64 MiB; the oldest are dropped beyond either bound) and hands
    them to :class:`~edge_agent.training.data.LocalData` as a
    :class:`~edge_agent.training.trainer.Dataset`.
 3. :class:`FeedbackCollector` joins them: :meth:`FeedbackCollector.record_feedback`
-   looks the prediction up, checks the label(s), stores the labelled rows and
-   forgets the prediction (each prediction is labelled at most once). An unknown,
-   expired or already labelled id raises
+   looks the prediction up, checks the class label(s) or float target(s), stores
+   the labelled examples and forgets the prediction (each prediction is labelled at
+   most once). An unknown, expired or already labelled id raises
    :class:`~edge_agent.errors.UnknownPredictionError`; a label that is not an
-   integer in ``[0, num_classes)``, or a label count that does not match the
-   prediction's rows, raises :class:`~edge_agent.errors.InvalidLabelError`.
+   integer in ``[0, num_classes)``, a target that is not a finite number, or a count
+   that does not match the prediction's examples, raises
+   :class:`~edge_agent.errors.InvalidLabelError`.
+
+A classifier's feedback is a class label (``label``); an anomaly detector's is a
+label too (0 normal, 1 anomaly; only normal examples train the autoencoder); a
+regression model's is its true value (``target``: one number per example, or a list
+of its outputs).
 
 The buffer lives in :mod:`edge_agent.training.feedback_buffer` (its storage is the
 agent's one crash-safe log); this module re-exports it.
@@ -54,8 +62,9 @@ from edge_agent.training.feedback_buffer import (
     FEEDBACK_FILE,
     MAX_FEATURES,
     FeedbackBuffer,
-    as_rows,
+    as_examples,
     check_labels,
+    check_targets,
 )
 from edge_agent.training.trainer import MAX_CLASSES, FloatArray
 
@@ -78,10 +87,10 @@ DEFAULT_LOG_CAPACITY = 1024
 """Predictions :class:`PredictionLog` remembers by default."""
 
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024
-"""Bytes of input rows :class:`PredictionLog` holds by default."""
+"""Bytes of inputs :class:`PredictionLog` holds by default."""
 
 MAX_ROWS_PER_PREDICTION = 256
-"""Default most rows of one prediction the log keeps (bigger batches are not kept)."""
+"""Default most examples of one prediction the log keeps (bigger batches are not kept)."""
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
@@ -99,12 +108,12 @@ def _check_id(prediction_id: object) -> str:
 
 
 class PredictionLog:
-    """The input rows of the most recent predictions, by prediction id (in memory).
+    """The inputs of the most recent predictions, by prediction id (in memory).
 
     Args:
         capacity: Most predictions remembered (>= 1); the oldest are forgotten.
-        max_bytes: Most bytes of rows held (>= 1); the oldest are forgotten.
-        max_rows: Predictions with more rows than this are not remembered.
+        max_bytes: Most bytes of inputs held (>= 1); the oldest are forgotten.
+        max_rows: Predictions of more examples than this are not remembered.
 
     Raises:
         ConfigError: A bound is below 1.
@@ -141,22 +150,24 @@ class PredictionLog:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of rows held."""
+        """Bytes of inputs held."""
         with self._lock:
             return self._bytes
 
     def record(self, prediction_id: str, inputs: npt.ArrayLike) -> bool:
         """Remember the inputs of prediction ``prediction_id`` (a copy, float32).
 
-        A 1-D input is one row; an input of more dimensions is flattened to one
-        row per entry of its first axis. Inputs that could never become training
-        examples (non-finite, non-numeric, too many rows or bytes) are not kept,
-        which is logged at debug level: recording never fails a prediction.
-        Recording an id again replaces its rows.
+        The first axis counts examples and the rest is one example's shape, as the
+        model was given it (see
+        :func:`~edge_agent.training.feedback_buffer.as_examples`); a 1-D input is
+        one row. Inputs that could never become training examples (non-finite,
+        non-numeric, too many examples, values or bytes) are not kept, which is
+        logged at debug level: recording never fails a prediction. Recording an id
+        again replaces its inputs.
 
         Args:
             prediction_id: The prediction's id (1-128 of ``[A-Za-z0-9_.:-]``).
-            inputs: The rows the model was given.
+            inputs: The batch the model was given.
 
         Returns:
             Whether the rows were kept.
@@ -166,13 +177,13 @@ class PredictionLog:
         """
         _check_id(prediction_id)
         try:
-            rows = as_rows(inputs)
+            rows = as_examples(inputs)
         except DataSourceError as exc:
             logger.debug("prediction log: not keeping %s: %s", prediction_id, exc)
             return False
         if rows.shape[0] > self._max_rows or rows.nbytes > self._max_bytes:
             logger.debug(
-                "prediction log: not keeping %s: %d rows, %d bytes is over the bounds",
+                "prediction log: not keeping %s: %d examples, %d bytes is over the bounds",
                 prediction_id,
                 rows.shape[0],
                 rows.nbytes,
@@ -190,12 +201,12 @@ class PredictionLog:
         return True
 
     def get(self, prediction_id: str) -> FloatArray | None:
-        """The rows of ``prediction_id`` (read-only), or None if not remembered."""
+        """The inputs of ``prediction_id`` (read-only), or None if not remembered."""
         with self._lock:
             return self._rows.get(prediction_id)
 
     def pop(self, prediction_id: str) -> FloatArray | None:
-        """Forget ``prediction_id``; return its rows, or None if not remembered."""
+        """Forget ``prediction_id``; return its inputs, or None if not remembered."""
         with self._lock:
             return self._discard(prediction_id)
 
@@ -210,7 +221,7 @@ class PredictionLog:
 
 
 class FeedbackCollector:
-    """Turns (prediction id, true label) reports into stored training examples.
+    """Turns (prediction id, true label or target) reports into stored training examples.
 
     Args:
         log: Where the agent records each prediction's inputs.
@@ -257,21 +268,27 @@ class FeedbackCollector:
     def record_feedback(
         self,
         prediction_id: str,
-        label: int | np.integer[Any] | Sequence[int | np.integer[Any]],
+        label: int | np.integer[Any] | Sequence[int | np.integer[Any]] | None = None,
         *,
+        target: object = None,
         num_classes: int | None = None,
     ) -> int:
-        """Store the true label(s) of prediction ``prediction_id`` as training examples.
+        """Store the true label(s) or target(s) of prediction ``prediction_id``.
 
-        A one-row prediction takes one label (an int, or a list of one); a
-        prediction of several rows takes a list with one label per row. Once
-        stored, the prediction is forgotten, so a second report for the same id is
-        refused; when storing fails, it stays in the log and the report can be
+        Give exactly one of ``label`` (class indices: a classifier's or an anomaly
+        detector's feedback) and ``target`` (float values: a regression model's).
+        A one-example prediction takes one label (an int, or a list of one) or one
+        target (a number, a list of one, or a list of one list of its outputs); a
+        prediction of several examples takes a list with one entry per example.
+        Once stored, the prediction is forgotten, so a second report for the same
+        id is refused; when storing fails, it stays in the log and the report can be
         retried.
 
         Args:
             prediction_id: The id the prediction was answered with.
-            label: The true class index, or one per row.
+            label: The true class index, or one per example.
+            target: The true value(s) (see
+                :func:`~edge_agent.training.feedback_buffer.check_targets`).
             num_classes: Labels must be below this (default: the collector's).
 
         Returns:
@@ -281,39 +298,52 @@ class FeedbackCollector:
             UnknownPredictionError: The id is malformed, was never recorded, has been
                 forgotten (the log keeps only recent predictions), or was already
                 labelled.
-            InvalidLabelError: A label is not an integer in ``[0, num_classes)``, or
-                the number of labels does not match the prediction's rows.
-            DataSourceError: The rows do not fit the examples already stored (a
-                different feature count).
+            InvalidLabelError: Neither or both of ``label`` and ``target``; a label is
+                not an integer in ``[0, num_classes)``; a target is not a finite
+                number; or their count does not match the prediction's examples.
+            DataSourceError: The examples do not fit those already stored (another
+                shape, or the other kind of label).
             StateError: The examples cannot be written.
         """
         _check_id(prediction_id)
+        if (label is None) == (target is None):
+            raise InvalidLabelError("give exactly one of a label (class index) and a target")
         bound = self._num_classes if num_classes is None else num_classes
         if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_CLASSES:
             raise TrainingError(f"num_classes must be in [1, {MAX_CLASSES}], got {bound!r}")
         with self._lock:
-            rows = self._log.get(prediction_id)
-            if rows is None:
+            examples = self._log.get(prediction_id)
+            if examples is None:
                 raise UnknownPredictionError(
                     f"prediction {prediction_id} is unknown, too old (only the last "
                     "predictions are remembered) or already labelled"
                 )
-            n_rows = int(rows.shape[0])
-            if isinstance(label, int | np.integer) and not isinstance(label, bool | np.bool_):
-                if n_rows != 1:
-                    raise InvalidLabelError(
-                        f"prediction {prediction_id} has {n_rows} rows: give a list of "
-                        f"{n_rows} labels, one per row"
-                    )
-                labels = check_labels([label], bound)
+            count = int(examples.shape[0])
+            if target is not None:
+                self._buffer.add_targets(examples, check_targets(target, count))
             else:
-                labels = check_labels(label, bound)
-                if len(labels) != n_rows:
-                    raise InvalidLabelError(
-                        f"prediction {prediction_id} has {n_rows} row(s) but "
-                        f"{len(labels)} label(s) were given"
-                    )
-            self._buffer.add_many(rows, labels)
+                self._buffer.add_many(examples, _labels(prediction_id, label, count, bound))
             self._log.pop(prediction_id)
-        logger.debug("feedback: stored %d example(s) from %s", n_rows, prediction_id)
-        return n_rows
+        logger.debug("feedback: stored %d example(s) from %s", count, prediction_id)
+        return count
+
+
+def _labels(prediction_id: str, label: object, count: int, bound: int) -> list[int]:
+    """One checked class label per example of a prediction.
+
+    Raises:
+        InvalidLabelError: See :meth:`FeedbackCollector.record_feedback`.
+    """
+    if isinstance(label, int | np.integer) and not isinstance(label, bool | np.bool_):
+        if count != 1:
+            raise InvalidLabelError(
+                f"prediction {prediction_id} has {count} rows: give a list of "
+                f"{count} labels, one per row"
+            )
+        return check_labels([label], bound)
+    labels = check_labels(label, bound)
+    if len(labels) != count:
+        raise InvalidLabelError(
+            f"prediction {prediction_id} has {count} row(s) but {len(labels)} label(s) were given"
+        )
+    return labels

@@ -7,19 +7,44 @@ receives them) and hands them to :class:`~edge_agent.training.data.LocalData` as
 
 1. ``buffer = FeedbackBuffer(data_dir / "feedback")`` loads what a previous run
    stored;
-2. ``buffer.add_many(rows, labels)`` stores examples, all or none, and drops the
-   oldest beyond the bounds (default at most 10,000 examples and 64 MiB of
-   features) in the same transaction;
-3. ``buffer.dataset()`` is every example held, oldest first.
+2. ``buffer.add_many(examples, labels)`` stores examples with class labels, or
+   ``buffer.add_targets(examples, targets)`` examples with float targets (a
+   regression model's feedback), all or none, and drops the oldest beyond the
+   bounds (default at most 10,000 examples and 64 MiB) in the same transaction;
+3. ``buffer.dataset(task)`` is every example held, oldest first, for a task.
+
+An example is an input of any shape the served model takes: a row ``(features,)``,
+an image ``(1, 28, 28)``, a window ``(channels, steps)``; at most
+:data:`MAX_FEATURES` values in at most :data:`MAX_EXAMPLE_DIMS` dimensions. Batches
+are ``(n, *example_shape)``; a 1-D batch is one row. What it is labelled with is
+either a **class label** (an integer in ``[0, MAX_CLASSES)``; for an anomaly
+detector 0 = normal, 1 = anomaly) or **float targets** (one number, or
+``outputs`` numbers, per example; at most :data:`MAX_TARGETS`). The buffer holds one
+kind at a time, of one example shape and target width: examples that do not fit
+those already held are refused with a
+:class:`~edge_agent.errors.DataSourceError` (after a model change, :meth:`clear`
+it). :meth:`FeedbackBuffer.dataset` builds the dataset of a task: class labels for
+``classification``; float targets for ``regression``; for ``reconstruction`` the
+inputs of the examples labelled 0 (normal: an autoencoder learns normal data only).
+Feedback of the other kind raises :class:`~edge_agent.errors.DataSourceError`.
 
 Storage: :class:`~edge_agent.durable_log.DurableLog`, the agent's one crash-safe
 log (``feedback.db`` in the directory; with ``fsync=True``, the default, an example
 is on the disk before :meth:`FeedbackBuffer.add_many` returns). One record per
-example: the label (u32, little-endian) then the features (float32,
-little-endian). On open, records whose content is unusable (a label out of range,
-non-finite or ragged features, a feature count other than the newest examples')
-are deleted with a warning. The examples are also held in memory, for
-:meth:`FeedbackBuffer.dataset`.
+example, little-endian:
+
+* a row with a class label keeps the original format, so an older agent still
+  reads it: the label (u32) then the values (float32);
+* any other example: the magic ``FBX2``, the kind (u8: 0 label, 1 targets), the
+  example's rank (u8), the target width (u16: 0 for a label or one scalar target,
+  else the number of targets), each dimension (u32), the label (u32) or the targets
+  (float32), then the values (float32).
+
+On open, records whose content is unusable (a label out of range, non-finite or
+ragged values, a bad header) or whose layout (kind, example shape, target width)
+differs from the newest example's are deleted with a warning. The examples are also
+held in memory, for :meth:`FeedbackBuffer.dataset`. The byte bound counts the
+values of the inputs and of float targets (labels are not counted).
 
 An agent upgraded in place finds the buffer of its earlier version (the CRC record
 file ``feedback.log``): on open, :mod:`edge_agent.legacy_formats` imports its good
@@ -33,7 +58,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import struct
+import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -46,98 +71,46 @@ import numpy.typing as npt
 from edge_agent.durable_log import DurableLog
 from edge_agent.errors import ConfigError, DataSourceError, InvalidLabelError, StateError
 from edge_agent.legacy_formats import feedback_files, import_legacy, read_feedback_log
-from edge_agent.training.trainer import MAX_CLASSES, Dataset, FloatArray
+from edge_agent.training.feedback_records import (
+    MAX_EXAMPLE_DIMS,
+    MAX_FEATURES,
+    MAX_TARGETS,
+    Example,
+    FeedbackKind,
+    as_examples,
+    check_labels,
+    check_targets,
+    decode_record,
+    describe_layout,
+    encode_record,
+)
+from edge_agent.training.model_spec import ModelTask, check_task
+from edge_agent.training.trainer import MAX_CLASSES, Dataset
 
 __all__ = [
     "DEFAULT_FEEDBACK_MAX_BYTES",
     "DEFAULT_FEEDBACK_MAX_EXAMPLES",
     "FEEDBACK_FILE",
+    "MAX_EXAMPLE_DIMS",
     "MAX_FEATURES",
+    "MAX_TARGETS",
     "FeedbackBuffer",
-    "as_rows",
+    "FeedbackKind",
+    "as_examples",
     "check_labels",
+    "check_targets",
 ]
 
 logger = logging.getLogger(__name__)
-
-MAX_FEATURES = 65536
-"""Most features of one example (one record is at most 256 KiB of features)."""
 
 DEFAULT_FEEDBACK_MAX_EXAMPLES = 10_000
 """Labelled examples :class:`FeedbackBuffer` keeps by default."""
 
 DEFAULT_FEEDBACK_MAX_BYTES = 64 * 1024 * 1024
-"""Bytes of features :class:`FeedbackBuffer` keeps by default."""
+"""Bytes of values :class:`FeedbackBuffer` keeps by default."""
 
 FEEDBACK_FILE = "feedback.db"
 """Name of the buffer's database file in its directory."""
-
-_LABEL = struct.Struct("<I")
-
-Example = tuple[int, int, FloatArray]
-"""``(seq, label, row)`` of one stored example."""
-
-
-def as_rows(inputs: npt.ArrayLike) -> FloatArray:
-    """Inputs as a float32 (rows, features) matrix: a 1-D input is one row.
-
-    Raises:
-        DataSourceError: Not real numbers, empty, not finite, or too many features.
-    """
-    try:
-        raw = np.asarray(inputs)
-    except (TypeError, ValueError) as exc:
-        raise DataSourceError(f"inputs are not a numeric array: {exc}") from exc
-    if raw.dtype.kind not in "fiub":
-        raise DataSourceError(f"inputs must be real numbers, got dtype {raw.dtype}")
-    if raw.ndim == 0 or raw.size == 0:
-        raise DataSourceError(f"inputs must have at least one value per row, got {raw.shape}")
-    rows = raw.reshape(1, -1) if raw.ndim == 1 else raw.reshape(raw.shape[0], -1)
-    if rows.shape[1] > MAX_FEATURES:
-        raise DataSourceError(f"{rows.shape[1]} features per row, more than {MAX_FEATURES}")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
-        out: FloatArray = np.array(rows, dtype=np.float32, order="C")  # always a copy
-    if not np.isfinite(out).all():
-        raise DataSourceError("inputs contain NaN or infinity")
-    out.setflags(write=False)
-    return out
-
-
-def check_labels(labels: object, bound: int) -> list[int]:
-    """Labels as a list of ints in ``[0, bound)``.
-
-    Raises:
-        InvalidLabelError: Not a sequence of integers (booleans are not), or one out
-            of range.
-    """
-    if isinstance(labels, str | bytes) or not isinstance(labels, Sequence | np.ndarray):
-        raise InvalidLabelError(f"labels must be a list of integers, got {type(labels).__name__}")
-    out: list[int] = []
-    for label in labels:
-        if isinstance(label, bool | np.bool_) or not isinstance(label, int | np.integer):
-            raise InvalidLabelError(f"a label must be an integer, got {type(label).__name__}")
-        value = int(label)
-        if not 0 <= value < bound:
-            raise InvalidLabelError(f"label {value} is out of range: expected 0..{bound - 1}")
-        out.append(value)
-    return out
-
-
-def _encode(label: int, row: FloatArray) -> bytes:
-    return _LABEL.pack(label) + row.astype("<f4", copy=False).tobytes()
-
-
-def _decode(record: bytes) -> tuple[int, FloatArray] | None:
-    """``(label, row)`` of a record, or None when its content is unusable."""
-    features = len(record) - _LABEL.size
-    if features <= 0 or features % 4 or features // 4 > MAX_FEATURES:
-        return None
-    (label,) = _LABEL.unpack_from(record)
-    row = np.frombuffer(record, dtype="<f4", offset=_LABEL.size).astype(np.float32)
-    if label >= MAX_CLASSES or not np.isfinite(row).all():
-        return None
-    row.setflags(write=False)
-    return int(label), row
 
 
 class FeedbackBuffer:
@@ -147,7 +120,7 @@ class FeedbackBuffer:
         directory: Where ``feedback.db`` lives; created with mode 0o700 (and its
             parents) if missing.
         max_examples: Most examples kept (>= 1); the oldest are dropped.
-        max_bytes: Most bytes of features kept (>= 1); the oldest are dropped.
+        max_bytes: Most bytes of values kept (>= 1); the oldest are dropped.
         fsync: Sync each change to the disk before :meth:`add` returns (turn off
             only where durability against power cuts does not matter, e.g.
             simulations; a killed process loses nothing either way).
@@ -175,7 +148,7 @@ class FeedbackBuffer:
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._examples: deque[Example] = deque()
-        self._bytes = 0  # feature bytes held
+        self._bytes = 0  # bytes of values held
         self._version = 0
         self._dropped = 0
         try:
@@ -192,7 +165,7 @@ class FeedbackBuffer:
                     max_examples=max_examples,
                     max_bytes=max_bytes,
                     max_features=MAX_FEATURES,
-                    usable=lambda record: _decode(record) is not None,
+                    usable=lambda record: decode_record(record) is not None,
                 ),
                 store="feedback",
             )
@@ -206,11 +179,11 @@ class FeedbackBuffer:
         unusable: list[int] = []
         examples: list[Example] = []
         for seq, record in self._log.records():
-            decoded = _decode(record)
+            decoded = decode_record(record, seq)
             if decoded is None:
                 unusable.append(seq)
             else:
-                examples.append((seq, *decoded))
+                examples.append(decoded)
         if unusable:
             logger.warning(
                 "feedback: deleting %d record(s) with unusable content from %s",
@@ -218,20 +191,19 @@ class FeedbackBuffer:
                 self._log.path,
             )
         if examples:
-            width = examples[-1][2].shape[0]
-            mismatched = [seq for seq, _, row in examples if row.shape[0] != width]
+            layout = examples[-1].layout
+            mismatched = [e.seq for e in examples if e.layout != layout]
             if mismatched:
                 logger.warning(
-                    "feedback: dropping %d examples whose feature count differs from "
-                    "the newest examples' %d",
+                    "feedback: dropping %d examples that differ from the newest ones (%s)",
                     len(mismatched),
-                    width,
+                    describe_layout(layout),
                 )
                 unusable += mismatched
-                examples = [e for e in examples if e[2].shape[0] == width]
+                examples = [e for e in examples if e.layout == layout]
         self._examples.extend(examples)
-        self._bytes = sum(row.nbytes for _, _, row in examples)
-        over = [seq for seq, _, _ in itertools.islice(self._examples, self._overflow())]
+        self._bytes = sum(e.nbytes for e in examples)
+        over = [e.seq for e in itertools.islice(self._examples, self._overflow())]
         if unusable or over:
             try:
                 self._log.change(delete=unusable + over)
@@ -268,14 +240,26 @@ class FeedbackBuffer:
             return self._dropped
 
     @property
-    def num_features(self) -> int | None:
-        """The feature count of the examples held, or None when empty."""
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """The shape of one example held, or None when empty."""
         with self._lock:
-            return int(self._examples[0][2].shape[0]) if self._examples else None
+            return tuple(self._examples[0].x.shape) if self._examples else None
+
+    @property
+    def num_features(self) -> int | None:
+        """Values per example held (the feature count of rows), or None when empty."""
+        shape = self.sample_shape
+        return None if shape is None else math.prod(shape)
+
+    @property
+    def kind(self) -> FeedbackKind | None:
+        """What the examples held are labelled with, or None when empty."""
+        with self._lock:
+            return self._examples[0].kind if self._examples else None
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of features held."""
+        """Bytes of values held."""
         with self._lock:
             return self._bytes
 
@@ -286,80 +270,135 @@ class FeedbackBuffer:
 
     # ---------------------------------------------------------------- operations
 
-    def add(self, x_row: npt.ArrayLike, label: int) -> None:
-        """Store one labelled example (see :meth:`add_many`).
+    def add(self, example: npt.ArrayLike, label: int) -> None:
+        """Store one example with its class label (see :meth:`add_many`).
 
         Args:
-            x_row: The features, shape (features,) or (1, features).
+            example: One example as a batch of one, ``(1, *shape)``, or a 1-D row.
             label: The class index.
 
         Raises:
             InvalidLabelError: ``label`` is not an integer in ``[0, MAX_CLASSES)``.
-            DataSourceError: ``x_row`` is not one finite row, or its feature count
-                differs from the examples already held.
+            DataSourceError: ``example`` is not one finite example, or does not fit
+                the examples already held.
             StateError: The example cannot be written; it is not stored.
         """
-        rows = as_rows(x_row)
-        if rows.shape[0] != 1:
-            raise DataSourceError(f"add() takes one row, got {rows.shape[0]}")
-        self.add_many(rows, [label])
+        batch = as_examples(example)
+        if batch.shape[0] != 1:
+            raise DataSourceError(f"add() takes one example, got {batch.shape[0]}")
+        self.add_many(batch, [label])
 
-    def add_many(self, rows: npt.ArrayLike, labels: Sequence[int | np.integer[Any]]) -> None:
-        """Store labelled examples, all or none, and drop the oldest beyond the bounds.
+    def add_many(self, examples: npt.ArrayLike, labels: Sequence[int | np.integer[Any]]) -> None:
+        """Store examples with class labels, all or none; drop the oldest beyond the bounds.
 
         Args:
-            rows: Features, shape (n, features) (a 1-D array is one row).
-            labels: One class index per row.
+            examples: Inputs, shape ``(n, *shape)`` (a 1-D array is one row).
+            labels: One class index per example.
 
         Raises:
             InvalidLabelError: A label is not an integer in ``[0, MAX_CLASSES)``, or
-                the number of labels differs from the number of rows.
-            DataSourceError: The rows are not finite numbers, a row is larger than
-                ``max_bytes``, or the feature count differs from the examples
-                already held (after a model change, :meth:`clear` the buffer).
+                the number of labels differs from the number of examples.
+            DataSourceError: The inputs are not finite numbers, an example is larger
+                than ``max_bytes``, or the examples do not fit those already held
+                (another shape, or float targets: after a model change,
+                :meth:`clear` the buffer).
             StateError: The examples cannot be written; nothing changed.
         """
-        matrix = as_rows(rows)
+        batch = as_examples(examples)
         checked = check_labels(labels, MAX_CLASSES)
-        if len(checked) != matrix.shape[0]:
-            raise InvalidLabelError(f"{len(checked)} labels for {matrix.shape[0]} rows")
-        row_bytes = matrix.shape[1] * 4
-        if row_bytes > self._max_bytes:
+        if len(checked) != batch.shape[0]:
+            raise InvalidLabelError(f"{len(checked)} labels for {batch.shape[0]} examples")
+        self._store([Example(0, batch[i].copy(), label, None) for i, label in enumerate(checked)])
+
+    def add_targets(self, examples: npt.ArrayLike, targets: object) -> None:
+        """Store examples with float targets, all or none (a regression model's feedback).
+
+        Args:
+            examples: Inputs, shape ``(n, *shape)`` (a 1-D array is one row).
+            targets: One number per example, shape ``(n,)``, or ``outputs`` numbers
+                per example, shape ``(n, outputs)`` (see :func:`check_targets`).
+
+        Raises:
+            InvalidLabelError: The targets are not finite numbers, one entry per
+                example.
+            DataSourceError: As :meth:`add_many` (class labels held count as not
+                fitting).
+            StateError: The examples cannot be written; nothing changed.
+        """
+        batch = as_examples(examples)
+        values = check_targets(targets, batch.shape[0])
+        self._store(
+            [Example(0, batch[i].copy(), 0, values[i].copy()) for i in range(batch.shape[0])]
+        )
+
+    def _store(self, new: list[Example]) -> None:
+        """Append ``new`` (of one layout) in one transaction, dropping the oldest."""
+        for example in new:
+            example.x.setflags(write=False)
+            if example.target is not None:
+                example.target.setflags(write=False)
+        example_bytes = new[0].nbytes
+        if example_bytes > self._max_bytes:
             raise DataSourceError(
-                f"an example of {row_bytes} bytes does not fit the {self._max_bytes}-byte buffer"
+                f"an example of {example_bytes} bytes does not fit the "
+                f"{self._max_bytes}-byte buffer"
             )
-        new = [(label, matrix[i].copy()) for i, label in enumerate(checked)]
-        for _, row in new:
-            row.setflags(write=False)
         with self._lock:
-            if self._examples and self._examples[0][2].shape[0] != matrix.shape[1]:
+            if self._examples and self._examples[0].layout != new[0].layout:
                 raise DataSourceError(
-                    f"feedback rows have {matrix.shape[1]} features but the buffer holds "
-                    f"examples with {self._examples[0][2].shape[0]}; clear() it after a "
-                    "model change"
+                    f"the feedback gives {describe_layout(new[0].layout)} but the buffer "
+                    f"holds {describe_layout(self._examples[0].layout)}; clear() it after "
+                    "a model change"
                 )
-            drop = self._overflow(len(new), row_bytes)
+            drop = self._overflow(len(new), example_bytes)
             drop_held = min(drop, len(self._examples))
-            kept = new[drop - drop_held :]  # more new rows than the bounds hold
+            kept = new[drop - drop_held :]  # more new examples than the bounds hold
             seqs = self._log.change(
-                append=[_encode(label, row) for label, row in kept],
-                delete=[seq for seq, _, _ in itertools.islice(self._examples, drop_held)],
+                append=[encode_record(example) for example in kept],
+                delete=[e.seq for e in itertools.islice(self._examples, drop_held)],
             )
             self._forget(drop_held)
             self._dropped += drop - drop_held
-            for seq, (label, row) in zip(seqs, kept, strict=True):
-                self._examples.append((seq, label, row))
-                self._bytes += row.nbytes
+            for seq, example in zip(seqs, kept, strict=True):
+                self._examples.append(Example(seq, example.x, example.label, example.target))
+                self._bytes += example.nbytes
             self._version += 1
 
-    def dataset(self) -> Dataset | None:
-        """All examples held, oldest first, or None when there are none."""
+    def dataset(self, task: ModelTask = "classification") -> Dataset | None:
+        """All examples held that serve ``task``, oldest first; None when there are none.
+
+        ``classification`` takes the class labels, ``regression`` the float targets,
+        ``reconstruction`` the inputs of the examples labelled 0 (normal).
+
+        Raises:
+            DataSourceError: The examples are labelled for another task (class labels
+                for regression, float targets for classification or reconstruction).
+            TrainConfigError: ``task`` is not a task.
+        """
+        task = check_task(task)
         with self._lock:
-            if not self._examples:
+            examples = list(self._examples)
+        if not examples:
+            return None
+        kind = examples[0].kind
+        wanted = "target" if task == "regression" else "label"
+        if kind != wanted:
+            held = "float targets" if kind == "target" else "class labels"
+            needs = (
+                'float targets (POST /v1/feedback with "target")'
+                if wanted == "target"
+                else "class labels"
+            )
+            raise DataSourceError(f"the feedback holds {held}; {task} needs {needs}")
+        if task == "reconstruction":
+            examples = [e for e in examples if e.label == 0]
+            if not examples:
                 return None
-            x = np.stack([row for _, _, row in self._examples])
-            y = np.fromiter((label for _, label, _ in self._examples), dtype=np.int64)
-        return Dataset(x, y)
+            return Dataset.from_arrays(np.stack([e.x for e in examples]), None, task)
+        x = np.stack([e.x for e in examples])
+        if task == "regression":
+            return Dataset(x, np.stack([e.target for e in examples if e.target is not None]), task)
+        return Dataset(x, np.fromiter((e.label for e in examples), dtype=np.int64), task)
 
     def clear(self) -> None:
         """Delete every example (e.g. after a model change of input size).
@@ -380,16 +419,17 @@ class FeedbackBuffer:
 
     # ------------------------------------------------------------------- helpers
 
-    def _overflow(self, new_rows: int = 0, row_bytes: int = 0) -> int:
-        """How many of the oldest examples (those held, then the new rows) must go
-        for the held and ``new_rows`` more of ``row_bytes`` each to fit the bounds."""
-        count = len(self._examples) + new_rows
-        size = self._bytes + new_rows * row_bytes
+    def _overflow(self, new_examples: int = 0, example_bytes: int = 0) -> int:
+        """How many of the oldest examples (those held, then the new ones) must go
+        for the held and ``new_examples`` more of ``example_bytes`` each to fit the
+        bounds."""
+        count = len(self._examples) + new_examples
+        size = self._bytes + new_examples * example_bytes
         drop = 0
         held = iter(self._examples)
         while count > self._max_examples or size > self._max_bytes:
             oldest = next(held, None)
-            size -= row_bytes if oldest is None else oldest[2].nbytes
+            size -= example_bytes if oldest is None else oldest.nbytes
             count -= 1
             drop += 1
         return drop
@@ -397,8 +437,7 @@ class FeedbackBuffer:
     def _forget(self, count: int) -> None:
         """Drop the ``count`` oldest examples from memory (already deleted on disk)."""
         for _ in range(count):
-            _, _, row = self._examples.popleft()
-            self._bytes -= row.nbytes
+            self._bytes -= self._examples.popleft().nbytes
         if count:
             self._dropped += count
             logger.debug("feedback: dropped the %d oldest examples (bounds)", count)

@@ -196,10 +196,20 @@ class DenseTrainer:
         except FamilyError as exc:
             raise TrainingError(f"unusable {self._family} weights: {exc}") from exc
 
-    @staticmethod
-    def _check_data(layers: list[DenseLayer], data: Dataset, what: str) -> None:
+    def _check_data(self, layers: list[DenseLayer], data: Dataset, what: str) -> None:
         if not isinstance(data, Dataset):
             raise TrainingError(f"{what} data must be a Dataset, got {type(data).__name__}")
+        if data.task != "classification":
+            raise TrainingError(
+                f"the {self._family} trainer learns classification only, not {data.task}; "
+                "train a PyTorch model for that task (family torch)"
+            )
+        if data.x.ndim != 2:
+            raise TrainingError(
+                f"the {self._family} trainer takes rows of features, shape (n, features); "
+                f"these examples have shape {data.sample_shape}: flatten them or train a "
+                "PyTorch model (family torch)"
+            )
         if len(data) == 0:
             raise NoDataError(f"no examples to {what} on")
         if data.num_features != layers[0].fan_in:
@@ -241,8 +251,9 @@ class DenseTrainer:
             epoch, measured on each batch before its update.
 
         Raises:
-            TrainingError: Unusable weights, or training diverged (non-finite loss
-                or weights: lower the learning rate).
+            TrainingError: Unusable weights, ``data`` is not a classification
+                dataset of rows ``(n, features)``, or training diverged (non-finite
+                loss or weights: lower the learning rate).
             NoDataError: ``data`` is empty.
             DataSourceError: The data's feature count does not match the weights,
                 or a label is not a class of the model.
@@ -303,6 +314,7 @@ class DenseTrainer:
         decay = np.float32(config.weight_decay)
         mu = np.float32(config.proximal_mu)
         n = len(data)
+        labels = data.labels
         n_layers = len(params) // 2
         total_loss = 0.0
         correct = 0
@@ -312,7 +324,7 @@ class DenseTrainer:
             order = rng.permutation(n)
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
-                xb, yb = data.x[idx], data.y[idx]
+                xb, yb = data.x[idx], labels[idx]
                 inputs, logits = _forward(params, xb)
                 losses, probs, hits = _log_softmax_loss(logits, yb)
                 total_loss += float(losses.sum(dtype=np.float64))
@@ -349,7 +361,8 @@ class DenseTrainer:
             Loss, accuracy and the number of examples.
 
         Raises:
-            TrainingError: Unusable weights.
+            TrainingError: Unusable weights, or ``data`` is not a classification
+                dataset of rows ``(n, features)``.
             NoDataError: ``data`` is empty.
             DataSourceError: Feature count or labels do not fit the weights.
         """
@@ -364,7 +377,7 @@ class DenseTrainer:
             for start in range(0, len(data), self._eval_batch_size):
                 stop = start + self._eval_batch_size
                 _, logits = _forward(params, data.x[start:stop])
-                losses, _, hits = _log_softmax_loss(logits, data.y[start:stop])
+                losses, _, hits = _log_softmax_loss(logits, data.labels[start:stop])
                 total_loss += float(losses.sum(dtype=np.float64))
                 correct += hits
         n = len(data)
