@@ -49,6 +49,7 @@ import numpy.typing as npt
 from compress.fileio import load_npz, read_bounded
 from edge_agent.errors import AgentError, ConfigError, DataSourceError, NoDataError
 from edge_agent.training.feedback import FeedbackBuffer
+from edge_agent.training.model_spec import ModelTask
 from edge_agent.training.trainer import Dataset
 
 __all__ = [
@@ -350,17 +351,27 @@ class LocalData:
             raise NoDataError(f"no training examples{where}{feedback_note}")
         return Dataset.concatenate(parts), tuple(sources)
 
-    def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-        """Load (see :meth:`load`) and split into (train, held-out) sets.
+    def split(
+        self, holdout_fraction: float = 0.2, seed: int = 0, *, task: ModelTask = "classification"
+    ) -> tuple[Dataset, Dataset]:
+        """Load (see :meth:`load`) and split into (train, held-out) sets for ``task``.
 
-        See :meth:`Dataset.split`: deterministic for the same data and ``seed``.
+        See :meth:`Dataset.split`: deterministic for the same data and ``seed``. For
+        ``reconstruction`` the labels are dropped; for ``regression`` they are the
+        float targets.
 
         Raises:
             DataSourceError: As :meth:`load`.
             NoDataError: There are no examples.
             TrainConfigError: ``holdout_fraction`` or ``seed`` is out of range.
         """
-        return self.load().split(holdout_fraction, seed)
+        dataset = self.load()
+        if task == "reconstruction":
+            dataset = Dataset.from_arrays(dataset.x, None, task="reconstruction")
+        elif task == "regression":
+            targets = dataset.y.astype(np.float32)
+            dataset = Dataset.from_arrays(dataset.x, targets, task="regression")
+        return dataset.split(holdout_fraction, seed)
 
     def describe(self) -> dict[str, Any]:
         """Counts for the agent's status (never the data itself); does not raise.

@@ -3,7 +3,8 @@
 The agent's worker thread hands :class:`Participant` the ``train_task`` commands
 and the chunks of round weights. A task, as the device sees it::
 
-    cmd: train_task ──(no local data, unknown family or codec)──> error (ref = task id)
+    cmd: train_task ──(no local data, unknown family or codec, a torch model
+            │          not on the allow list, no torch)──> error (ref = task id)
             │ weights already held (the previous task used them)
             │     └──> task_ack has_weights=true ──> run
             │ else: subscribe fedge/v1/broadcast/<weights id>, task_ack
@@ -11,22 +12,44 @@ and the chunks of round weights. A task, as the device sees it::
             │ nothing for stall_timeout_s: chunk_request for the missing ones
             │ (MAX_STALLS fruitless requests, or the deadline passed: dropped)
     complete: sha256 checked, arrays decoded ──> run
-    run: train ──> update = new - global, encoded with the task's codec (top-k
-               residual loaded from and saved to disk) ──> update_report
-               (inline, or as a chunked upload on "events" when too big)
-         evaluate ──> eval_report (loss, accuracy on the local held-out split)
+    run (on the training thread): local data split for the task's learning task,
+               train ──> update = new - global, encoded with the task's codec
+               (the top-k residual is read before and saved after it went out)
+               or evaluate
+    poll (worker thread): update_report (inline, or as a chunked upload on
+               "events" when too big), or eval_report (loss, accuracy or the
+               task's metrics on the local held-out split), or error
+
+Training runs off the agent's worker, on one
+:class:`~edge_agent.training.training_thread.TrainingThread`, so that deploys, chunk
+repairs and telemetry go on during a long epoch. The training thread only loads
+data, trains or evaluates and encodes; everything else (the participant's state, the
+link, the residual store, sending) stays on the worker, which takes finished results
+with :meth:`Participant.poll` (the training thread calls ``wake`` when one is
+ready).
+
+Models: ``family`` names a built-in numpy trainer (or one registered with
+:func:`~edge_agent.training.numpy_trainers.register_trainer`), or is
+``"torch"``: then ``model_spec`` names a PyTorch factory that must be on this
+device's allow list (:func:`~edge_agent.training.model_spec.allowed_models`: the
+zoo, the ``fedge.models`` entry points and ``[training] models``), else the task is
+refused with ``unknown_model`` before anything is downloaded or imported; a device
+without PyTorch refuses with ``no_torch``. PyTorch is imported only when a torch
+task runs.
 
 The raw data never leaves the device: only the encoded update and counts do. A new
-task replaces an unfinished one (the coordinator has moved on). The last weights
-received stay in memory, so a train task that follows an evaluation of the same
-weights starts without a download.
+task replaces an unfinished one (the coordinator has moved on): a download is
+dropped, and the result of a training still running is dropped when it ends. The
+last weights received stay in memory, so a train task that follows an evaluation of
+the same weights starts without a download.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +58,14 @@ import numpy.typing as npt
 
 from compress.codecs import encode_update, layout_of, parse_codec
 from compress.errors import CompressError
-from edge_agent.errors import AgentError, ProtocolError
+from edge_agent.errors import (
+    AgentError,
+    ProtocolError,
+    TorchUnavailableError,
+    TrainConfigError,
+    TrainingError,
+    UnknownModelError,
+)
 from edge_agent.protocol import (
     Chunk,
     ChunkRequest,
@@ -54,12 +84,21 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 from edge_agent.training.data import LocalData
+from edge_agent.training.model_spec import (
+    TORCH_FAMILY,
+    ModelTask,
+    allowed_models,
+    check_task,
+    parse_model_spec,
+    torch_available,
+)
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
-from edge_agent.training.trainer import TrainConfig
+from edge_agent.training.trainer import ConfigValue, TrainConfig, Trainer
+from edge_agent.training.training_thread import TrainingThread
 from edge_agent.transport.link import DeviceLink
 
-__all__ = ["MAX_STALLS", "UPDATE_ARRAY", "Participant"]
+__all__ = ["MAX_STALLS", "STOP_TIMEOUT_S", "UPDATE_ARRAY", "Participant"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +112,10 @@ MAX_METRICS = 32
 """Metrics an update report carries at most (they must fit in ``HEADER_ROOM``)."""
 DEFAULT_MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 """Largest round weights a device downloads (they are held in memory)."""
+TORCH_TRAINER_MODULE = "edge_agent.training.torch_trainer"
+"""Where ``TorchTrainer`` lives (imported only when a torch task runs)."""
+STOP_TIMEOUT_S = 5.0
+"""How long :meth:`Participant.close` waits for a training that runs, then abandons it."""
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -85,6 +128,40 @@ class _Download:
     held: set[int] = field(default_factory=set)
     stalls: int = 0
     deadline: float = 0.0  # monotonic: ask for missing chunks then
+
+
+@dataclass(frozen=True)
+class _Model:
+    """How to build a task's trainer, checked on the worker before any download."""
+
+    family: str
+    spec: str = ""  # canonical model spec (torch)
+    task: ModelTask = "classification"
+    input_shape: tuple[int, ...] = ()
+    num_outputs: int = 0
+
+
+@dataclass(frozen=True)
+class _Update:
+    """A trained update, encoded: what the worker sends."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    payload: npt.NDArray[np.uint8]
+    residual: Weights | None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    code: str
+    reason: str
+
+
+_Outcome = _Update | EvalReport | _Failure
+
+
+def _nothing() -> None:
+    return None
 
 
 class Participant:
@@ -102,6 +179,9 @@ class Participant:
         stall_timeout_s: float = 5.0,
         holdout_fraction: float = 0.2,
         max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+        models: Iterable[str] = (),
+        torch_threads: int | None = None,
+        wake: Callable[[], None] = _nothing,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Wire the participant to the agent's link and event sender.
@@ -116,6 +196,11 @@ class Participant:
             stall_timeout_s: Silence before missing chunks are requested.
             holdout_fraction: Local examples kept out of training for evaluation.
             max_weights_bytes: Larger round weights are refused (``too_large``).
+            models: The device owner's ``[training] models``: PyTorch model specs
+                allowed besides the zoo and the ``fedge.models`` entry points.
+            torch_threads: Threads PyTorch trains with (None: its default).
+            wake: Called on the training thread when a result is ready for
+                :meth:`poll` (the agent wakes its worker).
             clock: Unix seconds.
         """
         self._device_id = device_id
@@ -128,6 +213,11 @@ class Participant:
         self._holdout = holdout_fraction
         self._max_weights_bytes = max_weights_bytes
         self._clock = clock
+        self._allowed = allowed_models(models)
+        self._torch = torch_available()
+        self._torch_threads = torch_threads
+        self._thread: TrainingThread[_Outcome] = TrainingThread(f"train-{device_id}", on_done=wake)
+        self._running: tuple[int, TrainTask] | None = None  # (ticket, task) on the thread
         self._download: _Download | None = None
         self._weights: tuple[str, Weights] | None = None  # (transfer id, arrays)
         # A top-k residual is saved only once the update that goes with it went out:
@@ -137,6 +227,12 @@ class Participant:
         """Tasks answered with a report."""
 
     # ----------------------------------------------------------------- status
+
+    @property
+    def train_models(self) -> tuple[str, ...]:
+        """The model specs this device can train, for its status: the allow list
+        when PyTorch is installed, else none (computed once, without importing it)."""
+        return self._allowed if self._torch else ()
 
     def train_examples(self) -> int:
         """Local examples available for training (0 without data; never raises)."""
@@ -152,6 +248,7 @@ class Participant:
         """Take a task: acknowledge it and get its weights, or refuse it."""
         logger.info("task %s (%s, round %s)", task.task_id[:8], task.action, task.round_id)
         self._drop_download()
+        self._drop_running()
         if task.deadline <= self._clock():
             logger.info("task %s arrived after its deadline (dropped)", task.task_id[:8])
             return
@@ -183,12 +280,58 @@ class Participant:
                 f"{self._max_weights_bytes}"
             )
         try:
-            trainer_for(task.family)
+            self._model(task)
             if task.action is TaskAction.TRAIN:
                 parse_codec(task.codec)
         except (AgentError, CompressError) as exc:
             return getattr(exc, "code", "training_error"), str(exc)
         return None
+
+    def _model(self, task: TrainTask) -> _Model:
+        """What the task trains, checked without importing anything.
+
+        Raises:
+            UnknownModelError: a torch model spec not on this device's allow list.
+            TorchUnavailableError: a torch task on a device without PyTorch.
+            TrainConfigError: an unknown task or bad model args.
+            TrainingError: no trainer for a built-in family.
+        """
+        if task.family != TORCH_FAMILY:
+            trainer_for(task.family)
+            return _Model(task.family, task=check_task(task.task))
+        spec = str(parse_model_spec(task.model_spec))
+        if spec not in self._allowed:
+            raise UnknownModelError(
+                f"model {spec} is not installed on this device: it trains the zoo, the "
+                f"fedge.models entry points and [training] models only"
+            )
+        if not self._torch:
+            raise TorchUnavailableError(
+                f"model {spec} needs PyTorch, which this device lacks (pip install 'fedge[torch]')"
+            )
+        input_shape, num_outputs = _model_args(task.model_args)
+        return _Model(TORCH_FAMILY, spec, check_task(task.task), input_shape, num_outputs)
+
+    def _trainer(self, model: _Model) -> Trainer:
+        """A fresh trainer (training thread; imports PyTorch for a torch model).
+
+        Raises:
+            TrainingError: the torch trainer cannot be built (see ``TorchTrainer``).
+        """
+        if model.family != TORCH_FAMILY:
+            return trainer_for(model.family)
+        # Imported by name, here: the module imports PyTorch, which only a torch task may load.
+        torch_trainer = importlib.import_module(TORCH_TRAINER_MODULE)
+        trainer = torch_trainer.TorchTrainer(
+            model.spec,
+            task=model.task,
+            input_shape=model.input_shape,
+            num_outputs=model.num_outputs,
+            num_threads=self._torch_threads,
+        )
+        if not isinstance(trainer, Trainer):  # pragma: no cover - TorchTrainer is one
+            raise TrainingError(f"{TORCH_TRAINER_MODULE}.TorchTrainer is not a trainer")
+        return trainer
 
     # ---------------------------------------------------------------- weights
 
@@ -272,35 +415,116 @@ class Participant:
     # -------------------------------------------------------------------- run
 
     def _run(self, task: TrainTask) -> None:
+        """Hand the task to the training thread (its result comes back in :meth:`poll`)."""
         if self._weights is None or self._data is None:
             return
         weights = self._weights[1]
+        data = self._data
         try:
+            model = self._model(task)
             config = TrainConfig.from_mapping(task.config)
-            train, held_out = self._data.split(self._holdout, seed=config.seed)
-            trainer = trainer_for(task.family)
-            if task.action is TaskAction.EVALUATE:
-                result = trainer.evaluate(weights, held_out if len(held_out) else train)
-                self._report(
-                    EvalReport(
-                        round_id=task.round_id,
-                        task_id=task.task_id,
-                        num_examples=result.num_examples,
-                        metrics=result.metrics(),
-                    )
-                )
-                return
-            started = time.monotonic()
-            self._pending_residual = None
-            fitted = trainer.fit(weights, train, config, config.rng(task.round_id, self._device_id))
-            metrics = dict(fitted.metrics)
-            metrics["train_seconds"] = time.monotonic() - started
-            update = self._encode(task, config, weights, fitted.weights)
+            residual = None
+            if task.action is TaskAction.TRAIN and parse_codec(task.codec).is_topk:
+                residual = self._residuals.load(task.model, layout_of(weights))
         except (AgentError, CompressError) as exc:
             self._fail(task, getattr(exc, "code", "training_error"), str(exc))
             return
-        if self._send_update(task, fitted.num_examples, metrics, update):
-            self._commit_residual()
+        self._pending_residual = None
+
+        def job() -> _Outcome:
+            return self._work(
+                task, model=model, config=config, data=data, weights=weights, residual=residual
+            )
+
+        self._running = (self._thread.submit(job), task)
+
+    def _work(
+        self,
+        task: TrainTask,
+        *,
+        model: _Model,
+        config: TrainConfig,
+        data: LocalData,
+        weights: Weights,
+        residual: Weights | None,
+    ) -> _Outcome:
+        """Train or evaluate, and encode (training thread: touches no participant state)."""
+        try:
+            train, held_out = data.split(self._holdout, seed=config.seed, task=model.task)
+            trainer = self._trainer(model)
+            if task.action is TaskAction.EVALUATE:
+                result = trainer.evaluate(weights, held_out if len(held_out) else train)
+                return EvalReport(
+                    round_id=task.round_id,
+                    task_id=task.task_id,
+                    num_examples=result.num_examples,
+                    metrics=result.metrics(),
+                )
+            started = time.monotonic()
+            fitted = trainer.fit(weights, train, config, config.rng(task.round_id, self._device_id))
+            metrics = dict(fitted.metrics)
+            metrics["train_seconds"] = time.monotonic() - started
+            payload, new_residual = self._encode(task, config, weights, fitted.weights, residual)
+        except (AgentError, CompressError) as exc:
+            return _Failure(getattr(exc, "code", "training_error"), str(exc))
+        return _Update(fitted.num_examples, metrics, payload, new_residual)
+
+    # ------------------------------------------------------------ results
+
+    def poll(self) -> None:
+        """Send the report of a training that finished (worker thread; never blocks).
+
+        A result whose task was replaced meanwhile is dropped, unsent.
+        """
+        for done in self._thread.take():
+            running = self._running
+            if running is None or running[0] != done.ticket:
+                logger.info("a replaced task's training result was dropped")
+                continue
+            self._running = None
+            task = running[1]
+            outcome = done.result
+            if done.error is not None or outcome is None:
+                self._fail(task, "training_error", f"training failed: {done.error!r}")
+            elif isinstance(outcome, _Failure):
+                self._fail(task, outcome.code, outcome.reason)
+            elif isinstance(outcome, EvalReport):
+                self._report(outcome)
+            else:
+                if outcome.residual is not None:
+                    self._pending_residual = (task.model, outcome.residual)
+                if self._send_update(task, outcome.num_examples, outcome.metrics, outcome.payload):
+                    self._commit_residual()
+
+    @property
+    def training(self) -> bool:
+        """Whether a task's training or evaluation is under way."""
+        return self._running is not None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the training thread has nothing to do (at most ``timeout`` s);
+        :meth:`poll` then sends what it finished. Tests and shutdown use it.
+
+        Returns:
+            Whether it is idle.
+        """
+        return self._thread.wait_idle(timeout)
+
+    def close(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """Stop the training thread: a running training gets ``timeout`` seconds to
+        end, then it is abandoned; its result is never sent. Idempotent.
+
+        Returns:
+            Whether the training thread has stopped.
+        """
+        self._running = None
+        self._drop_download()
+        return self._thread.close(timeout)
+
+    def _drop_running(self) -> None:
+        if self._running is not None:
+            logger.info("task %s replaced while it trains", self._running[1].task_id[:8])
+            self._running = None
 
     def _commit_residual(self) -> None:
         pending, self._pending_residual = self._pending_residual, None
@@ -312,12 +536,17 @@ class Participant:
             logger.error("the top-k residual of %s was not saved: %s", pending[0], exc)
 
     def _encode(
-        self, task: TrainTask, config: TrainConfig, weights: Weights, trained: Mapping[str, Any]
-    ) -> npt.NDArray[np.uint8]:
+        self,
+        task: TrainTask,
+        config: TrainConfig,
+        weights: Weights,
+        trained: Mapping[str, Any],
+        residual: Weights | None,
+    ) -> tuple[npt.NDArray[np.uint8], Weights | None]:
         """``trained - weights`` through the task's codec.
 
-        A top-k codec starts from the stored residual; the new one is kept pending
-        until the update has gone out (:meth:`_commit_residual`).
+        A top-k codec starts from ``residual`` (the stored one); the new residual is
+        returned, and saved only once the update has gone out (:meth:`_commit_residual`).
 
         Raises:
             CodecError: an invalid codec or a non-finite update.
@@ -326,12 +555,9 @@ class Participant:
         delta = {
             name: np.asarray(trained[name], dtype=np.float32) - weights[name] for name in weights
         }
-        residual = self._residuals.load(task.model, layout_of(weights)) if spec.is_topk else None
         rng = config.rng(task.round_id, self._device_id, "codec")
-        encoded = encode_update(delta, spec, rng=rng, residual=residual)
-        if encoded.residual is not None:
-            self._pending_residual = (task.model, encoded.residual)
-        return np.frombuffer(encoded.payload, dtype=np.uint8)
+        encoded = encode_update(delta, spec, rng=rng, residual=residual if spec.is_topk else None)
+        return np.frombuffer(encoded.payload, dtype=np.uint8), encoded.residual
 
     def _send_update(
         self,
@@ -378,3 +604,29 @@ class Participant:
     def _fail(self, task: TrainTask, code: str, reason: str) -> None:
         logger.warning("task %s failed: %s: %s", task.task_id[:8], code, reason)
         self._send(ErrorReport(code=code, message=reason[:1000], ref=task.task_id))
+
+
+def _model_args(args: Mapping[str, ConfigValue]) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_outputs)`` of a torch task's ``model_args``.
+
+    ``input_shape`` is text, ``"1,28,28"`` (each dimension >= 1); ``num_outputs`` an
+    int >= 0 (0: the factory decides, e.g. an autoencoder).
+
+    Raises:
+        TrainConfigError: either is missing or malformed.
+    """
+    shape_text = args.get("input_shape")
+    outputs = args.get("num_outputs")
+    if not isinstance(shape_text, str):
+        raise TrainConfigError("model_args.input_shape must be text such as '1,28,28'")
+    try:
+        shape = tuple(int(part) for part in shape_text.split(","))
+    except ValueError:
+        raise TrainConfigError(
+            f"model_args.input_shape {shape_text[:40]!r} is not comma-separated integers"
+        ) from None
+    if not shape or min(shape) < 1:
+        raise TrainConfigError(f"model_args.input_shape {shape_text[:40]!r} has a dimension < 1")
+    if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 0:
+        raise TrainConfigError("model_args.num_outputs must be an integer >= 0")
+    return shape, outputs
