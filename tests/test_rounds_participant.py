@@ -156,7 +156,9 @@ class RoundWeights:
         config: Mapping[str, int | float | str | bool] | None = None,
         transfer_id: str | None = None,
         index: tuple[ArrayEntry, ...] | None = None,
+        **fields: Any,
     ) -> TrainTask:
+        """A task for these weights; ``fields`` are more TrainTask fields (model_spec ...)."""
         return TrainTask(
             round_id=round_id,
             task_id=uuid.uuid4().hex,
@@ -170,6 +172,7 @@ class RoundWeights:
             codec=codec,
             deadline=clock() + 60 if deadline is None else deadline,
             config=dict(CONFIG if config is None else config),
+            **fields,
         )
 
     def chunks(self, chunk_size: int = CHUNK, transfer_id: str | None = None) -> list[Chunk]:
@@ -1066,7 +1069,7 @@ def test_training_runs_on_the_training_thread_and_reports_when_polled(
     p.poll()
     assert rig.out.types() == [TaskAck, UpdateReport]
     assert rig.out.of(UpdateReport)[0].task_id == task.task_id
-    assert not p.training
+    assert not rig.participant.training  # (p.training was narrowed to True above)
     assert p.completed == 1
 
 

@@ -52,7 +52,12 @@ def test_a_waiting_job_is_replaced_and_never_runs() -> None:
     first = thread.submit(held(release, started, "first"))
     assert started.wait(WAIT_S)
     ran: list[str] = []
-    second = thread.submit(lambda: ran.append("second") or "second")
+
+    def replaced() -> str:
+        ran.append("second")
+        return "second"
+
+    second = thread.submit(replaced)
     third = thread.submit(lambda: "third")
     assert first < second < third
     assert thread.busy
