@@ -609,24 +609,27 @@ class Participant:
 def _model_args(args: Mapping[str, ConfigValue]) -> tuple[tuple[int, ...], int]:
     """``(input_shape, num_outputs)`` of a torch task's ``model_args``.
 
-    ``input_shape`` is text, ``"1,28,28"`` (each dimension >= 1); ``num_outputs`` an
-    int >= 0 (0: the factory decides, e.g. an autoencoder).
+    ``input_shape`` is text, ``"1,28,28"`` (an int for rows; each dimension >= 1);
+    ``num_outputs`` an int >= 0, 0 or missing where the task has no output width
+    (reconstruction). The same reading as the torch trainer's ``parse_model_args``,
+    without importing its module.
 
     Raises:
-        TrainConfigError: either is missing or malformed.
+        TrainConfigError: ``input_shape`` is missing or malformed, or ``num_outputs``
+            is not an integer >= 0.
     """
-    shape_text = args.get("input_shape")
-    outputs = args.get("num_outputs")
-    if not isinstance(shape_text, str):
+    shape_value = args.get("input_shape")
+    outputs = args.get("num_outputs", 0)
+    if isinstance(shape_value, int) and not isinstance(shape_value, bool):
+        shape_value = str(shape_value)
+    if not isinstance(shape_value, str):
         raise TrainConfigError("model_args.input_shape must be text such as '1,28,28'")
-    try:
-        shape = tuple(int(part) for part in shape_text.split(","))
-    except ValueError:
+    parts = [part.strip() for part in shape_value.split(",")]
+    if not all(part.isdigit() for part in parts) or min(int(part) for part in parts) < 1:
         raise TrainConfigError(
-            f"model_args.input_shape {shape_text[:40]!r} is not comma-separated integers"
-        ) from None
-    if not shape or min(shape) < 1:
-        raise TrainConfigError(f"model_args.input_shape {shape_text[:40]!r} has a dimension < 1")
+            f"model_args.input_shape must be comma-separated positive integers like "
+            f"'1,28,28', got {shape_value[:40]!r}"
+        )
     if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 0:
         raise TrainConfigError("model_args.num_outputs must be an integer >= 0")
-    return shape, outputs
+    return tuple(int(part) for part in parts), outputs
