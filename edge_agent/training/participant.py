@@ -29,13 +29,12 @@ with :meth:`Participant.poll` (the training thread calls ``wake`` when one is
 ready).
 
 Models: ``family`` names a built-in numpy trainer (or one registered with
-:func:`~edge_agent.training.numpy_trainers.register_trainer`), or is
-``"torch"``: then ``model_spec`` names a PyTorch factory that must be on this
-device's allow list (:func:`~edge_agent.training.model_spec.allowed_models`: the
-zoo, the ``fedge.models`` entry points and ``[training] models``), else the task is
-refused with ``unknown_model`` before anything is downloaded or imported; a device
-without PyTorch refuses with ``no_torch``. PyTorch is imported only when a torch
-task runs.
+:func:`~edge_agent.training.numpy_trainers.register_trainer`), or is ``"torch"``:
+then ``model_spec`` names a PyTorch factory that must be on this device's allow list,
+else the task is refused with ``unknown_model`` before anything is downloaded or
+imported; a device without PyTorch refuses with ``no_torch``
+(:class:`~edge_agent.training.task_model.DeviceModels`). PyTorch is imported only
+when a torch task runs.
 
 The raw data never leaves the device: only the encoded update and counts do. A new
 task replaces an unfinished one (the coordinator has moved on): a download is
@@ -46,7 +45,6 @@ the same weights starts without a download.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -58,14 +56,7 @@ import numpy.typing as npt
 
 from compress.codecs import encode_update, layout_of, parse_codec
 from compress.errors import CompressError
-from edge_agent.errors import (
-    AgentError,
-    ProtocolError,
-    TorchUnavailableError,
-    TrainConfigError,
-    TrainingError,
-    UnknownModelError,
-)
+from edge_agent.errors import AgentError, ProtocolError
 from edge_agent.protocol import (
     Chunk,
     ChunkRequest,
@@ -84,17 +75,9 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 from edge_agent.training.data import LocalData
-from edge_agent.training.model_spec import (
-    TORCH_FAMILY,
-    ModelTask,
-    allowed_models,
-    check_task,
-    parse_model_spec,
-    torch_available,
-)
-from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
-from edge_agent.training.trainer import ConfigValue, TrainConfig, Trainer
+from edge_agent.training.task_model import DeviceModels, TaskModel
+from edge_agent.training.trainer import TrainConfig
 from edge_agent.training.training_thread import TrainingThread
 from edge_agent.transport.link import DeviceLink
 
@@ -112,8 +95,6 @@ MAX_METRICS = 32
 """Metrics an update report carries at most (they must fit in ``HEADER_ROOM``)."""
 DEFAULT_MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 """Largest round weights a device downloads (they are held in memory)."""
-TORCH_TRAINER_MODULE = "edge_agent.training.torch_trainer"
-"""Where ``TorchTrainer`` lives (imported only when a torch task runs)."""
 STOP_TIMEOUT_S = 5.0
 """How long :meth:`Participant.close` waits for a training that runs, then abandons it."""
 
@@ -128,17 +109,6 @@ class _Download:
     held: set[int] = field(default_factory=set)
     stalls: int = 0
     deadline: float = 0.0  # monotonic: ask for missing chunks then
-
-
-@dataclass(frozen=True)
-class _Model:
-    """How to build a task's trainer, checked on the worker before any download."""
-
-    family: str
-    spec: str = ""  # canonical model spec (torch)
-    task: ModelTask = "classification"
-    input_shape: tuple[int, ...] = ()
-    num_outputs: int = 0
 
 
 @dataclass(frozen=True)
@@ -213,9 +183,7 @@ class Participant:
         self._holdout = holdout_fraction
         self._max_weights_bytes = max_weights_bytes
         self._clock = clock
-        self._allowed = allowed_models(models)
-        self._torch = torch_available()
-        self._torch_threads = torch_threads
+        self._models = DeviceModels(models, torch_threads=torch_threads)
         self._thread: TrainingThread[_Outcome] = TrainingThread(f"train-{device_id}", on_done=wake)
         self._running: tuple[int, TrainTask] | None = None  # (ticket, task) on the thread
         self._download: _Download | None = None
@@ -230,9 +198,9 @@ class Participant:
 
     @property
     def train_models(self) -> tuple[str, ...]:
-        """The model specs this device can train, for its status: the allow list
-        when PyTorch is installed, else none (computed once, without importing it)."""
-        return self._allowed if self._torch else ()
+        """The model specs this device can train, for its status (see
+        :attr:`DeviceModels.train_models`)."""
+        return self._models.train_models
 
     def train_examples(self) -> int:
         """Local examples available for training (0 without data; never raises)."""
@@ -280,58 +248,12 @@ class Participant:
                 f"{self._max_weights_bytes}"
             )
         try:
-            self._model(task)
+            self._models.check(task)
             if task.action is TaskAction.TRAIN:
                 parse_codec(task.codec)
         except (AgentError, CompressError) as exc:
             return getattr(exc, "code", "training_error"), str(exc)
         return None
-
-    def _model(self, task: TrainTask) -> _Model:
-        """What the task trains, checked without importing anything.
-
-        Raises:
-            UnknownModelError: a torch model spec not on this device's allow list.
-            TorchUnavailableError: a torch task on a device without PyTorch.
-            TrainConfigError: an unknown task or bad model args.
-            TrainingError: no trainer for a built-in family.
-        """
-        if task.family != TORCH_FAMILY:
-            trainer_for(task.family)
-            return _Model(task.family, task=check_task(task.task))
-        spec = str(parse_model_spec(task.model_spec))
-        if spec not in self._allowed:
-            raise UnknownModelError(
-                f"model {spec} is not installed on this device: it trains the zoo, the "
-                f"fedge.models entry points and [training] models only"
-            )
-        if not self._torch:
-            raise TorchUnavailableError(
-                f"model {spec} needs PyTorch, which this device lacks (pip install 'fedge[torch]')"
-            )
-        input_shape, num_outputs = _model_args(task.model_args)
-        return _Model(TORCH_FAMILY, spec, check_task(task.task), input_shape, num_outputs)
-
-    def _trainer(self, model: _Model) -> Trainer:
-        """A fresh trainer (training thread; imports PyTorch for a torch model).
-
-        Raises:
-            TrainingError: the torch trainer cannot be built (see ``TorchTrainer``).
-        """
-        if model.family != TORCH_FAMILY:
-            return trainer_for(model.family)
-        # Imported by name, here: the module imports PyTorch, which only a torch task may load.
-        torch_trainer = importlib.import_module(TORCH_TRAINER_MODULE)
-        trainer = torch_trainer.TorchTrainer(
-            model.spec,
-            task=model.task,
-            input_shape=model.input_shape,
-            num_outputs=model.num_outputs,
-            num_threads=self._torch_threads,
-        )
-        if not isinstance(trainer, Trainer):  # pragma: no cover - TorchTrainer is one
-            raise TrainingError(f"{TORCH_TRAINER_MODULE}.TorchTrainer is not a trainer")
-        return trainer
 
     # ---------------------------------------------------------------- weights
 
@@ -421,7 +343,7 @@ class Participant:
         weights = self._weights[1]
         data = self._data
         try:
-            model = self._model(task)
+            model = self._models.check(task)
             config = TrainConfig.from_mapping(task.config)
             residual = None
             if task.action is TaskAction.TRAIN and parse_codec(task.codec).is_topk:
@@ -442,7 +364,7 @@ class Participant:
         self,
         task: TrainTask,
         *,
-        model: _Model,
+        model: TaskModel,
         config: TrainConfig,
         data: LocalData,
         weights: Weights,
@@ -451,7 +373,7 @@ class Participant:
         """Train or evaluate, and encode (training thread: touches no participant state)."""
         try:
             train, held_out = data.split(self._holdout, seed=config.seed, task=model.task)
-            trainer = self._trainer(model)
+            trainer = self._models.trainer(model)
             if task.action is TaskAction.EVALUATE:
                 result = trainer.evaluate(weights, held_out if len(held_out) else train)
                 return EvalReport(
@@ -604,32 +526,3 @@ class Participant:
     def _fail(self, task: TrainTask, code: str, reason: str) -> None:
         logger.warning("task %s failed: %s: %s", task.task_id[:8], code, reason)
         self._send(ErrorReport(code=code, message=reason[:1000], ref=task.task_id))
-
-
-def _model_args(args: Mapping[str, ConfigValue]) -> tuple[tuple[int, ...], int]:
-    """``(input_shape, num_outputs)`` of a torch task's ``model_args``.
-
-    ``input_shape`` is text, ``"1,28,28"`` (an int for rows; each dimension >= 1);
-    ``num_outputs`` an int >= 0, 0 or missing where the task has no output width
-    (reconstruction). The same reading as the torch trainer's ``parse_model_args``,
-    without importing its module.
-
-    Raises:
-        TrainConfigError: ``input_shape`` is missing or malformed, or ``num_outputs``
-            is not an integer >= 0.
-    """
-    shape_value = args.get("input_shape")
-    outputs = args.get("num_outputs", 0)
-    if isinstance(shape_value, int) and not isinstance(shape_value, bool):
-        shape_value = str(shape_value)
-    if not isinstance(shape_value, str):
-        raise TrainConfigError("model_args.input_shape must be text such as '1,28,28'")
-    parts = [part.strip() for part in shape_value.split(",")]
-    if not all(part.isdigit() for part in parts) or min(int(part) for part in parts) < 1:
-        raise TrainConfigError(
-            f"model_args.input_shape must be comma-separated positive integers like "
-            f"'1,28,28', got {shape_value[:40]!r}"
-        )
-    if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 0:
-        raise TrainConfigError("model_args.num_outputs must be an integer >= 0")
-    return tuple(int(part) for part in parts), outputs
