@@ -5,7 +5,9 @@ trainer is held at a gate (a plugged-in trainer registered with ``register_train
 no sleeps). While the training waits on the agent's training thread, the agent's
 worker still answers a rollback command and keeps publishing telemetry; once the gate
 opens, the update report arrives. An agent stopped during a training stops anyway.
-The agent's retained status lists the PyTorch models its owner allowed.
+The agent's retained status lists the PyTorch models its owner allowed; it trains a
+zoo CNN on image data and refuses a model spec it does not allow (this one needs the
+torch trainer).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from edge_agent.agent import Agent
 from edge_agent.config.agent import TrainingConfig
 from edge_agent.protocol import (
     Envelope,
+    ErrorReport,
     InstallState,
     InstallStatus,
     Message,
@@ -108,13 +111,19 @@ def gate() -> Iterator[Gate]:
 
 
 @pytest.fixture
+def sample_shape() -> tuple[int, ...]:
+    """One local example's shape (rows of FEATURES unless a test says otherwise)."""
+    return (FEATURES,)
+
+
+@pytest.fixture
 def device(
-    tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet
+    tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet, sample_shape: tuple[int, ...]
 ) -> Iterator[tuple[Agent, MqttHub, Heard]]:
     shard = tmp_path / "shard"
     shard.mkdir()
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((40, FEATURES)).astype(np.float32)
+    x = rng.standard_normal((40, *sample_shape)).astype(np.float32)
     np.savez(shard / "local.npz", x=x, y=rng.integers(0, CLASSES, 40))
     heard = Heard()
     hub = coordinator(broker)
@@ -129,8 +138,8 @@ def device(
         hub.stop()
 
 
-def start_gated_training(hub: MqttHub, gate: Gate) -> TrainTask:
-    weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
+def send_task(hub: MqttHub, family: str, weights: dict[str, Any], **fields: Any) -> TrainTask:
+    """A train task for ``weights``, sent with its weights pushed to the device."""
     index, body = encode_arrays(weights)
     transfer_id = hub.serve_payload(body)
     task = TrainTask(
@@ -138,7 +147,7 @@ def start_gated_training(hub: MqttHub, gate: Gate) -> TrainTask:
         task_id=uuid.uuid4().hex,
         action=TaskAction.TRAIN,
         model="m",
-        family="gated",
+        family=family,
         weights_transfer_id=transfer_id,
         weights_size=len(body),
         weights_index=index,
@@ -146,9 +155,16 @@ def start_gated_training(hub: MqttHub, gate: Gate) -> TrainTask:
         codec="fp32",
         deadline=time.time() + 600,
         config={"epochs": 1, "batch_size": 8, "lr": 0.05, "seed": 1},
+        **fields,
     )
     assert hub.send(DEVICE, task) > 0
     assert hub.push_payload(transfer_id, [DEVICE])
+    return task
+
+
+def start_gated_training(hub: MqttHub, gate: Gate) -> TrainTask:
+    weights = init_weights("softmax", [FEATURES, CLASSES], np.random.default_rng(1))
+    task = send_task(hub, "gated", weights)
     assert gate.started.wait(HOLD_S), "the training never started"
     return task
 
@@ -200,3 +216,27 @@ def test_the_status_lists_the_models_the_owner_allowed(
     else:
         assert status.train_models == ()
     assert STOP_TIMEOUT_S < HOLD_S / 2
+
+
+@pytest.mark.parametrize("sample_shape", [(1, 8, 8)])
+def test_an_agent_trains_a_zoo_cnn_and_refuses_an_unknown_model(
+    device: tuple[Agent, MqttHub, Heard],
+) -> None:
+    from edge_agent.training.torch_models import initial_weights  # noqa: PLC0415 - needs torch
+
+    _, hub, heard = device
+    args: dict[str, int | float | str | bool] = {"input_shape": "1,8,8", "num_outputs": CLASSES}
+    weights = initial_weights(
+        "zoo:small_cnn", task="classification", input_shape=(1, 8, 8), num_outputs=CLASSES, seed=0
+    )
+    refused = send_task(
+        hub, "torch", dict(weights), model_spec="evil_models.payload:build", model_args=args
+    )
+    error = wait_for(lambda: heard.of(ErrorReport), what="the refusal")[0]
+    assert (error.code, error.ref) == ("unknown_model", refused.task_id)
+
+    task = send_task(hub, "torch", dict(weights), model_spec="zoo:small_cnn", model_args=args)
+    report = wait_for(lambda: heard.of(UpdateReport), what="the torch update")[0]
+    assert report.task_id == task.task_id
+    assert report.num_examples == 32  # 40 examples, 20 % held out
+    assert [a.ref for a in heard.of(ErrorReport)] == [refused.task_id]
