@@ -1089,6 +1089,20 @@ def test_a_new_task_drops_the_result_of_a_training_still_running(
     assert p.completed == 1
 
 
+def test_the_same_task_sent_again_during_its_training_goes_on_training(
+    rig: Rig, softmax: RoundWeights, gate: Gate
+) -> None:
+    task = start_held(rig, softmax, gate)
+    rig.participant.on_task(task)  # the coordinator's resend to a device that reconnected
+    assert rig.out.types() == [TaskAck, TaskAck]
+    assert rig.out.of(TaskAck)[1].has_weights is True
+    gate.release.set()
+    settle(rig.participant)
+    assert gate.threads == [f"train-{DEVICE}"]  # trained once
+    assert rig.out.types() == [TaskAck, TaskAck, UpdateReport]
+    assert rig.out.of(UpdateReport)[0].task_id == task.task_id
+
+
 def test_a_refused_task_also_drops_a_running_training(
     rig: Rig, softmax: RoundWeights, gate: Gate
 ) -> None:

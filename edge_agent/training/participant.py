@@ -213,8 +213,15 @@ class Participant:
     # ------------------------------------------------------------------ tasks
 
     def on_task(self, task: TrainTask) -> None:
-        """Take a task: acknowledge it and get its weights, or refuse it."""
+        """Take a task: acknowledge it and get its weights, or refuse it.
+
+        The task that is training already (the coordinator sends it again to a
+        device that reconnected) is acknowledged and goes on training.
+        """
         logger.info("task %s (%s, round %s)", task.task_id[:8], task.action, task.round_id)
+        if self._running is not None and self._running[1].task_id == task.task_id:
+            self._send(TaskAck(round_id=task.round_id, task_id=task.task_id, has_weights=True))
+            return
         self._drop_download()
         self._drop_running()
         if task.deadline <= self._clock():
