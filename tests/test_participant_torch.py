@@ -33,7 +33,7 @@ from edge_agent.protocol import (
     UpdateReport,
 )
 from edge_agent.training.data import LocalData
-from edge_agent.training.model_spec import ZOO, ZOO_MODULE
+from edge_agent.training.model_spec import ZOO, ZOO_MODULE, check_task
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.transport.memory import MemoryLink
@@ -301,3 +301,11 @@ def test_a_reconstruction_model_evaluates_on_unlabelled_use_of_the_data(
     assert result.task_id == task.task_id
     assert "reconstruction_error" in result.metrics
     assert "accuracy" not in result.metrics
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "reconstruction"])
+def test_local_data_is_split_for_the_tasks_learning_task(image_dir: Path, task: str) -> None:
+    train, held_out = LocalData(image_dir).split(0.2, seed=1, task=check_task(task))
+    assert (train.task, held_out.task) == (task, task)
+    assert (len(train), len(held_out)) == (EXAMPLES - 6, 6)
+    assert train.sample_shape == SHAPE
