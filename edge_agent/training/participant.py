@@ -432,7 +432,8 @@ class Participant:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the training thread has nothing to do (at most ``timeout`` s);
-        :meth:`poll` then sends what it finished. Tests and shutdown use it.
+        :meth:`poll` then sends what it finished. Tests use it (the agent's worker
+        never waits: it polls when the training thread wakes it).
 
         Returns:
             Whether it is idle.
