@@ -53,6 +53,7 @@ from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, accuracy
 from edge_agent.runtime.loader import load_model
+from edge_agent.training.model_spec import ModelTask
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,16 @@ MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class LabelledData:
-    """Features ``x`` (float32, 2-D) and integer labels ``y``."""
+    """Examples ``x`` (float32, ``(n, ...)``) and what is known of each, ``y``.
+
+    ``y`` by ``task``: integer class labels ``(n,)`` (classification), float
+    targets ``(n,)`` or ``(n, k)`` (regression), anomaly flags ``(n,)``, int64,
+    1 = anomaly (reconstruction).
+    """
 
     x: npt.NDArray[np.float32]
-    y: npt.NDArray[np.int64]
+    y: npt.NDArray[Any]
+    task: ModelTask = "classification"
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,9 @@ class PackageResult:
         return 100.0 * (self.fp32_accuracy - self.packaged_accuracy)
 
 
-def load_labelled_npz(path: Path) -> LabelledData:
-    """Load evaluation data: an ``.npz`` with ``x`` (n, features) and ``y`` (n,).
+def load_labelled_npz(path: Path, task: ModelTask = "classification") -> LabelledData:
+    """Load evaluation data: an ``.npz`` with ``x`` (n, ...) and ``y`` for ``task``
+    (see :class:`LabelledData`).
 
     Raises:
         PackagingError: missing or unreadable file, missing keys, bad shapes or dtypes.
@@ -125,16 +133,25 @@ def load_labelled_npz(path: Path) -> LabelledData:
     if "x" not in arrays or "y" not in arrays:
         raise PackagingError(f"{path}: expected arrays 'x' and 'y', found {sorted(arrays)}")
     x, y = arrays["x"], arrays["y"]
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+    rows = y.ndim == 1 or (task == "regression" and y.ndim == 2)
+    if x.ndim < 2 or not rows or len(x) != len(y) or len(x) == 0:
         raise PackagingError(
-            f"{path}: expected x of shape (n, features) and y of shape (n,), "
+            f"{path}: expected x of shape (n, ...) and y of shape (n,) for {task}, "
             f"got {x.shape} and {y.shape}"
         )
-    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
-        raise PackagingError(f"{path}: x must be numeric and y integer labels")
-    if not np.isfinite(x).all():
-        raise PackagingError(f"{path}: x contains NaN or infinity")
-    return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64))
+    if x.dtype.kind not in "fiu" or y.dtype.kind not in ("fiu" if task == "regression" else "iu"):
+        raise PackagingError(
+            f"{path}: x must be numeric and y "
+            + {"classification": "integer labels", "regression": "numeric targets",
+               "reconstruction": "integer anomaly flags (0/1)"}[task]
+        )  # fmt: skip
+    if not np.isfinite(x).all() or not np.isfinite(y).all():
+        raise PackagingError(f"{path}: x or y contains NaN or infinity")
+    if task == "reconstruction" and not set(np.unique(y).tolist()) <= {0, 1}:
+        raise PackagingError(f"{path}: anomaly flags y must be 0 (normal) or 1 (anomaly)")
+    if task == "regression":
+        return LabelledData(x=x.astype(np.float32), y=y.astype(np.float32), task=task)
+    return LabelledData(x=x.astype(np.float32), y=y.astype(np.int64), task=task)
 
 
 def _spec(info: TensorInfo) -> TensorSpec:
