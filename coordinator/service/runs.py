@@ -153,6 +153,8 @@ def _torch_model(config: Mapping[str, Any], eval_data: LabelledData | None) -> M
     spec, task = config["model_spec"], config.get("task")
     if not isinstance(spec, str) or (task is not None and not isinstance(task, str)):
         raise RunError("config.model_spec and config.task must be strings")
+    if ":" not in spec:
+        raise RunError(f"config.model_spec {spec!r} must be module.path:function or zoo:<name>")
     shape = _input_shape(config, eval_data)
     probe = model_def_for(spec, task, shape, 1)  # the task, once (imports the factory)
     low = 0 if probe.task == "reconstruction" else 1
