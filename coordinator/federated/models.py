@@ -59,6 +59,7 @@ __all__ = [
     "evaluate_model",
     "initial_weights",
     "model_def_for",
+    "model_task",
 ]
 
 Weights = dict[str, npt.NDArray[np.float32]]
@@ -179,6 +180,23 @@ def _torch_task(spec: str) -> ModelTask | None:
     return task
 
 
+def model_task(model: str, task: str | None) -> ModelTask:
+    """The task of a model: ``task`` when given, else a factory's declared ``task``
+    (imports its module), else classification.
+
+    Raises:
+        RunError: an unknown task, a malformed spec, a factory that cannot be imported.
+    """
+    try:
+        if task is not None:
+            return check_task(task)
+        if ":" not in model:
+            return "classification"
+        return _torch_task(str(parse_model_spec(model))) or "classification"
+    except TrainingError as exc:
+        raise RunError(str(exc)) from exc
+
+
 def model_def_for(
     model: str,
     task: str | None,
@@ -204,18 +222,11 @@ def model_def_for(
             factory that cannot be imported, or sizes that do not fit.
     """
     shape = tuple(int(d) for d in sample_shape)
+    chosen = model_task(model, task)
+    if ":" not in model:
+        return ModelDef(model, chosen, input_shape=shape, num_outputs=num_outputs)
     try:
-        chosen = None if task is None else check_task(task)
-        if ":" not in model:
-            return ModelDef(
-                family=model,
-                task=chosen or "classification",
-                input_shape=shape,
-                num_outputs=num_outputs,
-            )
         spec = str(parse_model_spec(model))
-        if chosen is None:
-            chosen = _torch_task(spec) or "classification"
     except TrainingError as exc:
         raise RunError(str(exc)) from exc
     if chosen == "reconstruction" and num_outputs == 0 and shape:

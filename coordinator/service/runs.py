@@ -57,7 +57,7 @@ from compress.errors import CompressError
 from compress.families import FAMILIES
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import CoordinatorError, NotFoundError, RunError
-from coordinator.federated.models import ModelDef, model_def_for
+from coordinator.federated.models import ModelDef, model_def_for, model_task
 from coordinator.federated.models import initial_weights as initial_weights_of
 from coordinator.federated.runs import (
     STOPPED,
@@ -155,11 +155,11 @@ def _torch_model(config: Mapping[str, Any], eval_data: LabelledData | None) -> M
         raise RunError("config.model_spec and config.task must be strings")
     if ":" not in spec:
         raise RunError(f"config.model_spec {spec!r} must be module.path:function or zoo:<name>")
+    chosen = model_task(spec, task)  # imports the factory when no task is given
     shape = _input_shape(config, eval_data)
-    probe = model_def_for(spec, task, shape, 1)  # the task, once (imports the factory)
-    low = 0 if probe.task == "reconstruction" else 1
-    outputs = _int(config, "num_outputs", _outputs(eval_data, probe.task), low)
-    return model_def_for(probe.spec, probe.task, shape, outputs)
+    low = 0 if chosen == "reconstruction" else 1
+    outputs = _int(config, "num_outputs", _outputs(eval_data, chosen), low)
+    return model_def_for(spec, chosen, shape, outputs)
 
 
 def training_config(
