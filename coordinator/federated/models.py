@@ -358,12 +358,16 @@ def _classification(probabilities: npt.ArrayLike, y: npt.ArrayLike) -> dict[str,
 
 def _regression(predictions: npt.NDArray[Any], y: npt.ArrayLike) -> dict[str, float]:
     """MSE (also the loss) and MAE of predictions (n,) or (n, k) against targets."""
+    from compress.metrics import (  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+        mean_squared_error,
+    )
+
     targets = np.asarray(y, dtype=np.float64)
     if predictions.size != targets.size or len(predictions) != len(targets):
         raise RunError(f"{predictions.shape} predictions for {targets.shape} targets")
-    error = predictions.reshape(targets.shape) - targets
-    mse = float(np.mean(error**2))
-    return {"mse": mse, "mae": float(np.mean(np.abs(error))), "loss": mse}
+    fitted = predictions.reshape(targets.shape)
+    mse = float(mean_squared_error(fitted, targets))
+    return {"mse": mse, "mae": float(np.mean(np.abs(fitted - targets))), "loss": mse}
 
 
 def _reconstruction(scores: npt.NDArray[Any], y: npt.ArrayLike) -> dict[str, float]:
