@@ -54,6 +54,10 @@ def test_a_torch_model_needs_a_spec_and_sizes() -> None:
     model = ModelDef("torch", "regression", "mypkg.models:reg", (3, 8), 2)
     assert model.is_torch
     assert model.label == "mypkg.models:reg"
+    zoo = ModelDef("torch", spec=" zoo:small_cnn", input_shape=(1, 8, 8), num_outputs=10)
+    assert zoo.spec == ZOO_CNN  # as devices list it
+    with pytest.raises(RunError, match=r"must be module\.path:function"):
+        ModelDef("torch", spec="no-colon", input_shape=(4,), num_outputs=2)
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,8 @@ class ModelDef:
         family: ``softmax``, ``mlp`` or ``torch``.
         task: ``classification`` (the only task of the built-in families),
             ``regression`` or ``reconstruction``.
-        spec: For ``torch``: the canonical factory ``module:function``; else empty.
+        spec: For ``torch``: the factory ``module:function`` (made canonical:
+            ``zoo:<name>`` is expanded, as devices list it); else empty.
         input_shape: One example's shape (``(features,)`` for the built-in families,
             e.g. ``(1, 28, 28)`` for images); empty when unknown (a run started
             from given weights).
@@ -128,6 +129,10 @@ class ModelDef:
         if self.is_torch:
             if not self.spec:
                 raise RunError("a torch model needs a model spec (module:function)")
+            try:  # devices list canonical specs: zoo:small_cnn -> edge_agent.training.zoo:...
+                object.__setattr__(self, "spec", str(parse_model_spec(self.spec)))
+            except TrainingError as exc:
+                raise RunError(str(exc)) from exc
             if not self.input_shape or self.num_outputs < 1:
                 raise RunError(
                     f"{self.spec} needs an input shape and an output count "
