@@ -90,6 +90,16 @@ def test_train_refuses_a_spec_without_sizes_or_data() -> None:
     assert "give --eval-data, or --input-shape and --outputs, for zoo:small_cnn" in output
 
 
+def test_train_refuses_to_package_a_spec_without_evaluation_data(tmp_path: Path) -> None:
+    code, output = fedge_train("--model", "zoo:small_cnn", "--task", "classification",
+                               "--input-shape", "1,8,8", "--outputs", "10",
+                               "--package", str(tmp_path / "a.fedge"))  # fmt: skip
+    assert code == 1
+    assert "--package of a PyTorch model needs --eval-data" in output
+    assert "BrokerError" not in output  # refused before connecting
+    assert not (tmp_path / "a.fedge").exists()
+
+
 def test_train_refuses_a_family_with_a_spec() -> None:
     code, output = fedge_train("--model", "zoo:small_cnn", "--family", "mlp")
     assert code == 2

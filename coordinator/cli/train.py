@@ -93,6 +93,13 @@ __all__ = ["train"]
 
 logger = logging.getLogger(__name__)
 
+_NEEDS_EVAL_DATA = (
+    "--package of a PyTorch model needs --eval-data: its examples calibrate the int8 model "
+    "and the int8 model is checked against fp32 on them"
+)
+CALIBRATION_ROWS = 256
+"""Evaluation examples a PyTorch model's int8 quantization is calibrated on."""
+
 
 @contextmanager
 def connected(connection: Connection) -> Iterator[MqttHub]:
@@ -229,6 +236,8 @@ def train(
             models["task"] = chosen_task
             if eval_data is None and input_shape is None:
                 raise RunError(f"give --eval-data, or --input-shape and --outputs, for {model}")
+            if package is not None and eval_data is None:
+                raise RunError(_NEEDS_EVAL_DATA)
         elif init is None and eval_data is None and not (features and classes):
             raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
         mlp = models.get("family", "mlp") == "mlp" and not torch_model
@@ -287,10 +296,6 @@ def train(
     _report(result, config.definition, title=title, as_json=as_json, packaged=packaged, out=out)
 
 
-CALIBRATION_ROWS = 256
-"""Evaluation examples a PyTorch model's int8 quantization is calibrated on."""
-
-
 def _package_torch(
     result: RunResult,
     model_def: ModelDef,
@@ -310,10 +315,7 @@ def _package_torch(
         PackagingError: export, quantization or the gate failed.
     """
     if eval_data is None:
-        raise RunError(
-            "--package of a PyTorch model needs --eval-data: its examples calibrate the int8 "
-            "model and the int8 model is checked against fp32 on them"
-        )
+        raise RunError(_NEEDS_EVAL_DATA)
     from edge_agent.training.torch_models import (  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
         build_module,
         load_module_weights,
