@@ -124,7 +124,7 @@ def test_train_reads_the_evaluation_data_for_the_task(tmp_path: Path) -> None:
     code, output = fedge_train("--model", "mypkg.models:reg", "--task", "classification",
                                "--eval-data", str(data))  # fmt: skip
     assert code == 1
-    assert "y integer labels" in output  # float targets are no class labels
+    assert "y must be integer class labels" in output  # float targets are no class labels
 
 
 def test_train_checks_the_evaluation_data_against_the_model(tmp_path: Path) -> None:

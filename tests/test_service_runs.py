@@ -25,7 +25,7 @@ from coordinator.service.runs import RunManager, run_strategy, training_config
 from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import Status
-from edge_agent.training import participant
+from edge_agent.training import task_model
 from edge_agent.training.numpy_trainers import trainer_for
 from tests.federated_support import FederatedFleet, device_ids
 from tests.fleet_support import Mosquitto, wait_for
@@ -295,7 +295,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         def evaluate(self, *args: Any) -> Any:
             return self.trainer.evaluate(*args)
 
-    monkeypatch.setattr(participant, "trainer_for", lambda family: Telling(trainer_for(family)))
+    monkeypatch.setattr(task_model, "trainer_for", lambda family: Telling(trainer_for(family)))
     service = open_service(federated, tmp_path / "state.db")
     try:
         wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
