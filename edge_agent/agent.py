@@ -10,15 +10,21 @@ One :class:`Agent` per device. Threads:
   and routes messages, lets the :class:`~edge_agent.ota.updates.Updater` drive
   transfers, installs and rollbacks, closes telemetry windows and drains the
   telemetry spool. All agent state is touched by this thread only;
+* one training thread (owned by the :class:`~edge_agent.training.participant.Participant`)
+  runs local training and evaluation for rounds, so a long epoch never stalls
+  deploys, chunk repairs or telemetry; it only computes, and wakes the worker, which
+  sends the result (:meth:`Participant.poll`). Stopping the agent gives a running
+  training a few seconds, then abandons it;
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
   :class:`~edge_agent.serving.server.ModelServer`, which swaps models atomically.
 
 On every (re)connect the agent publishes its retained status (hardware facts,
-version, runtimes, tags, installed model); its Last Will, rebuilt before each
-connection attempt, marks it offline. Reports that cannot go out while disconnected
-wait (bounded) and go first after reconnecting. Every message received is decoded
-strictly; anything malformed, oversized, of unknown type, repeated or addressed
-elsewhere is logged and dropped, and no handler exception stops the worker.
+version, runtimes, tags, installed model, the PyTorch models it can train); its Last
+Will, rebuilt before each connection attempt, marks it offline. Reports that cannot
+go out while disconnected wait (bounded) and go first after reconnecting. Every
+message received is decoded strictly; anything malformed, oversized, of unknown
+type, repeated or addressed elsewhere is logged and dropped, and no handler
+exception stops the worker.
 """
 
 from __future__ import annotations
@@ -214,6 +220,9 @@ class Agent:
             limits=limits,
             stall_timeout_s=config.transfer.stall_timeout_s,
             holdout_fraction=training.holdout_fraction,
+            models=training.models,
+            torch_threads=training.torch_threads,
+            wake=self._wake,
             clock=clock,
         )
 
@@ -258,6 +267,7 @@ class Agent:
             self._worker.join(timeout=30)
             if self._worker.is_alive():
                 logger.error("the agent worker did not stop within 30 s")
+        self.rounds.close()
         if self._link.connected:
             self._link.publish_wait(
                 self._topic(Channel.STATUS),
@@ -380,6 +390,7 @@ class Agent:
                     self._on_connected()
                 if isinstance(item, tuple):
                     self._on_message(*item)
+                self.rounds.poll()
                 now = time.monotonic()
                 if now >= next_telemetry:
                     next_telemetry = now + interval
@@ -500,6 +511,7 @@ class Agent:
             tags=self.config.tags,
             models=models,
             train_examples=self._train_examples,
+            train_models=self.rounds.train_models,
         )
 
     # ------------------------------------------------- Reporter (for the updater)

@@ -18,6 +18,7 @@ from edge_agent.config.agent import (
     example_config,
     load_config_file,
 )
+from edge_agent.config.sections import default_torch_threads
 from edge_agent.errors import ConfigError
 
 BASE = Path("/etc/fedge-agent")
@@ -66,6 +67,31 @@ def test_defaults_without_a_training_section() -> None:
     assert training.holdout_fraction == 0.2
     assert training.feedback_max_examples == 10_000
     assert training.prediction_log == 1024
+    assert training.models == ()
+    assert training.torch_threads == default_torch_threads()
+
+
+def test_torch_threads_default_leaves_a_core_for_inference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for cpus, threads in ((8, 7), (2, 1), (1, 1), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert default_torch_threads() == threads
+        assert TrainingConfig().torch_threads == threads
+
+
+def test_models_and_torch_threads_from_the_file() -> None:
+    training = build(
+        minimal(
+            training={
+                "models": ["mypkg.models:small_cnn", "zoo:sensor_cnn", " mypkg.models:small_cnn"],
+                "torch_threads": 3,
+            }
+        )
+    ).training
+    # canonical (zoo: expanded, whitespace stripped), duplicates dropped, order kept
+    assert training.models == ("mypkg.models:small_cnn", "edge_agent.training.zoo:sensor_cnn")
+    assert training.torch_threads == 3
 
 
 def test_an_empty_training_section_is_the_defaults() -> None:
@@ -168,6 +194,15 @@ def test_an_override_beats_the_file_and_resolves_against_the_cwd(
         ("data", ""),
         ("data", ["a", "b"]),
         ("data", True),
+        ("models", "mypkg.models:small_cnn"),
+        ("models", [5]),
+        ("models", ["no-colon"]),
+        ("models", ["mypkg.models:small_cnn:extra"]),
+        ("models", ["zoo:resnet"]),
+        ("torch_threads", 0),
+        ("torch_threads", 2.0),
+        ("torch_threads", True),
+        ("torch_threads", "2"),
     ],
 )
 def test_bad_values_name_the_key_and_the_file(key: str, value: object) -> None:
@@ -200,7 +235,7 @@ def test_unknown_training_key_gets_a_hint(key: str, hint: str) -> None:
 def test_unknown_training_key_without_a_close_match_lists_the_known_ones() -> None:
     message = config_error(minimal(training={"zzzzzz": 1}))
     assert "unknown key training.zzzzzz" in message
-    for key in ("data", "holdout_fraction", "feedback_max_examples", "prediction_log"):
+    for key in ("data", "holdout_fraction", "feedback_max_examples", "prediction_log", "models"):
         assert f"training.{key}" in message
 
 
@@ -322,5 +357,23 @@ def test_example_config_data_line_uncommented_builds() -> None:
 
 def test_example_config_documents_every_training_key() -> None:
     section = example_config().partition("[training]")[2]
-    for key in ("data", "holdout_fraction", "feedback_max_examples", "prediction_log"):
+    for key in (
+        "data",
+        "holdout_fraction",
+        "feedback_max_examples",
+        "prediction_log",
+        "models",
+        "torch_threads",
+    ):
         assert re.search(rf"^#? ?{key} = ", section, re.MULTILINE), key
+
+
+def test_example_config_models_line_uncommented_builds() -> None:
+    text = (
+        example_config()
+        .replace("# models = ", "models = ")
+        .replace("# torch_threads = ", "torch_threads = ")
+    )
+    config = build_config(tomllib.loads(text), {}, base_dir=Path("/"), file_label="example")
+    assert config.training.models == ("mypkg.models:small_cnn",)
+    assert config.training.torch_threads == 2

@@ -464,6 +464,59 @@ def test_rounds_start_takes_the_options_of_fedge_train(fedge: Fedge, ops: FakeOp
     }  # fmt: skip
 
 
+def test_rounds_start_of_a_pytorch_model(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge(
+        "rounds", "start", "--model", "zoo:small_cnn", "--task", "classification",
+        "--input-shape", "1, 8,8", "--outputs", "10", "--epochs", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = ops.run_views["run-1"].run.config
+    assert {
+        key: config[key] for key in ("model", "model_spec", "task", "input_shape", "num_outputs")
+    } == {
+        "model": "small-cnn",
+        "model_spec": "zoo:small_cnn",
+        "task": "classification",
+        "input_shape": [1, 8, 8],
+        "num_outputs": 10,
+    }
+    assert "family" not in config
+
+
+def test_rounds_start_names_a_pytorch_model_with_name(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge("rounds", "start", "--model", "mypkg.models:reg", "--name", "power",
+                   "--task", "regression")  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = ops.run_views["run-1"].run.config
+    assert (config["model"], config["model_spec"], config["task"]) == (
+        "power", "mypkg.models:reg", "regression",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "message"),
+    [
+        (["--model", "zoo:resnet"], "--model", "the zoo has no model 'resnet'"),
+        (["--model", "a b:c"], "--model", "must be module.path:function"),
+        (["--model", "zoo:small_cnn", "--family", "mlp"], "--family", "is a PyTorch model"),
+        (["--model", "digits", "--task", "regression"], "--model", "need(s) a PyTorch model"),
+        (["--model", "digits", "--input-shape", "4"], "--model", "--input-shape need(s)"),
+        (["--model", "digits", "--name", "x"], "--model", "--name need(s)"),
+        (["--model", "zoo:small_cnn", "--input-shape", "1,0"], "--input-shape", "positive"),
+        (["--model", "zoo:small_cnn", "--input-shape", "1x8"], "--input-shape", "positive"),
+        (["--model", "zoo:small_cnn", "--task", "ranking"], "--task", "ranking"),
+    ],
+)
+def test_rounds_start_refuses_bad_model_options(
+    fedge: Fedge, ops: FakeOperations, args: list[str], option: str, message: str
+) -> None:
+    result = fedge("rounds", "start", *args)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert option in result.stderr
+    assert message in " ".join(result.stderr.replace("│", " ").split())
+    assert ops.mutations == []
+
+
 def test_rounds_start_refuses_a_bad_train_arg(fedge: Fedge, ops: FakeOperations) -> None:
     result = fedge("rounds", "start", "--train-arg", "epochs")
     assert result.exit_code == 2

@@ -73,6 +73,28 @@ def test_rounds_without_notes_are_only_a_table() -> None:
     assert "3/3" in text
 
 
+@pytest.mark.parametrize(
+    ("metrics", "header", "cell"),
+    [
+        ({"auc": 0.97345, "loss": 0.0123}, "auc", "0.9735"),
+        ({"mse": 1234.5678, "mae": 20.0, "loss": 1234.5678}, "mse", "1235"),
+    ],
+)
+def test_rounds_of_other_tasks_show_their_headline_metric(
+    metrics: dict[str, float], header: str, cell: str
+) -> None:
+    measured = RoundReport(round=1, clients=1000, sampled=1000, loss=metrics["loss"],
+                           metrics=metrics, uplink_bytes=123 << 20)  # fmt: skip
+    text = render(rounds_table([measured.to_json(), FAILED.to_json()], title="t"))
+    assert "…" not in text
+    header_line = next(line for line in text.splitlines() if " round " in line)
+    assert f" {header} " in header_line
+    assert "accuracy" not in header_line
+    row1 = next(line for line in text.splitlines() if line.startswith("│     1 "))
+    assert cell in row1, text
+    assert "%" not in row1
+
+
 def test_text_from_devices_cannot_restyle_the_terminal() -> None:
     hostile = RoundReport(round=1, status="failed", reason="\x1b[31mred\x1b[0m [bold]x[/]")
     text = render(rounds_table([hostile.to_json()], title="t"))

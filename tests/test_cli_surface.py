@@ -125,7 +125,7 @@ def test_train_and_rounds_start_share_their_run_options() -> None:
         "--rounds", "--strategy", "--strategy-arg", "--codec", "--min-clients",
         "--round-timeout", "--model", "--family", "--features", "--classes", "--hidden",
         "--clients-per-round", "--seed", "--epochs", "--lr", "--batch-size", "--optimizer",
-        "--train-arg",
+        "--train-arg", "--name", "--task", "--input-shape", "--outputs",
     }  # fmt: skip
     for option, help_text in shared:
         param = options[option]

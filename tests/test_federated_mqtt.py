@@ -139,8 +139,11 @@ def test_fedavg_equals_flowers_own_fedavg_on_the_same_client_updates(fleet: Fede
 def _patch_encode(monkeypatch: pytest.MonkeyPatch, agent: Agent, make: Any) -> None:
     original = agent.rounds._encode
 
-    def encode(task: Any, config: Any, weights: Any, trained: Any) -> npt.NDArray[np.uint8]:
-        return make(original, task, config, weights, trained)
+    def encode(task: Any, config: Any, weights: Any, trained: Any, residual: Any) -> Any:
+        def payload(task: Any, config: Any, weights: Any, trained: Any) -> Any:
+            return original(task, config, weights, trained, residual)[0]
+
+        return make(payload, task, config, weights, trained), None
 
     monkeypatch.setattr(agent.rounds, "_encode", encode)
 
@@ -217,14 +220,20 @@ def test_a_straggler_times_out_and_its_late_reply_is_dropped(
                 replies_at.append(time.time())
                 changed.notify_all()
 
-    def slow(original: Any, task: Any, *args: Any) -> npt.NDArray[np.uint8]:
-        """Answer once a later round's replies come in (past this task's deadline): late."""
+    straggler = fleet.agents[0].rounds
+    send_update = straggler._send_update
+
+    def slow(task: Any, *args: Any) -> bool:
+        """Answer once a later round's replies come in (past this task's deadline): late.
+
+        (It holds the agent's worker, so the next round's task waits behind the reply.)
+        """
         with changed:
             changed.wait_for(lambda: finished or any(t > task.deadline for t in replies_at),
                              timeout=60.0)  # fmt: skip
-        return original(task, *args)  # type: ignore[no-any-return]
+        return send_update(task, *args)
 
-    _patch_encode(monkeypatch, fleet.agents[0], slow)
+    monkeypatch.setattr(straggler, "_send_update", slow)
     try:
         result = fleet.run(rounds=3, round_timeout_s=1.5, min_clients=5, model="straggler",
                            on_round=on_round)  # fmt: skip

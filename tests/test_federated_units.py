@@ -26,6 +26,7 @@ ROUND_KEYS = {
     "reason",
     "accuracy",
     "loss",
+    "metrics",
     "clients",
     "sampled",
     "uplink_bytes",
@@ -161,6 +162,7 @@ def test_round_to_json_has_the_documented_keys_and_values() -> None:
         reason="1 update(s) accepted, need 2",
         accuracy=0.75,
         loss=0.5,
+        metrics={"accuracy": 0.75, "loss": 0.5},
         clients=1,
         sampled=4,
         uplink_bytes=10,
@@ -180,6 +182,7 @@ def test_round_to_json_has_the_documented_keys_and_values() -> None:
     assert data["reason"] == "1 update(s) accepted, need 2"
     assert data["accuracy"] == 0.75
     assert data["loss"] == 0.5
+    assert data["metrics"] == {"accuracy": 0.75, "loss": 0.5}
     assert data["clients"] == 1
     assert data["sampled"] == 4
     assert data["uplink_bytes"] == 10
@@ -190,13 +193,16 @@ def test_round_to_json_has_the_documented_keys_and_values() -> None:
     assert data["seconds"] == 1.235
     # a copy: changing the JSON does not change the report
     data["rejected"]["too_large"] = 99
+    data["metrics"]["loss"] = 99.0
     assert report.rejected == {"too_large": 1}
+    assert report.metrics["loss"] == 0.5
 
 
 def test_round_to_json_of_an_unmeasured_round() -> None:
     data = RoundReport(round=1).to_json()
     assert data["accuracy"] is None
     assert data["loss"] is None
+    assert data["metrics"] == {}
     assert data["rejected"] == {}
 
 
@@ -224,6 +230,21 @@ def test_final_accuracy_of_zero_counts() -> None:
     assert run.final_accuracy == 0.0
 
 
+def test_final_metrics_are_those_of_the_last_round_that_measured_any() -> None:
+    rounds = [
+        RoundReport(round=1, loss=2.0, metrics={"mse": 2.0, "mae": 1.0, "loss": 2.0}),
+        RoundReport(round=2, loss=1.0, metrics={"mse": 1.0, "mae": 0.5, "loss": 1.0}),
+        RoundReport(round=3, status="failed", reason="x"),
+    ]
+    run = result(*rounds)
+    assert run.final_metrics == {"mse": 1.0, "mae": 0.5, "loss": 1.0}
+    assert run.final_accuracy is None  # a regression run measures no accuracy
+    assert run.to_json()["final_metrics"] == run.final_metrics
+    run.final_metrics["mse"] = 9.0  # a copy
+    assert rounds[1].metrics["mse"] == 1.0
+    assert result(RoundReport(round=1)).final_metrics == {}
+
+
 def test_result_to_json_totals() -> None:
     rounds = [
         RoundReport(round=1, accuracy=0.4, uplink_bytes=10, downlink_bytes=100),
@@ -235,6 +256,7 @@ def test_result_to_json_totals() -> None:
     assert set(data) == {
         "rounds",
         "final_accuracy",
+        "final_metrics",
         "rounds_ok",
         "rounds_failed",
         "uplink_bytes",

@@ -9,9 +9,10 @@ residuals, trainers, codecs and the coordinator's update check are the real ones
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -65,6 +66,7 @@ CONFIG: dict[str, int | float | str | bool] = {
     "server_round": 1,
 }
 TOL = 1e-6
+WAIT_S = 60.0  # a generous bound on a tiny training (reached only when a test fails)
 
 Weights = dict[str, npt.NDArray[np.float32]]
 M = TypeVar("M", bound=Message)
@@ -154,7 +156,9 @@ class RoundWeights:
         config: Mapping[str, int | float | str | bool] | None = None,
         transfer_id: str | None = None,
         index: tuple[ArrayEntry, ...] | None = None,
+        **fields: Any,
     ) -> TrainTask:
+        """A task for these weights; ``fields`` are more TrainTask fields (model_spec ...)."""
         return TrainTask(
             round_id=round_id,
             task_id=uuid.uuid4().hex,
@@ -168,6 +172,7 @@ class RoundWeights:
             codec=codec,
             deadline=clock() + 60 if deadline is None else deadline,
             config=dict(CONFIG if config is None else config),
+            **fields,
         )
 
     def chunks(self, chunk_size: int = CHUNK, transfer_id: str | None = None) -> list[Chunk]:
@@ -188,8 +193,24 @@ def stall_deadline(participant: Participant) -> float | None:
     return participant.deadline
 
 
+def settle(participant: Participant) -> None:
+    """Play the agent's worker: wait for the training thread, send what it finished."""
+    assert participant.wait_idle(WAIT_S)
+    participant.poll()
+    assert not participant.training
+
+
+def take(participant: Participant, task: TrainTask) -> None:
+    """Hand over a task, and let a training it starts (held weights) finish."""
+    participant.on_task(task)
+    settle(participant)
+
+
 def deliver(participant: Participant, chunks: Iterable[Chunk]) -> list[bool]:
-    return [participant.on_chunk(chunk) for chunk in chunks]
+    """Hand over chunks, and let the training the last one starts finish."""
+    consumed = [participant.on_chunk(chunk) for chunk in chunks]
+    settle(participant)
+    return consumed
 
 
 def expected_fit(rig: Rig, task: TrainTask, weights: Weights) -> FitResult:
@@ -232,7 +253,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_rig(tmp_path: Path, data_dir: Path) -> Callable[..., Rig]:
+def make_rig(tmp_path: Path, data_dir: Path) -> Iterator[Callable[..., Rig]]:
     def make(*, with_data: bool = True, limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Rig:
         link, out, clock = memory_link(), Outbox(), FakeClock()
         residuals = ResidualStore(tmp_path / "res")
@@ -246,9 +267,13 @@ def make_rig(tmp_path: Path, data_dir: Path) -> Callable[..., Rig]:
             clock=clock,
             **kwargs,
         )
+        made.append(participant)
         return Rig(participant, link, out, clock, data_dir, residuals)
 
-    return make
+    made: list[Participant] = []
+    yield make
+    for participant in made:
+        assert participant.close(timeout=WAIT_S)
 
 
 @pytest.fixture
@@ -263,7 +288,7 @@ def softmax() -> RoundWeights:
 
 def run_round(rig: Rig, weights: RoundWeights, task: TrainTask) -> UpdateReport:
     """Take a task, deliver all its chunks, and return the one update report."""
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, weights.chunks(task.chunk_size))
     reports = rig.out.of(UpdateReport)
     assert reports, rig.out.sent
@@ -283,7 +308,7 @@ def test_train_task_downloads_trains_and_reports_the_encoded_update(
     p = rig.participant
     topic = broadcast_topic(weights.transfer_id)
 
-    p.on_task(task)
+    take(p, task)
     assert rig.out.sent == [TaskAck(round_id="r1", task_id=task.task_id, has_weights=False)]
     assert rig.subscriptions == [("subscribe", topic)]
     assert p.deadline is not None
@@ -296,6 +321,7 @@ def test_train_task_downloads_trains_and_reports_the_encoded_update(
     assert rig.out.types() == [TaskAck]  # nothing before the last chunk
     assert p.completed == 0
     assert p.on_chunk(chunks[order[-1]]) is True
+    settle(p)
 
     assert rig.out.types() == [TaskAck, UpdateReport]
     report = rig.out.of(UpdateReport)[0]
@@ -359,7 +385,7 @@ def test_a_second_task_on_held_weights_reports_at_once(rig: Rig, softmax: RoundW
     sent = len(rig.out.sent)
 
     task = softmax.task(rig.clock, round_id="r2")
-    rig.participant.on_task(task)
+    take(rig.participant, task)
 
     assert rig.subscriptions == calls  # no subscription, no download
     new = rig.out.sent[sent:]
@@ -382,7 +408,7 @@ def test_evaluate_task_reports_loss_and_accuracy_on_the_held_out_split(
     rig: Rig, softmax: RoundWeights
 ) -> None:
     task = softmax.task(rig.clock, action=TaskAction.EVALUATE)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, softmax.chunks())
 
     assert rig.out.types() == [TaskAck, EvalReport]
@@ -403,7 +429,7 @@ def test_evaluate_without_a_held_out_split_uses_the_training_examples(
     make_rig: Callable[..., Rig], softmax: RoundWeights
 ) -> None:
     rig = make_rig(holdout_fraction=0.0)
-    rig.participant.on_task(softmax.task(rig.clock, action=TaskAction.EVALUATE))
+    take(rig.participant, softmax.task(rig.clock, action=TaskAction.EVALUATE))
     deliver(rig.participant, softmax.chunks())
     assert [r.num_examples for r in rig.out.of(EvalReport)] == [EXAMPLES]
 
@@ -411,12 +437,12 @@ def test_evaluate_without_a_held_out_split_uses_the_training_examples(
 def test_a_train_task_after_evaluating_the_same_weights_needs_no_download(
     rig: Rig, softmax: RoundWeights
 ) -> None:
-    rig.participant.on_task(softmax.task(rig.clock, action=TaskAction.EVALUATE))
+    take(rig.participant, softmax.task(rig.clock, action=TaskAction.EVALUATE))
     deliver(rig.participant, softmax.chunks())
     calls = list(rig.subscriptions)
 
     task = softmax.task(rig.clock)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     assert rig.subscriptions == calls
     assert rig.out.types() == [TaskAck, EvalReport, TaskAck, UpdateReport]
     assert rig.out.of(TaskAck)[1].has_weights is True
@@ -427,7 +453,7 @@ def test_a_train_task_after_evaluating_the_same_weights_needs_no_download(
 
 
 def assert_refused(rig: Rig, task: TrainTask, code: str) -> None:
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     assert rig.out.types() == [ErrorReport]
     error = only_error(rig.out)
     assert (error.code, error.ref) == (code, task.task_id)
@@ -471,7 +497,7 @@ def test_a_task_past_its_deadline_gets_no_answer(
     rig: Rig, softmax: RoundWeights, late: float
 ) -> None:
     task = softmax.task(rig.clock, deadline=rig.clock.now - late)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     assert rig.out.sent == []
     assert rig.subscriptions == []
     assert rig.participant.deadline is None
@@ -490,7 +516,7 @@ def test_a_training_failure_after_the_download_is_reported(
     rig: Rig, softmax: RoundWeights, config: dict[str, Any], code: str
 ) -> None:
     task = softmax.task(rig.clock, config={**CONFIG, **config})
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, softmax.chunks())
     assert rig.out.types() == [TaskAck, ErrorReport]
     error = only_error(rig.out)
@@ -504,7 +530,7 @@ def test_weights_that_do_not_fit_the_data_are_reported(rig: Rig) -> None:
         init_weights("softmax", [FEATURES + 1, CLASSES], np.random.default_rng(1))
     )
     task = weights.task(rig.clock)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, weights.chunks())
     error = only_error(rig.out)
     assert (error.code, error.ref) == ("bad_data", task.task_id)
@@ -521,7 +547,7 @@ def test_weights_that_do_not_match_their_transfer_id_are_refused(
     assert len(other.body) == len(softmax.body)
     claimed = other.transfer_id  # the task names the sha256 of other bytes
     task = softmax.task(rig.clock, transfer_id=claimed)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     assert all(deliver(rig.participant, softmax.chunks(transfer_id=claimed)))
 
     assert rig.out.types() == [TaskAck, ErrorReport]
@@ -536,7 +562,7 @@ def test_weights_that_do_not_match_their_transfer_id_are_refused(
 
     # The bad bytes were not kept as the weights of that transfer id.
     retry = softmax.task(rig.clock, transfer_id=claimed)
-    rig.participant.on_task(retry)
+    take(rig.participant, retry)
     assert rig.out.of(TaskAck)[-1] == TaskAck(
         round_id="r1", task_id=retry.task_id, has_weights=False
     )
@@ -548,7 +574,7 @@ def test_weights_that_do_not_split_along_their_index_are_refused(
 ) -> None:
     merged = (ArrayEntry("W0", len(softmax.body)),)  # one entry over two .npy blobs
     task = softmax.task(rig.clock, index=merged)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, softmax.chunks())
     error = only_error(rig.out)
     assert (error.code, error.ref) == ("malformed", task.task_id)
@@ -566,7 +592,7 @@ def test_a_stall_requests_exactly_the_missing_chunks_then_gives_up(
     p = rig.participant
     topic = broadcast_topic(softmax.transfer_id)
     before = time.monotonic()
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     first = p.deadline
     assert first is not None
     assert before + 0.05 <= first <= time.monotonic() + 0.05
@@ -606,7 +632,7 @@ def test_progress_resets_the_stall_count(
 ) -> None:
     rig = make_rig(stall_timeout_s=0.05)
     p = rig.participant
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     chunks = softmax.chunks()
     for _ in range(MAX_STALLS):
         p.on_deadline()
@@ -625,7 +651,7 @@ def test_a_duplicate_chunk_is_not_progress(
 ) -> None:
     rig = make_rig(stall_timeout_s=0.05)
     p = rig.participant
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     chunk = softmax.chunks()[1]
     assert p.on_chunk(chunk) is True
     for _ in range(MAX_STALLS):
@@ -640,7 +666,7 @@ def test_a_download_past_the_task_deadline_is_dropped_silently(
     rig: Rig, softmax: RoundWeights
 ) -> None:
     task = softmax.task(rig.clock)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     rig.clock.now = task.deadline
     rig.participant.on_deadline()
     assert rig.out.types() == [TaskAck]
@@ -656,7 +682,7 @@ def test_reconnecting_during_a_download_rerequests_the_missing_chunks(
     p.on_connected()  # nothing to ask for
     assert rig.out.sent == []
 
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     p.on_connected()
     assert rig.out.sent[-1] == ChunkRequest(transfer_id=softmax.transfer_id, indices=(0, 1, 2, 3))
     chunks = softmax.chunks()
@@ -677,7 +703,7 @@ def test_a_chunk_request_lists_at_most_max_list_items(
     make_rig: Callable[..., Rig], softmax: RoundWeights
 ) -> None:
     rig = make_rig(limits=Limits(max_list_items=2))
-    rig.participant.on_task(softmax.task(rig.clock))
+    take(rig.participant, softmax.task(rig.clock))
     rig.participant.on_deadline()
     assert rig.out.sent[-1] == ChunkRequest(transfer_id=softmax.transfer_id, indices=(0, 1))
 
@@ -688,13 +714,13 @@ def test_a_chunk_request_lists_at_most_max_list_items(
 def test_a_new_task_replaces_an_unfinished_download(rig: Rig, softmax: RoundWeights) -> None:
     p = rig.participant
     old_task = softmax.task(rig.clock)
-    p.on_task(old_task)
+    take(p, old_task)
     old_chunks = softmax.chunks()
     deliver(p, old_chunks[:2])
 
     fresh = RoundWeights.of(weights_of(seed=5))
     new_task = fresh.task(rig.clock, round_id="r2")
-    p.on_task(new_task)
+    take(p, new_task)
     old_topic = broadcast_topic(softmax.transfer_id)
     new_topic = broadcast_topic(fresh.transfer_id)
     assert rig.subscriptions == [
@@ -723,8 +749,8 @@ def test_a_new_task_replaces_an_unfinished_download(rig: Rig, softmax: RoundWeig
 
 
 def test_a_refused_task_also_ends_an_unfinished_download(rig: Rig, softmax: RoundWeights) -> None:
-    rig.participant.on_task(softmax.task(rig.clock))
-    rig.participant.on_task(softmax.task(rig.clock, codec="topk:7"))
+    take(rig.participant, softmax.task(rig.clock))
+    take(rig.participant, softmax.task(rig.clock, codec="topk:7"))
     topic = broadcast_topic(softmax.transfer_id)
     assert rig.subscriptions == [("subscribe", topic), ("unsubscribe", topic)]
     assert rig.participant.deadline is None
@@ -737,7 +763,7 @@ def test_chunks_of_other_transfers_are_not_consumed(rig: Rig, softmax: RoundWeig
     assert not p.wants_broadcast(softmax.transfer_id)
     assert p.on_chunk(softmax.chunks()[0]) is False  # no download at all
 
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     assert p.wants_broadcast(softmax.transfer_id)
     assert not p.wants_broadcast(other.transfer_id)
     assert not p.wants_broadcast("coordinator")
@@ -753,7 +779,7 @@ def test_chunks_of_other_transfers_are_not_consumed(rig: Rig, softmax: RoundWeig
 
 def test_a_chunk_cut_differently_is_consumed_but_not_kept(rig: Rig, softmax: RoundWeights) -> None:
     p = rig.participant
-    p.on_task(softmax.task(rig.clock))
+    take(p, softmax.task(rig.clock))
     assert all(deliver(p, softmax.chunks(chunk_size=CHUNK // 2)))  # same transfer id
     assert rig.out.types() == [TaskAck]
     p.on_deadline()
@@ -785,7 +811,7 @@ def test_top_k_keeps_its_residual_and_feeds_it_into_the_next_round(
     assert any(np.abs(r).max() > 0 for r in residual1.values())
 
     task2 = softmax.task(rig.clock, codec=codec, round_id="r2")
-    rig.participant.on_task(task2)
+    take(rig.participant, task2)
     report2 = rig.out.of(UpdateReport)[-1]
     assert report2.task_id == task2.task_id
     assert report2.arrays is not None
@@ -870,20 +896,20 @@ def test_a_disconnected_link_neither_crashes_nor_counts_a_report(
 ) -> None:
     rig.out.online = False
     task = softmax.task(rig.clock)
-    rig.participant.on_task(task)  # the ack does not go out; the download still starts
+    take(rig.participant, task)  # the ack does not go out; the download still starts
     assert rig.subscriptions == [("subscribe", broadcast_topic(softmax.transfer_id))]
     deliver(rig.participant, softmax.chunks())
     assert rig.out.types() == [TaskAck, UpdateReport]  # attempted
     assert rig.participant.completed == 0
 
-    rig.participant.on_task(softmax.task(rig.clock, action=TaskAction.EVALUATE))
+    take(rig.participant, softmax.task(rig.clock, action=TaskAction.EVALUATE))
     assert rig.out.types()[-1] is EvalReport
-    rig.participant.on_task(softmax.task(rig.clock, family="resnet"))
+    take(rig.participant, softmax.task(rig.clock, family="resnet"))
     assert rig.out.types()[-1] is ErrorReport
     assert rig.participant.completed == 0
 
     rig.out.online = True
-    rig.participant.on_task(softmax.task(rig.clock))
+    take(rig.participant, softmax.task(rig.clock))
     assert rig.participant.completed == 1
 
 
@@ -891,7 +917,7 @@ def test_an_interrupted_upload_sends_no_report(rig: Rig) -> None:
     weights = RoundWeights.of(weights_of("mlp", (9000,)))
     rig.out.refuse = (Chunk,)
     task = weights.task(rig.clock, family="mlp", chunk_size=DEFAULT_LIMITS.default_chunk_bytes)
-    rig.participant.on_task(task)
+    take(rig.participant, task)
     deliver(rig.participant, weights.chunks(DEFAULT_LIMITS.default_chunk_bytes))
     assert rig.out.types() == [TaskAck, Chunk]  # stopped at the first refused chunk
     assert rig.participant.completed == 0
@@ -932,13 +958,13 @@ def test_a_top_k_update_that_does_not_go_out_leaves_the_residual_as_it_was(
     before = rig.residuals.load("m", layout)
     assert before is not None
     rig.out.online = False
-    rig.participant.on_task(softmax.task(rig.clock, codec=codec, round_id="r2"))
+    take(rig.participant, softmax.task(rig.clock, codec=codec, round_id="r2"))
     assert rig.out.types()[-1] is UpdateReport  # attempted, not delivered
     after = rig.residuals.load("m", layout)
     assert after is not None
     assert_close(after, before, atol=0.0)  # what the lost update carried is not forgotten
     rig.out.online = True
-    rig.participant.on_task(softmax.task(rig.clock, codec=codec, round_id="r3"))
+    take(rig.participant, softmax.task(rig.clock, codec=codec, round_id="r3"))
     changed = rig.residuals.load("m", layout)
     assert changed is not None
     assert any(not np.array_equal(changed[n], before[n]) for n in before)
@@ -968,3 +994,164 @@ def test_a_trainer_with_many_metrics_still_reports_inline(rig: Rig, softmax: Rou
     assert report.arrays is not None
     assert len(report.metrics) == MAX_METRICS
     assert rig.participant.completed == 1
+
+
+# ----------------------------------------------------------- training thread
+
+
+class Gate:
+    """Holds a plugged-in trainer's ``fit`` until the test releases it."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def trainer(self) -> GatedTrainer:
+        return GatedTrainer(self)
+
+
+class GatedTrainer:
+    """The softmax trainer, whose ``fit`` waits at the gate (and notes its thread)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.inner = trainer_for("softmax")
+
+    def fit(self, weights: Any, data: Any, config: Any, rng: Any) -> FitResult:
+        self.gate.threads.append(threading.current_thread().name)
+        self.gate.started.set()
+        assert self.gate.release.wait(WAIT_S)
+        return self.inner.fit(weights, data, config, rng)
+
+    def evaluate(self, weights: Any, data: Any) -> Any:
+        return self.inner.evaluate(weights, data)
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    instance = Gate()
+    register_trainer("gated", instance.trainer)
+    try:
+        yield instance
+    finally:
+        instance.release.set()
+        unregister_trainer("gated")
+
+
+def start_held(rig: Rig, weights: RoundWeights, gate: Gate) -> TrainTask:
+    """A gated train task whose weights arrived: its training waits at the gate."""
+    task = weights.task(rig.clock, family="gated")
+    rig.participant.on_task(task)
+    for chunk in weights.chunks():
+        assert rig.participant.on_chunk(chunk)
+    assert gate.started.wait(WAIT_S)
+    return task
+
+
+def test_training_runs_on_the_training_thread_and_reports_when_polled(
+    make_rig: Callable[..., Rig], softmax: RoundWeights, gate: Gate
+) -> None:
+    woken = threading.Event()
+    rig = make_rig(wake=woken.set)
+    p = rig.participant
+    task = start_held(rig, softmax, gate)
+    assert p.training
+    assert gate.threads == [f"train-{DEVICE}"]  # not this (the worker's) thread
+    p.poll()  # nothing finished yet
+    assert rig.out.types() == [TaskAck]
+    assert not woken.is_set()
+
+    gate.release.set()
+    assert woken.wait(WAIT_S)  # the training thread wakes the worker
+    assert p.wait_idle(WAIT_S)
+    assert rig.out.types() == [TaskAck]  # nothing is sent from the training thread
+    p.poll()
+    assert rig.out.types() == [TaskAck, UpdateReport]
+    assert rig.out.of(UpdateReport)[0].task_id == task.task_id
+    assert not rig.participant.training  # (p.training was narrowed to True above)
+    assert p.completed == 1
+
+
+def test_a_new_task_drops_the_result_of_a_training_still_running(
+    rig: Rig, softmax: RoundWeights, gate: Gate
+) -> None:
+    p = rig.participant
+    old = start_held(rig, softmax, gate)
+    new = softmax.task(rig.clock, round_id="r2")  # same weights: held, runs at once
+    p.on_task(new)
+    gate.release.set()
+    settle(p)
+
+    assert rig.out.types() == [TaskAck, TaskAck, UpdateReport]
+    assert [r.task_id for r in rig.out.of(UpdateReport)] == [new.task_id]
+    assert all(getattr(m, "task_id", None) != old.task_id for m in rig.out.sent[1:])
+    assert p.completed == 1
+
+
+def test_the_same_task_sent_again_during_its_training_goes_on_training(
+    rig: Rig, softmax: RoundWeights, gate: Gate
+) -> None:
+    task = start_held(rig, softmax, gate)
+    rig.participant.on_task(task)  # the coordinator's resend to a device that reconnected
+    assert rig.out.types() == [TaskAck, TaskAck]
+    assert rig.out.of(TaskAck)[1].has_weights is True
+    gate.release.set()
+    settle(rig.participant)
+    assert gate.threads == [f"train-{DEVICE}"]  # trained once
+    assert rig.out.types() == [TaskAck, TaskAck, UpdateReport]
+    assert rig.out.of(UpdateReport)[0].task_id == task.task_id
+
+
+def test_a_refused_task_also_drops_a_running_training(
+    rig: Rig, softmax: RoundWeights, gate: Gate
+) -> None:
+    start_held(rig, softmax, gate)
+    rig.participant.on_task(softmax.task(rig.clock, codec="topk:7"))
+    gate.release.set()
+    settle(rig.participant)
+    assert rig.out.types() == [TaskAck, ErrorReport]
+    assert rig.participant.completed == 0
+
+
+def test_close_abandons_a_training_that_does_not_end(
+    rig: Rig, softmax: RoundWeights, gate: Gate
+) -> None:
+    p = rig.participant
+    start_held(rig, softmax, gate)
+    started = time.monotonic()
+    assert p.close(timeout=0.05) is False  # still held at the gate: abandoned
+    assert time.monotonic() - started < WAIT_S / 2
+    assert not p.training
+    gate.release.set()
+    assert p.wait_idle(WAIT_S)
+    p.poll()
+    assert rig.out.types() == [TaskAck]  # an abandoned training reports nothing
+    assert p.close(WAIT_S) is True  # idempotent; the thread has ended
+
+
+class BrokenTrainer:
+    """A plugged-in trainer with a bug: ``fit`` raises something that is no AgentError."""
+
+    def fit(self, weights: Any, data: Any, config: Any, rng: Any) -> FitResult:
+        raise RuntimeError("boom")
+
+    def evaluate(self, weights: Any, data: Any) -> Any:
+        raise RuntimeError("boom")
+
+
+def test_a_trainer_that_crashes_is_reported_and_the_next_task_trains(
+    rig: Rig, softmax: RoundWeights
+) -> None:
+    register_trainer("broken", BrokenTrainer)
+    try:
+        task = softmax.task(rig.clock, family="broken")
+        take(rig.participant, task)
+        deliver(rig.participant, softmax.chunks())
+    finally:
+        unregister_trainer("broken")
+    error = only_error(rig.out)
+    assert (error.code, error.ref) == ("training_error", task.task_id)
+    assert "boom" in error.message
+    report = run_round(rig, softmax, softmax.task(rig.clock, round_id="r2"))
+    assert report.num_examples > 0

@@ -16,13 +16,16 @@ from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import NotFoundError, RunError, StrategyError
+from coordinator.federated.models import ModelDef
 from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.memory import MemoryHub
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.operations import CLI_ACTOR, RunRequest
 from coordinator.service.runs import RunManager, run_strategy, training_config
 from coordinator.service.store import MEMORY, RunState, Store
 from edge_agent.config.agent import BrokerConfig
-from edge_agent.training import participant
+from edge_agent.protocol import Status
+from edge_agent.training import task_model
 from edge_agent.training.numpy_trainers import trainer_for
 from tests.federated_support import FederatedFleet, device_ids
 from tests.fleet_support import Mosquitto, wait_for
@@ -79,6 +82,89 @@ def test_fedge_train_adds_its_own_weights_evaluation_data_and_update_bound() -> 
     assert given.eval_data is None
     with pytest.raises(RunError, match="features is required"):
         training_config(request)
+
+
+TORCH = {"model_spec": "zoo:small_cnn", "task": "classification"}
+IMAGES = LabelledData(np.zeros((4, 1, 8, 8), np.float32), np.array([0, 3, 9, 1]))
+GIVEN = {"conv.weight": np.zeros((2, 1, 3, 3), np.float32)}
+
+
+def test_a_model_spec_request_becomes_a_torch_run() -> None:
+    request = RunRequest(min_clients=2, config={**TORCH, "seed": 3})
+    config = training_config(request, initial_weights=GIVEN, eval_data=IMAGES)
+    assert config.family == "torch"
+    assert config.model == "small-cnn"  # the spec's name
+    assert config.model_def == ModelDef(
+        "torch", "classification", "edge_agent.training.zoo:small_cnn", (1, 8, 8), 10
+    )
+    assert config.initial_weights is GIVEN
+    assert config.train_config == {"seed": 3}
+    named = training_config(
+        RunRequest(config={**TORCH, "model": "digits-cnn", "input_shape": [1, 8, 8],
+                           "num_outputs": 12}),
+        initial_weights=GIVEN,
+    )  # fmt: skip
+    assert named.model == "digits-cnn"
+    assert named.model_def is not None
+    assert (named.model_def.input_shape, named.model_def.num_outputs) == ((1, 8, 8), 12)
+
+
+def test_a_torch_run_reads_its_outputs_from_the_task_s_data() -> None:
+    x = np.zeros((3, 5), np.float32)
+    targets = LabelledData(x, np.ones((3, 2), np.float32), task="regression")
+    spec = {"model_spec": "mypkg.models:reg", "task": "regression"}
+    regression = training_config(RunRequest(config=spec), initial_weights=GIVEN,
+                                 eval_data=targets)  # fmt: skip
+    assert regression.model_def == ModelDef("torch", "regression", "mypkg.models:reg", (5,), 2)
+    flags = LabelledData(x, np.array([0, 1, 0]), task="reconstruction")
+    spec = {"model_spec": "mypkg.models:ae", "task": "reconstruction"}
+    anomaly = training_config(RunRequest(config=spec), initial_weights=GIVEN, eval_data=flags)
+    assert anomaly.model_def == ModelDef("torch", "reconstruction", "mypkg.models:ae", (5,), 5)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**TORCH, "features": 64}, "model_spec does not go with features"),
+        ({**TORCH, "family": "mlp"}, "model_spec does not go with family"),
+        ({**TORCH, "num_outputs": 10}, "input_shape is required"),
+        ({**TORCH, "input_shape": [1, 8, 8]}, "num_outputs is required"),
+        ({**TORCH, "input_shape": "1,8,8", "num_outputs": 2}, "input_shape must be a list"),
+        ({**TORCH, "input_shape": [1, 0], "num_outputs": 2}, "input_shape must be a list"),
+        ({**TORCH, "input_shape": [4], "num_outputs": 0}, "num_outputs must be an integer >= 1"),
+        ({**TORCH, "input_shape": [4], "num_outputs": 2, "task": "ranking"}, "unknown task"),
+        ({**TORCH, "input_shape": [4], "num_outputs": 2, "model_spec": "no spec"},
+         "must be module.path:function"),
+        ({**TORCH, "input_shape": [4], "num_outputs": 2, "model_spec": 5}, "must be strings"),
+        ({**SETTINGS, "task": "regression"}, "needs a PyTorch model"),
+        ({**SETTINGS, "input_shape": [64]}, "are for PyTorch models"),
+        ({**SETTINGS, "num_outputs": 10}, "are for PyTorch models"),
+    ],
+)  # fmt: skip
+def test_bad_torch_settings_are_refused(config: dict[str, object], message: str) -> None:
+    with pytest.raises(RunError, match=message):
+        training_config(RunRequest(config=config), initial_weights=GIVEN)
+
+
+def test_a_built_in_run_may_name_the_classification_task() -> None:
+    config = training_config(RunRequest(config={**SETTINGS, "task": "classification"}))
+    assert config.model_def == ModelDef("mlp", input_shape=(64,), num_outputs=10)
+
+
+def test_the_service_refuses_a_torch_run_no_online_device_can_train(tmp_path: Path) -> None:
+    """Builds the zoo CNN's starting weights: needs torch (edge_agent.training.torch_models)."""
+    hub = MemoryHub()
+    hub.start()
+    hub.receive("dev-a", Status(online=True, agent_version="1", train_examples=5))
+    store = Store.open(MEMORY, artifact_dir=tmp_path)
+    manager = RunManager(hub, store)
+    request = RunRequest(config={**TORCH, "input_shape": [1, 8, 8], "num_outputs": 10})
+    with pytest.raises(RunError, match="no online device can train edge_agent.training.zoo:"
+                       r"small_cnn: 1 online device\(s\) lack it"):  # fmt: skip
+        manager.start(request, actor=CLI_ACTOR)
+    assert store.runs() == []
+    assert manager.current() is None
+    store.close()
 
 
 def test_run_strategy_reads_the_strategy_args() -> None:
@@ -209,7 +295,7 @@ def test_an_operator_stops_a_run_waiting_for_devices_and_one_mid_training(
         def evaluate(self, *args: Any) -> Any:
             return self.trainer.evaluate(*args)
 
-    monkeypatch.setattr(participant, "trainer_for", lambda family: Telling(trainer_for(family)))
+    monkeypatch.setattr(task_model, "trainer_for", lambda family: Telling(trainer_for(family)))
     service = open_service(federated, tmp_path / "state.db")
     try:
         wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)

@@ -27,6 +27,10 @@ weights, evaluation data, the packaged result); a service does the same job with
 ``rounds start``, over the same round code underneath. Every connection option is
 declared once, in :mod:`coordinator.cli.options`.
 
+The current directory comes first on ``sys.path`` (as with ``python -m``), so that
+``fedge train --model mymodels:cnn`` or ``fedge simulate --model ...`` import
+``mymodels.py`` from where the command runs (:func:`use_current_directory`).
+
 Commands are thin front ends over library code in ``compress``, ``edge_agent`` and
 ``coordinator``; errors from the three packages become one line and exit status 1.
 """
@@ -34,6 +38,8 @@ Commands are thin front ends over library code in ``compress``, ``edge_agent`` a
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -103,6 +109,14 @@ def _root(
     logging.getLogger("flwr").setLevel(logging.ERROR if verbose == 0 else level)
 
 
+def use_current_directory() -> None:
+    """Put the current directory first on ``sys.path`` (once), as ``python -m`` does."""
+    here = os.getcwd()
+    if not sys.path or sys.path[0] != here:
+        sys.path.insert(0, here)
+
+
 def main() -> None:
     """Console-script entry point."""
+    use_current_directory()
     app()

@@ -8,6 +8,10 @@ also what the service stores as a round's metrics)::
     console.print(rounds_table([r.to_json() for r in result.rounds], title="rounds"))
     console.print(rounds_table(run_rounds(view), title="3 rounds"))
 
+The figure after the clients is the task's headline: ``accuracy`` for
+classification, else the round's ``metrics`` entry ``auc`` (reconstruction) or
+``mse`` (regression), and the column is named after it.
+
 It fits an 80-column terminal with fleet-sized figures: the figure columns never
 wrap or shorten (``1000/1000`` clients, ``98.76%``, byte counts to three
 significant digits such as ``456 MiB``), and what went wrong in a round (rejected
@@ -32,7 +36,8 @@ from coordinator.service.operations import RunView
 __all__ = ["compact_bytes", "percent", "round_notes", "rounds_table", "run_rounds"]
 
 _STATUS_STYLES = {"ok": "green", "failed": "red", "running": "yellow"}
-_FIGURES = ("clients", "accuracy", "loss", "up", "down")
+_HEADLINES = ("auc", "mse")
+"""Headline metrics of rounds without an accuracy (reconstruction, regression)."""
 
 
 def compact_bytes(n: int) -> str:
@@ -71,6 +76,26 @@ def percent(value: Any) -> str:
 def _loss(value: Any) -> str:
     number = _number(value)
     return "-" if number is None else f"{number:.4f}"
+
+
+def _metric(round_: Mapping[str, Any], key: str) -> Any:
+    metrics = round_.get("metrics")
+    return metrics.get(key) if isinstance(metrics, Mapping) else None
+
+
+def _headline(rounds: Sequence[Mapping[str, Any]]) -> str:
+    """``accuracy``, or the metric rounds without one measured (``auc``, ``mse``)."""
+    for key in _HEADLINES:
+        if any(r.get("accuracy") is None and _metric(r, key) is not None for r in rounds):
+            return key
+    return "accuracy"
+
+
+def _figure(round_: Mapping[str, Any], key: str) -> str:
+    if key == "accuracy":
+        return percent(round_.get("accuracy"))
+    number = _number(_metric(round_, key))
+    return "-" if number is None else f"{number:.4g}"
 
 
 def _bytes(value: Any) -> str:
@@ -114,7 +139,8 @@ def rounds_table(rounds: Sequence[Mapping[str, Any]], *, title: str) -> Renderab
     table = Table(title=Text(safe_text(title)), title_justify="left")
     table.add_column("round", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    for name in _FIGURES:
+    headline = _headline(rounds)
+    for name in ("clients", headline, "loss", "up", "down"):
         table.add_column(name, justify="right", no_wrap=True)
     notes: list[Text] = []
     for round_ in rounds:
@@ -124,7 +150,7 @@ def rounds_table(rounds: Sequence[Mapping[str, Any]], *, title: str) -> Renderab
             Text(number),
             Text(safe_text(status), style=_STATUS_STYLES.get(status, "")),
             Text(_clients(round_)),
-            Text(percent(round_.get("accuracy"))),
+            Text(_figure(round_, headline)),
             Text(_loss(round_.get("loss"))),
             Text(_bytes(round_.get("uplink_bytes"))),
             Text(_bytes(round_.get("downlink_bytes"))),

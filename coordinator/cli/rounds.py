@@ -6,7 +6,9 @@
   :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` under the
   keys :mod:`coordinator.service.runs` reads: ``model``, ``family``, ``features``,
   ``classes``, ``hidden`` (list of int: ``--hidden 128,64`` or one ``--hidden``
-  per layer), ``clients_per_round``, ``seed``, ``strategy_args`` and ``train``
+  per layer), or for a PyTorch model (``--model module:function``) ``model_spec``,
+  ``task`` (``--task``), ``input_shape`` (``--input-shape 1,28,28``) and
+  ``num_outputs`` (``--outputs``); ``clients_per_round``, ``seed``, ``strategy_args`` and ``train``
   (``--epochs``, ``--lr``, ``--batch-size``, ``--optimizer`` and the
   ``--train-arg key=value`` pairs sent to devices; numbers and true/false are
   read as such, ``lr=0.1`` is a number, else kept as text). Settings left out are
@@ -50,7 +52,13 @@ from coordinator.cli.operate import operations, show_rows
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
-from coordinator.cli.training_options import hidden_sizes, key_values, run_config, train_settings
+from coordinator.cli.training_options import (
+    hidden_sizes,
+    key_values,
+    model_settings,
+    run_config,
+    train_settings,
+)
 from coordinator.errors import NotFoundError
 from coordinator.service.operations import CLI_ACTOR, Operations, RunRequest, RunView
 from coordinator.service.store.records import RunState
@@ -101,6 +109,10 @@ def start(
     min_clients: Annotated[int, run_options.MIN_CLIENTS] = _DEFAULTS.min_clients,
     round_timeout: Annotated[float, run_options.ROUND_TIMEOUT] = _DEFAULTS.round_timeout_s,
     model: Annotated[str | None, run_options.MODEL] = None,
+    name: Annotated[str | None, run_options.NAME] = None,
+    task: Annotated[str | None, run_options.TASK] = None,
+    input_shape: Annotated[str | None, run_options.INPUT_SHAPE] = None,
+    outputs: Annotated[int | None, run_options.OUTPUTS] = None,
     family: Annotated[str | None, run_options.FAMILY] = None,
     features: Annotated[int | None, run_options.FEATURES] = None,
     classes: Annotated[int | None, run_options.CLASSES] = None,
@@ -122,8 +134,9 @@ def start(
     With --watch (always in-process), follows it and exits 0 only if it finishes.
     """
     config = run_config(
-        model=model,
-        family=family,
+        model=model_settings(
+            model=model, name=name, family=family, task=task, shape=input_shape, outputs=outputs
+        ),
         features=features,
         classes=classes,
         hidden=hidden_sizes(hidden or ()),

@@ -13,6 +13,19 @@ for ``--family`` with ``--hidden`` units and the feature/class counts of
 global weights; ``--package ARTIFACT --key KEY`` exports them to ONNX, quantizes to
 int8, signs and writes an artifact ready for ``fedge deploy``.
 
+A PyTorch model: ``--model mypkg.models:cnn`` (or ``zoo:small_cnn``; the module
+importable from the current directory or the Python path, and installed and allowed
+on the devices that train it). Its name is the function's (``--name`` to change
+it), its task ``--task`` or the factory's ``task`` attribute (else
+classification); the shape of one example and the output count come from
+``--eval-data`` (``x`` of shape (n, ...); ``y`` class labels: classes = largest
+label + 1; regression targets (n,) or (n, k): 1 or k outputs; reconstruction: 0/1
+anomaly flags) or from ``--input-shape`` and ``--outputs``. The summary then gives
+the task's metrics (accuracy, MSE or ROC-AUC), and ``--package`` exports the
+module to ONNX, quantizes it with the evaluation examples as calibration (the
+normal ones for reconstruction), gates int8 against fp32 on the evaluation data and
+signs it (:func:`~coordinator.delivery.torch_packaging.package_torch`).
+
 What it shares with ``fedge rounds start``: the options
 (:mod:`coordinator.cli.training_options`), the
 :class:`~coordinator.service.operations.RunRequest` they make, its reading into a
@@ -48,15 +61,27 @@ from rich.live import Live
 from rich.text import Text
 
 from compress.fileio import atomic_write
-from compress.keys import load_signing_key
+from compress.keys import SigningKey, load_signing_key
 from coordinator.cli import training_options as run_options
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
-from coordinator.cli.training_options import hidden_sizes, key_values, run_config, train_settings
-from coordinator.delivery.packaging import LabelledData, load_labelled_npz, package_weights
+from coordinator.cli.training_options import (
+    hidden_sizes,
+    key_values,
+    model_settings,
+    run_config,
+    train_settings,
+)
+from coordinator.delivery.packaging import (
+    LabelledData,
+    PackageResult,
+    load_labelled_npz,
+    package_weights,
+)
 from coordinator.errors import RunError
+from coordinator.federated.models import PRIMARY_METRIC, ModelDef, model_task
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
@@ -67,6 +92,13 @@ from coordinator.service.runs import run_strategy, training_config
 __all__ = ["train"]
 
 logger = logging.getLogger(__name__)
+
+_NEEDS_EVAL_DATA = (
+    "--package of a PyTorch model needs --eval-data: its examples calibrate the int8 model "
+    "and the int8 model is checked against fp32 on them"
+)
+CALIBRATION_ROWS = 256
+"""Evaluation examples a PyTorch model's int8 quantization is calibrated on."""
 
 
 @contextmanager
@@ -92,7 +124,7 @@ def _load_init(init: Path) -> dict[str, npt.NDArray[np.float32]]:
 def _package(
     result: RunResult,
     *,
-    family: str,
+    model_def: ModelDef,
     model: str,
     out: Path,
     keys: list[Path],
@@ -101,17 +133,31 @@ def _package(
 ) -> str:
     if not keys:
         raise RunError("--package needs at least one --key")
-    packaged = package_weights(
-        family,
-        result.weights,
-        name=model,
-        version=version,
-        keys=[load_signing_key(k) for k in keys],
-        out=out,
-        evaluation=eval_data,
-        metadata={"trained": "federated", "rounds": str(len(result.rounds))},
-        now=datetime.now(UTC),
-    )
+    signing_keys = [load_signing_key(k) for k in keys]
+    metadata = {"trained": "federated", "rounds": str(len(result.rounds))}
+    if model_def.is_torch:
+        packaged = _package_torch(
+            result,
+            model_def,
+            model=model,
+            out=out,
+            keys=signing_keys,
+            version=version,
+            eval_data=eval_data,
+            metadata=metadata,
+        )
+    else:
+        packaged = package_weights(
+            model_def.family,
+            result.weights,
+            name=model,
+            version=version,
+            keys=signing_keys,
+            out=out,
+            evaluation=eval_data,
+            metadata=metadata,
+            now=datetime.now(UTC),
+        )
     return (
         f"wrote {out}: {model} v{version}, {packaged.manifest.quantization}, "
         f"{human_bytes(packaged.packaged_bytes)}"
@@ -122,7 +168,11 @@ def _package(
 def train(
     connection: Connection,
     model: Annotated[str, run_options.MODEL],
-    family: Annotated[str, run_options.FAMILY] = "mlp",
+    name: Annotated[str | None, run_options.NAME] = None,
+    task: Annotated[str | None, run_options.TASK] = None,
+    input_shape: Annotated[str | None, run_options.INPUT_SHAPE] = None,
+    outputs: Annotated[int | None, run_options.OUTPUTS] = None,
+    family: Annotated[str | None, run_options.FAMILY] = None,
     rounds: Annotated[int, run_options.ROUNDS] = 20,
     clients_per_round: Annotated[int, run_options.CLIENTS_PER_ROUND] = 10,
     min_clients: Annotated[int, run_options.MIN_CLIENTS] = 2,
@@ -139,8 +189,9 @@ def train(
         Path | None,
         typer.Option(
             "--eval-data",
-            help=".npz with x, y: evaluate the global model here after each round "
-            "(default: federated evaluation on the devices' held-out data).",
+            help=".npz with x (n, ...) and y (labels, regression targets or 0/1 anomaly "
+            "flags): evaluate the global model here after each round (default: federated "
+            "evaluation on the devices' held-out data).",
             dir_okay=False,
         ),
     ] = None,
@@ -175,29 +226,40 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
-    request = RunRequest(
-        rounds=rounds,
-        strategy=strategy,
-        codec=codec,
-        min_clients=min(min_clients, clients_per_round),
-        round_timeout_s=round_timeout,
-        config=run_config(
-            model=model,
-            family=family,
-            features=features,
-            classes=classes,
-            hidden=hidden_sizes(hidden or ()) if family == "mlp" else (),
-            clients_per_round=clients_per_round,
-            seed=seed,
-            strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
-            train=train_settings(epochs, lr, batch_size, optimizer)
-            | key_values(train_arg or (), option="--train-arg"),
-        ),
+    models = model_settings(
+        model=model, name=name, family=family, task=task, shape=input_shape, outputs=outputs
     )
+    torch_model = "model_spec" in models
     with reported_errors(as_json=as_json):
-        if init is None and eval_data is None and not (features and classes):
+        chosen_task = model_task(model, task)  # a factory without --task is imported once
+        if torch_model:
+            models["task"] = chosen_task
+            if eval_data is None and input_shape is None:
+                raise RunError(f"give --eval-data, or --input-shape and --outputs, for {model}")
+            if package is not None and eval_data is None:
+                raise RunError(_NEEDS_EVAL_DATA)
+        elif init is None and eval_data is None and not (features and classes):
             raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
-        evaluation = None if eval_data is None else load_labelled_npz(eval_data)
+        mlp = models.get("family", "mlp") == "mlp" and not torch_model
+        request = RunRequest(
+            rounds=rounds,
+            strategy=strategy,
+            codec=codec,
+            min_clients=min(min_clients, clients_per_round),
+            round_timeout_s=round_timeout,
+            config=run_config(
+                model=models,
+                features=features,
+                classes=classes,
+                hidden=hidden_sizes(hidden or ()) if mlp else (),
+                clients_per_round=clients_per_round,
+                seed=seed,
+                strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
+                train=train_settings(epochs, lr, batch_size, optimizer)
+                | key_values(train_arg or (), option="--train-arg"),
+            ),
+        )
+        evaluation = None if eval_data is None else load_labelled_npz(eval_data, chosen_task)
         config = training_config(
             request,
             initial_weights=None if init is None else _load_init(init),
@@ -212,7 +274,7 @@ def train(
                 clipping_norm=dp_clip,
                 num_sampled_clients=clients_per_round,
             )
-        title = f"{model}: {strategy}, {codec}, {rounds} rounds"
+        title = f"{config.model}: {strategy}, {codec}, {rounds} rounds"
         with connected(connection) as hub:
             result = _run(hub, chosen, config, title=title, live=not as_json)
         if out is not None:
@@ -223,10 +285,69 @@ def train(
         packaged = None
         if package is not None:
             packaged = _package(
-                result, family=family, model=model, out=package, keys=key or [],
-                version=version, eval_data=evaluation,
-            )  # fmt: skip
-    _report(result, title=title, as_json=as_json, packaged=packaged, out=out)
+                result,
+                model_def=config.definition,
+                model=config.model,
+                out=package,
+                keys=key or [],
+                version=version,
+                eval_data=evaluation,
+            )
+    _report(result, config.definition, title=title, as_json=as_json, packaged=packaged, out=out)
+
+
+def _package_torch(
+    result: RunResult,
+    model_def: ModelDef,
+    *,
+    model: str,
+    out: Path,
+    keys: list[SigningKey],
+    version: int,
+    eval_data: LabelledData | None,
+    metadata: dict[str, str],
+) -> PackageResult:
+    """Build the factory's module with the final weights and package it (int8, gated, signed).
+
+    Raises:
+        RunError: no evaluation data (it calibrates and gates the int8 model).
+        TrainingError: the module cannot be built or the weights do not fit it.
+        PackagingError: export, quantization or the gate failed.
+    """
+    if eval_data is None:
+        raise RunError(_NEEDS_EVAL_DATA)
+    from coordinator.delivery.torch_packaging import (  # noqa: PLC0415
+        package_torch,
+    )
+    from edge_agent.training.torch_models import (  # noqa: PLC0415
+        build_module,
+        load_module_weights,
+    )
+
+    module = build_module(
+        model_def.spec,
+        input_shape=model_def.input_shape,
+        num_outputs=model_def.num_outputs,
+        task=model_def.task,
+    )
+    load_module_weights(module, result.weights)
+    calibration = eval_data.x
+    if model_def.task == "reconstruction":
+        calibration = eval_data.x[np.asarray(eval_data.y) == 0]  # what normal looks like
+    packaged: PackageResult = package_torch(
+        module,
+        task=model_def.task,
+        sample_shape=model_def.input_shape,
+        name=model,
+        version=version,
+        keys=keys,
+        out=out,
+        calibration=calibration[:CALIBRATION_ROWS],
+        evaluation=eval_data,
+        now=datetime.now(UTC),
+        metadata={**metadata, "model_spec": model_def.spec, "task": model_def.task},
+    )
+    return packaged
 
 
 def _run(
@@ -248,8 +369,23 @@ def _run(
         return run_training(hub, strategy, config, on_round=show)
 
 
+def _final(result: RunResult, model: ModelDef) -> str:
+    """The final figure of the model's task: accuracy, MSE or ROC-AUC."""
+    key = PRIMARY_METRIC[model.task]
+    if key == "accuracy":
+        return f"final accuracy {percent(result.final_accuracy)}"
+    value = result.final_metrics.get(key)
+    return f"final {key} {'-' if value is None else f'{value:.4g}'}"
+
+
 def _report(
-    result: RunResult, *, title: str, as_json: bool, packaged: str | None, out: Path | None
+    result: RunResult,
+    model: ModelDef,
+    *,
+    title: str,
+    as_json: bool,
+    packaged: str | None,
+    out: Path | None,
 ) -> None:
     ok = any(r.status == "ok" for r in result.rounds)
     if as_json:
@@ -264,7 +400,7 @@ def _report(
         summary = result.to_json()
         console.print(rounds_table(summary["rounds"], title=title))
         console.print(
-            f"final accuracy {percent(result.final_accuracy)}; "
+            f"{_final(result, model)}; "
             f"{summary['rounds_ok']} round(s) ok, {summary['rounds_failed']} failed; "
             f"up {human_bytes(summary['uplink_bytes'])}, "
             f"down {human_bytes(summary['downlink_bytes'])}",

@@ -15,6 +15,14 @@ The ``key=value`` options (``--strategy-arg``, ``--train-arg``) are read by
 model and local training settings into one
 :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` with
 :func:`run_config` (and :func:`train_settings`).
+
+``--model`` is a model name as before (a built-in ``--family`` then), or a PyTorch
+model spec with a colon (``mypkg.models:cnn``, ``zoo:small_cnn``): the family is
+then ``torch``, the name the spec's (``--name`` to change it), the task ``--task``
+(default: the factory's ``task`` attribute, else classification) and the sizes
+``--input-shape`` / ``--outputs`` (``fedge train`` reads them from ``--eval-data``
+when left out). :func:`model_settings` turns these options into the request's
+model keys.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import typer
 from compress.families import FAMILIES
 from coordinator.errors import StrategyError
 from coordinator.federated.strategies import parse_strategy_args
+from edge_agent.errors import UnknownModelError
+from edge_agent.training.model_spec import TASKS, parse_model_spec
 
 __all__ = [
     "BATCH_SIZE",
@@ -38,18 +48,24 @@ __all__ = [
     "FAMILY",
     "FEATURES",
     "HIDDEN",
+    "INPUT_SHAPE",
     "LR",
     "MIN_CLIENTS",
     "MODEL",
+    "NAME",
     "OPTIMIZER",
+    "OUTPUTS",
     "ROUNDS",
     "ROUND_TIMEOUT",
     "SEED",
     "STRATEGY",
     "STRATEGY_ARG",
+    "TASK",
     "TRAIN_ARG",
     "hidden_sizes",
+    "input_shape",
     "key_values",
+    "model_settings",
     "run_config",
     "train_settings",
 ]
@@ -72,7 +88,27 @@ MIN_CLIENTS: Any = typer.Option(
 ROUND_TIMEOUT: Any = typer.Option(
     "--round-timeout", min=0.1, help="Seconds each round's devices have to reply."
 )
-MODEL: Any = typer.Option("--model", help="Model name (devices keep per-model state).")
+MODEL: Any = typer.Option(
+    "--model",
+    help="Model name (devices keep per-model state), or a PyTorch model factory "
+    "module:function (zoo:small_cnn, mypkg.models:cnn) importable here and installed "
+    "on the devices.",
+)
+NAME: Any = typer.Option(
+    "--name", help="Model name of a --model module:function (default: its name)."
+)
+TASK: Any = typer.Option(
+    "--task",
+    click_type=click.Choice(TASKS),
+    help="Task of a --model module:function (default: the factory's task attribute, "
+    "else classification).",
+)
+INPUT_SHAPE: Any = typer.Option(
+    "--input-shape", help="Shape of one example for a --model module:function: 1,28,28."
+)
+OUTPUTS: Any = typer.Option(
+    "--outputs", min=1, help="Classes or regression targets of a --model module:function."
+)
 FAMILY: Any = typer.Option("--family", click_type=click.Choice(FAMILIES), help="Model family.")
 FEATURES: Any = typer.Option("--features", min=1, help="Input features.")
 CLASSES: Any = typer.Option("--classes", min=2, help="Output classes.")
@@ -126,6 +162,75 @@ def hidden_sizes(values: Sequence[str]) -> list[int]:
     return sizes
 
 
+def input_shape(text: str | None) -> list[int] | None:
+    """The ``--input-shape`` value: ``1,28,28`` -> ``[1, 28, 28]`` (None: not given).
+
+    Raises:
+        typer.BadParameter: not a comma-separated list of positive integers.
+    """
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise typer.BadParameter(
+            f"{text!r} is not a comma-separated list of positive integers (1,28,28)",
+            param_hint="--input-shape",
+        )
+    return [int(part) for part in parts]
+
+
+def model_settings(
+    *,
+    model: str | None,
+    name: str | None,
+    family: str | None,
+    task: str | None,
+    shape: str | None,
+    outputs: int | None,
+) -> dict[str, Any]:
+    """The request's model keys of ``--model``, ``--name``, ``--family``, ``--task``,
+    ``--input-shape`` and ``--outputs`` (those left out are omitted).
+
+    A ``--model`` with a colon is a PyTorch model spec: ``model_spec`` (as given:
+    the coordinator makes it canonical), ``model`` = ``--name`` or the spec's name;
+    otherwise ``--model`` is the name of a built-in ``--family`` model.
+
+    Raises:
+        typer.BadParameter: a malformed spec, or an option that does not go with
+            the kind of model (``--family`` with a spec; ``--name``, ``--input-shape``,
+            ``--outputs`` or a task other than classification without one).
+    """
+    if model is not None and ":" in model:
+        try:
+            spec = parse_model_spec(model)
+        except UnknownModelError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
+        if family is not None:
+            raise typer.BadParameter(
+                f"{model} is a PyTorch model; --family is for the built-in models",
+                param_hint="--family",
+            )
+        settings = {
+            "model": name or spec.name,
+            "model_spec": model.strip(),
+            "task": task,
+            "input_shape": input_shape(shape),
+            "num_outputs": outputs,
+        }
+        return {key: value for key, value in settings.items() if value is not None}
+    torch_only = {"--name": name, "--input-shape": shape, "--outputs": outputs}
+    given = [option for option, value in torch_only.items() if value is not None]
+    if task not in (None, "classification"):
+        given.append(f"--task {task}")
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} need(s) a PyTorch model: --model module:function",
+            param_hint="--model",
+        )
+    settings = {"model": model, "family": family, "task": task}
+    return {key: value for key, value in settings.items() if value is not None}
+
+
 def train_settings(
     epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
 ) -> dict[str, Any]:
@@ -136,8 +241,7 @@ def train_settings(
 
 def run_config(
     *,
-    model: str | None,
-    family: str | None,
+    model: dict[str, Any],
     features: int | None,
     classes: int | None,
     hidden: Sequence[int],
@@ -146,10 +250,10 @@ def run_config(
     strategy_args: dict[str, Any],
     train: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``RunRequest.config`` of the given settings (those left out are omitted)."""
+    """The ``RunRequest.config`` of the given settings (those left out are omitted);
+    ``model`` is what :func:`model_settings` gave."""
     settings: dict[str, Any] = {
-        "model": model,
-        "family": family,
+        **model,
         "features": features,
         "classes": classes,
         "hidden": list(hidden) or None,

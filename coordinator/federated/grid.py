@@ -56,7 +56,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from compress.codecs import layout_of, max_payload_bytes
 from coordinator.errors import RunError, UpdateRejectedError
 from coordinator.federated.tasks import (
-    EVAL_METRICS,
     TRAIN_METRICS,
     GridSettings,
     PhaseStats,
@@ -319,6 +318,9 @@ class MqttGrid(Grid):
             codec=str(self.settings.codec),
             deadline=self._deadline,
             config=config,
+            model_spec=self.settings.model_spec,
+            task=self.settings.task,
+            model_args=dict(self.settings.model_args),
         )
         check = UpdateCheck(self.settings.codec, layout_of(weights), self.settings.max_update_norm)
         return Task(task_id, device_id, message, command, weights, check)
@@ -514,7 +516,7 @@ class MqttGrid(Grid):
             if report.num_examples < 1:
                 self._reject(task, "bad_examples", "evaluated no examples")
                 return
-            metrics = metric_record(report.metrics, EVAL_METRICS, report.num_examples)
+            metrics = metric_record(report.metrics, self.settings.eval_metrics, report.num_examples)
             content = RecordDict({"metrics": metrics})
         else:
             try:

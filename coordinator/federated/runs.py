@@ -5,25 +5,34 @@
 :class:`~coordinator.link.port.Hub`. Each round:
 
 1. **Sample.** The eligible devices are those online that report local training
-   data (``train_examples > 0``). With fewer than ``min_clients`` the run waits (up
-   to ``round_timeout_s``) and otherwise records the round as failed and goes on.
-   ``clients_per_round`` of them are drawn with a seeded RNG; the strategy is
-   offered exactly those.
+   data (``train_examples > 0``) and, for a PyTorch model, list its spec in their
+   status (``train_models``: torch installed and the model allowed there); a device
+   that does not list it is never sampled. With fewer than ``min_clients`` the run
+   waits (up to ``round_timeout_s``) and otherwise records the round as failed and
+   goes on. ``clients_per_round`` of them are drawn with a seeded RNG; the strategy
+   is offered exactly those.
 2. **Train.** ``strategy.configure_train`` -> ``grid.send_and_receive`` (the weights
    go out once, each device trains and sends an encoded update) ->
    ``strategy.aggregate_train``. A round with fewer accepted updates than
    ``min_clients`` (devices killed mid-round, stragglers past the deadline,
    rejected updates) fails cleanly: the global weights stay as they were and the
    next round proceeds.
-3. **Evaluate.** With ``eval_data``, the global model is evaluated here (that is
-   the round's ``accuracy`` and ``loss``); otherwise ``configure_evaluate`` /
-   ``aggregate_evaluate`` give the example-weighted accuracy on the devices'
-   held-out data.
+3. **Evaluate.** With ``eval_data``, the global model is evaluated here
+   (:func:`~coordinator.federated.models.evaluate_model`: the round's ``metrics``,
+   its ``loss`` and, for classification, its ``accuracy``); otherwise
+   ``configure_evaluate`` / ``aggregate_evaluate`` give the example-weighted
+   averages of what the devices measured on their held-out data.
+
+What is trained is :attr:`RunConfig.model_def`
+(:class:`~coordinator.federated.models.ModelDef`; None: the built-in ``family``,
+classification). A PyTorch run refuses to start (:class:`RunError`) when devices
+that could train are online but none of them lists its spec
+(:func:`check_fleet_can_train`).
 
 Each round yields a :class:`RoundReport` with the same fields everywhere rounds are
 reported (the CLI's live view and ``--json``, later the service and the
-simulator): ``round``, ``accuracy``, ``loss``, ``clients``, ``uplink_bytes``,
-``downlink_bytes``, plus status and counts.
+simulator): ``round``, ``accuracy``, ``loss``, ``metrics``, ``clients``,
+``uplink_bytes``, ``downlink_bytes``, plus status and counts.
 
 Stopping: with ``stop`` (a ``threading.Event``) set, no further round starts, the
 phase going on stops waiting within a quarter of a second, and that round ends
@@ -52,10 +61,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from compress.codecs import parse_codec
-from compress.families import forward
+from compress.families import FAMILIES
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import RunError
 from coordinator.federated.grid import MqttGrid
+from coordinator.federated.models import (
+    ModelDef,
+    Weights,
+    check_eval_data,
+    evaluate_model,
+)
 from coordinator.federated.tasks import GridSettings, PhaseStats
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.fleet import DeviceRecord
@@ -66,13 +81,12 @@ __all__ = [
     "RoundReport",
     "RunConfig",
     "RunResult",
+    "check_fleet_can_train",
     "evaluate_weights",
     "run_training",
 ]
 
 logger = logging.getLogger(__name__)
-
-Weights = dict[str, npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,7 @@ class RunConfig:
 
     Attributes:
         model: Model name (devices keep per-model state, e.g. error feedback).
-        family: ``softmax`` or ``mlp``.
+        family: ``softmax``, ``mlp`` or ``torch`` (then ``model_def`` is needed).
         initial_weights: The starting global weights (W0, b0, ...).
         rounds: Rounds to run.
         clients_per_round: Devices sampled per round.
@@ -96,6 +110,8 @@ class RunConfig:
         seed: Seeds device sampling and Flower's sampling.
         max_update_norm: Updates with a larger L2 norm are rejected.
         gather_s: Longest wait for acknowledgements before weights are pushed.
+        model_def: What is trained (spec, task, shapes); None: the built-in
+            ``family`` for classification.
     """
 
     model: str
@@ -111,14 +127,25 @@ class RunConfig:
     seed: int = 0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
     gather_s: float = 3.0
+    model_def: ModelDef | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
 
         Raises:
-            RunError: out-of-range counts, timeouts or update norm bound.
+            RunError: out-of-range counts, timeouts or update norm bound, a
+                ``model_def`` of another family, evaluation data that does not fit
+                the model.
             CodecError: an invalid codec spec.
         """
+        if self.model_def is not None and self.model_def.family != self.family:
+            raise RunError(
+                f"family {self.family!r} differs from the model's ({self.model_def.family!r})"
+            )
+        if self.model_def is None and self.family not in FAMILIES:
+            raise RunError(f"family {self.family!r} needs a model_def")
+        if self.eval_data is not None:
+            check_eval_data(self.definition, self.eval_data)
         if self.rounds < 1:
             raise RunError("rounds must be at least 1")
         if not 1 <= self.min_clients <= self.clients_per_round:
@@ -134,6 +161,11 @@ class RunConfig:
             )
         parse_codec(self.codec)
 
+    @property
+    def definition(self) -> ModelDef:
+        """The model trained: :attr:`model_def`, else the built-in ``family``."""
+        return self.model_def or ModelDef(self.family)
+
 
 @dataclass
 class RoundReport:
@@ -145,7 +177,11 @@ class RoundReport:
         reason: Why it failed (empty when ok).
         accuracy: Accuracy after the round (coordinator-side on ``eval_data``,
             else example-weighted federated evaluation), None if not measured.
-        loss: Cross-entropy after the round, likewise.
+        loss: The task's loss after the round, likewise (cross-entropy, MSE, or
+            the reconstruction error of normal examples).
+        metrics: Every metric measured after the round (coordinator-side:
+            ``accuracy``/``mse``, ``mae``/``auc`` and ``loss`` by task; federated:
+            the averages the devices reported); empty if not measured.
         clients: Accepted updates aggregated.
         sampled: Devices given a train task.
         uplink_bytes: MQTT payload bytes received for the round (reports, acks,
@@ -166,6 +202,7 @@ class RoundReport:
     reason: str = ""
     accuracy: float | None = None
     loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
     clients: int = 0
     sampled: int = 0
     uplink_bytes: int = 0
@@ -198,6 +235,7 @@ class RoundReport:
             "reason": self.reason,
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "metrics": dict(self.metrics),
             "clients": self.clients,
             "sampled": self.sampled,
             "uplink_bytes": self.uplink_bytes,
@@ -227,12 +265,21 @@ class RunResult:
                 return report.accuracy
         return None
 
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The metrics of the last round that measured any (empty if none did)."""
+        for report in reversed(self.rounds):
+            if report.metrics:
+                return dict(report.metrics)
+        return {}
+
     def to_json(self) -> dict[str, Any]:
-        """``{"rounds": [...], "final_accuracy": ...}`` plus totals."""
+        """``{"rounds": [...], "final_accuracy": ..., "final_metrics": {...}}`` plus totals."""
         ok = [r for r in self.rounds if r.status == "ok"]
         return {
             "rounds": [r.to_json() for r in self.rounds],
             "final_accuracy": self.final_accuracy,
+            "final_metrics": self.final_metrics,
             "rounds_ok": len(ok),
             "rounds_failed": len(self.rounds) - len(ok),
             "uplink_bytes": sum(r.uplink_bytes for r in self.rounds),
@@ -248,16 +295,36 @@ RoundCallback = Callable[[RoundReport, str], None]
 def evaluate_weights(
     family: str, weights: Mapping[str, npt.ArrayLike], data: LabelledData
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of a model on labelled data.
+    """Accuracy and mean cross-entropy of a built-in family's model on labelled data
+    (:func:`~coordinator.federated.models.evaluate_model` for any model).
 
     Raises:
         FamilyError: the weights do not fit the family or the data.
+        RunError: labels out of range.
     """
-    probabilities = forward(family, weights, data.x)
-    accuracy = float(np.mean(np.argmax(probabilities, axis=1) == data.y))
-    picked = probabilities[np.arange(len(data.y)), data.y].astype(np.float64)
-    loss = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
-    return accuracy, loss
+    metrics = evaluate_model(ModelDef(family), weights, data)
+    return metrics["accuracy"], metrics["loss"]
+
+
+def check_fleet_can_train(hub: Hub, model: ModelDef) -> None:
+    """Refuse a PyTorch run that no device with data online can train.
+
+    Devices that could train (online, with data) but do not list the model's spec
+    in their status lack PyTorch or do not allow the model. With none online the
+    run may still wait for devices; built-in families pass.
+
+    Raises:
+        RunError: devices are online, none lists the spec.
+    """
+    if not model.is_torch:
+        return
+    online = [r for r in hub.fleet() if r.can_train]
+    if online and not any(r.can_train_model(model.spec) for r in online):
+        raise RunError(
+            f"no online device can train {model.spec}: {len(online)} online device(s) lack "
+            f"it (install fedge[torch] on the device and allow the model: [training] models "
+            f"= [...] or an entry point in fedge.models)"
+        )
 
 
 def _to_record(weights: Mapping[str, npt.NDArray[np.float32]]) -> ArrayRecord:
@@ -289,12 +356,16 @@ class _Run:
         self.config = config
         self.on_round = on_round
         self.rng = random.Random(config.seed)  # noqa: S311 - sampling, not secrets
+        self.model = config.definition
         settings = GridSettings(
             model=config.model,
             family=config.family,
             codec=parse_codec(config.codec),
             gather_s=config.gather_s,
             max_update_norm=config.max_update_norm,
+            model_spec=self.model.spec,
+            task=self.model.task,
+            model_args=self.model.model_args(),
         )
         self.grid = MqttGrid(hub, settings, cancel=stop)
 
@@ -303,7 +374,7 @@ class _Run:
             self.on_round(report, what)
 
     def eligible(self) -> list[DeviceRecord]:
-        return [r for r in self.hub.fleet() if r.can_train]
+        return [r for r in self.hub.fleet() if r.can_train_model(self.model.spec)]
 
     def wait_for_devices(self, report: RoundReport) -> list[DeviceRecord]:
         deadline = time.monotonic() + self.config.round_timeout_s
@@ -402,9 +473,9 @@ class _Run:
     def evaluate(self, report: RoundReport, arrays: ArrayRecord) -> None:
         config = self.config
         if config.eval_data is not None:
-            report.accuracy, report.loss = evaluate_weights(
-                config.family, _from_record(arrays), config.eval_data
-            )
+            report.metrics = evaluate_model(self.model, _from_record(arrays), config.eval_data)
+            report.accuracy = report.metrics.get("accuracy")
+            report.loss = report.metrics.get("loss")
             return
         devices = self.eligible()
         if not devices:
@@ -430,8 +501,12 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - a user strategy may raise anything
             logger.warning("round %d: evaluation aggregation failed: %s", report.round, exc)
             return
-        report.accuracy = _metric(metrics, "accuracy")
-        report.loss = _metric(metrics, "loss")
+        for key in self.grid.settings.eval_metrics:
+            value = _metric(metrics, key)
+            if value is not None:
+                report.metrics[key] = value
+        report.accuracy = report.metrics.get("accuracy")
+        report.loss = report.metrics.get("loss")
 
 
 def _min_nodes(strategy: object, *, train: bool) -> int:
@@ -476,7 +551,14 @@ def run_training(
 
     Returns:
         Every round's report and the final global weights.
+
+    Raises:
+        RunError: a PyTorch model that no online device can train
+            (:func:`check_fleet_can_train`).
     """
+    if config.definition.is_torch:
+        hub.sync_fleet()
+        check_fleet_can_train(hub, config.definition)
     random.seed(config.seed)  # Flower's strategies sample with the global RNG
     run = _Run(hub, strategy, config, on_round, stop or threading.Event())
     arrays = _to_record(config.initial_weights)

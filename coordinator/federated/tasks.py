@@ -23,6 +23,7 @@ import numpy.typing as npt
 from flwr.app import Message, MetricRecord
 
 from compress.codecs import CodecSpec
+from coordinator.federated.models import EVAL_METRIC_KEYS
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck
 from edge_agent.protocol import TrainTask
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_METRICS = ("train_loss", "train_accuracy")
 EVAL_METRICS = ("loss", "accuracy")
+"""What a device's evaluation of a classifier reports (other tasks: :data:`EVAL_METRIC_KEYS`)."""
 
 
 class TaskState(StrEnum):
@@ -62,10 +64,14 @@ class GridSettings:
 
     Attributes:
         model: Model name (tasks carry it; devices keep per-model state).
-        family: Model family the devices train (``softmax``, ``mlp``).
+        family: Model family the devices train (``softmax``, ``mlp``, ``torch``).
         codec: Update codec the devices must use.
         gather_s: Longest wait for acknowledgements before the weights are pushed.
         max_update_norm: Updates with a larger L2 norm are rejected.
+        model_spec: For ``torch``: the factory ``module:function`` (else empty).
+        task: ``classification``, ``regression`` or ``reconstruction``; also picks
+            the metrics an evaluate reply carries (:data:`EVAL_METRIC_KEYS`).
+        model_args: The factory's keyword arguments (``input_shape``, ``num_outputs``).
     """
 
     model: str
@@ -73,6 +79,14 @@ class GridSettings:
     codec: CodecSpec
     gather_s: float = 3.0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    model_spec: str = ""
+    task: str = "classification"
+    model_args: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        """The metrics an evaluate reply carries for this task."""
+        return EVAL_METRIC_KEYS.get(self.task, EVAL_METRICS)
 
 
 @dataclass

@@ -70,6 +70,8 @@ class DeviceRecord:
             sent.
         train_examples: Local examples the device can train on (0: it does not
             take part in federated rounds).
+        train_models: PyTorch model specs (canonical ``module:function``) the
+            device can train (empty: no torch, built-in families only).
     """
 
     device_id: str
@@ -82,6 +84,7 @@ class DeviceRecord:
     last_seen: float
     status_sent_at: float
     train_examples: int = 0
+    train_models: tuple[str, ...] = ()
 
     @classmethod
     def from_status(
@@ -109,12 +112,19 @@ class DeviceRecord:
             last_seen=now,
             status_sent_at=sent_at,
             train_examples=status.train_examples,
+            train_models=tuple(status.train_models),
         )
 
     @property
     def can_train(self) -> bool:
         """Whether the device can take part in a federated round now (online, has data)."""
         return self.online and self.train_examples > 0
+
+    def can_train_model(self, spec: str) -> bool:
+        """Whether the device can take part in a round of a model now: it can train
+        (:attr:`can_train`) and, for a PyTorch model (``spec`` not empty), lists
+        the canonical spec among its :attr:`train_models`."""
+        return self.can_train and (not spec or spec in self.train_models)
 
     def model_version(self, name: str) -> int | None:
         """Give the installed version of a model.

@@ -27,6 +27,17 @@ read the same settings the same way.
 ``classes``, ``hidden`` (``[64]``), ``clients_per_round`` (10, at least
 ``min_clients``), ``seed`` (0), ``strategy_args`` (dict) and ``train`` (dict sent to
 devices with each task: ``epochs``, ``lr``, ``batch_size``...).
+
+A PyTorch model instead: ``model_spec`` (``module:function`` or ``zoo:<name>``;
+the family is then ``torch`` and ``model`` defaults to the spec's name), ``task``
+(``classification``, ``regression`` or ``reconstruction``; default: the factory's
+``task`` attribute, else classification), ``input_shape`` (list of positive
+integers, one example's shape) and ``num_outputs`` (classes or regression targets;
+not needed for reconstruction); both sizes default to the evaluation data's.
+``features``, ``classes``, ``hidden`` and ``family`` do not go with ``model_spec``.
+The coordinator builds the starting weights, so the factory must be importable
+here too; devices train it only where installed and allowed (see
+:func:`~coordinator.federated.runs.check_fleet_can_train`).
 """
 
 from __future__ import annotations
@@ -43,15 +54,24 @@ import numpy.typing as npt
 from flwr.serverapp.strategy import Strategy
 
 from compress.errors import CompressError
-from compress.families import FAMILIES, init_weights
+from compress.families import FAMILIES
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import CoordinatorError, NotFoundError, RunError
-from coordinator.federated.runs import STOPPED, RoundReport, RunConfig, run_training
+from coordinator.federated.models import ModelDef, model_def_for, model_task
+from coordinator.federated.models import initial_weights as initial_weights_of
+from coordinator.federated.runs import (
+    STOPPED,
+    RoundReport,
+    RunConfig,
+    check_fleet_can_train,
+    run_training,
+)
 from coordinator.federated.strategies import build_strategy
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
 from coordinator.link.port import Hub
 from coordinator.service.operations import RunRequest
 from coordinator.service.store import RunRow, RunState, Store
+from edge_agent.training.model_spec import TORCH_FAMILY, parse_model_spec
 
 __all__ = ["RunManager", "run_strategy", "training_config"]
 
@@ -68,8 +88,14 @@ _KEYS = frozenset(
         "seed",
         "strategy_args",
         "train",
+        "model_spec",
+        "task",
+        "input_shape",
+        "num_outputs",
     ]
 )
+_BUILTIN_ONLY = ("family", "features", "classes", "hidden")
+_TORCH_ONLY = ("input_shape", "num_outputs")
 _SCALAR = (int, float, str, bool)
 
 
@@ -88,6 +114,52 @@ def _features(data: LabelledData | None) -> int | None:
 
 def _classes(data: LabelledData | None) -> int | None:
     return None if data is None else int(data.y.max()) + 1
+
+
+def _outputs(data: LabelledData | None, task: str) -> int | None:
+    """The output count the data implies: classes, regression targets, none."""
+    if data is None:
+        return None
+    if task == "regression":
+        return 1 if data.y.ndim == 1 else int(data.y.shape[1])
+    if task == "reconstruction":
+        return 0
+    return int(data.y.max()) + 1
+
+
+def _input_shape(config: Mapping[str, Any], data: LabelledData | None) -> tuple[int, ...]:
+    value = config.get("input_shape")
+    if value is None:
+        if data is None:
+            raise RunError("config.input_shape is required (the shape of one example)")
+        return tuple(int(d) for d in data.x.shape[1:])
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in value)
+    ):
+        raise RunError(f"config.input_shape must be a list of positive integers, not {value!r}")
+    return tuple(value)
+
+
+def _torch_model(config: Mapping[str, Any], eval_data: LabelledData | None) -> ModelDef:
+    """The PyTorch model of a ``model_spec`` request."""
+    mixed = [key for key in _BUILTIN_ONLY if key in config and key != "family"]
+    if mixed or config.get("family", TORCH_FAMILY) != TORCH_FAMILY:
+        raise RunError(
+            f"config.model_spec does not go with {', '.join(mixed) or 'family'}: "
+            f"give input_shape and num_outputs"
+        )
+    spec, task = config["model_spec"], config.get("task")
+    if not isinstance(spec, str) or (task is not None and not isinstance(task, str)):
+        raise RunError("config.model_spec and config.task must be strings")
+    if ":" not in spec:
+        raise RunError(f"config.model_spec {spec!r} must be module.path:function or zoo:<name>")
+    chosen = model_task(spec, task)  # imports the factory when no task is given
+    shape = _input_shape(config, eval_data)
+    low = 0 if chosen == "reconstruction" else 1
+    outputs = _int(config, "num_outputs", _outputs(eval_data, chosen), low)
+    return model_def_for(spec, chosen, shape, outputs)
 
 
 def training_config(
@@ -114,6 +186,18 @@ def training_config(
     unknown = sorted(set(config) - _KEYS)
     if unknown:
         raise RunError(f"unknown run setting(s): {', '.join(unknown)}")
+    if "model_spec" in config:
+        return _torch_config(request, initial_weights, eval_data, max_update_norm)
+    if config.get("task", "classification") != "classification":
+        raise RunError(
+            f"the built-in families only do classification; config.task "
+            f"{config['task']!r} needs a PyTorch model (config.model_spec)"
+        )
+    if any(key in config for key in _TORCH_ONLY):
+        raise RunError(
+            "config.input_shape and config.num_outputs are for PyTorch models "
+            "(config.model_spec); the built-in families take features and classes"
+        )
     family = config.get("family", "mlp")
     if family not in FAMILIES:
         raise RunError(f"config.family must be one of {', '.join(FAMILIES)}")
@@ -122,22 +206,69 @@ def training_config(
         isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
     ):
         raise RunError("config.hidden must be a list of positive integers")
-    train = config.get("train", {})
-    if not isinstance(train, dict) or not all(isinstance(v, _SCALAR) for v in train.values()):
-        raise RunError("config.train must map names to numbers, strings or booleans")
     model = config.get("model", "model")
     if not isinstance(model, str) or not model:
         raise RunError("config.model must be a non-empty string")
-    seed = _int(config, "seed", 0, 0)
-    clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
+    model_def = ModelDef(family)
     if initial_weights is None:
         features = _int(config, "features", _features(eval_data), 1)
         classes = _int(config, "classes", _classes(eval_data), 2)
-        rng = np.random.default_rng(seed)
-        initial_weights = init_weights(family, [features, *hidden, classes], rng)
+        model_def = ModelDef(family, input_shape=(features,), num_outputs=classes)
+        initial_weights = initial_weights_of(model_def, _int(config, "seed", 0, 0), hidden)
+    return _run_config(
+        request,
+        model=model,
+        model_def=model_def,
+        initial_weights=initial_weights,
+        eval_data=eval_data,
+        max_update_norm=max_update_norm,
+    )
+
+
+def _torch_config(
+    request: RunRequest,
+    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None,
+    eval_data: LabelledData | None,
+    max_update_norm: float,
+) -> RunConfig:
+    """:func:`training_config` of a PyTorch model (``config.model_spec``)."""
+    config = request.config
+    model_def = _torch_model(config, eval_data)
+    model = config.get("model", parse_model_spec(model_def.spec).name)
+    if not isinstance(model, str) or not model:
+        raise RunError("config.model must be a non-empty string")
+    if initial_weights is None:
+        initial_weights = initial_weights_of(model_def, _int(config, "seed", 0, 0))
+    return _run_config(
+        request,
+        model=model,
+        model_def=model_def,
+        initial_weights=initial_weights,
+        eval_data=eval_data,
+        max_update_norm=max_update_norm,
+    )
+
+
+def _run_config(
+    request: RunRequest,
+    *,
+    model: str,
+    model_def: ModelDef,
+    initial_weights: Mapping[str, npt.NDArray[np.float32]],
+    eval_data: LabelledData | None,
+    max_update_norm: float,
+) -> RunConfig:
+    """The run of a request, its model and starting weights (the settings both kinds share)."""
+    config = request.config
+    train = config.get("train", {})
+    if not isinstance(train, dict) or not all(isinstance(v, _SCALAR) for v in train.values()):
+        raise RunError("config.train must map names to numbers, strings or booleans")
+    seed = _int(config, "seed", 0, 0)
+    clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
     return RunConfig(
         model=model,
-        family=family,
+        family=model_def.family,
+        model_def=model_def,
         initial_weights=initial_weights,
         rounds=request.rounds,
         clients_per_round=clients,
@@ -197,10 +328,12 @@ class RunManager:
         """Start a run in the background.
 
         Raises:
-            RunError: bad settings, or a run is already going.
+            RunError: bad settings, a PyTorch model no online device can train,
+                or a run is already going.
             StrategyError: an unknown strategy or arguments it refuses.
         """
         config = training_config(request)
+        check_fleet_can_train(self._hub, config.definition)
         strategy = run_strategy(request)
         with self._lock:
             if self._current is not None:
@@ -324,7 +457,13 @@ class RunManager:
 
 
 def _finite(document: dict[str, Any]) -> dict[str, Any]:
-    """NaN and infinities (a diverged loss) become None, which JSON can hold."""
+    """NaN and infinities (a diverged loss) become None, which JSON can hold (also in
+    nested objects such as ``metrics``)."""
     return {
-        k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in document.items()
+        k: _finite(v)
+        if isinstance(v, dict)
+        else None
+        if isinstance(v, float) and not np.isfinite(v)
+        else v
+        for k, v in document.items()
     }

@@ -280,6 +280,28 @@ _TRAINING = Section(
             "Recent predictions whose inputs are remembered so feedback can label them.",
             default=1024,
         ),
+        Key(
+            "models",
+            "PyTorch model factories (module.path:function) this device may train in "
+            "federated rounds, besides the built-in zoo (zoo:small_cnn, zoo:sensor_cnn, "
+            "zoo:dense_autoencoder, zoo:mlp_regressor) and the factories installed "
+            'packages offer as "fedge.models" entry points. The code must be installed on '
+            "this device: a round never sends model code, and a task for a model not on "
+            "this list is refused (unknown_model). Needs fedge[torch].",
+            default=(),
+            default_doc="the zoo and the installed entry points only",
+            example=["mypkg.models:small_cnn"],
+            commented=True,
+            read="array",
+        ),
+        Key(
+            "torch_threads",
+            "Threads PyTorch may use while training (at least 1). The default leaves a "
+            "core free for inference.",
+            default_doc="the number of CPUs minus one, at least 1",
+            example=2,
+            commented=True,
+        ),
     ),
 )
 

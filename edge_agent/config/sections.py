@@ -13,6 +13,7 @@ coordinator's service reuses :class:`TrustConfig`). All are importable from
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from compress.keys import PublicKey, load_public_key
 from compress.signing import TrustedKeys
 from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.config.values import FieldError, kind_of, want_int, want_seconds
+from edge_agent.errors import UnknownModelError
+from edge_agent.training.model_spec import parse_model_spec
 
 __all__ = [
     "MAX_WINDOW",
@@ -30,6 +33,7 @@ __all__ = [
     "TrainingConfig",
     "TransferConfig",
     "TrustConfig",
+    "default_torch_threads",
 ]
 
 _default = AGENT_SCHEMA.default  # a field's default is its key's, declared once
@@ -158,9 +162,16 @@ class TransferConfig:
         )
 
 
+def default_torch_threads() -> int:
+    """PyTorch's training threads by default: the CPUs minus one (a core stays free
+    for inference), at least 1."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class TrainingConfig:
-    """Local data for federated rounds, and the labelled-feedback buffer.
+    """Local data for federated rounds, the labelled-feedback buffer, and which
+    PyTorch models the device may train.
 
     Attributes:
         data: Directory of ``.npz`` (arrays ``x``, ``y``) and ``.csv`` (label last)
@@ -172,15 +183,23 @@ class TrainingConfig:
             oldest go first); 0 turns feedback off.
         prediction_log: Recent predictions whose inputs are remembered so that
             feedback can label them.
+        models: Model specs (``module.path:function``, or ``zoo:<name>``) the device
+            owner allows besides the zoo and the ``fedge.models`` entry points;
+            kept canonical (``zoo:x`` becomes ``edge_agent.training.zoo:x``),
+            duplicates dropped, order kept.
+        torch_threads: Threads PyTorch trains with (>= 1); None (the default)
+            becomes :func:`default_torch_threads`.
 
     Raises:
-        ConfigError: a wrong type or a value out of range.
+        ConfigError: a wrong type, a value out of range, or a malformed model spec.
     """
 
     data: Path | None = None
     holdout_fraction: float = _default("training.holdout_fraction")
     feedback_max_examples: int = _default("training.feedback_max_examples")
     prediction_log: int = _default("training.prediction_log")
+    models: tuple[str, ...] = _default("training.models")
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None and not isinstance(self.data, Path):
@@ -200,3 +219,26 @@ class TrainingConfig:
         object.__setattr__(self, "holdout_fraction", float(fraction))
         want_int("training.feedback_max_examples", self.feedback_max_examples, low=0)
         want_int("training.prediction_log", self.prediction_log, low=1, high=1_000_000)
+        object.__setattr__(self, "models", _check_models(self.models))
+        threads = default_torch_threads() if self.torch_threads is None else self.torch_threads
+        want_int("training.torch_threads", threads, low=1, high=1024)
+        object.__setattr__(self, "torch_threads", threads)
+
+
+def _check_models(models: object) -> tuple[str, ...]:
+    """``training.models`` as canonical model specs (see :class:`TrainingConfig`)."""
+    if not isinstance(models, tuple | list):
+        raise FieldError(
+            "training.models", f"training.models must be an array of strings, got {kind_of(models)}"
+        )
+    canonical: list[str] = []
+    for text in models:
+        if not isinstance(text, str):
+            raise FieldError(
+                "training.models", f"training.models must hold strings, got {kind_of(text)}"
+            )
+        try:
+            canonical.append(str(parse_model_spec(text)))
+        except UnknownModelError as exc:
+            raise FieldError("training.models", f"training.models: {exc}") from None
+    return tuple(dict.fromkeys(canonical))

@@ -3,7 +3,8 @@
 The agent's worker thread hands :class:`Participant` the ``train_task`` commands
 and the chunks of round weights. A task, as the device sees it::
 
-    cmd: train_task ──(no local data, unknown family or codec)──> error (ref = task id)
+    cmd: train_task ──(no local data, unknown family or codec, a torch model
+            │          not on the allow list, no torch)──> error (ref = task id)
             │ weights already held (the previous task used them)
             │     └──> task_ack has_weights=true ──> run
             │ else: subscribe fedge/v1/broadcast/<weights id>, task_ack
@@ -11,22 +12,42 @@ and the chunks of round weights. A task, as the device sees it::
             │ nothing for stall_timeout_s: chunk_request for the missing ones
             │ (MAX_STALLS fruitless requests, or the deadline passed: dropped)
     complete: sha256 checked, arrays decoded ──> run
-    run: train ──> update = new - global, encoded with the task's codec (top-k
-               residual loaded from and saved to disk) ──> update_report
-               (inline, or as a chunked upload on "events" when too big)
-         evaluate ──> eval_report (loss, accuracy on the local held-out split)
+    run (on the training thread): local data split for the task's learning task,
+               train ──> update = new - global, encoded with the task's codec
+               (the top-k residual is read before and saved after it went out)
+               or evaluate
+    poll (worker thread): update_report (inline, or as a chunked upload on
+               "events" when too big), or eval_report (loss, accuracy or the
+               task's metrics on the local held-out split), or error
+
+Training runs off the agent's worker, on one
+:class:`~edge_agent.training.training_thread.TrainingThread`, so that deploys, chunk
+repairs and telemetry go on during a long epoch. The training thread only loads
+data, trains or evaluates and encodes; everything else (the participant's state, the
+link, the residual store, sending) stays on the worker, which takes finished results
+with :meth:`Participant.poll` (the training thread calls ``wake`` when one is
+ready).
+
+Models: ``family`` names a built-in numpy trainer (or one registered with
+:func:`~edge_agent.training.numpy_trainers.register_trainer`), or is ``"torch"``:
+then ``model_spec`` names a PyTorch factory that must be on this device's allow list,
+else the task is refused with ``unknown_model`` before anything is downloaded or
+imported; a device without PyTorch refuses with ``no_torch``
+(:class:`~edge_agent.training.task_model.DeviceModels`). PyTorch is imported only
+when a torch task runs.
 
 The raw data never leaves the device: only the encoded update and counts do. A new
-task replaces an unfinished one (the coordinator has moved on). The last weights
-received stay in memory, so a train task that follows an evaluation of the same
-weights starts without a download.
+task replaces an unfinished one (the coordinator has moved on): a download is
+dropped, and the result of a training still running is dropped when it ends. The
+last weights received stay in memory, so a train task that follows an evaluation of
+the same weights starts without a download.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +75,13 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 from edge_agent.training.data import LocalData
-from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
+from edge_agent.training.task_model import DeviceModels, TaskModel
 from edge_agent.training.trainer import TrainConfig
+from edge_agent.training.training_thread import TrainingThread
 from edge_agent.transport.link import DeviceLink
 
-__all__ = ["MAX_STALLS", "UPDATE_ARRAY", "Participant"]
+__all__ = ["MAX_STALLS", "STOP_TIMEOUT_S", "UPDATE_ARRAY", "Participant"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +95,8 @@ MAX_METRICS = 32
 """Metrics an update report carries at most (they must fit in ``HEADER_ROOM``)."""
 DEFAULT_MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 """Largest round weights a device downloads (they are held in memory)."""
+STOP_TIMEOUT_S = 5.0
+"""How long :meth:`Participant.close` waits for a training that runs, then abandons it."""
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -85,6 +109,29 @@ class _Download:
     held: set[int] = field(default_factory=set)
     stalls: int = 0
     deadline: float = 0.0  # monotonic: ask for missing chunks then
+
+
+@dataclass(frozen=True)
+class _Update:
+    """A trained update, encoded: what the worker sends."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    payload: npt.NDArray[np.uint8]
+    residual: Weights | None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    code: str
+    reason: str
+
+
+_Outcome = _Update | EvalReport | _Failure
+
+
+def _nothing() -> None:
+    return None
 
 
 class Participant:
@@ -102,6 +149,9 @@ class Participant:
         stall_timeout_s: float = 5.0,
         holdout_fraction: float = 0.2,
         max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+        models: Iterable[str] = (),
+        torch_threads: int | None = None,
+        wake: Callable[[], None] = _nothing,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Wire the participant to the agent's link and event sender.
@@ -116,6 +166,11 @@ class Participant:
             stall_timeout_s: Silence before missing chunks are requested.
             holdout_fraction: Local examples kept out of training for evaluation.
             max_weights_bytes: Larger round weights are refused (``too_large``).
+            models: The device owner's ``[training] models``: PyTorch model specs
+                allowed besides the zoo and the ``fedge.models`` entry points.
+            torch_threads: Threads PyTorch trains with (None: its default).
+            wake: Called on the training thread when a result is ready for
+                :meth:`poll` (the agent wakes its worker).
             clock: Unix seconds.
         """
         self._device_id = device_id
@@ -128,6 +183,9 @@ class Participant:
         self._holdout = holdout_fraction
         self._max_weights_bytes = max_weights_bytes
         self._clock = clock
+        self._models = DeviceModels(models, torch_threads=torch_threads)
+        self._thread: TrainingThread[_Outcome] = TrainingThread(f"train-{device_id}", on_done=wake)
+        self._running: tuple[int, TrainTask] | None = None  # (ticket, task) on the thread
         self._download: _Download | None = None
         self._weights: tuple[str, Weights] | None = None  # (transfer id, arrays)
         # A top-k residual is saved only once the update that goes with it went out:
@@ -137,6 +195,12 @@ class Participant:
         """Tasks answered with a report."""
 
     # ----------------------------------------------------------------- status
+
+    @property
+    def train_models(self) -> tuple[str, ...]:
+        """The model specs this device can train, for its status (see
+        :attr:`DeviceModels.train_models`)."""
+        return self._models.train_models
 
     def train_examples(self) -> int:
         """Local examples available for training (0 without data; never raises)."""
@@ -149,9 +213,17 @@ class Participant:
     # ------------------------------------------------------------------ tasks
 
     def on_task(self, task: TrainTask) -> None:
-        """Take a task: acknowledge it and get its weights, or refuse it."""
+        """Take a task: acknowledge it and get its weights, or refuse it.
+
+        The task that is training already (the coordinator sends it again to a
+        device that reconnected) is acknowledged and goes on training.
+        """
         logger.info("task %s (%s, round %s)", task.task_id[:8], task.action, task.round_id)
+        if self._running is not None and self._running[1].task_id == task.task_id:
+            self._send(TaskAck(round_id=task.round_id, task_id=task.task_id, has_weights=True))
+            return
         self._drop_download()
+        self._drop_running()
         if task.deadline <= self._clock():
             logger.info("task %s arrived after its deadline (dropped)", task.task_id[:8])
             return
@@ -183,7 +255,7 @@ class Participant:
                 f"{self._max_weights_bytes}"
             )
         try:
-            trainer_for(task.family)
+            self._models.check(task)
             if task.action is TaskAction.TRAIN:
                 parse_codec(task.codec)
         except (AgentError, CompressError) as exc:
@@ -272,35 +344,117 @@ class Participant:
     # -------------------------------------------------------------------- run
 
     def _run(self, task: TrainTask) -> None:
+        """Hand the task to the training thread (its result comes back in :meth:`poll`)."""
         if self._weights is None or self._data is None:
             return
         weights = self._weights[1]
+        data = self._data
         try:
+            model = self._models.check(task)
             config = TrainConfig.from_mapping(task.config)
-            train, held_out = self._data.split(self._holdout, seed=config.seed)
-            trainer = trainer_for(task.family)
-            if task.action is TaskAction.EVALUATE:
-                result = trainer.evaluate(weights, held_out if len(held_out) else train)
-                self._report(
-                    EvalReport(
-                        round_id=task.round_id,
-                        task_id=task.task_id,
-                        num_examples=result.num_examples,
-                        metrics=result.metrics(),
-                    )
-                )
-                return
-            started = time.monotonic()
-            self._pending_residual = None
-            fitted = trainer.fit(weights, train, config, config.rng(task.round_id, self._device_id))
-            metrics = dict(fitted.metrics)
-            metrics["train_seconds"] = time.monotonic() - started
-            update = self._encode(task, config, weights, fitted.weights)
+            residual = None
+            if task.action is TaskAction.TRAIN and parse_codec(task.codec).is_topk:
+                residual = self._residuals.load(task.model, layout_of(weights))
         except (AgentError, CompressError) as exc:
             self._fail(task, getattr(exc, "code", "training_error"), str(exc))
             return
-        if self._send_update(task, fitted.num_examples, metrics, update):
-            self._commit_residual()
+        self._pending_residual = None
+
+        def job() -> _Outcome:
+            return self._work(
+                task, model=model, config=config, data=data, weights=weights, residual=residual
+            )
+
+        self._running = (self._thread.submit(job), task)
+
+    def _work(
+        self,
+        task: TrainTask,
+        *,
+        model: TaskModel,
+        config: TrainConfig,
+        data: LocalData,
+        weights: Weights,
+        residual: Weights | None,
+    ) -> _Outcome:
+        """Train or evaluate, and encode (training thread: touches no participant state)."""
+        try:
+            train, held_out = data.split(self._holdout, seed=config.seed, task=model.task)
+            trainer = self._models.trainer(model)
+            if task.action is TaskAction.EVALUATE:
+                result = trainer.evaluate(weights, held_out if len(held_out) else train)
+                return EvalReport(
+                    round_id=task.round_id,
+                    task_id=task.task_id,
+                    num_examples=result.num_examples,
+                    metrics=result.metrics(),
+                )
+            started = time.monotonic()
+            fitted = trainer.fit(weights, train, config, config.rng(task.round_id, self._device_id))
+            metrics = dict(fitted.metrics)
+            metrics["train_seconds"] = time.monotonic() - started
+            payload, new_residual = self._encode(task, config, weights, fitted.weights, residual)
+        except (AgentError, CompressError) as exc:
+            return _Failure(getattr(exc, "code", "training_error"), str(exc))
+        return _Update(fitted.num_examples, metrics, payload, new_residual)
+
+    # ------------------------------------------------------------ results
+
+    def poll(self) -> None:
+        """Send the report of a training that finished (worker thread; never blocks).
+
+        A result whose task was replaced meanwhile is dropped, unsent.
+        """
+        for done in self._thread.take():
+            running = self._running
+            if running is None or running[0] != done.ticket:
+                logger.info("a replaced task's training result was dropped")
+                continue
+            self._running = None
+            task = running[1]
+            outcome = done.result
+            if done.error is not None or outcome is None:
+                self._fail(task, "training_error", f"training failed: {done.error!r}")
+            elif isinstance(outcome, _Failure):
+                self._fail(task, outcome.code, outcome.reason)
+            elif isinstance(outcome, EvalReport):
+                self._report(outcome)
+            else:
+                if outcome.residual is not None:
+                    self._pending_residual = (task.model, outcome.residual)
+                if self._send_update(task, outcome.num_examples, outcome.metrics, outcome.payload):
+                    self._commit_residual()
+
+    @property
+    def training(self) -> bool:
+        """Whether a task's training or evaluation is under way."""
+        return self._running is not None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the training thread has nothing to do (at most ``timeout`` s);
+        :meth:`poll` then sends what it finished. Tests use it (the agent's worker
+        never waits: it polls when the training thread wakes it).
+
+        Returns:
+            Whether it is idle.
+        """
+        return self._thread.wait_idle(timeout)
+
+    def close(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """Stop the training thread: a running training gets ``timeout`` seconds to
+        end, then it is abandoned; its result is never sent. Idempotent.
+
+        Returns:
+            Whether the training thread has stopped.
+        """
+        self._running = None
+        self._drop_download()
+        return self._thread.close(timeout)
+
+    def _drop_running(self) -> None:
+        if self._running is not None:
+            logger.info("task %s replaced while it trains", self._running[1].task_id[:8])
+            self._running = None
 
     def _commit_residual(self) -> None:
         pending, self._pending_residual = self._pending_residual, None
@@ -312,12 +466,17 @@ class Participant:
             logger.error("the top-k residual of %s was not saved: %s", pending[0], exc)
 
     def _encode(
-        self, task: TrainTask, config: TrainConfig, weights: Weights, trained: Mapping[str, Any]
-    ) -> npt.NDArray[np.uint8]:
+        self,
+        task: TrainTask,
+        config: TrainConfig,
+        weights: Weights,
+        trained: Mapping[str, Any],
+        residual: Weights | None,
+    ) -> tuple[npt.NDArray[np.uint8], Weights | None]:
         """``trained - weights`` through the task's codec.
 
-        A top-k codec starts from the stored residual; the new one is kept pending
-        until the update has gone out (:meth:`_commit_residual`).
+        A top-k codec starts from ``residual`` (the stored one); the new residual is
+        returned, and saved only once the update has gone out (:meth:`_commit_residual`).
 
         Raises:
             CodecError: an invalid codec or a non-finite update.
@@ -326,12 +485,9 @@ class Participant:
         delta = {
             name: np.asarray(trained[name], dtype=np.float32) - weights[name] for name in weights
         }
-        residual = self._residuals.load(task.model, layout_of(weights)) if spec.is_topk else None
         rng = config.rng(task.round_id, self._device_id, "codec")
-        encoded = encode_update(delta, spec, rng=rng, residual=residual)
-        if encoded.residual is not None:
-            self._pending_residual = (task.model, encoded.residual)
-        return np.frombuffer(encoded.payload, dtype=np.uint8)
+        encoded = encode_update(delta, spec, rng=rng, residual=residual if spec.is_topk else None)
+        return np.frombuffer(encoded.payload, dtype=np.uint8), encoded.residual
 
     def _send_update(
         self,

@@ -355,7 +355,9 @@ class RunCreate(_In):
     min_clients: int = _RUN.min_clients
     round_timeout_s: float = _RUN.round_timeout_s
     config: dict[str, Any] = Field(
-        default_factory=dict, description="Model family, sizes, learning rate..."
+        default_factory=dict,
+        description="Model (family and sizes, or model_spec, task, input_shape, "
+        "num_outputs), learning rate...",
     )
 
     def to_request(self) -> RunRequest:
