@@ -101,7 +101,18 @@ def test_simulate_with_dropouts_records_the_rounds_that_lost_agents(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "args",
-    [["--partition", "zipf"], ["--dataset", "mnist"], ["--agents", "2001"], ["--codec", "zip"]],
+    [
+        ["--partition", "zipf"],
+        ["--dataset", "imagenet"],
+        ["--agents", "2001"],
+        ["--codec", "zip"],
+        ["--model", "no-such-family"],
+        ["--model", "zoo:resnet"],
+        ["--task", "ranking"],
+        ["--optimizer", "lbfgs"],
+        ["--dataset", "diabetes"],  # the built-in MLP classifies; diabetes is regression
+        ["--model", "zoo:small_cnn", "--dataset", "digits-images", "--task", "regression"],
+    ],
 )
 def test_simulate_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str]) -> None:
     result = runner.invoke(app, ["simulate", *args, "--out", str(tmp_path)])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
 FEDGE = Path(sys.executable).parent / "fedge"
 """The ``fedge`` console script of this environment."""
@@ -40,8 +41,6 @@ def tiny_cnn(input_shape, num_outputs):
 
 @pytest.mark.slow
 def test_a_model_written_outside_fedge_federates_end_to_end(tmp_path: Path) -> None:
-    from sklearn.datasets import load_digits
-
     project = tmp_path / "my-project"
     (project / "nets").mkdir(parents=True)
     (project / "nets" / "__init__.py").write_text("")

@@ -40,7 +40,7 @@ from edge_agent.training.model_spec import ModelTask, check_task
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import Dataset, TrainConfig, Trainer
 
-__all__ = ["CALIBRATION_ROWS", "BUILTIN_FAMILIES", "SimModel"]
+__all__ = ["BUILTIN_FAMILIES", "CALIBRATION_ROWS", "SimModel"]
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -71,9 +71,7 @@ class SimModel:
     hidden: int
 
     @classmethod
-    def choose(
-        cls, model: str, task: str | None, data: FleetData, *, hidden: int
-    ) -> SimModel:
+    def choose(cls, model: str, task: str | None, data: FleetData, *, hidden: int) -> SimModel:
         """The model ``--model`` names, fitted to the fleet's data.
 
         Raises:
@@ -89,9 +87,9 @@ class SimModel:
                     f"the built-in {model} classifies; for {wanted or data_task} use a PyTorch "
                     "model (--model zoo:mlp_regressor, zoo:dense_autoencoder or module:function)"
                 )
-            shape = (int(np.prod(data.x.shape[1:])),)
+            rows = (int(np.prod(data.x.shape[1:])),)
             outputs = _outputs("classification", data.y, data.test)
-            return cls(model_def_for(model, "classification", shape, outputs), data, hidden)
+            return cls(model_def_for(model, "classification", rows, outputs), data, hidden)
         if wanted is not None and wanted != data_task:
             raise RunError(f"--task {wanted} does not fit the dataset, which is for {data_task}")
         shape = tuple(int(d) for d in data.x.shape[1:])

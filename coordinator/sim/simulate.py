@@ -58,7 +58,7 @@ import numpy.typing as npt
 
 from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
 from compress.fileio import atomic_write
-from compress.keys import generate_signing_key, save_keypair
+from compress.keys import SigningKey, generate_signing_key, save_keypair
 from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import PackageResult
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
@@ -391,6 +391,36 @@ def _train(
     return run_training(hub, strategy, training, on_round=round_event)
 
 
+def _package(
+    config: SimulationConfig, sim: SimModel, result: RunResult, key: SigningKey
+) -> tuple[Path, Path, PackageResult]:
+    """Keep the final weights and package them: (artifact, weights file, packaging figures)."""
+    artifact_path = config.out / "artifacts" / f"{MODEL_NAME}-v1.fedge"
+    artifact_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_path = artifact_path.parent / "final-weights.npz"
+    final: dict[str, Any] = dict(result.weights)
+    np.savez(weights_path, **final)
+    packaged = sim.package(
+        result.weights, name=MODEL_NAME, version=1, keys=[key], out=artifact_path,
+        now=datetime.now(UTC), seed=config.seed,
+        metadata={"trained": "fedge simulate", "model": config.model},
+    )  # fmt: skip
+    return artifact_path, weights_path, packaged
+
+
+def _prepare_data(config: SimulationConfig) -> tuple[FleetData, SimModel, list[Path]]:
+    """Load and partition the data, choose the model, write the shards and the test set."""
+    data = fleet_data(
+        config.dataset, config.partition, config.agents, config.seed,
+        task=None if config.task is None else check_task(config.task),
+    )  # fmt: skip
+    sim = SimModel.choose(config.model, config.task, data, hidden=config.hidden)
+    shards = save_shards(sim.rows(data.x), data.y, data.parts, config.out / "data")
+    test = sim.test
+    np.savez(config.out / "data" / "test.npz", x=test.x, y=test.y)
+    return data, sim, shards
+
+
 def run_simulation(
     config: SimulationConfig,
     *,
@@ -413,14 +443,7 @@ def run_simulation(
     started = time.monotonic()
 
     _raise_open_files_limit(config.agents)
-    data = fleet_data(
-        config.dataset, config.partition, config.agents, config.seed,
-        task=None if config.task is None else check_task(config.task),
-    )  # fmt: skip
-    sim = SimModel.choose(config.model, config.task, data, hidden=config.hidden)
-    shards = save_shards(sim.rows(data.x), data.y, data.parts, out / "data")
-    test = sim.test
-    np.savez(out / "data" / "test.npz", x=test.x, y=test.y)
+    data, sim, shards = _prepare_data(config)
     key = generate_signing_key()
     _private, public = save_keypair(key, out / "keys", overwrite=True)
     weights = sim.initial_weights(config.seed)
@@ -455,15 +478,7 @@ def run_simulation(
                 timings["rounds_s"] = time.monotonic() - t0
 
                 emit("phase", {"name": "package"})
-                artifact_path = out / "artifacts" / f"{MODEL_NAME}-v1.fedge"
-                artifact_path.parent.mkdir(parents=True, exist_ok=True)
-                weights_path = artifact_path.parent / "final-weights.npz"
-                np.savez(weights_path, **result.weights)
-                packaged = sim.package(
-                    result.weights, name=MODEL_NAME, version=1, keys=[key], out=artifact_path,
-                    now=datetime.now(UTC), seed=config.seed,
-                    metadata={"trained": "fedge simulate", "model": config.model},
-                )  # fmt: skip
+                artifact_path, weights_path, packaged = _package(config, sim, result, key)
                 emit("phase", {"name": "rollout"})
                 t0 = time.monotonic()
                 rollout = _rollout(hub, fleet, Artifact.load(artifact_path), emit,
