@@ -38,6 +38,7 @@ from coordinator.federated.models import ModelDef, evaluate_model, initial_weigh
 from coordinator.sim.fleet_data import FleetData
 from edge_agent.training.model_spec import ModelTask, check_task
 from edge_agent.training.numpy_trainers import trainer_for
+from edge_agent.training.torch_models import factory_task
 from edge_agent.training.trainer import Dataset, TrainConfig, Trainer
 
 __all__ = ["BUILTIN_FAMILIES", "CALIBRATION_ROWS", "SimModel"]
@@ -76,8 +77,9 @@ class SimModel:
 
         Raises:
             RunError: a built-in family with a task other than classification, or a
-                task the data cannot serve.
+                task (``--task`` or the factory's own) the data cannot serve.
             UnknownModelError: a malformed spec or a factory that cannot be imported.
+            TorchUnavailableError: a PyTorch model without PyTorch installed.
         """
         wanted = check_task(task) if task is not None else None
         data_task = check_task(data.task)
@@ -92,6 +94,9 @@ class SimModel:
             return cls(model_def_for(model, "classification", rows, outputs), data, hidden)
         if wanted is not None and wanted != data_task:
             raise RunError(f"--task {wanted} does not fit the dataset, which is for {data_task}")
+        declared = factory_task(model)  # imports the factory's module: unknown ones fail here
+        if declared is not None and declared != data_task:
+            raise RunError(f"{model} is a {declared} model; the dataset is for {data_task}")
         shape = tuple(int(d) for d in data.x.shape[1:])
         outputs = _outputs(data_task, data.y, data.test)
         chosen = model_def_for(model, data_task, shape, outputs)
