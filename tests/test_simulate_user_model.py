@@ -69,6 +69,6 @@ def test_a_model_written_outside_fedge_federates_end_to_end(tmp_path: Path) -> N
     assert report["final_metrics"]["accuracy"] > 0.5  # ten classes: chance is 0.1
     assert report["centralized_metrics"]["accuracy"] > 0.5
     assert report["rollout"]["all_serving"] is True
-    assert Path(report["artifact"]).is_file()
-    weights = np.load(report["weights"])
+    assert (project / report["artifact"]).is_file()  # paths are relative to the directory
+    weights = np.load(project / report["weights"])
     assert any(np.asarray(weights[name]).ndim == 4 for name in weights.files)  # conv kernels
