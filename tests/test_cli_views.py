@@ -54,6 +54,7 @@ def record(
     tags: tuple[str, ...] = (),
     last_seen: float = NOW - 12,
     train_examples: int = 0,
+    train_models: tuple[str, ...] = (),
 ) -> DeviceRow:
     """A device as the service stores it, from a status message it sent."""
     status = Status(
@@ -64,6 +65,7 @@ def record(
         tags=tags,
         models=models,
         train_examples=train_examples,
+        train_models=train_models,
     )
     return DeviceRow(
         device_id=device_id,
@@ -171,6 +173,7 @@ def fleet_records() -> list[DeviceRow]:
             tags=("gpu", "lab"),
             last_seen=NOW - 12,
             train_examples=321,
+            train_models=("edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"),
         ),
         record("pi-2", online=False, last_seen=NOW - 3 * 3600),
     ]
@@ -185,12 +188,14 @@ def test_devices_table_content() -> None:
         "models",
         "tags",
         "train data",
+        "trains",
         "last seen",
     ]
     assert rows(table) == [
-        ["pi-1", "online", "0.1.0", "digits v3, other v1", "gpu, lab", "321", "12s ago"],
-        ["pi-2", "offline", "0.1.0", "-", "-", "-", "3h ago"],
-    ]
+        ["pi-1", "online", "0.1.0", "digits v3, other v1", "gpu, lab", "321", "numpy + 2 torch",
+         "12s ago"],
+        ["pi-2", "offline", "0.1.0", "-", "-", "-", "numpy", "3h ago"],
+    ]  # fmt: skip
     text = render(table)
     assert "digits v3, other v1" in text
     assert "2 devices" in text
@@ -234,9 +239,11 @@ def test_devices_json() -> None:
         "last_seen_iso": "2027-01-15T07:59:48+00:00",
         "last_seen_age_s": 12.0,
         "train_examples": 321,
+        "train_models": ["edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"],
     }
     assert second["online"] is False
     assert second["train_examples"] == 0
+    assert second["train_models"] == []
     assert second["last_seen_age_s"] == 3 * 3600
 
 
@@ -331,6 +338,7 @@ def test_a_device_without_a_usable_status_shows_what_its_row_holds() -> None:
     assert first["models"] == [{"name": "digits", "version": 2, "sha256": None}]
     assert (first["agent_version"], first["hardware"], first["train_examples"]) == ("", {}, 0)
     assert (second["models"], second["hardware"], second["runtimes"]) == ([], {}, [])
+    assert first["train_models"] == second["train_models"] == []
     assert rows(devices_table([bare], now=NOW)) == [
-        ["pi-9", "offline", "-", "digits v2", "lab", "-", "6s ago"]
+        ["pi-9", "offline", "-", "digits v2", "lab", "-", "numpy", "6s ago"]
     ]

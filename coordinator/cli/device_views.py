@@ -51,6 +51,11 @@ def _train_examples(row: DeviceRow) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _train_models(row: DeviceRow) -> list[str]:
+    value = _status(row).get("train_models")
+    return [str(spec) for spec in value] if isinstance(value, list) else []
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -58,7 +63,8 @@ def _iso(ts: float) -> str:
 def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
     """One device: ``device_id``, ``online``, ``agent_version``, ``hardware``,
     ``runtimes``, ``tags``, ``models`` (name, version, sha256), ``train_examples``
-    (local examples for federated rounds), ``first_seen``, ``last_seen`` (unix
+    (local examples for federated rounds), ``train_models`` (the PyTorch model
+    factories it can train; empty without PyTorch), ``first_seen``, ``last_seen`` (unix
     seconds), ``last_seen_iso`` (ISO-8601, UTC) and ``last_seen_age_s`` (never
     negative); the three ``last_seen`` fields are None when it was never seen.
     """
@@ -75,6 +81,7 @@ def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
         "tags": list(row.tags),
         "models": _models(row),
         "train_examples": _train_examples(row),
+        "train_models": _train_models(row),
         "first_seen": row.first_seen,
         "last_seen": row.last_seen if seen else None,
         "last_seen_iso": _iso(row.last_seen) if seen else None,
@@ -87,6 +94,11 @@ def devices_json(rows: Sequence[DeviceRow], now: float) -> dict[str, Any]:
     return {"devices": [device_json(row, now) for row in rows]}
 
 
+def _trains(specs: Sequence[str]) -> str:
+    """What a device can train: the built-in models, and how many PyTorch ones."""
+    return f"numpy + {len(specs)} torch" if specs else "numpy"
+
+
 def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
     """The devices, one row each: status, agent, models, tags, train data, last seen."""
     table = Table(title=plural(len(rows), "device"))
@@ -96,6 +108,7 @@ def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
     table.add_column("models")
     table.add_column("tags")
     table.add_column("train data", justify="right")
+    table.add_column("trains", justify="right")
     table.add_column("last seen", justify="right")
     for row in rows:
         doc = device_json(row, now)
@@ -108,6 +121,7 @@ def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
             Text(safe_text(models) or "-"),
             Text(safe_text(", ".join(row.tags)) or "-"),
             Text(str(examples) if examples else "-"),
+            Text(_trains(doc["train_models"])),
             Text(humanize_age(row.last_seen, now)),
         )
     return table

@@ -155,6 +155,7 @@ def status_document(status: Status) -> dict[str, Any]:
             {"name": m.name, "version": m.version, "sha256": m.sha256} for m in status.models
         ],
         "train_examples": status.train_examples,
+        "train_models": list(status.train_models),
     }
 
 
