@@ -206,9 +206,7 @@ def training_config(
         isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
     ):
         raise RunError("config.hidden must be a list of positive integers")
-    model = config.get("model", "model")
-    if not isinstance(model, str) or not model:
-        raise RunError("config.model must be a non-empty string")
+    model = _model_name(config, "model")
     model_def = ModelDef(family)
     if initial_weights is None:
         features = _int(config, "features", _features(eval_data), 1)
@@ -225,6 +223,18 @@ def training_config(
     )
 
 
+def _model_name(config: Mapping[str, Any], default: str) -> str:
+    """``config.model``: the name of the run's model and artifact (``default`` if absent).
+
+    Raises:
+        RunError: it is not a non-empty string.
+    """
+    model = config.get("model", default)
+    if not isinstance(model, str) or not model:
+        raise RunError("config.model must be a non-empty string")
+    return model
+
+
 def _torch_config(
     request: RunRequest,
     initial_weights: Mapping[str, npt.NDArray[np.float32]] | None,
@@ -234,9 +244,7 @@ def _torch_config(
     """:func:`training_config` of a PyTorch model (``config.model_spec``)."""
     config = request.config
     model_def = _torch_model(config, eval_data)
-    model = config.get("model", parse_model_spec(model_def.spec).name)
-    if not isinstance(model, str) or not model:
-        raise RunError("config.model must be a non-empty string")
+    model = _model_name(config, parse_model_spec(model_def.spec).name)
     if initial_weights is None:
         initial_weights = initial_weights_of(model_def, _int(config, "seed", 0, 0))
     return _run_config(
