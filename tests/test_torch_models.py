@@ -319,6 +319,9 @@ def test_loading_is_strict() -> None:
     nan = {**good, "4.bias": np.full(3, np.nan, np.float32)}
     with pytest.raises(TrainingError, match="NaN or infinity"):
         load_module_weights(module, nan)
+    huge = {**good, "4.bias": np.full(3, 1e300)}  # beyond float32: not a RuntimeWarning
+    with pytest.raises(TrainingError, match="NaN or infinity"):
+        load_module_weights(module, huge)
     text = {**good, "4.bias": np.array(["a", "b", "c"])}
     with pytest.raises(TrainingError, match="real numbers"):
         load_module_weights(module, text)

@@ -378,6 +378,8 @@ def test_predict_refuses_inputs_of_the_wrong_shape_or_values() -> None:
         trainer.predict(start, np.array([["a"] * 6]))
     with pytest.raises(TrainingError, match="NaN"):
         trainer.predict(start, np.full((2, 6), np.nan, np.float32))
+    with pytest.raises(TrainingError, match="NaN"):  # beyond float32: not a RuntimeWarning
+        trainer.predict(start, np.full((2, 6), 1e300))
 
 
 # ------------------------------------------------------------ evaluate, predict

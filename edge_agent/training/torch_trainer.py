@@ -470,7 +470,8 @@ class TorchTrainer:
                 f"input must be real numbers of shape (n, {', '.join(map(str, self._input_shape))})"
                 f", got {examples.dtype} {examples.shape}"
             )
-        examples = examples.astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+            examples = examples.astype(np.float32, copy=False)
         if not np.isfinite(examples).all():
             raise TrainingError("input holds NaN or infinity")
         n = int(examples.shape[0])
