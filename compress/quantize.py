@@ -272,6 +272,20 @@ def _parse_model(model: bytes) -> Any:
     return proto
 
 
+def _parse_quantized(model: bytes) -> Any:
+    """Parse the quantizer's output (``onnx`` is loaded by :func:`_parse_model` already).
+
+    Raises:
+        QuantizationError: the bytes cannot be parsed.
+    """
+    import onnx  # noqa: PLC0415 - imported by _parse_model already
+
+    try:
+        return onnx.load_model_from_string(model)
+    except Exception as exc:  # protobuf raises assorted types
+        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
+
+
 def _single_float_input(proto: Any) -> tuple[str, tuple[int | None, ...]]:
     """Name and example dimensions (``None`` where symbolic) of the model's only input.
 
@@ -377,12 +391,7 @@ def _prune_opset_imports(model: bytes) -> bytes:
     Raises:
         QuantizationError: the quantizer's output cannot be parsed.
     """
-    import onnx  # noqa: PLC0415 - imported by _parse_model already
-
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception as exc:  # protobuf raises assorted types
-        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
+    proto = _parse_quantized(model)
     used: set[str] = {"", "ai.onnx"}
     graphs = [proto.graph]
     nodes = [node for function in proto.functions for node in function.node]
@@ -418,12 +427,7 @@ def _unquantized_inputs(model: bytes, float_nodes: Collection[str]) -> bytes:
     Raises:
         QuantizationError: the quantizer's output cannot be parsed.
     """
-    import onnx  # noqa: PLC0415 - imported by _parse_model already
-
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception as exc:  # protobuf raises assorted types
-        raise QuantizationError(f"cannot parse the quantized model: {one_line(exc)}") from exc
+    proto = _parse_quantized(model)
     nodes = proto.graph.node
     producer = {out: node for node in nodes for out in node.output}
     for node in nodes:

@@ -24,7 +24,9 @@ from compress.artifact import write_artifact
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import HealthCheck, Manifest, ReferenceTensor, TensorSpec
 from compress.signing import SignedManifest, sign_manifest
+from edge_agent.training.numpy_trainers import register_trainer, unregister_trainer
 from tests.fleet_support import InProcessFleet, Mosquitto, public_key_file, running_broker
+from tests.training_support import GATED_FAMILY, Gate
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -38,6 +40,32 @@ def clean_fedge_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in FEDGE_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    """A :class:`~tests.training_support.Gate` registered as the trainer family ``gated``."""
+    instance = Gate()
+    register_trainer(GATED_FAMILY, instance.trainer)
+    try:
+        yield instance
+    finally:
+        instance.release.set()
+        unregister_trainer(GATED_FAMILY)
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """torch computes on one thread during the test (the cores are shared); restored after.
+
+    torch is imported here, not at the top: most tests never load it.
+    """
+    import torch  # noqa: PLC0415 - only for the tests that use torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -40,16 +40,14 @@ from edge_agent.protocol import (
     encode_arrays,
 )
 from edge_agent.training.model_spec import ZOO_MODULE, torch_available
-from edge_agent.training.numpy_trainers import register_trainer, trainer_for, unregister_trainer
 from edge_agent.training.participant import STOP_TIMEOUT_S
-from edge_agent.training.trainer import FitResult
 from tests.fleet_support import CLASSES, FEATURES, InProcessFleet, Mosquitto, coordinator, wait_for
+from tests.training_support import HOLD_S, Gate
 
 pytestmark = pytest.mark.slow
 
 DEVICE = "pi-1"
 OWN_SPEC = "owner_models.nets:tiny_net"
-HOLD_S = 60.0  # a gate that is never opened would end the test after this
 
 
 @pytest.fixture
@@ -72,42 +70,6 @@ class Heard:
     def of(self, kind: type[Any]) -> list[Any]:
         with self._lock:
             return [m for m in self._messages if isinstance(m, kind)]
-
-
-class Gate:
-    """Holds the gated trainer's ``fit`` until released."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def trainer(self) -> GatedTrainer:
-        return GatedTrainer(self)
-
-
-class GatedTrainer:
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-        self.inner = trainer_for("softmax")
-
-    def fit(self, weights: Any, data: Any, config: Any, rng: Any) -> FitResult:
-        self.gate.started.set()
-        self.gate.release.wait(HOLD_S)
-        return self.inner.fit(weights, data, config, rng)
-
-    def evaluate(self, weights: Any, data: Any) -> Any:
-        return self.inner.evaluate(weights, data)
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    instance = Gate()
-    register_trainer("gated", instance.trainer)
-    try:
-        yield instance
-    finally:
-        instance.release.set()
-        unregister_trainer("gated")
 
 
 @pytest.fixture

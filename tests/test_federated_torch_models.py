@@ -18,13 +18,16 @@ import numpy as np
 import pytest
 
 from coordinator.delivery.packaging import LabelledData
+from coordinator.errors import RunError
 from coordinator.federated.models import (
     ModelDef,
     evaluate_model,
     initial_weights,
     model_def_for,
     model_task,
+    torch_module,
 )
+from edge_agent.errors import TrainingError
 
 MODULE = "fedge_h6_user_models"
 USER_MODELS = """
@@ -76,6 +79,18 @@ def test_starting_weights_are_seeded() -> None:
     assert all(w.dtype == np.float32 for w in first.values())
     np.testing.assert_array_equal(first["weight"], again["weight"])
     assert not np.array_equal(first["weight"], other["weight"])
+
+
+def test_the_module_holds_the_weights_it_is_given() -> None:
+    model = ModelDef("torch", "classification", f"{MODULE}:linear", (3,), 2)
+    weights = initial_weights(model, 7)
+    module = torch_module(model, weights)
+    for name, tensor in module.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), weights[name])
+    with pytest.raises(TrainingError, match="has shape"):
+        torch_module(model, {**weights, "bias": np.zeros(5, np.float32)})
+    with pytest.raises(RunError, match="built-in family softmax has no PyTorch module"):
+        torch_module(ModelDef("softmax"), weights)
 
 
 def test_a_torch_classifier_scores_like_a_built_in_one() -> None:

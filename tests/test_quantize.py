@@ -429,3 +429,13 @@ def test_digits_mlp_int8_size_and_accuracy() -> None:
         )
         assert len(int8) <= len(fp32) / 3.5, mode
         assert fp32_acc - int8_acc <= 0.5, mode
+
+
+def test_a_quantizer_output_that_does_not_parse_is_a_typed_error() -> None:
+    import compress.quantize as quantize  # noqa: PLC0415 - the private post-processing steps
+
+    garbage = b"\x0a\xff\xff\xff"  # a truncated protobuf field
+    with pytest.raises(QuantizationError, match="cannot parse the quantized model"):
+        quantize._prune_opset_imports(garbage)
+    with pytest.raises(QuantizationError, match="cannot parse the quantized model"):
+        quantize._unquantized_inputs(garbage, ("head",))

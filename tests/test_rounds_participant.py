@@ -50,6 +50,7 @@ from edge_agent.training.participant import MAX_METRICS, MAX_STALLS, UPDATE_ARRA
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import FitResult, TrainConfig
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
+from tests.training_support import Gate
 
 DEVICE = "dev-1"
 FEATURES = 8
@@ -997,46 +998,6 @@ def test_a_trainer_with_many_metrics_still_reports_inline(rig: Rig, softmax: Rou
 
 
 # ----------------------------------------------------------- training thread
-
-
-class Gate:
-    """Holds a plugged-in trainer's ``fit`` until the test releases it."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self.threads: list[str] = []
-
-    def trainer(self) -> GatedTrainer:
-        return GatedTrainer(self)
-
-
-class GatedTrainer:
-    """The softmax trainer, whose ``fit`` waits at the gate (and notes its thread)."""
-
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-        self.inner = trainer_for("softmax")
-
-    def fit(self, weights: Any, data: Any, config: Any, rng: Any) -> FitResult:
-        self.gate.threads.append(threading.current_thread().name)
-        self.gate.started.set()
-        assert self.gate.release.wait(WAIT_S)
-        return self.inner.fit(weights, data, config, rng)
-
-    def evaluate(self, weights: Any, data: Any) -> Any:
-        return self.inner.evaluate(weights, data)
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    instance = Gate()
-    register_trainer("gated", instance.trainer)
-    try:
-        yield instance
-    finally:
-        instance.release.set()
-        unregister_trainer("gated")
 
 
 def start_held(rig: Rig, weights: RoundWeights, gate: Gate) -> TrainTask:

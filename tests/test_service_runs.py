@@ -59,6 +59,8 @@ def test_a_request_becomes_a_seeded_training_config() -> None:
         ({**SETTINGS, "features": True}, "features must be an integer"),
         ({**SETTINGS, "train": {"lr": [1]}}, "train must map"),
         ({**SETTINGS, "clients_per_round": 1}, "min_clients"),
+        ({**SETTINGS, "model": ""}, "config.model must be a non-empty string"),
+        ({**SETTINGS, "model": 7}, "config.model must be a non-empty string"),
     ],
 )
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
@@ -136,6 +138,8 @@ def test_a_torch_run_reads_its_outputs_from_the_task_s_data() -> None:
         ({**TORCH, "input_shape": [4], "num_outputs": 2, "model_spec": "no spec"},
          "must be module.path:function"),
         ({**TORCH, "input_shape": [4], "num_outputs": 2, "model_spec": 5}, "must be strings"),
+        ({**TORCH, "input_shape": [4], "num_outputs": 2, "model": ""},
+         "config.model must be a non-empty string"),
         ({**SETTINGS, "task": "regression"}, "needs a PyTorch model"),
         ({**SETTINGS, "input_shape": [64]}, "are for PyTorch models"),
         ({**SETTINGS, "num_outputs": 10}, "are for PyTorch models"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,7 @@ HERE = "tests.test_torch_models"
 _counter = itertools.count()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ------------------------------------------------------------------ test factories
@@ -325,6 +319,9 @@ def test_loading_is_strict() -> None:
     nan = {**good, "4.bias": np.full(3, np.nan, np.float32)}
     with pytest.raises(TrainingError, match="NaN or infinity"):
         load_module_weights(module, nan)
+    huge = {**good, "4.bias": np.full(3, 1e300)}  # beyond float32: not a RuntimeWarning
+    with pytest.raises(TrainingError, match="NaN or infinity"):
+        load_module_weights(module, huge)
     text = {**good, "4.bias": np.array(["a", "b", "c"])}
     with pytest.raises(TrainingError, match="real numbers"):
         load_module_weights(module, text)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = "tests.test_torch_trainer"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ------------------------------------------------------------------ test factories
@@ -384,6 +378,8 @@ def test_predict_refuses_inputs_of_the_wrong_shape_or_values() -> None:
         trainer.predict(start, np.array([["a"] * 6]))
     with pytest.raises(TrainingError, match="NaN"):
         trainer.predict(start, np.full((2, 6), np.nan, np.float32))
+    with pytest.raises(TrainingError, match="NaN"):  # beyond float32: not a RuntimeWarning
+        trainer.predict(start, np.full((2, 6), 1e300))
 
 
 # ------------------------------------------------------------ evaluate, predict

@@ -86,6 +86,25 @@ def test_a_job_that_raises_is_reported_and_the_thread_goes_on() -> None:
     assert thread.close(WAIT_S)
 
 
+def test_a_job_that_exits_is_reported_and_the_thread_goes_on() -> None:
+    """sys.exit() in a user's model module must not end training on the device for good."""
+    thread: TrainingThread[str] = TrainingThread("train-exit")
+
+    def exits() -> str:
+        raise SystemExit(2)
+
+    failed = thread.submit(exits)
+    assert thread.wait_idle(WAIT_S)
+    ok = thread.submit(lambda: "fine")
+    assert thread.wait_idle(WAIT_S)
+    done = thread.take()
+    assert [d.ticket for d in done] == [failed, ok]
+    assert isinstance(done[0].error, RuntimeError)
+    assert "SystemExit(2)" in str(done[0].error)
+    assert done[1] == Done(ok, result="fine")
+    assert thread.close(WAIT_S)
+
+
 def test_a_failing_wake_callback_does_not_stop_the_thread() -> None:
     def wake() -> None:
         raise RuntimeError("no worker")

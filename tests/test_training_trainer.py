@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import DataSourceError, TrainConfigError, TrainingError
-from edge_agent.training.trainer import MAX_CLASSES, Dataset, EvalResult, TrainConfig
+from edge_agent.training.trainer import (
+    MAX_CLASSES,
+    Dataset,
+    EvalResult,
+    TrainConfig,
+    finite_float32,
+    real_array,
+)
 
 
 def make_dataset(n: int = 10, features: int = 3) -> Dataset:
@@ -127,6 +134,62 @@ def test_split_sizes_at_the_edges(n: int, fraction: float, sizes: tuple[int, int
 def test_split_rejects_bad_arguments(fraction: Any, seed: Any) -> None:
     with pytest.raises(TrainConfigError):
         make_dataset().split(fraction, seed)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", "values must be real numbers, got dtype <U3"),
+        ([[1, 2], [3]], "values are not a numeric array"),
+        (np.array([1 + 2j]), "values must be real numbers, got dtype complex128"),
+    ],
+)
+def test_real_array_refuses_what_is_not_real_numbers(value: Any, message: str) -> None:
+    with pytest.raises(DataSourceError, match=message):
+        real_array(value, "values")
+
+
+def test_real_array_keeps_the_dtype() -> None:
+    raw = np.array([True, False])
+    assert real_array(raw, "values") is raw
+
+
+@pytest.mark.parametrize("value", [[1.0, np.nan], [np.inf], [1e300], [-1e39]])
+def test_finite_float32_refuses_what_float32_cannot_hold(value: list[float]) -> None:
+    with pytest.raises(DataSourceError, match="values contain NaN or infinity"):
+        finite_float32(np.array(value), "values")
+
+
+def test_finite_float32_copies_only_when_asked() -> None:
+    raw = np.ones((2, 3), np.float32)
+    assert finite_float32(raw, "values") is raw
+    copied = finite_float32(raw, "values", copy=True)
+    assert copied is not raw
+    assert np.array_equal(copied, raw)
+    assert copied.flags.c_contiguous
+    converted = finite_float32(np.arange(6, dtype=np.int16).reshape(3, 2).T, "values")
+    assert converted.dtype == np.float32
+    assert converted.flags.c_contiguous
+
+
+def test_capped_samples_reproducibly_in_data_order() -> None:
+    data = make_dataset(50)
+    capped = data.capped(10, np.random.default_rng(3))
+    again = data.capped(10, np.random.default_rng(3))
+    assert len(capped) == 10
+    assert np.array_equal(capped.x, again.x)
+    assert np.all(np.diff(capped.x[:, 0]) > 0)  # rows keep the data's order
+    assert np.array_equal(capped.y, (capped.x[:, 0] // 3).astype(int) % 3)
+    other = data.capped(10, np.random.default_rng(4))
+    assert not np.array_equal(capped.x, other.x)
+
+
+@pytest.mark.parametrize("cap", [None, 50, 51])
+def test_capped_keeps_a_dataset_within_the_cap_and_draws_nothing(cap: int | None) -> None:
+    data = make_dataset(50)
+    rng = np.random.default_rng(5)
+    assert data.capped(cap, rng) is data
+    assert rng.integers(1 << 30) == np.random.default_rng(5).integers(1 << 30)
 
 
 # --------------------------------------------------------------------------- config

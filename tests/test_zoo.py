@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,7 @@ from edge_agent.training.torch_models import build_module, factory_task, initial
 from edge_agent.training.torch_trainer import TorchTrainer
 from edge_agent.training.trainer import Dataset, TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # name, task, input shape, outputs, the output shape of a batch of 5

@@ -81,7 +81,7 @@ from coordinator.delivery.packaging import (
     package_weights,
 )
 from coordinator.errors import RunError
-from coordinator.federated.models import PRIMARY_METRIC, ModelDef, model_task
+from coordinator.federated.models import PRIMARY_METRIC, ModelDef, model_task, torch_module
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
@@ -319,18 +319,8 @@ def _package_torch(
     from coordinator.delivery.torch_packaging import (  # noqa: PLC0415
         package_torch,
     )
-    from edge_agent.training.torch_models import (  # noqa: PLC0415
-        build_module,
-        load_module_weights,
-    )
 
-    module = build_module(
-        model_def.spec,
-        input_shape=model_def.input_shape,
-        num_outputs=model_def.num_outputs,
-        task=model_def.task,
-    )
-    load_module_weights(module, result.weights)
+    module = torch_module(model_def, result.weights)
     calibration = eval_data.x
     if model_def.task == "reconstruction":
         calibration = eval_data.x[np.asarray(eval_data.y) == 0]  # what normal looks like

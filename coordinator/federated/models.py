@@ -14,7 +14,9 @@ is built for; everything that sends, starts or scores a model reads it:
    task is ``--task``, else the factory's own ``task`` attribute, else
    classification.
 2. :func:`initial_weights` gives the seeded starting weights (the torch ones come
-   from building the module once: :mod:`edge_agent.training.torch_models`).
+   from building the module once: :mod:`edge_agent.training.torch_models`);
+   :func:`torch_module` builds the module holding given (final) weights, for
+   packaging.
 3. Train tasks carry :attr:`ModelDef.family`, :attr:`ModelDef.spec`,
    :attr:`ModelDef.task` and :meth:`ModelDef.model_args` to the devices.
 4. :func:`evaluate_model` scores global weights on the coordinator's labelled data:
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +51,9 @@ from edge_agent.training.model_spec import (
     parse_model_spec,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "EVAL_METRIC_KEYS",
     "HIGHER_IS_BETTER",
@@ -60,6 +65,7 @@ __all__ = [
     "initial_weights",
     "model_def_for",
     "model_task",
+    "torch_module",
 ]
 
 Weights = dict[str, npt.NDArray[np.float32]]
@@ -312,6 +318,33 @@ def check_eval_data(model: ModelDef, data: LabelledData) -> None:
             )
     elif not np.isfinite(y.astype(np.float64)).all():
         raise RunError("regression targets must be finite")
+
+
+def torch_module(
+    model: ModelDef, weights: Mapping[str, npt.NDArray[np.float32]]
+) -> torch.nn.Module:
+    """The PyTorch model's module holding ``weights`` (e.g. a run's final weights).
+
+    Raises:
+        RunError: ``model`` is a built-in family, not a PyTorch factory.
+        TrainingError: the factory cannot be built (torch missing, a bad factory),
+            or the weights do not fit the module.
+    """
+    if not model.is_torch:
+        raise RunError(f"the built-in family {model.family} has no PyTorch module")
+    from edge_agent.training.torch_models import (  # noqa: PLC0415
+        build_module,
+        load_module_weights,
+    )
+
+    module = build_module(
+        model.spec,
+        input_shape=model.input_shape,
+        num_outputs=model.num_outputs,
+        task=model.task,
+    )
+    load_module_weights(module, weights)
+    return module
 
 
 def evaluate_model(

@@ -187,7 +187,29 @@ def training_config(
     if unknown:
         raise RunError(f"unknown run setting(s): {', '.join(unknown)}")
     if "model_spec" in config:
-        return _torch_config(request, initial_weights, eval_data, max_update_norm)
+        model, model_def, weights = _torch_model_and_weights(config, initial_weights, eval_data)
+    else:
+        model, model_def, weights = _builtin_model_and_weights(config, initial_weights, eval_data)
+    return _run_config(
+        request,
+        model=model,
+        model_def=model_def,
+        initial_weights=weights,
+        eval_data=eval_data,
+        max_update_norm=max_update_norm,
+    )
+
+
+_ModelAndWeights = tuple[str, ModelDef, Mapping[str, npt.NDArray[np.float32]]]
+"""The run's model name, its model and the starting weights."""
+
+
+def _builtin_model_and_weights(
+    config: Mapping[str, Any],
+    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None,
+    eval_data: LabelledData | None,
+) -> _ModelAndWeights:
+    """:func:`training_config`'s model of a built-in family (no ``config.model_spec``)."""
     if config.get("task", "classification") != "classification":
         raise RunError(
             f"the built-in families only do classification; config.task "
@@ -206,47 +228,39 @@ def training_config(
         isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
     ):
         raise RunError("config.hidden must be a list of positive integers")
-    model = config.get("model", "model")
-    if not isinstance(model, str) or not model:
-        raise RunError("config.model must be a non-empty string")
+    model = _model_name(config, "model")
     model_def = ModelDef(family)
     if initial_weights is None:
         features = _int(config, "features", _features(eval_data), 1)
         classes = _int(config, "classes", _classes(eval_data), 2)
         model_def = ModelDef(family, input_shape=(features,), num_outputs=classes)
         initial_weights = initial_weights_of(model_def, _int(config, "seed", 0, 0), hidden)
-    return _run_config(
-        request,
-        model=model,
-        model_def=model_def,
-        initial_weights=initial_weights,
-        eval_data=eval_data,
-        max_update_norm=max_update_norm,
-    )
+    return model, model_def, initial_weights
 
 
-def _torch_config(
-    request: RunRequest,
-    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None,
-    eval_data: LabelledData | None,
-    max_update_norm: float,
-) -> RunConfig:
-    """:func:`training_config` of a PyTorch model (``config.model_spec``)."""
-    config = request.config
-    model_def = _torch_model(config, eval_data)
-    model = config.get("model", parse_model_spec(model_def.spec).name)
+def _model_name(config: Mapping[str, Any], default: str) -> str:
+    """``config.model``: the name of the run's model and artifact (``default`` if absent).
+
+    Raises:
+        RunError: it is not a non-empty string.
+    """
+    model = config.get("model", default)
     if not isinstance(model, str) or not model:
         raise RunError("config.model must be a non-empty string")
+    return model
+
+
+def _torch_model_and_weights(
+    config: Mapping[str, Any],
+    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None,
+    eval_data: LabelledData | None,
+) -> _ModelAndWeights:
+    """:func:`training_config`'s model of a PyTorch factory (``config.model_spec``)."""
+    model_def = _torch_model(config, eval_data)
+    model = _model_name(config, parse_model_spec(model_def.spec).name)
     if initial_weights is None:
         initial_weights = initial_weights_of(model_def, _int(config, "seed", 0, 0))
-    return _run_config(
-        request,
-        model=model,
-        model_def=model_def,
-        initial_weights=initial_weights,
-        eval_data=eval_data,
-        max_update_norm=max_update_norm,
-    )
+    return model, model_def, initial_weights
 
 
 def _run_config(

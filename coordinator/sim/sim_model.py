@@ -34,7 +34,13 @@ import numpy.typing as npt
 from compress.keys import SigningKey
 from coordinator.delivery.packaging import LabelledData, PackageResult, package_weights
 from coordinator.errors import RunError
-from coordinator.federated.models import ModelDef, evaluate_model, initial_weights, model_def_for
+from coordinator.federated.models import (
+    ModelDef,
+    evaluate_model,
+    initial_weights,
+    model_def_for,
+    torch_module,
+)
 from coordinator.sim.fleet_data import FleetData
 from edge_agent.training.model_spec import ModelTask, check_task
 from edge_agent.training.numpy_trainers import trainer_for
@@ -186,20 +192,10 @@ class SimModel:
                 evaluation=self.test, now=now, metadata=dict(metadata),
             )  # fmt: skip
         from coordinator.delivery.torch_packaging import package_torch  # noqa: PLC0415
-        from edge_agent.training.torch_models import (  # noqa: PLC0415
-            build_module,
-            load_module_weights,
-        )
 
-        module = build_module(
-            self.model.spec,
-            input_shape=self.model.input_shape,
-            num_outputs=self.model.num_outputs,
-            task=self.model.task,
-        )
-        load_module_weights(module, weights)
         return package_torch(
-            module, task=self.model.task, sample_shape=self.model.input_shape, name=name,
+            torch_module(self.model, weights), task=self.model.task,
+            sample_shape=self.model.input_shape, name=name,
             version=version, keys=keys, out=out, calibration=self.calibration(seed),
             evaluation=self.test, now=now, metadata=dict(metadata),
         )  # fmt: skip

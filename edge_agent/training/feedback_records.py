@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import DataSourceError, InvalidLabelError
-from edge_agent.training.trainer import MAX_CLASSES, FloatArray
+from edge_agent.training.trainer import MAX_CLASSES, FloatArray, finite_float32, real_array
 
 __all__ = [
     "MAX_EXAMPLE_DIMS",
@@ -113,12 +113,7 @@ def as_examples(inputs: npt.ArrayLike) -> FloatArray:
         DataSourceError: Not real numbers, empty, not finite, an example of more
             than :data:`MAX_FEATURES` values or :data:`MAX_EXAMPLE_DIMS` dimensions.
     """
-    try:
-        raw = np.asarray(inputs)
-    except (TypeError, ValueError) as exc:
-        raise DataSourceError(f"inputs are not a numeric array: {exc}") from exc
-    if raw.dtype.kind not in "fiub":
-        raise DataSourceError(f"inputs must be real numbers, got dtype {raw.dtype}")
+    raw = real_array(inputs, "inputs")
     if raw.ndim == 0 or raw.size == 0:
         raise DataSourceError(f"inputs must have at least one value per example, got {raw.shape}")
     batch = raw.reshape(1, -1) if raw.ndim == 1 else raw
@@ -129,10 +124,7 @@ def as_examples(inputs: npt.ArrayLike) -> FloatArray:
     values = math.prod(batch.shape[1:])
     if values > MAX_FEATURES:
         raise DataSourceError(f"{values} values per example, more than {MAX_FEATURES}")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
-        out: FloatArray = np.array(batch, dtype=np.float32, order="C")  # always a copy
-    if not np.isfinite(out).all():
-        raise DataSourceError("inputs contain NaN or infinity")
+    out = finite_float32(batch, "inputs", copy=True)
     out.setflags(write=False)
     return out
 

@@ -260,9 +260,7 @@ class DenseTrainer:
         """
         layers = self._layers(weights)
         self._check_data(layers, data, "train")
-        if config.max_examples is not None and len(data) > config.max_examples:
-            chosen = np.sort(rng.choice(len(data), size=config.max_examples, replace=False))
-            data = data.take(chosen)
+        data = data.capped(config.max_examples, rng)
         global_params: list[FloatArray] = []
         for layer in layers:
             global_params += [layer.weight, layer.bias]

@@ -366,7 +366,8 @@ def load_module_weights(module: torch.nn.Module, weights: Mapping[str, FloatArra
                 f"weight {name!r} has shape {array.shape}, the model expects {tuple(target.shape)}"
             )
         # a copy: torch must not share (possibly read-only) memory with the caller's arrays
-        values = np.array(array, dtype=np.float32, copy=True)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+            values = np.array(array, dtype=np.float32, copy=True)
         if not np.isfinite(values).all():
             raise TrainingError(f"weight {name!r} holds NaN or infinity")
         state[name] = torch.from_numpy(values)

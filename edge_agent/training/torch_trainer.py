@@ -318,9 +318,7 @@ class TorchTrainer:
                 width do not fit the model.
         """
         self._check_data(data, "train")
-        if config.max_examples is not None and len(data) > config.max_examples:
-            chosen = np.sort(rng.choice(len(data), size=config.max_examples, replace=False))
-            data = data.take(chosen)
+        data = data.capped(config.max_examples, rng)
         torch_seed = int(rng.integers(_MAX_SEED))
         with self._lock, _torch_settings(self._num_threads, fork_rng=True):
             import torch  # noqa: PLC0415 - already loaded
@@ -472,7 +470,8 @@ class TorchTrainer:
                 f"input must be real numbers of shape (n, {', '.join(map(str, self._input_shape))})"
                 f", got {examples.dtype} {examples.shape}"
             )
-        examples = examples.astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+            examples = examples.astype(np.float32, copy=False)
         if not np.isfinite(examples).all():
             raise TrainingError("input holds NaN or infinity")
         n = int(examples.shape[0])

@@ -56,6 +56,8 @@ __all__ = [
     "Optimizer",
     "TrainConfig",
     "Trainer",
+    "finite_float32",
+    "real_array",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,23 +85,50 @@ _MAX_EXAMPLES = 2**53 - 1
 # --------------------------------------------------------------------------- dataset
 
 
+def real_array(value: object, what: str) -> npt.NDArray[Any]:
+    """``value`` as a numpy array of real numbers (bool, integers or floats), not converted.
+
+    ``what`` names the values in the error (``"features"``, ``"inputs"`` ...).
+
+    Raises:
+        DataSourceError: ``value`` is not an array of real numbers.
+    """
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise DataSourceError(f"{what} are not a numeric array: {exc}") from exc
+    if raw.dtype.kind not in "fiub":
+        raise DataSourceError(f"{what} must be real numbers, got dtype {raw.dtype}")
+    return raw
+
+
+def finite_float32(raw: npt.NDArray[Any], what: str, *, copy: bool = False) -> FloatArray:
+    """``raw`` as C-contiguous float32, every value finite.
+
+    Without ``copy`` an array already in that form is returned as it is.
+    Values beyond float32's range become infinity and are refused.
+
+    Raises:
+        DataSourceError: a value is NaN or infinite (as float32).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+        if copy:
+            out: FloatArray = np.array(raw, dtype=np.float32, order="C")
+        else:
+            out = np.ascontiguousarray(raw, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise DataSourceError(f"{what} contain NaN or infinity (or values beyond float32)")
+    return out
+
+
 def _as_features(x: object) -> FloatArray:
     """Validate and convert a batch of examples (see :class:`Dataset`)."""
-    try:
-        raw = np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise DataSourceError(f"features are not a numeric array: {exc}") from exc
-    if raw.dtype.kind not in "fiub":
-        raise DataSourceError(f"features must be real numbers, got dtype {raw.dtype}")
+    raw = real_array(x, "features")
     if raw.ndim < 2 or 0 in raw.shape[1:]:
         raise DataSourceError(
             f"features must have shape (n, ...) with every example dimension >= 1, got {raw.shape}"
         )
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
-        features: FloatArray = np.ascontiguousarray(raw, dtype=np.float32)
-    if not np.isfinite(features).all():
-        raise DataSourceError("features contain NaN or infinity (or values beyond float32)")
-    return features
+    return finite_float32(raw, "features")
 
 
 def _as_labels(y: object) -> LabelArray:
@@ -126,19 +155,10 @@ def _as_labels(y: object) -> LabelArray:
 
 def _as_targets(y: object) -> FloatArray:
     """Validate and convert regression targets (see :class:`Dataset`)."""
-    try:
-        raw = np.asarray(y)
-    except (TypeError, ValueError) as exc:
-        raise DataSourceError(f"targets are not a numeric array: {exc}") from exc
-    if raw.dtype.kind not in "fiub":
-        raise DataSourceError(f"targets must be real numbers, got dtype {raw.dtype}")
+    raw = real_array(y, "targets")
     if raw.ndim not in (1, 2) or (raw.ndim == 2 and raw.shape[1] == 0):
         raise DataSourceError(f"targets must have shape (n,) or (n, outputs), got {raw.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        targets: FloatArray = np.ascontiguousarray(raw, dtype=np.float32)
-    if not np.isfinite(targets).all():
-        raise DataSourceError("targets contain NaN or infinity (or values beyond float32)")
-    return targets
+    return finite_float32(raw, "targets")
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,6 +307,16 @@ class Dataset:
             IndexError: an index is out of range.
         """
         return Dataset(self.x[indices], self.y[indices], self.task)
+
+    def capped(self, max_examples: int | None, rng: np.random.Generator) -> Dataset:
+        """At most ``max_examples`` examples: a sample drawn from ``rng``, in data order.
+
+        The dataset itself when it is no larger than ``max_examples`` or the cap
+        is None (:attr:`TrainConfig.max_examples`); no randomness is drawn then.
+        """
+        if max_examples is None or len(self) <= max_examples:
+            return self
+        return self.take(np.sort(rng.choice(len(self), size=max_examples, replace=False)))
 
     def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Split into (train, held-out) sets, deterministically for a given ``seed``.

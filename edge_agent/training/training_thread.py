@@ -20,7 +20,9 @@ Rules:
   not started yet (it never runs);
 * a running job cannot be interrupted (an epoch of a trainer): whoever submitted it
   recognises its result as stale by the ticket and drops it;
-* a job that raises is reported as :attr:`Done.error` (the thread goes on);
+* a job that raises is reported as :attr:`Done.error` (the thread goes on); so is
+  one that raises ``SystemExit`` or another ``BaseException`` (user code calling
+  ``sys.exit()``, argparse on import), as a ``RuntimeError`` naming it;
 * the thread is a daemon: :meth:`close` waits for a running job at most ``timeout``
   seconds and then abandons it, so stopping an agent never hangs on training.
 
@@ -167,6 +169,9 @@ class TrainingThread(Generic[T]):
             except Exception as exc:  # reported to the submitter, never fatal
                 logger.exception("%s: job %d failed", self._name, ticket)
                 done = Done(ticket, error=exc)
+            except BaseException as exc:  # noqa: BLE001 - e.g. sys.exit() in a user's model module
+                logger.error("%s: job %d raised %r", self._name, ticket, exc)
+                done = Done(ticket, error=RuntimeError(f"the job raised {exc!r}"))
             with self._cond:
                 self._running = None
                 if not self._closed:
