@@ -19,6 +19,7 @@ from coordinator.federated.models import (
     PRIMARY_METRIC,
     ModelDef,
     check_eval_data,
+    clamp_statistics,
     evaluate_model,
     initial_weights,
     model_def_for,
@@ -253,3 +254,19 @@ def test_a_run_config_checks_its_evaluation_data_and_model() -> None:
     config = RunConfig(model="m", family="torch", initial_weights=weights, model_def=torch_model)
     assert config.definition is torch_model
     assert RunConfig(model="m", family="mlp", initial_weights=weights).definition == ModelDef("mlp")
+
+
+def test_negative_batchnorm_variances_are_clamped_and_counted() -> None:
+    weights = {
+        "bn.weight": np.array([-1.0, 2.0], np.float32),  # a scale may be negative
+        "bn.running_mean": np.array([-3.0, 1.0], np.float32),
+        "bn.running_var": np.array([-0.5, 0.25], np.float32),
+    }
+    clamped, count = clamp_statistics(weights)
+    assert count == 1
+    assert clamped["bn.running_var"].tolist() == [0.0, 0.25]
+    assert clamped["bn.weight"].tolist() == [-1.0, 2.0]
+    assert clamped["bn.running_mean"].tolist() == [-3.0, 1.0]
+    untouched, none = clamp_statistics({"bn.running_var": np.ones(2, np.float32)})
+    assert none == 0
+    assert untouched["bn.running_var"].tolist() == [1.0, 1.0]

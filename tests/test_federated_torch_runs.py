@@ -49,6 +49,7 @@ class Devices:
         self.hub = MemoryHub(on_publish=self.answer)
         self.tasks: dict[str, list[TrainTask]] = {}
         self.weights: dict[str, np.ndarray] = dict(WEIGHTS)  # the run's, for update shapes
+        self.step = STEP  # what each update adds to every weight
 
     def answer(self, published: Published) -> None:
         message = published.envelope().message
@@ -63,7 +64,7 @@ class Devices:
             self.hub.receive(device_id, EvalReport(**common, num_examples=5, metrics=EVAL_METRICS))
             return
         delta = {
-            entry.name: np.full(self.weights[entry.name].shape, STEP, np.float32)
+            entry.name: np.full(self.weights[entry.name].shape, self.step, np.float32)
             for entry in message.weights_index
         }
         update = encode_update(delta, parse_codec(message.codec), rng=np.random.default_rng(0))
@@ -194,3 +195,16 @@ def test_the_devices_status_gives_the_record_its_train_models(devices: Devices) 
     assert record.can_train_model(SPEC)
     assert record.can_train_model("")  # a built-in family
     assert not record.can_train_model("other.models:cnn")
+
+
+def test_a_device_cannot_push_a_batchnorm_variance_below_zero(devices: Devices) -> None:
+    devices.online("dev-a", train_models=(SPEC,))
+    start = {**WEIGHTS, "bn.running_var": np.full(4, 0.1, np.float32)}
+    devices.weights = start
+    honest = _run(devices, initial_weights=start)
+    np.testing.assert_allclose(honest.weights["bn.running_var"], 0.1 + STEP)
+    devices.step = -1.0  # a hostile update: the variance would become -0.9
+    poisoned = _run(devices, initial_weights=start)
+    assert poisoned.rounds[0].status == "ok"
+    assert poisoned.weights["bn.running_var"].tolist() == [0.0] * 4  # clamped
+    np.testing.assert_allclose(poisoned.weights["net.bias"], -1.0)  # weights are not clamped

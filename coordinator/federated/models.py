@@ -320,6 +320,33 @@ def check_eval_data(model: ModelDef, data: LabelledData) -> None:
         raise RunError("regression targets must be finite")
 
 
+VARIANCE_SUFFIX = "running_var"
+"""BatchNorm's running variance: a buffer averaged like a weight, never below zero."""
+
+
+def clamp_statistics(weights: Mapping[str, npt.NDArray[np.float32]]) -> tuple[Weights, int]:
+    """The weights with every BatchNorm running variance clamped at zero.
+
+    Buffers travel and are aggregated like weights (``docs/architecture.md``); an
+    average of variances is a variance, but a device's update may push one below
+    zero, and a negative variance makes BatchNorm output NaN on every device.
+
+    Returns:
+        The weights (negative variances set to 0) and how many values were clamped.
+    """
+    out: Weights = {}
+    clamped = 0
+    for name, value in weights.items():
+        array = np.asarray(value, dtype=np.float32)
+        if name.endswith(VARIANCE_SUFFIX):
+            negative = int(np.count_nonzero(array < 0))
+            if negative:
+                clamped += negative
+                array = np.maximum(array, np.float32(0.0))
+        out[name] = array
+    return out, clamped
+
+
 def torch_module(
     model: ModelDef, weights: Mapping[str, npt.NDArray[np.float32]]
 ) -> torch.nn.Module:

@@ -69,6 +69,7 @@ from coordinator.federated.models import (
     ModelDef,
     Weights,
     check_eval_data,
+    clamp_statistics,
     evaluate_model,
 )
 from coordinator.federated.tasks import GridSettings, PhaseStats
@@ -464,11 +465,21 @@ class _Run:
                 report.status = "failed"
                 report.reason = report.reason or "the strategy aggregated nothing"
             else:
-                arrays = aggregated
+                arrays = self.sane(number, aggregated)
                 self.evaluate(report, arrays)
         self.grid.retire_weights()
         report.seconds = time.monotonic() - started
         return report, arrays
+
+    def sane(self, number: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregated weights, BatchNorm variances clamped at zero (torch models)."""
+        if not self.model.is_torch:
+            return arrays
+        weights, clamped = clamp_statistics(_from_record(arrays))
+        if not clamped:
+            return arrays
+        logger.warning("round %d: %d negative BatchNorm variance(s) set to 0", number, clamped)
+        return _to_record(weights)
 
     def evaluate(self, report: RoundReport, arrays: ArrayRecord) -> None:
         config = self.config
