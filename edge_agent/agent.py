@@ -235,6 +235,10 @@ class Agent:
     def start(self) -> None:
         """Restore the installed model and any staged transfer, then connect and serve.
 
+        The installed models are re-verified against their signed manifests first
+        (:mod:`edge_agent.ota.reverify`); what fails is not served, and is reported
+        once connected and in ``/v1/health`` (``model_problems``, ``model_expired``).
+
         Raises:
             ConfigError: the HTTP endpoint address is invalid.
             BrokerError: TLS could not be set up.
@@ -558,6 +562,8 @@ class Agent:
             "predictions": totals.predictions,
             "errors": totals.errors,
             "agent_version": __version__,
+            "model_expired": self.updates.serving_expired(),
+            "model_problems": [problem.to_json() for problem in self.updates.problems],
         }
 
 

@@ -20,6 +20,8 @@ The tree::
     │   └── NoModelError                no model is installed to serve predictions
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
     ├── StateError                  the agent's files on disk are unusable
+    │   └── UntrustedModelError         an installed model fails re-verification against
+    │                                   its signed manifest (not served)
     ├── InstallError                an update could not be installed (the old model
     │   │                           keeps serving)
     │   ├── TransferError               a transfer's chunks or totals do not add up
@@ -116,6 +118,23 @@ class StateError(AgentError):
     """The agent's state on disk (data directory, slots, staging) is unusable."""
 
     code = "state_error"
+
+
+class UntrustedModelError(StateError):
+    """An installed model fails re-verification against its signed manifest.
+
+    Raised at start-up (and before a rollback) when a slot's manifest is missing,
+    unsigned or signed by too few trusted keys, names another model than
+    ``state.json`` does, or its payload's length or sha256 differs. The model is
+    not served. ``cause_code`` is the code of the underlying error.
+    """
+
+    code = "untrusted_model"
+
+    def __init__(self, message: str, *, cause_code: str) -> None:
+        """Carry the message and the underlying error's code."""
+        super().__init__(message)
+        self.cause_code = cause_code
 
 
 class InstallError(AgentError):

@@ -13,7 +13,9 @@ slot that is *not* current, and only then replaces ``state.json`` (temp file, fs
 names either the old model or the new one, each complete in its slot. Before a slot
 is overwritten, the state stops naming it as the rollback target, so the state
 never points at a half-written slot either. Every slot is checked against its
-recorded sha256 before it is served.
+recorded sha256 before it is served, and at start-up every model the agent would
+serve is re-verified against the signed manifest kept next to it
+(:mod:`edge_agent.ota.reverify`).
 
 The highest-version counters implement rollback protection (DESIGN.md trust rule
 2): they only grow, survive reinstalls and restarts, and are raised in the same
@@ -236,11 +238,23 @@ class ModelStore:
         Raises:
             StateError: the file is missing, unreadable or does not match.
         """
-        path = self.slot_dir(model.slot) / PAYLOAD_FILE
-        data = read_bounded(path, max_bytes=MAX_PAYLOAD_BYTES, error=StateError, what="model")
+        data = self.read_slot_payload(model.slot)
         if hashlib.sha256(data).hexdigest() != model.sha256:
-            raise StateError(f"{path} does not match the sha256 recorded at install")
+            raise StateError(
+                f"{self.slot_dir(model.slot) / PAYLOAD_FILE} does not match the sha256 "
+                "recorded at install"
+            )
         return data
+
+    def read_slot_payload(self, slot: str) -> bytes:
+        """A slot's payload bytes as they are on disk, unchecked (at most the largest
+        payload a manifest may declare); the caller checks them against the manifest.
+
+        Raises:
+            StateError: the file is missing, unreadable or too large.
+        """
+        path = self.slot_dir(slot) / PAYLOAD_FILE
+        return read_bounded(path, max_bytes=MAX_PAYLOAD_BYTES, error=StateError, what="model")
 
     def read_manifest_blob(self, slot: str) -> bytes:
         """The signed manifest stored with a slot.

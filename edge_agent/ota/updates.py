@@ -22,10 +22,15 @@ Deployment, as the device sees it::
 
 Every outcome is reported after the files are in their final state (the staging area
 gone, the state committed), so a report never promises more than the disk holds.
-Restart (:meth:`Updater.restore`): the committed state names the model to serve
-(checked against its sha256 before loading, the previous one as a fallback); the
-newest staged transfer is reopened with only the chunks that still verify, or
-reported installed when the crash came after its commit.
+Restart (:meth:`Updater.restore`): the committed state names the model to serve,
+the previous one as a fallback. Both are re-verified against the signed manifest
+kept in their slot (:mod:`edge_agent.ota.reverify`: signatures and threshold of the
+trusted keys, the payload's length and sha256); a model that fails is not served,
+is dropped from the state, logged as an error and reported as a ``failed``
+``install_status`` under the deployment id ``startup-check`` (an expired one is
+served, and reported there with the code ``expired``); a rollback re-verifies its
+target the same way. The newest staged transfer is reopened with only the chunks
+that still verify, or reported installed when the crash came after its commit.
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from compress.errors import CompressError
-from compress.manifest import Manifest
+from compress.errors import CompressError, ExpiredError
+from compress.manifest import Manifest, format_time
 from compress.signing import SignedManifest, TrustedKeys
 from compress.trust import DeviceProfile, verify_manifest
 from edge_agent.config.agent import TransferConfig
-from edge_agent.errors import AgentError, StateError
+from edge_agent.errors import AgentError, StateError, UntrustedModelError
 from edge_agent.ota.installer import AlreadyInstalled, Checkpoint, check_deploy, install
 from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.reverify import ModelProblem, verify_installed
 from edge_agent.ota.staging import StagedTransfer, TransferInfo, list_transfers
 from edge_agent.protocol import (
     Chunk,
@@ -69,6 +75,8 @@ logger = logging.getLogger(__name__)
 MAX_STALLS = 12
 """Requests for missing chunks in a row without any progress before a transfer fails."""
 PROGRESS_STEPS = 10
+STARTUP_CHECK = "startup-check"
+"""The deployment id of the ``install_status`` events of the start-up check."""
 
 
 class Reporter(Protocol):
@@ -140,6 +148,10 @@ class Updater:
         self._clock = clock
         self._checkpoint = checkpoint
         self.transfer: Transfer | None = None
+        self.problems: list[ModelProblem] = []
+        """What the start-up check (or a refused rollback) found wrong with installed
+        models, for ``/v1/health``."""
+        self._served_expires: datetime | None = None
 
     # ------------------------------------------------------------------ restore
 
@@ -149,31 +161,85 @@ class Updater:
         self._restore_transfer()
 
     def _restore_model(self) -> None:
+        """Serve the first installed model that re-verifies (current, then previous).
+
+        The rollback candidate is re-verified as well, without loading it. A model
+        refused as untrusted is dropped from the state (so a deploy of the genuine
+        model is not taken for "already installed"); one that fails for another
+        reason (the runtime cannot load it) is only dropped once another one serves.
+        """
         state = self._store.state
+        self.problems = []
+        served: InstalledModel | None = None
+        refused: list[InstalledModel] = []
         for candidate in (state.current, state.previous):
             if candidate is None:
                 continue
             try:
-                self._activate(candidate)
+                if served is None:
+                    self._activate(candidate)
+                    served = candidate
+                else:
+                    verify_installed(self._store, candidate, trusted=self._trusted, now=self._now())
+            except UntrustedModelError as exc:
+                refused.append(candidate)
+                self._startup_problem(candidate, exc)
             except (AgentError, CompressError) as exc:
-                logger.error(
-                    "cannot serve %s v%d from slot %s: %s",
-                    candidate.name,
-                    candidate.version,
-                    candidate.slot,
-                    exc,
-                )
-                continue
-            if candidate is not state.current:
-                logger.warning(
-                    "serving the previous model %s v%d instead", candidate.name, candidate.version
-                )
-                self._store.commit(dc_replace(state, current=candidate, previous=None))
-            return
-        logger.info("no model installed yet")
+                self._startup_problem(candidate, exc)
+        kept = [m for m in (state.current, state.previous) if m is not None and m not in refused]
+        if served is not None and served is not state.current:
+            logger.warning("serving the previous model %s v%d instead", served.name, served.version)
+            kept = [served]
+        elif served is None and (refused or kept):
+            logger.error("no installed model passed the start-up check: serving none")
+        elif served is None:
+            logger.info("no model installed yet")
+        restored = dc_replace(
+            state,
+            current=kept[0] if kept else None,
+            previous=kept[1] if len(kept) > 1 else None,
+        )
+        if restored != state:
+            self._store.commit(restored)
+
+    def _startup_problem(self, model: InstalledModel, exc: AgentError | CompressError) -> None:
+        """Log and report a model the start-up check does not serve."""
+        logger.error(
+            "cannot serve %s v%d from slot %s: %s", model.name, model.version, model.slot, exc
+        )
+        self.problems.append(
+            ModelProblem(model.slot, model.name, model.version, exc.code, str(exc), served=False)
+        )
+        self._report_error(STARTUP_CHECK, InstallState.FAILED, exc, model)
 
     def _activate(self, model: InstalledModel) -> None:
-        self._serve(model, load_model(model.format, self._store.read_payload(model)))
+        """Re-verify an installed model against its signed manifest, load and serve it.
+
+        Raises:
+            UntrustedModelError: the re-verification failed (nothing changes).
+            ModelRuntimeError: the runtime cannot load it (nothing changes).
+        """
+        verified = verify_installed(self._store, model, trusted=self._trusted, now=self._now())
+        self._serve(model, load_model(model.format, verified.payload))
+        self._served_expires = verified.manifest.expires
+        if verified.expired:
+            reason = (
+                f"serving {model.name} v{model.version}, whose manifest expired at "
+                f"{format_time(verified.manifest.expires)}"
+            )
+            self.problems.append(
+                ModelProblem(
+                    model.slot, model.name, model.version, ExpiredError.code, reason, served=True
+                )
+            )
+            self._reporter.report(
+                STARTUP_CHECK, InstallState.INSTALLED, model, code=ExpiredError.code, reason=reason
+            )
+
+    def serving_expired(self) -> bool:
+        """Whether the manifest of the model being served has expired."""
+        expires = self._served_expires
+        return expires is not None and expires <= self._now()
 
     def _serve(self, model: InstalledModel, runtime: ModelRuntime) -> None:
         self._server.activate(
@@ -447,6 +513,7 @@ class Updater:
             self._reporter.report(deployment_id, InstallState.INSTALLED, model)
             self._reporter.announce()
 
+        self._served_expires = manifest.expires
         return installed
 
     # ----------------------------------------------------------------- rollback
@@ -489,6 +556,19 @@ class Updater:
             self._activate(previous)
             self._store.commit(dc_replace(state, current=previous, previous=None))
         except (AgentError, CompressError) as exc:
+            if isinstance(exc, UntrustedModelError):
+                logger.error("rollback of %s refused: %s", command.model, exc)
+                self.problems.append(
+                    ModelProblem(
+                        previous.slot,
+                        previous.name,
+                        previous.version,
+                        exc.code,
+                        str(exc),
+                        served=False,
+                    )
+                )
+                self._store.commit(dc_replace(state, previous=None))
             if self._server.active is not None and self._server.active.slot != current.slot:
                 self._activate(current)
             self._report_error(deployment_id, InstallState.FAILED, exc)
@@ -515,7 +595,7 @@ class Updater:
         deployment_id: str,
         state: InstallState,
         exc: CompressError | AgentError,
-        model: Manifest | None = None,
+        model: InstalledModel | Manifest | None = None,
     ) -> None:
         self._reporter.report(deployment_id, state, model, code=exc.code, reason=str(exc))
 
