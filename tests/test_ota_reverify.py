@@ -96,8 +96,23 @@ def reports() -> Reports:
     return Reports()
 
 
+@dataclass
+class Clock:
+    """A clock the test moves."""
+
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def start(data_dir: Path, trusted: TrustedKeys, reports: Reports) -> Iterator[Any]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def start(data_dir: Path, trusted: TrustedKeys, reports: Reports, clock: Clock) -> Iterator[Any]:
     """Build an updater on ``data_dir`` (as a starting agent does) and restore."""
     built: list[Updater] = []
 
@@ -115,7 +130,7 @@ def start(data_dir: Path, trusted: TrustedKeys, reports: Reports) -> Iterator[An
             link=link,
             reporter=reports,
             config=TransferConfig(),
-            clock=time.time,
+            clock=clock,
             checkpoint=lambda _step: None,
         )
         built.append(updater)
@@ -348,3 +363,14 @@ def test_a_rollback_to_a_tampered_model_is_refused(
     assert "rollback of digits refused: refusing to serve digits v1" in caplog.text
     assert state_json(data_dir)["previous"] is None
     assert [p.code for p in updater.problems] == ["untrusted_model"]
+
+
+def test_a_served_model_that_expires_while_running_is_flagged(
+    data_dir: Path, artifacts: dict[str, Artifact], start: Any, clock: Clock
+) -> None:
+    place_model(data_dir, artifacts["v1"])
+    updater, server = start()
+    assert not updater.serving_expired()
+    clock.now += 31 * 24 * 3600  # the test artifacts are valid for 30 days
+    assert updater.serving_expired()
+    assert served(server) == ("digits", 1)
