@@ -82,6 +82,11 @@ class ModelProblem:
     reason: str
     served: bool
 
+    @classmethod
+    def of(cls, model: InstalledModel, code: str, reason: str, *, served: bool) -> ModelProblem:
+        """The problem ``code`` (``reason``) of an installed model."""
+        return cls(model.slot, model.name, model.version, code, reason, served)
+
     def to_json(self) -> dict[str, Any]:
         """JSON form (for ``/v1/health``)."""
         return {

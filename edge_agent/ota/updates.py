@@ -53,7 +53,7 @@ from edge_agent.config.agent import TransferConfig
 from edge_agent.errors import AgentError, StateError, UntrustedModelError
 from edge_agent.ota.installer import AlreadyInstalled, Checkpoint, check_deploy, install
 from edge_agent.ota.model_store import InstalledModel, ModelStore
-from edge_agent.ota.reverify import ModelProblem, verify_installed
+from edge_agent.ota.reverify import ModelProblem, VerifiedModel, verify_installed
 from edge_agent.ota.staging import StagedTransfer, TransferInfo, list_transfers
 from edge_agent.protocol import (
     Chunk,
@@ -177,7 +177,9 @@ class Updater:
                 continue
             try:
                 if served is None:
-                    self._activate(candidate)
+                    verified = self._activate(candidate)
+                    if verified.expired:
+                        self._report_expired(verified)
                     served = candidate
                 else:
                     verify_installed(self._store, candidate, trusted=self._trusted, now=self._now())
@@ -207,12 +209,22 @@ class Updater:
         logger.error(
             "cannot serve %s v%d from slot %s: %s", model.name, model.version, model.slot, exc
         )
-        self.problems.append(
-            ModelProblem(model.slot, model.name, model.version, exc.code, str(exc), served=False)
-        )
+        self.problems.append(ModelProblem.of(model, exc.code, str(exc), served=False))
         self._report_error(STARTUP_CHECK, InstallState.FAILED, exc, model)
 
-    def _activate(self, model: InstalledModel) -> None:
+    def _report_expired(self, verified: VerifiedModel) -> None:
+        """Report that the model served from start-up has an expired manifest."""
+        model = verified.model
+        reason = (
+            f"serving {model.name} v{model.version}, whose manifest expired at "
+            f"{format_time(verified.manifest.expires)}"
+        )
+        self.problems.append(ModelProblem.of(model, ExpiredError.code, reason, served=True))
+        self._reporter.report(
+            STARTUP_CHECK, InstallState.INSTALLED, model, code=ExpiredError.code, reason=reason
+        )
+
+    def _activate(self, model: InstalledModel) -> VerifiedModel:
         """Re-verify an installed model against its signed manifest, load and serve it.
 
         Raises:
@@ -222,19 +234,7 @@ class Updater:
         verified = verify_installed(self._store, model, trusted=self._trusted, now=self._now())
         self._serve(model, load_model(model.format, verified.payload))
         self._served_expires = verified.manifest.expires
-        if verified.expired:
-            reason = (
-                f"serving {model.name} v{model.version}, whose manifest expired at "
-                f"{format_time(verified.manifest.expires)}"
-            )
-            self.problems.append(
-                ModelProblem(
-                    model.slot, model.name, model.version, ExpiredError.code, reason, served=True
-                )
-            )
-            self._reporter.report(
-                STARTUP_CHECK, InstallState.INSTALLED, model, code=ExpiredError.code, reason=reason
-            )
+        return verified
 
     def serving_expired(self) -> bool:
         """Whether the manifest of the model being served has expired."""
@@ -558,16 +558,7 @@ class Updater:
         except (AgentError, CompressError) as exc:
             if isinstance(exc, UntrustedModelError):
                 logger.error("rollback of %s refused: %s", command.model, exc)
-                self.problems.append(
-                    ModelProblem(
-                        previous.slot,
-                        previous.name,
-                        previous.version,
-                        exc.code,
-                        str(exc),
-                        served=False,
-                    )
-                )
+                self.problems.append(ModelProblem.of(previous, exc.code, str(exc), served=False))
                 self._store.commit(dc_replace(state, previous=None))
             if self._server.active is not None and self._server.active.slot != current.slot:
                 self._activate(current)
