@@ -20,10 +20,11 @@ before it is routed (:func:`check_access`):
    time (:func:`hmac.compare_digest`); otherwise 401 ``unauthorized`` with a
    ``WWW-Authenticate: Bearer`` header.
 
-The request body's media type (415 unless ``application/json``) is checked where the
-body is read, :meth:`edge_agent.serving.http_api._Handler._read_body`: requiring it
-also means a browser cannot send a body cross-origin without a CORS preflight, which
-the endpoint never grants.
+4. **The body's media type** (:func:`check_content_type`, called once the body is
+   read, so the client sees the answer): a POST body needs ``Content-Type:
+   application/json``, else 415 ``unsupported_media_type``. A web page can send
+   ``text/plain`` or a form cross-origin without asking; JSON needs a CORS
+   preflight, which the endpoint never grants.
 
 Every refusal is a :class:`~edge_agent.serving.http_bodies.RequestError` subclass
 (in the agent's exception tree, under :class:`~edge_agent.errors.ProtocolError`)
@@ -43,7 +44,7 @@ from email.message import Message
 from edge_agent.config.agent import AgentConfig
 from edge_agent.config.values import want_token
 from edge_agent.errors import AddressError, ConfigError
-from edge_agent.serving.http_bodies import RequestError
+from edge_agent.serving.http_bodies import RequestError, is_json_media_type
 from edge_agent.transport.address import check_host, parse_bind, split_host_port
 
 __all__ = [
@@ -52,7 +53,9 @@ __all__ = [
     "HostNotAllowedError",
     "HttpConfig",
     "UnauthorizedError",
+    "UnsupportedMediaTypeError",
     "check_access",
+    "check_content_type",
     "check_host_header",
     "check_token",
     "http_config",
@@ -77,6 +80,15 @@ class HostNotAllowedError(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(421, self.code, message)
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """415: a request body that is not declared ``application/json``."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(415, self.code, message)
 
 
 class UnauthorizedError(RequestError):
@@ -284,6 +296,25 @@ def check_access(config: HttpConfig, path: str, headers: Message, client: str) -
     except RequestError as exc:
         logger.warning("refused a request from %s to %s: %s", client, path[:100], exc.message)
         raise
+
+
+def check_content_type(value: str | None, path: str, client: str) -> None:
+    """Refuse (and log) a request body not declared ``application/json`` (UTF-8).
+
+    Args:
+        value: The request's ``Content-Type`` header, or None.
+        path: The request's path, for the log line.
+        client: The client's address, for the log line.
+
+    Raises:
+        UnsupportedMediaTypeError: no ``Content-Type``, or another media type or
+            charset (see :func:`~edge_agent.serving.http_bodies.is_json_media_type`).
+    """
+    if value is not None and is_json_media_type(value):
+        return
+    got = "none" if value is None else repr(value[:100])
+    logger.warning("refused a request from %s to %s: Content-Type %s", client, path[:100], got)
+    raise UnsupportedMediaTypeError(f"expected Content-Type application/json, got {got}")
 
 
 def http_config(config: AgentConfig) -> HttpConfig | None:

@@ -119,11 +119,11 @@ from edge_agent.serving.http_access import (
     MAX_BODY_BYTES,
     HttpConfig,
     check_access,
+    check_content_type,
     is_loopback,
 )
 from edge_agent.serving.http_bodies import (
     RequestError,
-    is_json_media_type,
     parse_feedback_body,
     parse_predict_body,
 )
@@ -398,14 +398,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "malformed", "the body is shorter than its Content-Length")
         # Checked after reading (the body is within the limit): closing a connection
         # with unread data resets it, and the client would never see this answer.
-        content_type = self.headers.get("Content-Type")
-        if content_type is None or not is_json_media_type(content_type):
-            got = "none" if content_type is None else repr(content_type[:100])
-            raise RequestError(
-                415,
-                "unsupported_media_type",
-                f"expected Content-Type application/json, got {got}",
-            )
+        check_content_type(
+            self.headers.get("Content-Type"), urlsplit(self.path).path, self.client_address[0]
+        )
         return body
 
     def _drain_body(self) -> None:
