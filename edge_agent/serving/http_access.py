@@ -1,4 +1,4 @@
-"""Who may use the local inference endpoint: bind address, Host header, bearer token.
+"""Who may use the local inference endpoint: bind address, Host, token, media type.
 
 :mod:`edge_agent.serving.http_api` serves predictions to applications on the device.
 This module holds the rules that keep everything else out, checked on every request
@@ -19,7 +19,6 @@ before it is routed (:func:`check_access`):
    ``GET /v1/health`` needs ``Authorization: Bearer <token>``, compared in constant
    time (:func:`hmac.compare_digest`); otherwise 401 ``unauthorized`` with a
    ``WWW-Authenticate: Bearer`` header.
-
 4. **The body's media type** (:func:`check_content_type`, called once the body is
    read, so the client sees the answer): a POST body needs ``Content-Type:
    application/json``, else 415 ``unsupported_media_type``. A web page can send

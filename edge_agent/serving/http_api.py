@@ -507,12 +507,16 @@ class LocalHttpServer:
             thread.start()
             self._httpd, self._thread = httpd, thread
         host, port = self.address
+        guard = "a bearer token" if config.token is not None else "no token"
         if config.allow_remote and not is_loopback(config.host):
             logger.warning(
-                "local inference endpoint listening on %s:%d WITHOUT authentication", host, port
+                "local inference endpoint listening on %s:%d (not loopback, %s, no TLS)",
+                host,
+                port,
+                guard,
             )
         else:
-            logger.info("local inference endpoint listening on %s:%d", host, port)
+            logger.info("local inference endpoint listening on %s:%d (%s)", host, port, guard)
 
     def stop(self) -> None:
         """Stop serving and close the socket; does nothing if not running.
