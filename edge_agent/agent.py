@@ -80,7 +80,8 @@ from edge_agent.protocol import (
     parse_topic,
 )
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
+from edge_agent.serving.http_access import http_config
+from edge_agent.serving.http_api import LocalHttpServer
 from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from edge_agent.serving.telemetry import TelemetryCollector
 from edge_agent.spool import Spool
@@ -88,7 +89,6 @@ from edge_agent.training.data import LocalData
 from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
-from edge_agent.transport.address import parse_bind
 from edge_agent.transport.link import DeviceLink, Will
 from edge_agent.transport.mqtt import MqttLink
 from edge_agent.transport.network_loop import NetworkLoop
@@ -245,11 +245,11 @@ class Agent:
         """
         self.updates.restore()
         self._train_examples = self.rounds.train_examples()
-        if self.config.http:
-            host, port = parse_bind(self.config.http)
+        http = http_config(self.config)
+        if http is not None:
             self._http = LocalHttpServer(
                 self._server,
-                HttpConfig(host=host, port=port),
+                http,
                 extra_health=self._health_extra,
                 feedback=self.feedback if self._feedback is not None else None,
             )

@@ -59,8 +59,7 @@ from edge_agent.config.schema import Key
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
-from edge_agent.serving.http_api import HttpConfig
-from edge_agent.transport.address import parse_bind
+from edge_agent.serving.http_access import http_config
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +272,7 @@ def _preflight(config: AgentConfig) -> None:
     """
     config.trust.load()
     config.broker.check_files()
-    if config.http is not None:  # the endpoint's own rules: loopback only, a real port
-        host, port = parse_bind(config.http)
-        HttpConfig(host=host, port=port)
+    http_config(config)  # the endpoint's own rules: loopback unless a token, a real port
     if config.runtime is not None:
         installed = available_runtimes()
         if config.runtime not in installed:

@@ -116,10 +116,12 @@ def test_the_service_example_loads_back_to_the_expected_config() -> None:
 def test_the_examples_uncommented_load_too(tmp_path: Path) -> None:
     """Every example value is a valid one (the password pair is one or the other)."""
     text = uncommented(example_config()).replace('password_file = "/etc/fedge-agent/password"', "")
+    text = text.replace('http_token_file = "/etc/fedge-agent/http-token"', "")  # not there
     agent = build_config(tomllib.loads(text), {}, base_dir=tmp_path)
     assert agent.tags == ("arm64", "camera")
     assert agent.broker.key_file == Path("/etc/fedge-agent/client.key")
     assert agent.broker.password == "change-me"
+    assert agent.http_allowed_hosts == ("pi-kitchen-01.lan",)
     text = uncommented(example_service_config()).replace("embedded = true\n", "")
     text = text.replace('password_file = "/etc/fedge/password"', "")
     service = build_service_config(tomllib.loads(text), {}, base_dir=tmp_path)

@@ -134,13 +134,16 @@ def test_key_order_does_not_matter(serve: Callable[[Handler | None], Address]) -
     assert handler.calls == [("abc", 7)]
 
 
-def test_without_content_type_the_body_is_read_as_json(
+def test_without_content_type_the_body_is_refused(
     serve: Callable[[Handler | None], Address],
 ) -> None:
+    # A form or text/plain post from a web page needs no CORS preflight; a JSON one does.
     handler = RecordingHandler()
     address = serve(handler)
     status, _, answer = call(address, "POST", b'{"prediction_id": "p", "label": 1}')
-    assert (status, answer) == (200, {"stored": 1})
+    assert status == 415
+    assert error_code(answer) == "unsupported_media_type"
+    assert handler.calls == []
 
 
 # --------------------------------------------------------------------------- malformed

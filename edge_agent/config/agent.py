@@ -78,6 +78,7 @@ from edge_agent.config.values import (
     want_optional_path,
     want_seconds,
     want_str,
+    want_token,
 )
 from edge_agent.errors import AddressError, ConfigError, TopicError
 from edge_agent.protocol.topics import validate_device_id
@@ -325,7 +326,12 @@ class AgentConfig:
         runtime: Preferred inference runtime (one of :data:`RUNTIMES`), None for
             automatic.
         http: ``HOST:PORT`` of the local inference endpoint, None for off. Only its
-            shape is checked here.
+            shape is checked here (:func:`edge_agent.serving.http_access.http_config`
+            applies the endpoint's own rules).
+        http_token: The endpoint's bearer token (read from ``http_token_file``), or
+            None; never shown by ``repr``.
+        http_allowed_hosts: Host header names the endpoint answers to besides the
+            loopback names and its bind address.
         telemetry: Telemetry settings.
         transfer: Model transfer settings.
         training: Local data and labelled feedback for federated rounds.
@@ -343,6 +349,8 @@ class AgentConfig:
     tags: tuple[str, ...] = _default("tags")
     runtime: str | None = None
     http: str | None = None
+    http_token: str | None = field(default=None, repr=False)
+    http_allowed_hosts: tuple[str, ...] = _default("http_allowed_hosts")
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -380,6 +388,11 @@ class AgentConfig:
             )
         if self.http is not None:
             _check_http(self.http)
+        if self.http_token is not None:
+            want_token("http_token_file", self.http_token)
+        object.__setattr__(
+            self, "http_allowed_hosts", _check_allowed_hosts(self.http_allowed_hosts)
+        )
         level = want_str("log_level", self.log_level).lower()
         if level not in LOG_LEVELS:
             raise FieldError(
@@ -387,6 +400,18 @@ class AgentConfig:
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level[:40]!r}",
             )
         object.__setattr__(self, "log_level", level)
+
+
+def _check_allowed_hosts(hosts: object) -> tuple[str, ...]:
+    key = "http_allowed_hosts"
+    if not isinstance(hosts, tuple | list):
+        raise FieldError(key, f"{key} must be an array of strings, got {kind_of(hosts)}")
+    for host in hosts:
+        try:
+            check_host(want_str(key, host))
+        except AddressError as exc:
+            raise FieldError(key, f"{key}: {exc}") from None
+    return tuple(dict.fromkeys(hosts))
 
 
 def _check_tags(tags: object) -> tuple[str, ...]:
@@ -466,6 +491,11 @@ def build_config(
     password = sources.get("broker.password")
     if "broker.password_file" in sources:
         password = read_password(sources.get("broker.password_file"), where("broker.password_file"))
+    http_token = None
+    if "http_token_file" in sources:
+        http_token = read_password(
+            sources.get("http_token_file"), where("http_token_file"), "http_token_file"
+        )
 
     try:
         host, port, tls = parse_broker_url(sources.get("broker.url"))
@@ -481,6 +511,8 @@ def build_config(
             tags=sources.get("tags"),
             runtime=sources.get("runtime"),
             http=sources.get("http"),
+            http_token=http_token,
+            http_allowed_hosts=sources.get("http_allowed_hosts"),
             telemetry=TelemetryConfig(**sources.section("telemetry")),
             transfer=TransferConfig(**sources.section("transfer")),
             training=TrainingConfig(**sources.section("training")),

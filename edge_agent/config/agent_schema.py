@@ -63,13 +63,41 @@ _TOP = Section(
         ),
         Key(
             "http",
-            "Local inference endpoint, HOST:PORT. Keep it on 127.0.0.1 unless other "
-            "machines must reach it.",
+            "Local inference endpoint, HOST:PORT. Keep it on 127.0.0.1: a non-loopback "
+            "address is refused unless http_token_file is set.",
             default_doc="off",
             example="127.0.0.1:8080",
             commented=True,
             flag="--http",
             metavar="HOST:PORT",
+        ),
+        Key(
+            "http_token_file",
+            "File holding a bearer token (at least 16 of A-Za-z0-9._~+/-, e.g. from "
+            "`openssl rand -hex 32`; surrounding whitespace is stripped). When set, every "
+            "endpoint but /v1/health requires the header Authorization: Bearer TOKEN, "
+            "and http may bind a non-loopback address (there is no TLS: the token "
+            "travels in clear on a network).",
+            default_doc="no token (the endpoint then listens on loopback only)",
+            example="/etc/fedge-agent/http-token",
+            commented=True,
+            read="path",
+            flag="--http-token-file",
+            metavar="FILE",
+        ),
+        Key(
+            "http_allowed_hosts",
+            "Host names (or addresses) the endpoint answers to besides localhost, "
+            "127.0.0.1, ::1 and the http bind address: the names remote clients use. "
+            "Requests naming another Host are refused (421), which defeats DNS "
+            "rebinding; list only names you control.",
+            default=(),
+            default_doc="none",
+            example=["pi-kitchen-01.lan"],
+            commented=True,
+            read="array",
+            flag="--http-allowed-host",
+            metavar="NAME",
         ),
         Key(
             "log_level",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from edge_agent.errors import ConfigError
 
 __all__ = [
     "MAX_PASSWORD_FILE_BYTES",
+    "MIN_TOKEN_CHARS",
     "FieldError",
     "kind_of",
     "read_password",
@@ -48,10 +50,18 @@ __all__ = [
     "want_optional_path",
     "want_seconds",
     "want_str",
+    "want_token",
 ]
 
 MAX_PASSWORD_FILE_BYTES = 4096
 """Largest ``broker.password_file`` :func:`read_password` reads."""
+
+
+MIN_TOKEN_CHARS = 16
+"""Shortest bearer token :func:`want_token` accepts (``openssl rand -hex 32`` gives 64)."""
+
+# RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 
 class FieldError(ConfigError):
@@ -165,6 +175,26 @@ def want_str(key: str, value: object, *, secret: bool = False) -> str:
     return value
 
 
+def want_token(key: str, value: object) -> str:
+    """A bearer token: at least :data:`MIN_TOKEN_CHARS` of RFC 6750's ``A-Za-z0-9._~+/-``.
+
+    Messages never show the token.
+
+    Raises:
+        FieldError: not a string, too short, or holding other characters (spaces,
+            quotes, non-ASCII: what an ``Authorization`` header cannot carry as is).
+    """
+    if not isinstance(value, str):
+        raise FieldError(key, f"{key} must be a string, got {kind_of(value)}")
+    if len(value) < MIN_TOKEN_CHARS or _TOKEN_RE.fullmatch(value) is None:
+        raise FieldError(
+            key,
+            f"{key}: the token must be at least {MIN_TOKEN_CHARS} characters of "
+            "A-Za-z0-9._~+/- (e.g. the output of `openssl rand -hex 32`)",
+        )
+    return value
+
+
 def want_optional_path(key: str, value: object) -> Path | None:
     """A :class:`~pathlib.Path` or None (a field already resolved by :func:`to_path`).
 
@@ -225,8 +255,8 @@ def to_array(key: str, value: object) -> list[object]:
     return list(value)
 
 
-def read_password(path: Path, where: str) -> str:
-    """The password in a ``broker.password_file``, stripped of surrounding whitespace.
+def read_password(path: Path, where: str, key: str = "broker.password_file") -> str:
+    """The secret in a password or token file, stripped of surrounding whitespace.
 
     The file must be a regular file of at most :data:`MAX_PASSWORD_FILE_BYTES`.
     Messages name the key and the file, never the contents.
@@ -235,25 +265,30 @@ def read_password(path: Path, where: str) -> str:
         path: The password file.
         where: Prefix of every message, naming where the key came from (such as
             ``"agent.toml: "``), or ``""``.
+        key: The dotted key that named the file (``broker.password_file``,
+            ``http_token_file``), for messages.
 
     Returns:
-        The password, non-empty.
+        The secret, non-empty.
 
     Raises:
         ConfigError: the file is missing, not a regular file, unreadable, too large,
             not UTF-8, or empty (whitespace only); the message starts with
-            ``where`` and ``broker.password_file``.
+            ``where`` and ``key``.
     """
     try:
         data = read_bounded(
-            path, max_bytes=MAX_PASSWORD_FILE_BYTES, error=ConfigError, what="password file"
+            path,
+            max_bytes=MAX_PASSWORD_FILE_BYTES,
+            error=ConfigError,
+            what=key.rpartition(".")[2].replace("_", " "),
         )
     except ConfigError as exc:
-        raise ConfigError(f"{where}broker.password_file: {exc}") from None
+        raise ConfigError(f"{where}{key}: {exc}") from None
     try:
         password = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise ConfigError(f"{where}broker.password_file: {path}: not UTF-8 text") from None
+        raise ConfigError(f"{where}{key}: {path}: not UTF-8 text") from None
     if not password:
-        raise ConfigError(f"{where}broker.password_file: {path} is empty")
+        raise ConfigError(f"{where}{key}: {path} is empty")
     return password

@@ -12,15 +12,16 @@ Example request, for a model with one input of 4 features::
     curl -s -H 'Content-Type: application/json' \\
          -d '{"inputs": [[0.5, -1.0, 2.0, 0.25]]}' http://127.0.0.1:8080/v1/predict
 
-    {"id":"6f1c...","model":"digits","version":3,
+    {"id":"kq3X...","model":"digits","version":3,
      "outputs":{"probabilities":[[0.1,0.7,0.1,0.1]]},"labels":[1],"latency_ms":0.21}
 
 Endpoints:
 
 * ``POST /v1/predict`` with ``{"inputs": [[...], ...]}`` (single-input models) or
-  ``{"inputs": {"input": [[...]]}}`` (inputs by name) answers 200 with ``id``,
-  ``model``, ``version``, ``outputs`` (name -> nested lists; non-finite values as
-  ``null``), ``labels`` (one class per row for a 2-D first output, else ``null``) and
+  ``{"inputs": {"input": [[...]]}}`` (inputs by name) answers 200 with ``id`` (random,
+  128 bits: only the client that got it can give feedback on it), ``model``,
+  ``version``, ``outputs`` (name -> nested lists; non-finite values as ``null``),
+  ``labels`` (one class per row for a 2-D first output, else ``null``) and
   ``latency_ms``. A 1-D input for a ``(batch, features)`` model is one row.
 * ``GET /v1/health`` answers 200 ``{"status": "ok", "model": {...}, ...}`` or 503
   ``{"status": "no_model", "model": null, ...}``; the keys returned by
@@ -50,24 +51,34 @@ Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
       exactly the key ``inputs``, or holds something other than numbers and lists;
       a bad ``Content-Length``. ``runtime_error``: the inputs do not fit the model
       (names, dtype, shape) or the runtime failed on them.
+401   ``unauthorized``: a bearer token is configured and the request (to any path
+      but ``/v1/health``) lacks ``Authorization: Bearer <token>`` or has another
+      one; with a ``WWW-Authenticate: Bearer`` header.
 404   ``not_found``: unknown path; ``no_model`` on ``GET /v1/model``.
 405   ``method_not_allowed`` (with an ``Allow`` header).
 408   ``timeout``: the body did not arrive within ``timeout_s``.
 411   ``length_required``: no ``Content-Length`` (chunked bodies are not accepted).
 413   ``too_large``: ``Content-Length`` over ``max_body_bytes``, refused before
       reading the body.
-415   ``unsupported_media_type``: a declared ``Content-Type`` other than
-      ``application/json`` (a ``charset`` parameter, if any, must be ``utf-8``). A
-      request without ``Content-Type`` is read as JSON: there is nothing else it
-      could be, and refusing it would only punish minimal clients.
+415   ``unsupported_media_type``: a POST body without ``Content-Type:
+      application/json`` (a ``charset`` parameter, if any, must be ``utf-8``).
+      Required, so that a web page cannot post to the endpoint without a CORS
+      preflight (which it never grants).
+421   ``host_not_allowed``: the ``Host`` header is missing or names a host this
+      endpoint does not answer to (DNS rebinding; see
+      :mod:`edge_agent.serving.http_access`).
 500   ``internal``: an unexpected error, logged with its traceback; the response
       says nothing more.
 503   ``no_model``: no model is installed yet.
 ====  ==========================================================================
 
-The endpoint has **no authentication and no TLS**. It listens on loopback by default,
-and :class:`HttpConfig` refuses any other address unless ``allow_remote=True`` (put a
-firewall or an authenticating proxy in front of it then).
+Access (:mod:`edge_agent.serving.http_access`, checked before routing): the endpoint
+listens on loopback by default and :class:`HttpConfig` refuses any other address unless
+``allow_remote=True`` (the agent sets it only with a bearer token); the ``Host`` header
+must be a loopback name, the bind address or one of ``allowed_hosts``; an optional
+bearer ``token`` guards every path but ``/v1/health``. There is **no TLS**: a token
+sent over a network travels in clear (put a TLS proxy in front for that). Refusals are
+logged at WARNING.
 
 Each request runs in its own daemon thread (``ThreadingHTTPServer``), at most
 :data:`MAX_CONCURRENT_REQUESTS` at once (more get 503 at once); each connection
@@ -81,7 +92,6 @@ Requests are logged at DEBUG through this module's logger, never to stderr.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import re
@@ -104,9 +114,16 @@ from edge_agent.errors import (
     TrainingError,
     UnknownPredictionError,
 )
+from edge_agent.serving.http_access import (
+    HEALTH_PATH,
+    MAX_BODY_BYTES,
+    HttpConfig,
+    check_access,
+    check_content_type,
+    is_loopback,
+)
 from edge_agent.serving.http_bodies import (
     RequestError,
-    is_json_media_type,
     parse_feedback_body,
     parse_predict_body,
 )
@@ -135,8 +152,6 @@ __all__ = ["MAX_BODY_BYTES", "FeedbackHandler", "HttpConfig", "LocalHttpServer",
 
 logger = logging.getLogger(__name__)
 
-#: Default largest request body (1 MiB).
-MAX_BODY_BYTES = 1024 * 1024
 MAX_CONCURRENT_REQUESTS = 16
 """Requests served at once; each may parse up to ``max_body_bytes`` of JSON."""
 _BUSY_RESPONSE = (
@@ -150,7 +165,7 @@ _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 _ROUTES = {
     "/v1/predict": "POST",
     "/v1/feedback": "POST",
-    "/v1/health": "GET",
+    HEALTH_PATH: "GET",
     "/v1/model": "GET",
 }
 _STATUS_CODES = {
@@ -167,82 +182,6 @@ _STATUS_CODES = {
     501: "not_implemented",
     505: "unsupported_version",
 }
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is ``localhost`` or a literal loopback address (no DNS).
-
-    A host name other than ``localhost`` counts as not loopback, whatever it
-    resolves to: nothing is looked up.
-
-    Args:
-        host: A host name or an IP literal (an IPv6 address without brackets).
-
-    Returns:
-        True for ``localhost`` (any case, trailing dot allowed), ``127.0.0.0/8`` and
-        ``::1``; False otherwise.
-    """
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    """Where and how the local endpoint listens.
-
-    Attributes:
-        host: Address to bind: an IP literal or a host name. Only ``localhost`` and
-            loopback IP literals count as local.
-        port: TCP port; ``0`` picks a free ephemeral port.
-        max_body_bytes: Largest request body accepted (checked from
-            ``Content-Length`` before reading).
-        allow_remote: Allow a non-loopback ``host``. The endpoint has no
-            authentication: anyone who can reach the port can use the model.
-        timeout_s: Longest wait for one read, in seconds (408 after it); a whole
-            connection is cut after twice that.
-
-    Raises:
-        ConfigError: a field is out of range, or ``host`` is not a loopback address
-            and ``allow_remote`` is false.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = MAX_BODY_BYTES
-    allow_remote: bool = False
-    timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError("http host must be a non-empty string")
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ConfigError(f"http port must be an integer, got {self.port!r}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"http port must be 0-65535, got {self.port}")
-        if (
-            isinstance(self.max_body_bytes, bool)
-            or not isinstance(self.max_body_bytes, int)
-            or self.max_body_bytes < 1
-        ):
-            raise ConfigError(
-                f"max_body_bytes must be a positive integer, got {self.max_body_bytes!r}"
-            )
-        if (
-            isinstance(self.timeout_s, bool)
-            or not isinstance(self.timeout_s, int | float)
-            or not 0 < self.timeout_s < float("inf")
-        ):
-            raise ConfigError(f"timeout_s must be a positive number, got {self.timeout_s!r}")
-        if not self.allow_remote and not is_loopback(self.host):
-            raise ConfigError(
-                f"refusing to listen on {self.host!r}: the local inference endpoint has no "
-                "authentication, so it only binds to loopback (127.0.0.1, ::1, localhost) "
-                "unless allow_remote is set (then protect it with a firewall or a proxy)"
-            )
 
 
 @dataclass(frozen=True)
@@ -316,6 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self._responded = False
+        self._body_read = False
         super().setup()
         self.connection.settimeout(self.server.api.config.timeout_s)
 
@@ -358,6 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         try:
+            check_access(self.server.api.config, path, self.headers, self.client_address[0])
             allowed = _ROUTES.get(path)
             if allowed is None:
                 raise RequestError(404, "not_found", f"no endpoint {path[:100]!r}")
@@ -369,12 +310,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._predict()
             elif path == "/v1/feedback":
                 self._feedback()
-            elif path == "/v1/health":
+            elif path == HEALTH_PATH:
                 self._health()
             else:
                 self._model()
         except RequestError as exc:
-            headers = {"Allow": _ROUTES[path]} if exc.status == 405 else {}
+            headers = {"Allow": _ROUTES[path]} if exc.status == 405 else dict(exc.headers)
+            self._drain_body()
             self._send_error(exc.status, exc.code, exc.message, headers)
         except (ConnectionError, TimeoutError) as exc:  # the client left, or stopped reading
             logger.debug("client %s went away: %s", self.client_address[0], exc)
@@ -447,6 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 413, "too_large", f"the body is {length} bytes, the limit is {limit} bytes"
             )
+        self._body_read = True
         try:
             body = self.rfile.read(length)
         except TimeoutError as exc:
@@ -455,14 +398,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "malformed", "the body is shorter than its Content-Length")
         # Checked after reading (the body is within the limit): closing a connection
         # with unread data resets it, and the client would never see this answer.
-        content_type = self.headers.get("Content-Type")
-        if content_type is not None and not is_json_media_type(content_type):
-            raise RequestError(
-                415,
-                "unsupported_media_type",
-                f"expected Content-Type application/json, got {content_type[:100]!r}",
-            )
+        check_content_type(
+            self.headers.get("Content-Type"), urlsplit(self.path).path, self.client_address[0]
+        )
         return body
+
+    def _drain_body(self) -> None:
+        """Read and drop a body not read yet (a request refused before its body).
+
+        Closing a connection with unread data resets it, and the client would never
+        see the answer; a body over ``max_body_bytes``, or of a bad length, is not
+        read (that client gets the reset).
+        """
+        if self._body_read:
+            return
+        self._body_read = True
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) != 1 or not _CONTENT_LENGTH_RE.fullmatch(lengths[0].strip()):
+            return
+        length = int(lengths[0])
+        if length > self.server.api.config.max_body_bytes:
+            return
+        with contextlib.suppress(OSError):
+            self.rfile.read(length)
 
     def _send_error(
         self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
@@ -549,12 +507,16 @@ class LocalHttpServer:
             thread.start()
             self._httpd, self._thread = httpd, thread
         host, port = self.address
+        guard = "a bearer token" if config.token is not None else "no token"
         if config.allow_remote and not is_loopback(config.host):
             logger.warning(
-                "local inference endpoint listening on %s:%d WITHOUT authentication", host, port
+                "local inference endpoint listening on %s:%d (not loopback, %s, no TLS)",
+                host,
+                port,
+                guard,
             )
         else:
-            logger.info("local inference endpoint listening on %s:%d", host, port)
+            logger.info("local inference endpoint listening on %s:%d (%s)", host, port, guard)
 
     def stop(self) -> None:
         """Stop serving and close the socket; does nothing if not running.

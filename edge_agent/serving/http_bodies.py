@@ -15,16 +15,19 @@ Bodies are parsed by :func:`compress.strictjson.loads_strict`, the project's one
 strict parser (no ``NaN``/``Infinity``, no numbers that overflow a double, no
 duplicate keys, no lone surrogates, nesting at most :data:`MAX_JSON_DEPTH`);
 whitespace around the object is allowed (RFC 8259; some clients end the body with
-a newline). Every refusal is a :class:`RequestError` that the endpoint answers as
-is: status 400, code ``malformed``, and the reason.
+a newline). Every refusal is a :class:`RequestError` (a
+:class:`~edge_agent.errors.ProtocolError`) that the endpoint answers as is: status
+400, code ``malformed``, and the reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from compress.strictjson import loads_strict
+from edge_agent.errors import ProtocolError
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -41,14 +44,21 @@ MAX_JSON_DEPTH = 32
 _JSON_WHITESPACE = b" \t\r\n"
 
 
-class RequestError(Exception):
-    """An error response: status, stable code, message (raised by the endpoint too)."""
+class RequestError(ProtocolError):
+    """An error response: status, stable code, message, extra headers.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    Raised by the endpoint too (:mod:`edge_agent.serving.http_api`), and subclassed
+    by the access checks (:mod:`edge_agent.serving.http_access`).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers: Mapping[str, str] = dict(headers or {})
 
 
 _JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}

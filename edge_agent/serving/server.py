@@ -30,11 +30,10 @@ is logged and otherwise ignored: telemetry never fails a prediction.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,14 +44,14 @@ import numpy.typing as npt
 from edge_agent.errors import ModelRuntimeError, NoModelError
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, convert_input
 
-__all__ = ["LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
+__all__ = ["PREDICTION_ID_BYTES", "LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
 
 logger = logging.getLogger(__name__)
 
-# Prediction ids: a random per-process prefix and a counter (unique, and cheaper than
-# a uuid4 on every prediction).
-_ID_PREFIX = uuid.uuid4().hex[:20]
-_ID_COUNTER = itertools.count()
+PREDICTION_ID_BYTES = 16
+"""Random bytes of a prediction id (128 bits, 22 URL-safe characters). An id is the
+only handle on a prediction's inputs that ``POST /v1/feedback`` accepts, so it must
+not be guessable: a counter would let anyone label other clients' predictions."""
 
 
 def _tensor_json(info: TensorInfo) -> dict[str, Any]:
@@ -118,8 +117,8 @@ class Prediction:
     """The answer to one :meth:`ModelServer.predict` call.
 
     Attributes:
-        id: A unique identifier (32 hex digits: a random per-process prefix and a
-            counter) for logs, correlation and, later, labelled feedback.
+        id: A random identifier (:data:`PREDICTION_ID_BYTES` bytes, URL-safe base64)
+            for logs, correlation and labelled feedback.
         model: The name of the model that answered.
         version: Its version.
         outputs: Every model output, by name.
@@ -313,7 +312,7 @@ class ModelServer:
             else None
         )
         return Prediction(
-            id=f"{_ID_PREFIX}{next(_ID_COUNTER):012x}",
+            id=secrets.token_urlsafe(PREDICTION_ID_BYTES),
             model=model.name,
             version=model.version,
             outputs=outputs,

@@ -20,10 +20,14 @@ data for the next federated round. Three pieces:
    looks the prediction up, checks the class label(s) or float target(s), stores
    the labelled examples and forgets the prediction (each prediction is labelled at
    most once). An unknown, expired or already labelled id raises
-   :class:`~edge_agent.errors.UnknownPredictionError`; a label that is not an
+   :class:`~edge_agent.errors.UnknownPredictionError` (logged); a label that is not an
    integer in ``[0, num_classes)``, a target that is not a finite number, or a count
    that does not match the prediction's examples, raises
    :class:`~edge_agent.errors.InvalidLabelError`.
+
+Prediction ids are made by :class:`edge_agent.serving.server.ModelServer`: 128
+random bits each (``secrets.token_urlsafe``), so only the client that got a
+prediction can label it; a guessed id is refused as unknown.
 
 A classifier's feedback is a class label (``label``); an anomaly detector's is a
 label too (0 normal, 1 anomaly; only normal examples train the autoencoder); a
@@ -314,6 +318,7 @@ class FeedbackCollector:
         with self._lock:
             examples = self._log.get(prediction_id)
             if examples is None:
+                logger.info("feedback: refused for unknown prediction id %s", prediction_id)
                 raise UnknownPredictionError(
                     f"prediction {prediction_id} is unknown, too old (only the last "
                     "predictions are remembered) or already labelled"
