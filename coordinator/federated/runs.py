@@ -12,11 +12,13 @@
    goes on. ``clients_per_round`` of them are drawn with a seeded RNG; the strategy
    is offered exactly those.
 2. **Train.** ``strategy.configure_train`` -> ``grid.send_and_receive`` (the weights
-   go out once, each device trains and sends an encoded update) ->
-   ``strategy.aggregate_train``. A round with fewer accepted updates than
-   ``min_clients`` (devices killed mid-round, stragglers past the deadline,
-   rejected updates) fails cleanly: the global weights stay as they were and the
-   next round proceeds.
+   go out once, each device trains and sends an encoded update; the grid bounds
+   each update's example count by what its device announced when sampled, rejects
+   norm outliers and, with ``robust``, clips to the round's medians:
+   :mod:`coordinator.federated.round_screen`) -> ``strategy.aggregate_train``.
+   A round with fewer accepted updates than ``min_clients`` (devices killed
+   mid-round, stragglers past the deadline, rejected updates) fails cleanly: the
+   global weights stay as they were and the next round proceeds.
 3. **Evaluate.** With ``eval_data``, the global model is evaluated here
    (:func:`~coordinator.federated.models.evaluate_model`: the round's ``metrics``,
    its ``loss`` and, for classification, its ``accuracy``); otherwise
@@ -72,8 +74,12 @@ from coordinator.federated.models import (
     clamp_statistics,
     evaluate_model,
 )
+from coordinator.federated.round_screen import (
+    DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+    DEFAULT_NORM_MULTIPLE,
+)
 from coordinator.federated.tasks import GridSettings, PhaseStats
-from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, MAX_EXAMPLES
 from coordinator.link.fleet import DeviceRecord
 from coordinator.link.port import Hub
 
@@ -110,6 +116,13 @@ class RunConfig:
             None: federated evaluation on the devices.
         seed: Seeds device sampling and Flower's sampling.
         max_update_norm: Updates with a larger L2 norm are rejected.
+        max_examples_per_update: An update weighs at most this many examples (and
+            never more than its device announced when sampled).
+        norm_multiple: Updates whose norm is over this multiple of the round's
+            median update norm are rejected (with 3 or more updates; ``inf``: off).
+        robust: Clip each update to the round's median norm and its weight to the
+            median weight before the strategy aggregates
+            (:mod:`coordinator.federated.round_screen`).
         gather_s: Longest wait for acknowledgements before weights are pushed.
         model_def: What is trained (spec, task, shapes); None: the built-in
             ``family`` for classification.
@@ -127,6 +140,9 @@ class RunConfig:
     eval_data: LabelledData | None = None
     seed: int = 0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    max_examples_per_update: int = DEFAULT_MAX_EXAMPLES_PER_UPDATE
+    norm_multiple: float = DEFAULT_NORM_MULTIPLE
+    robust: bool = False
     gather_s: float = 3.0
     model_def: ModelDef | None = None
 
@@ -160,6 +176,13 @@ class RunConfig:
             raise RunError(
                 f"max_update_norm must be positive and finite, got {self.max_update_norm}"
             )
+        if not 1 <= self.max_examples_per_update <= MAX_EXAMPLES:
+            raise RunError(
+                f"max_examples_per_update must be in 1..{MAX_EXAMPLES}, "
+                f"got {self.max_examples_per_update}"
+            )
+        if not self.norm_multiple >= 1:
+            raise RunError(f"norm_multiple must be at least 1, got {self.norm_multiple}")
         parse_codec(self.codec)
 
     @property
@@ -194,6 +217,8 @@ class RoundReport:
         dropped: Sampled devices that went offline during the round.
         timed_out: Tasks without an answer by the deadline.
         late: Replies to earlier rounds' tasks (dropped).
+        clipped_examples: Reports whose example count was over what the device
+            announced (or the cap) and was clipped to it.
         eval_clients: Devices whose evaluation counted (federated evaluation).
         seconds: Wall time of the round.
     """
@@ -213,6 +238,7 @@ class RoundReport:
     dropped: int = 0
     timed_out: int = 0
     late: int = 0
+    clipped_examples: int = 0
     eval_clients: int = 0
     seconds: float = 0.0
 
@@ -221,6 +247,7 @@ class RoundReport:
         self.uplink_bytes += stats.uplink_bytes
         self.downlink_bytes += stats.downlink_bytes
         self.late += stats.late
+        self.clipped_examples += stats.clipped_examples
         for reason, count in stats.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
         for code, count in stats.failures.items():
@@ -246,6 +273,7 @@ class RoundReport:
             "dropped": self.dropped,
             "timed_out": self.timed_out,
             "late": self.late,
+            "clipped_examples": self.clipped_examples,
             "eval_clients": self.eval_clients,
             "seconds": round(self.seconds, 3),
         }
@@ -364,6 +392,9 @@ class _Run:
             codec=parse_codec(config.codec),
             gather_s=config.gather_s,
             max_update_norm=config.max_update_norm,
+            max_examples_per_update=config.max_examples_per_update,
+            norm_multiple=config.norm_multiple,
+            robust=config.robust,
             model_spec=self.model.spec,
             task=self.model.task,
             model_args=self.model.model_args(),
@@ -390,14 +421,17 @@ class _Run:
             self.show(report, f"waiting for devices ({len(devices)}/{self.config.min_clients})")
             time.sleep(0.2)
 
-    def sample(self, devices: list[DeviceRecord]) -> list[str]:
-        ids = sorted(d.device_id for d in devices)
-        return sorted(self.rng.sample(ids, min(self.config.clients_per_round, len(ids))))
+    def sample(self, devices: list[DeviceRecord]) -> dict[str, int]:
+        """The sampled devices, with the example counts they announced."""
+        announced = {d.device_id: d.train_examples for d in devices}
+        ids = sorted(announced)
+        chosen = sorted(self.rng.sample(ids, min(self.config.clients_per_round, len(ids))))
+        return {device_id: announced[device_id] for device_id in chosen}
 
     def phase(
-        self, report: RoundReport, label: str, devices: list[str], make: Callable[[], Any]
+        self, report: RoundReport, label: str, devices: dict[str, int], make: Callable[[], Any]
     ) -> list[Message]:
-        """One send_and_receive over ``devices``.
+        """One send_and_receive over ``devices`` (id -> announced ``train_examples``).
 
         Raises:
             RunError: the strategy needs more nodes than ``devices``.
@@ -408,7 +442,7 @@ class _Run:
                 f"the strategy needs {needed} nodes for {label}, this round has {len(devices)}"
             )
         deadline = time.time() + self.config.round_timeout_s
-        self.grid.begin_phase(report.round, devices, deadline)
+        self.grid.begin_phase(report.round, devices, deadline, announced=devices)
         self.grid.on_progress = lambda done, total: self.show(report, f"{label} {done}/{total}")
         try:
             replies = list(self.grid.send_and_receive(make(), timeout=self.config.round_timeout_s))
