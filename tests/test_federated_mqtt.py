@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -187,13 +188,21 @@ def _sign_flip(original: Any, task: Any, config: Any, weights: Any, trained: Any
     return original(task, config, weights, flipped)
 
 
-def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
+def test_robust_aggregation_resists_sign_flipping_devices_and_plain_fedavg_does_not(
     fleet: FederatedFleet, clean_fp32: RunResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for agent in fleet.agents[:2]:
         _patch_encode(monkeypatch, agent, _sign_flip)
     clean = _accuracy(clean_fp32)
-    attacked_avg = _accuracy(fleet.run(strategy="fedavg", model="attacked-avg"))
+    # Plain FedAvg, the round's norm screen turned off: the attack works.
+    attacked_avg = _accuracy(
+        fleet.run(strategy="fedavg", model="attacked-avg", norm_multiple=math.inf)
+    )
+    # By default, updates over 10x the round's median norm are rejected.
+    screened = fleet.run(strategy="fedavg", model="attacked-screened")
+    # --robust (screen off): the flipped updates are clipped to the median norm.
+    robust = fleet.run(strategy="fedavg", model="attacked-robust", norm_multiple=math.inf,
+                       robust=True)  # fmt: skip
     median = _accuracy(fleet.run(strategy="fedmedian", model="attacked-median"))
     multikrum = _accuracy(
         fleet.run(
@@ -203,6 +212,9 @@ def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
         )
     )
     assert attacked_avg < clean - 0.10, (attacked_avg, clean)
+    assert sum(r.rejected.get("norm_outlier", 0) for r in screened.rounds) > 0
+    assert _accuracy(screened) >= clean - 0.08, (_accuracy(screened), clean)
+    assert _accuracy(robust) >= clean - 0.05, (_accuracy(robust), clean)
     assert median >= clean - 0.03, (median, clean)
     assert multikrum >= clean - 0.03, (multikrum, clean)
 
