@@ -25,6 +25,7 @@ from coordinator.federated.round_screen import (
         (8, 10, 100_000, 8),  # fewer than announced (held-out data): as reported
         (500, None, 100, 100),  # no announcement known: the cap alone
         (50, None, 100, 50),
+        (50, 0, 100, 1),  # announced no data: one example, never zero (FedAvg divides)
     ],
 )
 def test_the_weight_is_the_smallest_of_report_announcement_and_cap(

@@ -63,10 +63,11 @@ def bounded_examples(reported: int, announced: int | None, cap: int) -> int:
         cap: The run's ``max_examples_per_update``.
 
     Returns:
-        ``min(reported, announced, cap)``.
+        ``min(reported, announced, cap)``, at least 1 (a device that announced no
+        data is never sampled; should one answer anyway, it weighs one example).
     """
     bound = cap if announced is None else min(announced, cap)
-    return min(reported, bound)
+    return max(1, min(reported, bound))
 
 
 def norm_outliers(norms: Sequence[float], multiple: float) -> frozenset[int]:
