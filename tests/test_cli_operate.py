@@ -464,6 +464,18 @@ def test_rounds_start_takes_the_options_of_fedge_train(fedge: Fedge, ops: FakeOp
     }  # fmt: skip
 
 
+def test_rounds_start_takes_the_aggregation_options(fedge: Fedge, ops: FakeOperations) -> None:
+    result = fedge("rounds", "start", "--robust", "--max-examples-per-update", "500",
+                   "--norm-multiple", "4")  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = ops.run_views["run-1"].run.config
+    assert (config["robust"], config["max_examples_per_update"], config["norm_multiple"]) == (
+        True, 500, 4.0,
+    )  # fmt: skip
+    refused = fedge("rounds", "start", "--norm-multiple", "0.5")
+    assert refused.exit_code == 2
+
+
 def test_rounds_start_of_a_pytorch_model(fedge: Fedge, ops: FakeOperations) -> None:
     result = fedge(
         "rounds", "start", "--model", "zoo:small_cnn", "--task", "classification",

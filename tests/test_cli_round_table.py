@@ -123,3 +123,8 @@ def test_round_notes_name_each_problem() -> None:
     report = RoundReport(round=1, failures={"oom": 2}, rejected={"norm": 1, "nan": 2})
     assert round_notes(report.to_json()) == "rejected norm:1,nan:2; failed oom:2"
     assert round_notes({"round": 1}) == ""
+
+
+def test_round_notes_count_clipped_example_counts() -> None:
+    report = RoundReport(round=1, rejected={"norm_outlier": 1}, clipped_examples=2)
+    assert round_notes(report.to_json()) == "rejected norm_outlier:1; 2 example count(s) clipped"

@@ -7,15 +7,20 @@ on a MemoryHub (tests/test_federated_torch_runs.py)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from coordinator.cli import train as train_command
 from coordinator.cli.app import app, use_current_directory
-from coordinator.cli.training_options import input_shape, model_settings
+from coordinator.cli.training_options import aggregation_settings, input_shape, model_settings
+from coordinator.federated.runs import RunConfig, RunResult
 
 runner = CliRunner()
 NOWHERE = "mqtt://127.0.0.1:1"  # nothing listens: these commands must fail before connecting
@@ -82,6 +87,41 @@ def test_input_shape_refuses_what_is_not_positive_integers(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- fedge train
+
+
+def test_aggregation_settings_leave_out_what_was_not_given() -> None:
+    assert aggregation_settings(False, None, None) == {}
+    assert aggregation_settings(True, 500, 4.0) == {
+        "robust": True, "max_examples_per_update": 500, "norm_multiple": 4.0,
+    }  # fmt: skip
+
+
+def test_train_hands_the_aggregation_options_to_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[RunConfig] = []
+
+    @contextmanager
+    def no_broker(_connection: Any) -> Iterator[None]:
+        yield None
+
+    def record(_hub: Any, _strategy: Any, config: RunConfig, **_: Any) -> RunResult:
+        runs.append(config)
+        return RunResult(rounds=[], weights=dict(config.initial_weights))
+
+    monkeypatch.setattr(train_command, "connected", no_broker)
+    monkeypatch.setattr(train_command, "_run", record)
+    common = ("--model", "m", "--family", "softmax", "--features", "4", "--classes", "2",
+              "--json")  # fmt: skip
+    fedge_train(*common)
+    fedge_train(*common, "--robust", "--max-examples-per-update", "500", "--norm-multiple", "4")
+    assert [(r.robust, r.max_examples_per_update, r.norm_multiple) for r in runs] == [
+        (False, 100_000, 10.0), (True, 500, 4.0),
+    ]  # fmt: skip
+
+
+def test_train_refuses_a_norm_multiple_below_one() -> None:
+    code, output = fedge_train("--model", "m", "--norm-multiple", "0.5")
+    assert code == 2
+    assert "--norm-multiple" in output
 
 
 def test_train_refuses_a_spec_without_sizes_or_data() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +29,11 @@ from compress.families import init_weights
 from compress.keys import PRIVATE_KEY_NAME
 from coordinator.cli.app import app
 from coordinator.delivery.deliveries import Artifact
+from coordinator.federated import grid as grid_module
 from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, wrap_dp
 from coordinator.federated.tasks import node_id_of
+from coordinator.federated.update_check import MAX_EXAMPLES
 from coordinator.link.fleet import Target
 from edge_agent.agent import Agent
 from edge_agent.training.data import LocalData
@@ -187,13 +190,26 @@ def _sign_flip(original: Any, task: Any, config: Any, weights: Any, trained: Any
     return original(task, config, weights, flipped)
 
 
-def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
+def _flip_once(original: Any, task: Any, config: Any, weights: Any, trained: Any) -> Any:
+    flipped = {k: weights[k] - (np.asarray(trained[k]) - weights[k]) for k in weights}
+    return original(task, config, weights, flipped)
+
+
+def test_robust_aggregation_resists_sign_flipping_devices_and_plain_fedavg_does_not(
     fleet: FederatedFleet, clean_fp32: RunResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for agent in fleet.agents[:2]:
         _patch_encode(monkeypatch, agent, _sign_flip)
     clean = _accuracy(clean_fp32)
-    attacked_avg = _accuracy(fleet.run(strategy="fedavg", model="attacked-avg"))
+    # Plain FedAvg, the round's norm screen turned off: the attack works.
+    attacked_avg = _accuracy(
+        fleet.run(strategy="fedavg", model="attacked-avg", norm_multiple=math.inf)
+    )
+    # By default, updates over 10x the round's median norm are rejected.
+    screened = fleet.run(strategy="fedavg", model="attacked-screened")
+    # --robust (screen off): the flipped updates are clipped to the median norm.
+    robust = fleet.run(strategy="fedavg", model="attacked-robust", norm_multiple=math.inf,
+                       robust=True)  # fmt: skip
     median = _accuracy(fleet.run(strategy="fedmedian", model="attacked-median"))
     multikrum = _accuracy(
         fleet.run(
@@ -203,8 +219,35 @@ def test_robust_strategies_resist_sign_flipping_devices_and_fedavg_does_not(
         )
     )
     assert attacked_avg < clean - 0.10, (attacked_avg, clean)
+    assert sum(r.rejected.get("norm_outlier", 0) for r in screened.rounds) > 0
+    assert _accuracy(screened) >= clean - 0.08, (_accuracy(screened), clean)
+    assert _accuracy(robust) >= clean - 0.05, (_accuracy(robust), clean)
     assert median >= clean - 0.03, (median, clean)
     assert multikrum >= clean - 0.03, (multikrum, clean)
+
+
+def test_a_device_claiming_a_billion_examples_weighs_what_it_announced(
+    fleet: FederatedFleet, clean_fp32: RunResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One device sends sign-flipped updates of honest size claiming 10^9 examples:
+    trusted, FedAvg would follow it alone; bounded by its announcement, it is one of ten."""
+    liar = fleet.agents[0]
+    _patch_encode(monkeypatch, liar, _flip_once)
+    send = liar.rounds._send_update
+
+    def inflated(task: Any, _examples: int, metrics: Any, update: Any) -> bool:
+        return send(task, MAX_EXAMPLES, metrics, update)
+
+    monkeypatch.setattr(liar.rounds, "_send_update", inflated)
+    result = fleet.run(strategy="fedavg", model="inflated-count")
+    for report in result.rounds:
+        assert (report.status, report.rejected, report.clipped_examples) == ("ok", {}, 1)
+    clean = _accuracy(clean_fp32)
+    assert _accuracy(result) >= clean - 0.03, (_accuracy(result), clean)
+    # The attack, were the claim trusted (the bound patched out of the grid):
+    monkeypatch.setattr(grid_module, "bounded_examples", lambda reported, *_: reported)
+    trusted = fleet.run(strategy="fedavg", model="inflated-trusted")
+    assert _accuracy(trusted) < clean - 0.10, (_accuracy(trusted), clean)
 
 
 def test_a_straggler_times_out_and_its_late_reply_is_dropped(

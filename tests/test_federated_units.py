@@ -36,6 +36,7 @@ ROUND_KEYS = {
     "dropped",
     "timed_out",
     "late",
+    "clipped_examples",
     "eval_clients",
     "seconds",
 }
@@ -68,6 +69,10 @@ def test_config_defaults_are_valid() -> None:
         ({"gather_s": 0.0}, "timeouts"),
         ({"gather_s": -0.5}, "timeouts"),
         ({"gather_s": math.nan}, "timeouts"),
+        ({"max_examples_per_update": 0}, "max_examples_per_update"),
+        ({"max_examples_per_update": 10**9 + 1}, "max_examples_per_update"),
+        ({"norm_multiple": 0.5}, "norm_multiple"),
+        ({"norm_multiple": math.nan}, "norm_multiple"),
     ],
 )
 def test_config_refuses_bad_values(fields: dict[str, Any], message: str) -> None:
@@ -100,6 +105,7 @@ def phase(**fields: Any) -> PhaseStats:
         downlink_bytes=fields.get("downlink", 0),
         tasks=fields.get("tasks", 0),
         late=fields.get("late", 0),
+        clipped_examples=fields.get("clipped", 0),
     )
     stats.outcomes.update(fields.get("outcomes", {}))
     stats.rejected.update(fields.get("rejected", {}))
@@ -114,6 +120,7 @@ def test_add_phase_sums_every_figure() -> None:
             uplink=100,
             downlink=1000,
             late=1,
+            clipped=2,
             outcomes={"done": 3, "offline": 1, "timed_out": 2, "rejected": 2},
             rejected={"too_large": 1, "malformed": 1},
             failures={"no_data": 1},
@@ -124,6 +131,7 @@ def test_add_phase_sums_every_figure() -> None:
             uplink=50,
             downlink=7,
             late=2,
+            clipped=1,
             outcomes={"done": 1, "offline": 2},
             rejected={"too_large": 2, "non_finite": 1},
             failures={"no_data": 2, "train_failed": 1},
@@ -132,6 +140,7 @@ def test_add_phase_sums_every_figure() -> None:
     assert report.uplink_bytes == 150
     assert report.downlink_bytes == 1007
     assert report.late == 3
+    assert report.clipped_examples == 3
     assert report.dropped == 3
     assert report.timed_out == 2
     assert report.rejected == {"too_large": 3, "malformed": 1, "non_finite": 1}
@@ -172,6 +181,7 @@ def test_round_to_json_has_the_documented_keys_and_values() -> None:
         dropped=1,
         timed_out=1,
         late=3,
+        clipped_examples=2,
         eval_clients=0,
         seconds=1.23456,
     )
@@ -190,6 +200,7 @@ def test_round_to_json_has_the_documented_keys_and_values() -> None:
     assert data["rejected"] == {"too_large": 1}
     assert data["failures"] == {"no_data": 2}
     assert (data["dropped"], data["timed_out"], data["late"]) == (1, 1, 3)
+    assert data["clipped_examples"] == 2
     assert data["seconds"] == 1.235
     # a copy: changing the JSON does not change the report
     data["rejected"]["too_large"] = 99

@@ -61,11 +61,29 @@ def test_a_request_becomes_a_seeded_training_config() -> None:
         ({**SETTINGS, "clients_per_round": 1}, "min_clients"),
         ({**SETTINGS, "model": ""}, "config.model must be a non-empty string"),
         ({**SETTINGS, "model": 7}, "config.model must be a non-empty string"),
+        ({**SETTINGS, "robust": "yes"}, "config.robust must be true or false"),
+        ({**SETTINGS, "norm_multiple": "10"}, "config.norm_multiple must be a number"),
+        ({**SETTINGS, "norm_multiple": True}, "config.norm_multiple must be a number"),
+        ({**SETTINGS, "norm_multiple": 0.5}, "norm_multiple must be at least 1"),
+        ({**SETTINGS, "max_examples_per_update": 0}, "max_examples_per_update must be"),
+        ({**SETTINGS, "max_examples_per_update": 1.5}, "max_examples_per_update must be"),
     ],
 )
 def test_bad_settings_are_refused(config: dict[str, object], message: str) -> None:
     with pytest.raises(RunError, match=message):
         training_config(RunRequest(min_clients=2, config=config))
+
+
+def test_a_request_sets_how_far_one_device_can_move_the_aggregate() -> None:
+    defaults = training_config(RunRequest(config=SETTINGS))
+    assert (defaults.robust, defaults.max_examples_per_update, defaults.norm_multiple) == (
+        False, 100_000, 10.0,
+    )  # fmt: skip
+    chosen = {**SETTINGS, "robust": True, "max_examples_per_update": 500, "norm_multiple": 4}
+    config = training_config(RunRequest(config=chosen))
+    assert (config.robust, config.max_examples_per_update, config.norm_multiple) == (
+        True, 500, 4.0,
+    )  # fmt: skip
 
 
 def test_fedge_train_adds_its_own_weights_evaluation_data_and_update_bound() -> None:

@@ -120,6 +120,8 @@ def round_notes(round_: Mapping[str, Any]) -> str:
         notes.append(f"{int(dropped)} offline")
     if timed_out := _number(round_.get("timed_out")):
         notes.append(f"{int(timed_out)} timed out")
+    if clipped := _number(round_.get("clipped_examples")):
+        notes.append(f"{int(clipped)} example count(s) clipped")
     reason = round_.get("reason")
     if isinstance(reason, str) and reason:
         notes.append(reason)

@@ -53,6 +53,7 @@ from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.service_views import run_view, runs_table, to_json
 from coordinator.cli.training_options import (
+    aggregation_settings,
     hidden_sizes,
     key_values,
     model_settings,
@@ -125,6 +126,9 @@ def start(
     batch_size: Annotated[int | None, run_options.BATCH_SIZE] = None,
     optimizer: Annotated[str | None, run_options.OPTIMIZER] = None,
     train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
+    robust: Annotated[bool, run_options.ROBUST] = False,
+    max_examples_per_update: Annotated[int | None, run_options.MAX_EXAMPLES_PER_UPDATE] = None,
+    norm_multiple: Annotated[float | None, run_options.NORM_MULTIPLE] = None,
     watch_: WatchOption = False,
     interval: IntervalOption = 1.0,
     as_json: JsonOption = False,
@@ -145,6 +149,7 @@ def start(
         strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
         train=train_settings(epochs, lr, batch_size, optimizer)
         | key_values(train_arg or (), option="--train-arg"),
+        aggregation=aggregation_settings(robust, max_examples_per_update, norm_multiple),
     )
     request = RunRequest(
         rounds=rounds,

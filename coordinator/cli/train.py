@@ -68,6 +68,7 @@ from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
 from coordinator.cli.training_options import (
+    aggregation_settings,
     hidden_sizes,
     key_values,
     model_settings,
@@ -185,6 +186,9 @@ def train(
     batch_size: Annotated[int, run_options.BATCH_SIZE] = 32,
     optimizer: Annotated[str, run_options.OPTIMIZER] = "sgd",
     train_arg: Annotated[list[str] | None, run_options.TRAIN_ARG] = None,
+    robust: Annotated[bool, run_options.ROBUST] = False,
+    max_examples_per_update: Annotated[int | None, run_options.MAX_EXAMPLES_PER_UPDATE] = None,
+    norm_multiple: Annotated[float | None, run_options.NORM_MULTIPLE] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -257,6 +261,7 @@ def train(
                 strategy_args=key_values(strategy_arg or (), option="--strategy-arg"),
                 train=train_settings(epochs, lr, batch_size, optimizer)
                 | key_values(train_arg or (), option="--train-arg"),
+                aggregation=aggregation_settings(robust, max_examples_per_update, norm_multiple),
             ),
         )
         evaluation = None if eval_data is None else load_labelled_npz(eval_data, chosen_task)

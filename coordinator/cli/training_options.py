@@ -11,8 +11,11 @@ so that the service's defaults apply)::
     rounds: Annotated[int, ROUNDS] = 20
 
 The ``key=value`` options (``--strategy-arg``, ``--train-arg``) are read by
-:func:`key_values`; ``--hidden`` by :func:`hidden_sizes`. Both commands put the
-model and local training settings into one
+:func:`key_values`; ``--hidden`` by :func:`hidden_sizes`; ``--robust``,
+``--max-examples-per-update`` and ``--norm-multiple`` (how far one device's update
+can move the aggregate, :mod:`coordinator.federated.round_screen`) by
+:func:`aggregation_settings`. Both commands put the model, aggregation and local
+training settings into one
 :attr:`RunRequest.config <coordinator.service.operations.RunRequest.config>` with
 :func:`run_config` (and :func:`train_settings`).
 
@@ -50,11 +53,14 @@ __all__ = [
     "HIDDEN",
     "INPUT_SHAPE",
     "LR",
+    "MAX_EXAMPLES_PER_UPDATE",
     "MIN_CLIENTS",
     "MODEL",
     "NAME",
+    "NORM_MULTIPLE",
     "OPTIMIZER",
     "OUTPUTS",
+    "ROBUST",
     "ROUNDS",
     "ROUND_TIMEOUT",
     "SEED",
@@ -62,6 +68,7 @@ __all__ = [
     "STRATEGY_ARG",
     "TASK",
     "TRAIN_ARG",
+    "aggregation_settings",
     "hidden_sizes",
     "input_shape",
     "key_values",
@@ -125,6 +132,24 @@ BATCH_SIZE: Any = typer.Option("--batch-size", min=1, help="Local batch size.")
 OPTIMIZER: Any = typer.Option("--optimizer", help="Local optimizer: sgd or adam.")
 TRAIN_ARG: Any = typer.Option(
     "--train-arg", help="Extra key=value sent to devices (weight_decay=0.01); repeatable."
+)
+ROBUST: Any = typer.Option(
+    "--robust",
+    help="Clip every update to the round's median update norm and its weight to the "
+    "median example count before aggregating (no device moves the model more than "
+    "a median one).",
+)
+MAX_EXAMPLES_PER_UPDATE: Any = typer.Option(
+    "--max-examples-per-update",
+    min=1,
+    help="Most examples one update weighs (also never more than its device announced; "
+    "default 100000).",
+)
+NORM_MULTIPLE: Any = typer.Option(
+    "--norm-multiple",
+    min=1.0,
+    help="Reject updates whose norm is over this multiple of the round's median "
+    "update norm (with 3+ updates; default 10).",
 )
 
 
@@ -231,6 +256,19 @@ def model_settings(
     return {key: value for key, value in settings.items() if value is not None}
 
 
+def aggregation_settings(
+    robust: bool, max_examples_per_update: int | None, norm_multiple: float | None
+) -> dict[str, Any]:
+    """The request's aggregation keys of ``--robust``, ``--max-examples-per-update``
+    and ``--norm-multiple`` (those left out, and ``robust`` when false, are omitted)."""
+    given = {
+        "robust": robust or None,
+        "max_examples_per_update": max_examples_per_update,
+        "norm_multiple": norm_multiple,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def train_settings(
     epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str | None
 ) -> dict[str, Any]:
@@ -249,11 +287,14 @@ def run_config(
     seed: int | None,
     strategy_args: dict[str, Any],
     train: dict[str, Any],
+    aggregation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``RunRequest.config`` of the given settings (those left out are omitted);
-    ``model`` is what :func:`model_settings` gave."""
+    ``model`` is what :func:`model_settings` gave, ``aggregation``
+    :func:`aggregation_settings`."""
     settings: dict[str, Any] = {
         **model,
+        **(aggregation or {}),
         "features": features,
         "classes": classes,
         "hidden": list(hidden) or None,

@@ -17,11 +17,17 @@ devices do not run Flower; :class:`MqttGrid` translates:
   ``chunk_request``.
 * **up**: an ``update_report`` is checked (:mod:`coordinator.federated.update_check`: the
   task it answers was sent to that device, codec, size, shapes, finite values,
-  norm), decoded and added to the global weights, and becomes the Flower reply
-  (``arrays`` = the device's new weights, ``metrics`` with ``num-examples``), so
-  strategies see exactly what a Flower client would have sent. An
-  ``eval_report`` becomes a reply with ``metrics`` only. Large updates arrive as
-  chunked uploads (``chunk`` messages on the device's ``events`` topic) first.
+  norm) and decoded; its example count is bounded by what the device announced
+  when it was sampled and by the run's cap. Once every train task of the phase has
+  an outcome (or at the deadline) the phase's updates are screened together
+  (:mod:`coordinator.federated.round_screen`: norm outliers rejected; in robust
+  mode, norms and weights clipped to the medians); each update left is added to
+  the global weights and becomes the Flower reply (``arrays`` = the device's new
+  weights, ``metrics`` with the bounded ``num-examples``), so strategies see
+  exactly what a Flower client would have sent. An ``eval_report`` becomes a
+  reply with ``metrics`` only (its count bounded the same way). Large updates
+  arrive as chunked uploads (``chunk`` messages on the device's ``events`` topic)
+  first.
 
 A *phase* is one ``send_and_receive`` call (the train or the evaluate half of a
 round). It ends when every task has an outcome (replied, failed, rejected, device
@@ -55,6 +61,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from compress.codecs import layout_of, max_payload_bytes
 from coordinator.errors import RunError, UpdateRejectedError
+from coordinator.federated.round_screen import bounded_examples, screen_updates
 from coordinator.federated.tasks import (
     TRAIN_METRICS,
     GridSettings,
@@ -66,7 +73,7 @@ from coordinator.federated.tasks import (
     node_id_of,
     scalar_config,
 )
-from coordinator.federated.update_check import UpdateCheck, check_update
+from coordinator.federated.update_check import UpdateCheck, checked_update
 from coordinator.link.port import Hub
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import (
@@ -131,6 +138,7 @@ class MqttGrid(Grid):
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._refused_uploads: set[tuple[str, str]] = set()
         self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
+        self._announced: dict[str, int] = {}
         self._round = 0
         self._deadline = 0.0
         self.stats = PhaseStats()
@@ -147,15 +155,25 @@ class MqttGrid(Grid):
 
     # ---------------------------------------------------------------- phases
 
-    def begin_phase(self, round_no: int, device_ids: Iterable[str], deadline: float) -> None:
+    def begin_phase(
+        self,
+        round_no: int,
+        device_ids: Iterable[str],
+        deadline: float,
+        announced: Mapping[str, int] | None = None,
+    ) -> None:
         """Open a phase: the nodes offered to the strategy, and its deadline.
 
         Args:
             round_no: The round (names it on the wire).
             device_ids: The devices the strategy may use this phase.
             deadline: Unix time by which replies must be in.
+            announced: Each device's announced ``train_examples`` when it was
+                sampled: a report's example count is bounded by it (a device
+                missing here is bounded by the cap alone).
         """
         with self._cond:
+            self._announced = dict(announced or {})
             self._old_tasks.update(self._tasks)
             self._tasks = {}
             self._uploads.clear()
@@ -323,7 +341,9 @@ class MqttGrid(Grid):
             model_args=dict(self.settings.model_args),
         )
         check = UpdateCheck(self.settings.codec, layout_of(weights), self.settings.max_update_norm)
-        return Task(task_id, device_id, message, command, weights, check)
+        task = Task(task_id, device_id, message, command, weights, check)
+        task.announced = self._announced.get(device_id)
+        return task
 
     def _push_weights(self, tasks: list[Task]) -> None:
         """Once the devices that need the weights acknowledged: publish them once."""
@@ -350,7 +370,8 @@ class MqttGrid(Grid):
             self._drain()
             return self._take_replies(set(message_ids))
 
-    def _take_replies(self, ids: set[str]) -> list[Message]:
+    def _take_replies(self, ids: set[str], *, final: bool = False) -> list[Message]:
+        self._release(final=final)
         replies = []
         for task_id in ids:
             task = self._tasks.get(task_id)
@@ -387,6 +408,7 @@ class MqttGrid(Grid):
                 if not open_tasks or left <= 0 or self._cancel.is_set():
                     break
                 self._cond.wait(min(left, 0.25))
+            replies.extend(self._take_replies(ids, final=True))
         # Arrival order is chance; aggregation order should not be (float sums).
         return sorted(replies, key=lambda reply: reply.metadata.src_node_id)
 
@@ -516,21 +538,66 @@ class MqttGrid(Grid):
             if report.num_examples < 1:
                 self._reject(task, "bad_examples", "evaluated no examples")
                 return
-            metrics = metric_record(report.metrics, self.settings.eval_metrics, report.num_examples)
-            content = RecordDict({"metrics": metrics})
+            examples = self._bounded(task, report.num_examples)
+            metrics = metric_record(report.metrics, self.settings.eval_metrics, examples)
+            task.reply = Message(RecordDict({"metrics": metrics}), reply_to=task.instruction)
         else:
             try:
-                delta = check_update(report, self._report_arrays(task, report), task.check)
+                checked = checked_update(report, self._report_arrays(task, report), task.check)
             except UpdateRejectedError as exc:
                 self._reject(task, exc.reason, str(exc))
                 return
-            arrays = ArrayRecord(
-                {name: Array(task.weights[name] + delta[name]) for name in task.weights}
-            )
-            metrics = metric_record(report.metrics, TRAIN_METRICS, report.num_examples)
-            content = RecordDict({"arrays": arrays, "metrics": metrics})
+            task.delta, task.norm = checked.delta, checked.norm
+            task.examples = self._bounded(task, report.num_examples)
+            task.metrics = dict(report.metrics)
         task.state = TaskState.DONE
-        task.reply = Message(content, reply_to=task.instruction)
+
+    def _bounded(self, task: Task, reported: int) -> int:
+        """A report's example count, bounded by the announcement and the cap (counted)."""
+        cap = self.settings.max_examples_per_update
+        examples = bounded_examples(reported, task.announced, cap)
+        if examples < reported:
+            self.stats.clipped_examples += 1
+            logger.warning("%s reported %d examples, announced %s (cap %d): weighted as %d",
+                           task.device_id, reported, task.announced, cap, examples)  # fmt: skip
+        return examples
+
+    def _release(self, *, final: bool) -> None:
+        """Screen the phase's checked updates together and make them replies.
+
+        Waits (unless ``final``, the deadline passed or the run was cancelled)
+        until no task of the phase is still open. Updates already released count
+        in the medians but are not screened again.
+        """
+        tasks = [t for t in self._tasks.values() if t.norm is not None]
+        if not any(t.delta is not None for t in tasks):
+            return
+        settled = not any(t.state is TaskState.SENT for t in self._tasks.values())
+        if not (final or settled or self._clock() > self._deadline or self._cancel.is_set()):
+            return
+        norms = [t.norm or 0.0 for t in tasks]
+        admissions = screen_updates(norms, [t.examples for t in tasks],
+                                    multiple=self.settings.norm_multiple,
+                                    robust=self.settings.robust)  # fmt: skip
+        multiple = self.settings.norm_multiple
+        for task, admission in zip(tasks, admissions, strict=True):
+            delta, task.delta = task.delta, None
+            if delta is None:
+                continue
+            if admission.outlier:
+                detail = f"update norm {task.norm:.3g} is over {multiple:g}x the round's median"
+                error = UpdateRejectedError("norm_outlier", detail)
+                self._reject(task, error.reason, str(error))
+                task.norm = None  # not part of later medians
+                continue
+            if admission.scale < 1.0:
+                logger.info("robust: the update of %s clipped to the median norm (x%.3g)",
+                            task.device_id, admission.scale)  # fmt: skip
+            scale = np.float32(admission.scale)
+            arrays = {name: Array(w + delta[name] * scale) for name, w in task.weights.items()}
+            metrics = metric_record(task.metrics, TRAIN_METRICS, admission.weight)
+            content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics})
+            task.reply = Message(content, reply_to=task.instruction)
 
     def _reject(self, task: Task, reason: str, detail: str) -> None:
         task.state = TaskState.REJECTED

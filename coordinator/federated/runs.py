@@ -12,11 +12,13 @@
    goes on. ``clients_per_round`` of them are drawn with a seeded RNG; the strategy
    is offered exactly those.
 2. **Train.** ``strategy.configure_train`` -> ``grid.send_and_receive`` (the weights
-   go out once, each device trains and sends an encoded update) ->
-   ``strategy.aggregate_train``. A round with fewer accepted updates than
-   ``min_clients`` (devices killed mid-round, stragglers past the deadline,
-   rejected updates) fails cleanly: the global weights stay as they were and the
-   next round proceeds.
+   go out once, each device trains and sends an encoded update; the grid bounds
+   each update's example count by what its device announced when sampled, rejects
+   norm outliers and, with ``robust``, clips to the round's medians:
+   :mod:`coordinator.federated.round_screen`) -> ``strategy.aggregate_train``.
+   A round with fewer accepted updates than ``min_clients`` (devices killed
+   mid-round, stragglers past the deadline, rejected updates) fails cleanly: the
+   global weights stay as they were and the next round proceeds.
 3. **Evaluate.** With ``eval_data``, the global model is evaluated here
    (:func:`~coordinator.federated.models.evaluate_model`: the round's ``metrics``,
    its ``loss`` and, for classification, its ``accuracy``); otherwise
@@ -29,9 +31,10 @@ classification). A PyTorch run refuses to start (:class:`RunError`) when devices
 that could train are online but none of them lists its spec
 (:func:`check_fleet_can_train`).
 
-Each round yields a :class:`RoundReport` with the same fields everywhere rounds are
-reported (the CLI's live view and ``--json``, later the service and the
-simulator): ``round``, ``accuracy``, ``loss``, ``metrics``, ``clients``,
+Each round yields a :class:`~coordinator.federated.reports.RoundReport` (re-exported
+here, with :class:`~coordinator.federated.reports.RunResult`) with the same fields
+everywhere rounds are reported (the CLI's live view and ``--json``, the service and
+the simulator): ``round``, ``accuracy``, ``loss``, ``metrics``, ``clients``,
 ``uplink_bytes``, ``downlink_bytes``, plus status and counts.
 
 Stopping: with ``stop`` (a ``threading.Event``) set, no further round starts, the
@@ -72,8 +75,13 @@ from coordinator.federated.models import (
     clamp_statistics,
     evaluate_model,
 )
-from coordinator.federated.tasks import GridSettings, PhaseStats
-from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
+from coordinator.federated.reports import RoundReport, RunResult
+from coordinator.federated.round_screen import (
+    DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+    DEFAULT_NORM_MULTIPLE,
+)
+from coordinator.federated.tasks import GridSettings
+from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, MAX_EXAMPLES
 from coordinator.link.fleet import DeviceRecord
 from coordinator.link.port import Hub
 
@@ -110,6 +118,13 @@ class RunConfig:
             None: federated evaluation on the devices.
         seed: Seeds device sampling and Flower's sampling.
         max_update_norm: Updates with a larger L2 norm are rejected.
+        max_examples_per_update: An update weighs at most this many examples (and
+            never more than its device announced when sampled).
+        norm_multiple: Updates whose norm is over this multiple of the round's
+            median update norm are rejected (with 3 or more updates; ``inf``: off).
+        robust: Clip each update to the round's median norm and its weight to the
+            median weight before the strategy aggregates
+            (:mod:`coordinator.federated.round_screen`).
         gather_s: Longest wait for acknowledgements before weights are pushed.
         model_def: What is trained (spec, task, shapes); None: the built-in
             ``family`` for classification.
@@ -127,6 +142,9 @@ class RunConfig:
     eval_data: LabelledData | None = None
     seed: int = 0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    max_examples_per_update: int = DEFAULT_MAX_EXAMPLES_PER_UPDATE
+    norm_multiple: float = DEFAULT_NORM_MULTIPLE
+    robust: bool = False
     gather_s: float = 3.0
     model_def: ModelDef | None = None
 
@@ -160,132 +178,19 @@ class RunConfig:
             raise RunError(
                 f"max_update_norm must be positive and finite, got {self.max_update_norm}"
             )
+        if not 1 <= self.max_examples_per_update <= MAX_EXAMPLES:
+            raise RunError(
+                f"max_examples_per_update must be in 1..{MAX_EXAMPLES}, "
+                f"got {self.max_examples_per_update}"
+            )
+        if not self.norm_multiple >= 1:
+            raise RunError(f"norm_multiple must be at least 1, got {self.norm_multiple}")
         parse_codec(self.codec)
 
     @property
     def definition(self) -> ModelDef:
         """The model trained: :attr:`model_def`, else the built-in ``family``."""
         return self.model_def or ModelDef(self.family)
-
-
-@dataclass
-class RoundReport:
-    """One round's outcome and figures.
-
-    Attributes:
-        round: 1-based round number.
-        status: ``ok`` or ``failed``.
-        reason: Why it failed (empty when ok).
-        accuracy: Accuracy after the round (coordinator-side on ``eval_data``,
-            else example-weighted federated evaluation), None if not measured.
-        loss: The task's loss after the round, likewise (cross-entropy, MSE, or
-            the reconstruction error of normal examples).
-        metrics: Every metric measured after the round (coordinator-side:
-            ``accuracy``/``mse``, ``mae``/``auc`` and ``loss`` by task; federated:
-            the averages the devices reported); empty if not measured.
-        clients: Accepted updates aggregated.
-        sampled: Devices given a train task.
-        uplink_bytes: MQTT payload bytes received for the round (reports, acks,
-            uploads, chunk requests).
-        downlink_bytes: MQTT payload bytes published for it (tasks, weight chunks;
-            a broadcast chunk counts once).
-        rejected: Rejected updates by reason.
-        failures: Tasks that devices reported failed, by code.
-        dropped: Sampled devices that went offline during the round.
-        timed_out: Tasks without an answer by the deadline.
-        late: Replies to earlier rounds' tasks (dropped).
-        eval_clients: Devices whose evaluation counted (federated evaluation).
-        seconds: Wall time of the round.
-    """
-
-    round: int
-    status: str = "ok"
-    reason: str = ""
-    accuracy: float | None = None
-    loss: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    clients: int = 0
-    sampled: int = 0
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    dropped: int = 0
-    timed_out: int = 0
-    late: int = 0
-    eval_clients: int = 0
-    seconds: float = 0.0
-
-    def add_phase(self, stats: PhaseStats) -> None:
-        """Add one phase's figures to the round's."""
-        self.uplink_bytes += stats.uplink_bytes
-        self.downlink_bytes += stats.downlink_bytes
-        self.late += stats.late
-        for reason, count in stats.rejected.items():
-            self.rejected[reason] = self.rejected.get(reason, 0) + count
-        for code, count in stats.failures.items():
-            self.failures[code] = self.failures.get(code, 0) + count
-        self.dropped += stats.outcomes.get("offline", 0)
-        self.timed_out += stats.outcomes.get("timed_out", 0)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form (the same fields wherever rounds are reported)."""
-        return {
-            "round": self.round,
-            "status": self.status,
-            "reason": self.reason,
-            "accuracy": self.accuracy,
-            "loss": self.loss,
-            "metrics": dict(self.metrics),
-            "clients": self.clients,
-            "sampled": self.sampled,
-            "uplink_bytes": self.uplink_bytes,
-            "downlink_bytes": self.downlink_bytes,
-            "rejected": dict(self.rejected),
-            "failures": dict(self.failures),
-            "dropped": self.dropped,
-            "timed_out": self.timed_out,
-            "late": self.late,
-            "eval_clients": self.eval_clients,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass
-class RunResult:
-    """A whole run: its rounds and the final global weights."""
-
-    rounds: list[RoundReport]
-    weights: Weights
-
-    @property
-    def final_accuracy(self) -> float | None:
-        """Accuracy after the last round that measured one."""
-        for report in reversed(self.rounds):
-            if report.accuracy is not None:
-                return report.accuracy
-        return None
-
-    @property
-    def final_metrics(self) -> dict[str, float]:
-        """The metrics of the last round that measured any (empty if none did)."""
-        for report in reversed(self.rounds):
-            if report.metrics:
-                return dict(report.metrics)
-        return {}
-
-    def to_json(self) -> dict[str, Any]:
-        """``{"rounds": [...], "final_accuracy": ..., "final_metrics": {...}}`` plus totals."""
-        ok = [r for r in self.rounds if r.status == "ok"]
-        return {
-            "rounds": [r.to_json() for r in self.rounds],
-            "final_accuracy": self.final_accuracy,
-            "final_metrics": self.final_metrics,
-            "rounds_ok": len(ok),
-            "rounds_failed": len(self.rounds) - len(ok),
-            "uplink_bytes": sum(r.uplink_bytes for r in self.rounds),
-            "downlink_bytes": sum(r.downlink_bytes for r in self.rounds),
-        }
 
 
 RoundCallback = Callable[[RoundReport, str], None]
@@ -364,6 +269,9 @@ class _Run:
             codec=parse_codec(config.codec),
             gather_s=config.gather_s,
             max_update_norm=config.max_update_norm,
+            max_examples_per_update=config.max_examples_per_update,
+            norm_multiple=config.norm_multiple,
+            robust=config.robust,
             model_spec=self.model.spec,
             task=self.model.task,
             model_args=self.model.model_args(),
@@ -390,14 +298,17 @@ class _Run:
             self.show(report, f"waiting for devices ({len(devices)}/{self.config.min_clients})")
             time.sleep(0.2)
 
-    def sample(self, devices: list[DeviceRecord]) -> list[str]:
-        ids = sorted(d.device_id for d in devices)
-        return sorted(self.rng.sample(ids, min(self.config.clients_per_round, len(ids))))
+    def sample(self, devices: list[DeviceRecord]) -> dict[str, int]:
+        """The sampled devices, with the example counts they announced."""
+        announced = {d.device_id: d.train_examples for d in devices}
+        ids = sorted(announced)
+        chosen = sorted(self.rng.sample(ids, min(self.config.clients_per_round, len(ids))))
+        return {device_id: announced[device_id] for device_id in chosen}
 
     def phase(
-        self, report: RoundReport, label: str, devices: list[str], make: Callable[[], Any]
+        self, report: RoundReport, label: str, devices: dict[str, int], make: Callable[[], Any]
     ) -> list[Message]:
-        """One send_and_receive over ``devices``.
+        """One send_and_receive over ``devices`` (id -> announced ``train_examples``).
 
         Raises:
             RunError: the strategy needs more nodes than ``devices``.
@@ -408,7 +319,7 @@ class _Run:
                 f"the strategy needs {needed} nodes for {label}, this round has {len(devices)}"
             )
         deadline = time.time() + self.config.round_timeout_s
-        self.grid.begin_phase(report.round, devices, deadline)
+        self.grid.begin_phase(report.round, devices, deadline, announced=devices)
         self.grid.on_progress = lambda done, total: self.show(report, f"{label} {done}/{total}")
         try:
             replies = list(self.grid.send_and_receive(make(), timeout=self.config.round_timeout_s))

@@ -24,6 +24,10 @@ from flwr.app import Message, MetricRecord
 
 from compress.codecs import CodecSpec
 from coordinator.federated.models import EVAL_METRIC_KEYS
+from coordinator.federated.round_screen import (
+    DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+    DEFAULT_NORM_MULTIPLE,
+)
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM, UpdateCheck
 from edge_agent.protocol import TrainTask
 
@@ -68,6 +72,12 @@ class GridSettings:
         codec: Update codec the devices must use.
         gather_s: Longest wait for acknowledgements before the weights are pushed.
         max_update_norm: Updates with a larger L2 norm are rejected.
+        max_examples_per_update: Cap on the example count that weighs an update
+            (see :mod:`coordinator.federated.round_screen`).
+        norm_multiple: Updates above this multiple of the phase's median norm are
+            rejected (``norm_outlier``).
+        robust: Clip updates to the phase's median norm and weights to the median
+            weight before the strategy sees them.
         model_spec: For ``torch``: the factory ``module:function`` (else empty).
         task: ``classification``, ``regression`` or ``reconstruction``; also picks
             the metrics an evaluate reply carries (:data:`EVAL_METRIC_KEYS`).
@@ -79,6 +89,9 @@ class GridSettings:
     codec: CodecSpec
     gather_s: float = 3.0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    max_examples_per_update: int = DEFAULT_MAX_EXAMPLES_PER_UPDATE
+    norm_multiple: float = DEFAULT_NORM_MULTIPLE
+    robust: bool = False
     model_spec: str = ""
     task: str = "classification"
     model_args: Mapping[str, int | float | str | bool] = field(default_factory=dict)
@@ -102,6 +115,8 @@ class PhaseStats:
         rejected: Rejected updates by reason.
         failures: Device-reported failures by error code.
         late: Replies to tasks of earlier phases (dropped).
+        clipped_examples: Reports whose example count exceeded what the device
+            announced (or the cap) and was clipped to it.
     """
 
     uplink_bytes: int = 0
@@ -111,11 +126,17 @@ class PhaseStats:
     rejected: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     late: int = 0
+    clipped_examples: int = 0
 
 
 @dataclass
 class Task:
-    """One device's task of the current phase, and what came back."""
+    """One device's task of the current phase, and what came back.
+
+    A train task's checked update waits in ``delta`` (with its ``norm`` and
+    bounded ``examples``) until the phase's updates are screened together; then
+    it becomes ``reply`` (or the task is rejected).
+    """
 
     task_id: str
     device_id: str
@@ -127,6 +148,11 @@ class Task:
     acked: bool = False
     has_weights: bool = False
     reply: Message | None = None
+    announced: int | None = None
+    delta: dict[str, npt.NDArray[np.float32]] | None = None
+    norm: float | None = None
+    examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

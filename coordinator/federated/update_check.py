@@ -13,6 +13,10 @@ array ``update`` holds the codec payload (see :mod:`compress.codecs`) of
    a truncated, padded or tampered payload fails here);
 4. refuses non-finite values and an update whose L2 norm exceeds ``max_norm``.
 
+:func:`checked_update` returns the decoded update with its norm (the grid screens
+a round's norms together: :mod:`coordinator.federated.round_screen`, which rejects
+``norm_outlier`` updates); :func:`check_update` returns the update alone.
+
 Every refusal is an :class:`~coordinator.errors.UpdateRejectedError` whose ``reason``
 is one of :data:`REJECT_REASONS`; the round counts them by reason and the update is
 never aggregated. The sender's identity is established before this (the broker
@@ -38,8 +42,10 @@ __all__ = [
     "MAX_EXAMPLES",
     "REJECT_REASONS",
     "UPDATE_ARRAY",
+    "CheckedUpdate",
     "UpdateCheck",
     "check_update",
+    "checked_update",
 ]
 
 UPDATE_ARRAY = "update"
@@ -56,6 +62,7 @@ REJECT_REASONS = (
     "wrong_shape",
     "non_finite",
     "too_large",
+    "norm_outlier",
 )
 
 
@@ -74,11 +81,37 @@ class UpdateCheck:
     max_norm: float = DEFAULT_MAX_UPDATE_NORM
 
 
+@dataclass(frozen=True)
+class CheckedUpdate:
+    """An update that passed :func:`checked_update`.
+
+    Attributes:
+        delta: The update (``new - global``) by weight name, float32, finite.
+        norm: Its L2 norm.
+    """
+
+    delta: dict[str, npt.NDArray[np.float32]]
+    norm: float
+
+
 def check_update(
     report: UpdateReport,
     arrays: Mapping[str, npt.NDArray[np.generic]],
     check: UpdateCheck,
 ) -> dict[str, npt.NDArray[np.float32]]:
+    """Validate and decode an update: :func:`checked_update`'s ``delta``.
+
+    Raises:
+        UpdateRejectedError: the update must not be aggregated; ``reason`` says why.
+    """
+    return checked_update(report, arrays, check).delta
+
+
+def checked_update(
+    report: UpdateReport,
+    arrays: Mapping[str, npt.NDArray[np.generic]],
+    check: UpdateCheck,
+) -> CheckedUpdate:
     """Validate and decode an update (see the module docstring).
 
     Args:
@@ -87,7 +120,7 @@ def check_update(
         check: The task's codec and layout.
 
     Returns:
-        The update (``new - global``) by weight name, float32, finite.
+        The update (``new - global``) by weight name, float32, finite, and its norm.
 
     Raises:
         UpdateRejectedError: the update must not be aggregated; ``reason`` says why.
@@ -129,4 +162,4 @@ def check_update(
         raise UpdateRejectedError(
             "too_large", f"update norm {norm:.3g} exceeds {check.max_norm:.3g}"
         )
-    return delta
+    return CheckedUpdate(delta, norm)

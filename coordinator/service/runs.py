@@ -26,7 +26,11 @@ read the same settings the same way.
 ``model`` (``model``), ``family`` (``mlp``; or ``softmax``), ``features``,
 ``classes``, ``hidden`` (``[64]``), ``clients_per_round`` (10, at least
 ``min_clients``), ``seed`` (0), ``strategy_args`` (dict) and ``train`` (dict sent to
-devices with each task: ``epochs``, ``lr``, ``batch_size``...).
+devices with each task: ``epochs``, ``lr``, ``batch_size``...). Aggregation safety
+(:mod:`coordinator.federated.round_screen`): ``robust`` (false; true clips each
+update to the round's median norm and weight), ``max_examples_per_update``
+(100000: the most examples one update weighs) and ``norm_multiple`` (10: updates
+over this multiple of the round's median norm are rejected).
 
 A PyTorch model instead: ``model_spec`` (``module:function`` or ``zoo:<name>``;
 the family is then ``torch`` and ``model`` defaults to the spec's name), ``task``
@@ -59,6 +63,10 @@ from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import CoordinatorError, NotFoundError, RunError
 from coordinator.federated.models import ModelDef, model_def_for, model_task
 from coordinator.federated.models import initial_weights as initial_weights_of
+from coordinator.federated.round_screen import (
+    DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+    DEFAULT_NORM_MULTIPLE,
+)
 from coordinator.federated.runs import (
     STOPPED,
     RoundReport,
@@ -92,6 +100,9 @@ _KEYS = frozenset(
         "task",
         "input_shape",
         "num_outputs",
+        "robust",
+        "max_examples_per_update",
+        "norm_multiple",
     ]
 )
 _BUILTIN_ONLY = ("family", "features", "classes", "hidden")
@@ -279,6 +290,12 @@ def _run_config(
         raise RunError("config.train must map names to numbers, strings or booleans")
     seed = _int(config, "seed", 0, 0)
     clients = _int(config, "clients_per_round", max(10, request.min_clients), 1)
+    robust = config.get("robust", False)
+    if not isinstance(robust, bool):
+        raise RunError(f"config.robust must be true or false, not {robust!r}")
+    multiple = config.get("norm_multiple", DEFAULT_NORM_MULTIPLE)
+    if isinstance(multiple, bool) or not isinstance(multiple, int | float):
+        raise RunError(f"config.norm_multiple must be a number, not {multiple!r}")
     return RunConfig(
         model=model,
         family=model_def.family,
@@ -293,6 +310,11 @@ def _run_config(
         eval_data=eval_data,
         seed=seed,
         max_update_norm=max_update_norm,
+        max_examples_per_update=_int(
+            config, "max_examples_per_update", DEFAULT_MAX_EXAMPLES_PER_UPDATE, 1
+        ),
+        norm_multiple=float(multiple),
+        robust=robust,
     )
 
 
