@@ -55,6 +55,7 @@ from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
 from coordinator.delivery.deliveries import Deliveries
 from coordinator.delivery.packaging import PackageRequest, package_model
+from coordinator.link.broker_config import BrokerSetup, write_broker_config
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from edge_agent.agent import Agent
@@ -184,10 +185,19 @@ class Mosquitto:
     ``with Mosquitto(directory, users) as broker:`` starts it and stops it after.
 
     With ``tls``, the listener speaks TLS only and requires a client certificate
-    signed by the test CA (mutual TLS) on top of the passwords.
+    signed by the test CA (mutual TLS) on top of the passwords. With ``generated``,
+    the config is the one ``fedge broker config`` writes (client ids bound to
+    usernames, persistence under the directory) instead of the suite's own.
     """
 
-    def __init__(self, directory: Path, users: Sequence[str], tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        users: Sequence[str],
+        tls: TlsFiles | None = None,
+        *,
+        generated: bool = False,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.tls = tls
@@ -212,11 +222,19 @@ class Mosquitto:
             if tls
             else ""
         )
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
-            f"password_file {passwords}\nacl_file {acl}\npersistence false\n"
-            f"max_queued_messages 100000\n{run_as}"
-        )
+        if generated:
+            assert tls is None, "the generated config's TLS is tested on its own"
+            setup = BrokerSetup(directory, port=self.port, bind="127.0.0.1",
+                                password_file=passwords, fleet_size=5000)  # fmt: skip
+            self.config = write_broker_config(setup, overwrite=True).config
+            with self.config.open("a") as conf:
+                conf.write(run_as)
+        else:
+            self.config.write_text(
+                f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
+                f"password_file {passwords}\nacl_file {acl}\npersistence false\n"
+                f"max_queued_messages 100000\n{run_as}"
+            )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -274,13 +292,16 @@ class Mosquitto:
 
 
 @contextlib.contextmanager
-def running_broker(directory: Path, users: Sequence[str]) -> Iterator[Mosquitto]:
+def running_broker(
+    directory: Path, users: Sequence[str], *, generated: bool = False
+) -> Iterator[Mosquitto]:
     """A running :class:`Mosquitto` under ``directory / "broker"`` that knows ``users``.
 
     ``with running_broker(tmp_path, users) as broker:`` in a fixture of any scope
     (the ``broker`` and ``module_broker`` fixtures are this); stopped at the end.
+    ``generated``: on the config ``fedge broker config`` writes.
     """
-    with Mosquitto(directory / "broker", users) as instance:
+    with Mosquitto(directory / "broker", users, generated=generated) as instance:
         yield instance
 
 
