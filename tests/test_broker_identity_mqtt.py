@@ -18,13 +18,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from coordinator.link.hub import HubConfig, MqttHub, hub_client_id
+from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import Channel, ErrorReport, Message, device_topic, encode
-from tests.fleet_support import WAIT_S, Mosquitto, running_broker, wait_for
+from edge_agent.transport.mqtt import MqttLink
+from tests.fleet_support import WAIT_S, Mosquitto, TlsFiles, running_broker, wait_for
 from tests.test_protocol_broker_acl import Client
 
 pytestmark = pytest.mark.slow
@@ -67,9 +70,9 @@ def test_a_device_connecting_with_the_coordinators_id_does_not_disconnect_it(
 Heard = queue.Queue[tuple[str, Message]]
 
 
-def hub_on(broker: Mosquitto, heard: Heard, connects: list[int]) -> MqttHub:
+def hub_on(broker: BrokerConfig, heard: Heard, connects: list[int]) -> MqttHub:
     """The service's hub (persistent session) with listeners, started."""
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=SESSION))
+    hub = MqttHub(HubConfig(broker=broker, session=SESSION))
     hub.add_listener(lambda device, envelope, _size: heard.put((device, envelope.message)))
     hub.add_connect_listener(lambda: connects.append(1))
     hub.start()
@@ -80,7 +83,7 @@ def test_the_coordinators_session_stays_its_own(tmp_path: Path) -> None:
     heard: Heard = queue.Queue()
     connects: list[int] = []
     with running_broker(tmp_path, [DEVICE], generated=True) as broker:
-        hub = hub_on(broker, heard, connects)
+        hub = hub_on(broker.broker("coordinator"), heard, connects)
         try:
             assert connects == [1]
             for index, stolen in enumerate(STOLEN_IDS):
@@ -100,9 +103,36 @@ def test_the_coordinators_session_stays_its_own(tmp_path: Path) -> None:
         sender.close()
         attacker = Client(broker.port, DEVICE, client_id="coordinator")
         attacker.close()
-        again = hub_on(broker, heard, connects)
+        again = hub_on(broker.broker("coordinator"), heard, connects)
         try:
             # the first thing it hears is what waited in its session
             assert heard.get(timeout=WAIT_S) == (DEVICE, ErrorReport(code="while_away"))
         finally:
             again.stop()
+
+
+def test_with_client_certificates_the_certificate_names_the_client(tmp_path: Path) -> None:
+    # Mutual TLS (fedge broker config --cafile): the certificate's CN is the username
+    # and the client id. A device with its own certificate that claims the
+    # coordinator's username and client id is still pi-7 to the broker.
+    tls = TlsFiles.create(tmp_path / "tls")
+    heard: Heard = queue.Queue()
+    connects: list[int] = []
+    with Mosquitto(tmp_path / "broker", [DEVICE], tls=tls, generated=True) as broker:
+        cert, key = tls.issue("coordinator")
+        as_coordinator = replace(broker.broker("coordinator"), cert_file=cert, key_file=key)
+        hub = hub_on(as_coordinator, heard, connects)
+        cert, key = tls.issue(DEVICE)
+        claim = replace(broker.broker(DEVICE), username="coordinator", cert_file=cert,
+                        key_file=key)  # fmt: skip
+        attacker = MqttLink(claim, client_id="coordinator", subscriptions=(),
+                            on_message=lambda *_args: None)  # fmt: skip
+        try:
+            attacker.connect(WAIT_S)
+            # as pi-7 it may publish on pi-7's events: the coordinator hears it there
+            assert attacker.publish_wait(EVENTS, report("claimed"), timeout=WAIT_S)
+            assert heard.get(timeout=WAIT_S) == (DEVICE, ErrorReport(code="claimed"))
+            assert connects == [1], "the coordinator was disconnected and reconnected"
+        finally:
+            attacker.stop()
+            hub.stop()
