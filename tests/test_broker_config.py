@@ -2,8 +2,8 @@
 
 The config text is checked line by line (every setting explained by the comment
 above it; client ids bound to usernames; TLS and mutual TLS only when asked for);
-a real mosquitto runs it in tests/test_broker_identity_mqtt.py and
-tests/test_delivery_mqtt.py.
+a real mosquitto runs it here (an account added with ``fedge broker add-user``), in
+tests/test_broker_identity_mqtt.py and tests/test_delivery_mqtt.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import BrokerSetupError
+from coordinator.link.broker_accounts import add_account, check_account_name
 from coordinator.link.broker_config import (
     BrokerSetup,
     queue_size,
@@ -31,6 +32,8 @@ from edge_agent.protocol import (
     mosquitto_acl,
     operator_account,
 )
+from tests.fleet_support import password, running_broker
+from tests.test_protocol_broker_acl import Client
 
 runner = CliRunner(mix_stderr=False)
 
@@ -146,7 +149,7 @@ def test_fedge_broker_config_writes_the_setup(tmp_path: Path) -> None:
     config = settings((out / "mosquitto.conf").read_text())
     assert (config["listener"], config["max_queued_messages"]) == ("1884", "10000")
     assert "user coordinator@ops" in (out / "acl").read_text()
-    assert "mosquitto_passwd" in result.stdout
+    assert "fedge broker add-user" in result.stdout
     again = runner.invoke(app, ["broker", "config", "--out", str(out)])
     assert again.exit_code == 1
     assert "exists (pass --force to replace it)" in again.stderr
@@ -160,3 +163,46 @@ def test_fedge_broker_acl_prints_the_acl() -> None:
     assert runner.invoke(app, ["broker", "acl"]).stdout == MOSQUITTO_ACL
     with_ops = runner.invoke(app, ["broker", "acl", "--operator", "ops"])
     assert with_ops.stdout == mosquitto_acl(["ops"])
+
+
+def test_fedge_broker_add_user_creates_an_account_the_broker_accepts(tmp_path: Path) -> None:
+    secret = tmp_path / "pi-9.secret"
+    secret.write_text(password("pi-9") + "\n")
+    with running_broker(tmp_path, [], generated=True) as broker:
+        passwd = broker.directory / "passwd"
+        result = runner.invoke(app, ["broker", "add-user", "pi-9", "--passwd", str(passwd),
+                                     "--secret-file", str(secret)])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        assert "pi-9:" in passwd.read_text()
+        assert str(secret.read_text().strip()) not in passwd.read_text()  # hashed
+        broker.stop()  # mosquitto reads the file at start (or on SIGHUP)
+        broker.start()
+        Client(broker.port, "pi-9").close()  # fails the test if refused
+
+
+@pytest.mark.parametrize(
+    ("username", "secret", "message"),
+    [
+        ("bad:name", "s", "unknown kind of account"),
+        ("coordinator@", "s", "invalid operator name"),
+        ("coordinator@a/b", "s", "invalid operator name"),
+        ("pi-9", "", "one non-empty line"),
+        ("pi-9", "a\nb", "one non-empty line"),
+    ],
+)
+def test_add_account_refuses_names_the_acl_does_not_know(
+    tmp_path: Path, username: str, secret: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR), pytest.raises(BrokerSetupError, match=message):
+        add_account(tmp_path / "passwd", username, secret)
+    assert any(message in record.getMessage() for record in caplog.records)
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_accounts_for_the_service_and_operators_are_accepted(tmp_path: Path) -> None:
+    for username in ("coordinator", "coordinator@ops", "pi-9"):
+        assert check_account_name(username) == username
+        add_account(tmp_path / "passwd", username, "secret")
+    names = [line.split(":")[0] for line in (tmp_path / "passwd").read_text().splitlines()]
+    assert names == ["coordinator", "coordinator@ops", "pi-9"]
+    assert stat.S_IMODE((tmp_path / "passwd").stat().st_mode) == 0o600

@@ -7,9 +7,14 @@
   coordinator's connection or session; a per-client queue sized for the fleet;
   persistence), the ``acl`` file and an empty ``passwd`` file (mode 0600) unless
   ``--password-file`` names an existing one. Add the accounts with
-  ``mosquitto_passwd DIR/passwd USER``: ``coordinator`` for the service, the device
+  ``add-user USER --passwd DIR/passwd``: ``coordinator`` for the service, the device
   id for each device, ``coordinator@NAME`` for an operator given ``--operator NAME``.
   Then ``mosquitto -c DIR/mosquitto.conf``.
+* ``add-user USERNAME --passwd FILE`` adds an account (or replaces its password)
+  with ``mosquitto_passwd``, the password read from ``--secret-file`` or a hidden
+  prompt and handed over on stdin (:mod:`coordinator.link.broker_accounts`); only
+  device ids, ``coordinator`` and ``coordinator@NAME`` are accepted. mosquitto reads
+  the file at start and on SIGHUP.
 * ``acl`` prints the least-privilege mosquitto ACL (each device may publish only on
   its own status, events and telemetry topics and read only its own cmd and chunks
   topics and the broadcasts; the coordinator accounts read and write the whole
@@ -24,12 +29,14 @@ from typing import Annotated
 import typer
 
 from coordinator.cli.output import console, reported_errors
+from coordinator.link.broker_accounts import add_account
 from coordinator.link.broker_config import (
     MESSAGES_PER_DEVICE,
     MIN_QUEUED_MESSAGES,
     BrokerSetup,
     write_broker_config,
 )
+from edge_agent.config.values import read_password
 from edge_agent.protocol import mosquitto_acl
 
 app = typer.Typer(help="Broker setup for a fedge fleet.", no_args_is_help=True)
@@ -115,5 +122,29 @@ def config(
         )
         files = write_broker_config(setup, overwrite=force)
     console.print(f"wrote {files.config} and {files.acl}")
-    console.print(f"add accounts: mosquitto_passwd {files.passwords} <username>")
+    console.print(f"add accounts: fedge broker add-user <username> --passwd {files.passwords}")
     console.print(f"start: mosquitto -c {files.config}")
+
+
+@app.command("add-user")
+def add_user(
+    username: Annotated[
+        str, typer.Argument(help="A device id, coordinator, or coordinator@NAME (an operator).")
+    ],
+    passwd: Annotated[
+        Path,
+        typer.Option(show_default=False, help="The mosquitto password file (created if missing)."),
+    ],
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(show_default=False, help="Read the password from this file [prompt]."),
+    ] = None,
+) -> None:
+    """Add an account to the broker's password file (or set a new password for it)."""
+    with reported_errors():
+        if secret_file is not None:
+            secret = read_password(secret_file, "", key="--secret-file")
+        else:
+            secret = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        add_account(passwd, username, secret)
+    console.print(f"{username} set in {passwd}; reload mosquitto (SIGHUP) to use it")

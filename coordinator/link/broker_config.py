@@ -15,7 +15,8 @@ Workflow::
 
     setup = BrokerSetup(directory=Path("/etc/fedge/broker"), fleet_size=500)
     files = write_broker_config(setup)   # mosquitto.conf, acl, passwd, data/
-    # then: mosquitto_passwd <passwd> coordinator ; one per device ; mosquitto -c <conf>
+    # then: fedge broker add-user coordinator --passwd <passwd>; one per device;
+    # mosquitto -c <conf>
 
 :func:`render_config` is pure (the text, every line preceded by a comment that
 explains it); :func:`write_broker_config` writes the files. Each device account's
@@ -195,8 +196,8 @@ def _lines(setup: BrokerSetup) -> list[tuple[str, str]]:
          "take another's id, connection or persistent session (not the coordinator's).",
          "use_username_as_clientid true"),
         ("No anonymous clients: every client authenticates.", "allow_anonymous false"),
-        ("Accounts: the device id for a device, 'coordinator' for the service\n"
-         f"(add one: mosquitto_passwd {setup.passwords} <username>).",
+        ("Accounts: the device id for a device, 'coordinator' for the service; add one\n"
+         f"with: fedge broker add-user <username> --passwd {setup.passwords}",
          f"password_file {setup.passwords}"),
         ("Least privilege per account (fedge broker acl): a device publishes only on its\n"
          "own status/events/telemetry and reads only its own cmd/chunks and broadcasts.",
