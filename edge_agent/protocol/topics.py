@@ -31,7 +31,11 @@ on top of this, independently of the transport. Device ids and broadcast names f
 characters of ``[A-Za-z0-9_.-]``, starting with a letter or digit; so they never
 contain ``/``, ``+`` or ``#`` and never start with ``.`` (safe as file names too).
 ``coordinator`` is reserved: it is the coordinator's MQTT username and the
-``sender`` of every coordinator message, so no device may take it.
+``sender`` of every coordinator message, so no device may take it. Operators'
+accounts with the coordinator's rights are ``coordinator@<name>``
+(:func:`operator_account`): ``@`` is in no device id. The ACL cannot restrict MQTT
+client ids: the broker must bind them to the username (``use_username_as_clientid``,
+written by ``fedge broker config``), or a device could take the coordinator's.
 
 Workflow:
 
