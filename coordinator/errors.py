@@ -20,7 +20,8 @@ The tree::
     │   └── DatabaseInUseError          another coordinator process runs this database
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
-    └── ServiceConfigError          the service's configuration (file or flags) is invalid
+    ├── ServiceConfigError          the service's configuration (file or flags) is invalid
+    └── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -196,6 +197,13 @@ class ServiceConfigError(CoordinatorError):
         """Keep the key with the message."""
         super().__init__(message)
         self.key = key
+
+
+class BrokerSetupError(CoordinatorError):
+    """The settings for a generated mosquitto config are inconsistent (e.g. a TLS
+    certificate without its key, a port outside 1..65535, an existing output file)."""
+
+    code = "bad_broker_setup"
 
 
 class ApiError(CoordinatorError):

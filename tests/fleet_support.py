@@ -55,6 +55,7 @@ from compress.onnx_export import export_onnx
 from compress.signing import sign_manifest
 from coordinator.delivery.deliveries import Deliveries
 from coordinator.delivery.packaging import PackageRequest, package_model
+from coordinator.link.broker_config import BrokerSetup, write_broker_config
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from edge_agent.agent import Agent
@@ -116,9 +117,50 @@ def wait_for(condition: Callable[[], Any], timeout: float = WAIT_S, what: str = 
         time.sleep(POLL_S)
 
 
+def _certificate(
+    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An EC P-256 certificate with CN ``name``, valid for a day (self-signed without
+    ``issuer``); a leaf is valid for 127.0.0.1."""
+    now = datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer else (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _write_pem(
+    cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> None:
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
 @dataclass(frozen=True)
 class TlsFiles:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate
+    (CN ``client``); :meth:`issue` makes more client certificates from the same CA."""
 
     ca: Path
     server_cert: Path
@@ -130,52 +172,30 @@ class TlsFiles:
     def create(cls, directory: Path) -> TlsFiles:
         """Generate the CA and both certificates (EC P-256, valid for a day)."""
         directory.mkdir(parents=True, exist_ok=True)
-        now = datetime.now(UTC)
-
-        def make(
-            name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool
-        ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-            issuer_name, issuer_key = issuer if issuer else (subject, key)
-            builder = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(issuer_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=5))
-                .not_valid_after(now + timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            )
-            if not ca:
-                builder = builder.add_extension(
-                    x509.SubjectAlternativeName(
-                        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                    ),
-                    critical=False,
-                )
-            return builder.sign(issuer_key, hashes.SHA256()), key
-
-        ca_cert, ca_key = make("fedge test CA", None, ca=True)
-        issuer = (ca_cert.subject, ca_key)
         files = cls(*(directory / n for n in ("ca.pem", "server.pem", "server.key",
                                                "client.pem", "client.key")))  # fmt: skip
-        for cert_path, key_path, (cert, key) in (
-            (files.ca, None, (ca_cert, ca_key)),
-            (files.server_cert, files.server_key, make("127.0.0.1", issuer, ca=False)),
-            (files.client_cert, files.client_key, make("client", issuer, ca=False)),
-        ):
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            if key_path is not None:
-                key_path.write_bytes(
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    )
-                )
+        ca_cert, ca_key = _certificate("fedge test CA", None, ca=True)
+        _write_pem(files.ca, files.ca_key, ca_cert, ca_key)
+        _write_pem(files.server_cert, files.server_key, *files._signed("127.0.0.1"))
+        _write_pem(files.client_cert, files.client_key, *files._signed("client"))
         return files
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA's private key (next to its certificate)."""
+        return self.ca.with_suffix(".key")
+
+    def _signed(self, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        ca_cert = x509.load_pem_x509_certificate(self.ca.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        return _certificate(name, (ca_cert.subject, ca_key), ca=False)
+
+    def issue(self, name: str) -> tuple[Path, Path]:
+        """A client certificate with CN ``name`` from this CA: (certificate, key)."""
+        cert, key = (self.ca.parent / f"{name}.pem", self.ca.parent / f"{name}.client.key")
+        _write_pem(cert, key, *self._signed(name))
+        return cert, key
 
 
 class Mosquitto:
@@ -184,10 +204,19 @@ class Mosquitto:
     ``with Mosquitto(directory, users) as broker:`` starts it and stops it after.
 
     With ``tls``, the listener speaks TLS only and requires a client certificate
-    signed by the test CA (mutual TLS) on top of the passwords.
+    signed by the test CA (mutual TLS) on top of the passwords. With ``generated``,
+    the config is the one ``fedge broker config`` writes (client ids bound to
+    usernames, persistence under the directory) instead of the suite's own.
     """
 
-    def __init__(self, directory: Path, users: Sequence[str], tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        users: Sequence[str],
+        tls: TlsFiles | None = None,
+        *,
+        generated: bool = False,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.tls = tls
@@ -212,11 +241,24 @@ class Mosquitto:
             if tls
             else ""
         )
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
-            f"password_file {passwords}\nacl_file {acl}\npersistence false\n"
-            f"max_queued_messages 100000\n{run_as}"
-        )
+        if generated:
+            # with tls: mutual TLS, the certificate's CN is the username (no password)
+            certs = (
+                {"tls_cert": tls.server_cert, "tls_key": tls.server_key, "cafile": tls.ca}
+                if tls
+                else {}
+            )
+            setup = BrokerSetup(directory, port=self.port, bind="127.0.0.1",
+                                password_file=passwords, fleet_size=5000, **certs)  # fmt: skip
+            self.config = write_broker_config(setup, overwrite=True).config
+            with self.config.open("a") as conf:
+                conf.write(run_as)
+        else:
+            self.config.write_text(
+                f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
+                f"password_file {passwords}\nacl_file {acl}\npersistence false\n"
+                f"max_queued_messages 100000\n{run_as}"
+            )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -274,13 +316,16 @@ class Mosquitto:
 
 
 @contextlib.contextmanager
-def running_broker(directory: Path, users: Sequence[str]) -> Iterator[Mosquitto]:
+def running_broker(
+    directory: Path, users: Sequence[str], *, generated: bool = False
+) -> Iterator[Mosquitto]:
     """A running :class:`Mosquitto` under ``directory / "broker"`` that knows ``users``.
 
     ``with running_broker(tmp_path, users) as broker:`` in a fixture of any scope
     (the ``broker`` and ``module_broker`` fixtures are this); stopped at the end.
+    ``generated``: on the config ``fedge broker config`` writes.
     """
-    with Mosquitto(directory / "broker", users) as instance:
+    with Mosquitto(directory / "broker", users, generated=generated) as instance:
         yield instance
 
 

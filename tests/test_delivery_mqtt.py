@@ -741,6 +741,28 @@ def test_delivery_over_mutual_tls(tmp_path: Path, signing_key: SigningKey, trust
             devices.stop()
 
 
+def test_delivery_on_the_broker_config_fedge_writes(
+    tmp_path: Path, signing_key: SigningKey, trust: Path
+) -> None:
+    # The config of `fedge broker config` binds every client id to its username:
+    # agent processes and the operator's one-shot commands work as before on it.
+    with Mosquitto(tmp_path / "bound-broker", DEVICES[:2], generated=True) as bound:
+        processes = [AgentProcess(bound, d, tmp_path / d, trust) for d in DEVICES[:2]]
+        try:
+            online(bound, *DEVICES[:2])
+            artifact = make_artifact(tmp_path, signing_key, version=3)
+            status, result = deploy_json(bound, trust, artifact)
+            assert status == 0, result
+            sha256 = Artifact.load(artifact).transfer_id
+            fleet = json.loads(fedge(bound, "fleet", "--json")[1])["devices"]
+            assert {d["device_id"]: (d["online"], d["models"]) for d in fleet} == {
+                d: (True, [{"name": "digits", "version": 3, "sha256": sha256}]) for d in DEVICES[:2]
+            }
+        finally:
+            for process in processes:
+                assert process.stop() == 0, process.log_text()[-2000:]
+
+
 def test_every_lost_connection_marks_the_device_offline(
     broker: Mosquitto, fleet: InProcessFleet
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from coordinator.errors import CoordinatorError, ServiceConfigError
-from coordinator.link.hub import HubConfig, session_client_id
+from coordinator.link.hub import HubConfig, hub_client_id
 from coordinator.service.api.app import MIB
 from coordinator.service.config import (
     KNOWN_KEYS,
@@ -404,9 +404,13 @@ def test_a_coordinator_session_name_is_checked(name: str) -> None:
     assert HubConfig(broker=broker, session="fedge-coordinator.2").session
 
 
-def test_no_device_can_take_the_service_session() -> None:
-    assert session_client_id("main") == "coordinator:main"
-    assert not is_valid_device_id(session_client_id("main"))
-    fresh = {session_client_id(None) for _ in range(3)}
+def test_the_hub_client_id_is_its_username() -> None:
+    # The persistent session is keyed by the username: a broker that binds client
+    # ids to usernames (fedge broker config) keeps every device away from it.
+    assert hub_client_id("coordinator", "main") == "coordinator"
+    assert hub_client_id("coordinator@ops", "main") == "coordinator@ops"
+    assert hub_client_id(None, "main") == "coordinator"
+    fresh = {hub_client_id("coordinator", None) for _ in range(3)}
     assert len(fresh) == 3  # a clean session gets a new id each time
+    assert all(client_id.startswith("coordinator:") for client_id in fresh)
     assert all(not is_valid_device_id(client_id) for client_id in fresh)

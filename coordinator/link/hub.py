@@ -55,7 +55,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.transport.mqtt import MqttLink
 
-__all__ = ["SESSION_NAME_RE", "HubConfig", "MqttHub", "session_client_id"]
+__all__ = ["SESSION_NAME_RE", "HubConfig", "MqttHub", "hub_client_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,23 @@ SESSION_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What :attr:`HubConfig.session` may be (it is also an MQTT topic level)."""
 
 
-def session_client_id(session: str | None) -> str:
-    """``coordinator:<session>`` for a persistent session, else ``coordinator:<random>``.
+def hub_client_id(username: str | None, session: str | None) -> str:
+    """The hub's MQTT client id: its username (``coordinator`` when it has none).
 
-    No device id has a colon, so no device can take the coordinator's client id
-    (and with it the coordinator's connection and session).
+    A persistent session is keyed by this id, so the service's session is the
+    ``coordinator`` account's. The fleet's broker binds every client id to the
+    authenticated username (``use_username_as_clientid``, written by ``fedge broker
+    config``): a device that connects with the coordinator's id gets its own
+    username as id instead, and cannot take the coordinator's connection or session.
+    A short-lived hub (``session`` None, a clean session) adds a random suffix,
+    which only matters on a broker that does not bind ids (tests, the embedded
+    development broker), where it lets one-shots run beside the service; a binding
+    broker replaces it by the username, so there a one-shot beside the service
+    needs an account of its own (``coordinator@<name>``,
+    :func:`edge_agent.protocol.operator_account`).
     """
-    return f"{COORDINATOR_SENDER}:{session if session is not None else uuid.uuid4().hex[:12]}"
+    account = username or COORDINATOR_SENDER
+    return account if session is not None else f"{account}:{uuid.uuid4().hex[:12]}"
 
 
 SYNC_PREFIX = f"{ROOT}/coordinator/sync"
@@ -80,18 +90,20 @@ class HubConfig:
     """How the hub connects and serves payloads.
 
     Attributes:
-        broker: The fleet's broker; the username should be ``coordinator``.
+        broker: The fleet's broker; the username should be ``coordinator`` (the
+            service) or an operator account ``coordinator@<name>``.
         chunk_size: Bytes per chunk (at most the protocol's 128 KiB ceiling).
         sync_timeout_s: How long to wait for the retained statuses after connecting.
         limits: Protocol limits.
-        session: None (default): a fresh client id and a clean session, for
-            short-lived processes. A name: the client id ``coordinator:<name>``
-            (no device id has a colon, so no device can take it over) with a
-            persistent session, for the long-running service: what devices send while it is
+        session: None (default): a clean session, for short-lived processes. A
+            name: a persistent session under the client id = the username
+            (:func:`hub_client_id`; a broker that binds client ids to usernames
+            keeps every device away from it), for the long-running service; the
+            name keys its sync topic. What devices send while it is
             down or restarting (telemetry, presence, install reports) waits in the
             broker (up to its per-client queue, mosquitto's ``max_queued_messages``)
-            and arrives when it is back. One process at a time per name: a second
-            connection with it takes the session over.
+            and arrives when it is back. One process at a time per username: a
+            second connection with it takes the session over.
     """
 
     broker: BrokerConfig
@@ -132,7 +144,7 @@ class MqttHub(HubBase, Startable):
         self._synced = threading.Event()
         self._link = MqttLink(
             config.broker,
-            client_id=session_client_id(config.session),
+            client_id=hub_client_id(config.broker.username, config.session),
             clean_session=config.session is None,
             subscriptions=(*coordinator_subscriptions(), self._sync_topic),
             on_message=self._on_message,

@@ -39,8 +39,8 @@ DEFAULT_EMBEDDED_BROKER_PORT = 1883
 """The embedded broker's default port: MQTT's, so agents on the machine find it."""
 
 DEFAULT_SESSION = "main"
-"""The service's persistent MQTT session (client id ``coordinator:main``) unless
-``broker.session`` says otherwise."""
+"""The service's persistent MQTT session (under the client id = its username,
+``coordinator``) unless ``broker.session`` says otherwise."""
 
 PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
 """Environment variable holding the broker password when no password file is given."""
@@ -126,9 +126,12 @@ _BROKER = Section(
             "The name of the service's MQTT session. It is persistent: what devices send "
             "while the service is down or restarting (telemetry, presence, install "
             "reports) waits in the broker and arrives when it is back, up to the "
-            "broker's per-client queue (mosquitto: max_queued_messages). Two services "
-            'on one broker need two names; "" for a clean session (nothing kept). The '
-            'MQTT client id is "coordinator:<session>", which no device id can be.',
+            "broker's per-client queue (mosquitto: max_queued_messages). "
+            '"" for a clean session (nothing kept). '
+            "The session lives under the MQTT client id = the "
+            "username: a broker from `fedge broker config` binds every client id to its "
+            "username, so no device can take it, and two services on one broker need "
+            "two usernames.",
             default=DEFAULT_SESSION,
             commented=True,
         ),

@@ -31,7 +31,11 @@ on top of this, independently of the transport. Device ids and broadcast names f
 characters of ``[A-Za-z0-9_.-]``, starting with a letter or digit; so they never
 contain ``/``, ``+`` or ``#`` and never start with ``.`` (safe as file names too).
 ``coordinator`` is reserved: it is the coordinator's MQTT username and the
-``sender`` of every coordinator message, so no device may take it.
+``sender`` of every coordinator message, so no device may take it. Operators'
+accounts with the coordinator's rights are ``coordinator@<name>``
+(:func:`operator_account`): ``@`` is in no device id. The ACL cannot restrict MQTT
+client ids: the broker must bind them to the username (``use_username_as_clientid``,
+written by ``fedge broker config``), or a device could take the coordinator's.
 
 Workflow:
 
@@ -54,6 +58,7 @@ topic outside the tree or an invalid device id.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -66,6 +71,7 @@ __all__ = [
     "DEVICES_PREFIX",
     "MAX_TOPIC_CHARS",
     "MOSQUITTO_ACL",
+    "OPERATOR_SEPARATOR",
     "ROOT",
     "BroadcastTopic",
     "Channel",
@@ -76,6 +82,8 @@ __all__ = [
     "coordinator_subscriptions",
     "device_topic",
     "is_valid_device_id",
+    "mosquitto_acl",
+    "operator_account",
     "parse_broadcast_topic",
     "parse_device_topic",
     "parse_topic",
@@ -141,7 +149,54 @@ def _device_acl_lines() -> str:
     )
 
 
-MOSQUITTO_ACL = f"""\
+OPERATOR_SEPARATOR = "@"
+"""Joins ``coordinator`` and an operator name into an operator account
+(``coordinator@laptop``); no device id contains it, so no device id is an account."""
+
+
+def operator_account(name: str) -> str:
+    """The MQTT username of an extra coordinator account: ``coordinator@<name>``.
+
+    A broker that binds client ids to usernames (``use_username_as_clientid``)
+    lets one connection per username exist: a second connection as ``coordinator``
+    would disconnect the coordinator service and, with a clean session, discard its
+    persistent one. An operator's one-shot commands (``fedge deploy --broker``)
+    therefore connect with an account of their own, with the coordinator's rights.
+
+    Args:
+        name: 1-64 of ``[A-Za-z0-9_.-]``, starting with a letter or digit.
+
+    Returns:
+        ``coordinator@<name>``; never a valid device id (``@`` is not allowed in one).
+
+    Raises:
+        TopicError: The name breaks the rule.
+    """
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise TopicError(
+            f"invalid operator name {str(name)[:80]!r}: want 1-64 of [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return f"{COORDINATOR_SENDER}{OPERATOR_SEPARATOR}{name}"
+
+
+def mosquitto_acl(operators: Iterable[str] = ()) -> str:
+    """The least-privilege mosquitto ``acl_file``, generated from :class:`Channel`.
+
+    Args:
+        operators: Operator names; each gets the account :func:`operator_account`
+            with the coordinator's rights (read and write the whole tree).
+
+    Returns:
+        The ACL text: the device ``pattern`` lines, then one ``user`` section for
+        ``coordinator`` and one per operator account.
+
+    Raises:
+        TopicError: An operator name breaks the rule.
+    """
+    accounts = (COORDINATOR_SENDER, *dict.fromkeys(operator_account(n) for n in operators))
+    sections = "\n".join(f"user {account}\ntopic readwrite {ROOT}/#" for account in accounts)
+    return f"""\
 # fedge broker ACL (mosquitto acl_file). MQTT username == device id.
 # Least privilege: a device may only publish (write) on its own from-device
 # channels and only subscribe (read) to its own to-device channels and the
@@ -151,11 +206,14 @@ MOSQUITTO_ACL = f"""\
 {_device_acl_lines()}
 pattern read {BROADCAST_FILTER}
 
-# The coordinator's account sees and writes the whole tree.
-user {COORDINATOR_SENDER}
-topic readwrite {ROOT}/#
+# The coordinator's accounts (the service's 'coordinator', operators'
+# 'coordinator@<name>') see and write the whole tree.
+{sections}
 """
-"""A least-privilege mosquitto ``acl_file``, generated from :class:`Channel`.
+
+
+MOSQUITTO_ACL = mosquitto_acl()
+"""A least-privilege mosquitto ``acl_file`` (:func:`mosquitto_acl` with no operators).
 
 Each device (MQTT username == device id) may ``write`` only its own from-device
 channels (``status``, ``events``, ``telemetry``) and ``read`` only its own
