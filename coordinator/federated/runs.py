@@ -113,6 +113,8 @@ class RunConfig:
         gather_s: Longest wait for acknowledgements before weights are pushed.
         model_def: What is trained (spec, task, shapes); None: the built-in
             ``family`` for classification.
+        upload_budget_bytes: Most bytes of chunked uploads one device may have in
+            flight; None for 4x the largest update the model allows.
     """
 
     model: str
@@ -129,6 +131,7 @@ class RunConfig:
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
     gather_s: float = 3.0
     model_def: ModelDef | None = None
+    upload_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -160,6 +163,8 @@ class RunConfig:
             raise RunError(
                 f"max_update_norm must be positive and finite, got {self.max_update_norm}"
             )
+        if self.upload_budget_bytes is not None and self.upload_budget_bytes < 1:
+            raise RunError(f"upload_budget_bytes must be positive, got {self.upload_budget_bytes}")
         parse_codec(self.codec)
 
     @property
@@ -367,6 +372,7 @@ class _Run:
             model_spec=self.model.spec,
             task=self.model.task,
             model_args=self.model.model_args(),
+            upload_budget_bytes=config.upload_budget_bytes,
         )
         self.grid = MqttGrid(hub, settings, cancel=stop)
 
