@@ -140,6 +140,17 @@ def test_settings_and_api_config_follow_the_file() -> None:
     assert build(with_("telemetry", retention_days=0)).settings().telemetry_max_age_s is None
 
 
+def test_the_halt_floor_and_the_upload_budget_follow_the_file() -> None:
+    settings = build(MINIMAL).settings()
+    assert settings.rollout_min_failed_devices == 2
+    assert settings.upload_budget_bytes is None  # 4x the largest update
+    config = build(
+        {**MINIMAL, "rollouts": {"min_failed_devices": 1}, "runs": {"upload_budget_mib": 8}}
+    )
+    assert config.settings().rollout_min_failed_devices == 1
+    assert config.settings().upload_budget_bytes == 8 * MIB
+
+
 def test_a_broker_url_with_credentials_and_tls(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("  s3cret\n")
@@ -348,6 +359,8 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         (with_("telemetry", retention_rows=1.5), "telemetry.retention_rows must be an integer"),
         (with_("telemetry", retention_days=-1), "telemetry.retention_days must be a number >= 0"),
         (with_("rollouts", tick_s="1s"), "rollouts.tick_s must be a number of seconds"),
+        (with_("rollouts", min_failed_devices=0), "rollouts.min_failed_devices must be"),
+        (with_("runs", upload_budget_mib=-1), "runs.upload_budget_mib must be between 0"),
         (with_("broker", embedded="yes"), "broker.embedded must be true or false, got a string"),
         (with_("broker", embedded_port=0), "broker.embedded_port must be between 1 and 65535"),
         (with_("trust", threshold=2), "trust.threshold 2 is more than the 1 trusted key(s)"),

@@ -106,6 +106,9 @@ MAX_BODY_MIB = 1024
 MAX_ARTIFACT_MIB = 16 * 1024
 """Largest ``api.max_artifact_mib`` accepted (an upload is held in memory)."""
 
+MAX_BUDGET_MIB = 64 * 1024
+"""Largest ``runs.upload_budget_mib`` accepted."""
+
 NO_TRUSTED_KEYS = (
     "no trusted keys: the coordinator stores only artifacts signed by keys it trusts; "
     'pass --trust KEY.pub (repeatable) or set keys = ["keys/signing.pub"] under [trust]'
@@ -229,6 +232,10 @@ class ServiceConfig:
         telemetry: How telemetry is stored and kept.
         api: The API's limits and switches.
         rollout_tick_s: Seconds between rollout engine ticks (> 0).
+        rollout_min_failed_devices: Fewest failed devices that halt a stage, for
+            rollouts that set none (>= 1).
+        upload_budget_mib: Most MiB of uploads in flight per device during a run;
+            0 for four times the largest update.
         log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
         broker_session: The MQTT client id of the service's persistent session
             with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
@@ -251,6 +258,8 @@ class ServiceConfig:
     telemetry: TelemetryStorage = field(default_factory=TelemetryStorage)
     api: ApiSettings = field(default_factory=ApiSettings)
     rollout_tick_s: float = _default("rollouts.tick_s")
+    rollout_min_failed_devices: int = _default("rollouts.min_failed_devices")
+    upload_budget_mib: int = _default("runs.upload_budget_mib")
     log_level: str = _default("log_level")
     broker_session: str = _default("broker.session")
 
@@ -275,6 +284,8 @@ class ServiceConfig:
             want_int("bind", self.bind_port, low=1, high=65535)
             want_str("bind", self.bind_host)
             tick = want_seconds("rollouts.tick_s", self.rollout_tick_s)
+            want_int("rollouts.min_failed_devices", self.rollout_min_failed_devices, low=1)
+            want_int("runs.upload_budget_mib", self.upload_budget_mib, low=0, high=MAX_BUDGET_MIB)
             level = want_str("log_level", self.log_level).lower()
         try:
             parse_bind(self.bind)  # the host's form (a bracketed one is refused here)
@@ -352,6 +363,8 @@ class ServiceConfig:
             telemetry_max_rows=self.telemetry.retention_rows or None,
             telemetry_max_age_s=days * 86400.0 if days else None,
             rollout_tick_s=self.rollout_tick_s,
+            rollout_min_failed_devices=self.rollout_min_failed_devices,
+            upload_budget_bytes=self.upload_budget_mib * MIB or None,
         )
 
     def api_config(self) -> ApiConfig:
@@ -502,6 +515,8 @@ def build_service_config(
                 telemetry=TelemetryStorage(**sources.section("telemetry")),
                 api=ApiSettings(**sources.section("api")),
                 rollout_tick_s=sources.get("rollouts.tick_s"),
+                rollout_min_failed_devices=sources.get("rollouts.min_failed_devices"),
+                upload_budget_mib=sources.get("runs.upload_budget_mib"),
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
             )

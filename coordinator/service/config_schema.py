@@ -193,6 +193,29 @@ _ROLLOUTS = Section(
             "Seconds between checks of running rollouts (soak times, stage health).",
             default=1.0,
         ),
+        Key(
+            "min_failed_devices",
+            "Fewest failed devices that halt a stage of a rollout (capped at the "
+            "stage's size), for rollouts that do not set their own "
+            "(--min-failed-devices). A stage halts only when its failures reach this "
+            "AND exceed its max_failure share: with 2, one broken or hostile device "
+            "cannot halt a stage of two or more, and a canary of one still halts when "
+            "it fails. 1: any failure counts.",
+            default=2,
+        ),
+    ),
+)
+
+_RUNS = Section(
+    "runs",
+    (
+        Key(
+            "upload_budget_mib",
+            "Most MiB of chunked update uploads one device may have in flight during "
+            "a federated run (held in memory until its report arrives); 0: four times "
+            "the largest update the run's model allows.",
+            default=0,
+        ),
     ),
 )
 
@@ -203,7 +226,7 @@ SERVICE_SCHEMA = Schema(
         "Command-line flags override these values. Relative paths are relative to this "
         "file's directory."
     ),
-    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS),
+    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS),
     example_package="coordinator.service",
     example_name="coordinator.example.toml",
     replace_together=(("broker.url", "broker.embedded"),),
