@@ -35,6 +35,7 @@ FLAGS = {
 
 MINIMAL: dict[str, Any] = {
     "db": "state.db",
+    "dev": True,  # the embedded broker needs it
     "broker": {"embedded": True},
     "trust": {"keys": ["k.pub"]},
 }
@@ -85,9 +86,12 @@ def test_the_template_parses_to_a_valid_config(tmp_path: Path) -> None:
     config = build(load_config_file(path), base_dir=path.parent)
     assert config.db == tmp_path / "conf" / "state.db"
     assert config.trust == TrustConfig(keys=(tmp_path / "conf" / "keys" / "signing.pub",))
-    assert config.embedded_broker
-    assert config.broker is None
-    assert config.embedded_broker_port == 1883
+    # Not the anonymous embedded broker: a broker URL to edit.
+    assert not config.embedded_broker
+    assert not config.dev
+    assert config.broker is not None
+    assert config.broker.url == "mqtts://broker.example.net:8883"
+    assert config.broker.username == "coordinator"
     assert (config.bind_host, config.bind_port) == ("127.0.0.1", 8780)
     assert config.bind_is_loopback
     assert config.telemetry == TelemetryStorage()
@@ -310,6 +314,26 @@ def test_both_brokers_are_refused() -> None:
     assert message.startswith("--embedded-broker: both a broker URL and the embedded broker")
 
 
+def test_the_anonymous_embedded_broker_needs_dev_mode() -> None:
+    # Issue 17: the embedded broker has no password and no ACL; any process on the
+    # machine could act as any device or as the coordinator.
+    without_dev = {**MINIMAL, "dev": False}
+    message = error_of(without_dev)
+    assert message.startswith("coordinator.toml: the embedded broker accepts any client")
+    assert "configure a broker with credentials" in message
+    assert "pass --dev (dev = true)" in message
+    flag = error_of({**without_dev, "broker": {}}, {"broker": {"embedded": True}})
+    assert flag.startswith("--embedded-broker: the embedded broker accepts any client")
+    with pytest.raises(ServiceConfigError) as caught:
+        ServiceConfig(db=Path("/s.db"), trust=TrustConfig(keys=(Path("/k.pub"),)),
+                      embedded_broker=True)  # fmt: skip
+    assert caught.value.key == "broker.embedded"
+    # With --dev it runs; a real broker never needs it.
+    assert build(without_dev, {"dev": True}).embedded_broker
+    assert build({**without_dev, "broker": {"url": "mqtt://h"}}).broker is not None
+    assert "dev must be true or false" in error_of({**MINIMAL, "dev": "yes"})
+
+
 def test_no_broker_is_refused_with_the_ways_to_give_one() -> None:
     message = error_of({**MINIMAL, "broker": {}})
     assert message.startswith("no broker: pass --broker mqtt://HOST:PORT or --embedded-broker")
@@ -403,7 +427,7 @@ def test_values_are_checked_when_built_directly() -> None:
             broker=BrokerConfig("h", 1883, False),
             embedded_broker=True,
         )
-    config = ServiceConfig(db=Path("/s.db"), trust=trust, embedded_broker=True)
+    config = ServiceConfig(db=Path("/s.db"), trust=trust, embedded_broker=True, dev=True)
     with pytest.raises(ServiceConfigError) as caught:
         dataclasses.replace(config, bind_host="[::1]")
     assert caught.value.key == "bind"

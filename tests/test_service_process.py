@@ -78,7 +78,7 @@ class ServiceProcess:
     def start(self) -> None:
         args = [
             fedge_exe(), "coordinator", "serve", "--db", str(self.db),
-            "--embedded-broker", "--embedded-broker-port", str(free_port()),
+            "--embedded-broker", "--dev", "--embedded-broker-port", str(free_port()),
             "--trust", str(self.trust), "--bind", f"127.0.0.1:{self.port}",
         ]  # fmt: skip
         with self.log.open("ab") as log:
@@ -219,7 +219,7 @@ def test_a_token_revoked_while_serving_is_refused_at_once(running: Running) -> N
 def test_a_second_service_on_a_busy_port_fails_in_one_line(running: Running) -> None:
     service = running.service
     done = fedge("coordinator", "serve", "--db", service.directory / "other.db",
-                 "--embedded-broker", "--embedded-broker-port", str(free_port()),
+                 "--embedded-broker", "--dev", "--embedded-broker-port", str(free_port()),
                  "--trust", service.trust, "--bind", f"127.0.0.1:{service.port}",
                  cwd=service.directory)  # fmt: skip
     assert done.returncode == 1
@@ -232,7 +232,7 @@ def test_nothing_else_runs_the_services_database_meanwhile(running: Running) -> 
     service = running.service
     assert service.process is not None
     pid = service.process.pid
-    second = fedge("coordinator", "serve", "--db", service.db, "--embedded-broker",
+    second = fedge("coordinator", "serve", "--db", service.db, "--embedded-broker", "--dev",
                    "--embedded-broker-port", str(free_port()), "--trust", service.trust,
                    "--bind", f"127.0.0.1:{free_port()}", cwd=service.directory)  # fmt: skip
     in_process = fedge("devices", "--broker", "mqtt://127.0.0.1:1", "--db", service.db,

@@ -86,6 +86,16 @@ _TOP = Section(
             flag="--log-level",
             metavar="LEVEL",
         ),
+        Key(
+            "dev",
+            "Development mode, for trying fedge on one machine: allows the embedded "
+            "broker ([broker] embedded), which accepts any client without a password "
+            "and has no ACL, so any process on this machine can act as any device or "
+            "as the coordinator. Without it the service refuses to start with the "
+            "embedded broker. Never for a real fleet.",
+            default=False,
+            flag="--dev",
+        ),
     ),
 )
 
@@ -95,12 +105,13 @@ _BROKER = Section(
         Key(
             "embedded",
             "Run a small MQTT broker (amqtt) inside the service, listening on "
-            "127.0.0.1:embedded_port WITHOUT authentication: for trying fedge on one "
-            "machine, with the agents on the same machine. A real fleet uses its own "
-            "broker (mosquitto with the ACL of `fedge broker acl`, EMQX, HiveMQ) "
-            "through url.",
+            "127.0.0.1:embedded_port WITHOUT authentication or ACL: for trying fedge "
+            "on one machine, with the agents on the same machine; only with dev = true "
+            "(--dev). A real fleet uses its own broker (mosquitto with the ACL of "
+            "`fedge broker acl`, EMQX, HiveMQ) through url.",
             default=False,
             example=True,
+            commented=True,
             flag="--embedded-broker",
         ),
         Key(
@@ -111,7 +122,7 @@ _BROKER = Section(
             flag="--embedded-broker-port",
             metavar="PORT",
         ),
-        dataclasses.replace(BROKER_URL, default_doc="", commented=True),
+        dataclasses.replace(BROKER_URL, default_doc=""),
         Key(
             "username",
             "MQTT username: the broker ACL's coordinator account.",
