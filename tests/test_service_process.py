@@ -262,3 +262,20 @@ def test_a_signal_stops_the_service_cleanly(tmp_path: Path, signum: signal.Signa
             httpx.get(f"{service.url}/v1/health", timeout=1.0)
     finally:
         service.kill()
+
+
+def test_the_anonymous_embedded_broker_is_refused_without_dev(tmp_path: Path) -> None:
+    """Issue 17: ``fedge coordinator init`` + ``serve --embedded-broker`` used to run
+    an anonymous broker without an ACL; now it needs ``--dev``."""
+    trust = public_key_file(tmp_path / "keys", generate_signing_key())
+    init = fedge("coordinator", "init", cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    port = free_port()
+    done = fedge("coordinator", "serve", "--embedded-broker", "--embedded-broker-port",
+                 str(port), "--trust", trust, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --embedded-broker: the embedded broker accepts any")
+    assert "configure a broker with credentials" in done.stderr
+    assert "or pass --dev" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "state.db").exists()  # nothing started
