@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
@@ -27,15 +29,24 @@ from coordinator.federated.uploads import (
     MIN_UPLOAD_CHUNK_BYTES,
     UploadReceiver,
 )
+from coordinator.link.hub import MqttHub
 from coordinator.link.memory import MemoryHub
+from coordinator.link.port import Hub
 from edge_agent.protocol import (
+    Channel,
     Chunk,
     Status,
     UpdateReport,
     chunk_count,
+    device_topic,
+    encode,
     encode_arrays,
     sha256_hex,
 )
+from edge_agent.protocol import (
+    Message as WireMessage,
+)
+from tests.fleet_support import Mosquitto, coordinator, password, wait_for
 
 LIMIT = 1 << 20
 
@@ -154,7 +165,13 @@ def _grid_with_task(hub: MemoryHub) -> tuple[MqttGrid, str, dict[str, np.ndarray
     hub.receive("dev1", Status(online=True, agent_version="1"))
     settings = GridSettings(model="m", family="softmax", codec=parse_codec("fp32"), gather_s=0.01)
     grid = MqttGrid(hub, settings)
-    grid.begin_phase(1, ["dev1"], time.time() + 60)
+    task_id, weights = _train_task(grid, 1)
+    return grid, task_id, weights
+
+
+def _train_task(grid: MqttGrid, round_no: int) -> tuple[str, dict[str, np.ndarray]]:
+    """Open a phase with one train task for dev1."""
+    grid.begin_phase(round_no, ["dev1"], time.time() + 60)
     weights = {"W": np.zeros((64, 64), np.float32), "b": np.zeros(64, np.float32)}
     content = RecordDict(
         {
@@ -164,7 +181,7 @@ def _grid_with_task(hub: MemoryHub) -> tuple[MqttGrid, str, dict[str, np.ndarray
     )
     message = Message(content, dst_node_id=node_id_of("dev1"), message_type=MessageType.TRAIN)
     [task_id] = grid.push_messages([message])
-    return grid, task_id, weights
+    return task_id, weights
 
 
 def _update_body(weights: dict[str, np.ndarray]) -> tuple[bytes, tuple]:  # type: ignore[type-arg]
@@ -175,9 +192,9 @@ def _update_body(weights: dict[str, np.ndarray]) -> tuple[bytes, tuple]:  # type
     return bytes(body), index
 
 
-def _report(task_id: str, body: bytes, index: tuple) -> UpdateReport:  # type: ignore[type-arg]
+def _report(task_id: str, body: bytes, index: tuple, round_no: int = 1) -> UpdateReport:  # type: ignore[type-arg]
     return UpdateReport(
-        round_id="r1",
+        round_id=f"r{round_no}",
         task_id=task_id,
         num_examples=10,
         codec="fp32",
@@ -224,3 +241,80 @@ def test_an_honest_upload_on_the_grid_becomes_a_reply() -> None:
     finally:
         grid.close()
         hub.stop()
+
+
+# ------------------------------------------------- over a real mosquitto broker
+
+
+@pytest.fixture
+def broker_users() -> Sequence[str]:
+    return ("dev1",)
+
+
+class Device:
+    """A raw MQTT client logged in as dev1: it publishes whatever the test says."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev1")
+        self.client.username_pw_set("dev1", password("dev1"))
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+
+    def send(self, messages: Sequence[WireMessage]) -> None:
+        infos = [
+            self.client.publish(
+                device_topic("dev1", Channel.EVENTS),
+                encode(message, sender="dev1", sent_at=time.time()),
+                qos=1,
+            )
+            for message in messages
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def mqtt_grid(broker: Mosquitto) -> Iterator[tuple[MqttGrid, Hub, Device]]:
+    hub: MqttHub = coordinator(broker)
+    settings = GridSettings(model="m", family="softmax", codec=parse_codec("fp32"), gather_s=0.01)
+    grid = MqttGrid(hub, settings)
+    device = Device(broker)
+    try:
+        yield grid, hub, device
+    finally:
+        device.close()
+        grid.close()
+        hub.stop()
+
+
+def test_over_mosquitto_one_byte_chunks_are_refused_and_an_honest_upload_still_counts(
+    mqtt_grid: tuple[MqttGrid, Hub, Device], caplog: pytest.LogCaptureFixture
+) -> None:
+    grid, _hub, device = mqtt_grid
+    task_id, weights = _train_task(grid, 1)
+    body, index = _update_body(weights)
+    with caplog.at_level(logging.WARNING, logger="coordinator.federated.uploads"):
+        device.send([*chunks_of(body, 1)[:2000], _report(task_id, body, index)])
+
+        def rejected() -> bool:
+            grid.pull_messages([task_id])
+            return bool(grid.stats.rejected)
+
+        wait_for(rejected, what="the report rejected")
+    assert grid.stats.rejected == {"upload_chunk_size": 1}
+    assert grid.uploads.refusals == {"upload_chunk_size": 1}
+    assert grid.uploads.held_bytes() == 0
+    assert "refused: chunks of 1 bytes (at least 4096)" in caplog.text
+    grid.end_phase()
+
+    # Normal operation is unaffected: the next round's honest upload becomes a reply.
+    task_id, weights = _train_task(grid, 2)
+    device.send([*chunks_of(body, 64 * 1024), _report(task_id, body, index, round_no=2)])
+    replies: list[Message] = []
+    wait_for(lambda: replies.extend(grid.pull_messages([task_id])) or replies, what="a reply")
+    assert np.allclose(replies[0].content.array_records["arrays"]["W"].numpy(), 0.01)
+    assert grid.uploads.refusals == {"upload_chunk_size": 1}
