@@ -44,7 +44,7 @@ def open_service(key: SigningKey, settings: ServiceSettings, tmp: Path) -> Fleet
 
 @pytest.fixture
 def service(signing_key: SigningKey, tmp_path: Path) -> Iterator[FleetService]:
-    service = open_service(signing_key, ServiceSettings(), tmp_path)
+    service = open_service(signing_key, ServiceSettings(accept_wait_s=0.05), tmp_path)
     try:
         yield service
     finally:
@@ -72,7 +72,9 @@ def test_a_rollout_request_may_set_its_own_halt_floor(
 
 
 def test_the_service_setting_is_the_default(tmp_path: Path, signing_key: SigningKey) -> None:
-    service = open_service(signing_key, ServiceSettings(rollout_min_failed_devices=3), tmp_path)
+    service = open_service(
+        signing_key, ServiceSettings(rollout_min_failed_devices=3, accept_wait_s=0.05), tmp_path
+    )
     try:
         assert _rollout_policy(service, tmp_path, signing_key)["min_failed_devices"] == 3
     finally:

@@ -337,7 +337,8 @@ class FleetService:
             max_failure=request.max_failure, min_reports=request.min_reports,
             rollback_on_halt=request.rollback_on_halt,
             install_timeout=request.install_timeout, health=health,
-            min_failed_devices=request.min_failed_devices or self._min_failed_devices,
+            min_failed_devices=self._min_failed_devices if request.min_failed_devices is None
+            else request.min_failed_devices,
         )  # fmt: skip
         target = Target.parse(request.target)
         artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
