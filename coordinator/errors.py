@@ -8,6 +8,7 @@ The tree::
     │       └── AccuracyDropError           a classifier lost more accuracy than allowed
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
+    │   └── UploadRefusedError          a device's chunked upload broke the upload rules
     ├── RunError                    a federated run cannot start or go on
     │   ├── StrategyError               an unknown strategy, or bad strategy arguments
     │   └── DatasetUnavailableError     a real dataset's package or file is not installed
@@ -68,7 +69,9 @@ class UpdateRejectedError(CoordinatorError):
     """A device's update failed validation; it is counted, never aggregated.
 
     Attributes:
-        reason: One of :data:`coordinator.federated.update_check.REJECT_REASONS`.
+        reason: One of :data:`coordinator.federated.update_check.REJECT_REASONS`
+            (or, for an :class:`UploadRefusedError`, of
+            :data:`coordinator.federated.uploads.UPLOAD_REFUSALS`).
     """
 
     code = "update_rejected"
@@ -77,6 +80,16 @@ class UpdateRejectedError(CoordinatorError):
         """Keep the machine-readable reason with the message."""
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class UploadRefusedError(UpdateRejectedError):
+    """A device's chunked upload broke the upload rules: chunks smaller than
+    4 KiB, a chunk size or total that changed mid-upload, more than the model
+    allows, or more bytes in flight than the device's budget. The upload is dropped
+    and the report naming it is rejected with the same ``reason``.
+    """
+
+    code = "upload_refused"
 
 
 class RunError(CoordinatorError):

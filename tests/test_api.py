@@ -385,7 +385,7 @@ def test_a_rollout_body_carries_the_whole_policy(client: TestClient, ops: FakeOp
         "artifact_sha256": sha, "target": "all", "canary": "2", "waves": "50,100",
         "soak": "30s", "max_failure": "10%", "min_reports": 3, "rollback_on_halt": False,
         "install_timeout": "2m", "max_error_increase": "1%", "max_p95_ratio": 2.5,
-        "require_health": True,
+        "require_health": True, "min_failed_devices": 3,
     }  # fmt: skip
     response = client.post("/v1/rollouts", json=body, headers=AS_OPERATOR)
     assert response.status_code == 201, response.text
@@ -393,6 +393,9 @@ def test_a_rollout_body_carries_the_whole_policy(client: TestClient, ops: FakeOp
     # Defaults are the request's own.
     client.post("/v1/rollouts", json={"artifact_sha256": sha}, headers=AS_OPERATOR)
     assert ops.rollout_requests[-1] == RolloutRequest(sha)
+    assert ops.rollout_requests[-1].min_failed_devices is None  # the service's setting
+    bad = {"artifact_sha256": sha, "min_failed_devices": 0}
+    assert client.post("/v1/rollouts", json=bad, headers=AS_OPERATOR).status_code == 422
 
 
 def test_one_shot_deployment_and_rollback(client: TestClient, ops: FakeOperations) -> None:

@@ -235,6 +235,7 @@ def test_rollout_create_from_a_file_uploads_it_first(
         "--soak", "90s",
         "--max-failure", "10%",
         "--min-reports", "2",
+        "--min-failed-devices", "3",
         "--no-rollback-on-halt",
         "--install-timeout", "2m",
         "--max-error-increase", "1%",
@@ -257,6 +258,7 @@ def test_rollout_create_from_a_file_uploads_it_first(
             max_error_increase="1%",
             max_p95_ratio=2.5,
             require_health=True,
+            min_failed_devices=3,
         )
     ]
     result = fedge("rollout", "create", SHA, "--max-p95-ratio", "0.5")

@@ -108,7 +108,7 @@ def test_the_service_example_loads_back_to_the_expected_config() -> None:
     assert config == ServiceConfig(
         db=Path("/srv/fedge/state.db"),
         trust=TrustConfig((Path("/srv/fedge/keys/signing.pub"),)),
-        embedded_broker=True,
+        broker=BrokerConfig.from_url("mqtts://broker.example.net:8883", username="coordinator"),
     )
     assert config.telemetry == TelemetryStorage()
 

@@ -23,7 +23,7 @@ from coordinator.rollout.actions import (
 from coordinator.rollout.devices import Marker, RolloutArtifact, RolloutDeviceState
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.health import HealthSample, combine_baseline
-from coordinator.rollout.policy import HealthPolicy, RolloutPolicy
+from coordinator.rollout.policy import DEFAULT_MIN_FAILED_DEVICES, HealthPolicy, RolloutPolicy
 
 ART = RolloutArtifact("digits", 3, "ab" * 32)
 T0 = 1_700_000_000.0
@@ -43,6 +43,7 @@ def make(
     rollback_on_halt: bool = True,
     install_timeout: str = "10m",
     health: HealthPolicy | None = None,
+    min_failed_devices: int = 1,
 ) -> Rollout:
     policy = RolloutPolicy.parse(
         canary=canary,
@@ -53,6 +54,7 @@ def make(
         rollback_on_halt=rollback_on_halt,
         install_timeout=install_timeout,
         health=health,
+        min_failed_devices=min_failed_devices,
     )
     return Rollout(
         rollout_id="r1",
@@ -288,6 +290,89 @@ def test_early_halt_before_the_soak() -> None:
     assert actions[1] == SendRollback(wave[3:5], f"rollout r1 halted: {rollout.halt_reason}")
     # The canary passed: it keeps the new version.
     assert all(status(rollout, d) == "installed" for d in rollout.stage_devices(0))
+
+
+# ------------------------------------------------ halt rule: not one device alone
+# Issue 17: with a canary of one and 0% failures allowed, one device reporting
+# "failed" halted (and rolled back) every rollout it was part of. Now a stage fails
+# only from min(min_failed_devices, stage size) failed devices (default 2).
+
+
+def test_one_failing_device_does_not_halt_a_stage_of_many() -> None:
+    rollout = started(max_failure="0%", min_failed_devices=DEFAULT_MIN_FAILED_DEVICES)
+    canary = rollout.stage_devices(0)
+    install(rollout, canary[:1], T0 + 1)
+    # The hostile (or broken) device: its failure alone changes nothing...
+    assert rollout.on_install_status(canary[1], DeviceState.FAILED, T0 + 2) == []
+    assert rollout.state is RolloutState.RUNNING
+    assert status(rollout, canary[0]) == "installed"
+    # ...and after the soak the stage passes on the other device's success.
+    actions = rollout.tick(T0 + 61)
+    assert rollout.state is RolloutState.RUNNING
+    assert rollout.stage == 1
+    assert any(isinstance(a, SendDeploy) for a in actions)
+    assert rollout.halt_reason is None
+
+
+def test_two_failing_devices_halt_a_stage_with_the_default_rule() -> None:
+    rollout = started(max_failure="0%", min_failed_devices=DEFAULT_MIN_FAILED_DEVICES)
+    install(rollout, rollout.stage_devices(0), T0 + 1)
+    rollout.tick(T0 + 61)
+    wave = rollout.stage_devices(1)
+    assert rollout.on_install_status(wave[0], DeviceState.FAILED, T0 + 62) == []
+    actions = rollout.on_install_status(wave[1], DeviceState.FAILED, T0 + 62)
+    assert actions[0] == StateChanged(
+        RolloutState.RUNNING,
+        RolloutState.HALTED,
+        "2 of 8 devices of stage 1 failed; at most 0% may fail",
+    )
+
+
+def test_a_canary_of_one_that_fails_still_halts() -> None:
+    rollout = started(canary="1", max_failure="0%", min_failed_devices=DEFAULT_MIN_FAILED_DEVICES)
+    [device] = rollout.stage_devices(0)
+    actions = rollout.on_install_status(device, DeviceState.FAILED, T0 + 1)
+    assert actions == [
+        StateChanged(
+            RolloutState.RUNNING,
+            RolloutState.HALTED,
+            "1 of 1 devices of stage 0 failed; at most 0% may fail",
+        )
+    ]
+
+
+def test_the_share_still_counts_above_the_device_floor() -> None:
+    # Stage 1 of 8, 25% allowed: 2 failures reach the floor but not the share.
+    rollout = started(max_failure="25%", min_failed_devices=2)
+    install(rollout, rollout.stage_devices(0), T0 + 1)
+    rollout.tick(T0 + 61)
+    wave = rollout.stage_devices(1)
+    for device in wave[:2]:
+        assert rollout.on_install_status(device, DeviceState.FAILED, T0 + 62) == []
+    install(rollout, wave[2:], T0 + 62)
+    rollout.tick(T0 + 200)
+    assert rollout.state is RolloutState.RUNNING
+    assert rollout.stage == 2  # stage 1 passed with 2 of 8 failed
+
+
+def test_a_floor_of_one_restores_any_failure_halts() -> None:
+    rollout = started(max_failure="0%", min_failed_devices=1)
+    actions = rollout.on_install_status(rollout.stage_devices(0)[0], DeviceState.FAILED, T0 + 1)
+    assert actions[0].new is RolloutState.HALTED  # type: ignore[union-attr]
+
+
+def test_the_default_policy_has_a_floor_of_two_and_old_policies_keep_one() -> None:
+    assert RolloutPolicy().min_failed_devices == DEFAULT_MIN_FAILED_DEVICES == 2
+    policy = RolloutPolicy.parse(min_failed_devices=3)
+    assert RolloutPolicy.from_json(policy.to_json()) == policy
+    saved_before = {k: v for k, v in policy.to_json().items() if k != "min_failed_devices"}
+    assert RolloutPolicy.from_json(saved_before).min_failed_devices == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_a_bad_floor_is_refused(bad: object) -> None:
+    with pytest.raises(RolloutError, match="min failed devices"):
+        RolloutPolicy(min_failed_devices=bad)  # type: ignore[arg-type]
 
 
 def test_after_the_soak_waits_for_devices_that_may_still_report() -> None:

@@ -214,7 +214,7 @@ def no_serving(monkeypatch: pytest.MonkeyPatch) -> list[ServiceConfig]:
 def test_serve_builds_its_config_from_flags_alone(
     tmp_path: Path, no_serving: list[ServiceConfig]
 ) -> None:
-    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker",
+    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker", "--dev",
                    "--trust", "k.pub", "--bind", "127.0.0.1:9123")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     (config,) = no_serving
@@ -228,7 +228,7 @@ def test_serve_reads_every_kind_of_flag_as_its_schema_key_says(
     tmp_path: Path, no_serving: list[ServiceConfig]
 ) -> None:
     # a number, a repeated path list, a switch, a directory, and a path to a file
-    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker",
+    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker", "--dev",
                    "--embedded-broker-port", "1999", "--trust", "a.pub", "--trust", "b.pub",
                    "--threshold", "2", "--artifact-dir", "store")  # fmt: skip
     assert result.exit_code == 0, result.stderr
@@ -251,7 +251,7 @@ def test_serve_refuses_a_flag_value_of_the_wrong_kind(
     tmp_path: Path, no_serving: list[ServiceConfig], args: tuple[str, ...], expected: str
 ) -> None:
     (tmp_path / "f").write_text("")
-    result = fedge("coordinator", "serve", "--embedded-broker", *args)
+    result = fedge("coordinator", "serve", "--embedded-broker", "--dev", *args)
     assert result.exit_code == 2  # usage error
     assert expected in " ".join(result.stderr.split())
     assert not no_serving
@@ -285,7 +285,9 @@ def test_serve_flags_beat_the_config_file(
         (("--db", "s.db", "--embedded-broker"), "error: no trusted keys:"),
         (("--db", "s.db", "--embedded-broker", "--trust", "k.pub", "--broker", "mqtt://h"),
          "error: --embedded-broker: both a broker URL and the embedded broker are set"),
-        (("--db", "s.db", "--embedded-broker", "--trust", "k.pub", "--bind", "0.0.0.0"),
+        (("--db", "s.db", "--embedded-broker", "--trust", "k.pub"),
+         "error: --embedded-broker: the embedded broker accepts any client without a password"),
+        (("--db", "s.db", "--embedded-broker", "--dev", "--trust", "k.pub", "--bind", "0.0.0.0"),
          "error: --bind: bind address '0.0.0.0': expected HOST:PORT"),
         (("--config", "missing.toml",), "error: missing.toml: no such config file"),
     ],
@@ -316,7 +318,7 @@ def test_serve_fails_before_starting_anything_when_a_key_file_is_missing(
 ) -> None:
     monkeypatch.setattr(service_cli, "configure_logging", lambda _level: None)
     save_keypair(generate_signing_key(), tmp_path / "keys")
-    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker",
+    result = fedge("coordinator", "serve", "--db", "s.db", "--embedded-broker", "--dev",
                    "--trust", "keys/signing.pub", "--trust", "keys/other.pub")  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr == f"error: trust.keys: {tmp_path}/keys/other.pub: no such key file\n"
@@ -331,6 +333,7 @@ def test_an_api_reachable_from_the_network_is_warned_about(
         db=tmp_path / "s.db",
         trust=TrustConfig(keys=(tmp_path / "missing.pub",)),
         embedded_broker=True,
+        dev=True,
         bind_host=host,
     )
     with (

@@ -35,6 +35,7 @@ FLAGS = {
 
 MINIMAL: dict[str, Any] = {
     "db": "state.db",
+    "dev": True,  # the embedded broker needs it
     "broker": {"embedded": True},
     "trust": {"keys": ["k.pub"]},
 }
@@ -85,9 +86,12 @@ def test_the_template_parses_to_a_valid_config(tmp_path: Path) -> None:
     config = build(load_config_file(path), base_dir=path.parent)
     assert config.db == tmp_path / "conf" / "state.db"
     assert config.trust == TrustConfig(keys=(tmp_path / "conf" / "keys" / "signing.pub",))
-    assert config.embedded_broker
-    assert config.broker is None
-    assert config.embedded_broker_port == 1883
+    # Not the anonymous embedded broker: a broker URL to edit.
+    assert not config.embedded_broker
+    assert not config.dev
+    assert config.broker is not None
+    assert config.broker.url == "mqtts://broker.example.net:8883"
+    assert config.broker.username == "coordinator"
     assert (config.bind_host, config.bind_port) == ("127.0.0.1", 8780)
     assert config.bind_is_loopback
     assert config.telemetry == TelemetryStorage()
@@ -138,6 +142,17 @@ def test_settings_and_api_config_follow_the_file() -> None:
     api = config.api_config()
     assert (api.max_body_bytes, api.max_artifact_bytes, api.docs) == (2 * MIB, 64 * MIB, False)
     assert build(with_("telemetry", retention_days=0)).settings().telemetry_max_age_s is None
+
+
+def test_the_halt_floor_and_the_upload_budget_follow_the_file() -> None:
+    settings = build(MINIMAL).settings()
+    assert settings.rollout_min_failed_devices == 2
+    assert settings.upload_budget_bytes is None  # 4x the largest update
+    config = build(
+        {**MINIMAL, "rollouts": {"min_failed_devices": 1}, "runs": {"upload_budget_mib": 8}}
+    )
+    assert config.settings().rollout_min_failed_devices == 1
+    assert config.settings().upload_budget_bytes == 8 * MIB
 
 
 def test_a_broker_url_with_credentials_and_tls(tmp_path: Path) -> None:
@@ -299,6 +314,26 @@ def test_both_brokers_are_refused() -> None:
     assert message.startswith("--embedded-broker: both a broker URL and the embedded broker")
 
 
+def test_the_anonymous_embedded_broker_needs_dev_mode() -> None:
+    # Issue 17: the embedded broker has no password and no ACL; any process on the
+    # machine could act as any device or as the coordinator.
+    without_dev = {**MINIMAL, "dev": False}
+    message = error_of(without_dev)
+    assert message.startswith("coordinator.toml: the embedded broker accepts any client")
+    assert "configure a broker with credentials" in message
+    assert "pass --dev (dev = true)" in message
+    flag = error_of({**without_dev, "broker": {}}, {"broker": {"embedded": True}})
+    assert flag.startswith("--embedded-broker: the embedded broker accepts any client")
+    with pytest.raises(ServiceConfigError) as caught:
+        ServiceConfig(db=Path("/s.db"), trust=TrustConfig(keys=(Path("/k.pub"),)),
+                      embedded_broker=True)  # fmt: skip
+    assert caught.value.key == "broker.embedded"
+    # With --dev it runs; a real broker never needs it.
+    assert build(without_dev, {"dev": True}).embedded_broker
+    assert build({**without_dev, "broker": {"url": "mqtt://h"}}).broker is not None
+    assert "dev must be true or false" in error_of({**MINIMAL, "dev": "yes"})
+
+
 def test_no_broker_is_refused_with_the_ways_to_give_one() -> None:
     message = error_of({**MINIMAL, "broker": {}})
     assert message.startswith("no broker: pass --broker mqtt://HOST:PORT or --embedded-broker")
@@ -348,6 +383,8 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         (with_("telemetry", retention_rows=1.5), "telemetry.retention_rows must be an integer"),
         (with_("telemetry", retention_days=-1), "telemetry.retention_days must be a number >= 0"),
         (with_("rollouts", tick_s="1s"), "rollouts.tick_s must be a number of seconds"),
+        (with_("rollouts", min_failed_devices=0), "rollouts.min_failed_devices must be"),
+        (with_("runs", upload_budget_mib=-1), "runs.upload_budget_mib must be between 0"),
         (with_("broker", embedded="yes"), "broker.embedded must be true or false, got a string"),
         (with_("broker", embedded_port=0), "broker.embedded_port must be between 1 and 65535"),
         (with_("trust", threshold=2), "trust.threshold 2 is more than the 1 trusted key(s)"),
@@ -390,7 +427,7 @@ def test_values_are_checked_when_built_directly() -> None:
             broker=BrokerConfig("h", 1883, False),
             embedded_broker=True,
         )
-    config = ServiceConfig(db=Path("/s.db"), trust=trust, embedded_broker=True)
+    config = ServiceConfig(db=Path("/s.db"), trust=trust, embedded_broker=True, dev=True)
     with pytest.raises(ServiceConfigError) as caught:
         dataclasses.replace(config, bind_host="[::1]")
     assert caught.value.key == "bind"

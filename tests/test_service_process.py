@@ -78,7 +78,7 @@ class ServiceProcess:
     def start(self) -> None:
         args = [
             fedge_exe(), "coordinator", "serve", "--db", str(self.db),
-            "--embedded-broker", "--embedded-broker-port", str(free_port()),
+            "--embedded-broker", "--dev", "--embedded-broker-port", str(free_port()),
             "--trust", str(self.trust), "--bind", f"127.0.0.1:{self.port}",
         ]  # fmt: skip
         with self.log.open("ab") as log:
@@ -219,7 +219,7 @@ def test_a_token_revoked_while_serving_is_refused_at_once(running: Running) -> N
 def test_a_second_service_on_a_busy_port_fails_in_one_line(running: Running) -> None:
     service = running.service
     done = fedge("coordinator", "serve", "--db", service.directory / "other.db",
-                 "--embedded-broker", "--embedded-broker-port", str(free_port()),
+                 "--embedded-broker", "--dev", "--embedded-broker-port", str(free_port()),
                  "--trust", service.trust, "--bind", f"127.0.0.1:{service.port}",
                  cwd=service.directory)  # fmt: skip
     assert done.returncode == 1
@@ -232,7 +232,7 @@ def test_nothing_else_runs_the_services_database_meanwhile(running: Running) -> 
     service = running.service
     assert service.process is not None
     pid = service.process.pid
-    second = fedge("coordinator", "serve", "--db", service.db, "--embedded-broker",
+    second = fedge("coordinator", "serve", "--db", service.db, "--embedded-broker", "--dev",
                    "--embedded-broker-port", str(free_port()), "--trust", service.trust,
                    "--bind", f"127.0.0.1:{free_port()}", cwd=service.directory)  # fmt: skip
     in_process = fedge("devices", "--broker", "mqtt://127.0.0.1:1", "--db", service.db,
@@ -262,3 +262,20 @@ def test_a_signal_stops_the_service_cleanly(tmp_path: Path, signum: signal.Signa
             httpx.get(f"{service.url}/v1/health", timeout=1.0)
     finally:
         service.kill()
+
+
+def test_the_anonymous_embedded_broker_is_refused_without_dev(tmp_path: Path) -> None:
+    """Issue 17: ``fedge coordinator init`` + ``serve --embedded-broker`` used to run
+    an anonymous broker without an ACL; now it needs ``--dev``."""
+    trust = public_key_file(tmp_path / "keys", generate_signing_key())
+    init = fedge("coordinator", "init", cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    port = free_port()
+    done = fedge("coordinator", "serve", "--embedded-broker", "--embedded-broker-port",
+                 str(port), "--trust", trust, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --embedded-broker: the embedded broker accepts any")
+    assert "configure a broker with credentials" in done.stderr
+    assert "or pass --dev" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "state.db").exists()  # nothing started

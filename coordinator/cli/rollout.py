@@ -106,6 +106,15 @@ def create(
             "--min-reports", min=1, help="Devices of a stage that must report before judging it."
         ),
     ] = _DEFAULTS.min_reports,
+    min_failed_devices: Annotated[
+        int | None,
+        typer.Option(
+            "--min-failed-devices",
+            min=1,
+            help="Fewest failed devices that halt a stage (capped at its size; "
+            "default: the service's rollouts.min_failed_devices, 2).",
+        ),
+    ] = _DEFAULTS.min_failed_devices,
     rollback_on_halt: Annotated[
         bool,
         typer.Option(
@@ -158,6 +167,7 @@ def create(
             soak=soak,
             max_failure=max_failure,
             min_reports=min_reports,
+            min_failed_devices=min_failed_devices,
             rollback_on_halt=rollback_on_halt,
             install_timeout=install_timeout,
             max_error_increase=max_error_increase,

@@ -15,7 +15,10 @@
   :mod:`coordinator.cli.config_flags` (only ``--config`` is declared here); the
   flags alone are enough::
 
-      fedge coordinator serve --db state.db --embedded-broker --trust keys/signing.pub
+      fedge coordinator serve --db state.db --embedded-broker --dev --trust keys/signing.pub
+
+  The embedded broker is anonymous and has no ACL: it is refused without
+  ``--dev`` (``dev = true``).
 
   The broker password comes from ``--password-file``, the file's
   ``password_file``, or ``FEDGE_BROKER_PASSWORD``. Logs go to stdout.
@@ -157,8 +160,9 @@ def init(
         "next steps:\n"
         f"  1. fedge keys generate --out {keys}\n"
         f"     (the key that signs your models; [trust] keys names {keys / 'signing.pub'})\n"
-        f"  2. edit {path}: db, [broker] (embedded to try fedge on one\n"
-        "     machine, or your broker's url) and [trust]\n"
+        f"  2. edit {path}: db, [broker] (your broker's url and password_file)\n"
+        "     and [trust]; to try fedge on this machine instead, serve with\n"
+        "     --embedded-broker --dev (an anonymous broker, no ACL)\n"
         f"  3. fedge coordinator token create --role operator{config}\n"
         f"  4. fedge coordinator serve{config}",
         highlight=False,

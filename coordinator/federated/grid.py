@@ -27,7 +27,7 @@ devices do not run Flower; :class:`MqttGrid` translates:
   exactly what a Flower client would have sent. An ``eval_report`` becomes a
   reply with ``metrics`` only (its count bounded the same way). Large updates
   arrive as chunked uploads (``chunk`` messages on the device's ``events`` topic)
-  first.
+  first, held in bounded memory by :mod:`coordinator.federated.uploads`.
 
 A *phase* is one ``send_and_receive`` call (the train or the evaluate half of a
 round). It ends when every task has an outcome (replied, failed, rejected, device
@@ -44,6 +44,7 @@ Messages arrive on paho's thread and are only queued there; all the work
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -60,7 +61,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from compress.codecs import layout_of, max_payload_bytes
-from coordinator.errors import RunError, UpdateRejectedError
+from coordinator.errors import RunError, UpdateRejectedError, UploadRefusedError
 from coordinator.federated.round_screen import bounded_examples, screen_updates
 from coordinator.federated.tasks import (
     TRAIN_METRICS,
@@ -68,12 +69,12 @@ from coordinator.federated.tasks import (
     PhaseStats,
     Task,
     TaskState,
-    Upload,
     metric_record,
     node_id_of,
     scalar_config,
 )
 from coordinator.federated.update_check import UpdateCheck, checked_update
+from coordinator.federated.uploads import UploadReceiver
 from coordinator.link.port import Hub
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import (
@@ -90,7 +91,6 @@ from edge_agent.protocol import (
     UpdateReport,
     decode_arrays,
     encode_arrays,
-    sha256_hex,
 )
 from edge_agent.protocol.arrays import MAX_NPY_HEADER_BYTES
 
@@ -135,8 +135,8 @@ class MqttGrid(Grid):
         self._nodes: list[int] = []
         self._tasks: dict[str, Task] = {}
         self._old_tasks: set[str] = set()
-        self._uploads: dict[tuple[str, str], Upload] = {}
-        self._refused_uploads: set[tuple[str, str]] = set()
+        self.uploads = UploadReceiver(settings.upload_budget_bytes)
+        """The devices' chunked uploads (:mod:`coordinator.federated.uploads`)."""
         self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
         self._announced: dict[str, int] = {}
         self._round = 0
@@ -176,8 +176,7 @@ class MqttGrid(Grid):
             self._announced = dict(announced or {})
             self._old_tasks.update(self._tasks)
             self._tasks = {}
-            self._uploads.clear()
-            self._refused_uploads.clear()
+            self.uploads.clear()
             self._round = round_no
             self._deadline = deadline
             self._nodes = []
@@ -497,33 +496,17 @@ class MqttGrid(Grid):
             logger.info("upload chunk from %s without an open train task (dropped)", device_id)
             return
         self.stats.uplink_bytes += size
-        key = (device_id, chunk.transfer_id)
-        upload = self._uploads.get(key)
-        if upload is None and key not in self._refused_uploads:
-            # The .npy blob of the largest payload the codec can produce for this model.
-            limit = max_payload_bytes(task.check.codec, task.check.layout) + MAX_NPY_HEADER_BYTES
-            if chunk.total_size > limit or sum(k[0] == device_id for k in self._uploads) >= 2:
-                self._refused_uploads.add(key)  # its report is rejected as oversized
-                logger.warning("upload of %d bytes from %s refused (at most %d)",
-                               chunk.total_size, device_id, limit)  # fmt: skip
-                return
-            upload = self._uploads[key] = Upload(total=chunk.total_size)
-        if upload is not None and chunk.total_size == upload.total:
-            upload.chunks[chunk.index] = chunk.data
+        # The .npy blob of the largest payload the codec can produce for this model.
+        limit = max_payload_bytes(task.check.codec, task.check.layout) + MAX_NPY_HEADER_BYTES
+        # A refusal is logged and counted there; the report naming it is rejected.
+        with contextlib.suppress(UploadRefusedError):
+            self.uploads.receive(device_id, chunk, limit=limit)
 
     def _report_arrays(self, task: Task, report: UpdateReport) -> Mapping[str, npt.NDArray[Any]]:
         if report.arrays is not None:
             return report.arrays
         assert report.upload_transfer_id is not None
-        key = (task.device_id, report.upload_transfer_id)
-        if key in self._refused_uploads:
-            raise UpdateRejectedError("oversized", "the upload is larger than this model allows")
-        upload = self._uploads.pop(key, None)
-        if upload is None:
-            raise UpdateRejectedError("malformed", "the upload's chunks did not arrive")
-        payload = b"".join(upload.chunks[i] for i in sorted(upload.chunks))
-        if len(payload) != upload.total or sha256_hex(payload) != report.upload_transfer_id:
-            raise UpdateRejectedError("malformed", "the upload is incomplete or does not match")
+        payload = self.uploads.take(task.device_id, report.upload_transfer_id)
         try:
             return decode_arrays(report.upload_index, payload, limits=self._hub.limits)
         except ProtocolError as exc:

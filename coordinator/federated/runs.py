@@ -128,6 +128,8 @@ class RunConfig:
         gather_s: Longest wait for acknowledgements before weights are pushed.
         model_def: What is trained (spec, task, shapes); None: the built-in
             ``family`` for classification.
+        upload_budget_bytes: Most bytes of chunked uploads one device may have in
+            flight; None for 4x the largest update the model allows.
     """
 
     model: str
@@ -147,6 +149,7 @@ class RunConfig:
     robust: bool = False
     gather_s: float = 3.0
     model_def: ModelDef | None = None
+    upload_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -185,6 +188,8 @@ class RunConfig:
             )
         if not self.norm_multiple >= 1:
             raise RunError(f"norm_multiple must be at least 1, got {self.norm_multiple}")
+        if self.upload_budget_bytes is not None and self.upload_budget_bytes < 1:
+            raise RunError(f"upload_budget_bytes must be positive, got {self.upload_budget_bytes}")
         parse_codec(self.codec)
 
     @property
@@ -275,6 +280,7 @@ class _Run:
             model_spec=self.model.spec,
             task=self.model.task,
             model_args=self.model.model_args(),
+            upload_budget_bytes=config.upload_budget_bytes,
         )
         self.grid = MqttGrid(hub, settings, cancel=stop)
 

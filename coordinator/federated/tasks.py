@@ -38,7 +38,6 @@ __all__ = [
     "PhaseStats",
     "Task",
     "TaskState",
-    "Upload",
     "metric_record",
     "node_id_of",
     "scalar_config",
@@ -82,6 +81,9 @@ class GridSettings:
         task: ``classification``, ``regression`` or ``reconstruction``; also picks
             the metrics an evaluate reply carries (:data:`EVAL_METRIC_KEYS`).
         model_args: The factory's keyword arguments (``input_shape``, ``num_outputs``).
+        upload_budget_bytes: Most bytes of chunked uploads one device may have in
+            flight; None for 4x the largest update the model allows
+            (:mod:`coordinator.federated.uploads`).
     """
 
     model: str
@@ -95,6 +97,7 @@ class GridSettings:
     model_spec: str = ""
     task: str = "classification"
     model_args: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+    upload_budget_bytes: int | None = None
 
     @property
     def eval_metrics(self) -> tuple[str, ...]:
@@ -153,14 +156,6 @@ class Task:
     norm: float | None = None
     examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Upload:
-    """A chunked upload being received."""
-
-    total: int = 0
-    chunks: dict[int, bytes] = field(default_factory=dict)
 
 
 def node_id_of(device_id: str) -> int:

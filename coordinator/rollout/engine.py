@@ -55,15 +55,18 @@ arrived) — a success — or ``failed``, ``rejected``, ``rolled_back``,
 reported count for neither. The stage's failure rate is failures over reports,
 of the current stage only (earlier stages were judged already).
 
+* A stage fails only from ``min(min_failed_devices, stage size)`` failed devices
+  (default 2: one device alone cannot halt a stage of two or more, a canary of
+  one halts when it fails; :mod:`coordinator.rollout.policy`).
 * At any moment while running or paused: when the failures already exceed
-  ``max_failure`` times the whole stage's size, no later report can save the stage
-  and the rollout halts at once.
+  ``max_failure`` times the whole stage's size (and reach that floor), no later
+  report can save the stage and the rollout halts at once.
 * In :meth:`~Rollout.tick` while running: when ``soak_s`` has passed since the
   stage was released (or since a device joined it, see below) and at least
   ``min(min_reports, stage size)`` devices reported, the stage passes if its
-  failure rate is at most ``max_failure``; if not, the engine waits while online
-  devices of the stage may still report (in progress, or installed and waiting for
-  health), and halts once none may.
+  failure rate is at most ``max_failure`` or its failures are below the floor;
+  if not, the engine waits while online devices of the stage may still report (in
+  progress, or installed and waiting for health), and halts once none may.
 * A stage never passes on fewer reports: one whose devices are all offline waits
   for them (they are deployed as they come back, see catch-up below). Online
   devices go first in the stage order, so only the last stages can be made of
@@ -120,7 +123,7 @@ from coordinator.rollout.actions import (
     StageReleased,
 )
 from coordinator.rollout.devices import REPORTABLE, DeviceInRollout, Marker, sorted_ids
-from coordinator.rollout.health import HealthSample, exceeds, health_problem
+from coordinator.rollout.health import HealthSample, health_problem
 from coordinator.rollout.record import RolloutRecord, Stage
 from edge_agent.protocol import is_valid_device_id
 
@@ -183,7 +186,7 @@ class Rollout(RolloutRecord):
         if self._state not in JUDGING_STATES:
             return []
         stats = self._stats(self._stage)
-        if not exceeds(stats.failed, self.policy.max_failure * stats.size):
+        if not self.policy.stage_fails(stats.failed, stats.size, stats.size):
             return []
         return self._halt(
             now,
@@ -199,7 +202,7 @@ class Rollout(RolloutRecord):
         stats = self._stats(self._stage)
         if stats.reported < min(self.policy.min_reports, stats.size):
             return []
-        if not exceeds(stats.failed, self.policy.max_failure * stats.reported):
+        if not self.policy.stage_fails(stats.failed, stats.reported, stats.size):
             if self._stage + 1 < len(self._stages):
                 self._stage += 1
                 return self._release(self._stage, now)

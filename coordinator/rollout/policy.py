@@ -41,6 +41,20 @@ or ``N`` is small) are dropped, so every stage holds at least one device: with
 ``N = 20``, canary ``2`` and waves ``50,100`` the stages hold 2, 8 and 10 devices;
 with ``N = 1`` there is a single stage, the canary.
 
+When a stage fails. A stage fails (and the rollout halts) only when BOTH hold:
+
+* its failed devices number at least ``min(min_failed_devices, stage size)``, and
+* they are more than ``max_failure`` times the stage: its whole size for the early
+  halt (no later report could save it), the devices that reported after the soak.
+
+With the defaults (``min_failed_devices = 2``, ``max_failure = 0``) a canary of one
+device halts when that device fails, but in a stage of two or more devices one
+failing device alone never halts the rollout (a single broken or hostile device
+cannot stop every rollout that includes it); two failures do. ``min_failed_devices
+= 1`` restores "any failure halts". A canary of one device can still be halted by
+that one device: choose a canary of at least ``min_failed_devices`` devices where
+one device must not decide.
+
 Every validation error is a :class:`~coordinator.errors.RolloutError` whose message
 names the offending value and the accepted forms.
 """
@@ -56,6 +70,7 @@ from typing import Any
 from coordinator.errors import RolloutError
 
 __all__ = [
+    "DEFAULT_MIN_FAILED_DEVICES",
     "CanarySize",
     "HealthPolicy",
     "RolloutPolicy",
@@ -71,6 +86,9 @@ _FRACTION_RE = re.compile(_NUMBER)
 _DURATION_RE = re.compile(rf"({_NUMBER})\s*([smh]?)")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _EPS = 1e-9
+
+DEFAULT_MIN_FAILED_DEVICES = 2
+"""Failed devices a stage of at least that size needs before it can fail."""
 
 
 def _share_of(fraction: float, n: int) -> int:
@@ -388,8 +406,11 @@ class RolloutPolicy:
         soak_s: Seconds a released stage is watched before the next one may be
             released (>= 0).
         max_failure: Largest failure rate of a stage (failed over reported
-            devices) that still lets the rollout advance, in [0, 1]. The default 0
-            halts on any failure.
+            devices) that still lets the rollout advance, in [0, 1]. With the
+            default 0, any failure counts once ``min_failed_devices`` is reached.
+        min_failed_devices: Fewest failed devices that can fail a stage (>= 1),
+            capped at the stage's size; see "When a stage fails" in the module
+            docstring.
         min_reports: Devices of a stage that must have reported an outcome before
             it is judged (>= 1; capped at the stage's size).
         rollback_on_halt: Whether a halt rolls back the devices of the failed stage
@@ -410,6 +431,7 @@ class RolloutPolicy:
     rollback_on_halt: bool = True
     install_timeout_s: float = 600.0
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
 
     def __post_init__(self) -> None:
         """Validate and normalise the values (numbers become floats, waves a tuple)."""
@@ -427,6 +449,12 @@ class RolloutPolicy:
             or self.min_reports < 1
         ):
             raise RolloutError(f"bad min reports {self.min_reports!r}: must be >= 1")
+        if (
+            isinstance(self.min_failed_devices, bool)
+            or not isinstance(self.min_failed_devices, int)
+            or self.min_failed_devices < 1
+        ):
+            raise RolloutError(f"bad min failed devices {self.min_failed_devices!r}: must be >= 1")
         timeout = _number(self.install_timeout_s, "install timeout")
         if timeout <= 0.0:
             raise RolloutError(f"bad install timeout {self.install_timeout_s!r}: must be > 0")
@@ -448,6 +476,7 @@ class RolloutPolicy:
         rollback_on_halt: bool = True,
         install_timeout: str = "10m",
         health: HealthPolicy | None = None,
+        min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES,
     ) -> RolloutPolicy:
         """Build a policy from the CLI's strings (forms in the module docstring).
 
@@ -460,6 +489,7 @@ class RolloutPolicy:
             rollback_on_halt: See :attr:`rollback_on_halt`.
             install_timeout: A duration, as ``soak``.
             health: The health policy (default :class:`HealthPolicy`).
+            min_failed_devices: See :attr:`min_failed_devices`.
 
         Returns:
             The policy.
@@ -476,7 +506,20 @@ class RolloutPolicy:
             rollback_on_halt=rollback_on_halt,
             install_timeout_s=parse_duration(install_timeout),
             health=HealthPolicy() if health is None else health,
+            min_failed_devices=min_failed_devices,
         )
+
+    def stage_fails(self, failed: int, base: int, size: int) -> bool:
+        """Whether ``failed`` devices fail a stage (module docstring, "When a stage fails").
+
+        Args:
+            failed: The stage's failed devices.
+            base: What the share is taken of: the stage's size (early halt) or
+                its devices that reported (after the soak).
+            size: The stage's size.
+        """
+        enough = failed >= min(self.min_failed_devices, size)
+        return failed > 0 and enough and failed > self.max_failure * base + _EPS
 
     def stage_sizes(self, n: int) -> tuple[int, ...]:
         """Cut a target of ``n`` devices into stages (empty stages dropped).
@@ -511,6 +554,7 @@ class RolloutPolicy:
             "rollback_on_halt": self.rollback_on_halt,
             "install_timeout_s": self.install_timeout_s,
             "health": self.health.to_json(),
+            "min_failed_devices": self.min_failed_devices,
         }
 
     @classmethod
@@ -522,6 +566,9 @@ class RolloutPolicy:
 
         Returns:
             The policy.
+
+        A policy saved before ``min_failed_devices`` existed keeps the rule it
+        was created with (any failure counts: 1).
 
         Raises:
             RolloutError: Malformed data or values out of range.
@@ -536,6 +583,7 @@ class RolloutPolicy:
                 rollback_on_halt=data["rollback_on_halt"],
                 install_timeout_s=data["install_timeout_s"],
                 health=HealthPolicy.from_json(data["health"]),
+                min_failed_devices=data.get("min_failed_devices", 1),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RolloutError(f"bad rollout policy: {exc!r}") from None

@@ -32,8 +32,10 @@ Every key of the file is declared once, in
 and read with the agent's schema machinery (:mod:`edge_agent.config.schema`). The
 commented example file ``coordinator.example.toml`` (what ``fedge coordinator init``
 writes, see :func:`example_service_config`) is generated from it. Only ``db``, a
-broker (``[broker]`` ``url`` or ``embedded = true``) and at least one ``[trust]``
-``keys`` entry are required.
+broker (``[broker]`` ``url``, or ``embedded = true`` with ``dev = true``) and at
+least one ``[trust]`` ``keys`` entry are required. The example names a broker URL:
+the embedded broker is anonymous and has no ACL, so the service refuses it unless
+``--dev`` (``dev = true``) says this is a trial on one machine.
 
 Rules worth knowing:
 
@@ -106,6 +108,9 @@ MAX_BODY_MIB = 1024
 MAX_ARTIFACT_MIB = 16 * 1024
 """Largest ``api.max_artifact_mib`` accepted (an upload is held in memory)."""
 
+MAX_BUDGET_MIB = 64 * 1024
+"""Largest ``runs.upload_budget_mib`` accepted."""
+
 NO_TRUSTED_KEYS = (
     "no trusted keys: the coordinator stores only artifacts signed by keys it trusts; "
     'pass --trust KEY.pub (repeatable) or set keys = ["keys/signing.pub"] under [trust]'
@@ -114,6 +119,14 @@ NO_TRUSTED_KEYS = (
 NO_BROKER = (
     "no broker: pass --broker mqtt://HOST:PORT or --embedded-broker, or set url "
     "(or embedded = true) under [broker]"
+)
+
+EMBEDDED_NEEDS_DEV = (
+    "the embedded broker accepts any client without a password and has no ACL "
+    "(any process on this machine could act as a device or as the coordinator): "
+    "configure a broker with credentials (--broker mqtts://HOST --password-file FILE, "
+    "or url and password_file under [broker]), or pass --dev (dev = true) to try "
+    "fedge on this machine"
 )
 
 TWO_BROKERS = (
@@ -229,15 +242,21 @@ class ServiceConfig:
         telemetry: How telemetry is stored and kept.
         api: The API's limits and switches.
         rollout_tick_s: Seconds between rollout engine ticks (> 0).
+        rollout_min_failed_devices: Fewest failed devices that halt a stage, for
+            rollouts that set none (>= 1).
+        upload_budget_mib: Most MiB of uploads in flight per device during a run;
+            0 for four times the largest update.
         log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
+        dev: Development mode: the embedded broker is refused without it.
         broker_session: The MQTT client id of the service's persistent session
             with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
             ``""`` for a clean session. Not used with the embedded broker, which
             stops with the service.
 
     Raises:
-        ServiceConfigError: an invalid field, no trusted keys, or not exactly one of
-            ``broker`` and ``embedded_broker`` (the message says how to fix it).
+        ServiceConfigError: an invalid field, no trusted keys, not exactly one of
+            ``broker`` and ``embedded_broker``, or the embedded broker without
+            ``dev`` (the message says how to fix it).
     """
 
     db: Path
@@ -251,8 +270,11 @@ class ServiceConfig:
     telemetry: TelemetryStorage = field(default_factory=TelemetryStorage)
     api: ApiSettings = field(default_factory=ApiSettings)
     rollout_tick_s: float = _default("rollouts.tick_s")
+    rollout_min_failed_devices: int = _default("rollouts.min_failed_devices")
+    upload_budget_mib: int = _default("runs.upload_budget_mib")
     log_level: str = _default("log_level")
     broker_session: str = _default("broker.session")
+    dev: bool = _default("dev")
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -275,6 +297,8 @@ class ServiceConfig:
             want_int("bind", self.bind_port, low=1, high=65535)
             want_str("bind", self.bind_host)
             tick = want_seconds("rollouts.tick_s", self.rollout_tick_s)
+            want_int("rollouts.min_failed_devices", self.rollout_min_failed_devices, low=1)
+            want_int("runs.upload_budget_mib", self.upload_budget_mib, low=0, high=MAX_BUDGET_MIB)
             level = want_str("log_level", self.log_level).lower()
         try:
             parse_bind(self.bind)  # the host's form (a bracketed one is refused here)
@@ -309,9 +333,12 @@ class ServiceConfig:
         embedded = _want_bool("broker.embedded", self.embedded_broker)
         with _as_service_error():
             want_int("broker.embedded_port", self.embedded_broker_port, low=1, high=65535)
+        dev = _want_bool("dev", self.dev)
         if self.broker is None:
             if not embedded:
                 raise ServiceConfigError(NO_BROKER)
+            if not dev:
+                raise ServiceConfigError(EMBEDDED_NEEDS_DEV, key="broker.embedded")
             return
         if not isinstance(self.broker, BrokerConfig):
             raise ServiceConfigError("broker must be a BrokerConfig or None", key="broker")
@@ -352,6 +379,8 @@ class ServiceConfig:
             telemetry_max_rows=self.telemetry.retention_rows or None,
             telemetry_max_age_s=days * 86400.0 if days else None,
             rollout_tick_s=self.rollout_tick_s,
+            rollout_min_failed_devices=self.rollout_min_failed_devices,
+            upload_budget_bytes=self.upload_budget_mib * MIB or None,
         )
 
     def api_config(self) -> ApiConfig:
@@ -502,8 +531,11 @@ def build_service_config(
                 telemetry=TelemetryStorage(**sources.section("telemetry")),
                 api=ApiSettings(**sources.section("api")),
                 rollout_tick_s=sources.get("rollouts.tick_s"),
+                rollout_min_failed_devices=sources.get("rollouts.min_failed_devices"),
+                upload_budget_mib=sources.get("runs.upload_budget_mib"),
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
+                dev=sources.get("dev"),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None

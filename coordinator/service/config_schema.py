@@ -86,6 +86,16 @@ _TOP = Section(
             flag="--log-level",
             metavar="LEVEL",
         ),
+        Key(
+            "dev",
+            "Development mode, for trying fedge on one machine: allows the embedded "
+            "broker ([broker] embedded), which accepts any client without a password "
+            "and has no ACL, so any process on this machine can act as any device or "
+            "as the coordinator. Without it the service refuses to start with the "
+            "embedded broker. Never for a real fleet.",
+            default=False,
+            flag="--dev",
+        ),
     ),
 )
 
@@ -95,12 +105,13 @@ _BROKER = Section(
         Key(
             "embedded",
             "Run a small MQTT broker (amqtt) inside the service, listening on "
-            "127.0.0.1:embedded_port WITHOUT authentication: for trying fedge on one "
-            "machine, with the agents on the same machine. A real fleet uses its own "
-            "broker (mosquitto with the ACL of `fedge broker acl`, EMQX, HiveMQ) "
-            "through url.",
+            "127.0.0.1:embedded_port WITHOUT authentication or ACL: for trying fedge "
+            "on one machine, with the agents on the same machine; only with dev = true "
+            "(--dev). A real fleet uses its own broker (mosquitto with the ACL of "
+            "`fedge broker acl`, EMQX, HiveMQ) through url.",
             default=False,
             example=True,
+            commented=True,
             flag="--embedded-broker",
         ),
         Key(
@@ -111,7 +122,7 @@ _BROKER = Section(
             flag="--embedded-broker-port",
             metavar="PORT",
         ),
-        dataclasses.replace(BROKER_URL, default_doc="", commented=True),
+        dataclasses.replace(BROKER_URL, default_doc=""),
         Key(
             "username",
             "MQTT username: the broker ACL's coordinator account.",
@@ -196,6 +207,29 @@ _ROLLOUTS = Section(
             "Seconds between checks of running rollouts (soak times, stage health).",
             default=1.0,
         ),
+        Key(
+            "min_failed_devices",
+            "Fewest failed devices that halt a stage of a rollout (capped at the "
+            "stage's size), for rollouts that do not set their own "
+            "(--min-failed-devices). A stage halts only when its failures reach this "
+            "AND exceed its max_failure share: with 2, one broken or hostile device "
+            "cannot halt a stage of two or more, and a canary of one still halts when "
+            "it fails. 1: any failure counts.",
+            default=2,
+        ),
+    ),
+)
+
+_RUNS = Section(
+    "runs",
+    (
+        Key(
+            "upload_budget_mib",
+            "Most MiB of chunked update uploads one device may have in flight during "
+            "a federated run (held in memory until its report arrives); 0: four times "
+            "the largest update the run's model allows.",
+            default=0,
+        ),
     ),
 )
 
@@ -206,7 +240,7 @@ SERVICE_SCHEMA = Schema(
         "Command-line flags override these values. Relative paths are relative to this "
         "file's directory."
     ),
-    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS),
+    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS),
     example_package="coordinator.service",
     example_name="coordinator.example.toml",
     replace_together=(("broker.url", "broker.embedded"),),

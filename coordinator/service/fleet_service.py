@@ -57,7 +57,12 @@ from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
-from coordinator.rollout.policy import HealthPolicy, RolloutPolicy, parse_fraction
+from coordinator.rollout.policy import (
+    DEFAULT_MIN_FAILED_DEVICES,
+    HealthPolicy,
+    RolloutPolicy,
+    parse_fraction,
+)
 from coordinator.service.deployments import OneShots
 from coordinator.service.ingest import Ingest, IngestSettings
 from coordinator.service.operations import (
@@ -105,6 +110,10 @@ class ServiceSettings:
         rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
         accept_wait_s: How long a rollout's deploy waits for the devices' answers
             before pushing the payload.
+        rollout_min_failed_devices: A rollout's ``min_failed_devices`` when its
+            request gives none (see :mod:`coordinator.rollout.policy`).
+        upload_budget_bytes: Most bytes of chunked uploads one device may have in
+            flight during a federated run; None for 4x the largest update.
     """
 
     telemetry_flush_s: float = 0.5
@@ -113,6 +122,8 @@ class ServiceSettings:
     prune_every_s: float = 60.0
     rollout_tick_s: float = 1.0
     accept_wait_s: float = ACCEPT_WAIT_S
+    rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
+    upload_budget_bytes: int | None = None
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -158,7 +169,10 @@ class FleetService:
         self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
-        self._runs = RunManager(hub, store, clock=clock)
+        self._runs = RunManager(
+            hub, store, clock=clock, upload_budget_bytes=settings.upload_budget_bytes
+        )
+        self._min_failed_devices = settings.rollout_min_failed_devices
         self._one_shots = OneShots(self._rollouts.deliveries)
         self._started = False
 
@@ -323,6 +337,8 @@ class FleetService:
             max_failure=request.max_failure, min_reports=request.min_reports,
             rollback_on_halt=request.rollback_on_halt,
             install_timeout=request.install_timeout, health=health,
+            min_failed_devices=self._min_failed_devices if request.min_failed_devices is None
+            else request.min_failed_devices,
         )  # fmt: skip
         target = Target.parse(request.target)
         artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
@@ -334,6 +350,7 @@ class FleetService:
             "artifact": request.artifact_sha256, "target": request.target,
             "canary": request.canary, "waves": request.waves, "soak": request.soak,
             "max_failure": request.max_failure,
+            "min_failed_devices": policy.min_failed_devices,
         })  # fmt: skip
         return self.rollout(rollout_id)
 

@@ -171,8 +171,9 @@ def _broker(config: ServiceConfig, stack: ExitStack) -> BrokerConfig:
     embedded.start()
     stack.callback(embedded.stop)
     logger.warning(
-        "embedded MQTT broker on %s accepts any client on this machine without a "
-        "password; use your own broker (--broker) for a real fleet",
+        "development mode (--dev): the embedded MQTT broker on %s accepts any client "
+        "on this machine without a password and has no ACL; use your own broker "
+        "(--broker) for a real fleet",
         embedded.url,
     )
     return BrokerConfig.from_url(embedded.url, username=COORDINATOR_SENDER)

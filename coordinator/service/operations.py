@@ -92,6 +92,8 @@ class RolloutRequest:
         soak: Time each stage must run before the next (``60s``, ``5m``).
         max_failure: Largest failure rate a stage may have (``10%``).
         min_reports: Devices of a stage that must report before it is judged.
+        min_failed_devices: Fewest failed devices that can fail a stage (capped at
+            its size); None for the service's ``rollouts.min_failed_devices``.
         rollback_on_halt: Roll the failed stage back when the rollout halts.
         install_timeout: How long a device may take to install (``10m``) before it
             counts as failed.
@@ -115,6 +117,7 @@ class RolloutRequest:
     max_error_increase: str = "5%"
     max_p95_ratio: float = 1.5
     require_health: bool = False
+    min_failed_devices: int | None = None
 
 
 @dataclass(frozen=True)

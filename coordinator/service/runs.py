@@ -46,6 +46,7 @@ here too; devices train it only where installed and allowed (see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -339,8 +340,20 @@ def run_strategy(request: RunRequest, *, federated_eval: bool = True) -> Strateg
 class RunManager:
     """Starts federated runs and records their rounds (see the module docstring)."""
 
-    def __init__(self, hub: Hub, store: Store, *, clock: Callable[[], float] = time.time) -> None:
-        """Prepare; nothing runs until :meth:`start`."""
+    def __init__(
+        self,
+        hub: Hub,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        upload_budget_bytes: int | None = None,
+    ) -> None:
+        """Prepare; nothing runs until :meth:`start`.
+
+        ``upload_budget_bytes`` bounds each device's chunked uploads in flight
+        (None: 4x the largest update; :mod:`coordinator.federated.uploads`).
+        """
+        self._upload_budget = upload_budget_bytes
         self._hub = hub
         self._store = store
         self._clock = clock
@@ -350,6 +363,17 @@ class RunManager:
         self._round: tuple[int, float] | None = None
         self._stop = threading.Event()  # the current run's; a new one per run
         self._stopped_by: str | None = None
+
+    def config_of(self, request: RunRequest) -> RunConfig:
+        """The run a request describes, with this service's upload budget.
+
+        Raises:
+            RunError: bad settings (see :func:`training_config`).
+            CodecError: an invalid codec.
+        """
+        return dataclasses.replace(
+            training_config(request), upload_budget_bytes=self._upload_budget
+        )
 
     def recover(self) -> list[str]:
         """Mark runs a killed service left ``running`` as interrupted; their ids."""
@@ -368,7 +392,7 @@ class RunManager:
                 or a run is already going.
             StrategyError: an unknown strategy or arguments it refuses.
         """
-        config = training_config(request)
+        config = self.config_of(request)
         check_fleet_can_train(self._hub, config.definition)
         strategy = run_strategy(request)
         with self._lock:

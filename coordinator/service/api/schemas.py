@@ -294,6 +294,12 @@ class RolloutCreate(_In):
         default=_ROLLOUT.require_health,
         description="A device counts only once a healthy telemetry window arrived.",
     )
+    min_failed_devices: int | None = Field(
+        default=_ROLLOUT.min_failed_devices,
+        ge=1,
+        description="Fewest failed devices that can fail a stage (capped at its size); "
+        "null: the service's rollouts.min_failed_devices.",
+    )
 
     def to_request(self) -> RolloutRequest:
         """The :class:`~coordinator.service.operations.RolloutRequest` this body asks for."""
@@ -305,6 +311,7 @@ class RolloutCreate(_In):
             soak=self.soak,
             max_failure=self.max_failure,
             min_reports=self.min_reports,
+            min_failed_devices=self.min_failed_devices,
             rollback_on_halt=self.rollback_on_halt,
             install_timeout=self.install_timeout,
             max_error_increase=self.max_error_increase,
