@@ -138,11 +138,14 @@ class SimModel:
             return trainer_for(self.model.family)
         from edge_agent.training.torch_trainer import TorchTrainer  # noqa: PLC0415 - torch is optional
 
+        # One thread, as each simulated agent trains: torch's thread count is
+        # process-wide, and a fixed count keeps the baseline the same from run to run.
         return TorchTrainer(
             self.model.spec,
             task=self.model.task,
             input_shape=self.model.input_shape,
             num_outputs=self.model.num_outputs,
+            num_threads=1,
         )
 
     def evaluate(self, weights: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, float]:
