@@ -292,7 +292,8 @@ def test_a_baseline_not_signed_by_a_trusted_key_is_refused(
     ("args", "message"),
     [
         (("--baseline", "b.fedge"), "--baseline gates --package"),
-        (("--allow-worse",), "--allow-worse and --trust are about --baseline"),
+        (("--allow-worse",), "--trust are about --baseline: give --baseline"),
+        (("--baseline-tolerance", "0.1"), "--trust are about --baseline: give --baseline"),
     ],
 )
 def test_gate_options_that_do_not_fit_are_refused(
@@ -392,7 +393,7 @@ def test_a_worse_torch_regressor_is_refused_and_a_better_one_packaged(
     untrained_artifact = tmp_path / "untrained.fedge"
     code, output = torch_train(untrained, untrained_artifact)
     assert code == 1  # --trust without --baseline is refused
-    assert "--allow-worse and --trust are about --baseline" in output
+    assert "--trust are about --baseline: give --baseline" in output
 
     deployed = tmp_path / "deployed.fedge"
     _rounds(monkeypatch, _fitted(regression_data))

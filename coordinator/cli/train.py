@@ -156,8 +156,11 @@ def _baseline_gate(
         CompressError: a ``--trust`` key cannot be read.
     """
     if baseline is None:
-        if allow_worse or trust:
-            raise RunError("--allow-worse and --trust are about --baseline: give --baseline")
+        if allow_worse or trust or tolerance:
+            raise RunError(
+                "--allow-worse, --baseline-tolerance and --trust are about --baseline: "
+                "give --baseline"
+            )
         return None
     if package is None:
         raise RunError("--baseline gates --package: give --package and --key too")
