@@ -128,7 +128,8 @@ def test_a_worse_model_is_refused_and_nothing_is_written(
     new = tmp_path / "new.fedge"
     with caplog.at_level(logging.INFO):
         code, output = softmax_train(monkeypatch, untrained, eval_data, key, new,
-                                     "--baseline", str(deployed), "--trust", str(pub))  # fmt: skip
+                                     "--baseline", str(deployed), "--trust", str(pub),
+                                     "--version", "2")  # fmt: skip
     assert code == 1
     assert "the new model is worse than the deployed one" in output
     assert "new model accuracy 0." in output
@@ -183,7 +184,8 @@ def test_allow_worse_packages_a_worse_model_with_a_warning(
     new = tmp_path / "new.fedge"
     with caplog.at_level(logging.WARNING):
         code, output = softmax_train(monkeypatch, untrained, eval_data, key, new,
-                                     "--baseline", str(deployed), "--allow-worse")  # fmt: skip
+                                     "--baseline", str(deployed), "--allow-worse",
+                                     "--version", "2")  # fmt: skip
     assert code == 0, output
     assert "worse than (--allow-worse) the deployed digits v1" in output
     assert new.exists()
@@ -201,7 +203,7 @@ def test_a_tolerance_lets_a_slightly_worse_model_through(
     key, _ = keys
     deployed = tmp_path / "deployed.fedge"
     assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed)[0] == 0
-    tolerant = ("--baseline", str(deployed), "--baseline-tolerance", "1")
+    tolerant = ("--baseline", str(deployed), "--baseline-tolerance", "1", "--version", "2")
     code, output = softmax_train(monkeypatch, untrained, eval_data, key, tmp_path / "n.fedge",
                                  *tolerant)  # fmt: skip
     assert code == 0, output
@@ -286,6 +288,28 @@ def test_a_baseline_not_signed_by_a_trusted_key_is_refused(
                                "--trust", str(other_pub))  # fmt: skip
     assert code == 1
     assert f"baseline {deployed}: signed by no trusted key" in output
+
+
+def test_a_version_devices_would_refuse_as_a_rollback_is_refused_before_the_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    digits: tuple[Path, Weights],
+    keys: tuple[Path, Path],
+) -> None:
+    eval_data, trained = digits
+    key, _ = keys
+    deployed = tmp_path / "deployed.fedge"
+    assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed,
+                         "--version", "3")[0] == 0  # fmt: skip
+    _rounds_must_not_run(monkeypatch)
+    new = tmp_path / "new.fedge"
+    code, output = fedge_train("--model", "digits", "--family", "softmax", "--eval-data",
+                               str(eval_data), "--package", str(new), "--key", str(key),
+                               "--baseline", str(deployed), "--version", "3")  # fmt: skip
+    assert code == 1
+    assert "--version 3 is not above the deployed digits v3 (--baseline)" in output
+    assert "give --version 4" in output
+    assert not new.exists()
 
 
 @pytest.mark.parametrize(
@@ -405,7 +429,7 @@ def test_a_worse_torch_regressor_is_refused_and_a_better_one_packaged(
     assert signed.manifest.metadata["task"] == "regression"
 
     new = tmp_path / "new.fedge"
-    code, output = torch_train(untrained, new, "--baseline", str(deployed))
+    code, output = torch_train(untrained, new, "--baseline", str(deployed), "--version", "2")
     assert code == 1
     assert "the new model is worse than the deployed one: new model mse" in output
     assert not new.exists()

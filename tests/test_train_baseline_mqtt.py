@@ -3,7 +3,7 @@
 A well-trained model (four rounds) is packaged and deployed; a run of one round at a
 tiny learning rate then produces a clearly worse model, and ``fedge train --package
 --baseline`` refuses to sign it (exit 1, both figures, nothing written); with
-``--allow-worse`` it is packaged. A four-round run measured against that weak
+``--allow-worse`` it is packaged (v2). A four-round run measured against that weak
 artifact is packaged, deployed and served. The gate's other cases run without a
 broker in tests/test_train_baseline.py.
 """
@@ -80,19 +80,20 @@ def test_a_worse_federated_model_is_not_signed_and_a_better_one_is_deployed(
     assert not worse.exists()
 
     code, output = fedge_train(fleet, tmp_path, *one_round, "--package", str(worse),
-                               "--baseline", str(deployed), *trust, "--allow-worse")  # fmt: skip
+                               "--baseline", str(deployed), *trust, "--allow-worse",
+                               "--version", "2")  # fmt: skip
     assert code == 0, output
     assert "worse than (--allow-worse) the deployed gate-digits v1" in output
 
     better = tmp_path / "better.fedge"
     code, output = fedge_train(fleet, tmp_path, "--rounds", "4", "--epochs", "2",
                                "--package", str(better), "--baseline", str(worse), *trust,
-                               "--version", "2")  # fmt: skip
+                               "--version", "3")  # fmt: skip
     assert code == 0, output
     summary = json.loads(output[output.index("{") :])
-    assert "no worse than the deployed gate-digits v1" in summary["artifact"]
+    assert "no worse than the deployed gate-digits v2" in summary["artifact"]
     with open_deliveries(fleet.hub) as ops:
         delivery = ops.deploy(Artifact.load(better), Target.parse("device:dev00"))
         assert ops.wait(delivery, timeout=30).succeeded
     prediction = fleet.agents[0].predict(fleet.test_set.x[:20])
-    assert (prediction.model, prediction.version) == ("gate-digits", 2)
+    assert (prediction.model, prediction.version) == ("gate-digits", 3)

@@ -32,9 +32,11 @@ ARTIFACT`` (the signed artifact deployed now; its signatures checked against
 int8 model only if it beats or matches the baseline on ``--eval-data`` with the
 task's metric (within ``--baseline-tolerance``, 0 by default). The baseline is read
 and measured before any round runs, so a baseline for another task or input shape
-is refused at once; a worse model is refused with both figures (exit 1, nothing
-written) unless ``--allow-worse``. Without ``--baseline`` the artifact is packaged
-as before, and the output and the log say that no baseline was compared.
+is refused at once, and so is a ``--version`` of the same model name that is not
+above the baseline's (devices would refuse it as a rollback); a worse model is
+refused with both figures (exit 1, nothing written) unless ``--allow-worse``.
+Without ``--baseline`` the artifact is packaged as before, and the output and the
+log say that no baseline was compared.
 
 What it shares with ``fedge rounds start``: the options
 (:mod:`coordinator.cli.training_options`), the
@@ -134,6 +136,22 @@ class BaselineGate:
     def gate(self) -> PackagedModelGate:
         """The check run on the new int8 model before it is signed."""
         return self.baseline.gate(tolerance=self.tolerance, allow_worse=self.allow_worse)
+
+    def check_version(self, name: str, version: int) -> None:
+        """Refuse, before any round runs, a version devices would refuse as a rollback.
+
+        Raises:
+            RunError: ``name`` is the deployed model's and ``version`` not above it.
+        """
+        deployed = self.baseline.manifest
+        if name == deployed.name and version <= deployed.version:
+            message = (
+                f"--version {version} is not above the deployed {deployed.name} "
+                f"v{deployed.version} (--baseline): devices would refuse it as a rollback; "
+                f"give --version {deployed.version + 1}"
+            )
+            logger.error("%s", message)
+            raise RunError(message)
 
 
 def _baseline_gate(
@@ -400,6 +418,8 @@ def train(
             eval_data=evaluation,
             max_update_norm=max_update_norm,
         )
+        if gate is not None:
+            gate.check_version(config.model, version)
         chosen = run_strategy(request, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
