@@ -5,7 +5,8 @@ The tree::
     CoordinatorError
     ├── PackagingError              a model could not be packaged as an artifact
     │   └── QualityGateError            int8 fell further behind fp32 than allowed
-    │       └── AccuracyDropError           a classifier lost more accuracy than allowed
+    │       ├── AccuracyDropError           a classifier lost more accuracy than allowed
+    │       └── WorseThanBaselineError      the new model scores below the deployed one
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
     │   └── UploadRefusedError          a device's chunked upload broke the upload rules
@@ -57,6 +58,16 @@ class AccuracyDropError(QualityGateError):
     """The quantized model lost more accuracy than ``--max-accuracy-drop`` allows."""
 
     code = "accuracy_drop"
+
+
+class WorseThanBaselineError(QualityGateError):
+    """The new model is worse than the deployed baseline by more than the tolerance.
+
+    ``fedge train --package --baseline`` refuses to sign it (``--allow-worse``
+    overrides); see :mod:`coordinator.delivery.baseline`.
+    """
+
+    code = "worse_than_baseline"
 
 
 class TargetError(CoordinatorError):

@@ -159,3 +159,28 @@ def test_a_simulation_on_the_embedded_broker_logs_no_warning(
         if r.levelno >= logging.WARNING and r.name.split(".")[0] in FEDGE_PACKAGES
     ]
     assert fedge_warnings == []
+
+
+def test_robust_reaches_the_run_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedge simulate --robust``: the rounds run with robust aggregation (clipping to
+    the round's medians) and the report's config says so."""
+    from coordinator.sim import simulate as simulate_module  # noqa: PLC0415
+
+    seen: list[bool] = []
+    real_run = simulate_module.run_training
+
+    def recording(hub: Any, strategy: Any, config: Any, **kwargs: Any) -> Any:
+        seen.append(config.robust)
+        return real_run(hub, strategy, config, **kwargs)
+
+    monkeypatch.setattr(simulate_module, "run_training", recording)
+    out = tmp_path / "run"
+    report = simulate("--agents", "3", "--rounds", "1", "--epochs", "1", "--robust",
+                      "--out", str(out))  # fmt: skip
+    assert seen == [True]
+    assert report["config"]["robust"] is True
+    assert report["rounds"][0]["status"] == "ok"
+    assert report["rollout"]["all_serving"]
+    assert SimulationConfig(out=out).robust is False  # off unless asked

@@ -8,7 +8,8 @@ every agent. ``--model zoo:small_cnn --dataset digits-images`` (or your own PyTo
 factory, ``--model mymodels:cnn``) federates a PyTorch model instead; ``--task`` and
 ``--dataset`` cover regression and anomaly detection too. The run directory
 (``--out``, default ``runs/<timestamp>``) keeps ``report.json``, ``report.png``, the
-artifact, the final weights and every agent's data directory. See
+artifact, the final weights and every agent's data directory. ``--robust`` aggregates
+as ``fedge train --robust`` does (updates clipped to the round's medians). See
 :mod:`coordinator.sim.simulate` for the steps.
 """
 
@@ -25,6 +26,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from coordinator.cli import training_options as run_options
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import rounds_table
 from coordinator.federated.runs import RoundReport
@@ -105,6 +107,7 @@ def simulate(
     optimizer: Annotated[str, typer.Option(help="Local optimizer: sgd or adam.")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=1, help="Local mini-batch size.")] = 16,
     round_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per round.")] = 30.0,
+    robust: Annotated[bool, run_options.ROBUST] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead.")] = False,
 ) -> None:
     """Simulate a fleet on this machine: train federated, package, roll out, report."""
@@ -130,6 +133,7 @@ def simulate(
             round_timeout_s=round_timeout,
             model=model,
             task=task,
+            robust=robust,
         )
         report = run_simulation(config) if as_json else _run_live(config)
     body = report.to_json()

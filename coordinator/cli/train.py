@@ -26,6 +26,18 @@ module to ONNX, quantizes it with the evaluation examples as calibration (the
 normal ones for reconstruction), gates int8 against fp32 on the evaluation data and
 signs it (:func:`~coordinator.delivery.torch_packaging.package_torch`).
 
+The deployed-model gate (:mod:`coordinator.delivery.baseline`): with ``--baseline
+ARTIFACT`` (the signed artifact deployed now; its signatures checked against
+``--trust`` keys when given, ``--threshold`` of them) ``--package`` signs the new
+int8 model only if it beats or matches the baseline on ``--eval-data`` with the
+task's metric (within ``--baseline-tolerance``, 0 by default). The baseline is read
+and measured before any round runs, so a baseline for another task or input shape
+is refused at once, and so is a ``--version`` of the same model name that is not
+above the baseline's (devices would refuse it as a rollback); a worse model is
+refused with both figures (exit 1, nothing written) unless ``--allow-worse``.
+Without ``--baseline`` the artifact is packaged as before, and the output and the
+log say that no baseline was compared.
+
 What it shares with ``fedge rounds start``: the options
 (:mod:`coordinator.cli.training_options`), the
 :class:`~coordinator.service.operations.RunRequest` they make, its reading into a
@@ -46,8 +58,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,7 +75,8 @@ from rich.live import Live
 from rich.text import Text
 
 from compress.fileio import atomic_write
-from compress.keys import SigningKey, load_signing_key
+from compress.keys import SigningKey, load_public_key, load_signing_key
+from compress.signing import TrustedKeys
 from coordinator.cli import training_options as run_options
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
@@ -75,14 +90,22 @@ from coordinator.cli.training_options import (
     run_config,
     train_settings,
 )
+from coordinator.delivery.baseline import Baseline, load_baseline
 from coordinator.delivery.packaging import (
     LabelledData,
+    PackagedModelGate,
     PackageResult,
     load_labelled_npz,
     package_weights,
 )
 from coordinator.errors import RunError
-from coordinator.federated.models import PRIMARY_METRIC, ModelDef, model_task, torch_module
+from coordinator.federated.models import (
+    HIGHER_IS_BETTER,
+    PRIMARY_METRIC,
+    ModelDef,
+    model_task,
+    torch_module,
+)
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import wrap_dp
 from coordinator.federated.update_check import DEFAULT_MAX_UPDATE_NORM
@@ -100,6 +123,72 @@ _NEEDS_EVAL_DATA = (
 )
 CALIBRATION_ROWS = 256
 """Evaluation examples a PyTorch model's int8 quantization is calibrated on."""
+
+
+@dataclass(frozen=True)
+class BaselineGate:
+    """``--baseline`` and how it gates ``--package``."""
+
+    baseline: Baseline
+    tolerance: float = 0.0
+    allow_worse: bool = False
+
+    def gate(self) -> PackagedModelGate:
+        """The check run on the new int8 model before it is signed."""
+        return self.baseline.gate(tolerance=self.tolerance, allow_worse=self.allow_worse)
+
+    def check_version(self, name: str, version: int) -> None:
+        """Refuse, before any round runs, a version devices would refuse as a rollback.
+
+        Raises:
+            RunError: ``name`` is the deployed model's and ``version`` not above it.
+        """
+        deployed = self.baseline.manifest
+        if name == deployed.name and version <= deployed.version:
+            message = (
+                f"--version {version} is not above the deployed {deployed.name} "
+                f"v{deployed.version} (--baseline): devices would refuse it as a rollback; "
+                f"give --version {deployed.version + 1}"
+            )
+            logger.error("%s", message)
+            raise RunError(message)
+
+
+def _baseline_gate(
+    baseline: Path | None,
+    *,
+    package: Path | None,
+    evaluation: LabelledData | None,
+    trust: list[Path],
+    threshold: int,
+    tolerance: float,
+    allow_worse: bool,
+) -> BaselineGate | None:
+    """Read and measure ``--baseline`` (before any round runs), or None without it.
+
+    Raises:
+        RunError: a gate option without ``--baseline``, or ``--baseline`` without
+            ``--package`` or ``--eval-data``.
+        PackagingError: the baseline cannot be read, verified or evaluated, or is a
+            model of another task or input shape.
+        CompressError: a ``--trust`` key cannot be read.
+    """
+    if baseline is None:
+        if allow_worse or trust or tolerance:
+            raise RunError(
+                "--allow-worse, --baseline-tolerance and --trust are about --baseline: "
+                "give --baseline"
+            )
+        return None
+    if package is None:
+        raise RunError("--baseline gates --package: give --package and --key too")
+    if evaluation is None:
+        raise RunError("--baseline compares both models on --eval-data: give --eval-data")
+    trusted = TrustedKeys.of((load_public_key(p) for p in trust), threshold) if trust else None
+    loaded = load_baseline(
+        baseline, evaluation, higher_is_better=HIGHER_IS_BETTER[evaluation.task], trusted=trusted
+    )
+    return BaselineGate(loaded, tolerance=tolerance, allow_worse=allow_worse)
 
 
 @contextmanager
@@ -131,11 +220,17 @@ def _package(
     keys: list[Path],
     version: int,
     eval_data: LabelledData | None,
+    baseline: BaselineGate | None,
 ) -> str:
     if not keys:
         raise RunError("--package needs at least one --key")
     signing_keys = [load_signing_key(k) for k in keys]
-    metadata = {"trained": "federated", "rounds": str(len(result.rounds))}
+    metadata = {"trained": "federated", "rounds": str(len(result.rounds)),
+                "task": model_def.task}  # fmt: skip
+    gate = None if baseline is None else baseline.gate()
+    if baseline is None:
+        logger.warning("packaging %s v%d without comparing it to the deployed model "
+                       "(no --baseline)", model, version)  # fmt: skip
     if model_def.is_torch:
         packaged = _package_torch(
             result,
@@ -146,6 +241,7 @@ def _package(
             version=version,
             eval_data=eval_data,
             metadata=metadata,
+            gate=gate,
         )
     else:
         packaged = package_weights(
@@ -158,11 +254,25 @@ def _package(
             evaluation=eval_data,
             metadata=metadata,
             now=datetime.now(UTC),
+            gate=gate,
         )
     return (
         f"wrote {out}: {model} v{version}, {packaged.manifest.quantization}, "
-        f"{human_bytes(packaged.packaged_bytes)}"
+        f"{human_bytes(packaged.packaged_bytes)}; {_compared(packaged, baseline)}"
     )
+
+
+def _compared(packaged: PackageResult, gate: BaselineGate | None) -> str:
+    """What the new model was compared with, for the summary."""
+    if gate is None:
+        return "no deployed baseline compared (--baseline)"
+    base = gate.baseline
+    value = math.nan if packaged.packaged_metric is None else packaged.packaged_metric
+    new = f"{base.metric} {value:.4g}"
+    worse = base.worse_by(value) > 0
+    verb = "worse than (--allow-worse)" if worse else "no worse than"
+    checked = "" if base.verified else ", signatures not checked"
+    return f"{new}, {verb} the deployed {base.describe()}{checked}"
 
 
 @with_broker
@@ -227,6 +337,34 @@ def train(
         list[Path] | None, typer.Option("--key", help="Signing key for --package; repeatable.")
     ] = None,
     version: Annotated[int, typer.Option(min=1, help="Artifact version for --package.")] = 1,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="The deployed model's signed artifact: --package signs only a model that "
+            "beats or matches it on --eval-data.",
+            dir_okay=False,
+        ),
+    ] = None,
+    baseline_tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="How much worse than --baseline the new model may be, in the task's "
+            "metric (accuracy or ROC-AUC as a fraction, MSE).",
+        ),
+    ] = 0.0,
+    allow_worse: Annotated[
+        bool,
+        typer.Option("--allow-worse", help="Package even a model worse than --baseline."),
+    ] = False,
+    trust: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--trust", help="Public key --baseline must be signed by; repeatable.", dir_okay=False
+        ),
+    ] = None,
+    threshold: Annotated[int, typer.Option(min=1, help="How many --trust keys must sign.")] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
@@ -265,12 +403,23 @@ def train(
             ),
         )
         evaluation = None if eval_data is None else load_labelled_npz(eval_data, chosen_task)
+        gate = _baseline_gate(
+            baseline,
+            package=package,
+            evaluation=evaluation,
+            trust=trust or [],
+            threshold=threshold,
+            tolerance=baseline_tolerance,
+            allow_worse=allow_worse,
+        )
         config = training_config(
             request,
             initial_weights=None if init is None else _load_init(init),
             eval_data=evaluation,
             max_update_norm=max_update_norm,
         )
+        if gate is not None:
+            gate.check_version(config.model, version)
         chosen = run_strategy(request, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
@@ -297,6 +446,7 @@ def train(
                 keys=key or [],
                 version=version,
                 eval_data=evaluation,
+                baseline=gate,
             )
     _report(result, config.definition, title=title, as_json=as_json, packaged=packaged, out=out)
 
@@ -311,13 +461,15 @@ def _package_torch(
     version: int,
     eval_data: LabelledData | None,
     metadata: dict[str, str],
+    gate: PackagedModelGate | None,
 ) -> PackageResult:
     """Build the factory's module with the final weights and package it (int8, gated, signed).
 
     Raises:
         RunError: no evaluation data (it calibrates and gates the int8 model).
         TrainingError: the module cannot be built or the weights do not fit it.
-        PackagingError: export, quantization or the gate failed.
+        PackagingError: export, quantization or a gate (int8 against fp32, the new
+            model against the deployed one) failed.
     """
     if eval_data is None:
         raise RunError(_NEEDS_EVAL_DATA)
@@ -341,6 +493,7 @@ def _package_torch(
         evaluation=eval_data,
         now=datetime.now(UTC),
         metadata={**metadata, "model_spec": model_def.spec, "task": model_def.task},
+        gate=gate,
     )
     return packaged
 

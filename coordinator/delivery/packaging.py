@@ -10,16 +10,19 @@ Workflow of :func:`package_model` (what ``fedge model package`` runs):
 3. when evaluation data is given, measure the accuracy of the fp32 and the int8 model
    and refuse (:class:`~coordinator.errors.AccuracyDropError`) when int8 loses more
    than the allowed number of percentage points;
-4. record a health check: a few reference inputs (from the evaluation or calibration
+4. when a ``gate`` is given (``fedge train --package --baseline``: the deployed-model
+   gate of :mod:`coordinator.delivery.baseline`), hand it the packaged model and its
+   metric on the evaluation data; it raises to refuse, before anything is signed;
+5. record a health check: a few reference inputs (from the evaluation or calibration
    data, else a seeded random batch) and the packaged model's own outputs for them,
    which an agent reproduces before it switches to the model;
-5. build the manifest, sign it with every given key (k-of-n), and write the artifact
+6. build the manifest, sign it with every given key (k-of-n), and write the artifact
    file atomically.
 
 The function takes a typed :class:`PackageRequest` and the current time, and returns a
 :class:`PackageResult` with every figure the CLI prints; it does no printing itself.
 
-Steps 4 and 5 are shared with :func:`coordinator.delivery.torch_packaging.package_torch`
+Steps 5 and 6 are shared with :func:`coordinator.delivery.torch_packaging.package_torch`
 (PyTorch models, any task): :func:`check_identity` refuses a bad name, version or key
 list before any slow work, :func:`health_checks` turns reference inputs into the
 checks a manifest can carry, and :func:`sign_and_write` fits the manifest under its
@@ -32,7 +35,7 @@ import hashlib
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -71,6 +74,11 @@ MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_EXPIRY = timedelta(days=365)
 """How long a packaged artifact stays valid unless asked otherwise."""
 
+PackagedModelGate = Callable[[ModelRuntime, float], None]
+"""A last check before signing: called with the packaged model (loaded as a device
+loads it) and its metric on the evaluation data; raises a
+:class:`~coordinator.errors.PackagingError` to refuse, and then nothing is written."""
+
 
 @dataclass(frozen=True)
 class LabelledData:
@@ -106,6 +114,7 @@ class PackageRequest:
     hardware_tags: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    gate: PackagedModelGate | None = None
 
 
 @dataclass(frozen=True)
@@ -296,7 +305,8 @@ def _check_request(request: PackageRequest, now: datetime) -> tuple[str, datetim
 
     Raises:
         PackagingError: unknown model type, TFLite with int8, no keys, bad name or
-            version, a non-finite accuracy bound, or an expiry past year 9999.
+            version, a non-finite accuracy bound, an expiry past year 9999, or a gate
+            without evaluation data.
     """
     model_format = MODEL_FORMATS.get(request.model_path.suffix.lower())
     if model_format is None:
@@ -311,6 +321,8 @@ def _check_request(request: PackageRequest, now: datetime) -> tuple[str, datetim
     expires = check_identity(request.name, request.version, request.keys, now, request.expires_in)
     if not math.isfinite(request.max_accuracy_drop):
         raise PackagingError("--max-accuracy-drop must be a finite number")
+    if request.gate is not None and request.evaluation is None:
+        raise PackagingError("a packaging gate compares metrics: give evaluation data")
     return model_format, expires
 
 
@@ -376,6 +388,7 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
     Raises:
         PackagingError: unreadable model or data, or a model fedge cannot package.
         AccuracyDropError: int8 lost more than ``max_accuracy_drop`` points.
+        QualityGateError: (or another PackagingError) the request's ``gate`` refused.
         CompressError: quantization or signing failed (its own typed subclass).
         edge_agent.errors.ModelRuntimeError: onnxruntime cannot load or run the model.
     """
@@ -403,6 +416,8 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
                 f"{100 * fp32_acc:.2f}% (allowed: {request.max_accuracy_drop:.2f}); try "
                 "--calibration with representative data, or --quantize none"
             )
+        if request.gate is not None:
+            request.gate(packaged, packaged_acc)
 
     metadata = dict(request.metadata)
     metadata["fp32_bytes"] = str(len(fp32_model))
@@ -450,10 +465,12 @@ def package_weights(
     evaluation: LabelledData | None = None,
     metadata: Mapping[str, str] | None = None,
     now: datetime,
+    gate: PackagedModelGate | None = None,
 ) -> PackageResult:
     """Export a built-in family's weights to ONNX and package them (int8, signed).
 
-    Static int8 calibration uses the first 256 evaluation rows when given.
+    Static int8 calibration uses the first 256 evaluation rows when given; ``gate``
+    (which needs ``evaluation``) sees the int8 model and its accuracy before signing.
 
     Raises:
         As :func:`package_model`, and FamilyError for weights that do not fit the family.
@@ -471,6 +488,7 @@ def package_weights(
                 calibration=None if evaluation is None else evaluation.x[:256],
                 evaluation=evaluation,
                 metadata=dict(metadata or {}),
+                gate=gate,
             ),
             now=now,
         )

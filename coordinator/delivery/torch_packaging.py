@@ -7,6 +7,7 @@ deploy`` or a staged rollout. :func:`package_torch` runs::
     nn.Module --export_torch_onnx()--> fp32 ONNX (the task's output head)
         --quantize_int8(calibration)--> int8 ONNX (static QDQ; the head stays float)
         --evaluate both on held-out data, gate--> refuse (QualityGateError) or go on
+        --the caller's gate (e.g. the deployed model's)--> refuse or go on
         --anomaly threshold (reconstruction)--> health check from calibration rows
         --sign_and_write()--> artifact file
 
@@ -69,6 +70,7 @@ from coordinator.delivery.packaging import (
     DEFAULT_EXPIRY,
     ArtifactFields,
     LabelledData,
+    PackagedModelGate,
     PackageResult,
     check_identity,
     health_checks,
@@ -82,7 +84,7 @@ from edge_agent.training.model_spec import TASKS, ModelTask
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["METRIC_NAMES", "package_torch"]
+__all__ = ["METRIC_NAMES", "package_torch", "task_metric"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def package_torch(
     max_error_increase: float = 0.10,
     max_auc_drop: float = 0.02,
     threshold_quantile: float = 0.99,
+    gate: PackagedModelGate | None = None,
 ) -> PackageResult:
     """Export, quantize, gate, sign and write a torch model. See the module docstring.
 
@@ -137,6 +140,8 @@ def package_torch(
         max_auc_drop: ROC-AUC int8 may lose.
         threshold_quantile: Quantile of normal scores that sets the anomaly
             threshold, in ``(0, 1]``.
+        gate: Called with the int8 model and its metric after the quantization
+            gate, before signing (needs ``evaluation``); raises to refuse.
 
     Returns:
         The result; ``metric_name`` is the task's, ``fp32_accuracy`` and
@@ -145,7 +150,8 @@ def package_torch(
     Raises:
         PackagingError: a bad task, identity, bound, calibration or evaluation data.
         QualityGateError: int8 falls behind fp32 by more than allowed
-            (``AccuracyDropError`` for classifiers); no artifact is written.
+            (``AccuracyDropError`` for classifiers), or ``gate`` refused; no artifact
+            is written.
         CompressError: export, quantization or signing failed (``ExportError``,
             ``QuantizationError`` ...).
         edge_agent.errors.ModelRuntimeError: onnxruntime cannot run the model.
@@ -158,6 +164,8 @@ def package_torch(
     calib = _examples(calibration, sample_shape, "calibration data")
     if evaluation is not None:
         _check_evaluation(evaluation, task, sample_shape)
+    elif gate is not None:
+        raise PackagingError("a packaging gate compares metrics: give evaluation data")
 
     fp32_model = export_torch_onnx(module, sample_shape, task)
     int8_model = quantize_int8(fp32_model, calibration=calib, float_nodes=head_nodes(fp32_model))
@@ -166,11 +174,13 @@ def package_torch(
 
     fp32_metric = int8_metric = threshold = None
     if evaluation is not None:
-        fp32_metric = _metric(fp32, evaluation)
-        int8_metric = _metric(int8, evaluation)
+        fp32_metric = task_metric(fp32, evaluation)
+        int8_metric = task_metric(int8, evaluation)
         logger.info("%s %s: fp32 %.6g, int8 %.6g", name, METRIC_NAMES[task], fp32_metric,
                     int8_metric)  # fmt: skip
         _gate(task, fp32_metric, int8_metric, bounds)
+        if gate is not None:
+            gate(int8, int8_metric)
         if task == "reconstruction":
             normal = evaluation.x[evaluation.y == 0]
             threshold = float(np.quantile(_outputs(int8, normal), threshold_quantile))
@@ -279,8 +289,11 @@ def _outputs(runtime: ModelRuntime, x: npt.NDArray[np.float32]) -> npt.NDArray[n
     return out
 
 
-def _metric(runtime: ModelRuntime, data: LabelledData) -> float:
+def task_metric(runtime: ModelRuntime, data: LabelledData) -> float:
     """The task's metric (:data:`METRIC_NAMES`) of ``runtime`` on ``data``.
+
+    Classification accuracy is :func:`edge_agent.runtime.base.accuracy`, as
+    :func:`~coordinator.delivery.packaging.package_model` measures it.
 
     Raises:
         PackagingError: the evaluation's targets do not fit the model's outputs.

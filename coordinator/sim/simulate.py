@@ -22,8 +22,10 @@
    (:class:`~coordinator.sim.local_fleet.LocalFleet`), each with its own MQTT connection
    and data directory under ``<out>/agents``.
 5. **Rounds**: :func:`~coordinator.federated.runs.run_training` with the chosen strategy
-   and codec; with ``dropout`` > 0, that share of the agents (seeded) drops its
-   connection while each round trains, and comes back by itself.
+   and codec (with ``robust``, every update clipped to the round's median norm and
+   weight, as ``fedge train --robust``); with ``dropout`` > 0, that share of the
+   agents (seeded) drops its connection while each round trains, and comes back by
+   itself.
 6. **Package**: the final global weights (kept as ``<out>/artifacts/final-weights.npz``)
    -> ONNX -> int8 (calibrated on a sample of the training data, gated against fp32 on
    the test set by the task's metric) -> signed artifact in ``<out>/artifacts``.
@@ -125,6 +127,7 @@ class SimulationConfig:
     model: str = "mlp"
     task: str | None = None
     optimizer: str = "sgd"
+    robust: bool = False
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -386,6 +389,7 @@ def _train(
         train_config=_train_config(config, epochs=config.epochs).to_mapping(),
         eval_data=sim.test,
         seed=config.seed,
+        robust=config.robust,
     )
     strategy = build_strategy(config.strategy, config.strategy_args, federated_eval=False)
     return run_training(hub, strategy, training, on_round=round_event)
