@@ -455,7 +455,8 @@ class FleetService:
         artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
         view = self._one_shots.deploy(artifact, target, timeout_s=request.timeout_s)
         self._audit(actor, "deployment.create", view.result.deployment_id,
-                    {"artifact": request.artifact_sha256, "target": request.target})  # fmt: skip
+                    {"artifact": request.artifact_sha256, "target": request.target,
+                     "model": view.result.model, "version": view.result.version})  # fmt: skip
         return view
 
     def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
@@ -469,7 +470,8 @@ class FleetService:
             target, request.model, reason=request.reason, timeout_s=request.timeout_s
         )
         self._audit(actor, "rollback.create", view.result.deployment_id,
-                    {"model": request.model, "target": request.target})  # fmt: skip
+                    {"model": request.model, "target": request.target,
+                     "reason": request.reason})  # fmt: skip
         return view
 
     def deployment(self, deployment_id: str) -> DeploymentView:
