@@ -959,6 +959,7 @@ def test_docs_are_public_and_describe_the_api(client: TestClient) -> None:
         "$ref": "#/components/schemas/DeviceOut"
     }
     assert devices["security"] == [{"bearer": []}]
+    assert {"401", "429"} <= set(devices["responses"])  # the failed-authentication limit
     upload_body = document["paths"]["/v1/artifacts"]["post"]["requestBody"]
     assert "application/octet-stream" in upload_body["content"]
     assert "security" not in document["paths"]["/v1/health"]["get"]
