@@ -20,6 +20,7 @@ import logging
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from coordinator.errors import NotFoundError, StoreError
@@ -171,9 +172,11 @@ class AccessTables:
             found = _token(row)
             if found.expired(at):
                 logger.info(
-                    "token %s (%s) expired at %s: refused", found.token_id, found.name,
-                    found.expires_at,
-                )  # fmt: skip
+                    "token %s (%s) expired at %s: refused",
+                    found.token_id,
+                    found.name,
+                    datetime.fromtimestamp(found.expires_at or 0.0, UTC).isoformat(),
+                )
                 return None
             last = found.last_used_at
             if last is not None and at - last < LAST_USED_RESOLUTION_S:
