@@ -38,6 +38,7 @@ from coordinator.errors import (
 )
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.api.app import status_for
+from coordinator.service.api.auth_limits import AuthLimits
 from coordinator.service.api.routes import PUBLIC_PATHS
 from coordinator.service.api.schemas import (
     ArtifactOut,
@@ -213,9 +214,18 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
     assert others == DOC_PATHS
 
 
-def test_every_route_but_health_needs_a_token(
-    app: FastAPI, client: TestClient, ops: FakeOperations
-) -> None:
+def test_every_route_but_health_needs_a_token(ops: FakeOperations) -> None:
+    # 20 refusals from one address: more than the failed-authentication limit
+    # (tests/test_api_auth_limits.py has that), so this app allows more.
+    config = dataclasses.replace(CONFIG, auth_limits=AuthLimits(max_failures=100))
+    app = create_app(ops, authenticate=authenticate, config=config)
+    with TestClient(app) as client:
+        checked = _refused_everywhere(app, client)
+    assert checked == 20
+    assert ops.mutations == []
+
+
+def _refused_everywhere(app: FastAPI, client: TestClient) -> int:
     checked = 0
     for route in api_routes(app):
         for method in methods(route):
@@ -227,8 +237,7 @@ def test_every_route_but_health_needs_a_token(
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert error_of(response)["code"] == "unauthorized"
             checked += 1
-    assert checked == 20
-    assert ops.mutations == []
+    return checked
 
 
 @pytest.mark.parametrize(
@@ -287,7 +296,7 @@ def test_refusals_are_logged_at_info_without_the_token(
         for secret in (unknown, VIEWER_TOKEN, OPERATOR_TOKEN):
             assert secret not in message
     assert "no Authorization header" in refusals[0].getMessage()
-    assert "unknown or revoked token" in refusals[1].getMessage()
+    assert "unknown, revoked or expired token" in refusals[1].getMessage()
     assert "viewer" in refusals[2].getMessage()
 
 
@@ -950,6 +959,7 @@ def test_docs_are_public_and_describe_the_api(client: TestClient) -> None:
         "$ref": "#/components/schemas/DeviceOut"
     }
     assert devices["security"] == [{"bearer": []}]
+    assert {"401", "429"} <= set(devices["responses"])  # the failed-authentication limit
     upload_body = document["paths"]["/v1/artifacts"]["post"]["requestBody"]
     assert "application/octet-stream" in upload_body["content"]
     assert "security" not in document["paths"]["/v1/health"]["get"]

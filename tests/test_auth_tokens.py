@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
 
 import pytest
 
-from coordinator.errors import NotFoundError
+from coordinator.errors import NotFoundError, StoreError
 from coordinator.service.store import LAST_USED_RESOLUTION_S, Store
 from coordinator.service.tokens import (
     TOKEN_PREFIX,
@@ -98,6 +99,33 @@ def test_revoked_token_fails(store: Store) -> None:
     assert [t.token_id for t in store.tokens()] == [keep.token_id, gone.token_id]
     with pytest.raises(NotFoundError):
         store.revoke_token("nope", at=1.0)
+
+
+def test_a_token_expires(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    forever, forever_plain = store.add_token("forever", Role.OPERATOR, at=10.0)
+    row, plaintext = store.add_token("ci", Role.OPERATOR, at=10.0, expires_at=110.0)
+    assert row.expires_at == 110.0
+    assert forever.expires_at is None
+    assert store.token(row.token_id) == row
+    found = store.authenticate(plaintext, at=109.9)
+    assert found is not None
+    assert found.expires_at == 110.0
+    assert not found.expired(109.9)
+    with caplog.at_level(logging.INFO, logger="coordinator.service.store.access"):
+        assert store.authenticate(plaintext, at=110.0) is None
+    assert f"token {row.token_id} (ci) expired" in caplog.text
+    assert plaintext not in caplog.text
+    assert store.authenticate(plaintext, at=1e9) is None
+    assert store.authenticate(forever_plain, at=1e9) is not None
+    [listed, _] = sorted(store.tokens(), key=lambda t: t.name)
+    assert listed.expired(110.0)
+
+
+@pytest.mark.parametrize("expires_at", [10.0, 5.0, float("nan"), float("inf")])
+def test_an_expiry_must_be_a_finite_time_after_creation(store: Store, expires_at: float) -> None:
+    with pytest.raises(StoreError):
+        store.add_token("bad", Role.VIEWER, at=10.0, expires_at=expires_at)
+    assert store.tokens() == []
 
 
 def test_last_used_is_throttled(store: Store) -> None:

@@ -151,6 +151,40 @@ def test_devices_upload_and_a_watched_rollout_to_completion_in_process(
     ]
 
 
+def test_deploy_and_rollback_in_process_are_audited_like_the_api_path(
+    tmp_path: Path, signing_key: SigningKey, agents: dict[str, Agent], fedge: Fedge
+) -> None:
+    wait_online(fedge, 3)
+    first = make_artifact(tmp_path, signing_key, version=1)
+    second = make_artifact(tmp_path, signing_key, version=2)
+    for artifact in (first, second):
+        result = fedge("deploy", artifact, "--wait")
+        assert result.exit_code == 0, result.stdout + result.stderr
+        assert "audit log" not in result.stderr  # --db given: the record is kept
+    assert serving(agents) == dict.fromkeys(DEVICES, 2)
+    result = fedge("rollback", "--model", "digits", "--to", "device:cb0", "--reason", "drift")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert serving(agents) == {"cb0": 1, "cb1": 2, "cb2": 2}
+
+    by_version = {row["version"]: row["sha256"] for row in fedge.json("artifacts", "list")}
+    entries = [a for a in fedge.json("audit") if a["action"] != "artifact.upload"]
+    assert [(a["actor"], a["role"], a["action"]) for a in entries] == [
+        (CLI_ACTOR.name, "operator", "deployment.create"),
+        (CLI_ACTOR.name, "operator", "deployment.create"),
+        (CLI_ACTOR.name, "operator", "rollback.create"),
+    ]
+    assert CLI_ACTOR.name.startswith("cli:")
+    for entry, version in zip(entries[:2], (1, 2), strict=True):
+        assert entry["target"]  # the deployment's id
+        assert entry["detail"] == {
+            "artifact": by_version[version],
+            "target": "all",
+            "model": "digits",
+            "version": version,
+        }
+    assert entries[2]["detail"] == {"model": "digits", "target": "device:cb0", "reason": "drift"}
+
+
 def test_an_unreachable_broker_is_one_clear_line(tmp_path: Path, broker: Mosquitto) -> None:
     fedge = Fedge(tmp_path, broker, generate_signing_key())
     broker.stop()

@@ -810,6 +810,7 @@ def test_broker_mode_deploy_runs_in_process_on_a_temporary_database(
     assert call["chunk_size"] == 2048
     assert call["trust"] == (key,)
     assert not call["db"].parent.exists()  # temporary, removed when the command ended
+    assert "this deployment is recorded in no audit log" in result.stderr
     assert ops.mutations == [
         ("artifact.upload", CLI_ACTOR.name),
         ("deployment.create", CLI_ACTOR.name),
@@ -817,3 +818,9 @@ def test_broker_mode_deploy_runs_in_process_on_a_temporary_database(
     result = run("rollback", "--model", "digits", "--to", "device:pi-1", *broker)
     assert result.exit_code == 0, result.stdout + result.stderr
     assert ops.mutations[-1] == ("rollback.create", CLI_ACTOR.name)
+    assert "this rollback is recorded in no audit log" in result.stderr
+    # With --db the record is kept: no note.
+    result = run("rollback", "--model", "digits", "--to", "device:pi-1", *broker,
+                 "--db", tmp_path / "state.db")  # fmt: skip
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "audit log" not in result.stderr

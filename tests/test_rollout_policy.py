@@ -27,13 +27,21 @@ def test_rollout_error_is_in_the_coordinator_tree() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("60s", 60.0), ("5m", 300.0), ("1h", 3600.0), ("90", 90.0), (" 1.5h ", 5400.0), ("0", 0.0)],
+    [
+        ("60s", 60.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("90", 90.0),
+        (" 1.5h ", 5400.0),
+        ("0", 0.0),
+        ("30d", 30 * 86400.0),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "-5", "5x", "m", "1e3", "5 minutes", "5d", "nan"])
+@pytest.mark.parametrize("text", ["", "-5", "5x", "m", "1e3", "5 minutes", "5w", "nan"])
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(RolloutError, match="bad duration"):
         parse_duration(text)

@@ -134,15 +134,51 @@ def test_token_list_shows_every_token_without_secrets(tmp_path: Path) -> None:
         ("ci", "operator", False),
     ]
     assert set(tokens[0]) == {"token_id", "name", "role", "created_at", "last_used_at",
-                              "revoked_at", "revoked"}  # fmt: skip
+                              "revoked_at", "revoked", "expires_at", "expired"}  # fmt: skip
+    assert [(t["expires_at"], t["expired"]) for t in tokens] == [(None, False), (None, False)]
     table = fedge("coordinator", "token", "list", "--db", db)
     assert table.exit_code == 0, table.stderr
-    for header in ("ID", "NAME", "ROLE", "CREATED", "LAST USED", "REVOKED"):
+    for header in ("ID", "NAME", "ROLE", "LAST USED", "EXPIRES", "STATE"):
         assert header in table.stdout
     for token in tokens:
         assert token["token_id"] in table.stdout
     for secret in (viewer, operator):
         assert secret not in result.stdout + table.stdout
+
+
+def test_a_token_made_with_expires_in_expires(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    before = time.time()
+    result = fedge("coordinator", "token", "create", "--role", "operator", "--name", "ci",
+                   "--expires-in", "30d", "--db", db)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    token = result.stdout.strip()
+    assert "it expires 20" in result.stderr
+    month = 30 * 86400.0
+    listed = json.loads(fedge("coordinator", "token", "list", "--db", db, "--json").stdout)
+    [entry] = listed["tokens"]
+    assert before + month <= entry["expires_at"] <= time.time() + month
+    assert entry["expired"] is False
+    with Store.open(db) as store:
+        assert store.authenticate(token, time.time()) is not None
+        assert store.authenticate(token, entry["expires_at"]) is None
+        [audit] = store.audit_log()
+        assert audit.detail["expires_at"] == entry["expires_at"]
+    table = fedge("coordinator", "token", "list", "--db", db)
+    assert "active" in table.stdout
+    assert time.strftime("%Y-%m-%d", time.gmtime(entry["expires_at"])) in table.stdout
+
+
+@pytest.mark.parametrize("bad", ["0", "0d", "soon", "-1d", "5y"])
+def test_a_bad_expires_in_is_one_error_line(tmp_path: Path, bad: str) -> None:
+    db = tmp_path / "state.db"
+    result = fedge("coordinator", "token", "create", "--role", "viewer", "--expires-in", bad,
+                   "--db", db)  # fmt: skip
+    assert result.exit_code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: --expires-in"), line
+    assert result.stdout == ""
+    assert not db.exists()
 
 
 def test_a_revoked_token_no_longer_authenticates(tmp_path: Path) -> None:

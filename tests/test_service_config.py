@@ -11,6 +11,7 @@ import pytest
 from coordinator.errors import CoordinatorError, ServiceConfigError
 from coordinator.link.hub import HubConfig, hub_client_id
 from coordinator.service.api.app import MIB
+from coordinator.service.api.auth_limits import AuthLimits
 from coordinator.service.config import (
     KNOWN_KEYS,
     ApiSettings,
@@ -142,6 +143,18 @@ def test_settings_and_api_config_follow_the_file() -> None:
     api = config.api_config()
     assert (api.max_body_bytes, api.max_artifact_bytes, api.docs) == (2 * MIB, 64 * MIB, False)
     assert build(with_("telemetry", retention_days=0)).settings().telemetry_max_age_s is None
+
+
+def test_the_failed_authentication_limits_follow_the_file() -> None:
+    assert build(MINIMAL).api_config().auth_limits == AuthLimits(
+        max_failures=10, window_s=60.0, lockout_s=60.0
+    )
+    config = build(
+        {**MINIMAL, "api": {"auth_max_failures": 3, "auth_window_s": 5, "auth_lockout_s": 600}}
+    )
+    assert config.api_config().auth_limits == AuthLimits(
+        max_failures=3, window_s=5.0, lockout_s=600.0
+    )
 
 
 def test_the_halt_floor_and_the_upload_budget_follow_the_file() -> None:
@@ -379,6 +392,9 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         (with_("api", docs=1), "api.docs must be true or false, got an integer"),
         (with_("api", max_body_mib=True), "api.max_body_mib must be an integer, got a boolean"),
         (with_("api", max_artifact_mib=0), "api.max_artifact_mib must be between 1 and"),
+        (with_("api", auth_max_failures=0), "api.auth_max_failures must be >= 1"),
+        (with_("api", auth_window_s=0), "api.auth_window_s must be a finite number > 0"),
+        (with_("api", auth_lockout_s="1m"), "api.auth_lockout_s must be a number of seconds"),
         (with_("telemetry", flush_s=0), "telemetry.flush_s must be a finite number > 0"),
         (with_("telemetry", retention_rows=1.5), "telemetry.retention_rows must be an integer"),
         (with_("telemetry", retention_days=-1), "telemetry.retention_days must be a number >= 0"),

@@ -21,6 +21,7 @@ from coordinator.service.store import (
     RolloutDevice,
     Store,
 )
+from coordinator.service.tokens import hash_token, token_id
 
 COUNTER = Migration(
     SCHEMA_VERSION + 1,
@@ -44,7 +45,7 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.db"
     db = Database(path, migrations=MIGRATIONS)
     try:
-        assert db.user_version == SCHEMA_VERSION == 2
+        assert db.user_version == SCHEMA_VERSION == 3
         assert db.journal_mode == "wal"
         with db.read() as conn:
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -56,7 +57,7 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
     assert {"devices", "presence", "artifacts", "rollouts", "rollout_devices", "runs"} <= tables
     assert {"rounds", "telemetry", "audit", "tokens", "telemetry_device_end"} <= tables
     assert "telemetry_window" in tables
-    assert raw_version(path) == 2
+    assert raw_version(path) == 3
 
 
 def test_synchronous_full_and_memory(tmp_path: Path) -> None:
@@ -105,10 +106,11 @@ def test_newer_database_is_refused(tmp_path: Path) -> None:
 
 def test_failing_step_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    broken = Migration(3, "broken", ("CREATE TABLE half (x INTEGER)", "NOT SQL AT ALL"))
-    with pytest.raises(MigrationError, match="version 3 \\(broken\\)"):
+    next_version = SCHEMA_VERSION + 1
+    broken = Migration(next_version, "broken", ("CREATE TABLE half (x INTEGER)", "NOT SQL"))
+    with pytest.raises(MigrationError, match=f"version {next_version} \\(broken\\)"):
         Database(path, migrations=(*MIGRATIONS, broken))
-    assert raw_version(path) == 2
+    assert raw_version(path) == SCHEMA_VERSION
     conn = sqlite3.connect(path)
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -116,7 +118,7 @@ def test_failing_step_rolls_back(tmp_path: Path) -> None:
     assert "devices" in names
     # Fixed code migrates the same file.
     db = Database(path, migrations=(*MIGRATIONS, COUNTER))
-    assert db.user_version == 3
+    assert db.user_version == next_version
     db.close()
 
 
@@ -132,8 +134,29 @@ def test_version_1_telemetry_keeps_one_copy_of_each_window(tmp_path: Path) -> No
     conn.commit()
     conn.close()
     with Store.open(path) as store:
-        assert store.database.user_version == 2
+        assert store.database.user_version == SCHEMA_VERSION
         assert sorted(r.row_id or 0 for r in store.telemetry("pi-1")) == [1, 3, 4]
+
+
+def test_version_2_tokens_stay_valid_and_never_expire(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Database(path, migrations=MIGRATIONS[:2]).close()
+    conn = sqlite3.connect(path)
+    plaintext = "fedge_a-token-made-before-tokens-could-expire"
+    conn.execute(
+        "INSERT INTO tokens (token_id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        (token_id(hash_token(plaintext)), "old", "operator", hash_token(plaintext), 1.0),
+    )
+    conn.commit()
+    conn.close()
+    with Store.open(path) as store:
+        assert store.database.user_version == SCHEMA_VERSION
+        [row] = store.tokens()
+        assert row.expires_at is None
+        assert not row.expired(1e12)
+        found = store.authenticate(plaintext, at=1e12)
+        assert found is not None
+        assert found.name == "old"
 
 
 def test_misnumbered_migrations_are_a_bug(tmp_path: Path) -> None:

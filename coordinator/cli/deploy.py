@@ -22,6 +22,15 @@ temporary database unless ``--db`` is given), through the same
   good model, waits for their answers, and exits 0 when every targeted online
   device rolled back (and at least one did).
 
+Both are written to the audit log of the database they run on, exactly as through
+the API (:meth:`~coordinator.service.fleet_service.FleetService.deploy`): who
+(``cli:<login>`` in-process, the token's id through ``--api``), the action
+(``deployment.create``, ``rollback.create``), the deployment's id, and the artifact's
+sha256, model, version and target (or the model, target and reason of a rollback).
+In-process, give ``--db`` the coordinator's database to keep that record: without
+it the service runs on a temporary database, and the command says on stderr that
+nothing will be kept.
+
 A staged rollout (canary, waves, health gates) is ``fedge rollout``.
 """
 
@@ -72,6 +81,18 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def _warn_unaudited(connection: Connection, what: str) -> None:
+    """Say on stderr that an in-process command on a temporary database leaves no audit."""
+    if connection.api is None and connection.db is None:
+        err_console.print(
+            f"note: no --db, so this {what} is recorded in no audit log; give --db the "
+            "coordinator's database to keep a record of it",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 def _follow(
     ops: Operations, view: DeploymentView, *, title: str, live: bool, until_delivered: bool
 ) -> DeployResult:
@@ -118,6 +139,7 @@ def deploy(
     resolved = resolve_artifact(artifact)
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
+        _warn_unaudited(connection, "deployment")
         with operations(connection, chunk_size=chunk_size) as ops:
             sha256 = uploaded_sha256(ops, resolved, as_json=as_json)
             view = ops.deploy(DeployRequest(sha256, target=to, timeout_s=timeout), actor=CLI_ACTOR)
@@ -159,6 +181,7 @@ def rollback(
         target = Target.parse(to)
         title = f"rollback {model} -> {target.describe()}"
         request = RollbackRequest(model, target=to, reason=reason, timeout_s=timeout)
+        _warn_unaudited(connection, "rollback")
         with operations(connection) as ops:
             view = ops.rollback(request, actor=CLI_ACTOR)
             result = _follow(ops, view, title=title, live=False, until_delivered=False)

@@ -22,10 +22,13 @@
 
   The broker password comes from ``--password-file``, the file's
   ``password_file``, or ``FEDGE_BROKER_PASSWORD``. Logs go to stdout.
-* ``token create --role viewer|operator [--name NAME]`` makes an API token and
-  prints it once, alone on stdout (``TOKEN=$(fedge coordinator token create ...)``
-  works; the explanation goes to stderr); only its hash is stored.
-  ``token list [--json]`` shows every token (never the secret), ``token revoke ID``
+* ``token create --role viewer|operator [--name NAME] [--expires-in 30d]`` makes an
+  API token and prints it once, alone on stdout (``TOKEN=$(fedge coordinator token
+  create ...)`` works; the explanation goes to stderr); only its hash is stored.
+  With ``--expires-in`` the service refuses it (401, like an unknown token) from
+  then on; without it the token never expires (:data:`RECOMMENDED_LIFETIME` is
+  the lifetime the docs recommend).
+  ``token list [--json]`` shows every token (never the secret) with its expiry, ``token revoke ID``
   revokes one: the running service refuses it from the next request on. They work
   on ``--db``, or the database the config file names, while the service runs.
 
@@ -52,7 +55,8 @@ from coordinator.cli.config_flags import ConfigFlags, with_config_flags
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import safe_text
-from coordinator.errors import ServiceConfigError
+from coordinator.errors import RolloutError, ServiceConfigError
+from coordinator.rollout.policy import parse_duration
 from coordinator.service.config import (
     PASSWORD_ENV,
     ServiceConfig,
@@ -82,6 +86,9 @@ DEFAULT_CONFIG = Path("coordinator.toml")
 
 MAX_NAME_CHARS = 100
 """Longest token name."""
+
+RECOMMENDED_LIFETIME = "90d"
+"""The ``--expires-in`` the docs recommend for tokens of people and scripts."""
 
 # Config key -> the flag that overrides it (also how messages name the value's source);
 # declared with each key in the schema.
@@ -248,6 +255,21 @@ def _check_name(name: str) -> str:
     return name.strip()
 
 
+def _lifetime(text: str) -> float:
+    """An ``--expires-in`` value in seconds: a positive duration (``90s``, ``12h``, ``30d``).
+
+    Raises:
+        ServiceConfigError: not a duration, or zero.
+    """
+    try:
+        seconds = parse_duration(text)
+    except RolloutError as exc:
+        raise ServiceConfigError(f"--expires-in: {exc}") from exc
+    if seconds <= 0:
+        raise ServiceConfigError(f"--expires-in must be a positive duration, got {text!r}")
+    return seconds
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[
@@ -265,6 +287,18 @@ def token_create(
             "--name", show_default=False, help="What it is for (shown in lists and the audit log)."
         ),
     ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-in",
+            show_default=False,
+            metavar="DURATION",
+            help=(
+                "Refuse the token after this long: 90s, 12h, 30d. Default: never "
+                f"(recommended: {RECOMMENDED_LIFETIME}, or less)."
+            ),
+        ),
+    ] = None,
     db: DbOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -275,20 +309,24 @@ def token_create(
     """
     with reported_errors():
         label = _check_name(name if name is not None else role.value)
+        lifetime = None if expires_in is None else _lifetime(expires_in)
         with _token_store(db, config, create=True) as store:
             now = time.time()
-            row, plaintext = store.add_token(label, role, now)
+            expires_at = None if lifetime is None else now + lifetime
+            row, plaintext = store.add_token(label, role, now, expires_at=expires_at)
             store.audit(
                 CLI_ACTOR.name,
                 CLI_ACTOR.role,
                 "token.create",
                 row.token_id,
-                detail={"name": row.name, "role": row.role.value},
+                detail={"name": row.name, "role": row.role.value, "expires_at": expires_at},
                 at=now,
             )
     typer.echo(plaintext)
+    expiry = "never expires" if expires_at is None else f"expires {_when(expires_at)}"
     err_console.print(
-        f"created {row.role.value} token {row.token_id} ({safe_text(row.name)}). It is shown "
+        f"created {row.role.value} token {row.token_id} ({safe_text(row.name)}); it {expiry}. "
+        "It is shown "
         "only this once: keep it secret. Send it as 'Authorization: Bearer <token>'; "
         f"revoke it with: fedge coordinator token revoke {row.token_id}",
         highlight=False,
@@ -297,7 +335,7 @@ def token_create(
     )
 
 
-def _token_json(row: TokenRow) -> dict[str, Any]:
+def _token_json(row: TokenRow, now: float) -> dict[str, Any]:
     return {
         "token_id": row.token_id,
         "name": row.name,
@@ -306,6 +344,8 @@ def _token_json(row: TokenRow) -> dict[str, Any]:
         "last_used_at": row.last_used_at,
         "revoked_at": row.revoked_at,
         "revoked": row.revoked_at is not None,
+        "expires_at": row.expires_at,
+        "expired": row.expired(now),
     }
 
 
@@ -315,28 +355,39 @@ def token_list(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List every token (revoked ones too): id, name, role, created, last used, revoked."""
+    """List every token (revoked and expired ones too): id, name, role, last used,
+    expiry and state (active, expired, revoked). --json adds the creation and
+    revocation times."""
     with reported_errors(as_json=as_json), _token_store(db, config, create=False) as store:
         rows = store.tokens()
+    now = time.time()
     if as_json:
-        print_json({"tokens": [_token_json(row) for row in rows]})
+        print_json({"tokens": [_token_json(row, now) for row in rows]})
         return
     if not rows:
         err_console.print("no tokens; make one with: fedge coordinator token create --role ...")
         return
-    table = Table(title="API tokens", title_justify="left")
-    for column in ("ID", "NAME", "ROLE", "CREATED", "LAST USED", "REVOKED"):
-        table.add_column(column, no_wrap=column != "NAME")
+    table = Table(title="API tokens (times in UTC)", title_justify="left")
+    for column in ("ID", "NAME", "ROLE", "LAST USED", "EXPIRES", "STATE"):
+        table.add_column(column, no_wrap=column in {"ID", "ROLE", "STATE"}, overflow="fold")
     for row in rows:
+        state = _token_state(row, now)
         table.add_row(
             Text(row.token_id),
             Text(safe_text(row.name)),
             Text(row.role.value, style="bold" if row.role is Role.OPERATOR else ""),
-            Text(_when(row.created_at)),
             Text(_when(row.last_used_at, "never")),
-            Text(_when(row.revoked_at), style="red" if row.revoked_at is not None else ""),
+            Text(_when(row.expires_at, "never")),
+            Text(state, style="" if state == "active" else "red"),
         )
     console.print(table)
+
+
+def _token_state(row: TokenRow, now: float) -> str:
+    """``revoked``, ``expired`` or ``active``."""
+    if row.revoked_at is not None:
+        return "revoked"
+    return "expired" if row.expired(now) else "active"
 
 
 @token_app.command("revoke")

@@ -83,8 +83,8 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _PERCENT_RE = re.compile(rf"({_NUMBER})\s*%")
 _COUNT_RE = re.compile(r"\d+")
 _FRACTION_RE = re.compile(_NUMBER)
-_DURATION_RE = re.compile(rf"({_NUMBER})\s*([smh]?)")
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(rf"({_NUMBER})\s*([smhd]?)")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _EPS = 1e-9
 
 DEFAULT_MIN_FAILED_DEVICES = 2
@@ -117,7 +117,7 @@ def _percent(text: str) -> float | None:
 
 
 def parse_duration(text: str) -> float:
-    """Parse a duration: ``"90"``, ``"90s"``, ``"5m"``, ``"1.5h"``.
+    """Parse a duration: ``"90"``, ``"90s"``, ``"5m"``, ``"1.5h"``, ``"30d"``.
 
     Args:
         text: The operator's text.
@@ -131,7 +131,8 @@ def parse_duration(text: str) -> float:
     match = _DURATION_RE.fullmatch(text.strip())
     if match is None:
         raise RolloutError(
-            f"bad duration {text!r}: use seconds ('90' or '90s'), minutes ('5m') or hours ('1h')"
+            f"bad duration {text!r}: use seconds ('90' or '90s'), minutes ('5m'), "
+            "hours ('1h') or days ('30d')"
         )
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 

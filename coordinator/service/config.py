@@ -63,6 +63,7 @@ from typing import Any
 from coordinator.errors import ServiceConfigError
 from coordinator.link.hub import SESSION_NAME_RE, HubConfig
 from coordinator.service.api.app import MIB, ApiConfig
+from coordinator.service.api.auth_limits import AuthLimits
 from coordinator.service.config_schema import (
     DEFAULT_BIND_HOST,
     DEFAULT_BIND_PORT,
@@ -205,6 +206,10 @@ class ApiSettings:
         max_artifact_mib: Largest artifact upload, MiB (1 to :data:`MAX_ARTIFACT_MIB`).
         docs: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (without a token).
         access_log: Log every request at INFO (uvicorn's access log).
+        auth_max_failures: Failed authentications per address within
+            ``auth_window_s`` that start a cool-down (>= 1).
+        auth_window_s: Seconds over which they are counted (> 0).
+        auth_lockout_s: Seconds of the cool-down (> 0).
 
     Raises:
         ServiceConfigError: a wrong type or a value out of range.
@@ -214,11 +219,19 @@ class ApiSettings:
     max_artifact_mib: int = _default("api.max_artifact_mib")
     docs: bool = _default("api.docs")
     access_log: bool = _default("api.access_log")
+    auth_max_failures: int = _default("api.auth_max_failures")
+    auth_window_s: float = _default("api.auth_window_s")
+    auth_lockout_s: float = _default("api.auth_lockout_s")
 
     def __post_init__(self) -> None:
         with _as_service_error():
             want_int("api.max_body_mib", self.max_body_mib, low=1, high=MAX_BODY_MIB)
             want_int("api.max_artifact_mib", self.max_artifact_mib, low=1, high=MAX_ARTIFACT_MIB)
+            want_int("api.auth_max_failures", self.auth_max_failures, low=1)
+            window = want_seconds("api.auth_window_s", self.auth_window_s)
+            lockout = want_seconds("api.auth_lockout_s", self.auth_lockout_s)
+        object.__setattr__(self, "auth_window_s", window)
+        object.__setattr__(self, "auth_lockout_s", lockout)
         _want_bool("api.docs", self.docs)
         _want_bool("api.access_log", self.access_log)
 
@@ -389,6 +402,11 @@ class ServiceConfig:
             max_body_bytes=self.api.max_body_mib * MIB,
             max_artifact_bytes=self.api.max_artifact_mib * MIB,
             docs=self.api.docs,
+            auth_limits=AuthLimits(
+                max_failures=self.api.auth_max_failures,
+                window_s=self.api.auth_window_s,
+                lockout_s=self.api.auth_lockout_s,
+            ),
         )
 
 

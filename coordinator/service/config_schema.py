@@ -196,6 +196,23 @@ _API = Section(
             "Log every request at INFO (method, path, status, client).",
             default=True,
         ),
+        Key(
+            "auth_max_failures",
+            "Failed authentications (401) one client address may make within "
+            "auth_window_s before it is refused (429, the token not even checked) for "
+            "auth_lockout_s. Every failure is logged and audited (auth.fail).",
+            default=10,
+        ),
+        Key(
+            "auth_window_s",
+            "Seconds over which an address's failed authentications are counted.",
+            default=60.0,
+        ),
+        Key(
+            "auth_lockout_s",
+            "Seconds an address is refused (429) after too many failed authentications.",
+            default=60.0,
+        ),
     ),
 )
 

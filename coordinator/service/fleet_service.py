@@ -20,7 +20,8 @@ Workflow::
     hub = MqttHub(HubConfig(broker=broker))
     service = FleetService(store, hub, trusted_keys)
     service.start()            # listeners first, then connect: retained statuses count
-    app = create_app(service, authenticate=service.authenticate)
+    app = create_app(service, authenticate=service.authenticate,
+                     on_auth_failure=service.record_auth_failure)
     ...
     service.stop()             # flushes telemetry, stops threads, disconnects
     store.close()
@@ -30,7 +31,9 @@ parse, the manifest must carry signatures by ``threshold`` of the trusted keys a
 must not have expired, and the payload's length and sha256 must be the manifest's.
 Anything else is an :class:`~coordinator.errors.ArtifactRejectedError`, logged and
 written to the audit log (``artifact.reject``). Every operator action that changes
-something is written to the audit log with the actor's token id and role.
+something is written to the audit log with the actor's token id and role, and so
+is every request the API refused for want of a valid token (``auth.fail``, see
+:meth:`FleetService.record_auth_failure`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.artifact import read_payload, read_signed_manifest
 from compress.errors import CompressError
@@ -87,8 +90,12 @@ from coordinator.service.store import (
     Store,
     TelemetryRow,
 )
+from coordinator.service.tokens import Role
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:  # the API's record type; importing the API would load FastAPI
+    from coordinator.service.api.auth import AuthFailure
 
 __all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
 
@@ -236,13 +243,38 @@ class FleetService:
         logger.info("coordinator service stopped")
 
     def authenticate(self, token: str) -> Actor | None:
-        """The actor a bearer token stands for, or None (unknown or revoked).
+        """The actor a bearer token stands for, or None (unknown, revoked or expired).
 
         Raises:
             StoreError: the database failed.
         """
         row = self._store.authenticate(token, self._clock())
         return None if row is None else Actor(row.token_id, row.role)
+
+    def record_auth_failure(self, failure: AuthFailure) -> None:
+        """Audit a request the API refused for want of a valid token (``auth.fail``).
+
+        The actor is ``client:<address>`` with the least role (``viewer``): the
+        request proved no identity. The target is the public id of the token it
+        presented (empty if none looked like a token); the detail has the reason,
+        method, path, the address's failures within the window and the cool-down
+        this failure started (``lockout_s``, else null). Never the token itself.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        self._audit(
+            Actor(f"client:{failure.address}", Role.VIEWER),
+            "auth.fail",
+            failure.token_id or "",
+            {
+                "reason": failure.reason,
+                "method": failure.method,
+                "path": failure.path,
+                "failures": failure.failures,
+                "lockout_s": failure.lockout_s,
+            },
+        )
 
     def _audit(
         self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
@@ -423,7 +455,8 @@ class FleetService:
         artifact = Artifact.from_bytes(self._store.artifact_bytes(request.artifact_sha256))
         view = self._one_shots.deploy(artifact, target, timeout_s=request.timeout_s)
         self._audit(actor, "deployment.create", view.result.deployment_id,
-                    {"artifact": request.artifact_sha256, "target": request.target})  # fmt: skip
+                    {"artifact": request.artifact_sha256, "target": request.target,
+                     "model": view.result.model, "version": view.result.version})  # fmt: skip
         return view
 
     def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:
@@ -437,7 +470,8 @@ class FleetService:
             target, request.model, reason=request.reason, timeout_s=request.timeout_s
         )
         self._audit(actor, "rollback.create", view.result.deployment_id,
-                    {"model": request.model, "target": request.target})  # fmt: skip
+                    {"model": request.model, "target": request.target,
+                     "reason": request.reason})  # fmt: skip
         return view
 
     def deployment(self, deployment_id: str) -> DeploymentView:

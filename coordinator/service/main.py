@@ -216,7 +216,12 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
         service = FleetService(store, hub, trusted, settings=config.settings())
         service.start(CONNECT_TIMEOUT_S)
         stack.callback(service.stop)
-        app = create_app(service, authenticate=service.authenticate, config=config.api_config())
+        app = create_app(
+            service,
+            authenticate=service.authenticate,
+            config=config.api_config(),
+            on_auth_failure=service.record_auth_failure,
+        )
 
         def ready() -> None:
             docs = "docs at /docs" if config.api.docs else "docs off"

@@ -2,12 +2,14 @@
 
 Workflow:
 
-1. An operator creates a token (``fedge coordinator token create --role viewer``);
-   the store calls :func:`new_token`, keeps only :func:`hash_token` of it and the
-   public :func:`token_id`, and shows the plaintext once.
+1. An operator creates a token (``fedge coordinator token create --role viewer``,
+   optionally ``--expires-in 90d``); the store calls :func:`new_token`, keeps only
+   :func:`hash_token` of it, the public :func:`token_id` and the expiry, and shows
+   the plaintext once.
 2. A client sends ``Authorization: Bearer fedge_...``; the API hashes the presented
    token, looks the hash up (:meth:`coordinator.service.store.Store.authenticate`) and gets
-   the token's :class:`Role`.
+   the token's :class:`Role`, unless the token is unknown, revoked or expired (all
+   refused alike, and failures rate-limited: :mod:`coordinator.service.api.auth_limits`).
 3. Each endpoint declares the role it requires; :meth:`Role.allows` decides.
    ``operator`` includes every right of ``viewer``.
 

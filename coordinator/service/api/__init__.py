@@ -6,7 +6,9 @@ wrapping :meth:`coordinator.service.store.Store.authenticate`), calls :func:`cre
 and hands the app to uvicorn. Each request is then
 
 1. size-checked (:class:`~coordinator.service.api.app.BodyLimitMiddleware`: 413),
-2. authenticated and role-checked (:mod:`coordinator.service.api.auth`: 401/403),
+2. authenticated and role-checked (:mod:`coordinator.service.api.auth`: 401/403;
+   an address with too many failed authentications gets 429,
+   :mod:`coordinator.service.api.auth_limits`; each 401 is logged and audited),
 3. validated and dispatched to one ``Operations`` method
    (:mod:`coordinator.service.api.routes`, shapes in :mod:`coordinator.service.api.schemas`),
 4. answered with JSON, or with an error body

@@ -4,7 +4,9 @@ Workflow of a request through the app built by :func:`create_app`:
 
 1. :class:`~coordinator.service.api.auth.AuthMiddleware` authenticates the request
    (401/403) before any of its body is read; only the public paths pass without
-   a token.
+   a token. An address that failed authentication too often within a window
+   (:attr:`ApiConfig.auth_limits`) is answered 429 for a cool-down (see
+   :mod:`coordinator.service.api.auth_limits`).
 2. :class:`BodyLimitMiddleware` refuses a ``Content-Length`` over the route's
    limit with 413 before anything is read, and counts the bytes of the body as
    the app reads them, stopping with 413 as soon as the count passes the limit
@@ -24,7 +26,7 @@ Workflow of a request through the app built by :func:`create_app`:
    RolloutError, TargetError,          400
    RunError, any CoordinatorError
    request validation                  422, ``details`` lists the fields
-   HTTPException (401, 403, 413...)    its status and headers
+   HTTPException (401, 403, 413, 429)  its status and headers
    ==================================  ======================================
 
 Public without a token: ``GET /v1/health`` and, when :attr:`ApiConfig.docs` is
@@ -37,8 +39,9 @@ paths included: a client without one learns nothing of the routes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -56,7 +59,14 @@ from coordinator.errors import (
     NotFoundError,
     StoreError,
 )
-from coordinator.service.api.auth import Authenticate, AuthMiddleware, Guard, client_address
+from coordinator.service.api.auth import (
+    Authenticate,
+    AuthFailureHook,
+    AuthMiddleware,
+    Guard,
+    client_address,
+)
+from coordinator.service.api.auth_limits import AuthLimits, FailedAuthLimiter
 from coordinator.service.api.routes import ARTIFACTS_PATH, PUBLIC_PATHS, add_routes
 from coordinator.service.operations import Operations
 
@@ -78,6 +88,8 @@ class ApiConfig:
         title: Title of the OpenAPI document.
         version: Version of the OpenAPI document.
         docs: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (publicly).
+        auth_limits: How many failed authentications an address may make within a
+            window before it is refused (429) for a cool-down.
 
     Raises:
         ValueError: A limit is not a positive number of bytes.
@@ -88,6 +100,7 @@ class ApiConfig:
     title: str = "fedge coordinator"
     version: str = __version__
     docs: bool = True
+    auth_limits: AuthLimits = field(default_factory=AuthLimits)
 
     def __post_init__(self) -> None:
         """Check the limits."""
@@ -323,16 +336,25 @@ def _phrase_code(status_code: int) -> str:
 
 
 def create_app(
-    ops: Operations, *, authenticate: Authenticate, config: ApiConfig | None = None
+    ops: Operations,
+    *,
+    authenticate: Authenticate,
+    config: ApiConfig | None = None,
+    on_auth_failure: AuthFailureHook | None = None,
+    auth_clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build the coordinator's HTTP API over an operations object.
 
     Args:
         ops: What the routes call (the service object, or a twin in tests).
         authenticate: Maps a presented bearer token to its actor, or None if the
-            token is unknown or revoked. Called in the threadpool; may raise
-            :class:`~coordinator.errors.StoreError` (answered with 500).
+            token is unknown, revoked or expired. Called in the threadpool; may
+            raise :class:`~coordinator.errors.StoreError` (answered with 500).
         config: Limits and OpenAPI settings; defaults to :class:`ApiConfig()`.
+        on_auth_failure: Records each failed authentication (the service audits
+            it); without it they are only logged.
+        auth_clock: Monotonic seconds for the failed-authentication limiter (a
+            fake in tests).
 
     Returns:
         An ASGI app to hand to uvicorn (or to ``TestClient``).
@@ -356,7 +378,11 @@ def create_app(
         default_limit=config.max_body_bytes,
         limits={("POST", ARTIFACTS_PATH): config.max_artifact_bytes},
     )
-    guard = Guard(authenticate)
+    guard = Guard(
+        authenticate,
+        limiter=FailedAuthLimiter(config.auth_limits, auth_clock),
+        on_failure=on_auth_failure,
+    )
     docs = (
         {"/docs", "/redoc", "/openapi.json", app.swagger_ui_oauth2_redirect_url or "/docs"}
         if config.docs

@@ -92,16 +92,17 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "The request body is too large.",
         415: "The body is not `application/octet-stream`.",
         422: "The request (or the uploaded artifact) failed validation.",
+        429: "Too many failed authentications from this address; wait `Retry-After` s.",
         500: "The coordinator's store failed; its log has the details.",
     }
     return {code: {"model": ErrorOut, "description": descriptions[code]} for code in codes}
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_READ = _errors(401, 500)
-_READ_PAGE = _errors(401, 422, 500)
-_READ_ONE = _errors(401, 404, 422, 500)
-_WRITE = _errors(400, 401, 403, 409, 413, 422, 500)
+_READ = _errors(401, 429, 500)
+_READ_PAGE = _errors(401, 422, 429, 500)
+_READ_ONE = _errors(401, 404, 422, 429, 500)
+_WRITE = _errors(400, 401, 403, 409, 413, 422, 429, 500)
 
 
 def add_routes(router: APIRouter, ops: Operations, guard: Guard) -> None:

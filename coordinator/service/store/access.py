@@ -3,7 +3,10 @@
 Part of :class:`coordinator.service.store.Store` (a mixin; see that package's docstring).
 
 Tokens are stored as their SHA-256 only (see :mod:`coordinator.service.tokens`); the
-plaintext leaves :meth:`AccessTables.add_token` once and is never written.
+plaintext leaves :meth:`AccessTables.add_token` once and is never written. A token
+may carry an expiry (``expires_at``); from that moment :meth:`AccessTables.authenticate`
+treats it exactly like an unknown one (and logs that it expired). Tokens made
+before expiry existed (schema version 3) never expire.
 :meth:`AccessTables.authenticate` is called on every API request, so it writes
 ``last_used_at`` at most once a minute per token, not once per request.
 
@@ -13,8 +16,11 @@ what, when.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from coordinator.errors import NotFoundError, StoreError
@@ -23,6 +29,8 @@ from coordinator.service.store.records import AuditRow, TokenRow
 from coordinator.service.tokens import Role, hash_token, looks_like_token, new_token, token_id
 
 __all__ = ["LAST_USED_RESOLUTION_S", "AccessTables"]
+
+logger = logging.getLogger(__name__)
 
 LAST_USED_RESOLUTION_S = 60.0
 """``last_used_at`` is refreshed only when it is at least this old."""
@@ -36,6 +44,7 @@ def _token(row: sqlite3.Row) -> TokenRow:
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
         last_used_at=row["last_used_at"],
+        expires_at=row["expires_at"],
     )
 
 
@@ -56,17 +65,27 @@ class AccessTables:
 
     _db: Database
 
-    def add_token(self, name: str, role: Role, at: float) -> tuple[TokenRow, str]:
+    def add_token(
+        self, name: str, role: Role, at: float, *, expires_at: float | None = None
+    ) -> tuple[TokenRow, str]:
         """Create an API token.
+
+        Args:
+            name: What it is for.
+            role: What it may do.
+            at: Now, unix seconds (its creation time).
+            expires_at: When it stops working (after ``at``), or None: never.
 
         Returns:
             The token's row and its plaintext. Show the plaintext to the operator
             now: only its hash is stored, it cannot be recovered.
 
         Raises:
-            StoreError: The database failed.
+            StoreError: ``expires_at`` is not after ``at``, or the database failed.
         """
-        check_finite("at", at)
+        check_finite("at", at, expires_at)
+        if expires_at is not None and expires_at <= at:
+            raise StoreError(f"a token must expire after it is made, not at {expires_at!r}")
         role = Role(role)
         for _attempt in range(3):
             plaintext = new_token()
@@ -79,11 +98,11 @@ class AccessTables:
                 ).fetchone():
                     continue
                 conn.execute(
-                    "INSERT INTO tokens (token_id, name, role, hash, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (public_id, name, role.value, token_hash, at),
+                    "INSERT INTO tokens (token_id, name, role, hash, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (public_id, name, role.value, token_hash, at, expires_at),
                 )
-            return TokenRow(public_id, name, role, at, None, None), plaintext
+            return TokenRow(public_id, name, role, at, None, None, expires_at), plaintext
         raise StoreError("could not draw an unused token id")  # pragma: no cover
 
     def tokens(self) -> list[TokenRow]:
@@ -130,7 +149,7 @@ class AccessTables:
             at: The current time, unix seconds.
 
         Returns:
-            The token, or None for anything unknown, revoked or malformed.
+            The token, or None for anything unknown, revoked, expired or malformed.
 
         Raises:
             StoreError: The database failed.
@@ -151,6 +170,14 @@ class AccessTables:
             if row is None:
                 return None
             found = _token(row)
+            if found.expired(at):
+                logger.info(
+                    "token %s (%s) expired at %s: refused",
+                    found.token_id,
+                    found.name,
+                    datetime.fromtimestamp(found.expires_at or 0.0, UTC).isoformat(),
+                )
+                return None
             last = found.last_used_at
             if last is not None and at - last < LAST_USED_RESOLUTION_S:
                 return found
@@ -158,9 +185,7 @@ class AccessTables:
                 conn.execute(
                     "UPDATE tokens SET last_used_at = ? WHERE token_id = ?", (at, found.token_id)
                 )
-        return TokenRow(
-            found.token_id, found.name, found.role, found.created_at, found.revoked_at, at
-        )
+        return replace(found, last_used_at=at)
 
     def audit(
         self,

@@ -214,6 +214,8 @@ class TokenRow:
         created_at: Creation time.
         revoked_at: Revocation time, or None while valid.
         last_used_at: Last successful authentication, to within a minute, or None.
+        expires_at: When it stops working, or None if it never expires (every token
+            made before expiry existed).
     """
 
     token_id: str
@@ -222,3 +224,8 @@ class TokenRow:
     created_at: float
     revoked_at: float | None
     last_used_at: float | None
+    expires_at: float | None = None
+
+    def expired(self, at: float) -> bool:
+        """Tell whether the token has expired at ``at`` (unix seconds)."""
+        return self.expires_at is not None and at >= self.expires_at

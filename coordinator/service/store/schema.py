@@ -150,9 +150,16 @@ _V2 = (
     "(device_id, seq, window_start, window_end, COALESCE(model, ''))",
 )
 
+_V3 = (
+    # NULL: the token never expires, which keeps every token made before this step
+    # valid exactly as it was.
+    "ALTER TABLE tokens ADD COLUMN expires_at REAL",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
     Migration(2, "telemetry windows stored once", _V2),
+    Migration(3, "API tokens can expire", _V3),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 
