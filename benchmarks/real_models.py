@@ -83,7 +83,7 @@ from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.tracker import DeviceState
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
-from coordinator.sim.simulate import SimulationConfig, run_simulation
+from coordinator.sim.simulate import SimulationConfig, SimulationReport, run_simulation
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.serving.http_api import MAX_BODY_BYTES
 
@@ -528,46 +528,23 @@ def load_weights(path: Path) -> dict[str, npt.NDArray[np.float32]]:
         return {name: arrays[name] for name in arrays.files}
 
 
-def num_outputs_of(task: str, out: Path, y_test: npt.NDArray[Any]) -> int:
-    """What the model was built with: classes seen in the shards and test set (as
-    ``fedge simulate`` counts them), regression targets per example; 0 for
-    reconstruction (the autoencoder rebuilds its input)."""
-    if task == "classification":
-        seen = [int(y_test.max())]
-        for shard in sorted((out / "data").glob("shard*/local.npz")):
-            with np.load(shard) as arrays:
-                seen.append(int(arrays["y"].max()))
-        return max(seen) + 1
-    if task == "regression":
-        return 1 if y_test.ndim == 1 else int(y_test.shape[1])
-    return 0
-
-
-def fp32_outputs(report: Mapping[str, Any], out: Path, x: npt.NDArray[np.float32],
-                 y: npt.NDArray[Any]) -> npt.NDArray[np.float64]:  # fmt: skip
-    """What the fp32 torch model (the final global weights) outputs for ``x``."""
-    import torch  # noqa: PLC0415 - TEMP
-    from edge_agent.training.torch_trainer import TorchTrainer  # noqa: PLC0415 - TEMP until main has it
-
-    torch.set_num_threads(1)
-    task = report["task"]
-    trainer = TorchTrainer(
-        report["model"], task=task, input_shape=tuple(int(d) for d in x.shape[1:]),
-        num_outputs=num_outputs_of(task, out, y), num_threads=1,
-    )  # fmt: skip
-    return np.asarray(trainer.predict(load_weights(Path(report["weights"])), x), dtype=np.float64)
+def fp32_outputs(sim: SimulationReport, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """What the fp32 torch model outputs for ``x``: the final global weights as written to
+    ``report.json``'s ``weights``, in the trainer the simulation's agents built."""
+    weights = load_weights(Path(sim.to_json()["weights"]))
+    return np.asarray(sim.model.trainer().predict(weights, x), dtype=np.float64)
 
 
 def check_deployment(
-    report: Mapping[str, Any], out: Path, port: int, limits: Mapping[str, float]
+    sim: SimulationReport, port: int, limits: Mapping[str, float]
 ) -> dict[str, Any]:
     """Deploy the run's artifact to the edge devices and judge their answers."""
     from compress.torch_export import OUTPUT_NAMES  # noqa: PLC0415 - TEMP until main has it
 
-    task = report["task"]
+    out, task = sim.config.out, sim.model.model.task
     x, y = load_test_set(out)
     with edge_devices(port, out / "keys" / "signing.pub", out / "edge") as devices:
-        delivery = deploy(Path(report["artifact"]), port, devices)
+        delivery = deploy(Path(sim.artifact), port, devices)
         answers, requests = {}, 0
         started = time.monotonic()
         for device in devices:
@@ -576,7 +553,7 @@ def check_deployment(
             )
             requests += sent
         predict_s = time.monotonic() - started
-    reference = fp32_outputs(report, out, x, y)
+    reference = fp32_outputs(sim, x)
     metric, fp32_metric = task_metric(task, reference, y)
     per_device = {i: task_metric(task, a, y)[1] for i, a in answers.items()}
     first = answers[devices[0].device_id]
@@ -654,7 +631,8 @@ def run_workload(workload: Workload, root: Path, seed: int) -> Outcome:
             outcome.settings = config.to_json()
             print(f"{workload.name}: federating {workload.model} on {workload.dataset}...",
                   file=sys.stderr)  # fmt: skip
-            report = run_simulation(config).to_json()
+            sim = run_simulation(config)
+            report = sim.to_json()
             outcome.federated = _summary(report)
             if workload.mlp_baseline:
                 print(f"{workload.name}: the built-in MLP on the same split...", file=sys.stderr)
@@ -662,7 +640,7 @@ def run_workload(workload: Workload, root: Path, seed: int) -> Outcome:
                 outcome.mlp = {"settings": mlp.to_json(), **_summary(run_simulation(mlp).to_json())}
             print(f"{workload.name}: deploying to {EDGE_DEVICES} agent processes...",
                   file=sys.stderr)  # fmt: skip
-            outcome.deployment = check_deployment(report, directory / "fedge", port, limits)
+            outcome.deployment = check_deployment(sim, port, limits)
         deployed = outcome.deployment["deployed_metric"]
         outcome.gates = [
             *issue_gates(
