@@ -175,9 +175,12 @@ WORKLOADS: dict[str, Workload] = {
             agents=10,
             rounds=20,
             epochs=2,
-            lr=0.05,
+            lr=0.01,
             mlp_baseline=True,
-            note="the 5,000-image MNIST sample as 1x28x28 images",
+            note=(
+                "the 5,000-image MNIST sample as 1x28x28 images; lr 0.01, as 0.05 makes the "
+                "centralized CNN oscillate (0.91-0.97 between epochs)"
+            ),
         ),
         Workload(
             name="sensor",
@@ -246,19 +249,27 @@ def selected(only: str | None, mnist: bool) -> list[Workload]:
 
 @dataclass(frozen=True)
 class Gate:
-    """One pass/fail check: ``value`` against ``limit`` by ``rule`` (the text shown)."""
+    """One pass/fail check: the ``quantity`` measured (``value``) must be ``op`` ``limit``
+    (``op``: ``"<="`` or ``">"``); an unknown value fails."""
 
     name: str
-    rule: str
+    quantity: str
     value: float | None
+    op: str
     limit: float
     passed: bool
 
 
-def _at_most(name: str, rule: str, value: float | None, limit: float) -> Gate:
+def _at_most(name: str, quantity: str, value: float | None, limit: float) -> Gate:
     """Passes when ``value`` is known and at most ``limit``."""
     passed = value is not None and math.isfinite(value) and value <= limit
-    return Gate(name, rule, value, limit, passed)
+    return Gate(name, quantity, value, "<=", limit, passed)
+
+
+def _above(name: str, quantity: str, value: float | None, limit: float) -> Gate:
+    """Passes when ``value`` is known and strictly above ``limit``."""
+    passed = value is not None and math.isfinite(value) and value > limit
+    return Gate(name, quantity, value, ">", limit, passed)
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -325,8 +336,8 @@ def issue_gates(
         return [
             _at_most("within 3 points of centralized", "centralized - federated accuracy",
                      _difference(central.get("accuracy"), fed), 0.03),
-            _at_most("above the built-in MLP", "MLP - CNN federated accuracy (must be < 0)",
-                     _difference(mlp_accuracy, fed), -1e-12),
+            _above("above the built-in MLP", "CNN - MLP federated accuracy",
+                   _difference(fed, mlp_accuracy), 0.0),
         ]  # fmt: skip
     if kind == "sensor":
         return [
@@ -723,8 +734,8 @@ def format_table(entries: Sequence[Mapping[str, Any]]) -> str:
 def _gate_line(workload: str, gate: Mapping[str, Any], *, bold: bool = False) -> str:
     verdict = "PASS" if gate["passed"] else "FAIL"
     verdict = f"**{verdict}**" if bold else verdict
-    return (f"{workload}: {verdict} {gate['name']}: {gate['rule']} = "
-            f"{_fmt(gate['value'])} (limit {_fmt(gate['limit'])})")  # fmt: skip
+    return (f"{workload}: {verdict} {gate['name']}: {gate['quantity']} = "
+            f"{_fmt(gate['value'])} (must be {gate['op']} {_fmt(gate['limit'])})")  # fmt: skip
 
 
 def docs_section(result: Mapping[str, Any]) -> str:

@@ -47,6 +47,7 @@ def test_images_gates_fail_four_points_below_central_or_not_above_the_mlp(
     assert [g.passed for g in below] == [False, True]
     tie = rm.issue_gates("images", {"accuracy": 0.97}, {"accuracy": 0.97}, mlp_accuracy=0.97)
     assert [g.passed for g in tie] == [True, False]
+    assert (tie[1].quantity, tie[1].op, tie[1].limit) == ("CNN - MLP federated accuracy", ">", 0)
 
 
 def test_a_missing_figure_fails_its_gate(rm: ModuleType) -> None:
@@ -149,7 +150,7 @@ def test_workloads_run_ten_agents_for_images_and_sensor(rm: ModuleType) -> None:
 def _entry(rm: ModuleType, name: str, *, passed: bool, error: str | None = None) -> dict[str, Any]:
     workload = rm.WORKLOADS[name]
     gate = rm.Gate("within 5 points of centralized", "centralized - federated accuracy",
-                   0.01 if passed else 0.2, 0.05, passed)  # fmt: skip
+                   0.01 if passed else 0.2, "<=", 0.05, passed)  # fmt: skip
     return {
         "workload": {**workload.__dict__},
         "settings": {"seed": 0},
@@ -182,7 +183,10 @@ def test_docs_section_shows_failures_and_did_not_finish(rm: ModuleType) -> None:
         })
     )  # fmt: skip
     assert section.startswith(rm.SECTION_HEADING + "\n")
-    assert "sensor: **FAIL** within 5 points of centralized" in section
+    assert (
+        "sensor: **FAIL** within 5 points of centralized: centralized - federated accuracy = "
+        "0.2000 (must be <= 0.0500)"
+    ) in section
     assert "**anomaly: did not finish**: RunError: no device" in section
     assert "| sensor | zoo:sensor_cnn | japanese-vowels |" in section
     assert "the class IS the speaker" in section
