@@ -137,11 +137,12 @@ def test_selected_workloads(rm: ModuleType) -> None:
         rm.selected("audio", mnist=False)
 
 
-def test_workloads_run_ten_agents_for_images_and_sensor(rm: ModuleType) -> None:
+def test_workloads_are_those_of_the_issue(rm: ModuleType) -> None:
     for workload in rm.WORKLOADS.values():
+        assert workload.agents == 10
         if workload.kind in ("images", "sensor"):
-            assert workload.agents == 10
             assert workload.partition == "dirichlet:0.5"
+        assert workload.mlp_baseline is (workload.kind == "images")
 
 
 # ------------------------------------------------------------------- output
