@@ -53,6 +53,7 @@ import inspect
 import json
 import logging
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -605,6 +606,7 @@ class Outcome:
     gates: list[Gate] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    started: str = field(default_factory=timestamp)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able, with the measuring command and time."""
@@ -618,7 +620,7 @@ class Outcome:
             "passed": self.error is None and all(g.passed for g in self.gates),
             "did_not_finish": self.error,
             "seconds": round(self.seconds, 1),
-            "measured": {"timestamp": timestamp(), "command": " ".join(sys.orig_argv)},
+            "measured": {"timestamp": self.started, "command": shlex.join(sys.orig_argv)},
         }
 
 
@@ -785,13 +787,30 @@ def docs_section(result: Mapping[str, Any]) -> str:
             f"* **{w['name']}**: `{w['model']}` on `{w['dataset']}`, partition "
             f"`{w['partition']}` over {w['agents']} agents, {w['rounds']} rounds x "
             f"{w['epochs']} local epochs, {w['optimizer']} lr {w['lr']}, batch "
-            f"{w['batch_size']}, seed {s.get('seed', '-')}; {entry['seconds']:.0f} s in all. "
-            f"{w['note']}".rstrip()
+            f"{w['batch_size']}, seed {s.get('seed', '-')}; {_timing(entry)}. "
+            f"{w['note'][:1].upper()}{w['note'][1:]}."
         )
         body.append(f"  Command: `{entry['measured']['command']}` "
                     f"({entry['measured']['timestamp']}).")  # fmt: skip
     body += ["", "Raw figures: `benchmarks/results/real_models.json`.", ""]
     return "\n".join(body)
+
+
+def _timing(entry: Mapping[str, Any]) -> str:
+    """Seconds per round, the deploy and the workload, and what the devices answered."""
+    fed, dep = entry["federated"] or {}, entry["deployment"] or {}
+    parts = []
+    if fed.get("seconds_per_round") is not None:
+        parts.append(f"{fed['seconds_per_round']:.2f} s per round")
+    if dep:
+        agree = "identical" if dep.get("devices_agree") else "NOT identical"
+        parts.append(
+            f"artifact {dep['artifact_bytes'] / 1024:.1f} KiB installed on {len(dep['devices'])} "
+            f"devices in {dep['deploy_to_installed_s']:.2f} s, {dep['test_examples']} test "
+            f"examples in {dep['requests']} requests, answers {agree} across devices"
+        )
+    parts.append(f"{entry['seconds']:.0f} s in all")
+    return ", ".join(parts)
 
 
 def replace_section(text: str, section: str, heading: str = SECTION_HEADING) -> str:

@@ -159,9 +159,21 @@ def _entry(rm: ModuleType, name: str, *, passed: bool, error: str | None = None)
             "metric": "accuracy",
             "final_metrics": {"accuracy": 0.9},
             "centralized_metrics": {"accuracy": 0.91},
+            "seconds_per_round": 0.33,
         },
         "mlp": None,
-        "deployment": None if error else {"fp32_metric": 0.9, "deployed_metric": 0.899},
+        "deployment": None
+        if error
+        else {
+            "fp32_metric": 0.9,
+            "deployed_metric": 0.899,
+            "devices": ["edge00", "edge01", "edge02"],
+            "artifact_bytes": 20480,
+            "deploy_to_installed_s": 0.18,
+            "test_examples": 370,
+            "requests": 9,
+            "devices_agree": passed,
+        },
         "gates": [] if error else [gate.__dict__],
         "passed": passed and error is None,
         "did_not_finish": error,
@@ -192,6 +204,10 @@ def test_docs_section_shows_failures_and_did_not_finish(rm: ModuleType) -> None:
     assert "| sensor | zoo:sensor_cnn | japanese-vowels |" in section
     assert "the class IS the speaker" in section
     assert "Command: `python x.py`" in section
+    assert (
+        "0.33 s per round, artifact 20.0 KiB installed on 3 devices in 0.18 s, 370 test "
+        "examples in 9 requests, answers NOT identical across devices, 12 s in all"
+    ) in section
 
 
 def test_replace_section_appends_then_replaces_in_place(rm: ModuleType) -> None:
