@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from _support import (
     argument_parser,
     environment,
@@ -102,6 +103,8 @@ ROUND_TIMEOUT_S = 600.0
 BODY_SHARE = 0.8
 """Share of the agent's request size limit one predict request may use."""
 KINDS = ("images", "sensor", "anomaly", "regression")
+TORCH_THREADS = 1
+"""torch threads in this process (see :func:`main`)."""
 
 logger = logging.getLogger("real_models")
 
@@ -762,7 +765,8 @@ def docs_section(result: Mapping[str, Any]) -> str:
         "answer and the fp32 torch model's output (probabilities, predictions or anomaly "
         "scores). Every agent keeps 20 % of its shard out of training (its own evaluation "
         "data, the agents' default), so the federated model trains on 80 % of the examples "
-        "the centralized one sees.",
+        "the centralized one sees. torch runs on one thread in the simulation process (the "
+        "agents' setting), which keeps the centralized baseline reproducible.",
         "",
     ]
     if rows:
@@ -848,6 +852,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The in-process agents each set torch's (process-wide) thread count for a training
+    # and restore it after, concurrently: what it is left at is a race, and the
+    # centralized baseline, trained afterwards in this process, would run on 1 or 2
+    # threads and give different figures from run to run. One thread, as the agents use.
+    torch.set_num_threads(TORCH_THREADS)
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="fedge-real-models-") as tmp:
         for workload in selected(args.only, args.mnist):
@@ -861,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": timestamp(),
         "workloads": entries,
         "environment": environment(["fedge", "torch", "onnxruntime", "numpy", "paho-mqtt"]),
+        "torch_threads": TORCH_THREADS,
     }
     previous = json.loads(args.out.read_text()) if args.out.exists() else None
     result = merge_results(previous, new)
