@@ -213,3 +213,28 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+DOC_TITLE = (
+    "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/` "
+    "(see `benchmarks/README.md`).\n"
+)
+
+
+def write_doc_section(path: Path, key: str, text: str) -> None:
+    """Put ``text`` into ``path`` as the section ``key``, replacing that section only.
+
+    A section is the text between the lines ``<!-- bench:KEY -->`` and
+    ``<!-- /bench:KEY -->``; a new one is appended (the file is created with a title).
+    Every script writes only its own sections, so running one leaves the others.
+    """
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    current = path.read_text() if path.exists() else DOC_TITLE
+    start, stop = current.find(begin), current.find(end)
+    if start >= 0 and stop > start:
+        updated = current[:start] + block + current[stop + len(end) :]
+    else:
+        updated = current.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(updated)
+    print(f"wrote section {key} of {path}", file=sys.stderr)
