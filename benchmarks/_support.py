@@ -221,20 +221,30 @@ DOC_TITLE = (
 )
 
 
-def write_doc_section(path: Path, key: str, text: str) -> None:
-    """Put ``text`` into ``path`` as the section ``key``, replacing that section only.
+def write_doc_section(path: Path, section: str) -> None:
+    """Put ``section`` into ``path``, replacing the section with the same heading only.
 
-    A section is the text between the lines ``<!-- bench:KEY -->`` and
-    ``<!-- /bench:KEY -->``; a new one is appended (the file is created with a title).
-    Every script writes only its own sections, so running one leaves the others.
+    A section runs from its heading (the first line of ``section``, a ``## `` line) up
+    to the next ``# ``/``## `` heading; a section whose heading is not there yet is
+    appended (a missing file is created with a title). Every script writes only its own
+    sections, so running one keeps the others' figures.
     """
-    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    current = path.read_text() if path.exists() else DOC_TITLE
-    start, stop = current.find(begin), current.find(end)
-    if start >= 0 and stop > start:
-        updated = current[:start] + block + current[stop + len(end) :]
+    heading, _, _ = section.partition("\n")
+    if not heading.startswith("## "):
+        raise ValueError(f"a section starts with a '## ' heading, not {heading!r}")
+    lines = (path.read_text() if path.exists() else DOC_TITLE).splitlines()
+    new = section.strip("\n").splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
+            len(lines),
+        )
+        rest = lines[end:]
+        lines = [*lines[:start], *new, *(["", *rest] if rest else [])]
     else:
-        updated = current.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(updated)
-    print(f"wrote section {key} of {path}", file=sys.stderr)
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines = [*lines, "", *new]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    print(f"wrote {heading[3:]!r} in {path}", file=sys.stderr)

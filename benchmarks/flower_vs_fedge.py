@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out, result)
     if not args.no_docs:
-        write_doc_section(DOCS, f"flower_vs_fedge:{name}", docs_section(result))
+        write_doc_section(DOCS, docs_section(result))
     return 0
 
 

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     write_json(args.out, result)
     if not args.no_docs:
-        write_doc_section(DOCS, "torch_trainer_cost", docs_section(result))
+        write_doc_section(DOCS, docs_section(result))
     return 0
 
 

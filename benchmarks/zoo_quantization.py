@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out, result)
     if not args.no_docs:
-        write_doc_section(DOCS, "zoo_quantization", docs_section(result))
+        write_doc_section(DOCS, docs_section(result))
     return 0
 
 
