@@ -23,7 +23,7 @@ Identical on both sides: the dataset (``--dataset``, split 70/30, seeded), the
 partition of the 70 % over the clients (``--partition``, seeded, what
 :func:`coordinator.sim.fleet_data.fleet_data` makes of it, written once as
 ``shard<i>/local.npz``), the model definition and its initial weights
-(:func:`coordinator.federated.models.initial_weights` with the seed), every client in
+(:class:`coordinator.sim.sim_model.SimModel`, seeded), every client in
 every round, local training (``--epochs``, ``--lr``, ``--batch-size``,
 ``--optimizer``, seeded per round and client), ``--rounds`` rounds, and evaluation of
 the global model on the 30 % after each round
@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,8 @@ from _support import (
     write_doc_section,
     write_json,
 )
-from coordinator.federated.models import (
-    PRIMARY_METRIC,
-    ModelDef,
-    evaluate_model,
-    initial_weights,
-    model_def_for,
-)
+from coordinator.federated.models import PRIMARY_METRIC, ModelDef, evaluate_model
+from coordinator.sim.sim_model import BUILTIN_FAMILIES, SimModel
 from edge_agent.training.torch_trainer import TorchTrainer
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -88,13 +84,12 @@ from coordinator.sim.fleet_data import fleet_data
 from coordinator.sim.local_fleet import save_shards
 from coordinator.sim.simulate import SimulationConfig, run_simulation
 from edge_agent.training.data import LocalData
-from edge_agent.training.model_spec import parse_model_spec
+from edge_agent.training.model_spec import check_task, parse_model_spec
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BUILT_IN = ("mlp", "softmax")
 HOLDOUT = 0.2
 """The agents' default ``training.holdout_fraction``."""
 TORCH_THREADS = 1
@@ -108,14 +103,14 @@ RATIOS = {
 
 def model_name(model: str) -> str:
     """``mlp``, or the factory's name of a torch spec (``small_cnn``)."""
-    return model if model in BUILT_IN else parse_model_spec(model).name
+    return model if model in BUILTIN_FAMILIES else parse_model_spec(model).name
 
 
 # ------------------------------------------------------------------ Flower side
 
 
 def make_trainer(model: ModelDef) -> Trainer:
-    """The trainer an agent builds for a task of ``model``."""
+    """The trainer an agent builds for a task of ``model`` (edge_agent.training.task_model)."""
     if not model.is_torch:
         return trainer_for(model.family)
     return TorchTrainer(
@@ -139,8 +134,8 @@ def flower_worker(shards_dir: Path, clients: int, rounds: int) -> dict[str, Any]
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:  # Flower's signature
         index = int(context.node_config["partition-id"])
-        weights = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        server_round = int(msg.content["config"]["server-round"])
+        weights = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+        server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         config = TrainConfig.from_mapping({**train_settings, "server_round": server_round})
         data, _held_out = LocalData(shards_dir / f"shard{index}").split(
             HOLDOUT, seed=config.seed, task=model.task
@@ -157,11 +152,20 @@ def flower_worker(shards_dir: Path, clients: int, rounds: int) -> dict[str, Any]
 
     marks: list[float] = []
     values: list[float] = []
+    failures: list[str] = []
     server_app = ServerApp()
+
+    class CountingFedAvg(FedAvg):
+        """Flower's FedAvg that keeps the errors of failed client replies."""
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            failures.extend(str(r.error.reason)[:200] for r in replies if r.has_error())
+            return super().aggregate_train(server_round, replies)
 
     @server_app.main()
     def main(grid: Grid, _context: Context) -> None:
-        strategy = FedAvg(
+        strategy = CountingFedAvg(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
             min_available_nodes=clients,
         )  # fmt: skip
@@ -171,7 +175,7 @@ def flower_worker(shards_dir: Path, clients: int, rounds: int) -> dict[str, Any]
             metrics = evaluate_model(model, trained, test_set)
             marks.append(time.monotonic())
             values.append(metrics[metric])
-            return MetricRecord(metrics)
+            return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
 
         strategy.start(grid=grid, initial_arrays=ArrayRecord(
             {k: _array(v) for k, v in initial.items()}), num_rounds=rounds,
@@ -186,6 +190,8 @@ def flower_worker(shards_dir: Path, clients: int, rounds: int) -> dict[str, Any]
     )
     return _timing([b - a for a, b in itertools.pairwise(marks)]) | {
         "final_metric": values[-1] if values else None,
+        "client_failures": len(failures),
+        "first_failure": failures[0] if failures else None,
         "total_s": time.monotonic() - started,
     }
 
@@ -214,7 +220,11 @@ def run_flower(shards_dir: Path, clients: int, rounds: int, timeout: float) -> d
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
         return {"did_not_finish": f"exit {out.returncode}: {' | '.join(tail)[:300]}"}
-    return dict(json.loads(lines[-1]))
+    figures = dict(json.loads(lines[-1]))
+    if figures["client_failures"]:  # the global model did not learn from those clients
+        return {"did_not_finish": f"{figures['client_failures']} client replies failed, "
+                f"the first: {figures['first_failure']}"}  # fmt: skip
+    return figures
 
 
 # ------------------------------------------------------------------- fedge side
@@ -249,32 +259,26 @@ def run_fedge(config: SimulationConfig) -> dict[str, Any]:
 
 
 def write_shards(args: Any, clients: int, directory: Path) -> ModelDef:
-    """The partition both sides train on (what fedge simulate itself makes of the
-    dataset), the model and its initial weights; returns the model."""
-    task = args.task if args.model in BUILT_IN else None
-    data = fleet_data(args.dataset, args.partition, clients, args.seed, task=task or args.task)
-    x, test_x = data.x, data.test.x
-    if args.model in BUILT_IN:  # a built-in family trains on the flattened rows
-        x, test_x = x.reshape(len(x), -1), test_x.reshape(len(test_x), -1)
-    save_shards(x, data.y, data.parts, directory)
-    test_y = data.test.y
-    np.savez(directory / "test.npz", x=test_x, y=test_y)
-    model = model_def_for(args.model, args.task, tuple(x.shape[1:]), _num_outputs(data))
-    weights = initial_weights(model, args.seed, args.hidden)
-    np.savez(directory / "initial.npz", **weights)
-    train = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-             "optimizer": args.optimizer, "seed": args.seed}  # fmt: skip
-    workload = {"model": asdict(model), "train": train}
+    """What both sides train: the data, partition, model and initial weights exactly as
+    ``fedge simulate`` makes them (:class:`~coordinator.sim.sim_model.SimModel`), the
+    local training settings as it sends them; returns the model."""
+    task = None if args.task is None else check_task(args.task)
+    data = fleet_data(args.dataset, args.partition, clients, args.seed, task=task)
+    sim = SimModel.choose(args.model, args.task, data, hidden=args.hidden)
+    save_shards(sim.rows(data.x), data.y, data.parts, directory)
+    test = sim.test
+    np.savez(directory / "test.npz", x=test.x, y=test.y)
+    np.savez(directory / "initial.npz", **sim.initial_weights(args.seed))  # type: ignore[arg-type]
+    train = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        seed=args.seed,
+    )
+    workload = {"model": asdict(sim.model), "train": train.to_mapping()}
     (directory / "workload.json").write_text(json.dumps(workload))
-    return model
-
-
-def _num_outputs(data: Any) -> int:
-    if data.task == "classification":
-        return int(max(data.y.max(), data.test.y.max())) + 1
-    if data.task == "regression":
-        return 1 if data.y.ndim == 1 else int(data.y.shape[1])
-    return 0
+    return sim.model
 
 
 # ---------------------------------------------------------------------- output

@@ -115,10 +115,11 @@ def import_rss(modules: list[str]) -> dict[str, int]:
 
 
 class TrainSeconds:
-    """Hub listener: the ``train_seconds`` of every update report, in arrival order."""
+    """Hub listener: ``train_seconds`` and ``num_examples`` of every update report."""
 
     def __init__(self) -> None:
         self.values: list[float] = []
+        self.examples: list[int] = []
         self._lock = threading.Lock()
 
     def __call__(self, _device_id: str, envelope: Envelope, _size: int) -> None:
@@ -126,6 +127,7 @@ class TrainSeconds:
         if isinstance(message, UpdateReport) and "train_seconds" in message.metrics:
             with self._lock:
                 self.values.append(float(message.metrics["train_seconds"]))
+                self.examples.append(message.num_examples)
 
 
 def anonymous(port: int, user: str) -> BrokerConfig:
@@ -219,7 +221,7 @@ def measure_model(
             "input_shape": list(model.input_shape),
         },
         "parameters": int(sum(np.asarray(v).size for v in run.initial_weights.values())),
-        "train_examples_on_device": int(len(x_train) * (1 - args.holdout)),
+        "train_examples_on_device": seconds.examples[-1],
         "idle_kib": idle,
         "after_round_kib": memory,
         "peak_training_rss_kib": memory[-1]["VmHWM"],
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argument_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0, help="split, weights and training seed")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per model (>= 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per model (>= 2)")
     parser.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -326,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.epochs < 1 or args.torch_threads < 1:
         parser.error("need --rounds >= 2, --epochs >= 1 and --torch-threads >= 1")
-    args.holdout = 0.2  # the agent's default training.holdout_fraction
 
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}

@@ -60,7 +60,7 @@ from compress.quantize import quantize_int8
 from coordinator.errors import RunError
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 from edge_agent.training.model_spec import ModelTask, parse_model_spec
-from edge_agent.training.trainer import Dataset, TrainConfig
+from edge_agent.training.trainer import Dataset, Optimizer, TrainConfig
 
 DEFAULT_OUT = Path("benchmarks/results/zoo_quantization.json")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -78,7 +78,7 @@ class Workload:
     epochs: int
     lr: float
     batch_size: int = 32
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
 
 
 WORKLOADS = (
