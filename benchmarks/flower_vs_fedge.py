@@ -258,10 +258,14 @@ def run_fedge(config: SimulationConfig) -> dict[str, Any]:
     }
 
 
-def write_shards(args: Any, clients: int, directory: Path) -> ModelDef:
+def write_shards(args: Any, clients: int, directory: Path) -> tuple[ModelDef, dict[str, int]]:
     """What both sides train: the data, partition, model and initial weights exactly as
     ``fedge simulate`` makes them (:class:`~coordinator.sim.sim_model.SimModel`), the
-    local training settings as it sends them; returns the model."""
+    local training settings as it sends them.
+
+    Returns:
+        The model, and the fewest and most training examples a client holds.
+    """
     task = None if args.task is None else check_task(args.task)
     data = fleet_data(args.dataset, args.partition, clients, args.seed, task=task)
     sim = SimModel.choose(args.model, args.task, data, hidden=args.hidden)
@@ -278,7 +282,8 @@ def write_shards(args: Any, clients: int, directory: Path) -> ModelDef:
     )
     workload = {"model": asdict(sim.model), "train": train.to_mapping()}
     (directory / "workload.json").write_text(json.dumps(workload))
-    return sim.model
+    sizes: dict[str, int] = data.to_json()["examples_per_agent"]
+    return sim.model, sizes
 
 
 # ---------------------------------------------------------------------- output
@@ -352,8 +357,29 @@ def docs_section(result: dict[str, Any]) -> str:
         for side in ("fedge", "flower")
         if "did_not_finish" in row[side]
     ]
-    raw = result["settings"]["out"]
-    body += ["", *notes, "", "fedge goes through a real MQTT broker (mosquitto) with one "
+    raw, settings = result["settings"]["out"], result["settings"]
+    sizes = "; ".join(
+        f"{row['clients']} clients: {row['examples_per_client']['min']} to "
+        f"{row['examples_per_client']['max']}"
+        for row in result["rows"]
+    )
+    small = (
+        f"Kept small for a 2-core machine that runs every client: {settings['rounds']} "
+        f"rounds of {settings['epochs']} local epoch(s). "
+        if result["model_def"]["family"] == "torch"
+        else ""
+    )
+    finished = [r for r in result["rows"] if "did_not_finish" not in r["fedge"]
+                and "did_not_finish" not in r["flower"]]  # fmt: skip
+    if finished and all(
+        r["fedge"]["final_metric"] == r["flower"]["final_metric"] for r in finished
+    ):
+        small += (
+            f"Both sides end with the same {metric} at every size that finished: they "
+            "trained the same thing. "
+        )
+    body += ["", *notes, "", f"Training examples per client (before the 20 % hold-out): "
+             f"{sizes}. {small}fedge goes through a real MQTT broker (mosquitto) with one "
              "connection per agent; Flower through its in-memory engine with Ray actors. "
              "The mean per round includes the first round (Flower starts its Ray actors, "
              "and with a torch model every actor imports torch); the median leaves it out. "
@@ -428,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         for clients in client_counts(args.clients):
             shards = root / f"shards-{clients}"
-            model = write_shards(args, clients, shards)
+            model, sizes = write_shards(args, clients, shards)
             metric = PRIMARY_METRIC[model.task]
             print(f"{clients} clients: fedge...", file=sys.stderr)
             with mosquitto(root / f"broker-{clients}", timeout=10) as port:
@@ -436,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 fedge = run_fedge(simulation_config(args, clients, root / f"fedge-{clients}", url))
             print(f"{clients} clients: Flower...", file=sys.stderr)
             flower = run_flower(shards, clients, args.rounds, args.timeout)
-            row: dict[str, Any] = {"clients": clients, "fedge": fedge, "flower": flower}
+            row: dict[str, Any] = {"clients": clients, "examples_per_client": sizes,
+                                   "fedge": fedge, "flower": flower}  # fmt: skip
             for key, ratio in RATIOS.items():
                 if fedge.get(key) and flower.get(key):
                     row[ratio] = fedge[key] / flower[key]

@@ -287,7 +287,14 @@ def docs_section(result: dict[str, Any]) -> str:
             f"| {r['fp32_latency_us_median']:.1f} | {r['int8_latency_us_median']:.1f} "
             f"| {r['speedup_fp32_over_int8']:.2f} |"
         )
-    lines += ["", "Raw figures: `benchmarks/results/zoo_quantization.json`.", ""]
+    lines += [
+        "",
+        "A latency ratio below 1 means the int8 model is slower: on models this small the "
+        "quantize/dequantize steps around each layer can cost more than the int8 arithmetic "
+        "saves, and the size is the main gain. Raw figures: "
+        "`benchmarks/results/zoo_quantization.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
