@@ -21,8 +21,10 @@ pixels as 1x8x8 images. For each model, in turn:
    round includes the device importing torch and building the model);
 4. **seconds per local epoch** come from the device itself: the ``train_seconds``
    metric of each ``update_report`` (the time ``Trainer.fit`` took on the device,
-   heard on the coordinator's hub), divided by ``--epochs``. The first round and
-   the median of the later rounds are reported apart.
+   heard on the coordinator's hub), divided by ``--epochs``. It times the fit only:
+   importing torch and building the model happen before it, in the first round, and
+   show in that round's wall time (the coordinator's round, weights out to update
+   in). The first round and the median of the later rounds are reported apart.
 
 Also measured: the RSS of a python process that only imports numpy, and of one that
 imports numpy and torch (``import torch`` alone), read the same way.
@@ -230,6 +232,7 @@ def measure_model(
         "seconds_per_epoch_first_round": round(per_epoch[0], 4),
         "seconds_per_epoch": round(statistics.median(per_epoch[1:] or per_epoch), 4),
         "round_seconds": [round(r.seconds, 3) for r in result.rounds],
+        "median_round_seconds": statistics.median(r.seconds for r in result.rounds[1:]),
         "final_accuracy": result.final_accuracy,
     }
 
@@ -255,6 +258,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("agent VmHWM idle (MiB)", *both(lambda m: mib(m["idle_kib"]["VmHWM"]))),
         ("agent VmHWM training (MiB)", *both(lambda m: mib(m["peak_training_rss_kib"]))),
         ("agent VmRSS after (MiB)", *both(lambda m: mib(m["rss_after_training_kib"]))),
+        ("round wall time, first (s)", *both(lambda m: f"{m['round_seconds'][0]:.3f}")),
+        ("round wall time, later (s)", *both(lambda m: f"{m['median_round_seconds']:.3f}")),
         ("s/epoch, first round", *both(lambda m: f"{m['seconds_per_epoch_first_round']:.4f}")),
         ("s/epoch, later rounds", *both(lambda m: f"{m['seconds_per_epoch']:.4f}")),
         ("accuracy after rounds", *both(lambda m: f"{m['final_accuracy']:.4f}")),
@@ -294,7 +299,10 @@ def docs_section(result: dict[str, Any]) -> str:
         f"local epochs (SGD, lr {s['lr']}, batch {s['batch_size']}) from an in-process "
         "coordinator over mosquitto. Memory from `/proc/<pid>/status` (VmHWM is the "
         "process's peak); seconds per epoch are the device's own `train_seconds` divided "
-        "by the epochs (the first round includes importing torch and building the model).",
+        "by the epochs: the fit alone. Importing torch and building the model come before "
+        "the fit in the first round and show in its wall time (the round as the coordinator "
+        "sees it: weights out, training, update in, evaluation); the later figures are "
+        "medians over the other rounds.",
         "",
         "| | numpy MLP | torch small_cnn |",
         "|---|---:|---:|",
