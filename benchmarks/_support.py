@@ -213,3 +213,38 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+DOC_TITLE = (
+    "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/` "
+    "(see `benchmarks/README.md`).\n"
+)
+
+
+def write_doc_section(path: Path, section: str) -> None:
+    """Put ``section`` into ``path``, replacing the section with the same heading only.
+
+    A section runs from its heading (the first line of ``section``, a ``## `` line) up
+    to the next ``# ``/``## `` heading; a section whose heading is not there yet is
+    appended (a missing file is created with a title). Every script writes only its own
+    sections, so running one keeps the others' figures.
+    """
+    heading, _, _ = section.partition("\n")
+    if not heading.startswith("## "):
+        raise ValueError(f"a section starts with a '## ' heading, not {heading!r}")
+    lines = (path.read_text() if path.exists() else DOC_TITLE).splitlines()
+    new = section.strip("\n").splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
+            len(lines),
+        )
+        rest = lines[end:]
+        lines = [*lines[:start], *new, *(["", *rest] if rest else [])]
+    else:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines = [*lines, "", *new]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    print(f"wrote {heading[3:]!r} in {path}", file=sys.stderr)
