@@ -70,9 +70,6 @@ from _support import (
     write_doc_section,
     write_json,
 )
-from coordinator.federated.models import PRIMARY_METRIC, ModelDef, evaluate_model
-from coordinator.sim.sim_model import BUILTIN_FAMILIES, SimModel
-from edge_agent.training.torch_trainer import TorchTrainer
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -80,12 +77,15 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation as flower_simulation
 
 from coordinator.delivery.packaging import LabelledData
+from coordinator.federated.models import PRIMARY_METRIC, ModelDef, evaluate_model
 from coordinator.sim.fleet_data import fleet_data
 from coordinator.sim.local_fleet import save_shards
+from coordinator.sim.sim_model import BUILTIN_FAMILIES, SimModel
 from coordinator.sim.simulate import SimulationConfig, run_simulation
 from edge_agent.training.data import LocalData
 from edge_agent.training.model_spec import check_task, parse_model_spec
 from edge_agent.training.numpy_trainers import trainer_for
+from edge_agent.training.torch_trainer import TorchTrainer
 from edge_agent.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results"

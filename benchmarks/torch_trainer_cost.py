@@ -62,10 +62,10 @@ from _support import (
     write_doc_section,
     write_json,
 )
-from coordinator.federated.models import ModelDef, initial_weights, model_def_for
 
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.delivery.packaging import LabelledData
+from coordinator.federated.models import ModelDef, initial_weights, model_def_for
 from coordinator.federated.runs import RoundReport, RunConfig, run_training
 from coordinator.federated.strategies import build_strategy
 from coordinator.link.hub import HubConfig, MqttHub

@@ -49,17 +49,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from _support import argument_parser, environment, timestamp, write_doc_section, write_json
-from compress.metrics import mean_squared_error, roc_auc
-from compress.torch_export import OUTPUT_NAMES, export_torch_onnx, head_nodes
-from coordinator.sim.real_datasets import RealDataset, load_real_dataset
-from edge_agent.training.torch_models import build_module, initial_weights, load_module_weights
-from edge_agent.training.torch_trainer import TorchTrainer
 
 from compress.families import INPUT_NAME
+from compress.metrics import mean_squared_error, roc_auc
 from compress.quantize import quantize_int8
+from compress.torch_export import OUTPUT_NAMES, export_torch_onnx, head_nodes
 from coordinator.errors import RunError
+from coordinator.sim.real_datasets import RealDataset, load_real_dataset
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 from edge_agent.training.model_spec import ModelTask, parse_model_spec
+from edge_agent.training.torch_models import build_module, initial_weights, load_module_weights
+from edge_agent.training.torch_trainer import TorchTrainer
 from edge_agent.training.trainer import Dataset, Optimizer, TrainConfig
 
 DEFAULT_OUT = Path("benchmarks/results/zoo_quantization.json")
