@@ -128,7 +128,7 @@ def test_a_worse_model_is_refused_and_nothing_is_written(
     new = tmp_path / "new.fedge"
     with caplog.at_level(logging.INFO):
         code, output = softmax_train(monkeypatch, untrained, eval_data, key, new,
-                                     "--baseline", str(deployed), "--trust", str(pub),
+                                     "--baseline", str(deployed), "--baseline-trust", str(pub),
                                      "--version", "2")  # fmt: skip
     assert code == 1
     assert "the new model is worse than the deployed one" in output
@@ -153,7 +153,7 @@ def test_a_better_or_equal_model_is_packaged(
 
     new = tmp_path / "new.fedge"
     code, output = softmax_train(monkeypatch, lambda _c: trained, eval_data, key, new,
-                                 "--baseline", str(deployed), "--trust", str(pub),
+                                 "--baseline", str(deployed), "--baseline-trust", str(pub),
                                  "--version", "2")  # fmt: skip
     assert code == 0, output
     assert "no worse than the deployed digits v1 (accuracy 0.0" in output
@@ -285,7 +285,7 @@ def test_a_baseline_not_signed_by_a_trusted_key_is_refused(
     code, output = fedge_train("--model", "digits", "--family", "softmax", "--eval-data",
                                str(eval_data), "--package", str(tmp_path / "n.fedge"), "--key",
                                str(key), "--baseline", str(deployed),
-                               "--trust", str(other_pub))  # fmt: skip
+                               "--baseline-trust", str(other_pub))  # fmt: skip
     assert code == 1
     assert f"baseline {deployed}: signed by no trusted key" in output
 
@@ -316,8 +316,8 @@ def test_a_version_devices_would_refuse_as_a_rollback_is_refused_before_the_roun
     ("args", "message"),
     [
         (("--baseline", "b.fedge"), "--baseline gates --package"),
-        (("--allow-worse",), "--trust are about --baseline: give --baseline"),
-        (("--baseline-tolerance", "0.1"), "--trust are about --baseline: give --baseline"),
+        (("--allow-worse",), "--baseline-trust are about --baseline: give --baseline"),
+        (("--baseline-tolerance", "0.1"), "--baseline-trust are about --baseline: give --baseline"),
     ],
 )
 def test_gate_options_that_do_not_fit_are_refused(
@@ -411,13 +411,13 @@ def test_a_worse_torch_regressor_is_refused_and_a_better_one_packaged(
     def torch_train(final: Train, out: Path, *extra: str) -> tuple[int, str]:
         _rounds(monkeypatch, final)
         return fedge_train("--model", "zoo:mlp_regressor", "--eval-data", str(regression_data),
-                           "--package", str(out), "--key", str(key), "--trust", str(pub),
+                           "--package", str(out), "--key", str(key), "--baseline-trust", str(pub),
                            *extra)  # fmt: skip
 
     untrained_artifact = tmp_path / "untrained.fedge"
     code, output = torch_train(untrained, untrained_artifact)
-    assert code == 1  # --trust without --baseline is refused
-    assert "--trust are about --baseline: give --baseline" in output
+    assert code == 1  # --baseline-trust without --baseline is refused
+    assert "--baseline-trust are about --baseline: give --baseline" in output
 
     deployed = tmp_path / "deployed.fedge"
     _rounds(monkeypatch, _fitted(regression_data))

@@ -63,7 +63,7 @@ def fedge_train(fleet: FederatedFleet, tmp_path: Path, *args: str) -> tuple[int,
 def test_a_worse_federated_model_is_not_signed_and_a_better_one_is_deployed(
     fleet: FederatedFleet, tmp_path: Path
 ) -> None:
-    trust = ("--trust", str(fleet.trust))
+    trust = ("--baseline-trust", str(fleet.trust))
     deployed = tmp_path / "deployed.fedge"
     code, output = fedge_train(fleet, tmp_path, "--rounds", "4", "--epochs", "2",
                                "--package", str(deployed))  # fmt: skip

@@ -28,7 +28,7 @@ signs it (:func:`~coordinator.delivery.torch_packaging.package_torch`).
 
 The deployed-model gate (:mod:`coordinator.delivery.baseline`): with ``--baseline
 ARTIFACT`` (the signed artifact deployed now; its signatures checked against
-``--trust`` keys when given, ``--threshold`` of them) ``--package`` signs the new
+``--baseline-trust`` keys when given, ``--baseline-threshold`` of them) ``--package`` signs the new
 int8 model only if it beats or matches the baseline on ``--eval-data`` with the
 task's metric (within ``--baseline-tolerance``, 0 by default). The baseline is read
 and measured before any round runs, so a baseline for another task or input shape
@@ -171,12 +171,12 @@ def _baseline_gate(
             ``--package`` or ``--eval-data``.
         PackagingError: the baseline cannot be read, verified or evaluated, or is a
             model of another task or input shape.
-        CompressError: a ``--trust`` key cannot be read.
+        CompressError: a ``--baseline-trust`` key cannot be read.
     """
     if baseline is None:
         if allow_worse or trust or tolerance:
             raise RunError(
-                "--allow-worse, --baseline-tolerance and --trust are about --baseline: "
+                "--allow-worse, --baseline-tolerance and --baseline-trust are about --baseline: "
                 "give --baseline"
             )
         return None
@@ -229,8 +229,8 @@ def _package(
                 "task": model_def.task}  # fmt: skip
     gate = None if baseline is None else baseline.gate()
     if baseline is None:
-        logger.warning("packaging %s v%d without comparing it to the deployed model "
-                       "(no --baseline)", model, version)  # fmt: skip
+        logger.info("packaging %s v%d without comparing it to the deployed model "
+                    "(no --baseline)", model, version)  # fmt: skip
     if model_def.is_torch:
         packaged = _package_torch(
             result,
@@ -361,10 +361,17 @@ def train(
     trust: Annotated[
         list[Path] | None,
         typer.Option(
-            "--trust", help="Public key --baseline must be signed by; repeatable.", dir_okay=False
+            "--baseline-trust",
+            help="Public key --baseline must be signed by; repeatable.",
+            dir_okay=False,
         ),
     ] = None,
-    threshold: Annotated[int, typer.Option(min=1, help="How many --trust keys must sign.")] = 1,
+    threshold: Annotated[
+        int,
+        typer.Option(
+            "--baseline-threshold", min=1, help="How many --baseline-trust keys must sign."
+        ),
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
