@@ -208,6 +208,22 @@ def environment(packages: Iterable[str]) -> dict[str, Any]:
     }
 
 
+def load_text(env: dict[str, Any]) -> str:
+    """The load averages of an :func:`environment`, for a docs line (the machine may be
+    shared, and timings move with its load)."""
+    one, five, fifteen = env["loadavg_1_5_15"]
+    return f"load average {one}, {five}, {fifteen} when it finished"
+
+
+def repository_path(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it, else as given."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` as indented JSON (creating the directory) and say so on stderr."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ import numpy as np
 from _support import (
     argument_parser,
     environment,
+    load_text,
     mosquitto,
     proc_memory_kib,
     stop_process,
@@ -290,7 +291,7 @@ def docs_section(result: dict[str, Any]) -> str:
         "## Device cost of the torch trainer (`benchmarks/torch_trainer_cost.py`)",
         "",
         f"Measured on {result['timestamp']} ({env['platform']}, {env['cpu_count']} CPUs, "
-        f"Python {env['python']}, torch {env['packages'].get('torch')}). "
+        f"Python {env['python']}, torch {env['packages'].get('torch')}; {load_text(env)}). "
         f"Command: `{env['command']}`",
         "",
         "A real `fedge-agent run` process per model, on the same digits training split "

@@ -48,7 +48,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from _support import argument_parser, environment, timestamp, write_doc_section, write_json
+from _support import (
+    argument_parser,
+    environment,
+    load_text,
+    timestamp,
+    write_doc_section,
+    write_json,
+)
 
 from compress.families import INPUT_NAME
 from compress.metrics import mean_squared_error, roc_auc
@@ -258,7 +265,7 @@ def docs_section(result: dict[str, Any]) -> str:
         "",
         f"Measured on {result['timestamp']} ({env['platform']}, {env['cpu_count']} CPUs, "
         f"Python {env['python']}, torch {env['packages'].get('torch')}, onnxruntime "
-        f"{env['packages'].get('onnxruntime')}). Command: `{env['command']}`",
+        f"{env['packages'].get('onnxruntime')}; {load_text(env)}). Command: `{env['command']}`",
         "",
         "Each zoo model is trained centrally on its real dataset with `TorchTrainer` (one "
         "torch thread, Adam, seeded), exported to ONNX (`compress.torch_export`) and "
