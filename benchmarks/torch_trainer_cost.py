@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argument_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0, help="split, weights and training seed")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per model (>= 2)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per model (>= 2)")
     parser.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
