@@ -383,12 +383,28 @@ def docs_section(result: dict[str, Any]) -> str:
             "trained the same thing. "
         )
     body += ["", *notes, "", f"Training examples per client (before the 20 % hold-out): "
-             f"{sizes}. {small}fedge goes through a real MQTT broker (mosquitto) with one "
+             f"{sizes}. {small}{steady_text(result['rows'])}fedge goes through a real MQTT "
+             "broker (mosquitto) with one "
              "connection per agent; Flower through its in-memory engine with Ray actors. "
              "The mean per round includes the first round (Flower starts its Ray actors, "
              "and with a torch model every actor imports torch); the median leaves it out. "
              f"Raw figures: `{raw}`.", ""]  # fmt: skip
     return "\n".join(body)
+
+
+def steady_text(rows: list[dict[str, Any]]) -> str:
+    """Which side is faster per round once both have started (the medians)."""
+    ratio = "median_ratio_fedge_over_flower"
+    slower = [str(r["clients"]) for r in rows if r.get(ratio) and r[ratio] > 1]
+    faster = [str(r["clients"]) for r in rows if r.get(ratio) and r[ratio] <= 1]
+    parts = []
+    if slower:
+        parts.append(f"slower than Flower at {', '.join(slower)} clients")
+    if faster:
+        parts.append(f"as fast or faster at {', '.join(faster)} clients")
+    if not parts:
+        return ""
+    return "Leaving out the start-up round (the medians), fedge is " + " and ".join(parts) + ". "
 
 
 def workload_text(args: Any, model: ModelDef) -> str:
