@@ -81,7 +81,10 @@ from _support import (
     write_json,
 )
 
+from compress.metrics import mean_squared_error, roc_auc
+from compress.torch_export import OUTPUT_NAMES
 from coordinator.delivery.deliveries import Artifact, Deliveries
+from coordinator.delivery.torch_packaging import package_torch
 from coordinator.delivery.tracker import DeviceState
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
@@ -286,8 +289,6 @@ def task_metric(task: str, outputs: npt.NDArray[Any], y: npt.NDArray[Any]) -> tu
     classification: accuracy of the argmax over class probabilities; regression: mean
     squared error; reconstruction: ROC-AUC of the anomaly score against the 0/1 flags.
     """
-    from compress.metrics import mean_squared_error, roc_auc  # noqa: PLC0415 - TEMP until main has it
-
     if task == "classification":
         if outputs.ndim != 2 or len(outputs) != len(y):
             raise ValueError(f"class probabilities must be (n, classes), got {outputs.shape}")
@@ -368,8 +369,6 @@ def packaging_limits() -> dict[str, float]:
     Read from its signature so that the harness judges deployed answers exactly as the
     packaging step judged the artifact (one definition of the thresholds).
     """
-    from coordinator.delivery.torch_packaging import package_torch  # noqa: PLC0415 - TEMP until main has it
-
     params = inspect.signature(package_torch).parameters
     names = ("max_accuracy_drop", "max_error_increase", "max_auc_drop")
     return {name: float(params[name].default) for name in names}
@@ -560,8 +559,6 @@ def check_deployment(
     sim: SimulationReport, port: int, limits: Mapping[str, float]
 ) -> dict[str, Any]:
     """Deploy the run's artifact to the edge devices and judge their answers."""
-    from compress.torch_export import OUTPUT_NAMES  # noqa: PLC0415 - TEMP until main has it
-
     out, task = sim.config.out, sim.model.model.task
     x, y = load_test_set(out)
     with edge_devices(port, out / "keys" / "signing.pub", out / "edge") as devices:

@@ -103,6 +103,22 @@ def test_deployment_gate_is_the_packaging_gate(
     assert rm.deployment_gate(task, fp32, deployed, LIMITS).passed is passed
 
 
+def test_task_metric_per_task(rm: ModuleType) -> None:
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert rm.task_metric("classification", probabilities, np.array([0, 1, 1])) == (
+        "accuracy",
+        pytest.approx(2 / 3),
+    )
+    name, mse = rm.task_metric("regression", np.array([[1.0], [3.0]]), np.array([2.0, 3.0]))
+    assert (name, mse) == ("mse", pytest.approx(0.5))
+    name, auc = rm.task_metric("reconstruction", np.array([0.1, 0.2, 0.9]), np.array([0, 0, 1]))
+    assert (name, auc) == ("auc", pytest.approx(1.0))
+    with pytest.raises(ValueError, match="unknown task"):
+        rm.task_metric("ranking", probabilities, np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="class probabilities"):
+        rm.task_metric("classification", np.array([0.1, 0.9]), np.array([0, 1]))
+
+
 # ------------------------------------------------------------------- batching
 
 
