@@ -200,7 +200,8 @@ def _entry(rm: ModuleType, name: str, *, passed: bool, error: str | None = None)
 
 def _result(entries: dict[str, Any]) -> dict[str, Any]:
     env = {"platform": "Linux", "cpu_count": 2, "python": "3.11", "mosquitto": "mosquitto 2",
-           "packages": {"torch": "2", "onnxruntime": "1"}}  # fmt: skip
+           "packages": {"torch": "2", "onnxruntime": "1"},
+           "loadavg_1_5_15": [1.5, 2.0, 2.5]}  # fmt: skip
     return {"workloads": entries, "environment": env}
 
 
@@ -212,6 +213,7 @@ def test_docs_section_shows_failures_and_did_not_finish(rm: ModuleType) -> None:
         })
     )  # fmt: skip
     assert section.startswith(rm.SECTION_HEADING + "\n")
+    assert "mosquitto 2; load average 1.5, 2.0, 2.5 when it finished)" in section
     assert (
         "sensor: **FAIL** within 5 points of centralized: centralized - federated accuracy = "
         "0.2000 (must be <= 0.0500)"
