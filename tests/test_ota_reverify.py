@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from compress.artifact import read_artifact_unverified
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import Manifest
 from compress.signing import TrustedKeys, sign_manifest
@@ -27,8 +26,7 @@ from edge_agent.ota.updates import STARTUP_CHECK, Updater
 from edge_agent.protocol import ChunkRequest, InstallState, Rollback
 from edge_agent.serving.server import ModelServer
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
-from tests.fleet_support import make_artifact
-from tests.ota_support import Artifact, flip_byte, place_model, plant_model
+from tests.ota_support import Artifact, flip_byte, place_model, plant_model, signed_artifacts
 
 
 @dataclass
@@ -77,13 +75,15 @@ def trusted(key: SigningKey) -> TrustedKeys:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> dict[str, Artifact]:
     directory = tmp_path_factory.mktemp("artifacts")
-    return {
-        "v1": read_artifact_unverified(make_artifact(directory, key, version=1, seed=1)),
-        "v2": read_artifact_unverified(make_artifact(directory, key, version=2, seed=2)),
-        "expired": read_artifact_unverified(
-            make_artifact(directory, key, version=3, seed=3, expired=True)
-        ),
-    }
+    return signed_artifacts(
+        directory,
+        key,
+        {
+            "v1": {"version": 1, "seed": 1},
+            "v2": {"version": 2, "seed": 2},
+            "expired": {"version": 3, "seed": 3, "expired": True},
+        },
+    )
 
 
 @pytest.fixture
