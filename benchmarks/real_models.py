@@ -70,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from _support import (
+    DOCS,
     argument_parser,
     environment,
     free_port,
@@ -94,7 +95,6 @@ from edge_agent.config.agent import BrokerConfig
 from edge_agent.serving.http_api import MAX_BODY_BYTES
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "real_models.json"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Real models (issue 16)"
 EDGE_DEVICES = 3
 """Separate ``fedge-agent run`` processes the artifact is deployed to."""
