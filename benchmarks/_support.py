@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -75,6 +75,32 @@ def proc_memory_kib(pid: int | str = "self") -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+def ready_process_memory(script: str, args: Iterable[str], what: str) -> dict[str, int]:
+    """:func:`proc_memory_kib` of ``python -c script *args`` once it prints ``ready``.
+
+    The script prints ``ready`` when it has loaded what is measured, then waits for its
+    stdin to close; the process is stopped afterwards whatever happened. A first line
+    other than ``ready`` raises ``RuntimeError`` naming ``what`` failed.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"{what} failed (said {line!r})")
+        return proc_memory_kib(process.pid)
+    finally:
+        if process.stdin is not None:
+            with suppress(OSError):
+                process.stdin.close()
+        stop_process(process)
 
 
 # --------------------------------------------------------------------------- mosquitto
@@ -230,6 +256,9 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+"""The page every benchmark script writes its section into."""
 
 DOC_TITLE = (
     "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/` "

@@ -39,7 +39,6 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +54,7 @@ from _support import (
     mosquitto,
     password,
     proc_memory_kib,
+    ready_process_memory,
     stop_process,
     wait_until,
     write_json,
@@ -279,23 +279,9 @@ def measure_bare_process(
     rows_path = workdir / "rows.npy"
     rows = np.resize(model.rows, (requests, model.rows.shape[1])).astype(np.float32)
     np.save(rows_path, rows)
-    process = subprocess.Popen(
-        [sys.executable, "-c", BARE_SCRIPT, str(model_path), str(rows_path), str(threads)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    return ready_process_memory(
+        BARE_SCRIPT, [str(model_path), str(rows_path), str(threads)], "bare onnxruntime process"
     )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"bare onnxruntime process failed (said {line!r})")
-        return proc_memory_kib(process.pid)
-    finally:
-        if process.stdin is not None:
-            with suppress(OSError):
-                process.stdin.close()
-        stop_process(process)
 
 
 # --------------------------------------------------------------------------- latency

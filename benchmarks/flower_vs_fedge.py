@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 from _support import (
+    DOCS,
     argument_parser,
     environment,
     load_text,
@@ -92,7 +93,6 @@ from edge_agent.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path("benchmarks/results")
 """Where the JSON goes by default (the scripts run from the repository root)."""
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HOLDOUT = 0.2
 """The agents' default ``training.holdout_fraction``."""
 TORCH_THREADS = 1

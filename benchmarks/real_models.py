@@ -70,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from _support import (
+    DOCS,
     argument_parser,
     environment,
     free_port,
@@ -78,6 +79,7 @@ from _support import (
     stop_process,
     timestamp,
     wait_until,
+    write_doc_section,
     write_json,
 )
 
@@ -93,7 +95,6 @@ from edge_agent.config.agent import BrokerConfig
 from edge_agent.serving.http_api import MAX_BODY_BYTES
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "real_models.json"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Real models (issue 16)"
 EDGE_DEVICES = 3
 """Separate ``fedge-agent run`` processes the artifact is deployed to."""
@@ -815,24 +816,6 @@ def _timing(entry: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def replace_section(text: str, section: str, heading: str = SECTION_HEADING) -> str:
-    """``text`` with the section under ``heading`` (up to the next ``#``/``##`` heading)
-    replaced by ``section``, or ``section`` appended when there is none."""
-    lines = text.splitlines()
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        kept = text.rstrip("\n")
-        return f"{kept}\n\n{section.rstrip()}\n" if kept else f"{section.rstrip()}\n"
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
-        len(lines),
-    )
-    rest = lines[end:]
-    merged = [*lines[:start], *section.rstrip("\n").splitlines(), *(["", *rest] if rest else [])]
-    return "\n".join(merged).rstrip("\n") + "\n"
-
-
 def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """``new``'s workloads over ``previous``'s (a ``--only`` run keeps the others)."""
     kept = dict(previous.get("workloads", {})) if previous else {}
@@ -874,8 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     result = merge_results(previous, new)
     write_json(args.out, result)
     if not args.no_docs:
-        DOCS.write_text(replace_section(DOCS.read_text(), docs_section(result)))
-        print(f"wrote {DOCS}", file=sys.stderr)
+        write_doc_section(DOCS, docs_section(result))
     return 0 if all(e["passed"] for e in entries.values()) else 1
 
 

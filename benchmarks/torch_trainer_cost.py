@@ -46,17 +46,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _support import (
+    DOCS,
     argument_parser,
     environment,
     load_text,
     mosquitto,
     proc_memory_kib,
+    ready_process_memory,
     stop_process,
     timestamp,
     wait_until,
@@ -75,7 +76,6 @@ from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import Envelope, UpdateReport
 
 DEFAULT_OUT = Path("benchmarks/results/torch_trainer_cost.json")
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 STARTUP_TIMEOUT_S = 60.0
 KIB_PER_MIB = 1024
 MODELS = ("mlp", "zoo:small_cnn")
@@ -95,23 +95,7 @@ sys.stdin.read()
 
 def import_rss(modules: list[str]) -> dict[str, int]:
     """VmRSS/VmHWM (KiB) of a python process that imported ``modules``."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", IMPORT_SCRIPT, *modules],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"importing {modules} failed (said {line!r})")
-        return proc_memory_kib(process.pid)
-    finally:
-        if process.stdin is not None:
-            with suppress(OSError):
-                process.stdin.close()
-        stop_process(process)
+    return ready_process_memory(IMPORT_SCRIPT, modules, f"importing {modules}")
 
 
 # --------------------------------------------------------------------------- one model

@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from _support import (
+    DOCS,
     argument_parser,
     environment,
     load_text,
@@ -70,7 +71,6 @@ from edge_agent.training.torch_trainer import TorchTrainer
 from edge_agent.training.trainer import Dataset, Optimizer, TrainConfig
 
 DEFAULT_OUT = Path("benchmarks/results/zoo_quantization.json")
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 WARMUP_RUNS = 50
 METRIC = {"classification": "accuracy", "regression": "mse", "reconstruction": "auc"}
 """The metric reported per task (higher is better except for MSE)."""

@@ -5,20 +5,37 @@ payload and its signed manifest in the free slot, then ``state.json`` names it
 current and the old current previous), without a health check or a runtime, so
 tests can then plant, tamper or forge files and start an agent on the directory.
 :func:`plant_model` is the attack: a payload and a hand-written ``state.json``
-pointing at it, with no signed manifest at all.
+pointing at it, with no signed manifest at all. :func:`signed_artifacts` makes the
+signed artifacts a test module installs (one per named variant).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from compress.artifact import read_artifact_unverified
+from compress.keys import SigningKey
 from compress.signing import SignedManifest
 from edge_agent.ota.model_store import MANIFEST_FILE, PAYLOAD_FILE, InstalledModel, ModelStore
+from tests.fleet_support import make_artifact
 
 Artifact = tuple[SignedManifest, bytes]
+
+
+def signed_artifacts(
+    directory: Path, key: SigningKey, variants: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Artifact]:
+    """One artifact per ``variants`` entry (name -> ``make_artifact`` options), signed by
+    ``key``, written under ``directory`` and read back unverified."""
+    return {
+        name: read_artifact_unverified(make_artifact(directory, key, **options))
+        for name, options in variants.items()
+    }
 
 
 def place_model(data_dir: Path, artifact: Artifact, *, installed_at: float = 1.0) -> InstalledModel:

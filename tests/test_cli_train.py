@@ -118,16 +118,27 @@ def test_train_hands_the_aggregation_options_to_the_run(monkeypatch: pytest.Monk
     ]  # fmt: skip
 
 
-def test_train_refuses_a_norm_multiple_below_one() -> None:
-    code, output = fedge_train("--model", "m", "--norm-multiple", "0.5")
-    assert code == 2
-    assert "--norm-multiple" in output
-
-
-def test_train_refuses_a_spec_without_sizes_or_data() -> None:
-    code, output = fedge_train("--model", "zoo:small_cnn", "--task", "classification")
-    assert code == 1
-    assert "give --eval-data, or --input-shape and --outputs, for zoo:small_cnn" in output
+@pytest.mark.parametrize(
+    ("args", "exit_code", "message"),
+    [
+        pytest.param(("--model", "m", "--norm-multiple", "0.5"), 2, "--norm-multiple",
+                     id="norm-multiple-below-one"),
+        pytest.param(("--model", "zoo:small_cnn", "--task", "classification"), 1,
+                     "give --eval-data, or --input-shape and --outputs, for zoo:small_cnn",
+                     id="spec-without-sizes-or-data"),
+        pytest.param(("--model", "zoo:small_cnn", "--family", "mlp"), 2,
+                     "--family is for the built-in models", id="family-with-a-spec"),
+        pytest.param(("--model", "digits", "--task", "regression"), 2,
+                     "--task regression need(s) a PyTorch model",
+                     id="task-built-in-cannot-learn"),
+        pytest.param(("--model", "zoo:small_cnn", "--task", "ranking"), 2, "ranking",
+                     id="unknown-task"),
+    ],
+)  # fmt: skip
+def test_train_refuses_bad_options(args: tuple[str, ...], exit_code: int, message: str) -> None:
+    code, output = fedge_train(*args)
+    assert code == exit_code
+    assert message in output
 
 
 def test_train_refuses_to_package_a_spec_without_evaluation_data(tmp_path: Path) -> None:
@@ -138,24 +149,6 @@ def test_train_refuses_to_package_a_spec_without_evaluation_data(tmp_path: Path)
     assert "--package of a PyTorch model needs --eval-data" in output
     assert "BrokerError" not in output  # refused before connecting
     assert not (tmp_path / "a.fedge").exists()
-
-
-def test_train_refuses_a_family_with_a_spec() -> None:
-    code, output = fedge_train("--model", "zoo:small_cnn", "--family", "mlp")
-    assert code == 2
-    assert "--family is for the built-in models" in output
-
-
-def test_train_refuses_a_task_a_built_in_model_cannot_learn() -> None:
-    code, output = fedge_train("--model", "digits", "--task", "regression")
-    assert code == 2
-    assert "--task regression need(s) a PyTorch model" in output
-
-
-def test_train_refuses_an_unknown_task() -> None:
-    code, output = fedge_train("--model", "zoo:small_cnn", "--task", "ranking")
-    assert code == 2
-    assert "ranking" in output
 
 
 def test_train_reads_the_evaluation_data_for_the_task(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from compress.artifact import read_artifact_unverified
 from compress.errors import (
     CompressError,
     ExpiredError,
@@ -34,7 +33,8 @@ from edge_agent.ota.staging import StagedTransfer, TransferInfo
 from edge_agent.protocol import Chunk, Deploy, chunk_count
 from edge_agent.runtime.base import ModelRuntime
 from tests.conftest import NOW, PAYLOAD, make_manifest
-from tests.fleet_support import CLASSES, FEATURES, make_artifact
+from tests.fleet_support import CLASSES, FEATURES
+from tests.ota_support import signed_artifacts
 
 CHUNK = 1024
 CHECKPOINTS = ["payload-verified", "slot-written", "model-loaded", "health-checked", "committed"]
@@ -103,16 +103,16 @@ def trusted(key: SigningKey) -> TrustedKeys:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> dict[str, Artifact]:
     directory = tmp_path_factory.mktemp("artifacts")
-    return {
-        "v1": read_artifact_unverified(make_artifact(directory, key, version=1, seed=1)),
-        "v2": read_artifact_unverified(make_artifact(directory, key, version=2, seed=2)),
-        "v3-bad": read_artifact_unverified(
-            make_artifact(directory, key, version=3, seed=3, break_health_check=True)
-        ),
-        "v2-bad": read_artifact_unverified(
-            make_artifact(directory, key, version=2, seed=2, break_health_check=True)
-        ),
-    }
+    return signed_artifacts(
+        directory,
+        key,
+        {
+            "v1": {"version": 1, "seed": 1},
+            "v2": {"version": 2, "seed": 2},
+            "v3-bad": {"version": 3, "seed": 3, "break_health_check": True},
+            "v2-bad": {"version": 2, "seed": 2, "break_health_check": True},
+        },
+    )
 
 
 @pytest.fixture

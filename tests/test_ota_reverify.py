@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from compress.artifact import read_artifact_unverified
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import Manifest
 from compress.signing import TrustedKeys, sign_manifest
@@ -27,8 +26,7 @@ from edge_agent.ota.updates import STARTUP_CHECK, Updater
 from edge_agent.protocol import ChunkRequest, InstallState, Rollback
 from edge_agent.serving.server import ModelServer
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
-from tests.fleet_support import make_artifact
-from tests.ota_support import Artifact, flip_byte, place_model, plant_model
+from tests.ota_support import Artifact, flip_byte, place_model, plant_model, signed_artifacts
 
 
 @dataclass
@@ -77,13 +75,15 @@ def trusted(key: SigningKey) -> TrustedKeys:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> dict[str, Artifact]:
     directory = tmp_path_factory.mktemp("artifacts")
-    return {
-        "v1": read_artifact_unverified(make_artifact(directory, key, version=1, seed=1)),
-        "v2": read_artifact_unverified(make_artifact(directory, key, version=2, seed=2)),
-        "expired": read_artifact_unverified(
-            make_artifact(directory, key, version=3, seed=3, expired=True)
-        ),
-    }
+    return signed_artifacts(
+        directory,
+        key,
+        {
+            "v1": {"version": 1, "seed": 1},
+            "v2": {"version": 2, "seed": 2},
+            "expired": {"version": 3, "seed": 3, "expired": True},
+        },
+    )
 
 
 @pytest.fixture
@@ -155,6 +155,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def refusal(data_dir: Path, model: InstalledModel, trusted: TrustedKeys) -> str:
+    """The cause code with which start-up verification refuses ``model`` (the test fails
+    if it verifies)."""
+    with pytest.raises(UntrustedModelError) as caught:
+        verify_installed(ModelStore(data_dir), model, trusted=trusted, now=now())
+    return caught.value.cause_code
+
+
 # ------------------------------------------------------------- verify_installed
 
 
@@ -185,9 +193,7 @@ def test_a_model_signed_by_an_untrusted_key_is_refused(
     model = place_model(data_dir, artifacts["v1"])
     forged = sign_manifest(artifacts["v1"][0].manifest, [generate_signing_key()])
     (data_dir / "slots" / model.slot / MANIFEST_FILE).write_bytes(forged.to_bytes())
-    with pytest.raises(UntrustedModelError) as caught:
-        verify_installed(ModelStore(data_dir), model, trusted=trusted, now=now())
-    assert caught.value.cause_code == "unknown_key"
+    assert refusal(data_dir, model, trusted) == "unknown_key"
 
 
 def test_too_few_signatures_for_the_threshold_are_refused(
@@ -195,9 +201,7 @@ def test_too_few_signatures_for_the_threshold_are_refused(
 ) -> None:
     model = place_model(data_dir, artifacts["v1"])
     two_of_two = TrustedKeys.of([key.public_key, generate_signing_key().public_key], threshold=2)
-    with pytest.raises(UntrustedModelError) as caught:
-        verify_installed(ModelStore(data_dir), model, trusted=two_of_two, now=now())
-    assert caught.value.cause_code == "threshold_not_met"
+    assert refusal(data_dir, model, two_of_two) == "threshold_not_met"
 
 
 def test_one_flipped_byte_is_refused(
@@ -205,9 +209,7 @@ def test_one_flipped_byte_is_refused(
 ) -> None:
     model = place_model(data_dir, artifacts["v1"])
     flip_byte(data_dir, model.slot, offset=100)
-    with pytest.raises(UntrustedModelError) as caught:
-        verify_installed(ModelStore(data_dir), model, trusted=trusted, now=now())
-    assert caught.value.cause_code == "payload_hash"
+    assert refusal(data_dir, model, trusted) == "payload_hash"
 
 
 @pytest.mark.parametrize("change", [b"x", b""])
@@ -218,9 +220,7 @@ def test_a_payload_of_another_length_is_refused(
     path = data_dir / "slots" / model.slot / PAYLOAD_FILE
     payload = path.read_bytes()
     path.write_bytes(payload + change if change else payload[:-1])
-    with pytest.raises(UntrustedModelError) as caught:
-        verify_installed(ModelStore(data_dir), model, trusted=trusted, now=now())
-    assert caught.value.cause_code == "payload_length"
+    assert refusal(data_dir, model, trusted) == "payload_length"
 
 
 def test_a_state_record_that_names_another_model_is_refused(

@@ -228,19 +228,25 @@ def test_docs_section_shows_failures_and_did_not_finish(rm: ModuleType) -> None:
     ) in section
 
 
-def test_replace_section_appends_then_replaces_in_place(rm: ModuleType) -> None:
+def test_docs_section_is_written_through_the_shared_writer(rm: ModuleType, tmp_path: Path) -> None:
+    """real_models writes its section with _support.write_doc_section: appended once, then
+    replaced in place, keeping the other scripts' sections."""
     heading = rm.SECTION_HEADING
+    docs = tmp_path / "benchmarks.md"
     original = "# Benchmarks\n\nintro\n\n## Other\n\nkept\n"
-    appended = rm.replace_section(original, f"{heading}\n\nfirst\n")
+    docs.write_text(original)
+    rm.write_doc_section(docs, f"{heading}\n\nfirst\n")
+    appended = docs.read_text()
     assert appended == f"{original}\n{heading}\n\nfirst\n"
-    moved = appended + "\n## Later\n\nalso kept\n"
-    replaced = rm.replace_section(moved, f"{heading}\n\n### Sub\n\nsecond\n")
+    docs.write_text(appended + "\n## Later\n\nalso kept\n")
+    rm.write_doc_section(docs, f"{heading}\n\n### Sub\n\nsecond\n")
+    replaced = docs.read_text()
     assert "first" not in replaced
     assert replaced.count(heading) == 1
     assert "### Sub\n\nsecond\n\n## Later\n\nalso kept\n" in replaced
     assert replaced.startswith(original)
-    assert rm.replace_section(replaced, f"{heading}\n\n### Sub\n\nsecond\n") == replaced
-    assert rm.replace_section("", f"{heading}\n\nx") == f"{heading}\n\nx\n"
+    rm.write_doc_section(docs, f"{heading}\n\n### Sub\n\nsecond\n")
+    assert docs.read_text() == replaced
 
 
 def test_merge_results_keeps_other_workloads_in_workload_order(rm: ModuleType) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,121 +100,124 @@ def fedge_train(*args: str) -> tuple[int, str]:
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
 
 
-def softmax_train(
-    monkeypatch: pytest.MonkeyPatch, final: Train, eval_data: Path, key: Path, out: Path,
-    *extra: str,
-) -> tuple[int, str]:  # fmt: skip
-    _rounds(monkeypatch, final)
-    return fedge_train("--model", "digits", "--family", "softmax", "--eval-data", str(eval_data),
-                       "--package", str(out), "--key", str(key), *extra)  # fmt: skip
+def _rounds_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(config: RunConfig) -> Weights:
+        raise AssertionError("the baseline must be refused before any round runs")
+
+    _rounds(monkeypatch, refuse)
+
+
+@dataclass
+class Softmax:
+    """``fedge train --package`` of the built-in softmax digits model in ``tmp_path``,
+    with the rounds replaced by a function returning chosen final weights."""
+
+    monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
+    eval_data: Path
+    trained: Weights
+    key: Path
+    pub: Path
+
+    def well_trained(self, _config: RunConfig) -> Weights:
+        return self.trained
+
+    def command(self, out: str) -> tuple[str, ...]:
+        return ("--model", "digits", "--family", "softmax", "--eval-data", str(self.eval_data),
+                "--package", str(self.tmp_path / out), "--key", str(self.key))  # fmt: skip
+
+    def train(self, final: Train, out: str, *extra: str) -> tuple[int, str]:
+        """Package the model the rounds end with (``final(config)``) as ``out``."""
+        _rounds(self.monkeypatch, final)
+        return fedge_train(*self.command(out), *extra)
+
+    def deployed(self, final: Train | None = None, *extra: str) -> Path:
+        """``deployed.fedge``, packaged (the well trained model unless ``final`` is given)."""
+        code, output = self.train(final or self.well_trained, "deployed.fedge", *extra)
+        assert code == 0, output
+        return self.tmp_path / "deployed.fedge"
+
+    def refused_before_the_rounds(self, *extra: str) -> tuple[int, str]:
+        """Train into ``new.fedge`` with rounds that fail the test if they run."""
+        _rounds_must_not_run(self.monkeypatch)
+        return fedge_train(*self.command("new.fedge"), *extra)
+
+
+@pytest.fixture
+def softmax(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    digits: tuple[Path, Weights],
+    keys: tuple[Path, Path],
+) -> Softmax:
+    return Softmax(monkeypatch, tmp_path, *digits, *keys)
 
 
 # --------------------------------------------------------------------------- built-in model
 
 
 def test_a_worse_model_is_refused_and_nothing_is_written(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
+    softmax: Softmax, caplog: pytest.LogCaptureFixture
 ) -> None:
-    eval_data, trained = digits
-    key, pub = keys
-    deployed = tmp_path / "deployed.fedge"
-    code, output = softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed)
+    code, output = softmax.train(softmax.well_trained, "deployed.fedge")
     assert code == 0, output
     assert "no deployed baseline compared" in output  # said when there is no --baseline
 
-    new = tmp_path / "new.fedge"
+    deployed = softmax.tmp_path / "deployed.fedge"
     with caplog.at_level(logging.INFO):
-        code, output = softmax_train(monkeypatch, untrained, eval_data, key, new,
-                                     "--baseline", str(deployed), "--baseline-trust", str(pub),
+        code, output = softmax.train(untrained, "new.fedge", "--baseline", str(deployed),
+                                     "--baseline-trust", str(softmax.pub),
                                      "--version", "2")  # fmt: skip
     assert code == 1
     assert "the new model is worse than the deployed one" in output
     assert "new model accuracy 0." in output
     assert "deployed digits v1 (accuracy 0.9" in output
-    assert not new.exists()
+    assert not (softmax.tmp_path / "new.fedge").exists()
     refusals = [r for r in caplog.records if r.levelno == logging.ERROR
                 and "refusing to package" in r.getMessage()]  # fmt: skip
     assert len(refusals) == 1
 
 
-def test_a_better_or_equal_model_is_packaged(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
-) -> None:
-    eval_data, trained = digits
-    key, pub = keys
-    deployed = tmp_path / "deployed.fedge"
-    assert softmax_train(monkeypatch, untrained, eval_data, key, deployed)[0] == 0
-
-    new = tmp_path / "new.fedge"
-    code, output = softmax_train(monkeypatch, lambda _c: trained, eval_data, key, new,
-                                 "--baseline", str(deployed), "--baseline-trust", str(pub),
+def test_a_better_or_equal_model_is_packaged(softmax: Softmax) -> None:
+    deployed = softmax.deployed(untrained)
+    code, output = softmax.train(softmax.well_trained, "new.fedge", "--baseline", str(deployed),
+                                 "--baseline-trust", str(softmax.pub),
                                  "--version", "2")  # fmt: skip
     assert code == 0, output
     assert "no worse than the deployed digits v1 (accuracy 0.0" in output
-    trusted = TrustedKeys.of([load_public_key(pub)])
+    new = softmax.tmp_path / "new.fedge"
+    trusted = TrustedKeys.of([load_public_key(softmax.pub)])
     artifact = load_artifact(new, trusted, now=datetime.now(UTC))
     assert artifact.manifest.version == 2
     assert artifact.manifest.metadata["task"] == "classification"
 
-    same = tmp_path / "same.fedge"  # matches the baseline: "beats or matches"
-    code, output = softmax_train(monkeypatch, lambda _c: trained, eval_data, key, same,
-                                 "--baseline", str(new), "--version", "3")  # fmt: skip
+    # matches the baseline: "beats or matches"
+    code, output = softmax.train(softmax.well_trained, "same.fedge", "--baseline", str(new),
+                                 "--version", "3")  # fmt: skip
     assert code == 0, output
     assert "signatures not checked" in output  # no --trust: parsed only, and said so
-    assert same.exists()
+    assert (softmax.tmp_path / "same.fedge").exists()
 
 
 def test_allow_worse_packages_a_worse_model_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
+    softmax: Softmax, caplog: pytest.LogCaptureFixture
 ) -> None:
-    eval_data, trained = digits
-    key, _ = keys
-    deployed = tmp_path / "deployed.fedge"
-    assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed)[0] == 0
-    new = tmp_path / "new.fedge"
+    deployed = softmax.deployed()
     with caplog.at_level(logging.WARNING):
-        code, output = softmax_train(monkeypatch, untrained, eval_data, key, new,
-                                     "--baseline", str(deployed), "--allow-worse",
-                                     "--version", "2")  # fmt: skip
+        code, output = softmax.train(untrained, "new.fedge", "--baseline", str(deployed),
+                                     "--allow-worse", "--version", "2")  # fmt: skip
     assert code == 0, output
     assert "worse than (--allow-worse) the deployed digits v1" in output
-    assert new.exists()
+    assert (softmax.tmp_path / "new.fedge").exists()
     assert any("--allow-worse" in r.getMessage() for r in caplog.records
                if r.levelno == logging.WARNING)  # fmt: skip
 
 
-def test_a_tolerance_lets_a_slightly_worse_model_through(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
-) -> None:
-    eval_data, trained = digits
-    key, _ = keys
-    deployed = tmp_path / "deployed.fedge"
-    assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed)[0] == 0
-    tolerant = ("--baseline", str(deployed), "--baseline-tolerance", "1", "--version", "2")
-    code, output = softmax_train(monkeypatch, untrained, eval_data, key, tmp_path / "n.fedge",
-                                 *tolerant)  # fmt: skip
+def test_a_tolerance_lets_a_slightly_worse_model_through(softmax: Softmax) -> None:
+    deployed = softmax.deployed()
+    code, output = softmax.train(untrained, "n.fedge", "--baseline", str(deployed),
+                                 "--baseline-tolerance", "1", "--version", "2")  # fmt: skip
     assert code == 0, output
-
-
-def _rounds_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(config: RunConfig) -> Weights:
-        raise AssertionError("the baseline must be refused before any round runs")
-
-    _rounds(monkeypatch, refuse)
 
 
 @pytest.mark.parametrize(
@@ -227,89 +231,48 @@ def _rounds_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )  # fmt: skip
 def test_a_baseline_of_another_shape_or_task_is_refused_before_the_rounds(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
-    weights: Weights,
-    metadata: dict[str, str],
-    message: str,
+    softmax: Softmax, weights: Weights, metadata: dict[str, str], message: str
 ) -> None:
-    eval_data, _ = digits
-    key, _ = keys
-    other = tmp_path / "other.fedge"
-    package_weights("softmax", weights, name="other", version=1, keys=[_signing(key)], out=other,
-                    metadata=metadata, now=datetime.now(UTC))  # fmt: skip
-    _rounds_must_not_run(monkeypatch)
-    new = tmp_path / "new.fedge"
-    code, output = fedge_train("--model", "digits", "--family", "softmax", "--eval-data",
-                               str(eval_data), "--package", str(new), "--key", str(key),
-                               "--baseline", str(other))  # fmt: skip
+    other = softmax.tmp_path / "other.fedge"
+    package_weights("softmax", weights, name="other", version=1, keys=[_signing(softmax.key)],
+                    out=other, metadata=metadata, now=datetime.now(UTC))  # fmt: skip
+    code, output = softmax.refused_before_the_rounds("--baseline", str(other))
     assert code == 1
     assert message in output
-    assert not new.exists()
+    assert not (softmax.tmp_path / "new.fedge").exists()
 
 
-def test_a_baseline_with_other_outputs_is_refused_before_signing(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
-) -> None:
-    eval_data, trained = digits
-    key, _ = keys
-    nine = tmp_path / "nine.fedge"  # 9 classes: same input, other outputs
+def test_a_baseline_with_other_outputs_is_refused_before_signing(softmax: Softmax) -> None:
+    nine = softmax.tmp_path / "nine.fedge"  # 9 classes: same input, other outputs
+    trained = softmax.trained
     package_weights("softmax", {"W0": trained["W0"][:, :9], "b0": trained["b0"][:9]},
-                    name="nine", version=1, keys=[_signing(key)], out=nine,
+                    name="nine", version=1, keys=[_signing(softmax.key)], out=nine,
                     now=datetime.now(UTC))  # fmt: skip
-    new = tmp_path / "new.fedge"
-    code, output = softmax_train(monkeypatch, lambda _c: trained, eval_data, key, new,
-                                 "--baseline", str(nine))  # fmt: skip
+    code, output = softmax.train(softmax.well_trained, "new.fedge", "--baseline", str(nine))
     assert code == 1
     assert "the new model's outputs [(10,)] differ from the deployed model's [(9,)]" in output
-    assert not new.exists()
+    assert not (softmax.tmp_path / "new.fedge").exists()
 
 
-def test_a_baseline_not_signed_by_a_trusted_key_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
-) -> None:
-    eval_data, trained = digits
-    key, _ = keys
-    deployed = tmp_path / "deployed.fedge"
-    assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed)[0] == 0
-    _, other_pub = save_keypair(generate_signing_key(), tmp_path / "other")
-    _rounds_must_not_run(monkeypatch)
-    code, output = fedge_train("--model", "digits", "--family", "softmax", "--eval-data",
-                               str(eval_data), "--package", str(tmp_path / "n.fedge"), "--key",
-                               str(key), "--baseline", str(deployed),
-                               "--baseline-trust", str(other_pub))  # fmt: skip
+def test_a_baseline_not_signed_by_a_trusted_key_is_refused(softmax: Softmax) -> None:
+    deployed = softmax.deployed()
+    _, other_pub = save_keypair(generate_signing_key(), softmax.tmp_path / "other")
+    trust = ("--baseline-trust", str(other_pub))
+    code, output = softmax.refused_before_the_rounds("--baseline", str(deployed), *trust)
     assert code == 1
     assert f"baseline {deployed}: signed by no trusted key" in output
 
 
 def test_a_version_devices_would_refuse_as_a_rollback_is_refused_before_the_rounds(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    digits: tuple[Path, Weights],
-    keys: tuple[Path, Path],
+    softmax: Softmax,
 ) -> None:
-    eval_data, trained = digits
-    key, _ = keys
-    deployed = tmp_path / "deployed.fedge"
-    assert softmax_train(monkeypatch, lambda _c: trained, eval_data, key, deployed,
-                         "--version", "3")[0] == 0  # fmt: skip
-    _rounds_must_not_run(monkeypatch)
-    new = tmp_path / "new.fedge"
-    code, output = fedge_train("--model", "digits", "--family", "softmax", "--eval-data",
-                               str(eval_data), "--package", str(new), "--key", str(key),
-                               "--baseline", str(deployed), "--version", "3")  # fmt: skip
+    deployed = softmax.deployed(None, "--version", "3")
+    code, output = softmax.refused_before_the_rounds("--baseline", str(deployed),
+                                                     "--version", "3")  # fmt: skip
     assert code == 1
     assert "--version 3 is not above the deployed digits v3 (--baseline)" in output
     assert "give --version 4" in output
-    assert not new.exists()
+    assert not (softmax.tmp_path / "new.fedge").exists()
 
 
 @pytest.mark.parametrize(
