@@ -63,7 +63,7 @@ from compress.metrics import mean_squared_error, roc_auc
 from compress.quantize import quantize_int8
 from compress.torch_export import OUTPUT_NAMES, export_torch_onnx, head_nodes
 from coordinator.errors import RunError
-from coordinator.sim.real_datasets import RealDataset, load_real_dataset
+from coordinator.sim.real_datasets import load_real_dataset
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
 from edge_agent.training.model_spec import ModelTask, parse_model_spec
 from edge_agent.training.torch_models import build_module, initial_weights, load_module_weights
@@ -97,17 +97,6 @@ WORKLOADS = (
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def num_outputs(data: RealDataset) -> int:
-    """What the factory's ``num_outputs`` is for this data: classes, targets, or 0."""
-    if data.task == "classification":
-        assert data.y_train is not None
-        return int(max(data.y_train.max(), data.y_test.max())) + 1
-    if data.task == "regression":
-        assert data.y_train is not None
-        return 1 if data.y_train.ndim == 1 else int(data.y_train.shape[1])
-    return 0
 
 
 def task_metric(task: ModelTask, outputs: npt.NDArray[Any], y: npt.NDArray[Any]) -> float:
@@ -158,7 +147,7 @@ def measure(
     task = data.task
     spec = parse_model_spec(f"zoo:{workload.model}")
     shape = tuple(int(d) for d in data.x_train.shape[1:])
-    outputs = num_outputs(data)
+    outputs = data.num_outputs
     trainer = TorchTrainer(spec, task=task, input_shape=shape, num_outputs=outputs, num_threads=1)
     weights = initial_weights(spec, task=task, input_shape=shape, num_outputs=outputs, seed=seed)
     config = TrainConfig(

@@ -21,6 +21,7 @@ from coordinator.federated.models import (
     check_eval_data,
     clamp_statistics,
     evaluate_model,
+    implied_outputs,
     initial_weights,
     model_def_for,
 )
@@ -270,3 +271,10 @@ def test_negative_batchnorm_variances_are_clamped_and_counted() -> None:
     untouched, none = clamp_statistics({"bn.running_var": np.ones(2, np.float32)})
     assert none == 0
     assert untouched["bn.running_var"].tolist() == [1.0, 1.0]
+
+
+def test_the_output_count_comes_from_the_labels_or_targets() -> None:
+    assert implied_outputs("classification", np.array([0, 3, 1]), np.array([5, 0])) == 6
+    assert implied_outputs("regression", np.zeros(4)) == 1
+    assert implied_outputs("regression", np.zeros((4, 3))) == 3
+    assert implied_outputs("reconstruction") == 0

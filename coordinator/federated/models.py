@@ -62,6 +62,7 @@ __all__ = [
     "Weights",
     "check_eval_data",
     "evaluate_model",
+    "implied_outputs",
     "initial_weights",
     "model_def_for",
     "model_task",
@@ -206,6 +207,21 @@ def model_task(model: str, task: str | None) -> ModelTask:
         return _torch_task(str(parse_model_spec(model))) or "classification"
     except TrainingError as exc:
         raise RunError(str(exc)) from exc
+
+
+def implied_outputs(task: str, *targets: npt.ArrayLike) -> int:
+    """The ``num_outputs`` a model needs for data labelled with ``targets``.
+
+    Classification: one more than the largest label over all of ``targets`` (say,
+    the training and the test labels); regression: the target width of the first
+    (1 for ``(n,)``, ``k`` for ``(n, k)``); reconstruction: 0.
+    """
+    if task == "classification":
+        return max(int(np.max(y)) for y in targets) + 1
+    if task == "regression":
+        first = np.asarray(targets[0])
+        return 1 if first.ndim == 1 else int(first.shape[1])
+    return 0
 
 
 def model_def_for(

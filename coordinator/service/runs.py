@@ -62,7 +62,7 @@ from compress.errors import CompressError
 from compress.families import FAMILIES
 from coordinator.delivery.packaging import LabelledData
 from coordinator.errors import CoordinatorError, NotFoundError, RunError
-from coordinator.federated.models import ModelDef, model_def_for, model_task
+from coordinator.federated.models import ModelDef, implied_outputs, model_def_for, model_task
 from coordinator.federated.models import initial_weights as initial_weights_of
 from coordinator.federated.round_screen import (
     DEFAULT_MAX_EXAMPLES_PER_UPDATE,
@@ -130,13 +130,7 @@ def _classes(data: LabelledData | None) -> int | None:
 
 def _outputs(data: LabelledData | None, task: str) -> int | None:
     """The output count the data implies: classes, regression targets, none."""
-    if data is None:
-        return None
-    if task == "regression":
-        return 1 if data.y.ndim == 1 else int(data.y.shape[1])
-    if task == "reconstruction":
-        return 0
-    return int(data.y.max()) + 1
+    return None if data is None else implied_outputs(task, data.y)
 
 
 def _input_shape(config: Mapping[str, Any], data: LabelledData | None) -> tuple[int, ...]:

@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import DatasetUnavailableError, RunError
+from coordinator.federated.models import implied_outputs
 from coordinator.sim.datasets import load_digits_split, random_test_mask, stratified_test_mask
 from edge_agent.training.model_spec import TASKS, ModelTask
 
@@ -150,13 +151,9 @@ class RealDataset:
     @property
     def num_outputs(self) -> int:
         """Classes (classification), targets per example (regression), 0 (reconstruction)."""
-        if self.task == "classification":
-            assert self.y_train is not None  # checked in __post_init__
-            return int(max(self.y_train.max(), self.y_test.max())) + 1
-        if self.task == "regression":
-            assert self.y_train is not None
-            return 1 if self.y_train.ndim == 1 else int(self.y_train.shape[1])
-        return 0
+        if self.y_train is None:  # reconstruction (checked in __post_init__)
+            return 0
+        return implied_outputs(self.task, self.y_train, self.y_test)
 
 
 def load_real_dataset(name: str, *, seed: int = 0, package_dir: Path | None = None) -> RealDataset:

@@ -37,6 +37,7 @@ from coordinator.errors import RunError
 from coordinator.federated.models import (
     ModelDef,
     evaluate_model,
+    implied_outputs,
     initial_weights,
     model_def_for,
     torch_module,
@@ -58,15 +59,10 @@ CALIBRATION_ROWS = 256
 
 def _outputs(task: ModelTask, y: npt.NDArray[Any] | None, test: LabelledData) -> int:
     """Classes (classification), target width (regression) or 0 (reconstruction)."""
-    if task == "classification":
-        if y is None:
-            raise RunError("classification needs labels (y) in the dataset")
-        return int(max(int(np.max(y)), int(np.max(test.y)))) + 1
-    if task == "regression":
-        if y is None:
-            raise RunError("regression needs targets (y) in the dataset")
-        return 1 if np.asarray(y).ndim == 1 else int(np.asarray(y).shape[1])
-    return 0
+    if y is None and task != "reconstruction":
+        what = "labels" if task == "classification" else "targets"
+        raise RunError(f"{task} needs {what} (y) in the dataset")
+    return implied_outputs(task, *(() if y is None else (y, test.y)))
 
 
 @dataclass(frozen=True)
