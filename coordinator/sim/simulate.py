@@ -227,7 +227,6 @@ def _train_config(config: SimulationConfig, *, epochs: int) -> TrainConfig:
 
 def _packaging_json(result: PackageResult) -> dict[str, Any]:
     """What packaging measured, for ``report.json``."""
-    metadata = result.manifest.metadata
     out: dict[str, Any] = {
         "metric_name": result.metric_name,
         "fp32_metric": result.fp32_metric,
@@ -236,8 +235,8 @@ def _packaging_json(result: PackageResult) -> dict[str, Any]:
         "packaged_bytes": result.packaged_bytes,
         "quantization": result.manifest.quantization,
     }
-    if "anomaly_threshold" in metadata:
-        out["anomaly_threshold"] = float(metadata["anomaly_threshold"])
+    if result.anomaly_threshold is not None:
+        out["anomaly_threshold"] = result.anomaly_threshold
     return out
 
 
