@@ -41,7 +41,7 @@ from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import TrainConfig
 from tests.federated_support import LAYERS, TRAIN_CONFIG, FederatedFleet, device_ids
-from tests.fleet_support import Mosquitto, open_deliveries, password
+from tests.fleet_support import Mosquitto, open_deliveries, password, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -339,8 +339,10 @@ def test_topk_residuals_are_kept_on_the_device(fleet: FederatedFleet) -> None:
     fleet.run(codec="topk:0.01", rounds=1, model="residual")
     store = ResidualStore(fleet.root / fleet.agents[0].device_id / "residuals")
     initial = init_weights("mlp", LAYERS, np.random.default_rng(0))
-    residual = store.load("residual", layout_of(initial))
-    assert residual is not None
+    # The agent saves the residual once its update went out, so the round may end
+    # (the coordinator has the update) a moment before the file is written.
+    residual = wait_for(lambda: store.load("residual", layout_of(initial)),
+                        what="the stored residual")  # fmt: skip
     # All but the 1 % sent stayed on the device, to be sent in later rounds.
     kept = kept_entries(parse_codec("topk:0.01"), layout_of(initial))
     assert sum(int(np.count_nonzero(v)) for v in residual.values()) > 10 * kept
