@@ -127,7 +127,7 @@ class Updater:
         *,
         store: ModelStore,
         staging_root: Path,
-        trusted: TrustedKeys,
+        trusted: TrustedKeys | Callable[[], TrustedKeys],
         device: DeviceProfile,
         server: ModelServer,
         link: DeviceLink,
@@ -136,10 +136,14 @@ class Updater:
         clock: Callable[[], float],
         checkpoint: Checkpoint,
     ) -> None:
-        """Wire the updater to the agent's parts (nothing happens until called)."""
+        """Wire the updater to the agent's parts (nothing happens until called).
+
+        ``trusted`` is the trusted keys, or a function that returns the current ones
+        (a device whose key set rotates while it runs).
+        """
         self._store = store
         self._staging_root = staging_root
-        self._trusted = trusted
+        self._trust_source = trusted
         self._device = device
         self._server = server
         self._link = link
@@ -152,6 +156,12 @@ class Updater:
         """What the start-up check (or a refused rollback) found wrong with installed
         models, for ``/v1/health``."""
         self._served_expires: datetime | None = None
+
+    @property
+    def _trusted(self) -> TrustedKeys:
+        """The keys trusted now (asked afresh for each decision)."""
+        source = self._trust_source
+        return source if isinstance(source, TrustedKeys) else source()
 
     # ------------------------------------------------------------------ restore
 
