@@ -376,7 +376,7 @@ class AgentConfig:
             )
         if not isinstance(self.data_dir, Path):
             raise FieldError("data_dir", f"data_dir must be a Path, got {kind_of(self.data_dir)}")
-        if not self.trust.keys:
+        if not self.trust.keys and self.trust.keyset is None:
             raise FieldError("trust.keys", NO_TRUSTED_KEYS)
         object.__setattr__(self, "tags", _check_tags(self.tags))
         if self.runtime is not None and self.runtime not in RUNTIMES:

@@ -208,11 +208,14 @@ _BROKER = Section(
 )
 
 
-def trust_section(keys_help: str, example: str, signed: str) -> Section:
+def trust_section(
+    keys_help: str, example: str, signed: str, extra: tuple[Key, ...] = ()
+) -> Section:
     """The ``[trust]`` table: ``keys`` (``--trust``) and ``threshold`` (``--threshold``).
 
     The agent's and the service's schemas both have it; they differ only in what the
-    keys sign (``signed``), their help text and the example path.
+    keys sign (``signed``), their help text, the example path and ``extra`` keys
+    (the agent's key set and fleet).
     """
     return Section(
         "trust",
@@ -234,6 +237,7 @@ def trust_section(keys_help: str, example: str, signed: str) -> Section:
                 flag="--threshold",
                 metavar="K",
             ),
+            *extra,
         ),
     )
 
@@ -243,6 +247,33 @@ _TRUST = trust_section(
     "operator's `fedge keys generate`). At least one is required.",
     "/etc/fedge-agent/keys/release.pub",
     "a model",
+    (
+        Key(
+            "keyset",
+            "A signed key set (from `fedge keys keyset-init`, or written by "
+            "`fedge-agent enroll`): the keys and threshold this agent trusts, which "
+            "rotate over MQTT. Replaces `keys` and `threshold` when given.",
+            default=None,
+            default_doc="",
+            example="/etc/fedge-agent/keys/keyset.json",
+            commented=True,
+            read="path",
+            flag="--keyset",
+            metavar="KEYSET",
+        ),
+        Key(
+            "fleet",
+            "The fleet this device belongs to. When set, a model is installed only if "
+            "a fresh signed fleet statement for this fleet names it (its name, version "
+            "and sha256).",
+            default=None,
+            default_doc="",
+            example="production",
+            commented=True,
+            flag="--fleet",
+            metavar="FLEET",
+        ),
+    ),
 )
 
 _TELEMETRY = Section(

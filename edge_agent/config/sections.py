@@ -22,7 +22,8 @@ from compress.keys import PublicKey, load_public_key
 from compress.signing import TrustedKeys
 from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.config.values import FieldError, kind_of, want_int, want_seconds
-from edge_agent.errors import UnknownModelError
+from edge_agent.errors import TopicError, UnknownModelError
+from edge_agent.protocol.topics import validate_fleet_id
 from edge_agent.training.model_spec import parse_model_spec
 
 __all__ = [
@@ -58,6 +59,10 @@ class TrustConfig:
     Attributes:
         keys: Public key files (PEM, as written by ``fedge keys generate``).
         threshold: Signatures by distinct trusted keys a manifest needs.
+        keyset: A signed key set file; when given it replaces ``keys`` and
+            ``threshold`` (agents only).
+        fleet: The device's fleet id; when given, installs need a fresh fleet
+            statement naming the model (agents only).
 
     Raises:
         ConfigError: a wrong type, a file listed twice, or a threshold outside
@@ -66,8 +71,17 @@ class TrustConfig:
 
     keys: tuple[Path, ...] = _default("trust.keys")
     threshold: int = _default("trust.threshold")
+    keyset: Path | None = None  # the schema's default too
+    fleet: str | None = None
 
     def __post_init__(self) -> None:
+        if self.keyset is not None and not isinstance(self.keyset, Path):
+            raise FieldError("trust.keyset", "trust.keyset must be a Path")
+        if self.fleet is not None:
+            try:
+                validate_fleet_id(self.fleet)
+            except TopicError as exc:
+                raise FieldError("trust.fleet", f"trust.fleet: {exc}") from exc
         if not isinstance(self.keys, tuple) or not all(isinstance(k, Path) for k in self.keys):
             raise FieldError("trust.keys", "trust.keys must be a tuple of Paths")
         seen: set[Path] = set()

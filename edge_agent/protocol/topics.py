@@ -69,6 +69,7 @@ __all__ = [
     "BROADCAST_PREFIX",
     "COORDINATOR_SENDER",
     "DEVICES_PREFIX",
+    "KEYSET_BROADCAST",
     "MAX_TOPIC_CHARS",
     "MOSQUITTO_ACL",
     "OPERATOR_SEPARATOR",
@@ -87,7 +88,9 @@ __all__ = [
     "parse_broadcast_topic",
     "parse_device_topic",
     "parse_topic",
+    "statement_broadcast",
     "validate_device_id",
+    "validate_fleet_id",
 ]
 
 ROOT = "fedge/v1"
@@ -109,6 +112,14 @@ MAX_TOPIC_CHARS = 256
 """Longest topic :func:`parse_topic` looks at (real fedge topics are far shorter)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_FLEET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
+
+KEYSET_BROADCAST = "keyset"
+"""The broadcast name of the retained key-set chain (devices read it; only the
+coordinator's accounts publish it)."""
+
+STATEMENT_PREFIX = "fleet."
+"""Broadcast names of fleet statements: ``fleet.<fleet id>`` (retained)."""
 
 
 class Direction(StrEnum):
@@ -296,6 +307,36 @@ def validate_device_id(device_id: object) -> str:
             "starting with a letter or digit"
         )
     return device_id
+
+
+def validate_fleet_id(fleet: object) -> str:
+    """Check a fleet id and return it.
+
+    Args:
+        fleet: The candidate id.
+
+    Returns:
+        The same id: 1-48 of ``[A-Za-z0-9_.-]``, starting with a letter or digit (so
+        ``fleet.<id>`` is a valid broadcast name).
+
+    Raises:
+        TopicError: The id breaks the rule.
+    """
+    if not isinstance(fleet, str) or _FLEET_RE.fullmatch(fleet) is None:
+        raise TopicError(
+            f"invalid fleet id {str(fleet)[:80]!r}: want 1-48 of [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return fleet
+
+
+def statement_broadcast(fleet: str) -> str:
+    """The broadcast name of ``fleet``'s retained fleet statement (``fleet.<id>``).
+
+    Raises:
+        TopicError: The fleet id is invalid.
+    """
+    return f"{STATEMENT_PREFIX}{validate_fleet_id(fleet)}"
 
 
 def _validate_broadcast_name(name: object) -> str:
