@@ -9,6 +9,9 @@ The tree::
 
     CompressError
     ├── KeyFileError                key files: missing, unreadable, wrong type, exists
+    │   └── KeyPasswordError            an encrypted key's password: unusable
+    │       ├── KeyPasswordRequiredError    the key is encrypted and no password was given
+    │       └── WrongKeyPasswordError       the password does not decrypt the key
     ├── ManifestError               manifest bytes are not a valid, canonical manifest
     │   └── KeySetError                 a key set (or its file) is malformed or unusable
     ├── ArtifactError               anything wrong with an artifact or its trust
@@ -52,6 +55,28 @@ class KeyFileError(CompressError):
     """A key file is missing, unreadable, of the wrong kind, or would be overwritten."""
 
     code = "key_file"
+
+
+class KeyPasswordError(KeyFileError):
+    """The password of an encrypted private key is missing, wrong or cannot be read.
+
+    Raised for a password file that is unreadable or empty, a password too short to
+    encrypt a new key with, and (as subclasses) a missing or wrong password.
+    """
+
+    code = "key_password"
+
+
+class KeyPasswordRequiredError(KeyPasswordError):
+    """The private key file is encrypted and no password was given to decrypt it."""
+
+    code = "key_password_required"
+
+
+class WrongKeyPasswordError(KeyPasswordError):
+    """The password given does not decrypt the private key file."""
+
+    code = "wrong_key_password"
 
 
 class ManifestError(CompressError):

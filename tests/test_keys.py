@@ -13,7 +13,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from compress.errors import KeyFileError
+from compress.errors import (
+    KeyFileError,
+    KeyPasswordError,
+    KeyPasswordRequiredError,
+    WrongKeyPasswordError,
+)
 from compress.keys import (
     PublicKey,
     SigningKey,
@@ -70,7 +75,7 @@ def test_unwritable_directory_is_a_key_file_error(tmp_path: Path) -> None:
     ("content", "loader", "match"),
     [
         (b"garbage", load_public_key, "not a PEM public key"),
-        (b"garbage", load_signing_key, "not an unencrypted PEM private key"),
+        (b"garbage", load_signing_key, "not a PEM private key"),
         (None, load_public_key, "no such key file"),
         (None, load_signing_key, "no such key file"),
     ],
@@ -190,3 +195,70 @@ def test_unparseable_private_key_does_not_warn_about_permissions(
     with caplog.at_level(logging.WARNING, logger="compress.keys"), pytest.raises(KeyFileError):
         load_signing_key(path)
     assert "readable by others" not in caplog.text
+
+
+PASSWORD = b"correct horse battery"
+
+
+def test_encrypted_key_round_trip(tmp_path: Path) -> None:
+    key = generate_signing_key()
+    private_path, public_path = save_keypair(key, tmp_path, password=PASSWORD)
+    data = private_path.read_bytes()
+    assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert key.to_pem() not in data
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    assert load_signing_key(private_path, PASSWORD).key_id == key.key_id
+    assert load_public_key(public_path) == key.public_key
+    assert SigningKey.from_pem(key.to_pem(PASSWORD), PASSWORD).key_id == key.key_id
+
+
+def test_encrypted_key_without_password_says_how_to_give_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    private_path, _ = save_keypair(generate_signing_key(), tmp_path, password=PASSWORD)
+    with caplog.at_level(logging.INFO, logger="compress.keys"):
+        with pytest.raises(KeyPasswordRequiredError, match="--key-password-file") as info:
+            load_signing_key(private_path)
+        with pytest.raises(KeyPasswordRequiredError):
+            load_signing_key(private_path, b"")
+    assert str(private_path) in str(info.value)
+    assert info.value.code == "key_password_required"
+    assert "is encrypted and no password was given" in caplog.text
+
+
+def test_wrong_password_is_a_typed_error_without_library_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    private_path, _ = save_keypair(generate_signing_key(), tmp_path, password=PASSWORD)
+    with (
+        caplog.at_level(logging.WARNING, logger="compress.keys"),
+        pytest.raises(WrongKeyPasswordError, match="does not decrypt") as info,
+    ):
+        load_signing_key(private_path, b"not the password")
+    assert isinstance(info.value, KeyFileError)
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+    assert "Incorrect password" not in str(info.value)
+    assert "wrong password" in caplog.text
+
+
+def test_a_password_is_ignored_for_an_unencrypted_key(tmp_path: Path) -> None:
+    key = generate_signing_key()
+    private_path, _ = save_keypair(key, tmp_path)
+    assert load_signing_key(private_path, PASSWORD).key_id == key.key_id
+
+
+def test_short_passwords_do_not_encrypt_a_key(tmp_path: Path) -> None:
+    with pytest.raises(KeyPasswordError, match="at least 8 bytes"):
+        save_keypair(generate_signing_key(), tmp_path, password=b"short")
+    assert not (tmp_path / "signing.key").exists()
+
+
+def test_encrypted_key_file_permissions_are_still_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    private_path, _ = save_keypair(generate_signing_key(), tmp_path, password=PASSWORD)
+    private_path.chmod(0o640)
+    with caplog.at_level(logging.WARNING, logger="compress.keys"):
+        load_signing_key(private_path, PASSWORD)
+    assert "readable by others" in caplog.text
