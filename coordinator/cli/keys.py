@@ -1,9 +1,11 @@
 """``fedge keys``: create signing keys, show key ids, and build and rotate key sets.
 
 ``fedge keys generate --out keys/`` writes ``signing.key`` (mode 0600) and
-``signing.pub`` and prints the key id; ``fedge keys id FILE`` prints the key id of a
-public or private key file, so an operator can match a device's trusted key to the
-signer without opening PEM files.
+``signing.pub`` and prints the key id; with ``--encrypt`` the private key is encrypted
+with a password (from ``--key-password-file``, ``FEDGE_KEY_PASSWORD`` or asked twice at
+the terminal; see :mod:`coordinator.cli.key_loading`). ``fedge keys id FILE`` prints
+the key id of a public or private key file, so an operator can match a device's
+trusted key to the signer without opening PEM files.
 
 Key sets (:mod:`compress.keyset`) say which keys a device trusts and how many must
 sign. ``fedge keys keyset-init`` writes a self-signed version 1 to provision devices
@@ -11,6 +13,7 @@ with; ``fedge keys rotate`` writes the next version, signed by a threshold of th
 current keys and of the new ones (to add, replace or drop a key);
 ``fedge keys keyset-inspect`` verifies a key-set file (a rotation with ``--current``)
 and shows it. Every file is checked as a device would check it before it is written.
+The signing commands take ``--key-password-file`` for encrypted ``--sign`` keys.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
-from compress.errors import KeySetError
+from compress.errors import KeyFileError, KeySetError
 from compress.fileio import atomic_write, read_bounded
 from compress.keys import (
     PublicKey,
@@ -30,7 +33,6 @@ from compress.keys import (
     generate_signing_key,
     load_any_key,
     load_public_key,
-    load_signing_key,
     save_keypair,
 )
 from compress.keyset import (
@@ -44,6 +46,7 @@ from compress.keyset import (
     verify_self_signed,
 )
 from compress.manifest import format_time
+from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys, new_key_password
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, print_json, reported_errors
 
@@ -87,18 +90,30 @@ def generate(
         ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="Encrypt the private key with a password.")
+    ] = False,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Generate an Ed25519 signing key (mode 0600) and its public key."""
+    """Generate an Ed25519 signing key (mode 0600) and its public key.
+
+    With --encrypt the private key is encrypted with a password (at least 8 bytes) from
+    --key-password-file, FEDGE_KEY_PASSWORD, or typed twice at the terminal.
+    """
     with reported_errors(as_json=as_json):
+        if key_password_file is not None and not encrypt:
+            raise KeyFileError("--key-password-file needs --encrypt to encrypt the new key")
+        password = new_key_password(key_password_file) if encrypt else None
         key = generate_signing_key()
-        private_path, public_path = save_keypair(key, out, overwrite=force)
+        private_path, public_path = save_keypair(key, out, overwrite=force, password=password)
     if as_json:
         print_json({"ok": True, "key_id": key.key_id, "private_key": str(private_path),
-                    "public_key": str(public_path)})  # fmt: skip
+                    "public_key": str(public_path), "encrypted": encrypt})  # fmt: skip
         return
     console.print(f"key id      {key.key_id}", highlight=False)
-    console.print(f"private key {private_path}  (mode 0600: keep it secret)", highlight=False)
+    secret = "encrypted, mode 0600" if encrypt else "mode 0600: keep it secret"
+    console.print(f"private key {private_path}  ({secret})", highlight=False)
     console.print(f"public key  {public_path}  (copy to devices as a trusted key)", highlight=False)
 
 
@@ -135,10 +150,12 @@ def _write_keyset(path: Path, signed: SignedKeySet, *, overwrite: bool) -> None:
         raise KeySetError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _signers(paths: list[Path], allowed: Iterable[PublicKey], what: str) -> list[SigningKey]:
+def _signers(
+    paths: list[Path], password_file: Path | None, allowed: Iterable[PublicKey], what: str
+) -> list[SigningKey]:
     """Load signing keys, refusing any whose signature could not count."""
     allowed_ids = {k.key_id for k in allowed}
-    keys = [load_signing_key(p) for p in paths]
+    keys = load_signing_keys(paths, password_file)
     for path, key in zip(paths, keys, strict=True):
         if key.key_id not in allowed_ids:
             raise KeySetError(f"{path}: key {key.key_id[:16]} is not in {what}")
@@ -190,6 +207,7 @@ def keyset_init(
     out: OutOption,
     expires_in_days: ExpiresOption = 365,
     force: ForceOption = False,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a version-1 key set, signed by at least THRESHOLD of its own keys.
@@ -199,7 +217,7 @@ def keyset_init(
     with reported_errors(as_json=as_json):
         now = datetime.now(UTC)
         keyset = _build(1, pubs, threshold, expires_in_days, now)
-        signed = sign_keyset(keyset, _signers(sign, keyset.keys, "the key set"))
+        signed = sign_keyset(keyset, _signers(sign, key_password_file, keyset.keys, "the key set"))
         verify_initial_keyset(signed, now=now)
         _write_keyset(out, signed, overwrite=force)
     _report(keyset, signed, as_json, wrote=str(out))
@@ -217,6 +235,7 @@ def rotate(
     out: OutOption,
     expires_in_days: ExpiresOption = 365,
     force: ForceOption = False,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write the next key set version, signed by the current keys and the new ones.
@@ -230,7 +249,8 @@ def rotate(
         old = verify_self_signed(_read_keyset(current))
         keyset = _build(old.version + 1, pubs, threshold, expires_in_days, now)
         allowed = (*old.keys, *keyset.keys)
-        signed = sign_keyset(keyset, _signers(sign, allowed, "the current or the new key set"))
+        signers = _signers(sign, key_password_file, allowed, "the current or the new key set")
+        signed = sign_keyset(keyset, signers)
         verify_rotation(old, signed, now=now)
         _write_keyset(out, signed, overwrite=force)
     _report(keyset, signed, as_json, wrote=str(out), rotated=f"from v{old.version}")
