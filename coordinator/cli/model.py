@@ -24,12 +24,13 @@ from compress.artifact import load_artifact, read_artifact_unverified
 from compress.errors import ExportError, FamilyError
 from compress.families import FAMILIES
 from compress.fileio import atomic_write, load_npz
-from compress.keys import load_public_key, load_signing_key
+from compress.keys import load_public_key
 from compress.manifest import Manifest, TensorSpec
 from compress.onnx_export import export_onnx
 from compress.quantize import load_calibration
 from compress.signing import TrustedKeys
 from compress.tflite_export import export_tflite
+from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, human_bytes, print_json, reported_errors
 from coordinator.delivery.packaging import (
@@ -166,6 +167,7 @@ def package(
     tag: Annotated[
         list[str] | None, typer.Option(help="Hardware tag a device must have; repeatable.")
     ] = None,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Quantize, sign and package a model into one artifact file."""
@@ -174,7 +176,7 @@ def package(
             model_path=model,
             name=name,
             version=version,
-            keys=[load_signing_key(k) for k in key],
+            keys=load_signing_keys(key, key_password_file),
             out=out,
             quantize="int8" if quantize is QuantizeMode.int8 else "none",
             calibration=None if calibration is None else load_calibration(calibration),

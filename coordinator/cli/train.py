@@ -11,7 +11,9 @@ The starting weights come from ``--init weights.npz`` or are initialised (seeded
 for ``--family`` with ``--hidden`` units and the feature/class counts of
 ``--eval-data`` (or ``--features`` / ``--classes``). ``--out`` saves the final
 global weights; ``--package ARTIFACT --key KEY`` exports them to ONNX, quantizes to
-int8, signs and writes an artifact ready for ``fedge deploy``.
+int8, signs and writes an artifact ready for ``fedge deploy`` (the keys are loaded,
+and an encrypted key's password read from ``--key-password-file`` or asked for,
+before the first round).
 
 A PyTorch model: ``--model mypkg.models:cnn`` (or ``zoo:small_cnn``; the module
 importable from the current directory or the Python path, and installed and allowed
@@ -75,9 +77,10 @@ from rich.live import Live
 from rich.text import Text
 
 from compress.fileio import atomic_write
-from compress.keys import SigningKey, load_public_key, load_signing_key
+from compress.keys import SigningKey, load_public_key
 from compress.signing import TrustedKeys
 from coordinator.cli import training_options as run_options
+from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
@@ -207,6 +210,17 @@ def connected(connection: Connection) -> Iterator[MqttHub]:
         hub.stop()
 
 
+def _signing_keys(
+    package: Path | None, keys: list[Path], password_file: Path | None
+) -> list[SigningKey]:
+    """The --package signing keys, loaded (passwords asked) before any round runs."""
+    if package is None:
+        return []
+    if not keys:
+        raise RunError("--package needs at least one --key")
+    return load_signing_keys(keys, password_file)
+
+
 def _load_init(init: Path) -> dict[str, npt.NDArray[np.float32]]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in load_weights(init).items()}
 
@@ -217,14 +231,11 @@ def _package(
     model_def: ModelDef,
     model: str,
     out: Path,
-    keys: list[Path],
+    signing_keys: list[SigningKey],
     version: int,
     eval_data: LabelledData | None,
     baseline: BaselineGate | None,
 ) -> str:
-    if not keys:
-        raise RunError("--package needs at least one --key")
-    signing_keys = [load_signing_key(k) for k in keys]
     metadata = {"trained": "federated", "rounds": str(len(result.rounds)),
                 "task": model_def.task}  # fmt: skip
     gate = None if baseline is None else baseline.gate()
@@ -336,6 +347,7 @@ def train(
     key: Annotated[
         list[Path] | None, typer.Option("--key", help="Signing key for --package; repeatable.")
     ] = None,
+    key_password_file: KeyPasswordFileOption = None,
     version: Annotated[int, typer.Option(min=1, help="Artifact version for --package.")] = 1,
     baseline: Annotated[
         Path | None,
@@ -427,6 +439,7 @@ def train(
         )
         if gate is not None:
             gate.check_version(config.model, version)
+        signing_keys = _signing_keys(package, key or [], key_password_file)
         chosen = run_strategy(request, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
@@ -450,7 +463,7 @@ def train(
                 model_def=config.definition,
                 model=config.model,
                 out=package,
-                keys=key or [],
+                signing_keys=signing_keys,
                 version=version,
                 eval_data=evaluation,
                 baseline=gate,
