@@ -239,3 +239,14 @@ def test_train_reads_the_key_before_any_round(tmp_path: Path, encrypted: Path) -
     assert code == 1
     assert "encrypted" not in text
     assert "127.0.0.1" in text  # got as far as the broker
+
+
+def test_key_id_of_an_encrypted_key_needs_its_password(tmp_path: Path, encrypted: Path) -> None:
+    code, from_pub = fedge("keys", "id", tmp_path / "keys/signing.pub")
+    assert code == 0
+    code, text = fedge("keys", "id", encrypted)
+    assert code == 1
+    assert "is encrypted: give its password" in text
+    code, text = fedge("keys", "id", encrypted, "--key-password-file", tmp_path / "key-password")
+    assert code == 0
+    assert text == from_pub

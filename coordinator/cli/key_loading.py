@@ -3,7 +3,8 @@
 Every command that signs (``fedge model package``, ``fedge train --package``,
 ``fedge keys keyset-init`` and ``fedge keys rotate``) takes ``--key PATH`` (or
 ``--sign PATH``) once per key and :data:`KeyPasswordFileOption`
-(``--key-password-file FILE``), and loads its keys with :func:`load_signing_keys`.
+(``--key-password-file FILE``), and loads its keys with :func:`load_signing_keys`
+(``fedge keys id`` too, for an encrypted private key).
 An unencrypted key loads as before; the password of an encrypted key
 (``fedge keys generate --encrypt``) comes from, in this order:
 

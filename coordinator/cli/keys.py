@@ -13,7 +13,8 @@ with; ``fedge keys rotate`` writes the next version, signed by a threshold of th
 current keys and of the new ones (to add, replace or drop a key);
 ``fedge keys keyset-inspect`` verifies a key-set file (a rotation with ``--current``)
 and shows it. Every file is checked as a device would check it before it is written.
-The signing commands take ``--key-password-file`` for encrypted ``--sign`` keys.
+The signing commands take ``--key-password-file`` for encrypted ``--sign`` keys, and
+so does ``fedge keys id`` for an encrypted private key.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from compress.errors import KeyFileError, KeySetError
+from compress.errors import KeyFileError, KeyPasswordRequiredError, KeySetError
 from compress.fileio import atomic_write, read_bounded
 from compress.keys import (
     PublicKey,
@@ -122,10 +123,17 @@ def key_id(
     path: Annotated[
         Path, typer.Argument(show_default=False, help="A public (.pub) or private (.key) key file.")
     ],
+    key_password_file: KeyPasswordFileOption = None,
 ) -> None:
-    """Print the key id of a public or private key file."""
+    """Print the key id of a public or private key file.
+
+    An encrypted private key needs its password (the .pub file does not).
+    """
     with reported_errors():
-        kid = load_any_key(path).key_id
+        try:
+            kid = load_any_key(path).key_id
+        except KeyPasswordRequiredError:
+            kid = load_signing_keys([path], key_password_file)[0].key_id
     typer.echo(kid)
 
 
