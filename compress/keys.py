@@ -141,6 +141,7 @@ class SigningKey:
         encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
         if password is not None:
             if len(password) < MIN_NEW_PASSWORD_BYTES:
+                logger.warning("refused a key password of %d bytes", len(password))
                 raise KeyPasswordError(
                     f"a key password must be at least {MIN_NEW_PASSWORD_BYTES} bytes long"
                 )

@@ -248,10 +248,16 @@ def test_a_password_is_ignored_for_an_unencrypted_key(tmp_path: Path) -> None:
     assert load_signing_key(private_path, PASSWORD).key_id == key.key_id
 
 
-def test_short_passwords_do_not_encrypt_a_key(tmp_path: Path) -> None:
-    with pytest.raises(KeyPasswordError, match="at least 8 bytes"):
+def test_short_passwords_do_not_encrypt_a_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="compress.keys"),
+        pytest.raises(KeyPasswordError, match="at least 8 bytes"),
+    ):
         save_keypair(generate_signing_key(), tmp_path, password=b"short")
     assert not (tmp_path / "signing.key").exists()
+    assert "refused a key password of 5 bytes" in caplog.text
 
 
 def test_encrypted_key_file_permissions_are_still_checked(
