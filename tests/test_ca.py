@@ -14,11 +14,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typer.testing import CliRunner
 
+from coordinator.cli.app import app
 from coordinator.errors import CertificateAuthorityError
 from coordinator.link.ca import (
     CRL_DAYS,
@@ -32,6 +35,8 @@ from coordinator.link.ca import (
 )
 from edge_agent.errors import TopicError
 from edge_agent.transport.csr import make_key_and_csr
+
+runner = CliRunner(mix_stderr=False)
 
 
 @pytest.fixture
@@ -269,3 +274,55 @@ def test_refresh_crl_keeps_the_entries_and_moves_next_update(ca: CaFiles) -> Non
 def test_not_a_ca_directory(tmp_path: Path) -> None:
     with pytest.raises(CertificateAuthorityError, match="not a CA directory"):
         issue_certificate(tmp_path, make_key_and_csr("cam-1")[1], device_id="cam-1")
+
+
+def fedge_ca(*args: object) -> Result:
+    """Run ``fedge ca ARGS...`` in-process."""
+    return runner.invoke(app, ["ca", *map(str, args)])
+
+
+def test_fedge_ca_commands_run_the_ca(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    ok = fedge_ca("init", ca_dir, "--name", "acme CA")
+    assert ok.exit_code == 0, ok.stderr
+    assert (ca_dir / "ca.key").stat().st_mode & 0o777 == 0o600
+    again = fedge_ca("init", ca_dir)
+    assert again.exit_code == 1
+    assert "already holds a CA" in again.stderr
+
+    pair = ("--cert", tmp_path / "s.crt", "--key", tmp_path / "s.key")
+    server = fedge_ca("server-cert", ca_dir, "--host", "127.0.0.1", *pair)
+    assert server.exit_code == 0, server.stderr
+    assert (tmp_path / "s.key").stat().st_mode & 0o777 == 0o600
+    pair = ("--cert", tmp_path / "c.crt", "--key", tmp_path / "c.key")
+    coordinator = fedge_ca("coordinator-cert", ca_dir, *pair)
+    assert coordinator.exit_code == 0, coordinator.stderr
+    same = fedge_ca("coordinator-cert", ca_dir, *pair)
+    assert same.exit_code == 1
+    assert "exists (pass --force" in same.stderr
+
+    csr = tmp_path / "cam-1.csr"
+    csr.write_bytes(make_key_and_csr("cam-1")[1])
+    printed = fedge_ca("issue", ca_dir, "--csr", csr, "--device-id", "cam-1", "--days", 30)
+    assert printed.exit_code == 0, printed.stderr
+    cert = x509.load_pem_x509_certificate(printed.stdout.encode())
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc < timedelta(days=31)
+    wrong = fedge_ca("issue", ca_dir, "--csr", csr, "--device-id", "cam-2")
+    assert wrong.exit_code == 1
+    assert "not the device id 'cam-2'" in wrong.stderr
+
+    revoked = fedge_ca("revoke", ca_dir, "cam-1")
+    assert revoked.exit_code == 0, revoked.stderr
+    assert "kill -HUP" in revoked.stdout
+    crl = x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    out = ("--out", tmp_path / "cam-1.crt")
+    refused = fedge_ca("issue", ca_dir, "--csr", csr, "--device-id", "cam-1", *out)
+    assert refused.exit_code == 1
+    assert "--force" in refused.stderr
+    forced = fedge_ca("issue", ca_dir, "--csr", csr, "--device-id", "cam-1", *out, "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert (tmp_path / "cam-1.crt").exists()
+    fresh = fedge_ca("crl", ca_dir)
+    assert fresh.exit_code == 0, fresh.stderr
+    assert len(x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())) == 1

@@ -72,6 +72,7 @@ __all__ = [
     "issue_certificate",
     "refresh_crl",
     "revoke_certificate",
+    "save_pem",
     "server_certificate",
 ]
 
@@ -511,3 +512,18 @@ def refresh_crl(ca_dir: Path, *, now: datetime | None = None) -> Path:
             raise _fail(f"cannot write {files.crl}: {exc}") from None
     logger.info("re-issued the CRL %s (valid %d days)", files.crl, CRL_DAYS)
     return files.crl
+
+
+def save_pem(path: Path, data: bytes, *, private: bool, overwrite: bool = False) -> None:
+    """Write a certificate (0644) or a private key (``private``: 0600) atomically.
+
+    Raises:
+        CertificateAuthorityError: the file exists and ``overwrite`` is false, or it
+            cannot be written.
+    """
+    try:
+        atomic_write(Path(path), data, mode=0o600 if private else 0o644, overwrite=overwrite)
+    except FileExistsError:
+        raise _fail(f"{path} exists (pass --force to replace it)") from None
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc}") from None
