@@ -279,6 +279,15 @@ class Mosquitto:
             return False
         return True
 
+    def reload(self) -> None:
+        """SIGHUP the broker (it re-reads its password file, ACL and CRL) and wait
+        until it says it has."""
+        assert self.process is not None
+        done = self.log.read_text().count("Reloading config.") + 1
+        self.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log.read_text().count("Reloading config.") >= done, TIMEOUT,
+                 what=f"mosquitto to reload its config: {self.log}")  # fmt: skip
+
     def __enter__(self) -> Mosquitto:
         self.start()
         return self
