@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from coordinator.link.ca import (
     coordinator_certificate,
     init_ca,
     issue_certificate,
+    issued_certificates,
     refresh_crl,
     revoke_certificate,
     server_certificate,
@@ -326,3 +328,50 @@ def test_fedge_ca_commands_run_the_ca(tmp_path: Path) -> None:
     fresh = fedge_ca("crl", ca_dir)
     assert fresh.exit_code == 0, fresh.stderr
     assert len(x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())) == 1
+
+
+def test_an_operators_coordinator_certificate_can_be_revoked_by_its_account(ca: CaFiles) -> None:
+    cert_pem, _ = coordinator_certificate(ca.directory, account="coordinator@laptop")
+    service_pem, _ = coordinator_certificate(ca.directory)
+    revoke_certificate(ca.directory, "coordinator@laptop")
+    crl = _crl(ca)
+    lost = x509.load_pem_x509_certificate(cert_pem).serial_number
+    service = x509.load_pem_x509_certificate(service_pem).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(lost) is not None
+    assert crl.get_revoked_certificate_by_serial_number(service) is None
+    for bad in ("coordinator@", "x/y"):
+        with pytest.raises(CertificateAuthorityError, match=r"invalid operator name|unknown kind"):
+            revoke_certificate(ca.directory, bad)
+
+
+def test_concurrent_issuers_lose_no_record(ca: CaFiles) -> None:
+    """The service's enrollment route and an operator's fedge ca may issue at once."""
+    csrs = {f"cam-{n}": make_key_and_csr(f"cam-{n}")[1] for n in range(8)}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        serials = list(
+            pool.map(
+                lambda item: (
+                    x509.load_pem_x509_certificate(
+                        issue_certificate(ca.directory, item[1], device_id=item[0])
+                    ).serial_number
+                ),
+                csrs.items(),
+            )
+        )
+    records = issued_certificates(ca.directory)
+    assert sorted(r.name for r in records) == sorted(csrs)
+    assert {r.serial for r in records} == set(serials)
+
+
+def test_fedge_ca_list_shows_what_was_issued_and_revoked(ca: CaFiles) -> None:
+    issue_certificate(ca.directory, make_key_and_csr("cam-1")[1], device_id="cam-1")
+    issue_certificate(ca.directory, make_key_and_csr("cam-2")[1], device_id="cam-2")
+    revoke_certificate(ca.directory, "cam-2")
+    listed = fedge_ca("list", ca.directory, "--json")
+    assert listed.exit_code == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)["certificates"]}
+    assert rows["cam-1"]["revoked_at"] is None
+    assert rows["cam-2"]["revoked_at"] is not None
+    table = fedge_ca("list", ca.directory)
+    assert table.exit_code == 0, table.stderr
+    assert "cam-2" in table.stdout

@@ -11,6 +11,7 @@ Front end of :mod:`coordinator.link.ca`. A typical setup::
     fedge ca issue /etc/fedge/ca --csr cam-1.csr --device-id cam-1 --out cam-1.crt
     fedge ca revoke /etc/fedge/ca cam-1        # then: kill -HUP <mosquitto>
     fedge ca crl /etc/fedge/ca                 # daily, from cron (then SIGHUP)
+    fedge ca list /etc/fedge/ca                # what was issued, what is revoked
 
 A device makes its own key and CSR (``fedge-agent enroll`` does, with
 :func:`edge_agent.transport.csr.make_key_and_csr`); its key never leaves it.
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from compress.fileio import read_bounded
-from coordinator.cli.output import console, reported_errors
+from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.errors import CertificateAuthorityError
 from coordinator.link.ca import (
     CA_DAYS,
@@ -33,6 +36,7 @@ from coordinator.link.ca import (
     coordinator_certificate,
     init_ca,
     issue_certificate,
+    issued_certificates,
     refresh_crl,
     revoke_certificate,
     save_pem,
@@ -148,9 +152,14 @@ def coordinator_cert(
 @app.command("revoke")
 def revoke(
     directory: CaDir,
-    device_id: Annotated[str, typer.Argument(help="The device whose certificates to revoke.")],
+    device_id: Annotated[
+        str, typer.Argument(help="The device (or coordinator@NAME) whose certificates to revoke.")
+    ],
 ) -> None:
-    """Revoke every certificate of a device and re-issue the CRL (then SIGHUP the broker)."""
+    """Revoke every certificate of a device (or coordinator@NAME) and re-issue the CRL.
+
+    Then SIGHUP the broker; a connection already open lasts until it restarts.
+    """
     with reported_errors():
         crl = revoke_certificate(directory, device_id)
     console.print(f"revoked {device_id}; wrote {crl}")
@@ -166,3 +175,28 @@ def crl(directory: CaDir) -> None:
     with reported_errors():
         path = refresh_crl(directory)
     console.print(f"wrote {path} (valid {CRL_DAYS} days); reload the broker: kill -HUP <pid>")
+
+
+@app.command("list")
+def list_certificates(
+    directory: CaDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List every certificate the CA issued (kind, name, serial, validity, revocation)."""
+    with reported_errors(as_json=as_json):
+        records = issued_certificates(directory)
+    if as_json:
+        print_json({"certificates": [record.to_json() for record in records]})
+        return
+    table = Table(title="Certificates (times in UTC)", title_justify="left")
+    for column in ("KIND", "NAME", "SERIAL", "NOT AFTER", "REVOKED"):
+        table.add_column(column, no_wrap=column != "NAME", overflow="fold")
+    for record in records:
+        table.add_row(
+            Text(record.kind),
+            Text(record.name),
+            Text(f"{record.serial:x}"[:16]),
+            Text(record.not_after[:16]),
+            Text(record.revoked_at[:16] if record.revoked_at else "", style="red"),
+        )
+    console.print(table)

@@ -51,7 +51,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from compress.fileio import atomic_write, read_bounded
-from coordinator.errors import CertificateAuthorityError
+from coordinator.errors import BrokerSetupError, CertificateAuthorityError
+from coordinator.link.broker_accounts import check_account_name
 from coordinator.link.ca_index import (
     INDEX_FILE,
     CaIndex,
@@ -60,7 +61,7 @@ from coordinator.link.ca_index import (
     locked,
 )
 from edge_agent.errors import TopicError
-from edge_agent.protocol import COORDINATOR_SENDER, operator_account, validate_device_id
+from edge_agent.protocol import COORDINATOR_SENDER, is_valid_device_id, validate_device_id
 
 __all__ = [
     "CA_DAYS",
@@ -70,6 +71,7 @@ __all__ = [
     "coordinator_certificate",
     "init_ca",
     "issue_certificate",
+    "issued_certificates",
     "refresh_crl",
     "revoke_certificate",
     "save_pem",
@@ -382,14 +384,8 @@ def coordinator_certificate(
     Raises:
         CertificateAuthorityError: not a coordinator account, or as :func:`issue_certificate`.
     """
-    prefix = f"{COORDINATOR_SENDER}@"
-    try:
-        if account != COORDINATOR_SENDER and not (
-            account.startswith(prefix) and operator_account(account[len(prefix) :]) == account
-        ):
-            raise TopicError(f"{account!r} is not coordinator or coordinator@NAME")
-    except TopicError as exc:
-        raise _fail(str(exc)) from None
+    if _account_kind(account) != "coordinator":
+        raise _fail(f"{account!r} is not coordinator or coordinator@NAME")
     key = ec.generate_private_key(ec.SECP256R1())
     files = CaFiles(Path(ca_dir))
     with locked(files.directory):
@@ -466,27 +462,34 @@ def _write_crl(
     index.save()
 
 
+def _account_kind(name: str) -> CertificateKind:
+    """``device`` for a device id, ``coordinator`` for a coordinator account."""
+    try:
+        check_account_name(name)
+    except BrokerSetupError as exc:
+        raise _fail(str(exc)) from None
+    return "device" if is_valid_device_id(name) else "coordinator"
+
+
 def revoke_certificate(ca_dir: Path, device_id: str, *, now: datetime | None = None) -> Path:
     """Revoke every certificate of a device and write the new CRL; return its path.
 
-    The broker refuses the device's certificate once it has re-read the CRL
-    (``kill -HUP`` mosquitto). Revoking a device again only re-issues the CRL.
+    ``device_id`` may also be a coordinator account (``coordinator@NAME``, e.g. an
+    operator's lost laptop). The broker refuses the certificates once it has re-read
+    the CRL (``kill -HUP`` mosquitto). Revoking again only re-issues the CRL.
 
     Raises:
-        CertificateAuthorityError: a bad device id, or one the CA never issued to.
+        CertificateAuthorityError: a bad name, or one the CA never issued to.
     """
-    try:
-        validate_device_id(device_id)
-    except TopicError as exc:
-        raise _fail(str(exc)) from None
+    kind = _account_kind(device_id)
     files = CaFiles(Path(ca_dir))
     when = _now(now)
     with locked(files.directory):
         ca_cert, ca_key = _load_ca(files)
         index = CaIndex.load(files.index)
-        if not index.of("device", device_id):
+        if not index.of(kind, device_id):
             raise _fail(f"the CA never issued a certificate to {device_id!r}")
-        count = index.revoke("device", device_id, when)
+        count = index.revoke(kind, device_id, when)
         try:
             _write_crl(files, index, ca_cert, ca_key, when)
         except OSError as exc:
@@ -494,6 +497,17 @@ def revoke_certificate(ca_dir: Path, device_id: str, *, now: datetime | None = N
     logger.warning("revoked %d certificate(s) of %r; CRL %s (reload the broker)", count,
                    device_id, files.crl)  # fmt: skip
     return files.crl
+
+
+def issued_certificates(ca_dir: Path) -> list[IssuedCertificate]:
+    """Every certificate the CA issued, oldest first (revoked ones included).
+
+    Raises:
+        CertificateAuthorityError: not a CA directory, or an unreadable index.
+    """
+    files = CaFiles(Path(ca_dir))
+    with locked(files.directory):
+        return CaIndex.load(files.index).certificates
 
 
 def refresh_crl(ca_dir: Path, *, now: datetime | None = None) -> Path:
