@@ -13,10 +13,13 @@ SIGHUP; a connection made before the revocation lasts until the broker restarts)
 a certificate from another CA with the same CN, an expired one. A CSR for another
 device id gets no certificate at all (tests/test_ca.py). A CRL past its next-update
 time locks every device out, which is why ``fedge ca crl`` must run regularly.
+Last, real ``fedge-agent run`` processes on CA-issued certificates take a deploy
+from ``fedge`` on a coordinator certificate, and a revoked one stays out.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -24,11 +27,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from compress.keys import SigningKey
+from coordinator.cli.app import app
 from coordinator.link.ca import CRL_DAYS, issue_certificate, refresh_crl, revoke_certificate
 from edge_agent.protocol import Channel, agent_subscriptions, device_topic
 from edge_agent.transport.csr import make_key_and_csr
-from tests.fleet_support import TIMEOUT, Mosquitto, TlsFiles, wait_for
+from tests.fleet_support import (
+    TIMEOUT,
+    AgentProcess,
+    Mosquitto,
+    TlsFiles,
+    make_artifact,
+    public_key_file,
+    wait_for,
+)
 from tests.test_protocol_broker_acl import Client
 
 pytestmark = pytest.mark.slow
@@ -185,3 +199,52 @@ def test_a_stale_crl_locks_every_device_out_until_fedge_ca_crl(
     refresh_crl(tls.ca_dir)
     broker.reload()
     assert mqtt_connect(broker.port, tls.ca, cert, key) == CONNACK_ACCEPTED
+
+
+def test_agent_processes_on_ca_certificates_take_a_deploy_and_a_revoked_one_stays_out(
+    broker: Mosquitto, tls: TlsFiles, tmp_path: Path, signing_key: SigningKey
+) -> None:
+    """Real ``fedge-agent run`` processes with CA-issued certificates and the
+    operator's ``fedge`` on a coordinator certificate: a signed deploy installs on
+    both; after ``revoke`` the broker restarts (cutting the open connection) and only
+    the revoked device stays out."""
+    trust = public_key_file(tmp_path / "keys", signing_key)
+    cert, key = tls.issue("coordinator")
+    operator = ["--ca-file", str(tls.ca), "--cert-file", str(cert), "--key-file", str(key)]
+
+    def fedge(*args: str) -> tuple[int, str]:
+        result = CliRunner(mix_stderr=False).invoke(
+            app, [*args, *operator], env={"FEDGE_BROKER": broker.url}
+        )
+        return result.exit_code, result.stdout
+
+    def online() -> dict[str, bool]:
+        status, out = fedge("devices", "--json")
+        return {} if status else {d["device_id"]: d["online"] for d in json.loads(out)["devices"]}
+
+    agents = []
+    for device in (DEVICE, OTHER):
+        cert, key = device_files(tls, device)
+        tls_options = ["--ca-file", str(tls.ca), "--cert-file", str(cert), "--key-file", str(key)]
+        agents.append(AgentProcess(broker, device, tmp_path / device, trust, extra=tls_options))
+    try:
+        wait_for(lambda: online() == {DEVICE: True, OTHER: True}, what="both agents online")
+        artifact = make_artifact(tmp_path, signing_key, version=1)
+        status, out = fedge("deploy", str(artifact), "--trust", str(trust), "--wait",
+                            "--timeout", "60", "--json")  # fmt: skip
+        assert status == 0, out
+        states = {d["device_id"]: d["state"] for d in json.loads(out)["devices"]}
+        assert states == {DEVICE: "installed", OTHER: "installed"}
+
+        revoke_certificate(tls.ca_dir, OTHER)
+        broker.stop()
+        broker.start()
+        wait_for(lambda: refusals(broker) >= 1, what="the revoked agent's reconnect refused")
+        wait_for(lambda: online().get(DEVICE), what=f"{DEVICE} back online")
+        since_restart = broker.log.read_text().rsplit("starting", 1)[1]
+        assert f"as {DEVICE} " in since_restart
+        assert f"as {OTHER} " not in since_restart
+        assert all(agent.alive() for agent in agents)  # the revoked one keeps retrying
+    finally:
+        for agent in agents:
+            agent.kill()
