@@ -27,11 +27,17 @@ Workflow::
 
     init_ca(ca_dir, name="acme fleet CA")                 # ca.key, ca.crt, crl.pem
     cert, key = server_certificate(ca_dir, "broker.example")
+    cert, key = coordinator_certificate(ca_dir)             # or account="coordinator@ops"
     cert = issue_certificate(ca_dir, csr_pem, device_id="cam-1")
     revoke_certificate(ca_dir, "cam-1")                     # crl.pem; SIGHUP the broker
+    issued_certificates(ca_dir)                             # what the index holds
 
-Every function takes ``now`` (default: the clock) so that tests and the expiry
-case can be made without waiting.
+A SIGHUP makes mosquitto refuse the revoked certificate from its next handshake
+on; a connection opened before stays up until the broker restarts. Every issuing
+and revoking function takes ``now`` (default: the clock), so tests can make an
+expired certificate or a stale CRL without waiting. All of them hold the CA
+directory's lock (:func:`coordinator.link.ca_index.locked`) while they read and
+write the index, so the service and the CLI can issue at the same time.
 """
 
 from __future__ import annotations
