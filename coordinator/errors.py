@@ -23,7 +23,8 @@ The tree::
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
-    └── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
+    ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
+    └── CertificateAuthorityError   the mTLS CA cannot issue or revoke as asked
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -228,6 +229,15 @@ class BrokerSetupError(CoordinatorError):
     certificate without its key, a port outside 1..65535, an existing output file)."""
 
     code = "bad_broker_setup"
+
+
+class CertificateAuthorityError(CoordinatorError):
+    """The fleet's mTLS CA (``fedge ca``, :mod:`coordinator.link.ca`) refused or failed:
+    a CSR whose CN is not the device id (or with a bad signature or key), a revoked
+    device id without ``--force``, a missing or world-readable CA key, an unknown
+    device to revoke, a lifetime past the CA's own."""
+
+    code = "ca_refused"
 
 
 class ApiError(CoordinatorError):
