@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from compress.artifact import read_artifact_unverified
 from compress.errors import ExpiredError, RollbackError, ThresholdError, UnknownKeyError
 from compress.keys import SigningKey, generate_signing_key, save_keypair
 from compress.keyset import KeySet, SignedKeySet, sign_keyset
 from compress.signing import TrustedKeys, sign_manifest, verify_signatures
 from edge_agent.config.sections import TrustConfig
-from edge_agent.errors import ConfigError, StateError
+from edge_agent.errors import ConfigError, StateError, UntrustedModelError
 from edge_agent.ota import keyset_store
 from edge_agent.ota.keyset_store import KEYSET_PATH, KeySetStore, load_trust
+from edge_agent.ota.model_store import ModelStore
+from edge_agent.ota.reverify import verify_installed
 from tests.conftest import NOW, make_manifest
+from tests.fleet_support import make_artifact
+from tests.ota_support import place_model
 
 A, B, C, D, E = (generate_signing_key() for _ in range(5))
 
@@ -196,3 +201,25 @@ def test_a_damaged_stored_key_set_stops_the_agent(tmp_path: Path, data: Path) ->
     (data / KEYSET_PATH).write_bytes(forged.to_bytes())
     with pytest.raises(StateError, match="does not verify"):
         open_store(tmp_path)
+
+
+def test_an_installed_model_signed_only_by_a_retired_key_is_not_trusted_after_the_rotation(
+    tmp_path: Path, data: Path
+) -> None:
+    """The documented answer: the next start-up re-verification refuses it (re-sign and
+    redeploy with current keys); a model signed by a key still trusted stays served."""
+    one_of_ab = sign_keyset(keyset(1, [A, B], threshold=1), [A])
+    one_of_bc = sign_keyset(keyset(2, [B, C], threshold=1), [A, B])  # A retired
+    store = open_store(tmp_path, one_of_ab)
+    signed, payload = read_artifact_unverified(make_artifact(tmp_path, A, version=1))
+    model = place_model(data, (signed, payload))
+    now = datetime.now(UTC)
+    verify_installed(ModelStore(data), model, trusted=store.current(), now=now)
+
+    assert store.receive([one_of_bc.to_bytes()], now=NOW)
+    with pytest.raises(UntrustedModelError) as refused:
+        verify_installed(ModelStore(data), model, trusted=store.current(), now=now)
+    assert refused.value.cause_code == "unknown_key"
+
+    resigned = place_model(data, (sign_manifest(signed.manifest, [B]), payload))
+    assert verify_installed(ModelStore(data), resigned, trusted=store.current(), now=now)
