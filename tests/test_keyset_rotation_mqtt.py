@@ -12,6 +12,7 @@ puts the rotation chain on the retained key-set broadcast; the agents apply it:
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -79,6 +80,14 @@ def publish(broker: Mosquitto, *files: Path) -> tuple[int, str]:
     args = ["keys", "publish", "--broker", broker.url, "--password-file", str(secret)]
     result = CliRunner().invoke(app, [*args, *map(str, files)])
     return result.exit_code, result.output
+
+
+def fleet_keyset_versions(broker: Mosquitto) -> dict[str, int | None]:
+    """What ``fedge fleet --json`` says each device's key-set version is."""
+    env = {"FEDGE_BROKER": broker.url, "FEDGE_BROKER_PASSWORD": password("coordinator")}
+    result = CliRunner(mix_stderr=False).invoke(app, ["fleet", "--json"], env=env)
+    assert result.exit_code == 0, result.stderr
+    return {d["device_id"]: d["keyset_version"] for d in json.loads(result.stdout)["devices"]}
 
 
 class StatusWatch:
@@ -207,6 +216,7 @@ def test_rotation_retires_a_key_catches_up_and_refuses_a_replay(
         by_b_again = deploy(broker, make_artifact(artifacts, B, version=4, seed=4), DEVICES)
         assert states(by_b_again) == dict.fromkeys(DEVICES, (DeviceState.REJECTED, "unknown_key"))
         assert all(watch.versions[d] == 3 for d in DEVICES)
+        assert fleet_keyset_versions(broker) == dict.fromkeys(DEVICES, 3)
 
     for device, process in agents.items():
         assert process.stop() == 0, process.log_text()[-2000:]
