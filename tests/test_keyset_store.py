@@ -13,6 +13,8 @@ from compress.errors import ExpiredError, RollbackError, ThresholdError, Unknown
 from compress.keys import SigningKey, generate_signing_key, save_keypair
 from compress.keyset import KeySet, SignedKeySet, sign_keyset
 from compress.signing import TrustedKeys, sign_manifest, verify_signatures
+from edge_agent import cli
+from edge_agent.config.agent import AgentConfig
 from edge_agent.config.sections import TrustConfig
 from edge_agent.errors import ConfigError, StateError, UntrustedModelError
 from edge_agent.ota import keyset_store
@@ -223,3 +225,23 @@ def test_an_installed_model_signed_only_by_a_retired_key_is_not_trusted_after_th
 
     resigned = place_model(data, (sign_manifest(signed.manifest, [B]), payload))
     assert verify_installed(ModelStore(data), resigned, trusted=store.current(), now=now)
+
+
+def test_fedge_agent_run_takes_a_key_set_instead_of_keys_and_checks_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started: list[AgentConfig] = []
+    monkeypatch.setattr(cli, "run_agent", lambda config, **_kw: started.append(config) or 0)
+    monkeypatch.setattr(logging, "basicConfig", lambda **_kw: None)  # leave pytest's logging
+    base = ["run", "--device-id", "pi-1", "--broker", "mqtt://127.0.0.1:1883"]
+    base += ["--data-dir", str(tmp_path / "data")]
+    good = provision(tmp_path, V1).keyset
+    assert good is not None
+    assert cli.main([*base, "--keyset", str(good)]) == 0  # no --trust needed
+    assert [c.trust.keyset for c in started] == [good]
+
+    garbage = tmp_path / "garbage.keyset"
+    garbage.write_bytes(b"not a key set")
+    assert cli.main([*base, "--keyset", str(garbage)]) == 2
+    assert "trust.keyset" in capsys.readouterr().err
+    assert len(started) == 1
