@@ -39,7 +39,7 @@ from edge_agent.protocol import (
 from edge_agent.protocol.topics import KEYSET_BROADCAST
 from edge_agent.transport.mqtt import MqttLink
 
-__all__ = ["check_chain", "publish_chain"]
+__all__ = ["chain_message", "check_chain", "publish_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ def check_chain(chain: Sequence[SignedKeySet], *, now: datetime) -> list[SignedK
     first = verify_self_signed(ordered[0])
     verify_rotation_chain(first, ordered[1:], now=now)
     return ordered
+
+
+def chain_message(
+    chain: Sequence[SignedKeySet], *, now: datetime, limits: Limits = DEFAULT_LIMITS
+) -> KeySetChain:
+    """The message to publish: the newest ``limits.max_keyset_chain`` of the checked chain.
+
+    Raises:
+        CompressError: the chain does not verify (see :func:`check_chain`).
+    """
+    ordered = check_chain(chain, now=now)
+    return KeySetChain(
+        keysets=tuple(signed.to_bytes() for signed in ordered[-limits.max_keyset_chain :])
+    )
 
 
 def publish_chain(
@@ -93,24 +107,19 @@ def publish_chain(
         CompressError: the chain does not verify (see :func:`check_chain`).
         BrokerError: no connection, or the broker did not acknowledge the message.
     """
-    ordered = check_chain(chain, now=now)
-    published = ordered[-limits.max_keyset_chain :]
-    payload = encode(
-        KeySetChain(keysets=tuple(signed.to_bytes() for signed in published)),
-        sender=COORDINATOR_SENDER,
-        sent_at=time.time(),
-        limits=limits,
-    )
+    message = chain_message(chain, now=now, limits=limits)
+    payload = encode(message, sender=COORDINATOR_SENDER, sent_at=time.time(), limits=limits)
     link = MqttLink(broker, client_id=client_id, subscriptions=(), on_message=_ignore)
     link.connect(timeout)
     try:
         topic = broadcast_topic(KEYSET_BROADCAST)
         if not link.publish_wait(topic, payload, retain=True, timeout=timeout):
-            message = f"the broker did not acknowledge the key-set chain within {timeout:g}s"
-            logger.error("%s", message)
-            raise BrokerError(message)
+            refusal = f"the broker did not acknowledge the key-set chain within {timeout:g}s"
+            logger.error("%s", refusal)
+            raise BrokerError(refusal)
     finally:
         link.stop()
+    published = [SignedKeySet.from_bytes(blob) for blob in message.keysets]
     first, last = published[0].keyset.version, published[-1].keyset.version
     logger.info("published key sets v%d..v%d retained on %s", first, last, topic)
     return published

@@ -222,7 +222,8 @@ class KeySetStore:
         Raises:
             KeySetError: an entry is not a signed key set.
             RollbackError: the chain ends below the trusted version (a replayed
-                key set), or its versions do not continue the trusted one.
+                key set), or its versions do not continue the trusted one (also when
+                the device is further behind than the chain reaches).
             SignatureError: (a subclass) a step is not signed by a threshold of the
                 old keys or of the new ones.
             ExpiredError: the resulting key set has expired.
@@ -238,6 +239,12 @@ class KeySetStore:
             raise RollbackError(
                 f"the key-set chain ends at v{top}, older than the trusted "
                 f"v{current.version} (a replayed key set)"
+            )
+        if newer[0].keyset.version != current.version + 1:  # unverified, for the message only
+            raise RollbackError(
+                f"the key-set chain skips versions: it goes on from v{newer[0].keyset.version - 1}"
+                f", this device trusts v{current.version}; if the chain was cut (it holds the "
+                "newest key sets only), re-provision the device with a current key-set file"
             )
         keyset = verify_rotation_chain(current, newer, now=now)
         self._save(newer[-1])
