@@ -18,8 +18,14 @@ One :class:`Agent` per device. Threads:
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
   :class:`~edge_agent.serving.server.ModelServer`, which swaps models atomically.
 
+A device provisioned with a key set (``trust.keyset``) also subscribes for good to
+the retained key-set broadcast and applies rotations as they come
+(:mod:`edge_agent.ota.keyset_store`); every trust decision asks that store for the
+current keys.
+
 On every (re)connect the agent publishes its retained status (hardware facts,
-version, runtimes, tags, installed model, the PyTorch models it can train); its Last
+version, runtimes, tags, installed model, the PyTorch models it can train, the
+key-set version); its Last
 Will, rebuilt before each connection attempt, marks it offline. Reports that cannot
 go out while disconnected wait (bounded) and go first after reconnecting. Every
 message received is decoded strictly; anything malformed, oversized, of unknown
