@@ -112,12 +112,12 @@ class StatusWatch:
             with self._lock:
                 self.versions[envelope.sender] = envelope.message.keyset_version
 
-    def wait(self, devices: list[str], version: int) -> None:
+    def wait(self, devices: list[str], version: int, timeout: float = 30) -> None:
         def there() -> bool:
             with self._lock:
                 return all(self.versions.get(d) == version for d in devices)
 
-        wait_for(there, timeout=30, what=f"{devices} on key set v{version}")
+        wait_for(there, timeout=timeout, what=f"{devices} on key set v{version}")
 
     def __enter__(self) -> StatusWatch:
         self._link.connect(10)
@@ -175,7 +175,7 @@ def test_rotation_retires_a_key_catches_up_and_refuses_a_replay(
     artifacts.mkdir()
 
     with StatusWatch(broker) as watch:
-        watch.wait(DEVICES, 1)
+        watch.wait(DEVICES, 1, timeout=90)  # five processes start on a busy machine
         assert agents[LATE].stop() == 0  # offline across the next two rotations
 
         status, out = publish(broker, v1, v2)
@@ -199,7 +199,7 @@ def test_rotation_retires_a_key_catches_up_and_refuses_a_replay(
             extra=("--keyset", str(v1)),
         )  # fmt: skip
         agents[LATE] = late
-        watch.wait(DEVICES, 3)
+        watch.wait(DEVICES, 3, timeout=60)
         assert "rotated the trusted key set from v1 to v3" in late.log_text()
         by_c = deploy(broker, make_artifact(artifacts, C, version=3, seed=3), DEVICES)
         assert states(by_c) == dict.fromkeys(DEVICES, (DeviceState.INSTALLED, None))
