@@ -229,6 +229,8 @@ class KeySetStore:
             ExpiredError: the resulting key set has expired.
             StateError: the new key set cannot be stored (trust is unchanged).
         """
+        # Versions are read from bytes not yet verified (strictly parsed, each at most
+        # MAX_KEYSET_BYTES) only to pick the steps; verify_rotation_chain decides trust.
         signed = [SignedKeySet.from_bytes(blob) for blob in chain]
         current = self.keyset
         newer = [s for s in signed if s.keyset.version > current.version]
