@@ -18,8 +18,14 @@ One :class:`Agent` per device. Threads:
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
   :class:`~edge_agent.serving.server.ModelServer`, which swaps models atomically.
 
+A device provisioned with a key set (``trust.keyset``) also subscribes for good to
+the retained key-set broadcast and applies rotations as they come
+(:mod:`edge_agent.ota.keyset_store`); every trust decision asks that store for the
+current keys.
+
 On every (re)connect the agent publishes its retained status (hardware facts,
-version, runtimes, tags, installed model, the PyTorch models it can train); its Last
+version, runtimes, tags, installed model, the PyTorch models it can train, the
+key-set version); its Last
 Will, rebuilt before each connection attempt, marks it offline. Reports that cannot
 go out while disconnected wait (bounded) and go first after reconnecting. Every
 message received is decoded strictly; anything malformed, oversized, of unknown
@@ -38,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,6 +59,7 @@ from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
 from edge_agent.ota.installer import Checkpoint
+from edge_agent.ota.keyset_store import KeySetStore, load_trust
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.updates import Updater
 from edge_agent.protocol import (
@@ -65,6 +73,7 @@ from edge_agent.protocol import (
     Envelope,
     InstallState,
     InstallStatus,
+    KeySetChain,
     Limits,
     Message,
     ModelInfo,
@@ -73,12 +82,14 @@ from edge_agent.protocol import (
     TelemetryBatch,
     TrainTask,
     agent_subscriptions,
+    broadcast_topic,
     check_route,
     decode,
     device_topic,
     encode,
     parse_topic,
 )
+from edge_agent.protocol.topics import KEYSET_BROADCAST
 from edge_agent.runtime.loader import available_runtimes
 from edge_agent.serving.http_access import http_config
 from edge_agent.serving.http_api import LocalHttpServer
@@ -144,20 +155,21 @@ class Agent:
                 as on a device. The agent's behaviour is the same either way.
 
         Raises:
-            ConfigError: the trusted keys cannot be loaded.
-            StateError: the data directory is unusable.
+            ConfigError: the trusted keys (or the provisioned key set) cannot be loaded.
+            StateError: the data directory (or the stored key set) is unusable.
         """
         self.config = config
         self.device_id = config.device_id
         self._clock = clock
         self._limits = limits
-        trusted = config.trust.load()
         runtimes = frozenset({config.runtime}) if config.runtime else available_runtimes()
         self._device = DeviceProfile(runtimes=runtimes, hardware_tags=frozenset(config.tags))
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StateError(f"cannot create data directory {config.data_dir}: {exc}") from exc
+        trust = load_trust(config.trust, config.data_dir, now=self._now())
+        self.keyset = trust if isinstance(trust, KeySetStore) else None
         self._telemetry = TelemetryCollector(clock=clock)
         training = config.training
         self._feedback: FeedbackCollector | None = None
@@ -193,7 +205,10 @@ class Agent:
         self._link: DeviceLink = MqttLink(
             config.broker,
             client_id=self.device_id,
-            subscriptions=agent_subscriptions(self.device_id, broadcast=False),
+            subscriptions=(
+                *agent_subscriptions(self.device_id, broadcast=False),
+                *((broadcast_topic(KEYSET_BROADCAST),) if self.keyset is not None else ()),
+            ),
             on_message=self._enqueue,
             on_connect=self._on_link_up,
             will=self._last_will,
@@ -202,7 +217,7 @@ class Agent:
         self.updates = Updater(
             store=ModelStore(config.data_dir),
             staging_root=config.data_dir / "staging",
-            trusted=trusted,
+            trusted=trust.current if isinstance(trust, KeySetStore) else trust,
             device=self._device,
             server=self._server,
             link=self._link,
@@ -424,7 +439,9 @@ class Agent:
         try:
             where = parse_topic(topic)
             if isinstance(where, BroadcastTopic) and not (
-                self.updates.wants_broadcast(where.name) or self.rounds.wants_broadcast(where.name)
+                self.updates.wants_broadcast(where.name)
+                or self.rounds.wants_broadcast(where.name)
+                or (where.name == KEYSET_BROADCAST and self.keyset is not None)
             ):
                 return  # someone else's transfer (or another broadcast): not ours to decode
             if isinstance(where, DeviceTopic) and where.device_id != self.device_id:
@@ -441,6 +458,10 @@ class Agent:
 
     def _dispatch(self, envelope: Envelope) -> None:
         message: Message = envelope.message
+        if isinstance(message, KeySetChain):  # retained: the same one again after reconnects
+            if self.keyset is not None and self.keyset.receive(message.keysets, now=self._now()):
+                self.announce()  # the status reports the new key-set version
+            return
         if isinstance(message, Chunk):
             if not self.rounds.on_chunk(message):
                 self.updates.on_chunk(message)
@@ -495,6 +516,9 @@ class Agent:
 
     # ------------------------------------------------------------------ helpers
 
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
     def _topic(self, channel: Channel) -> str:
         return device_topic(self.device_id, channel)
 
@@ -516,6 +540,7 @@ class Agent:
             models=models,
             train_examples=self._train_examples,
             train_models=self.rounds.train_models,
+            keyset_version=self.keyset.version if self.keyset is not None else None,
         )
 
     # ------------------------------------------------- Reporter (for the updater)

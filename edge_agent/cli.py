@@ -268,9 +268,13 @@ def _preflight(config: AgentConfig) -> None:
     """Read what the config points at, so mistakes surface as config errors now.
 
     Raises:
-        ConfigError: an unusable trusted key or TLS file, or a runtime not installed.
+        ConfigError: an unusable trusted key, key-set or TLS file, or a runtime not
+            installed.
     """
-    config.trust.load()
+    if config.trust.keyset is None:
+        config.trust.load()
+    else:  # verified on start, against the key set the device may have stored since
+        config.trust.read_keyset()
     config.broker.check_files()
     http_config(config)  # the endpoint's own rules: loopback unless a token, a real port
     if config.runtime is not None:

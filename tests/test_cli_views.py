@@ -55,6 +55,7 @@ def record(
     last_seen: float = NOW - 12,
     train_examples: int = 0,
     train_models: tuple[str, ...] = (),
+    keyset_version: int | None = None,
 ) -> DeviceRow:
     """A device as the service stores it, from a status message it sent."""
     status = Status(
@@ -66,6 +67,7 @@ def record(
         models=models,
         train_examples=train_examples,
         train_models=train_models,
+        keyset_version=keyset_version,
     )
     return DeviceRow(
         device_id=device_id,
@@ -174,6 +176,7 @@ def fleet_records() -> list[DeviceRow]:
             last_seen=NOW - 12,
             train_examples=321,
             train_models=("edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"),
+            keyset_version=3,
         ),
         record("pi-2", online=False, last_seen=NOW - 3 * 3600),
     ]
@@ -240,8 +243,10 @@ def test_devices_json() -> None:
         "last_seen_age_s": 12.0,
         "train_examples": 321,
         "train_models": ["edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"],
+        "keyset_version": 3,
     }
     assert second["online"] is False
+    assert second["keyset_version"] is None
     assert second["train_examples"] == 0
     assert second["train_models"] == []
     assert second["last_seen_age_s"] == 3 * 3600

@@ -39,6 +39,7 @@ from edge_agent.protocol import (
     Histogram,
     InstallState,
     InstallStatus,
+    KeySetChain,
     LatencyQuantiles,
     Limits,
     Message,
@@ -180,6 +181,7 @@ def samples() -> dict[str, tuple[Message, str]]:
             DEVICE,
         ),
         "error": (ErrorReport(code="malformed", message="bad chunk", ref=MSG_ID), DEVICE),
+        "keyset_chain": (KeySetChain(keysets=(b"FKS1-one", b"FKS1-second")), COORD),
     }
 
 
@@ -776,6 +778,7 @@ ALLOWED_ROUTES = [
     ("task_ack", DEVICE, Channel.EVENTS),
     ("error", DEVICE, Channel.EVENTS),
     ("telemetry_batch", DEVICE, Channel.TELEMETRY),
+    ("keyset_chain", COORD, Channel.CMD),
 ]
 
 
@@ -827,8 +830,12 @@ def test_broadcast_routes() -> None:
     assert check_route(envelope_for("chunk", COORD), topic) == BroadcastTopic("round-3")
     with pytest.raises(TopicError):
         check_route(envelope_for("chunk", DEVICE), topic)
+    keysets = broadcast_topic("keyset")
+    assert check_route(envelope_for("keyset_chain", COORD), keysets) == BroadcastTopic("keyset")
+    with pytest.raises(TopicError):
+        check_route(envelope_for("keyset_chain", DEVICE), keysets)
     for name in samples():
-        if name != "chunk":
+        if name not in ("chunk", "keyset_chain"):
             with pytest.raises(TopicError):
                 check_route(envelope_for(name, COORD), topic)
 

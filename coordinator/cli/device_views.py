@@ -56,6 +56,11 @@ def _train_models(row: DeviceRow) -> list[str]:
     return [str(spec) for spec in value] if isinstance(value, list) else []
 
 
+def _keyset_version(row: DeviceRow) -> int | None:
+    value = _status(row).get("keyset_version")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -64,7 +69,8 @@ def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
     """One device: ``device_id``, ``online``, ``agent_version``, ``hardware``,
     ``runtimes``, ``tags``, ``models`` (name, version, sha256), ``train_examples``
     (local examples for federated rounds), ``train_models`` (the PyTorch model
-    factories it can train; empty without PyTorch), ``first_seen``, ``last_seen`` (unix
+    factories it can train; empty without PyTorch), ``keyset_version`` (the key set
+    it trusts; None with fixed key files), ``first_seen``, ``last_seen`` (unix
     seconds), ``last_seen_iso`` (ISO-8601, UTC) and ``last_seen_age_s`` (never
     negative); the three ``last_seen`` fields are None when it was never seen.
     """
@@ -82,6 +88,7 @@ def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
         "models": _models(row),
         "train_examples": _train_examples(row),
         "train_models": _train_models(row),
+        "keyset_version": _keyset_version(row),
         "first_seen": row.first_seen,
         "last_seen": row.last_seen if seen else None,
         "last_seen_iso": _iso(row.last_seen) if seen else None,

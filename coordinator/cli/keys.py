@@ -15,6 +15,10 @@ current keys and of the new ones (to add, replace or drop a key);
 and shows it. Every file is checked as a device would check it before it is written.
 The signing commands take ``--key-password-file`` for encrypted ``--sign`` keys, and
 so does ``fedge keys id`` for an encrypted private key.
+``fedge keys publish --broker URL KEYSET...`` (files, or a directory of them) checks
+that the key sets form one rotation chain and publishes it, retained, to the devices
+provisioned with a key set; they apply the versions above theirs
+(:mod:`coordinator.link.keyset_chain`).
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ from compress.keyset import (
 )
 from compress.manifest import format_time
 from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys, new_key_password
-from coordinator.cli.options import JsonOption
+from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, print_json, reported_errors
+from coordinator.link.hub import hub_client_id
+from coordinator.link.keyset_chain import publish_chain
 
 app = typer.Typer(
     help="Create Ed25519 signing keys, show key ids, build and rotate key sets.",
@@ -296,3 +302,55 @@ def keyset_inspect(
             keyset = verify_rotation(old, signed, now=now)
             verified = f"rotation from v{old.version}"
     _report(keyset, signed, as_json, verified=verified)
+
+
+def _keyset_files(paths: list[Path]) -> list[Path]:
+    """The files given, with each directory replaced by the regular files in it."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file()))
+        else:
+            files.append(path)
+    if not files:
+        raise KeySetError("no key-set files: give files or a directory that holds them")
+    return files
+
+
+@app.command()
+@with_broker
+def publish(
+    connection: Connection,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            show_default=False, help="Key-set files (v1 up to the newest), or a directory of them."
+        ),
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Publish the key-set chain to the devices (retained on the broker).
+
+    The files must form one rotation chain (each version signed by the keys of the
+    one before and its own); a broken chain is refused and nothing is published.
+    Devices provisioned with a key set apply the versions above theirs, also after
+    being offline across several rotations.
+    """
+    with reported_errors(as_json=as_json):
+        now = datetime.now(UTC)
+        chain = [_read_keyset(path) for path in _keyset_files(paths)]
+        broker = connection.broker_config()
+        published = publish_chain(
+            broker,
+            chain,
+            now=now,
+            client_id=hub_client_id(broker.username, None),
+            timeout=connection.connect_timeout,
+        )
+    newest = published[-1]
+    _report(
+        newest.keyset,
+        newest,
+        as_json,
+        published=f"v{published[0].keyset.version}..v{newest.keyset.version} to {broker.url}",
+    )

@@ -72,6 +72,8 @@ class DeviceRecord:
             take part in federated rounds).
         train_models: PyTorch model specs (canonical ``module:function``) the
             device can train (empty: no torch, built-in families only).
+        keyset_version: The version of the key set the device trusts (None: it
+            trusts fixed key files, or its agent predates key sets).
     """
 
     device_id: str
@@ -85,6 +87,7 @@ class DeviceRecord:
     status_sent_at: float
     train_examples: int = 0
     train_models: tuple[str, ...] = ()
+    keyset_version: int | None = None
 
     @classmethod
     def from_status(
@@ -113,6 +116,7 @@ class DeviceRecord:
             status_sent_at=sent_at,
             train_examples=status.train_examples,
             train_models=tuple(status.train_models),
+            keyset_version=status.keyset_version,
         )
 
     @property

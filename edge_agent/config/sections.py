@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.fileio import read_bounded
 from compress.keys import PublicKey, load_public_key
+from compress.keyset import MAX_SIGNED_KEYSET_BYTES, SignedKeySet
 from compress.signing import TrustedKeys
 from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.config.values import FieldError, kind_of, want_int, want_seconds
@@ -126,6 +128,32 @@ class TrustConfig:
             return TrustedKeys.of(keys, self.threshold)
         except CompressError as exc:  # pragma: no cover - checked in __post_init__
             raise FieldError("trust.keys", f"trust: {exc}") from exc
+
+    def read_keyset(self) -> SignedKeySet:
+        """Read and parse the provisioned key-set file (``trust.keyset``).
+
+        Parsing is not trust: :mod:`edge_agent.ota.keyset_store` verifies it (and
+        prefers a newer key set the device stored since).
+
+        Raises:
+            ConfigError: no key-set file is configured, or it is missing, unreadable,
+                too large or not a signed key set; the message names the file.
+        """
+        if self.keyset is None:
+            raise FieldError("trust.keyset", "no key-set file: set trust.keyset (--keyset)")
+        try:
+            data = read_bounded(
+                self.keyset, max_bytes=MAX_SIGNED_KEYSET_BYTES, error=CompressError,
+                what="key-set file",
+            )  # fmt: skip
+        except CompressError as exc:  # the message starts with the path
+            raise FieldError("trust.keyset", f"trust.keyset: {exc}") from exc
+        try:
+            signed = SignedKeySet.from_bytes(data)
+            _ = signed.keyset  # a file that is no key set at all fails now, not later
+        except CompressError as exc:
+            raise FieldError("trust.keyset", f"trust.keyset: {self.keyset}: {exc}") from exc
+        return signed
 
 
 @dataclass(frozen=True, slots=True)

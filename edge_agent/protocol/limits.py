@@ -84,6 +84,11 @@ class Limits:
         max_list_items: Items in any list field (chunk indices, tags, records...).
         max_dict_items: Entries in any mapping field (hardware, config, metrics).
         max_string_chars: Characters in free-text fields (reasons, messages).
+        max_keyset_chain: Signed key sets in one ``keyset_chain`` message (the
+            rotations a device that was offline can catch up on at once).
+        max_keyset_chain_bytes: All the signed key sets of one ``keyset_chain``
+            message together (each is also at most
+            :data:`compress.keyset.MAX_SIGNED_KEYSET_BYTES`).
     """
 
     max_message_bytes: int = 256 * KIB
@@ -99,6 +104,8 @@ class Limits:
     max_list_items: int = 1024
     max_dict_items: int = 256
     max_string_chars: int = 4096
+    max_keyset_chain: int = 8
+    max_keyset_chain_bytes: int = 128 * KIB
 
     def __post_init__(self) -> None:
         """Check that the limits are positive and mutually consistent.

@@ -56,6 +56,9 @@ class Status(Message):
         train_models: PyTorch model factories (``module:function``) this device
             has installed and can train; empty without ``fedge[torch]``. Optional
             on the wire (default empty).
+        keyset_version: The version of the key set the device trusts, or None
+            when it trusts fixed key files (no ``trust.keyset``). Optional on the
+            wire (default None).
     """
 
     TYPE: ClassVar[str] = "status"
@@ -69,6 +72,7 @@ class Status(Message):
     models: tuple[ModelInfo, ...] = ()
     train_examples: int = 0
     train_models: tuple[str, ...] = ()
+    keyset_version: int | None = None
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -83,6 +87,8 @@ class Status(Message):
             "train_examples": self.train_examples,
             "train_models": list(self.train_models),
         }
+        if self.keyset_version is not None:  # absent from older agents' statuses too
+            data["keyset_version"] = self.keyset_version
         return data, b""
 
     @classmethod
@@ -110,6 +116,7 @@ class Status(Message):
                     optional=True,
                 )
             ),
+            keyset_version=data.opt_integer("keyset_version", lo=1),
         )
 
 
