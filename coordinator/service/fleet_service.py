@@ -283,6 +283,22 @@ class FleetService:
             },
         )
 
+    def recent_auth_failures(self, seconds: float) -> list[tuple[str, float]]:
+        """The failed authentications audited in the last ``seconds``, for the
+        API's rate limiter after a restart: ``(address, age in seconds)``, oldest
+        first (see :meth:`~coordinator.service.api.auth_limits.FailedAuthLimiter.restore`).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        now = self._clock()
+        prefix = "client:"
+        return [
+            (actor.removeprefix(prefix), now - at)
+            for actor, at in self._store.auth_failures_since(now - seconds)
+            if actor.startswith(prefix)
+        ]
+
     def _audit(
         self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
     ) -> None:
