@@ -14,6 +14,7 @@ on working afterwards.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import resource
@@ -30,6 +31,7 @@ import pytest
 
 from compress.codecs import parse_codec
 from coordinator.errors import UpdateRejectedError, UploadRefusedError, UploadSpoolError
+from coordinator.federated import spool as spool_module
 from coordinator.federated.grid import MqttGrid
 from coordinator.federated.spool import UploadSpool
 from coordinator.federated.tasks import GridSettings
@@ -290,3 +292,17 @@ def test_the_service_spools_next_to_its_database_by_default(tmp_path: Path) -> N
     assert config.settings().upload_dir == tmp_path / "uploads"
     chosen = dataclasses.replace(config, upload_dir=tmp_path / "elsewhere")
     assert chosen.settings().upload_dir == tmp_path / "elsewhere"
+
+
+def test_a_filesystem_that_cannot_preallocate_gets_a_sparse_file(
+    receiver: UploadReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(spool_module.os, "posix_fallocate", unsupported)
+    payload = payload_of(3 * 4096 + 17)
+    for chunk in chunks_of(payload, 4096):
+        receiver.receive("dev1", chunk, limit=LIMIT)
+    assert bytes(receiver.take("dev1", sha256_hex(payload))) == payload
+    assert not receiver.refusals

@@ -206,8 +206,7 @@ class UploadSpool:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if total:
-                    os.posix_fallocate(fd, 0, total)
+                _reserve(fd, total)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -226,6 +225,24 @@ class UploadSpool:
         shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def _reserve(fd: int, total: int) -> None:
+    """Allocate ``total`` bytes for ``fd`` now (a full disk fails here, not mid-upload).
+
+    A filesystem that cannot preallocate gets a sparse file of that size instead.
+
+    Raises:
+        OSError: no space, or the file cannot grow.
+    """
+    if not total:
+        return
+    try:
+        os.posix_fallocate(fd, 0, total)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        os.ftruncate(fd, total)
 
 
 def _remove_leftovers(root: Path) -> int:
