@@ -38,7 +38,7 @@ from coordinator.federated.tasks import GridSettings
 from coordinator.federated.uploads import MIN_UPLOAD_CHUNK_BYTES, Upload, UploadReceiver
 from coordinator.link.memory import MemoryHub
 from coordinator.service.config import ServiceConfig, TrustConfig
-from edge_agent.protocol import Status, sha256_hex
+from edge_agent.protocol import Chunk, Status, sha256_hex
 from tests.test_uploads import _report, _train_task, _update_body, chunks_of, payload_of
 
 LIMIT = 8 << 20
@@ -125,13 +125,14 @@ def test_files_are_removed_when_uploads_are_abandoned_refused_or_corrupt(
     with pytest.raises(UploadRefusedError, match="upload_chunk_size"):
         receiver.receive("dev1", chunks_of(payload, 4096)[3], limit=LIMIT)
     assert receiver.spool.files() == []
-    # complete but not what the report names: rejected, file gone
-    payload = payload_of(3 * 4096, 3)
-    for chunk in chunks_of(payload, 4096):
+    # complete, but the bytes do not hash to the transfer id: rejected, file gone
+    payload, claimed = payload_of(3 * 4096, 3), "f" * 64
+    for index in range(3):
+        chunk = Chunk.from_payload(payload, index, chunk_size=4096, transfer_id=claimed)
         receiver.receive("dev1", chunk, limit=LIMIT)
-    with pytest.raises(UpdateRejectedError, match="malformed"):
-        receiver.take("dev1", "f" * 64)
-    receiver.clear()
+    assert len(receiver.spool.files()) == 1
+    with pytest.raises(UpdateRejectedError, match="malformed: the upload is incomplete or does"):
+        receiver.take("dev1", claimed)
     assert receiver.spool.files() == []
 
 
