@@ -110,6 +110,16 @@ class RunError(CoordinatorError):
     code = "training_failed"
 
 
+class UploadSpoolError(RunError):
+    """The upload spool (where devices' chunked uploads are kept on disk) cannot be
+    used: its directory cannot be made or written, belongs to another user or is
+    open to others, or the disk is full. At a run's start it stops the run; during
+    an upload it refuses that upload only (``upload_storage``).
+    """
+
+    code = "upload_spool"
+
+
 class StrategyError(RunError):
     """An unknown strategy name, an unloadable ``module:Class`` or bad arguments."""
 

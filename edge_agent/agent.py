@@ -268,8 +268,7 @@ class Agent:
                 extra_health=self._health_extra,
                 feedback=self.feedback if self._feedback is not None else None,
             )
-            self._http.start()
-            logger.info("local inference endpoint on http://%s:%d", *self._http.address)
+            self._http.start()  # logs where it listens (TCP, Unix socket)
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}")
         self._worker.daemon = True
         self._worker.start()

@@ -10,6 +10,8 @@
 * The API over a real :class:`~coordinator.service.fleet_service.FleetService` and
   store: an expired token is refused exactly like an unknown one, and every
   refusal is an ``auth.fail`` row of the audit log.
+* Across a restart: those rows are replayed into the new limiter, so a client
+  cooling down stays refused (without them it was served at once).
 """
 
 from __future__ import annotations
@@ -329,4 +331,74 @@ def test_an_expired_token_is_refused_like_an_unknown_one_and_audited(tmp_path: P
     for row in rows:
         assert lasting not in repr(row)
         assert GUESS not in repr(row)
+    store.close()
+
+
+# --- cool-downs survive a restart (rebuilt from the audit log) -----------------------
+
+
+def test_restored_failures_keep_cool_downs_and_partial_counts(clock: FakeClock) -> None:
+    limiter = FailedAuthLimiter(AuthLimits(), clock)  # 10 a minute, a minute's wait
+    cooling = limiter.restore(
+        [(ATTACKER[0], 20.0 - n) for n in range(10)]  # locked out 11 s ago
+        + [(NEIGHBOUR[0], 5.0)] * 3  # 3 failures, 5 s ago
+        + [("192.0.2.9", 500.0)] * 10  # long over
+    )
+    assert cooling == 1
+    assert limiter.retry_after(ATTACKER[0]) == pytest.approx(49.0)
+    assert limiter.retry_after("192.0.2.9") is None
+    assert [limiter.failed(NEIGHBOUR[0]) for _ in range(7)][-1] == Counted(10, True)
+
+
+def _serve_after(db: Path, now: float, *, restore: bool) -> tuple[Store, FastAPI]:
+    """The service and its API as ``fedge coordinator serve`` starts them on ``db``."""
+    store = Store.open(db, artifact_dir=db.parent / "artifacts")
+    service = FleetService(store, MemoryHub(), None, clock=lambda: now)
+    limits = AuthLimits()
+    history = service.recent_auth_failures(limits.window_s + limits.lockout_s)
+    app = create_app(
+        service,
+        authenticate=service.authenticate,
+        on_auth_failure=service.record_auth_failure,
+        auth_clock=FakeClock(),
+        auth_history=history if restore else (),
+    )
+    return store, app
+
+
+def test_a_client_cooling_down_is_still_refused_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db, now = tmp_path / "state.db", 1_800_000_000.0
+    store, app = _serve_after(db, now, restore=True)
+    _, valid = store.add_token("ci", Role.VIEWER, now)
+    with TestClient(app, client=ATTACKER) as attacker:
+        for n in range(10):
+            assert attacker.get("/v1/devices", headers=bearer(f"{GUESS}-{n}")).status_code == 401
+        assert attacker.get("/v1/devices", headers=bearer(valid)).status_code == 429
+    store.close()
+
+    # The attack: a restart (a crash the client provoked, or an upgrade) used to clear
+    # the limiter; without the audit history the client could go on guessing at once.
+    store, app = _serve_after(db, now + 5, restore=False)
+    with TestClient(app, client=ATTACKER) as attacker:
+        assert attacker.get("/v1/devices", headers=bearer(valid)).status_code == 200
+    store.close()
+
+    # Now the service replays the audit log: the cool-down goes on, the rest is served.
+    with caplog.at_level(logging.INFO, logger="coordinator.service.api"):
+        store, app = _serve_after(db, now + 5, restore=True)
+    assert "restored 10 failed authentication(s)" in caplog.text
+    assert "1 address(es) cooling down" in caplog.text
+    with TestClient(app, client=ATTACKER) as attacker, TestClient(app, client=NEIGHBOUR) as other:
+        refused = attacker.get("/v1/devices", headers=bearer(valid))
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "55"
+        assert other.get("/v1/devices", headers=bearer(valid)).status_code == 200
+    store.close()
+
+    # Once the cool-down is over (a later restart), the client is served again.
+    store, app = _serve_after(db, now + 61, restore=True)
+    with TestClient(app, client=ATTACKER) as attacker:
+        assert attacker.get("/v1/devices", headers=bearer(valid)).status_code == 200
     store.close()

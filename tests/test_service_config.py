@@ -120,6 +120,7 @@ def test_minimal_config_has_the_documented_defaults() -> None:
         telemetry_max_rows=1_000_000,
         telemetry_max_age_s=7 * 86400.0,
         rollout_tick_s=1.0,
+        upload_dir=Path("/etc/fedge/uploads"),
     )
     api = config.api_config()
     assert (api.max_body_bytes, api.max_artifact_bytes, api.docs) == (MIB, 512 * MIB, True)
@@ -132,6 +133,7 @@ def test_settings_and_api_config_follow_the_file() -> None:
             "telemetry": {"flush_s": 2, "retention_rows": 0, "retention_days": 0.5},
             "api": {"max_body_mib": 2, "max_artifact_mib": 64, "docs": False},
             "rollouts": {"tick_s": 0.25},
+            "runs": {"upload_dir": "spool"},
         }
     )
     assert config.settings() == ServiceSettings(
@@ -139,6 +141,7 @@ def test_settings_and_api_config_follow_the_file() -> None:
         telemetry_max_rows=None,
         telemetry_max_age_s=43200.0,
         rollout_tick_s=0.25,
+        upload_dir=Path("/etc/fedge/spool"),
     )
     api = config.api_config()
     assert (api.max_body_bytes, api.max_artifact_bytes, api.docs) == (2 * MIB, 64 * MIB, False)

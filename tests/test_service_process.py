@@ -279,3 +279,28 @@ def test_the_anonymous_embedded_broker_is_refused_without_dev(tmp_path: Path) ->
     assert "or pass --dev" in done.stderr
     assert done.stderr.count("\n") == 1
     assert not (tmp_path / "state.db").exists()  # nothing started
+
+
+def test_a_client_cooling_down_stays_refused_across_a_crash(tmp_path: Path) -> None:
+    """Issue 17: the failed-authentication limiter was in memory, so a restart (or a
+    crash the client provoked) let it guess again at once. The service now replays
+    the audit log's recent ``auth.fail`` entries at start-up."""
+    service = ServiceProcess(tmp_path, public_key_file(tmp_path / "keys", generate_signing_key()))
+    viewer = create_token(service.db, "viewer")
+    try:
+        service.start()
+        with httpx.Client(base_url=service.url, timeout=30.0) as client:
+            for n in range(10):
+                guess = bearer(f"fedge_{n:043d}")
+                assert client.get("/v1/devices", headers=guess).status_code == 401
+            assert client.get("/v1/devices", headers=bearer(viewer)).status_code == 429
+        service.kill()  # SIGKILL: nothing is saved on the way out
+        service.start()
+        with httpx.Client(base_url=service.url, timeout=30.0) as client:
+            refused = client.get("/v1/devices", headers=bearer(viewer))
+            assert refused.status_code == 429
+            assert 0 < int(refused.headers["Retry-After"]) <= 60
+            assert client.get("/v1/health").status_code == 200
+        assert "restored 10 failed authentication(s)" in service.log_text()
+    finally:
+        service.kill()

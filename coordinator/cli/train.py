@@ -58,6 +58,7 @@ Exit status: 0 when at least one round succeeded, 1 otherwise (or on an error).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -384,6 +385,15 @@ def train(
             "--baseline-threshold", min=1, help="How many --baseline-trust keys must sign."
         ),
     ] = 1,
+    upload_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--upload-dir",
+            help="Where devices' chunked uploads are spooled on disk while they arrive "
+            "(mode 0700; default: fedge-uploads-<uid> in the system's temporary directory).",
+            file_okay=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run federated rounds over the online devices that have local data."""
@@ -437,6 +447,7 @@ def train(
             eval_data=evaluation,
             max_update_norm=max_update_norm,
         )
+        config = dataclasses.replace(config, upload_dir=upload_dir)
         if gate is not None:
             gate.check_version(config.model, version)
         signing_keys = _signing_keys(package, key or [], key_password_file)

@@ -135,7 +135,7 @@ class MqttGrid(Grid):
         self._nodes: list[int] = []
         self._tasks: dict[str, Task] = {}
         self._old_tasks: set[str] = set()
-        self.uploads = UploadReceiver(settings.upload_budget_bytes)
+        self.uploads = UploadReceiver(settings.upload_budget_bytes, settings.upload_dir)
         """The devices' chunked uploads (:mod:`coordinator.federated.uploads`)."""
         self._served: dict[str, int] = {}  # transfer id -> bytes sent before this phase
         self._announced: dict[str, int] = {}
@@ -147,8 +147,10 @@ class MqttGrid(Grid):
         hub.add_listener(self._on_message)
 
     def close(self) -> None:
-        """Detach from the hub and stop serving this grid's weights."""
+        """Detach from the hub, stop serving this grid's weights, remove the upload spool."""
         self._hub.remove_listener(self._on_message)
+        with self._cond:
+            self.uploads.close()
         for transfer_id in self._served:
             self._hub.withdraw_payload(transfer_id)
         self._served.clear()

@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,8 @@ class RunConfig:
             ``family`` for classification.
         upload_budget_bytes: Most bytes of chunked uploads one device may have in
             flight; None for 4x the largest update the model allows.
+        upload_dir: Where chunked uploads are spooled on disk while they arrive;
+            None for a per-user directory in the system's temporary directory.
     """
 
     model: str
@@ -150,6 +153,7 @@ class RunConfig:
     gather_s: float = 3.0
     model_def: ModelDef | None = None
     upload_budget_bytes: int | None = None
+    upload_dir: Path | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -281,6 +285,7 @@ class _Run:
             task=self.model.task,
             model_args=self.model.model_args(),
             upload_budget_bytes=config.upload_budget_bytes,
+            upload_dir=config.upload_dir,
         )
         self.grid = MqttGrid(hub, settings, cancel=stop)
 

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,9 @@ class GridSettings:
         upload_budget_bytes: Most bytes of chunked uploads one device may have in
             flight; None for 4x the largest update the model allows
             (:mod:`coordinator.federated.uploads`).
+        upload_dir: Where chunked uploads are spooled on disk while they arrive;
+            None for a per-user directory in the system's temporary directory
+            (:mod:`coordinator.federated.spool`).
     """
 
     model: str
@@ -98,6 +102,7 @@ class GridSettings:
     task: str = "classification"
     model_args: Mapping[str, int | float | str | bool] = field(default_factory=dict)
     upload_budget_bytes: int | None = None
+    upload_dir: Path | None = None
 
     @property
     def eval_metrics(self) -> tuple[str, ...]:

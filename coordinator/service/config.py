@@ -259,6 +259,8 @@ class ServiceConfig:
             rollouts that set none (>= 1).
         upload_budget_mib: Most MiB of uploads in flight per device during a run;
             0 for four times the largest update.
+        upload_dir: Where uploads are spooled on disk during a run; None for
+            ``uploads/`` next to the database.
         log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
         dev: Development mode: the embedded broker is refused without it.
         broker_session: The MQTT client id of the service's persistent session
@@ -285,6 +287,7 @@ class ServiceConfig:
     rollout_tick_s: float = _default("rollouts.tick_s")
     rollout_min_failed_devices: int = _default("rollouts.min_failed_devices")
     upload_budget_mib: int = _default("runs.upload_budget_mib")
+    upload_dir: Path | None = None
     log_level: str = _default("log_level")
     broker_session: str = _default("broker.session")
     dev: bool = _default("dev")
@@ -295,6 +298,11 @@ class ServiceConfig:
         if self.artifact_dir is not None and not isinstance(self.artifact_dir, Path):
             raise ServiceConfigError(
                 f"artifact_dir must be a Path, got {kind_of(self.artifact_dir)}", key="artifact_dir"
+            )
+        if self.upload_dir is not None and not isinstance(self.upload_dir, Path):
+            raise ServiceConfigError(
+                f"runs.upload_dir must be a Path, got {kind_of(self.upload_dir)}",
+                key="runs.upload_dir",
             )
         for key, value, kind in (
             ("trust", self.trust, TrustConfig),
@@ -394,6 +402,7 @@ class ServiceConfig:
             rollout_tick_s=self.rollout_tick_s,
             rollout_min_failed_devices=self.rollout_min_failed_devices,
             upload_budget_bytes=self.upload_budget_mib * MIB or None,
+            upload_dir=self.upload_dir or self.db.parent / "uploads",
         )
 
     def api_config(self) -> ApiConfig:
@@ -551,6 +560,7 @@ def build_service_config(
                 rollout_tick_s=sources.get("rollouts.tick_s"),
                 rollout_min_failed_devices=sources.get("rollouts.min_failed_devices"),
                 upload_budget_mib=sources.get("runs.upload_budget_mib"),
+                upload_dir=sources.get("runs.upload_dir"),
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
                 dev=sources.get("dev"),

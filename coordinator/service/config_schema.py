@@ -243,9 +243,22 @@ _RUNS = Section(
         Key(
             "upload_budget_mib",
             "Most MiB of chunked update uploads one device may have in flight during "
-            "a federated run (held in memory until its report arrives); 0: four times "
-            "the largest update the run's model allows.",
+            "a federated run (kept on disk in upload_dir until its report arrives); "
+            "0: four times the largest update the run's model allows.",
             default=0,
+        ),
+        Key(
+            "upload_dir",
+            "Where devices' chunked update uploads are spooled on disk while they "
+            "arrive (made with mode 0700; refused if another user owns it or others "
+            "can open it). Files are deleted when an upload completes or is dropped, "
+            "and leftovers of a crashed service when the next run starts.",
+            default_doc='"uploads" next to the database',
+            example="uploads",
+            commented=True,
+            read="path",
+            flag="--upload-dir",
+            metavar="DIR",
         ),
     ),
 )

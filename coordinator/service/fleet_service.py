@@ -121,6 +121,8 @@ class ServiceSettings:
             request gives none (see :mod:`coordinator.rollout.policy`).
         upload_budget_bytes: Most bytes of chunked uploads one device may have in
             flight during a federated run; None for 4x the largest update.
+        upload_dir: Where a run's chunked uploads are spooled on disk; None for
+            the per-user default (:mod:`coordinator.federated.spool`).
     """
 
     telemetry_flush_s: float = 0.5
@@ -131,6 +133,7 @@ class ServiceSettings:
     accept_wait_s: float = ACCEPT_WAIT_S
     rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
     upload_budget_bytes: int | None = None
+    upload_dir: Path | None = None
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -177,7 +180,11 @@ class FleetService:
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
         self._runs = RunManager(
-            hub, store, clock=clock, upload_budget_bytes=settings.upload_budget_bytes
+            hub,
+            store,
+            clock=clock,
+            upload_budget_bytes=settings.upload_budget_bytes,
+            upload_dir=settings.upload_dir,
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
         self._one_shots = OneShots(self._rollouts.deliveries)
@@ -275,6 +282,22 @@ class FleetService:
                 "lockout_s": failure.lockout_s,
             },
         )
+
+    def recent_auth_failures(self, seconds: float) -> list[tuple[str, float]]:
+        """The failed authentications audited in the last ``seconds``, for the
+        API's rate limiter after a restart: ``(address, age in seconds)``, oldest
+        first (see :meth:`~coordinator.service.api.auth_limits.FailedAuthLimiter.restore`).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        now = self._clock()
+        prefix = "client:"
+        return [
+            (actor.removeprefix(prefix), now - at)
+            for actor, at in self._store.auth_failures_since(now - seconds)
+            if actor.startswith(prefix)
+        ]
 
     def _audit(
         self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None

@@ -216,11 +216,14 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
         service = FleetService(store, hub, trusted, settings=config.settings())
         service.start(CONNECT_TIMEOUT_S)
         stack.callback(service.stop)
+        api_config = config.api_config()
+        limits = api_config.auth_limits
         app = create_app(
             service,
             authenticate=service.authenticate,
-            config=config.api_config(),
+            config=api_config,
             on_auth_failure=service.record_auth_failure,
+            auth_history=service.recent_auth_failures(limits.window_s + limits.lockout_s),
         )
 
         def ready() -> None:

@@ -52,6 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -341,13 +342,17 @@ class RunManager:
         *,
         clock: Callable[[], float] = time.time,
         upload_budget_bytes: int | None = None,
+        upload_dir: Path | None = None,
     ) -> None:
         """Prepare; nothing runs until :meth:`start`.
 
         ``upload_budget_bytes`` bounds each device's chunked uploads in flight
-        (None: 4x the largest update; :mod:`coordinator.federated.uploads`).
+        (None: 4x the largest update; :mod:`coordinator.federated.uploads`);
+        ``upload_dir`` is where they are spooled on disk (None: the per-user
+        default of :mod:`coordinator.federated.spool`).
         """
         self._upload_budget = upload_budget_bytes
+        self._upload_dir = upload_dir
         self._hub = hub
         self._store = store
         self._clock = clock
@@ -359,14 +364,16 @@ class RunManager:
         self._stopped_by: str | None = None
 
     def config_of(self, request: RunRequest) -> RunConfig:
-        """The run a request describes, with this service's upload budget.
+        """The run a request describes, with this service's upload budget and directory.
 
         Raises:
             RunError: bad settings (see :func:`training_config`).
             CodecError: an invalid codec.
         """
         return dataclasses.replace(
-            training_config(request), upload_budget_bytes=self._upload_budget
+            training_config(request),
+            upload_budget_bytes=self._upload_budget,
+            upload_dir=self._upload_dir,
         )
 
     def recover(self) -> list[str]:

@@ -332,6 +332,8 @@ class AgentConfig:
             None; never shown by ``repr``.
         http_allowed_hosts: Host header names the endpoint answers to besides the
             loopback names and its bind address.
+        http_socket: A Unix socket (mode 0600) the endpoint also serves on, or
+            None; with ``http`` None it is the only listener.
         telemetry: Telemetry settings.
         transfer: Model transfer settings.
         training: Local data and labelled feedback for federated rounds.
@@ -351,6 +353,7 @@ class AgentConfig:
     http: str | None = None
     http_token: str | None = field(default=None, repr=False)
     http_allowed_hosts: tuple[str, ...] = _default("http_allowed_hosts")
+    http_socket: Path | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -393,6 +396,10 @@ class AgentConfig:
         object.__setattr__(
             self, "http_allowed_hosts", _check_allowed_hosts(self.http_allowed_hosts)
         )
+        if self.http_socket is not None and not isinstance(self.http_socket, Path):
+            raise FieldError(
+                "http_socket", f"http_socket must be a path, got {kind_of(self.http_socket)}"
+            )
         level = want_str("log_level", self.log_level).lower()
         if level not in LOG_LEVELS:
             raise FieldError(
@@ -513,6 +520,7 @@ def build_config(
             http=sources.get("http"),
             http_token=http_token,
             http_allowed_hosts=sources.get("http_allowed_hosts"),
+            http_socket=sources.get("http_socket"),
             telemetry=TelemetryConfig(**sources.section("telemetry")),
             transfer=TransferConfig(**sources.section("transfer")),
             training=TrainingConfig(**sources.section("training")),

@@ -100,6 +100,21 @@ _TOP = Section(
             metavar="NAME",
         ),
         Key(
+            "http_socket",
+            "Serve the local inference endpoint on this Unix socket (created with mode "
+            "0600: only the agent's user, and root, can connect; no Host check, since "
+            "no browser can reach it; a stale socket left by a crash is replaced, and "
+            "it is removed on stop). Without http it is the only listener (no TCP "
+            "port); with http, both serve. Example client: curl --unix-socket PATH "
+            "http://localhost/v1/health.",
+            default_doc="off",
+            example="/run/fedge-agent/http.sock",
+            commented=True,
+            read="path",
+            flag="--http-socket",
+            metavar="PATH",
+        ),
+        Key(
             "log_level",
             "Log level when no -v is given: debug, info, warning, error or critical.",
             default="info",

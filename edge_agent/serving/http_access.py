@@ -7,14 +7,19 @@ before it is routed (:func:`check_access`):
 1. **Where it listens** (:class:`HttpConfig`). Loopback only (``127.0.0.0/8``,
    ``::1``, ``localhost``), unless ``allow_remote`` is set; the agent sets it only
    when a bearer token is configured (:func:`http_config`), so the endpoint never
-   listens on the network without authentication.
+   listens on the network without authentication. Or (and) on a Unix socket,
+   ``socket_path``, whose mode 0600 lets only the agent's user connect
+   (:mod:`edge_agent.serving.unix_socket`); with only ``http_socket`` configured
+   there is no TCP listener at all.
 2. **The Host header** (:func:`check_host_header`), against DNS rebinding: a web page
    at ``evil.example`` whose name later resolves to ``127.0.0.1`` can make the
    browser send requests to the endpoint, but the browser still says
    ``Host: evil.example``. So the Host must be a loopback name (``localhost``,
    ``127.x.x.x``, ``[::1]``, any port or none), the bind address itself, or a name
    the operator listed in ``allowed_hosts`` (for a deliberate non-loopback bind).
-   Anything else, or no Host, or two of them: 421 ``host_not_allowed``.
+   Anything else, or no Host, or two of them: 421 ``host_not_allowed``. Not
+   checked on the Unix socket, which no browser can reach (clients send various
+   Hosts there: ``localhost``, or the socket's path).
 3. **The bearer token** (:func:`check_token`), when configured: every endpoint but
    ``GET /v1/health`` needs ``Authorization: Bearer <token>``, compared in constant
    time (:func:`hmac.compare_digest`); otherwise 401 ``unauthorized`` with a
@@ -39,11 +44,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from email.message import Message
+from pathlib import Path
 
 from edge_agent.config.agent import AgentConfig
 from edge_agent.config.values import want_token
 from edge_agent.errors import AddressError, ConfigError
 from edge_agent.serving.http_bodies import RequestError, is_json_media_type
+from edge_agent.serving.unix_socket import check_socket_path
 from edge_agent.transport.address import check_host, parse_bind, split_host_port
 
 __all__ = [
@@ -157,11 +164,14 @@ class HttpConfig:
         token: The bearer token every endpoint but ``/v1/health`` requires, or None
             for none; at least :data:`~edge_agent.config.values.MIN_TOKEN_CHARS` of
             ``A-Za-z0-9._~+/-`` (RFC 6750), never shown by ``repr``.
+        socket_path: Also (or only) serve on this Unix socket, mode 0600.
+        tcp: Listen on ``host:port``; False serves on ``socket_path`` only.
 
     Raises:
         ConfigError: a field is out of range, ``host`` is not a loopback address
-            and ``allow_remote`` is false, an allowed host is not a host name, or
-            the token is too short or holds characters a header cannot carry.
+            and ``allow_remote`` is false, an allowed host is not a host name, the
+            token is too short or holds characters a header cannot carry, the
+            socket path is too long, or neither TCP nor a socket is asked for.
     """
 
     host: str = "127.0.0.1"
@@ -171,8 +181,14 @@ class HttpConfig:
     timeout_s: float = 10.0
     allowed_hosts: tuple[str, ...] = ()
     token: str | None = field(default=None, repr=False)
+    socket_path: Path | None = None
+    tcp: bool = True
 
     def __post_init__(self) -> None:
+        if self.socket_path is not None:
+            check_socket_path(self.socket_path)
+        elif not self.tcp:
+            raise ConfigError("the http endpoint needs a TCP address or a socket path")
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError("http host must be a non-empty string")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -275,7 +291,9 @@ def check_token(config: HttpConfig, values: list[str]) -> None:
         raise UnauthorizedError("the bearer token is not valid")
 
 
-def check_access(config: HttpConfig, path: str, headers: Message, client: str) -> None:
+def check_access(
+    config: HttpConfig, path: str, headers: Message, client: str, *, host_check: bool = True
+) -> None:
     """The Host and token checks of one request, in that order; refusals are logged.
 
     Args:
@@ -283,13 +301,15 @@ def check_access(config: HttpConfig, path: str, headers: Message, client: str) -
         path: The request's path (``/v1/health`` needs no token).
         headers: The request's headers.
         client: The client's address, for the log line.
+        host_check: Check the Host header (False on the Unix socket).
 
     Raises:
         HostNotAllowedError: see :func:`check_host_header`.
         UnauthorizedError: see :func:`check_token`.
     """
     try:
-        check_host_header(config, headers.get_all("Host") or [])
+        if host_check:
+            check_host_header(config, headers.get_all("Host") or [])
         if path != HEALTH_PATH:
             check_token(config, headers.get_all("Authorization") or [])
     except RequestError as exc:
@@ -317,17 +337,18 @@ def check_content_type(value: str | None, path: str, client: str) -> None:
 
 
 def http_config(config: AgentConfig) -> HttpConfig | None:
-    """The endpoint configuration of an agent config (None when ``http`` is off).
+    """The endpoint configuration of an agent config (None when ``http`` and
+    ``http_socket`` are both off; TCP only when ``http`` is given).
 
     A non-loopback bind is allowed only with a bearer token (``http_token_file``).
 
     Raises:
         ConfigError: the bind address is invalid, or not loopback without a token,
-            or an allowed host or the token is invalid.
+            or an allowed host, the token or the socket path is invalid.
     """
-    if config.http is None:
+    if config.http is None and config.http_socket is None:
         return None
-    host, port = parse_bind(config.http)
+    host, port = parse_bind(config.http) if config.http is not None else ("127.0.0.1", 0)
     token = config.http_token
     return HttpConfig(
         host=host,
@@ -335,4 +356,6 @@ def http_config(config: AgentConfig) -> HttpConfig | None:
         allow_remote=token is not None,
         allowed_hosts=config.http_allowed_hosts,
         token=token,
+        socket_path=config.http_socket,
+        tcp=config.http is not None,
     )

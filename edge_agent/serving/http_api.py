@@ -76,7 +76,9 @@ Access (:mod:`edge_agent.serving.http_access`, checked before routing): the endp
 listens on loopback by default and :class:`HttpConfig` refuses any other address unless
 ``allow_remote=True`` (the agent sets it only with a bearer token); the ``Host`` header
 must be a loopback name, the bind address or one of ``allowed_hosts``; an optional
-bearer ``token`` guards every path but ``/v1/health``. There is **no TLS**: a token
+bearer ``token`` guards every path but ``/v1/health``. With ``socket_path`` the same
+API is served on a Unix socket of mode 0600 (:mod:`edge_agent.serving.unix_socket`;
+no Host check there), and with ``tcp=False`` only there. There is **no TLS**: a token
 sent over a network travels in clear (put a TLS proxy in front for that). Refusals are
 logged at WARNING.
 
@@ -102,6 +104,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
@@ -128,6 +131,7 @@ from edge_agent.serving.http_bodies import (
     parse_predict_body,
 )
 from edge_agent.serving.server import ModelServer
+from edge_agent.serving.unix_socket import bind_owner_only, claim_path, peer_label, release_path
 
 
 class FeedbackHandler(Protocol):
@@ -198,8 +202,9 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128  # the stdlib's 5 resets bursts of local clients
+    checks_host = True
 
-    def __init__(self, address: tuple[str, int], api: _Api) -> None:
+    def __init__(self, address: Any, api: _Api) -> None:
         self.api = api
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         super().__init__(address, _Handler)
@@ -243,6 +248,32 @@ def _cut(connection: socket.socket) -> None:
 
 class _HttpServer6(_HttpServer):
     address_family = socket.AF_INET6
+
+
+class _UnixHttpServer(_HttpServer):
+    """The same API on a Unix socket of mode 0600, removed when closed."""
+
+    address_family = socket.AF_UNIX
+    checks_host = False  # no browser reaches a Unix socket: no DNS rebinding
+
+    def __init__(self, path: Path, api: _Api) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+        super().__init__(path, api)
+
+    def server_bind(self) -> None:
+        claim_path(self.path)
+        self._identity = bind_owner_only(self.socket, self.path)
+        self.server_name, self.server_port = "localhost", 0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        connection, _ = self.socket.accept()
+        return connection, (peer_label(connection), 0)  # client_address[0] names the user
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._identity is not None:
+            release_path(self.path, self._identity)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -298,7 +329,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         try:
-            check_access(self.server.api.config, path, self.headers, self.client_address[0])
+            check_access(
+                self.server.api.config,
+                path,
+                self.headers,
+                self.client_address[0],
+                host_check=self.server.checks_host,
+            )
             allowed = _ROUTES.get(path)
             if allowed is None:
                 raise RequestError(404, "not_found", f"no endpoint {path[:100]!r}")
@@ -444,7 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalHttpServer:
-    """The local inference endpoint, served from a background thread.
+    """The local inference endpoint, served from background threads (TCP, Unix socket).
 
     Args:
         server: The model server that answers predictions.
@@ -465,49 +502,61 @@ class LocalHttpServer:
     ) -> None:
         self._api = _Api(models=server, config=config, extra_health=extra_health, feedback=feedback)
         self._lock = threading.Lock()
-        self._httpd: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self._running: list[tuple[_HttpServer, threading.Thread]] = []
 
     @property
     def address(self) -> tuple[str, int]:
-        """The ``(host, port)`` listened on (the real port when configured as 0).
+        """The TCP ``(host, port)`` listened on (the real port when configured as 0).
 
         Raises:
-            RuntimeError: the server is not running.
+            RuntimeError: the server is not running, or serves a Unix socket only.
         """
-        httpd = self._httpd
-        if httpd is None:
-            raise RuntimeError("the HTTP server is not running; call start() first")
-        host, port = httpd.server_address[:2]
-        return str(host), int(port)
+        for httpd, _ in self._running:
+            if httpd.address_family != socket.AF_UNIX:
+                host, port = httpd.server_address[:2]
+                return str(host), int(port)
+        raise RuntimeError("the HTTP server is not running (or serves a Unix socket only)")
 
     def start(self) -> None:
-        """Bind and serve requests from a daemon thread.
+        """Bind (TCP, and the Unix socket if configured) and serve from daemon threads.
 
         Raises:
-            ConfigError: the address cannot be bound (in use, not local, no
-                permission).
+            ConfigError: an address cannot be bound (in use, not local, no
+                permission, a socket path that is not free); nothing is left open.
             RuntimeError: the server is already running.
         """
         config = self._api.config
         with self._lock:
-            if self._httpd is not None:
+            if self._running:
                 raise RuntimeError("the HTTP server is already running")
-            server_class = _HttpServer6 if ":" in config.host else _HttpServer
+            opened: list[_HttpServer] = []
             try:
-                httpd = server_class((config.host, config.port), self._api)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-                ) from exc
-            thread = threading.Thread(
-                target=httpd.serve_forever, name="fedge-http", kwargs={"poll_interval": 0.1}
-            )
-            thread.daemon = True
-            thread.start()
-            self._httpd, self._thread = httpd, thread
-        host, port = self.address
+                if config.tcp:
+                    server_class = _HttpServer6 if ":" in config.host else _HttpServer
+                    opened.append(self._open(server_class, (config.host, config.port)))
+                if config.socket_path is not None:
+                    opened.append(self._open(_UnixHttpServer, config.socket_path))
+            except ConfigError:
+                for httpd in opened:
+                    httpd.server_close()
+                raise
+            for httpd in opened:
+                thread = threading.Thread(
+                    target=httpd.serve_forever, name="fedge-http", kwargs={"poll_interval": 0.1}
+                )
+                thread.daemon = True
+                thread.start()
+                self._running.append((httpd, thread))
         guard = "a bearer token" if config.token is not None else "no token"
+        if config.socket_path is not None:
+            logger.info(
+                "local inference endpoint listening on unix socket %s (mode 0600, %s)",
+                config.socket_path,
+                guard,
+            )
+        if not config.tcp:
+            return
+        host, port = self.address
         if config.allow_remote and not is_loopback(config.host):
             logger.warning(
                 "local inference endpoint listening on %s:%d (not loopback, %s, no TLS)",
@@ -518,19 +567,32 @@ class LocalHttpServer:
         else:
             logger.info("local inference endpoint listening on %s:%d (%s)", host, port, guard)
 
+    def _open(self, server_class: type[_HttpServer], address: Any) -> _HttpServer:
+        """Bind one listener.
+
+        Raises:
+            ConfigError: it cannot be bound.
+        """
+        try:
+            return server_class(address, self._api)
+        except OSError as exc:
+            shown = address if isinstance(address, Path) else "{}:{}".format(*address)
+            raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from exc
+
     def stop(self) -> None:
-        """Stop serving and close the socket; does nothing if not running.
+        """Stop serving, close the sockets (a Unix socket's file is removed); does
+        nothing if not running.
 
         Requests already being handled finish in their own threads.
         """
         with self._lock:
-            httpd, thread = self._httpd, self._thread
-            self._httpd = self._thread = None
-        if httpd is None or thread is None:
+            running, self._running = self._running, []
+        if not running:
             return
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+        for httpd, thread in running:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join()
         logger.info("local inference endpoint stopped")
 
     def __enter__(self) -> Self:

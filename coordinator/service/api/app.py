@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -342,6 +342,7 @@ def create_app(
     config: ApiConfig | None = None,
     on_auth_failure: AuthFailureHook | None = None,
     auth_clock: Callable[[], float] = time.monotonic,
+    auth_history: Iterable[tuple[str, float]] = (),
 ) -> FastAPI:
     """Build the coordinator's HTTP API over an operations object.
 
@@ -355,6 +356,9 @@ def create_app(
             it); without it they are only logged.
         auth_clock: Monotonic seconds for the failed-authentication limiter (a
             fake in tests).
+        auth_history: Failed authentications from before a restart, ``(address,
+            age in seconds)`` (the service reads them from its audit log), replayed
+            into the limiter so cool-downs survive the restart.
 
     Returns:
         An ASGI app to hand to uvicorn (or to ``TestClient``).
@@ -378,11 +382,17 @@ def create_app(
         default_limit=config.max_body_bytes,
         limits={("POST", ARTIFACTS_PATH): config.max_artifact_bytes},
     )
-    guard = Guard(
-        authenticate,
-        limiter=FailedAuthLimiter(config.auth_limits, auth_clock),
-        on_failure=on_auth_failure,
-    )
+    limiter = FailedAuthLimiter(config.auth_limits, auth_clock)
+    history = list(auth_history)
+    if history:
+        cooling = limiter.restore(history)
+        logger.info(
+            "restored %d failed authentication(s) from before the restart; "
+            "%d address(es) cooling down",
+            len(history),
+            cooling,
+        )
+    guard = Guard(authenticate, limiter=limiter, on_failure=on_auth_failure)
     docs = (
         {"/docs", "/redoc", "/openapi.json", app.swagger_ui_oauth2_redirect_url or "/docs"}
         if config.docs

@@ -21,6 +21,14 @@ The key is the client's IP address as the server sees it: behind a reverse proxy
 every client shares the proxy's address, so one client guessing locks out all of
 them (make the proxy rate-limit, or give the API its own listener).
 
+Restarts: the limiter lives in memory, but every failure it counted is also an
+``auth.fail`` entry of the service's audit log. At start-up the service reads the
+entries of the last ``window_s + lockout_s`` seconds back
+(:meth:`~coordinator.service.fleet_service.FleetService.recent_auth_failures`)
+and :meth:`FailedAuthLimiter.restore` replays them under the same rules, so a
+client cooling down, or part-way to a cool-down, is still so after a restart (a
+crash it provoked included).
+
 Memory is bounded: at most ``max_clients`` addresses are tracked; past that,
 addresses whose failures and cool-down are over are forgotten first, then those
 still counting, then those cooling down (least recently seen first in each).
@@ -35,7 +43,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -136,22 +144,45 @@ class FailedAuthLimiter:
         Returns:
             Its failures within the window, and whether this one started a cool-down.
         """
-        now = self._clock()
-        limits = self.limits
         with self._lock:
-            client = self._clients.pop(address, None)
-            if client is None or (client.locked_until is not None and now >= client.locked_until):
-                client = _Client()  # new, or its cool-down is over: start from zero
-            self._clients[address] = client  # most recently seen last
-            failures = client.failures
-            while failures and failures[0] <= now - limits.window_s:
-                failures.popleft()
-            failures.append(now)
-            locked_out = len(failures) >= limits.max_failures and client.locked_until is None
-            if locked_out:
-                client.locked_until = now + limits.lockout_s
-            self._forget(now)
-            return Counted(len(failures), locked_out)
+            return self._count(address, self._clock())
+
+    def restore(self, failures: Iterable[tuple[str, float]]) -> int:
+        """Replay failures recorded before a restart, oldest first.
+
+        Args:
+            failures: ``(address, age)`` of each, ``age`` in seconds before now;
+                those older than ``window_s + lockout_s`` change nothing.
+
+        Returns:
+            How many addresses are cooling down afterwards.
+        """
+        now = self._clock()
+        with self._lock:
+            for address, age in sorted(failures, key=lambda failure: -failure[1]):
+                self._count(address, now - max(age, 0.0))
+            return sum(
+                1
+                for client in self._clients.values()
+                if client.locked_until is not None and now < client.locked_until
+            )
+
+    def _count(self, address: str, now: float) -> Counted:
+        """:meth:`failed` at time ``now``, the lock held."""
+        limits = self.limits
+        client = self._clients.pop(address, None)
+        if client is None or (client.locked_until is not None and now >= client.locked_until):
+            client = _Client()  # new, or its cool-down is over: start from zero
+        self._clients[address] = client  # most recently seen last
+        failures = client.failures
+        while failures and failures[0] <= now - limits.window_s:
+            failures.popleft()
+        failures.append(now)
+        locked_out = len(failures) >= limits.max_failures and client.locked_until is None
+        if locked_out:
+            client.locked_until = now + limits.lockout_s
+        self._forget(now)
+        return Counted(len(failures), locked_out)
 
     def tracked(self) -> int:
         """How many addresses are tracked (for tests and metrics)."""

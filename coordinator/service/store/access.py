@@ -246,3 +246,18 @@ class AccessTables:
                 "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (since_id,), limit
             )
         return [_audit(row) for row in rows]
+
+    def auth_failures_since(self, since: float) -> list[tuple[str, float]]:
+        """The ``auth.fail`` audit entries at or after ``since``: ``(actor, at)``,
+        oldest first (the actor is ``client:<address>``; see
+        :meth:`~coordinator.service.fleet_service.FleetService.record_auth_failure`).
+
+        Raises:
+            StoreError: The database failed.
+        """
+        check_finite("since", since)
+        rows = self._db.rows(
+            "SELECT actor, at FROM audit WHERE action = 'auth.fail' AND at >= ? ORDER BY id",
+            (since,),
+        )
+        return [(str(row["actor"]), float(row["at"])) for row in rows]
