@@ -15,6 +15,7 @@ import pytest
 from compress.keys import generate_signing_key
 from compress.manifest import MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES
 from compress.signing import MAX_BLOB_BYTES, MAX_SIGNATURES, sign_manifest
+from compress.statement import MAX_SIGNED_STATEMENT_BYTES
 from edge_agent.errors import (
     MalformedMessageError,
     MessageTooLargeError,
@@ -36,6 +37,7 @@ from edge_agent.protocol import (
     Envelope,
     ErrorReport,
     EvalReport,
+    FleetStatementMessage,
     Histogram,
     InstallState,
     InstallStatus,
@@ -180,6 +182,7 @@ def samples() -> dict[str, tuple[Message, str]]:
             DEVICE,
         ),
         "error": (ErrorReport(code="malformed", message="bad chunk", ref=MSG_ID), DEVICE),
+        "fleet_statement": (FleetStatementMessage(statement=b"FFS1 opaque signed bytes"), COORD),
     }
 
 
@@ -604,6 +607,17 @@ def test_deploy_manifest_bounds() -> None:
         decode(mutated("deploy", lambda h: None, body=b"m" * (64 * 1024 + 1)))
 
 
+def test_fleet_statement_bounds() -> None:
+    with pytest.raises(MalformedMessageError):
+        decode(mutated("fleet_statement", lambda h: None, body=b""))
+    with pytest.raises(MessageTooLargeError):
+        decode(
+            mutated("fleet_statement", lambda h: None, body=b"s" * (MAX_SIGNED_STATEMENT_BYTES + 1))
+        )
+    largest = FleetStatementMessage(statement=b"s" * MAX_SIGNED_STATEMENT_BYTES)
+    assert decode(encode(largest, sender=COORD, sent_at=1.0)).message == largest
+
+
 TAMPERED = b"<tampered>"
 
 
@@ -776,6 +790,7 @@ ALLOWED_ROUTES = [
     ("task_ack", DEVICE, Channel.EVENTS),
     ("error", DEVICE, Channel.EVENTS),
     ("telemetry_batch", DEVICE, Channel.TELEMETRY),
+    ("fleet_statement", COORD, Channel.CMD),
 ]
 
 
@@ -827,8 +842,14 @@ def test_broadcast_routes() -> None:
     assert check_route(envelope_for("chunk", COORD), topic) == BroadcastTopic("round-3")
     with pytest.raises(TopicError):
         check_route(envelope_for("chunk", DEVICE), topic)
+    fleet = broadcast_topic("fleet.plant-a")
+    assert check_route(envelope_for("fleet_statement", COORD), fleet) == BroadcastTopic(
+        "fleet.plant-a"
+    )
+    with pytest.raises(TopicError):
+        check_route(envelope_for("fleet_statement", DEVICE), fleet)
     for name in samples():
-        if name != "chunk":
+        if name not in ("chunk", "fleet_statement"):
             with pytest.raises(TopicError):
                 check_route(envelope_for(name, COORD), topic)
 

@@ -40,12 +40,13 @@ on; on from-device channels the sender must be the topic's device id, on
 to-device channels and broadcast topics it must be ``coordinator``. A message
 that breaks these rules raises :class:`~edge_agent.errors.TopicError`.
 
-The message types live in four modules, re-exported here:
+The message types live in five modules, re-exported here:
 :mod:`~edge_agent.protocol.messages_base` (:class:`Message`, field rules,
 :class:`ErrorReport`), :mod:`~edge_agent.protocol.messages_status` (presence,
 telemetry), :mod:`~edge_agent.protocol.messages_delivery` (deploy, chunks, install
-status) and :mod:`~edge_agent.protocol.messages_rounds` (federated tasks and
-reports). This module holds the registry (:data:`MESSAGE_TYPES`), :func:`encode`,
+status), :mod:`~edge_agent.protocol.messages_rounds` (federated tasks and
+reports) and :mod:`~edge_agent.protocol.messages_fleet` (the fleet statement).
+This module holds the registry (:data:`MESSAGE_TYPES`), :func:`encode`,
 :func:`decode` and :func:`check_route`.
 """
 
@@ -85,6 +86,7 @@ from edge_agent.protocol.messages_delivery import (
     InstallStatus,
     Rollback,
 )
+from edge_agent.protocol.messages_fleet import FleetStatementMessage
 from edge_agent.protocol.messages_rounds import (
     EvalReport,
     TaskAck,
@@ -117,6 +119,7 @@ __all__ = [
     "Envelope",
     "ErrorReport",
     "EvalReport",
+    "FleetStatementMessage",
     "Histogram",
     "InstallState",
     "InstallStatus",
@@ -155,6 +158,7 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
             UpdateReport,
             EvalReport,
             ErrorReport,
+            FleetStatementMessage,
         )
     }
 )
