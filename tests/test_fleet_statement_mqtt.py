@@ -30,6 +30,7 @@ from compress.statement import FleetStatement, Target, sign_statement
 from coordinator.delivery.deliveries import Artifact
 from coordinator.delivery.tracker import DeployResult, DeviceState
 from coordinator.link.fleet import Target as DeviceTarget
+from edge_agent.config.agent import TelemetryConfig, TrustConfig
 from edge_agent.protocol import (
     Channel,
     FleetStatementMessage,
@@ -43,6 +44,7 @@ from edge_agent.protocol import (
 from edge_agent.protocol.topics import statement_broadcast
 from tests.fleet_support import (
     AgentProcess,
+    InProcessFleet,
     Mosquitto,
     coordinator,
     free_port,
@@ -270,3 +272,33 @@ def test_a_device_held_on_a_stale_statement_reports_stale_within_its_lifetime(
     finally:
         statuses.close()
         telemetry.close()
+
+
+def test_the_agent_wakes_by_itself_when_its_statement_expires(
+    broker: Mosquitto, fleet: InProcessFleet, signing_key: SigningKey, artifacts: dict[str, Path]
+) -> None:
+    """No telemetry tick and no message to wake the worker: only the statement's expiry."""
+    statuses = Subscriber(broker, device_topic(DEVICE, Channel.STATUS))
+    try:
+        agent = fleet.start(
+            DEVICE,
+            private_loop=True,
+            trust=TrustConfig(keys=(fleet.trust,), fleet=FLEET),
+            telemetry=TelemetryConfig(interval_s=600.0),
+        )
+        fleet.wait_connected()
+        lifetime = timedelta(seconds=3)
+        _, expires = publish_statement(
+            broker, signing_key, 1, artifacts["digits-v5"], lifetime=lifetime
+        )
+
+        def last_status() -> Status | None:
+            found = [decode(p).message for _t, p in statuses.messages]
+            return found[-1] if found and isinstance(found[-1], Status) else None
+
+        wait_for(lambda: (s := last_status()) is not None and not s.stale, what="fresh status")
+        wait_for(lambda: (s := last_status()) is not None and s.stale, what="stale status")
+        assert time.time() - expires.timestamp() < lifetime.total_seconds()
+        assert agent.fleet.stale()
+    finally:
+        statuses.close()
