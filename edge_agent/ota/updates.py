@@ -23,8 +23,9 @@ Deployment, as the device sees it::
 ``check_deploy`` includes the placement rule: with a fleet configured the fresh fleet
 statement must name the model (``targeting``, from
 :class:`~edge_agent.ota.fleet_guard.FleetGuard`); without one, a model under another
-name must be above the slot floor. A staged transfer resumed at start-up is checked
-the same way.
+name must be above the slot floor. The rule is checked again before the install
+(the statement may have changed during the download) and when a staged transfer
+resumes at start-up.
 
 Every outcome is reported after the files are in their final state (the staging area
 gone, the state committed), so a report never promises more than the disk holds.
@@ -511,9 +512,14 @@ class Updater:
         outcome()
 
     def _install_staged(self, transfer: Transfer) -> Callable[[], None]:
-        """Install; return the report to send once the staging area is gone."""
+        """Install; return the report to send once the staging area is gone.
+
+        The placement rule is checked again first: the fleet statement may have
+        changed (or expired) during the download.
+        """
         manifest, deployment_id = transfer.manifest, transfer.deployment_id
         try:
+            check_placement(manifest, self._store.state, now=self._now(), targeting=self._targeting)
             model, runtime = install(
                 transfer.staged,
                 manifest,
