@@ -13,7 +13,9 @@ The tree::
     │       ├── KeyPasswordRequiredError    the key is encrypted and no password was given
     │       └── WrongKeyPasswordError       the password does not decrypt the key
     ├── ManifestError               manifest bytes are not a valid, canonical manifest
-    │   └── KeySetError                 a key set (or its file) is malformed or unusable
+    │   ├── KeySetError                 a key set (or its file) is malformed or unusable
+    │   └── StatementError              a fleet statement is malformed or unusable
+    │       └── WrongFleetError             a statement for another fleet
     ├── ArtifactError               anything wrong with an artifact or its trust
     │   ├── NotAnArtifactError      not a fedge artifact at all (magic, header, truncation)
     │   ├── SignatureError          signatures do not establish trust
@@ -21,8 +23,13 @@ The tree::
     │   │   ├── UnknownKeyError         no signature by any trusted key
     │   │   └── ThresholdError          valid, but fewer than the threshold
     │   ├── ExpiredError            the manifest's (or key set's) expiry is in the past
+    │   │   └── StaleStatementError     the fleet statement has expired
+    │   │       └── NoStatementError            a fleet is configured, no statement held
     │   ├── RollbackError           version not strictly above the highest installed,
-    │   │                           or a key set that is not the next version
+    │   │   │                       or a key set that is not the next version
+    │   │   ├── ReplayedStatementError  a fleet statement not newer than the last accepted
+    │   │   └── SlotRollbackError       another name, not above the serving slot's floor
+    │   ├── NotTargetedError        the fresh fleet statement does not name this model
     │   ├── PayloadError            the payload does not match the manifest
     │   │   ├── PayloadLengthError      too short, too long, or trailing bytes
     │   │   └── PayloadHashError        sha256 mismatch
@@ -36,7 +43,9 @@ The tree::
 
 Key sets (:mod:`compress.keyset`) are signed documents too: their rotation reuses the
 trust errors (``SignatureError`` and its subclasses, ``ExpiredError``, ``RollbackError``)
-and only malformed key-set documents have a class of their own.
+and only malformed key-set documents have a class of their own. Fleet statements
+(:mod:`compress.statement`) do the same, with subclasses whose codes say what a device
+reports: ``stale_statement``, ``no_statement``, ``replayed_statement``, ``not_targeted``.
 
 Each class carries a short, stable ``code`` (``"bad_signature"``, ``"expired"`` ...)
 that travels in protocol messages and JSON output; the message text is for humans.
@@ -94,6 +103,18 @@ class KeySetError(ManifestError):
     code = "bad_keyset"
 
 
+class StatementError(ManifestError):
+    """Fleet-statement bytes are malformed or non-canonical, or a statement is unusable."""
+
+    code = "bad_statement"
+
+
+class WrongFleetError(StatementError):
+    """A validly signed fleet statement names another fleet than the device's."""
+
+    code = "wrong_fleet"
+
+
 class ArtifactError(CompressError):
     """Base class for problems with an artifact or with trusting it."""
 
@@ -144,6 +165,38 @@ class RollbackError(ArtifactError):
     """
 
     code = "rollback"
+
+
+class ReplayedStatementError(RollbackError):
+    """A fleet statement's version is not above the last one the device accepted."""
+
+    code = "replayed_statement"
+
+
+class StaleStatementError(ExpiredError):
+    """The device's fleet statement has expired, so it cannot vouch for a deploy."""
+
+    code = "stale_statement"
+
+
+class NoStatementError(StaleStatementError):
+    """A fleet is configured but no fleet statement has been accepted yet."""
+
+    code = "no_statement"
+
+
+class NotTargetedError(ArtifactError):
+    """The fresh fleet statement does not name this model, version and sha256."""
+
+    code = "not_targeted"
+
+
+class SlotRollbackError(RollbackError):
+    """A model under another name would replace the serving one at a version not above
+    the serving position's floor (the highest version it ever served), and no fleet
+    statement vouches for it."""
+
+    code = "slot_rollback"
 
 
 class PayloadError(ArtifactError):

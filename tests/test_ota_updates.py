@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,20 @@ from compress.artifact import read_artifact_unverified
 from compress.keys import SigningKey
 from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys
+from compress.statement import FleetStatement, Target, sign_statement
 from compress.trust import DeviceProfile
 from edge_agent.config.sections import TransferConfig
+from edge_agent.ota.fleet_guard import FleetGuard
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.updates import Updater
-from edge_agent.protocol import ChunkRequest, Deploy, InstallState, chunk_count
+from edge_agent.protocol import (
+    Chunk,
+    ChunkRequest,
+    Deploy,
+    FleetStatementMessage,
+    InstallState,
+    chunk_count,
+)
 from edge_agent.serving.server import ModelServer
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
 from tests.fleet_support import make_artifact
@@ -132,3 +142,72 @@ def test_a_deploy_of_the_same_payload_continues_the_transfer(
     assert first.deployment_id == "dep-2"
     deploy_json = json.loads((first.staged.directory / "deploy.json").read_bytes())
     assert deploy_json["deployment_id"] == "dep-2"
+
+
+def statement_naming(
+    key: SigningKey, version: int, artifact: tuple[SignedManifest, bytes]
+) -> FleetStatementMessage:
+    manifest = artifact[0].manifest
+    issued = datetime.now(UTC)
+    statement = FleetStatement(
+        fleet="plant-a",
+        version=version,
+        issued=issued,
+        expires=issued + timedelta(hours=1),
+        targets={manifest.name: Target(manifest.version, manifest.sha256)},
+    )
+    return FleetStatementMessage(statement=sign_statement(statement, [key]).to_bytes())
+
+
+def send_all_chunks(updater: Updater, artifact: tuple[SignedManifest, bytes]) -> None:
+    payload = artifact[1]
+    transfer_id = hashlib.sha256(payload).hexdigest()
+    for index in range(chunk_count(len(payload), CHUNK)):
+        updater.on_chunk(
+            Chunk.from_payload(payload, index, chunk_size=CHUNK, transfer_id=transfer_id)
+        )
+
+
+@pytest.mark.parametrize("withdrawn", [False, True])
+def test_the_statement_is_checked_again_before_the_install(
+    tmp_path: Path,
+    signing_keys: list[SigningKey],
+    reports: Reports,
+    artifacts: dict[str, tuple[SignedManifest, bytes]],
+    withdrawn: bool,
+) -> None:
+    """A statement that stops naming a model during its download stops its install."""
+    key = signing_keys[0]
+    trusted = TrustedKeys.of([key.public_key])
+    guard = FleetGuard("plant-a", tmp_path / "data", trusted=trusted, clock=time.time)
+    assert guard.on_statement(statement_naming(key, 1, artifacts["v1"]))
+    link = MemoryLink(MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None)
+    server = ModelServer()
+    updater = Updater(
+        store=ModelStore(tmp_path / "data"),
+        staging_root=tmp_path / "data" / "staging",
+        trusted=trusted,
+        device=DeviceProfile(),
+        server=server,
+        link=link,
+        reporter=reports,
+        config=TransferConfig(),
+        clock=time.time,
+        checkpoint=lambda _step: None,
+        targeting=guard.require_targeted,
+    )
+    try:
+        updater.on_deploy(deploy_of(artifacts["v1"], "dep-1"))
+        assert updater.transfer is not None
+        if withdrawn:
+            assert guard.on_statement(statement_naming(key, 2, artifacts["v2"]))
+        send_all_chunks(updater, artifacts["v1"])
+    finally:
+        updater.close()
+    if withdrawn:
+        assert [(dep, code) for dep, code, _ in reports.failures()] == [("dep-1", "not_targeted")]
+        assert server.active is None
+    else:
+        assert reports.failures() == []
+        assert server.active is not None
+        assert server.active.version == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import struct
@@ -15,6 +16,7 @@ import pytest
 from compress.keys import generate_signing_key
 from compress.manifest import MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES
 from compress.signing import MAX_BLOB_BYTES, MAX_SIGNATURES, sign_manifest
+from compress.statement import MAX_SIGNED_STATEMENT_BYTES
 from edge_agent.errors import (
     MalformedMessageError,
     MessageTooLargeError,
@@ -36,6 +38,7 @@ from edge_agent.protocol import (
     Envelope,
     ErrorReport,
     EvalReport,
+    FleetStatementMessage,
     Histogram,
     InstallState,
     InstallStatus,
@@ -182,6 +185,7 @@ def samples() -> dict[str, tuple[Message, str]]:
         ),
         "error": (ErrorReport(code="malformed", message="bad chunk", ref=MSG_ID), DEVICE),
         "keyset_chain": (KeySetChain(keysets=(b"FKS1-one", b"FKS1-second")), COORD),
+        "fleet_statement": (FleetStatementMessage(statement=b"FFS1 opaque signed bytes"), COORD),
     }
 
 
@@ -545,8 +549,13 @@ def test_missing_required_field_of_every_type() -> None:
         for key in header["data"]:
             if name == "install_status" and key in ("model", "version", "error_code", "reason"):
                 continue
-            if (name, key) in (("status", "train_examples"), ("status", "train_models")):
-                continue  # optional (default 0, empty)
+            if (name, key) in (
+                ("status", "train_examples"),
+                ("status", "train_models"),
+                ("status", "stale"),
+                ("telemetry_batch", "stale"),
+            ):
+                continue  # optional (default 0, empty, false)
             if name == "train_task" and key in ("model_spec", "model_args", "task"):
                 continue  # optional (built-in family, classification)
             if name in ("error", "update_report") and key in ("ref", "upload_transfer_id"):
@@ -604,6 +613,32 @@ def test_deploy_manifest_bounds() -> None:
         decode(mutated("deploy", lambda h: None, body=b""))
     with pytest.raises(MessageTooLargeError):
         decode(mutated("deploy", lambda h: None, body=b"m" * (64 * 1024 + 1)))
+
+
+@pytest.mark.parametrize("name", ["status", "telemetry_batch"])
+def test_stale_is_optional_on_the_wire(name: str) -> None:
+    """Agents from before fleet statements send no ``stale``: it reads as false."""
+    message, sender = samples()[name]
+    flagged = dataclasses.replace(message, stale=True)  # type: ignore[type-var]
+    assert decode(encode(flagged, sender=sender, sent_at=1.0)).message == flagged
+
+    def drop(header: dict[str, Any]) -> None:
+        del header["data"]["stale"]
+
+    assert decode(mutated(name, drop)).message.stale is False  # type: ignore[attr-defined]
+    with pytest.raises(MalformedMessageError):
+        decode(mutated(name, set_data(stale="yes")))
+
+
+def test_fleet_statement_bounds() -> None:
+    with pytest.raises(MalformedMessageError):
+        decode(mutated("fleet_statement", lambda h: None, body=b""))
+    with pytest.raises(MessageTooLargeError):
+        decode(
+            mutated("fleet_statement", lambda h: None, body=b"s" * (MAX_SIGNED_STATEMENT_BYTES + 1))
+        )
+    largest = FleetStatementMessage(statement=b"s" * MAX_SIGNED_STATEMENT_BYTES)
+    assert decode(encode(largest, sender=COORD, sent_at=1.0)).message == largest
 
 
 TAMPERED = b"<tampered>"
@@ -779,6 +814,7 @@ ALLOWED_ROUTES = [
     ("error", DEVICE, Channel.EVENTS),
     ("telemetry_batch", DEVICE, Channel.TELEMETRY),
     ("keyset_chain", COORD, Channel.CMD),
+    ("fleet_statement", COORD, Channel.CMD),
 ]
 
 
@@ -834,8 +870,14 @@ def test_broadcast_routes() -> None:
     assert check_route(envelope_for("keyset_chain", COORD), keysets) == BroadcastTopic("keyset")
     with pytest.raises(TopicError):
         check_route(envelope_for("keyset_chain", DEVICE), keysets)
+    fleet = broadcast_topic("fleet.plant-a")
+    assert check_route(envelope_for("fleet_statement", COORD), fleet) == BroadcastTopic(
+        "fleet.plant-a"
+    )
+    with pytest.raises(TopicError):
+        check_route(envelope_for("fleet_statement", DEVICE), fleet)
     for name in samples():
-        if name not in ("chunk", "keyset_chain"):
+        if name not in ("chunk", "keyset_chain", "fleet_statement"):
             with pytest.raises(TopicError):
                 check_route(envelope_for(name, COORD), topic)
 

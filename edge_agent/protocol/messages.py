@@ -45,9 +45,10 @@ The message types live in five modules, re-exported here:
 :class:`ErrorReport`), :mod:`~edge_agent.protocol.messages_status` (presence,
 telemetry), :mod:`~edge_agent.protocol.messages_delivery` (deploy, chunks, install
 status), :mod:`~edge_agent.protocol.messages_rounds` (federated tasks and
-reports) and :mod:`~edge_agent.protocol.messages_keys` (the key-set chain). This
-module holds the registry (:data:`MESSAGE_TYPES`), :func:`encode`, :func:`decode`
-and :func:`check_route`.
+reports), :mod:`~edge_agent.protocol.messages_keys` (the key-set chain) and
+:mod:`~edge_agent.protocol.messages_fleet` (the fleet statement). This module
+holds the registry (:data:`MESSAGE_TYPES`), :func:`encode`, :func:`decode` and
+:func:`check_route`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ from edge_agent.protocol.messages_delivery import (
     InstallStatus,
     Rollback,
 )
+from edge_agent.protocol.messages_fleet import FleetStatementMessage
 from edge_agent.protocol.messages_keys import KeySetChain
 from edge_agent.protocol.messages_rounds import (
     EvalReport,
@@ -119,6 +121,7 @@ __all__ = [
     "Envelope",
     "ErrorReport",
     "EvalReport",
+    "FleetStatementMessage",
     "Histogram",
     "InstallState",
     "InstallStatus",
@@ -159,6 +162,7 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
             EvalReport,
             ErrorReport,
             KeySetChain,
+            FleetStatementMessage,
         )
     }
 )

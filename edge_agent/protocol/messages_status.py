@@ -59,6 +59,9 @@ class Status(Message):
         keyset_version: The version of the key set the device trusts, or None
             when it trusts fixed key files (no ``trust.keyset``). Optional on the
             wire (default None).
+        stale: The device has a fleet configured but holds no fresh fleet
+            statement (frozen or cut off from the coordinator's word on what to
+            run). Optional on the wire (default false): older agents never send it.
     """
 
     TYPE: ClassVar[str] = "status"
@@ -73,6 +76,7 @@ class Status(Message):
     train_examples: int = 0
     train_models: tuple[str, ...] = ()
     keyset_version: int | None = None
+    stale: bool = False
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -86,6 +90,7 @@ class Status(Message):
             ],
             "train_examples": self.train_examples,
             "train_models": list(self.train_models),
+            "stale": self.stale,
         }
         if self.keyset_version is not None:  # absent from older agents' statuses too
             data["keyset_version"] = self.keyset_version
@@ -117,7 +122,13 @@ class Status(Message):
                 )
             ),
             keyset_version=data.opt_integer("keyset_version", lo=1),
+            stale=_optional_flag(data, "stale"),
         )
+
+
+def _optional_flag(data: FieldReader, key: str) -> bool:
+    """A boolean field newer senders add: absent or null reads as false."""
+    return data.boolean(key) if data.raw(key) is not None else False
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +254,8 @@ class TelemetryBatch(Message):
         seq: Batch sequence number (gaps reveal lost batches).
         dropped: Records dropped since the previous batch (buffer overflow).
         records: The records (0..``limits.max_list_items``).
+        stale: The device held no fresh fleet statement when it made the batch
+            (see :class:`Status`). Optional on the wire (default false).
     """
 
     TYPE: ClassVar[str] = "telemetry_batch"
@@ -251,12 +264,14 @@ class TelemetryBatch(Message):
     seq: int
     dropped: int = 0
     records: tuple[TelemetryRecord, ...] = ()
+    stale: bool = False
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
             "seq": self.seq,
             "dropped": self.dropped,
             "records": [_record_to_json(record) for record in self.records],
+            "stale": self.stale,
         }
         return data, b""
 
@@ -273,4 +288,5 @@ class TelemetryBatch(Message):
                     max_len=limits.max_list_items,
                 )
             ),
+            stale=_optional_flag(data, "stale"),
         )
