@@ -23,7 +23,8 @@ The tree::
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
-    └── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
+    ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
+    └── FleetStatementError         a fleet statement cannot be made, saved or read
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -228,6 +229,13 @@ class BrokerSetupError(CoordinatorError):
     certificate without its key, a port outside 1..65535, an existing output file)."""
 
     code = "bad_broker_setup"
+
+
+class FleetStatementError(CoordinatorError):
+    """A fleet statement cannot be made, saved or read (bad fleet id or lifetime, no
+    signing key, an unreadable state file, no valid retained statement)."""
+
+    code = "fleet_statement_error"
 
 
 class ApiError(CoordinatorError):
