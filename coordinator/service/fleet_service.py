@@ -54,6 +54,7 @@ from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from compress.trust import verify_manifest
 from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries
+from coordinator.delivery.fleet_statement import StatementPublisher, StatementSettings
 from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
@@ -121,6 +122,8 @@ class ServiceSettings:
             request gives none (see :mod:`coordinator.rollout.policy`).
         upload_budget_bytes: Most bytes of chunked uploads one device may have in
             flight during a federated run; None for 4x the largest update.
+        fleet: The fleet statement to keep published and to name each deploy in
+            (:mod:`coordinator.delivery.fleet_statement`); None for none.
     """
 
     telemetry_flush_s: float = 0.5
@@ -131,6 +134,7 @@ class ServiceSettings:
     accept_wait_s: float = ACCEPT_WAIT_S
     rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
     upload_budget_bytes: int | None = None
+    fleet: StatementSettings | None = None
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -181,6 +185,10 @@ class FleetService:
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
         self._one_shots = OneShots(self._rollouts.deliveries)
+        self._statements = (
+            None if settings.fleet is None else StatementPublisher(hub, settings.fleet, clock=clock)
+        )
+        self._rollouts.deliveries.announce_with(self._statements)  # names each deploy first
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -223,6 +231,8 @@ class FleetService:
         except BaseException:
             self._ingest.stop()
             raise
+        if self._statements is not None:
+            self._statements.start()  # published now, before any rollout step
         self._rollouts.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
@@ -236,6 +246,8 @@ class FleetService:
         self._one_shots.stop()
         self._rollouts.stop()
         self._runs.stop()
+        if self._statements is not None:
+            self._statements.stop()
         self._hub.remove_listener(self._rollouts.on_message)
         self._hub.stop()
         self._hub.remove_listener(self._ingest.on_message)
