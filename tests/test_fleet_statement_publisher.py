@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,7 +267,7 @@ def test_next_version_grows_with_the_clock_and_past_it() -> None:
     ],
 )
 def test_bad_settings_are_refused(
-    settings: StatementSettings, changes: dict[str, object], message: str
+    settings: StatementSettings, changes: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(FleetStatementError, match=message):
         replace(settings, **changes)

@@ -11,7 +11,8 @@ stderr) and dispatches to the command groups:
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
-  (``fedge fleet`` is a hidden alias of ``fedge devices``)
+* ``fedge fleet publish | show`` -- :mod:`coordinator.cli.fleet` (the signed fleet
+  statement; ``fedge fleet`` without a subcommand is ``fedge devices``, its former name)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
@@ -50,6 +51,7 @@ from coordinator.cli import (
     broker,
     data,
     deploy,
+    fleet,
     keys,
     model,
     observe,
@@ -77,7 +79,7 @@ app.command("rollback")(deploy.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)
-app.command("fleet", hidden=True)(observe.devices)  # the name of the command before it
+app.add_typer(fleet.app, name="fleet")  # without a subcommand: devices, its former name
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)

@@ -1,0 +1,120 @@
+"""Fleet statements through a real mosquitto (shipped ACL) and a real agent process.
+
+The operator side is the ``fedge`` CLI: ``fleet show`` before anything is published,
+``deploy --fleet --statement-key`` (which names the artifact in a fresh statement,
+retained, before deploying it) to an agent process run with ``--fleet``, then
+``fleet show`` with the signature checked, and ``fleet publish --keep`` on top.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from compress.keys import SigningKey, generate_signing_key, save_keypair
+from coordinator.cli.app import app
+from coordinator.delivery.deliveries import Artifact
+from coordinator.link.retained import read_retained
+from edge_agent.protocol import decode
+from edge_agent.protocol.messages_fleet import FleetStatementMessage
+from edge_agent.protocol.topics import broadcast_topic, statement_broadcast
+from tests.fleet_support import (
+    AgentProcess,
+    Mosquitto,
+    free_port,
+    make_artifact,
+    password,
+    public_key_file,
+    wait_for,
+)
+
+DEVICE = "fs-0"
+FLEET = "plant-a"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def broker_users() -> list[str]:
+    return [DEVICE]
+
+
+def fedge(broker: Mosquitto, *args: str) -> Result:
+    env = {"FEDGE_BROKER": broker.url, "FEDGE_BROKER_PASSWORD": password("coordinator")}
+    return CliRunner(mix_stderr=False).invoke(app, list(args), env=env)
+
+
+@pytest.fixture
+def agent(
+    broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
+) -> Iterator[tuple[AgentProcess, Path]]:
+    trust = public_key_file(tmp_path / "keys", signing_key)
+    process = AgentProcess(
+        broker, DEVICE, tmp_path / DEVICE, trust, http_port=free_port(),
+        extra=("--fleet", FLEET),
+    )  # fmt: skip
+    try:
+        yield process, trust
+    finally:
+        process.kill()
+
+
+def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_installs(
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    agent: tuple[AgentProcess, Path],
+) -> None:
+    process, trust = agent
+    statement_key, _ = save_keypair(signing_key, tmp_path / "statement")
+    wait_for(lambda: DEVICE in fedge(broker, "devices", "--json").stdout, timeout=20, what="online")
+    nothing = fedge(broker, "fleet", "show", "--fleet", FLEET)
+    assert nothing.exit_code == 1
+    assert "holds no statement for fleet plant-a" in nothing.stderr
+
+    artifact = make_artifact(tmp_path, signing_key, version=3)
+    deployed = fedge(
+        broker, "deploy", str(artifact), "--trust", str(trust), "--wait", "--timeout", "30",
+        "--fleet", FLEET, "--statement-key", str(statement_key),
+    )  # fmt: skip
+    assert deployed.exit_code == 0, deployed.stderr + process.log_text()[-3000:]
+    assert "nothing refreshes the fleet statement" in deployed.stderr
+
+    shown = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust), "--json")
+    assert shown.exit_code == 0, shown.stderr
+    view = json.loads(shown.stdout)
+    sha256 = Artifact.load(artifact).transfer_id
+    assert (view["fleet"], view["fresh"], view["verified"]) == (FLEET, True, True)
+    assert view["targets"] == {"digits": {"version": 3, "sha256": sha256}}
+
+    # Published on top (--keep): a second model, a higher version, the first kept.
+    other = make_artifact(tmp_path, signing_key, version=1, name="anomaly")
+    published = fedge(
+        broker, "fleet", "publish", "--fleet", FLEET, "--key", str(statement_key),
+        "--model", str(other), "--keep", "--expires-in", "1h", "--json",
+    )  # fmt: skip
+    assert published.exit_code == 0, published.stderr
+    again = json.loads(published.stdout)
+    assert again["version"] > view["version"]
+    assert set(again["targets"]) == {"digits", "anomaly"}
+    # The broker keeps it for devices that subscribe later.
+    topic = broadcast_topic(statement_broadcast(FLEET))
+    retained = read_retained(broker.broker("coordinator"), topic, timeout=10)
+    assert retained is not None
+    assert isinstance(decode(retained).message, FleetStatementMessage)
+
+    # A statement signed by a key the devices do not trust does not verify.
+    stranger, _ = save_keypair(generate_signing_key(), tmp_path / "stranger")
+    forged = fedge(
+        broker, "fleet", "publish", "--fleet", FLEET, "--key", str(stranger),
+        "--model", f"digits@9:{'0' * 64}",
+    )  # fmt: skip
+    assert forged.exit_code == 0, forged.stderr
+    refused = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust))
+    assert refused.exit_code == 1
+    assert "does not verify" in refused.stderr
+    assert process.alive()
