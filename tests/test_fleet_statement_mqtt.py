@@ -4,13 +4,17 @@ The operator side is the ``fedge`` CLI: ``fleet show`` before anything is publis
 ``deploy --fleet --statement-key`` (which names the artifact in a fresh statement,
 retained, before deploying it) to an agent process run with ``--fleet``, then
 ``fleet show`` with the signature checked, and ``fleet publish --keep`` on top.
+Then ``fedge coordinator serve`` with a ``[fleet]`` table: it publishes at start,
+re-publishes at half the (short) lifetime, and names what it deploys.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from click.testing import Result
@@ -32,6 +36,7 @@ from tests.fleet_support import (
     public_key_file,
     wait_for,
 )
+from tests.test_service_process import create_token, fedge_exe
 
 DEVICE = "fs-0"
 FLEET = "plant-a"
@@ -118,3 +123,59 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
     assert refused.exit_code == 1
     assert "does not verify" in refused.stderr
     assert process.alive()
+
+
+def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
+    broker: Mosquitto,
+    tmp_path: Path,
+    signing_key: SigningKey,
+    agent: tuple[AgentProcess, Path],
+) -> None:
+    process, trust = agent
+    statement_key, _ = save_keypair(signing_key, tmp_path / "statement")
+    secret = tmp_path / "coordinator.password"
+    secret.write_text(password("coordinator"))
+    port = free_port()
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        f'db = "state.db"\nbind = "127.0.0.1:{port}"\n'
+        f'[broker]\nurl = "{broker.url}"\npassword_file = "{secret}"\n'
+        f'[trust]\nkeys = ["{trust}"]\n'
+        f'[fleet]\nid = "{FLEET}"\nkeys = ["{statement_key}"]\nlifetime_s = 4\n'
+    )
+    token = create_token(tmp_path / "state.db", "operator")
+    log = tmp_path / "serve.log"
+    with log.open("ab") as out:
+        service = subprocess.Popen(
+            [fedge_exe(), "coordinator", "serve", "--config", str(config)],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        api = f"http://127.0.0.1:{port}"
+        wait_for(lambda: b"serving API" in log.read_bytes(), timeout=60, what="the service")
+
+        def shown() -> dict[str, Any]:
+            result = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust),
+                           "--json")  # fmt: skip
+            assert result.exit_code in (0, 1), result.stderr
+            return cast(dict[str, Any], json.loads(result.stdout)) if result.stdout else {}
+
+        first = wait_for(shown, what="the service's statement")
+        assert (first["fresh"], first["verified"], first["targets"]) == (True, True, {})
+        # Re-published at half its 4 s lifetime: a newer, fresh statement.
+        later = wait_for(lambda: shown().get("version", 0) > first["version"] and shown(),
+                         timeout=10, what="a refreshed statement")  # fmt: skip
+        assert later["fresh"]
+
+        artifact = make_artifact(tmp_path, signing_key, version=4)
+        env = {"FEDGE_API": api, "FEDGE_TOKEN": token}
+        deployed = CliRunner(mix_stderr=False).invoke(
+            app, ["deploy", str(artifact), "--wait", "--timeout", "30"], env=env
+        )
+        assert deployed.exit_code == 0, deployed.stderr + process.log_text()[-3000:]
+        named = shown()["targets"]
+        assert named == {"digits": {"version": 4, "sha256": Artifact.load(artifact).transfer_id}}
+    finally:
+        service.terminate()
+        service.wait(timeout=20)
+    assert service.returncode == 0, log.read_text()[-3000:]
