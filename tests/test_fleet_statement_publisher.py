@@ -281,3 +281,22 @@ def test_deliveries_without_an_announcer_publish_no_statement(
     assert all(not isinstance(p.envelope().message, FleetStatementMessage) for p in hub.published)
     assert any(isinstance(e.message, Deploy) for e in hub.commands("d0"))
     assert not any(p.retained for p in hub.published)
+
+
+def test_a_state_file_that_cannot_be_written_stops_the_deploy_with_a_logged_error(
+    hub: MemoryHub,
+    signing_key: SigningKey,
+    tmp_path: Path,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    settings = StatementSettings(FLEET, (signing_key,), LIFETIME, blocked / "state.json")
+    publisher = StatementPublisher(hub, settings, clock=clock)
+    with Deliveries(hub, accept_wait_s=0.01) as deliveries:
+        deliveries.announce_with(publisher)
+        with pytest.raises(FleetStatementError, match="cannot save the statement state"):
+            deliveries.deploy(artifact(make_manifest(), signing_key), Target.parse("all"))
+    assert "statement not published" in caplog.text
+    assert hub.commands("d0") == []  # no deploy went out unnamed

@@ -433,9 +433,14 @@ class StatementPublisher:
                     lifetime_s=self.settings.lifetime_s,
                 )
                 signed = sign_statement(statement, self.settings.keys)
+                self._save()
             except CompressError as exc:
-                raise FleetStatementError(f"fleet {self.settings.fleet}: {exc}") from exc
-            self._save()
+                error = FleetStatementError(f"fleet {self.settings.fleet}: {exc}")
+                logger.error("statement not published: %s", error)
+                raise error from exc
+            except FleetStatementError as exc:
+                logger.error("statement not published: %s", exc)
+                raise
             self._current = signed
             name = statement_broadcast(self.settings.fleet)
             sent = self._hub.publish_retained(name, statement_message(signed)) > 0
