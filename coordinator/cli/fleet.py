@@ -302,11 +302,12 @@ def publish(
 ) -> None:
     """Sign and publish the fleet statement (retained); nothing refreshes it."""
     with reported_errors(as_json=as_json):
+        fleet = validate_fleet_id(fleet)
         lifetime = parse_duration(expires_in) if expires_in else DEFAULT_LIFETIME_S
         signing = [load_signing_key(path) for path in key]
         targets = dict(parse_target(text) for text in model or ())
         statement = publish_statement(
-            connection.broker_config(), validate_fleet_id(fleet), targets, signing,
+            connection.broker_config(), fleet, targets, signing,
             lifetime_s=lifetime, keep=keep, timeout=connection.connect_timeout,
         )  # fmt: skip
     _print(statement, now=time.time(), verified=True, as_json=as_json)
