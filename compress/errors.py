@@ -24,7 +24,8 @@ The tree::
     │   │       └── NoStatementError            a fleet is configured, no statement held
     │   ├── RollbackError           version not strictly above the highest installed,
     │   │   │                       or a key set that is not the next version
-    │   │   └── ReplayedStatementError  a fleet statement not newer than the last accepted
+    │   │   ├── ReplayedStatementError  a fleet statement not newer than the last accepted
+    │   │   └── SlotRollbackError       another name, not above the serving slot's floor
     │   ├── NotTargetedError        the fresh fleet statement does not name this model
     │   ├── PayloadError            the payload does not match the manifest
     │   │   ├── PayloadLengthError      too short, too long, or trailing bytes
@@ -160,13 +161,17 @@ class NoStatementError(StaleStatementError):
 
 
 class NotTargetedError(ArtifactError):
-    """The fresh fleet statement does not name this model, version and sha256.
-
-    Also raised for a deploy under another model name than the serving one of its
-    slot when that name's version is not above the slot's floor.
-    """
+    """The fresh fleet statement does not name this model, version and sha256."""
 
     code = "not_targeted"
+
+
+class SlotRollbackError(RollbackError):
+    """A model under another name would replace the serving one at a version not above
+    the serving position's floor (the highest version it ever served), and no fleet
+    statement vouches for it."""
+
+    code = "slot_rollback"
 
 
 class PayloadError(ArtifactError):

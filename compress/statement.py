@@ -305,6 +305,26 @@ def check_fresh(statement: FleetStatement, *, now: datetime) -> None:
         )
 
 
+def check_authentic(signed: SignedStatement, trusted: TrustedKeys, *, fleet: str) -> FleetStatement:
+    """Check that a trusted key signed the statement and that it is for ``fleet``; no more.
+
+    A device re-reads the statement it kept on disk with this (an expired one still
+    sets the version floor); a received one goes through :func:`verify_statement`.
+
+    Raises:
+        SignatureError: (a subclass) no trusted key's signature verifies.
+        StatementError: a trusted key signed bytes that are not a valid statement.
+        WrongFleetError: the statement is for another fleet.
+    """
+    verify_threshold(signed, TrustedKeys(trusted.keys, 1))
+    statement = signed.statement  # parsed only once a trusted key vouches for the bytes
+    if statement.fleet != fleet:
+        raise WrongFleetError(
+            f"{statement.describe()} is for fleet {statement.fleet!r}, this device is in {fleet!r}"
+        )
+    return statement
+
+
 def verify_statement(
     signed: SignedStatement,
     trusted: TrustedKeys,
@@ -331,17 +351,12 @@ def verify_statement(
         SignatureError: (a subclass) no trusted key's signature verifies.
         StatementError: a trusted key signed bytes that are not a valid statement.
         WrongFleetError: the statement is for another fleet.
-        StaleStatementError: it has expired.
         ReplayedStatementError: its version is not above ``last_version``.
+        StaleStatementError: it has expired.
         ValueError: ``now`` is naive.
     """
     _require_aware(now)
-    verify_threshold(signed, TrustedKeys(trusted.keys, 1))
-    statement = signed.statement  # parsed only once a trusted key vouches for the bytes
-    if statement.fleet != fleet:
-        raise WrongFleetError(
-            f"{statement.describe()} is for fleet {statement.fleet!r}, this device is in {fleet!r}"
-        )
+    statement = check_authentic(signed, trusted, fleet=fleet)
     if last_version is not None and statement.version <= last_version:
         raise ReplayedStatementError(
             f"{statement.describe()} is not newer than the accepted v{last_version} "

@@ -18,8 +18,14 @@ One :class:`Agent` per device. Threads:
 * callers' threads (``Agent.predict``, the local HTTP endpoint) only read the
   :class:`~edge_agent.serving.server.ModelServer`, which swaps models atomically.
 
+With a fleet configured (``[trust] fleet``) the agent also subscribes, for as long as
+it runs, to its fleet's retained statement; a
+:class:`~edge_agent.ota.fleet_guard.FleetGuard` holds the fresh one, vouches for
+deploys with it, and tells when the device is ``stale`` (no fresh statement): the
+worker wakes when the held one expires and republishes the status.
+
 On every (re)connect the agent publishes its retained status (hardware facts,
-version, runtimes, tags, installed model, the PyTorch models it can train); its Last
+version, runtimes, tags, installed model, the PyTorch models it can train, stale); its Last
 Will, rebuilt before each connection attempt, marks it offline. Reports that cannot
 go out while disconnected wait (bounded) and go first after reconnecting. Every
 message received is decoded strictly; anything malformed, oversized, of unknown
@@ -51,6 +57,7 @@ from edge_agent import __version__
 from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
+from edge_agent.ota.fleet_guard import FleetGuard
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.updates import Updater
@@ -63,6 +70,7 @@ from edge_agent.protocol import (
     Deploy,
     DeviceTopic,
     Envelope,
+    FleetStatementMessage,
     InstallState,
     InstallStatus,
     Limits,
@@ -190,10 +198,14 @@ class Agent:
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._http: LocalHttpServer | None = None
+        self.fleet = FleetGuard(config.trust.fleet, config.data_dir, trusted=trusted, clock=clock)
         self._link: DeviceLink = MqttLink(
             config.broker,
             client_id=self.device_id,
-            subscriptions=agent_subscriptions(self.device_id, broadcast=False),
+            subscriptions=(
+                *agent_subscriptions(self.device_id, broadcast=False),
+                *self.fleet.subscriptions(),
+            ),
             on_message=self._enqueue,
             on_connect=self._on_link_up,
             will=self._last_will,
@@ -210,6 +222,7 @@ class Agent:
             config=config.transfer,
             clock=clock,
             checkpoint=checkpoint,
+            targeting=self.fleet.require_targeted if self.fleet.enabled else None,
         )
         self.rounds = Participant(
             device_id=self.device_id,
@@ -378,12 +391,8 @@ class Agent:
         next_telemetry = time.monotonic() + interval
         while not self._stopping.is_set():
             now = time.monotonic()
-            wake = next_telemetry
-            for deadline in (self.updates.deadline, self.rounds.deadline):
-                if deadline is not None and self._link.connected:
-                    wake = min(wake, deadline)
             try:
-                item = self._inbox.get(timeout=max(0.0, wake - now))
+                item = self._inbox.get(timeout=max(0.0, self._next_wake(now, next_telemetry) - now))
             except queue.Empty:
                 item = None
             if self._stopping.is_set():
@@ -394,6 +403,8 @@ class Agent:
                     self._on_connected()
                 if isinstance(item, tuple):
                     self._on_message(*item)
+                if self.fleet.stale_changed():
+                    self.announce()
                 self.rounds.poll()
                 now = time.monotonic()
                 if now >= next_telemetry:
@@ -408,6 +419,18 @@ class Agent:
             except Exception:
                 logger.exception("agent worker: unexpected error (continuing)")
         logger.debug("agent worker stopped")
+
+    def _next_wake(self, now: float, next_telemetry: float) -> float:
+        """When (monotonic) the worker must run next: telemetry, a deadline of the
+        updater or the rounds (while connected), or the fleet statement's expiry."""
+        wake = next_telemetry
+        for deadline in (self.updates.deadline, self.rounds.deadline):
+            if deadline is not None and self._link.connected:
+                wake = min(wake, deadline)
+        expiry = self.fleet.seconds_to_expiry()
+        if expiry is not None:
+            wake = min(wake, now + expiry + 0.05)
+        return wake
 
     def _on_connected(self) -> None:
         self.announce()
@@ -424,7 +447,9 @@ class Agent:
         try:
             where = parse_topic(topic)
             if isinstance(where, BroadcastTopic) and not (
-                self.updates.wants_broadcast(where.name) or self.rounds.wants_broadcast(where.name)
+                self.updates.wants_broadcast(where.name)
+                or self.rounds.wants_broadcast(where.name)
+                or self.fleet.wants_broadcast(where.name)
             ):
                 return  # someone else's transfer (or another broadcast): not ours to decode
             if isinstance(where, DeviceTopic) and where.device_id != self.device_id:
@@ -444,6 +469,9 @@ class Agent:
         if isinstance(message, Chunk):
             if not self.rounds.on_chunk(message):
                 self.updates.on_chunk(message)
+            return
+        if isinstance(message, FleetStatementMessage):
+            self.fleet.on_statement(message)  # retained: re-delivered on reconnects
             return
         if envelope.id in self._recent_commands:
             logger.info("ignoring a repeated %s command %s", message.TYPE, envelope.id)
@@ -475,7 +503,9 @@ class Agent:
             model=active.name if active else None, version=active.version if active else None
         )
         dropped = self._spool.dropped
-        batch = TelemetryBatch(seq=self._telemetry_seq, dropped=dropped, records=(record,))
+        batch = TelemetryBatch(
+            seq=self._telemetry_seq, dropped=dropped, records=(record,), stale=self.fleet.stale()
+        )
         self._telemetry_seq += 1
         try:
             self._spool.append(self._encode(batch))
@@ -516,6 +546,7 @@ class Agent:
             models=models,
             train_examples=self._train_examples,
             train_models=self.rounds.train_models,
+            stale=self.fleet.stale(),
         )
 
     # ------------------------------------------------- Reporter (for the updater)
@@ -564,6 +595,8 @@ class Agent:
             "agent_version": __version__,
             "model_expired": self.updates.serving_expired(),
             "model_problems": [problem.to_json() for problem in self.updates.problems],
+            "stale": self.fleet.stale(),
+            "fleet": self.fleet.to_json(),
         }
 
 

@@ -16,21 +16,27 @@ from compress.errors import (
     CompressError,
     ExpiredError,
     IncompatibleDeviceError,
+    NoStatementError,
+    NotTargetedError,
     PayloadHashError,
     PayloadLengthError,
     RollbackError,
+    SlotRollbackError,
+    StaleStatementError,
     ThresholdError,
     UnknownKeyError,
 )
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys, sign_manifest
+from compress.statement import FleetStatement, Target, sign_statement
 from compress.trust import DeviceProfile
 from edge_agent.errors import HealthCheckError, ModelRuntimeError, TransferError
+from edge_agent.ota.fleet_guard import FleetGuard
 from edge_agent.ota.installer import AlreadyInstalled, check_deploy, install
 from edge_agent.ota.model_store import InstalledModel, ModelStore, StoreState
 from edge_agent.ota.staging import StagedTransfer, TransferInfo
-from edge_agent.protocol import Chunk, Deploy, chunk_count
+from edge_agent.protocol import Chunk, Deploy, FleetStatementMessage, chunk_count
 from edge_agent.runtime.base import ModelRuntime
 from tests.conftest import NOW, PAYLOAD, make_manifest
 from tests.fleet_support import CLASSES, FEATURES
@@ -256,6 +262,80 @@ def test_check_deploy_counts_per_model_name(
     assert check(sign_manifest(manifest, [key]), store, trusted) == manifest
 
 
+def test_check_deploy_keeps_a_floor_per_slot_too(
+    store: ModelStore, trusted: TrustedKeys, key: SigningKey
+) -> None:
+    """The issue's attack: an old, unexpired manifest signed for another name
+    (``digits-canary`` v1) used to replace the serving ``digits`` v5, since the rollback
+    counter was per name only. Without a fleet, another name must beat the slot floor."""
+    serving = installed(make_manifest(version=5))
+    store.commit(StoreState(current=serving).with_highest("digits", 5))
+    canary = make_manifest(name="digits-canary", version=1)
+    with pytest.raises(SlotRollbackError, match="slot floor v5") as caught:
+        check(sign_manifest(canary, [key]), store, trusted)
+    assert caught.value.code == "slot_rollback"
+    assert isinstance(caught.value, RollbackError)
+
+    # The floor is the highest ever installed: after a rollback to v4 it stays 5.
+    store.commit(StoreState(current=installed(make_manifest(version=4)), floor=5))
+    with pytest.raises(SlotRollbackError):
+        check(sign_manifest(make_manifest(name="digits-canary", version=5), [key]), store, trusted)
+    # Normal operation: a newer version of the serving model, or another model above the
+    # floor, still installs.
+    newer = make_manifest(name="digits-canary", version=6)
+    assert check(sign_manifest(newer, [key]), store, trusted) == newer
+    assert check(sign_manifest(make_manifest(version=5), [key]), store, trusted).version == 5
+
+
+def test_with_a_fleet_only_the_fresh_statement_decides(
+    store: ModelStore, trusted: TrustedKeys, key: SigningKey, tmp_path: Path
+) -> None:
+    """With a fleet configured, the statement must name name, version and sha256; it may
+    name another model below the slot floor (the coordinator's word on what runs)."""
+    store.commit(StoreState(current=installed(make_manifest(version=5))).with_highest("digits", 5))
+    canary = make_manifest(name="digits-canary", version=1)
+    clock = [NOW.timestamp()]
+    guard = FleetGuard("plant-a", tmp_path, trusted=trusted, clock=lambda: clock[0])
+
+    def deploy(manifest: Manifest) -> Manifest:
+        return check_deploy(
+            deploy_of(sign_manifest(manifest, [key]), PAYLOAD),
+            trusted=trusted,
+            device=DeviceProfile(),
+            store=store,
+            now=datetime.fromtimestamp(clock[0], UTC),
+            targeting=guard.require_targeted,
+        )
+
+    with pytest.raises(NoStatementError) as none:
+        deploy(canary)
+    assert none.value.code == "no_statement"
+    statement = FleetStatement(
+        fleet="plant-a",
+        version=1,
+        issued=NOW,
+        expires=NOW + timedelta(hours=1),
+        targets={"digits": Target(6, canary.sha256)},
+    )
+    assert guard.on_statement(
+        FleetStatementMessage(statement=sign_statement(statement, [key]).to_bytes())
+    )
+    with pytest.raises(NotTargetedError) as other:
+        deploy(canary)
+    assert other.value.code == "not_targeted"
+    assert deploy(make_manifest(version=6)).version == 6  # normal operation
+
+    named = replace(statement, version=2, targets={"digits-canary": Target(1, canary.sha256)})
+    assert guard.on_statement(
+        FleetStatementMessage(statement=sign_statement(named, [key]).to_bytes())
+    )
+    assert deploy(canary) == canary
+    clock[0] += 3600
+    with pytest.raises(StaleStatementError) as stale:
+        deploy(canary)
+    assert stale.value.code == "stale_statement"
+
+
 def test_check_deploy_of_the_current_model_is_already_installed(
     store: ModelStore, trusted: TrustedKeys, key: SigningKey
 ) -> None:
@@ -379,7 +459,9 @@ def test_install_commits_the_first_model(
         format="onnx",
         installed_at=1_800_000_000.0,
     )
-    assert store.state == StoreState(current=model, previous=None, highest=(("digits", 1),))
+    assert store.state == StoreState(
+        current=model, previous=None, highest=(("digits", 1),), floor=1
+    )
     assert ModelStore(store.root).state == store.state
     assert store.read_payload(model) == payload
     assert store.read_manifest_blob("a") == signed.to_bytes()
@@ -406,7 +488,7 @@ def test_a_second_install_uses_the_other_slot_and_keeps_the_previous(
     second, _ = installer(artifacts["v2"])
 
     assert (first.slot, second.slot) == ("a", "b")
-    expected = StoreState(current=second, previous=first, highest=(("digits", 2),))
+    expected = StoreState(current=second, previous=first, highest=(("digits", 2),), floor=2)
     assert store.state == expected
     assert ModelStore(store.root).state == expected
     assert store.read_payload(first) == artifacts["v1"][1]
@@ -487,7 +569,7 @@ def test_a_failed_install_into_the_previous_slot_keeps_current_and_counters(
     with pytest.raises(HealthCheckError):
         installer(artifacts["v3-bad"])
     # slot a held the rollback target; it had to be given up to try v3 there
-    expected = StoreState(current=current, previous=None, highest=(("digits", 2),))
+    expected = StoreState(current=current, previous=None, highest=(("digits", 2),), floor=2)
     assert store.state == expected
     assert ModelStore(store.root).state == expected
     assert slot_files(store, "a") == []

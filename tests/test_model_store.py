@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,25 @@ def test_counters_survive_reopen_and_a_rollback_of_current(data_dir: Path) -> No
     assert reopened.state.current == model("b", 2, PAYLOAD_B)
 
 
+def test_the_slot_floor_grows_with_any_name_and_survives_reopen(data_dir: Path) -> None:
+    store = ModelStore(data_dir)
+    store.commit(StoreState(current=model("a", 5, PAYLOAD_A)).with_highest("digits", 5))
+    # the serving model goes back to v2 (a rollback): the floor stays at 5
+    store.commit(replace(store.state, current=model("b", 2, PAYLOAD_B)).with_highest("digits", 2))
+    assert store.state.floor == 5
+    assert ModelStore(data_dir).state.slot_floor() == 5
+    assert json.loads((data_dir / "state.json").read_bytes())["floor"] == 5
+
+
+def test_an_older_state_json_without_a_floor_uses_the_current_version(data_dir: Path) -> None:
+    data_dir.mkdir()
+    (data_dir / "state.json").write_bytes(state_json())  # written before the floor existed
+    state = ModelStore(data_dir).state
+    assert state.floor == 0
+    assert state.slot_floor() == 2  # the current model's version still counts
+    assert StoreState().slot_floor() == 0
+
+
 # ------------------------------------------------------------ state.json parse
 
 
@@ -276,6 +296,8 @@ def test_state_round_trips_through_bytes() -> None:
         pytest.param(state_json(highest={"digits": "2"}), "bad 'highest'", id="str-counter"),
         pytest.param(state_json(highest={"digits": True}), "bad 'highest'", id="bool-counter"),
         pytest.param(state_json(highest={"digits": 2.5}), "bad 'highest'", id="float-counter"),
+        pytest.param(state_json(floor=-1), "bad slot 'floor'", id="negative-floor"),
+        pytest.param(state_json(floor=True), "bad slot 'floor'", id="bool-floor"),
         pytest.param(state_json(current={"slot": "a"}), "bad model entry", id="missing-fields"),
         pytest.param(state_json(current=[1]), "bad model entry", id="entry-not-object"),
         pytest.param(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import struct
@@ -546,8 +547,13 @@ def test_missing_required_field_of_every_type() -> None:
         for key in header["data"]:
             if name == "install_status" and key in ("model", "version", "error_code", "reason"):
                 continue
-            if (name, key) in (("status", "train_examples"), ("status", "train_models")):
-                continue  # optional (default 0, empty)
+            if (name, key) in (
+                ("status", "train_examples"),
+                ("status", "train_models"),
+                ("status", "stale"),
+                ("telemetry_batch", "stale"),
+            ):
+                continue  # optional (default 0, empty, false)
             if name == "train_task" and key in ("model_spec", "model_args", "task"):
                 continue  # optional (built-in family, classification)
             if name in ("error", "update_report") and key in ("ref", "upload_transfer_id"):
@@ -605,6 +611,21 @@ def test_deploy_manifest_bounds() -> None:
         decode(mutated("deploy", lambda h: None, body=b""))
     with pytest.raises(MessageTooLargeError):
         decode(mutated("deploy", lambda h: None, body=b"m" * (64 * 1024 + 1)))
+
+
+@pytest.mark.parametrize("name", ["status", "telemetry_batch"])
+def test_stale_is_optional_on_the_wire(name: str) -> None:
+    """Agents from before fleet statements send no ``stale``: it reads as false."""
+    message, sender = samples()[name]
+    flagged = dataclasses.replace(message, stale=True)  # type: ignore[type-var]
+    assert decode(encode(flagged, sender=sender, sent_at=1.0)).message == flagged
+
+    def drop(header: dict[str, Any]) -> None:
+        del header["data"]["stale"]
+
+    assert decode(mutated(name, drop)).message.stale is False  # type: ignore[attr-defined]
+    with pytest.raises(MalformedMessageError):
+        decode(mutated(name, set_data(stale="yes")))
 
 
 def test_fleet_statement_bounds() -> None:

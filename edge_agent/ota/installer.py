@@ -10,7 +10,13 @@ Two steps, called by the agent's worker thread:
    unsigned transfer fields must agree with it (``transfer_id`` is the manifest's
    sha256, ``total_size`` its length). A deploy of exactly the model already
    current raises :class:`AlreadyInstalled`, so a re-sent command is answered
-   "installed" instead of "rollback".
+   "installed" instead of "rollback". Then :func:`check_placement` decides whether
+   the model may take the serving position: with a fleet configured, only if the
+   fresh fleet statement names its name, version and sha256
+   (:class:`~edge_agent.ota.fleet_guard.FleetGuard`); without one, a model under
+   another name than the serving one must have a version above the slot floor
+   (:meth:`~edge_agent.ota.model_store.StoreState.slot_floor`), so an old manifest
+   signed for another name (``digits-canary`` v1) cannot replace ``digits`` v5.
 2. :func:`install` runs once every chunk is staged: the whole payload's length and
    sha256 are checked against the manifest (streamed, never more than the declared
    length), the payload moves into the free slot, the runtime loads it from there,
@@ -30,24 +36,35 @@ from collections.abc import Callable
 from dataclasses import replace as dc_replace
 from datetime import datetime
 
-from compress.errors import RollbackError
+from compress.errors import RollbackError, SlotRollbackError
 from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys, verify_signatures
 from compress.trust import DeviceProfile, PayloadVerifier, check_manifest
 from edge_agent.errors import InstallError, ModelRuntimeError, StateError, TransferError
 from edge_agent.ota.health import run_health_check
-from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.model_store import InstalledModel, ModelStore, StoreState
 from edge_agent.ota.staging import StagedTransfer
 from edge_agent.protocol import Deploy
 from edge_agent.runtime.base import ModelRuntime
 from edge_agent.runtime.loader import load_model
 
-__all__ = ["AlreadyInstalled", "Checkpoint", "check_deploy", "install", "verify_staged_payload"]
+__all__ = [
+    "AlreadyInstalled",
+    "Checkpoint",
+    "Targeting",
+    "check_deploy",
+    "check_placement",
+    "install",
+    "verify_staged_payload",
+]
 
 logger = logging.getLogger(__name__)
 
 Checkpoint = Callable[[str], None]
 """A hook called with a step's name between install steps."""
+
+Targeting = Callable[[Manifest, datetime], None]
+"""Raises unless the fleet's fresh statement names the manifest (a fleet is configured)."""
 
 _READ_BLOCK = 1024 * 1024
 
@@ -72,15 +89,20 @@ def check_deploy(
     device: DeviceProfile,
     store: ModelStore,
     now: datetime,
+    targeting: Targeting | None = None,
 ) -> Manifest:
     """Decide whether to download a deploy's payload.
+
+    ``targeting`` is the fleet's statement check when a fleet is configured (see
+    :func:`check_placement`).
 
     Returns:
         The verified manifest.
 
     Raises:
         AlreadyInstalled: this exact model (name, version, sha256) is current.
-        CompressError: the manifest fails a trust rule (its ``code`` says which).
+        CompressError: the manifest fails a trust rule (its ``code`` says which),
+            including :func:`check_placement`'s.
         TransferError: the deploy's transfer fields contradict the manifest.
     """
     signed = SignedManifest.from_bytes(deploy.manifest)
@@ -100,6 +122,7 @@ def check_deploy(
         ):
             raise AlreadyInstalled(current) from None
         raise
+    check_placement(manifest, state, now=now, targeting=targeting)
     if deploy.transfer_id != manifest.sha256 or deploy.total_size != manifest.length:
         raise TransferError(
             f"the transfer ({deploy.total_size} bytes, sha256 {deploy.transfer_id[:12]}) "
@@ -107,6 +130,33 @@ def check_deploy(
             f"{manifest.sha256[:12]}): tampered or mismatched artifact"
         )
     return manifest
+
+
+def check_placement(
+    manifest: Manifest, state: StoreState, *, now: datetime, targeting: Targeting | None
+) -> None:
+    """Decide whether ``manifest``'s model may take the serving position.
+
+    With a fleet configured (``targeting`` given), the fleet's fresh statement must
+    name the manifest's name, version and sha256; it may name a model under another
+    name, even below the slot floor (the statement is the coordinator's word on what
+    this fleet runs now). Without one, a model under another name than the serving
+    one must have a version above :meth:`StoreState.slot_floor`.
+
+    Raises:
+        NoStatementError, StaleStatementError, NotTargetedError: from ``targeting``.
+        SlotRollbackError: another name, not above the slot floor, no fleet configured.
+    """
+    if targeting is not None:
+        targeting(manifest, now)
+        return
+    current, floor = state.current, state.slot_floor()
+    if current is not None and current.name != manifest.name and manifest.version <= floor:
+        raise SlotRollbackError(
+            f"{manifest.name} v{manifest.version} would replace {current.name} "
+            f"v{current.version}, but a model under another name must be above the "
+            f"slot floor v{floor} (or be named by a fleet statement)"
+        )
 
 
 def verify_staged_payload(transfer: StagedTransfer, manifest: Manifest) -> None:

@@ -18,8 +18,13 @@ serve is re-verified against the signed manifest kept next to it
 (:mod:`edge_agent.ota.reverify`).
 
 The highest-version counters implement rollback protection (DESIGN.md trust rule
-2): they only grow, survive reinstalls and restarts, and are raised in the same
-atomic write that makes a new version current.
+3): they only grow, survive reinstalls and restarts, and are raised in the same
+atomic write that makes a new version current. So does the slot floor
+(:meth:`StoreState.slot_floor`): the highest version the device ever served under
+*any* name, which a model under another name than the serving one must exceed
+unless the fleet statement names it (:func:`edge_agent.ota.installer.check_placement`).
+An older ``state.json`` without the ``floor`` field reads as floor 0 (the current
+model's version still counts).
 """
 
 from __future__ import annotations
@@ -98,21 +103,30 @@ class StoreState:
         current: The model being served, if any.
         previous: The previous good model (rollback target), if any.
         highest: Highest version ever installed, per model name.
+        floor: Highest version ever installed under any name (the slot floor).
     """
 
     current: InstalledModel | None = None
     previous: InstalledModel | None = None
     highest: tuple[tuple[str, int], ...] = ()
+    floor: int = 0
 
     def highest_version(self, name: str) -> int | None:
         """Highest version ever installed for ``name`` (None if never)."""
         return dict(self.highest).get(name)
 
+    def slot_floor(self) -> int:
+        """The version a model under another name must exceed to replace the serving one:
+        the highest installed under any name, and at least the current model's."""
+        return max(self.floor, self.current.version if self.current is not None else 0)
+
     def with_highest(self, name: str, version: int) -> StoreState:
-        """A copy with ``name``'s counter raised to at least ``version``."""
+        """A copy with ``name``'s counter and the slot floor raised to at least ``version``."""
         counters = dict(self.highest)
         counters[name] = max(version, counters.get(name, version))
-        return replace(self, highest=tuple(sorted(counters.items())))
+        return replace(
+            self, highest=tuple(sorted(counters.items())), floor=max(self.floor, version)
+        )
 
     def to_bytes(self) -> bytes:
         """Serialized form."""
@@ -121,6 +135,7 @@ class StoreState:
             "current": self.current.to_json() if self.current else None,
             "previous": self.previous.to_json() if self.previous else None,
             "highest": dict(self.highest),
+            "floor": self.floor,
         }
         return json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -142,11 +157,15 @@ class StoreState:
             isinstance(k, str) and type(v) is int for k, v in highest.items()
         ):
             raise StateError(f"{STATE_FILE}: bad 'highest' counters")
+        floor = obj.get("floor", 0)
+        if type(floor) is not int or floor < 0:
+            raise StateError(f"{STATE_FILE}: bad slot 'floor'")
         current, previous = obj.get("current"), obj.get("previous")
         return cls(
             current=InstalledModel.from_json(current) if current is not None else None,
             previous=InstalledModel.from_json(previous) if previous is not None else None,
             highest=tuple(sorted(highest.items())),
+            floor=floor,
         )
 
 

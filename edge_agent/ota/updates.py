@@ -20,6 +20,12 @@ Deployment, as the device sees it::
     complete ──> verifying ──> installing (A/B + health check) ──> installed
                                    └──(load or health check fails)──> rolled_back
 
+``check_deploy`` includes the placement rule: with a fleet configured the fresh fleet
+statement must name the model (``targeting``, from
+:class:`~edge_agent.ota.fleet_guard.FleetGuard`); without one, a model under another
+name must be above the slot floor. A staged transfer resumed at start-up is checked
+the same way.
+
 Every outcome is reported after the files are in their final state (the staging area
 gone, the state committed), so a report never promises more than the disk holds.
 Restart (:meth:`Updater.restore`): the committed state names the model to serve,
@@ -51,7 +57,15 @@ from compress.signing import SignedManifest, TrustedKeys
 from compress.trust import DeviceProfile, verify_manifest
 from edge_agent.config.agent import TransferConfig
 from edge_agent.errors import AgentError, StateError, UntrustedModelError
-from edge_agent.ota.installer import AlreadyInstalled, Checkpoint, check_deploy, install
+from edge_agent.ota.fleet_guard import TrustSource, current_keys
+from edge_agent.ota.installer import (
+    AlreadyInstalled,
+    Checkpoint,
+    Targeting,
+    check_deploy,
+    check_placement,
+    install,
+)
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.reverify import ModelProblem, VerifiedModel, verify_installed
 from edge_agent.ota.staging import StagedTransfer, TransferInfo, list_transfers
@@ -127,7 +141,7 @@ class Updater:
         *,
         store: ModelStore,
         staging_root: Path,
-        trusted: TrustedKeys | Callable[[], TrustedKeys],
+        trusted: TrustSource,
         device: DeviceProfile,
         server: ModelServer,
         link: DeviceLink,
@@ -135,11 +149,14 @@ class Updater:
         config: TransferConfig,
         clock: Callable[[], float],
         checkpoint: Checkpoint,
+        targeting: Targeting | None = None,
     ) -> None:
         """Wire the updater to the agent's parts (nothing happens until called).
 
         ``trusted`` is the trusted keys, or a function that returns the current ones
-        (a device whose key set rotates while it runs).
+        (a device whose key set rotates while it runs). ``targeting`` is the fleet
+        statement check (:meth:`~edge_agent.ota.fleet_guard.FleetGuard.require_targeted`)
+        when a fleet is configured; see :func:`~edge_agent.ota.installer.check_placement`.
         """
         self._store = store
         self._staging_root = staging_root
@@ -151,6 +168,7 @@ class Updater:
         self._config = config
         self._clock = clock
         self._checkpoint = checkpoint
+        self._targeting = targeting
         self.transfer: Transfer | None = None
         self.problems: list[ModelProblem] = []
         """What the start-up check (or a refused rollback) found wrong with installed
@@ -160,8 +178,7 @@ class Updater:
     @property
     def _trusted(self) -> TrustedKeys:
         """The keys trusted now (asked afresh for each decision)."""
-        source = self._trust_source
-        return source if isinstance(source, TrustedKeys) else source()
+        return current_keys(self._trust_source)
 
     # ------------------------------------------------------------------ restore
 
@@ -294,6 +311,7 @@ class Updater:
             highest = self._store.state.highest_version(manifest.name)
             if highest is not None and manifest.version <= highest:
                 raise StateError(f"{manifest.name} v{highest} was installed meanwhile")
+            check_placement(manifest, self._store.state, now=self._now(), targeting=self._targeting)
         except (CompressError, AgentError) as exc:
             logger.info("dropping staged transfer %s: %s", info.transfer_id[:12], exc)
             staged.discard()
@@ -372,6 +390,7 @@ class Updater:
                 device=self._device,
                 store=self._store,
                 now=self._now(),
+                targeting=self._targeting,
             )
         except AlreadyInstalled as done:
             self._reporter.report(deploy.deployment_id, InstallState.INSTALLED, done.model)

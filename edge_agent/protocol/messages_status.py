@@ -56,6 +56,9 @@ class Status(Message):
         train_models: PyTorch model factories (``module:function``) this device
             has installed and can train; empty without ``fedge[torch]``. Optional
             on the wire (default empty).
+        stale: The device has a fleet configured but holds no fresh fleet
+            statement (frozen or cut off from the coordinator's word on what to
+            run). Optional on the wire (default false): older agents never send it.
     """
 
     TYPE: ClassVar[str] = "status"
@@ -69,6 +72,7 @@ class Status(Message):
     models: tuple[ModelInfo, ...] = ()
     train_examples: int = 0
     train_models: tuple[str, ...] = ()
+    stale: bool = False
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
@@ -82,6 +86,7 @@ class Status(Message):
             ],
             "train_examples": self.train_examples,
             "train_models": list(self.train_models),
+            "stale": self.stale,
         }
         return data, b""
 
@@ -110,7 +115,13 @@ class Status(Message):
                     optional=True,
                 )
             ),
+            stale=_optional_flag(data, "stale"),
         )
+
+
+def _optional_flag(data: FieldReader, key: str) -> bool:
+    """A boolean field newer senders add: absent or null reads as false."""
+    return data.boolean(key) if data.raw(key) is not None else False
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +247,8 @@ class TelemetryBatch(Message):
         seq: Batch sequence number (gaps reveal lost batches).
         dropped: Records dropped since the previous batch (buffer overflow).
         records: The records (0..``limits.max_list_items``).
+        stale: The device held no fresh fleet statement when it made the batch
+            (see :class:`Status`). Optional on the wire (default false).
     """
 
     TYPE: ClassVar[str] = "telemetry_batch"
@@ -244,12 +257,14 @@ class TelemetryBatch(Message):
     seq: int
     dropped: int = 0
     records: tuple[TelemetryRecord, ...] = ()
+    stale: bool = False
 
     def _to_wire(self, _limits: Limits) -> tuple[dict[str, Any], bytes]:
         data = {
             "seq": self.seq,
             "dropped": self.dropped,
             "records": [_record_to_json(record) for record in self.records],
+            "stale": self.stale,
         }
         return data, b""
 
@@ -266,4 +281,5 @@ class TelemetryBatch(Message):
                     max_len=limits.max_list_items,
                 )
             ),
+            stale=_optional_flag(data, "stale"),
         )
