@@ -240,6 +240,7 @@ def test_devices_json() -> None:
         "last_seen_age_s": 12.0,
         "train_examples": 321,
         "train_models": ["edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"],
+        "stale": False,
     }
     assert second["online"] is False
     assert second["train_examples"] == 0

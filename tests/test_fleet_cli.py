@@ -1,17 +1,23 @@
 """``fedge fleet`` and ``fedge deploy --fleet`` without a broker: what is refused
-before anything connects, and how ``--model`` values are read."""
+before anything connects, how ``--model`` values are read, and how ``fedge devices``
+shows a device that holds no fresh statement (``stale``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from coordinator.cli.app import app
+from coordinator.cli.device_views import devices_json, devices_table
 from coordinator.cli.fleet import parse_target
 from coordinator.delivery.deliveries import Artifact
 from coordinator.errors import FleetStatementError
+from coordinator.service.ingest import status_document
+from coordinator.service.store.records import DeviceRow
+from edge_agent.protocol import Status
 from tests.conftest import ArtifactFactory
 
 SHA = "ab" * 32
@@ -76,3 +82,26 @@ def test_fleet_without_a_subcommand_is_still_the_device_list(clean_fedge_env: No
     status, err = run("fleet", "--broker", "mqtt://127.0.0.1:9", "--connect-timeout", "1")
     assert status == 1
     assert "cannot connect to mqtt://127.0.0.1:9" in err
+
+
+def test_a_device_without_a_fresh_statement_is_listed_as_stale() -> None:
+    fresh, stale = (
+        DeviceRow(
+            device_id=name,
+            first_seen=0.0,
+            last_seen=100.0,
+            online=True,
+            status=status_document(Status(online=True, agent_version="1", stale=flag)),
+            tags=(),
+            model=None,
+            version=None,
+        )
+        for name, flag in (("fresh", False), ("held", True))
+    )
+    doc = devices_json([fresh, stale], now=100.0)
+    assert [d["stale"] for d in doc["devices"]] == [False, True]
+    console = Console(width=200, record=True)
+    console.print(devices_table([fresh, stale], now=100.0))
+    lines = console.export_text().splitlines()
+    assert any("held" in line and "online, stale" in line for line in lines)
+    assert not any("fresh" in line and "stale" in line for line in lines)

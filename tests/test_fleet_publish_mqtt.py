@@ -1,11 +1,14 @@
 """Fleet statements through a real mosquitto (shipped ACL) and a real agent process.
 
-The operator side is the ``fedge`` CLI: ``fleet show`` before anything is published,
+The operator side is the ``fedge`` CLI: ``fleet show`` before anything is published
+(and the agent, run with ``--fleet``, refuses a plain deploy: ``no_statement``),
 ``deploy --fleet --statement-key`` (which names the artifact in a fresh statement,
-retained, before deploying it) to an agent process run with ``--fleet``, then
-``fleet show`` with the signature checked, and ``fleet publish --keep`` on top.
+retained, before deploying it: installed), a signed artifact the statement does not
+name (refused: ``not_targeted``), ``fleet show`` with the signature checked, and
+``fleet publish --keep`` on top.
 Then ``fedge coordinator serve`` with a ``[fleet]`` table: it publishes at start,
-re-publishes at half the (short) lifetime, and names what it deploys.
+re-publishes at half the (short) lifetime, and names what it deploys; once it
+stops, the device reports ``stale`` and ``fedge devices`` shows it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ def fedge(broker: Mosquitto, *args: str) -> Result:
     return CliRunner(mix_stderr=False).invoke(app, list(args), env=env)
 
 
+def deploy_codes(broker: Mosquitto, trust: Path, artifact: Path) -> list[str]:
+    """``fedge deploy`` without --fleet; the error codes of the devices' refusals."""
+    result = fedge(
+        broker, "deploy", str(artifact), "--trust", str(trust), "--timeout", "30", "--json"
+    )
+    assert result.exit_code == 1, result.stdout + result.stderr
+    devices = json.loads(result.stdout)["devices"]
+    assert {d["state"] for d in devices} == {"rejected"}, devices
+    return [d["error_code"] for d in devices]
+
+
 @pytest.fixture
 def agent(
     broker: Mosquitto, tmp_path: Path, signing_key: SigningKey
@@ -81,6 +95,10 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
     assert nothing.exit_code == 1
     assert "holds no statement for fleet plant-a" in nothing.stderr
 
+    # No statement yet: the agent of the fleet refuses a plain deploy.
+    early = make_artifact(tmp_path, signing_key, version=2)
+    assert deploy_codes(broker, trust, early) == ["no_statement"]
+
     artifact = make_artifact(tmp_path, signing_key, version=3)
     deployed = fedge(
         broker, "deploy", str(artifact), "--trust", str(trust), "--wait", "--timeout", "30",
@@ -95,6 +113,10 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
     sha256 = Artifact.load(artifact).transfer_id
     assert (view["fleet"], view["fresh"], view["verified"]) == (FLEET, True, True)
     assert view["targets"] == {"digits": {"version": 3, "sha256": sha256}}
+
+    # A validly signed artifact the statement does not name is refused.
+    unnamed = make_artifact(tmp_path, signing_key, version=5)
+    assert deploy_codes(broker, trust, unnamed) == ["not_targeted"]
 
     # Published on top (--keep): a second model, a higher version, the first kept.
     other = make_artifact(tmp_path, signing_key, version=1, name="anomaly")
@@ -175,7 +197,18 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
         assert deployed.exit_code == 0, deployed.stderr + process.log_text()[-3000:]
         named = shown()["targets"]
         assert named == {"digits": {"version": 4, "sha256": Artifact.load(artifact).transfer_id}}
+        assert not device_stale(broker)
     finally:
         service.terminate()
         service.wait(timeout=20)
     assert service.returncode == 0, log.read_text()[-3000:]
+    # Nobody refreshes the 4 s statement now: the device reports stale, and the
+    # operator sees it in the device list.
+    wait_for(lambda: device_stale(broker), timeout=15, what="the device reported stale")
+
+
+def device_stale(broker: Mosquitto) -> bool:
+    result = fedge(broker, "devices", "--json")
+    assert result.exit_code == 0, result.stderr
+    [device] = json.loads(result.stdout)["devices"]
+    return bool(device["stale"])

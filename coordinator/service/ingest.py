@@ -156,6 +156,7 @@ def status_document(status: Status) -> dict[str, Any]:
         ],
         "train_examples": status.train_examples,
         "train_models": list(status.train_models),
+        "stale": status.stale,
     }
 
 
