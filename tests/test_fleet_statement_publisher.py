@@ -300,3 +300,4 @@ def test_a_state_file_that_cannot_be_written_stops_the_deploy_with_a_logged_erro
             deliveries.deploy(artifact(make_manifest(), signing_key), Target.parse("all"))
     assert "statement not published" in caplog.text
     assert hub.commands("d0") == []  # no deploy went out unnamed
+    assert publisher.targets() == {}  # and a later statement will not name it

@@ -39,6 +39,7 @@ such a statement: it goes stale after its lifetime unless published again).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -377,16 +378,18 @@ class StatementPublisher:
         before the deploy command goes out."""
         target = StatementTarget(version=manifest.version, sha256=manifest.sha256)
         with self._lock:
+            before = copy.deepcopy(self._book)
             changed = self._book.name(manifest.name, target)
             unpublished = self._published_at is None
         if changed or unpublished:
             logger.info("fleet %s: the statement now names %s v%d",
                         self.settings.fleet, manifest.name, manifest.version)  # fmt: skip
-            self.publish()
+            self._publish_or_restore(before)
 
     def before_rollback(self, model: str) -> None:
         """A rollback of ``model`` is about to be sent: name its previous target."""
         with self._lock:
+            before = copy.deepcopy(self._book)
             target = self._book.revert(model)
         if target is None:
             logger.info("fleet %s: rollback of %s leaves the statement as it is "
@@ -395,7 +398,17 @@ class StatementPublisher:
             return
         logger.info("fleet %s: rollback: the statement names %s v%d again",
                     self.settings.fleet, model, target.version)  # fmt: skip
-        self.publish()
+        self._publish_or_restore(before)
+
+    def _publish_or_restore(self, before: StatementBook) -> None:
+        """:meth:`publish`; if it fails, the book goes back to ``before`` (the deploy
+        or rollback is not sent, so the statement must not name it later)."""
+        try:
+            self.publish()
+        except FleetStatementError:
+            with self._lock:
+                self._book = before
+            raise
 
     # --------------------------------------------------------------- publishing
 
