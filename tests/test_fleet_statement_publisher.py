@@ -77,7 +77,8 @@ def settings(signing_key: SigningKey, tmp_path: Path) -> StatementSettings:
 def publisher(
     hub: MemoryHub, settings: StatementSettings, clock: Clock
 ) -> Iterator[StatementPublisher]:
-    instance = StatementPublisher(hub, settings, clock=clock, check_s=0.05)
+    """A publisher whose thread stays idle: the test calls refresh_if_due itself."""
+    instance = StatementPublisher(hub, settings, clock=clock, check_s=3600.0)
     instance.start()
     yield instance
     instance.stop()
@@ -168,12 +169,20 @@ def test_the_statement_is_republished_at_half_its_lifetime(
 
 
 def test_the_refresh_thread_and_a_reconnection_publish_on_their_own(
-    hub: MemoryHub, publisher: StatementPublisher, clock: Clock
+    hub: MemoryHub, settings: StatementSettings, clock: Clock
 ) -> None:
-    hub.reconnect()
-    wait_for(lambda: len(statements(hub)) == 2, what="republished on reconnection")
-    clock.now += LIFETIME / 2
-    wait_for(lambda: len(statements(hub)) == 3, what="refreshed by the thread")
+    publisher = StatementPublisher(hub, settings, clock=clock, check_s=0.02)
+    publisher.start()
+    try:
+        hub.reconnect()
+        wait_for(lambda: len(statements(hub)) == 2, what="republished on reconnection")
+        clock.now += LIFETIME / 2
+        wait_for(lambda: len(statements(hub)) == 3, what="refreshed by the thread")
+    finally:
+        publisher.stop()
+    hub.reconnect()  # stopped: no longer listening
+    clock.now += LIFETIME
+    assert len(statements(hub)) == 3
 
 
 def test_a_statement_that_could_not_go_out_is_retried(
