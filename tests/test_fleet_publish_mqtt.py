@@ -163,7 +163,7 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
         f'db = "state.db"\nbind = "127.0.0.1:{port}"\n'
         f'[broker]\nurl = "{broker.url}"\npassword_file = "{secret}"\n'
         f'[trust]\nkeys = ["{trust}"]\n'
-        f'[fleet]\nid = "{FLEET}"\nkeys = ["{statement_key}"]\nlifetime_s = 4\n'
+        f'[fleet]\nid = "{FLEET}"\nkeys = ["{statement_key}"]\nlifetime_s = 6\n'
     )
     token = create_token(tmp_path / "state.db", "operator")
     log = tmp_path / "serve.log"
@@ -184,7 +184,7 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
 
         first = wait_for(shown, what="the service's statement")
         assert (first["fresh"], first["verified"], first["targets"]) == (True, True, {})
-        # Re-published at half its 4 s lifetime: a newer, fresh statement.
+        # Re-published at half its 6 s lifetime: a newer, fresh statement.
         later = wait_for(lambda: shown().get("version", 0) > first["version"] and shown(),
                          timeout=10, what="a refreshed statement")  # fmt: skip
         assert later["fresh"]
@@ -202,7 +202,7 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
         service.terminate()
         service.wait(timeout=20)
     assert service.returncode == 0, log.read_text()[-3000:]
-    # Nobody refreshes the 4 s statement now: the device reports stale, and the
+    # Nobody refreshes the 6 s statement now: the device reports stale, and the
     # operator sees it in the device list.
     wait_for(lambda: device_stale(broker), timeout=15, what="the device reported stale")
 
