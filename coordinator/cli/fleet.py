@@ -172,10 +172,14 @@ def publish_statement(
         fleet, merged, keys, now=time.time(), lifetime_s=lifetime_s,
         last_version=last.version if last is not None else 0,
     )  # fmt: skip
-    with MqttHub(HubConfig(broker=broker, sync_timeout_s=timeout)) as hub:
+    hub = MqttHub(HubConfig(broker=broker, sync_timeout_s=timeout))
+    hub.start(timeout)
+    try:
         if not hub.publish_retained(statement_broadcast(fleet), statement_message(signed)):
             raise FleetStatementError(f"fleet {fleet}: the statement could not be sent")
         hub.sync_fleet()  # our own messages come back in order: the publish was handled
+    finally:
+        hub.stop()
     back = retained_statement(broker, fleet, timeout=timeout)
     if back is None or back.to_bytes() != signed.to_bytes():
         raise FleetStatementError(f"fleet {fleet}: the broker did not keep the new statement")
