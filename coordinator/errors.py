@@ -24,7 +24,8 @@ The tree::
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
     ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
-    └── CertificateAuthorityError   the mTLS CA cannot issue or revoke as asked
+    ├── CertificateAuthorityError   the mTLS CA cannot issue or revoke as asked
+    └── FleetStatementError         a fleet statement cannot be made, saved or read
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -248,6 +249,13 @@ class CertificateAuthorityError(CoordinatorError):
     device to revoke, a lifetime past the CA's own."""
 
     code = "ca_refused"
+
+
+class FleetStatementError(CoordinatorError):
+    """A fleet statement cannot be made, saved or read (bad fleet id or lifetime, no
+    signing key, an unreadable state file, no valid retained statement)."""
+
+    code = "fleet_statement_error"
 
 
 class ApiError(CoordinatorError):

@@ -23,6 +23,7 @@ JOBS = {
     "data",
     "deploy",
     "devices",
+    "fleet",
     "keys",
     "model",
     "presence",
@@ -62,13 +63,19 @@ def every_command(
 def test_help_lists_each_job_once_and_hides_the_alias() -> None:
     commands = root().commands
     assert {name for name, c in commands.items() if not c.hidden} == JOBS
-    assert {name for name, c in commands.items() if c.hidden} == {"fleet"}
+    assert {name for name, c in commands.items() if c.hidden} == set()
+    fleet = commands["fleet"]
+    assert isinstance(fleet, click.Group)
+    # "fedge fleet" without a subcommand is still "fedge devices" (its former name).
+    assert {name for name, c in fleet.commands.items() if c.hidden} == {"list"}
     callbacks = {info.name: info.callback for info in app.registered_commands}
-    assert callbacks["fleet"] is callbacks["devices"]
+    [fleet_app] = [g.typer_instance for g in app.registered_groups if g.name == "fleet"]
+    assert fleet_app is not None
+    [alias] = [c.callback for c in fleet_app.registered_commands if c.name == "list"]
+    assert alias is callbacks["devices"]
     text = CliRunner().invoke(app, ["--help"], terminal_width=100).stdout
     listed = {line.split()[1] for line in text.splitlines() if line.startswith("│ ")}
     assert listed >= JOBS
-    assert "fleet" not in listed
 
 
 def test_every_command_has_help_text() -> None:
@@ -96,9 +103,10 @@ def test_the_connection_options_are_one_declaration() -> None:
             assert isinstance(param, click.Option)
             envvar = param.envvar if isinstance(param.envvar, str) else None
             seen.setdefault(option, set()).add((param.help, envvar))
-    # deploy, rollback, train, devices (and fleet), telemetry, presence, audit,
-    # keys publish, and every subcommand of artifacts, rollout and rounds
-    assert users == 21
+    # deploy, rollback, train, devices (and fleet list), fleet publish and show, keys
+    # publish, telemetry, presence, audit, and every subcommand of artifacts, rollout
+    # and rounds
+    assert users == 23
     for option in CONNECTION_OPTIONS:
         texts = {help_text for help_text, _ in seen[option]}
         if option == "--broker":  # required by the MQTT commands, or the other of --api

@@ -244,6 +244,7 @@ def test_devices_json() -> None:
         "train_examples": 321,
         "train_models": ["edge_agent.training.zoo:small_cnn", "mypkg.models:cnn"],
         "keyset_version": 3,
+        "stale": False,
     }
     assert second["online"] is False
     assert second["keyset_version"] is None

@@ -228,6 +228,16 @@ class TestHubContract:
         wait_for(lambda: rig.heard("hc1"), what="hc1's command")
         assert len(rig.heard("hc0")) == 1
 
+    def test_a_retained_broadcast_reaches_every_device(self, rig: Rig) -> None:
+        message = Rollback(model="digits", reason="any message")
+        assert rig.hub.publish_retained("fleet.plant-a", message) > 0
+        for device_id in DEVICES:
+            wait_for(lambda: all(rig.heard(d) for d in DEVICES), what="the broadcast")
+            [(topic, envelope)] = rig.heard(device_id)
+            assert topic == broadcast_topic("fleet.plant-a")
+            assert envelope.sender == "coordinator"
+            assert envelope.message == message
+
     def test_a_payload_pushed_to_one_device_goes_to_its_own_topic(self, rig: Rig) -> None:
         transfer_id = rig.hub.serve_payload(PAYLOAD)
         assert transfer_id == sha256_hex(PAYLOAD)

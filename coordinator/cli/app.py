@@ -12,7 +12,8 @@ stderr) and dispatches to the command groups:
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
-  (``fedge fleet`` is a hidden alias of ``fedge devices``)
+* ``fedge fleet publish | show`` -- :mod:`coordinator.cli.fleet` (the signed fleet
+  statement; ``fedge fleet`` without a subcommand is ``fedge devices``, its former name)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
@@ -52,6 +53,7 @@ from coordinator.cli import (
     ca,
     data,
     deploy,
+    fleet,
     keys,
     model,
     observe,
@@ -80,7 +82,7 @@ app.command("rollback")(deploy.rollback)
 app.command("train")(train.train)
 app.command("simulate")(simulate.simulate)
 app.command("devices")(observe.devices)
-app.command("fleet", hidden=True)(observe.devices)  # the name of the command before it
+app.add_typer(fleet.app, name="fleet")  # without a subcommand: devices, its former name
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)

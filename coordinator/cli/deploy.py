@@ -31,16 +31,25 @@ In-process, give ``--db`` the coordinator's database to keep that record: withou
 it the service runs on a temporary database, and the command says on stderr that
 nothing will be kept.
 
+With ``--fleet F --statement-key K.pem`` (in-process only), ``deploy`` first
+publishes a fleet statement naming the artifact (on top of what the retained
+statement names, :func:`coordinator.cli.fleet.name_before_deploy`), so devices
+configured with that fleet accept it. Nothing refreshes that statement: it goes
+stale after six hours unless ``fedge fleet publish --keep`` runs again; a service
+with a ``[fleet]`` table keeps it fresh and names its deploys itself.
+
 A staged rollout (canary, waves, health gates) is ``fedge rollout``.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from coordinator.cli.fleet import name_before_deploy
 from coordinator.cli.follow import follow
 from coordinator.cli.operate import operations, resolve_artifact, uploaded_sha256
 from coordinator.cli.options import (
@@ -52,7 +61,9 @@ from coordinator.cli.options import (
 )
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.cli.views import deploy_table
+from coordinator.delivery.deliveries import Artifact
 from coordinator.delivery.tracker import DeployResult, DeviceState
+from coordinator.errors import FleetStatementError
 from coordinator.link.fleet import Target
 from coordinator.service.operations import (
     CLI_ACTOR,
@@ -129,6 +140,18 @@ def deploy(
             help="Bytes per chunk (in-process; a service uses its own).",
         ),
     ] = DEFAULT_CHUNK_BYTES,
+    fleet: Annotated[
+        str | None,
+        typer.Option(
+            "--fleet",
+            help="In-process: first publish a fleet statement naming the artifact "
+            "(a service with [fleet] does it itself).",
+        ),
+    ] = None,
+    statement_key: Annotated[
+        list[Path] | None,
+        typer.Option("--statement-key", help="Private key that signs that statement."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send a signed artifact to devices at once; agents verify it before installing.
@@ -139,6 +162,11 @@ def deploy(
     resolved = resolve_artifact(artifact)
     with reported_errors(as_json=as_json):
         target = Target.parse(to)
+        if fleet is not None:
+            if not isinstance(resolved, bytes):
+                raise FleetStatementError("--fleet needs ARTIFACT as a .fedge file")
+            manifest = Artifact.from_bytes(resolved).manifest
+            name_before_deploy(connection, fleet, statement_key or (), manifest)
         _warn_unaudited(connection, "deployment")
         with operations(connection, chunk_size=chunk_size) as ops:
             sha256 = uploaded_sha256(ops, resolved, as_json=as_json)

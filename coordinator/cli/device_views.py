@@ -1,9 +1,10 @@
-"""The device list of ``fedge devices`` (and its alias ``fedge fleet``), as a table or JSON (pure).
+"""The device list of ``fedge devices`` (and ``fedge fleet`` alone), as a table or JSON (pure).
 
 Rows are :class:`~coordinator.service.store.records.DeviceRow` values from
 :meth:`Operations.devices <coordinator.service.operations.Operations.devices>`, over the
 API or in-process; what a device last announced (agent version, hardware,
-runtimes, installed models, local training examples) is read from the row's
+runtimes, installed models, local training examples, whether it holds a fresh
+fleet statement) is read from the row's
 ``status`` document (:func:`coordinator.service.ingest.status_document`). A row
 whose status is missing or malformed shows what the row itself holds::
 
@@ -61,6 +62,10 @@ def _keyset_version(row: DeviceRow) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _stale(row: DeviceRow) -> bool:
+    return _status(row).get("stale") is True
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -71,6 +76,8 @@ def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
     (local examples for federated rounds), ``train_models`` (the PyTorch model
     factories it can train; empty without PyTorch), ``keyset_version`` (the key set
     it trusts; None with fixed key files), ``first_seen``, ``last_seen`` (unix
+    factories it can train; empty without PyTorch), ``stale`` (the device has a fleet
+    configured and holds no fresh fleet statement), ``first_seen``, ``last_seen`` (unix
     seconds), ``last_seen_iso`` (ISO-8601, UTC) and ``last_seen_age_s`` (never
     negative); the three ``last_seen`` fields are None when it was never seen.
     """
@@ -89,6 +96,7 @@ def device_json(row: DeviceRow, now: float) -> dict[str, Any]:
         "train_examples": _train_examples(row),
         "train_models": _train_models(row),
         "keyset_version": _keyset_version(row),
+        "stale": _stale(row),
         "first_seen": row.first_seen,
         "last_seen": row.last_seen if seen else None,
         "last_seen_iso": _iso(row.last_seen) if seen else None,
@@ -104,6 +112,14 @@ def devices_json(rows: Sequence[DeviceRow], now: float) -> dict[str, Any]:
 def _trains(specs: Sequence[str]) -> str:
     """What a device can train: the built-in models, and how many PyTorch ones."""
     return f"numpy + {len(specs)} torch" if specs else "numpy"
+
+
+def _presence(row: DeviceRow) -> Text:
+    """``online`` or ``offline``, and ``stale`` when its fleet statement expired."""
+    text = Text("online", style="green") if row.online else Text("offline", style="dim")
+    if _stale(row):
+        text.append(", stale", style="bold yellow")
+    return text
 
 
 def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
@@ -123,7 +139,7 @@ def devices_table(rows: Sequence[DeviceRow], *, now: float) -> Table:
         examples = doc["train_examples"]
         table.add_row(
             Text(safe_text(row.device_id)),
-            Text("online", style="green") if row.online else Text("offline", style="dim"),
+            _presence(row),
             Text(safe_text(doc["agent_version"]) or "-"),
             Text(safe_text(models) or "-"),
             Text(safe_text(", ".join(row.tags)) or "-"),

@@ -24,7 +24,10 @@ Delivering one artifact:
    the artifact runs on the device counts as ``installed`` (the report may have been
    sent while the hub was disconnected); ``wait`` returns when every device has an
    outcome or the timeout expires, and forgets the delivery.
-4. After a lost connection, deploys are sent again to the devices still in
+4. With an announcer (:meth:`Deliveries.announce_with`, the service's fleet
+   statement publisher), it hears of each deploy and rollback once the target is
+   resolved and before any command goes out.
+5. After a lost connection, deploys are sent again to the devices still in
    progress (a resent deploy is answered ``installed`` or resumes the transfer);
    rollbacks are not (a second one would go back further).
 
@@ -43,6 +46,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from compress.artifact import read_artifact_raw, read_payload, read_signed_manifest
 from compress.manifest import Manifest
@@ -70,13 +74,26 @@ from edge_agent.protocol import (
     sha256_hex,
 )
 
-__all__ = ["ACCEPT_WAIT_S", "Artifact", "Deliveries", "Delivery"]
+__all__ = ["ACCEPT_WAIT_S", "Announcer", "Artifact", "Deliveries", "Delivery"]
 
 logger = logging.getLogger(__name__)
 
 ACCEPT_WAIT_S = 3.0
 """Default wait for every device's accept/reject before the payload is pushed anyway
 (late devices pull what they missed)."""
+
+
+class Announcer(Protocol):
+    """Hears of a deploy or rollback just before its commands go out (see
+    :meth:`Deliveries.announce_with`); may raise to stop it."""
+
+    def before_deploy(self, manifest: Manifest) -> None:
+        """An artifact with this (unverified) manifest is about to be deployed."""
+        ...
+
+    def before_rollback(self, model: str) -> None:
+        """Devices are about to be asked to roll ``model`` back."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -182,8 +199,19 @@ class Deliveries(Closeable):
         self._deliveries: dict[str, Delivery] = {}
         self._online: dict[str, bool] = {}  # as last seen here, to notice a comeback
         self._change_count = 0  # bumped on every change a waiter may want to see
+        self._announcer: Announcer | None = None
         hub.add_listener(self._on_message)
         hub.add_connect_listener(self._on_reconnect)
+
+    def announce_with(self, announcer: Announcer | None) -> None:
+        """Tell ``announcer`` before every deploy and rollback is sent (None: nobody).
+
+        The service's fleet statement publisher
+        (:class:`~coordinator.delivery.fleet_statement.StatementPublisher`) names
+        each deployed artifact this way, so devices that install only what the
+        fleet statement names accept it.
+        """
+        self._announcer = announcer
 
     def close(self) -> None:
         """Stop listening to the hub (idempotent); tracked deliveries stay as they are."""
@@ -238,14 +266,14 @@ class Deliveries(Closeable):
         *,
         deployment_id: str | None = None,
     ) -> Delivery:
+        records = self._select(target)
+        announcer = self._announcer
+        if announcer is not None:  # before any command: devices check the statement
+            if artifact is not None:
+                announcer.before_deploy(artifact.manifest)
+            else:
+                announcer.before_rollback(model)
         with self._cond:
-            known = self.hub.fleet()
-            unknown = target.missing(known)
-            if unknown:
-                raise TargetError(f"unknown device(s): {', '.join(unknown)} (see fedge fleet)")
-            records = target.select(known)
-            if not records:
-                raise TargetError(f"no device matches {target.describe()}")
             online = [r.device_id for r in records if r.online]
             offline = [r.device_id for r in records if not r.online]
             tracker = DeploymentTracker(
@@ -268,6 +296,21 @@ class Deliveries(Closeable):
         for device_id in online:
             self._send_command(delivery, device_id)
         return delivery
+
+    def _select(self, target: Target) -> list[DeviceRecord]:
+        """The targeted devices, online or not.
+
+        Raises:
+            TargetError: it names unknown devices, or matches none.
+        """
+        known = self.hub.fleet()
+        unknown = target.missing(known)
+        if unknown:
+            raise TargetError(f"unknown device(s): {', '.join(unknown)} (see fedge fleet)")
+        records = target.select(known)
+        if not records:
+            raise TargetError(f"no device matches {target.describe()}")
+        return records
 
     def _send_command(self, delivery: Delivery, device_id: str) -> None:
         msg_id = new_message_id()

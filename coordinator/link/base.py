@@ -73,8 +73,9 @@ class HubBase(ABC):
     # ------------------------------------------------------- what a sub-class does
 
     @abstractmethod
-    def _publish(self, topic: str, payload: bytes) -> bool:
-        """Send one message; False when disconnected."""
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Send one message (``retain``: the broker keeps it for later subscribers);
+        False when disconnected."""
 
     @abstractmethod
     def _publish_chunks(self, sends: Iterable[PlannedSend]) -> bool:
@@ -154,6 +155,25 @@ class HubBase(ABC):
         )
         if not self._publish(device_topic(device_id, Channel.CMD), payload):
             logger.warning("could not send %s to %s (disconnected)", message.TYPE, device_id)
+            return 0
+        return len(payload)
+
+    def publish_retained(self, name: str, message: Message) -> int:
+        """Publish a message on the broadcast topic ``name``, retained by the broker.
+
+        Every device subscribed to the broadcast gets it, and so does every device
+        that subscribes later (the broker keeps the last one per topic): the fleet
+        statement and the key set travel this way.
+
+        Returns:
+            The encoded message's size in bytes, or 0 if it could not go out
+            (disconnected).
+        """
+        payload = encode(
+            message, sender=COORDINATOR_SENDER, sent_at=self._clock(), limits=self._limits
+        )
+        if not self._publish(broadcast_topic(name), payload, retain=True):
+            logger.warning("could not publish %s on %s (disconnected)", message.TYPE, name)
             return 0
         return len(payload)
 

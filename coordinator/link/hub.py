@@ -192,8 +192,8 @@ class MqttHub(HubBase, Startable):
 
     # ------------------------------------------------------------------- the wire
 
-    def _publish(self, topic: str, payload: bytes) -> bool:
-        return self._link.publish(topic, payload)
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        return self._link.publish(topic, payload, retain=retain)
 
     def _publish_chunks(self, sends: Iterable[PlannedSend]) -> bool:
         return self._sender.publish(sends)

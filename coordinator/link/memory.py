@@ -51,10 +51,11 @@ __all__ = ["MemoryHub", "Published"]
 
 @dataclass(frozen=True)
 class Published:
-    """One message the hub sent: its topic and encoded bytes."""
+    """One message the hub sent: its topic, encoded bytes and whether it is retained."""
 
     topic: str
     payload: bytes
+    retained: bool = False
 
     def envelope(self, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         """The decoded message."""
@@ -175,8 +176,8 @@ class MemoryHub(HubBase):
 
     # ------------------------------------------------------------------- the wire
 
-    def _publish(self, topic: str, payload: bytes) -> bool:
-        published = Published(topic, payload)
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        published = Published(topic, payload, retain)
         with self._wire_lock:
             if not self._online:
                 return False

@@ -95,6 +95,15 @@ class Hub(Protocol):
         """
         ...
 
+    def publish_retained(self, name: str, message: Message) -> int:
+        """Publish a message on the broadcast topic ``name``, retained by the broker.
+
+        Returns:
+            The encoded message's size in bytes, or 0 if it could not go out
+            (disconnected).
+        """
+        ...
+
     def serve_payload(self, payload: bytes) -> str:
         """Answer chunk requests for ``payload`` until :meth:`withdraw_payload`.
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.errors import ServiceConfigError
 from coordinator.link.hub import SESSION_NAME_RE, HubConfig
 from coordinator.service.api.app import MIB, ApiConfig
@@ -71,6 +72,7 @@ from coordinator.service.config_schema import (
     PASSWORD_ENV,
     SERVICE_SCHEMA,
 )
+from coordinator.service.fleet_config import FleetConfig, fleet_config
 from coordinator.service.fleet_service import ServiceSettings
 from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
 from edge_agent.config.schema import Sources
@@ -263,6 +265,7 @@ class ServiceConfig:
             ``uploads/`` next to the database.
         log_level: One of :data:`~edge_agent.config.agent.LOG_LEVELS` (lowercased).
         dev: Development mode: the embedded broker is refused without it.
+        fleet: The fleet statement to keep (``[fleet]``), or None.
         broker_session: The MQTT client id of the service's persistent session
             with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
             ``""`` for a clean session. Not used with the embedded broker, which
@@ -291,6 +294,7 @@ class ServiceConfig:
     log_level: str = _default("log_level")
     broker_session: str = _default("broker.session")
     dev: bool = _default("dev")
+    fleet: FleetConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -392,8 +396,9 @@ class ServiceConfig:
             return self.broker.url
         return f"mqtt://127.0.0.1:{self.embedded_broker_port}"
 
-    def settings(self) -> ServiceSettings:
-        """The :class:`~coordinator.service.fleet_service.FleetService` settings this implies."""
+    def settings(self, fleet: StatementSettings | None = None) -> ServiceSettings:
+        """The :class:`~coordinator.service.fleet_service.FleetService` settings this
+        implies, with ``fleet`` (:meth:`FleetConfig.load` of :attr:`fleet`)."""
         days = self.telemetry.retention_days
         return ServiceSettings(
             telemetry_flush_s=self.telemetry.flush_s,
@@ -403,6 +408,7 @@ class ServiceConfig:
             rollout_min_failed_devices=self.rollout_min_failed_devices,
             upload_budget_bytes=self.upload_budget_mib * MIB or None,
             upload_dir=self.upload_dir or self.db.parent / "uploads",
+            fleet=fleet,
         )
 
     def api_config(self) -> ApiConfig:
@@ -564,6 +570,7 @@ def build_service_config(
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
                 dev=sources.get("dev"),
+                fleet=fleet_config(sources.section("fleet"), db=db),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None

@@ -263,6 +263,52 @@ _RUNS = Section(
     ),
 )
 
+_FLEET = Section(
+    "fleet",
+    (
+        Key(
+            "id",
+            "The fleet the service keeps a signed fleet statement for: devices with "
+            "`trust.fleet` set to this id install only a model the fresh statement names "
+            "(name, version and sha256), and report stale when it expires. The service "
+            "publishes it retained, re-publishes it at half its lifetime, names each "
+            "artifact it deploys (one-shot or rollout stage) before sending it, and names "
+            "the previous target again on a rollback. No id: no statement.",
+            default=None,
+            default_doc="",
+            example="production",
+            commented=True,
+        ),
+        Key(
+            "keys",
+            "Private keys (from `fedge keys generate`) that sign every statement; a "
+            "device needs one signature by a key of its trusted key set. Keep them "
+            "readable by the service only.",
+            default=(),
+            default_doc="",
+            example=["keys/statement.pem"],
+            commented=True,
+            read="paths",
+        ),
+        Key(
+            "lifetime_s",
+            "Seconds a statement is valid (a device cut off from the coordinator "
+            "reports stale within this time).",
+            default=21600.0,
+        ),
+        Key(
+            "state_file",
+            "Where the statement's targets and last version are kept across restarts.",
+            default=None,
+            default_doc='"fleet-<id>.statement.json" next to the database',
+            example="fleet.statement.json",
+            commented=True,
+            read="path",
+        ),
+    ),
+    help="The signed, short-lived fleet statement (freshness and targeting).",
+)
+
 SERVICE_SCHEMA = Schema(
     title=(
         "fedge coordinator service configuration (TOML).\n\n"
@@ -270,7 +316,7 @@ SERVICE_SCHEMA = Schema(
         "Command-line flags override these values. Relative paths are relative to this "
         "file's directory."
     ),
-    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS),
+    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS, _FLEET),
     example_package="coordinator.service",
     example_name="coordinator.example.toml",
     replace_together=(("broker.url", "broker.embedded"),),

@@ -54,6 +54,7 @@ from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from compress.trust import verify_manifest
 from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries
+from coordinator.delivery.fleet_statement import StatementPublisher, StatementSettings
 from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
@@ -123,6 +124,8 @@ class ServiceSettings:
             flight during a federated run; None for 4x the largest update.
         upload_dir: Where a run's chunked uploads are spooled on disk; None for
             the per-user default (:mod:`coordinator.federated.spool`).
+        fleet: The fleet statement to keep published and to name each deploy in
+            (:mod:`coordinator.delivery.fleet_statement`); None for none.
     """
 
     telemetry_flush_s: float = 0.5
@@ -134,6 +137,7 @@ class ServiceSettings:
     rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
     upload_budget_bytes: int | None = None
     upload_dir: Path | None = None
+    fleet: StatementSettings | None = None
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -188,6 +192,10 @@ class FleetService:
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
         self._one_shots = OneShots(self._rollouts.deliveries)
+        self._statements = (
+            None if settings.fleet is None else StatementPublisher(hub, settings.fleet, clock=clock)
+        )
+        self._rollouts.deliveries.announce_with(self._statements)  # names each deploy first
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,6 +238,8 @@ class FleetService:
         except BaseException:
             self._ingest.stop()
             raise
+        if self._statements is not None:
+            self._statements.start()  # published now, before any rollout step
         self._rollouts.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
@@ -243,6 +253,8 @@ class FleetService:
         self._one_shots.stop()
         self._rollouts.stop()
         self._runs.stop()
+        if self._statements is not None:
+            self._statements.stop()
         self._hub.remove_listener(self._rollouts.on_message)
         self._hub.stop()
         self._hub.remove_listener(self._ingest.on_message)

@@ -157,6 +157,7 @@ def status_document(status: Status) -> dict[str, Any]:
         "train_examples": status.train_examples,
         "train_models": list(status.train_models),
         "keyset_version": status.keyset_version,
+        "stale": status.stale,
     }
 
 

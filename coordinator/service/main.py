@@ -203,6 +203,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
             config.bind,
         )
     trusted = config.trust.load()
+    statements = None if config.fleet is None else config.fleet.load()
     if config.broker is not None:
         config.broker.check_files()
     shutdown = _Shutdown()
@@ -213,7 +214,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
         stack.callback(store.close)
         broker = _broker(config, stack)
         hub = MqttHub(config.coordinator_config(broker))
-        service = FleetService(store, hub, trusted, settings=config.settings())
+        service = FleetService(store, hub, trusted, settings=config.settings(statements))
         service.start(CONNECT_TIMEOUT_S)
         stack.callback(service.stop)
         api_config = config.api_config()
