@@ -300,3 +300,26 @@ def load_any_key(path: Path) -> PublicKey:
     if b"PRIVATE KEY-----" in data:
         return _signing_key_from(path, data).public_key
     return _public_key_from(path, data)
+
+
+MAX_KEY_PASSWORD_FILE_BYTES = 4096
+"""Largest key-password file read (``--key-password-file``, the service's
+``[fleet] key_password_file``)."""
+
+
+def read_key_password_file(path: Path) -> bytes:
+    """The first line of a key-password file, without its line ending.
+
+    Raises:
+        KeyPasswordError: the file is missing, unreadable, too large, or its first line
+            is empty.
+    """
+    raw = read_bounded(
+        path, max_bytes=MAX_KEY_PASSWORD_FILE_BYTES, error=KeyPasswordError, what="password file"
+    )
+    warn_if_readable_by_others(path, "key password file")
+    password = raw.split(b"\n", 1)[0].rstrip(b"\r")
+    if not password:
+        logger.warning("key password file %s has an empty first line", path)
+        raise KeyPasswordError(f"{path}: the first line (the key password) is empty")
+    return password

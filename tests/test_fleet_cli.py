@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from compress.keys import generate_signing_key, save_keypair
 from coordinator.cli.app import app
 from coordinator.cli.device_views import devices_json, devices_table
 from coordinator.cli.fleet import parse_target
@@ -105,3 +106,27 @@ def test_a_device_without_a_fresh_statement_is_listed_as_stale() -> None:
     lines = console.export_text().splitlines()
     assert any("held" in line and "online, stale" in line for line in lines)
     assert not any("fresh" in line and "stale" in line for line in lines)
+
+
+def test_publish_with_an_encrypted_key_and_no_password_fails_before_connecting(
+    clean_fedge_env: None, tmp_path: Path
+) -> None:
+    private, _public = save_keypair(
+        generate_signing_key(), tmp_path / "statement", password=b"correct horse battery"
+    )
+    status, err = run(
+        "fleet", "publish", "--fleet", "plant-a", "--key", str(private),
+        "--broker", "mqtt://127.0.0.1:9", "--connect-timeout", "1",
+    )  # fmt: skip
+    assert status == 1
+    assert "--key-password-file" in err
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not the password\n")
+    wrong.chmod(0o600)
+    status, err = run(
+        "fleet", "publish", "--fleet", "plant-a", "--key", str(private),
+        "--key-password-file", str(wrong),
+        "--broker", "mqtt://127.0.0.1:9", "--connect-timeout", "1",
+    )  # fmt: skip
+    assert status == 1
+    assert "password" in err.lower()

@@ -89,6 +89,27 @@ def test_load_reads_the_keys_and_names_a_bad_one(tmp_path: Path, signing_key: Si
         missing.load()
 
 
+def test_an_encrypted_statement_key_loads_with_its_password_file(
+    tmp_path: Path, signing_key: SigningKey
+) -> None:
+    private, _public = save_keypair(
+        signing_key, tmp_path / "statement", password=b"correct horse battery"
+    )
+    password = tmp_path / "statement.password"
+    password.write_text("correct horse battery\n")
+    password.chmod(0o600)
+    fleet = build({"id": FLEET, "keys": [str(private)], "key_password_file": str(password)})
+    assert fleet is not None
+    assert fleet.key_password_file == password
+    assert fleet.load().keys[0].key_id == signing_key.key_id
+    without = FleetConfig(FLEET, (private,), 60.0, tmp_path / "state.json")
+    with pytest.raises(ServiceConfigError, match=r"fleet\.keys: .*encrypted"):
+        without.load()
+    password.write_text("wrong password\n")
+    with pytest.raises(ServiceConfigError, match=r"fleet\.keys: "):
+        fleet.load()
+
+
 # --------------------------------------------------------------------------- the service
 
 

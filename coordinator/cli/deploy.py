@@ -51,6 +51,7 @@ import typer
 
 from coordinator.cli.fleet import name_before_deploy
 from coordinator.cli.follow import follow
+from coordinator.cli.key_loading import KeyPasswordFileOption
 from coordinator.cli.operate import operations, resolve_artifact, uploaded_sha256
 from coordinator.cli.options import (
     ArtifactArgument,
@@ -152,6 +153,7 @@ def deploy(
         list[Path] | None,
         typer.Option("--statement-key", help="Private key that signs that statement."),
     ] = None,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send a signed artifact to devices at once; agents verify it before installing.
@@ -166,7 +168,7 @@ def deploy(
             if not isinstance(resolved, bytes):
                 raise FleetStatementError("--fleet needs ARTIFACT as a .fedge file")
             manifest = Artifact.from_bytes(resolved).manifest
-            name_before_deploy(connection, fleet, statement_key or (), manifest)
+            name_before_deploy(connection, fleet, statement_key or (), manifest, key_password_file)
         _warn_unaudited(connection, "deployment")
         with operations(connection, chunk_size=chunk_size) as ops:
             sha256 = uploaded_sha256(ops, resolved, as_json=as_json)

@@ -40,12 +40,13 @@ import typer
 from typer.core import TyperGroup
 
 from compress.errors import CompressError
-from compress.keys import SigningKey, load_public_key, load_signing_key
+from compress.keys import SigningKey, load_public_key
 from compress.manifest import Manifest, format_time
 from compress.signing import TrustedKeys, verify_threshold
 from compress.statement import FleetStatement, SignedStatement
 from compress.statement import Target as StatementTarget
 from coordinator.cli import observe
+from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, print_json, reported_errors
 from coordinator.delivery.deliveries import Artifact
@@ -187,7 +188,11 @@ def publish_statement(
 
 
 def name_before_deploy(
-    connection: Connection, fleet: str, key_files: Sequence[Path], manifest: Manifest
+    connection: Connection,
+    fleet: str,
+    key_files: Sequence[Path],
+    manifest: Manifest,
+    password_file: Path | None = None,
 ) -> FleetStatement:
     """``fedge deploy --fleet``: publish a statement naming ``manifest`` (and what the
     retained statement names), valid :data:`DEFAULT_LIFETIME_S`.
@@ -204,7 +209,7 @@ def name_before_deploy(
         )
     if not key_files:
         raise FleetStatementError("--fleet needs --statement-key (the key that signs it)")
-    keys = [load_signing_key(path) for path in key_files]
+    keys = load_signing_keys(key_files, password_file)
     target = StatementTarget(manifest.version, manifest.sha256)
     statement = publish_statement(
         connection.broker_config(), validate_fleet_id(fleet), {manifest.name: target}, keys,
@@ -302,13 +307,14 @@ def publish(
             "--keep", help="Also name what the retained statement (signed by --key) names."
         ),
     ] = False,
+    key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Sign and publish the fleet statement (retained); nothing refreshes it."""
     with reported_errors(as_json=as_json):
         fleet = validate_fleet_id(fleet)
         lifetime = parse_duration(expires_in) if expires_in else DEFAULT_LIFETIME_S
-        signing = [load_signing_key(path) for path in key]
+        signing = load_signing_keys(key, key_password_file)
         targets = dict(parse_target(text) for text in model or ())
         statement = publish_statement(
             connection.broker_config(), fleet, targets, signing,

@@ -1,7 +1,8 @@
 """Signing keys for the commands that sign, with the passwords of encrypted ones.
 
 Every command that signs (``fedge model package``, ``fedge train --package``,
-``fedge keys keyset-init`` and ``fedge keys rotate``) takes ``--key PATH`` (or
+``fedge keys keyset-init``, ``fedge keys rotate``, ``fedge fleet publish`` and
+``fedge deploy --fleet --statement-key``) takes ``--key PATH`` (or
 ``--sign PATH``) once per key and :data:`KeyPasswordFileOption`
 (``--key-password-file FILE``), and loads its keys with :func:`load_signing_keys`
 (``fedge keys id`` too, for an encrypted private key).
@@ -28,7 +29,8 @@ before any slow work (a federated run, quantization) so a password problem shows
 once.
 
 :func:`new_key_password` gives ``fedge keys generate --encrypt`` its password from
-the same sources, asking twice at a prompt.
+the same sources, asking twice at a prompt. The coordinator service cannot ask: its
+``[fleet] key_password_file`` names the password of encrypted statement keys.
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ from typing import Annotated
 
 import typer
 
-from compress.errors import KeyPasswordError, KeyPasswordRequiredError
-from compress.fileio import read_bounded
-from compress.keys import SigningKey, load_signing_key, warn_if_readable_by_others
+from compress.errors import KeyPasswordRequiredError
+from compress.keys import (
+    MAX_KEY_PASSWORD_FILE_BYTES,
+    SigningKey,
+    load_signing_key,
+    read_key_password_file,
+)
 
 __all__ = [
     "KEY_UNLOCK_ENV",
@@ -60,8 +66,6 @@ logger = logging.getLogger(__name__)
 KEY_UNLOCK_ENV = "FEDGE_KEY_PASSWORD"
 """Environment variable holding the password of encrypted signing keys."""
 
-MAX_KEY_PASSWORD_FILE_BYTES = 4096
-"""Largest ``--key-password-file`` read."""
 
 KeyPasswordFileOption = Annotated[
     Path | None,
@@ -73,24 +77,6 @@ KeyPasswordFileOption = Annotated[
         f"{KEY_UNLOCK_ENV}; on a terminal you are asked).",
     ),
 ]
-
-
-def read_key_password_file(path: Path) -> bytes:
-    """The first line of a key-password file, without its line ending.
-
-    Raises:
-        KeyPasswordError: the file is missing, unreadable, too large, or its first line
-            is empty.
-    """
-    raw = read_bounded(
-        path, max_bytes=MAX_KEY_PASSWORD_FILE_BYTES, error=KeyPasswordError, what="password file"
-    )
-    warn_if_readable_by_others(path, "key password file")
-    password = raw.split(b"\n", 1)[0].rstrip(b"\r")
-    if not password:
-        logger.warning("key password file %s has an empty first line", path)
-        raise KeyPasswordError(f"{path}: the first line (the key password) is empty")
-    return password
 
 
 def _stdin_is_terminal() -> bool:

@@ -291,6 +291,17 @@ _FLEET = Section(
             read="paths",
         ),
         Key(
+            "key_password_file",
+            "File whose first line is the password of encrypted `keys` (from `fedge keys "
+            "generate --encrypt`); readable by the service only. The service cannot ask "
+            "at a prompt.",
+            default=None,
+            default_doc="",
+            example="keys/statement.password",
+            commented=True,
+            read="path",
+        ),
+        Key(
             "lifetime_s",
             "Seconds a statement is valid (a device cut off from the coordinator "
             "reports stale within this time).",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from compress.keys import load_signing_key
+from compress.keys import load_signing_key, read_key_password_file
 from coordinator.delivery.fleet_statement import (
     MAX_LIFETIME_S,
     MIN_LIFETIME_S,
@@ -49,6 +49,7 @@ class FleetConfig:
         keys: Private signing keys (PEM files) that sign every statement.
         lifetime_s: How long a statement is valid; re-published at half.
         state_file: Where the statement's targets and last version are kept.
+        key_password_file: The password of encrypted keys (first line), or None.
 
     Raises:
         ServiceConfigError: a bad id, no key, or a lifetime out of range.
@@ -58,6 +59,7 @@ class FleetConfig:
     keys: tuple[Path, ...]
     lifetime_s: float
     state_file: Path
+    key_password_file: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -89,10 +91,16 @@ class FleetConfig:
         """Read the signing keys.
 
         Raises:
-            ServiceConfigError: a key file is missing or not an Ed25519 private key.
+            ServiceConfigError: a key file is missing or not an Ed25519 private key, or
+                an encrypted one without its password (or with a wrong one).
         """
         try:
-            keys = tuple(load_signing_key(path) for path in self.keys)
+            password = (
+                None
+                if self.key_password_file is None
+                else read_key_password_file(self.key_password_file)
+            )
+            keys = tuple(load_signing_key(path, password) for path in self.keys)
             return StatementSettings(self.fleet, keys, self.lifetime_s, self.state_file)
         except (CompressError, FleetStatementError) as exc:
             raise ServiceConfigError(f"fleet.keys: {exc}", key="fleet.keys") from exc
@@ -114,4 +122,5 @@ def fleet_config(section: Mapping[str, Any], *, db: Path) -> FleetConfig | None:
     keys: Sequence[Path] = section.get("keys") or ()
     state_file = section.get("state_file") or db.parent / f"fleet-{fleet}.statement.json"
     lifetime = section.get("lifetime_s", SERVICE_SCHEMA.default("fleet.lifetime_s"))
-    return FleetConfig(fleet, tuple(keys), lifetime, state_file)
+    password_file = section.get("key_password_file")
+    return FleetConfig(fleet, tuple(keys), lifetime, state_file, password_file)
