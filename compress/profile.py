@@ -181,7 +181,7 @@ def bin_counts(edges: npt.NDArray[np.float64], values: FloatArray) -> npt.NDArra
 
 def class_probabilities(outputs: npt.ArrayLike) -> FloatArray:
     """Rows of class probabilities: ``outputs`` as they are if they already are
-    probabilities (in [0, 1], summing to 1), else their softmax (logits).
+    probabilities (non-negative, one per row in total), else their softmax (logits).
 
     Raises:
         ProfileError: ``outputs`` is not ``(n, K)`` with 2 <= K <= 100.
@@ -189,7 +189,9 @@ def class_probabilities(outputs: npt.ArrayLike) -> FloatArray:
     out = np.asarray(outputs, dtype=np.float32)
     if out.ndim != 2 or not 2 <= out.shape[1] <= MAX_CLASSES:
         raise ProfileError(f"class outputs must be (n, K) with 2 <= K <= 100, got {out.shape}")
-    if out.min() >= 0.0 and out.max() <= 1.0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+    # Already probabilities? Two reductions (this runs per prediction): non-negative
+    # values whose total is one per row (logits essentially never are both).
+    if out.min() >= 0.0 and abs(float(out.sum()) - out.shape[0]) <= 1e-3 * out.shape[0]:
         return out
     shifted = np.exp(out - out.max(axis=1, keepdims=True))
     return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float32)

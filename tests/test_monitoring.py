@@ -219,3 +219,17 @@ def test_telemetry_record_carries_the_summary() -> None:
     assert record.summary.n == 4
     assert (record.window_start, record.window_end) == (100.0, 160.0)
     assert collector.close_window(model=None, version=None).summary is None
+
+
+def test_buffered_rows_are_all_binned() -> None:
+    profile = _profile()
+    window = SummaryWindow(profile)
+    batches = [REFERENCE[i : i + 100] for i in range(0, 500, 100)] + [REFERENCE]  # 500 > buffer
+    for batch in batches:
+        window.add(batch, forward("softmax", WEIGHTS, batch))
+    summary = window.close()
+    sent = np.concatenate(batches)
+    assert summary.n == len(sent) == 1000
+    want = bin_counts(profile.edge_array(), features(sent))
+    np.testing.assert_array_equal(summary.feature_counts(), want)
+    assert sum(summary.classes or ()) == 1000
