@@ -76,6 +76,7 @@ class SummaryWindow:
         conf = profile.confidence
         self._conf_edges = None if conf is None else np.asarray([conf.edges], dtype=np.float64)
         self._classes = None if profile.classes is None else len(profile.classes)
+        self._logits = conf is not None and conf.logits  # recorded at packaging
         self._buf_features = np.empty((BUFFER_ROWS, profile.feature_count), dtype=np.float32)
         self._buf_classes = np.empty(BUFFER_ROWS, dtype=np.intp)
         self._buf_confidence = np.empty(BUFFER_ROWS, dtype=np.float32)
@@ -106,7 +107,7 @@ class SummaryWindow:
             return None
         classes = values = None
         if self._classes is not None:
-            probs = class_probabilities(outputs)  # once: classes and max-prob confidence
+            probs = class_probabilities(outputs, logits=self._logits)
             classes = probs.argmax(axis=1)
             values = probs.max(axis=1)
         elif self._conf_edges is not None:
