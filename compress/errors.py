@@ -13,7 +13,8 @@ The tree::
     │       ├── KeyPasswordRequiredError    the key is encrypted and no password was given
     │       └── WrongKeyPasswordError       the password does not decrypt the key
     ├── ManifestError               manifest bytes are not a valid, canonical manifest
-    │   └── KeySetError                 a key set (or its file) is malformed or unusable
+    │   ├── KeySetError                 a key set (or its file) is malformed or unusable
+    │   └── ProfileError                a reference profile (or the data to compute it) is invalid
     ├── ArtifactError               anything wrong with an artifact or its trust
     │   ├── NotAnArtifactError      not a fedge artifact at all (magic, header, truncation)
     │   ├── SignatureError          signatures do not establish trust
@@ -92,6 +93,17 @@ class KeySetError(ManifestError):
     """
 
     code = "bad_keyset"
+
+
+class ProfileError(ManifestError):
+    """A reference profile is malformed, or the data given to compute one is unusable.
+
+    Raised by :mod:`compress.profile` for a profile document that breaks its schema
+    (inside a manifest it is a manifest error too), and for reference data that is
+    empty, non-finite, or whose outputs do not fit the task.
+    """
+
+    code = "bad_profile"
 
 
 class ArtifactError(CompressError):

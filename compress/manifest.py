@@ -5,7 +5,12 @@ the payload by format, byte length and sha256. It describes the model's inputs a
 outputs (names, shapes with ``None`` for dynamic dimensions, dtypes), how it was
 quantized, when it was created and when it expires, which hardware tags a device needs
 to run it, and optionally a health check: reference inputs with the outputs they must
-produce (within tolerances, under a latency bound) before an agent switches to it.
+produce (within tolerances, under a latency bound) before an agent switches to it,
+and optionally a reference profile (:class:`compress.profile.ReferenceProfile`, the
+``reference`` field): the input features, value range, class and confidence shares of
+the packager's reference data, against which agents validate inputs and the
+coordinator measures drift. Manifests without it stay valid, and an agent older than
+the field keeps it as an unknown field (still signed, written back unchanged).
 
 Workflow: the coordinator builds a ``Manifest`` when packaging
 (``coordinator.delivery.packaging``), encodes it with :meth:`Manifest.to_bytes` and signs those
@@ -32,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.errors import ManifestError
+from compress.profile import ReferenceProfile, feature_count
 from compress.strictjson import FieldReader, JsonObject, decode_canonical, encode_canonical
 
 SCHEMA_VERSION = 1
@@ -248,10 +254,29 @@ class HealthCheck:
         )
 
 
+def _check_profile_fits(profile: ReferenceProfile, spec: TensorSpec) -> None:
+    """The profile describes examples of the manifest's first input.
+
+    Raises:
+        ManifestError: a different rank, a fixed dimension that differs, or a
+            different feature count.
+    """
+    example = spec.shape[1:]
+    fits = len(example) == len(profile.input_shape) and all(
+        d is None or d == p for d, p in zip(example, profile.input_shape, strict=True)
+    )
+    if not fits or feature_count(profile.input_shape) != profile.feature_count:
+        raise ManifestError(
+            f"manifest.reference: profile of examples {profile.input_shape} does not fit "
+            f"input {spec.name!r} of shape {spec.shape}"
+        )
+
+
 _KNOWN_FIELDS = frozenset(
     {
         "schema", "name", "version", "format", "sha256", "length", "inputs", "outputs",
         "quantization", "created", "expires", "hardware_tags", "health_check", "metadata",
+        "reference",
     }
 )  # fmt: skip
 
@@ -275,6 +300,7 @@ class Manifest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    reference: ReferenceProfile | None = None
 
     def __post_init__(self) -> None:
         # Validate by encoding and parsing the canonical bytes: one set of rules for
@@ -303,6 +329,8 @@ class Manifest:
         )
         if self.health_check is not None:
             obj["health_check"] = self.health_check.to_dict()
+        if self.reference is not None:
+            obj["reference"] = self.reference.to_dict()
         return obj
 
     def to_bytes(self) -> bytes:
@@ -365,6 +393,10 @@ class Manifest:
         )
         if not inputs or not outputs:
             raise ManifestError("manifest must declare at least one input and one output")
+        reference = r.obj("reference", optional=True)
+        profile = None if reference is None else ReferenceProfile.from_reader(reference)
+        if profile is not None:
+            _check_profile_fits(profile, inputs[0])
         manifest = object.__new__(cls)
         values = {
             "name": r.text("name", max_len=64, pattern=NAME_RE),
@@ -382,6 +414,7 @@ class Manifest:
             "metadata": metadata,
             "extra": {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
             "schema": schema,
+            "reference": profile,
         }
         # Bypass __post_init__ (which calls from_dict) while keeping the class frozen.
         for key, value in values.items():

@@ -13,11 +13,14 @@ The tree::
     ├── ProtocolError               a message or topic cannot be accepted
     │   ├── MessageTooLargeError        over a size limit (checked before allocating)
     │   ├── MalformedMessageError       framing, JSON, field types or values are wrong
+    │   │   └── SummaryError                a telemetry window summary is inconsistent
     │   ├── UnknownMessageTypeError     the type is not one this side understands
     │   ├── UnsupportedVersionError     a schema version newer than this side speaks
     │   └── TopicError                  a topic outside the tree, or a bad device id
     ├── ModelRuntimeError           a model could not be loaded or run
-    │   └── NoModelError                no model is installed to serve predictions
+    │   ├── NoModelError                no model is installed to serve predictions
+    │   └── InvalidInputError           a prediction's input breaks the manifest's spec
+    │                                   (shape, dtype, NaN/inf, out of range): refused
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
     ├── StateError                  the agent's files on disk are unusable
     │   └── UntrustedModelError         an installed model fails re-verification against
@@ -78,6 +81,16 @@ class MalformedMessageError(ProtocolError):
     code = "malformed"
 
 
+class SummaryError(MalformedMessageError):
+    """A telemetry window summary is malformed or inconsistent.
+
+    Wrong sizes, counts that do not add up to the window's row count, too many
+    features or classes (:mod:`edge_agent.protocol.messages_summary`).
+    """
+
+    code = "bad_summary"
+
+
 class UnknownMessageTypeError(ProtocolError):
     """The message type is not one this side understands."""
 
@@ -106,6 +119,21 @@ class NoModelError(ModelRuntimeError):
     """A prediction was asked for while no model is installed."""
 
     code = "no_model"
+
+
+class InvalidInputError(ModelRuntimeError):
+    """A prediction's input does not fit the served model's manifest; it is refused.
+
+    ``reason`` is one of ``shape``, ``dtype``, ``nan`` (NaN or infinite values) and
+    ``out_of_range`` (outside the reference profile's value range); it is the reason
+    the agent counts in its telemetry and the HTTP API returns (status 422).
+    """
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class BrokerError(AgentError):

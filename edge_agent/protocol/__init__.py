@@ -12,6 +12,8 @@ Layers, bottom up:
 * :mod:`~edge_agent.protocol.framing`: one payload = magic, version, a JSON header
   and a binary body.
 * :mod:`~edge_agent.protocol.arrays`: numeric arrays as ``.npy`` blobs in a body.
+* :mod:`~edge_agent.protocol.messages_summary`: the window summary a telemetry
+  record may carry (counts against a model's reference profile).
 * :mod:`~edge_agent.protocol.messages`: the typed messages, :func:`encode`,
   :func:`decode` and :func:`check_route`.
 
@@ -81,6 +83,7 @@ from edge_agent.protocol.messages import (
     new_message_id,
     sha256_hex,
 )
+from edge_agent.protocol.messages_summary import InvalidCounts, WindowSummary
 from edge_agent.protocol.topics import (
     BROADCAST_FILTER,
     BROADCAST_PREFIX,
@@ -138,6 +141,7 @@ __all__ = [
     "Histogram",
     "InstallState",
     "InstallStatus",
+    "InvalidCounts",
     "LatencyQuantiles",
     "Limits",
     "Message",
@@ -150,6 +154,7 @@ __all__ = [
     "TelemetryRecord",
     "TrainTask",
     "UpdateReport",
+    "WindowSummary",
     "agent_subscriptions",
     "arrays_equal",
     "broadcast_topic",

@@ -6,7 +6,11 @@
 * :class:`TelemetryBatch` carries one or more :class:`TelemetryRecord` windows
   (predictions, errors, :class:`LatencyQuantiles`, a :class:`Histogram`, process
   figures) on the ``telemetry`` channel; the agent sends one per interval, or the
-  spooled ones in order after reconnecting.
+  spooled ones in order after reconnecting. A record may carry a
+  :class:`~edge_agent.protocol.messages_summary.WindowSummary` (``summary``) when the
+  served model's manifest has a reference profile: the window's feature, class and
+  confidence counts and its refused inputs by reason (wire form and byte budget in
+  that module and docs/monitoring.md). Decoders that predate it ignore the field.
 
 Field rules and the base class: :mod:`edge_agent.protocol.messages_base`;
 encoding: :mod:`edge_agent.protocol.messages`.
@@ -21,6 +25,7 @@ from typing import Any, ClassVar, Self
 
 from compress.manifest import TAG_RE
 from compress.strictjson import FieldReader
+from edge_agent.errors import SummaryError
 from edge_agent.protocol.limits import Limits
 from edge_agent.protocol.messages_base import (
     AGENT_VERSION_RE,
@@ -33,6 +38,7 @@ from edge_agent.protocol.messages_base import (
     read_model_info,
     read_scalars,
 )
+from edge_agent.protocol.messages_summary import WindowSummary
 from edge_agent.protocol.topics import Channel
 
 
@@ -158,6 +164,8 @@ class TelemetryRecord:
         cpu_percent: Agent CPU use (may exceed 100 on several cores).
         memory_bytes: Agent resident memory.
         uptime_s: Agent uptime in seconds.
+        summary: The window's summary against the served model's reference profile
+            (None: no model, or one without a profile). Optional on the wire.
     """
 
     window_start: float
@@ -171,10 +179,11 @@ class TelemetryRecord:
     cpu_percent: float
     memory_bytes: int
     uptime_s: float
+    summary: WindowSummary | None = None
 
 
 def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
-    return {
+    data = {
         "window_start": record.window_start,
         "window_end": record.window_end,
         "model": record.model,
@@ -194,6 +203,9 @@ def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
         "memory_bytes": record.memory_bytes,
         "uptime_s": record.uptime_s,
     }
+    if record.summary is not None:
+        data["summary"] = record.summary.to_json()
+    return data
 
 
 def _record_from_json(records: FieldReader, key: str, limits: Limits) -> TelemetryRecord:
@@ -211,6 +223,13 @@ def _record_from_json(records: FieldReader, key: str, limits: Limits) -> Telemet
     counts = hist.each("counts", FieldReader.integer, max_len=max_items)
     if len(counts) != len(bounds) + 1:
         raise hist.fail("counts", "must have one more entry than bounds")
+    summary = None
+    raw_summary = rec.raw("summary")
+    if raw_summary is not None:
+        if rec.raw("model") is None:
+            raise SummaryError(f"{key}.summary: a summary needs the model it was taken for")
+        rec.wrap("summary", raw_summary)  # an object, or MalformedMessageError
+        summary = WindowSummary.from_json(raw_summary)
     return TelemetryRecord(
         window_start=start,
         window_end=end,
@@ -225,6 +244,7 @@ def _record_from_json(records: FieldReader, key: str, limits: Limits) -> Telemet
         cpu_percent=rec.number("cpu_percent"),
         memory_bytes=rec.integer("memory_bytes"),
         uptime_s=rec.number("uptime_s"),
+        summary=summary,
     )
 
 
