@@ -23,6 +23,7 @@ JOBS = {
     "data",
     "deploy",
     "devices",
+    "drift",
     "keys",
     "model",
     "presence",
@@ -96,9 +97,9 @@ def test_the_connection_options_are_one_declaration() -> None:
             assert isinstance(param, click.Option)
             envvar = param.envvar if isinstance(param.envvar, str) else None
             seen.setdefault(option, set()).add((param.help, envvar))
-    # deploy, rollback, train, devices (and fleet), telemetry, presence, audit,
+    # deploy, rollback, train, devices (and fleet), telemetry, presence, audit, drift,
     # and every subcommand of artifacts, rollout and rounds
-    assert users == 20
+    assert users == 21
     for option in CONNECTION_OPTIONS:
         texts = {help_text for help_text, _ in seen[option]}
         if option == "--broker":  # required by the MQTT commands, or the other of --api

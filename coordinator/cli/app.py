@@ -13,12 +13,13 @@ stderr) and dispatches to the command groups:
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
   (``fedge fleet`` is a hidden alias of ``fedge devices``)
+* ``fedge drift`` -- :mod:`coordinator.cli.drift` (input drift per fleet and device)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
 
-``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``deploy``,
+``devices``, ``telemetry``, ``presence``, ``audit``, ``drift``, ``artifacts``, ``deploy``,
 ``rollback``, ``rollout`` and ``rounds`` operate a fleet through a coordinator: its
 HTTP API (``--api``) or a service started in-process (``--broker``); see
 :mod:`coordinator.cli.operate`. ``deploy`` sends an artifact to every targeted device
@@ -52,6 +53,7 @@ from coordinator.cli import (
     ca,
     data,
     deploy,
+    drift,
     keys,
     model,
     observe,
@@ -84,6 +86,7 @@ app.command("fleet", hidden=True)(observe.devices)  # the name of the command be
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)
+app.command("drift")(drift.drift)
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rounds.app, name="rounds")
