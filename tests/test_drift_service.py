@@ -1,0 +1,200 @@
+"""Drift in the service: telemetry summaries through ingest, scored against the stored
+artifact's reference profile, kept in the store (in-memory store, no broker).
+
+Devices summarise their inputs the way an agent does (compress.profile's features and
+bins against the manifest's profile); each batch goes through the wire codec first.
+A covariate shift (gain and offset on half of the inputs) raises the shifted device's
+drift to "major" within a few windows while two control devices stay at "none".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from compress.profile import (
+    BINS,
+    ReferenceProfile,
+    bin_counts,
+    class_probabilities,
+    features,
+    profile_from_data,
+)
+from coordinator.monitoring.drift import PSI_MAJOR, PSI_MODERATE
+from coordinator.monitoring.tracker import DriftTracker
+from coordinator.service.drift import DriftMonitor
+from coordinator.service.ingest import Ingest
+from coordinator.service.store import MEMORY, Store
+from edge_agent.protocol import (
+    Histogram,
+    InvalidCounts,
+    LatencyQuantiles,
+    TelemetryBatch,
+    TelemetryRecord,
+    WindowSummary,
+    decode,
+    encode,
+)
+
+D, K = 8, 3
+WINDOW = 200
+"""Inputs per telemetry window."""
+rng = np.random.default_rng(18)
+WEIGHTS = rng.normal(size=(D, K)).astype(np.float32)
+
+
+def model(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.asarray(x @ WEIGHTS, dtype=np.float32)
+
+
+def data(n: int, rng: np.random.Generator, *, shifted: bool = False) -> npt.NDArray[np.float32]:
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    if shifted:  # a sensor's gain and offset change on half of the inputs
+        x[:, : D // 2] = 1.5 * x[:, : D // 2] + 1.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    x = data(4000, np.random.default_rng(0))
+    return profile_from_data(x, model(x), "classification")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+    with Store.open(MEMORY, artifact_dir=tmp_path) as store:
+        manifest = {"name": "sensor", "version": 2, "reference": profile.to_dict()}
+        store.put_artifact(b"model bytes", name="sensor", version=2, manifest=manifest,
+                           uploaded_by="cli:test", at=1.0)  # fmt: skip
+        yield store
+
+
+def summarise(profile: ReferenceProfile, x: npt.NDArray[np.float32]) -> WindowSummary:
+    """What an agent's window summary holds after serving ``x``."""
+    probs = class_probabilities(model(x))
+    assert profile.confidence is not None
+    conf_edges = np.asarray([profile.confidence.edges])
+    return WindowSummary.from_arrays(
+        n=len(x),
+        features=bin_counts(profile.edge_array(), features(x)),
+        confidence=bin_counts(conf_edges, probs.max(axis=1).reshape(-1, 1))[0],
+        classes=np.bincount(probs.argmax(axis=1), minlength=K),
+        invalid=InvalidCounts(),
+    )
+
+
+def wire(summary: WindowSummary, *, seq: int, version: int = 2) -> TelemetryBatch:
+    """A telemetry batch with one summarised window, through the wire codec and back."""
+    record = TelemetryRecord(
+        window_start=10.0 * seq, window_end=10.0 * seq + 10, model="sensor", version=version,
+        predictions=summary.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
+        histogram=Histogram((1.0, 5.0), (summary.n, 0, 0)), cpu_percent=1.0,
+        memory_bytes=1 << 20, uptime_s=1.0, summary=summary,
+    )  # fmt: skip
+    payload = encode(TelemetryBatch(seq=seq, records=(record,)), sender="dev", sent_at=1.0)
+    message = decode(payload).message
+    assert isinstance(message, TelemetryBatch)
+    return message
+
+
+def test_a_shifted_device_drifts_and_the_controls_raise_no_alarm(
+    store: Store, profile: ReferenceProfile
+) -> None:
+    clock = Clock()
+    monitor = DriftMonitor(store, DriftTracker(windows=4), clock=clock)
+    ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
+    rng = np.random.default_rng(1)
+    for seq in range(6):
+        for device in ("control-1", "control-2", "shifted"):
+            x = data(WINDOW, rng, shifted=device == "shifted" and seq >= 2)
+            ingest.add_telemetry(device, wire(summarise(profile, x), seq=seq))
+        ingest.flush()
+        clock.now += 10
+        if seq == 1:  # before the shift: nothing drifts
+            assert {s.severity for s in store.drift_scores()} == {"none"}
+    latest = {s.device_id: s for s in store.drift_scores()}
+    shifted = latest["shifted"]
+    assert shifted.severity == "major"
+    assert shifted.psi_max >= PSI_MAJOR
+    assert {f.index for f in shifted.top[:4]} == set(range(D // 2))  # the shifted inputs
+    assert shifted.windows == 4
+    assert shifted.n == 4 * WINDOW
+    for control in ("control-1", "control-2"):  # false alarms: 0
+        assert latest[control].severity == "none"
+        assert latest[control].psi_max < PSI_MODERATE
+    fleet = latest[None]
+    assert fleet.scope == "fleet"
+    assert fleet.devices[0] == "shifted"
+    assert fleet.psi_max >= PSI_MODERATE
+    assert store.telemetry_count() == 18
+    # The history shows the onset: the shifted device's score rose window by window.
+    history = store.drift_history(model="sensor", version=2, device_id="shifted")
+    assert [round(s.at) for s in history] == [5050, 5040, 5030, 5020, 5010, 5000]
+    assert history[-1].severity == "none"
+    assert history[0].psi_max > history[3].psi_max
+    fleet_psi, severities = monitor.figures()
+    assert fleet_psi == {("sensor", 2): fleet.psi_max}
+    assert severities == {("sensor", 2, "none"): 2, ("sensor", 2, "major"): 1}
+
+
+def test_hostile_and_unknown_summaries_are_refused_per_device(
+    store: Store, profile: ReferenceProfile, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    monitor = DriftMonitor(store, clock=clock)
+    ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
+    rng = np.random.default_rng(2)
+    good = summarise(profile, data(WINDOW, rng))
+    wrong_features = WindowSummary.from_arrays(
+        n=10, features=np.full((5, BINS), 1), confidence=None, classes=None,
+        invalid=InvalidCounts(),
+    )  # fmt: skip
+    wrong_classes = WindowSummary.from_arrays(
+        n=10, features=np.full((D, BINS), 1), confidence=np.full(BINS, 1),
+        classes=np.array([5, 5]), invalid=InvalidCounts(),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        ingest.add_telemetry("good", wire(good, seq=0))
+        ingest.add_telemetry("evil", wire(wrong_features, seq=0))
+        ingest.add_telemetry("evil", wire(wrong_classes, seq=1))
+        ingest.add_telemetry("other", wire(good, seq=0, version=9))  # no artifact stored
+        ingest.flush()
+    assert {(s.scope, s.device_id) for s in store.drift_scores()} == {
+        ("device", "good"),
+        ("fleet", None),
+    }
+    assert monitor.rejected() == {"wrong_features": 1, "wrong_shape": 1, "no_reference": 1}
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 2
+    assert all("device evil" in message for message in refusals)
+    assert store.telemetry_count() == 4  # the telemetry itself is stored all the same
+
+
+def test_a_stored_profile_that_is_not_one_is_logged_and_skipped(
+    tmp_path: Path, profile: ReferenceProfile, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Store.open(MEMORY, artifact_dir=tmp_path) as store:
+        broken = {**profile.to_dict(), "bins": 3}
+        manifest = {"name": "sensor", "version": 2, "reference": broken}
+        store.put_artifact(b"x", name="sensor", version=2, manifest=manifest,
+                           uploaded_by="cli:test", at=1.0)  # fmt: skip
+        monitor = DriftMonitor(store)
+        summary = summarise(profile, data(WINDOW, np.random.default_rng(3)))
+        with caplog.at_level(logging.ERROR):
+            assert monitor.add_windows([("d", wire(summary, seq=0).records[0])]) == []
+        assert "unusable reference" in caplog.text
+        assert monitor.rejected() == {"no_reference": 1}
+        assert store.drift_scores() == []
