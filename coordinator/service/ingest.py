@@ -6,7 +6,8 @@ Wills) and telemetry batches from that thread into memory, and a writer thread
 flushes them every ``flush_s`` seconds: all buffered device upserts, then all
 telemetry windows in one transaction (:meth:`~coordinator.service.store.Store.add_telemetry`).
 Every ``prune_every_s`` it applies the telemetry retention limits, and the age
-limit to the presence history too (each device's latest change stays).
+limit to the presence history and the drift scores too (each device's latest
+change, and each subject's latest score, stay).
 
 Workflow::
 
@@ -388,6 +389,7 @@ class Ingest:
             self._store.prune_telemetry(max_rows=settings.max_rows, older_than=older_than)
             if older_than is not None:
                 self._store.prune_presence(older_than=older_than)
+                self._store.prune_drift(older_than=older_than)
         except StoreError as exc:
             logger.error("telemetry retention failed (will retry): %s", exc)
 
