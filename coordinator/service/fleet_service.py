@@ -575,11 +575,12 @@ class FleetService:
         """The latest drift score of each device and each fleet, by model version.
 
         Raises:
-            NotFoundError: ``device_id`` names no known device.
+            NotFoundError: ``device_id`` names no device seen and none scored.
         """
-        if device_id is not None:
+        scores = self._drift.scores(device_id=device_id, model=model)
+        if device_id is not None and not scores:
             self._known(device_id)
-        return self._drift.scores(device_id=device_id, model=model)
+        return scores
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:
