@@ -75,6 +75,23 @@ def test_psi_grows_with_the_shift() -> None:
     assert drift.severity(0.15) == "moderate"
 
 
+def test_too_few_inputs_have_no_severity() -> None:
+    assert drift.severity(0.4, drift.MIN_INPUTS - 1) == drift.INSUFFICIENT
+    assert drift.severity(0.4, drift.MIN_INPUTS) == "major"
+    assert drift.severity(0.01, drift.MIN_INPUTS) == "none"
+
+
+def test_unshifted_windows_of_min_inputs_raise_no_alarm_over_64_features() -> None:
+    # The small-sample bias of PSI stays below the moderate threshold from MIN_INPUTS on.
+    rng = np.random.default_rng(11)
+    ref = np.full((64, 10), 0.1)
+    worst = 0.0
+    for _ in range(200):
+        counts = rng.multinomial(drift.MIN_INPUTS, np.full(10, 0.1), size=64)
+        worst = max(worst, drift.feature_scores(ref, counts).psi_max)
+    assert worst < drift.PSI_MODERATE
+
+
 def test_feature_scores_per_row_and_top_features() -> None:
     ref = np.full((3, 4), 0.25)
     counts = np.array([[10, 10, 10, 10], [40, 0, 0, 0], [20, 10, 5, 5]])

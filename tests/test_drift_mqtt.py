@@ -9,6 +9,7 @@ sends.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR
 from coordinator.service.store import Store
 from edge_agent.protocol import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
     Channel,
     Histogram,
     InvalidCounts,
@@ -37,6 +40,8 @@ from edge_agent.protocol import (
     WindowSummary,
     device_topic,
     encode,
+    encode_frame,
+    new_message_id,
 )
 from tests.conftest import ArtifactFactory
 from tests.fleet_support import Mosquitto, password, wait_for
@@ -44,7 +49,7 @@ from tests.fleet_support import Mosquitto, password, wait_for
 pytestmark = pytest.mark.slow
 
 D, K = 64, 10
-DEVICES = ("calm", "shifted", "evil")
+DEVICES = ("calm", "shifted", "evil", "garbled")
 WEIGHTS = np.random.default_rng(7).normal(size=(D, K)).astype(np.float32)
 
 
@@ -70,15 +75,21 @@ class Device:
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
 
-    def send(self, summary: WindowSummary, seq: int) -> None:
+    def send(self, summary: WindowSummary, seq: int, *, corrupt: bool = False) -> None:
         record = TelemetryRecord(
             window_start=10.0 * seq, window_end=10.0 * seq + 10, model="sensor", version=2,
             predictions=summary.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
             histogram=Histogram((1.0, 5.0), (summary.n, 0, 0)), cpu_percent=1.0,
             memory_bytes=1 << 20, uptime_s=1.0, summary=summary,
         )  # fmt: skip
-        payload = encode(TelemetryBatch(seq=seq, records=(record,)), sender=self.device_id,
-                         sent_at=time.time())  # fmt: skip
+        batch = TelemetryBatch(seq=seq, records=(record,))
+        payload = encode(batch, sender=self.device_id, sent_at=time.time())
+        if corrupt:  # the summary's cells no longer add up: the wire decoder refuses it
+            data, body = batch._to_wire(DEFAULT_LIMITS)
+            data["records"][0]["summary"]["counts"] = data["records"][0]["summary"]["counts"][::-1]
+            header = {"v": PROTOCOL_VERSION, "type": batch.TYPE, "id": new_message_id(),
+                      "sender": self.device_id, "sent_at": time.time(), "data": data}  # fmt: skip
+            payload = encode_frame(header, body)
         info = self.client.publish(device_topic(self.device_id, Channel.TELEMETRY), payload, qos=1)
         info.wait_for_publish(10)
 
@@ -102,8 +113,12 @@ def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Itera
 
 
 def test_the_service_scores_summaries_from_mqtt_telemetry(
-    service: FleetService, broker: Mosquitto, artifact_file: ArtifactFactory
+    service: FleetService,
+    broker: Mosquitto,
+    artifact_file: ArtifactFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     x_ref = data(3000, np.random.default_rng(0))
     profile = profile_from_data(x_ref, x_ref @ WEIGHTS, "classification")
     artifact = artifact_file(
@@ -133,6 +148,7 @@ def test_the_service_scores_summaries_from_mqtt_telemetry(
             wrong = WindowSummary.from_arrays(10, np.full((3, BINS), 1), None, None,
                                               InvalidCounts())  # fmt: skip
             devices["evil"].send(wrong, seq)
+            devices["garbled"].send(summarise(data(300, rng)), seq, corrupt=True)
 
         def scored() -> bool:
             return {(s.device_id, s.windows) for s in service.drift() if s.device_id} == {
@@ -157,3 +173,7 @@ def test_the_service_scores_summaries_from_mqtt_telemetry(
     assert figures.drift_psi == {("sensor", 2): scores[None].psi_max}
     assert figures.drift_devices == {("sensor", 2, "none"): 1, ("sensor", 2, "major"): 1}
     assert figures.drift_rejected == {"wrong_features": 3}
+    assert "garbled" not in scores
+    dropped = [r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()]
+    assert len(dropped) == 3
+    assert all("devices/garbled/telemetry" in message for message in dropped)

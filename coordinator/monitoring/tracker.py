@@ -391,7 +391,7 @@ class DriftTracker:
             n=pool.n,
             psi_max=scores.psi_max,
             js_max=scores.js_max,
-            severity=drift.severity(scores.psi_max),
+            severity=drift.severity(scores.psi_max, pool.n),
             top=top,
             confidence_psi=_optional_psi(reference.confidence, pool.confidence),
             classes_psi=_optional_psi(reference.classes, pool.classes),
