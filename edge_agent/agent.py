@@ -51,6 +51,7 @@ from edge_agent import __version__
 from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
+from edge_agent.monitoring import ServingMonitor
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.updates import Updater
@@ -168,9 +169,11 @@ class Agent:
                     config.data_dir / "feedback", max_examples=training.feedback_max_examples
                 ),
             )
+        self._monitor = ServingMonitor()
         self._server = ModelServer(
             observer=self._telemetry,
             on_prediction=self._remember if self._feedback is not None else None,
+            monitor=self._monitor,
         )
         local_data = None
         if training.data is not None or self._feedback is not None:
@@ -293,7 +296,9 @@ class Agent:
 
         Raises:
             NoModelError: no model is installed.
-            ModelRuntimeError: bad inputs or an engine failure.
+            InvalidInputError: inputs that do not fit the model's manifest (shape,
+                dtype, NaN/inf, out of the reference range): refused, with a reason.
+            ModelRuntimeError: an engine failure.
         """
         return self._server.predict(inputs)
 
@@ -471,8 +476,13 @@ class Agent:
     def _telemetry_tick(self) -> None:
         self._announce_if_data_changed()
         active = self._server.active
+        summary = None
+        if active is not None:
+            summary = self._monitor.close(active.name, active.version, active.profile)
         record = self._telemetry.close_window(
-            model=active.name if active else None, version=active.version if active else None
+            model=active.name if active else None,
+            version=active.version if active else None,
+            summary=summary,
         )
         dropped = self._spool.dropped
         batch = TelemetryBatch(seq=self._telemetry_seq, dropped=dropped, records=(record,))

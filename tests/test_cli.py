@@ -194,6 +194,10 @@ def test_package_static_with_calibration(workdir: Path) -> None:
     )
     assert code == 0, out
     assert "int8-static" in out
+    # The calibration rows give the reference profile, which inspect shows briefly.
+    code, out = fedge("model", "inspect", workdir / "t.fedge", "--no-verify")
+    assert code == 0, out
+    assert "16 features (vector (16,))" in out
 
 
 def test_package_refuses_a_large_accuracy_drop(workdir: Path) -> None:

@@ -148,7 +148,9 @@ def error_code(response: Response) -> str:
     _, headers, body = response
     assert headers["Content-Type"] == "application/json"
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
+    # A refused input (422) also says why; no other error has more keys.
+    extra = {"reason"} if body["error"]["code"] == "invalid_input" else set()
+    assert set(body["error"]) == {"code", "message"} | extra
     assert body["error"]["message"]
     code: str = body["error"]["code"]
     return code
@@ -448,13 +450,13 @@ def test_whitespace_around_the_body_is_allowed(
 
 
 @pytest.mark.parametrize(
-    ("inputs", "message"),
+    ("inputs", "reason", "message"),
     [
-        ([[1.0, 2.0, 3.0]], "must have shape"),
-        ([[1.0, 2.0, 3.0, 4.0], [1.0]], "cannot convert"),
-        ({"image": [[1.0, 2.0, 3.0, 4.0]]}, "unknown"),
-        ([[1e39, 0, 0, 0]], "cannot convert"),
-        (3.5, "must have shape"),
+        ([[1.0, 2.0, 3.0]], "shape", "must have shape"),
+        ([[1.0, 2.0, 3.0, 4.0], [1.0]], "dtype", "cannot convert"),
+        ({"image": [[1.0, 2.0, 3.0, 4.0]]}, "shape", "unknown"),
+        ([[1e39, 0, 0, 0]], "dtype", "cannot convert"),
+        (3.5, "shape", "must have shape"),
     ],
 )
 def test_inputs_that_do_not_fit(
@@ -462,12 +464,14 @@ def test_inputs_that_do_not_fit(
     model_server: ModelServer,
     models: dict[int, LoadedModel],
     inputs: object,
+    reason: str,
     message: str,
 ) -> None:
     model_server.activate(models[1])
     response = post(address, {"inputs": inputs})
-    assert response[0] == 400
-    assert error_code(response) == "runtime_error"
+    assert response[0] == 422
+    assert error_code(response) == "invalid_input"
+    assert response[2]["error"]["reason"] == reason
     assert message in response[2]["error"]["message"]
 
 

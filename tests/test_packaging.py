@@ -105,6 +105,35 @@ def test_package_model_reports_accuracy_as_its_metric(
     check = result.manifest.health_check
     assert check is not None
     np.testing.assert_array_equal(check.inputs["input"].array(), x[:4])
+    # The reference profile is computed from the evaluation rows.
+    profile = result.manifest.reference
+    assert profile is not None
+    assert profile.task == "classification"
+    assert profile.rows == 20
+    assert profile.classes is not None
+    assert len(profile.classes) == 3
+    assert profile.value_range[0] < float(x.min())
+
+
+def test_without_reference_data_no_profile(
+    tmp_path: Path, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="coordinator.delivery.packaging"):
+        result = package_model(_request(tmp_path, signing_key, 4), now=NOW)
+    assert result.manifest.reference is None
+    assert "without a reference profile: no reference data" in caplog.text
+
+
+def test_calibration_rows_give_the_profile(tmp_path: Path, signing_key: SigningKey) -> None:
+    calibration = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    request = _request(tmp_path, signing_key, 16, calibration=calibration, quantize="int8")
+    result = package_model(request, now=NOW)
+    profile = result.manifest.reference
+    assert profile is not None
+    assert profile.rows == 64
+    assert profile.feature_count == 16
+    signed, _ = read_artifact_unverified(result.path)
+    assert signed.manifest.reference == profile
 
 
 @pytest.mark.parametrize(

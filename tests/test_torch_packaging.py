@@ -359,3 +359,33 @@ def test_expiry_and_creation(digits_cnn: Trained, signing_key: SigningKey, tmp_p
     result = _package(digits_cnn, signing_key, tmp_path / "m.fedge", evaluation=None)
     assert result.manifest.created == NOW
     assert result.manifest.expires == NOW + timedelta(days=365)
+
+
+def test_reference_profile_from_calibration_with_fp32_outputs(
+    trained: Trained, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    result = _package(trained, signing_key, tmp_path / "m.fedge")
+    profile = result.manifest.reference
+    assert profile is not None
+    assert profile.task == trained.task
+    assert profile.input_shape == trained.sample_shape
+    assert profile.rows == len(trained.calibration)
+    signed = load_artifact(result.path, TrustedKeys((signing_key.public_key,)), now=NOW)
+    assert signed.manifest.reference == profile  # signed with the manifest
+    lo, hi = profile.value_range
+    assert lo < float(trained.calibration.min()) <= float(trained.calibration.max()) < hi
+    if trained.task == "classification":
+        assert profile.classes is not None
+        assert len(profile.classes) == 10
+        with torch.no_grad():
+            picked = trained.module(torch.from_numpy(trained.calibration)).argmax(dim=1).numpy()
+        shares = np.bincount(picked, minlength=10) / len(picked)
+        np.testing.assert_allclose(profile.classes, shares, atol=1e-5)  # the fp32 model's
+        assert profile.confidence is not None
+        assert profile.confidence.kind == "max_prob"
+    elif trained.task == "regression":
+        assert profile.classes is None
+        assert profile.confidence is None
+    else:
+        assert profile.confidence is not None
+        assert profile.confidence.kind == "score"

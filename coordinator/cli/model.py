@@ -224,6 +224,7 @@ def _manifest_table(manifest: Manifest) -> Table:
         ("expires", manifest.expires.isoformat()),
         ("hardware tags", ", ".join(manifest.hardware_tags) or "-"),
         ("health check", "yes" if manifest.health_check else "no"),
+        ("reference", manifest.reference.summary() if manifest.reference else "no"),
     ]
     rows += [(f"metadata.{k}", v) for k, v in sorted(manifest.metadata.items())]
     for label, value in rows:

@@ -16,17 +16,25 @@ Workflow of :func:`package_model` (what ``fedge model package`` runs):
 5. record a health check: a few reference inputs (from the evaluation or calibration
    data, else a seeded random batch) and the packaged model's own outputs for them,
    which an agent reproduces before it switches to the model;
-6. build the manifest, sign it with every given key (k-of-n), and write the artifact
+6. compute the reference profile (:func:`reference_profile`,
+   :mod:`compress.profile`) of the evaluation inputs (else the calibration data) with
+   the *fp32* model's outputs: what agents validate inputs against and the
+   coordinator measures drift against. Its task is the evaluation data's, else
+   ``classification`` when the model's output is ``(n, K)`` with 2 <= K <= 100,
+   else ``regression``. Without reference data, or for a model it cannot describe
+   (several inputs, more than 100 classes), the artifact has no profile (logged);
+7. build the manifest, sign it with every given key (k-of-n), and write the artifact
    file atomically.
 
 The function takes a typed :class:`PackageRequest` and the current time, and returns a
 :class:`PackageResult` with every figure the CLI prints; it does no printing itself.
 
-Steps 5 and 6 are shared with :func:`coordinator.delivery.torch_packaging.package_torch`
+Steps 5 to 7 are shared with :func:`coordinator.delivery.torch_packaging.package_torch`
 (PyTorch models, any task): :func:`check_identity` refuses a bad name, version or key
 list before any slow work, :func:`health_checks` turns reference inputs into the
-checks a manifest can carry, and :func:`sign_and_write` fits the manifest under its
-size limit, signs it and writes the artifact.
+checks a manifest can carry, :func:`reference_profile` computes the profile, and
+:func:`sign_and_write` fits the manifest under its size limit, signs it and writes
+the artifact.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.artifact import write_artifact
-from compress.errors import CompressError, ManifestError
+from compress.errors import CompressError, ManifestError, ProfileError
 from compress.fileio import load_npz, read_bounded
 from compress.keys import SigningKey
 from compress.manifest import (
@@ -57,6 +65,7 @@ from compress.manifest import (
     TensorSpec,
 )
 from compress.onnx_export import export_onnx
+from compress.profile import MAX_CLASSES, ReferenceProfile, profile_from_data
 from compress.quantize import quantize_int8
 from compress.signing import sign_manifest
 from coordinator.errors import AccuracyDropError, PackagingError
@@ -68,6 +77,10 @@ logger = logging.getLogger(__name__)
 
 Quantize = Literal["int8", "none"]
 HEALTH_CHECK_ROWS = 4
+#: Reference rows a profile is computed from at most (the first ones).
+PROFILE_ROWS = 20_000
+#: Examples per inference call while running reference data through a model.
+EVAL_BATCH = 256
 #: Model file suffix -> manifest format.
 MODEL_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_DATA_FILE_BYTES = 2 * 1024 * 1024 * 1024
@@ -241,6 +254,42 @@ def health_checks(
             continue  # too many values for a manifest: try fewer rows
 
 
+def batched_outputs(runtime: ModelRuntime, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The model's first output for every example of ``x``, :data:`EVAL_BATCH` at a time."""
+    parts = [runtime.predict(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    out: npt.NDArray[np.float32] = np.concatenate(parts).astype(np.float32)
+    return out
+
+
+def reference_profile(
+    fp32: ModelRuntime, x: npt.NDArray[np.float32] | None, task: ModelTask | None
+) -> ReferenceProfile | None:
+    """The reference profile of inputs ``x`` with the fp32 model's outputs, or None.
+
+    ``task`` None: ``classification`` when the first output is ``(n, K)`` with
+    2 <= K <= 100, else ``regression``. At most :data:`PROFILE_ROWS` rows are used.
+    None (with a log line) without ``x``, for a model that does not take one float
+    batch, or when the data cannot be profiled (:class:`ProfileError`): the profile
+    is optional and the artifact is still packaged.
+    """
+    info = fp32.inputs[0] if len(fp32.inputs) == 1 else None
+    if x is None or info is None or info.dtype != "float32":
+        logger.warning("packaging without a reference profile: %s",
+                       "no reference data" if x is None else "not one float input")  # fmt: skip
+        return None
+    rows = np.ascontiguousarray(x[:PROFILE_ROWS], dtype=np.float32)
+    outputs = batched_outputs(fp32, rows)
+    if task is None:
+        out_shape = fp32.outputs[0].shape
+        k = out_shape[1] if len(out_shape) == 2 else None
+        task = "classification" if k is not None and 2 <= k <= MAX_CLASSES else "regression"
+    try:
+        return profile_from_data(rows, outputs, task)
+    except ProfileError as exc:
+        logger.warning("packaging without a reference profile: %s", exc)
+        return None
+
+
 def _accuracy(runtime: ModelRuntime, data: LabelledData | None) -> float | None:
     return None if data is None else accuracy(runtime, data.x, data.y)
 
@@ -348,11 +397,13 @@ def sign_and_write(
     checks: Iterator[HealthCheck],
     keys: Sequence[SigningKey],
     out: Path,
+    reference: ReferenceProfile | None = None,
 ) -> Manifest:
     """Describe ``model`` in a manifest, sign it with every key and write the artifact.
 
     ``runtime`` is ``model`` loaded (its inputs and outputs go into the manifest);
-    the manifest carries the largest of ``checks`` that fits its size limit.
+    the manifest carries ``reference`` (the reference profile, if any) and the largest
+    of ``checks`` that fits its size limit.
 
     Returns:
         The manifest written (unsigned form).
@@ -374,6 +425,7 @@ def sign_and_write(
         "expires": fields.expires,
         "hardware_tags": tuple(sorted(set(fields.hardware_tags))),
         "metadata": dict(fields.metadata),
+        "reference": reference,
     }
     manifest = _fitting_manifest(manifest_fields, checks)
     signed = sign_manifest(manifest, keys)
@@ -433,7 +485,8 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         hardware_tags=request.hardware_tags,
         metadata=metadata,
     )
-    reference = request.evaluation.x if request.evaluation is not None else request.calibration
+    evaluation = request.evaluation
+    reference = evaluation.x if evaluation is not None else request.calibration
     manifest = sign_and_write(
         fields,
         packaged_model,
@@ -441,6 +494,7 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         checks=health_checks(packaged, reference, seed=request.seed),
         keys=request.keys,
         out=request.out,
+        reference=reference_profile(fp32, reference, evaluation.task if evaluation else None),
     )
     return PackageResult(
         manifest=manifest,

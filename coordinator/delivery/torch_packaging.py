@@ -9,6 +9,7 @@ deploy`` or a staged rollout. :func:`package_torch` runs::
         --evaluate both on held-out data, gate--> refuse (QualityGateError) or go on
         --the caller's gate (e.g. the deployed model's)--> refuse or go on
         --anomaly threshold (reconstruction)--> health check from calibration rows
+        --reference profile of the calibration rows with the fp32 model's outputs
         --sign_and_write()--> artifact file
 
 The task head (softmax, anomaly score) is kept in float32 and reads the unquantized
@@ -68,12 +69,15 @@ from compress.quantize import quantize_int8
 from compress.torch_export import export_torch_onnx, head_nodes
 from coordinator.delivery.packaging import (
     DEFAULT_EXPIRY,
+    EVAL_BATCH,
     ArtifactFields,
     LabelledData,
     PackagedModelGate,
     PackageResult,
+    batched_outputs,
     check_identity,
     health_checks,
+    reference_profile,
     sign_and_write,
 )
 from coordinator.errors import AccuracyDropError, PackagingError, QualityGateError
@@ -94,9 +98,6 @@ METRIC_NAMES: Mapping[ModelTask, str] = {
     "reconstruction": "auc",
 }
 """The metric the quality gate compares, per task."""
-
-EVAL_BATCH = 256
-"""Examples per inference call while evaluating."""
 
 QUANTIZATION = "int8-static"
 
@@ -183,7 +184,7 @@ def package_torch(
             gate(int8, int8_metric)
         if task == "reconstruction":
             normal = evaluation.x[evaluation.y == 0]
-            threshold = float(np.quantile(_outputs(int8, normal), threshold_quantile))
+            threshold = float(np.quantile(batched_outputs(int8, normal), threshold_quantile))
 
     fields = ArtifactFields(
         name=name,
@@ -208,6 +209,7 @@ def package_torch(
         checks=health_checks(int8, calib),
         keys=keys,
         out=out,
+        reference=reference_profile(fp32, calib, task),
     )
     classifier = task == "classification"
     return PackageResult(
@@ -282,13 +284,6 @@ def _check_evaluation(data: LabelledData, task: ModelTask, sample_shape: tuple[i
             )
 
 
-def _outputs(runtime: ModelRuntime, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The model's single output for every example of ``x``, in batches."""
-    parts = [runtime.predict(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-    out: npt.NDArray[np.float32] = np.concatenate(parts).astype(np.float32)
-    return out
-
-
 def task_metric(runtime: ModelRuntime, data: LabelledData) -> float:
     """The task's metric (:data:`METRIC_NAMES`) of ``runtime`` on ``data``.
 
@@ -302,8 +297,8 @@ def task_metric(runtime: ModelRuntime, data: LabelledData) -> float:
         return accuracy(runtime, data.x, data.y, batch_size=EVAL_BATCH)
     try:
         if data.task == "regression":
-            return mean_squared_error(_outputs(runtime, data.x), data.y)
-        return roc_auc(_outputs(runtime, data.x), data.y)
+            return mean_squared_error(batched_outputs(runtime, data.x), data.y)
+        return roc_auc(batched_outputs(runtime, data.x), data.y)
     except MetricError as exc:
         raise PackagingError(f"evaluation data does not fit the model's output: {exc}") from exc
 

@@ -242,7 +242,7 @@ class Updater:
             ModelRuntimeError: the runtime cannot load it (nothing changes).
         """
         verified = verify_installed(self._store, model, trusted=self._trusted, now=self._now())
-        self._serve(model, load_model(model.format, verified.payload))
+        self._serve(model, load_model(model.format, verified.payload), verified.manifest)
         self._served_expires = verified.manifest.expires
         return verified
 
@@ -251,7 +251,7 @@ class Updater:
         expires = self._served_expires
         return expires is not None and expires <= self._now()
 
-    def _serve(self, model: InstalledModel, runtime: ModelRuntime) -> None:
+    def _serve(self, model: InstalledModel, runtime: ModelRuntime, manifest: Manifest) -> None:
         self._server.activate(
             LoadedModel(
                 name=model.name,
@@ -261,6 +261,7 @@ class Updater:
                 slot=model.slot,
                 runtime=runtime,
                 installed_at=model.installed_at,
+                manifest=manifest,
             )
         )
 
@@ -517,7 +518,7 @@ class Updater:
             return lambda: self._report_error(
                 deployment_id, InstallState.ROLLED_BACK, refused, manifest
             )
-        self._serve(model, runtime)
+        self._serve(model, runtime, manifest)
 
         def installed() -> None:
             self._reporter.report(deployment_id, InstallState.INSTALLED, model)

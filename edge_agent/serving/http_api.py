@@ -49,8 +49,7 @@ Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
       that overflow a double, duplicate keys, lone surrogates and nesting deeper
       than :data:`edge_agent.serving.http_bodies.MAX_JSON_DEPTH` are refused), not an object with
       exactly the key ``inputs``, or holds something other than numbers and lists;
-      a bad ``Content-Length``. ``runtime_error``: the inputs do not fit the model
-      (names, dtype, shape) or the runtime failed on them.
+      a bad ``Content-Length``. ``runtime_error``: the runtime failed on the inputs.
 401   ``unauthorized``: a bearer token is configured and the request (to any path
       but ``/v1/health``) lacks ``Authorization: Bearer <token>`` or has another
       one; with a ``WWW-Authenticate: Bearer`` header.
@@ -67,6 +66,12 @@ Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
 421   ``host_not_allowed``: the ``Host`` header is missing or names a host this
       endpoint does not answer to (DNS rebinding; see
       :mod:`edge_agent.serving.http_access`).
+422   ``invalid_input``: the inputs do not fit the served model's manifest; the
+      error carries ``"reason"``: ``dtype`` (cannot be converted to the input's
+      dtype), ``shape`` (rank, fixed dimensions or input names), ``nan`` (NaN or
+      infinite values) or ``out_of_range`` (outside the reference profile's value
+      range). Refused before the model runs, logged, and counted by reason in the
+      telemetry window summary (:mod:`edge_agent.monitoring`).
 500   ``internal``: an unexpected error, logged with its traceback; the response
       says nothing more.
 503   ``no_model``: no model is installed yet.
@@ -108,6 +113,7 @@ from urllib.parse import urlsplit
 
 from edge_agent.errors import (
     ConfigError,
+    InvalidInputError,
     ModelRuntimeError,
     NoModelError,
     StateError,
@@ -317,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             headers = {"Allow": _ROUTES[path]} if exc.status == 405 else dict(exc.headers)
             self._drain_body()
-            self._send_error(exc.status, exc.code, exc.message, headers)
+            self._send_error(exc.status, exc.code, exc.message, headers, reason=exc.reason)
         except (ConnectionError, TimeoutError) as exc:  # the client left, or stopped reading
             logger.debug("client %s went away: %s", self.client_address[0], exc)
             self.close_connection = True
@@ -332,6 +338,8 @@ class _Handler(BaseHTTPRequestHandler):
             prediction = self.server.api.models.predict(inputs)
         except NoModelError as exc:
             raise RequestError(503, exc.code, str(exc)) from exc
+        except InvalidInputError as exc:
+            raise RequestError(422, exc.code, str(exc), reason=exc.reason) from exc
         except ModelRuntimeError as exc:
             raise RequestError(400, exc.code, str(exc)) from exc
         self._send_json(200, prediction.to_json())
@@ -423,9 +431,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
 
     def _send_error(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        reason: str | None = None,
     ) -> None:
-        self._send_json(status, {"error": {"code": code, "message": message}}, headers)
+        error = {"code": code, "message": message}
+        if reason is not None:
+            error["reason"] = reason
+        self._send_json(status, {"error": error}, headers)
 
     def _send_json(
         self, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None

@@ -45,20 +45,28 @@ _JSON_WHITESPACE = b" \t\r\n"
 
 
 class RequestError(ProtocolError):
-    """An error response: status, stable code, message, extra headers.
+    """An error response: status, stable code, message, extra headers, and for a
+    refused input (422) the reason it was refused.
 
     Raised by the endpoint too (:mod:`edge_agent.serving.http_api`), and subclassed
     by the access checks (:mod:`edge_agent.serving.http_access`).
     """
 
     def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers: Mapping[str, str] = dict(headers or {})
+        self.reason = reason
 
 
 _JSON_TYPES = {str: "a string", dict: "an object", type(None): "null"}

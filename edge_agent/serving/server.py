@@ -22,6 +22,15 @@ overflows the dtype (``1e39`` for float32, ``300`` for uint8) is refused rather 
 turned into ``inf`` or wrapped. For convenience, a 1-D input given to a model input
 that is 2-D ``(batch, features)`` is treated as a single row (shape ``(1, n)``).
 
+Then every input is validated (:mod:`edge_agent.monitoring.validation`) against the
+model's manifest (its input specs and reference profile; the runtime's specs for a
+model activated without a manifest) before the model runs: a conversion failure,
+input names or a shape that do not fit, NaN/inf, or values outside the profile's
+range are refused with :class:`~edge_agent.errors.InvalidInputError` (``reason``
+``dtype``, ``shape``, ``nan`` or ``out_of_range``), logged and counted by reason in
+the optional :class:`~edge_agent.monitoring.ServingMonitor`, which also counts every
+valid prediction into the window summary that telemetry sends.
+
 Every call, successful or not (including calls made while no model is active), is
 reported to the optional :class:`PredictionObserver` with its latency, which is how
 the agent's telemetry counts requests, errors and latencies. An observer that raises
@@ -41,7 +50,12 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from compress.errors import CompressError
+from compress.manifest import Manifest
+from compress.profile import ReferenceProfile
 from edge_agent.errors import ModelRuntimeError, NoModelError
+from edge_agent.monitoring.summary import ServingMonitor
+from edge_agent.monitoring.validation import InputProblem, TensorShape, check_input, refusal
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, convert_input
 
 __all__ = ["PREDICTION_ID_BYTES", "LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
@@ -70,6 +84,8 @@ class LoadedModel:
         slot: The install slot the model file lives in (e.g. ``"a"`` or ``"b"``).
         runtime: The loaded model.
         installed_at: When the model was installed (unix seconds).
+        manifest: Its verified manifest (input specs and reference profile for
+            validation and summaries); None for a model activated without one.
     """
 
     name: str
@@ -79,6 +95,12 @@ class LoadedModel:
     slot: str
     runtime: ModelRuntime
     installed_at: float
+    manifest: Manifest | None = None
+
+    @property
+    def profile(self) -> ReferenceProfile | None:
+        """The manifest's reference profile, if any."""
+        return None if self.manifest is None else self.manifest.reference
 
     def info(self) -> dict[str, Any]:
         """A JSON-able description: identity, slot, install time, inputs and outputs.
@@ -159,13 +181,13 @@ class PredictionObserver(Protocol):
         ...
 
 
-def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
-    """``value`` as an array of ``info``'s dtype (1-D -> one row for a 2-D input).
-
-    Raises:
-        ModelRuntimeError: the value cannot be converted, or overflows the dtype.
-    """
-    array = convert_input(value, info)
+def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray | InputProblem:
+    """``value`` as an array of ``info``'s dtype (1-D -> one row for a 2-D input), or
+    the ``dtype`` problem when it cannot be converted or overflows the dtype."""
+    try:
+        array = convert_input(value, info)
+    except ModelRuntimeError as exc:
+        return InputProblem("dtype", str(exc))
     if array.ndim == 1 and len(info.shape) == 2:
         array = array[np.newaxis, :]
     return array
@@ -173,28 +195,56 @@ def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray:
 
 def _feeds(
     inputs: list[TensorInfo], given: npt.ArrayLike | Mapping[str, npt.ArrayLike]
-) -> dict[str, np.ndarray]:
-    """Build the feeds of a model from an array-like or a mapping of them.
-
-    Raises:
-        ModelRuntimeError: an array-like for a model with several inputs, input names
-            that do not match the model's, or values that cannot be converted.
-    """
+) -> dict[str, np.ndarray] | InputProblem:
+    """Build the feeds of a model from an array-like or a mapping of them, or the
+    problem: ``shape`` for an array-like given to a model with several inputs or
+    input names that do not match the model's, ``dtype`` for values that cannot be
+    converted."""
     if isinstance(given, Mapping):
         expected = {info.name for info in inputs}
         names = {str(name) for name in given}
         if names != expected or len(given) != len(expected):
-            raise ModelRuntimeError(
+            return InputProblem(
+                "shape",
                 f"inputs do not match the model: missing {sorted(expected - names)}, "
-                f"unknown {sorted(names - expected)}; expected {sorted(expected)}"
+                f"unknown {sorted(names - expected)}; expected {sorted(expected)}",
             )
-        return {info.name: _convert(given[info.name], info) for info in inputs}
-    if len(inputs) != 1:
-        raise ModelRuntimeError(
+        pairs = [(info.name, given[info.name], info) for info in inputs]
+    elif len(inputs) != 1:
+        return InputProblem(
+            "shape",
             f"the model has {len(inputs)} inputs "
-            f"{sorted(info.name for info in inputs)}; pass them by name"
+            f"{sorted(info.name for info in inputs)}; pass them by name",
         )
-    return {inputs[0].name: _convert(given, inputs[0])}
+    else:
+        pairs = [(inputs[0].name, given, inputs[0])]
+    feeds = {}
+    for name, value, info in pairs:
+        array = _convert(value, info)
+        if isinstance(array, InputProblem):
+            return array
+        feeds[name] = array
+    return feeds
+
+
+def _validated(model: LoadedModel, given: Any) -> dict[str, np.ndarray] | InputProblem:
+    """The model's feeds from ``given``, checked against its manifest, or the problem."""
+    runtime = model.runtime
+    feeds = _feeds(runtime.inputs, given)
+    if isinstance(feeds, InputProblem):
+        return feeds
+    manifest, profile = model.manifest, model.profile
+    specs: dict[str, TensorShape] = {info.name: info for info in runtime.inputs}
+    profiled = None
+    if manifest is not None:
+        specs.update({spec.name: spec for spec in manifest.inputs if spec.name in specs})
+        profiled = manifest.inputs[0].name
+    for name, array in feeds.items():
+        value_range = profile.value_range if profile is not None and name == profiled else None
+        problem = check_input(array, specs[name], value_range)
+        if problem is not None:
+            return problem
+    return feeds
 
 
 class ModelServer:
@@ -205,6 +255,8 @@ class ModelServer:
         perf_clock: Monotonic clock in seconds used to time predictions.
         on_prediction: Called with each successful prediction and its inputs (the
             agent remembers them so labelled feedback can refer to them).
+        monitor: Counts refused inputs by reason and valid predictions into the
+            served model's window summary.
     """
 
     def __init__(
@@ -213,8 +265,10 @@ class ModelServer:
         observer: PredictionObserver | None = None,
         perf_clock: Callable[[], float] = time.perf_counter,
         on_prediction: Callable[[Prediction, Any], None] | None = None,
+        monitor: ServingMonitor | None = None,
     ) -> None:
         self._observer = observer
+        self._monitor = monitor
         self._on_prediction = on_prediction
         self._perf_clock = perf_clock
         self._lock = threading.Lock()
@@ -263,8 +317,9 @@ class ModelServer:
 
         Raises:
             NoModelError: no model is active.
-            ModelRuntimeError: the inputs do not fit the model (names, dtype
-                conversion, shape), or the runtime failed.
+            InvalidInputError: the inputs do not fit the model's manifest (names,
+                dtype conversion, shape, NaN/inf, value range): refused, with a reason.
+            ModelRuntimeError: the runtime failed.
         """
         start = self._perf_clock()
         try:
@@ -304,8 +359,16 @@ class ModelServer:
         if model is None:
             raise NoModelError("no model is installed yet")
         runtime = model.runtime
-        outputs = runtime.run(_feeds(runtime.inputs, inputs))
+        feeds = _validated(model, inputs)
+        if isinstance(feeds, InputProblem):
+            if self._monitor is not None:
+                self._monitor.refused(model.name, model.version, model.profile, feeds.reason)
+            raise refusal(feeds, model.name)
+        outputs = runtime.run(feeds)
         first = outputs.get(runtime.outputs[0].name) if runtime.outputs else None
+        profiled = None if model.manifest is None else feeds.get(model.manifest.inputs[0].name)
+        if self._monitor is not None and profiled is not None and first is not None:
+            self._summarise(model, profiled, first)
         labels = (
             tuple(int(i) for i in first.argmax(axis=-1))
             if first is not None and first.ndim == 2 and first.shape[-1] > 0
@@ -319,6 +382,13 @@ class ModelServer:
             labels=labels,
             latency_ms=(self._perf_clock() - start) * 1000.0,
         )
+
+    def _summarise(self, model: LoadedModel, x: np.ndarray, first: np.ndarray) -> None:
+        assert self._monitor is not None
+        try:
+            self._monitor.observe(model.name, model.version, model.profile, x, first)
+        except CompressError as exc:  # outputs that do not fit the profile: no summary
+            logger.warning("cannot summarise a prediction of %s: %s", model.name, exc)
 
     def _report(self, latency_s: float, *, ok: bool) -> None:
         if self._observer is None:

@@ -10,7 +10,9 @@ Workflow on the agent:
 3. Every N seconds the agent calls :meth:`TelemetryCollector.close_window`, which
    returns a :class:`~edge_agent.protocol.TelemetryRecord` for the window that just
    ended (counts, latency quantiles and histogram, the agent's CPU, memory and
-   uptime from a :class:`ProcessSampler`) and starts the next window. The record
+   uptime from a :class:`ProcessSampler`, and the window summary of the served
+   model's inputs when the agent passes one, see :mod:`edge_agent.monitoring`) and
+   starts the next window. The record
    goes into a :class:`~edge_agent.protocol.TelemetryBatch`, is encoded and published
    (or spooled while the broker is unreachable, see :mod:`edge_agent.spool`).
 4. :attr:`TelemetryCollector.totals` gives lifetime counts, for ``GET /v1/health``.
@@ -46,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edge_agent.errors import ConfigError
-from edge_agent.protocol import Histogram, LatencyQuantiles, TelemetryRecord
+from edge_agent.protocol import Histogram, LatencyQuantiles, TelemetryRecord, WindowSummary
 
 __all__ = [
     "DEFAULT_BOUNDS_MS",
@@ -323,7 +325,9 @@ class TelemetryCollector:
         with self._lock:
             return TelemetryTotals(predictions=self._total_predictions, errors=self._total_errors)
 
-    def close_window(self, *, model: str | None, version: int | None) -> TelemetryRecord:
+    def close_window(
+        self, *, model: str | None, version: int | None, summary: WindowSummary | None = None
+    ) -> TelemetryRecord:
         """Close the current window into a record and start the next one now.
 
         The record covers ``[window_start, now]``; the window counters and the
@@ -334,6 +338,8 @@ class TelemetryCollector:
         Args:
             model: The model being served, or None (with ``version`` None).
             version: Its version.
+            summary: The window summary of its inputs (closed by the caller at the
+                same time), carried in the record.
 
         Returns:
             The record; quantiles are :func:`estimate_quantile` of the window's
@@ -369,4 +375,5 @@ class TelemetryCollector:
             cpu_percent=sample.cpu_percent,
             memory_bytes=sample.memory_bytes,
             uptime_s=sample.uptime_s,
+            summary=summary if model is not None else None,
         )
