@@ -176,9 +176,9 @@ def test_a_hostile_summary_is_dropped_without_affecting_other_devices(
     coord = coordinator(broker)
     heard: list[str] = []
     coord.add_listener(
-        lambda device_id, envelope, _size: heard.append(device_id)
-        if isinstance(envelope.message, TelemetryBatch)
-        else None
+        lambda device_id, envelope, _size: (
+            heard.append(device_id) if isinstance(envelope.message, TelemetryBatch) else None
+        )
     )
     try:
         with caplog.at_level(logging.WARNING, logger="coordinator.link.base"):
