@@ -200,3 +200,23 @@ def test_a_stored_profile_that_is_not_one_is_logged_and_skipped(
         assert "unusable reference" in caplog.text
         assert monitor.rejected() == {"no_reference": 1}
         assert store.drift_scores() == []
+
+
+def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
+    store: Store, profile: ReferenceProfile
+) -> None:
+    clock = Clock()
+    monitor = DriftMonitor(store, clock=clock)
+    rng = np.random.default_rng(4)
+    fleet_rows = []
+    for seq in range(16):  # one flush every 5 s; the shift starts at the 4th
+        x = data(WINDOW * 3, rng, shifted=seq >= 3)
+        stored = monitor.add_windows([("d", wire(summarise(profile, x), seq=seq).records[0])])
+        assert stored[0].scope == "device"  # every device score is stored
+        fleet_rows += [(round(s.at - 5000), s.severity) for s in stored if s.scope == "fleet"]
+        clock.now += 5
+    # First, then on each change of severity, then 30 s after the last one.
+    assert fleet_rows == [(0, "none"), (15, "moderate"), (25, "major"), (55, "major")]
+    history = store.drift_history(model="sensor", version=2)
+    assert [round(s.at - 5000) for s in history] == [55, 25, 15, 0]
+    assert len(store.drift_history(model="sensor", version=2, device_id="d")) == 16

@@ -75,6 +75,21 @@ def test_latest_per_subject_filters_and_history(tmp_path: Path) -> None:
         assert store.drift_history(model="m", version=1, device_id="b")  # latest stays
 
 
+def test_prune_by_row_count_keeps_each_subjects_latest(tmp_path: Path) -> None:
+    with Store.open(MEMORY, artifact_dir=tmp_path) as store:
+        store.add_drift_scores([score("a", at=float(t)) for t in range(5)])
+        store.add_drift_scores([score("b", at=5.0), score(None, at=5.0)])
+        assert store.prune_drift(max_rows=4) == 3  # a's three oldest
+        assert [s.at for s in store.drift_history(model="m", version=1, device_id="a")] == [
+            4.0,
+            3.0,
+        ]
+        assert store.prune_drift(max_rows=0) == 1  # a's 3.0; every latest stays
+        assert len(store.drift_scores()) == 3
+        with pytest.raises(ValueError, match="max_rows"):
+            store.prune_drift(max_rows=-1)
+
+
 def test_non_finite_scores_are_refused_whole(tmp_path: Path) -> None:
     with Store.open(MEMORY, artifact_dir=tmp_path) as store:
         with pytest.raises(StoreError, match="finite"):

@@ -14,7 +14,10 @@ thread, never the network thread), hands them to :meth:`DriftMonitor.add_windows
    against the reference (a hostile one is refused, logged and counted by reason;
    other devices are unaffected) and scores the device over its recent windows;
 3. each model version that got a window is scored fleet-wide;
-4. the scores are appended to the store in one transaction
+4. the scores are appended to the store in one transaction: every device score (one
+   per window, as telemetry), and a version's fleet score at most every
+   ``fleet_every_s`` unless its severity changed (flushes come every fraction of a
+   second)
    (:meth:`~coordinator.service.store.Store.add_drift_scores`); a store failure is
    logged and those scores are lost (the next flush computes fresh ones).
 
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 MISS_RETRY_S = 60.0
 """Seconds before a model version without a stored reference is looked up again."""
+FLEET_EVERY_S = 30.0
+"""Seconds between two stored fleet scores of a version whose severity is unchanged."""
 
 
 def reference_of(profile: ReferenceProfile) -> Reference:
@@ -84,6 +89,8 @@ class DriftMonitor:
         store: Where artifacts are read and scores written.
         tracker: The tracker (a default one if None).
         clock: The service's clock (scores' ``at``).
+        fleet_every_s: Least time between two stored fleet scores of a version
+            (one whose severity changed is stored at once).
     """
 
     def __init__(
@@ -92,9 +99,12 @@ class DriftMonitor:
         tracker: DriftTracker | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        fleet_every_s: float = FLEET_EVERY_S,
     ) -> None:
         """Start with no windows and an empty reference cache."""
         self._store = store
+        self._fleet_every_s = fleet_every_s
+        self._fleet_saved: dict[tuple[str, int], DriftScore] = {}
         self._tracker = tracker or DriftTracker()
         self._clock = clock
         self._lock = threading.Lock()
@@ -107,7 +117,7 @@ class DriftMonitor:
         Records without a summary or a model are ignored.
 
         Returns:
-            The scores computed (devices first, then each version's fleet score).
+            The scores stored (devices first, then the fleet scores due).
         """
         now = self._clock()
         scores: list[DriftScore] = []
@@ -131,7 +141,8 @@ class DriftMonitor:
                     scores.append(score)
             for (model, version), reference in sorted(touched.items()):
                 fleet = self._tracker.fleet(model, version, reference, at=now)
-                if fleet is not None:
+                if fleet is not None and self._fleet_due(fleet):
+                    self._fleet_saved[(model, version)] = fleet
                     scores.append(fleet)
         if scores:
             try:
@@ -139,6 +150,14 @@ class DriftMonitor:
             except StoreError as exc:
                 logger.error("%d drift score(s) not stored: %s", len(scores), exc)
         return scores
+
+    def _fleet_due(self, score: DriftScore) -> bool:
+        last = self._fleet_saved.get((score.model, score.version))
+        return (
+            last is None
+            or last.severity != score.severity
+            or score.at - last.at >= self._fleet_every_s
+        )
 
     def _reference(self, model: str, version: int, now: float) -> Reference | None:
         """The version's reference from its stored manifest (cached; call with the lock)."""

@@ -5,9 +5,9 @@ for SQLite. :class:`Ingest` takes presence changes (status messages and Last
 Wills) and telemetry batches from that thread into memory, and a writer thread
 flushes them every ``flush_s`` seconds: all buffered device upserts, then all
 telemetry windows in one transaction (:meth:`~coordinator.service.store.Store.add_telemetry`).
-Every ``prune_every_s`` it applies the telemetry retention limits, and the age
-limit to the presence history and the drift scores too (each device's latest
-change, and each subject's latest score, stay).
+Every ``prune_every_s`` it applies the telemetry retention limits to the telemetry
+and to the drift scores (each subject's latest score stays), and the age limit to
+the presence history too (each device's latest change stays).
 
 Workflow::
 
@@ -387,9 +387,9 @@ class Ingest:
         older_than = None if settings.max_age_s is None else now - settings.max_age_s
         try:
             self._store.prune_telemetry(max_rows=settings.max_rows, older_than=older_than)
+            self._store.prune_drift(max_rows=settings.max_rows, older_than=older_than)
             if older_than is not None:
                 self._store.prune_presence(older_than=older_than)
-                self._store.prune_drift(older_than=older_than)
         except StoreError as exc:
             logger.error("telemetry retention failed (will retry): %s", exc)
 

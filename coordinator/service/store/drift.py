@@ -7,8 +7,8 @@ computed from a flush of telemetry in one transaction
 (:meth:`DriftTables.add_drift_scores`); ``fedge drift`` and ``GET /v1/drift`` read
 the latest score of each subject (a device, or the fleet, on one model version) with
 :meth:`DriftTables.drift_scores`, and one subject's history with
-:meth:`DriftTables.drift_history`. Retention follows the telemetry's age limit
-(:meth:`DriftTables.prune_drift`).
+:meth:`DriftTables.drift_history`. Retention follows the telemetry's limits, by age
+and by row count (:meth:`DriftTables.prune_drift`).
 """
 
 from __future__ import annotations
@@ -95,22 +95,41 @@ class DriftTables:
         )
         return [_score(row) for row in rows]
 
-    def prune_drift(self, *, older_than: float) -> int:
-        """Delete scores computed before ``older_than``; each subject's latest stays.
+    def prune_drift(self, *, older_than: float | None = None, max_rows: int | None = None) -> int:
+        """Delete old scores, for retention; each subject's latest always stays.
+
+        Args:
+            older_than: Delete scores computed before this time.
+            max_rows: Keep at most this many rows (besides the latest ones), the
+                most recent.
 
         Returns:
             The number of rows deleted.
 
         Raises:
+            ValueError: ``max_rows`` is negative.
             StoreError: The database failed.
         """
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        latest = (
+            "id NOT IN (SELECT MAX(id) FROM drift_scores GROUP BY scope, device_id, model, version)"
+        )
+        deleted = 0
         with self._db.transaction() as conn:
-            cursor = conn.execute(
-                "DELETE FROM drift_scores WHERE at < ? AND id NOT IN (SELECT MAX(id) "
-                "FROM drift_scores GROUP BY scope, device_id, model, version)",
-                (older_than,),
-            )
-            deleted = int(cursor.rowcount)
+            if older_than is not None:
+                cursor = conn.execute(
+                    f"DELETE FROM drift_scores WHERE at < ? AND {latest}",  # noqa: S608 - constant
+                    (older_than,),
+                )
+                deleted += cursor.rowcount
+            if max_rows is not None:
+                cursor = conn.execute(
+                    f"DELETE FROM drift_scores WHERE {latest} AND id <= "  # noqa: S608 - constant
+                    "(SELECT id FROM drift_scores ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (max_rows,),
+                )
+                deleted += cursor.rowcount
         if deleted:
             logger.debug("pruned %d drift scores", deleted)
         return deleted
