@@ -79,6 +79,12 @@ def test_too_few_inputs_have_no_severity() -> None:
     assert drift.severity(0.4, drift.MIN_INPUTS - 1) == drift.INSUFFICIENT
     assert drift.severity(0.4, drift.MIN_INPUTS) == "major"
     assert drift.severity(0.01, drift.MIN_INPUTS) == "none"
+    # A reference of few rows is noisy too: 1000 inputs against 1000 rows count as 500.
+    assert drift.effective_rows(1000, 1000) == 500.0
+    assert drift.severity(0.01, 1000, reference_rows=1000) == "none"
+    assert drift.severity(0.4, 10**6, reference_rows=32) == drift.INSUFFICIENT
+    assert drift.effective_rows(0, 10) == 0.0
+    assert drift.effective_rows(10, None) == 10.0
 
 
 def test_unshifted_windows_of_min_inputs_raise_no_alarm_over_64_features() -> None:
@@ -88,6 +94,16 @@ def test_unshifted_windows_of_min_inputs_raise_no_alarm_over_64_features() -> No
     worst = 0.0
     for _ in range(200):
         counts = rng.multinomial(drift.MIN_INPUTS, np.full(10, 0.1), size=64)
+        worst = max(worst, drift.feature_scores(ref, counts).psi_max)
+    assert worst < drift.PSI_MODERATE
+
+
+def test_an_estimated_reference_of_m_rows_and_n_inputs_stay_quiet_from_500_effective() -> None:
+    rng = np.random.default_rng(12)
+    worst = 0.0
+    for _ in range(200):  # 1000 reference rows against 1000 inputs: 500 effective rows
+        ref = rng.multinomial(1000, np.full(10, 0.1), size=64) / 1000
+        counts = rng.multinomial(1000, np.full(10, 0.1), size=64)
         worst = max(worst, drift.feature_scores(ref, counts).psi_max)
     assert worst < drift.PSI_MODERATE
 

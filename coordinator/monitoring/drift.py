@@ -10,8 +10,8 @@ window, the COUNTS of their inputs in the same bins. This module compares the tw
   shares ``q``. Both are smoothed with :data:`EPSILON` first so that an empty bin on
   either side gives a large but finite score. The usual reading (:func:`severity`):
   below :data:`PSI_MODERATE` (0.1) nothing moved, up to :data:`PSI_MAJOR` (0.25) a
-  moderate shift, above a major one; a score of fewer than :data:`MIN_INPUTS` inputs
-  is ``insufficient`` (small samples inflate PSI).
+  moderate shift, above a major one; a score of fewer than :data:`MIN_INPUTS`
+  effective rows is ``insufficient`` (small samples, on either side, inflate PSI).
 * :func:`js` - the Jensen-Shannon divergence in bits: symmetric, 0 for identical
   distributions, 1 for distributions with disjoint support. It needs no smoothing.
 * :func:`feature_scores` - both statistics for every feature of an ``(F, B)`` matrix
@@ -47,6 +47,7 @@ __all__ = [
     "FeatureScores",
     "check_counts",
     "check_shares",
+    "effective_rows",
     "feature_scores",
     "fleet_counts",
     "js",
@@ -60,13 +61,15 @@ PSI_MODERATE = 0.1
 PSI_MAJOR = 0.25
 """PSI at or above which a distribution counts as majorly shifted (convention)."""
 MIN_INPUTS = 500
-"""Fewest inputs behind a score for it to get a severity.
+"""Fewest effective rows behind a score for it to get a severity.
 
 PSI has a small-sample bias: with ``n`` inputs in 10 bins an unshifted feature scores
 about ``9 / n`` on average (chi-square with 9 degrees of freedom over ``n``), and the
-largest of 64 features about ``35 / n`` at the 99.98th percentile. From 500 inputs
-that stays below :data:`PSI_MODERATE` (0.07), so an unshifted device raises no alarm;
-below, a score is shown but its severity is ``insufficient``."""
+largest of 64 features about ``35 / n`` at the 99.98th percentile. Reference shares
+estimated from ``m`` rows add their own noise: the bias goes with ``1/n + 1/m``
+(:func:`effective_rows`). From 500 effective rows it stays below
+:data:`PSI_MODERATE` (0.07), so an unshifted device raises no alarm; below, a score
+is shown but its severity is ``insufficient``."""
 INSUFFICIENT = "insufficient"
 """Severity of a score with fewer than :data:`MIN_INPUTS` inputs behind it."""
 EPSILON = 1e-4
@@ -104,17 +107,33 @@ class FeatureScores:
         return float(self.js.max()) if self.js.size else 0.0
 
 
-def severity(psi_value: float, n: int | None = None) -> str:
+def severity(psi_value: float, n: int | None = None, reference_rows: int | None = None) -> str:
     """``"none"``, ``"moderate"`` or ``"major"`` by the PSI conventions, or
-    ``"insufficient"`` when ``n`` (the inputs behind the score) is below
-    :data:`MIN_INPUTS`."""
-    if n is not None and n < MIN_INPUTS:
+    ``"insufficient"`` when the score rests on too few rows (see :data:`MIN_INPUTS`).
+
+    Args:
+        psi_value: The score's PSI.
+        n: Inputs behind the observed counts (None: not checked).
+        reference_rows: Rows the reference shares were computed from (None: exact).
+    """
+    if n is not None and effective_rows(n, reference_rows) < MIN_INPUTS:
         return INSUFFICIENT
     if psi_value >= PSI_MAJOR:
         return "major"
     if psi_value >= PSI_MODERATE:
         return "moderate"
     return "none"
+
+
+def effective_rows(n: int, reference_rows: int | None) -> float:
+    """``1 / (1/n + 1/m)``: the sample size PSI's noise scales with, when ``n`` observed
+    rows are compared with shares estimated from ``m`` reference rows (``n`` alone when
+    the reference is exact)."""
+    if n <= 0 or (reference_rows is not None and reference_rows <= 0):
+        return 0.0
+    if reference_rows is None:
+        return float(n)
+    return n * reference_rows / (n + reference_rows)
 
 
 def check_shares(shares: npt.ArrayLike, *, ndim: int = 1) -> FloatArray:

@@ -50,7 +50,8 @@ class DriftScore:
         psi_max: The largest feature PSI.
         js_max: The largest feature JS divergence (bits).
         severity: ``none``, ``moderate`` or ``major`` (PSI 0.1 / 0.25 conventions);
-            ``insufficient`` with fewer than 500 inputs behind the score.
+            ``insufficient`` with fewer than 500 effective rows behind the score
+            (:func:`coordinator.monitoring.drift.effective_rows`).
         top: The most drifting features, highest PSI first.
         confidence_psi: PSI of the confidence signal; None if the model has none.
         classes_psi: PSI of the predicted-class shares; None if not a classifier.

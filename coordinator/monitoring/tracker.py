@@ -78,11 +78,14 @@ class Reference:
         features: ``(F, B)`` reference shares per feature (each row sums to 1).
         classes: Reference predicted-class shares, or None (not a classifier).
         confidence: Reference shares of the confidence bins, or None.
+        rows: Reference rows the shares were computed from (None: exact shares);
+            fewer rows make every score noisier (:func:`drift.effective_rows`).
     """
 
     features: npt.NDArray[np.float64]
     classes: npt.NDArray[np.float64] | None = None
     confidence: npt.NDArray[np.float64] | None = None
+    rows: int | None = None
 
     def __post_init__(self) -> None:
         """Check every distribution (a profile that is not one cannot be scored).
@@ -391,7 +394,7 @@ class DriftTracker:
             n=pool.n,
             psi_max=scores.psi_max,
             js_max=scores.js_max,
-            severity=drift.severity(scores.psi_max, pool.n),
+            severity=drift.severity(scores.psi_max, pool.n, reference.rows),
             top=top,
             confidence_psi=_optional_psi(reference.confidence, pool.confidence),
             classes_psi=_optional_psi(reference.classes, pool.classes),

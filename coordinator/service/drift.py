@@ -68,6 +68,7 @@ def reference_of(profile: ReferenceProfile) -> Reference:
             if profile.confidence is None
             else np.asarray(profile.confidence.reference, dtype=np.float64)
         ),
+        rows=profile.rows,
     )
 
 
