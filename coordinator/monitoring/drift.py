@@ -216,15 +216,20 @@ def _js_rows(ref: FloatArray, counts: FloatArray) -> FloatArray:
     return out
 
 
-def psi(ref_shares: npt.ArrayLike, counts: npt.ArrayLike) -> float:
+def psi(ref_shares: npt.ArrayLike, counts: npt.ArrayLike, *, checked: bool = False) -> float:
     """PSI of observed ``counts`` against reference ``ref_shares`` (same bins).
+
+    Args:
+        ref_shares: The reference distribution.
+        counts: The observed counts.
+        checked: Both were checked already (:func:`check_shares`,
+            :func:`check_counts`): skip the checks (the tracker's hot path).
 
     Raises:
         SummaryRejectedError: see :func:`check_shares` and :func:`check_counts`;
             ``empty`` when the counts sum to 0.
     """
-    ref = check_shares(ref_shares)
-    obs = check_counts(counts, ref.shape)
+    ref, obs = _arrays(ref_shares, counts, ndim=1, checked=checked)
     return float(_psi_rows(ref, obs))
 
 
@@ -239,19 +244,30 @@ def js(ref_shares: npt.ArrayLike, counts: npt.ArrayLike) -> float:
     return float(_js_rows(ref, obs))
 
 
-def feature_scores(ref_shares: npt.ArrayLike, counts: npt.ArrayLike) -> FeatureScores:
+def feature_scores(
+    ref_shares: npt.ArrayLike, counts: npt.ArrayLike, *, checked: bool = False
+) -> FeatureScores:
     """PSI and JS of every feature: ``(F, B)`` reference shares vs ``(F, B)`` counts.
 
     A feature whose row of counts is all zero makes the window ``empty`` (a device
     counts every accepted input in every feature, so rows differ only by saturation).
+    ``checked`` as for :func:`psi`.
 
     Raises:
         SummaryRejectedError: as :func:`psi`, for any row.
     """
-    ref = check_shares(ref_shares, ndim=2)
-    obs = check_counts(counts, ref.shape)
+    ref, obs = _arrays(ref_shares, counts, ndim=2, checked=checked)
     n = int(obs.sum(axis=1).max()) if obs.size else 0
     return FeatureScores(psi=_psi_rows(ref, obs), js=_js_rows(ref, obs), n=n)
+
+
+def _arrays(
+    ref_shares: npt.ArrayLike, counts: npt.ArrayLike, *, ndim: int, checked: bool
+) -> tuple[FloatArray, FloatArray]:
+    if checked:
+        return np.asarray(ref_shares, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    ref = check_shares(ref_shares, ndim=ndim)
+    return ref, check_counts(counts, ref.shape)
 
 
 def fleet_counts(windows: Sequence[npt.ArrayLike], shape: tuple[int, ...]) -> FloatArray:
@@ -275,5 +291,5 @@ def top_features(scores: npt.ArrayLike, k: int) -> list[tuple[int, float]]:
     all of them.
     """
     arr = np.asarray(scores, dtype=np.float64).ravel()
-    order = sorted(range(arr.size), key=lambda i: (-float(arr[i]), i))
-    return [(i, float(arr[i])) for i in order[: max(k, 0)]]
+    order = np.argsort(-arr, kind="stable")[: max(k, 0)]
+    return [(int(i), float(arr[i])) for i in order]

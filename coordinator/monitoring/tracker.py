@@ -164,6 +164,7 @@ def _plus(total: IntArray | None, part: IntArray | None, sign: int) -> IntArray 
 class _Device:
     version: int
     kept: collections.deque[_Kept]
+    pool: _Pool = field(default_factory=_Pool)
     psi_max: float = 0.0
 
 
@@ -284,9 +285,12 @@ class DriftTracker:
             )
         fleet = self._fleet.setdefault((model, version), _Pool())
         if len(state.kept) == self._windows:
-            fleet.add(state.kept.popleft(), sign=-1)
+            old = state.kept.popleft()
+            fleet.add(old, sign=-1)
+            state.pool.add(old, sign=-1)
         state.kept.append(kept)
         fleet.add(kept)
+        state.pool.add(kept)
         return self._score_device(
             state, reference, device_id=device_id, model=model, version=version, at=at
         )
@@ -354,11 +358,14 @@ class DriftTracker:
     ) -> DriftScore | None:
         if not state.kept:
             return None
-        pool = _Pool()
-        for kept in state.kept:
-            pool.add(kept)
         score = self._score(
-            pool, reference, scope=DEVICE, device_id=device_id, model=model, version=version, at=at
+            state.pool,
+            reference,
+            scope=DEVICE,
+            device_id=device_id,
+            model=model,
+            version=version,
+            at=at,
         )
         state.psi_max = score.psi_max
         return score
@@ -375,7 +382,7 @@ class DriftTracker:
         at: float,
     ) -> DriftScore:
         if pool.n > 0 and pool.features is not None:
-            scores = drift.feature_scores(reference.features, pool.features)
+            scores = drift.feature_scores(reference.features, pool.features, checked=True)
         else:  # only refused inputs so far: nothing to compare, the counts still show
             zeros = np.zeros(reference.features.shape[0])
             scores = drift.FeatureScores(psi=zeros, js=zeros, n=0)
@@ -405,4 +412,4 @@ class DriftTracker:
 def _optional_psi(shares: npt.NDArray[np.float64] | None, counts: IntArray | None) -> float | None:
     if shares is None or counts is None or counts.sum() == 0:
         return None
-    return drift.psi(shares, counts)
+    return drift.psi(shares, counts, checked=True)
