@@ -30,7 +30,7 @@ model's outputs for them):
 
 * ``edges[f]``: 9 inner bin edges per feature at the deciles (6 significant digits)
   and ``reference[f][b]``: the share of reference rows in bin ``b`` (10 bins; bin
-  ``b`` holds ``edges[b-1] <= v < edges[b]``, see :func:`bin_index`);
+  ``b`` holds ``edges[b-1] <= v < edges[b]``, see :func:`bin_counts`);
 * ``value_range``: the smallest and largest input value, widened by 10 % of the
   span on each side -- the agent refuses inputs outside it (``out_of_range``);
 * ``classes``: the share of each predicted class (classification), else None;
@@ -67,8 +67,8 @@ __all__ = [
     "MAX_PROFILE_BYTES",
     "ConfidenceProfile",
     "ReferenceProfile",
+    "are_logits",
     "bin_counts",
-    "bin_index",
     "class_probabilities",
     "confidence_values",
     "feature_count",
@@ -163,25 +163,42 @@ def features(x: npt.ArrayLike) -> FloatArray:
     return _block_means(batch.reshape(n, -1), 1, MAX_FEATURES)
 
 
-def bin_index(edges: npt.NDArray[np.float64], values: FloatArray) -> npt.NDArray[np.intp]:
-    """The bin (0..9) of each value: the number of a feature's inner edges ``<=`` it.
-
-    ``edges`` is ``(F, 9)``, ``values`` ``(n, F)``; the result is ``(n, F)``.
-    """
-    above = values[:, :, None] >= edges[None, :, :]
-    return np.asarray(above.sum(axis=2), dtype=np.intp)
-
-
 def bin_counts(edges: npt.NDArray[np.float64], values: FloatArray) -> npt.NDArray[np.int64]:
-    """How many rows of ``values`` ``(n, F)`` fall in each bin: ``(F, 10)`` counts."""
-    n_features = edges.shape[0]
-    cells = bin_index(edges, values) + np.arange(n_features) * BINS
-    return np.bincount(cells.ravel(), minlength=n_features * BINS).reshape(n_features, BINS)
+    """How many rows of ``values`` ``(n, F)`` fall in each of the 10 bins of each
+    feature, for inner ``edges`` ``(F, 9)``: ``(F, 10)`` counts.
+
+    Bin ``b`` holds ``edges[b-1] <= v < edges[b]`` (bin 0 everything below the first
+    edge, bin 9 everything from the last one up). Values are compared in their own
+    dtype (float32 features: the edges are cast to it), the same way at packaging
+    and on the device. One comparison per inner edge over the whole ``(n, F)`` block:
+    ``at_least[j]`` rows per feature are ``>= edges[j]``, and a bin's count is the
+    difference of two neighbours.
+    """
+    n = values.shape[0]
+    cast = edges.astype(values.dtype, copy=False)
+    at_least = np.stack([np.count_nonzero(values >= cast[:, j], axis=0) for j in range(BINS - 1)])
+    bounds = np.concatenate(
+        [np.full((1, edges.shape[0]), n), at_least, np.zeros((1, edges.shape[0]), np.int64)]
+    )
+    return np.asarray((bounds[:-1] - bounds[1:]).T, dtype=np.int64)
 
 
-def class_probabilities(outputs: npt.ArrayLike) -> FloatArray:
-    """Rows of class probabilities: ``outputs`` as they are if they already are
-    probabilities (in [0, 1], summing to 1), else their softmax (logits).
+def are_logits(outputs: npt.ArrayLike) -> bool:
+    """Whether classifier ``outputs`` ``(n, K)`` are logits rather than probabilities
+    (rows in [0, 1] summing to 1 within 1e-3). Decided once, at packaging, on the fp32
+    model's outputs and recorded in the profile: an int8 model's probabilities can miss
+    a sum of 1 by a quantization step per class, so a device never guesses."""
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim != 2 or out.size == 0:
+        return False
+    return not (
+        out.min() >= 0.0 and out.max() <= 1.0 and np.abs(out.sum(axis=1) - 1.0).max() <= 1e-3
+    )
+
+
+def class_probabilities(outputs: npt.ArrayLike, *, logits: bool | None = None) -> FloatArray:
+    """Rows of class probabilities: the softmax of ``outputs`` when they are logits,
+    else ``outputs`` as they are. ``logits`` None decides with :func:`are_logits`.
 
     Raises:
         ProfileError: ``outputs`` is not ``(n, K)`` with 2 <= K <= 100.
@@ -189,7 +206,7 @@ def class_probabilities(outputs: npt.ArrayLike) -> FloatArray:
     out = np.asarray(outputs, dtype=np.float32)
     if out.ndim != 2 or not 2 <= out.shape[1] <= MAX_CLASSES:
         raise ProfileError(f"class outputs must be (n, K) with 2 <= K <= 100, got {out.shape}")
-    if out.min() >= 0.0 and out.max() <= 1.0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+    if not (are_logits(out) if logits is None else logits):
         return out
     shifted = np.exp(out - out.max(axis=1, keepdims=True))
     return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float32)
@@ -243,15 +260,23 @@ class ConfidenceProfile:
         kind: ``max_prob`` (classification) or ``score`` (reconstruction).
         edges: 9 non-decreasing inner bin edges.
         reference: 10 shares (sum 1).
+        logits: ``max_prob`` only: the model outputs logits, and the max probability
+            is that of their softmax (else its outputs are the probabilities).
     """
 
     kind: ConfidenceKind
     edges: tuple[float, ...]
     reference: tuple[float, ...]
+    logits: bool = False
 
     def to_dict(self) -> JsonObject:
         """JSON form."""
-        return {"kind": self.kind, "edges": list(self.edges), "reference": list(self.reference)}
+        return {
+            "kind": self.kind,
+            "edges": list(self.edges),
+            "reference": list(self.reference),
+            "logits": self.logits,
+        }
 
 
 @dataclass(frozen=True)
@@ -431,8 +456,14 @@ def _confidence_from(r: FieldReader, task: str) -> ConfidenceProfile | None:
     edges = _edges_reader(conf, "edges")
     if expected == "max_prob" and edges != CONFIDENCE_EDGES:
         raise conf.fail("edges", f"max_prob edges must be {list(CONFIDENCE_EDGES)}")
+    logits = conf.boolean("logits")
+    if logits and expected != "max_prob":
+        raise conf.fail("logits", "only a max_prob confidence can be of logits")
     return ConfidenceProfile(
-        kind=expected, edges=edges, reference=_shares_reader(BINS)(conf, "reference")
+        kind=expected,
+        edges=edges,
+        reference=_shares_reader(BINS)(conf, "reference"),
+        logits=logits,
     )
 
 
@@ -464,8 +495,10 @@ def profile_from_data(x: npt.ArrayLike, outputs: npt.ArrayLike, task: Task) -> R
     if conf_values is not None:
         if not np.isfinite(conf_values).all():
             raise ProfileError("the model's reference outputs hold NaN or infinite values")
+        logits = False
         if task == "classification":
-            probs = class_probabilities(outputs)
+            logits = are_logits(outputs)
+            probs = class_probabilities(outputs, logits=logits)
             picked = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
             classes = _shares(picked, rows)
             conf_edges = np.asarray([CONFIDENCE_EDGES])
@@ -478,6 +511,7 @@ def profile_from_data(x: npt.ArrayLike, outputs: npt.ArrayLike, task: Task) -> R
             kind=kind,
             edges=tuple(float(e) for e in conf_edges[0]),
             reference=_shares(conf_counts, rows),
+            logits=logits,
         )
     profile = ReferenceProfile(
         task=task,

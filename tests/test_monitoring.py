@@ -219,3 +219,34 @@ def test_telemetry_record_carries_the_summary() -> None:
     assert record.summary.n == 4
     assert (record.window_start, record.window_end) == (100.0, 160.0)
     assert collector.close_window(model=None, version=None).summary is None
+
+
+def test_buffered_rows_are_all_binned() -> None:
+    profile = _profile()
+    window = SummaryWindow(profile)
+    batches = [REFERENCE[i : i + 100] for i in range(0, 500, 100)] + [REFERENCE]  # 500 > buffer
+    for batch in batches:
+        window.add(batch, forward("softmax", WEIGHTS, batch))
+    summary = window.close()
+    sent = np.concatenate(batches)
+    assert summary.n == len(sent) == 1000
+    want = bin_counts(profile.edge_array(), features(sent))
+    np.testing.assert_array_equal(summary.feature_counts(), want)
+    assert sum(summary.classes or ()) == 1000
+
+
+def test_int8_probabilities_are_not_mistaken_for_logits() -> None:
+    """An int8 softmax head's rows miss a sum of 1 by quantization steps; the profile
+    says the outputs are probabilities, so the device takes them as they are."""
+    x = RNG.normal(size=(200, N_FEATURES)).astype(np.float32)
+    probs = forward("softmax", WEIGHTS, x)
+    profile = profile_from_data(x, probs, "classification")
+    assert profile.confidence is not None
+    assert not profile.confidence.logits
+    quantized = np.round(probs * 255) / 255  # rows sum to 1 only within ~K/510
+    assert np.abs(quantized.sum(axis=1) - 1).max() > 1e-3
+    window = SummaryWindow(profile)
+    window.add(x, quantized)
+    summary = window.close()
+    conf_bins = np.minimum((quantized.max(axis=1) * 10).astype(int), 9)
+    assert summary.confidence == tuple(np.bincount(conf_bins, minlength=10))

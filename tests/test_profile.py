@@ -118,6 +118,8 @@ def test_logits_become_probabilities() -> None:
     profile = profile_from_data(np.zeros((2, 3)), logits, "classification")
     assert profile.classes == (0.5, 0.5)
     assert profile.confidence is not None
+    assert profile.confidence.logits  # recorded: devices apply the softmax too
+    assert profile.confidence is not None
     assert profile.confidence.reference[9] == 1.0
 
 
@@ -237,3 +239,22 @@ def test_profile_errors_inside_a_manifest_are_manifest_errors() -> None:
     data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises(ManifestError, match="bins"):
         Manifest.from_bytes(data)
+
+
+def test_probabilities_are_recorded_as_such() -> None:
+    profile = _profile()  # random normal outputs: logits
+    assert profile.confidence is not None
+    assert profile.confidence.logits
+    probs = np.array([[0.7, 0.3], [0.4, 0.6]])
+    recorded = profile_from_data(np.zeros((2, 3)), probs, "classification")
+    assert recorded.confidence is not None
+    assert not recorded.confidence.logits
+
+
+def test_logits_flag_only_for_max_prob() -> None:
+    x = RNG.normal(size=(50, 3)).astype(np.float32)
+    profile = profile_from_data(x, RNG.random(50), "reconstruction")
+    assert profile.confidence is not None
+    conf = profile.confidence.to_dict() | {"logits": True}
+    with pytest.raises(ProfileError, match="logits"):
+        ReferenceProfile.from_bytes(_hostile(profile, confidence=conf))
