@@ -68,6 +68,44 @@ def test_unshifted_windows_stay_low_and_shifted_ones_rise() -> None:
     assert tracker.versions() == [("m", 1)]
 
 
+def test_concept_drift_seen_only_in_confidence_is_flagged() -> None:
+    # The inputs look as they did; the model is less sure of itself (no labels needed).
+    rng = np.random.default_rng(7)
+    tracker = DriftTracker()
+    unsure = np.array([0.3, 0.3, 0.2, 0.1, 0.05, 0.05, 0, 0, 0, 0])
+    for _ in range(3):
+        window = _window(rng)
+        score = _add(tracker, "d", WindowCounts(
+            n=window.n, features=window.features, classes=window.classes,
+            confidence=rng.multinomial(window.n, unsure),
+        ))  # fmt: skip
+    assert score.psi_max < PSI_MODERATE
+    assert score.confidence_psi is not None
+    assert score.confidence_psi >= PSI_MAJOR
+    assert (score.severity, score.signal) == ("major", "confidence")
+
+
+def test_a_class_shift_needs_more_rows_the_more_classes() -> None:
+    many = Reference(features=np.full((F, B), 0.1), classes=np.full(100, 0.01))
+    tracker = DriftTracker()
+    lopsided = np.zeros(100, dtype=int)
+    lopsided[:50] = 20  # 1000 inputs on half of the classes: class PSI ~ 0.69
+    counts = WindowCounts(n=1000, features=np.full((F, B), 100), classes=lopsided)
+    score = tracker.add("d", "m", 1, many, counts, at=0.0)
+    assert score is not None
+    assert score.classes_psi is not None
+    assert score.classes_psi >= PSI_MAJOR
+    # 1000 rows are too few to judge 100 classes (5500 needed): the features decide.
+    assert (score.severity, score.signal) == ("none", "features")
+    score = _add(tracker, "e", _window(np.random.default_rng(8), n=600))
+    assert score.signal == "features"
+    # That was another reference for m v1: its windows started afresh (none of d's).
+    fleet = tracker.fleet("m", 1, REF, at=0.0)
+    assert fleet is not None
+    assert fleet.devices == ("e",)
+    assert fleet.n == 600
+
+
 def test_old_windows_slide_out() -> None:
     rng = np.random.default_rng(2)
     tracker = DriftTracker(windows=2)

@@ -5,7 +5,8 @@ Asks :meth:`Operations.drift <coordinator.service.operations.Operations.drift>` 
 drift score of every device and of every fleet, per model version, and prints one
 table: fleet rows first (with the devices that drive them), then devices, each with
 its largest feature PSI and JS divergence, its severity (PSI 0.1 / 0.25
-conventions), the top drifting features (``f3=0.41``: feature 3's PSI), the PSI of
+conventions; ``major (confidence)`` when the model's confidence, not its inputs,
+moved), the top drifting features (``f3=0.41``: feature 3's PSI), the PSI of
 the confidence signal and of the predicted classes, and the inputs the devices
 refused. ``--json`` prints the scores as the API gives them (``GET /v1/drift``).
 """
@@ -23,7 +24,7 @@ from rich.text import Text
 from coordinator.cli.operate import show_rows
 from coordinator.cli.options import Connection, JsonOption, with_connection
 from coordinator.cli.views import plural, safe_text
-from coordinator.monitoring.scores import FLEET, DriftScore
+from coordinator.monitoring.scores import FEATURES, FLEET, DriftScore
 
 __all__ = ["drift", "drift_table"]
 
@@ -32,6 +33,13 @@ _STYLES = {"none": "green", "moderate": "yellow", "major": "bold red"}
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _severity(score: DriftScore) -> str:
+    """``major``, or ``major (confidence)`` when the inputs are not what moved."""
+    if score.signal == FEATURES or score.severity in ("none", "insufficient"):
+        return score.severity
+    return f"{score.severity} ({score.signal})"
 
 
 def drift_table(scores: Sequence[DriftScore]) -> Table:
@@ -53,7 +61,7 @@ def drift_table(scores: Sequence[DriftScore]) -> Table:
         table.add_row(
             Text(safe_text(str(subject))),
             Text(safe_text(f"{score.model} v{score.version}")),
-            Text(score.severity, style=_STYLES.get(score.severity, "")),
+            Text(_severity(score), style=_STYLES.get(score.severity, "")),
             Text(_number(score.psi_max)),
             Text(_number(score.js_max)),
             Text(_number(score.confidence_psi)),

@@ -51,6 +51,7 @@ __all__ = [
     "feature_scores",
     "fleet_counts",
     "js",
+    "min_rows",
     "psi",
     "severity",
     "top_features",
@@ -123,6 +124,16 @@ def severity(psi_value: float, n: int | None = None, reference_rows: int | None 
     if psi_value >= PSI_MODERATE:
         return "moderate"
     return "none"
+
+
+def min_rows(bins: int) -> float:
+    """Effective rows a single distribution of ``bins`` bins needs for a severity.
+
+    :data:`MIN_INPUTS` for up to 10 bins (the features' own rule, which covers the
+    largest of 64 of them); a class distribution of ``K`` classes has a bias growing
+    with ``K - 1``, so it needs ``MIN_INPUTS * (K - 1) / 9`` (5500 for 100 classes).
+    """
+    return MIN_INPUTS * max(1.0, (bins - 1) / 9)
 
 
 def effective_rows(n: int, reference_rows: int | None) -> float:

@@ -12,12 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEVICE", "FLEET", "DriftScore", "FeatureDrift"]
+__all__ = ["CLASSES", "CONFIDENCE", "DEVICE", "FEATURES", "FLEET", "DriftScore", "FeatureDrift"]
 
 DEVICE = "device"
 """Scope of a score computed from one device's windows."""
 FLEET = "fleet"
 """Scope of a score computed from the pooled windows of every device of a version."""
+FEATURES = "features"
+"""Signal: the inputs' features moved (covariate shift)."""
+CONFIDENCE = "confidence"
+"""Signal: the model's confidence moved (a label-free sign of concept drift)."""
+CLASSES = "classes"
+"""Signal: the predicted-class shares moved."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,13 @@ class DriftScore:
         n: Inputs behind the feature counts.
         psi_max: The largest feature PSI.
         js_max: The largest feature JS divergence (bits).
-        severity: ``none``, ``moderate`` or ``major`` (PSI 0.1 / 0.25 conventions);
+        severity: ``none``, ``moderate`` or ``major`` (PSI 0.1 / 0.25 conventions)
+            of the worst of the feature, confidence and class shifts;
             ``insufficient`` with fewer than 500 effective rows behind the score
             (:func:`coordinator.monitoring.drift.effective_rows`).
+        signal: Which shift the severity comes from: :data:`FEATURES`,
+            :data:`CONFIDENCE` or :data:`CLASSES` (:data:`FEATURES` when nothing
+            moved or the rows are too few).
         top: The most drifting features, highest PSI first.
         confidence_psi: PSI of the confidence signal; None if the model has none.
         classes_psi: PSI of the predicted-class shares; None if not a classifier.
@@ -70,6 +80,7 @@ class DriftScore:
     psi_max: float
     js_max: float
     severity: str
+    signal: str = FEATURES
     top: tuple[FeatureDrift, ...] = ()
     confidence_psi: float | None = None
     classes_psi: float | None = None
@@ -89,6 +100,7 @@ class DriftScore:
             "psi_max": self.psi_max,
             "js_max": self.js_max,
             "severity": self.severity,
+            "signal": self.signal,
             "top": [{"index": f.index, "psi": f.psi, "js": f.js} for f in self.top],
             "confidence_psi": self.confidence_psi,
             "classes_psi": self.classes_psi,
@@ -110,6 +122,7 @@ class DriftScore:
             psi_max=float(data["psi_max"]),
             js_max=float(data["js_max"]),
             severity=str(data["severity"]),
+            signal=str(data.get("signal", FEATURES)),
             top=tuple(
                 FeatureDrift(int(f["index"]), float(f["psi"]), float(f["js"])) for f in data["top"]
             ),

@@ -18,15 +18,20 @@ The service hands every telemetry window that carries a summary to
    (per device and model; a new version of the model starts afresh; idle windows
    are skipped) and scores their pooled counts:
    PSI and JS per feature, the top ``top_k`` features, the PSI of the confidence
-   signal and of the predicted classes (:class:`~coordinator.monitoring.scores.DriftScore`);
+   signal and of the predicted classes (:class:`~coordinator.monitoring.scores.DriftScore`).
+   The severity is the worst of the three shifts that rest on enough rows, and
+   ``signal`` names it: a concept drift that leaves the inputs alone but moves the
+   model's confidence (or its predicted classes) is flagged without any label;
 3. keeps, per model version, the running sum of every device's kept windows:
    :meth:`DriftTracker.fleet` scores it on demand and names the devices with the
    highest PSI (the devices that drive the fleet's drift).
 
 Memory is bounded by the fleet: at most ``windows`` count arrays of uint16 per
 device and model (1.3 KiB each for 64 features), and one int64 sum per version.
-The tracker keeps no clock: the caller passes ``at``. Not thread-safe: the service
-calls it under its own lock.
+A model version's windows are pooled against one reference: if the reference given
+for it changes shape (another profile under the same name and version), its windows
+start afresh (logged). The tracker keeps no clock: the caller passes ``at``. Not
+thread-safe: the service calls it under its own lock.
 """
 
 from __future__ import annotations
@@ -36,13 +41,22 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from coordinator.errors import SummaryRejectedError
 from coordinator.monitoring import drift
-from coordinator.monitoring.scores import DEVICE, FLEET, DriftScore, FeatureDrift
+from coordinator.monitoring.scores import (
+    CLASSES,
+    CONFIDENCE,
+    DEVICE,
+    FEATURES,
+    FLEET,
+    DriftScore,
+    FeatureDrift,
+)
 
 __all__ = [
     "DEFAULT_TOP_K",
@@ -86,6 +100,15 @@ class Reference:
     classes: npt.NDArray[np.float64] | None = None
     confidence: npt.NDArray[np.float64] | None = None
     rows: int | None = None
+
+    @property
+    def signature(self) -> tuple[tuple[int, ...], int | None, int | None]:
+        """The shapes windows of this reference have: features, classes, confidence."""
+        return (
+            tuple(self.features.shape),
+            None if self.classes is None else self.classes.size,
+            None if self.confidence is None else self.confidence.size,
+        )
 
     def __post_init__(self) -> None:
         """Check every distribution (a profile that is not one cannot be scored).
@@ -251,6 +274,7 @@ class DriftTracker:
         self._top_k = top_k
         self._devices: dict[tuple[str, str], _Device] = {}
         self._fleet: dict[tuple[str, int], _Pool] = {}
+        self._signatures: dict[tuple[str, int], tuple[Any, ...]] = {}
         self._rejected: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ intake
@@ -278,6 +302,12 @@ class DriftTracker:
             logger.warning("device %s, %s v%d: window summary refused: %s", device_id, model,
                            version, exc)  # fmt: skip
             raise
+        signature = reference.signature
+        if self._signatures.setdefault((model, version), signature) != signature:
+            logger.warning("%s v%d: its reference profile changed shape; its drift windows "
+                           "start afresh", model, version)  # fmt: skip
+            self._forget(model, version)
+            self._signatures[(model, version)] = signature
         state = self._device(device_id, model, version)
         if kept.n == 0 and not kept.invalid:  # an idle window: nothing to learn from
             return self._score_device(
@@ -309,6 +339,13 @@ class DriftTracker:
             state = _Device(version, collections.deque())
             self._devices[(device_id, model)] = state
         return state
+
+    def _forget(self, model: str, version: int) -> None:
+        """Drop every window kept for ``model`` ``version``."""
+        self._fleet.pop((model, version), None)
+        for key, state in list(self._devices.items()):
+            if key[1] == model and state.version == version:
+                del self._devices[key]
 
     # ------------------------------------------------------------------ views
 
@@ -391,6 +428,10 @@ class DriftTracker:
             for index, value in drift.top_features(scores.psi, self._top_k)
             if pool.n > 0
         )
+        confidence_psi = _optional_psi(reference.confidence, pool.confidence)
+        classes_psi = _optional_psi(reference.classes, pool.classes)
+        severity, signal = _severity(pool, reference, scores.psi_max, confidence_psi,
+                                     classes_psi)  # fmt: skip
         return DriftScore(
             scope=scope,
             device_id=device_id,
@@ -401,12 +442,39 @@ class DriftTracker:
             n=pool.n,
             psi_max=scores.psi_max,
             js_max=scores.js_max,
-            severity=drift.severity(scores.psi_max, pool.n, reference.rows),
+            severity=severity,
+            signal=signal,
             top=top,
-            confidence_psi=_optional_psi(reference.confidence, pool.confidence),
-            classes_psi=_optional_psi(reference.classes, pool.classes),
+            confidence_psi=confidence_psi,
+            classes_psi=classes_psi,
             invalid=dict(pool.invalid),
         )
+
+
+def _severity(
+    pool: _Pool,
+    reference: Reference,
+    features_psi: float,
+    confidence_psi: float | None,
+    classes_psi: float | None,
+) -> tuple[str, str]:
+    """``(severity, signal)``: the worst of the feature, confidence and class shifts
+    that rest on enough rows (:func:`drift.min_rows`), and which one it is."""
+    rows = drift.effective_rows(pool.n, reference.rows)
+    if rows < drift.MIN_INPUTS:
+        return drift.INSUFFICIENT, FEATURES
+    candidates = [(FEATURES, features_psi)]
+    if confidence_psi is not None:
+        candidates.append((CONFIDENCE, confidence_psi))
+    if (
+        classes_psi is not None
+        and reference.classes is not None
+        and rows >= drift.min_rows(reference.classes.size)
+    ):
+        candidates.append((CLASSES, classes_psi))
+    signal, worst = max(candidates, key=lambda candidate: candidate[1])
+    severity = drift.severity(worst)
+    return severity, signal if severity != "none" else FEATURES
 
 
 def _optional_psi(shares: npt.NDArray[np.float64] | None, counts: IntArray | None) -> float | None:

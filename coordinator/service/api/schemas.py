@@ -161,7 +161,11 @@ class DriftOut(_Out):
     n: int = Field(description="Inputs behind the counts.")
     psi_max: float = Field(description="The largest feature PSI.")
     js_max: float = Field(description="The largest feature JS divergence, bits.")
-    severity: str = Field(description="`none` (PSI < 0.1), `moderate` (< 0.25) or `major`.")
+    severity: str = Field(
+        description="`none` (PSI < 0.1), `moderate` (< 0.25), `major`, or `insufficient` "
+        "(too few rows behind the score)."
+    )
+    signal: str = Field(description="What the severity comes from: features, confidence, classes.")
     top: tuple[FeatureDriftOut, ...] = Field(description="Most drifting features first.")
     confidence_psi: float | None = Field(description="PSI of the confidence signal.")
     classes_psi: float | None = Field(description="PSI of the predicted-class shares.")
