@@ -10,6 +10,7 @@ drift to "major" within a few windows while two control devices stay at "none".
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,15 @@ from compress.profile import (
     features,
     profile_from_data,
 )
+from coordinator.link.memory import MemoryHub
 from coordinator.monitoring.drift import PSI_MAJOR, PSI_MODERATE
 from coordinator.monitoring.tracker import DriftTracker
+from coordinator.service.api import create_app
 from coordinator.service.drift import DriftMonitor
+from coordinator.service.fleet_service import FleetService
 from coordinator.service.ingest import Ingest
 from coordinator.service.store import MEMORY, Store
+from coordinator.service.tokens import Role
 from edge_agent.protocol import (
     Histogram,
     InvalidCounts,
@@ -40,6 +45,13 @@ from edge_agent.protocol import (
     decode,
     encode,
 )
+from tests.api_support import bearer
+
+with warnings.catch_warnings():
+    # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
+    warnings.filterwarnings("ignore", message="Using `httpx` with")
+    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
+    from fastapi.testclient import TestClient
 
 D, K = 8, 3
 WINDOW = 200
@@ -220,3 +232,35 @@ def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
     history = store.drift_history(model="sensor", version=2)
     assert [round(s.at - 5000) for s in history] == [55, 25, 15, 0]
     assert len(store.drift_history(model="sensor", version=2, device_id="d")) == 16
+
+
+def test_the_http_api_over_the_real_service_shows_drift(
+    store: Store, profile: ReferenceProfile
+) -> None:
+    clock = Clock()
+    service = FleetService(store, MemoryHub(), None, clock=clock)
+    _row, viewer = store.add_token("dashboard", Role.VIEWER, clock.now)
+    rng = np.random.default_rng(5)
+    for seq in range(4):
+        for device in ("calm", "shifted"):
+            x = data(WINDOW, rng, shifted=device == "shifted")
+            service.ingest.add_telemetry(device, wire(summarise(profile, x), seq=seq))
+        service.ingest.flush()
+    app = create_app(service, authenticate=service.authenticate)
+    with TestClient(app) as client:
+        assert client.get("/v1/drift").status_code == 401
+        body = client.get("/v1/drift", headers=bearer(viewer)).json()
+        mine = client.get("/v1/drift", params={"device": "shifted"}, headers=bearer(viewer))
+        ghost = client.get("/v1/drift", params={"device": "ghost"}, headers=bearer(viewer))
+        metrics = client.get("/metrics", headers=bearer(viewer)).text
+    assert [(s["scope"], s["device_id"], s["severity"]) for s in body] == [
+        ("fleet", None, "major"),
+        ("device", "calm", "none"),
+        ("device", "shifted", "major"),
+    ]
+    assert body[0]["devices"] == ["shifted", "calm"]
+    assert {f["index"] for f in body[2]["top"][:4]} == set(range(D // 2))
+    assert [s["device_id"] for s in mine.json()] == ["shifted"]
+    assert ghost.status_code == 404
+    assert f'fedge_drift_psi{{model="sensor",version="2"}} {body[0]["psi_max"]}' in metrics
+    assert 'fedge_drift_devices{model="sensor",severity="major",version="2"} 1.0' in metrics
