@@ -30,7 +30,7 @@ from coordinator.link.memory import MemoryHub
 from coordinator.monitoring.drift import PSI_MAJOR, PSI_MODERATE
 from coordinator.monitoring.tracker import DriftTracker
 from coordinator.service.api import create_app
-from coordinator.service.drift import DriftMonitor
+from coordinator.service.drift import EXPIRE_EVERY_S, WINDOW_MAX_AGE_S, DriftMonitor
 from coordinator.service.fleet_service import FleetService
 from coordinator.service.ingest import Ingest
 from coordinator.service.store import MEMORY, Store
@@ -264,3 +264,21 @@ def test_the_http_api_over_the_real_service_shows_drift(
     assert ghost.status_code == 404
     assert f'fedge_drift_psi{{model="sensor",version="2"}} {body[0]["psi_max"]}' in metrics
     assert 'fedge_drift_devices{model="sensor",severity="major",version="2"} 1.0' in metrics
+
+
+def test_a_device_gone_for_a_day_leaves_the_fleet_score(
+    store: Store, profile: ReferenceProfile
+) -> None:
+    clock = Clock()
+    monitor = DriftMonitor(store, clock=clock)
+    rng = np.random.default_rng(6)
+    big = WINDOW * 4
+    gone = wire(summarise(profile, data(big, rng, shifted=True)), seq=0).records[0]
+    monitor.add_windows([("gone", gone)])
+    clock.now += WINDOW_MAX_AGE_S + EXPIRE_EVERY_S
+    here = wire(summarise(profile, data(big, rng)), seq=0).records[0]
+    (device, fleet) = monitor.add_windows([("here", here)])
+    assert device.device_id == "here"
+    assert fleet.devices == ("here",)
+    assert fleet.severity == "none"
+    assert fleet.n == big

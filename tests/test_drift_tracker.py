@@ -106,6 +106,26 @@ def test_a_class_shift_needs_more_rows_the_more_classes() -> None:
     assert fleet.n == 600
 
 
+def test_windows_past_their_age_leave_the_device_and_the_fleet() -> None:
+    rng = np.random.default_rng(9)
+    tracker = DriftTracker()
+    tracker.add("gone", "m", 1, REF, _window(rng, shift=1.0), at=10.0)
+    tracker.add("here", "m", 1, REF, _window(rng), at=10.0)
+    tracker.add("here", "m", 1, REF, _window(rng), at=100.0)
+    assert tracker.expire(older_than=50.0) == 2
+    fleet = tracker.fleet("m", 1, REF, at=100.0)
+    assert fleet is not None
+    assert fleet.devices == ("here",)
+    assert fleet.windows == 1
+    assert fleet.psi_max < PSI_MODERATE
+    assert tracker.expire(older_than=1000.0) == 1
+    assert tracker.fleet("m", 1, REF, at=1000.0) is None
+    assert tracker.versions() == []
+    score = tracker.add("here", "m", 1, REF, _window(rng), at=1001.0)  # starts afresh
+    assert score is not None
+    assert score.windows == 1
+
+
 def test_old_windows_slide_out() -> None:
     rng = np.random.default_rng(2)
     tracker = DriftTracker(windows=2)

@@ -28,10 +28,13 @@ The service hands every telemetry window that carries a summary to
 
 Memory is bounded by the fleet: at most ``windows`` count arrays of uint16 per
 device and model (1.3 KiB each for 64 features), and one int64 sum per version.
-A model version's windows are pooled against one reference: if the reference given
-for it changes shape (another profile under the same name and version), its windows
-start afresh (logged). The tracker keeps no clock: the caller passes ``at``. Not
-thread-safe: the service calls it under its own lock.
+:meth:`DriftTracker.expire` drops windows older than a given time (the service
+calls it every minute with a day's horizon), so devices that went quiet or away
+stop weighing on the fleet. A model version's windows are pooled against one
+reference: if the reference given for it changes shape (another profile under the
+same name and version), its windows start afresh (logged). The tracker keeps no
+clock: the caller passes ``at``. Not thread-safe: the service calls it under its own
+lock.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class _Kept:
     classes: IntArray | None
     confidence: IntArray | None
     invalid: dict[str, int]
+    at: float = 0.0
 
 
 @dataclass
@@ -296,7 +300,7 @@ class DriftTracker:
                 device's earlier windows and every other device are unaffected).
         """
         try:
-            kept = _check(reference, counts)
+            kept = dataclasses.replace(_check(reference, counts), at=at)
         except SummaryRejectedError as exc:
             self._rejected[exc.reason] += 1
             logger.warning("device %s, %s v%d: window summary refused: %s", device_id, model,
@@ -339,6 +343,29 @@ class DriftTracker:
             state = _Device(version, collections.deque())
             self._devices[(device_id, model)] = state
         return state
+
+    def expire(self, older_than: float) -> int:
+        """Drop the windows taken before ``older_than`` (a device that went quiet stops
+        weighing on its fleet's score); devices left without windows are forgotten.
+
+        Returns:
+            How many windows were dropped.
+        """
+        dropped = 0
+        for key, state in list(self._devices.items()):
+            fleet = self._fleet.get((key[1], state.version))
+            while state.kept and state.kept[0].at < older_than:
+                old = state.kept.popleft()
+                state.pool.add(old, sign=-1)
+                if fleet is not None:
+                    fleet.add(old, sign=-1)
+                dropped += 1
+            if not state.kept:
+                del self._devices[key]
+        for version_key, pool in list(self._fleet.items()):
+            if pool.windows == 0:
+                del self._fleet[version_key]
+        return dropped
 
     def _forget(self, model: str, version: int) -> None:
         """Drop every window kept for ``model`` ``version``."""

@@ -13,7 +13,8 @@ thread, never the network thread), hands them to :meth:`DriftMonitor.add_windows
 2. the pure :class:`~coordinator.monitoring.tracker.DriftTracker` checks the window
    against the reference (a hostile one is refused, logged and counted by reason;
    other devices are unaffected) and scores the device over its recent windows;
-3. each model version that got a window is scored fleet-wide;
+3. each model version that got a window is scored fleet-wide (windows older than
+   :data:`WINDOW_MAX_AGE_S` have left the tracker: a device gone quiet stops counting);
 4. the scores are appended to the store in one transaction: every device score (one
    per window, as telemetry), and a version's fleet score at most every
    ``fleet_every_s`` unless its severity changed (flushes come every fraction of a
@@ -50,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 MISS_RETRY_S = 60.0
 """Seconds before a model version without a stored reference is looked up again."""
+WINDOW_MAX_AGE_S = 86400.0
+"""Windows older than this leave the tracker (a device that went away stops counting)."""
+EXPIRE_EVERY_S = 60.0
+"""Seconds between two expiry passes over the tracker's windows."""
 FLEET_EVERY_S = 30.0
 """Seconds between two stored fleet scores of a version whose severity is unchanged."""
 
@@ -106,6 +111,7 @@ class DriftMonitor:
         self._store = store
         self._fleet_every_s = fleet_every_s
         self._fleet_saved: dict[tuple[str, int], DriftScore] = {}
+        self._expired_at = clock()
         self._tracker = tracker or DriftTracker()
         self._clock = clock
         self._lock = threading.Lock()
@@ -123,6 +129,9 @@ class DriftMonitor:
         now = self._clock()
         scores: list[DriftScore] = []
         with self._lock:
+            if now - self._expired_at >= EXPIRE_EVERY_S:
+                self._expired_at = now
+                self._tracker.expire(now - WINDOW_MAX_AGE_S)
             touched: dict[tuple[str, int], Reference] = {}
             for device_id, record in windows:
                 if record.summary is None or record.model is None or record.version is None:
