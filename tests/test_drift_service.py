@@ -31,7 +31,7 @@ from coordinator.monitoring.drift import PSI_MAJOR, PSI_MODERATE
 from coordinator.monitoring.tracker import DriftTracker
 from coordinator.service.api import create_app
 from coordinator.service.drift import EXPIRE_EVERY_S, WINDOW_MAX_AGE_S, DriftMonitor
-from coordinator.service.fleet_service import FleetService
+from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.ingest import Ingest
 from coordinator.service.store import MEMORY, Store
 from coordinator.service.tokens import Role
@@ -282,3 +282,16 @@ def test_a_device_gone_for_a_day_leaves_the_fleet_score(
     assert fleet.devices == ("here",)
     assert fleet.severity == "none"
     assert fleet.n == big
+
+
+def test_the_service_pools_as_many_windows_as_its_config_says(
+    store: Store, profile: ReferenceProfile
+) -> None:
+    settings = ServiceSettings(drift_windows=2)
+    service = FleetService(store, MemoryHub(), None, settings=settings, clock=Clock())
+    rng = np.random.default_rng(7)
+    for seq in range(3):
+        service.ingest.add_telemetry("d", wire(summarise(profile, data(WINDOW, rng)), seq=seq))
+        service.ingest.flush()
+    (score,) = service.drift(device_id="d")
+    assert (score.windows, score.n) == (2, 2 * WINDOW)

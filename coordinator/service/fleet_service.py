@@ -60,6 +60,7 @@ from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from coordinator.monitoring.scores import DriftScore
+from coordinator.monitoring.tracker import DEFAULT_WINDOWS, DriftTracker
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import (
@@ -117,6 +118,7 @@ class ServiceSettings:
         telemetry_max_rows: Retention by row count (None: no limit).
         telemetry_max_age_s: Retention by age, seconds (None: no limit).
         prune_every_s: Seconds between retention passes.
+        drift_windows: Windows of each device pooled into its drift score.
         rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
         accept_wait_s: How long a rollout's deploy waits for the devices' answers
             before pushing the payload.
@@ -130,6 +132,7 @@ class ServiceSettings:
     telemetry_max_rows: int | None = 1_000_000
     telemetry_max_age_s: float | None = 7 * 86400.0
     prune_every_s: float = 60.0
+    drift_windows: int = DEFAULT_WINDOWS
     rollout_tick_s: float = 1.0
     accept_wait_s: float = ACCEPT_WAIT_S
     rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
@@ -175,7 +178,7 @@ class FleetService:
         self._hub = hub
         self._trusted = trusted
         self._clock = clock
-        self._drift = DriftMonitor(store, clock=clock)
+        self._drift = DriftMonitor(store, DriftTracker(windows=settings.drift_windows), clock=clock)
         self._ingest = Ingest(store, settings.ingest(), clock=clock, drift=self._drift.add_windows)
         self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,
