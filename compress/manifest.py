@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.errors import ManifestError
-from compress.profile import ReferenceProfile, feature_count
+from compress.profile import MAX_PROFILE_BYTES, ReferenceProfile
 from compress.strictjson import FieldReader, JsonObject, decode_canonical, encode_canonical
 
 SCHEMA_VERSION = 1
@@ -255,21 +255,25 @@ class HealthCheck:
 
 
 def _check_profile_fits(profile: ReferenceProfile, spec: TensorSpec) -> None:
-    """The profile describes examples of the manifest's first input.
+    """The profile describes examples of the manifest's first input, within its size
+    bound (a profile read inside a manifest is not parsed by its own ``from_bytes``).
 
     Raises:
-        ManifestError: a different rank, a fixed dimension that differs, or a
-            different feature count.
+        ManifestError: a different rank, a fixed dimension that differs, or a profile
+            over :data:`compress.profile.MAX_PROFILE_BYTES`.
     """
     example = spec.shape[1:]
     fits = len(example) == len(profile.input_shape) and all(
         d is None or d == p for d, p in zip(example, profile.input_shape, strict=True)
     )
-    if not fits or feature_count(profile.input_shape) != profile.feature_count:
+    if not fits:
         raise ManifestError(
             f"manifest.reference: profile of examples {profile.input_shape} does not fit "
             f"input {spec.name!r} of shape {spec.shape}"
         )
+    size = len(profile.to_bytes())
+    if size > MAX_PROFILE_BYTES:
+        raise ManifestError(f"manifest.reference is {size} bytes, max is {MAX_PROFILE_BYTES}")
 
 
 _KNOWN_FIELDS = frozenset(

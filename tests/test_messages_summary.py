@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from compress.profile import profile_from_data
 from edge_agent.errors import MalformedMessageError, SummaryError
 from edge_agent.protocol import (
     InvalidCounts,
@@ -132,3 +133,15 @@ def test_summary_without_a_model_is_refused() -> None:
     batch = TelemetryBatch(seq=1, records=(record(model=None, version=None, summary=_summary()),))
     with pytest.raises(SummaryError, match="needs the model"):
         decode(encode(batch, sender="pi-7", sent_at=1.0))
+
+
+def test_check_fits_the_profile() -> None:
+    x = RNG.normal(size=(100, 4)).astype(np.float32)
+    profile = profile_from_data(x, RNG.normal(size=(100, 3)), "classification")
+    _summary(f=4, k=3).check_fits(profile)  # fits: no error
+    with pytest.raises(SummaryError, match="features 5 != profile's 4"):
+        _summary(f=5, k=3).check_fits(profile)
+    with pytest.raises(SummaryError, match="classes None != profile's 3"):
+        _summary(f=4, k=None).check_fits(profile)
+    with pytest.raises(SummaryError, match="confidence False != profile's True"):
+        _summary(f=4, k=3, conf=False).check_fits(profile)

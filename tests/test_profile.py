@@ -258,3 +258,16 @@ def test_logits_flag_only_for_max_prob() -> None:
     conf = profile.confidence.to_dict() | {"logits": True}
     with pytest.raises(ProfileError, match="logits"):
         ReferenceProfile.from_bytes(_hostile(profile, confidence=conf))
+
+
+def test_oversized_profile_inside_a_manifest_is_refused() -> None:
+    manifest = make_manifest(reference=_profile((64,), classes=10))
+    obj = manifest.to_dict()
+    ref = obj["reference"]
+    # Spell every edge and share with 17 digits: still a valid profile, but over 16 KiB.
+    ref["edges"] = [[e + 1.2345678e-9 for e in row] for row in ref["edges"]]  # type: ignore[index]
+    ref["reference"] = [[v + 1.2345678e-9 for v in row] for row in ref["reference"]]  # type: ignore[index]
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert len(json.dumps(ref)) > MAX_PROFILE_BYTES
+    with pytest.raises(ManifestError, match="max is"):
+        Manifest.from_bytes(data)

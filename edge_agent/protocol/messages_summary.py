@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from compress.profile import BINS, MAX_CLASSES, MAX_FEATURES
+from compress.profile import BINS, MAX_CLASSES, MAX_FEATURES, ReferenceProfile
 from compress.strictjson import FieldReader
 from edge_agent.errors import SummaryError
 
@@ -137,6 +137,28 @@ class WindowSummary:
             classes=None if classes is None else tuple(_saturated(classes).tolist()),
             invalid=invalid,
         )
+
+    def check_fits(self, profile: ReferenceProfile) -> None:
+        """Check that this summary was taken against ``profile`` (the profile of the
+        model version its record names): as many features and classes, and a
+        confidence signal exactly when the profile has one. The coordinator calls it
+        before comparing counts with shares.
+
+        Raises:
+            SummaryError: a summary of another shape than the profile's.
+        """
+        k = None if profile.classes is None else len(profile.classes)
+        problems = [
+            f"{what} {mine} != profile's {theirs}"
+            for what, mine, theirs in (
+                ("features", len(self.features), profile.feature_count),
+                ("classes", None if self.classes is None else len(self.classes), k),
+                ("confidence", self.confidence is not None, profile.confidence is not None),
+            )
+            if mine != theirs
+        ]
+        if problems:
+            raise SummaryError(f"summary does not fit the model's profile: {'; '.join(problems)}")
 
     def feature_counts(self) -> npt.NDArray[np.int64]:
         """The feature counts as an ``(F, 10)`` array."""
