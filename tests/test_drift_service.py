@@ -180,21 +180,27 @@ def test_hostile_and_unknown_summaries_are_refused_per_device(
         n=10, features=np.full((D, BINS), 1), confidence=np.full(BINS, 1),
         classes=np.array([5, 5]), invalid=InvalidCounts(),
     )  # fmt: skip
+    no_confidence = WindowSummary.from_arrays(  # the profile has one: the protocol's rule
+        n=good.n, features=good.feature_counts(), confidence=None, classes=good.classes,
+        invalid=InvalidCounts(),
+    )  # fmt: skip
     with caplog.at_level(logging.WARNING):
         ingest.add_telemetry("good", wire(good, seq=0))
         ingest.add_telemetry("evil", wire(wrong_features, seq=0))
         ingest.add_telemetry("evil", wire(wrong_classes, seq=1))
+        ingest.add_telemetry("evil", wire(no_confidence, seq=2))
         ingest.add_telemetry("other", wire(good, seq=0, version=9))  # no artifact stored
         ingest.flush()
     assert {(s.scope, s.device_id) for s in store.drift_scores()} == {
         ("device", "good"),
         ("fleet", None),
     }
-    assert monitor.rejected() == {"wrong_features": 1, "wrong_shape": 1, "no_reference": 1}
+    assert monitor.rejected() == {"wrong_features": 1, "wrong_shape": 2, "no_reference": 1}
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refusals) == 2
+    assert len(refusals) == 3
+    assert "confidence False != profile's True" in refusals[2]
     assert all("device evil" in message for message in refusals)
-    assert store.telemetry_count() == 4  # the telemetry itself is stored all the same
+    assert store.telemetry_count() == 5  # the telemetry itself is stored all the same
 
 
 def test_a_stored_profile_that_is_not_one_is_logged_and_skipped(

@@ -302,9 +302,7 @@ class DriftTracker:
         try:
             kept = dataclasses.replace(_check(reference, counts), at=at)
         except SummaryRejectedError as exc:
-            self._rejected[exc.reason] += 1
-            logger.warning("device %s, %s v%d: window summary refused: %s", device_id, model,
-                           version, exc)  # fmt: skip
+            self.refused(device_id, model, version, exc)
             raise
         signature = reference.signature
         if self._signatures.setdefault((model, version), signature) != signature:
@@ -328,6 +326,15 @@ class DriftTracker:
         return self._score_device(
             state, reference, device_id=device_id, model=model, version=version, at=at
         )
+
+    def refused(
+        self, device_id: str, model: str, version: int, error: SummaryRejectedError
+    ) -> None:
+        """Count and log a refused window (:meth:`add`'s own refusals, and those of a
+        caller's checks before it)."""
+        self._rejected[error.reason] += 1
+        logger.warning("device %s, %s v%d: window summary refused: %s", device_id, model,
+                       version, error)  # fmt: skip
 
     def _device(self, device_id: str, model: str, version: int) -> _Device:
         state = self._devices.get((device_id, model))

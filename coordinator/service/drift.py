@@ -10,9 +10,12 @@ thread, never the network thread), hands them to :meth:`DriftMonitor.add_windows
    version, and a version without an artifact or a profile is looked up again after
    :data:`MISS_RETRY_S` (its artifact may be uploaded later). Windows of such a
    version are skipped and counted (``no_reference``);
-2. the pure :class:`~coordinator.monitoring.tracker.DriftTracker` checks the window
-   against the reference (a hostile one is refused, logged and counted by reason;
-   other devices are unaffected) and scores the device over its recent windows;
+2. the summary must fit the profile (:meth:`WindowSummary.check_fits`: as many
+   features and classes, a confidence signal exactly when the profile has one), and
+   the pure :class:`~coordinator.monitoring.tracker.DriftTracker` checks its counts
+   against the reference; a window that fails either is refused, logged and counted
+   by reason (other devices are unaffected); the tracker scores the device over its
+   recent windows;
 3. each model version that got a window is scored fleet-wide (windows older than
    :data:`WINDOW_MAX_AGE_S` have left the tracker: a device gone quiet stops counting);
 4. the scores are appended to the store in one transaction: every device score (one
@@ -43,11 +46,15 @@ from coordinator.errors import StoreError, SummaryRejectedError
 from coordinator.monitoring.scores import FLEET, DriftScore
 from coordinator.monitoring.tracker import DriftTracker, Reference, WindowCounts
 from coordinator.service.store import Store
+from edge_agent.errors import SummaryError
 from edge_agent.protocol import TelemetryRecord, WindowSummary
 
 __all__ = ["MISS_RETRY_S", "DriftMonitor", "reference_of", "window_counts"]
 
 logger = logging.getLogger(__name__)
+
+_Known = tuple[ReferenceProfile, Reference]
+"""A model version's profile and the tracker's view of it."""
 
 MISS_RETRY_S = 60.0
 """Seconds before a model version without a stored reference is looked up again."""
@@ -75,6 +82,21 @@ def reference_of(profile: ReferenceProfile) -> Reference:
         ),
         rows=profile.rows,
     )
+
+
+def _check_fits(summary: WindowSummary, profile: ReferenceProfile) -> None:
+    """The protocol's rule (:meth:`WindowSummary.check_fits`), as the tracker's refusal.
+
+    Raises:
+        SummaryRejectedError: ``wrong_features`` or ``wrong_shape``.
+    """
+    try:
+        summary.check_fits(profile)
+    except SummaryError as exc:
+        reason = (
+            "wrong_features" if len(summary.features) != profile.feature_count else "wrong_shape"
+        )
+        raise SummaryRejectedError(reason, str(exc)) from exc
 
 
 def window_counts(summary: WindowSummary) -> WindowCounts:
@@ -115,7 +137,7 @@ class DriftMonitor:
         self._tracker = tracker or DriftTracker()
         self._clock = clock
         self._lock = threading.Lock()
-        self._references: dict[tuple[str, int], tuple[Reference | None, float]] = {}
+        self._references: dict[tuple[str, int], tuple[_Known | None, float]] = {}
         self._skipped: collections.Counter[str] = collections.Counter()
 
     def add_windows(self, windows: Sequence[tuple[str, TelemetryRecord]]) -> list[DriftScore]:
@@ -136,16 +158,19 @@ class DriftMonitor:
             for device_id, record in windows:
                 if record.summary is None or record.model is None or record.version is None:
                     continue
-                reference = self._reference(record.model, record.version, now)
-                if reference is None:
+                known = self._reference(record.model, record.version, now)
+                if known is None:
                     self._skipped["no_reference"] += 1
                     continue
-                counts = window_counts(record.summary)
+                profile, reference = known
                 try:
+                    _check_fits(record.summary, profile)
                     score = self._tracker.add(device_id, record.model, record.version,
-                                              reference, counts, at=now)  # fmt: skip
-                except SummaryRejectedError:
-                    continue  # the tracker logged and counted it
+                                              reference, window_counts(record.summary),
+                                              at=now)  # fmt: skip
+                except SummaryRejectedError as exc:
+                    self._tracker.refused(device_id, record.model, record.version, exc)
+                    continue
                 touched[(record.model, record.version)] = reference
                 if score is not None:
                     scores.append(score)
@@ -169,12 +194,12 @@ class DriftMonitor:
             or score.at - last.at >= self._fleet_every_s
         )
 
-    def _reference(self, model: str, version: int, now: float) -> Reference | None:
-        """The version's reference from its stored manifest (cached; call with the lock)."""
+    def _reference(self, model: str, version: int, now: float) -> _Known | None:
+        """The version's profile from its stored manifest (cached; call with the lock)."""
         cached = self._references.get((model, version))
         if cached is not None and (cached[0] is not None or now - cached[1] < MISS_RETRY_S):
             return cached[0]
-        reference = None
+        known = None
         try:
             artifacts = self._store.artifacts()
         except StoreError as exc:
@@ -185,17 +210,18 @@ class DriftMonitor:
             if row.name != model or row.version != version or not isinstance(raw, dict):
                 continue
             try:
-                reference = reference_of(ReferenceProfile.from_dict(raw))
+                profile = ReferenceProfile.from_dict(raw)
+                known = (profile, reference_of(profile))
             except (ProfileError, SummaryRejectedError) as exc:
                 logger.error("drift: artifact %s (%s v%d) has an unusable reference: %s",
                              row.sha256, model, version, exc)  # fmt: skip
                 continue
             break
-        if reference is None:
+        if known is None:
             logger.info("drift: no reference profile stored for %s v%d; its windows are "
                         "not scored", model, version)  # fmt: skip
-        self._references[(model, version)] = (reference, now)
-        return reference
+        self._references[(model, version)] = (known, now)
+        return known
 
     def scores(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
         """The latest stored score of each subject (see :meth:`Store.drift_scores`)."""
