@@ -10,6 +10,7 @@ The tree::
     ├── TargetError                 a device target (all, device:ID, tag:TAG) is malformed
     ├── UpdateRejectedError         a device's update failed validation (never aggregated)
     │   └── UploadRefusedError          a device's chunked upload broke the upload rules
+    ├── SummaryRejectedError        a device's window summary cannot be scored for drift
     ├── RunError                    a federated run cannot start or go on
     │   ├── StrategyError               an unknown strategy, or bad strategy arguments
     │   └── DatasetUnavailableError     a real dataset's package or file is not installed
@@ -103,6 +104,28 @@ class UploadRefusedError(UpdateRejectedError):
     """
 
     code = "upload_refused"
+
+
+class SummaryRejectedError(CoordinatorError):
+    """A window summary (or a reference profile) cannot be scored for drift.
+
+    Raised by :mod:`coordinator.monitoring.drift` and :mod:`coordinator.monitoring.tracker`
+    for counts of the wrong shape, negative, non-finite or fractional counts, an empty
+    window, a feature count that does not match the model's profile, or a reference
+    that is not a distribution. The tracker drops that device's window, logs it and
+    counts it by ``reason``; other devices are unaffected.
+
+    Attributes:
+        reason: One of :data:`coordinator.monitoring.drift.REJECT_REASONS` (or of
+            :data:`coordinator.monitoring.tracker.TRACKER_REASONS`).
+    """
+
+    code = "summary_rejected"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        """Keep the machine-readable reason with the message."""
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 class RunError(CoordinatorError):

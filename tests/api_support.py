@@ -32,6 +32,8 @@ from coordinator.errors import (
     RunError,
     TargetError,
 )
+from coordinator.monitoring.drift import severity
+from coordinator.monitoring.scores import DEVICE, FLEET, DriftScore, FeatureDrift
 from coordinator.service.operations import (
     Actor,
     DeploymentView,
@@ -82,6 +84,26 @@ OPERATOR_TOKEN = "fedge_operator-token-for-the-api-tests"
 VIEWER = Actor("view0000id01", Role.VIEWER)
 OPERATOR = Actor("oper0000id01", Role.OPERATOR)
 TOKENS = {VIEWER_TOKEN: VIEWER, OPERATOR_TOKEN: OPERATOR}
+
+
+def _drift(device_id: str | None, *, psi: float, devices: tuple[str, ...] = ()) -> DriftScore:
+    return DriftScore(
+        scope=FLEET if device_id is None else DEVICE,
+        device_id=device_id,
+        model="digits",
+        version=3,
+        at=NOW,
+        windows=4,
+        n=400,
+        psi_max=psi,
+        js_max=psi / 5,
+        severity=severity(psi),
+        top=(FeatureDrift(7, psi, psi / 5), FeatureDrift(1, psi / 2, psi / 10)),
+        confidence_psi=0.01,
+        classes_psi=None,
+        invalid={"nan": 1},
+        devices=devices,
+    )
 
 
 def authenticate(token: str) -> Actor | None:
@@ -197,6 +219,8 @@ class FakeOperations:
         self.rollout_views: dict[str, RolloutView] = {}
         self.run_views: dict[str, RunView] = {}
         self.audit: list[AuditRow] = []
+        self.drift_scores: list[DriftScore] = []
+        self.drift_rejected: dict[str, int] = {}
         self.mutations: list[tuple[str, str]] = []
         self.aborted: dict[str, bool] = {}
         self.fail: CoordinatorError | None = None
@@ -227,6 +251,12 @@ class FakeOperations:
             PresenceRow("pi-1", online=True, at=NOW - 7200),
         ]
         ops.telemetry_ingested = 42
+        ops.drift_scores = [
+            _drift(None, psi=0.31, devices=("pi-2", "pi-1")),
+            _drift("pi-1", psi=0.02),
+            _drift("pi-2", psi=0.6),
+        ]
+        ops.drift_rejected = {"wrong_features": 2}
         ops.metric_rounds = (
             RoundRow(
                 run_id="run-0",
@@ -528,9 +558,10 @@ class FakeOperations:
         )
         states = {p.state for p in devices}
         succeeded = (
-            outcome in states and states <= {outcome, DeviceState.OFFLINE}
+            outcome in states
+            and states <= {outcome, DeviceState.OFFLINE}
             and outcome is DeviceState.INSTALLED
-        )  # fmt: skip
+        )
         result = replace(view.result, devices=devices, succeeded=succeeded)
         view = DeploymentView(result, done=True, delivered=True)
         self.deployment_views[deployment_id] = view
@@ -612,6 +643,17 @@ class FakeOperations:
         self._check()
         return self.audit[-limit:]
 
+    def drift(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
+        """The seeded scores, filtered as the service does."""
+        self._check()
+        if device_id is not None and device_id not in self.device_rows:
+            raise NotFoundError(f"no device {device_id!r}")
+        return [
+            s
+            for s in self.drift_scores
+            if (device_id is None or s.device_id == device_id) and model in (None, s.model)
+        ]
+
     def metrics(self) -> FleetMetrics:
         """Figures computed from the fake's state."""
         self._check()
@@ -643,4 +685,13 @@ class FakeOperations:
                     for device in view.devices
                 )
             ),
+            drift_psi={
+                (s.model, s.version): s.psi_max for s in self.drift_scores if s.scope == FLEET
+            },
+            drift_devices=dict(
+                Counter(
+                    (s.model, s.version, s.severity) for s in self.drift_scores if s.scope == DEVICE
+                )
+            ),
+            drift_rejected=dict(self.drift_rejected),
         )

@@ -36,6 +36,7 @@ from coordinator.errors import (
     StoreError,
     TargetError,
 )
+from coordinator.monitoring.scores import DriftScore, FeatureDrift
 from coordinator.service.api import ApiConfig, create_app
 from coordinator.service.api.app import status_for
 from coordinator.service.api.auth_limits import AuthLimits
@@ -48,6 +49,8 @@ from coordinator.service.api.schemas import (
     DeployResultOut,
     DeviceOut,
     DeviceProgressOut,
+    DriftOut,
+    FeatureDriftOut,
     RollbackCreate,
     RolloutCreate,
     RolloutDeviceOut,
@@ -206,6 +209,7 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
         ("GET", "/v1/runs/{run_id}"),
         ("POST", "/v1/runs/{run_id}/stop"),
         ("GET", "/v1/audit"),
+        ("GET", "/v1/drift"),
     }
     # Nothing but the docs is served outside FastAPI's routes (and their checks).
     others = {getattr(route, "path", None) for route in app.routes} - {
@@ -215,13 +219,13 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
 
 
 def test_every_route_but_health_needs_a_token(ops: FakeOperations) -> None:
-    # 20 refusals from one address: more than the failed-authentication limit
+    # 21 refusals from one address: more than the failed-authentication limit
     # (tests/test_api_auth_limits.py has that), so this app allows more.
     config = dataclasses.replace(CONFIG, auth_limits=AuthLimits(max_failures=100))
     app = create_app(ops, authenticate=authenticate, config=config)
     with TestClient(app) as client:
         checked = _refused_everywhere(app, client)
-    assert checked == 20
+    assert checked == 21
     assert ops.mutations == []
 
 
@@ -908,6 +912,11 @@ def test_metrics_expose_the_fleet(client: TestClient) -> None:
     assert found[("fedge_round_downlink_bytes", (("round", "1"), ("run", "run-0")))] == 5000
     assert found[("fedge_fleet_latency_ms", (("quantile", "0.95"),))] == 5.5
     assert found[("fedge_telemetry_ingested_total", ())] == 42
+    assert found[("fedge_drift_psi", (("model", "digits"), ("version", "3")))] == 0.31
+    major = (("model", "digits"), ("severity", "major"), ("version", "3"))
+    assert found[("fedge_drift_devices", major)] == 1
+    rejected = ("fedge_drift_summaries_rejected_total", (("reason", "wrong_features"),))
+    assert found[rejected] == 2
     assert re.search(r"^# TYPE fedge_telemetry_ingested(_total)? counter$", response.text, re.M)
     assert not any(name.startswith(("python_", "process_")) for name, _ in found)
 
@@ -983,6 +992,35 @@ def test_config_limits_must_be_positive(field: str, value: int) -> None:
         ApiConfig(**changes)
 
 
+# --- drift ------------------------------------------------------------------------------
+
+
+def test_drift_lists_fleet_and_device_scores(client: TestClient) -> None:
+    assert client.get("/v1/drift").status_code == 401
+    response = client.get("/v1/drift", headers=AS_VIEWER)
+    assert response.status_code == 200
+    body = response.json()
+    assert [(s["scope"], s["device_id"]) for s in body] == [
+        ("fleet", None),
+        ("device", "pi-1"),
+        ("device", "pi-2"),
+    ]
+    assert body[0]["devices"] == ["pi-2", "pi-1"]
+    assert body[2]["severity"] == "major"
+    assert body[2]["top"][0] == {"index": 7, "psi": 0.6, "js": 0.12}
+    assert body[2]["invalid"] == {"nan": 1}
+    mine = client.get("/v1/drift", params={"device": "pi-2"}, headers=AS_VIEWER).json()
+    assert [s["device_id"] for s in mine] == ["pi-2"]
+    assert client.get("/v1/drift", params={"model": "other"}, headers=AS_VIEWER).json() == []
+
+
+def test_drift_of_an_unknown_device_is_404(client: TestClient) -> None:
+    response = client.get("/v1/drift", params={"device": "nobody"}, headers=AS_VIEWER)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert client.get("/v1/drift", params={"device": ""}, headers=AS_VIEWER).status_code == 422
+
+
 # --- schemas mirror the rows --------------------------------------------------------
 
 
@@ -1004,6 +1042,8 @@ def test_config_limits_must_be_positive(field: str, value: int) -> None:
         (DeviceProgressOut, DeviceProgress),
         (DeployResultOut, DeployResult),
         (DeploymentViewOut, DeploymentView),
+        (DriftOut, DriftScore),
+        (FeatureDriftOut, FeatureDrift),
         (DeployCreate, DeployRequest),
         (RollbackCreate, RollbackRequest),
     ],

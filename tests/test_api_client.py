@@ -180,6 +180,15 @@ def test_operator_workflow_round_trips(client: ApiClient, ops: FakeOperations) -
     assert client.audit_log(limit=2) == ops.audit_log(limit=2)
 
 
+def test_drift_round_trips(client: ApiClient, ops: FakeOperations) -> None:
+    assert client.drift() == ops.drift()
+    assert len(client.drift()) == 3
+    assert client.drift(device_id="pi-2") == ops.drift(device_id="pi-2")
+    assert client.drift(model="other") == []
+    with pytest.raises(NotFoundError):
+        client.drift(device_id="nobody")
+
+
 def test_abort_without_rollback(client: ApiClient, ops: FakeOperations) -> None:
     client.upload_artifact(ARTIFACT, actor=CLI_ACTOR)
     rollout_id = client.create_rollout(RolloutRequest(SHA), actor=CLI_ACTOR).rollout.rollout_id

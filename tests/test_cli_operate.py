@@ -194,6 +194,21 @@ def test_audit(fedge: Fedge, ops: FakeOperations, artifact_file: Path) -> None:
     assert "1 action" in result.stdout
 
 
+def test_drift(fedge: Fedge, ops: FakeOperations) -> None:
+    assert fedge.json("drift") == jsonable(ops.drift())
+    assert fedge.json("drift", "--device", "pi-2") == jsonable(ops.drift(device_id="pi-2"))
+    assert fedge.json("drift", "--model", "other") == []
+    result = fedge("drift")
+    assert result.exit_code == 0, result.stderr
+    assert "3 scores" in result.stdout
+    assert "fleet (pi-2, pi-1)" in result.stdout
+    assert "major" in result.stdout
+    assert "f7=0.60" in result.stdout
+    assert "nan=1" in result.stdout
+    line = one_line_error(fedge("drift", "--device", "ghost"))
+    assert "no device 'ghost'" in line
+
+
 # --- artifacts ------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from coordinator.cli.device_views import devices_json, devices_table
+from coordinator.cli.drift import drift_table
 from coordinator.cli.service_views import presence_table
 from coordinator.cli.views import (
     REASON_MAX_CHARS,
@@ -21,6 +22,7 @@ from coordinator.cli.views import (
     safe_text,
 )
 from coordinator.delivery.tracker import DeviceProgress, DeviceState
+from coordinator.monitoring.scores import DriftScore, FeatureDrift
 from coordinator.service.ingest import status_document
 from coordinator.service.store.records import DeviceRow, PresenceRow
 from edge_agent.protocol import ModelInfo, Status
@@ -348,3 +350,29 @@ def test_a_device_without_a_usable_status_shows_what_its_row_holds() -> None:
     assert rows(devices_table([bare], now=NOW)) == [
         ["pi-9", "offline", "-", "digits v2", "lab", "-", "numpy", "6s ago"]
     ]
+
+
+def test_drift_table_names_the_signal_and_escapes_device_ids() -> None:
+    def score(device: str | None, severity: str, signal: str, psi: float) -> DriftScore:
+        return DriftScore(
+            scope="fleet" if device is None else "device", device_id=device, model="m",
+            version=2, at=NOW, windows=3, n=900, psi_max=psi, js_max=psi / 5,
+            severity=severity, signal=signal, top=(FeatureDrift(4, psi, psi / 5),),
+            confidence_psi=0.4 if signal == "confidence" else None, invalid={"nan": 2, "shape": 0},
+            devices=("[red]x",) if device is None else (),
+        )  # fmt: skip
+
+    table = drift_table([
+        score(None, "moderate", "features", 0.12),
+        score("pi-1", "major", "confidence", 0.02),
+        score("pi-2", "none", "features", 0.01),
+    ])  # fmt: skip
+    cells = rows(table)
+    assert cells[0][:3] == ["fleet ([red]x)", "m v2", "moderate"]
+    assert cells[1][2] == "major (confidence)"
+    assert cells[1][5] == "0.400"
+    assert cells[2][5] == "-"
+    assert cells[1][9] == "f4=0.02"
+    assert cells[1][10] == "nan=2"
+    assert "3 scores" in render(table)
+    assert cell_style(table, 2, 1) == "bold red"

@@ -7,22 +7,26 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from coordinator.errors import StoreError
+from coordinator.monitoring.scores import DriftScore
 from coordinator.service.ingest import MAX_CHANGES, Ingest, IngestCounts, IngestSettings
 from coordinator.service.store import MEMORY, DeviceRow, Store, TelemetryRow
 from edge_agent.protocol import (
     Envelope,
     Histogram,
+    InvalidCounts,
     LatencyQuantiles,
     ModelInfo,
     Status,
     TelemetryBatch,
     TelemetryRecord,
+    WindowSummary,
 )
 from tests.fleet_support import wait_for
 
@@ -272,6 +276,7 @@ def test_the_writer_applies_retention_every_prune_interval(
     ingest.add_status("d1", status(False))
     clock.now += 39  # the last window arrives 40 s after the first ones
     ingest.add_telemetry("d1", batch(4))
+    store.add_drift_scores([_drift_score(at=1000.0), _drift_score(at=clock.now)])
     ingest.start()
     try:
         wait_for(lambda: store.telemetry_count() == 5)
@@ -285,6 +290,30 @@ def test_the_writer_applies_retention_every_prune_interval(
     assert store.presence_history("d1")[0].online is False
     expected = 2 if limits["max_age_s"] is None else 1
     assert len(store.presence_history("d1")) == expected
+    drift = store.drift_history(model="digits", version=2, device_id="d1")
+    assert len(drift) == expected  # the score past the age goes, the latest stays
+
+
+def _drift_score(*, at: float) -> DriftScore:
+    return DriftScore(scope="device", device_id="d1", model="digits", version=2, at=at,
+                      windows=1, n=10, psi_max=0.0, js_max=0.0, severity="none")  # fmt: skip
+
+
+def test_summarised_windows_go_to_the_drift_sink_at_flush(
+    store: FailingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    handed: list[list[tuple[str, TelemetryRecord]]] = []
+    ingest = Ingest(store, IngestSettings(max_pending=2), drift=handed.append)
+    summary = WindowSummary.from_arrays(10, [[1] * 10], None, None, InvalidCounts())
+    summarised = [replace(record(start=float(i)), summary=summary) for i in range(3)]
+    with caplog.at_level(logging.ERROR):
+        ingest.add_telemetry("d1", batch(0, record(), *summarised))
+    assert "drift buffer full: 1 window summary(ies) not scored" in caplog.text
+    assert handed == []  # nothing is scored on the network thread
+    ingest.flush()
+    assert handed == [[("d1", summarised[1]), ("d1", summarised[2])]]
+    ingest.flush()
+    assert len(handed) == 1  # an empty flush calls nothing
 
 
 @pytest.mark.parametrize(

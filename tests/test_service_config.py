@@ -130,7 +130,12 @@ def test_settings_and_api_config_follow_the_file() -> None:
     config = build(
         {
             **MINIMAL,
-            "telemetry": {"flush_s": 2, "retention_rows": 0, "retention_days": 0.5},
+            "telemetry": {
+                "flush_s": 2,
+                "retention_rows": 0,
+                "retention_days": 0.5,
+                "drift_windows": 3,
+            },
             "api": {"max_body_mib": 2, "max_artifact_mib": 64, "docs": False},
             "rollouts": {"tick_s": 0.25},
             "runs": {"upload_dir": "spool"},
@@ -140,6 +145,7 @@ def test_settings_and_api_config_follow_the_file() -> None:
         telemetry_flush_s=2.0,
         telemetry_max_rows=None,
         telemetry_max_age_s=43200.0,
+        drift_windows=3,
         rollout_tick_s=0.25,
         upload_dir=Path("/etc/fedge/spool"),
     )
@@ -401,6 +407,7 @@ def test_a_bad_bind_is_refused(bind: object, expected: str) -> None:
         (with_("telemetry", flush_s=0), "telemetry.flush_s must be a finite number > 0"),
         (with_("telemetry", retention_rows=1.5), "telemetry.retention_rows must be an integer"),
         (with_("telemetry", retention_days=-1), "telemetry.retention_days must be a number >= 0"),
+        (with_("telemetry", drift_windows=0), "telemetry.drift_windows must be >= 1"),
         (with_("rollouts", tick_s="1s"), "rollouts.tick_s must be a number of seconds"),
         (with_("rollouts", min_failed_devices=0), "rollouts.min_failed_devices must be"),
         (with_("runs", upload_budget_mib=-1), "runs.upload_budget_mib must be between 0"),

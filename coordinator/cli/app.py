@@ -14,12 +14,13 @@ stderr) and dispatches to the command groups:
 * ``fedge devices | telemetry | presence | audit`` -- :mod:`coordinator.cli.observe`
 * ``fedge fleet publish | show`` -- :mod:`coordinator.cli.fleet` (the signed fleet
   statement; ``fedge fleet`` without a subcommand is ``fedge devices``, its former name)
+* ``fedge drift`` -- :mod:`coordinator.cli.drift` (input drift per fleet and device)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
 
-``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``deploy``,
+``devices``, ``telemetry``, ``presence``, ``audit``, ``drift``, ``artifacts``, ``deploy``,
 ``rollback``, ``rollout`` and ``rounds`` operate a fleet through a coordinator: its
 HTTP API (``--api``) or a service started in-process (``--broker``); see
 :mod:`coordinator.cli.operate`. ``deploy`` sends an artifact to every targeted device
@@ -53,6 +54,7 @@ from coordinator.cli import (
     ca,
     data,
     deploy,
+    drift,
     fleet,
     keys,
     model,
@@ -86,6 +88,7 @@ app.add_typer(fleet.app, name="fleet")  # without a subcommand: devices, its for
 app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)
+app.command("drift")(drift.drift)
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rounds.app, name="rounds")

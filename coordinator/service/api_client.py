@@ -63,6 +63,7 @@ from coordinator.errors import (
     TargetError,
 )
 from coordinator.lifecycle import Closeable
+from coordinator.monitoring.scores import DriftScore
 from coordinator.service.operations import (
     Actor,
     DeploymentView,
@@ -126,6 +127,7 @@ _DEPLOYMENT_VIEW = TypeAdapter(DeploymentView)
 _RUN_VIEW = TypeAdapter(RunView)
 _RUNS = TypeAdapter(list[RunRow])
 _AUDIT = TypeAdapter(list[AuditRow])
+_DRIFT = TypeAdapter(list[DriftScore])
 
 
 def _printable(token: str) -> bool:
@@ -403,6 +405,16 @@ class ApiClient(Closeable):
             ApiError: a limit out of range (1 to 1000), or the API failed.
         """
         return self._get(_AUDIT, "v1/audit", params={"limit": limit})
+
+    def drift(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
+        """The latest drift score of each device and fleet, per model version.
+
+        Raises:
+            NotFoundError: no such device.
+            ApiError: the API failed or could not be reached.
+        """
+        params = {key: value for key, value in (("device", device_id), ("model", model)) if value}
+        return self._get(_DRIFT, "v1/drift", params=params or None)
 
     def metrics(self) -> FleetMetrics:
         """Not available over the API (it serves Prometheus text at ``/metrics``).

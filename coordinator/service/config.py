@@ -181,6 +181,7 @@ class TelemetryStorage:
         flush_s: Seconds between batched writes (> 0).
         retention_rows: Most rows kept, the oldest going first; 0 for no limit.
         retention_days: Days rows are kept; 0 for no limit.
+        drift_windows: Windows of each device pooled into its drift score (>= 1).
 
     Raises:
         ServiceConfigError: a wrong type or a value out of range.
@@ -189,11 +190,13 @@ class TelemetryStorage:
     flush_s: float = _default("telemetry.flush_s")
     retention_rows: int = _default("telemetry.retention_rows")
     retention_days: float = _default("telemetry.retention_days")
+    drift_windows: int = _default("telemetry.drift_windows")
 
     def __post_init__(self) -> None:
         with _as_service_error():
             flush_s = want_seconds("telemetry.flush_s", self.flush_s)
             want_int("telemetry.retention_rows", self.retention_rows, low=0)
+            want_int("telemetry.drift_windows", self.drift_windows, low=1)
         object.__setattr__(self, "flush_s", flush_s)
         days = _want_limit("telemetry.retention_days", self.retention_days)
         object.__setattr__(self, "retention_days", days)
@@ -404,6 +407,7 @@ class ServiceConfig:
             telemetry_flush_s=self.telemetry.flush_s,
             telemetry_max_rows=self.telemetry.retention_rows or None,
             telemetry_max_age_s=days * 86400.0 if days else None,
+            drift_windows=self.telemetry.drift_windows,
             rollout_tick_s=self.rollout_tick_s,
             rollout_min_failed_devices=self.rollout_min_failed_devices,
             upload_budget_bytes=self.upload_budget_mib * MIB or None,

@@ -173,6 +173,13 @@ _TELEMETRY = Section(
             default=1_000_000,
         ),
         Key("retention_days", "Days telemetry is kept; 0: no limit.", default=7.0),
+        Key(
+            "drift_windows",
+            "Telemetry windows (those with inputs) of each device pooled into its drift "
+            "score against the model's reference profile: more is steadier, fewer "
+            "detects a shift sooner (docs/monitoring.md).",
+            default=6,
+        ),
     ),
 )
 

@@ -8,7 +8,8 @@
 * the SQLite :class:`~coordinator.service.store.Store` (all state; a restart loses
   nothing acknowledged),
 * :class:`~coordinator.service.ingest.Ingest` (presence and telemetry into the store, in
-  batches, off the network thread),
+  batches, off the network thread), which hands window summaries to
+  :class:`~coordinator.service.drift.DriftMonitor` (drift scores into the store),
 * :class:`~coordinator.rollout.manager.RolloutManager` (staged rollouts, resumed at start),
 * :class:`~coordinator.service.runs.RunManager` (federated runs in the background),
 * :class:`~coordinator.service.deployments.OneShots` (one-shot deploys and rollbacks,
@@ -59,6 +60,8 @@ from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
+from coordinator.monitoring.scores import DriftScore
+from coordinator.monitoring.tracker import DEFAULT_WINDOWS, DriftTracker
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import (
@@ -68,6 +71,7 @@ from coordinator.rollout.policy import (
     parse_fraction,
 )
 from coordinator.service.deployments import OneShots
+from coordinator.service.drift import DriftMonitor
 from coordinator.service.ingest import Ingest, IngestSettings
 from coordinator.service.operations import (
     Actor,
@@ -115,6 +119,7 @@ class ServiceSettings:
         telemetry_max_rows: Retention by row count (None: no limit).
         telemetry_max_age_s: Retention by age, seconds (None: no limit).
         prune_every_s: Seconds between retention passes.
+        drift_windows: Windows of each device pooled into its drift score.
         rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
         accept_wait_s: How long a rollout's deploy waits for the devices' answers
             before pushing the payload.
@@ -132,6 +137,7 @@ class ServiceSettings:
     telemetry_max_rows: int | None = 1_000_000
     telemetry_max_age_s: float | None = 7 * 86400.0
     prune_every_s: float = 60.0
+    drift_windows: int = DEFAULT_WINDOWS
     rollout_tick_s: float = 1.0
     accept_wait_s: float = ACCEPT_WAIT_S
     rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
@@ -179,7 +185,8 @@ class FleetService:
         self._hub = hub
         self._trusted = trusted
         self._clock = clock
-        self._ingest = Ingest(store, settings.ingest(), clock=clock)
+        self._drift = DriftMonitor(store, DriftTracker(windows=settings.drift_windows), clock=clock)
+        self._ingest = Ingest(store, settings.ingest(), clock=clock, drift=self._drift.add_windows)
         self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,
                                         accept_wait_s=settings.accept_wait_s)  # fmt: skip
@@ -584,6 +591,7 @@ class FleetService:
                     progress[place] = progress.get(place, 0) + 1
         runs = self._store.runs()
         rounds = tuple(self._store.rounds(runs[0].run_id)) if runs else ()
+        fleet_psi, severities = self._drift.figures()
         return FleetMetrics(
             devices_online=sum(r.online for r in records),
             devices_total=len(self._store.devices()),
@@ -594,7 +602,23 @@ class FleetService:
             rounds=rounds,
             rollout_stages=stages,
             rollout_devices=progress,
+            drift_psi=fleet_psi,
+            drift_devices=severities,
+            drift_rejected=self._drift.rejected(),
         )
+
+    # -------------------------------------------------------------------- drift
+
+    def drift(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
+        """The latest drift score of each device and each fleet, by model version.
+
+        Raises:
+            NotFoundError: ``device_id`` names no device seen and none scored.
+        """
+        scores = self._drift.scores(device_id=device_id, model=model)
+        if device_id is not None and not scores:
+            self._known(device_id)
+        return scores
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:

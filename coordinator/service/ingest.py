@@ -5,8 +5,9 @@ for SQLite. :class:`Ingest` takes presence changes (status messages and Last
 Wills) and telemetry batches from that thread into memory, and a writer thread
 flushes them every ``flush_s`` seconds: all buffered device upserts, then all
 telemetry windows in one transaction (:meth:`~coordinator.service.store.Store.add_telemetry`).
-Every ``prune_every_s`` it applies the telemetry retention limits, and the age
-limit to the presence history too (each device's latest change stays).
+Every ``prune_every_s`` it applies the telemetry retention limits to the telemetry
+and to the drift scores (each subject's latest score stays), and the age limit to
+the presence history too (each device's latest change stays).
 
 Workflow::
 
@@ -32,6 +33,11 @@ A change is dated when it arrives: changes the broker kept while the service was
 down all carry the time it came back (a Last Will's own timestamp is when the
 device connected, not when it went away).
 
+Windows that carry a summary (:class:`~edge_agent.protocol.WindowSummary`) are also
+buffered for the drift monitor given as ``drift`` (:mod:`coordinator.service.drift`):
+each flush hands them over, on the writer thread, before writing telemetry. That
+buffer is bounded by ``max_pending`` too (the oldest are dropped and logged).
+
 Fleet latency quantiles come from the latency histograms of the windows received
 in the last ``latency_window_s`` seconds, summed bucket by bucket (agents share
 the default bucket bounds; windows with other bounds are left out of the sum).
@@ -49,7 +55,7 @@ from typing import Any
 
 from coordinator.errors import StoreError
 from coordinator.service.store import Store, TelemetryRow
-from edge_agent.protocol import Envelope, Histogram, Status, TelemetryBatch
+from edge_agent.protocol import Envelope, Histogram, Status, TelemetryBatch, TelemetryRecord
 from edge_agent.serving.telemetry import estimate_quantile
 
 __all__ = ["QUANTILES", "Ingest", "IngestCounts", "IngestSettings", "status_document"]
@@ -61,6 +67,9 @@ QUANTILES = (0.5, 0.95, 0.99)
 
 MAX_CHANGES = 16
 """Most presence changes buffered per device between two flushes."""
+
+DriftSink = Callable[[list[tuple[str, TelemetryRecord]]], object]
+"""What takes a flush's summarised windows (``DriftMonitor.add_windows``)."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +179,12 @@ class Ingest:
         settings: IngestSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        drift: DriftSink | None = None,
     ) -> None:
         """Prepare (no thread runs until :meth:`start`)."""
         self._store = store
+        self._drift = drift
+        self._summaries: collections.deque[tuple[str, TelemetryRecord]] = collections.deque()
         self._settings = settings or IngestSettings()
         self._clock = clock
         self._lock = threading.Lock()
@@ -277,6 +289,11 @@ class Ingest:
             for record in batch.records:
                 if record.predictions:
                     self._histograms.append((now, record.histogram))
+                if record.summary is not None and self._drift is not None:
+                    self._summaries.append((device_id, record))
+            lost_summaries = max(0, len(self._summaries) - self._settings.max_pending)
+            for _ in range(lost_summaries):
+                self._summaries.popleft()
             while len(self._telemetry) > self._settings.max_pending:
                 self._telemetry.popleft()
                 overflow += 1
@@ -285,6 +302,8 @@ class Ingest:
         if overflow:
             logger.error("telemetry buffer full (the store keeps failing): dropped %d window(s)",
                          overflow)  # fmt: skip
+        if lost_summaries:
+            logger.error("drift buffer full: %d window summary(ies) not scored", lost_summaries)
 
     # -------------------------------------------------------------------- views
 
@@ -316,6 +335,10 @@ class Ingest:
                 presence, self._presence = self._presence, {}
                 rows = list(self._telemetry)
                 self._telemetry.clear()
+                summaries = list(self._summaries)
+                self._summaries.clear()
+            if summaries and self._drift is not None:
+                self._drift(summaries)
             for device_id, changes in presence.items():
                 for index, p in enumerate(changes):
                     try:
@@ -366,6 +389,7 @@ class Ingest:
         older_than = None if settings.max_age_s is None else now - settings.max_age_s
         try:
             self._store.prune_telemetry(max_rows=settings.max_rows, older_than=older_than)
+            self._store.prune_drift(max_rows=settings.max_rows, older_than=older_than)
             if older_than is not None:
                 self._store.prune_presence(older_than=older_than)
         except StoreError as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from coordinator.delivery.tracker import DeployResult
+from coordinator.monitoring.scores import DriftScore
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -230,6 +231,12 @@ class FleetMetrics:
             running or paused), by id.
         rollout_devices: Devices of each rollout still going, per
             ``(rollout id, device state)``.
+        drift_psi: The latest fleet-wide drift (largest feature PSI) per
+            ``(model, version)``.
+        drift_devices: Devices per ``(model, version, severity)`` of their latest
+            drift score (``none``, ``moderate``, ``major``).
+        drift_rejected: Telemetry window summaries refused or not scored since
+            start, by reason.
     """
 
     devices_online: int
@@ -241,6 +248,9 @@ class FleetMetrics:
     rounds: tuple[RoundRow, ...] = ()
     rollout_stages: dict[str, int] = field(default_factory=dict)
     rollout_devices: dict[tuple[str, str], int] = field(default_factory=dict)
+    drift_psi: dict[tuple[str, int], float] = field(default_factory=dict)
+    drift_devices: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    drift_rejected: dict[str, int] = field(default_factory=dict)
 
 
 class Operations(Protocol):
@@ -391,6 +401,15 @@ class Operations(Protocol):
 
     def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
         """The latest operator actions, oldest first."""
+        ...
+
+    def drift(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
+        """The latest drift score of each device and of each fleet, per model version
+        (fleet scores first; with ``device_id``, that device's only).
+
+        Raises:
+            NotFoundError: no such device.
+        """
         ...
 
     def metrics(self) -> FleetMetrics:

@@ -22,6 +22,9 @@ Exposed (all gauges unless noted)::
     fedge_round_downlink_bytes{run,round}       MQTT bytes published for a round
     fedge_fleet_latency_ms{quantile}            fleet inference latency quantiles
     fedge_telemetry_ingested_total              counter: telemetry records stored
+    fedge_drift_psi{model,version}              latest fleet-wide drift (largest feature PSI)
+    fedge_drift_devices{model,version,severity} devices by the severity of their latest drift
+    fedge_drift_summaries_rejected_total{reason}  counter: window summaries refused/not scored
 
 :func:`metric_families` is pure (values in, metric families out); only the
 collector calls the operations object.
@@ -110,8 +113,33 @@ def metric_families(figures: FleetMetrics) -> list[Metric]:
         "fedge_telemetry_ingested", "Telemetry records stored since the coordinator started."
     )
     ingested.add_metric([], figures.telemetry_ingested)
-    families.extend([latency, ingested])
+    families.extend([latency, ingested, *_drift_families(figures)])
     return families
+
+
+def _drift_families(figures: FleetMetrics) -> list[Metric]:
+    psi = GaugeMetricFamily(
+        "fedge_drift_psi",
+        "Latest fleet-wide input drift per model version (largest feature PSI).",
+        labels=["model", "version"],
+    )
+    for (model, version), value in sorted(figures.drift_psi.items()):
+        psi.add_metric([model, str(version)], value)
+    devices = GaugeMetricFamily(
+        "fedge_drift_devices",
+        "Devices per model version by the severity of their latest drift score.",
+        labels=["model", "version", "severity"],
+    )
+    for (model, version, severity), count in sorted(figures.drift_devices.items()):
+        devices.add_metric([model, str(version), severity], count)
+    rejected = CounterMetricFamily(
+        "fedge_drift_summaries_rejected",
+        "Telemetry window summaries refused or not scored since start, by reason.",
+        labels=["reason"],
+    )
+    for reason, count in sorted(figures.drift_rejected.items()):
+        rejected.add_metric([reason], count)
+    return [psi, devices, rejected]
 
 
 class FleetCollector:

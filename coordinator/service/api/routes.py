@@ -48,6 +48,7 @@ from coordinator.service.api.schemas import (
     DeployCreate,
     DeploymentViewOut,
     DeviceOut,
+    DriftOut,
     ErrorOut,
     HealthOut,
     PresenceOut,
@@ -132,7 +133,7 @@ def add_routes(router: APIRouter, ops: Operations, guard: Guard) -> None:
 
 
 def _add_observation(router: APIRouter, ops: Operations, viewer: params.Depends) -> None:
-    """Metrics, devices and their telemetry, the audit log: reads only."""
+    """Metrics, devices and their telemetry, drift scores, the audit log: reads only."""
     registry = new_registry(ops)
 
     @router.get(
@@ -185,6 +186,16 @@ def _add_observation(router: APIRouter, ops: Operations, viewer: params.Depends)
         """A device's latest online/offline changes (first sight included), newest first."""
         rows = ops.presence(device_id, limit=limit)
         return [PresenceOut.model_validate(row) for row in rows]
+
+    @router.get("/v1/drift", tags=["drift"], dependencies=[viewer], responses=_READ_ONE)
+    def drift(
+        device: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    ) -> list[DriftOut]:
+        """The latest drift score of each device and each fleet, per model version:
+        fleet scores first; with ``device``, that device's only (404 if unknown)."""
+        scores = ops.drift(device_id=device, model=model)
+        return [DriftOut.model_validate(score) for score in scores]
 
     @router.get("/v1/audit", tags=["audit"], dependencies=[viewer], responses=_READ_PAGE)
     def audit_log(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100) -> list[AuditOut]:

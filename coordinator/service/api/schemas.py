@@ -41,8 +41,10 @@ __all__ = [
     "DeploymentViewOut",
     "DeviceOut",
     "DeviceProgressOut",
+    "DriftOut",
     "ErrorBody",
     "ErrorOut",
+    "FeatureDriftOut",
     "HealthOut",
     "PresenceOut",
     "RollbackCreate",
@@ -137,6 +139,38 @@ class TelemetryOut(_Out):
     memory_bytes: int
     seq: int
     row_id: int | None
+
+
+class FeatureDriftOut(_Out):
+    """One feature's drift."""
+
+    index: int = Field(description="The feature's index in the reference profile.")
+    psi: float = Field(description="Population Stability Index.")
+    js: float = Field(description="Jensen-Shannon divergence, bits (0..1).")
+
+
+class DriftOut(_Out):
+    """The latest drift score of a device (or the fleet) on one model version."""
+
+    scope: str = Field(description="`device` or `fleet`.")
+    device_id: str | None = Field(description="The device; null for the fleet.")
+    model: str
+    version: int
+    at: float = Field(description="When the coordinator computed it, unix seconds.")
+    windows: int = Field(description="Telemetry windows pooled.")
+    n: int = Field(description="Inputs behind the counts.")
+    psi_max: float = Field(description="The largest feature PSI.")
+    js_max: float = Field(description="The largest feature JS divergence, bits.")
+    severity: str = Field(
+        description="`none` (PSI < 0.1), `moderate` (< 0.25), `major`, or `insufficient` "
+        "(too few rows behind the score)."
+    )
+    signal: str = Field(description="What the severity comes from: features, confidence, classes.")
+    top: tuple[FeatureDriftOut, ...] = Field(description="Most drifting features first.")
+    confidence_psi: float | None = Field(description="PSI of the confidence signal.")
+    classes_psi: float | None = Field(description="PSI of the predicted-class shares.")
+    invalid: dict[str, int] = Field(description="Inputs the devices refused, by reason.")
+    devices: tuple[str, ...] = Field(description="Fleet: the devices driving it, worst first.")
 
 
 class ArtifactOut(_Out):

@@ -156,10 +156,31 @@ _V3 = (
     "ALTER TABLE tokens ADD COLUMN expires_at REAL",
 )
 
+_V4 = (
+    # Drift scores against each model version's reference profile (issue 18): one row
+    # per computed score; device_id is '' for a fleet-wide score. The whole score is
+    # the JSON column; psi_max is a column for the latest-per-subject queries.
+    """
+    CREATE TABLE drift_scores (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        scope      TEXT NOT NULL CHECK (scope IN ('device', 'fleet')),
+        device_id  TEXT NOT NULL DEFAULT '',
+        model      TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        at         REAL NOT NULL,
+        psi_max    REAL NOT NULL,
+        score_json TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX drift_subject ON drift_scores (scope, device_id, model, version, id)",
+    "CREATE INDEX drift_at ON drift_scores (at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
     Migration(2, "telemetry windows stored once", _V2),
     Migration(3, "API tokens can expire", _V3),
+    Migration(4, "drift scores", _V4),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 
