@@ -19,6 +19,7 @@ The tree::
     ├── ModelRuntimeError           a model could not be loaded or run
     │   └── NoModelError                no model is installed to serve predictions
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
+    ├── EnrollmentFailedError       ``fedge-agent enroll`` could not enroll this device
     ├── StateError                  the agent's files on disk are unusable
     │   └── UntrustedModelError         an installed model fails re-verification against
     │                                   its signed manifest (not served)
@@ -112,6 +113,13 @@ class BrokerError(AgentError):
     """The MQTT broker refused the connection or cannot be reached."""
 
     code = "broker_error"
+
+
+class EnrollmentFailedError(AgentError):
+    """``fedge-agent enroll`` could not enroll this device: the coordinator refused the
+    token or cannot be reached, its answer is malformed, or a file cannot be written."""
+
+    code = "enrollment_failed"
 
 
 class StateError(AgentError):

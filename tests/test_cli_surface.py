@@ -21,6 +21,7 @@ JOBS = {
     "coordinator",
     "data",
     "deploy",
+    "device",
     "devices",
     "keys",
     "model",

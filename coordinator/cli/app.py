@@ -16,6 +16,8 @@ stderr) and dispatches to the command groups:
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
+* ``fedge device enroll | revoke | list`` -- :mod:`coordinator.cli.device` (enrollment,
+  through the service's API only)
 
 ``devices``, ``telemetry``, ``presence``, ``audit``, ``artifacts``, ``deploy``,
 ``rollback``, ``rollout`` and ``rounds`` operate a fleet through a coordinator: its
@@ -50,6 +52,7 @@ from coordinator.cli import (
     broker,
     data,
     deploy,
+    device,
     keys,
     model,
     observe,
@@ -84,6 +87,7 @@ app.command("audit")(observe.audit)
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rounds.app, name="rounds")
+app.add_typer(device.app, name="device")
 
 
 def _version(value: bool) -> None:

@@ -71,6 +71,7 @@ from coordinator.service.config_schema import (
     PASSWORD_ENV,
     SERVICE_SCHEMA,
 )
+from coordinator.service.enrollment import EnrollmentSettings
 from coordinator.service.fleet_service import ServiceSettings
 from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
 from edge_agent.config.schema import Sources
@@ -265,6 +266,7 @@ class ServiceConfig:
             with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
             ``""`` for a clean session. Not used with the embedded broker, which
             stops with the service.
+        enrollment: Enrolling devices with tokens (``[enrollment]``; off until set).
 
     Raises:
         ServiceConfigError: an invalid field, no trusted keys, not exactly one of
@@ -288,6 +290,7 @@ class ServiceConfig:
     log_level: str = _default("log_level")
     broker_session: str = _default("broker.session")
     dev: bool = _default("dev")
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -554,6 +557,7 @@ def build_service_config(
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
                 dev=sources.get("dev"),
+                enrollment=EnrollmentSettings(**sources.section("enrollment")),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None

@@ -42,6 +42,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.link.hub import MqttHub
 from coordinator.service.api.app import create_app
 from coordinator.service.config import ServiceConfig
+from coordinator.service.enrollment import EnrollmentDesk
 from coordinator.service.fleet_service import FleetService, open_store
 from coordinator.sim.embedded_broker import EmbeddedBroker
 from edge_agent.config.agent import BrokerConfig
@@ -221,6 +222,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
             authenticate=service.authenticate,
             config=config.api_config(),
             on_auth_failure=service.record_auth_failure,
+            enrollment=EnrollmentDesk(store, config.enrollment),
         )
 
         def ready() -> None:

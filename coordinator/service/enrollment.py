@@ -1,0 +1,341 @@
+"""Enrolling devices with one-time tokens, and revoking them: the service's side.
+
+Workflow (the API routes of :mod:`coordinator.service.api.enrollment_routes` call an
+:class:`EnrollmentDesk`; ``fedge device ...`` and ``fedge-agent enroll`` call those):
+
+1. An operator enrolls a device: ``fedge device enroll pi-7 [--expires-in 1h]``
+   -> :meth:`EnrollmentDesk.issue`: the registry records ``pi-7`` as pending and
+   returns a random token bound to it (shown once; only its hash is kept; default
+   lifetime ``[enrollment] token_hours``). Audited (``device.enroll``).
+2. On the device, ``fedge-agent enroll --token T --coordinator URL --device-id pi-7``
+   makes a random broker password (it never leaves the device but in this one
+   request) and posts it with the token (:class:`EnrollRequest`) ->
+   :meth:`EnrollmentDesk.enroll`: the token is spent (one-time; see
+   :mod:`coordinator.service.store.registry`), the account ``pi-7`` is added to the
+   broker's password file and mosquitto reloaded, the device is marked accepted
+   (audited ``device.accept``) and gets an :class:`EnrollGrant`: the broker URL (and
+   the broker's CA), the signed key set, the fleet id. A refused token raises
+   :class:`~coordinator.errors.EnrollmentRefusedError` (the API answers 401 and
+   rate-limits the address like a failed authentication).
+3. ``fedge device revoke pi-7`` -> :meth:`EnrollmentDesk.revoke`: the account is
+   removed from the password file and mosquitto reloaded, which disconnects the
+   device at once; it cannot reconnect. Then the registry says revoked (audited
+   ``device.revoke``). Revoking a device whose account cannot be removed fails
+   (typed, logged) and leaves the registry as it was.
+
+The broker runs on the service's machine (it signals mosquitto through its pid
+file, ``fedge broker config`` writes ``pid_file``). Password-file changes are
+serialised by a lock: ``mosquitto_passwd`` rewrites the whole file.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.fileio import read_bounded
+from compress.keyset import SignedKeySet, verify_self_signed
+from coordinator.errors import BrokerSetupError, EnrollmentError, NotFoundError
+from coordinator.link.broker_accounts import add_account, reload_broker, remove_account
+from coordinator.service.config_schema import DEFAULT_TOKEN_HOURS
+from coordinator.service.operations import Actor
+from coordinator.service.store import Store
+from coordinator.service.store.registry import Credential, RegisteredDevice
+from coordinator.service.tokens import Role
+from edge_agent.config.agent import parse_broker_url
+from edge_agent.config.values import FieldError
+from edge_agent.errors import ConfigError, TopicError
+from edge_agent.protocol import is_valid_device_id
+from edge_agent.protocol.topics import validate_fleet_id
+
+__all__ = [
+    "MAX_TOKEN_HOURS",
+    "EnrollGrant",
+    "EnrollRequest",
+    "EnrollmentDesk",
+    "EnrollmentSettings",
+    "IssuedEnrollment",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKEN_HOURS = 24.0 * 30
+"""Longest lifetime of an enrollment token."""
+
+MAX_KEYSET_BYTES = 1 << 20
+MAX_CA_BYTES = 1 << 20
+
+DEVICE_PASSWORD = re.compile(r"[A-Za-z0-9_\-.~+/=]{16,256}")
+"""What a device's broker password must look like (``fedge-agent enroll`` sends 43
+urlsafe-base64 characters): long, one line, nothing mosquitto_passwd could misread."""
+
+
+def _fail(message: str) -> EnrollmentError:
+    logger.error("enrollment: %s", message)
+    return EnrollmentError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentSettings:
+    """The ``[enrollment]`` table of ``coordinator.toml`` (see its schema for each key).
+
+    Raises:
+        ServiceConfigError: (through the config loader) a malformed broker URL or
+            fleet id, or a token lifetime outside (0, 720] hours.
+    """
+
+    broker_url: str | None = None  # the schema default
+    broker_ca: Path | None = None  # the schema default
+    password_file: Path | None = None  # the schema default
+    broker_pid_file: Path | None = None  # the schema default
+    keyset: Path | None = None  # the schema default
+    fleet: str | None = None  # the schema default
+    token_hours: float = DEFAULT_TOKEN_HOURS
+
+    def __post_init__(self) -> None:
+        """Check the values (files are read when a device enrolls)."""
+        if self.broker_url is not None:
+            try:
+                parse_broker_url(self.broker_url)
+            except ConfigError as exc:
+                raise FieldError("enrollment.broker_url", f"enrollment.broker_url: {exc}") from None
+        if self.fleet is not None:
+            try:
+                validate_fleet_id(self.fleet)
+            except (TopicError, TypeError) as exc:
+                raise FieldError("enrollment.fleet", f"enrollment.fleet: {exc}") from None
+        hours = self.token_hours
+        if (
+            isinstance(hours, bool)
+            or not isinstance(hours, int | float)
+            or not math.isfinite(hours)
+            or not 0 < hours <= MAX_TOKEN_HOURS
+        ):
+            raise FieldError(
+                "enrollment.token_hours",
+                f"enrollment.token_hours must be a number of hours in (0, {MAX_TOKEN_HOURS:g}]",
+            )
+
+    def missing(self) -> list[str]:
+        """The keys enrollment needs that are not set (empty: enrollment is on)."""
+        needed = ("broker_url", "password_file", "broker_pid_file", "keyset")
+        return [f"enrollment.{name}" for name in needed if getattr(self, name) is None]
+
+
+@dataclass(frozen=True)
+class IssuedEnrollment:
+    """A device put in the registry with its one-time token (shown once)."""
+
+    device: RegisteredDevice
+    token: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    """What an enrolling device sends.
+
+    Attributes:
+        token: Its one-time enrollment token.
+        device_id: Its id (the token must have been issued for it).
+        password: The broker password it made for itself.
+    """
+
+    token: str
+    device_id: str
+    password: str
+
+
+@dataclass(frozen=True)
+class EnrollGrant:
+    """What an enrolled device receives: all it needs for its ``agent.toml``.
+
+    Attributes:
+        device_id: Its id, which is its broker username.
+        broker_url: Where its broker is.
+        broker_ca: The broker's CA certificate (PEM text), or None (system CAs).
+        keyset: The signed key set's bytes: its initial trust anchor.
+        fleet: Its fleet id, or None.
+    """
+
+    device_id: str
+    broker_url: str
+    broker_ca: str | None
+    keyset: bytes
+    fleet: str | None
+
+    @property
+    def keyset_b64(self) -> str:
+        """The key set as base64 (how JSON carries it)."""
+        return base64.b64encode(self.keyset).decode("ascii")
+
+
+class EnrollmentDesk:
+    """Issues enrollment tokens, enrolls devices and revokes them (module docstring).
+
+    Args:
+        store: The registry lives in it (and the audit log).
+        settings: The ``[enrollment]`` table.
+        clock: Unix seconds (a fake in tests).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: EnrollmentSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Keep the store and the settings."""
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._accounts = threading.Lock()
+
+    @property
+    def settings(self) -> EnrollmentSettings:
+        """The ``[enrollment]`` table."""
+        return self._settings
+
+    def registry(self) -> list[RegisteredDevice]:
+        """Every enrolled (pending, accepted or revoked) device, sorted by id."""
+        return self._store.registry()
+
+    def issue(
+        self, device_id: str, *, expires_in_s: float | None, actor: Actor
+    ) -> IssuedEnrollment:
+        """Put ``device_id`` in the registry as pending and issue its token.
+
+        Args:
+            device_id: The device to enroll.
+            expires_in_s: The token's lifetime; None: ``[enrollment] token_hours``.
+            actor: The operator (audited).
+
+        Raises:
+            EnrollmentError: a malformed device id, or a lifetime outside
+                (0, :data:`MAX_TOKEN_HOURS`].
+            ConflictError: the device is enrolled (revoke it first).
+            StoreError: the database failed.
+        """
+        _check_device_id(device_id)
+        lifetime = self._settings.token_hours * 3600.0 if expires_in_s is None else expires_in_s
+        if not math.isfinite(lifetime) or not 0 < lifetime <= MAX_TOKEN_HOURS * 3600.0:
+            raise _fail(f"a token's lifetime must be in (0, {MAX_TOKEN_HOURS:g} h], not {lifetime}")
+        now = self._clock()
+        device, token = self._store.add_enrollment(
+            device_id, actor=actor.name, at=now, expires_at=now + lifetime
+        )
+        self._audit(actor, "device.enroll", device_id, {"expires_at": now + lifetime})
+        logger.info(
+            "enrollment token issued for %s (valid %g s) by %s", device_id, lifetime, actor.name
+        )
+        return IssuedEnrollment(device, token, now + lifetime)
+
+    def enroll(self, request: EnrollRequest) -> EnrollGrant:
+        """Enroll a device that presents its token (see the module docstring).
+
+        Raises:
+            EnrollmentRefusedError: the token is unknown, used, expired or another
+                device's, or the device is not pending.
+            EnrollmentError: enrollment is not configured, a malformed device id or
+                password, an unreadable key set or broker CA, or the broker account
+                could not be created (the token is spent then: issue a new one).
+            StoreError: the database failed.
+        """
+        settings = self._settings
+        missing = settings.missing()
+        if missing:
+            raise _fail(
+                f"enrollment is not configured on this coordinator: set {', '.join(missing)} "
+                "under [enrollment] in coordinator.toml"
+            )
+        _check_device_id(request.device_id)
+        if not DEVICE_PASSWORD.fullmatch(request.password):
+            raise _fail("the device's broker password must be 16-256 urlsafe characters")
+        grant = self._grant(request.device_id)  # before the token is spent
+        self._store.redeem_enrollment(request.token, request.device_id, self._clock())
+        assert settings.password_file is not None
+        assert settings.broker_pid_file is not None
+        try:
+            with self._accounts:
+                add_account(settings.password_file, request.device_id, request.password)
+                reload_broker(settings.broker_pid_file)
+        except BrokerSetupError as exc:
+            raise _fail(
+                f"the broker account of {request.device_id} could not be created ({exc}); "
+                "its token is spent: fix the broker settings and issue a new one"
+            ) from None
+        self._store.accept_device(request.device_id, Credential.PASSWORD, self._clock())
+        device = Actor(f"device:{request.device_id}", Role.VIEWER)
+        self._audit(device, "device.accept", request.device_id, {"credential": "password"})
+        logger.info("device %s enrolled (broker account created)", request.device_id)
+        return grant
+
+    def revoke(self, device_id: str, *, actor: Actor) -> RegisteredDevice:
+        """Remove a device's broker access, disconnecting it, then mark it revoked.
+
+        Raises:
+            NotFoundError: the device is not in the registry.
+            EnrollmentError: its broker account could not be removed (nothing
+                changed in the registry).
+            StoreError: the database failed.
+        """
+        found = self._store.registered(device_id)
+        if found is None:
+            raise NotFoundError(f"device {device_id!r} is not in the registry")
+        settings = self._settings
+        if found.credential is Credential.PASSWORD:
+            if settings.password_file is None or settings.broker_pid_file is None:
+                raise _fail(
+                    f"{device_id} has a broker password but enrollment.password_file and "
+                    "enrollment.broker_pid_file are not set: cannot remove it"
+                )
+            try:
+                with self._accounts:
+                    remove_account(settings.password_file, device_id)
+                    reload_broker(settings.broker_pid_file)
+            except BrokerSetupError as exc:
+                raise _fail(f"could not remove the broker account of {device_id}: {exc}") from None
+        revoked = self._store.revoke_device(device_id, self._clock())
+        self._audit(actor, "device.revoke", device_id, {"credential": found.credential})
+        logger.info("device %s revoked by %s", device_id, actor.name)
+        return revoked
+
+    def _grant(self, device_id: str) -> EnrollGrant:
+        settings = self._settings
+        assert settings.keyset is not None
+        assert settings.broker_url is not None
+        try:
+            keyset = read_bounded(
+                settings.keyset, max_bytes=MAX_KEYSET_BYTES, error=EnrollmentError, what="key set"
+            )
+            verify_self_signed(SignedKeySet.from_bytes(keyset))
+        except (CompressError, EnrollmentError) as exc:
+            raise _fail(
+                f"enrollment.keyset {settings.keyset} is not a signed key set: {exc}"
+            ) from None
+        ca = None
+        if settings.broker_ca is not None:
+            try:
+                ca = settings.broker_ca.read_text(encoding="ascii")[:MAX_CA_BYTES]
+            except (OSError, UnicodeError) as exc:
+                raise _fail(
+                    f"cannot read enrollment.broker_ca {settings.broker_ca}: {exc}"
+                ) from None
+        return EnrollGrant(device_id, settings.broker_url, ca, keyset, settings.fleet)
+
+    def _audit(self, actor: Actor, action: str, target: str, detail: dict[str, object]) -> None:
+        self._store.audit(actor.name, actor.role, action, target, detail=detail, at=self._clock())
+
+
+def _check_device_id(device_id: str) -> None:
+    if not is_valid_device_id(device_id):
+        raise _fail(f"invalid device id {device_id[:80]!r}: 1-64 of [A-Za-z0-9_.-]")
