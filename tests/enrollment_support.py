@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,6 +78,7 @@ def served_api(
     settings: EnrollmentSettings,
     *,
     limits: AuthLimits | None = None,
+    forget: Callable[[str], object] | None = None,
 ) -> Iterator[Served]:
     """Serve the API with enrollment on 127.0.0.1 (see the module docstring)."""
     _row, operator = store.add_token("ops", Role.OPERATOR, 1.0)
@@ -95,7 +96,7 @@ def served_api(
             detail={"reason": failure.reason, "path": failure.path}, at=1.0,
         )  # fmt: skip
 
-    desk = EnrollmentDesk(store, settings)
+    desk = EnrollmentDesk(store, settings, forget=forget)
     config = ApiConfig(auth_limits=limits or AuthLimits())
     app = create_app(
         ops,

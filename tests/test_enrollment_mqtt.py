@@ -134,7 +134,10 @@ def site(
     tmp_path: Path, broker: Mosquitto, service: FleetService, signing_key: SigningKey
 ) -> Iterator[Served]:
     keyset = keyset_file(tmp_path / "keys", signing_key)
-    with served_api(service, service.store, settings_for(broker, keyset)) as served:
+    settings = settings_for(broker, keyset)
+    hub = service.hub
+    assert isinstance(hub, MqttHub)
+    with served_api(service, service.store, settings, forget=hub.forget_device) as served:
         yield served
 
 
@@ -295,8 +298,8 @@ def run_scenario(
             drops = log.read_text().count("Client en-3 disconnected")
             revoked = operator.revoke_device("en-3")
             assert revoked.state == DeviceState.REVOKED
-            # mosquitto drops it on the reload (it sends no will then: the service's
-            # presence view learns it from the registry, not from the device's status)
+            # mosquitto drops it on the reload (it sends no will then: the service
+            # clears its retained status itself, so the fleet view forgets it)
             wait_for(
                 lambda: log.read_text().count("Client en-3 disconnected") > drops,
                 what="en-3 dropped",
@@ -315,9 +318,12 @@ def run_scenario(
         finally:
             probe.close()
         assert agents["en-3"].process.poll() is None  # it keeps trying, refused
+        wait_for(lambda: service.hub.device("en-3") is None, what="en-3 out of the fleet view")
         online = {r.device_id: r.online for r in service.hub.fleet()}
-        assert online["en-1"]
-        assert online["en-2"]
+        assert online == {"en-1": True, "en-2": True}
+        row = service.store.device("en-3")
+        assert row is not None
+        assert not row.online
         assert "en-3:" not in (broker.directory / "passwd").read_text()
         actions = [row.action for row in service.store.audit_log(limit=1000)]
         assert actions.count("device.enroll") == 4

@@ -20,8 +20,9 @@ Workflow (the API routes of :mod:`coordinator.service.api.enrollment_routes` cal
 3. ``fedge device revoke pi-7`` -> :meth:`EnrollmentDesk.revoke`: the account is
    removed from the password file and mosquitto reloaded, which disconnects the
    device at once; it cannot reconnect. Then the registry says revoked (audited
-   ``device.revoke``). Revoking a device whose account cannot be removed fails
-   (typed, logged) and leaves the registry as it was.
+   ``device.revoke``), the device's row goes offline and its retained status is
+   cleared (mosquitto sends no will for a dropped client). Revoking a device whose
+   account cannot be removed fails (typed, logged) and leaves the registry as it was.
 
 The broker runs on the service's machine (it signals mosquitto through its pid
 file, ``fedge broker config`` writes ``pid_file``). Password-file changes are
@@ -185,6 +186,10 @@ class EnrollmentDesk:
         store: The registry lives in it (and the audit log).
         settings: The ``[enrollment]`` table.
         clock: Unix seconds (a fake in tests).
+        forget: Clears a revoked device's retained status on the broker (the
+            service's :meth:`~coordinator.link.hub.MqttHub.forget_device`): mosquitto
+            sends no Last Will for a device it drops on a reload, so without it the
+            fleet view would keep the device online.
     """
 
     def __init__(
@@ -193,11 +198,13 @@ class EnrollmentDesk:
         settings: EnrollmentSettings,
         *,
         clock: Callable[[], float] = time.time,
+        forget: Callable[[str], object] | None = None,
     ) -> None:
         """Keep the store and the settings."""
         self._store = store
         self._settings = settings
         self._clock = clock
+        self._forget = forget
         self._accounts = threading.Lock()
 
     @property
@@ -305,6 +312,10 @@ class EnrollmentDesk:
             except BrokerSetupError as exc:
                 raise _fail(f"could not remove the broker account of {device_id}: {exc}") from None
         revoked = self._store.revoke_device(device_id, self._clock())
+        if self._store.device(device_id) is not None:  # seen: it is offline now
+            self._store.upsert_device(device_id, online=False, at=self._clock())
+        if self._forget is not None:
+            self._forget(device_id)
         self._audit(actor, "device.revoke", device_id, {"credential": found.credential})
         logger.info("device %s revoked by %s", device_id, actor.name)
         return revoked

@@ -222,7 +222,7 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
             authenticate=service.authenticate,
             config=config.api_config(),
             on_auth_failure=service.record_auth_failure,
-            enrollment=EnrollmentDesk(store, config.enrollment),
+            enrollment=EnrollmentDesk(store, config.enrollment, forget=hub.forget_device),
         )
 
         def ready() -> None:
