@@ -126,10 +126,14 @@ def device_password(out: Path) -> str:
 class DeviceClient:
     """A paho client (MQTT 3.1.1) logged in with a username and password.
 
-    ``connected`` is the CONNACK's verdict; ``received`` queues what arrives.
+    ``connected`` is the CONNACK's verdict (False without one: a refused TLS
+    handshake); ``received`` queues what arrives.
     """
 
-    def __init__(self, port: int, username: str, secret: str) -> None:
+    def __init__(
+        self, port: int, username: str, secret: str, *, tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
+        """Connect (``tls``: CA, client certificate and key, for mutual TLS)."""
         self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._acks: queue.Queue[Any] = queue.Queue()
         self.disconnects: queue.Queue[Any] = queue.Queue()
@@ -137,13 +141,19 @@ class DeviceClient:
             mqtt.CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311
         )
         self.mqtt.username_pw_set(username, secret)
+        if tls is not None:
+            ca, cert, key = tls
+            self.mqtt.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
         self.mqtt.on_connect = lambda _c, _u, _f, reason, _p: self._acks.put(reason)
         self.mqtt.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._acks.put(reasons)
         self.mqtt.on_disconnect = lambda *args: self.disconnects.put(args[3])
         self.mqtt.on_message = lambda _c, _u, msg: self.received.put((msg.topic, msg.payload))
         self.mqtt.connect("127.0.0.1", port)
         self.mqtt.loop_start()
-        self.connected = not self._acks.get(timeout=TIMEOUT).is_failure
+        try:
+            self.connected = not self._acks.get(timeout=TIMEOUT).is_failure
+        except queue.Empty:  # no CONNACK: the TLS handshake failed
+            self.connected = False
         if not self.connected:
             self.mqtt.loop_stop()
 
