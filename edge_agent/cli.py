@@ -26,12 +26,13 @@ Commands:
   runtimes installed here) and ``--tag``, then
   payload length and sha256), and prints ``verified`` or a one-line reason with exit
   status 1. Useful for checking a key or an artifact on a device by hand.
-* ``fedge-agent enroll --token T --coordinator URL --device-id ID [--out DIR] [--force]``
-  enrolls this device with a one-time token from ``fedge device enroll ID``: makes
-  its broker password here, receives the broker settings, the signed key set and
-  the fleet id, and writes a ready ``DIR/agent.toml`` (default ``DIR`` is the current
-  directory; see :mod:`edge_agent.enroll`). Prints the ``fedge-agent run`` command
-  to start it; a refusal is one line and exit status 1.
+* ``fedge-agent enroll --token T --coordinator URL --device-id ID [--out DIR]
+  [--force] [--certificate]`` enrolls this device with a one-time token from
+  ``fedge device enroll ID``: makes its broker password (or, with
+  ``--certificate``, a key pair and a CSR) here, receives the broker settings, the
+  signed key set and the fleet id, and writes a ready ``DIR/agent.toml`` (default
+  ``DIR`` is the current directory; see :mod:`edge_agent.enroll`). Prints the
+  ``fedge-agent run`` command to start it; a refusal is one line and exit status 1.
 * ``fedge-agent --version``.
 
 Logging goes to stderr (``-v`` for info, ``-vv`` for debug); errors from ``compress`` and
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write agent.toml and the credentials (default: here)",
     )  # fmt: skip
     enroll.add_argument("--force", action="store_true", help="replace an existing agent.toml")
+    enroll.add_argument(
+        "--certificate", action="store_true",
+        help="enroll for mutual TLS: make a key pair here and send a CSR, not a password",
+    )  # fmt: skip
 
     run = commands.add_parser(
         "run",
@@ -244,7 +249,14 @@ def _init(args: argparse.Namespace) -> int:
 
 def _enroll(args: argparse.Namespace) -> int:
     try:
-        enrolled = enroll(args.coordinator, args.token, args.device_id, args.out, force=args.force)
+        enrolled = enroll(
+            args.coordinator,
+            args.token,
+            args.device_id,
+            args.out,
+            force=args.force,
+            certificate=args.certificate,
+        )
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

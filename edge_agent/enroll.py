@@ -7,8 +7,11 @@ Workflow (:func:`enroll`), on the device, with the token an operator got from
    urlsafe base64) written to ``OUT/broker.password`` (mode 0600). It leaves the
    device once, inside the enrollment request, over the coordinator's API (use an
    ``https://`` URL for anything but a lab: the request carries the token and the
-   password).
+   password). With ``certificate`` (mutual TLS), an EC P-256 key pair instead: the
+   private key stays in ``OUT/device.key`` (mode 0600) and only a certificate
+   signing request (CN = the device id) is sent.
 2. ``POST {coordinator}/v1/enroll`` with ``{"token", "device_id", "password"}``
+   (or ``"csr"`` instead of the password)
    (stdlib :mod:`urllib`, so the agent stays light). A 401 means the token is
    unknown, used, expired or another device's; 429 means too many failures from
    this address. Either raises :class:`~edge_agent.errors.EnrollmentFailedError`.
@@ -17,7 +20,8 @@ Workflow (:func:`enroll`), on the device, with the token an operator got from
    for the token itself: trust on first use, over the channel the operator chose);
    the broker URL and the fleet id must be well formed.
 4. Write, atomically: ``OUT/keyset.json`` (the signed key set, ``trust.keyset``),
-   ``OUT/broker-ca.crt`` when the broker uses a private CA, the key set's current
+   ``OUT/broker-ca.crt`` when the broker uses a private CA, ``OUT/device.crt`` (the
+   certificate the coordinator's CA issued, mutual TLS only), the key set's current
    public keys as ``OUT/keys/<key id>.pub`` (``trust.keys`` and ``trust.threshold``,
    for agents that do not read key sets yet), and ``OUT/agent.toml`` naming them all,
    ``data_dir = OUT/data``. ``fedge-agent run --config OUT/agent.toml`` starts the
@@ -41,6 +45,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from compress.errors import CompressError
 from compress.fileio import atomic_write
@@ -97,6 +106,7 @@ def enroll(
     out: Path,
     *,
     force: bool = False,
+    certificate: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     now: datetime | None = None,
 ) -> Enrolled:
@@ -108,6 +118,7 @@ def enroll(
         device_id: This device's id (the token was issued for it).
         out: Directory to write into (created, mode 0700).
         force: Replace an existing ``agent.toml``.
+        certificate: Enroll for mutual TLS: a key pair and a CSR instead of a password.
         timeout_s: Seconds to wait for the coordinator.
         now: The current time (for the key set's expiry); default the clock.
 
@@ -124,17 +135,16 @@ def enroll(
     config = out / "agent.toml"
     if config.exists() and not force:
         raise _fail(f"{config} exists: pass --force to replace it (the device is re-enrolled)")
-    password = new_password()
+    credential = _Credential.make(device_id, certificate=certificate)
     answer = _post(
         coordinator.rstrip("/") + ENROLL_ROUTE,
-        {"token": token, "device_id": device_id, "password": password},
+        {"token": token, "device_id": device_id, **credential.request},
         timeout_s,
     )
-    grant = _Grant.read(answer, now or datetime.now(UTC))
+    grant = _Grant.read(answer, now or datetime.now(UTC), certificate=certificate)
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret = out / "broker.password"
-        atomic_write(secret, f"{password}\n".encode(), mode=0o600)
+        login = credential.write(out, grant.certificate)
         keyset = out / "keyset.json"
         atomic_write(keyset, grant.keyset, mode=0o644)
         ca = None
@@ -143,7 +153,7 @@ def enroll(
             atomic_write(ca, grant.broker_ca.encode("ascii"), mode=0o644)
         keys = _write_keys(out / "keys", grant.signed)
         text = _agent_toml(
-            device_id, out / "data", grant, secret=secret, ca=ca, keyset=keyset, keys=keys
+            device_id, out / "data", grant, login=login, ca=ca, keyset=keyset, keys=keys
         )
         atomic_write(config, text.encode(), mode=0o600)
     except (OSError, UnicodeError) as exc:
@@ -194,15 +204,50 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
 
 
 @dataclass(frozen=True)
+class _Credential:
+    """The device's broker credential, made here: a password, or a key and its CSR."""
+
+    request: dict[str, str]
+    secret: bytes
+
+    @classmethod
+    def make(cls, device_id: str, *, certificate: bool) -> _Credential:
+        if not certificate:
+            password = new_password()
+            return cls({"password": password}, f"{password}\n".encode())
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cls({"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, pem)
+
+    def write(self, out: Path, certificate: str | None) -> dict[str, Path]:
+        """Write the credential; give the ``[broker]`` keys that name its files."""
+        if certificate is None:
+            secret = out / "broker.password"
+            atomic_write(secret, self.secret, mode=0o600)
+            return {"password_file": secret}
+        key, cert = out / "device.key", out / "device.crt"
+        atomic_write(key, self.secret, mode=0o600)
+        atomic_write(cert, certificate.encode("ascii"), mode=0o644)
+        return {"cert_file": cert, "key_file": key}
+
+
+@dataclass(frozen=True)
 class _Grant:
     broker_url: str
     broker_ca: str | None
     keyset: bytes
     signed: SignedKeySet
     fleet: str | None
+    certificate: str | None
 
     @classmethod
-    def read(cls, answer: Any, now: datetime) -> _Grant:
+    def read(cls, answer: Any, now: datetime, *, certificate: bool) -> _Grant:
         """Check the coordinator's answer (module docstring, step 3)."""
         if not isinstance(answer, dict):
             raise _fail("the coordinator's answer is not a JSON object")
@@ -213,8 +258,11 @@ class _Grant:
             if fleet is not None:
                 validate_fleet_id(fleet)
             ca = answer.get("broker_ca")
-            if ca is not None and (not isinstance(ca, str) or "BEGIN CERTIFICATE" not in ca):
+            if ca is not None and not _is_pem(ca):
                 raise _fail("the coordinator sent a broker CA that is not a PEM certificate")
+            issued = answer.get("certificate") if certificate else None
+            if certificate and not _is_pem(issued):
+                raise _fail("the coordinator sent no certificate for the CSR")
             keyset = base64.b64decode(answer["keyset"], validate=True)
             signed = SignedKeySet.from_bytes(keyset)
             check_not_expired(verify_self_signed(signed), now=now)
@@ -222,7 +270,11 @@ class _Grant:
             raise _fail(f"the coordinator's answer lacks {exc}") from None
         except (ConfigError, TopicError, binascii.Error, CompressError) as exc:
             raise _fail(f"the coordinator's answer is malformed: {exc}") from None
-        return cls(broker_url, ca, keyset, signed, fleet)
+        return cls(broker_url, ca, keyset, signed, fleet, issued)
+
+
+def _is_pem(text: object) -> bool:
+    return isinstance(text, str) and text.lstrip().startswith("-----BEGIN CERTIFICATE-----")
 
 
 def _write_keys(directory: Path, signed: SignedKeySet) -> list[Path]:
@@ -245,7 +297,7 @@ def _agent_toml(
     data_dir: Path,
     grant: _Grant,
     *,
-    secret: Path,
+    login: dict[str, Path],
     ca: Path | None,
     keyset: Path,
     keys: list[Path],
@@ -259,8 +311,8 @@ def _agent_toml(
         "",
         "[broker]",
         f"url = {_toml(grant.broker_url)}",
-        "# made on this device at enrollment; the broker knows only its hash",
-        f"password_file = {_toml(secret)}",
+        "# made on this device at enrollment (a password: the broker knows only its hash)",
+        *(f"{key} = {_toml(path)}" for key, path in login.items()),
     ]
     if ca is not None:
         lines.append(f"ca_file = {_toml(ca)}")

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from compress.keys import generate_signing_key
@@ -44,7 +46,7 @@ from tests.enrollment_support import (
     served_api,
     settings_for,
 )
-from tests.fleet_support import Mosquitto
+from tests.fleet_support import Mosquitto, TlsFiles
 
 runner = CliRunner(mix_stderr=False)
 
@@ -310,3 +312,38 @@ def test_the_enrollment_settings_are_checked_with_the_service_config() -> None:
         "enrollment.password_file",
         "enrollment.broker_pid_file",
     ]
+
+
+def test_for_mutual_tls_the_key_stays_on_the_device_and_only_a_csr_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = TlsFiles.create(tmp_path / "tls")
+    sent: list[dict[str, str]] = []
+
+    def coordinator(_url: str, body: dict[str, str], _timeout: float) -> dict[str, Any]:
+        sent.append(body)
+        cert, _key = tls.issue("pi-1")  # stands in for the coordinator's CA
+        return _answer(broker_ca=tls.ca.read_text(), certificate=cert.read_text())
+
+    monkeypatch.setattr(agent_enroll, "_post", coordinator)
+    out = tmp_path / "dev"
+    enrolled = agent_enroll.enroll("https://c.example", "t", "pi-1", out, certificate=True)
+    (body,) = sent
+    assert "password" not in body
+    csr = x509.load_pem_x509_csr(body["csr"].encode())
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pi-1"
+    assert (out / "device.key").stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" not in json.dumps(body)
+    assert not (out / "broker.password").exists()
+    config = config_from_args(
+        build_parser().parse_args(["run", "--config", str(enrolled.config)]), {}
+    )
+    assert config.broker.cert_file == out / "device.crt"
+    assert config.broker.key_file == out / "device.key"
+    assert config.broker.ca_file == out / "broker-ca.crt"
+    # no certificate in the answer: refused, nothing written
+    monkeypatch.setattr(agent_enroll, "_post", lambda *_args: _answer())
+    with pytest.raises(EnrollmentFailedError, match="no certificate"):
+        agent_enroll.enroll("https://c.example", "t", "pi-2", tmp_path / "two", certificate=True)
+    assert not (tmp_path / "two").exists()
