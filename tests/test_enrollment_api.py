@@ -40,6 +40,7 @@ from tests.api_support import FakeOperations
 from tests.enrollment_support import (
     FLEET,
     DeviceClient,
+    FileCa,
     Served,
     device_password,
     keyset_file,
@@ -175,7 +176,7 @@ def test_a_failed_revocation_changes_nothing_and_says_why(
         served_api(FakeOperations(), store, broken) as site,
         caplog.at_level(logging.ERROR),
         ApiClient(site.url, site.operator) as client,
-        pytest.raises(EnrollmentError, match="could not remove the broker account"),
+        pytest.raises(EnrollmentError, match="could not remove the broker access"),
     ):
         client.revoke_device("pi-1")
     row = store.registered("pi-1")
@@ -347,3 +348,29 @@ def test_for_mutual_tls_the_key_stays_on_the_device_and_only_a_csr_is_sent(
     with pytest.raises(EnrollmentFailedError, match="no certificate"):
         agent_enroll.enroll("https://c.example", "t", "pi-2", tmp_path / "two", certificate=True)
     assert not (tmp_path / "two").exists()
+
+
+def test_a_csr_needs_a_coordinator_ca_and_the_device_id_as_its_cn(
+    tmp_path: Path, store: Store, broker: Mosquitto, keyset: Path, site: Served
+) -> None:
+    with ApiClient(site.url, site.operator) as client:
+        token = client.enroll_device("pi-1", expires_in_s=600).token
+    with pytest.raises(EnrollmentFailedError, match="no CA for client certificates"):
+        agent_enroll.enroll(site.url, token, "pi-1", tmp_path / "dev", certificate=True)
+    tls = TlsFiles.create(tmp_path / "tls")
+    ca = FileCa(tls, tmp_path / "crl.pem")
+    with served_api(FakeOperations(), store, settings_for(broker, keyset), ca=ca) as with_ca:
+        other = agent_enroll._Credential.make("pi-2", certificate=True).request["csr"]
+        body = {"token": token, "device_id": "pi-1", "csr": other}
+        both = {**body, "password": "p" * 43}
+        with httpx.Client(base_url=with_ca.url) as http:
+            wrong = http.post("/v1/enroll", json=body)
+            twice = http.post("/v1/enroll", json=both)
+        assert wrong.status_code == 400
+        assert "CN = 'pi-1'" in wrong.json()["error"]["message"]
+        assert twice.status_code == 400
+        assert "exactly one" in twice.json()["error"]["message"]
+        assert ca.issued == {}
+        # the token was not spent by the refusals
+        agent_enroll.enroll(with_ca.url, token, "pi-1", tmp_path / "dev", certificate=True)
+    assert ca.issued.keys() == {"pi-1"}

@@ -46,9 +46,11 @@ from coordinator.service.operations import CLI_ACTOR, RolloutRequest
 from coordinator.service.store import Store
 from coordinator.service.store.registry import Credential, DeviceState
 from edge_agent.protocol import Channel, broadcast_topic, device_topic
+from tests.api_support import FakeOperations
 from tests.enrollment_support import (
     FLEET,
     DeviceClient,
+    FileCa,
     Served,
     device_password,
     enroll_cli,
@@ -60,6 +62,7 @@ from tests.fleet_support import (
     ACCEPT_WAIT_S,
     WAIT_S,
     Mosquitto,
+    TlsFiles,
     make_artifact,
     password,
     wait_for,
@@ -332,3 +335,53 @@ def run_scenario(
     finally:
         for agent in agents.values():
             agent.stop()
+
+
+def test_a_device_enrolled_for_mutual_tls_is_evicted_and_refused_when_revoked(
+    tmp_path: Path, signing_key: SigningKey
+) -> None:
+    # Mutual TLS (fedge broker config --cafile, plus a CRL): the device sends a CSR,
+    # its key never leaves it, the CA issues its certificate (CN = its id, which is
+    # its username and client id). Revocation puts it on the CRL and reloads, which
+    # refuses reconnection but keeps a live connection (tests/test_broker_config.py),
+    # so the service also evicts it by taking its client id over.
+    tls = TlsFiles.create(tmp_path / "tls")
+    ca = FileCa(tls, tmp_path / "crl.pem")
+    instance = Mosquitto(tmp_path / "broker", [], tls, generated=True)
+    with instance.config.open("a") as conf:
+        conf.write(f"crlfile {ca.crl}\n")
+    store = Store.open(tmp_path / "coordinator.db")
+    keyset = keyset_file(tmp_path / "keys", signing_key)
+    with (
+        instance as broker,
+        served_api(FakeOperations(), store, settings_for(broker, keyset), ca=ca) as site,
+        ApiClient(site.url, site.operator) as operator,
+    ):
+        token = operator.enroll_device("en-9", expires_in_s=600).token
+        out = tmp_path / "en-9"
+        done = enroll_cli(site.url, token, "en-9", out, "--certificate")
+        assert done.returncode == 0, done.stderr
+        assert (out / "device.key").stat().st_mode & 0o777 == 0o600
+        assert not (out / "broker.password").exists()
+        assert "en-9:" not in (broker.directory / "passwd").read_text()
+        log = broker.directory / "mosquitto.log"
+        agent = AgentRun(out / "agent.toml")
+        try:
+            wait_for(lambda: "u'en-9'" in log.read_text(), what="the agent connected over mTLS")
+            refused_before = log.read_text().count("certificate verify failed")
+            revoked = operator.revoke_device("en-9")
+            assert (revoked.state, revoked.credential) == (
+                DeviceState.REVOKED,
+                Credential.CERTIFICATE,
+            )
+            assert "already connected, closing old connection" in log.read_text()  # evicted
+            wait_for(
+                lambda: log.read_text().count("certificate verify failed") > refused_before,
+                what="the agent's reconnection refused by the CRL",
+            )
+            device = (tls.ca, out / "device.crt", out / "device.key")
+            assert not DeviceClient(broker.port, "en-9", "", tls=device).connected
+            assert agent.process.poll() is None  # it keeps trying, refused
+        finally:
+            agent.stop()
+    store.close()

@@ -35,17 +35,25 @@ import base64
 import logging
 import math
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from compress.errors import CompressError
 from compress.fileio import read_bounded
 from compress.keyset import SignedKeySet, verify_self_signed
-from coordinator.errors import BrokerSetupError, EnrollmentError, NotFoundError
+from coordinator.errors import CoordinatorError, EnrollmentError, NotFoundError
 from coordinator.link.broker_accounts import add_account, reload_broker, remove_account
+from coordinator.link.eviction import evict
 from coordinator.service.config_schema import DEFAULT_TOKEN_HOURS
 from coordinator.service.operations import Actor
 from coordinator.service.store import Store
@@ -59,6 +67,7 @@ from edge_agent.protocol.topics import validate_fleet_id
 
 __all__ = [
     "MAX_TOKEN_HOURS",
+    "DeviceCa",
     "EnrollGrant",
     "EnrollRequest",
     "EnrollmentDesk",
@@ -82,6 +91,27 @@ urlsafe-base64 characters): long, one line, nothing mosquitto_passwd could misre
 def _fail(message: str) -> EnrollmentError:
     logger.error("enrollment: %s", message)
     return EnrollmentError(message)
+
+
+class DeviceCa(Protocol):
+    """The fleet's CA, as enrollment by certificate (mutual TLS) uses it.
+
+    An adapter over :mod:`coordinator.link.ca` (``[enrollment] ca_dir``); any
+    :class:`~coordinator.errors.CoordinatorError` it raises is reported as an
+    :class:`~coordinator.errors.EnrollmentError`.
+    """
+
+    def certificate_pem(self) -> str:
+        """The CA's certificate (PEM): what devices verify the broker with."""
+        ...
+
+    def issue(self, csr_pem: bytes, device_id: str) -> bytes:
+        """A client certificate (PEM) for the CSR, CN ``device_id``."""
+        ...
+
+    def revoke(self, device_id: str) -> None:
+        """Revoke every certificate issued for ``device_id`` (the CRL file)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +177,14 @@ class EnrollRequest:
     Attributes:
         token: Its one-time enrollment token.
         device_id: Its id (the token must have been issued for it).
-        password: The broker password it made for itself.
+        password: The broker password it made for itself, or None ...
+        csr: ... a certificate signing request (PEM, CN = its id) for mutual TLS.
     """
 
     token: str
     device_id: str
-    password: str
+    password: str | None = None
+    csr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +197,7 @@ class EnrollGrant:
         broker_ca: The broker's CA certificate (PEM text), or None (system CAs).
         keyset: The signed key set's bytes: its initial trust anchor.
         fleet: Its fleet id, or None.
+        certificate: Its client certificate (PEM) when it sent a CSR, else None.
     """
 
     device_id: str
@@ -172,6 +205,7 @@ class EnrollGrant:
     broker_ca: str | None
     keyset: bytes
     fleet: str | None
+    certificate: str | None = None
 
     @property
     def keyset_b64(self) -> str:
@@ -190,6 +224,8 @@ class EnrollmentDesk:
             service's :meth:`~coordinator.link.hub.MqttHub.forget_device`): mosquitto
             sends no Last Will for a device it drops on a reload, so without it the
             fleet view would keep the device online.
+        ca: The fleet's CA, for devices that enroll with a CSR (mutual TLS); None:
+            password accounts only.
     """
 
     def __init__(
@@ -199,12 +235,14 @@ class EnrollmentDesk:
         *,
         clock: Callable[[], float] = time.time,
         forget: Callable[[str], object] | None = None,
+        ca: DeviceCa | None = None,
     ) -> None:
         """Keep the store and the settings."""
         self._store = store
         self._settings = settings
         self._clock = clock
         self._forget = forget
+        self._ca = ca
         self._accounts = threading.Lock()
 
     @property
@@ -265,26 +303,59 @@ class EnrollmentDesk:
                 "under [enrollment] in coordinator.toml"
             )
         _check_device_id(request.device_id)
-        if not DEVICE_PASSWORD.fullmatch(request.password):
-            raise _fail("the device's broker password must be 16-256 urlsafe characters")
+        credential = self._check_credential(request)
         grant = self._grant(request.device_id)  # before the token is spent
         self._store.redeem_enrollment(request.token, request.device_id, self._clock())
-        assert settings.password_file is not None
-        assert settings.broker_pid_file is not None
+        spent = "its token is spent: fix the cause and issue a new one"
         try:
             with self._accounts:
-                add_account(settings.password_file, request.device_id, request.password)
-                reload_broker(settings.broker_pid_file)
-        except BrokerSetupError as exc:
+                if request.password is not None:
+                    assert settings.password_file is not None
+                    assert settings.broker_pid_file is not None
+                    add_account(settings.password_file, request.device_id, request.password)
+                    reload_broker(settings.broker_pid_file)
+                else:
+                    assert self._ca is not None
+                    assert request.csr is not None
+                    issued = self._ca.issue(request.csr.encode("ascii"), request.device_id)
+                    grant = replace(
+                        grant,
+                        certificate=issued.decode("ascii"),
+                        broker_ca=grant.broker_ca or self._ca.certificate_pem(),
+                    )
+        except CoordinatorError as exc:
             raise _fail(
-                f"the broker account of {request.device_id} could not be created ({exc}); "
-                "its token is spent: fix the broker settings and issue a new one"
+                f"the broker credential of {request.device_id} could not be made ({exc}); {spent}"
             ) from None
-        self._store.accept_device(request.device_id, Credential.PASSWORD, self._clock())
+        self._store.accept_device(request.device_id, credential, self._clock())
         device = Actor(f"device:{request.device_id}", Role.VIEWER)
-        self._audit(device, "device.accept", request.device_id, {"credential": "password"})
-        logger.info("device %s enrolled (broker account created)", request.device_id)
+        self._audit(device, "device.accept", request.device_id, {"credential": credential.value})
+        logger.info("device %s enrolled (%s)", request.device_id, credential.value)
         return grant
+
+    def _check_credential(self, request: EnrollRequest) -> Credential:
+        """The kind of credential the request brings, checked."""
+        if (request.password is None) == (request.csr is None):
+            raise _fail("an enrollment request carries exactly one of a password and a CSR")
+        if request.password is not None:
+            if not DEVICE_PASSWORD.fullmatch(request.password):
+                raise _fail("the device's broker password must be 16-256 urlsafe characters")
+            return Credential.PASSWORD
+        if self._ca is None:
+            raise _fail(
+                "this coordinator has no CA for client certificates ([enrollment] ca_dir): "
+                "enroll with a password"
+            )
+        assert request.csr is not None
+        try:
+            csr = x509.load_pem_x509_csr(request.csr.encode("ascii"))
+            names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            valid = csr.is_signature_valid
+        except (ValueError, UnicodeError) as exc:
+            raise _fail(f"the CSR is not a PEM certificate signing request: {exc}") from None
+        if not valid or [name.value for name in names] != [request.device_id]:
+            raise _fail(f"the CSR must be self-signed with CN = {request.device_id!r}")
+        return Credential.CERTIFICATE
 
     def revoke(self, device_id: str, *, actor: Actor) -> RegisteredDevice:
         """Remove a device's broker access, disconnecting it, then mark it revoked.
@@ -299,18 +370,21 @@ class EnrollmentDesk:
         if found is None:
             raise NotFoundError(f"device {device_id!r} is not in the registry")
         settings = self._settings
-        if found.credential is Credential.PASSWORD:
+        if found.credential is not None:
             if settings.password_file is None or settings.broker_pid_file is None:
                 raise _fail(
-                    f"{device_id} has a broker password but enrollment.password_file and "
-                    "enrollment.broker_pid_file are not set: cannot remove it"
+                    f"{device_id} has broker credentials but enrollment.password_file and "
+                    "enrollment.broker_pid_file are not set: cannot remove them"
                 )
             try:
                 with self._accounts:
-                    remove_account(settings.password_file, device_id)
-                    reload_broker(settings.broker_pid_file)
-            except BrokerSetupError as exc:
-                raise _fail(f"could not remove the broker account of {device_id}: {exc}") from None
+                    if found.credential is Credential.PASSWORD:
+                        remove_account(settings.password_file, device_id)
+                        reload_broker(settings.broker_pid_file)
+                    else:
+                        self._revoke_certificate(device_id, settings.broker_pid_file)
+            except CoordinatorError as exc:
+                raise _fail(f"could not remove the broker access of {device_id}: {exc}") from None
         revoked = self._store.revoke_device(device_id, self._clock())
         if self._store.device(device_id) is not None:  # seen: it is offline now
             self._store.upsert_device(device_id, online=False, at=self._clock())
@@ -319,6 +393,50 @@ class EnrollmentDesk:
         self._audit(actor, "device.revoke", device_id, {"credential": found.credential})
         logger.info("device %s revoked by %s", device_id, actor.name)
         return revoked
+
+    def _revoke_certificate(self, device_id: str, pid_file: Path) -> None:
+        """CRL and reload, evict the live connection, then CRL and reload again."""
+        if self._ca is None:
+            raise _fail(f"{device_id} has a certificate but this coordinator has no CA")
+        self._ca.revoke(device_id)
+        reload_broker(pid_file)
+        assert self._settings.broker_url is not None
+        with tempfile.TemporaryDirectory(prefix="fedge-evict-") as scratch:
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(name)
+                .sign(key, hashes.SHA256())
+            )
+            files = Path(scratch)
+            cert_file, key_file, ca_file = (
+                files / "evict.crt",
+                files / "evict.key",
+                files / "ca.crt",
+            )
+            cert_file.write_bytes(
+                self._ca.issue(csr.public_bytes(serialization.Encoding.PEM), device_id)
+            )
+            key_file.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            ca_file.write_text(self._ca.certificate_pem())
+            try:
+                evict(
+                    self._settings.broker_url,
+                    device_id,
+                    ca_file=self._settings.broker_ca or ca_file,
+                    cert_file=cert_file,
+                    key_file=key_file,
+                )
+            finally:
+                self._ca.revoke(device_id)  # the eviction certificate too
+                reload_broker(pid_file)
 
     def _grant(self, device_id: str) -> EnrollGrant:
         settings = self._settings

@@ -82,13 +82,14 @@ class EnrollmentOut(BaseModel):
 
 
 class EnrollBody(BaseModel):
-    """``POST /v1/enroll``: what the device sends."""
+    """``POST /v1/enroll``: what the device sends (a password, or a CSR for mutual TLS)."""
 
     model_config = ConfigDict(extra="forbid")
 
     token: str = Field(min_length=1, max_length=128)
     device_id: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=16, max_length=256)
+    password: str | None = Field(default=None, min_length=16, max_length=256)
+    csr: str | None = Field(default=None, min_length=1, max_length=16384)
 
 
 class EnrolledOut(BaseModel):
@@ -99,6 +100,7 @@ class EnrolledOut(BaseModel):
     broker_ca: str | None
     keyset: str
     fleet: str | None
+    certificate: str | None
 
 
 def add_enrollment_routes(router: APIRouter, desk: EnrollmentDesk, guard: Guard) -> None:
@@ -135,7 +137,7 @@ def add_enrollment_routes(router: APIRouter, desk: EnrollmentDesk, guard: Guard)
         """A device redeems its enrollment token: no bearer token, rate-limited."""
         guard.refuse_if_cooling_down(request)
         enrollment = EnrollRequest(
-            token=body.token, device_id=body.device_id, password=body.password
+            token=body.token, device_id=body.device_id, password=body.password, csr=body.csr
         )
         try:
             grant = await run_in_threadpool(desk.enroll, enrollment)
@@ -147,4 +149,5 @@ def add_enrollment_routes(router: APIRouter, desk: EnrollmentDesk, guard: Guard)
             broker_ca=grant.broker_ca,
             keyset=grant.keyset_b64,
             fleet=grant.fleet,
+            certificate=grant.certificate,
         )
