@@ -38,6 +38,7 @@ from coordinator.link.broker_config import (
     render_config,
     write_broker_config,
 )
+from coordinator.link.eviction import evict
 from edge_agent.errors import TopicError
 from edge_agent.protocol import (
     MOSQUITTO_ACL,
@@ -333,3 +334,17 @@ def write_crl(tls: TlsFiles, path: Path, revoked: list[Path]) -> None:
 def tls_client(tls: TlsFiles, cert: Path, key: Path, port: int) -> DeviceClient:
     """A device client with a client certificate (its CN is its username)."""
     return DeviceClient(port, "pi-9", "", tls=(tls.ca, cert, key))
+
+
+def test_an_eviction_needs_a_tls_broker_it_can_reach(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = TlsFiles.create(tmp_path / "tls")
+    cert, key = tls.issue("pi-9")
+    files = {"ca_file": tls.ca, "cert_file": cert, "key_file": key}
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(BrokerSetupError, match="not mqtts"):
+            evict("mqtt://127.0.0.1:1883", "pi-9", **files)
+        with pytest.raises(BrokerSetupError, match="cannot evict pi-9"):
+            evict(f"mqtts://127.0.0.1:{free_port()}", "pi-9", timeout_s=1.0, **files)
+    assert len([r for r in caplog.records if "eviction failed" in r.getMessage()]) == 2
