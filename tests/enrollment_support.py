@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,8 +91,6 @@ def served_api(
     _row, viewer = store.add_token("view", Role.VIEWER, 1.0)
 
     def authenticate(token: str) -> Actor | None:
-        import time  # noqa: PLC0415
-
         row = store.authenticate(token, time.time())
         return None if row is None else Actor(row.token_id, row.role)
 
