@@ -24,6 +24,7 @@ The tree::
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
     ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
+    ├── CertificateAuthorityError   the mTLS CA cannot issue or revoke as asked
     └── EnrollmentError             a device cannot be enrolled or revoked (see the message)
         └── EnrollmentRefusedError      an enrollment token is unknown, used, expired or
                                         for another device (answered 401, rate-limited)
@@ -247,6 +248,15 @@ class EnrollmentRefusedError(EnrollmentError):
     it as a failed authentication of the client's address."""
 
     code = "enrollment_refused"
+
+
+class CertificateAuthorityError(CoordinatorError):
+    """The fleet's mTLS CA (``fedge ca``, :mod:`coordinator.link.ca`) refused or failed:
+    a CSR whose CN is not the device id (or with a bad signature or key), a revoked
+    device id without ``--force``, a missing or world-readable CA key, an unknown
+    device to revoke, a lifetime past the CA's own."""
+
+    code = "ca_refused"
 
 
 class ApiError(CoordinatorError):

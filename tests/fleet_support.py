@@ -26,7 +26,6 @@ for a whole module (``module_broker_users``).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shutil
 import signal
@@ -42,10 +41,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from compress.artifact import read_artifact_unverified, write_artifact
 from compress.families import init_weights
@@ -56,6 +51,13 @@ from compress.signing import sign_manifest
 from coordinator.delivery.deliveries import Deliveries
 from coordinator.delivery.packaging import PackageRequest, package_model
 from coordinator.link.broker_config import BrokerSetup, write_broker_config
+from coordinator.link.ca import (
+    CaFiles,
+    coordinator_certificate,
+    init_ca,
+    issue_certificate,
+    server_certificate,
+)
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from edge_agent.agent import Agent
@@ -67,7 +69,8 @@ from edge_agent.config.agent import (
     TrustConfig,
 )
 from edge_agent.ota.installer import Checkpoint
-from edge_agent.protocol import MOSQUITTO_ACL
+from edge_agent.protocol import COORDINATOR_SENDER, MOSQUITTO_ACL
+from edge_agent.transport.csr import make_key_and_csr
 from edge_agent.transport.network_loop import NetworkLoop
 
 TIMEOUT = 10.0
@@ -117,50 +120,11 @@ def wait_for(condition: Callable[[], Any], timeout: float = WAIT_S, what: str = 
         time.sleep(POLL_S)
 
 
-def _certificate(
-    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """An EC P-256 certificate with CN ``name``, valid for a day (self-signed without
-    ``issuer``); a leaf is valid for 127.0.0.1."""
-    now = datetime.now(UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer else (subject, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256()), key
-
-
-def _write_pem(
-    cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> None:
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 @dataclass(frozen=True)
 class TlsFiles:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate
-    (CN ``client``); :meth:`issue` makes more client certificates from the same CA."""
+    """A throwaway fleet CA (:mod:`coordinator.link.ca`), a server certificate for
+    127.0.0.1 and a client certificate (CN ``client``); :meth:`issue` makes more
+    client certificates from the same CA; :attr:`crl` is the CA's revocation list."""
 
     ca: Path
     server_cert: Path
@@ -170,31 +134,41 @@ class TlsFiles:
 
     @classmethod
     def create(cls, directory: Path) -> TlsFiles:
-        """Generate the CA and both certificates (EC P-256, valid for a day)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        files = cls(*(directory / n for n in ("ca.pem", "server.pem", "server.key",
-                                               "client.pem", "client.key")))  # fmt: skip
-        ca_cert, ca_key = _certificate("fedge test CA", None, ca=True)
-        _write_pem(files.ca, files.ca_key, ca_cert, ca_key)
-        _write_pem(files.server_cert, files.server_key, *files._signed("127.0.0.1"))
-        _write_pem(files.client_cert, files.client_key, *files._signed("client"))
+        """Generate the CA and both certificates (EC P-256, as ``fedge ca`` does)."""
+        ca = init_ca(directory / "ca", name="fedge test CA")
+        files = cls(ca.cert, *(directory / n for n in ("server.pem", "server.key",
+                                                       "client.pem", "client.key")))  # fmt: skip
+        cert, key = server_certificate(ca.directory, "127.0.0.1")
+        files.server_cert.write_bytes(cert)
+        files.server_key.write_bytes(key)
+        files.issue("client")
         return files
 
     @property
-    def ca_key(self) -> Path:
-        """The CA's private key (next to its certificate)."""
-        return self.ca.with_suffix(".key")
+    def ca_dir(self) -> Path:
+        """The CA directory (``fedge ca`` commands take it)."""
+        return self.ca.parent
 
-    def _signed(self, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        ca_cert = x509.load_pem_x509_certificate(self.ca.read_bytes())
-        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        return _certificate(name, (ca_cert.subject, ca_key), ca=False)
+    @property
+    def crl(self) -> Path:
+        """The CA's certificate revocation list."""
+        return CaFiles(self.ca_dir).crl
 
     def issue(self, name: str) -> tuple[Path, Path]:
-        """A client certificate with CN ``name`` from this CA: (certificate, key)."""
-        cert, key = (self.ca.parent / f"{name}.pem", self.ca.parent / f"{name}.client.key")
-        _write_pem(cert, key, *self._signed(name))
+        """A client certificate with CN ``name`` (a device id, or a coordinator
+        account) from this CA: (certificate, key); ``client`` is the default pair."""
+        directory = self.server_cert.parent
+        if name == "client":
+            cert, key = self.client_cert, self.client_key
+        else:
+            cert, key = directory / f"{name}.pem", directory / f"{name}.client.key"
+        if name == COORDINATOR_SENDER or name.startswith(f"{COORDINATOR_SENDER}@"):
+            cert_pem, key_pem = coordinator_certificate(self.ca_dir, account=name)
+        else:
+            key_pem, csr_pem = make_key_and_csr(name)
+            cert_pem = issue_certificate(self.ca_dir, csr_pem, device_id=name, force=True)
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
         return cert, key
 
 
@@ -244,7 +218,12 @@ class Mosquitto:
         if generated:
             # with tls: mutual TLS, the certificate's CN is the username (no password)
             certs = (
-                {"tls_cert": tls.server_cert, "tls_key": tls.server_key, "cafile": tls.ca}
+                {
+                    "tls_cert": tls.server_cert,
+                    "tls_key": tls.server_key,
+                    "cafile": tls.ca,
+                    "crlfile": tls.crl,
+                }
                 if tls
                 else {}
             )
@@ -299,6 +278,15 @@ class Mosquitto:
         except OSError:
             return False
         return True
+
+    def reload(self) -> None:
+        """SIGHUP the broker (it re-reads its password file, ACL and CRL) and wait
+        until it says it has."""
+        assert self.process is not None
+        done = self.log.read_text().count("Reloading config.") + 1
+        self.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log.read_text().count("Reloading config.") >= done, TIMEOUT,
+                 what=f"mosquitto to reload its config: {self.log}")  # fmt: skip
 
     def __enter__(self) -> Mosquitto:
         self.start()

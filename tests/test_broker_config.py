@@ -71,7 +71,8 @@ def settings(text: str) -> dict[str, str]:
 
 def test_every_setting_is_explained_by_a_comment_above_it(tmp_path: Path) -> None:
     tls = BrokerSetup(tmp_path, tls_cert=tmp_path / "s.pem", tls_key=tmp_path / "s.key",
-                      cafile=tmp_path / "ca.pem", operators=("ops",))  # fmt: skip
+                      cafile=tmp_path / "ca.pem", crlfile=tmp_path / "crl.pem",
+                      operators=("ops",))  # fmt: skip
     for setup in (BrokerSetup(tmp_path), tls):
         lines = render_config(setup).splitlines()
         for previous, line in itertools.pairwise(lines):
@@ -111,6 +112,10 @@ def test_tls_and_mutual_tls_are_emitted_only_when_configured(tmp_path: Path) -> 
     assert mutual["require_certificate"] == "true"
     assert mutual["use_identity_as_username"] == "true"  # the CN is the username ...
     assert mutual["use_username_as_clientid"] == "true"  # ... and the client id
+    assert "crlfile" not in mutual
+    revoking = settings(render_config(BrokerSetup(tmp_path, cafile=Path("ca.pem"),
+                                                  crlfile=Path("crl.pem"), **server)))  # fmt: skip
+    assert revoking["crlfile"] == str(Path("crl.pem").absolute())
 
 
 def test_the_queue_is_sized_for_the_fleet() -> None:
@@ -123,6 +128,7 @@ def test_the_queue_is_sized_for_the_fleet() -> None:
         ({"tls_cert": Path("s.pem")}, "needs both --tls-cert and --tls-key"),
         ({"tls_key": Path("s.key")}, "needs both --tls-cert and --tls-key"),
         ({"cafile": Path("ca.pem")}, "need a TLS listener"),
+        ({"crlfile": Path("crl.pem")}, "needs client certificates"),
         ({"port": 0}, "port must be 1..65535"),
         ({"port": 70000}, "port must be 1..65535"),
         ({"fleet_size": 0}, "fleet size must be at least 1"),
@@ -183,6 +189,13 @@ def test_fedge_broker_config_writes_the_setup(tmp_path: Path) -> None:
                                "--tls-cert", "s.pem"])  # fmt: skip
     assert half.exit_code == 1
     assert "--tls-key" in half.stderr
+    mutual = runner.invoke(app, ["broker", "config", "--out", str(out), "--force",
+                                 "--tls-cert", "s.pem", "--tls-key", "s.key", "--cafile", "ca.crt",
+                                 "--crlfile", "crl.pem"])  # fmt: skip
+    assert mutual.exit_code == 0, mutual.stderr
+    assert settings((out / "mosquitto.conf").read_text())["crlfile"] == str(
+        Path("crl.pem").absolute()
+    )
 
 
 def test_fedge_broker_acl_prints_the_acl() -> None:

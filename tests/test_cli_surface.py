@@ -18,6 +18,7 @@ JOBS = {
     "artifacts",
     "audit",
     "broker",
+    "ca",
     "coordinator",
     "data",
     "deploy",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,7 +35,16 @@ def broker_users() -> list[str]:
 class Client:
     """A connected paho-mqtt 2 client that queues what it receives."""
 
-    def __init__(self, port: int, user: str, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        user: str,
+        client_id: str | None = None,
+        *,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """Connect as ``user`` (password :func:`password`); ``tls``: (CA, client
+        certificate, key) for a mutual-TLS broker, which names the client by the CN."""
         self.received: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self._acks: queue.Queue[Any] = queue.Queue()
         self.mqtt = mqtt.Client(
@@ -43,6 +53,8 @@ class Client:
             protocol=mqtt.MQTTv311,
         )
         self.mqtt.username_pw_set(user, password(user))
+        if tls is not None:
+            self.mqtt.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         self.mqtt.on_connect = lambda _c, _u, _f, reason, _p: self._acks.put(reason)
         self.mqtt.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._acks.put(reasons)
         self.mqtt.on_message = lambda _c, _u, msg: self.received.put(

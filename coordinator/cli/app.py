@@ -7,6 +7,7 @@ stderr) and dispatches to the command groups:
 * ``fedge model`` -- :mod:`coordinator.cli.model`
 * ``fedge deploy | rollback`` -- :mod:`coordinator.cli.deploy`
 * ``fedge broker`` -- :mod:`coordinator.cli.broker`
+* ``fedge ca`` -- :mod:`coordinator.cli.ca` (the mutual-TLS certificate authority)
 * ``fedge train`` -- :mod:`coordinator.cli.train`
 * ``fedge data`` -- :mod:`coordinator.cli.data`
 * ``fedge simulate`` -- :mod:`coordinator.cli.simulate`
@@ -50,6 +51,7 @@ from coordinator import __version__
 from coordinator.cli import (
     artifacts,
     broker,
+    ca,
     data,
     deploy,
     device,
@@ -73,6 +75,7 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
 app.add_typer(broker.app, name="broker")
+app.add_typer(ca.app, name="ca")
 app.add_typer(data.app, name="data")
 app.add_typer(service.app, name="coordinator")
 app.command("deploy")(deploy.deploy)

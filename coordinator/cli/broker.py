@@ -2,7 +2,8 @@
 
 * ``config --out DIR`` writes a complete mosquitto setup
   (:mod:`coordinator.link.broker_config`): ``mosquitto.conf`` (one listener, TLS
-  when a certificate is given, mutual TLS with ``--cafile``; no anonymous clients;
+  when a certificate is given, mutual TLS with ``--cafile``, revoked client
+  certificates refused with ``--crlfile`` (``fedge ca``); no anonymous clients;
   every client id bound to the authenticated username, so no device can take the
   coordinator's connection or session; a per-client queue sized for the fleet;
   persistence), the ``acl`` file and an empty ``passwd`` file (mode 0600) unless
@@ -87,6 +88,14 @@ def config(
             "username (the device id, or coordinator).",
         ),
     ] = None,
+    crlfile: Annotated[
+        Path | None,
+        typer.Option(
+            show_default=False,
+            help="The CA's revocation list (fedge ca revoke writes CA_DIR/crl.pem): a revoked "
+            "client certificate cannot connect; needs --cafile.",
+        ),
+    ] = None,
     password_file: Annotated[
         Path | None,
         typer.Option(
@@ -116,6 +125,7 @@ def config(
             tls_cert=tls_cert,
             tls_key=tls_key,
             cafile=cafile,
+            crlfile=crlfile,
             password_file=password_file,
             fleet_size=fleet_size,
             operators=tuple(operators),

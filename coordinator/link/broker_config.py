@@ -85,6 +85,8 @@ class BrokerSetup:
         tls_key: The server certificate's private key.
         cafile: The CA that signs client certificates: with it every client must
             present one (mutual TLS), and its CN is the client's username.
+        crlfile: The CA's certificate revocation list (``fedge ca revoke`` writes
+            it): a client whose certificate it lists cannot connect. Needs ``cafile``.
         password_file: The mosquitto password file; None: ``<directory>/passwd``
             (created empty, mode 0600, if missing).
         fleet_size: How many devices; sizes ``max_queued_messages`` (:func:`queue_size`).
@@ -98,6 +100,7 @@ class BrokerSetup:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     cafile: Path | None = None
+    crlfile: Path | None = None
     password_file: Path | None = None
     fleet_size: int = 100
     operators: Sequence[str] = ()
@@ -108,7 +111,8 @@ class BrokerSetup:
         Raises:
             BrokerSetupError: a port outside 1..65535, a fleet size below 1, a TLS
                 certificate without its key (or the reverse), a CA without a server
-                certificate, a bad operator name, or a bind address with spaces.
+                certificate, a CRL without a CA, a bad operator name, or a bind
+                address with spaces.
         """
         if self.port is not None and not 1 <= self.port <= 65535:
             raise _fail(f"port must be 1..65535, got {self.port}")
@@ -118,6 +122,8 @@ class BrokerSetup:
             raise _fail("a TLS listener needs both --tls-cert and --tls-key")
         if self.cafile is not None and self.tls_cert is None:
             raise _fail("client certificates (--cafile) need a TLS listener (--tls-cert/--tls-key)")
+        if self.crlfile is not None and self.cafile is None:
+            raise _fail("a revocation list (--crlfile) needs client certificates (--cafile)")
         if self.bind is not None and (not self.bind or any(c.isspace() for c in self.bind)):
             raise _fail(f"bad bind address {self.bind[:40]!r}")
         try:
@@ -125,7 +131,7 @@ class BrokerSetup:
                 operator_account(name)
         except TopicError as exc:
             raise _fail(str(exc)) from None
-        for field in ("directory", "tls_cert", "tls_key", "cafile", "password_file"):
+        for field in ("directory", "tls_cert", "tls_key", "cafile", "crlfile", "password_file"):
             value = getattr(self, field)
             if value is not None:
                 object.__setattr__(self, field, Path(value).absolute())
@@ -196,6 +202,12 @@ def _lines(setup: BrokerSetup) -> list[tuple[str, str]]:
             ("The certificate's CN (the device id, or 'coordinator') is the username;\n"
              "no password is checked on this listener.", "use_identity_as_username true"),
         ]  # fmt: skip
+    if setup.crlfile is not None:
+        lines.append((
+            "Revoked client certificates (fedge ca revoke); re-read on SIGHUP. Keep it\n"
+            "fresh (fedge ca crl): once past its next-update time every client is refused.",
+            f"crlfile {setup.crlfile}",
+        ))  # fmt: skip
     lines += [
         ("The client id is replaced by the (authenticated) username, so no client can\n"
          "take another's id, connection or persistent session (not the coordinator's).",
