@@ -46,11 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from compress.errors import CompressError
 from compress.fileio import atomic_write
 from compress.keyset import SignedKeySet, check_not_expired, verify_self_signed
@@ -58,6 +53,7 @@ from edge_agent.config.agent import parse_broker_url
 from edge_agent.errors import ConfigError, EnrollmentFailedError, TopicError
 from edge_agent.protocol import is_valid_device_id
 from edge_agent.protocol.topics import validate_fleet_id
+from edge_agent.transport.csr import make_key_and_csr
 
 __all__ = ["ENROLL_ROUTE", "Enrolled", "enroll", "new_password"]
 
@@ -215,15 +211,8 @@ class _Credential:
         if not certificate:
             password = new_password()
             return cls({"password": password}, f"{password}\n".encode())
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return cls({"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, pem)
+        key_pem, csr_pem = make_key_and_csr(device_id)
+        return cls({"csr": csr_pem.decode("ascii")}, key_pem)
 
     def write(self, out: Path, certificate: str | None) -> dict[str, Path]:
         """Write the credential; give the ``[broker]`` keys that name its files."""

@@ -24,10 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from compress.keys import SigningKey
 from compress.keyset import KeySet, sign_keyset
@@ -38,7 +34,7 @@ from coordinator.service.operations import Actor, Operations
 from coordinator.service.store import Store
 from coordinator.service.tokens import Role
 from tests.api_support import serve
-from tests.fleet_support import TIMEOUT, Mosquitto, TlsFiles
+from tests.fleet_support import TIMEOUT, Mosquitto
 
 FLEET = "lab.eu-1"
 
@@ -176,64 +172,3 @@ class DeviceClient:
         """Disconnect."""
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
-
-
-class FileCa:
-    """A small CA over a :class:`TlsFiles` CA that writes its CRL to ``crl``.
-
-    Test stand-in for the fleet CA's adapter (:class:`DeviceCa`): it issues a
-    certificate (CN = the device id, signed over the CSR's public key) and revokes
-    every certificate it issued for a device.
-    """
-
-    def __init__(self, tls: TlsFiles, crl: Path) -> None:
-        self.tls = tls
-        self.crl = crl
-        self.issued: dict[str, list[int]] = {}
-        self.revoked: set[int] = set()
-        self._write_crl()
-
-    def certificate_pem(self) -> str:
-        return self.tls.ca.read_text()
-
-    def issue(self, csr_pem: bytes, device_id: str) -> bytes:
-        csr = x509.load_pem_x509_csr(csr_pem)
-        ca_cert, ca_key = self._ca()
-        now = datetime.now(UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .sign(ca_key, hashes.SHA256())
-        )
-        self.issued.setdefault(device_id, []).append(cert.serial_number)
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    def revoke(self, device_id: str) -> None:
-        self.revoked.update(self.issued.get(device_id, []))
-        self._write_crl()
-
-    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        ca_cert = x509.load_pem_x509_certificate(self.tls.ca.read_bytes())
-        ca_key = serialization.load_pem_private_key(self.tls.ca_key.read_bytes(), password=None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        return ca_cert, ca_key
-
-    def _write_crl(self) -> None:
-        ca_cert, ca_key = self._ca()
-        now = datetime.now(UTC)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(ca_cert.subject)
-            .last_update(now - timedelta(minutes=1))
-            .next_update(now + timedelta(days=1))
-        )
-        for serial in sorted(self.revoked):
-            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
-            builder = builder.add_revoked_certificate(entry.build())
-        crl = builder.sign(ca_key, hashes.SHA256())
-        self.crl.write_bytes(crl.public_bytes(serialization.Encoding.PEM))

@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import queue
 import stat
-import subprocess
 import threading
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from coordinator.cli.app import app
@@ -48,15 +41,12 @@ from edge_agent.protocol import (
     mosquitto_acl,
     operator_account,
 )
-from tests.enrollment_support import DeviceClient
 from tests.fleet_support import (
     WAIT_S,
     TlsFiles,
     free_port,
     password,
     running_broker,
-    tool,
-    wait_for,
 )
 from tests.test_protocol_broker_acl import Client
 
@@ -285,68 +275,6 @@ def test_reload_and_remove_refuse_what_they_cannot_do_typed_and_logged(
         with pytest.raises(BrokerSetupError, match="no password file"):
             remove_account(tmp_path / "passwd", "pi-9")
     assert len(caplog.records) == 3
-
-
-def test_a_crl_reload_refuses_a_revoked_certificate_but_keeps_its_connection(
-    tmp_path: Path,
-) -> None:
-    # What revocation by certificate must work around (mosquitto 2.0.11): SIGHUP
-    # re-reads the CRL, so the revoked certificate cannot connect again, but the
-    # reload re-checks only passwords, so its live connection stays up. Revoking a
-    # mutual-TLS device therefore needs an eviction besides the CRL (docs/security.md).
-    tls = TlsFiles.create(tmp_path / "tls")
-    cert, key = tls.issue("pi-9")
-    crl = tmp_path / "crl.pem"
-    write_crl(tls, crl, [])
-    certs = {"tls_cert": tls.server_cert, "tls_key": tls.server_key, "cafile": tls.ca}
-    setup = BrokerSetup(tmp_path / "b", port=free_port(), bind="127.0.0.1", **certs)
-    config = write_broker_config(setup).config
-    with config.open("a") as conf:
-        conf.write(f"crlfile {crl}\n" + ("user root\n" if os.geteuid() == 0 else ""))
-    log = tmp_path / "mosquitto.log"
-    with log.open("ab") as out:
-        broker = subprocess.Popen([tool("mosquitto"), "-c", str(config)], stdout=out, stderr=out)
-    try:
-        wait_for(lambda: "running" in log.read_text(), what="mosquitto to start")
-        connected = tls_client(tls, cert, key, setup.listen_port)
-        assert connected.connected
-        write_crl(tls, crl, [cert])
-        reload_broker(setup.pid_file)
-        wait_for(lambda: "Reloading config" in log.read_text(), what="the reload")
-        with pytest.raises(queue.Empty):
-            connected.disconnects.get(timeout=2.0)  # still connected
-        connected.publish(device_topic("pi-9", Channel.EVENTS), b"after revocation")
-        connected.close()
-        assert not tls_client(tls, cert, key, setup.listen_port).connected
-        assert "certificate verify failed" in log.read_text()
-    finally:
-        broker.kill()
-        broker.wait(timeout=10)
-
-
-def write_crl(tls: TlsFiles, path: Path, revoked: list[Path]) -> None:
-    """A CRL of the test CA that revokes the certificates at ``revoked``."""
-    ca_cert = x509.load_pem_x509_certificate(tls.ca.read_bytes())
-    ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - timedelta(minutes=1))
-        .next_update(now + timedelta(days=1))
-    )
-    for cert in revoked:
-        serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-        entry = x509.RevokedCertificateBuilder().serial_number(serial)
-        builder = builder.add_revoked_certificate(entry.revocation_date(now).build())
-    crl = builder.sign(ca_key, hashes.SHA256())
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-
-
-def tls_client(tls: TlsFiles, cert: Path, key: Path, port: int) -> DeviceClient:
-    """A device client with a client certificate (its CN is its username)."""
-    return DeviceClient(port, "pi-9", "", tls=(tls.ca, cert, key))
 
 
 def test_an_eviction_needs_a_tls_broker_it_can_reach(

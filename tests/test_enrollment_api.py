@@ -28,9 +28,11 @@ from compress.keys import generate_signing_key
 from compress.keyset import KeySet, sign_keyset
 from coordinator.cli.app import app
 from coordinator.errors import ApiAuthError, EnrollmentError, NotFoundError, ServiceConfigError
+from coordinator.link.ca import issued_certificates
 from coordinator.service.api.auth_limits import AuthLimits
 from coordinator.service.api_client import ApiClient
 from coordinator.service.config import build_service_config
+from coordinator.service.enrollment import CaDirectory
 from coordinator.service.store import Store
 from coordinator.service.store.registry import DeviceState
 from edge_agent import enroll as agent_enroll
@@ -40,7 +42,6 @@ from tests.api_support import FakeOperations
 from tests.enrollment_support import (
     FLEET,
     DeviceClient,
-    FileCa,
     Served,
     device_password,
     keyset_file,
@@ -323,7 +324,7 @@ def test_for_mutual_tls_the_key_stays_on_the_device_and_only_a_csr_is_sent(
 
     def coordinator(_url: str, body: dict[str, str], _timeout: float) -> dict[str, Any]:
         sent.append(body)
-        cert, _key = tls.issue("pi-1")  # stands in for the coordinator's CA
+        cert, _key = tls.issue("pi-1")  # what the coordinator's CA would answer
         return _answer(broker_ca=tls.ca.read_text(), certificate=cert.read_text())
 
     monkeypatch.setattr(agent_enroll, "_post", coordinator)
@@ -358,7 +359,7 @@ def test_a_csr_needs_a_coordinator_ca_and_the_device_id_as_its_cn(
     with pytest.raises(EnrollmentFailedError, match="no CA for client certificates"):
         agent_enroll.enroll(site.url, token, "pi-1", tmp_path / "dev", certificate=True)
     tls = TlsFiles.create(tmp_path / "tls")
-    ca = FileCa(tls, tmp_path / "crl.pem")
+    ca = CaDirectory(tls.ca_dir)
     with served_api(FakeOperations(), store, settings_for(broker, keyset), ca=ca) as with_ca:
         other = agent_enroll._Credential.make("pi-2", certificate=True).request["csr"]
         body = {"token": token, "device_id": "pi-1", "csr": other}
@@ -370,7 +371,12 @@ def test_a_csr_needs_a_coordinator_ca_and_the_device_id_as_its_cn(
         assert "CN = 'pi-1'" in wrong.json()["error"]["message"]
         assert twice.status_code == 400
         assert "exactly one" in twice.json()["error"]["message"]
-        assert ca.issued == {}
+        assert "pi-1" not in issued_names(tls)
         # the token was not spent by the refusals
         agent_enroll.enroll(with_ca.url, token, "pi-1", tmp_path / "dev", certificate=True)
-    assert ca.issued.keys() == {"pi-1"}
+    assert "pi-1" in issued_names(tls)
+
+
+def issued_names(tls: TlsFiles) -> set[str]:
+    """The CNs the test CA issued certificates to."""
+    return {cert.name for cert in issued_certificates(tls.ca_dir)}

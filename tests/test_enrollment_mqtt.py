@@ -41,6 +41,7 @@ from coordinator.link.broker_config import BrokerSetup, write_broker_config
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.rollout.actions import RolloutState
 from coordinator.service.api_client import ApiClient
+from coordinator.service.enrollment import CaDirectory
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, RolloutRequest
 from coordinator.service.store import Store
@@ -50,7 +51,6 @@ from tests.api_support import FakeOperations
 from tests.enrollment_support import (
     FLEET,
     DeviceClient,
-    FileCa,
     Served,
     device_password,
     enroll_cli,
@@ -340,16 +340,14 @@ def run_scenario(
 def test_a_device_enrolled_for_mutual_tls_is_evicted_and_refused_when_revoked(
     tmp_path: Path, signing_key: SigningKey
 ) -> None:
-    # Mutual TLS (fedge broker config --cafile, plus a CRL): the device sends a CSR,
+    # Mutual TLS (fedge broker config --cafile --crlfile): the device sends a CSR,
     # its key never leaves it, the CA issues its certificate (CN = its id, which is
     # its username and client id). Revocation puts it on the CRL and reloads, which
-    # refuses reconnection but keeps a live connection (tests/test_broker_config.py),
+    # refuses reconnection but keeps a live connection (tests/test_ca_mqtt.py),
     # so the service also evicts it by taking its client id over.
-    tls = TlsFiles.create(tmp_path / "tls")
-    ca = FileCa(tls, tmp_path / "crl.pem")
+    tls = TlsFiles.create(tmp_path / "tls")  # a CA of fedge ca; the broker reads its CRL
+    ca = CaDirectory(tls.ca_dir)
     instance = Mosquitto(tmp_path / "broker", [], tls, generated=True)
-    with instance.config.open("a") as conf:
-        conf.write(f"crlfile {ca.crl}\n")
     store = Store.open(tmp_path / "coordinator.db")
     keyset = keyset_file(tmp_path / "keys", signing_key)
     with (

@@ -320,6 +320,18 @@ _ENROLLMENT = Section(
             commented=True,
         ),
         Key(
+            "ca_dir",
+            "The directory of the fleet's CA (`fedge ca init`): with it a device may "
+            "enroll for mutual TLS (`fedge-agent enroll --certificate`, a CSR instead of "
+            "a password) and gets a certificate from it; revoking it puts its "
+            "certificates on the CA's CRL (the broker's crlfile) and disconnects it.",
+            default=None,
+            default_doc="password accounts only",
+            example="/etc/fedge/ca",
+            commented=True,
+            read="path",
+        ),
+        Key(
             "token_hours",
             "How long an enrollment token stays valid unless `fedge device enroll "
             "--expires-in` says otherwise, in hours. A token works once.",

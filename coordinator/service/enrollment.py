@@ -44,15 +44,14 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from compress.errors import CompressError
-from compress.fileio import read_bounded
+from compress.fileio import atomic_write, read_bounded
 from compress.keyset import SignedKeySet, verify_self_signed
 from coordinator.errors import CoordinatorError, EnrollmentError, NotFoundError
 from coordinator.link.broker_accounts import add_account, reload_broker, remove_account
+from coordinator.link.ca import CaFiles, issue_certificate, revoke_certificate
 from coordinator.link.eviction import evict
 from coordinator.service.config_schema import DEFAULT_TOKEN_HOURS
 from coordinator.service.operations import Actor
@@ -64,9 +63,11 @@ from edge_agent.config.values import FieldError
 from edge_agent.errors import ConfigError, TopicError
 from edge_agent.protocol import is_valid_device_id
 from edge_agent.protocol.topics import validate_fleet_id
+from edge_agent.transport.csr import make_key_and_csr
 
 __all__ = [
     "MAX_TOKEN_HOURS",
+    "CaDirectory",
     "DeviceCa",
     "EnrollGrant",
     "EnrollRequest",
@@ -114,6 +115,34 @@ class DeviceCa(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CaDirectory:
+    """:class:`DeviceCa` over the CA directory of ``fedge ca`` (``[enrollment] ca_dir``).
+
+    It issues with ``force``: a device whose certificates were revoked gets a new one
+    when the operator enrolls it again (a new token is that decision), and the
+    eviction certificate of a revocation is issued to a just-revoked id.
+    """
+
+    directory: Path
+
+    def certificate_pem(self) -> str:
+        """The CA certificate (``ca.crt``)."""
+        path = CaFiles(self.directory).cert
+        try:
+            return path.read_text(encoding="ascii")
+        except (OSError, UnicodeError) as exc:
+            raise _fail(f"cannot read the CA certificate {path}: {exc}") from None
+
+    def issue(self, csr_pem: bytes, device_id: str) -> bytes:
+        """A client certificate for the CSR (see :func:`coordinator.link.ca.issue_certificate`)."""
+        return issue_certificate(self.directory, csr_pem, device_id=device_id, force=True)
+
+    def revoke(self, device_id: str) -> None:
+        """Every certificate of the device onto the CRL."""
+        revoke_certificate(self.directory, device_id)
+
+
 @dataclass(frozen=True, slots=True)
 class EnrollmentSettings:
     """The ``[enrollment]`` table of ``coordinator.toml`` (see its schema for each key).
@@ -130,6 +159,11 @@ class EnrollmentSettings:
     keyset: Path | None = None  # the schema default
     fleet: str | None = None  # the schema default
     token_hours: float = DEFAULT_TOKEN_HOURS
+    ca_dir: Path | None = None  # the schema default
+
+    def device_ca(self) -> CaDirectory | None:
+        """The CA of ``ca_dir`` (certificate enrollment), or None: passwords only."""
+        return None if self.ca_dir is None else CaDirectory(self.ca_dir)
 
     def __post_init__(self) -> None:
         """Check the values (files are read when a device enrolls)."""
@@ -402,29 +436,15 @@ class EnrollmentDesk:
         reload_broker(pid_file)
         assert self._settings.broker_url is not None
         with tempfile.TemporaryDirectory(prefix="fedge-evict-") as scratch:
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(name)
-                .sign(key, hashes.SHA256())
-            )
             files = Path(scratch)
             cert_file, key_file, ca_file = (
                 files / "evict.crt",
                 files / "evict.key",
                 files / "ca.crt",
             )
-            cert_file.write_bytes(
-                self._ca.issue(csr.public_bytes(serialization.Encoding.PEM), device_id)
-            )
-            key_file.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            key_pem, csr_pem = make_key_and_csr(device_id)
+            cert_file.write_bytes(self._ca.issue(csr_pem, device_id))
+            atomic_write(key_file, key_pem, mode=0o600)
             ca_file.write_text(self._ca.certificate_pem())
             try:
                 evict(

@@ -222,7 +222,12 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
             authenticate=service.authenticate,
             config=config.api_config(),
             on_auth_failure=service.record_auth_failure,
-            enrollment=EnrollmentDesk(store, config.enrollment, forget=hub.forget_device),
+            enrollment=EnrollmentDesk(
+                store,
+                config.enrollment,
+                forget=hub.forget_device,
+                ca=config.enrollment.device_ca(),
+            ),
         )
 
         def ready() -> None:
