@@ -80,15 +80,15 @@ QUIET_S = 3.0
 
 
 class AgentRun:
-    """``fedge-agent run --config OUT/agent.toml``, as written by ``fedge-agent enroll``."""
+    """``fedge-agent run --config OUT/agent.toml``, as written by ``fedge-agent enroll``
+    (telemetry every second, so that a silence means something)."""
 
     def __init__(self, config: Path) -> None:
         self.log = config.parent / "agent.log"
+        command = [sys.executable, "-m", "edge_agent.cli", "-vv", "run", "--config", str(config)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent.cli", "-vv", "run", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                [*command, "--telemetry-interval", "1"], stdout=log, stderr=subprocess.STDOUT
             )
 
     def stop(self) -> None:
