@@ -26,7 +26,10 @@ The tree::
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
     ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
     ├── CertificateAuthorityError   the mTLS CA cannot issue or revoke as asked
-    └── FleetStatementError         a fleet statement cannot be made, saved or read
+    ├── FleetStatementError         a fleet statement cannot be made, saved or read
+    └── EnrollmentError             a device cannot be enrolled or revoked (see the message)
+        └── EnrollmentRefusedError      an enrollment token is unknown, used, expired or
+                                        for another device (answered 401, rate-limited)
 
 Errors from :mod:`compress` and :mod:`edge_agent` pass through unchanged; the CLI
 turns any of the three trees into a one-line message and a non-zero exit.
@@ -263,6 +266,22 @@ class BrokerSetupError(CoordinatorError):
     certificate without its key, a port outside 1..65535, an existing output file)."""
 
     code = "bad_broker_setup"
+
+
+class EnrollmentError(CoordinatorError):
+    """A device cannot be enrolled or revoked: enrollment is not configured, the
+    device is already enrolled, its credentials are malformed, or the broker account
+    could not be changed."""
+
+    code = "enrollment_error"
+
+
+class EnrollmentRefusedError(EnrollmentError):
+    """An enrollment token is unknown, already used, expired, or was issued for
+    another device (or the device was revoked since). The API answers 401 and counts
+    it as a failed authentication of the client's address."""
+
+    code = "enrollment_refused"
 
 
 class CertificateAuthorityError(CoordinatorError):

@@ -26,6 +26,13 @@ Commands:
   runtimes installed here) and ``--tag``, then
   payload length and sha256), and prints ``verified`` or a one-line reason with exit
   status 1. Useful for checking a key or an artifact on a device by hand.
+* ``fedge-agent enroll --token T --coordinator URL --device-id ID [--out DIR]
+  [--force] [--certificate]`` enrolls this device with a one-time token from
+  ``fedge device enroll ID``: makes its broker password (or, with
+  ``--certificate``, a key pair and a CSR) here, receives the broker settings, the
+  signed key set and the fleet id, and writes a ready ``DIR/agent.toml`` (default
+  ``DIR`` is the current directory; see :mod:`edge_agent.enroll`). Prints the
+  ``fedge-agent run`` command to start it; a refusal is one line and exit status 1.
 * ``fedge-agent --version``.
 
 Logging goes to stderr (``-v`` for info, ``-vv`` for debug); errors from ``compress`` and
@@ -56,6 +63,7 @@ from edge_agent.agent import run_agent
 from edge_agent.config.agent import AgentConfig, build_config, example_config, load_config_file
 from edge_agent.config.agent_schema import AGENT_SCHEMA
 from edge_agent.config.schema import Key
+from edge_agent.enroll import enroll
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.runtime.loader import available_runtimes
@@ -128,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where to write it (default {DEFAULT_CONFIG})",
     )  # fmt: skip
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    enroll = commands.add_parser(
+        "enroll",
+        help="enroll this device with a one-time token and write its agent.toml",
+        description=(
+            "Enroll this device: make its broker password here, redeem the token from "
+            "`fedge device enroll ID`, write a ready agent.toml."
+        ),
+    )
+    enroll.add_argument("--token", required=True, help="the one-time enrollment token")
+    enroll.add_argument(
+        "--coordinator", required=True, metavar="URL",
+        help="the coordinator API's URL (https://HOST:PORT)",
+    )  # fmt: skip
+    enroll.add_argument("--device-id", required=True, metavar="ID", help="this device's id")
+    enroll.add_argument(
+        "--out", type=Path, default=Path(), metavar="DIR",
+        help="where to write agent.toml and the credentials (default: here)",
+    )  # fmt: skip
+    enroll.add_argument("--force", action="store_true", help="replace an existing agent.toml")
+    enroll.add_argument(
+        "--certificate", action="store_true",
+        help="enroll for mutual TLS: make a key pair here and send a CSR, not a password",
+    )  # fmt: skip
 
     run = commands.add_parser(
         "run",
@@ -212,6 +244,25 @@ def _init(args: argparse.Namespace) -> int:
         "public key to this device), then run:"
     )
     print(f"  fedge-agent run --config {path}")
+    return EXIT_OK
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    try:
+        enrolled = enroll(
+            args.coordinator,
+            args.token,
+            args.device_id,
+            args.out,
+            force=args.force,
+            certificate=args.certificate,
+        )
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    fleet = f", fleet {enrolled.fleet}" if enrolled.fleet else ""
+    print(f"enrolled {args.device_id}: broker {enrolled.broker_url}{fleet}")
+    print(f"start it: fedge-agent run --config {enrolled.config}")
     return EXIT_OK
 
 
@@ -322,6 +373,8 @@ def main(argv: Sequence[str] | None = None, *, checkpoint: Checkpoint | None = N
         return _verify(args)
     if args.command == "init":
         return _init(args)
+    if args.command == "enroll":
+        return _enroll(args)
     parser.print_help()
     return EXIT_USAGE
 

@@ -22,6 +22,7 @@ The tree::
     │   └── InvalidInputError           a prediction's input breaks the manifest's spec
     │                                   (shape, dtype, NaN/inf, out of range): refused
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
+    ├── EnrollmentFailedError       ``fedge-agent enroll`` could not enroll this device
     ├── StateError                  the agent's files on disk are unusable
     │   └── UntrustedModelError         an installed model fails re-verification against
     │                                   its signed manifest (not served)
@@ -140,6 +141,13 @@ class BrokerError(AgentError):
     """The MQTT broker refused the connection or cannot be reached."""
 
     code = "broker_error"
+
+
+class EnrollmentFailedError(AgentError):
+    """``fedge-agent enroll`` could not enroll this device: the coordinator refused the
+    token or cannot be reached, its answer is malformed, or a file cannot be written."""
+
+    code = "enrollment_failed"
 
 
 class StateError(AgentError):

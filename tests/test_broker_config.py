@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,21 +19,35 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import BrokerSetupError
-from coordinator.link.broker_accounts import add_account, check_account_name
+from coordinator.link.broker_accounts import (
+    add_account,
+    check_account_name,
+    reload_broker,
+    remove_account,
+)
 from coordinator.link.broker_config import (
     BrokerSetup,
     queue_size,
     render_config,
     write_broker_config,
 )
+from coordinator.link.eviction import evict
 from edge_agent.errors import TopicError
 from edge_agent.protocol import (
     MOSQUITTO_ACL,
+    Channel,
+    device_topic,
     is_valid_device_id,
     mosquitto_acl,
     operator_account,
 )
-from tests.fleet_support import password, running_broker
+from tests.fleet_support import (
+    WAIT_S,
+    TlsFiles,
+    free_port,
+    password,
+    running_broker,
+)
 from tests.test_protocol_broker_acl import Client
 
 runner = CliRunner(mix_stderr=False)
@@ -69,6 +84,7 @@ def test_the_plain_config_binds_client_ids_and_refuses_anonymous_clients(tmp_pat
         "persistence_location": f"{tmp_path / 'b' / 'data'}/",
         "autosave_interval": "60",
         "persistent_client_expiration": "14d",
+        "pid_file": str(tmp_path / "b" / "mosquitto.pid"),
     }
 
 
@@ -219,3 +235,57 @@ def test_accounts_for_the_service_and_operators_are_accepted(tmp_path: Path) -> 
     names = [line.split(":")[0] for line in (tmp_path / "passwd").read_text().splitlines()]
     assert names == ["coordinator", "coordinator@ops", "pi-9"]
     assert stat.S_IMODE((tmp_path / "passwd").stat().st_mode) == 0o600
+
+
+def test_a_removed_account_is_disconnected_by_the_reload_and_cannot_reconnect(
+    tmp_path: Path,
+) -> None:
+    # What `fedge device revoke` relies on (mosquitto 2.0): SIGHUP re-reads the
+    # password file and drops the connected clients it no longer knows.
+    with running_broker(tmp_path, ["pi-9", "pi-8"], generated=True) as broker:
+        passwd = broker.directory / "passwd"
+        revoked, kept = Client(broker.port, "pi-9"), Client(broker.port, "pi-8")
+        dropped = threading.Event()
+        revoked.mqtt.on_disconnect = lambda *_args: dropped.set()
+        kept_dropped = threading.Event()
+        kept.mqtt.on_disconnect = lambda *_args: kept_dropped.set()
+        try:
+            assert remove_account(passwd, "pi-9") is True
+            assert remove_account(passwd, "pi-9") is False  # gone already: no error
+            assert reload_broker(broker.directory / "mosquitto.pid") == broker.process.pid
+            assert dropped.wait(WAIT_S), "the removed account stayed connected"
+            with pytest.raises(AssertionError, match="could not connect"):
+                Client(broker.port, "pi-9")
+            kept.publish(device_topic("pi-8", Channel.EVENTS), b"still here")
+            assert not kept_dropped.is_set()
+        finally:
+            revoked.mqtt.loop_stop()
+            kept.close()
+
+
+def test_reload_and_remove_refuse_what_they_cannot_do_typed_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(BrokerSetupError, match="cannot read the broker's pid"):
+            reload_broker(tmp_path / "missing.pid")
+        (tmp_path / "bad.pid").write_text("1\n")
+        with pytest.raises(BrokerSetupError, match="no usable pid"):
+            reload_broker(tmp_path / "bad.pid")
+        with pytest.raises(BrokerSetupError, match="no password file"):
+            remove_account(tmp_path / "passwd", "pi-9")
+    assert len(caplog.records) == 3
+
+
+def test_an_eviction_needs_a_tls_broker_it_can_reach(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = TlsFiles.create(tmp_path / "tls")
+    cert, key = tls.issue("pi-9")
+    files = {"ca_file": tls.ca, "cert_file": cert, "key_file": key}
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(BrokerSetupError, match="not mqtts"):
+            evict("mqtt://127.0.0.1:1883", "pi-9", **files)
+        with pytest.raises(BrokerSetupError, match="cannot evict pi-9"):
+            evict(f"mqtts://127.0.0.1:{free_port()}", "pi-9", timeout_s=1.0, **files)
+    assert len([r for r in caplog.records if "eviction failed" in r.getMessage()]) == 2

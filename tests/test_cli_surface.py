@@ -22,6 +22,7 @@ JOBS = {
     "coordinator",
     "data",
     "deploy",
+    "device",
     "devices",
     "fleet",
     "drift",

@@ -216,6 +216,27 @@ def test_a_token_revoked_while_serving_is_refused_at_once(running: Running) -> N
     assert running.client.get("/v1/devices", headers=bearer(token)).status_code == 401
 
 
+def test_the_served_api_issues_enrollment_tokens_and_says_what_enrollment_needs(
+    running: Running,
+) -> None:
+    # The real service wires the enrollment desk: fedge device enroll issues a token
+    # through the API; without [enrollment] settings a device's redemption is
+    # refused with a message that names what to set, and the token is not spent.
+    service = running.service
+    api = ["--api", running.service.url, "--token", running.operator]
+    issued = fedge("device", "enroll", "sp-1", *api, cwd=service.directory)
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    body = {"token": token, "device_id": "sp-1", "password": "p" * 43}
+    unset = running.client.post("/v1/enroll", json=body)
+    assert unset.status_code == 400
+    assert "enrollment.broker_url" in unset.json()["error"]["message"]
+    listed = fedge("device", "list", "--json", *api, cwd=service.directory)
+    assert [(row["device_id"], row["state"]) for row in json.loads(listed.stdout)] == [
+        ("sp-1", "pending")
+    ]
+
+
 def test_a_second_service_on_a_busy_port_fails_in_one_line(running: Running) -> None:
     service = running.service
     done = fedge("coordinator", "serve", "--db", service.directory / "other.db",

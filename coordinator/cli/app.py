@@ -19,6 +19,8 @@ stderr) and dispatches to the command groups:
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
 * ``fedge coordinator`` -- :mod:`coordinator.cli.service` (the long-running service)
+* ``fedge device enroll | revoke | list`` -- :mod:`coordinator.cli.device` (enrollment,
+  through the service's API only)
 
 ``devices``, ``telemetry``, ``presence``, ``audit``, ``drift``, ``artifacts``, ``deploy``,
 ``rollback``, ``rollout`` and ``rounds`` operate a fleet through a coordinator: its
@@ -54,6 +56,7 @@ from coordinator.cli import (
     ca,
     data,
     deploy,
+    device,
     drift,
     fleet,
     keys,
@@ -92,6 +95,7 @@ app.command("drift")(drift.drift)
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rounds.app, name="rounds")
+app.add_typer(device.app, name="device")
 
 
 def _version(value: bool) -> None:

@@ -16,6 +16,8 @@ Two decorators add them to a Typer command and hand the command one
   :func:`with_snapshot_connection` is the same with a temporary database as the
   default of ``--db``, for commands that keep nothing (``fedge devices``, ``deploy``,
   ``rollback``).
+* :func:`with_api` -- ``--api`` and ``--token`` only, both required: commands only
+  a service can do (``fedge device``).
 * :func:`with_broker` -- commands that talk to the broker directly (``fedge train``):
   ``--broker`` (required) and the same credentials.
 
@@ -56,6 +58,7 @@ __all__ = [
     "JsonOption",
     "TargetOption",
     "adding_options",
+    "with_api",
     "with_broker",
     "with_connection",
     "with_snapshot_connection",
@@ -420,6 +423,25 @@ with_snapshot_connection = adding_options(_SNAPSHOT_CONNECTION, _connection)
 """Like :func:`with_connection`, but in-process without ``--db`` the service runs on
 a temporary database (``Connection.db`` is None): for commands that leave no file
 behind (``fedge devices``, ``deploy``, ``rollback``).
+
+Raises:
+    TypeError: the command has a parameter named like a connection option.
+"""
+
+
+def _api_connection(values: dict[str, Any]) -> Connection:
+    if not values["api"] or not values["token"]:
+        raise click.UsageError(
+            "this command runs through a coordinator service: give --api URL (or FEDGE_API) "
+            "and an operator token (--token or FEDGE_TOKEN)",
+            click.get_current_context(),
+        )
+    return Connection(**values)
+
+
+with_api = adding_options(_API, _api_connection)
+"""Add ``--api``, ``--token`` and ``--api-timeout`` only, both required: for commands
+only the service can do (``fedge device``: it holds the broker's accounts).
 
 Raises:
     TypeError: the command has a parameter named like a connection option.

@@ -255,7 +255,7 @@ def _check_name(name: str) -> str:
     return name.strip()
 
 
-def _lifetime(text: str) -> float:
+def parse_lifetime(text: str) -> float:
     """An ``--expires-in`` value in seconds: a positive duration (``90s``, ``12h``, ``30d``).
 
     Raises:
@@ -309,7 +309,7 @@ def token_create(
     """
     with reported_errors():
         label = _check_name(name if name is not None else role.value)
-        lifetime = None if expires_in is None else _lifetime(expires_in)
+        lifetime = None if expires_in is None else parse_lifetime(expires_in)
         with _token_store(db, config, create=True) as store:
             now = time.time()
             expires_at = None if lifetime is None else now + lifetime

@@ -9,13 +9,20 @@ service) or an operator account ``coordinator@<name>``. Workflow::
     add_account(Path("/etc/fedge/broker/passwd"), "pi-7", secret)
     # then reload mosquitto (SIGHUP) or restart it: it reads the file at start
 
-Adding an existing username replaces its password.
+Adding an existing username replaces its password. :func:`remove_account` deletes
+an account (``mosquitto_passwd -D``); :func:`reload_broker` sends mosquitto SIGHUP
+through its pid file (``fedge broker config`` writes ``pid_file``). On that reload
+mosquitto 2.0 re-checks every connected client against the new password file and
+disconnects those it no longer knows, so a removed device is cut off at once and
+cannot reconnect (``tests/test_enrollment_mqtt.py`` shows it on a real broker).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -29,7 +36,13 @@ from edge_agent.protocol import (
     operator_account,
 )
 
-__all__ = ["MOSQUITTO_PASSWD", "add_account", "check_account_name"]
+__all__ = [
+    "MOSQUITTO_PASSWD",
+    "add_account",
+    "check_account_name",
+    "reload_broker",
+    "remove_account",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +98,48 @@ def add_account(passwords: Path, username: str, secret: str) -> None:
     check_account_name(username)
     if not secret or "\n" in secret or "\r" in secret:
         raise _fail("the password must be one non-empty line")
-    tool = _tool()
     try:
         if not passwords.exists():
             atomic_write(passwords, b"", mode=0o600, overwrite=False)
-        done = subprocess.run(  # noqa: S603 - a fixed tool, arguments checked above
-            [tool, str(passwords), username],
-            input=f"{secret}\n{secret}\n".encode(),
+    except OSError as exc:
+        raise _fail(f"cannot create {passwords}: {exc}") from None
+    _run_tool(passwords, [str(passwords), username], f"{secret}\n{secret}\n".encode())
+    logger.info("account %s set in %s", username, passwords)
+
+
+def remove_account(passwords: Path, username: str) -> bool:
+    """Delete ``username`` from the mosquitto password file ``passwords``.
+
+    Returns:
+        Whether the file held the account (removing a missing one is no error).
+
+    Raises:
+        BrokerSetupError: an unknown kind of username, a missing password file,
+            ``mosquitto_passwd`` missing or failing.
+    """
+    check_account_name(username)
+    if not passwords.is_file():
+        raise _fail(f"no password file {passwords}")
+    try:
+        held = any(
+            line.split(":", 1)[0] == username
+            for line in passwords.read_text(errors="replace").splitlines()
+        )
+    except OSError as exc:
+        raise _fail(f"cannot read {passwords}: {exc}") from None
+    if held:
+        _run_tool(passwords, ["-D", str(passwords), username], None)
+        logger.info("account %s removed from %s", username, passwords)
+    return held
+
+
+def _run_tool(passwords: Path, arguments: list[str], stdin: bytes | None) -> None:
+    """Run ``mosquitto_passwd ARGUMENTS`` on ``passwords``; raise if it fails."""
+    tool = _tool()
+    try:
+        done = subprocess.run(  # noqa: S603 - a fixed tool, arguments checked by the callers
+            [tool, *arguments],
+            input=stdin,
             capture_output=True,
             timeout=TOOL_TIMEOUT_S,
             check=False,
@@ -101,4 +149,26 @@ def add_account(passwords: Path, username: str, secret: str) -> None:
     if done.returncode != 0:
         said = done.stderr.decode(errors="replace").strip().splitlines()
         raise _fail(f"{MOSQUITTO_PASSWD} on {passwords} failed: {said[-1] if said else done}")
-    logger.info("account %s set in %s", username, passwords)
+
+
+def reload_broker(pid_file: Path) -> int:
+    """Make mosquitto re-read its password file, ACL and CRL: SIGHUP to its pid.
+
+    Returns:
+        The pid signalled.
+
+    Raises:
+        BrokerSetupError: the pid file is missing or malformed, or no such process.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read the broker's pid from {pid_file}: {exc}") from None
+    if pid <= 1:
+        raise _fail(f"{pid_file} holds no usable pid ({pid})")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise _fail(f"cannot signal the broker (pid {pid} from {pid_file}): {exc}") from None
+    logger.info("asked the broker (pid %d) to reload its accounts", pid)
+    return pid

@@ -167,6 +167,11 @@ class BrokerSetup:
         """The mosquitto config file."""
         return self.directory / "mosquitto.conf"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where mosquitto writes its pid (the enrollment service reloads it through it)."""
+        return self.directory / "mosquitto.pid"
+
 
 @dataclass(frozen=True)
 class BrokerFiles:
@@ -221,6 +226,9 @@ def _lines(setup: BrokerSetup) -> list[tuple[str, str]]:
          "across broker restarts ...", "persistence true"),
         ("... in this directory ...", f"persistence_location {setup.data}/"),
         ("... saved every minute (at most a minute lost on a crash).", "autosave_interval 60"),
+        ("mosquitto's pid: the coordinator's enrollment (fedge device enroll/revoke,\n"
+         "[enrollment] broker_pid_file) sends it SIGHUP to re-read the password file,\n"
+         "which also disconnects a revoked device at once.", f"pid_file {setup.pid_file}"),
         ("Forget a persistent session whose client has been away for two weeks.",
          "persistent_client_expiration 14d"),
     ]  # fmt: skip

@@ -50,8 +50,10 @@ from edge_agent.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_LIMITS,
     ROOT,
+    Channel,
     Limits,
     coordinator_subscriptions,
+    device_topic,
 )
 from edge_agent.transport.mqtt import MqttLink
 
@@ -189,6 +191,19 @@ class MqttHub(HubBase, Startable):
     def bytes_sent(self, transfer_id: str) -> int:
         """MQTT payload bytes of the chunks of ``transfer_id`` published so far."""
         return self._sender.bytes_sent(transfer_id)
+
+    def forget_device(self, device_id: str) -> bool:
+        """Clear a device's retained status on the broker (a revoked device's).
+
+        mosquitto sends no Last Will for a client it drops because its account was
+        removed, so the retained status would say "online" for ever; an empty
+        retained status removes it, and this hub (like every coordinator) forgets
+        the device when it comes back through the subscription.
+
+        Returns:
+            Whether the clearing message went out (False while disconnected).
+        """
+        return self._link.publish(device_topic(device_id, Channel.STATUS), b"", retain=True)
 
     # ------------------------------------------------------------------- the wire
 

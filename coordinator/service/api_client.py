@@ -56,6 +56,8 @@ from coordinator.errors import (
     ArtifactRejectedError,
     ConflictError,
     CoordinatorError,
+    EnrollmentError,
+    EnrollmentRefusedError,
     NotFoundError,
     RolloutError,
     RunError,
@@ -64,6 +66,7 @@ from coordinator.errors import (
 )
 from coordinator.lifecycle import Closeable
 from coordinator.monitoring.scores import DriftScore
+from coordinator.service.enrollment import IssuedEnrollment
 from coordinator.service.operations import (
     Actor,
     DeploymentView,
@@ -84,6 +87,7 @@ from coordinator.service.store.records import (
     RunRow,
     TelemetryRow,
 )
+from coordinator.service.store.registry import RegisteredDevice
 
 __all__ = ["ARTIFACT_MEDIA_TYPE", "DEFAULT_TIMEOUT_S", "ApiClient"]
 
@@ -108,6 +112,8 @@ _ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
         TargetError,
         RunError,
         StrategyError,
+        EnrollmentError,
+        EnrollmentRefusedError,
     )
 }
 """Error classes the API's ``code`` names (each takes just a message)."""
@@ -128,6 +134,9 @@ _RUN_VIEW = TypeAdapter(RunView)
 _RUNS = TypeAdapter(list[RunRow])
 _AUDIT = TypeAdapter(list[AuditRow])
 _DRIFT = TypeAdapter(list[DriftScore])
+_REGISTERED = TypeAdapter(RegisteredDevice)
+_REGISTRY = TypeAdapter(list[RegisteredDevice])
+_ISSUED = TypeAdapter(IssuedEnrollment)
 
 
 def _printable(token: str) -> bool:
@@ -427,6 +436,36 @@ class ApiClient(Closeable):
             f"scrape {self._url}/metrics with Prometheus",
             code="not_available",
         )
+
+    # --- enrollment (not part of Operations: the service alone holds the broker's
+    # password file) -----------------------------------------------------------------
+
+    def enroll_device(self, device_id: str, *, expires_in_s: float | None) -> IssuedEnrollment:
+        """Put a device in the registry and get its one-time enrollment token.
+
+        Raises:
+            ConflictError: the device is enrolled (revoke it first).
+            EnrollmentError: a malformed device id or lifetime.
+            ApiAuthError: the token's role may not enroll devices.
+        """
+        body = {"device_id": device_id, "expires_in_s": expires_in_s}
+        answer = self._call("POST", "v1/enrollments", action="enroll devices", json=body)
+        return _parse(_ISSUED, answer, self._url)
+
+    def revoke_device(self, device_id: str) -> RegisteredDevice:
+        """Cut a device's broker access and mark it revoked.
+
+        Raises:
+            NotFoundError: the device is not in the registry.
+            EnrollmentError: its broker account could not be removed.
+            ApiAuthError: the token's role may not revoke devices.
+        """
+        path = f"v1/enrollments/{_segment(device_id)}/revoke"
+        return _parse(_REGISTERED, self._call("POST", path, action="revoke devices"), self._url)
+
+    def enrollments(self) -> list[RegisteredDevice]:
+        """The device registry (pending, accepted and revoked devices), sorted by id."""
+        return self._get(_REGISTRY, "v1/enrollments")
 
     # --- plumbing ------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from coordinator.service.config_schema import (
     PASSWORD_ENV,
     SERVICE_SCHEMA,
 )
+from coordinator.service.enrollment import EnrollmentSettings
 from coordinator.service.fleet_config import FleetConfig, fleet_config
 from coordinator.service.fleet_service import ServiceSettings
 from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
@@ -273,6 +274,7 @@ class ServiceConfig:
             with ``broker`` (see :class:`~coordinator.link.hub.HubConfig`);
             ``""`` for a clean session. Not used with the embedded broker, which
             stops with the service.
+        enrollment: Enrolling devices with tokens (``[enrollment]``; off until set).
 
     Raises:
         ServiceConfigError: an invalid field, no trusted keys, not exactly one of
@@ -298,6 +300,7 @@ class ServiceConfig:
     broker_session: str = _default("broker.session")
     dev: bool = _default("dev")
     fleet: FleetConfig | None = None
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.db, Path):
@@ -510,6 +513,26 @@ def _broker(sources: Sources, password: str | None) -> BrokerConfig | None:
         )
 
 
+def _enrollment(values: dict[str, Any], fleet: FleetConfig | None) -> EnrollmentSettings:
+    """The ``[enrollment]`` table; its ``fleet`` defaults to ``[fleet] id``.
+
+    Raises:
+        ServiceConfigError: both are set and differ.
+    """
+    values = dict(values)
+    if fleet is not None:
+        given = values.get("fleet")
+        if given is None:
+            values["fleet"] = fleet.fleet
+        elif given != fleet.fleet:
+            raise ServiceConfigError(
+                f"enrollment.fleet {given!r} differs from fleet.id {fleet.fleet!r}: devices "
+                "enrolled into one fleet would refuse the statements of the other",
+                key="enrollment.fleet",
+            )
+    return EnrollmentSettings(**values)
+
+
 def build_service_config(
     file_values: Mapping[str, Any],
     overrides: Mapping[str, Any],
@@ -556,6 +579,7 @@ def build_service_config(
         bind_host, bind_port = _bind(sources.get("bind"))
         broker = _broker(sources, password)
         with _as_service_error():
+            fleet = fleet_config(sources.section("fleet"), db=db)
             return ServiceConfig(
                 db=db,
                 trust=TrustConfig(**sources.section("trust")),
@@ -574,7 +598,8 @@ def build_service_config(
                 log_level=sources.get("log_level"),
                 broker_session=sources.get("broker.session"),
                 dev=sources.get("dev"),
-                fleet=fleet_config(sources.section("fleet"), db=db),
+                fleet=fleet,
+                enrollment=_enrollment(sources.section("enrollment"), fleet),
             )
     except ServiceConfigError as exc:
         raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None

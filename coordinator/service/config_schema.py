@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_BIND_PORT",
     "DEFAULT_EMBEDDED_BROKER_PORT",
     "DEFAULT_SESSION",
+    "DEFAULT_TOKEN_HOURS",
     "PASSWORD_ENV",
     "SERVICE_SCHEMA",
 ]
@@ -44,6 +45,9 @@ DEFAULT_SESSION = "main"
 
 PASSWORD_ENV = "FEDGE_BROKER_PASSWORD"  # noqa: S105 (a variable name, not a secret)
 """Environment variable holding the broker password when no password file is given."""
+
+DEFAULT_TOKEN_HOURS = 24.0
+"""How long an enrollment token is valid unless the operator says otherwise."""
 
 _TOP = Section(
     "",
@@ -327,6 +331,94 @@ _FLEET = Section(
     help="The signed, short-lived fleet statement (freshness and targeting).",
 )
 
+_ENROLLMENT = Section(
+    "enrollment",
+    (
+        Key(
+            "broker_url",
+            "The broker URL enrolled devices connect to (mqtts://HOST:8883, or mqtt:// "
+            "on a trusted network), as the devices reach it. Enrollment (`fedge device "
+            "enroll`, `fedge-agent enroll`) is off until this, password_file, "
+            "broker_pid_file and keyset are set.",
+            default=None,
+            default_doc="",
+            example="mqtts://broker.example.com:8883",
+            commented=True,
+        ),
+        Key(
+            "broker_ca",
+            "The CA certificate (PEM) that signed the broker's TLS certificate; sent to "
+            "enrolling devices, which then trust only it for the broker.",
+            default=None,
+            default_doc="the devices use the system's CAs",
+            example="/etc/fedge/broker/ca.crt",
+            commented=True,
+            read="path",
+        ),
+        Key(
+            "password_file",
+            "The broker's mosquitto password file (`fedge broker config` writes it): "
+            "each enrolled device's account is added to it, and removed on revocation. "
+            "The service must be able to write it.",
+            default=None,
+            default_doc="",
+            example="/etc/fedge/broker/passwd",
+            commented=True,
+            read="path",
+        ),
+        Key(
+            "broker_pid_file",
+            "mosquitto's pid file (`fedge broker config` writes pid_file): after each "
+            "change of the password file the service sends mosquitto SIGHUP, which "
+            "re-reads it and disconnects a revoked device at once. The broker runs on "
+            "this machine.",
+            default=None,
+            default_doc="",
+            example="/etc/fedge/broker/mosquitto.pid",
+            commented=True,
+            read="path",
+        ),
+        Key(
+            "keyset",
+            "The signed key set (`fedge keys keyset-init`) an enrolling device starts "
+            "from: its initial trust anchor. Later rotations reach it over MQTT.",
+            default=None,
+            default_doc="",
+            example="/etc/fedge/keys/keyset.json",
+            commented=True,
+            read="path",
+        ),
+        Key(
+            "fleet",
+            "The fleet id written into enrolled devices' agent.toml (trust.fleet); such "
+            "devices install only what the fleet statement names.",
+            default=None,
+            default_doc="the [fleet] id, if any",
+            example="production",
+            commented=True,
+        ),
+        Key(
+            "ca_dir",
+            "The directory of the fleet's CA (`fedge ca init`): with it a device may "
+            "enroll for mutual TLS (`fedge-agent enroll --certificate`, a CSR instead of "
+            "a password) and gets a certificate from it; revoking it puts its "
+            "certificates on the CA's CRL (the broker's crlfile) and disconnects it.",
+            default=None,
+            default_doc="password accounts only",
+            example="/etc/fedge/ca",
+            commented=True,
+            read="path",
+        ),
+        Key(
+            "token_hours",
+            "How long an enrollment token stays valid unless `fedge device enroll "
+            "--expires-in` says otherwise, in hours. A token works once.",
+            default=DEFAULT_TOKEN_HOURS,
+        ),
+    ),
+    help="Enrolling devices with one-time tokens (fedge device enroll; fedge-agent enroll).",
+)
+
 SERVICE_SCHEMA = Schema(
     title=(
         "fedge coordinator service configuration (TOML).\n\n"
@@ -334,7 +426,7 @@ SERVICE_SCHEMA = Schema(
         "Command-line flags override these values. Relative paths are relative to this "
         "file's directory."
     ),
-    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS, _FLEET),
+    sections=(_TOP, _BROKER, _TRUST, _TELEMETRY, _API, _ROLLOUTS, _RUNS, _FLEET, _ENROLLMENT),
     example_package="coordinator.service",
     example_name="coordinator.example.toml",
     replace_together=(("broker.url", "broker.embedded"),),

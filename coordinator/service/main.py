@@ -42,6 +42,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.link.hub import MqttHub
 from coordinator.service.api.app import create_app
 from coordinator.service.config import ServiceConfig
+from coordinator.service.enrollment import EnrollmentDesk
 from coordinator.service.fleet_service import FleetService, open_store
 from coordinator.sim.embedded_broker import EmbeddedBroker
 from edge_agent.config.agent import BrokerConfig
@@ -225,6 +226,12 @@ def run_service(config: ServiceConfig, *, on_ready: Callable[[str], None] | None
             config=api_config,
             on_auth_failure=service.record_auth_failure,
             auth_history=service.recent_auth_failures(limits.window_s + limits.lockout_s),
+            enrollment=EnrollmentDesk(
+                store,
+                config.enrollment,
+                forget=hub.forget_device,
+                ca=config.enrollment.device_ca(),
+            ),
         )
 
         def ready() -> None:

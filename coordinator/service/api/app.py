@@ -67,7 +67,9 @@ from coordinator.service.api.auth import (
     client_address,
 )
 from coordinator.service.api.auth_limits import AuthLimits, FailedAuthLimiter
+from coordinator.service.api.enrollment_routes import ENROLL_PATH, add_enrollment_routes
 from coordinator.service.api.routes import ARTIFACTS_PATH, PUBLIC_PATHS, add_routes
+from coordinator.service.enrollment import EnrollmentDesk
 from coordinator.service.operations import Operations
 
 __all__ = ["ApiConfig", "BodyLimitMiddleware", "BodyTooLargeError", "create_app", "status_for"]
@@ -343,6 +345,7 @@ def create_app(
     on_auth_failure: AuthFailureHook | None = None,
     auth_clock: Callable[[], float] = time.monotonic,
     auth_history: Iterable[tuple[str, float]] = (),
+    enrollment: EnrollmentDesk | None = None,
 ) -> FastAPI:
     """Build the coordinator's HTTP API over an operations object.
 
@@ -359,6 +362,9 @@ def create_app(
         auth_history: Failed authentications from before a restart, ``(address,
             age in seconds)`` (the service reads them from its audit log), replayed
             into the limiter so cool-downs survive the restart.
+        enrollment: The device registry and enrollment (its routes, ``POST
+            /v1/enroll`` public, are added only with it; see
+            :mod:`coordinator.service.api.enrollment_routes`).
 
     Returns:
         An ASGI app to hand to uvicorn (or to ``TestClient``).
@@ -398,11 +404,14 @@ def create_app(
         if config.docs
         else set()
     )
+    public = PUBLIC_PATHS | docs | ({ENROLL_PATH} if enrollment is not None else set())
     app.add_middleware(  # added last: the outermost layer, before the body limits
-        AuthMiddleware, guard=guard, public=frozenset(PUBLIC_PATHS | docs), refuse=_refusal
+        AuthMiddleware, guard=guard, public=frozenset(public), refuse=_refusal
     )
     app.add_exception_handler(CoordinatorError, _coordinator_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     add_routes(app.router, ops, guard)
+    if enrollment is not None:
+        add_enrollment_routes(app.router, enrollment, guard)
     return app

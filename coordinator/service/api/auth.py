@@ -199,9 +199,7 @@ class Guard:
                 if the role is too weak.
             StoreError: ``authenticate`` failed (the app answers 500).
         """
-        wait = self._limiter.retry_after(client_host(request))
-        if wait is not None:
-            raise _too_many(request, wait)
+        self.refuse_if_cooling_down(request)
         if credentials is None:
             reason = (
                 "no Authorization header"
@@ -219,6 +217,34 @@ class Guard:
             reason = "unknown, revoked or expired token"
             raise self._unauthorized(request, reason, presented_id, invalid)
         return self._check_role(request, actor, role)
+
+    def refuse_if_cooling_down(self, request: Request) -> None:
+        """Raise 429 while the client's address cools down after too many failures.
+
+        Public routes that take a secret of their own (the enrollment token) call
+        it before looking at the secret, and :meth:`failed` when it is wrong.
+
+        Raises:
+            HTTPException: 429 with ``Retry-After``.
+        """
+        wait = self._limiter.retry_after(client_host(request))
+        if wait is not None:
+            raise _too_many(request, wait)
+
+    def failed(self, request: Request, reason: str, message: str) -> HTTPException:
+        """Count, log and record a failed authentication by another secret than a token.
+
+        Args:
+            request: The request.
+            reason: Why, for the log and the audit (no secret in it).
+            message: What the client is told.
+
+        Returns:
+            The 401 to raise.
+        """
+        refusal = self._unauthorized(request, reason, None, "Bearer")
+        refusal.detail = message
+        return refusal
 
     @staticmethod
     def _check_role(request: Request, actor: Actor, role: Role) -> Actor:

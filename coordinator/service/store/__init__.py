@@ -28,7 +28,8 @@ migrations), :mod:`~coordinator.service.store.schema` (the SQL),
 :mod:`~coordinator.service.store.records` (returned rows), and one mixin module per table
 group (:mod:`~coordinator.service.store.fleet`, :mod:`~coordinator.service.store.deploy`,
 :mod:`~coordinator.service.store.runs`, :mod:`~coordinator.service.store.access`,
-:mod:`~coordinator.service.store.drift`).
+:mod:`~coordinator.service.store.drift`,
+:mod:`~coordinator.service.store.registry`).
 """
 
 from coordinator.service.store.access import LAST_USED_RESOLUTION_S

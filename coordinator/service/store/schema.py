@@ -176,11 +176,40 @@ _V4 = (
     "CREATE INDEX drift_at ON drift_scores (at)",
 )
 
+_V5 = (
+    # Devices an operator enrolled (fedge device enroll): pending until the device
+    # redeems its token, accepted once its broker account exists, revoked after.
+    """
+    CREATE TABLE registry (
+        device_id   TEXT PRIMARY KEY,
+        state       TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'revoked')),
+        credential  TEXT CHECK (credential IN ('password', 'certificate')),
+        created_by  TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        accepted_at REAL,
+        revoked_at  REAL,
+        updated_at  REAL NOT NULL
+    )
+    """,
+    # One-time enrollment tokens: only their SHA-256 is kept, bound to one device.
+    """
+    CREATE TABLE enrollment_tokens (
+        hash       TEXT PRIMARY KEY,
+        device_id  TEXT NOT NULL REFERENCES registry (device_id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at    REAL
+    )
+    """,
+    "CREATE INDEX enrollment_tokens_device ON enrollment_tokens (device_id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
     Migration(2, "telemetry windows stored once", _V2),
     Migration(3, "API tokens can expire", _V3),
     Migration(4, "drift scores", _V4),
+    Migration(5, "device registry and enrollment tokens", _V5),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 
