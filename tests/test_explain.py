@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from compress.families import FloatArray
+from compress.keys import SigningKey
 from compress.manifest import TensorSpec
 from compress.onnx_export import export_onnx
 from compress.profile import ReferenceProfile, profile_from_data
+from coordinator.delivery.deliveries import Artifact
+from coordinator.link.fleet import Target
 from edge_agent.errors import ExplainError, InvalidInputError, NoModelError
 from edge_agent.monitoring import ServingMonitor
 from edge_agent.monitoring.explain import (
@@ -35,6 +39,15 @@ from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
 from edge_agent.serving.server import LoadedModel, ModelServer
 from edge_agent.serving.telemetry import ProcessSampler, TelemetryCollector
 from tests.conftest import make_manifest
+from tests.fleet_support import (
+    FEATURES,
+    InProcessFleet,
+    Mosquitto,
+    coordinator,
+    make_artifact,
+    open_deliveries,
+    wait_for,
+)
 from tests.model_fixtures import FakeRuntime
 from tests.test_http_api import call
 
@@ -403,3 +416,36 @@ def test_http_explain_keeps_the_access_rules(endpoint: tuple[str, int]) -> None:
         endpoint, "GET", "/v1/explain", None, {"Authorization": f"Bearer {TOKEN}"}
     )
     assert status == 405
+
+
+# --- Agent.explain on an in-process agent -----------------------------------------------------
+
+
+@pytest.fixture
+def broker_users() -> list[str]:
+    return ["pi-1"]
+
+
+@pytest.mark.slow
+def test_agent_explain_uses_the_deployed_model_and_its_profile(
+    tmp_path: Path, broker: Mosquitto, fleet: InProcessFleet, signing_key: SigningKey
+) -> None:
+    agent = fleet.start("pi-1", private_loop=True)
+    coord = coordinator(broker)
+    try:
+        with pytest.raises(NoModelError):
+            agent.explain(np.zeros(FEATURES, np.float32))
+        wait_for(lambda: any(r.device_id == "pi-1" and r.online for r in coord.fleet()),
+                 what="pi-1 online")  # fmt: skip
+        artifact = Artifact.load(make_artifact(tmp_path, signing_key, version=1))
+        with open_deliveries(coord) as ops:
+            assert ops.wait(ops.deploy(artifact, Target.parse("all")), timeout=30).succeeded
+        row = np.random.default_rng(4).random((1, FEATURES), dtype=np.float32)
+        result = agent.explain(row)
+        assert (result.model, result.version) == ("digits", 1)
+        assert result.baseline == "median"
+        assert agent.predict(row).labels == (result.label,)
+        assert len(result.attributions) == FEATURES
+        assert result.calls == 1
+    finally:
+        coord.stop()
