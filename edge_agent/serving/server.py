@@ -31,8 +31,12 @@ range are refused with :class:`~edge_agent.errors.InvalidInputError` (``reason``
 the optional :class:`~edge_agent.monitoring.ServingMonitor`, which also counts every
 valid prediction into the window summary that telemetry sends.
 
-Every call, successful or not (including calls made while no model is active), is
-reported to the optional :class:`PredictionObserver` with its latency, which is how
+:meth:`ModelServer.explain` answers occlusion attributions of one input
+(:mod:`edge_agent.monitoring.explain`): validated the same way, but neither counted
+as a prediction nor summarised; the optional :class:`ExplanationObserver` counts it.
+
+Every prediction call, successful or not (including calls made while no model is
+active), is reported to the optional :class:`PredictionObserver` with its latency, which is how
 the agent's telemetry counts requests, errors and latencies. An observer that raises
 is logged and otherwise ignored: telemetry never fails a prediction.
 """
