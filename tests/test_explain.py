@@ -24,7 +24,7 @@ from compress.onnx_export import export_onnx
 from compress.profile import ReferenceProfile, profile_from_data
 from coordinator.delivery.deliveries import Artifact
 from coordinator.link.fleet import Target
-from edge_agent.errors import ExplainError, InvalidInputError, NoModelError
+from edge_agent.errors import ExplainError, InvalidInputError, ModelRuntimeError, NoModelError
 from edge_agent.monitoring import ServingMonitor
 from edge_agent.monitoring.explain import (
     MAX_EVALUATIONS,
@@ -310,6 +310,27 @@ def test_bad_input_is_refused_as_for_predict_and_not_summarised() -> None:
     assert summary is not None
     assert summary.n == 0
     assert summary.invalid.total == 0
+
+
+def test_an_output_without_one_row_per_evaluation_is_a_runtime_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plan = occlusion_plan((2,), None)
+    with caplog.at_level(logging.ERROR), pytest.raises(ModelRuntimeError) as info:
+        explain(lambda rows: rows[:1], np.zeros((1, 2), np.float32), plan, model="m")
+    assert "expected 4 output rows" in str(info.value)
+    assert "cannot explain: m: expected 4 output rows" in caplog.text
+
+
+def test_non_finite_scores_are_null_in_json() -> None:
+    def run(rows: np.ndarray) -> np.ndarray:
+        out = rows.copy()
+        out[2, 1] = np.inf  # hiding feature 0 blows the score up
+        return out
+
+    result = explain(run, np.ones((1, 2), np.float32), occlusion_plan((2,), None), target=1)
+    answer = json.loads(json.dumps(result.to_json(), allow_nan=False))
+    assert answer["attributions"] == [None, 1.0]
 
 
 def test_no_model() -> None:
