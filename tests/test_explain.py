@@ -134,6 +134,7 @@ def test_vector_attributions_name_the_only_feature_that_matters() -> None:
     assert int(np.argmax(attributions)) == J
     assert attributions[J] > 0.3
     np.testing.assert_allclose(np.delete(attributions, J), 0.0, atol=1e-6)
+    assert not result.flat
     assert result.baseline_score == pytest.approx(0.5, abs=1e-6)  # all zeros: no evidence
     # the other class: the same feature, with the opposite sign
     other = server.explain(x, target=0)
@@ -331,6 +332,18 @@ def test_non_finite_scores_are_null_in_json() -> None:
     result = explain(run, np.ones((1, 2), np.float32), occlusion_plan((2,), None), target=1)
     answer = json.loads(json.dumps(result.to_json(), allow_nan=False))
     assert answer["attributions"] == [None, 1.0]
+
+
+def test_a_score_no_part_moves_is_flagged_flat() -> None:
+    saturated = np.array([[0.0, 254 / 255]], np.float32)  # an int8 softmax at its top
+    result = explain(
+        lambda rows: np.repeat(saturated, len(rows), axis=0),
+        np.ones((1, 3), np.float32),
+        occlusion_plan((3,), None),
+    )
+    assert result.flat
+    assert result.to_json()["flat"] is True
+    assert result.attributions == (0.0, 0.0, 0.0)
 
 
 def test_no_model() -> None:

@@ -164,6 +164,9 @@ class Explanation:
         attributions: Per group, ``score`` minus the score with that group hidden.
         view: How the groups were made, ``groups`` their grid, ``baseline`` where
             the hidden values came from (``median`` or ``zero``).
+        flat: No part moved the score at all (every attribution is 0): typical of a
+            confident int8 model, whose probabilities move in steps of 1/255 and
+            saturate; the explanation then says nothing about the parts.
         evaluations: Rows the model evaluated; ``calls``: runtime calls made.
         latency_ms: Wall time of the explanation.
     """
@@ -178,6 +181,7 @@ class Explanation:
     view: str
     groups: tuple[int, ...]
     baseline: str
+    flat: bool
     evaluations: int
     calls: int
     latency_ms: float
@@ -195,6 +199,7 @@ class Explanation:
             "view": self.view,
             "groups": list(self.groups),
             "baseline": self.baseline,
+            "flat": self.flat,
             "evaluations": self.evaluations,
             "calls": self.calls,
             "latency_ms": self.latency_ms,
@@ -305,6 +310,7 @@ def explain(
             "target", f"target {target} is not a column of the output (0..{columns - 1})", model
         )
     column = scores[:, target]
+    attributions = column[0] - column[2:]
     return Explanation(
         model=model,
         version=version,
@@ -312,10 +318,11 @@ def explain(
         label=label,
         score=float(column[0]),
         baseline_score=float(column[1]),
-        attributions=tuple(float(v) for v in column[0] - column[2:]),
+        attributions=tuple(float(v) for v in attributions),
         view=plan.view,
         groups=plan.groups,
         baseline=plan.source,
+        flat=not np.any(attributions),
         evaluations=evaluations,
         calls=calls,
         latency_ms=(clock() - start) * 1000.0,

@@ -18,7 +18,8 @@ sends as is. Typed errors of the model server map to statuses in one place
 
     {"model":"iris","version":3,"target":1,"label":1,"score":0.71,
      "baseline_score":0.2,"attributions":[0.01,0.02,0.55,0.3],"view":"vector",
-     "groups":[4],"baseline":"median","evaluations":6,"calls":1,"latency_ms":0.4}
+     "groups":[4],"baseline":"median","flat":false,"evaluations":6,"calls":1,
+     "latency_ms":0.4}
 
 Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
 
