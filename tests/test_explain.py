@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from edge_agent.monitoring.explain import (
 from edge_agent.protocol import TelemetryBatch, decode, encode
 from edge_agent.runtime.base import ModelRuntime, TensorInfo
 from edge_agent.runtime.onnx_runtime import OnnxRuntimeModel
+from edge_agent.serving import http_routes
 from edge_agent.serving.http_api import HttpConfig, LocalHttpServer
 from edge_agent.serving.server import LoadedModel, ModelServer
 from edge_agent.serving.telemetry import ProcessSampler, TelemetryCollector
@@ -48,7 +51,7 @@ from tests.fleet_support import (
     open_deliveries,
     wait_for,
 )
-from tests.model_fixtures import FakeRuntime
+from tests.model_fixtures import N_FEATURES, FakeRuntime, softmax_runtime, softmax_weights
 from tests.test_http_api import call
 
 D = 8
@@ -483,3 +486,24 @@ def test_agent_explain_uses_the_deployed_model_and_its_profile(
         assert result.calls == 1
     finally:
         coord.stop()
+
+
+def test_the_docstring_example_of_the_route_works() -> None:
+    doc = http_routes.__doc__ or ""
+    command = re.search(r"curl .*?/v1/explain", doc, re.DOTALL)
+    shown = re.search(r"(\{\"model\".*?\})\n", doc, re.DOTALL)
+    assert command is not None
+    assert shown is not None
+    args = shlex.split(command.group(0).replace("\\\n", " "))
+    body = args[args.index("-d") + 1]
+    server = ModelServer()
+    server.activate(_loaded(softmax_runtime(softmax_weights(0))))
+    with LocalHttpServer(server, HttpConfig(host="127.0.0.1", port=0)) as http:
+        status, _headers, answer = call(
+            http.address, "POST", "/v1/explain", body.encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+    assert status == 200, answer
+    assert set(answer) == set(json.loads(shown.group(1)))
+    assert answer["target"] == 1
+    assert len(answer["attributions"]) == N_FEATURES
