@@ -65,6 +65,7 @@ from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
 from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
 from edge_agent.monitoring import ServingMonitor
+from edge_agent.monitoring.explain import Explanation
 from edge_agent.ota.fleet_guard import FleetGuard
 from edge_agent.ota.installer import Checkpoint
 from edge_agent.ota.keyset_store import KeySetStore, load_trust
@@ -195,6 +196,7 @@ class Agent:
             observer=self._telemetry,
             on_prediction=self._remember if self._feedback is not None else None,
             monitor=self._monitor,
+            explanations=self._telemetry,
         )
         local_data = None
         if training.data is not None or self._feedback is not None:
@@ -327,6 +329,20 @@ class Agent:
             ModelRuntimeError: an engine failure.
         """
         return self._server.predict(inputs)
+
+    def explain(
+        self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike], target: int | None = None
+    ) -> Explanation:
+        """Per-feature occlusion attributions of the installed model for one input
+        (see :meth:`ModelServer.explain` and :mod:`edge_agent.monitoring.explain`).
+
+        Raises:
+            NoModelError: no model is installed.
+            InvalidInputError: the input does not fit the model's manifest.
+            ExplainError: not one example, several model inputs, a bad target.
+            ModelRuntimeError: an engine failure.
+        """
+        return self._server.explain(inputs, target)
 
     def feedback(
         self,
@@ -624,6 +640,7 @@ class Agent:
             "broker_error": self._link.last_error,
             "predictions": totals.predictions,
             "errors": totals.errors,
+            "explanations": totals.explanations,
             "agent_version": __version__,
             "model_expired": self.updates.serving_expired(),
             "model_problems": [problem.to_json() for problem in self.updates.problems],

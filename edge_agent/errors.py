@@ -19,7 +19,8 @@ The tree::
     │   └── TopicError                  a topic outside the tree, or a bad device id
     ├── ModelRuntimeError           a model could not be loaded or run
     │   ├── NoModelError                no model is installed to serve predictions
-    │   └── InvalidInputError           a prediction's input breaks the manifest's spec
+    │   ├── InvalidInputError           a prediction's input breaks the manifest's spec
+    │   └── ExplainError                an explanation request is refused (cost, target)
     │                                   (shape, dtype, NaN/inf, out of range): refused
     ├── BrokerError                 the MQTT broker refused us or cannot be reached
     ├── EnrollmentFailedError       ``fedge-agent enroll`` could not enroll this device
@@ -131,6 +132,23 @@ class InvalidInputError(ModelRuntimeError):
     """
 
     code = "invalid_input"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ExplainError(ModelRuntimeError):
+    """An explanation cannot be computed for this request; it is refused before the
+    model runs (:mod:`edge_agent.monitoring.explain`).
+
+    ``reason`` is ``examples`` (not exactly one example), ``target`` (a class index
+    outside the model's first output), ``inputs`` (a model with several inputs, or a
+    non-numeric one) or ``too_costly`` (more evaluations than
+    :data:`~edge_agent.monitoring.explain.MAX_EVALUATIONS`); the HTTP API answers 422.
+    """
+
+    code = "cannot_explain"
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)

@@ -63,9 +63,9 @@ def broker_users() -> list[str]:
     return [DEVICE, HOSTILE]
 
 
-def _post(port: int, body: dict[str, Any]) -> tuple[int, Any]:
+def _post(port: int, body: dict[str, Any], route: str = "predict") -> tuple[int, Any]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/predict",
+        f"http://127.0.0.1:{port}/v1/{route}",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -109,6 +109,13 @@ def test_agent_summaries_reach_the_coordinator_and_match_the_inputs(
             status, answer = _post(port, {"inputs": rows.tolist()})
             assert status == 200, answer
             labels.extend(answer["labels"])
+        # an explanation runs the model on 18 rows but is neither a prediction nor
+        # summarised: telemetry counts it as an explanation
+        status, answer = _post(port, {"inputs": sent[0].tolist()}, "explain")
+        assert status == 200, answer
+        assert answer["baseline"] == "median"
+        assert len(answer["attributions"]) == FEATURES
+        assert answer["label"] == labels[0]
         refused = {
             "out_of_range": [[50.0] * FEATURES],
             "shape": [[0.5] * (FEATURES - 1)],
@@ -127,14 +134,19 @@ def test_agent_summaries_reach_the_coordinator_and_match_the_inputs(
 
         def complete() -> bool:
             got = summaries()
+            with lock:
+                explained = sum(r.explanations for r in records)
             return (
-                sum(s.n for s in got) == len(rows_sent) and sum(s.invalid.total for s in got) == 3
+                sum(s.n for s in got) == len(rows_sent)
+                and sum(s.invalid.total for s in got) == 3
+                and explained == 1
             )
 
         wait_for(complete, timeout=20, what="summaries of every input sent")
         got = summaries()
         with lock:
             assert all(r.model == "digits" and r.version == 1 for r in records if r.summary)
+            assert sum(r.predictions for r in records) == len(sent)
         counts = sum(s.feature_counts() for s in got)
         np.testing.assert_array_equal(counts, bin_counts(profile.edge_array(), features(rows_sent)))
         classes = np.sum([s.classes for s in got], axis=0)

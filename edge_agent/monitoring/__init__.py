@@ -1,4 +1,4 @@
-"""Monitoring on the device: input validation and per-window summaries.
+"""Monitoring on the device: input validation, per-window summaries, explanations.
 
 * :mod:`~edge_agent.monitoring.validation`: every prediction's input is checked
   against the served model's input spec and reference profile (shape, dtype,
@@ -8,6 +8,9 @@
   inputs' features in the profile's bins, the predicted classes and the confidence
   bins; :class:`ServingMonitor` keeps one window for the model being served and
   closes it with each telemetry record (the record's ``summary``).
+* :mod:`~edge_agent.monitoring.explain`: occlusion attributions of one input,
+  computed with the served model itself in one bounded runtime call
+  (``Agent.explain``, ``POST /v1/explain``).
 
 Pure numpy, vectorised; see docs/monitoring.md for the figures and the wire form.
 """

@@ -184,6 +184,8 @@ class TelemetryRecord:
         uptime_s: Agent uptime in seconds.
         summary: The window's summary against the served model's reference profile
             (None: no model, or one without a profile). Optional on the wire.
+        explanations: Explanations served in the window (``POST /v1/explain``; not
+            predictions). Optional on the wire: absent when 0.
     """
 
     window_start: float
@@ -198,6 +200,7 @@ class TelemetryRecord:
     memory_bytes: int
     uptime_s: float
     summary: WindowSummary | None = None
+    explanations: int = 0
 
 
 def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
@@ -223,6 +226,8 @@ def _record_to_json(record: TelemetryRecord) -> dict[str, Any]:
     }
     if record.summary is not None:
         data["summary"] = record.summary.to_json()
+    if record.explanations:
+        data["explanations"] = record.explanations
     return data
 
 
@@ -263,6 +268,7 @@ def _record_from_json(records: FieldReader, key: str, limits: Limits) -> Telemet
         memory_bytes=rec.integer("memory_bytes"),
         uptime_s=rec.number("uptime_s"),
         summary=summary,
+        explanations=rec.opt_integer("explanations") or 0,
     )
 
 

@@ -38,44 +38,18 @@ Endpoints:
   ``bad_label`` (a label or target that does not fit the prediction),
   ``bad_data`` (inputs that do not fit the examples already stored) or
   ``malformed``, 404 ``not_found`` when feedback is off.
+* ``POST /v1/explain`` with ``{"inputs": [...], "target": 3}`` (``target``
+  optional: the predicted class by default) answers 200 with per-feature occlusion
+  attributions of one input (:mod:`edge_agent.serving.http_routes` has an example),
+  at most 66 model evaluations in one runtime call; validated like predict, counted
+  in telemetry as ``explanations``, not as predictions.
 * ``GET /v1/model`` answers 200 with :meth:`edge_agent.serving.server.LoadedModel.info`, or
   404 with code ``no_model``.
 
-Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``:
-
-====  ==========================================================================
-400   ``malformed``: the body is not one strict JSON object (parsed by
-      :func:`compress.strictjson.loads_strict`: ``NaN``, ``Infinity``, numbers
-      that overflow a double, duplicate keys, lone surrogates and nesting deeper
-      than :data:`edge_agent.serving.http_bodies.MAX_JSON_DEPTH` are refused), not an object with
-      exactly the key ``inputs``, or holds something other than numbers and lists;
-      a bad ``Content-Length``. ``runtime_error``: the runtime failed on the inputs.
-401   ``unauthorized``: a bearer token is configured and the request (to any path
-      but ``/v1/health``) lacks ``Authorization: Bearer <token>`` or has another
-      one; with a ``WWW-Authenticate: Bearer`` header.
-404   ``not_found``: unknown path; ``no_model`` on ``GET /v1/model``.
-405   ``method_not_allowed`` (with an ``Allow`` header).
-408   ``timeout``: the body did not arrive within ``timeout_s``.
-411   ``length_required``: no ``Content-Length`` (chunked bodies are not accepted).
-413   ``too_large``: ``Content-Length`` over ``max_body_bytes``, refused before
-      reading the body.
-415   ``unsupported_media_type``: a POST body without ``Content-Type:
-      application/json`` (a ``charset`` parameter, if any, must be ``utf-8``).
-      Required, so that a web page cannot post to the endpoint without a CORS
-      preflight (which it never grants).
-421   ``host_not_allowed``: the ``Host`` header is missing or names a host this
-      endpoint does not answer to (DNS rebinding; see
-      :mod:`edge_agent.serving.http_access`).
-422   ``invalid_input``: the inputs do not fit the served model's manifest; the
-      error carries ``"reason"``: ``dtype`` (cannot be converted to the input's
-      dtype), ``shape`` (rank, fixed dimensions or input names), ``nan`` (NaN or
-      infinite values) or ``out_of_range`` (outside the reference profile's value
-      range). Refused before the model runs, logged, and counted by reason in the
-      telemetry window summary (:mod:`edge_agent.monitoring`).
-500   ``internal``: an unexpected error, logged with its traceback; the response
-      says nothing more.
-503   ``no_model``: no model is installed yet.
-====  ==========================================================================
+Every error is JSON, ``{"error": {"code": "...", "message": "..."}}``; the table of
+statuses and codes is in :mod:`edge_agent.serving.http_routes` (e.g. 400
+``malformed``, 401 ``unauthorized``, 413 ``too_large``, 422 ``invalid_input`` with a
+``reason``, 503 ``no_model``).
 
 Access (:mod:`edge_agent.serving.http_access`, checked before routing): the endpoint
 listens on loopback by default and :class:`HttpConfig` refuses any other address unless
@@ -111,18 +85,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
-from edge_agent.errors import (
-    ConfigError,
-    InvalidInputError,
-    ModelRuntimeError,
-    NoModelError,
-    StateError,
-    TrainingError,
-    UnknownPredictionError,
-)
+from edge_agent.errors import ConfigError, NoModelError
 from edge_agent.serving.http_access import (
     HEALTH_PATH,
     MAX_BODY_BYTES,
@@ -131,32 +97,15 @@ from edge_agent.serving.http_access import (
     check_content_type,
     is_loopback,
 )
-from edge_agent.serving.http_bodies import (
-    RequestError,
-    parse_feedback_body,
-    parse_predict_body,
+from edge_agent.serving.http_bodies import RequestError
+from edge_agent.serving.http_routes import (
+    FeedbackHandler,
+    explain_route,
+    feedback_route,
+    predict_route,
 )
 from edge_agent.serving.server import ModelServer
 from edge_agent.serving.unix_socket import bind_owner_only, claim_path, peer_label, release_path
-
-
-class FeedbackHandler(Protocol):
-    """Stores the label(s) or target(s) of a prediction; returns how many examples.
-
-    Called as ``handler(prediction_id, label)`` or ``handler(prediction_id,
-    target=target)``, with the values of :class:`~edge_agent.serving.http_bodies.FeedbackBody`.
-    """
-
-    def __call__(
-        self,
-        prediction_id: str,
-        label: int | list[int] | None = None,
-        *,
-        target: float | list[float] | list[list[float]] | None = None,
-    ) -> int:
-        """Store the feedback; raise the agent's typed errors when it cannot be."""
-        ...
-
 
 __all__ = ["MAX_BODY_BYTES", "FeedbackHandler", "HttpConfig", "LocalHttpServer", "is_loopback"]
 
@@ -175,6 +124,7 @@ _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 _ROUTES = {
     "/v1/predict": "POST",
     "/v1/feedback": "POST",
+    "/v1/explain": "POST",
     HEALTH_PATH: "GET",
     "/v1/model": "GET",
 }
@@ -349,10 +299,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(
                     405, "method_not_allowed", f"{path} accepts {allowed}, not {self.command}"
                 )
+            api = self.server.api
             if path == "/v1/predict":
-                self._predict()
+                self._send_json(200, predict_route(api.models, self._read_body()))
             elif path == "/v1/feedback":
-                self._feedback()
+                self._send_json(200, feedback_route(api.feedback, self._read_body()))
+            elif path == "/v1/explain":
+                self._send_json(200, explain_route(api.models, self._read_body()))
             elif path == HEALTH_PATH:
                 self._health()
             else:
@@ -368,36 +321,6 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("unexpected error serving %s %s", self.command, path[:100])
             if not self._responded:
                 self._send_error(500, "internal", "internal error; see the agent's log")
-
-    def _predict(self) -> None:
-        inputs = parse_predict_body(self._read_body())
-        try:
-            prediction = self.server.api.models.predict(inputs)
-        except NoModelError as exc:
-            raise RequestError(503, exc.code, str(exc)) from exc
-        except InvalidInputError as exc:
-            raise RequestError(422, exc.code, str(exc), reason=exc.reason) from exc
-        except ModelRuntimeError as exc:
-            raise RequestError(400, exc.code, str(exc)) from exc
-        self._send_json(200, prediction.to_json())
-
-    def _feedback(self) -> None:
-        handler = self.server.api.feedback
-        if handler is None:
-            raise RequestError(404, "not_found", "labelled feedback is off on this agent")
-        body = parse_feedback_body(self._read_body())
-        try:
-            if body.target is not None:
-                stored = handler(body.prediction_id, target=body.target)
-            else:
-                stored = handler(body.prediction_id, body.label)
-        except UnknownPredictionError as exc:
-            raise RequestError(404, exc.code, str(exc)) from exc
-        except TrainingError as exc:
-            raise RequestError(400, exc.code, str(exc)) from exc
-        except StateError as exc:
-            raise RequestError(503, exc.code, str(exc)) from exc
-        self._send_json(200, {"stored": stored})
 
     def _health(self) -> None:
         api = self.server.api

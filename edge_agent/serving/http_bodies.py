@@ -9,6 +9,8 @@ and hands it here:
   (class labels) or ``{"prediction_id": "...", "target": X or [X, ...] or [[X, ...],
   ...]}`` (a regression model's true values: one number per example, or a list of
   its outputs per example);
+* :func:`parse_explain_body`: a predict body with an optional ``"target"`` (a
+  class index, an integer >= 0);
 * :func:`is_json_media_type`: whether a declared ``Content-Type`` is JSON in UTF-8.
 
 Bodies are parsed by :func:`compress.strictjson.loads_strict`, the project's one
@@ -34,6 +36,7 @@ __all__ = [
     "FeedbackBody",
     "RequestError",
     "is_json_media_type",
+    "parse_explain_body",
     "parse_feedback_body",
     "parse_predict_body",
 ]
@@ -196,10 +199,32 @@ def parse_predict_body(body: bytes) -> Any:
     Raises:
         RequestError: 400, the body is not strict JSON of the expected form.
     """
+    return _inputs(_parse_object(body), {"inputs"})
+
+
+def parse_explain_body(body: bytes) -> tuple[Any, int | None]:
+    """The ``inputs`` and optional ``target`` of an explain request body.
+
+    Raises:
+        RequestError: 400, the body is not strict JSON of the expected form.
+    """
     doc = _parse_object(body)
-    unknown = sorted(set(doc) - {"inputs"})
+    inputs = _inputs(doc, {"inputs", "target"})
+    target = doc.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+        raise RequestError(400, "malformed", '"target" must be an integer (a class index)')
+    if target is not None and target < 0:
+        raise RequestError(400, "malformed", '"target" must be >= 0')
+    return inputs, target
+
+
+def _inputs(doc: dict[str, Any], allowed: set[str]) -> Any:
+    """The checked ``inputs`` of a request body that may hold only ``allowed`` keys."""
+    unknown = sorted(set(doc) - allowed)
     if unknown:
-        raise RequestError(400, "malformed", f"unknown fields {unknown}; expected only 'inputs'")
+        raise RequestError(
+            400, "malformed", f"unknown fields {unknown}; expected only {sorted(allowed)}"
+        )
     if "inputs" not in doc:
         raise RequestError(400, "malformed", 'the body must have an "inputs" field')
     inputs = doc["inputs"]

@@ -31,8 +31,12 @@ range are refused with :class:`~edge_agent.errors.InvalidInputError` (``reason``
 the optional :class:`~edge_agent.monitoring.ServingMonitor`, which also counts every
 valid prediction into the window summary that telemetry sends.
 
-Every call, successful or not (including calls made while no model is active), is
-reported to the optional :class:`PredictionObserver` with its latency, which is how
+:meth:`ModelServer.explain` answers occlusion attributions of one input
+(:mod:`edge_agent.monitoring.explain`): validated the same way, but neither counted
+as a prediction nor summarised; the optional :class:`ExplanationObserver` counts it.
+
+Every prediction call, successful or not (including calls made while no model is
+active), is reported to the optional :class:`PredictionObserver` with its latency, which is how
 the agent's telemetry counts requests, errors and latencies. An observer that raises
 is logged and otherwise ignored: telemetry never fails a prediction.
 """
@@ -54,11 +58,19 @@ from compress.errors import CompressError
 from compress.manifest import Manifest
 from compress.profile import ReferenceProfile
 from edge_agent.errors import ModelRuntimeError, NoModelError
+from edge_agent.monitoring.explain import Explanation, explain, occlusion_plan, refuse_explain
 from edge_agent.monitoring.summary import ServingMonitor
 from edge_agent.monitoring.validation import InputProblem, TensorShape, check_input, refusal
 from edge_agent.runtime.base import ModelRuntime, TensorInfo, convert_input
 
-__all__ = ["PREDICTION_ID_BYTES", "LoadedModel", "ModelServer", "Prediction", "PredictionObserver"]
+__all__ = [
+    "PREDICTION_ID_BYTES",
+    "ExplanationObserver",
+    "LoadedModel",
+    "ModelServer",
+    "Prediction",
+    "PredictionObserver",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +193,14 @@ class PredictionObserver(Protocol):
         ...
 
 
+class ExplanationObserver(Protocol):
+    """Counts explanations (the agent's telemetry, apart from its predictions)."""
+
+    def record_explanation(self) -> None:
+        """Count one explanation served."""
+        ...
+
+
 def _convert(value: npt.ArrayLike, info: TensorInfo) -> np.ndarray | InputProblem:
     """``value`` as an array of ``info``'s dtype (1-D -> one row for a 2-D input), or
     the ``dtype`` problem when it cannot be converted or overflows the dtype."""
@@ -257,6 +277,8 @@ class ModelServer:
             agent remembers them so labelled feedback can refer to them).
         monitor: Counts refused inputs by reason and valid predictions into the
             served model's window summary.
+        explanations: Counts explanations (:meth:`explain`), which are neither
+            predictions nor summarised.
     """
 
     def __init__(
@@ -266,8 +288,10 @@ class ModelServer:
         perf_clock: Callable[[], float] = time.perf_counter,
         on_prediction: Callable[[Prediction, Any], None] | None = None,
         monitor: ServingMonitor | None = None,
+        explanations: ExplanationObserver | None = None,
     ) -> None:
         self._observer = observer
+        self._explanations = explanations
         self._monitor = monitor
         self._on_prediction = on_prediction
         self._perf_clock = perf_clock
@@ -334,6 +358,53 @@ class ModelServer:
             except Exception:
                 logger.exception("prediction hook failed; the prediction is unaffected")
         return prediction
+
+    def explain(
+        self, inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike], target: int | None = None
+    ) -> Explanation:
+        """Occlusion attributions of the active model for one input
+        (:mod:`edge_agent.monitoring.explain`).
+
+        The input is converted and validated as for :meth:`predict` (refusals are
+        logged but not counted in the window summary, and the explanation is not a
+        prediction: it is counted by the ``explanations`` observer only).
+
+        Raises:
+            NoModelError: no model is active.
+            InvalidInputError: the input does not fit the model's manifest.
+            ExplainError: not one example, a model with several inputs, a bad target.
+            ModelRuntimeError: the runtime failed.
+        """
+        with self._lock:
+            model = self._active
+        if model is None:
+            raise NoModelError("no model is installed yet")
+        runtime = model.runtime
+        if len(runtime.inputs) != 1 or not runtime.outputs:
+            message = f"{model.name} has {len(runtime.inputs)} inputs; explain takes one"
+            raise refuse_explain("inputs", message, model.name)
+        feeds = _validated(model, inputs)
+        if isinstance(feeds, InputProblem):
+            raise refusal(feeds, model.name)
+        info, output = runtime.inputs[0], runtime.outputs[0].name
+        x = feeds[info.name]
+        batch = info.shape[0] if info.shape and isinstance(info.shape[0], int) else None
+        result = explain(
+            lambda rows: runtime.run({info.name: rows})[output],
+            x,
+            occlusion_plan(x.shape[1:], model.profile),
+            target=target,
+            batch=batch,
+            model=model.name,
+            version=model.version,
+            clock=self._perf_clock,
+        )
+        if self._explanations is not None:
+            try:
+                self._explanations.record_explanation()
+            except Exception:
+                logger.exception("explanation observer failed; the explanation is unaffected")
+        return result
 
     def health(self) -> dict[str, Any]:
         """The serving state, JSON-able.

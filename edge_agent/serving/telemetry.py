@@ -17,6 +17,10 @@ Workflow on the agent:
    (or spooled while the broker is unreachable, see :mod:`edge_agent.spool`).
 4. :attr:`TelemetryCollector.totals` gives lifetime counts, for ``GET /v1/health``.
 
+Explanations (``POST /v1/explain``) are counted apart, by
+:meth:`TelemetryCollector.record_explanation`, in the record's ``explanations``:
+they are neither predictions nor in the latency histogram.
+
 Latency histogram: bucket ``i`` counts latencies ``v`` (milliseconds) with
 ``bounds[i-1] < v <= bounds[i]`` (the first bucket starts at 0), and one extra
 bucket counts values above the last bound, as :class:`~edge_agent.protocol.Histogram`
@@ -238,10 +242,12 @@ class TelemetryTotals:
     Attributes:
         predictions: Successful inference calls since start-up.
         errors: Failed inference calls since start-up.
+        explanations: Explanations served since start-up.
     """
 
     predictions: int
     errors: int
+    explanations: int = 0
 
 
 class TelemetryCollector:
@@ -285,6 +291,8 @@ class TelemetryCollector:
         self._errors = 0
         self._total_predictions = 0
         self._total_errors = 0
+        self._explanations = 0
+        self._total_explanations = 0
 
     @property
     def bounds_ms(self) -> tuple[float, ...]:
@@ -319,11 +327,21 @@ class TelemetryCollector:
                 self._errors += 1
                 self._total_errors += 1
 
+    def record_explanation(self) -> None:
+        """Count one explanation served (not a prediction, not in the histogram)."""
+        with self._lock:
+            self._explanations += 1
+            self._total_explanations += 1
+
     @property
     def totals(self) -> TelemetryTotals:
         """Lifetime counts (never reset by :meth:`close_window`)."""
         with self._lock:
-            return TelemetryTotals(predictions=self._total_predictions, errors=self._total_errors)
+            return TelemetryTotals(
+                predictions=self._total_predictions,
+                errors=self._total_errors,
+                explanations=self._total_explanations,
+            )
 
     def close_window(
         self, *, model: str | None, version: int | None, summary: WindowSummary | None = None
@@ -355,6 +373,7 @@ class TelemetryCollector:
             start = self._window_start
             counts = tuple(self._counts)
             predictions, errors = self._predictions, self._errors
+            explanations, self._explanations = self._explanations, 0
             self._window_start = now
             self._counts = [0] * (len(self._bounds) + 1)
             self._predictions = self._errors = 0
@@ -376,4 +395,5 @@ class TelemetryCollector:
             memory_bytes=sample.memory_bytes,
             uptime_s=sample.uptime_s,
             summary=summary if model is not None else None,
+            explanations=explanations,
         )
