@@ -56,9 +56,9 @@ from compress.artifact import write_artifact
 from compress.errors import CompressError, ManifestError, ProfileError
 from compress.fileio import load_npz, read_bounded
 from compress.keys import SigningKey
+from compress.lineage import NAME_RE
 from compress.manifest import (
     MAX_PAYLOAD_BYTES,
-    NAME_RE,
     HealthCheck,
     Manifest,
     ReferenceTensor,
