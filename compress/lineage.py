@@ -59,6 +59,8 @@ WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 COMMIT_RE = re.compile(r"[0-9a-f]{7,40}")
 VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,31}")
 MAX_REASON = 256
+#: A reason is free text for people, on one line: no control characters.
+REASON_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]*")
 
 TriggerKind = Literal["manual", "policy"]
 _TRIGGER_KINDS: tuple[TriggerKind, ...] = ("manual", "policy")
@@ -124,7 +126,7 @@ class Trigger:
             "kind": "policy",
             "policy": r.text("policy", max_len=64, pattern=WORD_RE),
             "drift": None if drift is None else r.number("drift", lo=0.0, hi=MAX_DRIFT),
-            "reason": r.text("reason", max_len=MAX_REASON),
+            "reason": r.text("reason", max_len=MAX_REASON, pattern=REASON_RE),
         }
         for key, value in values.items():  # frozen; __post_init__ would recurse
             object.__setattr__(trigger, key, value)

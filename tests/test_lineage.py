@@ -73,6 +73,10 @@ def _mutated(**changes: Any) -> dict[str, Any]:
         ({"trigger": {"kind": "policy", "policy": "p", "drift": -1.0, "reason": ""}}, "drift"),
         ({"trigger": {"kind": "policy", "policy": "p", "drift": True, "reason": ""}}, "drift"),
         ({"trigger": {"kind": "policy", "policy": "../x", "drift": 0.1, "reason": ""}}, "policy"),
+        (
+            {"trigger": {"kind": "policy", "policy": "p", "drift": 0.1, "reason": "a\x1b[2J"}},
+            "reason",
+        ),
         ({"rounds": -1}, "rounds"),
         ({"rounds": 1.5}, "rounds"),
         ({"participants": "8"}, "participants"),
