@@ -29,7 +29,7 @@ from compress.onnx_export import export_onnx
 from compress.signing import TrustedKeys
 from coordinator import __version__
 from coordinator.cli.app import app
-from coordinator.delivery.lineage import ChainLink, lineage_chain, parent_of
+from coordinator.delivery.lineage import ChainLink, lineage_chain, parent_of, stored_link
 from coordinator.delivery.packaging import package_weights
 from coordinator.errors import NotFoundError
 from coordinator.federated.lineage import lineage_for_run
@@ -215,3 +215,13 @@ def test_a_loop_of_parents_is_cut_and_logged(caplog: pytest.LogCaptureFixture) -
     assert not lineage_chain("m", [two, one]).cycle
     with pytest.raises(NotFoundError, match="no artifact of model 'x'"):
         lineage_chain("x", [two, one])
+
+
+def test_a_stored_manifest_that_does_not_parse_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    good = make_manifest()
+    with caplog.at_level(logging.WARNING, "coordinator.delivery.lineage"):
+        assert stored_link({"name": "digits", "format": "onnx"}, "a" * 64) is None
+    assert "skipping stored artifact" in caplog.text
+    link = stored_link(good.to_dict(), "b" * 64)
+    assert link is not None
+    assert link.manifest == good

@@ -24,12 +24,16 @@ import click
 import typer
 from rich.table import Table
 
-from compress.manifest import Manifest
 from coordinator.cli.operate import operations
 from coordinator.cli.options import Connection, JsonOption, with_optional_connection
 from coordinator.cli.output import console, print_json, reported_errors
 from coordinator.cli.views import safe_text
-from coordinator.delivery.lineage import ChainLink, LineageChain, artifacts_in, lineage_chain
+from coordinator.delivery.lineage import (
+    LineageChain,
+    artifacts_in,
+    lineage_chain,
+    stored_link,
+)
 
 __all__ = ["lineage"]
 
@@ -57,7 +61,8 @@ def lineage(
         else:
             with operations(connection) as ops:
                 rows = ops.artifacts()
-            found = [ChainLink(Manifest.from_dict(row.manifest), row.sha256) for row in rows]
+            links = (stored_link(row.manifest, row.sha256) for row in rows)
+            found = [link for link in links if link is not None]
         chain = lineage_chain(name, found)
     if as_json:
         print_json(chain_json(chain))

@@ -19,7 +19,8 @@ record in its manifest. This module gives the pieces every packaging path needs:
   parent, a parent that is not among them (``missing``), or a link seen before
   (``cycle``: a loop of hostile or mistaken records is cut, not followed).
   ``fedge model lineage`` gives it the service's stored artifacts, or the ``.fedge``
-  files of a directory (:func:`artifacts_in`).
+  files of a directory (:func:`artifacts_in`); a stored manifest that does not
+  parse is skipped with a warning (:func:`stored_link`), as is an unreadable file.
 
 Runs build theirs with :func:`coordinator.federated.lineage.lineage_for_run` (that
 layer knows :class:`~coordinator.federated.reports.RunResult`).
@@ -30,12 +31,13 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compress.artifact import read_artifact_unverified
-from compress.errors import CompressError
+from compress.errors import CompressError, ManifestError
 from compress.lineage import COMMIT_RE, CodeVersion, Lineage, ParentRef, Trigger
 from compress.manifest import Manifest
 from coordinator import __version__
@@ -50,6 +52,7 @@ __all__ = [
     "manual_lineage",
     "parent_from_artifact",
     "parent_of",
+    "stored_link",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,3 +192,13 @@ def artifacts_in(directory: Path) -> list[ChainLink]:
             continue
         links.append(ChainLink(signed.manifest, str(path)))
     return links
+
+
+def stored_link(manifest: Mapping[str, Any], source: str) -> ChainLink | None:
+    """A stored artifact's manifest (its JSON form) as a link, or None (logged) if it
+    does not parse."""
+    try:
+        return ChainLink(Manifest.from_dict(manifest), source)
+    except ManifestError as exc:
+        logger.warning("lineage: skipping stored artifact %s: %s", source, exc)
+        return None
