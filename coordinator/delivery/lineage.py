@@ -20,7 +20,10 @@ record in its manifest. This module gives the pieces every packaging path needs:
   (``cycle``: a loop of hostile or mistaken records is cut, not followed).
   ``fedge model lineage`` gives it the service's stored artifacts, or the ``.fedge``
   files of a directory (:func:`artifacts_in`); a stored manifest that does not
-  parse is skipped with a warning (:func:`stored_link`), as is an unreadable file.
+  parse is skipped with a warning (:func:`stored_link`), as is an unreadable file;
+* :func:`replaced_by`: what a rollout of a model replaces, for ``fedge rollout
+  status`` and the API's rollout view: the model's lineage parent, and what the
+  targeted devices that do not run it yet serve (model, version, how many devices).
 
 Runs build theirs with :func:`coordinator.federated.lineage.lineage_for_run` (that
 layer knows :class:`~coordinator.federated.reports.RunResult`).
@@ -31,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +56,7 @@ __all__ = [
     "manual_lineage",
     "parent_from_artifact",
     "parent_of",
+    "replaced_by",
     "stored_link",
 ]
 
@@ -202,3 +207,27 @@ def stored_link(manifest: Mapping[str, Any], source: str) -> ChainLink | None:
     except ManifestError as exc:
         logger.warning("lineage: skipping stored artifact %s: %s", source, exc)
         return None
+
+
+def replaced_by(
+    manifest: Manifest, serving: Iterable[tuple[str | None, int | None]]
+) -> dict[str, Any]:
+    """What a rollout of ``manifest`` replaces, as JSON.
+
+    ``serving`` is the (model, version) each targeted device reports now. Returns
+    ``{"parent": {name, version, sha256} | None, "serving": [{"model", "version",
+    "devices"}, ...]}``: the lineage parent, and what the devices not on
+    ``manifest``'s version serve, most devices first (``model`` None: nothing).
+    """
+    parent = None if manifest.lineage is None else manifest.lineage.parent
+    mine = (manifest.name, manifest.version)
+    counts = Counter(pair for pair in serving if pair != mine)
+    return {
+        "parent": None if parent is None else parent.to_dict(),
+        "serving": [
+            {"model": model, "version": version, "devices": n}
+            for (model, version), n in sorted(
+                counts.items(), key=lambda item: (-item[1], str(item[0][0]), item[0][1] or 0)
+            )
+        ],
+    }
