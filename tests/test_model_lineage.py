@@ -225,3 +225,20 @@ def test_a_stored_manifest_that_does_not_parse_is_skipped(caplog: pytest.LogCapt
     link = stored_link(good.to_dict(), "b" * 64)
     assert link is not None
     assert link.manifest == good
+
+
+def test_a_parent_that_is_not_an_artifact_is_refused_in_one_line(
+    family: tuple[Path, Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, key, _, _ = family
+    junk = tmp_path / "junk.fedge"
+    junk.write_bytes(b"FEDGE but not really")
+    out = tmp_path / "child.fedge"
+    with caplog.at_level(logging.ERROR, "coordinator.delivery.lineage"):
+        code, text = fedge("model", "package", model, "--name", "toy", "--version", "9",
+                           "--key", key, "--out", out, "--quantize", "none",
+                           "--parent", junk)  # fmt: skip
+    assert code == 1
+    assert f"parent artifact {junk}" in " ".join(text.split())
+    assert "parent artifact" in caplog.text
+    assert not out.exists()
