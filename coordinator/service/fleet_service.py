@@ -459,7 +459,8 @@ class FleetService:
         link = None if artifact is None else stored_link(artifact.manifest, sha256)
         if link is None:
             return None
-        rows = (self._store.device(d.device_id) for d in devices)
+        known = {row.device_id: row for row in self._store.devices()} if devices else {}
+        rows = (known.get(d.device_id) for d in devices)  # one query, not one per device
         return replaced_by(link.manifest, ((r.model, r.version) for r in rows if r is not None))
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
