@@ -16,7 +16,8 @@ The tree::
     │   ├── KeySetError                 a key set (or its file) is malformed or unusable
     │   ├── StatementError              a fleet statement is malformed or unusable
     │   │   └── WrongFleetError             a statement for another fleet
-    │   └── ProfileError                a reference profile (or the data to compute it) is invalid
+    │   ├── ProfileError                a reference profile (or the data to compute it) is invalid
+    │   └── LineageError                a lineage record (where a model came from) is invalid
     ├── ArtifactError               anything wrong with an artifact or its trust
     │   ├── NotAnArtifactError      not a fedge artifact at all (magic, header, truncation)
     │   ├── SignatureError          signatures do not establish trust
@@ -125,6 +126,16 @@ class ProfileError(ManifestError):
     """
 
     code = "bad_profile"
+
+
+class LineageError(ManifestError):
+    """A lineage record (run, trigger, parent, code version of a model) is malformed.
+
+    Raised by :mod:`compress.lineage` for a record that breaks its schema or its size
+    bound; inside a manifest it is a manifest error too.
+    """
+
+    code = "bad_lineage"
 
 
 class ArtifactError(CompressError):

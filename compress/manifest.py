@@ -10,7 +10,9 @@ and optionally a reference profile (:class:`compress.profile.ReferenceProfile`, 
 ``reference`` field): the input features, value range, class and confidence shares of
 the packager's reference data, against which agents validate inputs and the
 coordinator measures drift. Manifests without it stay valid, and an agent older than
-the field keeps it as an unknown field (still signed, written back unchanged).
+the field keeps it as an unknown field (still signed, written back unchanged). The
+optional ``lineage`` field (:class:`compress.lineage.Lineage`) records where the
+model came from (run, trigger, parent, code version) the same way.
 
 Workflow: the coordinator builds a ``Manifest`` when packaging
 (``coordinator.delivery.packaging``), encodes it with :meth:`Manifest.to_bytes` and signs those
@@ -37,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.errors import ManifestError
+from compress.lineage import NAME_RE, SHA256_RE, Lineage
 from compress.profile import MAX_PROFILE_BYTES, ReferenceProfile
 from compress.strictjson import FieldReader, JsonObject, decode_canonical, encode_canonical
 
@@ -52,10 +55,8 @@ MAX_REFERENCE_VALUES = 4096
 MAX_TAGS = 32
 MAX_METADATA = 64
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}")
-SHA256_RE = re.compile(r"[0-9a-f]{64}")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
@@ -280,7 +281,7 @@ _KNOWN_FIELDS = frozenset(
     {
         "schema", "name", "version", "format", "sha256", "length", "inputs", "outputs",
         "quantization", "created", "expires", "hardware_tags", "health_check", "metadata",
-        "reference",
+        "reference", "lineage",
     }
 )  # fmt: skip
 
@@ -305,6 +306,7 @@ class Manifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
     reference: ReferenceProfile | None = None
+    lineage: Lineage | None = None
 
     def __post_init__(self) -> None:
         # Validate by encoding and parsing the canonical bytes: one set of rules for
@@ -335,6 +337,8 @@ class Manifest:
             obj["health_check"] = self.health_check.to_dict()
         if self.reference is not None:
             obj["reference"] = self.reference.to_dict()
+        if self.lineage is not None:
+            obj["lineage"] = self.lineage.to_dict()
         return obj
 
     def to_bytes(self) -> bytes:
@@ -401,6 +405,8 @@ class Manifest:
         profile = None if reference is None else ReferenceProfile.from_reader(reference)
         if profile is not None:
             _check_profile_fits(profile, inputs[0])
+        lineage_r = r.obj("lineage", optional=True)
+        lineage = None if lineage_r is None else Lineage.from_reader(lineage_r, obj["lineage"])
         manifest = object.__new__(cls)
         values = {
             "name": r.text("name", max_len=64, pattern=NAME_RE),
@@ -419,6 +425,7 @@ class Manifest:
             "extra": {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
             "schema": schema,
             "reference": profile,
+            "lineage": lineage,
         }
         # Bypass __post_init__ (which calls from_dict) while keeping the class frozen.
         for key, value in values.items():

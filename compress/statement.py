@@ -59,7 +59,8 @@ from compress.errors import (
     WrongFleetError,
 )
 from compress.keys import SigningKey
-from compress.manifest import NAME_RE, SHA256_RE, Manifest, format_time, parse_time
+from compress.lineage import NAME_RE, SHA256_RE
+from compress.manifest import Manifest, format_time, parse_time
 from compress.signing import (
     DocumentKind,
     SignedDocument,

@@ -106,9 +106,9 @@ def test_the_connection_options_are_one_declaration() -> None:
             envvar = param.envvar if isinstance(param.envvar, str) else None
             seen.setdefault(option, set()).add((param.help, envvar))
     # deploy, rollback, train, devices (and fleet list), fleet publish and show, keys
-    # publish, telemetry, presence, audit, drift, and every subcommand of artifacts,
-    # rollout and rounds
-    assert users == 24
+    # publish, telemetry, presence, audit, drift, model lineage, and every subcommand
+    # of artifacts, rollout and rounds
+    assert users == 25
     for option in CONNECTION_OPTIONS:
         texts = {help_text for help_text, _ in seen[option]}
         if option == "--broker":  # required by the MQTT commands, or the other of --api

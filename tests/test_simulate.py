@@ -69,6 +69,9 @@ def test_simulate_on_the_embedded_broker(tmp_path: Path) -> None:
     assert report["data"]["dataset"] == "digits"
     assert report["data"]["summary"].startswith("digits (auto), dirichlet:0.5: 1257 examples, ")
     assert all(r["status"] == "ok" and r["clients"] == 5 for r in report["rounds"])
+    lineage = report["packaging"]["lineage"]  # the artifact's lineage, in the report too
+    assert (lineage["rounds"], lineage["participants"], lineage["strategy"]) == (3, 5, "fedavg")
+    assert lineage["trigger"] == {"kind": "manual"}
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from compress.signing import TrustedKeys
 from coordinator.cli import train as train_command
 from coordinator.cli.app import app
 from coordinator.delivery.baseline import load_baseline
+from coordinator.delivery.lineage import parent_of
 from coordinator.delivery.packaging import LabelledData, package_weights
 from coordinator.errors import PackagingError, WorseThanBaselineError
 from coordinator.federated.models import torch_module
@@ -190,6 +191,17 @@ def test_a_better_or_equal_model_is_packaged(softmax: Softmax) -> None:
     artifact = load_artifact(new, trusted, now=datetime.now(UTC))
     assert artifact.manifest.version == 2
     assert artifact.manifest.metadata["task"] == "classification"
+    # its lineage: the run's figures, trigger manual, the --baseline model as its parent
+    lineage = artifact.manifest.lineage
+    assert lineage is not None
+    assert (lineage.rounds, lineage.strategy, lineage.codec, lineage.participants) == (
+        1, "fedavg", "fp32", 2,
+    )  # fmt: skip
+    assert lineage.trigger.kind == "manual"
+    deployed_manifest = load_artifact(deployed, trusted, now=datetime.now(UTC)).manifest
+    assert lineage.parent == parent_of(deployed_manifest)
+    assert deployed_manifest.lineage is not None
+    assert deployed_manifest.lineage.parent is None
 
     # matches the baseline: "beats or matches"
     code, output = softmax.train(softmax.well_trained, "same.fedge", "--baseline", str(new),

@@ -3,8 +3,10 @@
 * ``export`` turns a built-in family's numpy weights (``.npz``) into ONNX or TFLite;
 * ``package`` quantizes a model to int8, optionally checks the accuracy cost, signs
   the manifest and writes one ``.fedge`` artifact (:mod:`coordinator.delivery.packaging`);
+  its lineage says it was packaged by hand, with ``--parent ARTIFACT`` as its parent;
 * ``inspect`` verifies an artifact against trusted public keys and prints its
-  manifest; any failure is one line and a non-zero exit.
+  manifest; any failure is one line and a non-zero exit;
+* ``lineage`` prints a model's chain of parents (:mod:`coordinator.cli.model_lineage`).
 
 The commands are thin: they parse options, call the library, and print.
 """
@@ -31,8 +33,10 @@ from compress.quantize import load_calibration
 from compress.signing import TrustedKeys
 from compress.tflite_export import export_tflite
 from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
+from coordinator.cli.model_lineage import lineage
 from coordinator.cli.options import JsonOption
 from coordinator.cli.output import console, human_bytes, print_json, reported_errors
+from coordinator.delivery.lineage import manual_lineage, parent_from_artifact
 from coordinator.delivery.packaging import (
     PackageRequest,
     PackageResult,
@@ -42,6 +46,8 @@ from coordinator.delivery.packaging import (
 from coordinator.errors import PackagingError
 
 app = typer.Typer(help="Export, package, sign and inspect model artifacts.", no_args_is_help=True)
+
+app.command("lineage")(lineage)
 
 MAX_WEIGHTS_FILE_BYTES = 1024 * 1024 * 1024
 
@@ -167,11 +173,19 @@ def package(
     tag: Annotated[
         list[str] | None, typer.Option(help="Hardware tag a device must have; repeatable.")
     ] = None,
+    parent: Annotated[
+        Path | None,
+        typer.Option(
+            help="The artifact this model replaces or was trained from: its lineage parent.",
+            dir_okay=False,
+        ),
+    ] = None,
     key_password_file: KeyPasswordFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Quantize, sign and package a model into one artifact file."""
     with reported_errors(as_json=as_json):
+        parent_ref = None if parent is None else parent_from_artifact(parent)
         request = PackageRequest(
             model_path=model,
             name=name,
@@ -184,6 +198,7 @@ def package(
             max_accuracy_drop=max_accuracy_drop,
             expires_in=timedelta(days=expires_in_days),
             hardware_tags=tuple(tag or ()),
+            lineage=manual_lineage(parent_ref),
         )
         if calibration is not None and quantize is QuantizeMode.none:
             raise PackagingError("--calibration only makes sense with --quantize int8")
@@ -225,6 +240,7 @@ def _manifest_table(manifest: Manifest) -> Table:
         ("hardware tags", ", ".join(manifest.hardware_tags) or "-"),
         ("health check", "yes" if manifest.health_check else "no"),
         ("reference", manifest.reference.summary() if manifest.reference else "no"),
+        ("lineage", manifest.lineage.summary() if manifest.lineage else "no"),
     ]
     rows += [(f"metadata.{k}", v) for k, v in sorted(manifest.metadata.items())]
     for label, value in rows:

@@ -15,7 +15,8 @@ Two decorators add them to a Typer command and hand the command one
   an :class:`~coordinator.service.operations.Operations` object.
   :func:`with_snapshot_connection` is the same with a temporary database as the
   default of ``--db``, for commands that keep nothing (``fedge devices``, ``deploy``,
-  ``rollback``).
+  ``rollback``). :func:`with_optional_connection` gives None instead of a usage
+  error when neither is given (commands with an offline mode).
 * :func:`with_api` -- ``--api`` and ``--token`` only, both required: commands only
   a service can do (``fedge device``).
 * :func:`with_broker` -- commands that talk to the broker directly (``fedge train``):
@@ -61,6 +62,7 @@ __all__ = [
     "with_api",
     "with_broker",
     "with_connection",
+    "with_optional_connection",
     "with_snapshot_connection",
 ]
 
@@ -414,6 +416,21 @@ def adding_options(
 
 with_connection = adding_options(_CONNECTION, _connection)
 """Add ``--api``/``--token`` or ``--broker``/``--db``/``--trust`` and the credentials.
+
+Raises:
+    TypeError: the command has a parameter named like a connection option.
+"""
+
+
+def _optional_connection(values: dict[str, Any]) -> Connection | None:
+    if not values["api"] and not values["broker"]:
+        return None
+    return _connection(values)
+
+
+with_optional_connection = adding_options(_CONNECTION, _optional_connection)
+"""Like :func:`with_connection`, but without ``--api`` or ``--broker`` the command
+gets None (for commands that also work offline: ``fedge model lineage --dir``).
 
 Raises:
     TypeError: the command has a parameter named like a connection option.

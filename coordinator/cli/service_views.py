@@ -242,9 +242,29 @@ def _stage(summary: Mapping[str, Any]) -> str:
     return f"{stage + 1}/{stages}" if isinstance(stages, int) else str(stage + 1)
 
 
+def _replaces(replaces: object) -> str:
+    """``parent digits v1; serving digits v1 on 3 devices, nothing on 1`` (or empty)."""
+    if not isinstance(replaces, Mapping):
+        return ""
+    parts = []
+    parent = replaces.get("parent")
+    if isinstance(parent, Mapping):
+        parts.append(f"parent {parent.get('name')} v{parent.get('version')}")
+    serving = []
+    for entry in replaces.get("serving") or ():
+        if isinstance(entry, Mapping) and isinstance(entry.get("devices"), int):
+            model = entry.get("model")
+            what = "nothing" if model is None else f"{model} v{entry.get('version')}"
+            serving.append(f"{what} on {plural(entry['devices'], 'device')}")
+    if serving:
+        parts.append("serving " + ", ".join(serving))
+    return "; ".join(parts)
+
+
 def rollout_view(view: RolloutView, *, now: float, devices: bool = True) -> RenderableType:
-    """One rollout: state, stage, artifact, target, devices per state and, with
-    ``devices``, one row per device."""
+    """One rollout: state, stage, artifact, target, what it replaces (the model's
+    lineage parent, what targeted devices not on it serve), devices per state and,
+    with ``devices``, one row per device."""
     row, summary = view.rollout, view.summary
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -261,6 +281,9 @@ def rollout_view(view: RolloutView, *, now: float, devices: bool = True) -> Rend
     rate = summary.get("failure_rate")
     if isinstance(rate, int | float):
         head.add_row("failure rate", Text(f"{rate:.1%}"))
+    replaces = _replaces(summary.get("replaces"))
+    if replaces:
+        head.add_row("replaces", _text(_short(replaces, 240)))
     head.add_row("updated", Text(humanize_age(row.updated_at, now)))
 
     counts = Table(title="devices per state")

@@ -38,7 +38,9 @@ is refused at once, and so is a ``--version`` of the same model name that is not
 above the baseline's (devices would refuse it as a rollback); a worse model is
 refused with both figures (exit 1, nothing written) unless ``--allow-worse``.
 Without ``--baseline`` the artifact is packaged as before, and the output and the
-log say that no baseline was compared.
+log say that no baseline was compared. The artifact's manifest carries its lineage
+(:func:`~coordinator.federated.lineage.lineage_for_run`: rounds, strategy, codec,
+participants, trigger ``manual``, the ``--baseline`` model as its parent).
 
 What it shares with ``fedge rounds start``: the options
 (:mod:`coordinator.cli.training_options`), the
@@ -79,6 +81,7 @@ from rich.text import Text
 
 from compress.fileio import atomic_write
 from compress.keys import SigningKey, load_public_key
+from compress.lineage import Lineage, Trigger
 from compress.signing import TrustedKeys
 from coordinator.cli import training_options as run_options
 from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
@@ -95,6 +98,7 @@ from coordinator.cli.training_options import (
     train_settings,
 )
 from coordinator.delivery.baseline import Baseline, load_baseline
+from coordinator.delivery.lineage import parent_of
 from coordinator.delivery.packaging import (
     LabelledData,
     PackagedModelGate,
@@ -103,6 +107,7 @@ from coordinator.delivery.packaging import (
     package_weights,
 )
 from coordinator.errors import RunError
+from coordinator.federated.lineage import lineage_for_run
 from coordinator.federated.models import (
     HIGHER_IS_BETTER,
     PRIMARY_METRIC,
@@ -236,6 +241,7 @@ def _package(
     version: int,
     eval_data: LabelledData | None,
     baseline: BaselineGate | None,
+    lineage: Lineage,
 ) -> str:
     metadata = {"trained": "federated", "rounds": str(len(result.rounds)),
                 "task": model_def.task}  # fmt: skip
@@ -254,6 +260,7 @@ def _package(
             eval_data=eval_data,
             metadata=metadata,
             gate=gate,
+            lineage=lineage,
         )
     else:
         packaged = package_weights(
@@ -267,6 +274,7 @@ def _package(
             metadata=metadata,
             now=datetime.now(UTC),
             gate=gate,
+            lineage=lineage,
         )
     return (
         f"wrote {out}: {model} v{version}, {packaged.manifest.quantization}, "
@@ -478,6 +486,13 @@ def train(
                 version=version,
                 eval_data=evaluation,
                 baseline=gate,
+                lineage=lineage_for_run(
+                    result,
+                    trigger=Trigger.manual(),
+                    parent=None if gate is None else parent_of(gate.baseline.manifest),
+                    strategy=strategy,
+                    codec=codec,
+                ),
             )
     _report(result, config.definition, title=title, as_json=as_json, packaged=packaged, out=out)
 
@@ -493,6 +508,7 @@ def _package_torch(
     eval_data: LabelledData | None,
     metadata: dict[str, str],
     gate: PackagedModelGate | None,
+    lineage: Lineage,
 ) -> PackageResult:
     """Build the factory's module with the final weights and package it (int8, gated, signed).
 
@@ -525,6 +541,7 @@ def _package_torch(
         now=datetime.now(UTC),
         metadata={**metadata, "model_spec": model_def.spec, "task": model_def.task},
         gate=gate,
+        lineage=lineage,
     )
     return packaged
 

@@ -23,8 +23,9 @@ Workflow of :func:`package_model` (what ``fedge model package`` runs):
    ``classification`` when the model's output is ``(n, K)`` with 2 <= K <= 100,
    else ``regression``. Without reference data, or for a model it cannot describe
    (several inputs, more than 100 classes), the artifact has no profile (logged);
-7. build the manifest, sign it with every given key (k-of-n), and write the artifact
-   file atomically.
+7. build the manifest (with the request's ``lineage`` record when given:
+   :mod:`compress.lineage`, :mod:`coordinator.delivery.lineage`), sign it with every
+   given key (k-of-n), and write the artifact file atomically.
 
 The function takes a typed :class:`PackageRequest` and the current time, and returns a
 :class:`PackageResult` with every figure the CLI prints; it does no printing itself.
@@ -56,9 +57,9 @@ from compress.artifact import write_artifact
 from compress.errors import CompressError, ManifestError, ProfileError
 from compress.fileio import load_npz, read_bounded
 from compress.keys import SigningKey
+from compress.lineage import NAME_RE, Lineage
 from compress.manifest import (
     MAX_PAYLOAD_BYTES,
-    NAME_RE,
     HealthCheck,
     Manifest,
     ReferenceTensor,
@@ -128,6 +129,7 @@ class PackageRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     gate: PackagedModelGate | None = None
+    lineage: Lineage | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,7 @@ class ArtifactFields:
     expires: datetime
     hardware_tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
+    lineage: Lineage | None = None
 
 
 def sign_and_write(
@@ -426,6 +429,7 @@ def sign_and_write(
         "hardware_tags": tuple(sorted(set(fields.hardware_tags))),
         "metadata": dict(fields.metadata),
         "reference": reference,
+        "lineage": fields.lineage,
     }
     manifest = _fitting_manifest(manifest_fields, checks)
     signed = sign_manifest(manifest, keys)
@@ -484,6 +488,7 @@ def package_model(request: PackageRequest, *, now: datetime) -> PackageResult:
         expires=expires,
         hardware_tags=request.hardware_tags,
         metadata=metadata,
+        lineage=request.lineage,
     )
     evaluation = request.evaluation
     reference = evaluation.x if evaluation is not None else request.calibration
@@ -520,11 +525,13 @@ def package_weights(
     metadata: Mapping[str, str] | None = None,
     now: datetime,
     gate: PackagedModelGate | None = None,
+    lineage: Lineage | None = None,
 ) -> PackageResult:
     """Export a built-in family's weights to ONNX and package them (int8, signed).
 
     Static int8 calibration uses the first 256 evaluation rows when given; ``gate``
-    (which needs ``evaluation``) sees the int8 model and its accuracy before signing.
+    (which needs ``evaluation``) sees the int8 model and its accuracy before signing;
+    the manifest carries ``lineage`` when given.
 
     Raises:
         As :func:`package_model`, and FamilyError for weights that do not fit the family.
@@ -543,6 +550,7 @@ def package_weights(
                 evaluation=evaluation,
                 metadata=dict(metadata or {}),
                 gate=gate,
+                lineage=lineage,
             ),
             now=now,
         )

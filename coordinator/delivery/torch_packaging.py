@@ -64,6 +64,7 @@ import numpy.typing as npt
 
 from compress.errors import MetricError
 from compress.keys import SigningKey
+from compress.lineage import Lineage
 from compress.metrics import mean_squared_error, roc_auc
 from compress.quantize import quantize_int8
 from compress.torch_export import export_torch_onnx, head_nodes
@@ -120,6 +121,7 @@ def package_torch(
     max_auc_drop: float = 0.02,
     threshold_quantile: float = 0.99,
     gate: PackagedModelGate | None = None,
+    lineage: Lineage | None = None,
 ) -> PackageResult:
     """Export, quantize, gate, sign and write a torch model. See the module docstring.
 
@@ -143,6 +145,7 @@ def package_torch(
             threshold, in ``(0, 1]``.
         gate: Called with the int8 model and its metric after the quantization
             gate, before signing (needs ``evaluation``); raises to refuse.
+        lineage: Where the model came from (:mod:`compress.lineage`), for the manifest.
 
     Returns:
         The result; ``metric_name`` is the task's, ``fp32_accuracy`` and
@@ -201,6 +204,7 @@ def package_torch(
             int8_metric=int8_metric,
             threshold=threshold,
         ),
+        lineage=lineage,
     )
     manifest = sign_and_write(
         fields,

@@ -56,6 +56,7 @@ from compress.signing import TrustedKeys
 from compress.trust import verify_manifest
 from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries
 from coordinator.delivery.fleet_statement import StatementPublisher, StatementSettings
+from coordinator.delivery.lineage import replaced_by, stored_link
 from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
@@ -90,6 +91,7 @@ from coordinator.service.store import (
     AuditRow,
     DeviceRow,
     PresenceRow,
+    RolloutDevice,
     RolloutInfo,
     RunRow,
     Store,
@@ -447,7 +449,19 @@ class FleetService:
             summary = Rollout.restore(row.snapshot).summary()
         live = self._rollouts.devices(rollout_id)
         devices = tuple(live if live is not None else self._store.rollout_devices(rollout_id))
-        return RolloutView(rollout=row.info(), devices=devices, summary=dict(summary))
+        summary = {**summary, "replaces": self._replaces(row.artifact_sha256, devices)}
+        return RolloutView(rollout=row.info(), devices=devices, summary=summary)
+
+    def _replaces(self, sha256: str, devices: tuple[RolloutDevice, ...]) -> dict[str, Any] | None:
+        """What the rollout's model replaces (:func:`replaced_by`), None if its stored
+        manifest does not parse."""
+        artifact = self._store.artifact(sha256)
+        link = None if artifact is None else stored_link(artifact.manifest, sha256)
+        if link is None:
+            return None
+        known = {row.device_id: row for row in self._store.devices()} if devices else {}
+        rows = (known.get(d.device_id) for d in devices)  # one query, not one per device
+        return replaced_by(link.manifest, ((r.model, r.version) for r in rows if r is not None))
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:
         """Stop releasing new stages.

@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.keys import SigningKey
+from compress.lineage import Lineage
 from coordinator.delivery.packaging import LabelledData, PackageResult, package_weights
 from coordinator.errors import RunError
 from coordinator.federated.models import (
@@ -178,8 +179,10 @@ class SimModel:
         now: datetime,
         seed: int,
         metadata: Mapping[str, str],
+        lineage: Lineage | None = None,
     ) -> PackageResult:
-        """The final weights as a signed int8 artifact at ``out`` (see the module docstring).
+        """The final weights as a signed int8 artifact at ``out`` (see the module docstring);
+        its manifest carries ``lineage`` when given.
 
         Raises:
             AccuracyDropError: int8 loses more than the task's gate allows.
@@ -188,7 +191,7 @@ class SimModel:
         if not self.model.is_torch:
             return package_weights(
                 self.model.family, weights, name=name, version=version, keys=keys, out=out,
-                evaluation=self.test, now=now, metadata=dict(metadata),
+                evaluation=self.test, now=now, metadata=dict(metadata), lineage=lineage,
             )  # fmt: skip
         from coordinator.delivery.torch_packaging import package_torch  # noqa: PLC0415
 
@@ -196,5 +199,5 @@ class SimModel:
             torch_module(self.model, weights), task=self.model.task,
             sample_shape=self.model.input_shape, name=name,
             version=version, keys=keys, out=out, calibration=self.calibration(seed),
-            evaluation=self.test, now=now, metadata=dict(metadata),
+            evaluation=self.test, now=now, metadata=dict(metadata), lineage=lineage,
         )  # fmt: skip

@@ -61,10 +61,12 @@ import numpy.typing as npt
 from compress.codecs import layout_of, parse_codec, update_nbytes_fp32
 from compress.fileio import atomic_write
 from compress.keys import SigningKey, generate_signing_key, save_keypair
+from compress.lineage import Trigger
 from coordinator.delivery.deliveries import Artifact, Deliveries
 from coordinator.delivery.packaging import PackageResult
 from coordinator.delivery.tracker import DeploymentTracker, DeviceState
 from coordinator.errors import RunError
+from coordinator.federated.lineage import lineage_for_run
 from coordinator.federated.models import PRIMARY_METRIC
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import StrategyArgs, build_strategy
@@ -237,6 +239,8 @@ def _packaging_json(result: PackageResult) -> dict[str, Any]:
     }
     if result.anomaly_threshold is not None:
         out["anomaly_threshold"] = result.anomaly_threshold
+    if result.manifest.lineage is not None:
+        out["lineage"] = result.manifest.lineage.to_dict()
     return out
 
 
@@ -407,6 +411,8 @@ def _package(
         result.weights, name=MODEL_NAME, version=1, keys=[key], out=artifact_path,
         now=datetime.now(UTC), seed=config.seed,
         metadata={"trained": "fedge simulate", "model": config.model},
+        lineage=lineage_for_run(result, trigger=Trigger.manual(), parent=None,
+                                strategy=config.strategy, codec=config.codec),
     )  # fmt: skip
     return artifact_path, weights_path, packaged
 
