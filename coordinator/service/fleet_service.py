@@ -60,6 +60,7 @@ from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
+from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
 from coordinator.monitoring.tracker import DEFAULT_WINDOWS, DriftTracker
 from coordinator.rollout.engine import Rollout
@@ -84,12 +85,15 @@ from coordinator.service.operations import (
     RunRequest,
     RunView,
 )
+from coordinator.service.retraining import Retraining
 from coordinator.service.runs import RunManager
 from coordinator.service.store import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PolicyRow,
     PresenceRow,
+    RetrainingRow,
     RolloutInfo,
     RunRow,
     Store,
@@ -130,7 +134,10 @@ class ServiceSettings:
         upload_dir: Where a run's chunked uploads are spooled on disk; None for
             the per-user default (:mod:`coordinator.federated.spool`).
         fleet: The fleet statement to keep published and to name each deploy in
-            (:mod:`coordinator.delivery.fleet_statement`); None for none.
+            (:mod:`coordinator.delivery.fleet_statement`); None for none. Its keys
+            also sign retrained models: without them no retraining policy is set.
+        retraining_every_s: Seconds between evaluations of the retraining
+            policies (:mod:`coordinator.service.retraining`).
     """
 
     telemetry_flush_s: float = 0.5
@@ -144,6 +151,7 @@ class ServiceSettings:
     upload_budget_bytes: int | None = None
     upload_dir: Path | None = None
     fleet: StatementSettings | None = None
+    retraining_every_s: float = 5.0
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -198,6 +206,9 @@ class FleetService:
             upload_dir=settings.upload_dir,
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
+        self._retraining = Retraining(store, self._runs, audit=self._audit,
+                                      can_sign=settings.fleet is not None, clock=clock,
+                                      every_s=settings.retraining_every_s)  # fmt: skip
         self._one_shots = OneShots(self._rollouts.deliveries)
         self._statements = (
             None if settings.fleet is None else StatementPublisher(hub, settings.fleet, clock=clock)
@@ -248,6 +259,8 @@ class FleetService:
         if self._statements is not None:
             self._statements.start()  # published now, before any rollout step
         self._rollouts.start()
+        if self._statements is not None:  # its keys sign retrained models; else no policy
+            self._retraining.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
                     len(self._hub.fleet()))  # fmt: skip
@@ -258,6 +271,7 @@ class FleetService:
             return
         self._started = False
         self._one_shots.stop()
+        self._retraining.stop()
         self._rollouts.stop()
         self._runs.stop()
         if self._statements is not None:
@@ -317,6 +331,11 @@ class FleetService:
             for actor, at in self._store.auth_failures_since(now - seconds)
             if actor.startswith(prefix)
         ]
+
+    @property
+    def retraining(self) -> Retraining:
+        """The retraining policies and their loop."""
+        return self._retraining
 
     def _audit(
         self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
@@ -619,6 +638,28 @@ class FleetService:
         if device_id is not None and not scores:
             self._known(device_id)
         return scores
+
+    # ---------------------------------------------------------------- retraining
+
+    def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:
+        """Set a model's retraining policy (see :meth:`Retraining.set_policy`)."""
+        return self._retraining.set_policy(policy, actor=actor)
+
+    def policy(self, name: str) -> PolicyRow:
+        """A model's retraining policy."""
+        return self._retraining.policy(name)
+
+    def policies(self) -> list[PolicyRow]:
+        """Every retraining policy, by name."""
+        return self._retraining.policies()
+
+    def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:
+        """Remove a model's retraining policy; give what it was."""
+        return self._retraining.delete_policy(name, actor=actor)
+
+    def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
+        """The runs retraining policies started, newest first."""
+        return self._retraining.retrainings(policy=policy)
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:

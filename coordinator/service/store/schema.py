@@ -176,11 +176,39 @@ _V4 = (
     "CREATE INDEX drift_at ON drift_scores (at)",
 )
 
+_V5 = (
+    # Retraining policies (issue 18): one per model, the whole policy as JSON.
+    """
+    CREATE TABLE retraining_policies (
+        name        TEXT PRIMARY KEY,
+        policy_json TEXT NOT NULL,
+        updated_by  TEXT NOT NULL,
+        updated_at  REAL NOT NULL
+    )
+    """,
+    # The runs a policy started and how far each went (training, evaluation,
+    # packaging, approval, rollout); no foreign key to runs or policies: the record
+    # outlives a deleted policy, and the cooldown reads it.
+    """
+    CREATE TABLE retraining_runs (
+        run_id       TEXT PRIMARY KEY,
+        policy       TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        trigger_json TEXT NOT NULL,
+        detail_json  TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX retraining_runs_policy ON retraining_runs (policy, created_at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
     Migration(2, "telemetry windows stored once", _V2),
     Migration(3, "API tokens can expire", _V3),
     Migration(4, "drift scores", _V4),
+    Migration(5, "retraining policies and their runs", _V5),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 

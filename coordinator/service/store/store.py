@@ -15,6 +15,7 @@ from coordinator.service.store.deploy import DeployTables
 from coordinator.service.store.drift import DriftTables
 from coordinator.service.store.fleet import FleetTables
 from coordinator.service.store.owner import OwnerClaim, holder
+from coordinator.service.store.policies import PolicyTables
 from coordinator.service.store.runs import RunTables
 from coordinator.service.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -26,7 +27,9 @@ ARTIFACT_DIR_NAME = "artifacts"
 """Default artifact directory, next to the database file."""
 
 
-class Store(FleetTables, DeployTables, RunTables, AccessTables, DriftTables, Closeable):
+class Store(
+    FleetTables, DeployTables, RunTables, AccessTables, DriftTables, PolicyTables, Closeable
+):
     """The coordinator's persistent state. Thread-safe; one per process.
 
     Args:
