@@ -688,6 +688,11 @@ class FakeOperations:
         self._check()
         return []
 
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """None waits: the fake starts no run."""
+        self._check()
+        raise NotFoundError(f"no retraining run {run_id!r}")
+
     def metrics(self) -> FleetMetrics:
         """Figures computed from the fake's state."""
         self._check()

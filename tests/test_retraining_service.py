@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +26,29 @@ import pytest
 
 from compress.keys import SigningKey
 from compress.profile import ReferenceProfile, profile_from_data
+from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
+from coordinator.delivery.packaging import checked_labelled, package_weights
 from coordinator.errors import NotFoundError, PolicyError
+from coordinator.federated.reports import RunResult
 from coordinator.link.memory import MemoryHub
 from coordinator.monitoring.policy import Policy, RunSettings
 from coordinator.service.api import create_app
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR
-from coordinator.service.retraining import FAILED, TRAINING
+from coordinator.service.retraining import (
+    AWAITING_APPROVAL,
+    FAILED,
+    REJECTED,
+    ROLLING_OUT,
+    TRAINED,
+    TRAINING,
+)
 from coordinator.service.store import MEMORY, RunState, Store
 from coordinator.service.tokens import Role
+from edge_agent.protocol import ModelInfo, Status
 from tests.api_support import bearer
+from tests.fleet_support import wait_for
 from tests.test_drift_service import WINDOW, Clock, data, model, summarise, wire
 
 with warnings.catch_warnings():
@@ -187,3 +200,154 @@ def test_drift_starts_a_run_once_then_the_cooldown_holds(
     assert [r.run_id for r in service.retrainings()] == [row.run_id]
     assert [a.action for a in store.audit_log()][-1] == "retraining.failed"
     service.stop()
+
+
+# --------------------------------------------------------------- candidate delivery
+
+HOLDOUT_ROWS = 600
+WEIGHTS_OF_TRUTH = np.asarray(model(np.eye(8, dtype=np.float32)), dtype=np.float32)
+"""The linear model that labels the data (x @ W): a softmax model of it is exact."""
+WEAK = WEIGHTS_OF_TRUTH + np.random.default_rng(12).normal(scale=2.0, size=WEIGHTS_OF_TRUTH.shape)
+"""The serving model: the truth, badly estimated."""
+
+
+def softmax_weights(w: np.ndarray) -> dict[str, np.ndarray]:
+    return {"W0": np.asarray(w, dtype=np.float32), "b0": np.zeros(w.shape[1], np.float32)}
+
+
+@pytest.fixture
+def delivery(
+    tmp_path: Path, profile: ReferenceProfile, signing_key: SigningKey
+) -> Iterator[tuple[FleetService, Store, Path]]:
+    """A service whose fleet key signs and is trusted; sensor v2 (a weak model) serving
+    two devices; held-out data labelled by the true model."""
+    rng = np.random.default_rng(11)
+    x = data(HOLDOUT_ROWS, rng)
+    holdout = tmp_path / "holdout.npz"
+    np.savez(holdout, x=x, y=model(x).argmax(axis=1))
+    weak = WEAK
+    serving = package_weights(
+        "softmax", softmax_weights(weak), name="sensor", version=2, keys=[signing_key],
+        out=tmp_path / "sensor-v2.fedge", evaluation=checked_labelled(x, model(x).argmax(1),
+        "classification"), now=datetime.now(UTC),
+    )  # fmt: skip
+    with Store.open(MEMORY, artifact_dir=tmp_path / "artifacts") as store:
+        clock = Clock()
+        clock.now = time.time()  # packaging dates the manifest, uploads check its expiry
+        hub = MemoryHub()
+        service = FleetService(
+            store, hub, TrustedKeys.of([signing_key.public_key]),
+            settings=ServiceSettings(fleet=StatementSettings("f1", (signing_key,))), clock=clock,
+        )  # fmt: skip
+        row = service.upload_artifact(serving.path.read_bytes(), actor=CLI_ACTOR)
+        service.start()
+        for device in ("pi-1", "pi-2"):  # both serve sensor v2
+            installed = ModelInfo(name="sensor", version=2, sha256=row.sha256)
+            hub.receive(device, Status(online=True, agent_version="1", models=(installed,)))
+        wait_for(lambda: all(d.model == "sensor" for d in store.devices()) and
+                 len(store.devices()) == 2)  # fmt: skip
+        try:
+            yield service, store, holdout
+        finally:
+            service.stop()
+
+
+def finished_run(service: FleetService, store: Store, weights: np.ndarray, run_id: str) -> None:
+    """A run the policy started, finished with ``weights`` (no devices train here)."""
+    store.create_run(run_id, config={}, created_by="policy:sensor", at=1.0)
+    store.add_retraining(run_id, policy="sensor", state=TRAINING,
+                         trigger={"policy": "sensor", "kind": "drift", "version": 2,
+                                  "value": 0.4}, at=1.0)  # fmt: skip
+    store.finish_run(run_id, state=RunState.FINISHED, at=2.0)
+
+    class Config:
+        family = "softmax"
+
+    service.retraining.run_finished(run_id, RunState.FINISHED,
+                                    RunResult(rounds=[], weights=softmax_weights(weights)),
+                                    Config())  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_better_candidate_is_packaged_uploaded_and_rolled_out(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    service, store, holdout = delivery
+    service.set_policy(Policy("sensor", drift_psi=0.25, holdout=str(holdout), run=RUN),
+                       actor=CLI_ACTOR)  # fmt: skip
+    finished_run(service, store, WEIGHTS_OF_TRUTH, "run-good")
+    [row] = service.retraining.tick()
+    assert row.state == ROLLING_OUT, row.detail
+    assert row.detail["candidate_metric"] > row.detail["serving_metric"]
+    new = store.artifact(row.detail["artifact"])
+    assert new is not None
+    assert new.version == 3
+    assert new.uploaded_by == "policy:sensor"
+    assert new.manifest["metadata"]["run_id"] == "run-good"
+    assert '"value":0.4' in new.manifest["metadata"]["trigger"]
+    [rollout] = service.rollouts()
+    assert rollout.rollout_id == row.detail["rollout_id"]
+    assert rollout.target == "device:pi-1,pi-2"
+    actions = [(a.action, a.actor) for a in store.audit_log()]
+    assert ("artifact.upload", "policy:sensor") in actions
+    assert ("rollout.create", "policy:sensor") in actions
+    assert actions[-1] == ("retraining.rolling_out", "policy:sensor")
+
+
+def test_a_candidate_not_better_is_rejected_and_nothing_is_signed(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    service, store, holdout = delivery
+    service.set_policy(Policy("sensor", drift_psi=0.25, holdout=str(holdout), run=RUN),
+                       actor=CLI_ACTOR)  # fmt: skip
+    finished_run(service, store, -WEIGHTS_OF_TRUTH, "run-bad")  # picks the least likely class
+    [row] = service.retraining.tick()
+    assert row.state == REJECTED
+    assert "worse than the deployed one" in row.detail["reason"]
+    assert [a.version for a in store.artifacts()] == [2]
+    assert service.rollouts() == []
+
+
+def test_approval_holds_the_rollout_until_an_operator_approves(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    service, store, holdout = delivery
+    policy = Policy("sensor", drift_psi=0.25, holdout=str(holdout), require_approval=True,
+                    run=RUN)  # fmt: skip
+    service.set_policy(policy, actor=CLI_ACTOR)
+    finished_run(service, store, WEIGHTS_OF_TRUTH, "run-held")
+    [row] = service.retraining.tick()
+    assert row.state == AWAITING_APPROVAL
+    assert service.rollouts() == []
+    approved = service.approve_retraining("run-held", actor=CLI_ACTOR)
+    assert approved.state == ROLLING_OUT
+    assert [r.rollout_id for r in service.rollouts()] == [approved.detail["rollout_id"]]
+    with pytest.raises(PolicyError, match="not awaiting approval"):
+        service.approve_retraining("run-held", actor=CLI_ACTOR)
+    assert ("retraining.approve", CLI_ACTOR.name) in [
+        (a.action, a.actor) for a in store.audit_log()
+    ]
+
+
+def test_without_holdout_data_a_candidate_is_not_delivered(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    service, store, _holdout = delivery
+    service.set_policy(POLICY, actor=CLI_ACTOR)
+    finished_run(service, store, WEIGHTS_OF_TRUTH, "run-blind")
+    [row] = service.retraining.tick()
+    assert row.state == TRAINED
+    assert "no holdout data" in row.detail["next"]
+    assert service.rollouts() == []
+
+
+def test_a_candidate_only_as_good_as_the_serving_model_is_rejected(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    service, store, holdout = delivery
+    service.set_policy(Policy("sensor", drift_psi=0.25, holdout=str(holdout), run=RUN),
+                       actor=CLI_ACTOR)  # fmt: skip
+    finished_run(service, store, WEAK, "run-same")  # the serving model's own weights
+    [row] = service.retraining.tick()
+    assert row.state == REJECTED
+    assert "not better than the serving one" in row.detail["reason"]
+    assert [a.version for a in store.artifacts()] == [2]

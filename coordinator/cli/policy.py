@@ -13,10 +13,15 @@
   models (its ``[fleet]`` keys) or when the run would be refused.
 * ``show NAME``, ``list``: the stored policies.
 * ``delete NAME``: remove a policy (the runs it started go on).
-* ``runs [--policy NAME]``: the runs policies started, with what triggered each.
+* ``runs [--policy NAME]``: the runs policies started, with what triggered each
+  and how far each went (``training``, ``trained``, ``failed``, ``rejected``,
+  ``awaiting_approval``, ``rolling_out``).
+* ``approve RUN``: roll out the retrained model of a run that waits for approval
+  (a policy set with ``--approve``); ``fedge rollout status`` follows it.
 
 Every command runs over ``--api`` or in-process (:mod:`coordinator.cli.operate`);
-``set`` and ``delete`` are audited (``policy.set``, ``policy.delete``).
+``set``, ``delete`` and ``approve`` are audited (``policy.set``, ``policy.delete``,
+``retraining.approve``).
 """
 
 from __future__ import annotations
@@ -145,6 +150,10 @@ def set_policy(
     approve: Annotated[
         bool, typer.Option("--approve", help="Require an approval before the rollout.")
     ] = False,
+    holdout: Annotated[
+        str | None,
+        typer.Option("--holdout", help="Held-out .npz (x, y) on the coordinator to compare on."),
+    ] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds of the run.")] = _RUN.rounds,
     clients: Annotated[int, typer.Option("--clients", help="Devices per round.")] = _RUN.clients,
     min_clients: Annotated[
@@ -174,7 +183,7 @@ def set_policy(
         policy = Policy(
             name=name, drift_psi=drift_psi, drift_severity=severity, windows=windows,
             accuracy_drop=accuracy_drop, cooldown_s=cooldown, max_runs_per_day=max_runs_per_day,
-            require_approval=approve,
+            require_approval=approve, holdout=holdout,
             run=RunSettings(rounds=rounds, clients=clients, min_clients=min_clients,
                             strategy=strategy, codec=codec, round_timeout_s=round_timeout,
                             config=config),
@@ -205,6 +214,22 @@ def delete(connection: Connection, name: NameArgument, as_json: JsonOption = Fal
     with reported_errors(as_json=as_json), operations(connection) as ops:
         row = ops.delete_policy(name, actor=CLI_ACTOR)
     _print_row(row, as_json=as_json, verb="deleted")
+
+
+@app.command("approve")
+@with_connection
+def approve(
+    connection: Connection,
+    run_id: Annotated[str, typer.Argument(help="The retraining run.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Roll out a retrained model that waits for approval."""
+    with reported_errors(as_json=as_json), operations(connection) as ops:
+        row = ops.approve_retraining(run_id, actor=CLI_ACTOR)
+    if as_json:
+        print_json(to_json(row))
+    else:
+        console.print(retrainings_table([row]))
 
 
 @app.command("runs")

@@ -103,6 +103,9 @@ class Policy:
         max_runs_per_day: Runs the policy may start in any 24 hours.
         require_approval: Wait for ``fedge policy approve RUN`` before rolling
             the retrained model out.
+        holdout: Labelled held-out data on the coordinator (an ``.npz`` with ``x``
+            and ``y``) the candidate and the serving model are compared on; None:
+            a trained candidate is not evaluated, packaged nor rolled out.
         run: The run to start.
     """
 
@@ -114,6 +117,7 @@ class Policy:
     cooldown_s: float = 3600.0
     max_runs_per_day: int = 2
     require_approval: bool = False
+    holdout: str | None = None
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
@@ -145,6 +149,8 @@ class Policy:
         _count("run.min_clients", run.min_clients, 1, run.clients)
         if not _finite(run.round_timeout_s) or run.round_timeout_s <= 0:
             raise PolicyError(f"run.round_timeout_s must be > 0: {run.round_timeout_s!r}")
+        if self.holdout is not None and (not isinstance(self.holdout, str) or not self.holdout):
+            raise PolicyError(f"holdout must be a file path: {self.holdout!r}")
         if "clients_per_round" in run.config:
             raise PolicyError("run.config must not set clients_per_round: use run.clients")
 
@@ -159,6 +165,7 @@ class Policy:
             "cooldown_s": self.cooldown_s,
             "max_runs_per_day": self.max_runs_per_day,
             "require_approval": self.require_approval,
+            "holdout": self.holdout,
             "run": {
                 "rounds": self.run.rounds,
                 "clients": self.run.clients,
@@ -188,6 +195,7 @@ class Policy:
                 cooldown_s=float(data.get("cooldown_s", 3600.0)),
                 max_runs_per_day=int(data.get("max_runs_per_day", 2)),
                 require_approval=bool(data.get("require_approval", False)),
+                holdout=data.get("holdout"),
                 run=RunSettings(
                     rounds=int(run.get("rounds", 5)),
                     clients=int(run.get("clients", 10)),

@@ -135,6 +135,7 @@ _DRIFT = TypeAdapter(list[DriftScore])
 _POLICY = TypeAdapter(PolicyRow)
 _POLICIES = TypeAdapter(list[PolicyRow])
 _RETRAININGS = TypeAdapter(list[RetrainingRow])
+_RETRAINING = TypeAdapter(RetrainingRow)
 
 
 def _printable(token: str) -> bool:
@@ -464,6 +465,17 @@ class ApiClient(Closeable):
         return self._get(
             _RETRAININGS, "v1/retrainings", params={"policy": policy} if policy else None
         )
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:  # noqa: ARG002
+        """Roll out a retrained model waiting for approval (``actor``: the token decides).
+
+        Raises:
+            NotFoundError: no such retraining run.
+            PolicyError: it is not waiting for approval.
+        """
+        path = f"v1/retrainings/{_segment(run_id)}/approve"
+        answer = self._call("POST", path, action="approve retrainings")
+        return _parse(_RETRAINING, answer, self._url)
 
     def metrics(self) -> FleetMetrics:
         """Not available over the API (it serves Prometheus text at ``/metrics``).

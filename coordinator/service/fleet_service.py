@@ -206,9 +206,13 @@ class FleetService:
             upload_dir=settings.upload_dir,
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
-        self._retraining = Retraining(store, self._runs, audit=self._audit,
-                                      can_sign=settings.fleet is not None, clock=clock,
-                                      every_s=settings.retraining_every_s)  # fmt: skip
+        self._retraining = Retraining(
+            store, self._runs, audit=self._audit,
+            keys=() if settings.fleet is None else settings.fleet.keys, trusted=trusted,
+            upload=lambda data, actor: self.upload_artifact(data, actor=actor),
+            start_rollout=lambda request, actor: self.create_rollout(request, actor=actor),
+            clock=clock, every_s=settings.retraining_every_s,
+        )  # fmt: skip
         self._one_shots = OneShots(self._rollouts.deliveries)
         self._statements = (
             None if settings.fleet is None else StatementPublisher(hub, settings.fleet, clock=clock)
@@ -660,6 +664,10 @@ class FleetService:
     def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
         """The runs retraining policies started, newest first."""
         return self._retraining.retrainings(policy=policy)
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """Roll out a retrained model waiting for approval (see :meth:`Retraining.approve`)."""
+        return self._retraining.approve(run_id, actor=actor)
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:

@@ -447,6 +447,15 @@ class Operations(Protocol):
         """The runs retraining policies started (trigger, state), newest first."""
         ...
 
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """Roll out a retrained model that waits for approval.
+
+        Raises:
+            NotFoundError: no such retraining run.
+            PolicyError: it is not waiting for approval.
+        """
+        ...
+
     def metrics(self) -> FleetMetrics:
         """Figures for ``GET /metrics``."""
         ...

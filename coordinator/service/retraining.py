@@ -23,42 +23,89 @@ Workflow:
    ``retraining.start`` with the trigger. A run that cannot start (another run
    going, no device able to train) is audited ``retraining.blocked`` once per
    reason and retried at the next tick.
-4. When the run ends, the next tick records how (``trained`` or ``failed``) and
-   audits it (``retraining.trained`` / ``retraining.failed``).
+4. When the run ends, the run machinery hands its final weights over
+   (:meth:`RunManager.on_finish`); the next tick records how it ended (``failed``,
+   audited ``retraining.failed``) or, for a finished run, delivers it:
+5. With the policy's ``holdout`` data, the candidate is compared with the serving
+   model (the stored artifact of the version that drifted) and packaged, signed
+   with the ``[fleet]`` keys, only if strictly better
+   (:func:`~coordinator.service.candidate.package_candidate`); its manifest's
+   metadata names the run, the policy and the trigger (``retrained_by``,
+   ``run_id``, ``trigger`` as JSON). A candidate that is not better is
+   ``rejected`` (audited ``retraining.rejected`` with both figures). Without
+   holdout data, or when the weights were lost (a restart), the record stays
+   ``trained`` with the reason.
+6. The artifact is uploaded into the service's store (verified against the
+   trusted keys like any upload, audited ``artifact.upload`` by ``policy:NAME``),
+   then either ``awaiting_approval`` (``require_approval``: ``fedge policy approve
+   RUN``, audited ``retraining.approve``) or at once ``rolling_out``: a staged
+   rollout with the service's default health gate to the devices serving the
+   model (``rollout.create`` by ``policy:NAME``; ``fedge rollout status`` follows
+   it).
 
-Steps 1-4 are what this module does. Evaluating the candidate against the serving
-model on held-out data, packaging it and starting the staged rollout (or waiting
-for ``fedge policy approve``) come next; ``trained`` is where a run's record stops
-for now (see docs/monitoring.md, "Retraining policy").
+See docs/monitoring.md, "Retraining policy".
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from coordinator.errors import CoordinatorError, PolicyError, RunError
+from compress.keys import SigningKey
+from compress.signing import TrustedKeys
+from coordinator.delivery.packaging import load_labelled_npz
+from coordinator.errors import (
+    CoordinatorError,
+    NotFoundError,
+    PackagingError,
+    PolicyError,
+    RunError,
+    WorseThanBaselineError,
+)
+from coordinator.federated.models import Weights
+from coordinator.federated.runs import RunConfig, RunResult
 from coordinator.monitoring.policy import START_RUN, Decision, Policy, decide
 from coordinator.monitoring.scores import FLEET
-from coordinator.service.operations import Actor, RunRequest
+from coordinator.service.candidate import package_candidate
+from coordinator.service.operations import Actor, RolloutRequest, RolloutView, RunRequest
 from coordinator.service.runs import RunManager, run_strategy
-from coordinator.service.store import PolicyRow, RetrainingRow, RunState, Store
+from coordinator.service.store import ArtifactRow, PolicyRow, RetrainingRow, RunState, Store
 from coordinator.service.tokens import Role
 
-__all__ = ["FAILED", "NO_SIGNING_KEY", "TRAINED", "TRAINING", "Retraining", "run_request"]
+__all__ = [
+    "AWAITING_APPROVAL",
+    "FAILED",
+    "NO_SIGNING_KEY",
+    "REJECTED",
+    "ROLLING_OUT",
+    "TRAINED",
+    "TRAINING",
+    "Retraining",
+    "run_request",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAINING = "training"
 """A retraining run's state while its federated run goes on."""
 TRAINED = "trained"
-"""Its federated run finished (at least one round succeeded)."""
+"""Its federated run finished, and its candidate was not evaluated (see ``detail``)."""
 FAILED = "failed"
-"""Its federated run failed or was interrupted."""
+"""Its federated run failed or was interrupted, or its candidate could not be packaged."""
+REJECTED = "rejected"
+"""Its candidate was not better than the serving model: nothing was signed."""
+AWAITING_APPROVAL = "awaiting_approval"
+"""Packaged and uploaded; waits for ``fedge policy approve RUN``."""
+ROLLING_OUT = "rolling_out"
+"""A staged rollout of its artifact started (``detail.rollout_id``)."""
 
 NO_SIGNING_KEY = (
     "the service holds no key to sign retrained models with: configure the [fleet] "
@@ -66,6 +113,8 @@ NO_SIGNING_KEY = (
 )
 
 Audit = Callable[[Actor, str, str, dict[str, Any]], None]
+Upload = Callable[[bytes, Actor], ArtifactRow]
+StartRollout = Callable[[RolloutRequest, Actor], RolloutView]
 
 
 def run_request(policy: Policy) -> RunRequest:
@@ -92,7 +141,11 @@ class Retraining:
         store: The service's store.
         runs: The service's run manager.
         audit: Writes an audit line (the service's).
-        can_sign: Whether the service holds a key to sign retrained models.
+        keys: The keys that sign retrained models (the ``[fleet]`` keys); none:
+            every policy is refused.
+        trusted: The service's trusted keys (the serving artifact is checked).
+        upload: Stores an artifact as ``fedge artifacts upload`` does.
+        start_rollout: Starts a staged rollout as ``fedge rollout create`` does.
         clock: Unix time source.
         every_s: Seconds between evaluations.
     """
@@ -103,14 +156,23 @@ class Retraining:
         runs: RunManager,
         *,
         audit: Audit,
-        can_sign: bool,
+        keys: Sequence[SigningKey],
+        trusted: TrustedKeys | None,
+        upload: Upload,
+        start_rollout: StartRollout,
         clock: Callable[[], float] = time.time,
         every_s: float = 5.0,
     ) -> None:
         self._store = store
         self._runs = runs
         self._audit = audit
-        self._can_sign = can_sign
+        self._keys = tuple(keys)
+        self._trusted = trusted
+        self._upload = upload
+        self._start_rollout = start_rollout
+        self._candidates: dict[str, tuple[str, Weights]] = {}
+        self._candidates_lock = threading.Lock()
+        runs.on_finish(self.run_finished)
         self._clock = clock
         self._every_s = every_s
         self._blocked: dict[str, str] = {}
@@ -126,14 +188,16 @@ class Retraining:
             PolicyError: the service cannot sign retrained models, or the run the
                 policy describes would be refused.
         """
-        if not self._can_sign:
+        if not self._keys:
             logger.warning("policy %s refused: no signing key", policy.name)
             raise PolicyError(f"policy {policy.name!r} refused: {NO_SIGNING_KEY}")
         request = run_request(policy)
         try:
             self._runs.config_of(request)
             run_strategy(request)
-        except (RunError, CompressError) as exc:
+            if policy.holdout is not None:
+                load_labelled_npz(Path(policy.holdout))
+        except (RunError, CompressError, PackagingError) as exc:
             logger.warning("policy %s refused: its run is invalid: %s", policy.name, exc)
             raise PolicyError(f"policy {policy.name!r}: its run is invalid: {exc}") from exc
         row = self._store.set_policy(policy, updated_by=actor.name, at=self._clock())
@@ -254,6 +318,15 @@ class Retraining:
         )  # fmt: skip
         return row
 
+    def run_finished(
+        self, run_id: str, state: RunState, result: RunResult | None, config: RunConfig
+    ) -> None:
+        """Keep a finished run's final weights for the next tick (the listener
+        :meth:`RunManager.on_finish` calls, on the run's thread)."""
+        if state == RunState.FINISHED and result is not None:
+            with self._candidates_lock:
+                self._candidates[run_id] = (config.family, dict(result.weights))
+
     def _follow_runs(self) -> list[RetrainingRow]:
         moved = []
         for row in self._store.retrainings():
@@ -262,12 +335,108 @@ class Retraining:
             run = self._store.run(row.run_id)
             if run is None or run.state == RunState.RUNNING:
                 continue
-            state = TRAINED if run.state == RunState.FINISHED else FAILED
-            updated = self._store.update_retraining(
-                row.run_id, state=state, detail={"run_state": run.state.value}, at=self._clock()
-            )
-            self._audit(_actor(row.policy), f"retraining.{state}", row.run_id,
-                        {"run_state": run.state.value})  # fmt: skip
-            logger.info("retraining run %s: %s", row.run_id, state)
-            moved.append(updated)
+            if run.state == RunState.FINISHED:
+                moved.append(self._deliver(row))
+                continue
+            moved.append(self._move(row, FAILED, {"run_state": run.state.value}))
         return moved
+
+    def _move(self, row: RetrainingRow, state: str, detail: dict[str, Any]) -> RetrainingRow:
+        updated = self._store.update_retraining(
+            row.run_id, state=state, detail=detail, at=self._clock()
+        )
+        self._audit(_actor(row.policy), f"retraining.{state}", row.run_id, detail)
+        logger.info("retraining run %s: %s %s", row.run_id, state, detail)
+        return updated
+
+    def _deliver(self, row: RetrainingRow) -> RetrainingRow:
+        """Evaluate, package and upload a finished run's candidate; roll it out or wait."""
+        with self._candidates_lock:
+            candidate = self._candidates.pop(row.run_id, None)
+        policy, why = self._deliverable(row, candidate is not None)
+        if policy is None or candidate is None:
+            return self._move(row, TRAINED, {"run_state": "finished", "next": why})
+        family, weights = candidate
+        try:
+            artifact = self._package(row, policy, family, weights)
+        except WorseThanBaselineError as exc:
+            return self._move(row, REJECTED, {"run_state": "finished", "reason": str(exc)})
+        except (CoordinatorError, CompressError, OSError) as exc:
+            logger.error("retraining run %s: cannot package its candidate: %s", row.run_id, exc)
+            return self._move(row, FAILED, {"run_state": "finished", "reason": str(exc)})
+        detail = {"run_state": "finished", "artifact": artifact.sha256,
+                  "version": artifact.version}  # fmt: skip
+        if policy.require_approval:
+            return self._move(row, AWAITING_APPROVAL, detail)
+        return self._roll_out(row, detail, _actor(row.policy))
+
+    def _deliverable(self, row: RetrainingRow, has_weights: bool) -> tuple[Policy | None, str]:
+        """The policy to deliver the run's candidate under, or None and why not."""
+        try:
+            policy = self._store.policy(row.policy).policy
+        except NotFoundError:
+            return None, "policy deleted"
+        if not has_weights:
+            return None, "final weights lost (the service restarted)"
+        if policy.holdout is None:
+            return None, "no holdout data in the policy: not evaluated"
+        return policy, ""
+
+    def _package(
+        self, row: RetrainingRow, policy: Policy, family: str, weights: Weights
+    ) -> ArtifactRow:
+        holdout = load_labelled_npz(Path(str(policy.holdout)))
+        version = int(row.trigger.get("version", 0))
+        serving = [a for a in self._store.artifacts() if a.name == policy.name]
+        current = [a for a in serving if a.version == version]
+        if not current:
+            raise PackagingError(f"no stored artifact of {policy.name} v{version} to compare with")
+        metadata = {
+            "retrained_by": f"policy:{policy.name}",
+            "run_id": row.run_id,
+            "trigger": json.dumps(row.trigger, sort_keys=True, separators=(",", ":")),
+        }
+        new_version = max(a.version for a in serving) + 1
+        with tempfile.TemporaryDirectory(prefix="fedge-retrain-") as tmp:
+            baseline, result = package_candidate(
+                family=family, weights=weights, name=policy.name, version=new_version,
+                keys=self._keys, holdout=holdout,
+                serving=self._store.artifact_bytes(current[0].sha256), trusted=self._trusted,
+                out=Path(tmp) / f"{policy.name}-v{new_version}.fedge",
+                now=datetime.fromtimestamp(self._clock(), UTC), metadata=metadata,
+            )  # fmt: skip
+            data = result.path.read_bytes()
+        self._store.update_retraining(
+            row.run_id, state=TRAINING, at=self._clock(),
+            detail={"serving_metric": baseline.value, "candidate_metric": result.packaged_metric,
+                    "metric": baseline.metric},
+        )  # fmt: skip
+        return self._upload(data, _actor(policy.name))
+
+    def _roll_out(self, row: RetrainingRow, detail: dict[str, Any], actor: Actor) -> RetrainingRow:
+        model = row.policy
+        devices = sorted(d.device_id for d in self._store.devices() if d.model == model)
+        if not devices:
+            return self._move(row, AWAITING_APPROVAL, {**detail, "next": "no device serves it"})
+        request = RolloutRequest(artifact_sha256=str(detail["artifact"]),
+                                 target="device:" + ",".join(devices))  # fmt: skip
+        try:
+            view = self._start_rollout(request, actor)
+        except CoordinatorError as exc:
+            logger.error("retraining run %s: rollout refused: %s", row.run_id, exc)
+            return self._move(row, AWAITING_APPROVAL, {**detail, "next": f"rollout: {exc}"})
+        return self._move(row, ROLLING_OUT, {**detail, "rollout_id": view.rollout.rollout_id})
+
+    def approve(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """Start the rollout of a packaged candidate waiting for approval.
+
+        Raises:
+            NotFoundError: no such retraining run.
+            PolicyError: it is not waiting for approval.
+        """
+        row = self._store.retraining(run_id)
+        if row.state != AWAITING_APPROVAL:
+            logger.warning("approval of %s refused: it is %s", run_id, row.state)
+            raise PolicyError(f"retraining run {run_id} is {row.state}, not awaiting approval")
+        self._audit(actor, "retraining.approve", run_id, {"artifact": row.detail.get("artifact")})
+        return self._roll_out(row, dict(row.detail), actor)

@@ -9,6 +9,9 @@
   ``policy.delete``); answers the removed policy.
 * ``GET /v1/retrainings?policy=NAME`` (viewer): the runs policies started, with
   their triggers and how far each went.
+* ``POST /v1/retrainings/{run_id}/approve`` (operator): roll out a retrained model
+  that waits for approval (audited ``retraining.approve``); 400 ``policy_error``
+  when the run is not waiting for one.
 
 The bodies are :class:`PolicyBody` (the policy without its name, taken from the
 path); what the values mean is checked by
@@ -72,6 +75,7 @@ class PolicyOut(_Out):
     cooldown_s: float
     max_runs_per_day: int
     require_approval: bool
+    holdout: str | None = Field(description="Held-out data the candidate is compared on.")
     run: RunSettingsOut
 
 
@@ -88,7 +92,10 @@ class RetrainingOut(_Out):
 
     run_id: str
     policy: str
-    state: str = Field(description="`training`, `trained` or `failed`.")
+    state: str = Field(
+        description="`training`, `trained`, `failed`, `rejected`, `awaiting_approval`, "
+        "`rolling_out` (see coordinator.service.retraining)."
+    )
     trigger: dict[str, Any] = Field(description="What fired: policy, drift value, severity...")
     detail: dict[str, Any]
     created_at: float
@@ -117,6 +124,7 @@ class PolicyBody(_In):
     cooldown_s: float = _POLICY.cooldown_s
     max_runs_per_day: int = _POLICY.max_runs_per_day
     require_approval: bool = False
+    holdout: str | None = Field(default=None, min_length=1, max_length=4096)
     run: RunSettingsBody = Field(default_factory=RunSettingsBody)
 
     def to_policy(self, name: str) -> Policy:
@@ -167,3 +175,11 @@ def add_policy_routes(
     ) -> list[RetrainingOut]:
         """The runs retraining policies started, newest first."""
         return [RetrainingOut.model_validate(row) for row in ops.retrainings(policy=policy)]
+
+    @router.post("/v1/retrainings/{run_id}/approve", tags=["policies"], responses=responses)
+    def approve_retraining(
+        run_id: Annotated[str, Path(min_length=1, max_length=256)],
+        actor: Annotated[Actor, Depends(operator)],
+    ) -> RetrainingOut:
+        """Roll out a retrained model that waits for approval."""
+        return RetrainingOut.model_validate(ops.approve_retraining(run_id, actor=actor))
