@@ -1,14 +1,15 @@
-"""Retraining end to end with real agents over mosquitto (slow): drift in the
-telemetry summaries makes the policy start a federated run that four real agents
-train (digits, Dirichlet shards); the finished run's candidate beats the serving
-model on the held-out digits, is packaged with the service's [fleet] key, uploaded
-and audited.
+"""Retraining end to end with real agents over mosquitto (slow).
 
-What is shown and what is not: the drift is injected as telemetry summaries (the
-agents' own inputs are not shifted), and the agents do not serve the model (they
-trust another key than the service's), so the rollout step ends in
-``awaiting_approval`` with "no device serves it"; the rollout itself is shown by
-``tests/test_retraining_service.py``.
+Four real agents (digits, Dirichlet shards) serve ``digits`` v1, an untrained
+model deployed by the service. Drift in telemetry summaries makes the policy
+start a federated run that the agents train; the finished run's candidate beats
+the serving model on the held-out digits, is packaged with the service's
+``[fleet]`` key (the one the agents trust), uploaded, and rolled out in stages
+with the default health gate to the four agents, which end up serving v2.
+
+Not shown: the drift is injected as telemetry summaries of shifted digits from
+two reporting devices; the agents' own inputs are not shifted, and accuracy after
+the rollout is measured on the held-out digits, not on post-shift data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy.typing as npt
 import pytest
 
 from compress.families import forward, init_weights
-from compress.keys import generate_signing_key
 from compress.profile import ReferenceProfile, bin_counts, class_probabilities, features
 from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
@@ -31,8 +31,8 @@ from coordinator.delivery.packaging import LabelledData, package_weights
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.monitoring.policy import Policy, RunSettings
 from coordinator.service.fleet_service import FleetService, ServiceSettings
-from coordinator.service.operations import CLI_ACTOR
-from coordinator.service.retraining import AWAITING_APPROVAL, TRAINING
+from coordinator.service.operations import CLI_ACTOR, DeployRequest
+from coordinator.service.retraining import ROLLING_OUT, TRAINING
 from coordinator.service.store import RetrainingRow, Store
 from coordinator.sim.datasets import load_digits_split
 from edge_agent.protocol import (
@@ -87,11 +87,20 @@ def batch(window: WindowSummary, seq: int) -> TelemetryBatch:
     return TelemetryBatch(seq=seq, records=(record,))
 
 
+def serving_versions(service: FleetService) -> set[int | None]:
+    """The versions of digits the four agents serve, as the store has them."""
+    agents = set(device_ids(4))
+    return {d.version for d in service.store.devices() if d.device_id in agents and
+            d.model == "digits"} if all(d.model == "digits" for d in service.store.devices()
+                                         if d.device_id in agents) else set()  # fmt: skip
+
+
 @pytest.mark.slow
 def test_drift_retrains_on_real_agents_and_packages_a_better_model(
     tmp_path: Path, federated: FederatedFleet
 ) -> None:
-    key = generate_signing_key()
+    key = federated.key
+    assert key is not None
     x_train, y_train, x_test, y_test = load_digits_split(0)
     holdout = tmp_path / "holdout.npz"
     np.savez(holdout, x=x_test, y=y_test)
@@ -107,14 +116,18 @@ def test_drift_retrains_on_real_agents_and_packages_a_better_model(
                            TrustedKeys.of([key.public_key]), settings=settings)  # fmt: skip
     service.start()
     try:
-        service.upload_artifact(serving.path.read_bytes(), actor=CLI_ACTOR)
+        v1 = service.upload_artifact(serving.path.read_bytes(), actor=CLI_ACTOR)
         wait_for(lambda: sum(r.can_train for r in service.hub.fleet()) == 4)
+        deployed = service.deploy(DeployRequest(v1.sha256, timeout_s=60.0), actor=CLI_ACTOR)
+        deployment = deployed.result.deployment_id
+        wait_for(lambda: service.deployment(deployment).done, timeout=90.0, what="v1 deployed")
+        wait_for(lambda: serving_versions(service) == {1}, what="the agents serving v1")
         train = {"epochs": 2, "lr": 0.05, "batch_size": 16}
         run = RunSettings(rounds=3, clients=4, min_clients=3, round_timeout_s=60.0,
                           config={"features": 64, "classes": 10, "hidden": [32],
                                   "train": train})  # fmt: skip
         service.set_policy(Policy("digits", drift_psi=0.25, windows=2, holdout=str(holdout),
-                                  run=run), actor=CLI_ACTOR)  # fmt: skip
+                                  soak_s=2.0, run=run), actor=CLI_ACTOR)  # fmt: skip
         profile = serving.manifest.reference
         assert profile is not None
         rng = np.random.default_rng(1)
@@ -146,9 +159,13 @@ def test_drift_retrains_on_real_agents_and_packages_a_better_model(
             return None if row.state == TRAINING else row
 
         row = wait_for(delivered, timeout=240.0, what="the run to be delivered")
-        assert row.state == AWAITING_APPROVAL, row.detail
-        assert row.detail["next"] == "no device serves it"
+        assert row.state == ROLLING_OUT, row.detail
         assert row.detail["candidate_metric"] > row.detail["serving_metric"] + 0.3
+        rollout_id = row.detail["rollout_id"]
+        wait_for(lambda: service.rollout(rollout_id).rollout.state == "completed",
+                 timeout=240.0, what="the rollout to complete")  # fmt: skip
+        wait_for(lambda: serving_versions(service) == {2}, what="the agents serving v2")
+        assert service.rollout(rollout_id).rollout.target == "device:" + ",".join(device_ids(4))
         artifact = service.store.artifact(row.detail["artifact"])
         assert artifact is not None
         assert artifact.version == 2
@@ -156,8 +173,8 @@ def test_drift_retrains_on_real_agents_and_packages_a_better_model(
         view = service.run(started.run_id)
         assert [r.status for r in view.rounds] == ["ok", "ok", "ok"]
         actions = [a.action for a in service.audit_log(limit=1000)]
-        for step in ("policy.set", "retraining.start", "artifact.upload",
-                     "retraining.awaiting_approval"):  # fmt: skip
+        for step in ("policy.set", "retraining.start", "artifact.upload", "rollout.create",
+                     "retraining.rolling_out"):  # fmt: skip
             assert step in actions
     finally:
         service.stop()

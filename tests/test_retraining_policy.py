@@ -114,6 +114,7 @@ def test_control_noise_never_triggers() -> None:
         ({"drift_severity": "insufficient"}, "drift_severity"),
         ({"drift_psi": 0.2, "windows": 0}, "windows"),
         ({"drift_psi": 0.2, "cooldown_s": -1.0}, "cooldown_s"),
+        ({"drift_psi": 0.2, "soak_s": float("inf")}, "soak_s"),
         ({"drift_psi": 0.2, "run": RunSettings(rounds=0)}, "run.rounds"),
         ({"drift_psi": 0.2, "run": RunSettings(clients=2, min_clients=3)}, "run.min_clients"),
         ({"drift_psi": 0.2, "run": RunSettings(config={"clients_per_round": 3})}, "run.clients"),

@@ -150,6 +150,9 @@ def set_policy(
     approve: Annotated[
         bool, typer.Option("--approve", help="Require an approval before the rollout.")
     ] = False,
+    soak: Annotated[
+        float, typer.Option("--soak", help="Seconds each rollout stage must run healthy.")
+    ] = _DEFAULT.soak_s,
     holdout: Annotated[
         str | None,
         typer.Option("--holdout", help="Held-out .npz (x, y) on the coordinator to compare on."),
@@ -183,7 +186,7 @@ def set_policy(
         policy = Policy(
             name=name, drift_psi=drift_psi, drift_severity=severity, windows=windows,
             accuracy_drop=accuracy_drop, cooldown_s=cooldown, max_runs_per_day=max_runs_per_day,
-            require_approval=approve, holdout=holdout,
+            require_approval=approve, soak_s=soak, holdout=holdout,
             run=RunSettings(rounds=rounds, clients=clients, min_clients=min_clients,
                             strategy=strategy, codec=codec, round_timeout_s=round_timeout,
                             config=config),

@@ -40,6 +40,7 @@ from coordinator.errors import PolicyError
 from coordinator.monitoring.scores import CLASSES, CONFIDENCE, DriftScore
 
 __all__ = [
+    "DEFAULT_SOAK_S",
     "NONE",
     "SEVERITIES",
     "START_RUN",
@@ -58,6 +59,8 @@ SEVERITIES = ("moderate", "major")
 """Severities a policy may use as its threshold, mildest first."""
 _RANK = {"none": 0, "moderate": 1, "major": 2}
 _DAY_S = 86400.0
+DEFAULT_SOAK_S = 60.0
+"""Default soak of each stage of a retrained model's rollout (as ``fedge rollout create``)."""
 _MAX_WINDOWS = 1000
 _MAX_ROUNDS = 1000
 
@@ -103,6 +106,8 @@ class Policy:
         max_runs_per_day: Runs the policy may start in any 24 hours.
         require_approval: Wait for ``fedge policy approve RUN`` before rolling
             the retrained model out.
+        soak_s: How long each stage of the retrained model's staged rollout must
+            run healthy before the next (the rollout's ``soak``).
         holdout: Labelled held-out data on the coordinator (an ``.npz`` with ``x``
             and ``y``) the candidate and the serving model are compared on; None:
             a trained candidate is not evaluated, packaged nor rolled out.
@@ -117,6 +122,7 @@ class Policy:
     cooldown_s: float = 3600.0
     max_runs_per_day: int = 2
     require_approval: bool = False
+    soak_s: float = DEFAULT_SOAK_S
     holdout: str | None = None
     run: RunSettings = field(default_factory=RunSettings)
 
@@ -143,6 +149,8 @@ class Policy:
         _count("max_runs_per_day", self.max_runs_per_day, 1, 1000)
         if not _finite(self.cooldown_s) or not 0 <= self.cooldown_s <= 30 * _DAY_S:
             raise PolicyError(f"cooldown_s must be 0..{30 * _DAY_S:.0f} s: {self.cooldown_s!r}")
+        if not _finite(self.soak_s) or not 0 <= self.soak_s <= _DAY_S:
+            raise PolicyError(f"soak_s must be 0..{_DAY_S:.0f} s: {self.soak_s!r}")
         run = self.run
         _count("run.rounds", run.rounds, 1, _MAX_ROUNDS)
         _count("run.clients", run.clients, 1, 100000)
@@ -165,6 +173,7 @@ class Policy:
             "cooldown_s": self.cooldown_s,
             "max_runs_per_day": self.max_runs_per_day,
             "require_approval": self.require_approval,
+            "soak_s": self.soak_s,
             "holdout": self.holdout,
             "run": {
                 "rounds": self.run.rounds,
@@ -195,6 +204,7 @@ class Policy:
                 cooldown_s=float(data.get("cooldown_s", 3600.0)),
                 max_runs_per_day=int(data.get("max_runs_per_day", 2)),
                 require_approval=bool(data.get("require_approval", False)),
+                soak_s=float(data.get("soak_s", DEFAULT_SOAK_S)),
                 holdout=data.get("holdout"),
                 run=RunSettings(
                     rounds=int(run.get("rounds", 5)),

@@ -72,7 +72,7 @@ from coordinator.errors import (
 )
 from coordinator.federated.models import Weights
 from coordinator.federated.runs import RunConfig, RunResult
-from coordinator.monitoring.policy import START_RUN, Decision, Policy, decide
+from coordinator.monitoring.policy import DEFAULT_SOAK_S, START_RUN, Decision, Policy, decide
 from coordinator.monitoring.scores import FLEET
 from coordinator.service.candidate import package_candidate
 from coordinator.service.operations import Actor, RolloutRequest, RolloutView, RunRequest
@@ -415,11 +415,15 @@ class Retraining:
 
     def _roll_out(self, row: RetrainingRow, detail: dict[str, Any], actor: Actor) -> RetrainingRow:
         model = row.policy
+        try:
+            soak = self._store.policy(model).policy.soak_s
+        except NotFoundError:  # deleted since it was approved
+            soak = DEFAULT_SOAK_S
         devices = sorted(d.device_id for d in self._store.devices() if d.model == model)
         if not devices:
             return self._move(row, AWAITING_APPROVAL, {**detail, "next": "no device serves it"})
-        request = RolloutRequest(artifact_sha256=str(detail["artifact"]),
-                                 target="device:" + ",".join(devices))  # fmt: skip
+        target = "device:" + ",".join(devices)
+        request = RolloutRequest(str(detail["artifact"]), target=target, soak=f"{soak:g}s")
         try:
             view = self._start_rollout(request, actor)
         except CoordinatorError as exc:

@@ -75,6 +75,7 @@ class PolicyOut(_Out):
     cooldown_s: float
     max_runs_per_day: int
     require_approval: bool
+    soak_s: float = Field(description="Soak of each stage of the retrained model's rollout.")
     holdout: str | None = Field(description="Held-out data the candidate is compared on.")
     run: RunSettingsOut
 
@@ -124,6 +125,7 @@ class PolicyBody(_In):
     cooldown_s: float = _POLICY.cooldown_s
     max_runs_per_day: int = _POLICY.max_runs_per_day
     require_approval: bool = False
+    soak_s: float = _POLICY.soak_s
     holdout: str | None = Field(default=None, min_length=1, max_length=4096)
     run: RunSettingsBody = Field(default_factory=RunSettingsBody)
 
