@@ -14,6 +14,7 @@ run from starting. Evaluation, packaging and rollout are not done by this slice.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -147,6 +148,20 @@ def test_the_http_api_sets_and_lists_policies_for_operators_only(
         listed = client.get("/v1/policies", headers=bearer(viewer)).json()
         assert [p["policy"]["name"] for p in listed] == ["sensor"]
         assert client.get("/v1/policies/ghost", headers=bearer(viewer)).status_code == 404
+        for hostile in (
+            {"drift_psi": float("nan")},
+            {"drift_psi": float("inf")},
+            {"drift_psi": 0.3, "windows": -1},
+            {"drift_psi": 0.3, "run": {"config": {"clients_per_round": 10**6}}},
+            {"drift_psi": 0.3, "run": {"rounds": 10**9}},
+        ):
+            headers = {**bearer(operator), "Content-Type": "application/json"}
+            answer = client.post("/v1/policies/sensor", content=json.dumps(hostile),
+                                 headers=headers)  # fmt: skip
+            assert answer.status_code in (400, 422), (hostile, answer.text)
+        assert client.post("/v1/policies/bad%07name", json=body,
+                           headers=bearer(operator)).status_code == 400  # fmt: skip
+        assert service.policy("sensor").policy.windows == 4  # unchanged by the refusals
         deleted = client.post("/v1/policies/sensor/delete", headers=bearer(operator))
         assert deleted.status_code == 200
         assert client.get("/v1/retrainings", headers=bearer(viewer)).json() == []
