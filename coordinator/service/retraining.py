@@ -172,6 +172,7 @@ class Retraining:
         self._start_rollout = start_rollout
         self._candidates: dict[str, tuple[str, Weights]] = {}
         self._candidates_lock = threading.Lock()
+        self._steps = threading.Lock()  # one tick or approval at a time moves records
         runs.on_finish(self.run_finished)
         self._clock = clock
         self._every_s = every_s
@@ -267,11 +268,12 @@ class Retraining:
         Raises:
             StoreError: the store failed.
         """
-        changed = self._follow_runs()
-        for row in self._store.policies():
-            started = self._evaluate(row.policy)
-            if started is not None:
-                changed.append(started)
+        with self._steps:
+            changed = self._follow_runs()
+            for row in self._store.policies():
+                started = self._evaluate(row.policy)
+                if started is not None:
+                    changed.append(started)
         return changed
 
     def decision(self, policy: Policy) -> Decision:
@@ -438,9 +440,11 @@ class Retraining:
             NotFoundError: no such retraining run.
             PolicyError: it is not waiting for approval.
         """
-        row = self._store.retraining(run_id)
-        if row.state != AWAITING_APPROVAL:
-            logger.warning("approval of %s refused: it is %s", run_id, row.state)
-            raise PolicyError(f"retraining run {run_id} is {row.state}, not awaiting approval")
-        self._audit(actor, "retraining.approve", run_id, {"artifact": row.detail.get("artifact")})
-        return self._roll_out(row, dict(row.detail), actor)
+        with self._steps:
+            row = self._store.retraining(run_id)
+            if row.state != AWAITING_APPROVAL:
+                logger.warning("approval of %s refused: it is %s", run_id, row.state)
+                raise PolicyError(f"retraining run {run_id} is {row.state}, not awaiting approval")
+            self._audit(actor, "retraining.approve", run_id,
+                        {"artifact": row.detail.get("artifact")})  # fmt: skip
+            return self._roll_out(row, dict(row.detail), actor)
