@@ -14,6 +14,9 @@
 * :class:`~coordinator.service.runs.RunManager` (federated runs in the background),
 * :class:`~coordinator.service.deployments.OneShots` (one-shot deploys and rollbacks,
   sent through the rollout manager's deliveries).
+* :class:`~coordinator.service.retraining.Retraining` (the operator's retraining
+  policies, and the loop that starts runs on drift and rolls out better models;
+  running only when the ``[fleet]`` keys are there to sign them).
 
 Workflow::
 

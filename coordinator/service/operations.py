@@ -11,7 +11,8 @@ Errors: :class:`~coordinator.errors.NotFoundError` for an unknown id,
 :class:`~coordinator.errors.ArtifactRejectedError` for an upload that fails
 verification, :class:`~coordinator.errors.RolloutError` for a bad policy or an
 operation the rollout's state forbids, :class:`~coordinator.errors.TargetError` for
-a bad target, :class:`~coordinator.errors.RunError` for a bad run request.
+a bad target, :class:`~coordinator.errors.RunError` for a bad run request,
+:class:`~coordinator.errors.PolicyError` for a retraining policy the service refuses.
 """
 
 from __future__ import annotations
