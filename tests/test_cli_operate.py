@@ -867,3 +867,4 @@ def test_policy_set_show_list_delete_runs(fedge: Fedge, ops: FakeOperations) -> 
     assert "no retraining policy for model 'sensor'" in one_line_error(
         fedge("policy", "show", "sensor")
     )
+    assert "no retraining run 'run-x'" in one_line_error(fedge("policy", "approve", "run-x"))
