@@ -22,6 +22,7 @@ The tree::
     │   ├── ArtifactCorruptError        a stored artifact file is missing or altered
     │   └── DatabaseInUseError          another coordinator process runs this database
     ├── RolloutError                a bad rollout policy, or an operation its state forbids
+    ├── PolicyError                 a retraining policy is invalid or cannot be set
     ├── ArtifactRejectedError       an uploaded artifact failed verification (not stored)
     ├── ServiceConfigError          the service's configuration (file or flags) is invalid
     ├── BrokerSetupError            ``fedge broker config`` was given inconsistent settings
@@ -234,6 +235,15 @@ class RolloutError(CoordinatorError):
     """
 
     code = "rollout_error"
+
+
+class PolicyError(CoordinatorError):
+    """A retraining policy is invalid (a bad threshold, count or run setting), or the
+    service cannot act on it (no key to sign the retrained models with), or an
+    approval names no run waiting for one.
+    """
+
+    code = "policy_error"
 
 
 class ArtifactRejectedError(CoordinatorError):

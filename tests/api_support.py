@@ -33,6 +33,7 @@ from coordinator.errors import (
     TargetError,
 )
 from coordinator.monitoring.drift import severity
+from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DEVICE, FLEET, DriftScore, FeatureDrift
 from coordinator.service.operations import (
     Actor,
@@ -45,6 +46,7 @@ from coordinator.service.operations import (
     RunRequest,
     RunView,
 )
+from coordinator.service.store.policies import PolicyRow, RetrainingRow
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -221,6 +223,7 @@ class FakeOperations:
         self.audit: list[AuditRow] = []
         self.drift_scores: list[DriftScore] = []
         self.drift_rejected: dict[str, int] = {}
+        self.policy_rows: dict[str, PolicyRow] = {}
         self.mutations: list[tuple[str, str]] = []
         self.aborted: dict[str, bool] = {}
         self.fail: CoordinatorError | None = None
@@ -653,6 +656,42 @@ class FakeOperations:
             for s in self.drift_scores
             if (device_id is None or s.device_id == device_id) and model in (None, s.model)
         ]
+
+    def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:
+        """Keep the policy."""
+        self._check()
+        self._mutate("set_policy", actor, policy.name)
+        self.policy_rows[policy.name] = PolicyRow(policy, actor.name, NOW)
+        return self.policy_rows[policy.name]
+
+    def policy(self, name: str) -> PolicyRow:
+        """A kept policy."""
+        self._check()
+        if name not in self.policy_rows:
+            raise NotFoundError(f"no retraining policy for model {name!r}")
+        return self.policy_rows[name]
+
+    def policies(self) -> list[PolicyRow]:
+        """The kept policies, by name."""
+        self._check()
+        return [self.policy_rows[name] for name in sorted(self.policy_rows)]
+
+    def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:
+        """Forget a kept policy."""
+        row = self.policy(name)
+        self._mutate("delete_policy", actor, name)
+        del self.policy_rows[name]
+        return row
+
+    def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
+        """None: the fake starts no run."""
+        self._check()
+        return []
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """None waits: the fake starts no run."""
+        self._check()
+        raise NotFoundError(f"no retraining run {run_id!r}")
 
     def metrics(self) -> FleetMetrics:
         """Figures computed from the fake's state."""

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.families import init_weights
-from compress.keys import generate_signing_key
+from compress.keys import SigningKey, generate_signing_key
 from coordinator.delivery.packaging import LabelledData
 from coordinator.federated.runs import RunConfig, RunResult, run_training
 from coordinator.federated.strategies import build_strategy, parse_strategy_args
@@ -76,6 +76,8 @@ class FederatedFleet:
     shards: list[Path]
     trust: Path
     root: Path
+    key: SigningKey | None = None
+    """The private half of ``trust`` (to sign what the agents must install)."""
 
     @classmethod
     def start(
@@ -86,7 +88,8 @@ class FederatedFleet:
         ``broker`` must know the users ``device_ids(clients + without_data)``. The
         agents keep their data under ``root / <device id>``.
         """
-        trust = public_key_file(root / "keys", generate_signing_key())
+        key = generate_signing_key()
+        trust = public_key_file(root / "keys", key)
         shards, test_set = digits_shards(clients, root / "data")
         devices = InProcessFleet(broker, root, trust, name="federated-net")
         try:
@@ -108,7 +111,7 @@ class FederatedFleet:
             devices.stop()
             raise
         fleet = cls(broker, devices, started[:clients], started[clients:], hub, test_set,
-                    shards, trust, root)  # fmt: skip
+                    shards, trust, root, key)  # fmt: skip
         try:
             wait_trainers(hub, clients, ELIGIBLE_WAIT_S)
         except BaseException:

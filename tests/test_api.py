@@ -210,6 +210,12 @@ def test_route_table_is_the_documented_one(app: FastAPI) -> None:
         ("POST", "/v1/runs/{run_id}/stop"),
         ("GET", "/v1/audit"),
         ("GET", "/v1/drift"),
+        ("GET", "/v1/policies"),
+        ("GET", "/v1/policies/{name}"),
+        ("POST", "/v1/policies/{name}"),
+        ("POST", "/v1/policies/{name}/delete"),
+        ("GET", "/v1/retrainings"),
+        ("POST", "/v1/retrainings/{run_id}/approve"),
     }
     # Nothing but the docs is served outside FastAPI's routes (and their checks).
     others = {getattr(route, "path", None) for route in app.routes} - {
@@ -225,7 +231,7 @@ def test_every_route_but_health_needs_a_token(ops: FakeOperations) -> None:
     app = create_app(ops, authenticate=authenticate, config=config)
     with TestClient(app) as client:
         checked = _refused_everywhere(app, client)
-    assert checked == 21
+    assert checked == 27
     assert ops.mutations == []
 
 
@@ -347,7 +353,7 @@ def test_viewer_is_refused_every_post(
     app: FastAPI, client: TestClient, ops: FakeOperations
 ) -> None:
     posts = [route for route in api_routes(app) if "POST" in methods(route)]
-    assert len(posts) == 9
+    assert len(posts) == 12
     for route in posts:
         for body in ({}, {"rollback": True}, None):
             response = client.post(concrete(route.path), json=body, headers=AS_VIEWER)

@@ -839,3 +839,32 @@ def test_broker_mode_deploy_runs_in_process_on_a_temporary_database(
                  "--db", tmp_path / "state.db")  # fmt: skip
     assert result.exit_code == 0, result.stdout + result.stderr
     assert "audit log" not in result.stderr
+
+
+def test_policy_set_show_list_delete_runs(fedge: Fedge, ops: FakeOperations) -> None:
+    answer = fedge.json(
+        "policy", "set", "sensor", "--drift-psi", "0.25", "--windows", "3", "--approve",
+        "--rounds", "4", "--clients", "6", "--features", "8", "--classes", "3",
+        "--run-arg", "seed=7",
+    )  # fmt: skip
+    policy = answer["policy"]
+    assert policy["name"] == "sensor"
+    assert policy["drift_psi"] == 0.25
+    assert policy["require_approval"] is True
+    assert policy["run"]["rounds"] == 4
+    assert policy["run"]["clients"] == 6
+    assert policy["run"]["config"] == {"seed": 7, "features": 8, "classes": 3}
+    assert ops.mutations[-1][0] == "set_policy"
+    shown = fedge("policy", "show", "sensor")
+    assert shown.exit_code == 0, shown.stderr
+    assert "PSI >= 0.25 for 3 scores" in shown.stdout
+    assert "required" in shown.stdout
+    assert [p["policy"]["name"] for p in fedge.json("policy", "list")] == ["sensor"]
+    assert fedge.json("policy", "runs") == []
+    line = one_line_error(fedge("policy", "set", "other", "--windows", "2"))
+    assert "no trigger" in line
+    assert fedge.json("policy", "delete", "sensor")["policy"]["name"] == "sensor"
+    assert "no retraining policy for model 'sensor'" in one_line_error(
+        fedge("policy", "show", "sensor")
+    )
+    assert "no retraining run 'run-x'" in one_line_error(fedge("policy", "approve", "run-x"))

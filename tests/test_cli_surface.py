@@ -28,6 +28,7 @@ JOBS = {
     "drift",
     "keys",
     "model",
+    "policy",
     "presence",
     "rollback",
     "rollout",
@@ -107,8 +108,8 @@ def test_the_connection_options_are_one_declaration() -> None:
             seen.setdefault(option, set()).add((param.help, envvar))
     # deploy, rollback, train, devices (and fleet list), fleet publish and show, keys
     # publish, telemetry, presence, audit, drift, model lineage, and every subcommand
-    # of artifacts, rollout and rounds
-    assert users == 25
+    # of artifacts, rollout, rounds and policy (set, show, list, delete, runs, approve)
+    assert users == 31
     for option in CONNECTION_OPTIONS:
         texts = {help_text for help_text, _ in seen[option]}
         if option == "--broker":  # required by the MQTT commands, or the other of --api

@@ -45,7 +45,7 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.db"
     db = Database(path, migrations=MIGRATIONS)
     try:
-        assert db.user_version == SCHEMA_VERSION == 5
+        assert db.user_version == SCHEMA_VERSION == 6
         assert db.journal_mode == "wal"
         with db.read() as conn:
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -59,7 +59,8 @@ def test_fresh_database_is_migrated_with_pragmas(tmp_path: Path) -> None:
     assert "telemetry_window" in tables
     assert {"drift_scores", "drift_subject"} <= tables
     assert {"registry", "enrollment_tokens"} <= tables
-    assert raw_version(path) == 5
+    assert {"retraining_policies", "retraining_runs"} <= tables
+    assert raw_version(path) == 6
 
 
 def test_synchronous_full_and_memory(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ stderr) and dispatches to the command groups:
 * ``fedge fleet publish | show`` -- :mod:`coordinator.cli.fleet` (the signed fleet
   statement; ``fedge fleet`` without a subcommand is ``fedge devices``, its former name)
 * ``fedge drift`` -- :mod:`coordinator.cli.drift` (input drift per fleet and device)
+* ``fedge policy`` -- :mod:`coordinator.cli.policy` (retraining policies on drift)
 * ``fedge artifacts`` -- :mod:`coordinator.cli.artifacts`
 * ``fedge rollout`` -- :mod:`coordinator.cli.rollout`
 * ``fedge rounds`` -- :mod:`coordinator.cli.rounds`
@@ -62,6 +63,7 @@ from coordinator.cli import (
     keys,
     model,
     observe,
+    policy,
     rollout,
     rounds,
     service,
@@ -92,6 +94,7 @@ app.command("telemetry")(observe.telemetry)
 app.command("presence")(observe.presence)
 app.command("audit")(observe.audit)
 app.command("drift")(drift.drift)
+app.add_typer(policy.app, name="policy")
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rounds.app, name="rounds")

@@ -59,12 +59,14 @@ from coordinator.errors import (
     EnrollmentError,
     EnrollmentRefusedError,
     NotFoundError,
+    PolicyError,
     RolloutError,
     RunError,
     StrategyError,
     TargetError,
 )
 from coordinator.lifecycle import Closeable
+from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
 from coordinator.service.enrollment import IssuedEnrollment
 from coordinator.service.operations import (
@@ -78,6 +80,7 @@ from coordinator.service.operations import (
     RunRequest,
     RunView,
 )
+from coordinator.service.store.policies import PolicyRow, RetrainingRow
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -114,6 +117,7 @@ _ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
         StrategyError,
         EnrollmentError,
         EnrollmentRefusedError,
+        PolicyError,
     )
 }
 """Error classes the API's ``code`` names (each takes just a message)."""
@@ -137,6 +141,10 @@ _DRIFT = TypeAdapter(list[DriftScore])
 _REGISTERED = TypeAdapter(RegisteredDevice)
 _REGISTRY = TypeAdapter(list[RegisteredDevice])
 _ISSUED = TypeAdapter(IssuedEnrollment)
+_POLICY = TypeAdapter(PolicyRow)
+_POLICIES = TypeAdapter(list[PolicyRow])
+_RETRAININGS = TypeAdapter(list[RetrainingRow])
+_RETRAINING = TypeAdapter(RetrainingRow)
 
 
 def _printable(token: str) -> bool:
@@ -424,6 +432,59 @@ class ApiClient(Closeable):
         """
         params = {key: value for key, value in (("device", device_id), ("model", model)) if value}
         return self._get(_DRIFT, "v1/drift", params=params or None)
+
+    def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:  # noqa: ARG002
+        """Set a model's retraining policy (``actor`` is ignored: the token decides).
+
+        Raises:
+            PolicyError: the service refused it (invalid, or no signing key).
+            ApiAuthError: the token's role may not set policies.
+        """
+        body = policy.to_dict()
+        del body["name"]
+        path = f"v1/policies/{_segment(policy.name)}"
+        return _parse(
+            _POLICY, self._call("POST", path, action="set policies", json=body), self._url
+        )
+
+    def policy(self, name: str) -> PolicyRow:
+        """A model's retraining policy.
+
+        Raises:
+            NotFoundError: none.
+        """
+        return self._get(_POLICY, f"v1/policies/{_segment(name)}")
+
+    def policies(self) -> list[PolicyRow]:
+        """Every retraining policy, by name."""
+        return self._get(_POLICIES, "v1/policies")
+
+    def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:  # noqa: ARG002
+        """Remove a model's retraining policy (``actor`` is ignored: the token decides).
+
+        Raises:
+            NotFoundError: none.
+            ApiAuthError: the token's role may not delete policies.
+        """
+        path = f"v1/policies/{_segment(name)}/delete"
+        return _parse(_POLICY, self._call("POST", path, action="delete policies"), self._url)
+
+    def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
+        """The runs retraining policies started, newest first."""
+        return self._get(
+            _RETRAININGS, "v1/retrainings", params={"policy": policy} if policy else None
+        )
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:  # noqa: ARG002
+        """Roll out a retrained model waiting for approval (``actor``: the token decides).
+
+        Raises:
+            NotFoundError: no such retraining run.
+            PolicyError: it is not waiting for approval.
+        """
+        path = f"v1/retrainings/{_segment(run_id)}/approve"
+        answer = self._call("POST", path, action="approve retrainings")
+        return _parse(_RETRAINING, answer, self._url)
 
     def metrics(self) -> FleetMetrics:
         """Not available over the API (it serves Prometheus text at ``/metrics``).

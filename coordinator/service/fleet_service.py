@@ -14,6 +14,9 @@
 * :class:`~coordinator.service.runs.RunManager` (federated runs in the background),
 * :class:`~coordinator.service.deployments.OneShots` (one-shot deploys and rollbacks,
   sent through the rollout manager's deliveries).
+* :class:`~coordinator.service.retraining.Retraining` (the operator's retraining
+  policies, and the loop that starts runs on drift and rolls out better models;
+  running only when the ``[fleet]`` keys are there to sign them).
 
 Workflow::
 
@@ -61,6 +64,7 @@ from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
 from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
+from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
 from coordinator.monitoring.tracker import DEFAULT_WINDOWS, DriftTracker
 from coordinator.rollout.engine import Rollout
@@ -85,12 +89,15 @@ from coordinator.service.operations import (
     RunRequest,
     RunView,
 )
+from coordinator.service.retraining import Retraining
 from coordinator.service.runs import RunManager
 from coordinator.service.store import (
     ArtifactRow,
     AuditRow,
     DeviceRow,
+    PolicyRow,
     PresenceRow,
+    RetrainingRow,
     RolloutDevice,
     RolloutInfo,
     RunRow,
@@ -132,7 +139,10 @@ class ServiceSettings:
         upload_dir: Where a run's chunked uploads are spooled on disk; None for
             the per-user default (:mod:`coordinator.federated.spool`).
         fleet: The fleet statement to keep published and to name each deploy in
-            (:mod:`coordinator.delivery.fleet_statement`); None for none.
+            (:mod:`coordinator.delivery.fleet_statement`); None for none. Its keys
+            also sign retrained models: without them no retraining policy is set.
+        retraining_every_s: Seconds between evaluations of the retraining
+            policies (:mod:`coordinator.service.retraining`).
     """
 
     telemetry_flush_s: float = 0.5
@@ -146,6 +156,7 @@ class ServiceSettings:
     upload_budget_bytes: int | None = None
     upload_dir: Path | None = None
     fleet: StatementSettings | None = None
+    retraining_every_s: float = 5.0
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -200,6 +211,13 @@ class FleetService:
             upload_dir=settings.upload_dir,
         )
         self._min_failed_devices = settings.rollout_min_failed_devices
+        self._retraining = Retraining(
+            store, self._runs, audit=self._audit,
+            keys=() if settings.fleet is None else settings.fleet.keys, trusted=trusted,
+            upload=lambda data, actor: self.upload_artifact(data, actor=actor),
+            start_rollout=lambda request, actor: self.create_rollout(request, actor=actor),
+            clock=clock, every_s=settings.retraining_every_s,
+        )  # fmt: skip
         self._one_shots = OneShots(self._rollouts.deliveries)
         self._statements = (
             None if settings.fleet is None else StatementPublisher(hub, settings.fleet, clock=clock)
@@ -250,6 +268,8 @@ class FleetService:
         if self._statements is not None:
             self._statements.start()  # published now, before any rollout step
         self._rollouts.start()
+        if self._statements is not None:  # its keys sign retrained models; else no policy
+            self._retraining.start()
         self._started = True
         logger.info("coordinator service started (%d device(s) known)",
                     len(self._hub.fleet()))  # fmt: skip
@@ -260,6 +280,7 @@ class FleetService:
             return
         self._started = False
         self._one_shots.stop()
+        self._retraining.stop()
         self._rollouts.stop()
         self._runs.stop()
         if self._statements is not None:
@@ -319,6 +340,11 @@ class FleetService:
             for actor, at in self._store.auth_failures_since(now - seconds)
             if actor.startswith(prefix)
         ]
+
+    @property
+    def retraining(self) -> Retraining:
+        """The retraining policies and their loop."""
+        return self._retraining
 
     def _audit(
         self, actor: Actor, action: str, target: str, detail: dict[str, Any] | None = None
@@ -633,6 +659,32 @@ class FleetService:
         if device_id is not None and not scores:
             self._known(device_id)
         return scores
+
+    # ---------------------------------------------------------------- retraining
+
+    def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:
+        """Set a model's retraining policy (see :meth:`Retraining.set_policy`)."""
+        return self._retraining.set_policy(policy, actor=actor)
+
+    def policy(self, name: str) -> PolicyRow:
+        """A model's retraining policy."""
+        return self._retraining.policy(name)
+
+    def policies(self) -> list[PolicyRow]:
+        """Every retraining policy, by name."""
+        return self._retraining.policies()
+
+    def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:
+        """Remove a model's retraining policy; give what it was."""
+        return self._retraining.delete_policy(name, actor=actor)
+
+    def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
+        """The runs retraining policies started, newest first."""
+        return self._retraining.retrainings(policy=policy)
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """Roll out a retrained model waiting for approval (see :meth:`Retraining.approve`)."""
+        return self._retraining.approve(run_id, actor=actor)
 
 
 def open_store(db: Path, artifact_dir: Path | None = None) -> Store:

@@ -11,7 +11,8 @@ Errors: :class:`~coordinator.errors.NotFoundError` for an unknown id,
 :class:`~coordinator.errors.ArtifactRejectedError` for an upload that fails
 verification, :class:`~coordinator.errors.RolloutError` for a bad policy or an
 operation the rollout's state forbids, :class:`~coordinator.errors.TargetError` for
-a bad target, :class:`~coordinator.errors.RunError` for a bad run request.
+a bad target, :class:`~coordinator.errors.RunError` for a bad run request,
+:class:`~coordinator.errors.PolicyError` for a retraining policy the service refuses.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from coordinator.delivery.tracker import DeployResult
+from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
+from coordinator.service.store.policies import PolicyRow, RetrainingRow
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -409,6 +412,48 @@ class Operations(Protocol):
 
         Raises:
             NotFoundError: no such device.
+        """
+        ...
+
+    def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:
+        """Set (or replace) a model's retraining policy.
+
+        Raises:
+            PolicyError: the service holds no key to sign retrained models, or the
+                policy's run would be refused.
+        """
+        ...
+
+    def policy(self, name: str) -> PolicyRow:
+        """A model's retraining policy.
+
+        Raises:
+            NotFoundError: none.
+        """
+        ...
+
+    def policies(self) -> list[PolicyRow]:
+        """Every retraining policy, by name."""
+        ...
+
+    def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:
+        """Remove a model's retraining policy; give what it was.
+
+        Raises:
+            NotFoundError: none.
+        """
+        ...
+
+    def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
+        """The runs retraining policies started (trigger, state), newest first."""
+        ...
+
+    def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
+        """Roll out a retrained model that waits for approval.
+
+        Raises:
+            NotFoundError: no such retraining run.
+            PolicyError: it is not waiting for approval.
         """
         ...
 

@@ -73,6 +73,7 @@ from coordinator.federated.runs import (
     STOPPED,
     RoundReport,
     RunConfig,
+    RunResult,
     check_fleet_can_train,
     run_training,
 )
@@ -83,9 +84,12 @@ from coordinator.service.operations import RunRequest
 from coordinator.service.store import RunRow, RunState, Store
 from edge_agent.training.model_spec import TORCH_FAMILY, parse_model_spec
 
-__all__ = ["RunManager", "run_strategy", "training_config"]
+__all__ = ["FinishListener", "RunManager", "run_strategy", "training_config"]
 
 logger = logging.getLogger(__name__)
+
+FinishListener = Callable[[str, RunState, RunResult | None, RunConfig], None]
+"""What :meth:`RunManager.on_finish` calls when a run ends."""
 
 _KEYS = frozenset(
     [
@@ -362,6 +366,13 @@ class RunManager:
         self._round: tuple[int, float] | None = None
         self._stop = threading.Event()  # the current run's; a new one per run
         self._stopped_by: str | None = None
+        self._on_finish: FinishListener | None = None
+
+    def on_finish(self, listener: FinishListener) -> None:
+        """Call ``listener(run_id, state, result, config)`` on the run's thread when a
+        run ends (``result`` None when it raised); the retraining loop takes the final
+        weights from it. A listener's error is logged, never raised."""
+        self._on_finish = listener
 
     def config_of(self, request: RunRequest) -> RunConfig:
         """The run a request describes, with this service's upload budget and directory.
@@ -492,7 +503,7 @@ class RunManager:
             except CoordinatorError as exc:
                 logger.error("run %s: round %d not recorded: %s", run_id, report.round, exc)
 
-        state = RunState.FAILED
+        state, result = RunState.FAILED, None
         try:
             result = run_training(self._hub, strategy, config, on_round=on_round, stop=stop)
             cut_short = len(result.rounds) < config.rounds or any(
@@ -515,6 +526,11 @@ class RunManager:
         except CoordinatorError as exc:
             logger.error("run %s: cannot record its end: %s", run_id, exc)
         logger.info("run %s %s", run_id, state)
+        if self._on_finish is not None:
+            try:
+                self._on_finish(run_id, state, result, config)
+            except Exception:
+                logger.exception("run %s: the finish listener failed", run_id)
 
 
 def _finite(document: dict[str, Any]) -> dict[str, Any]:

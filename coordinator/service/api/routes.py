@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator.service.api.auth import Guard, RoleDependency
 from coordinator.service.api.metrics import new_registry, render
+from coordinator.service.api.policies import add_policy_routes
 from coordinator.service.api.schemas import (
     AbortBody,
     ArtifactOut,
@@ -130,6 +131,7 @@ def add_routes(router: APIRouter, ops: Operations, guard: Guard) -> None:
     _add_rollouts(router, ops, viewer, operator)
     _add_deployments(router, ops, viewer, operator)
     _add_runs(router, ops, viewer, operator)
+    add_policy_routes(router, ops, viewer, operator)
 
 
 def _add_observation(router: APIRouter, ops: Operations, viewer: params.Depends) -> None:

@@ -29,12 +29,14 @@ migrations), :mod:`~coordinator.service.store.schema` (the SQL),
 group (:mod:`~coordinator.service.store.fleet`, :mod:`~coordinator.service.store.deploy`,
 :mod:`~coordinator.service.store.runs`, :mod:`~coordinator.service.store.access`,
 :mod:`~coordinator.service.store.drift`,
-:mod:`~coordinator.service.store.registry`).
+:mod:`~coordinator.service.store.registry`,
+:mod:`~coordinator.service.store.policies`).
 """
 
 from coordinator.service.store.access import LAST_USED_RESOLUTION_S
 from coordinator.service.store.database import MEMORY, Database, Migration
 from coordinator.service.store.fleet import KEEP, Keep
+from coordinator.service.store.policies import PolicyRow, RetrainingRow
 from coordinator.service.store.records import (
     ArtifactRow,
     AuditRow,
@@ -65,7 +67,9 @@ __all__ = [
     "DeviceRow",
     "Keep",
     "Migration",
+    "PolicyRow",
     "PresenceRow",
+    "RetrainingRow",
     "RolloutDevice",
     "RolloutInfo",
     "RolloutRow",

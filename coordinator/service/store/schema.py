@@ -204,12 +204,40 @@ _V5 = (
     "CREATE INDEX enrollment_tokens_device ON enrollment_tokens (device_id)",
 )
 
+_V6 = (
+    # Retraining policies (issue 18): one per model, the whole policy as JSON.
+    """
+    CREATE TABLE retraining_policies (
+        name        TEXT PRIMARY KEY,
+        policy_json TEXT NOT NULL,
+        updated_by  TEXT NOT NULL,
+        updated_at  REAL NOT NULL
+    )
+    """,
+    # The runs a policy started and how far each went (training, evaluation,
+    # packaging, approval, rollout); no foreign key to runs or policies: the record
+    # outlives a deleted policy, and the cooldown reads it.
+    """
+    CREATE TABLE retraining_runs (
+        run_id       TEXT PRIMARY KEY,
+        policy       TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        trigger_json TEXT NOT NULL,
+        detail_json  TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX retraining_runs_policy ON retraining_runs (policy, created_at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, artifacts, rollouts, runs, telemetry, audit, tokens", _V1),
     Migration(2, "telemetry windows stored once", _V2),
     Migration(3, "API tokens can expire", _V3),
     Migration(4, "drift scores", _V4),
     Migration(5, "device registry and enrollment tokens", _V5),
+    Migration(6, "retraining policies and their runs", _V6),
 )
 """Every schema step, in order; ``MIGRATIONS[n - 1]`` produces version ``n``."""
 

@@ -15,6 +15,7 @@ from coordinator.service.store.deploy import DeployTables
 from coordinator.service.store.drift import DriftTables
 from coordinator.service.store.fleet import FleetTables
 from coordinator.service.store.owner import OwnerClaim, holder
+from coordinator.service.store.policies import PolicyTables
 from coordinator.service.store.registry import RegistryTables
 from coordinator.service.store.runs import RunTables
 from coordinator.service.store.schema import MIGRATIONS, SCHEMA_VERSION
@@ -28,7 +29,14 @@ ARTIFACT_DIR_NAME = "artifacts"
 
 
 class Store(
-    FleetTables, DeployTables, RunTables, AccessTables, DriftTables, RegistryTables, Closeable
+    FleetTables,
+    DeployTables,
+    RunTables,
+    AccessTables,
+    DriftTables,
+    RegistryTables,
+    PolicyTables,
+    Closeable,
 ):
     """The coordinator's persistent state. Thread-safe; one per process.
 
