@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from compress.keys import SigningKey
+from compress.lineage import Lineage
 from compress.profile import ReferenceProfile, profile_from_data
 from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
@@ -299,6 +300,15 @@ def test_a_better_candidate_is_packaged_uploaded_and_rolled_out(
     assert new.uploaded_by == "policy:sensor"
     assert new.manifest["metadata"]["run_id"] == "run-good"
     assert '"value":0.4' in new.manifest["metadata"]["trigger"]
+    lineage = Lineage.from_dict(new.manifest["lineage"])
+    assert lineage.trigger.kind == "policy"
+    assert (lineage.trigger.policy, lineage.trigger.drift) == ("sensor", 0.4)
+    assert lineage.run_id == "run-good"
+    assert (lineage.strategy, lineage.codec) == (RUN.strategy, RUN.codec)
+    serving = next(a for a in store.artifacts() if a.version == 2)
+    assert lineage.parent is not None
+    assert (lineage.parent.name, lineage.parent.version) == ("sensor", 2)
+    assert lineage.parent.sha256 == serving.manifest["sha256"]
     [rollout] = service.rollouts()
     assert rollout.rollout_id == row.detail["rollout_id"]
     assert rollout.target == "device:pi-1,pi-2"
@@ -366,3 +376,48 @@ def test_a_candidate_only_as_good_as_the_serving_model_is_rejected(
     assert row.state == REJECTED
     assert "not better than the serving one" in row.detail["reason"]
     assert [a.version for a in store.artifacts()] == [2]
+
+
+def test_two_automatic_retrainings_chain_their_lineage(
+    delivery: tuple[FleetService, Store, Path],
+) -> None:
+    """v2 (serving) -> v3 (first retraining) -> v4 (second): each retrained model names
+    its policy trigger, its run, and the model it replaced as its parent."""
+    service, store, holdout = delivery
+    service.set_policy(Policy("sensor", drift_psi=0.25, holdout=str(holdout), run=RUN),
+                       actor=CLI_ACTOR)  # fmt: skip
+    halfway = (WEAK + WEIGHTS_OF_TRUTH) / 2
+    finished_run(service, store, halfway, "run-one")
+    [first] = service.retraining.tick()
+    assert first.state == ROLLING_OUT, first.detail
+    v3 = store.artifact(first.detail["artifact"])
+    assert v3 is not None
+    assert v3.version == 3
+    # The next retraining compares with (and replaces) what now serves: v3.
+    store.add_retraining("run-two", policy="sensor", state=TRAINING,
+                         trigger={"policy": "sensor", "kind": "drift", "version": 3,
+                                  "value": 0.3}, at=3.0)  # fmt: skip
+    store.create_run("run-two", config={}, created_by="policy:sensor", at=3.0)
+    store.finish_run("run-two", state=RunState.FINISHED, at=4.0)
+
+    class Config:
+        family = "softmax"
+
+    service.retraining.run_finished("run-two", RunState.FINISHED,
+                                    RunResult(rounds=[], weights=softmax_weights(WEIGHTS_OF_TRUTH)),
+                                    Config())  # type: ignore[arg-type]  # fmt: skip
+    [second] = service.retraining.tick()
+    assert second.state == ROLLING_OUT, second.detail
+    v4 = store.artifact(second.detail["artifact"])
+    assert v4 is not None
+    assert v4.version == 4
+    chain = [Lineage.from_dict(a.manifest["lineage"]) for a in (v4, v3)]
+    assert [lin.run_id for lin in chain] == ["run-two", "run-one"]
+    assert [lin.trigger.drift for lin in chain] == [0.3, 0.4]
+    assert all(lin.trigger.kind == "policy" for lin in chain)
+    parents = [lin.parent for lin in chain]
+    assert all(p is not None for p in parents)
+    assert [(p.version, p.sha256) for p in parents if p is not None] == [
+        (3, v3.manifest["sha256"]),
+        (2, next(a for a in store.artifacts() if a.version == 2).manifest["sha256"]),
+    ]

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from compress.keys import SigningKey
+from compress.lineage import Lineage
 from compress.signing import TrustedKeys
 from coordinator.delivery.baseline import Baseline, load_baseline
 from coordinator.delivery.packaging import (
@@ -82,6 +83,7 @@ def package_candidate(
     out: Path,
     now: datetime,
     metadata: Mapping[str, str],
+    lineage: Lineage | None = None,
 ) -> tuple[Baseline, PackageResult]:
     """Package ``weights`` as ``name`` v``version`` at ``out`` if they beat ``serving``.
 
@@ -107,5 +109,6 @@ def package_candidate(
     result = package_weights(
         family, weights, name=name, version=version, keys=keys, out=out,
         evaluation=holdout, metadata=metadata, now=now, gate=strictly_better(baseline),
+        lineage=lineage,
     )  # fmt: skip
     return baseline, result

@@ -60,7 +60,9 @@ from typing import Any
 
 from compress.errors import CompressError
 from compress.keys import SigningKey
+from compress.lineage import DataWindow, Lineage, ParentRef, Trigger
 from compress.signing import TrustedKeys
+from coordinator.delivery.lineage import code_version
 from coordinator.delivery.packaging import load_labelled_npz
 from coordinator.errors import (
     CoordinatorError,
@@ -399,6 +401,7 @@ class Retraining:
             "trigger": json.dumps(row.trigger, sort_keys=True, separators=(",", ":")),
         }
         new_version = max(a.version for a in serving) + 1
+        lineage = self._lineage(row, policy, current[0])
         with tempfile.TemporaryDirectory(prefix="fedge-retrain-") as tmp:
             baseline, result = package_candidate(
                 family=family, weights=weights, name=policy.name, version=new_version,
@@ -406,6 +409,7 @@ class Retraining:
                 serving=self._store.artifact_bytes(current[0].sha256), trusted=self._trusted,
                 out=Path(tmp) / f"{policy.name}-v{new_version}.fedge",
                 now=datetime.fromtimestamp(self._clock(), UTC), metadata=metadata,
+                lineage=lineage,
             )  # fmt: skip
             data = result.path.read_bytes()
         self._store.update_retraining(
@@ -414,6 +418,37 @@ class Retraining:
                     "metric": baseline.metric},
         )  # fmt: skip
         return self._upload(data, _actor(policy.name))
+
+    def _lineage(self, row: RetrainingRow, policy: Policy, serving: ArtifactRow) -> Lineage:
+        """The lineage of the run's candidate: the policy and drift that started it, the
+        run's completed rounds and most participants, its time span as the data window,
+        and the serving model it was compared with as its parent."""
+        trigger = row.trigger
+        drift = trigger.get("value") if trigger.get("kind") == "drift" else None
+        if trigger.get("kind") == "drift":
+            reason = (
+                f"fleet drift {float(trigger['value']):.3f} ({trigger.get('severity')}, "
+                f"{trigger.get('signal')}) above threshold for {trigger.get('windows')} scores"
+            )
+        else:
+            reason = (
+                f"feedback accuracy dropped {float(trigger.get('drop_points', 0.0)):.1f} points"
+            )
+        completed = [r for r in self._store.rounds(row.run_id) if r.status == "ok"]
+        clients = [int(r.metrics.get("clients", 0)) for r in completed]
+        return Lineage(
+            trigger=Trigger.by_policy(
+                policy.name, drift=float(drift) if drift is not None else None, reason=reason
+            ),
+            code=code_version(),
+            run_id=row.run_id,
+            rounds=len(completed),
+            strategy=policy.run.strategy,
+            codec=policy.run.codec,
+            participants=max(clients, default=0),
+            window=DataWindow(start=int(row.created_at), end=int(self._clock())),
+            parent=ParentRef(serving.name, serving.version, str(serving.manifest["sha256"])),
+        )
 
     def _roll_out(self, row: RetrainingRow, detail: dict[str, Any], actor: Actor) -> RetrainingRow:
         model = row.policy
