@@ -63,6 +63,8 @@ class Client:
         self.mqtt.connect("127.0.0.1", port)
         self.mqtt.loop_start()
         reason = self._acks.get(timeout=TIMEOUT)
+        if reason.is_failure:  # stop paho's thread, or it retries for the whole session
+            self.mqtt.loop_stop()
         assert not reason.is_failure, f"{user} could not connect: {reason}"
 
     def subscribe(self, *filters: str) -> list[bool]:
