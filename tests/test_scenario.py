@@ -1,0 +1,89 @@
+"""``fedge simulate --scenario``: the drift loop closes, the control run stays quiet (slow).
+
+Each test runs the scenario in-process: the embedded broker, the coordinator
+service with a retraining policy, six real agents predicting on their digits
+shards every second (see :mod:`coordinator.scenario.drift_loop`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.errors import RunError
+from coordinator.scenario.drift_loop import ScenarioConfig, run_scenario
+from coordinator.sim.scenario_data import scenario_data, shift, shift_shard
+
+LOOP = ["shift", "trigger", "run_start", "run_end", "rollout_start", "rollout_complete"]
+
+
+@pytest.mark.slow
+def test_drift_is_detected_retrained_rolled_out_and_recovered(tmp_path: Path) -> None:
+    report = run_scenario(ScenarioConfig(out=tmp_path, scenario="drift", ticks=60, shift_tick=5))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["summary"] == report["summary"]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    events = [e["event"] for e in report["events"]]
+    assert events == LOOP
+    ticks = [e["tick"] for e in report["events"]]
+    assert ticks == sorted(ticks)
+    summary = report["summary"]
+    assert summary["detection_windows"] <= 10, summary
+    assert summary["retraining_runs"] == 1
+    assert summary["final_version"] == 2
+    # v1 is lost on rotated digits; v2, trained on the devices' shifted data, is not.
+    assert summary["accuracy_post_shift_v1"] < 0.3
+    assert summary["accuracy_post_final"] > 0.85, summary
+    assert summary["recovered"], summary
+    timeline = report["timeline"]
+    assert {row["tick"] for row in timeline} == set(range(len(timeline)))
+    before = [row["drift"] for row in timeline[:5] if row["drift"] is not None]
+    assert before
+    assert max(before) < 0.25  # no drift before the shift
+    assert max(row["drift"] or 0.0 for row in timeline) >= 0.25
+    assert timeline[-1]["serving_version"] == 2
+
+
+@pytest.mark.slow
+def test_the_control_run_raises_no_alarm_and_retrains_nothing(tmp_path: Path) -> None:
+    report = run_scenario(ScenarioConfig(out=tmp_path, scenario="control", ticks=30))
+    summary = report["summary"]
+    assert report["events"] == []
+    assert summary["false_alarms"] == 0, summary
+    assert summary["drift_alarm_ticks"] == 0
+    assert summary["retraining_runs"] == 0
+    assert report["ticks_run"] == 30
+    assert all(row["serving_version"] == 1 for row in report["timeline"])
+    scored = [row for row in report["timeline"] if row["drift"] is not None]
+    assert scored, "the service scored no window"
+    assert (tmp_path / "report.png").exists()
+
+
+def test_scenario_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="--scenario must be one of drift, control"):
+        ScenarioConfig(out=tmp_path, scenario="flood")
+    with pytest.raises(RunError, match="shift tick"):
+        ScenarioConfig(out=tmp_path, ticks=10, shift_tick=10)
+    with pytest.raises(RunError, match="shifted share"):
+        ScenarioConfig(out=tmp_path, shifted_share=1.0)
+
+
+def test_the_shift_rotates_images_and_rewrites_the_shifted_shards(tmp_path: Path) -> None:
+    data = scenario_data(tmp_path, agents=6, shifted_share=0.3, seed=0)
+    assert len(data.shifted) == 2
+    x, y = data.streams[data.shifted[0]]
+    moved = shift(x)
+    assert moved.shape == x.shape
+    assert np.array_equal(np.sort(moved, axis=1), np.sort(x, axis=1))  # same values
+    assert not np.array_equal(moved, x)
+    assert np.array_equal(shift(shift(shift(shift(x)))), x)  # four quarter turns
+    shard = data.shards[data.shifted[0]]
+    shift_shard(shard, x, y)
+    with np.load(shard / "local.npz") as written:
+        assert np.array_equal(written["x"], moved)
+        assert np.array_equal(written["y"], y)
+    assert sorted(p.name for p in shard.iterdir()) == ["local.npz"]
+    assert np.array_equal(data.post.x, shift(data.pre.x))
