@@ -82,8 +82,13 @@ def plot_timeline(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"fedge simulate --scenario {report['scenario']}: "
                  f"{report['config']['agents']} agents, {len(report['shifted_devices'])} shifted, "
                  f"retraining runs {summary['retraining_runs']}")  # fmt: skip
-    drift = [row["drift"] if row["drift"] is not None else float("nan") for row in ticks]
-    top.plot(t, drift, label="fleet drift (PSI)")
+    # A score over too few effective rows gets no severity: drawn apart, faint.
+    for few, style in ((False, {}), (True, {"alpha": 0.4, "linestyle": "--"})):
+        drift = [row["drift"] if row["drift"] is not None
+                 and (row["severity"] == "insufficient") == few else float("nan")
+                 for row in ticks]  # fmt: skip
+        label = "fleet drift of the served version (PSI)" + (", too few rows" if few else "")
+        top.plot(t, drift, color="tab:blue", label=label, **style)
     top.axhline(report["policy"]["drift_psi"], color="grey", linestyle="--",
                 label="policy threshold")  # fmt: skip
     top.set_ylabel("drift score")
