@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from coordinator.cli.app import app
 from coordinator.errors import RunError
 from coordinator.scenario.drift_loop import ScenarioConfig, run_scenario
 from coordinator.sim.scenario_data import scenario_data, shift, shift_shard
 
+runner = CliRunner(mix_stderr=False)
 LOOP = ["shift", "trigger", "run_start", "run_end", "rollout_start", "rollout_complete"]
 
 
@@ -49,7 +52,11 @@ def test_drift_is_detected_retrained_rolled_out_and_recovered(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_the_control_run_raises_no_alarm_and_retrains_nothing(tmp_path: Path) -> None:
-    report = run_scenario(ScenarioConfig(out=tmp_path, scenario="control", ticks=30))
+    """Through the CLI: ``fedge simulate --scenario control`` exits 0 with no alarm."""
+    args = ["simulate", "--scenario", "control", "--ticks", "30", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
     summary = report["summary"]
     assert report["events"] == []
     assert summary["false_alarms"] == 0, summary
@@ -60,6 +67,13 @@ def test_the_control_run_raises_no_alarm_and_retrains_nothing(tmp_path: Path) ->
     scored = [row for row in report["timeline"] if row["drift"] is not None]
     assert scored, "the service scored no window"
     assert (tmp_path / "report.png").exists()
+
+
+def test_the_cli_names_a_bad_scenario(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--scenario", "flood", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--scenario must be one of drift, control" in result.stderr
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_scenario_settings_are_checked(tmp_path: Path) -> None:
