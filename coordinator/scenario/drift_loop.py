@@ -23,8 +23,9 @@
    timeline records the fleet's drift score, the served version's accuracy on
    unshifted (``pre``) and shifted (``post``) test rows, and the events seen
    (``shift``, ``trigger``, ``run_start``, ``run_end``, ``rollout_start``,
-   ``rollout_complete``). The drift run ends ``settle_ticks`` after the rollout
-   completed (or after ``ticks``); the control run lasts ``ticks``.
+   ``rollout_complete`` or ``rollout_halted``; the first of each kind). The drift
+   run ends ``settle_ticks`` after the rollout completed (or after ``ticks``); the
+   control run lasts ``ticks``.
 5. **Report**: ``<out>/report.json`` (config, timeline, events, summary: detection
    delay in ticks and telemetry windows, seconds to rollout completion,
    accuracies before and after, drift alarms and retraining runs:
@@ -68,6 +69,7 @@ from coordinator.sim.report_plot import plot_timeline
 from coordinator.sim.scenario_data import ScenarioData, scenario_data, shift, shift_shard
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.errors import AgentError
+from edge_agent.serving.server import LoadedModel
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import Dataset, TrainConfig
 
@@ -138,7 +140,7 @@ def _train_v1(config: ScenarioConfig, data: ScenarioData) -> dict[str, Any]:
     return dict(fitted.weights)
 
 
-def _accuracy(agent_model: Any, data: LabelledData) -> float:
+def _accuracy(agent_model: LoadedModel, data: LabelledData) -> float:
     """Accuracy of a served model (its runtime, not :meth:`Agent.predict`: the
     evaluation must not enter the device's summaries)."""
     scores = np.asarray(agent_model.runtime.predict(data.x))
@@ -200,8 +202,11 @@ class _Timeline:
             rollout_id = row.detail.get("rollout_id")
             if row.state == ROLLING_OUT and rollout_id:
                 self.event(tick, "rollout_start", rollout_id=rollout_id)
-                if self.service.rollout(rollout_id).rollout.state == "completed":
+                rollout = self.service.rollout(rollout_id).rollout
+                if rollout.state == "completed":
                     self.event(tick, "rollout_complete", rollout_id=rollout_id)
+                elif rollout.state == "halted":
+                    self.event(tick, "rollout_halted", rollout_id=rollout_id)
         self.ticks.append({
             "tick": tick, "t_s": round(time.monotonic() - self.started, 2),
             "serving_version": version, "accuracy_pre": pre, "accuracy_post": post,
