@@ -87,7 +87,25 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class ScenarioConfig:
-    """A scenario run (see the module docstring)."""
+    """A scenario run (see the module docstring).
+
+    Attributes:
+        out: The run directory (report, store, keys, data, agents).
+        scenario: ``drift`` or ``control`` (no shift).
+        agents: Real agents, one iid digits shard each.
+        shifted_share: Share of the agents the shift hits (at least one).
+        ticks: Most ticks of the run (the control run lasts exactly this).
+        shift_tick: The tick the shift starts at (``drift``).
+        tick_s: Seconds per tick, and the agents' telemetry interval.
+        rows_per_tick: Prediction requests each agent serves per tick.
+        settle_ticks: Ticks the drift run goes on after the rollout completed.
+        rounds, epochs, lr, hidden: The retraining run (rounds x local epochs,
+            learning rate, MLP hidden units); v1 is trained centrally with the
+            same epoch budget (``rounds * epochs``).
+        drift_psi, windows: The policy: fleet drift PSI threshold, and how many
+            consecutive fleet scores must reach it.
+        seed: Seed of the data split, the shifted agents, v1 and the traffic.
+    """
 
     out: Path
     scenario: str = "drift"
