@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli.app import app
 from coordinator.errors import RunError
-from coordinator.scenario.drift_loop import ScenarioConfig, run_scenario
+from coordinator.scenario.drift_loop import ScenarioConfig, recovery, run_scenario
 from coordinator.sim.scenario_data import scenario_data, shift, shift_shard
 
 runner = CliRunner(mix_stderr=False)
@@ -74,6 +74,16 @@ def test_the_cli_names_a_bad_scenario(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "--scenario must be one of drift, control" in result.stderr
     assert not (tmp_path / "report.json").exists()
+
+
+def test_recovery_is_within_two_points_on_the_fleet_and_on_shifted_rows() -> None:
+    # v1 at 97 %; the final model at 96 % unshifted and 93 % shifted, a third shifted.
+    result = recovery(0.97, pre=0.96, post=0.93, shifted_share=1 / 3)
+    assert result["accuracy_post_shift_fleet_final"] == pytest.approx(0.95)
+    assert result["recovered"]  # 2.0 points down on the fleet's traffic
+    assert not result["recovered_on_shifted_devices"]  # 4 points down on rotated rows
+    assert not recovery(0.97, pre=0.96, post=0.92, shifted_share=1 / 3)["recovered"]
+    assert recovery(0.97, pre=0.97, post=0.95, shifted_share=0.5)["recovered_on_shifted_devices"]
 
 
 def test_scenario_settings_are_checked(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ from edge_agent.serving.server import LoadedModel
 from edge_agent.training.numpy_trainers import trainer_for
 from edge_agent.training.trainer import Dataset, TrainConfig
 
-__all__ = ["SCENARIOS", "ScenarioConfig", "run_scenario"]
+__all__ = ["SCENARIOS", "ScenarioConfig", "recovery", "run_scenario"]
 
 logger = logging.getLogger(__name__)
 
@@ -319,16 +319,24 @@ def _summary(
         out["rollout_complete_s"] = round(complete["t_s"] - shift_event["t_s"], 2)
     pre, post = out["accuracy_pre_final"], out["accuracy_post_final"]
     if complete and pre is not None and post is not None:
-        # The fleet's post-shift traffic: the shifted devices' rows are shifted, the
-        # others' are not (every device predicts as many rows).
         share = len(timeline.data.shifted) / config.agents
-        fleet = share * post + (1 - share) * pre
-        out["accuracy_post_shift_fleet_final"] = fleet
-        out["recovered"] = 100 * (v1[0] - fleet) <= RECOVERY_POINTS
-        out["recovered_on_shifted_devices"] = 100 * (v1[0] - post) <= RECOVERY_POINTS
+        out.update(recovery(v1[0], pre=pre, post=post, shifted_share=share))
     else:
         out["recovered"] = out["recovered_on_shifted_devices"] = False
     return out
+
+
+def recovery(v1_pre: float, *, pre: float, post: float, shifted_share: float) -> dict[str, Any]:
+    """Did the final model recover? Its accuracy on the fleet's post-shift traffic
+    (``post`` on the shifted share of the devices, ``pre`` on the others: every
+    device serves as many requests), and on shifted rows alone, against v1's
+    pre-shift accuracy ``v1_pre``, within :data:`RECOVERY_POINTS`."""
+    fleet = shifted_share * post + (1 - shifted_share) * pre
+    return {
+        "accuracy_post_shift_fleet_final": fleet,
+        "recovered": 100 * (v1_pre - fleet) <= RECOVERY_POINTS + 1e-9,
+        "recovered_on_shifted_devices": 100 * (v1_pre - post) <= RECOVERY_POINTS + 1e-9,
+    }
 
 
 def run_scenario(
