@@ -22,7 +22,7 @@ from coordinator.rollout.actions import (
 )
 from coordinator.rollout.devices import Marker, RolloutArtifact, RolloutDeviceState
 from coordinator.rollout.engine import Rollout
-from coordinator.rollout.health import HealthSample, combine_baseline
+from coordinator.rollout.health import P95_NOISE_MS, HealthSample, combine_baseline
 from coordinator.rollout.policy import DEFAULT_MIN_FAILED_DEVICES, HealthPolicy, RolloutPolicy
 
 ART = RolloutArtifact("digits", 3, "ab" * 32)
@@ -466,6 +466,20 @@ def test_error_rate_increase_over_the_baseline_is_a_failure() -> None:
     assert detail.startswith("unhealthy: error rate 7.4%")
     assert actions[0].__class__ is StateChanged
     assert actions[1] == SendRollback((dev,), f"rollout r1 halted: {rollout.halt_reason}")
+
+
+def test_sub_millisecond_p95_jitter_is_not_a_failure() -> None:
+    """A 50 µs model whose p95 doubles (scheduling noise) stays healthy; above 1 ms the
+    ratio counts again."""
+    rollout, dev = canary_one()
+    health(rollout, dev, T0, version=2, p95_ms=0.05)
+    rollout.start(T0 + 1)
+    install(rollout, [dev], T0 + 2)
+    assert health(rollout, dev, T0 + 3, p95_ms=0.1) == []
+    assert health(rollout, dev, T0 + 4, p95_ms=P95_NOISE_MS) == []
+    assert status(rollout, dev) == "installed"
+    assert health(rollout, dev, T0 + 5, p95_ms=1.2) != []
+    assert status(rollout, dev) == "unhealthy"
 
 
 def test_p95_twice_the_baseline_is_a_failure() -> None:

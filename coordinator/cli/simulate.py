@@ -11,6 +11,13 @@ factory, ``--model mymodels:cnn``) federates a PyTorch model instead; ``--task``
 artifact, the final weights and every agent's data directory. ``--robust`` aggregates
 as ``fedge train --robust`` does (updates clipped to the round's medians). See
 :mod:`coordinator.sim.simulate` for the steps.
+
+``--scenario drift`` runs the monitoring loop instead (:mod:`coordinator.scenario.drift_loop`):
+the coordinator service with a retraining policy, 6 agents serving a digits model
+and predicting on their data every second, a covariate shift on a share of them,
+detection, retraining, rollout and recovery on one time axis in ``report.json`` and
+``report.png``; ``--scenario control`` is the same run without the shift. ``--seed``,
+``--out``, ``--ticks`` and ``--json`` apply; the other options do not.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from coordinator.cli.output import console, err_console, human_bytes, print_json
 from coordinator.cli.round_table import rounds_table
 from coordinator.federated.runs import RoundReport
 from coordinator.federated.strategies import parse_strategy_args
+from coordinator.scenario.drift_loop import SCENARIOS, ScenarioConfig, run_scenario
 from coordinator.sim.simulate import SimulationConfig, SimulationReport, run_simulation
 
 __all__ = ["simulate"]
@@ -109,8 +117,21 @@ def simulate(
     round_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per round.")] = 30.0,
     robust: Annotated[bool, run_options.ROBUST] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead.")] = False,
+    scenario: Annotated[
+        str | None,
+        typer.Option(
+            help="drift: the monitoring loop (shift, detection, retraining, rollout, "
+            "recovery); control: the same run without the shift. Options: " + ", ".join(SCENARIOS)
+        ),
+    ] = None,
+    ticks: Annotated[
+        int, typer.Option(min=2, help="With --scenario: most one-second ticks of the run.")
+    ] = 120,
 ) -> None:
     """Simulate a fleet on this machine: train federated, package, roll out, report."""
+    if scenario is not None:
+        _scenario(scenario, out=out, seed=seed, ticks=ticks, as_json=as_json)
+        return
     with reported_errors(as_json=as_json):
         config = SimulationConfig(
             out=out or _default_out(),
@@ -142,6 +163,42 @@ def simulate(
     else:
         _summary(report, body)
     if not body["rollout"].get("all_serving") or not body["rounds_ok"]:
+        raise typer.Exit(1)
+
+
+def _scenario(
+    name: str,
+    *,
+    out: Path | None,
+    seed: int,
+    ticks: int,
+    as_json: bool,
+) -> None:
+    """``--scenario``: run it, print its summary; exit 1 when the loop did not close
+    (drift: no recovery) or the control run raised an alarm."""
+    with reported_errors(as_json=as_json):
+        config = ScenarioConfig(out=out or _default_out(), scenario=name, seed=seed, ticks=ticks)
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if not as_json:
+                label = data.get("event") or data.get("name")
+                err_console.print(f"[dim]{kind}[/dim] {label} {data.get('tick', '')}")
+
+        report = run_scenario(config, on_event=on_event)
+    summary = report["summary"]
+    if as_json:
+        print_json(report)
+    else:
+        table = Table(title=f"fedge simulate --scenario {name}", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in summary.items():
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float)
+                          else str(value))  # fmt: skip
+        table.add_row("report", f"{config.out / 'report.json'}, {config.out / 'report.png'}")
+        console.print(table)
+    failed = summary.get("false_alarms", 0) if name == "control" else not summary["recovered"]
+    if failed:
         raise typer.Exit(1)
 
 

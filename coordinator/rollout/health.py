@@ -13,7 +13,10 @@ device are judged against it (see
 
 A window of the new version fails (:func:`health_problem`) when its error rate is
 above the baseline's by more than ``max_error_rate``, or its p95 latency above the
-baseline's times ``max_p95_ratio`` (when both have successful calls).
+baseline's times ``max_p95_ratio`` (when both have successful calls) and above
+:data:`P95_NOISE_MS`: sub-millisecond latencies are timer and scheduling noise (a
+50 µs model's p95 varies 2x from window to window on a busy device), not a
+regression a rollout should halt on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from coordinator.rollout.policy import HealthPolicy
 
 __all__ = [
     "BASELINE_WINDOWS",
+    "P95_NOISE_MS",
     "HealthSample",
     "combine_baseline",
     "exceeds",
@@ -35,6 +39,8 @@ __all__ = [
 ]
 
 _EPS = 1e-9
+P95_NOISE_MS = 1.0
+"""A p95 latency at or below this (ms) never fails the latency check."""
 
 
 def exceeds(value: float, limit: float) -> bool:
@@ -141,7 +147,7 @@ def health_problem(
         and baseline.predictions > 0
         and sample.predictions > 0
         and baseline.p95_ms > 0
-        and exceeds(sample.p95_ms, baseline.p95_ms * health.max_p95_ratio)
+        and exceeds(sample.p95_ms, max(baseline.p95_ms * health.max_p95_ratio, P95_NOISE_MS))
     ):
         return (
             f"unhealthy: p95 latency {sample.p95_ms:g} ms "

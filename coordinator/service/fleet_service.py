@@ -76,7 +76,7 @@ from coordinator.rollout.policy import (
     parse_fraction,
 )
 from coordinator.service.deployments import OneShots
-from coordinator.service.drift import DriftMonitor
+from coordinator.service.drift import FLEET_EVERY_S, DriftMonitor
 from coordinator.service.ingest import Ingest, IngestSettings
 from coordinator.service.operations import (
     Actor,
@@ -143,6 +143,9 @@ class ServiceSettings:
             also sign retrained models: without them no retraining policy is set.
         retraining_every_s: Seconds between evaluations of the retraining
             policies (:mod:`coordinator.service.retraining`).
+        drift_fleet_every_s: Least seconds between two stored fleet drift scores
+            of a version whose severity is unchanged (``fedge simulate --scenario``
+            shortens it with its fast telemetry).
     """
 
     telemetry_flush_s: float = 0.5
@@ -157,6 +160,7 @@ class ServiceSettings:
     upload_dir: Path | None = None
     fleet: StatementSettings | None = None
     retraining_every_s: float = 5.0
+    drift_fleet_every_s: float = FLEET_EVERY_S
 
     def ingest(self) -> IngestSettings:
         """The ingest settings these imply.
@@ -198,7 +202,12 @@ class FleetService:
         self._hub = hub
         self._trusted = trusted
         self._clock = clock
-        self._drift = DriftMonitor(store, DriftTracker(windows=settings.drift_windows), clock=clock)
+        self._drift = DriftMonitor(
+            store,
+            DriftTracker(windows=settings.drift_windows),
+            clock=clock,
+            fleet_every_s=settings.drift_fleet_every_s,
+        )
         self._ingest = Ingest(store, settings.ingest(), clock=clock, drift=self._drift.add_windows)
         self._rollouts = RolloutManager(hub, store, clock=clock,
                                         tick_s=settings.rollout_tick_s,

@@ -4,8 +4,11 @@
 :class:`coordinator.sim.simulate.SimulationReport`): the global model's test metric
 per round (accuracy, MSE or ROC-AUC: the report's ``metric``) against the
 centralized baseline, and the bytes sent up and down per round
-against what fp32 updates would cost. matplotlib comes with ``fedge[simulation]`` and is
-imported inside the function.
+against what fp32 updates would cost. :func:`plot_timeline` draws a scenario's
+report (``fedge simulate --scenario``): the fleet's drift score against the policy's
+threshold and the served model's accuracy on unshifted and shifted test rows, on
+one time axis with the shift, trigger, retraining and rollout marked.
+matplotlib comes with ``fedge[simulation]`` and is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report"]
+__all__ = ["plot_report", "plot_timeline"]
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -54,6 +57,56 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     bottom.set_xlabel("round")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+EVENT_STYLE = {
+    "shift": "tab:red", "trigger": "tab:orange", "run_start": "tab:purple",
+    "run_end": "tab:brown", "rollout_start": "tab:cyan", "rollout_complete": "tab:green",
+}  # fmt: skip
+
+
+def plot_timeline(report: dict[str, Any], path: Path) -> None:
+    """Drift, trigger, retraining and recovery per tick, as a PNG."""
+    import matplotlib  # noqa: PLC0415 - the simulation extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ticks = report["timeline"]
+    t = [row["t_s"] for row in ticks]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    summary = report["summary"]
+    fig.suptitle(f"fedge simulate --scenario {report['scenario']}: "
+                 f"{report['config']['agents']} agents, {len(report['shifted_devices'])} shifted, "
+                 f"retraining runs {summary['retraining_runs']}")  # fmt: skip
+    # A score over too few effective rows gets no severity: drawn apart, faint.
+    for few, style in ((False, {}), (True, {"alpha": 0.4, "linestyle": "--"})):
+        drift = [row["drift"] if row["drift"] is not None
+                 and (row["severity"] == "insufficient") == few else float("nan")
+                 for row in ticks]  # fmt: skip
+        label = "fleet drift of the served version (PSI)" + (", too few rows" if few else "")
+        top.plot(t, drift, color="tab:blue", label=label, **style)
+    top.axhline(report["policy"]["drift_psi"], color="grey", linestyle="--",
+                label="policy threshold")  # fmt: skip
+    top.set_ylabel("drift score")
+    top.grid(alpha=0.3)
+    for name, key in (("unshifted test", "accuracy_pre"), ("shifted test", "accuracy_post")):
+        values = [100 * row[key] if row[key] is not None else float("nan") for row in ticks]
+        bottom.plot(t, values, label=f"served model, {name}")
+    bottom.set_ylabel("accuracy (%)")
+    bottom.set_ylim(0, 100)
+    bottom.set_xlabel("seconds")
+    bottom.grid(alpha=0.3)
+    for event in report["events"]:
+        color = EVENT_STYLE.get(event["event"], "black")
+        for axis in (top, bottom):
+            axis.axvline(event["t_s"], color=color, linestyle=":", label=event["event"]
+                         if axis is top else None)  # fmt: skip
+    top.legend(loc="upper left", fontsize="small")
+    bottom.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
