@@ -74,7 +74,7 @@ from coordinator.service.config_schema import (
 )
 from coordinator.service.enrollment import EnrollmentSettings
 from coordinator.service.fleet_config import FleetConfig, fleet_config
-from coordinator.service.fleet_service import ServiceSettings
+from coordinator.service.service_settings import ServiceSettings
 from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
 from edge_agent.config.schema import Sources
 from edge_agent.config.values import (
