@@ -21,9 +21,6 @@ import pytest
 from compress.profile import (
     BINS,
     ReferenceProfile,
-    bin_counts,
-    class_probabilities,
-    features,
     profile_from_data,
 )
 from coordinator.link.memory import MemoryHub
@@ -36,16 +33,14 @@ from coordinator.service.ingest import Ingest
 from coordinator.service.store import MEMORY, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import (
-    Histogram,
     InvalidCounts,
-    LatencyQuantiles,
     TelemetryBatch,
-    TelemetryRecord,
     WindowSummary,
     decode,
     encode,
 )
 from tests.api_support import bearer
+from tests.drift_support import agent_summary, summary_batch
 
 with warnings.catch_warnings():
     # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
@@ -96,28 +91,15 @@ def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
 
 def summarise(profile: ReferenceProfile, x: npt.NDArray[np.float32]) -> WindowSummary:
     """What an agent's window summary holds after serving ``x``."""
-    probs = class_probabilities(model(x))
-    assert profile.confidence is not None
-    conf_edges = np.asarray([profile.confidence.edges])
-    return WindowSummary.from_arrays(
-        n=len(x),
-        features=bin_counts(profile.edge_array(), features(x)),
-        confidence=bin_counts(conf_edges, probs.max(axis=1).reshape(-1, 1))[0],
-        classes=np.bincount(probs.argmax(axis=1), minlength=K),
-        invalid=InvalidCounts(),
-    )
+    return agent_summary(profile, x, model(x), classes=K)
 
 
 def wire(summary: WindowSummary, *, seq: int, version: int = 2) -> TelemetryBatch:
     """A telemetry batch with one summarised window, through the wire codec and back."""
-    record = TelemetryRecord(
-        window_start=10.0 * seq, window_end=10.0 * seq + 10, model="sensor", version=version,
-        predictions=summary.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
-        histogram=Histogram((1.0, 5.0), (summary.n, 0, 0)), cpu_percent=1.0,
-        memory_bytes=1 << 20, uptime_s=1.0, summary=summary,
-    )  # fmt: skip
-    payload = encode(TelemetryBatch(seq=seq, records=(record,)), sender="dev", sent_at=1.0)
-    message = decode(payload).message
+    batch = summary_batch(
+        summary, seq=seq, model="sensor", version=version, start=10.0 * seq, end=10.0 * seq + 10
+    )
+    message = decode(encode(batch, sender="dev", sent_at=1.0)).message
     assert isinstance(message, TelemetryBatch)
     return message
 
