@@ -22,12 +22,9 @@ import pytest
 from compress.keys import SigningKey
 from compress.manifest import TensorSpec
 from compress.profile import BINS, profile_from_data
-from compress.signing import TrustedKeys
 from coordinator.errors import NotFoundError
-from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR
-from coordinator.service.store import Store
 from edge_agent.protocol import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
@@ -42,6 +39,7 @@ from edge_agent.protocol import (
 from tests.conftest import ArtifactFactory
 from tests.drift_support import agent_summary, summary_batch
 from tests.fleet_support import Mosquitto, password, wait_for
+from tests.service_support import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -93,16 +91,9 @@ class Device:
 
 @pytest.fixture
 def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[FleetService]:
-    store = Store.open(tmp_path / "coordinator.db")
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator")))
     settings = ServiceSettings(telemetry_flush_s=0.1)
-    instance = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
-    instance.start()
-    try:
+    with running_service(tmp_path, broker, signing_key, settings) as instance:
         yield instance
-    finally:
-        instance.stop()
-        store.close()
 
 
 def test_the_service_scores_summaries_from_mqtt_telemetry(
