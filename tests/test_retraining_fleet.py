@@ -40,7 +40,7 @@ from edge_agent.protocol import (
     WindowSummary,
 )
 from tests.drift_support import agent_summary, summary_batch
-from tests.federated_support import FederatedFleet, device_ids
+from tests.federated_support import FederatedFleet, device_ids, fleet_for_service
 from tests.fleet_support import Mosquitto, wait_for
 
 LAYERS = [64, 32, 10]
@@ -54,12 +54,8 @@ def broker_users() -> list[str]:
 
 @pytest.fixture
 def federated(tmp_path: Path, broker: Mosquitto) -> Iterator[FederatedFleet]:
-    fleet = FederatedFleet.start(broker, tmp_path, clients=4)
-    fleet.hub.stop()  # the service brings its own
-    try:
+    with fleet_for_service(broker, tmp_path, 4) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def summary(profile: ReferenceProfile, weights: dict[str, npt.NDArray[np.float32]],
