@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,15 +36,10 @@ from tests.api_support import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
     FakeOperations,
+    TestClient,
     authenticate,
     bearer,
 )
-
-with warnings.catch_warnings():
-    # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
 
 ATTACKER = ("203.0.113.7", 40000)
 NEIGHBOUR = ("198.51.100.2", 40001)

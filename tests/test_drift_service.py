@@ -10,7 +10,6 @@ drift to "major" within a few windows while two control devices stay at "none".
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,14 +38,8 @@ from edge_agent.protocol import (
     decode,
     encode,
 )
-from tests.api_support import bearer
+from tests.api_support import TestClient, bearer
 from tests.drift_support import agent_summary, summary_batch
-
-with warnings.catch_warnings():
-    # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
 
 D, K = 8, 3
 WINDOW = 200

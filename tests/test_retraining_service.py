@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,14 +48,9 @@ from coordinator.service.retraining import (
 from coordinator.service.store import MEMORY, RunState, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import ModelInfo, Status
-from tests.api_support import bearer
+from tests.api_support import TestClient, bearer
 from tests.fleet_support import wait_for
 from tests.test_drift_service import WINDOW, Clock, data, model, summarise, wire
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
 
 RUN = RunSettings(rounds=1, clients=2, min_clients=1, round_timeout_s=0.5,
                   config={"features": 8, "classes": 3})  # fmt: skip
