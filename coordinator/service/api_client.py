@@ -107,17 +107,11 @@ _RETRAINING = TypeAdapter(RetrainingRow)
 class ApiClient(Closeable):
     """:class:`~coordinator.service.operations.Operations` over the coordinator's HTTP API.
 
-    Args:
-        base_url: The API's root, ``http://host:port`` or ``https://host:port``
-            (a path prefix is kept: ``https://host/fedge``).
-        token: An API token (``fedge token add``); its role decides what the
-            client may do.
-        timeout: Seconds to wait for each step of a request.
-        transport: An httpx transport to use instead of the network (tests).
-
-    Raises:
-        ApiError: the URL is not http(s), or the token is empty or holds
-            characters no token has.
+    The arguments are :class:`~coordinator.service.api_http.ApiConnection`'s: the
+    API's root URL (a path prefix is kept), an API token (``fedge token add``; its
+    role decides what the client may do), the seconds to wait for each step of a
+    request, and an httpx transport to use instead of the network (tests). It raises
+    the same :class:`~coordinator.errors.ApiError` for a bad URL or token.
     """
 
     def __init__(
