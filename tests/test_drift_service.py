@@ -39,6 +39,7 @@ from edge_agent.protocol import (
     encode,
 )
 from tests.api_support import TestClient, bearer
+from tests.clock_support import ManualClock
 from tests.drift_support import agent_summary, summary_batch
 
 D, K = 8, 3
@@ -63,14 +64,6 @@ def data(n: int, rng: np.random.Generator, *, shifted: bool = False) -> npt.NDAr
 def profile() -> ReferenceProfile:
     x = data(4000, np.random.default_rng(0))
     return profile_from_data(x, model(x), "classification")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -100,7 +93,7 @@ def wire(summary: WindowSummary, *, seq: int, version: int = 2) -> TelemetryBatc
 def test_a_shifted_device_drifts_and_the_controls_raise_no_alarm(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, DriftTracker(windows=4), clock=clock)
     ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
     rng = np.random.default_rng(1)
@@ -142,7 +135,7 @@ def test_a_shifted_device_drifts_and_the_controls_raise_no_alarm(
 def test_hostile_and_unknown_summaries_are_refused_per_device(
     store: Store, profile: ReferenceProfile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
     rng = np.random.default_rng(2)
@@ -198,7 +191,7 @@ def test_a_stored_profile_that_is_not_one_is_logged_and_skipped(
 def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     rng = np.random.default_rng(4)
     fleet_rows = []
@@ -218,7 +211,7 @@ def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
 def test_the_http_api_over_the_real_service_shows_drift(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = FleetService(store, MemoryHub(), None, clock=clock)
     _row, viewer = store.add_token("dashboard", Role.VIEWER, clock.now)
     rng = np.random.default_rng(5)
@@ -250,7 +243,7 @@ def test_the_http_api_over_the_real_service_shows_drift(
 def test_a_device_gone_for_a_day_leaves_the_fleet_score(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     rng = np.random.default_rng(6)
     big = WINDOW * 4
@@ -269,7 +262,7 @@ def test_the_service_pools_as_many_windows_as_its_config_says(
     store: Store, profile: ReferenceProfile
 ) -> None:
     settings = ServiceSettings(drift_windows=2)
-    service = FleetService(store, MemoryHub(), None, settings=settings, clock=Clock())
+    service = FleetService(store, MemoryHub(), None, settings=settings, clock=ManualClock(5000.0))
     rng = np.random.default_rng(7)
     for seq in range(3):
         service.ingest.add_telemetry("d", wire(summarise(profile, data(WINDOW, rng)), seq=seq))

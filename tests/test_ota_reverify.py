@@ -26,6 +26,7 @@ from edge_agent.ota.updates import STARTUP_CHECK, Updater
 from edge_agent.protocol import ChunkRequest, InstallState, Rollback
 from edge_agent.serving.server import ModelServer
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
+from tests.clock_support import ManualClock
 from tests.ota_support import Artifact, flip_byte, place_model, plant_model, signed_artifacts
 
 
@@ -96,23 +97,15 @@ def reports() -> Reports:
     return Reports()
 
 
-@dataclass
-class Clock:
-    """A clock the test moves."""
-
-    now: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(time.time())
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def start(data_dir: Path, trusted: TrustedKeys, reports: Reports, clock: Clock) -> Iterator[Any]:
+def start(
+    data_dir: Path, trusted: TrustedKeys, reports: Reports, clock: ManualClock
+) -> Iterator[Any]:
     """Build an updater on ``data_dir`` (as a starting agent does) and restore."""
     built: list[Updater] = []
 
@@ -366,7 +359,7 @@ def test_a_rollback_to_a_tampered_model_is_refused(
 
 
 def test_a_served_model_that_expires_while_running_is_flagged(
-    data_dir: Path, artifacts: dict[str, Artifact], start: Any, clock: Clock
+    data_dir: Path, artifacts: dict[str, Artifact], start: Any, clock: ManualClock
 ) -> None:
     place_model(data_dir, artifacts["v1"])
     updater, server = start()

@@ -49,8 +49,9 @@ from coordinator.service.store import MEMORY, RunState, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import ModelInfo, Status
 from tests.api_support import TestClient, bearer
+from tests.clock_support import ManualClock
 from tests.fleet_support import wait_for
-from tests.test_drift_service import WINDOW, Clock, data, model, summarise, wire
+from tests.test_drift_service import WINDOW, data, model, summarise, wire
 
 RUN = RunSettings(rounds=1, clients=2, min_clients=1, round_timeout_s=0.5,
                   config={"features": 8, "classes": 3})  # fmt: skip
@@ -72,13 +73,13 @@ def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
         yield store
 
 
-def make_service(store: Store, clock: Clock, key: SigningKey | None) -> FleetService:
+def make_service(store: Store, clock: ManualClock, key: SigningKey | None) -> FleetService:
     fleet = None if key is None else StatementSettings("f1", (key,))
     return FleetService(store, MemoryHub(), None, settings=ServiceSettings(fleet=fleet),
                         clock=clock)  # fmt: skip
 
 
-def feed(service: FleetService, profile: ReferenceProfile, clock: Clock, seq: int, *,
+def feed(service: FleetService, profile: ReferenceProfile, clock: ManualClock, seq: int, *,
          shifted: bool, rng: np.random.Generator) -> None:  # fmt: skip
     """One telemetry window from each of three devices; two of them shifted if asked."""
     for device in ("control", "drifting-1", "drifting-2"):
@@ -91,7 +92,7 @@ def feed(service: FleetService, profile: ReferenceProfile, clock: Clock, seq: in
 def test_a_policy_is_refused_when_the_service_cannot_sign(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    service = make_service(store, Clock(), None)
+    service = make_service(store, ManualClock(5000.0), None)
     with caplog.at_level(logging.WARNING), pytest.raises(PolicyError, match=r"no key to sign"):
         service.set_policy(POLICY, actor=CLI_ACTOR)
     assert "policy sensor refused: no signing key" in caplog.text
@@ -102,7 +103,7 @@ def test_a_policy_is_refused_when_the_service_cannot_sign(
 def test_set_show_list_delete_are_stored_and_audited(
     store: Store, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
 ) -> None:
-    service = make_service(store, Clock(), signing_key)
+    service = make_service(store, ManualClock(5000.0), signing_key)
     row = service.set_policy(POLICY, actor=CLI_ACTOR)
     assert row.policy == POLICY
     assert service.policy("sensor").policy == POLICY
@@ -124,7 +125,7 @@ def test_set_show_list_delete_are_stored_and_audited(
 def test_the_http_api_sets_and_lists_policies_for_operators_only(
     store: Store, signing_key: SigningKey
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = make_service(store, clock, signing_key)
     _r, viewer = store.add_token("dashboard", Role.VIEWER, clock.now)
     _r, operator = store.add_token("ops", Role.OPERATOR, clock.now)
@@ -166,7 +167,7 @@ def test_the_http_api_sets_and_lists_policies_for_operators_only(
 def test_drift_starts_a_run_once_then_the_cooldown_holds(
     store: Store, profile: ReferenceProfile, signing_key: SigningKey
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = make_service(store, clock, signing_key)
     service.set_policy(POLICY, actor=CLI_ACTOR)
     rng = np.random.default_rng(7)
@@ -242,7 +243,7 @@ def delivery(
         "classification"), now=datetime.now(UTC),
     )  # fmt: skip
     with Store.open(MEMORY, artifact_dir=tmp_path / "artifacts") as store:
-        clock = Clock()
+        clock = ManualClock(5000.0)
         clock.now = time.time()  # packaging dates the manifest, uploads check its expiry
         hub = MemoryHub()
         service = FleetService(
