@@ -17,17 +17,21 @@ import pytest
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import Manifest
 from compress.signing import TrustedKeys, sign_manifest
-from compress.trust import DeviceProfile
-from edge_agent.config.sections import TransferConfig
 from edge_agent.errors import UntrustedModelError
 from edge_agent.ota.model_store import MANIFEST_FILE, PAYLOAD_FILE, InstalledModel, ModelStore
 from edge_agent.ota.reverify import verify_installed
 from edge_agent.ota.updates import STARTUP_CHECK, Updater
 from edge_agent.protocol import ChunkRequest, InstallState, Rollback
 from edge_agent.serving.server import ModelServer
-from edge_agent.transport.memory import MemoryBroker, MemoryLink
 from tests.clock_support import ManualClock
-from tests.ota_support import Artifact, flip_byte, place_model, plant_model, signed_artifacts
+from tests.ota_support import (
+    Artifact,
+    flip_byte,
+    make_updater,
+    place_model,
+    plant_model,
+    signed_artifacts,
+)
 
 
 @dataclass
@@ -110,21 +114,9 @@ def start(
     built: list[Updater] = []
 
     def build() -> tuple[Updater, ModelServer]:
-        link = MemoryLink(
-            MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None
-        )
         server = ModelServer()
-        updater = Updater(
-            store=ModelStore(data_dir),
-            staging_root=data_dir / "staging",
-            trusted=trusted,
-            device=DeviceProfile(),
-            server=server,
-            link=link,
-            reporter=reports,
-            config=TransferConfig(),
-            clock=clock,
-            checkpoint=lambda _step: None,
+        updater = make_updater(
+            data_dir, trusted=trusted, reporter=reports, server=server, clock=clock
         )
         built.append(updater)
         updater.restore()
