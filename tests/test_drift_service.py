@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +61,30 @@ def data(n: int, rng: np.random.Generator, *, shifted: bool = False) -> npt.NDAr
     return x
 
 
-@pytest.fixture(scope="module")
-def profile() -> ReferenceProfile:
+def sensor_profile() -> ReferenceProfile:
+    """The reference profile of the ``sensor`` model, from 4000 seeded inputs."""
     x = data(4000, np.random.default_rng(0))
     return profile_from_data(x, model(x), "classification")
 
 
-@pytest.fixture
-def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+@contextmanager
+def sensor_store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+    """An in-memory store holding the ``sensor`` v2 artifact with ``profile``."""
     with Store.open(MEMORY, artifact_dir=tmp_path) as store:
         manifest = {"name": "sensor", "version": 2, "reference": profile.to_dict()}
         store.put_artifact(b"model bytes", name="sensor", version=2, manifest=manifest,
                            uploaded_by="cli:test", at=1.0)  # fmt: skip
+        yield store
+
+
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    return sensor_profile()
+
+
+@pytest.fixture
+def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+    with sensor_store(tmp_path, profile) as store:
         yield store
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from compress.keys import SigningKey
 from compress.lineage import Lineage
-from compress.profile import ReferenceProfile, profile_from_data
+from compress.profile import ReferenceProfile
 from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.delivery.packaging import checked_labelled, package_weights
@@ -51,7 +51,15 @@ from edge_agent.protocol import ModelInfo, Status
 from tests.api_support import TestClient, bearer
 from tests.clock_support import ManualClock
 from tests.fleet_support import wait_for
-from tests.test_drift_service import WINDOW, data, model, summarise, wire
+from tests.test_drift_service import (
+    WINDOW,
+    data,
+    model,
+    sensor_profile,
+    sensor_store,
+    summarise,
+    wire,
+)
 
 RUN = RunSettings(rounds=1, clients=2, min_clients=1, round_timeout_s=0.5,
                   config={"features": 8, "classes": 3})  # fmt: skip
@@ -60,16 +68,12 @@ POLICY = Policy("sensor", drift_psi=0.25, windows=2, cooldown_s=3600.0, run=RUN)
 
 @pytest.fixture(scope="module")
 def profile() -> ReferenceProfile:
-    x = data(4000, np.random.default_rng(0))
-    return profile_from_data(x, model(x), "classification")
+    return sensor_profile()
 
 
 @pytest.fixture
 def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
-    with Store.open(MEMORY, artifact_dir=tmp_path) as store:
-        manifest = {"name": "sensor", "version": 2, "reference": profile.to_dict()}
-        store.put_artifact(b"model bytes", name="sensor", version=2, manifest=manifest,
-                           uploaded_by="cli:test", at=1.0)  # fmt: skip
+    with sensor_store(tmp_path, profile) as store:
         yield store
 
 
