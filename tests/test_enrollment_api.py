@@ -56,11 +56,8 @@ runner = CliRunner(mix_stderr=False)
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open(tmp_path / "state.db")
-    try:
+    with Store.open(tmp_path / "state.db") as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 @pytest.fixture
