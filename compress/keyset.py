@@ -56,12 +56,11 @@ from typing import Any
 from compress.errors import (
     ExpiredError,
     KeySetError,
-    ManifestError,
     RollbackError,
     SignatureError,
 )
 from compress.keys import PublicKey, SigningKey
-from compress.manifest import format_time, parse_time
+from compress.manifest import format_time, read_time, require_aware, whole_seconds
 from compress.signing import (
     DocumentKind,
     SignedDocument,
@@ -93,13 +92,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KNOWN_FIELDS = frozenset({"schema", "version", "keys", "threshold", "created", "expires"})
 
 
-def _utc_seconds(moment: datetime, what: str) -> datetime:
-    """``moment`` in UTC, whole seconds: exactly what survives the encoding."""
-    if not isinstance(moment, datetime) or moment.tzinfo is None:
-        raise KeySetError(f"key set {what} must be a timezone-aware datetime")
-    return parse_time(format_time(moment))
-
-
 @dataclass(frozen=True)
 class KeySet:
     """The trusted signing keys, their threshold, a version and a validity period.
@@ -121,8 +113,12 @@ class KeySet:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", tuple(sorted(self.keys, key=lambda k: k.key_id)))
-        object.__setattr__(self, "created", _utc_seconds(self.created, "created"))
-        object.__setattr__(self, "expires", _utc_seconds(self.expires, "expires"))
+        object.__setattr__(
+            self, "created", whole_seconds(self.created, KeySetError, "key set created")
+        )
+        object.__setattr__(
+            self, "expires", whole_seconds(self.expires, KeySetError, "key set expires")
+        )
         self._check()
 
     def _check(self) -> None:
@@ -215,18 +211,10 @@ class KeySet:
             version=r.integer("version", lo=1, hi=MAX_VERSION),
             keys=tuple(PublicKey(bytes.fromhex(h)) for h in hex_keys),
             threshold=r.integer("threshold", lo=1, hi=MAX_KEYSET_KEYS),
-            created=_read_time(r, "created"),
-            expires=_read_time(r, "expires"),
+            created=read_time(r, "created"),
+            expires=read_time(r, "expires"),
             extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
         )
-
-
-def _read_time(r: FieldReader, key: str) -> datetime:
-    text = r.text(key, max_len=20)
-    try:
-        return parse_time(text)
-    except ManifestError as exc:
-        raise r.fail(key, str(exc)) from exc
 
 
 class SignedKeySet(SignedDocument):
@@ -270,11 +258,6 @@ def _require_threshold(signed: SignedKeySet, keyset: KeySet, whose: str) -> None
         raise type(exc)(f"not signed by {whose} (key set v{keyset.version}): {exc}") from exc
 
 
-def _require_aware(now: datetime) -> None:
-    if now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime")
-
-
 def check_not_expired(keyset: KeySet, *, now: datetime) -> None:
     """Raise unless ``keyset`` is still valid at ``now``.
 
@@ -282,7 +265,7 @@ def check_not_expired(keyset: KeySet, *, now: datetime) -> None:
         ExpiredError: ``expires`` is not after ``now``.
         ValueError: ``now`` is naive (a caller's bug, not a key set's).
     """
-    _require_aware(now)
+    require_aware(now)
     if keyset.expires <= now:
         raise ExpiredError(f"key set v{keyset.version} expired at {format_time(keyset.expires)}")
 
@@ -317,7 +300,7 @@ def verify_initial_keyset(signed: SignedKeySet, *, now: datetime) -> KeySet:
         ExpiredError: it has expired.
         ValueError: ``now`` is naive.
     """
-    _require_aware(now)
+    require_aware(now)
     keyset = verify_self_signed(signed)
     if keyset.version != 1:
         raise KeySetError(
@@ -365,7 +348,7 @@ def verify_rotation(current: KeySet, signed: SignedKeySet, *, now: datetime) -> 
         ExpiredError: it has expired.
         ValueError: ``now`` is naive.
     """
-    _require_aware(now)
+    require_aware(now)
     new = _next_keyset(current, signed)
     check_not_expired(new, now=now)
     return new
@@ -390,7 +373,7 @@ def verify_rotation_chain(
         ExpiredError: the resulting key set has expired.
         ValueError: ``now`` is naive.
     """
-    _require_aware(now)
+    require_aware(now)
     keyset = current
     for signed in chain:
         keyset = _next_keyset(keyset, signed)

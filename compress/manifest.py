@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from compress.errors import ManifestError
+from compress.errors import CompressError, ManifestError
 from compress.lineage import NAME_RE, SHA256_RE, Lineage
 from compress.profile import MAX_PROFILE_BYTES, ReferenceProfile
 from compress.strictjson import FieldReader, JsonObject, decode_canonical, encode_canonical
@@ -84,6 +84,42 @@ def parse_time(text: str) -> datetime:
         return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
     except ValueError as exc:
         raise ManifestError(f"timestamp {text!r}: {exc}") from exc
+
+
+def read_time(r: FieldReader, key: str) -> datetime:
+    """The timestamp field ``key`` of a signed document (:func:`parse_time`'s format).
+
+    Raises:
+        CompressError: (the reader's error class) a missing, too long or malformed
+            timestamp, naming the field.
+    """
+    text = r.text(key, max_len=20)
+    try:
+        return parse_time(text)
+    except ManifestError as exc:
+        raise r.fail(key, str(exc)) from exc
+
+
+def whole_seconds(moment: datetime, error: type[CompressError], what: str) -> datetime:
+    """``moment`` in UTC, whole seconds: exactly what survives the encoding.
+
+    Raises:
+        CompressError: (``error``) ``moment`` is not a timezone-aware datetime; the
+            message starts with ``what`` (e.g. ``key set created``).
+    """
+    if not isinstance(moment, datetime) or moment.tzinfo is None:
+        raise error(f"{what} must be a timezone-aware datetime")
+    return parse_time(format_time(moment))
+
+
+def require_aware(now: datetime) -> None:
+    """Raise unless ``now`` is a timezone-aware datetime.
+
+    Raises:
+        ValueError: a naive (or not a) datetime: a caller's bug, not a document's.
+    """
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime")
 
 
 @dataclass(frozen=True)

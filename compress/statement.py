@@ -51,7 +51,6 @@ from functools import cached_property
 from typing import Any
 
 from compress.errors import (
-    ManifestError,
     NotTargetedError,
     ReplayedStatementError,
     StaleStatementError,
@@ -60,7 +59,7 @@ from compress.errors import (
 )
 from compress.keys import SigningKey
 from compress.lineage import NAME_RE, SHA256_RE
-from compress.manifest import Manifest, format_time, parse_time
+from compress.manifest import Manifest, format_time, read_time, require_aware, whole_seconds
 from compress.signing import (
     DocumentKind,
     SignedDocument,
@@ -90,18 +89,6 @@ STATEMENT_KIND = DocumentKind(
 MAX_SIGNED_STATEMENT_BYTES = STATEMENT_KIND.max_blob_bytes
 
 _KNOWN_FIELDS = frozenset({"schema", "fleet", "version", "issued", "expires", "targets"})
-
-
-def _utc_seconds(moment: datetime, what: str) -> datetime:
-    """``moment`` in UTC, whole seconds: exactly what survives the encoding."""
-    if not isinstance(moment, datetime) or moment.tzinfo is None:
-        raise StatementError(f"fleet statement {what} must be a timezone-aware datetime")
-    return parse_time(format_time(moment))
-
-
-def _require_aware(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime")
 
 
 @dataclass(frozen=True)
@@ -145,8 +132,12 @@ class FleetStatement:
     schema: int = STATEMENT_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "issued", _utc_seconds(self.issued, "issued"))
-        object.__setattr__(self, "expires", _utc_seconds(self.expires, "expires"))
+        object.__setattr__(
+            self, "issued", whole_seconds(self.issued, StatementError, "fleet statement issued")
+        )
+        object.__setattr__(
+            self, "expires", whole_seconds(self.expires, StatementError, "fleet statement expires")
+        )
         object.__setattr__(self, "targets", dict(sorted(self.targets.items())))
         self._check()
 
@@ -250,19 +241,11 @@ class FleetStatement:
             schema=r.integer("schema", lo=1),
             fleet=r.text("fleet", max_len=48, pattern=FLEET_RE),
             version=r.integer("version", lo=1, hi=MAX_VERSION),
-            issued=_read_time(r, "issued"),
-            expires=_read_time(r, "expires"),
+            issued=read_time(r, "issued"),
+            expires=read_time(r, "expires"),
             targets=r.mapping("targets", target, max_len=MAX_TARGETS, key_pattern=NAME_RE),
             extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
         )
-
-
-def _read_time(r: FieldReader, key: str) -> datetime:
-    text = r.text(key, max_len=20)
-    try:
-        return parse_time(text)
-    except ManifestError as exc:
-        raise r.fail(key, str(exc)) from exc
 
 
 class SignedStatement(SignedDocument):
@@ -298,7 +281,7 @@ def check_fresh(statement: FleetStatement, *, now: datetime) -> None:
         StaleStatementError: ``expires`` is not after ``now``.
         ValueError: ``now`` is naive (a caller's bug).
     """
-    _require_aware(now)
+    require_aware(now)
     if statement.expires <= now:
         raise StaleStatementError(
             f"{statement.describe()} expired at {format_time(statement.expires)}: the device "
@@ -356,7 +339,7 @@ def verify_statement(
         StaleStatementError: it has expired.
         ValueError: ``now`` is naive.
     """
-    _require_aware(now)
+    require_aware(now)
     statement = check_authentic(signed, trusted, fleet=fleet)
     if last_version is not None and statement.version <= last_version:
         raise ReplayedStatementError(

@@ -7,6 +7,8 @@
   it, so tests can assert that a refused request never did.
 * :data:`TOKENS` / :func:`authenticate`: a viewer and an operator token.
 * :func:`serve`: an ASGI app served by a real uvicorn on a free loopback port.
+* ``TestClient``: FastAPI's in-process test client, imported without the warnings
+  Starlette gives about its httpx fallback and an anyio alias (harmless here).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +65,13 @@ from coordinator.service.store.records import (
 from coordinator.service.tokens import Role
 from tests.fleet_support import wait_for
 
+with warnings.catch_warnings():
+    # Starlette warns about its httpx fallback and names a deprecated anyio alias;
+    # neither changes how the client works.
+    warnings.filterwarnings("ignore", message="Using `httpx` with")
+    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
+    from fastapi.testclient import TestClient
+
 __all__ = [
     "ARTIFACT_MAGIC",
     "NOW",
@@ -71,6 +81,7 @@ __all__ = [
     "VIEWER",
     "VIEWER_TOKEN",
     "FakeOperations",
+    "TestClient",
     "authenticate",
     "bearer",
     "serve",

@@ -11,7 +11,8 @@ on one shared network loop, with the settings ``fedge simulate`` gives its agent
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,15 @@ class FederatedFleet:
         """Stop the coordinator and the agents (the broker is the fixture's)."""
         self.hub.stop()
         self.devices.stop()
+
+
+@contextmanager
+def fleet_for_service(broker: Mosquitto, root: Path, clients: int) -> Iterator[FederatedFleet]:
+    """A started :class:`FederatedFleet` whose own hub is stopped, for tests of the
+    coordinator service (which brings its own); the agents stop on exit."""
+    fleet = FederatedFleet.start(broker, root, clients=clients)
+    fleet.hub.stop()  # the service brings its own
+    try:
+        yield fleet
+    finally:
+        fleet.stop()

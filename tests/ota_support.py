@@ -7,13 +7,16 @@ tests can then plant, tamper or forge files and start an agent on the directory.
 :func:`plant_model` is the attack: a payload and a hand-written ``state.json``
 pointing at it, with no signed manifest at all. :func:`signed_artifacts` makes the
 signed artifacts a test module installs (one per named variant).
+:func:`make_updater` builds an :class:`~edge_agent.ota.updates.Updater` on a data
+directory as the agent does, on an in-memory link.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,14 @@ from typing import Any
 from compress.artifact import read_artifact_unverified
 from compress.keys import SigningKey
 from compress.signing import SignedManifest
+from compress.trust import DeviceProfile
+from edge_agent.config.sections import TransferConfig
+from edge_agent.ota.fleet_guard import TrustSource
+from edge_agent.ota.installer import Targeting
 from edge_agent.ota.model_store import MANIFEST_FILE, PAYLOAD_FILE, InstalledModel, ModelStore
+from edge_agent.ota.updates import Reporter, Updater
+from edge_agent.serving.server import ModelServer
+from edge_agent.transport.memory import MemoryBroker, MemoryLink
 from tests.fleet_support import make_artifact
 
 Artifact = tuple[SignedManifest, bytes]
@@ -88,3 +98,30 @@ def flip_byte(data_dir: Path, slot: str, offset: int = -1) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def make_updater(
+    data_dir: Path,
+    *,
+    trusted: TrustSource,
+    reporter: Reporter,
+    server: ModelServer | None = None,
+    clock: Callable[[], float] = time.time,
+    targeting: Targeting | None = None,
+) -> Updater:
+    """An updater on ``data_dir`` (its models and staging area) as the agent builds it,
+    speaking over an in-memory link; the caller closes it."""
+    link = MemoryLink(MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None)
+    return Updater(
+        store=ModelStore(data_dir),
+        staging_root=data_dir / "staging",
+        trusted=trusted,
+        device=DeviceProfile(),
+        server=server or ModelServer(),
+        link=link,
+        reporter=reporter,
+        config=TransferConfig(),
+        clock=clock,
+        checkpoint=lambda _step: None,
+        targeting=targeting,
+    )

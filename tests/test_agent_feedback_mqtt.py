@@ -8,12 +8,8 @@ eligible for federated rounds; a round then trains on exactly those examples.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -38,23 +34,11 @@ from tests.fleet_support import (
     free_port,
     make_artifact,
     open_deliveries,
+    post_json,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _announced(coord: MqttHub, device_id: str, examples: int) -> bool:
@@ -99,11 +83,11 @@ def test_feedback_turns_predictions_into_training_data_for_rounds(
     with pytest.raises(TrainingError):
         agent.feedback(agent.predict(rows[:1]).id, CLASSES)  # not a class of this model
     # Over HTTP: predict, then label it.
-    status, answer = _post(port, "/v1/predict", {"inputs": rng.random((1, FEATURES)).tolist()})
+    status, answer = post_json(port, "/v1/predict", {"inputs": rng.random((1, FEATURES)).tolist()})
     assert status == 200
-    status, stored = _post(port, "/v1/feedback", {"prediction_id": answer["id"], "label": 3})
+    status, stored = post_json(port, "/v1/feedback", {"prediction_id": answer["id"], "label": 3})
     assert (status, stored) == (200, {"stored": 1})
-    status, error = _post(port, "/v1/feedback", {"prediction_id": "0" * 32, "label": 1})
+    status, error = post_json(port, "/v1/feedback", {"prediction_id": "0" * 32, "label": 1})
     assert status == 404
     assert error["error"]["code"] == "unknown_prediction"
     # The agent announces its 4 examples (at its next telemetry tick) ...

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,36 +36,22 @@ from tests.api_support import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
     FakeOperations,
+    TestClient,
     authenticate,
     bearer,
 )
-
-with warnings.catch_warnings():
-    # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
+from tests.clock_support import ManualClock
 
 ATTACKER = ("203.0.113.7", 40000)
 NEIGHBOUR = ("198.51.100.2", 40001)
 GUESS = "fedge_a-guessed-token-that-is-not-valid"
 
 
-class FakeClock:
-    """Monotonic seconds that move only when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # --- the pure limiter ---------------------------------------------------------------
 
 
 def test_the_tenth_failure_in_a_minute_starts_a_minute_of_cool_down() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     limiter = FailedAuthLimiter(AuthLimits(), clock)
     for n in range(1, 10):
         assert limiter.failed("a") == Counted(n, locked_out=False)
@@ -84,7 +69,7 @@ def test_the_tenth_failure_in_a_minute_starts_a_minute_of_cool_down() -> None:
 
 
 def test_failures_older_than_the_window_do_not_count() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     limiter = FailedAuthLimiter(AuthLimits(max_failures=3, window_s=10.0), clock)
     for _ in range(20):  # two a window, for a long time
         assert not limiter.failed("a").locked_out
@@ -95,7 +80,7 @@ def test_failures_older_than_the_window_do_not_count() -> None:
 
 
 def test_a_failure_after_an_unchecked_cool_down_starts_from_zero() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     limiter = FailedAuthLimiter(AuthLimits(max_failures=2, lockout_s=30.0), clock)
     limiter.failed("a")
     assert limiter.failed("a").locked_out
@@ -104,7 +89,7 @@ def test_a_failure_after_an_unchecked_cool_down_starts_from_zero() -> None:
 
 
 def test_memory_is_bounded_and_a_cooling_address_is_kept_longest() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     limits = AuthLimits(max_failures=2, window_s=10.0, lockout_s=1e6, max_clients=3)
     limiter = FailedAuthLimiter(limits, clock)
     limiter.failed("locked")
@@ -163,8 +148,8 @@ class Counting:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -178,7 +163,7 @@ def checks() -> Counting:
 
 
 @pytest.fixture
-def app(clock: FakeClock, recorder: Recorder, checks: Counting) -> FastAPI:
+def app(clock: ManualClock, recorder: Recorder, checks: Counting) -> FastAPI:
     return create_app(
         FakeOperations.seeded(),
         authenticate=checks,
@@ -203,7 +188,7 @@ def neighbour(app: FastAPI) -> Iterator[TestClient]:
 def test_a_client_guessing_tokens_is_logged_audited_then_refused_without_a_check(
     attacker: TestClient,
     neighbour: TestClient,
-    clock: FakeClock,
+    clock: ManualClock,
     recorder: Recorder,
     checks: Counting,
     caplog: pytest.LogCaptureFixture,
@@ -337,7 +322,7 @@ def test_an_expired_token_is_refused_like_an_unknown_one_and_audited(tmp_path: P
 # --- cool-downs survive a restart (rebuilt from the audit log) -----------------------
 
 
-def test_restored_failures_keep_cool_downs_and_partial_counts(clock: FakeClock) -> None:
+def test_restored_failures_keep_cool_downs_and_partial_counts(clock: ManualClock) -> None:
     limiter = FailedAuthLimiter(AuthLimits(), clock)  # 10 a minute, a minute's wait
     cooling = limiter.restore(
         [(ATTACKER[0], 20.0 - n) for n in range(10)]  # locked out 11 s ago
@@ -360,7 +345,7 @@ def _serve_after(db: Path, now: float, *, restore: bool) -> tuple[Store, FastAPI
         service,
         authenticate=service.authenticate,
         on_auth_failure=service.record_auth_failure,
-        auth_clock=FakeClock(),
+        auth_clock=ManualClock(),
         auth_history=history if restore else (),
     )
     return store, app

@@ -24,7 +24,7 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-import coordinator.service.fleet_service
+import coordinator.service.local
 from coordinator.cli import rollout as rollout_cli
 from coordinator.cli import rounds as rounds_cli
 from coordinator.cli.app import app
@@ -112,7 +112,7 @@ def local_calls(monkeypatch: pytest.MonkeyPatch, ops: FakeOperations) -> list[di
         calls.append({"broker": broker, **kwargs})
         yield ops
 
-    monkeypatch.setattr(coordinator.service.fleet_service, "local_service", local_service)
+    monkeypatch.setattr(coordinator.service.local, "local_service", local_service)
     return calls
 
 

@@ -19,12 +19,8 @@ import typer.main
 
 from coordinator.cli.config_flags import config_options, parameter_name
 from coordinator.cli.service import app as service_app
-from coordinator.service.config import (
-    ServiceConfig,
-    TelemetryStorage,
-    build_service_config,
-    example_service_config,
-)
+from coordinator.service.config import ServiceConfig, TelemetryStorage
+from coordinator.service.config_reader import build_service_config, example_service_config
 from coordinator.service.config_schema import SERVICE_SCHEMA
 from edge_agent.cli import build_parser
 from edge_agent.config import schema as schema_module

@@ -23,12 +23,9 @@ import pytest
 from compress.families import init_weights
 from compress.keys import SigningKey
 from compress.onnx_export import export_onnx
-from compress.signing import TrustedKeys
 from coordinator.delivery.packaging import PackageRequest, package_model
-from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, DeployRequest
-from coordinator.service.store import Store
 from tests.fleet_support import (
     CLASSES,
     FEATURES,
@@ -38,6 +35,7 @@ from tests.fleet_support import (
     public_key_file,
     wait_for,
 )
+from tests.service_support import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -78,16 +76,9 @@ def predict(port: int, rows: np.ndarray) -> None:
 
 @pytest.fixture
 def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[FleetService]:
-    store = Store.open(tmp_path / "coordinator.db")
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator")))
     settings = ServiceSettings(telemetry_flush_s=0.2, accept_wait_s=1.0)
-    instance = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
-    instance.start()
-    try:
+    with running_service(tmp_path, broker, signing_key, settings) as instance:
         yield instance
-    finally:
-        instance.stop()
-        store.close()
 
 
 def test_real_agents_shifted_inputs_raise_drift_and_the_calm_ones_do_not(

@@ -21,22 +21,15 @@ import pytest
 
 from compress.keys import SigningKey
 from compress.manifest import TensorSpec
-from compress.profile import BINS, bin_counts, class_probabilities, features, profile_from_data
-from compress.signing import TrustedKeys
+from compress.profile import BINS, profile_from_data
 from coordinator.errors import NotFoundError
-from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR
-from coordinator.service.store import Store
 from edge_agent.protocol import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
     Channel,
-    Histogram,
     InvalidCounts,
-    LatencyQuantiles,
-    TelemetryBatch,
-    TelemetryRecord,
     WindowSummary,
     device_topic,
     encode,
@@ -44,7 +37,9 @@ from edge_agent.protocol import (
     new_message_id,
 )
 from tests.conftest import ArtifactFactory
+from tests.drift_support import agent_summary, summary_batch
 from tests.fleet_support import Mosquitto, password, wait_for
+from tests.service_support import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +71,9 @@ class Device:
         self.client.loop_start()
 
     def send(self, summary: WindowSummary, seq: int, *, corrupt: bool = False) -> None:
-        record = TelemetryRecord(
-            window_start=10.0 * seq, window_end=10.0 * seq + 10, model="sensor", version=2,
-            predictions=summary.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
-            histogram=Histogram((1.0, 5.0), (summary.n, 0, 0)), cpu_percent=1.0,
-            memory_bytes=1 << 20, uptime_s=1.0, summary=summary,
-        )  # fmt: skip
-        batch = TelemetryBatch(seq=seq, records=(record,))
+        batch = summary_batch(
+            summary, seq=seq, model="sensor", version=2, start=10.0 * seq, end=10.0 * seq + 10
+        )
         payload = encode(batch, sender=self.device_id, sent_at=time.time())
         if corrupt:  # the summary's cells no longer add up: the wire decoder refuses it
             data, body = batch._to_wire(DEFAULT_LIMITS)
@@ -100,16 +91,9 @@ class Device:
 
 @pytest.fixture
 def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[FleetService]:
-    store = Store.open(tmp_path / "coordinator.db")
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator")))
     settings = ServiceSettings(telemetry_flush_s=0.1)
-    instance = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
-    instance.start()
-    try:
+    with running_service(tmp_path, broker, signing_key, settings) as instance:
         yield instance
-    finally:
-        instance.stop()
-        store.close()
 
 
 def test_the_service_scores_summaries_from_mqtt_telemetry(
@@ -126,18 +110,9 @@ def test_the_service_scores_summaries_from_mqtt_telemetry(
     )
     row = service.upload_artifact(artifact.read_bytes(), actor=CLI_ACTOR)
     assert row.manifest["reference"] == profile.to_dict()
-    assert profile.confidence is not None
-    conf_edges = np.asarray([profile.confidence.edges])
 
     def summarise(x: npt.NDArray[np.float32]) -> WindowSummary:
-        probs = class_probabilities(x @ WEIGHTS)
-        return WindowSummary.from_arrays(
-            n=len(x),
-            features=bin_counts(profile.edge_array(), features(x)),
-            confidence=bin_counts(conf_edges, probs.max(axis=1).reshape(-1, 1))[0],
-            classes=np.bincount(probs.argmax(axis=1), minlength=K),
-            invalid=InvalidCounts(nan=1),
-        )
+        return agent_summary(profile, x, x @ WEIGHTS, classes=K, invalid=InvalidCounts(nan=1))
 
     devices = {device_id: Device(broker, device_id) for device_id in DEVICES}
     rng = np.random.default_rng(1)

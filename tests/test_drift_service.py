@@ -10,8 +10,8 @@ drift to "major" within a few windows while two control devices stay at "none".
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,6 @@ import pytest
 from compress.profile import (
     BINS,
     ReferenceProfile,
-    bin_counts,
-    class_probabilities,
-    features,
     profile_from_data,
 )
 from coordinator.link.memory import MemoryHub
@@ -36,22 +33,15 @@ from coordinator.service.ingest import Ingest
 from coordinator.service.store import MEMORY, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import (
-    Histogram,
     InvalidCounts,
-    LatencyQuantiles,
     TelemetryBatch,
-    TelemetryRecord,
     WindowSummary,
     decode,
     encode,
 )
-from tests.api_support import bearer
-
-with warnings.catch_warnings():
-    # As in test_api.py: Starlette warns about its httpx fallback; harmless here.
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
+from tests.api_support import TestClient, bearer
+from tests.clock_support import ManualClock
+from tests.drift_support import agent_summary, summary_batch
 
 D, K = 8, 3
 WINDOW = 200
@@ -71,22 +61,15 @@ def data(n: int, rng: np.random.Generator, *, shifted: bool = False) -> npt.NDAr
     return x
 
 
-@pytest.fixture(scope="module")
-def profile() -> ReferenceProfile:
+def sensor_profile() -> ReferenceProfile:
+    """The reference profile of the ``sensor`` model, from 4000 seeded inputs."""
     x = data(4000, np.random.default_rng(0))
     return profile_from_data(x, model(x), "classification")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+@contextmanager
+def sensor_store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+    """An in-memory store holding the ``sensor`` v2 artifact with ``profile``."""
     with Store.open(MEMORY, artifact_dir=tmp_path) as store:
         manifest = {"name": "sensor", "version": 2, "reference": profile.to_dict()}
         store.put_artifact(b"model bytes", name="sensor", version=2, manifest=manifest,
@@ -94,30 +77,28 @@ def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
         yield store
 
 
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    return sensor_profile()
+
+
+@pytest.fixture
+def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
+    with sensor_store(tmp_path, profile) as store:
+        yield store
+
+
 def summarise(profile: ReferenceProfile, x: npt.NDArray[np.float32]) -> WindowSummary:
     """What an agent's window summary holds after serving ``x``."""
-    probs = class_probabilities(model(x))
-    assert profile.confidence is not None
-    conf_edges = np.asarray([profile.confidence.edges])
-    return WindowSummary.from_arrays(
-        n=len(x),
-        features=bin_counts(profile.edge_array(), features(x)),
-        confidence=bin_counts(conf_edges, probs.max(axis=1).reshape(-1, 1))[0],
-        classes=np.bincount(probs.argmax(axis=1), minlength=K),
-        invalid=InvalidCounts(),
-    )
+    return agent_summary(profile, x, model(x), classes=K)
 
 
 def wire(summary: WindowSummary, *, seq: int, version: int = 2) -> TelemetryBatch:
     """A telemetry batch with one summarised window, through the wire codec and back."""
-    record = TelemetryRecord(
-        window_start=10.0 * seq, window_end=10.0 * seq + 10, model="sensor", version=version,
-        predictions=summary.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
-        histogram=Histogram((1.0, 5.0), (summary.n, 0, 0)), cpu_percent=1.0,
-        memory_bytes=1 << 20, uptime_s=1.0, summary=summary,
-    )  # fmt: skip
-    payload = encode(TelemetryBatch(seq=seq, records=(record,)), sender="dev", sent_at=1.0)
-    message = decode(payload).message
+    batch = summary_batch(
+        summary, seq=seq, model="sensor", version=version, start=10.0 * seq, end=10.0 * seq + 10
+    )
+    message = decode(encode(batch, sender="dev", sent_at=1.0)).message
     assert isinstance(message, TelemetryBatch)
     return message
 
@@ -125,7 +106,7 @@ def wire(summary: WindowSummary, *, seq: int, version: int = 2) -> TelemetryBatc
 def test_a_shifted_device_drifts_and_the_controls_raise_no_alarm(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, DriftTracker(windows=4), clock=clock)
     ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
     rng = np.random.default_rng(1)
@@ -167,7 +148,7 @@ def test_a_shifted_device_drifts_and_the_controls_raise_no_alarm(
 def test_hostile_and_unknown_summaries_are_refused_per_device(
     store: Store, profile: ReferenceProfile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     ingest = Ingest(store, clock=clock, drift=monitor.add_windows)
     rng = np.random.default_rng(2)
@@ -223,7 +204,7 @@ def test_a_stored_profile_that_is_not_one_is_logged_and_skipped(
 def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     rng = np.random.default_rng(4)
     fleet_rows = []
@@ -243,7 +224,7 @@ def test_fleet_scores_are_stored_every_30_s_or_when_their_severity_changes(
 def test_the_http_api_over_the_real_service_shows_drift(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = FleetService(store, MemoryHub(), None, clock=clock)
     _row, viewer = store.add_token("dashboard", Role.VIEWER, clock.now)
     rng = np.random.default_rng(5)
@@ -275,7 +256,7 @@ def test_the_http_api_over_the_real_service_shows_drift(
 def test_a_device_gone_for_a_day_leaves_the_fleet_score(
     store: Store, profile: ReferenceProfile
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     monitor = DriftMonitor(store, clock=clock)
     rng = np.random.default_rng(6)
     big = WINDOW * 4
@@ -294,7 +275,7 @@ def test_the_service_pools_as_many_windows_as_its_config_says(
     store: Store, profile: ReferenceProfile
 ) -> None:
     settings = ServiceSettings(drift_windows=2)
-    service = FleetService(store, MemoryHub(), None, settings=settings, clock=Clock())
+    service = FleetService(store, MemoryHub(), None, settings=settings, clock=ManualClock(5000.0))
     rng = np.random.default_rng(7)
     for seq in range(3):
         service.ingest.add_telemetry("d", wire(summarise(profile, data(WINDOW, rng)), seq=seq))

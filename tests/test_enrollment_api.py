@@ -31,7 +31,8 @@ from coordinator.errors import ApiAuthError, EnrollmentError, NotFoundError, Ser
 from coordinator.link.ca import issued_certificates
 from coordinator.service.api.auth_limits import AuthLimits
 from coordinator.service.api_client import ApiClient
-from coordinator.service.config import ServiceConfig, build_service_config
+from coordinator.service.config import ServiceConfig
+from coordinator.service.config_reader import build_service_config
 from coordinator.service.enrollment import CaDirectory
 from coordinator.service.store import Store
 from coordinator.service.store.registry import DeviceState
@@ -55,11 +56,8 @@ runner = CliRunner(mix_stderr=False)
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open(tmp_path / "state.db")
-    try:
+    with Store.open(tmp_path / "state.db") as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 @pytest.fixture

@@ -37,10 +37,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from compress.keys import SigningKey
-from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.link.broker_config import BrokerSetup, write_broker_config
-from coordinator.link.hub import HubConfig, MqttHub
+from coordinator.link.hub import MqttHub
 from coordinator.rollout.actions import RolloutState
 from coordinator.service.api_client import ApiClient
 from coordinator.service.enrollment import CaDirectory
@@ -69,6 +68,7 @@ from tests.fleet_support import (
     password,
     wait_for,
 )
+from tests.service_support import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,6 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture
 def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[FleetService]:
-    store = Store.open(tmp_path / "coordinator.db")
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator")))
     # The enrolled agents get trust.fleet = FLEET, so they install only what the
     # service's fleet statement names: the service keeps one, signed by a key of the
     # key set the devices enroll with.
@@ -131,13 +129,8 @@ def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Itera
         accept_wait_s=ACCEPT_WAIT_S,
         fleet=StatementSettings(FLEET, (signing_key,)),
     )
-    instance = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
-    instance.start()
-    try:
+    with running_service(tmp_path, broker, signing_key, settings) as instance:
         yield instance
-    finally:
-        instance.stop()
-        store.close()
 
 
 @pytest.fixture

@@ -28,11 +28,8 @@ DAY = 86_400.0
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open(tmp_path / "state.db")
-    try:
+    with Store.open(tmp_path / "state.db") as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 def refused(

@@ -19,21 +19,12 @@ from compress.signing import TrustedKeys
 from compress.statement import FleetStatement, Target, sign_statement
 from edge_agent.ota.fleet_guard import STATEMENT_FILE, FleetGuard
 from edge_agent.protocol import FleetStatementMessage, broadcast_topic
+from tests.clock_support import ManualClock
 from tests.conftest import NOW, make_manifest
 
 KEY = generate_signing_key()
 TRUSTED = TrustedKeys.of([KEY.public_key])
 MANIFEST = make_manifest()
-
-
-class Clock:
-    """A fake wall clock."""
-
-    def __init__(self) -> None:
-        self.now = NOW.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def message(
@@ -53,16 +44,16 @@ def message(
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(NOW.timestamp())
 
 
-def guard(data_dir: Path, clock: Clock, fleet: str | None = "plant-a") -> FleetGuard:
+def guard(data_dir: Path, clock: ManualClock, fleet: str | None = "plant-a") -> FleetGuard:
     return FleetGuard(fleet, data_dir, trusted=lambda: TRUSTED, clock=clock)
 
 
 def test_a_statement_is_accepted_kept_and_vouches_for_what_it_names(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: ManualClock
 ) -> None:
     fleet = guard(tmp_path, clock)
     assert fleet.subscriptions() == (broadcast_topic("fleet.plant-a"),)
@@ -82,7 +73,7 @@ def test_a_statement_is_accepted_kept_and_vouches_for_what_it_names(
 
 
 def test_the_retained_statement_again_is_ignored_quietly(
-    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     fleet = guard(tmp_path, clock)
     assert fleet.on_statement(message(3))
@@ -92,7 +83,7 @@ def test_the_retained_statement_again_is_ignored_quietly(
 
 
 def test_a_replayed_older_statement_is_refused_even_after_a_restart(
-    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     fleet = guard(tmp_path, clock)
     old, new = message(3, targets={}), message(4)
@@ -108,7 +99,7 @@ def test_a_replayed_older_statement_is_refused_even_after_a_restart(
 
 
 def test_an_expired_kept_statement_still_sets_the_version_floor(
-    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert guard(tmp_path, clock).on_statement(message(5))
     clock.now += 3600
@@ -133,7 +124,7 @@ def test_an_expired_kept_statement_still_sets_the_version_floor(
     ],
 )
 def test_bad_statements_are_refused_with_a_logged_code(
-    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture, bad: Any, code: str
+    tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture, bad: Any, code: str
 ) -> None:
     fleet = guard(tmp_path, clock)
     with caplog.at_level(logging.WARNING, logger="edge_agent.ota.fleet_guard"):
@@ -143,7 +134,7 @@ def test_bad_statements_are_refused_with_a_logged_code(
     assert not (tmp_path / STATEMENT_FILE).exists()
 
 
-def test_stale_without_a_statement_and_after_expiry(tmp_path: Path, clock: Clock) -> None:
+def test_stale_without_a_statement_and_after_expiry(tmp_path: Path, clock: ManualClock) -> None:
     fleet = guard(tmp_path, clock)
     assert fleet.stale()
     assert fleet.seconds_to_expiry() is None
@@ -168,7 +159,7 @@ def test_stale_without_a_statement_and_after_expiry(tmp_path: Path, clock: Clock
 
 
 def test_a_damaged_kept_statement_is_ignored_and_logged(
-    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / STATEMENT_FILE
     path.parent.mkdir()
@@ -179,7 +170,7 @@ def test_a_damaged_kept_statement_is_ignored_and_logged(
     assert "ignoring the kept fleet statement" in caplog.text
 
 
-def test_without_a_fleet_nothing_changes(tmp_path: Path, clock: Clock) -> None:
+def test_without_a_fleet_nothing_changes(tmp_path: Path, clock: ManualClock) -> None:
     fleet = guard(tmp_path, clock, fleet=None)
     assert not fleet.enabled
     assert fleet.subscriptions() == ()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from click.testing import Result
 from typer.testing import CliRunner
 
 from compress.keys import SigningKey, generate_signing_key, save_keypair
@@ -39,6 +38,7 @@ from tests.fleet_support import (
     public_key_file,
     wait_for,
 )
+from tests.test_delivery_mqtt import fedge_run
 from tests.test_service_process import create_token, fedge_exe
 
 DEVICE = "fs-0"
@@ -51,14 +51,9 @@ def broker_users() -> list[str]:
     return [DEVICE]
 
 
-def fedge(broker: Mosquitto, *args: str) -> Result:
-    env = {"FEDGE_BROKER": broker.url, "FEDGE_BROKER_PASSWORD": password("coordinator")}
-    return CliRunner(mix_stderr=False).invoke(app, list(args), env=env)
-
-
 def deploy_codes(broker: Mosquitto, trust: Path, artifact: Path) -> list[str]:
     """``fedge deploy`` without --fleet; the error codes of the devices' refusals."""
-    result = fedge(
+    result = fedge_run(
         broker, "deploy", str(artifact), "--trust", str(trust), "--timeout", "30", "--json"
     )
     assert result.exit_code == 1, result.stdout + result.stderr
@@ -90,8 +85,10 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
 ) -> None:
     process, trust = agent
     statement_key, _ = save_keypair(signing_key, tmp_path / "statement")
-    wait_for(lambda: DEVICE in fedge(broker, "devices", "--json").stdout, timeout=20, what="online")
-    nothing = fedge(broker, "fleet", "show", "--fleet", FLEET)
+    wait_for(
+        lambda: DEVICE in fedge_run(broker, "devices", "--json").stdout, timeout=20, what="online"
+    )
+    nothing = fedge_run(broker, "fleet", "show", "--fleet", FLEET)
     assert nothing.exit_code == 1
     assert "holds no statement for fleet plant-a" in nothing.stderr
 
@@ -100,14 +97,14 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
     assert deploy_codes(broker, trust, early) == ["no_statement"]
 
     artifact = make_artifact(tmp_path, signing_key, version=3)
-    deployed = fedge(
+    deployed = fedge_run(
         broker, "deploy", str(artifact), "--trust", str(trust), "--wait", "--timeout", "30",
         "--fleet", FLEET, "--statement-key", str(statement_key),
     )  # fmt: skip
     assert deployed.exit_code == 0, deployed.stderr + process.log_text()[-3000:]
     assert "nothing refreshes the fleet statement" in deployed.stderr
 
-    shown = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust), "--json")
+    shown = fedge_run(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust), "--json")
     assert shown.exit_code == 0, shown.stderr
     view = json.loads(shown.stdout)
     sha256 = Artifact.load(artifact).transfer_id
@@ -120,7 +117,7 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
 
     # Published on top (--keep): a second model, a higher version, the first kept.
     other = make_artifact(tmp_path, signing_key, version=1, name="anomaly")
-    published = fedge(
+    published = fedge_run(
         broker, "fleet", "publish", "--fleet", FLEET, "--key", str(statement_key),
         "--model", str(other), "--keep", "--expires-in", "1h", "--json",
     )  # fmt: skip
@@ -136,12 +133,12 @@ def test_deploy_names_the_artifact_in_a_statement_the_agent_of_the_fleet_install
 
     # A statement signed by a key the devices do not trust does not verify.
     stranger, _ = save_keypair(generate_signing_key(), tmp_path / "stranger")
-    forged = fedge(
+    forged = fedge_run(
         broker, "fleet", "publish", "--fleet", FLEET, "--key", str(stranger),
         "--model", f"digits@9:{'0' * 64}",
     )  # fmt: skip
     assert forged.exit_code == 0, forged.stderr
-    refused = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust))
+    refused = fedge_run(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust))
     assert refused.exit_code == 1
     assert "does not verify" in refused.stderr
     assert process.alive()
@@ -177,7 +174,7 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
         wait_for(lambda: b"serving API" in log.read_bytes(), timeout=60, what="the service")
 
         def shown() -> dict[str, Any]:
-            result = fedge(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust),
+            result = fedge_run(broker, "fleet", "show", "--fleet", FLEET, "--trust", str(trust),
                            "--json")  # fmt: skip
             assert result.exit_code in (0, 1), result.stderr
             return cast(dict[str, Any], json.loads(result.stdout)) if result.stdout else {}
@@ -208,7 +205,7 @@ def test_the_service_names_its_deploy_and_keeps_the_statement_fresh(
 
 
 def device_stale(broker: Mosquitto) -> bool:
-    result = fedge(broker, "devices", "--json")
+    result = fedge_run(broker, "devices", "--json")
     assert result.exit_code == 0, result.stderr
     [device] = json.loads(result.stdout)["devices"]
     return bool(device["stale"])

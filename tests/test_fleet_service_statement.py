@@ -23,7 +23,7 @@ from compress.statement import SignedStatement, check_targeted, verify_statement
 from coordinator.delivery.deliveries import Artifact
 from coordinator.errors import ServiceConfigError
 from coordinator.link.memory import MemoryHub
-from coordinator.service.config import build_service_config
+from coordinator.service.config_reader import build_service_config
 from coordinator.service.fleet_config import FleetConfig
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import CLI_ACTOR, DeployRequest, RolloutRequest

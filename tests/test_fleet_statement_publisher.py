@@ -37,6 +37,7 @@ from coordinator.link.memory import MemoryHub
 from edge_agent.protocol import Channel, Deploy, Rollback, Status, device_topic
 from edge_agent.protocol.messages_fleet import FleetStatementMessage
 from edge_agent.protocol.topics import broadcast_topic, statement_broadcast
+from tests.clock_support import ManualClock
 from tests.conftest import PAYLOAD, make_manifest
 from tests.fleet_support import wait_for
 
@@ -46,21 +47,13 @@ START = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC).timestamp()
 LIFETIME = 3600.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def hub(clock: Clock) -> MemoryHub:
+def hub(clock: ManualClock) -> MemoryHub:
     instance = MemoryHub(clock=clock)
     instance.start()
     for device_id in ("d0", "d1"):
@@ -75,7 +68,7 @@ def settings(signing_key: SigningKey, tmp_path: Path) -> StatementSettings:
 
 @pytest.fixture
 def publisher(
-    hub: MemoryHub, settings: StatementSettings, clock: Clock
+    hub: MemoryHub, settings: StatementSettings, clock: ManualClock
 ) -> Iterator[StatementPublisher]:
     """A publisher whose thread stays idle: the test calls refresh_if_due itself."""
     instance = StatementPublisher(hub, settings, clock=clock, check_s=3600.0)
@@ -109,7 +102,7 @@ def artifact(manifest: Manifest, key: SigningKey) -> Artifact:
 
 
 def test_start_publishes_a_retained_statement_a_device_accepts(
-    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: Clock
+    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: ManualClock
 ) -> None:
     [signed] = statements(hub)
     statement = as_device(signed, signing_key, clock.now)
@@ -121,7 +114,7 @@ def test_start_publishes_a_retained_statement_a_device_accepts(
 
 
 def test_a_deploy_is_named_before_its_command_goes_out(
-    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: Clock
+    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: ManualClock
 ) -> None:
     sent = artifact(make_manifest(), signing_key)
     with Deliveries(hub, accept_wait_s=0.01) as deliveries:
@@ -150,7 +143,7 @@ def test_a_deploy_to_no_device_names_nothing(
 
 
 def test_the_statement_is_republished_at_half_its_lifetime(
-    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: Clock
+    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: ManualClock
 ) -> None:
     clock.now += LIFETIME / 2 - 1
     assert not publisher.refresh_if_due()
@@ -169,7 +162,7 @@ def test_the_statement_is_republished_at_half_its_lifetime(
 
 
 def test_the_refresh_thread_and_a_reconnection_publish_on_their_own(
-    hub: MemoryHub, settings: StatementSettings, clock: Clock
+    hub: MemoryHub, settings: StatementSettings, clock: ManualClock
 ) -> None:
     publisher = StatementPublisher(hub, settings, clock=clock, check_s=0.02)
     publisher.start()
@@ -186,7 +179,7 @@ def test_the_refresh_thread_and_a_reconnection_publish_on_their_own(
 
 
 def test_a_statement_that_could_not_go_out_is_retried(
-    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: Clock
+    hub: MemoryHub, publisher: StatementPublisher, signing_key: SigningKey, clock: ManualClock
 ) -> None:
     hub.stop()  # disconnected
     publisher.before_deploy(make_manifest())
@@ -200,7 +193,7 @@ def test_a_rollback_names_the_previous_target_once(
     hub: MemoryHub,
     publisher: StatementPublisher,
     signing_key: SigningKey,
-    clock: Clock,
+    clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     v2, v3 = make_manifest(version=2), make_manifest(version=3)
@@ -223,7 +216,7 @@ def test_a_rollback_names_the_previous_target_once(
 
 
 def test_versions_and_targets_survive_a_restart_even_if_the_clock_goes_back(
-    hub: MemoryHub, settings: StatementSettings, signing_key: SigningKey, clock: Clock
+    hub: MemoryHub, settings: StatementSettings, signing_key: SigningKey, clock: ManualClock
 ) -> None:
     first = StatementPublisher(hub, settings, clock=clock)
     first.start()
@@ -296,7 +289,7 @@ def test_a_state_file_that_cannot_be_written_stops_the_deploy_with_a_logged_erro
     hub: MemoryHub,
     signing_key: SigningKey,
     tmp_path: Path,
-    clock: Clock,
+    clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     blocked = tmp_path / "not-a-dir"

@@ -28,17 +28,10 @@ from edge_agent.protocol import (
     TelemetryRecord,
     WindowSummary,
 )
+from tests.clock_support import ManualClock
 from tests.fleet_support import wait_for
 
 BOUNDS = (1.0, 2.0, 5.0, 10.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FailingStore(Store):
@@ -148,7 +141,7 @@ def envelope(message: Status) -> Envelope:
 
 
 def test_presence_keeps_every_change_and_the_latest_status(store: FailingStore) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     ingest = Ingest(store, clock=clock)
     ingest.on_message("d1", envelope(status(True)), 100)
     clock.now += 1
@@ -170,7 +163,7 @@ def test_presence_keeps_every_change_and_the_latest_status(store: FailingStore) 
 def test_a_flapping_device_keeps_its_latest_changes(
     store: FailingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     ingest = Ingest(store, clock=clock)
     flaps = MAX_CHANGES + 5
     for index in range(flaps):
@@ -186,7 +179,7 @@ def test_a_flapping_device_keeps_its_latest_changes(
 
 
 def test_presence_that_failed_to_store_is_written_later_in_order(store: FailingStore) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     ingest = Ingest(store, clock=clock)
     ingest.add_status("d1", status(True))
     clock.now += 1
@@ -237,7 +230,7 @@ def test_stop_retries_a_failing_store_then_says_what_it_could_not_write(
 
 
 def test_fleet_latency_quantiles_merge_the_recent_histograms(store: FailingStore) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     ingest = Ingest(store, IngestSettings(latency_window_s=60.0), clock=clock)
     assert ingest.latency_ms() == {}
     ingest.add_telemetry("d1", batch(1, record(counts=(90, 0, 0, 0, 0))))
@@ -266,7 +259,7 @@ def test_the_writer_thread_flushes_and_stop_writes_the_rest(store: FailingStore)
 def test_the_writer_applies_retention_every_prune_interval(
     store: FailingStore, limits: dict[str, float | None], kept: list[int]
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     settings = IngestSettings(flush_s=0.01, prune_every_s=60.0, **limits)  # type: ignore[arg-type]
     ingest = Ingest(store, settings, clock=clock)
     for seq in range(4):

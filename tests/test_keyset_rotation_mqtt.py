@@ -42,6 +42,7 @@ from tests.fleet_support import (
     public_key_file,
     wait_for,
 )
+from tests.test_delivery_mqtt import fedge_run
 
 DEVICES = [f"dev-{i}" for i in range(5)]
 ONLINE = DEVICES[:4]
@@ -84,8 +85,7 @@ def publish(broker: Mosquitto, *files: Path) -> tuple[int, str]:
 
 def fleet_keyset_versions(broker: Mosquitto) -> dict[str, int | None]:
     """What ``fedge fleet --json`` says each device's key-set version is."""
-    env = {"FEDGE_BROKER": broker.url, "FEDGE_BROKER_PASSWORD": password("coordinator")}
-    result = CliRunner(mix_stderr=False).invoke(app, ["fleet", "--json"], env=env)
+    result = fedge_run(broker, "fleet", "--json")
     assert result.exit_code == 0, result.stderr
     return {d["device_id"]: d["keyset_version"] for d in json.loads(result.stdout)["devices"]}
 

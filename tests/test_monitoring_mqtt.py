@@ -10,11 +10,8 @@ class counts the predicted labels, and the refusals their reasons.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,7 @@ from tests.fleet_support import (
     make_artifact,
     open_deliveries,
     password,
+    post_json,
     public_key_file,
     wait_for,
 )
@@ -61,19 +59,6 @@ HOSTILE = "pi-2"
 @pytest.fixture
 def broker_users() -> list[str]:
     return [DEVICE, HOSTILE]
-
-
-def _post(port: int, body: dict[str, Any], route: str = "predict") -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/{route}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_agent_summaries_reach_the_coordinator_and_match_the_inputs(
@@ -106,12 +91,12 @@ def test_agent_summaries_reach_the_coordinator_and_match_the_inputs(
         sent = [rng.random((n, FEATURES), dtype=np.float32) for n in (1, 4, 16, 9)]
         labels: list[int] = []
         for rows in sent:
-            status, answer = _post(port, {"inputs": rows.tolist()})
+            status, answer = post_json(port, "/v1/predict", {"inputs": rows.tolist()})
             assert status == 200, answer
             labels.extend(answer["labels"])
         # an explanation runs the model on 18 rows but is neither a prediction nor
         # summarised: telemetry counts it as an explanation
-        status, answer = _post(port, {"inputs": sent[0].tolist()}, "explain")
+        status, answer = post_json(port, "/v1/explain", {"inputs": sent[0].tolist()})
         assert status == 200, answer
         assert answer["baseline"] == "median"
         assert len(answer["attributions"]) == FEATURES
@@ -122,7 +107,7 @@ def test_agent_summaries_reach_the_coordinator_and_match_the_inputs(
             "dtype": [[1e39] * FEATURES],  # overflows float32
         }
         for reason, inputs in refused.items():
-            status, answer = _post(port, {"inputs": inputs})
+            status, answer = post_json(port, "/v1/predict", {"inputs": inputs})
             assert status == 422
             assert answer["error"]["code"] == "invalid_input"
             assert answer["error"]["reason"] == reason

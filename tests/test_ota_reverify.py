@@ -17,16 +17,21 @@ import pytest
 from compress.keys import SigningKey, generate_signing_key
 from compress.manifest import Manifest
 from compress.signing import TrustedKeys, sign_manifest
-from compress.trust import DeviceProfile
-from edge_agent.config.sections import TransferConfig
 from edge_agent.errors import UntrustedModelError
 from edge_agent.ota.model_store import MANIFEST_FILE, PAYLOAD_FILE, InstalledModel, ModelStore
 from edge_agent.ota.reverify import verify_installed
 from edge_agent.ota.updates import STARTUP_CHECK, Updater
 from edge_agent.protocol import ChunkRequest, InstallState, Rollback
 from edge_agent.serving.server import ModelServer
-from edge_agent.transport.memory import MemoryBroker, MemoryLink
-from tests.ota_support import Artifact, flip_byte, place_model, plant_model, signed_artifacts
+from tests.clock_support import ManualClock
+from tests.ota_support import (
+    Artifact,
+    flip_byte,
+    make_updater,
+    place_model,
+    plant_model,
+    signed_artifacts,
+)
 
 
 @dataclass
@@ -96,42 +101,22 @@ def reports() -> Reports:
     return Reports()
 
 
-@dataclass
-class Clock:
-    """A clock the test moves."""
-
-    now: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(time.time())
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def start(data_dir: Path, trusted: TrustedKeys, reports: Reports, clock: Clock) -> Iterator[Any]:
+def start(
+    data_dir: Path, trusted: TrustedKeys, reports: Reports, clock: ManualClock
+) -> Iterator[Any]:
     """Build an updater on ``data_dir`` (as a starting agent does) and restore."""
     built: list[Updater] = []
 
     def build() -> tuple[Updater, ModelServer]:
-        link = MemoryLink(
-            MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None
-        )
         server = ModelServer()
-        updater = Updater(
-            store=ModelStore(data_dir),
-            staging_root=data_dir / "staging",
-            trusted=trusted,
-            device=DeviceProfile(),
-            server=server,
-            link=link,
-            reporter=reports,
-            config=TransferConfig(),
-            clock=clock,
-            checkpoint=lambda _step: None,
+        updater = make_updater(
+            data_dir, trusted=trusted, reporter=reports, server=server, clock=clock
         )
         built.append(updater)
         updater.restore()
@@ -366,7 +351,7 @@ def test_a_rollback_to_a_tampered_model_is_refused(
 
 
 def test_a_served_model_that_expires_while_running_is_flagged(
-    data_dir: Path, artifacts: dict[str, Artifact], start: Any, clock: Clock
+    data_dir: Path, artifacts: dict[str, Artifact], start: Any, clock: ManualClock
 ) -> None:
     place_model(data_dir, artifacts["v1"])
     updater, server = start()

@@ -18,10 +18,8 @@ from compress.keys import SigningKey
 from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys
 from compress.statement import FleetStatement, Target, sign_statement
-from compress.trust import DeviceProfile
-from edge_agent.config.sections import TransferConfig
 from edge_agent.ota.fleet_guard import FleetGuard
-from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.model_store import InstalledModel
 from edge_agent.ota.updates import Updater
 from edge_agent.protocol import (
     Chunk,
@@ -32,8 +30,8 @@ from edge_agent.protocol import (
     chunk_count,
 )
 from edge_agent.serving.server import ModelServer
-from edge_agent.transport.memory import MemoryBroker, MemoryLink
 from tests.fleet_support import make_artifact
+from tests.ota_support import make_updater
 
 CHUNK = 1024
 
@@ -95,18 +93,8 @@ def artifacts(
 
 @pytest.fixture
 def updater(tmp_path: Path, signing_keys: list[SigningKey], reports: Reports) -> Iterator[Updater]:
-    link = MemoryLink(MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None)
-    updater = Updater(
-        store=ModelStore(tmp_path / "data"),
-        staging_root=tmp_path / "data" / "staging",
-        trusted=TrustedKeys.of([signing_keys[0].public_key]),
-        device=DeviceProfile(),
-        server=ModelServer(),
-        link=link,
-        reporter=reports,
-        config=TransferConfig(),
-        clock=time.time,
-        checkpoint=lambda _step: None,
+    updater = make_updater(
+        tmp_path / "data", trusted=TrustedKeys.of([signing_keys[0].public_key]), reporter=reports
     )
     yield updater
     updater.close()
@@ -181,19 +169,12 @@ def test_the_statement_is_checked_again_before_the_install(
     trusted = TrustedKeys.of([key.public_key])
     guard = FleetGuard("plant-a", tmp_path / "data", trusted=trusted, clock=time.time)
     assert guard.on_statement(statement_naming(key, 1, artifacts["v1"]))
-    link = MemoryLink(MemoryBroker(), client_id="dev", subscriptions=[], on_message=lambda *_: None)
     server = ModelServer()
-    updater = Updater(
-        store=ModelStore(tmp_path / "data"),
-        staging_root=tmp_path / "data" / "staging",
+    updater = make_updater(
+        tmp_path / "data",
         trusted=trusted,
-        device=DeviceProfile(),
-        server=server,
-        link=link,
         reporter=reports,
-        config=TransferConfig(),
-        clock=time.time,
-        checkpoint=lambda _step: None,
+        server=server,
         targeting=guard.require_targeted,
     )
     try:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 import pytest
 
 from compress.families import forward, init_weights
-from compress.profile import ReferenceProfile, bin_counts, class_probabilities, features
+from compress.profile import ReferenceProfile
 from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.delivery.packaging import LabelledData, package_weights
@@ -36,14 +36,11 @@ from coordinator.service.retraining import ROLLING_OUT, TRAINING
 from coordinator.service.store import RetrainingRow, Store
 from coordinator.sim.datasets import load_digits_split
 from edge_agent.protocol import (
-    Histogram,
-    InvalidCounts,
-    LatencyQuantiles,
     TelemetryBatch,
-    TelemetryRecord,
     WindowSummary,
 )
-from tests.federated_support import FederatedFleet, device_ids
+from tests.drift_support import agent_summary, summary_batch
+from tests.federated_support import FederatedFleet, device_ids, fleet_for_service
 from tests.fleet_support import Mosquitto, wait_for
 
 LAYERS = [64, 32, 10]
@@ -57,34 +54,18 @@ def broker_users() -> list[str]:
 
 @pytest.fixture
 def federated(tmp_path: Path, broker: Mosquitto) -> Iterator[FederatedFleet]:
-    fleet = FederatedFleet.start(broker, tmp_path, clients=4)
-    fleet.hub.stop()  # the service brings its own
-    try:
+    with fleet_for_service(broker, tmp_path, 4) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def summary(profile: ReferenceProfile, weights: dict[str, npt.NDArray[np.float32]],
             x: npt.NDArray[np.float32]) -> WindowSummary:  # fmt: skip
-    probs = class_probabilities(forward("mlp", weights, x))
-    assert profile.confidence is not None
-    conf_edges = np.asarray([profile.confidence.edges])
-    return WindowSummary.from_arrays(
-        n=len(x), features=bin_counts(profile.edge_array(), features(x)),
-        confidence=bin_counts(conf_edges, probs.max(axis=1).reshape(-1, 1))[0],
-        classes=np.bincount(probs.argmax(axis=1), minlength=10), invalid=InvalidCounts(),
-    )  # fmt: skip
+    return agent_summary(profile, x, forward("mlp", weights, x), classes=10)
 
 
 def batch(window: WindowSummary, seq: int) -> TelemetryBatch:
-    record = TelemetryRecord(
-        window_start=time.time() - 10, window_end=time.time(), model="digits", version=1,
-        predictions=window.n, errors=0, latency_ms=LatencyQuantiles(1.0, 2.0, 3.0),
-        histogram=Histogram((1.0, 5.0), (window.n, 0, 0)), cpu_percent=1.0,
-        memory_bytes=1 << 20, uptime_s=1.0, summary=window,
-    )  # fmt: skip
-    return TelemetryBatch(seq=seq, records=(record,))
+    now = time.time()
+    return summary_batch(window, seq=seq, model="digits", version=1, start=now - 10, end=now)
 
 
 def serving_versions(service: FleetService) -> set[int | None]:

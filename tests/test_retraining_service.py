@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 
 from compress.keys import SigningKey
 from compress.lineage import Lineage
-from compress.profile import ReferenceProfile, profile_from_data
+from compress.profile import ReferenceProfile
 from compress.signing import TrustedKeys
 from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.delivery.packaging import checked_labelled, package_weights
@@ -49,14 +48,18 @@ from coordinator.service.retraining import (
 from coordinator.service.store import MEMORY, RunState, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import ModelInfo, Status
-from tests.api_support import bearer
+from tests.api_support import TestClient, bearer
+from tests.clock_support import ManualClock
 from tests.fleet_support import wait_for
-from tests.test_drift_service import WINDOW, Clock, data, model, summarise, wire
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
+from tests.test_drift_service import (
+    WINDOW,
+    data,
+    model,
+    sensor_profile,
+    sensor_store,
+    summarise,
+    wire,
+)
 
 RUN = RunSettings(rounds=1, clients=2, min_clients=1, round_timeout_s=0.5,
                   config={"features": 8, "classes": 3})  # fmt: skip
@@ -65,26 +68,22 @@ POLICY = Policy("sensor", drift_psi=0.25, windows=2, cooldown_s=3600.0, run=RUN)
 
 @pytest.fixture(scope="module")
 def profile() -> ReferenceProfile:
-    x = data(4000, np.random.default_rng(0))
-    return profile_from_data(x, model(x), "classification")
+    return sensor_profile()
 
 
 @pytest.fixture
 def store(tmp_path: Path, profile: ReferenceProfile) -> Iterator[Store]:
-    with Store.open(MEMORY, artifact_dir=tmp_path) as store:
-        manifest = {"name": "sensor", "version": 2, "reference": profile.to_dict()}
-        store.put_artifact(b"model bytes", name="sensor", version=2, manifest=manifest,
-                           uploaded_by="cli:test", at=1.0)  # fmt: skip
+    with sensor_store(tmp_path, profile) as store:
         yield store
 
 
-def make_service(store: Store, clock: Clock, key: SigningKey | None) -> FleetService:
+def make_service(store: Store, clock: ManualClock, key: SigningKey | None) -> FleetService:
     fleet = None if key is None else StatementSettings("f1", (key,))
     return FleetService(store, MemoryHub(), None, settings=ServiceSettings(fleet=fleet),
                         clock=clock)  # fmt: skip
 
 
-def feed(service: FleetService, profile: ReferenceProfile, clock: Clock, seq: int, *,
+def feed(service: FleetService, profile: ReferenceProfile, clock: ManualClock, seq: int, *,
          shifted: bool, rng: np.random.Generator) -> None:  # fmt: skip
     """One telemetry window from each of three devices; two of them shifted if asked."""
     for device in ("control", "drifting-1", "drifting-2"):
@@ -97,7 +96,7 @@ def feed(service: FleetService, profile: ReferenceProfile, clock: Clock, seq: in
 def test_a_policy_is_refused_when_the_service_cannot_sign(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    service = make_service(store, Clock(), None)
+    service = make_service(store, ManualClock(5000.0), None)
     with caplog.at_level(logging.WARNING), pytest.raises(PolicyError, match=r"no key to sign"):
         service.set_policy(POLICY, actor=CLI_ACTOR)
     assert "policy sensor refused: no signing key" in caplog.text
@@ -108,7 +107,7 @@ def test_a_policy_is_refused_when_the_service_cannot_sign(
 def test_set_show_list_delete_are_stored_and_audited(
     store: Store, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
 ) -> None:
-    service = make_service(store, Clock(), signing_key)
+    service = make_service(store, ManualClock(5000.0), signing_key)
     row = service.set_policy(POLICY, actor=CLI_ACTOR)
     assert row.policy == POLICY
     assert service.policy("sensor").policy == POLICY
@@ -130,7 +129,7 @@ def test_set_show_list_delete_are_stored_and_audited(
 def test_the_http_api_sets_and_lists_policies_for_operators_only(
     store: Store, signing_key: SigningKey
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = make_service(store, clock, signing_key)
     _r, viewer = store.add_token("dashboard", Role.VIEWER, clock.now)
     _r, operator = store.add_token("ops", Role.OPERATOR, clock.now)
@@ -172,7 +171,7 @@ def test_the_http_api_sets_and_lists_policies_for_operators_only(
 def test_drift_starts_a_run_once_then_the_cooldown_holds(
     store: Store, profile: ReferenceProfile, signing_key: SigningKey
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(5000.0)
     service = make_service(store, clock, signing_key)
     service.set_policy(POLICY, actor=CLI_ACTOR)
     rng = np.random.default_rng(7)
@@ -248,7 +247,7 @@ def delivery(
         "classification"), now=datetime.now(UTC),
     )  # fmt: skip
     with Store.open(MEMORY, artifact_dir=tmp_path / "artifacts") as store:
-        clock = Clock()
+        clock = ManualClock(5000.0)
         clock.now = time.time()  # packaging dates the manifest, uploads check its expiry
         hub = MemoryHub()
         service = FleetService(

@@ -9,7 +9,6 @@ one runs nothing. Digits v2, packaged with v1 as its lineage parent, is rolled o
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,14 +31,9 @@ from coordinator.service.operations import CLI_ACTOR, RolloutRequest
 from coordinator.service.store import MEMORY, Store
 from coordinator.service.tokens import Role
 from edge_agent.protocol import ModelInfo, Status
-from tests.api_support import bearer
+from tests.api_support import TestClient, bearer
 from tests.conftest import make_manifest
 from tests.fleet_support import wait_for
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with")
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
 
 
 def _package(tmp: Path, key: SigningKey, version: int, lineage: Lineage | None) -> bytes:

@@ -50,6 +50,7 @@ from edge_agent.training.participant import MAX_METRICS, MAX_STALLS, UPDATE_ARRA
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.training.trainer import FitResult, TrainConfig
 from edge_agent.transport.memory import MemoryBroker, MemoryLink
+from tests.clock_support import ManualClock
 from tests.training_support import Gate
 
 DEVICE = "dev-1"
@@ -107,20 +108,12 @@ class Outbox:
         return [type(m) for m in self.sent]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Rig:
     participant: Participant
     link: MemoryLink
     out: Outbox
-    clock: FakeClock
+    clock: ManualClock
     data_dir: Path
     residuals: ResidualStore
 
@@ -146,7 +139,7 @@ class RoundWeights:
 
     def task(
         self,
-        clock: FakeClock,
+        clock: ManualClock,
         *,
         action: TaskAction = TaskAction.TRAIN,
         family: str = "softmax",
@@ -256,7 +249,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_rig(tmp_path: Path, data_dir: Path) -> Iterator[Callable[..., Rig]]:
     def make(*, with_data: bool = True, limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Rig:
-        link, out, clock = memory_link(), Outbox(), FakeClock()
+        link, out, clock = memory_link(), Outbox(), ManualClock(1_800_000_000.0)
         residuals = ResidualStore(tmp_path / "res")
         participant = Participant(
             device_id=DEVICE,

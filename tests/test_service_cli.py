@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from compress.keys import generate_signing_key, save_keypair
 from coordinator.cli import service as service_cli
 from coordinator.cli.app import app
-from coordinator.service.config import ServiceConfig, example_service_config
+from coordinator.service.config import ServiceConfig
+from coordinator.service.config_reader import example_service_config
 from coordinator.service.main import run_service
 from coordinator.service.operations import CLI_ACTOR
 from coordinator.service.store import Store

@@ -12,11 +12,8 @@ from coordinator.errors import CoordinatorError, ServiceConfigError
 from coordinator.link.hub import HubConfig, hub_client_id
 from coordinator.service.api.app import MIB
 from coordinator.service.api.auth_limits import AuthLimits
-from coordinator.service.config import (
-    KNOWN_KEYS,
-    ApiSettings,
-    ServiceConfig,
-    TelemetryStorage,
+from coordinator.service.config import KNOWN_KEYS, ApiSettings, ServiceConfig, TelemetryStorage
+from coordinator.service.config_reader import (
     build_service_config,
     example_service_config,
     store_location,

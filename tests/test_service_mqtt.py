@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from compress.keys import SigningKey, generate_signing_key
-from compress.signing import TrustedKeys
 from coordinator.errors import ArtifactRejectedError, NotFoundError, RolloutError
-from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.rollout.actions import RolloutState
 from coordinator.service.fleet_service import FleetService, ServiceSettings
 from coordinator.service.operations import (
@@ -31,9 +29,9 @@ from coordinator.service.operations import (
     RollbackRequest,
     RolloutRequest,
 )
-from coordinator.service.store import Store
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentError
+from tests import service_support
 from tests.fleet_support import (
     ACCEPT_WAIT_S,
     FEATURES,
@@ -42,6 +40,7 @@ from tests.fleet_support import (
     make_artifact,
     wait_for,
 )
+from tests.service_support import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -57,24 +56,19 @@ def broker_users() -> list[str]:
 def open_service(
     tmp_path: Path, broker: Mosquitto, signing_key: SigningKey, *, session: str | None = None
 ) -> FleetService:
-    store = Store.open(tmp_path / "coordinator.db")
-    hub = MqttHub(HubConfig(broker=broker.broker("coordinator"), session=session))
     settings = ServiceSettings(
         telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
     )
-    service = FleetService(store, hub, TrustedKeys.of([signing_key.public_key]), settings=settings)
-    service.start()
-    return service
+    return service_support.open_service(tmp_path, broker, signing_key, settings, session=session)
 
 
 @pytest.fixture
 def service(tmp_path: Path, broker: Mosquitto, signing_key: SigningKey) -> Iterator[FleetService]:
-    instance = open_service(tmp_path, broker, signing_key)
-    try:
+    settings = ServiceSettings(
+        telemetry_flush_s=0.2, rollout_tick_s=0.2, accept_wait_s=ACCEPT_WAIT_S
+    )
+    with running_service(tmp_path, broker, signing_key, settings) as instance:
         yield instance
-    finally:
-        instance.stop()
-        instance.store.close()
 
 
 def online(service: FleetService) -> int:

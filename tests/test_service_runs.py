@@ -27,7 +27,7 @@ from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import Status
 from edge_agent.training import task_model
 from edge_agent.training.numpy_trainers import trainer_for
-from tests.federated_support import FederatedFleet, device_ids
+from tests.federated_support import FederatedFleet, device_ids, fleet_for_service
 from tests.fleet_support import Mosquitto, wait_for
 
 SETTINGS = {"features": 64, "classes": 10, "hidden": [32], "clients_per_round": 4,
@@ -235,12 +235,8 @@ def broker_users() -> list[str]:
 
 @pytest.fixture
 def federated(tmp_path: Path, broker: Mosquitto) -> Iterator[FederatedFleet]:
-    fleet = FederatedFleet.start(broker, tmp_path, clients=4)
-    fleet.hub.stop()  # the service brings its own
-    try:
+    with fleet_for_service(broker, tmp_path, 4) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def open_service(fleet: FederatedFleet, db: Path) -> FleetService:

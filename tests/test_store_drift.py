@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from coordinator.errors import StoreError
 from coordinator.monitoring.scores import DEVICE, FLEET, DriftScore, FeatureDrift
-from coordinator.service.store import MEMORY, MIGRATIONS, SCHEMA_VERSION, Database, Store
+from coordinator.service.store import MEMORY, SCHEMA_VERSION, Store
+from tests.store_support import old_database_with_audit
 
 
 def score(
@@ -37,12 +37,7 @@ def score(
 
 def test_a_version_3_database_gains_the_table_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    Database(path, migrations=MIGRATIONS[:3]).close()
-    conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO audit (at, actor, role, action, target, detail_json) "
-                 "VALUES (1, 'x', 'operator', 'a', 't', '{}')")  # fmt: skip
-    conn.commit()
-    conn.close()
+    old_database_with_audit(path, 3)
     with Store.open(path) as store:
         assert store.database.user_version == SCHEMA_VERSION
         assert len(store.audit_log()) == 1

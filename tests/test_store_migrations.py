@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.errors import MigrationError, SchemaVersionError, StoreError
-from coordinator.service.fleet_service import open_store
+from coordinator.service.local import open_store
 from coordinator.service.store import (
     MEMORY,
     MIGRATIONS,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.errors import DatabaseInUseError
-from coordinator.service.fleet_service import open_store
+from coordinator.service.local import open_store
 from coordinator.service.store import MEMORY, MIGRATIONS, SCHEMA_VERSION, Database, Store
 from coordinator.service.store.owner import OwnerClaim, holder
 from tests.fleet_support import wait_for
@@ -41,7 +41,7 @@ def test_a_killed_owner_leaves_no_claim_behind(tmp_path: Path) -> None:
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
-            from coordinator.service.fleet_service import open_store
+            from coordinator.service.local import open_store
             store = open_store(Path({str(db)!r}))
             print("claimed", flush=True)
             sys.stdin.read()  # until killed

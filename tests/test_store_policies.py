@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from coordinator.errors import ConflictError, NotFoundError, StoreError
 from coordinator.monitoring.policy import Policy, RunSettings
-from coordinator.service.store import MEMORY, MIGRATIONS, SCHEMA_VERSION, Database, Store
+from coordinator.service.store import MEMORY, SCHEMA_VERSION, Store
+from tests.store_support import old_database_with_audit
 
 POLICY = Policy("sensor", drift_psi=0.25, windows=3, run=RunSettings(config={"features": 8}))
 
 
 def test_a_version_4_database_gains_the_tables_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    Database(path, migrations=MIGRATIONS[:4]).close()
-    conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO audit (at, actor, role, action, target, detail_json) "
-                 "VALUES (1, 'x', 'operator', 'a', 't', '{}')")  # fmt: skip
-    conn.commit()
-    conn.close()
+    old_database_with_audit(path, 4)
     with Store.open(path) as store:
         assert store.database.user_version == SCHEMA_VERSION
         assert len(store.audit_log()) == 1

@@ -21,21 +21,9 @@ from edge_agent.serving.telemetry import (
     estimate_quantile,
     read_rss_bytes,
 )
+from tests.clock_support import ManualClock
 
 T0 = 1_800_000_000.0
-
-
-class FakeClock:
-    """A settable clock (unix seconds)."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeCpu:
@@ -49,7 +37,7 @@ class FakeCpu:
 
 
 def make_collector(
-    clock: FakeClock, bounds_ms: tuple[float, ...] = DEFAULT_BOUNDS_MS, rss: int = 50_000_000
+    clock: ManualClock, bounds_ms: tuple[float, ...] = DEFAULT_BOUNDS_MS, rss: int = 50_000_000
 ) -> tuple[TelemetryCollector, FakeCpu]:
     cpu = FakeCpu()
     sampler = ProcessSampler(clock=clock, cpu_time=cpu, rss=lambda: rss)
@@ -79,20 +67,20 @@ def test_default_bounds_are_log_spaced_from_50us_to_10s() -> None:
 )
 def test_invalid_bounds_are_refused(bounds: tuple[float, ...]) -> None:
     with pytest.raises(ConfigError):
-        TelemetryCollector(clock=FakeClock(), bounds_ms=bounds)
+        TelemetryCollector(clock=ManualClock(T0), bounds_ms=bounds)
 
 
 def test_too_many_bounds_are_refused() -> None:
     with pytest.raises(ConfigError, match="1023"):
-        TelemetryCollector(clock=FakeClock(), bounds_ms=[float(i + 1) for i in range(1024)])
-    TelemetryCollector(clock=FakeClock(), bounds_ms=[float(i + 1) for i in range(1023)])
+        TelemetryCollector(clock=ManualClock(T0), bounds_ms=[float(i + 1) for i in range(1024)])
+    TelemetryCollector(clock=ManualClock(T0), bounds_ms=[float(i + 1) for i in range(1023)])
 
 
 # --------------------------------------------------------------------- recording
 
 
 def test_counts_predictions_and_errors_and_keeps_error_latency_out() -> None:
-    collector, _ = make_collector(FakeClock(), bounds_ms=(1.0, 2.0, 4.0))
+    collector, _ = make_collector(ManualClock(T0), bounds_ms=(1.0, 2.0, 4.0))
     collector.record(0.0015, ok=True)
     collector.record(0.0015, ok=True)
     collector.record(3.0, ok=False)
@@ -104,7 +92,7 @@ def test_counts_predictions_and_errors_and_keeps_error_latency_out() -> None:
 
 
 def test_bucket_upper_bounds_are_inclusive() -> None:
-    collector, _ = make_collector(FakeClock(), bounds_ms=(1.0, 2.0))
+    collector, _ = make_collector(ManualClock(T0), bounds_ms=(1.0, 2.0))
     collector.record(0.001, ok=True)  # exactly 1 ms
     collector.record(0.0010001, ok=True)
     collector.record(0.002, ok=True)
@@ -113,7 +101,7 @@ def test_bucket_upper_bounds_are_inclusive() -> None:
 
 
 def test_odd_latencies() -> None:
-    collector, _ = make_collector(FakeClock(), bounds_ms=(1.0, 2.0))
+    collector, _ = make_collector(ManualClock(T0), bounds_ms=(1.0, 2.0))
     collector.record(-0.5, ok=True)  # clamped to 0: first bucket
     collector.record(math.nan, ok=True)  # counted, not in the histogram
     collector.record(math.inf, ok=True)  # overflow bucket
@@ -128,7 +116,7 @@ def test_odd_latencies() -> None:
 
 
 def test_quantiles_interpolate_inside_the_bucket() -> None:
-    collector, _ = make_collector(FakeClock(), bounds_ms=(1.0, 2.0, 4.0))
+    collector, _ = make_collector(ManualClock(T0), bounds_ms=(1.0, 2.0, 4.0))
     for _ in range(10):
         collector.record(0.0015, ok=True)
     q = close(collector).latency_ms
@@ -152,7 +140,7 @@ def test_quantiles_across_buckets() -> None:
 
 
 def test_quantile_in_overflow_reports_last_bound() -> None:
-    collector, _ = make_collector(FakeClock(), bounds_ms=(1.0, 2.0))
+    collector, _ = make_collector(ManualClock(T0), bounds_ms=(1.0, 2.0))
     collector.record(0.0005, ok=True)
     for _ in range(99):
         collector.record(30.0, ok=True)
@@ -161,14 +149,14 @@ def test_quantile_in_overflow_reports_last_bound() -> None:
 
 
 def test_quantiles_are_zero_without_successful_predictions() -> None:
-    collector, _ = make_collector(FakeClock())
+    collector, _ = make_collector(ManualClock(T0))
     collector.record(0.5, ok=False)
     q = close(collector).latency_ms
     assert (q.p50, q.p95, q.p99) == (0.0, 0.0, 0.0)
 
 
 def test_default_bounds_estimate_within_one_bucket() -> None:
-    collector, _ = make_collector(FakeClock())
+    collector, _ = make_collector(ManualClock(T0))
     latencies_ms = [0.1 * 1.05**i for i in range(200)]  # 0.1 ms .. ~1.6 s
     for ms in latencies_ms:
         collector.record(ms / 1000.0, ok=True)
@@ -194,7 +182,7 @@ def test_estimate_quantile_refuses_mismatched_counts() -> None:
 
 
 def test_close_window_covers_the_window_and_resets_it() -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     collector, _ = make_collector(clock, bounds_ms=(1.0, 2.0))
     clock.advance(30.0)
     collector.record(0.0015, ok=True)
@@ -211,7 +199,7 @@ def test_close_window_covers_the_window_and_resets_it() -> None:
 
 
 def test_totals_survive_windows() -> None:
-    collector, _ = make_collector(FakeClock())
+    collector, _ = make_collector(ManualClock(T0))
     assert collector.totals == TelemetryTotals(predictions=0, errors=0)
     collector.record(0.001, ok=True)
     collector.record(0.001, ok=False)
@@ -221,7 +209,7 @@ def test_totals_survive_windows() -> None:
 
 
 def test_clock_stepping_back_never_ends_a_window_before_it_starts() -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     collector, _ = make_collector(clock)
     clock.advance(-100.0)
     record = close(collector)
@@ -232,7 +220,7 @@ def test_clock_stepping_back_never_ends_a_window_before_it_starts() -> None:
 
 @pytest.mark.parametrize(("model", "version"), [("digits", None), (None, 3)])
 def test_model_and_version_go_together(model: str | None, version: int | None) -> None:
-    collector, _ = make_collector(FakeClock())
+    collector, _ = make_collector(ManualClock(T0))
     collector.record(0.001, ok=True)
     with pytest.raises(ValueError, match="both"):
         collector.close_window(model=model, version=version)
@@ -240,7 +228,7 @@ def test_model_and_version_go_together(model: str | None, version: int | None) -
 
 
 def test_record_carries_process_figures() -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     collector, cpu = make_collector(clock, rss=123_456)
     clock.advance(10.0)
     cpu.seconds += 2.5
@@ -251,7 +239,7 @@ def test_record_carries_process_figures() -> None:
 
 
 def test_default_sampler_uses_the_clock() -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     collector = TelemetryCollector(clock=clock)
     clock.advance(5.0)
     record = close(collector)
@@ -261,7 +249,7 @@ def test_default_sampler_uses_the_clock() -> None:
 
 
 def test_record_encodes_and_decodes() -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     collector, _ = make_collector(clock)
     for i in range(100):
         collector.record(0.0001 * (i + 1), ok=i % 10 != 0)
@@ -278,7 +266,7 @@ def test_record_encodes_and_decodes() -> None:
 
 
 def test_concurrent_records_are_all_counted() -> None:
-    collector, _ = make_collector(FakeClock())
+    collector, _ = make_collector(ManualClock(T0))
     threads_n, per_thread = 8, 2000
     windows: list[TelemetryRecord] = []
     stop = threading.Event()
@@ -317,7 +305,7 @@ def test_concurrent_records_are_all_counted() -> None:
 
 
 def test_sampler_measures_cpu_since_previous_sample() -> None:
-    clock, cpu = FakeClock(), FakeCpu()
+    clock, cpu = ManualClock(T0), FakeCpu()
     sampler = ProcessSampler(clock=clock, cpu_time=cpu, rss=lambda: 4096)
     clock.advance(2.0)
     cpu.seconds += 3.0  # two cores busy, then some
@@ -328,7 +316,7 @@ def test_sampler_measures_cpu_since_previous_sample() -> None:
 
 
 def test_sampler_without_elapsed_time_reports_zero_cpu() -> None:
-    clock, cpu = FakeClock(), FakeCpu()
+    clock, cpu = ManualClock(T0), FakeCpu()
     sampler = ProcessSampler(clock=clock, cpu_time=cpu, rss=lambda: 1)
     cpu.seconds += 1.0
     assert sampler.sample().cpu_percent == 0.0
@@ -340,7 +328,7 @@ def test_sampler_without_elapsed_time_reports_zero_cpu() -> None:
 
 
 def test_sampler_clamps_negative_values() -> None:
-    clock, cpu = FakeClock(), FakeCpu()
+    clock, cpu = ManualClock(T0), FakeCpu()
     sampler = ProcessSampler(clock=clock, cpu_time=cpu, rss=lambda: -1)
     clock.advance(1.0)
     cpu.seconds -= 1.0
@@ -350,7 +338,7 @@ def test_sampler_clamps_negative_values() -> None:
 def test_default_readers_measure_this_process() -> None:
     rss = read_rss_bytes()
     assert rss > 1_000_000  # a Python interpreter with numpy loaded
-    clock = FakeClock()
+    clock = ManualClock(T0)
     sampler = ProcessSampler(clock=clock)
     clock.advance(1.0)
     sample = sampler.sample()

@@ -12,7 +12,7 @@ against :class:`~coordinator.service.operations.Operations` and gets it from
   serve``, which keeps running rollouts and runs after the command exits;
 * ``--broker URL`` (``FEDGE_BROKER``) with ``--db`` (``FEDGE_DB``), ``--trust``
   and the broker's credentials: a :class:`~coordinator.service.fleet_service.FleetService`
-  started in this process (:func:`~coordinator.service.fleet_service.local_service`) on the
+  started in this process (:func:`~coordinator.service.local.local_service`) on the
   same SQLite state the long-running service uses (or, for ``fedge devices``
   without ``--db``, a temporary one removed when the command ends). A rollout or
   run it starts goes on only while the command runs, and resumes when a service
@@ -102,7 +102,7 @@ def operations(
         raise click.UsageError("give --api URL or --broker URL")
     # Imported here: the service brings Flower and the rollout engine, which the
     # remote mode does not need.
-    from coordinator.service.fleet_service import local_service  # noqa: PLC0415
+    from coordinator.service.local import local_service  # noqa: PLC0415
 
     broker = connection.broker_config()
     with ExitStack() as stack:

@@ -1,15 +1,15 @@
 """``fedge coordinator``: run the coordinator service and manage its API tokens.
 
 * ``init [PATH] [--force]`` writes the commented example configuration
-  (:func:`~coordinator.service.config.example_service_config`) to ``PATH`` (default
-  ``coordinator.toml``), refusing to overwrite an existing file without ``--force``,
+  (:func:`~coordinator.service.config_reader.example_service_config`) to ``PATH``
+  (default ``coordinator.toml``), refusing to overwrite an existing file without ``--force``,
   and says what to do next.
 * ``serve`` runs the service (:func:`~coordinator.service.main.run_service`): the
   HTTP API, the MQTT connection, telemetry ingest, rollouts and federated runs,
   until SIGTERM or SIGINT (then it stops cleanly and exits 0). The configuration
   comes from ``--config`` (default: ``./coordinator.toml`` when it exists) and the
   flags, a flag beating the file
-  (:func:`~coordinator.service.config.build_service_config` has the rules). Its
+  (:func:`~coordinator.service.config_reader.build_service_config` has the rules). Its
   flags are those of the config keys, declared from
   :data:`~coordinator.service.config_schema.SERVICE_SCHEMA` by
   :mod:`coordinator.cli.config_flags` (only ``--config`` is declared here); the
@@ -57,9 +57,8 @@ from coordinator.cli.output import console, err_console, print_json, reported_er
 from coordinator.cli.views import safe_text
 from coordinator.errors import RolloutError, ServiceConfigError
 from coordinator.rollout.policy import parse_duration
-from coordinator.service.config import (
-    PASSWORD_ENV,
-    ServiceConfig,
+from coordinator.service.config import PASSWORD_ENV, ServiceConfig
+from coordinator.service.config_reader import (
     build_service_config,
     example_service_config,
     store_location,

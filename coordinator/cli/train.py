@@ -40,7 +40,8 @@ refused with both figures (exit 1, nothing written) unless ``--allow-worse``.
 Without ``--baseline`` the artifact is packaged as before, and the output and the
 log say that no baseline was compared. The artifact's manifest carries its lineage
 (:func:`~coordinator.federated.lineage.lineage_for_run`: rounds, strategy, codec,
-participants, trigger ``manual``, the ``--baseline`` model as its parent).
+participants, trigger ``manual``, the ``--baseline`` model as its parent). The
+packaging and the baseline gate are :mod:`coordinator.cli.train_packaging`'s.
 
 What it shares with ``fedge rounds start``: the options
 (:mod:`coordinator.cli.training_options`), the
@@ -63,11 +64,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,15 +78,19 @@ from rich.live import Live
 from rich.text import Text
 
 from compress.fileio import atomic_write
-from compress.keys import SigningKey, load_public_key
-from compress.lineage import Lineage, Trigger
-from compress.signing import TrustedKeys
+from compress.lineage import Trigger
 from coordinator.cli import training_options as run_options
-from coordinator.cli.key_loading import KeyPasswordFileOption, load_signing_keys
+from coordinator.cli.key_loading import KeyPasswordFileOption
 from coordinator.cli.model import load_weights
 from coordinator.cli.options import Connection, JsonOption, with_broker
 from coordinator.cli.output import console, err_console, human_bytes, print_json, reported_errors
 from coordinator.cli.round_table import percent, rounds_table
+from coordinator.cli.train_packaging import (
+    NEEDS_EVAL_DATA,
+    baseline_gate,
+    package_run,
+    signing_keys_for,
+)
 from coordinator.cli.training_options import (
     aggregation_settings,
     hidden_sizes,
@@ -97,23 +99,16 @@ from coordinator.cli.training_options import (
     run_config,
     train_settings,
 )
-from coordinator.delivery.baseline import Baseline, load_baseline
 from coordinator.delivery.lineage import parent_of
 from coordinator.delivery.packaging import (
-    LabelledData,
-    PackagedModelGate,
-    PackageResult,
     load_labelled_npz,
-    package_weights,
 )
 from coordinator.errors import RunError
 from coordinator.federated.lineage import lineage_for_run
 from coordinator.federated.models import (
-    HIGHER_IS_BETTER,
     PRIMARY_METRIC,
     ModelDef,
     model_task,
-    torch_module,
 )
 from coordinator.federated.runs import RoundReport, RunConfig, RunResult, run_training
 from coordinator.federated.strategies import wrap_dp
@@ -125,79 +120,6 @@ from coordinator.service.runs import run_strategy, training_config
 __all__ = ["train"]
 
 logger = logging.getLogger(__name__)
-
-_NEEDS_EVAL_DATA = (
-    "--package of a PyTorch model needs --eval-data: its examples calibrate the int8 model "
-    "and the int8 model is checked against fp32 on them"
-)
-CALIBRATION_ROWS = 256
-"""Evaluation examples a PyTorch model's int8 quantization is calibrated on."""
-
-
-@dataclass(frozen=True)
-class BaselineGate:
-    """``--baseline`` and how it gates ``--package``."""
-
-    baseline: Baseline
-    tolerance: float = 0.0
-    allow_worse: bool = False
-
-    def gate(self) -> PackagedModelGate:
-        """The check run on the new int8 model before it is signed."""
-        return self.baseline.gate(tolerance=self.tolerance, allow_worse=self.allow_worse)
-
-    def check_version(self, name: str, version: int) -> None:
-        """Refuse, before any round runs, a version devices would refuse as a rollback.
-
-        Raises:
-            RunError: ``name`` is the deployed model's and ``version`` not above it.
-        """
-        deployed = self.baseline.manifest
-        if name == deployed.name and version <= deployed.version:
-            message = (
-                f"--version {version} is not above the deployed {deployed.name} "
-                f"v{deployed.version} (--baseline): devices would refuse it as a rollback; "
-                f"give --version {deployed.version + 1}"
-            )
-            logger.error("%s", message)
-            raise RunError(message)
-
-
-def _baseline_gate(
-    baseline: Path | None,
-    *,
-    package: Path | None,
-    evaluation: LabelledData | None,
-    trust: list[Path],
-    threshold: int,
-    tolerance: float,
-    allow_worse: bool,
-) -> BaselineGate | None:
-    """Read and measure ``--baseline`` (before any round runs), or None without it.
-
-    Raises:
-        RunError: a gate option without ``--baseline``, or ``--baseline`` without
-            ``--package`` or ``--eval-data``.
-        PackagingError: the baseline cannot be read, verified or evaluated, or is a
-            model of another task or input shape.
-        CompressError: a ``--baseline-trust`` key cannot be read.
-    """
-    if baseline is None:
-        if allow_worse or trust or tolerance:
-            raise RunError(
-                "--allow-worse, --baseline-tolerance and --baseline-trust are about --baseline: "
-                "give --baseline"
-            )
-        return None
-    if package is None:
-        raise RunError("--baseline gates --package: give --package and --key too")
-    if evaluation is None:
-        raise RunError("--baseline compares both models on --eval-data: give --eval-data")
-    trusted = TrustedKeys.of((load_public_key(p) for p in trust), threshold) if trust else None
-    loaded = load_baseline(
-        baseline, evaluation, higher_is_better=HIGHER_IS_BETTER[evaluation.task], trusted=trusted
-    )
-    return BaselineGate(loaded, tolerance=tolerance, allow_worse=allow_worse)
 
 
 @contextmanager
@@ -216,83 +138,8 @@ def connected(connection: Connection) -> Iterator[MqttHub]:
         hub.stop()
 
 
-def _signing_keys(
-    package: Path | None, keys: list[Path], password_file: Path | None
-) -> list[SigningKey]:
-    """The --package signing keys, loaded (passwords asked) before any round runs."""
-    if package is None:
-        return []
-    if not keys:
-        raise RunError("--package needs at least one --key")
-    return load_signing_keys(keys, password_file)
-
-
 def _load_init(init: Path) -> dict[str, npt.NDArray[np.float32]]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in load_weights(init).items()}
-
-
-def _package(
-    result: RunResult,
-    *,
-    model_def: ModelDef,
-    model: str,
-    out: Path,
-    signing_keys: list[SigningKey],
-    version: int,
-    eval_data: LabelledData | None,
-    baseline: BaselineGate | None,
-    lineage: Lineage,
-) -> str:
-    metadata = {"trained": "federated", "rounds": str(len(result.rounds)),
-                "task": model_def.task}  # fmt: skip
-    gate = None if baseline is None else baseline.gate()
-    if baseline is None:
-        logger.info("packaging %s v%d without comparing it to the deployed model "
-                    "(no --baseline)", model, version)  # fmt: skip
-    if model_def.is_torch:
-        packaged = _package_torch(
-            result,
-            model_def,
-            model=model,
-            out=out,
-            keys=signing_keys,
-            version=version,
-            eval_data=eval_data,
-            metadata=metadata,
-            gate=gate,
-            lineage=lineage,
-        )
-    else:
-        packaged = package_weights(
-            model_def.family,
-            result.weights,
-            name=model,
-            version=version,
-            keys=signing_keys,
-            out=out,
-            evaluation=eval_data,
-            metadata=metadata,
-            now=datetime.now(UTC),
-            gate=gate,
-            lineage=lineage,
-        )
-    return (
-        f"wrote {out}: {model} v{version}, {packaged.manifest.quantization}, "
-        f"{human_bytes(packaged.packaged_bytes)}; {_compared(packaged, baseline)}"
-    )
-
-
-def _compared(packaged: PackageResult, gate: BaselineGate | None) -> str:
-    """What the new model was compared with, for the summary."""
-    if gate is None:
-        return "no deployed baseline compared (--baseline)"
-    base = gate.baseline
-    value = math.nan if packaged.packaged_metric is None else packaged.packaged_metric
-    new = f"{base.metric} {value:.4g}"
-    worse = base.worse_by(value) > 0
-    verb = "worse than (--allow-worse)" if worse else "no worse than"
-    checked = "" if base.verified else ", signatures not checked"
-    return f"{new}, {verb} the deployed {base.describe()}{checked}"
 
 
 @with_broker
@@ -416,7 +263,7 @@ def train(
             if eval_data is None and input_shape is None:
                 raise RunError(f"give --eval-data, or --input-shape and --outputs, for {model}")
             if package is not None and eval_data is None:
-                raise RunError(_NEEDS_EVAL_DATA)
+                raise RunError(NEEDS_EVAL_DATA)
         elif init is None and eval_data is None and not (features and classes):
             raise RunError("give --init weights.npz, --eval-data, or --features and --classes")
         mlp = models.get("family", "mlp") == "mlp" and not torch_model
@@ -440,7 +287,7 @@ def train(
             ),
         )
         evaluation = None if eval_data is None else load_labelled_npz(eval_data, chosen_task)
-        gate = _baseline_gate(
+        gate = baseline_gate(
             baseline,
             package=package,
             evaluation=evaluation,
@@ -458,7 +305,7 @@ def train(
         config = dataclasses.replace(config, upload_dir=upload_dir)
         if gate is not None:
             gate.check_version(config.model, version)
-        signing_keys = _signing_keys(package, key or [], key_password_file)
+        signing_keys = signing_keys_for(package, key or [], key_password_file)
         chosen = run_strategy(request, federated_eval=evaluation is None)
         if dp_clip is not None:
             chosen = wrap_dp(
@@ -477,7 +324,7 @@ def train(
             atomic_write(out, buffer.getvalue())
         packaged = None
         if package is not None:
-            packaged = _package(
+            packaged = package_run(
                 result,
                 model_def=config.definition,
                 model=config.model,
@@ -495,55 +342,6 @@ def train(
                 ),
             )
     _report(result, config.definition, title=title, as_json=as_json, packaged=packaged, out=out)
-
-
-def _package_torch(
-    result: RunResult,
-    model_def: ModelDef,
-    *,
-    model: str,
-    out: Path,
-    keys: list[SigningKey],
-    version: int,
-    eval_data: LabelledData | None,
-    metadata: dict[str, str],
-    gate: PackagedModelGate | None,
-    lineage: Lineage,
-) -> PackageResult:
-    """Build the factory's module with the final weights and package it (int8, gated, signed).
-
-    Raises:
-        RunError: no evaluation data (it calibrates and gates the int8 model).
-        TrainingError: the module cannot be built or the weights do not fit it.
-        PackagingError: export, quantization or a gate (int8 against fp32, the new
-            model against the deployed one) failed.
-    """
-    if eval_data is None:
-        raise RunError(_NEEDS_EVAL_DATA)
-    from coordinator.delivery.torch_packaging import (  # noqa: PLC0415
-        package_torch,
-    )
-
-    module = torch_module(model_def, result.weights)
-    calibration = eval_data.x
-    if model_def.task == "reconstruction":
-        calibration = eval_data.x[np.asarray(eval_data.y) == 0]  # what normal looks like
-    packaged: PackageResult = package_torch(
-        module,
-        task=model_def.task,
-        sample_shape=model_def.input_shape,
-        name=model,
-        version=version,
-        keys=keys,
-        out=out,
-        calibration=calibration[:CALIBRATION_ROWS],
-        evaluation=eval_data,
-        now=datetime.now(UTC),
-        metadata={**metadata, "model_spec": model_def.spec, "task": model_def.task},
-        gate=gate,
-        lineage=lineage,
-    )
-    return packaged
 
 
 def _run(

@@ -35,39 +35,23 @@ caller is from the token. :meth:`ApiClient.metrics` is not available (the API
 exposes the fleet's figures to Prometheus at ``GET /metrics``, not as JSON).
 
 The token is sent only in the ``Authorization`` header; it is never logged nor put
-in an error message or the client's ``repr``.
+in an error message or the client's ``repr``. The requests, and the mapping of
+error answers to errors, are :mod:`coordinator.service.api_http`'s.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
-from coordinator import __version__
-from coordinator.errors import (
-    ApiAuthError,
-    ApiError,
-    ApiUnavailableError,
-    ArtifactRejectedError,
-    ConflictError,
-    CoordinatorError,
-    EnrollmentError,
-    EnrollmentRefusedError,
-    NotFoundError,
-    PolicyError,
-    RolloutError,
-    RunError,
-    StrategyError,
-    TargetError,
-)
+from coordinator.errors import ApiError
 from coordinator.lifecycle import Closeable
 from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
+from coordinator.service.api_http import DEFAULT_TIMEOUT_S, ApiConnection, parse, segment
 from coordinator.service.enrollment import IssuedEnrollment
 from coordinator.service.operations import (
     Actor,
@@ -94,35 +78,8 @@ from coordinator.service.store.registry import RegisteredDevice
 
 __all__ = ["ARTIFACT_MEDIA_TYPE", "DEFAULT_TIMEOUT_S", "ApiClient"]
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT_S = 30.0
-"""Seconds to wait for each step of a request (connect, send, each read)."""
-
 ARTIFACT_MEDIA_TYPE = "application/octet-stream"
 """The ``Content-Type`` of an artifact upload (as :mod:`coordinator.service.api.routes`)."""
-
-AUTH_HINT = "the API refused the token: set FEDGE_TOKEN or pass --token"
-"""The message of a 401."""
-
-_ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
-    cls.code: cls
-    for cls in (
-        NotFoundError,
-        ConflictError,
-        ArtifactRejectedError,
-        RolloutError,
-        TargetError,
-        RunError,
-        StrategyError,
-        EnrollmentError,
-        EnrollmentRefusedError,
-        PolicyError,
-    )
-}
-"""Error classes the API's ``code`` names (each takes just a message)."""
-
-_ERRORS_BY_STATUS: dict[int, type[CoordinatorError]] = {404: NotFoundError, 409: ConflictError}
 
 _T = TypeVar("_T")
 
@@ -147,32 +104,14 @@ _RETRAININGS = TypeAdapter(list[RetrainingRow])
 _RETRAINING = TypeAdapter(RetrainingRow)
 
 
-def _printable(token: str) -> bool:
-    return bool(token) and all("!" <= ch <= "~" for ch in token)
-
-
-def _without_userinfo(url: str) -> str:
-    """The URL as it may be shown: without a ``user:password@`` part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
 class ApiClient(Closeable):
     """:class:`~coordinator.service.operations.Operations` over the coordinator's HTTP API.
 
-    Args:
-        base_url: The API's root, ``http://host:port`` or ``https://host:port``
-            (a path prefix is kept: ``https://host/fedge``).
-        token: An API token (``fedge token add``); its role decides what the
-            client may do.
-        timeout: Seconds to wait for each step of a request.
-        transport: An httpx transport to use instead of the network (tests).
-
-    Raises:
-        ApiError: the URL is not http(s), or the token is empty or holds
-            characters no token has.
+    The arguments are :class:`~coordinator.service.api_http.ApiConnection`'s: the
+    API's root URL (a path prefix is kept), an API token (``fedge token add``; its
+    role decides what the client may do), the seconds to wait for each step of a
+    request, and an httpx transport to use instead of the network (tests). It raises
+    the same :class:`~coordinator.errors.ApiError` for a bad URL or token.
     """
 
     def __init__(
@@ -184,27 +123,8 @@ class ApiClient(Closeable):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         """Check the URL and the token and prepare the connection pool."""
-        shown = _without_userinfo(base_url)
-        if urlsplit(base_url).scheme not in {"http", "https"} or not urlsplit(base_url).netloc:
-            raise ApiError(f"the API URL must be http://host:port or https://host:port: {shown!r}")
-        if not _printable(token):
-            raise ApiError(
-                "the API token is empty or holds spaces or non-ASCII characters; "
-                "set FEDGE_TOKEN or pass --token"
-            )
-        self._url = shown.rstrip("/")
-        self._timeout = timeout
-        self._http = httpx.Client(
-            base_url=self._url + "/",
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/json",
-                "User-Agent": f"fedge/{__version__}",
-            },
-            timeout=timeout,
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._api = ApiConnection(base_url, token, timeout=timeout, transport=transport)
+        self._url = self._api.url
 
     @property
     def url(self) -> str:
@@ -217,7 +137,7 @@ class ApiClient(Closeable):
 
     def close(self) -> None:
         """Close the connection pool (the client cannot be used afterwards)."""
-        self._http.close()
+        self._api.close()
 
     # --- Operations ----------------------------------------------------------------
 
@@ -228,7 +148,7 @@ class ApiClient(Closeable):
             ApiError: the API failed or could not be reached (see the module
                 docstring for the subclasses).
         """
-        return self._get(_DEVICES, "v1/devices")
+        return self._api.get(_DEVICES, "v1/devices")
 
     def telemetry(self, device_id: str, *, limit: int = 100) -> list[TelemetryRow]:
         """A device's latest telemetry windows, newest first.
@@ -260,8 +180,8 @@ class ApiClient(Closeable):
         self, adapter: TypeAdapter[list[_T]], device_id: str, what: str, limit: int
     ) -> list[_T]:
         """``GET /v1/devices/{device_id}/{what}?limit=``, parsed."""
-        path = f"v1/devices/{_segment(device_id)}/{what}"
-        return self._get(adapter, path, params={"limit": limit})
+        path = f"v1/devices/{segment(device_id)}/{what}"
+        return self._api.get(adapter, path, params={"limit": limit})
 
     def upload_artifact(self, data: bytes, *, actor: Actor) -> ArtifactRow:  # noqa: ARG002
         """Upload an artifact's bytes; the API verifies and stores it (idempotent).
@@ -276,14 +196,14 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not upload.
             ApiError: the artifact is larger than the API accepts (413).
         """
-        answer = self._call(
+        answer = self._api.call(
             "POST",
             "v1/artifacts",
             action="upload artifacts",
             content=data,
             headers={"Content-Type": ARTIFACT_MEDIA_TYPE},
         )
-        return _parse(_ARTIFACT, answer, self._url)
+        return parse(_ARTIFACT, answer, self._url)
 
     def artifacts(self) -> list[ArtifactRow]:
         """Every stored artifact, newest first.
@@ -291,7 +211,7 @@ class ApiClient(Closeable):
         Raises:
             ApiError: the API failed or could not be reached.
         """
-        return self._get(_ARTIFACTS, "v1/artifacts")
+        return self._api.get(_ARTIFACTS, "v1/artifacts")
 
     def create_rollout(self, request: RolloutRequest, *, actor: Actor) -> RolloutView:  # noqa: ARG002
         """Start a staged rollout (``actor`` is ignored: the token decides).
@@ -302,8 +222,10 @@ class ApiClient(Closeable):
             TargetError: a bad target, or it matches no device.
             ApiAuthError: the token's role may not create rollouts.
         """
-        answer = self._call("POST", "v1/rollouts", action="create rollouts", json=asdict(request))
-        return _parse(_ROLLOUT_VIEW, answer, self._url)
+        answer = self._api.call(
+            "POST", "v1/rollouts", action="create rollouts", json=asdict(request)
+        )
+        return parse(_ROLLOUT_VIEW, answer, self._url)
 
     def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first.
@@ -311,7 +233,7 @@ class ApiClient(Closeable):
         Raises:
             ApiError: the API failed or could not be reached.
         """
-        return self._get(_ROLLOUTS, "v1/rollouts")
+        return self._api.get(_ROLLOUTS, "v1/rollouts")
 
     def rollout(self, rollout_id: str) -> RolloutView:
         """One rollout with its devices and summary.
@@ -319,7 +241,7 @@ class ApiClient(Closeable):
         Raises:
             NotFoundError: no such rollout.
         """
-        return self._get(_ROLLOUT_VIEW, f"v1/rollouts/{_segment(rollout_id)}")
+        return self._api.get(_ROLLOUT_VIEW, f"v1/rollouts/{segment(rollout_id)}")
 
     def pause_rollout(self, rollout_id: str, *, actor: Actor) -> RolloutView:  # noqa: ARG002
         """Stop releasing new stages (``actor`` is ignored: the token decides).
@@ -356,8 +278,8 @@ class ApiClient(Closeable):
             TargetError: a bad target, or it matches no device.
             ApiAuthError: the token's role may not deploy.
         """
-        answer = self._call("POST", "v1/deployments", action="deploy", json=asdict(request))
-        return _parse(_DEPLOYMENT_VIEW, answer, self._url)
+        answer = self._api.call("POST", "v1/deployments", action="deploy", json=asdict(request))
+        return parse(_DEPLOYMENT_VIEW, answer, self._url)
 
     def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:  # noqa: ARG002
         """Make the targeted devices go back to their previous model (``actor``: the token
@@ -367,8 +289,8 @@ class ApiClient(Closeable):
             TargetError: a bad target, or it matches no device.
             ApiAuthError: the token's role may not roll back.
         """
-        answer = self._call("POST", "v1/rollbacks", action="roll back", json=asdict(request))
-        return _parse(_DEPLOYMENT_VIEW, answer, self._url)
+        answer = self._api.call("POST", "v1/rollbacks", action="roll back", json=asdict(request))
+        return parse(_DEPLOYMENT_VIEW, answer, self._url)
 
     def deployment(self, deployment_id: str) -> DeploymentView:
         """A one-shot deployment or rollback: every device's progress so far.
@@ -376,7 +298,7 @@ class ApiClient(Closeable):
         Raises:
             NotFoundError: no such deployment.
         """
-        return self._get(_DEPLOYMENT_VIEW, f"v1/deployments/{_segment(deployment_id)}")
+        return self._api.get(_DEPLOYMENT_VIEW, f"v1/deployments/{segment(deployment_id)}")
 
     def start_run(self, request: RunRequest, *, actor: Actor) -> RunView:  # noqa: ARG002
         """Start a federated run (``actor`` is ignored: the token decides).
@@ -385,8 +307,8 @@ class ApiClient(Closeable):
             RunError: bad settings, or a run is already going.
             ApiAuthError: the token's role may not start runs.
         """
-        answer = self._call("POST", "v1/runs", action="start runs", json=asdict(request))
-        return _parse(_RUN_VIEW, answer, self._url)
+        answer = self._api.call("POST", "v1/runs", action="start runs", json=asdict(request))
+        return parse(_RUN_VIEW, answer, self._url)
 
     def stop_run(self, run_id: str, *, actor: Actor) -> RunView:  # noqa: ARG002
         """Stop a running run (``actor`` is ignored: the token decides).
@@ -396,8 +318,8 @@ class ApiClient(Closeable):
             RunError: the run is not running (it ended already).
             ApiAuthError: the token's role may not stop runs.
         """
-        answer = self._call("POST", f"v1/runs/{_segment(run_id)}/stop", action="stop runs")
-        return _parse(_RUN_VIEW, answer, self._url)
+        answer = self._api.call("POST", f"v1/runs/{segment(run_id)}/stop", action="stop runs")
+        return parse(_RUN_VIEW, answer, self._url)
 
     def runs(self) -> list[RunRow]:
         """Every federated run, newest first.
@@ -405,7 +327,7 @@ class ApiClient(Closeable):
         Raises:
             ApiError: the API failed or could not be reached.
         """
-        return self._get(_RUNS, "v1/runs")
+        return self._api.get(_RUNS, "v1/runs")
 
     def run(self, run_id: str) -> RunView:
         """One run and its rounds.
@@ -413,7 +335,7 @@ class ApiClient(Closeable):
         Raises:
             NotFoundError: no such run.
         """
-        return self._get(_RUN_VIEW, f"v1/runs/{_segment(run_id)}")
+        return self._api.get(_RUN_VIEW, f"v1/runs/{segment(run_id)}")
 
     def audit_log(self, *, limit: int = 100) -> list[AuditRow]:
         """The latest operator actions, oldest first.
@@ -421,7 +343,7 @@ class ApiClient(Closeable):
         Raises:
             ApiError: a limit out of range (1 to 1000), or the API failed.
         """
-        return self._get(_AUDIT, "v1/audit", params={"limit": limit})
+        return self._api.get(_AUDIT, "v1/audit", params={"limit": limit})
 
     def drift(self, *, device_id: str | None = None, model: str | None = None) -> list[DriftScore]:
         """The latest drift score of each device and fleet, per model version.
@@ -431,7 +353,7 @@ class ApiClient(Closeable):
             ApiError: the API failed or could not be reached.
         """
         params = {key: value for key, value in (("device", device_id), ("model", model)) if value}
-        return self._get(_DRIFT, "v1/drift", params=params or None)
+        return self._api.get(_DRIFT, "v1/drift", params=params or None)
 
     def set_policy(self, policy: Policy, *, actor: Actor) -> PolicyRow:  # noqa: ARG002
         """Set a model's retraining policy (``actor`` is ignored: the token decides).
@@ -442,9 +364,9 @@ class ApiClient(Closeable):
         """
         body = policy.to_dict()
         del body["name"]
-        path = f"v1/policies/{_segment(policy.name)}"
-        return _parse(
-            _POLICY, self._call("POST", path, action="set policies", json=body), self._url
+        path = f"v1/policies/{segment(policy.name)}"
+        return parse(
+            _POLICY, self._api.call("POST", path, action="set policies", json=body), self._url
         )
 
     def policy(self, name: str) -> PolicyRow:
@@ -453,11 +375,11 @@ class ApiClient(Closeable):
         Raises:
             NotFoundError: none.
         """
-        return self._get(_POLICY, f"v1/policies/{_segment(name)}")
+        return self._api.get(_POLICY, f"v1/policies/{segment(name)}")
 
     def policies(self) -> list[PolicyRow]:
         """Every retraining policy, by name."""
-        return self._get(_POLICIES, "v1/policies")
+        return self._api.get(_POLICIES, "v1/policies")
 
     def delete_policy(self, name: str, *, actor: Actor) -> PolicyRow:  # noqa: ARG002
         """Remove a model's retraining policy (``actor`` is ignored: the token decides).
@@ -466,12 +388,12 @@ class ApiClient(Closeable):
             NotFoundError: none.
             ApiAuthError: the token's role may not delete policies.
         """
-        path = f"v1/policies/{_segment(name)}/delete"
-        return _parse(_POLICY, self._call("POST", path, action="delete policies"), self._url)
+        path = f"v1/policies/{segment(name)}/delete"
+        return parse(_POLICY, self._api.call("POST", path, action="delete policies"), self._url)
 
     def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
         """The runs retraining policies started, newest first."""
-        return self._get(
+        return self._api.get(
             _RETRAININGS, "v1/retrainings", params={"policy": policy} if policy else None
         )
 
@@ -482,9 +404,9 @@ class ApiClient(Closeable):
             NotFoundError: no such retraining run.
             PolicyError: it is not waiting for approval.
         """
-        path = f"v1/retrainings/{_segment(run_id)}/approve"
-        answer = self._call("POST", path, action="approve retrainings")
-        return _parse(_RETRAINING, answer, self._url)
+        path = f"v1/retrainings/{segment(run_id)}/approve"
+        answer = self._api.call("POST", path, action="approve retrainings")
+        return parse(_RETRAINING, answer, self._url)
 
     def metrics(self) -> FleetMetrics:
         """Not available over the API (it serves Prometheus text at ``/metrics``).
@@ -510,8 +432,8 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not enroll devices.
         """
         body = {"device_id": device_id, "expires_in_s": expires_in_s}
-        answer = self._call("POST", "v1/enrollments", action="enroll devices", json=body)
-        return _parse(_ISSUED, answer, self._url)
+        answer = self._api.call("POST", "v1/enrollments", action="enroll devices", json=body)
+        return parse(_ISSUED, answer, self._url)
 
     def revoke_device(self, device_id: str) -> RegisteredDevice:
         """Cut a device's broker access and mark it revoked.
@@ -521,113 +443,18 @@ class ApiClient(Closeable):
             EnrollmentError: its broker account could not be removed.
             ApiAuthError: the token's role may not revoke devices.
         """
-        path = f"v1/enrollments/{_segment(device_id)}/revoke"
-        return _parse(_REGISTERED, self._call("POST", path, action="revoke devices"), self._url)
+        path = f"v1/enrollments/{segment(device_id)}/revoke"
+        return parse(_REGISTERED, self._api.call("POST", path, action="revoke devices"), self._url)
 
     def enrollments(self) -> list[RegisteredDevice]:
         """The device registry (pending, accepted and revoked devices), sorted by id."""
-        return self._get(_REGISTRY, "v1/enrollments")
+        return self._api.get(_REGISTRY, "v1/enrollments")
 
     # --- plumbing ------------------------------------------------------------------
 
     def _rollout_action(
         self, rollout_id: str, verb: str, json: dict[str, Any] | None = None
     ) -> RolloutView:
-        path = f"v1/rollouts/{_segment(rollout_id)}/{verb}"
-        answer = self._call("POST", path, action=f"{verb} rollouts", json=json)
-        return _parse(_ROLLOUT_VIEW, answer, self._url)
-
-    def _get(
-        self, adapter: TypeAdapter[_T], path: str, *, params: dict[str, Any] | None = None
-    ) -> _T:
-        answer = self._call("GET", path, action="read fleet data", params=params)
-        return _parse(adapter, answer, self._url)
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        action: str,
-        params: dict[str, Any] | None = None,
-        json: dict[str, Any] | None = None,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        """Send one request; give the answer's JSON or raise the error it means."""
-        where = f"{self._url}/{path}"
-        try:
-            response = self._http.request(
-                method, path, params=params, json=json, content=content, headers=headers
-            )
-        except httpx.TimeoutException as exc:
-            raise ApiUnavailableError(
-                f"the API at {self._url} did not answer {method} /{path} within {self._timeout:g}s"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ApiUnavailableError(f"cannot reach the API at {self._url}: {exc}") from exc
-        logger.debug("%s %s -> %d", method, where, response.status_code)
-        if response.is_success:
-            try:
-                return response.json()
-            except ValueError as exc:
-                raise ApiError(
-                    f"{method} {where} answered {response.status_code} without JSON; "
-                    "is this a fedge coordinator?",
-                    status=response.status_code,
-                ) from exc
-        raise _error(response, method=method, where=where, action=action)
-
-
-def _segment(value: str) -> str:
-    """A path segment: every character that is not unreserved is escaped."""
-    return quote(value, safe="")
-
-
-def _parse(adapter: TypeAdapter[_T], answer: Any, url: str) -> _T:
-    try:
-        return adapter.validate_python(answer)
-    except ValidationError as exc:
-        first = exc.errors()[0] if exc.error_count() else {"loc": (), "msg": "invalid"}
-        where = ".".join(str(part) for part in first["loc"])
-        raise ApiError(
-            f"unexpected answer from the API at {url} ({where}: {first['msg']}); "
-            "is it the same fedge version?"
-        ) from exc
-
-
-def _error(response: httpx.Response, *, method: str, where: str, action: str) -> CoordinatorError:
-    """The error an error answer means (see the module docstring's table)."""
-    status = response.status_code
-    code, message = _error_body(response)
-    if status == httpx.codes.UNAUTHORIZED:
-        return ApiAuthError(AUTH_HINT, status=status)
-    if status == httpx.codes.FORBIDDEN:
-        reason = f": {message}" if message else ""
-        return ApiAuthError(f"this token's role may not {action}{reason}", status=status)
-    if message is None:
-        message = f"{method} {where} answered {status} {response.reason_phrase}".rstrip()
-    cls = _ERRORS_BY_CODE.get(code or "") or _ERRORS_BY_STATUS.get(status)
-    if cls is not None:
-        return cls(message)
-    if status >= httpx.codes.INTERNAL_SERVER_ERROR:
-        return ApiError(
-            f"the API at {where} failed ({status}): {message}", status=status, code=code
-        )
-    return ApiError(message, status=status, code=code)
-
-
-def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
-    """``(code, message)`` of the API's error body, Nones if it is not one."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None, None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return None, None
-    code, message = error.get("code"), error.get("message")
-    return (
-        code if isinstance(code, str) else None,
-        message if isinstance(message, str) and message else None,
-    )
+        path = f"v1/rollouts/{segment(rollout_id)}/{verb}"
+        answer = self._api.call("POST", path, action=f"{verb} rollouts", json=json)
+        return parse(_ROLLOUT_VIEW, answer, self._url)

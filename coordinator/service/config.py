@@ -14,9 +14,10 @@ Workflow (what ``fedge coordinator serve`` does, see :mod:`coordinator.cli.servi
 
 1. :func:`~edge_agent.config.schema.load_config_file` reads the TOML file into a dict
    (the same reader as the agent's: size limit, syntax errors with the line).
-2. :func:`build_service_config` merges it with the command-line overrides through the
-   schema (a flag beats the file, the file beats the default; unknown keys are refused
-   with a "did you mean" hint), checks every type strictly, reads
+2. :func:`~coordinator.service.config_reader.build_service_config` merges it with
+   the command-line overrides through the schema (a flag beats the file, the file
+   beats the default; unknown keys are refused with a "did you mean" hint), checks
+   every type strictly, reads
    ``broker.password_file`` and builds the :class:`ServiceConfig`. The password
    falls back to ``FEDGE_BROKER_PASSWORD``, which the entry point reads and passes in.
 3. :func:`coordinator.service.main.run_service` loads the trusted keys, opens the
@@ -24,18 +25,21 @@ Workflow (what ``fedge coordinator serve`` does, see :mod:`coordinator.cli.servi
    :meth:`ServiceConfig.settings` and :meth:`ServiceConfig.api_config` give the
    service and the API their settings.
 
-``fedge coordinator token`` needs only the database: :func:`store_location` reads
+Reading the sources is :mod:`coordinator.service.config_reader`'s job.
+``fedge coordinator token`` needs only the database:
+:func:`~coordinator.service.config_reader.store_location` reads
 ``db`` and ``artifact_dir`` from the same sources without asking for the rest.
 
 Every key of the file is declared once, in
 :data:`~coordinator.service.config_schema.SERVICE_SCHEMA` (name, default, help, flag),
 and read with the agent's schema machinery (:mod:`edge_agent.config.schema`). The
 commented example file ``coordinator.example.toml`` (what ``fedge coordinator init``
-writes, see :func:`example_service_config`) is generated from it. Only ``db``, a
-broker (``[broker]`` ``url``, or ``embedded = true`` with ``dev = true``) and at
-least one ``[trust]`` ``keys`` entry are required. The example names a broker URL:
-the embedded broker is anonymous and has no ACL, so the service refuses it unless
-``--dev`` (``dev = true``) says this is a trial on one machine.
+writes, see :func:`~coordinator.service.config_reader.example_service_config`) is
+generated from it. Only ``db``, a broker (``[broker]`` ``url``, or
+``embedded = true`` with ``dev = true``) and at least one ``[trust]`` ``keys``
+entry are required. The example names a broker URL: the embedded broker is
+anonymous and has no ACL, so the service refuses it unless ``--dev``
+(``dev = true``) says this is a trial on one machine.
 
 Rules worth knowing:
 
@@ -54,11 +58,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from coordinator.delivery.fleet_statement import StatementSettings
 from coordinator.errors import ServiceConfigError
@@ -73,14 +76,12 @@ from coordinator.service.config_schema import (
     SERVICE_SCHEMA,
 )
 from coordinator.service.enrollment import EnrollmentSettings
-from coordinator.service.fleet_config import FleetConfig, fleet_config
-from coordinator.service.fleet_service import ServiceSettings
-from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig, parse_broker_url
-from edge_agent.config.schema import Sources
+from coordinator.service.fleet_config import FleetConfig
+from coordinator.service.service_settings import ServiceSettings
+from edge_agent.config.agent import LOG_LEVELS, BrokerConfig, TrustConfig
 from edge_agent.config.values import (
     FieldError,
     kind_of,
-    read_password,
     want_int,
     want_seconds,
     want_str,
@@ -99,9 +100,7 @@ __all__ = [
     "ApiSettings",
     "ServiceConfig",
     "TelemetryStorage",
-    "build_service_config",
-    "example_service_config",
-    "store_location",
+    "as_service_error",
 ]
 
 _default = SERVICE_SCHEMA.default  # a field's default is its key's, declared once
@@ -143,7 +142,7 @@ KNOWN_KEYS: tuple[str, ...] = tuple(SERVICE_SCHEMA.keys)
 
 
 @contextmanager
-def _as_service_error() -> Iterator[None]:
+def as_service_error() -> Iterator[None]:
     """Raise the agent config's errors (shared checks and classes) as ServiceConfigError."""
     try:
         yield
@@ -194,7 +193,7 @@ class TelemetryStorage:
     drift_windows: int = _default("telemetry.drift_windows")
 
     def __post_init__(self) -> None:
-        with _as_service_error():
+        with as_service_error():
             flush_s = want_seconds("telemetry.flush_s", self.flush_s)
             want_int("telemetry.retention_rows", self.retention_rows, low=0)
             want_int("telemetry.drift_windows", self.drift_windows, low=1)
@@ -230,7 +229,7 @@ class ApiSettings:
     auth_lockout_s: float = _default("api.auth_lockout_s")
 
     def __post_init__(self) -> None:
-        with _as_service_error():
+        with as_service_error():
             want_int("api.max_body_mib", self.max_body_mib, low=1, high=MAX_BODY_MIB)
             want_int("api.max_artifact_mib", self.max_artifact_mib, low=1, high=MAX_ARTIFACT_MIB)
             want_int("api.auth_max_failures", self.auth_max_failures, low=1)
@@ -324,7 +323,7 @@ class ServiceConfig:
         if not self.trust.keys:
             raise ServiceConfigError(NO_TRUSTED_KEYS, key="trust.keys")
         self._check_broker()
-        with _as_service_error():
+        with as_service_error():
             want_int("bind", self.bind_port, low=1, high=65535)
             want_str("bind", self.bind_host)
             tick = want_seconds("rollouts.tick_s", self.rollout_tick_s)
@@ -362,7 +361,7 @@ class ServiceConfig:
     def _check_broker(self) -> None:
         """Exactly one of ``broker`` and ``embedded_broker``; the username defaulted."""
         embedded = _want_bool("broker.embedded", self.embedded_broker)
-        with _as_service_error():
+        with as_service_error():
             want_int("broker.embedded_port", self.embedded_broker_port, low=1, high=65535)
         dev = _want_bool("dev", self.dev)
         if self.broker is None:
@@ -430,211 +429,3 @@ class ServiceConfig:
                 lockout_s=self.api.auth_lockout_s,
             ),
         )
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _merge(
-    file_values: Mapping[str, Any],
-    overrides: Mapping[str, Any],
-    base_dir: Path,
-    file_label: str | None,
-    override_labels: Mapping[str, str] | None,
-) -> Sources:
-    """The file's and the overrides' values checked against the schema and merged.
-
-    Raises:
-        ServiceConfigError: an unknown key (with a hint), a table that is not one, or
-            a path that is not a non-empty string; the message starts with the file
-            or the flag.
-    """
-    with _as_service_error():
-        return SERVICE_SCHEMA.merge(
-            file_values,
-            overrides,
-            base_dir=base_dir,
-            file_label=file_label,
-            override_labels=override_labels,
-        )
-
-
-def _require(sources: Sources, key: str) -> Any:
-    """The value of a required key (see :meth:`~edge_agent.config.schema.Sources.require`).
-
-    Raises:
-        ServiceConfigError: no source gave it; the message says how to.
-    """
-    with _as_service_error():
-        return sources.require(key)
-
-
-def _bind(value: object) -> tuple[str, int]:
-    """``HOST:PORT`` split.
-
-    Raises:
-        ServiceConfigError: not a string of that form.
-    """
-    try:
-        return parse_bind(want_str("bind", value))
-    except ConfigError as exc:
-        raise ServiceConfigError(str(exc), key="bind") from None
-
-
-def _broker(sources: Sources, password: str | None) -> BrokerConfig | None:
-    """The broker to connect to, or None when no URL is given.
-
-    Raises:
-        ServiceConfigError: a bad URL, credential or TLS file setting, or an
-            unreadable password file.
-    """
-    url = sources.get("broker.url")
-    if url is None:
-        return None
-    try:
-        host, port, tls = parse_broker_url(url)
-    except ConfigError as exc:
-        raise ServiceConfigError(str(exc), key="broker.url") from None
-    if "broker.password_file" in sources:
-        try:  # its message names broker.password_file and the file
-            password = read_password(sources.get("broker.password_file"), "")
-        except ConfigError as exc:
-            raise ServiceConfigError(str(exc), key="broker.password_file") from None
-    with _as_service_error():
-        return BrokerConfig(
-            host,
-            port,
-            tls,
-            username=sources.get("broker.username"),
-            password=password,
-            ca_file=sources.get("broker.ca_file"),
-            cert_file=sources.get("broker.cert_file"),
-            key_file=sources.get("broker.key_file"),
-        )
-
-
-def _enrollment(values: dict[str, Any], fleet: FleetConfig | None) -> EnrollmentSettings:
-    """The ``[enrollment]`` table; its ``fleet`` defaults to ``[fleet] id``.
-
-    Raises:
-        ServiceConfigError: both are set and differ.
-    """
-    values = dict(values)
-    if fleet is not None:
-        given = values.get("fleet")
-        if given is None:
-            values["fleet"] = fleet.fleet
-        elif given != fleet.fleet:
-            raise ServiceConfigError(
-                f"enrollment.fleet {given!r} differs from fleet.id {fleet.fleet!r}: devices "
-                "enrolled into one fleet would refuse the statements of the other",
-                key="enrollment.fleet",
-            )
-    return EnrollmentSettings(**values)
-
-
-def build_service_config(
-    file_values: Mapping[str, Any],
-    overrides: Mapping[str, Any],
-    *,
-    base_dir: Path,
-    file_label: str | None = None,
-    override_labels: Mapping[str, str] | None = None,
-    password: str | None = None,
-) -> ServiceConfig:
-    """Merge a config file's values with overrides and build the :class:`ServiceConfig`.
-
-    Both mappings have the file's layout (top-level keys and ``broker`` / ``trust`` /
-    ``telemetry`` / ``api`` / ``rollouts`` tables). An override beats the file, the
-    file beats the default; an override of ``broker.url`` or ``broker.embedded``
-    replaces the file's choice of broker. Relative paths in ``file_values`` are
-    resolved against ``base_dir``, those in ``overrides`` against the current working
-    directory. Every value must have its TOML type exactly (a boolean is not an
-    integer; an integer is fine where seconds are expected).
-    ``broker.password_file`` is read here.
-
-    Args:
-        file_values: The config file's contents
-            (:func:`~edge_agent.config.schema.load_config_file`), or ``{}``.
-        overrides: Values from the command line.
-        base_dir: Directory that relative paths in ``file_values`` are relative to.
-        file_label: How to name the file in messages (its path); None without a file.
-        override_labels: How to name each override in messages, by dotted key
-            (``{"broker.url": "--broker"}``); unnamed ones are called "override".
-        password: The broker password when no ``broker.password_file`` is given
-            (the entry point reads :data:`PASSWORD_ENV`).
-
-    Returns:
-        The validated configuration (key and TLS files are not read yet).
-
-    Raises:
-        ServiceConfigError: an unknown key (with a "did you mean" hint), a missing
-            ``db``, no broker or two, no trusted key, a value of the wrong type or out
-            of range, or an unreadable password file. The message is one line that
-            starts with the file or the flag the value came from.
-    """
-    sources = _merge(file_values, overrides, base_dir, file_label, override_labels)
-    db = _require(sources, "db")
-    try:
-        bind_host, bind_port = _bind(sources.get("bind"))
-        broker = _broker(sources, password)
-        with _as_service_error():
-            fleet = fleet_config(sources.section("fleet"), db=db)
-            return ServiceConfig(
-                db=db,
-                trust=TrustConfig(**sources.section("trust")),
-                broker=broker,
-                embedded_broker=sources.get("broker.embedded"),
-                embedded_broker_port=sources.get("broker.embedded_port"),
-                artifact_dir=sources.get("artifact_dir"),
-                bind_host=bind_host,
-                bind_port=bind_port,
-                telemetry=TelemetryStorage(**sources.section("telemetry")),
-                api=ApiSettings(**sources.section("api")),
-                rollout_tick_s=sources.get("rollouts.tick_s"),
-                rollout_min_failed_devices=sources.get("rollouts.min_failed_devices"),
-                upload_budget_mib=sources.get("runs.upload_budget_mib"),
-                upload_dir=sources.get("runs.upload_dir"),
-                log_level=sources.get("log_level"),
-                broker_session=sources.get("broker.session"),
-                dev=sources.get("dev"),
-                fleet=fleet,
-                enrollment=_enrollment(sources.section("enrollment"), fleet),
-            )
-    except ServiceConfigError as exc:
-        raise ServiceConfigError(f"{sources.where(exc.key)}{exc}", key=exc.key) from None
-
-
-def store_location(
-    file_values: Mapping[str, Any],
-    overrides: Mapping[str, Any],
-    *,
-    base_dir: Path,
-    file_label: str | None = None,
-    override_labels: Mapping[str, str] | None = None,
-) -> tuple[Path, Path | None]:
-    """Just the database and the artifact directory, for ``fedge coordinator token``.
-
-    The sources are read as by :func:`build_service_config` (unknown keys are
-    refused, relative paths resolved the same way), but nothing else is required:
-    tokens can be made before the broker and the keys are set up.
-
-    Returns:
-        ``(db, artifact_dir)``; ``artifact_dir`` is None for the default.
-
-    Raises:
-        ServiceConfigError: an unknown key, a bad path, or no ``db``.
-    """
-    sources = _merge(file_values, overrides, base_dir, file_label, override_labels)
-    db: Path = _require(sources, "db")
-    artifact_dir: Path | None = sources.get("artifact_dir")
-    return db, artifact_dir
-
-
-def example_service_config() -> str:
-    """The commented example config that ``fedge coordinator init`` writes (package data).
-
-    Generated from :data:`~coordinator.service.config_schema.SERVICE_SCHEMA`: every
-    key, what it does and its default; it parses to a valid :class:`ServiceConfig`.
-    """
-    return SERVICE_SCHEMA.example_text()

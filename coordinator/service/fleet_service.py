@@ -30,6 +30,13 @@ Workflow::
     service.stop()             # flushes telemetry, stops threads, disconnects
     store.close()
 
+Its settings are a :class:`~coordinator.service.service_settings.ServiceSettings`
+(re-exported here), its ``/metrics`` figures come from
+:func:`~coordinator.service.fleet_metrics.fleet_metrics`, and
+:mod:`coordinator.service.local` opens the store the way a service runs it
+(:func:`~coordinator.service.local.open_store`) and runs the service inside a CLI
+process (:func:`~coordinator.service.local.local_service`).
+
 Uploads are verified before they are stored: the container and manifest must
 parse, the manifest must carry signatures by ``threshold`` of the trusted keys and
 must not have expired, and the payload's length and sha256 must be the manifest's.
@@ -45,39 +52,34 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.artifact import read_payload, read_signed_manifest
 from compress.errors import CompressError
-from compress.keys import load_public_key
 from compress.signing import TrustedKeys
 from compress.trust import verify_manifest
-from coordinator.delivery.deliveries import ACCEPT_WAIT_S, Artifact, Deliveries
-from coordinator.delivery.fleet_statement import StatementPublisher, StatementSettings
+from coordinator.delivery.deliveries import Artifact, Deliveries
+from coordinator.delivery.fleet_statement import StatementPublisher
 from coordinator.delivery.lineage import replaced_by, stored_link
 from coordinator.errors import ArtifactRejectedError, NotFoundError
 from coordinator.link.fleet import Target
-from coordinator.link.hub import HubConfig, MqttHub
 from coordinator.link.port import Hub
 from coordinator.monitoring.policy import Policy
 from coordinator.monitoring.scores import DriftScore
-from coordinator.monitoring.tracker import DEFAULT_WINDOWS, DriftTracker
+from coordinator.monitoring.tracker import DriftTracker
 from coordinator.rollout.engine import Rollout
 from coordinator.rollout.manager import RolloutManager
 from coordinator.rollout.policy import (
-    DEFAULT_MIN_FAILED_DEVICES,
     HealthPolicy,
     RolloutPolicy,
     parse_fraction,
 )
 from coordinator.service.deployments import OneShots
-from coordinator.service.drift import FLEET_EVERY_S, DriftMonitor
-from coordinator.service.ingest import Ingest, IngestSettings
+from coordinator.service.drift import DriftMonitor
+from coordinator.service.fleet_metrics import fleet_metrics
+from coordinator.service.ingest import Ingest
 from coordinator.service.operations import (
     Actor,
     DeploymentView,
@@ -91,6 +93,7 @@ from coordinator.service.operations import (
 )
 from coordinator.service.retraining import Retraining
 from coordinator.service.runs import RunManager
+from coordinator.service.service_settings import ServiceSettings
 from coordinator.service.store import (
     ArtifactRow,
     AuditRow,
@@ -105,75 +108,13 @@ from coordinator.service.store import (
     TelemetryRow,
 )
 from coordinator.service.tokens import Role
-from edge_agent.config.agent import BrokerConfig
-from edge_agent.protocol import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:  # the API's record type; importing the API would load FastAPI
     from coordinator.service.api.auth import AuthFailure
 
-__all__ = ["FleetService", "ServiceSettings", "local_service", "open_store"]
+__all__ = ["FleetService", "ServiceSettings"]
 
 logger = logging.getLogger(__name__)
-
-_GOING = frozenset({"created", "running", "paused"})
-"""Rollout states whose progress ``/metrics`` shows device by device."""
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """How the service runs (the ``[telemetry]`` and ``[rollouts]`` of its config).
-
-    Attributes:
-        telemetry_flush_s: Telemetry is written to SQLite in batches this often.
-        telemetry_max_rows: Retention by row count (None: no limit).
-        telemetry_max_age_s: Retention by age, seconds (None: no limit).
-        prune_every_s: Seconds between retention passes.
-        drift_windows: Windows of each device pooled into its drift score.
-        rollout_tick_s: Seconds between rollout engine ticks (soak, timeouts).
-        accept_wait_s: How long a rollout's deploy waits for the devices' answers
-            before pushing the payload.
-        rollout_min_failed_devices: A rollout's ``min_failed_devices`` when its
-            request gives none (see :mod:`coordinator.rollout.policy`).
-        upload_budget_bytes: Most bytes of chunked uploads one device may have in
-            flight during a federated run; None for 4x the largest update.
-        upload_dir: Where a run's chunked uploads are spooled on disk; None for
-            the per-user default (:mod:`coordinator.federated.spool`).
-        fleet: The fleet statement to keep published and to name each deploy in
-            (:mod:`coordinator.delivery.fleet_statement`); None for none. Its keys
-            also sign retrained models: without them no retraining policy is set.
-        retraining_every_s: Seconds between evaluations of the retraining
-            policies (:mod:`coordinator.service.retraining`).
-        drift_fleet_every_s: Least seconds between two stored fleet drift scores
-            of a version whose severity is unchanged (``fedge simulate --scenario``
-            shortens it with its fast telemetry).
-    """
-
-    telemetry_flush_s: float = 0.5
-    telemetry_max_rows: int | None = 1_000_000
-    telemetry_max_age_s: float | None = 7 * 86400.0
-    prune_every_s: float = 60.0
-    drift_windows: int = DEFAULT_WINDOWS
-    rollout_tick_s: float = 1.0
-    accept_wait_s: float = ACCEPT_WAIT_S
-    rollout_min_failed_devices: int = DEFAULT_MIN_FAILED_DEVICES
-    upload_budget_bytes: int | None = None
-    upload_dir: Path | None = None
-    fleet: StatementSettings | None = None
-    retraining_every_s: float = 5.0
-    drift_fleet_every_s: float = FLEET_EVERY_S
-
-    def ingest(self) -> IngestSettings:
-        """The ingest settings these imply.
-
-        Raises:
-            ValueError: a value out of range.
-        """
-        return IngestSettings(
-            flush_s=self.telemetry_flush_s,
-            max_rows=self.telemetry_max_rows,
-            max_age_s=self.telemetry_max_age_s,
-            prune_every_s=self.prune_every_s,
-        )
 
 
 class FleetService:
@@ -619,42 +560,7 @@ class FleetService:
 
     def metrics(self) -> FleetMetrics:
         """Figures for ``GET /metrics`` (devices, models, rollouts, rounds, latency)."""
-        records = self._hub.fleet()
-        models: dict[tuple[str, int], int] = {}
-        for record in records:
-            if record.online:
-                for model in record.models:
-                    key = (model.name, model.version)
-                    models[key] = models.get(key, 0) + 1
-        states: dict[str, int] = {}
-        stages: dict[str, int] = {}
-        progress: dict[tuple[str, str], int] = {}
-        for row in self._store.rollouts():
-            states[row.state] = states.get(row.state, 0) + 1
-            summary = self._rollouts.summary(row.rollout_id) if row.state in _GOING else None
-            if summary is not None:
-                stage = summary.get("stage")
-                stages[row.rollout_id] = stage if isinstance(stage, int) else 0
-                for device in self._rollouts.devices(row.rollout_id) or ():
-                    place = (row.rollout_id, device.state)
-                    progress[place] = progress.get(place, 0) + 1
-        runs = self._store.runs()
-        rounds = tuple(self._store.rounds(runs[0].run_id)) if runs else ()
-        fleet_psi, severities = self._drift.figures()
-        return FleetMetrics(
-            devices_online=sum(r.online for r in records),
-            devices_total=len(self._store.devices()),
-            models=models,
-            rollouts=states,
-            latency_ms=self._ingest.latency_ms(),
-            telemetry_ingested=self._ingest.counts().stored,
-            rounds=rounds,
-            rollout_stages=stages,
-            rollout_devices=progress,
-            drift_psi=fleet_psi,
-            drift_devices=severities,
-            drift_rejected=self._drift.rejected(),
-        )
+        return fleet_metrics(self._hub, self._store, self._rollouts, self._ingest, self._drift)
 
     # -------------------------------------------------------------------- drift
 
@@ -694,59 +600,3 @@ class FleetService:
     def approve_retraining(self, run_id: str, *, actor: Actor) -> RetrainingRow:
         """Roll out a retrained model waiting for approval (see :meth:`Retraining.approve`)."""
         return self._retraining.approve(run_id, actor=actor)
-
-
-def open_store(db: Path, artifact_dir: Path | None = None) -> Store:
-    """Open the state database the way a service runs it: claimed, every commit fsynced.
-
-    The process claims the database (:mod:`coordinator.service.store.owner`): a second
-    service, or a CLI command in ``--broker`` mode, on the same file would resume
-    and drive the same rollouts. With ``synchronous=FULL`` what the service
-    acknowledged (an upload, a rollout, an operator's action and its audit line)
-    survives a power cut too, not only a killed process; the cost, an fsync per
-    commit, is small next to the network round trips each commit answers.
-
-    Raises:
-        DatabaseInUseError: another coordinator process runs this database.
-        StoreError: the database cannot be opened.
-    """
-    return Store.open(db, artifact_dir=artifact_dir, synchronous="FULL", owner=True)
-
-
-@contextmanager
-def local_service(
-    broker: BrokerConfig,
-    *,
-    db: Path,
-    trust: Sequence[Path] = (),
-    threshold: int = 1,
-    timeout: float = 10.0,
-    chunk_size: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[FleetService]:
-    """The CLI's in-process ``--broker`` mode: a started service, stopped on exit.
-
-    State lives in ``db`` like the long-running service's, so a rollout started
-    here is resumed by whichever process opens that database next. ``chunk_size``
-    is the hub's (the payload's bytes per chunk).
-
-    Raises:
-        StoreError: the database cannot be opened.
-        BrokerError: the broker cannot be reached.
-        CompressError: a trusted key cannot be read, or a bad threshold.
-    """
-    trusted = (
-        TrustedKeys.of([load_public_key(path) for path in trust], threshold) if trust else None
-    )
-    store = open_store(db)
-    try:
-        service = FleetService(
-            store, MqttHub(HubConfig(broker=broker, chunk_size=chunk_size)), trusted
-        )
-        service.start(timeout)
-        try:
-            service.ingest.flush()  # the retained statuses, stored before the command reads
-            yield service
-        finally:
-            service.stop()
-    finally:
-        store.close()

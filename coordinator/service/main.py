@@ -43,7 +43,8 @@ from coordinator.link.hub import MqttHub
 from coordinator.service.api.app import create_app
 from coordinator.service.config import ServiceConfig
 from coordinator.service.enrollment import EnrollmentDesk
-from coordinator.service.fleet_service import FleetService, open_store
+from coordinator.service.fleet_service import FleetService
+from coordinator.service.local import open_store
 from coordinator.sim.embedded_broker import EmbeddedBroker
 from edge_agent.config.agent import BrokerConfig
 from edge_agent.protocol import COORDINATOR_SENDER

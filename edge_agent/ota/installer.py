@@ -55,6 +55,7 @@ __all__ = [
     "check_deploy",
     "check_placement",
     "install",
+    "no_checkpoint",
     "verify_staged_payload",
 ]
 
@@ -69,8 +70,9 @@ Targeting = Callable[[Manifest, datetime], None]
 _READ_BLOCK = 1024 * 1024
 
 
-def _no_checkpoint(_name: str) -> None:
-    return None
+def no_checkpoint(_name: str) -> None:
+    """The default checkpoint hook: does nothing."""
+    return
 
 
 class AlreadyInstalled(Exception):  # noqa: N818 - an outcome, not an error
@@ -184,7 +186,7 @@ def install(
     *,
     store: ModelStore,
     installed_at: float,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     threads: int = 1,
 ) -> tuple[InstalledModel, ModelRuntime]:
     """Install a complete staged transfer A/B; return the new current model and runtime.

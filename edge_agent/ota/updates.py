@@ -3,7 +3,7 @@
 The agent's worker thread owns one :class:`Updater` and hands it the commands and
 chunks it receives; the updater keeps the transfer in progress and the installed
 models, and speaks back through a :class:`Reporter` (``install_status`` events, the
-retained status, chunk requests). The rules it applies live in
+retained status, chunk requests; :mod:`edge_agent.ota.reporter`). The rules it applies live in
 :mod:`edge_agent.ota.installer`; files in :mod:`edge_agent.ota.staging` and
 :mod:`edge_agent.ota.model_store`.
 
@@ -29,7 +29,8 @@ resumes at start-up.
 
 Every outcome is reported after the files are in their final state (the staging area
 gone, the state committed), so a report never promises more than the disk holds.
-Restart (:meth:`Updater.restore`): the committed state names the model to serve,
+Restart (:meth:`Updater.restore`, the start-up check in
+:mod:`edge_agent.ota.startup_check`): the committed state names the model to serve,
 the previous one as a fallback. Both are re-verified against the signed manifest
 kept in their slot (:mod:`edge_agent.ota.reverify`: signatures and threshold of the
 trusted keys, the payload's length and sha256); a model that fails is not served,
@@ -50,10 +51,9 @@ from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
-from compress.errors import CompressError, ExpiredError
-from compress.manifest import Manifest, format_time
+from compress.errors import CompressError
+from compress.manifest import Manifest
 from compress.signing import SignedManifest, TrustedKeys
 from compress.trust import DeviceProfile, verify_manifest
 from edge_agent.config.agent import TransferConfig
@@ -68,8 +68,10 @@ from edge_agent.ota.installer import (
     install,
 )
 from edge_agent.ota.model_store import InstalledModel, ModelStore
+from edge_agent.ota.reporter import Reporter
 from edge_agent.ota.reverify import ModelProblem, VerifiedModel, verify_installed
 from edge_agent.ota.staging import StagedTransfer, TransferInfo, list_transfers
+from edge_agent.ota.startup_check import STARTUP_CHECK, restore_installed
 from edge_agent.protocol import (
     Chunk,
     ChunkRequest,
@@ -83,41 +85,13 @@ from edge_agent.runtime.loader import load_model
 from edge_agent.serving.server import LoadedModel, ModelServer
 from edge_agent.transport.link import DeviceLink
 
-__all__ = ["MAX_STALLS", "Reporter", "Transfer", "Updater"]
+__all__ = ["MAX_STALLS", "STARTUP_CHECK", "Reporter", "Transfer", "Updater"]
 
 logger = logging.getLogger(__name__)
 
 MAX_STALLS = 12
 """Requests for missing chunks in a row without any progress before a transfer fails."""
 PROGRESS_STEPS = 10
-STARTUP_CHECK = "startup-check"
-"""The deployment id of the ``install_status`` events of the start-up check."""
-
-
-class Reporter(Protocol):
-    """How the updater speaks to the coordinator (the agent implements it)."""
-
-    def report(
-        self,
-        deployment_id: str,
-        state: InstallState,
-        model: InstalledModel | Manifest | None,
-        *,
-        code: str | None = None,
-        reason: str | None = None,
-        held: int = 0,
-        total: int = 0,
-    ) -> None:
-        """Send an ``install_status`` (kept for later when it cannot go out now)."""
-        ...
-
-    def request_chunks(self, request: ChunkRequest) -> bool:
-        """Send a chunk request; True if it went out."""
-        ...
-
-    def announce(self) -> None:
-        """Publish the retained status again (the installed model changed)."""
-        ...
 
 
 @dataclass
@@ -189,67 +163,15 @@ class Updater:
         self._restore_transfer()
 
     def _restore_model(self) -> None:
-        """Serve the first installed model that re-verifies (current, then previous).
-
-        The rollback candidate is re-verified as well, without loading it. A model
-        refused as untrusted is dropped from the state (so a deploy of the genuine
-        model is not taken for "already installed"); one that fails for another
-        reason (the runtime cannot load it) is only dropped once another one serves.
-        """
-        state = self._store.state
-        self.problems = []
-        served: InstalledModel | None = None
-        refused: list[InstalledModel] = []
-        for candidate in (state.current, state.previous):
-            if candidate is None:
-                continue
-            try:
-                if served is None:
-                    verified = self._activate(candidate)
-                    if verified.expired:
-                        self._report_expired(verified)
-                    served = candidate
-                else:
-                    verify_installed(self._store, candidate, trusted=self._trusted, now=self._now())
-            except UntrustedModelError as exc:
-                refused.append(candidate)
-                self._startup_problem(candidate, exc)
-            except (AgentError, CompressError) as exc:
-                self._startup_problem(candidate, exc)
-        kept = [m for m in (state.current, state.previous) if m is not None and m not in refused]
-        if served is not None and served is not state.current:
-            logger.warning("serving the previous model %s v%d instead", served.name, served.version)
-            kept = [served]
-        elif served is None and (refused or kept):
-            logger.error("no installed model passed the start-up check: serving none")
-        elif served is None:
-            logger.info("no model installed yet")
-        restored = dc_replace(
-            state,
-            current=kept[0] if kept else None,
-            previous=kept[1] if len(kept) > 1 else None,
-        )
-        if restored != state:
-            self._store.commit(restored)
-
-    def _startup_problem(self, model: InstalledModel, exc: AgentError | CompressError) -> None:
-        """Log and report a model the start-up check does not serve."""
-        logger.error(
-            "cannot serve %s v%d from slot %s: %s", model.name, model.version, model.slot, exc
-        )
-        self.problems.append(ModelProblem.of(model, exc.code, str(exc), served=False))
-        self._report_error(STARTUP_CHECK, InstallState.FAILED, exc, model)
-
-    def _report_expired(self, verified: VerifiedModel) -> None:
-        """Report that the model served from start-up has an expired manifest."""
-        model = verified.model
-        reason = (
-            f"serving {model.name} v{model.version}, whose manifest expired at "
-            f"{format_time(verified.manifest.expires)}"
-        )
-        self.problems.append(ModelProblem.of(model, ExpiredError.code, reason, served=True))
-        self._reporter.report(
-            STARTUP_CHECK, InstallState.INSTALLED, model, code=ExpiredError.code, reason=reason
+        """Serve the first installed model that re-verifies (see
+        :func:`~edge_agent.ota.startup_check.restore_installed`)."""
+        self.problems = restore_installed(
+            self._store,
+            activate=self._activate,
+            verify=lambda model: verify_installed(
+                self._store, model, trusted=self._trusted, now=self._now()
+            ),
+            reporter=self._reporter,
         )
 
     def _activate(self, model: InstalledModel) -> VerifiedModel:

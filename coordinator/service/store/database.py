@@ -26,7 +26,7 @@ Pragmas:
   re-announce themselves, telemetry is a sample, the rollout engine resumes from
   its last snapshot), and it saves an fsync per telemetry flush. Pass
   ``synchronous="FULL"`` to fsync every commit: the service does
-  (:func:`coordinator.service.fleet_service.open_store`), so that what its API acknowledged
+  (:func:`coordinator.service.local.open_store`), so that what its API acknowledged
   survives a power cut too.
 * ``busy_timeout``: another process holding the write lock is waited for this long
   before :class:`~coordinator.errors.StoreError` ("database is locked").

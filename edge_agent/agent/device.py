@@ -9,7 +9,8 @@ One :class:`Agent` per device. Threads:
 * one worker thread (:meth:`Agent._work`) does everything else, in order: decodes
   and routes messages, lets the :class:`~edge_agent.ota.updates.Updater` drive
   transfers, installs and rollbacks, closes telemetry windows and drains the
-  telemetry spool. All agent state is touched by this thread only;
+  telemetry spool (:mod:`edge_agent.agent.telemetry_uplink`). All agent state is
+  touched by this thread only;
 * one training thread (owned by the :class:`~edge_agent.training.participant.Participant`)
   runs local training and evaluation for rounds, so a long epoch never stalls
   deploys, chunk repairs or telemetry; it only computes, and wakes the worker, which
@@ -44,30 +45,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy.typing as npt
 
-from compress.errors import CompressError
 from compress.manifest import Manifest
 from compress.trust import DeviceProfile
 from edge_agent import __version__
+from edge_agent.agent.feedback_hook import open_feedback, record_feedback, remember
+from edge_agent.agent.telemetry_uplink import PUBLISH_ACK_TIMEOUT_S, TelemetryUplink
 from edge_agent.config.agent import AgentConfig
 from edge_agent.device_info import hardware_facts
-from edge_agent.errors import AgentError, ProtocolError, StateError, TopicError, TrainingError
+from edge_agent.errors import ProtocolError, StateError, TopicError
 from edge_agent.monitoring import ServingMonitor
 from edge_agent.monitoring.explain import Explanation
 from edge_agent.ota.fleet_guard import FleetGuard
-from edge_agent.ota.installer import Checkpoint
+from edge_agent.ota.installer import Checkpoint, no_checkpoint
 from edge_agent.ota.keyset_store import KeySetStore, load_trust
 from edge_agent.ota.model_store import InstalledModel, ModelStore
 from edge_agent.ota.updates import Updater
@@ -89,7 +88,6 @@ from edge_agent.protocol import (
     ModelInfo,
     Rollback,
     Status,
-    TelemetryBatch,
     TrainTask,
     agent_subscriptions,
     broadcast_topic,
@@ -107,14 +105,13 @@ from edge_agent.serving.server import LoadedModel, ModelServer, Prediction
 from edge_agent.serving.telemetry import TelemetryCollector
 from edge_agent.spool import Spool
 from edge_agent.training.data import LocalData
-from edge_agent.training.feedback import FeedbackBuffer, FeedbackCollector, PredictionLog
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.transport.link import DeviceLink, Will
 from edge_agent.transport.mqtt import MqttLink
 from edge_agent.transport.network_loop import NetworkLoop
 
-__all__ = ["Agent", "run_agent"]
+__all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +119,10 @@ INBOX_SIZE = 256
 """Messages waiting for the worker; beyond it they are dropped (and counted): the
 network thread never blocks, and a lost chunk is simply asked for again."""
 
-PUBLISH_ACK_TIMEOUT_S = 5.0
 RECENT_COMMANDS = 256
 PENDING_REPORTS = 64
 
 _WAKE = "wake"
-
-
-def _no_checkpoint(_name: str) -> None:
-    return None
 
 
 @dataclass
@@ -149,7 +141,7 @@ class Agent:
         config: AgentConfig,
         *,
         clock: Callable[[], float] = time.time,
-        checkpoint: Checkpoint = _no_checkpoint,
+        checkpoint: Checkpoint = no_checkpoint,
         limits: Limits = DEFAULT_LIMITS,
         network: NetworkLoop | None = None,
     ) -> None:
@@ -183,14 +175,7 @@ class Agent:
         trusted = trust.current if isinstance(trust, KeySetStore) else trust
         self._telemetry = TelemetryCollector(clock=clock)
         training = config.training
-        self._feedback: FeedbackCollector | None = None
-        if training.feedback_max_examples > 0:
-            self._feedback = FeedbackCollector(
-                PredictionLog(training.prediction_log),
-                FeedbackBuffer(
-                    config.data_dir / "feedback", max_examples=training.feedback_max_examples
-                ),
-            )
+        self._feedback = open_feedback(training, config.data_dir)
         self._monitor = ServingMonitor()
         self._server = ModelServer(
             observer=self._telemetry,
@@ -204,14 +189,11 @@ class Agent:
                 training.data, feedback=self._feedback.buffer if self._feedback else None
             )
         self._train_examples = 0
-        self._spool = Spool(config.data_dir / "spool", max_bytes=config.telemetry.spool_max_bytes)
         self._hardware = hardware_facts()
         self._inbox: queue.Queue[tuple[str, bytes] | str] = queue.Queue(maxsize=INBOX_SIZE)
         self._just_connected = threading.Event()
         self._recent_commands: deque[str] = deque(maxlen=RECENT_COMMANDS)
         self._pending_reports: deque[InstallStatus] = deque(maxlen=PENDING_REPORTS)
-        self._telemetry_seq = 0
-        self._telemetry_published = 0
         self.counters = AgentCounters()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -229,6 +211,15 @@ class Agent:
             on_connect=self._on_link_up,
             will=self._last_will,
             network=network,
+        )
+        self._uplink = TelemetryUplink(
+            Spool(config.data_dir / "spool", max_bytes=config.telemetry.spool_max_bytes),
+            self._telemetry,
+            self._monitor,
+            self._link,
+            topic=self._topic(Channel.TELEMETRY),
+            encode=self._encode,
+            stale=self.fleet.stale,
         )
         self.updates = Updater(
             store=ModelStore(config.data_dir),
@@ -315,7 +306,7 @@ class Agent:
             self._http.stop()
         if not (self._worker and self._worker.is_alive()):
             self.updates.close()
-            self._spool.close()
+            self._uplink.close()
             if self._feedback is not None:
                 self._feedback.buffer.close()
 
@@ -363,22 +354,13 @@ class Agent:
                 :meth:`~edge_agent.training.feedback.FeedbackCollector.record_feedback`).
             StateError: the examples cannot be written.
         """
-        if self._feedback is None:
-            raise TrainingError("labelled feedback is off (training.feedback_max_examples = 0)")
-        active = self._server.active
-        classes = _class_count(active)
-        return self._feedback.record_feedback(
-            prediction_id, label, target=target, num_classes=classes
+        return record_feedback(
+            self._feedback, self._server.active, prediction_id, label, target=target
         )
 
     def _remember(self, prediction: Prediction, inputs: Any) -> None:
-        """Keep a prediction's inputs so that feedback can label them (HTTP threads)."""
         assert self._feedback is not None
-        if isinstance(inputs, Mapping):
-            if len(inputs) != 1:
-                return  # multi-input models: no feedback
-            inputs = next(iter(inputs.values()))
-        self._feedback.remember(prediction.id, inputs)
+        remember(self._feedback, prediction, inputs)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -398,7 +380,7 @@ class Agent:
     @property
     def telemetry_published(self) -> int:
         """Telemetry batches the broker has acknowledged since start (one window each)."""
-        return self._telemetry_published
+        return self._uplink.published
 
     # ------------------------------------------------------------ network thread
 
@@ -474,7 +456,7 @@ class Agent:
             self._pending_reports.popleft()
         self.updates.on_connected()
         self.rounds.on_connected()
-        self._drain_spool()
+        self._uplink.drain()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.counters.messages += 1
@@ -537,35 +519,7 @@ class Agent:
 
     def _telemetry_tick(self) -> None:
         self._announce_if_data_changed()
-        active = self._server.active
-        summary = None
-        if active is not None:
-            summary = self._monitor.close(active.name, active.version, active.profile)
-        record = self._telemetry.close_window(
-            model=active.name if active else None,
-            version=active.version if active else None,
-            summary=summary,
-        )
-        dropped = self._spool.dropped
-        batch = TelemetryBatch(
-            seq=self._telemetry_seq, dropped=dropped, records=(record,), stale=self.fleet.stale()
-        )
-        self._telemetry_seq += 1
-        try:
-            self._spool.append(self._encode(batch))
-            self._spool.take_dropped(up_to=dropped)  # reported by this batch, not before
-        except StateError as exc:
-            logger.error("telemetry batch lost: %s", exc)
-        self._drain_spool()
-
-    def _drain_spool(self) -> None:
-        topic = self._topic(Channel.TELEMETRY)
-        while self._link.connected and len(self._spool):
-            for item in self._spool.peek(16):
-                if not self._link.publish_wait(topic, item.data, timeout=PUBLISH_ACK_TIMEOUT_S):
-                    return
-                self._spool.remove(item.seq)
-                self._telemetry_published += 1
+        self._uplink.close_window(self._server.active)
 
     # ------------------------------------------------------------------ helpers
 
@@ -647,41 +601,3 @@ class Agent:
             "stale": self.fleet.stale(),
             "fleet": self.fleet.to_json(),
         }
-
-
-def _class_count(model: LoadedModel | None) -> int | None:
-    """Classes of a served classifier (its first output's last dimension), if known."""
-    if model is None or not model.runtime.outputs:
-        return None
-    shape = model.runtime.outputs[0].shape
-    last = shape[-1] if shape else None
-    return last if isinstance(last, int) and last > 0 else None
-
-
-def run_agent(config: AgentConfig, *, checkpoint: Checkpoint = _no_checkpoint) -> int:
-    """Run an agent until SIGTERM or SIGINT (the ``fedge-agent run`` entry point).
-
-    Returns:
-        The process exit status: 0 after a clean stop, 1 when the agent cannot start.
-    """
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received signal %d, stopping", signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            agent = Agent(config, checkpoint=checkpoint)
-            agent.start()
-        except (AgentError, CompressError) as exc:
-            logger.error("cannot start the agent: %s", exc)
-            return 1
-        logger.info("agent %s running (data in %s)", config.device_id, Path(config.data_dir))
-        stop.wait()
-        agent.stop()
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
