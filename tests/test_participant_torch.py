@@ -37,10 +37,10 @@ from edge_agent.training.model_spec import ZOO, ZOO_MODULE, check_task
 from edge_agent.training.participant import Participant
 from edge_agent.training.residuals import ResidualStore
 from edge_agent.transport.memory import MemoryLink
+from tests.clock_support import ManualClock
 from tests.test_rounds_participant import (
     DEVICE,
     WAIT_S,
-    FakeClock,
     Outbox,
     RoundWeights,
     Weights,
@@ -73,7 +73,7 @@ class Device:
     """A participant on image data, with its outbox, link and clock."""
 
     def __init__(
-        self, participant: Participant, link: MemoryLink, out: Outbox, clock: FakeClock
+        self, participant: Participant, link: MemoryLink, out: Outbox, clock: ManualClock
     ) -> None:
         self.participant = participant
         self.link = link
@@ -90,7 +90,7 @@ def make_device(tmp_path: Path, image_dir: Path) -> Iterator[Callable[..., Devic
     made: list[Participant] = []
 
     def make(**kwargs: Any) -> Device:
-        link, out, clock = memory_link(), Outbox(), FakeClock()
+        link, out, clock = memory_link(), Outbox(), ManualClock(1_800_000_000.0)
         kwargs.setdefault("data", LocalData(image_dir))
         participant = Participant(
             device_id=DEVICE,
@@ -117,7 +117,7 @@ def without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def torch_task(
     weights: RoundWeights,
-    clock: FakeClock,
+    clock: ManualClock,
     spec: str = "zoo:small_cnn",
     *,
     task: str = "classification",
