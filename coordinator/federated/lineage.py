@@ -13,11 +13,13 @@ cached code version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from compress.lineage import DataWindow, Lineage, ParentRef, Trigger
 from coordinator.delivery.lineage import code_version
 from coordinator.federated.reports import RunResult
 
-__all__ = ["lineage_for_run"]
+__all__ = ["lineage_for_run", "run_lineage"]
 
 
 def lineage_for_run(
@@ -36,15 +38,38 @@ def lineage_for_run(
         LineageError: a value the record refuses (a strategy or codec name with
             spaces, say).
     """
-    completed = [r for r in result.rounds if r.status == "ok"]
+    return run_lineage(
+        [r.clients for r in result.rounds if r.status == "ok"],
+        trigger=trigger, parent=parent, strategy=strategy, codec=codec,
+        run_id=run_id, window=window,
+    )  # fmt: skip
+
+
+def run_lineage(
+    completed_clients: Sequence[int],
+    *,
+    trigger: Trigger,
+    parent: ParentRef | None,
+    strategy: str,
+    codec: str,
+    run_id: str | None = None,
+    window: DataWindow | None = None,
+) -> Lineage:
+    """The lineage record of a run whose completed rounds aggregated
+    ``completed_clients`` updates each (one entry per completed round; the service
+    reads them from its store, :func:`lineage_for_run` from a :class:`RunResult`).
+
+    Raises:
+        LineageError: a value the record refuses.
+    """
     return Lineage(
         trigger=trigger,
         code=code_version(),
         run_id=run_id,
-        rounds=len(completed),
+        rounds=len(completed_clients),
         strategy=strategy,
         codec=codec,
-        participants=max((r.clients for r in completed), default=0),
+        participants=max(completed_clients, default=0),
         window=window,
         parent=parent,
     )

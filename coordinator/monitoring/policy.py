@@ -49,6 +49,7 @@ __all__ = [
     "RunSettings",
     "decide",
     "drift_value",
+    "trigger_reason",
 ]
 
 NONE = "none"
@@ -338,14 +339,19 @@ def decide(
         if today >= policy.max_runs_per_day:
             return Decision(NONE, f"{today} runs in the last 24 h (max_runs_per_day)")
     trigger = {"policy": policy.name, **trigger}
-    if trigger["kind"] == "drift":
-        reason = (
-            f"fleet drift {trigger['value']:.3f} ({trigger['severity']}, {trigger['signal']}) "
-            f"above threshold for {policy.windows} consecutive scores"
+    return Decision(START_RUN, trigger_reason(trigger), trigger)
+
+
+def trigger_reason(trigger: Mapping[str, Any]) -> str:
+    """One line saying why a trigger (:func:`decide`'s) fired: the decision's reason,
+    and the reason a retrained model's lineage records."""
+    if trigger.get("kind") == "drift":
+        return (
+            f"fleet drift {float(trigger['value']):.3f} ({trigger.get('severity')}, "
+            f"{trigger.get('signal')}) above threshold for {trigger.get('windows')} "
+            "consecutive scores"
         )
-    else:
-        reason = f"feedback accuracy dropped {trigger['drop_points']:.1f} points"
-    return Decision(START_RUN, reason, trigger)
+    return f"feedback accuracy dropped {float(trigger.get('drop_points', 0.0)):.1f} points"
 
 
 def _finite(value: float) -> bool:

@@ -124,16 +124,15 @@ class ApiClient(Closeable):
     ) -> None:
         """Check the URL and the token and prepare the connection pool."""
         self._api = ApiConnection(base_url, token, timeout=timeout, transport=transport)
-        self._url = self._api.url
 
     @property
     def url(self) -> str:
         """The API's root URL (without any credentials)."""
-        return self._url
+        return self._api.url
 
     def __repr__(self) -> str:
         """Name the URL, never the token."""
-        return f"ApiClient({self._url!r})"
+        return f"ApiClient({self.url!r})"
 
     def close(self) -> None:
         """Close the connection pool (the client cannot be used afterwards)."""
@@ -203,7 +202,7 @@ class ApiClient(Closeable):
             content=data,
             headers={"Content-Type": ARTIFACT_MEDIA_TYPE},
         )
-        return parse(_ARTIFACT, answer, self._url)
+        return parse(_ARTIFACT, answer, self.url)
 
     def artifacts(self) -> list[ArtifactRow]:
         """Every stored artifact, newest first.
@@ -225,7 +224,7 @@ class ApiClient(Closeable):
         answer = self._api.call(
             "POST", "v1/rollouts", action="create rollouts", json=asdict(request)
         )
-        return parse(_ROLLOUT_VIEW, answer, self._url)
+        return parse(_ROLLOUT_VIEW, answer, self.url)
 
     def rollouts(self) -> list[RolloutInfo]:
         """Every rollout, newest first.
@@ -279,7 +278,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not deploy.
         """
         answer = self._api.call("POST", "v1/deployments", action="deploy", json=asdict(request))
-        return parse(_DEPLOYMENT_VIEW, answer, self._url)
+        return parse(_DEPLOYMENT_VIEW, answer, self.url)
 
     def rollback(self, request: RollbackRequest, *, actor: Actor) -> DeploymentView:  # noqa: ARG002
         """Make the targeted devices go back to their previous model (``actor``: the token
@@ -290,7 +289,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not roll back.
         """
         answer = self._api.call("POST", "v1/rollbacks", action="roll back", json=asdict(request))
-        return parse(_DEPLOYMENT_VIEW, answer, self._url)
+        return parse(_DEPLOYMENT_VIEW, answer, self.url)
 
     def deployment(self, deployment_id: str) -> DeploymentView:
         """A one-shot deployment or rollback: every device's progress so far.
@@ -308,7 +307,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not start runs.
         """
         answer = self._api.call("POST", "v1/runs", action="start runs", json=asdict(request))
-        return parse(_RUN_VIEW, answer, self._url)
+        return parse(_RUN_VIEW, answer, self.url)
 
     def stop_run(self, run_id: str, *, actor: Actor) -> RunView:  # noqa: ARG002
         """Stop a running run (``actor`` is ignored: the token decides).
@@ -319,7 +318,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not stop runs.
         """
         answer = self._api.call("POST", f"v1/runs/{segment(run_id)}/stop", action="stop runs")
-        return parse(_RUN_VIEW, answer, self._url)
+        return parse(_RUN_VIEW, answer, self.url)
 
     def runs(self) -> list[RunRow]:
         """Every federated run, newest first.
@@ -366,7 +365,7 @@ class ApiClient(Closeable):
         del body["name"]
         path = f"v1/policies/{segment(policy.name)}"
         return parse(
-            _POLICY, self._api.call("POST", path, action="set policies", json=body), self._url
+            _POLICY, self._api.call("POST", path, action="set policies", json=body), self.url
         )
 
     def policy(self, name: str) -> PolicyRow:
@@ -389,7 +388,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not delete policies.
         """
         path = f"v1/policies/{segment(name)}/delete"
-        return parse(_POLICY, self._api.call("POST", path, action="delete policies"), self._url)
+        return parse(_POLICY, self._api.call("POST", path, action="delete policies"), self.url)
 
     def retrainings(self, *, policy: str | None = None) -> list[RetrainingRow]:
         """The runs retraining policies started, newest first."""
@@ -406,7 +405,7 @@ class ApiClient(Closeable):
         """
         path = f"v1/retrainings/{segment(run_id)}/approve"
         answer = self._api.call("POST", path, action="approve retrainings")
-        return parse(_RETRAINING, answer, self._url)
+        return parse(_RETRAINING, answer, self.url)
 
     def metrics(self) -> FleetMetrics:
         """Not available over the API (it serves Prometheus text at ``/metrics``).
@@ -416,7 +415,7 @@ class ApiClient(Closeable):
         """
         raise ApiError(
             f"fleet metrics are not available through the API client; "
-            f"scrape {self._url}/metrics with Prometheus",
+            f"scrape {self.url}/metrics with Prometheus",
             code="not_available",
         )
 
@@ -433,7 +432,7 @@ class ApiClient(Closeable):
         """
         body = {"device_id": device_id, "expires_in_s": expires_in_s}
         answer = self._api.call("POST", "v1/enrollments", action="enroll devices", json=body)
-        return parse(_ISSUED, answer, self._url)
+        return parse(_ISSUED, answer, self.url)
 
     def revoke_device(self, device_id: str) -> RegisteredDevice:
         """Cut a device's broker access and mark it revoked.
@@ -444,7 +443,7 @@ class ApiClient(Closeable):
             ApiAuthError: the token's role may not revoke devices.
         """
         path = f"v1/enrollments/{segment(device_id)}/revoke"
-        return parse(_REGISTERED, self._api.call("POST", path, action="revoke devices"), self._url)
+        return parse(_REGISTERED, self._api.call("POST", path, action="revoke devices"), self.url)
 
     def enrollments(self) -> list[RegisteredDevice]:
         """The device registry (pending, accepted and revoked devices), sorted by id."""
@@ -457,4 +456,4 @@ class ApiClient(Closeable):
     ) -> RolloutView:
         path = f"v1/rollouts/{segment(rollout_id)}/{verb}"
         answer = self._api.call("POST", path, action=f"{verb} rollouts", json=json)
-        return parse(_ROLLOUT_VIEW, answer, self._url)
+        return parse(_ROLLOUT_VIEW, answer, self.url)

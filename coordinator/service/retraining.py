@@ -62,7 +62,6 @@ from compress.errors import CompressError
 from compress.keys import SigningKey
 from compress.lineage import DataWindow, Lineage, ParentRef, Trigger
 from compress.signing import TrustedKeys
-from coordinator.delivery.lineage import code_version
 from coordinator.delivery.packaging import load_labelled_npz
 from coordinator.errors import (
     CoordinatorError,
@@ -72,9 +71,17 @@ from coordinator.errors import (
     RunError,
     WorseThanBaselineError,
 )
+from coordinator.federated.lineage import run_lineage
 from coordinator.federated.models import Weights
 from coordinator.federated.runs import RunConfig, RunResult
-from coordinator.monitoring.policy import DEFAULT_SOAK_S, START_RUN, Decision, Policy, decide
+from coordinator.monitoring.policy import (
+    DEFAULT_SOAK_S,
+    START_RUN,
+    Decision,
+    Policy,
+    decide,
+    trigger_reason,
+)
 from coordinator.monitoring.scores import FLEET
 from coordinator.service.candidate import package_candidate
 from coordinator.service.operations import Actor, RolloutRequest, RolloutView, RunRequest
@@ -425,29 +432,19 @@ class Retraining:
         and the serving model it was compared with as its parent."""
         trigger = row.trigger
         drift = trigger.get("value") if trigger.get("kind") == "drift" else None
-        if trigger.get("kind") == "drift":
-            reason = (
-                f"fleet drift {float(trigger['value']):.3f} ({trigger.get('severity')}, "
-                f"{trigger.get('signal')}) above threshold for {trigger.get('windows')} scores"
-            )
-        else:
-            reason = (
-                f"feedback accuracy dropped {float(trigger.get('drop_points', 0.0)):.1f} points"
-            )
-        completed = [r for r in self._store.rounds(row.run_id) if r.status == "ok"]
-        clients = [int(r.metrics.get("clients", 0)) for r in completed]
-        return Lineage(
+        rounds = self._store.rounds(row.run_id)
+        return run_lineage(
+            [int(r.metrics.get("clients", 0)) for r in rounds if r.status == "ok"],
             trigger=Trigger.by_policy(
-                policy.name, drift=float(drift) if drift is not None else None, reason=reason
+                policy.name,
+                drift=float(drift) if drift is not None else None,
+                reason=trigger_reason(trigger),
             ),
-            code=code_version(),
-            run_id=row.run_id,
-            rounds=len(completed),
+            parent=ParentRef(serving.name, serving.version, str(serving.manifest["sha256"])),
             strategy=policy.run.strategy,
             codec=policy.run.codec,
-            participants=max(clients, default=0),
+            run_id=row.run_id,
             window=DataWindow(start=int(row.created_at), end=int(self._clock())),
-            parent=ParentRef(serving.name, serving.version, str(serving.manifest["sha256"])),
         )
 
     def _roll_out(self, row: RetrainingRow, detail: dict[str, Any], actor: Actor) -> RetrainingRow:
